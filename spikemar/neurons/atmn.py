@@ -1,0 +1,215 @@
+r"""Stateful ATMN modules that speak SpikingJelly's protocol.
+
+:class:`ATMN` subclasses SpikingJelly 2.0's ``MemoryModule``: its membrane ``v`` is registered
+with ``register_memory``, ``reset()`` restores it, and ``step_mode`` selects single-step ('s':
+``x`` [N, …] → spikes [N, …], membrane kept until ``reset()``) or multi-step ('m': ``x_seq``
+[T, N, …] → spikes [T, N, …]). So ``spikingjelly.activation_based.functional.reset_net``,
+``set_step_mode``, the monitors and ``base.to_functional_forward`` work on networks that contain
+it. The dynamics live in :mod:`spikemar.neurons.functional`; this module owns the threshold
+parameter ``a`` (V = exp(a)) and the membrane, and calls the functions.
+
+Baselines for the ablations run the same code: :class:`BinaryMultiStep` (spikes in {0, 1}, same
+soft reset) and :class:`TernarySingleStep` (no membrane carried between micro-steps; with
+δ-injection it is ATMN at T = 1).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from spikingjelly.activation_based import base
+from torch import nn
+
+from . import functional as F
+from .backends import check_backend_name
+from .surrogate import Surrogate, get_surrogate
+
+__all__ = ["ATMN", "BinaryMultiStep", "TernarySingleStep"]
+
+
+class ATMN(base.MemoryModule):
+    """Adaptive Ternary Multi-step Neuron (MAR): spikes in {−1, 0, +1}, signed soft reset,
+    membrane divided by τ each micro-step, learnable threshold V = exp(a).
+
+    Args:
+        tau: τ > 0 (``math.inf``: no carry-over of the membrane).
+        v_threshold: initial V > 0, a float or a 1-d tensor of per-channel values.
+        num_channels: with a float ``v_threshold``, make V per channel over the last input
+            dimension, of this size (``None``: one V shared by all neurons).
+        learnable_threshold: ``a`` is an ``nn.Parameter`` (True) or a buffer (False).
+        surrogate: 'rectangle' (default: straight-through in a window around ±V), 'triangle',
+            'sigmoid', 'atan', or a :class:`~spikemar.neurons.surrogate.Surrogate`.
+        detach_reset: no gradient through the reset term.
+        step_mode: 's' or 'm' (SpikingJelly semantics).
+        backend: 'torch' (the reference) or another name from
+            :func:`spikemar.neurons.available_backends`, or 'auto'.
+        store_v_seq: in 'm' mode keep the membrane after every micro-step in ``v_seq``.
+
+    Attributes:
+        v_threshold: the current V (a tensor, differentiable with respect to ``a``).
+        tau: τ.
+        v: the membrane (a registered SpikingJelly memory; 0. until the first step).
+    """
+
+    _ternary = True
+
+    def __init__(
+        self,
+        tau: float = 2.0,
+        v_threshold: float | torch.Tensor = 1.0,
+        *,
+        num_channels: int | None = None,
+        learnable_threshold: bool = True,
+        surrogate: str | Surrogate = "rectangle",
+        detach_reset: bool = False,
+        step_mode: str = "s",
+        backend: str = "torch",
+        store_v_seq: bool = False,
+    ) -> None:
+        super().__init__()
+        self.tau = F.check_tau(tau)
+        a = torch.log(_threshold_tensor(v_threshold, num_channels))
+        if learnable_threshold:
+            self.a = nn.Parameter(a)
+        else:
+            self.register_buffer("a", a)
+        self.surrogate = get_surrogate(surrogate)
+        self.detach_reset = bool(detach_reset)
+        check_backend_name(backend)
+        self.backend = backend
+        self.store_v_seq = bool(store_v_seq)
+        self.step_mode = step_mode
+        self.register_memory("v", 0.0)
+        self.v_seq: torch.Tensor | None = None
+
+    @property
+    def v_threshold(self) -> torch.Tensor:
+        """V = exp(a): 0-d when shared, [C] when per channel."""
+        return self.a.exp()
+
+    @property
+    def num_channels(self) -> int | None:
+        return None if self.a.dim() == 0 else self.a.shape[0]
+
+    def parameters_tuple(self, *, smooth: bool = False) -> F.ATMNParameters:
+        """The functional parameters of this neuron (for :mod:`spikemar.neurons.functional`)."""
+        return F.ATMNParameters(
+            v_threshold=self.v_threshold,
+            tau=self.tau,
+            ternary=self._ternary,
+            surrogate=self.surrogate,
+            detach_reset=self.detach_reset,
+            smooth=smooth,
+        )
+
+    def extra_repr(self) -> str:
+        v = self.v_threshold.detach()
+        vs = f"{v.item():.4g}" if v.dim() == 0 else f"per-channel[{v.shape[0]}]"
+        return (
+            f"tau={self.tau}, v_threshold={vs}, surrogate={self.surrogate}, "
+            f"backend={self.backend!r}, {super().extra_repr()}"
+        )
+
+    # -- SpikingJelly's functional protocol: explicit state in, state out, no mutation --------
+
+    def materialize_states(self, inputs, states, step_mode):
+        x = inputs[0]
+        v = states[0]
+        if isinstance(v, torch.Tensor):
+            return states
+        shape = x.shape if step_mode == "s" else x.shape[1:]
+        dtype = F.compute_dtype(x.dtype) if x.is_floating_point() else torch.float32
+        return (torch.full(shape, float(v), dtype=dtype, device=x.device), *states[1:])
+
+    def _run(self, x_seq: torch.Tensor, v: torch.Tensor, return_v_seq: bool):
+        return F.atmn_multi_step(
+            x_seq, v, self.parameters_tuple(), backend=self.backend, return_v_seq=return_v_seq
+        )
+
+    def single_step_functional_forward(self, inputs, states, **kwargs):
+        x = inputs[0]
+        F.check_input(x, "x", 1, context="in step_mode='s' ")
+        spikes, v = self._run(x.unsqueeze(0), states[0], False)
+        return (spikes[0],), (v,)
+
+    def multi_step_functional_forward(self, inputs, states, **kwargs):
+        F.check_input(inputs[0], "x_seq", 2, context="in step_mode='m' ")
+        spikes, v = self._run(inputs[0], states[0], False)
+        return (spikes,), (v,)
+
+    def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        F.check_input(x_seq, "x_seq", 2, context="in step_mode='m' ")
+        (v,) = self.materialize_states((x_seq,), (self.v,), "m")
+        spikes, v, v_seq = self._run(x_seq, v, True) if self.store_v_seq else (
+            *self._run(x_seq, v, False),
+            None,
+        )
+        self.v = v
+        self.v_seq = v_seq
+        return spikes
+
+    # -- δ-injection (MAR's spike points) ------------------------------------------------------
+
+    def decode(self, spikes: torch.Tensor) -> torch.Tensor:
+        """``V · Σ_t τ^t s_t`` of a spike train [T, N, …] → [N, …]."""
+        return F.atmn_decode(spikes, self.v_threshold, self.tau)
+
+    def quantize(self, activation: torch.Tensor, T: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """δ-inject a static activation [N, …] over T micro-steps from a zero membrane and decode.
+
+        Returns ``(decoded, spikes)``. Each activation is encoded on its own, so this neither reads
+        nor changes the module's membrane ``v`` and does not depend on ``step_mode``.
+        """
+        F.check_input(activation, "activation", 1)
+        return F.atmn_quantize(activation, T, self.parameters_tuple(), backend=self.backend)
+
+
+class BinaryMultiStep(ATMN):
+    """Ablation baseline: spikes in {0, 1} with ATMN's multi-step soft reset and learnable V.
+
+    ``s_t = 1 if h_t ≥ V else 0``; negative activations never fire, which is the information
+    that ternary spikes recover.
+    """
+
+    _ternary = False
+
+
+class TernarySingleStep(ATMN):
+    """Ablation baseline: a ternary threshold with no multi-step dynamics.
+
+    No membrane is carried between steps (τ = ∞), so each step fires on its own input; under
+    δ-injection only micro-step 0 can fire, which is ATMN at T = 1 (Ternary Spike's setting).
+    """
+
+    def __init__(self, v_threshold: float | torch.Tensor = 1.0, **kwargs) -> None:
+        if "tau" in kwargs:
+            raise TypeError("TernarySingleStep has no tau: it carries no membrane (τ = ∞)")
+        super().__init__(math.inf, v_threshold, **kwargs)
+
+
+def _threshold_tensor(v_threshold: float | torch.Tensor, num_channels: int | None) -> torch.Tensor:
+    if isinstance(v_threshold, torch.Tensor):
+        if num_channels is not None:
+            raise ValueError("num_channels: give it only with a float v_threshold")
+        v = v_threshold.detach().to(torch.float32).clone()
+        if v.dim() > 1:
+            raise ValueError(
+                f"v_threshold: expected a float or a 1-d per-channel tensor, got shape {tuple(v.shape)}"
+            )
+    elif isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
+        if num_channels is not None and (
+            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
+        ):
+            raise ValueError(f"num_channels: expected an int >= 1 or None, got {num_channels!r}")
+        v = torch.tensor(float(v_threshold))
+        if num_channels is not None:
+            v = v.expand(num_channels).clone()
+    else:
+        raise TypeError(
+            f"v_threshold: expected a float or a tensor, got {type(v_threshold).__name__}"
+        )
+    bad = ~torch.isfinite(v) | (v <= 0)
+    if bool(bad.any()):
+        raise ValueError(f"v_threshold: expected finite values > 0, got {v[bad][:4].tolist()}")
+    return v

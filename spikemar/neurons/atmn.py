@@ -141,9 +141,13 @@ class ATMN(base.MemoryModule):
     def multi_step_forward(self, x_seq: torch.Tensor, *args, **kwargs) -> torch.Tensor:
         F.check_input(x_seq, "x_seq", 2, context="in step_mode='m' ")
         (v,) = self.materialize_states((x_seq,), (self.v,), "m")
-        spikes, v, v_seq = self._run(x_seq, v, True) if self.store_v_seq else (
-            *self._run(x_seq, v, False),
-            None,
+        spikes, v, v_seq = (
+            self._run(x_seq, v, True)
+            if self.store_v_seq
+            else (
+                *self._run(x_seq, v, False),
+                None,
+            )
         )
         self.v = v
         self.v_seq = v_seq
@@ -195,7 +199,8 @@ def _threshold_tensor(v_threshold: float | torch.Tensor, num_channels: int | Non
         v = v_threshold.detach().to(torch.float32).clone()
         if v.dim() > 1:
             raise ValueError(
-                f"v_threshold: expected a float or a 1-d per-channel tensor, got shape {tuple(v.shape)}"
+                "v_threshold: expected a float or a 1-d per-channel tensor, "
+                f"got shape {tuple(v.shape)}"
             )
     elif isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
         if num_channels is not None and (

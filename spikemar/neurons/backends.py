@@ -59,9 +59,7 @@ def available_backends() -> list[str]:
 
 def check_backend_name(name: str) -> None:
     if name != "auto" and name not in _BACKENDS:
-        raise ValueError(
-            f"backend: expected 'auto' or one of {available_backends()}, got {name!r}"
-        )
+        raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {name!r}")
 
 
 def resolve_backend(name: str, x: torch.Tensor) -> BackendImpl:

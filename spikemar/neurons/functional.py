@@ -155,13 +155,13 @@ def check_parameters(p: ATMNParameters) -> None:
         raise TypeError(f"v_threshold: expected a tensor, got {type(v).__name__}")
     if v.dim() > 1:
         raise ValueError(
-            f"v_threshold: expected a scalar or a 1-d per-channel tensor, got shape {tuple(v.shape)}"
+            "v_threshold: expected a scalar or a 1-d per-channel tensor, "
+            f"got shape {tuple(v.shape)}"
         )
-    bad = ~torch.isfinite(v.detach()) | (v.detach() <= 0)
+    values = v.detach().flatten()
+    bad = ~torch.isfinite(values) | (values <= 0)
     if bool(bad.any()):
-        raise ValueError(
-            f"v_threshold: expected finite values > 0, got {v.detach().flatten()[bad.flatten()][:4].tolist()}"
-        )
+        raise ValueError(f"v_threshold: expected finite values > 0, got {values[bad][:4].tolist()}")
 
 
 def check_input(
@@ -198,7 +198,8 @@ def check_finite(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -
     probe = u_last if not math.isinf(p.tau) else x_seq
     if not bool(torch.isfinite(probe).all()):
         raise ValueError(
-            "x_seq: expected finite values, but the input (or the initial membrane v) holds NaN or inf"
+            "x_seq: expected finite values, but the input (or the initial membrane v) "
+            "holds NaN or inf"
         )
 
 

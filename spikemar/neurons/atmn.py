@@ -114,10 +114,12 @@ class ATMN(base.MemoryModule):
     # -- SpikingJelly's functional protocol: explicit state in, state out, no mutation --------
 
     def materialize_states(self, inputs, states, step_mode):
-        x = inputs[0]
         v = states[0]
         if isinstance(v, torch.Tensor):
             return states
+        if v == 0.0:  # a fresh membrane: the functions take None and skip reading zeros
+            return (None, *states[1:])
+        x = inputs[0]
         shape = x.shape if step_mode == "s" else x.shape[1:]
         dtype = F.compute_dtype(x.dtype) if x.is_floating_point() else torch.float32
         return (torch.full(shape, float(v), dtype=dtype, device=x.device), *states[1:])

@@ -4,12 +4,13 @@ A backend is a function with the signature of the PyTorch reference,
 
     impl(x_seq, v, p, return_v_seq) -> (spikes, v_last, v_seq | None)
 
-receiving ``x_seq`` and ``v`` already in the compute dtype (see ``functional.compute_dtype``) and
-a validated :class:`~spikemar.neurons.functional.ATMNParameters`. It must be differentiable
-with respect to ``x_seq``, ``v`` and ``p.v_threshold`` and agree with the reference: spikes
-exactly, gradients to rounding. Fused backends register here with :func:`register_backend`;
-``'auto'`` picks the first available one in ``_AUTO_ORDER`` that supports the call, and never
-falls back silently from a backend the user named.
+receiving ``x_seq`` and ``v`` (``None`` for a zero membrane) already in the compute dtype
+(see ``functional.compute_dtype``) and a validated
+:class:`~spikemar.neurons.functional.ATMNParameters`. It must be differentiable with respect to
+``x_seq``, ``v`` and ``p.v_threshold`` and agree with the reference: spikes exactly, gradients
+to rounding. Fused backends register here with :func:`register_backend`; ``'auto'`` picks the
+available backend of lowest ``auto_priority`` that supports the call, and a backend the user
+named never falls back silently: it raises, saying why it cannot run the input.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .functional import _atmn_multi_step_torch
+from .functional import ATMNParameters, _atmn_multi_step_torch
 
 __all__ = ["available_backends", "register_backend", "resolve_backend"]
 
@@ -30,26 +31,24 @@ BackendImpl = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | Non
 class Backend:
     name: str
     impl: BackendImpl
-    # why the backend cannot run this input, or None when it can
-    unusable_reason: Callable[[torch.Tensor], str | None]
+    # why the backend cannot run this input with these parameters, or None when it can
+    unusable_reason: Callable[[torch.Tensor, ATMNParameters], str | None]
 
 
 _BACKENDS: dict[str, Backend] = {}
-_AUTO_ORDER: list[str] = []
+_AUTO_PRIORITY: dict[str, int] = {}
 
 
 def register_backend(
     name: str,
     impl: BackendImpl,
-    unusable_reason: Callable[[torch.Tensor], str | None] = lambda x: None,
+    unusable_reason: Callable[[torch.Tensor, ATMNParameters], str | None] = lambda x, p: None,
     auto_priority: int | None = None,
 ) -> None:
     """Register ``impl`` under ``name``; ``auto_priority`` (lower first) enrols it in 'auto'."""
     _BACKENDS[name] = Backend(name, impl, unusable_reason)
     if auto_priority is not None:
-        if name in _AUTO_ORDER:
-            _AUTO_ORDER.remove(name)
-        _AUTO_ORDER.insert(min(auto_priority, len(_AUTO_ORDER)), name)
+        _AUTO_PRIORITY[name] = auto_priority
 
 
 def available_backends() -> list[str]:
@@ -62,19 +61,28 @@ def check_backend_name(name: str) -> None:
         raise ValueError(f"backend: expected 'auto' or one of {available_backends()}, got {name!r}")
 
 
-def resolve_backend(name: str, x: torch.Tensor) -> BackendImpl:
-    """The implementation for ``name`` on input ``x``; a clear error when it cannot run ``x``."""
+def resolve_backend(name: str, x: torch.Tensor, p: ATMNParameters) -> BackendImpl:
+    """The implementation for ``name`` on input ``x``; a clear error when it cannot run it."""
     check_backend_name(name)
     if name == "auto":
-        for candidate in _AUTO_ORDER:
-            if _BACKENDS[candidate].unusable_reason(x) is None:
+        for candidate in sorted(_AUTO_PRIORITY, key=_AUTO_PRIORITY.__getitem__):
+            if _BACKENDS[candidate].unusable_reason(x, p) is None:
                 return _BACKENDS[candidate].impl
         return _BACKENDS["torch"].impl
     backend = _BACKENDS[name]
-    reason = backend.unusable_reason(x)
+    reason = backend.unusable_reason(x, p)
     if reason is not None:
         raise RuntimeError(f"backend={name!r} cannot run this input: {reason}")
     return backend.impl
 
 
 register_backend("torch", _atmn_multi_step_torch, auto_priority=100)
+
+
+def _register_builtin_backends() -> None:
+    from . import cpu_backend
+
+    register_backend("cpu", cpu_backend.atmn_multi_step_cpu, cpu_backend.unusable_reason, 10)
+
+
+_register_builtin_backends()

@@ -1,0 +1,31 @@
+/* Fused CPU kernels for ATMN (see atmn_impl.h), built once per machine by
+ * spikemar/neurons/cpu_backend.py with the system C compiler and loaded through ctypes. */
+#define _GNU_SOURCE
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#ifndef M_PI
+#define M_PI 3.14159265358979323846
+#endif
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+
+#define REAL float
+#define SUFFIX f32
+#define EXP expf
+#include "atmn_impl.h"
+#undef REAL
+#undef SUFFIX
+#undef EXP
+
+#define REAL double
+#define SUFFIX f64
+#define EXP exp
+#include "atmn_impl.h"
+#undef REAL
+#undef SUFFIX
+#undef EXP

@@ -1,0 +1,193 @@
+"""Every fast backend equals the PyTorch reference: spikes exactly, gradients to 1e-5 (float32)."""
+
+import itertools
+
+import pytest
+import torch
+
+from spikemar.neurons import (
+    ATMN,
+    ATan,
+    ATMNParameters,
+    Rectangle,
+    Sigmoid,
+    Triangle,
+    atmn_multi_step,
+    available_backends,
+    cpu_backend,
+)
+from spikemar.neurons.surrogate import Surrogate
+
+FAST = [b for b in available_backends() if b != "torch"]
+cpu_reason = cpu_backend.unusable_reason(torch.zeros(1), ATMNParameters(torch.tensor(1.0)))
+needs_cpu = pytest.mark.skipif(cpu_reason is not None, reason=f"cpu backend: {cpu_reason}")
+
+
+def run(backend, x, v0, V, p_kwargs, return_v_seq, weights):
+    p = ATMNParameters(v_threshold=V, **p_kwargs)
+    out = atmn_multi_step(x, v0, p, backend=backend, return_v_seq=return_v_seq)
+    loss = sum((o * w).sum() for o, w in zip(out, weights, strict=False))
+    inputs = [t for t in (x, v0, V) if t is not None and t.requires_grad]
+    return out, torch.autograd.grad(loss, inputs)
+
+
+def assert_backend_matches_reference(
+    backend,
+    T,
+    shape,
+    p_kwargs,
+    *,
+    per_channel,
+    with_v0,
+    return_v_seq=False,
+    dtype=torch.float32,
+    seed=0,
+):
+    g = torch.Generator().manual_seed(seed)
+    C = shape[-1]
+    x = (torch.randn(T, *shape, generator=g, dtype=dtype) * 1.5).requires_grad_()
+    v0 = (torch.randn(*shape, generator=g, dtype=dtype)).requires_grad_() if with_v0 else None
+    V = torch.rand(C, generator=g) + 0.2 if per_channel else torch.tensor(0.6)
+    V = V.to(dtype).requires_grad_()
+    weights = [
+        torch.randn(T, *shape, generator=g, dtype=dtype),
+        torch.randn(*shape, generator=g, dtype=dtype),
+        torch.randn(T, *shape, generator=g, dtype=dtype),
+    ]
+    ref_out, ref_grads = run("torch", x, v0, V, p_kwargs, return_v_seq, weights)
+    out, grads = run(backend, x, v0, V, p_kwargs, return_v_seq, weights)
+    assert torch.equal(ref_out[0], out[0]), "spikes differ"
+    for a, b in zip(ref_out[1:], out[1:], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    for a, b in zip(ref_grads, grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("T", [1, 2, 4, 8, 16])
+@pytest.mark.parametrize("tau", [1.0, 1.5, 2.0, 4.0])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parity_across_micro_steps_tau_and_threshold_sharing(backend, T, tau, per_channel):
+    assert_backend_matches_reference(
+        backend, T, (13, 37), {"tau": tau}, per_channel=per_channel, with_v0=False, seed=T
+    )
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize(
+    ("surrogate", "ternary", "detach_reset"),
+    list(
+        itertools.product(
+            [Rectangle(), Rectangle(0.3), Triangle(), Sigmoid(), ATan()],
+            [True, False],
+            [False, True],
+        )
+    ),
+    ids=str,
+)
+def test_parity_across_surrogates_polarity_and_reset(backend, surrogate, ternary, detach_reset):
+    kw = {"tau": 1.7, "surrogate": surrogate, "ternary": ternary, "detach_reset": detach_reset}
+    assert_backend_matches_reference(
+        backend, 4, (9, 5), kw, per_channel=True, with_v0=True, return_v_seq=True
+    )
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("shape", [(1,), (3,), (1023,), (1025,), (7, 3, 11), (5, 2049)])
+def test_parity_on_odd_sizes(backend, shape):
+    assert_backend_matches_reference(
+        backend, 3, shape, {"tau": 2.0}, per_channel=True, with_v0=True
+    )
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+def test_parity_in_float64(backend):
+    assert_backend_matches_reference(
+        backend,
+        5,
+        (40, 6),
+        {"tau": 1.3},
+        per_channel=False,
+        with_v0=True,
+        return_v_seq=True,
+        dtype=torch.float64,
+    )
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+def test_parity_on_large_inputs_split_across_threads(backend):
+    assert_backend_matches_reference(
+        backend, 4, (300_000,), {"tau": 2.0}, per_channel=False, with_v0=False
+    )
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+def test_non_contiguous_input(backend):
+    base = torch.randn(16, 4, 30)
+    x = base.transpose(0, 1)[:, ::2]  # [4, 8, 30], strided
+    assert not x.is_contiguous()
+    p = ATMNParameters(v_threshold=torch.rand(30) + 0.2, tau=2.0)
+    s_ref, v_ref = atmn_multi_step(x, None, p)
+    s, v = atmn_multi_step(x, None, p, backend=backend)
+    assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_types_compute_in_float32(backend, dtype):
+    x = (torch.randn(4, 64, 8) * 2).to(dtype)
+    p = ATMNParameters(v_threshold=torch.tensor(0.5), tau=2.0)
+    s_ref, v_ref = atmn_multi_step(x, None, p)
+    s, v = atmn_multi_step(x, None, p, backend=backend)
+    assert s.dtype == dtype and v.dtype == torch.float32
+    assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
+
+
+@needs_cpu
+@pytest.mark.parametrize("backend", FAST)
+def test_module_on_fast_backend_equals_reference_and_trains_threshold(backend):
+    x = (torch.randn(6, 20, 12) * 2).requires_grad_()
+    grads = {}
+    for b in ("torch", backend):
+        n = ATMN(tau=2.0, v_threshold=0.5, num_channels=12, step_mode="m", backend=b)
+        s = torch.cat([n(x[:3]), n(x[3:])])  # membrane carried across calls
+        (s * torch.linspace(-1, 1, 12)).sum().backward()
+        grads[b] = (s, n.a.grad.clone(), n.v.detach().clone())
+    for a, b in zip(grads["torch"], grads[backend], strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_auto_prefers_the_fused_cpu_backend_when_it_builds():
+    x = torch.randn(2, 3)
+    from spikemar.neurons.backends import resolve_backend
+
+    chosen = resolve_backend("auto", x, ATMNParameters(torch.tensor(1.0)))
+    expected = "cpu" if cpu_reason is None else "torch"
+    assert chosen.__name__.endswith(expected)
+
+
+def test_named_backend_that_cannot_run_the_input_raises_instead_of_falling_back():
+    class MySurrogate(Surrogate):
+        def derivative(self, z):
+            return torch.ones_like(z)
+
+    p = ATMNParameters(v_threshold=torch.tensor(1.0), surrogate=MySurrogate())
+    with pytest.raises(RuntimeError, match=r"backend='cpu'.*MySurrogate"):
+        atmn_multi_step(torch.randn(2, 3), None, p, backend="cpu")
+    # 'auto' quietly picks the reference, which runs any surrogate
+    atmn_multi_step(torch.randn(2, 3), None, p, backend="auto")
+
+
+@needs_cpu
+def test_nan_is_still_caught_on_the_fast_path():
+    x = torch.randn(4, 100)
+    x[2, 7] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        ATMN(step_mode="m", backend="cpu")(x)

@@ -14,13 +14,30 @@ from spikemar.neurons import (
     Triangle,
     atmn_multi_step,
     available_backends,
-    cpu_backend,
+    backends,
 )
 from spikemar.neurons.surrogate import Surrogate
 
+# each fast backend with the device it runs on; it is tested wherever it can run, and skipped
+# with its own reason elsewhere (the CuPy kernels need a CUDA device: see DEVELOPERS.md)
+DEVICE_OF = {"cpu": "cpu", "cupy": "cuda"}
 FAST = [b for b in available_backends() if b != "torch"]
-cpu_reason = cpu_backend.unusable_reason(torch.zeros(1), ATMNParameters(torch.tensor(1.0)))
-needs_cpu = pytest.mark.skipif(cpu_reason is not None, reason=f"cpu backend: {cpu_reason}")
+
+
+def usable_reason(backend: str) -> str | None:
+    device = DEVICE_OF[backend]
+    if device == "cuda" and not torch.cuda.is_available():
+        return "no CUDA device"
+    probe = torch.zeros(1, device=device)
+    return backends._BACKENDS[backend].unusable_reason(probe, ATMNParameters(torch.tensor(1.0)))
+
+
+BACKENDS = [
+    pytest.param(
+        b, marks=pytest.mark.skipif(usable_reason(b) is not None, reason=f"{b}: {usable_reason(b)}")
+    )
+    for b in FAST
+]
 
 
 def run(backend, x, v0, V, p_kwargs, return_v_seq, weights):
@@ -63,8 +80,7 @@ def assert_backend_matches_reference(
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("T", [1, 2, 4, 8, 16])
 @pytest.mark.parametrize("tau", [1.0, 1.5, 2.0, 4.0])
 @pytest.mark.parametrize("per_channel", [False, True])
@@ -74,8 +90,7 @@ def test_parity_across_micro_steps_tau_and_threshold_sharing(backend, T, tau, pe
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize(
     ("surrogate", "ternary", "detach_reset"),
     list(
@@ -94,8 +109,7 @@ def test_parity_across_surrogates_polarity_and_reset(backend, surrogate, ternary
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1,), (3,), (1023,), (1025,), (7, 3, 11), (5, 2049)])
 def test_parity_on_odd_sizes(backend, shape):
     assert_backend_matches_reference(
@@ -103,8 +117,7 @@ def test_parity_on_odd_sizes(backend, shape):
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_in_float64(backend):
     assert_backend_matches_reference(
         backend,
@@ -118,47 +131,44 @@ def test_parity_in_float64(backend):
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_parity_on_large_inputs_split_across_threads(backend):
     assert_backend_matches_reference(
         backend, 4, (300_000,), {"tau": 2.0}, per_channel=False, with_v0=False
     )
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_non_contiguous_input(backend):
-    base = torch.randn(16, 4, 30)
+    base = torch.randn(16, 4, 30, device=DEVICE_OF[backend])
     x = base.transpose(0, 1)[:, ::2]  # [4, 8, 30], strided
     assert not x.is_contiguous()
-    p = ATMNParameters(v_threshold=torch.rand(30) + 0.2, tau=2.0)
+    p = ATMNParameters(v_threshold=torch.rand(30, device=x.device) + 0.2, tau=2.0)
     s_ref, v_ref = atmn_multi_step(x, None, p)
     s, v = atmn_multi_step(x, None, p, backend=backend)
     assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_half_types_compute_in_float32(backend, dtype):
-    x = (torch.randn(4, 64, 8) * 2).to(dtype)
-    p = ATMNParameters(v_threshold=torch.tensor(0.5), tau=2.0)
+    x = (torch.randn(4, 64, 8, device=DEVICE_OF[backend]) * 2).to(dtype)
+    p = ATMNParameters(v_threshold=torch.tensor(0.5, device=x.device), tau=2.0)
     s_ref, v_ref = atmn_multi_step(x, None, p)
     s, v = atmn_multi_step(x, None, p, backend=backend)
     assert s.dtype == dtype and v.dtype == torch.float32
     assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
 
 
-@needs_cpu
-@pytest.mark.parametrize("backend", FAST)
+@pytest.mark.parametrize("backend", BACKENDS)
 def test_module_on_fast_backend_equals_reference_and_trains_threshold(backend):
-    x = (torch.randn(6, 20, 12) * 2).requires_grad_()
+    dev = DEVICE_OF[backend]
+    x = (torch.randn(6, 20, 12, device=dev) * 2).requires_grad_()
     grads = {}
     for b in ("torch", backend):
-        n = ATMN(tau=2.0, v_threshold=0.5, num_channels=12, step_mode="m", backend=b)
+        n = ATMN(tau=2.0, v_threshold=0.5, num_channels=12, step_mode="m", backend=b).to(dev)
         s = torch.cat([n(x[:3]), n(x[3:])])  # membrane carried across calls
-        (s * torch.linspace(-1, 1, 12)).sum().backward()
+        (s * torch.linspace(-1, 1, 12, device=dev)).sum().backward()
         grads[b] = (s, n.a.grad.clone(), n.v.detach().clone())
     for a, b in zip(grads["torch"], grads[backend], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
@@ -166,10 +176,8 @@ def test_module_on_fast_backend_equals_reference_and_trains_threshold(backend):
 
 def test_auto_prefers_the_fused_cpu_backend_when_it_builds():
     x = torch.randn(2, 3)
-    from spikemar.neurons.backends import resolve_backend
-
-    chosen = resolve_backend("auto", x, ATMNParameters(torch.tensor(1.0)))
-    expected = "cpu" if cpu_reason is None else "torch"
+    chosen = backends.resolve_backend("auto", x, ATMNParameters(torch.tensor(1.0)))
+    expected = "cpu" if usable_reason("cpu") is None else "torch"
     assert chosen.__name__.endswith(expected)
 
 
@@ -181,13 +189,21 @@ def test_named_backend_that_cannot_run_the_input_raises_instead_of_falling_back(
     p = ATMNParameters(v_threshold=torch.tensor(1.0), surrogate=MySurrogate())
     with pytest.raises(RuntimeError, match=r"backend='cpu'.*MySurrogate"):
         atmn_multi_step(torch.randn(2, 3), None, p, backend="cpu")
-    # 'auto' quietly picks the reference, which runs any surrogate
-    atmn_multi_step(torch.randn(2, 3), None, p, backend="auto")
+    # 'auto' runs the reference, which runs any surrogate, and says once why
+    backends._WARNED.clear()
+    with pytest.warns(RuntimeWarning, match="torch reference.*MySurrogate"):
+        atmn_multi_step(torch.randn(2, 3), None, p, backend="auto")
 
 
-@needs_cpu
-def test_nan_is_still_caught_on_the_fast_path():
-    x = torch.randn(4, 100)
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the error on a machine without CUDA")
+def test_cupy_backend_on_a_cpu_tensor_says_what_is_wrong():
+    with pytest.raises(RuntimeError, match=r"backend='cupy'.*CUDA tensors"):
+        ATMN(step_mode="m", backend="cupy")(torch.randn(2, 3))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nan_is_still_caught_on_the_fast_path(backend):
+    x = torch.randn(4, 100, device=DEVICE_OF[backend])
     x[2, 7] = float("nan")
     with pytest.raises(ValueError, match="finite"):
-        ATMN(step_mode="m", backend="cpu")(x)
+        ATMN(step_mode="m", backend=backend).to(x.device)(x)

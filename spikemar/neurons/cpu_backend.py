@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .functional import ATMNParameters, _decay
-from .surrogate import ATan, Rectangle, Sigmoid, Triangle
+from .fused import fused_multi_step, surrogate_code, unsupported_parameters
 
 __all__ = ["atmn_multi_step_cpu", "load_library", "unusable_reason"]
 
@@ -41,12 +41,6 @@ _SOURCES = ("atmn.c", "atmn_impl.h")
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
 _BLOCK = 1024  # elements per block: T·B floats of recomputed h stay in L2 for T ≤ 16
 _MIN_ELEMENTS_PER_THREAD = 1 << 15
-_SURROGATE_KIND = {
-    Rectangle: (0, "width"),
-    Triangle: (1, "width"),
-    Sigmoid: (2, "alpha"),
-    ATan: (3, "alpha"),
-}
 
 _lock = threading.Lock()
 _lib: ctypes.CDLL | None = None
@@ -123,27 +117,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         fwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, p, p, p, i32]
         fwd.restype = i32
         bwd = getattr(lib, f"atmn_backward_{suffix}")
-        bwd.argtypes = [
-            p,
-            p,
-            p,
-            i64,
-            i64,
-            i64,
-            i64,
-            real,
-            i32,
-            i32,
-            i32,
-            real,
-            p,
-            p,
-            p,
-            p,
-            p,
-            p,
-            i32,
-        ]
+        # x, v0, vth, T, N, C, B, decay, ternary, detach_reset, kind, pa, pb,
+        # g_spikes, g_vlast, g_vseq, g_x, g_v0, g_vth_partial, nthreads
+        bwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, i32, i32, real, real,
+                        p, p, p, p, p, p, i32]  # fmt: skip
         bwd.restype = i32
     return lib
 
@@ -152,13 +129,9 @@ def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
     """Why the fused CPU kernel cannot run ``x`` with ``p`` (None when it can)."""
     if x.device.type != "cpu":
         return f"it runs on CPU tensors, got a tensor on {x.device}"
-    if type(p.surrogate) not in _SURROGATE_KIND:
-        return (
-            f"it implements the built-in surrogates {[c.__name__ for c in _SURROGATE_KIND]}, "
-            f"not {type(p.surrogate).__name__}; use backend='torch'"
-        )
-    if p.smooth:
-        return "smooth=True is a gradient-testing mode of the torch reference"
+    reason = unsupported_parameters(p)
+    if reason is not None:
+        return reason
     try:
         load_library()
     except RuntimeError as err:
@@ -170,93 +143,42 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
-def _geometry(x: torch.Tensor, v_threshold: torch.Tensor) -> tuple[int, int, int, int, int]:
+def _geometry(x: torch.Tensor, vth: torch.Tensor) -> tuple[int, int, int, int, int]:
     T, N = x.shape[0], x[0].numel()
-    C = v_threshold.numel() if v_threshold.dim() == 1 else 0
+    C = vth.numel() if vth.dim() == 1 else 0
     B = _BLOCK if C == 0 else C * max(1, _BLOCK // C)
     nthreads = max(1, min(torch.get_num_threads(), (T * N) // _MIN_ELEMENTS_PER_THREAD))
     return T, N, C, B, nthreads
 
 
-class _FusedATMN(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x_seq, v0, v_threshold, p, return_v_seq):  # type: ignore[override]
-        lib = load_library()
-        x = x_seq.contiguous()
-        v0 = None if v0 is None else v0.contiguous()
-        vth = v_threshold.detach().contiguous()
-        T, N, C, B, nthreads = _geometry(x, vth)
-        spikes, v_last = torch.empty_like(x), torch.empty_like(x[0])
-        v_seq = torch.empty_like(x) if return_v_seq else None
-        fwd = lib.atmn_forward_f32 if x.dtype == torch.float32 else lib.atmn_forward_f64
-        fwd(
-            _ptr(x),
-            _ptr(v0),
-            _ptr(vth),
-            T,
-            N,
-            C,
-            B,
-            _decay(p.tau),
-            int(p.ternary),
-            _ptr(spikes),
-            _ptr(v_last),
-            _ptr(v_seq),
-            nthreads,
-        )
-        ctx.save_for_backward(x, vth, v0)  # v0 is None for a zero membrane
-        ctx.p = p
-        ctx.set_materialize_grads(False)
-        return (spikes, v_last, v_seq) if return_v_seq else (spikes, v_last)
+class _CpuKernels:
+    """Launches of the C kernels (see ``fused.FusedKernels``)."""
 
-    @staticmethod
-    def backward(ctx, g_spikes, g_vlast, g_vseq=None):  # type: ignore[override]
+    def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
         lib = load_library()
-        x, vth, v0 = ctx.saved_tensors
-        p: ATMNParameters = ctx.p
         T, N, C, B, nthreads = _geometry(x, vth)
-        kind, attr = _SURROGATE_KIND[type(p.surrogate)]
-        g_spikes, g_vlast, g_vseq = (
-            None if g is None else g.to(x.dtype).contiguous() for g in (g_spikes, g_vlast, g_vseq)
-        )
-        g_x = torch.empty_like(x)
-        g_v0 = torch.empty_like(v0) if v0 is not None and ctx.needs_input_grad[1] else None
-        g_vth_partial = torch.zeros(nthreads, B, dtype=torch.float64)
+        fwd = lib.atmn_forward_f32 if x.dtype == torch.float32 else lib.atmn_forward_f64
+        fwd(_ptr(x), _ptr(v0), _ptr(vth), T, N, C, B, _decay(p.tau), int(p.ternary),
+            _ptr(spikes), _ptr(v_last), _ptr(v_seq), nthreads)  # fmt: skip
+
+    def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
+        lib = load_library()
+        T, N, C, B, nthreads = _geometry(x, vth)
+        kind, pa, pb = surrogate_code(p)
+        partial = torch.zeros(nthreads, B, dtype=torch.float64)  # per thread, per block slot
         bwd = lib.atmn_backward_f32 if x.dtype == torch.float32 else lib.atmn_backward_f64
-        bwd(
-            _ptr(x),
-            _ptr(v0),
-            _ptr(vth),
-            T,
-            N,
-            C,
-            B,
-            _decay(p.tau),
-            int(p.ternary),
-            int(p.detach_reset),
-            kind,
-            float(getattr(p.surrogate, attr)),
-            _ptr(g_spikes),
-            _ptr(g_vlast),
-            _ptr(g_vseq),
-            _ptr(g_x),
-            _ptr(g_v0),
-            _ptr(g_vth_partial),
-            nthreads,
-        )
-        g_vth = None
-        if ctx.needs_input_grad[2]:
-            per_slot = g_vth_partial.sum(0)
-            g_vth = (per_slot.sum() if C == 0 else per_slot.view(-1, C).sum(0)).to(vth.dtype)
-        return g_x, g_v0, g_vth, None, None
+        bwd(_ptr(x), _ptr(v0), _ptr(vth), T, N, C, B, _decay(p.tau), int(p.ternary),
+            int(p.detach_reset), kind, pa, pb, _ptr(g_spikes), _ptr(g_vlast),
+            _ptr(g_vseq), _ptr(g_x), _ptr(g_v0), _ptr(partial), nthreads)  # fmt: skip
+        per_slot = partial.sum(0)
+        return per_slot.sum() if C == 0 else per_slot.view(-1, C).sum(0)
+
+
+_KERNELS = _CpuKernels()
 
 
 def atmn_multi_step_cpu(
-    x_seq: torch.Tensor, v: torch.Tensor, p: ATMNParameters, return_v_seq: bool
+    x_seq: torch.Tensor, v: torch.Tensor | None, p: ATMNParameters, return_v_seq: bool
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
-    if x_seq.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x_seq: the cpu backend computes in float32/float64, got {x_seq.dtype}")
-    out = _FusedATMN.apply(x_seq, v, p.v_threshold, p, return_v_seq)
-    spikes, v_last = out[0], out[1]
-    return spikes, v_last, (out[2] if return_v_seq else None)
+    return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)

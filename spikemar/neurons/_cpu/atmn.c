@@ -7,10 +7,6 @@
 #include <stdlib.h>
 #include <string.h>
 
-#ifndef M_PI
-#define M_PI 3.14159265358979323846
-#endif
-
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
 

@@ -42,7 +42,7 @@ static inline void CAT(step_, SUFFIX)(int64_t len, const REAL *restrict x,
   }
 }
 
-/* Surrogate pulses g(z), branch-free; pa, pb are precomputed parameters (see backward_worker) */
+/* Surrogate pulses g(z), branch-free; pa, pb as fused.surrogate_code computes them */
 static inline REAL CAT(g_rectangle_, SUFFIX)(REAL z, REAL half, REAL inv_width) {
   return (REAL)(z < half && z > -half) * inv_width;
 }
@@ -97,7 +97,7 @@ typedef struct {
   int64_t T, N, C, B;
   REAL decay;
   int ternary, detach_reset, surr_kind;
-  REAL surr_a;
+  REAL surr_pa, surr_pb; /* the surrogate's parameters, precomputed by spikemar/neurons/fused.py */
   int64_t block_begin, block_end;
   int tid;
 } CAT(job_, SUFFIX);
@@ -135,15 +135,8 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B);
   for (int64_t i = 0; i < B; ++i) ivb[i] = (REAL)1 / vb[i];
   memset(zeros, 0, sizeof(REAL) * B);
-  const REAL d = j->decay, a = j->surr_a;
+  const REAL d = j->decay, pa = j->surr_pa, pb = j->surr_pb;
   const REAL tern = (REAL)(j->ternary != 0), keep_reset = (REAL)(j->detach_reset == 0);
-  REAL pa, pb;
-  switch (j->surr_kind) {
-    case 0: pa = (REAL)0.5 * a; pb = (REAL)1 / a; break;       /* rectangle(width) */
-    case 1: pa = (REAL)2 / a; pb = 0; break;                   /* triangle(width) */
-    case 2: pa = a; pb = 0; break;                             /* sigmoid(alpha) */
-    default: pa = (REAL)(M_PI / 2) * a; pb = (REAL)0.5 * a;    /* atan(alpha) */
-  }
   for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
     const int64_t start = blk * B;
     const int64_t len = start + B <= N ? B : N - start;
@@ -221,14 +214,15 @@ int CAT(atmn_forward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, i
 /* g_vth_partial: caller-zeroed [nthreads][B] doubles; the caller folds them into V's shape. */
 int CAT(atmn_backward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, int64_t T,
                                 int64_t N, int64_t C, int64_t B, REAL decay, int ternary,
-                                int detach_reset, int surr_kind, REAL surr_a,
+                                int detach_reset, int surr_kind, REAL surr_pa, REAL surr_pb,
                                 const REAL *g_spikes, const REAL *g_vlast, const REAL *g_vseq,
                                 REAL *g_x, REAL *g_v0, double *g_vth_partial, int nthreads) {
   CAT(job_, SUFFIX) j = {0};
   j.x = x; j.v0 = v0; j.vth = vth; j.g_spikes = g_spikes; j.g_vlast = g_vlast;
   j.g_vseq = g_vseq; j.g_x = g_x; j.g_v0 = g_v0; j.g_vth_partial = g_vth_partial;
   j.T = T; j.N = N; j.C = C; j.B = B; j.decay = decay; j.ternary = ternary;
-  j.detach_reset = detach_reset; j.surr_kind = surr_kind; j.surr_a = surr_a;
+  j.detach_reset = detach_reset; j.surr_kind = surr_kind;
+  j.surr_pa = surr_pa; j.surr_pb = surr_pb;
   CAT(run_, SUFFIX)(&j, CAT(backward_worker_, SUFFIX), nthreads);
   return 0;
 }

@@ -1,0 +1,130 @@
+// Fused CUDA kernels for ATMN, compiled by CuPy (spikemar/neurons/cupy_backend.py).
+// The equations are those of spikemar/neurons/functional.py; the PyTorch loop there is the
+// reference these must equal, and the C kernels in ../_cpu/atmn_impl.h are their CPU twin.
+//
+//   h_t = x_t + d*u_{t-1}  (d = 1/tau)   s_t = [h_t >= V] - tern*[h_t <= -V]   u_t = h_t - V*s_t
+//
+// One thread per neuron (grid-stride). x, spikes and gradients are [T, N] contiguous; v0, v_last
+// [N]. Pointers arrive as integers; 0 means: v0 a zero membrane, g_* zero gradients, g_v0 and
+// v_seq not wanted. The backward recomputes h_t into a per-thread array of MAX_T entries (set at
+// compile time, >= T) from x and v0, so the forward saves nothing.
+
+typedef unsigned long long ptr_t;
+
+// pa, pb: the surrogate's parameters as spikemar/neurons/fused.py surrogate_code computes them
+template <typename R>
+__device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
+  switch (kind) {
+    case 0:  // rectangle: pa = width/2, pb = 1/width
+      return (z < pa && z > -pa) ? pb : R(0);
+    case 1: {  // triangle: pa = 1/half-width
+      R v = R(1) - fabs(z) * pa;
+      return v > R(0) ? v * pa : R(0);
+    }
+    case 2: {  // sigmoid: pa = alpha
+      R sg = R(1) / (R(1) + exp(-pa * z));
+      return pa * sg * (R(1) - sg);
+    }
+    default: {  // atan: pa = pi/2*alpha, pb = alpha/2
+      R kz = pa * z;
+      return pb / (R(1) + kz * kz);
+    }
+  }
+}
+
+template <typename R>
+__device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, long long T,
+                                             long long N, long long C, R d, int ternary,
+                                             ptr_t s_, ptr_t vlast_, ptr_t vseq_) {
+  const R* __restrict__ x = reinterpret_cast<const R*>(x_);
+  const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
+  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
+  R* __restrict__ spikes = reinterpret_cast<R*>(s_);
+  R* __restrict__ v_last = reinterpret_cast<R*>(vlast_);
+  R* __restrict__ v_seq = reinterpret_cast<R*>(vseq_);
+  const R tern = ternary ? R(1) : R(0);
+  for (long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x; n < N;
+       n += (long long)blockDim.x * gridDim.x) {
+    const R V = vth[C == 0 ? 0 : n % C];
+    R u = v0 ? v0[n] : R(0);
+    for (long long t = 0; t < T; ++t) {
+      const R h = x[t * N + n] + d * u;
+      const R s = R(h >= V) - tern * R(h <= -V);
+      spikes[t * N + n] = s;
+      u = h - V * s;
+      if (v_seq) v_seq[t * N + n] = u;
+    }
+    v_last[n] = u;
+  }
+}
+
+template <typename R>
+__device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, long long T,
+                                              long long N, long long C, R d, int ternary,
+                                              int detach_reset, int kind, R pa, R pb,
+                                              ptr_t gs_, ptr_t gvlast_, ptr_t gvseq_, ptr_t gx_,
+                                              ptr_t gv0_, ptr_t gvth_) {
+  const R* __restrict__ x = reinterpret_cast<const R*>(x_);
+  const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
+  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
+  const R* __restrict__ g_spikes = reinterpret_cast<const R*>(gs_);
+  const R* __restrict__ g_vlast = reinterpret_cast<const R*>(gvlast_);
+  const R* __restrict__ g_vseq = reinterpret_cast<const R*>(gvseq_);
+  R* __restrict__ g_x = reinterpret_cast<R*>(gx_);
+  R* __restrict__ g_v0 = reinterpret_cast<R*>(gv0_);
+  double* g_vth = reinterpret_cast<double*>(gvth_);
+  const R tern = ternary ? R(1) : R(0);
+  const R keep_reset = detach_reset ? R(0) : R(1);
+  double shared_acc = 0.0;  // dL/dV of a shared threshold, summed over this thread's neurons
+  for (long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x; n < N;
+       n += (long long)blockDim.x * gridDim.x) {
+    const R V = vth[C == 0 ? 0 : n % C];
+    const R iv = R(1) / V;
+    R h[MAX_T];
+    R u = v0 ? v0[n] : R(0);
+    for (long long t = 0; t < T; ++t) {
+      h[t] = x[t * N + n] + d * u;
+      const R s = R(h[t] >= V) - tern * R(h[t] <= -V);
+      u = h[t] - V * s;
+    }
+    // gu = dL/du_t, from the returned final membrane (and the membrane sequence) backwards
+    R gu = (g_vlast ? g_vlast[n] : R(0)) + (g_vseq ? g_vseq[(T - 1) * N + n] : R(0));
+    R gv = R(0);
+    for (long long t = T - 1; t >= 0; --t) {
+      const R r = h[t] * iv;
+      const R s = R(h[t] >= V) - tern * R(h[t] <= -V);
+      const R g = surrogate<R>(r - R(1), kind, pa, pb) + tern * surrogate<R>(-r - R(1), kind, pa, pb);
+      const R dsdh = g * iv;
+      const R gs = (g_spikes ? g_spikes[t * N + n] : R(0)) - keep_reset * V * gu;
+      const R gh = gu + gs * dsdh;
+      gv += -gu * s - gs * r * dsdh;
+      g_x[t * N + n] = gh;
+      gu = gh * d + ((g_vseq && t > 0) ? g_vseq[(t - 1) * N + n] : R(0));
+    }
+    if (g_v0) g_v0[n] = gu;
+    if (C == 0) shared_acc += (double)gv;
+    else atomicAdd(&g_vth[n % C], (double)gv);
+  }
+  if (C == 0) {  // one atomic per warp: every lane reaches this point (blockDim % 32 == 0)
+    for (int offset = 16; offset > 0; offset >>= 1)
+      shared_acc += __shfl_down_sync(0xffffffffu, shared_acc, offset);
+    if ((threadIdx.x & 31) == 0) atomicAdd(g_vth, shared_acc);
+  }
+}
+
+#define ATMN_KERNELS(R, SUFFIX)                                                                \
+  extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, long long T,  \
+                                                   long long N, long long C, R d, int ternary, \
+                                                   ptr_t s, ptr_t vlast, ptr_t vseq) {         \
+    forward_impl<R>(x, v0, vth, T, N, C, d, ternary, s, vlast, vseq);                          \
+  }                                                                                            \
+  extern "C" __global__ void atmn_backward_##SUFFIX(                                           \
+      ptr_t x, ptr_t v0, ptr_t vth, long long T, long long N, long long C, R d, int ternary,   \
+      int detach_reset, int kind, R pa, R pb, ptr_t gs, ptr_t gvlast, ptr_t gvseq, ptr_t gx,   \
+      ptr_t gv0, ptr_t gvth) {                                                                 \
+    backward_impl<R>(x, v0, vth, T, N, C, d, ternary, detach_reset, kind, pa, pb, gs, gvlast,  \
+                     gvseq, gx, gv0, gvth);                                                    \
+  }
+
+ATMN_KERNELS(float, f32)
+ATMN_KERNELS(double, f64)

@@ -1,0 +1,108 @@
+"""What the fused ATMN backends share: the autograd Function around a forward and a backward
+kernel, and the encoding of surrogates and thresholds that the kernels read.
+
+A kernel set implements two launches over contiguous tensors (``x`` [T, N] viewed flat,
+``v0`` [N] or None for a zero membrane):
+
+* ``forward(x, v0, vth, p, spikes, v_last, v_seq)`` fills ``spikes``, ``v_last`` and, when not
+  None, ``v_seq``;
+* ``backward(x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> g_vth`` fills ``g_x`` and,
+  when not None, ``g_v0``, and returns the threshold gradient with ``vth``'s shape. Gradients
+  that are None are zero. The backward recomputes h from ``x`` and ``v0``: nothing but the
+  inputs is saved.
+
+``vth`` is 0-d (shared) or [C] over the last dimension of x (per channel).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Protocol
+
+import torch
+
+from .functional import ATMNParameters
+from .surrogate import ATan, Rectangle, Sigmoid, Triangle
+
+__all__ = ["SURROGATE_CODES", "FusedKernels", "fused_multi_step", "surrogate_code"]
+
+# kernel-side code of each built-in surrogate and the name of its parameter
+SURROGATE_CODES: dict[type, tuple[int, str]] = {
+    Rectangle: (0, "width"),
+    Triangle: (1, "width"),
+    Sigmoid: (2, "alpha"),
+    ATan: (3, "alpha"),
+}
+
+
+def surrogate_code(p: ATMNParameters) -> tuple[int, float, float]:
+    """``(kind, pa, pb)``: the surrogate's code and parameters as the kernels' g(z) reads them.
+
+    rectangle: width/2, 1/width · triangle: 1/half-width · sigmoid: alpha · atan: π/2·alpha, alpha/2
+    """
+    kind, attr = SURROGATE_CODES[type(p.surrogate)]
+    a = float(getattr(p.surrogate, attr))
+    pa, pb = {0: (0.5 * a, 1.0 / a), 1: (2.0 / a, 0.0), 2: (a, 0.0)}.get(
+        kind, (0.5 * math.pi * a, 0.5 * a)
+    )
+    return kind, pa, pb
+
+
+def unsupported_parameters(p: ATMNParameters) -> str | None:
+    """Why a fused kernel cannot run ``p`` (None when it can)."""
+    if type(p.surrogate) not in SURROGATE_CODES:
+        names = [c.__name__ for c in SURROGATE_CODES]
+        return (
+            f"it implements the built-in surrogates {names}, not {type(p.surrogate).__name__}; "
+            "use backend='torch'"
+        )
+    if p.smooth:
+        return "smooth=True is a gradient-testing mode of the torch reference"
+    return None
+
+
+class FusedKernels(Protocol):
+    def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None: ...
+
+    def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor: ...
+
+
+class _FusedATMN(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x_seq, v0, v_threshold, p, return_v_seq, kernels):  # type: ignore[override]
+        x = x_seq.contiguous()
+        v0 = None if v0 is None else v0.contiguous()
+        vth = v_threshold.detach().contiguous()
+        spikes, v_last = torch.empty_like(x), torch.empty_like(x[0])
+        v_seq = torch.empty_like(x) if return_v_seq else None
+        kernels.forward(x, v0, vth, p, spikes, v_last, v_seq)
+        ctx.save_for_backward(x, vth, v0)  # v0 is None for a zero membrane
+        ctx.p, ctx.kernels = p, kernels
+        ctx.set_materialize_grads(False)
+        return (spikes, v_last, v_seq) if return_v_seq else (spikes, v_last)
+
+    @staticmethod
+    def backward(ctx, g_spikes, g_vlast, g_vseq=None):  # type: ignore[override]
+        x, vth, v0 = ctx.saved_tensors
+        g_spikes, g_vlast, g_vseq = (
+            None if g is None else g.to(x.dtype).contiguous() for g in (g_spikes, g_vlast, g_vseq)
+        )
+        g_x = torch.empty_like(x)
+        g_v0 = torch.empty_like(v0) if v0 is not None and ctx.needs_input_grad[1] else None
+        g_vth = ctx.kernels.backward(x, v0, vth, ctx.p, g_spikes, g_vlast, g_vseq, g_x, g_v0)
+        g_vth = g_vth.to(vth.dtype) if ctx.needs_input_grad[2] else None
+        return g_x, g_v0, g_vth, None, None, None
+
+
+def fused_multi_step(
+    kernels: FusedKernels,
+    x_seq: torch.Tensor,
+    v: torch.Tensor | None,
+    p: ATMNParameters,
+    return_v_seq: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A backend entry point (signature of ``functional._atmn_multi_step_torch``) on ``kernels``."""
+    if x_seq.dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"x_seq: fused kernels compute in float32/float64, got {x_seq.dtype}")
+    out = _FusedATMN.apply(x_seq, v, p.v_threshold, p, return_v_seq, kernels)
+    return out[0], out[1], (out[2] if return_v_seq else None)

@@ -1,0 +1,3 @@
+from spikemar.cli import main
+
+raise SystemExit(main())

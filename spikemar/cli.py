@@ -1,0 +1,329 @@
+"""spikemar's command line: ``spikemar <command> [options]``.
+
+Commands:
+
+* ``raster``: run an ATMN layer (or a small Linear+ATMN network) on a built-in input and write one
+  PNG with the spike raster, per-neuron firing rates (+1/−1 split), membrane traces and, for a
+  network, per-layer firing rates. A first look at what the neuron does, without any data.
+
+Each command is a pair: ``_add_<name>(subparsers)`` declares its options and sets
+``func=_run_<name>``, which takes the parsed arguments and returns an exit code. New commands
+(train, generate, energy, export) add one pair and an entry in ``_COMMANDS``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+__all__ = ["build_parser", "main"]
+
+_NEURON_KINDS = ("atmn", "binary", "ternary-single")
+
+
+class _UsageError(Exception):
+    """A combination of arguments that argparse cannot check on its own."""
+
+
+# -- argument types: argparse turns ArgumentTypeError into "argument --X: <message>" -----------
+
+
+def _int_at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
+    if not value > 0 or math.isnan(value):
+        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+    return value
+
+
+def _finite_positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+# -- raster -------------------------------------------------------------------------------------
+
+
+def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "raster",
+        help="plot spikes, firing rates and membranes of an ATMN layer or small network",
+        description=(
+            "Run a spiking neuron on a built-in input and write one PNG: raster (+1 and -1 "
+            "spikes in two colours), per-neuron firing rates, membrane traces, and per-layer "
+            "rates with --network. Single layer: a ramp of static activations from -3V to +3V, "
+            "delta-injected over T micro-steps. --network: a 3-layer Linear+neuron net with "
+            "seeded weights on a smooth multi-channel signal."
+        ),
+    )
+    p.add_argument("--neuron", choices=_NEURON_KINDS, default="atmn", help="neuron kind")
+    p.add_argument("--T", type=_int_at_least_1, default=4, help="micro-steps T (default 4)")
+    p.add_argument(
+        "--tau",
+        type=_positive_float,
+        default=None,
+        help="membrane time constant tau > 0 (default 2; ternary-single has none)",
+    )
+    p.add_argument(
+        "--v-threshold",
+        type=_finite_positive_float,
+        default=0.5,
+        help="threshold V > 0 (default 0.5)",
+    )
+    p.add_argument("--network", action="store_true", help="a 3-layer Linear+neuron network")
+    p.add_argument("--seed", type=int, default=0, help="seed of the network weights")
+    p.add_argument("--out", type=Path, default=Path("spikemar_raster.png"), help="PNG to write")
+    p.add_argument("--dpi", type=_int_at_least_1, default=120, help="resolution of the PNG")
+    p.set_defaults(func=_run_raster)
+    return p
+
+
+def _make_neuron(kind: str, tau: float | None, v_threshold: float) -> nn.Module:
+    """A neuron of ``kind`` in multi-step mode (it takes T from its input's first dimension)
+    that keeps its membrane for the trace panel."""
+    from spikemar.neurons import ATMN, BinaryMultiStep, TernarySingleStep
+
+    common = {"step_mode": "m", "store_v_seq": True, "learnable_threshold": False}
+    if kind == "ternary-single":
+        if tau is not None:
+            raise _UsageError(
+                "argument --tau: ternary-single carries no membrane between micro-steps "
+                "(tau = inf); leave --tau out"
+            )
+        return TernarySingleStep(v_threshold, **common)
+    cls = ATMN if kind == "atmn" else BinaryMultiStep
+    return cls(2.0 if tau is None else tau, v_threshold, **common)
+
+
+@dataclass
+class _SpikeStats:
+    pos: int
+    neg: int
+    size: int
+
+    @classmethod
+    def of(cls, spikes: torch.Tensor) -> _SpikeStats:
+        return cls(int((spikes > 0).sum()), int((spikes < 0).sum()), spikes.numel())
+
+    def __add__(self, other: _SpikeStats) -> _SpikeStats:
+        return _SpikeStats(self.pos + other.pos, self.neg + other.neg, self.size + other.size)
+
+    def summary(self) -> str:
+        return (
+            f"firing rate +{self.pos / self.size:.3f} / −{self.neg / self.size:.3f} "
+            f"spikes per neuron per micro-step; {self.pos + self.neg} spikes "
+            f"(+{self.pos} / −{self.neg}) of {self.size} neuron-micro-steps"
+        )
+
+
+def _run_raster(args: argparse.Namespace) -> int:
+    from spikemar import viz
+
+    torch.manual_seed(args.seed)
+    neuron = _make_neuron(args.neuron, args.tau, args.v_threshold)
+    tau_text = "∞" if math.isinf(neuron.tau) else f"{neuron.tau:g}"
+    setting = f"{args.neuron}, T = {args.T}, τ = {tau_text}, V = {args.v_threshold:g}"
+    if args.network:
+        fig, stats = _raster_network(args, neuron, setting)
+    else:
+        fig, stats = _raster_single(args, neuron, setting)
+    path = viz.save_figure(fig, args.out, dpi=args.dpi)
+    print(path)
+    print(f"raster ({setting}{', network' if args.network else ''}): {stats.summary()}")
+    return 0
+
+
+def _raster_single(args: argparse.Namespace, neuron: nn.Module, setting: str):
+    from spikemar import viz
+    from spikemar.neurons import delta_inject
+
+    V = args.v_threshold
+    ramp = torch.linspace(-3.0, 3.0, 49) * V  # one neuron per static activation, steps of V/8
+    with torch.no_grad():
+        spikes = neuron(delta_inject(ramp, args.T))
+        decoded = neuron.decode(spikes)
+
+    fig = viz.new_figure((13, 9))
+    grid = fig.add_gridspec(2, 2, width_ratios=(3, 2), height_ratios=(3, 2))
+    ax_raster = fig.add_subplot(grid[0, 0])
+    ax_rates = fig.add_subplot(grid[0, 1], sharey=ax_raster)
+    ax_trace = fig.add_subplot(grid[1, :])
+    fig.suptitle(f"{setting}: a ramp of static inputs I from −3V to +3V, δ-injected")
+
+    viz.raster(spikes, ax_raster, neuron_label="neuron (its static input I)", title="spike raster")
+    ticks = [i for i in range(0, 49, 8)]
+    ax_raster.set_yticks(ticks, [f"{ramp[i].item() / V:+.0f}V" for i in ticks])
+    viz.plot_firing_rates(
+        spikes, ax_rates, horizontal=True, neuron_label="", title="firing rate per neuron"
+    )
+    ax_rates.tick_params(labelleft=False)
+
+    # Three inputs that show a +1 burst, a sub-threshold decay and a −1 burst.
+    picks = [int(torch.argmin((ramp - target * V).abs())) for target in (2.25, 0.75, -1.75)]
+    viz.membrane_trace(
+        neuron,
+        spikes,
+        neurons=picks,
+        neuron_names=[
+            f"I = {ramp[i].item() / V:+.2f}V → decodes to {decoded[i].item() / V:+.2f}V"
+            for i in picks
+        ],
+        ax=ax_trace,
+        title="membrane of three neurons",
+    )
+    return fig, _SpikeStats.of(spikes)
+
+
+def _smooth_signal(positions: int, channels: int, amplitude: float) -> torch.Tensor:
+    """[positions, channels]: sines of different frequencies and phases, a stand-in for the
+    activations of a token sequence."""
+    ell = torch.arange(positions, dtype=torch.float32)[:, None] / positions
+    k = torch.arange(channels, dtype=torch.float32)[None, :]
+    return amplitude * torch.sin(2 * math.pi * (1 + k % 4) * ell + 0.7 * k)
+
+
+def _raster_network(args: argparse.Namespace, first: nn.Module, setting: str):
+    from spikingjelly.activation_based import functional
+
+    from spikemar import viz
+    from spikemar.neurons import ATMN, delta_inject
+
+    widths = (16, 48, 48, 32)
+    neurons = [first] + [_make_neuron(args.neuron, args.tau, args.v_threshold) for _ in widths[2:]]
+    layers: list[nn.Module] = []
+    for fan_in, fan_out, neuron in zip(widths[:-1], widths[1:], neurons, strict=True):
+        linear = nn.Linear(fan_in, fan_out)
+        # Scaled so that a layer's input is a few V for inputs/spikes of order one.
+        nn.init.normal_(linear.weight, std=2.0 * args.v_threshold / math.sqrt(fan_in))
+        nn.init.zeros_(linear.bias)
+        layers += [linear, neuron]
+    net = nn.Sequential(*layers)
+    positions = 16
+    signal = _smooth_signal(positions, widths[0], 1.0)
+    x_seq = delta_inject(signal, args.T)  # [T, positions, channels]
+
+    layer_rates = viz.layer_firing_rates(net, x_seq)
+    # Once more, layer by layer, to keep every layer's spikes (and membrane) for the plots.
+    functional.reset_net(net)
+    spikes = []
+    with torch.no_grad():
+        h = x_seq
+        for module in net:
+            h = module(h)
+            if isinstance(module, ATMN):
+                spikes.append(h)
+
+    fig = viz.new_figure((18, 10))
+    grid = fig.add_gridspec(2, 3, height_ratios=(3, 2))
+    fig.suptitle(
+        f"{setting}: 3 × (Linear + neuron), seed {args.seed}, "
+        f"{positions} positions of a smooth signal, each δ-injected over T micro-steps"
+    )
+    stats = _SpikeStats(0, 0, 0)
+    for k, (name, s) in enumerate(zip(layer_rates, spikes, strict=True)):
+        stats = stats + _SpikeStats.of(s)
+        by_position = s.permute(1, 0, 2).reshape(-1, s.shape[-1])  # [positions·T, channels]
+        viz.raster(
+            by_position,
+            fig.add_subplot(grid[0, k]),
+            time_label=f"position ℓ × micro-step t ({args.T} per position)",
+            neuron_label="channel",
+            title=f"layer {k + 1} (module '{name}')",
+            boundary_every=args.T,
+            ternary=args.neuron != "binary",
+        )
+    hidden = spikes[1]
+    viz.plot_firing_rates(
+        viz.firing_rates(hidden, batch_dims=1),
+        fig.add_subplot(grid[1, 0]),
+        neuron_label="channel of layer 2",
+        title="layer 2 firing rate per channel (over positions and micro-steps)",
+    )
+    position = positions // 2
+    busiest = (hidden[:, position] != 0).sum(dim=0).argsort(descending=True)[:3].tolist()
+    n_channels = hidden.shape[-1]
+    viz.membrane_trace(
+        neurons[1],
+        hidden,
+        neurons=[position * n_channels + c for c in busiest],
+        neuron_names=[f"channel {c}" for c in busiest],
+        ax=fig.add_subplot(grid[1, 1]),
+        title=f"layer 2 membrane at position {position}",
+    )
+    viz.plot_layer_firing_rates(
+        {f"layer {k + 1}": r for k, r in enumerate(layer_rates.values())},
+        fig.add_subplot(grid[1, 2]),
+        title="mean firing rate per layer",
+    )
+    return fig, stats
+
+
+# -- the command line ---------------------------------------------------------------------------
+
+_COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
+    _add_raster,
+)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("spikemar")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="spikemar",
+        description="spikemar: spiking language models after MAR (arXiv 2601.21503).",
+    )
+    parser.add_argument("--version", action="version", version=f"spikemar {_version()}")
+    subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    for add in _COMMANDS:
+        sub = add(subparsers)
+        sub.set_defaults(_parser=sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
+
+    Bad arguments end in ``SystemExit(2)`` with argparse's usage message naming the argument.
+    """
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    try:
+        return int(args.func(args))
+    except _UsageError as err:
+        args._parser.error(str(err))
+    return 2  # not reached: error() exits
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,145 @@
+"""The ``spikemar`` command line and the example scripts (run with tiny configurations)."""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import pytest
+import torch
+
+from spikemar import cli
+from spikemar.neurons import ATMN
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+REPO_ROOT = Path(__file__).resolve().parents[1]
+SHAKESPEARE = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
+
+
+def is_png(path: Path) -> bool:
+    return path.is_file() and path.read_bytes()[:8] == PNG_MAGIC
+
+
+# -- spikemar raster ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("network", [False, True], ids=["layer", "network"])
+@pytest.mark.parametrize("neuron", ["atmn", "binary", "ternary-single"])
+def test_raster_writes_a_png(tmp_path, capsys, neuron, network):
+    out = tmp_path / "figs" / "raster.png"
+    argv = ["raster", "--neuron", neuron, "--T", "3", "--out", str(out), "--dpi", "30"]
+    assert cli.main([*argv, "--network"] if network else argv) == 0
+    assert is_png(out)
+    assert sorted(p.name for p in out.parent.iterdir()) == ["raster.png"]
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == str(out)
+    assert "firing rate +" in lines[1] and "spikes" in lines[1]
+    if neuron == "binary":
+        assert "(+" in lines[1] and "/ −0)" in lines[1]
+
+
+def test_raster_summary_counts_the_spikes(capsys, tmp_path):
+    cli.main(
+        [
+            "raster",
+            "--T",
+            "4",
+            "--tau",
+            "1.5",
+            "--v-threshold",
+            "0.5",
+            "--out",
+            str(tmp_path / "r.png"),
+            "--dpi",
+            "30",
+        ]
+    )
+    summary = capsys.readouterr().out.splitlines()[1]
+    # The built-in ramp: 49 static inputs from −3V to +3V, δ-injected.
+    _, spikes = ATMN(1.5, 0.5).quantize(torch.linspace(-1.5, 1.5, 49), 4)
+    pos, neg = int((spikes > 0).sum()), int((spikes < 0).sum())
+    assert f"{pos + neg} spikes (+{pos} / −{neg}) of {49 * 4}" in summary
+    assert re.search(rf"firing rate \+{pos / (49 * 4):.3f} / −{neg / (49 * 4):.3f}", summary)
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["raster", "--T", "0"], "argument --T: expected an int >= 1, got '0'"),
+        (["raster", "--T", "two"], "argument --T"),
+        (["raster", "--tau", "0"], "argument --tau: expected a number > 0, got '0'"),
+        (["raster", "--tau", "-1"], "argument --tau"),
+        (["raster", "--tau", "nan"], "argument --tau"),
+        (["raster", "--v-threshold", "0"], "argument --v-threshold: expected a finite number > 0"),
+        (["raster", "--v-threshold", "inf"], "argument --v-threshold"),
+        (["raster", "--neuron", "lif"], "argument --neuron: invalid choice: 'lif'"),
+        (["raster", "--neuron", "ternary-single", "--tau", "2"], "argument --tau: ternary-single"),
+        ([], "COMMAND"),
+        (["train"], "invalid choice: 'train'"),
+    ],
+)
+def test_bad_arguments_exit_with_a_message_naming_them(argv, fragment, capsys, tmp_path):
+    with pytest.raises(SystemExit) as info:
+        cli.main([*argv, "--out", str(tmp_path / "x.png")] if argv[:1] == ["raster"] else argv)
+    assert info.value.code == 2
+    assert fragment in capsys.readouterr().err
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_console_script_is_main():
+    (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "spikemar"]
+    assert script.value == "spikemar.cli:main"
+
+
+def test_parser_has_one_subcommand_per_function():
+    parser = cli.build_parser()
+    args = parser.parse_args(["raster"])
+    assert args.func is cli._run_raster
+    assert args.T == 4 and args.tau is None and args.v_threshold == 0.5
+    assert args.out == Path("spikemar_raster.png")
+
+
+# -- examples -----------------------------------------------------------------------------------
+
+
+def load_example(name: str):
+    path = REPO_ROOT / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_atmn_ramp_quick(tmp_path, capsys):
+    example = load_example("atmn_ramp")
+    assert example.main(["--out", str(tmp_path), "--quick"]) == 0
+    for name in ("atmn_ramp_staircase", "atmn_ramp_rasters", "atmn_ramp_rates"):
+        assert is_png(tmp_path / f"{name}.png"), name
+    out = capsys.readouterr().out
+    assert "atmn   tau=1    T=8: RMSE" in out
+
+
+@pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"Tiny Shakespeare not at {SHAKESPEARE}")
+def test_example_shakespeare_quick(tmp_path, capsys):
+    example = load_example("shakespeare_raster")
+    argv = ["--out", str(tmp_path), "--quick", "--steps", "5", "--data", str(SHAKESPEARE)]
+    assert example.main(argv) == 0
+    for name in ("shakespeare_rasters", "shakespeare_rates"):
+        assert is_png(tmp_path / f"{name}.png"), name
+    out = capsys.readouterr().out
+    assert "trained 5 steps" in out and "spike point spike1" in out
+
+
+def test_example_shakespeare_missing_data(tmp_path, capsys):
+    example = load_example("shakespeare_raster")
+    missing = tmp_path / "nope" / "input.txt"
+    with pytest.raises(SystemExit) as info:
+        example.main(["--data", str(missing), "--out", str(tmp_path)])
+    assert info.value.code == 2
+    err = capsys.readouterr().err
+    assert "--data" in err and str(missing) in err
+    assert list(tmp_path.iterdir()) == []

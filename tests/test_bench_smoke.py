@@ -1,0 +1,69 @@
+"""Smoke test of benchmarks/bench_neuron.py: its quick configuration runs in-process and yields a
+row for every spikemar backend, 'auto' and each peer. No timing assertions: speed lives in
+benchmarks/, never in a timed test."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_neuron.py"
+
+
+@pytest.fixture(scope="module")
+def bench():
+    spec = importlib.util.spec_from_file_location("bench_neuron", BENCH)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_neuron"] = module  # dataclasses look their module up by name
+    try:
+        spec.loader.exec_module(module)
+        yield module
+    finally:
+        sys.modules.pop("bench_neuron", None)
+
+
+def test_quick_config_yields_every_backend_and_peer(bench):
+    from spikemar.neurons import available_backends
+
+    cfg = dataclasses.replace(bench.QUICK, progress=False)
+    rows, copy_gbps, interrupted = bench.run(cfg)
+
+    assert not interrupted
+    assert copy_gbps["cpu"] > 0
+    for mode in bench.MODES:
+        by_impl = {r.impl: r for r in rows if r.mode == mode}
+        for backend in available_backends():
+            row = by_impl[f"ATMN[{backend}]"]
+            # a backend that cannot run on the CPU (cupy) says why instead of timing; a crash fails
+            if row.skipped:
+                assert not row.skipped.startswith("failed"), row.skipped
+            else:
+                assert row.median_ms > 0, row
+        measured = [
+            "ATMN[torch]",
+            next(name for name in by_impl if name.startswith("ATMN[auto")),
+            "sj.LIFNode",
+            "sj.TernaryLIFNode",
+            "norse.LIF",
+        ]
+        for name in measured:
+            row = by_impl[name]
+            assert row.skipped is None, row
+            assert len(row.times_ms) == cfg.repeats
+            assert all(t > 0 for t in row.times_ms)
+            assert row.median_ms > 0 and row.gb_per_s > 0
+            assert 0.0 <= row.spike_rate <= 1.0
+        assert by_impl["ATMN[torch]"].speedup_vs_reference == pytest.approx(1.0)
+        assert by_impl["sj.LIFNode"].speedup_vs_lif == pytest.approx(1.0)
+
+
+def test_markdown_table_has_a_line_per_row(bench):
+    cfg = dataclasses.replace(bench.QUICK, progress=False, repeats=1, warmup=0)
+    rows, copy_gbps, _ = bench.run(cfg)
+    text = bench.markdown(rows, bench.machine_info(cfg), copy_gbps)
+    table = [line for line in text.splitlines() if line.startswith("| cpu |")]
+    assert len(table) == len(rows)

@@ -407,3 +407,11 @@ def test_ternary_single_step_has_no_tau():
     with pytest.raises(TypeError, match="tau"):
         TernarySingleStep(tau=2.0)
     assert math.isinf(TernarySingleStep().tau)
+
+
+@pytest.mark.parametrize("bad", [0.0, -0.5, float("nan"), float("inf")])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_functional_rejects_a_bad_threshold(bad, backend):
+    p = ATMNParameters(v_threshold=torch.tensor([0.5, bad]), tau=2.0)
+    with pytest.raises(ValueError, match="v_threshold"):
+        atmn_multi_step(torch.randn(3, 4, 2), None, p, backend=backend)

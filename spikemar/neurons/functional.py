@@ -149,7 +149,7 @@ def check_tau(tau: float) -> float:
 
 
 def check_parameters(p: ATMNParameters) -> None:
-    """Raise a ValueError naming the offending field of ``p``."""
+    """Raise if a field of ``p`` has the wrong type or shape (values: :func:`check_values`)."""
     check_tau(p.tau)
     v = p.v_threshold
     if not isinstance(v, torch.Tensor):
@@ -159,10 +159,6 @@ def check_parameters(p: ATMNParameters) -> None:
             "v_threshold: expected a scalar or a 1-d per-channel tensor, "
             f"got shape {tuple(v.shape)}"
         )
-    values = v.detach().flatten()
-    bad = ~torch.isfinite(values) | (values <= 0)
-    if bool(bad.any()):
-        raise ValueError(f"v_threshold: expected finite values > 0, got {values[bad][:4].tolist()}")
 
 
 def check_input(
@@ -190,19 +186,26 @@ def check_input(
         )
 
 
-def check_finite(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -> None:
-    """Raise if the input held NaN or ±inf.
+def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -> None:
+    """Raise if V is not finite and positive, or if the input held NaN or ±inf.
 
     With τ < ∞ a non-finite value anywhere in ``x_seq`` (or in the initial membrane) reaches the
-    final membrane and stays there, so checking ``u_last`` (N values, not T·N) is enough. One
-    ``aminmax`` pass finds both (NaN propagates through min/max) without the temporaries of
-    ``isfinite``, which cost more than a fused ATMN forward on large inputs.
+    final membrane and stays there, so checking ``u_last`` (N values, not T·N) is enough. The
+    extremes of V and of the membrane come back in one transfer, so a CUDA caller waits for the
+    device once per call; ``aminmax`` finds NaN and ±inf (NaN propagates through min/max)
+    without the temporaries of ``isfinite``, which cost more than a fused forward on large inputs.
     """
     probe = (u_last if not math.isinf(p.tau) else x_seq).detach()
-    if probe.numel() == 0:
-        return
-    lo, hi = torch.aminmax(probe)
-    if not (math.isfinite(lo.item()) and math.isfinite(hi.item())):
+    v = p.v_threshold.detach().to(probe.dtype)
+    extremes = [*torch.aminmax(v)]
+    if probe.numel():
+        extremes += [*torch.aminmax(probe)]
+    v_lo, v_hi, *u_range = torch.stack(extremes).tolist()
+    if not (math.isfinite(v_lo) and math.isfinite(v_hi) and v_lo > 0):
+        values = v.flatten()
+        bad = values[~torch.isfinite(values) | (values <= 0)]
+        raise ValueError(f"v_threshold: expected finite values > 0, got {bad[:4].tolist()}")
+    if not all(math.isfinite(u) for u in u_range):
         raise ValueError(
             "x_seq: expected finite values, but the input (or the initial membrane v) "
             "holds NaN or inf"
@@ -240,7 +243,7 @@ def atmn_multi_step(
     v = None if v is None else v.to(cdtype)
     spikes, v_last, v_seq = impl(x_seq.to(cdtype), v, p, return_v_seq)
     if validate:
-        check_finite(x_seq, v_last, p)
+        check_values(x_seq, v_last, p)
     spikes = spikes.to(x_seq.dtype)
     return (spikes, v_last, v_seq) if return_v_seq else (spikes, v_last)
 

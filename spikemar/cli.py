@@ -282,10 +282,28 @@ def _raster_network(args: argparse.Namespace, first: nn.Module, setting: str):
     return fig, stats
 
 
+# -- energy -------------------------------------------------------------------------------------
+
+
+def _add_energy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .energy.cli import add_energy_arguments, energy_main
+
+    p = subparsers.add_parser(
+        "energy",
+        help="SOP energy report (ACs, MACs, firing rates, pJ) of a model on text or random input",
+        description="Count accumulates and multiply-accumulates per layer, with ternary spikes "
+        "counted as one AC each, and price them under a hardware profile.",
+    )
+    add_energy_arguments(p)
+    p.set_defaults(func=energy_main)
+    return p
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
     _add_raster,
+    _add_energy,
 )
 
 

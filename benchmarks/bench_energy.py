@@ -1,0 +1,212 @@
+"""Time the energy counter against the plain forward pass and against SpikingJelly's op_counter.
+
+The network is DESIGN.md §4's spiking MLP: ``Linear(W, W) → neuron → Linear(W, W)`` on a real
+input [T, N, W] (W = 512, T = 4, N = 64 by default), with the neuron ATMN (ternary),
+SpikingJelly's ``TernaryLIFNode`` (ternary) or its ``LIFNode`` (binary). In one run, on the same
+input, with repetitions interleaved (rep 1 of every method, then rep 2, …) so that drift of a
+shared machine hits all of them alike:
+
+* ``plain``: ``net(x)`` under ``torch.no_grad()``;
+* ``spikemar[auto]`` / ``spikemar[producer]``: the same call with an attached
+  :class:`spikemar.energy.EnergyCounter` (hooks in place; nnz counting on; the counts of each
+  rep are dropped with ``reset()`` outside the timed region);
+* ``spikemar profile()``: the one-shot ``spikemar.energy.profile`` call, end to end (attach,
+  forward, one device read-back, report with energies);
+* ``sj SynOpCounter``: ``net(x)`` inside SpikingJelly 2.0's
+  ``DispatchCounterMode([SynOpCounter()])``.
+
+Neuron membranes are reset before every call, outside the timed region. Reported per row:
+median and interquartile range in ms, and the ratio to ``plain`` (overhead = ratio − 1); also
+the ACs each counter found (SpikingJelly's is 0 on ternary spikes: it only knows {0, 1}).
+
+    python benchmarks/bench_energy.py                    # W=512, T=4, N=64, 2 threads
+    python benchmarks/bench_energy.py --neurons atmn --reps 400 --json out.json
+    python benchmarks/bench_energy.py --quick            # seconds: a smoke run
+
+The Markdown table goes to stdout, progress to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime as dt
+import json
+import os
+import platform
+import shlex
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from importlib import metadata
+from typing import Any
+
+import torch
+from spikingjelly.activation_based import functional as sj_functional
+from spikingjelly.activation_based import layer
+from spikingjelly.activation_based import neuron as sj_neuron
+from spikingjelly.activation_based.op_counter import DispatchCounterMode, SynOpCounter
+from torch import nn
+
+from spikemar.energy import EnergyCounter, profile
+from spikemar.neurons import ATMN
+
+NEURONS = {
+    "atmn": lambda: ATMN(tau=2.0, v_threshold=1.0, step_mode="m"),
+    "sj-lif": lambda: sj_neuron.LIFNode(tau=2.0, v_threshold=1.0, step_mode="m"),
+    "sj-ternary": lambda: sj_neuron.TernaryLIFNode(
+        tau=2.0, v_threshold=1.0, v_reset=None, step_mode="m"
+    ),
+}
+PLAIN = "plain"
+
+
+def make_mlp(width: int, neuron: str) -> nn.Module:
+    return nn.Sequential(
+        layer.Linear(width, width, step_mode="m"),
+        NEURONS[neuron](),
+        layer.Linear(width, width, step_mode="m"),
+    ).eval()
+
+
+def methods(net: nn.Module, x: torch.Tensor) -> dict[str, tuple[Callable[[], object], Any]]:
+    """name → (the timed call, the EnergyCounter attached around it or None)."""
+
+    def forward():
+        return net(x)
+
+    def one_shot():
+        return profile(net, x, reset_state=False)
+
+    def sj():
+        with DispatchCounterMode([SynOpCounter()]):
+            return net(x)
+
+    return {
+        PLAIN: (forward, None),
+        "spikemar[auto]": (forward, EnergyCounter(net, spike_detection="auto")),
+        "spikemar[producer]": (forward, EnergyCounter(net, spike_detection="producer")),
+        "spikemar profile()": (one_shot, None),
+        "sj SynOpCounter": (sj, None),
+    }
+
+
+def acs_found(net: nn.Module, x: torch.Tensor) -> tuple[int, int, float]:
+    """(our ACs, SpikingJelly SynOpCounter's, firing rate of the neuron)."""
+    rep = profile(net, x)
+    counter = SynOpCounter()
+    sj_functional.reset_net(net)
+    with torch.no_grad(), DispatchCounterMode([counter]):
+        net(x)
+    rate = rep.row("1").firing_rate or 0.0
+    return rep.total_acs, counter.get_total(), rate
+
+
+def bench(net: nn.Module, x: torch.Tensor, reps: int, warmup: int) -> dict[str, list[float]]:
+    ms = methods(net, x)
+    times: dict[str, list[float]] = {name: [] for name in ms}
+    with torch.no_grad():
+        for i in range(warmup + reps):
+            for name, (fn, counter) in ms.items():
+                sj_functional.reset_net(net)
+                with counter if counter is not None else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    fn()
+                    t1 = time.perf_counter()
+                if counter is not None:
+                    counter.reset()  # drop this rep's pending counts (outside the timing)
+                if i >= warmup:
+                    times[name].append((t1 - t0) * 1e3)
+    return times
+
+
+def summarize(times: dict[str, list[float]]) -> list[dict[str, float | str]]:
+    base = statistics.median(times[PLAIN])
+    rows = []
+    for name, ts in times.items():
+        q = statistics.quantiles(ts, n=4)
+        med = statistics.median(ts)
+        rows.append({"method": name, "median_ms": med, "iqr_ms": q[2] - q[0], "ratio": med / base})
+    return rows
+
+
+def machine_info(threads: int, load_at_start: float) -> dict[str, str]:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
+    except (OSError, StopIteration):
+        pass
+    return {
+        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
+        "cpu": f"{cpu} ({os.cpu_count()} cores visible)",
+        "threads": str(threads),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "spikingjelly": metadata.version("spikingjelly"),
+        "load": f"{load_at_start:.2f} → {os.getloadavg()[0]:.2f}",
+        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--width", type=int, default=512)
+    p.add_argument("--T", type=int, default=4)
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument(
+        "--neurons", nargs="+", choices=sorted(NEURONS), default=["atmn", "sj-ternary", "sj-lif"]
+    )
+    p.add_argument("--input-scale", type=float, default=3.0, help="x = scale · randn (3.0)")
+    p.add_argument("--reps", type=int, default=200)
+    p.add_argument("--warmup", type=int, default=20)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--quick", action="store_true", help="few reps, to check that it runs")
+    p.add_argument("--json", help="also write the results as JSON here")
+    args = p.parse_args(argv)
+    if args.quick:
+        args.reps, args.warmup = 10, 2
+    torch.set_num_threads(args.threads)
+    load = os.getloadavg()[0]
+    results = []
+    for neuron in args.neurons:
+        torch.manual_seed(0)
+        net = make_mlp(args.width, neuron)
+        x = torch.randn(args.T, args.batch, args.width) * args.input_scale
+        ours, sj, rate = acs_found(net, x)
+        print(f"[{neuron}] timing {args.reps} interleaved reps …", file=sys.stderr)
+        rows = summarize(bench(net, x, args.reps, args.warmup))
+        results.append(
+            {"neuron": neuron, "firing_rate": rate, "acs": ours, "sj_synops": sj, "rows": rows}
+        )
+    info = machine_info(args.threads, load)
+    shape = f"W={args.width}, T={args.T}, N={args.batch}"
+    print(f"Energy counting overhead, spiking MLP Linear→neuron→Linear ({shape}), forward, no grad")
+    print()
+    print(" · ".join(f"{k}: {v}" for k, v in info.items()))
+    print()
+    print("| neuron | method | median ms | IQR ms | × plain | ACs counted |")
+    print("| --- | --- | ---: | ---: | ---: | ---: |")
+    for res in results:
+        for row in res["rows"]:
+            m = row["method"]
+            acs = (
+                f"{res['acs']:,}"
+                if m.startswith("spikemar")
+                else f"{res['sj_synops']:,}"
+                if m.startswith("sj")
+                else ""
+            )
+            print(
+                f"| {res['neuron']} (rate {res['firing_rate']:.3f}) | {m} | "
+                f"{row['median_ms']:.3f} | {row['iqr_ms']:.3f} | {row['ratio']:.3f} | {acs} |"
+            )
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"machine": info, "shape": shape, "results": results}, f, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

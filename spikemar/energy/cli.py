@@ -1,0 +1,151 @@
+"""``spikemar energy``: count and price a model's forward pass from the command line.
+
+The command's two halves, for :mod:`spikemar.cli` to wire in::
+
+    from spikemar.energy.cli import add_energy_arguments, energy_main
+    p = subparsers.add_parser("energy", help=...); add_energy_arguments(p)
+    p.set_defaults(func=energy_main)          # energy_main(args) -> exit code
+
+It runs the built-in demo model (:mod:`spikemar.energy.demo`) or a checkpoint on byte-level
+token ids from a text or random tokens, prints the per-layer table and writes JSON, Markdown and
+PNG reports on request; ``--compare-dense`` also profiles the dense twin and prints the
+student-vs-teacher comparison.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .counter import _DETECTIONS, profile
+from .demo import VOCAB, demo_model, dense_demo_model
+from .hardware import available_profiles, get_profile
+from .report import compare
+
+__all__ = ["add_energy_arguments", "energy_main"]
+
+
+def _int_at_least_1(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar energy`` on ``parser``."""
+    src = parser.add_mutually_exclusive_group()
+    src.add_argument(
+        "--model",
+        choices=("demo", "demo-dense"),
+        default="demo",
+        help="built-in model (default: the spiking demo LM)",
+    )
+    src.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a whole nn.Module saved with torch.save(model); it is unpickled, which runs "
+        "code from the file: load only checkpoints you trust",
+    )
+    data = parser.add_mutually_exclusive_group()
+    data.add_argument("--text", help="input text (UTF-8 bytes are the token ids)")
+    data.add_argument("--text-file", type=Path, help="read the input text from this file")
+    data.add_argument(
+        "--random-tokens",
+        type=_int_at_least_1,
+        default=64,
+        metavar="L",
+        help="L random byte tokens per sequence (default 64; used when no text is given)",
+    )
+    parser.add_argument("--batch", type=_int_at_least_1, default=1, help="sequences (default 1)")
+    parser.add_argument(
+        "--hardware",
+        default="45nm-fp32",
+        help=f"energy profile (default 45nm-fp32; built in: {', '.join(available_profiles())})",
+    )
+    parser.add_argument("--T", type=_int_at_least_1, default=4, help="demo micro-steps (4)")
+    parser.add_argument("--d", type=_int_at_least_1, default=64, help="demo width (64)")
+    parser.add_argument("--layers", type=_int_at_least_1, default=2, help="demo blocks (2)")
+    parser.add_argument(
+        "--spike-detection", choices=_DETECTIONS, default="auto", help="(default auto)"
+    )
+    parser.add_argument(
+        "--compare-dense",
+        action="store_true",
+        help="also profile the demo's dense twin and print student vs teacher",
+    )
+    parser.add_argument("--json", type=Path, help="write the report as JSON here")
+    parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
+    parser.add_argument("--png", type=Path, help="write energy by layer as a PNG here")
+    parser.add_argument(
+        "--per-token", action="store_true", help="PNG per token instead of per forward pass"
+    )
+    parser.add_argument("--seed", type=int, default=0, help="weights and random tokens (0)")
+    return parser
+
+
+def _load_model(args: argparse.Namespace) -> nn.Module:
+    if args.checkpoint is None:
+        if args.model == "demo-dense":
+            return dense_demo_model(args.d, args.layers, seed=args.seed)
+        return demo_model(args.d, args.layers, args.T, seed=args.seed)
+    if not args.checkpoint.is_file():
+        raise ValueError(f"--checkpoint: no such file {str(args.checkpoint)!r}")
+    model = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
+    if not isinstance(model, nn.Module):
+        raise ValueError(
+            f"--checkpoint: expected a whole nn.Module saved with torch.save(model), "
+            f"got {type(model).__name__}"
+        )
+    return model.eval()
+
+
+def _input_ids(args: argparse.Namespace) -> torch.Tensor:
+    text = args.text
+    if args.text_file is not None:
+        if not args.text_file.is_file():
+            raise ValueError(f"--text-file: no such file {str(args.text_file)!r}")
+        text = args.text_file.read_text(encoding="utf-8")
+    if text is not None:
+        data = text.encode("utf-8")
+        if not data:
+            raise ValueError("--text: expected a non-empty text")
+        return torch.tensor(list(data), dtype=torch.long).expand(args.batch, -1).contiguous()
+    g = torch.Generator().manual_seed(args.seed)
+    return torch.randint(0, VOCAB, (args.batch, args.random_tokens), generator=g)
+
+
+def energy_main(args: argparse.Namespace) -> int:
+    """Run ``spikemar energy`` with parsed ``args``; returns the exit code (2 on bad input)."""
+    try:
+        get_profile(args.hardware)
+        model = _load_model(args)
+        ids = _input_ids(args)
+        if args.compare_dense and args.checkpoint is not None:
+            raise ValueError("--compare-dense: only with the built-in demo model")
+        report = profile(model, ids, hardware=args.hardware, spike_detection=args.spike_detection)
+        print(report.to_table())
+        if args.compare_dense:
+            teacher = dense_demo_model(args.d, args.layers, seed=args.seed)
+            rep_t = profile(teacher, ids, hardware=args.hardware)
+            print()
+            print(compare(report, rep_t).to_table())
+        if args.json is not None:
+            args.json.parent.mkdir(parents=True, exist_ok=True)
+            args.json.write_text(report.to_json() + "\n", encoding="utf-8")
+        if args.markdown is not None:
+            args.markdown.parent.mkdir(parents=True, exist_ok=True)
+            args.markdown.write_text(report.to_markdown(), encoding="utf-8")
+        if args.png is not None:
+            report.save_png(args.png, per_token=args.per_token)
+    except ValueError as err:
+        print(f"spikemar energy: error: {err}", file=sys.stderr)
+        return 2
+    return 0

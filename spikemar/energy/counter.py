@@ -1,0 +1,682 @@
+"""The SOP energy counter: attach to a module tree, run inputs through it, count per layer.
+
+For a synaptic layer (Linear, Conv, …) fed by spikes s_t the counter records
+
+    ACs  = Σ_t nnz(s_t) · fan-out        (a ternary ±1 spike is one add or subtract)
+
+and for one fed by real values ``MACs = input elements · fan-out``; spiking neurons add one
+neuron update per output element; other modules add element-wise ops (see
+:mod:`spikemar.energy.rules`). The counts are priced under a hardware profile when a report is
+built (:mod:`spikemar.energy.report`).
+
+**Forward hooks, not a dispatch mode.** Hooks fire once per module call, so the counter's Python
+runs a handful of times per layer; a ``TorchDispatchMode`` (SpikingJelly's ``op_counter``) runs
+Python on every aten op, including the dozens inside each neuron, which is where SpikingJelly's
++155–180% overhead comes from. Hooks also see what the counts need: the layer's kind and
+geometry (fan-out with stride, padding, dilation and groups; an embedding's lookups) and the
+module that produced a tensor. The price: computation done by plain functions inside a module's
+``forward`` is invisible, so a module that has no rule and computes something itself is listed in
+the report as *uncounted*, and code that wants to count such work calls :func:`record_ops`.
+
+**Which inputs are spikes.** A tensor is a spike tensor when it was produced by a registered
+spiking neuron (or is a view of one, or went through a spike-preserving module), or when a module
+declared it the decode of a spike train with :func:`declare_spikes`. Knowing the producer costs
+nothing and is right for ternary spikes and for MAR's decoded spike trains, which are real-valued
+tensors. Inputs with no such tag are, in the default ``spike_detection="auto"``, checked by value
+(every element in {−1, 0, +1}: four fused passes, no sync) so that spikes from neurons the counter
+does not know are still counted as ACs; ``"producer"`` skips that check, ``"values"`` ignores tags
+and checks every input by value (how the peers decide, but ternary-aware).
+
+**No sync per layer.** Counts stay 0-d tensors on the device until a report is built; then they
+are read back in one transfer.
+"""
+
+from __future__ import annotations
+
+import contextvars
+import weakref
+from collections.abc import Callable, Hashable
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from . import _stats
+from .hardware import HardwareProfile, get_profile
+from .rules import find_rule
+
+__all__ = [
+    "CountContext",
+    "EnergyCounter",
+    "declare_spikes",
+    "profile",
+    "record_ops",
+]
+
+SpikeDetection = Literal["auto", "producer", "values"]
+_DETECTIONS = ("auto", "producer", "values")
+
+_ACTIVE: contextvars.ContextVar[EnergyCounter | None] = contextvars.ContextVar(
+    "spikemar_energy_counter", default=None
+)
+
+Count = int | torch.Tensor
+
+
+class _Event:
+    """One contribution to a row. Tensor fields are resolved when the report is built; the
+    spike-dependent ones (``nnz``, ``total``, ``acs_units``) count only when ``is_spike`` holds,
+    ``dense_macs`` only when it does not."""
+
+    __slots__ = (
+        "acs_units",
+        "dense_macs",
+        "elementwise_ops",
+        "fan_out",
+        "is_spike",
+        "macs",
+        "neuron_updates",
+        "nnz",
+        "spike_elements",
+        "spike_kind",
+        "total",
+    )
+
+    def __init__(
+        self,
+        spike_kind: str | None = None,
+        spike_elements: int = 0,
+        nnz: Count | None = None,
+        total: Count | None = None,
+        is_spike: bool | torch.Tensor = True,
+        acs_units: Count | None = None,
+        fan_out: int = 0,
+        dense_macs: int = 0,
+        macs: Count = 0,
+        elementwise_ops: Count = 0,
+        neuron_updates: Count = 0,
+    ) -> None:
+        self.spike_kind = spike_kind
+        self.spike_elements = spike_elements
+        self.nnz = nnz
+        self.total = total
+        self.is_spike = is_spike
+        self.acs_units = acs_units  # ACs = acs_units · fan_out (acs_units = nnz when None)
+        self.fan_out = fan_out
+        self.dense_macs = dense_macs
+        self.macs = macs
+        self.elementwise_ops = elementwise_ops
+        self.neuron_updates = neuron_updates
+
+
+class _Row:
+    __slots__ = ("calls", "events", "kind", "module_type", "name", "notes")
+
+    def __init__(self, name: str, kind: str, module_type: str) -> None:
+        self.name = name
+        self.kind = kind
+        self.module_type = module_type
+        self.calls = 0
+        self.events: list[_Event] = []
+        self.notes: dict[str, None] = {}
+
+
+class _Tag:
+    """What the counter knows about a tensor (by the identity of its storage's root tensor)."""
+
+    __slots__ = ("decode", "nnz", "numel", "ref", "ternary", "total", "unit")
+
+    def __init__(
+        self,
+        root: torch.Tensor,
+        ternary: bool,
+        unit: bool = True,
+        nnz: Count | None = None,
+        total: Count | None = None,
+        decode: torch.Tensor | None = None,
+    ) -> None:
+        self.ref = weakref.ref(root)
+        self.numel = root.numel()
+        self.ternary = ternary
+        self.unit = unit
+        self.nnz = nnz
+        self.total = total
+        self.decode = decode  # the spike train [T, ...] this tensor decodes, if it is a decode
+
+
+def _root(x: torch.Tensor) -> torch.Tensor:
+    base = x._base
+    return x if base is None else base
+
+
+class CountContext:
+    """What a counting rule (:func:`spikemar.energy.register_rule`) records through: one per
+    counted module, handed to the rule on every call."""
+
+    __slots__ = ("_counter", "_row", "kind", "module_type", "name")
+
+    def __init__(self, counter: EnergyCounter, name: str, kind: str, module_type: str) -> None:
+        self._counter = counter
+        self.name = name
+        self.kind = kind
+        self.module_type = module_type
+        self._row: _Row | None = None
+
+    def row(self) -> _Row:
+        row = self._row
+        if row is None:
+            row = self._counter._row(self.name, self.kind, self.module_type)
+            self._row = row
+        return row
+
+    # -- what rules call ----------------------------------------------------------------------
+
+    def record(
+        self,
+        *,
+        acs: Count = 0,
+        macs: Count = 0,
+        elementwise_ops: Count = 0,
+        neuron_updates: Count = 0,
+        note: str | None = None,
+    ) -> None:
+        """Add counts that do not depend on whether an input is spikes."""
+        row = self.row()
+        row.events.append(
+            _Event(
+                acs_units=acs,
+                fan_out=1,
+                macs=macs,
+                elementwise_ops=elementwise_ops,
+                neuron_updates=neuron_updates,
+            )
+        )
+        if note:
+            row.notes[note] = None
+
+    def synaptic(
+        self,
+        x: torch.Tensor,
+        *,
+        fan_out: int | None,
+        dense_macs: int,
+        weighted_acs: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+    ) -> None:
+        """A layer whose every input element drives ``fan_out`` synaptic operations: ACs when
+        ``x`` is spikes (Σ nnz · fan_out), else ``dense_macs`` MACs.
+
+        ``weighted_acs(spikes, ternary) -> (acs, nnz)`` replaces ``nnz · fan_out`` where the
+        fan-out depends on the position (a padded or strided conv); its ``acs`` is multiplied by
+        ``fan_out`` (``None``: 1).
+        """
+        counter = self._counter
+        row = self.row()
+        mult = 1 if fan_out is None else int(fan_out)
+        tag = counter._tag_of(x) if counter.spike_detection != "values" else None
+        if tag is not None and tag.decode is not None:
+            if x.numel() == tag.numel:
+                spikes = tag.decode
+                if weighted_acs is not None:
+                    units, nnz = weighted_acs(spikes, tag.ternary)
+                else:
+                    units, nnz = None, tag.nnz
+                row.events.append(
+                    _Event(
+                        "ternary" if tag.ternary else "binary",
+                        spikes.numel(),
+                        nnz,
+                        tag.total,
+                        True,
+                        units,
+                        mult,
+                    )
+                )
+                return
+            row.notes[
+                "input is part of a declared spike decode; counted as a real-valued input"
+            ] = None
+            tag = None
+        if tag is not None:
+            src = x if tag.unit else torch.sign(x)
+            full = x.numel() == tag.numel and tag.nnz is not None
+            if weighted_acs is not None:
+                units, nnz = weighted_acs(src, tag.ternary)
+                total = tag.total if full else src.sum() if tag.ternary else None
+            elif full:  # the neuron's own output (or a full view): counted once, reused
+                units, nnz, total = None, tag.nnz, tag.total
+            else:
+                units = None
+                nnz, total = _stats.unit_spike_counts(src, tag.ternary)
+            row.events.append(
+                _Event(
+                    "ternary" if tag.ternary else "binary", x.numel(), nnz, total, True, units, mult
+                )
+            )
+            return
+        is_real_dtype = not x.is_floating_point() and x.dtype != torch.bool
+        if counter.spike_detection == "producer" or is_real_dtype or _stats.surely_not_spikes(x):
+            row.events.append(_Event("real", dense_macs=dense_macs, is_spike=False))
+            return
+        is_spike = _stats.value_test(x)
+        if weighted_acs is not None:
+            units, nnz = weighted_acs(x, True)
+            total = x.sum()
+        else:
+            units = None
+            nnz, total = _stats.unit_spike_counts(x, True)
+        row.events.append(
+            _Event("values", x.numel(), nnz, total, is_spike, units, mult, dense_macs=dense_macs)
+        )
+
+    def lookup(self, idx: torch.Tensor, *, acs: int) -> None:
+        """An embedding-style lookup of integer indices ``idx`` worth ``acs`` ACs."""
+        self.row().events.append(_Event("index", acs_units=acs, fan_out=1))
+
+    def spikes_out(self, spikes: torch.Tensor, *, ternary: bool) -> None:
+        """A neuron produced ``spikes``: count its updates and firing, tag them as spikes."""
+        nnz, total = _stats.unit_spike_counts(spikes, ternary)
+        n = spikes.numel()
+        self.row().events.append(
+            _Event(
+                "ternary" if ternary else "binary", n, nnz, total, True, None, 0, neuron_updates=n
+            )
+        )
+        root = _root(spikes)
+        full = root.numel() == n
+        self._counter._set_tag(
+            root, _Tag(root, ternary, True, nnz if full else None, total if full else None)
+        )
+
+    def propagate(self, x: torch.Tensor, y: torch.Tensor, *, unit: bool = True) -> None:
+        """A spike-preserving module turned ``x`` into ``y``: if ``x`` is spikes, so is ``y``."""
+        counter = self._counter
+        tag = counter._tag_of(x)
+        if tag is None or tag.decode is not None:
+            return
+        root = _root(y)
+        if root is _root(x):
+            return
+        counter._set_tag(root, _Tag(root, tag.ternary, tag.unit and unit))
+
+    def cached(self, key: Hashable, factory: Callable[[], Any]) -> Any:
+        """A value computed once per counter (e.g. a conv's fan-out map for one input size)."""
+        cache = self._counter._cache
+        full_key = (self.name, key)
+        value = cache.get(full_key)
+        if value is None:
+            value = factory()
+            cache[full_key] = value
+        return value
+
+
+class EnergyCounter:
+    """Counts synaptic operations, neuron updates and element-wise work of ``model`` per layer.
+
+    Use as a context manager around the forward passes to count, then build a report::
+
+        with EnergyCounter(model) as counter:
+            model(x)
+        report = counter.report(hardware="45nm-fp32")
+
+    Args:
+        model: the module tree to count (every submodule is looked up in the rule table).
+        spike_detection: 'auto' (default), 'producer' or 'values' (see the module docstring).
+    """
+
+    def __init__(self, model: nn.Module, *, spike_detection: SpikeDetection = "auto") -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if spike_detection not in _DETECTIONS:
+            raise ValueError(
+                f"spike_detection: expected one of {_DETECTIONS}, got {spike_detection!r}"
+            )
+        self.model = model
+        self.spike_detection: SpikeDetection = spike_detection
+        self._names: dict[int, str] = {}
+        self._contexts: dict[int, CountContext] = {}  # by id(module): rows survive re-entry
+        self._handles: list[Any] = []
+        self._token: contextvars.Token | None = None
+        self._cache: dict[Hashable, Any] = {}
+        self.reset()
+
+    # -- lifecycle --------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget everything counted so far (hooks stay attached)."""
+        self._rows: dict[str, _Row] = {}
+        self._uncounted: dict[str, str] = {}
+        self._self_reporting: set[str] = set()
+        self._tags: dict[int, _Tag] = {}
+        self.passes = 0
+        for ctx in self._contexts.values():
+            ctx._row = None
+
+    def __enter__(self) -> EnergyCounter:
+        if self._handles:
+            raise RuntimeError("EnergyCounter: already attached (nested `with` on one counter)")
+        root_name = type(self.model).__name__
+        try:
+            for name, module in self.model.named_modules():
+                shown = name or root_name
+                self._names[id(module)] = shown
+                rule = find_rule(module)
+                if rule is not None:
+                    ctx = self._contexts.get(id(module))
+                    if ctx is None or ctx.name != shown or ctx.kind != rule.kind:
+                        ctx = CountContext(self, shown, rule.kind, type(module).__name__)
+                        self._contexts[id(module)] = ctx
+                    self._handles.append(module.register_forward_hook(_rule_hook(ctx, rule.fn)))
+                elif _computes_itself(module):
+                    self._handles.append(
+                        module.register_forward_hook(_uncounted_hook(self, shown, module))
+                    )
+            self._handles.append(self.model.register_forward_pre_hook(self._on_pass_start))
+            self._handles.append(self.model.register_forward_hook(self._on_pass_end))
+        except BaseException:
+            self._detach()
+            raise
+        self._token = _ACTIVE.set(self)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._detach()
+
+    def _detach(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+        self._tags.clear()
+        if self._token is not None:
+            _ACTIVE.reset(self._token)
+            self._token = None
+
+    def _on_pass_start(self, module: nn.Module, args: Any) -> None:
+        self.passes += 1
+
+    def _on_pass_end(self, module: nn.Module, args: Any, output: Any) -> None:
+        # Tags (and the spike trains held by decode tags) live for one forward pass.
+        self._tags.clear()
+
+    # -- bookkeeping used by the contexts ---------------------------------------------------
+
+    def _row(self, name: str, kind: str, module_type: str) -> _Row:
+        row = self._rows.get(name)
+        if row is None:
+            row = _Row(name, kind, module_type)
+            self._rows[name] = row
+        return row
+
+    def _tag_of(self, x: torch.Tensor) -> _Tag | None:
+        root = _root(x)
+        tag = self._tags.get(id(root))
+        if tag is None or tag.ref() is not root:
+            return None
+        return tag
+
+    def _set_tag(self, root: torch.Tensor, tag: _Tag) -> None:
+        self._tags[id(root)] = tag
+
+    def _name_of(self, module: nn.Module | None) -> str:
+        if module is None:
+            return "<functional>"
+        return self._names.get(id(module)) or f"<{type(module).__name__}>"
+
+    def _declare(
+        self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
+    ) -> None:
+        name = self._name_of(module)
+        self._self_reporting.add(name)
+        with torch.no_grad():
+            nnz, total = _stats.unit_spike_counts(spikes, ternary)
+        n = spikes.numel()
+        row = self._row(name, "spike_point", type(module).__name__ if module else "function")
+        row.calls += 1
+        row.events.append(
+            _Event(
+                "ternary" if ternary else "binary", n, nnz, total, True, None, 0, neuron_updates=n
+            )
+        )
+        root = _root(decoded)
+        self._set_tag(root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach()))
+
+    def _record(self, module: nn.Module | None, kind: str | None, **counts: Count) -> None:
+        name = self._name_of(module)
+        self._self_reporting.add(name)
+        row = self._row(name, kind or "ops", type(module).__name__ if module else "function")
+        row.calls += 1
+        acs = counts.pop("acs", 0)
+        row.events.append(_Event(acs_units=acs, fan_out=1, **counts))
+
+    # -- results ----------------------------------------------------------------------------
+
+    def report(self, hardware: str | HardwareProfile = "45nm-fp32", *, tokens: int | None = None):
+        """Read the counts back (one device sync) and price them under ``hardware``.
+
+        ``tokens``: how many tokens the counted passes processed (for per-token figures).
+        """
+        from .report import EnergyReport, _check_tokens
+
+        profile_ = get_profile(hardware)
+        _check_tokens(tokens)
+        rows = _resolve(self._rows.values())
+        uncounted = tuple(
+            (name, type_name)
+            for name, type_name in self._uncounted.items()
+            if name not in self._self_reporting
+        )
+        return EnergyReport.build(
+            rows, hardware=profile_, passes=self.passes, tokens=tokens, uncounted=uncounted
+        )
+
+
+def _computes_itself(module: nn.Module) -> bool:
+    """A module with no rule that may compute something the counter cannot see."""
+    has_children = next(module.children(), None) is not None
+    has_own_state = (
+        next(module.parameters(recurse=False), None) is not None
+        or next(module.buffers(recurse=False), None) is not None
+    )
+    return has_own_state or not has_children
+
+
+def _rule_hook(ctx: CountContext, fn: Callable[..., None]):
+    def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
+        with torch.no_grad():
+            fn(ctx, module, args, output)
+        # a rule that records nothing (a pass-through module) leaves no row
+        row = ctx._row
+        if row is not None:
+            row.calls += 1
+
+    return hook
+
+
+def _uncounted_hook(counter: EnergyCounter, name: str, module: nn.Module):
+    type_name = type(module).__name__
+
+    def hook(_module: nn.Module, _args: Any, _output: Any) -> None:
+        counter._uncounted.setdefault(name, type_name)
+
+    return hook
+
+
+def _resolve(rows) -> list[dict[str, Any]]:
+    """Read every pending tensor back in one transfer per device and sum the events per row."""
+    pending: dict[torch.device, list[torch.Tensor]] = {}
+    slots: list[tuple[_Event, str, torch.device, int]] = []
+    fields = ("nnz", "total", "is_spike", "acs_units", "macs", "elementwise_ops", "neuron_updates")
+    rows = list(rows)
+    for row in rows:
+        for ev in row.events:
+            for f in fields:
+                v = getattr(ev, f)
+                if isinstance(v, torch.Tensor):
+                    lst = pending.setdefault(v.device, [])
+                    slots.append((ev, f, v.device, len(lst)))
+                    lst.append(v.detach().reshape(()).to(torch.float64))
+    values = {dev: torch.stack(ts).tolist() for dev, ts in pending.items()}
+    for ev, f, dev, i in slots:
+        v = values[dev][i]
+        setattr(ev, f, bool(v) if f == "is_spike" else round(v))
+
+    out: list[dict[str, Any]] = []
+    for row in rows:
+        acc = {
+            "name": row.name,
+            "kind": row.kind,
+            "module_type": row.module_type,
+            "calls": row.calls,
+            "spike_kinds": [],
+            "spike_elements": 0,
+            "spike_nnz": 0,
+            "spike_pos": 0,
+            "spike_neg": 0,
+            "acs": 0,
+            "macs": 0,
+            "elementwise_ops": 0,
+            "neuron_updates": 0,
+            "notes": list(row.notes),
+        }
+        kinds: dict[str, None] = {}
+        for ev in row.events:
+            acc["macs"] += ev.macs
+            acc["elementwise_ops"] += ev.elementwise_ops
+            acc["neuron_updates"] += ev.neuron_updates
+            if ev.spike_kind is None:
+                acc["acs"] += ev.acs_units * ev.fan_out
+                continue
+            if ev.spike_kind == "index":
+                kinds["index"] = None
+                acc["acs"] += ev.acs_units * ev.fan_out
+                continue
+            if not ev.is_spike:
+                kinds["real"] = None
+                acc["macs"] += ev.dense_macs
+                continue
+            nnz = ev.nnz or 0
+            units = nnz if ev.acs_units is None else ev.acs_units
+            acc["acs"] += units * ev.fan_out
+            signed = nnz if ev.total is None else ev.total
+            pos = (nnz + signed) // 2
+            neg = nnz - pos
+            kind = ev.spike_kind
+            if kind == "values":  # detected by value: say what was seen
+                kind = "ternary" if neg else "binary"
+            kinds[kind] = None
+            acc["spike_elements"] += ev.spike_elements
+            acc["spike_nnz"] += nnz
+            acc["spike_pos"] += pos
+            acc["spike_neg"] += neg
+        acc["spike_kinds"] = list(kinds)
+        out.append(acc)
+    return out
+
+
+# -- what model code calls ----------------------------------------------------------------------
+
+
+def declare_spikes(
+    module: nn.Module | None,
+    decoded: torch.Tensor,
+    spikes: torch.Tensor,
+    *,
+    ternary: bool = True,
+) -> torch.Tensor:
+    """Tell an active energy counter that ``decoded`` is the decode of the spike train ``spikes``
+    ([T, …] micro-steps first), produced by ``module`` (a spike point). Returns ``decoded``.
+
+    A layer fed by ``decoded`` then counts Σ_t nnz(s_t) · fan-out ACs, not MACs, although the
+    tensor it multiplies is real-valued: the hardware would accumulate the spikes. The spike
+    point gets a row of its own (kind ``spike_point``: one neuron update per spike element, its
+    firing rate). With no counter active this is a no-op costing one context-variable read::
+
+        decoded, spikes = self.atmn.quantize(x, self.T)
+        return declare_spikes(self, decoded, spikes)
+    """
+    counter = _ACTIVE.get()
+    if counter is not None:
+        if not isinstance(decoded, torch.Tensor) or not isinstance(spikes, torch.Tensor):
+            raise TypeError(
+                "declare_spikes: decoded and spikes must be tensors, got "
+                f"{type(decoded).__name__} and {type(spikes).__name__}"
+            )
+        counter._declare(module, decoded, spikes, bool(ternary))
+    return decoded
+
+
+def record_ops(
+    module: nn.Module | None,
+    *,
+    kind: str | None = None,
+    acs: Count = 0,
+    macs: Count = 0,
+    elementwise_ops: Count = 0,
+    neuron_updates: Count = 0,
+) -> None:
+    """Count work done by plain functions inside ``module``'s forward (an SSM's element-wise
+    state update, attention's matmuls) in ``module``'s row. No-op with no counter active.
+
+    A module that records its own work is no longer listed as uncounted.
+    """
+    counter = _ACTIVE.get()
+    if counter is not None:
+        counter._record(
+            module,
+            kind,
+            acs=acs,
+            macs=macs,
+            elementwise_ops=elementwise_ops,
+            neuron_updates=neuron_updates,
+        )
+
+
+def profile(
+    model: nn.Module,
+    *inputs: Any,
+    hardware: str | HardwareProfile = "45nm-fp32",
+    tokens: int | None = None,
+    spike_detection: SpikeDetection = "auto",
+    reset_state: bool = True,
+    forward_kwargs: dict[str, Any] | None = None,
+):
+    """Run ``model(*inputs)`` once under ``torch.no_grad()`` with a counter attached and return
+    its :class:`~spikemar.energy.EnergyReport` under ``hardware``.
+
+    Args:
+        model: any ``nn.Module``.
+        inputs: the positional arguments of ``model``.
+        hardware: a profile name (:func:`spikemar.energy.available_profiles`) or a profile.
+        tokens: tokens in this pass, for per-token figures (default: the element count of the
+            first integer tensor among ``inputs``, if any: token ids).
+        spike_detection: 'auto', 'producer' or 'values' (see :class:`EnergyCounter`).
+        reset_state: reset SpikingJelly memories (membranes) before the pass.
+        forward_kwargs: keyword arguments of ``model``.
+    """
+    counter = EnergyCounter(model, spike_detection=spike_detection)  # checks both arguments
+    hw = get_profile(hardware)  # fail on a bad name before running anything
+    from .report import _check_tokens
+
+    if tokens is None:
+        tokens = next(
+            (
+                x.numel()
+                for x in inputs
+                if isinstance(x, torch.Tensor)
+                and not x.is_floating_point()
+                and not x.is_complex()
+                and x.dtype != torch.bool
+                and x.numel() > 0
+            ),
+            None,
+        )
+    _check_tokens(tokens)
+    if forward_kwargs is not None and not isinstance(forward_kwargs, dict):
+        raise TypeError(f"forward_kwargs: expected a dict, got {type(forward_kwargs).__name__}")
+    if reset_state:
+        from spikingjelly.activation_based import functional as sj_functional
+
+        sj_functional.reset_net(model)
+    with torch.no_grad(), counter:
+        model(*inputs, **(forward_kwargs or {}))
+    return counter.report(hw, tokens=tokens)

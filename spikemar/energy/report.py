@@ -1,0 +1,699 @@
+"""Energy reports: per-layer counts priced under a hardware profile, and their renderings.
+
+An :class:`EnergyReport` holds one :class:`LayerRow` per counted module (in the order they first
+ran) and the profile that prices them; totals are sums of the rows. It renders as a terminal
+table (``str(report)``), Markdown, JSON (which round-trips: ``EnergyReport.from_json``) and a PNG
+of energy by layer with the AC and MAC parts stacked. :func:`compare` sets two reports side by
+side (a spiking student against its dense teacher): energy ratio per layer and in total.
+
+What a row counts (see :mod:`spikemar.energy.counter`): ``acs`` synaptic accumulates driven by
+spikes (Σ_t nnz(s_t) · fan-out); ``macs`` multiply-accumulates of real-valued inputs (and MAC work
+a module records itself, such as an SSM state update); ``neuron_updates`` one per neuron and
+micro-step; ``elementwise_ops`` one per element produced by other element-wise modules (and bias
+adds). ``spike_*`` describe the spikes the row is about: the input of a synaptic layer, the
+output of a neuron or spike point. A term the profile has no figure for is *unpriced*: it is not
+in ``energy_pj`` and the report lists it. Modules the counter could not count are listed in
+``uncounted`` by name; they are not in the totals.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from .hardware import HardwareProfile, get_profile
+
+__all__ = ["ComparisonRow", "EnergyComparison", "EnergyReport", "LayerRow", "compare"]
+
+SCHEMA = "spikemar.energy/1"
+_TERMS = (  # count field, price field, energy field
+    ("acs", "ac_pj", "ac_energy_pj"),
+    ("macs", "mac_pj", "mac_energy_pj"),
+    ("neuron_updates", "neuron_update_pj", "neuron_energy_pj"),
+    ("elementwise_ops", "elementwise_pj", "elementwise_energy_pj"),
+)
+
+
+def _check_tokens(tokens: object) -> None:
+    if tokens is None:
+        return
+    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        raise ValueError(f"tokens: expected an int >= 1 or None, got {tokens!r}")
+
+
+@dataclass(frozen=True)
+class LayerRow:
+    """Counts and energy of one module over all counted passes."""
+
+    name: str
+    kind: str
+    module_type: str
+    calls: int
+    spike_kind: str | None  # 'ternary', 'binary', 'real', 'index', several joined by '+', None
+    spike_elements: int
+    spike_nnz: int
+    spike_pos: int
+    spike_neg: int
+    acs: int
+    macs: int
+    elementwise_ops: int
+    neuron_updates: int
+    ac_energy_pj: float
+    mac_energy_pj: float
+    neuron_energy_pj: float
+    elementwise_energy_pj: float
+    energy_pj: float
+    notes: tuple[str, ...] = ()
+
+    @property
+    def firing_rate(self) -> float | None:
+        """Fraction of spike elements that are non-zero (None when the row has no spikes)."""
+        return self.spike_nnz / self.spike_elements if self.spike_elements else None
+
+    @property
+    def pos_rate(self) -> float | None:
+        return self.spike_pos / self.spike_elements if self.spike_elements else None
+
+    @property
+    def neg_rate(self) -> float | None:
+        return self.spike_neg / self.spike_elements if self.spike_elements else None
+
+
+def _price_row(counts: dict[str, Any], hw: HardwareProfile) -> LayerRow:
+    energies: dict[str, float] = {}
+    for count_f, price_f, energy_f in _TERMS:
+        price = getattr(hw, price_f)
+        energies[energy_f] = counts[count_f] * price if price is not None else 0.0
+    total = sum(energies[e] for _c, _p, e in _TERMS)
+    kinds = counts.get("spike_kinds")
+    if kinds is not None:
+        spike_kind = "+".join(kinds) if kinds else None
+    else:
+        spike_kind = counts.get("spike_kind")
+    return LayerRow(
+        name=counts["name"],
+        kind=counts["kind"],
+        module_type=counts["module_type"],
+        calls=int(counts["calls"]),
+        spike_kind=spike_kind,
+        spike_elements=int(counts["spike_elements"]),
+        spike_nnz=int(counts["spike_nnz"]),
+        spike_pos=int(counts["spike_pos"]),
+        spike_neg=int(counts["spike_neg"]),
+        acs=int(counts["acs"]),
+        macs=int(counts["macs"]),
+        elementwise_ops=int(counts["elementwise_ops"]),
+        neuron_updates=int(counts["neuron_updates"]),
+        notes=tuple(counts.get("notes", ())),
+        energy_pj=total,
+        **energies,
+    )
+
+
+_COUNT_FIELDS = (
+    "name",
+    "kind",
+    "module_type",
+    "calls",
+    "spike_kind",
+    "spike_elements",
+    "spike_nnz",
+    "spike_pos",
+    "spike_neg",
+    "acs",
+    "macs",
+    "elementwise_ops",
+    "neuron_updates",
+    "notes",
+)
+
+
+@dataclass(frozen=True)
+class EnergyReport:
+    """Per-layer operation counts of the counted forward passes, priced under ``hardware``."""
+
+    rows: tuple[LayerRow, ...]
+    hardware: HardwareProfile
+    passes: int
+    tokens: int | None = None
+    uncounted: tuple[tuple[str, str], ...] = ()  # (module name, type name)
+
+    @classmethod
+    def build(
+        cls,
+        rows: Iterable[dict[str, Any]],
+        *,
+        hardware: str | HardwareProfile,
+        passes: int,
+        tokens: int | None = None,
+        uncounted: Iterable[tuple[str, str]] = (),
+    ) -> EnergyReport:
+        """Price raw per-row counts (dicts with the count fields of :class:`LayerRow`)."""
+        hw = get_profile(hardware)
+        _check_tokens(tokens)
+        return cls(
+            rows=tuple(_price_row(r, hw) for r in rows),
+            hardware=hw,
+            passes=int(passes),
+            tokens=tokens,
+            uncounted=tuple((str(n), str(t)) for n, t in uncounted),
+        )
+
+    def with_hardware(self, hardware: str | HardwareProfile) -> EnergyReport:
+        """The same counts priced under another profile (nothing is re-run)."""
+        return EnergyReport.build(
+            (_counts_of(r) for r in self.rows),
+            hardware=hardware,
+            passes=self.passes,
+            tokens=self.tokens,
+            uncounted=self.uncounted,
+        )
+
+    # -- totals ---------------------------------------------------------------------------
+
+    @property
+    def total_acs(self) -> int:
+        return sum(r.acs for r in self.rows)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(r.macs for r in self.rows)
+
+    @property
+    def total_elementwise_ops(self) -> int:
+        return sum(r.elementwise_ops for r in self.rows)
+
+    @property
+    def total_neuron_updates(self) -> int:
+        return sum(r.neuron_updates for r in self.rows)
+
+    @property
+    def total_energy_pj(self) -> float:
+        return sum(r.energy_pj for r in self.rows)
+
+    @property
+    def total_ac_energy_pj(self) -> float:
+        return sum(r.ac_energy_pj for r in self.rows)
+
+    @property
+    def total_mac_energy_pj(self) -> float:
+        return sum(r.mac_energy_pj for r in self.rows)
+
+    @property
+    def unpriced(self) -> dict[str, int]:
+        """Counted terms the profile has no figure for: {count field: total count}."""
+        out = {}
+        for count_f, price_f, _e in _TERMS:
+            n = sum(getattr(r, count_f) for r in self.rows)
+            if n and getattr(self.hardware, price_f) is None:
+                out[count_f] = n
+        return out
+
+    @property
+    def complete(self) -> bool:
+        """True when every module that computed something was counted."""
+        return not self.uncounted
+
+    def row(self, name: str) -> LayerRow:
+        """The row named ``name``."""
+        for r in self.rows:
+            if r.name == name:
+                return r
+        known = ", ".join(repr(r.name) for r in self.rows)
+        raise KeyError(f"name: no row {name!r}; rows: {known}")
+
+    def _totals(self) -> dict[str, float]:
+        return {
+            "acs": self.total_acs,
+            "macs": self.total_macs,
+            "elementwise_ops": self.total_elementwise_ops,
+            "neuron_updates": self.total_neuron_updates,
+            "energy_pj": self.total_energy_pj,
+            "ac_energy_pj": self.total_ac_energy_pj,
+            "mac_energy_pj": self.total_mac_energy_pj,
+        }
+
+    def per_pass(self) -> dict[str, float]:
+        """Totals divided by the number of counted forward passes."""
+        if self.passes < 1:
+            raise ValueError("passes: this report counted no forward pass")
+        return {k: v / self.passes for k, v in self._totals().items()}
+
+    def per_token(self) -> dict[str, float]:
+        """Totals divided by the number of tokens (``tokens`` given to the counter)."""
+        if self.tokens is None:
+            raise ValueError(
+                "tokens: this report has no token count; pass tokens= to profile() or report()"
+            )
+        return {k: v / self.tokens for k, v in self._totals().items()}
+
+    # -- JSON -----------------------------------------------------------------------------
+
+    def to_dict(self) -> dict[str, Any]:
+        rows = []
+        for r in self.rows:
+            d = asdict(r)
+            d["notes"] = list(r.notes)
+            d["firing_rate"] = r.firing_rate
+            d["pos_rate"] = r.pos_rate
+            d["neg_rate"] = r.neg_rate
+            rows.append(d)
+        return {
+            "schema": SCHEMA,
+            "hardware": self.hardware.to_dict(),
+            "passes": self.passes,
+            "tokens": self.tokens,
+            "rows": rows,
+            "totals": self._totals(),
+            "per_pass": self.per_pass() if self.passes else None,
+            "per_token": self.per_token() if self.tokens else None,
+            "unpriced": self.unpriced,
+            "uncounted": [{"name": n, "type": t} for n, t in self.uncounted],
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> EnergyReport:
+        """Rebuild a report from :meth:`to_dict` output (energies are recomputed from the
+        counts and the stored profile)."""
+        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"data: expected a {SCHEMA!r} report, got schema {got!r}")
+        hw = HardwareProfile.from_dict(data["hardware"])
+        rows = [{k: r[k] for k in _COUNT_FIELDS} for r in data["rows"]]
+        return cls.build(
+            rows,
+            hardware=hw,
+            passes=data["passes"],
+            tokens=data["tokens"],
+            uncounted=[(u["name"], u["type"]) for u in data["uncounted"]],
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> EnergyReport:
+        return cls.from_dict(json.loads(text))
+
+    # -- renderings -----------------------------------------------------------------------
+
+    def _header(self) -> list[str]:
+        hw = self.hardware
+        prices = ", ".join(
+            f"{label} {_fmt_price(getattr(hw, f))}"
+            for label, f in (
+                ("AC", "ac_pj"),
+                ("MAC", "mac_pj"),
+                ("neuron update", "neuron_update_pj"),
+                ("element-wise op", "elementwise_pj"),
+            )
+        )
+        scope = f"{self.passes} forward pass{'es' if self.passes != 1 else ''}"
+        if self.tokens is not None:
+            scope += f", {self.tokens:,} tokens"
+        return [f"Energy report, hardware {hw.name!r} ({prices}); {scope}"]
+
+    def _footer(self) -> list[str]:
+        lines = []
+        parts = [f"total {_fmt_energy(self.total_energy_pj)}"]
+        if self.passes:
+            parts.append(f"per pass {_fmt_energy(self.total_energy_pj / self.passes)}")
+        if self.tokens:
+            parts.append(f"per token {_fmt_energy(self.total_energy_pj / self.tokens)}")
+        lines.append(
+            "; ".join(parts)
+            + f" (AC {_fmt_energy(self.total_ac_energy_pj)}, MAC "
+            + f"{_fmt_energy(self.total_mac_energy_pj)})"
+        )
+        if self.unpriced:
+            terms = ", ".join(f"{k} {v:,}" for k, v in self.unpriced.items())
+            lines.append(
+                f"* not priced under {self.hardware.name!r} (counted, not in the energy): {terms}"
+            )
+        if self.uncounted:
+            names = ", ".join(f"{n} ({t})" for n, t in self.uncounted)
+            lines.append(f"UNCOUNTED modules (not in any total): {names}")
+        lines.append(f"source: {self.hardware.citation}")
+        if self.hardware.notes:
+            lines.append(f"notes: {self.hardware.notes}")
+        notes = [(r.name, n) for r in self.rows for n in r.notes]
+        lines.extend(f"{name}: {note}" for name, note in notes)
+        return lines
+
+    def _has_unpriced(self, row: LayerRow) -> bool:
+        return any(
+            getattr(row, count_f) and getattr(self.hardware, price_f) is None
+            for count_f, price_f, _e in _TERMS
+        )
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        head = [
+            "layer",
+            "kind",
+            "spikes",
+            "rate (+/-)",
+            "ACs",
+            "MACs",
+            "elem-ops",
+            "neuron upd",
+            "energy",
+            "share",
+        ]
+        total = self.total_energy_pj
+        body = []
+        for r in self.rows:
+            rate = (
+                "-"
+                if r.firing_rate is None
+                else f"{r.firing_rate:.3f} ({r.pos_rate:.3f}/{r.neg_rate:.3f})"
+            )
+            share = f"{100 * r.energy_pj / total:.1f}%" if total > 0 else "-"
+            mark = " *" if self._has_unpriced(r) else ""
+            body.append(
+                [
+                    r.name,
+                    r.kind,
+                    r.spike_kind or "-",
+                    rate,
+                    f"{r.acs:,}",
+                    f"{r.macs:,}",
+                    f"{r.elementwise_ops:,}",
+                    f"{r.neuron_updates:,}",
+                    _fmt_energy(r.energy_pj) + mark,
+                    share,
+                ]
+            )
+        body.append(
+            [
+                "TOTAL",
+                "",
+                "",
+                "",
+                f"{self.total_acs:,}",
+                f"{self.total_macs:,}",
+                f"{self.total_elementwise_ops:,}",
+                f"{self.total_neuron_updates:,}",
+                _fmt_energy(total),
+                "100.0%" if total > 0 else "-",
+            ]
+        )
+        return head, body
+
+    def to_table(self) -> str:
+        """A plain-text table for the terminal."""
+        head, body = self._cells()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+        left = {0, 1, 2}
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if i in left else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            ).rstrip()
+
+        rule = "  ".join("-" * w for w in widths)
+        out = [*self._header(), line(head), rule]
+        out += [line(r) for r in body[:-1]]
+        out += [rule, line(body[-1]), *self._footer()]
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+    def to_markdown(self) -> str:
+        """A GitHub-flavoured Markdown table with the same content as :meth:`to_table`."""
+        head, body = self._cells()
+        esc = [[c.replace("|", "\\|") for c in row] for row in [head, *body]]
+        out = [self._header()[0], ""]
+        out.append("| " + " | ".join(esc[0]) + " |")
+        out.append("| " + " | ".join("---" if i < 3 else "---:" for i in range(len(head))) + " |")
+        out += ["| " + " | ".join(r) + " |" for r in esc[1:-1]]
+        out.append("| " + " | ".join(f"**{c}**" if c else "" for c in esc[-1]) + " |")
+        out.append("")
+        out += [f"- {line}" for line in self._footer()]
+        return "\n".join(out) + "\n"
+
+    def figure(self, *, per_token: bool = False):
+        """A matplotlib Figure: energy by layer, AC and MAC parts stacked (other priced terms,
+        neuron updates and element-wise ops, stacked after them)."""
+        from matplotlib.figure import Figure
+
+        scale, unit_label = 1.0, "per forward pass" if self.passes == 1 else "total"
+        if per_token:
+            if self.tokens is None:
+                raise ValueError("per_token: this report has no token count")
+            scale, unit_label = 1.0 / self.tokens, "per token"
+        elif self.passes > 1:
+            scale, unit_label = 1.0 / self.passes, "per forward pass"
+        # every synaptic layer (even one that received no spike), and anything with energy
+        rows = [
+            r
+            for r in self.rows
+            if r.energy_pj > 0 or r.acs or r.macs or (r.spike_kind and not r.neuron_updates)
+        ]
+        parts = [
+            ("AC", "ac_energy_pj", "#0072B2"),
+            ("MAC", "mac_energy_pj", "#E69F00"),
+            ("neuron update", "neuron_energy_pj", "#009E73"),
+            ("element-wise", "elementwise_energy_pj", "#999999"),
+        ]
+        parts = parts[:2] + [p for p in parts[2:] if any(getattr(r, p[1]) for r in rows)]
+        largest = max((r.energy_pj for r in rows), default=0.0) * scale
+        unit, div = _energy_unit(largest if largest > 0 else 1.0)
+        height = max(2.5, 0.32 * len(rows) + 1.6)
+        fig = Figure(figsize=(8.0, height), layout="constrained")
+        ax = fig.add_subplot()
+
+        def label(r: LayerRow) -> str:
+            missing = [
+                term
+                for term, count_f, price_f in (("ACs", "acs", "ac_pj"), ("MACs", "macs", "mac_pj"))
+                if getattr(r, count_f) and getattr(self.hardware, price_f) is None
+            ]
+            return f"{r.name} ({r.kind})" + "".join(f"\n[{m} not priced]" for m in missing)
+
+        names = [label(r) for r in rows]
+        ys = list(range(len(rows)))
+        left = [0.0] * len(rows)
+        for label, field, color in parts:
+            vals = [getattr(r, field) * scale / div for r in rows]
+            ax.barh(ys, vals, left=left, color=color, label=label, height=0.7)
+            left = [a + b for a, b in zip(left, vals, strict=True)]
+        ax.set_yticks(ys, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"energy {unit_label} ({unit})")
+        title = f"{_fmt_energy(self.total_energy_pj * scale)} {unit_label} on {self.hardware.name}"
+        if self.unpriced:
+            title += "\nnot priced: " + ", ".join(k.replace("_", " ") for k in self.unpriced)
+        if self.uncounted:
+            title += f" — {len(self.uncounted)} uncounted module(s)"
+        ax.set_title(title, fontsize=10)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="x", alpha=0.3)
+        if not rows:
+            ax.text(0.5, 0.5, "nothing counted", ha="center", va="center", transform=ax.transAxes)
+        return fig
+
+    def save_png(self, path: str | Path, *, per_token: bool = False, dpi: int = 150) -> Path:
+        """Write :meth:`figure` to ``path`` atomically (temporary file, then ``os.replace``)."""
+        from spikemar.viz.plots import save_figure
+
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
+        return save_figure(self.figure(per_token=per_token), path, dpi=dpi)
+
+
+def _counts_of(row: LayerRow) -> dict[str, Any]:
+    return {f: getattr(row, f) for f in _COUNT_FIELDS}
+
+
+def _fmt_price(v: float | None) -> str:
+    return "unpriced" if v is None else f"{v:g} pJ"
+
+
+_UNITS = (("J", 1e12), ("mJ", 1e9), ("µJ", 1e6), ("nJ", 1e3), ("pJ", 1.0))
+
+
+def _energy_unit(pj: float) -> tuple[str, float]:
+    for unit, div in _UNITS:
+        if abs(pj) >= div:
+            return unit, div
+    return "pJ", 1.0
+
+
+def _fmt_energy(pj: float) -> str:
+    if pj == 0:
+        return "0 pJ"
+    unit, div = _energy_unit(pj)
+    return f"{pj / div:.4g} {unit}"
+
+
+# -- comparison -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ComparisonRow:
+    """One layer name in either report (energy per the comparison's basis; None if absent).
+    Layers with no energy on either side are left out."""
+
+    name: str
+    student_pj: float | None
+    teacher_pj: float | None
+
+    @property
+    def ratio(self) -> float | None:
+        """student / teacher energy (None where either side is missing or the teacher's is 0)."""
+        if self.student_pj is None or not self.teacher_pj:
+            return None
+        return self.student_pj / self.teacher_pj
+
+
+@dataclass(frozen=True)
+class EnergyComparison:
+    """Two reports side by side, normalised per token when both know their tokens, else per
+    forward pass. ``ratio`` is student / teacher energy; ``savings`` its inverse."""
+
+    student: EnergyReport
+    teacher: EnergyReport
+    labels: tuple[str, str] = ("student", "teacher")
+
+    @property
+    def basis(self) -> str:
+        return "token" if self.student.tokens and self.teacher.tokens else "pass"
+
+    def _norm(self, report: EnergyReport) -> float:
+        n = report.tokens if self.basis == "token" else report.passes
+        return 1.0 / n if n else math.nan
+
+    @property
+    def rows(self) -> tuple[ComparisonRow, ...]:
+        s_scale, t_scale = self._norm(self.student), self._norm(self.teacher)
+        teacher = {r.name: r.energy_pj * t_scale for r in self.teacher.rows}
+        out = [
+            ComparisonRow(r.name, r.energy_pj * s_scale, teacher.pop(r.name, None))
+            for r in self.student.rows
+        ]
+        out += [ComparisonRow(name, None, e) for name, e in teacher.items()]
+        return tuple(r for r in out if r.student_pj or r.teacher_pj)
+
+    @property
+    def student_pj(self) -> float:
+        return self.student.total_energy_pj * self._norm(self.student)
+
+    @property
+    def teacher_pj(self) -> float:
+        return self.teacher.total_energy_pj * self._norm(self.teacher)
+
+    @property
+    def ratio(self) -> float:
+        """Total student energy / total teacher energy (per the basis)."""
+        return self.student_pj / self.teacher_pj if self.teacher_pj else math.inf
+
+    @property
+    def savings(self) -> float:
+        """Total teacher energy / total student energy: how many times less the student uses."""
+        return self.teacher_pj / self.student_pj if self.student_pj else math.inf
+
+    def to_dict(self) -> dict[str, Any]:
+        s, t = self.labels
+        return {
+            "schema": "spikemar.energy.comparison/1",
+            "hardware": self.student.hardware.name,
+            "basis": self.basis,
+            "labels": list(self.labels),
+            "rows": [
+                {"name": r.name, f"{s}_pj": r.student_pj, f"{t}_pj": r.teacher_pj, "ratio": r.ratio}
+                for r in self.rows
+            ],
+            f"{s}_pj": self.student_pj,
+            f"{t}_pj": self.teacher_pj,
+            "ratio": _finite_or_none(self.ratio),
+            "savings": _finite_or_none(self.savings),
+            f"{s}": self.student.to_dict(),
+            f"{t}": self.teacher.to_dict(),
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
+
+    def _cells(self) -> tuple[list[str], list[list[str]]]:
+        s, t = self.labels
+        head = ["layer", f"{s} / {self.basis}", f"{t} / {self.basis}", f"{s}/{t}"]
+
+        def e(v: float | None) -> str:
+            return "-" if v is None else _fmt_energy(v)
+
+        body = [
+            [r.name, e(r.student_pj), e(r.teacher_pj), "-" if r.ratio is None else f"{r.ratio:.4g}"]
+            for r in self.rows
+        ]
+        body.append(["TOTAL", e(self.student_pj), e(self.teacher_pj), f"{self.ratio:.4g}"])
+        return head, body
+
+    def _summary(self) -> str:
+        s, t = self.labels
+        return (
+            f"{s} vs {t} on {self.student.hardware.name!r}, per {self.basis}: "
+            f"ratio {self.ratio:.4g} ({t} uses {self.savings:.3g}x the energy of {s})"
+        )
+
+    def to_table(self) -> str:
+        head, body = self._cells()
+        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
+        rule = "  ".join("-" * w for w in widths)
+        return "\n".join(
+            [self._summary(), line(head), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
+        )
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+    def to_markdown(self) -> str:
+        head, body = self._cells()
+        out = [self._summary(), "", "| " + " | ".join(head) + " |"]
+        out.append("| --- | ---: | ---: | ---: |")
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        return "\n".join(out) + "\n"
+
+
+def _finite_or_none(v: float) -> float | None:
+    return v if math.isfinite(v) else None
+
+
+def compare(
+    student: EnergyReport,
+    teacher: EnergyReport,
+    *,
+    labels: tuple[str, str] = ("student", "teacher"),
+) -> EnergyComparison:
+    """Energy of ``student`` against ``teacher``, per layer (matched by name) and in total.
+
+    Both must be priced under the same profile (re-price one with
+    :meth:`EnergyReport.with_hardware`).
+    """
+    for arg, rep in (("student", student), ("teacher", teacher)):
+        if not isinstance(rep, EnergyReport):
+            raise TypeError(f"{arg}: expected an EnergyReport, got {type(rep).__name__}")
+    if student.hardware != teacher.hardware:
+        raise ValueError(
+            f"teacher: priced under {teacher.hardware.name!r} but student under "
+            f"{student.hardware.name!r}; use teacher.with_hardware({student.hardware.name!r})"
+        )
+    if not (
+        isinstance(labels, tuple) and len(labels) == 2 and all(isinstance(x, str) for x in labels)
+    ):
+        raise ValueError(f"labels: expected a pair of strings, got {labels!r}")
+    return EnergyComparison(student, teacher, labels)

@@ -1,0 +1,131 @@
+"""Parts the language models share: MAR's spike point, the SwiGLU FFN, input checks.
+
+A **spike point** is where MAR turns an activation into ternary spikes: the activation I of each
+channel is δ-injected into an ATMN neuron for T micro-steps from a fresh membrane, and the next
+projection receives the decode ``V·Σ_t τ^t s_t``. By linearity ``W·decode = Σ_t τ^t V·(W s_t)``,
+so computing ``W·decode`` is exactly what accumulating the spikes would give, at 1/T of the
+training cost; :func:`spikemar.energy.declare_spikes` tells an energy counter that the next
+layer's input is a spike train (ACs, not MACs). MAR places four per layer: before the mixer's
+input and output projections and before the FFN's up and down projections.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..energy import declare_spikes
+from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
+
+__all__ = ["FeedForward", "SpikeConfig", "SpikePoint", "check_tokens"]
+
+NEURONS = {"atmn": ATMN, "binary": BinaryMultiStep, "ternary-single": TernarySingleStep}
+
+
+class SpikeConfig:
+    """How a model spikes: micro-steps ``T``, ``tau``, initial threshold, threshold sharing
+    ('channel' or 'layer'), the neuron kind ('atmn', 'binary', 'ternary-single') and backend.
+
+    τ defaults to 1: under δ-injection that is a count code whose resolution is V and range T·V,
+    so more micro-steps and a smaller threshold bring the student closer to the dense model.
+    """
+
+    def __init__(
+        self,
+        T: int = 4,
+        tau: float = 1.0,
+        v_threshold: float = 0.5,
+        threshold: str = "channel",
+        neuron: str = "atmn",
+        backend: str = "auto",
+    ) -> None:
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"T: expected an int >= 1 (micro-steps), got {T!r}")
+        if threshold not in ("channel", "layer"):
+            raise ValueError(f"threshold: expected 'channel' or 'layer', got {threshold!r}")
+        if neuron not in NEURONS:
+            raise ValueError(f"neuron: expected one of {sorted(NEURONS)}, got {neuron!r}")
+        self.T, self.tau, self.v_threshold = T, tau, v_threshold
+        self.threshold, self.neuron, self.backend = threshold, neuron, backend
+
+    def as_dict(self) -> dict:
+        return dict(vars(self))
+
+    def __repr__(self) -> str:
+        return f"SpikeConfig({', '.join(f'{k}={v!r}' for k, v in vars(self).items())})"
+
+
+class SpikePoint(nn.Module):
+    """δ-inject, spike over T micro-steps, decode: ``[..., channels] → [..., channels]``.
+
+    ``record = True`` keeps the last spike train in ``spikes`` [T, ..., channels] for rasters
+    (``spikingjelly.activation_based.monitor.AttributeMonitor('spikes', False, net, SpikePoint)``
+    collects it across a network).
+    """
+
+    def __init__(self, channels: int, config: SpikeConfig) -> None:
+        super().__init__()
+        self.T = config.T
+        kind = NEURONS[config.neuron]
+        per_channel = {"num_channels": channels} if config.threshold == "channel" else {}
+        kwargs = {"backend": config.backend, **per_channel}
+        if kind is TernarySingleStep:
+            self.neuron = kind(config.v_threshold, **kwargs)
+        else:
+            self.neuron = kind(config.tau, config.v_threshold, **kwargs)
+        self.ternary = kind is not BinaryMultiStep
+        self.record = False
+        self.spikes: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        decoded, spikes = self.neuron.quantize(x, self.T)
+        if self.record:
+            self.spikes = spikes.detach()
+        return declare_spikes(self, decoded, spikes, ternary=self.ternary)
+
+    def extra_repr(self) -> str:
+        return f"T={self.T}"
+
+
+def spike_point(channels: int, spikes: SpikeConfig | None) -> nn.Module:
+    """A spike point, or the identity when the model is dense."""
+    return nn.Identity() if spikes is None else SpikePoint(channels, spikes)
+
+
+class FeedForward(nn.Module):
+    """SwiGLU FFN ``down(silu(gate(x)) · up(x))``, with MAR's spike points before the up/gate and
+    the down projection when ``spikes`` is given."""
+
+    def __init__(self, d_model: int, hidden: int, spikes: SpikeConfig | None = None) -> None:
+        super().__init__()
+        self.spike_in = spike_point(d_model, spikes)
+        self.gate = nn.Linear(d_model, hidden, bias=False)
+        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.spike_hidden = spike_point(hidden, spikes)
+        self.down = nn.Linear(hidden, d_model, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.spike_in(x)
+        return self.down(self.spike_hidden(F.silu(self.gate(x)) * self.up(x)))
+
+
+def check_tokens(
+    tokens: torch.Tensor, vocab_size: int, name: str, rank: int = 2, max_len: int | None = None
+) -> None:
+    """Token ids: integer dtype, the expected rank, non-empty, inside the vocabulary."""
+    if not isinstance(tokens, torch.Tensor):
+        raise TypeError(f"{name}: expected a tensor of token ids, got {type(tokens).__name__}")
+    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
+        raise TypeError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+    layout = "[batch, L]" if rank == 2 else "[batch]"
+    if tokens.dim() != rank or tokens.numel() == 0:
+        shape = tuple(tokens.shape)
+        raise ValueError(f"{name}: expected non-empty token ids {layout}, got {shape}")
+    if max_len is not None and tokens.shape[1] > max_len:
+        raise ValueError(f"{name}: length {tokens.shape[1]} exceeds the model's max_len {max_len}")
+    lo, hi = torch.aminmax(tokens)
+    if lo.item() < 0 or hi.item() >= vocab_size:
+        raise ValueError(
+            f"{name}: ids must lie in [0, {vocab_size}), got values in [{lo.item()}, {hi.item()}]"
+        )

@@ -1,0 +1,74 @@
+"""Sampling from any spikemar language model through its recurrent form.
+
+A model here offers ``init_state(batch)`` and ``step(tokens_t [batch], state) -> (logits
+[batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state. The
+prompt is fed token by token through ``step`` (so generation exercises exactly the state that
+makes it cheap), then tokens are sampled with temperature and top-k.
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = ["generate"]
+
+
+@torch.no_grad()
+def generate(
+    model: torch.nn.Module,
+    prompt: torch.Tensor,
+    max_new_tokens: int,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
+
+    ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d).
+    """
+    squeeze = prompt.dim() == 1
+    tokens = prompt.unsqueeze(0) if squeeze else prompt
+    if tokens.dim() != 2 or tokens.shape[1] == 0:
+        raise ValueError(
+            "prompt: expected token ids [batch, L0] or [L0] with L0 >= 1, "
+            f"got {tuple(prompt.shape)}"
+        )
+    if tokens.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"prompt: expected integer token ids, got dtype {prompt.dtype}")
+    n_new = max_new_tokens
+    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+    if not temperature >= 0:
+        raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
+    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    was_training = model.training
+    model.eval()
+    try:
+        state = model.init_state(tokens.shape[0])
+        logits = None
+        for t in range(tokens.shape[1]):
+            logits, state = model.step(tokens[:, t], state)
+        out = [tokens]
+        for _ in range(max_new_tokens):
+            next_token = _sample(logits, temperature, top_k, generator)
+            out.append(next_token[:, None])
+            logits, state = model.step(next_token, state)
+    finally:
+        model.train(was_training)
+    result = torch.cat(out, dim=1)
+    return result[0] if squeeze else result
+
+
+def _sample(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.shape[-1]:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = torch.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator)[:, 0]

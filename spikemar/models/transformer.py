@@ -1,0 +1,157 @@
+"""A small causal Transformer language model: the stage-1 teacher.
+
+nanoGPT's shape with Llama's parts: token embedding → N × [RMSNorm → causal self-attention →
+residual; RMSNorm → SwiGLU FFN → residual] → RMSNorm → head, learned absolute positions. Two
+forms compute the same function: ``forward`` over a whole sequence, and ``step`` over one token
+with a key/value cache preallocated to ``max_len`` (``init_state``), which is what generation
+uses. ``forward(tokens, return_hidden=True)`` also returns the residual stream entering each
+layer (the pre-norm hidden states that SBDS aligns).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .common import FeedForward, check_tokens
+from .generation import generate
+
+__all__ = ["KVCache", "TransformerConfig", "TransformerLM"]
+
+
+@dataclass
+class TransformerConfig:
+    vocab_size: int = 65
+    d_model: int = 128
+    n_layers: int = 4
+    n_heads: int = 4
+    max_len: int = 256
+    ffn_mult: float = 8 / 3  # SwiGLU hidden width = ffn_mult · d_model (Llama's 2/3 of 4×)
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
+
+
+@dataclass
+class KVCache:
+    """Keys and values of every layer [n_layers, batch, heads, max_len, head_dim]; ``length``
+    tokens are filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.out = nn.Linear(config.d_model, config.d_model, bias=False)
+        self.dropout = config.dropout
+
+    def _heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        B, L, D = x.shape
+        q, k, v = self.qkv(x).split(D, dim=-1)
+        shape = (B, L, self.n_heads, D // self.n_heads)
+        return tuple(t.view(shape).transpose(1, 2) for t in (q, k, v))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, L, D = x.shape
+        q, k, v = self._heads(x)
+        p = self.dropout if self.training else 0.0
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
+    def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int):
+        """One token x [B, 1, D] at position ``pos``; writes its key/value into the caches."""
+        B, _, D = x.shape
+        q, k, v = self._heads(x)
+        k_cache[:, :, pos : pos + 1] = k
+        v_cache[:, :, pos : pos + 1] = v
+        y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+        return self.out(y.transpose(1, 2).reshape(B, 1, D))
+
+
+class Block(nn.Module):
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.norm1 = nn.RMSNorm(config.d_model)
+        self.attn = CausalSelfAttention(config)
+        self.norm2 = nn.RMSNorm(config.d_model)
+        self.ffn = FeedForward(config.d_model, round(config.ffn_mult * config.d_model))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.ffn(self.norm2(x))
+
+
+class TransformerLM(nn.Module):
+    """Causal Transformer LM; ``model(tokens)`` → logits [batch, L, vocab]."""
+
+    def __init__(self, config: TransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.embed = nn.Embedding(config.vocab_size, config.d_model)
+        self.pos = nn.Embedding(config.max_len, config.d_model)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layers))
+        self.norm = nn.RMSNorm(config.d_model)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        self.apply(_init_weights)
+        for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
+            if name.endswith(("attn.out.weight", "ffn.down.weight")):
+                nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    def forward(self, tokens: torch.Tensor, return_hidden: bool = False):
+        check_tokens(tokens, self.config.vocab_size, "tokens", max_len=self.config.max_len)
+        L = tokens.shape[1]
+        x = self.embed(tokens) + self.pos(torch.arange(L, device=tokens.device))
+        hidden = []
+        for block in self.blocks:
+            hidden.append(x)
+            x = block(x)
+        logits = self.head(self.norm(x))
+        return (logits, hidden) if return_hidden else logits
+
+    def init_state(self, batch: int) -> KVCache:
+        c = self.config
+        p = next(self.parameters())
+        shape = (c.n_layers, batch, c.n_heads, c.max_len, c.d_model // c.n_heads)
+        return KVCache(p.new_zeros(shape), p.new_zeros(shape), 0)
+
+    def step(self, tokens_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        """One token per sequence [batch] → logits [batch, vocab]; the cache grows by one."""
+        check_tokens(tokens_t, self.config.vocab_size, "tokens_t", rank=1)
+        pos = state.length
+        if pos >= self.config.max_len:
+            raise ValueError(
+                f"state: the KV cache is full ({self.config.max_len} tokens, the model's max_len)"
+            )
+        x = self.embed(tokens_t)[:, None] + self.pos.weight[pos]
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.step(block.norm1(x), state.k[i], state.v[i], pos)
+            x = x + block.ffn(block.norm2(x))
+        logits = self.head(self.norm(x))[:, 0]
+        return logits, KVCache(state.k, state.v, pos + 1)
+
+    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+        return generate(self, prompt, max_new_tokens, **kwargs)
+
+
+def _init_weights(module: nn.Module) -> None:
+    if isinstance(module, nn.Linear):
+        nn.init.normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.Embedding):
+        nn.init.normal_(module.weight, std=0.02)

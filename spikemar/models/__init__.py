@@ -4,11 +4,15 @@ forward, and a recurrent ``step`` for generation."""
 
 from .common import FeedForward, SpikeConfig, SpikePoint
 from .generation import generate
+from .mar import MARLM, ActivationSparsifier, MARConfig
 from .transformer import KVCache, TransformerConfig, TransformerLM
 
 __all__ = [
+    "MARLM",
+    "ActivationSparsifier",
     "FeedForward",
     "KVCache",
+    "MARConfig",
     "SpikeConfig",
     "SpikePoint",
     "TransformerConfig",

@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..energy import record_ops
 from .common import FeedForward, check_tokens
 from .generation import generate
 
@@ -71,6 +72,10 @@ class CausalSelfAttention(nn.Module):
         q, k, v = self._heads(x)
         p = self.dropout if self.training else 0.0
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        # scores q·k and the weighted sum of values over the causal triangle; softmax element-wise
+        pairs = B * self.n_heads * L * (L + 1) // 2
+        record_ops(self, kind="attention", macs=2 * pairs * (D // self.n_heads),
+                   elementwise_ops=3 * pairs)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int):
@@ -80,6 +85,9 @@ class CausalSelfAttention(nn.Module):
         k_cache[:, :, pos : pos + 1] = k
         v_cache[:, :, pos : pos + 1] = v
         y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
+        pairs = B * self.n_heads * (pos + 1)
+        record_ops(self, kind="attention", macs=2 * pairs * (D // self.n_heads),
+                   elementwise_ops=3 * pairs)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, 1, D))
 
 

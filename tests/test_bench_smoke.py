@@ -67,3 +67,21 @@ def test_markdown_table_has_a_line_per_row(bench):
     text = bench.markdown(rows, bench.machine_info(cfg), copy_gbps)
     table = [line for line in text.splitlines() if line.startswith("| cpu |")]
     assert len(table) == len(rows)
+
+
+@pytest.mark.parametrize(
+    ("script", "args"),
+    [
+        ("bench_scan.py", ["--quick", "--no-reference", "--no-progress"]),
+        ("bench_energy.py", ["--quick"]),
+    ],
+)
+def test_other_benchmarks_run_their_smoke_configuration(script, args):
+    import subprocess
+
+    path = BENCH.parent / script
+    done = subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "|" in done.stdout  # a Markdown table was printed

@@ -42,7 +42,7 @@ class MARConfig:
     head_dim: int = 16
     expand: int = 2
     d_conv: int = 4
-    chunk_size: int = 64
+    chunk_size: int | None = None  # scan chunk; None: chosen from head_dim and d_state
     ffn_mult: float = 8 / 3
     n_attn_heads: int = 4
     max_len: int = 4096  # attention layers' KV cache; SSM layers have no length limit

@@ -60,7 +60,7 @@ class SelectiveMixer(nn.Module):
         head_dim: int = 16,
         expand: int = 2,
         d_conv: int = 4,
-        chunk_size: int = 64,
+        chunk_size: int | None = None,
         spike_in: nn.Module | None = None,
         spike_out: nn.Module | None = None,
     ) -> None:

@@ -299,10 +299,129 @@ def _add_energy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     return p
 
 
+# -- train / generate -----------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
+    return value
+
+
+def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "train",
+        help="train a language model (spiking MAR, its dense twin, or a Transformer) on text",
+        description="Train from scratch on a UTF-8 text file (default: Tiny Shakespeare from the "
+        "shared data folder), with a progress bar, validation and checkpoints; --resume "
+        "continues an interrupted run exactly.",
+    )
+    p.add_argument("--model", choices=("mar", "mar-dense", "transformer"), default="mar")
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--out", default="runs/model.pt", help="checkpoint path")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--steps", type=_positive_int, default=2000)
+    p.add_argument("--batch-size", type=_positive_int, default=12)
+    p.add_argument("--L", type=_positive_int, default=64, help="tokens per training window")
+    p.add_argument("--lr", type=_positive_float, default=1e-3)
+    p.add_argument("--eval-interval", type=_positive_int, default=250)
+    p.add_argument("--eval-iters", type=_positive_int, default=20)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--d-model", type=_positive_int, default=128)
+    p.add_argument("--n-layers", type=_positive_int, default=4)
+    p.add_argument("--n-heads", type=_positive_int, default=4, help="Transformer heads")
+    p.add_argument(
+        "--layers",
+        default=None,
+        help="MAR mixer per layer, comma-separated from ssm,attn,lti (default: ssm)",
+    )
+    p.add_argument("--T", type=_positive_int, default=4, help="ATMN micro-steps (mar)")
+    p.add_argument("--tau", type=_positive_float, default=1.0, help="ATMN τ (mar)")
+    p.add_argument("--v-threshold", type=_positive_float, default=0.5, help="initial V (mar)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_run_train)
+    return p
+
+
+def _run_train(args: argparse.Namespace) -> int:
+    from .training import TrainConfig, train
+
+    model_config: dict = {"d_model": args.d_model, "n_layers": args.n_layers}
+    if args.model == "transformer":
+        model_config["n_heads"] = args.n_heads
+    else:
+        if args.layers:
+            model_config["layers"] = [k.strip() for k in args.layers.split(",")]
+        if args.model == "mar":
+            model_config["spikes"] = {"T": args.T, "tau": args.tau,
+                                      "v_threshold": args.v_threshold}  # fmt: skip
+    try:
+        config = TrainConfig(
+            model=args.model, model_config=model_config, data=args.data, out=args.out,
+            steps=args.steps, batch_size=args.batch_size, L=args.L, lr=args.lr,
+            min_lr=args.lr / 10, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
+            seed=args.seed, device=args.device,
+        )  # fmt: skip
+        result = train(config, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        raise _UsageError(str(err)) from err
+    except KeyboardInterrupt:
+        return 130
+    print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} nats/char")
+    return 0
+
+
+def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    p = subparsers.add_parser(
+        "generate",
+        help="sample text from a checkpoint",
+        description="Continue a prompt with a trained model, token by token through its "
+        "recurrent state (SSM state or KV cache).",
+    )
+    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
+    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--seed", type=int, default=0)
+    p.set_defaults(func=_run_generate)
+    return p
+
+
+def _run_generate(args: argparse.Namespace) -> int:
+    from .checkpoint import load_checkpoint
+
+    if args.temperature < 0:
+        raise _UsageError(f"--temperature: expected >= 0, got {args.temperature}")
+    try:
+        model, tokenizer, _ = load_checkpoint(args.checkpoint)
+        prompt = torch.tensor(tokenizer.encode(args.prompt.replace("\\n", "\n")))
+    except (ValueError, FileNotFoundError) as err:
+        raise _UsageError(str(err)) from err
+    if prompt.numel() == 0:
+        raise _UsageError("--prompt: expected at least one character")
+    out = model.generate(
+        prompt,
+        args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    print(tokenizer.decode(out))
+    return 0
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
     _add_raster,
+    _add_train,
+    _add_generate,
     _add_energy,
 )
 

@@ -1,0 +1,118 @@
+"""Training, checkpoints and resume: an interrupted run continues bit for bit."""
+
+import itertools
+
+import pytest
+import torch
+
+from spikemar.checkpoint import load_checkpoint, save_checkpoint
+from spikemar.cli import main
+from spikemar.data import TokenDataset
+from spikemar.training import TrainConfig, lr_factor, train
+
+TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
+SMALL = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache goes under ~/.cache
+    path = tmp_path / "romeo.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def config(corpus, out, **kw) -> TrainConfig:
+    base = {"model": "mar", "model_config": dict(SMALL), "data": str(corpus), "out": str(out),
+            "steps": 6, "batch_size": 2, "L": 16, "eval_interval": 3, "eval_iters": 1,
+            "warmup": 2}  # fmt: skip
+    return TrainConfig(**{**base, **kw})
+
+
+@pytest.mark.parametrize("kind", ["mar", "mar-dense", "transformer"])
+def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(corpus, tmp_path, kind):
+    model_config = {"d_model": 16, "n_layers": 1, "n_heads": 2} if kind == "transformer" else SMALL
+    cfg = config(corpus, tmp_path / "m.pt", model=kind, model_config=model_config, steps=40,
+                 eval_interval=20, eval_iters=4, lr=3e-3)  # fmt: skip
+    result = train(cfg, progress=False)
+    first, last = result["history"][0], result["history"][-1]
+    assert last["train"] < first["train"] + 1e-6 and last["train"] < 3.0
+    model, tokenizer, payload = load_checkpoint(tmp_path / "m.pt")
+    assert payload["kind"] == kind and payload["train"]["step"] == 40
+    text = tokenizer.decode(model.generate(torch.tensor(tokenizer.encode("O ")), 10, top_k=3))
+    assert text.startswith("O ") and len(text) == 12
+
+
+def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
+    corpus, tmp_path, monkeypatch
+):
+    train(config(corpus, tmp_path / "a.pt"), progress=False)
+    reference = load_checkpoint(tmp_path / "a.pt")[0].state_dict()
+
+    calls = {"n": 0}
+    original = TokenDataset.batch
+
+    def interrupting_batch(self, split, *args, **kwargs):
+        if split == "train":
+            calls["n"] += 1
+            # draws 1-3: steps 1-3; 4: the step-3 evaluation; 5: step 4, which is interrupted
+            # after drawing its batch and before its update
+            if calls["n"] == 5:
+                raise KeyboardInterrupt
+        return original(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(TokenDataset, "batch", interrupting_batch)
+    with pytest.raises(KeyboardInterrupt):
+        train(config(corpus, tmp_path / "b.pt"), progress=False)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"] == 3
+    monkeypatch.setattr(TokenDataset, "batch", original)
+    train(config(corpus, tmp_path / "b.pt"), resume=True, progress=False)
+    resumed = load_checkpoint(tmp_path / "b.pt")[0].state_dict()
+    for name, value in reference.items():
+        assert torch.equal(value, resumed[name]), name
+
+
+def test_lr_schedule_warms_up_then_decays_to_min_lr():
+    cfg = TrainConfig(steps=100, warmup=10, lr=1e-3, min_lr=1e-4)
+    factors = [lr_factor(s, cfg) for s in range(100)]
+    assert factors[0] == pytest.approx(0.1) and factors[9] == pytest.approx(1.0)
+    assert factors[-1] == pytest.approx(0.1, abs=2e-3)
+    assert all(a >= b for a, b in itertools.pairwise(factors[9:]))
+
+
+def test_checkpoints_are_plain_data_and_written_atomically(corpus, tmp_path):
+    train(config(corpus, tmp_path / "m.pt", steps=3), progress=False)
+    payload = torch.load(tmp_path / "m.pt", weights_only=True)  # no pickled classes
+    assert payload["format"] == "spikemar-checkpoint-1"
+    model, tokenizer, _ = load_checkpoint(tmp_path / "m.pt")
+    save_checkpoint(tmp_path / "m2.pt", model, tokenizer)
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".m")]  # no temp files
+
+
+def test_bad_training_requests_are_named(corpus, tmp_path):
+    with pytest.raises(ValueError, match="model"):
+        TrainConfig(model="rnn")
+    with pytest.raises(ValueError, match="steps"):
+        TrainConfig(steps=0)
+    with pytest.raises(FileNotFoundError, match="resume"):
+        train(config(corpus, tmp_path / "none.pt"), resume=True, progress=False)
+    with pytest.raises(FileNotFoundError, match="checkpoint"):
+        load_checkpoint(tmp_path / "missing.pt")
+    (tmp_path / "junk.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(ValueError, match="checkpoint"):
+        load_checkpoint(tmp_path / "junk.pt")
+
+
+def test_cli_train_then_generate(corpus, tmp_path, capsys):
+    out = tmp_path / "cli.pt"
+    assert main(["train", "--data", str(corpus), "--out", str(out), "--steps", "2",
+                 "--eval-interval", "2", "--eval-iters", "1", "--d-model", "16", "--n-layers", "1",
+                 "--batch-size", "2", "--L", "8", "--no-progress"]) == 0  # fmt: skip
+    assert "best validation loss" in capsys.readouterr().out
+    assert main(["generate", "--checkpoint", str(out), "--prompt", "Romeo", "--max-new-tokens",
+                 "5", "--seed", "1"]) == 0  # fmt: skip
+    assert capsys.readouterr().out.startswith("Romeo")
+    with pytest.raises(SystemExit):
+        main(["generate", "--checkpoint", str(out), "--prompt", "Zebra?"])  # 'Z' not in vocab
+    with pytest.raises(SystemExit):
+        main(["train", "--steps", "0"])

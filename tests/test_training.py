@@ -116,3 +116,19 @@ def test_cli_train_then_generate(corpus, tmp_path, capsys):
         main(["generate", "--checkpoint", str(out), "--prompt", "Zebra?"])  # 'Z' not in vocab
     with pytest.raises(SystemExit):
         main(["train", "--steps", "0"])
+
+
+def test_energy_command_reads_a_trained_checkpoint_and_compares_with_its_dense_twin(
+    corpus, tmp_path, capsys
+):
+    train(config(corpus, tmp_path / "s.pt", steps=2, eval_interval=2), progress=False)
+    assert main(["energy", "--checkpoint", str(tmp_path / "s.pt"), "--text", "Romeo, Romeo",
+                 "--compare-dense", "--json", str(tmp_path / "r.json")]) == 0  # fmt: skip
+    out = capsys.readouterr().out
+    assert "TOTAL" in out and "layers.0.mixer.in_proj" in out
+    import json
+
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["totals"]["acs"] > 0
+    assert main(["energy", "--checkpoint", str(tmp_path / "s.pt"), "--text", "Zed"]) == 2
+    assert main(["energy", "--checkpoint", str(tmp_path / "missing.pt")]) == 2

@@ -6,10 +6,10 @@ The command's two halves, for :mod:`spikemar.cli` to wire in::
     p = subparsers.add_parser("energy", help=...); add_energy_arguments(p)
     p.set_defaults(func=energy_main)          # energy_main(args) -> exit code
 
-It runs the built-in demo model (:mod:`spikemar.energy.demo`) or a checkpoint on byte-level
-token ids from a text or random tokens, prints the per-layer table and writes JSON, Markdown and
-PNG reports on request; ``--compare-dense`` also profiles the dense twin and prints the
-student-vs-teacher comparison.
+It runs the built-in demo model (:mod:`spikemar.energy.demo`, byte-level tokens) or a spikemar
+checkpoint (its own tokenizer) on a text or random tokens, prints the per-layer table and writes
+JSON, Markdown and PNG reports on request; ``--compare-dense`` (or ``--teacher CKPT``) also
+profiles the teacher and prints the student-vs-teacher comparison.
 """
 
 from __future__ import annotations
@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
@@ -51,8 +52,13 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     src.add_argument(
         "--checkpoint",
         type=Path,
-        help="a whole nn.Module saved with torch.save(model); it is unpickled, which runs "
-        "code from the file: load only checkpoints you trust",
+        help="a spikemar checkpoint (spikemar train); --text is encoded with its tokenizer",
+    )
+    parser.add_argument(
+        "--teacher",
+        type=Path,
+        help="a checkpoint to compare against (default with --compare-dense: the dense twin "
+        "of --checkpoint, with its weights)",
     )
     data = parser.add_mutually_exclusive_group()
     data.add_argument("--text", help="input text (UTF-8 bytes are the token ids)")
@@ -91,50 +97,65 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def _load_model(args: argparse.Namespace) -> nn.Module:
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
+    """The model and its tokenizer (None for the byte-level demo)."""
     if args.checkpoint is None:
         if args.model == "demo-dense":
-            return dense_demo_model(args.d, args.layers, seed=args.seed)
-        return demo_model(args.d, args.layers, args.T, seed=args.seed)
-    if not args.checkpoint.is_file():
-        raise ValueError(f"--checkpoint: no such file {str(args.checkpoint)!r}")
-    model = torch.load(args.checkpoint, map_location="cpu", weights_only=False)
-    if not isinstance(model, nn.Module):
-        raise ValueError(
-            f"--checkpoint: expected a whole nn.Module saved with torch.save(model), "
-            f"got {type(model).__name__}"
-        )
-    return model.eval()
+            return dense_demo_model(args.d, args.layers, seed=args.seed), None
+        return demo_model(args.d, args.layers, args.T, seed=args.seed), None
+    model, tokenizer, _ = _checkpoint(args.checkpoint, "--checkpoint")
+    return model, tokenizer
 
 
-def _input_ids(args: argparse.Namespace) -> torch.Tensor:
+def _checkpoint(path: Path, flag: str):
+    from ..checkpoint import load_checkpoint
+
+    try:
+        return load_checkpoint(path)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"{flag}: {err}") from err
+
+
+def _teacher(args: argparse.Namespace, student: nn.Module) -> nn.Module:
+    if args.teacher is not None:
+        return _checkpoint(args.teacher, "--teacher")[0]
+    if args.checkpoint is None:
+        return dense_demo_model(args.d, args.layers, seed=args.seed)
+    from ..checkpoint import build_model, model_config_dict
+
+    if getattr(student.config, "spikes", None) is None:
+        raise ValueError("--compare-dense: the checkpoint is dense already; give --teacher")
+    twin = build_model("mar-dense", model_config_dict(student))
+    twin.load_state_dict(student.state_dict(), strict=False)  # all but the spike thresholds
+    return twin.eval()
+
+
+def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
     text = args.text
     if args.text_file is not None:
         if not args.text_file.is_file():
             raise ValueError(f"--text-file: no such file {str(args.text_file)!r}")
         text = args.text_file.read_text(encoding="utf-8")
+    vocab = VOCAB if tokenizer is None else tokenizer.vocab_size
     if text is not None:
-        data = text.encode("utf-8")
-        if not data:
+        if not text:
             raise ValueError("--text: expected a non-empty text")
-        return torch.tensor(list(data), dtype=torch.long).expand(args.batch, -1).contiguous()
+        ids = list(text.encode("utf-8")) if tokenizer is None else tokenizer.encode(text)
+        return torch.tensor(ids, dtype=torch.long).expand(args.batch, -1).contiguous()
     g = torch.Generator().manual_seed(args.seed)
-    return torch.randint(0, VOCAB, (args.batch, args.random_tokens), generator=g)
+    return torch.randint(0, vocab, (args.batch, args.random_tokens), generator=g)
 
 
 def energy_main(args: argparse.Namespace) -> int:
     """Run ``spikemar energy`` with parsed ``args``; returns the exit code (2 on bad input)."""
     try:
         get_profile(args.hardware)
-        model = _load_model(args)
-        ids = _input_ids(args)
-        if args.compare_dense and args.checkpoint is not None:
-            raise ValueError("--compare-dense: only with the built-in demo model")
+        model, tokenizer = _load_model(args)
+        ids = _input_ids(args, tokenizer)
         report = profile(model, ids, hardware=args.hardware, spike_detection=args.spike_detection)
         print(report.to_table())
-        if args.compare_dense:
-            teacher = dense_demo_model(args.d, args.layers, seed=args.seed)
-            rep_t = profile(teacher, ids, hardware=args.hardware)
+        if args.compare_dense or args.teacher is not None:
+            rep_t = profile(_teacher(args, model), ids, hardware=args.hardware)
             print()
             print(compare(report, rep_t).to_table())
         if args.json is not None:

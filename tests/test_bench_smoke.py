@@ -85,3 +85,18 @@ def test_other_benchmarks_run_their_smoke_configuration(script, args):
     )
     assert done.returncode == 0, done.stderr[-2000:]
     assert "|" in done.stdout  # a Markdown table was printed
+
+
+def test_bench_generate_runs_its_smoke_configuration():
+    import subprocess
+
+    path = BENCH.parent / "bench_generate.py"
+    # one thread: a second OpenMP thread on a busy 2-core machine slows every step many times over
+    args = ["--quick", "--threads", "1", "--no-progress"]
+    done = subprocess.run(
+        [sys.executable, str(path), *args], capture_output=True, text=True, timeout=120
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    table = [line for line in done.stdout.splitlines() if line.startswith("| MAR spiking |")]
+    assert len(table) == 4, done.stdout  # batch 1 and 2 at contexts 4 and 16
+    assert "| Transformer |" in done.stdout and "| MAR dense twin |" in done.stdout

@@ -29,8 +29,9 @@ from pathlib import Path
 
 import torch
 
+from . import fused
 from .functional import ATMNParameters, _decay
-from .fused import fused_multi_step, surrogate_code, unsupported_parameters
+from .fused import fused_multi_step, surrogate_code
 
 __all__ = ["atmn_multi_step_cpu", "load_library", "unusable_reason"]
 
@@ -127,16 +128,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
     """Why the fused CPU kernel cannot run ``x`` with ``p`` (None when it can)."""
-    if x.device.type != "cpu":
-        return f"it runs on CPU tensors, got a tensor on {x.device}"
-    reason = unsupported_parameters(p)
-    if reason is not None:
-        return reason
-    try:
-        load_library()
-    except RuntimeError as err:
-        return str(err)
-    return None
+    return fused.unusable_reason(x, p, "cpu", load_library)
 
 
 def _ptr(t: torch.Tensor | None) -> int | None:

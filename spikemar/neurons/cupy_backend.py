@@ -16,8 +16,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import fused
 from .functional import ATMNParameters, _decay
-from .fused import fused_multi_step, surrogate_code, unsupported_parameters
+from .fused import fused_multi_step, surrogate_code
 
 __all__ = ["atmn_multi_step_cupy", "unusable_reason"]
 
@@ -47,17 +48,8 @@ def _cupy():
 
 
 def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
-    """Why the CuPy kernels cannot run ``x`` with ``p`` (None when they can)."""
-    if x.device.type != "cuda":
-        return f"it runs on CUDA tensors, got a tensor on {x.device}"
-    reason = unsupported_parameters(p)
-    if reason is not None:
-        return reason
-    try:
-        _cupy()
-    except RuntimeError as err:
-        return str(err)
-    return None
+    """Why the CuPy kernels cannot run ``x`` with ``p`` (None when it can)."""
+    return fused.unusable_reason(x, p, "cuda", _cupy)
 
 
 def _function(name: str, T: int):

@@ -17,6 +17,7 @@ A kernel set implements two launches over contiguous tensors (``x`` [T, N] viewe
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
@@ -24,7 +25,14 @@ import torch
 from .functional import ATMNParameters
 from .surrogate import ATan, Rectangle, Sigmoid, Triangle
 
-__all__ = ["SURROGATE_CODES", "FusedKernels", "fused_multi_step", "surrogate_code"]
+__all__ = [
+    "SURROGATE_CODES",
+    "FusedKernels",
+    "fused_multi_step",
+    "surrogate_code",
+    "unsupported_parameters",
+    "unusable_reason",
+]
 
 # kernel-side code of each built-in surrogate and the name of its parameter
 SURROGATE_CODES: dict[type, tuple[int, str]] = {
@@ -58,6 +66,23 @@ def unsupported_parameters(p: ATMNParameters) -> str | None:
         )
     if p.smooth:
         return "smooth=True is a gradient-testing mode of the torch reference"
+    return None
+
+
+def unusable_reason(
+    x: torch.Tensor, p: ATMNParameters, device_type: str, load: Callable[[], object]
+) -> str | None:
+    """Why a fused backend for ``device_type`` cannot run ``x`` with ``p``: the device, then the
+    parameters, then ``load()`` (building or importing the kernels, RuntimeError on failure)."""
+    if x.device.type != device_type:
+        return f"it runs on {device_type.upper()} tensors, got a tensor on {x.device}"
+    reason = unsupported_parameters(p)
+    if reason is not None:
+        return reason
+    try:
+        load()
+    except RuntimeError as err:
+        return str(err)
     return None
 
 

@@ -30,16 +30,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import datetime as dt
-import json
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from importlib import metadata
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -51,6 +46,10 @@ from torch import nn
 
 from spikemar.energy import EnergyCounter, profile
 from spikemar.neurons import ATMN
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, run or imported by path
+from _harness import load_average, timing_stats, write_json
+from _harness import machine_info as _machine_info
 
 NEURONS = {
     "atmn": lambda: ATMN(tau=2.0, v_threshold=1.0, step_mode="m"),
@@ -125,29 +124,18 @@ def summarize(times: dict[str, list[float]]) -> list[dict[str, float | str]]:
     base = statistics.median(times[PLAIN])
     rows = []
     for name, ts in times.items():
-        q = statistics.quantiles(ts, n=4)
-        med = statistics.median(ts)
-        rows.append({"method": name, "median_ms": med, "iqr_ms": q[2] - q[0], "ratio": med / base})
+        st = timing_stats(ts, method="exclusive")
+        rows.append(
+            {"method": name, "median_ms": st.median, "iqr_ms": st.iqr, "ratio": st.median / base}
+        )
     return rows
 
 
 def machine_info(threads: int, load_at_start: float) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    return {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{cpu} ({os.cpu_count()} cores visible)",
-        "threads": str(threads),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "spikingjelly": metadata.version("spikingjelly"),
-        "load": f"{load_at_start:.2f} → {os.getloadavg()[0]:.2f}",
-        "command": "python " + " ".join(shlex.quote(a) for a in sys.argv),
-    }
+    """The machine, as in :func:`_harness.machine_info`, with the SpikingJelly version."""
+    return _machine_info(
+        threads, load_at_start, packages=("spikingjelly",), with_cpu_pressure=False
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -168,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.quick:
         args.reps, args.warmup = 10, 2
     torch.set_num_threads(args.threads)
-    load = os.getloadavg()[0]
+    load = load_average()
     results = []
     for neuron in args.neurons:
         torch.manual_seed(0)
@@ -202,9 +190,7 @@ def main(argv: list[str] | None = None) -> int:
                 f"| {res['neuron']} (rate {res['firing_rate']:.3f}) | {m} | "
                 f"{row['median_ms']:.3f} | {row['iqr_ms']:.3f} | {row['ratio']:.3f} | {acs} |"
             )
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump({"machine": info, "shape": shape, "results": results}, f, indent=2)
+    write_json(args.json, {"machine": info, "shape": shape, "results": results}, indent=2)
     return 0
 
 

@@ -36,20 +36,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import datetime as dt
 import gc
-import json
-import math
-import os
-import platform
-import shlex
-import statistics
 import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, run or imported by path
+import _harness as harness
 
 MODELS = ("mar", "dense", "transformer")
 LABELS = {"mar": "MAR spiking", "dense": "MAR dense twin", "transformer": "Transformer"}
@@ -82,18 +79,12 @@ QUICK = Config(contexts=(4, 16), batches=(1, 2), rounds=2, steps=2, warmup=1)
 
 
 @dataclass
-class Row:
+class Row(harness.TimedRow):
     model: str
     batch: int
     context: int
-    times_ms: list[float] = field(default_factory=list)
     state_bytes_per_seq: int | None = None
-    skipped: str | None = None
     # filled in by summarize()
-    median_ms: float | None = None
-    q25_ms: float | None = None
-    q75_ms: float | None = None
-    min_ms: float | None = None
     tokens_per_s: float | None = None
     ratio_vs_smallest_context: float | None = None
     speedup_vs_transformer: float | None = None
@@ -288,7 +279,7 @@ def measure(cfg: Config, rows: list[Row], models: dict[str, nn.Module], notes: d
                 try:
                     row.skipped = step_leaves_state(model, state, token, row.context)
                 except Exception as e:  # a broken model costs its rows, not the run
-                    row.skipped = _failure(e)
+                    row.skipped = harness.failure(e)
                 if row.skipped:
                     bar.update(per_row)
                     continue
@@ -311,11 +302,6 @@ def measure(cfg: Config, rows: list[Row], models: dict[str, nn.Module], notes: d
         bar.close()
 
 
-def _failure(e: Exception) -> str:
-    first_line = (str(e).splitlines() or [""])[0]
-    return f"failed: {type(e).__name__}: {first_line[:160]}".replace("|", "\\|")
-
-
 # -- summary and report -----------------------------------------------------------------------
 
 
@@ -323,11 +309,8 @@ def summarize(rows: list[Row]) -> None:
     by_key = {(r.model, r.batch, r.context): r for r in rows}
     smallest = min(r.context for r in rows)
     for r in rows:
-        if not r.times_ms:
+        if not r.summarize_times():
             continue
-        ts = sorted(r.times_ms)
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        r.median_ms, r.q25_ms, r.q75_ms, r.min_ms = statistics.median(ts), q[0], q[2], ts[0]
         r.tokens_per_s = r.batch / (r.median_ms * 1e-3)
     for r in rows:
         if r.median_ms is None:
@@ -366,44 +349,8 @@ def verdicts(rows: list[Row], cfg: Config) -> list[str]:
 
 
 def machine_info(cfg: Config, load_at_start: float | None = None) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    load_now = os.getloadavg()[0]
-    return {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{cpu} ({_cpu_count()} cores visible)",
-        "threads": str(cfg.threads),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        # other work on the machine shows here: the 1-minute load average around the run
-        "load": f"{load_at_start:.2f} → {load_now:.2f}"
-        if load_at_start is not None
-        else f"{load_now:.2f}",
-        "cpu_pressure": _cpu_pressure(),
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-    }
-
-
-def _cpu_pressure() -> str:
-    """Share of the last 60 s in which runnable tasks waited for a CPU (Linux PSI), or '?'."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()
-        return next(x.split("=")[1] for x in some if x.startswith("avg60=")) + "%"
-    except (OSError, StopIteration, IndexError):
-        return "?"
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}"
+    """The machine, as in :func:`_harness.machine_info`."""
+    return harness.machine_info(cfg.threads, load_at_start)
 
 
 def model_lines(cfg: Config, counts: dict, notes: dict) -> list[str]:
@@ -446,12 +393,7 @@ def model_lines(cfg: Config, counts: dict, notes: dict) -> list[str]:
 def markdown(rows: list[Row], info: dict[str, str], cfg: Config, lines_before: list[str]) -> str:
     lo = min(cfg.contexts)
     lines = [
-        f"{info['date']} · {info['cpu']} · {info['threads']} threads · Python {info['python']} · "
-        f"torch {info['torch']} · load average {info['load']} · CPU pressure (60 s) "
-        f"{info['cpu_pressure']}",
-        "",
-        f"Command: `{info['command']}`",
-        "",
+        *harness.header_lines(info),
         *lines_before,
         "",
         f"Per-token `step` time from the state after C tokens; {cfg.rounds} rounds × "
@@ -472,8 +414,8 @@ def markdown(rows: list[Row], info: dict[str, str], cfg: Config, lines_before: l
         state = "–" if r.state_bytes_per_seq is None else f"{r.state_bytes_per_seq / 1024:,.0f}"
         lines.append(
             f"{head} {r.median_ms:.2f} | {r.q25_ms:.2f}–{r.q75_ms:.2f} | {r.min_ms:.2f} "
-            f"| {r.tokens_per_s:,.0f} | {_fmt(r.ratio_vs_smallest_context, '.2f')} "
-            f"| {_fmt(r.speedup_vs_transformer, '.2f')} | {state} |"
+            f"| {r.tokens_per_s:,.0f} | {harness.fmt(r.ratio_vs_smallest_context, '.2f')} "
+            f"| {harness.fmt(r.speedup_vs_transformer, '.2f')} | {state} |"
         )
     found = verdicts(rows, cfg)
     if found:
@@ -495,11 +437,7 @@ def run(cfg: Config) -> tuple[list[Row], dict, bool]:
         for b in sorted(cfg.batches)
         for c in sorted(cfg.contexts)
     ]
-    interrupted = False
-    try:
-        measure(cfg, rows, models, notes)
-    except KeyboardInterrupt:
-        interrupted = True
+    interrupted = harness.interruptible(measure, cfg, rows, models, notes)
     summarize(rows)
     return rows, notes, interrupted
 
@@ -547,27 +485,24 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, json_path = parse_args(argv)
-    load_at_start = os.getloadavg()[0]
+    load_at_start = harness.load_average()
     rows, notes, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)
     before = model_lines(cfg, notes["parameters"], notes)
     if interrupted:
-        before += ["", "**Interrupted: partial results.**"]
+        before += ["", harness.INTERRUPTED_NOTE]
     print(markdown(rows, info, cfg, before))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(
-                {
-                    "machine": info,
-                    "config": asdict(cfg),
-                    "notes": notes,
-                    "interrupted": interrupted,
-                    "rows": [asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
-    return 130 if interrupted else 0
+    harness.write_json(
+        json_path,
+        {
+            "machine": info,
+            "config": asdict(cfg),
+            "notes": notes,
+            "interrupted": interrupted,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
+    return harness.exit_code(interrupted)
 
 
 if __name__ == "__main__":

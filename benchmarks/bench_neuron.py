@@ -22,25 +22,23 @@ The Markdown table goes to stdout; progress to stderr. Ctrl-C prints what has be
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import gc
 import inspect
-import json
-import math
-import os
-import platform
-import shlex
 import statistics
 import sys
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import asdict, dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, run or imported by path
+import _harness as harness
+
 REFERENCE = "ATMN[torch]"
+PEER_PACKAGES = ("spikingjelly", "norse")
 LIF_PEER = "sj.LIFNode"
 DTYPES = {
     "float32": torch.float32,
@@ -83,7 +81,7 @@ QUICK = Config(T=(2,), N=(4096,), repeats=3, warmup=1, copy_bytes=4 * 2**20)
 
 
 @dataclass
-class Row:
+class Row(harness.TimedRow):
     device: str
     dtype: str
     T: int
@@ -91,14 +89,8 @@ class Row:
     impl: str
     mode: str
     repeats: int
-    times_ms: list[float] = field(default_factory=list)
     spike_rate: float | None = None
-    skipped: str | None = None
     # filled in by summarize()
-    median_ms: float | None = None
-    q25_ms: float | None = None
-    q75_ms: float | None = None
-    min_ms: float | None = None
     traffic_bytes: int | None = None
     gb_per_s: float | None = None
     copy_fraction: float | None = None
@@ -280,7 +272,7 @@ def _measure_case(cfg, device, dtype, T, N, rows, bar) -> None:
                     impl.reset()
                     row.spike_rate = float((impl.call(x) != 0).float().mean())
             except Exception as e:  # a broken implementation costs its row, not the run
-                row.skipped = _failure(e)
+                row.skipped = harness.failure(e)
                 bar.update(cfg.warmup + cfg.repeats)
                 continue
             live.append((impl, row))
@@ -291,15 +283,10 @@ def _measure_case(cfg, device, dtype, T, N, rows, bar) -> None:
                 try:
                     row.times_ms.append(_time_once(impl, mode, x, g, device))
                 except Exception as e:
-                    row.skipped, row.times_ms = _failure(e), []
+                    row.skipped, row.times_ms = harness.failure(e), []
                     live.remove((impl, row))
                 bar.update()
         x.grad = None
-
-
-def _failure(e: Exception) -> str:
-    first_line = (str(e).splitlines() or [""])[0]
-    return f"failed: {type(e).__name__}: {first_line[:160]}".replace("|", "\\|")
 
 
 # -- summary and report -----------------------------------------------------------------------
@@ -308,11 +295,8 @@ def _failure(e: Exception) -> str:
 def summarize(rows: list[Row], copy_gbps: dict[str, float]) -> None:
     by_key = {(r.device, r.dtype, r.T, r.N, r.mode, r.impl): r for r in rows}
     for r in rows:
-        if not r.times_ms:
+        if not r.summarize_times():
             continue
-        ts = sorted(r.times_ms)
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        r.median_ms, r.q25_ms, r.q75_ms, r.min_ms = statistics.median(ts), q[0], q[2], ts[0]
         b = DTYPES[r.dtype].itemsize
         r.traffic_bytes = TRAFFIC_ELEMENTS[r.mode] * r.T * r.N * b
         r.gb_per_s = r.traffic_bytes / (r.median_ms * 1e-3) / 1e9
@@ -325,64 +309,20 @@ def summarize(rows: list[Row], copy_gbps: dict[str, float]) -> None:
 
 
 def machine_info(cfg: Config, load_at_start: float | None = None) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    info = {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{cpu} ({_cpu_count()} cores visible)",
-        "threads": str(cfg.threads),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        # other work on the machine shows here: the 1-minute load average around the run
-        "load": f"{load_at_start:.2f} → {os.getloadavg()[0]:.2f}"
-        if load_at_start is not None
-        else f"{os.getloadavg()[0]:.2f}",
-        "cpu_pressure": _cpu_pressure(),
-    }
-    for dist in ("spikingjelly", "norse"):
-        try:
-            info[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:
-            info[dist] = "not installed"
-    if any(d.startswith("cuda") for d in cfg.devices) and torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    info["command"] = " ".join(shlex.quote(a) for a in ["python", *sys.argv])
-    return info
-
-
-def _cpu_pressure() -> str:
-    """Share of the last 60 s in which runnable tasks waited for a CPU (Linux PSI), or '?'."""
-    try:
-        with open("/proc/pressure/cpu") as f:
-            some = f.readline().split()
-        return next(x.split("=")[1] for x in some if x.startswith("avg60=")) + "%"
-    except (OSError, StopIteration, IndexError):
-        return "?"
-
-
-def _cpu_count() -> int:
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-
-
-def _fmt(v: float | None, spec: str, suffix: str = "") -> str:
-    return "–" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:{spec}}{suffix}"
+    """The machine, as in :func:`_harness.machine_info`, with the peers' versions and the GPU."""
+    return harness.machine_info(
+        cfg.threads,
+        load_at_start,
+        packages=PEER_PACKAGES,
+        gpu=any(d.startswith("cuda") for d in cfg.devices),
+    )
 
 
 def markdown(
     rows: list[Row], info: dict[str, str], copy_gbps: dict[str, float], note: str = ""
 ) -> str:
     lines = [
-        f"{info['date']} · {info['cpu']} · {info['threads']} threads · Python {info['python']} · "
-        f"torch {info['torch']} · spikingjelly {info['spikingjelly']} · norse {info['norse']} · "
-        f"load average {info['load']} · CPU pressure (60 s) {info['cpu_pressure']}"
-        + (f" · {info['gpu']}" if "gpu" in info else ""),
-        "",
-        f"Command: `{info['command']}`",
-        "",
+        *harness.header_lines(info, PEER_PACKAGES),
         "Copy bandwidth (`tensor.copy_`, read + write, median): "
         + ", ".join(f"{d} {v:.1f} GB/s" for d, v in copy_gbps.items()),
         "",
@@ -394,6 +334,7 @@ def markdown(
         f"| × vs {REFERENCE} | × vs {LIF_PEER} | GB/s | % of copy | spike rate |",
         "| --- | ---: | ---: | --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
+    fmt = harness.fmt
     for r in rows:
         partial = f" (n={len(r.times_ms)})" if 0 < len(r.times_ms) < r.repeats else ""
         head = f"| {r.device} | {r.T} | {_pow2(r.N)} | {r.mode} | {r.impl}{partial} |"
@@ -403,9 +344,9 @@ def markdown(
             continue
         lines.append(
             f"{head} {r.median_ms:.2f} | {r.q25_ms:.2f}–{r.q75_ms:.2f} | {r.min_ms:.2f} "
-            f"| {_fmt(r.speedup_vs_reference, '.2f')} | {_fmt(r.speedup_vs_lif, '.2f')} "
-            f"| {_fmt(r.gb_per_s, '.1f')} | {_fmt(_pct(r.copy_fraction), '.1f', '%')} "
-            f"| {_fmt(r.spike_rate, '.2f')} |"
+            f"| {fmt(r.speedup_vs_reference, '.2f')} | {fmt(r.speedup_vs_lif, '.2f')} "
+            f"| {fmt(r.gb_per_s, '.1f')} | {fmt(_pct(r.copy_fraction), '.1f', '%')} "
+            f"| {fmt(r.spike_rate, '.2f')} |"
         )
     return "\n".join(lines)
 
@@ -423,11 +364,7 @@ def run(cfg: Config) -> tuple[list[Row], dict[str, float], bool]:
     torch.set_num_threads(cfg.threads)
     rows: list[Row] = []
     copy_gbps: dict[str, float] = {}
-    interrupted = False
-    try:
-        measure(cfg, rows, copy_gbps)
-    except KeyboardInterrupt:
-        interrupted = True
+    interrupted = harness.interruptible(measure, cfg, rows, copy_gbps)
     summarize(rows, copy_gbps)
     return rows, copy_gbps, interrupted
 
@@ -486,26 +423,22 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, json_path = parse_args(argv)
-    load_at_start = os.getloadavg()[0]
+    load_at_start = harness.load_average()
     rows, copy_gbps, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)
-    note = "**Interrupted: partial results.**" if interrupted else ""
-    print(markdown(rows, info, copy_gbps, note))
-    if json_path:
-        with open(json_path, "w") as f:
-            json.dump(
-                {
-                    "machine": info,
-                    "config": asdict(cfg),
-                    "copy_gb_per_s": copy_gbps,
-                    "traffic_model_elements": TRAFFIC_ELEMENTS,
-                    "interrupted": interrupted,
-                    "rows": [asdict(r) for r in rows],
-                },
-                f,
-                indent=1,
-            )
-    return 130 if interrupted else 0
+    print(markdown(rows, info, copy_gbps, harness.INTERRUPTED_NOTE if interrupted else ""))
+    harness.write_json(
+        json_path,
+        {
+            "machine": info,
+            "config": asdict(cfg),
+            "copy_gb_per_s": copy_gbps,
+            "traffic_model_elements": TRAFFIC_ELEMENTS,
+            "interrupted": interrupted,
+            "rows": [asdict(r) for r in rows],
+        },
+    )
+    return harness.exit_code(interrupted)
 
 
 if __name__ == "__main__":

@@ -32,30 +32,28 @@ from __future__ import annotations
 
 import argparse
 import ast
-import datetime as dt
 import gc
-import json
 import os
-import platform
-import shlex
-import statistics
 import subprocess
 import sys
 import tarfile
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from importlib import metadata
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, run or imported by path
+import _harness as harness
 
 MAMBA_VERSION = "2.3.2.post1"
 MODES = ("fwd", "fwd+bwd")
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 REFERENCE = "mamba2 ssd_minimal_discrete"
 NAIVE = "naive recurrence"
+PACKAGES = ("einops",)  # the reference's dependency: its version goes into the header
 
 
 @dataclass(frozen=True)
@@ -84,17 +82,11 @@ QUICK = Config(batch=1, L=128, heads=2, head_dim=16, state=16, repeats=3, warmup
 
 
 @dataclass
-class Row:
+class Row(harness.TimedRow):
     impl: str
     mode: str
     repeats: int
-    times_ms: list[float] = field(default_factory=list)
     max_abs_dy: float | None = None
-    skipped: str | None = None
-    median_ms: float | None = None
-    q25_ms: float | None = None
-    q75_ms: float | None = None
-    min_ms: float | None = None
     speedup_vs_reference: float | None = None
     speedup_vs_naive: float | None = None
 
@@ -278,11 +270,7 @@ def measure(cfg: Config, rows: list[Row]) -> None:
 def summarize(rows: list[Row]) -> None:
     by_key = {(r.mode, r.impl): r for r in rows}
     for r in rows:
-        if not r.times_ms:
-            continue
-        ts = sorted(r.times_ms)
-        q = statistics.quantiles(ts, n=4, method="inclusive") if len(ts) > 1 else [ts[0]] * 3
-        r.median_ms, r.q25_ms, r.q75_ms, r.min_ms = statistics.median(ts), q[0], q[2], ts[0]
+        r.summarize_times()
     for r in rows:
         if r.median_ms is None:
             continue
@@ -299,41 +287,19 @@ def summarize(rows: list[Row]) -> None:
 
 
 def machine_info(cfg: Config, load_at_start: float | None = None) -> dict[str, str]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    load = os.getloadavg()[0]
-    info = {
-        "date": dt.datetime.now().strftime("%Y-%m-%d %H:%M"),
-        "cpu": f"{cpu} ({cores} cores visible)",
-        "threads": str(cfg.threads),
-        "python": platform.python_version(),
-        "torch": torch.__version__,
-        "load": f"{load_at_start:.2f} → {load:.2f}" if load_at_start is not None else f"{load:.2f}",
-        "command": " ".join(shlex.quote(a) for a in ["python", *sys.argv]),
-    }
-    try:
-        info["einops"] = metadata.version("einops")
-    except metadata.PackageNotFoundError:
-        info["einops"] = "not installed"
-    return info
+    """The machine, as in :func:`_harness.machine_info`, with the einops version."""
+    return harness.machine_info(
+        cfg.threads, load_at_start, packages=PACKAGES, with_cpu_pressure=False
+    )
 
 
 def _fmt(v: float | None, spec: str) -> str:
-    return "–" if v is None else f"{v:{spec}}"
+    return harness.fmt(v, spec, nan_is_missing=False)  # a NaN max |Δy| is news, not a gap
 
 
 def markdown(rows: list[Row], info: dict[str, str], cfg: Config, note: str = "") -> str:
     lines = [
-        f"{info['date']} · {info['cpu']} · {info['threads']} threads · Python {info['python']} · "
-        f"torch {info['torch']} · einops {info['einops']} · load average {info['load']}",
-        "",
-        f"Command: `{info['command']}`",
-        "",
+        *harness.header_lines(info, PACKAGES),
         f"batch {cfg.batch}, L {cfg.L}, {cfg.heads} heads, head_dim {cfg.head_dim}, "
         f"state {cfg.state}, {cfg.dtype}; median of {cfg.repeats} calls after {cfg.warmup} "
         f"warm-up (naive: {cfg.naive_repeats}); ssd_minimal_discrete from mamba-ssm "
@@ -370,11 +336,7 @@ def run(cfg: Config) -> tuple[list[Row], bool]:
     """Measure ``cfg``; returns (rows, interrupted)."""
     torch.set_num_threads(cfg.threads)
     rows: list[Row] = []
-    interrupted = False
-    try:
-        measure(cfg, rows)
-    except KeyboardInterrupt:
-        interrupted = True
+    interrupted = harness.interruptible(measure, cfg, rows)
     summarize(rows)
     return rows, interrupted
 
@@ -449,15 +411,13 @@ def _chunk_size(ap: argparse.ArgumentParser, text: str) -> int | None:
 
 def main(argv: list[str] | None = None) -> int:
     cfg, json_path = parse_args(argv)
-    load_at_start = os.getloadavg()[0]
+    load_at_start = harness.load_average()
     rows, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)
-    print(markdown(rows, info, cfg, "**Interrupted: partial results.**" if interrupted else ""))
-    if json_path:
-        with open(json_path, "w") as f:
-            payload = {"machine": info, "config": asdict(cfg), "interrupted": interrupted}
-            json.dump(payload | {"rows": [asdict(r) for r in rows]}, f, indent=1)
-    return 130 if interrupted else 0
+    print(markdown(rows, info, cfg, harness.INTERRUPTED_NOTE if interrupted else ""))
+    payload = {"machine": info, "config": asdict(cfg), "interrupted": interrupted}
+    harness.write_json(json_path, payload | {"rows": [asdict(r) for r in rows]})
+    return harness.exit_code(interrupted)
 
 
 if __name__ == "__main__":

@@ -134,6 +134,11 @@ def prepare(
         raise ValueError(f"path: {path} has {tokenizer.vocab_size} distinct characters (max 65535)")
     ids = np.array(tokenizer.encode(text), dtype=np.uint16)
     n_train = int(len(ids) * TRAIN_FRACTION)
+    if n_train < 2 or len(ids) - n_train < 2:
+        raise ValueError(
+            f"path: {path} has {len(ids)} characters, too few for a 90/10 split with at least "
+            "2 tokens in each part"
+        )
     _write_atomic(folder / "train.bin", ids[:n_train].tobytes())
     _write_atomic(folder / "val.bin", ids[n_train:].tobytes())
     meta = {"source": str(path), "sha256_16": digest, "tokenizer": tokenizer.to_dict(),

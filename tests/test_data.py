@@ -84,3 +84,10 @@ def test_tiny_shakespeare_matches_nanogpt_vocabulary(tmp_path):
     ds = TokenDataset.from_text_file(cache_dir=tmp_path)
     assert ds.vocab_size == 65  # nanoGPT's shakespeare_char
     assert len(ds.splits["train"]) + len(ds.splits["val"]) == 1_115_394
+
+
+def test_a_corpus_too_short_to_split_is_rejected(tmp_path):
+    src = tmp_path / "short.txt"
+    src.write_text("abc")
+    with pytest.raises(ValueError, match="too few"):
+        prepare(src, tmp_path / "c")

@@ -162,3 +162,12 @@ def test_bad_inputs_are_rejected():
         m.generate(torch.zeros(0, dtype=torch.int64), 3)
     with pytest.raises(ValueError, match="head_dim"):
         SelectiveMixer(16, head_dim=7)
+
+
+def test_energy_of_the_causal_convolution_is_the_same_in_forward_and_step():
+    cfg = MARConfig(**{**BASE, "n_layers": 1, "spikes": None})
+    m = MARLM(cfg).eval()
+    mixer = m.layers[0].mixer
+    tokens = torch.randint(0, 20, (2, 5))
+    conv = {r.name: r for r in energy.profile(m, tokens).rows}["layers.0.mixer.conv"]
+    assert conv.macs == 2 * 5 * mixer.conv_channels * mixer.d_conv  # batch · L · channels · k

@@ -415,3 +415,17 @@ def test_functional_rejects_a_bad_threshold(bad, backend):
     p = ATMNParameters(v_threshold=torch.tensor([0.5, bad]), tau=2.0)
     with pytest.raises(ValueError, match="v_threshold"):
         atmn_multi_step(torch.randn(3, 4, 2), None, p, backend=backend)
+
+
+def test_half_precision_decode_does_not_overflow_for_many_micro_steps():
+    n = ATMN(tau=2.0, v_threshold=0.01)
+    x = torch.tensor([0.3, -0.2, 0.0])
+    full, _ = n.quantize(x, 17)
+    half, _ = n.quantize(x.half(), 17)
+    assert half.dtype == torch.float16 and torch.isfinite(half).all()
+    torch.testing.assert_close(half.float(), full, rtol=1e-3, atol=1e-3)
+
+
+def test_empty_time_axis_is_rejected_by_name():
+    with pytest.raises(ValueError, match=r"x_seq: expected at least one micro-step"):
+        ATMN(step_mode="m")(torch.zeros(0, 3))

@@ -232,6 +232,10 @@ def atmn_multi_step(
     if validate:
         check_parameters(p)
         check_input(x_seq, "x_seq", 2, p)
+        if x_seq.shape[0] == 0:
+            raise ValueError(
+                f"x_seq: expected at least one micro-step (T >= 1), got shape {tuple(x_seq.shape)}"
+            )
     cdtype = compute_dtype(x_seq.dtype)
     if v is not None and validate and v.shape != x_seq.shape[1:]:
         raise ValueError(
@@ -279,13 +283,15 @@ def atmn_decode(spikes: torch.Tensor, v_threshold: torch.Tensor, tau: float) -> 
         shape = tuple(spikes.shape) if isinstance(spikes, torch.Tensor) else type(spikes).__name__
         raise ValueError(f"spikes: expected [T, N, ...] with at least 2 dimensions, got {shape}")
     T = spikes.shape[0]
+    # τ^t overflows float16 from t = 16 at τ = 2: weight and sum in the compute dtype
+    dtype = compute_dtype(spikes.dtype)
     if math.isinf(tau):
-        weights = torch.zeros(T, dtype=spikes.dtype, device=spikes.device)
+        weights = torch.zeros(T, dtype=dtype, device=spikes.device)
         weights[0] = 1.0
     else:
-        weights = torch.tensor([tau**t for t in range(T)], dtype=spikes.dtype, device=spikes.device)
-    weighted = torch.tensordot(weights, spikes, dims=([0], [0]))
-    return v_threshold.to(spikes.dtype) * weighted
+        weights = torch.tensor([tau**t for t in range(T)], dtype=dtype, device=spikes.device)
+    weighted = torch.tensordot(weights, spikes.to(dtype), dims=([0], [0]))
+    return (v_threshold.to(dtype) * weighted).to(spikes.dtype)
 
 
 def atmn_quantize(

@@ -74,10 +74,11 @@ class SelectiveMixer(nn.Module):
         self.conv_channels = d_inner + 2 * d_state
         self.spike_in = spike_in if spike_in is not None else nn.Identity()
         self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + self.n_heads, bias=False)
+        # causal: the input is padded on the left only (in forward), so the convolution computes
+        # exactly L outputs, as step() does, and an energy count of forward and step agrees
         self.conv = nn.Conv1d(
-            self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels,
-            padding=d_conv - 1,
-        )  # fmt: skip
+            self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels
+        )
         # Mamba-2's initialisation: Δ spread log-uniformly over [1e-3, 1e-1], A over [1, 16]
         dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
@@ -120,7 +121,7 @@ class SelectiveMixer(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         L = u.shape[1]
         z, xbc, dt_raw = self._split(self.in_proj(self.spike_in(u)))
-        xbc = F.silu(self.conv(xbc.transpose(1, 2))[..., :L].transpose(1, 2))
+        xbc = F.silu(self.conv(F.pad(xbc.transpose(1, 2), (self.d_conv - 1, 0))).transpose(1, 2))
         x, a, B, C, dt = self._scan_inputs(xbc, dt_raw)
         y, _ = ssd_scan(x * dt[..., None], a, B, C, chunk_size=self.chunk_size)
         self._record_ops(u.shape[0] * L, conv=False)

@@ -23,6 +23,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._argtypes import finite_positive_float as _finite_positive_float
+from ._argtypes import int_at_least_1 as _int_at_least_1
+from ._argtypes import positive_float as _positive_float
+
 __all__ = ["build_parser", "main"]
 
 _NEURON_KINDS = ("atmn", "binary", "ternary-single")
@@ -30,39 +34,6 @@ _NEURON_KINDS = ("atmn", "binary", "ternary-single")
 
 class _UsageError(Exception):
     """A combination of arguments that argparse cannot check on its own."""
-
-
-# -- argument types: argparse turns ArgumentTypeError into "argument --X: <message>" -----------
-
-
-def _int_at_least_1(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
-    return value
-
-
-def _finite_positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
 
 
 # -- raster -------------------------------------------------------------------------------------
@@ -302,16 +273,6 @@ def _add_energy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 # -- train / generate -----------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
-
-
 def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
@@ -324,23 +285,23 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
     p.add_argument("--out", default="runs/model.pt", help="checkpoint path")
     p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    p.add_argument("--steps", type=_positive_int, default=2000)
-    p.add_argument("--batch-size", type=_positive_int, default=12)
-    p.add_argument("--L", type=_positive_int, default=64, help="tokens per training window")
+    p.add_argument("--steps", type=_int_at_least_1, default=2000)
+    p.add_argument("--batch-size", type=_int_at_least_1, default=12)
+    p.add_argument("--L", type=_int_at_least_1, default=64, help="tokens per training window")
     p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--eval-interval", type=_positive_int, default=250)
-    p.add_argument("--eval-iters", type=_positive_int, default=20)
+    p.add_argument("--eval-interval", type=_int_at_least_1, default=250)
+    p.add_argument("--eval-iters", type=_int_at_least_1, default=20)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--d-model", type=_positive_int, default=128)
-    p.add_argument("--n-layers", type=_positive_int, default=4)
-    p.add_argument("--n-heads", type=_positive_int, default=4, help="Transformer heads")
+    p.add_argument("--d-model", type=_int_at_least_1, default=128)
+    p.add_argument("--n-layers", type=_int_at_least_1, default=4)
+    p.add_argument("--n-heads", type=_int_at_least_1, default=4, help="Transformer heads")
     p.add_argument(
         "--layers",
         default=None,
         help="MAR mixer per layer, comma-separated from ssm,attn,lti (default: ssm)",
     )
-    p.add_argument("--T", type=_positive_int, default=4, help="ATMN micro-steps (mar)")
+    p.add_argument("--T", type=_int_at_least_1, default=4, help="ATMN micro-steps (mar)")
     p.add_argument("--tau", type=_positive_float, default=1.0, help="ATMN τ (mar)")
     p.add_argument("--v-threshold", type=_positive_float, default=0.5, help="initial V (mar)")
     p.add_argument("--no-progress", action="store_true")
@@ -385,9 +346,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     )
     p.add_argument("--checkpoint", required=True)
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=_positive_int, default=200)
+    p.add_argument("--max-new-tokens", type=_int_at_least_1, default=200)
     p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_positive_int, default=None)
+    p.add_argument("--top-k", type=_int_at_least_1, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.set_defaults(func=_run_generate)
     return p

@@ -22,22 +22,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._argtypes import int_at_least_1 as _int_at_least_1
 from .counter import _DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model
 from .hardware import available_profiles, get_profile
 from .report import compare
 
 __all__ = ["add_energy_arguments", "energy_main"]
-
-
-def _int_at_least_1(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
 
 
 def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:

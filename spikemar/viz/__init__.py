@@ -5,30 +5,5 @@ Everything draws on matplotlib Axes through the object API (Agg canvas, no pyplo
 :func:`save_figure` writes a figure atomically. See :mod:`spikemar.viz.plots`.
 """
 
-from .plots import (
-    NEG_COLOR,
-    POS_COLOR,
-    FiringRates,
-    firing_rates,
-    layer_firing_rates,
-    membrane_trace,
-    new_figure,
-    plot_firing_rates,
-    plot_layer_firing_rates,
-    raster,
-    save_figure,
-)
-
-__all__ = [
-    "NEG_COLOR",
-    "POS_COLOR",
-    "FiringRates",
-    "firing_rates",
-    "layer_firing_rates",
-    "membrane_trace",
-    "new_figure",
-    "plot_firing_rates",
-    "plot_layer_firing_rates",
-    "raster",
-    "save_figure",
-]
+from .plots import *  # noqa: F403  (the public names are those of plots.__all__)
+from .plots import __all__ as __all__

@@ -6,7 +6,7 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["finite_positive_float", "int_at_least_1", "positive_float"]
+__all__ = ["finite_positive_float", "int_at_least_1", "non_negative_float", "positive_float"]
 
 
 def int_at_least_1(text: str) -> int:
@@ -36,4 +36,14 @@ def finite_positive_float(text: str) -> float:
         value = math.nan
     if not (math.isfinite(value) and value > 0):
         raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
+    return value
+
+
+def non_negative_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
     return value

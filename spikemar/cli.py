@@ -377,6 +377,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- distill ------------------------------------------------------------------------------------
+
+
+def _add_distill(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .distill.cli import add_distill_arguments, distill_main
+
+    p = subparsers.add_parser(
+        "distill",
+        help="MAR distillation: stage 1 (Transformer → dense SSM), stage 2 (dense → spiking)",
+        description="Distil a student from a teacher checkpoint with the SBDS loss, with a "
+        "progress bar, validation and checkpoints; --resume continues exactly; runs under "
+        "torchrun (DistributedDataParallel) unchanged.",
+    )
+    add_distill_arguments(p)
+    p.set_defaults(func=distill_main)
+    return p
+
+
 # -- the command line ---------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
@@ -384,6 +402,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     _add_train,
     _add_generate,
     _add_energy,
+    _add_distill,
 )
 
 

@@ -322,6 +322,22 @@ def test_low_precision_runs_in_float32(dtype):
     assert_close(h, h32.to(dtype), rtol=0, atol=0)
 
 
+def test_autocast_runs_the_scan_in_float32_or_wider_and_keeps_gradients():
+    inputs = make_inputs(L=40, initial_state=True, dtype=torch.float32)
+    inputs["B"] = inputs["B"].bfloat16()  # what a projection hands over under autocast
+    leaves = {k: v.detach().requires_grad_() for k, v in inputs.items()}
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y, h = ssd_scan(**leaves)
+    assert y.dtype == h.dtype == torch.float32
+    y_ref, h_ref = ssd_scan(**{k: v.float() for k, v in inputs.items()})
+    assert_close(y, y_ref, rtol=0, atol=0)
+    assert_close(h, h_ref, rtol=0, atol=0)
+    (y.sum() + h.sum()).backward()
+    assert leaves["B"].grad.dtype == torch.bfloat16 and leaves["x"].grad.dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert ssd_scan(**make_inputs(L=5))[0].dtype == torch.float64  # never narrower
+
+
 # -- bad inputs ------------------------------------------------------------------------------------
 
 

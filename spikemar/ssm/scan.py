@@ -63,6 +63,7 @@ Mamba-2. They are broadcast to the heads (no saving in compute).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import torch
@@ -173,7 +174,17 @@ def ssd_scan(
     float32 and float64 are computed in their own precision; float16 and bfloat16 in float32, cast
     back. All inputs must share one dtype and device. Differentiable (first order; a backward
     with ``create_graph=True`` raises) with respect to every input, including ``initial_state``.
+    Under autocast (where projections hand over bfloat16 beside float32) the scan runs with
+    autocast off in the widest of the inputs' dtypes and float32, as Mamba's does.
     """
+    if isinstance(x, Tensor) and torch.is_autocast_enabled(x.device.type):
+        given = [t for t in (x, a, B, C, initial_state) if isinstance(t, Tensor)]
+        wide = functools.reduce(torch.promote_types, (t.dtype for t in given), torch.float32)
+        with torch.autocast(x.device.type, enabled=False):
+            x, a, B, C, initial_state = (
+                t.to(wide) if isinstance(t, Tensor) else t for t in (x, a, B, C, initial_state)
+            )
+            return ssd_scan(x, a, B, C, initial_state, chunk_size=chunk_size)
     _check_sequence(x, a, B, C, initial_state)
     if chunk_size is None:
         chunk_size = default_chunk_size(x.shape[3], B.shape[3])

@@ -1,0 +1,102 @@
+"""``spikemar distill --stage 1|2``: MAR's distillation stages from the command line.
+
+The command's two halves, for :mod:`spikemar.cli` to wire in: :func:`add_distill_arguments`
+declares the options, :func:`distill_main` runs them and returns an exit code. Runs under
+``torchrun`` unchanged (DistributedDataParallel; the batch is the global batch).
+"""
+
+from __future__ import annotations
+
+import argparse
+from typing import Any
+
+from .._argtypes import int_at_least_1, non_negative_float, positive_float
+
+__all__ = ["add_distill_arguments", "distill_main"]
+
+
+def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar distill`` on ``parser``."""
+    p = parser
+    p.add_argument("--stage", type=int, choices=(1, 2), required=True,
+                   help="1: Transformer → dense SSM; 2: dense SSM → spiking MAR")  # fmt: skip
+    p.add_argument("--teacher", required=True,
+                   help="the teacher: a spikemar checkpoint, or a local Hugging Face model "
+                        "directory (never downloaded)")  # fmt: skip
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--out", default="runs/student.pt", help="the student's checkpoint")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--steps", type=int_at_least_1, default=2000)
+    p.add_argument("--batch-size", type=int_at_least_1, default=12, help="the global batch")
+    p.add_argument("--L", type=int_at_least_1, default=64, help="tokens per training window")
+    p.add_argument("--lr", type=positive_float, default=1e-3)
+    p.add_argument("--warmup", type=int, default=100)
+    p.add_argument("--eval-interval", type=int_at_least_1, default=250)
+    p.add_argument("--eval-iters", type=int_at_least_1, default=20)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
+    loss = p.add_argument_group("SBDS loss")
+    loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")
+    loss.add_argument("--beta", type=non_negative_float, default=0.7, help="reverse KL weight")
+    loss.add_argument("--temperature", type=positive_float, default=1.0)
+    loss.add_argument("--feature", choices=("prenorm", "postnorm", "none"), default="prenorm",
+                      help="hidden-state alignment term (none: off)")  # fmt: skip
+    loss.add_argument("--ce", type=non_negative_float, default=0.0,
+                      help="weight of plain next-token cross-entropy")  # fmt: skip
+    loss.add_argument("--align-steps", type=int, default=None,
+                      help="stage 1: steps of teacher-forced hidden-state alignment before "
+                           "distillation (default: a quarter of --steps)")  # fmt: skip
+    student = p.add_argument_group("student")
+    student.add_argument("--d-model", type=int_at_least_1, default=None,
+                         help="stage 1: student width (default: the teacher's)")  # fmt: skip
+    student.add_argument("--d-state", type=int_at_least_1, default=None)
+    student.add_argument("--head-dim", type=int_at_least_1, default=None)
+    student.add_argument("--neuron", choices=("atmn", "binary", "ternary-single"), default=None,
+                         help="stage 2: spiking neuron (default atmn)")  # fmt: skip
+    student.add_argument("--T", type=int_at_least_1, default=None, help="stage 2: micro-steps")
+    student.add_argument("--tau", type=positive_float, default=None, help="stage 2: ATMN τ")
+    student.add_argument("--v-threshold", type=positive_float, default=None,
+                         help="stage 2: initial threshold V₀")  # fmt: skip
+    student.add_argument("--no-init-from-teacher", action="store_true",
+                         help="start the student from random weights")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def distill_main(args: argparse.Namespace) -> int:
+    from .trainer import DistillConfig, distill
+
+    student: dict[str, Any] = {}
+    for name in ("d_model", "d_state", "head_dim"):
+        if getattr(args, name) is not None:
+            student[name] = getattr(args, name)
+    spikes = {k: getattr(args, k) for k in ("neuron", "T", "tau", "v_threshold")
+              if getattr(args, k) is not None}  # fmt: skip
+    if spikes:
+        if args.stage == 1:
+            args._parser.error("--neuron/--T/--tau/--v-threshold: stage 1's student is dense")
+        student["spikes"] = spikes
+    try:
+        config = DistillConfig(
+            stage=args.stage, teacher=args.teacher, data=args.data, out=args.out,
+            steps=args.steps, batch_size=args.batch_size, L=args.L, lr=args.lr,
+            min_lr=args.lr / 10, warmup=args.warmup, eval_interval=args.eval_interval,
+            eval_iters=args.eval_iters, seed=args.seed, device=args.device, amp=args.amp,
+            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
+            feature=None if args.feature == "none" else args.feature, ce=args.ce,
+            align_steps=args.align_steps, student_config=student,
+            init_from_teacher=not args.no_init_from_teacher,
+        )  # fmt: skip
+        result = distill(config, resume=args.resume, progress=not args.no_progress)
+    except (ValueError, FileNotFoundError) as err:
+        args._parser.error(str(err))
+    except KeyboardInterrupt:
+        return 130
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} nats/char "
+              f"(teacher {result['teacher_val']:.4f})")  # fmt: skip
+    return 0

@@ -1,0 +1,323 @@
+"""The distillation trainer: MAR's two stages on the loop of :mod:`spikemar.training`.
+
+**Stage 1** (attention → SSM): a Transformer teacher (a spikemar checkpoint, or a local Hugging
+Face causal LM) teaches a dense SSM student (``mar-dense``). MOHAWK-like, in two phases:
+
+1. *Weight transfer*: every student tensor with a same-named, same-shaped teacher tensor is
+   copied (embedding, norms, FFNs, head; ``blocks.j`` ↔ ``layers.j``). Mixers start fresh.
+2. *Hidden-state alignment* (the first ``align_steps`` steps): each student layer j is fed the
+   teacher's residual stream entering layer j and trained to produce the teacher's stream
+   entering layer j+1 (teacher forcing, so all layers learn at once and errors do not compound):
+   ``mean_j ‖layer_j(h^T_j) − h^T_{j+1}‖₂``, averaged over positions.
+3. *Distillation* (the remaining steps): the SBDS loss on the student's own forward pass.
+
+**Stage 2** (dense → spiking): a dense teacher (normally the stage-1 student) teaches a spiking
+MAR student with the same architecture, initialised from the teacher's weights (only the spike
+thresholds are new), with the SBDS loss: ``alpha·KL(p‖q) + beta·KL(q‖p)`` on logits plus the
+pre-norm (or post-norm) feature term, normalised as in :mod:`spikemar.distill.losses`.
+
+``ce`` adds ``ce · cross-entropy`` on the data's next tokens to either stage (0 by default, as in
+the paper). Checkpoints hold the student (a normal spikemar checkpoint: ``spikemar generate``,
+``energy`` and ``train --resume`` read it) plus the distillation state, so ``resume=True``
+continues exactly; the teacher is reloaded from the path saved in the configuration.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..checkpoint import build_model, load_checkpoint, model_config_dict
+from ..data import TokenDataset
+from ..models import MARLM, TransformerLM
+from ..training import LoopConfig, Objective, evaluate, read_resume_state, run_training
+from .losses import FeatureProjection, sbds_loss
+
+__all__ = ["DistillConfig", "DistillObjective", "Teacher", "distill", "transfer_weights"]
+
+FEATURES = ("prenorm", "postnorm", None)
+
+
+@dataclass
+class DistillConfig(LoopConfig):
+    stage: int = 2
+    teacher: str = ""  # a spikemar checkpoint, or a Hugging Face model directory
+    student_config: dict[str, Any] = field(default_factory=dict)  # overrides of the student's
+    alpha: float = 0.2  # forward KL(teacher ‖ student)
+    beta: float = 0.7  # reverse KL(student ‖ teacher)
+    temperature: float = 1.0
+    feature: str | None = "prenorm"  # 'prenorm', 'postnorm' or None
+    ce: float = 0.0  # weight of the plain next-token cross-entropy
+    align_steps: int | None = None  # stage 1: hidden-state alignment steps; None: steps // 4
+    init_from_teacher: bool = True
+    out: str = "runs/student.pt"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.stage not in (1, 2) or isinstance(self.stage, bool):
+            raise ValueError(f"stage: expected 1 (attention → SSM) or 2 (dense → spiking), "
+                             f"got {self.stage!r}")  # fmt: skip
+        if not self.teacher:
+            raise ValueError("teacher: expected the path of the teacher's checkpoint")
+        if self.alpha < 0 or self.beta < 0 or self.ce < 0 or not self.temperature > 0:
+            raise ValueError(
+                f"alpha, beta, ce, temperature: expected >= 0, >= 0, >= 0, > 0; got {self.alpha},"
+                f" {self.beta}, {self.ce}, {self.temperature}"
+            )
+        if self.feature not in FEATURES:
+            raise ValueError(f"feature: expected one of {FEATURES}, got {self.feature!r}")
+        if self.alpha == self.beta == self.ce == 0 and self.feature is None:
+            raise ValueError("alpha, beta, ce, feature: every loss term is switched off")
+        if self.align_steps is None:
+            self.align_steps = self.steps // 4 if self.stage == 1 else 0
+        if self.align_steps < 0 or self.align_steps > self.steps:
+            raise ValueError(f"align_steps: expected 0 ... steps ({self.steps}), "
+                             f"got {self.align_steps}")  # fmt: skip
+        if self.stage == 2 and self.align_steps:
+            raise ValueError("align_steps: hidden-state alignment belongs to stage 1")
+
+
+class Teacher(nn.Module):
+    """A frozen teacher. ``teacher(tokens)`` → logits; ``teacher.stream(tokens)`` → ``(logits,
+    states)``, the residual stream entering each layer and, for spikemar models, leaving the
+    last one (n_layers + 1 states; a Hugging Face model gives the n entering states)."""
+
+    def __init__(self, model: nn.Module, source: str, tokenizer=None) -> None:
+        super().__init__()
+        self.model = model.eval().requires_grad_(False)
+        self.source, self.tokenizer = source, tokenizer
+        self.hf = not isinstance(model, MARLM | TransformerLM)
+        if self.hf:
+            c = model.config
+            self.vocab_size, self.n_layers, self.width = (c.vocab_size, c.num_hidden_layers,
+                                                          c.hidden_size)  # fmt: skip
+            self.max_len = getattr(c, "max_position_embeddings", None)
+        else:
+            c = model.config
+            self.vocab_size, self.n_layers, self.width = c.vocab_size, c.n_layers, c.d_model
+            self.max_len = c.max_len if isinstance(model, TransformerLM) else None
+
+    @classmethod
+    def load(cls, path: str, device: str = "cpu") -> Teacher:
+        """A spikemar checkpoint file, or a local Hugging Face model directory (never
+        downloads)."""
+        p = Path(path)
+        if p.is_dir():
+            if not (p / "config.json").is_file():
+                raise FileNotFoundError(f"teacher: {p} is a folder without a config.json "
+                                        "(not a Hugging Face model directory)")  # fmt: skip
+            model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
+            return cls(model.to(device), str(p))
+        if not p.is_file():
+            raise FileNotFoundError(f"teacher: no checkpoint at {p}")
+        model, tokenizer, _ = load_checkpoint(p, map_location=device)
+        return cls(model, str(p), tokenizer)
+
+    @property
+    def layers(self) -> nn.ModuleList:
+        return self.model.blocks if isinstance(self.model, TransformerLM) else self.model.layers
+
+    def train(self, mode: bool = True) -> Teacher:
+        return super().train(False)  # always frozen, always in eval mode
+
+    @torch.no_grad()
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        return self.stream(tokens)[0]
+
+    @torch.no_grad()
+    def stream(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        if self.hf:
+            out = self.model(input_ids=tokens, output_hidden_states=True)
+            return out.logits, list(out.hidden_states[: self.n_layers])
+        last: list[torch.Tensor] = []
+        hook = self.layers[-1].register_forward_hook(lambda m, i, o: last.append(o))
+        try:
+            logits, states = self.model(tokens, return_hidden=True)
+        finally:
+            hook.remove()
+        return logits, [*states, last[0]]
+
+    @torch.no_grad()
+    def postnorm(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
+        return [layer.norm1(h) for layer, h in zip(self.layers, states, strict=False)]
+
+
+def _auto_causal_lm():
+    """transformers' AutoModelForCausalLM, kept away from torchvision.
+
+    spikingjelly's metadata pulls a CUDA torchvision build that cannot load beside CPU torch
+    ("operator torchvision::nms does not exist"); transformers imports torchvision whenever it
+    is installed, which breaks every model class. A language-model teacher needs none of it, so
+    transformers is told torchvision is absent before any model module loads.
+    """
+    try:
+        from transformers.utils import import_utils
+    except ImportError as err:
+        raise ImportError("teacher: a Hugging Face teacher needs `transformers` "
+                          "(pip install 'spikemar[hf]')") from err  # fmt: skip
+    import_utils._torchvision_available = False
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM
+
+
+def transfer_weights(teacher: nn.Module, student: nn.Module) -> dict[str, list[str]]:
+    """Copy every teacher tensor whose name (``blocks.`` read as ``layers.``) and shape match a
+    student tensor; returns the names ``copied`` and the student's ``kept`` (left as they were)."""
+    source = {k.replace("blocks.", "layers.", 1): v for k, v in teacher.state_dict().items()}
+    target = student.state_dict()
+    copied = [k for k, v in target.items() if k in source and source[k].shape == v.shape]
+    with torch.no_grad():
+        for k in copied:
+            target[k].copy_(source[k])
+    return {"copied": copied, "kept": [k for k in target if k not in copied]}
+
+
+class DistillObjective(Objective):
+    """Stage 1's alignment phase and SBDS for both stages (see the module docstring)."""
+
+    find_unused_parameters = True  # the alignment phase leaves embedding and head unused
+
+    def __init__(self, student: MARLM, teacher: Teacher, config: DistillConfig) -> None:
+        super().__init__(student)
+        self.teacher, self.config = teacher, config
+        widths = [student.config.d_model] * student.config.n_layers
+        needs_layers = config.feature is not None or config.align_steps
+        if needs_layers and student.config.n_layers != teacher.n_layers:
+            raise ValueError(
+                f"student_config: {student.config.n_layers} student layers cannot be aligned with "
+                f"the teacher's {teacher.n_layers}; use equally many layers, or feature=None "
+                "and align_steps=0"
+            )
+        if config.align_steps and student.config.d_model != teacher.width:
+            raise ValueError(f"align_steps: alignment feeds the teacher's stream (width "
+                             f"{teacher.width}) to the student's layers (width "
+                             f"{student.config.d_model}); use equal widths")  # fmt: skip
+        if config.feature == "postnorm" and teacher.hf:
+            raise ValueError("feature: 'postnorm' needs a spikemar teacher (it applies the "
+                             "teacher's layer norms)")  # fmt: skip
+        self.projection = None
+        if config.feature is not None and student.config.d_model != teacher.width:
+            self.projection = FeatureProjection(widths, [teacher.width] * len(widths))
+        spikes = student.config.spikes
+        self.T = spikes.T if spikes is not None else 1
+        self.aligning = False
+
+    def train(self, mode: bool = True) -> DistillObjective:
+        super().train(mode)
+        self.teacher.train(False)
+        return self
+
+    def begin_step(self, step: int) -> None:
+        self.aligning = step < self.config.align_steps
+
+    def forward(self, x: torch.Tensor, y: torch.Tensor):
+        t_logits, t_states = self.teacher.stream(x)
+        if self.aligning:
+            targets = t_states[1:]
+            loss = sum(
+                (layer(h) - target).float().norm(dim=-1).mean()
+                for layer, h, target in zip(self.model.layers, t_states, targets, strict=False)
+            ) / len(targets)
+            return loss, {"align": loss.detach()}
+        c = self.config
+        s_logits, s_states = self.model(x, return_hidden=True)
+        t_states = t_states[: len(s_states)]
+        if c.feature == "postnorm":
+            layers = self.model.layers
+            s_states = [layer.norm1(h) for layer, h in zip(layers, s_states, strict=True)]
+            t_states = self.teacher.postnorm(t_states)
+        terms = sbds_loss(
+            s_logits, t_logits, s_states if c.feature else None, t_states if c.feature else None,
+            T=self.T, alpha=c.alpha, beta=c.beta, temperature=c.temperature,
+            feature=c.feature, projection=self.projection,
+        )  # fmt: skip
+        loss, shown = terms.loss, {"fkl": terms.forward_kl, "rkl": terms.reverse_kl}
+        if c.feature:
+            shown["feat"] = terms.feature
+        if c.ce:
+            ce = F.cross_entropy(s_logits.flatten(0, 1).float(), y.flatten())
+            loss = loss + c.ce * ce
+            shown["ce"] = ce.detach()
+        return loss, shown
+
+    def extra_state(self) -> dict[str, Any]:
+        return {} if self.projection is None else {"projection": self.projection.state_dict()}
+
+    def load_extra(self, state: dict[str, Any]) -> None:
+        if self.projection is not None:
+            self.projection.load_state_dict(state["projection"])
+
+
+def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> MARLM:
+    """Stage 1: a dense SSM LM shaped like the teacher, with the transferable weights copied.
+    Stage 2: a spiking MAR LM with the teacher's architecture and weights."""
+    overrides = dict(config.student_config)
+    if config.stage == 1:
+        base = {"vocab_size": vocab_size, "d_model": teacher.width, "n_layers": teacher.n_layers}
+        student = build_model("mar-dense", {**base, **overrides})
+        if config.init_from_teacher and not teacher.hf:
+            transfer_weights(teacher.model, student)
+        return student
+    if not isinstance(teacher.model, MARLM):
+        if config.init_from_teacher:
+            raise ValueError(
+                f"teacher: stage 2 initialises the student from a dense SSM teacher (mar-dense);"
+                f" {teacher.source} is a {type(teacher.model).__name__} (pass "
+                "init_from_teacher=False to start from random weights)"
+            )
+        base = {"vocab_size": vocab_size, "d_model": teacher.width, "n_layers": teacher.n_layers}
+    else:
+        base = model_config_dict(teacher.model)
+    spikes = {**(base.get("spikes") or {}), **overrides.pop("spikes", {})}
+    student = build_model("mar", {**base, **overrides, "spikes": spikes})
+    if config.init_from_teacher:
+        try:
+            missing, unexpected = student.load_state_dict(teacher.model.state_dict(), strict=False)
+        except RuntimeError as err:
+            raise ValueError(f"student_config: the student must keep the teacher's shapes to "
+                             f"start from its weights ({err})") from err  # fmt: skip
+        new = [k for k in missing if not k.endswith("neuron.a")]
+        if new or unexpected:
+            raise ValueError(f"student_config: the student's parameters do not match the "
+                             f"teacher's (missing {new}, unexpected {unexpected})")  # fmt: skip
+    return student
+
+
+def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
+    and the teacher's validation loss on the same batches."""
+    data = TokenDataset.from_text_file(config.data)
+    torch.manual_seed(config.seed)
+    teacher = Teacher.load(config.teacher, config.device)
+    if teacher.vocab_size != data.vocab_size or (
+        teacher.tokenizer is not None and teacher.tokenizer != data.tokenizer
+    ):
+        raise ValueError(
+            f"teacher: its vocabulary ({teacher.vocab_size} ids) differs from the data's "
+            f"({data.vocab_size} characters); teacher and student must share one vocabulary"
+        )
+    if teacher.max_len is not None and config.L > teacher.max_len:
+        raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")
+    state = None
+    if resume:
+        student, state = read_resume_state(Path(config.out), data.tokenizer, config.device)
+        saved = state.get("distill", {})
+        if saved.get("stage") != config.stage:
+            raise ValueError(f"resume: {config.out} was written by stage {saved.get('stage')}, "
+                             f"not stage {config.stage}")  # fmt: skip
+        teacher_val = saved["teacher_val"]
+    else:
+        student = build_student(teacher, config, data.vocab_size)
+        teacher_val = evaluate(teacher, data, config)["val"]
+    objective = DistillObjective(student.to(config.device), teacher, config)
+    info = {"distill": {"stage": config.stage, "teacher": teacher.source,
+                        "teacher_val": teacher_val}}  # fmt: skip
+    result = run_training(config, objective, data, state=state, progress=progress,
+                          desc=f"distill stage {config.stage}", checkpoint_info=info)  # fmt: skip
+    return {**result, "teacher_val": teacher_val}

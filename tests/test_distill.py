@@ -1,0 +1,243 @@
+"""The distillation trainer: both stages, weight transfer, resume bit for bit, DDP == 1 process,
+a Hugging Face teacher, and bad configurations named."""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from spikemar.checkpoint import build_model, load_checkpoint
+from spikemar.cli import main
+from spikemar.data import TokenDataset
+from spikemar.distill import DistillConfig, DistillObjective, Teacher, distill, transfer_weights
+from spikemar.training import TrainConfig, train
+
+TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
+SSM = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
+
+
+@pytest.fixture
+def corpus(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache goes under ~/.cache
+    path = tmp_path / "romeo.txt"
+    path.write_text(TEXT)
+    return path
+
+
+def loop(corpus, out, **kw) -> dict:
+    base = {"data": str(corpus), "out": str(out), "steps": 6, "batch_size": 4, "L": 16,
+            "eval_interval": 3, "eval_iters": 1, "warmup": 2}  # fmt: skip
+    return {**base, **kw}
+
+
+@pytest.fixture
+def transformer_ckpt(corpus, tmp_path):
+    out = tmp_path / "transformer.pt"
+    shape = {"d_model": 16, "n_layers": 2, "n_heads": 2}
+    cfg = TrainConfig(**loop(corpus, out, steps=4, model="transformer", model_config=shape))
+    train(cfg, progress=False)
+    return out
+
+
+@pytest.fixture
+def dense_ckpt(corpus, tmp_path):
+    out = tmp_path / "dense.pt"
+    train(TrainConfig(**loop(corpus, out, steps=4, model="mar-dense", model_config=SSM)),
+          progress=False)  # fmt: skip
+    return out
+
+
+def test_stage1_transfers_weights_and_alignment_trains_each_layer_on_the_teachers_stream(
+    corpus, transformer_ckpt
+):
+    teacher = Teacher.load(str(transformer_ckpt))
+    student = build_model("mar-dense", {"vocab_size": teacher.vocab_size, **SSM})
+    report = transfer_weights(teacher.model, student)
+    assert "embed.weight" in report["copied"] and "layers.1.ffn.down.weight" in report["copied"]
+    assert "head.weight" in report["copied"] and "layers.0.norm1.weight" in report["copied"]
+    assert all("mixer" in k for k in report["kept"])
+    assert torch.equal(student.layers[1].ffn.up.weight, teacher.model.blocks[1].ffn.up.weight)
+
+    cfg = DistillConfig(**loop(corpus, "unused.pt", stage=1, teacher=str(transformer_ckpt)))
+    objective = DistillObjective(student, teacher, cfg)
+    objective.begin_step(0)
+    assert objective.aligning  # the first quarter of the steps
+    x, y = TokenDataset.from_text_file(str(corpus)).batch("train", 4, 16)
+    _, states = teacher.stream(x)
+    assert len(states) == 3  # entering layers 0 and 1, leaving layer 1
+    loss, _ = objective(x, y)
+    expected = sum((student.layers[j](states[j]) - states[j + 1]).norm(dim=-1).mean()
+                   for j in range(2)) / 2  # fmt: skip
+    torch.testing.assert_close(loss, expected)
+    optimizer = torch.optim.Adam(student.parameters(), lr=1e-2)
+    for _ in range(15):
+        optimizer.zero_grad()
+        objective(x, y)[0].backward()
+        optimizer.step()
+    assert objective(x, y)[0] < 0.8 * loss
+    objective.begin_step(cfg.align_steps)
+    assert not objective.aligning and set(objective(x, y)[1]) == {"fkl", "rkl", "feat"}
+
+
+def test_stage2_student_starts_as_the_teacher_and_matches_it_with_fine_spikes(
+    corpus, dense_ckpt
+):
+    teacher = Teacher.load(str(dense_ckpt))
+    fine = {"spikes": {"T": 64, "v_threshold": 0.1}}
+    cfg = DistillConfig(**loop(corpus, "unused.pt", stage=2, teacher=str(dense_ckpt),
+                               student_config=fine))  # fmt: skip
+    from spikemar.distill.trainer import build_student
+
+    student = build_student(teacher, cfg, teacher.vocab_size)
+    assert student.config.spikes.T == 64 and student.config.d_state == SSM["d_state"]
+    for name, value in teacher.model.state_dict().items():
+        assert torch.equal(student.state_dict()[name], value), name
+    x, y = TokenDataset.from_text_file(str(corpus)).batch("val", 4, 16)
+    with torch.no_grad():
+        terms = DistillObjective(student, teacher, cfg)(x, y)[1]
+    # a count code of resolution V = 0.1 and range 6.5 (summed over the 16 positions)
+    assert terms["fkl"] < 5e-3 and terms["rkl"] < 5e-3
+    coarse = DistillConfig(**{**vars(cfg), "student_config": {"spikes": {"T": 1}}})
+    with torch.no_grad():
+        rough = DistillObjective(build_student(teacher, coarse, 65), teacher, coarse)(x, y)[1]
+    assert rough["fkl"] > 10 * terms["fkl"]
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
+    corpus, tmp_path, monkeypatch, transformer_ckpt, dense_ckpt, stage
+):
+    # stage 1 crosses from alignment into distillation; stage 2 trains a feature projection
+    # (a student narrower than the teacher, from random weights) that must be restored too
+    if stage == 1:
+        extra = {"stage": 1, "teacher": str(transformer_ckpt), "align_steps": 2,
+                 "student_config": {"d_state": 4, "head_dim": 8}}  # fmt: skip
+    else:
+        extra = {"stage": 2, "teacher": str(dense_ckpt), "init_from_teacher": False,
+                 "student_config": {"d_model": 8, "head_dim": 4}}  # fmt: skip
+    distill(DistillConfig(**loop(corpus, tmp_path / "a.pt", **extra)), progress=False)
+    reference = load_checkpoint(tmp_path / "a.pt")[2]
+
+    calls = {"n": 0}
+    original = TokenDataset.batch
+
+    def interrupting_batch(self, split, *args, **kwargs):
+        if split == "train":
+            calls["n"] += 1
+            if calls["n"] == 6:  # 1: the teacher's evaluation; 2-4: steps 1-3; 5: evaluation
+                raise KeyboardInterrupt
+        return original(self, split, *args, **kwargs)
+
+    monkeypatch.setattr(TokenDataset, "batch", interrupting_batch)
+    with pytest.raises(KeyboardInterrupt):
+        distill(DistillConfig(**loop(corpus, tmp_path / "b.pt", **extra)), progress=False)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"] == 3
+    monkeypatch.setattr(TokenDataset, "batch", original)
+    distill(DistillConfig(**loop(corpus, tmp_path / "b.pt", **extra)), resume=True,
+            progress=False)  # fmt: skip
+    resumed = load_checkpoint(tmp_path / "b.pt")[2]
+    for name, value in reference["model"].items():
+        assert torch.equal(value, resumed["model"][name]), name
+    assert reference["train"]["history"] == resumed["train"]["history"]
+    if stage == 2:
+        projection = reference["train"]["objective"]["projection"]
+        assert projection and all(torch.equal(v, resumed["train"]["objective"]["projection"][k])
+                                  for k, v in projection.items())  # fmt: skip
+
+
+def test_ddp_with_two_cpu_processes_equals_one_process_on_the_same_global_batch(
+    corpus, tmp_path, dense_ckpt
+):
+    args = ["distill", "--stage", "2", "--teacher", str(dense_ckpt), "--data", str(corpus),
+            "--steps", "4", "--batch-size", "4", "--L", "16", "--eval-interval", "2",
+            "--eval-iters", "1", "--warmup", "2", "--no-progress"]  # fmt: skip
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": os.environ["HOME"]}
+    one = subprocess.run([sys.executable, "-m", "spikemar", *args, "--out", str(tmp_path / "1.pt")],
+                         env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "spikemar", *args, "--out", str(tmp_path / "2.pt")],
+        env=env, capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr
+    a, b = (load_checkpoint(tmp_path / f"{n}.pt")[2] for n in (1, 2))
+    for h1, h2 in zip(a["train"]["history"], b["train"]["history"], strict=True):
+        assert h1["val"] == pytest.approx(h2["val"], rel=1e-5)
+    for name, value in a["model"].items():
+        torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+
+
+def test_a_hugging_face_teacher_from_a_local_directory(corpus, tmp_path):
+    pytest.importorskip("transformers")
+    from spikemar.distill.trainer import _auto_causal_lm  # transformers without torchvision
+
+    _auto_causal_lm()
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=TokenDataset.from_text_file(str(corpus)).vocab_size, hidden_size=16,
+        intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=2, max_position_embeddings=64,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "llama")
+    teacher = Teacher.load(str(tmp_path / "llama"))
+    assert teacher.hf and (teacher.vocab_size, teacher.n_layers, teacher.width) == (
+        config.vocab_size, 2, 16)  # fmt: skip
+    x = torch.randint(0, config.vocab_size, (2, 8))
+    logits, states = teacher.stream(x)
+    assert logits.shape == (2, 8, config.vocab_size) and len(states) == 2
+    result = distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", stage=1,
+                                          teacher=str(tmp_path / "llama"), steps=4,
+                                          student_config={"d_state": 4, "head_dim": 8})),
+                     progress=False)  # fmt: skip
+    assert result["best_val"] < 10 and load_checkpoint(tmp_path / "s.pt")[2]["kind"] == "mar-dense"
+    config.vocab_size = 70
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
+    with pytest.raises(ValueError, match="vocabulary"):
+        distill(DistillConfig(**loop(corpus, tmp_path / "w.pt", stage=1,
+                                     teacher=str(tmp_path / "wide"))), progress=False)  # fmt: skip
+
+
+def test_bfloat16_autocast_runs_a_spiking_student(corpus, tmp_path, dense_ckpt):
+    cfg = loop(corpus, tmp_path / "bf.pt", stage=2, amp="bf16", teacher=str(dense_ckpt), steps=3)
+    result = distill(DistillConfig(**cfg), progress=False)
+    assert torch.isfinite(torch.tensor(result["best_val"]))
+
+
+def test_bad_distillation_requests_are_named(corpus, tmp_path, transformer_ckpt, dense_ckpt):
+    with pytest.raises(ValueError, match="stage"):
+        DistillConfig(stage=3, teacher="t.pt")
+    with pytest.raises(ValueError, match="teacher"):
+        DistillConfig(stage=2)
+    with pytest.raises(ValueError, match="every loss term"):
+        DistillConfig(teacher="t.pt", alpha=0, beta=0, feature=None)
+    with pytest.raises(ValueError, match="align_steps"):
+        DistillConfig(stage=2, teacher="t.pt", align_steps=3)
+    with pytest.raises(FileNotFoundError, match="teacher"):
+        distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", teacher=str(tmp_path / "no.pt"))))
+    other = tmp_path / "other.txt"  # a different character set: a different vocabulary
+    other.write_text("abcdefghij klmnop\n" * 100)
+    with pytest.raises(ValueError, match="vocabular"):
+        distill(DistillConfig(**loop(other, tmp_path / "s.pt", teacher=str(dense_ckpt))))
+    with pytest.raises(ValueError, match="mar-dense"):  # stage 2 starts from a dense SSM
+        distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", teacher=str(transformer_ckpt))))
+    with pytest.raises(ValueError, match="max_len"):
+        distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", stage=1, L=32,
+                                     teacher=str(transformer_ckpt))))  # fmt: skip
+    with pytest.raises(ValueError, match="layers"):
+        distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", stage=1,
+                                     teacher=str(transformer_ckpt),
+                                     student_config={"n_layers": 3})))  # fmt: skip
+    with pytest.raises(FileNotFoundError, match="resume"):
+        distill(DistillConfig(**loop(corpus, tmp_path / "none.pt", teacher=str(dense_ckpt))),
+                resume=True)  # fmt: skip
+    with pytest.raises(SystemExit):
+        main(["distill", "--stage", "4", "--teacher", str(dense_ckpt)])
+    with pytest.raises(SystemExit):
+        main(["distill", "--stage", "1", "--teacher", str(transformer_ckpt), "--T", "4"])
+    with pytest.raises(SystemExit):
+        main(["distill", "--stage", "2", "--teacher", str(tmp_path / "missing.pt")])

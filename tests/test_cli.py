@@ -78,7 +78,7 @@ def test_raster_summary_counts_the_spikes(capsys, tmp_path):
         (["raster", "--neuron", "lif"], "argument --neuron: invalid choice: 'lif'"),
         (["raster", "--neuron", "ternary-single", "--tau", "2"], "argument --tau: ternary-single"),
         ([], "COMMAND"),
-        (["distill"], "invalid choice: 'distill'"),
+        (["compile"], "invalid choice: 'compile'"),
     ],
 )
 def test_bad_arguments_exit_with_a_message_naming_them(argv, fragment, capsys, tmp_path):

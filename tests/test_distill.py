@@ -1,6 +1,7 @@
 """The distillation trainer: both stages, weight transfer, resume bit for bit, DDP == 1 process,
 a Hugging Face teacher, and bad configurations named."""
 
+import json
 import os
 import subprocess
 import sys
@@ -241,3 +242,26 @@ def test_bad_distillation_requests_are_named(corpus, tmp_path, transformer_ckpt,
         main(["distill", "--stage", "1", "--teacher", str(transformer_ckpt), "--T", "4"])
     with pytest.raises(SystemExit):
         main(["distill", "--stage", "2", "--teacher", str(tmp_path / "missing.pt")])
+
+
+def test_pipeline_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
+    import importlib.util
+    from pathlib import Path
+
+    monkeypatch.setenv("HOME", str(tmp_path))
+    corpus = tmp_path / "play.txt"
+    corpus.write_text(TEXT * 4)
+    path = Path(__file__).parents[1] / "examples" / "distill_pipeline.py"
+    spec = importlib.util.spec_from_file_location("distill_pipeline", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    argv = ["--quick", "--data", str(corpus), "--out", str(tmp_path / "p"), "--no-progress",
+            "--rows", "binary", "sbds"]  # fmt: skip
+    assert example.main(argv) == 0
+    table = (tmp_path / "p" / "results.md").read_text()
+    assert "full SBDS" in table and "binary spikes" in table and "ATMN + forward KL" not in table
+    results = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert results["sbds/seed1"]["energy_ratio"] > 1 and results["sbds/seed1"]["step"] == 20
+    capsys.readouterr()
+    assert example.main(argv) == 0  # everything finished: every stage is skipped
+    assert capsys.readouterr().out.count("done, skipped") == 4

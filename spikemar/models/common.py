@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..energy import declare_spikes
-from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
+from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
+from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend
 
 __all__ = ["FeedForward", "SpikeConfig", "SpikePoint", "check_tokens"]
 
@@ -79,13 +80,42 @@ class SpikePoint(nn.Module):
         self.spikes: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decoded, spikes = self.neuron.quantize(x, self.T)
+        neuron = self.neuron
+        if self._inference_ready(x, neuron):
+            # the three fields the kernel reads: parameters_tuple() costs more than the kernel
+            a = neuron._parameters.get("a")
+            a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
+            p = ATMNParameters(a.exp(), neuron.tau, neuron._ternary)
+            return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
+        decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()
         return declare_spikes(self, decoded, spikes, ternary=self.ternary)
 
+    def _inference_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
+        """Whether the fused inference kernel may stand in for ``neuron.quantize``: nothing
+        needs the spikes (no recording, no energy counter) or a graph (no autograd), the neuron's
+        backend is 'auto' or 'cpu', and ``x`` is an input the reference would accept (anything
+        else takes the reference path, which raises with its own message). The kernel checks the
+        values itself: NaN, ±inf and a bad threshold raise as on the reference path."""
+        if self.record or _ACTIVE_COUNTER.get() is not None or neuron.backend not in _FAST_BACKENDS:
+            return False
+        if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES or x.device.type != "cpu":
+            return False
+        a = neuron._parameters.get("a")
+        a = neuron._buffers["a"] if a is None else a
+        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
+            return False
+        if x.dim() < 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]) or a.device.type != "cpu":
+            return False
+        return 1 <= self.T <= cpu_backend.QUANTIZE_MAX_T and cpu_backend.usable()
+
     def extra_repr(self) -> str:
         return f"T={self.T}"
+
+
+_FAST_BACKENDS = ("auto", "cpu")
+_FAST_DTYPES = (torch.float32, torch.float64)
 
 
 def spike_point(channels: int, spikes: SpikeConfig | None) -> nn.Module:
@@ -108,6 +138,14 @@ class FeedForward(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.spike_in(x)
         return self.down(self.spike_hidden(F.silu(self.gate(x)) * self.up(x)))
+
+    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
+        """``forward`` bit for bit, entering the submodules through ``forward``: for a caller that
+        has made sure that no module has hooks (``MARLM.step``'s inference path)."""
+        x = self.spike_in.forward(x)
+        gate, up, down = self.gate, self.up, self.down
+        hidden = F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
+        return F.linear(self.spike_hidden.forward(hidden), down.weight, down.bias)
 
 
 def check_tokens(

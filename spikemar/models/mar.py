@@ -21,9 +21,13 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
+from torch.nn.modules import module as _module_hooks
 
-from ..ssm.mixer import LTICell, SelectiveMixer
+from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
+from ..ssm.mixer import LTICell, SelectiveMixer, rms_norm_inference
+from ..ssm.scan import _check_decay as check_decay
 from .common import FeedForward, SpikeConfig, check_tokens, spike_point
 from .generation import generate
 from .transformer import CausalSelfAttention, TransformerConfig
@@ -176,6 +180,15 @@ class MARLayer(nn.Module):
         x = x + mixed
         return x + self.ffn(self.norm2(x)), state
 
+    def _step_inference(self, x: torch.Tensor, state):
+        """:meth:`step` without module-call overhead (see ``MARLM._inference_ready``) →
+        (x, state, the SSM mixer's log decay for the caller to check, or None)."""
+        if self.kind != "ssm":
+            return *self.step(x, state), None
+        mixed, state, a = self.mixer._step_inference(rms_norm_inference(x, self.norm1), state)
+        x = x + mixed
+        return x + self.ffn._forward_inference(rms_norm_inference(x, self.norm2)), state, a
+
 
 class MARLM(nn.Module):
     """The MAR LM; ``MARLM(config.dense())`` is its dense SSM twin."""
@@ -218,6 +231,8 @@ class MARLM(nn.Module):
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
+        if self._inference_ready():
+            return self._step_inference(tokens_t, state)
         x = self.embed(tokens_t)
         new_state = []
         for layer, s in zip(self.layers, state, strict=True):
@@ -225,5 +240,55 @@ class MARLM(nn.Module):
             new_state.append(s)
         return self.head(self.norm(x)), new_state
 
+    # -- the inference path of step ---------------------------------------------------------
+    #
+    # Generating one token at batch 1 is a few hundred tiny operations, so their entry costs
+    # (module calls, validation, the composite RMSNorm, a neuron's autograd plumbing) are the
+    # time. With autograd off, no energy counter active and no hooks on any module, step runs
+    # through plain functions: spike points run their fused inference kernel (the same decode
+    # bit for bit), the norms the primitive operations of nn.RMSNorm (bit for bit), the SSM
+    # mixer's middle one C call (equal to rounding), and the decays of all SSM layers are
+    # checked together once per token instead of once per layer. The tests compare it with
+    # the reference path (autograd on) and with forward.
+
+    def train(self, mode: bool = True) -> MARLM:
+        self._hook_modules = None  # re-read the module tree (generate() calls eval())
+        return super().train(mode)
+
+    def _inference_ready(self) -> bool:
+        if torch.is_grad_enabled() or _ACTIVE_COUNTER.get() is not None:
+            return False
+        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
+            return False
+        modules = self.__dict__.get("_hook_modules")
+        if modules is None:
+            modules = self.__dict__["_hook_modules"] = tuple(self.modules())
+        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
+
+    def _step_inference(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+        x = self.embed.forward(tokens_t)
+        new_state, decays = [], []
+        for layer, s in zip(self.layers, state, strict=True):
+            x, s, a = layer._step_inference(x, s)
+            new_state.append(s)
+            if a is not None:
+                decays.append(a)
+        if decays:
+            _check_decays(decays, self.layers)
+        logits = F.linear(rms_norm_inference(x, self.norm), self.head.weight, self.head.bias)
+        return logits, new_state
+
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, prompt, max_new_tokens, **kwargs)
+
+
+def _check_decays(decays: list[torch.Tensor], layers: nn.ModuleList) -> None:
+    """Every SSM layer's log decay a_t finite and ≤ 0 (what ``ssd_step`` checks), in one check;
+    on failure the message names the first layer at fault."""
+    try:
+        check_decay(torch.stack(decays), "a_t")
+    except ValueError:
+        ssm_layers = [i for i, layer in enumerate(layers) if layer.kind == "ssm"]
+        for i, a in zip(ssm_layers, decays, strict=True):
+            check_decay(a, f"layers.{i}.mixer: a_t")
+        raise

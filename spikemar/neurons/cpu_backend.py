@@ -33,10 +33,17 @@ from . import fused
 from .functional import ATMNParameters, _decay
 from .fused import fused_multi_step, surrogate_code
 
-__all__ = ["atmn_multi_step_cpu", "load_library", "unusable_reason"]
+__all__ = [
+    "atmn_multi_step_cpu",
+    "atmn_quantize_decode_cpu",
+    "load_library",
+    "mixer_step_cpu",
+    "unusable_reason",
+    "usable",
+]
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
-_SOURCES = ("atmn.c", "atmn_impl.h")
+_SOURCES = ("atmn.c", "atmn_impl.h", "mixer_impl.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
@@ -123,7 +130,29 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, i32, i32, real, real,
                         p, p, p, p, p, p, i32]  # fmt: skip
         bwd.restype = i32
+        qd = getattr(lib, f"atmn_quantize_decode_{suffix}")
+        # x, vth, N, C, T, tau, decay, ternary, decoded
+        qd.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, p]
+        qd.restype = i64
+        mix = getattr(lib, f"mixer_step_{suffix}")
+        # zxbcdt, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, batch, I, N, H, P, k,
+        # gated, new_conv, new_ssm, a_out, scratch
+        mix.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
+        mix.restype = i64
     return lib
+
+
+def usable() -> bool:
+    """Whether the kernel library is built and loaded (building it on the first call)."""
+    if _lib is not None:
+        return True
+    if _build_error is not None:
+        return False
+    try:
+        load_library()
+    except RuntimeError:
+        return False
+    return True
 
 
 def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
@@ -174,3 +203,77 @@ def atmn_multi_step_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
+
+
+# the kernel's limit on T (a weight table on its stack)
+QUANTIZE_MAX_T = 64
+
+
+def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+    """``atmn_quantize(activation, T, p)[0]`` for inference, in one C call: the decode
+    ``V·Σ_t τ^t s_t`` of the δ-injected spike train, without the spikes and without autograd
+    (the result never requires grad).
+
+    For callers that have checked the input's type and shape (a float32/float64 CPU tensor whose
+    last dimension matches a per-channel V) and ``1 <= T <= QUANTIZE_MAX_T``. The values are
+    checked in C as :func:`~spikemar.neurons.functional.check_values` checks them: a threshold
+    that is not finite and positive, or NaN / ±inf in the input, raises ValueError.
+    """
+    lib = _lib if _lib is not None else load_library()
+    x = activation.contiguous()
+    vth = p.v_threshold.to(x.dtype).contiguous()
+    decoded = torch.empty_like(x, requires_grad=False)
+    C = vth.numel() if vth.dim() == 1 else 0
+    fn = lib.atmn_quantize_decode_f32 if x.dtype == torch.float32 else lib.atmn_quantize_decode_f64
+    bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
+             decoded.data_ptr())  # fmt: skip
+    if bad == -1:
+        values = vth.flatten()
+        bad_v = values[~torch.isfinite(values) | (values <= 0)]
+        raise ValueError(f"v_threshold: expected finite values > 0, got {bad_v[:4].tolist()}")
+    if bad < 0:
+        raise ValueError(f"T: expected 1 <= T <= {QUANTIZE_MAX_T} micro-steps, got {T!r}")
+    if bad:
+        raise ValueError(
+            f"activation: expected finite values, but {bad} of the {x.numel()} values of the "
+            "spike point's input are NaN or inf"
+        )
+    return decoded
+
+
+def mixer_step_cpu(
+    zxbcdt: torch.Tensor,
+    conv_state: torch.Tensor,
+    ssm_state: torch.Tensor,
+    conv_weight: torch.Tensor,
+    conv_bias: torch.Tensor,
+    dt_bias: torch.Tensor,
+    A_log: torch.Tensor,
+    D: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
+    """One token of ``spikemar.ssm.SelectiveMixer`` from the input projection's output to the
+    gated output before the norm, in one C call (``_cpu/mixer_impl.h`` has the equations), for
+    inference: no autograd. All tensors on the CPU in one dtype (float32 or float64) with the
+    mixer's shapes: ``zxbcdt`` [batch, I + K + H], ``conv_state`` [batch, K, k − 1],
+    ``ssm_state`` [batch, H, P, N], ``conv_weight`` [K, 1, k].
+
+    Returns ``(gated [batch, I], new conv state, new SSM state, a [batch, H], bad)``, ``bad`` the
+    number of log decays that are not finite and ≤ 0 (the caller raises).
+    """
+    lib = load_library()
+    batch, H, P, N = ssm_state.shape
+    I = H * P
+    k = conv_weight.shape[-1]
+    zxbcdt, conv_state, ssm_state = (t.contiguous() for t in (zxbcdt, conv_state, ssm_state))
+    gated = zxbcdt.new_empty(batch, I)
+    new_conv = torch.empty_like(conv_state)
+    new_ssm = torch.empty_like(ssm_state)
+    a = zxbcdt.new_empty(batch, H)
+    scratch = zxbcdt.new_empty(I + 2 * N)
+    fn = lib.mixer_step_f32 if zxbcdt.dtype == torch.float32 else lib.mixer_step_f64
+    bad = fn(zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(),
+             conv_weight.contiguous().data_ptr(), conv_bias.contiguous().data_ptr(),
+             dt_bias.contiguous().data_ptr(), A_log.contiguous().data_ptr(),
+             D.contiguous().data_ptr(), batch, I, N, H, P, k, gated.data_ptr(),
+             new_conv.data_ptr(), new_ssm.data_ptr(), a.data_ptr(), scratch.data_ptr())  # fmt: skip
+    return gated, new_conv, new_ssm, a, bad

@@ -31,9 +31,20 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..energy import record_ops
+from ..neurons import cpu_backend
 from .scan import ssd_scan, ssd_step
 
-__all__ = ["LTICell", "LTIState", "MixerState", "SelectiveMixer"]
+__all__ = ["LTICell", "LTIState", "MixerState", "SelectiveMixer", "rms_norm_inference"]
+
+
+def rms_norm_inference(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+    """``norm(x)`` bit for bit, for float32/float64 inputs, as the four operations that
+    ``F.rms_norm`` itself runs on the CPU for them (x·rsqrt(mean(x²) + ε), then the weight): the
+    composite entry point costs ~40 µs on a [1, 128] tensor, these ~15 µs. For inference steps;
+    the tests check the equality."""
+    eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return y if norm.weight is None else y * norm.weight
 
 
 @dataclass
@@ -143,6 +154,63 @@ class SelectiveMixer(nn.Module):
         y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
         self._record_ops(u_t.shape[0], conv=True)
         return self._output(y, x, z), MixerState(window[..., 1:], ssm)
+
+    def _step_inference(
+        self, u_t: torch.Tensor, state: MixerState
+    ) -> tuple[torch.Tensor, MixerState, torch.Tensor]:
+        """:meth:`step` for generation, without what only training, counting or a direct caller
+        needs: for a caller that has made sure that autograd is off, no energy counter is active
+        and no module has hooks (``MARLM.step``; submodules are entered through ``forward``),
+        and that checks the returned log decay ``a`` [batch, heads] itself (one check for all
+        layers). Between the projections one C call (``cpu_backend.mixer_step_cpu``) does the
+        convolution, the scan step and the gate, equal to :meth:`step` to rounding; where it
+        cannot run, the operations of :meth:`step`."""
+        zxbcdt = F.linear(self.spike_in.forward(u_t), self.in_proj.weight, self.in_proj.bias)
+        tensors = self._fused_step_ready(zxbcdt, state)
+        if tensors is not None:
+            gated, conv, ssm, a, _ = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
+            gated = self.spike_out.forward(rms_norm_inference(gated, self.norm))
+            out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
+            return out, MixerState(conv, ssm), a
+        z, xbc, dt_raw = self._split(zxbcdt)
+        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
+        conv_out = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
+        x, a, B, C, dt = self._scan_inputs(F.silu(conv_out), dt_raw)
+        y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
+        y = (y + self.D[:, None] * x).flatten(-2)
+        gated = self.spike_out.forward(rms_norm_inference(y * F.silu(z), self.norm))
+        out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
+        return out, MixerState(window[..., 1:], ssm), a
+
+    def _fused_step_ready(self, zxbcdt: torch.Tensor, state: MixerState) -> tuple | None:
+        """The mixer's tensors for the C kernel of :meth:`_step_inference`, or None where it
+        cannot run them: it needs CPU tensors of one float32/float64 dtype, a state of this
+        mixer's shape, and few enough state values for one thread (generation's batches; larger
+        ones take the PyTorch operations). Read through the parameter dicts: this runs per
+        token, and ``Module.__getattr__`` costs more than the checks."""
+        dtype = zxbcdt.dtype
+        if dtype not in _FUSED_DTYPES or zxbcdt.device.type != "cpu" or zxbcdt.dim() != 2:
+            return None
+        conv, ssm = state.conv, state.ssm
+        if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
+            return None
+        batch = zxbcdt.shape[0]
+        if conv.shape != (batch, self.conv_channels, self.d_conv - 1) or ssm.shape != (
+            batch, self.n_heads, self.head_dim, self.d_state
+        ) or ssm.numel() > _FUSED_MAX_STATE:  # fmt: skip
+            return None
+        p, c = self._parameters, self._modules["conv"]._parameters
+        tensors = (conv, ssm, c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"])
+        for t in tensors:
+            if t is None or t.dtype != dtype or t.device.type != "cpu":
+                return None
+        return tensors if cpu_backend.usable() else None
+
+
+_FUSED_DTYPES = (torch.float32, torch.float64)
+# the fused mixer step is single-threaded: above this many state values per call (batch ·
+# heads · head_dim · d_state) PyTorch's threaded operations take over
+_FUSED_MAX_STATE = 1 << 18
 
 
 @dataclass

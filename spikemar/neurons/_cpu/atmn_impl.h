@@ -227,4 +227,41 @@ int CAT(atmn_backward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, 
   return 0;
 }
 
+/* MAR's spike point for inference: δ-inject x [N] (x_0 = x, x_t = 0 after) into a zero membrane,
+ * spike for T micro-steps and write the decode V·Σ_t τ^t s_t [N], without materialising the
+ * spikes. Single-threaded: it serves the small per-token activations of generation, where a
+ * thread launch would cost more than the work. The τ-weights are computed as the reference does
+ * (Python's tau**t is C's pow in double, then rounded to REAL); no weight when decay = 0 (τ = ∞)
+ * beyond the first.
+ *
+ * Returns -1 if a threshold is not finite and > 0 (checked first, as the reference does), else
+ * the number of non-finite values in what the reference's check_values probes: the final
+ * membrane when τ < ∞, the input when τ = ∞. So NaN and ±inf are counted, never swallowed. */
+int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
+                                           int64_t T, double tau, REAL decay, int ternary,
+                                           REAL *decoded) {
+  enum { MAX_T = 64 };
+  if (T < 1 || T > MAX_T) return -2;
+  REAL w[MAX_T];
+  for (int64_t t = 0; t < T; ++t) w[t] = decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(tau, (double)t);
+  const int64_t nv = C == 0 ? 1 : C;
+  for (int64_t c = 0; c < nv; ++c)
+    if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
+  const REAL tern = (REAL)(ternary != 0);
+  int64_t bad = 0;
+  for (int64_t i = 0; i < N; ++i) {
+    const REAL V = vth[C == 0 ? 0 : i % C];
+    REAL u = 0, acc = 0;
+    for (int64_t t = 0; t < T; ++t) {
+      const REAL h = t == 0 ? x[i] : (REAL)0 + u * decay; /* as the reference's order */
+      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+      u = h - V * s;
+      acc += w[t] * s;
+    }
+    decoded[i] = V * acc;
+    bad += !isfinite(decay == (REAL)0 ? x[i] : u);
+  }
+  return bad;
+}
+
 #undef SB_OF

@@ -1,0 +1,266 @@
+"""The inference fast paths equal the reference paths they stand in for.
+
+With autograd off, a spike point runs one C call instead of ``neuron.quantize`` and ``MARLM.step``
+runs its layers through plain functions and the fused mixer kernel. Each is checked here against
+the reference on fresh random inputs, and bad input still raises through it.
+"""
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from spikemar import energy
+from spikemar.models import MARLM, MARConfig, SpikeConfig, SpikePoint
+from spikemar.neurons import cpu_backend
+from spikemar.ssm import mixer as mixer_module
+from spikemar.ssm.mixer import MixerState, SelectiveMixer, rms_norm_inference
+
+pytestmark = pytest.mark.skipif(not cpu_backend.usable(), reason="no C compiler for the kernels")
+
+BASE = {"vocab_size": 20, "d_model": 32, "n_layers": 3, "d_state": 8, "head_dim": 8,
+        "chunk_size": 8, "max_len": 64}  # fmt: skip
+
+
+def model(dtype=torch.float64, **kw) -> MARLM:
+    return MARLM(MARConfig(**{**BASE, **kw})).to(dtype).eval()
+
+
+def no_reference_quantize(monkeypatch):
+    """Make the reference spike point fail, to prove that a test ran the fast path."""
+
+    def fail(*args, **kwargs):
+        raise AssertionError("the reference quantize ran where the fast path should")
+
+    for cls in SpikePoint.__init__.__globals__["NEURONS"].values():
+        monkeypatch.setattr(cls, "quantize", fail)
+
+
+# -- the spike point ------------------------------------------------------------------------
+
+
+def random_point(channels, T, tau, threshold, neuron, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    config = SpikeConfig(T=T, tau=tau, v_threshold=0.5, threshold=threshold, neuron=neuron)
+    point = SpikePoint(channels, config).to(dtype)
+    with torch.no_grad():  # thresholds spread around 0.5, per channel or shared
+        point.neuron.a.copy_(torch.log(torch.rand(point.neuron.a.shape, generator=g) + 0.1))
+    return point, g
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("neuron", ["atmn", "binary", "ternary-single"])
+@pytest.mark.parametrize("threshold", ["channel", "layer"])
+@pytest.mark.parametrize(("T", "tau"), [(1, 1.0), (4, 1.0), (4, 2.0), (5, 1.5), (3, 0.5), (6, 0.7)])
+def test_spike_point_fast_path_equals_the_reference(T, tau, threshold, neuron, dtype):
+    # 'ternary-single' has no τ (it is ∞): the τ given is ignored
+    for seed, shape in enumerate([(37,), (3, 37), (2, 5, 37)]):
+        point, g = random_point(shape[-1], T, tau, threshold, neuron, dtype, seed)
+        x = torch.randn(shape, generator=g, dtype=dtype) * 2
+        x.view(-1)[:4] = torch.tensor([0.0, 0.5, -0.5, 1.0])  # on a threshold when V = 0.5
+        want, _ = point.neuron.quantize(x, T)
+        with torch.no_grad():
+            assert point._inference_ready(x, point.neuron)
+            got = point(x)
+        assert got.dtype == dtype and got.shape == x.shape and not got.requires_grad
+        if math.log2(tau).is_integer() or tau == 1.5:  # τ^t exact: every sum of spikes is exact
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(dtype).eps)
+
+
+def test_spike_point_fast_path_runs_only_when_nothing_needs_the_spikes(monkeypatch):
+    point = SpikePoint(16, SpikeConfig(T=4))
+    x = torch.randn(2, 16)
+    assert not point._inference_ready(x, point.neuron)  # autograd on, V learnable
+    with torch.no_grad():
+        assert point._inference_ready(x, point.neuron)
+        point.record = True
+        assert not point._inference_ready(x, point.neuron)
+        point.record = False
+        assert not point._inference_ready(x.half(), point.neuron)
+        assert not point._inference_ready(torch.randn(2, 15), point.neuron)  # the reference raises
+        with energy.EnergyCounter(nn.Sequential(point)):
+            assert not point._inference_ready(x, point.neuron)
+    torch_point = SpikePoint(16, SpikeConfig(T=4, backend="torch"))
+    with torch.no_grad():
+        assert not torch_point._inference_ready(x, torch_point.neuron)  # the user asked for it
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+@pytest.mark.parametrize("tau", [1.0, math.inf])
+def test_non_finite_input_raises_through_the_fast_path(monkeypatch, bad, tau):
+    neuron = "ternary-single" if math.isinf(tau) else "atmn"
+    point = SpikePoint(8, SpikeConfig(T=4, tau=1.0, neuron=neuron))
+    x = torch.randn(3, 8)
+    x[1, 5] = bad
+    no_reference_quantize(monkeypatch)
+    with torch.no_grad(), pytest.raises(ValueError, match="finite"):
+        point(x)
+
+
+def test_bad_threshold_raises_through_the_fast_path(monkeypatch):
+    point = SpikePoint(8, SpikeConfig(T=4))
+    with torch.no_grad():
+        point.neuron.a[3] = float("nan")
+    no_reference_quantize(monkeypatch)
+    with torch.no_grad(), pytest.raises(ValueError, match="v_threshold"):
+        point(torch.randn(2, 8))
+
+
+# -- the pieces of the model step -----------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("eps", [None, 1e-5])
+def test_rms_norm_inference_is_nn_rmsnorm_bit_for_bit(dtype, eps):
+    g = torch.Generator().manual_seed(0)
+    for width in (32, 128, 341):
+        norm = nn.RMSNorm(width, eps=eps).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.randn(width, generator=g))
+        x = torch.randn(5, width, generator=g, dtype=dtype) * torch.rand(5, 1, dtype=dtype) * 10
+        with torch.no_grad():
+            assert torch.equal(rms_norm_inference(x, norm), norm(x))
+
+
+def random_state(m: SelectiveMixer, batch: int, dtype, g) -> MixerState:
+    s = m.init_state(batch)
+    return MixerState(
+        torch.randn(s.conv.shape, generator=g, dtype=dtype),
+        torch.randn(s.ssm.shape, generator=g, dtype=dtype),
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("batch", [1, 3])
+@pytest.mark.parametrize("fused", [True, False])
+def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batch, fused):
+    if not fused:  # the PyTorch operations that take over for large states
+        monkeypatch.setattr(mixer_module, "_FUSED_MAX_STATE", 0)
+    g = torch.Generator().manual_seed(batch)
+    m = SelectiveMixer(24, d_state=8, head_dim=8, d_conv=4).to(dtype)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
+    state = random_state(m, batch, dtype, g)
+    u = torch.randn(batch, 24, generator=g, dtype=dtype)
+    with torch.no_grad():
+        assert (m._fused_step_ready(m.in_proj(u), state) is not None) == fused
+        want, want_state = m.step(u, state)
+        got, got_state, a = m._step_inference(u, state)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
+    torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
+    assert a.shape == (batch, m.n_heads) and bool((a < 0).all())
+
+
+def test_mixer_kernel_is_not_given_a_state_of_the_wrong_shape():
+    m = SelectiveMixer(16, d_state=4, head_dim=8)
+    state = m.init_state(2)
+    u = torch.randn(2, 16)
+    with torch.no_grad():
+        for bad in (
+            MixerState(state.conv[:, :-1], state.ssm),
+            MixerState(state.conv, state.ssm[:1]),
+            MixerState(state.conv.double(), state.ssm),
+        ):
+            assert m._fused_step_ready(m.in_proj(u), bad) is None
+            with pytest.raises((RuntimeError, ValueError, TypeError)):  # as the reference does
+                m._step_inference(u, bad)
+
+
+# -- the model step -------------------------------------------------------------------------
+
+LAYERS = ["ssm", ["ssm", "attn", "lti"]]
+SPIKES = [None, SpikeConfig(T=4), SpikeConfig(T=3, tau=1.5, threshold="layer")]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("spikes", SPIKES)
+@pytest.mark.parametrize("layers", LAYERS)
+def test_inference_step_equals_the_reference_step_and_forward(layers, spikes, dtype):
+    torch.manual_seed(1)
+    m = model(dtype, layers=layers, spikes=spikes)
+    tokens = torch.randint(0, 20, (2, 13))
+    logits = m(tokens)
+    ref_state, state = m.init_state(2), m.init_state(2)
+    tol = {"rtol": 1e-5, "atol": 1e-5} if dtype == torch.float32 else {"rtol": 1e-9, "atol": 1e-9}
+    for t in range(tokens.shape[1]):
+        ref_logits, ref_state = m.step(tokens[:, t], ref_state)  # autograd on: the reference
+        with torch.no_grad():
+            assert m._inference_ready()
+            step_logits, state = m.step(tokens[:, t], state)
+        torch.testing.assert_close(step_logits, ref_logits, **tol)
+        torch.testing.assert_close(step_logits, logits[:, t].detach(), **tol)
+
+
+def test_generation_takes_the_fast_path_and_is_unchanged(monkeypatch):
+    torch.manual_seed(2)
+    m = model(torch.float32, spikes=SpikeConfig(T=4))
+    prompt = torch.randint(0, 20, (1, 5))
+    with torch.no_grad():
+        want = m(prompt)[:, -1]
+    out = m.generate(prompt, 6, temperature=0)
+    for t in range(5, 11):
+        assert torch.equal(out[:, t], m(out[:, :t])[:, -1].argmax(-1))
+    no_reference_quantize(monkeypatch)
+    state = m.init_state(1)
+    with torch.no_grad():
+        for t in range(5):
+            logits, state = m.step(prompt[:, t], state)
+    torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_hooks_recording_and_energy_counting_take_the_reference_path():
+    m = model(torch.float32)
+    point = m.layers[0].ffn.spike_in
+    seen = []
+    handle = point.register_forward_hook(lambda mod, args, out: seen.append(out))
+    with torch.no_grad():
+        m.train(False)
+        assert not m._inference_ready()
+        m.step(torch.tensor([3]), m.init_state(1))
+    assert len(seen) == 1
+    handle.remove()
+    with torch.no_grad():
+        assert m._inference_ready()
+        point.record = True
+        m.step(torch.tensor([3]), m.init_state(1))  # a recording point records on the fast path
+        assert point.spikes is not None and point.spikes.shape == (4, 1, 32)
+        point.record = False
+        with energy.EnergyCounter(m):
+            assert not m._inference_ready()
+    report = energy.profile(m, torch.tensor([[3, 4]]))  # counting still works after the fast path
+    assert report.rows
+
+
+@pytest.mark.parametrize("spikes", [None, SpikeConfig(T=4)])
+def test_non_finite_values_raise_through_the_inference_step(monkeypatch, spikes):
+    m = model(torch.float32, spikes=spikes, layers="ssm")
+    # a NaN decay in layer 1: the decay check names it, unless the spike point after the scan
+    # sees the NaN first
+    match = r"layers\.1\.mixer: a_t.*finite" if spikes is None else "finite"
+    with torch.no_grad():
+        m.layers[1].mixer.dt_bias[2] = float("nan")
+        with pytest.raises(ValueError, match=match):
+            m.step(torch.tensor([3, 4]), m.init_state(2))
+    if spikes is None:
+        return
+    m = model(torch.float32, spikes=spikes)
+    no_reference_quantize(monkeypatch)
+    with torch.no_grad():
+        m.embed.weight[3, 7] = float("nan")
+        with pytest.raises(ValueError, match="finite"):
+            m.step(torch.tensor([3, 4]), m.init_state(2))
+
+
+def test_inference_step_checks_tokens_and_state_as_before():
+    m = model()
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"\[0, 20\)"):
+            m.step(torch.tensor([3, 20]), m.init_state(2))
+        with pytest.raises(ValueError, match="state"):
+            m.step(torch.tensor([1, 2]), [])

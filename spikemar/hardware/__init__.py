@@ -1,7 +1,7 @@
 """Loihi: a fixed-point model of spikemar networks, export to Lava (netx HDF5 plus an ATMN
 Process) and to NIR, and a report of what of a MAR LM can go on chip.
 
-The names are imported lazily so that the Lava side (:mod:`spikemar.hardware.lava_runtime`,
+The names are imported lazily so that the Lava side (:mod:`spikemar.hardware.lava`,
 numpy and lava only) can import from this package without PyTorch.
 """
 
@@ -18,6 +18,10 @@ _EXPORTS = {
     "lower": "fixed_point",
     "quantize": "fixed_point",
     "simulate": "fixed_point",
+    "LavaUnavailableError": "lava_export",
+    "export_lava": "lava_export",
+    "lava_python": "lava_export",
+    "run_lava": "lava_export",
 }
 
 __all__ = sorted(_EXPORTS)

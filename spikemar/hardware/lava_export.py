@@ -1,0 +1,235 @@
+"""Export to Lava: a netx HDF5 file (with spikemar's ATMN layers in it) and a runner.
+
+:func:`export_lava` writes one HDF5 file in lava-dl netx's layout, documented as data here:
+
+``layer/0``: ``type`` = ``input``, ``shape`` = the input's per-sample shape, PyTorch order
+    (netx reverses it to its (x, y, z) = (W, H, C) order).
+``layer/{i}``: ``flatten`` layers (``type`` only) before a dense layer that follows a conv one;
+    otherwise ``type`` = ``dense`` or ``conv`` with
+
+    * ``shape``: the output's per-sample shape, PyTorch order;
+    * ``weight``: int, PyTorch layout ([out, in] or [out, in, kH, kW]), even values in
+      [−256, 254] (:mod:`spikemar.hardware.fixed_point`: netx then finds weight exponent 0);
+    * conv only: ``stride``, ``padding``, ``dilation`` ([y, x]) and ``groups``;
+    * ``bias`` (ATMN layers only): int, added to the dendritic input every step;
+    * ``neuron/type`` = ``CUBA`` (netx's own: ``iDecay``, ``vDecay`` 12-bit with 4096 = 1.0,
+      ``vThMant`` the 17-bit threshold mantissa (× 2^6), ``refDelay`` = 1, ``gradedSpike`` = 0)
+      or ``ATMN`` (spikemar's, which netx's loader does not know: ``vThMant`` per neuron,
+      PyTorch order; ``carry`` = round(4096/τ); ``ternary`` 0/1; ``gradedSpike`` = 1, payload
+      ±1; optional ``lti/{decay, b, c, d}`` per neuron, 4096 = 1.0);
+    * ``spikemar/``: the float parameters for Lava's floating-point run (``weight``, ``bias``,
+      ``v_threshold``, ``tau``, ``current_decay``, ``voltage_decay``, ``lti/…``) and ``scale``
+      (integer synaptic input = scale × float synaptic input).
+
+``spikemar`` attributes at the root: ``format`` = ``spikemar-netx``, ``version`` = 1.
+A file whose layers are all CUBA is a plain netx network: ``netx.hdf5.Network(path)`` loads and
+runs it. Files with ATMN layers need :mod:`spikemar.hardware.lava.runtime` (numpy + lava), which
+builds CUBA layers with netx's own ``create_dense``/``create_conv`` and ATMN layers as netx blocks
+around the ATMN Process.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .fixed_point import Block, FixedBlock, FixedPointNetwork, quantize, synaptic_input
+
+__all__ = ["LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
+
+FORMAT = "spikemar-netx"
+VERSION = 1
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+class LavaUnavailableError(RuntimeError):
+    """The Lava environment is not there (build it with ``.ci/lava-env``)."""
+
+
+def _bytes(text: str) -> np.ndarray:
+    return np.array([text.encode("ascii")], dtype="S10")  # netx reads type[0].decode('ascii')
+
+
+def _check_input_shape(input_shape) -> tuple[int, ...]:
+    ok = isinstance(input_shape, tuple | list) and len(input_shape) in (1, 3)
+    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in input_shape)
+    if not ok:
+        raise ValueError(
+            "input_shape: expected the per-sample shape (features,) or (channels, height, "
+            f"width) of positive ints, got {input_shape!r}"
+        )
+    return tuple(input_shape)
+
+
+def export_lava(
+    model: nn.Module | FixedPointNetwork, path: str | os.PathLike, input_shape
+) -> FixedPointNetwork:
+    """Quantise ``model`` (an ``nn.Sequential`` of blocks, see
+    :mod:`spikemar.hardware.fixed_point`) and write it to ``path`` as a netx HDF5 file (layout in
+    this module's docstring), atomically. ``input_shape`` is one sample's shape, (F,) or
+    (C, H, W). Returns the :class:`FixedPointNetwork` whose integers the file holds."""
+    import h5py
+
+    shape = _check_input_shape(input_shape)
+    fixed = model if isinstance(model, FixedPointNetwork) else quantize(model)
+    path = Path(path)
+    if path.suffix in ("", "."):
+        raise ValueError(f"path: expected a file name such as net.h5, got {str(path)!r}")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        with h5py.File(tmp, "w") as f:
+            f.attrs["format"] = FORMAT
+            f.attrs["version"] = VERSION
+            layer = f.create_group("layer")
+            g = layer.create_group("0")
+            g.create_dataset("type", data=_bytes("input"))
+            g.create_dataset("shape", data=np.array(shape))
+            x = torch.zeros(1, *shape, dtype=torch.float64)
+            i = 1
+            for fb in fixed.blocks:
+                b = fb.block
+                if b.synapse == "conv" and x.dim() != 4:
+                    raise ValueError(
+                        f"{b.path}: a Conv2d needs a (C, H, W) input here, got {tuple(x.shape[1:])}"
+                    )
+                if b.synapse == "dense" and x.dim() != 2 and not b.flatten:
+                    raise ValueError(
+                        f"{b.path}: a Linear after a conv layer needs a Flatten before it"
+                    )
+                if b.flatten and x.dim() > 2:
+                    layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
+                    i += 1
+                x = synaptic_input(x, b, b.weight.double(), None)
+                _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
+                i += 1
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return fixed
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().numpy()
+
+
+def _write_block(g, fb: FixedBlock, out_shape: tuple[int, ...]) -> None:
+    b: Block = fb.block
+    g.create_dataset("type", data=_bytes(b.synapse))
+    g.create_dataset("shape", data=np.array(out_shape))
+    g.create_dataset("weight", data=_np(fb.weight).astype(np.int32))
+    if b.synapse == "conv":
+        g.create_dataset("stride", data=np.array(b.stride))
+        g.create_dataset("padding", data=np.array(b.padding))
+        g.create_dataset("dilation", data=np.array(b.dilation))
+        g.create_dataset("groups", data=b.groups)
+    n = g.create_group("neuron")
+    sm = g.create_group("spikemar")
+    sm.create_dataset("weight", data=_np(b.weight).astype(np.float64))
+    sm.create_dataset("scale", data=fb.scale)
+    per_neuron = torch.broadcast_to(fb.vth_mant, out_shape) if fb.vth_mant.dim() else fb.vth_mant
+    if b.neuron == "cuba":
+        n.create_dataset("type", data=_bytes("CUBA"))
+        n.create_dataset("iDecay", data=fb.i_decay)
+        n.create_dataset("vDecay", data=fb.v_decay)
+        n.create_dataset("vThMant", data=int(fb.vth_mant))
+        n.create_dataset("refDelay", data=1)
+        n.create_dataset("gradedSpike", data=0)
+        sm.create_dataset("v_threshold", data=float(b.v_threshold))
+        sm.create_dataset("current_decay", data=b.current_decay)
+        sm.create_dataset("voltage_decay", data=b.voltage_decay)
+        return
+    n.create_dataset("type", data=_bytes("ATMN"))
+    n.create_dataset("vThMant", data=_np(per_neuron).astype(np.int32))
+    n.create_dataset("carry", data=fb.carry)
+    n.create_dataset("ternary", data=int(b.ternary))
+    n.create_dataset("gradedSpike", data=1)
+    v_float = b.v_threshold.double()
+    sm.create_dataset(
+        "v_threshold",
+        data=_np(torch.broadcast_to(v_float, out_shape) if v_float.dim() else v_float),
+    )
+    sm.create_dataset("tau", data=math.inf if math.isinf(b.tau) else float(b.tau))
+    if b.bias is not None:
+        g.create_dataset("bias", data=_np(fb.bias).astype(np.int32))
+        sm.create_dataset("bias", data=_np(b.bias).astype(np.float64))
+    if fb.lti is not None:
+        lti, lti_f = n.create_group("lti"), sm.create_group("lti")
+        for k in ("decay", "b", "c", "d"):
+            lti.create_dataset(k, data=_np(fb.lti[k]).astype(np.int32))
+            lti_f.create_dataset(k, data=_np(b.lti[k]).astype(np.float64))
+
+
+# -- running in Lava --------------------------------------------------------------------------
+
+
+def lava_python() -> Path:
+    """The Python of the Lava environment: ``$SPIKEMAR_LAVA_PYTHON``, else ``build/venv-lava``
+    in the repository root. Raises :class:`LavaUnavailableError` saying how to build it."""
+    env = os.environ.get("SPIKEMAR_LAVA_PYTHON")
+    python = Path(env) if env else REPO_ROOT / "build" / "venv-lava" / "bin" / "python"
+    if not python.exists():
+        raise LavaUnavailableError(
+            f"no Lava environment at {python}: build it with `bash .ci/lava-env` "
+            "(or point SPIKEMAR_LAVA_PYTHON at a Python that has lava-nc and lava-dl)"
+        )
+    return python
+
+
+def run_lava(
+    path: str | os.PathLike,
+    inputs: torch.Tensor,
+    num_steps: int,
+    fixed_point: bool = True,
+    *,
+    netx_network: bool = False,
+    timeout_s: float = 600.0,
+) -> torch.Tensor:
+    """Run an exported network in Lava's simulator (``Loihi2SimCfg``, tag ``fixed_pt`` or
+    ``floating_pt``) for ``num_steps`` steps of ``inputs`` [num_steps, *input_shape] (one
+    sample; integer payloads such as {−1, 0, 1} in fixed point). Returns the last layer's spikes
+    [num_steps, *output_shape], aligned with the input's time axis.
+
+    Lava runs in its own environment (:func:`lava_python`) in a subprocess;
+    ``netx_network=True`` loads the file with ``netx.hdf5.Network`` itself (CUBA-only files).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no exported network at {str(path)!r}")
+    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("inputs: expected a tensor [num_steps, *input_shape] for one sample")
+    if inputs.shape[0] < num_steps:
+        raise ValueError(f"inputs: {inputs.shape[0]} steps given, num_steps asks for {num_steps}")
+    x = inputs[:num_steps].detach().cpu().double().numpy()
+    if fixed_point and not np.array_equal(x, np.round(x)):
+        raise ValueError("inputs: fixed point takes integer spike payloads; got fractions")
+    python = lava_python()
+    with tempfile.TemporaryDirectory(prefix="spikemar-lava-") as tmp:
+        np.save(f"{tmp}/in.npy", x)
+        cmd = [str(python), "-m", "spikemar.hardware.lava.runtime", str(path.resolve()),
+               f"{tmp}/in.npy", f"{tmp}/out.npy"]  # fmt: skip
+        if not fixed_point:
+            cmd.append("--float")
+        if netx_network:
+            cmd.append("--netx-network")
+        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        done = subprocess.run(
+            cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
+        )
+        if done.returncode != 0:
+            raise RuntimeError(
+                f"Lava run of {path} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+            )
+        out = np.load(f"{tmp}/out.npy")
+    return torch.from_numpy(out.astype(np.float32))

@@ -22,6 +22,8 @@ _EXPORTS = {
     "export_lava": "lava_export",
     "lava_python": "lava_export",
     "run_lava": "lava_export",
+    "export_nir": "nir_export",
+    "import_nir": "nir_export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -1,0 +1,238 @@
+r"""Export to NIR (the Neuromorphic Intermediate Representation), and back.
+
+:func:`export_nir` writes a ``nir.NIRGraph`` with ``nir.write``: ``input`` → per block
+[``flatten_{i}``] → synapse → [LTI] → neuron → ``output``, nodes named by the modules' paths.
+
+* ``nn.Linear`` → ``nir.Linear`` (``nir.Affine`` with a bias); ``nn.Conv2d`` → ``nir.Conv2d``;
+  ``nn.Flatten`` → ``nir.Flatten`` over the per-sample dimensions (``start_dim`` 0, NIR's
+  convention without the batch dimension).
+* :class:`~spikemar.hardware.CUBALIF` → ``nir.CubaLIF`` that reproduces it exactly in the usual
+  forward-Euler reading with time step ``dt`` (norse's ``from_nir(graph, dt=dt)``):
+  ``tau_syn = dt/δ_u``, ``tau_mem = dt/δ_v``, ``w_in = 1/δ_u``, ``r = 1/δ_v``, ``v_leak = 0``,
+  ``v_reset = 0``. That needs δ_u, δ_v > 0 (τ = ∞ has no Euler form).
+* **ATMN** has no NIR node: NIR knows neither ternary spikes nor a membrane divided by τ with a
+  signed soft reset. It is written as ``nir.IF`` (``r`` = 1, ``v_threshold`` = V, ``v_reset`` = 0;
+  the nearest primitive, which a reader that ignores metadata runs as a binary, hard-reset IF)
+  whose ``metadata`` carries the exact neuron: ``spikemar_neuron`` = ``"ATMN"``,
+  ``spikemar_version`` = 1, ``tau`` (``inf`` for no carry-over), ``ternary`` (0/1),
+  ``v_threshold`` (per neuron), ``reset`` = ``"subtract"`` and ``equations`` (the text below).
+* the **LTI cell** is written as ``nir.LI`` (``tau = dt/(1−λ)``, ``r = b/(1−λ)``, ``v_leak`` = 0:
+  the state h) with ``metadata`` ``spikemar_neuron`` = ``"LTI"`` and ``decay``, ``b``, ``c``, ``d``
+  (the readout ``y = c·h + d·x`` has no single NIR node).
+
+:func:`import_nir` reads such a file back into a spikemar ``nn.Sequential`` (metadata first).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
+from ..ssm.mixer import LTICell
+from .fixed_point import Block, UnsupportedModuleError, lower, synaptic_input
+from .lif import CUBALIF
+
+__all__ = ["ATMN_EQUATIONS", "export_nir", "import_nir"]
+
+ATMN_EQUATIONS = (
+    "h_t = x_t + u_{t-1}/tau; s_t = +1 if h_t >= V, -1 if h_t <= -V (ternary; binary: 0), "
+    "0 otherwise; u_t = h_t - V*s_t; u_{-1} = 0"
+)
+
+
+def _np(t: torch.Tensor) -> np.ndarray:
+    return t.detach().cpu().double().numpy()
+
+
+def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: float = 1e-3):
+    """Write ``model`` (an ``nn.Sequential`` of blocks, see :mod:`spikemar.hardware.fixed_point`)
+    to ``path`` as NIR, atomically; ``input_shape`` is one sample's shape. Returns the graph."""
+    import nir
+
+    from .lava_export import _check_input_shape
+
+    shape = _check_input_shape(input_shape)
+    if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
+        raise ValueError(f"dt: expected a finite number > 0, got {dt!r}")
+    blocks = lower(model)
+    nodes: dict = {"input": nir.Input(input_type=np.array(shape))}
+    edges: list[tuple[str, str]] = []
+    prev = "input"
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+
+    def add(name: str, node) -> None:
+        nonlocal prev
+        nodes[name] = node
+        edges.append((prev, name))
+        prev = name
+
+    for i, b in enumerate(blocks):
+        synapse_path = next(iter(b.modules))
+        if b.flatten and x.dim() > 2:
+            add(f"flatten_{i}", nir.Flatten(input_type=np.array(x.shape[1:]), start_dim=0))
+        in_hw = tuple(x.shape[2:])
+        x = synaptic_input(x, b, b.weight.double(), None)
+        out_shape = tuple(x.shape[1:])
+        add(synapse_path, _synapse_node(nir, b, in_hw))
+        if b.lti is not None:
+            lti_path = next(p for p, m in b.modules.items() if isinstance(m, LTICell))
+            add(lti_path, _lti_node(nir, b, dt))
+        add(b.path, _neuron_node(nir, b, out_shape, dt))
+    nodes["output"] = nir.Output(output_type=np.array(tuple(x.shape[1:])))
+    edges.append((prev, "output"))
+    graph = nir.NIRGraph(nodes=nodes, edges=edges)
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        nir.write(tmp, graph)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return graph
+
+
+def _synapse_node(nir, b: Block, in_hw: tuple[int, ...]):
+    w = _np(b.weight)
+    if b.synapse == "dense":
+        return nir.Linear(weight=w) if b.bias is None else nir.Affine(weight=w, bias=_np(b.bias))
+    bias = np.zeros(w.shape[0]) if b.bias is None else _np(b.bias)
+    if w.shape[2] != w.shape[3]:
+        raise UnsupportedModuleError(
+            f"{next(iter(b.modules))}: a {w.shape[2]}x{w.shape[3]} kernel: nir 1.0.8 infers a "
+            "conv's output shape from a square kernel and rejects the graph otherwise"
+        )
+    return nir.Conv2d(
+        input_shape=in_hw,
+        weight=w, stride=b.stride, padding=b.padding, dilation=b.dilation, groups=b.groups,
+        bias=bias,
+    )  # fmt: skip
+
+
+def _neuron_node(nir, b: Block, out_shape: tuple[int, ...], dt: float):
+    ones = np.ones(out_shape)
+    if b.neuron == "cuba":
+        du, dv = b.current_decay, b.voltage_decay
+        if du == 0 or dv == 0:
+            raise UnsupportedModuleError(
+                f"{b.path}: CUBALIF with current_decay = {du}, voltage_decay = {dv}: NIR's "
+                "CubaLIF needs both > 0 (a decay of 0 is τ = ∞, which has no Euler form)"
+            )
+        return nir.CubaLIF(
+            tau_syn=ones * dt / du, tau_mem=ones * dt / dv, r=ones / dv, v_leak=0 * ones,
+            v_threshold=ones * float(b.v_threshold), v_reset=0 * ones, w_in=ones / du,
+            metadata={"spikemar_neuron": "CUBALIF", "spikemar_version": 1, "dt": dt},
+        )  # fmt: skip
+    v = np.broadcast_to(_np(b.v_threshold), out_shape).copy()
+    return nir.IF(
+        r=ones,
+        v_threshold=v,
+        v_reset=0 * ones,
+        metadata={
+            "spikemar_neuron": "ATMN",
+            "spikemar_version": 1,
+            "tau": float(b.tau),
+            "ternary": int(b.ternary),
+            "v_threshold": v,
+            "reset": "subtract",
+            "equations": ATMN_EQUATIONS,
+        },
+    )
+
+
+def _lti_node(nir, b: Block, dt: float):
+    lam, bb = _np(b.lti["decay"]), _np(b.lti["b"])
+    return nir.LI(
+        tau=dt / (1 - lam),
+        r=bb / (1 - lam),
+        v_leak=0 * lam,
+        metadata={
+            "spikemar_neuron": "LTI",
+            "spikemar_version": 1,
+            **{k: _np(b.lti[k]) for k in ("decay", "b", "c", "d")},
+            "equations": "h_t = decay*h_{t-1} + b*x_t; y_t = c*h_t + d*x_t",
+        },
+    )
+
+
+def _text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def import_nir(path: str | os.PathLike) -> nn.Sequential:
+    """Read a NIR file written by :func:`export_nir` back into a spikemar ``nn.Sequential``
+    (ATMN and LTI from their metadata). Raises ``ValueError`` naming a node it cannot read."""
+    import nir
+
+    graph = nir.read(str(path))
+    nexts = dict(graph.edges)
+    name, layers = nexts.get("input"), []
+    while name is not None and name != "output":
+        node = graph.nodes[name]
+        layers.append(_module(name, node))
+        name = nexts.get(name)
+    return nn.Sequential(*layers)
+
+
+def _module(name: str, node) -> nn.Module:
+    import nir
+
+    meta = getattr(node, "metadata", {}) or {}
+    kind = _text(meta.get("spikemar_neuron", ""))
+    t = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)  # noqa: E731
+    if isinstance(node, nir.Flatten):
+        return nn.Flatten()
+    if isinstance(node, nir.Linear | nir.Affine):
+        bias = isinstance(node, nir.Affine)
+        m = nn.Linear(node.weight.shape[1], node.weight.shape[0], bias=bias)
+        with torch.no_grad():
+            m.weight.copy_(t(node.weight))
+            if bias:
+                m.bias.copy_(t(node.bias))
+        return m
+    if isinstance(node, nir.Conv2d):
+        w = node.weight
+        m = nn.Conv2d(
+            w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]),
+            stride=tuple(np.atleast_1d(node.stride)), padding=tuple(np.atleast_1d(node.padding)),
+            dilation=tuple(np.atleast_1d(node.dilation)), groups=int(node.groups),
+        )  # fmt: skip
+        with torch.no_grad():
+            m.weight.copy_(t(w))
+            m.bias.copy_(t(node.bias))
+        return m
+    if kind == "ATMN":
+        v = t(meta["v_threshold"])
+        v_channel = v.reshape(-1, v.shape[-1])[0] if v.dim() else v
+        if not torch.equal(v_channel.expand_as(v), v):
+            raise ValueError(f"{name}: ATMN thresholds that vary beyond the last dimension")
+        tau, ternary = float(meta["tau"]), bool(int(meta["ternary"]))
+        if not ternary:
+            return BinaryMultiStep(tau, v_channel.clone())
+        if math.isinf(tau):
+            return TernarySingleStep(v_channel.clone())
+        return ATMN(tau, v_channel.clone())
+    if kind == "LTI":
+        decay = np.asarray(meta["decay"])
+        m = LTICell(decay.shape[0])
+        with torch.no_grad():
+            m.log_rate.copy_(torch.log(-torch.log(t(decay).double())).float())
+            for key in ("b", "c", "d"):
+                getattr(m, key).copy_(t(meta[key]))
+        return m
+    if isinstance(node, nir.CubaLIF):
+        dt = float(meta.get("dt", 1e-3))
+        du = float(np.ravel(dt / np.asarray(node.tau_syn))[0])
+        dv = float(np.ravel(dt / np.asarray(node.tau_mem))[0])
+        return CUBALIF(du, dv, float(np.ravel(node.v_threshold)[0]))
+    raise ValueError(f"{name}: a {type(node).__name__} node that spikemar does not read")

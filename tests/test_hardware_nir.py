@@ -1,0 +1,99 @@
+"""Export to NIR: norse reads the file and reproduces the CUBA LIF parts; ATMN and the LTI cell
+travel in documented metadata and come back exactly through spikemar's reader."""
+
+from __future__ import annotations
+
+import math
+
+import nir
+import numpy as np
+import pytest
+import torch
+from test_hardware_lava import random_inputs, random_network
+from torch import nn
+
+from spikemar.hardware import CUBALIF, UnsupportedModuleError, export_nir, import_nir, simulate
+from spikemar.neurons import ATMN
+
+
+def text(value) -> str:
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
+def batch_of(inputs: torch.Tensor, n: int = 3) -> torch.Tensor:
+    """[T, *shape] → [T, n, *shape]: n samples, each the input rolled along time."""
+    return torch.stack([inputs.roll(k, 0) for k in range(n)], dim=1).double()
+
+
+def test_norse_reads_the_file_and_reproduces_the_lif_network(tmp_path):
+    norse = pytest.importorskip("norse.torch")
+    model, shape = random_network("cuba-only", seed=5)
+    inputs = batch_of(random_inputs(shape, ternary=False, seed=3))
+    export_nir(model, tmp_path / "net.nir", shape, dt=1e-3)
+    expected = simulate(model.double(), inputs)
+
+    net = norse.from_nir(nir.read(str(tmp_path / "net.nir")), dt=1e-3).double()
+    state, outputs = None, []
+    for x in inputs:
+        out, state = net(x, state)
+        outputs.append(out)
+    got = torch.stack(outputs)
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(got, expected)
+
+
+def test_the_graph_is_documented_nir(tmp_path):
+    model, shape = random_network("dense-lti", seed=1)
+    export_nir(model, tmp_path / "net.nir", shape)
+    graph = nir.read(str(tmp_path / "net.nir"))
+    assert set(graph.nodes) == {"input", "0", "1", "2", "3", "4", "5", "output"}
+    assert sorted(graph.edges) == sorted(
+        [
+            ("input", "0"),
+            ("0", "1"),
+            ("1", "2"),
+            ("2", "3"),
+            ("3", "4"),
+            ("4", "5"),
+            ("5", "output"),
+        ]
+    )
+    assert [type(graph.nodes[k]).__name__ for k in ("0", "1", "2")] == ["Linear", "LI", "IF"]
+    meta = graph.nodes["2"].metadata
+    assert text(meta["spikemar_neuron"]) == "ATMN" and int(meta["ternary"]) == 1
+    assert float(meta["tau"]) == 2.0
+    np.testing.assert_allclose(meta["v_threshold"], model[2].v_threshold.detach().numpy())
+    assert text(graph.nodes["1"].metadata["spikemar_neuron"]) == "LTI"
+    assert set(graph.nodes["1"].metadata) >= {"decay", "b", "c", "d"}
+
+
+@pytest.mark.parametrize(
+    "kind", ["dense-ternary", "dense-binary", "dense-lti", "conv-ternary", "cuba-mixed"]
+)
+def test_metadata_carries_atmn_and_lti_exactly(tmp_path, kind):
+    model, shape = random_network(kind, seed=2)
+    export_nir(model, tmp_path / "net.nir", shape)
+    back = import_nir(tmp_path / "net.nir")
+    inputs = batch_of(random_inputs(shape, ternary=True, seed=4))
+    expected = simulate(model.double(), inputs)
+    assert 0 < expected.abs().sum() < expected.numel()
+    assert torch.equal(simulate(back.double(), inputs), expected)
+
+
+def test_cuba_without_decay_has_no_nir_form(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), CUBALIF(1.0, 0.0, 1.0))
+    with pytest.raises(UnsupportedModuleError, match=r"1: CUBALIF .* voltage_decay = 0\.0"):
+        export_nir(model, tmp_path / "net.nir", (3,))
+    assert not list(tmp_path.iterdir())
+
+
+def test_export_nir_checks_its_arguments(tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(math.inf, 0.5))
+    with pytest.raises(ValueError, match="dt"):
+        export_nir(model, tmp_path / "net.nir", (3,), dt=0.0)
+    with pytest.raises(ValueError, match="input_shape"):
+        export_nir(model, tmp_path / "net.nir", 3)
+    with pytest.raises(UnsupportedModuleError, match="0: a 3x2 kernel"):
+        export_nir(random_network("conv-binary", seed=1)[0], tmp_path / "net.nir", (2, 5, 5))
+    with pytest.raises(UnsupportedModuleError, match="1: Tanh"):
+        export_nir(nn.Sequential(nn.Linear(3, 2), nn.Tanh()), tmp_path / "net.nir", (3,))

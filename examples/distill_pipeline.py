@@ -20,7 +20,8 @@ and energy per token against the dense teacher (``spikemar.energy``, 45 nm fp32)
 of the validation text. The table goes to ``<out>/results.md`` (and ``results.json``).
 
 Interrupt it at any time: a finished stage is skipped, an unfinished one resumes from its last
-checkpoint, finished rows are kept. On 2 CPU cores the default budget takes about 45 minutes.
+checkpoint, finished rows are kept. Several runs may share ``--out`` (each row is its own file),
+e.g. one per core with ``OMP_NUM_THREADS=1`` and different ``--rows``; the table gathers them all.
 
 Run: ``python examples/distill_pipeline.py [--out runs/pipeline] [--seeds 1 2] [--quick]``.
 """
@@ -68,7 +69,7 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--out", default="runs/pipeline", help="folder for checkpoints and results")
     p.add_argument("--teacher-steps", type=int, default=2000, help="Transformer from scratch")
     p.add_argument("--stage1-steps", type=int, default=2000)
-    p.add_argument("--student-steps", type=int, default=1500, help="each stage-2 row")
+    p.add_argument("--student-steps", type=int, default=1000, help="each stage-2 row")
     p.add_argument("--rows", nargs="+", choices=list(ROWS), default=list(ROWS))
     p.add_argument("--seeds", nargs="+", type=int, default=[1])
     p.add_argument("--T", type=int, default=4, help="student micro-steps")
@@ -156,10 +157,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     segment = 64 if args.quick else 512  # sequences of the energy pass
     n = min(args.energy_chars, len(data.splits["val"])) // segment * segment
     energy_ids = torch.from_numpy(data.splits["val"][:n].astype("int64")).view(-1, segment)
-    results_path = out / "results.json"
-    results = json.loads(results_path.read_text()) if results_path.is_file() else {}
-    results["transformer"] = measure(transformer, data, loop, energy_ids)
-    results["dense"] = measure(dense, data, loop, energy_ids)
+    # one file per measured row, so that several runs of this script (say, one per core, each
+    # with its own --rows) can share an output folder; results.json merges them
+    rows_dir = out / "rows"
+    rows_dir.mkdir(exist_ok=True)
+    results = {"transformer": measure(transformer, data, loop, energy_ids),
+               "dense": measure(dense, data, loop, energy_ids)}  # fmt: skip
     for seed in args.seeds:
         for name in args.rows:
             row = dict(ROWS[name])
@@ -170,17 +173,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             cfg2 = DistillConfig(**{**common, "seed": seed}, stage=2, teacher=str(dense),
                                  out=str(path), steps=args.student_steps,
                                  student_config={"spikes": spikes}, **row)  # fmt: skip
-            key = f"{name}/seed{seed}"
-            if key in results and finished(path, cfg2.steps):
+            row_path = rows_dir / f"{name}-seed{seed}.json"
+            if row_path.is_file() and finished(path, cfg2.steps):
                 print(f"{path}: done, skipped")
                 continue
             def run(resume: bool, c: DistillConfig = cfg2) -> None:
                 distill(c, resume=resume, progress=progress)
 
             run_stage(path, cfg2.steps, run)
-            results[key] = measure(path, data, loop, energy_ids)
-            write_atomic(results_path, json.dumps(results, indent=2) + "\n")
-    write_atomic(results_path, json.dumps(results, indent=2) + "\n")
+            write_atomic(row_path, json.dumps(measure(path, data, loop, energy_ids)) + "\n")
+    for row_path in sorted(rows_dir.glob("*-seed*.json")):
+        name, seed = row_path.stem.rsplit("-seed", 1)
+        results[f"{name}/seed{seed}"] = json.loads(row_path.read_text())
+    write_atomic(out / "results.json", json.dumps(results, indent=2) + "\n")
     table = results_table(results, args)
     write_atomic(out / "results.md", table)
     print(table)
@@ -192,8 +197,8 @@ def results_table(results: dict, args: argparse.Namespace) -> str:
     dense_val = results["dense"]["val"]
     lines = [
         f"Students: T = {args.T}, τ = {args.tau}, V₀ = {args.v_threshold}, "
-        f"{args.student_steps} steps each, from the dense teacher's weights; seeds "
-        f"{', '.join(map(str, args.seeds))}. Validation loss in nats/char.",
+        f"{args.student_steps} steps each, from the dense teacher's weights. Validation loss "
+        "in nats/char, one value per seed.",
         "",
         "| model | val loss (per seed) | mean | vs dense teacher | firing rate | "
         "energy vs dense (fp32) |",
@@ -202,8 +207,9 @@ def results_table(results: dict, args: argparse.Namespace) -> str:
         f"{results['transformer']['val']:.4f} | | | |",
         f"| dense SSM teacher (stage 1) | {dense_val:.4f} | {dense_val:.4f} | | | 1.00× |",
     ]
-    for name in args.rows:
-        rows = [results[f"{name}/seed{s}"] for s in args.seeds if f"{name}/seed{s}" in results]
+    seeds = sorted({int(k.rsplit("/seed", 1)[1]) for k in results if "/seed" in k})
+    for name in ROWS:
+        rows = [results[f"{name}/seed{s}"] for s in seeds if f"{name}/seed{s}" in results]
         if not rows:
             continue
         vals = [r["val"] for r in rows]

@@ -270,6 +270,23 @@ def _add_energy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
     return p
 
 
+# -- export ---------------------------------------------------------------------------------------
+
+
+def _add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .hardware.cli import add_export_arguments, export_main
+
+    p = subparsers.add_parser(
+        "export",
+        help="Loihi: what runs on chip vs host; write netx HDF5 (--lava) and NIR (--nir)",
+        description="Report which modules of a model run on Loihi and which stay on the host; "
+        "export a Linear/Conv2d + neuron network to Lava (netx HDF5 with ATMN layers) and NIR.",
+    )
+    add_export_arguments(p)
+    p.set_defaults(func=export_main)
+    return p
+
+
 # -- train / generate -----------------------------------------------------------------------------
 
 
@@ -403,6 +420,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     _add_generate,
     _add_energy,
     _add_distill,
+    _add_export,
 )
 
 

@@ -109,6 +109,48 @@ def test_bad_threshold_raises_through_the_fast_path(monkeypatch):
         point(torch.randn(2, 8))
 
 
+def test_threshold_is_recomputed_whenever_a_changes_however_it_is_changed():
+    point = SpikePoint(16, SpikeConfig(T=4))
+    x = torch.randn(3, 16)
+    a = point.neuron.a
+    with torch.no_grad():
+        for change in (
+            lambda: a.data.mul_(0.5),  # behind autograd's version counter
+            lambda: a.copy_(torch.randn(16) * 0.3),
+            lambda: setattr(point.neuron, "a", nn.Parameter(torch.randn(16) * 0.3)),
+            lambda: None,
+        ):
+            change()
+            want, _ = point.neuron.quantize(x, 4)
+            assert torch.equal(point(x), want)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("threshold", ["channel", "layer"])
+def test_fused_norm_and_spike_point_equal_the_reference(dtype, threshold):
+    # the norm in C equals nn.RMSNorm to rounding; the spike point after it is exact
+    for seed, shape in enumerate([(1, 128), (3, 37), (2, 5, 341)]):
+        point, g = random_point(shape[-1], 4, 1.0, threshold, "atmn", dtype, seed)
+        norm = nn.RMSNorm(shape[-1], eps=None if seed else 1e-5).to(dtype)
+        with torch.no_grad():
+            norm.weight.copy_(torch.rand(shape[-1], generator=g) + 0.5)
+        x = torch.randn(shape, generator=g, dtype=dtype) * 3
+        with torch.no_grad():
+            normed = mixer_module.norm_then(x, norm, nn.Identity())
+            torch.testing.assert_close(normed, norm(x), rtol=16 * torch.finfo(dtype).eps, atol=0)
+            got = point._forward_normed(x, norm)
+        assert torch.equal(got, point.neuron.quantize(normed, 4)[0])
+
+
+def test_non_finite_input_raises_through_the_fused_norm_and_spike_point(monkeypatch):
+    point, norm = SpikePoint(8, SpikeConfig(T=4)), nn.RMSNorm(8)
+    x = torch.randn(3, 8)
+    x[2, 1] = float("nan")
+    no_reference_quantize(monkeypatch)
+    with torch.no_grad(), pytest.raises(ValueError, match="finite"):
+        point._forward_normed(x, norm)
+
+
 # -- the pieces of the model step -----------------------------------------------------------
 
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..energy import declare_spikes
 from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
 from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend
+from ..ssm.mixer import fused_norm_ready, norm_then, rms_norm_inference
 
 __all__ = ["FeedForward", "SpikeConfig", "SpikePoint", "check_tokens"]
 
@@ -82,11 +83,7 @@ class SpikePoint(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neuron = self.neuron
         if self._inference_ready(x, neuron):
-            # the three fields the kernel reads: parameters_tuple() costs more than the kernel
-            a = neuron._parameters.get("a")
-            a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
-            p = ATMNParameters(a.exp(), neuron.tau, neuron._ternary)
-            return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
+            return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()
@@ -109,6 +106,37 @@ class SpikePoint(nn.Module):
         if x.dim() < 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]) or a.device.type != "cpu":
             return False
         return 1 <= self.T <= cpu_backend.QUANTIZE_MAX_T and cpu_backend.usable()
+
+    def _forward_normed(self, x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
+        """``self(norm(x))`` for an inference path that has checked for hooks: the norm and the
+        fused spike point in one C call where both may run (the norm then equals ``norm``'s to
+        rounding, see ``spikemar.ssm.mixer.norm_then``), else ``forward`` after the norm."""
+        if self._inference_ready(x, self.neuron) and fused_norm_ready(x, norm):
+            p = self._inference_parameters()
+            eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+            return cpu_backend.rms_norm_quantize_decode_cpu(x, norm.weight, eps, self.T, p)
+        return self.forward(rms_norm_inference(x, norm))
+
+    def _inference_parameters(self) -> ATMNParameters:
+        """The three fields that the inference kernels read (``parameters_tuple()`` costs more
+        than the kernel), with V = exp(a) computed by ``torch.exp`` as on the reference path but
+        only when ``a`` has changed since the last call: on the CPU that exp runs in MKL's
+        threaded VML even for a few hundred values, and on a busy machine a call can wait
+        milliseconds for its second thread. ``a`` is compared by value (a copy is kept), so no
+        way of changing it can leave a stale V."""
+        neuron = self.neuron
+        a = neuron._parameters.get("a")
+        a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
+        cached = self.__dict__.get("_v_cache")
+        if (
+            cached is None
+            or cached[0].dtype != a.dtype
+            or cached[0].shape != a.shape
+            or not torch.equal(cached[0], a)
+        ):
+            with torch.no_grad():
+                cached = self.__dict__["_v_cache"] = (a.detach().clone(), a.exp())
+        return ATMNParameters(cached[1], neuron.tau, neuron._ternary)
 
     def extra_repr(self) -> str:
         return f"T={self.T}"
@@ -139,10 +167,11 @@ class FeedForward(nn.Module):
         x = self.spike_in(x)
         return self.down(self.spike_hidden(F.silu(self.gate(x)) * self.up(x)))
 
-    def _forward_inference(self, x: torch.Tensor) -> torch.Tensor:
-        """``forward`` bit for bit, entering the submodules through ``forward``: for a caller that
-        has made sure that no module has hooks (``MARLM.step``'s inference path)."""
-        x = self.spike_in.forward(x)
+    def _forward_inference(self, x: torch.Tensor, norm: nn.RMSNorm | None = None) -> torch.Tensor:
+        """``forward`` (of ``norm(x)`` when ``norm`` is given, fused with the first spike point),
+        entering the submodules through ``forward``: for a caller that has made sure that no
+        module has hooks (``MARLM.step``'s inference path)."""
+        x = self.spike_in.forward(x) if norm is None else norm_then(x, norm, self.spike_in)
         gate, up, down = self.gate, self.up, self.down
         hidden = F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
         return F.linear(self.spike_hidden.forward(hidden), down.weight, down.bias)

@@ -26,7 +26,7 @@ from torch import nn
 from torch.nn.modules import module as _module_hooks
 
 from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
-from ..ssm.mixer import LTICell, SelectiveMixer, rms_norm_inference
+from ..ssm.mixer import LTICell, SelectiveMixer, norm_then
 from ..ssm.scan import _check_decay as check_decay
 from .common import FeedForward, SpikeConfig, check_tokens, spike_point
 from .generation import generate
@@ -185,9 +185,9 @@ class MARLayer(nn.Module):
         (x, state, the SSM mixer's log decay for the caller to check, or None)."""
         if self.kind != "ssm":
             return *self.step(x, state), None
-        mixed, state, a = self.mixer._step_inference(rms_norm_inference(x, self.norm1), state)
+        mixed, state, a = self.mixer._step_inference(x, state, self.norm1)
         x = x + mixed
-        return x + self.ffn._forward_inference(rms_norm_inference(x, self.norm2)), state, a
+        return x + self.ffn._forward_inference(x, self.norm2), state, a
 
 
 class MARLM(nn.Module):
@@ -245,11 +245,11 @@ class MARLM(nn.Module):
     # Generating one token at batch 1 is a few hundred tiny operations, so their entry costs
     # (module calls, validation, the composite RMSNorm, a neuron's autograd plumbing) are the
     # time. With autograd off, no energy counter active and no hooks on any module, step runs
-    # through plain functions: spike points run their fused inference kernel (the same decode
-    # bit for bit), the norms the primitive operations of nn.RMSNorm (bit for bit), the SSM
-    # mixer's middle one C call (equal to rounding), and the decays of all SSM layers are
-    # checked together once per token instead of once per layer. The tests compare it with
-    # the reference path (autograd on) and with forward.
+    # through plain functions and three C kernels: each RMSNorm with the spike point after it
+    # (the spikes exact given the norm, the norm equal to nn.RMSNorm to rounding), the other
+    # spike points (exact), the SSM mixer between its projections (to rounding); the decays
+    # of all SSM layers are checked together once per token instead of once per layer. The
+    # tests compare it with the reference path (autograd on) and with forward.
 
     def train(self, mode: bool = True) -> MARLM:
         self._hook_modules = None  # re-read the module tree (generate() calls eval())
@@ -275,11 +275,15 @@ class MARLM(nn.Module):
                 decays.append(a)
         if decays:
             _check_decays(decays, self.layers)
-        logits = F.linear(rms_norm_inference(x, self.norm), self.head.weight, self.head.bias)
+        x = norm_then(x, self.norm, _IDENTITY)
+        logits = F.linear(x, self.head.weight, self.head.bias)
         return logits, new_state
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, prompt, max_new_tokens, **kwargs)
+
+
+_IDENTITY = nn.Identity()
 
 
 def _check_decays(decays: list[torch.Tensor], layers: nn.ModuleList) -> None:

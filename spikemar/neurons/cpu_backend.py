@@ -38,6 +38,7 @@ __all__ = [
     "atmn_quantize_decode_cpu",
     "load_library",
     "mixer_step_cpu",
+    "rms_norm_quantize_decode_cpu",
     "unusable_reason",
     "usable",
 ]
@@ -139,6 +140,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         # gated, new_conv, new_ssm, a_out, scratch
         mix.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
         mix.restype = i64
+        rq = getattr(lib, f"rms_norm_quantize_decode_{suffix}")
+        # x, rows, D, w, eps, vth, C, T, tau, decay, ternary, out
+        rq.argtypes = [p, i64, i64, p, ctypes.c_double, p, i64, i64, ctypes.c_double, real, i32, p]
+        rq.restype = i64
     return lib
 
 
@@ -227,18 +232,55 @@ def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters
     fn = lib.atmn_quantize_decode_f32 if x.dtype == torch.float32 else lib.atmn_quantize_decode_f64
     bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
              decoded.data_ptr())  # fmt: skip
+    _raise_if_bad(bad, vth, x.numel(), T, "activation")
+    return decoded
+
+
+def rms_norm_quantize_decode_cpu(
+    x: torch.Tensor, weight: torch.Tensor | None, eps: float, T: int, p: ATMNParameters | None
+) -> torch.Tensor:
+    """``nn.RMSNorm`` over the last dimension of ``x`` (``weight`` may be None), then, unless
+    ``p`` is None, :func:`atmn_quantize_decode_cpu` of the result: MAR's norm and the spike point
+    after it in one C call, for inference. The norm equals PyTorch's to rounding (its sum of
+    squares is taken in double), not bit for bit. Same preconditions as
+    :func:`atmn_quantize_decode_cpu`, with ``weight`` of ``x``'s dtype and last dimension; NaN or
+    ±inf reaching the spike point raises (a plain norm passes them on, as PyTorch's does).
+    """
+    lib = _lib if _lib is not None else load_library()
+    x = x.contiguous()
+    D = x.shape[-1]
+    out = torch.empty_like(x, requires_grad=False)
+    w = 0 if weight is None else weight.contiguous().data_ptr()
+    fn = (
+        lib.rms_norm_quantize_decode_f32
+        if x.dtype == torch.float32
+        else lib.rms_norm_quantize_decode_f64
+    )
+    if p is None:
+        fn(x.data_ptr(), x.numel() // D, D, w, eps, 0, 0, 0, 1.0, 0.0, 0, out.data_ptr())
+        return out
+    vth = p.v_threshold.to(x.dtype).contiguous()
+    C = vth.numel() if vth.dim() == 1 else 0
+    bad = fn(x.data_ptr(), x.numel() // D, D, w, eps, vth.data_ptr(), C, T, p.tau, _decay(p.tau),
+             int(p.ternary), out.data_ptr())  # fmt: skip
+    _raise_if_bad(bad, vth, x.numel(), T, "the normalised activation")
+    return out
+
+
+def _raise_if_bad(bad: int, vth: torch.Tensor, n: int, T: int, what: str) -> None:
+    """The errors of the quantize kernels' return code (see ``_cpu/atmn_impl.h``)."""
+    if bad == 0:
+        return
     if bad == -1:
         values = vth.flatten()
         bad_v = values[~torch.isfinite(values) | (values <= 0)]
         raise ValueError(f"v_threshold: expected finite values > 0, got {bad_v[:4].tolist()}")
     if bad < 0:
         raise ValueError(f"T: expected 1 <= T <= {QUANTIZE_MAX_T} micro-steps, got {T!r}")
-    if bad:
-        raise ValueError(
-            f"activation: expected finite values, but {bad} of the {x.numel()} values of the "
-            "spike point's input are NaN or inf"
-        )
-    return decoded
+    raise ValueError(
+        f"{what}: expected finite values at a spike point, but {bad} of its {n} values are NaN "
+        "or inf"
+    )
 
 
 def mixer_step_cpu(

@@ -34,17 +34,57 @@ from ..energy import record_ops
 from ..neurons import cpu_backend
 from .scan import ssd_scan, ssd_step
 
-__all__ = ["LTICell", "LTIState", "MixerState", "SelectiveMixer", "rms_norm_inference"]
+__all__ = [
+    "LTICell",
+    "LTIState",
+    "MixerState",
+    "SelectiveMixer",
+    "fused_norm_ready",
+    "norm_then",
+    "rms_norm_inference",
+]
 
 
 def rms_norm_inference(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
     """``norm(x)`` bit for bit, for float32/float64 inputs, as the four operations that
     ``F.rms_norm`` itself runs on the CPU for them (x·rsqrt(mean(x²) + ε), then the weight): the
-    composite entry point costs ~40 µs on a [1, 128] tensor, these ~15 µs. For inference steps;
-    the tests check the equality."""
-    eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    composite entry point costs ~40 µs on a [1, 128] tensor, these ~15 µs. The tests check the
+    equality."""
+    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(norm, x))
     return y if norm.weight is None else y * norm.weight
+
+
+def fused_norm_ready(x: torch.Tensor, norm: nn.RMSNorm) -> bool:
+    """Whether the C kernel ``cpu_backend.rms_norm_quantize_decode_cpu`` can run ``norm`` on
+    ``x``: a float32/float64 CPU tensor normalised over its last dimension, a weight like it."""
+    w = norm.weight
+    return (
+        x.dtype in _FUSED_DTYPES
+        and x.device.type == "cpu"
+        and x.dim() >= 1
+        and norm.normalized_shape == (x.shape[-1],)
+        and (w is None or (w.dtype == x.dtype and w.device.type == "cpu"))
+        and cpu_backend.usable()
+    )
+
+
+def norm_then(x: torch.Tensor, norm: nn.RMSNorm, point: nn.Module) -> torch.Tensor:
+    """``point(norm(x))`` on an inference path (autograd off, no counter, no hooks): a spike
+    point with ``_forward_normed`` (MAR's) fuses the two into one C call, the identity of a dense
+    model runs the norm alone in C, anything else its ``forward`` after :func:`rms_norm_inference`.
+    The C norm equals ``nn.RMSNorm`` to rounding."""
+    fused = getattr(point, "_forward_normed", None)
+    if fused is not None:
+        return fused(x, norm)
+    if isinstance(point, nn.Identity):
+        if fused_norm_ready(x, norm):
+            return cpu_backend.rms_norm_quantize_decode_cpu(x, norm.weight, _eps(norm, x), 0, None)
+        return rms_norm_inference(x, norm)
+    return point.forward(rms_norm_inference(x, norm))
+
+
+def _eps(norm: nn.RMSNorm, x: torch.Tensor) -> float:
+    return torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
 
 
 @dataclass
@@ -156,20 +196,23 @@ class SelectiveMixer(nn.Module):
         return self._output(y, x, z), MixerState(window[..., 1:], ssm)
 
     def _step_inference(
-        self, u_t: torch.Tensor, state: MixerState
+        self, u_t: torch.Tensor, state: MixerState, norm: nn.RMSNorm | None = None
     ) -> tuple[torch.Tensor, MixerState, torch.Tensor]:
         """:meth:`step` for generation, without what only training, counting or a direct caller
         needs: for a caller that has made sure that autograd is off, no energy counter is active
         and no module has hooks (``MARLM.step``; submodules are entered through ``forward``),
         and that checks the returned log decay ``a`` [batch, heads] itself (one check for all
         layers). Between the projections one C call (``cpu_backend.mixer_step_cpu``) does the
-        convolution, the scan step and the gate, equal to :meth:`step` to rounding; where it
-        cannot run, the operations of :meth:`step`."""
-        zxbcdt = F.linear(self.spike_in.forward(u_t), self.in_proj.weight, self.in_proj.bias)
+        convolution, the scan step and the gate, and the norm and the spike point after it are
+        one more (:func:`norm_then`), equal to :meth:`step` to rounding; where the kernels cannot
+        run, the operations of :meth:`step`. ``norm``: ``u_t`` is the layer's input before its
+        pre-norm, which runs here fused with the input spike point."""
+        u_t = self.spike_in.forward(u_t) if norm is None else norm_then(u_t, norm, self.spike_in)
+        zxbcdt = F.linear(u_t, self.in_proj.weight, self.in_proj.bias)
         tensors = self._fused_step_ready(zxbcdt, state)
         if tensors is not None:
             gated, conv, ssm, a, _ = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
-            gated = self.spike_out.forward(rms_norm_inference(gated, self.norm))
+            gated = norm_then(gated, self.norm, self.spike_out)
             out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
             return out, MixerState(conv, ssm), a
         z, xbc, dt_raw = self._split(zxbcdt)
@@ -178,7 +221,7 @@ class SelectiveMixer(nn.Module):
         x, a, B, C, dt = self._scan_inputs(F.silu(conv_out), dt_raw)
         y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
         y = (y + self.D[:, None] * x).flatten(-2)
-        gated = self.spike_out.forward(rms_norm_inference(y * F.silu(z), self.norm))
+        gated = norm_then(y * F.silu(z), self.norm, self.spike_out)
         out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
         return out, MixerState(window[..., 1:], ssm), a
 

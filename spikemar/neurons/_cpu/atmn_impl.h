@@ -250,18 +250,41 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
   const REAL tern = (REAL)(ternary != 0);
   int64_t bad = 0;
   for (int64_t i = 0; i < N; ++i) {
-    const REAL V = vth[C == 0 ? 0 : i % C];
+    const REAL V = vth[C == 0 ? 0 : i % C], xi = x[i]; /* decoded may alias x */
     REAL u = 0, acc = 0;
     for (int64_t t = 0; t < T; ++t) {
-      const REAL h = t == 0 ? x[i] : (REAL)0 + u * decay; /* as the reference's order */
+      const REAL h = t == 0 ? xi : (REAL)0 + u * decay; /* as the reference's order */
       const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
       u = h - V * s;
       acc += w[t] * s;
     }
     decoded[i] = V * acc;
-    bad += !isfinite(decay == (REAL)0 ? x[i] : u);
+    bad += !isfinite(decay == (REAL)0 ? xi : u);
   }
   return bad;
+}
+
+/* RMSNorm, then (T >= 1) MAR's spike point, over rows of D values: for each row
+ * y = x·rsqrt(mean(x²) + eps)·w (w NULL: no weight), then the decode of y as
+ * atmn_quantize_decode computes it, written to out [rows, D]; T = 0 writes y. The sum of squares
+ * is accumulated in double: equal to PyTorch's nn.RMSNorm to rounding, not bit for bit.
+ * Returns as atmn_quantize_decode (T = 0: 0). */
+int64_t CAT(rms_norm_quantize_decode_, SUFFIX)(const REAL *x, int64_t rows, int64_t D,
+                                               const REAL *w, double eps, const REAL *vth,
+                                               int64_t C, int64_t T, double tau, REAL decay,
+                                               int ternary, REAL *out) {
+  for (int64_t r = 0; r < rows; ++r) {
+    const REAL *xr = x + r * D;
+    REAL *yr = out + r * D;
+    double ss = 0;
+    for (int64_t i = 0; i < D; ++i) ss += (double)xr[i] * (double)xr[i];
+    const REAL mean = (REAL)(ss / (double)D);
+    const REAL scale = (REAL)1 / (REAL)sqrt((double)(mean + (REAL)eps));
+    if (w) for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * scale * w[i];
+    else for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * scale;
+  }
+  if (T == 0) return 0;
+  return CAT(atmn_quantize_decode_, SUFFIX)(out, vth, rows * D, C, T, tau, decay, ternary, out);
 }
 
 #undef SB_OF

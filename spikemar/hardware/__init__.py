@@ -24,6 +24,8 @@ _EXPORTS = {
     "run_lava": "lava_export",
     "export_nir": "nir_export",
     "import_nir": "nir_export",
+    "ChipReport": "chip",
+    "chip_report": "chip",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -127,9 +127,19 @@ def lower(model: nn.Module) -> list[Block]:
     Raises :class:`UnsupportedModuleError` naming the module's path and why it cannot go on chip.
     """
     if not isinstance(model, nn.Sequential):
+        from ..models.mar import MARLM
+
+        if isinstance(model, MARLM):
+            from .chip import chip_report
+
+            first = chip_report(model).first_host()
+            raise UnsupportedModuleError(
+                f"{first.path}: {first.why}; a MAR LM runs partly on the host: "
+                "spikemar.hardware.chip_report(model) lists what can go on chip"
+            )
         raise UnsupportedModuleError(
             f"model: expected an nn.Sequential of [Flatten] Linear|Conv2d [LTICell] neuron blocks, "
-            f"got {type(model).__name__} (for a MAR LM see spikemar.hardware.chip_report)"
+            f"got {type(model).__name__}"
         )
     blocks: list[Block] = []
     pending: dict = {}

@@ -1,0 +1,120 @@
+"""``spikemar export``: the Loihi view of a model from the command line.
+
+The command's two halves, for :mod:`spikemar.cli` to wire in::
+
+    from spikemar.hardware.cli import add_export_arguments, export_main
+    p = subparsers.add_parser("export", help=...); add_export_arguments(p)
+    p.set_defaults(func=export_main)          # export_main(args) -> exit code
+
+It prints which modules run on chip and which stay on the host (with counts), writes the netx
+HDF5 file (``--lava``) and the NIR file (``--nir``) of a network of Linear/Conv2d + neuron
+blocks, and with ``--check-steps N`` runs the exported file in Lava's simulator and compares its
+spikes with spikemar's fixed-point model. A MAR checkpoint gets the report; its export stops with
+an error that names the first module that has to stay on the host, and why.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from .._argtypes import int_at_least_1 as _int_at_least_1
+
+__all__ = ["add_export_arguments", "export_main"]
+
+
+def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar export`` on ``parser``."""
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        help="a spikemar checkpoint (spikemar train / distill); default: the built-in 3-layer "
+        "Linear+ATMN demo network (64-128-128-10)",
+    )
+    parser.add_argument("--lava", type=Path, metavar="PATH", help="write the netx HDF5 file here")
+    parser.add_argument("--nir", type=Path, metavar="PATH", help="write the NIR file here")
+    parser.add_argument(
+        "--check-steps",
+        type=_int_at_least_1,
+        default=None,
+        metavar="N",
+        help="with --lava: run the file for N steps in Lava's fixed-point simulator on random "
+        "ternary input and compare with spikemar's fixed-point model (needs .ci/lava-env)",
+    )
+    parser.add_argument("--seed", type=int, default=0, help="seed of the demo network and input")
+    return parser
+
+
+def _load(args: argparse.Namespace):
+    if args.checkpoint is None:
+        from .demo import demo_network
+
+        return demo_network(seed=args.seed), (64,)
+    from ..checkpoint import load_checkpoint
+
+    try:
+        model, _, _ = load_checkpoint(args.checkpoint)
+    except (FileNotFoundError, ValueError) as err:
+        raise ValueError(f"--checkpoint: {err}") from err
+    return model, None
+
+
+def export_main(args: argparse.Namespace) -> int:
+    """Run ``spikemar export`` with parsed ``args``; returns the exit code (2 on bad input)."""
+    from .chip import chip_report
+    from .fixed_point import FixedPointOverflowError, UnsupportedModuleError, lower
+    from .lava_export import LavaUnavailableError, export_lava, run_lava
+    from .nir_export import export_nir
+
+    try:
+        if args.check_steps is not None and args.lava is None:
+            raise ValueError("--check-steps: give --lava PATH too")
+        model, input_shape = _load(args)
+        print(chip_report(model, input_shape).to_table())
+        if (args.lava or args.nir) and input_shape is None:
+            lower(model)  # a language model: raises, naming the first module kept on the host
+        if args.lava is not None:
+            t0 = time.perf_counter()
+            fixed = export_lava(model, args.lava, input_shape)
+            print(f"\nwrote {args.lava} (netx HDF5, {time.perf_counter() - t0:.2f} s)")
+            for fb in fixed.blocks:
+                clamps = fixed.clamp_counts[fb.path]["threshold"]
+                print(f"  block {fb.path}: scale {fb.scale:.4g}, {fb.block.neuron}, "
+                      f"{clamps} thresholds clamped")  # fmt: skip
+            if args.check_steps is not None:
+                _check(fixed, args, input_shape, run_lava)
+        if args.nir is not None:
+            export_nir(model, args.nir, input_shape)
+            print(f"wrote {args.nir} (NIR)")
+    except (UnsupportedModuleError, FixedPointOverflowError, ValueError) as err:
+        print(f"spikemar export: error: {err}", file=sys.stderr)
+        return 2
+    except LavaUnavailableError as err:
+        print(f"spikemar export: error: {err}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _check(fixed, args: argparse.Namespace, input_shape, run_lava) -> None:
+    gen = torch.Generator().manual_seed(args.seed)
+    steps = args.check_steps
+    active = torch.rand(steps, *input_shape, generator=gen) < 0.3
+    sign = torch.where(torch.rand(steps, *input_shape, generator=gen) < 0.5, -1.0, 1.0)
+    inputs = active * sign
+    expected = fixed(inputs[:, None])[:, 0]
+    t0 = time.perf_counter()
+    got = run_lava(args.lava, inputs, steps)
+    seconds = time.perf_counter() - t0
+    same = int((got == expected).sum())
+    print(
+        f"Lava fixed point vs spikemar fixed point over {steps} steps: {same}/{got.numel()} "
+        f"outputs equal ({'bit for bit' if same == got.numel() else 'MISMATCH'}), "
+        f"{int(got.abs().sum())} output spikes; "
+        f"{seconds:.1f} s including Lava's start-up"
+    )
+    if same != got.numel():
+        raise ValueError("--check-steps: Lava's spikes differ from the fixed-point model")

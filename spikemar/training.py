@@ -299,9 +299,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     """Train ``config.model`` on ``config.data``; returns the final losses and the history."""
     data = TokenDataset.from_text_file(config.data)
     torch.manual_seed(config.seed)
+    _, _, device = distributed_setup(config.device)
     state = None
     if resume:
-        model, state = read_resume_state(Path(config.out), data.tokenizer, config.device)
+        model, state = read_resume_state(Path(config.out), data.tokenizer, device)
     else:
         model_config = {"vocab_size": data.vocab_size, **config.model_config}
         if config.model == "transformer":

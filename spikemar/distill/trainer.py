@@ -35,7 +35,14 @@ from torch import nn
 from ..checkpoint import build_model, load_checkpoint, model_config_dict
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM
-from ..training import LoopConfig, Objective, evaluate, read_resume_state, run_training
+from ..training import (
+    LoopConfig,
+    Objective,
+    distributed_setup,
+    evaluate,
+    read_resume_state,
+    run_training,
+)
 from .losses import FeatureProjection, sbds_loss
 
 __all__ = ["DistillConfig", "DistillObjective", "Teacher", "distill", "transfer_weights"]
@@ -294,7 +301,8 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     and the teacher's validation loss on the same batches."""
     data = TokenDataset.from_text_file(config.data)
     torch.manual_seed(config.seed)
-    teacher = Teacher.load(config.teacher, config.device)
+    _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
+    teacher = Teacher.load(config.teacher, device)
     if teacher.vocab_size != data.vocab_size or (
         teacher.tokenizer is not None and teacher.tokenizer != data.tokenizer
     ):
@@ -306,7 +314,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")
     state = None
     if resume:
-        student, state = read_resume_state(Path(config.out), data.tokenizer, config.device)
+        student, state = read_resume_state(Path(config.out), data.tokenizer, device)
         saved = state.get("distill", {})
         if saved.get("stage") != config.stage:
             raise ValueError(f"resume: {config.out} was written by stage {saved.get('stage')}, "
@@ -314,8 +322,8 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         teacher_val = saved["teacher_val"]
     else:
         student = build_student(teacher, config, data.vocab_size)
-        teacher_val = evaluate(teacher, data, config)["val"]
-    objective = DistillObjective(student.to(config.device), teacher, config)
+        teacher_val = evaluate(teacher, data, config, device)["val"]
+    objective = DistillObjective(student.to(device), teacher, config)
     info = {"distill": {"stage": config.stage, "teacher": teacher.source,
                         "teacher_val": teacher_val}}  # fmt: skip
     result = run_training(config, objective, data, state=state, progress=progress,

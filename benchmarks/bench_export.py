@@ -139,11 +139,20 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--quick", action="store_true", help="a smoke run of seconds")
     p.add_argument("--json", default=None, help="also write the results here")
+    p.add_argument(
+        "--mar-checkpoint",
+        default=None,
+        help="also: validation loss of this trained MAR LM checkpoint with float weights and with "
+        "Loihi's 8-bit weights on its on-chip projections (quantize(model))",
+    )
+    p.add_argument("--eval-iters", type=int, default=50, help="validation batches (12 × 64)")
     args = p.parse_args(argv)
     cfg = QUICK if args.quick else Config()
     torch.manual_seed(cfg.seed)
     load0 = H.load_average()
     results = run(cfg)
+    if args.mar_checkpoint:
+        results.update(mar_loss(args.mar_checkpoint, args.eval_iters))
     info = H.machine_info(torch.get_num_threads(), load0)
     info.update(lava_versions())
     print(report(cfg, results, info))
@@ -164,6 +173,28 @@ def lava_versions() -> dict[str, str]:
     except (LavaUnavailableError, ValueError):
         nc = dl = "not installed"
     return {"lava-nc": nc, "lava-dl": dl}
+
+
+@torch.no_grad()
+def mar_loss(checkpoint: str, eval_iters: int) -> dict:
+    """Validation loss of a MAR LM (on its training corpus, Tiny Shakespeare by default) with
+    float weights and with Loihi's 8-bit weights on its on-chip projections."""
+    from spikemar.checkpoint import load_checkpoint
+    from spikemar.data import TokenDataset
+    from spikemar.training import LoopConfig, evaluate
+
+    model, _, payload = load_checkpoint(checkpoint)
+    quantised = quantize(model)
+    data = TokenDataset.from_text_file(payload.get("train", {}).get("config", {}).get("data"))
+    cfg = LoopConfig(eval_iters=eval_iters, batch_size=12, L=64)
+    log(f"MAR: evaluating {checkpoint} on {eval_iters} validation batches")
+    return {
+        "mar_checkpoint": checkpoint,
+        "mar_eval_iters": eval_iters,
+        "mar_onchip_projections": len(quantised.loihi_weight_scales),
+        "mar_val_float": evaluate(model, data, cfg)["val"],
+        "mar_val_loihi": evaluate(quantised, data, cfg)["val"],
+    }
 
 
 def run(cfg: Config) -> dict:
@@ -249,6 +280,15 @@ def report(cfg: Config, r: dict, info: dict) -> str:
             "steps/s |",
             f"| Lava start-up (subprocess, imports, compile) | "
             f"{H.fmt(r['lava_fixed_startup_s'], '.1f')} s |",
+        ]
+    if "mar_val_float" in r:
+        lines += [
+            "",
+            f"MAR LM `{r['mar_checkpoint']}`: validation loss (nats/char, "
+            f"{r['mar_eval_iters']} batches of 12 × 64) with float weights "
+            f"**{r['mar_val_float']:.4f}**, with Loihi's 8-bit weights on its "
+            f"{r['mar_onchip_projections']} on-chip projections **{r['mar_val_loihi']:.4f}** "
+            f"({r['mar_val_loihi'] - r['mar_val_float']:+.4f}).",
         ]
     return "\n".join(lines) + "\n"
 

@@ -91,3 +91,30 @@ def test_export_command_checks_the_file_in_lava(lava, tmp_path, capsys):  # noqa
     code = cli.main(["export", "--lava", str(tmp_path / "n.h5"), "--check-steps", "100"])
     out = capsys.readouterr().out
     assert code == 0 and "1000/1000 outputs equal (bit for bit)" in out
+
+
+def test_quantize_puts_only_the_on_chip_projections_of_a_mar_lm_on_loihis_grid():
+    from spikemar.hardware import quantize
+
+    model = hybrid_mar()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    quantised = quantize(model)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())  # a copy
+    scales = quantised.loihi_weight_scales
+    assert set(scales) == {
+        "layers.0.mixer.in_proj", "layers.0.mixer.out_proj", "layers.0.ffn.gate",
+        "layers.0.ffn.up", "layers.0.ffn.down", "layers.1.ffn.gate", "layers.1.ffn.up",
+        "layers.1.ffn.down",
+    }  # fmt: skip
+    q = dict(quantised.named_modules())
+    for path, scale in scales.items():
+        w = q[path].weight * scale
+        assert torch.allclose(w, (w / 2).round() * 2, atol=1e-3)  # even integers / S
+        assert float(w.abs().max()) == pytest.approx(254, abs=1e-3)
+    assert torch.equal(
+        q["layers.2.ffn.up"].weight, dict(model.named_modules())["layers.2.ffn.up"].weight
+    )
+    tokens = torch.randint(0, 20, (2, 12))
+    with torch.no_grad():
+        a, b = model(tokens), quantised(tokens)
+    assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.5)

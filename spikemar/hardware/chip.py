@@ -24,7 +24,7 @@ from ..models.mar import MARLM
 from ..ssm.mixer import LTICell, SelectiveMixer
 from .fixed_point import UnsupportedModuleError, lower, synaptic_input
 
-__all__ = ["ChipEntry", "ChipReport", "chip_report"]
+__all__ = ["ChipEntry", "ChipReport", "chip_report", "quantize_mar"]
 
 HOST_REASONS = {
     "embed": "a lookup of token ids, not a synaptic layer",
@@ -177,3 +177,36 @@ def _mar_report(model: MARLM) -> ChipReport:
     r.add("norm", model.norm, False, HOST_REASONS["norm"])
     r.add("head", model.head, False, HOST_REASONS["head"])
     return r
+
+
+def quantize_mar(model: MARLM) -> MARLM:
+    """A copy of a MAR LM whose on-chip projections (the Linear layers fed by spike points, see
+    :func:`chip_report`) hold Loihi's weights: per layer, ``W ≈ w / S`` with ``w`` even integers
+    in [−256, 254] and ``S = 254 / max|W|``, as :mod:`spikemar.hardware.fixed_point` quantises a
+    block. Everything that stays on the host keeps its float weights. The copy's
+    ``loihi_weight_scales`` maps each quantised module's path to S.
+
+    Under δ-injection with τ = 1 (MAR's default) the spike points' carry is exact in fixed point;
+    their thresholds' 17-bit mantissas are left float here (finer than the 8-bit weights).
+    """
+    import copy
+
+    import torch
+
+    from .fixed_point import WEIGHT_MAX
+
+    if not isinstance(model, MARLM):
+        raise TypeError(f"model: expected a MARLM, got {type(model).__name__}")
+    quantised = copy.deepcopy(model)
+    modules = dict(quantised.named_modules())
+    scales = {}
+    for entry in chip_report(model).entries:
+        if not (entry.on_chip and entry.kind == "Linear"):
+            continue
+        weight = modules[entry.path].weight
+        scale = WEIGHT_MAX / float(weight.detach().abs().max())
+        with torch.no_grad():
+            weight.copy_((weight * scale / 2).round() * 2 / scale)
+        scales[entry.path] = scale
+    quantised.loihi_weight_scales = scales
+    return quantised

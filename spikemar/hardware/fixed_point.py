@@ -311,12 +311,21 @@ def _quantize_block(b: Block) -> FixedBlock:
     return fb
 
 
-def quantize(model: nn.Module) -> FixedPointNetwork:
-    """The Loihi fixed-point version of ``model`` (an ``nn.Sequential`` of blocks).
+def quantize(model: nn.Module) -> FixedPointNetwork | nn.Module:
+    """The Loihi fixed-point version of ``model``.
 
-    Run it like the float model on integer spike inputs [T, N, …] to see what quantisation costs
-    before going to hardware; ``export_lava`` writes the same integers.
+    For an ``nn.Sequential`` of blocks: a :class:`FixedPointNetwork`; run it like the float model
+    on integer spike inputs [T, N, …] to see what quantisation costs before going to hardware
+    (``export_lava`` writes the same integers). For a MAR LM: a copy whose on-chip projections
+    hold Loihi's 8-bit weights (:func:`spikemar.hardware.chip.quantize_mar`), to measure the
+    language-model loss that costs.
     """
+    from ..models.mar import MARLM
+
+    if isinstance(model, MARLM):
+        from .chip import quantize_mar
+
+        return quantize_mar(model)
     return FixedPointNetwork([_quantize_block(b) for b in lower(model)])
 
 

@@ -191,12 +191,11 @@ def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batc
     with torch.no_grad():
         assert (m._fused_step_ready(m.in_proj(u), state) is not None) == fused
         want, want_state = m.step(u, state)
-        got, got_state, a = m._step_inference(u, state)
+        got, got_state = m._step_inference(u, state)
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
     torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
-    assert a.shape == (batch, m.n_heads) and bool((a < 0).all())
 
 
 def test_mixer_kernel_is_not_given_a_state_of_the_wrong_shape():
@@ -282,9 +281,9 @@ def test_hooks_recording_and_energy_counting_take_the_reference_path():
 @pytest.mark.parametrize("spikes", [None, SpikeConfig(T=4)])
 def test_non_finite_values_raise_through_the_inference_step(monkeypatch, spikes):
     m = model(torch.float32, spikes=spikes, layers="ssm")
-    # a NaN decay in layer 1: the decay check names it, unless the spike point after the scan
+    # a NaN decay in layer 1: the decay check raises, unless the spike point after the scan
     # sees the NaN first
-    match = r"layers\.1\.mixer: a_t.*finite" if spikes is None else "finite"
+    match = r"a_t.*finite" if spikes is None else "finite"
     with torch.no_grad():
         m.layers[1].mixer.dt_bias[2] = float("nan")
         with pytest.raises(ValueError, match=match):

@@ -27,7 +27,6 @@ from torch.nn.modules import module as _module_hooks
 
 from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
 from ..ssm.mixer import LTICell, SelectiveMixer, norm_then
-from ..ssm.scan import _check_decay as check_decay
 from .common import FeedForward, SpikeConfig, check_tokens, spike_point
 from .generation import generate
 from .transformer import CausalSelfAttention, TransformerConfig
@@ -181,13 +180,12 @@ class MARLayer(nn.Module):
         return x + self.ffn(self.norm2(x)), state
 
     def _step_inference(self, x: torch.Tensor, state):
-        """:meth:`step` without module-call overhead (see ``MARLM._inference_ready``) →
-        (x, state, the SSM mixer's log decay for the caller to check, or None)."""
+        """:meth:`step` without module-call overhead (see ``MARLM._inference_ready``)."""
         if self.kind != "ssm":
-            return *self.step(x, state), None
-        mixed, state, a = self.mixer._step_inference(x, state, self.norm1)
+            return self.step(x, state)
+        mixed, state = self.mixer._step_inference(x, state, self.norm1)
         x = x + mixed
-        return x + self.ffn._forward_inference(x, self.norm2), state, a
+        return x + self.ffn._forward_inference(x, self.norm2), state
 
 
 class MARLM(nn.Module):
@@ -247,9 +245,9 @@ class MARLM(nn.Module):
     # time. With autograd off, no energy counter active and no hooks on any module, step runs
     # through plain functions and three C kernels: each RMSNorm with the spike point after it
     # (the spikes exact given the norm, the norm equal to nn.RMSNorm to rounding), the other
-    # spike points (exact), the SSM mixer between its projections (to rounding); the decays
-    # of all SSM layers are checked together once per token instead of once per layer. The
-    # tests compare it with the reference path (autograd on) and with forward.
+    # spike points (exact), the SSM mixer between its projections (to rounding, its decays
+    # checked in C). The tests compare it with the reference path (autograd on) and with
+    # forward.
 
     def train(self, mode: bool = True) -> MARLM:
         self._hook_modules = None  # re-read the module tree (generate() calls eval())
@@ -267,14 +265,10 @@ class MARLM(nn.Module):
 
     def _step_inference(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         x = self.embed.forward(tokens_t)
-        new_state, decays = [], []
+        new_state = []
         for layer, s in zip(self.layers, state, strict=True):
-            x, s, a = layer._step_inference(x, s)
+            x, s = layer._step_inference(x, s)
             new_state.append(s)
-            if a is not None:
-                decays.append(a)
-        if decays:
-            _check_decays(decays, self.layers)
         x = norm_then(x, self.norm, _IDENTITY)
         logits = F.linear(x, self.head.weight, self.head.bias)
         return logits, new_state
@@ -284,15 +278,3 @@ class MARLM(nn.Module):
 
 
 _IDENTITY = nn.Identity()
-
-
-def _check_decays(decays: list[torch.Tensor], layers: nn.ModuleList) -> None:
-    """Every SSM layer's log decay a_t finite and ≤ 0 (what ``ssd_step`` checks), in one check;
-    on failure the message names the first layer at fault."""
-    try:
-        check_decay(torch.stack(decays), "a_t")
-    except ValueError:
-        ssm_layers = [i for i, layer in enumerate(layers) if layer.kind == "ssm"]
-        for i, a in zip(ssm_layers, decays, strict=True):
-            check_decay(a, f"layers.{i}.mixer: a_t")
-        raise

@@ -32,7 +32,7 @@ from torch import nn
 
 from ..energy import record_ops
 from ..neurons import cpu_backend
-from .scan import ssd_scan, ssd_step
+from .scan import _check_decay, ssd_scan, ssd_step
 
 __all__ = [
     "LTICell",
@@ -197,12 +197,11 @@ class SelectiveMixer(nn.Module):
 
     def _step_inference(
         self, u_t: torch.Tensor, state: MixerState, norm: nn.RMSNorm | None = None
-    ) -> tuple[torch.Tensor, MixerState, torch.Tensor]:
+    ) -> tuple[torch.Tensor, MixerState]:
         """:meth:`step` for generation, without what only training, counting or a direct caller
         needs: for a caller that has made sure that autograd is off, no energy counter is active
-        and no module has hooks (``MARLM.step``; submodules are entered through ``forward``),
-        and that checks the returned log decay ``a`` [batch, heads] itself (one check for all
-        layers). Between the projections one C call (``cpu_backend.mixer_step_cpu``) does the
+        and no module has hooks (``MARLM.step``; submodules are entered through ``forward``).
+        Between the projections one C call (``cpu_backend.mixer_step_cpu``) does the
         convolution, the scan step and the gate, and the norm and the spike point after it are
         one more (:func:`norm_then`), equal to :meth:`step` to rounding; where the kernels cannot
         run, the operations of :meth:`step`. ``norm``: ``u_t`` is the layer's input before its
@@ -211,10 +210,12 @@ class SelectiveMixer(nn.Module):
         zxbcdt = F.linear(u_t, self.in_proj.weight, self.in_proj.bias)
         tensors = self._fused_step_ready(zxbcdt, state)
         if tensors is not None:
-            gated, conv, ssm, a, _ = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
+            gated, conv, ssm, a, bad = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
+            if bad:  # counted in C; raise as ssd_step does
+                _check_decay(a, "a_t")
             gated = norm_then(gated, self.norm, self.spike_out)
             out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
-            return out, MixerState(conv, ssm), a
+            return out, MixerState(conv, ssm)
         z, xbc, dt_raw = self._split(zxbcdt)
         window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
         conv_out = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
@@ -223,7 +224,7 @@ class SelectiveMixer(nn.Module):
         y = (y + self.D[:, None] * x).flatten(-2)
         gated = norm_then(y * F.silu(z), self.norm, self.spike_out)
         out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
-        return out, MixerState(window[..., 1:], ssm), a
+        return out, MixerState(window[..., 1:], ssm)
 
     def _fused_step_ready(self, zxbcdt: torch.Tensor, state: MixerState) -> tuple | None:
         """The mixer's tensors for the C kernel of :meth:`_step_inference`, or None where it

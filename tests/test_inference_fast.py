@@ -198,7 +198,7 @@ def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batc
     torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
 
 
-def test_mixer_kernel_is_not_given_a_state_of_the_wrong_shape():
+def test_mixer_kernel_is_not_given_tensors_of_the_wrong_shape():
     m = SelectiveMixer(16, d_state=4, head_dim=8)
     state = m.init_state(2)
     u = torch.randn(2, 16)
@@ -211,6 +211,9 @@ def test_mixer_kernel_is_not_given_a_state_of_the_wrong_shape():
             assert m._fused_step_ready(m.in_proj(u), bad) is None
             with pytest.raises((RuntimeError, ValueError, TypeError)):  # as the reference does
                 m._step_inference(u, bad)
+        assert m._fused_step_ready(m.in_proj(u), state) is not None
+        m.D = nn.Parameter(torch.ones(3))  # nor parameters of the wrong shape
+        assert m._fused_step_ready(m.in_proj(u), state) is None
 
 
 # -- the model step -------------------------------------------------------------------------

@@ -103,7 +103,9 @@ class SpikePoint(nn.Module):
         a = neuron._buffers["a"] if a is None else a
         if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
             return False
-        if x.dim() < 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]) or a.device.type != "cpu":
+        if x.dim() < 1 or a.dim() > 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]):
+            return False
+        if not a.is_cpu:
             return False
         return 1 <= self.T <= cpu_backend.QUANTIZE_MAX_T and cpu_backend.usable()
 

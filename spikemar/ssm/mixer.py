@@ -63,7 +63,7 @@ def fused_norm_ready(x: torch.Tensor, norm: nn.RMSNorm) -> bool:
         and x.device.type == "cpu"
         and x.dim() >= 1
         and norm.normalized_shape == (x.shape[-1],)
-        and (w is None or (w.dtype == x.dtype and w.device.type == "cpu"))
+        and (w is None or (w.shape == (x.shape[-1],) and w.dtype == x.dtype and w.is_cpu))
         and cpu_backend.usable()
     )
 
@@ -233,20 +233,21 @@ class SelectiveMixer(nn.Module):
         ones take the PyTorch operations). Read through the parameter dicts: this runs per
         token, and ``Module.__getattr__`` costs more than the checks."""
         dtype = zxbcdt.dtype
-        if dtype not in _FUSED_DTYPES or zxbcdt.device.type != "cpu" or zxbcdt.dim() != 2:
+        if dtype not in _FUSED_DTYPES or not zxbcdt.is_cpu or zxbcdt.dim() != 2:
             return None
         conv, ssm = state.conv, state.ssm
         if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
             return None
-        batch = zxbcdt.shape[0]
-        if conv.shape != (batch, self.conv_channels, self.d_conv - 1) or ssm.shape != (
-            batch, self.n_heads, self.head_dim, self.d_state
-        ) or ssm.numel() > _FUSED_MAX_STATE:  # fmt: skip
+        batch, K, H = zxbcdt.shape[0], self.conv_channels, self.n_heads
+        if zxbcdt.shape[1] != self.d_inner + K + H or ssm.numel() > _FUSED_MAX_STATE:
             return None
         p, c = self._parameters, self._modules["conv"]._parameters
+        # the kernel trusts every shape: a tensor that differs takes the PyTorch operations
         tensors = (conv, ssm, c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"])
-        for t in tensors:
-            if t is None or t.dtype != dtype or t.device.type != "cpu":
+        shapes = ((batch, K, self.d_conv - 1), (batch, H, self.head_dim, self.d_state),
+                  (K, 1, self.d_conv), (K,), (H,), (H,), (H,))  # fmt: skip
+        for t, shape in zip(tensors, shapes, strict=True):
+            if t is None or t.dtype != dtype or not t.is_cpu or t.shape != shape:
                 return None
         return tensors if cpu_backend.usable() else None
 

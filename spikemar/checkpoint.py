@@ -10,6 +10,8 @@ A checkpoint is one ``torch.save`` file holding plain data (no pickled classes, 
     model         the model's state_dict
     train         optional: the training state (step, optimizer, scheduler, RNG states, config,
                   best validation loss, history) that ``--resume`` restores
+    provenance    optional: how a released checkpoint was made (command, data, seed, result);
+                  :func:`release_checkpoint` writes it in place of the training state
 
 It is written to a temporary name in the same folder and renamed, so an interrupted save never
 leaves a half-written file behind.
@@ -28,7 +30,14 @@ from torch import nn
 from .data import CharTokenizer
 from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
 
-__all__ = ["MODEL_KINDS", "build_model", "load_checkpoint", "model_config_dict", "save_checkpoint"]
+__all__ = [
+    "MODEL_KINDS",
+    "build_model",
+    "load_checkpoint",
+    "model_config_dict",
+    "release_checkpoint",
+    "save_checkpoint",
+]
 
 FORMAT = "spikemar-checkpoint-1"
 MODEL_KINDS = ("mar", "mar-dense", "transformer")
@@ -72,6 +81,7 @@ def save_checkpoint(
     model: nn.Module,
     tokenizer: CharTokenizer,
     train_state: dict[str, Any] | None = None,
+    provenance: dict[str, Any] | None = None,
 ) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -84,10 +94,15 @@ def save_checkpoint(
     }
     if train_state is not None:
         payload["train"] = train_state
+    if provenance is not None:
+        payload["provenance"] = provenance
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     os.close(fd)
     try:
         torch.save(payload, tmp)
+        mask = os.umask(0)  # mkstemp makes the file private; give it the usual permissions
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):
@@ -114,3 +129,15 @@ def load_checkpoint(
     model.load_state_dict(payload["model"])
     model.eval()
     return model, CharTokenizer.from_dict(payload["tokenizer"]), payload
+
+
+def release_checkpoint(
+    source: str | os.PathLike, path: str | os.PathLike, provenance: dict[str, Any]
+) -> Path:
+    """Write the model of ``source`` to ``path`` without its training state (a few MB instead of
+    three times that), with ``provenance``: at least ``command``, ``data``, ``seed``, ``result``."""
+    missing = {"command", "data", "seed", "result"} - set(provenance)
+    if missing:
+        raise ValueError(f"provenance: missing {sorted(missing)}")
+    model, tokenizer, _ = load_checkpoint(source)
+    return save_checkpoint(path, model, tokenizer, provenance=provenance)

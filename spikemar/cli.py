@@ -296,7 +296,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="train a language model (spiking MAR, its dense twin, or a Transformer) on text",
         description="Train from scratch on a UTF-8 text file (default: Tiny Shakespeare from the "
         "shared data folder), with a progress bar, validation and checkpoints; --resume "
-        "continues an interrupted run exactly.",
+        "continues an interrupted run exactly; runs data-parallel under torchrun.",
     )
     p.add_argument("--model", choices=("mar", "mar-dense", "transformer"), default="mar")
     p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
@@ -310,6 +310,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--eval-iters", type=_int_at_least_1, default=20)
     p.add_argument("--seed", type=int, default=1337)
     p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
+                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
     p.add_argument("--d-model", type=_int_at_least_1, default=128)
     p.add_argument("--n-layers", type=_int_at_least_1, default=4)
     p.add_argument("--n-heads", type=_int_at_least_1, default=4, help="Transformer heads")
@@ -343,7 +345,7 @@ def _run_train(args: argparse.Namespace) -> int:
             model=args.model, model_config=model_config, data=args.data, out=args.out,
             steps=args.steps, batch_size=args.batch_size, L=args.L, lr=args.lr,
             min_lr=args.lr / 10, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-            seed=args.seed, device=args.device,
+            seed=args.seed, device=args.device, amp=args.amp,
         )  # fmt: skip
         result = train(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
@@ -394,6 +396,24 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+# -- demo ---------------------------------------------------------------------------------------
+
+
+def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+    from .showcase import add_demo_arguments, demo_main
+
+    p = subparsers.add_parser(
+        "demo",
+        help="the packaged spiking MAR student: generate text, draw its spikes, price its energy",
+        description="Run the spiking MAR LM packaged with spikemar (or --checkpoint): say how "
+        "it was made, generate text, draw the rasters and firing rates of its spike points "
+        "into one PNG, and print its energy report beside its dense teacher.",
+    )
+    add_demo_arguments(p)
+    p.set_defaults(func=demo_main)
+    return p
+
+
 # -- distill ------------------------------------------------------------------------------------
 
 
@@ -415,6 +435,7 @@ def _add_distill(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPar
 # -- the command line ---------------------------------------------------------------------------
 
 _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser], ...] = (
+    _add_demo,
     _add_raster,
     _add_train,
     _add_generate,

@@ -1,0 +1,156 @@
+"""``spikemar demo``: the shipped spiking MAR student at work, with nothing to train or fetch.
+
+On the checkpoint packaged in ``spikemar/assets`` (or any ``--checkpoint``) it
+
+1. says how the checkpoint was made (command, data, seed, losses: its ``provenance``),
+2. generates text with the spiking model (token by token through its recurrent state),
+3. runs the model on that text with every spike point recording and draws one PNG: ternary
+   rasters of three spike points and the firing rate of every spike point (+1 and −1 apart),
+4. prints the energy report of the spiking model beside its dense teacher (the same
+   architecture without spikes: the stage-2 teacher) under a hardware profile.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._argtypes import int_at_least_1
+
+__all__ = ["SHIPPED_CHECKPOINT", "add_demo_arguments", "demo_main", "shipped_checkpoint"]
+
+SHIPPED_CHECKPOINT = "mar_shakespeare.pt"
+
+
+def shipped_checkpoint() -> Path:
+    """The path of the packaged student checkpoint."""
+    path = Path(str(resources.files("spikemar") / "assets" / SHIPPED_CHECKPOINT))
+    if not path.is_file():
+        raise FileNotFoundError(f"--checkpoint: the packaged checkpoint is missing at {path} "
+                                "(a broken install?); give --checkpoint PATH")  # fmt: skip
+    return path
+
+
+def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    p = parser
+    p.add_argument("--checkpoint", type=Path, default=None,
+                   help="a spiking MAR checkpoint (default: the packaged Tiny Shakespeare "
+                        "student)")  # fmt: skip
+    p.add_argument("--prompt", default="ROMEO:\n", help="text to continue")
+    p.add_argument("--max-new-tokens", type=int_at_least_1, default=300)
+    p.add_argument("--temperature", type=float, default=0.8)
+    p.add_argument("--top-k", type=int_at_least_1, default=None)
+    p.add_argument("--seed", type=int, default=1)
+    p.add_argument("--hardware", default="45nm-fp32", help="energy profile (45nm-fp32)")
+    p.add_argument("--out", type=Path, default=Path("spikemar_demo.png"), help="the PNG")
+    return p
+
+
+def _spike_points(model: torch.nn.Module) -> dict[str, Any]:
+    from .models.common import SpikePoint
+
+    return {name: m for name, m in model.named_modules() if isinstance(m, SpikePoint)}
+
+
+def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: str):
+    from . import viz
+
+    for point in points.values():
+        point.record = True
+    try:
+        with torch.no_grad():
+            model(ids)
+        spikes = {name: p.spikes[:, 0] for name, p in points.items()}  # [T, L, channels]
+    finally:
+        for point in points.values():
+            point.record, point.spikes = False, None
+    T = next(iter(spikes.values())).shape[0]
+    names = list(spikes)
+    # the first layer's mixer input and FFN hidden spikes, the last layer's mixer output spikes
+    first = [n for n in names if n.startswith(names[0].split(".mixer")[0].split(".ffn")[0])]
+    hidden = [n for n in first if n.endswith("spike_hidden")] or first
+    out = [n for n in names if n.endswith("spike_out")] or names
+    shown = [names[0], hidden[0], out[-1]]
+    L = min(ids.shape[1], 24)
+    fig = viz.new_figure((18, 10))
+    grid = fig.add_gridspec(2, 3, height_ratios=(3, 2))
+    fig.suptitle(title)
+    for k, name in enumerate(shown):
+        s = spikes[name][:, -L:, :64]  # the last L characters, the first 64 channels
+        by_position = s.permute(1, 0, 2).reshape(-1, s.shape[-1])  # [L·T, channels]
+        ax = viz.raster(by_position, fig.add_subplot(grid[0, k]), neuron_label="channel",
+                        time_label=f"character × micro-step ({T} per character)",
+                        title=f"spike point {name}", boundary_every=T)  # fmt: skip
+        text = tokenizer.decode(ids[0, -L:].tolist())
+        ax.set_xticks([i * T + (T - 1) / 2 for i in range(L)],
+                      [repr(c)[1:-1] for c in text], fontsize=8)  # fmt: skip
+    rates = {name: viz.firing_rates(s, batch_dims=1) for name, s in spikes.items()}
+    title = "firing rate of every spike point (per micro-step)"
+    viz.plot_layer_firing_rates(rates, fig.add_subplot(grid[1, :]), title=title)
+    fig.axes[-1].tick_params(axis="x", labelrotation=60, labelsize=7)
+    return fig, rates
+
+
+def demo_main(args: argparse.Namespace) -> int:
+    from . import viz
+    from .checkpoint import build_model, load_checkpoint, model_config_dict
+    from .energy import compare, get_profile, profile
+
+    try:
+        get_profile(args.hardware)
+        if args.temperature < 0:
+            raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
+        path = args.checkpoint or shipped_checkpoint()
+        model, tokenizer, payload = load_checkpoint(path)
+        if getattr(model.config, "spikes", None) is None:
+            raise ValueError(f"--checkpoint: {path} holds a dense model; the demo shows spikes")
+        prompt = torch.tensor(tokenizer.encode(args.prompt.replace("\\n", "\n")))
+        if prompt.numel() == 0:
+            raise ValueError("--prompt: expected at least one character")
+    except (ValueError, FileNotFoundError) as err:
+        print(f"spikemar demo: error: {err}", file=sys.stderr)
+        return 2
+    made = payload.get("provenance")
+    print(f"checkpoint: {path}")
+    if made:
+        print(f"  made by:  {made['command']}")
+        print(f"  data:     {made['data']}   seed: {made['seed']}")
+        print(f"  result:   {made['result']}")
+    s = model.config.spikes
+    n_params = sum(p.numel() for p in model.parameters())
+    print(f"  model:    spiking MAR LM, {model.config.n_layers} layers, d_model "
+          f"{model.config.d_model}, {n_params / 1e6:.2f} M parameters; ATMN T = {s.T}, "
+          f"τ = {s.tau}\n")  # fmt: skip
+
+    generator = torch.Generator().manual_seed(args.seed)
+    out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
+                         top_k=args.top_k, generator=generator)  # fmt: skip
+    print(tokenizer.decode(out))
+    print()
+
+    ids = out[None, -512:]
+    points = _spike_points(model)
+    fig, rates = _figure(model, tokenizer, ids, points,
+                         f"{path.name}: spikes of the spiking MAR LM on its own text "
+                         f"({ids.shape[1]} characters)")  # fmt: skip
+    viz.save_figure(fig, args.out)
+    mean = sum(r.mean_total for r in rates.values()) / len(rates)
+    print(f"{args.out}: rasters and firing rates of {len(points)} spike points "
+          f"(mean firing rate {mean:.3f} per micro-step)\n")  # fmt: skip
+
+    twin = build_model("mar-dense", model_config_dict(model))
+    twin.load_state_dict(model.state_dict(), strict=False)  # all but the spike thresholds
+    student = profile(model, ids, hardware=args.hardware)
+    teacher = profile(twin.eval(), ids, hardware=args.hardware)
+    comparison = compare(student, teacher, labels=("spiking MAR", "dense teacher"))
+    print(comparison.to_table())
+    print(f"\nenergy per token ({args.hardware}): spiking {comparison.student_pj / 1e3:,.1f} nJ, "
+          f"dense teacher {comparison.teacher_pj / 1e3:,.1f} nJ: {comparison.savings:.2f}x less "
+          f"({student.total_acs:,} ACs + {student.total_macs:,} MACs against "
+          f"{teacher.total_macs:,} MACs)")  # fmt: skip
+    return 0

@@ -1,0 +1,75 @@
+"""``spikemar demo``: the packaged student generates, draws its spikes and prices its energy."""
+
+import pytest
+import torch
+from PIL import Image
+
+from spikemar.checkpoint import load_checkpoint, release_checkpoint
+from spikemar.cli import main
+from spikemar.showcase import shipped_checkpoint
+from spikemar.training import TrainConfig, train
+
+TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
+
+
+def test_the_packaged_checkpoint_is_a_small_spiking_student_with_its_provenance():
+    path = shipped_checkpoint()
+    assert path.stat().st_size < 8e6  # a few MB: weights only
+    model, tokenizer, payload = load_checkpoint(path)
+    assert payload["kind"] == "mar" and "train" not in payload
+    made = payload["provenance"]
+    assert "spikemar distill --stage 2" in made["command"] and made["seed"] is not None
+    assert tokenizer.vocab_size == 65  # Tiny Shakespeare's characters
+    text = tokenizer.decode(model.generate(torch.tensor(tokenizer.encode("ROMEO:")), 40,
+                                           generator=torch.Generator().manual_seed(0)))  # fmt: skip
+    assert text.startswith("ROMEO:") and len(text) == 46
+
+
+def test_demo_on_the_packaged_checkpoint(tmp_path, capsys):
+    out = tmp_path / "demo.png"
+    assert main(["demo", "--max-new-tokens", "30", "--out", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "made by:" in printed and "ROMEO:" in printed and "spike points" in printed
+    assert "dense teacher" in printed and "less" in printed
+    assert Image.open(out).size[0] > 1000
+
+
+def test_demo_on_a_trained_checkpoint_and_bad_requests(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "romeo.txt").write_text(TEXT)
+    small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
+    for kind in ("mar", "mar-dense"):
+        train(TrainConfig(model=kind, model_config=small, data=str(tmp_path / "romeo.txt"),
+                          out=str(tmp_path / f"{kind}.pt"), steps=2, batch_size=2, L=16,
+                          eval_interval=2, eval_iters=1), progress=False)  # fmt: skip
+    assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Romeo",
+                 "--max-new-tokens", "8", "--out", str(tmp_path / "d.png")]) == 0  # fmt: skip
+    assert (tmp_path / "d.png").is_file() and "made by" not in capsys.readouterr().out
+    assert main(["demo", "--checkpoint", str(tmp_path / "mar-dense.pt")]) == 2
+    assert "dense model" in capsys.readouterr().err
+    assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Zebra"]) == 2
+    assert main(["demo", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    assert main(["demo", "--hardware", "abacus"]) == 2
+    with pytest.raises(SystemExit):
+        main(["demo", "--max-new-tokens", "0"])
+
+
+def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    (tmp_path / "romeo.txt").write_text(TEXT)
+    small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
+    train(TrainConfig(model="mar", model_config=small, data=str(tmp_path / "romeo.txt"),
+                      out=str(tmp_path / "run.pt"), steps=2, batch_size=2, L=16,
+                      eval_interval=2, eval_iters=1), progress=False)  # fmt: skip
+    made = {"command": "spikemar train ...", "data": "romeo.txt", "seed": 1337, "result": "-"}
+    release_checkpoint(tmp_path / "run.pt", tmp_path / "release.pt", made)
+    model, _, payload = load_checkpoint(tmp_path / "release.pt")
+    trained = load_checkpoint(tmp_path / "run.pt")[0]
+    assert "train" not in payload and payload["provenance"] == made
+    assert (tmp_path / "release.pt").stat().st_size < (tmp_path / "run.pt").stat().st_size / 2
+    for name, value in trained.state_dict().items():
+        assert torch.equal(model.state_dict()[name], value)
+    with pytest.raises(ValueError, match="provenance"):
+        release_checkpoint(tmp_path / "run.pt", tmp_path / "bad.pt", {"command": "x"})

@@ -63,17 +63,21 @@ def test_export_command_writes_both_files(tmp_path, capsys):
     assert expected == 26_122
 
 
-def test_export_command_reports_a_mar_checkpoint_and_refuses_to_export_it(tmp_path, capsys):
+def test_export_command_reports_a_mar_checkpoint_and_names_what_cannot_go_to_nir(tmp_path, capsys):
     save_checkpoint(
         tmp_path / "m.pt", hybrid_mar(), CharTokenizer.from_text("abcdefghijklmnopqrst")
     )
     assert cli.main(["export", "--checkpoint", str(tmp_path / "m.pt")]) == 0
     assert "layers.0.mixer.conv" in capsys.readouterr().out
     code = cli.main(
-        ["export", "--checkpoint", str(tmp_path / "m.pt"), "--lava", str(tmp_path / "x.h5")]
+        ["export", "--checkpoint", str(tmp_path / "m.pt"), "--nir", str(tmp_path / "x.nir")]
     )
     assert code == 2 and "embed: a lookup of token ids" in capsys.readouterr().err
-    assert not (tmp_path / "x.h5").exists()
+    assert not (tmp_path / "x.nir").exists()
+    code = cli.main(
+        ["export", "--checkpoint", str(tmp_path / "m.pt"), "--lava", "d", "--check-steps", "3"]
+    )
+    assert code == 2 and "only for block networks" in capsys.readouterr().err
 
 
 def test_export_command_names_bad_arguments(tmp_path, capsys):

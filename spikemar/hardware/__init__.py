@@ -26,6 +26,8 @@ _EXPORTS = {
     "import_nir": "nir_export",
     "ChipReport": "chip",
     "chip_report": "chip",
+    "export_mar_lava": "mar_export",
+    "mar_segments": "mar_export",
 }
 
 __all__ = sorted(_EXPORTS)

@@ -9,8 +9,9 @@ The command's two halves, for :mod:`spikemar.cli` to wire in::
 It prints which modules run on chip and which stay on the host (with counts), writes the netx
 HDF5 file (``--lava``) and the NIR file (``--nir``) of a network of Linear/Conv2d + neuron
 blocks, and with ``--check-steps N`` runs the exported file in Lava's simulator and compares its
-spikes with spikemar's fixed-point model. A MAR checkpoint gets the report; its export stops with
-an error that names the first module that has to stay on the host, and why.
+spikes with spikemar's fixed-point model. For a MAR checkpoint ``--lava DIR`` writes its on-chip
+segments (:mod:`spikemar.hardware.mar_export`); ``--nir`` stops with an error that names the
+first module that has to stay on the host, and why.
 """
 
 from __future__ import annotations
@@ -35,7 +36,13 @@ def add_export_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         help="a spikemar checkpoint (spikemar train / distill); default: the built-in 3-layer "
         "Linear+ATMN demo network (64-128-128-10)",
     )
-    parser.add_argument("--lava", type=Path, metavar="PATH", help="write the netx HDF5 file here")
+    parser.add_argument(
+        "--lava",
+        type=Path,
+        metavar="PATH",
+        help="write the netx HDF5 file here; for a MAR checkpoint a folder: one file per spike "
+        "point and the projections it feeds, and manifest.json",
+    )
     parser.add_argument("--nir", type=Path, metavar="PATH", help="write the NIR file here")
     parser.add_argument(
         "--check-steps",
@@ -75,8 +82,14 @@ def export_main(args: argparse.Namespace) -> int:
             raise ValueError("--check-steps: give --lava PATH too")
         model, input_shape = _load(args)
         print(chip_report(model, input_shape).to_table())
-        if (args.lava or args.nir) and input_shape is None:
-            lower(model)  # a language model: raises, naming the first module kept on the host
+        if input_shape is None:
+            if args.check_steps is not None:
+                raise ValueError("--check-steps: only for block networks (not a language model)")
+            if args.lava is not None:
+                _export_mar(model, args)
+            if args.nir is not None:
+                lower(model)  # a language model: raises, naming the first module on the host
+            return 0
         if args.lava is not None:
             t0 = time.perf_counter()
             fixed = export_lava(model, args.lava, input_shape)
@@ -97,6 +110,21 @@ def export_main(args: argparse.Namespace) -> int:
         print(f"spikemar export: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _export_mar(model, args: argparse.Namespace) -> None:
+    from .mar_export import export_mar_lava
+
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(args.seed))
+    manifest = export_mar_lava(model, args.lava, tokens)
+    print(
+        f"\nwrote {len(manifest['segments'])} on-chip segments to {args.lava}/ (netx HDF5 "
+        "each, manifest.json; payload scales calibrated on 4 × 64 random tokens)"
+    )
+    for s in manifest["segments"]:
+        print(f"  {s['file']}: {', '.join(s['projections'])} (k {s['k']:.4g}, "
+              f"weight scale {s['weight_scale']:.4g})")  # fmt: skip
 
 
 def _check(fixed, args: argparse.Namespace, input_shape, run_lava) -> None:

@@ -61,6 +61,7 @@ __all__ = [
     "UnsupportedModuleError",
     "lower",
     "quantize",
+    "quantize_network",
     "simulate",
 ]
 
@@ -326,6 +327,12 @@ def quantize(model: nn.Module) -> FixedPointNetwork | nn.Module:
         from .chip import quantize_mar
 
         return quantize_mar(model)
+    return quantize_network(model)
+
+
+def quantize_network(model: nn.Module) -> FixedPointNetwork:
+    """:func:`quantize` for an ``nn.Sequential`` of blocks only (anything else raises
+    :class:`UnsupportedModuleError` naming the module that cannot go on chip)."""
     return FixedPointNetwork([_quantize_block(b) for b in lower(model)])
 
 
@@ -366,6 +373,8 @@ class FixedPointNetwork(nn.Module):
         blocks: the :class:`FixedBlock` records (scales, integer weights, thresholds, decays).
         clamp_counts: per block path, how often CUBA voltages saturated at ±(2^23 − 1) in the
             last call, and how many thresholds were clamped to 1 when quantising.
+        last_states: per block, its integer state after the last call (``u``, and ``v`` for
+            CUBA, ``h`` for an LTI cell).
     """
 
     def __init__(self, blocks: list[FixedBlock]) -> None:
@@ -374,6 +383,7 @@ class FixedPointNetwork(nn.Module):
         self.clamp_counts: dict[str, dict[str, int]] = {
             fb.path: {"threshold": fb.threshold_clamps, "voltage": 0} for fb in blocks
         }
+        self.last_states: list[dict[str, torch.Tensor]] = []
 
     def forward(self, inputs: torch.Tensor, *, record: bool = False):
         """``record=True`` also returns every block's spikes (a list of [T, N, …] tensors)."""
@@ -391,6 +401,7 @@ class FixedPointNetwork(nn.Module):
             for i, fb in enumerate(self.blocks):
                 x = self._block_step(fb, x, states[i], t)
                 outputs[i].append(x)
+        self.last_states = states
         spikes = [torch.stack(o).float() for o in outputs]
         return (spikes[-1], spikes) if record else spikes[-1]
 

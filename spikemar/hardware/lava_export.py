@@ -40,7 +40,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .fixed_point import Block, FixedBlock, FixedPointNetwork, quantize, synaptic_input
+from .fixed_point import Block, FixedBlock, FixedPointNetwork, quantize_network, synaptic_input
 
 __all__ = ["LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
@@ -78,7 +78,7 @@ def export_lava(
     import h5py
 
     shape = _check_input_shape(input_shape)
-    fixed = model if isinstance(model, FixedPointNetwork) else quantize(model)
+    fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
     path = Path(path)
     if path.suffix in ("", "."):
         raise ValueError(f"path: expected a file name such as net.h5, got {str(path)!r}")
@@ -192,6 +192,7 @@ def run_lava(
     fixed_point: bool = True,
     *,
     netx_network: bool = False,
+    readout: str = "spikes",
     timeout_s: float = 600.0,
 ) -> torch.Tensor:
     """Run an exported network in Lava's simulator (``Loihi2SimCfg``, tag ``fixed_pt`` or
@@ -200,8 +201,12 @@ def run_lava(
     [num_steps, *output_shape], aligned with the input's time axis.
 
     Lava runs in its own environment (:func:`lava_python`) in a subprocess;
-    ``netx_network=True`` loads the file with ``netx.hdf5.Network`` itself (CUBA-only files).
+    ``netx_network=True`` loads the file with ``netx.hdf5.Network`` itself (CUBA-only files);
+    ``readout="voltage"`` returns the last layer's voltage after the run, [*output_shape], in
+    Loihi's integer state units (fixed point) instead of the spikes.
     """
+    if readout not in ("spikes", "voltage"):
+        raise ValueError(f"readout: expected 'spikes' or 'voltage', got {readout!r}")
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"path: no exported network at {str(path)!r}")
@@ -223,6 +228,8 @@ def run_lava(
             cmd.append("--float")
         if netx_network:
             cmd.append("--netx-network")
+        if readout == "voltage":
+            cmd.append("--voltage")
         env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
         done = subprocess.run(
             cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s

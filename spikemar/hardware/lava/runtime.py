@@ -174,13 +174,21 @@ def _spikemar_block(raw, kind, neuron_type, fixed_point, prev_shape, message_bit
     return block, out_bits
 
 
-def run(path: str, inputs: np.ndarray, fixed_point: bool = True, netx_network: bool = False):
+def run(
+    path: str,
+    inputs: np.ndarray,
+    fixed_point: bool = True,
+    netx_network: bool = False,
+    readout: str = "spikes",
+):
     """Run the exported network on ``inputs`` [steps, *input_shape] (PyTorch layout) on
     ``Loihi2SimCfg``; return the output spikes [steps, *output_shape] aligned with the input's
     time axis (Lava's synapses add one step each; the extra steps see zero input).
 
     ``netx_network``: load the whole file with ``netx.hdf5.Network`` instead (CUBA-only
-    networks in fixed point: the check that netx's own loader reads the file)."""
+    networks in fixed point: the check that netx's own loader reads the file).
+    ``readout="voltage"``: return the last layer's voltage after the run instead, [*output_shape]
+    (for a CUBA integrator that reads out a projection, see ``spikemar.hardware.mar_export``)."""
     from lava.magma.core.run_conditions import RunSteps
     from lava.magma.core.run_configs import Loihi2SimCfg
     from lava.proc import io
@@ -205,7 +213,10 @@ def run(path: str, inputs: np.ndarray, fixed_point: bool = True, netx_network: b
     tag_name = "fixed_pt" if fixed_point else "floating_pt"
     sink.run(condition=RunSteps(num_steps=total), run_cfg=Loihi2SimCfg(select_tag=tag_name))
     out = sink.data.get()
+    voltage = last.neuron.v.get() if readout == "voltage" else None
     sink.stop()
+    if voltage is not None:
+        return _to_lava(voltage)  # back to PyTorch layout
     out = np.moveaxis(out, -1, 0)[depth:]  # [steps, *WHC]
     return np.stack([_to_lava(o) for o in out])  # back to PyTorch layout
 
@@ -223,9 +234,13 @@ def main(argv=None) -> int:
     p.add_argument("output", help=".npy to write the output spikes to")
     p.add_argument("--float", action="store_true", help="floating-point ProcessModels")
     p.add_argument("--netx-network", action="store_true", help="load with netx.hdf5.Network")
+    p.add_argument("--voltage", action="store_true", help="read the last layer's final voltage")
     args = p.parse_args(argv)
     inputs = np.load(args.inputs)
-    out = run(args.network, inputs, fixed_point=not args.float, netx_network=args.netx_network)
+    out = run(
+        args.network, inputs, fixed_point=not args.float, netx_network=args.netx_network,
+        readout="voltage" if args.voltage else "spikes",
+    )  # fmt: skip
     np.save(args.output, out)
     return 0
 

@@ -240,7 +240,7 @@ int CAT(atmn_backward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, 
 int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                            int64_t T, double tau, REAL decay, int ternary,
                                            REAL *decoded) {
-  enum { MAX_T = 64 };
+  enum { MAX_T = 64, BLK = 256 };
   if (T < 1 || T > MAX_T) return -2;
   REAL w[MAX_T];
   for (int64_t t = 0; t < T; ++t) w[t] = decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(tau, (double)t);
@@ -249,17 +249,37 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
     if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
   const REAL tern = (REAL)(ternary != 0);
   int64_t bad = 0;
-  for (int64_t i = 0; i < N; ++i) {
-    const REAL V = vth[C == 0 ? 0 : i % C], xi = x[i]; /* decoded may alias x */
-    REAL u = 0, acc = 0;
-    for (int64_t t = 0; t < T; ++t) {
-      const REAL h = t == 0 ? xi : (REAL)0 + u * decay; /* as the reference's order */
-      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
-      u = h - V * s;
-      acc += w[t] * s;
+  /* blocks of BLK elements, micro-steps outer and elements inner (the loops vectorise); the
+   * arithmetic per element is that of the reference, in its order */
+  REAL xb[BLK], vb[BLK], u[BLK], acc[BLK];
+  int64_t c = 0;
+  for (int64_t start = 0; start < N; start += BLK) {
+    const int64_t len = start + BLK <= N ? BLK : N - start;
+    for (int64_t i = 0; i < len; ++i) { /* decoded may alias x: read x first */
+      xb[i] = x[start + i];
+      vb[i] = vth[c];
+      if (C != 0 && ++c == C) c = 0;
     }
-    decoded[i] = V * acc;
-    bad += !isfinite(decay == (REAL)0 ? xi : u);
+    for (int64_t i = 0; i < len; ++i) {
+      const REAL h = xb[i], V = vb[i];
+      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+      u[i] = h - V * s;
+      acc[i] = (REAL)0 + w[0] * s;
+    }
+    for (int64_t t = 1; t < T; ++t) {
+      const REAL wt = w[t];
+      for (int64_t i = 0; i < len; ++i) {
+        const REAL h = (REAL)0 + u[i] * decay, V = vb[i];
+        const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+        u[i] = h - V * s;
+        acc[i] += wt * s;
+      }
+    }
+    const REAL *probe = decay == (REAL)0 ? xb : u;
+    for (int64_t i = 0; i < len; ++i) {
+      decoded[start + i] = vb[i] * acc[i];
+      bad += !isfinite(probe[i]);
+    }
   }
   return bad;
 }

@@ -230,7 +230,11 @@ def run_lava(
             cmd.append("--netx-network")
         if readout == "voltage":
             cmd.append("--voltage")
-        env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+        # only the spikemar package on the path: an installed spikemar sits beside the main
+        # environment's packages (numpy 2, ...), which must not shadow the Lava environment's
+        Path(tmp, "path").mkdir()
+        Path(tmp, "path", "spikemar").symlink_to(Path(__file__).resolve().parents[1])
+        env = {**os.environ, "PYTHONPATH": str(Path(tmp, "path"))}
         done = subprocess.run(
             cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
         )

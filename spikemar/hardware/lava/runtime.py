@@ -6,7 +6,7 @@ in the separate Lava environment (``build/venv-lava``, built by ``.ci/lava-env``
 
     build/venv-lava/bin/python -m spikemar.hardware.lava.runtime NET.h5 IN.npy OUT.npy [--float]
 
-with the repository root on ``PYTHONPATH``. ``IN.npy`` holds the input [steps, *input_shape]
+with (only) the spikemar package on ``PYTHONPATH``. ``IN.npy`` holds the input [steps, *input_shape]
 (PyTorch layout); ``OUT.npy`` receives the last layer's spikes [steps, *output_shape],
 already shifted back by the one-step delay that each of Lava's synapses adds.
 

@@ -12,6 +12,8 @@ The rows (DESIGN.md §1; the paper's ordering: binary worst, ATMN the largest ga
     atmn-fkl-rkl   ATMN, forward and reverse KL (α = 0.2, β = 0.7)
     sbds           full SBDS: + pre-norm feature loss
     sbds-postnorm  post-norm alignment instead of pre-norm
+    sbds-gamma*    full SBDS with the feature term weighted by γ = 0.1, 0.01 (the paper's
+                   formula has γ = 1; at this scale the feature term then dominates the KL)
     atmn-ce        reference: ATMN fine-tuned on the data alone (cross-entropy, no teacher term)
 
 Every student starts from the dense teacher's weights and runs the same steps, batch and
@@ -51,6 +53,8 @@ ROWS: dict[str, dict] = {
     "atmn-fkl-rkl": {"alpha": 0.2, "beta": 0.7, "feature": None},
     "sbds": {"alpha": 0.2, "beta": 0.7, "feature": "prenorm"},
     "sbds-postnorm": {"alpha": 0.2, "beta": 0.7, "feature": "postnorm"},
+    "sbds-gamma0.1": {"alpha": 0.2, "beta": 0.7, "feature": "prenorm", "gamma": 0.1},
+    "sbds-gamma0.01": {"alpha": 0.2, "beta": 0.7, "feature": "prenorm", "gamma": 0.01},
     "atmn-ce": {"alpha": 0.0, "beta": 0.0, "feature": None, "ce": 1.0},
 }
 LABELS = {
@@ -59,6 +63,8 @@ LABELS = {
     "atmn-fkl-rkl": "ATMN + forward and reverse KL",
     "sbds": "full SBDS (+ pre-norm feature loss)",
     "sbds-postnorm": "SBDS with post-norm alignment instead",
+    "sbds-gamma0.1": "full SBDS, feature term weighted γ = 0.1",
+    "sbds-gamma0.01": "full SBDS, feature term weighted γ = 0.01",
     "atmn-ce": "reference: ATMN + cross-entropy only (no teacher)",
 }
 

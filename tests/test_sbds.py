@@ -59,6 +59,8 @@ def test_every_term_switches_off_for_the_ablations():
     assert only_forward.item() == pytest.approx(kl_divergence(t, s).sum(-1).mean().item() / 3)
     only_feature = sbds_loss(s, t, hs, ht, alpha=0.0, beta=0.0).loss
     assert only_feature.item() == pytest.approx((ht[0] - hs[0]).norm(dim=-1).mean().item())
+    weighted = sbds_loss(s, t, hs, ht, alpha=0.0, beta=0.0, gamma=0.25).loss
+    assert weighted.item() == pytest.approx(0.25 * only_feature.item())
     assert sbds_loss(t, t, ht, ht).loss.item() == pytest.approx(0.0, abs=1e-6)
 
 

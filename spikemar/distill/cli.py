@@ -43,6 +43,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     loss.add_argument("--temperature", type=positive_float, default=1.0)
     loss.add_argument("--feature", choices=("prenorm", "postnorm", "none"), default="prenorm",
                       help="hidden-state alignment term (none: off)")  # fmt: skip
+    loss.add_argument("--gamma", type=non_negative_float, default=1.0,
+                      help="weight of the feature term (1 in the paper's formula)")  # fmt: skip
     loss.add_argument("--ce", type=non_negative_float, default=0.0,
                       help="weight of plain next-token cross-entropy")  # fmt: skip
     loss.add_argument("--align-steps", type=int, default=None,
@@ -85,7 +87,8 @@ def distill_main(args: argparse.Namespace) -> int:
             min_lr=args.lr / 10, warmup=args.warmup, eval_interval=args.eval_interval,
             eval_iters=args.eval_iters, seed=args.seed, device=args.device, amp=args.amp,
             alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            feature=None if args.feature == "none" else args.feature, ce=args.ce,
+            feature=None if args.feature == "none" else args.feature, gamma=args.gamma,
+            ce=args.ce,
             align_steps=args.align_steps, student_config=student,
             init_from_teacher=not args.no_init_from_teacher,
         )  # fmt: skip

@@ -7,7 +7,7 @@ With teacher distribution p and student distribution q over the vocabulary at ea
                    \qquad (\alpha = 0.2,\ \beta = 0.7 \text{ in the paper}) \\
     L_{feature} &= \sum_j \lVert h^{teacher}_j - P_j\, h^{student}_j \rVert_2
                    \qquad \text{(pre-norm hidden state entering layer } j) \\
-    L           &= \frac{L_{logit}}{T \cdot M} + \frac{L_{feature}}{T \cdot L_{layers}}
+    L           &= \frac{L_{logit}}{T \cdot M} + \gamma \frac{L_{feature}}{T \cdot L_{layers}}
 
 where M is the number of token positions, T the student's micro-steps and :math:`P_j` the
 identity (equal widths) or a learned projection. Choices the paper leaves open, made here:
@@ -16,7 +16,9 @@ feature term is the L2 norm of each position's difference, averaged over batch a
 summed over layers; ``temperature`` τ_kd softens both distributions and multiplies the KL terms
 by τ_kd² (Hinton et al.'s scaling, so gradients keep their size). Every term can be switched
 off (``alpha=0``, ``beta=0``, ``feature=None``) for the ablations, and ``feature='postnorm'``
-aligns the hidden states after each layer's first norm instead.
+aligns the hidden states after each layer's first norm instead. ``gamma`` (1 in the paper's
+formula) weighs the feature term: at small scale its L2 norms outweigh the per-position KL by
+an order of magnitude (benchmarks/RESULTS.md), and γ rebalances the two.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def sbds_loss(
     temperature: float = 1.0,
     feature: str | None = "prenorm",
     projection: FeatureProjection | None = None,
+    gamma: float = 1.0,
 ) -> SBDSTerms:
     """SBDS on logits [batch, M, vocab] and per-layer hidden states [batch, M, width].
 
@@ -94,9 +97,9 @@ def sbds_loss(
         )
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T: expected the student's micro-steps, an int >= 1, got {T!r}")
-    if alpha < 0 or beta < 0 or not temperature > 0:
-        raise ValueError(f"alpha, beta, temperature: expected >= 0, >= 0, > 0; got "
-                         f"{alpha}, {beta}, {temperature}")  # fmt: skip
+    if alpha < 0 or beta < 0 or gamma < 0 or not temperature > 0:
+        raise ValueError(f"alpha, beta, gamma, temperature: expected >= 0, >= 0, >= 0, > 0; "
+                         f"got {alpha}, {beta}, {gamma}, {temperature}")  # fmt: skip
     if feature not in (None, "prenorm", "postnorm"):
         raise ValueError(f"feature: expected None, 'prenorm' or 'postnorm', got {feature!r}")
     M = student_logits.shape[1]
@@ -125,7 +128,7 @@ def sbds_loss(
                 )
             feat = feat + (ht - hs).float().norm(dim=-1).mean()
         feat = feat / (T * len(student_hidden))
-    loss = logit_term / (T * M) + feat
+    loss = logit_term / (T * M) + gamma * feat
     return SBDSTerms(loss, fkl.detach(), rkl.detach(), feat.detach())
 
 
@@ -141,15 +144,16 @@ class SBDSLoss(nn.Module):
         temperature: float = 1.0,
         feature: str | None = "prenorm",
         projection: FeatureProjection | None = None,
+        gamma: float = 1.0,
     ) -> None:
         super().__init__()
         self.T, self.alpha, self.beta, self.temperature = T, alpha, beta, temperature
-        self.feature = feature
+        self.feature, self.gamma = feature, gamma
         self.projection = projection
 
     def forward(self, student_logits, teacher_logits, student_hidden=None, teacher_hidden=None):
         return sbds_loss(
             student_logits, teacher_logits, student_hidden, teacher_hidden, T=self.T,
             alpha=self.alpha, beta=self.beta, temperature=self.temperature,
-            feature=self.feature, projection=self.projection,
+            feature=self.feature, projection=self.projection, gamma=self.gamma,
         )  # fmt: skip

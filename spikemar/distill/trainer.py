@@ -59,6 +59,7 @@ class DistillConfig(LoopConfig):
     beta: float = 0.7  # reverse KL(student ‖ teacher)
     temperature: float = 1.0
     feature: str | None = "prenorm"  # 'prenorm', 'postnorm' or None
+    gamma: float = 1.0  # weight of the feature term
     ce: float = 0.0  # weight of the plain next-token cross-entropy
     align_steps: int | None = None  # stage 1: hidden-state alignment steps; None: steps // 4
     init_from_teacher: bool = True
@@ -71,10 +72,10 @@ class DistillConfig(LoopConfig):
                              f"got {self.stage!r}")  # fmt: skip
         if not self.teacher:
             raise ValueError("teacher: expected the path of the teacher's checkpoint")
-        if self.alpha < 0 or self.beta < 0 or self.ce < 0 or not self.temperature > 0:
+        if min(self.alpha, self.beta, self.gamma, self.ce) < 0 or not self.temperature > 0:
             raise ValueError(
-                f"alpha, beta, ce, temperature: expected >= 0, >= 0, >= 0, > 0; got {self.alpha},"
-                f" {self.beta}, {self.ce}, {self.temperature}"
+                f"alpha, beta, gamma, ce, temperature: expected >= 0 and temperature > 0; got "
+                f"{self.alpha}, {self.beta}, {self.gamma}, {self.ce}, {self.temperature}"
             )
         if self.feature not in FEATURES:
             raise ValueError(f"feature: expected one of {FEATURES}, got {self.feature!r}")
@@ -242,7 +243,7 @@ class DistillObjective(Objective):
         terms = sbds_loss(
             s_logits, t_logits, s_states if c.feature else None, t_states if c.feature else None,
             T=self.T, alpha=c.alpha, beta=c.beta, temperature=c.temperature,
-            feature=c.feature, projection=self.projection,
+            feature=c.feature, projection=self.projection, gamma=c.gamma,
         )  # fmt: skip
         loss, shown = terms.loss, {"fkl": terms.forward_kl, "rkl": terms.reverse_kl}
         if c.feature:

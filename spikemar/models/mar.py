@@ -254,6 +254,11 @@ class MARLM(nn.Module):
         return super().train(mode)
 
     def _inference_ready(self) -> bool:
+        """Autograd off, no energy counter, no forward hooks anywhere (the path enters modules
+        through ``forward``, so a hook would not fire). The module list is cached (walking it
+        costs more than a spike point): a module swapped in later is seen from the next
+        ``train()``/``eval()``, which ``generate()`` calls; hooks on any listed module are
+        checked on every call."""
         if torch.is_grad_enabled() or _ACTIVE_COUNTER.get() is not None:
             return False
         if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:

@@ -118,9 +118,9 @@ def demo_main(args: argparse.Namespace) -> int:
     made = payload.get("provenance")
     print(f"checkpoint: {path}")
     if made:
-        print(f"  made by:  {made['command']}")
-        print(f"  data:     {made['data']}   seed: {made['seed']}")
-        print(f"  result:   {made['result']}")
+        print(f"  made by:  {made.get('command', '?')}")
+        print(f"  data:     {made.get('data', '?')}   seed: {made.get('seed', '?')}")
+        print(f"  result:   {made.get('result', '?')}")
     s = model.config.spikes
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  model:    spiking MAR LM, {model.config.n_layers} layers, d_model "

@@ -18,8 +18,11 @@ process on the whole batch; rank 0 validates, writes checkpoints and shows progr
 from __future__ import annotations
 
 import contextlib
+import datetime
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -37,6 +40,8 @@ from .data import CharTokenizer, TokenDataset
 __all__ = ["LoopConfig", "Objective", "TrainConfig", "evaluate", "run_training", "train"]
 
 AMP_MODES = ("auto", "bf16", "off")
+# what may differ between a run and its --resume: nothing that changes the updates
+RESUMABLE_CHANGES = frozenset({"eval_interval", "eval_iters", "device", "amp", "out"})
 
 
 @dataclass
@@ -70,6 +75,11 @@ class LoopConfig:
             )
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {AMP_MODES}, got {self.amp!r}")
+        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+            raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
+        if not self.grad_clip > 0 or not self.weight_decay >= 0:
+            raise ValueError(f"grad_clip, weight_decay: expected > 0 and >= 0, got "
+                             f"{self.grad_clip}, {self.weight_decay}")  # fmt: skip
 
 
 @dataclass
@@ -165,6 +175,34 @@ def _rng_state(gen: torch.Generator) -> dict[str, Any]:
     return {"batches": gen.get_state(), "torch": torch.get_rng_state()}
 
 
+@contextlib.contextmanager
+def _sigint_deferred():
+    """Hold a Ctrl-C back until the block ends (then raise it), so that an interrupt never lands
+    inside an optimizer update and leaves some parameters updated and others not."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    received: list[int] = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if received:
+        raise KeyboardInterrupt
+
+
+def check_resume_config(saved: dict[str, Any], config: LoopConfig) -> None:
+    """A resumed run must make the same updates: only :data:`RESUMABLE_CHANGES` may differ."""
+    current = asdict(config)
+    changed = sorted(k for k in current.keys() | saved.keys()
+                     if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))  # fmt: skip
+    if changed:
+        details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
+        raise ValueError(f"resume: the run was started with other settings ({details}); resume "
+                         "with the same ones, or start a new run with another --out")  # fmt: skip
+
+
 def distributed_setup(device: str) -> tuple[int, int, str]:
     """``(rank, world_size, device)``; joins the process group when launched by torchrun."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
@@ -177,7 +215,8 @@ def distributed_setup(device: str) -> tuple[int, int, str]:
         device = f"cuda:{local}"
         torch.cuda.set_device(device)
     if not dist.is_initialized():
-        dist.init_process_group("nccl" if cuda else "gloo")
+        # rank 0 validates and writes checkpoints while the others wait at a barrier
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=datetime.timedelta(hours=2))
     return rank, world, device
 
 
@@ -185,7 +224,8 @@ def read_resume_state(out: Path, tokenizer: CharTokenizer, device: str):
     """The model and training state saved at ``out``, checked against the data's vocabulary."""
     if not out.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {out} to resume from")
-    model, saved_tokenizer, payload = load_checkpoint(out, map_location=device)
+    model, saved_tokenizer, payload = load_checkpoint(out, map_location="cpu")
+    model.to(device)
     if "train" not in payload:
         raise ValueError(f"resume: {out} holds no training state (a final export?)")
     if saved_tokenizer != tokenizer:
@@ -218,11 +258,12 @@ def run_training(
     gen = torch.Generator().manual_seed(config.seed)
     start, history, best = 0, [], math.inf
     if state is not None:
+        check_resume_config(state["config"], config)
         objective.load_extra(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
-        gen.set_state(state["rng"]["batches"])
-        torch.set_rng_state(state["rng"]["torch"])
+        gen.set_state(state["rng"]["batches"].cpu())
+        torch.set_rng_state(state["rng"]["torch"].cpu())
         start, history, best = state["step"], state["history"], state["best_val"]
     stepper: nn.Module = objective
     if world > 1:
@@ -258,10 +299,11 @@ def run_training(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             nn.utils.clip_grad_norm_(trained, config.grad_clip)
-            optimizer.step()
-            phase = "updated"
-            scheduler.step()
-            done, phase = step + 1, "between steps"
+            with _sigint_deferred():
+                optimizer.step()
+                phase = "updated"
+                scheduler.step()
+                done, phase = step + 1, "between steps"
             tokens_seen += x.numel()
             if step % 10 == 0 and rank == 0:
                 rate = tokens_seen / (time.perf_counter() - t0)
@@ -288,7 +330,8 @@ def run_training(
             gen.set_state(rng_before["batches"])
             torch.set_rng_state(rng_before["torch"])
         checkpoint(done)
-        bar.write(f"interrupted: saved {out} at step {done}; continue with --resume")
+        if rank == 0:
+            bar.write(f"interrupted: saved {out} at step {done}; continue with --resume")
         raise
     finally:
         bar.close()

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from test_training import interrupt_in_step_3
 
 from spikemar.checkpoint import build_model, load_checkpoint
 from spikemar.cli import main
@@ -106,9 +107,10 @@ def test_stage2_student_starts_as_the_teacher_and_matches_it_with_fine_spikes(
     assert rough["fkl"] > 10 * terms["fkl"]
 
 
+@pytest.mark.parametrize("where", ["after the batch", "after the update"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
-    corpus, tmp_path, monkeypatch, transformer_ckpt, dense_ckpt, stage
+    corpus, tmp_path, monkeypatch, transformer_ckpt, dense_ckpt, stage, where
 ):
     # stage 1 crosses from alignment into distillation; stage 2 trains a feature projection
     # (a student narrower than the teacher, from random weights) that must be restored too
@@ -118,24 +120,16 @@ def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
     else:
         extra = {"stage": 2, "teacher": str(dense_ckpt), "init_from_teacher": False,
                  "student_config": {"d_model": 8, "head_dim": 4}}  # fmt: skip
+    extra["eval_interval"] = 4  # the checkpoint at the interrupt comes from the Ctrl-C handler
     distill(DistillConfig(**loop(corpus, tmp_path / "a.pt", **extra)), progress=False)
     reference = load_checkpoint(tmp_path / "a.pt")[2]
 
-    calls = {"n": 0}
-    original = TokenDataset.batch
-
-    def interrupting_batch(self, split, *args, **kwargs):
-        if split == "train":
-            calls["n"] += 1
-            if calls["n"] == 6:  # 1: the teacher's evaluation; 2-4: steps 1-3; 5: evaluation
-                raise KeyboardInterrupt
-        return original(self, split, *args, **kwargs)
-
-    monkeypatch.setattr(TokenDataset, "batch", interrupting_batch)
-    with pytest.raises(KeyboardInterrupt):
-        distill(DistillConfig(**loop(corpus, tmp_path / "b.pt", **extra)), progress=False)
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"] == 3
-    monkeypatch.setattr(TokenDataset, "batch", original)
+    with monkeypatch.context() as patch:  # the teacher's evaluation draws one batch first
+        interrupt_in_step_3(patch, where, draws_before=1)
+        with pytest.raises(KeyboardInterrupt):
+            distill(DistillConfig(**loop(corpus, tmp_path / "b.pt", **extra)), progress=False)
+    saved = torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"]
+    assert saved == (2 if where == "after the batch" else 3)
     distill(DistillConfig(**loop(corpus, tmp_path / "b.pt", **extra)), resume=True,
             progress=False)  # fmt: skip
     resumed = load_checkpoint(tmp_path / "b.pt")[2]
@@ -148,12 +142,21 @@ def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
                                   for k, v in projection.items())  # fmt: skip
 
 
+@pytest.mark.parametrize("stage", [1, 2])
 def test_ddp_with_two_cpu_processes_equals_one_process_on_the_same_global_batch(
-    corpus, tmp_path, dense_ckpt
+    corpus, tmp_path, transformer_ckpt, dense_ckpt, stage
 ):
-    args = ["distill", "--stage", "2", "--teacher", str(dense_ckpt), "--data", str(corpus),
+    # stage 1: alignment (unused parameters) then distillation; stage 2: a narrower spiking
+    # student from random weights, so a learned feature projection is trained as well
+    if stage == 1:
+        teacher, extra = transformer_ckpt, ["--align-steps", "2", "--head-dim", "8",
+                                            "--d-state", "4"]  # fmt: skip
+    else:
+        teacher, extra = dense_ckpt, ["--no-init-from-teacher", "--d-model", "8",
+                                      "--head-dim", "4"]  # fmt: skip
+    args = ["distill", "--stage", str(stage), "--teacher", str(teacher), "--data", str(corpus),
             "--steps", "4", "--batch-size", "4", "--L", "16", "--eval-interval", "2",
-            "--eval-iters", "1", "--warmup", "2", "--no-progress"]  # fmt: skip
+            "--eval-iters", "1", "--warmup", "2", "--no-progress", *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HOME": os.environ["HOME"]}
     one = subprocess.run([sys.executable, "-m", "spikemar", *args, "--out", str(tmp_path / "1.pt")],
                          env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
@@ -169,6 +172,10 @@ def test_ddp_with_two_cpu_processes_equals_one_process_on_the_same_global_batch(
         assert h1["val"] == pytest.approx(h2["val"], rel=1e-5)
     for name, value in a["model"].items():
         torch.testing.assert_close(b["model"][name], value, rtol=1e-4, atol=1e-5)
+    assert stage == 1 or a["train"]["objective"]["projection"]
+    for name, value in a["train"]["objective"].get("projection", {}).items():
+        torch.testing.assert_close(b["train"]["objective"]["projection"][name], value,
+                                   rtol=1e-4, atol=1e-5)  # fmt: skip
 
 
 def test_a_hugging_face_teacher_from_a_local_directory(corpus, tmp_path):
@@ -189,13 +196,26 @@ def test_a_hugging_face_teacher_from_a_local_directory(corpus, tmp_path):
     assert teacher.hf and (teacher.vocab_size, teacher.n_layers, teacher.width) == (
         config.vocab_size, 2, 16)  # fmt: skip
     x = torch.randint(0, config.vocab_size, (2, 8))
+    seen = []
+    hooks = [layer.register_forward_pre_hook(lambda m, args, kwargs: seen.append(args[0] if args
+                                             else kwargs["hidden_states"]), with_kwargs=True)
+             for layer in teacher.layers]  # fmt: skip
     logits, states = teacher.stream(x)
-    assert logits.shape == (2, 8, config.vocab_size) and len(states) == 2
+    for hook in hooks:
+        hook.remove()
+    assert logits.shape == (2, 8, config.vocab_size) and len(states) == 3
+    for j in range(2):
+        torch.testing.assert_close(states[j], seen[j])  # entering decoder layer j
+    with torch.no_grad():  # leaving the last layer: the final norm and head give the logits
+        model = teacher.model
+        torch.testing.assert_close(model.lm_head(model.model.norm(states[2])), logits)
     result = distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", stage=1,
                                           teacher=str(tmp_path / "llama"), steps=4,
                                           student_config={"d_state": 4, "head_dim": 8})),
                      progress=False)  # fmt: skip
-    assert result["best_val"] < 10 and load_checkpoint(tmp_path / "s.pt")[2]["kind"] == "mar-dense"
+    history = result["history"]  # the alignment phase covers both layers, then distillation
+    assert len(history) == 2 and history[-1]["val"] < history[0]["val"] + 0.5
+    assert load_checkpoint(tmp_path / "s.pt")[2]["kind"] == "mar-dense"
     config.vocab_size = 70
     transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "wide")
     with pytest.raises(ValueError, match="vocabulary"):
@@ -218,6 +238,10 @@ def test_bad_distillation_requests_are_named(corpus, tmp_path, transformer_ckpt,
         DistillConfig(teacher="t.pt", alpha=0, beta=0, feature=None)
     with pytest.raises(ValueError, match="align_steps"):
         DistillConfig(stage=2, teacher="t.pt", align_steps=3)
+    with pytest.raises(ValueError, match="overwrite its teacher"):
+        DistillConfig(stage=2, teacher="runs/student.pt")
+    with pytest.raises(ValueError, match="every loss term"):
+        DistillConfig(teacher="t.pt", alpha=0, beta=0, gamma=0)
     with pytest.raises(FileNotFoundError, match="teacher"):
         distill(DistillConfig(**loop(corpus, tmp_path / "s.pt", teacher=str(tmp_path / "no.pt"))))
     other = tmp_path / "other.txt"  # a different character set: a different vocabulary
@@ -236,6 +260,11 @@ def test_bad_distillation_requests_are_named(corpus, tmp_path, transformer_ckpt,
     with pytest.raises(FileNotFoundError, match="resume"):
         distill(DistillConfig(**loop(corpus, tmp_path / "none.pt", teacher=str(dense_ckpt))),
                 resume=True)  # fmt: skip
+    distill(DistillConfig(**loop(corpus, tmp_path / "r.pt", teacher=str(dense_ckpt), steps=2)),
+            progress=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"resume: .*beta"):  # another loss: another run
+        distill(DistillConfig(**loop(corpus, tmp_path / "r.pt", teacher=str(dense_ckpt),
+                                     steps=2, beta=0.0)), resume=True)  # fmt: skip
     with pytest.raises(SystemExit):
         main(["distill", "--stage", "4", "--teacher", str(dense_ckpt)])
     with pytest.raises(SystemExit):

@@ -43,33 +43,62 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(corpus, tmp_p
     assert text.startswith("O ") and len(text) == 12
 
 
+def interrupt_in_step_3(monkeypatch, where: str, draws_before: int = 0) -> None:
+    """Raise KeyboardInterrupt in the third training step: right after its batch was drawn (the
+    handler must give the batch back) or right after its update (the handler must complete the
+    step). ``draws_before``: 'train' batches drawn before the first step (a teacher's eval)."""
+    calls = {"n": 0}
+    if where == "after the batch":
+        original = TokenDataset.batch
+
+        def batch(self, split, *args, **kwargs):
+            out = original(self, split, *args, **kwargs)
+            if split == "train":
+                calls["n"] += 1
+                if calls["n"] == draws_before + 3:
+                    raise KeyboardInterrupt
+            return out
+
+        monkeypatch.setattr(TokenDataset, "batch", batch)
+    else:
+        original = torch.optim.lr_scheduler.LambdaLR.step
+
+        def step(self, *args, **kwargs):
+            original(self, *args, **kwargs)
+            calls["n"] += 1
+            if calls["n"] == 4:  # once at construction, then steps 1, 2, 3
+                raise KeyboardInterrupt
+
+        monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
+
+
+@pytest.mark.parametrize("where, saved_step", [("after the batch", 2), ("after the update", 3)])
 def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
-    corpus, tmp_path, monkeypatch
+    corpus, tmp_path, monkeypatch, where, saved_step
 ):
-    train(config(corpus, tmp_path / "a.pt"), progress=False)
+    # validation (and its checkpoint) at steps 4 and 6 only: the one written at the interrupt
+    # comes from the Ctrl-C handler
+    train(config(corpus, tmp_path / "a.pt", eval_interval=4), progress=False)
     reference = load_checkpoint(tmp_path / "a.pt")[0].state_dict()
 
-    calls = {"n": 0}
-    original = TokenDataset.batch
-
-    def interrupting_batch(self, split, *args, **kwargs):
-        if split == "train":
-            calls["n"] += 1
-            # draws 1-3: steps 1-3; 4: the step-3 evaluation; 5: step 4, which is interrupted
-            # after drawing its batch and before its update
-            if calls["n"] == 5:
-                raise KeyboardInterrupt
-        return original(self, split, *args, **kwargs)
-
-    monkeypatch.setattr(TokenDataset, "batch", interrupting_batch)
-    with pytest.raises(KeyboardInterrupt):
-        train(config(corpus, tmp_path / "b.pt"), progress=False)
-    assert torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"] == 3
-    monkeypatch.setattr(TokenDataset, "batch", original)
-    train(config(corpus, tmp_path / "b.pt"), resume=True, progress=False)
+    with monkeypatch.context() as patch:
+        interrupt_in_step_3(patch, where)
+        with pytest.raises(KeyboardInterrupt):
+            train(config(corpus, tmp_path / "b.pt", eval_interval=4), progress=False)
+    assert torch.load(tmp_path / "b.pt", weights_only=True)["train"]["step"] == saved_step
+    train(config(corpus, tmp_path / "b.pt", eval_interval=4), resume=True, progress=False)
     resumed = load_checkpoint(tmp_path / "b.pt")[0].state_dict()
     for name, value in reference.items():
         assert torch.equal(value, resumed[name]), name
+
+
+def test_resume_refuses_other_settings(corpus, tmp_path):
+    train(config(corpus, tmp_path / "a.pt", steps=3), progress=False)
+    with pytest.raises(ValueError, match=r"resume: .*lr: saved 0.001, now 0.002"):
+        train(config(corpus, tmp_path / "a.pt", steps=3, lr=2e-3), resume=True, progress=False)
+    with pytest.raises(ValueError, match="steps"):  # a longer run has another schedule
+        train(config(corpus, tmp_path / "a.pt", steps=4), resume=True, progress=False)
+    train(config(corpus, tmp_path / "a.pt", steps=3, eval_iters=2), resume=True, progress=False)
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

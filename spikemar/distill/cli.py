@@ -52,7 +52,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                            "distillation (default: a quarter of --steps)")  # fmt: skip
     student = p.add_argument_group("student")
     student.add_argument("--d-model", type=int_at_least_1, default=None,
-                         help="stage 1: student width (default: the teacher's)")  # fmt: skip
+                         help="student width (default: the teacher's; in stage 2 only with "
+                              "--no-init-from-teacher)")  # fmt: skip
     student.add_argument("--d-state", type=int_at_least_1, default=None)
     student.add_argument("--head-dim", type=int_at_least_1, default=None)
     student.add_argument("--neuron", choices=("atmn", "binary", "ternary-single"), default=None,

@@ -126,7 +126,7 @@ def sbds_loss(
                     f"student_hidden[{j}]: shape {tuple(hs.shape)} does not match the teacher's "
                     f"{tuple(ht.shape)}; give a FeatureProjection for differing widths"
                 )
-            feat = feat + (ht - hs).float().norm(dim=-1).mean()
+            feat = feat + (ht.float() - hs.float()).norm(dim=-1).mean()
         feat = feat / (T * len(student_hidden))
     loss = logit_term / (T * M) + gamma * feat
     return SBDSTerms(loss, fkl.detach(), rkl.detach(), feat.detach())

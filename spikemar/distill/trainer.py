@@ -3,8 +3,9 @@
 **Stage 1** (attention → SSM): a Transformer teacher (a spikemar checkpoint, or a local Hugging
 Face causal LM) teaches a dense SSM student (``mar-dense``). MOHAWK-like, in two phases:
 
-1. *Weight transfer*: every student tensor with a same-named, same-shaped teacher tensor is
-   copied (embedding, norms, FFNs, head; ``blocks.j`` ↔ ``layers.j``). Mixers start fresh.
+1. *Weight transfer* (spikemar teachers): every student tensor with a same-named, same-shaped
+   teacher tensor is copied (embedding, norms, FFNs, head; ``blocks.j`` ↔ ``layers.j``). Mixers
+   start fresh; so does everything under a Hugging Face teacher (its names differ).
 2. *Hidden-state alignment* (the first ``align_steps`` steps): each student layer j is fed the
    teacher's residual stream entering layer j and trained to produce the teacher's stream
    entering layer j+1 (teacher forcing, so all layers learn at once and errors do not compound):
@@ -19,7 +20,9 @@ pre-norm (or post-norm) feature term, normalised as in :mod:`spikemar.distill.lo
 ``ce`` adds ``ce · cross-entropy`` on the data's next tokens to either stage (0 by default, as in
 the paper). Checkpoints hold the student (a normal spikemar checkpoint: ``spikemar generate``,
 ``energy`` and ``train --resume`` read it) plus the distillation state, so ``resume=True``
-continues exactly; the teacher is reloaded from the path saved in the configuration.
+continues exactly (with the same configuration, teacher path included: anything that would
+change the updates is refused). The teacher runs in float32 even under autocast, so its logits
+are not rounded to bfloat16 before the KL.
 """
 
 from __future__ import annotations
@@ -79,8 +82,11 @@ class DistillConfig(LoopConfig):
             )
         if self.feature not in FEATURES:
             raise ValueError(f"feature: expected one of {FEATURES}, got {self.feature!r}")
-        if self.alpha == self.beta == self.ce == 0 and self.feature is None:
-            raise ValueError("alpha, beta, ce, feature: every loss term is switched off")
+        if self.alpha == self.beta == self.ce == 0 and (self.feature is None or self.gamma == 0):
+            raise ValueError("alpha, beta, ce, feature, gamma: every loss term is switched off")
+        if Path(self.out).resolve() == Path(self.teacher).resolve():
+            raise ValueError(f"out: {self.out} is the teacher's checkpoint; the student would "
+                             "overwrite its teacher")  # fmt: skip
         if self.align_steps is None:
             self.align_steps = self.steps // 4 if self.stage == 1 else 0
         if self.align_steps < 0 or self.align_steps > self.steps:
@@ -128,7 +134,15 @@ class Teacher(nn.Module):
 
     @property
     def layers(self) -> nn.ModuleList:
-        return self.model.blocks if isinstance(self.model, TransformerLM) else self.model.layers
+        if isinstance(self.model, TransformerLM):
+            return self.model.blocks
+        if self.hf:
+            decoder = self.model.get_decoder()
+            if not hasattr(decoder, "layers"):
+                raise ValueError(f"teacher: {self.source}: its decoder has no `layers` list "
+                                 "(a Llama-style causal LM is expected)")  # fmt: skip
+            return decoder.layers
+        return self.model.layers
 
     def train(self, mode: bool = True) -> Teacher:
         return super().train(False)  # always frozen, always in eval mode
@@ -139,13 +153,20 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def stream(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if self.hf:
-            out = self.model(input_ids=tokens, output_hidden_states=True)
-            return out.logits, list(out.hidden_states[: self.n_layers])
         last: list[torch.Tensor] = []
-        hook = self.layers[-1].register_forward_hook(lambda m, i, o: last.append(o))
+
+        def keep(module, inputs, output):
+            last.append(output[0] if isinstance(output, tuple) else output)
+
+        hook = self.layers[-1].register_forward_hook(keep)
         try:
-            logits, states = self.model(tokens, return_hidden=True)
+            with torch.autocast(tokens.device.type, enabled=False):
+                if self.hf:
+                    out = self.model(input_ids=tokens, output_hidden_states=True,
+                                     use_cache=False)  # fmt: skip
+                    logits, states = out.logits, list(out.hidden_states[: self.n_layers])
+                else:
+                    logits, states = self.model(tokens, return_hidden=True)
         finally:
             hook.remove()
         return logits, [*states, last[0]]
@@ -189,10 +210,10 @@ def transfer_weights(teacher: nn.Module, student: nn.Module) -> dict[str, list[s
 class DistillObjective(Objective):
     """Stage 1's alignment phase and SBDS for both stages (see the module docstring)."""
 
-    find_unused_parameters = True  # the alignment phase leaves embedding and head unused
-
     def __init__(self, student: MARLM, teacher: Teacher, config: DistillConfig) -> None:
         super().__init__(student)
+        # the alignment phase leaves embedding and head unused: DDP must be told
+        self.find_unused_parameters = bool(config.align_steps)
         self.teacher, self.config = teacher, config
         widths = [student.config.d_model] * student.config.n_layers
         needs_layers = config.feature is not None or config.align_steps
@@ -308,8 +329,10 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         teacher.tokenizer is not None and teacher.tokenizer != data.tokenizer
     ):
         raise ValueError(
-            f"teacher: its vocabulary ({teacher.vocab_size} ids) differs from the data's "
-            f"({data.vocab_size} characters); teacher and student must share one vocabulary"
+            f"teacher: its vocabulary ({teacher.vocab_size} ids"
+            f"{', other characters' if teacher.vocab_size == data.vocab_size else ''}) differs "
+            f"from the data's ({data.vocab_size} characters); teacher and student must share one "
+            "vocabulary"
         )
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")

@@ -13,6 +13,7 @@ from torch import nn
 
 from spikemar import energy
 from spikemar.models import MARLM, MARConfig, SpikeConfig, SpikePoint
+from spikemar.models.common import NEURONS
 from spikemar.neurons import cpu_backend
 from spikemar.ssm import mixer as mixer_module
 from spikemar.ssm.mixer import MixerState, SelectiveMixer, rms_norm_inference
@@ -33,7 +34,7 @@ def no_reference_quantize(monkeypatch):
     def fail(*args, **kwargs):
         raise AssertionError("the reference quantize ran where the fast path should")
 
-    for cls in SpikePoint.__init__.__globals__["NEURONS"].values():
+    for cls in NEURONS.values():
         monkeypatch.setattr(cls, "quantize", fail)
 
 

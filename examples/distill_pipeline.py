@@ -45,7 +45,7 @@ from spikemar.checkpoint import build_model, load_checkpoint, model_config_dict
 from spikemar.data import TokenDataset
 from spikemar.distill import DistillConfig, distill
 from spikemar.energy import compare, profile
-from spikemar.training import LoopConfig, TrainConfig, evaluate, train
+from spikemar.training import LoopConfig, TrainConfig, check_resume_config, evaluate, train
 
 ROWS: dict[str, dict] = {
     "binary": {"alpha": 0.2, "beta": 0.0, "feature": None, "neuron": "binary"},
@@ -97,15 +97,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     return args
 
 
-def finished(path: Path, steps: int) -> bool:
+def finished(path: Path, config: LoopConfig) -> bool:
+    """Whether ``path`` holds a run of ``config`` to its last step; a run of other settings (say,
+    another budget) is an error, not a result to reuse."""
     if not path.is_file():
         return False
-    return torch.load(path, weights_only=True)["train"]["step"] >= steps
+    state = torch.load(path, weights_only=True)["train"]
+    check_resume_config(state["config"], config)
+    return state["step"] >= config.steps
 
 
-def run_stage(path: Path, steps: int, run) -> None:
+def run_stage(path: Path, config: LoopConfig, run) -> None:
     """Skip a finished stage, resume an unfinished one, start a missing one."""
-    if finished(path, steps):
+    if finished(path, config):
         print(f"{path}: done, skipped")
         return
     run(resume=path.is_file())
@@ -153,10 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     transformer, dense = out / "transformer.pt", out / "dense.pt"
     cfg = TrainConfig(**common, model="transformer", model_config={**shape, "n_heads": 4},
                       out=str(transformer), steps=args.teacher_steps)  # fmt: skip
-    run_stage(transformer, cfg.steps, lambda resume: train(cfg, resume=resume, progress=progress))
+    run_stage(transformer, cfg, lambda resume: train(cfg, resume=resume, progress=progress))
     cfg1 = DistillConfig(**common, stage=1, teacher=str(transformer), out=str(dense),
                          steps=args.stage1_steps)  # fmt: skip
-    run_stage(dense, cfg1.steps, lambda resume: distill(cfg1, resume=resume, progress=progress))
+    run_stage(dense, cfg1, lambda resume: distill(cfg1, resume=resume, progress=progress))
 
     data = TokenDataset.from_text_file(args.data)
     loop = LoopConfig(**common)
@@ -180,13 +184,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                                  out=str(path), steps=args.student_steps,
                                  student_config={"spikes": spikes}, **row)  # fmt: skip
             row_path = rows_dir / f"{name}-seed{seed}.json"
-            if row_path.is_file() and finished(path, cfg2.steps):
+            if row_path.is_file() and finished(path, cfg2):
                 print(f"{path}: done, skipped")
                 continue
             def run(resume: bool, c: DistillConfig = cfg2) -> None:
                 distill(c, resume=resume, progress=progress)
 
-            run_stage(path, cfg2.steps, run)
+            run_stage(path, cfg2, run)
             write_atomic(row_path, json.dumps(measure(path, data, loop, energy_ids)) + "\n")
     for row_path in sorted(rows_dir.glob("*-seed*.json")):
         name, seed = row_path.stem.rsplit("-seed", 1)

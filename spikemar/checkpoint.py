@@ -97,9 +97,11 @@ def save_checkpoint(
     if provenance is not None:
         payload["provenance"] = provenance
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    os.close(fd)
     try:
-        torch.save(payload, tmp)
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())  # on disk before the rename: a crash leaves old or new, whole
         mask = os.umask(0)  # mkstemp makes the file private; give it the usual permissions
         os.umask(mask)
         os.chmod(tmp, 0o666 & ~mask)
@@ -125,8 +127,11 @@ def load_checkpoint(
         ) from err
     if not isinstance(payload, dict) or payload.get("format") != FORMAT:
         raise ValueError(f"checkpoint: {path} is not a spikemar checkpoint (format {FORMAT!r})")
-    model = build_model(payload["kind"], payload["model_config"])
-    model.load_state_dict(payload["model"])
+    try:
+        model = build_model(payload["kind"], payload["model_config"])
+        model.load_state_dict(payload["model"])
+    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        raise ValueError(f"checkpoint: {path} does not rebuild its model ({err})") from err
     model.eval()
     return model, CharTokenizer.from_dict(payload["tokenizer"]), payload
 

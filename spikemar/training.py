@@ -24,7 +24,7 @@ import os
 import signal
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import MISSING, asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -195,6 +195,9 @@ def _sigint_deferred():
 def check_resume_config(saved: dict[str, Any], config: LoopConfig) -> None:
     """A resumed run must make the same updates: only :data:`RESUMABLE_CHANGES` may differ."""
     current = asdict(config)
+    # a setting added to the configuration after the run was saved ran at its default
+    defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
+    saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
     changed = sorted(k for k in current.keys() | saved.keys()
                      if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))  # fmt: skip
     if changed:

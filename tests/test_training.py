@@ -99,6 +99,13 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
     with pytest.raises(ValueError, match="steps"):  # a longer run has another schedule
         train(config(corpus, tmp_path / "a.pt", steps=4), resume=True, progress=False)
     train(config(corpus, tmp_path / "a.pt", steps=3, eval_iters=2), resume=True, progress=False)
+    payload = torch.load(tmp_path / "a.pt", weights_only=True)  # a run saved before a setting
+    del payload["train"]["config"]["grad_clip"]  # existed ran at that setting's default
+    torch.save(payload, tmp_path / "a.pt")
+    train(config(corpus, tmp_path / "a.pt", steps=3), resume=True, progress=False)
+    with pytest.raises(ValueError, match="grad_clip"):
+        train(config(corpus, tmp_path / "a.pt", steps=3, grad_clip=0.5), resume=True,
+              progress=False)  # fmt: skip
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

@@ -13,7 +13,14 @@ declares spike decodes (:func:`declare_spikes`, MAR's spike points) and function
 (:func:`record_ops`). Energy constants live in :mod:`spikemar.energy.hardware`, with citations.
 """
 
-from .counter import CountContext, EnergyCounter, declare_spikes, profile, record_ops
+from .counter import (
+    CountContext,
+    EnergyCounter,
+    counting_active,
+    declare_spikes,
+    profile,
+    record_ops,
+)
 from .hardware import HardwareProfile, available_profiles, get_profile, register_profile
 from .report import ComparisonRow, EnergyComparison, EnergyReport, LayerRow, compare
 from .rules import register_neuron, register_rule
@@ -28,6 +35,7 @@ __all__ = [
     "LayerRow",
     "available_profiles",
     "compare",
+    "counting_active",
     "declare_spikes",
     "get_profile",
     "profile",

@@ -48,6 +48,7 @@ from .rules import find_rule
 __all__ = [
     "CountContext",
     "EnergyCounter",
+    "counting_active",
     "declare_spikes",
     "profile",
     "record_ops",
@@ -603,6 +604,12 @@ def declare_spikes(
             )
         counter._declare(module, decoded, spikes, bool(ternary))
     return decoded
+
+
+def counting_active() -> bool:
+    """Whether an :class:`EnergyCounter` is counting in this context. Models take their fused
+    inference paths only when none is (a counter must see every module's work)."""
+    return _ACTIVE.get() is not None
 
 
 def record_ops(

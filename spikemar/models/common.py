@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..energy import declare_spikes
-from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
+from ..energy import counting_active, declare_spikes
 from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend
 from ..ssm.mixer import fused_norm_ready, norm_then, rms_norm_inference
 
@@ -95,7 +94,7 @@ class SpikePoint(nn.Module):
         backend is 'auto' or 'cpu', and ``x`` is an input the reference would accept (anything
         else takes the reference path, which raises with its own message). The kernel checks the
         values itself: NaN, ±inf and a bad threshold raise as on the reference path."""
-        if self.record or _ACTIVE_COUNTER.get() is not None or neuron.backend not in _FAST_BACKENDS:
+        if self.record or counting_active() or neuron.backend not in _FAST_BACKENDS:
             return False
         if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES or x.device.type != "cpu":
             return False

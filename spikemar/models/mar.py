@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from ..energy.counter import _ACTIVE as _ACTIVE_COUNTER
+from ..energy import counting_active
 from ..ssm.mixer import LTICell, SelectiveMixer, norm_then
 from .common import FeedForward, SpikeConfig, check_tokens, spike_point
 from .generation import generate
@@ -259,7 +259,7 @@ class MARLM(nn.Module):
         costs more than a spike point): a module swapped in later is seen from the next
         ``train()``/``eval()``, which ``generate()`` calls; hooks on any listed module are
         checked on every call."""
-        if torch.is_grad_enabled() or _ACTIVE_COUNTER.get() is not None:
+        if torch.is_grad_enabled() or counting_active():
             return False
         if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
             return False

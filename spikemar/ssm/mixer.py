@@ -32,7 +32,7 @@ from torch import nn
 
 from ..energy import record_ops
 from ..neurons import cpu_backend
-from .scan import _check_decay, ssd_scan, ssd_step
+from .scan import check_decay, ssd_scan, ssd_step
 
 __all__ = [
     "LTICell",
@@ -212,7 +212,7 @@ class SelectiveMixer(nn.Module):
         if tensors is not None:
             gated, conv, ssm, a, bad = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
             if bad:  # counted in C; raise as ssd_step does
-                _check_decay(a, "a_t")
+                check_decay(a, "a_t")
             gated = norm_then(gated, self.norm, self.spike_out)
             out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
             return out, MixerState(conv, ssm)

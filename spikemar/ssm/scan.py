@@ -399,7 +399,7 @@ def _check_sequence(x: Tensor, a: Tensor, B: Tensor, C: Tensor, h0: Tensor | Non
                 f"initial_state must have shape [batch, heads, head_dim, state] = {want}, "
                 f"got {tuple(h0.shape)}"
             )
-    _check_decay(a)
+    check_decay(a)
 
 
 def _check_step(x_t: Tensor, a_t: Tensor, B_t: Tensor, C_t: Tensor, state: Tensor | None) -> None:
@@ -426,7 +426,7 @@ def _check_step(x_t: Tensor, a_t: Tensor, B_t: Tensor, C_t: Tensor, state: Tenso
                 f"state must have shape [batch, heads, head_dim, state] = {want}, "
                 f"got {tuple(state.shape)}"
             )
-    _check_decay(a_t, "a_t")
+    check_decay(a_t, "a_t")
 
 
 def _check_tensors(**tensors: Tensor | None) -> None:
@@ -471,7 +471,7 @@ def _check_bc(
         )
 
 
-def _check_decay(a: Tensor, name: str = "a") -> None:
+def check_decay(a: Tensor, name: str = "a") -> None:
     """a ≤ 0 and finite (NaN fails ``a <= 0``): one reduction and one host sync when all is well."""
     bad = ~((a <= 0) & (a > float("-inf")))
     if bool(bad.any()):

@@ -1,19 +1,20 @@
 """spikemar's command line: ``spikemar <command> [options]``.
 
-Commands:
+Commands: ``demo`` (the packaged spiking student: text, spikes, energy), ``raster`` (an ATMN
+layer or a small Linear+ATMN network on a built-in input, one PNG with rasters, firing rates and
+membranes), ``train`` and ``generate`` (language models on text), ``distill`` (MAR's two
+stages), ``energy`` (SOP energy reports), ``export`` (Loihi: Lava and NIR).
 
-* ``raster``: run an ATMN layer (or a small Linear+ATMN network) on a built-in input and write one
-  PNG with the spike raster, per-neuron firing rates (+1/−1 split), membrane traces and, for a
-  network, per-layer firing rates. A first look at what the neuron does, without any data.
-
-Each command is a pair: ``_add_<name>(subparsers)`` declares its options and sets
-``func=_run_<name>``, which takes the parsed arguments and returns an exit code. New commands
-(train, generate, energy, export) add one pair and an entry in ``_COMMANDS``.
+Each command defined here is a pair: ``_add_<name>(subparsers)`` declares its options and sets
+``func=_run_<name>``, which takes the parsed arguments and returns an exit code. A command that
+lives in a sub-package (``energy``, ``distill``, ``export``, ``demo``) is one
+:func:`_delegated` line naming its module's two functions. Each is an entry in ``_COMMANDS``.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import math
 import sys
 from collections.abc import Callable, Sequence
@@ -253,40 +254,6 @@ def _raster_network(args: argparse.Namespace, first: nn.Module, setting: str):
     return fig, stats
 
 
-# -- energy -------------------------------------------------------------------------------------
-
-
-def _add_energy(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .energy.cli import add_energy_arguments, energy_main
-
-    p = subparsers.add_parser(
-        "energy",
-        help="SOP energy report (ACs, MACs, firing rates, pJ) of a model on text or random input",
-        description="Count accumulates and multiply-accumulates per layer, with ternary spikes "
-        "counted as one AC each, and price them under a hardware profile.",
-    )
-    add_energy_arguments(p)
-    p.set_defaults(func=energy_main)
-    return p
-
-
-# -- export ---------------------------------------------------------------------------------------
-
-
-def _add_export(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .hardware.cli import add_export_arguments, export_main
-
-    p = subparsers.add_parser(
-        "export",
-        help="Loihi: what runs on chip vs host; write netx HDF5 (--lava) and NIR (--nir)",
-        description="Report which modules of a model run on Loihi and which stay on the host; "
-        "export a Linear/Conv2d + neuron network to Lava (netx HDF5 with ATMN layers) and NIR.",
-    )
-    add_export_arguments(p)
-    p.set_defaults(func=export_main)
-    return p
-
-
 # -- train / generate -----------------------------------------------------------------------------
 
 
@@ -396,40 +363,51 @@ def _run_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-# -- demo ---------------------------------------------------------------------------------------
+# -- commands that live in their sub-packages ----------------------------------------------------
 
 
-def _add_demo(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .showcase import add_demo_arguments, demo_main
+def _delegated(
+    name: str, module: str, arguments: str, run: str, *, help: str, description: str
+) -> Callable[[argparse._SubParsersAction], argparse.ArgumentParser]:
+    """``spikemar <name>``, whose options (``arguments(parser)``) and body (``run(args)`` → exit
+    code) live in ``module``, imported when the parser is built."""
 
-    p = subparsers.add_parser(
-        "demo",
-        help="the packaged spiking MAR student: generate text, draw its spikes, price its energy",
-        description="Run the spiking MAR LM packaged with spikemar (or --checkpoint): say how "
-        "it was made, generate text, draw the rasters and firing rates of its spike points "
-        "into one PNG, and print its energy report beside its dense teacher.",
-    )
-    add_demo_arguments(p)
-    p.set_defaults(func=demo_main)
-    return p
+    def add(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
+        home = importlib.import_module(module, __package__)
+        p = subparsers.add_parser(name, help=help, description=description)
+        getattr(home, arguments)(p)
+        p.set_defaults(func=getattr(home, run))
+        return p
 
-
-# -- distill ------------------------------------------------------------------------------------
+    return add
 
 
-def _add_distill(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
-    from .distill.cli import add_distill_arguments, distill_main
-
-    p = subparsers.add_parser(
-        "distill",
-        help="MAR distillation: stage 1 (Transformer → dense SSM), stage 2 (dense → spiking)",
-        description="Distil a student from a teacher checkpoint with the SBDS loss, with a "
-        "progress bar, validation and checkpoints; --resume continues exactly; runs under "
-        "torchrun (DistributedDataParallel) unchanged.",
-    )
-    add_distill_arguments(p)
-    p.set_defaults(func=distill_main)
-    return p
+_add_demo = _delegated(
+    "demo", ".showcase", "add_demo_arguments", "demo_main",
+    help="the packaged spiking MAR student: generate text, draw its spikes, price its energy",
+    description="Run the spiking MAR LM packaged with spikemar (or --checkpoint): say how it was "
+    "made, generate text, draw the rasters and firing rates of its spike points into one PNG, "
+    "and print its energy report beside its dense teacher.",
+)  # fmt: skip
+_add_energy = _delegated(
+    "energy", ".energy.cli", "add_energy_arguments", "energy_main",
+    help="SOP energy report (ACs, MACs, firing rates, pJ) of a model on text or random input",
+    description="Count accumulates and multiply-accumulates per layer, with ternary spikes "
+    "counted as one AC each, and price them under a hardware profile.",
+)  # fmt: skip
+_add_distill = _delegated(
+    "distill", ".distill.cli", "add_distill_arguments", "distill_main",
+    help="MAR distillation: stage 1 (Transformer → dense SSM), stage 2 (dense → spiking)",
+    description="Distil a student from a teacher checkpoint with the SBDS loss, with a progress "
+    "bar, validation and checkpoints; --resume continues exactly; runs under torchrun "
+    "(DistributedDataParallel) unchanged.",
+)  # fmt: skip
+_add_export = _delegated(
+    "export", ".hardware.cli", "add_export_arguments", "export_main",
+    help="Loihi: what runs on chip vs host; write netx HDF5 (--lava) and NIR (--nir)",
+    description="Report which modules of a model run on Loihi and which stay on the host; "
+    "export a Linear/Conv2d + neuron network to Lava (netx HDF5 with ATMN layers) and NIR.",
+)  # fmt: skip
 
 
 # -- the command line ---------------------------------------------------------------------------

@@ -8,6 +8,7 @@ import sys
 
 import pytest
 import torch
+from conftest import ROMEO
 from test_training import interrupt_in_step_3
 
 from spikemar.checkpoint import build_model, load_checkpoint
@@ -16,16 +17,7 @@ from spikemar.data import TokenDataset
 from spikemar.distill import DistillConfig, DistillObjective, Teacher, distill, transfer_weights
 from spikemar.training import TrainConfig, train
 
-TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
 SSM = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache goes under ~/.cache
-    path = tmp_path / "romeo.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def loop(corpus, out, **kw) -> dict:
@@ -279,7 +271,7 @@ def test_pipeline_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
 
     monkeypatch.setenv("HOME", str(tmp_path))
     corpus = tmp_path / "play.txt"
-    corpus.write_text(TEXT * 4)
+    corpus.write_text(ROMEO * 4)
     path = Path(__file__).parents[1] / "examples" / "distill_pipeline.py"
     spec = importlib.util.spec_from_file_location("distill_pipeline", path)
     example = importlib.util.module_from_spec(spec)

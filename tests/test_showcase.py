@@ -2,14 +2,13 @@
 
 import pytest
 import torch
+from conftest import ROMEO
 from PIL import Image
 
 from spikemar.checkpoint import load_checkpoint, release_checkpoint
 from spikemar.cli import main
 from spikemar.showcase import shipped_checkpoint
 from spikemar.training import TrainConfig, train
-
-TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
 
 
 def test_the_packaged_checkpoint_is_a_small_spiking_student_with_its_provenance():
@@ -37,7 +36,7 @@ def test_demo_on_the_packaged_checkpoint(tmp_path, capsys):
 
 def test_demo_on_a_trained_checkpoint_and_bad_requests(tmp_path, monkeypatch, capsys):
     monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "romeo.txt").write_text(TEXT)
+    (tmp_path / "romeo.txt").write_text(ROMEO)
     small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
     for kind in ("mar", "mar-dense"):
         train(TrainConfig(model=kind, model_config=small, data=str(tmp_path / "romeo.txt"),
@@ -59,7 +58,7 @@ def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(
     tmp_path, monkeypatch
 ):
     monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "romeo.txt").write_text(TEXT)
+    (tmp_path / "romeo.txt").write_text(ROMEO)
     small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
     train(TrainConfig(model="mar", model_config=small, data=str(tmp_path / "romeo.txt"),
                       out=str(tmp_path / "run.pt"), steps=2, batch_size=2, L=16,

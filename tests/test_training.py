@@ -10,16 +10,7 @@ from spikemar.cli import main
 from spikemar.data import TokenDataset
 from spikemar.training import TrainConfig, lr_factor, train
 
-TEXT = "O Romeo, Romeo! wherefore art thou Romeo?\nDeny thy father and refuse thy name;\n" * 30
 SMALL = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
-
-
-@pytest.fixture
-def corpus(tmp_path, monkeypatch):
-    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache goes under ~/.cache
-    path = tmp_path / "romeo.txt"
-    path.write_text(TEXT)
-    return path
 
 
 def config(corpus, out, **kw) -> TrainConfig:

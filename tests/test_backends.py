@@ -207,3 +207,43 @@ def test_nan_is_still_caught_on_the_fast_path(backend):
     x[2, 7] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         ATMN(step_mode="m", backend=backend).to(x.device)(x)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    "case",
+    ["nan_x", "inf_x", "neg_inf_x", "inf_v0", "nan_x_tau_inf", "nan_threshold", "zero_threshold"],
+)
+def test_bad_values_raise_as_the_reference_does(backend, case):
+    """Each backend raises what the reference's check raises, with the same message (the 'cpu'
+    kernel checks in the forward pass instead of a separate pass)."""
+    device = DEVICE_OF[backend]
+    x = torch.randn(3, 70_000, device=device)  # several blocks and threads
+    v0 = None
+    V, tau = torch.tensor(1.0), 2.0
+    nan, inf = float("nan"), float("inf")
+    bad_x = {"nan_x": nan, "inf_x": inf, "neg_inf_x": -inf, "nan_x_tau_inf": nan}
+    if case in bad_x:
+        x[1, 65_537] = bad_x[case]
+        tau = inf if case == "nan_x_tau_inf" else tau
+    elif case == "inf_v0":
+        v0 = torch.zeros(70_000, device=device)
+        v0[123] = inf
+    else:
+        V = torch.tensor(nan if case == "nan_threshold" else 0.0)
+    errors = []
+    for b in ("torch", backend):
+        p = ATMNParameters(V.to(device), tau=tau)
+        with pytest.raises(ValueError) as info:
+            atmn_multi_step(x, v0, p, backend=b)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_finite_extremes_do_not_raise(backend):
+    x = torch.zeros(4, 50, device=DEVICE_OF[backend])
+    x[0] = torch.finfo(torch.float32).max  # δ-injected: the membrane stays finite
+    p = ATMNParameters(torch.tensor(1.0).to(x.device))
+    spikes, _ = atmn_multi_step(x, None, p, backend=backend)
+    assert torch.equal(spikes, atmn_multi_step(x, None, p, backend="torch")[0])

@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from . import fused
-from .functional import ATMNParameters, _decay
+from .functional import NONFINITE_INPUT_MESSAGE, ATMNParameters, _decay, bad_threshold_error
 from .fused import fused_multi_step, surrogate_code
 
 __all__ = [
@@ -124,7 +124,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         fwd = getattr(lib, f"atmn_forward_{suffix}")
         fwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, p, p, p, i32]
-        fwd.restype = i32
+        fwd.restype = i64
         bwd = getattr(lib, f"atmn_backward_{suffix}")
         # x, v0, vth, T, N, C, B, decay, ternary, detach_reset, kind, pa, pb,
         # g_spikes, g_vlast, g_vseq, g_x, g_v0, g_vth_partial, nthreads
@@ -184,8 +184,13 @@ class _CpuKernels:
         lib = load_library()
         T, N, C, B, nthreads = _geometry(x, vth)
         fwd = lib.atmn_forward_f32 if x.dtype == torch.float32 else lib.atmn_forward_f64
-        fwd(_ptr(x), _ptr(v0), _ptr(vth), T, N, C, B, _decay(p.tau), int(p.ternary),
-            _ptr(spikes), _ptr(v_last), _ptr(v_seq), nthreads)  # fmt: skip
+        bad = fwd(_ptr(x), _ptr(v0), _ptr(vth), T, N, C, B, _decay(p.tau), int(p.ternary),
+                  _ptr(spikes), _ptr(v_last), _ptr(v_seq), nthreads)  # fmt: skip
+        # the checks of functional.check_values, done by the kernel on data in cache
+        if bad == -1:
+            raise bad_threshold_error(vth)
+        if bad:
+            raise ValueError(NONFINITE_INPUT_MESSAGE)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
         lib = load_library()
@@ -208,6 +213,10 @@ def atmn_multi_step_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
+
+
+# the forward kernel raises what functional.check_values would (see _CpuKernels.forward)
+atmn_multi_step_cpu.checks_values = True  # type: ignore[attr-defined]
 
 
 # the kernel's limit on T (a weight table on its stack)

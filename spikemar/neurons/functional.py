@@ -202,14 +202,21 @@ def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -
         extremes += [*torch.aminmax(probe)]
     v_lo, v_hi, *u_range = torch.stack(extremes).tolist()
     if not (math.isfinite(v_lo) and math.isfinite(v_hi) and v_lo > 0):
-        values = v.flatten()
-        bad = values[~torch.isfinite(values) | (values <= 0)]
-        raise ValueError(f"v_threshold: expected finite values > 0, got {bad[:4].tolist()}")
+        raise bad_threshold_error(v)
     if not all(math.isfinite(u) for u in u_range):
-        raise ValueError(
-            "x_seq: expected finite values, but the input (or the initial membrane v) "
-            "holds NaN or inf"
-        )
+        raise ValueError(NONFINITE_INPUT_MESSAGE)
+
+
+NONFINITE_INPUT_MESSAGE = (
+    "x_seq: expected finite values, but the input (or the initial membrane v) holds NaN or inf"
+)
+
+
+def bad_threshold_error(v_threshold: torch.Tensor) -> ValueError:
+    """The error for a threshold that is not finite and positive, naming the offending values."""
+    values = v_threshold.detach().flatten()
+    bad = values[~torch.isfinite(values) | (values <= 0)]
+    return ValueError(f"v_threshold: expected finite values > 0, got {bad[:4].tolist()}")
 
 
 def atmn_multi_step(
@@ -226,6 +233,8 @@ def atmn_multi_step(
     Returns ``(spikes, v)`` with spikes of ``x_seq``'s shape and dtype and the final membrane
     ``v`` [N, …] (float32 for half inputs), or ``(spikes, v, v_seq)`` with the membrane after every
     micro-step [T, N, …] when ``return_v_seq``. ``v=None`` starts from a zero membrane.
+    ``validate=False`` skips the checks of types, shapes and values (a backend whose kernel
+    checks the values on the fly, like 'cpu', still raises on NaN or ±inf).
     """
     from .backends import resolve_backend
 
@@ -246,7 +255,9 @@ def atmn_multi_step(
     p = p._replace(v_threshold=p.v_threshold.to(cdtype))
     v = None if v is None else v.to(cdtype)
     spikes, v_last, v_seq = impl(x_seq.to(cdtype), v, p, return_v_seq)
-    if validate:
+    # a backend whose kernel checks the values as it goes (``impl.checks_values``) raises the
+    # same errors itself and spares this extra pass over the membrane
+    if validate and not getattr(impl, "checks_values", False):
         check_values(x_seq, v_last, p)
     spikes = spikes.to(x_seq.dtype)
     return (spikes, v_last, v_seq) if return_v_seq else (spikes, v_last)

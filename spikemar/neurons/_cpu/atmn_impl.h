@@ -100,15 +100,17 @@ typedef struct {
   REAL surr_pa, surr_pb; /* the surrogate's parameters, precomputed by spikemar/neurons/fused.py */
   int64_t block_begin, block_end;
   int tid;
+  int64_t nonfinite; /* forward: non-finite values this worker found in the probe */
 } CAT(job_, SUFFIX);
 
 static void *CAT(forward_worker_, SUFFIX)(void *arg) {
-  const CAT(job_, SUFFIX) *j = arg;
+  CAT(job_, SUFFIX) *j = arg;
   const int64_t T = j->T, N = j->N, B = j->B, SB = SB_OF(B);
   REAL *scratch = malloc(sizeof(REAL) * 2 * SB);
   REAL *u = scratch, *vb = scratch + SB;
   CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B);
   const REAL d = j->decay, tern = (REAL)(j->ternary != 0);
+  int64_t nonfinite = 0;
   for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
     const int64_t start = blk * B;
     const int64_t len = start + B <= N ? B : N - start;
@@ -119,7 +121,16 @@ static void *CAT(forward_worker_, SUFFIX)(void *arg) {
       if (j->v_seq) memcpy(j->v_seq + t * N + start, u, sizeof(REAL) * len);
     }
     memcpy(j->v_last + start, u, sizeof(REAL) * len);
+    /* the probe of functional.check_values, while the block is in cache: with d > 0 a NaN or
+     * ±inf anywhere in x or v0 reaches the final membrane; with d = 0 look at x itself */
+    if (d != (REAL)0) {
+      for (int64_t i = 0; i < len; ++i) nonfinite += !isfinite(u[i]);
+    } else {
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t i = 0; i < len; ++i) nonfinite += !isfinite(j->x[t * N + start + i]);
+    }
   }
+  j->nonfinite = nonfinite;
   free(scratch);
   return NULL;
 }
@@ -182,7 +193,8 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   return NULL;
 }
 
-static void CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *), int nthreads) {
+static int64_t CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *),
+                                 int nthreads) {
   enum { MAX_THREADS = 64 };
   const int64_t nblocks = (base->N + base->B - 1) / base->B;
   if (nthreads > nblocks) nthreads = (int)(nblocks > 0 ? nblocks : 1);
@@ -199,16 +211,23 @@ static void CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *),
   for (int k = 1; k < nthreads; ++k) pthread_create(&threads[k], NULL, worker, &jobs[k]);
   worker(&jobs[0]);
   for (int k = 1; k < nthreads; ++k) pthread_join(threads[k], NULL);
+  int64_t nonfinite = 0;
+  for (int k = 0; k < nthreads; ++k) nonfinite += jobs[k].nonfinite;
+  return nonfinite;
 }
 
-int CAT(atmn_forward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, int64_t T,
-                               int64_t N, int64_t C, int64_t B, REAL decay, int ternary,
-                               REAL *spikes, REAL *v_last, REAL *v_seq, int nthreads) {
+/* Returns -1 if a threshold is not finite and > 0 (nothing computed), else the number of
+ * non-finite values in what functional.check_values probes (the final membrane when decay > 0,
+ * x when decay = 0), so that the caller raises as the reference's check does. */
+int64_t CAT(atmn_forward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, int64_t T,
+                                   int64_t N, int64_t C, int64_t B, REAL decay, int ternary,
+                                   REAL *spikes, REAL *v_last, REAL *v_seq, int nthreads) {
+  for (int64_t c = 0; c < (C == 0 ? 1 : C); ++c)
+    if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
   CAT(job_, SUFFIX) j = {0};
   j.x = x; j.v0 = v0; j.vth = vth; j.spikes = spikes; j.v_last = v_last; j.v_seq = v_seq;
   j.T = T; j.N = N; j.C = C; j.B = B; j.decay = decay; j.ternary = ternary;
-  CAT(run_, SUFFIX)(&j, CAT(forward_worker_, SUFFIX), nthreads);
-  return 0;
+  return CAT(run_, SUFFIX)(&j, CAT(forward_worker_, SUFFIX), nthreads);
 }
 
 /* g_vth_partial: caller-zeroed [nthreads][B] doubles; the caller folds them into V's shape. */

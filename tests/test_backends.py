@@ -110,6 +110,22 @@ def test_parity_across_surrogates_polarity_and_reset(backend, surrogate, ternary
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(("T", "shape"), [(4, (20_001,)), (2, (11, 3001)), (16, (2, 5000))])
+def test_parity_across_blocks_and_threads(backend, T, shape):
+    """Many blocks (the 'cpu' kernel's block grows to 8192 values for small T), a ragged last
+    block, channels that do not divide the block, and two threads splitting the blocks."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        for per_channel in (False, True):
+            assert_backend_matches_reference(
+                backend, T, shape, {"tau": 2.0}, per_channel=per_channel, with_v0=True
+            )
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("shape", [(1,), (3,), (1023,), (1025,), (7, 3, 11), (5, 2049)])
 def test_parity_on_odd_sizes(backend, shape):
     assert_backend_matches_reference(

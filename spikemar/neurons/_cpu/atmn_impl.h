@@ -63,15 +63,19 @@ static inline REAL CAT(g_atan_, SUFFIX)(REAL z, REAL k, REAL half_alpha) {
 
 /* One reverse micro-step over a block. u holds dL/du_t on entry and dL/du_{t-1} on exit.
  *   gs = dL/ds_t (from the output) − V·dL/du_t (through the reset, unless detached)
- *   gh = dL/du_t + gs·g/V,   dL/dV += −dL/du_t·s_t − gs·(h/V)·g/V,   dL/dx_t = gh */
+ *   gh = dL/du_t + gs·g/V,   dL/dV += −dL/du_t·s_t − gs·(h/V)·g/V,   dL/dx_t = gh
+ * The body is inlined with shared_v (one V for all: a register, not two block-long streams)
+ * and has_gprev (a gradient of the membrane sequence to add) as constants: in the common case
+ * the loop reads four streams instead of seven. */
 #define DEFINE_BACKWARD_STEP(KIND)                                                           \
-  static void CAT(bstep_##KIND##_, SUFFIX)(                                     \
+  static inline __attribute__((always_inline)) void CAT(bstep_body_##KIND##_, SUFFIX)(       \
       int64_t len, const REAL *restrict ht, const REAL *restrict vb,                         \
       const REAL *restrict ivb, REAL *restrict u, const REAL *restrict gst,                  \
       const REAL *restrict gprev, REAL *restrict gvb, REAL *restrict gxt, REAL d, REAL tern, \
-      REAL keep_reset, REAL pa, REAL pb) {                                                   \
+      REAL keep_reset, REAL pa, REAL pb, const int shared_v, const int has_gprev) {          \
     for (int64_t i = 0; i < len; ++i) {                                                      \
-      const REAL h = ht[i], V = vb[i], iv = ivb[i], gu = u[i];                               \
+      const REAL h = ht[i], gu = u[i];                                                       \
+      const REAL V = shared_v ? vb[0] : vb[i], iv = shared_v ? ivb[0] : ivb[i];              \
       const REAL r = h * iv;                                                                 \
       const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);                                \
       const REAL g = CAT(g_##KIND##_, SUFFIX)(r - (REAL)1, pa, pb) +                         \
@@ -81,8 +85,25 @@ static inline REAL CAT(g_atan_, SUFFIX)(REAL z, REAL k, REAL half_alpha) {
       const REAL gh = gu + gs * dsdh;                                                        \
       gvb[i] += -gu * s - gs * r * dsdh;                                                     \
       gxt[i] = gh;                                                                           \
-      u[i] = gh * d + gprev[i];                                                              \
+      u[i] = has_gprev ? gh * d + gprev[i] : gh * d;                                         \
     }                                                                                        \
+  }                                                                                          \
+  static void CAT(bstep_##KIND##_, SUFFIX)(                                                  \
+      int64_t len, const REAL *ht, const REAL *vb, const REAL *ivb, REAL *u,                 \
+      const REAL *gst, const REAL *gprev, REAL *gvb, REAL *gxt, REAL d, REAL tern,           \
+      REAL keep_reset, REAL pa, REAL pb, int shared_v, int has_gprev) {                      \
+    if (shared_v && !has_gprev)                                                              \
+      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
+                                        keep_reset, pa, pb, 1, 0);                           \
+    else if (shared_v)                                                                       \
+      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
+                                        keep_reset, pa, pb, 1, 1);                           \
+    else if (!has_gprev)                                                                     \
+      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
+                                        keep_reset, pa, pb, 0, 0);                           \
+    else                                                                                     \
+      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
+                                        keep_reset, pa, pb, 0, 1);                           \
   }
 DEFINE_BACKWARD_STEP(rectangle)
 DEFINE_BACKWARD_STEP(triangle)
@@ -148,6 +169,7 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   memset(zeros, 0, sizeof(REAL) * B);
   const REAL d = j->decay, pa = j->surr_pa, pb = j->surr_pb;
   const REAL tern = (REAL)(j->ternary != 0), keep_reset = (REAL)(j->detach_reset == 0);
+  const int shared_v = j->C == 0;
   for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
     const int64_t start = blk * B;
     const int64_t len = start + B <= N ? B : N - start;
@@ -166,23 +188,24 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
       const REAL *ht = hbuf + t * SB;
       const REAL *gst = j->g_spikes ? j->g_spikes + t * N + start : zeros;
       const REAL *gprev = (j->g_vseq && t > 0) ? j->g_vseq + (t - 1) * N + start : zeros;
+      const int has_gprev = gprev != zeros;
       REAL *gxt = j->g_x + t * N + start;
       switch (j->surr_kind) {
         case 0:
           CAT(bstep_rectangle_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                        keep_reset, pa, pb);
+                                        keep_reset, pa, pb, shared_v, has_gprev);
           break;
         case 1:
           CAT(bstep_triangle_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                       keep_reset, pa, pb);
+                                       keep_reset, pa, pb, shared_v, has_gprev);
           break;
         case 2:
           CAT(bstep_sigmoid_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                      keep_reset, pa, pb);
+                                      keep_reset, pa, pb, shared_v, has_gprev);
           break;
         default:
           CAT(bstep_atan_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                   keep_reset, pa, pb);
+                                   keep_reset, pa, pb, shared_v, has_gprev);
       }
     }
     /* a block's T terms are summed in REAL, blocks in double */

@@ -41,7 +41,7 @@ from pathlib import Path
 
 import torch
 
-from spikemar.checkpoint import build_model, load_checkpoint, model_config_dict
+from spikemar.checkpoint import dense_twin, load_checkpoint
 from spikemar.data import TokenDataset
 from spikemar.distill import DistillConfig, distill
 from spikemar.energy import compare, profile
@@ -127,9 +127,7 @@ def measure(path: Path, data: TokenDataset, loop: LoopConfig, energy_ids: torch.
     model, _, payload = load_checkpoint(path)
     row = {"val": evaluate(model, data, loop)["val"], "step": payload["train"]["step"]}
     if getattr(model.config, "spikes", None) is not None:
-        twin = build_model("mar-dense", model_config_dict(model))
-        twin.load_state_dict(model.state_dict(), strict=False)
-        student, dense = profile(model, energy_ids), profile(twin.eval(), energy_ids)
+        student, dense = profile(model, energy_ids), profile(dense_twin(model), energy_ids)
         cmp = compare(student, dense)
         spikes = [r for r in student.rows if r.firing_rate is not None]
         row.update(

@@ -33,6 +33,7 @@ from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, Transforme
 __all__ = [
     "MODEL_KINDS",
     "build_model",
+    "dense_twin",
     "load_checkpoint",
     "model_config_dict",
     "release_checkpoint",
@@ -57,6 +58,20 @@ def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
         spikes = {}
     spike_config = None if spikes is None else SpikeConfig(**spikes)
     return MARLM(MARConfig(**config, spikes=spike_config))
+
+
+def dense_twin(model: nn.Module) -> MARLM:
+    """The dense twin of a spiking MAR LM, with its weights (all but the spike thresholds), in
+    eval mode: the same architecture without spikes, i.e. what a stage-2 teacher costs."""
+    if not isinstance(model, MARLM) or model.config.spikes is None:
+        what = "a dense MARLM" if isinstance(model, MARLM) else type(model).__name__
+        raise ValueError(f"model: expected a spiking MARLM, got {what}")
+    twin = build_model("mar-dense", model_config_dict(model))
+    unexpected = twin.load_state_dict(model.state_dict(), strict=False).unexpected_keys
+    others = [k for k in unexpected if not k.endswith("neuron.a")]
+    if others:
+        raise ValueError(f"model: parameters its dense twin does not have: {others}")
+    return twin.eval()
 
 
 def model_config_dict(model: nn.Module) -> dict[str, Any]:

@@ -98,7 +98,7 @@ def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: 
 
 def demo_main(args: argparse.Namespace) -> int:
     from . import viz
-    from .checkpoint import build_model, load_checkpoint, model_config_dict
+    from .checkpoint import dense_twin, load_checkpoint
     from .energy import compare, get_profile, profile
 
     try:
@@ -143,10 +143,8 @@ def demo_main(args: argparse.Namespace) -> int:
     print(f"{args.out}: rasters and firing rates of {len(points)} spike points "
           f"(mean firing rate {mean:.3f} per micro-step)\n")  # fmt: skip
 
-    twin = build_model("mar-dense", model_config_dict(model))
-    twin.load_state_dict(model.state_dict(), strict=False)  # all but the spike thresholds
     student = profile(model, ids, hardware=args.hardware)
-    teacher = profile(twin.eval(), ids, hardware=args.hardware)
+    teacher = profile(dense_twin(model), ids, hardware=args.hardware)
     comparison = compare(student, teacher, labels=("spiking MAR", "dense teacher"))
     print(comparison.to_table())
     print(f"\nenergy per token ({args.hardware}): spiking {comparison.student_pj / 1e3:,.1f} nJ, "

@@ -73,3 +73,15 @@ def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(
         assert torch.equal(model.state_dict()[name], value)
     with pytest.raises(ValueError, match="provenance"):
         release_checkpoint(tmp_path / "run.pt", tmp_path / "bad.pt", {"command": "x"})
+
+
+def test_dense_twin_keeps_every_weight_but_the_thresholds():
+    from spikemar.checkpoint import dense_twin
+
+    student = load_checkpoint(shipped_checkpoint())[0]
+    twin = dense_twin(student)
+    assert twin.config.spikes is None and not twin.training
+    for name, value in twin.state_dict().items():
+        assert torch.equal(value, student.state_dict()[name]), name
+    with pytest.raises(ValueError, match="dense MARLM"):
+        dense_twin(twin)

@@ -112,13 +112,11 @@ def _teacher(args: argparse.Namespace, student: nn.Module) -> nn.Module:
         return _checkpoint(args.teacher, "--teacher")[0]
     if args.checkpoint is None:
         return dense_demo_model(args.d, args.layers, seed=args.seed)
-    from ..checkpoint import build_model, model_config_dict
+    from ..checkpoint import dense_twin
 
     if getattr(student.config, "spikes", None) is None:
         raise ValueError("--compare-dense: the checkpoint is dense already; give --teacher")
-    twin = build_model("mar-dense", model_config_dict(student))
-    twin.load_state_dict(student.state_dict(), strict=False)  # all but the spike thresholds
-    return twin.eval()
+    return dense_twin(student)
 
 
 def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:

@@ -265,20 +265,10 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         "shared data folder), with a progress bar, validation and checkpoints; --resume "
         "continues an interrupted run exactly; runs data-parallel under torchrun.",
     )
+    from .training import add_loop_arguments
+
     p.add_argument("--model", choices=("mar", "mar-dense", "transformer"), default="mar")
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
-    p.add_argument("--out", default="runs/model.pt", help="checkpoint path")
-    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    p.add_argument("--steps", type=_int_at_least_1, default=2000)
-    p.add_argument("--batch-size", type=_int_at_least_1, default=12)
-    p.add_argument("--L", type=_int_at_least_1, default=64, help="tokens per training window")
-    p.add_argument("--lr", type=_positive_float, default=1e-3)
-    p.add_argument("--eval-interval", type=_int_at_least_1, default=250)
-    p.add_argument("--eval-iters", type=_int_at_least_1, default=20)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
+    add_loop_arguments(p, out="runs/model.pt")
     p.add_argument("--d-model", type=_int_at_least_1, default=128)
     p.add_argument("--n-layers", type=_int_at_least_1, default=4)
     p.add_argument("--n-heads", type=_int_at_least_1, default=4, help="Transformer heads")
@@ -290,13 +280,12 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     p.add_argument("--T", type=_int_at_least_1, default=4, help="ATMN micro-steps (mar)")
     p.add_argument("--tau", type=_positive_float, default=1.0, help="ATMN τ (mar)")
     p.add_argument("--v-threshold", type=_positive_float, default=0.5, help="initial V (mar)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_run_train)
     return p
 
 
 def _run_train(args: argparse.Namespace) -> int:
-    from .training import TrainConfig, train
+    from .training import TrainConfig, loop_settings, train
 
     model_config: dict = {"d_model": args.d_model, "n_layers": args.n_layers}
     if args.model == "transformer":
@@ -308,12 +297,7 @@ def _run_train(args: argparse.Namespace) -> int:
             model_config["spikes"] = {"T": args.T, "tau": args.tau,
                                       "v_threshold": args.v_threshold}  # fmt: skip
     try:
-        config = TrainConfig(
-            model=args.model, model_config=model_config, data=args.data, out=args.out,
-            steps=args.steps, batch_size=args.batch_size, L=args.L, lr=args.lr,
-            min_lr=args.lr / 10, eval_interval=args.eval_interval, eval_iters=args.eval_iters,
-            seed=args.seed, device=args.device, amp=args.amp,
-        )  # fmt: skip
+        config = TrainConfig(model=args.model, model_config=model_config, **loop_settings(args))
         result = train(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
         raise _UsageError(str(err)) from err

@@ -17,6 +17,7 @@ process on the whole batch; rank 0 validates, writes checkpoints and shows progr
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import datetime
 import math
@@ -34,10 +35,20 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
+from ._argtypes import int_at_least_1, positive_float
 from .checkpoint import MODEL_KINDS, build_model, load_checkpoint, save_checkpoint
 from .data import CharTokenizer, TokenDataset
 
-__all__ = ["LoopConfig", "Objective", "TrainConfig", "evaluate", "run_training", "train"]
+__all__ = [
+    "LoopConfig",
+    "Objective",
+    "TrainConfig",
+    "add_loop_arguments",
+    "evaluate",
+    "loop_settings",
+    "run_training",
+    "train",
+]
 
 AMP_MODES = ("auto", "bf16", "off")
 # what may differ between a run and its --resume: nothing that changes the updates
@@ -122,6 +133,39 @@ class Objective(nn.Module):
     def load_extra(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"resume: unexpected objective state {sorted(state)}")
+
+
+def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
+    """The command-line options of :class:`LoopConfig`, shared by ``train`` and ``distill``;
+    :func:`loop_settings` turns the parsed ones back into its keyword arguments."""
+    p = parser
+    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--out", default=out, help="checkpoint path")
+    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
+    p.add_argument("--steps", type=int_at_least_1, default=2000)
+    p.add_argument("--batch-size", type=int_at_least_1, default=12,
+                   help="the global batch (split across ranks under torchrun)")  # fmt: skip
+    p.add_argument("--L", type=int_at_least_1, default=64, help="tokens per training window")
+    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak; cosine down to lr/10")
+    p.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
+    p.add_argument("--eval-interval", type=int_at_least_1, default=250)
+    p.add_argument("--eval-iters", type=int_at_least_1, default=20)
+    p.add_argument("--seed", type=int, default=1337)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--amp", choices=AMP_MODES, default="auto",
+                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true")
+
+
+def loop_settings(args: argparse.Namespace) -> dict[str, Any]:
+    """:class:`LoopConfig`'s keyword arguments from options declared by
+    :func:`add_loop_arguments`."""
+    return {
+        "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
+        "L": args.L, "lr": args.lr, "min_lr": args.lr / 10, "warmup": args.warmup,
+        "eval_interval": args.eval_interval, "eval_iters": args.eval_iters, "seed": args.seed,
+        "device": args.device, "amp": args.amp,
+    }  # fmt: skip
 
 
 def lr_factor(step: int, config: LoopConfig) -> float:

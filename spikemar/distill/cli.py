@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from .._argtypes import int_at_least_1, non_negative_float, positive_float
+from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_distill_arguments", "distill_main"]
 
@@ -23,20 +24,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--teacher", required=True,
                    help="the teacher: a spikemar checkpoint, or a local Hugging Face model "
                         "directory (never downloaded)")  # fmt: skip
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
-    p.add_argument("--out", default="runs/student.pt", help="the student's checkpoint")
-    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    p.add_argument("--steps", type=int_at_least_1, default=2000)
-    p.add_argument("--batch-size", type=int_at_least_1, default=12, help="the global batch")
-    p.add_argument("--L", type=int_at_least_1, default=64, help="tokens per training window")
-    p.add_argument("--lr", type=positive_float, default=1e-3)
-    p.add_argument("--warmup", type=int, default=100)
-    p.add_argument("--eval-interval", type=int_at_least_1, default=250)
-    p.add_argument("--eval-iters", type=int_at_least_1, default=20)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
-    p.add_argument("--amp", choices=("auto", "bf16", "off"), default="auto",
-                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
+    add_loop_arguments(p, out="runs/student.pt")
     loss = p.add_argument_group("SBDS loss")
     loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")
     loss.add_argument("--beta", type=non_negative_float, default=0.7, help="reverse KL weight")
@@ -64,7 +52,6 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                          help="stage 2: initial threshold V₀")  # fmt: skip
     student.add_argument("--no-init-from-teacher", action="store_true",
                          help="start the student from random weights")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
     return p
 
 
@@ -83,13 +70,9 @@ def distill_main(args: argparse.Namespace) -> int:
         student["spikes"] = spikes
     try:
         config = DistillConfig(
-            stage=args.stage, teacher=args.teacher, data=args.data, out=args.out,
-            steps=args.steps, batch_size=args.batch_size, L=args.L, lr=args.lr,
-            min_lr=args.lr / 10, warmup=args.warmup, eval_interval=args.eval_interval,
-            eval_iters=args.eval_iters, seed=args.seed, device=args.device, amp=args.amp,
-            alpha=args.alpha, beta=args.beta, temperature=args.temperature,
-            feature=None if args.feature == "none" else args.feature, gamma=args.gamma,
-            ce=args.ce,
+            **loop_settings(args), stage=args.stage, teacher=args.teacher, alpha=args.alpha,
+            beta=args.beta, temperature=args.temperature, gamma=args.gamma, ce=args.ce,
+            feature=None if args.feature == "none" else args.feature,
             align_steps=args.align_steps, student_config=student,
             init_from_teacher=not args.no_init_from_teacher,
         )  # fmt: skip

@@ -19,31 +19,23 @@ def int_at_least_1(text: str) -> int:
     return value
 
 
-def positive_float(text: str) -> float:
+def _float(text: str, accept, expected: str) -> float:
     try:
         value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}") from None
-    if not value > 0 or math.isnan(value):
-        raise argparse.ArgumentTypeError(f"expected a number > 0, got {text!r}")
+        value = math.nan  # fails every test below
+    if not accept(value):
+        raise argparse.ArgumentTypeError(f"expected {expected}, got {text!r}")
     return value
+
+
+def positive_float(text: str) -> float:
+    return _float(text, lambda v: v > 0, "a number > 0")  # NaN fails v > 0
 
 
 def finite_positive_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number > 0, got {text!r}")
-    return value
+    return _float(text, lambda v: math.isfinite(v) and v > 0, "a finite number > 0")
 
 
 def non_negative_float(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        value = math.nan
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"expected a finite number >= 0, got {text!r}")
-    return value
+    return _float(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")

@@ -95,7 +95,17 @@ def test_parity_across_micro_steps_tau_and_threshold_sharing(backend, T, tau, pe
     ("surrogate", "ternary", "detach_reset"),
     list(
         itertools.product(
-            [Rectangle(), Rectangle(0.3), Triangle(), Sigmoid(), ATan()],
+            # width ≤ 2: the fused kernels' one-pulse path; wider: both pulses
+            [
+                Rectangle(),
+                Rectangle(0.3),
+                Rectangle(2.0),
+                Rectangle(3.0),
+                Triangle(),
+                Triangle(2.5),
+                Sigmoid(),
+                ATan(),
+            ],
             [True, False],
             [False, True],
         )
@@ -123,6 +133,19 @@ def test_parity_across_blocks_and_threads(backend, T, shape):
             )
     finally:
         torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("T", [5, 8, 13])
+@pytest.mark.parametrize("per_channel", [False, True])
+@pytest.mark.parametrize("surrogate", [Rectangle(), Triangle(3.0)], ids=str)
+def test_parity_when_micro_steps_run_in_chunks(backend, T, per_channel, surrogate):
+    """More micro-steps than the 'cpu' kernel streams side by side (4): the membrane, the
+    recomputed h and dL/du cross chunk boundaries, with every optional input and output."""
+    kw = {"tau": 1.5, "surrogate": surrogate}
+    assert_backend_matches_reference(
+        backend, T, (3, 1001), kw, per_channel=per_channel, with_v0=True, return_v_seq=True
+    )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

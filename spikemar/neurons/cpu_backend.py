@@ -48,10 +48,10 @@ _SOURCES = ("atmn.c", "atmn_impl.h", "mixer_impl.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
-# Elements per block: the backward keeps T·B recomputed h in cache (at most 2^15 values, 128 KiB
-# in float32: L2), and larger blocks mean fewer jumps between the 3·T streams of x, grad_s and
-# grad_x, each of which costs the hardware prefetcher a restart (T = 4, N = 2^20: fwd+bwd 10.7 ms
-# with 1024, 8.1 ms with 8192 on the 2-core EPYC of benchmarks/RESULTS.md).
+# Elements per block (the unit that threads split): for T > 4 the backward keeps a block's T·B
+# recomputed h in cache (at most 2^15 values, 128 KiB in float32: L2), and larger blocks mean
+# fewer jumps between the streams of x, grad_s and grad_x, each of which costs the hardware
+# prefetcher a restart.
 _BLOCK_VALUES = 1 << 15
 _MIN_BLOCK, _MAX_BLOCK = 1024, 8192
 _MIN_ELEMENTS_PER_THREAD = 1 << 15

@@ -10,6 +10,8 @@
 
 #define CAT_(a, b) a##b
 #define CAT(a, b) CAT_(a, b)
+/* the bodies that must inline into their callers, whose constant flags then fold away */
+#define HOT static inline __attribute__((always_inline))
 
 #define REAL float
 #define SUFFIX f32

@@ -6,110 +6,108 @@
  *
  * Layout: x, spikes and their gradients are [T, N] contiguous; v0, v_last [N]. NULL v0 is a zero
  * membrane, NULL g_v0 is not wanted, NULL g_spikes / g_vlast / g_vseq are zero gradients.
- * Work is split in blocks of B elements (B a multiple of the channel count C, so the threshold
- * expands into one block-periodic buffer vb[B]); a block's membrane and recomputed h stay in
- * L1/L2 while x, s and the gradients stream through once.
  *
- * Per-block scratch buffers sit SB = B + 16 elements apart: at exactly 4 KiB apart (B = 1024
- * floats) every load 4K-aliases the store just issued to the neighbouring buffer and the
- * backward ran 20x slower. Hot loops are small functions with restrict pointers so that they
- * vectorise. */
+ * Element-major: a group of GW = GK·VL neighbouring neurons (GK SIMD vectors side by side, written
+ * with GCC/Clang vector extensions so the same source builds for AVX2, AVX-512 or NEON) runs its
+ * micro-steps with the membrane in registers, reading x_t and writing s_t as interleaved
+ * sequential streams, at most TC micro-steps' rows at a time. The backward recomputes the
+ * group's h (cheaper than storing it: only x is read again) into an L1 array when T ≤ TC, into a
+ * block buffer in L2 beyond, and runs the reverse micro-steps in registers too. Against the
+ * block-major kernel this replaced (a block of neurons stepped one micro-step at a time, with
+ * membrane, h and dL/dV in L1/L2 buffers) it drops those buffer loads and stores from every
+ * micro-step and about half of the backward's arithmetic (see vsurrogate); T = 4, N = 2^20,
+ * forward + backward on the 2-core EPYC of benchmarks/RESULTS.md: 7.1 → 4.9 ms, kernels alone,
+ * cold caches.
+ *
+ * Threads take contiguous ranges of blocks of B neurons; B is a multiple of the channel count C
+ * so that a per-channel threshold is one block-periodic buffer vb[B]. A block's last
+ * len mod GW neurons run through the same vector code on zero-padded copies. */
 
-#define SB_OF(B) ((B) + 16)
+/* 32-byte vectors, AVX2's width (GCC lowers wider generic vectors on AVX2 to code ~10× slower;
+ * NEON and AVX-512 run them as pairs or halves) */
+#define VBYTES 32
+#define VL ((int64_t)(VBYTES / sizeof(REAL)))
+#define GK 4 /* vectors stepped side by side (see forward_steps) */
+#define GW (GK * VL)
+#define TC 4 /* micro-steps whose rows are streamed side by side (see forward_range) */
+#define VEC CAT(vec_, SUFFIX)
+#define MASK CAT(mask_, SUFFIX)
+#define DVEC CAT(dvec_, SUFFIX)
+typedef REAL VEC __attribute__((vector_size(VBYTES)));
+/* a comparison's lanes: all ones or all zeros, integers of REAL's width */
+#define LANE_INT CAT(lane_int_, SUFFIX)
+typedef __typeof__(_Generic((REAL)0, float: (int32_t)0, default: (int64_t)0)) LANE_INT;
+typedef LANE_INT MASK __attribute__((vector_size(VBYTES)));
+/* dL/dV is summed in double, four lanes at a time (a wider generic vector compiles to spills) */
+#define QVEC CAT(qvec_, SUFFIX)
+typedef REAL QVEC __attribute__((vector_size(4 * sizeof(REAL))));
+typedef double DVEC __attribute__((vector_size(32)));
 
-static void CAT(fill_vb_, SUFFIX)(REAL *vb, const REAL *vth, int64_t C, int64_t B) {
-  for (int64_t i = 0; i < B; ++i) vb[i] = vth[C == 0 ? 0 : i % C];
-}
-
-/* one forward micro-step over a block; h is kept when hout != NULL (backward recompute) */
-static inline void CAT(step_, SUFFIX)(int64_t len, const REAL *restrict x,
-                                      const REAL *restrict vb, REAL *restrict u,
-                                      REAL *restrict s_or_h, REAL d, REAL tern, int write_h) {
-  if (write_h) {
-    for (int64_t i = 0; i < len; ++i) {
-      const REAL h = x[i] + d * u[i];
-      const REAL s = (REAL)(h >= vb[i]) - tern * (REAL)(h <= -vb[i]);
-      s_or_h[i] = h;
-      u[i] = h - vb[i] * s;
-    }
-  } else {
-    for (int64_t i = 0; i < len; ++i) {
-      const REAL h = x[i] + d * u[i];
-      const REAL s = (REAL)(h >= vb[i]) - tern * (REAL)(h <= -vb[i]);
-      s_or_h[i] = s;
-      u[i] = h - vb[i] * s;
-    }
+/* acc[k] += lanes 4k..4k+3 of v, in double */
+static inline void CAT(vaccumulate_, SUFFIX)(DVEC *acc, VEC v) {
+  for (int k = 0; k < (int)(VL / 4); ++k) {
+    QVEC q;
+    memcpy(&q, (const REAL *)&v + 4 * k, sizeof q);
+    acc[k] += __builtin_convertvector(q, DVEC);
   }
 }
 
-/* Surrogate pulses g(z), branch-free; pa, pb as fused.surrogate_code computes them */
-static inline REAL CAT(g_rectangle_, SUFFIX)(REAL z, REAL half, REAL inv_width) {
-  return (REAL)(z < half && z > -half) * inv_width;
+static inline VEC CAT(vload_, SUFFIX)(const REAL *p) {
+  VEC v;
+  memcpy(&v, p, sizeof v);
+  return v;
 }
-static inline REAL CAT(g_triangle_, SUFFIX)(REAL z, REAL inv_half, REAL unused) {
-  (void)unused;
-  const REAL v = (REAL)1 - (z < 0 ? -z : z) * inv_half;
-  return (v > 0 ? v : (REAL)0) * inv_half;
-}
-static inline REAL CAT(g_sigmoid_, SUFFIX)(REAL z, REAL alpha, REAL unused) {
-  (void)unused;
-  const REAL sg = (REAL)1 / ((REAL)1 + EXP(-alpha * z));
-  return alpha * sg * ((REAL)1 - sg);
-}
-static inline REAL CAT(g_atan_, SUFFIX)(REAL z, REAL k, REAL half_alpha) {
-  const REAL kz = k * z;
-  return half_alpha / ((REAL)1 + kz * kz);
+static inline void CAT(vstore_, SUFFIX)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
+#define VLOAD CAT(vload_, SUFFIX)
+#define VSTORE CAT(vstore_, SUFFIX)
+#define VSPLAT(a) ((VEC){0} + (REAL)(a)) /* exact except that −0 becomes +0 */
+/* the lanes of v where m is set, +0 elsewhere (an AND: exact, one instruction) */
+#define VSELECT(m, v) ((VEC)((m) & (MASK)(v)))
+/* |v|: clear the sign bits */
+#define SIGN_CLEAR ((LANE_INT)((UINT64_C(1) << (8 * sizeof(REAL) - 1)) - 1))
+#define VABS(v) ((VEC)((MASK)(v) & ((MASK){0} + SIGN_CLEAR)))
+
+static void CAT(fill_vb_, SUFFIX)(REAL *vb, const REAL *vth, int64_t C, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) vb[i] = vth[C == 0 ? 0 : i % C];
 }
 
-/* One reverse micro-step over a block. u holds dL/du_t on entry and dL/du_{t-1} on exit.
- *   gs = dL/ds_t (from the output) − V·dL/du_t (through the reset, unless detached)
- *   gh = dL/du_t + gs·g/V,   dL/dV += −dL/du_t·s_t − gs·(h/V)·g/V,   dL/dx_t = gh
- * The body is inlined with shared_v (one V for all: a register, not two block-long streams)
- * and has_gprev (a gradient of the membrane sequence to add) as constants: in the common case
- * the loop reads four streams instead of seven. */
-#define DEFINE_BACKWARD_STEP(KIND)                                                           \
-  static inline __attribute__((always_inline)) void CAT(bstep_body_##KIND##_, SUFFIX)(       \
-      int64_t len, const REAL *restrict ht, const REAL *restrict vb,                         \
-      const REAL *restrict ivb, REAL *restrict u, const REAL *restrict gst,                  \
-      const REAL *restrict gprev, REAL *restrict gvb, REAL *restrict gxt, REAL d, REAL tern, \
-      REAL keep_reset, REAL pa, REAL pb, const int shared_v, const int has_gprev) {          \
-    for (int64_t i = 0; i < len; ++i) {                                                      \
-      const REAL h = ht[i], gu = u[i];                                                       \
-      const REAL V = shared_v ? vb[0] : vb[i], iv = shared_v ? ivb[0] : ivb[i];              \
-      const REAL r = h * iv;                                                                 \
-      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);                                \
-      const REAL g = CAT(g_##KIND##_, SUFFIX)(r - (REAL)1, pa, pb) +                         \
-                     tern * CAT(g_##KIND##_, SUFFIX)(-r - (REAL)1, pa, pb);                  \
-      const REAL dsdh = g * iv;                                                              \
-      const REAL gs = gst[i] - keep_reset * V * gu;                                          \
-      const REAL gh = gu + gs * dsdh;                                                        \
-      gvb[i] += -gu * s - gs * r * dsdh;                                                     \
-      gxt[i] = gh;                                                                           \
-      u[i] = has_gprev ? gh * d + gprev[i] : gh * d;                                         \
-    }                                                                                        \
-  }                                                                                          \
-  static void CAT(bstep_##KIND##_, SUFFIX)(                                                  \
-      int64_t len, const REAL *ht, const REAL *vb, const REAL *ivb, REAL *u,                 \
-      const REAL *gst, const REAL *gprev, REAL *gvb, REAL *gxt, REAL d, REAL tern,           \
-      REAL keep_reset, REAL pa, REAL pb, int shared_v, int has_gprev) {                      \
-    if (shared_v && !has_gprev)                                                              \
-      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
-                                        keep_reset, pa, pb, 1, 0);                           \
-    else if (shared_v)                                                                       \
-      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
-                                        keep_reset, pa, pb, 1, 1);                           \
-    else if (!has_gprev)                                                                     \
-      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
-                                        keep_reset, pa, pb, 0, 0);                           \
-    else                                                                                     \
-      CAT(bstep_body_##KIND##_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,  \
-                                        keep_reset, pa, pb, 0, 1);                           \
+/* s = [h ≥ V] − tern·[h ≤ −V], exactly as the reference (0/1 indicators, one subtraction) */
+HOT VEC CAT(vspike_, SUFFIX)(VEC h, VEC V, const int tern) {
+  const VEC one = VSPLAT(1);
+  const VEC up = VSELECT(h >= V, one);
+  return tern ? up - VSELECT(h <= -V, one) : up;
+}
+
+/* Surrogate pulses g(z) on vectors (pa, pb as fused.surrogate_code computes them):
+ * rectangle 1/width on |z| < width/2 · triangle (1 − |z|/half)⁺/half · sigmoid α·σ(αz)(1 − σ(αz))
+ * · atan (α/2)/(1 + (π/2·α·z)²). The sigmoid's exp runs lane by lane (no portable vector exp). */
+HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
+  if (kind == 0) return VSELECT((z < pa) & (z > -pa), VSPLAT(pb));
+  if (kind == 1) {
+    const VEC v = (REAL)1 - VABS(z) * pa;
+    return VSELECT(v > 0, v) * pa;
   }
-DEFINE_BACKWARD_STEP(rectangle)
-DEFINE_BACKWARD_STEP(triangle)
-DEFINE_BACKWARD_STEP(sigmoid)
-DEFINE_BACKWARD_STEP(atan)
-#undef DEFINE_BACKWARD_STEP
+  if (kind == 2) {
+    VEC g;
+    for (int k = 0; k < (int)VL; ++k) {
+      const REAL sg = (REAL)1 / ((REAL)1 + EXP(-pa * z[k]));
+      g[k] = pa * sg * ((REAL)1 - sg);
+    }
+    return g;
+  }
+  const VEC kz = pa * z;
+  return pb / ((REAL)1 + kz * kz);
+}
+
+/* g(r − 1) + tern·g(−r − 1), the derivative of s by h/V. When the two pulses cannot overlap
+ * (rectangle or triangle no wider than 2, so at most one is non-zero for any r) it is one pulse
+ * at |r| − 1: the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
+HOT VEC CAT(vsurrogate_, SUFFIX)(
+    const int kind, VEC r, const int tern, const int disjoint, REAL pa, REAL pb) {
+  if (tern && disjoint) return CAT(vpulse_, SUFFIX)(kind, VABS(r) - (REAL)1, pa, pb);
+  const VEC g = CAT(vpulse_, SUFFIX)(kind, r - (REAL)1, pa, pb);
+  return tern ? g + CAT(vpulse_, SUFFIX)(kind, -r - (REAL)1, pa, pb) : g;
+}
 
 typedef struct {
   const REAL *x, *v0, *vth, *g_spikes, *g_vlast, *g_vseq;
@@ -124,98 +122,356 @@ typedef struct {
   int64_t nonfinite; /* forward: non-finite values this worker found in the probe */
 } CAT(job_, SUFFIX);
 
-static void *CAT(forward_worker_, SUFFIX)(void *arg) {
-  CAT(job_, SUFFIX) *j = arg;
-  const int64_t T = j->T, N = j->N, B = j->B, SB = SB_OF(B);
-  REAL *scratch = malloc(sizeof(REAL) * 2 * SB);
-  REAL *u = scratch, *vb = scratch + SB;
-  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B);
-  const REAL d = j->decay, tern = (REAL)(j->ternary != 0);
-  int64_t nonfinite = 0;
-  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
-    const int64_t start = blk * B;
-    const int64_t len = start + B <= N ? B : N - start;
-    if (j->v0) memcpy(u, j->v0 + start, sizeof(REAL) * len);
-    else memset(u, 0, sizeof(REAL) * len);
-    for (int64_t t = 0; t < T; ++t) {
-      CAT(step_, SUFFIX)(len, j->x + t * N + start, vb, u, j->spikes + t * N + start, d, tern, 0);
-      if (j->v_seq) memcpy(j->v_seq + t * N + start, u, sizeof(REAL) * len);
-    }
-    memcpy(j->v_last + start, u, sizeof(REAL) * len);
-    /* the probe of functional.check_values, while the block is in cache: with d > 0 a NaN or
-     * ±inf anywhere in x or v0 reaches the final membrane; with d = 0 look at x itself */
-    if (d != (REAL)0) {
-      for (int64_t i = 0; i < len; ++i) nonfinite += !isfinite(u[i]);
-    } else {
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t i = 0; i < len; ++i) nonfinite += !isfinite(j->x[t * N + start + i]);
+/* The pointers of one group of GW = GK·VL neighbouring neurons: x-like arrays are [T][stride],
+ * the others [GW]. A block's tail points them at zero-padded copies with stride GW. */
+typedef struct {
+  const REAL *x, *v0, *g_spikes, *g_vlast, *g_vseq;
+  REAL *spikes, *v_seq, *v_last, *g_x, *g_v0;
+  int64_t stride;
+} CAT(group_, SUFFIX);
+
+/* Micro-steps t0..t1−1 of one group, membrane u in and out. Each micro-step is a chain of about
+ * 16 cycles of latency per vector (h, s, u): GK independent vectors side by side keep the core
+ * busy where one vector at a time would wait. */
+HOT void CAT(forward_steps_, SUFFIX)(
+    const CAT(group_, SUFFIX) * g, int64_t t0, int64_t t1, const VEC *V, REAL d, const int tern,
+    VEC *u) {
+  const int64_t st = g->stride;
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int k = 0; k < GK; ++k) {
+      const VEC h = VLOAD(g->x + t * st + k * VL) + u[k] * d;
+      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
+      VSTORE(g->spikes + t * st + k * VL, s);
+      u[k] = h - V[k] * s;
+      if (g->v_seq) VSTORE(g->v_seq + t * st + k * VL, u[k]);
     }
   }
-  j->nonfinite = nonfinite;
-  free(scratch);
+}
+
+/* The forward again for the backward, keeping h of micro-steps t0..t1−1 in hout [t][hstride] */
+HOT void CAT(recompute_steps_, SUFFIX)(
+    const REAL *x, int64_t st, int64_t t0, int64_t t1, const VEC *V, REAL d, const int tern, VEC *u,
+    REAL *hout, int64_t hstride) {
+  for (int64_t t = t0; t < t1; ++t) {
+    for (int k = 0; k < GK; ++k) {
+      const VEC h = VLOAD(x + t * st + k * VL) + u[k] * d;
+      VSTORE(hout + t * hstride + k * VL, h);
+      u[k] = h - V[k] * CAT(vspike_, SUFFIX)(h, V[k], tern);
+    }
+  }
+}
+
+/* Reverse micro-steps t1−1 down to t0 of one group, from h in hin [t][hstride]; gu = dL/du_t in
+ * and out, gv += the dL/dV terms (per lane).
+ *   gs = dL/ds_t (from the output) − V·dL/du_t (through the reset, unless detached)
+ *   gh = dL/du_t + gs·g/V,   dL/dV += −dL/du_t·s_t − gs·(h/V)·g/V,   dL/dx_t = gh,
+ *   dL/du_{t−1} = d·gh (+ the membrane-sequence gradient at t − 1) */
+HOT void CAT(reverse_steps_, SUFFIX)(
+    const CAT(group_, SUFFIX) * g, const REAL *hin, int64_t hstride, int64_t t0, int64_t t1,
+    const VEC *V, const VEC *iv, const VEC *kV, REAL d, REAL pa, REAL pb, const int kind,
+    const int tern, const int disjoint, VEC *gu, VEC *gv) {
+  const int64_t st = g->stride;
+  for (int64_t t = t1 - 1; t >= t0; --t) {
+    for (int k = 0; k < GK; ++k) {
+      const VEC h = VLOAD(hin + t * hstride + k * VL);
+      const VEC r = h * iv[k];
+      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
+      const VEC dsdh = CAT(vsurrogate_, SUFFIX)(kind, r, tern, disjoint, pa, pb) * iv[k];
+      const VEC gst = g->g_spikes ? VLOAD(g->g_spikes + t * st + k * VL) : VSPLAT(0);
+      const VEC gs = gst - kV[k] * gu[k];
+      const VEC gh = gu[k] + gs * dsdh;
+      gv[k] += -gu[k] * s - gs * r * dsdh;
+      VSTORE(g->g_x + t * st + k * VL, gh);
+      gu[k] = gh * d;
+      if (g->g_vseq && t > 0) gu[k] += VLOAD(g->g_vseq + (t - 1) * st + k * VL);
+    }
+  }
+}
+
+/* the initial membrane and the gradient arriving at the last micro-step */
+HOT void CAT(initial_u_, SUFFIX)(const CAT(group_, SUFFIX) * g, VEC *u) {
+  for (int k = 0; k < GK; ++k) u[k] = g->v0 ? VLOAD(g->v0 + k * VL) : VSPLAT(0);
+}
+HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *gu) {
+  for (int k = 0; k < GK; ++k) {
+    gu[k] = g->g_vlast ? VLOAD(g->g_vlast + k * VL) : VSPLAT(0);
+    if (g->g_vseq) gu[k] += VLOAD(g->g_vseq + (T - 1) * g->stride + k * VL);
+  }
+}
+
+/* scratch of a worker: the tail's padded copies (x-like [T][GW] ×5, others [GW] ×3) */
+static REAL *CAT(tail_scratch_, SUFFIX)(int64_t T) {
+  return aligned_alloc(64, (size_t)((5 * T + 3) * GW * sizeof(REAL) + 63) / 64 * 64);
+}
+
+/* pad a group at offset i (n < GW live lanes) into the scratch: x-like inputs, then [GW] ones */
+static void CAT(pad_in_, SUFFIX)(REAL *dst, const REAL *src, int64_t rows, int64_t N, int64_t i,
+                                 int64_t n) {
+  memset(dst, 0, sizeof(REAL) * rows * GW);
+  if (src)
+    for (int64_t t = 0; t < rows; ++t) memcpy(dst + t * GW, src + t * N + i, sizeof(REAL) * n);
+}
+static void CAT(pad_out_, SUFFIX)(REAL *dst, const REAL *src, int64_t rows, int64_t N, int64_t i,
+                                  int64_t n) {
+  if (dst)
+    for (int64_t t = 0; t < rows; ++t) memcpy(dst + t * N + i, src + t * GW, sizeof(REAL) * n);
+}
+
+HOT void CAT(load_v_, SUFFIX)(VEC *V, const REAL *vb, VEC V0, const int shared_v) {
+  for (int k = 0; k < GK; ++k) V[k] = shared_v ? V0 : VLOAD(vb + k * VL);
+}
+
+/* Forward over this worker's blocks. With T > TC the block runs TC micro-steps at a time (its
+ * membrane in ub between them): more rows side by side than that and the reads and writes of
+ * the T rows stop streaming (T = 16 ran 25 % slower than block-major code without it). */
+HOT void CAT(forward_range_, SUFFIX)(
+    CAT(job_, SUFFIX) * j, const REAL *vb, REAL *ub, REAL *tail, const int shared_v,
+    const int tern) {
+  const int64_t T = j->T, N = j->N, B = j->B;
+  const REAL d = j->decay;
+  const VEC V0 = VSPLAT(j->vth[0]);
+  MASK bad = (MASK){0};
+  VEC V[GK], u[GK];
+  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
+    const int64_t start = blk * B;
+    const int64_t len = start + B <= N ? B : N - start, full = len - len % GW;
+    for (int64_t c0 = 0; c0 < T; c0 += TC) {
+      const int64_t c1 = c0 + TC < T ? c0 + TC : T;
+      for (int64_t q = 0; q < full; q += GW) {
+        const int64_t i = start + q;
+        const CAT(group_, SUFFIX) g = {
+            .x = j->x + i, .v0 = j->v0 ? j->v0 + i : NULL, .spikes = j->spikes + i,
+            .v_seq = j->v_seq ? j->v_seq + i : NULL, .v_last = j->v_last + i, .stride = N};
+        CAT(load_v_, SUFFIX)(V, vb + q, V0, shared_v);
+        if (c0 == 0) CAT(initial_u_, SUFFIX)(&g, u);
+        else for (int k = 0; k < GK; ++k) u[k] = VLOAD(ub + q + k * VL);
+        CAT(forward_steps_, SUFFIX)(&g, c0, c1, V, d, tern, u);
+        if (c1 < T) {
+          for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, u[k]);
+          continue;
+        }
+        for (int k = 0; k < GK; ++k) {
+          VSTORE(g.v_last + k * VL, u[k]);
+          bad -= (u[k] - u[k]) != (u[k] - u[k]); /* NaN or ±inf (u − u is NaN for both) */
+        }
+      }
+    }
+    if (full < len) { /* the tail, all T micro-steps at once; padded lanes stay at 0 */
+      const int64_t i = start + full, n = len - full;
+      REAL *xs = tail, *ss = xs + T * GW, *vs = ss + T * GW, *v0s = vs + T * GW;
+      REAL *vls = v0s + GW;
+      CAT(pad_in_, SUFFIX)(xs, j->x, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(v0s, j->v0, 1, 0, i, n);
+      const CAT(group_, SUFFIX) g = {.x = xs, .v0 = j->v0 ? v0s : NULL, .spikes = ss,
+                                     .v_seq = j->v_seq ? vs : NULL, .v_last = vls, .stride = GW};
+      CAT(load_v_, SUFFIX)(V, vb + full, V0, shared_v);
+      CAT(initial_u_, SUFFIX)(&g, u);
+      CAT(forward_steps_, SUFFIX)(&g, 0, T, V, d, tern, u);
+      for (int k = 0; k < GK; ++k) {
+        VSTORE(vls + k * VL, u[k]);
+        bad -= (u[k] - u[k]) != (u[k] - u[k]);
+      }
+      CAT(pad_out_, SUFFIX)(j->spikes, ss, T, N, i, n);
+      CAT(pad_out_, SUFFIX)(j->v_seq, vs, T, N, i, n);
+      CAT(pad_out_, SUFFIX)(j->v_last, vls, 1, 0, i, n);
+    }
+    /* the probe of functional.check_values: with d > 0 a NaN or ±inf anywhere in x or v0
+     * reaches the final membrane (counted above); with d = 0 look at x itself */
+    if (d == (REAL)0) {
+      int64_t nonfinite = 0;
+      for (int64_t t = 0; t < T; ++t)
+        for (int64_t k = 0; k < len; ++k) nonfinite += !isfinite(j->x[t * N + start + k]);
+      j->nonfinite += nonfinite;
+    }
+  }
+  if (d != (REAL)0)
+    for (int k = 0; k < (int)VL; ++k) j->nonfinite += (int64_t)bad[k];
+}
+
+static void *CAT(forward_worker_, SUFFIX)(void *arg) {
+  CAT(job_, SUFFIX) *j = arg;
+  REAL *tail = CAT(tail_scratch_, SUFFIX)(j->T);
+  REAL *vb = malloc(sizeof(REAL) * 2 * (j->B + GW)), *ub = vb + j->B + GW;
+  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, j->B + GW);
+  j->nonfinite = 0;
+  const int shared_v = j->C == 0, tern = j->ternary != 0;
+  if (shared_v && tern) CAT(forward_range_, SUFFIX)(j, vb, ub, tail, 1, 1);
+  else if (shared_v) CAT(forward_range_, SUFFIX)(j, vb, ub, tail, 1, 0);
+  else if (tern) CAT(forward_range_, SUFFIX)(j, vb, ub, tail, 0, 1);
+  else CAT(forward_range_, SUFFIX)(j, vb, ub, tail, 0, 0);
+  free(vb);
+  free(tail);
   return NULL;
 }
+
+/* add a group's dL/dV terms: shared V into the double accumulators, per-channel V into its block
+ * slots (in double) */
+HOT void CAT(add_gv_, SUFFIX)(
+    const VEC *gv, DVEC *gshared, double *gvslots, int64_t n, const int shared_v) {
+  if (shared_v) {
+    for (int k = 0; k < GK; ++k) CAT(vaccumulate_, SUFFIX)(gshared, gv[k]);
+  } else if (n == GW) {
+    for (int k = 0; k < GK; ++k) {
+      DVEC acc[VL / 4];
+      memcpy(acc, gvslots + k * VL, sizeof acc);
+      CAT(vaccumulate_, SUFFIX)(acc, gv[k]);
+      memcpy(gvslots + k * VL, acc, sizeof acc);
+    }
+  } else {
+    for (int64_t m = 0; m < n; ++m) gvslots[m] += (double)gv[m / VL][m % VL];
+  }
+}
+
+/* Backward over this worker's blocks; dL/dV per block slot (per channel) or, shared, in slot 0 of
+ * this worker's row, summed in double across groups and blocks, in REAL within a group's run of
+ * micro-steps. T ≤ TC: each group recomputes its h into the L1 array hs and reverses at once.
+ * T > TC: the block's h is recomputed TC micro-steps at a time into hbuf [T][B] (L2), then
+ * reversed TC micro-steps at a time, dL/du carried in ub between them. */
+HOT void CAT(backward_range_, SUFFIX)(
+    const CAT(job_, SUFFIX) * j, const REAL *vb, const REAL *ivb, REAL *hs, REAL *hbuf, REAL *ub,
+    REAL *tail, const int kind, const int shared_v, const int tern, const int disjoint) {
+  const int64_t T = j->T, N = j->N, B = j->B;
+  const REAL d = j->decay, pa = j->surr_pa, pb = j->surr_pb;
+  const REAL keep_reset = (REAL)(j->detach_reset == 0);
+  double *gvrow = j->g_vth_partial + (int64_t)j->tid * B;
+  const VEC V0 = VSPLAT(j->vth[0]), iV0 = VSPLAT((REAL)1 / j->vth[0]);
+  const VEC kV0 = VSPLAT(keep_reset) * V0;
+  DVEC gshared[VL / 4] = {{0}};
+  VEC V[GK], iv[GK], kV[GK], u[GK], gu[GK], gv[GK];
+#define BWD_GROUP_SETUP(q)                                                            \
+  do {                                                                                \
+    CAT(load_v_, SUFFIX)(V, vb + (q), V0, shared_v);                                  \
+    CAT(load_v_, SUFFIX)(iv, ivb + (q), iV0, shared_v);                               \
+    for (int k = 0; k < GK; ++k) kV[k] = shared_v ? kV0 : VSPLAT(keep_reset) * V[k]; \
+    for (int k = 0; k < GK; ++k) gv[k] = VSPLAT(0);                                   \
+  } while (0)
+  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
+    const int64_t start = blk * B;
+    const int64_t len = start + B <= N ? B : N - start, full = len - len % GW;
+    if (T <= TC) {
+      for (int64_t q = 0; q < full; q += GW) {
+        const int64_t i = start + q;
+        const CAT(group_, SUFFIX) g = {
+            .x = j->x + i, .v0 = j->v0 ? j->v0 + i : NULL,
+            .g_spikes = j->g_spikes ? j->g_spikes + i : NULL,
+            .g_vlast = j->g_vlast ? j->g_vlast + i : NULL,
+            .g_vseq = j->g_vseq ? j->g_vseq + i : NULL, .g_x = j->g_x + i,
+            .g_v0 = j->g_v0 ? j->g_v0 + i : NULL, .stride = N};
+        BWD_GROUP_SETUP(q);
+        CAT(initial_u_, SUFFIX)(&g, u);
+        CAT(recompute_steps_, SUFFIX)(g.x, N, 0, T, V, d, tern, u, hs, GW);
+        CAT(final_gu_, SUFFIX)(&g, T, gu);
+        CAT(reverse_steps_, SUFFIX)(&g, hs, GW, 0, T, V, iv, kV, d, pa, pb, kind, tern, disjoint,
+                                    gu, gv);
+        if (g.g_v0)
+          for (int k = 0; k < GK; ++k) VSTORE(g.g_v0 + k * VL, gu[k]);
+        CAT(add_gv_, SUFFIX)(gv, gshared, gvrow + q, GW, shared_v);
+      }
+    } else {
+      for (int64_t c0 = 0; c0 < T; c0 += TC) {
+        const int64_t c1 = c0 + TC < T ? c0 + TC : T;
+        for (int64_t q = 0; q < full; q += GW) {
+          const int64_t i = start + q;
+          CAT(load_v_, SUFFIX)(V, vb + q, V0, shared_v);
+          for (int k = 0; k < GK; ++k)
+            u[k] = c0 > 0 ? VLOAD(ub + q + k * VL) : j->v0 ? VLOAD(j->v0 + i + k * VL) : VSPLAT(0);
+          CAT(recompute_steps_, SUFFIX)(j->x + i, N, c0, c1, V, d, tern, u, hbuf + q, B);
+          if (c1 < T)
+            for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, u[k]);
+        }
+      }
+      for (int64_t c1 = T; c1 > 0;) {
+        const int64_t c0 = (c1 - 1) / TC * TC;
+        for (int64_t q = 0; q < full; q += GW) {
+          const int64_t i = start + q;
+          const CAT(group_, SUFFIX) g = {
+              .g_spikes = j->g_spikes ? j->g_spikes + i : NULL,
+              .g_vlast = j->g_vlast ? j->g_vlast + i : NULL,
+              .g_vseq = j->g_vseq ? j->g_vseq + i : NULL, .g_x = j->g_x + i, .stride = N};
+          BWD_GROUP_SETUP(q);
+          if (c1 == T) CAT(final_gu_, SUFFIX)(&g, T, gu);
+          else for (int k = 0; k < GK; ++k) gu[k] = VLOAD(ub + q + k * VL);
+          CAT(reverse_steps_, SUFFIX)(&g, hbuf + q, B, c0, c1, V, iv, kV, d, pa, pb, kind, tern,
+                                      disjoint, gu, gv);
+          if (c0 > 0)
+            for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, gu[k]);
+          else if (j->g_v0)
+            for (int k = 0; k < GK; ++k) VSTORE(j->g_v0 + i + k * VL, gu[k]);
+          CAT(add_gv_, SUFFIX)(gv, gshared, gvrow + q, GW, shared_v);
+        }
+        c1 = c0;
+      }
+    }
+    if (full < len) {
+      /* the tail, all T micro-steps at once; padded lanes have x, v0 and every incoming
+       * gradient 0, so their dL/dV terms are 0 */
+      const int64_t i = start + full, n = len - full;
+      REAL *xs = tail, *gss = xs + T * GW, *gqs = gss + T * GW, *gxs = gqs + T * GW;
+      REAL *hts = gxs + T * GW, *v0s = hts + T * GW, *gls = v0s + GW, *g0s = gls + GW;
+      CAT(pad_in_, SUFFIX)(xs, j->x, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(gss, j->g_spikes, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(gqs, j->g_vseq, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(v0s, j->v0, 1, 0, i, n);
+      CAT(pad_in_, SUFFIX)(gls, j->g_vlast, 1, 0, i, n);
+      const CAT(group_, SUFFIX) g = {
+          .x = xs, .v0 = j->v0 ? v0s : NULL, .g_spikes = j->g_spikes ? gss : NULL,
+          .g_vlast = j->g_vlast ? gls : NULL, .g_vseq = j->g_vseq ? gqs : NULL, .g_x = gxs,
+          .g_v0 = j->g_v0 ? g0s : NULL, .stride = GW};
+      BWD_GROUP_SETUP(full);
+      CAT(initial_u_, SUFFIX)(&g, u);
+      CAT(recompute_steps_, SUFFIX)(xs, GW, 0, T, V, d, tern, u, hts, GW);
+      CAT(final_gu_, SUFFIX)(&g, T, gu);
+      CAT(reverse_steps_, SUFFIX)(&g, hts, GW, 0, T, V, iv, kV, d, pa, pb, kind, tern, disjoint,
+                                  gu, gv);
+      for (int k = 0; k < GK; ++k) VSTORE(g0s + k * VL, gu[k]);
+      CAT(pad_out_, SUFFIX)(j->g_x, gxs, T, N, i, n);
+      CAT(pad_out_, SUFFIX)(j->g_v0, g0s, 1, 0, i, n);
+      CAT(add_gv_, SUFFIX)(gv, gshared, gvrow + full, n, shared_v);
+    }
+  }
+#undef BWD_GROUP_SETUP
+  if (shared_v)
+    for (int k = 0; k < (int)VL; ++k) gvrow[0] += gshared[k / 4][k % 4];
+}
+
+/* the instances of backward_range: a surrogate kind, shared or per-channel V, ternary or binary,
+ * and (rectangle, triangle) whether the two pulses are disjoint */
+#define BACKWARD_RANGE(KIND, SHARED, TERN, DISJOINT) \
+  CAT(backward_range_, SUFFIX)(j, vb, ivb, hs, hbuf, ub, tail, KIND, SHARED, TERN, DISJOINT)
+#define BACKWARD_CASES(KIND)                                               \
+  if (shared_v && tern && disjoint) BACKWARD_RANGE(KIND, 1, 1, KIND < 2); \
+  else if (shared_v && tern) BACKWARD_RANGE(KIND, 1, 1, 0);               \
+  else if (shared_v) BACKWARD_RANGE(KIND, 1, 0, 0);                       \
+  else if (tern && disjoint) BACKWARD_RANGE(KIND, 0, 1, KIND < 2);        \
+  else if (tern) BACKWARD_RANGE(KIND, 0, 1, 0);                           \
+  else BACKWARD_RANGE(KIND, 0, 0, 0);
 
 static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   const CAT(job_, SUFFIX) *j = arg;
-  const int64_t T = j->T, N = j->N, B = j->B, SB = SB_OF(B);
-  /* h of every micro-step of one block is recomputed (cheaper than storing it) */
-  REAL *scratch = malloc(sizeof(REAL) * (T + 5) * SB);
-  REAL *hbuf = scratch, *u = scratch + T * SB, *vb = u + SB, *ivb = vb + SB, *gvb = ivb + SB;
-  REAL *zeros = gvb + SB;
-  double *gv = j->g_vth_partial + (int64_t)j->tid * B;
-  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B);
-  for (int64_t i = 0; i < B; ++i) ivb[i] = (REAL)1 / vb[i];
-  memset(zeros, 0, sizeof(REAL) * B);
-  const REAL d = j->decay, pa = j->surr_pa, pb = j->surr_pb;
-  const REAL tern = (REAL)(j->ternary != 0), keep_reset = (REAL)(j->detach_reset == 0);
-  const int shared_v = j->C == 0;
-  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
-    const int64_t start = blk * B;
-    const int64_t len = start + B <= N ? B : N - start;
-    if (j->v0) memcpy(u, j->v0 + start, sizeof(REAL) * len);
-    else memset(u, 0, sizeof(REAL) * len);
-    for (int64_t t = 0; t < T; ++t)
-      CAT(step_, SUFFIX)(len, j->x + t * N + start, vb, u, hbuf + t * SB, d, tern, 1);
-    /* from here u holds dL/du_t, starting with the gradient of the returned final membrane */
-    for (int64_t i = 0; i < len; ++i) {
-      REAL g = j->g_vlast ? j->g_vlast[start + i] : (REAL)0;
-      if (j->g_vseq) g += j->g_vseq[(T - 1) * N + start + i];
-      u[i] = g;
-    }
-    memset(gvb, 0, sizeof(REAL) * len);
-    for (int64_t t = T - 1; t >= 0; --t) {
-      const REAL *ht = hbuf + t * SB;
-      const REAL *gst = j->g_spikes ? j->g_spikes + t * N + start : zeros;
-      const REAL *gprev = (j->g_vseq && t > 0) ? j->g_vseq + (t - 1) * N + start : zeros;
-      const int has_gprev = gprev != zeros;
-      REAL *gxt = j->g_x + t * N + start;
-      switch (j->surr_kind) {
-        case 0:
-          CAT(bstep_rectangle_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                        keep_reset, pa, pb, shared_v, has_gprev);
-          break;
-        case 1:
-          CAT(bstep_triangle_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                       keep_reset, pa, pb, shared_v, has_gprev);
-          break;
-        case 2:
-          CAT(bstep_sigmoid_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                      keep_reset, pa, pb, shared_v, has_gprev);
-          break;
-        default:
-          CAT(bstep_atan_, SUFFIX)(len, ht, vb, ivb, u, gst, gprev, gvb, gxt, d, tern,
-                                   keep_reset, pa, pb, shared_v, has_gprev);
-      }
-    }
-    /* a block's T terms are summed in REAL, blocks in double */
-    for (int64_t i = 0; i < len; ++i) gv[i] += (double)gvb[i];
-    if (j->g_v0) memcpy(j->g_v0 + start, u, sizeof(REAL) * len);
+  const int64_t T = j->T, B = j->B;
+  REAL *tail = CAT(tail_scratch_, SUFFIX)(T);
+  REAL *hs = aligned_alloc(64, (size_t)(TC * GW * sizeof(REAL) + 63) / 64 * 64);
+  REAL *hbuf = T > TC ? malloc(sizeof(REAL) * T * B) : NULL;
+  REAL *vb = malloc(sizeof(REAL) * 3 * (B + GW)), *ivb = vb + B + GW, *ub = ivb + B + GW;
+  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
+  for (int64_t i = 0; i < B + GW; ++i) ivb[i] = (REAL)1 / vb[i];
+  const int shared_v = j->C == 0, tern = j->ternary != 0, kind = j->surr_kind;
+  /* pulses g(r − 1) and g(−r − 1) never both non-zero: half-width ≤ 1 (see vsurrogate) */
+  const int disjoint = (kind == 0 && j->surr_pa <= (REAL)1) || (kind == 1 && j->surr_pa >= (REAL)1);
+  switch (kind) {
+    case 0: BACKWARD_CASES(0) break;
+    case 1: BACKWARD_CASES(1) break;
+    case 2: BACKWARD_CASES(2) break;
+    default: BACKWARD_CASES(3)
   }
-  free(scratch);
+  free(vb);
+  free(hbuf);
+  free(hs);
+  free(tail);
   return NULL;
 }
-
+#undef BACKWARD_CASES
+#undef BACKWARD_RANGE
 static int64_t CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *),
                                  int nthreads) {
   enum { MAX_THREADS = 64 };
@@ -349,4 +605,18 @@ int64_t CAT(rms_norm_quantize_decode_, SUFFIX)(const REAL *x, int64_t rows, int6
   return CAT(atmn_quantize_decode_, SUFFIX)(out, vth, rows * D, C, T, tau, decay, ternary, out);
 }
 
-#undef SB_OF
+#undef VL
+#undef GW
+#undef TC
+#undef VEC
+#undef LANE_INT
+#undef VBYTES
+#undef MASK
+#undef DVEC
+#undef QVEC
+#undef VLOAD
+#undef VSTORE
+#undef VSPLAT
+#undef VSELECT
+#undef VABS
+#undef SIGN_CLEAR

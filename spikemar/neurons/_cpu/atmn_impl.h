@@ -15,7 +15,7 @@
  * block buffer in L2 beyond, and runs the reverse micro-steps in registers too. Against the
  * block-major kernel this replaced (a block of neurons stepped one micro-step at a time, with
  * membrane, h and dL/dV in L1/L2 buffers) it drops those buffer loads and stores from every
- * micro-step and about half of the backward's arithmetic (see vsurrogate); T = 4, N = 2^20,
+ * micro-step and about half of the backward's arithmetic (see vdsdh); T = 4, N = 2^20,
  * forward + backward on the 2-core EPYC of benchmarks/RESULTS.md: 7.1 → 4.9 ms, kernels alone,
  * cold caches.
  *
@@ -82,7 +82,7 @@ HOT VEC CAT(vspike_, SUFFIX)(VEC h, VEC V, const int tern) {
  * rectangle 1/width on |z| < width/2 · triangle (1 − |z|/half)⁺/half · sigmoid α·σ(αz)(1 − σ(αz))
  * · atan (α/2)/(1 + (π/2·α·z)²). The sigmoid's exp runs lane by lane (no portable vector exp). */
 HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
-  if (kind == 0) return VSELECT((z < pa) & (z > -pa), VSPLAT(pb));
+  if (kind == 0) return VSELECT(VABS(z) < pa, VSPLAT(pb));
   if (kind == 1) {
     const VEC v = (REAL)1 - VABS(z) * pa;
     return VSELECT(v > 0, v) * pa;
@@ -99,14 +99,19 @@ HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
   return pb / ((REAL)1 + kz * kz);
 }
 
-/* g(r − 1) + tern·g(−r − 1), the derivative of s by h/V. When the two pulses cannot overlap
- * (rectangle or triangle no wider than 2, so at most one is non-zero for any r) it is one pulse
- * at |r| − 1: the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
-HOT VEC CAT(vsurrogate_, SUFFIX)(
-    const int kind, VEC r, const int tern, const int disjoint, REAL pa, REAL pb) {
-  if (tern && disjoint) return CAT(vpulse_, SUFFIX)(kind, VABS(r) - (REAL)1, pa, pb);
+/* ds/dh = (g(r − 1) + tern·g(−r − 1))/V with r = h/V; iv = 1/V, piv = pb/V (the rectangle's
+ * height over V, so that its pulse is one AND). When the two pulses cannot overlap (rectangle or
+ * triangle no wider than 2, so at most one is non-zero for any r) it is one pulse at |r| − 1:
+ * the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
+HOT VEC CAT(vdsdh_, SUFFIX)(
+    const int kind, VEC r, VEC iv, VEC piv, const int tern, const int disjoint, REAL pa, REAL pb) {
+  if (kind == 0) {
+    const VEC g = VSELECT(VABS((tern && disjoint ? VABS(r) : r) - (REAL)1) < pa, piv);
+    return tern && !disjoint ? g + VSELECT(VABS(-r - (REAL)1) < pa, piv) : g;
+  }
+  if (tern && disjoint) return CAT(vpulse_, SUFFIX)(kind, VABS(r) - (REAL)1, pa, pb) * iv;
   const VEC g = CAT(vpulse_, SUFFIX)(kind, r - (REAL)1, pa, pb);
-  return tern ? g + CAT(vpulse_, SUFFIX)(kind, -r - (REAL)1, pa, pb) : g;
+  return (tern ? g + CAT(vpulse_, SUFFIX)(kind, -r - (REAL)1, pa, pb) : g) * iv;
 }
 
 typedef struct {
@@ -171,16 +176,19 @@ HOT void CAT(reverse_steps_, SUFFIX)(
     const VEC *V, const VEC *iv, const VEC *kV, REAL d, REAL pa, REAL pb, const int kind,
     const int tern, const int disjoint, VEC *gu, VEC *gv) {
   const int64_t st = g->stride;
+  VEC piv[GK];
+  for (int k = 0; k < GK; ++k) piv[k] = pb * iv[k];
   for (int64_t t = t1 - 1; t >= t0; --t) {
     for (int k = 0; k < GK; ++k) {
       const VEC h = VLOAD(hin + t * hstride + k * VL);
       const VEC r = h * iv[k];
       const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
-      const VEC dsdh = CAT(vsurrogate_, SUFFIX)(kind, r, tern, disjoint, pa, pb) * iv[k];
+      const VEC dsdh = CAT(vdsdh_, SUFFIX)(kind, r, iv[k], piv[k], tern, disjoint, pa, pb);
       const VEC gst = g->g_spikes ? VLOAD(g->g_spikes + t * st + k * VL) : VSPLAT(0);
       const VEC gs = gst - kV[k] * gu[k];
-      const VEC gh = gu[k] + gs * dsdh;
-      gv[k] += -gu[k] * s - gs * r * dsdh;
+      const VEC q = gs * dsdh;
+      const VEC gh = gu[k] + q;
+      gv[k] -= gu[k] * s + q * r;
       VSTORE(g->g_x + t * st + k * VL, gh);
       gu[k] = gh * d;
       if (g->g_vseq && t > 0) gu[k] += VLOAD(g->g_vseq + (t - 1) * st + k * VL);
@@ -456,7 +464,7 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
   for (int64_t i = 0; i < B + GW; ++i) ivb[i] = (REAL)1 / vb[i];
   const int shared_v = j->C == 0, tern = j->ternary != 0, kind = j->surr_kind;
-  /* pulses g(r − 1) and g(−r − 1) never both non-zero: half-width ≤ 1 (see vsurrogate) */
+  /* pulses g(r − 1) and g(−r − 1) never both non-zero: half-width ≤ 1 (see vdsdh) */
   const int disjoint = (kind == 0 && j->surr_pa <= (REAL)1) || (kind == 1 && j->surr_pa >= (REAL)1);
   switch (kind) {
     case 0: BACKWARD_CASES(0) break;

@@ -524,6 +524,7 @@ def test_builtin_profiles_carry_the_cited_constants():
     assert (p["45nm-fp16"].mac_pj, p["45nm-fp16"].ac_pj) == (1.5, 0.4)
     assert (p["45nm-int8"].mac_pj, p["45nm-int8"].ac_pj) == (0.23, 0.03)
     assert p["loihi"].ac_pj == 23.6 and p["loihi"].mac_pj is None
+    assert p["loihi"].neuron_update_pj == 81.0  # Table 2: active neuron update
     assert "Horowitz" in p["45nm-fp32"].citation and "Davies" in p["loihi"].citation
 
 
@@ -544,9 +545,12 @@ def test_user_profile_and_repricing():
         HardwareProfile("bad", ac_pj=-1.0, mac_pj=1.0)
 
 
-def test_loihi_leaves_macs_unpriced_and_says_so():
+def test_loihi_prices_synaptic_ops_and_neuron_updates_and_leaves_macs_unpriced():
     rep = profile(ternary_mlp(), torch.randn(4, 8, 16) * 2, hardware="loihi")
-    assert rep.total_energy_pj == pytest.approx(23.6 * rep.total_acs)
+    assert rep.total_neuron_updates > 0
+    assert rep.total_energy_pj == pytest.approx(
+        23.6 * rep.total_acs + 81.0 * rep.total_neuron_updates
+    )
     assert rep.unpriced["macs"] == rep.total_macs > 0
     assert "not priced under 'loihi'" in rep.to_table()
 

@@ -3,8 +3,8 @@
 Why a C kernel: PyTorch's eager loop of the equations launches ~6 element-wise ops per micro-step,
 each a full pass over N values, and autograd keeps every intermediate for the backward; that is
 ~15× the traffic of reading x and writing s once. The kernel in ``_cpu/atmn_impl.h`` streams x
-→ s with the membrane held in an L1-sized block, and its backward recomputes h from x and the
-initial membrane instead of storing it.
+→ s with each group of neurons' membrane in SIMD registers across the micro-steps, and its
+backward recomputes h from x and the initial membrane instead of storing it.
 
 Why plain C through ctypes, built on first use: it needs no torch headers (it compiles in about a
 second instead of the ~40 s of a torch C++ extension), no build step in ``pip install`` (the

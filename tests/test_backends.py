@@ -59,6 +59,7 @@ def assert_backend_matches_reference(
     return_v_seq=False,
     dtype=torch.float32,
     seed=0,
+    grad_tol=1e-5,
 ):
     g = torch.Generator().manual_seed(seed)
     C = shape[-1]
@@ -77,7 +78,7 @@ def assert_backend_matches_reference(
     for a, b in zip(ref_out[1:], out[1:], strict=True):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
     for a, b in zip(ref_grads, grads, strict=True):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(a, b, rtol=grad_tol, atol=grad_tol)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -167,6 +168,25 @@ def test_parity_in_float64(backend):
         with_v0=True,
         return_v_seq=True,
         dtype=torch.float64,
+    )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_parity_in_half_types(backend, dtype, per_channel):
+    """A 16-bit x (read natively by 'cupy', widened first by the others): spikes and membranes
+    exact, since x widens exactly to float32; gradients within a 16-bit rounding (1e-2)."""
+    assert_backend_matches_reference(
+        backend,
+        5,
+        (7, 33),
+        {"tau": 1.5},
+        per_channel=per_channel,
+        with_v0=True,
+        return_v_seq=True,
+        dtype=dtype,
+        grad_tol=1e-2,
     )
 
 
@@ -286,3 +306,70 @@ def test_finite_extremes_do_not_raise(backend):
     p = ATMNParameters(torch.tensor(1.0).to(x.device))
     spikes, _ = atmn_multi_step(x, None, p, backend=backend)
     assert torch.equal(spikes, atmn_multi_step(x, None, p, backend="torch")[0])
+
+
+class _TorchKernels:
+    """A kernel set written with torch ops on the CPU, taking 16-bit x natively as the CuPy
+    kernels do: it checks the fused autograd layer's plumbing of dtypes without a GPU."""
+
+    dtypes = (torch.float32, torch.float16, torch.bfloat16)
+
+    def forward(self, x, v0, vth, p, spikes, v_last, v_seq):
+        assert x.dtype == spikes.dtype and v_last.dtype == vth.dtype == torch.float32
+        s, v, vs = atmn_multi_step(x.float(), v0, p._replace(v_threshold=vth), return_v_seq=True)
+        spikes.copy_(s)
+        v_last.copy_(v)
+        if v_seq is not None:
+            v_seq.copy_(vs)
+
+    def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0):
+        assert g_x.dtype == x.dtype and (g_spikes is None or g_spikes.dtype == x.dtype)
+        assert all(g is None or g.dtype == torch.float32 for g in (g_vlast, g_vseq, g_v0))
+        xf = x.float().requires_grad_()
+        v = None if v0 is None else v0.clone().requires_grad_()
+        V = vth.clone().requires_grad_()
+        with torch.enable_grad():  # autograd runs a Function's backward with grad mode off
+            out = atmn_multi_step(xf, v, p._replace(v_threshold=V), return_v_seq=True)
+            grads = [g_spikes, g_vlast, g_vseq]
+            pairs = zip(out, grads, strict=True)
+            loss = sum((o * g.float()).sum() for o, g in pairs if g is not None)
+            wrt = [xf, V] + ([v] if v is not None else [])
+            d = torch.autograd.grad(loss, wrt)
+        g_x.copy_(d[0])
+        if g_v0 is not None:
+            g_v0.copy_(d[2])
+        return d[1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_fused_layer_hands_16_bit_x_to_kernels_that_take_it(dtype, monkeypatch):
+    from spikemar.neurons.fused import fused_multi_step
+
+    def impl(x_seq, v, p, return_v_seq):
+        assert x_seq.dtype == dtype  # not widened first
+        return fused_multi_step(_TorchKernels(), x_seq, v, p, return_v_seq)
+
+    impl.native_dtypes = (torch.float16, torch.bfloat16)
+    monkeypatch.setitem(
+        backends._BACKENDS, "native16", backends.Backend("native16", impl, None, lambda x, p: None)
+    )
+    assert_backend_matches_reference(
+        "native16",
+        4,
+        (6, 10),
+        {"tau": 2.0},
+        per_channel=True,
+        with_v0=True,
+        return_v_seq=True,
+        dtype=dtype,
+        grad_tol=1e-2,
+    )
+
+
+def test_fused_layer_names_the_dtypes_its_kernels_take():
+    from spikemar.neurons.cpu_backend import _KERNELS
+    from spikemar.neurons.fused import fused_multi_step
+
+    x = torch.randn(2, 5).to(torch.float16)
+    with pytest.raises(TypeError, match=r"x_seq: these fused kernels take float32/float64, got"):
+        fused_multi_step(_KERNELS, x, None, ATMNParameters(torch.tensor(1.0)), False)

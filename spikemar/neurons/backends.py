@@ -5,7 +5,9 @@ A backend is a function with the signature of the PyTorch reference,
     impl(x_seq, v, p, return_v_seq) -> (spikes, v_last, v_seq | None)
 
 receiving ``x_seq`` and ``v`` (``None`` for a zero membrane) already in the compute dtype
-(see ``functional.compute_dtype``) and a validated
+(see ``functional.compute_dtype``; a backend that lists 16-bit types in ``impl.native_dtypes``
+receives such an ``x_seq`` as it is and returns spikes of its dtype, the membranes in the compute
+dtype) and a validated
 :class:`~spikemar.neurons.functional.ATMNParameters`. It must be differentiable with respect to
 ``x_seq``, ``v`` and ``p.v_threshold`` and agree with the reference: spikes exactly, gradients
 to rounding. Fused backends register here with :func:`register_backend`; ``'auto'`` picks the

@@ -186,6 +186,8 @@ def _geometry(x: torch.Tensor, vth: torch.Tensor) -> tuple[int, int, int, int, i
 class _CpuKernels:
     """Launches of the C kernels (see ``fused.FusedKernels``)."""
 
+    dtypes = (torch.float32, torch.float64)
+
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
         lib = load_library()
         T, N, C, B, nthreads = _geometry(x, vth)

@@ -82,6 +82,8 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
 class _CupyKernels:
     """Launches of the CUDA kernels (see ``fused.FusedKernels``)."""
 
+    dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
         T, N, C, real, suffix = _geometry(x, vth)
         args = (_ptr(x), _ptr(v0), _ptr(vth), np.int64(T), np.int64(N), np.int64(C),
@@ -101,12 +103,20 @@ class _CupyKernels:
         return g_vth[0] if C == 0 else g_vth
 
 
+# x's dtype → (the kernels' arithmetic type, their name suffix); 16-bit x computes in float32
+_KERNEL_TYPES = {
+    torch.float32: (np.float32, "f32"),
+    torch.float64: (np.float64, "f64"),
+    torch.float16: (np.float32, "f16"),
+    torch.bfloat16: (np.float32, "bf16"),
+}
+
+
 def _geometry(x: torch.Tensor, vth: torch.Tensor):
     T, N = x.shape[0], x[0].numel()
     C = vth.numel() if vth.dim() == 1 else 0
-    if x.dtype == torch.float32:
-        return T, N, C, np.float32, "f32"
-    return T, N, C, np.float64, "f64"
+    real, suffix = _KERNEL_TYPES[x.dtype]
+    return T, N, C, real, suffix
 
 
 _KERNELS = _CupyKernels()
@@ -117,3 +127,7 @@ def atmn_multi_step_cupy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
+
+
+# float16 / bfloat16 x are read and the spikes written in 16 bits, the arithmetic in float32
+atmn_multi_step_cupy.native_dtypes = (torch.float16, torch.bfloat16)  # type: ignore[attr-defined]

@@ -254,7 +254,10 @@ def atmn_multi_step(
     impl = resolve_backend(backend, x_seq, p)
     p = p._replace(v_threshold=p.v_threshold.to(cdtype))
     v = None if v is None else v.to(cdtype)
-    spikes, v_last, v_seq = impl(x_seq.to(cdtype), v, p, return_v_seq)
+    # a backend that reads and writes a 16-bit x itself (``impl.native_dtypes``) is spared the
+    # widening copy of x and the narrowing copy of the spikes
+    native = x_seq.dtype in getattr(impl, "native_dtypes", ())
+    spikes, v_last, v_seq = impl(x_seq if native else x_seq.to(cdtype), v, p, return_v_seq)
     # a backend whose kernel checks the values as it goes (``impl.checks_values``) raises the
     # same errors itself and spares this extra pass over the membrane
     if validate and not getattr(impl, "checks_values", False):

@@ -22,7 +22,7 @@ from typing import Protocol
 
 import torch
 
-from .functional import ATMNParameters
+from .functional import ATMNParameters, compute_dtype
 from .surrogate import ATan, Rectangle, Sigmoid, Triangle
 
 __all__ = [
@@ -87,6 +87,8 @@ def unusable_reason(
 
 
 class FusedKernels(Protocol):
+    dtypes: tuple[torch.dtype, ...]  # the dtypes of x (and the spikes) that the kernels take
+
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None: ...
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor: ...
@@ -98,8 +100,10 @@ class _FusedATMN(torch.autograd.Function):
         x = x_seq.contiguous()
         v0 = None if v0 is None else v0.contiguous()
         vth = v_threshold.detach().contiguous()
-        spikes, v_last = torch.empty_like(x), torch.empty_like(x[0])
-        v_seq = torch.empty_like(x) if return_v_seq else None
+        # spikes in x's dtype; membranes in the compute dtype (float32 for a 16-bit x)
+        cdtype = compute_dtype(x.dtype)
+        spikes, v_last = torch.empty_like(x), torch.empty_like(x[0], dtype=cdtype)
+        v_seq = torch.empty_like(x, dtype=cdtype) if return_v_seq else None
         kernels.forward(x, v0, vth, p, spikes, v_last, v_seq)
         ctx.save_for_backward(x, vth, v0)  # v0 is None for a zero membrane
         ctx.p, ctx.kernels = p, kernels
@@ -109,8 +113,10 @@ class _FusedATMN(torch.autograd.Function):
     @staticmethod
     def backward(ctx, g_spikes, g_vlast, g_vseq=None):  # type: ignore[override]
         x, vth, v0 = ctx.saved_tensors
-        g_spikes, g_vlast, g_vseq = (
-            None if g is None else g.to(x.dtype).contiguous() for g in (g_spikes, g_vlast, g_vseq)
+        cdtype = compute_dtype(x.dtype)
+        g_spikes = None if g_spikes is None else g_spikes.to(x.dtype).contiguous()
+        g_vlast, g_vseq = (
+            None if g is None else g.to(cdtype).contiguous() for g in (g_vlast, g_vseq)
         )
         g_x = torch.empty_like(x)
         g_v0 = torch.empty_like(v0) if v0 is not None and ctx.needs_input_grad[1] else None
@@ -127,7 +133,8 @@ def fused_multi_step(
     return_v_seq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A backend entry point (signature of ``functional._atmn_multi_step_torch``) on ``kernels``."""
-    if x_seq.dtype not in (torch.float32, torch.float64):
-        raise TypeError(f"x_seq: fused kernels compute in float32/float64, got {x_seq.dtype}")
+    if x_seq.dtype not in kernels.dtypes:
+        names = "/".join(str(d).removeprefix("torch.") for d in kernels.dtypes)
+        raise TypeError(f"x_seq: these fused kernels take {names}, got {x_seq.dtype}")
     out = _FusedATMN.apply(x_seq, v, p.v_threshold, p, return_v_seq, kernels)
     return out[0], out[1], (out[2] if return_v_seq else None)

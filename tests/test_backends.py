@@ -373,3 +373,37 @@ def test_fused_layer_names_the_dtypes_its_kernels_take():
     x = torch.randn(2, 5).to(torch.float16)
     with pytest.raises(TypeError, match=r"x_seq: these fused kernels take float32/float64, got"):
         fused_multi_step(_KERNELS, x, None, ATMNParameters(torch.tensor(1.0)), False)
+
+
+@pytest.mark.skipif(usable_reason("cpu") is not None, reason=f"cpu: {usable_reason('cpu')}")
+def test_cpu_kernels_run_on_torchs_openmp_team_when_loaded_and_agree_with_pthreads():
+    """The C kernels run their threads on torch's libgomp team when the process has it (so that
+    torch's spinning OpenMP threads do not contend with threads of our own), on pthreads
+    otherwise; both give the same bits."""
+    from pathlib import Path
+
+    from spikemar.neurons import cpu_backend
+
+    lib = cpu_backend.load_library()
+    maps = Path("/proc/self/maps")
+    if maps.exists() and "libgomp.so.1" in maps.read_text():
+        assert lib.atmn_threading(-1) == 1
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    before = lib.atmn_threading(-1)
+    try:
+        results = []
+        for mode in (0, 1):
+            lib.atmn_threading(mode)
+            g = torch.Generator().manual_seed(3)
+            x = torch.randn(5, 3, 40_001, generator=g).requires_grad_()
+            V = (torch.rand(40_001, generator=g) + 0.2).requires_grad_()
+            p = ATMNParameters(V, tau=1.5)
+            s, v = atmn_multi_step(x, None, p, backend="cpu")
+            w = torch.randn(s.shape, generator=g)
+            results.append((s, v, *torch.autograd.grad((s * w).sum() + v.sum(), (x, V))))
+    finally:
+        lib.atmn_threading(before)
+        torch.set_num_threads(threads)
+    for a, b in zip(*results, strict=True):
+        assert torch.equal(a, b)

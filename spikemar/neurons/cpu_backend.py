@@ -9,8 +9,9 @@ backward recomputes h from x and the initial membrane instead of storing it.
 Why plain C through ctypes, built on first use: it needs no torch headers (it compiles in about a
 second instead of the ~40 s of a torch C++ extension), no build step in ``pip install`` (the
 package stays pure Python and installs with the README's one command), and nothing is compiled at
-import. Threads are pthreads, not OpenMP: a second OpenMP runtime beside torch's own libgomp spins
-against it. The shared library is cached per source, flags and CPU under ``$SPIKEMAR_CACHE_DIR``
+import. Threads: the team of torch's own libgomp when the process has it loaded (found at run
+time, not linked: a second OpenMP runtime beside torch's would spin against it, and so do
+threads of our own, see ``_cpu/atmn.c``), pthreads otherwise. The shared library is cached per source, flags and CPU under ``$SPIKEMAR_CACHE_DIR``
 (default ``~/.cache/spikemar``), written to a temporary name and renamed, so concurrent first
 uses are safe.
 """
@@ -113,7 +114,7 @@ def _build() -> Path:
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE_DIR / "atmn.c"), "-lm"]
+        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE_DIR / "atmn.c"), "-lm", "-ldl"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -126,6 +127,8 @@ def _build() -> Path:
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
+    lib.atmn_threading.argtypes = [i32]
+    lib.atmn_threading.restype = i32
     for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
         fwd = getattr(lib, f"atmn_forward_{suffix}")
         fwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, p, p, p, i32]

@@ -488,16 +488,13 @@ static int64_t CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void 
   if (nthreads < 1) nthreads = 1;
   if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
   CAT(job_, SUFFIX) jobs[MAX_THREADS];
-  pthread_t threads[MAX_THREADS];
   for (int k = 0; k < nthreads; ++k) {
     jobs[k] = *base;
     jobs[k].tid = k;
     jobs[k].block_begin = nblocks * k / nthreads;
     jobs[k].block_end = nblocks * (k + 1) / nthreads;
   }
-  for (int k = 1; k < nthreads; ++k) pthread_create(&threads[k], NULL, worker, &jobs[k]);
-  worker(&jobs[0]);
-  for (int k = 1; k < nthreads; ++k) pthread_join(threads[k], NULL);
+  run_parallel(worker, jobs, sizeof jobs[0], nthreads);
   int64_t nonfinite = 0;
   for (int k = 0; k < nthreads; ++k) nonfinite += jobs[k].nonfinite;
   return nonfinite;

@@ -11,9 +11,9 @@ second instead of the ~40 s of a torch C++ extension), no build step in ``pip in
 package stays pure Python and installs with the README's one command), and nothing is compiled at
 import. Threads: the team of torch's own libgomp when the process has it loaded (found at run
 time, not linked: a second OpenMP runtime beside torch's would spin against it, and so do
-threads of our own, see ``_cpu/atmn.c``), pthreads otherwise. The shared library is cached per source, flags and CPU under ``$SPIKEMAR_CACHE_DIR``
-(default ``~/.cache/spikemar``), written to a temporary name and renamed, so concurrent first
-uses are safe.
+threads of our own, see ``_cpu/atmn.c``), pthreads otherwise. The shared library is cached per
+source, flags and CPU under ``$SPIKEMAR_CACHE_DIR`` (default ``~/.cache/spikemar``), written to a
+temporary name and renamed, so concurrent first uses are safe.
 """
 
 from __future__ import annotations

@@ -185,6 +185,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if row_path.is_file() and finished(path, cfg2):
                 print(f"{path}: done, skipped")
                 continue
+
             def run(resume: bool, c: DistillConfig = cfg2) -> None:
                 distill(c, resume=resume, progress=progress)
 

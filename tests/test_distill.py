@@ -75,9 +75,7 @@ def test_stage1_transfers_weights_and_alignment_trains_each_layer_on_the_teacher
     assert not objective.aligning and set(objective(x, y)[1]) == {"fkl", "rkl", "feat"}
 
 
-def test_stage2_student_starts_as_the_teacher_and_matches_it_with_fine_spikes(
-    corpus, dense_ckpt
-):
+def test_stage2_student_starts_as_the_teacher_and_matches_it_with_fine_spikes(corpus, dense_ckpt):
     teacher = Teacher.load(str(dense_ckpt))
     fine = {"spikes": {"T": 64, "v_threshold": 0.1}}
     cfg = DistillConfig(**loop(corpus, "unused.pt", stage=2, teacher=str(dense_ckpt),

@@ -46,11 +46,11 @@ SURROGATE_CODES: dict[type, tuple[int, str]] = {
 def surrogate_code(p: ATMNParameters) -> tuple[int, float, float]:
     """``(kind, pa, pb)``: the surrogate's code and parameters as the kernels' g(z) reads them.
 
-    rectangle: width/2, 1/width · triangle: 1/half-width · sigmoid: alpha · atan: π/2·alpha, alpha/2
+    rectangle: width/2, 1/width · triangle: width/2 · sigmoid: alpha · atan: π/2·alpha, alpha/2
     """
     kind, attr = SURROGATE_CODES[type(p.surrogate)]
     a = float(getattr(p.surrogate, attr))
-    pa, pb = {0: (0.5 * a, 1.0 / a), 1: (2.0 / a, 0.0), 2: (a, 0.0)}.get(
+    pa, pb = {0: (0.5 * a, 1.0 / a), 1: (0.5 * a, 0.0), 2: (a, 0.0)}.get(
         kind, (0.5 * math.pi * a, 0.5 * a)
     )
     return kind, pa, pb

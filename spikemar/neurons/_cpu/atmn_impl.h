@@ -110,9 +110,9 @@ HOT VEC CAT(vexpf_, SUFFIX)(VEC x) {
  * · atan (α/2)/(1 + (π/2·α·z)²). The sigmoid's exp runs lane by lane (no portable vector exp). */
 HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
   if (kind == 0) return VSELECT(VABS(z) < pa, VSPLAT(pb));
-  if (kind == 1) {
-    const VEC v = (REAL)1 - VABS(z) * pa;
-    return VSELECT(v > 0, v) * pa;
+  if (kind == 1) { /* pa = half-width; divided as the reference divides (see vdsdh) */
+    const VEC v = (REAL)1 - VABS(z) / pa;
+    return VSELECT(v > 0, v) / pa;
   }
   if (kind == 2) {
     VEC sg;
@@ -128,7 +128,9 @@ HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
 }
 
 /* ds/dh = (g(r − 1) + tern·g(−r − 1))/V with r = h/V; iv = 1/V, piv = pb/V (the rectangle's
- * height over V, so that its pulse is one AND). When the two pulses cannot overlap (rectangle or
+ * height over V, so that its pulse is one AND). r and the triangle are divided as the reference
+ * divides: a narrow pulse is steep (the triangle of width 0.25 has slope 64), and the ulp by which
+ * h·(1/V) can differ from h/V then moves a gradient by more than 1e-5. When the two pulses cannot overlap (rectangle or
  * triangle no wider than 2, so at most one is non-zero for any r) it is one pulse at |r| − 1:
  * the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
 HOT VEC CAT(vdsdh_, SUFFIX)(
@@ -209,7 +211,7 @@ HOT void CAT(reverse_steps_, SUFFIX)(
   for (int64_t t = t1 - 1; t >= t0; --t) {
     for (int k = 0; k < GK; ++k) {
       const VEC h = VLOAD(hin + t * hstride + k * VL);
-      const VEC r = h * iv[k];
+      const VEC r = h / V[k]; /* as the reference: h·(1/V) can differ by an ulp (see vdsdh) */
       const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
       const VEC dsdh = CAT(vdsdh_, SUFFIX)(kind, r, iv[k], piv[k], tern, disjoint, pa, pb);
       const VEC gst = g->g_spikes ? VLOAD(g->g_spikes + t * st + k * VL) : VSPLAT(0);
@@ -510,7 +512,7 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   const CAT(consts_, SUFFIX) c = CAT(consts_of_, SUFFIX)(j);
   const int kind = j->surr_kind, tern = j->ternary != 0;
   /* pulses g(r − 1) and g(−r − 1) never both non-zero: half-width ≤ 1 (see vdsdh) */
-  const int disjoint = (kind == 0 && j->surr_pa <= (REAL)1) || (kind == 1 && j->surr_pa >= (REAL)1);
+  const int disjoint = kind <= 1 && j->surr_pa <= (REAL)1;
   const CAT(rec_fn_, SUFFIX) recompute = tern ? CAT(rec_1_, SUFFIX) : CAT(rec_0_, SUFFIX);
   const CAT(rev_fn_, SUFFIX) reverse = CAT(reverse_for_, SUFFIX)(kind, tern, disjoint);
   double *gvrow = j->g_vth_partial + (int64_t)j->tid * B;

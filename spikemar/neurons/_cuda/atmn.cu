@@ -74,9 +74,9 @@ __device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
   switch (kind) {
     case 0:  // rectangle: pa = width/2, pb = 1/width
       return (z < pa && z > -pa) ? pb : R(0);
-    case 1: {  // triangle: pa = 1/half-width
-      R v = R(1) - fabs(z) * pa;
-      return v > R(0) ? v * pa : R(0);
+    case 1: {  // triangle: pa = half-width, divided as the reference divides
+      R v = R(1) - fabs(z) / pa;
+      return v > R(0) ? v / pa : R(0);
     }
     case 2: {  // sigmoid: pa = alpha
       R sg = R(1) / (R(1) + exp(-pa * z));
@@ -148,7 +148,7 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, l
     R gu = (g_vlast ? g_vlast[n] : R(0)) + (g_vseq ? g_vseq[(T - 1) * N + n] : R(0));
     R gv = R(0);
     for (long long t = T - 1; t >= 0; --t) {
-      const R r = h[t] * iv;
+      const R r = h[t] / V;  // as the reference: h*(1/V) can differ by an ulp
       const R s = R(h[t] >= V) - tern * R(h[t] <= -V);
       const R g = surrogate<R>(r - R(1), kind, pa, pb) + tern * surrogate<R>(-r - R(1), kind, pa, pb);
       const R dsdh = g * iv;

@@ -130,9 +130,9 @@ HOT VEC CAT(vpulse_, SUFFIX)(const int kind, VEC z, REAL pa, REAL pb) {
 /* ds/dh = (g(r − 1) + tern·g(−r − 1))/V with r = h/V; iv = 1/V, piv = pb/V (the rectangle's
  * height over V, so that its pulse is one AND). r and the triangle are divided as the reference
  * divides: a narrow pulse is steep (the triangle of width 0.25 has slope 64), and the ulp by which
- * h·(1/V) can differ from h/V then moves a gradient by more than 1e-5. When the two pulses cannot overlap (rectangle or
- * triangle no wider than 2, so at most one is non-zero for any r) it is one pulse at |r| − 1:
- * the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
+ * h·(1/V) can differ from h/V then moves a gradient by more than 1e-5. When the two pulses
+ * cannot overlap (rectangle or triangle no wider than 2, so at most one is non-zero for any r) it
+ * is one pulse at |r| − 1: the same value bit for bit, since −r − 1 = |r| − 1 for r < 0. */
 HOT VEC CAT(vdsdh_, SUFFIX)(
     const int kind, VEC r, VEC iv, VEC piv, const int tern, const int disjoint, REAL pa, REAL pb) {
   if (kind == 0) {
@@ -227,8 +227,11 @@ HOT void CAT(reverse_steps_, SUFFIX)(
 }
 
 /* the initial membrane and the gradient arriving at the last micro-step */
-HOT void CAT(initial_u_, SUFFIX)(const CAT(group_, SUFFIX) * g, VEC *u) {
-  for (int k = 0; k < GK; ++k) u[k] = g->v0 ? VLOAD(g->v0 + k * VL) : VSPLAT(0);
+/* the membrane entering micro-step c0: v0 (or zero) at c0 = 0, else carried in ub */
+HOT void CAT(initial_u_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t c0, const REAL *ub,
+                                 VEC *u) {
+  for (int k = 0; k < GK; ++k)
+    u[k] = c0 > 0 ? VLOAD(ub + k * VL) : g->v0 ? VLOAD(g->v0 + k * VL) : VSPLAT(0);
 }
 HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *gu) {
   for (int k = 0; k < GK; ++k) {
@@ -338,8 +341,7 @@ typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(cons
     for (int64_t q = 0; q < len; q += GW) {                                                     \
       const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
       CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
-      for (int k = 0; k < GK; ++k)                                                              \
-        u[k] = c0 > 0 ? VLOAD(ub + q + k * VL) : g.v0 ? VLOAD(g.v0 + k * VL) : VSPLAT(0);       \
+      CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
       CAT(forward_steps_, SUFFIX)(&g, c0, c1, V, c.d, TERN, u);                                 \
       for (int k = 0; k < GK; ++k) {                                                            \
         if (c1 < c.T) {                                                                         \
@@ -364,8 +366,7 @@ typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(cons
     for (int64_t q = 0; q < len; q += GW) {                                                     \
       const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
       CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
-      for (int k = 0; k < GK; ++k)                                                              \
-        u[k] = c0 > 0 ? VLOAD(ub + q + k * VL) : g.v0 ? VLOAD(g.v0 + k * VL) : VSPLAT(0);       \
+      CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
       CAT(recompute_steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, hbuf + q, hstride); \
       if (c1 < c.T)                                                                             \
         for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, u[k]);                             \
@@ -391,7 +392,7 @@ DEFINE_FORWARD(1)
       const REAL *h = hbuf + q;                                                                 \
       int64_t hs = hstride;                                                                     \
       if (hstride == 0) { /* the group's own h, all micro-steps */                              \
-        for (int k = 0; k < GK; ++k) u[k] = g.v0 ? VLOAD(g.v0 + k * VL) : VSPLAT(0);            \
+        CAT(initial_u_, SUFFIX)(&g, 0, NULL, u);                                                \
         CAT(recompute_steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, c.d, TERN, u, hbuf, GW);        \
         h = hbuf, hs = GW;                                                                      \
       }                                                                                         \
@@ -476,7 +477,7 @@ static void *CAT(forward_worker_, SUFFIX)(void *arg) {
       const CAT(group_, SUFFIX) padded = {.x = xs, .v0 = j->v0 ? v0s : NULL, .spikes = ss,
                                           .v_seq = j->v_seq ? vs : NULL, .v_last = vls,
                                           .stride = GW};
-      bad_u += forward(&padded, &c, vb + full, NULL, GW, 0, T);
+      bad_u += forward(&padded, &c, vb + full, ub, GW, 0, T); /* ub unused: c0 = 0, c1 = T */
       CAT(pad_out_, SUFFIX)(j->spikes, ss, T, N, i, n);
       CAT(pad_out_, SUFFIX)(j->v_seq, vs, T, N, i, n);
       CAT(pad_out_, SUFFIX)(j->v_last, vls, 1, 0, i, n);
@@ -522,7 +523,7 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
     const int64_t len = start + B <= N ? B : N - start, full = len - len % GW;
     const CAT(group_, SUFFIX) view = CAT(block_view_, SUFFIX)(j, start);
     if (full > 0 && T <= TC) {
-      reverse(&view, &c, vb, ivb, NULL, hs, 0, full, GW, 0, T, gvrow, gshared);
+      reverse(&view, &c, vb, ivb, ub, hs, 0, full, GW, 0, T, gvrow, gshared);
     } else if (full > 0) {
       for (int64_t c0 = 0; c0 < T; c0 += TC)
         recompute(&view, &c, vb, ub, hbuf, B, full, c0, c0 + TC < T ? c0 + TC : T);
@@ -545,7 +546,7 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
           .x = xs, .v0 = j->v0 ? v0s : NULL, .g_spikes = j->g_spikes ? gss : NULL,
           .g_vlast = j->g_vlast ? gls : NULL, .g_vseq = j->g_vseq ? gqs : NULL, .g_x = gxs,
           .g_v0 = j->g_v0 ? g0s : NULL, .stride = GW};
-      reverse(&padded, &c, vb + full, ivb + full, NULL, hts, 0, GW, n, 0, T, gvrow + full,
+      reverse(&padded, &c, vb + full, ivb + full, ub, hts, 0, GW, n, 0, T, gvrow + full,
               gshared);
       CAT(pad_out_, SUFFIX)(j->g_x, gxs, T, N, i, n);
       CAT(pad_out_, SUFFIX)(j->g_v0, g0s, 1, 0, i, n);

@@ -100,3 +100,29 @@ def test_bench_generate_runs_its_smoke_configuration():
     table = [line for line in done.stdout.splitlines() if line.startswith("| MAR spiking |")]
     assert len(table) == 4, done.stdout  # batch 1 and 2 at contexts 4 and 16
     assert "| Transformer |" in done.stdout and "| MAR dense twin |" in done.stdout
+
+
+def test_train_step_benchmark_quick_config_times_every_backend_and_the_dense_twin():
+    path = BENCH.parent / "bench_train_step.py"
+    spec = importlib.util.spec_from_file_location("bench_train_step", path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["bench_train_step"] = module
+    try:
+        spec.loader.exec_module(module)
+        cfg = dataclasses.replace(module.QUICK, progress=False)
+        rows, interrupted = module.run(cfg)
+    finally:
+        sys.modules.pop("bench_train_step", None)
+    from spikemar.neurons import available_backends
+
+    assert not interrupted
+    by = {(r.model, r.backend): r for r in rows}
+    for backend in [*available_backends(), "auto"]:
+        row = by[("MAR spiking", backend)]
+        if row.skipped:  # cupy on the CPU says why; a crash fails
+            assert "cannot run here" in row.skipped, row.skipped
+            continue
+        assert len(row.times_ms) == cfg.steps and row.median_ms > 0 and row.tokens_per_s > 0
+    dense = by[("MAR dense twin", None)]
+    assert dense.skipped is None and dense.median_ms > 0
+    assert by[("MAR spiking", "torch")].speedup_vs_reference == pytest.approx(1.0)

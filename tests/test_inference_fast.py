@@ -89,6 +89,97 @@ def test_spike_point_fast_path_runs_only_when_nothing_needs_the_spikes(monkeypat
         assert not torch_point._inference_ready(x, torch_point.neuron)  # the user asked for it
 
 
+# -- the spike point in training -----------------------------------------------------------
+
+
+def assert_grads_close(got, want, dtype, n_summands=1):
+    """To 1e-5 in float32 (1e-10 in float64); a sum of n terms (dL/dV) to that times √n."""
+    tol = (1e-5 if dtype == torch.float32 else 1e-10) * math.sqrt(n_summands)
+    torch.testing.assert_close(got, want, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("neuron", ["atmn", "binary", "ternary-single"])
+@pytest.mark.parametrize("threshold", ["channel", "layer"])
+@pytest.mark.parametrize(("T", "tau"), [(1, 1.0), (4, 1.0), (4, 2.0), (5, 1.5), (6, 0.7)])
+def test_spike_point_training_path_equals_the_reference(T, tau, threshold, neuron, dtype):
+    """With autograd on, the fused training path gives the reference's decode and, to rounding,
+    its gradients to the input and to the threshold parameter a (V = exp(a))."""
+    for seed, shape in enumerate([(37,), (3, 37), (2, 5, 37), (70, 37)]):
+        point, g = random_point(shape[-1], T, tau, threshold, neuron, dtype, seed)
+        x = (torch.randn(shape, generator=g, dtype=dtype) * 2).requires_grad_()
+        w = torch.randn(shape, generator=g, dtype=dtype)
+        a = point.neuron.a
+        want, _ = point.neuron.quantize(x, T)
+        gx_want, ga_want = torch.autograd.grad((want * w).sum(), (x, a))
+        assert point._training_ready(x, point.neuron)
+        assert not point._inference_ready(x, point.neuron)
+        got = point(x)
+        assert got.dtype == dtype and got.shape == x.shape and got.requires_grad
+        if math.log2(tau).is_integer() or tau == 1.5:
+            assert torch.equal(got, want)
+        else:
+            torch.testing.assert_close(got, want, rtol=0, atol=4 * torch.finfo(dtype).eps)
+        gx, ga = torch.autograd.grad((got * w).sum(), (x, a))
+        assert_grads_close(gx, gx_want, dtype)
+        assert_grads_close(ga, ga_want, dtype, x.numel() // a.numel())
+
+
+def test_spike_point_training_path_runs_only_when_it_may(monkeypatch):
+    from spikemar.neurons.surrogate import Surrogate
+
+    point = SpikePoint(16, SpikeConfig(T=4))
+    x = torch.randn(2, 16, requires_grad=True)
+    assert point._training_ready(x, point.neuron)
+    point.record = True  # the spikes are wanted: the reference path keeps them
+    assert not point._training_ready(x, point.neuron)
+    point.record = False
+    with energy.EnergyCounter(nn.Sequential(point)):
+        assert not point._training_ready(x, point.neuron)
+    torch_point = SpikePoint(16, SpikeConfig(T=4, backend="torch"))
+    assert not torch_point._training_ready(x, torch_point.neuron)
+
+    class Custom(Surrogate):
+        def derivative(self, z):
+            return torch.ones_like(z)
+
+        def primitive(self, z):
+            return z
+
+    point.neuron.surrogate = Custom()  # not one the kernels implement
+    assert not point._training_ready(x, point.neuron)
+
+
+def test_non_finite_input_raises_through_the_training_path(monkeypatch):
+    point = SpikePoint(8, SpikeConfig(T=4))
+    x = torch.randn(3, 8)
+    x[1, 5] = float("nan")
+    no_reference_quantize(monkeypatch)
+    with pytest.raises(ValueError, match="finite"):
+        point(x.requires_grad_())
+
+
+def test_training_a_mar_lm_through_the_fused_spike_points_equals_the_reference(monkeypatch):
+    """One loss and backward of a whole spiking MAR LM: the same loss and, to rounding, the same
+    gradient for every parameter as with the reference spike points (backend='torch')."""
+    torch.manual_seed(0)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 17))
+    grads = {}
+    for backend in ("auto", "torch"):
+        torch.manual_seed(1)
+        lm = MARLM(MARConfig(**BASE, spikes=SpikeConfig(T=4, backend=backend))).double().train()
+        with monkeypatch.context() as m:
+            if backend == "auto":
+                no_reference_quantize(m)  # proof that the fused path ran
+            logits = lm(tokens[:, :-1])
+        loss = nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+        grads[backend] = (loss.detach(), {n: p.grad for n, p in lm.named_parameters()})
+    torch.testing.assert_close(grads["auto"][0], grads["torch"][0], rtol=1e-12, atol=1e-12)
+    for name, g in grads["torch"][1].items():
+        torch.testing.assert_close(grads["auto"][1][name], g, rtol=1e-8, atol=1e-9, msg=name)
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
 @pytest.mark.parametrize("tau", [1.0, math.inf])
 def test_non_finite_input_raises_through_the_fast_path(monkeypatch, bad, tau):

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..energy import counting_active, declare_spikes
-from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend
+from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend, fused
 from ..ssm.mixer import fused_norm_ready, norm_then, rms_norm_inference
 
 __all__ = ["FeedForward", "SpikeConfig", "SpikePoint", "check_tokens"]
@@ -83,6 +83,8 @@ class SpikePoint(nn.Module):
         neuron = self.neuron
         if self._inference_ready(x, neuron):
             return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
+        if self._training_ready(x, neuron):
+            return cpu_backend.atmn_quantize_train_cpu(x, self.T, neuron.parameters_tuple())
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()
@@ -94,14 +96,31 @@ class SpikePoint(nn.Module):
         backend is 'auto' or 'cpu', and ``x`` is an input the reference would accept (anything
         else takes the reference path, which raises with its own message). The kernel checks the
         values itself: NaN, ±inf and a bad threshold raise as on the reference path."""
+        return self._fused_ready(x, neuron) and not self._needs_graph(x, neuron)
+
+    def _training_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
+        """Whether the fused training path (``cpu_backend.atmn_quantize_train_cpu``: the decode
+        and its gradients without the [T, N] spike train) may stand in for ``neuron.quantize``
+        when autograd needs a graph: as for inference, and the neuron's surrogate is one the
+        kernels implement."""
+        if not self._fused_ready(x, neuron):
+            return False
+        return fused.unsupported_parameters(neuron.parameters_tuple()) is None
+
+    def _needs_graph(self, x: torch.Tensor, neuron: ATMN) -> bool:
+        a = neuron._parameters.get("a")
+        a = neuron._buffers["a"] if a is None else a
+        return torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
+
+    def _fused_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
+        """What both fused paths need: no recording and no energy counter, backend 'auto' or
+        'cpu', and an input the reference would accept."""
         if self.record or counting_active() or neuron.backend not in _FAST_BACKENDS:
             return False
         if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES or x.device.type != "cpu":
             return False
         a = neuron._parameters.get("a")
-        a = neuron._buffers["a"] if a is None else a
-        if torch.is_grad_enabled() and (x.requires_grad or a.requires_grad):
-            return False
+        a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
         if x.dim() < 1 or a.dim() > 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]):
             return False
         if not a.is_cpu:

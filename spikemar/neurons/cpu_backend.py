@@ -37,6 +37,7 @@ from .fused import fused_multi_step, surrogate_code
 __all__ = [
     "atmn_multi_step_cpu",
     "atmn_quantize_decode_cpu",
+    "atmn_quantize_train_cpu",
     "load_library",
     "mixer_step_cpu",
     "rms_norm_quantize_decode_cpu",
@@ -148,6 +149,16 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         # gated, new_conv, new_ssm, a_out, scratch
         mix.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
         mix.restype = i64
+        qf = getattr(lib, f"atmn_quantize_forward_{suffix}")
+        # x, vth, N, C, T, tau, decay, ternary, decoded, nthreads
+        qf.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, p, i32]
+        qf.restype = i64
+        qb = getattr(lib, f"atmn_quantize_backward_{suffix}")
+        # x, vth, N, C, T, tau, decay, ternary, detach_reset, kind, pa, pb, g, g_x, partial,
+        # nthreads
+        qb.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, i32, i32, real, real,
+                       p, p, p, i32]  # fmt: skip
+        qb.restype = i32
         rq = getattr(lib, f"rms_norm_quantize_decode_{suffix}")
         # x, rows, D, w, eps, vth, C, T, tau, decay, ternary, out
         rq.argtypes = [p, i64, i64, p, ctypes.c_double, p, i64, i64, ctypes.c_double, real, i32, p]
@@ -254,6 +265,65 @@ def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters
              decoded.data_ptr())  # fmt: skip
     _raise_if_bad(bad, vth, x.numel(), T, "activation")
     return decoded
+
+
+class _FusedQuantize(torch.autograd.Function):
+    """MAR's spike point for training in two C calls: δ-inject, spike, decode forward (without the
+    [T, N] injected input or spikes), and its backward by recomputation (``_cpu/atmn_impl.h``)."""
+
+    @staticmethod
+    def forward(ctx, x, v_threshold, p, T):  # type: ignore[override]
+        lib = load_library()
+        x = x.contiguous()
+        vth = v_threshold.detach().to(x.dtype).contiguous()
+        C = vth.numel() if vth.dim() == 1 else 0
+        decoded = torch.empty_like(x)
+        fn = (
+            lib.atmn_quantize_forward_f32
+            if x.dtype == torch.float32
+            else lib.atmn_quantize_forward_f64
+        )
+        bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau),
+                 int(p.ternary), decoded.data_ptr(), torch.get_num_threads())  # fmt: skip
+        _raise_if_bad(bad, vth, x.numel(), T, "activation")
+        ctx.save_for_backward(x, vth)
+        ctx.p, ctx.T = p, T
+        return decoded
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        lib = load_library()
+        x, vth = ctx.saved_tensors
+        p, T = ctx.p, ctx.T
+        g = g.to(x.dtype).contiguous()
+        C = vth.numel() if vth.dim() == 1 else 0
+        kind, pa, pb = surrogate_code(p)
+        nthreads = max(1, min(torch.get_num_threads(), 64))
+        partial = torch.zeros(nthreads, max(C, 1), dtype=torch.float64)
+        g_x = torch.empty_like(x)
+        fn = (
+            lib.atmn_quantize_backward_f32
+            if x.dtype == torch.float32
+            else lib.atmn_quantize_backward_f64
+        )
+        fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
+           int(p.detach_reset), kind, pa, pb, g.data_ptr(), g_x.data_ptr(), partial.data_ptr(),
+           nthreads)  # fmt: skip
+        g_vth = partial.sum(0)
+        g_vth = g_vth[0] if C == 0 else g_vth
+        return g_x, g_vth.to(ctx.p.v_threshold.dtype), None, None
+
+
+def atmn_quantize_train_cpu(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+    """``atmn_quantize(activation, T, p)[0]`` with gradients to ``activation`` and
+    ``p.v_threshold``, in two C calls: the same decode and, to rounding, the same gradients as the
+    reference path, without materialising the [T, N] injected input and spikes.
+
+    For callers that have checked what :func:`atmn_quantize_decode_cpu` requires and that
+    ``fused.unsupported_parameters(p)`` is None. The values are checked in C (a threshold that
+    is not finite and positive, or NaN / ±inf in the input, raises ValueError).
+    """
+    return _FusedQuantize.apply(activation, p.v_threshold, p, T)
 
 
 def rms_norm_quantize_decode_cpu(

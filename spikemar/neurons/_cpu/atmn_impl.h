@@ -691,6 +691,196 @@ int64_t CAT(rms_norm_quantize_decode_, SUFFIX)(const REAL *x, int64_t rows, int6
   return CAT(atmn_quantize_decode_, SUFFIX)(out, vth, rows * D, C, T, tau, decay, ternary, out);
 }
 
+
+/* -- MAR's spike point in training: δ-inject, T micro-steps, decode, and its backward ---------
+ *
+ * decoded = V·Σ_t w_t s_t with w_t = τ^t, for x_0 = x, x_t = 0 after and a zero membrane (the
+ * forward is atmn_quantize_decode, run in parallel over whole rows of C channels). Its backward
+ * recomputes h from x and runs the reverse micro-steps with dL/ds_t = (g·V)·w_t, which needs no
+ * stream from memory: it reads x and g and writes dL/dx, against the [T, N] injected input,
+ * spikes and their gradients that the unfused path materialises. dL/dV adds the decode's own
+ * term g·Σ_t w_t s_t to the neuron's. */
+
+typedef struct {
+  const REAL *x, *vth, *g;
+  REAL *out, *g_x;
+  double *g_vth; /* [max(C, 1)] of this job, caller-zeroed */
+  int64_t N, C, T, begin, end;
+  double tau;
+  REAL decay, pa, pb, keep_reset;
+  int ternary, kind, disjoint;
+  int64_t bad;
+} CAT(qjob_, SUFFIX);
+
+static void *CAT(quantize_forward_worker_, SUFFIX)(void *arg) {
+  CAT(qjob_, SUFFIX) *j = arg;
+  j->bad = CAT(atmn_quantize_decode_, SUFFIX)(j->x + j->begin, j->vth, j->end - j->begin, j->C,
+                                               j->T, j->tau, j->decay, j->ternary,
+                                               j->out + j->begin);
+  return NULL;
+}
+
+/* the reverse pass of one group of GW neurons at offset i (all lanes live); gv receives dL/dV */
+HOT void CAT(quantize_group_backward_, SUFFIX)(const CAT(qjob_, SUFFIX) * j, const REAL *w,
+                                               VEC *hs, int64_t i, const VEC *V, VEC *gv,
+                                               const int kind, const int tern,
+                                               const int disjoint) {
+  const int64_t T = j->T;
+  const REAL d = j->decay;
+  VEC u[GK], iv[GK], kV[GK], piv[GK], gdV[GK], gu[GK], wsum[GK], gd[GK];
+  for (int k = 0; k < GK; ++k) {
+    iv[k] = (REAL)1 / V[k], kV[k] = j->keep_reset * V[k], piv[k] = j->pb * iv[k];
+    u[k] = VSPLAT(0), gu[k] = VSPLAT(0), wsum[k] = VSPLAT(0), gv[k] = VSPLAT(0);
+    gd[k] = VLOAD(j->g + i + k * VL), gdV[k] = gd[k] * V[k];
+  }
+  for (int64_t t = 0; t < T; ++t) {
+    for (int k = 0; k < GK; ++k) {
+      const VEC h = (t == 0 ? VLOAD(j->x + i + k * VL) : VSPLAT(0)) + u[k] * d;
+      hs[t * GK + k] = h;
+      u[k] = h - V[k] * CAT(vspike_, SUFFIX)(h, V[k], tern);
+    }
+  }
+  for (int64_t t = T - 1; t >= 0; --t) {
+    for (int k = 0; k < GK; ++k) {
+      const VEC h = hs[t * GK + k];
+      const VEC r = h / V[k];
+      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
+      const VEC dsdh = CAT(vdsdh_, SUFFIX)(kind, r, iv[k], piv[k], tern, disjoint, j->pa, j->pb);
+      const VEC gs = gdV[k] * w[t] - kV[k] * gu[k];
+      const VEC q = gs * dsdh;
+      const VEC gh = gu[k] + q;
+      gv[k] -= gu[k] * s + q * r;
+      wsum[k] += w[t] * s;
+      if (t == 0) VSTORE(j->g_x + i + k * VL, gh);
+      gu[k] = gh * d;
+    }
+  }
+  for (int k = 0; k < GK; ++k) gv[k] += gd[k] * wsum[k];
+}
+
+HOT void CAT(quantize_backward_range_, SUFFIX)(CAT(qjob_, SUFFIX) * j, const REAL *w, VEC *hs,
+                                               REAL *pad, const int kind, const int tern,
+                                               const int disjoint) {
+  const int64_t C = j->C;
+  VEC V[GK], gv[GK];
+  double shared = 0;
+  for (int64_t i = j->begin; i < j->end; i += GW) {
+    const int64_t n = j->end - i < GW ? j->end - i : GW;
+    int64_t c = C ? i % C : 0;
+    for (int m = 0; m < GW; ++m) { /* the group's thresholds, channel by channel */
+      ((REAL *)V)[m] = j->vth[C ? c : 0];
+      if (C && ++c == C) c = 0;
+    }
+    if (n == GW) {
+      CAT(quantize_group_backward_, SUFFIX)(j, w, hs, i, V, gv, kind, tern, disjoint);
+    } else { /* the tail on zero-padded copies: padded lanes have x = g = 0 and add nothing */
+      CAT(qjob_, SUFFIX) t = *j;
+      REAL *xs = pad, *gs = pad + GW, *gxs = pad + 2 * GW;
+      memset(pad, 0, sizeof(REAL) * 3 * GW);
+      memcpy(xs, j->x + i, sizeof(REAL) * n);
+      memcpy(gs, j->g + i, sizeof(REAL) * n);
+      t.x = xs, t.g = gs, t.g_x = gxs;
+      CAT(quantize_group_backward_, SUFFIX)(&t, w, hs, 0, V, gv, kind, tern, disjoint);
+      memcpy(j->g_x + i, gxs, sizeof(REAL) * n);
+    }
+    c = C ? i % C : 0;
+    for (int64_t m = 0; m < n; ++m) {
+      const double term = (double)((const REAL *)gv)[m];
+      if (C) {
+        j->g_vth[c] += term;
+        if (++c == C) c = 0;
+      } else {
+        shared += term;
+      }
+    }
+  }
+  if (!C) j->g_vth[0] += shared;
+}
+
+static void *CAT(quantize_backward_worker_, SUFFIX)(void *arg) {
+  CAT(qjob_, SUFFIX) *j = arg;
+  enum { MAX_T = 64 };
+  REAL w[MAX_T];
+  for (int64_t t = 0; t < j->T; ++t)
+    w[t] = j->decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(j->tau, (double)t);
+  VEC *hs = aligned_alloc(64, (size_t)(j->T * GK * sizeof(VEC) + 63) / 64 * 64);
+  REAL *pad = aligned_alloc(64, (size_t)(3 * GW * sizeof(REAL) + 63) / 64 * 64);
+  const int kind = j->kind, tern = j->ternary != 0, disjoint = j->disjoint;
+#define QB(K, TE, D) CAT(quantize_backward_range_, SUFFIX)(j, w, hs, pad, K, TE, D)
+  if (kind == 0 && tern && disjoint) QB(0, 1, 1);
+  else if (kind == 0 && tern) QB(0, 1, 0);
+  else if (kind == 0) QB(0, 0, 0);
+  else if (kind == 1 && tern && disjoint) QB(1, 1, 1);
+  else if (kind == 1 && tern) QB(1, 1, 0);
+  else if (kind == 1) QB(1, 0, 0);
+  else if (kind == 2 && tern) QB(2, 1, 0);
+  else if (kind == 2) QB(2, 0, 0);
+  else if (tern) QB(3, 1, 0);
+  else QB(3, 0, 0);
+#undef QB
+  free(pad);
+  free(hs);
+  return NULL;
+}
+
+/* Splits [0, N) into up to nthreads ranges that start on a whole row of C channels (so that the
+ * forward kernel's channel count starts at 0) and a whole group (GW) */
+static int CAT(quantize_ranges_, SUFFIX)(CAT(qjob_, SUFFIX) * jobs, const CAT(qjob_, SUFFIX) * base,
+                                         int nthreads) {
+  enum { MAX_THREADS = 64 };
+  const int64_t N = base->N, C = base->C ? base->C : 1;
+  int64_t unit = C;
+  while (unit % GW) unit += C; /* a multiple of both C and GW */
+  const int64_t units = (N + unit - 1) / unit;
+  if (nthreads > units) nthreads = (int)(units > 0 ? units : 1);
+  if (nthreads < 1) nthreads = 1;
+  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  for (int k = 0; k < nthreads; ++k) {
+    jobs[k] = *base;
+    jobs[k].begin = units * k / nthreads * unit;
+    jobs[k].end = units * (k + 1) / nthreads * unit;
+    if (jobs[k].end > N) jobs[k].end = N;
+    if (jobs[k].begin > N) jobs[k].begin = N;
+    jobs[k].g_vth = base->g_vth ? base->g_vth + (int64_t)k * (base->C ? base->C : 1) : NULL;
+  }
+  return nthreads;
+}
+
+/* The forward of the training path: atmn_quantize_decode over row ranges in parallel; returns
+ * as that function does (-1 bad threshold, -2 bad T, else the count of non-finite probes). */
+int64_t CAT(atmn_quantize_forward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
+                                            int64_t T, double tau, REAL decay, int ternary,
+                                            REAL *decoded, int nthreads) {
+  CAT(qjob_, SUFFIX) base = {0}, jobs[64];
+  base.x = x, base.vth = vth, base.out = decoded, base.N = N, base.C = C, base.T = T;
+  base.tau = tau, base.decay = decay, base.ternary = ternary;
+  const int n = CAT(quantize_ranges_, SUFFIX)(jobs, &base, nthreads);
+  run_parallel(CAT(quantize_forward_worker_, SUFFIX), jobs, sizeof jobs[0], n);
+  int64_t bad = 0;
+  for (int k = 0; k < n; ++k) {
+    if (jobs[k].bad < 0) return jobs[k].bad;
+    bad += jobs[k].bad;
+  }
+  return bad;
+}
+
+/* Its backward: g_x [N] from g [N]; g_vth_partial [nthreads][max(C, 1)] doubles, caller-zeroed
+ * (the caller sums the rows). Returns the number of threads used (rows written). */
+int CAT(atmn_quantize_backward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
+                                         int64_t T, double tau, REAL decay, int ternary,
+                                         int detach_reset, int kind, REAL pa, REAL pb,
+                                         const REAL *g, REAL *g_x, double *g_vth_partial,
+                                         int nthreads) {
+  CAT(qjob_, SUFFIX) base = {0}, jobs[64];
+  base.x = x, base.vth = vth, base.g = g, base.g_x = g_x, base.g_vth = g_vth_partial;
+  base.N = N, base.C = C, base.T = T, base.tau = tau, base.decay = decay, base.pa = pa;
+  base.pb = pb, base.keep_reset = (REAL)(detach_reset == 0), base.ternary = ternary;
+  base.kind = kind, base.disjoint = kind <= 1 && pa <= (REAL)1;
+  const int n = CAT(quantize_ranges_, SUFFIX)(jobs, &base, nthreads);
+  run_parallel(CAT(quantize_backward_worker_, SUFFIX), jobs, sizeof jobs[0], n);
+  return n;
+}
+
 #undef VL
 #undef GW
 #undef TC

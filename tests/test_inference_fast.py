@@ -150,6 +150,23 @@ def test_spike_point_training_path_runs_only_when_it_may(monkeypatch):
     assert not point._training_ready(x, point.neuron)
 
 
+def test_recording_spike_points_still_record_in_training():
+    """The documented way to collect spike trains (``record`` on the spike points, or a
+    SpikingJelly ``AttributeMonitor('spikes', …, SpikePoint)``) takes the reference path."""
+    from spikingjelly.activation_based import monitor
+
+    lm = MARLM(MARConfig(**BASE, spikes=SpikeConfig(T=4))).train()
+    points = [m for m in lm.modules() if isinstance(m, SpikePoint)]
+    for p in points:
+        p.record = True
+    mon = monitor.AttributeMonitor("spikes", False, lm, SpikePoint)
+    tokens = torch.randint(0, BASE["vocab_size"], (2, 9))
+    lm(tokens).sum().backward()
+    assert len(mon.records) == len(points) and all(r.shape[0] == 4 for r in mon.records)
+    assert all(p.neuron.a.grad is not None for p in points)
+    mon.remove_hooks()
+
+
 def test_non_finite_input_raises_through_the_training_path(monkeypatch):
     point = SpikePoint(8, SpikeConfig(T=4))
     x = torch.randn(3, 8)

@@ -165,33 +165,22 @@ typedef struct {
   int64_t stride;
 } CAT(group_, SUFFIX);
 
-/* Micro-steps t0..t1−1 of one group, membrane u in and out. Each micro-step is a chain of about
- * 16 cycles of latency per vector (h, s, u): GK independent vectors side by side keep the core
- * busy where one vector at a time would wait. */
-HOT void CAT(forward_steps_, SUFFIX)(
-    const CAT(group_, SUFFIX) * g, int64_t t0, int64_t t1, const VEC *V, REAL d, const int tern,
-    VEC *u) {
-  const int64_t st = g->stride;
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int k = 0; k < GK; ++k) {
-      const VEC h = VLOAD(g->x + t * st + k * VL) + u[k] * d;
-      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
-      VSTORE(g->spikes + t * st + k * VL, s);
-      u[k] = h - V[k] * s;
-      if (g->v_seq) VSTORE(g->v_seq + t * st + k * VL, u[k]);
-    }
-  }
-}
-
-/* The forward again for the backward, keeping h of micro-steps t0..t1−1 in hout [t][hstride] */
-HOT void CAT(recompute_steps_, SUFFIX)(
-    const REAL *x, int64_t st, int64_t t0, int64_t t1, const VEC *V, REAL d, const int tern, VEC *u,
-    REAL *hout, int64_t hstride) {
+/* Micro-steps t0..t1−1 of one group from x [t][st], its membrane u in and out. Each micro-step is
+ * a chain of about 16 cycles of latency per vector (h, s, u): GK independent vectors side by side
+ * keep the core busy where one vector at a time would wait. Writes what is wanted (NULL: not):
+ * the spikes and the membrane sequence [t][st] (the forward), h into hout [t][hstride] (the
+ * backward's recomputation). */
+HOT void CAT(steps_, SUFFIX)(const REAL *x, int64_t st, int64_t t0, int64_t t1, const VEC *V,
+                             REAL d, const int tern, VEC *u, REAL *spikes, REAL *v_seq,
+                             REAL *hout, int64_t hstride) {
   for (int64_t t = t0; t < t1; ++t) {
     for (int k = 0; k < GK; ++k) {
       const VEC h = VLOAD(x + t * st + k * VL) + u[k] * d;
-      VSTORE(hout + t * hstride + k * VL, h);
-      u[k] = h - V[k] * CAT(vspike_, SUFFIX)(h, V[k], tern);
+      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
+      if (spikes) VSTORE(spikes + t * st + k * VL, s);
+      if (hout) VSTORE(hout + t * hstride + k * VL, h);
+      u[k] = h - V[k] * s;
+      if (v_seq) VSTORE(v_seq + t * st + k * VL, u[k]);
     }
   }
 }
@@ -200,11 +189,14 @@ HOT void CAT(recompute_steps_, SUFFIX)(
  * and out, gv += the dL/dV terms (per lane).
  *   gs = dL/ds_t (from the output) − V·dL/du_t (through the reset, unless detached)
  *   gh = dL/du_t + gs·g/V,   dL/dV += −dL/du_t·s_t − gs·(h/V)·g/V,   dL/dx_t = gh,
- *   dL/du_{t−1} = d·gh (+ the membrane-sequence gradient at t − 1) */
+ *   dL/du_{t−1} = d·gh (+ the membrane-sequence gradient at t − 1)
+ * With decode weights w (MAR's spike point, see quantize_group_backward) dL/ds_t is gdV·w_t
+ * instead of a stream, and wsum += w_t·s_t. */
 HOT void CAT(reverse_steps_, SUFFIX)(
     const CAT(group_, SUFFIX) * g, const REAL *hin, int64_t hstride, int64_t t0, int64_t t1,
     const VEC *V, const VEC *iv, const VEC *kV, REAL d, REAL pa, REAL pb, const int kind,
-    const int tern, const int disjoint, VEC *gu, VEC *gv) {
+    const int tern, const int disjoint, VEC *gu, VEC *gv, const REAL *w, const VEC *gdV,
+    VEC *wsum) {
   const int64_t st = g->stride;
   VEC piv[GK];
   for (int k = 0; k < GK; ++k) piv[k] = pb * iv[k];
@@ -214,7 +206,10 @@ HOT void CAT(reverse_steps_, SUFFIX)(
       const VEC r = h / V[k]; /* as the reference: h·(1/V) can differ by an ulp (see vdsdh) */
       const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
       const VEC dsdh = CAT(vdsdh_, SUFFIX)(kind, r, iv[k], piv[k], tern, disjoint, pa, pb);
-      const VEC gst = g->g_spikes ? VLOAD(g->g_spikes + t * st + k * VL) : VSPLAT(0);
+      const VEC gst = w               ? gdV[k] * w[t]
+                      : g->g_spikes ? VLOAD(g->g_spikes + t * st + k * VL)
+                                    : VSPLAT(0);
+      if (w) wsum[k] += w[t] * s;
       const VEC gs = gst - kV[k] * gu[k];
       const VEC q = gs * dsdh;
       const VEC gh = gu[k] + q;
@@ -226,7 +221,6 @@ HOT void CAT(reverse_steps_, SUFFIX)(
   }
 }
 
-/* the initial membrane and the gradient arriving at the last micro-step */
 /* the membrane entering micro-step c0: v0 (or zero) at c0 = 0, else carried in ub */
 HOT void CAT(initial_u_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t c0, const REAL *ub,
                                  VEC *u) {
@@ -342,7 +336,7 @@ typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(cons
       const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
       CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
       CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
-      CAT(forward_steps_, SUFFIX)(&g, c0, c1, V, c.d, TERN, u);                                 \
+      CAT(steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, g.spikes, g.v_seq, NULL, 0);  \
       for (int k = 0; k < GK; ++k) {                                                            \
         if (c1 < c.T) {                                                                         \
           VSTORE(ub + q + k * VL, u[k]);                                                        \
@@ -367,7 +361,8 @@ typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(cons
       const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
       CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
       CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
-      CAT(recompute_steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, hbuf + q, hstride); \
+      CAT(steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, NULL, NULL, hbuf + q,         \
+                          hstride);                                                             \
       if (c1 < c.T)                                                                             \
         for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, u[k]);                             \
     }                                                                                           \
@@ -393,7 +388,7 @@ DEFINE_FORWARD(1)
       int64_t hs = hstride;                                                                     \
       if (hstride == 0) { /* the group's own h, all micro-steps */                              \
         CAT(initial_u_, SUFFIX)(&g, 0, NULL, u);                                                \
-        CAT(recompute_steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, c.d, TERN, u, hbuf, GW);        \
+        CAT(steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, c.d, TERN, u, NULL, NULL, hbuf, GW);      \
         h = hbuf, hs = GW;                                                                      \
       }                                                                                         \
       if (c1 == c.T) {                                                                          \
@@ -402,7 +397,7 @@ DEFINE_FORWARD(1)
         for (int k = 0; k < GK; ++k) gu[k] = VLOAD(ub + q + k * VL);                            \
       }                                                                                         \
       CAT(reverse_steps_, SUFFIX)(&g, h, hs, c0, c1, V, iv, kV, c.d, c.pa, c.pb, KIND, TERN,    \
-                                  DISJOINT, gu, gv);                                            \
+                                  DISJOINT, gu, gv, NULL, NULL, NULL);                          \
       for (int k = 0; k < GK; ++k) {                                                            \
         if (c0 > 0) VSTORE(ub + q + k * VL, gu[k]);                                             \
         else if (g.g_v0) VSTORE(g.g_v0 + k * VL, gu[k]);                                        \
@@ -611,12 +606,18 @@ int CAT(atmn_backward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, 
   return 0;
 }
 
+/* The decode's weights w_t = τ^t as the reference computes them (Python's tau**t is C's pow in
+ * double, then rounded to REAL); no weight when decay = 0 (τ = ∞) beyond the first. */
+static void CAT(decode_weights_, SUFFIX)(REAL *w, int64_t T, double tau, REAL decay) {
+  for (int64_t t = 0; t < T; ++t)
+    w[t] = decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(tau, (double)t);
+}
+
 /* MAR's spike point for inference: δ-inject x [N] (x_0 = x, x_t = 0 after) into a zero membrane,
  * spike for T micro-steps and write the decode V·Σ_t τ^t s_t [N], without materialising the
  * spikes. Single-threaded: it serves the small per-token activations of generation, where a
- * thread launch would cost more than the work. The τ-weights are computed as the reference does
- * (Python's tau**t is C's pow in double, then rounded to REAL); no weight when decay = 0 (τ = ∞)
- * beyond the first.
+ * thread launch would cost more than the work (atmn_quantize_forward runs it on row ranges in
+ * parallel for training). The τ-weights: decode_weights.
  *
  * Returns -1 if a threshold is not finite and > 0 (checked first, as the reference does), else
  * the number of non-finite values in what the reference's check_values probes: the final
@@ -627,7 +628,7 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
   enum { MAX_T = 64, BLK = 256 };
   if (T < 1 || T > MAX_T) return -2;
   REAL w[MAX_T];
-  for (int64_t t = 0; t < T; ++t) w[t] = decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(tau, (double)t);
+  CAT(decode_weights_, SUFFIX)(w, T, tau, decay);
   const int64_t nv = C == 0 ? 1 : C;
   for (int64_t c = 0; c < nv; ++c)
     if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
@@ -720,48 +721,37 @@ static void *CAT(quantize_forward_worker_, SUFFIX)(void *arg) {
   return NULL;
 }
 
-/* the reverse pass of one group of GW neurons at offset i (all lanes live); gv receives dL/dV */
+/* One group of GW neurons: x0, g0 its inputs and gradients, gx0 where dL/dx goes; gv receives
+ * dL/dV. The group runs through the same steps as the forward and the reverse above: its
+ * injected input is xs [GW] followed by zero rows (buf [T][GW]), its spike gradients are
+ * dL/ds_t = (g·V)·w_t, and dL/dx is written with stride 0, so the micro-step written last, the
+ * first, stays. */
 HOT void CAT(quantize_group_backward_, SUFFIX)(const CAT(qjob_, SUFFIX) * j, const REAL *w,
-                                               VEC *hs, int64_t i, const VEC *V, VEC *gv,
+                                               REAL *hs, REAL *buf, const REAL *x0,
+                                               const REAL *g0, REAL *gx0, const VEC *V, VEC *gv,
                                                const int kind, const int tern,
                                                const int disjoint) {
   const int64_t T = j->T;
   const REAL d = j->decay;
-  VEC u[GK], iv[GK], kV[GK], piv[GK], gdV[GK], gu[GK], wsum[GK], gd[GK];
+  VEC iv[GK], kV[GK], u[GK], gu[GK], gd[GK], gdV[GK], wsum[GK];
+  memcpy(buf, x0, sizeof(REAL) * GW); /* rows 1..T−1 stay zero: δ-injection */
   for (int k = 0; k < GK; ++k) {
-    iv[k] = (REAL)1 / V[k], kV[k] = j->keep_reset * V[k], piv[k] = j->pb * iv[k];
-    u[k] = VSPLAT(0), gu[k] = VSPLAT(0), wsum[k] = VSPLAT(0), gv[k] = VSPLAT(0);
-    gd[k] = VLOAD(j->g + i + k * VL), gdV[k] = gd[k] * V[k];
+    iv[k] = (REAL)1 / V[k], kV[k] = j->keep_reset * V[k];
+    u[k] = VSPLAT(0), gu[k] = VSPLAT(0), gv[k] = VSPLAT(0), wsum[k] = VSPLAT(0);
+    gd[k] = VLOAD(g0 + k * VL), gdV[k] = gd[k] * V[k];
   }
-  for (int64_t t = 0; t < T; ++t) {
-    for (int k = 0; k < GK; ++k) {
-      const VEC h = (t == 0 ? VLOAD(j->x + i + k * VL) : VSPLAT(0)) + u[k] * d;
-      hs[t * GK + k] = h;
-      u[k] = h - V[k] * CAT(vspike_, SUFFIX)(h, V[k], tern);
-    }
-  }
-  for (int64_t t = T - 1; t >= 0; --t) {
-    for (int k = 0; k < GK; ++k) {
-      const VEC h = hs[t * GK + k];
-      const VEC r = h / V[k];
-      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
-      const VEC dsdh = CAT(vdsdh_, SUFFIX)(kind, r, iv[k], piv[k], tern, disjoint, j->pa, j->pb);
-      const VEC gs = gdV[k] * w[t] - kV[k] * gu[k];
-      const VEC q = gs * dsdh;
-      const VEC gh = gu[k] + q;
-      gv[k] -= gu[k] * s + q * r;
-      wsum[k] += w[t] * s;
-      if (t == 0) VSTORE(j->g_x + i + k * VL, gh);
-      gu[k] = gh * d;
-    }
-  }
-  for (int k = 0; k < GK; ++k) gv[k] += gd[k] * wsum[k];
+  CAT(steps_, SUFFIX)(buf, GW, 0, T, V, d, tern, u, NULL, NULL, hs, GW);
+  const CAT(group_, SUFFIX) g = {.g_x = gx0, .stride = 0};
+  CAT(reverse_steps_, SUFFIX)(&g, hs, GW, 0, T, V, iv, kV, d, j->pa, j->pb, kind, tern, disjoint,
+                              gu, gv, w, gdV, wsum);
+  for (int k = 0; k < GK; ++k) gv[k] += gd[k] * wsum[k]; /* the decode's own dL/dV term */
 }
 
-HOT void CAT(quantize_backward_range_, SUFFIX)(CAT(qjob_, SUFFIX) * j, const REAL *w, VEC *hs,
-                                               REAL *pad, const int kind, const int tern,
+HOT void CAT(quantize_backward_range_, SUFFIX)(CAT(qjob_, SUFFIX) * j, const REAL *w, REAL *hs,
+                                               REAL *buf, const int kind, const int tern,
                                                const int disjoint) {
   const int64_t C = j->C;
+  REAL *pad = buf + j->T * GW; /* a tail's zero-padded x, g and dL/dx */
   VEC V[GK], gv[GK];
   double shared = 0;
   for (int64_t i = j->begin; i < j->end; i += GW) {
@@ -772,16 +762,15 @@ HOT void CAT(quantize_backward_range_, SUFFIX)(CAT(qjob_, SUFFIX) * j, const REA
       if (C && ++c == C) c = 0;
     }
     if (n == GW) {
-      CAT(quantize_group_backward_, SUFFIX)(j, w, hs, i, V, gv, kind, tern, disjoint);
-    } else { /* the tail on zero-padded copies: padded lanes have x = g = 0 and add nothing */
-      CAT(qjob_, SUFFIX) t = *j;
-      REAL *xs = pad, *gs = pad + GW, *gxs = pad + 2 * GW;
-      memset(pad, 0, sizeof(REAL) * 3 * GW);
-      memcpy(xs, j->x + i, sizeof(REAL) * n);
-      memcpy(gs, j->g + i, sizeof(REAL) * n);
-      t.x = xs, t.g = gs, t.g_x = gxs;
-      CAT(quantize_group_backward_, SUFFIX)(&t, w, hs, 0, V, gv, kind, tern, disjoint);
-      memcpy(j->g_x + i, gxs, sizeof(REAL) * n);
+      CAT(quantize_group_backward_, SUFFIX)(j, w, hs, buf, j->x + i, j->g + i, j->g_x + i, V, gv,
+                                            kind, tern, disjoint);
+    } else { /* padded lanes have x = g = 0 and add nothing */
+      memset(pad, 0, sizeof(REAL) * 2 * GW);
+      memcpy(pad, j->x + i, sizeof(REAL) * n);
+      memcpy(pad + GW, j->g + i, sizeof(REAL) * n);
+      CAT(quantize_group_backward_, SUFFIX)(j, w, hs, buf, pad, pad + GW, pad + 2 * GW, V, gv,
+                                            kind, tern, disjoint);
+      memcpy(j->g_x + i, pad + 2 * GW, sizeof(REAL) * n);
     }
     c = C ? i % C : 0;
     for (int64_t m = 0; m < n; ++m) {
@@ -801,12 +790,13 @@ static void *CAT(quantize_backward_worker_, SUFFIX)(void *arg) {
   CAT(qjob_, SUFFIX) *j = arg;
   enum { MAX_T = 64 };
   REAL w[MAX_T];
-  for (int64_t t = 0; t < j->T; ++t)
-    w[t] = j->decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(j->tau, (double)t);
-  VEC *hs = aligned_alloc(64, (size_t)(j->T * GK * sizeof(VEC) + 63) / 64 * 64);
-  REAL *pad = aligned_alloc(64, (size_t)(3 * GW * sizeof(REAL) + 63) / 64 * 64);
+  CAT(decode_weights_, SUFFIX)(w, j->T, j->tau, j->decay);
+  const size_t rows = (size_t)(2 * j->T + 3); /* hs and the input [T][GW]; the tail's pad [3][GW] */
+  REAL *hs = aligned_alloc(64, (rows * GW * sizeof(REAL) + 63) / 64 * 64);
+  REAL *buf = hs + j->T * GW;
+  memset(buf, 0, sizeof(REAL) * j->T * GW);
   const int kind = j->kind, tern = j->ternary != 0, disjoint = j->disjoint;
-#define QB(K, TE, D) CAT(quantize_backward_range_, SUFFIX)(j, w, hs, pad, K, TE, D)
+#define QB(K, TE, D) CAT(quantize_backward_range_, SUFFIX)(j, w, hs, buf, K, TE, D)
   if (kind == 0 && tern && disjoint) QB(0, 1, 1);
   else if (kind == 0 && tern) QB(0, 1, 0);
   else if (kind == 0) QB(0, 0, 0);
@@ -818,7 +808,6 @@ static void *CAT(quantize_backward_worker_, SUFFIX)(void *arg) {
   else if (tern) QB(3, 1, 0);
   else QB(3, 0, 0);
 #undef QB
-  free(pad);
   free(hs);
   return NULL;
 }

@@ -81,10 +81,12 @@ class SpikePoint(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neuron = self.neuron
-        if self._inference_ready(x, neuron):
-            return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
-        if self._training_ready(x, neuron):
-            return cpu_backend.atmn_quantize_train_cpu(x, self.T, neuron.parameters_tuple())
+        if self._fused_ready(x, neuron):  # _inference_ready, then _training_ready, checked once
+            if not self._needs_graph(x, neuron):
+                return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
+            p = neuron.parameters_tuple()
+            if fused.unsupported_parameters(p) is None:
+                return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()

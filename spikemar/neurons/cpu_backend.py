@@ -140,10 +140,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, i32, i32, real, real,
                         p, p, p, p, p, p, i32]  # fmt: skip
         bwd.restype = i32
-        qd = getattr(lib, f"atmn_quantize_decode_{suffix}")
-        # x, vth, N, C, T, tau, decay, ternary, decoded
-        qd.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, p]
-        qd.restype = i64
         mix = getattr(lib, f"mixer_step_{suffix}")
         # zxbcdt, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, batch, I, N, H, P, k,
         # gated, new_conv, new_ssm, a_out, scratch
@@ -193,8 +189,13 @@ def _geometry(x: torch.Tensor, vth: torch.Tensor) -> tuple[int, int, int, int, i
     C = vth.numel() if vth.dim() == 1 else 0
     block = max(_MIN_BLOCK, min(_MAX_BLOCK, _BLOCK_VALUES // T))
     B = block if C == 0 else C * max(1, block // C)
-    nthreads = max(1, min(torch.get_num_threads(), (T * N) // _MIN_ELEMENTS_PER_THREAD))
-    return T, N, C, B, nthreads
+    return T, N, C, B, _threads(T * N)
+
+
+def _threads(values: int) -> int:
+    """Threads for a kernel over ``values`` element-steps: torch's count, fewer where there is
+    too little work to share (under 2^15 values a thread costs more than it saves)."""
+    return max(1, min(torch.get_num_threads(), values // _MIN_ELEMENTS_PER_THREAD))
 
 
 class _CpuKernels:
@@ -260,9 +261,12 @@ def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters
     vth = p.v_threshold.to(x.dtype).contiguous()
     decoded = torch.empty_like(x, requires_grad=False)
     C = vth.numel() if vth.dim() == 1 else 0
-    fn = lib.atmn_quantize_decode_f32 if x.dtype == torch.float32 else lib.atmn_quantize_decode_f64
+    fn = (
+        lib.atmn_quantize_forward_f32 if x.dtype == torch.float32 else lib.atmn_quantize_forward_f64
+    )
+    # the per-token activations of generation stay on one thread (see _threads)
     bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
-             decoded.data_ptr())  # fmt: skip
+             decoded.data_ptr(), _threads(x.numel() * T))  # fmt: skip
     _raise_if_bad(bad, vth, x.numel(), T, "activation")
     return decoded
 
@@ -273,20 +277,9 @@ class _FusedQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, v_threshold, p, T):  # type: ignore[override]
-        lib = load_library()
         x = x.contiguous()
-        vth = v_threshold.detach().to(x.dtype).contiguous()
-        C = vth.numel() if vth.dim() == 1 else 0
-        decoded = torch.empty_like(x)
-        fn = (
-            lib.atmn_quantize_forward_f32
-            if x.dtype == torch.float32
-            else lib.atmn_quantize_forward_f64
-        )
-        bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau),
-                 int(p.ternary), decoded.data_ptr(), torch.get_num_threads())  # fmt: skip
-        _raise_if_bad(bad, vth, x.numel(), T, "activation")
-        ctx.save_for_backward(x, vth)
+        decoded = atmn_quantize_decode_cpu(x, T, p)
+        ctx.save_for_backward(x, v_threshold.detach().to(x.dtype).contiguous())
         ctx.p, ctx.T = p, T
         return decoded
 
@@ -298,7 +291,7 @@ class _FusedQuantize(torch.autograd.Function):
         g = g.to(x.dtype).contiguous()
         C = vth.numel() if vth.dim() == 1 else 0
         kind, pa, pb = surrogate_code(p)
-        nthreads = max(1, min(torch.get_num_threads(), 64))
+        nthreads = _threads(x.numel() * T)
         partial = torch.zeros(nthreads, max(C, 1), dtype=torch.float64)
         g_x = torch.empty_like(x)
         fn = (

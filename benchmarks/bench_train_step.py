@@ -84,15 +84,14 @@ def build(cfg: Config, backend: str | None) -> nn.Module:
     return model.to(cfg.device).train()
 
 
-def unusable(backend: str, cfg: Config) -> str | None:
-    """Why ``backend`` cannot run the spike points on ``cfg.device`` (None if it can)."""
-    from spikemar.neurons import ATMNParameters, backends
+def resolve(backend: str, cfg: Config):
+    """The implementation ``backend`` runs the spike points with on ``cfg.device`` (RuntimeError,
+    saying why, if it cannot)."""
+    from spikemar.neurons import ATMNParameters
+    from spikemar.neurons.backends import resolve_backend
 
-    if backend == "auto":
-        return None
     probe = torch.zeros(cfg.T, 1, device=cfg.device)
-    p = ATMNParameters(torch.tensor(1.0, device=cfg.device))
-    return backends._BACKENDS[backend].unusable_reason(probe, p)
+    return resolve_backend(backend, probe, ATMNParameters(torch.tensor(1.0, device=cfg.device)))
 
 
 class Trainer:
@@ -144,11 +143,13 @@ def measure(cfg: Config, rows: list[Row]) -> None:
         for model, backend in specs:
             row = Row(model=model, backend=backend)
             rows.append(row)
-            reason = unusable(backend, cfg) if backend is not None else None
-            if reason is not None:
-                row.skipped = f"backend={backend!r} cannot run here: {reason}"
-                bar.update(cfg.warmup + cfg.steps)
-                continue
+            if backend is not None:
+                try:
+                    resolve(backend, cfg)
+                except RuntimeError as e:
+                    row.skipped = str(e).replace("this input", "here")
+                    bar.update(cfg.warmup + cfg.steps)
+                    continue
             bar.set_description(f"warm-up {model} {backend or ''}".strip())
             try:
                 trainer = Trainer(cfg, backend, tokens)
@@ -184,11 +185,7 @@ def summarize(rows: list[Row], cfg: Config) -> None:
 
 
 def report(rows: list[Row], cfg: Config, info: dict[str, str], interrupted: bool) -> str:
-    from spikemar.neurons import ATMNParameters
-    from spikemar.neurons.backends import resolve_backend
-
-    probe = torch.zeros(cfg.T, 1, device=cfg.device)
-    auto = resolve_backend("auto", probe, ATMNParameters(torch.tensor(1.0, device=cfg.device)))
+    auto = resolve("auto", cfg)
     lines = harness.header_lines(info)
     lines += [
         f"MAR LM, d_model {cfg.d_model}, {cfg.n_layers} layers, T = {cfg.T}; batch {cfg.batch} × "

@@ -212,7 +212,7 @@ def test_non_contiguous_input(backend):
     x = base.transpose(0, 1)[:, ::2]  # [4, 8, 30], strided
     assert not x.is_contiguous()
     p = ATMNParameters(v_threshold=torch.rand(30, device=x.device) + 0.2, tau=2.0)
-    s_ref, v_ref = atmn_multi_step(x, None, p)
+    s_ref, v_ref = atmn_multi_step(x, None, p, backend="torch")
     s, v = atmn_multi_step(x, None, p, backend=backend)
     assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
 
@@ -222,7 +222,7 @@ def test_non_contiguous_input(backend):
 def test_half_types_compute_in_float32(backend, dtype):
     x = (torch.randn(4, 64, 8, device=DEVICE_OF[backend]) * 2).to(dtype)
     p = ATMNParameters(v_threshold=torch.tensor(0.5, device=x.device), tau=2.0)
-    s_ref, v_ref = atmn_multi_step(x, None, p)
+    s_ref, v_ref = atmn_multi_step(x, None, p, backend="torch")
     s, v = atmn_multi_step(x, None, p, backend=backend)
     assert s.dtype == dtype and v.dtype == torch.float32
     assert torch.equal(s_ref, s) and torch.equal(v_ref, v)
@@ -325,7 +325,9 @@ class _TorchKernels:
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq):
         assert x.dtype == spikes.dtype and v_last.dtype == vth.dtype == torch.float32
-        s, v, vs = atmn_multi_step(x.float(), v0, p._replace(v_threshold=vth), return_v_seq=True)
+        s, v, vs = atmn_multi_step(
+            x.float(), v0, p._replace(v_threshold=vth), return_v_seq=True, backend="torch"
+        )
         spikes.copy_(s)
         v_last.copy_(v)
         if v_seq is not None:
@@ -338,7 +340,9 @@ class _TorchKernels:
         v = None if v0 is None else v0.clone().requires_grad_()
         V = vth.clone().requires_grad_()
         with torch.enable_grad():  # autograd runs a Function's backward with grad mode off
-            out = atmn_multi_step(xf, v, p._replace(v_threshold=V), return_v_seq=True)
+            out = atmn_multi_step(
+                xf, v, p._replace(v_threshold=V), return_v_seq=True, backend="torch"
+            )
             grads = [g_spikes, g_vlast, g_vseq]
             pairs = zip(out, grads, strict=True)
             loss = sum((o * g.float()).sum() for o, g in pairs if g is not None)

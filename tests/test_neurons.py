@@ -257,7 +257,7 @@ def test_gradcheck_through_the_micro_steps(surrogate, per_channel):
 
     def run(x, v0, V):
         p = ATMNParameters(v_threshold=V, tau=1.7, surrogate=surrogate, smooth=True)
-        spikes, v = atmn_multi_step(x, v0, p, validate=False)
+        spikes, v = atmn_multi_step(x, v0, p, backend="torch", validate=False)
         return spikes, v
 
     assert torch.autograd.gradcheck(run, (x, v0, V))
@@ -429,3 +429,17 @@ def test_half_precision_decode_does_not_overflow_for_many_micro_steps():
 def test_empty_time_axis_is_rejected_by_name():
     with pytest.raises(ValueError, match=r"x_seq: expected at least one micro-step"):
         ATMN(step_mode="m")(torch.zeros(0, 3))
+
+
+@pytest.mark.parametrize("cls", [ATMN, BinaryMultiStep, TernarySingleStep])
+def test_modules_default_to_the_fast_backend_and_expose_read_only_properties(cls):
+    n = cls(v_threshold=0.5, num_channels=3)
+    assert n.backend == "auto"  # the reference is one argument away: backend='torch'
+    assert n.ternary is (cls is not BinaryMultiStep)
+    assert n.log_threshold is n.a and isinstance(n.log_threshold, torch.nn.Parameter)
+    torch.testing.assert_close(n.log_threshold.exp(), n.v_threshold)
+    fixed = cls(v_threshold=0.5, learnable_threshold=False)
+    assert fixed.log_threshold is fixed.a and not fixed.log_threshold.requires_grad
+    for name in ("ternary", "log_threshold"):
+        with pytest.raises(AttributeError):
+            setattr(n, name, None)

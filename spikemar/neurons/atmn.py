@@ -42,12 +42,17 @@ class ATMN(base.MemoryModule):
             'sigmoid', 'atan', or a :class:`~spikemar.neurons.surrogate.Surrogate`.
         detach_reset: no gradient through the reset term.
         step_mode: 's' or 'm' (SpikingJelly semantics).
-        backend: 'torch' (the reference) or another name from
-            :func:`spikemar.neurons.available_backends`, or 'auto'.
+        backend: 'auto' (default: the fastest backend that can run the input, see
+            :func:`spikemar.neurons.backends.resolve_backend`), 'torch' (the reference), or
+            another name from :func:`spikemar.neurons.available_backends`.
         store_v_seq: in 'm' mode keep the membrane after every micro-step in ``v_seq``.
 
     Attributes:
         v_threshold: the current V (a tensor, differentiable with respect to ``a``).
+        log_threshold: ``a`` itself (read-only property): an ``nn.Parameter``, or a buffer when
+            the threshold is fixed.
+        ternary: whether spikes are ternary {−1, 0, +1} (read-only; False for the binary
+            baseline).
         tau: τ.
         v: the membrane (a registered SpikingJelly memory; 0. until the first step).
     """
@@ -64,7 +69,7 @@ class ATMN(base.MemoryModule):
         surrogate: str | Surrogate = "rectangle",
         detach_reset: bool = False,
         step_mode: str = "s",
-        backend: str = "torch",
+        backend: str = "auto",
         store_v_seq: bool = False,
     ) -> None:
         super().__init__()
@@ -89,8 +94,23 @@ class ATMN(base.MemoryModule):
         return self.a.exp()
 
     @property
+    def log_threshold(self) -> torch.Tensor:
+        """``a`` (V = exp(a)): the ``nn.Parameter``, or the buffer of a fixed threshold. Read
+        straight from the module's dictionaries: spike points ask for it on every call, and
+        ``nn.Module.__getattr__`` costs more than the small kernels they run."""
+        a = self._parameters.get("a")
+        return self._buffers["a"] if a is None else a
+
+    @property
+    def ternary(self) -> bool:
+        """Whether spikes are ternary {−1, 0, +1} (False: the binary {0, 1} baseline)."""
+        return self._ternary
+
+    @property
     def num_channels(self) -> int | None:
-        return None if self.a.dim() == 0 else self.a.shape[0]
+        """C for a per-channel threshold [C], None for one shared V."""
+        a = self.log_threshold
+        return None if a.dim() == 0 else a.shape[0]
 
     def parameters_tuple(self, *, smooth: bool = False) -> F.ATMNParameters:
         """The functional parameters of this neuron (for :mod:`spikemar.neurons.functional`)."""

@@ -224,7 +224,7 @@ def atmn_multi_step(
     v: torch.Tensor | None,
     p: ATMNParameters,
     *,
-    backend: str = "torch",
+    backend: str = "auto",
     return_v_seq: bool = False,
     validate: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor] | tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -267,7 +267,7 @@ def atmn_multi_step(
 
 
 def atmn_step(
-    x: torch.Tensor, v: torch.Tensor | None, p: ATMNParameters, *, backend: str = "torch"
+    x: torch.Tensor, v: torch.Tensor | None, p: ATMNParameters, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step: input ``x`` [N, …], membrane ``v`` [N, …] → ``(s, v)``."""
     check_input(x, "x", 1)
@@ -309,7 +309,7 @@ def atmn_decode(spikes: torch.Tensor, v_threshold: torch.Tensor, tau: float) -> 
 
 
 def atmn_quantize(
-    activation: torch.Tensor, T: int, p: ATMNParameters, *, backend: str = "torch"
+    activation: torch.Tensor, T: int, p: ATMNParameters, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """MAR's spike point: δ-inject a static activation, spike for T micro-steps from a zero
     membrane, decode. Returns ``(decoded, spikes)``, ``decoded`` of the activation's shape and

@@ -324,7 +324,7 @@ def test_counter_accumulates_passes_and_can_be_reentered():
 
 
 def test_hooks_and_state_are_removed_even_when_forward_fails():
-    from spikemar.energy.counter import _ACTIVE
+    from spikemar.counting import counting_active
 
     class Boom(nn.Module):
         def forward(self, x):
@@ -334,7 +334,7 @@ def test_hooks_and_state_are_removed_even_when_forward_fails():
     with pytest.raises(RuntimeError, match="boom"):
         profile(net, torch.randn(2, 3))
     assert all(not m._forward_hooks and not m._forward_pre_hooks for m in net.modules())
-    assert _ACTIVE.get() is None
+    assert not counting_active()
 
 
 # -- MAR's spike points ----------------------------------------------------------------------------
@@ -619,7 +619,12 @@ def test_demo_model_is_fully_counted_and_cheaper_than_its_dense_twin():
     student = profile(demo_model(d=16, layers=1, T=3), ids)
     teacher = profile(dense_demo_model(d=16, layers=1), ids)
     assert student.complete and teacher.complete and student.tokens == 24
-    assert student.total_macs == 0 and teacher.total_acs == 24 * 16  # only the embedding
+    assert teacher.total_acs == 24 * 16  # only the embedding
+    # four spike points per layer: every projection they feed counts ACs
+    points = [r for r in student.rows if r.kind == "spike_point"]
+    assert len(points) == 4 and all(r.spike_kind == "ternary" for r in points)
+    for name in ("layers.0.mixer.in_proj", "layers.0.mixer.out_proj", "layers.0.ffn.up"):
+        assert student.row(name).macs == 0 and student.row(name).acs > 0
     assert compare(student, teacher).ratio < 1
 
 
@@ -630,12 +635,13 @@ def test_energy_main_writes_reports_and_rejects_bad_input(tmp_path, capsys):
 
     parser = add_energy_arguments(argparse.ArgumentParser(prog="spikemar energy"))
     args = parser.parse_args(
-        ["--d", "16", "--layers", "1", "--random-tokens", "8", "--compare-dense",
+        ["--model", "demo", "--d", "16", "--layers", "1", "--random-tokens", "8", "--compare-dense",
          "--json", str(tmp_path / "r.json"), "--markdown", str(tmp_path / "r.md")]
     )  # fmt: skip
     assert energy_main(args) == 0
     out = capsys.readouterr().out
-    assert "TOTAL" in out and "student vs teacher" in out
+    assert out.startswith("model: the random-weight demo MAR LM")
+    assert "TOTAL" in out and "student vs dense twin" in out
     assert EnergyReport.from_json((tmp_path / "r.json").read_text()).tokens == 8
     assert (tmp_path / "r.md").read_text().startswith("Energy report")
     assert energy_main(parser.parse_args(["--hardware", "tpu"])) == 2

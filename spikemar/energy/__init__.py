@@ -10,22 +10,19 @@ spike being one add or subtract; fed by real values it costs multiply-accumulate
 counter (:class:`EnergyCounter`) attaches forward hooks to any ``nn.Module`` tree; the rule table
 (:func:`register_rule`, :func:`register_neuron`) says how each module type is counted; model code
 declares spike decodes (:func:`declare_spikes`, MAR's spike points) and functional work
-(:func:`record_ops`). Energy constants live in :mod:`spikemar.energy.hardware`, with citations.
+(:func:`record_ops`); those hooks live in the neutral :mod:`spikemar.counting` (re-exported here),
+so model code calls them without importing the reports. Energy constants live in
+:mod:`spikemar.energy.profiles`, with citations.
 """
 
-from .counter import (
-    CountContext,
-    EnergyCounter,
-    counting_active,
-    declare_spikes,
-    profile,
-    record_ops,
-)
-from .hardware import HardwareProfile, available_profiles, get_profile, register_profile
+from ..counting import counting_active, declare_spikes, record_ops
+from .counter import SPIKE_DETECTIONS, CountContext, EnergyCounter, profile
+from .profiles import HardwareProfile, available_profiles, get_profile, register_profile
 from .report import ComparisonRow, EnergyComparison, EnergyReport, LayerRow, compare
 from .rules import register_neuron, register_rule
 
 __all__ = [
+    "SPIKE_DETECTIONS",
     "ComparisonRow",
     "CountContext",
     "EnergyComparison",

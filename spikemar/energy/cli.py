@@ -6,10 +6,12 @@ The command's two halves, for :mod:`spikemar.cli` to wire in::
     p = subparsers.add_parser("energy", help=...); add_energy_arguments(p)
     p.set_defaults(func=energy_main)          # energy_main(args) -> exit code
 
-It runs the built-in demo model (:mod:`spikemar.energy.demo`, byte-level tokens) or a spikemar
-checkpoint (its own tokenizer) on a text or random tokens, prints the per-layer table and writes
-JSON, Markdown and PNG reports on request; ``--compare-dense`` (or ``--teacher CKPT``) also
-profiles the teacher and prints the student-vs-teacher comparison.
+It runs the packaged student (the model ``spikemar demo`` prices, by default), a tiny random MAR
+LM (``--model demo``, byte-level tokens, :mod:`spikemar.energy.demo`) or a spikemar checkpoint
+(its own tokenizer) on a text or random tokens; its first line names the model it prices. It
+prints the per-layer table and writes JSON, Markdown and PNG reports on request;
+``--compare-dense`` (or ``--teacher CKPT``) also profiles the dense twin (or the teacher) and
+prints the comparison.
 """
 
 from __future__ import annotations
@@ -23,9 +25,9 @@ import torch
 from torch import nn
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
-from .counter import _DETECTIONS, profile
-from .demo import VOCAB, demo_model, dense_demo_model
-from .hardware import available_profiles, get_profile
+from .counter import SPIKE_DETECTIONS, profile
+from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
+from .profiles import available_profiles, get_profile
 from .report import compare
 
 __all__ = ["add_energy_arguments", "energy_main"]
@@ -36,9 +38,11 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     src = parser.add_mutually_exclusive_group()
     src.add_argument(
         "--model",
-        choices=("demo", "demo-dense"),
-        default="demo",
-        help="built-in model (default: the spiking demo LM)",
+        choices=("student", "demo", "demo-dense"),
+        default="student",
+        help="built-in model: 'student' (default), the packaged spiking student that "
+        "`spikemar demo` runs; 'demo', a tiny random-weight spiking MAR LM (--d, --layers, --T); "
+        "'demo-dense', its dense twin",
     )
     src.add_argument(
         "--checkpoint",
@@ -71,7 +75,7 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument("--d", type=_int_at_least_1, default=64, help="demo width (64)")
     parser.add_argument("--layers", type=_int_at_least_1, default=2, help="demo blocks (2)")
     parser.add_argument(
-        "--spike-detection", choices=_DETECTIONS, default="auto", help="(default auto)"
+        "--spike-detection", choices=SPIKE_DETECTIONS, default="auto", help="(default auto)"
     )
     parser.add_argument(
         "--compare-dense",
@@ -88,14 +92,28 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return parser
 
 
-def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any]:
-    """The model and its tokenizer (None for the byte-level demo)."""
-    if args.checkpoint is None:
-        if args.model == "demo-dense":
-            return dense_demo_model(args.d, args.layers, seed=args.seed), None
-        return demo_model(args.d, args.layers, args.T, seed=args.seed), None
-    model, tokenizer, _ = _checkpoint(args.checkpoint, "--checkpoint")
-    return model, tokenizer
+def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
+    """The model, its tokenizer (None for the byte-level demo) and a line naming it."""
+    if args.checkpoint is None and args.model == "demo-dense":
+        what = f"the dense twin of the random-weight demo MAR LM (d {args.d}, {args.layers} layers)"
+        return dense_demo_model(args.d, args.layers, seed=args.seed), None, what
+    if args.checkpoint is None and args.model == "demo":
+        what = (
+            f"the random-weight demo MAR LM (d {args.d}, {args.layers} layers, T {args.T}, "
+            f"seed {args.seed})"
+        )
+        return demo_model(args.d, args.layers, args.T, seed=args.seed), None, what
+    path = args.checkpoint
+    if path is None:
+        try:
+            path = packaged_student_path()
+        except FileNotFoundError as err:
+            raise ValueError(str(err)) from err
+        what = f"the packaged student {path.name} (the model `spikemar demo` runs)"
+    else:
+        what = f"the checkpoint {path}"
+    model, tokenizer, _ = _checkpoint(path, "--checkpoint")
+    return model.eval(), tokenizer, what
 
 
 def _checkpoint(path: Path, flag: str):
@@ -107,16 +125,15 @@ def _checkpoint(path: Path, flag: str):
         raise ValueError(f"{flag}: {err}") from err
 
 
-def _teacher(args: argparse.Namespace, student: nn.Module) -> nn.Module:
+def _teacher(args: argparse.Namespace, student: nn.Module) -> tuple[nn.Module, str]:
+    """The model to compare against and its label."""
     if args.teacher is not None:
-        return _checkpoint(args.teacher, "--teacher")[0]
-    if args.checkpoint is None:
-        return dense_demo_model(args.d, args.layers, seed=args.seed)
+        return _checkpoint(args.teacher, "--teacher")[0].eval(), "teacher"
     from ..checkpoint import dense_twin
 
     if getattr(student.config, "spikes", None) is None:
-        raise ValueError("--compare-dense: the checkpoint is dense already; give --teacher")
-    return dense_twin(student)
+        raise ValueError("--compare-dense: the model is dense already; give --teacher")
+    return dense_twin(student), "dense twin"
 
 
 def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
@@ -139,14 +156,16 @@ def energy_main(args: argparse.Namespace) -> int:
     """Run ``spikemar energy`` with parsed ``args``; returns the exit code (2 on bad input)."""
     try:
         get_profile(args.hardware)
-        model, tokenizer = _load_model(args)
+        model, tokenizer, what = _load_model(args)
         ids = _input_ids(args, tokenizer)
+        print(f"model: {what}")
         report = profile(model, ids, hardware=args.hardware, spike_detection=args.spike_detection)
         print(report.to_table())
         if args.compare_dense or args.teacher is not None:
-            rep_t = profile(_teacher(args, model), ids, hardware=args.hardware)
+            teacher, label = _teacher(args, model)
+            rep_t = profile(teacher, ids, hardware=args.hardware)
             print()
-            print(compare(report, rep_t).to_table())
+            print(compare(report, rep_t, labels=("student", label)).to_table())
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
             args.json.write_text(report.to_json() + "\n", encoding="utf-8")

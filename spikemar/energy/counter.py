@@ -33,7 +33,6 @@ are read back in one transfer.
 
 from __future__ import annotations
 
-import contextvars
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
@@ -41,11 +40,14 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from .. import counting
+from ..counting import counting_active, declare_spikes, record_ops
 from . import _stats
-from .hardware import HardwareProfile, get_profile
+from .profiles import HardwareProfile, get_profile
 from .rules import find_rule
 
 __all__ = [
+    "SPIKE_DETECTIONS",
     "CountContext",
     "EnergyCounter",
     "counting_active",
@@ -55,13 +57,9 @@ __all__ = [
 ]
 
 SpikeDetection = Literal["auto", "producer", "values"]
-_DETECTIONS = ("auto", "producer", "values")
+SPIKE_DETECTIONS: tuple[str, ...] = ("auto", "producer", "values")
 
-_ACTIVE: contextvars.ContextVar[EnergyCounter | None] = contextvars.ContextVar(
-    "spikemar_energy_counter", default=None
-)
-
-Count = int | torch.Tensor
+Count = counting.Count
 
 
 class _Event:
@@ -71,6 +69,8 @@ class _Event:
 
     __slots__ = (
         "acs_units",
+        "activation_reads",
+        "activation_writes",
         "dense_macs",
         "elementwise_ops",
         "fan_out",
@@ -80,7 +80,10 @@ class _Event:
         "nnz",
         "spike_elements",
         "spike_kind",
+        "state_reads",
+        "state_writes",
         "total",
+        "weight_reads",
     )
 
     def __init__(
@@ -96,6 +99,11 @@ class _Event:
         macs: Count = 0,
         elementwise_ops: Count = 0,
         neuron_updates: Count = 0,
+        weight_reads: Count = 0,
+        activation_reads: Count = 0,
+        activation_writes: Count = 0,
+        state_reads: Count = 0,
+        state_writes: Count = 0,
     ) -> None:
         self.spike_kind = spike_kind
         self.spike_elements = spike_elements
@@ -108,6 +116,11 @@ class _Event:
         self.macs = macs
         self.elementwise_ops = elementwise_ops
         self.neuron_updates = neuron_updates
+        self.weight_reads = weight_reads
+        self.activation_reads = activation_reads
+        self.activation_writes = activation_writes
+        self.state_reads = state_reads
+        self.state_writes = state_writes
 
 
 class _Row:
@@ -328,16 +341,16 @@ class EnergyCounter:
     def __init__(self, model: nn.Module, *, spike_detection: SpikeDetection = "auto") -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if spike_detection not in _DETECTIONS:
+        if spike_detection not in SPIKE_DETECTIONS:
             raise ValueError(
-                f"spike_detection: expected one of {_DETECTIONS}, got {spike_detection!r}"
+                f"spike_detection: expected one of {SPIKE_DETECTIONS}, got {spike_detection!r}"
             )
         self.model = model
         self.spike_detection: SpikeDetection = spike_detection
         self._names: dict[int, str] = {}
         self._contexts: dict[int, CountContext] = {}  # by id(module): rows survive re-entry
         self._handles: list[Any] = []
-        self._token: contextvars.Token | None = None
+        self._token: Any = None
         self._cache: dict[Hashable, Any] = {}
         self.reset()
 
@@ -377,7 +390,7 @@ class EnergyCounter:
         except BaseException:
             self._detach()
             raise
-        self._token = _ACTIVE.set(self)
+        self._token = counting.activate(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -389,7 +402,7 @@ class EnergyCounter:
         self._handles.clear()
         self._tags.clear()
         if self._token is not None:
-            _ACTIVE.reset(self._token)
+            counting.deactivate(self._token)
             self._token = None
 
     def _on_pass_start(self, module: nn.Module, args: Any) -> None:
@@ -423,9 +436,12 @@ class EnergyCounter:
             return "<functional>"
         return self._names.get(id(module)) or f"<{type(module).__name__}>"
 
-    def _declare(
+    # -- what the counting hooks (spikemar.counting) call while this counter is active -------
+
+    def on_declare_spikes(
         self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
     ) -> None:
+        """:func:`spikemar.counting.declare_spikes` landed here."""
         name = self._name_of(module)
         self._self_reporting.add(name)
         with torch.no_grad():
@@ -441,7 +457,11 @@ class EnergyCounter:
         root = _root(decoded)
         self._set_tag(root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach()))
 
-    def _record(self, module: nn.Module | None, kind: str | None, **counts: Count) -> None:
+    def on_record_ops(
+        self, module: nn.Module | None, kind: str | None, counts: dict[str, Count]
+    ) -> None:
+        """:func:`spikemar.counting.record_ops` landed here."""
+        counts = dict(counts)
         name = self._name_of(module)
         self._self_reporting.add(name)
         row = self._row(name, kind or "ops", type(module).__name__ if module else "function")
@@ -572,70 +592,6 @@ def _resolve(rows) -> list[dict[str, Any]]:
         acc["spike_kinds"] = list(kinds)
         out.append(acc)
     return out
-
-
-# -- what model code calls ----------------------------------------------------------------------
-
-
-def declare_spikes(
-    module: nn.Module | None,
-    decoded: torch.Tensor,
-    spikes: torch.Tensor,
-    *,
-    ternary: bool = True,
-) -> torch.Tensor:
-    """Tell an active energy counter that ``decoded`` is the decode of the spike train ``spikes``
-    ([T, …] micro-steps first), produced by ``module`` (a spike point). Returns ``decoded``.
-
-    A layer fed by ``decoded`` then counts Σ_t nnz(s_t) · fan-out ACs, not MACs, although the
-    tensor it multiplies is real-valued: the hardware would accumulate the spikes. The spike
-    point gets a row of its own (kind ``spike_point``: one neuron update per spike element, its
-    firing rate). With no counter active this is a no-op costing one context-variable read::
-
-        decoded, spikes = self.atmn.quantize(x, self.T)
-        return declare_spikes(self, decoded, spikes)
-    """
-    counter = _ACTIVE.get()
-    if counter is not None:
-        if not isinstance(decoded, torch.Tensor) or not isinstance(spikes, torch.Tensor):
-            raise TypeError(
-                "declare_spikes: decoded and spikes must be tensors, got "
-                f"{type(decoded).__name__} and {type(spikes).__name__}"
-            )
-        counter._declare(module, decoded, spikes, bool(ternary))
-    return decoded
-
-
-def counting_active() -> bool:
-    """Whether an :class:`EnergyCounter` is counting in this context. Models take their fused
-    inference paths only when none is (a counter must see every module's work)."""
-    return _ACTIVE.get() is not None
-
-
-def record_ops(
-    module: nn.Module | None,
-    *,
-    kind: str | None = None,
-    acs: Count = 0,
-    macs: Count = 0,
-    elementwise_ops: Count = 0,
-    neuron_updates: Count = 0,
-) -> None:
-    """Count work done by plain functions inside ``module``'s forward (an SSM's element-wise
-    state update, attention's matmuls) in ``module``'s row. No-op with no counter active.
-
-    A module that records its own work is no longer listed as uncounted.
-    """
-    counter = _ACTIVE.get()
-    if counter is not None:
-        counter._record(
-            module,
-            kind,
-            acs=acs,
-            macs=macs,
-            elementwise_ops=elementwise_ops,
-            neuron_updates=neuron_updates,
-        )
 
 
 def profile(

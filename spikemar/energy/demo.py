@@ -1,86 +1,67 @@
-"""A small built-in model to try the energy counter on: a byte-level spiking language model.
+"""Models to try the energy counter on: the packaged student, or a tiny random MAR LM.
 
-Not MAR (that arrives with the model issue), but written the way MAR will be: MAR-style *spike
-points* turn an activation into ternary ATMN spikes by δ-injection over T micro-steps and feed
-the real-valued decode to the next Linear, declaring it with
-:func:`~spikemar.energy.declare_spikes`, so the counter prices those Linears as ACs. Each block is
-pre-norm, x + W_out · spike(W_in · spike(norm(x))); the residual add is plain Python, so the block
-counts it with :func:`~spikemar.energy.record_ops`. :func:`dense_demo_model` is the same
-architecture without spike points (the "teacher" of a comparison).
+``spikemar energy`` and ``spikemar demo`` price the same model by default, the packaged student
+(``spikemar/assets/mar_shakespeare.pt``, :func:`packaged_student`) against its dense twin. For a
+quick look at the counter without the checkpoint, :func:`demo_model` builds a tiny byte-level
+MAR LM with seeded random weights (real MAR layers: selective SSM mixers and SwiGLU FFNs with
+four spike points each, which declare their spike trains to the counter through
+:mod:`spikemar.counting`); :func:`dense_demo_model` is its dense twin, with the same weights.
 """
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from torch import nn
 
-from spikemar.neurons import ATMN
-
-from .counter import declare_spikes, record_ops
-
-__all__ = ["DemoSpikePoint", "DemoSpikingLM", "demo_model", "dense_demo_model"]
+__all__ = ["VOCAB", "demo_model", "dense_demo_model", "packaged_student", "packaged_student_path"]
 
 VOCAB = 256  # bytes
 
 
-class DemoSpikePoint(nn.Module):
-    """δ-inject an activation [N, …, C] into a per-channel ATMN for T micro-steps; return the
-    decode V · Σ_t τ^t s_t, declared as the decode of the spikes."""
+def demo_model(d: int = 64, layers: int = 2, T: int = 4, *, seed: int = 0) -> nn.Module:
+    """A tiny spiking MAR LM over bytes (d_model ``d``, ``layers`` SSM layers, ATMN with ``T``
+    micro-steps) with seeded random weights, in eval mode."""
+    from spikemar.models import MARLM, MARConfig, SpikeConfig
 
-    def __init__(self, channels: int, T: int = 4, tau: float = 2.0, v_threshold: float = 0.25):
-        super().__init__()
-        self.atmn = ATMN(tau=tau, v_threshold=v_threshold, num_channels=channels)
-        self.T = T
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        decoded, spikes = self.atmn.quantize(x, self.T)
-        return declare_spikes(self, decoded, spikes)
-
-
-class _Block(nn.Module):
-    def __init__(self, d: int, T: int | None) -> None:
-        super().__init__()
-        self.norm = nn.LayerNorm(d)
-        self.spike_in = DemoSpikePoint(d, T) if T else nn.Identity()
-        self.fc_in = nn.Linear(d, 4 * d)
-        self.act = nn.Identity() if T else nn.GELU()
-        self.spike_mid = DemoSpikePoint(4 * d, T) if T else nn.Identity()
-        self.fc_out = nn.Linear(4 * d, d)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        h = self.fc_out(self.spike_mid(self.act(self.fc_in(self.spike_in(self.norm(x))))))
-        record_ops(self, kind="residual", elementwise_ops=x.numel())
-        return x + h
-
-
-class DemoSpikingLM(nn.Module):
-    """Byte embedding → ``layers`` blocks → LayerNorm → (spike point) → vocabulary head.
-
-    ``T=None`` builds the dense twin (GELU instead of spike points).
-    """
-
-    def __init__(self, d: int = 64, layers: int = 2, T: int | None = 4) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(VOCAB, d)
-        self.blocks = nn.ModuleList(_Block(d, T) for _ in range(layers))
-        self.norm = nn.LayerNorm(d)
-        self.spike_head = DemoSpikePoint(d, T) if T else nn.Identity()
-        self.head = nn.Linear(d, VOCAB, bias=False)
-
-    def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        x = self.embed(ids)
-        for block in self.blocks:
-            x = block(x)
-        return self.head(self.spike_head(self.norm(x)))
-
-
-def demo_model(d: int = 64, layers: int = 2, T: int = 4, *, seed: int = 0) -> DemoSpikingLM:
-    """The spiking demo model with seeded random weights, in eval mode."""
+    for name, value in (("d", d), ("layers", layers), ("T", T)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    head_dim = 16 if (2 * d) % 16 == 0 else 2 * d
+    config = MARConfig(
+        vocab_size=VOCAB,
+        d_model=d,
+        n_layers=layers,
+        d_state=16,
+        head_dim=head_dim,
+        spikes=SpikeConfig(T=T),
+    )
     torch.manual_seed(seed)
-    return DemoSpikingLM(d, layers, T).eval()
+    return MARLM(config).eval()
 
 
-def dense_demo_model(d: int = 64, layers: int = 2, *, seed: int = 0) -> DemoSpikingLM:
-    """The dense twin of :func:`demo_model` (same seed, same shapes), in eval mode."""
-    torch.manual_seed(seed)
-    return DemoSpikingLM(d, layers, None).eval()
+def dense_demo_model(d: int = 64, layers: int = 2, *, seed: int = 0) -> nn.Module:
+    """The dense twin of :func:`demo_model` with the same ``seed``: the same weights, no spikes."""
+    from spikemar.models import MARLM
+
+    student = demo_model(d, layers, seed=seed)
+    twin = MARLM(student.config.dense())
+    # every weight but the spike thresholds, which the twin does not have
+    twin.load_state_dict(student.state_dict(), strict=False)
+    return twin.eval()
+
+
+def packaged_student_path() -> Path:
+    """The packaged spiking student's checkpoint (what ``spikemar demo`` runs)."""
+    from spikemar.showcase import shipped_checkpoint
+
+    return shipped_checkpoint()
+
+
+def packaged_student():
+    """``(model, tokenizer)`` of the packaged spiking student, in eval mode."""
+    from spikemar.checkpoint import load_checkpoint
+
+    model, tokenizer, _ = load_checkpoint(packaged_student_path())
+    return model.eval(), tokenizer

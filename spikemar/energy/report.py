@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .hardware import HardwareProfile, get_profile
+from .profiles import HardwareProfile, get_profile
 
 __all__ = ["ComparisonRow", "EnergyComparison", "EnergyReport", "LayerRow", "compare"]
 
@@ -114,6 +114,26 @@ def _price_row(counts: dict[str, Any], hw: HardwareProfile) -> LayerRow:
     )
 
 
+# the row fields a report sums: each is a ``total_<field>`` property and a key of the totals
+_TOTALS = (
+    "acs",
+    "macs",
+    "elementwise_ops",
+    "neuron_updates",
+    "energy_pj",
+    "ac_energy_pj",
+    "mac_energy_pj",
+)
+
+
+def _total(field: str) -> property:
+    def total(self: EnergyReport) -> float:
+        return sum(getattr(r, field) for r in self.rows)
+
+    total.__doc__ = f"``{field}`` summed over the rows."
+    return property(total)
+
+
 _COUNT_FIELDS = (
     "name",
     "kind",
@@ -175,33 +195,13 @@ class EnergyReport:
 
     # -- totals ---------------------------------------------------------------------------
 
-    @property
-    def total_acs(self) -> int:
-        return sum(r.acs for r in self.rows)
-
-    @property
-    def total_macs(self) -> int:
-        return sum(r.macs for r in self.rows)
-
-    @property
-    def total_elementwise_ops(self) -> int:
-        return sum(r.elementwise_ops for r in self.rows)
-
-    @property
-    def total_neuron_updates(self) -> int:
-        return sum(r.neuron_updates for r in self.rows)
-
-    @property
-    def total_energy_pj(self) -> float:
-        return sum(r.energy_pj for r in self.rows)
-
-    @property
-    def total_ac_energy_pj(self) -> float:
-        return sum(r.ac_energy_pj for r in self.rows)
-
-    @property
-    def total_mac_energy_pj(self) -> float:
-        return sum(r.mac_energy_pj for r in self.rows)
+    total_acs = _total("acs")
+    total_macs = _total("macs")
+    total_elementwise_ops = _total("elementwise_ops")
+    total_neuron_updates = _total("neuron_updates")
+    total_energy_pj = _total("energy_pj")
+    total_ac_energy_pj = _total("ac_energy_pj")
+    total_mac_energy_pj = _total("mac_energy_pj")
 
     @property
     def unpriced(self) -> dict[str, int]:
@@ -227,15 +227,7 @@ class EnergyReport:
         raise KeyError(f"name: no row {name!r}; rows: {known}")
 
     def _totals(self) -> dict[str, float]:
-        return {
-            "acs": self.total_acs,
-            "macs": self.total_macs,
-            "elementwise_ops": self.total_elementwise_ops,
-            "neuron_updates": self.total_neuron_updates,
-            "energy_pj": self.total_energy_pj,
-            "ac_energy_pj": self.total_ac_energy_pj,
-            "mac_energy_pj": self.total_mac_energy_pj,
-        }
+        return {field: getattr(self, f"total_{field}") for field in _TOTALS}
 
     def per_pass(self) -> dict[str, float]:
         """Totals divided by the number of counted forward passes."""

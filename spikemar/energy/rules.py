@@ -242,7 +242,7 @@ def _register_builtins() -> None:
 
     from spikemar.neurons import ATMN
 
-    register_neuron(ATMN, ternary=lambda m: bool(getattr(m, "_ternary", True)))
+    register_neuron(ATMN, ternary=lambda m: m.ternary)
 
     from spikingjelly.activation_based import neuron as sj_neuron
 

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..energy import counting_active, declare_spikes
+from ..counting import counting_active, declare_spikes
 from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend, fused
 from ..ssm.mixer import fused_norm_ready, norm_then, rms_norm_inference
 

@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.modules import module as _module_hooks
 
-from ..energy import counting_active
+from ..counting import counting_active
 from ..ssm.mixer import LTICell, SelectiveMixer, norm_then
 from .common import FeedForward, SpikeConfig, check_tokens, spike_point
 from .generation import generate

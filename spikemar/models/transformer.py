@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..energy import record_ops
+from ..counting import record_ops
 from .common import FeedForward, check_tokens
 from .generation import generate
 

@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..energy import record_ops
+from ..counting import record_ops
 from ..neurons import cpu_backend
 from .scan import check_decay, ssd_scan, ssd_step
 

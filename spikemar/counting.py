@@ -1,0 +1,157 @@
+"""Counting hooks: how model code tells an active energy counter what it does.
+
+Models and mixers call these three functions; :mod:`spikemar.energy` (the counter and its
+reports) listens. This module imports only torch, so ``spikemar.ssm`` and ``spikemar.models``
+can call the hooks without loading the reports or SpikingJelly:
+
+* :func:`declare_spikes` — "this real-valued tensor is the decode of that spike train" (MAR's
+  spike points), so the layer it feeds counts accumulates, not multiply-accumulates;
+* :func:`record_ops` — work done by plain functions inside a module's ``forward`` (an SSM's state
+  update, attention's matmuls) and the memory it touches (state read and written, parameters
+  and activations read outside any counted submodule);
+* :func:`counting_active` — whether a counter is listening (fused inference paths that bypass
+  the submodules' hooks must then step aside).
+
+With no counter active each hook is one context-variable read. A counter (anything with the two
+methods of :class:`CountingSink`) becomes the listener for a block of code with
+:func:`activate` / :func:`deactivate`; :class:`spikemar.energy.EnergyCounter` is the one built in.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from typing import Protocol
+
+import torch
+from torch import nn
+
+__all__ = [
+    "MEMORY_TERMS",
+    "Count",
+    "CountingSink",
+    "activate",
+    "active_sink",
+    "counting_active",
+    "deactivate",
+    "declare_spikes",
+    "record_ops",
+]
+
+Count = int | torch.Tensor  # a count, or a 0-d tensor the counter reads back later
+
+# memory terms of record_ops, in elements (the profile prices an element's bytes)
+MEMORY_TERMS = (
+    "weight_reads",
+    "activation_reads",
+    "activation_writes",
+    "state_reads",
+    "state_writes",
+)
+
+
+class CountingSink(Protocol):
+    """What listens to the hooks while it is active."""
+
+    def on_declare_spikes(
+        self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
+    ) -> None: ...
+
+    def on_record_ops(self, module: nn.Module | None, kind: str | None, counts: dict) -> None: ...
+
+
+_ACTIVE: contextvars.ContextVar[CountingSink | None] = contextvars.ContextVar(
+    "spikemar_counting_sink", default=None
+)
+
+
+def activate(sink: CountingSink) -> contextvars.Token:
+    """Make ``sink`` the listener in this context; returns the token for :func:`deactivate`."""
+    return _ACTIVE.set(sink)
+
+
+def deactivate(token: contextvars.Token) -> None:
+    """Restore the listener that was active before the matching :func:`activate`."""
+    _ACTIVE.reset(token)
+
+
+def active_sink() -> CountingSink | None:
+    """The listener active in this context, or ``None``."""
+    return _ACTIVE.get()
+
+
+def counting_active() -> bool:
+    """Whether a counter is listening in this context. Models take their fused inference paths
+    only when none is (a counter must see every module's work)."""
+    return _ACTIVE.get() is not None
+
+
+def declare_spikes(
+    module: nn.Module | None,
+    decoded: torch.Tensor,
+    spikes: torch.Tensor,
+    *,
+    ternary: bool = True,
+) -> torch.Tensor:
+    """Tell an active counter that ``decoded`` is the decode of the spike train ``spikes``
+    ([T, …] micro-steps first), produced by ``module`` (a spike point). Returns ``decoded``.
+
+    A layer fed by ``decoded`` then counts Σ_t nnz(s_t) · fan-out ACs, not MACs, although the
+    tensor it multiplies is real-valued: the hardware would accumulate the spikes. The spike
+    point gets a row of its own (kind ``spike_point``: one neuron update per spike element, its
+    firing rate). With no counter active this is a no-op::
+
+        decoded, spikes = self.atmn.quantize(x, self.T)
+        return declare_spikes(self, decoded, spikes)
+    """
+    sink = _ACTIVE.get()
+    if sink is not None:
+        if not isinstance(decoded, torch.Tensor) or not isinstance(spikes, torch.Tensor):
+            raise TypeError(
+                "declare_spikes: decoded and spikes must be tensors, got "
+                f"{type(decoded).__name__} and {type(spikes).__name__}"
+            )
+        sink.on_declare_spikes(module, decoded, spikes, bool(ternary))
+    return decoded
+
+
+def record_ops(
+    module: nn.Module | None,
+    *,
+    kind: str | None = None,
+    acs: Count = 0,
+    macs: Count = 0,
+    elementwise_ops: Count = 0,
+    neuron_updates: Count = 0,
+    weight_reads: Count = 0,
+    activation_reads: Count = 0,
+    activation_writes: Count = 0,
+    state_reads: Count = 0,
+    state_writes: Count = 0,
+) -> None:
+    """Count work done by plain functions inside ``module``'s forward in ``module``'s row.
+    No-op with no counter active.
+
+    Compute: ``acs``, ``macs``, ``elementwise_ops``, ``neuron_updates``. Memory, in elements
+    (values of the model's data type): ``weight_reads`` (parameters of ``module`` itself read by
+    that work), ``activation_reads``/``activation_writes`` (intermediate tensors, a KV cache),
+    ``state_reads``/``state_writes`` (recurrent state such as an SSM's h, per token as the
+    recurrent form touches it). A module that records its own work is no longer listed as
+    uncounted.
+    """
+    sink = _ACTIVE.get()
+    if sink is not None:
+        sink.on_record_ops(
+            module,
+            kind,
+            {
+                "acs": acs,
+                "macs": macs,
+                "elementwise_ops": elementwise_ops,
+                "neuron_updates": neuron_updates,
+                "weight_reads": weight_reads,
+                "activation_reads": activation_reads,
+                "activation_writes": activation_writes,
+                "state_reads": state_reads,
+                "state_writes": state_writes,
+            },
+        )

@@ -1,14 +1,22 @@
-"""Text data for the language models: a character tokenizer and memory-mapped token files.
+"""Text data for the language models: token files, tokenized once and memory-mapped.
 
-As nanoGPT's ``shakespeare_char`` does it: the vocabulary is the sorted set of characters of the
-text, the first 90 % of the text is the training split and the last 10 % validation, tokens are
-stored as ``uint16`` files that are memory-mapped, and a batch is random windows of ``L + 1``
-tokens (input and next-token target). Losses are then in nats per character, comparable with
-nanoGPT's published numbers on Tiny Shakespeare.
+A corpus is a UTF-8 text file, a ``.jsonl`` file (one JSON object per line, its ``text`` field a
+document) or a folder of ``.txt``/``.jsonl`` files (read recursively, in sorted order). It is
+tokenized once into ``train.bin`` and ``val.bin`` (``uint16`` while the vocabulary fits, ``uint32``
+beyond, e.g. Llama-3's 128k) under a folder named by a hash of the source's content and of the
+tokenizer, so a changed file or another tokenizer never reads a stale cache; the files are
+memory-mapped. Documents are packed into one stream, separated by the tokenizer's end-of-sequence
+token (a newline where it has none); the first 90 % of the stream is the training split and the
+last 10 % validation; a batch is random windows of ``L + 1`` tokens (input and next-token target).
+
+Without a tokenizer the vocabulary is the sorted set of characters of the text, as nanoGPT's
+``shakespeare_char`` does it: losses are then in nats per character, comparable with nanoGPT's
+published numbers on Tiny Shakespeare. With one (:mod:`spikemar.tokenizer`, e.g. a pretrained
+model's BPE) losses are in nats per token.
 
 The default corpus is Tiny Shakespeare from the project's shared data folder
 (``../shared/data/tinyshakespeare/input.txt`` beside the repository, or ``$SPIKEMAR_DATA``); any
-UTF-8 text file can be given instead. Nothing is downloaded.
+corpus can be given instead. Nothing is downloaded.
 """
 
 from __future__ import annotations
@@ -17,17 +25,19 @@ import hashlib
 import json
 import os
 import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 __all__ = [
     "CharTokenizer",
     "TokenDataset",
     "default_corpus",
     "prepare",
+    "read_documents",
     "read_text",
 ]
 
@@ -58,49 +68,6 @@ def read_text(path: str | os.PathLike) -> str:
         raise ValueError(f"path: {path} is not UTF-8 text ({err})") from err
 
 
-@dataclass(frozen=True)
-class CharTokenizer:
-    """One token per character of a fixed alphabet (nanoGPT's character-level vocabulary)."""
-
-    chars: str
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        if not text:
-            raise ValueError("text: expected a non-empty string to build the vocabulary from")
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> list[int]:
-        index = {c: i for i, c in enumerate(self.chars)}
-        unknown = sorted({c for c in text if c not in index})
-        if unknown:
-            raise ValueError(
-                f"text: characters {unknown[:10]!r} are not in the tokenizer's vocabulary "
-                f"of {self.vocab_size}"
-            )
-        return [index[c] for c in text]
-
-    def decode(self, tokens: torch.Tensor | np.ndarray | list[int]) -> str:
-        ids = tokens.tolist() if hasattr(tokens, "tolist") else list(tokens)
-        bad = [i for i in ids if not 0 <= int(i) < self.vocab_size]
-        if bad:
-            raise ValueError(f"tokens: ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
-        return "".join(self.chars[int(i)] for i in ids)
-
-    def to_dict(self) -> dict:
-        return {"kind": "char", "chars": self.chars}
-
-    @classmethod
-    def from_dict(cls, d: dict) -> CharTokenizer:
-        if d.get("kind") != "char" or not isinstance(d.get("chars"), str):
-            raise ValueError(f"tokenizer: expected {{'kind': 'char', 'chars': str}}, got {d!r}")
-        return cls(d["chars"])
-
-
 def _write_atomic(path: Path, data: bytes) -> None:
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
     try:
@@ -112,36 +79,106 @@ def _write_atomic(path: Path, data: bytes) -> None:
             os.unlink(tmp)
 
 
-def prepare(
-    path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
-) -> Path:
-    """Tokenize a text file once into ``train.bin``, ``val.bin`` (uint16) and ``meta.json``.
+SUFFIXES = (".txt", ".jsonl")
 
-    The folder is keyed by the file's content hash under ``cache_dir`` (default
-    ``~/.cache/spikemar/data``), each file written to a temporary name and renamed, so an
-    interrupted run leaves no half-written split. Returns the folder.
+
+def read_documents(path: str | os.PathLike) -> list[str]:
+    """The documents of a corpus: a text file (one document), a ``.jsonl`` file (each line's
+    ``text``) or a folder of ``.txt``/``.jsonl`` files (recursively, sorted by path)."""
+    path = Path(path)
+    if path.is_dir():
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        if not files:
+            raise FileNotFoundError(f"path: the folder {path} holds no .txt or .jsonl file")
+    elif path.is_file():
+        files = [path]
+    else:
+        raise FileNotFoundError(f"path: no text file or folder at {path}")
+    docs: list[str] = []
+    for f in files:
+        text = read_text(f)
+        if f.suffix != ".jsonl":
+            docs.append(text)
+            continue
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"path: {f} line {n} is not JSON ({err.msg})") from err
+            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+                raise ValueError(f"path: {f} line {n}: expected an object with a string 'text'")
+            docs.append(record["text"])
+    if not any(docs):
+        raise ValueError(f"path: {path} holds no text")
+    return docs
+
+
+def _source_digest(path: Path, docs: list[str], tokenizer: Tokenizer | None) -> str:
+    h = hashlib.sha256()
+    if tokenizer is None and path.is_file() and path.suffix != ".jsonl":
+        h.update(docs[0].encode())  # a plain file's char cache: keyed by its text alone
+        return h.hexdigest()[:16]
+    for d in docs:
+        h.update(hashlib.sha256(d.encode()).digest())
+    if tokenizer is not None:
+        h.update(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
+    return h.hexdigest()[:16]
+
+
+def _encode(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+    """Every document encoded and packed, ``eos_id`` (or a newline) between documents."""
+    if len(docs) > 1:
+        sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
+    batch = getattr(tokenizer, "encode_batch", None)
+    parts: list[np.ndarray] = []
+    for i in range(0, len(docs), 1024):
+        chunk = docs[i : i + 1024]
+        encoded = batch(chunk) if batch is not None else [tokenizer.encode(d) for d in chunk]
+        for j, ids in enumerate(encoded):
+            if parts or j:
+                parts.append(np.asarray(sep, dtype=np.int64))
+            parts.append(np.asarray(ids, dtype=np.int64))
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+
+
+def prepare(
+    path: str | os.PathLike | None = None,
+    cache_dir: str | os.PathLike | None = None,
+    tokenizer: Tokenizer | None = None,
+) -> Path:
+    """Tokenize a corpus once into ``train.bin``, ``val.bin`` and ``meta.json``; returns the folder.
+
+    ``tokenizer`` None builds a character vocabulary from the text. The folder is keyed by the
+    hash of the source's content and the tokenizer under ``cache_dir`` (default
+    ``~/.cache/spikemar/data``); each file is written to a temporary name and renamed, and
+    ``meta.json`` last, so an interrupted run leaves no half-written cache.
     """
     path = Path(path) if path is not None else default_corpus()
-    text = read_text(path)
-    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    docs = read_documents(path)
+    digest = _source_digest(path, docs, tokenizer)
     root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "spikemar" / "data"
     folder = root / f"{path.stem}-{digest}"
     if (folder / "meta.json").is_file():
         return folder
-    folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = CharTokenizer.from_text(text)
-    if tokenizer.vocab_size > np.iinfo(np.uint16).max:
-        raise ValueError(f"path: {path} has {tokenizer.vocab_size} distinct characters (max 65535)")
-    ids = np.array(tokenizer.encode(text), dtype=np.uint16)
+    if tokenizer is None:
+        tokenizer = CharTokenizer.from_text("\n".join(docs))
+    if tokenizer.vocab_size > np.iinfo(np.uint32).max:
+        raise ValueError(f"tokenizer: a vocabulary of {tokenizer.vocab_size} does not fit uint32")
+    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
+    ids = _encode(tokenizer, docs).astype(dtype)
     n_train = int(len(ids) * TRAIN_FRACTION)
     if n_train < 2 or len(ids) - n_train < 2:
         raise ValueError(
-            f"path: {path} has {len(ids)} characters, too few for a 90/10 split with at least "
+            f"path: {path} has {len(ids)} tokens, too few for a 90/10 split with at least "
             "2 tokens in each part"
         )
+    folder.mkdir(parents=True, exist_ok=True)
     _write_atomic(folder / "train.bin", ids[:n_train].tobytes())
     _write_atomic(folder / "val.bin", ids[n_train:].tobytes())
     meta = {"source": str(path), "sha256_16": digest, "tokenizer": tokenizer.to_dict(),
+            "dtype": np.dtype(dtype).name, "documents": len(docs),
             "train_tokens": n_train, "val_tokens": len(ids) - n_train}  # fmt: skip
     _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks done
     return folder
@@ -156,29 +193,37 @@ class TokenDataset:
         if not meta_path.is_file():
             raise FileNotFoundError(f"folder: {folder} is not a prepared corpus (no meta.json)")
         self.meta = json.loads(meta_path.read_text())
-        self.tokenizer = CharTokenizer.from_dict(self.meta["tokenizer"])
+        self.tokenizer = tokenizer_from_dict(self.meta["tokenizer"])
+        dtype = np.dtype(self.meta.get("dtype", "uint16"))
         self.splits = {
-            name: np.memmap(folder / f"{name}.bin", dtype=np.uint16, mode="r")
+            name: np.memmap(folder / f"{name}.bin", dtype=dtype, mode="r")
             for name in ("train", "val")
         }
 
     @classmethod
     def from_text_file(
-        cls, path: str | os.PathLike | None = None, cache_dir: str | os.PathLike | None = None
+        cls,
+        path: str | os.PathLike | None = None,
+        cache_dir: str | os.PathLike | None = None,
+        tokenizer: Tokenizer | None = None,
     ) -> TokenDataset:
-        return cls(prepare(path, cache_dir))
+        """A text file, a ``.jsonl`` file or a folder of them (see :func:`prepare`)."""
+        return cls(prepare(path, cache_dir, tokenizer))
 
     @property
     def vocab_size(self) -> int:
         return self.tokenizer.vocab_size
 
+    def _split(self, split: str) -> np.ndarray:
+        if split not in self.splits:
+            raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
+        return self.splits[split]
+
     def batch(
         self, split: str, batch_size: int, L: int, generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """``(inputs, targets)``, each [batch_size, L] int64; targets are inputs shifted by one."""
-        if split not in self.splits:
-            raise ValueError(f"split: expected 'train' or 'val', got {split!r}")
-        data = self.splits[split]
+        data = self._split(split)
         if L < 1 or batch_size < 1:
             raise ValueError(f"batch_size and L: expected >= 1, got {batch_size} and {L}")
         if len(data) < L + 1:
@@ -187,3 +232,17 @@ class TokenDataset:
         windows = np.stack([data[s : s + L + 1] for s in starts.tolist()]).astype(np.int64)
         windows = torch.from_numpy(windows)
         return windows[:, :-1], windows[:, 1:]
+
+    def windows(self, split: str, L: int, max_windows: int | None = None) -> torch.Tensor:
+        """Consecutive, non-overlapping windows of ``L + 1`` tokens from the start of a split
+        (inputs ``w[:, :-1]``, targets ``w[:, 1:]``): [n, L + 1] int64, deterministic."""
+        data = self._split(split)
+        if L < 1:
+            raise ValueError(f"L: expected >= 1, got {L}")
+        n = (len(data) - 1) // L
+        if max_windows is not None:
+            n = min(n, max_windows)
+        if n < 1:
+            raise ValueError(f"L: {L} + 1 tokens exceed the {len(data)} of the {split!r} split")
+        out = np.stack([data[i * L : i * L + L + 1] for i in range(n)]).astype(np.int64)
+        return torch.from_numpy(out)

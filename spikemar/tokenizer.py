@@ -1,0 +1,316 @@
+"""Tokenizers: text to token ids and back, for character-level and pretrained models.
+
+One small interface, :class:`Tokenizer`: ``encode(text) -> list[int]``, ``decode(ids) -> str``,
+``vocab_size``, ``to_dict()`` (plain data, stored in spikemar checkpoints so the tokenizer travels
+with the weights) and ``save(directory)``; :func:`load_tokenizer` and :func:`tokenizer_from_dict`
+read them back. Two kinds:
+
+* :class:`CharTokenizer`: one token per character of a fixed alphabet (nanoGPT's Tiny Shakespeare
+  vocabulary); ``{"kind": "char", "chars": ...}``.
+* :class:`HFTokenizer`: a Hugging Face ``tokenizers.Tokenizer`` (BPE for Mamba-2 and Llama-3),
+  read from a checkpoint directory's ``tokenizer.json``, or through transformers' ``AutoTokenizer``
+  when the directory holds only other formats (its fast tokenizer is the same object);
+  ``{"kind": "hf", "json": <tokenizer.json text>, "eos_id": ...}``.
+
+:func:`generate_text` is text in, text out for any spikemar language model.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol, runtime_checkable
+
+import numpy as np
+import torch
+
+__all__ = [
+    "CHAR_TOKENIZER_FILE",
+    "CharTokenizer",
+    "HFTokenizer",
+    "Tokenizer",
+    "generate_text",
+    "load_tokenizer",
+    "tokenizer_from_dict",
+]
+
+# the file a CharTokenizer saves into a directory (a Hugging Face tokenizer saves tokenizer.json)
+CHAR_TOKENIZER_FILE = "spikemar_tokenizer.json"
+
+
+@runtime_checkable
+class Tokenizer(Protocol):
+    """What spikemar needs of a tokenizer."""
+
+    @property
+    def vocab_size(self) -> int: ...
+
+    @property
+    def eos_id(self) -> int | None: ...
+
+    def encode(self, text: str) -> list[int]: ...
+
+    def decode(self, tokens: torch.Tensor | np.ndarray | list[int]) -> str: ...
+
+    def to_dict(self) -> dict[str, Any]: ...
+
+    def save(self, directory: str | os.PathLike) -> Path: ...
+
+
+def _ids(tokens: torch.Tensor | np.ndarray | list[int]) -> list[int]:
+    if getattr(tokens, "ndim", 1) != 1:
+        raise ValueError(f"tokens: expected a 1-d sequence of ids, got shape {tuple(tokens.shape)}")
+    return [int(i) for i in (tokens.tolist() if hasattr(tokens, "tolist") else tokens)]
+
+
+@dataclass(frozen=True)
+class CharTokenizer:
+    """One token per character of a fixed alphabet (nanoGPT's character-level vocabulary)."""
+
+    chars: str
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        if not text:
+            raise ValueError("text: expected a non-empty string to build the vocabulary from")
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    @property
+    def eos_id(self) -> int | None:
+        return None
+
+    def encode(self, text: str) -> list[int]:
+        index = {c: i for i, c in enumerate(self.chars)}
+        unknown = sorted({c for c in text if c not in index})
+        if unknown:
+            raise ValueError(
+                f"text: characters {unknown[:10]!r} are not in the tokenizer's vocabulary "
+                f"of {self.vocab_size}"
+            )
+        return [index[c] for c in text]
+
+    def decode(self, tokens: torch.Tensor | np.ndarray | list[int]) -> str:
+        ids = _ids(tokens)
+        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        if bad:
+            raise ValueError(f"tokens: ids {bad[:5]} outside the vocabulary [0, {self.vocab_size})")
+        return "".join(self.chars[i] for i in ids)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "char", "chars": self.chars}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> CharTokenizer:
+        if d.get("kind") != "char" or not isinstance(d.get("chars"), str):
+            raise ValueError(f"tokenizer: expected {{'kind': 'char', 'chars': str}}, got {d!r}")
+        return cls(d["chars"])
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``spikemar_tokenizer.json`` into ``directory``; returns the file."""
+        path = Path(directory) / CHAR_TOKENIZER_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(self.to_dict()))
+        return path
+
+
+class HFTokenizer:
+    """A Hugging Face ``tokenizers.Tokenizer`` behind spikemar's interface.
+
+    ``encode`` adds no special tokens (spikemar packs documents itself, with ``eos_id`` between
+    them); ``decode`` keeps them unless ``skip_special_tokens``. Ids at or past the tokenizer's
+    vocabulary (models pad their embedding, e.g. Mamba-2's 50277 → 50288) decode to nothing.
+    """
+
+    def __init__(self, tokenizer: Any, eos_id: int | None = None) -> None:
+        from tokenizers import Tokenizer as _HF
+
+        if not isinstance(tokenizer, _HF):
+            raise TypeError(
+                f"tokenizer: expected a tokenizers.Tokenizer, got {type(tokenizer).__name__}"
+            )
+        self._tokenizer = tokenizer
+        self._json = tokenizer.to_str()
+        if eos_id is not None and not 0 <= eos_id < tokenizer.get_vocab_size(
+            with_added_tokens=True
+        ):
+            raise ValueError(f"eos_id: {eos_id} outside the vocabulary of {self.vocab_size}")
+        self._eos_id = eos_id
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike, eos_id: int | None = None) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HF
+
+        path = Path(path)
+        try:
+            tok = _HF.from_file(str(path))
+        except Exception as err:  # tokenizers raises a bare Exception on bad JSON
+            raise ValueError(f"tokenizer: {path} is not a readable tokenizer.json ({err})") from err
+        return cls(tok, eos_id)
+
+    @classmethod
+    def from_directory(cls, directory: str | os.PathLike) -> HFTokenizer:
+        """``tokenizer.json`` of a checkpoint directory, else transformers' ``AutoTokenizer``
+        (local files only); the end-of-sequence id from ``tokenizer_config.json`` or
+        ``config.json``."""
+        directory = Path(directory)
+        eos = _eos_from_directory(directory)
+        if (directory / "tokenizer.json").is_file():
+            tok = cls.from_file(directory / "tokenizer.json")
+            eos_id = eos if isinstance(eos, int) else None
+            if isinstance(eos, str):
+                eos_id = tok._tokenizer.token_to_id(eos)
+            return cls(tok._tokenizer, eos_id)
+        others = ("tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+        if not any((directory / f).is_file() for f in others):
+            raise FileNotFoundError(
+                f"tokenizer: {directory} has no tokenizer (expected tokenizer.json, or "
+                f"{', '.join(others)} for transformers' AutoTokenizer)"
+            )
+        try:
+            from transformers import AutoTokenizer
+
+            auto = AutoTokenizer.from_pretrained(directory, local_files_only=True, use_fast=True)
+        except Exception as err:
+            raise ValueError(f"tokenizer: transformers cannot read the tokenizer in {directory} "
+                             f"({type(err).__name__}: {err})") from err  # fmt: skip
+        backend = getattr(auto, "backend_tokenizer", None)
+        if backend is None:
+            raise ValueError(f"tokenizer: {directory}'s tokenizer has no fast (tokenizers) form")
+        return cls(backend, auto.eos_token_id)
+
+    @property
+    def vocab_size(self) -> int:
+        return self._tokenizer.get_vocab_size(with_added_tokens=True)
+
+    @property
+    def eos_id(self) -> int | None:
+        return self._eos_id
+
+    def encode(self, text: str) -> list[int]:
+        if not isinstance(text, str):
+            raise TypeError(f"text: expected a str, got {type(text).__name__}")
+        return self._tokenizer.encode(text, add_special_tokens=False).ids
+
+    def encode_batch(self, texts: list[str]) -> list[list[int]]:
+        """Many texts at once (the tokenizers library runs them on its own threads)."""
+        return [e.ids for e in self._tokenizer.encode_batch(texts, add_special_tokens=False)]
+
+    def decode(
+        self, tokens: torch.Tensor | np.ndarray | list[int], skip_special_tokens: bool = False
+    ) -> str:
+        ids = _ids(tokens)
+        negative = [i for i in ids if i < 0]
+        if negative:
+            raise ValueError(f"tokens: negative ids {negative[:5]}")
+        return self._tokenizer.decode(ids, skip_special_tokens=skip_special_tokens)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": "hf", "json": self._json, "eos_id": self._eos_id}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> HFTokenizer:
+        from tokenizers import Tokenizer as _HF
+
+        if d.get("kind") != "hf" or not isinstance(d.get("json"), str):
+            raise ValueError(
+                f"tokenizer: expected {{'kind': 'hf', 'json': str}}, got keys {sorted(d)}"
+            )
+        return cls(_HF.from_str(d["json"]), d.get("eos_id"))
+
+    def save(self, directory: str | os.PathLike) -> Path:
+        """Write ``tokenizer.json`` into ``directory`` (readable by tokenizers and transformers)."""
+        path = Path(directory) / "tokenizer.json"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(self._json)
+        return path
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, HFTokenizer):
+            return NotImplemented
+        return self._json == other._json and self._eos_id == other._eos_id
+
+    def __hash__(self) -> int:
+        return hash((self._json, self._eos_id))
+
+    def __repr__(self) -> str:
+        return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self._eos_id})"
+
+
+def _eos_from_directory(directory: Path) -> int | str | None:
+    """The end-of-sequence token of a checkpoint directory, as an id or a token string."""
+    for name, key in (("tokenizer_config.json", "eos_token"), ("config.json", "eos_token_id")):
+        f = directory / name
+        if f.is_file():
+            try:
+                value = json.loads(f.read_text()).get(key)
+            except (json.JSONDecodeError, AttributeError):
+                continue
+            if isinstance(value, dict):  # AddedToken serialised as a dict
+                value = value.get("content")
+            if isinstance(value, list):
+                value = value[0] if value else None
+            if isinstance(value, int | str):
+                return value
+    return None
+
+
+def tokenizer_from_dict(d: dict[str, Any]) -> CharTokenizer | HFTokenizer:
+    """The tokenizer that ``to_dict()`` described (as stored in checkpoints and data caches)."""
+    kinds = {"char": CharTokenizer, "hf": HFTokenizer}
+    if not isinstance(d, dict) or d.get("kind") not in kinds:
+        kind = d.get("kind") if isinstance(d, dict) else type(d).__name__
+        raise ValueError(f"tokenizer: unknown kind {kind!r}; expected one of {sorted(kinds)}")
+    return kinds[d["kind"]].from_dict(d)
+
+
+def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | HFTokenizer:
+    """A tokenizer from a directory (``tokenizer.json``, ``spikemar_tokenizer.json``, or what
+    transformers' AutoTokenizer reads) or from one of those files."""
+    path = Path(path)
+    if path.is_file():
+        if path.name == CHAR_TOKENIZER_FILE:
+            return tokenizer_from_dict(json.loads(path.read_text()))
+        return HFTokenizer.from_file(path)
+    if not path.is_dir():
+        raise FileNotFoundError(f"tokenizer: no file or directory at {path}")
+    if (path / CHAR_TOKENIZER_FILE).is_file() and not (path / "tokenizer.json").is_file():
+        return tokenizer_from_dict(json.loads((path / CHAR_TOKENIZER_FILE).read_text()))
+    return HFTokenizer.from_directory(path)
+
+
+@torch.no_grad()
+def generate_text(
+    model: torch.nn.Module,
+    tokenizer: Tokenizer,
+    prompt: str,
+    max_new_tokens: int = 100,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    generator: torch.Generator | None = None,
+) -> str:
+    """Continue ``prompt`` (text) by ``max_new_tokens`` tokens; returns prompt and continuation
+    as text. ``temperature`` 0 is greedy. The model's vocabulary must cover the tokenizer's."""
+    from .models.generation import generate
+
+    if not isinstance(prompt, str) or not prompt:
+        raise ValueError(f"prompt: expected a non-empty string, got {prompt!r}")
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError(f"prompt: {prompt!r} encodes to no tokens")
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if model_vocab is not None and max(ids) >= model_vocab:
+        raise ValueError(
+            f"tokenizer: ids up to {max(ids)} exceed the model's vocabulary of {model_vocab}; "
+            "the model and tokenizer do not belong together"
+        )
+    device = next(model.parameters()).device
+    out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
+                   temperature=temperature, top_k=top_k, generator=generator)  # fmt: skip
+    return tokenizer.decode(out.cpu())

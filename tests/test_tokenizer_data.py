@@ -1,0 +1,186 @@
+"""Tokenizers (character and Hugging Face BPE), corpora of files and folders, text generation."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from spikemar.checkpoint import load_checkpoint, save_checkpoint
+from spikemar.data import TokenDataset, prepare, read_documents
+from spikemar.models import MARLM, MARConfig
+from spikemar.tokenizer import (
+    CharTokenizer,
+    HFTokenizer,
+    Tokenizer,
+    generate_text,
+    load_tokenizer,
+    tokenizer_from_dict,
+)
+
+TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
+
+
+def bpe(vocab_size: int = 300, text: str = TEXT) -> HFTokenizer:
+    """A byte-level BPE trained here, with an <|endoftext|> special token (id 0)."""
+    from tokenizers import Tokenizer as HF
+    from tokenizers import decoders, models, pre_tokenizers, trainers
+
+    tok = HF(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tok.train_from_iterator([text], trainer)
+    return HFTokenizer(tok, eos_id=0)
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return bpe()
+
+
+def test_both_kinds_speak_the_interface(tok):
+    char = CharTokenizer.from_text(TEXT)
+    for t in (char, tok):
+        assert isinstance(t, Tokenizer)
+        ids = t.encode("hear me speak")
+        assert t.decode(ids) == "hear me speak" and t.decode(torch.tensor(ids)) == "hear me speak"
+        assert tokenizer_from_dict(t.to_dict()) == t
+    assert tok.vocab_size == 300 and tok.eos_id == 0
+    assert len(tok.encode("hear me speak")) < len("hear me speak")  # merges happened
+
+
+@given(st.text(max_size=80))
+def test_byte_level_bpe_round_trips_any_text(text):
+    t = _TOK
+    assert t.decode(t.encode(text)) == text
+
+
+_TOK = bpe()
+
+
+def test_save_and_load_directories(tmp_path, tok):
+    tok.save(tmp_path / "bpe")
+    assert load_tokenizer(tmp_path / "bpe") == HFTokenizer(tok._tokenizer)  # no eos in the file
+    (tmp_path / "bpe" / "tokenizer_config.json").write_text(
+        json.dumps({"eos_token": "<|endoftext|>"})
+    )
+    assert load_tokenizer(tmp_path / "bpe") == tok
+    assert load_tokenizer(tmp_path / "bpe" / "tokenizer.json").encode("me") == tok.encode("me")
+    char = CharTokenizer.from_text("abc")
+    char.save(tmp_path / "char")
+    assert load_tokenizer(tmp_path / "char") == char
+
+
+def test_transformers_only_formats_go_through_auto_tokenizer(tmp_path, tok):
+    # a GPT-2-style directory: vocab.json + merges.txt, no tokenizer.json
+    tok._tokenizer.model.save(str(tmp_path))
+    (tmp_path / "tokenizer_config.json").write_text(
+        json.dumps({"tokenizer_class": "GPT2Tokenizer", "eos_token": "<|endoftext|>"})
+    )
+    loaded = load_tokenizer(tmp_path)
+    assert isinstance(loaded, HFTokenizer) and loaded.eos_id == 0
+    for text in ("hear me speak", TEXT[:50], "unseen: Zebra 42!"):
+        assert loaded.encode(text) == tok.encode(text)
+
+
+def test_missing_and_bad_tokenizers_are_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        load_tokenizer(tmp_path)
+    (tmp_path / "tokenizer.json").write_text("{not json")
+    with pytest.raises(ValueError, match=r"not a readable tokenizer\.json"):
+        load_tokenizer(tmp_path)
+    with pytest.raises(FileNotFoundError, match="no file or directory"):
+        load_tokenizer(tmp_path / "nope")
+    with pytest.raises(ValueError, match="unknown kind 'sentencepiece'"):
+        tokenizer_from_dict({"kind": "sentencepiece"})
+
+
+def test_folder_of_txt_and_jsonl_is_packed_with_eos(tmp_path, tok):
+    corpus = tmp_path / "corpus"
+    (corpus / "sub").mkdir(parents=True)
+    (corpus / "a.txt").write_text(TEXT)
+    lines = [json.dumps({"text": "hear me speak."}), "", json.dumps({"text": "Citizen"})]
+    (corpus / "sub" / "b.jsonl").write_text("\n".join(lines))
+    (corpus / "ignored.md").write_text("not read")
+    assert read_documents(corpus) == [TEXT, "hear me speak.", "Citizen"]
+    ds = TokenDataset.from_text_file(corpus, cache_dir=tmp_path / "c", tokenizer=tok)
+    stream = np.concatenate([ds.splits["train"], ds.splits["val"]]).tolist()
+    expected = [*tok.encode(TEXT), 0, *tok.encode("hear me speak."), 0, *tok.encode("Citizen")]
+    assert stream == expected
+    assert ds.tokenizer == tok and ds.vocab_size == 300 and ds.splits["train"].dtype == np.uint16
+    w = ds.windows("train", 8, max_windows=3)
+    assert w.shape == (3, 9) and w[1, 0] == w[0, 8] and w[0].tolist() == stream[:9]
+
+
+def test_cache_is_keyed_by_tokenizer_and_content(tmp_path, tok):
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT)
+    char = prepare(src, tmp_path / "c")
+    other = bpe(280)
+    a, b = prepare(src, tmp_path / "c", tok), prepare(src, tmp_path / "c", other)
+    assert len({char, a, b}) == 3 and prepare(src, tmp_path / "c", tok) == a
+    assert TokenDataset(b).tokenizer == other
+
+
+class WideTokenizer(CharTokenizer):
+    """A character tokenizer claiming Llama-3's vocabulary size: ids must be stored in uint32."""
+
+    @property
+    def vocab_size(self) -> int:
+        return 128256
+
+    def encode(self, text):
+        return [128255 - i for i in super().encode(text)]
+
+    def to_dict(self):
+        return {"kind": "char", "chars": self.chars, "wide": True}
+
+
+def test_vocabularies_past_uint16_are_stored_as_uint32(tmp_path):
+    src = tmp_path / "t.txt"
+    src.write_text(TEXT)
+    folder = prepare(src, tmp_path / "c", WideTokenizer.from_text(TEXT))
+    train = np.memmap(folder / "train.bin", dtype=np.uint32, mode="r")
+    assert json.loads((folder / "meta.json").read_text())["dtype"] == "uint32"
+    assert int(train.max()) == 128255
+
+
+@pytest.mark.parametrize(
+    ("lines", "match"),
+    [(["{bad"], "line 1 is not JSON"), (['{"txt": "a"}'], "string 'text'")],
+)
+def test_bad_jsonl_is_named(tmp_path, lines, match):
+    f = tmp_path / "d.jsonl"
+    f.write_text("\n".join(lines))
+    with pytest.raises(ValueError, match=match):
+        read_documents(f)
+
+
+def test_empty_folder_is_named(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"no \.txt or \.jsonl"):
+        read_documents(tmp_path)
+
+
+def test_checkpoints_carry_a_bpe_tokenizer_and_generate_text(tmp_path, tok):
+    model = MARLM(MARConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, d_state=4,
+                            head_dim=8))  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", model, tok)
+    loaded, loaded_tok, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded_tok == tok
+    text = generate_text(loaded, loaded_tok, "hear me", 5, temperature=0)
+    ids = tok.encode("hear me")
+    expected = loaded.generate(torch.tensor(ids), 5, temperature=0)
+    assert text.startswith("hear me") and text == tok.decode(expected)
+    with pytest.raises(ValueError, match="prompt"):
+        generate_text(loaded, tok, "", 5)
+    small = MARLM(MARConfig(vocab_size=10, d_model=16, n_layers=1, d_state=4, head_dim=8))
+    with pytest.raises(ValueError, match="do not belong together"):
+        generate_text(small, tok, "hear me speak", 2)

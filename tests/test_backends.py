@@ -32,7 +32,11 @@ def usable_reason(backend: str) -> str | None:
     if device == "cuda" and not torch.cuda.is_available():
         return "no CUDA device"
     probe = torch.zeros(1, device=device)
-    return backends._BACKENDS[backend].unusable_reason(probe, ATMNParameters(torch.tensor(1.0)))
+    try:
+        backends.select_backend(backend, probe, ATMNParameters(torch.tensor(1.0)))
+    except RuntimeError as err:
+        return str(err)
+    return None
 
 
 BACKENDS = [
@@ -362,9 +366,9 @@ def test_fused_layer_hands_16_bit_x_to_kernels_that_take_it(dtype, monkeypatch):
         assert x_seq.dtype == dtype  # not widened first
         return fused_multi_step(_TorchKernels(), x_seq, v, p, return_v_seq)
 
-    impl.native_dtypes = (torch.float16, torch.bfloat16)
+    native = (torch.float16, torch.bfloat16)
     monkeypatch.setitem(
-        backends._BACKENDS, "native16", backends.Backend("native16", impl, None, lambda x, p: None)
+        backends._BACKENDS, "native16", backends.Backend("native16", impl, native_dtypes=native)
     )
     assert_backend_matches_reference(
         "native16",

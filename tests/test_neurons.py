@@ -443,3 +443,166 @@ def test_modules_default_to_the_fast_backend_and_expose_read_only_properties(cls
     for name in ("ternary", "log_threshold"):
         with pytest.raises(AttributeError):
             setattr(n, name, None)
+
+
+# -- bad input at the public API: one clear error naming the argument ---------------------------
+
+_P = ATMNParameters(torch.tensor(0.5))
+
+
+def _diverged_neuron():
+    n = ATMN(step_mode="m", num_channels=4)
+    with torch.no_grad():
+        n.a[1] = float("inf")  # what an update with --lr inf leaves behind
+    return n
+
+
+BAD_INPUTS = {
+    # validate=False skips value scans only: shapes are still checked before any kernel runs
+    "membrane of the wrong size, no validation": (
+        lambda b: atmn_multi_step(
+            torch.randn(3, 10), torch.zeros(5), _P, backend=b, validate=False
+        ),
+        ValueError,
+        r"^v: expected the membrane shape \(10,\)",
+    ),
+    "threshold of the wrong length, no validation": (
+        lambda b: atmn_multi_step(
+            torch.randn(3, 10), None, ATMNParameters(torch.ones(4)), backend=b, validate=False
+        ),
+        ValueError,
+        r"^x_seq: last dimension 10 does not match the 4 per-channel",
+    ),
+    "membrane on another dtype kind": (
+        lambda b: atmn_multi_step(
+            torch.randn(3, 4), torch.zeros(4, dtype=torch.int64), _P, backend=b
+        ),
+        TypeError,
+        r"^v: expected None or a floating-point tensor",
+    ),
+    "membrane not a tensor": (
+        lambda b: atmn_multi_step(torch.randn(3, 4), [0.0] * 4, _P, backend=b),
+        TypeError,
+        r"^v: expected None",
+    ),
+    "parameters not ATMNParameters": (
+        lambda b: atmn_multi_step(torch.randn(3, 4), None, (torch.tensor(1.0), 2.0), backend=b),
+        TypeError,
+        r"^p: expected ATMNParameters",
+    ),
+    "meta tensor": (
+        lambda b: atmn_multi_step(torch.empty(3, 4, device="meta"), None, _P, backend=b),
+        ValueError,
+        r"^x_seq: expected a tensor with data, got a meta tensor",
+    ),
+    "absurd T": (
+        lambda b: atmn_quantize(torch.randn(3, 10), 10**12, _P, backend=b),
+        ValueError,
+        r"^T: 1000000000000 micro-steps .* GiB",
+    ),
+    "T not an int": (
+        lambda b: atmn_quantize(torch.randn(3, 10), 4.0, _P, backend=b),
+        ValueError,
+        r"^T: expected an int >= 1",
+    ),
+    "quantize of a non-tensor": (
+        lambda b: atmn_quantize([1.0, 2.0], 4, _P, backend=b),
+        TypeError,
+        r"^activation: expected a torch.Tensor",
+    ),
+    "quantize with a mismatched per-channel threshold": (
+        lambda b: atmn_quantize(torch.randn(3, 10), 4, ATMNParameters(torch.ones(3)), backend=b),
+        ValueError,
+        r"^activation: last dimension 10 does not match the 3",
+    ),
+    "decode with tau 0": (
+        lambda b: atmn_decode(torch.zeros(3, 4), torch.tensor(0.5), 0.0),
+        ValueError,
+        r"^tau: expected a float > 0",
+    ),
+    "decode with negative tau": (
+        lambda b: atmn_decode(torch.zeros(3, 4), 0.5, -2.0),
+        ValueError,
+        r"^tau: expected a float > 0",
+    ),
+    "decode with a threshold of the wrong length": (
+        lambda b: atmn_decode(torch.zeros(3, 4), torch.ones(5), 2.0),
+        ValueError,
+        r"^v_threshold: 5 per-channel thresholds do not match",
+    ),
+    "decode with a string threshold": (
+        lambda b: atmn_decode(torch.zeros(3, 4), "0.5", 2.0),
+        TypeError,
+        r"^v_threshold: expected a float or a 0-d / 1-d tensor",
+    ),
+    "parameters with an unknown surrogate name": (
+        lambda b: ATMNParameters(torch.tensor(1.0), surrogate="nope"),
+        ValueError,
+        r"^surrogate: expected one of",
+    ),
+    "parameters with a surrogate of the wrong type": (
+        lambda b: ATMNParameters(torch.tensor(1.0), surrogate=3),
+        ValueError,
+        r"^surrogate: expected one of",
+    ),
+    "parameters with tau 0": (
+        lambda b: ATMNParameters(torch.tensor(1.0), tau=0.0),
+        ValueError,
+        r"^tau: expected a float > 0",
+    ),
+    "parameters with a 2-d threshold": (
+        lambda b: ATMNParameters(torch.ones(2, 2)),
+        ValueError,
+        r"^v_threshold: expected a floating-point scalar or 1-d",
+    ),
+    "parameters with an integer threshold tensor": (
+        lambda b: ATMNParameters(torch.tensor(1)),
+        ValueError,
+        r"^v_threshold: expected a floating-point scalar or 1-d",
+    ),
+    "tau < 1 overflows the membrane from finite input": (
+        lambda b: ATMN(tau=0.1, step_mode="m", backend=b)(torch.full((200, 4), 0.5)),
+        ValueError,
+        r"^tau: the membrane overflowed float32 over the T = 200 .* tau = 0\.1 < 1",
+    ),
+    "a threshold driven to inf by an update": (
+        lambda b: _diverged_neuron().to(torch.float32)(torch.randn(2, 3, 4)),
+        ValueError,
+        r"^v_threshold became inf during training .*diverged update",
+    ),
+    "a threshold driven to inf, quantize": (
+        lambda b: _diverged_neuron().quantize(torch.randn(3, 4), 4),
+        ValueError,
+        r"^v_threshold became inf during training",
+    ),
+}
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+@pytest.mark.parametrize("case", list(BAD_INPUTS))
+def test_bad_input_gives_one_clear_error_naming_the_argument(case, backend):
+    call, error, match = BAD_INPUTS[case]
+    with pytest.raises(error, match=match):
+        call(backend)
+
+
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_threshold_driven_to_zero_is_reported_as_diverged(backend):
+    n = ATMN(step_mode="m", backend=backend)
+    with torch.no_grad():
+        n.a.fill_(-1e4)  # exp underflows to 0
+    with pytest.raises(ValueError, match=r"^v_threshold became 0\.0 during training"):
+        n(torch.randn(2, 3))
+    # the functional form blames its argument instead
+    with pytest.raises(ValueError, match=r"^v_threshold: expected finite values > 0, got \[0\.0\]"):
+        atmn_multi_step(torch.randn(2, 3), None, ATMNParameters(torch.tensor(0.0)), backend=backend)
+
+
+def test_decode_takes_a_float_threshold_and_equals_the_tensor_form():
+    spikes = torch.tensor([[1.0, -1.0, 0.0], [1.0, 0.0, -1.0], [0.0, 1.0, 1.0]])
+    for tau in (1.0, 1.5, 2.0, math.inf):
+        assert torch.equal(
+            atmn_decode(spikes, 0.5, tau), atmn_decode(spikes, torch.tensor(0.5), tau)
+        )
+    expected = 0.5 * (spikes[0] + 1.5 * spikes[1] + 2.25 * spikes[2])
+    torch.testing.assert_close(atmn_decode(spikes, 0.5, 1.5), expected)

@@ -6,8 +6,10 @@ functions of :mod:`spikemar.neurons.functional`, one implementation per backend.
 
 from .atmn import ATMN, BinaryMultiStep, TernarySingleStep
 from .backends import available_backends, register_backend
+from .checks import raise_deferred_errors, set_value_checks, value_checks
 from .functional import (
     ATMNParameters,
+    ThresholdError,
     atmn_decode,
     atmn_multi_step,
     atmn_quantize,
@@ -25,6 +27,7 @@ __all__ = [
     "Sigmoid",
     "Surrogate",
     "TernarySingleStep",
+    "ThresholdError",
     "Triangle",
     "atmn_decode",
     "atmn_multi_step",
@@ -32,5 +35,8 @@ __all__ = [
     "atmn_step",
     "available_backends",
     "delta_inject",
+    "raise_deferred_errors",
     "register_backend",
+    "set_value_checks",
+    "value_checks",
 ]

@@ -145,9 +145,19 @@ class ATMN(base.MemoryModule):
         return (torch.full(shape, float(v), dtype=dtype, device=x.device), *states[1:])
 
     def _run(self, x_seq: torch.Tensor, v: torch.Tensor, return_v_seq: bool):
-        return F.atmn_multi_step(
-            x_seq, v, self.parameters_tuple(), backend=self.backend, return_v_seq=return_v_seq
-        )
+        try:
+            return F.atmn_multi_step(
+                x_seq, v, self.parameters_tuple(), backend=self.backend, return_v_seq=return_v_seq
+            )
+        except F.ThresholdError as err:
+            raise self._diverged() from err
+
+    def _diverged(self) -> ValueError:
+        """V was checked when the module was built; a bad one now was made so by an update
+        (or a loaded state), not by an argument."""
+        v = self.v_threshold.detach().flatten()
+        bad = v[~torch.isfinite(v) | (v <= 0)][:4].tolist()
+        return ValueError(F.diverged_threshold_message(bad))
 
     def single_step_functional_forward(self, inputs, states, **kwargs):
         x = inputs[0]
@@ -188,7 +198,10 @@ class ATMN(base.MemoryModule):
         nor changes the module's membrane ``v`` and does not depend on ``step_mode``.
         """
         F.check_input(activation, "activation", 1)
-        return F.atmn_quantize(activation, T, self.parameters_tuple(), backend=self.backend)
+        try:
+            return F.atmn_quantize(activation, T, self.parameters_tuple(), backend=self.backend)
+        except F.ThresholdError as err:
+            raise self._diverged() from err
 
 
 class BinaryMultiStep(ATMN):

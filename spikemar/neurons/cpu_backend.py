@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 
 from . import fused
-from .functional import NONFINITE_INPUT_MESSAGE, ATMNParameters, _decay, bad_threshold_error
+from .functional import ATMNParameters, _decay, bad_threshold_error, nonfinite_error
 from .fused import fused_multi_step, surrogate_code
 
 __all__ = [
@@ -213,7 +213,7 @@ class _CpuKernels:
         if bad == -1:
             raise bad_threshold_error(vth)
         if bad:
-            raise ValueError(NONFINITE_INPUT_MESSAGE)
+            raise nonfinite_error(x, v0, p)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
         lib = load_library()
@@ -236,10 +236,6 @@ def atmn_multi_step_cpu(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
-
-
-# the forward kernel raises what functional.check_values would (see _CpuKernels.forward)
-atmn_multi_step_cpu.checks_values = True  # type: ignore[attr-defined]
 
 
 # the kernel's limit on T (a weight table on its stack)
@@ -355,9 +351,7 @@ def _raise_if_bad(bad: int, vth: torch.Tensor, n: int, T: int, what: str) -> Non
     if bad == 0:
         return
     if bad == -1:
-        values = vth.flatten()
-        bad_v = values[~torch.isfinite(values) | (values <= 0)]
-        raise ValueError(f"v_threshold: expected finite values > 0, got {bad_v[:4].tolist()}")
+        raise bad_threshold_error(vth)
     if bad < 0:
         raise ValueError(f"T: expected 1 <= T <= {QUANTIZE_MAX_T} micro-steps, got {T!r}")
     raise ValueError(

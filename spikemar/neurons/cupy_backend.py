@@ -127,7 +127,3 @@ def atmn_multi_step_cupy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
-
-
-# float16 / bfloat16 x are read and the spikes written in 16 bits, the arithmetic in float32
-atmn_multi_step_cupy.native_dtypes = (torch.float16, torch.bfloat16)  # type: ignore[attr-defined]

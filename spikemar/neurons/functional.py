@@ -41,7 +41,7 @@ from typing import NamedTuple
 
 import torch
 
-from .surrogate import Rectangle, Surrogate
+from .surrogate import Rectangle, Surrogate, get_surrogate
 
 __all__ = [
     "ATMNParameters",
@@ -54,25 +54,67 @@ __all__ = [
 ]
 
 
-class ATMNParameters(NamedTuple):
-    """Parameters of the ATMN dynamics.
-
-    v_threshold: V > 0, a 0-d tensor (shared) or a 1-d tensor over the last input dimension.
-    tau: membrane time constant τ > 0; the carried membrane is divided by τ each micro-step.
-        ``math.inf`` carries nothing over (the single-step baseline).
-    ternary: spikes in {−1, 0, +1}; False gives the binary {0, 1} baseline.
-    surrogate: the surrogate gradient of the firing function.
-    detach_reset: stop the gradient through the reset term ``V·s_t`` (as SpikingJelly's option).
-    smooth: replace the firing step by the surrogate's smooth primitive in the forward pass.
-        Only for testing gradients (``gradcheck``); spikes are then not in {−1, 0, +1}.
-    """
-
+class _ATMNFields(NamedTuple):
     v_threshold: torch.Tensor
     tau: float = 2.0
     ternary: bool = True
     surrogate: Surrogate = Rectangle()
     detach_reset: bool = False
     smooth: bool = False
+
+
+class ATMNParameters(_ATMNFields):
+    """Parameters of the ATMN dynamics, checked when built (``_replace`` skips the checks).
+
+    v_threshold: V > 0, a 0-d tensor (shared) or a 1-d tensor over the last input dimension
+        (a Python float becomes a 0-d float32 tensor). Its values are checked when it is used.
+    tau: membrane time constant τ > 0; the carried membrane is divided by τ each micro-step.
+        ``math.inf`` carries nothing over (the single-step baseline).
+    ternary: spikes in {−1, 0, +1}; False gives the binary {0, 1} baseline.
+    surrogate: the surrogate gradient of the firing function, an instance or one of the names
+        'rectangle', 'triangle', 'sigmoid', 'atan'.
+    detach_reset: stop the gradient through the reset term ``V·s_t`` (as SpikingJelly's option).
+    smooth: replace the firing step by the surrogate's smooth primitive in the forward pass.
+        Only for testing gradients (``gradcheck``); spikes are then not in {−1, 0, +1}.
+    """
+
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        v_threshold: torch.Tensor | float,
+        tau: float = 2.0,
+        ternary: bool = True,
+        surrogate: Surrogate | str = "rectangle",
+        detach_reset: bool = False,
+        smooth: bool = False,
+    ) -> ATMNParameters:
+        # a bad surrogate or τ fails here, not in the backward pass of a later training step
+        return super().__new__(
+            cls,
+            _threshold_tensor(v_threshold),
+            check_tau(tau),
+            bool(ternary),
+            get_surrogate(surrogate),
+            bool(detach_reset),
+            bool(smooth),
+        )
+
+
+def _threshold_tensor(v_threshold: torch.Tensor | float, name: str = "v_threshold") -> torch.Tensor:
+    """A threshold as the functions take it: a 0-d or 1-d tensor (a float becomes 0-d)."""
+    if isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
+        return torch.tensor(float(v_threshold))
+    if not isinstance(v_threshold, torch.Tensor):
+        raise TypeError(
+            f"{name}: expected a float or a 0-d / 1-d tensor, got {type(v_threshold).__name__}"
+        )
+    if v_threshold.dim() > 1 or not v_threshold.is_floating_point():
+        raise ValueError(
+            f"{name}: expected a floating-point scalar or 1-d per-channel tensor, got shape "
+            f"{tuple(v_threshold.shape)} and dtype {v_threshold.dtype}"
+        )
+    return v_threshold
 
 
 class _SpikeFn(torch.autograd.Function):
@@ -150,6 +192,8 @@ def check_tau(tau: float) -> float:
 
 def check_parameters(p: ATMNParameters) -> None:
     """Raise if a field of ``p`` has the wrong type or shape (values: :func:`check_values`)."""
+    if not isinstance(p, ATMNParameters):
+        raise TypeError(f"p: expected ATMNParameters, got {type(p).__name__}")
     check_tau(p.tau)
     v = p.v_threshold
     if not isinstance(v, torch.Tensor):
@@ -164,12 +208,15 @@ def check_parameters(p: ATMNParameters) -> None:
 def check_input(
     x: torch.Tensor, name: str, min_dim: int, p: ATMNParameters | None = None, context: str = ""
 ) -> None:
-    """Check type, dtype and rank of an input and that a per-channel V matches its last
+    """Check type, dtype, device and rank of an input and that a per-channel V matches its last
     dimension. ``min_dim`` is 1 for one step [N, …] and 2 for a sequence [T, N, …]."""
     if not isinstance(x, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(x).__name__}")
     if not x.is_floating_point():
         raise TypeError(f"{name}: expected a floating-point tensor, got dtype {x.dtype}")
+    if x.device.type == "meta":
+        # a meta tensor has a shape but no values to spike on; torch would fail deep inside
+        raise ValueError(f"{name}: expected a tensor with data, got a meta tensor {tuple(x.shape)}")
     if x.dim() < min_dim:
         layout = "[N, ...]" if min_dim == 1 else "[T, N, ...] (time first)"
         raise ValueError(
@@ -186,7 +233,24 @@ def check_input(
         )
 
 
-def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -> None:
+def check_membrane(v: torch.Tensor | None, x_seq: torch.Tensor) -> None:
+    """The initial membrane: None, or a floating tensor of one step of ``x_seq`` on its device
+    (the fused kernels read it by raw pointer: a wrong size would read out of bounds)."""
+    if v is None:
+        return
+    if not isinstance(v, torch.Tensor) or not v.is_floating_point():
+        what = f"dtype {v.dtype}" if isinstance(v, torch.Tensor) else type(v).__name__
+        raise TypeError(f"v: expected None or a floating-point tensor, got {what}")
+    if v.shape != x_seq.shape[1:]:
+        raise ValueError(
+            f"v: expected the membrane shape {tuple(x_seq.shape[1:])} of one step of x_seq, "
+            f"got {tuple(v.shape)} (call reset() after changing the batch size)"
+        )
+    if v.device != x_seq.device:
+        raise ValueError(f"v: expected a membrane on x_seq's device {x_seq.device}, got {v.device}")
+
+
+def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters, v0=None) -> None:
     """Raise if V is not finite and positive, or if the input held NaN or ±inf.
 
     With τ < ∞ a non-finite value anywhere in ``x_seq`` (or in the initial membrane) reaches the
@@ -194,17 +258,22 @@ def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters) -
     extremes of V and of the membrane come back in one transfer, so a CUDA caller waits for the
     device once per call; ``aminmax`` finds NaN and ±inf (NaN propagates through min/max)
     without the temporaries of ``isfinite``, which cost more than a fused forward on large inputs.
+    On CUDA, :func:`spikemar.neurons.value_checks` can defer these checks (no wait per call).
     """
+    from .checks import deferred_cuda_check
+
     probe = (u_last if not math.isinf(p.tau) else x_seq).detach()
     v = p.v_threshold.detach().to(probe.dtype)
     extremes = [*torch.aminmax(v)]
     if probe.numel():
         extremes += [*torch.aminmax(probe)]
+    if deferred_cuda_check(probe, extremes):
+        return
     v_lo, v_hi, *u_range = torch.stack(extremes).tolist()
     if not (math.isfinite(v_lo) and math.isfinite(v_hi) and v_lo > 0):
-        raise bad_threshold_error(v)
+        raise bad_threshold_error(p.v_threshold)
     if not all(math.isfinite(u) for u in u_range):
-        raise ValueError(NONFINITE_INPUT_MESSAGE)
+        raise nonfinite_error(x_seq, v0, p)
 
 
 NONFINITE_INPUT_MESSAGE = (
@@ -212,11 +281,45 @@ NONFINITE_INPUT_MESSAGE = (
 )
 
 
-def bad_threshold_error(v_threshold: torch.Tensor) -> ValueError:
-    """The error for a threshold that is not finite and positive, naming the offending values."""
+def nonfinite_error(x_seq: torch.Tensor, v0: torch.Tensor | None, p: ATMNParameters) -> ValueError:
+    """The error for a membrane that ended non-finite: the input's fault when it holds NaN or
+    ±inf, else an overflow of the membrane (τ < 1 multiplies it by 1/τ > 1 every micro-step).
+    Scans the input, so call it only once something is known to be wrong."""
+    inputs_finite = bool(torch.isfinite(x_seq).all()) and (
+        v0 is None or bool(torch.isfinite(v0).all())
+    )
+    if inputs_finite:
+        T, dtype = x_seq.shape[0], compute_dtype(x_seq.dtype)
+        return ValueError(
+            f"tau: the membrane overflowed {str(dtype).removeprefix('torch.')} over the T = {T} "
+            f"micro-steps from finite inputs: tau = {p.tau:g} < 1 multiplies it by "
+            f"1/tau = {1 / p.tau:g} every micro-step (use tau >= 1, fewer micro-steps, or float64)"
+            if p.tau < 1
+            else f"x_seq: the membrane overflowed {str(dtype).removeprefix('torch.')} over the "
+            f"T = {T} micro-steps from finite inputs (inputs too large for the dtype)"
+        )
+    return ValueError(NONFINITE_INPUT_MESSAGE)
+
+
+class ThresholdError(ValueError):
+    """A threshold V that is not finite and positive (see :func:`bad_threshold_error`)."""
+
+
+def bad_threshold_error(v_threshold: torch.Tensor) -> ThresholdError:
+    """The error for a threshold that is not finite and positive, naming the offending values.
+    A module whose threshold was checked when built (``ATMN``) catches it and says instead that
+    the threshold became bad (:func:`diverged_threshold_message`)."""
     values = v_threshold.detach().flatten()
-    bad = values[~torch.isfinite(values) | (values <= 0)]
-    return ValueError(f"v_threshold: expected finite values > 0, got {bad[:4].tolist()}")
+    bad = values[~torch.isfinite(values) | (values <= 0)][:4].tolist()
+    return ThresholdError(f"v_threshold: expected finite values > 0, got {bad}")
+
+
+def diverged_threshold_message(bad: list[float]) -> str:
+    shown = bad[0] if len(bad) == 1 else bad
+    return (
+        f"v_threshold became {shown} during training (V = exp(a) left the finite positive "
+        "range: a diverged update? check the learning rate and the loss for NaN/inf)"
+    )
 
 
 def atmn_multi_step(
@@ -233,35 +336,32 @@ def atmn_multi_step(
     Returns ``(spikes, v)`` with spikes of ``x_seq``'s shape and dtype and the final membrane
     ``v`` [N, …] (float32 for half inputs), or ``(spikes, v, v_seq)`` with the membrane after every
     micro-step [T, N, …] when ``return_v_seq``. ``v=None`` starts from a zero membrane.
-    ``validate=False`` skips the checks of types, shapes and values (a backend whose kernel
-    checks the values on the fly, like 'cpu', still raises on NaN or ±inf).
+    Types, shapes and devices are always checked; ``validate=False`` skips only the scan of
+    values (NaN / ±inf, V ≤ 0) after the run (a backend whose kernel checks the values on the
+    fly, like 'cpu', still raises on them).
     """
-    from .backends import resolve_backend
+    from .backends import select_backend
 
-    if validate:
-        check_parameters(p)
-        check_input(x_seq, "x_seq", 2, p)
-        if x_seq.shape[0] == 0:
-            raise ValueError(
-                f"x_seq: expected at least one micro-step (T >= 1), got shape {tuple(x_seq.shape)}"
-            )
-    cdtype = compute_dtype(x_seq.dtype)
-    if v is not None and validate and v.shape != x_seq.shape[1:]:
+    check_parameters(p)
+    check_input(x_seq, "x_seq", 2, p)
+    if x_seq.shape[0] == 0:
         raise ValueError(
-            f"v: expected the membrane shape {tuple(x_seq.shape[1:])} of one step of x_seq, "
-            f"got {tuple(v.shape)} (call reset() after changing the batch size)"
+            f"x_seq: expected at least one micro-step (T >= 1), got shape {tuple(x_seq.shape)}"
         )
-    impl = resolve_backend(backend, x_seq, p)
-    p = p._replace(v_threshold=p.v_threshold.to(cdtype))
+    check_membrane(v, x_seq)
+    cdtype = compute_dtype(x_seq.dtype)
+    backend_ = select_backend(backend, x_seq, p)
+    # V on x's device: the fused kernels read it through a raw pointer
+    p = p._replace(v_threshold=p.v_threshold.to(device=x_seq.device, dtype=cdtype))
     v = None if v is None else v.to(cdtype)
-    # a backend that reads and writes a 16-bit x itself (``impl.native_dtypes``) is spared the
-    # widening copy of x and the narrowing copy of the spikes
-    native = x_seq.dtype in getattr(impl, "native_dtypes", ())
-    spikes, v_last, v_seq = impl(x_seq if native else x_seq.to(cdtype), v, p, return_v_seq)
-    # a backend whose kernel checks the values as it goes (``impl.checks_values``) raises the
-    # same errors itself and spares this extra pass over the membrane
-    if validate and not getattr(impl, "checks_values", False):
-        check_values(x_seq, v_last, p)
+    # a backend that reads and writes a 16-bit x itself is spared the widening copy of x and the
+    # narrowing copy of the spikes
+    native = x_seq.dtype in backend_.native_dtypes
+    spikes, v_last, v_seq = backend_.impl(x_seq if native else x_seq.to(cdtype), v, p, return_v_seq)
+    # a backend whose kernel checks the values as it goes raises the same errors itself and
+    # spares this extra pass over the membrane
+    if validate and not backend_.checks_values:
+        check_values(x_seq, v_last, p, v)
     spikes = spikes.to(x_seq.dtype)
     return (spikes, v_last, v_seq) if return_v_seq else (spikes, v_last)
 
@@ -277,35 +377,62 @@ def atmn_step(
 
 def delta_inject(activation: torch.Tensor, T: int) -> torch.Tensor:
     """δ-injection: a static activation [N, …] → [T, N, …] with x_0 = activation, x_t = 0 after."""
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
-        raise ValueError(f"T: expected an int >= 1 (number of micro-steps), got {T!r}")
+    check_micro_steps(T)
     if not isinstance(activation, torch.Tensor):
         raise TypeError(f"activation: expected a torch.Tensor, got {type(activation).__name__}")
-    x_seq = activation.new_zeros((T, *activation.shape))
+    shape = (T, *activation.shape)
+    try:
+        x_seq = activation.new_zeros(shape)
+    except (RuntimeError, OverflowError) as err:  # the allocator's or the size's own error
+        gib = T * activation.numel() * activation.element_size() / 2**30
+        raise ValueError(
+            f"T: {T} micro-steps of an activation of shape {tuple(activation.shape)} need "
+            f"{gib:.3g} GiB for the injected input alone; expected a T that fits in memory"
+        ) from err
     x_seq[0] = activation
     return x_seq
 
 
-def atmn_decode(spikes: torch.Tensor, v_threshold: torch.Tensor, tau: float) -> torch.Tensor:
+def check_micro_steps(T: int) -> int:
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        raise ValueError(f"T: expected an int >= 1 (number of micro-steps), got {T!r}")
+    return T
+
+
+def atmn_decode(
+    spikes: torch.Tensor, v_threshold: torch.Tensor | float, tau: float
+) -> torch.Tensor:
     """Decode a spike train [T, N, …] to ``V · Σ_t τ^t s_t`` [N, …].
 
     The τ-weights are what δ-injection makes exact: a spike at micro-step t stands for V·τ^t of
     the injected activation (the membrane is divided by τ every step before it is compared).
-    ``tau=math.inf`` (no carry-over) decodes the first step only.
+    ``tau=math.inf`` (no carry-over) decodes the first step only. ``v_threshold`` is a float, a
+    0-d tensor or a per-channel [C] tensor over the last dimension. Nothing here waits for a
+    CUDA device: the weights are made on the spikes' device.
     """
     if not isinstance(spikes, torch.Tensor) or spikes.dim() < 2:
         shape = tuple(spikes.shape) if isinstance(spikes, torch.Tensor) else type(spikes).__name__
         raise ValueError(f"spikes: expected [T, N, ...] with at least 2 dimensions, got {shape}")
+    tau = check_tau(tau)
+    v_threshold = _threshold_tensor(v_threshold)
+    if v_threshold.dim() == 1 and v_threshold.shape[0] != spikes.shape[-1]:
+        raise ValueError(
+            f"v_threshold: {v_threshold.shape[0]} per-channel thresholds do not match the last "
+            f"dimension of spikes {tuple(spikes.shape)}"
+        )
     T = spikes.shape[0]
     # τ^t overflows float16 from t = 16 at τ = 2: weight and sum in the compute dtype
-    dtype = compute_dtype(spikes.dtype)
+    dtype = compute_dtype(spikes.dtype) if spikes.is_floating_point() else torch.float32
+    steps = torch.arange(T, dtype=torch.float64, device=spikes.device)
     if math.isinf(tau):
-        weights = torch.zeros(T, dtype=dtype, device=spikes.device)
-        weights[0] = 1.0
-    else:
-        weights = torch.tensor([tau**t for t in range(T)], dtype=dtype, device=spikes.device)
-    weighted = torch.tensordot(weights, spikes.to(dtype), dims=([0], [0]))
-    return (v_threshold.to(dtype) * weighted).to(spikes.dtype)
+        weights = (steps == 0).to(dtype)
+    else:  # pow in float64 (Python's tau**t), then rounded once to the compute dtype
+        weights = torch.pow(tau, steps).to(dtype)
+    # autocast would round this contraction to 16 bits (τ = 2, T > 8 loses spikes' weight)
+    with torch.autocast(spikes.device.type, enabled=False):
+        weighted = torch.tensordot(weights, spikes.to(dtype), dims=([0], [0]))
+    out_dtype = spikes.dtype if spikes.is_floating_point() else dtype
+    return (v_threshold.to(device=spikes.device, dtype=dtype) * weighted).to(out_dtype)
 
 
 def atmn_quantize(
@@ -315,5 +442,7 @@ def atmn_quantize(
     membrane, decode. Returns ``(decoded, spikes)``, ``decoded`` of the activation's shape and
     ``spikes`` [T, *activation.shape]. Gradients reach the activation and V through the surrogate.
     """
+    check_parameters(p)
+    check_input(activation, "activation", 1, p)
     spikes, _ = atmn_multi_step(delta_inject(activation, T), None, p, backend=backend)
     return atmn_decode(spikes, p.v_threshold, p.tau).to(activation.dtype), spikes

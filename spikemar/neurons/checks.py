@@ -1,0 +1,105 @@
+"""When the neurons scan values on CUDA: the value-check mode.
+
+The neurons refuse NaN / ±inf in their input and a threshold that is not finite and positive.
+On the CPU the scan is cheap and the fused kernel does it on data already in cache. On CUDA,
+reporting a value the moment it is found means copying a flag to the host, which waits for the
+device on every call: a training step with dozens of spike points would stall dozens of times.
+So on CUDA the check has three modes (CPU tensors are always checked at once):
+
+* ``'eager'`` (default): raise at once, as on the CPU (one wait for the device per call);
+* ``'deferred'``: fold the check into a flag on the device (no wait) and raise when
+  :func:`raise_deferred_errors` reads it, once per training step or evaluation;
+* ``'off'``: no value checks on CUDA tensors (shapes, types and devices are still checked).
+
+    with value_checks("deferred"):
+        loss = model(batch).loss
+        loss.backward()
+        raise_deferred_errors()       # one wait per step; raises if any spike point saw NaN/inf
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Iterator
+
+import torch
+
+__all__ = ["get_value_checks", "raise_deferred_errors", "set_value_checks", "value_checks"]
+
+MODES = ("eager", "deferred", "off")
+_state = threading.local()
+# device → bool flags on that device: [a bad threshold was seen, a non-finite membrane was seen]
+_flags: dict[torch.device, torch.Tensor] = {}
+_flags_lock = threading.Lock()
+
+
+def get_value_checks() -> str:
+    """The mode of this thread: 'eager', 'deferred' or 'off'."""
+    return getattr(_state, "mode", "eager")
+
+
+def set_value_checks(mode: str) -> None:
+    """Set this thread's mode for CUDA tensors (see the module docstring)."""
+    if mode not in MODES:
+        raise ValueError(f"mode: expected one of {list(MODES)}, got {mode!r}")
+    _state.mode = mode
+
+
+@contextlib.contextmanager
+def value_checks(mode: str) -> Iterator[None]:
+    """Run the block with value-check ``mode`` on CUDA tensors, then restore the previous one.
+    Leaving a 'deferred' block does not read the flags: call :func:`raise_deferred_errors`."""
+    before = get_value_checks()
+    set_value_checks(mode)
+    try:
+        yield
+    finally:
+        set_value_checks(before)
+
+
+def deferred_cuda_check(probe: torch.Tensor, extremes: list[torch.Tensor]) -> bool:
+    """For ``functional.check_values``: True when the check of a CUDA ``probe`` is done here
+    (deferred into the device flags, or off), False when the caller must check at once.
+    ``extremes`` are V's minimum and maximum, then the probe's (when it has values)."""
+    if probe.device.type != "cuda":
+        return False
+    mode = get_value_checks()
+    if mode == "eager":
+        return False
+    if mode == "off":
+        return True
+    v_lo, v_hi, *u_range = extremes
+    bad_v = ~(torch.isfinite(v_lo) & torch.isfinite(v_hi) & (v_lo > 0))
+    bad_u = ~torch.isfinite(torch.stack(u_range)).all() if u_range else bad_v & False
+    flags = _device_flags(probe)
+    flags.logical_or_(torch.stack([bad_v, bad_u]))  # on the device: nothing waits
+    return True
+
+
+def _device_flags(like: torch.Tensor) -> torch.Tensor:
+    with _flags_lock:
+        flags = _flags.get(like.device)
+        if flags is None:
+            flags = _flags[like.device] = like.new_zeros(2, dtype=torch.bool)
+        return flags
+
+
+def raise_deferred_errors() -> None:
+    """Read the flags of deferred checks (one wait per device that has them), clear them and
+    raise ValueError if any check since the last call failed."""
+    with _flags_lock:
+        pending = list(_flags.items())
+    for device, flags in pending:
+        bad_v, bad_u = flags.tolist()
+        flags.zero_()
+        if bad_v:
+            raise ValueError(
+                f"v_threshold: a spiking neuron on {device} saw a threshold that is not finite "
+                "and positive since the last raise_deferred_errors() (a diverged update?)"
+            )
+        if bad_u:
+            raise ValueError(
+                f"x_seq: a spiking neuron on {device} saw NaN or inf in its input or membrane "
+                "since the last raise_deferred_errors()"
+            )

@@ -74,8 +74,12 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
         # scores q·k and the weighted sum of values over the causal triangle; softmax element-wise
         pairs = B * self.n_heads * L * (L + 1) // 2
+        # memory: each query reads the keys and values before it (the KV cache), k and v are
+        # written to it, q read, the mixed values written
         record_ops(self, kind="attention", macs=2 * pairs * (D // self.n_heads),
-                   elementwise_ops=3 * pairs)  # fmt: skip
+                   elementwise_ops=3 * pairs, state_reads=2 * pairs * (D // self.n_heads),
+                   state_writes=2 * B * L * D, activation_reads=B * L * D,
+                   activation_writes=B * L * D)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, L, D))
 
     def step(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int):
@@ -87,7 +91,9 @@ class CausalSelfAttention(nn.Module):
         y = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])
         pairs = B * self.n_heads * (pos + 1)
         record_ops(self, kind="attention", macs=2 * pairs * (D // self.n_heads),
-                   elementwise_ops=3 * pairs)  # fmt: skip
+                   elementwise_ops=3 * pairs, state_reads=2 * pairs * (D // self.n_heads),
+                   state_writes=2 * B * D, activation_reads=B * D,
+                   activation_writes=B * D)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, 1, D))
 
 

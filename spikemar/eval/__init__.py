@@ -1,0 +1,40 @@
+"""Evaluation: zero-shot tasks through lm-evaluation-harness, perplexity, and energy per token.
+
+    from spikemar.eval import Scorer, text_perplexity
+    Scorer(model, vocab_size).loglikelihood([(context_ids, continuation_ids), ...])
+    text_perplexity(model, tokenizer, text, window=None)     # nats/token, bits/byte, curve
+
+    python -m spikemar.eval run --model spikemar --model_args checkpoint=PATH --tasks ...
+    spikemar eval --checkpoint A --checkpoint B --tasks shakespeare_nextline,... --out DIR
+    spikemar eval --checkpoint A --text FILE [--window 64]
+
+* :mod:`~spikemar.eval.scoring`: batched loglikelihood, rolling loglikelihood (a document in one
+  recurrent pass) and greedy generation on token ids, with an optional energy counter on the
+  same passes;
+* :mod:`~spikemar.eval.harness` (needs ``lm_eval``, the ``eval`` extra): ``SpikemarLM``,
+  registered in lm_eval as ``spikemar``; imported on demand, so ``spikemar.eval`` itself never
+  needs lm_eval;
+* :mod:`~spikemar.eval.local_tasks`: offline Tiny Shakespeare tasks in lm_eval's YAML format
+  (``spikemar/eval/tasks/``);
+* :mod:`~spikemar.eval.perplexity`: perplexity of a text file with the per-position loss curve;
+* :mod:`~spikemar.eval.report` and :mod:`~spikemar.eval.cli`: the MAR-Table-2-style table
+  (accuracy ± stderr, perplexity, energy per token under each hardware profile, firing rates),
+  its JSON, Markdown and accuracy-vs-energy PNG, and ``spikemar eval``.
+"""
+
+from .local_tasks import LOCAL_TASKS, TASKS_DIR, build_shakespeare_tasks
+from .perplexity import PerplexityResult, save_curves, start_token, text_perplexity
+from .scoring import ContinuationScore, Scorer, model_max_length
+
+__all__ = [
+    "LOCAL_TASKS",
+    "TASKS_DIR",
+    "ContinuationScore",
+    "PerplexityResult",
+    "Scorer",
+    "build_shakespeare_tasks",
+    "model_max_length",
+    "save_curves",
+    "start_token",
+    "text_perplexity",
+]

@@ -1,0 +1,182 @@
+"""Perplexity of a text file: nats per token, bits per byte, and the loss at each position.
+
+    result = text_perplexity(model, tokenizer, text)               # one stream: one pass
+    result = text_perplexity(model, tokenizer, text, window=64)    # windows of 64 tokens
+
+The text is scored after a start token (the tokenizer's end-of-text token, or ``"\\n"`` for the
+character tokenizer), either as **one stream** (every token conditioned on all of the text
+before it: an SSM LM does this in one forward pass, with O(1) state per layer and no context
+limit) or in consecutive **windows** of ``window`` tokens, each starting afresh, as the model saw
+text in training. Comparing the two, and the **per-position loss curve**, answers whether a model
+uses context past its training length: if the stream's loss keeps falling at positions beyond the
+training windows, it does.
+
+    nats/token  = −Σ log p(token) / tokens
+    bits/byte   = −Σ log p(token) / (UTF-8 bytes · ln 2)      (comparable across tokenizers)
+
+The curve: for windows, the mean loss at each position 0 … window−1 over all windows; for one
+stream, the mean loss over positions in doubling bins [1, 2), [2, 4), [4, 8), … (one stream has
+one token per position, so bins are what make it readable).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .scoring import Scorer, nats_to_bits_per_byte
+
+__all__ = ["PerplexityResult", "save_curves", "start_token", "text_perplexity"]
+
+
+def start_token(tokenizer: Any) -> int:
+    """The id that stands for "start of text": the tokenizer's end/begin-of-text token, else the
+    single token of ``"\\n"`` (the character tokenizer)."""
+    for name in ("eos_token_id", "bos_token_id"):
+        value = getattr(tokenizer, name, None)
+        if isinstance(value, int):
+            return value
+    ids = list(tokenizer.encode("\n"))
+    if len(ids) != 1:
+        raise ValueError(
+            "tokenizer: has no end-of-text token and no single token for '\\n' to start text with"
+        )
+    return ids[0]
+
+
+@dataclass(frozen=True)
+class PerplexityResult:
+    """What :func:`text_perplexity` measured (every loss in nats)."""
+
+    mode: str  # 'stream' or 'window'
+    window: int | None
+    tokens: int
+    chars: int
+    bytes: int
+    nats_per_token: float
+    bits_per_byte: float
+    curve_start: list[int] = field(repr=False)  # first position of each curve point
+    curve_end: list[int] = field(repr=False)  # one past the last position
+    curve_nats: list[float] = field(repr=False)  # mean loss over those positions
+    curve_count: list[int] = field(repr=False)  # tokens averaged
+
+    @property
+    def perplexity(self) -> float:
+        return math.exp(self.nats_per_token)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "perplexity": self.perplexity}
+
+    def summary(self) -> str:
+        how = "one stream" if self.mode == "stream" else f"windows of {self.window}"
+        return (
+            f"{self.nats_per_token:.4f} nats/token, {self.bits_per_byte:.4f} bits/byte, "
+            f"perplexity {self.perplexity:.3f} over {self.tokens} tokens ({how})"
+        )
+
+
+def _stream_curve(losses: torch.Tensor) -> tuple[list[int], list[int], list[float], list[int]]:
+    starts, ends, means, counts = [], [], [], []
+    lo = 0
+    while lo < len(losses):
+        hi = min(len(losses), max(1, 2 * lo))
+        starts.append(lo)
+        ends.append(hi)
+        means.append(float(losses[lo:hi].mean()))
+        counts.append(hi - lo)
+        lo = hi
+    return starts, ends, means, counts
+
+
+def text_perplexity(
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    window: int | None = None,
+    batch_size: int = 16,
+    device: str | torch.device = "cpu",
+) -> PerplexityResult:
+    """Score ``text`` with ``model`` (see the module docstring for the two modes)."""
+    if not isinstance(text, str) or not text:
+        raise ValueError("text: expected a non-empty string")
+    ids = list(tokenizer.encode(text))
+    if not ids:
+        raise ValueError("text: encodes to no tokens")
+    scorer = Scorer(model, int(tokenizer.vocab_size), batch_size=batch_size, device=device)
+    if window is None and scorer.max_length is not None and len(ids) > scorer.max_length:
+        window = scorer.max_length  # attention has a limit: say so through the mode
+    logp = scorer.token_logprobs([ids], start_token(tokenizer), window)[0]
+    losses = -logp
+    if window is None:
+        curve = _stream_curve(losses)
+    else:
+        positions = min(window, len(ids))
+        totals = torch.zeros(positions, dtype=torch.float64)
+        counts = torch.zeros(positions, dtype=torch.long)
+        for off in range(0, len(ids), window):
+            seg = losses[off : off + window]
+            totals[: len(seg)] += seg
+            counts[: len(seg)] += 1
+        curve = (
+            list(range(positions)),
+            list(range(1, positions + 1)),
+            (totals / counts).tolist(),
+            counts.tolist(),
+        )
+    total = float(losses.sum())
+    n_bytes = len(text.encode("utf-8"))
+    return PerplexityResult(
+        mode="stream" if window is None else "window",
+        window=window,
+        tokens=len(ids),
+        chars=len(text),
+        bytes=n_bytes,
+        nats_per_token=total / len(ids),
+        bits_per_byte=nats_to_bits_per_byte(total, n_bytes),
+        curve_start=curve[0],
+        curve_end=curve[1],
+        curve_nats=curve[2],
+        curve_count=curve[3],
+    )
+
+
+def save_curves(
+    results: list[tuple[str, PerplexityResult]],
+    path: str | Path,
+    *,
+    train_length: int | None = None,
+    dpi: int = 120,
+) -> Path:
+    """One PNG with the per-position loss curves of several results (labelled)."""
+    from matplotlib.figure import Figure
+
+    if not results:
+        raise ValueError("results: expected at least one (label, PerplexityResult)")
+    fig = Figure(figsize=(7.0, 4.2))
+    ax = fig.add_subplot()
+    for label, r in results:
+        x = [max(1, s) if e - s == 1 else math.sqrt(max(1, s) * max(1, e - 1))
+             for s, e in zip(r.curve_start, r.curve_end, strict=True)]  # fmt: skip
+        ax.plot(x, r.curve_nats, marker="o", ms=3, label=f"{label}: {r.nats_per_token:.3f}")
+    ax.set_xscale("log")
+    ax.set_xlabel("token position (in the text, or in the window)")
+    ax.set_ylabel("mean loss (nats/token)")
+    if train_length:
+        ax.axvline(
+            train_length, color="grey", ls="--", lw=1, label=f"training length {train_length}"
+        )
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title("Loss by position: does the model use context past its training length?",
+                 fontsize=9)  # fmt: skip
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi)
+    return path

@@ -1,0 +1,284 @@
+"""Scoring token sequences with a spikemar language model: what an evaluation asks of a model.
+
+Three questions, the three requests of EleutherAI's lm-evaluation-harness:
+
+    loglikelihood(context, continuation)  = Σ_i log p(c_i | context, c_<i),  and whether every
+                                            c_i is the argmax (greedy) choice
+    rolling loglikelihood(document)       = Σ_i log p(d_i | prefix, d_<i)   (prefix: one token
+                                            standing for "start of text", see ``prefix_token``)
+    greedy continuation until a stop sequence
+
+Everything here works on token ids and any model with ``model(tokens [batch, L]) → logits
+[batch, L, vocab]`` (MARLM, its dense twin, TransformerLM). Requests are batched with right
+padding: the models are causal, so padding after a sequence never changes the logits of the
+positions before it (a test checks that against unbatched scoring). Log-probabilities are taken
+in float64 from the model's logits.
+
+**One pass per document.** An SSM LM has no context limit and its scan is linear in L, so a
+document is scored by one forward pass over all of it: every token sees the whole document
+before it, nothing is re-encoded. Models with attention have a KV/position limit
+(``max_length``); for them, and on request (``window``), a document is cut into consecutive
+windows that each start afresh from the prefix token, as the training windows did.
+
+**Energy on the same tokens.** :class:`Scorer` optionally keeps an energy counter
+(:class:`spikemar.energy.EnergyCounter`) attached to every forward pass it runs, so the
+operations counted are exactly those that produced the scores; ``positions`` counts the token
+positions those passes processed (padding included: the model computed on it too).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..energy import EnergyCounter, EnergyReport
+
+__all__ = ["ContinuationScore", "Scorer", "model_max_length"]
+
+
+@dataclass(frozen=True)
+class ContinuationScore:
+    """Log-probability (nats) of a continuation given its context, and whether greedy decoding
+    would have produced it."""
+
+    logprob: float
+    greedy: bool
+    tokens: int
+
+
+def model_max_length(model: nn.Module) -> int | None:
+    """The longest sequence ``model`` accepts in one forward pass (None: no limit, an SSM)."""
+    config = getattr(model, "config", None)
+    max_len = getattr(config, "max_len", None)
+    if max_len is None:
+        return None
+    kinds = getattr(config, "layer_kinds", None)
+    if callable(kinds) and "attn" not in kinds():
+        return None  # selective SSM / LTI layers carry O(1) state: no limit
+    return int(max_len)
+
+
+def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:
+    out = [int(i) for i in ids]
+    if not out and not empty_ok:
+        raise ValueError(f"{name}: expected at least one token id, got none")
+    bad = [i for i in out if not 0 <= i < vocab]
+    if bad:
+        raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
+    return out
+
+
+class Scorer:
+    """Batched scoring of token sequences by ``model`` (in eval mode, under no_grad).
+
+    Args:
+        model: a spikemar LM (``model(tokens) → logits``).
+        vocab_size: the model's vocabulary (ids are checked against it).
+        batch_size: sequences per forward pass.
+        device: where the passes run (the model is moved there).
+        max_length: the longest forward pass (default :func:`model_max_length`; None: no limit).
+        pad_token: the id written after short sequences (any valid id: it is never scored).
+        count_energy: keep an :class:`~spikemar.energy.EnergyCounter` on every pass.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        vocab_size: int,
+        *,
+        batch_size: int = 16,
+        device: str | torch.device = "cpu",
+        max_length: int | None = None,
+        pad_token: int = 0,
+        count_energy: bool = False,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        limit = model_max_length(model)
+        if max_length is not None:
+            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+                raise ValueError(f"max_length: expected an int >= 2 or None, got {max_length!r}")
+            if limit is not None and max_length > limit:
+                raise ValueError(f"max_length: {max_length} exceeds the model's max_len {limit}")
+            limit = max_length
+        self.device = torch.device(device)
+        self.model = model.to(self.device).eval()
+        self.vocab_size = int(vocab_size)
+        self.batch_size = batch_size
+        self.max_length = limit
+        self.pad_token = _check_ids([pad_token], "pad_token", self.vocab_size)[0]
+        self.counter = EnergyCounter(self.model) if count_energy else None
+        self.positions = 0  # token positions run through the model (for per-token energy)
+
+    # -- the forward pass ---------------------------------------------------------------------
+
+    def _forward(self, rows: list[list[int]]) -> torch.Tensor:
+        """Logits [batch, L, vocab] of right-padded ``rows``."""
+        L = max(len(r) for r in rows)
+        ids = torch.full((len(rows), L), self.pad_token, dtype=torch.long)
+        for i, r in enumerate(rows):
+            ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
+        ids = ids.to(self.device)
+        with torch.no_grad():
+            if self.counter is None:
+                logits = self.model(ids)
+            else:
+                with self.counter:
+                    logits = self.model(ids)
+        self.positions += ids.numel()
+        return logits
+
+    def energy_report(self, hardware: str = "45nm-fp32") -> EnergyReport:
+        """The operations of every pass run so far, priced under ``hardware``, per position."""
+        if self.counter is None:
+            raise ValueError("count_energy: this Scorer was made with count_energy=False")
+        if self.positions == 0:
+            raise ValueError("energy_report: nothing has been scored yet")
+        return self.counter.report(hardware, tokens=self.positions)
+
+    # -- loglikelihood ------------------------------------------------------------------------
+
+    def loglikelihood(
+        self, requests: Sequence[tuple[Sequence[int], Sequence[int]]]
+    ) -> list[ContinuationScore]:
+        """Score each ``(context, continuation)``, both non-empty token lists (an empty
+        context is the caller's choice of a start token: lm_eval's wrapper gives the prefix)."""
+        pairs = []
+        for n, (context, continuation) in enumerate(requests):
+            ctx = _check_ids(context, f"requests[{n}] context", self.vocab_size)
+            cont = _check_ids(continuation, f"requests[{n}] continuation", self.vocab_size)
+            whole = ctx + cont
+            if self.max_length is not None and len(whole) - 1 > self.max_length:
+                if len(cont) > self.max_length:
+                    raise ValueError(
+                        f"requests[{n}]: continuation of {len(cont)} tokens exceeds max_length "
+                        f"{self.max_length}"
+                    )
+                whole = whole[-(self.max_length + 1) :]  # drop the oldest context, as lm_eval
+            pairs.append((whole[:-1], whole[-len(cont) :]))
+        out: list[ContinuationScore | None] = [None] * len(pairs)
+        order = sorted(range(len(pairs)), key=lambda i: -len(pairs[i][0]))
+        for start in range(0, len(order), self.batch_size):
+            chunk = order[start : start + self.batch_size]
+            logits = self._forward([pairs[i][0] for i in chunk])
+            for row, i in enumerate(chunk):
+                inputs, cont = pairs[i]
+                end = len(inputs)
+                sel = logits[row, end - len(cont) : end].double()
+                logp = F.log_softmax(sel, dim=-1)
+                target = torch.tensor(cont, device=logp.device)
+                total = logp.gather(-1, target[:, None]).sum().item()
+                greedy = bool((sel.argmax(-1) == target).all())
+                out[i] = ContinuationScore(total, greedy, len(cont))
+        return out  # type: ignore[return-value]
+
+    # -- rolling loglikelihood -------------------------------------------------------------------
+
+    def token_logprobs(
+        self, documents: Sequence[Sequence[int]], prefix: int, window: int | None = None
+    ) -> list[torch.Tensor]:
+        """Per-token log-probabilities (float64, nats) of every token of each document, each
+        conditioned on ``prefix`` and the document before it: one pass over the whole document,
+        or consecutive windows of ``window`` tokens that each restart from ``prefix``."""
+        prefix = _check_ids([prefix], "prefix", self.vocab_size)[0]
+        if window is not None and (
+            isinstance(window, bool) or not isinstance(window, int) or window < 1
+        ):
+            raise ValueError(f"window: expected an int >= 1 or None, got {window!r}")
+        if self.max_length is not None:
+            window = min(window or self.max_length, self.max_length)
+        segments: list[tuple[int, int, list[int]]] = []  # (document, offset, tokens)
+        for n, doc in enumerate(documents):
+            ids = _check_ids(doc, f"documents[{n}]", self.vocab_size)
+            step = window or len(ids)
+            for off in range(0, len(ids), step):
+                segments.append((n, off, ids[off : off + step]))
+        result = [
+            torch.empty(len(doc), dtype=torch.float64) for doc in documents
+        ]  # filled segment by segment
+        order = sorted(range(len(segments)), key=lambda i: -len(segments[i][2]))
+        start = 0
+        while start < len(order):
+            # long documents alone, short ones batched: bound the positions of one pass
+            longest = len(segments[order[start]][2]) + 1
+            take = max(1, min(self.batch_size, (self.batch_size * 512) // longest))
+            chunk = order[start : start + take]
+            start += take
+            logits = self._forward([[prefix, *segments[i][2][:-1]] for i in chunk])
+            for row, i in enumerate(chunk):
+                n, off, seg = segments[i]
+                logp = F.log_softmax(logits[row, : len(seg)].double(), dim=-1)
+                target = torch.tensor(seg, device=logp.device)[:, None]
+                result[n][off : off + len(seg)] = logp.gather(-1, target)[:, 0].cpu()
+        return result
+
+    def loglikelihood_rolling(
+        self, documents: Sequence[Sequence[int]], prefix: int, window: int | None = None
+    ) -> list[float]:
+        """Σ of :meth:`token_logprobs` per document."""
+        return [float(t.sum()) for t in self.token_logprobs(documents, prefix, window)]
+
+    # -- greedy generation ------------------------------------------------------------------------
+
+    def greedy_until(
+        self,
+        contexts: Sequence[Sequence[int]],
+        *,
+        decode: Callable[[list[int]], str],
+        stop: Sequence[str] = (),
+        max_new_tokens: int = 64,
+    ) -> list[str]:
+        """Greedy continuation of each context, decoded, cut before the first stop sequence.
+
+        Each new token re-runs the forward pass over the sequence so far, batched across
+        requests of any length (right padding keeps it exact). Generation through the models'
+        O(1) recurrent ``step`` would need the contexts prefilled one token at a time per
+        request: slower for the short outputs evaluation asks for.
+        """
+        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        if max_new_tokens < 0:
+            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        stops = [s for s in stop if s]
+        rows = [_check_ids(c, f"contexts[{n}]", self.vocab_size) for n, c in enumerate(contexts)]
+        new: list[list[int]] = [[] for _ in rows]
+        text = [""] * len(rows)
+        active = list(range(len(rows)))
+        for _ in range(max_new_tokens):
+            if not active:
+                break
+            finished = []
+            for start in range(0, len(active), self.batch_size):
+                chunk = active[start : start + self.batch_size]
+                seqs = [self._fit(rows[i] + new[i]) for i in chunk]
+                logits = self._forward(seqs)
+                for row, i in enumerate(chunk):
+                    new[i].append(int(logits[row, len(seqs[row]) - 1].argmax()))
+                    text[i] = decode(new[i])
+                    if any(s in text[i] for s in stops):
+                        finished.append(i)
+            active = [i for i in active if i not in set(finished)]
+        out = []
+        for t in text:
+            cut = min((t.find(s) for s in stops if s in t), default=len(t))
+            out.append(t[:cut])
+        return out
+
+    def _fit(self, seq: list[int]) -> list[int]:
+        if self.max_length is not None and len(seq) > self.max_length:
+            return seq[-self.max_length :]
+        return seq
+
+
+def nats_to_bits_per_byte(nats: float, n_bytes: int) -> float:
+    """Total nats over a text → bits per UTF-8 byte of it."""
+    if n_bytes < 1:
+        raise ValueError(f"n_bytes: expected >= 1, got {n_bytes}")
+    return nats / (n_bytes * math.log(2))

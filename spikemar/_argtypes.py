@@ -6,7 +6,14 @@ from __future__ import annotations
 import argparse
 import math
 
-__all__ = ["finite_positive_float", "int_at_least_1", "non_negative_float", "positive_float"]
+__all__ = [
+    "check_device",
+    "device_argument",
+    "finite_positive_float",
+    "int_at_least_1",
+    "non_negative_float",
+    "positive_float",
+]
 
 
 def int_at_least_1(text: str) -> int:
@@ -39,3 +46,44 @@ def finite_positive_float(text: str) -> float:
 
 def non_negative_float(text: str) -> float:
     return _float(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
+
+
+def check_device(device: object, *, name: str = "device") -> str:
+    """``device`` as a string that torch accepts and that can run here, else a ValueError naming
+    ``name``: a typo, ``cuda`` on a CPU-only build or without a visible GPU, ``cuda:N`` beyond
+    the GPUs there are. Checked when a command line or a config is read, not at the first step."""
+    import torch
+
+    if not isinstance(device, str | torch.device):
+        raise ValueError(f"{name}: expected a device such as 'cpu' or 'cuda', got {device!r}")
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise ValueError(
+            f"{name}: {str(device)!r} is not a device; expected cpu, cuda or cuda:N"
+        ) from None
+    if parsed.type == "cpu":
+        return str(parsed)
+    if parsed.type == "cuda":
+        if torch.version.cuda is None:
+            raise ValueError(f"{name}: {str(device)!r}, but this PyTorch is a CPU-only build "
+                             f"(torch {torch.__version__}); use --device cpu")  # fmt: skip
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ValueError(f"{name}: {str(device)!r}, but no CUDA GPU is visible")
+        if parsed.index is not None and parsed.index >= count:
+            raise ValueError(f"{name}: {str(device)!r}, but only {count} CUDA GPU(s) are "
+                             f"visible (cuda:0 to cuda:{count - 1})")  # fmt: skip
+        return str(parsed)
+    if parsed.type == "mps" and torch.backends.mps.is_available():
+        return str(parsed)
+    raise ValueError(f"{name}: {str(device)!r} cannot run spikemar here; expected cpu, cuda or "
+                     "cuda:N")  # fmt: skip
+
+
+def device_argument(text: str) -> str:
+    """argparse type of ``--device``: :func:`check_device` when the command line is parsed."""
+    try:
+        return check_device(text, name="device")
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err).removeprefix("device: ")) from None

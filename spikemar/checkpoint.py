@@ -6,32 +6,42 @@ A checkpoint is one ``torch.save`` file holding plain data (no pickled classes, 
     format        "spikemar-checkpoint-1"
     kind          "mar" | "mar-dense" | "transformer"
     model_config  the model's config as a dict (MARConfig's SpikeConfig as a nested dict)
-    tokenizer     the tokenizer as a dict (spikemar.data.CharTokenizer.to_dict)
+    tokenizer     the tokenizer as a dict (its to_dict(): spikemar.tokenizer, char or hf)
     model         the model's state_dict
     train         optional: the training state (step, optimizer, scheduler, RNG states, config,
                   best validation loss, history) that ``--resume`` restores
     provenance    optional: how a released checkpoint was made (command, data, seed, result);
                   :func:`release_checkpoint` writes it in place of the training state
 
-It is written to a temporary name in the same folder and renamed, so an interrupted save never
-leaves a half-written file behind.
+The format string carries its version N ("spikemar-checkpoint-N"): a file of a newer version is
+refused with "written by a newer spikemar (format N); upgrade spikemar", not misread. Weights that
+hold NaN or inf (a run that diverged) are refused unless ``allow_nonfinite=True``.
+
+It is written with :func:`spikemar._io.atomic_write` (a temporary name in the same folder, then
+one rename), so an interrupted save never leaves a half-written file, and the temporaries of a
+killed save are removed by the next one.
 """
 
 from __future__ import annotations
 
 import os
-import tempfile
+import pickle
+import re
+import zipfile
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
+from ._io import atomic_write
 from .data import CharTokenizer
+from .tokenizer import tokenizer_from_dict
 from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
 
 __all__ = [
     "MODEL_KINDS",
+    "NonFiniteWeightsError",
     "build_model",
     "dense_twin",
     "load_checkpoint",
@@ -40,8 +50,21 @@ __all__ = [
     "save_checkpoint",
 ]
 
-FORMAT = "spikemar-checkpoint-1"
+FORMAT_VERSION = 1
+FORMAT = f"spikemar-checkpoint-{FORMAT_VERSION}"
 MODEL_KINDS = ("mar", "mar-dense", "transformer")
+_FORMAT_RE = re.compile(r"^spikemar-checkpoint-(\d+)$")
+
+
+class NonFiniteWeightsError(ValueError):
+    """A checkpoint (or a model about to be saved) holds NaN or inf weights."""
+
+
+def nonfinite_parameters(state: dict[str, Any]) -> list[str]:
+    """The names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [name for name, t in state.items()
+            if isinstance(t, torch.Tensor) and t.is_floating_point()
+            and not bool(torch.isfinite(t).all())]  # fmt: skip
 
 
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
@@ -98,57 +121,101 @@ def save_checkpoint(
     train_state: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
 ) -> Path:
+    """Write ``model`` (and optionally a run's training state or a release's provenance) to
+    ``path`` atomically; returns the path. Refuses a model with NaN or inf weights
+    (:class:`NonFiniteWeightsError`): a diverged run must not replace a good checkpoint."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if not callable(getattr(tokenizer, "to_dict", None)):
+        raise TypeError(f"tokenizer: expected a tokenizer with to_dict() (CharTokenizer), got "
+                        f"{type(tokenizer).__name__}")  # fmt: skip
+    state = model.state_dict()
+    bad = nonfinite_parameters(state)
+    if bad:
+        raise NonFiniteWeightsError(
+            f"model: {len(bad)} weight tensors hold NaN or inf (first: {bad[0]}); not saving "
+            f"them to {path}"
+        )
     payload = {
         "format": FORMAT,
         "kind": model_kind(model),
         "model_config": model_config_dict(model),
         "tokenizer": tokenizer.to_dict(),
-        "model": model.state_dict(),
+        "model": state,
     }
     if train_state is not None:
         payload["train"] = train_state
     if provenance is not None:
         payload["provenance"] = provenance
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(payload, f)
-            f.flush()
-            os.fsync(f.fileno())  # on disk before the rename: a crash leaves old or new, whole
-        mask = os.umask(0)  # mkstemp makes the file private; give it the usual permissions
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        torch.save(payload, tmp)
     return path
 
 
-def load_checkpoint(
-    path: str | os.PathLike, map_location: str | torch.device = "cpu"
-) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
-    """``(model, tokenizer, payload)``; the model in eval mode with the saved weights."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {path}")
+def _read(path: Path, map_location) -> dict[str, Any]:
+    """The payload of ``path``, or one clear ValueError: corrupt, not a checkpoint, newer."""
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:
+    except pickle.UnpicklingError:
+        # torch's message advises weights_only=False, i.e. running whatever code the file
+        # holds: a spikemar checkpoint is plain data, so such a file is simply not one
         raise ValueError(
-            f"checkpoint: {path} is not a readable spikemar checkpoint ({err})"
-        ) from err
-    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
-        raise ValueError(f"checkpoint: {path} is not a spikemar checkpoint (format {FORMAT!r})")
+            f"checkpoint: {path} is not a spikemar checkpoint (it holds Python objects or bytes "
+            "that a checkpoint never contains; corrupt, or another program's file)"
+        ) from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
+        reason = str(err).split(". ")[0].strip()
+        raise ValueError(
+            f"checkpoint: {path} is corrupt or truncated (torch.load: {reason})"
+        ) from None
+    form = payload.get("format") if isinstance(payload, dict) else None
+    match = _FORMAT_RE.match(form) if isinstance(form, str) else None
+    if match is None:
+        raise ValueError(f"checkpoint: {path} is not a spikemar checkpoint (no format entry)")
+    version = int(match.group(1))
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"checkpoint: {path} was written by a newer spikemar (format {version}; this one "
+            f"reads up to {FORMAT_VERSION}); upgrade spikemar"
+        )
+    if version < 1:
+        raise ValueError(f"checkpoint: {path} has format {version}, which no spikemar wrote")
+    return payload
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device = "cpu",
+    *,
+    allow_nonfinite: bool = False,
+) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
+    """``(model, tokenizer, payload)``; the model in eval mode with the saved weights.
+
+    Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is corrupt,
+    not a checkpoint, or of a newer format, and :class:`NonFiniteWeightsError` for weights with
+    NaN or inf (a diverged run) unless ``allow_nonfinite``."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint: {path} is a folder; expected a checkpoint file")
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint: no file at {path}")
+    payload = _read(path, map_location)
     try:
         model = build_model(payload["kind"], payload["model_config"])
         model.load_state_dict(payload["model"])
-    except (KeyError, TypeError, ValueError, RuntimeError) as err:
+        tokenizer = tokenizer_from_dict(payload["tokenizer"])
+    except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise ValueError(f"checkpoint: {path} does not rebuild its model ({err})") from err
+    bad = nonfinite_parameters(payload["model"])
+    if bad and not allow_nonfinite:
+        raise NonFiniteWeightsError(
+            f"checkpoint: {path} holds NaN or inf weights in {len(bad)} tensors (first: "
+            f"{bad[0]}): the run that wrote it diverged; pass allow_nonfinite=True to load it "
+            "anyway"
+        )
     model.eval()
-    return model, CharTokenizer.from_dict(payload["tokenizer"]), payload
+    return model, tokenizer, payload
 
 
 def release_checkpoint(

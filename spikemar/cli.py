@@ -9,6 +9,11 @@ Each command defined here is a pair: ``_add_<name>(subparsers)`` declares its op
 ``func=_run_<name>``, which takes the parsed arguments and returns an exit code. A command that
 lives in a sub-package (``energy``, ``distill``, ``export``, ``demo``) is one
 :func:`_delegated` line naming its module's two functions. Each is an entry in ``_COMMANDS``.
+
+Errors: a bad argument is one line (``spikemar train: error: argument --lr: ...``) and exit 2;
+a mistake found later (a missing file, an existing ``--out``) is one line and exit 2; a run that
+fails (a diverged training, a Lava run) one line and exit 1; Ctrl-C exits 130, SIGTERM 143. No
+traceback unless ``--debug`` or ``SPIKEMAR_DEBUG=1``. ``--help`` shows every default.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -26,15 +32,46 @@ from torch import nn
 
 from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
+from ._argtypes import non_negative_float as _non_negative_float
 from ._argtypes import positive_float as _positive_float
+from .models.common import NEURONS as _NEURON_KINDS  # the one table of neuron kinds
 
 __all__ = ["build_parser", "main"]
 
-_NEURON_KINDS = ("atmn", "binary", "ternary-single")
+# the models' and training's default τ (SpikeConfig, ``spikemar train --tau``): a picture of the
+# neuron shows the neuron the models run unless asked otherwise
+_DEFAULT_TAU = 1.0
 
 
 class _UsageError(Exception):
     """A combination of arguments that argparse cannot check on its own."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Every option's default in ``--help`` (unless its help already states it)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help
+        if (
+            text
+            and "default" not in text
+            and action.option_strings
+            and action.default not in (None, False, argparse.SUPPRESS)
+        ):
+            text += " (default: %(default)s)"
+        return text
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse with one-line errors (the usage block is what ``--help`` is for) and defaults
+    in the help; sub-commands' parsers are of this class too."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("formatter_class", _HelpFormatter)
+        super().__init__(*args, **kwargs)
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 # -- raster -------------------------------------------------------------------------------------
@@ -53,18 +90,24 @@ def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         ),
     )
     p.add_argument("--neuron", choices=_NEURON_KINDS, default="atmn", help="neuron kind")
-    p.add_argument("--T", type=_int_at_least_1, default=4, help="micro-steps T (default 4)")
+    p.add_argument(
+        "--T",
+        type=_int_at_least_1,
+        default=None,
+        help="micro-steps T (default 4; ternary-single: 1, its only meaningful value)",
+    )
     p.add_argument(
         "--tau",
         type=_positive_float,
         default=None,
-        help="membrane time constant tau > 0 (default 2; ternary-single has none)",
+        help=f"membrane time constant tau > 0 (default {_DEFAULT_TAU:g}, as the models'; "
+        "ternary-single has none)",
     )
     p.add_argument(
         "--v-threshold",
         type=_finite_positive_float,
         default=0.5,
-        help="threshold V > 0 (default 0.5)",
+        help="threshold V > 0",
     )
     p.add_argument("--network", action="store_true", help="a 3-layer Linear+neuron network")
     p.add_argument("--seed", type=int, default=0, help="seed of the network weights")
@@ -88,7 +131,7 @@ def _make_neuron(kind: str, tau: float | None, v_threshold: float) -> nn.Module:
             )
         return TernarySingleStep(v_threshold, **common)
     cls = ATMN if kind == "atmn" else BinaryMultiStep
-    return cls(2.0 if tau is None else tau, v_threshold, **common)
+    return cls(_DEFAULT_TAU if tau is None else tau, v_threshold, **common)
 
 
 @dataclass
@@ -115,6 +158,19 @@ class _SpikeStats:
 def _run_raster(args: argparse.Namespace) -> int:
     from spikemar import viz
 
+    from ._io import check_output_path
+
+    if args.neuron == "ternary-single":
+        if args.T not in (None, 1):
+            raise _UsageError(
+                f"argument --T: ternary-single keeps no membrane between micro-steps, so under "
+                f"δ-injection only micro-step 0 can fire and T = {args.T} would draw "
+                f"{args.T - 1} empty micro-steps; leave --T out (T = 1) or use --neuron atmn"
+            )
+        args.T = 1
+    elif args.T is None:
+        args.T = 4
+    check_output_path(args.out, name="--out")
     torch.manual_seed(args.seed)
     neuron = _make_neuron(args.neuron, args.tau, args.v_threshold)
     tau_text = "∞" if math.isinf(neuron.tau) else f"{neuron.tau:g}"
@@ -267,11 +323,13 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     from .training import add_loop_arguments
 
-    p.add_argument("--model", choices=("mar", "mar-dense", "transformer"), default="mar")
+    p.add_argument("--model", choices=("mar", "mar-dense", "transformer"), default="mar",
+                   help="spiking MAR LM, its dense twin, or a Transformer")  # fmt: skip
     add_loop_arguments(p, out="runs/model.pt")
-    p.add_argument("--d-model", type=_int_at_least_1, default=128)
-    p.add_argument("--n-layers", type=_int_at_least_1, default=4)
-    p.add_argument("--n-heads", type=_int_at_least_1, default=4, help="Transformer heads")
+    p.add_argument("--d-model", type=_int_at_least_1, default=128, help="model width")
+    p.add_argument("--n-layers", type=_int_at_least_1, default=4, help="layers")
+    p.add_argument("--n-heads", type=_int_at_least_1, default=4,
+                   help="attention heads (Transformer, and MAR's attn layers)")  # fmt: skip
     p.add_argument(
         "--layers",
         default=None,
@@ -279,7 +337,8 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
     )
     p.add_argument("--T", type=_int_at_least_1, default=4, help="ATMN micro-steps (mar)")
     p.add_argument("--tau", type=_positive_float, default=1.0, help="ATMN τ (mar)")
-    p.add_argument("--v-threshold", type=_positive_float, default=0.5, help="initial V (mar)")
+    p.add_argument("--v-threshold", type=_finite_positive_float, default=0.5,
+                   help="initial V (mar)")  # fmt: skip
     p.set_defaults(func=_run_train)
     return p
 
@@ -293,18 +352,32 @@ def _run_train(args: argparse.Namespace) -> int:
     else:
         if args.layers:
             model_config["layers"] = [k.strip() for k in args.layers.split(",")]
+            if "attn" in model_config["layers"]:
+                model_config["n_attn_heads"] = args.n_heads
         if args.model == "mar":
             model_config["spikes"] = {"T": args.T, "tau": args.tau,
                                       "v_threshold": args.v_threshold}  # fmt: skip
+    from .training import TrainingDivergedError
+
     try:
         config = TrainConfig(model=args.model, model_config=model_config, **loop_settings(args))
         result = train(config, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
-        raise _UsageError(str(err)) from err
-    except KeyboardInterrupt:
-        return 130
-    print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} nats/char")
+    except TrainingDivergedError:
+        raise
+    except (ValueError, TypeError, OSError) as err:
+        raise _UsageError(_with_flags(str(err))) from err
+    skipped = f" ({result['skipped']} non-finite steps skipped)" if result["skipped"] else ""
+    print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} "
+          f"nats/char{skipped}")  # fmt: skip
     return 0
+
+
+def _with_flags(message: str) -> str:
+    """A library message names the argument (``out: ...``); on the command line name the flag."""
+    name, sep, rest = message.partition(": ")
+    if sep and name.isidentifier() and not name.startswith("-"):
+        return f"--{name.replace('_', '-')}: {rest}"
+    return message
 
 
 def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
@@ -314,12 +387,15 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         description="Continue a prompt with a trained model, token by token through its "
         "recurrent state (SSM state or KV cache).",
     )
-    p.add_argument("--checkpoint", required=True)
+    p.add_argument("--checkpoint", required=True, help="a checkpoint of spikemar train/distill")
     p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=_int_at_least_1, default=200)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=_int_at_least_1, default=None)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--max-new-tokens", type=_int_at_least_1, default=200,
+                   help="tokens to generate")  # fmt: skip
+    p.add_argument("--temperature", type=_non_negative_float, default=0.8,
+                   help="sampling temperature (0: greedy)")  # fmt: skip
+    p.add_argument("--top-k", type=_int_at_least_1, default=None,
+                   help="sample from the k most likely tokens only (default: all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
     p.set_defaults(func=_run_generate)
     return p
 
@@ -327,13 +403,16 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
 
-    if args.temperature < 0:
-        raise _UsageError(f"--temperature: expected >= 0, got {args.temperature}")
     try:
         model, tokenizer, _ = load_checkpoint(args.checkpoint)
         prompt = torch.tensor(tokenizer.encode(args.prompt.replace("\\n", "\n")))
-    except (ValueError, FileNotFoundError) as err:
-        raise _UsageError(str(err)) from err
+    except (ValueError, OSError) as err:
+        message = str(err)
+        if message.startswith("text: "):
+            message = "--prompt: " + message.removeprefix("text: ")
+        elif message.startswith("checkpoint: "):
+            message = "--" + message
+        raise _UsageError(message) from err
     if prompt.numel() == 0:
         raise _UsageError("--prompt: expected at least one character")
     out = model.generate(
@@ -417,29 +496,60 @@ def _version() -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog="spikemar",
         description="spikemar: spiking language models after MAR (arXiv 2601.21503).",
     )
     parser.add_argument("--version", action="version", version=f"spikemar {_version()}")
+    parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     for add in _COMMANDS:
         sub = add(subparsers)
+        # SUPPRESS: a sub-command's default must not undo `spikemar --debug COMMAND`
+        sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                         help=_DEBUG_HELP)  # fmt: skip
         sub.set_defaults(_parser=sub)
     return parser
+
+
+_DEBUG_HELP = "show the Python traceback of an error (or set SPIKEMAR_DEBUG=1)"
+# a user's mistake (a bad value, a missing or existing file) as opposed to a failure of the run
+_USER_ERRORS = (ValueError, TypeError, FileNotFoundError, FileExistsError, IsADirectoryError,
+                NotADirectoryError, PermissionError)  # fmt: skip
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code.
 
-    Bad arguments end in ``SystemExit(2)`` with argparse's usage message naming the argument.
+    A bad argument ends in ``SystemExit(2)`` with one line naming it. Any other error is one
+    line on stderr: exit 2 for a mistake in the input (a missing or corrupt file, a bad value),
+    1 for a run that failed (diverged, a Lava run); Ctrl-C 130, SIGTERM 143. ``--debug`` or
+    ``SPIKEMAR_DEBUG=1`` re-raises instead, with the traceback.
     """
+    from ._io import Terminated, sigterm_as_interrupt
+
     parser = build_parser()
     args = parser.parse_args(argv)
+    debug = getattr(args, "debug", False) or os.environ.get("SPIKEMAR_DEBUG", "") not in ("", "0")
     try:
-        return int(args.func(args))
+        with sigterm_as_interrupt():
+            return int(args.func(args))
     except _UsageError as err:
         args._parser.error(str(err))
+    except KeyboardInterrupt as err:
+        if debug:
+            raise
+        return 143 if isinstance(err, Terminated) else 130
+    except Exception as err:
+        if debug:
+            raise
+        user = isinstance(err, _USER_ERRORS)
+        message = " ".join(str(err).split()) or type(err).__name__
+        if not user and not type(err).__module__.startswith("spikemar"):
+            # not one of spikemar's own errors: say what it is and where to see more
+            message = f"{type(err).__name__}: {message} (--debug shows the traceback)"
+        print(f"{args._parser.prog}: error: {message}", file=sys.stderr)
+        return 2 if user else 1
     return 2  # not reached: error() exits
 
 

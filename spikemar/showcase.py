@@ -20,7 +20,7 @@ from typing import Any
 
 import torch
 
-from ._argtypes import int_at_least_1
+from ._argtypes import int_at_least_1, non_negative_float
 
 __all__ = ["SHIPPED_CHECKPOINT", "add_demo_arguments", "demo_main", "shipped_checkpoint"]
 
@@ -42,11 +42,14 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
                    help="a spiking MAR checkpoint (default: the packaged Tiny Shakespeare "
                         "student)")  # fmt: skip
     p.add_argument("--prompt", default="ROMEO:\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int_at_least_1, default=300)
-    p.add_argument("--temperature", type=float, default=0.8)
-    p.add_argument("--top-k", type=int_at_least_1, default=None)
-    p.add_argument("--seed", type=int, default=1)
-    p.add_argument("--hardware", default="45nm-fp32", help="energy profile (45nm-fp32)")
+    p.add_argument("--max-new-tokens", type=int_at_least_1, default=300,
+                   help="characters to generate")  # fmt: skip
+    p.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="sampling temperature (0: greedy)")  # fmt: skip
+    p.add_argument("--top-k", type=int_at_least_1, default=None,
+                   help="sample from the k most likely characters only (default: all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1, help="seed of the sampling")
+    p.add_argument("--hardware", default="45nm-fp32", help="energy profile")
     p.add_argument("--out", type=Path, default=Path("spikemar_demo.png"), help="the PNG")
     return p
 

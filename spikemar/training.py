@@ -6,7 +6,15 @@ AdamW with decoupled weight decay on matrices only, linear warm-up then cosine d
 batches every ``eval_interval`` steps, a checkpoint after each validation (and on Ctrl-C) that
 holds the optimizer, scheduler and every RNG state, so ``resume=True`` continues the run exactly
 where it stopped: the same batches, the same updates, bit for bit on the CPU. A kill -9 loses at
-most the steps since the last checkpoint.
+most the steps since the last checkpoint, and the next run removes the temporary file of a save
+it interrupted. ``resume=True`` with more ``steps`` than the saved run extends it: the saved
+run's cosine schedule is kept and the steps past its end run at ``min_lr``.
+
+Failing early and loudly: the output path is checked (and an existing checkpoint refused unless
+``overwrite`` or ``resume``) before any data is read; a non-finite loss or gradient norm stops the
+run (``on_nonfinite='stop'``, the default) or skips that update and counts it (``'skip'``), and a
+model with NaN or inf weights is never written over the last good checkpoint. SIGTERM is handled
+as Ctrl-C is: the run saves and stops.
 
 What a step minimises is an :class:`Objective` (cross-entropy here; SBDS in
 :mod:`spikemar.distill`). Under ``torchrun`` the loop runs data-parallel
@@ -23,9 +31,10 @@ import datetime
 import math
 import os
 import signal
+import sys
 import threading
 import time
-from dataclasses import MISSING, asdict, dataclass, field, fields
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -35,24 +44,42 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ._argtypes import int_at_least_1, positive_float
-from .checkpoint import MODEL_KINDS, build_model, load_checkpoint, save_checkpoint
+from ._argtypes import check_device, device_argument, finite_positive_float, int_at_least_1
+from ._io import Terminated, check_output_path, remove_stale_temporaries, sigterm_as_interrupt
+from .checkpoint import (
+    MODEL_KINDS,
+    NonFiniteWeightsError,
+    build_model,
+    load_checkpoint,
+    save_checkpoint,
+)
 from .data import CharTokenizer, TokenDataset
 
 __all__ = [
     "LoopConfig",
     "Objective",
     "TrainConfig",
+    "TrainingDivergedError",
     "add_loop_arguments",
     "evaluate",
     "loop_settings",
+    "prepare_output",
     "run_training",
     "train",
 ]
 
 AMP_MODES = ("auto", "bf16", "off")
-# what may differ between a run and its --resume: nothing that changes the updates
-RESUMABLE_CHANGES = frozenset({"eval_interval", "eval_iters", "device", "amp", "out"})
+ON_NONFINITE = ("stop", "skip")
+# what may differ between a run and its --resume: nothing that changes the updates (``steps``
+# may grow: an extension, whose schedule the saved run fixes, see ``schedule_steps``)
+RESUMABLE_CHANGES = frozenset(
+    {"eval_interval", "eval_iters", "device", "amp", "out", "overwrite", "on_nonfinite", "steps",
+     "schedule_steps"}
+)  # fmt: skip
+
+
+class TrainingDivergedError(RuntimeError):
+    """The loss or the gradient became NaN or inf; the run stopped without saving bad weights."""
 
 
 @dataclass
@@ -74,16 +101,20 @@ class LoopConfig:
     seed: int = 1337
     device: str = "cpu"
     amp: str = "auto"  # 'auto': bfloat16 autocast on CUDA when supported, off on CPU
+    overwrite: bool = False  # replace an existing checkpoint at ``out`` with a new run
+    on_nonfinite: str = "stop"  # a NaN/inf loss or gradient: 'stop' the run, or 'skip' the step
+    # the length of the cosine schedule when it differs from ``steps``: set when a resume
+    # extends a finished run (the schedule ends where it ended, then lr stays at min_lr)
+    schedule_steps: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "L", "eval_interval", "eval_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if not (self.lr > 0 and 0 <= self.min_lr <= self.lr):
-            raise ValueError(
-                f"lr, min_lr: expected 0 <= min_lr <= lr, lr > 0; got {self.lr}, {self.min_lr}"
-            )
+        if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr <= self.lr):
+            raise ValueError(f"lr, min_lr: expected finite 0 <= min_lr <= lr, lr > 0; got "
+                             f"{self.lr}, {self.min_lr}")  # fmt: skip
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {AMP_MODES}, got {self.amp!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
@@ -91,6 +122,13 @@ class LoopConfig:
         if not self.grad_clip > 0 or not self.weight_decay >= 0:
             raise ValueError(f"grad_clip, weight_decay: expected > 0 and >= 0, got "
                              f"{self.grad_clip}, {self.weight_decay}")  # fmt: skip
+        if self.on_nonfinite not in ON_NONFINITE:
+            raise ValueError(
+                f"on_nonfinite: expected one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
+            )
+        if not isinstance(self.out, str | os.PathLike) or not str(self.out):
+            raise ValueError(f"out: expected a file path, got {self.out!r}")
+        self.device = check_device(self.device, name="device")
 
 
 @dataclass
@@ -139,22 +177,45 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     """The command-line options of :class:`LoopConfig`, shared by ``train`` and ``distill``;
     :func:`loop_settings` turns the parsed ones back into its keyword arguments."""
     p = parser
-    p.add_argument("--data", default=None, help="a UTF-8 text file (default: Tiny Shakespeare)")
+    p.add_argument("--data", default=None,
+                   help="a UTF-8 text file (default: Tiny Shakespeare from the shared data "
+                        "folder, or $SPIKEMAR_DATA)")  # fmt: skip
     p.add_argument("--out", default=out, help="checkpoint path")
-    p.add_argument("--resume", action="store_true", help="continue the run saved at --out")
-    p.add_argument("--steps", type=int_at_least_1, default=2000)
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run saved at --out; a larger --steps extends it")  # fmt: skip
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out with a new run")  # fmt: skip
+    p.add_argument("--steps", type=int_at_least_1, default=2000, help="optimizer steps")
     p.add_argument("--batch-size", type=int_at_least_1, default=12,
                    help="the global batch (split across ranks under torchrun)")  # fmt: skip
     p.add_argument("--L", type=int_at_least_1, default=64, help="tokens per training window")
-    p.add_argument("--lr", type=positive_float, default=1e-3, help="peak; cosine down to lr/10")
-    p.add_argument("--warmup", type=int, default=100, help="steps of linear warm-up")
-    p.add_argument("--eval-interval", type=int_at_least_1, default=250)
-    p.add_argument("--eval-iters", type=int_at_least_1, default=20)
-    p.add_argument("--seed", type=int, default=1337)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--lr", type=finite_positive_float, default=1e-3,
+                   help="peak learning rate; cosine down to lr/10")  # fmt: skip
+    p.add_argument("--warmup", type=_int_at_least_0, default=100, help="steps of linear warm-up")
+    p.add_argument("--eval-interval", type=int_at_least_1, default=250,
+                   help="steps between validations (each writes the checkpoint)")  # fmt: skip
+    p.add_argument("--eval-iters", type=int_at_least_1, default=20,
+                   help="batches per validation")  # fmt: skip
+    p.add_argument("--seed", type=int, default=1337, help="seed of the weights and batches")
+    p.add_argument("--device", type=device_argument, default="cpu",
+                   help="cpu, cuda or cuda:N (checked when given)")  # fmt: skip
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
                    help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
+                   help="a NaN or inf loss or gradient: stop the run (exit 1), or skip that "
+                        "update and count it")  # fmt: skip
+    p.add_argument("--no-progress", action="store_true",
+                   help="no progress bar; print the settings, validations and result")  # fmt: skip
+
+
+def _int_at_least_0(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
 
 
 def loop_settings(args: argparse.Namespace) -> dict[str, Any]:
@@ -164,15 +225,18 @@ def loop_settings(args: argparse.Namespace) -> dict[str, Any]:
         "data": args.data, "out": args.out, "steps": args.steps, "batch_size": args.batch_size,
         "L": args.L, "lr": args.lr, "min_lr": args.lr / 10, "warmup": args.warmup,
         "eval_interval": args.eval_interval, "eval_iters": args.eval_iters, "seed": args.seed,
-        "device": args.device, "amp": args.amp,
+        "device": args.device, "amp": args.amp, "overwrite": args.overwrite,
+        "on_nonfinite": args.on_nonfinite,
     }  # fmt: skip
 
 
 def lr_factor(step: int, config: LoopConfig) -> float:
-    """Multiplier of ``lr`` at ``step``: linear warm-up, then cosine down to ``min_lr``."""
+    """Multiplier of ``lr`` at ``step``: linear warm-up, then cosine down to ``min_lr`` at
+    ``schedule_steps`` (``steps`` unless a resume extended the run), then ``min_lr``."""
     if step < config.warmup:
         return (step + 1) / config.warmup
-    progress = min(1.0, (step - config.warmup) / max(1, config.steps - config.warmup))
+    end = config.schedule_steps or config.steps
+    progress = min(1.0, (step - config.warmup) / max(1, end - config.warmup))
     floor = config.min_lr / config.lr
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
@@ -221,19 +285,22 @@ def _rng_state(gen: torch.Generator) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _sigint_deferred():
-    """Hold a Ctrl-C back until the block ends (then raise it), so that an interrupt never lands
-    inside an optimizer update and leaves some parameters updated and others not."""
+    """Hold a Ctrl-C (or SIGTERM) back until the block ends (then raise it), so that an
+    interrupt never lands inside an optimizer update and leaves some parameters updated and
+    others not."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
     received: list[int] = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: received.append(signum))
+    previous = {sig: signal.signal(sig, lambda signum, frame: received.append(signum))
+                for sig in (signal.SIGINT, signal.SIGTERM)}  # fmt: skip
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
     if received:
-        raise KeyboardInterrupt
+        raise Terminated if received[0] == signal.SIGTERM else KeyboardInterrupt
 
 
 def check_resume_config(saved: dict[str, Any], config: LoopConfig) -> None:
@@ -242,6 +309,9 @@ def check_resume_config(saved: dict[str, Any], config: LoopConfig) -> None:
     # a setting added to the configuration after the run was saved ran at its default
     defaults = {f.name: f.default for f in fields(config) if f.default is not MISSING}
     saved = {**{k: v for k, v in defaults.items() if k not in saved}, **saved}
+    if current["steps"] < saved["steps"]:
+        raise ValueError(f"steps: the run was started for {saved['steps']} steps; resume it with "
+                         f"--steps {saved['steps']} or more (more extends it)")  # fmt: skip
     changed = sorted(k for k in current.keys() | saved.keys()
                      if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))  # fmt: skip
     if changed:
@@ -267,6 +337,29 @@ def distributed_setup(device: str) -> tuple[int, int, str]:
     return rank, world, device
 
 
+def prepare_output(config: LoopConfig, *, resume: bool) -> Path:
+    """Check ``config.out`` before any work: a writable file path (its folder created), not an
+    existing checkpoint unless ``resume`` or ``config.overwrite``; remove the temporaries of a
+    save that a killed run left there. Call it first; :func:`run_training` calls it too."""
+    out = check_output_path(config.out, name="out")
+    removed = remove_stale_temporaries(out)
+    if removed and _rank() == 0:
+        print(f"removed {len(removed)} temporary file(s) of an interrupted save of {out}")
+    if resume:
+        if not out.is_file():
+            raise FileNotFoundError(f"resume: no checkpoint at {out} to resume from")
+    elif out.exists() and not config.overwrite:
+        raise FileExistsError(
+            f"out: {out} already exists; continue that run with --resume (a larger --steps "
+            "extends it), or replace it with --overwrite"
+        )
+    return out
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+
+
 def read_resume_state(out: Path, tokenizer: CharTokenizer, device: str):
     """The model and training state saved at ``out``, checked against the data's vocabulary."""
     if not out.is_file():
@@ -280,6 +373,66 @@ def read_resume_state(out: Path, tokenizer: CharTokenizer, device: str):
     return model, payload["train"]
 
 
+def _resumed_config(config: LoopConfig, saved: dict[str, Any]) -> LoopConfig:
+    """``config`` with the saved run's schedule: an extension (more steps than the saved run's)
+    keeps the cosine that the run started with, so its learning rate continues smoothly."""
+    schedule = saved.get("schedule_steps") or saved["steps"]
+    return replace(config, schedule_steps=None if schedule == config.steps else schedule)
+
+
+class _Progress:
+    """What a run shows while it trains: a tqdm bar on a terminal; on a redirected stream
+    (a log file, CI) plain lines every tenth of the run instead of carriage returns; with
+    ``enabled=False`` only the lines the loop writes (validations, the result)."""
+
+    def __init__(self, start: int, total: int, desc: str, enabled: bool) -> None:
+        self.desc, self.total = desc, total
+        self.bar = None
+        self.plain_every = 0
+        if enabled and sys.stderr.isatty():
+            self.bar = tqdm(range(start, total), initial=start, total=total, desc=desc,
+                            unit="step")  # fmt: skip
+        elif enabled:
+            self.plain_every = max(1, (total - start) // 10)
+
+    def update(self, done: int, shown: dict[str, str]) -> None:
+        if self.bar is not None:
+            if shown:
+                self.bar.set_postfix(**shown)
+            self.bar.update(1)
+        elif self.plain_every and done % self.plain_every == 0 and done < self.total:
+            details = ", ".join(f"{k} {v}" for k, v in shown.items())
+            print(f"{self.desc}: step {done}/{self.total}: {details}", flush=True)
+
+    def write(self, line: str) -> None:
+        if self.bar is not None:
+            self.bar.write(line)
+        else:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _summary(config: LoopConfig, objective: Objective, desc: str, start: int, world: int,
+             device: str) -> str:  # fmt: skip
+    n_params = sum(p.numel() for p in objective.model.parameters())
+    data = config.data or "Tiny Shakespeare (default)"
+    parts = [
+        f"{desc}: {n_params / 1e6:.2f} M parameters",
+        f"steps {start}→{config.steps}" if start else f"{config.steps} steps",
+        f"batch {config.batch_size} × {config.L} tokens" + (f" over {world} ranks" if world > 1
+                                                              else ""),
+        f"lr {config.lr:g} → {config.min_lr:g} (warm-up {config.warmup})",
+        f"validation every {config.eval_interval} steps",
+        f"device {device}",
+        f"data {data}",
+        f"checkpoint {config.out}",
+    ]  # fmt: skip
+    return "; ".join(parts)
+
+
 def run_training(
     config: LoopConfig,
     objective: Objective,
@@ -291,27 +444,34 @@ def run_training(
     checkpoint_info: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """Run ``objective`` for ``config.steps`` steps from ``state`` (a checkpoint's training
-    state) or from the start; returns the history, the best validation loss and the path."""
+    state) or from the start; returns the history, the best validation loss, the number of
+    skipped (non-finite) steps and the path. Raises :class:`TrainingDivergedError` when the
+    loss or gradient turns NaN or inf (``on_nonfinite='stop'``), keeping the last good
+    checkpoint."""
     rank, world, device = distributed_setup(config.device)
     if config.batch_size % world:
         raise ValueError(
             f"batch_size: the global batch {config.batch_size} must divide among {world} ranks"
         )
-    out = Path(config.out)
+    out = prepare_output(config, resume=state is not None)
+    if state is not None:
+        check_resume_config(state["config"], config)
+        config = _resumed_config(config, state["config"])
     model = objective.model
     objective.to(device).train()
     optimizer = make_optimizer(objective, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     gen = torch.Generator().manual_seed(config.seed)
-    start, history, best = 0, [], math.inf
+    start, history, best, skipped = 0, [], math.inf, 0
+    saved_at: int | None = None  # the step of the last checkpoint this run wrote
     if state is not None:
-        check_resume_config(state["config"], config)
         objective.load_extra(state.get("objective", {}))
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["rng"]["batches"].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())
         start, history, best = state["step"], state["history"], state["best_val"]
+        skipped, saved_at = state.get("skipped", 0), state["step"]
     stepper: nn.Module = objective
     if world > 1:
         stepper = nn.parallel.DistributedDataParallel(
@@ -322,50 +482,94 @@ def run_training(
     share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
 
     def checkpoint(step: int) -> None:
+        nonlocal saved_at
         if rank != 0:
             return
         train_state = {
             "step": step, "optimizer": optimizer.state_dict(),
             "scheduler": scheduler.state_dict(), "rng": _rng_state(gen),
             "config": asdict(config), "history": history, "best_val": best,
-            "objective": objective.extra_state(), **(checkpoint_info or {}),
+            "skipped": skipped, "objective": objective.extra_state(), **(checkpoint_info or {}),
         }  # fmt: skip
-        save_checkpoint(out, model, data.tokenizer, train_state)
+        try:
+            save_checkpoint(out, model, data.tokenizer, train_state)
+        except NonFiniteWeightsError:
+            raise diverged(step, "the weights hold NaN or inf") from None
+        saved_at = step
 
-    bar = tqdm(range(start, config.steps), initial=start, total=config.steps,
-               disable=not progress or rank != 0, desc=desc, unit="step")  # fmt: skip
+    def diverged(step: int, what: str) -> TrainingDivergedError:
+        kept = (f"the last good checkpoint, {out} at step {saved_at}, is kept"
+                if saved_at is not None else
+                f"this run saved nothing to {out} (a file there is left as it was)")  # fmt: skip
+        hint = "" if config.on_nonfinite == "skip" else ", or skip such steps (--on-nonfinite skip)"
+        return TrainingDivergedError(
+            f"step {step}: {what}: training diverged and stopped; {kept}. Lower --lr (now "
+            f"{config.lr:g}) or raise --warmup{hint}"
+        )
+
+    if rank == 0:
+        print(_summary(config, objective, desc, start, world, device), flush=True)
+        if state is not None:
+            extended = (f"; extended from {config.schedule_steps} steps, lr at min_lr "
+                        f"{config.min_lr:g} after step {config.schedule_steps}"
+                        if config.schedule_steps else "")  # fmt: skip
+            print(f"resumed {out} at step {start} of {config.steps} (best validation loss "
+                  f"{best:.4f}){extended}", flush=True)  # fmt: skip
+    bar = _Progress(start, config.steps, desc, progress and rank == 0)
     done, tokens_seen, t0 = start, 0, time.perf_counter()  # done: steps fully applied
     phase, rng_before, sched_before = "between steps", None, None
     try:
-        for step in bar:
-            rng_before, sched_before, phase = _rng_state(gen), scheduler.last_epoch, "computing"
-            objective.begin_step(step)
-            x, y = data.batch("train", config.batch_size, config.L, generator=gen)
-            with autocast(config, device):
-                loss, terms = stepper(x[share].to(device), y[share].to(device))
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            nn.utils.clip_grad_norm_(trained, config.grad_clip)
-            with _sigint_deferred():
-                optimizer.step()
-                phase = "updated"
-                scheduler.step()
-                done, phase = step + 1, "between steps"
-            tokens_seen += x.numel()
-            if step % 10 == 0 and rank == 0:
-                rate = tokens_seen / (time.perf_counter() - t0)
-                shown = {k: f"{v.item():.3f}" for k, v in terms.items()}
-                bar.set_postfix(**shown, tok_s=f"{rate:,.0f}")
-            if done % config.eval_interval == 0 or done == config.steps:
-                if rank == 0:
-                    losses = evaluate(model, data, config, device)
-                    best = min(best, losses["val"])
-                    history.append({"step": done, **losses})
-                    bar.write(f"step {done}: train {losses['train']:.4f}, "
-                              f"val {losses['val']:.4f}")  # fmt: skip
-                    checkpoint(done)
-                if world > 1:
-                    dist.barrier()
+        with sigterm_as_interrupt():
+            for step in range(start, config.steps):
+                rng_before, sched_before, phase = _rng_state(gen), scheduler.last_epoch, "computing"
+                objective.begin_step(step)
+                x, y = data.batch("train", config.batch_size, config.L, generator=gen)
+                with autocast(config, device):
+                    loss, terms = stepper(x[share].to(device), y[share].to(device))
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                # the gradient norm is all-reduced, so every rank takes the same decision
+                norm = nn.utils.clip_grad_norm_(trained, config.grad_clip)
+                loss_value, norm_value = loss.item(), norm.item()
+                finite = math.isfinite(loss_value) and math.isfinite(norm_value)
+                if not finite:
+                    what = (f"the loss is {loss_value}" if not math.isfinite(loss_value)
+                            else f"the gradient norm is {norm_value}")  # fmt: skip
+                    weights_ok = all(bool(torch.isfinite(p).all()) for p in trained)
+                    if config.on_nonfinite == "stop" or not weights_ok:
+                        raise diverged(step + 1, what)
+                    optimizer.zero_grad(set_to_none=True)
+                    skipped += 1
+                with _sigint_deferred():
+                    if finite:
+                        optimizer.step()
+                    phase = "updated"
+                    scheduler.step()
+                    done, phase = step + 1, "between steps"
+                tokens_seen += x.numel()
+                if rank == 0 and (step % 10 == 0 or bar.plain_every):
+                    rate = tokens_seen / (time.perf_counter() - t0)
+                    shown = {k: f"{v.item():.3f}" for k, v in terms.items()}
+                    shown["tok_s"] = f"{rate:,.0f}"
+                    if skipped:
+                        shown["skipped"] = str(skipped)
+                    bar.update(done, shown)
+                elif rank == 0:
+                    bar.update(done, {})
+                if done % config.eval_interval == 0 or done == config.steps:
+                    if rank == 0:
+                        losses = evaluate(model, data, config, device)
+                        if not math.isfinite(losses["val"]):
+                            raise diverged(done, f"the validation loss is {losses['val']}")
+                        best = min(best, losses["val"])
+                        history.append({"step": done, **losses})
+                        bar.write(f"step {done}: train {losses['train']:.4f}, "
+                                  f"val {losses['val']:.4f}"
+                                  + (f" ({skipped} non-finite steps skipped)" if skipped
+                                     else ""))  # fmt: skip
+                        checkpoint(done)
+                    if world > 1:
+                        dist.barrier()
     except KeyboardInterrupt:
         # Save a consistent state: a step whose update was applied is completed (with its
         # scheduler step); a step interrupted before its update is undone (its batch redrawn).
@@ -376,18 +580,28 @@ def run_training(
         elif phase == "computing":
             gen.set_state(rng_before["batches"])
             torch.set_rng_state(rng_before["torch"])
-        checkpoint(done)
+        try:
+            checkpoint(done)
+        except TrainingDivergedError as err:
+            bar.write(f"interrupted: not saved ({err})")
+            raise
         if rank == 0:
-            bar.write(f"interrupted: saved {out} at step {done}; continue with --resume")
+            signal_name = "SIGTERM" if isinstance(sys.exc_info()[1], Terminated) else "interrupted"
+            bar.write(f"{signal_name}: saved {out} at step {done}; continue with --resume")
         raise
     finally:
         bar.close()
-    return {"history": history, "best_val": best, "checkpoint": str(out)}
+    return {"history": history, "best_val": best, "checkpoint": str(out), "skipped": skipped}
+
+
+def _load_data(config: LoopConfig) -> TokenDataset:
+    return TokenDataset.from_text_file(config.data)
 
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``config.model`` on ``config.data``; returns the final losses and the history."""
-    data = TokenDataset.from_text_file(config.data)
+    prepare_output(config, resume=resume)  # before the data and the model: fail early
+    data = _load_data(config)
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)
     state = None

@@ -30,7 +30,8 @@ def is_png(path: Path) -> bool:
 @pytest.mark.parametrize("neuron", ["atmn", "binary", "ternary-single"])
 def test_raster_writes_a_png(tmp_path, capsys, neuron, network):
     out = tmp_path / "figs" / "raster.png"
-    argv = ["raster", "--neuron", neuron, "--T", "3", "--out", str(out), "--dpi", "30"]
+    T = [] if neuron == "ternary-single" else ["--T", "3"]  # one micro-step is all it has
+    argv = ["raster", "--neuron", neuron, *T, "--out", str(out), "--dpi", "30"]
     assert cli.main([*argv, "--network"] if network else argv) == 0
     assert is_png(out)
     assert sorted(p.name for p in out.parent.iterdir()) == ["raster.png"]
@@ -98,8 +99,51 @@ def test_parser_has_one_subcommand_per_function():
     parser = cli.build_parser()
     args = parser.parse_args(["raster"])
     assert args.func is cli._run_raster
-    assert args.T == 4 and args.tau is None and args.v_threshold == 0.5
+    assert args.T is None and args.tau is None and args.v_threshold == 0.5  # chosen per neuron
     assert args.out == Path("spikemar_raster.png")
+
+
+def test_raster_refuses_micro_steps_that_ternary_single_cannot_use(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        cli.main(
+            ["raster", "--neuron", "ternary-single", "--T", "4", "--out", str(tmp_path / "r.png")]
+        )
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "argument --T: ternary-single" in err and "only micro-step 0 can fire" in err
+    assert not (tmp_path / "r.png").exists()
+    assert cli.main(["raster", "--neuron", "ternary-single", "--T", "1", "--out",
+                     str(tmp_path / "r.png"), "--dpi", "30"]) == 0  # fmt: skip
+
+
+def test_raster_draws_the_models_default_tau(tmp_path, capsys):
+    from spikemar.models import SpikeConfig
+
+    cli.main(["raster", "--out", str(tmp_path / "r.png"), "--dpi", "30"])
+    assert f"τ = {SpikeConfig().tau:g}," in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("command", ["train", "generate", "distill", "raster", "demo", "export"])
+def test_help_shows_the_defaults(command, capsys):
+    with pytest.raises(SystemExit):
+        cli.main([command, "--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    expected = {
+        "train": [
+            "--steps STEPS optimizer steps (default: 2000)",
+            "(default: runs/model.pt)",
+            "(default: cpu)",
+            "(default: 0.001)",
+            "(default: 4)",
+        ],
+        "generate": ["(default: 200)", "(default: 0.8)"],
+        "distill": ["(default: runs/student.pt)", "(default: 2000)"],
+        "raster": ["(default: atmn)", "(default: 0.5)", "default 4"],
+        "demo": ["(default: 300)"],
+        "export": [],
+    }[command]
+    for fragment in expected:
+        assert fragment in text, fragment
 
 
 # -- examples -----------------------------------------------------------------------------------

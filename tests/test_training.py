@@ -5,10 +5,17 @@ import itertools
 import pytest
 import torch
 
-from spikemar.checkpoint import load_checkpoint, save_checkpoint
+from spikemar.checkpoint import build_model, load_checkpoint, save_checkpoint
 from spikemar.cli import main
 from spikemar.data import TokenDataset
-from spikemar.training import TrainConfig, lr_factor, train
+from spikemar.training import (
+    Objective,
+    TrainConfig,
+    TrainingDivergedError,
+    lr_factor,
+    run_training,
+    train,
+)
 
 SMALL = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
 
@@ -87,8 +94,8 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
     train(config(corpus, tmp_path / "a.pt", steps=3), progress=False)
     with pytest.raises(ValueError, match=r"resume: .*lr: saved 0.001, now 0.002"):
         train(config(corpus, tmp_path / "a.pt", steps=3, lr=2e-3), resume=True, progress=False)
-    with pytest.raises(ValueError, match="steps"):  # a longer run has another schedule
-        train(config(corpus, tmp_path / "a.pt", steps=4), resume=True, progress=False)
+    with pytest.raises(ValueError, match="steps"):  # fewer steps: another schedule
+        train(config(corpus, tmp_path / "a.pt", steps=2), resume=True, progress=False)
     train(config(corpus, tmp_path / "a.pt", steps=3, eval_iters=2), resume=True, progress=False)
     payload = torch.load(tmp_path / "a.pt", weights_only=True)  # a run saved before a setting
     del payload["train"]["config"]["grad_clip"]  # existed ran at that setting's default
@@ -97,6 +104,105 @@ def test_resume_refuses_other_settings(corpus, tmp_path):
     with pytest.raises(ValueError, match="grad_clip"):
         train(config(corpus, tmp_path / "a.pt", steps=3, grad_clip=0.5), resume=True,
               progress=False)  # fmt: skip
+
+
+def test_resume_extends_a_finished_run_on_its_own_schedule(corpus, tmp_path, capsys):
+    out = tmp_path / "a.pt"
+    train(config(corpus, out, steps=4, eval_interval=2), progress=False)
+    capsys.readouterr()
+    result = train(config(corpus, out, steps=7, eval_interval=2), resume=True, progress=False)
+    printed = capsys.readouterr().out
+    assert f"resumed {out} at step 4 of 7" in printed and "extended from 4 steps" in printed
+    assert [h["step"] for h in result["history"]] == [2, 4, 6, 7]
+    state = torch.load(out, weights_only=True)["train"]
+    assert state["step"] == 7 and state["config"]["schedule_steps"] == 4
+    # the cosine ended at step 4: the extension runs at min_lr
+    assert state["scheduler"]["_last_lr"] == pytest.approx([1e-4, 1e-4])
+    # and an interrupted extension resumes on the same schedule
+    train(config(corpus, out, steps=9, eval_interval=2), resume=True, progress=False)
+    assert torch.load(out, weights_only=True)["train"]["config"]["schedule_steps"] == 4
+    cfg = TrainConfig(steps=9, schedule_steps=4, warmup=1, lr=1e-3, min_lr=1e-4)
+    assert [lr_factor(s, cfg) for s in (4, 8)] == pytest.approx([0.1, 0.1])
+
+
+def test_an_existing_checkpoint_is_replaced_only_with_overwrite(corpus, tmp_path):
+    out = tmp_path / "a.pt"
+    train(config(corpus, out, steps=2, eval_interval=2), progress=False)
+    before = out.read_bytes()
+    with pytest.raises(FileExistsError, match=r"out: .*--resume.*--overwrite"):
+        train(config(corpus, out, steps=2, eval_interval=2, seed=5), progress=False)
+    assert out.read_bytes() == before
+    train(config(corpus, out, steps=2, eval_interval=2, seed=5, overwrite=True), progress=False)
+    assert torch.load(out, weights_only=True)["train"]["config"]["seed"] == 5
+
+
+class NaNAfter(Objective):
+    """Cross-entropy that turns NaN from step ``bad_from`` on."""
+
+    def __init__(self, model, bad_from: int) -> None:
+        super().__init__(model)
+        self.bad_from, self.step = bad_from, 0
+
+    def begin_step(self, step: int) -> None:
+        self.step = step
+
+    def forward(self, x, y):
+        loss, terms = super().forward(x, y)
+        if self.step >= self.bad_from:
+            loss = loss * float("nan")
+        return loss, terms
+
+
+def _objective_and_data(corpus, bad_from: int):
+    data = TokenDataset.from_text_file(corpus)
+    model = build_model("mar", {"vocab_size": data.vocab_size, **SMALL})
+    return NaNAfter(model, bad_from), data
+
+
+def test_divergence_stops_the_run_and_keeps_the_last_good_checkpoint(corpus, tmp_path):
+    objective, data = _objective_and_data(corpus, bad_from=3)
+    cfg = config(corpus, tmp_path / "d.pt", steps=6, eval_interval=1)
+    with pytest.raises(
+        TrainingDivergedError, match=r"step 4: the loss is nan.* at step 3, is kept"
+    ):
+        run_training(cfg, objective, data, progress=False)
+    model, _, payload = load_checkpoint(tmp_path / "d.pt")
+    assert payload["train"]["step"] == 3
+    assert all(torch.isfinite(p).all() for p in model.parameters())
+
+
+def test_on_nonfinite_skip_skips_and_counts_the_steps(corpus, tmp_path):
+    objective, data = _objective_and_data(corpus, bad_from=4)
+    before = {k: v.clone() for k, v in objective.model.state_dict().items()}
+    cfg = config(corpus, tmp_path / "s.pt", steps=6, on_nonfinite="skip")
+    result = run_training(cfg, objective, data, progress=False)
+    assert result["skipped"] == 2
+    payload = torch.load(tmp_path / "s.pt", weights_only=True)["train"]
+    assert payload["step"] == 6 and payload["skipped"] == 2
+    after = objective.model.state_dict()
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # steps 1-4 trained
+
+
+def test_huge_lr_exits_nonzero_and_leaves_the_checkpoint_alone(corpus, tmp_path, capsys):
+    out = tmp_path / "good.pt"
+    args = ["train", "--data", str(corpus), "--out", str(out), "--steps", "4", "--eval-interval",
+            "2", "--eval-iters", "1", "--d-model", "16", "--n-layers", "1", "--batch-size", "2",
+            "--L", "8", "--no-progress", "--model", "transformer", "--warmup", "0"]  # fmt: skip
+    assert main(args) == 0
+    good = out.read_bytes()
+    assert main([*args, "--overwrite", "--lr", "1e30"]) == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "diverged" in err[0] and "Traceback" not in err[0]
+    assert out.read_bytes() == good
+    load_checkpoint(out)  # finite, loadable
+
+
+def test_progress_is_plain_lines_when_stderr_is_not_a_terminal(corpus, tmp_path, capsys):
+    train(config(corpus, tmp_path / "p.pt", steps=10, eval_interval=10), progress=True)
+    captured = capsys.readouterr()
+    assert "\r" not in captured.out + captured.err
+    assert "train mar: step 5/10: loss" in captured.out
+    assert captured.out.startswith("train mar: 0.01 M parameters; 10 steps; batch 2 × 16 tokens")
 
 
 def test_lr_schedule_warms_up_then_decays_to_min_lr():

@@ -1,0 +1,156 @@
+"""Writing files so that nothing half-written is ever seen and nothing is left behind.
+
+:func:`atomic_write` is the one way spikemar writes a file that someone may read while it is
+being written, or that an interrupted run must not corrupt (checkpoints, token caches, netx and
+NIR exports, manifests, the compiled CPU kernel, figures): the content goes to a temporary file
+in the target's folder, is flushed to disk, given the permissions a plain ``open()`` would give
+it (``tempfile.mkstemp`` makes files 0600), and renamed over the target in one ``os.replace``.
+A reader sees the old file or the new one, whole.
+
+The temporary name is ``.<name>.<pid>.<random>.tmp``. An exception, Ctrl-C or SIGTERM (as an
+exception: the training loop and the ``spikemar`` command turn it into one) removes it; a kill -9
+cannot, so the next write to the same target, and the start of a training run, remove the
+temporaries of that target whose process is gone (:func:`remove_stale_temporaries`). A live
+process's temporary is never touched, so two runs on one folder do not delete each other's work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+
+__all__ = [
+    "Terminated",
+    "atomic_write",
+    "check_output_path",
+    "file_mode",
+    "remove_stale_temporaries",
+    "sigterm_as_interrupt",
+]
+
+
+def file_mode() -> int:
+    """The mode a plain ``open(path, 'w')`` gives a new file under the current umask."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
+def _temporary_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
+    """Remove the temporary files that interrupted writes of ``target`` left behind (their
+    process is gone); return what was removed. A missing folder is nothing to clean."""
+    target = Path(target)
+    pattern = re.compile(rf"^\.{re.escape(target.name)}\.(\d+)\.[0-9a-f]+\.tmp$")
+    removed = []
+    try:
+        entries = list(target.parent.iterdir())
+    except (FileNotFoundError, NotADirectoryError, PermissionError):
+        return removed
+    for entry in entries:
+        match = pattern.match(entry.name)
+        if match and not _process_alive(int(match.group(1))):
+            with contextlib.suppress(FileNotFoundError):
+                entry.unlink()
+                removed.append(entry)
+    return removed
+
+
+def check_output_path(path: str | os.PathLike, *, name: str = "path") -> Path:
+    """Fail before any work if ``path`` cannot be written as a file: it is a folder, its parent
+    is a file, or the folder is not writable. Creates the parent folders. ``name`` is the
+    argument the message names (``--out``)."""
+    path = Path(path)
+    if path.is_dir():
+        raise IsADirectoryError(f"{name}: {str(path)!r} is a folder; expected a file path")
+    parent = path.parent
+    for ancestor in (parent, *parent.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                raise NotADirectoryError(
+                    f"{name}: cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder"
+                )
+            break
+    try:
+        parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise PermissionError(
+            f"{name}: cannot create the folder {str(parent)!r} ({err.strerror})"
+        ) from err
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise PermissionError(f"{name}: the folder {str(parent)!r} is not writable")
+    return path
+
+
+@contextlib.contextmanager
+def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; when the block ends without an exception, the
+    file written there replaces ``path`` in one rename (old or new, never half). Parent folders
+    are created; the file gets the usual permissions; on any exception (Ctrl-C included) the
+    temporary is removed and ``path`` is left as it was. ``fsync``: flush the data to disk
+    before the rename, so that a power cut also leaves old or new."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    remove_stale_temporaries(path)
+    tmp = _temporary_name(path)
+    try:
+        yield tmp
+        if not tmp.is_file():
+            raise FileNotFoundError(f"path: nothing was written for {str(path)!r}")
+        os.chmod(tmp, file_mode())
+        if fsync:
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        os.replace(tmp, path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised as an exception (as Ctrl-C is) so that a run saves and cleans up."""
+
+
+def _raise_terminated(signum, frame) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def sigterm_as_interrupt() -> Iterator[None]:
+    """Within the block, SIGTERM raises :class:`Terminated` (a ``KeyboardInterrupt``) instead
+    of ending the process at once, so that ``finally`` blocks and Ctrl-C handlers run: an
+    interrupted save removes its temporary file, a training run saves its state. Only in the
+    main thread (Python delivers signals there); elsewhere the block runs unchanged."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -43,6 +43,7 @@ from ..training import (
     Objective,
     distributed_setup,
     evaluate,
+    prepare_output,
     read_resume_state,
     run_training,
 )
@@ -321,6 +322,7 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
 def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
     and the teacher's validation loss on the same batches."""
+    prepare_output(config, resume=resume)  # before the data and the teacher: fail early
     data = TokenDataset.from_text_file(config.data)
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun

@@ -16,13 +16,30 @@ so model code calls them without importing the reports. Energy constants live in
 """
 
 from ..counting import counting_active, declare_spikes, record_ops
+from .breakeven import BreakEven, BreakEvenTable, break_even
 from .counter import SPIKE_DETECTIONS, CountContext, EnergyCounter, profile
-from .profiles import HardwareProfile, available_profiles, get_profile, register_profile
-from .report import ComparisonRow, EnergyComparison, EnergyReport, LayerRow, compare
+from .profiles import (
+    HardwareProfile,
+    MemoryLevel,
+    available_profiles,
+    get_profile,
+    memory_sibling,
+    register_profile,
+)
+from .report import (
+    ComparisonRow,
+    EnergyComparison,
+    EnergyReport,
+    LayerRow,
+    compare,
+    memory_traffic,
+)
 from .rules import register_neuron, register_rule
 
 __all__ = [
     "SPIKE_DETECTIONS",
+    "BreakEven",
+    "BreakEvenTable",
     "ComparisonRow",
     "CountContext",
     "EnergyComparison",
@@ -30,11 +47,15 @@ __all__ = [
     "EnergyReport",
     "HardwareProfile",
     "LayerRow",
+    "MemoryLevel",
     "available_profiles",
+    "break_even",
     "compare",
     "counting_active",
     "declare_spikes",
     "get_profile",
+    "memory_sibling",
+    "memory_traffic",
     "profile",
     "record_ops",
     "register_neuron",

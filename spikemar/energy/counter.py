@@ -33,6 +33,7 @@ are read back in one transfer.
 
 from __future__ import annotations
 
+import math
 import weakref
 from collections.abc import Callable, Hashable
 from typing import Any, Literal
@@ -61,16 +62,50 @@ SPIKE_DETECTIONS: tuple[str, ...] = ("auto", "producer", "values")
 
 Count = counting.Count
 
+# per-row memory counts (elements of real values, bits of spike trains), see _resolve
+MEMORY_COUNT_FIELDS = (
+    "weight_reads",  # parameter elements, fetched once per token vector
+    "weight_reads_call",  # ... once per layer call
+    "weight_reads_event",  # ... one per accumulate where the input is spikes (event-driven)
+    "activation_reads",  # real-valued input elements
+    "activation_writes",  # real-valued output elements
+    "spike_read_bits_packed",  # spike trains read, packed (2 bits ternary, 1 binary)
+    "spike_read_bits_address",  # ... as address-events of the non-zero spikes
+    "spike_write_bits_packed",  # spike trains written (neurons, spike points), packed
+    "spike_write_bits_address",
+    "state_reads",  # neuron membranes, SSM state: elements read
+    "state_writes",
+    "dense_macs",  # MACs the spike-fed work would cost fed real values (break-even rates)
+    "dense_inputs",  # real input elements it would read then
+)
+_MEMORY_EVENT_FIELDS = (
+    "weight_call",
+    "weight_token",
+    "activation_reads",
+    "activation_writes",
+    "state_reads",
+    "state_writes",
+)
+
 
 class _Event:
     """One contribution to a row. Tensor fields are resolved when the report is built; the
     spike-dependent ones (``nnz``, ``total``, ``acs_units``) count only when ``is_spike`` holds,
-    ``dense_macs`` only when it does not."""
+    ``dense_macs`` only when it does not.
+
+    Memory, in elements (or bits for spike trains): ``weight_call``/``weight_token`` parameter
+    elements read once per call / once per token vector; ``dense_inputs`` the real-valued input
+    elements of a synaptic layer (read when the input is not spikes); ``spike_io`` whether the
+    spikes are read ('read': a synaptic layer's input) or written ('write': a neuron's output),
+    at ``packed_bits`` per spike element or ``address_bits`` per non-zero spike; ``source`` the
+    row that produced the spikes a synaptic layer reads."""
 
     __slots__ = (
         "acs_units",
         "activation_reads",
         "activation_writes",
+        "address_bits",
+        "dense_inputs",
         "dense_macs",
         "elementwise_ops",
         "fan_out",
@@ -78,12 +113,16 @@ class _Event:
         "macs",
         "neuron_updates",
         "nnz",
+        "packed_bits",
+        "source",
         "spike_elements",
+        "spike_io",
         "spike_kind",
         "state_reads",
         "state_writes",
         "total",
-        "weight_reads",
+        "weight_call",
+        "weight_token",
     )
 
     def __init__(
@@ -99,11 +138,18 @@ class _Event:
         macs: Count = 0,
         elementwise_ops: Count = 0,
         neuron_updates: Count = 0,
-        weight_reads: Count = 0,
+        *,
+        weight_call: Count = 0,
+        weight_token: Count = 0,
         activation_reads: Count = 0,
         activation_writes: Count = 0,
         state_reads: Count = 0,
         state_writes: Count = 0,
+        dense_inputs: int = 0,
+        spike_io: str | None = None,
+        packed_bits: int = 0,
+        address_bits: int = 0,
+        source: str | None = None,
     ) -> None:
         self.spike_kind = spike_kind
         self.spike_elements = spike_elements
@@ -116,11 +162,25 @@ class _Event:
         self.macs = macs
         self.elementwise_ops = elementwise_ops
         self.neuron_updates = neuron_updates
-        self.weight_reads = weight_reads
+        self.weight_call = weight_call
+        self.weight_token = weight_token
         self.activation_reads = activation_reads
         self.activation_writes = activation_writes
         self.state_reads = state_reads
         self.state_writes = state_writes
+        self.dense_inputs = dense_inputs
+        self.spike_io = spike_io
+        self.packed_bits = packed_bits
+        self.address_bits = address_bits
+        self.source = source
+
+
+def _spike_bits(ternary: bool, neurons: int) -> tuple[int, int]:
+    """(packed bits per spike element, address-event bits per non-zero spike) for spikes of one
+    vector of ``neurons`` neurons: 2 or 1 bits packed; ⌈log2 n⌉ address bits plus a sign bit
+    for ternary spikes."""
+    address = max(1, math.ceil(math.log2(max(2, neurons))))
+    return (2, address + 1) if ternary else (1, address)
 
 
 class _Row:
@@ -138,7 +198,7 @@ class _Row:
 class _Tag:
     """What the counter knows about a tensor (by the identity of its storage's root tensor)."""
 
-    __slots__ = ("decode", "nnz", "numel", "ref", "ternary", "total", "unit")
+    __slots__ = ("decode", "nnz", "numel", "ref", "source", "ternary", "total", "unit")
 
     def __init__(
         self,
@@ -148,6 +208,7 @@ class _Tag:
         nnz: Count | None = None,
         total: Count | None = None,
         decode: torch.Tensor | None = None,
+        source: str | None = None,
     ) -> None:
         self.ref = weakref.ref(root)
         self.numel = root.numel()
@@ -156,6 +217,7 @@ class _Tag:
         self.nnz = nnz
         self.total = total
         self.decode = decode  # the spike train [T, ...] this tensor decodes, if it is a decode
+        self.source = source  # the row (neuron or spike point) that produced the spikes
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
@@ -192,9 +254,17 @@ class CountContext:
         macs: Count = 0,
         elementwise_ops: Count = 0,
         neuron_updates: Count = 0,
+        weight_reads: Count = 0,
+        weight_reads_call: Count | None = None,
+        activation_reads: Count = 0,
+        activation_writes: Count = 0,
+        state_reads: Count = 0,
+        state_writes: Count = 0,
         note: str | None = None,
     ) -> None:
-        """Add counts that do not depend on whether an input is spikes."""
+        """Add counts that do not depend on whether an input is spikes. Memory in elements:
+        ``weight_reads`` parameter elements read with per-token fetching (``weight_reads_call``
+        with one fetch per call; default the same), activations and state read and written."""
         row = self.row()
         row.events.append(
             _Event(
@@ -203,6 +273,12 @@ class CountContext:
                 macs=macs,
                 elementwise_ops=elementwise_ops,
                 neuron_updates=neuron_updates,
+                weight_token=weight_reads,
+                weight_call=weight_reads if weight_reads_call is None else weight_reads_call,
+                activation_reads=activation_reads,
+                activation_writes=activation_writes,
+                state_reads=state_reads,
+                state_writes=state_writes,
             )
         )
         if note:
@@ -216,17 +292,31 @@ class CountContext:
         dense_macs: int,
         weighted_acs: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
+        weights: int = 0,
+        vectors: int = 1,
+        features: int | None = None,
     ) -> None:
         """A layer whose every input element drives ``fan_out`` synaptic operations: ACs when
         ``x`` is spikes (Σ nnz · fan_out), else ``dense_macs`` MACs.
 
         ``weighted_acs(spikes, ternary) -> (acs, nnz)`` replaces ``nnz · fan_out`` where the
         fan-out depends on the position (a padded or strided conv); its ``acs`` is multiplied by
-        ``fan_out`` (``None``: 1).
+        ``fan_out`` (``None``: 1). Memory: the layer reads its ``weights`` (parameter elements)
+        once per call or once for each of the call's ``vectors`` (tokens, samples), and its
+        input: ``x``'s real values, or its spikes, addressed among ``features`` neurons per
+        vector (default ``x.shape[-1]``).
         """
         counter = self._counter
         row = self.row()
         mult = 1 if fan_out is None else int(fan_out)
+        n_features = int(features) if features is not None else (x.shape[-1] if x.dim() else 1)
+        memory = {
+            "weight_call": weights,
+            "weight_token": weights * vectors,
+            "dense_inputs": x.numel(),
+            "dense_macs": dense_macs,
+            "spike_io": "read",
+        }
         tag = counter._tag_of(x) if counter.spike_detection != "values" else None
         if tag is not None and tag.decode is not None:
             if x.numel() == tag.numel:
@@ -235,6 +325,7 @@ class CountContext:
                     units, nnz = weighted_acs(spikes, tag.ternary)
                 else:
                     units, nnz = None, tag.nnz
+                packed, address = _spike_bits(tag.ternary, n_features)
                 row.events.append(
                     _Event(
                         "ternary" if tag.ternary else "binary",
@@ -244,6 +335,10 @@ class CountContext:
                         True,
                         units,
                         mult,
+                        packed_bits=packed,
+                        address_bits=address,
+                        source=tag.source,
+                        **memory,
                     )
                 )
                 return
@@ -262,15 +357,26 @@ class CountContext:
             else:
                 units = None
                 nnz, total = _stats.unit_spike_counts(src, tag.ternary)
+            packed, address = _spike_bits(tag.ternary, n_features)
             row.events.append(
                 _Event(
-                    "ternary" if tag.ternary else "binary", x.numel(), nnz, total, True, units, mult
+                    "ternary" if tag.ternary else "binary",
+                    x.numel(),
+                    nnz,
+                    total,
+                    True,
+                    units,
+                    mult,
+                    packed_bits=packed,
+                    address_bits=address,
+                    source=tag.source,
+                    **memory,
                 )
             )
             return
         is_real_dtype = not x.is_floating_point() and x.dtype != torch.bool
         if counter.spike_detection == "producer" or is_real_dtype or _stats.surely_not_spikes(x):
-            row.events.append(_Event("real", dense_macs=dense_macs, is_spike=False))
+            row.events.append(_Event("real", is_spike=False, **memory))
             return
         is_spike = _stats.value_test(x)
         if weighted_acs is not None:
@@ -279,27 +385,79 @@ class CountContext:
         else:
             units = None
             nnz, total = _stats.unit_spike_counts(x, True)
+        packed, address = _spike_bits(True, n_features)  # counted as ternary until resolved
         row.events.append(
-            _Event("values", x.numel(), nnz, total, is_spike, units, mult, dense_macs=dense_macs)
+            _Event(
+                "values",
+                x.numel(),
+                nnz,
+                total,
+                is_spike,
+                units,
+                mult,
+                packed_bits=packed,
+                address_bits=address,
+                **memory,
+            )
         )
 
-    def lookup(self, idx: torch.Tensor, *, acs: int) -> None:
-        """An embedding-style lookup of integer indices ``idx`` worth ``acs`` ACs."""
-        self.row().events.append(_Event("index", acs_units=acs, fan_out=1))
+    def lookup(self, idx: torch.Tensor, *, acs: int, weight_reads: int | None = None) -> None:
+        """An embedding-style lookup of integer indices ``idx`` worth ``acs`` ACs, reading
+        ``weight_reads`` table elements (default ``acs``: one per accumulate)."""
+        reads = acs if weight_reads is None else weight_reads
+        self.row().events.append(
+            _Event("index", acs_units=acs, fan_out=1, weight_call=reads, weight_token=reads)
+        )
 
-    def spikes_out(self, spikes: torch.Tensor, *, ternary: bool) -> None:
-        """A neuron produced ``spikes``: count its updates and firing, tag them as spikes."""
+    def spikes_out(
+        self,
+        spikes: torch.Tensor,
+        *,
+        ternary: bool,
+        inputs: int = 0,
+        weights: int = 0,
+        vectors: int = 1,
+    ) -> None:
+        """A neuron produced ``spikes``: count its updates and firing, tag them as spikes.
+
+        Memory: it reads ``inputs`` real input elements and its ``weights`` (thresholds; once
+        per call or per vector), reads and writes its membrane once per update, and writes the
+        spikes."""
         nnz, total = _stats.unit_spike_counts(spikes, ternary)
         n = spikes.numel()
+        packed, address = _spike_bits(ternary, spikes.shape[-1] if spikes.dim() else 1)
         self.row().events.append(
             _Event(
-                "ternary" if ternary else "binary", n, nnz, total, True, None, 0, neuron_updates=n
+                "ternary" if ternary else "binary",
+                n,
+                nnz,
+                total,
+                True,
+                None,
+                0,
+                neuron_updates=n,
+                weight_call=weights,
+                weight_token=weights * vectors,
+                activation_reads=inputs,
+                state_reads=n,
+                state_writes=n,
+                spike_io="write",
+                packed_bits=packed,
+                address_bits=address,
             )
         )
         root = _root(spikes)
         full = root.numel() == n
         self._counter._set_tag(
-            root, _Tag(root, ternary, True, nnz if full else None, total if full else None)
+            root,
+            _Tag(
+                root,
+                ternary,
+                True,
+                nnz if full else None,
+                total if full else None,
+                source=self.name,
+            ),
         )
 
     def propagate(self, x: torch.Tensor, y: torch.Tensor, *, unit: bool = True) -> None:
@@ -311,7 +469,11 @@ class CountContext:
         root = _root(y)
         if root is _root(x):
             return
-        counter._set_tag(root, _Tag(root, tag.ternary, tag.unit and unit))
+        counter._set_tag(root, _Tag(root, tag.ternary, tag.unit and unit, source=tag.source))
+
+    def parameters(self, module: nn.Module, *, recurse: bool = True) -> int:
+        """Parameter elements of ``module`` (with its children's when ``recurse``), cached."""
+        return self._counter._parameter_count(module, recurse=recurse)
 
     def cached(self, key: Hashable, factory: Callable[[], Any]) -> Any:
         """A value computed once per counter (e.g. a conv's fan-out map for one input size)."""
@@ -441,7 +603,11 @@ class EnergyCounter:
     def on_declare_spikes(
         self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
     ) -> None:
-        """:func:`spikemar.counting.declare_spikes` landed here."""
+        """:func:`spikemar.counting.declare_spikes` landed here. The spike point reads its real
+        input (the shape of ``decoded``) and its thresholds once per vector and writes the spike
+        train. Its membrane moves no memory: δ-injection starts it at 0 for every token and it
+        lives only through that token's T micro-steps, in a register (a neuron module's
+        membrane, kept across calls, is read and written at every update instead)."""
         name = self._name_of(module)
         self._self_reporting.add(name)
         with torch.no_grad():
@@ -449,13 +615,31 @@ class EnergyCounter:
         n = spikes.numel()
         row = self._row(name, "spike_point", type(module).__name__ if module else "function")
         row.calls += 1
+        channels = decoded.shape[-1] if decoded.dim() else 1
+        thresholds = self._parameter_count(module, recurse=True)
+        packed, address = _spike_bits(ternary, channels)
         row.events.append(
             _Event(
-                "ternary" if ternary else "binary", n, nnz, total, True, None, 0, neuron_updates=n
+                "ternary" if ternary else "binary",
+                n,
+                nnz,
+                total,
+                True,
+                None,
+                0,
+                neuron_updates=n,
+                weight_call=thresholds,
+                weight_token=thresholds * (decoded.numel() // max(1, channels)),
+                activation_reads=decoded.numel(),
+                spike_io="write",
+                packed_bits=packed,
+                address_bits=address,
             )
         )
         root = _root(decoded)
-        self._set_tag(root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach()))
+        self._set_tag(
+            root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach(), source=name)
+        )
 
     def on_record_ops(
         self, module: nn.Module | None, kind: str | None, counts: dict[str, Count]
@@ -467,7 +651,21 @@ class EnergyCounter:
         row = self._row(name, kind or "ops", type(module).__name__ if module else "function")
         row.calls += 1
         acs = counts.pop("acs", 0)
-        row.events.append(_Event(acs_units=acs, fan_out=1, **counts))
+        weights = counts.pop("weight_reads", 0)
+        row.events.append(
+            _Event(acs_units=acs, fan_out=1, weight_call=weights, weight_token=weights, **counts)
+        )
+
+    def _parameter_count(self, module: nn.Module | None, *, recurse: bool = False) -> int:
+        """Parameter elements of ``module`` (its own, or with its children's), cached."""
+        if module is None:
+            return 0
+        key = ("parameters", id(module), recurse)
+        n = self._cache.get(key)
+        if n is None:
+            n = sum(p.numel() for p in module.parameters(recurse=recurse))
+            self._cache[key] = n
+        return n
 
     # -- results ----------------------------------------------------------------------------
 
@@ -487,7 +685,12 @@ class EnergyCounter:
             if name not in self._self_reporting
         )
         return EnergyReport.build(
-            rows, hardware=profile_, passes=self.passes, tokens=tokens, uncounted=uncounted
+            rows,
+            hardware=profile_,
+            passes=self.passes,
+            tokens=tokens,
+            uncounted=uncounted,
+            parameters=self._parameter_count(self.model, recurse=True),
         )
 
 
@@ -526,7 +729,16 @@ def _resolve(rows) -> list[dict[str, Any]]:
     """Read every pending tensor back in one transfer per device and sum the events per row."""
     pending: dict[torch.device, list[torch.Tensor]] = {}
     slots: list[tuple[_Event, str, torch.device, int]] = []
-    fields = ("nnz", "total", "is_spike", "acs_units", "macs", "elementwise_ops", "neuron_updates")
+    fields = (
+        "nnz",
+        "total",
+        "is_spike",
+        "acs_units",
+        "macs",
+        "elementwise_ops",
+        "neuron_updates",
+        *_MEMORY_EVENT_FIELDS,
+    )
     rows = list(rows)
     for row in rows:
         for ev in row.events:
@@ -543,7 +755,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
 
     out: list[dict[str, Any]] = []
     for row in rows:
-        acc = {
+        acc: dict[str, Any] = {
             "name": row.name,
             "kind": row.kind,
             "module_type": row.module_type,
@@ -558,38 +770,65 @@ def _resolve(rows) -> list[dict[str, Any]]:
             "elementwise_ops": 0,
             "neuron_updates": 0,
             "notes": list(row.notes),
+            **dict.fromkeys(MEMORY_COUNT_FIELDS, 0),
+            "spike_source": None,
         }
         kinds: dict[str, None] = {}
+        sources: dict[str, None] = {}
         for ev in row.events:
             acc["macs"] += ev.macs
             acc["elementwise_ops"] += ev.elementwise_ops
             acc["neuron_updates"] += ev.neuron_updates
-            if ev.spike_kind is None:
+            acc["weight_reads"] += ev.weight_token
+            acc["weight_reads_call"] += ev.weight_call
+            acc["activation_reads"] += ev.activation_reads
+            acc["activation_writes"] += ev.activation_writes
+            acc["state_reads"] += ev.state_reads
+            acc["state_writes"] += ev.state_writes
+            if ev.spike_kind is None or ev.spike_kind == "index":
+                if ev.spike_kind == "index":
+                    kinds["index"] = None
                 acc["acs"] += ev.acs_units * ev.fan_out
-                continue
-            if ev.spike_kind == "index":
-                kinds["index"] = None
-                acc["acs"] += ev.acs_units * ev.fan_out
+                acc["weight_reads_event"] += ev.weight_token
                 continue
             if not ev.is_spike:
                 kinds["real"] = None
                 acc["macs"] += ev.dense_macs
+                acc["activation_reads"] += ev.dense_inputs
+                acc["weight_reads_event"] += ev.weight_token
                 continue
             nnz = ev.nnz or 0
             units = nnz if ev.acs_units is None else ev.acs_units
-            acc["acs"] += units * ev.fan_out
+            acs = units * ev.fan_out
+            acc["acs"] += acs
             signed = nnz if ev.total is None else ev.total
             pos = (nnz + signed) // 2
             neg = nnz - pos
             kind = ev.spike_kind
+            packed, address = ev.packed_bits, ev.address_bits
             if kind == "values":  # detected by value: say what was seen
                 kind = "ternary" if neg else "binary"
+                if not neg:
+                    packed, address = 1, address - 1
             kinds[kind] = None
             acc["spike_elements"] += ev.spike_elements
             acc["spike_nnz"] += nnz
             acc["spike_pos"] += pos
             acc["spike_neg"] += neg
+            io = "write" if ev.spike_io == "write" else "read"
+            acc[f"spike_{io}_bits_packed"] += ev.spike_elements * packed
+            acc[f"spike_{io}_bits_address"] += nnz * address
+            if io == "read":
+                # event-driven: every accumulate reads its synapse's weight
+                acc["weight_reads_event"] += acs
+                acc["dense_macs"] += ev.dense_macs
+                acc["dense_inputs"] += ev.dense_inputs
+                if ev.source is not None:
+                    sources[ev.source] = None
+            else:
+                acc["weight_reads_event"] += ev.weight_token
         acc["spike_kinds"] = list(kinds)
+        acc["spike_source"] = "+".join(sources) or None
         out.append(acc)
     return out
 

@@ -25,11 +25,20 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .profiles import HardwareProfile, get_profile
+from .counter import MEMORY_COUNT_FIELDS
+from .profiles import HardwareProfile, MemoryLevel, get_profile, place
 
-__all__ = ["ComparisonRow", "EnergyComparison", "EnergyReport", "LayerRow", "compare"]
+__all__ = [
+    "ComparisonRow",
+    "EnergyComparison",
+    "EnergyReport",
+    "LayerRow",
+    "compare",
+    "memory_traffic",
+]
 
-SCHEMA = "spikemar.energy/1"
+SCHEMA = "spikemar.energy/2"
+_OLD_SCHEMAS = ("spikemar.energy/1",)  # read with zero memory counts
 _TERMS = (  # count field, price field, energy field
     ("acs", "ac_pj", "ac_energy_pj"),
     ("macs", "mac_pj", "mac_energy_pj"),
@@ -68,6 +77,38 @@ class LayerRow:
     elementwise_energy_pj: float
     energy_pj: float
     notes: tuple[str, ...] = ()
+    # memory counts (profile-independent; see spikemar.energy.counter.MEMORY_COUNT_FIELDS)
+    weight_reads: int = 0
+    weight_reads_call: int = 0
+    weight_reads_event: int = 0
+    activation_reads: int = 0
+    activation_writes: int = 0
+    spike_read_bits_packed: int = 0
+    spike_read_bits_address: int = 0
+    spike_write_bits_packed: int = 0
+    spike_write_bits_address: int = 0
+    state_reads: int = 0
+    state_writes: int = 0
+    dense_macs: int = 0
+    dense_inputs: int = 0
+    spike_source: str | None = None  # the spike point(s) or neuron(s) whose spikes it reads
+    # memory under the profile: bytes moved, the level each class lives in, energy
+    weight_bytes: float = 0.0
+    activation_bytes: float = 0.0
+    state_bytes: float = 0.0
+    weight_level: str | None = None
+    activation_level: str | None = None
+    state_level: str | None = None
+    weight_memory_pj: float = 0.0
+    activation_memory_pj: float = 0.0
+    state_memory_pj: float = 0.0
+    memory_energy_pj: float = 0.0
+    compute_energy_pj: float = 0.0
+
+    @property
+    def memory_bytes(self) -> float:
+        """Bytes moved by this row under the report's profile (weights, activations, state)."""
+        return self.weight_bytes + self.activation_bytes + self.state_bytes
 
     @property
     def firing_rate(self) -> float | None:
@@ -83,17 +124,85 @@ class LayerRow:
         return self.spike_neg / self.spike_elements if self.spike_elements else None
 
 
-def _price_row(counts: dict[str, Any], hw: HardwareProfile) -> LayerRow:
+def _compute_energies(counts: dict[str, Any], hw: HardwareProfile) -> dict[str, float]:
     energies: dict[str, float] = {}
     for count_f, price_f, energy_f in _TERMS:
         price = getattr(hw, price_f)
         energies[energy_f] = counts[count_f] * price if price is not None else 0.0
-    total = sum(energies[e] for _c, _p, e in _TERMS)
+    return energies
+
+
+def memory_traffic(
+    counts: LayerRow | dict[str, Any], hw: HardwareProfile
+) -> tuple[float, float, float]:
+    """``(weight, activation, state)`` bytes that one row (or its counts) moves under ``hw``:
+    real values at ``hw.value_bytes``; spike trains packed or as address-events per
+    ``hw.spike_encoding``; weights fetched per token, per call, or (address-events) one per
+    accumulate of a spike-fed layer (see :mod:`spikemar.energy.profiles`)."""
+    if isinstance(counts, LayerRow):
+        counts = _counts_of(counts)
+    vb = hw.value_bytes
+    aer = hw.spike_encoding == "address"
+    if aer:
+        weights = counts.get("weight_reads_event", 0)
+    elif hw.weight_reuse == "call":
+        weights = counts.get("weight_reads_call", 0)
+    else:
+        weights = counts.get("weight_reads", 0)
+    suffix = "address" if aer else "packed"
+    spike_bits = counts.get(f"spike_read_bits_{suffix}", 0) + counts.get(
+        f"spike_write_bits_{suffix}", 0
+    )
+    reals = counts.get("activation_reads", 0) + counts.get("activation_writes", 0)
+    state = counts.get("state_reads", 0) + counts.get("state_writes", 0)
+    return weights * vb, reals * vb + spike_bits / 8, state * vb
+
+
+def _place_row(
+    weight_b: float,
+    act_b: float,
+    state_b: float,
+    *,
+    hw: HardwareProfile,
+    parameters: int,
+    per: int,
+) -> tuple[MemoryLevel, MemoryLevel, MemoryLevel]:
+    """Where a row's weights, activations and state live: all the model's weights together,
+    one token's (or call's: ``per``) activations and state of the row."""
+    levels = hw.memory
+    assert levels is not None
+    per = max(1, per)
+    return (
+        place(levels, parameters * hw.value_bytes),
+        place(levels, act_b / per),
+        place(levels, state_b / per / 2),  # read + written: one copy lives there
+    )
+
+
+def _price_row(
+    counts: dict[str, Any],
+    hw: HardwareProfile,
+    *,
+    parameters: int = 0,
+    tokens: int | None = None,
+) -> LayerRow:
+    energies = _compute_energies(counts, hw)
+    compute = sum(energies[e] for _c, _p, e in _TERMS)
+    weight_b, act_b, state_b = memory_traffic(counts, hw)
+    levels: tuple[MemoryLevel | None, ...] = (None, None, None)
+    mem_pj = (0.0, 0.0, 0.0)
+    if hw.prices_memory:
+        # one token's working set under per-token weight fetching, else one call's
+        per = tokens if (hw.weight_reuse == "token" and tokens) else int(counts["calls"])
+        levels = _place_row(weight_b, act_b, state_b, hw=hw, parameters=parameters, per=per)
+        moved = (weight_b, act_b, state_b)
+        mem_pj = tuple(b * lv.pj_per_byte for b, lv in zip(moved, levels, strict=True))
     kinds = counts.get("spike_kinds")
     if kinds is not None:
         spike_kind = "+".join(kinds) if kinds else None
     else:
         spike_kind = counts.get("spike_kind")
+    memory_counts = {f: int(counts.get(f, 0)) for f in MEMORY_COUNT_FIELDS}
     return LayerRow(
         name=counts["name"],
         kind=counts["kind"],
@@ -109,8 +218,21 @@ def _price_row(counts: dict[str, Any], hw: HardwareProfile) -> LayerRow:
         elementwise_ops=int(counts["elementwise_ops"]),
         neuron_updates=int(counts["neuron_updates"]),
         notes=tuple(counts.get("notes", ())),
-        energy_pj=total,
+        energy_pj=compute + sum(mem_pj),
         **energies,
+        **memory_counts,
+        spike_source=counts.get("spike_source"),
+        weight_bytes=weight_b,
+        activation_bytes=act_b,
+        state_bytes=state_b,
+        weight_level=levels[0].name if levels[0] else None,
+        activation_level=levels[1].name if levels[1] else None,
+        state_level=levels[2].name if levels[2] else None,
+        weight_memory_pj=mem_pj[0],
+        activation_memory_pj=mem_pj[1],
+        state_memory_pj=mem_pj[2],
+        memory_energy_pj=sum(mem_pj),
+        compute_energy_pj=compute,
     )
 
 
@@ -123,6 +245,9 @@ _TOTALS = (
     "energy_pj",
     "ac_energy_pj",
     "mac_energy_pj",
+    "compute_energy_pj",
+    "memory_energy_pj",
+    "memory_bytes",
 )
 
 
@@ -149,6 +274,8 @@ _COUNT_FIELDS = (
     "elementwise_ops",
     "neuron_updates",
     "notes",
+    *MEMORY_COUNT_FIELDS,
+    "spike_source",
 )
 
 
@@ -161,6 +288,7 @@ class EnergyReport:
     passes: int
     tokens: int | None = None
     uncounted: tuple[tuple[str, str], ...] = ()  # (module name, type name)
+    parameters: int = 0  # parameter elements of the model (where its weights are placed)
 
     @classmethod
     def build(
@@ -171,16 +299,21 @@ class EnergyReport:
         passes: int,
         tokens: int | None = None,
         uncounted: Iterable[tuple[str, str]] = (),
+        parameters: int = 0,
     ) -> EnergyReport:
-        """Price raw per-row counts (dicts with the count fields of :class:`LayerRow`)."""
+        """Price raw per-row counts (dicts with the count fields of :class:`LayerRow`);
+        ``parameters``: the model's parameter elements (placement of its weights)."""
         hw = get_profile(hardware)
         _check_tokens(tokens)
+        if isinstance(parameters, bool) or not isinstance(parameters, int) or parameters < 0:
+            raise ValueError(f"parameters: expected an int >= 0, got {parameters!r}")
         return cls(
-            rows=tuple(_price_row(r, hw) for r in rows),
+            rows=tuple(_price_row(r, hw, parameters=parameters, tokens=tokens) for r in rows),
             hardware=hw,
             passes=int(passes),
             tokens=tokens,
             uncounted=tuple((str(n), str(t)) for n, t in uncounted),
+            parameters=parameters,
         )
 
     def with_hardware(self, hardware: str | HardwareProfile) -> EnergyReport:
@@ -191,6 +324,7 @@ class EnergyReport:
             passes=self.passes,
             tokens=self.tokens,
             uncounted=self.uncounted,
+            parameters=self.parameters,
         )
 
     # -- totals ---------------------------------------------------------------------------
@@ -202,6 +336,9 @@ class EnergyReport:
     total_energy_pj = _total("energy_pj")
     total_ac_energy_pj = _total("ac_energy_pj")
     total_mac_energy_pj = _total("mac_energy_pj")
+    total_compute_energy_pj = _total("compute_energy_pj")
+    total_memory_energy_pj = _total("memory_energy_pj")
+    total_memory_bytes = _total("memory_bytes")
 
     @property
     def unpriced(self) -> dict[str, int]:
@@ -211,6 +348,10 @@ class EnergyReport:
             n = sum(getattr(r, count_f) for r in self.rows)
             if n and getattr(self.hardware, price_f) is None:
                 out[count_f] = n
+        hw = self.hardware
+        moved = round(self.total_memory_bytes)
+        if moved and not hw.prices_memory and not hw.memory_included:
+            out["memory_bytes"] = moved
         return out
 
     @property
@@ -259,6 +400,7 @@ class EnergyReport:
             "hardware": self.hardware.to_dict(),
             "passes": self.passes,
             "tokens": self.tokens,
+            "parameters": self.parameters,
             "rows": rows,
             "totals": self._totals(),
             "per_pass": self.per_pass() if self.passes else None,
@@ -274,17 +416,21 @@ class EnergyReport:
     def from_dict(cls, data: dict[str, Any]) -> EnergyReport:
         """Rebuild a report from :meth:`to_dict` output (energies are recomputed from the
         counts and the stored profile)."""
-        if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-            got = data.get("schema") if isinstance(data, dict) else type(data).__name__
+        schema = data.get("schema") if isinstance(data, dict) else None
+        if schema != SCHEMA and schema not in _OLD_SCHEMAS:
+            got = schema if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"data: expected a {SCHEMA!r} report, got schema {got!r}")
         hw = HardwareProfile.from_dict(data["hardware"])
-        rows = [{k: r[k] for k in _COUNT_FIELDS} for r in data["rows"]]
+        # an older report has no memory counts: they read as zero
+        rows = [{k: r.get(k, 0 if k != "spike_source" else None) for k in _COUNT_FIELDS}
+                for r in data["rows"]]  # fmt: skip
         return cls.build(
             rows,
             hardware=hw,
             passes=data["passes"],
             tokens=data["tokens"],
             uncounted=[(u["name"], u["type"]) for u in data["uncounted"]],
+            parameters=int(data.get("parameters", 0)),
         )
 
     @classmethod
@@ -321,8 +467,9 @@ class EnergyReport:
             + f" (AC {_fmt_energy(self.total_ac_energy_pj)}, MAC "
             + f"{_fmt_energy(self.total_mac_energy_pj)})"
         )
+        lines.extend(self._memory_lines())
         if self.unpriced:
-            terms = ", ".join(f"{k} {v:,}" for k, v in self.unpriced.items())
+            terms = ", ".join(f"{k.replace('_', ' ')} {v:,}" for k, v in self.unpriced.items())
             lines.append(
                 f"* not priced under {self.hardware.name!r} (counted, not in the energy): {terms}"
             )
@@ -336,26 +483,63 @@ class EnergyReport:
         lines.extend(f"{name}: {note}" for name, note in notes)
         return lines
 
+    def _memory_lines(self) -> list[str]:
+        hw = self.hardware
+        if hw.memory_included:
+            return [
+                f"memory: included in {hw.name!r}'s per-operation figures (the core's on-chip "
+                "memory), not added separately"
+            ]
+        weights = sum(r.weight_bytes for r in self.rows)
+        acts = sum(r.activation_bytes for r in self.rows)
+        state = sum(r.state_bytes for r in self.rows)
+        moved = (
+            f"weights {_fmt_bytes(weights)}, activations and spikes {_fmt_bytes(acts)}, "
+            f"state {_fmt_bytes(state)}"
+        )
+        how = (
+            f"{hw.value_bytes:g} B per value, spikes "
+            + ("as address-events" if hw.spike_encoding == "address" else "packed")
+            + (
+                ", weights one read per accumulate where fed by spikes"
+                if hw.spike_encoding == "address"
+                else f", weights fetched per {hw.weight_reuse}"
+            )
+        )
+        if not hw.prices_memory:
+            return [f"memory traffic (not priced: compute-only profile): {moved} ({how})"]
+        model_bytes = self.parameters * hw.value_bytes
+        level = place(hw.memory, model_bytes).name  # type: ignore[arg-type]
+        return [
+            f"memory {_fmt_energy(self.total_memory_energy_pj)} + compute "
+            f"{_fmt_energy(self.total_compute_energy_pj)}: {moved} ({how}); the model's "
+            f"{_fmt_bytes(model_bytes)} of weights live in {level}"
+        ]
+
     def _has_unpriced(self, row: LayerRow) -> bool:
         return any(
             getattr(row, count_f) and getattr(self.hardware, price_f) is None
             for count_f, price_f, _e in _TERMS
         )
 
-    def _cells(self) -> tuple[list[str], list[list[str]]]:
-        head = [
-            "layer",
-            "kind",
-            "spikes",
-            "rate (+/-)",
-            "ACs",
-            "MACs",
-            "elem-ops",
-            "neuron upd",
-            "energy",
-            "share",
-        ]
+    def _show_memory(self, memory: bool | None) -> bool:
+        return self.hardware.prices_memory if memory is None else bool(memory)
+
+    def _cells(self, memory: bool = False) -> tuple[list[str], list[list[str]]]:
+        """Table cells; ``memory`` adds bytes moved and compute and memory energy per row."""
+        head = ["layer", "kind", "spikes", "rate (+/-)", "ACs", "MACs", "elem-ops", "neuron upd"]
+        if memory:
+            head += ["bytes moved", "compute", "memory"]
+        head += ["energy", "share"]
         total = self.total_energy_pj
+        priced = self.hardware.prices_memory
+
+        def mem_cells(moved: float, compute: float, mem: float) -> list[str]:
+            if not memory:
+                return []
+            shown = _fmt_energy(mem) if priced else "unpriced" if moved else "-"
+            return [_fmt_bytes(moved), _fmt_energy(compute), shown]
+
         body = []
         for r in self.rows:
             rate = (
@@ -375,6 +559,7 @@ class EnergyReport:
                     f"{r.macs:,}",
                     f"{r.elementwise_ops:,}",
                     f"{r.neuron_updates:,}",
+                    *mem_cells(r.memory_bytes, r.compute_energy_pj, r.memory_energy_pj),
                     _fmt_energy(r.energy_pj) + mark,
                     share,
                 ]
@@ -389,15 +574,21 @@ class EnergyReport:
                 f"{self.total_macs:,}",
                 f"{self.total_elementwise_ops:,}",
                 f"{self.total_neuron_updates:,}",
+                *mem_cells(
+                    self.total_memory_bytes,
+                    self.total_compute_energy_pj,
+                    self.total_memory_energy_pj,
+                ),
                 _fmt_energy(total),
                 "100.0%" if total > 0 else "-",
             ]
         )
         return head, body
 
-    def to_table(self) -> str:
-        """A plain-text table for the terminal."""
-        head, body = self._cells()
+    def to_table(self, *, memory: bool | None = None) -> str:
+        """A plain-text table for the terminal; ``memory`` (default: when the profile prices
+        memory) adds bytes moved, compute and memory energy per row."""
+        head, body = self._cells(self._show_memory(memory))
         widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
         left = {0, 1, 2}
 
@@ -416,9 +607,9 @@ class EnergyReport:
     def __str__(self) -> str:
         return self.to_table()
 
-    def to_markdown(self) -> str:
+    def to_markdown(self, *, memory: bool | None = None) -> str:
         """A GitHub-flavoured Markdown table with the same content as :meth:`to_table`."""
-        head, body = self._cells()
+        head, body = self._cells(self._show_memory(memory))
         esc = [[c.replace("|", "\\|") for c in row] for row in [head, *body]]
         out = [self._header()[0], ""]
         out.append("| " + " | ".join(esc[0]) + " |")
@@ -505,6 +696,13 @@ def _counts_of(row: LayerRow) -> dict[str, Any]:
     return {f: getattr(row, f) for f in _COUNT_FIELDS}
 
 
+def _fmt_bytes(n: float) -> str:
+    for unit, div in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if abs(n) >= div:
+            return f"{n / div:.4g} {unit}"
+    return f"{n:.4g} B"
+
+
 def _fmt_price(v: float | None) -> str:
     return "unpriced" if v is None else f"{v:g} pJ"
 
@@ -583,13 +781,48 @@ class EnergyComparison:
         return self.teacher.total_energy_pj * self._norm(self.teacher)
 
     @property
-    def ratio(self) -> float:
-        """Total student energy / total teacher energy (per the basis)."""
+    def unpriced(self) -> dict[str, tuple[float, float]]:
+        """Work the profile leaves unpriced on either side: {term: (student, teacher)} per the
+        basis (a term counted as nothing in both totals)."""
+        s_un, t_un = self.student.unpriced, self.teacher.unpriced
+        s_scale, t_scale = self._norm(self.student), self._norm(self.teacher)
+        return {
+            term: (s_un.get(term, 0) * s_scale, t_un.get(term, 0) * t_scale)
+            for term in (*s_un, *(k for k in t_un if k not in s_un))
+        }
+
+    @property
+    def refusal(self) -> str | None:
+        """Why there is no ratio, or None. The synaptic work (ACs, MACs) is what the two sides
+        trade against each other; when the profile leaves it unpriced, one side's work would
+        count as nothing and the ratio would be meaningless (Loihi prices no MAC)."""
+        s, t = self.labels
+        for term in ("macs", "acs"):
+            counts = self.unpriced.get(term)
+            if counts is None:
+                continue
+            what = {"macs": "MACs", "acs": "ACs"}[term]
+            sides = f"{s} {counts[0]:,.0f}, {t} {counts[1]:,.0f} per {self.basis}"
+            return (
+                f"{self.student.hardware.name!r} prices no {what}, and {sides} would count "
+                "as nothing; compare under a profile that prices both sides' work"
+            )
+        return None
+
+    @property
+    def ratio(self) -> float | None:
+        """Total student energy / total teacher energy (per the basis); None when the profile
+        leaves the synaptic work of either side unpriced (:attr:`refusal` says why)."""
+        if self.refusal is not None:
+            return None
         return self.student_pj / self.teacher_pj if self.teacher_pj else math.inf
 
     @property
-    def savings(self) -> float:
-        """Total teacher energy / total student energy: how many times less the student uses."""
+    def savings(self) -> float | None:
+        """Total teacher energy / total student energy: how many times less the student uses
+        (None with :attr:`ratio`)."""
+        if self.refusal is not None:
+            return None
         return self.teacher_pj / self.student_pj if self.student_pj else math.inf
 
     def to_dict(self) -> dict[str, Any]:
@@ -607,6 +840,8 @@ class EnergyComparison:
             f"{t}_pj": self.teacher_pj,
             "ratio": _finite_or_none(self.ratio),
             "savings": _finite_or_none(self.savings),
+            "refusal": self.refusal,
+            "unpriced": {k: list(v) for k, v in self.unpriced.items()},
             f"{s}": self.student.to_dict(),
             f"{t}": self.teacher.to_dict(),
         }
@@ -625,15 +860,23 @@ class EnergyComparison:
             [r.name, e(r.student_pj), e(r.teacher_pj), "-" if r.ratio is None else f"{r.ratio:.4g}"]
             for r in self.rows
         ]
-        body.append(["TOTAL", e(self.student_pj), e(self.teacher_pj), f"{self.ratio:.4g}"])
+        total = "-" if self.ratio is None else f"{self.ratio:.4g}"
+        body.append(["TOTAL", e(self.student_pj), e(self.teacher_pj), total])
         return head, body
 
     def _summary(self) -> str:
         s, t = self.labels
-        return (
-            f"{s} vs {t} on {self.student.hardware.name!r}, per {self.basis}: "
-            f"ratio {self.ratio:.4g} ({t} uses {self.savings:.3g}x the energy of {s})"
-        )
+        head = f"{s} vs {t} on {self.student.hardware.name!r}, per {self.basis}: "
+        if self.refusal is not None:
+            return head + f"no ratio: {self.refusal}"
+        line = head + f"ratio {self.ratio:.4g} ({t} uses {self.savings:.3g}x the energy of {s})"
+        others = [
+            f"{term.replace('_', ' ')} ({s} {a:,.0f}, {t} {b:,.0f})"
+            for term, (a, b) in self.unpriced.items()
+        ]
+        if others:
+            line += "; not priced on either side, so not in the ratio: " + ", ".join(others)
+        return line
 
     def to_table(self) -> str:
         head, body = self._cells()
@@ -661,8 +904,8 @@ class EnergyComparison:
         return "\n".join(out) + "\n"
 
 
-def _finite_or_none(v: float) -> float | None:
-    return v if math.isfinite(v) else None
+def _finite_or_none(v: float | None) -> float | None:
+    return v if v is not None and math.isfinite(v) else None
 
 
 def compare(

@@ -126,9 +126,16 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 
 def _linear_rule(ctx: CountContext, module: nn.Linear, args: tuple[Any, ...], out: Any) -> None:
     x = args[0]
-    ctx.synaptic(x, fan_out=module.out_features, dense_macs=x.numel() * module.out_features)
-    if module.bias is not None:
-        ctx.record(elementwise_ops=out.numel())
+    ctx.synaptic(
+        x,
+        fan_out=module.out_features,
+        dense_macs=x.numel() * module.out_features,
+        weights=ctx.parameters(module),  # weight and bias
+        vectors=x.numel() // max(1, module.in_features),
+        features=module.in_features,
+    )
+    ctx.record(elementwise_ops=out.numel() if module.bias is not None else 0,
+               activation_writes=out.numel())  # fmt: skip
 
 
 def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[Any, ...], out):
@@ -177,22 +184,41 @@ def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[A
         return (spike_map * fan).sum(), nnz
 
     # each spike at a position drives fan-out(position) accumulates in each of the C_out / groups
-    # output channels of its group
-    ctx.synaptic(x, fan_out=c_out_per_group, dense_macs=dense_macs, weighted_acs=weighted_acs)
-    if module.bias is not None:
-        ctx.record(elementwise_ops=out.numel())
+    # output channels of its group; a spike's address names its channel and position
+    per_sample = module.in_channels * math.prod(spatial_in)
+    ctx.synaptic(
+        x,
+        fan_out=c_out_per_group,
+        dense_macs=dense_macs,
+        weighted_acs=weighted_acs,
+        weights=ctx.parameters(module),
+        vectors=x.numel() // max(1, per_sample),
+        features=per_sample,
+    )
+    ctx.record(elementwise_ops=out.numel() if module.bias is not None else 0,
+               activation_writes=out.numel())  # fmt: skip
 
 
 def _embedding_rule(ctx: CountContext, module: nn.Embedding, args: tuple[Any, ...], out) -> None:
     idx = args[0]
-    ctx.lookup(idx, acs=idx.numel() * module.embedding_dim)
+    ctx.lookup(idx, acs=idx.numel() * module.embedding_dim)  # reads the rows it looks up
+    ctx.record(activation_writes=out.numel())
 
 
 def _neuron_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
     spikes = _first_tensor(out)
     if spikes is None:
         return
-    ctx.spikes_out(spikes, ternary=neuron_is_ternary(module))
+    x = _first_tensor(args)
+    inputs = x.numel() if x is not None else 0
+    width = spikes.shape[-1] if spikes.dim() else 1
+    ctx.spikes_out(
+        spikes,
+        ternary=neuron_is_ternary(module),
+        inputs=inputs,
+        weights=ctx.parameters(module),
+        vectors=spikes.numel() // max(1, width),
+    )
 
 
 def _passthrough_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out) -> None:
@@ -207,15 +233,24 @@ def _passthrough_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...
 
 def _maxpool_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out: Any) -> None:
     _passthrough_rule(ctx, module, args, out)
-    y = _first_tensor(out)
-    if y is not None:
-        ctx.record(elementwise_ops=y.numel())
+    _elementwise_rule(ctx, module, args, out)
 
 
 def _elementwise_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out) -> None:
+    # memory: reads its input, writes its output (as real values), reads its parameters (a
+    # norm's weight) once per vector
     y = _first_tensor(out)
-    if y is not None:
-        ctx.record(elementwise_ops=y.numel())
+    if y is None:
+        return
+    x = _first_tensor(args)
+    width = y.shape[-1] if y.dim() else 1
+    ctx.record(
+        elementwise_ops=y.numel(),
+        activation_reads=x.numel() if x is not None else 0,
+        activation_writes=y.numel(),
+        weight_reads=ctx.parameters(module) * (y.numel() // max(1, width)),
+        weight_reads_call=ctx.parameters(module),
+    )
 
 
 def _register_builtins() -> None:

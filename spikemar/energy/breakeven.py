@@ -1,0 +1,266 @@
+"""Break-even firing rates: the rate above which a spike point costs more than the dense form.
+
+For one spike point P and the layers that read its spikes (its *consumers*, the rows whose
+``spike_source`` is P), everything the report counted splits into what grows with the number of
+spikes and what does not. At firing rate r (non-zero spikes per neuron and micro-step):
+
+    E_spiking(r) = A + B · r
+        A = P's own energy (neuron updates, reading its input, its membrane, its thresholds;
+            writing its spikes when they are packed) + the consumers' packed spike reads and
+            weight reads (a packed, weight-stationary layer reads its weights whatever fires)
+        B · r = the consumers' accumulates (+ with address-events: every spike's address
+            written and read, and one weight read per accumulate)
+    E_dense = the consumers fed real values instead: dense MACs, reading the real input,
+              reading the weights — priced under ``reference`` (the same profile, or e.g.
+              ``45nm-int8+mem`` for an int8 dense model of the same weights)
+
+and the break-even rate is r* = (E_dense − A) / B, from the measured point (B = the variable
+energy at the measured rate / that rate). Work both forms share (the consumers' outputs, bias
+adds) cancels and is left out. For the whole model, the sums over all spike points: the rate at
+which every spike point firing alike would make the spiking model cost what its dense form costs.
+A rate r* ≤ 0 means the point's fixed cost alone exceeds the dense form; r* ≥ 1 that it pays at
+any rate. Terms a profile leaves unpriced are left out of both sides and named in ``note``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from .profiles import HardwareProfile, get_profile, place
+from .report import EnergyReport, LayerRow
+
+__all__ = ["BreakEven", "BreakEvenTable", "break_even"]
+
+MODEL = "model"  # the name of the whole-model entry
+
+
+@dataclass(frozen=True)
+class BreakEven:
+    """One spike point (or the whole model, ``name == 'model'``), per counted work."""
+
+    name: str
+    consumers: tuple[str, ...]
+    firing_rate: float  # measured: non-zero spikes per neuron and micro-step
+    break_even_rate: float | None  # None: cannot be told (no spikes measured, MACs unpriced)
+    spiking_pj: float  # at the measured rate: A + B · rate
+    fixed_pj: float  # A
+    per_rate_pj: float  # B
+    dense_pj: float
+
+    @property
+    def pays(self) -> bool | None:
+        """Whether the spiking form costs less than the dense form at the measured rate."""
+        if self.break_even_rate is None:
+            return None
+        return self.firing_rate < self.break_even_rate
+
+
+@dataclass(frozen=True)
+class BreakEvenTable:
+    """Break-even rates of every spike point of a report and of the whole model."""
+
+    hardware: str
+    reference: str
+    points: tuple[BreakEven, ...]
+    model: BreakEven | None
+    note: str = ""
+
+    def row(self, name: str) -> BreakEven:
+        for p in (*self.points, *((self.model,) if self.model else ())):
+            if p.name == name:
+                return p
+        known = ", ".join(p.name for p in self.points)
+        raise KeyError(f"name: no spike point {name!r}; spike points: {known}")
+
+    def _lines(self) -> tuple[list[str], list[list[str]]]:
+        head = ["spike point", "rate", "break-even", "pays", "spiking", "dense"]
+        from .report import _fmt_energy
+
+        def cells(p: BreakEven) -> list[str]:
+            be = "-" if p.break_even_rate is None else f"{p.break_even_rate:.4f}"
+            pays = {True: "yes", False: "NO", None: "-"}[p.pays]
+            dense = "-" if math.isnan(p.dense_pj) else _fmt_energy(p.dense_pj)
+            return [p.name, f"{p.firing_rate:.4f}", be, pays,
+                    _fmt_energy(p.spiking_pj), dense]  # fmt: skip
+
+        body = [cells(p) for p in self.points]
+        if self.model is not None:
+            body.append(cells(self.model))
+        return head, body
+
+    def _title(self) -> str:
+        vs = "its dense form" if self.reference == self.hardware else f"{self.reference!r}"
+        return (
+            f"Break-even firing rates under {self.hardware!r} against {vs} (the rate, non-zero "
+            "spikes per neuron and micro-step, above which spiking costs more)"
+        )
+
+    def to_table(self) -> str:
+        head, body = self._lines()
+        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
+
+        def line(cells: list[str]) -> str:
+            return "  ".join(
+                c.ljust(w) if i == 0 else c.rjust(w)
+                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+            )
+
+        rule = "  ".join("-" * w for w in widths)
+        out = [self._title(), line(head), rule, *(line(r) for r in body)]
+        if self.note:
+            out.append(f"note: {self.note}")
+        return "\n".join(out)
+
+    def __str__(self) -> str:
+        return self.to_table()
+
+    def to_markdown(self) -> str:
+        head, body = self._lines()
+        out = [self._title(), "", "| " + " | ".join(head) + " |"]
+        out.append("| --- | ---: | ---: | :---: | ---: | ---: |")
+        out += ["| " + " | ".join(r) + " |" for r in body]
+        if self.note:
+            out += ["", f"note: {self.note}"]
+        return "\n".join(out) + "\n"
+
+
+def _level_pj(hw: HardwareProfile, name: str | None) -> float:
+    if name is None or hw.memory is None:
+        return 0.0
+    for level in hw.memory:
+        if level.name == name:
+            return level.pj_per_byte
+    return 0.0
+
+
+def _dense_pj(
+    c: LayerRow, ref: HardwareProfile, report: EnergyReport
+) -> tuple[float | None, list[str]]:
+    """What consumer ``c`` costs fed real values under ``ref`` (None when ref prices no MAC)."""
+    notes = []
+    if ref.mac_pj is None:
+        return None, [f"{ref.name!r} prices no MAC"]
+    energy = c.dense_macs * ref.mac_pj
+    if ref.prices_memory:
+        assert ref.memory is not None
+        vb = ref.value_bytes
+        weights = c.weight_reads_call if ref.weight_reuse == "call" else c.weight_reads
+        per = report.tokens if ref.weight_reuse == "token" and report.tokens else c.calls
+        inputs_b = c.dense_inputs * vb
+        act_level = place(ref.memory, (inputs_b + c.activation_writes * vb) / max(1, per))
+        w_level = place(ref.memory, report.parameters * vb)
+        energy += inputs_b * act_level.pj_per_byte + weights * vb * w_level.pj_per_byte
+    elif not ref.memory_included:
+        notes.append(f"memory unpriced under {ref.name!r} (compute only)")
+    return energy, notes
+
+
+def _spiking_parts(
+    p: LayerRow, consumers: list[LayerRow], hw: HardwareProfile
+) -> tuple[float, float]:
+    """(fixed, variable at the measured rate) energy of spike point ``p`` and its consumers."""
+    address = hw.spike_encoding == "address"
+    write_b = (p.spike_write_bits_address if address else p.spike_write_bits_packed) / 8
+    write_pj = write_b * _level_pj(hw, p.activation_level)
+    fixed = p.energy_pj - (write_pj if address else 0.0)
+    variable = write_pj if address else 0.0
+    for c in consumers:
+        read_b = (c.spike_read_bits_address if address else c.spike_read_bits_packed) / 8
+        read_pj = read_b * _level_pj(hw, c.activation_level)
+        if address:  # every spike moves an address and reads the weights it drives
+            variable += c.ac_energy_pj + read_pj + c.weight_memory_pj
+        else:
+            variable += c.ac_energy_pj
+            fixed += read_pj + c.weight_memory_pj
+    return fixed, variable
+
+
+def _entry(
+    name: str,
+    consumers: tuple[str, ...],
+    rate: float,
+    fixed: float,
+    variable: float,
+    dense: float | None,
+) -> BreakEven:
+    per_rate = variable / rate if rate > 0 else math.nan
+    if dense is None or not rate > 0 or per_rate <= 0:
+        be = None
+    else:
+        be = (dense - fixed) / per_rate
+    return BreakEven(
+        name=name,
+        consumers=consumers,
+        firing_rate=rate,
+        break_even_rate=be,
+        spiking_pj=fixed + variable,
+        fixed_pj=fixed,
+        per_rate_pj=per_rate if math.isfinite(per_rate) else 0.0,
+        dense_pj=math.nan if dense is None else dense,
+    )
+
+
+def break_even(
+    report: EnergyReport, reference: str | HardwareProfile | None = None
+) -> BreakEvenTable:
+    """Break-even firing rates of every spike point in ``report`` (priced under its own
+    profile) against the dense form of the layers it feeds, priced under ``reference``
+    (default: the report's profile; ``'45nm-int8+mem'`` for an int8 dense model of the same
+    weights), and of the whole model. See the module docstring for the model."""
+    if not isinstance(report, EnergyReport):
+        raise TypeError(f"report: expected an EnergyReport, got {type(report).__name__}")
+    hw = report.hardware
+    ref = hw if reference is None else get_profile(reference)
+    by_source: dict[str, list[LayerRow]] = {}
+    for r in report.rows:
+        if r.spike_source and r.acs:
+            by_source.setdefault(r.spike_source, []).append(r)
+    notes: dict[str, None] = {}
+    if hw.neuron_update_pj is None and any(r.neuron_updates for r in report.rows):
+        notes[f"neuron updates unpriced under {hw.name!r} (not in the spiking side)"] = None
+    if not hw.prices_memory and not hw.memory_included:
+        notes[f"memory unpriced under {hw.name!r} (compute only)"] = None
+    points: list[BreakEven] = []
+    sums = [0.0, 0.0, 0.0, 0, 0]  # fixed, variable, dense, nnz, elements
+    dense_known = True
+    for p in report.rows:
+        consumers = by_source.get(p.name)
+        if not consumers or not p.spike_elements:
+            continue
+        rate = p.spike_nnz / p.spike_elements
+        fixed, variable = _spiking_parts(p, consumers, hw)
+        dense: float | None = 0.0
+        for c in consumers:
+            d, why = _dense_pj(c, ref, report)
+            notes.update(dict.fromkeys(why))
+            dense = None if d is None or dense is None else dense + d
+        names = tuple(c.name for c in consumers)
+        points.append(_entry(p.name, names, rate, fixed, variable, dense))
+        sums[0] += fixed
+        sums[1] += variable
+        sums[3] += p.spike_nnz
+        sums[4] += p.spike_elements
+        if dense is None:
+            dense_known = False
+        else:
+            sums[2] += dense
+    model = None
+    if points:
+        # a common rate r for every point: Σ A + r · Σ B_i, with Σ B_i = Σ variable_i / rate_i
+        fixed = sum(p.fixed_pj for p in points)
+        per_rate = sum(p.per_rate_pj for p in points)
+        rate = sums[3] / sums[4] if sums[4] else 0.0
+        dense = sums[2] if dense_known else None
+        be = None if dense is None or per_rate <= 0 else (dense - fixed) / per_rate
+        model = BreakEven(
+            name=MODEL,
+            consumers=tuple(c for p in points for c in p.consumers),
+            firing_rate=rate,
+            break_even_rate=be,
+            spiking_pj=sums[0] + sums[1],
+            fixed_pj=fixed,
+            per_rate_pj=per_rate,
+            dense_pj=math.nan if dense is None else dense,
+        )
+    return BreakEvenTable(hw.name, ref.name, tuple(points), model, "; ".join(notes))

@@ -34,7 +34,7 @@ def test_mar_report_places_every_parameter_once():
     on_chip = {
         "layers.0.mixer.spike_in", "layers.0.mixer.in_proj", "layers.0.mixer.out_proj",
         "layers.0.ffn.gate", "layers.0.ffn.up", "layers.0.ffn.down", "layers.1.mixer",
-        "layers.1.spike_attn",
+        "layers.1.mixer.spike_in",
     }  # fmt: skip
     on_host = {
         "embed", "head", "norm", "layers.0.norm1", "layers.0.mixer.conv",

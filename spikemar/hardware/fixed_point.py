@@ -49,9 +49,11 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..models.mar import MARLM
 from ..neurons import ATMN
 from ..ssm.mixer import LTICell
 from .lif import CUBALIF
+from .placement import mar_placement
 
 __all__ = [
     "Block",
@@ -60,8 +62,8 @@ __all__ = [
     "FixedPointOverflowError",
     "UnsupportedModuleError",
     "lower",
-    "quantize",
     "quantize_network",
+    "quantize_weight",
     "simulate",
 ]
 
@@ -128,12 +130,8 @@ def lower(model: nn.Module) -> list[Block]:
     Raises :class:`UnsupportedModuleError` naming the module's path and why it cannot go on chip.
     """
     if not isinstance(model, nn.Sequential):
-        from ..models.mar import MARLM
-
         if isinstance(model, MARLM):
-            from .chip import chip_report
-
-            first = chip_report(model).first_host()
+            first = mar_placement(model).first_host()
             raise UnsupportedModuleError(
                 f"{first.path}: {first.why}; a MAR LM runs partly on the host: "
                 "spikemar.hardware.chip_report(model) lists what can go on chip"
@@ -240,7 +238,7 @@ def _close_block(path: str, m: nn.Module, pending: dict) -> Block:
         neuron="atmn",
         v_threshold=m.v_threshold.detach().clone(),
         tau=m.tau,
-        ternary=m._ternary,
+        ternary=m.ternary,
         modules=modules,
         **pending,
     )
@@ -269,6 +267,20 @@ class FixedBlock:
         return self.block.path
 
 
+def quantize_weight(weight: torch.Tensor, path: str = "weight") -> tuple[torch.Tensor, float]:
+    """Loihi's mixed-sign 8-bit weights, the one rule for every on-chip projection: ``(w, S)``
+    with ``w`` even integers in [−256, 254] (int64) and ``S = 254 / max|W|``, ``W ≈ w / S``.
+    Raises ValueError (naming ``path``) when the weights are all zero or not finite."""
+    w_max = float(weight.detach().abs().max())
+    if w_max == 0.0 or not math.isfinite(w_max):
+        raise ValueError(
+            f"{path}: the weights are all zero or not finite (max |w| = {w_max}); nothing to "
+            "quantise"
+        )
+    scale = WEIGHT_MAX / w_max
+    return (weight.detach().double() * scale / 2).round().long() * 2, scale
+
+
 def _quantize_block(b: Block) -> FixedBlock:
     w_max = float(b.weight.abs().max())
     if w_max == 0.0 or not math.isfinite(w_max):
@@ -276,8 +288,7 @@ def _quantize_block(b: Block) -> FixedBlock:
             f"{b.path}: the weights before this neuron are all zero or not finite "
             f"(max |w| = {w_max}); nothing to quantise"
         )
-    scale = WEIGHT_MAX / w_max
-    weight = (b.weight.double() * scale / 2).round().long() * 2
+    weight, scale = quantize_weight(b.weight, b.path)
     bias = None if b.bias is None else (b.bias.double() * scale).round().long()
     vth = (b.v_threshold.double() * scale).round().long()
     if int(vth.max()) > VTH_MANT_MAX:
@@ -310,24 +321,6 @@ def _quantize_block(b: Block) -> FixedBlock:
                 )
         fb.lti = q
     return fb
-
-
-def quantize(model: nn.Module) -> FixedPointNetwork | nn.Module:
-    """The Loihi fixed-point version of ``model``.
-
-    For an ``nn.Sequential`` of blocks: a :class:`FixedPointNetwork`; run it like the float model
-    on integer spike inputs [T, N, …] to see what quantisation costs before going to hardware
-    (``export_lava`` writes the same integers). For a MAR LM: a copy whose on-chip projections
-    hold Loihi's 8-bit weights (:func:`spikemar.hardware.chip.quantize_mar`), to measure the
-    language-model loss that costs.
-    """
-    from ..models.mar import MARLM
-
-    if isinstance(model, MARLM):
-        from .chip import quantize_mar
-
-        return quantize_mar(model)
-    return quantize_network(model)
 
 
 def quantize_network(model: nn.Module) -> FixedPointNetwork:

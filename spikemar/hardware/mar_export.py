@@ -37,7 +37,6 @@ from torch import nn
 
 from ..models.common import SpikePoint
 from ..models.mar import MARLM
-from ..ssm.mixer import SelectiveMixer
 from .chip import chip_report
 from .fixed_point import (
     ACT_SHIFT,
@@ -76,35 +75,22 @@ class MARSegment:
 
 
 def mar_segments(model: MARLM) -> list[MARSegment]:
-    """The on-chip segments of ``model``: every spike point that feeds Linear projections."""
+    """The on-chip segments of ``model``: every spike point that feeds Linear projections, in
+    the order of ``model.spike_points()``."""
     if not isinstance(model, MARLM):
         raise TypeError(f"model: expected a MARLM, got {type(model).__name__}")
     segments = []
-    for i, layer in enumerate(model.layers):
-        p = f"layers.{i}"
-        pairs = [(f"{p}.ffn.spike_in", ["gate", "up"], layer.ffn, f"{p}.ffn"),
-                 (f"{p}.ffn.spike_hidden", ["down"], layer.ffn, f"{p}.ffn")]  # fmt: skip
-        if isinstance(layer.mixer, SelectiveMixer):
-            pairs = [
-                (f"{p}.mixer.spike_in", ["in_proj"], layer.mixer, f"{p}.mixer"),
-                (f"{p}.mixer.spike_out", ["out_proj"], layer.mixer, f"{p}.mixer"),
-                *pairs,
-            ]
-        for sp_path, names, parent, prefix in pairs:
-            sp = getattr(parent, sp_path.rsplit(".", 1)[1])
-            if not isinstance(sp, SpikePoint):
-                continue
-            linears = [getattr(parent, n) for n in names]
-            rows, start = [], 0
-            for lin in linears:
-                rows.append((start, start + lin.out_features))
-                start += lin.out_features
-            segment = MARSegment(sp_path, [f"{prefix}.{n}" for n in names], rows, sp.T)
-            segment.modules = {sp_path: sp}
-            segment.modules.update(
-                {f"{prefix}.{n}": m for n, m in zip(names, linears, strict=True)}
-            )
-            segments.append(segment)
+    for site in model.spike_points():
+        linears = {p: m for p, m in site.projections.items() if isinstance(m, nn.Linear)}
+        if not linears:  # e.g. the spike point before an LTI cell: no projection to stack
+            continue
+        rows, start = [], 0
+        for lin in linears.values():
+            rows.append((start, start + lin.out_features))
+            start += lin.out_features
+        segment = MARSegment(site.name, list(linears), rows, site.module.T)
+        segment.modules = {site.name: site.module, **linears}
+        segments.append(segment)
     return segments
 
 

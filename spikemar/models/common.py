@@ -11,16 +11,27 @@ input and output projections and before the FFN's up and down projections.
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..counting import counting_active, declare_spikes
 from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend, fused
-from ..ssm.mixer import fused_norm_ready, norm_then, rms_norm_inference
+from ..ssm.mixer import SpikeInputs, SpikePointOwner
 
-__all__ = ["FeedForward", "SpikeConfig", "SpikePoint", "check_tokens"]
+__all__ = [
+    "FFNS",
+    "NEURONS",
+    "FeedForward",
+    "LlamaMLP",
+    "SpikeConfig",
+    "SpikePoint",
+    "check_tokens",
+]
 
+# the neuron kinds of a spike point, by name (the CLI's --neuron choices read this table)
 NEURONS = {"atmn": ATMN, "binary": BinaryMultiStep, "ternary-single": TernarySingleStep}
 
 
@@ -81,7 +92,10 @@ class SpikePoint(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         neuron = self.neuron
-        if self._fused_ready(x, neuron):  # _inference_ready, then _training_ready, checked once
+        # the fused paths stand in for neuron.quantize when nothing needs the spikes: the
+        # inference kernel when autograd needs no graph, else the training kernel when the
+        # neuron's surrogate is one the kernels implement (tests compare both with the reference)
+        if self._fused_ready(x, neuron):
             if not self._needs_graph(x, neuron):
                 return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
             p = neuron.parameters_tuple()
@@ -92,26 +106,8 @@ class SpikePoint(nn.Module):
             self.spikes = spikes.detach()
         return declare_spikes(self, decoded, spikes, ternary=self.ternary)
 
-    def _inference_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
-        """Whether the fused inference kernel may stand in for ``neuron.quantize``: nothing
-        needs the spikes (no recording, no energy counter) or a graph (no autograd), the neuron's
-        backend is 'auto' or 'cpu', and ``x`` is an input the reference would accept (anything
-        else takes the reference path, which raises with its own message). The kernel checks the
-        values itself: NaN, ±inf and a bad threshold raise as on the reference path."""
-        return self._fused_ready(x, neuron) and not self._needs_graph(x, neuron)
-
-    def _training_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
-        """Whether the fused training path (``cpu_backend.atmn_quantize_train_cpu``: the decode
-        and its gradients without the [T, N] spike train) may stand in for ``neuron.quantize``
-        when autograd needs a graph: as for inference, and the neuron's surrogate is one the
-        kernels implement."""
-        if not self._fused_ready(x, neuron):
-            return False
-        return fused.unsupported_parameters(neuron.parameters_tuple()) is None
-
     def _needs_graph(self, x: torch.Tensor, neuron: ATMN) -> bool:
-        a = neuron._parameters.get("a")
-        a = neuron._buffers["a"] if a is None else a
+        a = neuron.log_threshold
         return torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
 
     def _fused_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
@@ -121,23 +117,12 @@ class SpikePoint(nn.Module):
             return False
         if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES or x.device.type != "cpu":
             return False
-        a = neuron._parameters.get("a")
-        a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
+        a = neuron.log_threshold  # a fixed threshold is a buffer
         if x.dim() < 1 or a.dim() > 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]):
             return False
         if not a.is_cpu:
             return False
         return 1 <= self.T <= cpu_backend.QUANTIZE_MAX_T and cpu_backend.usable()
-
-    def _forward_normed(self, x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-        """``self(norm(x))`` for an inference path that has checked for hooks: the norm and the
-        fused spike point in one C call where both may run (the norm then equals ``norm``'s to
-        rounding, see ``spikemar.ssm.mixer.norm_then``), else ``forward`` after the norm."""
-        if self._inference_ready(x, self.neuron) and fused_norm_ready(x, norm):
-            p = self._inference_parameters()
-            eps = torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
-            return cpu_backend.rms_norm_quantize_decode_cpu(x, norm.weight, eps, self.T, p)
-        return self.forward(rms_norm_inference(x, norm))
 
     def _inference_parameters(self) -> ATMNParameters:
         """The three fields that the inference kernels read (``parameters_tuple()`` costs more
@@ -147,8 +132,7 @@ class SpikePoint(nn.Module):
         milliseconds for its second thread. ``a`` is compared by value (a copy is kept), so no
         way of changing it can leave a stale V."""
         neuron = self.neuron
-        a = neuron._parameters.get("a")
-        a = neuron._buffers["a"] if a is None else a  # a fixed threshold is a buffer
+        a = neuron.log_threshold
         cached = self.__dict__.get("_v_cache")
         if (
             cached is None
@@ -158,7 +142,7 @@ class SpikePoint(nn.Module):
         ):
             with torch.no_grad():
                 cached = self.__dict__["_v_cache"] = (a.detach().clone(), a.exp())
-        return ATMNParameters(cached[1], neuron.tau, neuron._ternary)
+        return ATMNParameters(cached[1], neuron.tau, neuron.ternary)
 
     def extra_repr(self) -> str:
         return f"T={self.T}"
@@ -173,30 +157,54 @@ def spike_point(channels: int, spikes: SpikeConfig | None) -> nn.Module:
     return nn.Identity() if spikes is None else SpikePoint(channels, spikes)
 
 
-class FeedForward(nn.Module):
+class FeedForward(SpikePointOwner, nn.Module):
     """SwiGLU FFN ``down(silu(gate(x)) · up(x))``, with MAR's spike points before the up/gate and
     the down projection when ``spikes`` is given."""
 
-    def __init__(self, d_model: int, hidden: int, spikes: SpikeConfig | None = None) -> None:
+    spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("gate", "up"), "spike_hidden": ("down",)}
+
+    def __init__(
+        self, d_model: int, hidden: int, spikes: SpikeConfig | None = None, bias: bool = False
+    ) -> None:
         super().__init__()
         self.spike_in = spike_point(d_model, spikes)
-        self.gate = nn.Linear(d_model, hidden, bias=False)
-        self.up = nn.Linear(d_model, hidden, bias=False)
+        self.gate = nn.Linear(d_model, hidden, bias=bias)
+        self.up = nn.Linear(d_model, hidden, bias=bias)
         self.spike_hidden = spike_point(hidden, spikes)
-        self.down = nn.Linear(hidden, d_model, bias=False)
+        self.down = nn.Linear(hidden, d_model, bias=bias)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.spike_in(x)
         return self.down(self.spike_hidden(F.silu(self.gate(x)) * self.up(x)))
 
-    def _forward_inference(self, x: torch.Tensor, norm: nn.RMSNorm | None = None) -> torch.Tensor:
-        """``forward`` (of ``norm(x)`` when ``norm`` is given, fused with the first spike point),
-        entering the submodules through ``forward``: for a caller that has made sure that no
-        module has hooks (``MARLM.step``'s inference path)."""
-        x = self.spike_in.forward(x) if norm is None else norm_then(x, norm, self.spike_in)
-        gate, up, down = self.gate, self.up, self.down
-        hidden = F.silu(F.linear(x, gate.weight, gate.bias)) * F.linear(x, up.weight, up.bias)
-        return F.linear(self.spike_hidden.forward(hidden), down.weight, down.bias)
+
+class LlamaMLP(SpikePointOwner, nn.Module):
+    """Llama's MLP ``down_proj(silu(gate_proj(x)) · up_proj(x))`` under Llama's names (Llamba's
+    FFN), with MAR's spike points as in :class:`FeedForward`."""
+
+    spike_inputs: ClassVar[SpikeInputs] = {
+        "spike_in": ("gate_proj", "up_proj"),
+        "spike_hidden": ("down_proj",),
+    }
+
+    def __init__(
+        self, d_model: int, hidden: int, spikes: SpikeConfig | None = None, bias: bool = False
+    ) -> None:
+        super().__init__()
+        self.spike_in = spike_point(d_model, spikes)
+        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
+        self.spike_hidden = spike_point(hidden, spikes)
+        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = self.spike_in(x)
+        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
+        return self.down_proj(self.spike_hidden(hidden))
+
+
+# a layer's FFN kinds, by MARConfig.ffn: (d_model, hidden, spikes, bias) → module
+FFNS = {"swiglu": FeedForward, "llama": LlamaMLP}
 
 
 def check_tokens(

@@ -2,38 +2,47 @@
 
     tokens → embedding → N × [RMSNorm → mixer → residual; RMSNorm → FFN → residual] → RMSNorm → head
 
-Each layer's mixer is a selective SSM (``'ssm'``), causal attention (``'attn'``) or a diagonal
-LTI cell (``'lti'``), and each layer is spiking or dense: ``MARConfig.layers`` and
+Each layer's mixer is one of the kinds registered in :data:`spikemar.models.mixers.MIXERS`
+(``'ssm'`` Mamba-2's selective SSM, ``'discrete-mamba2'`` Llamba's, ``'attn'`` causal attention,
+``'lti'`` a diagonal LTI cell), and each layer is spiking or dense: ``MARConfig.layers`` and
 ``MARConfig.spiking`` say which, because MAR refines modules layer by layer and hybrids must be
 expressible. A spiking layer has MAR's four spike points (before the mixer's input and output
-projections, before the FFN's up and down projections); with ``spikes=None`` the same code is the
-dense SSM LM. ``ffn_sparsity`` offers plain activation sparsification of the FFN (top-k per token
-or a magnitude threshold) as the alternative to spikes.
+projections, before the FFN's up and down projections; a block without FFN, ``ffn=None`` as in
+Hugging Face's Mamba-2, has its mixer's two); with ``spikes=None`` the same code is the dense
+model. ``ffn_sparsity`` offers plain activation sparsification of the FFN (top-k per token or a
+magnitude threshold) as the alternative to spikes. Pretrained Mamba-2 and Llamba checkpoints map
+onto these configs (:mod:`spikemar.models.pretrained`).
 
 ``model(tokens)`` → logits [batch, L, vocab]; ``model(tokens, return_hidden=True)`` also returns
 the residual stream entering each layer (SBDS's pre-norm hidden states).
 ``state = model.init_state(batch)``; ``logits, state = model.step(tokens_t, state)`` runs one
 token with O(1) state per SSM layer (a KV cache for attention layers).
+``model.spike_points()`` yields every spike point with the projections it feeds.
+
+**Speed.** ``step`` is one method at every level (model, layer, mixer); each chooses its fast
+kernels per operation inside it, with autograd off: the RMSNorms (:class:`spikemar.ssm.RMSNorm`),
+the spike points (:class:`~spikemar.models.SpikePoint`, unless an energy counter or ``record``
+wants the spikes) and the selective mixer's middle each run in one C call, equal to the PyTorch
+operations to rounding (the tests compare them). Submodules are always entered through
+``__call__``, so forward hooks registered through PyTorch's public APIs fire on the fast path too.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
-from torch.nn.modules import module as _module_hooks
 
-from ..counting import counting_active
-from ..ssm.mixer import LTICell, SelectiveMixer, norm_then
-from .common import FeedForward, SpikeConfig, check_tokens, spike_point
+from ..ssm.mixer import SpikePointSite
+from ..ssm.norm import RMSNorm
+from .common import FFNS, FeedForward, SpikeConfig, check_tokens
 from .generation import generate
-from .transformer import CausalSelfAttention, TransformerConfig
+from .mixers import MIXERS
 
 __all__ = ["MARLM", "ActivationSparsifier", "MARConfig"]
-
-MIXERS = ("ssm", "attn", "lti")
 
 
 @dataclass
@@ -49,23 +58,48 @@ class MARConfig:
     ffn_mult: float = 8 / 3
     n_attn_heads: int = 4
     max_len: int = 4096  # attention layers' KV cache; SSM layers have no length limit
-    layers: str | list[str] = "ssm"  # one kind for all layers, or one per layer
+    layers: str | list[str] = "ssm"  # one mixer kind (see mixers.MIXERS) for all, or one per layer
     spikes: SpikeConfig | None = field(default_factory=SpikeConfig)  # None: the dense twin
     spiking: bool | list[bool] = True  # which layers spike (when ``spikes`` is set)
     ffn_sparsity: tuple[str, float] | None = None  # ('topk', fraction kept) or ('threshold', t)
+    # -- for pretrained architectures (Hugging Face Mamba-2, Llamba); the defaults are MAR's
+    norm_eps: float | None = None  # RMSNorm ε of every norm; None: the dtype's machine epsilon
+    final_norm_eps: float | None = None  # the final norm's ε; None: norm_eps
+    ffn: str | None = "swiglu"  # the block's FFN: 'swiglu', 'llama' (Llama's names) or None
+    ffn_hidden: int | None = None  # the FFN's width; None: round(ffn_mult · d_model)
+    ffn_bias: bool = False
+    n_groups: int = 1  # groups of the SSM's B and C (Llamba: n_qk_heads)
+    bias: bool = False  # biases of the SSM mixer's projections
+    conv_bias: bool = True
+    conv_activation: str = "identity"  # after the discrete mixer's convolution ('ssm': SiLU)
+    dt_limit: tuple[float, float] = (0.0, math.inf)  # Δ clamp of the selective mixer
+    tie_embeddings: bool = False  # the head reuses the embedding matrix
+    head_bias: bool = False
+    residual_in_fp32: bool = False  # keep the residual stream in float32 (HF Mamba-2's option)
 
     def __post_init__(self) -> None:
-        for name in ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "expand"):
+        for name in ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "expand",
+                     "n_groups"):  # fmt: skip
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
         kinds = self.layer_kinds()
         bad = [k for k in kinds if k not in MIXERS]
         if bad:
-            raise ValueError(f"layers: expected entries from {MIXERS}, got {bad}")
+            raise ValueError(f"layers: expected entries from {tuple(MIXERS)}, got {bad}")
         self.spiking_layers()
         if self.ffn_sparsity is not None:
             ActivationSparsifier(*self.ffn_sparsity)  # validates
+        if self.ffn is not None and self.ffn not in FFNS:
+            raise ValueError(f"ffn: expected one of {sorted(FFNS)} or None, got {self.ffn!r}")
+        for name in ("norm_eps", "final_norm_eps"):
+            eps = getattr(self, name)
+            if eps is not None and not (isinstance(eps, int | float) and eps >= 0):
+                raise ValueError(f"{name}: expected a float >= 0 or None, got {eps!r}")
+        self.dt_limit = tuple(float(v) for v in self.dt_limit)  # a list after JSON
+        if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
+            raise ValueError(f"dt_limit: expected (min, max) with 0 <= min <= max, got "
+                             f"{self.dt_limit}")  # fmt: skip
 
     def layer_kinds(self) -> list[str]:
         kinds = [self.layers] * self.n_layers if isinstance(self.layers, str) else list(self.layers)
@@ -113,83 +147,65 @@ class ActivationSparsifier(nn.Module):
 
 
 class _SparseFeedForward(FeedForward):
-    def __init__(self, d_model: int, hidden: int, sparsity: tuple[str, float]) -> None:
-        super().__init__(d_model, hidden)
+    def __init__(self, d_model: int, hidden: int, sparsity: tuple[str, float], bias: bool) -> None:
+        super().__init__(d_model, hidden, bias=bias)
         self.spike_hidden = ActivationSparsifier(*sparsity)
 
 
 class MARLayer(nn.Module):
+    """``x + mixer(norm1(x))``, then ``+ ffn(norm2(x))`` when the config has an FFN."""
+
     def __init__(self, config: MARConfig, kind: str, spiking: bool) -> None:
         super().__init__()
         c = config
         spikes = c.spikes if spiking else None
         self.kind = kind
-        self.norm1 = nn.RMSNorm(c.d_model)
-        if kind == "ssm":
-            self.mixer = SelectiveMixer(
-                c.d_model, d_state=c.d_state, head_dim=c.head_dim, expand=c.expand,
-                d_conv=c.d_conv, chunk_size=c.chunk_size,
-                spike_in=spike_point(c.d_model, spikes),
-                spike_out=spike_point(c.expand * c.d_model, spikes),
-            )  # fmt: skip
-        elif kind == "attn":
-            self.spike_attn = spike_point(c.d_model, spikes)
-            self.mixer = CausalSelfAttention(
-                TransformerConfig(c.vocab_size, c.d_model, 1, c.n_attn_heads, c.max_len)
-            )
-        else:
-            self.spike_attn = spike_point(c.d_model, spikes)
-            self.mixer = LTICell(c.d_model)
-        self.norm2 = nn.RMSNorm(c.d_model)
-        hidden = round(c.ffn_mult * c.d_model)
-        if c.ffn_sparsity is not None and not spiking:
-            self.ffn = _SparseFeedForward(c.d_model, hidden, c.ffn_sparsity)
-        else:
-            self.ffn = FeedForward(c.d_model, hidden, spikes)
+        self.residual_in_fp32 = c.residual_in_fp32
+        self.norm1 = RMSNorm(c.d_model, eps=c.norm_eps)
+        self.mixer = MIXERS[kind](c, spikes)
+        self.norm2 = self.ffn = None
+        if c.ffn is not None:
+            self.norm2 = RMSNorm(c.d_model, eps=c.norm_eps)
+            hidden = c.ffn_hidden if c.ffn_hidden is not None else round(c.ffn_mult * c.d_model)
+            if c.ffn_sparsity is not None and not spiking:
+                self.ffn = _SparseFeedForward(c.d_model, hidden, c.ffn_sparsity, c.ffn_bias)
+            else:
+                self.ffn = FFNS[c.ffn](c.d_model, hidden, spikes, c.ffn_bias)
+        self.register_load_state_dict_pre_hook(_rename_old_spike_point)
 
-    def _mix(self, x: torch.Tensor) -> torch.Tensor:
-        if self.kind == "ssm":
-            return self.mixer(x)
-        return self.mixer(self.spike_attn(x))
+    def _residual(self, x: torch.Tensor) -> torch.Tensor:
+        return x.float() if self.residual_in_fp32 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = x + self._mix(self.norm1(x))
-        return x + self.ffn(self.norm2(x))
+        x = self._residual(x) + self.mixer(self.norm1(x))
+        return x if self.ffn is None else x + self.ffn(self.norm2(x))
 
     def init_state(self, batch: int, max_len: int):
-        if self.kind == "attn":
-            p = self.norm1.weight
-            shape = (batch, self.mixer.n_heads, max_len, p.shape[0] // self.mixer.n_heads)
-            return [p.new_zeros(shape), p.new_zeros(shape), 0]
-        return self.mixer.init_state(batch)
+        return self.mixer.init_state(batch, max_len)
 
     def step(self, x: torch.Tensor, state):
         """x [batch, d_model] → (x after the layer, new state)."""
-        u = self.norm1(x)
-        if self.kind == "attn":
-            k, v, pos = state
-            if pos >= k.shape[2]:
-                raise ValueError(f"state: the attention KV cache is full ({k.shape[2]} tokens)")
-            mixed = self.mixer.step(self.spike_attn(u)[:, None], k, v, pos)[:, 0]
-            state = [k, v, pos + 1]
-        elif self.kind == "lti":
-            mixed, state = self.mixer.step(self.spike_attn(u), state)
-        else:
-            mixed, state = self.mixer.step(u, state)
-        x = x + mixed
-        return x + self.ffn(self.norm2(x)), state
+        mixed, state = self.mixer.step(self.norm1(x), state)
+        x = self._residual(x) + mixed
+        return (x if self.ffn is None else x + self.ffn(self.norm2(x))), state
 
-    def _step_inference(self, x: torch.Tensor, state):
-        """:meth:`step` without module-call overhead (see ``MARLM._inference_ready``)."""
-        if self.kind != "ssm":
-            return self.step(x, state)
-        mixed, state = self.mixer._step_inference(x, state, self.norm1)
-        x = x + mixed
-        return x + self.ffn._forward_inference(x, self.norm2), state
+    def spike_points(self, prefix: str = "") -> Iterator[SpikePointSite]:
+        dot = f"{prefix}." if prefix else ""
+        yield from self.mixer.spike_points(f"{dot}mixer")
+        if self.ffn is not None and not isinstance(self.ffn, _SparseFeedForward):
+            yield from self.ffn.spike_points(f"{dot}ffn")
+
+
+def _rename_old_spike_point(module, state_dict, prefix, *args) -> None:
+    """Checkpoints written before the mixer interface kept the spike point of attention and LTI
+    layers on the layer ('spike_attn'); it now lives on the mixer ('mixer.spike_in')."""
+    old = f"{prefix}spike_attn."
+    for key in [k for k in state_dict if k.startswith(old)]:
+        state_dict[f"{prefix}mixer.spike_in.{key[len(old) :]}"] = state_dict.pop(key)
 
 
 class MARLM(nn.Module):
-    """The MAR LM; ``MARLM(config.dense())`` is its dense SSM twin."""
+    """The MAR LM; ``MARLM(config.dense())`` is its dense twin."""
 
     def __init__(self, config: MARConfig) -> None:
         super().__init__()
@@ -199,10 +215,13 @@ class MARLM(nn.Module):
             MARLayer(config, kind, spiking)
             for kind, spiking in zip(config.layer_kinds(), config.spiking_layers(), strict=True)
         )
-        self.norm = nn.RMSNorm(config.d_model)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        final_eps = config.norm_eps if config.final_norm_eps is None else config.final_norm_eps
+        self.norm = RMSNorm(config.d_model, eps=final_eps)
+        self.head = nn.Linear(config.d_model, config.vocab_size, bias=config.head_bias)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
+        if config.tie_embeddings:
+            self.head.weight = self.embed.weight
 
     def forward(self, tokens: torch.Tensor, return_hidden: bool = False):
         check_tokens(tokens, self.config.vocab_size, "tokens")
@@ -229,8 +248,6 @@ class MARLM(nn.Module):
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
-        if self._inference_ready():
-            return self._step_inference(tokens_t, state)
         x = self.embed(tokens_t)
         new_state = []
         for layer, s in zip(self.layers, state, strict=True):
@@ -238,48 +255,16 @@ class MARLM(nn.Module):
             new_state.append(s)
         return self.head(self.norm(x)), new_state
 
-    # -- the inference path of step ---------------------------------------------------------
-    #
-    # Generating one token at batch 1 is a few hundred tiny operations, so their entry costs
-    # (module calls, validation, the composite RMSNorm, a neuron's autograd plumbing) are the
-    # time. With autograd off, no energy counter active and no hooks on any module, step runs
-    # through plain functions and three C kernels: each RMSNorm with the spike point after it
-    # (the spikes exact given the norm, the norm equal to nn.RMSNorm to rounding), the other
-    # spike points (exact), the SSM mixer between its projections (to rounding, its decays
-    # checked in C). The tests compare it with the reference path (autograd on) and with
-    # forward.
+    def spike_points(self, include_dense: bool = False) -> Iterator[SpikePointSite]:
+        """Every spike point of the model in layer order, each with the projections it feeds
+        (paths as in ``named_modules()``). ``include_dense``: also the places of spike points
+        in dense layers (their module is ``nn.Identity``)."""
+        from .common import SpikePoint
 
-    def train(self, mode: bool = True) -> MARLM:
-        self._hook_modules = None  # re-read the module tree (generate() calls eval())
-        return super().train(mode)
-
-    def _inference_ready(self) -> bool:
-        """Autograd off, no energy counter, no forward hooks anywhere (the path enters modules
-        through ``forward``, so a hook would not fire). The module list is cached (walking it
-        costs more than a spike point): a module swapped in later is seen from the next
-        ``train()``/``eval()``, which ``generate()`` calls; hooks on any listed module are
-        checked on every call."""
-        if torch.is_grad_enabled() or counting_active():
-            return False
-        if _module_hooks._global_forward_hooks or _module_hooks._global_forward_pre_hooks:
-            return False
-        modules = self.__dict__.get("_hook_modules")
-        if modules is None:
-            modules = self.__dict__["_hook_modules"] = tuple(self.modules())
-        return not any(m._forward_hooks or m._forward_pre_hooks for m in modules)
-
-    def _step_inference(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
-        x = self.embed.forward(tokens_t)
-        new_state = []
-        for layer, s in zip(self.layers, state, strict=True):
-            x, s = layer._step_inference(x, s)
-            new_state.append(s)
-        x = norm_then(x, self.norm, _IDENTITY)
-        logits = F.linear(x, self.head.weight, self.head.bias)
-        return logits, new_state
+        for i, layer in enumerate(self.layers):
+            for site in layer.spike_points(f"layers.{i}"):
+                if include_dense or isinstance(site.module, SpikePoint):
+                    yield site
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, prompt, max_new_tokens, **kwargs)
-
-
-_IDENTITY = nn.Identity()

@@ -38,15 +38,14 @@ __all__ = [
     "atmn_multi_step_cpu",
     "atmn_quantize_decode_cpu",
     "atmn_quantize_train_cpu",
+    "build_library",
     "load_library",
-    "mixer_step_cpu",
-    "rms_norm_quantize_decode_cpu",
     "unusable_reason",
     "usable",
 ]
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
-_SOURCES = ("atmn.c", "atmn_impl.h", "mixer_impl.h")
+_SOURCES = ("atmn.c", "atmn_impl.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
@@ -100,22 +99,36 @@ def load_library() -> ctypes.CDLL:
         return _lib
 
 
-def _build() -> Path:
+def build_library(source: Path, depends: tuple[Path, ...] = ()) -> ctypes.CDLL:
+    """Compile the C file ``source`` (with the headers ``depends`` it includes, which key the
+    cache too) with this backend's compiler, flags and cache, and load it: the scaffolding that
+    other packages' CPU kernels (``spikemar.ssm``) share. Raises RuntimeError when no library can
+    be built or loaded; the caller binds its own functions' argument types."""
+    try:
+        return ctypes.CDLL(str(_build(Path(source), tuple(Path(d) for d in depends))))
+    except (OSError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"{Path(source).name} could not be built or loaded: {err}") from err
+
+
+def _build(main: Path | None = None, depends: tuple[Path, ...] | None = None) -> Path:
+    main = _SOURCE_DIR / "atmn.c" if main is None else main
+    if depends is None:
+        depends = tuple(_SOURCE_DIR / name for name in _SOURCES if name != "atmn.c")
     cc = _compiler()
     if cc is None:
         raise RuntimeError("no C compiler found (install gcc, or set CC)")
     digest = hashlib.sha256()
-    for name in _SOURCES:
-        digest.update((_SOURCE_DIR / name).read_bytes())
+    for path in (main, *depends):
+        digest.update(path.read_bytes())
     digest.update(" ".join([cc, *_FLAGS, platform.machine(), _cpu_identity()]).encode())
-    target = _cache_dir() / f"atmn_cpu_{digest.hexdigest()[:16]}.so"
+    target = _cache_dir() / f"{main.stem}_cpu_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
     os.close(fd)
     try:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(_SOURCE_DIR / "atmn.c"), "-lm", "-ldl"]
+        cmd = [cc, *_FLAGS, "-o", tmp, str(main), "-lm", "-ldl"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
@@ -140,11 +153,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         bwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, i32, i32, real, real,
                         p, p, p, p, p, p, i32]  # fmt: skip
         bwd.restype = i32
-        mix = getattr(lib, f"mixer_step_{suffix}")
-        # zxbcdt, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, batch, I, N, H, P, k,
-        # gated, new_conv, new_ssm, a_out, scratch
-        mix.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, p, p, p, p, p]
-        mix.restype = i64
         qf = getattr(lib, f"atmn_quantize_forward_{suffix}")
         # x, vth, N, C, T, tau, decay, ternary, decoded, nthreads
         qf.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, p, i32]
@@ -155,10 +163,6 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
         qb.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, i32, i32, real, real,
                        p, p, p, i32]  # fmt: skip
         qb.restype = i32
-        rq = getattr(lib, f"rms_norm_quantize_decode_{suffix}")
-        # x, rows, D, w, eps, vth, C, T, tau, decay, ternary, out
-        rq.argtypes = [p, i64, i64, p, ctypes.c_double, p, i64, i64, ctypes.c_double, real, i32, p]
-        rq.restype = i64
     return lib
 
 
@@ -315,37 +319,6 @@ def atmn_quantize_train_cpu(activation: torch.Tensor, T: int, p: ATMNParameters)
     return _FusedQuantize.apply(activation, p.v_threshold, p, T)
 
 
-def rms_norm_quantize_decode_cpu(
-    x: torch.Tensor, weight: torch.Tensor | None, eps: float, T: int, p: ATMNParameters | None
-) -> torch.Tensor:
-    """``nn.RMSNorm`` over the last dimension of ``x`` (``weight`` may be None), then, unless
-    ``p`` is None, :func:`atmn_quantize_decode_cpu` of the result: MAR's norm and the spike point
-    after it in one C call, for inference. The norm equals PyTorch's to rounding (its sum of
-    squares is taken in double), not bit for bit. Same preconditions as
-    :func:`atmn_quantize_decode_cpu`, with ``weight`` of ``x``'s dtype and last dimension; NaN or
-    ±inf reaching the spike point raises (a plain norm passes them on, as PyTorch's does).
-    """
-    lib = _lib if _lib is not None else load_library()
-    x = x.contiguous()
-    D = x.shape[-1]
-    out = torch.empty_like(x, requires_grad=False)
-    w = 0 if weight is None else weight.contiguous().data_ptr()
-    fn = (
-        lib.rms_norm_quantize_decode_f32
-        if x.dtype == torch.float32
-        else lib.rms_norm_quantize_decode_f64
-    )
-    if p is None:
-        fn(x.data_ptr(), x.numel() // D, D, w, eps, 0, 0, 0, 1.0, 0.0, 0, out.data_ptr())
-        return out
-    vth = p.v_threshold.to(x.dtype).contiguous()
-    C = vth.numel() if vth.dim() == 1 else 0
-    bad = fn(x.data_ptr(), x.numel() // D, D, w, eps, vth.data_ptr(), C, T, p.tau, _decay(p.tau),
-             int(p.ternary), out.data_ptr())  # fmt: skip
-    _raise_if_bad(bad, vth, x.numel(), T, "the normalised activation")
-    return out
-
-
 def _raise_if_bad(bad: int, vth: torch.Tensor, n: int, T: int, what: str) -> None:
     """The errors of the quantize kernels' return code (see ``_cpu/atmn_impl.h``)."""
     if bad == 0:
@@ -358,41 +331,3 @@ def _raise_if_bad(bad: int, vth: torch.Tensor, n: int, T: int, what: str) -> Non
         f"{what}: expected finite values at a spike point, but {bad} of its {n} values are NaN "
         "or inf"
     )
-
-
-def mixer_step_cpu(
-    zxbcdt: torch.Tensor,
-    conv_state: torch.Tensor,
-    ssm_state: torch.Tensor,
-    conv_weight: torch.Tensor,
-    conv_bias: torch.Tensor,
-    dt_bias: torch.Tensor,
-    A_log: torch.Tensor,
-    D: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
-    """One token of ``spikemar.ssm.SelectiveMixer`` from the input projection's output to the
-    gated output before the norm, in one C call (``_cpu/mixer_impl.h`` has the equations), for
-    inference: no autograd. All tensors on the CPU in one dtype (float32 or float64) with the
-    mixer's shapes: ``zxbcdt`` [batch, I + K + H], ``conv_state`` [batch, K, k − 1],
-    ``ssm_state`` [batch, H, P, N], ``conv_weight`` [K, 1, k].
-
-    Returns ``(gated [batch, I], new conv state, new SSM state, a [batch, H], bad)``, ``bad`` the
-    number of log decays that are not finite and ≤ 0 (the caller raises).
-    """
-    lib = load_library()
-    batch, H, P, N = ssm_state.shape
-    I = H * P
-    k = conv_weight.shape[-1]
-    zxbcdt, conv_state, ssm_state = (t.contiguous() for t in (zxbcdt, conv_state, ssm_state))
-    gated = zxbcdt.new_empty(batch, I)
-    new_conv = torch.empty_like(conv_state)
-    new_ssm = torch.empty_like(ssm_state)
-    a = zxbcdt.new_empty(batch, H)
-    scratch = zxbcdt.new_empty(I + 2 * N)
-    fn = lib.mixer_step_f32 if zxbcdt.dtype == torch.float32 else lib.mixer_step_f64
-    bad = fn(zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(),
-             conv_weight.contiguous().data_ptr(), conv_bias.contiguous().data_ptr(),
-             dt_bias.contiguous().data_ptr(), A_log.contiguous().data_ptr(),
-             D.contiguous().data_ptr(), batch, I, N, H, P, k, gated.data_ptr(),
-             new_conv.data_ptr(), new_ssm.data_ptr(), a.data_ptr(), scratch.data_ptr())  # fmt: skip
-    return gated, new_conv, new_ssm, a, bad

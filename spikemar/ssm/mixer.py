@@ -1,107 +1,187 @@
-r"""State-space mixers as recurrent cells: Mamba-2's selective mixer and a diagonal LTI cell.
+r"""Token mixers as recurrent cells behind one interface: Mamba-2's selective mixer, Llamba's
+discrete Mamba-2 mixer and a diagonal LTI cell (attention, the fourth kind, is in
+:mod:`spikemar.models.mixers`).
+
+**The interface.** A :class:`Mixer` maps ``[batch, L, d_model] → [batch, L, d_model]`` with
+``forward`` (a whole sequence: the chunked scan, for training), ``init_state(batch, max_len)``
+and ``step(u_t, state) → (out_t, state)`` (one token, O(1) state for the SSMs: generation), and
+names its spike points in ``spike_inputs``: each spike-point attribute and the projections it
+feeds. ``spike_points()`` yields them, which is how ``MARLM.spike_points()``, the energy counter,
+the chip report and the Lava export find MAR's spike points without knowing the mixer's kind.
+A new kind is one subclass and one registration in :data:`spikemar.models.mixers.MIXERS`::
+
+    @register_mixer("my-kind")
+    def _build(config, spikes):  # MARConfig, SpikeConfig | None
+        return MyMixer(config.d_model, spike_in=spike_point(config.d_model, spikes))
+
+``step`` chooses its fast path per operation: with autograd off, a selective mixer runs the
+part between its projections in one C call (:func:`spikemar.ssm.fast.mixer_step_cpu`); its
+submodules (spike points, projections, the norm) are always entered through ``__call__``, so
+hooks registered on them fire on either path and no caller needs to look for hooks.
 
 **Selective mixer (Mamba-2).** For the input u_t of one token (after the pre-norm):
 
 .. math::
     [z_t, \xi_t, \Delta^{raw}_t] &= W_{in} u_t, \qquad \xi_t = [x_t, B_t, C_t] \text{ after a causal
     depthwise convolution of width } k \text{ and SiLU} \\
-    \Delta_t &= \mathrm{softplus}(\Delta^{raw}_t + b_\Delta), \qquad a_t = -\exp(A_{\log})\,\Delta_t
-    \quad (\text{one decay per head}) \\
+    \Delta_t &= \mathrm{clamp}(\mathrm{softplus}(\Delta^{raw}_t + b_\Delta), \Delta_{min},
+    \Delta_{max}), \qquad a_t = -\exp(A_{\log})\,\Delta_t \quad (\text{one decay per head}) \\
     h_t &= e^{a_t} h_{t-1} + (\Delta_t x_t) \otimes B_t, \qquad y_t = h_t C_t + D\,x_t \\
     o_t &= W_{out}\, \mathrm{RMSNorm}(y_t \odot \mathrm{SiLU}(z_t))
 
+B and C come in ``n_groups`` groups of ``d_state`` (head h reads group h // (heads / groups)),
+and the gated RMSNorm normalises each group's slice of the ``expand·d_model`` channels
+separately, as mamba_ssm's ``RMSNormGated(group_size=d_inner / n_groups)`` does. (transformers'
+``Mamba2ForCausalLM`` torch path normalises over all channels whatever ``n_groups``: the two agree
+only for one group; spikemar follows mamba_ssm, the implementation the checkpoints were trained
+with.) This is transformers' ``Mamba2Mixer`` with the same parameter names (``in_proj`` split
+``[z | xBC | Δ]``, ``conv``, ``dt_bias``, ``A_log``, ``D``, ``norm``, ``out_proj``).
+
+**Discrete Mamba-2 (Llamba).** Cartesia's ``DiscreteMamba2``: ``in_proj`` split
+``[x | B | C | z | Δ]``, the convolution over x, B, C with no activation (by default), A = −1 so
+the decay is ``exp(−softplus(Δ))``, the state input is x ⊗ B (x is divided by Δ before a scan
+that multiplies by Δ), B and C in ``n_qk_heads`` groups, D on x, and the output
+``W_out (y ⊙ SiLU(z + z_bias))`` with no norm.
+
 In MAR's spiking form a spike point (``spikemar.models.SpikePoint``) sits before ``W_in`` and
-before ``W_out``. ``forward`` runs the chunked scan (:func:`spikemar.ssm.ssd_scan`) over a whole
-sequence; ``step`` runs one token with O(1) state (the last k−1 convolution inputs and h), which
-is what generation uses. Both compute the same function.
+before ``W_out`` of the SSM mixers.
 
 **LTI diagonal cell.** A fixed per-channel decay and no input-dependent parameters:
 ``h_t = λ ⊙ h_{t−1} + b ⊙ u_t``, ``y_t = c ⊙ h_t + d ⊙ u_t`` with ``λ = exp(−exp(log_rate))``
 ∈ (0, 1). Each channel is a leaky integrator, the form that maps onto a Loihi neuron's
-compartment later.
+compartment; :class:`LTIMixer` puts a spike point before it.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..counting import record_ops
-from ..neurons import cpu_backend
+from . import fast
+from .norm import RMSNorm
 from .scan import check_decay, ssd_scan, ssd_step
 
 __all__ = [
+    "DiscreteMixer",
     "LTICell",
+    "LTIMixer",
     "LTIState",
+    "Mixer",
     "MixerState",
     "SelectiveMixer",
-    "fused_norm_ready",
-    "norm_then",
-    "rms_norm_inference",
+    "SpikeInputs",
+    "SpikePointOwner",
+    "SpikePointSite",
 ]
 
 
-def rms_norm_inference(x: torch.Tensor, norm: nn.RMSNorm) -> torch.Tensor:
-    """``norm(x)`` bit for bit, for float32/float64 inputs, as the four operations that
-    ``F.rms_norm`` itself runs on the CPU for them (x·rsqrt(mean(x²) + ε), then the weight): the
-    composite entry point costs ~40 µs on a [1, 128] tensor, these ~15 µs. The tests check the
-    equality."""
-    y = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _eps(norm, x))
-    return y if norm.weight is None else y * norm.weight
+# spike-point attribute → the projection attributes it feeds
+SpikeInputs = dict[str, tuple[str, ...]]
 
 
-def fused_norm_ready(x: torch.Tensor, norm: nn.RMSNorm) -> bool:
-    """Whether the C kernel ``cpu_backend.rms_norm_quantize_decode_cpu`` can run ``norm`` on
-    ``x``: a float32/float64 CPU tensor normalised over its last dimension, a weight like it."""
-    w = norm.weight
-    return (
-        x.dtype in _FUSED_DTYPES
-        and x.device.type == "cpu"
-        and x.dim() >= 1
-        and norm.normalized_shape == (x.shape[-1],)
-        and (w is None or (w.shape == (x.shape[-1],) and w.dtype == x.dtype and w.is_cpu))
-        and cpu_backend.usable()
-    )
+@dataclass(frozen=True)
+class SpikePointSite:
+    """A spike point and the projections it feeds: ``name`` (its path), ``module`` (a
+    ``SpikePoint``, or ``nn.Identity`` where the model is dense there) and ``projections``
+    (path → module, empty where it feeds no projection, e.g. an LTI cell)."""
+
+    name: str
+    module: nn.Module
+    projections: dict[str, nn.Module]
 
 
-def norm_then(x: torch.Tensor, norm: nn.RMSNorm, point: nn.Module) -> torch.Tensor:
-    """``point(norm(x))`` on an inference path (autograd off, no counter, no hooks): a spike
-    point with ``_forward_normed`` (MAR's) fuses the two into one C call, the identity of a dense
-    model runs the norm alone in C, anything else its ``forward`` after :func:`rms_norm_inference`.
-    The C norm equals ``nn.RMSNorm`` to rounding."""
-    fused = getattr(point, "_forward_normed", None)
-    if fused is not None:
-        return fused(x, norm)
-    if isinstance(point, nn.Identity):
-        if fused_norm_ready(x, norm):
-            return cpu_backend.rms_norm_quantize_decode_cpu(x, norm.weight, _eps(norm, x), 0, None)
-        return rms_norm_inference(x, norm)
-    return point.forward(rms_norm_inference(x, norm))
+class SpikePointOwner:
+    """A module with spike points: ``spike_inputs`` maps each spike-point attribute to the
+    projection attributes it feeds; :meth:`spike_points` yields them as
+    :class:`SpikePointSite`. Mixers and FFNs declare their spike points this way once, and
+    everything that needs them (the model's iterator, the chip report, the Lava export, the
+    energy counter) reads the declaration."""
+
+    spike_inputs: ClassVar[SpikeInputs] = {}
+
+    def spike_points(self, prefix: str = "") -> Iterator[SpikePointSite]:
+        """Each spike point with the projections it feeds, named from ``prefix``."""
+        dot = f"{prefix}." if prefix else ""
+        for point, projections in self.spike_inputs.items():
+            yield SpikePointSite(
+                f"{dot}{point}",
+                getattr(self, point),
+                {f"{dot}{p}": getattr(self, p) for p in projections},
+            )
 
 
-def _eps(norm: nn.RMSNorm, x: torch.Tensor) -> float:
-    return torch.finfo(x.dtype).eps if norm.eps is None else norm.eps
+class Mixer(SpikePointOwner, nn.Module):
+    """The token mixer of a MAR layer (see the module docstring).
+
+    Subclasses implement ``forward(u [batch, L, d_model])``, ``init_state(batch, max_len)`` and
+    ``step(u_t [batch, d_model], state) → (out_t, state)``, and list their spike points in
+    ``spike_inputs`` (attribute → the projection attributes it feeds). ``chip_reason``: why the
+    mixer's own arithmetic (what is not a submodule) runs on a neuromorphic chip, or None when
+    it stays on the host for ``host_reason``.
+    """
+
+    chip_reason: ClassVar[str | None] = None
+    host_reason: ClassVar[str] = ""
+
+    def init_state(self, batch: int, max_len: int | None = None):
+        raise NotImplementedError(f"{type(self).__name__} does not define init_state")
+
+    def step(self, u_t: torch.Tensor, state):
+        raise NotImplementedError(f"{type(self).__name__} does not define step")
+
+    @property
+    def chip_neurons(self) -> int:
+        """Neurons (compartments) of the mixer's own arithmetic where it runs on chip."""
+        return 0
 
 
 @dataclass
 class MixerState:
-    """The recurrent state of a :class:`SelectiveMixer`: the last ``d_conv − 1`` convolution
-    inputs [batch, channels, d_conv − 1] and the SSM state [batch, heads, head_dim, d_state]."""
+    """The recurrent state of an SSM mixer: the last ``d_conv − 1`` convolution inputs
+    [batch, channels, d_conv − 1] and the SSM state [batch, heads, head_dim, d_state]."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
 
 
-class SelectiveMixer(nn.Module):
-    """Mamba-2-style selective SSM mixer ``[batch, L, d_model] → [batch, L, d_model]``.
+def _identity(module: nn.Module | None) -> nn.Module:
+    return nn.Identity() if module is None else module
+
+
+def _causal_conv(conv: nn.Conv1d, xbc: torch.Tensor) -> torch.Tensor:
+    """Depthwise causal convolution over tokens [batch, L, channels]: padded on the left only,
+    so it computes exactly L outputs, as the step form does."""
+    return conv(F.pad(xbc.transpose(1, 2), (conv.kernel_size[0] - 1, 0))).transpose(1, 2)
+
+
+def _conv_step(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
+    """One token of :func:`_causal_conv` from the window [batch, channels, d_conv]."""
+    out = (window * conv.weight[:, 0]).sum(-1)
+    return out if conv.bias is None else out + conv.bias
+
+
+class SelectiveMixer(Mixer):
+    """Mamba-2's selective SSM mixer ``[batch, L, d_model] → [batch, L, d_model]``.
 
     ``spike_in`` and ``spike_out`` are the modules applied before the input and output
-    projections (MAR's spike points, or ``nn.Identity`` for the dense model).
+    projections (MAR's spike points, or ``nn.Identity`` for the dense model). ``n_groups``: the
+    groups of B and C; ``bias``: biases on the projections; ``conv_bias``: on the convolution;
+    ``dt_limit``: Δ is clamped to it (transformers' ``time_step_limit``); ``norm_eps``: the
+    gated norm's ε (None: the dtype's machine epsilon, spikemar's original choice).
     """
+
+    spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("in_proj",), "spike_out": ("out_proj",)}
+    host_reason = (
+        "the selective scan: its decay exp(-exp(A_log)·Δ_t) and B_t, C_t depend on the input; "
+        "a Loihi compartment's decay is fixed"
+    )
 
     def __init__(
         self,
@@ -112,6 +192,11 @@ class SelectiveMixer(nn.Module):
         expand: int = 2,
         d_conv: int = 4,
         chunk_size: int | None = None,
+        n_groups: int = 1,
+        bias: bool = False,
+        conv_bias: bool = True,
+        dt_limit: tuple[float, float] = (0.0, math.inf),
+        norm_eps: float | None = None,
         spike_in: nn.Module | None = None,
         spike_out: nn.Module | None = None,
     ) -> None:
@@ -119,36 +204,47 @@ class SelectiveMixer(nn.Module):
         d_inner = expand * d_model
         if d_inner % head_dim:
             raise ValueError(f"head_dim: {head_dim} does not divide expand·d_model = {d_inner}")
+        n_heads = d_inner // head_dim
+        if n_groups < 1 or n_heads % n_groups:
+            raise ValueError(f"n_groups: expected a divisor of the {n_heads} heads, got {n_groups}")
+        lo, hi = dt_limit
+        if not 0 <= lo <= hi:
+            raise ValueError(f"dt_limit: expected 0 <= min <= max, got {tuple(dt_limit)}")
         self.d_inner, self.d_state, self.head_dim = d_inner, d_state, head_dim
-        self.n_heads = d_inner // head_dim
+        self.n_heads, self.n_groups = n_heads, n_groups
         self.d_conv, self.chunk_size = d_conv, chunk_size
-        self.conv_channels = d_inner + 2 * d_state
-        self.spike_in = spike_in if spike_in is not None else nn.Identity()
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + self.n_heads, bias=False)
-        # causal: the input is padded on the left only (in forward), so the convolution computes
-        # exactly L outputs, as step() does, and an energy count of forward and step agrees
+        self.dt_limit = (float(lo), float(hi))
+        self.conv_channels = d_inner + 2 * n_groups * d_state
+        self.spike_in = _identity(spike_in)
+        self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + n_heads, bias=bias)
         self.conv = nn.Conv1d(
-            self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels
-        )
+            self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels,
+            bias=conv_bias,
+        )  # fmt: skip
         # Mamba-2's initialisation: Δ spread log-uniformly over [1e-3, 1e-1], A over [1, 16]
-        dt = torch.exp(torch.rand(self.n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
+        dt = torch.exp(torch.rand(n_heads) * (math.log(0.1) - math.log(1e-3)) + math.log(1e-3))
         self.dt_bias = nn.Parameter(dt + torch.log(-torch.expm1(-dt)))  # softplus⁻¹(dt)
-        self.A_log = nn.Parameter(torch.log(torch.empty(self.n_heads).uniform_(1, 16)))
-        self.D = nn.Parameter(torch.ones(self.n_heads))
-        self.norm = nn.RMSNorm(d_inner)
-        self.spike_out = spike_out if spike_out is not None else nn.Identity()
-        self.out_proj = nn.Linear(d_inner, d_model, bias=False)
+        self.A_log = nn.Parameter(torch.log(torch.empty(n_heads).uniform_(1, 16)))
+        self.D = nn.Parameter(torch.ones(n_heads))
+        self.norm = RMSNorm(d_inner, eps=norm_eps, groups=n_groups)
+        self.spike_out = _identity(spike_out)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
 
     def _split(self, zxbcdt: torch.Tensor):
         return zxbcdt.split([self.d_inner, self.conv_channels, self.n_heads], dim=-1)
 
     def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
-        """Post-convolution channels → (x, a, B, C, Δ) in the scan's layout ([..., heads, ...])."""
-        x, B, C = xbc.split([self.d_inner, self.d_state, self.d_state], dim=-1)
+        """Post-convolution channels → (x, a, B, C, Δ) in the scan's layout ([..., heads, ...],
+        B and C [..., groups, d_state])."""
+        gn = self.n_groups * self.d_state
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
+        if self.dt_limit != (0.0, math.inf):
+            dt = dt.clamp(*self.dt_limit)
         a = -torch.exp(self.A_log) * dt
         x = x.unflatten(-1, (self.n_heads, self.head_dim))
-        return x, a, B.unsqueeze(-2), C.unsqueeze(-2), dt
+        groups = (self.n_groups, self.d_state)
+        return x, a, B.unflatten(-1, groups), C.unflatten(-1, groups), dt
 
     def _record_ops(self, tokens: int, conv: bool) -> None:
         """Per token, as the recurrent form computes it: the state update e^a·h + (Δx)⊗B and the
@@ -172,13 +268,13 @@ class SelectiveMixer(nn.Module):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         L = u.shape[1]
         z, xbc, dt_raw = self._split(self.in_proj(self.spike_in(u)))
-        xbc = F.silu(self.conv(F.pad(xbc.transpose(1, 2), (self.d_conv - 1, 0))).transpose(1, 2))
-        x, a, B, C, dt = self._scan_inputs(xbc, dt_raw)
+        x, a, B, C, dt = self._scan_inputs(F.silu(_causal_conv(self.conv, xbc)), dt_raw)
         y, _ = ssd_scan(x * dt[..., None], a, B, C, chunk_size=self.chunk_size)
         self._record_ops(u.shape[0] * L, conv=False)
         return self._output(y, x, z)
 
-    def init_state(self, batch: int) -> MixerState:
+    def init_state(self, batch: int, max_len: int | None = None) -> MixerState:
+        """Zero state for ``batch`` sequences (``max_len`` is unused: the state is O(1))."""
         p = self.in_proj.weight
         return MixerState(
             p.new_zeros(batch, self.conv_channels, self.d_conv - 1),
@@ -186,76 +282,169 @@ class SelectiveMixer(nn.Module):
         )
 
     def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
-        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``."""
-        z, xbc, dt_raw = self._split(self.in_proj(self.spike_in(u_t)))
-        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [batch, channels, d_conv]
-        conv_out = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
-        x, a, B, C, dt = self._scan_inputs(F.silu(conv_out), dt_raw)
-        y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
-        self._record_ops(u_t.shape[0], conv=True)
-        return self._output(y, x, z), MixerState(window[..., 1:], ssm)
+        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
 
-    def _step_inference(
-        self, u_t: torch.Tensor, state: MixerState, norm: nn.RMSNorm | None = None
-    ) -> tuple[torch.Tensor, MixerState]:
-        """:meth:`step` for generation, without what only training, counting or a direct caller
-        needs: for a caller that has made sure that autograd is off, no energy counter is active
-        and no module has hooks (``MARLM.step``; submodules are entered through ``forward``).
-        Between the projections one C call (``cpu_backend.mixer_step_cpu``) does the
-        convolution, the scan step and the gate, and the norm and the spike point after it are
-        one more (:func:`norm_then`), equal to :meth:`step` to rounding; where the kernels cannot
-        run, the operations of :meth:`step`. ``norm``: ``u_t`` is the layer's input before its
-        pre-norm, which runs here fused with the input spike point."""
-        u_t = self.spike_in.forward(u_t) if norm is None else norm_then(u_t, norm, self.spike_in)
-        zxbcdt = F.linear(u_t, self.in_proj.weight, self.in_proj.bias)
-        tensors = self._fused_step_ready(zxbcdt, state)
+        With autograd off, the part between the projections runs in one C call where it can
+        (:func:`spikemar.ssm.fast.mixer_step_cpu`, equal to the operations below to rounding);
+        the spike points, projections and norm run as modules on both paths."""
+        zxbcdt = self.in_proj(self.spike_in(u_t))
+        tensors = None if torch.is_grad_enabled() else self._fast_tensors(zxbcdt, state)
+        self._record_ops(u_t.shape[0], conv=True)
         if tensors is not None:
-            gated, conv, ssm, a, bad = cpu_backend.mixer_step_cpu(zxbcdt, *tensors)
+            gated, conv, ssm, a, bad = fast.mixer_step_cpu(
+                zxbcdt, *tensors, n_groups=self.n_groups, dt_limit=self.dt_limit
+            )
             if bad:  # counted in C; raise as ssd_step does
                 check_decay(a, "a_t")
-            gated = norm_then(gated, self.norm, self.spike_out)
-            out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
-            return out, MixerState(conv, ssm)
+            return self.out_proj(self.spike_out(self.norm(gated))), MixerState(conv, ssm)
         z, xbc, dt_raw = self._split(zxbcdt)
-        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
-        conv_out = (window * self.conv.weight[:, 0]).sum(-1) + self.conv.bias
-        x, a, B, C, dt = self._scan_inputs(F.silu(conv_out), dt_raw)
+        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [batch, channels, d_conv]
+        x, a, B, C, dt = self._scan_inputs(F.silu(_conv_step(self.conv, window)), dt_raw)
         y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
-        y = (y + self.D[:, None] * x).flatten(-2)
-        gated = norm_then(y * F.silu(z), self.norm, self.spike_out)
-        out = F.linear(gated, self.out_proj.weight, self.out_proj.bias)
-        return out, MixerState(window[..., 1:], ssm)
+        return self._output(y, x, z), MixerState(window[..., 1:], ssm)
 
-    def _fused_step_ready(self, zxbcdt: torch.Tensor, state: MixerState) -> tuple | None:
-        """The mixer's tensors for the C kernel of :meth:`_step_inference`, or None where it
+    def _fast_tensors(self, zxbcdt: torch.Tensor, state: MixerState) -> tuple | None:
+        """The mixer's tensors for :func:`~spikemar.ssm.fast.mixer_step_cpu`, or None where it
         cannot run them: it needs CPU tensors of one float32/float64 dtype, a state of this
         mixer's shape, and few enough state values for one thread (generation's batches; larger
         ones take the PyTorch operations). Read through the parameter dicts: this runs per
         token, and ``Module.__getattr__`` costs more than the checks."""
         dtype = zxbcdt.dtype
-        if dtype not in _FUSED_DTYPES or not zxbcdt.is_cpu or zxbcdt.dim() != 2:
+        if dtype not in _FAST_DTYPES or not zxbcdt.is_cpu or zxbcdt.dim() != 2:
             return None
         conv, ssm = state.conv, state.ssm
         if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
             return None
         batch, K, H = zxbcdt.shape[0], self.conv_channels, self.n_heads
-        if zxbcdt.shape[1] != self.d_inner + K + H or ssm.numel() > _FUSED_MAX_STATE:
+        if zxbcdt.shape[1] != self.d_inner + K + H or ssm.numel() > _FAST_MAX_STATE:
             return None
         p, c = self._parameters, self._modules["conv"]._parameters
         # the kernel trusts every shape: a tensor that differs takes the PyTorch operations
         tensors = (conv, ssm, c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"])
         shapes = ((batch, K, self.d_conv - 1), (batch, H, self.head_dim, self.d_state),
                   (K, 1, self.d_conv), (K,), (H,), (H,), (H,))  # fmt: skip
-        for t, shape in zip(tensors, shapes, strict=True):
+        for i, (t, shape) in enumerate(zip(tensors, shapes, strict=True)):
+            if t is None and i == 3:  # no convolution bias
+                continue
             if t is None or t.dtype != dtype or not t.is_cpu or t.shape != shape:
                 return None
-        return tensors if cpu_backend.usable() else None
+        return tensors if fast.usable() else None
 
 
-_FUSED_DTYPES = (torch.float32, torch.float64)
+_FAST_DTYPES = (torch.float32, torch.float64)
 # the fused mixer step is single-threaded: above this many state values per call (batch ·
 # heads · head_dim · d_state) PyTorch's threaded operations take over
-_FUSED_MAX_STATE = 1 << 18
+_FAST_MAX_STATE = 1 << 18
+
+
+class DiscreteMixer(Mixer):
+    """Llamba's discrete Mamba-2 mixer (Cartesia's ``DiscreteMamba2``, from goombalab/phi-mamba)
+    ``[batch, L, d_model] → [batch, L, d_model]``, in the notation of the module docstring.
+
+    Parameter names follow Cartesia's (``in_proj``, ``z_bias``, ``conv1d``, ``D``,
+    ``out_proj``); ``n_v_heads`` heads of x (head_dim = expand·d_model / n_v_heads),
+    ``n_qk_heads`` groups of B and C. ``activation``: 'identity' (Llamba's) or 'silu' after the
+    convolution. ``z_bias`` exists only when ``bias`` is False, as in the original.
+    """
+
+    spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("in_proj",), "spike_out": ("out_proj",)}
+    host_reason = SelectiveMixer.host_reason
+
+    def __init__(
+        self,
+        d_model: int,
+        *,
+        d_state: int = 64,
+        n_qk_heads: int = 32,
+        n_v_heads: int = 32,
+        expand: int = 1,
+        d_conv: int = 4,
+        activation: str = "identity",
+        bias: bool = False,
+        conv_bias: bool = True,
+        chunk_size: int | None = None,
+        spike_in: nn.Module | None = None,
+        spike_out: nn.Module | None = None,
+    ) -> None:
+        super().__init__()
+        d_inner = expand * d_model
+        if n_v_heads < 1 or d_inner % n_v_heads:
+            raise ValueError(f"n_v_heads: expected a divisor of {d_inner}, got {n_v_heads}")
+        if n_qk_heads < 1 or n_v_heads % n_qk_heads:
+            raise ValueError(
+                f"n_qk_heads: expected a divisor of n_v_heads = {n_v_heads}, got {n_qk_heads}"
+            )
+        if activation not in ("identity", "silu"):
+            raise ValueError(f"activation: expected 'identity' or 'silu', got {activation!r}")
+        self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
+        self.n_v_heads, self.n_qk_heads = n_v_heads, n_qk_heads
+        self.head_dim = d_inner // n_v_heads
+        self.activation, self.chunk_size = activation, chunk_size
+        self.conv_channels = d_inner + 2 * n_qk_heads * d_state
+        self.spike_in = _identity(spike_in)
+        self.in_proj = nn.Linear(d_model, self.conv_channels + d_inner + n_v_heads, bias=bias)
+        self.z_bias = None if bias else nn.Parameter(torch.zeros(d_inner))
+        self.conv1d = nn.Conv1d(
+            self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels,
+            bias=conv_bias,
+        )  # fmt: skip
+        self.D = nn.Parameter(torch.ones(n_v_heads))
+        self.spike_out = _identity(spike_out)
+        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+
+    def _split(self, proj: torch.Tensor):
+        return proj.split([self.conv_channels, self.d_inner, self.n_v_heads], dim=-1)
+
+    def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
+        """Post-convolution channels → (x, a, B, C): a = −Δ (A = −1)."""
+        if self.activation == "silu":
+            xbc = F.silu(xbc)
+        gn = self.n_qk_heads * self.d_state
+        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        dt = F.softplus(dt_raw)
+        groups = (self.n_qk_heads, self.d_state)
+        x = x.unflatten(-1, (self.n_v_heads, self.head_dim))
+        return x, -dt, B.unflatten(-1, groups), C.unflatten(-1, groups)
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        y = (y + self.D[:, None] * x).flatten(-2)
+        gate = z if self.z_bias is None else z + self.z_bias
+        return self.out_proj(self.spike_out(y * F.silu(gate)))
+
+    def _record_ops(self, tokens: int, conv: bool) -> None:
+        per_head = 3 * self.head_dim * self.d_state + self.head_dim
+        macs = self.n_v_heads * per_head + (self.conv_channels * self.d_conv if conv else 0)
+        record_ops(
+            self,
+            kind="ssm",
+            macs=tokens * macs,
+            elementwise_ops=tokens * (3 * self.d_inner + 3 * self.n_v_heads),
+        )
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        xbc, z, dt_raw = self._split(self.in_proj(self.spike_in(u)))
+        x, a, B, C = self._scan_inputs(_causal_conv(self.conv1d, xbc), dt_raw)
+        # the original divides x by Δ and scans Δ·(x/Δ): the state's input is x ⊗ B
+        y, _ = ssd_scan(x, a, B, C, chunk_size=self.chunk_size)
+        self._record_ops(u.shape[0] * u.shape[1], conv=False)
+        return self._output(y, x, z)
+
+    def init_state(self, batch: int, max_len: int | None = None) -> MixerState:
+        """Zero state for ``batch`` sequences (``max_len`` is unused: the state is O(1))."""
+        p = self.in_proj.weight
+        return MixerState(
+            p.new_zeros(batch, self.conv_channels, self.d_conv - 1),
+            p.new_zeros(batch, self.n_v_heads, self.head_dim, self.d_state),
+        )
+
+    def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``."""
+        xbc, z, dt_raw = self._split(self.in_proj(self.spike_in(u_t)))
+        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
+        x, a, B, C = self._scan_inputs(_conv_step(self.conv1d, window), dt_raw)
+        y, ssm = ssd_step(x, a, B, C, state.ssm)
+        self._record_ops(u_t.shape[0], conv=True)
+        return self._output(y, x, z), MixerState(window[..., 1:], ssm)
 
 
 @dataclass
@@ -300,3 +489,28 @@ class LTICell(nn.Module):
         h = self.decay * state.h + self.b * u_t
         record_ops(self, kind="lti", macs=4 * u_t.numel())
         return self.c * h + self.d * u_t, LTIState(h)
+
+
+class LTIMixer(LTICell, Mixer):
+    """The LTI cell as a layer's mixer, with the spike point before it (``spike_in``: MAR's
+    spiking input, or ``nn.Identity``). The cell itself maps onto Loihi compartments."""
+
+    spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ()}
+    chip_reason = "a fixed per-channel decay: one compartment per channel"
+
+    def __init__(self, channels: int, *, spike_in: nn.Module | None = None, **kwargs) -> None:
+        super().__init__(channels, **kwargs)
+        self.spike_in = _identity(spike_in)
+
+    @property
+    def chip_neurons(self) -> int:
+        return self.b.numel()
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return LTICell.forward(self, self.spike_in(u))
+
+    def init_state(self, batch: int, max_len: int | None = None) -> LTIState:
+        return LTICell.init_state(self, batch)
+
+    def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
+        return LTICell.step(self, self.spike_in(u_t), state)

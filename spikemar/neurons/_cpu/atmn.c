@@ -1,5 +1,4 @@
-/* Fused CPU kernels for ATMN (see atmn_impl.h) and, sharing the build, one token of the SSM
- * mixer for inference (mixer_impl.h); built once per machine by
+/* Fused CPU kernels for ATMN (see atmn_impl.h); built once per machine by
  * spikemar/neurons/cpu_backend.py with the system C compiler and loaded through ctypes. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
@@ -83,7 +82,6 @@ static void run_parallel(void *(*worker)(void *), void *jobs, size_t job_size, i
 #define EXP expf
 #define LOG1P log1pf
 #include "atmn_impl.h"
-#include "mixer_impl.h"
 #undef REAL
 #undef SUFFIX
 #undef EXP
@@ -94,7 +92,6 @@ static void run_parallel(void *(*worker)(void *), void *jobs, size_t job_size, i
 #define EXP exp
 #define LOG1P log1p
 #include "atmn_impl.h"
-#include "mixer_impl.h"
 #undef REAL
 #undef SUFFIX
 #undef EXP

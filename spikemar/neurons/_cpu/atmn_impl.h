@@ -669,30 +669,6 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
   return bad;
 }
 
-/* RMSNorm, then (T >= 1) MAR's spike point, over rows of D values: for each row
- * y = x·rsqrt(mean(x²) + eps)·w (w NULL: no weight), then the decode of y as
- * atmn_quantize_decode computes it, written to out [rows, D]; T = 0 writes y. The sum of squares
- * is accumulated in double: equal to PyTorch's nn.RMSNorm to rounding, not bit for bit.
- * Returns as atmn_quantize_decode (T = 0: 0). */
-int64_t CAT(rms_norm_quantize_decode_, SUFFIX)(const REAL *x, int64_t rows, int64_t D,
-                                               const REAL *w, double eps, const REAL *vth,
-                                               int64_t C, int64_t T, double tau, REAL decay,
-                                               int ternary, REAL *out) {
-  for (int64_t r = 0; r < rows; ++r) {
-    const REAL *xr = x + r * D;
-    REAL *yr = out + r * D;
-    double ss = 0;
-    for (int64_t i = 0; i < D; ++i) ss += (double)xr[i] * (double)xr[i];
-    const REAL mean = (REAL)(ss / (double)D);
-    const REAL scale = (REAL)1 / (REAL)sqrt((double)(mean + (REAL)eps));
-    if (w) for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * scale * w[i];
-    else for (int64_t i = 0; i < D; ++i) yr[i] = xr[i] * scale;
-  }
-  if (T == 0) return 0;
-  return CAT(atmn_quantize_decode_, SUFFIX)(out, vth, rows * D, C, T, tau, decay, ternary, out);
-}
-
-
 /* -- MAR's spike point in training: δ-inject, T micro-steps, decode, and its backward ---------
  *
  * decoded = V·Σ_t w_t s_t with w_t = τ^t, for x_0 = x, x_t = 0 after and a zero membrane (the

@@ -1,0 +1,123 @@
+"""The mixer kinds a MAR layer can have, in one table: ``MARConfig.layers`` names them.
+
+Each kind is a class behind :class:`spikemar.ssm.Mixer` (``forward``, ``init_state``, ``step``,
+``spike_inputs``) and one registration here, a builder from the model's config and the layer's
+spike configuration (None: dense). The layer only asks its mixer; it never branches on the kind.
+Adding a kind::
+
+    @register_mixer("my-kind")
+    def _my_kind(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:
+        return MyMixer(c.d_model, spike_in=spike_point(c.d_model, spikes))
+
+Kinds: ``'ssm'`` Mamba-2's selective mixer (:class:`~spikemar.ssm.SelectiveMixer`, also
+transformers' ``Mamba2Mixer``), ``'discrete-mamba2'`` Llamba's
+(:class:`~spikemar.ssm.DiscreteMixer`), ``'attn'`` causal softmax attention
+(:class:`AttentionMixer`), ``'lti'`` the diagonal LTI cell (:class:`~spikemar.ssm.LTIMixer`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+from torch import nn
+
+from ..ssm.mixer import DiscreteMixer, LTIMixer, Mixer, SelectiveMixer, SpikeInputs
+from .common import SpikeConfig, spike_point
+from .transformer import CausalSelfAttention, TransformerConfig
+
+if TYPE_CHECKING:
+    from .mar import MARConfig
+
+__all__ = ["MIXERS", "AttentionMixer", "AttentionState", "register_mixer"]
+
+MixerBuilder = Callable[["MARConfig", "SpikeConfig | None"], Mixer]
+MIXERS: dict[str, MixerBuilder] = {}
+
+
+def register_mixer(kind: str) -> Callable[[MixerBuilder], MixerBuilder]:
+    """Register ``builder(config, spikes) -> Mixer`` under ``kind`` (a name for
+    ``MARConfig.layers``)."""
+
+    def register(builder: MixerBuilder) -> MixerBuilder:
+        if kind in MIXERS:
+            raise ValueError(f"kind: a mixer {kind!r} is already registered")
+        MIXERS[kind] = builder
+        return builder
+
+    return register
+
+
+@dataclass
+class AttentionState:
+    """An attention layer's KV cache [batch, heads, max_len, head_dim] with ``length`` tokens
+    filled."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    length: int = 0
+
+
+class AttentionMixer(CausalSelfAttention, Mixer):
+    """Causal self-attention as a layer's mixer, with the spike point before its ``qkv``
+    projection (the output projection is fed by real-valued attention outputs)."""
+
+    spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("qkv",)}
+    host_reason = "softmax attention over the KV cache"
+
+    def __init__(self, config: TransformerConfig, spike_in: nn.Module | None = None) -> None:
+        super().__init__(config)
+        self.spike_in = nn.Identity() if spike_in is None else spike_in
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return CausalSelfAttention.forward(self, self.spike_in(u))
+
+    def init_state(self, batch: int, max_len: int | None = None) -> AttentionState:
+        if max_len is None:
+            raise ValueError("max_len: an attention layer's KV cache needs a length")
+        w = self.qkv.weight
+        head_dim = w.shape[1] // self.n_heads
+        shape = (batch, self.n_heads, max_len, head_dim)
+        return AttentionState(w.new_zeros(shape), w.new_zeros(shape), 0)
+
+    def step(self, u_t: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
+        pos = state.length
+        if pos >= state.k.shape[2]:
+            raise ValueError(f"state: the attention KV cache is full ({state.k.shape[2]} tokens)")
+        out = CausalSelfAttention.step(self, self.spike_in(u_t)[:, None], state.k, state.v, pos)
+        return out[:, 0], AttentionState(state.k, state.v, pos + 1)
+
+
+@register_mixer("ssm")
+def _selective(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:
+    return SelectiveMixer(
+        c.d_model, d_state=c.d_state, head_dim=c.head_dim, expand=c.expand, d_conv=c.d_conv,
+        chunk_size=c.chunk_size, n_groups=c.n_groups, bias=c.bias, conv_bias=c.conv_bias,
+        dt_limit=c.dt_limit, norm_eps=c.norm_eps,
+        spike_in=spike_point(c.d_model, spikes),
+        spike_out=spike_point(c.expand * c.d_model, spikes),
+    )  # fmt: skip
+
+
+@register_mixer("discrete-mamba2")
+def _discrete(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:
+    d_inner = c.expand * c.d_model
+    return DiscreteMixer(
+        c.d_model, d_state=c.d_state, n_qk_heads=c.n_groups, n_v_heads=d_inner // c.head_dim,
+        expand=c.expand, d_conv=c.d_conv, activation=c.conv_activation, bias=c.bias,
+        conv_bias=c.conv_bias, chunk_size=c.chunk_size,
+        spike_in=spike_point(c.d_model, spikes), spike_out=spike_point(d_inner, spikes),
+    )  # fmt: skip
+
+
+@register_mixer("attn")
+def _attention(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:
+    config = TransformerConfig(c.vocab_size, c.d_model, 1, c.n_attn_heads, c.max_len)
+    return AttentionMixer(config, spike_in=spike_point(c.d_model, spikes))
+
+
+@register_mixer("lti")
+def _lti(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:
+    return LTIMixer(c.d_model, spike_in=spike_point(c.d_model, spikes))

@@ -33,6 +33,7 @@ from .functional import _atmn_multi_step_torch
 __all__ = [
     "Backend",
     "available_backends",
+    "get_backend",
     "register_backend",
     "resolve_backend",
     "select_backend",
@@ -93,6 +94,16 @@ def register_backend(
 def available_backends() -> list[str]:
     """Names accepted by ``backend=`` (besides 'auto')."""
     return sorted(_BACKENDS)
+
+
+def get_backend(name: str) -> Backend:
+    """The registered record of ``name`` (its implementation and capabilities)."""
+    check_backend_name(name)
+    if name == "auto":
+        raise ValueError(
+            "backend: 'auto' is a choice made per input (select_backend), not a record"
+        )
+    return _BACKENDS[name]
 
 
 def check_backend_name(name: str) -> None:

@@ -3,8 +3,14 @@
 The kernels receive raw device pointers, so torch tensors are used in place (no copy, no DLPack
 dtype limits), and they launch on torch's current stream of the tensor's device so that they
 order correctly with the surrounding torch ops. CuPy compiles the source with NVRTC on first use
-for each ``MAX_T`` bucket (the next power of two ≥ T, at least 8) and caches it on disk.
-CuPy is imported only when a CUDA tensor reaches this backend, never at ``import spikemar``.
+for each device and ``MAX_T`` bucket (the next power of two ≥ T, from 8 to 64; longer trains
+run in chunks of 64) and caches it on disk. CuPy is imported only when a CUDA tensor reaches
+this backend, never at ``import spikemar``.
+
+The launch geometry (``launch_geometry``) gives every thread one channel: blocks of
+``bx × by = 256`` threads, ``bx`` consecutive channels by ``by`` rows, rows grid-strided. The
+backward writes one partial dL/dV per (row block, channel), summed here in a fixed order, so
+gradients do not depend on scheduling. Nothing here reads a value back from the device.
 """
 
 from __future__ import annotations
@@ -20,17 +26,34 @@ from . import fused
 from .functional import ATMNParameters, _decay
 from .fused import fused_multi_step, surrogate_code
 
-__all__ = ["atmn_multi_step_cupy", "unusable_reason"]
+__all__ = [
+    "NVRTC_OPTIONS",
+    "SOURCE",
+    "atmn_multi_step_cupy",
+    "kernel_name",
+    "launch_geometry",
+    "max_t_bucket",
+    "unusable_reason",
+]
 
-_SOURCE = Path(__file__).parent / "_cuda" / "atmn.cu"
-_THREADS = 256  # a multiple of 32: the shared-threshold reduction is per warp
+SOURCE = Path(__file__).parent / "_cuda" / "atmn.cu"
+# the options every build uses (plus -DMAX_T=...): NVRTC's defaults otherwise, so --fmad=true:
+# the kernels' exactness comes from their intrinsics, which tests/test_cuda_kernels.py checks
+NVRTC_OPTIONS = ("-std=c++17",)
+_THREADS = 256  # BLOCK_THREADS in atmn.cu: the backward's shared reduction has this size
+_MAX_T_BUCKETS = (8, 16, 32, 64)
+_BLOCKS_PER_SM = 32
+# offsets t·N + n below this are computed in 32 bits (the emulation test lowers it to run the
+# 64-bit kernels on small inputs)
+INDEX32_LIMIT = 2**31
 _HOW_TO_FIX = (
     "install the CuPy build matching your CUDA (pip install cupy-cuda12x, or cupy-cuda13x), "
     "or pass backend='torch'"
 )
 
 _lock = threading.Lock()
-_modules: dict[int, object] = {}
+_modules: dict[tuple[int, int], object] = {}  # (device index, MAX_T) → RawModule
+_functions: dict[tuple[int, int, str], object] = {}
 
 
 def _cupy():
@@ -52,27 +75,69 @@ def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
     return fused.unusable_reason(x, p, "cuda", _cupy)
 
 
-def _function(name: str, T: int):
-    max_t = max(8, 1 << math.ceil(math.log2(max(T, 1))))
-    with _lock:
-        module = _modules.get(max_t)
-        if module is None:
-            cupy = _cupy()
-            module = cupy.RawModule(
-                code=_SOURCE.read_text(), options=("-std=c++17", f"-DMAX_T={max_t}")
-            )
-            _modules[max_t] = module
-    return module.get_function(name)
+def max_t_bucket(T: int) -> int:
+    """The ``MAX_T`` a launch for T micro-steps is compiled with: the next power of two ≥ T,
+    from 8 to 64 (one build per bucket; T > 64 runs in chunks of 64 in the backward)."""
+    return next((b for b in _MAX_T_BUCKETS if b >= T), _MAX_T_BUCKETS[-1])
 
 
-def _launch(kernel, x: torch.Tensor, N: int, args: tuple) -> None:
+def kernel_name(direction: str, dtype: torch.dtype, index_bits: int) -> str:
+    """The kernel's name in ``atmn.cu``: ``atmn_{forward|backward}_{f32|f64|f16|bf16}_i{32|64}``."""
+    return f"atmn_{direction}_{_KERNEL_TYPES[dtype][1]}_i{index_bits}"
+
+
+def launch_geometry(rows: int, C: int, sms: int) -> tuple[tuple[int, int], tuple[int, int]]:
+    """``(grid, block)`` for ``rows × C`` neurons (C = 1 for a shared threshold) on a device with
+    ``sms`` multiprocessors: ``bx`` consecutive channels (a power of two ≤ 32 covering C where it
+    can) by ``256 / bx`` rows per block, row blocks capped near ``sms · 32`` blocks in all."""
+    bx = min(32, 1 << max(0, math.ceil(math.log2(C))))
+    by = _THREADS // bx
+    gx = math.ceil(C / bx)
+    cap = max(1, (sms * _BLOCKS_PER_SM) // gx)
+    gy = max(1, min(math.ceil(rows / by), cap, 65535))
+    return (gx, gy), (bx, by)
+
+
+def _function(name: str, T: int, device_index: int):
+    """The compiled kernel ``name`` for T micro-steps on the device, compiled and loaded inside
+    that device's context (a module is loaded per context, so per device)."""
     cupy = _cupy()
-    sms = torch.cuda.get_device_properties(x.device).multi_processor_count
-    blocks = max(1, min(math.ceil(N / _THREADS), sms * 32))
-    with cupy.cuda.Device(x.device.index):
-        stream = cupy.cuda.ExternalStream(torch.cuda.current_stream(x.device).cuda_stream)
-        with stream:
-            kernel((blocks,), (_THREADS,), args)
+    max_t = max_t_bucket(T)
+    key = (device_index, max_t, name)
+    fn = _functions.get(key)
+    if fn is not None:
+        return fn
+    with _lock, cupy.cuda.Device(device_index):
+        module = _modules.get(key[:2])
+        if module is None:
+            module = cupy.RawModule(
+                code=SOURCE.read_text(), options=(*NVRTC_OPTIONS, f"-DMAX_T={max_t}")
+            )
+            _modules[key[:2]] = module
+        fn = _functions[key] = module.get_function(name)
+    return fn
+
+
+def _device_index(x: torch.Tensor) -> int:
+    # a CUDA tensor names its device; a tensor elsewhere (the CPU emulation of the tests) runs
+    # on CuPy's current device
+    if x.device.type == "cuda":
+        return x.device.index if x.device.index is not None else torch.cuda.current_device()
+    return _cupy().cuda.Device().id
+
+
+def _launch(kernel, x: torch.Tensor, rows: int, C: int, args: tuple) -> int:
+    """Launch ``kernel`` over ``rows × C`` neurons on torch's current stream; returns the number
+    of row blocks (the backward's partial dL/dV rows)."""
+    cupy = _cupy()
+    index = _device_index(x)
+    with cupy.cuda.Device(index):
+        sms = cupy.cuda.Device(index).attributes["MultiProcessorCount"]
+        grid, block = launch_geometry(rows, C, sms)
+        stream_ptr = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
+        with cupy.cuda.ExternalStream(stream_ptr):
+            kernel(grid, block, args)
+    return grid[1]
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -85,22 +150,34 @@ class _CupyKernels:
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
-        T, N, C, real, suffix = _geometry(x, vth)
-        args = (_ptr(x), _ptr(v0), _ptr(vth), np.int64(T), np.int64(N), np.int64(C),
+        if x.numel() == 0:
+            return
+        T, rows, C, real, index, bits = _geometry(x, vth)
+        args = (_ptr(x), _ptr(v0), _ptr(vth), index(T), index(rows), index(C),
                 real(_decay(p.tau)), np.int32(p.ternary), _ptr(spikes), _ptr(v_last),
                 _ptr(v_seq))  # fmt: skip
-        _launch(_function(f"atmn_forward_{suffix}", T), x, N, args)
+        kernel = _function(kernel_name("forward", x.dtype, bits), T, _device_index(x))
+        _launch(kernel, x, rows, C, args)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
-        T, N, C, real, suffix = _geometry(x, vth)
+        if x.numel() == 0:
+            if g_v0 is not None:
+                g_v0.zero_()
+            return torch.zeros_like(vth, dtype=torch.float64)
+        T, rows, C, real, index, bits = _geometry(x, vth)
         kind, pa, pb = surrogate_code(p)
-        g_vth = torch.zeros(max(C, 1), dtype=torch.float64, device=x.device)
-        args = (_ptr(x), _ptr(v0), _ptr(vth), np.int64(T), np.int64(N), np.int64(C),
+        sms = _cupy().cuda.Device(_device_index(x)).attributes["MultiProcessorCount"]
+        (_, gy), _ = launch_geometry(rows, C, sms)
+        # one partial per (row block, channel), every one written by the kernel
+        partial = torch.empty(gy, C, dtype=torch.float64, device=x.device)
+        args = (_ptr(x), _ptr(v0), _ptr(vth), index(T), index(rows), index(C),
                 real(_decay(p.tau)), np.int32(p.ternary), np.int32(p.detach_reset),
                 np.int32(kind), real(pa), real(pb), _ptr(g_spikes), _ptr(g_vlast),
-                _ptr(g_vseq), _ptr(g_x), _ptr(g_v0), _ptr(g_vth))  # fmt: skip
-        _launch(_function(f"atmn_backward_{suffix}", T), x, N, args)
-        return g_vth[0] if C == 0 else g_vth
+                _ptr(g_vseq), _ptr(g_x), _ptr(g_v0), _ptr(partial))  # fmt: skip
+        kernel = _function(kernel_name("backward", x.dtype, bits), T, _device_index(x))
+        _launch(kernel, x, rows, C, args)
+        g_vth = partial.sum(0)  # a fixed order: deterministic
+        return g_vth[0] if vth.dim() == 0 else g_vth
 
 
 # x's dtype → (the kernels' arithmetic type, their name suffix); 16-bit x computes in float32
@@ -113,10 +190,13 @@ _KERNEL_TYPES = {
 
 
 def _geometry(x: torch.Tensor, vth: torch.Tensor):
+    """``(T, rows, C, real type, index type, index bits)``: a shared threshold is C = 1; the
+    kernels index in 32 bits when every offset ``t·N + n`` fits."""
     T, N = x.shape[0], x[0].numel()
-    C = vth.numel() if vth.dim() == 1 else 0
-    real, suffix = _KERNEL_TYPES[x.dtype]
-    return T, N, C, real, suffix
+    C = vth.numel() if vth.dim() == 1 else 1
+    real = _KERNEL_TYPES[x.dtype][0]
+    small = T * N < INDEX32_LIMIT
+    return T, N // C, C, real, (np.int32 if small else np.int64), (32 if small else 64)
 
 
 _KERNELS = _CupyKernels()

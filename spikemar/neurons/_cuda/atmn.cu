@@ -4,18 +4,42 @@
 //
 //   h_t = x_t + d*u_{t-1}  (d = 1/tau)   s_t = [h_t >= V] - tern*[h_t <= -V]   u_t = h_t - V*s_t
 //
-// One thread per neuron (grid-stride). x, spikes and gradients are [T, N] contiguous; v0, v_last
-// [N]. Pointers arrive as integers; 0 means: v0 a zero membrane, g_* zero gradients, g_v0 and
-// v_seq not wanted. The backward recomputes h_t into a per-thread array of MAX_T entries (set at
-// compile time, >= T) from x and v0, so the forward saves nothing.
+// Exactness: NVRTC and nvcc contract a + b*c into one FMA by default (--fmad=true), which rounds
+// once where the reference rounds twice; for tau outside {1, 2, inf} a spike then flips wherever
+// h lies within an ulp of +-V. Every operation of the membrane update is therefore written with
+// the round-to-nearest intrinsics (__fadd_rn, __fmul_rn, ...), which are never contracted
+// (tests/test_cuda_kernels.py fails if the forward's PTX holds an fma). The backward's gradient
+// arithmetic may contract: it is compared to 1e-5, and its recomputed h uses the same step.
+//
+// Layout: x, spikes and their gradients are [T, N] contiguous, N = rows * C; v0, v_last [N].
+// Pointers arrive as integers; 0 means: v0 a zero membrane, g_* zero gradients, g_v0 and v_seq
+// not wanted. A block is bx * by threads (bx * by = blockDim): threadIdx.x runs over bx
+// consecutive channels, threadIdx.y over rows, so every thread has one channel and one
+// threshold, and a warp reads consecutive addresses. A shared threshold is C = 1 (bx = 1). Rows
+// are grid-strided over blockIdx.y. The backward reduces dL/dV of its channel over the block's
+// rows in shared memory in a fixed order and writes one partial per (blockIdx.y, channel); the
+// host sums the partials (no atomics: the result does not depend on scheduling).
+//
+// The backward recomputes h_t from x and v0 into a per-thread array of MAX_T entries (set at
+// compile time), so the forward saves nothing. T > MAX_T runs in chunks of MAX_T micro-steps,
+// last chunk first, each recomputed from v0 (the membrane is not stored): any T runs, at the
+// cost of recomputation when T exceeds the largest bucket (see cupy_backend.py).
+//
+// Index type I: int when T*N fits in 31 bits (the host picks), else long long.
 //
 // Types: S is how x, the spikes and their gradients are stored (float, double, or the 16-bit
 // half_t / bf16_t); R is the arithmetic type (float for the 16-bit types, as functional.py's
 // compute_dtype), in which the membrane, its sequence, the threshold and their gradients are
 // stored. A 16-bit x is widened exactly, so spikes and membranes equal the reference's (which
 // widens x to float32 first); gradients are rounded to S once, round-to-nearest-even, as the
-// reference's cast back does. The 16-bit conversions are written out (bit operations and one PTX
-// cvt) so that NVRTC needs no CUDA header.
+// reference's cast back does. The float16 conversions are one PTX cvt each, so that NVRTC needs
+// no CUDA header; a host build of this file for testing (SPIKEMAR_CUDA_EMULATION) supplies
+// half_to_float / float_to_half itself.
+
+#ifndef MAX_T
+#define MAX_T 8
+#endif
+#define BLOCK_THREADS 256  // bx * by of every launch (cupy_backend._THREADS)
 
 typedef unsigned long long ptr_t;
 
@@ -26,13 +50,22 @@ struct bf16_t {
   unsigned short bits;
 };
 
-__device__ __forceinline__ float widen(float v) { return v; }
-__device__ __forceinline__ double widen(double v) { return v; }
-__device__ __forceinline__ float widen(half_t v) {
+#ifndef SPIKEMAR_CUDA_EMULATION
+__device__ __forceinline__ float half_to_float(unsigned short bits) {
   float f;
-  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v.bits));
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(bits));
   return f;
 }
+__device__ __forceinline__ unsigned short float_to_half(float v) {
+  unsigned short bits;
+  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(bits) : "f"(v));
+  return bits;
+}
+#endif
+
+__device__ __forceinline__ float widen(float v) { return v; }
+__device__ __forceinline__ double widen(double v) { return v; }
+__device__ __forceinline__ float widen(half_t v) { return half_to_float(v.bits); }
 __device__ __forceinline__ float widen(bf16_t v) {
   return __uint_as_float(((unsigned int)v.bits) << 16);
 }
@@ -52,7 +85,7 @@ __device__ __forceinline__ double narrow<double>(double v) {
 template <>
 __device__ __forceinline__ half_t narrow<half_t>(float v) {
   half_t h;
-  asm("cvt.rn.f16.f32 %0, %1;" : "=h"(h.bits) : "f"(v));
+  h.bits = float_to_half(v);
   return h;
 }
 template <>
@@ -66,6 +99,24 @@ __device__ __forceinline__ bf16_t narrow<bf16_t>(float v) {
     b.bits = (unsigned short)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
   }
   return b;
+}
+
+// round-to-nearest arithmetic that the compiler may not contract into an FMA
+__device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
+__device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+
+// One micro-step: h from the input and the carried membrane, the spike, the reset membrane.
+// The forward and the backward's recomputation both run this, so their h agree bit for bit.
+template <typename R>
+__device__ __forceinline__ R atmn_step(R x, R d, R V, R tern, R& u, R& s) {
+  const R h = add_rn(x, mul_rn(d, u));
+  s = R(h >= V) - tern * R(h <= -V);
+  u = sub_rn(h, mul_rn(V, s));
+  return h;
 }
 
 // pa, pb: the surrogate's parameters as spikemar/neurons/fused.py surrogate_code computes them
@@ -89,10 +140,10 @@ __device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
   }
 }
 
-template <typename S, typename R>
-__device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, long long T,
-                                             long long N, long long C, R d, int ternary,
-                                             ptr_t s_, ptr_t vlast_, ptr_t vseq_) {
+template <typename S, typename R, typename I>
+__device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I T, I rows, I C,
+                                             R d, int ternary, ptr_t s_, ptr_t vlast_,
+                                             ptr_t vseq_) {
   const S* __restrict__ x = reinterpret_cast<const S*>(x_);
   const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
   const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
@@ -100,27 +151,30 @@ __device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, lo
   R* __restrict__ v_last = reinterpret_cast<R*>(vlast_);
   R* __restrict__ v_seq = reinterpret_cast<R*>(vseq_);
   const R tern = ternary ? R(1) : R(0);
-  for (long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x; n < N;
-       n += (long long)blockDim.x * gridDim.x) {
-    const R V = vth[C == 0 ? 0 : n % C];
+  const I N = rows * C;
+  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  if (c >= C) return;  // no barrier in the forward: idle lanes may leave
+  const R V = vth[c];
+  const I row_stride = (I)gridDim.y * (I)blockDim.y;
+  for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
+    const I n = r * C + c;
     R u = v0 ? v0[n] : R(0);
-    for (long long t = 0; t < T; ++t) {
-      const R h = R(widen(x[t * N + n])) + d * u;
-      const R s = R(h >= V) - tern * R(h <= -V);
-      spikes[t * N + n] = narrow<S>(s);
-      u = h - V * s;
-      if (v_seq) v_seq[t * N + n] = u;
+    I at = n;  // t * N + n
+    for (I t = 0; t < T; ++t, at += N) {
+      R s;
+      atmn_step<R>(R(widen(x[at])), d, V, tern, u, s);
+      spikes[at] = narrow<S>(s);
+      if (v_seq) v_seq[at] = u;
     }
     v_last[n] = u;
   }
 }
 
-template <typename S, typename R>
-__device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, long long T,
-                                              long long N, long long C, R d, int ternary,
-                                              int detach_reset, int kind, R pa, R pb,
-                                              ptr_t gs_, ptr_t gvlast_, ptr_t gvseq_, ptr_t gx_,
-                                              ptr_t gv0_, ptr_t gvth_) {
+template <typename S, typename R, typename I>
+__device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I T, I rows, I C,
+                                              R d, int ternary, int detach_reset, int kind, R pa,
+                                              R pb, ptr_t gs_, ptr_t gvlast_, ptr_t gvseq_,
+                                              ptr_t gx_, ptr_t gv0_, ptr_t partial_) {
   const S* __restrict__ x = reinterpret_cast<const S*>(x_);
   const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
   const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
@@ -129,61 +183,79 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, l
   const R* __restrict__ g_vseq = reinterpret_cast<const R*>(gvseq_);
   S* __restrict__ g_x = reinterpret_cast<S*>(gx_);
   R* __restrict__ g_v0 = reinterpret_cast<R*>(gv0_);
-  double* g_vth = reinterpret_cast<double*>(gvth_);
+  double* __restrict__ partial = reinterpret_cast<double*>(partial_);  // [gridDim.y, C]
   const R tern = ternary ? R(1) : R(0);
   const R keep_reset = detach_reset ? R(0) : R(1);
-  double shared_acc = 0.0;  // dL/dV of a shared threshold, summed over this thread's neurons
-  for (long long n = blockIdx.x * (long long)blockDim.x + threadIdx.x; n < N;
-       n += (long long)blockDim.x * gridDim.x) {
-    const R V = vth[C == 0 ? 0 : n % C];
+  const I N = rows * C;
+  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  double acc = 0.0;  // dL/dV of channel c over this thread's rows
+  if (c < C) {       // idle lanes still reach the barriers below
+    const R V = vth[c];
     const R iv = R(1) / V;
-    R h[MAX_T];
-    R u = v0 ? v0[n] : R(0);
-    for (long long t = 0; t < T; ++t) {
-      h[t] = R(widen(x[t * N + n])) + d * u;
-      const R s = R(h[t] >= V) - tern * R(h[t] <= -V);
-      u = h[t] - V * s;
+    const I row_stride = (I)gridDim.y * (I)blockDim.y;
+    for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
+      const I n = r * C + c;
+      // gu = dL/du_t, from the returned final membrane (and the membrane sequence) backwards
+      R gu = (g_vlast ? g_vlast[n] : R(0)) + (g_vseq ? g_vseq[(T - 1) * N + n] : R(0));
+      R gv = R(0);
+      R h[MAX_T];
+      for (I end = T; end > 0;) {  // chunks of MAX_T micro-steps, the last one first
+        const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
+        R u = v0 ? v0[n] : R(0);
+        R s;
+        for (I t = 0; t < start; ++t) atmn_step<R>(R(widen(x[t * N + n])), d, V, tern, u, s);
+        for (I t = start; t < end; ++t)
+          h[t - start] = atmn_step<R>(R(widen(x[t * N + n])), d, V, tern, u, s);
+        for (I t = end - 1; t >= start; --t) {
+          const R ht = h[t - start];
+          const R r_ = ht / V;  // as the reference: h*(1/V) can differ by an ulp
+          const R st = R(ht >= V) - tern * R(ht <= -V);
+          const R g = surrogate<R>(r_ - R(1), kind, pa, pb) +
+                      tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
+          const R dsdh = g * iv;
+          const R gs = (g_spikes ? R(widen(g_spikes[t * N + n])) : R(0)) - keep_reset * V * gu;
+          const R gh = gu + gs * dsdh;
+          gv += -gu * st - gs * r_ * dsdh;
+          g_x[t * N + n] = narrow<S>(gh);
+          gu = gh * d + ((g_vseq && t > 0) ? g_vseq[(t - 1) * N + n] : R(0));
+        }
+        end = start;
+      }
+      if (g_v0) g_v0[n] = gu;
+      acc += (double)gv;
     }
-    // gu = dL/du_t, from the returned final membrane (and the membrane sequence) backwards
-    R gu = (g_vlast ? g_vlast[n] : R(0)) + (g_vseq ? g_vseq[(T - 1) * N + n] : R(0));
-    R gv = R(0);
-    for (long long t = T - 1; t >= 0; --t) {
-      const R r = h[t] / V;  // as the reference: h*(1/V) can differ by an ulp
-      const R s = R(h[t] >= V) - tern * R(h[t] <= -V);
-      const R g = surrogate<R>(r - R(1), kind, pa, pb) + tern * surrogate<R>(-r - R(1), kind, pa, pb);
-      const R dsdh = g * iv;
-      const R gs = (g_spikes ? R(widen(g_spikes[t * N + n])) : R(0)) - keep_reset * V * gu;
-      const R gh = gu + gs * dsdh;
-      gv += -gu * s - gs * r * dsdh;
-      g_x[t * N + n] = narrow<S>(gh);
-      gu = gh * d + ((g_vseq && t > 0) ? g_vseq[(t - 1) * N + n] : R(0));
-    }
-    if (g_v0) g_v0[n] = gu;
-    if (C == 0) shared_acc += (double)gv;
-    else atomicAdd(&g_vth[n % C], (double)gv);
   }
-  if (C == 0) {  // one atomic per warp: every lane reaches this point (blockDim % 32 == 0)
-    for (int offset = 16; offset > 0; offset >>= 1)
-      shared_acc += __shfl_down_sync(0xffffffffu, shared_acc, offset);
-    if ((threadIdx.x & 31) == 0) atomicAdd(g_vth, shared_acc);
+  // the block's rows of channel c, summed in a fixed tree order over threadIdx.y
+  __shared__ double red[BLOCK_THREADS];
+  const unsigned lane = threadIdx.y * blockDim.x + threadIdx.x;
+  red[lane] = acc;
+  __syncthreads();
+  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) red[lane] += red[lane + half * blockDim.x];
+    __syncthreads();
   }
+  if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
 }
 
-#define ATMN_KERNELS(S, R, SUFFIX)                                                             \
-  extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, long long T,  \
-                                                   long long N, long long C, R d, int ternary, \
-                                                   ptr_t s, ptr_t vlast, ptr_t vseq) {         \
-    forward_impl<S, R>(x, v0, vth, T, N, C, d, ternary, s, vlast, vseq);                       \
+#define ATMN_KERNELS(S, R, I, SUFFIX)                                                          \
+  extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, I T, I rows,  \
+                                                   I C, R d, int ternary, ptr_t s,             \
+                                                   ptr_t vlast, ptr_t vseq) {                  \
+    forward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, s, vlast, vseq);                 \
   }                                                                                            \
   extern "C" __global__ void atmn_backward_##SUFFIX(                                           \
-      ptr_t x, ptr_t v0, ptr_t vth, long long T, long long N, long long C, R d, int ternary,   \
-      int detach_reset, int kind, R pa, R pb, ptr_t gs, ptr_t gvlast, ptr_t gvseq, ptr_t gx,   \
-      ptr_t gv0, ptr_t gvth) {                                                                 \
-    backward_impl<S, R>(x, v0, vth, T, N, C, d, ternary, detach_reset, kind, pa, pb, gs,       \
-                        gvlast, gvseq, gx, gv0, gvth);                                         \
+      ptr_t x, ptr_t v0, ptr_t vth, I T, I rows, I C, R d, int ternary, int detach_reset,      \
+      int kind, R pa, R pb, ptr_t gs, ptr_t gvlast, ptr_t gvseq, ptr_t gx, ptr_t gv0,          \
+      ptr_t partial) {                                                                         \
+    backward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, detach_reset, kind, pa, pb, gs, \
+                           gvlast, gvseq, gx, gv0, partial);                                   \
   }
 
-ATMN_KERNELS(float, float, f32)
-ATMN_KERNELS(double, double, f64)
-ATMN_KERNELS(half_t, float, f16)
-ATMN_KERNELS(bf16_t, float, bf16)
+ATMN_KERNELS(float, float, int, f32_i32)
+ATMN_KERNELS(double, double, int, f64_i32)
+ATMN_KERNELS(half_t, float, int, f16_i32)
+ATMN_KERNELS(bf16_t, float, int, bf16_i32)
+ATMN_KERNELS(float, float, long long, f32_i64)
+ATMN_KERNELS(double, double, long long, f64_i64)
+ATMN_KERNELS(half_t, float, long long, f16_i64)
+ATMN_KERNELS(bf16_t, float, long long, bf16_i64)

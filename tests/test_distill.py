@@ -9,7 +9,6 @@ import sys
 import pytest
 import torch
 from conftest import ROMEO
-from test_training import interrupt_in_step_3
 
 from spikemar.checkpoint import build_model, load_checkpoint
 from spikemar.cli import main
@@ -100,7 +99,7 @@ def test_stage2_student_starts_as_the_teacher_and_matches_it_with_fine_spikes(co
 @pytest.mark.parametrize("where", ["after the batch", "after the update"])
 @pytest.mark.parametrize("stage", [1, 2])
 def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
-    corpus, tmp_path, monkeypatch, transformer_ckpt, dense_ckpt, stage, where
+    corpus, tmp_path, monkeypatch, transformer_ckpt, dense_ckpt, stage, where, interrupt_in_step_3
 ):
     # stage 1 crosses from alignment into distillation; stage 2 trains a feature projection
     # (a student narrower than the teacher, from random weights) that must be restored too

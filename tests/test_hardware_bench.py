@@ -8,7 +8,6 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_hardware_lava import lava  # noqa: F401  (the fixture)
 
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
 
@@ -26,7 +25,7 @@ def bench():
 
 
 @pytest.mark.slow
-def test_quick_run_fills_the_report(bench, lava):  # noqa: F811
+def test_quick_run_fills_the_report(bench, lava):
     results = bench.run(bench.QUICK)
     assert "lava_error" not in results, results.get("lava_error")
     assert results["lava_equal_samples"] == "1/1"

@@ -6,7 +6,6 @@ import h5py
 import nir
 import pytest
 import torch
-from test_hardware_lava import lava  # noqa: F401  (the fixture)
 
 from spikemar import cli
 from spikemar.checkpoint import save_checkpoint
@@ -90,7 +89,7 @@ def test_export_command_names_bad_arguments(tmp_path, capsys):
 
 
 @pytest.mark.slow
-def test_export_command_checks_the_file_in_lava(lava, tmp_path, capsys):  # noqa: F811
+def test_export_command_checks_the_file_in_lava(lava, tmp_path, capsys):
     torch.manual_seed(0)
     code = cli.main(["export", "--lava", str(tmp_path / "n.h5"), "--check-steps", "100"])
     out = capsys.readouterr().out

@@ -8,7 +8,6 @@ import json
 import h5py
 import pytest
 import torch
-from test_hardware_lava import lava  # noqa: F401  (the fixture)
 
 from spikemar import cli
 from spikemar.checkpoint import save_checkpoint
@@ -89,7 +88,7 @@ def test_a_spike_point_with_tau_other_than_one_is_named(tmp_path):
 
 
 @pytest.mark.slow
-def test_lava_reads_the_segment_bit_for_bit(lava, tmp_path):  # noqa: F811
+def test_lava_reads_the_segment_bit_for_bit(lava, tmp_path):
     model = small_mar()
     manifest = export_mar_lava(model, tmp_path, tokens())
     segment = mar_segments(model)[2]  # the FFN's input spike point: gate and up stacked

@@ -9,7 +9,6 @@ import nir
 import numpy as np
 import pytest
 import torch
-from test_hardware_lava import random_inputs, random_network
 from torch import nn
 
 from spikemar.hardware import CUBALIF, UnsupportedModuleError, export_nir, import_nir, simulate
@@ -25,7 +24,9 @@ def batch_of(inputs: torch.Tensor, n: int = 3) -> torch.Tensor:
     return torch.stack([inputs.roll(k, 0) for k in range(n)], dim=1).double()
 
 
-def test_norse_reads_the_file_and_reproduces_the_lif_network(tmp_path):
+def test_norse_reads_the_file_and_reproduces_the_lif_network(
+    tmp_path, random_network, random_inputs
+):
     norse = pytest.importorskip("norse.torch")
     model, shape = random_network("cuba-only", seed=5)
     inputs = batch_of(random_inputs(shape, ternary=False, seed=3))
@@ -42,7 +43,7 @@ def test_norse_reads_the_file_and_reproduces_the_lif_network(tmp_path):
     assert torch.equal(got, expected)
 
 
-def test_the_graph_is_documented_nir(tmp_path):
+def test_the_graph_is_documented_nir(tmp_path, random_network):
     model, shape = random_network("dense-lti", seed=1)
     export_nir(model, tmp_path / "net.nir", shape)
     graph = nir.read(str(tmp_path / "net.nir"))
@@ -70,7 +71,7 @@ def test_the_graph_is_documented_nir(tmp_path):
 @pytest.mark.parametrize(
     "kind", ["dense-ternary", "dense-binary", "dense-lti", "conv-ternary", "cuba-mixed"]
 )
-def test_metadata_carries_atmn_and_lti_exactly(tmp_path, kind):
+def test_metadata_carries_atmn_and_lti_exactly(tmp_path, kind, random_network, random_inputs):
     model, shape = random_network(kind, seed=2)
     export_nir(model, tmp_path / "net.nir", shape)
     back = import_nir(tmp_path / "net.nir")
@@ -87,7 +88,7 @@ def test_cuba_without_decay_has_no_nir_form(tmp_path):
     assert not list(tmp_path.iterdir())
 
 
-def test_export_nir_checks_its_arguments(tmp_path):
+def test_export_nir_checks_its_arguments(tmp_path, random_network):
     model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(math.inf, 0.5))
     with pytest.raises(ValueError, match="dt"):
         export_nir(model, tmp_path / "net.nir", (3,), dt=0.0)

@@ -41,38 +41,9 @@ def test_training_lowers_the_loss_and_writes_a_loadable_checkpoint(corpus, tmp_p
     assert text.startswith("O ") and len(text) == 12
 
 
-def interrupt_in_step_3(monkeypatch, where: str, draws_before: int = 0) -> None:
-    """Raise KeyboardInterrupt in the third training step: right after its batch was drawn (the
-    handler must give the batch back) or right after its update (the handler must complete the
-    step). ``draws_before``: 'train' batches drawn before the first step (a teacher's eval)."""
-    calls = {"n": 0}
-    if where == "after the batch":
-        original = TokenDataset.batch
-
-        def batch(self, split, *args, **kwargs):
-            out = original(self, split, *args, **kwargs)
-            if split == "train":
-                calls["n"] += 1
-                if calls["n"] == draws_before + 3:
-                    raise KeyboardInterrupt
-            return out
-
-        monkeypatch.setattr(TokenDataset, "batch", batch)
-    else:
-        original = torch.optim.lr_scheduler.LambdaLR.step
-
-        def step(self, *args, **kwargs):
-            original(self, *args, **kwargs)
-            calls["n"] += 1
-            if calls["n"] == 4:  # once at construction, then steps 1, 2, 3
-                raise KeyboardInterrupt
-
-        monkeypatch.setattr(torch.optim.lr_scheduler.LambdaLR, "step", step)
-
-
 @pytest.mark.parametrize("where, saved_step", [("after the batch", 2), ("after the update", 3)])
 def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
-    corpus, tmp_path, monkeypatch, where, saved_step
+    corpus, tmp_path, monkeypatch, where, saved_step, interrupt_in_step_3
 ):
     # validation (and its checkpoint) at steps 4 and 6 only: the one written at the interrupt
     # comes from the Ctrl-C handler

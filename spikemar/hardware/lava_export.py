@@ -21,7 +21,8 @@
       ``v_threshold``, ``tau``, ``current_decay``, ``voltage_decay``, ``lti/…``) and ``scale``
       (integer synaptic input = scale × float synaptic input).
 
-``spikemar`` attributes at the root: ``format`` = ``spikemar-netx``, ``version`` = 1.
+``spikemar`` attributes at the root: ``format`` = ``spikemar-netx``, ``version`` = 1
+(:mod:`spikemar.hardware.formats`: :func:`run_lava` and the Lava runtime refuse a newer one).
 A file whose layers are all CUBA is a plain netx network: ``netx.hdf5.Network(path)`` loads and
 runs it. Files with ATMN layers need :mod:`spikemar.hardware.lava.runtime` (numpy + lava), which
 builds CUBA layers with netx's own ``create_dense``/``create_conv`` and ATMN layers as netx blocks
@@ -40,12 +41,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write, check_output_path
 from .fixed_point import Block, FixedBlock, FixedPointNetwork, quantize_network, synaptic_input
+from .formats import NETX_FORMAT as FORMAT
+from .formats import NETX_VERSION as VERSION
+from .formats import check_block_input, check_input_shape, check_version
 
-__all__ = ["LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
+__all__ = ["LavaRunError", "LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
-FORMAT = "spikemar-netx"
-VERSION = 1
 REPO_ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -53,19 +56,16 @@ class LavaUnavailableError(RuntimeError):
     """The Lava environment is not there (build it with ``.ci/lava-env``)."""
 
 
+class LavaRunError(RuntimeError):
+    """Lava's run failed; the message holds its last line, ``stderr`` all of its output."""
+
+    def __init__(self, message: str, stderr: str) -> None:
+        super().__init__(message)
+        self.stderr = stderr
+
+
 def _bytes(text: str) -> np.ndarray:
     return np.array([text.encode("ascii")], dtype="S10")  # netx reads type[0].decode('ascii')
-
-
-def _check_input_shape(input_shape) -> tuple[int, ...]:
-    ok = isinstance(input_shape, tuple | list) and len(input_shape) in (1, 3)
-    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in input_shape)
-    if not ok:
-        raise ValueError(
-            "input_shape: expected the per-sample shape (features,) or (channels, height, "
-            f"width) of positive ints, got {input_shape!r}"
-        )
-    return tuple(input_shape)
 
 
 def export_lava(
@@ -77,44 +77,37 @@ def export_lava(
     (C, H, W). Returns the :class:`FixedPointNetwork` whose integers the file holds."""
     import h5py
 
-    shape = _check_input_shape(input_shape)
-    fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
+    shape = check_input_shape(input_shape)
     path = Path(path)
     if path.suffix in ("", "."):
         raise ValueError(f"path: expected a file name such as net.h5, got {str(path)!r}")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            f.attrs["format"] = FORMAT
-            f.attrs["version"] = VERSION
-            layer = f.create_group("layer")
-            g = layer.create_group("0")
-            g.create_dataset("type", data=_bytes("input"))
-            g.create_dataset("shape", data=np.array(shape))
-            x = torch.zeros(1, *shape, dtype=torch.float64)
-            i = 1
-            for fb in fixed.blocks:
-                b = fb.block
-                if b.synapse == "conv" and x.dim() != 4:
-                    raise ValueError(
-                        f"{b.path}: a Conv2d needs a (C, H, W) input here, got {tuple(x.shape[1:])}"
-                    )
-                if b.synapse == "dense" and x.dim() != 2 and not b.flatten:
-                    raise ValueError(
-                        f"{b.path}: a Linear after a conv layer needs a Flatten before it"
-                    )
-                if b.flatten and x.dim() > 2:
-                    layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
-                    i += 1
-                x = synaptic_input(x, b, b.weight.double(), None)
-                _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
+    check_output_path(path, name="path")  # before quantising: fail early
+    fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
+    if fixed.blocks:
+        check_block_input(fixed.blocks[0].block, shape)
+    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+        f.attrs["format"] = FORMAT
+        f.attrs["version"] = VERSION
+        layer = f.create_group("layer")
+        g = layer.create_group("0")
+        g.create_dataset("type", data=_bytes("input"))
+        g.create_dataset("shape", data=np.array(shape))
+        x = torch.zeros(1, *shape, dtype=torch.float64)
+        i = 1
+        for fb in fixed.blocks:
+            b = fb.block
+            if b.synapse == "conv" and x.dim() != 4:
+                raise ValueError(
+                    f"{b.path}: a Conv2d needs a (C, H, W) input here, got {tuple(x.shape[1:])}"
+                )
+            if b.synapse == "dense" and x.dim() != 2 and not b.flatten:
+                raise ValueError(f"{b.path}: a Linear after a conv layer needs a Flatten before it")
+            if b.flatten and x.dim() > 2:
+                layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
                 i += 1
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+            x = synaptic_input(x, b, b.weight.double(), None)
+            _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
+            i += 1
     return fixed
 
 
@@ -217,8 +210,11 @@ def run_lava(
     if inputs.shape[0] < num_steps:
         raise ValueError(f"inputs: {inputs.shape[0]} steps given, num_steps asks for {num_steps}")
     x = inputs[:num_steps].detach().cpu().double().numpy()
+    if not np.isfinite(x).all():
+        raise ValueError("inputs: expected finite values; got NaN or inf")
     if fixed_point and not np.array_equal(x, np.round(x)):
         raise ValueError("inputs: fixed point takes integer spike payloads; got fractions")
+    _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
     python = lava_python()
     with tempfile.TemporaryDirectory(prefix="spikemar-lava-") as tmp:
         np.save(f"{tmp}/in.npy", x)
@@ -239,8 +235,39 @@ def run_lava(
             cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
         )
         if done.returncode != 0:
-            raise RuntimeError(
-                f"Lava run of {path} failed (exit {done.returncode}):\n{done.stderr[-4000:]}"
+            lines = [line for line in done.stderr.splitlines() if line.strip()]
+            last = lines[-1].strip() if lines else "no output"
+            raise LavaRunError(
+                f"Lava run of {path} failed (exit {done.returncode}): {last} (the whole output: "
+                "this error's .stderr, or run `python -m spikemar.hardware.lava.runtime` as "
+                "DEVELOPERS.md shows)",
+                done.stderr,
             )
         out = np.load(f"{tmp}/out.npy")
     return torch.from_numpy(out.astype(np.float32))
+
+
+def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file: bool) -> None:
+    """Before Lava starts (seconds of start-up): ``path`` is a readable netx HDF5 file of a
+    format this spikemar reads, and one step of ``inputs`` has its input layer's shape."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as f:
+            form = f.attrs.get("format")
+            form = form.decode() if isinstance(form, bytes) else form
+            if form is not None or spikemar_file:
+                if form != FORMAT:
+                    raise ValueError(f"path: {path} is not a netx file written by spikemar's "
+                                     f"export_lava (format {form!r})")  # fmt: skip
+                check_version(f.attrs.get("version"), VERSION, path, "netx file")
+            shape = tuple(int(n) for n in np.asarray(f["layer/0/shape"]))
+    except OSError as err:
+        raise ValueError(f"path: {path} is not a readable HDF5 file (corrupt or truncated: "
+                         f"{err})") from None  # fmt: skip
+    except KeyError:
+        raise ValueError(f"path: {path} has no input layer (layer/0/shape): not a netx "
+                         "network") from None  # fmt: skip
+    if sample_shape != shape:
+        raise ValueError(f"inputs: one step is {sample_shape}, the network's input layer in "
+                         f"{path} takes {shape}: pass [num_steps, *{shape}]")  # fmt: skip

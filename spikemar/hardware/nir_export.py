@@ -21,22 +21,25 @@ r"""Export to NIR (the Neuromorphic Intermediate Representation), and back.
   (the readout ``y = c·h + d·x`` has no single NIR node).
 
 :func:`import_nir` reads such a file back into a spikemar ``nn.Sequential`` (metadata first).
+The graph's ``metadata`` carries ``spikemar_format`` = ``spikemar-nir`` and ``spikemar_version``
+(:mod:`spikemar.hardware.formats`); a newer version, in the graph or in a node, is refused.
 """
 
 from __future__ import annotations
 
 import math
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
+from .._io import atomic_write, check_output_path
 from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
 from ..ssm.mixer import LTICell
 from .fixed_point import Block, UnsupportedModuleError, lower, synaptic_input
+from .formats import NIR_FORMAT, NIR_VERSION, check_block_input, check_input_shape, check_version
 from .lif import CUBALIF
 
 __all__ = ["ATMN_EQUATIONS", "export_nir", "import_nir"]
@@ -56,12 +59,13 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     to ``path`` as NIR, atomically; ``input_shape`` is one sample's shape. Returns the graph."""
     import nir
 
-    from .lava_export import _check_input_shape
-
-    shape = _check_input_shape(input_shape)
+    shape = check_input_shape(input_shape)
     if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
         raise ValueError(f"dt: expected a finite number > 0, got {dt!r}")
+    path = check_output_path(path, name="path")  # before any work: fail early
     blocks = lower(model)
+    if blocks:
+        check_block_input(blocks[0], shape)
     nodes: dict = {"input": nir.Input(input_type=np.array(shape))}
     edges: list[tuple[str, str]] = []
     prev = "input"
@@ -87,18 +91,10 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
         add(b.path, _neuron_node(nir, b, out_shape, dt))
     nodes["output"] = nir.Output(output_type=np.array(tuple(x.shape[1:])))
     edges.append((prev, "output"))
-    graph = nir.NIRGraph(nodes=nodes, edges=edges)
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    metadata = {"spikemar_format": NIR_FORMAT, "spikemar_version": NIR_VERSION}
+    graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
+    with atomic_write(path) as tmp:
         nir.write(tmp, graph)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return graph
 
 
@@ -171,10 +167,33 @@ def _text(value) -> str:
 
 def import_nir(path: str | os.PathLike) -> nn.Sequential:
     """Read a NIR file written by :func:`export_nir` back into a spikemar ``nn.Sequential``
-    (ATMN and LTI from their metadata). Raises ``ValueError`` naming a node it cannot read."""
+    (ATMN and LTI from their metadata). Raises ``FileNotFoundError`` for a missing file and
+    ``ValueError`` naming the path for a corrupt, truncated, non-NIR or newer file, or naming
+    a node it cannot read."""
     import nir
 
-    graph = nir.read(str(path))
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"path: no NIR file at {path}")
+    try:
+        graph = nir.read(str(path))
+    except OSError as err:
+        raise ValueError(f"path: {path} is not a readable HDF5 file (corrupt or truncated: "
+                         f"{err})") from None  # fmt: skip
+    except (KeyError, ValueError, TypeError, AttributeError) as err:
+        raise ValueError(f"path: {path} is not a NIR graph that nir reads "
+                         f"({type(err).__name__}: {err})") from None  # fmt: skip
+    meta = getattr(graph, "metadata", None) or {}
+    if "spikemar_version" in meta:
+        check_version(meta["spikemar_version"], NIR_VERSION, path, "NIR file")
+    for node in graph.nodes.values():
+        node_meta = getattr(node, "metadata", None) or {}
+        if "spikemar_version" in node_meta:
+            check_version(node_meta["spikemar_version"], NIR_VERSION, path, "NIR file")
+    if "input" not in graph.nodes:
+        raise ValueError(f"path: {path} holds a NIR graph without an 'input' node")
     nexts = dict(graph.edges)
     name, layers = nexts.get("input"), []
     while name is not None and name != "output":

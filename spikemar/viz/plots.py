@@ -18,7 +18,6 @@ fraction of non-zero spikes, i.e. 1 − activation sparsity).
 from __future__ import annotations
 
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -32,6 +31,8 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 from torch import nn
+
+from .._io import atomic_write, check_output_path
 
 __all__ = [
     "NEG_COLOR",
@@ -709,22 +710,7 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) ->
         raise ValueError(
             f"path: unsupported image suffix {path.suffix!r}; expected one of {supported}"
         )
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format=fmt, dpi=dpi)
-        # mkstemp creates the file 0600; give the image the permissions a plain open() would.
-        os.chmod(tmp, 0o666 & ~_current_umask())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    check_output_path(path, name="path")
+    with atomic_write(path, fsync=False) as tmp:
+        fig.savefig(tmp, format=fmt, dpi=dpi)
     return path
-
-
-def _current_umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask

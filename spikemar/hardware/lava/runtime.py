@@ -1,6 +1,7 @@
 """The Lava side of spikemar's export: the ATMN Process, its ProcessModels, and a runner.
 
-This module imports numpy, h5py and lava only (no PyTorch, no other spikemar module), so it runs
+This module imports numpy, h5py and lava only (no PyTorch; of spikemar only the plain
+:mod:`spikemar.hardware.formats`, for the format version it refuses beyond), so it runs
 in the separate Lava environment (``build/venv-lava``, built by ``.ci/lava-env``) on the files that
 :func:`spikemar.hardware.export_lava` writes. :func:`spikemar.hardware.run_lava` calls it as::
 
@@ -69,7 +70,13 @@ def build_network(path: str, fixed_point: bool, input_message_bits: int = 8):
     from lava.lib.dl.netx.utils import NetDict, optimize_weight_bits
     from lava.proc.lif.process import LIF
 
+    from ..formats import NETX_FORMAT, NETX_VERSION, check_version
+
     f = h5py.File(path, "r")
+    form = f.attrs.get("format")
+    if (form.decode() if isinstance(form, bytes) else form) != NETX_FORMAT:
+        raise ValueError(f"path: {path} is not a netx file written by spikemar (format {form!r})")
+    check_version(f.attrs.get("version"), NETX_VERSION, path, "netx file")
     net = NetDict(f=f)
     layer_cfg = net["layer"]
     input_shape = _whc(layer_cfg[0]["shape"])

@@ -24,12 +24,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
+from ._io import atomic_write
 from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 
 __all__ = [
@@ -69,14 +69,8 @@ def read_text(path: str | os.PathLike) -> str:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_write(path) as tmp:
+        tmp.write_bytes(data)
 
 
 SUFFIXES = (".txt", ".jsonl")
@@ -155,6 +149,12 @@ def prepare(
     ``~/.cache/spikemar/data``); each file is written to a temporary name and renamed, and
     ``meta.json`` last, so an interrupted run leaves no half-written cache.
     """
+    if path is None and not default_corpus().exists():
+        raise FileNotFoundError(
+            f"data: no Tiny Shakespeare at {default_corpus()} (the default corpus); give --data "
+            "FILE (any UTF-8 text), set SPIKEMAR_DATA, or save https://raw.githubusercontent.com"
+            "/karpathy/char-rnn/master/data/tinyshakespeare/input.txt (1.1 MB) there"
+        )
     path = Path(path) if path is not None else default_corpus()
     docs = read_documents(path)
     digest = _source_digest(path, docs, tokenizer)

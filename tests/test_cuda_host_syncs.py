@@ -1,0 +1,216 @@
+"""No host syncs on the neurons' hot paths for CUDA inputs (issue 18 item 3), checked on the CPU.
+
+A CUDA host sync is a value read back to the host (``.item()``, ``.tolist()``, ``bool(t)``,
+``float(t)``, ``.cpu()``, ``.numpy()``) or a tensor built from host data on the device
+(``torch.tensor(..., device='cuda')``, a pageable copy that waits). Tensors of ``_FakeCuda``
+live in CPU memory but say they are on ``cuda:0``; any of those operations on them, or that
+constructor, counts as a sync. The code under test takes its CUDA branches (``x.is_cuda``,
+``x.device.type == 'cuda'``) as it would on a GPU.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import types
+
+import pytest
+import torch
+from torch.overrides import TorchFunctionMode
+
+from spikemar.neurons import (
+    ATMN,
+    ATMNParameters,
+    atmn_decode,
+    atmn_multi_step,
+    checks,
+    cuda_emulation,
+    cupy_backend,
+    raise_deferred_errors,
+    value_checks,
+)
+
+CUDA = torch.device("cuda", 0)
+_SYNC_METHODS = {
+    torch.Tensor.item,
+    torch.Tensor.tolist,
+    torch.Tensor.__bool__,
+    torch.Tensor.__float__,
+    torch.Tensor.__int__,
+    torch.Tensor.__index__,
+    torch.Tensor.cpu,
+    torch.Tensor.numpy,
+}
+
+
+_DEVICE_GET = torch.Tensor.device.__get__
+_IS_CUDA_GET = torch.Tensor.is_cuda.__get__
+
+
+class _Syncs:
+    """What the fake device saw: the syncs, by name, in order."""
+
+    def __init__(self) -> None:
+        self.seen: list[str] = []
+
+
+_SYNCS = _Syncs()
+
+
+def _to_cpu(value):
+    if isinstance(value, torch.device) and value.type == "cuda":
+        return torch.device("cpu")
+    if isinstance(value, str) and value.startswith("cuda"):
+        return "cpu"
+    return value
+
+
+class _FakeCuda(torch.Tensor):
+    """A CPU tensor that reports itself on cuda:0 and records host syncs."""
+
+    @classmethod
+    def __torch_function__(cls, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func == _DEVICE_GET:  # property getters arrive as new method-wrappers: compare by ==
+            return CUDA
+        if func == _IS_CUDA_GET:
+            return True
+        if func in _SYNC_METHODS:
+            _SYNCS.seen.append(func.__name__)
+        if func is torch.Tensor.to:  # .to(cuda) of a tensor "on" cuda: stay in CPU memory
+            args = tuple(_to_cpu(a) for a in args)
+        if "device" in kwargs:
+            kwargs["device"] = _to_cpu(kwargs["device"])
+        return super().__torch_function__(func, types_, args, kwargs)
+
+
+class _FakeCudaFactories(TorchFunctionMode):
+    """Factory calls with ``device='cuda'`` make fake-CUDA tensors; ``torch.tensor`` from host
+    data onto the device is a sync."""
+
+    def __torch_function__(self, func, types_, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        device = kwargs.get("device")
+        on_cuda = _to_cpu(device) is not device
+        if on_cuda and func in (torch.tensor, torch.as_tensor):
+            _SYNCS.seen.append(f"{func.__name__}(..., device=cuda)")
+        if on_cuda:
+            kwargs["device"] = _to_cpu(device)
+        out = func(*args, **kwargs)
+        if on_cuda and isinstance(out, torch.Tensor) and not isinstance(out, _FakeCuda):
+            out = out.as_subclass(_FakeCuda)
+        return out
+
+
+def fake_cuda(t: torch.Tensor) -> torch.Tensor:
+    out = t.detach().as_subclass(_FakeCuda)
+    return out.requires_grad_(t.requires_grad)
+
+
+@contextlib.contextmanager
+def watching_syncs():
+    _SYNCS.seen.clear()
+    with _FakeCudaFactories():
+        yield _SYNCS.seen
+
+
+@pytest.fixture(autouse=True)
+def fresh_flags(monkeypatch):
+    # the deferred flags of the fake device must not outlive the test (a GPU run shares cuda:0)
+    monkeypatch.setattr(checks, "_flags", {})
+
+
+def test_the_detector_sees_syncs():
+    x = fake_cuda(torch.randn(4, 3))
+    assert x.device == CUDA and x.is_cuda
+    with watching_syncs() as seen:
+        x.sum().item()
+        torch.tensor([1.0, 2.0], device=x.device)
+        bool((x > 0).any())
+    assert seen == ["item", "tensor(..., device=cuda)", "__bool__"]
+
+
+def test_eager_value_checks_on_cuda_sync_once_per_call():
+    """The default mode reads the extremes back once per call: what 'deferred' avoids."""
+    x = fake_cuda(torch.randn(4, 3, 5))
+    p = ATMNParameters(fake_cuda(torch.tensor(0.5)))
+    with watching_syncs() as seen:
+        atmn_multi_step(x, None, p, backend="torch")
+    assert seen == ["tolist"]
+
+
+@pytest.mark.parametrize("mode", ["deferred", "off"])
+@pytest.mark.parametrize("per_channel", [False, True])
+def test_multi_step_and_decode_hold_no_sync_with_deferred_checks(mode, per_channel):
+    V = torch.rand(5) + 0.3 if per_channel else torch.tensor(0.5)
+    x = fake_cuda(torch.randn(4, 3, 5).requires_grad_())
+    p = ATMNParameters(fake_cuda(V.requires_grad_()), tau=1.5)
+    with watching_syncs() as seen, value_checks(mode):
+        spikes, v = atmn_multi_step(x, fake_cuda(torch.zeros(3, 5)), p, backend="torch")
+        decoded = atmn_decode(spikes, p.v_threshold, 1.5)
+        decoded_inf = atmn_decode(spikes, 0.5, float("inf"))  # a float threshold too
+        (decoded.sum() + decoded_inf.sum() + v.sum()).backward()
+    assert seen == []
+    with watching_syncs() as seen:
+        raise_deferred_errors()  # nothing was wrong: reads the flag once, raises nothing
+    assert seen == (["tolist"] if mode == "deferred" else [])
+
+
+def test_module_forward_and_quantize_hold_no_sync_with_deferred_checks():
+    n = ATMN(tau=1.0, v_threshold=0.5, num_channels=5, step_mode="m", backend="torch")
+    n.a.data = fake_cuda(n.a.data)
+    x = fake_cuda(torch.randn(4, 3, 5))
+    with watching_syncs() as seen, value_checks("deferred"):
+        n(x)
+        n(x)  # the membrane carried over
+        n.quantize(fake_cuda(torch.randn(3, 5)), 4)
+    assert seen == []
+
+
+def test_deferred_checks_raise_after_the_step():
+    x = torch.randn(4, 3)
+    x[2, 1] = float("nan")
+    p = ATMNParameters(fake_cuda(torch.tensor(0.5)))
+    with value_checks("deferred"):
+        atmn_multi_step(fake_cuda(x), None, p, backend="torch")  # no error yet
+    with pytest.raises(ValueError, match=r"^x_seq: .* NaN or inf"):
+        raise_deferred_errors()
+    raise_deferred_errors()  # the flag was cleared
+    bad = ATMNParameters(fake_cuda(torch.tensor(float("inf"))))
+    with value_checks("deferred"):
+        atmn_multi_step(fake_cuda(torch.randn(4, 3)), None, bad, backend="torch")
+    with pytest.raises(ValueError, match=r"^v_threshold: .* not finite"):
+        raise_deferred_errors()
+
+
+def test_value_check_mode_is_checked_and_restored():
+    with pytest.raises(ValueError, match=r"^mode: expected one of"):
+        with value_checks("later"):
+            pass
+    with value_checks("off"):
+        assert checks.get_value_checks() == "off"
+    assert checks.get_value_checks() == "eager"
+
+
+@pytest.mark.skipif(
+    cuda_emulation.emulation_unavailable_reason() is not None,
+    reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
+)
+def test_cupy_backend_holds_no_sync(tmp_path, monkeypatch):
+    """The fused CUDA path end to end (host code, kernels emulated): forward and backward."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulation.EmulatedCupy(tmp_path))
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_functions", {})
+    # torch's stream query needs a CUDA build; the stream is all it gives the launch
+    stream = types.SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = fake_cuda(torch.randn(4, 3, 5).requires_grad_())
+    p = ATMNParameters(fake_cuda((torch.rand(5) + 0.3).requires_grad_()), tau=1.5)
+    reference = atmn_multi_step(x.as_subclass(torch.Tensor), None, p, backend="torch")[0]
+    with watching_syncs() as seen, value_checks("deferred"):
+        spikes, v = cupy_backend.atmn_multi_step_cupy(x, None, p, False)[:2]
+        (spikes.sum() + v.sum()).backward()
+    assert seen == []
+    assert torch.equal(spikes.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))

@@ -465,6 +465,13 @@ _add_distill = _delegated(
     "bar, validation and checkpoints; --resume continues exactly; runs under torchrun "
     "(DistributedDataParallel) unchanged.",
 )  # fmt: skip
+_add_convert = _delegated(
+    "convert", ".convert", "add_convert_arguments", "convert_main",
+    help="MAR-ify a pretrained SSM LM: spike points in, thresholds calibrated to a firing rate",
+    description="Insert MAR's spike points into a Hugging Face Mamba-2/Llamba model (or a "
+    "spikemar SSM checkpoint), calibrate per-channel thresholds on text to a target firing "
+    "rate, save the student, and print the change in loss and energy per token.",
+)  # fmt: skip
 _add_export = _delegated(
     "export", ".hardware.cli", "add_export_arguments", "export_main",
     help="Loihi: what runs on chip vs host; write netx HDF5 (--lava) and NIR (--nir)",
@@ -482,6 +489,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     _add_generate,
     _add_energy,
     _add_distill,
+    _add_convert,
     _add_export,
 )
 

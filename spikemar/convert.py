@@ -1,0 +1,406 @@
+"""MAR-ify a pretrained model: insert the spike points, calibrate their thresholds, report.
+
+    spikemar convert --from DIR --out student.pt [--T 4 --tau 1 --firing-rate 0.2 --data FILE]
+
+``DIR`` is a Hugging Face Mamba-2 or Llamba checkpoint directory or Hub id
+(:func:`spikemar.models.from_pretrained`), or a spikemar checkpoint of a dense (or spiking) SSM
+LM. The student is the same model with MAR's spike points (``SpikeConfig``: T, τ, neuron,
+threshold sharing) in the chosen layers and the pretrained weights unchanged; only the
+thresholds V are new, and they are calibrated on a few batches of text:
+
+1. The dense model runs the calibration batches; at every spike point's place the activation I
+   it would quantise is sampled (up to ``max_rows`` token rows per point).
+2. For each spike point, per channel (or per layer when the threshold is shared), V is set by
+   bisection on log V so that the fraction of nonzero spikes over the T micro-steps, computed
+   with the neuron's own dynamics on those samples (δ-injection, ATMN's soft reset), equals the
+   target ``firing_rate``. The firing rate falls monotonically as V grows, so bisection finds it;
+   a channel that never fires (I ≡ 0) keeps the largest V tried.
+
+Thresholds from the dense model's activations, not the student's own, keep calibration one pass
+(the usual post-training-quantisation choice); distillation (``spikemar distill --stage 2
+--student student.pt --teacher DIR``) then trains them.
+
+The command prints the immediate change: validation loss (nats/token) and energy per token
+(:func:`spikemar.energy.profile`, 45nm-fp32 by default) of the dense model and the student on
+the same held-out windows, and the firing rate the student reaches there.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import time
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .models import MARLM, SpikeConfig, SpikePoint
+
+GRID = 16  # candidate thresholds per calibration round: 16^5 narrows log V by ~1e6
+
+__all__ = [
+    "ConvertResult",
+    "add_convert_arguments",
+    "calibrate_thresholds",
+    "convert",
+    "convert_main",
+    "load_dense",
+    "spiking_student",
+]
+
+
+def load_dense(source: str | Path, device: str = "cpu"):
+    """``(dense MARLM, tokenizer)`` from a Hugging Face checkpoint directory / Hub id or a
+    spikemar checkpoint (a spiking one gives its dense twin)."""
+    from .checkpoint import dense_twin, load_checkpoint
+
+    path = Path(source)
+    if path.is_file():
+        model, tokenizer, _ = load_checkpoint(path, map_location=device)
+        if not isinstance(model, MARLM):
+            raise ValueError(f"from: {path} holds a {type(model).__name__}; convert needs an SSM "
+                             "language model (a MARLM, or a Mamba-2/Llamba directory)")  # fmt: skip
+        if model.config.spikes is not None:
+            model = dense_twin(model)
+        return model.to(device).eval(), tokenizer
+    from .models.hub import from_pretrained
+
+    model = from_pretrained(source)
+    return model.to(device).eval(), model.tokenizer
+
+
+def spiking_student(
+    dense: MARLM, spikes: SpikeConfig, spiking: bool | Sequence[bool] = True
+) -> MARLM:
+    """The dense model with MAR's spike points (in the layers ``spiking`` selects) and its
+    weights; the thresholds start at ``spikes.v_threshold``."""
+    if not isinstance(dense, MARLM) or dense.config.spikes is not None:
+        raise ValueError("dense: expected a dense MARLM (config.spikes None)")
+    spiking = spiking if isinstance(spiking, bool) else [bool(s) for s in spiking]
+    config = replace(dense.config, spikes=spikes, spiking=spiking)
+    student = MARLM(config)
+    missing, unexpected = student.load_state_dict(dense.state_dict(), strict=False)
+    others = [k for k in missing if not k.endswith("neuron.a")]
+    if others or unexpected:  # the student is the dense model plus thresholds, nothing else
+        raise ValueError(f"dense: the student's parameters differ (missing {others[:3]}, "
+                         f"unexpected {unexpected[:3]})")  # fmt: skip
+    p = next(dense.parameters())
+    return student.to(device=p.device, dtype=p.dtype).eval()
+
+
+def _spike_points(student: nn.Module) -> list[tuple[str, SpikePoint]]:
+    return [(n, m) for n, m in student.named_modules() if isinstance(m, SpikePoint)]
+
+
+def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
+    """Nonzero spikes per micro-step of the samples x [n, C] under K candidate thresholds at
+    once: ``log_v`` [K, C] (per channel) or [K, 1] (one shared V) gives rates of that shape."""
+    from .neurons import atmn_quantize
+
+    K, C = log_v.shape[0], x.shape[1]
+    v = log_v.exp().expand(K, C).reshape(K * C).contiguous()
+    # the K candidates side by side as K·C channels: one call of the neuron's own dynamics
+    _, spikes = atmn_quantize(
+        x.repeat(1, K), sp.T, sp.neuron.parameters_tuple()._replace(v_threshold=v)
+    )
+    rates = (spikes != 0).to(torch.float32).mean(dim=(0, 1)).reshape(K, C)
+    return rates if log_v.shape[1] == C else rates.mean(dim=1, keepdim=True)
+
+
+@torch.no_grad()
+def calibrate_thresholds(
+    student: MARLM,
+    dense: MARLM,
+    batches: Iterable[torch.Tensor],
+    firing_rate: float = 0.2,
+    *,
+    max_rows: int = 2048,
+    rounds: int = 5,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Set every spike point's threshold of ``student`` so it fires at ``firing_rate`` on the
+    activations the ``dense`` model produces at its place on ``batches`` (token ids [b, L]).
+
+    Returns each spike point's mean firing rate on those samples after calibration.
+    """
+    if not 0 < firing_rate < 1:
+        raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
+    points = _spike_points(student)
+    if not points:
+        raise ValueError("student: it has no spike points to calibrate")
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in points}
+    gen = torch.Generator().manual_seed(seed)
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if x.shape[0] > max_rows:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+            samples[name].append(x.cpu())
+
+        return hook
+
+    handles = []
+    for name, _ in points:
+        try:
+            place = dense.get_submodule(name)
+        except AttributeError as err:
+            raise ValueError(f"dense: no module {name!r} where the student has a spike point "
+                             "(not the same architecture)") from err  # fmt: skip
+        handles.append(place.register_forward_hook(keep(name)))
+    try:
+        seen = 0
+        for tokens in batches:
+            dense(tokens)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ValueError("batches: expected at least one batch of token ids")
+    rates = {}
+    for name, sp in points:
+        x = torch.cat(samples[name])
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+        a = sp.neuron.log_threshold
+        # bracket: V above every |I| fires nothing (hi), V far below fires all it can (lo); each
+        # round tries GRID candidates between them (the rate falls as V grows) and keeps the
+        # two around the target: hi always fires at most the target
+        top = x.abs().amax(dim=0) if a.dim() else x.abs().amax().reshape(1)
+        hi = torch.log(top.clamp(min=1e-12)) + 1.0
+        lo = hi - 40.0
+        steps = torch.arange(1, GRID + 1, dtype=hi.dtype)[:, None] / GRID
+        for _ in range(rounds):
+            grid = lo + (hi - lo) * steps  # [K, C'] (C' = C, or 1 when V is shared)
+            first = (_firing_rates(x, sp, grid) <= firing_rate).to(torch.int64).argmax(dim=0)
+            below = grid.gather(0, (first - 1).clamp(min=0)[None])[0]
+            lo = torch.where(first > 0, below, lo)
+            hi = grid.gather(0, first[None])[0]
+        a.copy_(hi.reshape(a.shape).to(a.dtype))
+        final = _firing_rates(x, sp, hi[None])
+        rates[name] = float(final.mean())
+    return rates
+
+
+@torch.no_grad()
+def _measured_rate(student: MARLM, tokens: torch.Tensor) -> float | None:
+    """Nonzero spikes per (micro-step, activation) over all spike points on ``tokens``."""
+    points = [m for _, m in _spike_points(student)]
+    if not points:
+        return None
+    for sp in points:
+        sp.record = True
+    try:
+        student(tokens)
+        nonzero = sum(int((sp.spikes != 0).sum()) for sp in points)
+        total = sum(sp.spikes.numel() for sp in points)
+    finally:
+        for sp in points:
+            sp.record, sp.spikes = False, None
+    return nonzero / total
+
+
+@torch.no_grad()
+def _loss(model: nn.Module, windows: torch.Tensor, batch_size: int) -> float:
+    total, count = 0.0, 0
+    for i in range(0, windows.shape[0], batch_size):
+        w = windows[i : i + batch_size]
+        logits = model(w[:, :-1]).float()
+        total += F.cross_entropy(logits.flatten(0, 1), w[:, 1:].flatten(), reduction="sum").item()
+        count += w[:, 1:].numel()
+    return total / count
+
+
+@dataclass
+class ConvertResult:
+    """What :func:`convert` made and measured (losses in nats/token, energies in pJ/token)."""
+
+    student: MARLM
+    dense: MARLM
+    tokenizer: Any
+    calibration_rates: dict[str, float]
+    dense_loss: float
+    student_loss: float
+    dense_energy_pj: float
+    student_energy_pj: float
+    student_firing_rate: float | None
+    hardware: str
+    checkpoint: str | None
+    seconds: float
+
+    def summary(self) -> str:
+        """One line: the change in loss and energy."""
+        ratio = (
+            self.dense_energy_pj / self.student_energy_pj if self.student_energy_pj else math.inf
+        )
+        rate = "" if self.student_firing_rate is None else (
+            f", firing rate {100 * self.student_firing_rate:.1f} %")  # fmt: skip
+        where = f"{self.checkpoint}: " if self.checkpoint else ""
+        return (
+            f"{where}validation loss {self.dense_loss:.4f} → {self.student_loss:.4f} nats/token "
+            f"({self.student_loss - self.dense_loss:+.4f}); energy {self.dense_energy_pj:.4g} → "
+            f"{self.student_energy_pj:.4g} pJ/token ({ratio:.2f}× less, {self.hardware})"
+            f"{rate}"
+        )
+
+
+def convert(
+    source: str | Path | MARLM,
+    out: str | Path | None = None,
+    *,
+    spikes: SpikeConfig | dict[str, Any] | None = None,
+    spiking: bool | Sequence[bool] = True,
+    firing_rate: float = 0.2,
+    data: str | Path | None = None,
+    tokenizer: Any = None,
+    calib_batches: int = 4,
+    eval_batches: int = 4,
+    batch_size: int = 4,
+    L: int = 128,
+    hardware: str = "45nm-fp32",
+    seed: int = 0,
+    device: str = "cpu",
+) -> ConvertResult:
+    """Make the spiking student of ``source`` (see the module docstring); with ``out``, save it
+    as a spikemar checkpoint with its tokenizer. ``data``: the calibration/validation text (a
+    file or folder; default Tiny Shakespeare), tokenized with the model's tokenizer."""
+    from . import energy
+    from .checkpoint import save_checkpoint
+    from .data import TokenDataset
+
+    start = time.perf_counter()
+    if isinstance(source, MARLM):
+        dense = source.eval()
+        if tokenizer is None:
+            tokenizer = getattr(source, "tokenizer", None)
+    else:
+        dense, tokenizer = load_dense(source, device)
+    if tokenizer is None:
+        raise ValueError("tokenizer: the model has none; pass the tokenizer of its vocabulary")
+    if tokenizer.vocab_size > dense.config.vocab_size:
+        raise ValueError(f"tokenizer: {tokenizer.vocab_size} ids exceed the model's vocabulary "
+                         f"of {dense.config.vocab_size}")  # fmt: skip
+    for name in ("calib_batches", "eval_batches", "batch_size", "L"):
+        value = locals()[name]
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    spike_config = spikes if isinstance(spikes, SpikeConfig) else SpikeConfig(**(spikes or {}))
+    student = spiking_student(dense, spike_config, spiking)
+    corpus = TokenDataset.from_text_file(data, tokenizer=tokenizer)
+    gen = torch.Generator().manual_seed(seed)
+    dev = next(dense.parameters()).device
+    calib = [corpus.batch("train", batch_size, L, generator=gen)[0].to(dev)
+             for _ in range(calib_batches)]  # fmt: skip
+    rates = calibrate_thresholds(student, dense, calib, firing_rate, seed=seed)
+    windows = corpus.windows("val", L, max_windows=eval_batches * batch_size).to(dev)
+    dense_loss = _loss(dense, windows, batch_size)
+    student_loss = _loss(student, windows, batch_size)
+    probe = windows[:batch_size, :-1]
+    reports = [energy.profile(m, probe, hardware=hardware) for m in (dense, student)]
+    dense_pj, student_pj = (r.per_token()["energy_pj"] for r in reports)
+    mean_rate = _measured_rate(student, probe)
+    checkpoint = None
+    if out is not None:
+        provenance = {
+            "command": "spikemar convert",
+            "source": str(source) if not isinstance(source, MARLM) else "in-memory model",
+            "data": str(data) if data is not None else "Tiny Shakespeare",
+            "seed": seed,
+            "result": {"dense_loss": dense_loss, "student_loss": student_loss,
+                       "dense_energy_pj_per_token": dense_pj,
+                       "student_energy_pj_per_token": student_pj, "hardware": hardware,
+                       "firing_rate_target": firing_rate, "calibration_rates": rates},
+        }  # fmt: skip
+        checkpoint = str(save_checkpoint(out, student, tokenizer, provenance=provenance))
+    return ConvertResult(student, dense, tokenizer, rates, dense_loss, student_loss, dense_pj,
+                         student_pj, mean_rate, hardware, checkpoint,
+                         time.perf_counter() - start)  # fmt: skip
+
+
+# -- the command line -----------------------------------------------------------------------------
+
+
+def _layers(text: str) -> list[int] | None:
+    if text == "all":
+        return None
+    try:
+        return sorted({int(t) for t in text.split(",") if t.strip()})
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected 'all' or comma-separated layer indices, got {text!r}"
+        ) from err
+
+
+def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar convert`` on ``parser``."""
+    from ._argtypes import int_at_least_1, positive_float
+
+    p = parser
+    p.add_argument("--from", dest="source", required=True,
+                   help="a Hugging Face Mamba-2/Llamba directory or Hub id, or a spikemar "
+                        "checkpoint of an SSM LM")  # fmt: skip
+    p.add_argument("--out", required=True, help="where to write the student checkpoint")
+    p.add_argument("--T", type=int_at_least_1, default=4, help="micro-steps per spike point")
+    p.add_argument("--tau", type=positive_float, default=1.0, help="ATMN τ")
+    p.add_argument("--neuron", choices=("atmn", "binary", "ternary-single"), default="atmn")
+    p.add_argument("--threshold", choices=("channel", "layer"), default="channel",
+                   help="one threshold per channel, or one per spike point")  # fmt: skip
+    p.add_argument("--spike-layers", type=_layers, default=None, metavar="all|I,J,...",
+                   help="layers that get MAR's spike points (default: all)")  # fmt: skip
+    p.add_argument("--firing-rate", type=positive_float, default=0.2,
+                   help="target fraction of nonzero spikes per micro-step")  # fmt: skip
+    p.add_argument("--data", default=None,
+                   help="calibration/validation text: a file, .jsonl or folder (default: Tiny "
+                        "Shakespeare)")  # fmt: skip
+    p.add_argument("--calib-batches", type=int_at_least_1, default=4)
+    p.add_argument("--eval-batches", type=int_at_least_1, default=4)
+    p.add_argument("--batch-size", type=int_at_least_1, default=4)
+    p.add_argument("--L", type=int_at_least_1, default=128, help="tokens per window")
+    p.add_argument("--hardware", default="45nm-fp32", help="energy profile")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    return p
+
+
+def convert_main(args: argparse.Namespace) -> int:
+    spikes = {"T": args.T, "tau": args.tau, "neuron": args.neuron, "threshold": args.threshold}
+    try:
+        spiking: bool | list[bool] = True
+        if args.spike_layers is not None:
+            n = _layer_count(args.source)
+            bad = [i for i in args.spike_layers if not 0 <= i < n]
+            if bad:
+                raise ValueError(f"spike_layers: {bad} outside the model's layers 0..{n - 1}")
+            spiking = [i in args.spike_layers for i in range(n)]
+        result = convert(
+            args.source, args.out, spikes=spikes, spiking=spiking, firing_rate=args.firing_rate,
+            data=args.data, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
+            batch_size=args.batch_size, L=args.L, hardware=args.hardware, seed=args.seed,
+            device=args.device,
+        )  # fmt: skip
+    except (ValueError, TypeError, OSError, ConnectionError) as err:
+        message = str(err)
+        name, sep, rest = message.partition(": ")
+        if sep and name.isidentifier():
+            message = f"--{name.replace('_', '-')}: {rest}"
+        args._parser.error(message)
+    print(result.summary())
+    return 0
+
+
+def _layer_count(source: str) -> int:
+    path = Path(source)
+    if path.is_file():
+        from .checkpoint import load_checkpoint
+
+        return load_checkpoint(path)[0].config.n_layers
+    from .models.hub import read_pretrained_config, resolve_pretrained
+    from .models.pretrained import config_from_hf
+
+    return config_from_hf(read_pretrained_config(resolve_pretrained(source))).n_layers

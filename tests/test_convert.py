@@ -1,0 +1,121 @@
+"""spikemar convert: spike points into a dense SSM LM, thresholds calibrated to a firing rate."""
+
+import pytest
+import torch
+
+from spikemar.checkpoint import load_checkpoint, save_checkpoint
+from spikemar.cli import main
+from spikemar.convert import calibrate_thresholds, convert, spiking_student
+from spikemar.models import MARLM, MARConfig, SpikeConfig, SpikePoint
+from spikemar.tokenizer import CharTokenizer
+
+
+def dense_model(vocab: int, seed: int = 0) -> MARLM:
+    torch.manual_seed(seed)
+    config = MARConfig(vocab_size=vocab, d_model=32, n_layers=2, d_state=8, head_dim=8, spikes=None)
+    return MARLM(config).eval()
+
+
+@pytest.fixture
+def dense_checkpoint(corpus, tmp_path):
+    tok = CharTokenizer.from_text(corpus.read_text())
+    path = tmp_path / "dense.pt"
+    save_checkpoint(path, dense_model(tok.vocab_size), tok)
+    return path
+
+
+@pytest.mark.parametrize(
+    ("target", "spikes"),
+    [
+        (0.05, {"T": 4, "tau": 1.0}),
+        (0.3, {"T": 4, "tau": 1.0}),
+        (0.2, {"T": 3, "tau": 2.0}),
+        (0.2, {"T": 4, "threshold": "layer"}),
+        (0.1, {"T": 4, "neuron": "binary"}),
+    ],
+)
+def test_calibration_hits_the_firing_rate(target, spikes):
+    dense = dense_model(20)
+    student = spiking_student(dense, SpikeConfig(**spikes))
+    batches = [torch.randint(0, 20, (4, 32)) for _ in range(3)]
+    rates = calibrate_thresholds(student, dense, batches, target)
+    assert len(rates) == 2 * 4  # four spike points per layer
+    for name, rate in rates.items():
+        assert target - 0.03 <= rate <= target + 1e-6, name
+    # the student keeps every dense weight
+    for name, t in dense.state_dict().items():
+        assert torch.equal(student.state_dict()[name], t), name
+    # and on fresh tokens from the same distribution it fires near the target
+    for sp in student.modules():
+        if isinstance(sp, SpikePoint):
+            sp.record = True
+    student(torch.randint(0, 20, (4, 32)))
+    fired = [float((m.spikes != 0).float().mean()) for m in student.modules()
+             if isinstance(m, SpikePoint)]  # fmt: skip
+    assert abs(sum(fired) / len(fired) - target) < 0.1
+
+
+def test_a_lower_rate_means_larger_thresholds_and_less_energy():
+    dense = dense_model(20)
+    batches = [torch.randint(0, 20, (4, 32))]
+    a = spiking_student(dense, SpikeConfig(T=4))
+    b = spiking_student(dense, SpikeConfig(T=4))
+    calibrate_thresholds(a, dense, batches, 0.1)
+    calibrate_thresholds(b, dense, batches, 0.4)
+    va = torch.cat([m.neuron.v_threshold for m in a.modules() if isinstance(m, SpikePoint)])
+    vb = torch.cat([m.neuron.v_threshold for m in b.modules() if isinstance(m, SpikePoint)])
+    assert bool((va >= vb).all()) and bool((va > vb).any())
+
+
+def test_convert_a_checkpoint_reports_and_saves(dense_checkpoint, corpus, tmp_path):
+    out = tmp_path / "student.pt"
+    result = convert(dense_checkpoint, out, spikes={"T": 4}, firing_rate=0.2, data=corpus,
+                     calib_batches=2, eval_batches=2, batch_size=2, L=32)  # fmt: skip
+    assert result.student_energy_pj < result.dense_energy_pj
+    assert torch.isfinite(torch.tensor([result.dense_loss, result.student_loss])).all()
+    assert 0.1 < result.student_firing_rate < 0.3
+    assert "validation loss" in result.summary() and "pJ/token" in result.summary()
+    student, tok, payload = load_checkpoint(out)
+    assert student.config.spikes is not None and tok == result.tokenizer
+    assert payload["provenance"]["result"]["firing_rate_target"] == 0.2
+    for name, t in result.student.state_dict().items():
+        assert torch.equal(student.state_dict()[name], t), name
+
+
+def test_only_the_chosen_layers_spike(dense_checkpoint, corpus, tmp_path):
+    result = convert(dense_checkpoint, None, spiking=[False, True], data=corpus,
+                     calib_batches=1, eval_batches=1, batch_size=2, L=16)  # fmt: skip
+    names = list(result.calibration_rates)
+    assert names and all(n.startswith("layers.1.") for n in names)
+
+
+def test_command_line_prints_one_line(dense_checkpoint, corpus, tmp_path, capsys):
+    out = tmp_path / "s.pt"
+    code = main(["convert", "--from", str(dense_checkpoint), "--out", str(out), "--data",
+                 str(corpus), "--calib-batches", "1", "--eval-batches", "1", "--batch-size",
+                 "2", "--L", "16", "--spike-layers", "0"])  # fmt: skip
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and out.is_file() and len(printed) == 1 and "nats/token" in printed[0]
+    assert load_checkpoint(out)[0].config.spiking_layers() == [True, False]
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--firing-rate", "1.5"], "firing-rate"),
+        (["--spike-layers", "7"], "spike-layers"),
+    ],
+)
+def test_command_line_errors_are_one_line(dense_checkpoint, corpus, tmp_path, capsys, argv, match):
+    base = ["convert", "--from", str(dense_checkpoint), "--out", str(tmp_path / "s.pt"),
+            "--data", str(corpus)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(base + argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and match in err and "Traceback" not in err
+
+
+def test_missing_source_is_named(tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        main(["convert", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "s.pt")])
+    assert "nope" in capsys.readouterr().err

@@ -102,7 +102,7 @@ def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: 
 def demo_main(args: argparse.Namespace) -> int:
     from . import viz
     from .checkpoint import dense_twin, load_checkpoint
-    from .energy import compare, get_profile, profile
+    from .energy import compare, get_profile, headline, profile
 
     try:
         get_profile(args.hardware)
@@ -148,10 +148,10 @@ def demo_main(args: argparse.Namespace) -> int:
 
     student = profile(model, ids, hardware=args.hardware)
     teacher = profile(dense_twin(model), ids, hardware=args.hardware)
-    comparison = compare(student, teacher, labels=("spiking MAR", "dense teacher"))
+    labels = ("spiking MAR", "dense teacher")
+    comparison = compare(student, teacher, labels=labels)
     print(comparison.to_table())
-    print(f"\nenergy per token ({args.hardware}): spiking {comparison.student_pj / 1e3:,.1f} nJ, "
-          f"dense teacher {comparison.teacher_pj / 1e3:,.1f} nJ: {comparison.savings:.2f}x less "
+    print(f"\n{headline(student, teacher, compute=args.hardware, labels=labels)} "
           f"({student.total_acs:,} ACs + {student.total_macs:,} MACs against "
           f"{teacher.total_macs:,} MACs)")  # fmt: skip
     return 0

@@ -295,3 +295,44 @@ def test_comparison_that_leaves_one_sides_work_unpriced_gives_no_ratio():
     assert "not priced on either side" in line and "memory bytes" in line
     mem = compare(student.with_hardware("45nm-fp32+mem"), teacher.with_hardware("45nm-fp32+mem"))
     assert "memory bytes" not in mem.to_table().splitlines()[0]
+
+
+def test_headline_gives_both_ratios_with_their_profile_names():
+    x = torch.randn(4, 16) * 2
+    student = profile(PointLinear().eval(), x, tokens=4)
+    teacher = profile(nn.Linear(16, 8, bias=False), x, tokens=4)
+    line = energy.headline(student, teacher)
+    assert line.startswith("energy per token, spiking vs dense: ")
+    assert "compute only (45nm-fp32): " in line and "with memory traffic (45nm-fp32+mem): " in line
+    for hw in ("45nm-fp32", "45nm-fp32+mem"):
+        cmp = compare(student.with_hardware(hw), teacher.with_hardware(hw))
+        assert f"{cmp.savings:.3g}x less" in line or f"{1 / cmp.savings:.3g}x more" in line
+    assert "no ratio" in energy.headline(student, teacher, compute="loihi")
+
+
+def test_energy_command_memory_breakeven_and_comparison_png(tmp_path, capsys):
+    import argparse
+
+    from PIL import Image
+
+    from spikemar.energy.cli import add_energy_arguments, energy_main
+
+    parser = add_energy_arguments(argparse.ArgumentParser(prog="spikemar energy"))
+    common = ["--model", "demo", "--d", "16", "--layers", "1", "--random-tokens", "8"]
+    png = tmp_path / "cmp.png"
+    args = parser.parse_args([*common, "--compare-dense", "--memory", "--png", str(png)])
+    assert energy_main(args) == 0
+    out = capsys.readouterr().out
+    assert "hardware '45nm-fp32+mem'" in out and "bytes moved" in out and "memory" in out
+    assert "Break-even firing rates under '45nm-fp32+mem'" in out
+    assert "Break-even firing rates under '45nm-int8+mem'" in out
+    assert "under each profile" in out and "45nm-fp32+mem+aer" in out
+    assert Image.open(png).size[0] > 800  # both models, per token, compute and memory
+    # Loihi prices no MAC: the comparison says so on its ratio line instead of a ratio
+    assert energy_main(parser.parse_args([*common, "--compare-dense", "--hardware", "loihi"])) == 0
+    ratio_line = next(ln for ln in capsys.readouterr().out.splitlines() if " vs dense twin" in ln)
+    assert "no ratio" in ratio_line and "prices no MACs" in ratio_line
+    # a profile with no memory sibling is refused in one line
+    energy.register_profile(HardwareProfile("test-bare", ac_pj=1.0, mac_pj=2.0), overwrite=True)
+    assert energy_main(parser.parse_args([*common, "--hardware", "test-bare", "--memory"])) == 2
+    assert "no profile 'test-bare+mem'" in capsys.readouterr().err

@@ -4,6 +4,8 @@
     print(report)                       # per-layer table: ACs, MACs, firing rates, energy
     report.to_json(); report.to_markdown(); report.save_png("energy.png")
     spikemar.energy.compare(student_report, teacher_report)
+    spikemar.energy.break_even(report.with_hardware("45nm-fp32+mem"))   # break-even firing rates
+    spikemar.energy.headline(student_report, teacher_report)  # compute-only and with memory
 
 A synaptic layer fed by spikes costs Σ_t nnz(s_t) · fan-out accumulates (ACs), a ternary ±1
 spike being one add or subtract; fed by real values it costs multiply-accumulates (MACs). The
@@ -11,8 +13,11 @@ counter (:class:`EnergyCounter`) attaches forward hooks to any ``nn.Module`` tre
 (:func:`register_rule`, :func:`register_neuron`) says how each module type is counted; model code
 declares spike decodes (:func:`declare_spikes`, MAR's spike points) and functional work
 (:func:`record_ops`); those hooks live in the neutral :mod:`spikemar.counting` (re-exported here),
-so model code calls them without importing the reports. Energy constants live in
-:mod:`spikemar.energy.profiles`, with citations.
+so model code calls them without importing the reports. The same hooks count memory traffic
+(weights, activations, spike trains at their real width, state), which the memory profiles
+(``45nm-fp32+mem`` …) price and the compute-only ones list as unpriced. Energy constants and
+the memory model live in :mod:`spikemar.energy.profiles`, with citations; break-even firing
+rates in :mod:`spikemar.energy.breakeven`.
 """
 
 from ..counting import counting_active, declare_spikes, record_ops
@@ -32,6 +37,7 @@ from .report import (
     EnergyReport,
     LayerRow,
     compare,
+    headline,
     memory_traffic,
 )
 from .rules import register_neuron, register_rule
@@ -54,6 +60,7 @@ __all__ = [
     "counting_active",
     "declare_spikes",
     "get_profile",
+    "headline",
     "memory_sibling",
     "memory_traffic",
     "profile",

@@ -25,10 +25,11 @@ import torch
 from torch import nn
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
-from .profiles import available_profiles, get_profile
-from .report import compare
+from .profiles import available_profiles, get_profile, memory_sibling
+from .report import EnergyReport, compare
 
 __all__ = ["add_energy_arguments", "energy_main"]
 
@@ -80,11 +81,22 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     parser.add_argument(
         "--compare-dense",
         action="store_true",
-        help="also profile the demo's dense twin and print student vs teacher",
+        help="also profile the model's dense twin (same weights, no spikes) and print both",
+    )
+    parser.add_argument(
+        "--memory",
+        action="store_true",
+        help="also price memory traffic (the profile's +mem sibling, e.g. 45nm-fp32+mem): "
+        "compute and memory per layer, break-even firing rates, and with --compare-dense or "
+        "--teacher the ratio under each profile",
     )
     parser.add_argument("--json", type=Path, help="write the report as JSON here")
     parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
-    parser.add_argument("--png", type=Path, help="write energy by layer as a PNG here")
+    parser.add_argument(
+        "--png",
+        type=Path,
+        help="write energy by layer as a PNG here (with a comparison: both models per token)",
+    )
     parser.add_argument(
         "--per-token", action="store_true", help="PNG per token instead of per forward pass"
     )
@@ -152,29 +164,81 @@ def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
     return torch.randint(0, vocab, (args.batch, args.random_tokens), generator=g)
 
 
+def _ratio_lines(student: EnergyReport, teacher: EnergyReport, label: str) -> list[str]:
+    """The student-vs-teacher ratio under every built-in 45 nm profile and the chosen one."""
+    names = dict.fromkeys(
+        [student.hardware.name]
+        + [n for n in available_profiles() if n.startswith("45nm")]
+        + ["loihi"]
+    )
+    lines = [f"student vs {label}, energy ratio (student / {label}) under each profile:"]
+    for name in names:
+        cmp = compare(student.with_hardware(name), teacher.with_hardware(name),
+                      labels=("student", label))  # fmt: skip
+        if cmp.ratio is None:
+            lines.append(f"  {name:<20} no ratio: {cmp.refusal}")
+        else:
+            lines.append(
+                f"  {name:<20} {cmp.ratio:8.4f}   (student {cmp.student_pj / 1e3:,.2f} nJ, "
+                f"{label} {cmp.teacher_pj / 1e3:,.2f} nJ per {cmp.basis})"
+            )
+    return lines
+
+
 def energy_main(args: argparse.Namespace) -> int:
     """Run ``spikemar energy`` with parsed ``args``; returns the exit code (2 on bad input)."""
     try:
         get_profile(args.hardware)
+        mem_hw = memory_sibling(args.hardware) if args.memory else None
         model, tokenizer, what = _load_model(args)
         ids = _input_ids(args, tokenizer)
         print(f"model: {what}")
         report = profile(model, ids, hardware=args.hardware, spike_detection=args.spike_detection)
         print(report.to_table())
+        shown = report
+        if mem_hw is not None and mem_hw is not report.hardware:
+            shown = report.with_hardware(mem_hw)
+            print()
+            print(shown.to_table(memory=True))
+        if mem_hw is not None:
+            print()
+            print(break_even(shown).to_table())
+            int8 = _int8_sibling(mem_hw)
+            if mem_hw.prices_memory and int8 != mem_hw.name:
+                # the int8 form: the same spikes with int8 weights and values, against an
+                # int8 dense model of the same weights
+                print(break_even(shown.with_hardware(int8)).to_table())
+        comparison = None
         if args.compare_dense or args.teacher is not None:
             teacher, label = _teacher(args, model)
             rep_t = profile(teacher, ids, hardware=args.hardware)
+            comparison = compare(report, rep_t, labels=("student", label))
             print()
-            print(compare(report, rep_t, labels=("student", label)).to_table())
+            print(comparison.to_table())
+            if mem_hw is not None:
+                print()
+                print("\n".join(_ratio_lines(report, rep_t, label)))
+                if mem_hw is not report.hardware:
+                    comparison = compare(shown, rep_t.with_hardware(mem_hw),
+                                         labels=("student", label))  # fmt: skip
         if args.json is not None:
             args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(report.to_json() + "\n", encoding="utf-8")
+            args.json.write_text(shown.to_json() + "\n", encoding="utf-8")
         if args.markdown is not None:
             args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(report.to_markdown(), encoding="utf-8")
+            args.markdown.write_text(shown.to_markdown(), encoding="utf-8")
         if args.png is not None:
-            report.save_png(args.png, per_token=args.per_token)
+            # a comparison is drawn as printed: both models, per token
+            if comparison is not None:
+                comparison.save_png(args.png)
+            else:
+                shown.save_png(args.png, per_token=args.per_token)
     except ValueError as err:
         print(f"spikemar energy: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _int8_sibling(hw) -> str:
+    """The int8 memory profile to price an int8 dense model of the same weights against."""
+    return "45nm-int8+mem+aer" if hw.spike_encoding == "address" else "45nm-int8+mem"

@@ -34,6 +34,7 @@ __all__ = [
     "EnergyReport",
     "LayerRow",
     "compare",
+    "headline",
     "memory_traffic",
 ]
 
@@ -622,7 +623,8 @@ class EnergyReport:
 
     def figure(self, *, per_token: bool = False):
         """A matplotlib Figure: energy by layer, AC and MAC parts stacked (other priced terms,
-        neuron updates and element-wise ops, stacked after them)."""
+        neuron updates and element-wise ops, then memory traffic of weights, activations and
+        state when the profile prices it, stacked after them)."""
         from matplotlib.figure import Figure
 
         scale, unit_label = 1.0, "per forward pass" if self.passes == 1 else "total"
@@ -643,6 +645,9 @@ class EnergyReport:
             ("MAC", "mac_energy_pj", "#E69F00"),
             ("neuron update", "neuron_energy_pj", "#009E73"),
             ("element-wise", "elementwise_energy_pj", "#999999"),
+            ("memory: weights", "weight_memory_pj", "#CC79A7"),
+            ("memory: activations, spikes", "activation_memory_pj", "#56B4E9"),
+            ("memory: state", "state_memory_pj", "#D55E00"),
         ]
         parts = parts[:2] + [p for p in parts[2:] if any(getattr(r, p[1]) for r in rows)]
         largest = max((r.energy_pj for r in rows), default=0.0) * scale
@@ -670,6 +675,13 @@ class EnergyReport:
         ax.invert_yaxis()
         ax.set_xlabel(f"energy {unit_label} ({unit})")
         title = f"{_fmt_energy(self.total_energy_pj * scale)} {unit_label} on {self.hardware.name}"
+        if self.hardware.prices_memory:
+            title += (
+                f" (compute {_fmt_energy(self.total_compute_energy_pj * scale)}, memory "
+                f"{_fmt_energy(self.total_memory_energy_pj * scale)})"
+            )
+        elif self.hardware.memory_included:
+            title += " (memory included in the per-op figures)"
         if self.unpriced:
             title += "\nnot priced: " + ", ".join(k.replace("_", " ") for k in self.unpriced)
         if self.uncounted:
@@ -896,12 +908,75 @@ class EnergyComparison:
     def __str__(self) -> str:
         return self.to_table()
 
+    def figure(self):
+        """A matplotlib Figure: each layer's energy per the basis, the two sides side by side,
+        compute and memory stacked; the title is the comparison's ratio line."""
+        from matplotlib.figure import Figure
+
+        s_label, t_label = self.labels
+        s_rows = {r.name: r for r in self.student.rows}
+        t_rows = {r.name: r for r in self.teacher.rows}
+        names = [r.name for r in self.rows]
+        s_scale, t_scale = self._norm(self.student), self._norm(self.teacher)
+
+        def parts(row: LayerRow | None, scale: float) -> tuple[float, float]:
+            if row is None:
+                return 0.0, 0.0
+            return row.compute_energy_pj * scale, row.memory_energy_pj * scale
+
+        s_parts = [parts(s_rows.get(n), s_scale) for n in names]
+        t_parts = [parts(t_rows.get(n), t_scale) for n in names]
+        largest = max((a + b for a, b in (*s_parts, *t_parts)), default=0.0)
+        unit, div = _energy_unit(largest if largest > 0 else 1.0)
+        height = max(3.0, 0.5 * len(names) + 2.0)
+        fig = Figure(figsize=(9.0, height), layout="constrained")
+        ax = fig.add_subplot()
+        ys = list(range(len(names)))
+        bars = (
+            (s_parts, -0.2, ("#0072B2", "#56B4E9"), s_label),
+            (t_parts, 0.2, ("#D55E00", "#E69F00"), t_label),
+        )
+        for side, offset, (c_compute, c_memory), label in bars:
+            y = [v + offset for v in ys]
+            compute = [a / div for a, _ in side]
+            memory = [b / div for _, b in side]
+            ax.barh(y, compute, height=0.38, color=c_compute, label=f"{label}: compute")
+            if any(memory):
+                ax.barh(y, memory, left=compute, height=0.38, color=c_memory,
+                        label=f"{label}: memory", hatch="//", edgecolor="white")  # fmt: skip
+        ax.set_yticks(ys, names, fontsize=8)
+        ax.invert_yaxis()
+        ax.set_xlabel(f"energy per {self.basis} ({unit})")
+        summary = self._summary()
+        ax.set_title("\n".join(_wrap(summary, 110)), fontsize=9)
+        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+        ax.spines[["top", "right"]].set_visible(False)
+        ax.grid(axis="x", alpha=0.3)
+        if not names:
+            ax.text(0.5, 0.5, "nothing counted", ha="center", va="center", transform=ax.transAxes)
+        return fig
+
+    def save_png(self, path: str | Path, *, dpi: int = 150) -> Path:
+        """Write :meth:`figure` to ``path`` atomically."""
+        from spikemar.viz.plots import save_figure
+
+        path = Path(path)
+        if path.suffix.lower() != ".png":
+            raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
+        return save_figure(self.figure(), path, dpi=dpi)
+
     def to_markdown(self) -> str:
         head, body = self._cells()
         out = [self._summary(), "", "| " + " | ".join(head) + " |"]
         out.append("| --- | ---: | ---: | ---: |")
         out += ["| " + " | ".join(r) + " |" for r in body]
         return "\n".join(out) + "\n"
+
+
+def _wrap(text: str, width: int) -> list[str]:
+    import textwrap
+
+    return textwrap.wrap(text, width) or [""]
 
 
 def _finite_or_none(v: float | None) -> float | None:
@@ -932,3 +1007,51 @@ def compare(
     ):
         raise ValueError(f"labels: expected a pair of strings, got {labels!r}")
     return EnergyComparison(student, teacher, labels)
+
+
+def headline(
+    student: EnergyReport,
+    teacher: EnergyReport,
+    *,
+    compute: str | HardwareProfile = "45nm-fp32",
+    memory: str | HardwareProfile | None = None,
+    labels: tuple[str, str] = ("spiking", "dense"),
+) -> str:
+    """One line with both honest figures: the energy ratio of ``student`` against ``teacher``
+    compute-only (under ``compute``) and memory-inclusive (under ``memory``, default the
+    memory profile beside ``compute``, e.g. ``45nm-fp32+mem``), each with its profile's name;
+    the counts are re-priced, nothing is re-run. A profile that gives no ratio
+    (:attr:`EnergyComparison.refusal`) says so instead."""
+    from .profiles import memory_sibling
+
+    parts = []
+    if memory is None:
+        try:
+            memory = memory_sibling(compute)
+        except ValueError:  # a user profile with no memory sibling: say so, price the rest
+            parts.append(f"with memory traffic: no memory profile beside {compute!r}")
+    profiles = [("compute only", compute)]
+    if memory is not None:
+        profiles.append(("with memory traffic", memory))
+    for what, hw in profiles:
+        cmp = compare(student.with_hardware(hw), teacher.with_hardware(hw), labels=labels)
+        s, t = labels
+        name = cmp.student.hardware.name
+        if cmp.ratio is None:
+            parts.append(f"{what} ({name}): no ratio, {cmp.refusal}")
+            continue
+        parts.append(
+            f"{what} ({name}): {s} {_fmt_energy(cmp.student_pj)}, {t} "
+            f"{_fmt_energy(cmp.teacher_pj)}, {_fmt_times(cmp.savings)}"
+        )
+    basis = compare(student, teacher, labels=labels).basis
+    return f"energy per {basis}, {labels[0]} vs {labels[1]}: " + "; ".join(parts)
+
+
+def _fmt_times(savings: float | None) -> str:
+    """'5.9x less' / '1.3x more' (savings = teacher / student)."""
+    if savings is None or not math.isfinite(savings):
+        return "no ratio"
+    if savings >= 1:
+        return f"{savings:.3g}x less"
+    return f"{1 / savings:.3g}x more"

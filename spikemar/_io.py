@@ -33,11 +33,12 @@ __all__ = [
 ]
 
 
-def file_mode() -> int:
-    """The mode a plain ``open(path, 'w')`` gives a new file under the current umask."""
+def file_mode(executable: bool = False) -> int:
+    """The mode a plain ``open(path, 'w')`` (or, ``executable``, a compiler) gives a new file
+    under the current umask."""
     mask = os.umask(0)
     os.umask(mask)
-    return 0o666 & ~mask
+    return (0o777 if executable else 0o666) & ~mask
 
 
 def _temporary_name(target: Path) -> Path:
@@ -102,12 +103,15 @@ def check_output_path(path: str | os.PathLike, *, name: str = "path") -> Path:
 
 
 @contextlib.contextmanager
-def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Path]:
+def atomic_write(
+    path: str | os.PathLike, *, fsync: bool = True, executable: bool = False
+) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception, the
     file written there replaces ``path`` in one rename (old or new, never half). Parent folders
     are created; the file gets the usual permissions; on any exception (Ctrl-C included) the
     temporary is removed and ``path`` is left as it was. ``fsync``: flush the data to disk
-    before the rename, so that a power cut also leaves old or new."""
+    before the rename, so that a power cut also leaves old or new. ``executable``: the mode of
+    a compiled library (0o777 under the umask)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
@@ -116,7 +120,7 @@ def atomic_write(path: str | os.PathLike, *, fsync: bool = True) -> Iterator[Pat
         yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"path: nothing was written for {str(path)!r}")
-        os.chmod(tmp, file_mode())
+        os.chmod(tmp, file_mode(executable))
         if fsync:
             fd = os.open(tmp, os.O_RDONLY)
             try:

@@ -52,6 +52,7 @@ from torch import nn
 from ..models.mar import MARLM
 from ..neurons import ATMN
 from ..ssm.mixer import LTICell
+from .formats import check_block_input
 from .lif import CUBALIF
 from .placement import mar_placement
 
@@ -385,6 +386,8 @@ class FixedPointNetwork(nn.Module):
         as_int = inputs.round().long() if inputs.is_floating_point() else inputs.long()
         if inputs.is_floating_point() and not torch.equal(as_int.to(inputs.dtype), inputs):
             raise ValueError("inputs: Loihi takes integer spike payloads; got fractional values")
+        if self.blocks:  # one step of one sample: [T, N, *input_shape]
+            check_block_input(self.blocks[0].block, tuple(inputs.shape[2:]), name="inputs")
         for counts in self.clamp_counts.values():
             counts["voltage"] = 0
         states: list[dict] = [{} for _ in self.blocks]

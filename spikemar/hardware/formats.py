@@ -75,7 +75,7 @@ def check_block_input(block, sample_shape: tuple[int, ...], *, name: str = "inpu
         if features != fan_in or (len(shape) > 1 and not block.flatten):
             raise ValueError(
                 f"{name}: {shape} does not fit {synapse}, a Linear with {fan_in} input features"
-                + ("" if block.flatten else " (and no Flatten before it)")
+                + ("" if block.flatten or len(shape) == 1 else " (and no Flatten before it)")
             )
     else:
         channels = fan_in * int(block.groups)

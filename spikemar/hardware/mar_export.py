@@ -28,13 +28,13 @@ import copy
 import json
 import math
 import os
-import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from .._io import atomic_write
 from ..models.common import SpikePoint
 from ..models.mar import MARLM
 from .chip import chip_report
@@ -184,10 +184,8 @@ def export_mar_lava(model: MARLM, directory: str | os.PathLike, tokens: torch.Te
         "host": [e.path for e in chip_report(model).entries if not e.on_chip],
         "counts": counts,
     }
-    fd, tmp = tempfile.mkstemp(prefix=".manifest.", suffix=".tmp", dir=directory)
-    with os.fdopen(fd, "w") as f:
-        json.dump(manifest, f, indent=1)
-    os.replace(tmp, directory / "manifest.json")
+    with atomic_write(directory / "manifest.json") as tmp:
+        tmp.write_text(json.dumps(manifest, indent=1))
     return manifest
 
 

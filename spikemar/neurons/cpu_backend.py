@@ -24,12 +24,13 @@ import os
 import platform
 import shutil
 import subprocess
-import tempfile
+import sys
 import threading
 from pathlib import Path
 
 import torch
 
+from .._io import atomic_write
 from . import fused
 from .functional import ATMNParameters, _decay, bad_threshold_error, nonfinite_error
 from .fused import fused_multi_step, surrogate_code
@@ -45,7 +46,9 @@ __all__ = [
 ]
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
-_SOURCES = ("atmn.c", "atmn_impl.h")
+# atmn.c and what it includes (all key the build cache): the neuron-agnostic scaffolding
+# (parallel.h, simd.h) and ATMN's arithmetic (atmn_impl.h)
+_SOURCES = ("atmn.c", "parallel.h", "simd.h", "atmn_impl.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
@@ -124,45 +127,50 @@ def _build(main: Path | None = None, depends: tuple[Path, ...] | None = None) ->
     target = _cache_dir() / f"{main.stem}_cpu_{digest.hexdigest()[:16]}.so"
     if target.exists():
         return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=target.parent)
-    os.close(fd)
-    try:
-        cmd = [cc, *_FLAGS, "-o", tmp, str(main), "-lm", "-ldl"]
+    # the first build takes seconds (tens on a busy machine) of silence otherwise
+    print(f"spikemar: compiling {main.name} for this CPU (once; cached in {target.parent})",
+          file=sys.stderr, flush=True)  # fmt: skip
+    with atomic_write(target, fsync=False, executable=True) as tmp:
+        cmd = [cc, *_FLAGS, "-o", str(tmp), str(main), "-lm", "-ldl"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return target
 
 
+# The C entry points, one row each: (name, with {s} for the type suffix), restype, argtypes in
+# order. 'R' is the element type (float for f32, double for f64), 'p' a pointer, 'i64' int64_t,
+# 'i32' int, 'f64' double. _bind turns the rows into ctypes declarations.
+_ENTRY_POINTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
+    ("atmn_threading", "i32", ("i32",)),  # mode -> the threading in effect
+    # x, v0, vth, T, N, C, B, decay, ternary, spikes, v_last, v_seq, nthreads
+    ("atmn_forward_{s}", "i64",
+     ("p", "p", "p", "i64", "i64", "i64", "i64", "R", "i32", "p", "p", "p", "i32")),
+    # x, v0, vth, T, N, C, B, decay, ternary, detach_reset, kind, pa, pb,
+    # g_spikes, g_vlast, g_vseq, g_x, g_v0, g_vth_partial, nthreads
+    ("atmn_backward_{s}", "i32",
+     ("p", "p", "p", "i64", "i64", "i64", "i64", "R", "i32", "i32", "i32", "R", "R",
+      "p", "p", "p", "p", "p", "p", "i32")),
+    # x, vth, N, C, T, tau, decay, ternary, decoded, nthreads
+    ("atmn_quantize_forward_{s}", "i64",
+     ("p", "p", "i64", "i64", "i64", "f64", "R", "i32", "p", "i32")),
+    # x, vth, N, C, T, tau, decay, ternary, detach_reset, kind, pa, pb, g, g_x, partial, nthreads
+    ("atmn_quantize_backward_{s}", "i32",
+     ("p", "p", "i64", "i64", "i64", "f64", "R", "i32", "i32", "i32", "R", "R",
+      "p", "p", "p", "i32")),
+)  # fmt: skip
+_ELEMENT_TYPES = {"f32": ctypes.c_float, "f64": ctypes.c_double}
+
+
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
-    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int
-    lib.atmn_threading.argtypes = [i32]
-    lib.atmn_threading.restype = i32
-    for suffix, real in (("f32", ctypes.c_float), ("f64", ctypes.c_double)):
-        fwd = getattr(lib, f"atmn_forward_{suffix}")
-        fwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, p, p, p, i32]
-        fwd.restype = i64
-        bwd = getattr(lib, f"atmn_backward_{suffix}")
-        # x, v0, vth, T, N, C, B, decay, ternary, detach_reset, kind, pa, pb,
-        # g_spikes, g_vlast, g_vseq, g_x, g_v0, g_vth_partial, nthreads
-        bwd.argtypes = [p, p, p, i64, i64, i64, i64, real, i32, i32, i32, real, real,
-                        p, p, p, p, p, p, i32]  # fmt: skip
-        bwd.restype = i32
-        qf = getattr(lib, f"atmn_quantize_forward_{suffix}")
-        # x, vth, N, C, T, tau, decay, ternary, decoded, nthreads
-        qf.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, p, i32]
-        qf.restype = i64
-        qb = getattr(lib, f"atmn_quantize_backward_{suffix}")
-        # x, vth, N, C, T, tau, decay, ternary, detach_reset, kind, pa, pb, g, g_x, partial,
-        # nthreads
-        qb.argtypes = [p, p, i64, i64, i64, ctypes.c_double, real, i32, i32, i32, real, real,
-                       p, p, p, i32]  # fmt: skip
-        qb.restype = i32
+    """Declare every entry point of ``_ENTRY_POINTS`` on ``lib``, once per element type."""
+    for name, restype, argtypes in _ENTRY_POINTS:
+        for suffix, real in _ELEMENT_TYPES.items() if "{s}" in name else [("", None)]:
+            types = {"p": ctypes.c_void_p, "i64": ctypes.c_int64, "i32": ctypes.c_int,
+                     "f64": ctypes.c_double, "R": real}  # fmt: skip
+            fn = getattr(lib, name.format(s=suffix))
+            fn.argtypes = [types[t] for t in argtypes]
+            fn.restype = types[restype]
     return lib
 
 

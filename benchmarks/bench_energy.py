@@ -15,6 +15,16 @@ shared machine hits all of them alike:
 * ``sj SynOpCounter``: ``net(x)`` inside SpikingJelly 2.0's
   ``DispatchCounterMode([SynOpCounter()])``.
 
+The counter always counts memory traffic too (weights, activations, spike trains, state: the
+same hooks, a few more integers per event), so the ``spikemar`` rows include it.
+
+``--student`` times the packaged student (``spikemar/assets/mar_shakespeare.pt``) the same way:
+its forward on L characters of Tiny Shakespeare's validation split, plain and with a counter.
+``--student-energy`` prints the energy tables of RESULTS.md instead (no timing): the packaged
+student against its dense twin and against an int8 dense model of the same weights, per token,
+compute-only and memory-inclusive at 45 nm, and the break-even firing rates of every spike point
+beside the measured ones.
+
 Neuron membranes are reset before every call, outside the timed region. Reported per row:
 median and interquartile range in ms, and the ratio to ``plain`` (overhead = ratio − 1); also
 the ACs each counter found (SpikingJelly's is 0 on ternary spikes: it only knows {0, 1}).
@@ -22,6 +32,8 @@ the ACs each counter found (SpikingJelly's is 0 on ternary spikes: it only knows
     python benchmarks/bench_energy.py                    # W=512, T=4, N=64, 2 threads
     python benchmarks/bench_energy.py --neurons atmn --reps 400 --json out.json
     python benchmarks/bench_energy.py --quick            # seconds: a smoke run
+    python benchmarks/bench_energy.py --student --reps 100    # the packaged student's forward
+    python benchmarks/bench_energy.py --student-energy        # RESULTS.md's energy tables
 
 The Markdown table goes to stdout, progress to stderr.
 """
@@ -131,6 +143,94 @@ def summarize(times: dict[str, list[float]]) -> list[dict[str, float | str]]:
     return rows
 
 
+def student_inputs(L: int) -> tuple[nn.Module, torch.Tensor, str]:
+    """The packaged student, L characters of the validation split (the last 10 % of Tiny
+    Shakespeare; random tokens when the text is not there) and where they came from."""
+    from spikemar.energy.demo import packaged_student
+
+    model, tokenizer = packaged_student()
+    path = Path(__file__).resolve().parents[2] / "shared" / "data" / "tinyshakespeare"
+    path = path / "input.txt"
+    if path.is_file():
+        text = path.read_text(encoding="utf-8")
+        val = text[int(0.9 * len(text)) :]
+        ids = torch.tensor([tokenizer.encode(val[:L])])
+        return model, ids, f"the first {L} characters of the validation split of {path.name}"
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, tokenizer.vocab_size, (1, L), generator=g)
+    return model, ids, f"{L} random tokens (no Tiny Shakespeare at {path})"
+
+
+def student_energy(L: int) -> str:
+    """RESULTS.md's tables: energy per token of the packaged student, its dense twin and an
+    int8 dense model of the same weights; break-even rates per spike point."""
+    from spikemar.checkpoint import dense_twin
+    from spikemar.energy import break_even
+
+    model, ids, source = student_inputs(L)
+    student = profile(model, ids)
+    twin = profile(dense_twin(model), ids)
+    out = [f"Input: {source}; batch 1; per token; weights fetched once per token.", ""]
+    out.append(
+        "| model | priced as | compute only | compute + memory (packed spikes) | "
+        "compute + memory (address-events) |"
+    )
+    out.append("| --- | --- | ---: | ---: | ---: |")
+    rows = (
+        ("spiking student", student, "fp32"),
+        ("spiking student, int8 weights", student, "int8"),
+        ("dense twin (same weights)", twin, "fp32"),
+        ("int8 dense (same weights)", twin, "int8"),
+    )
+    for label, rep, dtype in rows:
+        cells = []
+        for suffix in ("", "+mem", "+mem+aer"):
+            r = rep.with_hardware(f"45nm-{dtype}{suffix}")
+            cells.append(_per_token(r.total_energy_pj / rep.tokens))
+        out.append(f"| {label} | 45nm-{dtype} | " + " | ".join(cells) + " |")
+    out.append("")
+    names = [f"45nm-{d}{m}" for d in ("fp32", "int8") for m in ("", "+mem", "+mem+aer")]
+    tables = [break_even(student.with_hardware(n)) for n in names]
+    out.append(
+        "Break-even firing rates (non-zero spikes per neuron and micro-step above which the "
+        "spike point and the projections it feeds cost more than those projections fed real "
+        "values, under the same profile) beside the measured rates:"
+    )
+    out.append("")
+    out.append("| spike point | measured | " + " | ".join(names) + " |")
+    out.append("| --- | ---: | " + " | ".join("---:" for _ in names) + " |")
+    for k, p in enumerate((*tables[0].points, tables[0].model)):
+        cells = []
+        for t in tables:
+            entry = (*t.points, t.model)[k]
+            be = entry.break_even_rate
+            cells.append("-" if be is None else f"{be:.3f}")
+        out.append(f"| {p.name} | {p.firing_rate:.3f} | " + " | ".join(cells) + " |")
+    return "\n".join(out)
+
+
+def _per_token(pj: float) -> str:
+    return f"{pj / 1e6:,.1f} µJ" if pj >= 1e6 else f"{pj / 1e3:,.1f} nJ"
+
+
+def bench_student(L: int, reps: int, warmup: int) -> dict[str, list[float]]:
+    """The packaged student's forward, plain and with a counter attached, interleaved."""
+    model, ids, _ = student_inputs(L)
+    counter = EnergyCounter(model)
+    times: dict[str, list[float]] = {PLAIN: [], "spikemar[auto]": []}
+    with torch.no_grad():
+        for i in range(warmup + reps):
+            for name in times:
+                with counter if name != PLAIN else contextlib.nullcontext():
+                    t0 = time.perf_counter()
+                    model(ids)
+                    t1 = time.perf_counter()
+                counter.reset()
+                if i >= warmup:
+                    times[name].append((t1 - t0) * 1e3)
+    return times
+
+
 def machine_info(threads: int, load_at_start: float) -> dict[str, str]:
     """The machine, as in :func:`_harness.machine_info`, with the SpikingJelly version."""
     return _machine_info(
@@ -152,11 +252,33 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--quick", action="store_true", help="few reps, to check that it runs")
     p.add_argument("--json", help="also write the results as JSON here")
+    p.add_argument("--student", action="store_true", help="time the packaged student instead")
+    p.add_argument(
+        "--student-energy", action="store_true", help="print the energy tables of RESULTS.md"
+    )
+    p.add_argument("--L", type=int, default=256, help="student: characters per forward (256)")
     args = p.parse_args(argv)
     if args.quick:
         args.reps, args.warmup = 10, 2
     torch.set_num_threads(args.threads)
     load = load_average()
+    if args.student_energy:
+        print(student_energy(args.L))
+        return 0
+    if args.student:
+        rows = summarize(bench_student(args.L, args.reps, args.warmup))
+        info = machine_info(args.threads, load)
+        print(f"Energy counting overhead, packaged student forward (batch 1, L={args.L}), no grad")
+        print()
+        print(" · ".join(f"{k}: {v}" for k, v in info.items()))
+        print()
+        print("| method | median ms | IQR ms | × plain |")
+        print("| --- | ---: | ---: | ---: |")
+        for row in rows:
+            print(f"| {row['method']} | {row['median_ms']:.3f} | {row['iqr_ms']:.3f} | "
+                  f"{row['ratio']:.3f} |")  # fmt: skip
+        write_json(args.json, {"machine": info, "L": args.L, "rows": rows}, indent=2)
+        return 0
     results = []
     for neuron in args.neurons:
         torch.manual_seed(0)

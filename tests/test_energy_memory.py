@@ -165,6 +165,33 @@ def test_embedding_reads_the_rows_it_looks_up():
     assert r.activation_writes == 2 * 5 * 6 and r.activation_reads == 0
 
 
+def test_ssm_layers_count_their_state_per_token():
+    from spikemar.ssm import LTICell, SelectiveMixer
+
+    cell = LTICell(6)
+    rep = profile(cell, torch.randn(2, 5, 6), hardware="45nm-fp32+mem")
+    r = rep.row("LTICell")
+    tokens_x_channels = 2 * 5 * 6
+    assert r.state_reads == r.state_writes == tokens_x_channels
+    assert r.weight_reads == 4 * tokens_x_channels  # λ, b, c, d per channel and token
+    assert (r.activation_reads, r.activation_writes) == (tokens_x_channels, tokens_x_channels)
+
+    mixer = SelectiveMixer(8, d_state=4, head_dim=4, expand=2).eval()
+    B, L = 2, 3
+    rep = profile(mixer, torch.randn(B, L, 8), hardware="45nm-fp32+mem")
+    r = rep.row("SelectiveMixer")
+    state = mixer.n_heads * mixer.head_dim * mixer.d_state
+    assert r.state_reads == r.state_writes == B * L * state  # h read and written per token
+    assert r.weight_reads == B * L * 3 * mixer.n_heads  # dt_bias, A_log, D
+    # forward and step count the same state traffic (step adds the convolution's window)
+    state0 = mixer.init_state(B)
+    with energy.EnergyCounter(mixer) as counter, torch.no_grad():
+        mixer.step(torch.randn(B, 8), state0)
+    step = counter.report("45nm-fp32+mem").row("SelectiveMixer")
+    window = mixer.conv_channels * (mixer.d_conv - 1)
+    assert step.state_reads == B * (state + window)
+
+
 # -- profiles: priced, unpriced (listed, never zero), included -------------------------------------
 
 

@@ -254,11 +254,21 @@ class SelectiveMixer(Mixer):
         ``Conv1d`` module itself)."""
         per_head = 3 * self.head_dim * self.d_state + self.head_dim
         macs = self.n_heads * per_head + (self.conv_channels * self.d_conv if conv else 0)
+        # memory per token: h read and written (and the convolution's window in step), dt_bias,
+        # A_log, D (and the conv's taps in step) read, x·B·C, z, Δ read, the gated y written
+        state = self.n_heads * self.head_dim * self.d_state
+        window = self.conv_channels * (self.d_conv - 1) if conv else 0
+        taps = self.conv_channels * (self.d_conv + 1) if conv else 0
         record_ops(
             self,
             kind="ssm",
             macs=tokens * macs,
             elementwise_ops=tokens * (self.conv_channels + 4 * self.d_inner + 3 * self.n_heads),
+            state_reads=tokens * (state + window),
+            state_writes=tokens * (state + window),
+            weight_reads=tokens * (3 * self.n_heads + taps),
+            activation_reads=tokens * (self.conv_channels + self.d_inner + self.n_heads),
+            activation_writes=tokens * self.d_inner,
         )
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
@@ -414,11 +424,21 @@ class DiscreteMixer(Mixer):
     def _record_ops(self, tokens: int, conv: bool) -> None:
         per_head = 3 * self.head_dim * self.d_state + self.head_dim
         macs = self.n_v_heads * per_head + (self.conv_channels * self.d_conv if conv else 0)
+        # memory per token, as the selective mixer's: state (+ window), D (+ z_bias, taps)
+        state = self.n_v_heads * self.head_dim * self.d_state
+        window = self.conv_channels * (self.d_conv - 1) if conv else 0
+        taps = self.conv_channels * (self.d_conv + 1) if conv else 0
+        own = self.n_v_heads + (self.d_inner if self.z_bias is not None else 0)
         record_ops(
             self,
             kind="ssm",
             macs=tokens * macs,
             elementwise_ops=tokens * (3 * self.d_inner + 3 * self.n_v_heads),
+            state_reads=tokens * (state + window),
+            state_writes=tokens * (state + window),
+            weight_reads=tokens * (own + taps),
+            activation_reads=tokens * (self.conv_channels + self.d_inner + self.n_v_heads),
+            activation_writes=tokens * self.d_inner,
         )
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
@@ -479,7 +499,9 @@ class LTICell(nn.Module):
         a = (-torch.exp(self.log_rate)).expand(batch, L, channels)
         ones = u.new_ones(batch, L, channels, 1)
         h, _ = ssd_scan((self.b * u)[..., None], a, ones, ones)
-        record_ops(self, kind="lti", macs=4 * batch * L * channels)  # b·u, λ·h, c·h, d·u
+        n = batch * L * channels  # b·u, λ·h, c·h, d·u; h read and written; λ, b, c, d read
+        record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,
+                   weight_reads=4 * n, activation_reads=n, activation_writes=n)  # fmt: skip
         return self.c * h[..., 0] + self.d * u
 
     def init_state(self, batch: int) -> LTIState:
@@ -487,7 +509,9 @@ class LTICell(nn.Module):
 
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         h = self.decay * state.h + self.b * u_t
-        record_ops(self, kind="lti", macs=4 * u_t.numel())
+        n = u_t.numel()
+        record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,
+                   weight_reads=4 * n, activation_reads=n, activation_writes=n)  # fmt: skip
         return self.c * h + self.d * u_t, LTIState(h)
 
 

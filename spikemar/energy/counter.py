@@ -27,6 +27,16 @@ tensors. Inputs with no such tag are, in the default ``spike_detection="auto"``,
 does not know are still counted as ACs; ``"producer"`` skips that check, ``"values"`` ignores tags
 and checks every input by value (how the peers decide, but ternary-aware).
 
+**Memory traffic, with the same hooks.** Every event also records what it moves, in elements
+(bits for spike trains), independent of any profile: the parameters a layer reads (once per call
+and once per token vector; a spike-fed layer's accumulates, each of which reads one weight when
+the hardware is event-driven), the real-valued activations it reads and writes, the spike trains
+it reads or writes (2 bits per ternary neuron per micro-step packed, or an address-event per
+non-zero spike), and neuron or SSM state read and written (a neuron module's membrane at every
+update; a δ-injected spike point's membrane lives in a register for its T micro-steps).
+Functional work reports its own with :func:`record_ops`. The report turns them into bytes and
+energy under a memory profile (:mod:`spikemar.energy.profiles`).
+
 **No sync per layer.** Counts stay 0-d tensors on the device until a report is built; then they
 are read back in one transfer.
 """

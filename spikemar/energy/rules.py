@@ -20,6 +20,10 @@ Built in:
 * element-wise modules (activations, normalisations, average pooling): one element-wise op per
   output element, whatever the op (a count of element-wise work, not of arithmetic).
 
+Each rule also records the memory the module moves: its parameters (per call and per token
+vector), the activations it reads and writes, spike trains and state (see
+:mod:`spikemar.energy.counter`); pooled spikes are counted as values.
+
 Users extend the table with :func:`register_rule` and :func:`register_neuron`. A module that has
 no rule and computes something itself (it has parameters of its own, or it is a leaf) is listed
 in the report as *uncounted*, never counted as zero.

@@ -1,5 +1,8 @@
 /* Fused CPU kernels for ATMN (see atmn_impl.h); built once per machine by
- * spikemar/neurons/cpu_backend.py with the system C compiler and loaded through ctypes. */
+ * spikemar/neurons/cpu_backend.py with the system C compiler and loaded through ctypes.
+ * The scaffolding is neuron-agnostic: parallel.h (threads, ranges) once, simd.h (vectors,
+ * groups, padded tails, per-channel buffers) per element type; atmn_impl.h is ATMN's
+ * arithmetic and loops. A second neuron includes the same two and its own _impl.h. */
 #define _GNU_SOURCE
 #include <dlfcn.h>
 #include <math.h>
@@ -13,74 +16,13 @@
 /* the bodies that must inline into their callers, whose constant flags then fold away */
 #define HOT static inline __attribute__((always_inline))
 
-/* Parallel runs. After each of its parallel regions, torch's OpenMP threads spin for a while
- * before they sleep (libgomp's default wait policy), so threads of our own would contend with
- * them for the cores: on 2 cores, ATMN's backward right after a torch op took 2.9 ms on its own
- * pthreads against 1.7 ms with the spinning turned off. When the process has GNU libgomp loaded
- * (torch's Linux wheels bundle it under the SONAME libgomp.so.1), the work therefore runs on
- * that runtime's thread team, the threads torch itself uses, found with dlopen(RTLD_NOLOAD) and
- * called through its stable entry point GOMP_parallel; nothing links against a second OpenMP
- * runtime. Without it (another runtime, another OS) the work runs on pthreads. */
-typedef void (*gomp_parallel_fn)(void (*)(void *), void *, unsigned, unsigned);
-typedef int (*omp_int_fn)(void);
-static gomp_parallel_fn gomp_parallel;
-static omp_int_fn omp_thread_num, omp_num_threads;
-static pthread_once_t gomp_once = PTHREAD_ONCE_INIT;
-static int threading_mode = 1; /* 1: libgomp's team when loaded, 0: pthreads (for tests) */
-
-static void find_gomp(void) {
-  void *lib = dlopen("libgomp.so.1", RTLD_LAZY | RTLD_NOLOAD);
-  if (!lib) return;
-  void *p = dlsym(lib, "GOMP_parallel"), *n = dlsym(lib, "omp_get_thread_num");
-  void *m = dlsym(lib, "omp_get_num_threads");
-  if (!p || !n || !m) return;
-  memcpy(&gomp_parallel, &p, sizeof p);
-  memcpy(&omp_thread_num, &n, sizeof n);
-  memcpy(&omp_num_threads, &m, sizeof m);
-}
-
-/* Selects the threading (1: torch's libgomp team when loaded, 0: pthreads; -1 leaves it) and
- * returns the one in effect: 1 libgomp, 0 pthreads. */
-int atmn_threading(int mode) {
-  pthread_once(&gomp_once, find_gomp);
-  if (mode >= 0) threading_mode = mode;
-  return threading_mode && gomp_parallel != NULL;
-}
-
-typedef struct {
-  void *(*worker)(void *);
-  char *jobs;
-  size_t job_size;
-  int njobs;
-} team_t;
-
-/* every job runs once whatever the team's size (a nested call gets a team of one) */
-static void team_body(void *arg) {
-  const team_t *team = arg;
-  for (int k = omp_thread_num(); k < team->njobs; k += omp_num_threads())
-    team->worker(team->jobs + (size_t)k * team->job_size);
-}
-
-/* worker(&jobs[k]) for every k < njobs, in parallel; jobs is an array of job_size-byte items */
-static void run_parallel(void *(*worker)(void *), void *jobs, size_t job_size, int njobs) {
-  enum { MAX_THREADS = 64 };
-  char *items = jobs;
-  if (njobs > 1 && atmn_threading(-1)) {
-    team_t team = {worker, items, job_size, njobs};
-    gomp_parallel(team_body, &team, (unsigned)njobs, 0);
-    return;
-  }
-  pthread_t threads[MAX_THREADS];
-  for (int k = 1; k < njobs && k < MAX_THREADS; ++k)
-    pthread_create(&threads[k], NULL, worker, items + (size_t)k * job_size);
-  worker(items);
-  for (int k = 1; k < njobs && k < MAX_THREADS; ++k) pthread_join(threads[k], NULL);
-}
+#include "parallel.h"
 
 #define REAL float
 #define SUFFIX f32
 #define EXP expf
 #define LOG1P log1pf
+#include "simd.h"
 #include "atmn_impl.h"
 #undef REAL
 #undef SUFFIX
@@ -91,6 +33,7 @@ static void run_parallel(void *(*worker)(void *), void *jobs, size_t job_size, i
 #define SUFFIX f64
 #define EXP exp
 #define LOG1P log1p
+#include "simd.h"
 #include "atmn_impl.h"
 #undef REAL
 #undef SUFFIX

@@ -23,86 +23,13 @@
  * so that a per-channel threshold is one block-periodic buffer vb[B]. A block's last
  * len mod GW neurons run through the same vector code on zero-padded copies. */
 
-/* 32-byte vectors, AVX2's width (GCC lowers wider generic vectors on AVX2 to code ~10× slower;
- * NEON and AVX-512 run them as pairs or halves) */
-#define VBYTES 32
-#define VL ((int64_t)(VBYTES / sizeof(REAL)))
-#define GK 4 /* vectors stepped side by side (see forward_steps) */
-#define GW (GK * VL)
 #define TC 4 /* micro-steps whose rows are streamed side by side (see forward_range) */
-#define VEC CAT(vec_, SUFFIX)
-#define MASK CAT(mask_, SUFFIX)
-#define DVEC CAT(dvec_, SUFFIX)
-typedef REAL VEC __attribute__((vector_size(VBYTES)));
-/* a comparison's lanes: all ones or all zeros, integers of REAL's width */
-#define LANE_INT CAT(lane_int_, SUFFIX)
-typedef __typeof__(_Generic((REAL)0, float: (int32_t)0, default: (int64_t)0)) LANE_INT;
-typedef LANE_INT MASK __attribute__((vector_size(VBYTES)));
-/* dL/dV is summed in double, four lanes at a time (a wider generic vector compiles to spills) */
-#define QVEC CAT(qvec_, SUFFIX)
-typedef REAL QVEC __attribute__((vector_size(4 * sizeof(REAL))));
-typedef double DVEC __attribute__((vector_size(32)));
-
-/* acc[k] += lanes 4k..4k+3 of v, in double */
-static inline void CAT(vaccumulate_, SUFFIX)(DVEC *acc, VEC v) {
-  for (int k = 0; k < (int)(VL / 4); ++k) {
-    QVEC q;
-    memcpy(&q, (const REAL *)&v + 4 * k, sizeof q);
-    acc[k] += __builtin_convertvector(q, DVEC);
-  }
-}
-
-static inline VEC CAT(vload_, SUFFIX)(const REAL *p) {
-  VEC v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
-static inline void CAT(vstore_, SUFFIX)(REAL *p, VEC v) { memcpy(p, &v, sizeof v); }
-#define VLOAD CAT(vload_, SUFFIX)
-#define VSTORE CAT(vstore_, SUFFIX)
-#define VSPLAT(a) ((VEC){0} + (REAL)(a)) /* exact except that −0 becomes +0 */
-/* the lanes of v where m is set, +0 elsewhere (an AND: exact, one instruction) */
-#define VSELECT(m, v) ((VEC)((m) & (MASK)(v)))
-/* |v|: clear the sign bits */
-#define SIGN_CLEAR ((LANE_INT)((UINT64_C(1) << (8 * sizeof(REAL) - 1)) - 1))
-#define VABS(v) ((VEC)((MASK)(v) & ((MASK){0} + SIGN_CLEAR)))
-
-static void CAT(fill_vb_, SUFFIX)(REAL *vb, const REAL *vth, int64_t C, int64_t n) {
-  for (int64_t i = 0; i < n; ++i) vb[i] = vth[C == 0 ? 0 : i % C];
-}
 
 /* s = [h ≥ V] − tern·[h ≤ −V], exactly as the reference (0/1 indicators, one subtraction) */
 HOT VEC CAT(vspike_, SUFFIX)(VEC h, VEC V, const int tern) {
   const VEC one = VSPLAT(1);
   const VEC up = VSELECT(h >= V, one);
   return tern ? up - VSELECT(h <= -V, one) : up;
-}
-
-/* e^x for float lanes, for the sigmoid surrogate, whose lane-by-lane expf made the backward 3×
- * slower (22 → 8 ms at T = 4, N = 2^20). Cephes' expf: x = n·ln 2 + r with |r| ≤ ln 2 / 2, a
- * degree-6 polynomial in r, then 2^n through the exponent bits; measured within 8.1e-8 relative
- * of exp over [−87, 88]. x is clamped to [−87.3, 88.3] (e^x stays finite and normal; the
- * sigmoid is 0 or 1 to float precision there either way). Compiled for both element types,
- * used only for float. */
-HOT VEC CAT(vexpf_, SUFFIX)(VEC x) {
-  const VEC hi = VSPLAT(88.3762626647949), lo = VSPLAT(-87.3365447505531); /* e^lo: FLT_MIN */
-  x = VSELECT(x < hi, x) + VSELECT(x >= hi, hi);
-  x = VSELECT(x > lo, x) + VSELECT(x <= lo, lo);
-  const VEC t = x * (REAL)1.44269504088896341 + (REAL)0.5;
-  VEC n = __builtin_convertvector(__builtin_convertvector(t, MASK), VEC); /* toward zero */
-  n -= VSELECT(n > t, VSPLAT(1));                                       /* floor */
-  const VEC r = x - n * (REAL)0.693359375 - n * (REAL)-2.12194440e-4;
-  VEC y = (REAL)1.9875691500E-4 * r + (REAL)1.3981999507E-3;
-  y = y * r + (REAL)8.3334519073E-3;
-  y = y * r + (REAL)4.1665795894E-2;
-  y = y * r + (REAL)1.6666665459E-1;
-  y = y * r + (REAL)5.0000001201E-1;
-  y = y * (r * r) + r + (REAL)1;
-  const int mant = sizeof(REAL) == 4 ? 23 : 52, bias = sizeof(REAL) == 4 ? 127 : 1023;
-  const MASK e = (__builtin_convertvector(n, MASK) + bias) << mant;
-  VEC scale;
-  memcpy(&scale, &e, sizeof scale);
-  return y * scale;
 }
 
 /* Surrogate pulses g(z) on vectors (pa, pb as fused.surrogate_code computes them):
@@ -232,24 +159,6 @@ HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *g
     gu[k] = g->g_vlast ? VLOAD(g->g_vlast + k * VL) : VSPLAT(0);
     if (g->g_vseq) gu[k] += VLOAD(g->g_vseq + (T - 1) * g->stride + k * VL);
   }
-}
-
-/* scratch of a worker: the tail's padded copies (x-like [T][GW] ×5, others [GW] ×3) */
-static REAL *CAT(tail_scratch_, SUFFIX)(int64_t T) {
-  return aligned_alloc(64, (size_t)((5 * T + 3) * GW * sizeof(REAL) + 63) / 64 * 64);
-}
-
-/* pad a group at offset i (n < GW live lanes) into the scratch: x-like inputs, then [GW] ones */
-static void CAT(pad_in_, SUFFIX)(REAL *dst, const REAL *src, int64_t rows, int64_t N, int64_t i,
-                                 int64_t n) {
-  memset(dst, 0, sizeof(REAL) * rows * GW);
-  if (src)
-    for (int64_t t = 0; t < rows; ++t) memcpy(dst + t * GW, src + t * N + i, sizeof(REAL) * n);
-}
-static void CAT(pad_out_, SUFFIX)(REAL *dst, const REAL *src, int64_t rows, int64_t N, int64_t i,
-                                  int64_t n) {
-  if (dst)
-    for (int64_t t = 0; t < rows; ++t) memcpy(dst + t * N + i, src + t * GW, sizeof(REAL) * n);
 }
 
 HOT void CAT(load_v_, SUFFIX)(VEC *V, const REAL *vb, VEC V0, const int shared_v) {
@@ -451,7 +360,8 @@ static CAT(consts_, SUFFIX) CAT(consts_of_, SUFFIX)(const CAT(job_, SUFFIX) * j)
 static void *CAT(forward_worker_, SUFFIX)(void *arg) {
   CAT(job_, SUFFIX) *j = arg;
   const int64_t T = j->T, N = j->N, B = j->B;
-  REAL *tail = CAT(tail_scratch_, SUFFIX)(T);
+  /* the tail's padded copies: x-like [T][GW] ×5, the others [GW] ×3 */
+  REAL *tail = CAT(tail_scratch_, SUFFIX)(5 * T + 3);
   REAL *vb = malloc(sizeof(REAL) * 2 * (B + GW)), *ub = vb + B + GW;
   CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
   const CAT(consts_, SUFFIX) c = CAT(consts_of_, SUFFIX)(j);
@@ -499,7 +409,8 @@ static void *CAT(forward_worker_, SUFFIX)(void *arg) {
 static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   const CAT(job_, SUFFIX) *j = arg;
   const int64_t T = j->T, N = j->N, B = j->B;
-  REAL *tail = CAT(tail_scratch_, SUFFIX)(T);
+  /* the tail's padded copies: x-like [T][GW] ×5, the others [GW] ×3 */
+  REAL *tail = CAT(tail_scratch_, SUFFIX)(5 * T + 3);
   REAL *hs = aligned_alloc(64, (size_t)(TC * GW * sizeof(REAL) + 63) / 64 * 64);
   REAL *hbuf = T > TC ? malloc(sizeof(REAL) * T * B) : NULL;
   REAL *vb = malloc(sizeof(REAL) * 3 * (B + GW)), *ivb = vb + B + GW, *ub = ivb + B + GW;
@@ -558,17 +469,15 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
 
 static int64_t CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *),
                                  int nthreads) {
-  enum { MAX_THREADS = 64 };
   const int64_t nblocks = (base->N + base->B - 1) / base->B;
-  if (nthreads > nblocks) nthreads = (int)(nblocks > 0 ? nblocks : 1);
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  int64_t begin[MAX_THREADS], end[MAX_THREADS];
+  nthreads = plan_ranges(nblocks, 1, nblocks, nthreads, begin, end);
   CAT(job_, SUFFIX) jobs[MAX_THREADS];
   for (int k = 0; k < nthreads; ++k) {
     jobs[k] = *base;
     jobs[k].tid = k;
-    jobs[k].block_begin = nblocks * k / nthreads;
-    jobs[k].block_end = nblocks * (k + 1) / nthreads;
+    jobs[k].block_begin = begin[k];
+    jobs[k].block_end = end[k];
   }
   run_parallel(worker, jobs, sizeof jobs[0], nthreads);
   int64_t nonfinite = 0;
@@ -792,21 +701,16 @@ static void *CAT(quantize_backward_worker_, SUFFIX)(void *arg) {
  * forward kernel's channel count starts at 0) and a whole group (GW) */
 static int CAT(quantize_ranges_, SUFFIX)(CAT(qjob_, SUFFIX) * jobs, const CAT(qjob_, SUFFIX) * base,
                                          int nthreads) {
-  enum { MAX_THREADS = 64 };
   const int64_t N = base->N, C = base->C ? base->C : 1;
   int64_t unit = C;
   while (unit % GW) unit += C; /* a multiple of both C and GW */
-  const int64_t units = (N + unit - 1) / unit;
-  if (nthreads > units) nthreads = (int)(units > 0 ? units : 1);
-  if (nthreads < 1) nthreads = 1;
-  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  int64_t begin[MAX_THREADS], end[MAX_THREADS];
+  nthreads = plan_ranges((N + unit - 1) / unit, unit, N, nthreads, begin, end);
   for (int k = 0; k < nthreads; ++k) {
     jobs[k] = *base;
-    jobs[k].begin = units * k / nthreads * unit;
-    jobs[k].end = units * (k + 1) / nthreads * unit;
-    if (jobs[k].end > N) jobs[k].end = N;
-    if (jobs[k].begin > N) jobs[k].begin = N;
-    jobs[k].g_vth = base->g_vth ? base->g_vth + (int64_t)k * (base->C ? base->C : 1) : NULL;
+    jobs[k].begin = begin[k];
+    jobs[k].end = end[k];
+    jobs[k].g_vth = base->g_vth ? base->g_vth + (int64_t)k * C : NULL;
   }
   return nthreads;
 }
@@ -816,7 +720,7 @@ static int CAT(quantize_ranges_, SUFFIX)(CAT(qjob_, SUFFIX) * jobs, const CAT(qj
 int64_t CAT(atmn_quantize_forward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                             int64_t T, double tau, REAL decay, int ternary,
                                             REAL *decoded, int nthreads) {
-  CAT(qjob_, SUFFIX) base = {0}, jobs[64];
+  CAT(qjob_, SUFFIX) base = {0}, jobs[MAX_THREADS];
   base.x = x, base.vth = vth, base.out = decoded, base.N = N, base.C = C, base.T = T;
   base.tau = tau, base.decay = decay, base.ternary = ternary;
   const int n = CAT(quantize_ranges_, SUFFIX)(jobs, &base, nthreads);
@@ -836,7 +740,7 @@ int CAT(atmn_quantize_backward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
                                          int detach_reset, int kind, REAL pa, REAL pb,
                                          const REAL *g, REAL *g_x, double *g_vth_partial,
                                          int nthreads) {
-  CAT(qjob_, SUFFIX) base = {0}, jobs[64];
+  CAT(qjob_, SUFFIX) base = {0}, jobs[MAX_THREADS];
   base.x = x, base.vth = vth, base.g = g, base.g_x = g_x, base.g_vth = g_vth_partial;
   base.N = N, base.C = C, base.T = T, base.tau = tau, base.decay = decay, base.pa = pa;
   base.pb = pb, base.keep_reset = (REAL)(detach_reset == 0), base.ternary = ternary;

@@ -1,0 +1,236 @@
+"""Pretrained SSM language models as spikemar configs and state dicts: Hugging Face Mamba-2 and
+Cartesia's Llamba.
+
+Two public functions (``spikemar.models.from_pretrained`` reads a directory with them)::
+
+    config_from_hf(config: dict) -> MARConfig
+    state_dict_from_hf(config: MARConfig, tensors: Mapping[str, torch.Tensor])
+        -> dict[str, torch.Tensor]
+
+``config_from_hf`` takes a checkpoint's ``config.json`` as a dict and returns the dense
+``MARConfig`` of the same architecture (``spikes=None``; set ``spikes`` for a MAR student):
+
+- **Hugging Face Mamba-2** (``model_type: 'mamba2'``, transformers' ``Mamba2ForCausalLM``):
+  mixer-only blocks (``ffn=None``), layers of kind ``'ssm'`` with ``n_groups``, ``use_bias``,
+  ``use_conv_bias``, ``time_step_limit`` (the Δ clamp), ``layer_norm_epsilon`` (every norm),
+  ``tie_word_embeddings`` and ``residual_in_fp32``. With ``n_groups > 1`` the mixer's gated norm
+  is per group, as in mamba_ssm (the kernels the checkpoints were trained with); transformers'
+  torch path normalises over all channels instead, so for such checkpoints spikemar and
+  transformers' CPU forward differ by design (see :class:`spikemar.ssm.SelectiveMixer`).
+- **Llamba** (Cartesia's keys: ``d_model``, ``n_layer``, ``ssm_cfg``, ``mlp_cfg``,
+  ``tie_embeddings``, ``pad_vocab_size_multiple``, ``lm_head_bias``, ``norm_epsilon``): layers of
+  kind ``'discrete-mamba2'`` with Llama's MLP (``ffn='llama'``); the block norms' ε is Cartesia's
+  hard-coded 1e-5 and the final norm's ``norm_epsilon``; the vocabulary is padded to
+  ``pad_vocab_size_multiple`` as the embedding's rows are; a given ``ssm_cfg``/``mlp_cfg``
+  replaces the defaults wholesale, as in the original; tying follows ``tie_embeddings`` only.
+
+Anything else raises ValueError naming what was found.
+
+``state_dict_from_hf`` maps the checkpoint's tensors (by their names in the file) onto
+``MARLM(config)``'s names, strictly: every tensor of the file is used (a tied head's copy must
+equal the embedding), every expected one must be present with the expected shape, else a
+ValueError names the first offending tensor, its shape and the expected shape. The spike points'
+thresholds of a spiking ``config`` are not in a pretrained file and are left out of the result:
+load it with ``model.load_state_dict(state, strict=False)`` and expect only ``…neuron.a`` to be
+missing.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+
+from .mar import MARLM, MARConfig
+
+__all__ = ["config_from_hf", "state_dict_from_hf"]
+
+# Cartesia's LlambaConfig defaults; a given ssm_cfg falls back to DiscreteMamba2's arguments
+_LLAMBA_SSM_CFG = {"d_state": 64, "n_v_heads": 32, "n_qk_heads": 32, "expand": 1,
+                   "chunk_size": 128, "activation": "identity", "bias": False}  # fmt: skip
+_DISCRETE_ARGS = {"d_state": 64, "n_qk_heads": 32, "n_v_heads": 32, "d_conv": 4, "expand": 1,
+                  "activation": "identity", "bias": False, "conv_bias": True,
+                  "chunk_size": 128}  # fmt: skip
+_LLAMBA_MLP_CFG = {"intermediate_size": 14336, "bias": False, "act_fn": "silu"}
+_LLAMBA_BLOCK_EPS = 1e-5  # hard-coded for both block norms in Cartesia's Block
+
+
+def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
+    """The dense :class:`MARConfig` of a Hugging Face Mamba-2 or Llamba ``config.json``."""
+    if not isinstance(config, Mapping):
+        raise TypeError(f"config: expected the config.json dict, got {type(config).__name__}")
+    model_type = config.get("model_type")
+    if model_type == "mamba2":
+        return _mamba2_config(config)
+    if model_type == "llamba" or (
+        model_type is None and "d_model" in config and "mlp_cfg" in config
+    ):
+        return _llamba_config(config)
+    architectures = config.get("architectures")
+    raise ValueError(
+        f"config: unknown architecture (model_type {model_type!r}, architectures "
+        f"{architectures!r}); expected a Hugging Face Mamba-2 config (model_type 'mamba2') or a "
+        "Llamba config in Cartesia's keys (d_model, n_layer, ssm_cfg, mlp_cfg)"
+    )
+
+
+def _require(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
+    missing = [k for k in keys if k not in config]
+    if missing:
+        raise ValueError(f"config: a {what} config needs {missing}")
+
+
+def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
+    _require(c, ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "head_dim",
+                 "expand", "conv_kernel", "n_groups"), "Mamba-2")  # fmt: skip
+    if c.get("hidden_act", "silu") not in ("silu", "swish"):
+        raise ValueError(f"config: hidden_act {c['hidden_act']!r}: only SiLU is supported")
+    if not c.get("rms_norm", True):
+        raise ValueError("config: rms_norm=False (a mixer without its gated norm) is not supported")
+    d_inner = int(c["expand"] * c["hidden_size"])
+    if "num_heads" in c and c["num_heads"] * c["head_dim"] != d_inner:
+        raise ValueError(
+            f"config: num_heads·head_dim = {c['num_heads']}·{c['head_dim']} must equal "
+            f"expand·hidden_size = {d_inner}"
+        )
+    limit = c.get("time_step_limit", (0.0, math.inf))
+    limit = (0.0, math.inf) if limit is None else tuple(float(v) for v in limit)
+    return MARConfig(
+        vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
+        d_state=c["state_size"], head_dim=c["head_dim"], expand=int(c["expand"]),
+        d_conv=c["conv_kernel"], n_groups=c["n_groups"], layers="ssm", spikes=None, ffn=None,
+        bias=bool(c.get("use_bias", False)), conv_bias=bool(c.get("use_conv_bias", True)),
+        dt_limit=limit, norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
+        tie_embeddings=bool(c.get("tie_word_embeddings", False)),
+        residual_in_fp32=bool(c.get("residual_in_fp32", True)),
+    )  # fmt: skip
+
+
+def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
+    _require(c, ("vocab_size", "d_model"), "Llamba")
+    ssm = {**_DISCRETE_ARGS, **(c.get("ssm_cfg") or _LLAMBA_SSM_CFG)}
+    mlp = dict(c.get("mlp_cfg") or _LLAMBA_MLP_CFG)
+    missing = [k for k in ("intermediate_size", "bias", "act_fn") if k not in mlp]
+    if missing:
+        raise ValueError(f"config: Llamba's mlp_cfg lacks {missing} (Llama's MLP has no defaults)")
+    if mlp["act_fn"] not in ("silu", "swish"):
+        raise ValueError(f"config: mlp_cfg act_fn {mlp['act_fn']!r}: only SiLU is supported")
+    d_model, expand = int(c["d_model"]), int(ssm["expand"])
+    d_inner = expand * d_model
+    if d_inner % ssm["n_v_heads"]:
+        raise ValueError(f"config: n_v_heads {ssm['n_v_heads']} does not divide {d_inner}")
+    multiple = int(c.get("pad_vocab_size_multiple", 8))
+    vocab = multiple * math.ceil(int(c["vocab_size"]) / multiple)
+    tied = bool(c.get("tie_embeddings", False))
+    return MARConfig(
+        vocab_size=vocab, d_model=d_model, n_layers=int(c.get("n_layer", 32)),
+        d_state=int(ssm["d_state"]), head_dim=d_inner // int(ssm["n_v_heads"]), expand=expand,
+        d_conv=int(ssm["d_conv"]), n_groups=int(ssm["n_qk_heads"]), layers="discrete-mamba2",
+        spikes=None, ffn="llama", ffn_hidden=int(mlp["intermediate_size"]),
+        ffn_bias=bool(mlp["bias"]), bias=bool(ssm["bias"]), conv_bias=bool(ssm["conv_bias"]),
+        conv_activation={"swish": "silu"}.get(ssm["activation"], ssm["activation"]),
+        norm_eps=_LLAMBA_BLOCK_EPS, final_norm_eps=float(c.get("norm_epsilon", 1e-5)),
+        tie_embeddings=tied, head_bias=bool(c.get("lm_head_bias", False)) and not tied,
+    )  # fmt: skip
+
+
+# spikemar name → name in the file, per architecture (layer names after "layers.{i}.")
+_MAMBA2_NAMES = [
+    (r"^embed\.", "backbone.embeddings."),
+    (r"^norm\.", "backbone.norm_f."),
+    (r"^head\.", "lm_head."),
+    (r"^layers\.(\d+)\.norm1\.", r"backbone.layers.\1.norm."),
+    (r"^layers\.(\d+)\.mixer\.conv\.", r"backbone.layers.\1.mixer.conv1d."),
+    (r"^layers\.(\d+)\.mixer\.", r"backbone.layers.\1.mixer."),
+]
+_LLAMBA_NAMES = [
+    (r"^embed\.", "backbone.embedding."),
+    (r"^norm\.", "backbone.final_layernorm."),
+    (r"^head\.", "lm_head."),
+    (r"^layers\.(\d+)\.norm1\.", r"backbone.layers.\1.input_layernorm."),
+    (r"^layers\.(\d+)\.norm2\.", r"backbone.layers.\1.post_attention_layernorm."),
+    (r"^layers\.(\d+)\.mixer\.", r"backbone.layers.\1.mixer."),
+    (r"^layers\.(\d+)\.ffn\.", r"backbone.layers.\1.mlp."),
+]
+_SPIKE_POINT = re.compile(r"\.spike_(in|out|hidden)\.")
+
+
+def _renamer(rules: list[tuple[str, str]]) -> Callable[[str], str]:
+    compiled = [(re.compile(pattern), repl) for pattern, repl in rules]
+
+    def rename(name: str) -> str:
+        for pattern, repl in compiled:
+            if pattern.match(name):
+                return pattern.sub(repl, name, count=1)
+        raise AssertionError(f"no source name for {name}")  # the rules cover every model name
+
+    return rename
+
+
+def state_dict_from_hf(
+    config: MARConfig, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``MARLM(config)``'s state dict (without spike-point thresholds) from a Mamba-2 or Llamba
+    checkpoint's ``tensors``, strictly (see the module docstring)."""
+    if not isinstance(config, MARConfig):
+        raise TypeError(f"config: expected a MARConfig, got {type(config).__name__}")
+    kinds = set(config.layer_kinds())
+    if kinds == {"ssm"} and config.ffn is None:
+        rename = _renamer(_MAMBA2_NAMES)
+    elif kinds == {"discrete-mamba2"} and config.ffn == "llama":
+        rename = _renamer(_LLAMBA_NAMES)
+    else:
+        raise ValueError(
+            f"config: layers {sorted(kinds)} with ffn {config.ffn!r} is neither a Hugging Face "
+            "Mamba-2 (all 'ssm', ffn None) nor a Llamba (all 'discrete-mamba2', ffn 'llama') "
+            "architecture"
+        )
+    with torch.device("meta"):  # names and shapes only: nothing is allocated
+        expected = MARLM(config.dense()).state_dict()  # spike points aside
+    out: dict[str, torch.Tensor] = {}
+    used: set[str] = set()
+    tied = config.tie_embeddings
+    for name, target in expected.items():
+        if _SPIKE_POINT.search(name):
+            continue  # a student's thresholds: not in a pretrained checkpoint
+        if tied and name == "head.weight":
+            continue  # the embedding's matrix (checked below)
+        source = rename(name)
+        if source not in tensors:
+            raise ValueError(
+                f"tensors: missing {source!r} (expected shape {tuple(target.shape)}, for {name})"
+            )
+        t = tensors[source]
+        if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(target.shape):
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            raise ValueError(
+                f"tensors: {source!r} has shape {shape}, expected {tuple(target.shape)} "
+                f"(for {name})"
+            )
+        out[name] = t
+        used.add(source)
+    if tied:
+        out["head.weight"] = out["embed.weight"]
+        head = rename("head.weight")
+        if head in tensors:  # a tied head saved beside the embedding must be its copy
+            t = tensors[head]
+            if tuple(t.shape) != tuple(out["embed.weight"].shape) or not torch.equal(
+                t, out["embed.weight"]
+            ):
+                raise ValueError(
+                    f"tensors: {head!r} differs from the embedding, but the config ties them"
+                )
+            used.add(head)
+    extra = sorted(set(tensors) - used)
+    if extra:
+        t = tensors[extra[0]]
+        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+        raise ValueError(
+            f"tensors: unexpected {extra[0]!r} (shape {shape}) is not part of the "
+            f"{'Llamba' if 'discrete-mamba2' in kinds else 'Mamba-2'} architecture the config "
+            f"describes ({len(extra)} unused tensors)"
+        )
+    return out

@@ -363,3 +363,16 @@ def test_energy_command_memory_breakeven_and_comparison_png(tmp_path, capsys):
     energy.register_profile(HardwareProfile("test-bare", ac_pj=1.0, mac_pj=2.0), overwrite=True)
     assert energy_main(parser.parse_args([*common, "--hardware", "test-bare", "--memory"])) == 2
     assert "no profile 'test-bare+mem'" in capsys.readouterr().err
+
+
+def test_compare_profiles_reprices_one_count_under_every_profile():
+    x = torch.randn(4, 16) * 2
+    student = profile(PointLinear().eval(), x, tokens=4)
+    teacher = profile(nn.Linear(16, 8, bias=False), x, tokens=4)
+    cmps = energy.compare_profiles(student, teacher)
+    names = [c.student.hardware.name for c in cmps]
+    assert names[0] == "45nm-fp32" and len(names) == len(set(names))
+    assert set(energy.available_profiles()) <= set(names)
+    by_name = {c.student.hardware.name: c for c in cmps}
+    assert by_name["loihi"].ratio is None and by_name["45nm-int8+mem"].ratio is not None
+    assert by_name["45nm-fp32"].ratio == pytest.approx(compare(student, teacher).ratio)

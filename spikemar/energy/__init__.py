@@ -37,6 +37,7 @@ from .report import (
     EnergyReport,
     LayerRow,
     compare,
+    compare_profiles,
     headline,
     memory_traffic,
 )
@@ -57,6 +58,7 @@ __all__ = [
     "available_profiles",
     "break_even",
     "compare",
+    "compare_profiles",
     "counting_active",
     "declare_spikes",
     "get_profile",

@@ -29,7 +29,7 @@ from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
 from .profiles import available_profiles, get_profile, memory_sibling
-from .report import EnergyReport, compare
+from .report import EnergyReport, compare, compare_profiles
 
 __all__ = ["add_energy_arguments", "energy_main"]
 
@@ -165,16 +165,10 @@ def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
 
 
 def _ratio_lines(student: EnergyReport, teacher: EnergyReport, label: str) -> list[str]:
-    """The student-vs-teacher ratio under every built-in 45 nm profile and the chosen one."""
-    names = dict.fromkeys(
-        [student.hardware.name]
-        + [n for n in available_profiles() if n.startswith("45nm")]
-        + ["loihi"]
-    )
+    """The student-vs-teacher ratio under the chosen profile and every registered one."""
     lines = [f"student vs {label}, energy ratio (student / {label}) under each profile:"]
-    for name in names:
-        cmp = compare(student.with_hardware(name), teacher.with_hardware(name),
-                      labels=("student", label))  # fmt: skip
+    for cmp in compare_profiles(student, teacher, labels=("student", label)):
+        name = cmp.student.hardware.name
         if cmp.ratio is None:
             lines.append(f"  {name:<20} no ratio: {cmp.refusal}")
         else:

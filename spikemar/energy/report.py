@@ -34,6 +34,7 @@ __all__ = [
     "EnergyReport",
     "LayerRow",
     "compare",
+    "compare_profiles",
     "headline",
     "memory_traffic",
 ]
@@ -1007,6 +1008,31 @@ def compare(
     ):
         raise ValueError(f"labels: expected a pair of strings, got {labels!r}")
     return EnergyComparison(student, teacher, labels)
+
+
+def compare_profiles(
+    student: EnergyReport,
+    teacher: EnergyReport,
+    profiles: Iterable[str | HardwareProfile] | None = None,
+    *,
+    labels: tuple[str, str] = ("student", "teacher"),
+) -> tuple[EnergyComparison, ...]:
+    """The comparison of ``student`` against ``teacher`` under each of ``profiles`` (default:
+    the student's own, every registered profile, in registration order); the counts are
+    re-priced, nothing is re-run. A comparison that cannot give a ratio says why
+    (:attr:`EnergyComparison.refusal`)."""
+    from .profiles import available_profiles
+
+    if profiles is None:
+        profiles = (student.hardware, *available_profiles())
+    seen: dict[str, EnergyComparison] = {}
+    for p in profiles:
+        hw = get_profile(p)
+        if hw.name not in seen:
+            seen[hw.name] = compare(
+                student.with_hardware(hw), teacher.with_hardware(hw), labels=labels
+            )
+    return tuple(seen.values())
 
 
 def headline(

@@ -10,8 +10,11 @@ expressible. A spiking layer has MAR's four spike points (before the mixer's inp
 projections, before the FFN's up and down projections; a block without FFN, ``ffn=None`` as in
 Hugging Face's Mamba-2, has its mixer's two); with ``spikes=None`` the same code is the dense
 model. ``ffn_sparsity`` offers plain activation sparsification of the FFN (top-k per token or a
-magnitude threshold) as the alternative to spikes. Pretrained Mamba-2 and Llamba checkpoints map
-onto these configs (:mod:`spikemar.models.pretrained`).
+magnitude threshold) as the alternative to spikes. ``MARConfig.points`` sets spike points one by
+one (dense, spiking with their own T/τ/threshold init, or sparsified), by name or pattern
+(``'layers.*.ffn.spike_hidden'``): a module-aware schedule (:mod:`spikemar.refine` plans them).
+Pretrained Mamba-2 and Llamba checkpoints map onto these configs
+(:mod:`spikemar.models.pretrained`).
 
 ``model(tokens)`` → logits [batch, L, vocab]; ``model(tokens, return_hidden=True)`` also returns
 the residual stream entering each layer (SBDS's pre-norm hidden states).
@@ -29,6 +32,7 @@ operations to rounding (the tests compare them). Submodules are always entered t
 
 from __future__ import annotations
 
+import fnmatch
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -36,13 +40,14 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from ..counting import record_ops
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
-from .common import FFNS, FeedForward, SpikeConfig, check_tokens
+from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens
 from .generation import generate
 from .mixers import MIXERS
 
-__all__ = ["MARLM", "ActivationSparsifier", "MARConfig"]
+__all__ = ["MARLM", "ActivationSparsifier", "MARConfig", "point_module"]
 
 
 @dataclass
@@ -62,6 +67,9 @@ class MARConfig:
     spikes: SpikeConfig | None = field(default_factory=SpikeConfig)  # None: the dense twin
     spiking: bool | list[bool] = True  # which layers spike (when ``spikes`` is set)
     ffn_sparsity: tuple[str, float] | None = None  # ('topk', fraction kept) or ('threshold', t)
+    # per spike point, overriding the above: {pattern: 'dense' | 'spike' | {T, tau, v_threshold,
+    # ...} | {'sparsify': 'topk'|'threshold', 'amount': x}}; see point_module (needs ``spikes``)
+    points: dict[str, str | dict] | None = None
     # -- for pretrained architectures (Hugging Face Mamba-2, Llamba); the defaults are MAR's
     norm_eps: float | None = None  # RMSNorm ε of every norm; None: the dtype's machine epsilon
     final_norm_eps: float | None = None  # the final norm's ε; None: norm_eps
@@ -90,6 +98,14 @@ class MARConfig:
         self.spiking_layers()
         if self.ffn_sparsity is not None:
             ActivationSparsifier(*self.ffn_sparsity)  # validates
+        if self.points is not None:
+            keys = self.points if isinstance(self.points, dict) else [None]
+            if not all(isinstance(k, str) for k in keys):
+                raise ValueError(f"points: expected a dict {{pattern: setting}}, got "
+                                 f"{self.points!r}")  # fmt: skip
+            base = self.spikes if self.spikes is not None else SpikeConfig()
+            for pattern, setting in self.points.items():
+                point_module(1, setting, base, name=f"points[{pattern!r}]")  # validates
         if self.ffn is not None and self.ffn not in FFNS:
             raise ValueError(f"ffn: expected one of {sorted(FFNS)} or None, got {self.ffn!r}")
         for name in ("norm_eps", "final_norm_eps"):
@@ -115,7 +131,7 @@ class MARConfig:
 
     def dense(self) -> MARConfig:
         """The same architecture without spikes (the dense twin / stage-2 teacher)."""
-        return MARConfig(**{**vars(self), "spikes": None})
+        return MARConfig(**{**vars(self), "spikes": None, "points": None})
 
 
 class ActivationSparsifier(nn.Module):
@@ -136,6 +152,10 @@ class ActivationSparsifier(nn.Module):
         self.mode, self.amount = mode, float(amount)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # one comparison (and the mask's product) per element; the projection it feeds is still
+        # priced as multiply-accumulates: no energy profile models zero-skipping hardware
+        record_ops(self, kind="sparsifier", elementwise_ops=2 * x.numel(),
+                   activation_reads=x.numel(), activation_writes=x.numel())  # fmt: skip
         if self.mode == "threshold":
             return x * (x.abs() > self.amount)
         k = max(1, round(self.amount * x.shape[-1]))
@@ -144,6 +164,64 @@ class ActivationSparsifier(nn.Module):
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, amount={self.amount}"
+
+
+def point_module(
+    channels: int, setting: str | dict, base: SpikeConfig, *, name: str = "setting"
+) -> nn.Module:
+    """The module of one spike point from its per-point ``setting`` (``MARConfig.points``):
+
+    * ``'dense'``: the identity (the next projection multiplies real values);
+    * ``'spike'``: a :class:`SpikePoint` with the model's ``spikes`` config ``base``;
+    * ``{'T': 2, 'tau': 1.0, 'v_threshold': 0.3, ...}``: a spike point with these
+      :class:`SpikeConfig` fields over ``base`` (its own T, τ, threshold init, neuron);
+    * ``{'sparsify': 'topk' | 'threshold', 'amount': x}``: an :class:`ActivationSparsifier`.
+    """
+    if setting == "dense":
+        return nn.Identity()
+    if setting == "spike":
+        return SpikePoint(channels, base)
+    if not isinstance(setting, dict):
+        raise ValueError(f"{name}: expected 'dense', 'spike' or a dict, got {setting!r}")
+    if "sparsify" in setting:
+        if set(setting) != {"sparsify", "amount"}:
+            raise ValueError(f"{name}: a sparsified point takes exactly 'sparsify' and 'amount', "
+                             f"got {sorted(setting)}")  # fmt: skip
+        try:
+            return ActivationSparsifier(setting["sparsify"], setting["amount"])
+        except ValueError as err:  # its message names ffn_sparsity, the layer-wide option
+            raise ValueError(f"{name}: {str(err).partition(': ')[2]}") from None
+    fields = set(base.as_dict())
+    unknown = sorted(set(setting) - fields)
+    if unknown:
+        raise ValueError(f"{name}: unknown spike fields {unknown}; expected some of "
+                         f"{sorted(fields)} or 'sparsify'/'amount'")  # fmt: skip
+    return SpikePoint(channels, SpikeConfig(**{**base.as_dict(), **setting}))
+
+
+def _apply_points(model: MARLM) -> None:
+    """Replace each spike point that a pattern of ``model.config.points`` matches (later patterns
+    win) by the module of its setting."""
+    config = model.config
+    sites = list(model.spike_points(include_dense=True))
+    names = [site.name for site in sites]
+    unmatched = [p for p in config.points if not fnmatch.filter(names, p)]
+    if unmatched:
+        raise ValueError(f"points: patterns {unmatched} match no spike point; the model's are "
+                         f"{names[:4]}{' ...' if len(names) > 4 else ''}")  # fmt: skip
+    for site in sites:
+        setting = None
+        for pattern, value in config.points.items():
+            if fnmatch.fnmatchcase(site.name, pattern):
+                setting = value
+        if setting is None:
+            continue
+        if site.projections:  # the width the point feeds (an Identity has no channel count)
+            channels = next(iter(site.projections.values())).in_features
+        else:
+            channels = config.d_model  # a point that feeds no projection sits on the stream
+        parent, _, attr = site.name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, point_module(channels, setting, config.spikes))
 
 
 class _SparseFeedForward(FeedForward):
@@ -222,6 +300,8 @@ class MARLM(nn.Module):
         nn.init.normal_(self.head.weight, std=0.02)
         if config.tie_embeddings:
             self.head.weight = self.embed.weight
+        if config.points and config.spikes is not None:  # spikes=None: the dense twin, always
+            _apply_points(self)
 
     def forward(self, tokens: torch.Tensor, return_hidden: bool = False):
         check_tokens(tokens, self.config.vocab_size, "tokens")
@@ -258,9 +338,7 @@ class MARLM(nn.Module):
     def spike_points(self, include_dense: bool = False) -> Iterator[SpikePointSite]:
         """Every spike point of the model in layer order, each with the projections it feeds
         (paths as in ``named_modules()``). ``include_dense``: also the places of spike points
-        in dense layers (their module is ``nn.Identity``)."""
-        from .common import SpikePoint
-
+        in dense layers (their module is ``nn.Identity``) and sparsified ones."""
         for i, layer in enumerate(self.layers):
             for site in layer.spike_points(f"layers.{i}"):
                 if include_dense or isinstance(site.module, SpikePoint):

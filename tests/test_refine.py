@@ -1,0 +1,129 @@
+"""Module-aware refinement (issue 16): per-spike-point configs, calibration, measure, plan, CLI."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikemar import energy
+from spikemar.checkpoint import load_checkpoint, save_checkpoint
+from spikemar.data import CharTokenizer
+from spikemar.hardware import chip_report
+from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
+
+SMALL = dict(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8)
+
+
+def _points_model(**extra) -> MARLM:
+    points = {
+        "layers.*.ffn.spike_hidden": "dense",
+        "layers.0.mixer.spike_in": {"T": 2, "tau": 2.0, "v_threshold": 0.25},
+        "layers.1.ffn.spike_in": {"sparsify": "topk", "amount": 0.5},
+        "layers.1.mixer.spike_out": "spike",
+    }
+    config = MARConfig(**SMALL, spikes=SpikeConfig(T=3), spiking=[True, False], points=points)
+    torch.manual_seed(0)
+    return MARLM(config).eval()
+
+
+def _kinds(model: MARLM) -> dict[str, object]:
+    out = {}
+    for site in model.spike_points(include_dense=True):
+        m = site.module
+        out[site.name] = (m.T, m.neuron.tau) if isinstance(m, SpikePoint) else type(m).__name__
+    return out
+
+
+def test_points_override_layer_settings():
+    model = _points_model()
+    assert _kinds(model) == {
+        "layers.0.mixer.spike_in": (2, 2.0),
+        "layers.0.mixer.spike_out": (3, 1.0),
+        "layers.0.ffn.spike_in": (3, 1.0),
+        "layers.0.ffn.spike_hidden": "Identity",
+        "layers.1.mixer.spike_in": "Identity",  # a dense layer keeps its other points dense
+        "layers.1.mixer.spike_out": (3, 1.0),  # ... but a point can spike in it
+        "layers.1.ffn.spike_in": "ActivationSparsifier",
+        "layers.1.ffn.spike_hidden": "Identity",
+    }
+    a = model.layers[0].mixer.spike_in.neuron.log_threshold
+    assert a.shape == (16,) and torch.allclose(a.exp(), torch.full((16,), 0.25))
+    # a point in a dense layer gets the width of the projection it feeds (expand · d_model)
+    assert model.layers[1].mixer.spike_out.neuron.log_threshold.shape == (32,)
+
+
+def test_points_none_and_dense_twin_keep_their_meaning():
+    plain = MARConfig(**SMALL)
+    assert plain.points is None
+    torch.manual_seed(0)
+    a = MARLM(plain)
+    torch.manual_seed(0)
+    b = MARLM(MARConfig(**SMALL, points={}))
+    assert _kinds(a) == _kinds(b)
+    for x, y in zip(a.state_dict().values(), b.state_dict().values(), strict=True):
+        assert torch.equal(x, y)
+    dense = _points_model().config.dense()
+    assert dense.points is None and dense.spikes is None
+    assert not list(MARLM(dense).spike_points())
+
+
+def test_points_checkpoint_round_trip(tmp_path):
+    model = _points_model()
+    with torch.no_grad():
+        model.layers[0].mixer.spike_in.neuron.log_threshold.add_(0.1)
+    path = save_checkpoint(tmp_path / "m.pt", model, CharTokenizer("abcdefghijk"))
+    loaded, _, _ = load_checkpoint(path)
+    assert loaded.config.points == model.config.points
+    assert _kinds(loaded) == _kinds(model)
+    tokens = torch.randint(0, 11, (2, 9))
+    assert torch.equal(loaded(tokens), model(tokens))
+
+
+def test_points_bad_settings_are_named():
+    with pytest.raises(ValueError, match=r"points\['x'\]: 'topk' keeps"):
+        MARConfig(**SMALL, points={"x": {"sparsify": "topk", "amount": 2.0}})
+    with pytest.raises(ValueError, match=r"points\['x'\]: unknown spike fields \['V'\]"):
+        MARConfig(**SMALL, points={"x": {"V": 1.0}})
+    with pytest.raises(ValueError, match=r"points\['x'\]: expected 'dense', 'spike'"):
+        MARConfig(**SMALL, points={"x": "fast"})
+    with pytest.raises(ValueError, match=r"T: expected an int >= 1"):
+        MARConfig(**SMALL, points={"x": {"T": 0}})
+    with pytest.raises(ValueError, match=r"points: patterns \['layers.9.\*'\] match no"):
+        MARLM(MARConfig(**SMALL, points={"layers.9.*": "dense"}))
+
+
+def test_energy_counter_reads_points():
+    """Projections fed by spiking points count ACs (Σ nnz over that point's own T), those fed
+    by dense or sparsified points count MACs, and the sparsifier's own work is counted."""
+    model = _points_model()
+    tokens = torch.randint(0, 11, (2, 8))
+    report = energy.profile(model, tokens, hardware="45nm-fp32")
+    rows = {r.name: r for r in report.rows}
+    sp = model.layers[0].mixer.spike_in
+    sp.record = True
+    try:
+        with torch.no_grad():
+            model(tokens)
+        nnz = int((sp.spikes != 0).sum())
+        assert sp.spikes.shape[0] == 2  # its own T
+    finally:
+        sp.record, sp.spikes = False, None
+    proj = model.layers[0].mixer.in_proj
+    assert rows["layers.0.mixer.in_proj"].acs == nnz * proj.out_features
+    assert rows["layers.0.mixer.in_proj"].macs == 0
+    assert rows["layers.0.ffn.down"].acs == 0 and rows["layers.0.ffn.down"].macs > 0
+    assert rows["layers.1.ffn.up"].acs == 0 and rows["layers.1.ffn.up"].macs > 0
+    assert rows["layers.1.mixer.out_proj"].acs > 0 and rows["layers.1.mixer.out_proj"].macs == 0
+    assert rows["layers.1.ffn.spike_in"].elementwise_ops == 2 * 2 * 8 * 16
+    assert not report.uncounted
+
+
+def test_chip_report_reads_points():
+    entries = {e.path: e for e in chip_report(_points_model()).entries}
+    assert entries["layers.0.mixer.spike_in"].on_chip
+    assert entries["layers.0.mixer.in_proj"].on_chip
+    assert not entries["layers.0.ffn.down"].on_chip
+    assert entries["layers.1.mixer.out_proj"].on_chip
+    assert not entries["layers.1.mixer.in_proj"].on_chip
+    assert not entries["layers.1.ffn.spike_in"].on_chip
+    assert isinstance(_points_model().layers[1].ffn.spike_in, ActivationSparsifier)

@@ -32,6 +32,7 @@ from spikemar.neurons import (
     Sigmoid,
     Triangle,
     atmn_multi_step,
+    atmn_quantize,
     backends,
     cupy_backend,
 )
@@ -121,7 +122,7 @@ def _assert_equals_reference(backend: str, case: dict) -> None:
 
 
 @emulated
-@pytest.mark.parametrize("seed", range(24))
+@pytest.mark.parametrize("seed", range(16))
 def test_emulated_kernels_equal_the_reference(emulated_cupy, seed):
     _assert_equals_reference("cupy-emulated", _random_case(seed))
     for fn in emulated_cupy.functions:
@@ -265,8 +266,9 @@ def test_forward_ptx_holds_no_fma():
     options = [*cupy_backend.NVRTC_OPTIONS, "-DMAX_T=8", "--gpu-architecture=compute_80"]
     ptx, _ = _nvrtc_compile(cupy_backend.SOURCE.read_text(), options, "ptx")
     entries = _entries(ptx)
-    forwards = [name for name in entries if name.startswith("atmn_forward_")]
-    assert len(forwards) == 8
+    # the neuron's forward and the spike point's, 4 dtypes × 2 index widths each
+    forwards = [name for name in entries if "_forward_" in name]
+    assert len(forwards) == 16
     for name in forwards:
         assert "fma." not in entries[name], f"{name}: the membrane update was contracted"
     # the same check on the update written plainly finds the FMA (the test can fail)
@@ -275,3 +277,52 @@ def test_forward_ptx_holds_no_fma():
         plain = plain.replace(f"return {intrinsic}(a, b);", f"return a {op} b;")
     ptx, _ = _nvrtc_compile(plain, options, "ptx")
     assert "fma.rn.f32" in _entries(ptx)["atmn_forward_f32_i32"]
+
+
+# -- the fused spike point: δ-inject → ATMN → decode in one kernel each way ---------------------
+
+
+@emulated
+@pytest.mark.parametrize("seed", range(8))
+def test_emulated_fused_spike_point_equals_the_reference(emulated_cupy, seed):
+    """``cupy_backend.atmn_quantize_cupy`` against ``atmn_quantize(..., backend='torch')``:
+    the decode to rounding of its sum, gradients to 1e-5 (float32)."""
+    case = _random_case(1000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    shape, dtype, T = case["shape"], case["dtype"], case["T"]
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = (torch.randn(*shape, generator=g) * 2).to(dtype).requires_grad_()
+    V = torch.rand(shape[-1], generator=g) + 0.2 if case["per_channel"] else torch.tensor(0.4)
+    V = V.to(cdtype).requires_grad_()
+    kw = {k: case[k] for k in ("tau", "surrogate", "ternary", "detach_reset")}
+    p = ATMNParameters(V, **kw)
+    weight = torch.randn(*shape, generator=g, dtype=torch.float64)
+    ref, _ = atmn_quantize(x, T, p, backend="torch")
+    ref_grads = torch.autograd.grad((ref.double() * weight).sum(), (x, V))
+    out = cupy_backend.atmn_quantize_cupy(x, T, p)
+    grads = torch.autograd.grad((out.double() * weight).sum(), (x, V))
+    assert out.dtype == dtype and out.shape == x.shape
+    half = dtype in (torch.float16, torch.bfloat16)
+    tol = 1e-2 if half else 1e-9 if dtype == torch.float64 else 1e-5
+    torch.testing.assert_close(out, ref, rtol=1e-6, atol=1e-6, msg=str(case))
+    n = math.prod(shape) * T // V.numel()
+    for a, b in zip(ref_grads, grads, strict=True):
+        t = tol * math.sqrt(n) if a.shape == V.shape else tol
+        torch.testing.assert_close(a, b, rtol=t, atol=t, msg=str(case))
+
+
+@emulated
+def test_emulated_fused_spike_point_runs_any_T_and_checks_values(emulated_cupy):
+    x = torch.randn(6, 5, generator=torch.Generator().manual_seed(0)).requires_grad_()
+    p = ATMNParameters(torch.tensor(0.05).requires_grad_(), tau=1.0)
+    ref, _ = atmn_quantize(x, 100, p, backend="torch")
+    out = cupy_backend.atmn_quantize_cupy(x, 100, p)  # chunks of 64 in the backward
+    torch.testing.assert_close(out, ref)
+    g_ref = torch.autograd.grad(ref.sum(), (x, p.v_threshold))
+    g = torch.autograd.grad(out.sum(), (x, p.v_threshold))
+    for a, b in zip(g_ref, g, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    bad = x.detach().clone()
+    bad[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="finite"):
+        cupy_backend.atmn_quantize_cupy(bad, 4, p)

@@ -23,13 +23,14 @@ import numpy as np
 import torch
 
 from . import fused
-from .functional import ATMNParameters, _decay
+from .functional import ATMNParameters, _decay, check_values, compute_dtype, decode_weights
 from .fused import fused_multi_step, surrogate_code
 
 __all__ = [
     "NVRTC_OPTIONS",
     "SOURCE",
     "atmn_multi_step_cupy",
+    "atmn_quantize_cupy",
     "kernel_name",
     "launch_geometry",
     "max_t_bucket",
@@ -207,3 +208,62 @@ def atmn_multi_step_cupy(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Backend entry point (signature of ``functional._atmn_multi_step_torch``)."""
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
+
+
+class _FusedQuantize(torch.autograd.Function):
+    """MAR's spike point on CUDA: ``atmn_quantize_{forward,backward}`` of ``_cuda/atmn.cu``."""
+
+    @staticmethod
+    def forward(ctx, x, v_threshold, p, T):  # type: ignore[override]
+        x = x.contiguous()
+        cdtype = compute_dtype(x.dtype)
+        vth = v_threshold.detach().to(device=x.device, dtype=cdtype).contiguous()
+        w = decode_weights(T, p.tau, cdtype, x.device)
+        out = torch.empty_like(x)
+        if x.numel():
+            _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
+            args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
+                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out))  # fmt: skip
+            kernel = _function(kernel_name("quantize_forward", x.dtype, bits), T, _device_index(x))
+            _launch(kernel, x, rows, C, args)
+        ctx.save_for_backward(x, vth, w)
+        ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, g):  # type: ignore[override]
+        x, vth, w = ctx.saved_tensors
+        p, T = ctx.p, ctx.T
+        g = g.to(x.dtype).contiguous()
+        g_x = torch.empty_like(x)
+        if x.numel() == 0:
+            return g_x, torch.zeros_like(vth).to(ctx.v_dtype), None, None
+        _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
+        kind, pa, pb = surrogate_code(p)
+        sms = _cupy().cuda.Device(_device_index(x)).attributes["MultiProcessorCount"]
+        (_, gy), _ = launch_geometry(rows, C, sms)
+        partial = torch.empty(gy, C, dtype=torch.float64, device=x.device)
+        args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
+                real(_decay(p.tau)), np.int32(p.ternary), np.int32(p.detach_reset),
+                np.int32(kind), real(pa), real(pb), _ptr(g), _ptr(g_x), _ptr(partial))  # fmt: skip
+        kernel = _function(kernel_name("quantize_backward", x.dtype, bits), T, _device_index(x))
+        _launch(kernel, x, rows, C, args)
+        g_vth = partial.sum(0)  # a fixed order: deterministic
+        g_vth = g_vth[0] if vth.dim() == 0 else g_vth
+        return g_x, g_vth.to(ctx.v_dtype), None, None
+
+
+def atmn_quantize_cupy(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+    """``atmn_quantize(activation, T, p)[0]`` on CUDA in one kernel forward and one backward,
+    without the [T, N] injected input and spike train (the backward recomputes h): the decode,
+    and to rounding its gradients to ``activation`` and ``p.v_threshold``, as the reference
+    path's. float32, float64, and float16/bfloat16 read and written in 16 bits (float32
+    arithmetic, the decode's weights exact in float32).
+
+    For callers that have checked what ``atmn_quantize`` checks (a floating tensor whose last
+    dimension matches a per-channel V, T ≥ 1) and that ``fused.unsupported_parameters(p)`` is
+    None. The values are checked as :func:`~spikemar.neurons.functional.check_values` checks
+    them, following :func:`~spikemar.neurons.value_checks` (no wait for the device in 'deferred').
+    """
+    check_values(activation.unsqueeze(0), activation, p)
+    return _FusedQuantize.apply(activation, p.v_threshold, p, T)

@@ -420,19 +420,23 @@ def atmn_decode(
             f"v_threshold: {v_threshold.shape[0]} per-channel thresholds do not match the last "
             f"dimension of spikes {tuple(spikes.shape)}"
         )
-    T = spikes.shape[0]
     # τ^t overflows float16 from t = 16 at τ = 2: weight and sum in the compute dtype
     dtype = compute_dtype(spikes.dtype) if spikes.is_floating_point() else torch.float32
-    steps = torch.arange(T, dtype=torch.float64, device=spikes.device)
-    if math.isinf(tau):
-        weights = (steps == 0).to(dtype)
-    else:  # pow in float64 (Python's tau**t), then rounded once to the compute dtype
-        weights = torch.pow(tau, steps).to(dtype)
+    weights = decode_weights(spikes.shape[0], tau, dtype, spikes.device)
     # autocast would round this contraction to 16 bits (τ = 2, T > 8 loses spikes' weight)
     with torch.autocast(spikes.device.type, enabled=False):
         weighted = torch.tensordot(weights, spikes.to(dtype), dims=([0], [0]))
     out_dtype = spikes.dtype if spikes.is_floating_point() else dtype
     return (v_threshold.to(device=spikes.device, dtype=dtype) * weighted).to(out_dtype)
+
+
+def decode_weights(T: int, tau: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """The decode's weights τ^t, t < T, made on ``device`` (nothing waits for it): the power in
+    float64 (Python's ``tau**t``), rounded once to ``dtype``; τ = ∞ weighs the first step only."""
+    steps = torch.arange(T, dtype=torch.float64, device=device)
+    if math.isinf(tau):
+        return (steps == 0).to(dtype)
+    return torch.pow(tau, steps).to(dtype)
 
 
 def atmn_quantize(

@@ -237,6 +237,95 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
   if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
 }
 
+// MAR's spike point in one kernel each way: δ-inject the activation x [N] (x_0 = x, x_t = 0
+// after), spike for T micro-steps from a zero membrane, decode V·Σ_t w_t s_t into out [N]
+// (w_t = τ^t as functional.atmn_decode computes them, [T] in R, made on the device by the host),
+// without the [T, N] input or spike train. The backward recomputes h and runs the reverse
+// micro-steps with dL/ds_t = g·V·w_t, adding the decode's own dL/dV = g·Σ_t w_t s_t.
+template <typename S, typename R, typename I>
+__device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T, I rows,
+                                                      I C, R d, int ternary, ptr_t out_) {
+  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
+  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
+  const R* __restrict__ w = reinterpret_cast<const R*>(w_);
+  S* __restrict__ out = reinterpret_cast<S*>(out_);
+  const R tern = ternary ? R(1) : R(0);
+  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  if (c >= C) return;
+  const R V = vth[c];
+  const I row_stride = (I)gridDim.y * (I)blockDim.y;
+  for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
+    const I n = r * C + c;
+    R u = R(0), s, acc = R(0);
+    for (I t = 0; t < T; ++t) {
+      atmn_step<R>(t == 0 ? R(widen(x[n])) : R(0), d, V, tern, u, s);
+      acc = add_rn(acc, mul_rn(w[t], s));  // the decode's sum, micro-step by micro-step
+    }
+    out[n] = narrow<S>(mul_rn(V, acc));
+  }
+}
+
+template <typename S, typename R, typename I>
+__device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T,
+                                                       I rows, I C, R d, int ternary,
+                                                       int detach_reset, int kind, R pa, R pb,
+                                                       ptr_t g_, ptr_t gx_, ptr_t partial_) {
+  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
+  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
+  const R* __restrict__ w = reinterpret_cast<const R*>(w_);
+  const S* __restrict__ g_out = reinterpret_cast<const S*>(g_);
+  S* __restrict__ g_x = reinterpret_cast<S*>(gx_);
+  double* __restrict__ partial = reinterpret_cast<double*>(partial_);  // [gridDim.y, C]
+  const R tern = ternary ? R(1) : R(0);
+  const R keep_reset = detach_reset ? R(0) : R(1);
+  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  double acc = 0.0;
+  if (c < C) {
+    const R V = vth[c];
+    const R iv = R(1) / V;
+    const I row_stride = (I)gridDim.y * (I)blockDim.y;
+    for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
+      const I n = r * C + c;
+      const R g = R(widen(g_out[n]));
+      const R gV = g * V;
+      R gu = R(0), gv = R(0), gh = R(0), wsum = R(0);
+      R h[MAX_T];
+      for (I end = T; end > 0;) {  // chunks of MAX_T micro-steps, the last one first
+        const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
+        R u = R(0), s;
+        const R x0 = R(widen(x[n]));
+        for (I t = 0; t < start; ++t) atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
+        for (I t = start; t < end; ++t) h[t - start] = atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
+        for (I t = end - 1; t >= start; --t) {
+          const R ht = h[t - start];
+          const R r_ = ht / V;
+          const R st = R(ht >= V) - tern * R(ht <= -V);
+          const R gp = surrogate<R>(r_ - R(1), kind, pa, pb) +
+                       tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
+          const R dsdh = gp * iv;
+          const R gs = gV * w[t] - keep_reset * V * gu;
+          gh = gu + gs * dsdh;
+          gv += -gu * st - gs * r_ * dsdh;
+          wsum += w[t] * st;
+          gu = gh * d;
+        }
+        end = start;
+      }
+      g_x[n] = narrow<S>(gh);  // dL/dh_0 = dL/dx: only x_0 is the activation
+      acc += (double)(gv + g * wsum);
+    }
+  }
+  __shared__ double red[BLOCK_THREADS];
+  const unsigned lane = threadIdx.y * blockDim.x + threadIdx.x;
+  red[lane] = acc;
+  __syncthreads();
+  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) red[lane] += red[lane + half * blockDim.x];
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
+}
+
 #define ATMN_KERNELS(S, R, I, SUFFIX)                                                          \
   extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, I T, I rows,  \
                                                    I C, R d, int ternary, ptr_t s,             \
@@ -249,6 +338,16 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
       ptr_t partial) {                                                                         \
     backward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, detach_reset, kind, pa, pb, gs, \
                            gvlast, gvseq, gx, gv0, partial);                                   \
+  }                                                                                            \
+  extern "C" __global__ void atmn_quantize_forward_##SUFFIX(                                   \
+      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out) {            \
+    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out);                    \
+  }                                                                                            \
+  extern "C" __global__ void atmn_quantize_backward_##SUFFIX(                                  \
+      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, int detach_reset,       \
+      int kind, R pa, R pb, ptr_t g, ptr_t gx, ptr_t partial) {                                \
+    quantize_backward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, detach_reset, kind, pa, \
+                                    pb, g, gx, partial);                                       \
   }
 
 ATMN_KERNELS(float, float, int, f32_i32)

@@ -214,3 +214,45 @@ def test_cupy_backend_holds_no_sync(tmp_path, monkeypatch):
         (spikes.sum() + v.sum()).backward()
     assert seen == []
     assert torch.equal(spikes.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))
+
+
+@pytest.mark.skipif(
+    cuda_emulation.emulation_unavailable_reason() is not None,
+    reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
+)
+def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path, monkeypatch):
+    """MAR's spike point on a CUDA activation: one fused kernel each way (no spike train),
+    the reference's decode and gradients, and no host sync with deferred value checks."""
+    import sys
+
+    from spikemar.models.common import SpikeConfig, SpikePoint
+
+    fake = cuda_emulation.EmulatedCupy(tmp_path)
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_functions", {})
+    stream = types.SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(3, 7, 16, generator=g)
+    results = []
+    for backend, device in (("torch", "cpu"), ("auto", "fake-cuda")):
+        torch.manual_seed(0)
+        point = SpikePoint(16, SpikeConfig(T=4, tau=1.5, v_threshold=0.5, backend=backend))
+        xi = x.clone().requires_grad_()
+        if device == "fake-cuda":
+            point.neuron.a.data = fake_cuda(point.neuron.a.data)
+            xi = fake_cuda(xi)
+        with watching_syncs() as seen, value_checks("deferred"):
+            out = point(xi)
+            out.sum().backward()
+        results.append((out.as_subclass(torch.Tensor), xi.grad, point.neuron.a.grad))
+        if device == "fake-cuda":
+            assert seen == []
+            assert {fn.name for fn in fake.functions} == {
+                "atmn_quantize_forward_f32_i32",
+                "atmn_quantize_backward_f32_i32",
+            }
+    for a, b in zip(*results, strict=True):
+        torch.testing.assert_close(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor))

@@ -18,7 +18,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..counting import counting_active, declare_spikes
-from ..neurons import ATMN, ATMNParameters, BinaryMultiStep, TernarySingleStep, cpu_backend, fused
+from ..neurons import (
+    ATMN,
+    ATMNParameters,
+    BinaryMultiStep,
+    TernarySingleStep,
+    cpu_backend,
+    cupy_backend,
+    fused,
+)
 from ..ssm.mixer import SpikeInputs, SpikePointOwner
 
 __all__ = [
@@ -101,6 +109,11 @@ class SpikePoint(nn.Module):
             p = neuron.parameters_tuple()
             if fused.unsupported_parameters(p) is None:
                 return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
+        if x.is_cuda and not (self.record or counting_active()):
+            # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
+            p = neuron.parameters_tuple()
+            if cupy_backend.quantize_unusable_reason(x, self.T, p, neuron.backend) is None:
+                return cupy_backend.atmn_quantize_cupy(x, self.T, p)
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()

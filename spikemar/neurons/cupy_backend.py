@@ -34,6 +34,7 @@ __all__ = [
     "kernel_name",
     "launch_geometry",
     "max_t_bucket",
+    "quantize_unusable_reason",
     "unusable_reason",
 ]
 
@@ -251,6 +252,27 @@ class _FusedQuantize(torch.autograd.Function):
         g_vth = partial.sum(0)  # a fixed order: deterministic
         g_vth = g_vth[0] if vth.dim() == 0 else g_vth
         return g_x, g_vth.to(ctx.v_dtype), None, None
+
+
+def quantize_unusable_reason(
+    activation: torch.Tensor, T: int, p: ATMNParameters, backend: str = "auto"
+) -> str | None:
+    """Why :func:`atmn_quantize_cupy` may not stand in for ``atmn_quantize(activation, T, p,
+    backend=backend)`` (None when it may): the backend must be 'auto' or 'cupy', the activation
+    a CUDA floating tensor whose last dimension fits a per-channel V, T ≥ 1, the surrogate one
+    the kernels implement, and CuPy usable. Cheap after the first call (no device work)."""
+    if backend not in ("auto", "cupy"):
+        return f"backend={backend!r} is not the CuPy kernels"
+    if not isinstance(activation, torch.Tensor) or not activation.is_cuda:
+        return "the activation is not a CUDA tensor"
+    if activation.dtype not in _KERNEL_TYPES or activation.dim() < 1:
+        return f"the activation's dtype {activation.dtype} or shape is not one the kernels take"
+    v = p.v_threshold
+    if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != activation.shape[-1]):
+        return "the threshold does not fit the activation's last dimension"
+    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        return f"T={T!r} is not a number of micro-steps"
+    return unusable_reason(activation, p)
 
 
 def atmn_quantize_cupy(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import math
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,7 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from spikemar.data import CharTokenizer
-from spikemar.eval.local_tasks import LOCAL_TASKS, TASKS_DIR
+from spikemar.eval.local_tasks import LOCAL_TASKS, TASKS_DIR, build_shakespeare_tasks
 from spikemar.eval.perplexity import text_perplexity
 from spikemar.eval.scoring import Scorer
 from spikemar.models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
@@ -247,3 +248,213 @@ def test_local_task_files_are_packaged():
         else:
             assert len(doc["choices"]) == 4 and 0 <= doc["label"] < 4
             assert doc["choices"][doc["label"]] not in doc["choices"][: doc["label"]]
+
+
+def test_packaged_tasks_rebuild_from_the_corpus(tmp_path):
+    corpus = Path(__file__).resolve().parents[1].parent / "shared/data/tinyshakespeare/input.txt"
+    if not corpus.is_file():
+        pytest.skip(f"Tiny Shakespeare is not at {corpus} (the shared data folder)")
+    written = build_shakespeare_tasks(corpus, tmp_path)
+    for task, path in written.items():
+        assert path.read_bytes() == (TASKS_DIR / f"{task}.jsonl").read_bytes(), task
+
+
+# -- lm-evaluation-harness -----------------------------------------------------------------------
+
+SHAKESPEARE_CHARS = "\n !$&',-.3:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+
+
+@pytest.fixture(scope="module")
+def harness():
+    pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the 'eval' extra) is missing")
+    from spikemar.eval import harness
+
+    return harness
+
+
+@pytest.fixture(scope="module")
+def char_model():
+    torch.manual_seed(11)
+    config = MARConfig(vocab_size=len(SHAKESPEARE_CHARS), d_model=16, n_layers=1, d_state=8,
+                       head_dim=8, spikes=SpikeConfig(T=2, v_threshold=0.05))  # fmt: skip
+    model = MARLM(config).eval()
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+    return model, CharTokenizer(SHAKESPEARE_CHARS)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(char_model, tmp_path_factory):
+    from spikemar.checkpoint import save_checkpoint
+
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.pt"
+    save_checkpoint(path, char_model[0], char_model[1])
+    return path
+
+
+def instances(request_type: str, args: list[tuple]):
+    from lm_eval.api.instance import Instance
+
+    return [
+        Instance(request_type=request_type, doc={}, arguments=a, idx=i) for i, a in enumerate(args)
+    ]
+
+
+def test_lm_eval_finds_the_model_beside_its_own(harness):
+    from lm_eval.api.registry import get_model, model_registry
+
+    assert get_model("spikemar") is harness.SpikemarLM
+    assert "hf" in model_registry  # registering spikemar keeps lm_eval's own models
+
+
+def test_harness_loglikelihood_equals_direct_computation(harness, char_model):
+    model, tok = char_model
+    lm = harness.SpikemarLM(model=model, tokenizer=tok, batch_size=3, count_energy=False)
+    requests = [("Good morrow", ", Kate"), ("ROMEO: ", "away"), ("", "Hark"), ("a", "b")]
+    got = lm.loglikelihood(instances("loglikelihood", requests))
+    for (ctx, cont), (logprob, greedy) in zip(requests, got, strict=True):
+        if ctx:  # lm_eval moves the context's trailing spaces to the continuation
+            n = len(ctx) - len(ctx.rstrip())
+            ctx, cont = ctx[: len(ctx) - n], ctx[len(ctx) - n :] + cont
+            want = direct_logprob(model, tok.encode(ctx), tok.encode(cont))
+        else:  # an empty context is the start token, "\n"
+            want = direct_logprob(model, tok.encode("\n"), tok.encode(cont))
+        assert logprob == pytest.approx(want[0], rel=1e-5)
+        assert greedy == want[1]
+
+
+def test_harness_rolling_is_the_sum_of_per_token_losses(harness, char_model):
+    model, tok = char_model
+    lm = harness.SpikemarLM(model=model, tokenizer=tok, count_energy=False)
+    docs = ["To be, or not to be: that is the question.", "Ay me!", ""]
+    got = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(d,) for d in docs]))
+    for doc, value in zip(docs, got, strict=True):
+        if not doc:
+            assert value == 0.0
+            continue
+        ids = torch.tensor([tok.encode("\n" + doc)])
+        with torch.no_grad():
+            logits = model(ids[:, :-1])[0].double()
+        want = -F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        assert value == pytest.approx(want, rel=1e-5)
+
+
+def test_harness_generate_until_stops_at_stop_sequences(harness, char_model):
+    model, tok = char_model
+    lm = harness.SpikemarLM(model=model, tokenizer=tok, count_energy=False)
+    ctx = "KING:\n"
+    full = tok.decode(model.generate(torch.tensor(tok.encode(ctx)), 16, temperature=0.0)[6:])
+    stop = full[6:8]
+    got = lm.generate_until(
+        instances(
+            "generate_until",
+            [(ctx, {"until": [stop], "max_gen_toks": 16}), (ctx, {"until": [], "max_gen_toks": 9})],
+        )
+    )
+    assert got == [full[: full.find(stop)], full[:9]]
+    with pytest.raises(ValueError, match="greedily"):
+        lm.generate_until(instances("generate_until", [(ctx, {"do_sample": True,
+                                                              "temperature": 1.0})]))  # fmt: skip
+
+
+def test_harness_errors_are_clear(harness, char_model, tmp_path):
+    model, tok = char_model
+    with pytest.raises(FileNotFoundError, match=r"checkpoint: no file at .*missing\.pt"):
+        harness.SpikemarLM.create_from_arg_string(f"checkpoint={tmp_path / 'missing.pt'}")
+    with pytest.raises(ValueError, match=r"model_args: unknown argument\(s\) \['temprature'\]"):
+        harness.SpikemarLM(model=model, tokenizer=tok, temprature=1)
+    with pytest.raises(ValueError, match="unk: expected one character"):
+        harness.SpikemarLM(model=model, tokenizer=tok, unk="#")
+    lm = harness.SpikemarLM(model=model, tokenizer=tok, count_energy=False)
+    with pytest.raises(ValueError, match=r"characters \['1', '2'\].*unk=' '"):
+        lm.loglikelihood(instances("loglikelihood", [("Act 1", " scene 2")]))
+    lm = harness.SpikemarLM(model=model, tokenizer=tok, unk=" ", count_energy=False)
+    (a,) = lm.loglikelihood(instances("loglikelihood", [("Act 1", " scene 2")]))
+    want = direct_logprob(model, tok.encode("Act  "), tok.encode(" scene  "))
+    assert a[0] == pytest.approx(want[0], rel=1e-5)
+    assert lm.replaced_chars == {"1", "2"}
+
+
+def test_harness_counts_energy_of_its_passes(harness, char_model):
+    model, tok = char_model
+    lm = harness.SpikemarLM(model=model, tokenizer=tok)
+    lm.loglikelihood(instances("loglikelihood", [("Good", " night")]))
+    report = lm.energy_report("45nm-fp32")
+    assert report.tokens == lm.scorer.positions == len("Good night") - 1
+    assert report.total_acs > 0
+
+
+# -- spikemar eval ---------------------------------------------------------------------------------
+
+
+def test_eval_command_two_local_tasks_offline(harness, tiny_checkpoint, tmp_path, capsys):
+    """The CI run of the command: two local tasks, two checkpoints, JSON + Markdown + PNG."""
+    from spikemar import cli
+
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--checkpoint", str(tiny_checkpoint),
+            "--label", "a", "--label", "b", "--tasks", "shakespeare_nextline,shakespeare_rolling",
+            "--limit", "3", "--batch-size", "8", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "| a |" in printed and "| b |" in printed
+    data = json.loads((out / "eval.json").read_text())
+    a, b = data["rows"]
+    assert set(a["tasks"]) == {"shakespeare_nextline", "shakespeare_rolling"}
+    assert 0 <= a["tasks"]["shakespeare_nextline"]["acc"] <= 1
+    assert "acc_stderr" in a["tasks"]["shakespeare_nextline"]
+    assert a["tasks"]["shakespeare_rolling"]["bits_per_byte"] > 0
+    assert a["samples"] == {"shakespeare_nextline": 3, "shakespeare_rolling": 3}
+    assert a["tasks"] == b["tasks"]  # the same checkpoint twice scores the same
+    energy = a["energy"]
+    assert energy["energy_pj_per_token"]["45nm-fp32"] > 0 and 0 < energy["firing_rate"] < 1
+    rows = [ln for ln in (out / "eval.md").read_text().splitlines() if ln.startswith("| ")]
+    assert len(rows) == 3  # header + 2 rows
+    assert (out / "eval.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_eval_command_text_perplexity(tiny_checkpoint, char_model, tmp_path, capsys):
+    from spikemar import cli
+
+    text = tmp_path / "t.txt"
+    text.write_text("Now is the winter of our discontent\nMade glorious summer.\n" * 3)
+    out = tmp_path / "ppl"
+    argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--text", str(text), "--window", "16",
+            "--train-length", "16", "--out", str(out)]  # fmt: skip
+    assert cli.main(argv) == 0
+    data = json.loads((out / "perplexity.json").read_text())
+    stream, windows = data["results"]
+    want = text_perplexity(*char_model, text.read_text())
+    assert stream["mode"] == "stream" and windows["window"] == 16
+    assert stream["nats_per_token"] == pytest.approx(want.nats_per_token, rel=1e-6)
+    assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "nats/token" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--checkpoint", "missing.pt"], "--checkpoint: no file at missing.pt"),
+        (["--label", "x", "--label", "y"], "--label: 2 labels for 1 checkpoints"),
+        (["--tasks", ","], "--tasks: expected at least one task name"),
+        (["--include-path", "no/such/dir"], "--include-path: no folder at no/such/dir"),
+        (["--text", "no/such.txt"], "no text file at no/such.txt"),
+    ],
+)
+def test_eval_command_bad_input_is_one_line(harness, tiny_checkpoint, capsys, extra, message):
+    from spikemar import cli
+
+    argv = ["eval", *(["--checkpoint", str(tiny_checkpoint)] if "--checkpoint" not in extra
+                      else []), *extra]  # fmt: skip
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikemar eval: error:") and message in err and "\n" not in err
+
+
+def test_eval_command_unknown_task_names_it(harness, tiny_checkpoint, capsys):
+    from spikemar import cli
+
+    argv = ["eval", "--checkpoint", str(tiny_checkpoint), "--tasks", "shakespeare_nextlin"]
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--tasks: unknown task(s) ['shakespeare_nextlin']" in err and "\n" not in err

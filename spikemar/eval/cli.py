@@ -1,0 +1,281 @@
+"""``spikemar eval``: zero-shot tasks with energy beside every score, or the perplexity of a text.
+
+The command's two halves, for :mod:`spikemar.cli` to wire in (``add_eval_arguments(parser)``,
+``eval_main(args) -> exit code``).
+
+Tasks (lm-evaluation-harness, ``HF_DATASETS_OFFLINE=1`` is enough for the local ones)::
+
+    spikemar eval --checkpoint A.pt --checkpoint B.pt \\
+        --tasks shakespeare_nextline,shakespeare_speaker,shakespeare_rolling --out runs/eval
+
+writes ``eval.json``, ``eval.md`` (one row per checkpoint: accuracy ± stderr per task and on
+average, rolling bits/byte, energy per token under each hardware profile, firing rate) and
+``eval.png`` (average accuracy against energy per token). Task names are lm_eval's (``piqa``,
+``arc_easy``, ``arc_challenge``, ``hellaswag``, ``winogrande``, ``lambada_openai``: their data
+comes from the Hugging Face Hub), spikemar's local ones, or those of ``--include-path DIR``.
+
+A text::
+
+    spikemar eval --checkpoint A.pt --text FILE [--window 64] --out runs/ppl
+
+writes ``perplexity.json``, ``perplexity.md`` and ``perplexity.png`` (the per-position loss
+curves): nats/token and bits/byte over the whole file as one stream, and in windows with
+``--window``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from .._argtypes import int_at_least_1 as _int_at_least_1
+from .local_tasks import LOCAL_TASKS, TASKS_DIR
+
+__all__ = ["add_eval_arguments", "eval_main", "evaluate_checkpoints", "resolve_tasks"]
+
+PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "mar_shakespeare.pt"
+
+
+def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar eval`` on ``parser``."""
+    parser.add_argument(
+        "--checkpoint",
+        type=Path,
+        action="append",
+        help="a spikemar checkpoint; repeat to compare several in one table "
+        "(default: the packaged student)",
+    )
+    parser.add_argument(
+        "--label", action="append", help="a name per --checkpoint (default: the file's name)"
+    )
+    parser.add_argument(
+        "--tasks",
+        default=",".join(LOCAL_TASKS),
+        help="comma-separated lm_eval task names (default: spikemar's three local tasks)",
+    )
+    parser.add_argument(
+        "--include-path",
+        type=Path,
+        action="append",
+        default=[],
+        help="a folder of task YAMLs of your own (repeatable; spikemar's local tasks are "
+        "always included)",
+    )
+    parser.add_argument(
+        "--limit", type=_int_at_least_1, help="score only the first N documents of each task"
+    )
+    parser.add_argument(
+        "--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)"
+    )
+    parser.add_argument("--text", type=Path, help="score this text file instead of tasks")
+    parser.add_argument(
+        "--window",
+        type=_int_at_least_1,
+        help="with --text: also score in windows of this many tokens; with tasks: score rolling "
+        "documents in windows",
+    )
+    parser.add_argument(
+        "--train-length",
+        type=_int_at_least_1,
+        default=None,
+        help="mark this training length on the loss curve (default: the checkpoint's, if known)",
+    )
+    parser.add_argument("--batch-size", type=_int_at_least_1, default=16, help="(default 16)")
+    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--unk",
+        help="a character of a character tokenizer's alphabet standing in for unknown ones "
+        "(standard tasks hold digits and symbols the Shakespeare alphabet lacks)",
+    )
+    parser.add_argument("--no-energy", action="store_true", help="do not count operations (faster)")
+    parser.add_argument(
+        "--hardware",
+        action="append",
+        help="energy profile(s) shown in the Markdown table and the PNG (repeatable; default "
+        "45nm-fp32, 45nm-fp32+mem and loihi; the JSON holds every profile)",
+    )
+    parser.add_argument("--out", type=Path, default=Path("spikemar_eval"), help="output folder")
+    return parser
+
+
+def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any]:
+    """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them.
+
+    lm_eval's own ~15,000 task configs are indexed only when a name is not local (indexing
+    them takes tens of seconds)."""
+    from lm_eval.tasks import TaskManager
+
+    for folder in include:
+        if not folder.is_dir():
+            raise ValueError(f"--include-path: no folder at {folder}")
+    paths = [str(TASKS_DIR), *(str(p) for p in include)]
+    manager = TaskManager(include_path=paths, include_defaults=False)
+    unknown = [n for n in names if not manager.match_tasks([n])]
+    if unknown:
+        manager = TaskManager(include_path=paths)
+        unknown = [n for n in names if not manager.match_tasks([n])]
+    if unknown:
+        raise ValueError(
+            f"--tasks: unknown task(s) {unknown}; spikemar's local tasks are "
+            f"{', '.join(LOCAL_TASKS)}; `lm_eval ls tasks` lists lm_eval's, --include-path adds "
+            "your own"
+        )
+    return names, manager
+
+
+def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
+    if args.label is None:
+        return [p.stem for p in checkpoints]
+    if len(args.label) != len(checkpoints):
+        raise ValueError(
+            f"--label: {len(args.label)} labels for {len(checkpoints)} checkpoints; give one "
+            "per --checkpoint or none"
+        )
+    return list(args.label)
+
+
+def _check_checkpoints(paths: list[Path]) -> None:
+    for p in paths:
+        if not p.is_file():
+            raise ValueError(f"--checkpoint: no file at {p}")
+
+
+def evaluate_checkpoints(
+    checkpoints: list[Path],
+    labels: list[str],
+    tasks: list[str],
+    *,
+    include: list[Path] = (),
+    limit: int | None = None,
+    num_fewshot: int | None = None,
+    batch_size: int = 16,
+    device: str = "cpu",
+    unk: str | None = None,
+    window: int | None = None,
+    count_energy: bool = True,
+    columns: list[str] | None = None,
+):
+    """Run ``tasks`` on every checkpoint through lm_eval; returns the :class:`EvalTable`."""
+    try:
+        import lm_eval
+    except ImportError as err:
+        raise ValueError(
+            f"--tasks: lm-evaluation-harness is not installed ({err}); pip install 'spikemar[eval]'"
+        ) from err
+    from .harness import SpikemarLM
+    from .report import EvalTable, row_from_lm_eval
+
+    names, manager = resolve_tasks(tasks, list(include))
+    rows = []
+    for path, label in zip(checkpoints, labels, strict=True):
+        lm = SpikemarLM(
+            checkpoint=path, batch_size=batch_size, device=device, unk=unk, window=window,
+            count_energy=count_energy,
+        )  # fmt: skip
+        start = time.perf_counter()
+        results = lm_eval.simple_evaluate(
+            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
+            log_samples=False, bootstrap_iters=1000,
+        )  # fmt: skip
+        seconds = time.perf_counter() - start
+        energy = lm.energy_report() if count_energy else None
+        rows.append(row_from_lm_eval(label, str(path), results, energy, seconds=seconds))
+        if lm.replaced_chars:
+            chars = "".join(sorted(lm.replaced_chars))
+            print(f"{label}: characters outside the tokenizer's alphabet were scored as {unk!r}: "
+                  f"{chars!r}", file=sys.stderr)  # fmt: skip
+    return EvalTable(rows, columns)
+
+
+def _train_length(path: Path) -> int | None:
+    from ..checkpoint import load_checkpoint
+
+    payload = load_checkpoint(path)[2]
+    config = (payload.get("train") or {}).get("config") or {}
+    value = config.get("L")
+    return value if isinstance(value, int) else None
+
+
+def _run_text(args: argparse.Namespace, checkpoints: list[Path], labels: list[str]) -> None:
+    import json
+
+    from ..checkpoint import load_checkpoint
+    from ..data import read_text
+    from .perplexity import save_curves, text_perplexity
+
+    text = read_text(args.text)
+    results = []
+    table = [
+        "| model | mode | tokens | nats/token | bits/byte | perplexity |",
+        "|---|---|---|---|---|---|",
+    ]
+    for path, label in zip(checkpoints, labels, strict=True):
+        model, tokenizer, _ = load_checkpoint(path)
+        modes = [None] + ([args.window] if args.window else [])
+        for window in modes:
+            r = text_perplexity(
+                model, tokenizer, text, window=window, batch_size=args.batch_size,
+                device=args.device,
+            )  # fmt: skip
+            name = label if window is None else f"{label}, windows of {window}"
+            results.append((name, r))
+            table.append(
+                f"| {label} | {'one stream' if window is None else f'windows of {window}'} | "
+                f"{r.tokens} | {r.nats_per_token:.4f} | {r.bits_per_byte:.4f} | "
+                f"{r.perplexity:.3f} |"
+            )
+            print(f"{name}: {r.summary()}")
+    train_length = args.train_length or _train_length(checkpoints[0])
+    out = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "schema": "spikemar-perplexity-1",
+        "text": str(args.text),
+        "results": [{"label": n, **r.to_dict()} for n, r in results],
+    }
+    (out / "perplexity.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
+    (out / "perplexity.md").write_text("\n".join(table) + "\n", encoding="utf-8")
+    save_curves(results, out / "perplexity.png", train_length=train_length)
+    print(f"wrote {out / 'perplexity.json'}, {out / 'perplexity.md'}, {out / 'perplexity.png'}")
+
+
+def eval_main(args: argparse.Namespace) -> int:
+    """Run ``spikemar eval`` with parsed ``args``; returns the exit code (2 on bad input)."""
+    try:
+        checkpoints = list(args.checkpoint or [PACKAGED])
+        _check_checkpoints(checkpoints)
+        labels = _labels(args, checkpoints)
+        columns = None
+        if args.hardware:
+            from ..energy import get_profile
+
+            columns = [get_profile(h).name for h in args.hardware]
+        if args.text is not None:
+            _run_text(args, checkpoints, labels)
+            return 0
+        tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+        if not tasks:
+            raise ValueError("--tasks: expected at least one task name")
+        table = evaluate_checkpoints(
+            checkpoints, labels, tasks, include=args.include_path, limit=args.limit,
+            num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
+            unk=args.unk, window=args.window, count_energy=not args.no_energy,
+            columns=columns,
+        )  # fmt: skip
+        out = args.out
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "eval.json").write_text(table.to_json() + "\n", encoding="utf-8")
+        markdown = table.to_markdown()
+        (out / "eval.md").write_text(markdown, encoding="utf-8")
+        written = [out / "eval.json", out / "eval.md"]
+        if not args.no_energy and any(r.average_accuracy()[0] is not None for r in table.rows):
+            written.append(table.save_png(out / "eval.png"))
+        print(markdown)
+        print("wrote " + ", ".join(str(p) for p in written))
+    except (ValueError, FileNotFoundError) as err:
+        print(f"spikemar eval: error: {err}", file=sys.stderr)
+        return 2
+    return 0

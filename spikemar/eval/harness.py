@@ -1,0 +1,276 @@
+"""spikemar models inside EleutherAI's lm-evaluation-harness: ``--model spikemar``.
+
+    python -m spikemar.eval run --model spikemar --model_args checkpoint=PATH --tasks piqa
+    lm_eval.simple_evaluate(model=SpikemarLM(checkpoint=PATH), tasks=[...])
+
+:class:`SpikemarLM` is an ``lm_eval.api.model.TemplateLM``: lm_eval's own code turns each
+``(context, continuation)`` into token ids (trailing spaces of the context moved to the
+continuation, the context encoded as a prefix of the whole, an empty context replaced by the
+prefix token), and :class:`~spikemar.eval.scoring.Scorer` scores the ids in batches, in float64.
+Rolling loglikelihood scores a whole document in one forward pass (the SSM has no context limit);
+``generate_until`` is greedy.
+
+**Registration.** Importing this module registers the class under the name ``spikemar`` with
+``lm_eval.api.registry.register_model``, lm_eval's documented way to add a model. lm_eval 0.4.13
+has no plugin discovery (no entry points are read; ``--include_path`` is for tasks only), so its
+own ``lm_eval`` command cannot import spikemar by itself; ``python -m spikemar.eval`` is that
+command with spikemar imported first (every ``lm_eval`` argument works the same). lm_eval
+registers its own models (``hf``, ...) only when it finds its registry empty, so this module
+imports ``lm_eval.models`` before adding ``spikemar``: both then work side by side.
+
+**Tokenizers.** A checkpoint's own tokenizer. The character tokenizer of the Tiny Shakespeare
+checkpoints knows 65 symbols; text with others (digits, most punctuation of the standard tasks)
+raises a clear error unless ``unk=C`` names a symbol of the alphabet to stand in for them
+(:attr:`SpikemarLM.replaced_chars` collects the characters replaced). It has no end-of-text
+token: ``"\\n"`` stands for the start of a document (the prefix of rolling and empty-context
+requests).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import lm_eval.models  # noqa: F401  lm_eval's own models first (see "Registration")
+import torch
+from lm_eval.api.model import TemplateLM
+from lm_eval.api.registry import register_model
+
+from ..energy import EnergyReport
+from .scoring import Scorer
+
+__all__ = ["SpikemarLM", "load_model"]
+
+log = logging.getLogger(__name__)
+
+
+def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any]:
+    """``(model, tokenizer)`` of a spikemar checkpoint file, the model in eval mode on the CPU."""
+    from ..checkpoint import load_checkpoint
+
+    path = Path(checkpoint)
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: no file at {path}")
+    model, tokenizer, _ = load_checkpoint(path)
+    return model, tokenizer
+
+
+def _as_bool(name: str, value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
+        return value.lower() in ("true", "1")
+    if isinstance(value, int) and value in (0, 1):
+        return bool(value)
+    raise ValueError(f"{name}: expected true or false, got {value!r}")
+
+
+def _as_int(name: str, value: Any, minimum: int, *, none_ok: bool = False) -> int | None:
+    if value is None or (none_ok and isinstance(value, str) and value.lower() == "none"):
+        if none_ok:
+            return None
+        raise ValueError(f"{name}: expected an int >= {minimum}, got None")
+    try:
+        out = int(value)
+    except (TypeError, ValueError):
+        out = None
+    if out is None or isinstance(value, bool) or out < minimum or str(out) != str(value).strip():
+        raise ValueError(f"{name}: expected an int >= {minimum}, got {value!r}")
+    return out
+
+
+@register_model("spikemar")
+class SpikemarLM(TemplateLM):
+    """A spikemar checkpoint as an lm-evaluation-harness model.
+
+    Args (``--model_args key=value,...``):
+        checkpoint: a spikemar checkpoint file (``spikemar train``/``distill``, the packaged
+            ``spikemar/assets/mar_shakespeare.pt``).
+        model, tokenizer: instead of ``checkpoint``, a model object and its tokenizer (Python).
+        batch_size: sequences per forward pass (lm_eval's ``--batch_size``; 'auto' means 16).
+        device: 'cpu' (default) or a torch device.
+        max_length: the longest forward pass (default: none for SSM models, ``max_len`` with
+            attention); longer contexts lose their oldest tokens, longer documents are windowed.
+        window: score rolling documents in windows of this many tokens instead of one pass.
+        unk: one character of a character tokenizer's alphabet that stands in for characters
+            outside it (default: such text is an error).
+        count_energy: count the operations of every pass (default true; see
+            :meth:`energy_report`).
+        max_gen_toks: default cap on generated tokens (256).
+    """
+
+    def __init__(
+        self,
+        checkpoint: str | os.PathLike | None = None,
+        *,
+        model: torch.nn.Module | None = None,
+        tokenizer: Any = None,
+        batch_size: int | str = 16,
+        device: str | None = "cpu",
+        max_length: int | str | None = None,
+        window: int | str | None = None,
+        unk: str | None = None,
+        count_energy: bool | str = True,
+        max_gen_toks: int | str = 256,
+        **unknown: Any,
+    ) -> None:
+        super().__init__()
+        unknown = {k: v for k, v in unknown.items() if v is not None}
+        unknown.pop("max_batch_size", None)  # lm_eval passes it with every model
+        if unknown:
+            raise ValueError(
+                f"model_args: unknown argument(s) {sorted(unknown)}; spikemar takes checkpoint, "
+                "batch_size, device, max_length, window, unk, count_energy, max_gen_toks"
+            )
+        if (checkpoint is None) == (model is None):
+            raise ValueError("checkpoint: give a checkpoint path or a model (not both)")
+        device = str(device or "cpu")
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            # lm_eval's command line passes --device cuda:0 unless told otherwise
+            log.warning("device %s: CUDA is not available; running on the CPU", device)
+            device = "cpu"
+        if model is None:
+            model, tokenizer = load_model(checkpoint)
+        elif tokenizer is None:
+            raise ValueError("tokenizer: a model object needs its tokenizer")
+        if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
+            batch_size = 16  # no memory probing on CPU: a fixed size that suits small models
+        self.checkpoint = None if checkpoint is None else str(checkpoint)
+        self.tokenizer = tokenizer
+        self._vocab = int(tokenizer.vocab_size)
+        self.unk = self._check_unk(unk)
+        self.window = _as_int("window", window, 1, none_ok=True)
+        self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 1)
+        self.scorer = Scorer(
+            model,
+            self._vocab,
+            batch_size=_as_int("batch_size", batch_size, 1),
+            device=device,
+            max_length=_as_int("max_length", max_length, 2, none_ok=True),
+            pad_token=self.eot_token_id,
+            count_energy=_as_bool("count_energy", count_energy),
+        )
+        self._device = self.scorer.device
+        self.replaced_chars: set[str] = set()
+
+    # -- tokenizer ---------------------------------------------------------------------------
+
+    def _check_unk(self, unk: str | None) -> str | None:
+        if unk is None:
+            return None
+        chars = getattr(self.tokenizer, "chars", None)
+        if chars is None:
+            raise ValueError("unk: only a character tokenizer has an alphabet to stand in for")
+        if not isinstance(unk, str) or len(unk) != 1 or unk not in chars:
+            raise ValueError(
+                f"unk: expected one character of the tokenizer's alphabet, got {unk!r}"
+            )
+        return unk
+
+    @property
+    def eot_token_id(self) -> int:
+        for name in ("eos_token_id", "bos_token_id"):
+            value = getattr(self.tokenizer, name, None)
+            if isinstance(value, int):
+                return value
+        ids = self.tok_encode("\n")
+        if len(ids) != 1:
+            raise ValueError(
+                "tokenizer: has no end-of-text token and no single token for '\\n' to start "
+                "documents with"
+            )
+        return ids[0]
+
+    @property
+    def max_length(self) -> int | None:
+        return self.scorer.max_length
+
+    @property
+    def tokenizer_name(self) -> str:
+        return type(self.tokenizer).__name__
+
+    def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw: Any) -> list:
+        chars = getattr(self.tokenizer, "chars", None)
+        if self.unk is not None and chars is not None:
+            known = set(chars)
+            missing = {c for c in string if c not in known}
+            if missing:
+                self.replaced_chars |= missing
+                string = "".join(c if c in known else self.unk for c in string)
+        try:
+            return list(self.tokenizer.encode(string))
+        except ValueError as err:
+            hint = " (model_args unk=' ' replaces them)" if chars is not None else ""
+            raise ValueError(f"{err}{hint}") from err
+
+    def tok_decode(self, tokens: Sequence[int], **kw: Any) -> str:
+        return self.tokenizer.decode(list(tokens))
+
+    # -- the three requests ------------------------------------------------------------------
+
+    def _loglikelihood_tokens(
+        self, requests: list[tuple[tuple[str, str], list[int], list[int]]], **kw: Any
+    ) -> list[tuple[float, bool]]:
+        pairs = []
+        for _, context, continuation in requests:
+            if not continuation:
+                raise ValueError("continuation: a request has nothing to score (empty)")
+            pairs.append((context or [self.eot_token_id], continuation))
+        scores = self.scorer.loglikelihood(pairs)
+        out = []
+        for (key, _, _), s in zip(requests, scores, strict=True):
+            out.append((s.logprob, s.greedy))
+            self.cache_hook.add_partial("loglikelihood", key, (s.logprob, s.greedy))
+        return out
+
+    def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
+        docs = [self.tok_encode(req.args[0]) for req in requests]
+        keep = [i for i, d in enumerate(docs) if d]
+        scored = self.scorer.loglikelihood_rolling(
+            [docs[i] for i in keep], self.eot_token_id, self.window
+        )
+        out = [0.0] * len(docs)  # an empty document has probability 1
+        for i, s in zip(keep, scored, strict=True):
+            out[i] = s
+        for req, s in zip(requests, out, strict=True):
+            self.cache_hook.add_partial("loglikelihood_rolling", req.args, s)
+        return out
+
+    def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
+        groups: dict[tuple, list[int]] = {}
+        settings = []
+        for n, req in enumerate(requests):
+            context, gen_kwargs = req.args
+            kwargs = dict(gen_kwargs or {})
+            until = kwargs.pop("until", None) or []
+            until = [until] if isinstance(until, str) else list(until)
+            max_new = _as_int("max_gen_toks", kwargs.pop("max_gen_toks", self.max_gen_toks), 1)
+            if kwargs.pop("do_sample", False) and float(kwargs.get("temperature", 0.0)) > 0:
+                raise ValueError("gen_kwargs: spikemar generates greedily; do_sample is not "
+                                 "supported")  # fmt: skip
+            key = (tuple(until), max_new)
+            groups.setdefault(key, []).append(n)
+            settings.append((context, key))
+        out = [""] * len(requests)
+        for (until, max_new), members in groups.items():
+            contexts = [self.tok_encode(settings[i][0]) or [self.eot_token_id] for i in members]
+            texts = self.scorer.greedy_until(
+                contexts, decode=self.tok_decode, stop=list(until), max_new_tokens=max_new
+            )
+            for i, t in zip(members, texts, strict=True):
+                out[i] = t
+                self.cache_hook.add_partial("generate_until", requests[i].args, t)
+        return out
+
+    # -- energy ------------------------------------------------------------------------------
+
+    def energy_report(self, hardware: str = "45nm-fp32") -> EnergyReport:
+        """The operations of every forward pass this model has run, priced under
+        ``hardware``, per token position processed."""
+        return self.scorer.energy_report(hardware)
+
+    def get_model_info(self) -> dict[str, Any]:
+        return {"spikemar_checkpoint": self.checkpoint, "max_length": self.max_length}

@@ -1,0 +1,278 @@
+"""The evaluation table: one row per model, accuracy ± stderr per task, perplexity, and the
+energy per token under every hardware profile, as MAR's Table 2 with an energy column.
+
+    table = EvalTable([row_from_lm_eval(label, results, energy_report), ...])
+    table.to_json(); table.to_markdown(); table.save_png("accuracy_vs_energy.png")
+
+A row holds what lm_eval measured (its ``results["results"]``: for multiple-choice tasks
+``acc`` and ``acc_norm`` with their standard errors, for rolling tasks ``word_perplexity``,
+``byte_perplexity`` and ``bits_per_byte``) and what spikemar's energy counter counted on the
+very forward passes that produced those scores: energy per token position under each profile
+(:func:`spikemar.energy.available_profiles`) and the spike points' firing rates.
+
+The average accuracy is the mean of the tasks' ``acc``; its standard error treats the tasks as
+independent: sqrt(Σ se²) / n.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ..energy import EnergyReport, available_profiles
+
+__all__ = ["EvalRow", "EvalTable", "energy_summary", "row_from_lm_eval"]
+
+ACCURACY = ("acc", "acc_norm")
+# Markdown's energy columns unless told: compute only (MAR's convention), compute + memory
+# traffic, and Loihi; every profile's figure is in the JSON
+DEFAULT_COLUMNS = ("45nm-fp32", "45nm-fp32+mem", "loihi")
+# a profile without a price for one of these leaves out real work: marked in the table
+SYNAPTIC = ("acs", "macs")
+PERPLEXITY = ("word_perplexity", "byte_perplexity", "bits_per_byte", "perplexity")
+
+
+def _metric(task_results: dict[str, Any], name: str) -> tuple[float | None, float | None]:
+    """(value, stderr) of ``name`` in one task's lm_eval results (keys 'name,filter')."""
+    value = stderr = None
+    for key, v in task_results.items():
+        if not isinstance(key, str) or "," not in key:
+            continue
+        metric, _filter = key.split(",", 1)
+        if metric == name and isinstance(v, (int, float)):
+            value = float(v)
+        elif metric == f"{name}_stderr" and isinstance(v, (int, float)):
+            stderr = float(v)
+    return value, stderr
+
+
+def energy_summary(report: EnergyReport, profiles: tuple[str, ...] | None = None) -> dict:
+    """Energy per token under each profile and the spike points' firing rates of ``report``."""
+    names = available_profiles() if profiles is None else profiles
+    per_token = {}
+    unpriced = {}
+    for name in names:
+        priced = report.with_hardware(name)
+        per_token[name] = priced.per_token()["energy_pj"]
+        if priced.unpriced:
+            unpriced[name] = sorted(priced.unpriced)
+    points = [r for r in report.rows if r.kind == "spike_point" and r.spike_elements]
+    elements = sum(r.spike_elements for r in points)
+    return {
+        "energy_pj_per_token": per_token,
+        "unpriced": unpriced,  # profile → count fields it has no price for (e.g. MACs on Loihi)
+        "positions": report.tokens,
+        "acs_per_token": report.total_acs / report.tokens,
+        "macs_per_token": report.total_macs / report.tokens,
+        "firing_rate": sum(r.spike_nnz for r in points) / elements if elements else None,
+        "pos_rate": sum(r.spike_pos for r in points) / elements if elements else None,
+        "neg_rate": sum(r.spike_neg for r in points) / elements if elements else None,
+        "firing_rates": {r.name: r.firing_rate for r in points},
+    }
+
+
+@dataclass
+class EvalRow:
+    """One model's scores and energy."""
+
+    label: str
+    source: str  # checkpoint path, or a description
+    tasks: dict[str, dict[str, Any]]  # task → {metric: value, metric_stderr: value}
+    energy: dict[str, Any] | None = None  # energy_summary(), or None when not counted
+    seconds: float | None = None
+    samples: dict[str, int] = field(default_factory=dict)  # task → documents scored
+
+    def accuracy(self, task: str) -> tuple[float | None, float | None]:
+        m = self.tasks.get(task, {})
+        return m.get("acc"), m.get("acc_stderr")
+
+    def average_accuracy(self) -> tuple[float | None, float | None]:
+        accs = [self.accuracy(t) for t in self.tasks if self.accuracy(t)[0] is not None]
+        if not accs:
+            return None, None
+        mean = sum(a for a, _ in accs) / len(accs)
+        if any(se is None for _, se in accs):
+            return mean, None
+        return mean, math.sqrt(sum(se * se for _, se in accs)) / len(accs)
+
+
+def row_from_lm_eval(
+    label: str,
+    source: str,
+    results: dict[str, Any],
+    energy: EnergyReport | None = None,
+    *,
+    seconds: float | None = None,
+    profiles: tuple[str, ...] | None = None,
+) -> EvalRow:
+    """An :class:`EvalRow` from lm_eval's ``simple_evaluate`` output and the energy report of
+    the same passes."""
+    if not isinstance(results, dict) or "results" not in results:
+        raise ValueError("results: expected the dict lm_eval.simple_evaluate returns")
+    tasks: dict[str, dict[str, Any]] = {}
+    for task, res in results["results"].items():
+        metrics: dict[str, Any] = {}
+        for name in ACCURACY + PERPLEXITY:
+            value, stderr = _metric(res, name)
+            if value is not None:
+                metrics[name] = value
+                if stderr is not None and math.isfinite(stderr):
+                    metrics[f"{name}_stderr"] = stderr
+        if metrics:
+            tasks[task] = metrics
+    samples = {}
+    for task, n in (results.get("n-samples") or {}).items():
+        if isinstance(n, dict) and "effective" in n:
+            samples[task] = int(n["effective"])
+    return EvalRow(
+        label=label,
+        source=source,
+        tasks=tasks,
+        energy=None if energy is None else energy_summary(energy, profiles),
+        seconds=seconds,
+        samples=samples,
+    )
+
+
+def _pm(value: float | None, stderr: float | None, scale: float = 100.0) -> str:
+    if value is None:
+        return "–"
+    if stderr is None:
+        return f"{value * scale:.2f}"
+    return f"{value * scale:.2f} ± {stderr * scale:.2f}"
+
+
+def _pj(value: float) -> str:
+    for unit, factor in (("µJ", 1e6), ("nJ", 1e3)):
+        if value >= factor:
+            return f"{value / factor:.3g} {unit}"
+    return f"{value:.3g} pJ"
+
+
+@dataclass
+class EvalTable:
+    """Rows of :class:`EvalRow`, rendered as JSON, Markdown and an accuracy-vs-energy PNG."""
+
+    rows: list[EvalRow]
+    columns: list[str] | None = None  # the profiles shown in Markdown (JSON keeps every one)
+
+    def __post_init__(self) -> None:
+        if not self.rows:
+            raise ValueError("rows: expected at least one evaluated model")
+
+    def _tasks(self, kind: tuple[str, ...]) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            for task, metrics in row.tasks.items():
+                if any(k in metrics for k in kind):
+                    seen.setdefault(task)
+        return list(seen)
+
+    def _profiles(self) -> list[str]:
+        seen: dict[str, None] = {}
+        for row in self.rows:
+            for name in (row.energy or {}).get("energy_pj_per_token", {}):
+                seen.setdefault(name)
+        if self.columns is not None:
+            return [p for p in self.columns if p in seen]
+        preferred = [p for p in DEFAULT_COLUMNS if p in seen]
+        return preferred or list(seen)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": "spikemar-eval-1", "rows": [asdict(r) for r in self.rows]}
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent)
+
+    def to_markdown(self) -> str:
+        """Accuracy (%) ± stderr per task and on average, rolling perplexity (bits/byte),
+        energy per token under each profile, the spike points' firing rate."""
+        acc_tasks = self._tasks(ACCURACY)
+        ppl_tasks = self._tasks(PERPLEXITY)
+        profiles = self._profiles()
+        head = ["model", *acc_tasks]
+        if acc_tasks:
+            head.append("avg acc")
+        head += [f"{t} (bits/byte)" for t in ppl_tasks]
+        head += [f"E/token {p}" for p in profiles]
+        head.append("firing rate")
+        lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        notes = set()
+        for row in self.rows:
+            cells = [row.label]
+            cells += [_pm(*row.accuracy(t)) for t in acc_tasks]
+            if acc_tasks:
+                cells.append(_pm(*row.average_accuracy()))
+            for t in ppl_tasks:
+                m = row.tasks.get(t, {})
+                key = "bits_per_byte" if "bits_per_byte" in m else "perplexity"
+                v = m.get(key)
+                cells.append("–" if v is None else f"{v:.4f}" + ("" if key == "bits_per_byte"
+                                                                 else " (ppl)"))  # fmt: skip
+            energy = row.energy or {}
+            for p in profiles:
+                v = energy.get("energy_pj_per_token", {}).get(p)
+                missing = set(energy.get("unpriced", {}).get(p, ())) & set(SYNAPTIC)
+                mark = "*" if missing else ""
+                if mark:
+                    notes.add(p)
+                cells.append("–" if v is None else _pj(v) + mark)
+            rate = energy.get("firing_rate")
+            cells.append("–" if rate is None else f"{rate:.3f}")
+            lines.append("| " + " | ".join(cells) + " |")
+        out = "\n".join(lines) + "\n"
+        out += (
+            "\nAccuracy in %, ± one standard error (lm_eval's); average over the accuracy tasks "
+            "(stderr √Σse²/n). Energy per token position of the scored forward passes, counted by "
+            "spikemar.energy (ACs for spike-fed layers, MACs otherwise; memory traffic in the "
+            "+mem profiles) and priced by each profile (terms a profile has no price for are "
+            "listed under `unpriced` in the JSON); firing rate: non-zero spikes per neuron per "
+            "micro-step over all spike points.\n"
+        )
+        if notes:
+            out += (
+                f"\n\\* {', '.join(sorted(notes))}: synaptic operations this profile has no "
+                "price for (MACs on Loihi) are left out of the figure.\n"
+            )
+        return out
+
+    def save_png(self, path: str | Path, *, hardware: str | None = None, dpi: int = 120) -> Path:
+        """Average accuracy (± stderr) against energy per token under ``hardware`` (default
+        the first profile of the rows), one labelled point per model."""
+        from matplotlib.figure import Figure
+
+        profiles = self._profiles()
+        if not profiles:
+            raise ValueError("rows: no energy was counted (count_energy off); nothing to plot")
+        hw = hardware or profiles[0]
+        if hw not in profiles:
+            raise ValueError(f"hardware: expected one of {profiles}, got {hw!r}")
+        fig = Figure(figsize=(6.4, 4.4))
+        ax = fig.add_subplot()
+        plotted = 0
+        for row in self.rows:
+            acc, se = row.average_accuracy()
+            energy = (row.energy or {}).get("energy_pj_per_token", {}).get(hw)
+            if acc is None or energy is None:
+                continue
+            ax.errorbar(energy, acc * 100, yerr=None if se is None else se * 100, fmt="o",
+                        capsize=3, label=row.label)  # fmt: skip
+            ax.annotate(row.label, (energy, acc * 100), textcoords="offset points",
+                        xytext=(6, 4), fontsize=8)  # fmt: skip
+            plotted += 1
+        if not plotted:
+            raise ValueError("rows: no row has both an accuracy task and an energy figure")
+        ax.set_xscale("log")
+        ax.set_xlabel(f"energy per token ({hw}, pJ)")
+        ax.set_ylabel("average accuracy (%)")
+        tasks = ", ".join(self._tasks(("acc",)))
+        ax.set_title(f"Accuracy vs energy ({tasks})", fontsize=9)
+        ax.grid(alpha=0.3, which="both")
+        fig.tight_layout()
+        path = Path(path)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fig.savefig(path, dpi=dpi)
+        return path

@@ -478,6 +478,14 @@ _add_export = _delegated(
     description="Report which modules of a model run on Loihi and which stay on the host; "
     "export a Linear/Conv2d + neuron network to Lava (netx HDF5 with ATMN layers) and NIR.",
 )  # fmt: skip
+_add_eval = _delegated(
+    "eval", ".eval.cli", "add_eval_arguments", "eval_main",
+    help="zero-shot tasks (lm-evaluation-harness) or a text's perplexity, with energy per token",
+    description="Score checkpoints on lm_eval tasks (spikemar's offline Tiny Shakespeare tasks by "
+    "default) and write one table (JSON, Markdown) with accuracy +- stderr, perplexity, energy "
+    "per token under each hardware profile and firing rates, plus an accuracy-vs-energy PNG; "
+    "--text FILE gives nats/token, bits/byte and the loss by position instead.",
+)  # fmt: skip
 
 
 # -- the command line ---------------------------------------------------------------------------
@@ -491,6 +499,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     _add_distill,
     _add_convert,
     _add_export,
+    _add_eval,
 )
 
 

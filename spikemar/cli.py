@@ -74,13 +74,25 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
+def _named(name: str, summary: str):
+    """Mark ``_add_<name>`` with its command's name and one-line help, so that the parser can
+    list a command without importing what it needs (see :func:`build_parser`)."""
+
+    def mark(add):
+        add.command, add.summary = name, summary
+        return add
+
+    return mark
+
+
 # -- raster -------------------------------------------------------------------------------------
 
 
+@_named("raster", "plot spikes, firing rates and membranes of an ATMN layer or small network")
 def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "raster",
-        help="plot spikes, firing rates and membranes of an ATMN layer or small network",
+        help=_add_raster.summary,
         description=(
             "Run a spiking neuron on a built-in input and write one PNG: raster (+1 and -1 "
             "spikes in two colours), per-neuron firing rates, membrane traces, and per-layer "
@@ -313,10 +325,11 @@ def _raster_network(args: argparse.Namespace, first: nn.Module, setting: str):
 # -- train / generate -----------------------------------------------------------------------------
 
 
+@_named("train", "train a language model (spiking MAR, its dense twin, or a Transformer) on text")
 def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "train",
-        help="train a language model (spiking MAR, its dense twin, or a Transformer) on text",
+        help=_add_train.summary,
         description="Train from scratch on a UTF-8 text file (default: Tiny Shakespeare from the "
         "shared data folder), with a progress bar, validation and checkpoints; --resume "
         "continues an interrupted run exactly; runs data-parallel under torchrun.",
@@ -365,25 +378,27 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError:
         raise
     except (ValueError, TypeError, OSError) as err:
-        raise _UsageError(_with_flags(str(err))) from err
+        raise _UsageError(_with_flags(str(err), path="data")) from err
     skipped = f" ({result['skipped']} non-finite steps skipped)" if result["skipped"] else ""
     print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} "
           f"nats/char{skipped}")  # fmt: skip
     return 0
 
 
-def _with_flags(message: str) -> str:
-    """A library message names the argument (``out: ...``); on the command line name the flag."""
+def _with_flags(message: str, **aliases: str) -> str:
+    """A library message names the argument (``out: ...``); on the command line name the flag
+    (``--out``), through ``aliases`` where the names differ (``path`` of the data: ``--data``)."""
     name, sep, rest = message.partition(": ")
-    if sep and name.isidentifier() and not name.startswith("-"):
-        return f"--{name.replace('_', '-')}: {rest}"
+    if sep and name.isidentifier():
+        return f"--{aliases.get(name, name).replace('_', '-')}: {rest}"
     return message
 
 
+@_named("generate", "sample text from a checkpoint")
 def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParser:
     p = subparsers.add_parser(
         "generate",
-        help="sample text from a checkpoint",
+        help=_add_generate.summary,
         description="Continue a prompt with a trained model, token by token through its "
         "recurrent state (SSM state or KV cache).",
     )
@@ -442,7 +457,7 @@ def _delegated(
         p.set_defaults(func=getattr(home, run))
         return p
 
-    return add
+    return _named(name, help)(add)
 
 
 _add_demo = _delegated(
@@ -512,7 +527,11 @@ def _version() -> str:
         return "unknown (not installed)"
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: Sequence[str] | None = None) -> argparse.ArgumentParser:
+    """The ``spikemar`` parser. With ``argv``, only the command it names gets its options (and
+    imports its module): the others are listed by name and help, so a command starts without
+    importing, say, transformers for ``distill``, and one whose module fails to import does not
+    take the others down. Without ``argv``, every command is complete."""
     parser = _Parser(
         prog="spikemar",
         description="spikemar: spiking language models after MAR (arXiv 2601.21503).",
@@ -520,7 +539,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"spikemar {_version()}")
     parser.add_argument("--debug", action="store_true", help=_DEBUG_HELP)
     subparsers = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    names = [add.command for add in _COMMANDS]
+    positional = [a for a in argv if not a.startswith("-")] if argv is not None else []
+    chosen = positional[0] if positional and positional[0] in names else None
     for add in _COMMANDS:
+        if argv is not None and add.command != chosen:
+            subparsers.add_parser(add.command, help=add.summary, add_help=False)
+            continue
         sub = add(subparsers)
         # SUPPRESS: a sub-command's default must not undo `spikemar --debug COMMAND`
         sub.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
@@ -545,13 +570,16 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     from ._io import Terminated, sigterm_as_interrupt
 
-    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     debug = getattr(args, "debug", False) or os.environ.get("SPIKEMAR_DEBUG", "") not in ("", "0")
     try:
         with sigterm_as_interrupt():
             return int(args.func(args))
     except _UsageError as err:
+        if debug and err.__cause__ is not None:
+            raise err.__cause__ from None
         args._parser.error(str(err))
     except KeyboardInterrupt as err:
         if debug:

@@ -6,8 +6,15 @@ On the checkpoint packaged in ``spikemar/assets`` (or any ``--checkpoint``) it
 2. generates text with the spiking model (token by token through its recurrent state),
 3. runs the model on that text with every spike point recording and draws one PNG: ternary
    rasters of three spike points and the firing rate of every spike point (+1 and −1 apart),
-4. prints the energy report of the spiking model beside its dense teacher (the same
-   architecture without spikes: the stage-2 teacher) under a hardware profile.
+4. prints the energy report of the spiking model beside its dense teacher under a hardware
+   profile.
+
+The packaged student (``spikemar/assets``) comes with the dense teacher it was distilled from
+(a dense SSM LM trained from scratch, packaged too): the demo prints the teacher's validation
+loss beside the student's and prices both. For another ``--checkpoint`` the teacher is
+``--teacher``, else the one its provenance names beside it; without one the comparison is with
+the student's *dense twin* (its own weights without spike points: the architecture's dense
+cost, not a trained model's quality) and says so.
 """
 
 from __future__ import annotations
@@ -25,15 +32,27 @@ from ._argtypes import int_at_least_1, non_negative_float
 __all__ = ["SHIPPED_CHECKPOINT", "add_demo_arguments", "demo_main", "shipped_checkpoint"]
 
 SHIPPED_CHECKPOINT = "mar_shakespeare.pt"
+SHIPPED_TEACHER = "mar_shakespeare_teacher.pt"
 
 
-def shipped_checkpoint() -> Path:
-    """The path of the packaged student checkpoint."""
-    path = Path(str(resources.files("spikemar") / "assets" / SHIPPED_CHECKPOINT))
+def shipped_checkpoint(name: str = SHIPPED_CHECKPOINT) -> Path:
+    """The path of a packaged checkpoint: the student (default) or :data:`SHIPPED_TEACHER`."""
+    path = Path(str(resources.files("spikemar") / "assets" / name))
     if not path.is_file():
         raise FileNotFoundError(f"--checkpoint: the packaged checkpoint is missing at {path} "
                                 "(a broken install?); give --checkpoint PATH")  # fmt: skip
     return path
+
+
+def _teacher_path(args: argparse.Namespace, student: Path, provenance: dict) -> Path | None:
+    """``--teacher``, else the file the student's provenance names (beside the student)."""
+    if args.teacher is not None:
+        return args.teacher
+    named = (provenance or {}).get("teacher", {})
+    name = named.get("file") if isinstance(named, dict) else None
+    if name and (student.parent / name).is_file():
+        return student.parent / name
+    return None
 
 
 def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -49,6 +68,10 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--top-k", type=int_at_least_1, default=None,
                    help="sample from the k most likely characters only (default: all)")  # fmt: skip
     p.add_argument("--seed", type=int, default=1, help="seed of the sampling")
+    p.add_argument("--teacher", type=Path, default=None,
+                   help="the dense teacher to compare with (default: the one the checkpoint's "
+                        "provenance names, packaged with the shipped student; without one, the "
+                        "student's dense twin)")  # fmt: skip
     p.add_argument("--hardware", default="45nm-fp32", help="energy profile")
     p.add_argument("--out", type=Path, default=Path("spikemar_demo.png"), help="the PNG")
     return p
@@ -115,8 +138,21 @@ def demo_main(args: argparse.Namespace) -> int:
         prompt = torch.tensor(tokenizer.encode(args.prompt.replace("\\n", "\n")))
         if prompt.numel() == 0:
             raise ValueError("--prompt: expected at least one character")
-    except (ValueError, FileNotFoundError) as err:
-        print(f"spikemar demo: error: {err}", file=sys.stderr)
+        teacher_path = _teacher_path(args, Path(path), payload.get("provenance"))
+        teacher_model = teacher_payload = None
+        if teacher_path is not None:
+            teacher_model, teacher_tokenizer, teacher_payload = load_checkpoint(teacher_path)
+            if getattr(teacher_model.config, "spikes", True) is not None:
+                raise ValueError(f"--teacher: {teacher_path} is not a dense MAR LM")
+            if teacher_tokenizer != tokenizer:
+                raise ValueError(f"--teacher: {teacher_path} has another vocabulary")
+    except (ValueError, OSError) as err:
+        message = str(err)
+        if message.startswith("checkpoint: "):
+            message = "--" + message
+        elif message.startswith("text: "):
+            message = "--prompt: " + message.removeprefix("text: ")
+        print(f"spikemar demo: error: {message}", file=sys.stderr)
         return 2
     made = payload.get("provenance")
     print(f"checkpoint: {path}")
@@ -128,7 +164,18 @@ def demo_main(args: argparse.Namespace) -> int:
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  model:    spiking MAR LM, {model.config.n_layers} layers, d_model "
           f"{model.config.d_model}, {n_params / 1e6:.2f} M parameters; ATMN T = {s.T}, "
-          f"τ = {s.tau}\n")  # fmt: skip
+          f"τ = {s.tau}")  # fmt: skip
+    if teacher_model is not None:
+        taught = (teacher_payload or {}).get("provenance") or {}
+        print(f"teacher:    {teacher_path}")
+        if taught:
+            print(f"  made by:  {taught.get('command', '?')}")
+            print(f"  result:   {taught.get('result', '?')}")
+    else:
+        print("teacher:    none given: energy is compared with the student's dense twin (its own "
+              "weights without spike points), which prices the dense architecture but is not a "
+              "trained model")  # fmt: skip
+    print()
 
     generator = torch.Generator().manual_seed(args.seed)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
@@ -147,8 +194,12 @@ def demo_main(args: argparse.Namespace) -> int:
           f"(mean firing rate {mean:.3f} per micro-step)\n")  # fmt: skip
 
     student = profile(model, ids, hardware=args.hardware)
-    teacher = profile(dense_twin(model), ids, hardware=args.hardware)
-    labels = ("spiking MAR", "dense teacher")
+    if teacher_model is not None:
+        teacher = profile(teacher_model, ids, hardware=args.hardware)
+        labels = ("spiking MAR", "dense teacher")
+    else:
+        teacher = profile(dense_twin(model), ids, hardware=args.hardware)
+        labels = ("spiking MAR", "its dense twin")
     comparison = compare(student, teacher, labels=labels)
     print(comparison.to_table())
     print(f"\n{headline(student, teacher, compute=args.hardware, labels=labels)} "

@@ -45,7 +45,19 @@ def test_demo_on_a_trained_checkpoint_and_bad_requests(tmp_path, monkeypatch, ca
                           eval_interval=2, eval_iters=1), progress=False)  # fmt: skip
     assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Romeo",
                  "--max-new-tokens", "8", "--out", str(tmp_path / "d.png")]) == 0  # fmt: skip
-    assert (tmp_path / "d.png").is_file() and "made by" not in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert (tmp_path / "d.png").is_file() and "made by" not in printed
+    # no teacher named: the comparison is with the dense twin, called that
+    assert "teacher:    none given" in printed and "its dense twin" in printed
+    assert "dense teacher" not in printed
+    assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--teacher",
+                 str(tmp_path / "mar-dense.pt"), "--prompt", "Romeo", "--max-new-tokens", "8",
+                 "--out", str(tmp_path / "d.png")]) == 0  # fmt: skip
+    printed = capsys.readouterr().out
+    assert f"teacher:    {tmp_path / 'mar-dense.pt'}" in printed and "dense teacher" in printed
+    assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--teacher",
+                 str(tmp_path / "mar.pt"), "--prompt", "Romeo"]) == 2  # fmt: skip
+    assert "--teacher: " in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(tmp_path / "mar-dense.pt")]) == 2
     assert "dense model" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Zebra"]) == 2

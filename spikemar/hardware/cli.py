@@ -17,6 +17,7 @@ first module that has to stay on the host, and why.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from pathlib import Path
@@ -65,8 +66,9 @@ def _load(args: argparse.Namespace):
 
     try:
         model, _, _ = load_checkpoint(args.checkpoint)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"--checkpoint: {err}") from err
+    except (OSError, ValueError) as err:
+        message = str(err).removeprefix("checkpoint: ")
+        raise ValueError(f"--checkpoint: {message}") from err
     return model, None
 
 
@@ -74,7 +76,7 @@ def export_main(args: argparse.Namespace) -> int:
     """Run ``spikemar export`` with parsed ``args``; returns the exit code (2 on bad input)."""
     from .chip import chip_report
     from .fixed_point import FixedPointOverflowError, UnsupportedModuleError, lower
-    from .lava_export import LavaUnavailableError, export_lava, run_lava
+    from .lava_export import LavaRunError, LavaUnavailableError, export_lava, run_lava
     from .nir_export import export_nir
 
     try:
@@ -92,7 +94,8 @@ def export_main(args: argparse.Namespace) -> int:
             return 0
         if args.lava is not None:
             t0 = time.perf_counter()
-            fixed = export_lava(model, args.lava, input_shape)
+            with _naming("--lava"):
+                fixed = export_lava(model, args.lava, input_shape)
             print(f"\nwrote {args.lava} (netx HDF5, {time.perf_counter() - t0:.2f} s)")
             for fb in fixed.blocks:
                 clamps = fixed.clamp_counts[fb.path]["threshold"]
@@ -101,15 +104,28 @@ def export_main(args: argparse.Namespace) -> int:
             if args.check_steps is not None:
                 _check(fixed, args, input_shape, run_lava)
         if args.nir is not None:
-            export_nir(model, args.nir, input_shape)
+            with _naming("--nir"):
+                export_nir(model, args.nir, input_shape)
             print(f"wrote {args.nir} (NIR)")
-    except (UnsupportedModuleError, FixedPointOverflowError, ValueError) as err:
+    except (UnsupportedModuleError, FixedPointOverflowError, ValueError, OSError) as err:
         print(f"spikemar export: error: {err}", file=sys.stderr)
         return 2
-    except LavaUnavailableError as err:
+    except (LavaUnavailableError, LavaRunError) as err:
         print(f"spikemar export: error: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+@contextlib.contextmanager
+def _naming(flag: str):
+    """The library names its argument ``path``; on the command line that is ``flag``."""
+    try:
+        yield
+    except (ValueError, OSError) as err:
+        message = str(err)
+        if message.startswith("path: "):
+            raise type(err)(f"{flag}: {message.removeprefix('path: ')}") from err
+        raise
 
 
 def _export_mar(model, args: argparse.Namespace) -> None:

@@ -261,3 +261,130 @@ def test_tied_head_must_equal_the_embedding():
     tensors["lm_head.weight"] += 1
     with pytest.raises(ValueError, match="differs from the embedding"):
         state_dict_from_hf(config, tensors)
+
+
+# -- Llamba ----------------------------------------------------------------------------------
+
+from references.llamba import (  # noqa: E402 (the Llamba half of this file)
+    load_llamba_checkpoint,
+    read_checkpoint_tensors,
+    tiny_llamba_config,
+    write_llamba_checkpoint,
+)
+
+LLAMBA_CASES = {
+    "plain": {},
+    "tied": {"tie_embeddings": True},
+    "biases": {"ssm_bias": True, "mlp_bias": True, "lm_head_bias": True},
+    "silu-conv": {"activation": "silu", "norm_epsilon": 1e-3},
+    "one-group": {"n_qk_heads": 1},
+}
+
+
+def llamba_config(case: str) -> dict:
+    o = dict(LLAMBA_CASES[case])
+    config = tiny_llamba_config()
+    ssm, mlp = dict(config["ssm_cfg"]), dict(config["mlp_cfg"])
+    ssm["bias"] = o.pop("ssm_bias", ssm["bias"])
+    mlp["bias"] = o.pop("mlp_bias", mlp["bias"])
+    ssm["activation"] = o.pop("activation", ssm["activation"])
+    ssm["n_qk_heads"] = o.pop("n_qk_heads", ssm["n_qk_heads"])
+    return {**config, **o, "ssm_cfg": ssm, "mlp_cfg": mlp}
+
+
+def llamba_pair(tmp_path, case: str, dtype: torch.dtype):
+    directory = write_llamba_checkpoint(tmp_path / case, llamba_config(case), seed=len(case))
+    reference = load_llamba_checkpoint(directory, dtype)
+    import json
+
+    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+    model = MARLM(config)
+    model.load_state_dict(
+        state_dict_from_hf(config, read_checkpoint_tensors(directory)), strict=True
+    )
+    return reference, model.to(dtype).eval()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("case", sorted(LLAMBA_CASES))
+def test_llamba_forward_step_and_generation_equal_the_reference(tmp_path, case, dtype):
+    reference, model = llamba_pair(tmp_path, case, dtype)
+    tol = 1e-4 if dtype == torch.float32 else 1e-6
+    vocab = model.config.vocab_size
+    tokens = torch.randint(0, 61, (2, 19), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        want = reference(tokens)
+        got = model(tokens)
+        assert got.shape == want.shape == (2, 19, vocab)
+        assert relative_error(got, want) <= tol
+        state, ref_state = model.init_state(2), reference.init_state(2)
+        for t in range(tokens.shape[1]):
+            step_logits, state = model.step(tokens[:, t], state)
+            ref_logits, ref_state = reference.step(tokens[:, t], ref_state)
+            assert relative_error(step_logits, ref_logits) <= tol, t
+            assert relative_error(step_logits, want[:, t]) <= tol, t
+        prompt = tokens[:, :5]
+        assert torch.equal(
+            model.generate(prompt, 10, temperature=0), reference.generate_greedy(prompt, 10)
+        )
+
+
+def test_llamba_config_maps_cartesias_keys():
+    c = config_from_hf(llamba_config("biases") | {"norm_epsilon": 1e-4})
+    assert (c.layers, c.ffn, c.spikes, c.vocab_size) == ("discrete-mamba2", "llama", None, 64)
+    assert (c.d_model, c.n_layers, c.d_state, c.expand, c.n_groups, c.head_dim) == (
+        32,
+        2,
+        8,
+        2,
+        2,
+        16,
+    )
+    assert c.norm_eps == 1e-5 and c.final_norm_eps == 1e-4  # block norms: Cartesia's hard-coded ε
+    assert c.bias and c.ffn_bias and c.head_bias and c.ffn_hidden == 48 and not c.tie_embeddings
+    # Hugging Face's tie_word_embeddings is never read; tie_embeddings decides
+    assert not config_from_hf(tiny_llamba_config(tie_word_embeddings=True)).tie_embeddings
+    assert config_from_hf(tiny_llamba_config(tie_embeddings=True)).tie_embeddings
+
+
+def test_llamba_student_has_four_spike_points_per_layer(tmp_path):
+    directory = write_llamba_checkpoint(tmp_path / "s", tiny_llamba_config(), seed=1)
+    import json
+
+    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+    config.spikes = SpikeConfig(T=4)
+    student = MARLM(config).eval()
+    missing, unexpected = student.load_state_dict(
+        state_dict_from_hf(config, read_checkpoint_tensors(directory)), strict=False
+    )
+    assert not unexpected and all(k.endswith("neuron.a") for k in missing)
+    sites = {s.name: list(s.projections) for s in student.spike_points()}
+    assert sites["layers.0.mixer.spike_in"] == ["layers.0.mixer.in_proj"]
+    assert sites["layers.0.mixer.spike_out"] == ["layers.0.mixer.out_proj"]
+    assert sites["layers.0.ffn.spike_in"] == ["layers.0.ffn.gate_proj", "layers.0.ffn.up_proj"]
+    assert sites["layers.0.ffn.spike_hidden"] == ["layers.0.ffn.down_proj"]
+    assert len(sites) == 8
+    tokens = torch.randint(0, 61, (1, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits, state = student(tokens), student.init_state(1)
+        for t in range(9):
+            step_logits, state = student.step(tokens[:, t], state)
+            torch.testing.assert_close(step_logits, logits[:, t], rtol=1e-4, atol=1e-4)
+
+
+def test_llamba_mapping_names_the_first_offending_tensor(tmp_path):
+    directory = write_llamba_checkpoint(tmp_path / "m", tiny_llamba_config(), seed=2)
+    import json
+
+    config = config_from_hf(json.loads((directory / "config.json").read_text()))
+    tensors = read_checkpoint_tensors(directory)
+    bad = {**tensors, "backbone.layers.0.mixer.z_bias": torch.zeros(3)}
+    with pytest.raises(
+        ValueError, match=r"'backbone\.layers\.0\.mixer\.z_bias' has shape \(3,\), expected \(64,\)"
+    ):
+        state_dict_from_hf(config, bad)
+    unpadded = {**tensors, "backbone.embedding.weight": tensors["backbone.embedding.weight"][:61]}
+    with pytest.raises(
+        ValueError, match=r"embedding\.weight' has shape \(61, 32\), expected \(64, 32\)"
+    ):
+        state_dict_from_hf(config, unpadded)

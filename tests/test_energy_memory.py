@@ -231,6 +231,14 @@ def test_placement_weights_beyond_the_chip_go_to_dram():
     r = profile(fc, torch.randn(1, 8), hardware=chip).row("Linear")
     assert r.weight_level == "dram" and r.weight_memory_pj == pytest.approx(128 * 100.0)
     assert r.activation_level == "small"  # 8 + 4 values per token fit
+    # greedy, hottest first: a spike point's 16 thresholds (64 B, read once per token each)
+    # stay on chip, the 16×8 matrix (512 B) spills to DRAM
+    levels = (MemoryLevel("small", 100, 1.0), MemoryLevel("dram", None, 100.0))
+    chip = HardwareProfile("test-tiny-chip-2", ac_pj=1.0, mac_pj=1.0, memory=levels)
+    rep = profile(PointLinear(16, 8).eval(), torch.randn(3, 16), hardware=chip)
+    assert rep.row("point").parameters == 16 and rep.row("point").weight_level == "small"
+    assert rep.row("fc").parameters == 128 and rep.row("fc").weight_level == "dram"
+    assert "64 B in small, 512 B in dram" in rep.to_table()
 
 
 def test_memory_profiles_are_registered_cited_and_round_trip():

@@ -27,8 +27,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .profiles import HardwareProfile, get_profile, place
-from .report import EnergyReport, LayerRow
+from .profiles import HardwareProfile, MemoryLevel, get_profile, place
+from .report import EnergyReport, LayerRow, place_weights
 
 __all__ = ["BreakEven", "BreakEvenTable", "break_even"]
 
@@ -135,7 +135,7 @@ def _level_pj(hw: HardwareProfile, name: str | None) -> float:
 
 
 def _dense_pj(
-    c: LayerRow, ref: HardwareProfile, report: EnergyReport
+    c: LayerRow, ref: HardwareProfile, report: EnergyReport, w_levels: dict[str, MemoryLevel]
 ) -> tuple[float | None, list[str]]:
     """What consumer ``c`` costs fed real values under ``ref`` (None when ref prices no MAC)."""
     notes = []
@@ -149,7 +149,7 @@ def _dense_pj(
         per = report.tokens if ref.weight_reuse == "token" and report.tokens else c.calls
         inputs_b = c.dense_inputs * vb
         act_level = place(ref.memory, (inputs_b + c.activation_writes * vb) / max(1, per))
-        w_level = place(ref.memory, report.parameters * vb)
+        w_level = w_levels[c.name]
         energy += inputs_b * act_level.pj_per_byte + weights * vb * w_level.pj_per_byte
     elif not ref.memory_included:
         notes.append(f"memory unpriced under {ref.name!r} (compute only)")
@@ -221,6 +221,8 @@ def break_even(
         notes[f"neuron updates unpriced under {hw.name!r} (not in the spiking side)"] = None
     if not hw.prices_memory and not hw.memory_included:
         notes[f"memory unpriced under {hw.name!r} (compute only)"] = None
+    # where the weights live under the reference (the same placement rule, its value width)
+    w_levels = place_weights(report.rows, ref) if ref.prices_memory else {}
     points: list[BreakEven] = []
     sums = [0.0, 0.0, 0.0, 0, 0]  # fixed, variable, dense, nnz, elements
     dense_known = True
@@ -232,7 +234,7 @@ def break_even(
         fixed, variable = _spiking_parts(p, consumers, hw)
         dense: float | None = 0.0
         for c in consumers:
-            d, why = _dense_pj(c, ref, report)
+            d, why = _dense_pj(c, ref, report, w_levels)
             notes.update(dict.fromkeys(why))
             dense = None if d is None or dense is None else dense + d
         names = tuple(c.name for c in consumers)

@@ -187,6 +187,9 @@ def energy_main(args: argparse.Namespace) -> int:
         model, tokenizer, what = _load_model(args)
         ids = _input_ids(args, tokenizer)
         print(f"model: {what}")
+        if args.text is None and args.text_file is None:
+            print(f"input: {args.batch} × {args.random_tokens} random tokens (seed {args.seed}); "
+                  "--text or --text-file prices real text")  # fmt: skip
         report = profile(model, ids, hardware=args.hardware, spike_detection=args.spike_detection)
         print(report.to_table())
         shown = report

@@ -194,12 +194,13 @@ def _spike_bits(ternary: bool, neurons: int) -> tuple[int, int]:
 
 
 class _Row:
-    __slots__ = ("calls", "events", "kind", "module_type", "name", "notes")
+    __slots__ = ("calls", "events", "kind", "module_type", "name", "notes", "parameters")
 
-    def __init__(self, name: str, kind: str, module_type: str) -> None:
+    def __init__(self, name: str, kind: str, module_type: str, parameters: int = 0) -> None:
         self.name = name
         self.kind = kind
         self.module_type = module_type
+        self.parameters = parameters  # parameter elements the row's module holds (placement)
         self.calls = 0
         self.events: list[_Event] = []
         self.notes: dict[str, None] = {}
@@ -239,19 +240,27 @@ class CountContext:
     """What a counting rule (:func:`spikemar.energy.register_rule`) records through: one per
     counted module, handed to the rule on every call."""
 
-    __slots__ = ("_counter", "_row", "kind", "module_type", "name")
+    __slots__ = ("_counter", "_parameters", "_row", "kind", "module_type", "name")
 
-    def __init__(self, counter: EnergyCounter, name: str, kind: str, module_type: str) -> None:
+    def __init__(
+        self,
+        counter: EnergyCounter,
+        name: str,
+        kind: str,
+        module_type: str,
+        parameters: int = 0,
+    ) -> None:
         self._counter = counter
         self.name = name
         self.kind = kind
         self.module_type = module_type
+        self._parameters = parameters
         self._row: _Row | None = None
 
     def row(self) -> _Row:
         row = self._row
         if row is None:
-            row = self._counter._row(self.name, self.kind, self.module_type)
+            row = self._counter._row(self.name, self.kind, self.module_type, self._parameters)
             self._row = row
         return row
 
@@ -550,7 +559,8 @@ class EnergyCounter:
                 if rule is not None:
                     ctx = self._contexts.get(id(module))
                     if ctx is None or ctx.name != shown or ctx.kind != rule.kind:
-                        ctx = CountContext(self, shown, rule.kind, type(module).__name__)
+                        params = self._parameter_count(module, recurse=True)
+                        ctx = CountContext(self, shown, rule.kind, type(module).__name__, params)
                         self._contexts[id(module)] = ctx
                     self._handles.append(module.register_forward_hook(_rule_hook(ctx, rule.fn)))
                 elif _computes_itself(module):
@@ -586,10 +596,10 @@ class EnergyCounter:
 
     # -- bookkeeping used by the contexts ---------------------------------------------------
 
-    def _row(self, name: str, kind: str, module_type: str) -> _Row:
+    def _row(self, name: str, kind: str, module_type: str, parameters: int = 0) -> _Row:
         row = self._rows.get(name)
         if row is None:
-            row = _Row(name, kind, module_type)
+            row = _Row(name, kind, module_type, parameters)
             self._rows[name] = row
         return row
 
@@ -623,10 +633,12 @@ class EnergyCounter:
         with torch.no_grad():
             nnz, total = _stats.unit_spike_counts(spikes, ternary)
         n = spikes.numel()
-        row = self._row(name, "spike_point", type(module).__name__ if module else "function")
+        thresholds = self._parameter_count(module, recurse=True)
+        row = self._row(
+            name, "spike_point", type(module).__name__ if module else "function", thresholds
+        )
         row.calls += 1
         channels = decoded.shape[-1] if decoded.dim() else 1
-        thresholds = self._parameter_count(module, recurse=True)
         packed, address = _spike_bits(ternary, channels)
         row.events.append(
             _Event(
@@ -658,7 +670,8 @@ class EnergyCounter:
         counts = dict(counts)
         name = self._name_of(module)
         self._self_reporting.add(name)
-        row = self._row(name, kind or "ops", type(module).__name__ if module else "function")
+        own = self._parameter_count(module, recurse=False)  # its children count their own
+        row = self._row(name, kind or "ops", type(module).__name__ if module else "function", own)
         row.calls += 1
         acs = counts.pop("acs", 0)
         weights = counts.pop("weight_reads", 0)
@@ -781,6 +794,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
             "neuron_updates": 0,
             "notes": list(row.notes),
             **dict.fromkeys(MEMORY_COUNT_FIELDS, 0),
+            "parameters": row.parameters,
             "spike_source": None,
         }
         kinds: dict[str, None] = {}

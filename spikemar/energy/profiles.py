@@ -23,10 +23,14 @@ constants below exist nowhere else in spikemar.
   tokens (autoregressive generation at batch 1); ``'call'``: once per layer call, reused across
   the batch and the sequence (prefill, training). Under ``'address'`` a spike-fed layer is
   event-driven instead: each accumulate reads its own weight (weight reads = ACs).
-* *Placement.* Levels are ordered from small to large. All the model's weights stay resident in
-  the smallest level that holds them together; a layer's activations, one call's inputs and
-  outputs, in the smallest level that holds them; a layer's state in the smallest level that
-  holds one call's state. The last level has no capacity limit (off-chip DRAM).
+* *Placement.* Levels are ordered from small to large and exist side by side (an 8 KB, a
+  32 KB and a 1 MB SRAM beside DRAM). Weights stay resident: the levels are filled greedily,
+  hottest weights first (bytes read per byte held), each layer's weights in the smallest level
+  with room left for all of them, so thresholds, norms and an SSM's decays stay on chip while
+  large matrices spill to DRAM first (:func:`spikemar.energy.report.place_weights`). A layer's
+  activations (one token's inputs and outputs under per-token weight fetching, one call's
+  otherwise) and its state live in the smallest level that holds them. The last level has no
+  capacity limit (off-chip DRAM).
 
 Built-in profiles:
 

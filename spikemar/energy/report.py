@@ -37,6 +37,7 @@ __all__ = [
     "compare_profiles",
     "headline",
     "memory_traffic",
+    "place_weights",
 ]
 
 SCHEMA = "spikemar.energy/2"
@@ -94,6 +95,7 @@ class LayerRow:
     dense_macs: int = 0
     dense_inputs: int = 0
     spike_source: str | None = None  # the spike point(s) or neuron(s) whose spikes it reads
+    parameters: int = 0  # parameter elements its module holds (where its weights are placed)
     # memory under the profile: bytes moved, the level each class lives in, energy
     weight_bytes: float = 0.0
     activation_bytes: float = 0.0
@@ -160,32 +162,42 @@ def memory_traffic(
     return weights * vb, reals * vb + spike_bits / 8, state * vb
 
 
-def _place_row(
-    weight_b: float,
-    act_b: float,
-    state_b: float,
-    *,
-    hw: HardwareProfile,
-    parameters: int,
-    per: int,
-) -> tuple[MemoryLevel, MemoryLevel, MemoryLevel]:
-    """Where a row's weights, activations and state live: all the model's weights together,
-    one token's (or call's: ``per``) activations and state of the row."""
+def place_weights(
+    rows: Iterable[LayerRow | dict[str, Any]], hw: HardwareProfile
+) -> dict[str, MemoryLevel]:
+    """Which memory level holds each row's weights under ``hw`` (a profile with memory levels):
+    the levels are filled greedily, hottest weights first (bytes read per byte held), each row
+    in the smallest level with room left for all of it; what fits nowhere goes to the last
+    level. So small, often-read parameters (thresholds, norms, an SSM's decays) stay on chip
+    while large matrices spill to DRAM first."""
     levels = hw.memory
-    assert levels is not None
-    per = max(1, per)
-    return (
-        place(levels, parameters * hw.value_bytes),
-        place(levels, act_b / per),
-        place(levels, state_b / per / 2),  # read + written: one copy lives there
-    )
+    if levels is None:
+        raise ValueError(f"hardware: {hw.name!r} has no memory levels")
+    counts = [_counts_of(r) if isinstance(r, LayerRow) else r for r in rows]
+
+    def heat(c: dict[str, Any]) -> float:
+        return memory_traffic(c, hw)[0] / max(1, c.get("parameters", 0))
+
+    free: list[float] = [math.inf if lv.capacity_bytes is None else lv.capacity_bytes
+                         for lv in levels]  # fmt: skip
+    out: dict[str, MemoryLevel] = {}
+    for c in sorted(counts, key=heat, reverse=True):
+        size = c.get("parameters", 0) * hw.value_bytes
+        chosen = levels[-1]
+        for k, level in enumerate(levels):
+            if size <= free[k]:
+                free[k] -= size
+                chosen = level
+                break
+        out[c["name"]] = chosen
+    return out
 
 
 def _price_row(
     counts: dict[str, Any],
     hw: HardwareProfile,
     *,
-    parameters: int = 0,
+    weight_level: MemoryLevel | None = None,
     tokens: int | None = None,
 ) -> LayerRow:
     energies = _compute_energies(counts, hw)
@@ -195,8 +207,15 @@ def _price_row(
     mem_pj = (0.0, 0.0, 0.0)
     if hw.prices_memory:
         # one token's working set under per-token weight fetching, else one call's
-        per = tokens if (hw.weight_reuse == "token" and tokens) else int(counts["calls"])
-        levels = _place_row(weight_b, act_b, state_b, hw=hw, parameters=parameters, per=per)
+        # activations and state: one token's working set under per-token weight fetching, else
+        # one call's; the state is read and written, one copy of it lives there
+        per = max(1, tokens if (hw.weight_reuse == "token" and tokens) else int(counts["calls"]))
+        assert hw.memory is not None and weight_level is not None
+        levels = (
+            weight_level,
+            place(hw.memory, act_b / per),
+            place(hw.memory, state_b / per / 2),
+        )
         moved = (weight_b, act_b, state_b)
         mem_pj = tuple(b * lv.pj_per_byte for b, lv in zip(moved, levels, strict=True))
     kinds = counts.get("spike_kinds")
@@ -224,6 +243,7 @@ def _price_row(
         **energies,
         **memory_counts,
         spike_source=counts.get("spike_source"),
+        parameters=int(counts.get("parameters", 0)),
         weight_bytes=weight_b,
         activation_bytes=act_b,
         state_bytes=state_b,
@@ -277,6 +297,7 @@ _COUNT_FIELDS = (
     "neuron_updates",
     "notes",
     *MEMORY_COUNT_FIELDS,
+    "parameters",
     "spike_source",
 )
 
@@ -309,8 +330,12 @@ class EnergyReport:
         _check_tokens(tokens)
         if isinstance(parameters, bool) or not isinstance(parameters, int) or parameters < 0:
             raise ValueError(f"parameters: expected an int >= 0, got {parameters!r}")
+        counts = list(rows)
+        placed = place_weights(counts, hw) if hw.prices_memory else {}
         return cls(
-            rows=tuple(_price_row(r, hw, parameters=parameters, tokens=tokens) for r in rows),
+            rows=tuple(
+                _price_row(r, hw, weight_level=placed.get(r["name"]), tokens=tokens) for r in counts
+            ),
             hardware=hw,
             passes=int(passes),
             tokens=tokens,
@@ -510,12 +535,19 @@ class EnergyReport:
         )
         if not hw.prices_memory:
             return [f"memory traffic (not priced: compute-only profile): {moved} ({how})"]
-        model_bytes = self.parameters * hw.value_bytes
-        level = place(hw.memory, model_bytes).name  # type: ignore[arg-type]
+        held: dict[str, float] = {}
+        for r in self.rows:
+            if r.weight_level is not None and r.parameters:
+                held[r.weight_level] = held.get(r.weight_level, 0) + r.parameters * hw.value_bytes
+        where = ", ".join(
+            f"{_fmt_bytes(held[lv.name])} in {lv.name}"
+            for lv in hw.memory  # type: ignore[union-attr]
+            if lv.name in held
+        )
         return [
             f"memory {_fmt_energy(self.total_memory_energy_pj)} + compute "
-            f"{_fmt_energy(self.total_compute_energy_pj)}: {moved} ({how}); the model's "
-            f"{_fmt_bytes(model_bytes)} of weights live in {level}"
+            f"{_fmt_energy(self.total_compute_energy_pj)}: {moved} ({how}); weights held: "
+            f"{where or 'none'}"
         ]
 
     def _has_unpriced(self, row: LayerRow) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import h5py
 import nir
 import pytest
@@ -121,3 +123,11 @@ def test_quantize_puts_only_the_on_chip_projections_of_a_mar_lm_on_loihis_grid()
     with torch.no_grad():
         a, b = model(tokens), quantised(tokens)
     assert not torch.equal(a, b) and torch.allclose(a, b, atol=0.5)
+
+
+def test_export_without_nir_installed_says_what_to_install(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "nir", None)  # `import nir` now fails as if not installed
+    assert cli.main(["export", "--nir", str(tmp_path / "n.nir")]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "'nir' package is missing" in err and "pip install" in err
+    assert not (tmp_path / "n.nir").exists()

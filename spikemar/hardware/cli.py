@@ -113,6 +113,11 @@ def export_main(args: argparse.Namespace) -> int:
     except (LavaUnavailableError, LavaRunError) as err:
         print(f"spikemar export: error: {err}", file=sys.stderr)
         return 1
+    except ModuleNotFoundError as err:  # h5py, nir: main dependencies, but an install can lack them
+        print(f"spikemar export: error: the {err.name!r} package is missing (netx files need h5py, "
+              "NIR files nir and nirtorch: `pip install h5py nir nirtorch`, or reinstall "
+              "spikemar, which depends on them)", file=sys.stderr)  # fmt: skip
+        return 1
     return 0
 
 

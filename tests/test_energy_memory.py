@@ -7,6 +7,8 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from spikingjelly.activation_based import functional as sj_functional
 from spikingjelly.activation_based import layer
 from spikingjelly.activation_based import neuron as sj_neuron
@@ -384,3 +386,30 @@ def test_compare_profiles_reprices_one_count_under_every_profile():
     by_name = {c.student.hardware.name: c for c in cmps}
     assert by_name["loihi"].ratio is None and by_name["45nm-int8+mem"].ratio is not None
     assert by_name["45nm-fp32"].ratio == pytest.approx(compare(student, teacher).ratio)
+
+
+@settings(max_examples=25)
+@given(
+    n=st.integers(2, 40),
+    m=st.integers(1, 12),
+    tokens=st.integers(1, 6),
+    T=st.integers(1, 6),
+    binary=st.booleans(),
+)
+def test_spike_fed_linear_bytes_follow_the_formula(n, m, tokens, T, binary):
+    net = PointLinear(n, m, T, binary=binary).eval()
+    rep = profile(net, torch.randn(tokens, n) * 2, hardware="45nm-fp16+mem")
+    fc, point = rep.row("fc"), rep.row("point")
+    nnz = int(net.point.spikes.count_nonzero())
+    width = 1 if binary else 2
+    address = max(1, math.ceil(math.log2(max(2, n)))) + (0 if binary else 1)
+    assert fc.spike_read_bits_packed == point.spike_write_bits_packed == width * T * tokens * n
+    assert fc.spike_read_bits_address == point.spike_write_bits_address == address * nnz
+    assert fc.weight_reads == tokens * n * m and fc.weight_reads_event == nnz * m
+    weight_b, act_b, state_b = memory_traffic(fc, rep.hardware)  # fp16: 2 bytes per value
+    assert (weight_b, state_b) == (2 * tokens * n * m, 0)
+    assert act_b == pytest.approx(width * T * tokens * n / 8 + 2 * tokens * m)
+    # repricing never changes a count, only bytes and energy
+    again = rep.with_hardware("45nm-int8+mem+aer").row("fc")
+    assert again.spike_read_bits_address == fc.spike_read_bits_address
+    assert memory_traffic(again, energy.get_profile("45nm-int8+mem+aer"))[0] == nnz * m  # int8

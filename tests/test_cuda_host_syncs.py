@@ -195,11 +195,12 @@ def test_value_check_mode_is_checked_and_restored():
     cuda_emulation.emulation_unavailable_reason() is not None,
     reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
 )
-def test_cupy_backend_holds_no_sync(tmp_path, monkeypatch):
+def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     """The fused CUDA path end to end (host code, kernels emulated): forward and backward."""
     import sys
 
-    monkeypatch.setitem(sys.modules, "cupy", cuda_emulation.EmulatedCupy(tmp_path))
+    build_dir = tmp_path_factory.getbasetemp() / "cuda_emulation"  # shared: keyed by source
+    monkeypatch.setitem(sys.modules, "cupy", cuda_emulation.EmulatedCupy(build_dir))
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(cupy_backend, "_functions", {})
     # torch's stream query needs a CUDA build; the stream is all it gives the launch
@@ -220,14 +221,14 @@ def test_cupy_backend_holds_no_sync(tmp_path, monkeypatch):
     cuda_emulation.emulation_unavailable_reason() is not None,
     reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
 )
-def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path, monkeypatch):
+def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory, monkeypatch):
     """MAR's spike point on a CUDA activation: one fused kernel each way (no spike train),
     the reference's decode and gradients, and no host sync with deferred value checks."""
     import sys
 
     from spikemar.models.common import SpikeConfig, SpikePoint
 
-    fake = cuda_emulation.EmulatedCupy(tmp_path)
+    fake = cuda_emulation.EmulatedCupy(tmp_path_factory.getbasetemp() / "cuda_emulation")
     monkeypatch.setitem(sys.modules, "cupy", fake)
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(cupy_backend, "_functions", {})

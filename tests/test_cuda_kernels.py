@@ -44,7 +44,8 @@ emulated = pytest.mark.skipif(_NO_EMULATION is not None, reason=f"emulation: {_N
 
 @pytest.fixture(scope="module")
 def build_dir(tmp_path_factory) -> Path:
-    return tmp_path_factory.mktemp("cuda_emulation")
+    # one folder for the session: builds are keyed by source and flags, so files share them
+    return tmp_path_factory.getbasetemp() / "cuda_emulation"
 
 
 @pytest.fixture(params=[False, True], ids=["rounded", "contracted"])

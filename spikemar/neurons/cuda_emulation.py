@@ -20,10 +20,12 @@ from __future__ import annotations
 
 import ctypes
 import hashlib
+import os
 import re
 import shutil
 import subprocess
 import tempfile
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -283,11 +285,16 @@ class EmulatedCupy:
         if pre.returncode != 0:
             raise RuntimeError(f"preprocessing the kernels failed:\n{pre.stderr[-2000:]}")
         kernels = _signatures(pre.stdout)
-        if not lib_path.exists():
+        if not lib_path.exists():  # built under a private name, then renamed: runs may share
+            tag = f"{os.getpid()}_{threading.get_ident()}"
+            src = src.with_name(f"{src.stem}_{tag}.cpp")
+            tmp = lib_path.with_name(f"{lib_path.stem}_{tag}.so")
             src.write_text(body + _launchers(kernels))
             done = subprocess.run(
-                [cxx, *flags, "-o", str(lib_path), str(src)], capture_output=True, text=True
+                [cxx, *flags, "-o", str(tmp), str(src)], capture_output=True, text=True
             )
+            src.unlink()
             if done.returncode != 0:
                 raise RuntimeError(f"building the kernels failed:\n{done.stderr[-3000:]}")
+            os.replace(tmp, lib_path)
         return ctypes.CDLL(str(lib_path)), dict(kernels)

@@ -248,6 +248,13 @@ def bench_student(L: int, reps: int, warmup: int) -> dict[str, list[float]]:
     return times
 
 
+def print_header(what: str, clock: str, info: dict[str, str]) -> None:
+    print(f"Energy counting overhead, {what}, {clock} clock")
+    print()
+    print(" · ".join(f"{k}: {v}" for k, v in info.items()))
+    print()
+
+
 def machine_info(threads: int, load_at_start: float) -> dict[str, str]:
     """The machine, as in :func:`_harness.machine_info`, with the SpikingJelly version."""
     return _machine_info(
@@ -292,11 +299,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.student:
         rows = summarize(bench_student(args.L, args.reps, args.warmup))
         info = machine_info(args.threads, load)
-        print(f"Energy counting overhead, packaged student forward (batch 1, L={args.L}), no grad, "
-              f"{args.clock} clock")  # fmt: skip
-        print()
-        print(" · ".join(f"{k}: {v}" for k, v in info.items()))
-        print()
+        print_header(f"packaged student forward (batch 1, L={args.L}), no grad", args.clock, info)
         print("| method | median ms | IQR ms | × plain |")
         print("| --- | ---: | ---: | ---: |")
         for row in rows:
@@ -317,11 +320,8 @@ def main(argv: list[str] | None = None) -> int:
         )
     info = machine_info(args.threads, load)
     shape = f"W={args.width}, T={args.T}, N={args.batch}"
-    print(f"Energy counting overhead, spiking MLP Linear→neuron→Linear ({shape}), forward, "
-          f"no grad, {args.clock} clock")  # fmt: skip
-    print()
-    print(" · ".join(f"{k}: {v}" for k, v in info.items()))
-    print()
+    what = f"spiking MLP Linear→neuron→Linear ({shape}), forward, no grad"
+    print_header(what, args.clock, info)
     print("| neuron | method | median ms | IQR ms | × plain | ACs counted |")
     print("| --- | --- | ---: | ---: | ---: | ---: |")
     for res in results:

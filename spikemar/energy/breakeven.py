@@ -28,7 +28,7 @@ import math
 from dataclasses import dataclass
 
 from .profiles import HardwareProfile, MemoryLevel, get_profile, place
-from .report import EnergyReport, LayerRow, place_weights
+from .report import EnergyReport, LayerRow, place_weights, text_table
 
 __all__ = ["BreakEven", "BreakEvenTable", "break_even"]
 
@@ -98,16 +98,7 @@ class BreakEvenTable:
 
     def to_table(self) -> str:
         head, body = self._lines()
-        widths = [max(len(r[i]) for r in [head, *body]) for i in range(len(head))]
-
-        def line(cells: list[str]) -> str:
-            return "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-
-        rule = "  ".join("-" * w for w in widths)
-        out = [self._title(), line(head), rule, *(line(r) for r in body)]
+        out = [self._title(), *text_table(head, body, left=1)]
         if self.note:
             out.append(f"note: {self.note}")
         return "\n".join(out)

@@ -185,6 +185,43 @@ class _Event:
         self.source = source
 
 
+def _spikes_written(
+    spikes: torch.Tensor,
+    nnz: Count,
+    total: Count | None,
+    ternary: bool,
+    width: int,
+    weight_call: int,
+    weight_token: int,
+    inputs: int,
+    *,
+    state: int,
+) -> _Event:
+    """A neuron or spike point: one update per spike element, ``inputs`` real values and its
+    thresholds read, ``state`` membrane elements read and written, the spike train written
+    (addresses among ``width`` neurons)."""
+    n = spikes.numel()
+    packed, address = _spike_bits(ternary, width)
+    return _Event(
+        "ternary" if ternary else "binary",
+        n,
+        nnz,
+        total,
+        True,
+        None,
+        0,
+        neuron_updates=n,
+        weight_call=weight_call,
+        weight_token=weight_token,
+        activation_reads=inputs,
+        state_reads=state,
+        state_writes=state,
+        spike_io="write",
+        packed_bits=packed,
+        address_bits=address,
+    )
+
+
 def _spike_bits(ternary: bool, neurons: int) -> tuple[int, int]:
     """(packed bits per spike element, address-event bits per non-zero spike) for spikes of one
     vector of ``neurons`` neurons: 2 or 1 bits packed; ⌈log2 n⌉ address bits plus a sign bit
@@ -337,41 +374,21 @@ class CountContext:
             "spike_io": "read",
         }
         tag = counter._tag_of(x) if counter.spike_detection != "values" else None
-        if tag is not None and tag.decode is not None:
-            if x.numel() == tag.numel:
-                spikes = tag.decode
-                if weighted_acs is not None:
-                    units, nnz = weighted_acs(spikes, tag.ternary)
-                else:
-                    units, nnz = None, tag.nnz
-                packed, address = _spike_bits(tag.ternary, n_features)
-                row.events.append(
-                    _Event(
-                        "ternary" if tag.ternary else "binary",
-                        spikes.numel(),
-                        nnz,
-                        tag.total,
-                        True,
-                        units,
-                        mult,
-                        packed_bits=packed,
-                        address_bits=address,
-                        source=tag.source,
-                        **memory,
-                    )
-                )
-                return
+        if tag is not None and tag.decode is not None and x.numel() != tag.numel:
             row.notes[
                 "input is part of a declared spike decode; counted as a real-valued input"
             ] = None
             tag = None
         if tag is not None:
-            src = x if tag.unit else torch.sign(x)
-            full = x.numel() == tag.numel and tag.nnz is not None
+            if tag.decode is not None:  # a declared decode: the spike train it stands for
+                src, elements, full = tag.decode, tag.decode.numel(), True
+            else:  # a neuron's output (or a view, or a scaled copy of one)
+                src = x if tag.unit else torch.sign(x)
+                elements, full = x.numel(), x.numel() == tag.numel and tag.nnz is not None
             if weighted_acs is not None:
                 units, nnz = weighted_acs(src, tag.ternary)
                 total = tag.total if full else src.sum() if tag.ternary else None
-            elif full:  # the neuron's own output (or a full view): counted once, reused
+            elif full:  # counted once where the spikes were made, reused
                 units, nnz, total = None, tag.nnz, tag.total
             else:
                 units = None
@@ -380,7 +397,7 @@ class CountContext:
             row.events.append(
                 _Event(
                     "ternary" if tag.ternary else "binary",
-                    x.numel(),
+                    elements,
                     nnz,
                     total,
                     True,
@@ -444,27 +461,11 @@ class CountContext:
         spikes."""
         nnz, total = _stats.unit_spike_counts(spikes, ternary)
         n = spikes.numel()
-        packed, address = _spike_bits(ternary, spikes.shape[-1] if spikes.dim() else 1)
-        self.row().events.append(
-            _Event(
-                "ternary" if ternary else "binary",
-                n,
-                nnz,
-                total,
-                True,
-                None,
-                0,
-                neuron_updates=n,
-                weight_call=weights,
-                weight_token=weights * vectors,
-                activation_reads=inputs,
-                state_reads=n,
-                state_writes=n,
-                spike_io="write",
-                packed_bits=packed,
-                address_bits=address,
-            )
+        width = spikes.shape[-1] if spikes.dim() else 1
+        event = _spikes_written(
+            spikes, nnz, total, ternary, width, weights, weights * vectors, inputs, state=n
         )
+        self.row().events.append(event)
         root = _root(spikes)
         full = root.numel() == n
         self._counter._set_tag(
@@ -632,32 +633,17 @@ class EnergyCounter:
         self._self_reporting.add(name)
         with torch.no_grad():
             nnz, total = _stats.unit_spike_counts(spikes, ternary)
-        n = spikes.numel()
         thresholds = self._parameter_count(module, recurse=True)
         row = self._row(
             name, "spike_point", type(module).__name__ if module else "function", thresholds
         )
         row.calls += 1
         channels = decoded.shape[-1] if decoded.dim() else 1
-        packed, address = _spike_bits(ternary, channels)
-        row.events.append(
-            _Event(
-                "ternary" if ternary else "binary",
-                n,
-                nnz,
-                total,
-                True,
-                None,
-                0,
-                neuron_updates=n,
-                weight_call=thresholds,
-                weight_token=thresholds * (decoded.numel() // max(1, channels)),
-                activation_reads=decoded.numel(),
-                spike_io="write",
-                packed_bits=packed,
-                address_bits=address,
-            )
+        per_token = thresholds * (decoded.numel() // max(1, channels))
+        event = _spikes_written(
+            spikes, nnz, total, ternary, channels, thresholds, per_token, decoded.numel(), state=0
         )
+        row.events.append(event)
         root = _root(decoded)
         self._set_tag(
             root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach(), source=name)

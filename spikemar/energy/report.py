@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -623,20 +623,8 @@ class EnergyReport:
         """A plain-text table for the terminal; ``memory`` (default: when the profile prices
         memory) adds bytes moved, compute and memory energy per row."""
         head, body = self._cells(self._show_memory(memory))
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-        left = {0, 1, 2}
-
-        def line(cells: list[str]) -> str:
-            return "  ".join(
-                c.ljust(w) if i in left else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            ).rstrip()
-
-        rule = "  ".join("-" * w for w in widths)
-        out = [*self._header(), line(head), rule]
-        out += [line(r) for r in body[:-1]]
-        out += [rule, line(body[-1]), *self._footer()]
-        return "\n".join(out)
+        lines = text_table(head, body, left=3, total=True)
+        return "\n".join([*self._header(), *lines, *self._footer()])
 
     def __str__(self) -> str:
         return self.to_table()
@@ -719,22 +707,52 @@ class EnergyReport:
             title += "\nnot priced: " + ", ".join(k.replace("_", " ") for k in self.unpriced)
         if self.uncounted:
             title += f" — {len(self.uncounted)} uncounted module(s)"
-        ax.set_title(title, fontsize=10)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.grid(axis="x", alpha=0.3)
-        if not rows:
-            ax.text(0.5, 0.5, "nothing counted", ha="center", va="center", transform=ax.transAxes)
+        _finish_axes(ax, title, fontsize=10, empty=not rows)
         return fig
 
     def save_png(self, path: str | Path, *, per_token: bool = False, dpi: int = 150) -> Path:
         """Write :meth:`figure` to ``path`` atomically (temporary file, then ``os.replace``)."""
-        from spikemar.viz.plots import save_figure
+        return _save_png(lambda: self.figure(per_token=per_token), path, dpi)
 
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
-        return save_figure(self.figure(per_token=per_token), path, dpi=dpi)
+
+def text_table(
+    head: list[str], body: list[list[str]], *, left: int = 1, total: bool = False
+) -> list[str]:
+    """Aligned plain-text lines of a table: the head, a rule, the body (its last row, a total,
+    after a second rule when ``total``); the first ``left`` columns aligned left."""
+    widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
+
+    def line(cells: list[str]) -> str:
+        return "  ".join(
+            c.ljust(w) if i < left else c.rjust(w)
+            for i, (c, w) in enumerate(zip(cells, widths, strict=True))
+        ).rstrip()
+
+    rule = "  ".join("-" * w for w in widths)
+    if total and body:
+        return [line(head), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
+    return [line(head), rule, *(line(r) for r in body)]
+
+
+def _finish_axes(ax: Any, title: str, *, fontsize: float, empty: bool) -> None:
+    """The energy figures' common frame: title, legend outside on the right, light grid."""
+    ax.set_title(title, fontsize=fontsize)
+    ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
+    ax.spines[["top", "right"]].set_visible(False)
+    ax.grid(axis="x", alpha=0.3)
+    if empty:
+        ax.text(0.5, 0.5, "nothing counted", ha="center", va="center", transform=ax.transAxes)
+
+
+def _save_png(draw: Callable[[], Any], path: str | Path, dpi: int) -> Path:
+    """Check that ``path`` names a .png, then write ``draw()``'s figure there atomically
+    (temporary file, then ``os.replace``)."""
+    from spikemar.viz.plots import save_figure
+
+    path = Path(path)
+    if path.suffix.lower() != ".png":
+        raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
+    return save_figure(draw(), path, dpi=dpi)
 
 
 def _counts_of(row: LayerRow) -> dict[str, Any]:
@@ -925,18 +943,7 @@ class EnergyComparison:
 
     def to_table(self) -> str:
         head, body = self._cells()
-        widths = [max(len(row[i]) for row in [head, *body]) for i in range(len(head))]
-
-        def line(cells: list[str]) -> str:
-            return "  ".join(
-                c.ljust(w) if i == 0 else c.rjust(w)
-                for i, (c, w) in enumerate(zip(cells, widths, strict=True))
-            )
-
-        rule = "  ".join("-" * w for w in widths)
-        return "\n".join(
-            [self._summary(), line(head), rule, *(line(r) for r in body[:-1]), rule, line(body[-1])]
-        )
+        return "\n".join([self._summary(), *text_table(head, body, left=1, total=True)])
 
     def __str__(self) -> str:
         return self.to_table()
@@ -980,23 +987,12 @@ class EnergyComparison:
         ax.set_yticks(ys, names, fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(f"energy per {self.basis} ({unit})")
-        summary = self._summary()
-        ax.set_title("\n".join(_wrap(summary, 110)), fontsize=9)
-        ax.legend(loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, frameon=False)
-        ax.spines[["top", "right"]].set_visible(False)
-        ax.grid(axis="x", alpha=0.3)
-        if not names:
-            ax.text(0.5, 0.5, "nothing counted", ha="center", va="center", transform=ax.transAxes)
+        _finish_axes(ax, "\n".join(_wrap(self._summary(), 110)), fontsize=9, empty=not names)
         return fig
 
     def save_png(self, path: str | Path, *, dpi: int = 150) -> Path:
         """Write :meth:`figure` to ``path`` atomically."""
-        from spikemar.viz.plots import save_figure
-
-        path = Path(path)
-        if path.suffix.lower() != ".png":
-            raise ValueError(f"path: expected a .png file name, got {str(path)!r}")
-        return save_figure(self.figure(), path, dpi=dpi)
+        return _save_png(self.figure, path, dpi)
 
     def to_markdown(self) -> str:
         head, body = self._cells()

@@ -793,7 +793,7 @@ def _fmt_energy(pj: float) -> str:
 @dataclass(frozen=True)
 class ComparisonRow:
     """One layer name in either report (energy per the comparison's basis; None if absent).
-    Layers with no energy on either side are left out."""
+    Layers with no energy and no synaptic work on either side are left out."""
 
     name: str
     student_pj: float | None
@@ -833,7 +833,10 @@ class EnergyComparison:
             for r in self.student.rows
         ]
         out += [ComparisonRow(name, None, e) for name, e in teacher.items()]
-        return tuple(r for r in out if r.student_pj or r.teacher_pj)
+        # synaptic work stays listed even where the profile prices it at nothing (Loihi's MACs)
+        synaptic = {r.name for rep in (self.student, self.teacher) for r in rep.rows
+                    if r.acs or r.macs}  # fmt: skip
+        return tuple(r for r in out if r.student_pj or r.teacher_pj or r.name in synaptic)
 
     @property
     def student_pj(self) -> float:
@@ -972,6 +975,18 @@ class EnergyComparison:
         fig = Figure(figsize=(9.0, height), layout="constrained")
         ax = fig.add_subplot()
         ys = list(range(len(names)))
+        hw = self.student.hardware
+
+        def tick(name: str) -> str:
+            # name the work drawn as nothing because the profile has no price for it
+            missing = [
+                f"{side}'s {term} not priced"
+                for side, rows in ((s_label, s_rows), (t_label, t_rows))
+                for term, count_f, price_f in (("ACs", "acs", "ac_pj"), ("MACs", "macs", "mac_pj"))
+                if name in rows and getattr(rows[name], count_f) and getattr(hw, price_f) is None
+            ]
+            return name + "".join(f"\n[{m}]" for m in missing)
+
         bars = (
             (s_parts, -0.2, ("#0072B2", "#56B4E9"), s_label),
             (t_parts, 0.2, ("#D55E00", "#E69F00"), t_label),
@@ -984,7 +999,7 @@ class EnergyComparison:
             if any(memory):
                 ax.barh(y, memory, left=compute, height=0.38, color=c_memory,
                         label=f"{label}: memory", hatch="//", edgecolor="white")  # fmt: skip
-        ax.set_yticks(ys, names, fontsize=8)
+        ax.set_yticks(ys, [tick(n) for n in names], fontsize=8)
         ax.invert_yaxis()
         ax.set_xlabel(f"energy per {self.basis} ({unit})")
         _finish_axes(ax, "\n".join(_wrap(self._summary(), 110)), fontsize=9, empty=not names)

@@ -171,6 +171,41 @@ def test_threshold_gradient_is_deterministic_and_independent_of_the_grid(
 
 
 @emulated
+@pytest.mark.parametrize(
+    "case",
+    ["nan_x", "inf_x", "inf_v0", "nan_x_tau_inf", "nan_threshold", "zero_threshold", "overflow"],
+)
+def test_kernels_probe_values_and_raise_as_the_reference(emulated_cupy, case):
+    """The forward kernels probe what ``check_values`` probes (no extra pass) and the host raises
+    the reference's errors, word for word, for the neuron and for the fused spike point."""
+    x = torch.randn(3, 2000, generator=torch.Generator().manual_seed(1))
+    v0, V, tau = None, torch.tensor(1.0), 2.0
+    if case in ("nan_x", "inf_x", "nan_x_tau_inf"):
+        x[1 if case != "nan_x_tau_inf" else 0, 1234] = float("inf" if case == "inf_x" else "nan")
+        tau = math.inf if case == "nan_x_tau_inf" else tau
+    elif case == "inf_v0":
+        v0 = torch.zeros(2000)
+        v0[77] = float("inf")
+    elif case == "overflow":  # finite input, tau < 1: the membrane overflows
+        x, tau = torch.full((200, 4), 0.5), 0.1
+    else:
+        V = torch.tensor(float("nan") if case == "nan_threshold" else 0.0)
+    errors = []
+    for backend in ("torch", "cupy-emulated"):
+        with pytest.raises(ValueError) as info:
+            atmn_multi_step(x, v0, ATMNParameters(V, tau=tau), backend=backend)
+        errors.append(str(info.value))
+    assert errors[0] == errors[1]
+    if case in ("nan_x_tau_inf", "nan_threshold", "zero_threshold"):  # the spike point on x[0]
+        p = ATMNParameters(V, tau=tau)
+        with pytest.raises(ValueError) as reference:
+            atmn_quantize(x[0], 4, p, backend="torch")
+        with pytest.raises(ValueError) as fused:
+            cupy_backend.atmn_quantize_cupy(x[0], 4, p)
+        assert str(reference.value) == str(fused.value)
+
+
+@emulated
 def test_emulation_catches_a_contracted_membrane_update(build_dir, monkeypatch):
     """The check can fail: the membrane update written plainly (h = x + d*u, as before issue
     18) and contracted into an FMA by the compiler flips spikes against the reference."""

@@ -159,9 +159,10 @@ def _register_builtin_backends() -> None:
         "cpu", cpu_backend.atmn_multi_step_cpu, cpu_backend.unusable_reason, 10, "cpu",
         checks_values=True,
     )  # fmt: skip
+    # the CUDA forward probes the values in the kernel and reports them per value_checks
     register_backend(
         "cupy", cupy_backend.atmn_multi_step_cupy, cupy_backend.unusable_reason, 5, "cuda",
-        native_dtypes=(torch.float16, torch.bfloat16),
+        native_dtypes=(torch.float16, torch.bfloat16), checks_values=True,
     )  # fmt: skip
 
 

@@ -70,11 +70,21 @@ def deferred_cuda_check(probe: torch.Tensor, extremes: list[torch.Tensor]) -> bo
     if mode == "off":
         return True
     v_lo, v_hi, *u_range = extremes
-    bad_v = ~(torch.isfinite(v_lo) & torch.isfinite(v_hi) & (v_lo > 0))
-    bad_u = ~torch.isfinite(torch.stack(u_range)).all() if u_range else bad_v & False
-    flags = _device_flags(probe)
-    flags.logical_or_(torch.stack([bad_v, bad_u]))  # on the device: nothing waits
+    bad_u = ~torch.isfinite(torch.stack(u_range)).all() if u_range else None
+    defer(threshold_is_bad(v_lo, v_hi), bad_u, probe)
     return True
+
+
+def threshold_is_bad(v_lo: torch.Tensor, v_hi: torch.Tensor) -> torch.Tensor:
+    """A 0-d bool on V's device: V's extremes are not both finite and > 0 (nothing waits)."""
+    return ~(torch.isfinite(v_lo) & torch.isfinite(v_hi) & (v_lo > 0))
+
+
+def defer(bad_v: torch.Tensor, bad_u: torch.Tensor | None, like: torch.Tensor) -> None:
+    """Fold a check's outcome (0-d bools on ``like``'s device; ``bad_u`` None: no membrane
+    checked) into that device's flags, without waiting, for :func:`raise_deferred_errors`."""
+    bad_u = bad_v & False if bad_u is None else bad_u
+    _device_flags(like).logical_or_(torch.stack([bad_v, bad_u]))
 
 
 def _device_flags(like: torch.Tensor) -> torch.Tensor:

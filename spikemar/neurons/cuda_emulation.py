@@ -52,6 +52,9 @@ static dim3 blockDim, gridDim;
 static pthread_barrier_t emu_block_barrier;
 
 static inline void __syncthreads() { pthread_barrier_wait(&emu_block_barrier); }
+static inline int atomicOr(int *address, int value) {
+  return __atomic_fetch_or(address, value, __ATOMIC_RELAXED);
+}
 
 // never inlined: the host compiler cannot fuse them into an FMA, as nvcc cannot fuse __f*_rn
 #define EMU_RN __attribute__((noinline))

@@ -22,8 +22,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from . import fused
-from .functional import ATMNParameters, _decay, check_values, compute_dtype, decode_weights
+from . import checks, fused
+from .functional import (
+    ATMNParameters,
+    _decay,
+    bad_threshold_error,
+    compute_dtype,
+    decode_weights,
+    nonfinite_error,
+)
 from .fused import fused_multi_step, surrogate_code
 
 __all__ = [
@@ -146,6 +153,25 @@ def _ptr(t: torch.Tensor | None) -> np.uint64:
     return np.uint64(0 if t is None else t.data_ptr())
 
 
+def _raise_or_defer(bad: torch.Tensor, vth: torch.Tensor, x_seq, v0, p: ATMNParameters) -> None:
+    """The outcome of the kernels' own value probe (``bad``: [1] int32, set when a probe was
+    not finite, see ``atmn.cu``) and of V's extremes, as ``functional.check_values`` reports
+    them: at once with one read for both ('eager', and any tensor not on CUDA), folded into the
+    device flags without waiting ('deferred'), or not at all ('off')."""
+    mode = checks.get_value_checks() if bad.is_cuda else "eager"
+    if mode == "off":
+        return
+    v_lo, v_hi = torch.aminmax(vth.detach())
+    if mode == "deferred":
+        checks.defer(checks.threshold_is_bad(v_lo, v_hi), bad[0] != 0, bad)
+        return
+    lo, hi, flag = torch.stack([v_lo.double(), v_hi.double(), bad[0].double()]).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi) and lo > 0):
+        raise bad_threshold_error(vth)
+    if flag:
+        raise nonfinite_error(x_seq, v0, p)
+
+
 class _CupyKernels:
     """Launches of the CUDA kernels (see ``fused.FusedKernels``)."""
 
@@ -155,11 +181,13 @@ class _CupyKernels:
         if x.numel() == 0:
             return
         T, rows, C, real, index, bits = _geometry(x, vth)
+        bad = torch.zeros(1, dtype=torch.int32, device=x.device)
         args = (_ptr(x), _ptr(v0), _ptr(vth), index(T), index(rows), index(C),
                 real(_decay(p.tau)), np.int32(p.ternary), _ptr(spikes), _ptr(v_last),
-                _ptr(v_seq))  # fmt: skip
+                _ptr(v_seq), _ptr(bad))  # fmt: skip
         kernel = _function(kernel_name("forward", x.dtype, bits), T, _device_index(x))
         _launch(kernel, x, rows, C, args)
+        _raise_or_defer(bad, vth, x, v0, p)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
         if x.numel() == 0:
@@ -223,10 +251,12 @@ class _FusedQuantize(torch.autograd.Function):
         out = torch.empty_like(x)
         if x.numel():
             _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
+            bad = torch.zeros(1, dtype=torch.int32, device=x.device)
             args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
-                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out))  # fmt: skip
+                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out), _ptr(bad))  # fmt: skip
             kernel = _function(kernel_name("quantize_forward", x.dtype, bits), T, _device_index(x))
             _launch(kernel, x, rows, C, args)
+            _raise_or_defer(bad, vth, x.unsqueeze(0), None, p)
         ctx.save_for_backward(x, vth, w)
         ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
         return out
@@ -284,8 +314,8 @@ def atmn_quantize_cupy(activation: torch.Tensor, T: int, p: ATMNParameters) -> t
 
     For callers that have checked what ``atmn_quantize`` checks (a floating tensor whose last
     dimension matches a per-channel V, T ≥ 1) and that ``fused.unsupported_parameters(p)`` is
-    None. The values are checked as :func:`~spikemar.neurons.functional.check_values` checks
-    them, following :func:`~spikemar.neurons.value_checks` (no wait for the device in 'deferred').
+    None. The values are checked in the kernel as the reference path checks them (NaN / ±inf
+    reaching the final membrane, a threshold not finite and positive), reported following
+    :func:`~spikemar.neurons.value_checks` (no wait for the device in 'deferred').
     """
-    check_values(activation.unsqueeze(0), activation, p)
     return _FusedQuantize.apply(activation, p.v_threshold, p, T)

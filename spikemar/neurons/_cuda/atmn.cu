@@ -109,6 +109,12 @@ __device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
 
+// v is neither NaN nor ±inf (inf − inf and NaN − NaN are NaN); no header needed
+template <typename R>
+__device__ __forceinline__ bool finite_value(R v) {
+  return (v - v) == R(0);
+}
+
 // One micro-step: h from the input and the carried membrane, the spike, the reset membrane.
 // The forward and the backward's recomputation both run this, so their h agree bit for bit.
 template <typename R>
@@ -140,20 +146,25 @@ __device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
   }
 }
 
+// The forward also does functional.check_values' probe as it goes: with d > 0 a NaN or ±inf
+// anywhere in x or v0 reaches the final membrane, with d = 0 (tau = inf) x itself is looked at;
+// any non-finite probe sets *bad (one atomic per offending thread, none when all is well).
 template <typename S, typename R, typename I>
 __device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I T, I rows, I C,
                                              R d, int ternary, ptr_t s_, ptr_t vlast_,
-                                             ptr_t vseq_) {
+                                             ptr_t vseq_, ptr_t bad_) {
   const S* __restrict__ x = reinterpret_cast<const S*>(x_);
   const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
   const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
   S* __restrict__ spikes = reinterpret_cast<S*>(s_);
   R* __restrict__ v_last = reinterpret_cast<R*>(vlast_);
   R* __restrict__ v_seq = reinterpret_cast<R*>(vseq_);
+  int* bad = reinterpret_cast<int*>(bad_);
   const R tern = ternary ? R(1) : R(0);
   const I N = rows * C;
   const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
   if (c >= C) return;  // no barrier in the forward: idle lanes may leave
+  bool ok = true;
   const R V = vth[c];
   const I row_stride = (I)gridDim.y * (I)blockDim.y;
   for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
@@ -162,12 +173,16 @@ __device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I 
     I at = n;  // t * N + n
     for (I t = 0; t < T; ++t, at += N) {
       R s;
-      atmn_step<R>(R(widen(x[at])), d, V, tern, u, s);
+      const R xt = R(widen(x[at]));
+      if (d == R(0)) ok = ok && finite_value(xt);
+      atmn_step<R>(xt, d, V, tern, u, s);
       spikes[at] = narrow<S>(s);
       if (v_seq) v_seq[at] = u;
     }
     v_last[n] = u;
+    if (d != R(0)) ok = ok && finite_value(u);
   }
+  if (!ok) atomicOr(bad, 1);
 }
 
 template <typename S, typename R, typename I>
@@ -244,25 +259,31 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
 // micro-steps with dL/ds_t = g·V·w_t, adding the decode's own dL/dV = g·Σ_t w_t s_t.
 template <typename S, typename R, typename I>
 __device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T, I rows,
-                                                      I C, R d, int ternary, ptr_t out_) {
+                                                      I C, R d, int ternary, ptr_t out_,
+                                                      ptr_t bad_) {
   const S* __restrict__ x = reinterpret_cast<const S*>(x_);
   const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
   const R* __restrict__ w = reinterpret_cast<const R*>(w_);
   S* __restrict__ out = reinterpret_cast<S*>(out_);
+  int* bad = reinterpret_cast<int*>(bad_);
   const R tern = ternary ? R(1) : R(0);
   const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
   if (c >= C) return;
+  bool ok = true;  // the probe of the forward above: the final membrane, or x when d = 0
   const R V = vth[c];
   const I row_stride = (I)gridDim.y * (I)blockDim.y;
   for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
     const I n = r * C + c;
     R u = R(0), s, acc = R(0);
+    const R x0 = R(widen(x[n]));
     for (I t = 0; t < T; ++t) {
-      atmn_step<R>(t == 0 ? R(widen(x[n])) : R(0), d, V, tern, u, s);
+      atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
       acc = add_rn(acc, mul_rn(w[t], s));  // the decode's sum, micro-step by micro-step
     }
     out[n] = narrow<S>(mul_rn(V, acc));
+    ok = ok && finite_value(d == R(0) ? x0 : u);
   }
+  if (!ok) atomicOr(bad, 1);
 }
 
 template <typename S, typename R, typename I>
@@ -329,8 +350,8 @@ __device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr
 #define ATMN_KERNELS(S, R, I, SUFFIX)                                                          \
   extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, I T, I rows,  \
                                                    I C, R d, int ternary, ptr_t s,             \
-                                                   ptr_t vlast, ptr_t vseq) {                  \
-    forward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, s, vlast, vseq);                 \
+                                                   ptr_t vlast, ptr_t vseq, ptr_t bad) {       \
+    forward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, s, vlast, vseq, bad);            \
   }                                                                                            \
   extern "C" __global__ void atmn_backward_##SUFFIX(                                           \
       ptr_t x, ptr_t v0, ptr_t vth, I T, I rows, I C, R d, int ternary, int detach_reset,      \
@@ -340,8 +361,8 @@ __device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr
                            gvlast, gvseq, gx, gv0, partial);                                   \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_forward_##SUFFIX(                                   \
-      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out) {            \
-    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out);                    \
+      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out, ptr_t bad) { \
+    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out, bad);               \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_backward_##SUFFIX(                                  \
       ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, int detach_reset,       \

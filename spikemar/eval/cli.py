@@ -26,6 +26,7 @@ curves): nats/token and bits/byte over the whole file as one stream, and in wind
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -105,7 +106,9 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them.
 
     lm_eval's own ~15,000 task configs are indexed only when a name is not local (indexing
-    them takes tens of seconds)."""
+    them takes tens of seconds), and only when the name appears in some file of lm_eval's task
+    folder at all (a plain text search, about a second): a task, group or tag is named
+    literally in its YAML or Python file, so a name found nowhere is unknown."""
     from lm_eval.tasks import TaskManager
 
     for folder in include:
@@ -114,7 +117,7 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     paths = [str(TASKS_DIR), *(str(p) for p in include)]
     manager = TaskManager(include_path=paths, include_defaults=False)
     unknown = [n for n in names if not manager.match_tasks([n])]
-    if unknown:
+    if unknown and all(_named_in_lm_eval(n) for n in unknown):
         manager = TaskManager(include_path=paths)
         unknown = [n for n in names if not manager.match_tasks([n])]
     if unknown:
@@ -124,6 +127,24 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
             "your own"
         )
     return names, manager
+
+
+def _named_in_lm_eval(name: str) -> bool:
+    """Whether ``name`` (or, for a glob pattern, its longest literal part) occurs in any YAML or
+    Python file of lm_eval's task folder."""
+    import re
+
+    import lm_eval.tasks
+
+    needle = max(re.split(r"[*?\[\]]", name), key=len).encode()
+    root = Path(lm_eval.tasks.__file__).parent
+    for folder, _, files in os.walk(root):
+        for f in files:
+            if f.endswith((".yaml", ".yml", ".py")):
+                with open(os.path.join(folder, f), "rb") as fh:
+                    if needle in fh.read():
+                        return True
+    return False
 
 
 def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:

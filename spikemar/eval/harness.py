@@ -40,6 +40,7 @@ from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
 from ..energy import EnergyReport
+from .perplexity import start_token
 from .scoring import Scorer
 
 __all__ = ["SpikemarLM", "load_model"]
@@ -154,6 +155,8 @@ class SpikemarLM(TemplateLM):
             count_energy=_as_bool("count_energy", count_energy),
         )
         self._device = self.scorer.device
+        eos = getattr(tokenizer, "eos_id", None)
+        self._eos_text = tokenizer.decode([eos]) if isinstance(eos, int) else None
         self.replaced_chars: set[str] = set()
 
     # -- tokenizer ---------------------------------------------------------------------------
@@ -172,17 +175,7 @@ class SpikemarLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        for name in ("eos_token_id", "bos_token_id"):
-            value = getattr(self.tokenizer, name, None)
-            if isinstance(value, int):
-                return value
-        ids = self.tok_encode("\n")
-        if len(ids) != 1:
-            raise ValueError(
-                "tokenizer: has no end-of-text token and no single token for '\\n' to start "
-                "documents with"
-            )
-        return ids[0]
+        return start_token(self.tokenizer)
 
     @property
     def max_length(self) -> int | None:
@@ -247,6 +240,8 @@ class SpikemarLM(TemplateLM):
             kwargs = dict(gen_kwargs or {})
             until = kwargs.pop("until", None) or []
             until = [until] if isinstance(until, str) else list(until)
+            if self._eos_text and self._eos_text not in until:
+                until.append(self._eos_text)  # as lm_eval's hf model: stop at end of text
             max_new = _as_int("max_gen_toks", kwargs.pop("max_gen_toks", self.max_gen_toks), 1)
             if kwargs.pop("do_sample", False) and float(kwargs.get("temperature", 0.0)) > 0:
                 raise ValueError("gen_kwargs: spikemar generates greedily; do_sample is not "

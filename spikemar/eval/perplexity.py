@@ -35,11 +35,12 @@ __all__ = ["PerplexityResult", "save_curves", "start_token", "text_perplexity"]
 
 
 def start_token(tokenizer: Any) -> int:
-    """The id that stands for "start of text": the tokenizer's end/begin-of-text token, else the
-    single token of ``"\\n"`` (the character tokenizer)."""
-    for name in ("eos_token_id", "bos_token_id"):
+    """The id that stands for "start of text": the tokenizer's end-of-text token (``eos_id``, or
+    Hugging Face's ``eos_token_id``/``bos_token_id``), else the single token of ``"\\n"`` (the
+    character tokenizer, which has none)."""
+    for name in ("eos_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
-        if isinstance(value, int):
+        if isinstance(value, int) and not isinstance(value, bool):
             return value
     ids = list(tokenizer.encode("\n"))
     if len(ids) != 1:

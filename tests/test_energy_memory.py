@@ -413,3 +413,15 @@ def test_spike_fed_linear_bytes_follow_the_formula(n, m, tokens, T, binary):
     again = rep.with_hardware("45nm-int8+mem+aer").row("fc")
     assert again.spike_read_bits_address == fc.spike_read_bits_address
     assert memory_traffic(again, energy.get_profile("45nm-int8+mem+aer"))[0] == nnz * m  # int8
+
+
+def test_a_report_written_before_memory_counting_still_reads():
+    rep = profile(PointLinear().eval(), torch.randn(4, 16) * 2)
+    data = rep.to_dict()
+    data["schema"] = "spikemar.energy/1"
+    for row in data["rows"]:  # what the first schema had: no memory counts
+        for k in [*energy.counter.MEMORY_COUNT_FIELDS, "parameters", "spike_source"]:
+            row.pop(k)
+    old = EnergyReport.from_dict(data)
+    assert old.total_acs == rep.total_acs and old.total_memory_bytes == 0
+    assert "memory_bytes" not in old.unpriced  # nothing counted: nothing listed

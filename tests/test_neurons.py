@@ -606,3 +606,17 @@ def test_decode_takes_a_float_threshold_and_equals_the_tensor_form():
         )
     expected = 0.5 * (spikes[0] + 1.5 * spikes[1] + 2.25 * spikes[2])
     torch.testing.assert_close(atmn_decode(spikes, 0.5, 1.5), expected)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+@pytest.mark.parametrize("backend", ["torch", "auto"])
+def test_a_spike_point_with_a_diverged_threshold_says_so(grad, backend):
+    """MAR's spike points (fused C paths included) blame the update, not an argument."""
+    from spikemar.models.common import SpikeConfig, SpikePoint
+
+    point = SpikePoint(8, SpikeConfig(T=4, backend=backend))
+    with torch.no_grad():
+        point.neuron.a[2] = float("nan")  # what an update with --lr inf leaves behind
+    x = torch.randn(3, 8, requires_grad=grad)
+    with pytest.raises(ValueError, match=r"^v_threshold became nan during training"):
+        point(x)

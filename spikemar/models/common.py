@@ -23,6 +23,7 @@ from ..neurons import (
     ATMNParameters,
     BinaryMultiStep,
     TernarySingleStep,
+    ThresholdError,
     cpu_backend,
     cupy_backend,
     fused,
@@ -103,17 +104,21 @@ class SpikePoint(nn.Module):
         # the fused paths stand in for neuron.quantize when nothing needs the spikes: the
         # inference kernel when autograd needs no graph, else the training kernel when the
         # neuron's surrogate is one the kernels implement (tests compare both with the reference)
-        if self._fused_ready(x, neuron):
-            if not self._needs_graph(x, neuron):
-                return cpu_backend.atmn_quantize_decode_cpu(x, self.T, self._inference_parameters())
-            p = neuron.parameters_tuple()
-            if fused.unsupported_parameters(p) is None:
-                return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
-        if x.is_cuda and not (self.record or counting_active()):
-            # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
-            p = neuron.parameters_tuple()
-            if cupy_backend.quantize_unusable_reason(x, self.T, p, neuron.backend) is None:
-                return cupy_backend.atmn_quantize_cupy(x, self.T, p)
+        try:  # a threshold made non-finite by an update is reported as such (issue 14)
+            if self._fused_ready(x, neuron):
+                if not self._needs_graph(x, neuron):
+                    p = self._inference_parameters()
+                    return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
+                p = neuron.parameters_tuple()
+                if fused.unsupported_parameters(p) is None:
+                    return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
+            if x.is_cuda and not (self.record or counting_active()):
+                # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
+                p = neuron.parameters_tuple()
+                if cupy_backend.quantize_unusable_reason(x, self.T, p, neuron.backend) is None:
+                    return cupy_backend.atmn_quantize_cupy(x, self.T, p)
+        except ThresholdError as err:
+            raise neuron.diverged_threshold_error() from err
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()

@@ -150,11 +150,12 @@ class ATMN(base.MemoryModule):
                 x_seq, v, self.parameters_tuple(), backend=self.backend, return_v_seq=return_v_seq
             )
         except F.ThresholdError as err:
-            raise self._diverged() from err
+            raise self.diverged_threshold_error() from err
 
-    def _diverged(self) -> ValueError:
-        """V was checked when the module was built; a bad one now was made so by an update
-        (or a loaded state), not by an argument."""
+    def diverged_threshold_error(self) -> ValueError:
+        """The error for this neuron's V found not finite and positive (a ``ThresholdError``
+        from a function it called): V was checked when the module was built, so an update (or a
+        loaded state) made it so, not an argument. For callers of the fused kernels too."""
         v = self.v_threshold.detach().flatten()
         bad = v[~torch.isfinite(v) | (v <= 0)][:4].tolist()
         return ValueError(F.diverged_threshold_message(bad))
@@ -201,7 +202,7 @@ class ATMN(base.MemoryModule):
         try:
             return F.atmn_quantize(activation, T, self.parameters_tuple(), backend=self.backend)
         except F.ThresholdError as err:
-            raise self._diverged() from err
+            raise self.diverged_threshold_error() from err
 
 
 class BinaryMultiStep(ATMN):

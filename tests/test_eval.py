@@ -363,6 +363,8 @@ def test_harness_errors_are_clear(harness, char_model, tmp_path):
         harness.SpikemarLM.create_from_arg_string(f"checkpoint={tmp_path / 'missing.pt'}")
     with pytest.raises(ValueError, match=r"model_args: unknown argument\(s\) \['temprature'\]"):
         harness.SpikemarLM(model=model, tokenizer=tok, temprature=1)
+    with pytest.raises(ValueError, match="device: 'gpu' is not a device"):
+        harness.SpikemarLM(model=model, tokenizer=tok, device="gpu")
     with pytest.raises(ValueError, match="unk: expected one character"):
         harness.SpikemarLM(model=model, tokenizer=tok, unk="#")
     lm = harness.SpikemarLM(model=model, tokenizer=tok, count_energy=False)

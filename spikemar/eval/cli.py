@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
@@ -85,7 +86,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         help="mark this training length on the loss curve (default: the checkpoint's, if known)",
     )
     parser.add_argument("--batch-size", type=_int_at_least_1, default=16, help="(default 16)")
-    parser.add_argument("--device", default="cpu", help="torch device (default cpu)")
+    parser.add_argument(
+        "--device", type=_device_argument, default="cpu", help="torch device (default cpu)"
+    )
     parser.add_argument(
         "--unk",
         help="a character of a character tokenizer's alphabet standing in for unknown ones "

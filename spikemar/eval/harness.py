@@ -39,6 +39,7 @@ import torch
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
 
+from .._argtypes import check_device
 from ..energy import EnergyReport
 from .perplexity import start_token
 from .scoring import Scorer
@@ -133,6 +134,7 @@ class SpikemarLM(TemplateLM):
             # lm_eval's command line passes --device cuda:0 unless told otherwise
             log.warning("device %s: CUDA is not available; running on the CPU", device)
             device = "cpu"
+        device = check_device(device)
         if model is None:
             model, tokenizer = load_model(checkpoint)
         elif tokenizer is None:

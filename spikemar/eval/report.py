@@ -265,6 +265,7 @@ class EvalTable:
             plotted += 1
         if not plotted:
             raise ValueError("rows: no row has both an accuracy task and an energy figure")
+        ax.set_ylim(0, max(10.0, ax.get_ylim()[1] * 1.1))  # accuracy from 0: gaps read true
         ax.set_xscale("log")
         ax.set_xlabel(f"energy per token ({hw}, pJ)")
         ax.set_ylabel("average accuracy (%)")

@@ -113,15 +113,11 @@ class ATMN(base.MemoryModule):
         return None if a.dim() == 0 else a.shape[0]
 
     def parameters_tuple(self, *, smooth: bool = False) -> F.ATMNParameters:
-        """The functional parameters of this neuron (for :mod:`spikemar.neurons.functional`)."""
-        return F.ATMNParameters(
-            v_threshold=self.v_threshold,
-            tau=self.tau,
-            ternary=self._ternary,
-            surrogate=self.surrogate,
-            detach_reset=self.detach_reset,
-            smooth=smooth,
-        )
+        """The functional parameters of this neuron (for :mod:`spikemar.neurons.functional`).
+        Built without ``ATMNParameters``' checks: the fields were checked when the module was,
+        and ``atmn_multi_step`` checks types and τ again (this runs on every call)."""
+        fields = (self.v_threshold, self.tau, self._ternary, self.surrogate, self.detach_reset)
+        return F.ATMNParameters._make((*fields, bool(smooth)))
 
     def extra_repr(self) -> str:
         v = self.v_threshold.detach()

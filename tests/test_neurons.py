@@ -620,3 +620,14 @@ def test_a_spike_point_with_a_diverged_threshold_says_so(grad, backend):
     x = torch.randn(3, 8, requires_grad=grad)
     with pytest.raises(ValueError, match=r"^v_threshold became nan during training"):
         point(x)
+
+
+def test_decode_is_not_rounded_by_autocast():
+    """bf16 autocast would round the decode's contraction: τ = 2, T = 12 needs 12 bits."""
+    g = torch.Generator().manual_seed(0)
+    spikes = torch.randint(-1, 2, (12, 64, 8), generator=g).float()
+    exact = atmn_decode(spikes, 0.5, 2.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast = atmn_decode(spikes, 0.5, 2.0)
+    assert under_autocast.dtype == torch.float32
+    assert torch.equal(under_autocast, exact)

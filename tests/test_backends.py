@@ -359,17 +359,21 @@ class _TorchKernels:
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-def test_fused_layer_hands_16_bit_x_to_kernels_that_take_it(dtype, monkeypatch):
+def test_fused_layer_hands_16_bit_x_to_kernels_that_take_it(dtype):
     from spikemar.neurons.fused import fused_multi_step
 
     def impl(x_seq, v, p, return_v_seq):
         assert x_seq.dtype == dtype  # not widened first
         return fused_multi_step(_TorchKernels(), x_seq, v, p, return_v_seq)
 
-    native = (torch.float16, torch.bfloat16)
-    monkeypatch.setitem(
-        backends._BACKENDS, "native16", backends.Backend("native16", impl, native_dtypes=native)
-    )
+    backends.register_backend("native16", impl, native_dtypes=(torch.float16, torch.bfloat16))
+    try:
+        _assert_native16(dtype)
+    finally:
+        backends.unregister_backend("native16")
+
+
+def _assert_native16(dtype):
     assert_backend_matches_reference(
         "native16",
         4,

@@ -14,12 +14,12 @@
 from __future__ import annotations
 
 import ctypes
-import dataclasses
 import importlib.util
 import math
 import os
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -49,7 +49,7 @@ def build_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(params=[False, True], ids=["rounded", "contracted"])
-def emulated_cupy(request, build_dir, monkeypatch) -> EmulatedCupy:
+def emulated_cupy(request, build_dir, monkeypatch) -> Iterator[EmulatedCupy]:
     """CuPy replaced by the emulation, and the kernels registered as backend 'cupy-emulated'
     (the 'cupy' record with its CUDA-device check lifted: everything else is the real path)."""
     fake = EmulatedCupy(build_dir, contract=request.param)
@@ -58,11 +58,14 @@ def emulated_cupy(request, build_dir, monkeypatch) -> EmulatedCupy:
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(cupy_backend, "_functions", {})
     record = backends.get_backend("cupy")
-    emulated_record = dataclasses.replace(
-        record, name="cupy-emulated", unusable_reason=lambda x, p: None, auto_priority=None
+    backends.register_backend(
+        "cupy-emulated",
+        record.impl,
+        native_dtypes=record.native_dtypes,
+        checks_values=record.checks_values,
     )
-    monkeypatch.setitem(backends._BACKENDS, "cupy-emulated", emulated_record)
-    return fake
+    yield fake
+    backends.unregister_backend("cupy-emulated")
 
 
 def _run(backend, x, v0, V, p_kwargs, weights):

@@ -37,6 +37,7 @@ __all__ = [
     "register_backend",
     "resolve_backend",
     "select_backend",
+    "unregister_backend",
 ]
 
 BackendImpl = Callable[..., tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
@@ -89,6 +90,14 @@ def register_backend(
     )  # fmt: skip
     _BACKENDS[name] = record
     return record
+
+
+def unregister_backend(name: str) -> Backend:
+    """Remove a backend registered with :func:`register_backend` (not the reference 'torch');
+    returns its record."""
+    if name == "torch" or name not in _BACKENDS:
+        raise ValueError(f"name: expected a registered backend other than 'torch', got {name!r}")
+    return _BACKENDS.pop(name)
 
 
 def available_backends() -> list[str]:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import gc
-import inspect
 import statistics
 import sys
 import time
@@ -142,10 +141,7 @@ def spikemar_impls(cfg: Config, device: str, probe: torch.Tensor) -> list[Impl |
 def _resolve(backend: str, probe: torch.Tensor, p) -> Callable:
     from spikemar.neurons.backends import resolve_backend
 
-    # resolve_backend(name, x) grew a parameters argument; accept either form
-    if len(inspect.signature(resolve_backend).parameters) >= 3:
-        return resolve_backend(backend, probe, p)
-    return resolve_backend(backend, probe)
+    return resolve_backend(backend, probe, p)
 
 
 def _resolves_to(backend: str, probe: torch.Tensor, p, impl: Callable) -> bool:

@@ -9,9 +9,11 @@ import sys
 import pytest
 import torch
 from conftest import ROMEO
+from references.hf_checkpoints import write_mamba2_checkpoint
 
 from spikemar.checkpoint import build_model, load_checkpoint
 from spikemar.cli import main
+from spikemar.convert import convert
 from spikemar.data import TokenDataset
 from spikemar.distill import DistillConfig, DistillObjective, Teacher, distill, transfer_weights
 from spikemar.training import TrainConfig, train
@@ -168,10 +170,6 @@ def test_ddp_with_two_cpu_processes_equals_one_process_on_the_same_global_batch(
 
 
 def test_a_hugging_face_teacher_from_a_local_directory(corpus, tmp_path):
-    pytest.importorskip("transformers")
-    from spikemar.distill.trainer import _auto_causal_lm  # transformers without torchvision
-
-    _auto_causal_lm()
     import transformers
 
     config = transformers.LlamaConfig(
@@ -283,3 +281,45 @@ def test_pipeline_example_runs_and_resumes(tmp_path, monkeypatch, capsys):
     capsys.readouterr()
     assert example.main(argv) == 0  # everything finished: every stage is skipped
     assert capsys.readouterr().out.count("done, skipped") == 4
+
+
+def test_mamba2_teacher_states_are_the_layers_inputs(tmp_path):
+    """transformers' Mamba-2 puts layer 0's *output* at hidden_states[0]; the teacher's state j
+    is the stream entering layer j (the embedding for j = 0)."""
+    hf = write_mamba2_checkpoint(tmp_path / "m2")
+    teacher = Teacher.load(str(tmp_path / "m2"))
+    assert not teacher.hf and teacher.tokenizer is not None  # read into spikemar's own model
+    x = torch.randint(0, 300, (2, 10))
+    logits, states = teacher.stream(x)
+    with torch.no_grad():
+        out = hf(x, output_hidden_states=True)
+        embedded = hf.backbone.embeddings(x)
+    hs = out.hidden_states
+    assert len(states) == 3 and len(hs) == 3
+    torch.testing.assert_close(logits, out.logits, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(states[0], embedded)
+    assert not torch.allclose(hs[0], embedded)  # the trap: index 0 is not the embedding
+    for j in (1, 2):  # entering layer 1 = leaving layer 0, ...; leaving the last layer
+        torch.testing.assert_close(states[j], hs[j - 1], rtol=1e-4, atol=1e-4)
+
+
+def test_stage2_from_a_converted_pretrained_student(corpus, tmp_path, capsys):
+    write_mamba2_checkpoint(tmp_path / "m2")
+    student = tmp_path / "student.pt"
+    convert(tmp_path / "m2", student, spikes={"T": 4}, data=corpus, calib_batches=1,
+            eval_batches=1, batch_size=2, L=16)  # fmt: skip
+    code = main(["distill", "--stage", "2", "--teacher", str(tmp_path / "m2"), "--student",
+                 str(student), "--data", str(corpus), "--out", str(tmp_path / "s2.pt"),
+                 "--steps", "2", "--batch-size", "2", "--L", "16", "--eval-interval", "2",
+                 "--eval-iters", "1", "--no-progress"])  # fmt: skip
+    printed = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and "nats/token" in printed[-1]
+    model, tok, payload = load_checkpoint(tmp_path / "s2.pt")
+    assert tok == load_checkpoint(student)[1] and tok.vocab_size == 300
+    assert model.config.spikes is not None and payload["kind"] == "mar"
+    with pytest.raises(ValueError, match="student_config"):
+        DistillConfig(**loop(corpus, tmp_path / "x.pt", stage=2, teacher=str(tmp_path / "m2"),
+                             student=str(student), student_config={"d_state": 4}))  # fmt: skip
+    with pytest.raises(ValueError, match="stage 2"):
+        DistillConfig(**loop(corpus, tmp_path / "x.pt", stage=1, teacher=str(tmp_path / "m2"),
+                             student=str(student)))  # fmt: skip

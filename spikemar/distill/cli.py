@@ -50,6 +50,9 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     student.add_argument("--tau", type=positive_float, default=None, help="stage 2: ATMN τ")
     student.add_argument("--v-threshold", type=positive_float, default=None,
                          help="stage 2: initial threshold V₀")  # fmt: skip
+    student.add_argument("--student", default=None,
+                         help="stage 2: start from this spiking checkpoint (spikemar convert's "
+                              "output; its dense twin must be the teacher)")  # fmt: skip
     student.add_argument("--no-init-from-teacher", action="store_true",
                          help="start the student from random weights")  # fmt: skip
     return p
@@ -74,7 +77,7 @@ def distill_main(args: argparse.Namespace) -> int:
             beta=args.beta, temperature=args.temperature, gamma=args.gamma, ce=args.ce,
             feature=None if args.feature == "none" else args.feature,
             align_steps=args.align_steps, student_config=student,
-            init_from_teacher=not args.no_init_from_teacher,
+            init_from_teacher=not args.no_init_from_teacher, student=args.student,
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError) as err:
@@ -84,6 +87,7 @@ def distill_main(args: argparse.Namespace) -> int:
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
-        print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} nats/char "
+        print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} "
+              f"{result['unit']} "
               f"(teacher {result['teacher_val']:.4f})")  # fmt: skip
     return 0

@@ -35,9 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import build_model, load_checkpoint, model_config_dict
+from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_dict
 from ..data import TokenDataset
-from ..models import MARLM, TransformerLM
+from ..models import MARLM, TransformerLM, from_pretrained
+from ..models.hub import read_pretrained_config
+from ..models.pretrained import config_from_hf
+from ..tokenizer import CharTokenizer, HFTokenizer
 from ..training import (
     LoopConfig,
     Objective,
@@ -67,6 +70,7 @@ class DistillConfig(LoopConfig):
     ce: float = 0.0  # weight of the plain next-token cross-entropy
     align_steps: int | None = None  # stage 1: hidden-state alignment steps; None: steps // 4
     init_from_teacher: bool = True
+    student: str | None = None  # stage 2: start from this spiking checkpoint (spikemar convert)
     out: str = "runs/student.pt"
 
     def __post_init__(self) -> None:
@@ -95,12 +99,28 @@ class DistillConfig(LoopConfig):
                              f"got {self.align_steps}")  # fmt: skip
         if self.stage == 2 and self.align_steps:
             raise ValueError("align_steps: hidden-state alignment belongs to stage 1")
+        if self.student is not None:
+            if self.stage != 2:
+                raise ValueError("student: a converted student is trained in stage 2")
+            if self.student_config:
+                raise ValueError(f"student_config: {self.student} already fixes the student's "
+                                 f"architecture; got overrides {self.student_config}")  # fmt: skip
 
 
 class Teacher(nn.Module):
     """A frozen teacher. ``teacher(tokens)`` → logits; ``teacher.stream(tokens)`` → ``(logits,
-    states)``, the residual stream entering each layer and, for spikemar models, leaving the
-    last one (n_layers + 1 states; a Hugging Face model gives the n entering states)."""
+    states)``: the residual stream entering each layer j (state j, the pre-norm input of layer
+    j) and leaving the last one (state n_layers), n_layers + 1 states for every kind of teacher.
+
+    For Hugging Face models the states are taken by hooks on the decoder's layers themselves
+    (each layer's input, and the last layer's output), never from ``output_hidden_states``,
+    whose convention differs between architectures: transformers' Llama returns the embedding
+    at ``hidden_states[0]`` and the *final-normed* stream last, but its Mamba-2 returns layer 0's
+    *output* at ``hidden_states[0]`` (the embedding is not in the tuple) and the final-normed
+    stream last; Cartesia's Llamba returns the embedding at index 0 and no final norm. A
+    Hugging Face Mamba-2 or Llamba directory is read into spikemar's own model
+    (:func:`spikemar.models.from_pretrained`), whose ``return_hidden`` states are the layers'
+    inputs by construction (``hidden[j]`` enters layer j)."""
 
     def __init__(self, model: nn.Module, source: str, tokenizer=None) -> None:
         super().__init__()
@@ -120,14 +140,22 @@ class Teacher(nn.Module):
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> Teacher:
         """A spikemar checkpoint file, or a local Hugging Face model directory (never
-        downloads)."""
+        downloads): a Mamba-2 or Llamba directory becomes spikemar's dense model with the
+        directory's tokenizer; any other architecture goes through transformers'
+        ``AutoModelForCausalLM``, with the directory's tokenizer when it has one."""
         p = Path(path)
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"teacher: {p} is a folder without a config.json "
                                         "(not a Hugging Face model directory)")  # fmt: skip
+            if _spikemar_architecture(p):
+                model = from_pretrained(p).to(device)
+                return cls(model, str(p), model.tokenizer)
             model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
-            return cls(model.to(device), str(p))
+            tokenizer = None
+            if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
+                tokenizer = HFTokenizer.from_directory(p)
+            return cls(model.to(device), str(p), tokenizer)
         if not p.is_file():
             raise FileNotFoundError(f"teacher: no checkpoint at {p}")
         model, tokenizer, _ = load_checkpoint(p, map_location=device)
@@ -154,22 +182,32 @@ class Teacher(nn.Module):
 
     @torch.no_grad()
     def stream(self, tokens: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        entering: list[torch.Tensor] = []
         last: list[torch.Tensor] = []
 
-        def keep(module, inputs, output):
+        def first_tensor(args, kwargs) -> torch.Tensor:
+            return args[0] if args else kwargs["hidden_states"]
+
+        def keep_input(module, args, kwargs):
+            entering.append(first_tensor(args, kwargs))
+
+        def keep_output(module, inputs, output):
             last.append(output[0] if isinstance(output, tuple) else output)
 
-        hook = self.layers[-1].register_forward_hook(keep)
+        hooks = [self.layers[-1].register_forward_hook(keep_output)]
+        if self.hf:
+            hooks += [layer.register_forward_pre_hook(keep_input, with_kwargs=True)
+                      for layer in self.layers]  # fmt: skip
         try:
             with torch.autocast(tokens.device.type, enabled=False):
                 if self.hf:
-                    out = self.model(input_ids=tokens, output_hidden_states=True,
-                                     use_cache=False)  # fmt: skip
-                    logits, states = out.logits, list(out.hidden_states[: self.n_layers])
+                    logits = self.model(input_ids=tokens, use_cache=False).logits
+                    states = entering
                 else:
                     logits, states = self.model(tokens, return_hidden=True)
         finally:
-            hook.remove()
+            for h in hooks:
+                h.remove()
         return logits, [*states, last[0]]
 
     @torch.no_grad()
@@ -178,22 +216,21 @@ class Teacher(nn.Module):
 
 
 def _auto_causal_lm():
-    """transformers' AutoModelForCausalLM, kept away from torchvision.
-
-    spikingjelly's metadata pulls a CUDA torchvision build that cannot load beside CPU torch
-    ("operator torchvision::nms does not exist"); transformers imports torchvision whenever it
-    is installed, which breaks every model class. A language-model teacher needs none of it, so
-    transformers is told torchvision is absent before any model module loads.
-    """
-    try:
-        from transformers.utils import import_utils
-    except ImportError as err:
-        raise ImportError("teacher: a Hugging Face teacher needs `transformers` "
-                          "(pip install 'spikemar[hf]')") from err  # fmt: skip
-    import_utils._torchvision_available = False
+    """transformers' AutoModelForCausalLM (imported when a teacher needs it: it is slow)."""
     from transformers import AutoModelForCausalLM
 
     return AutoModelForCausalLM
+
+
+def _spikemar_architecture(directory: Path) -> bool:
+    """Whether ``config.json`` is an architecture spikemar reads itself (Mamba-2, Llamba)."""
+    try:
+        config_from_hf(read_pretrained_config(directory))
+    except ValueError as err:
+        if "unknown architecture" in str(err):
+            return False
+        raise ValueError(f"teacher: {directory}: {err}") from err
+    return True
 
 
 def transfer_weights(teacher: nn.Module, student: nn.Module) -> dict[str, list[str]]:
@@ -319,14 +356,16 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
     return student
 
 
-def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
-    """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
-    and the teacher's validation loss on the same batches."""
-    prepare_output(config, resume=resume)  # before the data and the teacher: fail early
+def _teacher_data(config: DistillConfig, teacher: Teacher) -> TokenDataset:
+    """The training text in the teacher's vocabulary: tokenized with the teacher's tokenizer
+    when it has a pretrained one (BPE), else by characters as before, checked against it."""
+    if teacher.tokenizer is not None and not isinstance(teacher.tokenizer, CharTokenizer):
+        data = TokenDataset.from_text_file(config.data, tokenizer=teacher.tokenizer)
+        if data.vocab_size > teacher.vocab_size:
+            raise ValueError(f"teacher: its tokenizer has {data.vocab_size} ids but its "
+                             f"embedding only {teacher.vocab_size}")  # fmt: skip
+        return data
     data = TokenDataset.from_text_file(config.data)
-    torch.manual_seed(config.seed)
-    _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
-    teacher = Teacher.load(config.teacher, device)
     if teacher.vocab_size != data.vocab_size or (
         teacher.tokenizer is not None and teacher.tokenizer != data.tokenizer
     ):
@@ -336,6 +375,39 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
             f"from the data's ({data.vocab_size} characters); teacher and student must share one "
             "vocabulary"
         )
+    return data
+
+
+def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -> MARLM:
+    """A spiking student checkpoint (``spikemar convert``'s output) whose dense twin has the
+    teacher's architecture and tensors' shapes, in the data's vocabulary."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"student: no checkpoint at {p}")
+    student, tokenizer, _ = load_checkpoint(p, map_location=device)
+    if not isinstance(student, MARLM) or student.config.spikes is None:
+        raise ValueError(f"student: {p} is not a spiking MAR LM (expected spikemar convert's "
+                         "output)")  # fmt: skip
+    if tokenizer != data.tokenizer:
+        raise ValueError(f"student: {p}'s tokenizer differs from the teacher's")
+    if isinstance(teacher.model, MARLM):
+        twin = {k: tuple(v.shape) for k, v in dense_twin(student).state_dict().items()}
+        ours = {k: tuple(v.shape) for k, v in teacher.model.state_dict().items()}
+        if twin != ours:
+            diff = sorted(set(twin.items()) ^ set(ours.items()))[:2]
+            raise ValueError(f"student: {p} is not the teacher's architecture (differs in "
+                             f"{diff})")  # fmt: skip
+    return student.train()
+
+
+def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
+    """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
+    and the teacher's validation loss on the same batches."""
+    prepare_output(config, resume=resume)  # before the data and the teacher: fail early
+    torch.manual_seed(config.seed)
+    _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
+    teacher = Teacher.load(config.teacher, device)
+    data = _teacher_data(config, teacher)
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")
     state = None
@@ -347,11 +419,15 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
                              f"not stage {config.stage}")  # fmt: skip
         teacher_val = saved["teacher_val"]
     else:
-        student = build_student(teacher, config, data.vocab_size)
+        if config.student is not None:
+            student = load_student(config.student, teacher, data, device)
+        else:
+            student = build_student(teacher, config, teacher.vocab_size)
         teacher_val = evaluate(teacher, data, config, device)["val"]
     objective = DistillObjective(student.to(device), teacher, config)
     info = {"distill": {"stage": config.stage, "teacher": teacher.source,
                         "teacher_val": teacher_val}}  # fmt: skip
     result = run_training(config, objective, data, state=state, progress=progress,
                           desc=f"distill stage {config.stage}", checkpoint_info=info)  # fmt: skip
-    return {**result, "teacher_val": teacher_val}
+    unit = "nats/char" if isinstance(data.tokenizer, CharTokenizer) else "nats/token"
+    return {**result, "teacher_val": teacher_val, "unit": unit}

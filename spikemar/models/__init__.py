@@ -7,6 +7,7 @@ kinds registered in :data:`spikemar.models.mixers.MIXERS`."""
 from ..ssm.norm import RMSNorm
 from .common import FeedForward, LlamaMLP, SpikeConfig, SpikePoint
 from .generation import generate
+from .hub import from_pretrained
 from .mar import MARLM, ActivationSparsifier, MARConfig
 from .mixers import MIXERS, AttentionMixer, AttentionState, register_mixer
 from .transformer import KVCache, TransformerConfig, TransformerLM
@@ -26,6 +27,7 @@ __all__ = [
     "SpikePoint",
     "TransformerConfig",
     "TransformerLM",
+    "from_pretrained",
     "generate",
     "register_mixer",
 ]

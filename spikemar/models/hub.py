@@ -1,0 +1,222 @@
+"""Pretrained SSM language models in: ``from_pretrained`` reads a checkpoint directory or Hub id.
+
+    model = from_pretrained("path/to/dir")     # dense: the pretrained model itself
+    model = from_pretrained("state-spaces/mamba2-130m", spikes={"T": 4})  # + MAR's spike points
+    model.tokenizer                            # the directory's tokenizer (spikemar.tokenizer)
+
+A checkpoint directory is what Hugging Face's ``save_pretrained`` writes (and what the Hub
+serves): ``config.json``, the weights as ``model.safetensors`` or ``pytorch_model.bin`` (or shards
+of either named by ``model.safetensors.index.json`` / ``pytorch_model.bin.index.json``), and a
+tokenizer (``tokenizer.json``, or files transformers' AutoTokenizer reads). Two families are
+understood, through :mod:`spikemar.models.pretrained`: Hugging Face Mamba-2 (``model_type``
+``mamba2``) and Cartesia's Llamba (its own config keys). Names are mapped strictly: every tensor
+of the file is used and every expected one must be there with its shape.
+
+Anything that is not a local directory is taken as a Hub id and fetched with ``huggingface_hub``
+(into its usual cache) when the machine has a network; offline (no network, or
+``HF_HUB_OFFLINE=1``) it says so in one line, unless the id is already in the cache.
+
+Every bad directory gives one error naming the directory and the problem: no config.json, a
+config that is not JSON, an unknown architecture, no weights file, a shard the index names but
+the folder lacks, a missing or unexpected tensor, a wrong shape, no tokenizer (pass
+``tokenizer=False`` to load the weights alone).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..tokenizer import load_tokenizer
+from .common import SpikeConfig
+from .mar import MARLM
+
+__all__ = [
+    "from_pretrained",
+    "read_pretrained_config",
+    "read_pretrained_tensors",
+    "resolve_pretrained",
+]
+
+WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what a model needs from a Hub repository: config, weights, tokenizer files
+_HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:
+    """A local checkpoint directory, or the Hub snapshot of ``path_or_id`` (downloaded once)."""
+    path = Path(path_or_id)
+    if path.is_dir():
+        return path
+    if path.exists():
+        raise NotADirectoryError(f"path_or_id: {path} is a file; expected a checkpoint directory")
+    name = str(path_or_id)
+    if not _HUB_ID.match(name):
+        raise FileNotFoundError(
+            f"path_or_id: no directory at {name}, and it is not a Hub id like 'owner/name'"
+        )
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError as err:  # pragma: no cover - a dependency of spikemar
+        raise ImportError("path_or_id: Hub ids need huggingface_hub") from err
+    try:
+        folder = Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
+        if not any((folder / f"{stem}.{ext}").exists() or (folder / f"{stem}.{ext}.index.json")
+                   .exists() for stem, ext in WEIGHT_FILES):  # fmt: skip
+            folder = Path(snapshot_download(name, revision=revision, allow_patterns=["*.bin"]))
+    except LocalEntryNotFoundError as err:
+        offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
+        why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
+        raise ConnectionError(
+            f"path_or_id: {name!r} is not a local directory and {why}, and it is not in the "
+            "local Hugging Face cache; download it on a machine with a network "
+            "(huggingface-cli download) or pass a directory"
+        ) from err
+    except HfHubHTTPError as err:
+        raise ConnectionError(f"path_or_id: the Hub refused {name!r} ({err})") from err
+    return folder
+
+
+def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
+    """``config.json`` of a checkpoint directory as a dict."""
+    path = Path(directory) / "config.json"
+    if not path.is_file():
+        raise FileNotFoundError(f"{directory}: no config.json (not a checkpoint directory)")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise ValueError(f"{path}: not JSON ({err})") from err
+    if not isinstance(config, dict):
+        raise ValueError(f"{path}: expected a JSON object, got {type(config).__name__}")
+    return config
+
+
+def _weight_files(directory: Path) -> tuple[str, list[Path]]:
+    """The format and files of a directory's weights: safetensors before bin, an index's shards
+    before a single file."""
+    for stem, ext in WEIGHT_FILES:
+        index = directory / f"{stem}.{ext}.index.json"
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text())["weight_map"]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"{index}: not a weight index (no weight_map: {err})") from err
+            files = [directory / f for f in sorted(set(weight_map.values()))]
+            missing = [f.name for f in files if not f.is_file()]
+            if missing:
+                raise FileNotFoundError(
+                    f"{directory}: {index.name} names {len(files)} shards, missing "
+                    f"{', '.join(missing[:3])}"
+                )
+            return ext, files
+        single = directory / f"{stem}.{ext}"
+        if single.is_file():
+            return ext, [single]
+    raise FileNotFoundError(
+        f"{directory}: no weights (expected model.safetensors or pytorch_model.bin, or their "
+        "sharded form with an .index.json)"
+    )
+
+
+def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's weights (single file or shards), on the CPU."""
+    directory = Path(directory)
+    ext, files = _weight_files(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    for f in files:
+        try:
+            if ext == "safetensors":
+                from safetensors.torch import load_file
+
+                part = load_file(str(f))
+            else:
+                part = torch.load(f, map_location="cpu", weights_only=True)
+        except Exception as err:  # safetensors and torch raise several kinds for a bad file
+            raise ValueError(f"{f}: unreadable weights ({type(err).__name__}: {err})") from err
+        if not isinstance(part, Mapping):
+            raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
+        twice = tensors.keys() & part.keys()
+        if twice:
+            raise ValueError(f"{directory}: tensor {sorted(twice)[0]!r} is in more than one shard")
+        tensors.update(part)
+    return tensors
+
+
+def _spike_config(spikes: SpikeConfig | Mapping[str, Any] | None) -> SpikeConfig | None:
+    if spikes is None or isinstance(spikes, SpikeConfig):
+        return spikes
+    if isinstance(spikes, Mapping):
+        return SpikeConfig(**spikes)
+    raise TypeError(f"spikes: expected None, a SpikeConfig or a dict, got {type(spikes).__name__}")
+
+
+def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+    if dtype is None:
+        return torch.float32
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype.removeprefix("torch."), None)
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise ValueError(f"dtype: expected a floating torch dtype or its name, got {dtype!r}")
+    return dtype
+
+
+def from_pretrained(
+    path_or_id: str | os.PathLike,
+    *,
+    spikes: SpikeConfig | Mapping[str, Any] | None = None,
+    dtype: torch.dtype | str | None = None,
+    tokenizer: bool = True,
+    revision: str | None = None,
+) -> MARLM:
+    """A pretrained Hugging Face Mamba-2 or Llamba as a spikemar ``MARLM``, in eval mode.
+
+    ``spikes`` None gives the dense model (logits equal to the original's); a ``SpikeConfig``
+    (or its keyword dict) puts MAR's spike points in with the same weights and uncalibrated
+    thresholds (``spikemar convert`` calibrates them). ``dtype`` casts the weights (float32 by
+    default). With ``tokenizer`` the directory's tokenizer is loaded as ``model.tokenizer``
+    (required: its absence is an error); without, ``model.tokenizer`` is None.
+    """
+    spike_config = _spike_config(spikes)
+    torch_dtype = _dtype(dtype)
+    directory = resolve_pretrained(path_or_id, revision)
+    hf_config = read_pretrained_config(directory)
+    from .pretrained import config_from_hf, state_dict_from_hf
+
+    try:
+        config = config_from_hf(hf_config)
+    except ValueError as err:
+        raise ValueError(f"{directory}: {err}") from err
+    tok = None
+    if tokenizer:
+        try:
+            tok = load_tokenizer(directory)
+        except FileNotFoundError as err:
+            raise FileNotFoundError(
+                f"{err}; pass tokenizer=False to load the weights alone"
+            ) from err
+    tensors = read_pretrained_tensors(directory)
+    try:
+        state = state_dict_from_hf(config, tensors)  # the dense model's tensors
+    except ValueError as err:
+        raise ValueError(f"{directory}: {err}") from err
+    config.spikes = spike_config
+    model = MARLM(config)
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    # the mapping covers the dense model; a student's new tensors are its thresholds only
+    missing = [k for k in missing if not k.endswith("neuron.a")]
+    if missing or unexpected:
+        raise ValueError(
+            f"{directory}: the mapped weights do not fit the model (missing {missing[:3]}, "
+            f"unexpected {unexpected[:3]})"
+        )
+    model = model.to(torch_dtype).eval()
+    model.tokenizer = tok
+    return model

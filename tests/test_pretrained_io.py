@@ -1,0 +1,153 @@
+"""from_pretrained: Hugging Face Mamba-2 and Llamba checkpoint directories (made here, never
+downloaded), their tokenizers, and one clear error for each way a directory can be wrong."""
+
+import json
+
+import pytest
+import torch
+from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint
+from references.llamba import load_llamba_checkpoint, tiny_llamba_config, write_llamba_checkpoint
+
+from spikemar.models import MARLM, from_pretrained
+from spikemar.models.hub import read_pretrained_tensors
+from spikemar.tokenizer import HFTokenizer
+
+
+def mamba2_dir(path, **kwargs):
+    return write_mamba2_checkpoint(path, **kwargs)
+
+
+def bpe(vocab_size: int) -> HFTokenizer:
+    return bpe_tokenizer(vocab_size)
+
+
+def tokens(vocab: int, L: int = 12) -> torch.Tensor:
+    return torch.randint(0, vocab, (2, L), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_mamba2_directory_loads_with_the_same_logits(tmp_path, tied):
+    hf = mamba2_dir(tmp_path, tied=tied)
+    model = from_pretrained(tmp_path)
+    assert isinstance(model, MARLM) and model.config.spikes is None and not model.training
+    assert model.tokenizer == HFTokenizer.from_directory(tmp_path)
+    x = tokens(300)
+    with torch.no_grad():
+        expected = hf(x).logits
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("weights", "shards"), [("safetensors", 1), ("safetensors", 3),
+                                                 ("bin", 2)])  # fmt: skip
+def test_llamba_directory_loads_with_the_reference_logits(tmp_path, weights, shards):
+    config = tiny_llamba_config(tie_embeddings=shards == 3)
+    write_llamba_checkpoint(tmp_path, config, seed=2, weights=weights, shards=shards)
+    bpe(61).save(tmp_path)
+    model = from_pretrained(tmp_path)
+    reference = load_llamba_checkpoint(tmp_path)
+    x = tokens(61)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), reference(x), rtol=1e-4, atol=1e-4)
+    assert model.config.vocab_size == 64  # padded as Cartesia pads the embedding
+
+
+def test_spikes_and_dtype(tmp_path):
+    mamba2_dir(tmp_path)
+    dense = from_pretrained(tmp_path)
+    student = from_pretrained(tmp_path, spikes={"T": 4, "tau": 1.0}, dtype="bfloat16")
+    assert student.config.spikes is not None and student.config.spikes.T == 4
+    assert next(student.parameters()).dtype == torch.bfloat16
+    for name, t in dense.state_dict().items():
+        assert torch.equal(student.state_dict()[name], t.to(torch.bfloat16)), name
+    with pytest.raises(ValueError, match="dtype"):
+        from_pretrained(tmp_path, dtype="int8")
+
+
+def _rewrite_safetensors(path, change):
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(path))
+    change(tensors)
+    save_file(tensors, str(path))
+
+
+def _break_config(d):
+    (d / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 8}))
+
+
+def _break_json(d):
+    (d / "config.json").write_text("{not json")
+
+
+def _drop_tensor(d):
+    _rewrite_safetensors(d / "model.safetensors",
+                         lambda t: t.pop("backbone.layers.1.mixer.D"))  # fmt: skip
+
+
+def _reshape_tensor(d):
+    def change(t):
+        t["backbone.layers.0.mixer.A_log"] = torch.zeros(7)
+
+    _rewrite_safetensors(d / "model.safetensors", change)
+
+
+def _extra_tensor(d):
+    def change(t):
+        t["backbone.layers.0.mixer.surprise"] = torch.zeros(3)
+
+    _rewrite_safetensors(d / "model.safetensors", change)
+
+
+def _missing_shard(d):
+    index = {"weight_map": {"backbone.embeddings.weight": "model-00002-of-00002.safetensors"}}
+    (d / "model.safetensors.index.json").write_text(json.dumps(index))
+
+
+@pytest.mark.parametrize(
+    ("damage", "error", "match"),
+    [
+        (lambda d: (d / "config.json").unlink(), FileNotFoundError, "no config.json"),
+        (_break_json, ValueError, "not JSON"),
+        (_break_config, ValueError, "unknown architecture.*'llama'"),
+        (lambda d: (d / "model.safetensors").unlink(), FileNotFoundError, "no weights"),
+        (_missing_shard, FileNotFoundError, "missing model-00002-of-00002"),
+        (_drop_tensor, ValueError, r"missing 'backbone\.layers\.1\.mixer\.D'"),
+        (_reshape_tensor, ValueError, r"A_log' has shape \(7,\), expected \(8,\)"),
+        (_extra_tensor, ValueError, "unexpected 'backbone.layers.0.mixer.surprise'"),
+        (lambda d: (d / "tokenizer.json").unlink(), FileNotFoundError,
+         "no tokenizer.*tokenizer=False"),
+    ],
+)  # fmt: skip
+def test_bad_directories_give_one_clear_error(tmp_path, damage, error, match):
+    mamba2_dir(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(error, match=match) as info:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)
+    assert str(tmp_path) in str(info.value)
+
+
+def test_weights_alone_without_a_tokenizer(tmp_path):
+    mamba2_dir(tmp_path)
+    (tmp_path / "tokenizer.json").unlink()
+    assert from_pretrained(tmp_path, tokenizer=False).tokenizer is None
+
+
+def test_unreadable_weights_are_named(tmp_path):
+    mamba2_dir(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)
+    with pytest.raises(ValueError, match="unreadable weights"):
+        read_pretrained_tensors(tmp_path)
+
+
+def test_hub_ids_offline_say_so_in_one_line(monkeypatch, tmp_path):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(ConnectionError, match="HF_HUB_OFFLINE is set") as info:
+        from_pretrained("state-spaces/mamba2-130m")
+    assert "\n" not in str(info.value)
+    with pytest.raises(FileNotFoundError, match="not a Hub id"):
+        from_pretrained(str(tmp_path / "no" / "such" / "dir"))
+    (tmp_path / "file.bin").write_bytes(b"")
+    with pytest.raises(NotADirectoryError, match="is a file"):
+        from_pretrained(tmp_path / "file.bin")

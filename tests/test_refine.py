@@ -10,6 +10,7 @@ from spikemar.checkpoint import load_checkpoint, save_checkpoint
 from spikemar.data import CharTokenizer
 from spikemar.hardware import chip_report
 from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
+from spikemar.refine import calibrate, point_samples, quantisation_error
 
 SMALL = dict(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8)
 
@@ -127,3 +128,57 @@ def test_chip_report_reads_points():
     assert not entries["layers.1.mixer.in_proj"].on_chip
     assert not entries["layers.1.ffn.spike_in"].on_chip
     assert isinstance(_points_model().layers[1].ffn.spike_in, ActivationSparsifier)
+
+
+# -- calibration ---------------------------------------------------------------------------
+
+
+def _student_teacher(T: int = 4, n_layers: int = 1, seed: int = 0):
+    torch.manual_seed(seed)
+    config = MARConfig(**{**SMALL, "n_layers": n_layers}, spikes=SpikeConfig(T=T))
+    student = MARLM(config).eval()
+    teacher = MARLM(config.dense()).eval()
+    teacher.load_state_dict(student.state_dict(), strict=False)
+    return student, teacher
+
+
+@pytest.mark.parametrize("rate", [0.05, 0.2])
+def test_calibrate_hits_firing_rate(rate):
+    student, teacher = _student_teacher(T=4, seed=3)
+    batches = [torch.randint(0, 11, (4, 24)) for _ in range(2)]
+    reached = calibrate(student, teacher, batches, firing_rate=rate)
+    assert set(reached) == {s.name for s in student.spike_points()}
+    samples = point_samples(student, teacher, batches)
+    for site in student.spike_points():  # the student's own spikes on the samples
+        sp = site.module
+        _, spikes = sp.neuron.quantize(samples[site.name], sp.T)
+        assert abs(float((spikes != 0).float().mean()) - rate) < 0.02, site.name
+
+
+def test_calibrate_quantisation_error_largest_threshold_within_target():
+    student, teacher = _student_teacher(T=8, seed=1)
+    batches = [torch.randint(0, 11, (4, 24)) for _ in range(2)]
+    target = 0.1
+    calibrate(student, teacher, batches, quant_error=target)
+    samples = point_samples(student, teacher, batches)
+    met = 0
+    for site in student.spike_points():
+        a = site.module.neuron.log_threshold.detach()
+        err = quantisation_error(samples[site.name], site.module, a[None])[0]
+        larger = quantisation_error(samples[site.name], site.module, a[None] + 0.05)[0]
+        # within the target, or the channel cannot reach it (least error); either way a 5 %
+        # larger V misses the target: the threshold is the largest that meets it
+        assert bool((larger > target).all()), site.name
+        met += int((err <= target + 1e-4).sum())
+    assert met > 0
+
+
+def test_calibrate_arguments():
+    student, teacher = _student_teacher()
+    batches = [torch.randint(0, 11, (2, 8))]
+    with pytest.raises(ValueError, match="exactly one calibration target"):
+        calibrate(student, teacher, batches)
+    with pytest.raises(ValueError, match="quant_error: expected a relative error in"):
+        calibrate(student, teacher, batches, quant_error=1.5)
+    with pytest.raises(ValueError, match="batches: expected at least one batch"):
+        calibrate(student, teacher, [], quant_error=0.1)

@@ -24,11 +24,30 @@ def test_the_packaged_checkpoint_is_a_small_spiking_student_with_its_provenance(
     assert text.startswith("ROMEO:") and len(text) == 46
 
 
+def test_the_packaged_teacher_is_the_dense_model_the_student_was_distilled_from():
+    from spikemar.showcase import SHIPPED_TEACHER
+
+    student_payload = load_checkpoint(shipped_checkpoint())[2]
+    _, tokenizer, payload = load_checkpoint(shipped_checkpoint(SHIPPED_TEACHER))
+    assert payload["kind"] == "mar-dense" and "train" not in payload
+    assert shipped_checkpoint(SHIPPED_TEACHER).stat().st_size < 8e6
+    assert "spikemar train --model mar-dense" in payload["provenance"]["command"]
+    named = student_payload["provenance"]["teacher"]
+    assert named["file"] == SHIPPED_TEACHER
+    # measured on the student's validation batches, its own run measured on others: near
+    assert abs(named["val_loss"] - payload["provenance"]["val_loss"]) < 0.02
+    # a teacher worth distilling from: better than its student (validation loss, nats/char)
+    assert named["val_loss"] < student_payload["provenance"]["val_loss"] < 1.05 * named["val_loss"]
+    assert tokenizer == load_checkpoint(shipped_checkpoint())[1]
+
+
 def test_demo_on_the_packaged_checkpoint(tmp_path, capsys):
     out = tmp_path / "demo.png"
     assert main(["demo", "--max-new-tokens", "30", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     assert "made by:" in printed and "ROMEO:" in printed and "spike points" in printed
+    assert "teacher:    " in printed and "mar_shakespeare_teacher.pt" in printed
+    assert "trained from scratch" in printed and "dense teacher" in printed
     compute_only = printed.split("compute only (45nm-fp32): ")[1].split("x less")[0]
     assert float(compute_only.split(", ")[-1]) > 3  # the packaged student: 5.9x at 45nm-fp32
     assert "with memory traffic (45nm-fp32+mem): " in printed  # the honest second figure

@@ -2,7 +2,6 @@
 
 import pytest
 import torch
-from conftest import ROMEO
 from PIL import Image
 
 from spikemar.checkpoint import load_checkpoint, release_checkpoint
@@ -54,12 +53,10 @@ def test_demo_on_the_packaged_checkpoint(tmp_path, capsys):
     assert Image.open(out).size[0] > 1000
 
 
-def test_demo_on_a_trained_checkpoint_and_bad_requests(tmp_path, monkeypatch, capsys):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "romeo.txt").write_text(ROMEO)
+def test_demo_on_a_trained_checkpoint_and_bad_requests(corpus, tmp_path, capsys):
     small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
     for kind in ("mar", "mar-dense"):
-        train(TrainConfig(model=kind, model_config=small, data=str(tmp_path / "romeo.txt"),
+        train(TrainConfig(model=kind, model_config=small, data=str(corpus),
                           out=str(tmp_path / f"{kind}.pt"), steps=2, batch_size=2, L=16,
                           eval_interval=2, eval_iters=1), progress=False)  # fmt: skip
     assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Romeo",
@@ -86,13 +83,9 @@ def test_demo_on_a_trained_checkpoint_and_bad_requests(tmp_path, monkeypatch, ca
         main(["demo", "--max-new-tokens", "0"])
 
 
-def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(
-    tmp_path, monkeypatch
-):
-    monkeypatch.setenv("HOME", str(tmp_path))
-    (tmp_path / "romeo.txt").write_text(ROMEO)
+def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(corpus, tmp_path):
     small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
-    train(TrainConfig(model="mar", model_config=small, data=str(tmp_path / "romeo.txt"),
+    train(TrainConfig(model="mar", model_config=small, data=str(corpus),
                       out=str(tmp_path / "run.pt"), steps=2, batch_size=2, L=16,
                       eval_interval=2, eval_iters=1), progress=False)  # fmt: skip
     made = {"command": "spikemar train ...", "data": "romeo.txt", "seed": 1337, "result": "-"}

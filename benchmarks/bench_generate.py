@@ -7,8 +7,8 @@ context C, all in the same run:
 
 - ``MAR spiking``: ``MARLM(MARConfig(vocab_size=65, d_model=128, n_layers=4,
   spikes=SpikeConfig(T=4)))``, spike backend 'auto' (the header names the backend it picks);
-  every step runs under ``torch.no_grad()``, so both MAR models take ``MARLM.step``'s inference
-  path (the norms, spike points and the SSM mixer's middle in fused C kernels; see mar.py);
+  every step runs under ``torch.no_grad()``, so both MAR models' ``step`` take their fast kernels
+  (the norms, the spike points and the SSM mixer's middle each in one C call; see mar.py);
 - ``MAR dense twin``: ``MARLM(config.dense())``, the same code with the spike points removed;
 - ``Transformer``: ``TransformerLM(TransformerConfig(vocab_size=65, d_model=128, n_layers=4,
   n_heads=4, max_len=max(C) + 1))``.

@@ -2,15 +2,30 @@
 
 from __future__ import annotations
 
+import itertools
+
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from spikemar import energy
 from spikemar.checkpoint import load_checkpoint, save_checkpoint
 from spikemar.data import CharTokenizer
 from spikemar.hardware import chip_report
 from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
-from spikemar.refine import calibrate, point_samples, quantisation_error
+from spikemar.refine import (
+    Measurements,
+    Option,
+    build_student,
+    calibrate,
+    measure,
+    pareto_plot,
+    plan,
+    point_samples,
+    quantisation_error,
+    schedule_kl,
+)
 
 SMALL = dict(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8)
 
@@ -182,3 +197,89 @@ def test_calibrate_arguments():
         calibrate(student, teacher, batches, quant_error=1.5)
     with pytest.raises(ValueError, match="batches: expected at least one batch"):
         calibrate(student, teacher, [], quant_error=0.1)
+
+
+# -- measure and plan ------------------------------------------------------------------------
+
+costs = st.floats(0, 10, allow_nan=False, allow_infinity=False)
+
+
+@st.composite
+def tables(draw):
+    n_modules = draw(st.integers(1, 4))
+    modules = {}
+    for m in range(n_modules):
+        name = f"m{m}"
+        options = [Option(name, "dense", 0.0, 1.0, 0.0)]
+        for k in range(draw(st.integers(0, 3))):
+            options.append(Option(name, {"T": k + 1}, draw(costs), 1.0, draw(costs)))
+        modules[name] = options
+    return Measurements(modules, draw(st.floats(1, 50)), 1.0, "45nm-fp32")
+
+
+def _brute(m: Measurements):
+    return [
+        (sum(o.kl for o in combo), sum(o.energy_saved_pj for o in combo))
+        for combo in itertools.product(*m.modules.values())
+    ]
+
+
+@given(tables(), st.floats(1.0, 5.0))
+@settings(max_examples=200, deadline=None)
+def test_plan_energy_budget_equals_brute_force(m, ratio):
+    need = m.teacher_energy_pj * (1 - 1 / ratio)
+    feasible = [kl for kl, saved in _brute(m) if saved >= need - 1e-9 * need]
+    if not feasible:
+        with pytest.raises(ValueError, match="out of reach"):
+            plan(m, energy_ratio=ratio)
+        return
+    p = plan(m, energy_ratio=ratio)
+    assert p.exact and p.predicted_kl == pytest.approx(min(feasible), abs=1e-9)
+    assert sum(o.energy_saved_pj for o in p.choice.values()) >= need - 1e-9 * need
+    assert p.predicted_kl == pytest.approx(sum(o.kl for o in p.choice.values()))
+
+
+@given(tables(), costs)
+@settings(max_examples=200, deadline=None)
+def test_plan_kl_budget_equals_brute_force(m, max_kl):
+    best = max(saved for kl, saved in _brute(m) if kl <= max_kl)
+    p = plan(m, max_kl=max_kl)
+    assert p.predicted_kl <= max_kl
+    assert p.energy_saved_pj == pytest.approx(best, abs=1e-9)
+    assert set(p.points) == set(m.modules)
+
+
+def test_plan_arguments():
+    m = Measurements({"a": [Option("a", "dense", 0.0, 1.0, 0.0)]}, 10.0, 1.0, "45nm-fp32")
+    with pytest.raises(ValueError, match="exactly one budget"):
+        plan(m)
+    with pytest.raises(ValueError, match=r"energy_ratio: 2 is out of reach; .* at most 1x"):
+        plan(m, energy_ratio=2)
+    with pytest.raises(ValueError, match="energy_ratio: expected >= 1"):
+        plan(m, energy_ratio=0.5)
+
+
+def test_measure_and_plan_on_a_model(tmp_path):
+    torch.manual_seed(0)
+    teacher = MARLM(MARConfig(**{**SMALL, "n_layers": 1}, spikes=None)).eval()
+    windows = torch.randint(0, 11, (3, 9))
+    options = ({"T": 4, "v_threshold": 0.5},)
+    m = measure(teacher, windows, options=options, sparsify=(), energy_windows=1)
+    assert list(m.modules) == [s.name for s in teacher.spike_points(include_dense=True)]
+    for name, opts in m.modules.items():
+        dense, spiking = opts
+        assert dense.setting == "dense" and dense.kl == 0 and dense.energy_saved_pj == 0
+        assert spiking.kl >= 0 and spiking.energy_saved_pj > 0  # ACs instead of MACs
+        # the table's number is the student's own KL
+        kl, loss = schedule_kl(teacher, {name: spiking.setting}, windows)
+        assert kl == pytest.approx(spiking.kl) and loss == pytest.approx(spiking.loss)
+    # a schedule's energy is the teacher's minus the summed savings (additive per point)
+    p = plan(m, energy_ratio=1.2)
+    student = build_student(teacher, p.points)
+    report = energy.profile(student, windows[:1, :-1], hardware="45nm-fp32")
+    e = report.total_energy_pj / report.tokens
+    assert e == pytest.approx(m.teacher_energy_pj - p.energy_saved_pj, rel=1e-6)
+    loaded = Measurements.load(m.save(tmp_path / "m.json"))
+    assert loaded.to_json() == m.to_json()
+    png = pareto_plot(m, [p], tmp_path / "pareto.png", measured={"plan": (p.energy_ratio, 0.1)})
+    assert png.stat().st_size > 1000

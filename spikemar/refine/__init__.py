@@ -4,8 +4,32 @@ budget.
 
 * :func:`calibrate`: spike-point thresholds from activation statistics (a target firing rate or
   quantisation error);
+* :func:`measure`: each spike point refined alone (spiking at a few T/τ/V, sparsified): KL to the
+  teacher, loss, energy saved (:class:`Measurements`);
+* :func:`plan`: the exact multiple-choice knapsack over modules (Pareto dynamic programming)
+  for an energy ratio or a KL budget (:class:`Plan`, its ``points`` config), and
+  :func:`pareto_plot`;
+* ``spikemar refine`` (:mod:`spikemar.refine.cli`): measure → plan → SBDS stage 2 → evaluate.
 """
 
 from .calibrate import calibrate, point_samples, quantisation_error
+from .measure import DEFAULT_OPTIONS, Measurements, Option, build_student, measure, schedule_kl
+from .plan import Plan, pareto_front, pareto_plot, plan, random_schedule, uniform_schedules
 
-__all__ = ["calibrate", "point_samples", "quantisation_error"]
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "Measurements",
+    "Option",
+    "Plan",
+    "build_student",
+    "calibrate",
+    "measure",
+    "pareto_front",
+    "pareto_plot",
+    "plan",
+    "point_samples",
+    "quantisation_error",
+    "random_schedule",
+    "schedule_kl",
+    "uniform_schedules",
+]

@@ -1,0 +1,221 @@
+"""Sensitivity and cost: refine one module at a time and record what it costs and saves.
+
+For each spike point of a dense SSM teacher and each option (spiking at a few T/τ/V settings,
+sparsified), the student is the teacher with *only that point* refined; on calibration windows
+it records the student–teacher KL(p_teacher ‖ q_student) per token, the student's loss, and the
+energy per token under a hardware profile (:func:`spikemar.energy.profile`). A schedule's
+predicted KL is the sum of its modules' KLs (refinements assumed to act independently: the
+first-order picture; the Pareto plot sets measured KLs beside it) and its energy the teacher's
+minus the sum of the savings (exact for the counter's per-module counts: one point changes only
+its own row and the rows of the projections it feeds).
+
+Replacing an attention layer by an SSM copy needs a stage-1 student beside the teacher; spikemar
+teachers here are all-SSM, so those options are not offered yet (see the issue).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .. import energy
+from ..models import MARLM, SpikeConfig
+
+__all__ = [
+    "DEFAULT_OPTIONS",
+    "Measurements",
+    "Option",
+    "build_student",
+    "measure",
+    "schedule_kl",
+]
+
+# the options measured at every spike point: three thresholds at T = 4 and a coarse T = 2
+DEFAULT_OPTIONS: tuple[dict[str, Any], ...] = (
+    {"T": 4, "v_threshold": 0.25},
+    {"T": 4, "v_threshold": 0.5},
+    {"T": 4, "v_threshold": 1.0},
+    {"T": 2, "v_threshold": 0.5},
+)
+# the sparsification options of FFN points (real values kept: top-k per token)
+DEFAULT_SPARSIFY: tuple[dict[str, Any], ...] = ({"sparsify": "topk", "amount": 0.25},)
+
+
+@dataclass(frozen=True)
+class Option:
+    """One refinement of one module: ``setting`` as in ``MARConfig.points``; its measured
+    ``kl`` (nats/token), ``loss`` (nats/token) and ``energy_saved_pj`` per token."""
+
+    module: str
+    setting: str | dict[str, Any]
+    kl: float
+    loss: float
+    energy_saved_pj: float
+
+    def label(self) -> str:
+        s = self.setting
+        return s if isinstance(s, str) else ",".join(f"{k}={v}" for k, v in s.items())
+
+
+@dataclass
+class Measurements:
+    """The sensitivity table: per module its options (``'dense'`` first, KL 0, nothing saved),
+    the teacher's ``energy_pj`` per token and loss, under ``hardware``."""
+
+    modules: dict[str, list[Option]]
+    teacher_energy_pj: float
+    teacher_loss: float
+    hardware: str
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "format": "spikemar-refine-measurements-1",
+            "hardware": self.hardware,
+            "teacher_energy_pj": self.teacher_energy_pj,
+            "teacher_loss": self.teacher_loss,
+            "info": self.info,
+            "modules": {
+                name: [
+                    {
+                        "setting": o.setting,
+                        "kl": o.kl,
+                        "loss": o.loss,
+                        "energy_saved_pj": o.energy_saved_pj,
+                    }
+                    for o in options
+                ]
+                for name, options in self.modules.items()
+            },
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Measurements:
+        if data.get("format") != "spikemar-refine-measurements-1":
+            raise ValueError(f"measurements: unknown format {data.get('format')!r}")
+        modules = {
+            name: [
+                Option(name, o["setting"], o["kl"], o["loss"], o["energy_saved_pj"])
+                for o in options
+            ]
+            for name, options in data["modules"].items()
+        }
+        return cls(modules, data["teacher_energy_pj"], data["teacher_loss"], data["hardware"],
+                   data.get("info", {}))  # fmt: skip
+
+    def save(self, path: str | os.PathLike) -> Path:
+        from .._io import atomic_write
+
+        path = Path(path)
+        with atomic_write(path) as tmp:
+            tmp.write_text(json.dumps(self.to_json(), indent=1))
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Measurements:
+        return cls.from_json(json.loads(Path(path).read_text()))
+
+
+def build_student(teacher: MARLM, points: dict[str, Any]) -> MARLM:
+    """The teacher's architecture and weights with the spike-point ``points`` (every point not
+    named stays dense), in eval mode on the teacher's device and dtype."""
+    if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
+        raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    base = SpikeConfig()
+    config = replace(teacher.config, spikes=base, spiking=True,
+                     points={"*": "dense", **points})  # fmt: skip
+    student = MARLM(config)
+    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    others = [k for k in missing if not k.endswith("neuron.a")]
+    if others or unexpected:
+        raise ValueError(f"points: the student's parameters differ from the teacher's "
+                         f"(missing {others[:3]}, unexpected {unexpected[:3]})")  # fmt: skip
+    p = next(teacher.parameters())
+    return student.to(device=p.device, dtype=p.dtype).eval()
+
+
+@torch.no_grad()
+def _logprobs(model: MARLM, windows: torch.Tensor) -> torch.Tensor:
+    return F.log_softmax(model(windows[:, :-1]).double(), dim=-1)
+
+
+@torch.no_grad()
+def schedule_kl(
+    teacher: MARLM, points: dict[str, Any], windows: torch.Tensor, batch_size: int = 8
+) -> tuple[float, float]:
+    """``(KL(p_teacher ‖ q_student), student loss)`` per token of the student with ``points``
+    on ``windows`` [n, L + 1]."""
+    student = build_student(teacher, points)
+    return _kl_loss(teacher, student, windows, batch_size)
+
+
+def _kl_loss(teacher, student, windows, batch_size) -> tuple[float, float]:
+    kl = loss = 0.0
+    count = 0
+    for i in range(0, windows.shape[0], batch_size):
+        w = windows[i : i + batch_size]
+        p, q = _logprobs(teacher, w), _logprobs(student, w)
+        kl += float((p.exp() * (p - q)).sum())
+        loss += float(F.nll_loss(q.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
+        count += w[:, 1:].numel()
+    return kl / count, loss / count
+
+
+def _energy(model: MARLM, tokens: torch.Tensor, hardware: str) -> float:
+    report = energy.profile(model, tokens, hardware=hardware)
+    return report.total_energy_pj / report.tokens
+
+
+def measure(
+    teacher: MARLM,
+    windows: torch.Tensor,
+    *,
+    options: Sequence[dict[str, Any]] = DEFAULT_OPTIONS,
+    sparsify: Sequence[dict[str, Any]] = DEFAULT_SPARSIFY,
+    hardware: str = "45nm-fp32",
+    batch_size: int = 8,
+    energy_windows: int = 2,
+    progress: Callable[[str], None] | None = None,
+) -> Measurements:
+    """Refine each spike point of ``teacher`` (a dense MARLM) alone with each of ``options``
+    (``MARConfig.points`` settings; FFN points also with ``sparsify``) and measure it on
+    ``windows`` (token ids [n, L + 1]: inputs ``w[:, :-1]``, targets ``w[:, 1:]``).
+
+    Energy per token comes from one counted pass over the first ``energy_windows`` windows."""
+    if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
+        raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
+        raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
+    teacher.eval()
+    sample = windows[:energy_windows, :-1]
+    teacher_energy = _energy(teacher, sample, hardware)
+    _, teacher_loss = _kl_loss(teacher, teacher, windows, batch_size)
+    sites = [s.name for s in teacher.spike_points(include_dense=True)]
+    modules: dict[str, list[Option]] = {}
+    for n, name in enumerate(sites):
+        opts = [Option(name, "dense", 0.0, teacher_loss, 0.0)]
+        extra = list(sparsify) if ".ffn." in name else []
+        for setting in [*options, *extra]:
+            student = build_student(teacher, {name: setting})
+            kl, loss = _kl_loss(teacher, student, windows, batch_size)
+            saved = teacher_energy - _energy(student, sample, hardware)
+            opts.append(Option(name, dict(setting), kl, loss, saved))
+        modules[name] = opts
+        if progress is not None:
+            best = max(opts, key=lambda o: o.energy_saved_pj)
+            progress(f"measure {n + 1}/{len(sites)} {name}: {len(opts)} options, most saved "
+                     f"{best.energy_saved_pj:.4g} pJ/token at KL {best.kl:.3g}")  # fmt: skip
+    info = {"windows": list(windows.shape), "options": [dict(o) for o in options],
+            "sparsify": [dict(o) for o in sparsify]}  # fmt: skip
+    if not math.isfinite(teacher_energy) or teacher_energy <= 0:
+        raise ValueError(f"hardware: {hardware!r} prices the teacher at {teacher_energy} pJ")
+    return Measurements(modules, teacher_energy, teacher_loss, hardware, info)

@@ -177,48 +177,38 @@ def spike_point(channels: int, spikes: SpikeConfig | None) -> nn.Module:
 
 class FeedForward(SpikePointOwner, nn.Module):
     """SwiGLU FFN ``down(silu(gate(x)) · up(x))``, with MAR's spike points before the up/gate and
-    the down projection when ``spikes`` is given."""
+    the down projection when ``spikes`` is given. ``names``: the three projections' attribute
+    names (gate, up, down), so that a checkpoint's names need no renaming (:class:`LlamaMLP`)."""
 
+    names: ClassVar[tuple[str, str, str]] = ("gate", "up", "down")
     spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("gate", "up"), "spike_hidden": ("down",)}
 
     def __init__(
         self, d_model: int, hidden: int, spikes: SpikeConfig | None = None, bias: bool = False
     ) -> None:
         super().__init__()
+        gate, up, down = self.names
         self.spike_in = spike_point(d_model, spikes)
-        self.gate = nn.Linear(d_model, hidden, bias=bias)
-        self.up = nn.Linear(d_model, hidden, bias=bias)
+        setattr(self, gate, nn.Linear(d_model, hidden, bias=bias))
+        setattr(self, up, nn.Linear(d_model, hidden, bias=bias))
         self.spike_hidden = spike_point(hidden, spikes)
-        self.down = nn.Linear(hidden, d_model, bias=bias)
+        setattr(self, down, nn.Linear(hidden, d_model, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up, down = (self._modules[n] for n in self.names)
         x = self.spike_in(x)
-        return self.down(self.spike_hidden(F.silu(self.gate(x)) * self.up(x)))
+        return down(self.spike_hidden(F.silu(gate(x)) * up(x)))
 
 
-class LlamaMLP(SpikePointOwner, nn.Module):
+class LlamaMLP(FeedForward):
     """Llama's MLP ``down_proj(silu(gate_proj(x)) · up_proj(x))`` under Llama's names (Llamba's
     FFN), with MAR's spike points as in :class:`FeedForward`."""
 
+    names = ("gate_proj", "up_proj", "down_proj")
     spike_inputs: ClassVar[SpikeInputs] = {
         "spike_in": ("gate_proj", "up_proj"),
         "spike_hidden": ("down_proj",),
     }
-
-    def __init__(
-        self, d_model: int, hidden: int, spikes: SpikeConfig | None = None, bias: bool = False
-    ) -> None:
-        super().__init__()
-        self.spike_in = spike_point(d_model, spikes)
-        self.gate_proj = nn.Linear(d_model, hidden, bias=bias)
-        self.up_proj = nn.Linear(d_model, hidden, bias=bias)
-        self.spike_hidden = spike_point(hidden, spikes)
-        self.down_proj = nn.Linear(hidden, d_model, bias=bias)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self.spike_in(x)
-        hidden = F.silu(self.gate_proj(x)) * self.up_proj(x)
-        return self.down_proj(self.spike_hidden(hidden))
 
 
 # a layer's FFN kinds, by MARConfig.ffn: (d_model, hidden, spikes, bias) → module

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 
 import pytest
 import torch
@@ -283,3 +284,39 @@ def test_measure_and_plan_on_a_model(tmp_path):
     assert loaded.to_json() == m.to_json()
     png = pareto_plot(m, [p], tmp_path / "pareto.png", measured={"plan": (p.energy_ratio, 0.1)})
     assert png.stat().st_size > 1000
+
+
+# -- spikemar refine -------------------------------------------------------------------------
+
+
+def test_refine_command_end_to_end_and_resume(tmp_path, capsys):
+    from spikemar.cli import main
+
+    text = "to be or not to be that is the question " * 40
+    (tmp_path / "t.txt").write_text(text)
+    tokenizer = CharTokenizer("".join(sorted(set(text))))
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    out = tmp_path / "out"
+    argv = ["refine", "--teacher", str(tmp_path / "teacher.pt"), "--data", str(tmp_path / "t.txt"),
+            "--budget-energy", "1.05", "--out", str(out), "--steps", "2", "--L", "16",
+            "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
+            "--calib-windows", "2", "--option", "T=4,v_threshold=0.5", "--sparsify-topk", "0",
+            "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 0
+    line = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "validation loss" in line and "energy ratio" in line and "predicted" in line
+    for name in ("measurements.json", "plan.json", "init.pt", "student.pt", "pareto.png"):
+        assert (out / name).is_file(), name
+    result = json.loads((out / "result.json").read_text())
+    assert result["energy_ratio"] >= 1.05 and result["plan"]["energy_ratio"] >= 1.05
+    student, _, _ = load_checkpoint(out / "student.pt")
+    assert student.config.points == {"*": "dense", **result["plan"]["points"]}
+    # an existing run is not replaced without --resume / --overwrite; --resume reuses the table
+    assert main(argv) == 2  # one line, no traceback
+    assert "pass --resume" in capsys.readouterr().err
+    before = (out / "measurements.json").stat().st_mtime_ns
+    assert main([*argv, "--resume", "--steps", "3"]) == 0
+    assert "measurements read from" in capsys.readouterr().err
+    assert (out / "measurements.json").stat().st_mtime_ns == before

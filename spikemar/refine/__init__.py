@@ -13,7 +13,15 @@ budget.
 """
 
 from .calibrate import calibrate, point_samples, quantisation_error
-from .measure import DEFAULT_OPTIONS, Measurements, Option, build_student, measure, schedule_kl
+from .measure import (
+    DEFAULT_OPTIONS,
+    Measurements,
+    Option,
+    build_student,
+    kl_and_loss,
+    measure,
+    schedule_kl,
+)
 from .plan import Plan, pareto_front, pareto_plot, plan, random_schedule, uniform_schedules
 
 __all__ = [
@@ -23,6 +31,7 @@ __all__ = [
     "Plan",
     "build_student",
     "calibrate",
+    "kl_and_loss",
     "measure",
     "pareto_front",
     "pareto_plot",

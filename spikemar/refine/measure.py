@@ -25,6 +25,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from .. import energy
 from ..models import MARLM, SpikeConfig
@@ -34,6 +35,7 @@ __all__ = [
     "Measurements",
     "Option",
     "build_student",
+    "kl_and_loss",
     "measure",
     "schedule_kl",
 ]
@@ -154,10 +156,14 @@ def schedule_kl(
     """``(KL(p_teacher ‖ q_student), student loss)`` per token of the student with ``points``
     on ``windows`` [n, L + 1]."""
     student = build_student(teacher, points)
-    return _kl_loss(teacher, student, windows, batch_size)
+    return kl_and_loss(teacher, student, windows, batch_size)
 
 
-def _kl_loss(teacher, student, windows, batch_size) -> tuple[float, float]:
+@torch.no_grad()
+def kl_and_loss(
+    teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 8
+) -> tuple[float, float]:
+    """``(KL(p_teacher ‖ q_student), student loss)`` per token on ``windows`` [n, L + 1]."""
     kl = loss = 0.0
     count = 0
     for i in range(0, windows.shape[0], batch_size):
@@ -198,7 +204,7 @@ def measure(
     teacher.eval()
     sample = windows[:energy_windows, :-1]
     teacher_energy = _energy(teacher, sample, hardware)
-    _, teacher_loss = _kl_loss(teacher, teacher, windows, batch_size)
+    _, teacher_loss = kl_and_loss(teacher, teacher, windows, batch_size)
     sites = [s.name for s in teacher.spike_points(include_dense=True)]
     modules: dict[str, list[Option]] = {}
     for n, name in enumerate(sites):
@@ -206,7 +212,7 @@ def measure(
         extra = list(sparsify) if ".ffn." in name else []
         for setting in [*options, *extra]:
             student = build_student(teacher, {name: setting})
-            kl, loss = _kl_loss(teacher, student, windows, batch_size)
+            kl, loss = kl_and_loss(teacher, student, windows, batch_size)
             saved = teacher_energy - _energy(student, sample, hardware)
             opts.append(Option(name, dict(setting), kl, loss, saved))
         modules[name] = opts

@@ -1,0 +1,157 @@
+"""``spikemar refine``: measure → plan → SBDS stage 2 → evaluate, in one command.
+
+    spikemar refine --teacher runs/dense.pt --budget-energy 5 --out runs/refine --steps 500
+
+Writes into ``--out`` (a folder), one file per finished stage, which is what ``--resume`` reads:
+``measurements.json`` (the sensitivity table), ``plan.json`` (the schedule: ``MARConfig.points``
+and its predicted KL and energy ratio), ``init.pt`` (the planned student before training),
+``student.pt`` (after SBDS stage 2: ``spikemar distill``'s checkpoint, resumable),
+``pareto.png`` and ``result.json``. Measurement windows come from the start of the training
+split, never the validation split that evaluates the student.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+from .._argtypes import int_at_least_1, positive_float
+from ..training import add_loop_arguments, loop_settings
+
+__all__ = ["add_refine_arguments", "refine_main"]
+
+
+def _option(text: str) -> dict[str, Any]:
+    """``T=4,v_threshold=0.5`` → {'T': 4, 'v_threshold': 0.5}."""
+    out: dict[str, Any] = {}
+    for part in text.split(","):
+        key, eq, value = part.partition("=")
+        if not eq or not key.strip():
+            raise argparse.ArgumentTypeError(f"expected key=value[,key=value...], got {text!r}")
+        value = value.strip()
+        try:
+            out[key.strip()] = int(value) if key.strip() == "T" else float(value)
+        except ValueError:
+            out[key.strip()] = value
+    return out
+
+
+def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Declare the options of ``spikemar refine`` on ``parser``."""
+    p = parser
+    p.add_argument("--teacher", required=True,
+                   help="a dense SSM LM: a spikemar checkpoint (mar-dense) or a Hugging Face "
+                        "Mamba-2/Llamba directory")  # fmt: skip
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--budget-energy", type=positive_float, default=None,
+                        help="least predicted KL at teacher/student energy >= X")  # fmt: skip
+    budget.add_argument("--budget-kl", type=positive_float, default=None,
+                        help="most energy saved at predicted KL <= this (nats/token)")  # fmt: skip
+    add_loop_arguments(p, out="runs/refine")
+    r = p.add_argument_group("measurement")
+    r.add_argument("--option", dest="options", type=_option, action="append", default=None,
+                   help="a spike setting measured at every point, e.g. T=4,v_threshold=0.5 "
+                        "(repeat; default: T=4 at V 0.25/0.5/1 and T=2 at V 0.5)")  # fmt: skip
+    r.add_argument("--sparsify-topk", type=float, default=0.25,
+                   help="FFN points also measured top-k sparsified keeping this fraction "
+                        "(0: not measured)")  # fmt: skip
+    r.add_argument("--calib-windows", type=int_at_least_1, default=16,
+                   help="measurement windows (--L tokens, training split)")  # fmt: skip
+    r.add_argument("--hardware", default="45nm-fp32", help="energy profile")
+    return p
+
+
+def _say(args: argparse.Namespace, text: str) -> None:
+    print(f"refine: {text}", file=sys.stderr, flush=True)
+
+
+def refine_main(args: argparse.Namespace) -> int:
+    from .. import energy
+    from ..checkpoint import load_checkpoint, save_checkpoint
+    from ..convert import load_dense
+    from ..data import CharTokenizer, TokenDataset
+    from ..distill.trainer import DistillConfig, distill
+    from .measure import (
+        DEFAULT_OPTIONS,
+        Measurements,
+        build_student,
+        kl_and_loss,
+        measure,
+        schedule_kl,
+    )
+    from .plan import pareto_plot, plan
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"out: {out} is a file; refine writes a folder")
+    done = out / "measurements.json"
+    if done.exists() and not (args.resume or args.overwrite):
+        raise FileExistsError(f"out: {out} holds a refine run; pass --resume to continue it or "
+                              "--overwrite to start again")  # fmt: skip
+    resume = args.resume and not args.overwrite
+    if not 0 <= args.sparsify_topk <= 1:
+        raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
+    teacher, tokenizer = load_dense(args.teacher, args.device)
+    # a character-level teacher: the vocabulary comes from the text (distill checks they agree)
+    pretrained = tokenizer is not None and not isinstance(tokenizer, CharTokenizer)
+    data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)
+    windows = data.windows("train", args.L, args.calib_windows).to(args.device)
+
+    # 1. measure
+    if resume and done.exists():
+        m = Measurements.load(done)
+        _say(args, f"measurements read from {done}")
+    else:
+        sparsify = (
+            ({"sparsify": "topk", "amount": args.sparsify_topk},) if args.sparsify_topk else ()
+        )
+        m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
+                    sparsify=sparsify, hardware=args.hardware,
+                    progress=lambda s: _say(args, s))  # fmt: skip
+        m.save(done)
+    # 2. plan
+    if args.budget_energy is not None:
+        chosen = plan(m, energy_ratio=args.budget_energy)
+    else:
+        chosen = plan(m, max_kl=args.budget_kl)
+    chosen.save(out / "plan.json")
+    spiking = sum(1 for s in chosen.points.values() if s != "dense")
+    _say(args, f"plan: {spiking}/{len(chosen.points)} points refined, predicted KL "
+               f"{chosen.predicted_kl:.4g}, energy ratio {chosen.energy_ratio:.3g}x")  # fmt: skip
+    init = out / "init.pt"
+    if not (resume and init.exists()):
+        save_checkpoint(init, build_student(teacher, chosen.points), tokenizer or data.tokenizer)
+    initial_kl, _ = schedule_kl(teacher, chosen.points, windows)
+    # 3. SBDS stage 2 on the planned student
+    settings = {**loop_settings(args), "out": str(out / "student.pt")}
+    student_path = out / "student.pt"
+    config = DistillConfig(**settings, stage=2, teacher=args.teacher, student=str(init))
+    result = distill(config, resume=resume and student_path.exists(),
+                     progress=not args.no_progress)  # fmt: skip
+    # 4. evaluate: KL on the measurement windows, energy on validation windows
+    student, _, _ = load_checkpoint(student_path, map_location=args.device)
+    trained_kl, _ = kl_and_loss(teacher, student, windows)
+    val = data.windows("val", args.L, 2).to(args.device)[:, :-1]
+    cmp = energy.compare(energy.profile(student, val, hardware=args.hardware),
+                         energy.profile(teacher, val, hardware=args.hardware))  # fmt: skip
+    ratio = None if cmp.savings is None else float(cmp.savings)
+    summary = {
+        "plan": chosen.to_json(), "initial_kl": initial_kl, "trained_kl": trained_kl,
+        "val_loss": result["best_val"], "teacher_val_loss": result["teacher_val"],
+        "unit": result["unit"], "energy_ratio": ratio, "hardware": args.hardware,
+        "steps": args.steps,
+    }  # fmt: skip
+    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    measured = {"plan, before stage 2": (chosen.energy_ratio, initial_kl)}
+    if ratio is not None:
+        measured["plan, after stage 2"] = (ratio, trained_kl)
+    pareto_plot(m, [chosen], out / "pareto.png", measured=measured)
+    shown = "-" if ratio is None else f"{ratio:.3g}x"
+    print(f"{student_path}: validation loss {result['best_val']:.4f} {result['unit']} (teacher "
+          f"{result['teacher_val']:.4f}), energy ratio {shown} ({args.hardware}), KL "
+          f"{chosen.predicted_kl:.3g} predicted / {initial_kl:.3g} before / {trained_kl:.3g} "
+          "after stage 2")  # fmt: skip
+    return 0

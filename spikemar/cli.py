@@ -487,6 +487,13 @@ _add_convert = _delegated(
     "spikemar SSM checkpoint), calibrate per-channel thresholds on text to a target firing "
     "rate, save the student, and print the change in loss and energy per token.",
 )  # fmt: skip
+_add_refine = _delegated(
+    "refine", ".refine.cli", "add_refine_arguments", "refine_main",
+    help="module-aware refinement: measure each spike point, plan under a budget, distil",
+    description="Refine a dense SSM teacher module by module: measure each spike point's KL "
+    "and energy saved, choose a schedule for --budget-energy or --budget-kl (exact knapsack), "
+    "train the planned student with SBDS stage 2 and evaluate it; --resume continues.",
+)  # fmt: skip
 _add_export = _delegated(
     "export", ".hardware.cli", "add_export_arguments", "export_main",
     help="Loihi: what runs on chip vs host; write netx HDF5 (--lava) and NIR (--nir)",
@@ -513,6 +520,7 @@ _COMMANDS: tuple[Callable[[argparse._SubParsersAction], argparse.ArgumentParser]
     _add_energy,
     _add_distill,
     _add_convert,
+    _add_refine,
     _add_export,
     _add_eval,
 )

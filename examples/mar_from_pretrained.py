@@ -15,7 +15,8 @@ code (its forward and loss) on Tiny Shakespeare, with a byte-level BPE tokenizer
 The teacher (and its tokenizer) is cached in ``<out>/teacher`` and reused by later runs.
 
 Run: ``python examples/mar_from_pretrained.py [--out runs/pretrained] [--data FILE]
-[--teacher-steps 400] [--distill-steps 150]`` (about 5-10 minutes on 2 cores).
+[--teacher-steps 300] [--distill-steps 100]``. transformers' CPU path for Mamba-2 costs
+about a second per training step here even at this size, so the teacher is the slow part.
 """
 
 from __future__ import annotations
@@ -36,13 +37,13 @@ from spikemar.distill import DistillConfig, distill
 from spikemar.models import from_pretrained
 from spikemar.tokenizer import HFTokenizer, generate_text
 
-TEACHER = {  # a small Mamba-2 (transformers' names); ~0.5 M parameters with a 1024-token BPE
+TEACHER = {  # a small Mamba-2 (transformers' names); 0.19 M parameters with a 1024-token BPE
     "vocab_size": 1024,
-    "hidden_size": 96,
-    "num_hidden_layers": 3,
+    "hidden_size": 64,
+    "num_hidden_layers": 2,
     "state_size": 16,
     "head_dim": 16,
-    "num_heads": 12,
+    "num_heads": 8,
     "expand": 2,
     "n_groups": 1,
     "conv_kernel": 4,
@@ -63,6 +64,9 @@ def train_tokenizer(text: str, vocab_size: int) -> HFTokenizer:
                                   show_progress=False)  # fmt: skip
     tok.train_from_iterator([text], trainer)
     return HFTokenizer(tok, eos_id=0)
+
+
+L = 64  # tokens per training window (BPE tokens: about 4 characters each)
 
 
 def train_teacher(folder: Path, data_path: Path, steps: int, seed: int) -> None:
@@ -87,7 +91,7 @@ def train_teacher(folder: Path, data_path: Path, steps: int, seed: int) -> None:
         )
         for group in opt.param_groups:
             group["lr"] = lr
-        x, _ = data.batch("train", 16, 128, generator=gen)
+        x, _ = data.batch("train", 16, L, generator=gen)
         loss = model(input_ids=x, labels=x).loss  # transformers shifts the labels itself
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -109,8 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", default="runs/pretrained")
     p.add_argument("--data", default=None, help="training text (default: Tiny Shakespeare)")
-    p.add_argument("--teacher-steps", type=int, default=400)
-    p.add_argument("--distill-steps", type=int, default=150)
+    p.add_argument("--teacher-steps", type=int, default=300)
+    p.add_argument("--distill-steps", type=int, default=100)
     p.add_argument("--firing-rate", type=float, default=0.2)
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
@@ -142,14 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     student_path = out / "student-converted.pt"
     result = convert(teacher_dir, student_path, spikes={"T": args.T, "tau": 1.0},
                      firing_rate=args.firing_rate, data=data_path, calib_batches=4,
-                     eval_batches=8, batch_size=8, L=128, seed=args.seed)  # fmt: skip
+                     eval_batches=8, batch_size=8, L=L, seed=args.seed)  # fmt: skip
     print(f"3. convert: {result.summary()}")
 
     # 4. SBDS stage 2, short: the pretrained directory is the teacher
     distilled = out / "student.pt"
     config = DistillConfig(stage=2, teacher=str(teacher_dir), student=str(student_path),
                            data=str(data_path), out=str(distilled), steps=args.distill_steps,
-                           batch_size=8, L=128, lr=5e-4, min_lr=5e-5, warmup=10,
+                           batch_size=8, L=L, lr=5e-4, min_lr=5e-5, warmup=10,
                            eval_interval=max(1, args.distill_steps // 3), eval_iters=8,
                            alpha=0.2, beta=0.7, feature="prenorm", gamma=0.01,
                            seed=args.seed)  # fmt: skip
@@ -162,7 +166,7 @@ def main(argv: list[str] | None = None) -> int:
     # 5. energy and text
     student, tokenizer, _ = load_checkpoint(distilled)
     data = TokenDataset.from_text_file(data_path, tokenizer=tokenizer)
-    tokens = data.windows("val", 128, max_windows=4)[:, :-1]
+    tokens = data.windows("val", L, max_windows=4)[:, :-1]
     comparison = energy.compare(energy.profile(student, tokens), energy.profile(dense, tokens))
     print("5. energy (45nm-fp32), student against its teacher:")
     print(comparison)

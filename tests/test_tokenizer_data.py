@@ -184,3 +184,17 @@ def test_checkpoints_carry_a_bpe_tokenizer_and_generate_text(tmp_path, tok):
     small = MARLM(MARConfig(vocab_size=10, d_model=16, n_layers=1, d_state=4, head_dim=8))
     with pytest.raises(ValueError, match="do not belong together"):
         generate_text(small, tok, "hear me speak", 2)
+
+
+def test_generate_command_speaks_the_checkpoints_bpe(tmp_path, tok, capsys):
+    from spikemar.cli import main
+
+    model = MARLM(MARConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, d_state=4,
+                            head_dim=8))  # fmt: skip
+    save_checkpoint(tmp_path / "m.pt", model, tok)
+    code = main(["generate", "--checkpoint", str(tmp_path / "m.pt"), "--prompt", "hear me",
+                 "--max-new-tokens", "4", "--temperature", "0"])  # fmt: skip
+    printed = capsys.readouterr().out
+    expected = generate_text(load_checkpoint(tmp_path / "m.pt")[0], tok, "hear me", 4,
+                             temperature=0)  # fmt: skip
+    assert code == 0 and printed.rstrip("\n") == expected.rstrip("\n")

@@ -151,16 +151,21 @@ class SpikePoint(nn.Module):
         way of changing it can leave a stale V."""
         neuron = self.neuron
         a = neuron.log_threshold
+        tau, ternary = neuron.tau, neuron.ternary
         cached = self.__dict__.get("_v_cache")
         if (
             cached is None
             or cached[0].dtype != a.dtype
             or cached[0].shape != a.shape
+            or cached[2] != (tau, ternary)
             or not torch.equal(cached[0], a)
         ):
+            # the parameters record is kept too: building it validates its fields, which costs
+            # more than the kernel at generation's sizes
             with torch.no_grad():
-                cached = self.__dict__["_v_cache"] = (a.detach().clone(), a.exp())
-        return ATMNParameters(cached[1], neuron.tau, neuron.ternary)
+                params = ATMNParameters(a.exp(), tau, ternary)
+                cached = self.__dict__["_v_cache"] = (a.detach().clone(), params, (tau, ternary))
+        return cached[1]
 
     def extra_repr(self) -> str:
         return f"T={self.T}"

@@ -36,8 +36,8 @@ from torch import nn
 
 from ._io import atomic_write
 from .data import CharTokenizer
-from .tokenizer import tokenizer_from_dict
 from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
+from .tokenizer import tokenizer_from_dict
 
 __all__ = [
     "MODEL_KINDS",

@@ -162,11 +162,12 @@ def save_curves(
     fig = Figure(figsize=(7.0, 4.2))
     ax = fig.add_subplot()
     for label, r in results:
-        x = [max(1, s) if e - s == 1 else math.sqrt(max(1, s) * max(1, e - 1))
-             for s, e in zip(r.curve_start, r.curve_end, strict=True)]  # fmt: skip
+        # 1-based positions (the token's own index counts): a bin [s, e) sits at its geometric
+        # middle, so doubling bins are evenly spaced on the log axis
+        x = [math.sqrt((s + 1) * e) for s, e in zip(r.curve_start, r.curve_end, strict=True)]
         ax.plot(x, r.curve_nats, marker="o", ms=3, label=f"{label}: {r.nats_per_token:.3f}")
     ax.set_xscale("log")
-    ax.set_xlabel("token position (in the text, or in the window)")
+    ax.set_xlabel("token position, from 1 (in the text, or in the window)")
     ax.set_ylabel("mean loss (nats/token)")
     if train_length:
         ax.axvline(

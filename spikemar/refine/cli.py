@@ -94,7 +94,10 @@ def refine_main(args: argparse.Namespace) -> int:
     resume = args.resume and not args.overwrite
     if not 0 <= args.sparsify_topk <= 1:
         raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
-    teacher, tokenizer = load_dense(args.teacher, args.device)
+    try:
+        teacher, tokenizer = load_dense(args.teacher, args.device)
+    except (FileNotFoundError, ValueError) as err:  # name the option, not the loader's argument
+        raise type(err)(f"teacher: {err}") from err
     # a character-level teacher: the vocabulary comes from the text (distill checks they agree)
     pretrained = tokenizer is not None and not isinstance(tokenizer, CharTokenizer)
     data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)

@@ -243,6 +243,7 @@ class EvalTable:
         """Average accuracy (± stderr) against energy per token under ``hardware`` (default
         the first profile of the rows), one labelled point per model."""
         from matplotlib.figure import Figure
+        from matplotlib.ticker import NullFormatter
 
         profiles = self._profiles()
         if not profiles:
@@ -260,13 +261,15 @@ class EvalTable:
                 continue
             ax.errorbar(energy, acc * 100, yerr=None if se is None else se * 100, fmt="o",
                         capsize=3, label=row.label)  # fmt: skip
-            ax.annotate(row.label, (energy, acc * 100), textcoords="offset points",
-                        xytext=(6, 4), fontsize=8)  # fmt: skip
             plotted += 1
         if not plotted:
             raise ValueError("rows: no row has both an accuracy task and an energy figure")
         ax.set_ylim(0, max(10.0, ax.get_ylim()[1] * 1.1))  # accuracy from 0: gaps read true
+        energies = [x for line in ax.lines for x in line.get_xdata()]
+        ax.set_xlim(min(energies) / 2, max(energies) * 2)  # room for the markers at the edges
+        ax.legend(fontsize=8, loc="lower right")
         ax.set_xscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on 1, 2, 5 × 10^k would overlap
         ax.set_xlabel(f"energy per token ({hw}, pJ)")
         ax.set_ylabel("average accuracy (%)")
         tasks = ", ".join(self._tasks(("acc",)))

@@ -71,6 +71,18 @@ class CharTokenizer:
 
     chars: str
 
+    def __post_init__(self) -> None:
+        # the alphabet is the vocabulary: a repeated character would get two ids and decode
+        # ambiguously (use from_text to build one from a corpus)
+        if not isinstance(self.chars, str) or not self.chars:
+            raise ValueError(f"chars: expected a non-empty string, got {self.chars!r}")
+        if len(set(self.chars)) != len(self.chars):
+            repeated = sorted({c for c in self.chars if self.chars.count(c) > 1})
+            raise ValueError(
+                f"chars: expected each character once, got repeats of {repeated[:10]!r} "
+                "(CharTokenizer.from_text(text) builds the alphabet of a text)"
+            )
+
     @classmethod
     def from_text(cls, text: str) -> CharTokenizer:
         if not text:

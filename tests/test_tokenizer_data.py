@@ -198,3 +198,9 @@ def test_generate_command_speaks_the_checkpoints_bpe(tmp_path, tok, capsys):
     expected = generate_text(load_checkpoint(tmp_path / "m.pt")[0], tok, "hear me", 4,
                              temperature=0)  # fmt: skip
     assert code == 0 and printed.rstrip("\n") == expected.rstrip("\n")
+
+
+def test_char_tokenizer_refuses_a_repeated_character():
+    with pytest.raises(ValueError, match="chars: expected each character once"):
+        CharTokenizer("abca")
+    assert CharTokenizer.from_text("abca").chars == "abc"

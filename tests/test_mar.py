@@ -171,3 +171,37 @@ def test_energy_of_the_causal_convolution_is_the_same_in_forward_and_step():
     tokens = torch.randint(0, 20, (2, 5))
     conv = {r.name: r for r in energy.profile(m, tokens).rows}["layers.0.mixer.conv"]
     assert conv.macs == 2 * 5 * mixer.conv_channels * mixer.d_conv  # batch · L · channels · k
+
+
+def test_bad_config_fields_name_themselves():
+    for kwargs, name in [
+        ({"ffn_mult": 0}, "ffn_mult"),
+        ({"d_conv": 0}, "d_conv"),
+        ({"spikes": "yes"}, "spikes"),
+    ]:
+        with pytest.raises(ValueError, match=f"^{name}:"):
+            MARConfig(**kwargs)
+    MARConfig(ffn_mult=0, ffn=None)  # no FFN: the multiplier means nothing
+
+
+def test_step_refuses_another_batch_state_and_garbage():
+    model = MARLM(MARConfig(vocab_size=11, d_model=16, n_layers=2, head_dim=8)).eval()
+    state = model.init_state(2)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"state\[0\]\..*batch 2.*batch 1"):
+            model.step(torch.tensor([1]), state)
+        with pytest.raises(ValueError, match=r"state\[0\]: expected the layer state"):
+            model.step(torch.tensor([1, 2]), ["garbage", 3])
+
+
+def test_ssd_scan_refuses_non_finite_inputs():
+    from spikemar.ssm import ssd_scan
+
+    x, a = torch.randn(1, 8, 2, 4), -torch.rand(1, 8, 2)
+    B, C = torch.randn(1, 8, 1, 3), torch.randn(1, 8, 1, 3)
+    for name, t in (("x", x), ("B", B), ("C", C)):
+        bad = t.clone()
+        bad[0, 3, 0, 1] = float("nan")
+        args = {"x": x, "B": B, "C": C, name: bad}
+        with pytest.raises(ValueError, match=f"^{name} must be finite"):
+            ssd_scan(args["x"], a, args["B"], args["C"])

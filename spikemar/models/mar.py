@@ -32,6 +32,7 @@ operations to rounding (the tests compare them). Submodules are always entered t
 
 from __future__ import annotations
 
+import dataclasses
 import fnmatch
 import math
 from collections.abc import Iterator
@@ -91,6 +92,25 @@ class MARConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        if isinstance(self.d_conv, bool) or not isinstance(self.d_conv, int) or self.d_conv < 1:
+            raise ValueError(f"d_conv: expected an int >= 1 (convolution taps), got "
+                             f"{self.d_conv!r}")  # fmt: skip
+        if (
+            self.ffn is not None
+            and self.ffn_hidden is None
+            and not (
+                isinstance(self.ffn_mult, int | float)
+                and not isinstance(self.ffn_mult, bool)
+                and round(self.ffn_mult * self.d_model) >= 1
+            )
+        ):
+            raise ValueError(
+                f"ffn_mult: expected a number with round(ffn_mult * d_model) >= 1, got "
+                f"{self.ffn_mult!r} (ffn=None builds blocks without an FFN)"
+            )
+        if self.spikes is not None and not isinstance(self.spikes, SpikeConfig):
+            raise ValueError(f"spikes: expected a SpikeConfig or None (the dense twin), got "
+                             f"{self.spikes!r}")  # fmt: skip
         kinds = self.layer_kinds()
         bad = [k for k in kinds if k not in MIXERS]
         if bad:
@@ -274,6 +294,22 @@ class MARLayer(nn.Module):
             yield from self.ffn.spike_points(f"{dot}ffn")
 
 
+def _check_layer_states(state: list, batch: int) -> None:
+    """Shapes only (no value scan: this runs once per generated token): each layer's state is
+    the dataclass its mixer's init_state made, for this batch."""
+    for i, s in enumerate(state):
+        if not dataclasses.is_dataclass(s) or isinstance(s, type):
+            raise ValueError(f"state[{i}]: expected the layer state from init_state(), got "
+                             f"{type(s).__name__}")  # fmt: skip
+        for f in dataclasses.fields(s):
+            t = getattr(s, f.name)
+            if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
+                raise ValueError(
+                    f"state[{i}].{f.name}: made for batch {t.shape[0]}, but tokens_t has "
+                    f"batch {batch} (call init_state({batch}))"
+                )
+
+
 def _rename_old_spike_point(module, state_dict, prefix, *args) -> None:
     """Checkpoints written before the mixer interface kept the spike point of attention and LTI
     layers on the layer ('spike_attn'); it now lives on the mixer ('mixer.spike_in')."""
@@ -328,6 +364,7 @@ class MARLM(nn.Module):
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
+        _check_layer_states(state, tokens_t.shape[0])
         x = self.embed(tokens_t)
         new_state = []
         for layer, s in zip(self.layers, state, strict=True):

@@ -400,6 +400,22 @@ def _check_sequence(x: Tensor, a: Tensor, B: Tensor, C: Tensor, h0: Tensor | Non
                 f"got {tuple(h0.shape)}"
             )
     check_decay(a)
+    check_finite(x=x, B=B, C=C)
+
+
+def check_finite(**tensors: Tensor) -> None:
+    """Each tensor finite: one reduction per tensor and one host sync when all is well (the
+    scan would spread a NaN over the rest of the sequence and every later state)."""
+    flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    if bool(flags.all()):
+        return
+    for (name, t), ok in zip(tensors.items(), flags.tolist(), strict=True):
+        if not ok:
+            index = tuple((~torch.isfinite(t)).nonzero()[0].tolist())
+            raise ValueError(
+                f"{name} must be finite, but {name}[{', '.join(map(str, index))}] = "
+                f"{float(t[index])} (shape {tuple(t.shape)})"
+            )
 
 
 def _check_step(x_t: Tensor, a_t: Tensor, B_t: Tensor, C_t: Tensor, state: Tensor | None) -> None:

@@ -113,6 +113,61 @@ def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch
 
 
 @torch.no_grad()
+def point_samples(
+    student: MARLM,
+    dense: MARLM,
+    batches: Iterable[torch.Tensor],
+    *,
+    max_rows: int = 2048,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
+    """The activations [rows, channels] that ``dense`` feeds to the place of each of
+    ``student``'s spike points on ``batches`` (token ids [b, L]), at most ``max_rows`` rows
+    each (a seeded random subset, taken per batch too, so a large model's activations are
+    never all held at once)."""
+    points = [name for name, _ in _spike_points(student)]
+    if not points:
+        raise ValueError("student: it has no spike points to calibrate")
+    samples: dict[str, list[torch.Tensor]] = {name: [] for name in points}
+    gen = torch.Generator().manual_seed(seed)
+
+    def keep(name: str):
+        def hook(module, inputs, output):
+            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
+            if x.shape[0] > max_rows:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+            samples[name].append(x.cpu())
+
+        return hook
+
+    handles = []
+    try:
+        for name in points:
+            try:
+                place = dense.get_submodule(name)
+            except AttributeError as err:
+                raise ValueError(f"dense: no module {name!r} where the student has a spike point "
+                                 "(not the same architecture)") from err  # fmt: skip
+            handles.append(place.register_forward_hook(keep(name)))
+        seen = 0
+        for tokens in batches:
+            dense(tokens)
+            seen += 1
+    finally:
+        for h in handles:
+            h.remove()
+    if not seen:
+        raise ValueError("batches: expected at least one batch of token ids")
+    out = {}
+    for name, parts in samples.items():
+        x = torch.cat(parts)
+        if x.shape[0] > max_rows:
+            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+        out[name] = x
+    return out
+
+
+@torch.no_grad()
 def calibrate_thresholds(
     student: MARLM,
     dense: MARLM,
@@ -131,43 +186,10 @@ def calibrate_thresholds(
     if not 0 < firing_rate < 1:
         raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
     points = _spike_points(student)
-    if not points:
-        raise ValueError("student: it has no spike points to calibrate")
-    samples: dict[str, list[torch.Tensor]] = {name: [] for name, _ in points}
-    gen = torch.Generator().manual_seed(seed)
-
-    def keep(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if x.shape[0] > max_rows:
-                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
-            samples[name].append(x.cpu())
-
-        return hook
-
-    handles = []
-    for name, _ in points:
-        try:
-            place = dense.get_submodule(name)
-        except AttributeError as err:
-            raise ValueError(f"dense: no module {name!r} where the student has a spike point "
-                             "(not the same architecture)") from err  # fmt: skip
-        handles.append(place.register_forward_hook(keep(name)))
-    try:
-        seen = 0
-        for tokens in batches:
-            dense(tokens)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if not seen:
-        raise ValueError("batches: expected at least one batch of token ids")
+    samples = point_samples(student, dense, batches, max_rows=max_rows, seed=seed)
     rates = {}
     for name, sp in points:
-        x = torch.cat(samples[name])
-        if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
+        x = samples[name]
         a = sp.neuron.log_threshold
         # bracket: V above every |I| fires nothing (hi), V far below fires all it can (lo); each
         # round tries GRID candidates between them (the rate falls as V grows) and keeps the

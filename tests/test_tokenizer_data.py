@@ -7,6 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+from references.hf_checkpoints import bpe_tokenizer
 
 from spikemar.checkpoint import load_checkpoint, save_checkpoint
 from spikemar.data import TokenDataset, prepare, read_documents
@@ -25,20 +26,7 @@ TEXT = "First Citizen:\nBefore we proceed any further, hear me speak.\n" * 40
 
 def bpe(vocab_size: int = 300, text: str = TEXT) -> HFTokenizer:
     """A byte-level BPE trained here, with an <|endoftext|> special token (id 0)."""
-    from tokenizers import Tokenizer as HF
-    from tokenizers import decoders, models, pre_tokenizers, trainers
-
-    tok = HF(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size,
-        special_tokens=["<|endoftext|>"],
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        show_progress=False,
-    )
-    tok.train_from_iterator([text], trainer)
-    return HFTokenizer(tok, eos_id=0)
+    return bpe_tokenizer(vocab_size, text)
 
 
 @pytest.fixture(scope="module")

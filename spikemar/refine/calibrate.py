@@ -24,7 +24,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from ..convert import calibrate_thresholds
+from ..convert import calibrate_thresholds, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
 
@@ -32,58 +32,6 @@ __all__ = ["calibrate", "point_samples", "quantisation_error"]
 
 GRID = 48  # candidate thresholds per point in the quantisation-error search
 ROUNDS = 3  # refinements of the bracket around the chosen candidate
-
-
-@torch.no_grad()
-def point_samples(
-    student: MARLM,
-    teacher: MARLM,
-    batches: Iterable[torch.Tensor],
-    *,
-    max_rows: int = 2048,
-    seed: int = 0,
-) -> dict[str, torch.Tensor]:
-    """The activations [rows, channels] that ``teacher`` feeds to the place of each of
-    ``student``'s spike points on ``batches`` (token ids [b, L]), at most ``max_rows`` rows
-    each (a seeded random subset)."""
-    points = [s.name for s in student.spike_points()]
-    if not points:
-        raise ValueError("student: it has no spike points to calibrate")
-    gen = torch.Generator().manual_seed(seed)
-    kept: dict[str, list[torch.Tensor]] = {name: [] for name in points}
-
-    def keep(name: str):
-        def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float().cpu()
-            kept[name].append(x)
-
-        return hook
-
-    handles = []
-    try:
-        for name in points:
-            try:
-                place = teacher.get_submodule(name)
-            except AttributeError as err:
-                raise ValueError(f"teacher: no module {name!r} where the student has a spike "
-                                 "point (not the same architecture)") from err  # fmt: skip
-            handles.append(place.register_forward_hook(keep(name)))
-        seen = 0
-        for tokens in batches:
-            teacher(tokens)
-            seen += 1
-    finally:
-        for h in handles:
-            h.remove()
-    if not seen:
-        raise ValueError("batches: expected at least one batch of token ids")
-    out = {}
-    for name, parts in kept.items():
-        x = torch.cat(parts)
-        if x.shape[0] > max_rows:
-            x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
-        out[name] = x
-    return out
 
 
 def quantisation_error(x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:

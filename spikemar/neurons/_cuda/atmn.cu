@@ -125,6 +125,21 @@ __device__ __forceinline__ R atmn_step(R x, R d, R V, R tern, R& u, R& s) {
   return h;
 }
 
+// The block's rows of channel c summed in a fixed tree order over threadIdx.y (red: the
+// kernel's shared buffer of BLOCK_THREADS), one partial per (blockIdx.y, channel) written.
+template <typename I>
+__device__ __forceinline__ void store_channel_partial(double* red, double acc, double* partial,
+                                                      I C, I c) {
+  const unsigned lane = threadIdx.y * blockDim.x + threadIdx.x;
+  red[lane] = acc;
+  __syncthreads();
+  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
+    if (threadIdx.y < half) red[lane] += red[lane + half * blockDim.x];
+    __syncthreads();
+  }
+  if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
+}
+
 // pa, pb: the surrogate's parameters as spikemar/neurons/fused.py surrogate_code computes them
 template <typename R>
 __device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
@@ -240,16 +255,8 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
       acc += (double)gv;
     }
   }
-  // the block's rows of channel c, summed in a fixed tree order over threadIdx.y
   __shared__ double red[BLOCK_THREADS];
-  const unsigned lane = threadIdx.y * blockDim.x + threadIdx.x;
-  red[lane] = acc;
-  __syncthreads();
-  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
-    if (threadIdx.y < half) red[lane] += red[lane + half * blockDim.x];
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
+  store_channel_partial(red, acc, partial, C, c);
 }
 
 // MAR's spike point in one kernel each way: δ-inject the activation x [N] (x_0 = x, x_t = 0
@@ -337,14 +344,7 @@ __device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr
     }
   }
   __shared__ double red[BLOCK_THREADS];
-  const unsigned lane = threadIdx.y * blockDim.x + threadIdx.x;
-  red[lane] = acc;
-  __syncthreads();
-  for (unsigned half = blockDim.y / 2; half > 0; half >>= 1) {
-    if (threadIdx.y < half) red[lane] += red[lane + half * blockDim.x];
-    __syncthreads();
-  }
-  if (threadIdx.y == 0 && c < C) partial[(I)blockIdx.y * C + c] = red[threadIdx.x];
+  store_channel_partial(red, acc, partial, C, c);
 }
 
 #define ATMN_KERNELS(S, R, I, SUFFIX)                                                          \

@@ -5,7 +5,6 @@ benchmarks/, never in a timed test."""
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import sys
 from pathlib import Path
 
@@ -15,15 +14,8 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_neuron.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_neuron", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_neuron"] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_neuron", None)
+def bench(load_script):
+    return load_script("benchmarks/bench_neuron.py")
 
 
 def test_quick_config_yields_every_backend_and_peer(bench):
@@ -102,17 +94,10 @@ def test_bench_generate_runs_its_smoke_configuration():
     assert "| Transformer |" in done.stdout and "| MAR dense twin |" in done.stdout
 
 
-def test_train_step_benchmark_quick_config_times_every_backend_and_the_dense_twin():
-    path = BENCH.parent / "bench_train_step.py"
-    spec = importlib.util.spec_from_file_location("bench_train_step", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_train_step"] = module
-    try:
-        spec.loader.exec_module(module)
-        cfg = dataclasses.replace(module.QUICK, progress=False)
-        rows, interrupted = module.run(cfg)
-    finally:
-        sys.modules.pop("bench_train_step", None)
+def test_train_step_benchmark_quick_config_times_every_backend_and_the_dense_twin(load_script):
+    module = load_script("benchmarks/bench_train_step.py")
+    cfg = dataclasses.replace(module.QUICK, progress=False)
+    rows, interrupted = module.run(cfg)
     from spikemar.neurons import available_backends
 
     assert not interrupted

@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from importlib.metadata import entry_points
 from pathlib import Path
 
@@ -149,17 +147,8 @@ def test_help_shows_the_defaults(command, capsys):
 # -- examples -----------------------------------------------------------------------------------
 
 
-def load_example(name: str):
-    path = REPO_ROOT / "examples" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"example_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-def test_example_atmn_ramp_quick(tmp_path, capsys):
-    example = load_example("atmn_ramp")
+def test_example_atmn_ramp_quick(tmp_path, capsys, load_script):
+    example = load_script("examples/atmn_ramp.py")
     assert example.main(["--out", str(tmp_path), "--quick"]) == 0
     for name in ("atmn_ramp_staircase", "atmn_ramp_rasters", "atmn_ramp_rates"):
         assert is_png(tmp_path / f"{name}.png"), name
@@ -168,8 +157,8 @@ def test_example_atmn_ramp_quick(tmp_path, capsys):
 
 
 @pytest.mark.skipif(not SHAKESPEARE.is_file(), reason=f"Tiny Shakespeare not at {SHAKESPEARE}")
-def test_example_shakespeare_quick(tmp_path, capsys):
-    example = load_example("shakespeare_raster")
+def test_example_shakespeare_quick(tmp_path, capsys, load_script):
+    example = load_script("examples/shakespeare_raster.py")
     argv = ["--out", str(tmp_path), "--quick", "--steps", "5", "--data", str(SHAKESPEARE)]
     assert example.main(argv) == 0
     for name in ("shakespeare_rasters", "shakespeare_rates"):
@@ -178,8 +167,8 @@ def test_example_shakespeare_quick(tmp_path, capsys):
     assert "trained 5 steps" in out and "spike point spike1" in out
 
 
-def test_example_shakespeare_missing_data(tmp_path, capsys):
-    example = load_example("shakespeare_raster")
+def test_example_shakespeare_missing_data(tmp_path, capsys, load_script):
+    example = load_script("examples/shakespeare_raster.py")
     missing = tmp_path / "nope" / "input.txt"
     with pytest.raises(SystemExit) as info:
         example.main(["--data", str(missing), "--out", str(tmp_path)])

@@ -3,8 +3,6 @@ every row of the report (the Lava rows with the Lava environment). No timing ass
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
@@ -13,18 +11,10 @@ BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "bench_export.py"
 
 
 @pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("bench_export", BENCH)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_export"] = module  # dataclasses look their module up by name
-    try:
-        spec.loader.exec_module(module)
-        yield module
-    finally:
-        sys.modules.pop("bench_export", None)
+def bench(load_script):
+    return load_script("benchmarks/bench_export.py")
 
 
-@pytest.mark.slow
 def test_quick_run_fills_the_report(bench, lava):
     results = bench.run(bench.QUICK)
     assert "lava_error" not in results, results.get("lava_error")

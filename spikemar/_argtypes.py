@@ -7,6 +7,7 @@ import argparse
 import math
 
 __all__ = [
+    "add_sampling_arguments",
     "check_device",
     "device_argument",
     "finite_positive_float",
@@ -87,3 +88,19 @@ def device_argument(text: str) -> str:
         return check_device(text, name="device")
     except ValueError as err:
         raise argparse.ArgumentTypeError(str(err).removeprefix("device: ")) from None
+
+
+def add_sampling_arguments(
+    p: argparse.ArgumentParser, *, prompt: str, max_new_tokens: int, seed: int, unit: str
+) -> None:
+    """The sampling options of ``spikemar generate`` and ``spikemar demo`` (their defaults and
+    the word for what is generated, ``unit``, differ)."""
+    shown = "a newline" if prompt == "\n" else repr(prompt)
+    p.add_argument("--prompt", default=prompt, help=f"text to continue (default: {shown})")
+    p.add_argument("--max-new-tokens", type=int_at_least_1, default=max_new_tokens,
+                   help=f"{unit} to generate")  # fmt: skip
+    p.add_argument("--temperature", type=non_negative_float, default=0.8,
+                   help="sampling temperature (0: greedy)")  # fmt: skip
+    p.add_argument("--top-k", type=int_at_least_1, default=None,
+                   help=f"sample from the k most likely {unit} only (default: all)")  # fmt: skip
+    p.add_argument("--seed", type=int, default=seed, help="seed of the sampling")

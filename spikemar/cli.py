@@ -30,9 +30,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from ._argtypes import add_sampling_arguments
 from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
-from ._argtypes import non_negative_float as _non_negative_float
 from ._argtypes import positive_float as _positive_float
 from .models.common import NEURONS as _NEURON_KINDS  # the one table of neuron kinds
 
@@ -403,14 +403,7 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "recurrent state (SSM state or KV cache).",
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint of spikemar train/distill")
-    p.add_argument("--prompt", default="\n", help="text to continue (default: a newline)")
-    p.add_argument("--max-new-tokens", type=_int_at_least_1, default=200,
-                   help="tokens to generate")  # fmt: skip
-    p.add_argument("--temperature", type=_non_negative_float, default=0.8,
-                   help="sampling temperature (0: greedy)")  # fmt: skip
-    p.add_argument("--top-k", type=_int_at_least_1, default=None,
-                   help="sample from the k most likely tokens only (default: all)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=0, help="seed of the sampling")
+    add_sampling_arguments(p, prompt="\n", max_new_tokens=200, seed=0, unit="tokens")
     p.set_defaults(func=_run_generate)
     return p
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from ._argtypes import int_at_least_1, non_negative_float
+from ._argtypes import add_sampling_arguments
 
 __all__ = ["SHIPPED_CHECKPOINT", "add_demo_arguments", "demo_main", "shipped_checkpoint"]
 
@@ -60,14 +60,7 @@ def add_demo_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     p.add_argument("--checkpoint", type=Path, default=None,
                    help="a spiking MAR checkpoint (default: the packaged Tiny Shakespeare "
                         "student)")  # fmt: skip
-    p.add_argument("--prompt", default="ROMEO:\n", help="text to continue")
-    p.add_argument("--max-new-tokens", type=int_at_least_1, default=300,
-                   help="characters to generate")  # fmt: skip
-    p.add_argument("--temperature", type=non_negative_float, default=0.8,
-                   help="sampling temperature (0: greedy)")  # fmt: skip
-    p.add_argument("--top-k", type=int_at_least_1, default=None,
-                   help="sample from the k most likely characters only (default: all)")  # fmt: skip
-    p.add_argument("--seed", type=int, default=1, help="seed of the sampling")
+    add_sampling_arguments(p, prompt="ROMEO:\n", max_new_tokens=300, seed=1, unit="characters")
     p.add_argument("--teacher", type=Path, default=None,
                    help="the dense teacher to compare with (default: the one the checkpoint's "
                         "provenance names, packaged with the shipped student; without one, the "

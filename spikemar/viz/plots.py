@@ -530,27 +530,12 @@ def membrane_trace(
         ax.plot(path_x, path_y, color=color, linewidth=1.2, label=name)
         ax.plot(t, h_i, "o", color=color, markersize=5)
         ax.plot(t, u_i, "o", markerfacecolor="white", markeredgecolor=color, markersize=5)
-        pos, neg = s2[:, i] > 0, s2[:, i] < 0
-        ax.plot(
-            t[pos],
-            h_i[pos],
-            "^",
-            color=POS_COLOR,
-            markersize=10,
-            markeredgecolor="black",
-            markeredgewidth=0.5,
-            zorder=3,
-        )
-        ax.plot(
-            t[neg],
-            h_i[neg],
-            "v",
-            color=NEG_COLOR,
-            markersize=10,
-            markeredgecolor="black",
-            markeredgewidth=0.5,
-            zorder=3,
-        )
+        for fired, marker, spike_color in (
+            (s2[:, i] > 0, "^", POS_COLOR),
+            (s2[:, i] < 0, "v", NEG_COLOR),
+        ):
+            ax.plot(t[fired], h_i[fired], marker, color=spike_color, markersize=10,
+                    markeredgecolor="black", markeredgewidth=0.5, zorder=3)  # fmt: skip
     level = 1.0 if normalise else float(chosen_v[0])
     for sign, color in ((1, POS_COLOR), (-1, NEG_COLOR)):
         ax.axhline(sign * level, color=color, linestyle="--", linewidth=1.0)

@@ -151,3 +151,51 @@ def test_hub_ids_offline_say_so_in_one_line(monkeypatch, tmp_path):
     (tmp_path / "file.bin").write_bytes(b"")
     with pytest.raises(NotADirectoryError, match="is a file"):
         from_pretrained(tmp_path / "file.bin")
+
+
+def test_state_dict_from_hf_with_a_spiking_config_and_a_spiking_model_on_meta(tmp_path):
+    # the threshold check defers on meta tensors (no values there) instead of failing on them
+    from spikemar.models import MARConfig, SpikeConfig
+    from spikemar.models.hub import read_pretrained_config
+    from spikemar.models.pretrained import config_from_hf, state_dict_from_hf
+    from spikemar.neurons import ATMN
+
+    mamba2_dir(tmp_path)
+    config = config_from_hf(read_pretrained_config(tmp_path))
+    config.spikes = SpikeConfig(T=2, v_threshold=0.5)
+    state = state_dict_from_hf(config, read_pretrained_tensors(tmp_path))
+    with torch.device("meta"):
+        shapes = MARLM(config)  # names and shapes of the student, nothing allocated
+    assert all(p.is_meta for p in shapes.parameters())
+    student = MARLM(config)
+    missing, unexpected = student.load_state_dict(state, strict=False)
+    assert not unexpected and missing and all(k.endswith("neuron.a") for k in missing)
+    assert sorted(missing) == sorted(k for k in shapes.state_dict() if k.endswith("neuron.a"))
+    # the check itself stays: a bad threshold is refused on the meta device too
+    with torch.device("meta"), pytest.raises(ValueError, match="v_threshold: expected finite"):
+        ATMN(v_threshold=-1.0, num_channels=4)
+    bad = {**config.spikes.as_dict(), "v_threshold": 0.0}
+    with torch.device("meta"), pytest.raises(ValueError, match="v_threshold"):
+        MARLM(MARConfig(**{**vars(config), "spikes": SpikeConfig(**bad)}))
+
+
+@pytest.mark.parametrize(
+    ("config", "family"),
+    [({"model_type": "mamba2"}, "mamba2"), ({"model_type": "llamba"}, "llamba"),
+     ({"d_model": 8, "mlp_cfg": {}}, "llamba"), ({"model_type": "llama"}, None),
+     ({"d_model": 8, "mlp_cfg": {}, "model_type": "llama"}, None), ({}, None)],
+)  # fmt: skip
+def test_architecture_of_names_the_family_without_validating(config, family):
+    from spikemar.models.pretrained import architecture_of, config_from_hf, is_pretrained_config
+
+    assert architecture_of(config) == family and is_pretrained_config(config) == (
+        family is not None
+    )
+    if family is None:
+        with pytest.raises(ValueError, match="unknown architecture"):
+            config_from_hf(config)
+    else:  # recognised, but incomplete: config_from_hf names what is missing
+        with pytest.raises(ValueError, match="needs"):
+            config_from_hf(config)
+    with pytest.raises(TypeError, match="config"):
+        architecture_of(["model_type"])

@@ -39,7 +39,7 @@ from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM, from_pretrained
 from ..models.hub import read_pretrained_config
-from ..models.pretrained import config_from_hf
+from ..models.pretrained import config_from_hf, is_pretrained_config
 from ..tokenizer import CharTokenizer, HFTokenizer
 from ..training import (
     LoopConfig,
@@ -223,12 +223,14 @@ def _auto_causal_lm():
 
 
 def _spikemar_architecture(directory: Path) -> bool:
-    """Whether ``config.json`` is an architecture spikemar reads itself (Mamba-2, Llamba)."""
+    """Whether ``config.json`` is an architecture spikemar reads itself (Mamba-2, Llamba);
+    such a config that is wrong in other ways is named as the teacher's error here."""
+    config = read_pretrained_config(directory)
+    if not is_pretrained_config(config):
+        return False
     try:
-        config_from_hf(read_pretrained_config(directory))
+        config_from_hf(config)
     except ValueError as err:
-        if "unknown architecture" in str(err):
-            return False
         raise ValueError(f"teacher: {directory}: {err}") from err
     return True
 

@@ -1,11 +1,17 @@
 """Pretrained SSM language models as spikemar configs and state dicts: Hugging Face Mamba-2 and
 Cartesia's Llamba.
 
-Two public functions (``spikemar.models.from_pretrained`` reads a directory with them)::
+Public functions (``spikemar.models.from_pretrained`` reads a directory with them)::
 
+    architecture_of(config: dict) -> 'mamba2' | 'llamba' | None
+    is_pretrained_config(config: dict) -> bool
     config_from_hf(config: dict) -> MARConfig
     state_dict_from_hf(config: MARConfig, tensors: Mapping[str, torch.Tensor])
         -> dict[str, torch.Tensor]
+
+``architecture_of`` says which family a ``config.json`` describes (``None``: one spikemar does
+not read itself, e.g. a Llama for transformers' ``AutoModelForCausalLM``), without validating
+the rest of the config: that is ``config_from_hf``'s job, and its errors name what is wrong.
 
 ``config_from_hf`` takes a checkpoint's ``config.json`` as a dict and returns the dense
 ``MARConfig`` of the same architecture (``spikes=None``; set ``spikes`` for a MAR student):
@@ -46,7 +52,13 @@ import torch
 
 from .mar import MARLM, MARConfig
 
-__all__ = ["config_from_hf", "state_dict_from_hf"]
+__all__ = [
+    "ARCHITECTURES",
+    "architecture_of",
+    "config_from_hf",
+    "is_pretrained_config",
+    "state_dict_from_hf",
+]
 
 # Cartesia's LlambaConfig defaults; a given ssm_cfg falls back to DiscreteMamba2's arguments
 _LLAMBA_SSM_CFG = {"d_state": 64, "n_v_heads": 32, "n_qk_heads": 32, "expand": 1,
@@ -58,18 +70,40 @@ _LLAMBA_MLP_CFG = {"intermediate_size": 14336, "bias": False, "act_fn": "silu"}
 _LLAMBA_BLOCK_EPS = 1e-5  # hard-coded for both block norms in Cartesia's Block
 
 
-def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
-    """The dense :class:`MARConfig` of a Hugging Face Mamba-2 or Llamba ``config.json``."""
+ARCHITECTURES = ("mamba2", "llamba")  # what architecture_of can return
+
+
+def architecture_of(config: Mapping[str, Any]) -> str | None:
+    """The pretrained family a ``config.json`` dict describes: ``'mamba2'`` (Hugging Face,
+    ``model_type`` 'mamba2'), ``'llamba'`` (``model_type`` 'llamba', or Cartesia's keys
+    ``d_model`` and ``mlp_cfg`` without a ``model_type``), else ``None``. Only the family is
+    recognised here; :func:`config_from_hf` checks the rest."""
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected the config.json dict, got {type(config).__name__}")
     model_type = config.get("model_type")
     if model_type == "mamba2":
-        return _mamba2_config(config)
+        return "mamba2"
     if model_type == "llamba" or (
         model_type is None and "d_model" in config and "mlp_cfg" in config
     ):
+        return "llamba"
+    return None
+
+
+def is_pretrained_config(config: Mapping[str, Any]) -> bool:
+    """Whether spikemar reads the architecture of this ``config.json`` dict itself (a Hugging
+    Face Mamba-2 or a Llamba), i.e. :func:`architecture_of` is not None."""
+    return architecture_of(config) is not None
+
+
+def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
+    """The dense :class:`MARConfig` of a Hugging Face Mamba-2 or Llamba ``config.json``."""
+    family = architecture_of(config)
+    if family == "mamba2":
+        return _mamba2_config(config)
+    if family == "llamba":
         return _llamba_config(config)
-    architectures = config.get("architectures")
+    model_type, architectures = config.get("model_type"), config.get("architectures")
     raise ValueError(
         f"config: unknown architecture (model_type {model_type!r}, architectures "
         f"{architectures!r}); expected a Hugging Face Mamba-2 config (model_type 'mamba2') or a "

@@ -246,6 +246,14 @@ def _threshold_tensor(v_threshold: float | torch.Tensor, num_channels: int | Non
         raise TypeError(
             f"v_threshold: expected a float or a tensor, got {type(v_threshold).__name__}"
         )
+    if isinstance(v_threshold, int | float) and not (
+        math.isfinite(v_threshold) and v_threshold > 0
+    ):  # checked on the number: a model built on the meta device still refuses it
+        raise ValueError(f"v_threshold: expected finite values > 0, got [{float(v_threshold)}]")
+    if v.is_meta:
+        # shapes only (a model built under torch.device('meta') to read its names and shapes):
+        # no values to check; real ones arrive through load_state_dict or to_empty
+        return v
     bad = ~torch.isfinite(v) | (v <= 0)
     if bool(bad.any()):
         raise ValueError(f"v_threshold: expected finite values > 0, got {v[bad][:4].tolist()}")

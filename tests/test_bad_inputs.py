@@ -423,6 +423,11 @@ COMMAND_CASES = {
         "--lava: cannot write",
     ),
     "export --nir folder": (["export", "--nir", "{r}"], 2, "--nir: .* is a folder"),
+    "export a language model --nir": (  # refused before --lava writes its folder
+        ["export", "--checkpoint", "{r}/good.pt", "--lava", "{r}/lm_lava", "--nir", "{r}/lm.nir"],
+        2,
+        "--nir: embed: a lookup of token ids",
+    ),
     "export --checkpoint corrupt": (
         ["export", "--checkpoint", "{r}/truncated.pt"],
         2,
@@ -444,6 +449,7 @@ def test_commands_fail_in_one_line_naming_the_flag(files, case, capsys):
     assert got == code, err
     assert len(lines) == 1 and "Traceback" not in err, err
     assert re.search(pattern, lines[0]), lines[0]
+    assert not (files / "lm_lava").exists()  # nothing written by a refused export
 
 
 def test_debug_shows_the_traceback(files, monkeypatch):

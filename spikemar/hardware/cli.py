@@ -87,10 +87,13 @@ def export_main(args: argparse.Namespace) -> int:
         if input_shape is None:
             if args.check_steps is not None:
                 raise ValueError("--check-steps: only for block networks (not a language model)")
+            if args.nir is not None:  # checked before --lava writes anything
+                try:
+                    lower(model)  # a language model: raises, naming the first module on the host
+                except UnsupportedModuleError as err:
+                    raise UnsupportedModuleError(f"--nir: {err}") from err
             if args.lava is not None:
                 _export_mar(model, args)
-            if args.nir is not None:
-                lower(model)  # a language model: raises, naming the first module on the host
             return 0
         if args.lava is not None:
             t0 = time.perf_counter()

@@ -15,6 +15,7 @@ from .functional import (
     atmn_quantize,
     atmn_step,
     delta_inject,
+    spike_counts,
 )
 from .surrogate import ATan, Rectangle, Sigmoid, Surrogate, Triangle
 
@@ -38,5 +39,6 @@ __all__ = [
     "raise_deferred_errors",
     "register_backend",
     "set_value_checks",
+    "spike_counts",
     "value_checks",
 ]

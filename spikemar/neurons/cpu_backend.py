@@ -151,9 +151,9 @@ _ENTRY_POINTS: tuple[tuple[str, str, tuple[str, ...]], ...] = (
     ("atmn_backward_{s}", "i32",
      ("p", "p", "p", "i64", "i64", "i64", "i64", "R", "i32", "i32", "i32", "R", "R",
       "p", "p", "p", "p", "p", "p", "i32")),
-    # x, vth, N, C, T, tau, decay, ternary, decoded, nthreads
+    # x, vth, N, C, T, tau, decay, ternary, decoded, counts, nthreads
     ("atmn_quantize_forward_{s}", "i64",
-     ("p", "p", "i64", "i64", "i64", "f64", "R", "i32", "p", "i32")),
+     ("p", "p", "i64", "i64", "i64", "f64", "R", "i32", "p", "p", "i32")),
     # x, vth, N, C, T, tau, decay, ternary, detach_reset, kind, pa, pb, g, g_x, partial, nthreads
     ("atmn_quantize_backward_{s}", "i32",
      ("p", "p", "i64", "i64", "i64", "f64", "R", "i32", "i32", "i32", "R", "R",
@@ -254,10 +254,17 @@ def atmn_multi_step_cpu(
 QUANTIZE_MAX_T = 64
 
 
-def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+def atmn_quantize_decode_cpu(
+    activation: torch.Tensor, T: int, p: ATMNParameters, *, counts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``atmn_quantize(activation, T, p)[0]`` for inference, in one C call: the decode
     ``V·Σ_t τ^t s_t`` of the δ-injected spike train, without the spikes and without autograd
     (the result never requires grad).
+
+    ``counts=True`` returns ``(decoded, counts)``: the spike train's +1 and −1 spikes, int64 of
+    shape ``(*p.v_threshold.shape, 2)`` (per channel, or one pair for a shared threshold), as
+    :func:`~spikemar.neurons.functional.spike_counts` counts the spikes of ``atmn_quantize``,
+    counted in the same pass.
 
     For callers that have checked the input's type and shape (a float32/float64 CPU tensor whose
     last dimension matches a per-channel V) and ``1 <= T <= QUANTIZE_MAX_T``. The values are
@@ -273,26 +280,35 @@ def atmn_quantize_decode_cpu(activation: torch.Tensor, T: int, p: ATMNParameters
         lib.atmn_quantize_forward_f32 if x.dtype == torch.float32 else lib.atmn_quantize_forward_f64
     )
     # the per-token activations of generation stay on one thread (see _threads)
+    nthreads = _threads(x.numel() * T)
+    # one row per thread that may run (the kernel uses at most nthreads); [..., 2]: +1, −1
+    tally = torch.zeros(nthreads, max(C, 1), 2, dtype=torch.int64) if counts else None
     bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
-             decoded.data_ptr(), _threads(x.numel() * T))  # fmt: skip
+             decoded.data_ptr(), _ptr(tally), nthreads)  # fmt: skip
     _raise_if_bad(bad, vth, x.numel(), T, "activation")
-    return decoded
+    if tally is None:
+        return decoded
+    tally = tally[0] if nthreads == 1 else tally.sum(0)
+    return decoded, tally.view(*vth.shape, 2)
 
 
 class _FusedQuantize(torch.autograd.Function):
     """MAR's spike point for training in two C calls: δ-inject, spike, decode forward (without the
-    [T, N] injected input or spikes), and its backward by recomputation (``_cpu/atmn_impl.h``)."""
+    [T, N] injected input or spikes), and its backward by recomputation (``_cpu/atmn_impl.h``).
+    With ``counts`` the forward also returns the spike counts (not differentiable)."""
 
     @staticmethod
-    def forward(ctx, x, v_threshold, p, T):  # type: ignore[override]
+    def forward(ctx, x, v_threshold, p, T, counts):  # type: ignore[override]
         x = x.contiguous()
-        decoded = atmn_quantize_decode_cpu(x, T, p)
+        out = atmn_quantize_decode_cpu(x, T, p, counts=counts)
         ctx.save_for_backward(x, v_threshold.detach().to(x.dtype).contiguous())
         ctx.p, ctx.T = p, T
-        return decoded
+        if counts:
+            ctx.mark_non_differentiable(out[1])
+        return out
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g, g_counts=None):  # type: ignore[override]
         lib = load_library()
         x, vth = ctx.saved_tensors
         p, T = ctx.p, ctx.T
@@ -312,19 +328,22 @@ class _FusedQuantize(torch.autograd.Function):
            nthreads)  # fmt: skip
         g_vth = partial.sum(0)
         g_vth = g_vth[0] if C == 0 else g_vth
-        return g_x, g_vth.to(ctx.p.v_threshold.dtype), None, None
+        return g_x, g_vth.to(ctx.p.v_threshold.dtype), None, None, None
 
 
-def atmn_quantize_train_cpu(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+def atmn_quantize_train_cpu(
+    activation: torch.Tensor, T: int, p: ATMNParameters, *, counts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``atmn_quantize(activation, T, p)[0]`` with gradients to ``activation`` and
     ``p.v_threshold``, in two C calls: the same decode and, to rounding, the same gradients as the
     reference path, without materialising the [T, N] injected input and spikes.
+    ``counts=True`` returns ``(decoded, counts)`` as :func:`atmn_quantize_decode_cpu` does.
 
     For callers that have checked what :func:`atmn_quantize_decode_cpu` requires and that
     ``fused.unsupported_parameters(p)`` is None. The values are checked in C (a threshold that
     is not finite and positive, or NaN / ±inf in the input, raises ValueError).
     """
-    return _FusedQuantize.apply(activation, p.v_threshold, p, T)
+    return _FusedQuantize.apply(activation, p.v_threshold, p, T, bool(counts))
 
 
 def _raise_if_bad(bad: int, vth: torch.Tensor, n: int, T: int, what: str) -> None:

@@ -439,6 +439,21 @@ def decode_weights(T: int, tau: float, dtype: torch.dtype, device: torch.device)
     return torch.pow(tau, steps).to(dtype)
 
 
+def spike_counts(spikes: torch.Tensor, per_channel: bool = True) -> torch.Tensor:
+    """The +1 and −1 spikes of a spike train [T, …, C], as int64: ``[C, 2]`` per channel of the
+    last dimension (``per_channel``), else ``[2]``; ``[..., 0]`` counts +1 spikes, ``[..., 1]``
+    −1 spikes, over all micro-steps and rows. So nnz = pos + neg and Σ s = pos − neg.
+
+    The reference for the fused spike points' ``counts=True`` output, which gives the same
+    numbers without materialising the spike train (an energy counter's input)."""
+    if not isinstance(spikes, torch.Tensor) or spikes.dim() < 1:
+        shape = tuple(spikes.shape) if isinstance(spikes, torch.Tensor) else type(spikes).__name__
+        raise ValueError(f"spikes: expected a tensor [T, ..., C], got {shape}")
+    flat = spikes.reshape(-1, spikes.shape[-1] if per_channel else 1)
+    counts = torch.stack([(flat > 0).sum(0), (flat < 0).sum(0)], dim=-1)
+    return counts if per_channel else counts[0]
+
+
 def atmn_quantize(
     activation: torch.Tensor, T: int, p: ATMNParameters, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -522,18 +522,75 @@ static void CAT(decode_weights_, SUFFIX)(REAL *w, int64_t T, double tau, REAL de
     w[t] = decay == (REAL)0 ? (REAL)(t == 0) : (REAL)pow(tau, (double)t);
 }
 
+/* One block of len ≤ BLK elements of MAR's spike point for inference, channel c0 first (see
+ * atmn_quantize_decode). With COUNT (a constant: the loops without it are those of before), the
+ * block's +1 and −1 spikes are added per channel to counts [max(C, 1)][2]: per element in REAL
+ * (exact: at most T ≤ 64 per element), then into the int64 slots. Returns the block's number of
+ * non-finite probes. */
+HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t len, int64_t C,
+                                         int64_t c0, int64_t T, const REAL *w, REAL decay,
+                                         REAL tern, REAL *decoded, int64_t *counts,
+                                         const int COUNT) {
+  enum { BLK = 256 };
+  /* micro-steps outer and elements inner (the loops vectorise); the arithmetic per element is
+   * that of the reference, in its order */
+  REAL xb[BLK], vb[BLK], u[BLK], acc[BLK], np[BLK], nn[BLK];
+  int64_t c = c0;
+  for (int64_t i = 0; i < len; ++i) { /* decoded may alias x: read x first */
+    xb[i] = x[i];
+    vb[i] = vth[c];
+    if (C != 0 && ++c == C) c = 0;
+  }
+  for (int64_t i = 0; i < len; ++i) {
+    const REAL h = xb[i], V = vb[i];
+    const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+    u[i] = h - V * s;
+    acc[i] = (REAL)0 + w[0] * s;
+    if (COUNT) np[i] = (REAL)(s > 0), nn[i] = (REAL)(s < 0);
+  }
+  for (int64_t t = 1; t < T; ++t) {
+    const REAL wt = w[t];
+    for (int64_t i = 0; i < len; ++i) {
+      const REAL h = (REAL)0 + u[i] * decay, V = vb[i];
+      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+      u[i] = h - V * s;
+      acc[i] += wt * s;
+      if (COUNT) np[i] += (REAL)(s > 0), nn[i] += (REAL)(s < 0);
+    }
+  }
+  const REAL *probe = decay == (REAL)0 ? xb : u;
+  int64_t bad = 0;
+  for (int64_t i = 0; i < len; ++i) {
+    decoded[i] = vb[i] * acc[i];
+    bad += !isfinite(probe[i]);
+  }
+  if (COUNT) {
+    c = c0;
+    for (int64_t i = 0; i < len; ++i) {
+      counts[2 * c] += (int64_t)np[i];
+      counts[2 * c + 1] += (int64_t)nn[i];
+      if (C != 0 && ++c == C) c = 0;
+    }
+  }
+  return bad;
+}
+
 /* MAR's spike point for inference: δ-inject x [N] (x_0 = x, x_t = 0 after) into a zero membrane,
  * spike for T micro-steps and write the decode V·Σ_t τ^t s_t [N], without materialising the
  * spikes. Single-threaded: it serves the small per-token activations of generation, where a
  * thread launch would cost more than the work (atmn_quantize_forward runs it on row ranges in
- * parallel for training). The τ-weights: decode_weights.
+ * parallel for training). The τ-weights: decode_weights. x starts on channel 0.
+ *
+ * counts (NULL: not wanted): [max(C, 1)][2] int64, caller-zeroed; the +1 and −1 spikes of each
+ * channel (of the one shared threshold when C = 0) over all micro-steps are added to it, so that
+ * an energy counter needs no [T, N] spike train (functional.spike_counts is the reference).
  *
  * Returns -1 if a threshold is not finite and > 0 (checked first, as the reference does), else
  * the number of non-finite values in what the reference's check_values probes: the final
  * membrane when τ < ∞, the input when τ = ∞. So NaN and ±inf are counted, never swallowed. */
 int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                            int64_t T, double tau, REAL decay, int ternary,
-                                           REAL *decoded) {
+                                           REAL *decoded, int64_t *counts) {
   enum { MAX_T = 64, BLK = 256 };
   if (T < 1 || T > MAX_T) return -2;
   REAL w[MAX_T];
@@ -543,37 +600,14 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
     if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
   const REAL tern = (REAL)(ternary != 0);
   int64_t bad = 0;
-  /* blocks of BLK elements, micro-steps outer and elements inner (the loops vectorise); the
-   * arithmetic per element is that of the reference, in its order */
-  REAL xb[BLK], vb[BLK], u[BLK], acc[BLK];
-  int64_t c = 0;
   for (int64_t start = 0; start < N; start += BLK) {
-    const int64_t len = start + BLK <= N ? BLK : N - start;
-    for (int64_t i = 0; i < len; ++i) { /* decoded may alias x: read x first */
-      xb[i] = x[start + i];
-      vb[i] = vth[c];
-      if (C != 0 && ++c == C) c = 0;
-    }
-    for (int64_t i = 0; i < len; ++i) {
-      const REAL h = xb[i], V = vb[i];
-      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
-      u[i] = h - V * s;
-      acc[i] = (REAL)0 + w[0] * s;
-    }
-    for (int64_t t = 1; t < T; ++t) {
-      const REAL wt = w[t];
-      for (int64_t i = 0; i < len; ++i) {
-        const REAL h = (REAL)0 + u[i] * decay, V = vb[i];
-        const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
-        u[i] = h - V * s;
-        acc[i] += wt * s;
-      }
-    }
-    const REAL *probe = decay == (REAL)0 ? xb : u;
-    for (int64_t i = 0; i < len; ++i) {
-      decoded[start + i] = vb[i] * acc[i];
-      bad += !isfinite(probe[i]);
-    }
+    const int64_t len = start + BLK <= N ? BLK : N - start, c0 = C ? start % C : 0;
+    if (counts)
+      bad += CAT(quantize_block_, SUFFIX)(x + start, vth, len, C, c0, T, w, decay, tern,
+                                          decoded + start, counts, 1);
+    else
+      bad += CAT(quantize_block_, SUFFIX)(x + start, vth, len, C, c0, T, w, decay, tern,
+                                          decoded + start, NULL, 0);
   }
   return bad;
 }
@@ -591,6 +625,7 @@ typedef struct {
   const REAL *x, *vth, *g;
   REAL *out, *g_x;
   double *g_vth; /* [max(C, 1)] of this job, caller-zeroed */
+  int64_t *counts; /* [max(C, 1)][2] of this job, caller-zeroed, or NULL */
   int64_t N, C, T, begin, end;
   double tau;
   REAL decay, pa, pb, keep_reset;
@@ -602,7 +637,7 @@ static void *CAT(quantize_forward_worker_, SUFFIX)(void *arg) {
   CAT(qjob_, SUFFIX) *j = arg;
   j->bad = CAT(atmn_quantize_decode_, SUFFIX)(j->x + j->begin, j->vth, j->end - j->begin, j->C,
                                                j->T, j->tau, j->decay, j->ternary,
-                                               j->out + j->begin);
+                                               j->out + j->begin, j->counts);
   return NULL;
 }
 
@@ -711,17 +746,21 @@ static int CAT(quantize_ranges_, SUFFIX)(CAT(qjob_, SUFFIX) * jobs, const CAT(qj
     jobs[k].begin = begin[k];
     jobs[k].end = end[k];
     jobs[k].g_vth = base->g_vth ? base->g_vth + (int64_t)k * C : NULL;
+    jobs[k].counts = base->counts ? base->counts + (int64_t)k * 2 * C : NULL;
   }
   return nthreads;
 }
 
 /* The forward of the training path: atmn_quantize_decode over row ranges in parallel; returns
- * as that function does (-1 bad threshold, -2 bad T, else the count of non-finite probes). */
+ * as that function does (-1 bad threshold, -2 bad T, else the count of non-finite probes).
+ * counts (NULL: not wanted): [nthreads][max(C, 1)][2] int64, caller-zeroed, one row per thread
+ * used (the caller sums the rows). */
 int64_t CAT(atmn_quantize_forward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                             int64_t T, double tau, REAL decay, int ternary,
-                                            REAL *decoded, int nthreads) {
+                                            REAL *decoded, int64_t *counts, int nthreads) {
   CAT(qjob_, SUFFIX) base = {0}, jobs[MAX_THREADS];
   base.x = x, base.vth = vth, base.out = decoded, base.N = N, base.C = C, base.T = T;
+  base.counts = counts;
   base.tau = tau, base.decay = decay, base.ternary = ternary;
   const int n = CAT(quantize_ranges_, SUFFIX)(jobs, &base, nthreads);
   run_parallel(CAT(quantize_forward_worker_, SUFFIX), jobs, sizeof jobs[0], n);

@@ -23,6 +23,15 @@ the rest of the config: that is ``config_from_hf``'s job, and its errors name wh
   is per group, as in mamba_ssm (the kernels the checkpoints were trained with); transformers'
   torch path normalises over all channels instead, so for such checkpoints spikemar and
   transformers' CPU forward differ by design (see :class:`spikemar.ssm.SelectiveMixer`).
+- **mamba_ssm's own Mamba-2 checkpoints** (the ``state-spaces/mamba2-*`` repositories, written by
+  ``MambaLMHeadModel``: ``config.json`` in mamba_ssm's keys ``d_model``, ``n_layer``,
+  ``ssm_cfg`` with ``layer: 'Mamba2'``, ``pad_vocab_size_multiple``, ``tie_embeddings``, and no
+  ``model_type``): the same architecture as transformers' Mamba-2, with mamba_ssm's defaults
+  (``d_state`` 128, ``headdim`` 64, ``expand`` 2, ε 1e-5, tied head), the vocabulary padded as
+  the embedding's rows are, and the embedding named ``backbone.embedding`` (transformers:
+  ``embeddings``). Refused with a clear error: Mamba-1/-3 mixers (``ssm_cfg`` without
+  ``layer: 'Mamba2'`` is Mamba-1 there), attention layers (``attn_layer_idx``), gated-MLP blocks
+  (``d_intermediate`` > 0), ``D_has_hdim``, ``norm_before_gate``, LayerNorm blocks.
 - **Llamba** (Cartesia's keys: ``d_model``, ``n_layer``, ``ssm_cfg``, ``mlp_cfg``,
   ``tie_embeddings``, ``pad_vocab_size_multiple``, ``lm_head_bias``, ``norm_epsilon``): layers of
   kind ``'discrete-mamba2'`` with Llama's MLP (``ffn='llama'``); the block norms' ε is Cartesia's
@@ -81,8 +90,11 @@ def architecture_of(config: Mapping[str, Any]) -> str | None:
     if not isinstance(config, Mapping):
         raise TypeError(f"config: expected the config.json dict, got {type(config).__name__}")
     model_type = config.get("model_type")
-    if model_type == "mamba2":
-        return "mamba2"
+    if model_type == "mamba2" or (
+        model_type is None and "d_model" in config and "ssm_cfg" in config
+        and "mlp_cfg" not in config and (config["ssm_cfg"] or {}).get("layer") == "Mamba2"
+    ):  # fmt: skip
+        return "mamba2"  # transformers' or mamba_ssm's own (state-spaces/mamba2-*) keys
     if model_type == "llamba" or (
         model_type is None and "d_model" in config and "mlp_cfg" in config
     ):
@@ -100,14 +112,21 @@ def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
     """The dense :class:`MARConfig` of a Hugging Face Mamba-2 or Llamba ``config.json``."""
     family = architecture_of(config)
     if family == "mamba2":
-        return _mamba2_config(config)
+        return _mamba2_config(config if "hidden_size" in config else _hf_keys(config))
     if family == "llamba":
         return _llamba_config(config)
     model_type, architectures = config.get("model_type"), config.get("architectures")
+    if model_type is None and "d_model" in config and "ssm_cfg" in config:
+        layer = (config["ssm_cfg"] or {}).get("layer", "Mamba1")  # mamba_ssm's default
+        raise ValueError(
+            f"config: a mamba_ssm checkpoint with ssm_cfg layer {layer!r}: only its Mamba2 mixers "
+            "are supported (Mamba-1/-3 are other architectures)"
+        )
     raise ValueError(
         f"config: unknown architecture (model_type {model_type!r}, architectures "
         f"{architectures!r}); expected a Hugging Face Mamba-2 config (model_type 'mamba2') or a "
-        "Llamba config in Cartesia's keys (d_model, n_layer, ssm_cfg, mlp_cfg)"
+        "Llamba config in Cartesia's keys (d_model, n_layer, ssm_cfg, mlp_cfg), or mamba_ssm's "
+        "own Mamba-2 config (d_model, n_layer, ssm_cfg with layer 'Mamba2')"
     )
 
 
@@ -141,6 +160,55 @@ def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
         tie_embeddings=bool(c.get("tie_word_embeddings", False)),
         residual_in_fp32=bool(c.get("residual_in_fp32", True)),
     )  # fmt: skip
+
+
+# mamba_ssm's defaults: Mamba2's arguments (mamba_ssm/modules/mamba2.py) and MambaConfig's
+_MAMBA_SSM_MAMBA2_ARGS = {"d_state": 128, "d_conv": 4, "expand": 2, "headdim": 64, "d_ssm": None,
+                          "ngroups": 1, "D_has_hdim": False, "rmsnorm": True,
+                          "norm_before_gate": False, "dt_limit": (0.0, math.inf), "bias": False,
+                          "conv_bias": True, "chunk_size": 256}  # fmt: skip
+# arguments that only initialise or place the weights: no effect on a loaded model's outputs
+_MAMBA_SSM_INIT_ARGS = {"A_init_range", "dt_min", "dt_max", "dt_init_floor", "conv_init",
+                        "use_mem_eff_path", "sequence_parallel"}  # fmt: skip
+
+
+def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
+    """A mamba_ssm ``MambaLMHeadModel`` config (Mamba-2 mixers) in transformers' Mamba-2 keys."""
+    _require(c, ("d_model", "n_layer", "vocab_size"), "mamba_ssm Mamba-2")
+    ssm = {k: v for k, v in (c.get("ssm_cfg") or {}).items() if k != "layer"}
+    unknown = sorted(set(ssm) - set(_MAMBA_SSM_MAMBA2_ARGS) - _MAMBA_SSM_INIT_ARGS)
+    if unknown:
+        raise ValueError(f"config: ssm_cfg keys {unknown} are not arguments of mamba_ssm's Mamba2")
+    args = {**_MAMBA_SSM_MAMBA2_ARGS, **ssm}
+    d_model, expand = int(c["d_model"]), int(args["expand"])
+    d_ssm = args["d_ssm"]
+    refused = [  # (key, its value, whether it is refused, what it would need)
+        ("attn_layer_idx", c.get("attn_layer_idx"), bool(c.get("attn_layer_idx")),
+         "attention layers (mamba_ssm's MHA)"),
+        ("d_intermediate", c.get("d_intermediate"), bool(c.get("d_intermediate")),
+         "gated-MLP blocks"),
+        ("rms_norm", c.get("rms_norm"), not c.get("rms_norm", True), "LayerNorm blocks"),
+        ("ssm_cfg.d_ssm", d_ssm, d_ssm not in (None, expand * d_model),
+         "an SSM on part of the channels (the rest a gated MLP)"),
+        ("ssm_cfg.D_has_hdim", args["D_has_hdim"], bool(args["D_has_hdim"]), "a D per channel"),
+        ("ssm_cfg.rmsnorm", args["rmsnorm"], not args["rmsnorm"], "a mixer without its gated norm"),
+        ("ssm_cfg.norm_before_gate", args["norm_before_gate"], bool(args["norm_before_gate"]),
+         "the norm before the gate"),
+    ]  # fmt: skip
+    for key, value, bad, what in refused:
+        if bad:
+            raise ValueError(f"config: {key} = {value!r}: {what} is not supported")
+    vocab, multiple = int(c["vocab_size"]), int(c.get("pad_vocab_size_multiple", 8))
+    vocab += -vocab % multiple  # MambaLMHeadModel pads the embedding's rows
+    return {
+        "vocab_size": vocab, "hidden_size": d_model, "num_hidden_layers": int(c["n_layer"]),
+        "state_size": int(args["d_state"]), "head_dim": int(args["headdim"]), "expand": expand,
+        "conv_kernel": int(args["d_conv"]), "n_groups": int(args["ngroups"]),
+        "use_bias": bool(args["bias"]), "use_conv_bias": bool(args["conv_bias"]),
+        "time_step_limit": tuple(args["dt_limit"]), "layer_norm_epsilon": 1e-5,
+        "tie_word_embeddings": bool(c.get("tie_embeddings", True)),
+        "residual_in_fp32": bool(c.get("residual_in_fp32", True)),
+    }  # fmt: skip
 
 
 def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
@@ -180,6 +248,8 @@ _MAMBA2_NAMES = [
     (r"^layers\.(\d+)\.mixer\.conv\.", r"backbone.layers.\1.mixer.conv1d."),
     (r"^layers\.(\d+)\.mixer\.", r"backbone.layers.\1.mixer."),
 ]
+# mamba_ssm's MambaLMHeadModel: transformers' names but for the embedding
+_MAMBA_SSM_NAMES = [(r"^embed\.", "backbone.embedding."), *_MAMBA2_NAMES[1:]]
 _LLAMBA_NAMES = [
     (r"^embed\.", "backbone.embedding."),
     (r"^norm\.", "backbone.final_layernorm."),
@@ -213,7 +283,8 @@ def state_dict_from_hf(
         raise TypeError(f"config: expected a MARConfig, got {type(config).__name__}")
     kinds = set(config.layer_kinds())
     if kinds == {"ssm"} and config.ffn is None:
-        rename = _renamer(_MAMBA2_NAMES)
+        native = "backbone.embedding.weight" in tensors  # mamba_ssm's file, not transformers'
+        rename = _renamer(_MAMBA_SSM_NAMES if native else _MAMBA2_NAMES)
     elif kinds == {"discrete-mamba2"} and config.ffn == "llama":
         rename = _renamer(_LLAMBA_NAMES)
     else:
@@ -234,8 +305,12 @@ def state_dict_from_hf(
             continue  # the embedding's matrix (checked below)
         source = rename(name)
         if source not in tensors:
+            also = ""
+            if name == "embed.weight" and kinds == {"ssm"}:  # neither layout's embedding found
+                also = " or mamba_ssm's 'backbone.embedding.weight'"
             raise ValueError(
-                f"tensors: missing {source!r} (expected shape {tuple(target.shape)}, for {name})"
+                f"tensors: missing {source!r}{also} (expected shape {tuple(target.shape)}, for "
+                f"{name})"
             )
         t = tensors[source]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(target.shape):

@@ -410,7 +410,8 @@ def convert_main(args: argparse.Namespace) -> int:
         message = str(err)
         name, sep, rest = message.partition(": ")
         if sep and name.isidentifier():
-            message = f"--{name.replace('_', '-')}: {rest}"
+            flag = {"path_or_id": "from", "source": "from"}.get(name, name)  # the library's names
+            message = f"--{flag.replace('_', '-')}: {rest}"
         args._parser.error(message)
     print(result.summary())
     return 0

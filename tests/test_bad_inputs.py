@@ -423,6 +423,11 @@ COMMAND_CASES = {
         "--lava: cannot write",
     ),
     "export --nir folder": (["export", "--nir", "{r}"], 2, "--nir: .* is a folder"),
+    "convert --from missing": (
+        ["convert", "--from", "{r}/nowhere", "--out", "{r}/s.pt"],
+        2,
+        "--from: no directory at .*nowhere",
+    ),
     "export a language model --nir": (  # refused before --lava writes its folder
         ["export", "--checkpoint", "{r}/good.pt", "--lava", "{r}/lm_lava", "--nir", "{r}/lm.nir"],
         2,

@@ -44,6 +44,7 @@ _SYNC_METHODS = {
 
 _DEVICE_GET = torch.Tensor.device.__get__
 _IS_CUDA_GET = torch.Tensor.is_cuda.__get__
+_IS_CPU_GET = torch.Tensor.is_cpu.__get__
 
 
 class _Syncs:
@@ -74,6 +75,8 @@ class _FakeCuda(torch.Tensor):
             return CUDA
         if func == _IS_CUDA_GET:
             return True
+        if func == _IS_CPU_GET:
+            return False
         if func in _SYNC_METHODS:
             _SYNCS.seen.append(func.__name__)
         if func is torch.Tensor.to:  # .to(cuda) of a tensor "on" cuda: stay in CPU memory
@@ -213,7 +216,11 @@ def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     with watching_syncs() as seen, value_checks("deferred"):
         spikes, v = cupy_backend.atmn_multi_step_cupy(x, None, p, False)[:2]
         (spikes.sum() + v.sum()).backward()
+        # the fused spike point with its spike counts (an energy counter's input)
+        decoded, counts = cupy_backend.atmn_quantize_cupy(x[0], 4, p, counts=True)
+        decoded.sum().backward()
     assert seen == []
+    assert counts.device == x.device and counts.shape == (5, 2)
     assert torch.equal(spikes.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))
 
 

@@ -35,6 +35,7 @@ from spikemar.neurons import (
     atmn_quantize,
     backends,
     cupy_backend,
+    spike_counts,
 )
 from spikemar.neurons.cuda_emulation import EmulatedCupy, emulation_unavailable_reason
 
@@ -348,6 +349,30 @@ def test_emulated_fused_spike_point_equals_the_reference(emulated_cupy, seed):
     for a, b in zip(ref_grads, grads, strict=True):
         t = tol * math.sqrt(n) if a.shape == V.shape else tol
         torch.testing.assert_close(a, b, rtol=t, atol=t, msg=str(case))
+
+
+@emulated
+@pytest.mark.parametrize("seed", range(6))
+def test_emulated_fused_spike_point_counts_equal_the_reference_spike_train(emulated_cupy, seed):
+    """``atmn_quantize_cupy(..., counts=True)``: the +1/−1 spikes per threshold channel, exactly
+    those of the reference's spike train, with inputs on ±V (ties) among random ones."""
+    case = _random_case(2000 + seed)
+    g = torch.Generator().manual_seed(seed)
+    shape, dtype, T = case["shape"], case["dtype"], case["T"]
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    V = torch.rand(shape[-1], generator=g) + 0.2 if case["per_channel"] else torch.tensor(0.4)
+    V = V.to(cdtype)
+    x = torch.randn(*shape, generator=g, dtype=cdtype) * 2
+    pick = torch.randint(0, 4, shape, generator=g)
+    x = torch.where(pick == 0, V.expand(shape), torch.where(pick == 1, -V.expand(shape), x))
+    x = x.to(dtype)
+    kw = {k: case[k] for k in ("tau", "surrogate", "ternary", "detach_reset")}
+    p = ATMNParameters(V, **kw)
+    _, spikes = atmn_quantize(x, T, p, backend="torch")
+    out, counts = cupy_backend.atmn_quantize_cupy(x, T, p, counts=True)
+    assert counts.dtype == torch.int64 and counts.shape == (*V.shape, 2)
+    assert torch.equal(counts, spike_counts(spikes, per_channel=case["per_channel"])), case
+    assert torch.equal(out, cupy_backend.atmn_quantize_cupy(x, T, p)), case
 
 
 @emulated

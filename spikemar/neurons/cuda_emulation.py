@@ -55,6 +55,9 @@ static inline void __syncthreads() { pthread_barrier_wait(&emu_block_barrier); }
 static inline int atomicOr(int *address, int value) {
   return __atomic_fetch_or(address, value, __ATOMIC_RELAXED);
 }
+static inline unsigned long long atomicAdd(unsigned long long *address, unsigned long long value) {
+  return __atomic_fetch_add(address, value, __ATOMIC_RELAXED);
+}
 
 // never inlined: the host compiler cannot fuse them into an FMA, as nvcc cannot fuse __f*_rn
 #define EMU_RN __attribute__((noinline))

@@ -243,32 +243,38 @@ class _FusedQuantize(torch.autograd.Function):
     """MAR's spike point on CUDA: ``atmn_quantize_{forward,backward}`` of ``_cuda/atmn.cu``."""
 
     @staticmethod
-    def forward(ctx, x, v_threshold, p, T):  # type: ignore[override]
+    def forward(ctx, x, v_threshold, p, T, counts):  # type: ignore[override]
         x = x.contiguous()
         cdtype = compute_dtype(x.dtype)
         vth = v_threshold.detach().to(device=x.device, dtype=cdtype).contiguous()
         w = decode_weights(T, p.tau, cdtype, x.device)
         out = torch.empty_like(x)
+        # the spike counts (+1, −1) per threshold channel, added to by the kernel
+        tally = torch.zeros(*vth.shape, 2, dtype=torch.int64, device=x.device) if counts else None
         if x.numel():
             _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
             bad = torch.zeros(1, dtype=torch.int32, device=x.device)
             args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
-                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out), _ptr(bad))  # fmt: skip
+                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out), _ptr(bad),
+                    _ptr(tally))  # fmt: skip
             kernel = _function(kernel_name("quantize_forward", x.dtype, bits), T, _device_index(x))
             _launch(kernel, x, rows, C, args)
             _raise_or_defer(bad, vth, x.unsqueeze(0), None, p)
         ctx.save_for_backward(x, vth, w)
         ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
-        return out
+        if tally is None:
+            return out
+        ctx.mark_non_differentiable(tally)
+        return out, tally
 
     @staticmethod
-    def backward(ctx, g):  # type: ignore[override]
+    def backward(ctx, g, g_counts=None):  # type: ignore[override]
         x, vth, w = ctx.saved_tensors
         p, T = ctx.p, ctx.T
         g = g.to(x.dtype).contiguous()
         g_x = torch.empty_like(x)
         if x.numel() == 0:
-            return g_x, torch.zeros_like(vth).to(ctx.v_dtype), None, None
+            return g_x, torch.zeros_like(vth).to(ctx.v_dtype), None, None, None
         _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
         kind, pa, pb = surrogate_code(p)
         sms = _cupy().cuda.Device(_device_index(x)).attributes["MultiProcessorCount"]
@@ -281,7 +287,7 @@ class _FusedQuantize(torch.autograd.Function):
         _launch(kernel, x, rows, C, args)
         g_vth = partial.sum(0)  # a fixed order: deterministic
         g_vth = g_vth[0] if vth.dim() == 0 else g_vth
-        return g_x, g_vth.to(ctx.v_dtype), None, None
+        return g_x, g_vth.to(ctx.v_dtype), None, None, None
 
 
 def quantize_unusable_reason(
@@ -305,7 +311,9 @@ def quantize_unusable_reason(
     return unusable_reason(activation, p)
 
 
-def atmn_quantize_cupy(activation: torch.Tensor, T: int, p: ATMNParameters) -> torch.Tensor:
+def atmn_quantize_cupy(
+    activation: torch.Tensor, T: int, p: ATMNParameters, *, counts: bool = False
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """``atmn_quantize(activation, T, p)[0]`` on CUDA in one kernel forward and one backward,
     without the [T, N] injected input and spike train (the backward recomputes h): the decode,
     and to rounding its gradients to ``activation`` and ``p.v_threshold``, as the reference
@@ -317,5 +325,9 @@ def atmn_quantize_cupy(activation: torch.Tensor, T: int, p: ATMNParameters) -> t
     None. The values are checked in the kernel as the reference path checks them (NaN / ±inf
     reaching the final membrane, a threshold not finite and positive), reported following
     :func:`~spikemar.neurons.value_checks` (no wait for the device in 'deferred').
+
+    ``counts=True`` returns ``(decoded, counts)``: the +1 and −1 spikes, int64 of shape
+    ``(*p.v_threshold.shape, 2)``, counted by the forward kernel (no spike train, no sync), as
+    :func:`~spikemar.neurons.functional.spike_counts` counts those of ``atmn_quantize``.
     """
-    return _FusedQuantize.apply(activation, p.v_threshold, p, T)
+    return _FusedQuantize.apply(activation, p.v_threshold, p, T, bool(counts))

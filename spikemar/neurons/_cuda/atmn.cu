@@ -264,10 +264,14 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
 // (w_t = τ^t as functional.atmn_decode computes them, [T] in R, made on the device by the host),
 // without the [T, N] input or spike train. The backward recomputes h and runs the reverse
 // micro-steps with dL/ds_t = g·V·w_t, adding the decode's own dL/dV = g·Σ_t w_t s_t.
+// counts (0: not wanted) [C][2] unsigned 64-bit, zeroed by the host: the +1 and −1 spikes of
+// each channel over all micro-steps (functional.spike_counts' layout), for an energy counter
+// that then needs no spike train. Each thread adds its own tallies with one atomic per sign:
+// integer sums, so the result does not depend on the order.
 template <typename S, typename R, typename I>
 __device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T, I rows,
                                                       I C, R d, int ternary, ptr_t out_,
-                                                      ptr_t bad_) {
+                                                      ptr_t bad_, ptr_t counts_) {
   const S* __restrict__ x = reinterpret_cast<const S*>(x_);
   const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
   const R* __restrict__ w = reinterpret_cast<const R*>(w_);
@@ -279,6 +283,7 @@ __device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_
   bool ok = true;  // the probe of the forward above: the final membrane, or x when d = 0
   const R V = vth[c];
   const I row_stride = (I)gridDim.y * (I)blockDim.y;
+  unsigned long long pos = 0, neg = 0;
   for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
     const I n = r * C + c;
     R u = R(0), s, acc = R(0);
@@ -286,11 +291,18 @@ __device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_
     for (I t = 0; t < T; ++t) {
       atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
       acc = add_rn(acc, mul_rn(w[t], s));  // the decode's sum, micro-step by micro-step
+      pos += s > R(0);
+      neg += s < R(0);
     }
     out[n] = narrow<S>(mul_rn(V, acc));
     ok = ok && finite_value(d == R(0) ? x0 : u);
   }
   if (!ok) atomicOr(bad, 1);
+  if (counts_) {
+    unsigned long long* counts = reinterpret_cast<unsigned long long*>(counts_);
+    if (pos) atomicAdd(counts + 2 * c, pos);
+    if (neg) atomicAdd(counts + 2 * c + 1, neg);
+  }
 }
 
 template <typename S, typename R, typename I>
@@ -361,8 +373,9 @@ __device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr
                            gvlast, gvseq, gx, gv0, partial);                                   \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_forward_##SUFFIX(                                   \
-      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out, ptr_t bad) { \
-    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out, bad);               \
+      ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out, ptr_t bad,   \
+      ptr_t counts) {                                                                          \
+    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out, bad, counts);       \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_backward_##SUFFIX(                                  \
       ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, int detach_reset,       \

@@ -359,7 +359,9 @@ def test_harness_generate_until_stops_at_stop_sequences(harness, char_model):
 
 def test_harness_errors_are_clear(harness, char_model, tmp_path):
     model, tok = char_model
-    with pytest.raises(FileNotFoundError, match=r"checkpoint: no file at .*missing\.pt"):
+    with pytest.raises(
+        FileNotFoundError, match=r"checkpoint: no file or directory at .*missing\.pt"
+    ):
         harness.SpikemarLM.create_from_arg_string(f"checkpoint={tmp_path / 'missing.pt'}")
     with pytest.raises(ValueError, match=r"model_args: unknown argument\(s\) \['temprature'\]"):
         harness.SpikemarLM(model=model, tokenizer=tok, temprature=1)
@@ -436,7 +438,7 @@ def test_eval_command_text_perplexity(tiny_checkpoint, char_model, tmp_path, cap
 @pytest.mark.parametrize(
     ("extra", "message"),
     [
-        (["--checkpoint", "missing.pt"], "--checkpoint: no file at missing.pt"),
+        (["--checkpoint", "missing.pt"], "--checkpoint: no file or directory at missing.pt"),
         (["--label", "x", "--label", "y"], "--label: 2 labels for 1 checkpoints"),
         (["--tasks", ","], "--tasks: expected at least one task name"),
         (["--include-path", "no/such/dir"], "--include-path: no folder at no/such/dir"),

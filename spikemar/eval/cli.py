@@ -36,7 +36,13 @@ from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
-__all__ = ["add_eval_arguments", "eval_main", "evaluate_checkpoints", "resolve_tasks"]
+__all__ = [
+    "TaskDataUnreachable",
+    "add_eval_arguments",
+    "eval_main",
+    "evaluate_checkpoints",
+    "resolve_tasks",
+]
 
 PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "mar_shakespeare.pt"
 
@@ -47,8 +53,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--checkpoint",
         type=Path,
         action="append",
-        help="a spikemar checkpoint; repeat to compare several in one table "
-        "(default: the packaged student)",
+        help="a spikemar checkpoint file, or a Hugging Face Mamba-2/Llamba directory or Hub id; "
+        "repeat to compare several in one table (default: the packaged student)",
     )
     parser.add_argument(
         "--label", action="append", help="a name per --checkpoint (default: the file's name)"
@@ -108,10 +114,11 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any]:
     """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them.
 
-    lm_eval's own ~15,000 task configs are indexed only when a name is not local (indexing
-    them takes tens of seconds), and only when the name appears in some file of lm_eval's task
-    folder at all (a plain text search, about a second): a task, group or tag is named
-    literally in its YAML or Python file, so a name found nowhere is unknown."""
+    lm_eval's own ~15,000 task configs are not all indexed (that takes tens of seconds): a
+    task, group or tag is named literally in its YAML or Python file, so a plain text search
+    (about a second) finds the folders that can define a name that is not local, and only
+    those are indexed; a name found nowhere is unknown. Should those folders not define it
+    (a group spread over several folders), the whole index is built after all."""
     from lm_eval.tasks import TaskManager
 
     for folder in include:
@@ -120,9 +127,14 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     paths = [str(TASKS_DIR), *(str(p) for p in include)]
     manager = TaskManager(include_path=paths, include_defaults=False)
     unknown = [n for n in names if not manager.match_tasks([n])]
-    if unknown and all(_named_in_lm_eval(n) for n in unknown):
-        manager = TaskManager(include_path=paths)
+    folders = [_lm_eval_folders_naming(n) for n in unknown]
+    if unknown and all(folders):
+        extra = sorted({str(f) for fs in folders for f in fs})
+        manager = TaskManager(include_path=paths + extra, include_defaults=False)
         unknown = [n for n in names if not manager.match_tasks([n])]
+        if unknown:
+            manager = TaskManager(include_path=paths)
+            unknown = [n for n in names if not manager.match_tasks([n])]
     if unknown:
         raise ValueError(
             f"--tasks: unknown task(s) {unknown}; spikemar's local tasks are "
@@ -132,22 +144,61 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     return names, manager
 
 
-def _named_in_lm_eval(name: str) -> bool:
-    """Whether ``name`` (or, for a glob pattern, its longest literal part) occurs in any YAML or
-    Python file of lm_eval's task folder."""
+def _lm_eval_folders_naming(name: str) -> list[Path]:
+    """The outermost folders of lm_eval's task tree holding a YAML or Python file that names
+    ``name`` as a whole word (for a glob pattern: that contains its longest literal part)."""
     import re
 
     import lm_eval.tasks
 
-    needle = max(re.split(r"[*?\[\]]", name), key=len).encode()
+    parts = re.split(r"[*?\[\]]", name)
+    literal = max(parts, key=len)
+    if len(parts) == 1:  # a plain name: not as part of a longer one (piqa, not global_piqa)
+        pattern = re.compile(rb"(?<![\w-])" + re.escape(name.encode()) + rb"(?![\w-])")
+    else:
+        pattern = re.compile(re.escape(literal.encode()))
     root = Path(lm_eval.tasks.__file__).parent
-    for folder, _, files in os.walk(root):
+    found: list[Path] = []
+    for folder, subfolders, files in os.walk(root):
+        subfolders.sort()
+        if Path(folder) == root:
+            continue
         for f in files:
             if f.endswith((".yaml", ".yml", ".py")):
                 with open(os.path.join(folder, f), "rb") as fh:
-                    if needle in fh.read():
-                        return True
-    return False
+                    if pattern.search(fh.read()):
+                        found.append(Path(folder))
+                        subfolders.clear()  # the folder is indexed whole, subfolders included
+                        break
+    return found
+
+
+class TaskDataUnreachable(ConnectionError):
+    """A task's data is on the Hugging Face Hub and neither the Hub nor the local cache has it."""
+
+    def __init__(self, names: list[str], err: Exception) -> None:
+        offline = [v for v in ("HF_DATASETS_OFFLINE", "HF_HUB_OFFLINE")
+                   if os.environ.get(v, "").lower() in ("1", "true", "yes", "on")]  # fmt: skip
+        why = f"{' and '.join(offline)} set" if offline else "no network?"
+        local = [n for n in names if n in LOCAL_TASKS]
+        remote = [n for n in names if n not in LOCAL_TASKS]
+        super().__init__(
+            f"--tasks: the data of {', '.join(remote) or ', '.join(local)} is unreachable "
+            f"({why}: {' '.join(str(err).split())}); lm_eval's standard tasks download it from "
+            "the Hugging Face Hub: run once on a machine with a network (it is then cached under "
+            "~/.cache/huggingface), or score spikemar's local tasks "
+            f"({', '.join(LOCAL_TASKS)}) or your own with --include-path"
+        )
+
+
+def _write_text(path: Path, text: str, written: list[Path]) -> None:
+    """Write ``text`` atomically (an interrupted run leaves the old file or none, never half)
+    and add ``path`` to ``written``."""
+    from .._io import atomic_write
+
+    with atomic_write(path, fsync=False) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+    written.append(path)
 
 
 def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
@@ -162,9 +213,12 @@ def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
 
 
 def _check_checkpoints(paths: list[Path]) -> None:
+    import re
+
     for p in paths:
-        if not p.is_file():
-            raise ValueError(f"--checkpoint: no file at {p}")
+        # a Hub id (owner/name) is left to from_pretrained, which says if it is unreachable
+        if not p.exists() and not re.match(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$", str(p)):
+            raise ValueError(f"--checkpoint: no file or directory at {p}")
 
 
 def evaluate_checkpoints(
@@ -199,11 +253,15 @@ def evaluate_checkpoints(
             checkpoint=path, batch_size=batch_size, device=device, unk=unk, window=window,
             count_energy=count_energy,
         )  # fmt: skip
+        print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
-        results = lm_eval.simple_evaluate(
-            model=lm, tasks=names, task_manager=manager, limit=limit, num_fewshot=num_fewshot,
-            log_samples=False, bootstrap_iters=1000,
-        )  # fmt: skip
+        try:
+            results = lm_eval.simple_evaluate(
+                model=lm, tasks=names, task_manager=manager, limit=limit,
+                num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+            )  # fmt: skip
+        except ConnectionError as err:  # what `datasets` raises for data it cannot fetch
+            raise TaskDataUnreachable(names, err) from err
         seconds = time.perf_counter() - start
         energy = lm.energy_report() if count_energy else None
         rows.append(row_from_lm_eval(label, str(path), results, energy, seconds=seconds))
@@ -217,18 +275,22 @@ def evaluate_checkpoints(
 def _train_length(path: Path) -> int | None:
     from ..checkpoint import load_checkpoint
 
+    if not path.is_file():
+        return None  # a Hugging Face directory records no training length
     payload = load_checkpoint(path)[2]
     config = (payload.get("train") or {}).get("config") or {}
     value = config.get("L")
     return value if isinstance(value, int) else None
 
 
-def _run_text(args: argparse.Namespace, checkpoints: list[Path], labels: list[str]) -> None:
+def _run_text(
+    args: argparse.Namespace, checkpoints: list[Path], labels: list[str], written: list[Path]
+) -> None:
     import json
 
-    from ..checkpoint import load_checkpoint
     from ..data import read_text
     from .perplexity import save_curves, text_perplexity
+    from .scoring import load_model
 
     text = read_text(args.text)
     results = []
@@ -237,7 +299,7 @@ def _run_text(args: argparse.Namespace, checkpoints: list[Path], labels: list[st
         "|---|---|---|---|---|---|",
     ]
     for path, label in zip(checkpoints, labels, strict=True):
-        model, tokenizer, _ = load_checkpoint(path)
+        model, tokenizer = load_model(path)
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
             r = text_perplexity(
@@ -260,14 +322,17 @@ def _run_text(args: argparse.Namespace, checkpoints: list[Path], labels: list[st
         "text": str(args.text),
         "results": [{"label": n, **r.to_dict()} for n, r in results],
     }
-    (out / "perplexity.json").write_text(json.dumps(payload, indent=1) + "\n", encoding="utf-8")
-    (out / "perplexity.md").write_text("\n".join(table) + "\n", encoding="utf-8")
-    save_curves(results, out / "perplexity.png", train_length=train_length)
-    print(f"wrote {out / 'perplexity.json'}, {out / 'perplexity.md'}, {out / 'perplexity.png'}")
+    _write_text(out / "perplexity.json", json.dumps(payload, indent=1) + "\n", written)
+    _write_text(out / "perplexity.md", "\n".join(table) + "\n", written)
+    written.append(save_curves(results, out / "perplexity.png", train_length=train_length))
+    print("wrote " + ", ".join(str(p) for p in written))
 
 
 def eval_main(args: argparse.Namespace) -> int:
-    """Run ``spikemar eval`` with parsed ``args``; returns the exit code (2 on bad input)."""
+    """Run ``spikemar eval`` with parsed ``args``; returns the exit code (2 on bad input).
+    Ctrl-C or SIGTERM (as :class:`spikemar._io.Terminated`) prints one line and is re-raised
+    for :func:`spikemar.cli.main` to exit 130 or 143."""
+    written: list[Path] = []
     try:
         checkpoints = list(args.checkpoint or [PACKAGED])
         _check_checkpoints(checkpoints)
@@ -278,7 +343,7 @@ def eval_main(args: argparse.Namespace) -> int:
 
             columns = [get_profile(h).name for h in args.hardware]
         if args.text is not None:
-            _run_text(args, checkpoints, labels)
+            _run_text(args, checkpoints, labels, written)
             return 0
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:
@@ -291,15 +356,30 @@ def eval_main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
-        (out / "eval.json").write_text(table.to_json() + "\n", encoding="utf-8")
+        _write_text(out / "eval.json", table.to_json() + "\n", written)
         markdown = table.to_markdown()
-        (out / "eval.md").write_text(markdown, encoding="utf-8")
-        written = [out / "eval.json", out / "eval.md"]
+        _write_text(out / "eval.md", markdown, written)
         if not args.no_energy and any(r.average_accuracy()[0] is not None for r in table.rows):
             written.append(table.save_png(out / "eval.png"))
         print(markdown)
         print("wrote " + ", ".join(str(p) for p in written))
-    except (ValueError, FileNotFoundError) as err:
-        print(f"spikemar eval: error: {err}", file=sys.stderr)
+    except ConnectionError as err:  # task data or a Hub model out of reach: not the input's fault
+        print(f"spikemar eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return 1
+    except (ValueError, OSError) as err:  # OSError: a missing or unreadable file
+        print(f"spikemar eval: error: {' '.join(str(err).split())}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt as err:
+        # Ctrl-C, or SIGTERM (spikemar.cli turns it into Terminated): the outputs are written
+        # whole at the end (atomically) or not at all, so there is nothing to clean up
+        from .._io import Terminated
+
+        why = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
+        done = ", ".join(str(p) for p in written)
+        print(
+            f"spikemar eval: stopped by {why}; "
+            + (f"wrote only {done}" if written else "no results written"),
+            file=sys.stderr,
+        )
+        raise
     return 0

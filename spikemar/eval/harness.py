@@ -18,7 +18,8 @@ command with spikemar imported first (every ``lm_eval`` argument works the same)
 registers its own models (``hf``, ...) only when it finds its registry empty, so this module
 imports ``lm_eval.models`` before adding ``spikemar``: both then work side by side.
 
-**Tokenizers.** A checkpoint's own tokenizer. The character tokenizer of the Tiny Shakespeare
+**Tokenizers.** A checkpoint's own tokenizer (character or BPE; a Hugging Face directory's
+``tokenizer.json``). The character tokenizer of the Tiny Shakespeare
 checkpoints knows 65 symbols; text with others (digits, most punctuation of the standard tasks)
 raises a clear error unless ``unk=C`` names a symbol of the alphabet to stand in for them
 (:attr:`SpikemarLM.replaced_chars` collects the characters replaced). It has no end-of-text
@@ -31,7 +32,6 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import lm_eval.models  # noqa: F401  lm_eval's own models first (see "Registration")
@@ -42,22 +42,11 @@ from lm_eval.api.registry import register_model
 from .._argtypes import check_device
 from ..energy import EnergyReport
 from .perplexity import start_token
-from .scoring import Scorer
+from .scoring import Scorer, load_model
 
 __all__ = ["SpikemarLM", "load_model"]
 
 log = logging.getLogger(__name__)
-
-
-def load_model(checkpoint: str | os.PathLike) -> tuple[Any, Any]:
-    """``(model, tokenizer)`` of a spikemar checkpoint file, the model in eval mode on the CPU."""
-    from ..checkpoint import load_checkpoint
-
-    path = Path(checkpoint)
-    if not path.exists():
-        raise FileNotFoundError(f"checkpoint: no file at {path}")
-    model, tokenizer, _ = load_checkpoint(path)
-    return model, tokenizer
 
 
 def _as_bool(name: str, value: Any) -> bool:
@@ -90,7 +79,8 @@ class SpikemarLM(TemplateLM):
 
     Args (``--model_args key=value,...``):
         checkpoint: a spikemar checkpoint file (``spikemar train``/``distill``, the packaged
-            ``spikemar/assets/mar_shakespeare.pt``).
+            ``spikemar/assets/mar_shakespeare.pt``), or a Hugging Face Mamba-2/Llamba directory
+            or Hub id (:func:`~spikemar.eval.scoring.load_model`); the tokenizer comes with it.
         model, tokenizer: instead of ``checkpoint``, a model object and its tokenizer (Python).
         batch_size: sequences per forward pass (lm_eval's ``--batch_size``; 'auto' means 16).
         device: 'cpu' (default) or a torch device.

@@ -178,7 +178,6 @@ def save_curves(
     ax.set_title("Loss by position: does the model use context past its training length?",
                  fontsize=9)  # fmt: skip
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi)
-    return path
+    from ..viz import save_figure
+
+    return save_figure(fig, path, dpi=dpi)  # atomic: an interrupted run leaves no half PNG

@@ -276,7 +276,6 @@ class EvalTable:
         ax.set_title(f"Accuracy vs energy ({tasks})", fontsize=9)
         ax.grid(alpha=0.3, which="both")
         fig.tight_layout()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fig.savefig(path, dpi=dpi)
-        return path
+        from ..viz import save_figure
+
+        return save_figure(fig, path, dpi=dpi)  # atomic: an interrupted run leaves no half PNG

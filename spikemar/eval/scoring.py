@@ -29,8 +29,12 @@ positions those passes processed (padding included: the model computed on it too
 from __future__ import annotations
 
 import math
+import os
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -38,7 +42,7 @@ from torch import nn
 
 from ..energy import EnergyCounter, EnergyReport
 
-__all__ = ["ContinuationScore", "Scorer", "model_max_length"]
+__all__ = ["ContinuationScore", "Scorer", "load_model", "model_max_length"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +53,45 @@ class ContinuationScore:
     logprob: float
     greedy: bool
     tokens: int
+
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` of what an evaluation is pointed at, the model in eval mode on the
+    CPU, with the tokenizer that came with it:
+
+    * a spikemar checkpoint file (``spikemar train``/``distill``/``convert``; its character or
+      BPE tokenizer is stored inside);
+    * a Hugging Face Mamba-2 or Llamba checkpoint directory, or a Hub id like ``owner/name``
+      (:func:`spikemar.models.from_pretrained`: the dense model and the directory's tokenizer).
+
+    The model's vocabulary must cover the tokenizer's (a larger one, padded as Llamba pads its
+    embedding, is fine: its extra ids are never scored but keep their share of the softmax).
+    """
+    path = Path(checkpoint)
+    if path.is_file():
+        from ..checkpoint import load_checkpoint
+
+        model, tokenizer, _ = load_checkpoint(path)
+    elif path.is_dir() or (not path.exists() and _HUB_ID.match(str(checkpoint))):
+        from ..models import from_pretrained
+
+        model = from_pretrained(checkpoint)
+        tokenizer = model.tokenizer
+    else:
+        raise FileNotFoundError(
+            f"checkpoint: no file or directory at {path} (expected a spikemar checkpoint file, "
+            "a Hugging Face Mamba-2/Llamba directory or a Hub id like 'owner/name')"
+        )
+    model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(model_vocab, int) and model_vocab < tokenizer.vocab_size:
+        raise ValueError(
+            f"checkpoint: {path}: the model's vocabulary ({model_vocab}) is smaller than its "
+            f"tokenizer's ({tokenizer.vocab_size})"
+        )
+    return model.eval(), tokenizer
 
 
 def model_max_length(model: nn.Module) -> int | None:

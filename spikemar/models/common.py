@@ -17,7 +17,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..counting import counting_active, declare_spikes
+from ..counting import (
+    counting_active,
+    declare_spike_counts,
+    declare_spikes,
+    record_ops,
+    spike_train_needed,
+)
 from ..neurons import (
     ATMN,
     ATMNParameters,
@@ -100,18 +106,26 @@ class SpikePoint(nn.Module):
         self.spikes: torch.Tensor | None = None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        neuron = self.neuron
+        neuron = self._modules["neuron"]
         # the fused paths stand in for neuron.quantize when nothing needs the spikes: the
         # inference kernel when autograd needs no graph, else the training kernel when the
         # neuron's surrogate is one the kernels implement (tests compare both with the reference)
         try:  # a threshold made non-finite by an update is reported as such (issue 14)
             if self._fused_ready(x, neuron):
+                # an energy counter that can do with spike counts gets them from the kernel
+                counted = counting_active()
                 if not self._needs_graph(x, neuron):
-                    p = self._inference_parameters()
-                    return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
+                    p = self._inference_parameters(neuron)
+                    if not counted:
+                        return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
+                    out = cpu_backend.atmn_quantize_decode_cpu(x, self.T, p, counts=True)
+                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
                 p = neuron.parameters_tuple()
                 if fused.unsupported_parameters(p) is None:
-                    return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
+                    if not counted:
+                        return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
+                    out = cpu_backend.atmn_quantize_train_cpu(x, self.T, p, counts=True)
+                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
             if x.is_cuda and not (self.record or counting_active()):
                 # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
                 p = neuron.parameters_tuple()
@@ -125,43 +139,45 @@ class SpikePoint(nn.Module):
         return declare_spikes(self, decoded, spikes, ternary=self.ternary)
 
     def _needs_graph(self, x: torch.Tensor, neuron: ATMN) -> bool:
-        a = neuron.log_threshold
-        return torch.is_grad_enabled() and (x.requires_grad or a.requires_grad)
+        return torch.is_grad_enabled() and (x.requires_grad or neuron.log_threshold.requires_grad)
 
     def _fused_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
-        """What both fused paths need: no recording and no energy counter, backend 'auto' or
-        'cpu', and an input the reference would accept."""
-        if self.record or counting_active() or neuron.backend not in _FAST_BACKENDS:
+        """What both fused paths need: no recording, no energy counter that needs the spike
+        train (one that takes spike counts is fine), backend 'auto' or 'cpu', and an input the
+        reference would accept. Written for speed (generation runs it for every spike point of
+        every token): ``is_cpu`` rather than ``device.type``, the cheap tests first."""
+        if self.record or neuron.backend not in _FAST_BACKENDS or spike_train_needed(self):
             return False
-        if not isinstance(x, torch.Tensor) or x.dtype not in _FAST_DTYPES or x.device.type != "cpu":
+        if not isinstance(x, torch.Tensor) or not x.is_cpu or x.dtype not in _FAST_DTYPES:
             return False
         a = neuron.log_threshold  # a fixed threshold is a buffer
-        if x.dim() < 1 or a.dim() > 1 or (a.dim() == 1 and x.shape[-1] != a.shape[0]):
-            return False
-        if not a.is_cpu:
+        if (
+            not a.is_cpu
+            or x.dim() < 1
+            or a.dim() > 1
+            or (a.dim() == 1 and x.shape[-1] != a.shape[0])
+        ):
             return False
         return 1 <= self.T <= cpu_backend.QUANTIZE_MAX_T and cpu_backend.usable()
 
-    def _inference_parameters(self) -> ATMNParameters:
-        """The three fields that the inference kernels read (``parameters_tuple()`` costs more
-        than the kernel), with V = exp(a) computed by ``torch.exp`` as on the reference path but
-        only when ``a`` has changed since the last call: on the CPU that exp runs in MKL's
-        threaded VML even for a few hundred values, and on a busy machine a call can wait
-        milliseconds for its second thread. ``a`` is compared by value (a copy is kept), so no
-        way of changing it can leave a stale V."""
-        neuron = self.neuron
+    def _inference_parameters(self, neuron: ATMN) -> ATMNParameters:
+        """The record that the inference kernel reads. ``parameters_tuple()`` costs more than
+        the kernel (building the record validates its fields), so the record is kept with a copy
+        of the ``a`` it was built from and rebuilt when ``a`` (compared by value: no way of
+        changing it can leave a stale V), τ or the spike kind changes. V = exp(a) is computed by
+        ``torch.exp`` as on the reference path, once: on the CPU that exp runs in MKL's threaded
+        VML even for a few hundred values, and on a busy machine a call can wait milliseconds
+        for its second thread."""
         a = neuron.log_threshold
         tau, ternary = neuron.tau, neuron.ternary
         cached = self.__dict__.get("_v_cache")
         if (
             cached is None
+            or cached[2] != (tau, ternary)
             or cached[0].dtype != a.dtype
             or cached[0].shape != a.shape
-            or cached[2] != (tau, ternary)
             or not torch.equal(cached[0], a)
         ):
-            # the parameters record is kept too: building it validates its fields, which costs
-            # more than the kernel at generation's sizes
             with torch.no_grad():
                 params = ATMNParameters(a.exp(), tau, ternary)
                 cached = self.__dict__["_v_cache"] = (a.detach().clone(), params, (tau, ternary))
@@ -202,7 +218,12 @@ class FeedForward(SpikePointOwner, nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (self._modules[n] for n in self.names)
         x = self.spike_in(x)
-        return down(self.spike_hidden(F.silu(gate(x)) * up(x)))
+        h = F.silu(gate(x)) * up(x)
+        if counting_active():  # SiLU and the gate product are functional: no rule sees them
+            n = h.numel()
+            record_ops(self, kind="gating", elementwise_ops=2 * n, activation_reads=2 * n,
+                       activation_writes=n)  # fmt: skip
+        return down(self.spike_hidden(h))
 
 
 class LlamaMLP(FeedForward):

@@ -63,7 +63,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..counting import record_ops
+from ..counting import counting_active, record_ops
 from . import fast
 from .norm import RMSNorm
 from .scan import check_decay, ssd_scan, ssd_step
@@ -299,7 +299,8 @@ class SelectiveMixer(Mixer):
         the spike points, projections and norm run as modules on both paths."""
         zxbcdt = self.in_proj(self.spike_in(u_t))
         tensors = None if torch.is_grad_enabled() else self._fast_tensors(zxbcdt, state)
-        self._record_ops(u_t.shape[0], conv=True)
+        if counting_active():  # the arithmetic of the counts costs µs per token otherwise
+            self._record_ops(u_t.shape[0], conv=True)
         if tensors is not None:
             gated, conv, ssm, a, bad = fast.mixer_step_cpu(
                 zxbcdt, *tensors, n_groups=self.n_groups, dt_limit=self.dt_limit

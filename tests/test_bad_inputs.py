@@ -556,3 +556,17 @@ def test_sigterm_saves_the_run_like_ctrl_c(corpus, tmp_path):
     assert "SIGTERM: saved" in stdout and "Traceback" not in stderr
     assert load_checkpoint(out)[2]["train"]["step"] >= 5
     assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".m.pt")] == []
+
+
+def test_distill_with_a_hub_teacher_offline_says_so_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    (tmp_path / "text.txt").write_text("to be or not to be\n" * 50)
+    argv = ["distill", "--stage", "2", "--teacher", "state-spaces/mamba2-130m",
+            "--data", str(tmp_path / "text.txt"), "--out", str(tmp_path / "s.pt")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert "teacher: 'state-spaces/mamba2-130m' is not a local directory" in err
+    assert not (tmp_path / "s.pt").exists()

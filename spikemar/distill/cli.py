@@ -80,7 +80,7 @@ def distill_main(args: argparse.Namespace) -> int:
             init_from_teacher=not args.no_init_from_teacher, student=args.student,
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: a Hub id
         args._parser.error(str(err))
     except KeyboardInterrupt:
         return 130

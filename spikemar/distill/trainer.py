@@ -38,7 +38,7 @@ from torch import nn
 from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_dict
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM, from_pretrained
-from ..models.hub import read_pretrained_config
+from ..models.hub import is_hub_id, read_pretrained_config, resolve_pretrained
 from ..models.pretrained import config_from_hf, is_pretrained_config
 from ..tokenizer import CharTokenizer, HFTokenizer
 from ..training import (
@@ -139,11 +139,18 @@ class Teacher(nn.Module):
 
     @classmethod
     def load(cls, path: str, device: str = "cpu") -> Teacher:
-        """A spikemar checkpoint file, or a local Hugging Face model directory (never
-        downloads): a Mamba-2 or Llamba directory becomes spikemar's dense model with the
-        directory's tokenizer; any other architecture goes through transformers'
-        ``AutoModelForCausalLM``, with the directory's tokenizer when it has one."""
+        """A spikemar checkpoint file, a local Hugging Face model directory, or a Hub id
+        (``owner/name``, fetched through :func:`spikemar.models.hub.resolve_pretrained` where
+        there is a network, else one clear error): a Mamba-2 or Llamba directory becomes
+        spikemar's dense model with the directory's tokenizer; any other architecture goes
+        through transformers' ``AutoModelForCausalLM``, with the directory's tokenizer when it
+        has one."""
         p = Path(path)
+        if not p.exists() and is_hub_id(path):
+            try:
+                p = resolve_pretrained(path)
+            except (OSError, ConnectionError) as err:  # name the argument: teacher
+                raise type(err)(f"teacher: {str(err).removeprefix('path_or_id: ')}") from err
         if p.is_dir():
             if not (p / "config.json").is_file():
                 raise FileNotFoundError(f"teacher: {p} is a folder without a config.json "

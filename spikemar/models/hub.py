@@ -39,6 +39,7 @@ from .mar import MARLM
 
 __all__ = [
     "from_pretrained",
+    "is_hub_id",
     "read_pretrained_config",
     "read_pretrained_tensors",
     "resolve_pretrained",
@@ -48,6 +49,11 @@ WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a model needs from a Hub repository: config, weights, tokenizer files
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+
+
+def is_hub_id(name: str | os.PathLike) -> bool:
+    """Whether ``name`` has the form of a Hugging Face Hub id (``owner/name``)."""
+    return bool(_HUB_ID.match(str(name)))
 
 
 def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = None) -> Path:

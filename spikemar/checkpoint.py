@@ -120,15 +120,19 @@ def save_checkpoint(
     tokenizer: CharTokenizer,
     train_state: dict[str, Any] | None = None,
     provenance: dict[str, Any] | None = None,
+    *,
+    model_state: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     """Write ``model`` (and optionally a run's training state or a release's provenance) to
     ``path`` atomically; returns the path. Refuses a model with NaN or inf weights
-    (:class:`NonFiniteWeightsError`): a diverged run must not replace a good checkpoint."""
+    (:class:`NonFiniteWeightsError`): a diverged run must not replace a good checkpoint.
+    ``model_state``: the weights to write instead of ``model.state_dict()`` (a sharded model's
+    full state, gathered by the trainer); ``model`` still gives the kind and config."""
     path = Path(path)
     if not callable(getattr(tokenizer, "to_dict", None)):
         raise TypeError(f"tokenizer: expected a tokenizer with to_dict() (CharTokenizer), got "
                         f"{type(tokenizer).__name__}")  # fmt: skip
-    state = model.state_dict()
+    state = model.state_dict() if model_state is None else model_state
     bad = nonfinite_parameters(state)
     if bad:
         raise NonFiniteWeightsError(

@@ -17,10 +17,22 @@ model with NaN or inf weights is never written over the last good checkpoint. SI
 as Ctrl-C is: the run saves and stops.
 
 What a step minimises is an :class:`Objective` (cross-entropy here; SBDS in
-:mod:`spikemar.distill`). Under ``torchrun`` the loop runs data-parallel
-(DistributedDataParallel; gloo on CPU, nccl on CUDA): every rank draws the same global batch from
-the same generator and takes its own contiguous slice, so N processes compute the update of one
-process on the whole batch; rank 0 validates, writes checkpoints and shows progress.
+:mod:`spikemar.distill`). Under ``torchrun`` the loop runs data-parallel (gloo on CPU, nccl on
+CUDA): every rank draws the same global batch from the same generator and takes its own
+contiguous slice, so N processes compute the update of one process on the whole batch.
+
+* ``shard='none'`` (default): DistributedDataParallel, a full replica of the model per rank;
+  rank 0 validates, writes checkpoints and shows progress.
+* ``shard='fsdp'``: for a model whose weights, gradients and optimizer state do not fit one
+  device, PyTorch's FSDP2 (``torch.distributed.fsdp.fully_shard``): each layer of the trained
+  model is one shard group (gathered for its forward and backward, then freed), the rest of the
+  trained parameters (embedding, final norm, head, an objective's feature projection) the root
+  group; parameters that are not trained (a distillation teacher, frozen and run under
+  ``no_grad``) stay whole on every rank. Gradients are reduce-scattered as averages, so the
+  update equals one process's on the global batch (to float rounding: the sums run in another
+  order). Every rank validates (each forward needs all of them); checkpoints hold the *full*
+  state dict (gathered, then written by rank 0), so they load into an unsharded model and
+  resume under either setting and any number of ranks. One process ignores ``'fsdp'``.
 """
 
 from __future__ import annotations
@@ -70,11 +82,12 @@ __all__ = [
 
 AMP_MODES = ("auto", "bf16", "off")
 ON_NONFINITE = ("stop", "skip")
+SHARD_MODES = ("none", "fsdp")
 # what may differ between a run and its --resume: nothing that changes the updates (``steps``
 # may grow: an extension, whose schedule the saved run fixes, see ``schedule_steps``)
 RESUMABLE_CHANGES = frozenset(
     {"eval_interval", "eval_iters", "device", "amp", "out", "overwrite", "on_nonfinite", "steps",
-     "schedule_steps"}
+     "schedule_steps", "shard"}
 )  # fmt: skip
 
 
@@ -106,6 +119,9 @@ class LoopConfig:
     # the length of the cosine schedule when it differs from ``steps``: set when a resume
     # extends a finished run (the schedule ends where it ended, then lr stays at min_lr)
     schedule_steps: int | None = None
+    # under torchrun: 'none' (DistributedDataParallel, a replica per rank) or 'fsdp' (FSDP2:
+    # parameters, gradients and optimizer state sharded across the ranks)
+    shard: str = "none"
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "L", "eval_interval", "eval_iters"):
@@ -126,6 +142,8 @@ class LoopConfig:
             raise ValueError(
                 f"on_nonfinite: expected one of {ON_NONFINITE}, got {self.on_nonfinite!r}"
             )
+        if self.shard not in SHARD_MODES:
+            raise ValueError(f"shard: expected one of {SHARD_MODES}, got {self.shard!r}")
         if not isinstance(self.out, str | os.PathLike) or not str(self.out):
             raise ValueError(f"out: expected a file path, got {self.out!r}")
         self.device = check_device(self.device, name="device")
@@ -204,6 +222,10 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
                    help="a NaN or inf loss or gradient: stop the run (exit 1), or skip that "
                         "update and count it")  # fmt: skip
+    p.add_argument("--shard", choices=SHARD_MODES, default="none",
+                   help="under torchrun: 'none' replicates the model on every rank (DDP); "
+                        "'fsdp' shards parameters, gradients and optimizer state (FSDP2) "
+                        "for models that do not fit one device")  # fmt: skip
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar; print the settings, validations and result")  # fmt: skip
 
@@ -226,7 +248,7 @@ def loop_settings(args: argparse.Namespace) -> dict[str, Any]:
         "L": args.L, "lr": args.lr, "min_lr": args.lr / 10, "warmup": args.warmup,
         "eval_interval": args.eval_interval, "eval_iters": args.eval_iters, "seed": args.seed,
         "device": args.device, "amp": args.amp, "overwrite": args.overwrite,
-        "on_nonfinite": args.on_nonfinite,
+        "on_nonfinite": args.on_nonfinite, "shard": args.shard,
     }  # fmt: skip
 
 
@@ -241,12 +263,79 @@ def lr_factor(step: int, config: LoopConfig) -> float:
     return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
+def _optimizer_groups(module: nn.Module) -> list[list[tuple[str, nn.Parameter]]]:
+    """The trained parameters with their names: matrices (weight decay), then the rest."""
+    named = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    return [[(n, p) for n, p in named if p.dim() >= 2], [(n, p) for n, p in named if p.dim() < 2]]
+
+
 def make_optimizer(module: nn.Module, config: LoopConfig) -> torch.optim.Optimizer:
-    decay = [p for p in module.parameters() if p.requires_grad and p.dim() >= 2]
-    no_decay = [p for p in module.parameters() if p.requires_grad and p.dim() < 2]
+    decay, no_decay = ([p for _, p in group] for group in _optimizer_groups(module))
     groups = [{"params": decay, "weight_decay": config.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]  # fmt: skip
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.99))
+
+
+def _optimizer_state_by_name(saved: dict[str, Any], names: list[str]) -> dict[str, Any]:
+    """An optimizer state dict keyed by parameter names (the form FSDP2's full state dicts
+    take), from either form: ``optimizer.state_dict()``'s positions (0, 1, ... over the groups
+    in order, as :func:`make_optimizer` builds them, ``names`` in that order) or names already."""
+    ids = [i for g in saved["param_groups"] for i in g["params"]]
+    if all(isinstance(i, str) for i in ids):
+        return saved
+    if sorted(ids) != list(range(len(names))):
+        raise ValueError(f"resume: the saved optimizer holds {len(ids)} parameters, the model "
+                         f"trains {len(names)}")  # fmt: skip
+    return {
+        "state": {names[i]: v for i, v in saved["state"].items()},
+        "param_groups": [{**g, "params": [names[i] for i in g["params"]]}
+                         for g in saved["param_groups"]],
+    }  # fmt: skip
+
+
+def _shard_fsdp(objective: Objective) -> None:
+    """FSDP2 over ``objective``: one shard group per layer of its model, the other trained
+    parameters in the root group; untrained ones (a teacher) left whole on every rank."""
+    from torch.distributed.fsdp import fully_shard
+
+    model = objective.model
+    layers = getattr(model, "layers", None) or getattr(model, "blocks", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise ValueError(f"shard: FSDP needs a model with a list of layers; "
+                         f"{type(model).__name__} has none")  # fmt: skip
+    in_layers = {id(p) for p in layers.parameters()}
+    for layer in layers:
+        fully_shard(layer)
+    frozen = {p for p in objective.parameters() if not p.requires_grad and id(p) not in in_layers}
+    fully_shard(objective, ignored_params=frozen or None)
+
+
+def _gathered(tree: Any) -> Any:
+    """``tree`` (nested dicts/lists of tensors) with every sharded DTensor gathered whole onto
+    the CPU; a collective: every rank calls it in the same order."""
+    from torch.distributed.tensor import DTensor
+
+    if isinstance(tree, DTensor):
+        return tree.full_tensor().cpu()
+    if isinstance(tree, dict):
+        return {k: _gathered(v) for k, v in tree.items()}
+    if isinstance(tree, list | tuple):
+        return type(tree)(_gathered(v) for v in tree)
+    return tree
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+def _all_finite(params: list[torch.Tensor], sharded: bool) -> bool:
+    """Whether every trained weight is finite (on every rank's shard when sharded)."""
+    ok = all(bool(torch.isfinite(_local(p)).all()) for p in params)
+    if sharded:
+        flag = torch.tensor([int(ok)])
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        ok = bool(flag.item())
+    return ok
 
 
 def autocast(config: LoopConfig, device: str) -> contextlib.AbstractContextManager:
@@ -422,8 +511,9 @@ def _summary(config: LoopConfig, objective: Objective, desc: str, start: int, wo
     parts = [
         f"{desc}: {n_params / 1e6:.2f} M parameters",
         f"steps {start}→{config.steps}" if start else f"{config.steps} steps",
-        f"batch {config.batch_size} × {config.L} tokens" + (f" over {world} ranks" if world > 1
-                                                              else ""),
+        f"batch {config.batch_size} × {config.L} tokens" + (
+            f" over {world} ranks{' (FSDP2 shards)' if config.shard == 'fsdp' else ''}"
+            if world > 1 else ""),
         f"lr {config.lr:g} → {config.min_lr:g} (warm-up {config.warmup})",
         f"validation every {config.eval_interval} steps",
         f"device {device}",
@@ -459,21 +549,37 @@ def run_training(
         config = _resumed_config(config, state["config"])
     model = objective.model
     objective.to(device).train()
+    sharded = world > 1 and config.shard == "fsdp"
+    names = [n for group in _optimizer_groups(objective) for n, _ in group]
+    if state is not None:
+        objective.load_extra(state.get("objective", {}))  # before sharding: whole tensors
+    if sharded:
+        _shard_fsdp(objective)
     optimizer = make_optimizer(objective, config)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config))
     gen = torch.Generator().manual_seed(config.seed)
     start, history, best, skipped = 0, [], math.inf, 0
     saved_at: int | None = None  # the step of the last checkpoint this run wrote
     if state is not None:
-        objective.load_extra(state.get("objective", {}))
-        optimizer.load_state_dict(state["optimizer"])
+        saved_optimizer = state["optimizer"]
+        if sharded or not all(isinstance(k, int) for k in saved_optimizer["state"]):
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_optimizer_state_dict,
+            )
+
+            set_optimizer_state_dict(objective, optimizer,
+                                     _optimizer_state_by_name(saved_optimizer, names),
+                                     options=StateDictOptions(full_state_dict=True))  # fmt: skip
+        else:
+            optimizer.load_state_dict(saved_optimizer)
         scheduler.load_state_dict(state["scheduler"])
         gen.set_state(state["rng"]["batches"].cpu())
         torch.set_rng_state(state["rng"]["torch"].cpu())
         start, history, best = state["step"], state["history"], state["best_val"]
         skipped, saved_at = state.get("skipped", 0), state["step"]
     stepper: nn.Module = objective
-    if world > 1:
+    if world > 1 and not sharded:
         stepper = nn.parallel.DistributedDataParallel(
             objective, broadcast_buffers=False,
             find_unused_parameters=objective.find_unused_parameters,
@@ -483,16 +589,30 @@ def run_training(
 
     def checkpoint(step: int) -> None:
         nonlocal saved_at
+        model_state = None
+        if sharded:  # every rank takes part in gathering the full state; rank 0 writes it
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                get_optimizer_state_dict,
+            )
+
+            model_state = _gathered(model.state_dict())
+            extra = _gathered(objective.extra_state())
+            optimizer_state = get_optimizer_state_dict(
+                objective, optimizer, options=StateDictOptions(full_state_dict=True,
+                                                               cpu_offload=True))  # fmt: skip
         if rank != 0:
             return
+        if not sharded:
+            extra, optimizer_state = objective.extra_state(), optimizer.state_dict()
         train_state = {
-            "step": step, "optimizer": optimizer.state_dict(),
+            "step": step, "optimizer": optimizer_state,
             "scheduler": scheduler.state_dict(), "rng": _rng_state(gen),
             "config": asdict(config), "history": history, "best_val": best,
-            "skipped": skipped, "objective": objective.extra_state(), **(checkpoint_info or {}),
+            "skipped": skipped, "objective": extra, **(checkpoint_info or {}),
         }  # fmt: skip
         try:
-            save_checkpoint(out, model, data.tokenizer, train_state)
+            save_checkpoint(out, model, data.tokenizer, train_state, model_state=model_state)
         except NonFiniteWeightsError:
             raise diverged(step, "the weights hold NaN or inf") from None
         saved_at = step
@@ -530,12 +650,12 @@ def run_training(
                 loss.backward()
                 # the gradient norm is all-reduced, so every rank takes the same decision
                 norm = nn.utils.clip_grad_norm_(trained, config.grad_clip)
-                loss_value, norm_value = loss.item(), norm.item()
+                loss_value, norm_value = loss.item(), _local(norm).item()
                 finite = math.isfinite(loss_value) and math.isfinite(norm_value)
                 if not finite:
                     what = (f"the loss is {loss_value}" if not math.isfinite(loss_value)
                             else f"the gradient norm is {norm_value}")  # fmt: skip
-                    weights_ok = all(bool(torch.isfinite(p).all()) for p in trained)
+                    weights_ok = _all_finite(trained, sharded)
                     if config.on_nonfinite == "stop" or not weights_ok:
                         raise diverged(step + 1, what)
                     optimizer.zero_grad(set_to_none=True)
@@ -557,16 +677,17 @@ def run_training(
                 elif rank == 0:
                     bar.update(done, {})
                 if done % config.eval_interval == 0 or done == config.steps:
-                    if rank == 0:
-                        losses = evaluate(model, data, config, device)
+                    if rank == 0 or sharded:  # a sharded forward needs every rank
+                        losses = _evaluate(model, objective, data, config, device, sharded)
                         if not math.isfinite(losses["val"]):
                             raise diverged(done, f"the validation loss is {losses['val']}")
                         best = min(best, losses["val"])
                         history.append({"step": done, **losses})
-                        bar.write(f"step {done}: train {losses['train']:.4f}, "
-                                  f"val {losses['val']:.4f}"
-                                  + (f" ({skipped} non-finite steps skipped)" if skipped
-                                     else ""))  # fmt: skip
+                        if rank == 0:
+                            bar.write(f"step {done}: train {losses['train']:.4f}, "
+                                      f"val {losses['val']:.4f}"
+                                      + (f" ({skipped} non-finite steps skipped)" if skipped
+                                         else ""))  # fmt: skip
                         checkpoint(done)
                     if world > 1:
                         dist.barrier()
@@ -592,6 +713,19 @@ def run_training(
     finally:
         bar.close()
     return {"history": history, "best_val": best, "checkpoint": str(out), "skipped": skipped}
+
+
+def _evaluate(model: nn.Module, objective: nn.Module, data: TokenDataset, config: LoopConfig,
+              device: str, sharded: bool) -> dict[str, float]:  # fmt: skip
+    """:func:`evaluate` on the model; when sharded, the root group (embedding, head) is gathered
+    around it, since the model is called outside the root's own forward."""
+    if not sharded:
+        return evaluate(model, data, config, device)
+    objective.unshard()
+    try:
+        return evaluate(model, data, config, device)
+    finally:
+        objective.reshard()
 
 
 def _load_data(config: LoopConfig) -> TokenDataset:

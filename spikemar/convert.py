@@ -1,12 +1,25 @@
 """MAR-ify a pretrained model: insert the spike points, calibrate their thresholds, report.
 
     spikemar convert --from DIR --out student.pt [--T 4 --tau 1 --firing-rate 0.2 --data FILE]
+        [--spike-layers 0,2 | --spike-points 'layers.*.mixer.spike_in' | --spike-points plan.json]
 
 ``DIR`` is a Hugging Face Mamba-2 or Llamba checkpoint directory or Hub id
 (:func:`spikemar.models.from_pretrained`), or a spikemar checkpoint of a dense (or spiking) SSM
 LM. The student is the same model with MAR's spike points (``SpikeConfig``: T, τ, neuron,
 threshold sharing) in the chosen layers and the pretrained weights unchanged; only the
-thresholds V are new, and they are calibrated on a few batches of text:
+thresholds V are new, and they are calibrated on a few batches of text.
+
+Where the spike points go: every layer's (default), the layers ``--spike-layers`` names, or the
+points ``--spike-points`` names (``MARConfig.points``; the others stay dense): a comma-separated
+list of point names or patterns (``layers.0.mixer.spike_in``, ``layers.*.ffn.*``), or a JSON
+file of per-point settings, either ``{pattern: setting}`` or the ``plan.json`` that
+``spikemar refine`` writes (its ``points``): ``'dense'``, ``'spike'``, a dict of
+:class:`SpikeConfig` fields over the command's (its own T, τ, neuron, threshold sharing), or a
+sparsification. Every spiking point is calibrated; a setting's ``v_threshold`` is only where the
+search starts from, as the command's ``--T``/``--tau`` are the defaults of the points that do not
+set their own.
+
+Calibration:
 
 1. The dense model runs the calibration batches; at every spike point's place the activation I
    it would quantise is sampled (up to ``max_rows`` token rows per point).
@@ -28,9 +41,10 @@ the same held-out windows, and the firing rate the student reaches there.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -50,6 +64,7 @@ __all__ = [
     "convert",
     "convert_main",
     "load_dense",
+    "read_spike_points",
     "spiking_student",
 ]
 
@@ -75,14 +90,26 @@ def load_dense(source: str | Path, device: str = "cpu"):
 
 
 def spiking_student(
-    dense: MARLM, spikes: SpikeConfig, spiking: bool | Sequence[bool] = True
+    dense: MARLM,
+    spikes: SpikeConfig,
+    spiking: bool | Sequence[bool] = True,
+    points: Mapping[str, str | dict] | None = None,
 ) -> MARLM:
-    """The dense model with MAR's spike points (in the layers ``spiking`` selects) and its
-    weights; the thresholds start at ``spikes.v_threshold``."""
+    """The dense model with MAR's spike points (in the layers ``spiking`` selects, or only the
+    ``points`` named, ``MARConfig.points`` settings, the others dense) and its weights; the
+    thresholds start at ``spikes.v_threshold`` (or a point's own)."""
     if not isinstance(dense, MARLM) or dense.config.spikes is not None:
         raise ValueError("dense: expected a dense MARLM (config.spikes None)")
     spiking = spiking if isinstance(spiking, bool) else [bool(s) for s in spiking]
-    config = replace(dense.config, spikes=spikes, spiking=spiking)
+    if points is not None:
+        if spiking is not True:
+            raise ValueError("points: give the spiking points or the spiking layers, not both")
+        if not isinstance(points, Mapping) or not points:
+            raise ValueError(f"points: expected a non-empty {{pattern: setting}} dict, got "
+                             f"{points!r}")  # fmt: skip
+        points = {"*": "dense", **points}  # a point not named stays dense
+    config = replace(dense.config, spikes=spikes, spiking=spiking,
+                     points=None if points is None else dict(points))  # fmt: skip
     student = MARLM(config)
     missing, unexpected = student.load_state_dict(dense.state_dict(), strict=False)
     others = [k for k in missing if not k.endswith("neuron.a")]
@@ -278,6 +305,7 @@ def convert(
     *,
     spikes: SpikeConfig | dict[str, Any] | None = None,
     spiking: bool | Sequence[bool] = True,
+    points: Mapping[str, str | dict] | None = None,
     firing_rate: float = 0.2,
     data: str | Path | None = None,
     tokenizer: Any = None,
@@ -290,8 +318,10 @@ def convert(
     device: str = "cpu",
 ) -> ConvertResult:
     """Make the spiking student of ``source`` (see the module docstring); with ``out``, save it
-    as a spikemar checkpoint with its tokenizer. ``data``: the calibration/validation text (a
-    file or folder; default Tiny Shakespeare), tokenized with the model's tokenizer."""
+    as a spikemar checkpoint with its tokenizer. ``spiking`` selects layers, or ``points`` the
+    spike points (``MARConfig.points`` settings; the others stay dense). ``data``: the
+    calibration/validation text (a file or folder; default Tiny Shakespeare), tokenized with
+    the model's tokenizer."""
     from . import energy
     from .checkpoint import save_checkpoint
     from .data import TokenDataset
@@ -313,7 +343,9 @@ def convert(
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     spike_config = spikes if isinstance(spikes, SpikeConfig) else SpikeConfig(**(spikes or {}))
-    student = spiking_student(dense, spike_config, spiking)
+    student = spiking_student(dense, spike_config, spiking, points)
+    if not any(True for _ in student.spike_points()):
+        raise ValueError("points: the selection leaves no spiking point to calibrate")
     corpus = TokenDataset.from_text_file(data, tokenizer=tokenizer)
     gen = torch.Generator().manual_seed(seed)
     dev = next(dense.parameters()).device
@@ -334,6 +366,7 @@ def convert(
             "source": str(source) if not isinstance(source, MARLM) else "in-memory model",
             "data": str(data) if data is not None else "Tiny Shakespeare",
             "seed": seed,
+            "points": None if points is None else dict(points),
             "result": {"dense_loss": dense_loss, "student_loss": student_loss,
                        "dense_energy_pj_per_token": dense_pj,
                        "student_energy_pj_per_token": student_pj, "hardware": hardware,
@@ -359,6 +392,30 @@ def _layers(text: str) -> list[int] | None:
         ) from err
 
 
+def read_spike_points(text: str) -> dict[str, str | dict]:
+    """``--spike-points``: a JSON file (``{pattern: setting}``, or ``spikemar refine``'s
+    ``plan.json`` whose ``points`` are that), or comma-separated point names or patterns, each
+    made ``'spike'``. Settings are checked when the student is built."""
+    path = Path(text)
+    if path.suffix == ".json" or path.is_file():
+        if not path.is_file():
+            raise ValueError(f"spike_points: no file {path}")
+        try:
+            data = json.loads(path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise ValueError(f"spike_points: {path} is not JSON ({err})") from None
+        if isinstance(data, dict) and isinstance(data.get("points"), dict):
+            data = data["points"]  # spikemar refine's plan.json
+        if not isinstance(data, dict) or not data or not all(isinstance(k, str) for k in data):
+            raise ValueError(f"spike_points: {path} holds no {{pattern: setting}} object (or a "
+                             "plan.json with 'points')")  # fmt: skip
+        return data
+    names = [t.strip() for t in text.split(",") if t.strip()]
+    if not names:
+        raise ValueError(f"spike_points: expected point names or a JSON file, got {text!r}")
+    return {name: "spike" for name in names}
+
+
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Declare the options of ``spikemar convert`` on ``parser``."""
     from ._argtypes import int_at_least_1, positive_float
@@ -373,8 +430,14 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--neuron", choices=("atmn", "binary", "ternary-single"), default="atmn")
     p.add_argument("--threshold", choices=("channel", "layer"), default="channel",
                    help="one threshold per channel, or one per spike point")  # fmt: skip
-    p.add_argument("--spike-layers", type=_layers, default=None, metavar="all|I,J,...",
-                   help="layers that get MAR's spike points (default: all)")  # fmt: skip
+    where = p.add_mutually_exclusive_group()
+    where.add_argument("--spike-layers", type=_layers, default=None, metavar="all|I,J,...",
+                       help="layers that get MAR's spike points (default: all)")  # fmt: skip
+    where.add_argument("--spike-points", default=None, metavar="NAMES|FILE.json",
+                       help="only these spike points spike: comma-separated names or patterns "
+                            "(layers.0.mixer.spike_in, layers.*.ffn.*), or a JSON file of "
+                            "per-point settings ({pattern: setting}, or spikemar refine's "
+                            "plan.json); every spiking point is calibrated")  # fmt: skip
     p.add_argument("--firing-rate", type=positive_float, default=0.2,
                    help="target fraction of nonzero spikes per micro-step")  # fmt: skip
     p.add_argument("--data", default=None,
@@ -390,6 +453,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     return p
 
 
+# the library's argument names that the command's flags call otherwise
+_FLAGS = {"path_or_id": "from", "source": "from", "points": "spike_points"}
+
+
 def convert_main(args: argparse.Namespace) -> int:
     spikes = {"T": args.T, "tau": args.tau, "neuron": args.neuron, "threshold": args.threshold}
     try:
@@ -400,8 +467,10 @@ def convert_main(args: argparse.Namespace) -> int:
             if bad:
                 raise ValueError(f"spike_layers: {bad} outside the model's layers 0..{n - 1}")
             spiking = [i in args.spike_layers for i in range(n)]
+        points = None if args.spike_points is None else read_spike_points(args.spike_points)
         result = convert(
-            args.source, args.out, spikes=spikes, spiking=spiking, firing_rate=args.firing_rate,
+            args.source, args.out, spikes=spikes, spiking=spiking, points=points,
+            firing_rate=args.firing_rate,
             data=args.data, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
             batch_size=args.batch_size, L=args.L, hardware=args.hardware, seed=args.seed,
             device=args.device,
@@ -410,7 +479,7 @@ def convert_main(args: argparse.Namespace) -> int:
         message = str(err)
         name, sep, rest = message.partition(": ")
         if sep and name.isidentifier():
-            flag = {"path_or_id": "from", "source": "from"}.get(name, name)  # the library's names
+            flag = _FLAGS.get(name, name)
             message = f"--{flag.replace('_', '-')}: {rest}"
         args._parser.error(message)
     print(result.summary())

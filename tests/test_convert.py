@@ -119,3 +119,64 @@ def test_missing_source_is_named(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["convert", "--from", str(tmp_path / "nope"), "--out", str(tmp_path / "s.pt")])
     assert "nope" in capsys.readouterr().err
+
+
+def test_only_the_chosen_points_spike_with_their_own_settings(dense_checkpoint, corpus):
+    points = {"layers.*.mixer.spike_in": "spike", "layers.1.ffn.spike_hidden": {"T": 2}}
+    result = convert(dense_checkpoint, None, spikes={"T": 4}, points=points, data=corpus,
+                     firing_rate=0.2, calib_batches=1, eval_batches=1, batch_size=2,
+                     L=16)  # fmt: skip
+    chosen = ["layers.0.mixer.spike_in", "layers.1.mixer.spike_in", "layers.1.ffn.spike_hidden"]
+    assert sorted(result.calibration_rates) == sorted(chosen)
+    spiking = {s.name: s.module for s in result.student.spike_points()}
+    assert sorted(spiking) == sorted(chosen)
+    assert spiking["layers.1.ffn.spike_hidden"].T == 2 and spiking["layers.0.mixer.spike_in"].T == 4
+    for name, rate in result.calibration_rates.items():  # every spiking point calibrated
+        assert 0.17 <= rate <= 0.2 + 1e-6, name
+    # the other points stay dense
+    dense = [s.name for s in result.student.spike_points(include_dense=True)
+             if s.name not in spiking]  # fmt: skip
+    assert len(dense) == 2 * 4 - 3
+    with pytest.raises(ValueError, match="not both"):
+        convert(dense_checkpoint, None, spiking=[True, False], points=points, data=corpus)
+
+
+def test_command_line_reads_point_names_and_a_refine_plan(dense_checkpoint, corpus, tmp_path,
+                                                          capsys):  # fmt: skip
+    import json
+
+    base = ["convert", "--from", str(dense_checkpoint), "--data", str(corpus), "--calib-batches",
+            "1", "--eval-batches", "1", "--batch-size", "2", "--L", "16"]  # fmt: skip
+    assert main([*base, "--out", str(tmp_path / "a.pt"), "--spike-points",
+                 "layers.0.mixer.spike_in,layers.1.ffn.*"]) == 0  # fmt: skip
+    student = load_checkpoint(tmp_path / "a.pt")[0]
+    chosen = ["layers.0.mixer.spike_in", "layers.1.ffn.spike_hidden", "layers.1.ffn.spike_in"]
+    assert sorted(s.name for s in student.spike_points()) == chosen
+    # spikemar refine's plan.json: every module named, 'dense' or its setting
+    plan = {"points": {s.name: "dense" for s in student.spike_points(include_dense=True)},
+            "predicted_kl": 0.1, "energy_ratio": 2.0}  # fmt: skip
+    plan["points"]["layers.1.mixer.spike_out"] = {"T": 3, "v_threshold": 0.5}
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    assert main([*base, "--out", str(tmp_path / "b.pt"), "--spike-points",
+                 str(tmp_path / "plan.json")]) == 0  # fmt: skip
+    student = load_checkpoint(tmp_path / "b.pt")[0]
+    [site] = student.spike_points()
+    assert site.name == "layers.1.mixer.spike_out" and site.module.T == 3
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize(
+    ("argv", "match"),
+    [
+        (["--spike-points", "layers.9.mixer.spike_in"], "--spike-points: patterns"),
+        (["--spike-points", "nope.json"], "--spike-points: no file"),
+        (["--spike-points", "layers.0.mixer.spike_in", "--spike-layers", "0"], "not allowed"),
+    ],
+)
+def test_spike_points_errors_are_one_line(dense_checkpoint, corpus, tmp_path, capsys, argv, match):
+    base = ["convert", "--from", str(dense_checkpoint), "--out", str(tmp_path / "s.pt"),
+            "--data", str(corpus)]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(base + argv)
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and match in err and "Traceback" not in err

@@ -1,11 +1,14 @@
 """Counting hooks: how model code tells an active energy counter what it does.
 
-Models and mixers call these three functions; :mod:`spikemar.energy` (the counter and its
+Models and mixers call these functions; :mod:`spikemar.energy` (the counter and its
 reports) listens. This module imports only torch, so ``spikemar.ssm`` and ``spikemar.models``
 can call the hooks without loading the reports or SpikingJelly:
 
 * :func:`declare_spikes` — "this real-valued tensor is the decode of that spike train" (MAR's
   spike points), so the layer it feeds counts accumulates, not multiply-accumulates;
+* :func:`declare_spike_counts` — the same for a spike point whose fused kernel counted its +1
+  and −1 spikes instead of materialising the spike train (:func:`spike_train_needed` says
+  whether the active counter can do with those counts);
 * :func:`record_ops` — work done by plain functions inside a module's ``forward`` (an SSM's state
   update, attention's matmuls) and the memory it touches (state read and written, parameters
   and activations read outside any counted submodule);
@@ -29,12 +32,15 @@ __all__ = [
     "MEMORY_TERMS",
     "Count",
     "CountingSink",
+    "CountsSink",
     "activate",
     "active_sink",
     "counting_active",
     "deactivate",
+    "declare_spike_counts",
     "declare_spikes",
     "record_ops",
+    "spike_train_needed",
 ]
 
 Count = int | torch.Tensor  # a count, or a 0-d tensor the counter reads back later
@@ -57,6 +63,22 @@ class CountingSink(Protocol):
     ) -> None: ...
 
     def on_record_ops(self, module: nn.Module | None, kind: str | None, counts: dict) -> None: ...
+
+
+class CountsSink(CountingSink, Protocol):
+    """A listener that can also take a spike point's spike counts in place of its spike train
+    (optional: a sink without these two methods is always given the spike train)."""
+
+    def needs_spike_train(self, module: nn.Module | None) -> bool: ...
+
+    def on_declare_spike_counts(
+        self,
+        module: nn.Module | None,
+        decoded: torch.Tensor,
+        counts: torch.Tensor,
+        T: int,
+        ternary: bool,
+    ) -> None: ...
 
 
 _ACTIVE: contextvars.ContextVar[CountingSink | None] = contextvars.ContextVar(
@@ -111,6 +133,55 @@ def declare_spikes(
                 f"{type(decoded).__name__} and {type(spikes).__name__}"
             )
         sink.on_declare_spikes(module, decoded, spikes, bool(ternary))
+    return decoded
+
+
+def spike_train_needed(module: nn.Module | None) -> bool:
+    """Whether the active counter needs ``module``'s spike train itself (then the spike point
+    materialises it and calls :func:`declare_spikes`). False with no counter active, and when
+    the counter can do with the spike counts of :func:`declare_spike_counts` (it can when the
+    point feeds only layers whose fan-out is the same for every input element, e.g. Linear)."""
+    sink = _ACTIVE.get()
+    if sink is None:
+        return False
+    needs = getattr(sink, "needs_spike_train", None)
+    return True if needs is None else bool(needs(module))
+
+
+def declare_spike_counts(
+    module: nn.Module | None,
+    decoded: torch.Tensor,
+    counts: torch.Tensor,
+    T: int,
+    *,
+    ternary: bool = True,
+) -> torch.Tensor:
+    """Tell an active counter that ``decoded`` is the decode of a ``T``-micro-step spike train
+    whose spikes were counted instead of kept: ``counts`` int64 ``[..., 2]`` (the +1 spikes in
+    ``[..., 0]``, the −1 spikes in ``[..., 1]``; per channel or not, as the fused kernels of
+    :mod:`spikemar.neurons` return them with ``counts=True``). Counts as :func:`declare_spikes`
+    does; the spike train has ``T · decoded.numel()`` elements. Returns ``decoded``. Call it
+    only when :func:`spike_train_needed` is False; with no counter active it is a no-op::
+
+        if counting_active() and not spike_train_needed(self):
+            decoded, counts = atmn_quantize_decode_cpu(x, T, p, counts=True)
+            return declare_spike_counts(self, decoded, counts, T)
+    """
+    sink = _ACTIVE.get()
+    if sink is not None:
+        if not isinstance(counts, torch.Tensor) or counts.dim() < 1 or counts.shape[-1] != 2:
+            shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else counts
+            raise ValueError(f"declare_spike_counts: counts: expected a tensor [..., 2] of "
+                             f"(+1, -1) spike counts, got {shape!r}")  # fmt: skip
+        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+            raise ValueError(f"declare_spike_counts: T: expected an int >= 1, got {T!r}")
+        on_counts = getattr(sink, "on_declare_spike_counts", None)
+        if on_counts is None:
+            raise RuntimeError(
+                f"declare_spike_counts: the active counter ({type(sink).__name__}) takes spike "
+                "trains only; ask spike_train_needed() first"
+            )
+        on_counts(module, decoded, counts, int(T), bool(ternary))
     return decoded
 
 

@@ -43,6 +43,7 @@ are read back in one transfer.
 
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable
@@ -186,7 +187,7 @@ class _Event:
 
 
 def _spikes_written(
-    spikes: torch.Tensor,
+    n: int,
     nnz: Count,
     total: Count | None,
     ternary: bool,
@@ -197,10 +198,9 @@ def _spikes_written(
     *,
     state: int,
 ) -> _Event:
-    """A neuron or spike point: one update per spike element, ``inputs`` real values and its
-    thresholds read, ``state`` membrane elements read and written, the spike train written
-    (addresses among ``width`` neurons)."""
-    n = spikes.numel()
+    """A neuron or spike point: one update per element of its ``n``-element spike train,
+    ``inputs`` real values and its thresholds read, ``state`` membrane elements read and
+    written, the spike train written (addresses among ``width`` neurons)."""
     packed, address = _spike_bits(ternary, width)
     return _Event(
         "ternary" if ternary else "binary",
@@ -222,6 +222,7 @@ def _spikes_written(
     )
 
 
+@functools.lru_cache(maxsize=1024)
 def _spike_bits(ternary: bool, neurons: int) -> tuple[int, int]:
     """(packed bits per spike element, address-event bits per non-zero spike) for spikes of one
     vector of ``neurons`` neurons: 2 or 1 bits packed; ⌈log2 n⌉ address bits plus a sign bit
@@ -246,7 +247,17 @@ class _Row:
 class _Tag:
     """What the counter knows about a tensor (by the identity of its storage's root tensor)."""
 
-    __slots__ = ("decode", "nnz", "numel", "ref", "source", "ternary", "total", "unit")
+    __slots__ = (
+        "decode",
+        "decode_elements",
+        "nnz",
+        "numel",
+        "ref",
+        "source",
+        "ternary",
+        "total",
+        "unit",
+    )
 
     def __init__(
         self,
@@ -257,6 +268,7 @@ class _Tag:
         total: Count | None = None,
         decode: torch.Tensor | None = None,
         source: str | None = None,
+        decode_elements: int = 0,
     ) -> None:
         self.ref = weakref.ref(root)
         self.numel = root.numel()
@@ -264,8 +276,52 @@ class _Tag:
         self.unit = unit
         self.nnz = nnz
         self.total = total
-        self.decode = decode  # the spike train [T, ...] this tensor decodes, if it is a decode
+        self.decode = decode  # the spike train [T, ...] this tensor decodes, when it was kept
+        # elements of the spike train this tensor decodes (0: not a decode); a decode declared
+        # with counts only (declare_spike_counts) has no ``decode`` tensor
+        self.decode_elements = decode.numel() if decode is not None else decode_elements
         self.source = source  # the row (neuron or spike point) that produced the spikes
+
+
+class _SpikePair:
+    """A spike count still held as a kernel's (+1, −1) counts ``[..., 2]``: the number of
+    non-zero spikes (``signed`` False) or their signed sum (True). :func:`_resolve` sums every
+    pair of a report in one reduction per device."""
+
+    __slots__ = ("counts", "signed")
+
+    def __init__(self, counts: torch.Tensor, signed: bool) -> None:
+        self.counts = counts
+        self.signed = signed
+
+
+def _resolve_pairs(rows: list[_Row]) -> None:
+    """Replace every :class:`_SpikePair` in the events' ``nnz``/``total`` by its value: the
+    counts of all pairs on one device concatenated, summed per pair by one ``index_add_``."""
+    groups: dict[torch.device, dict[int, torch.Tensor]] = {}
+    found: list[tuple[_Event, str, _SpikePair]] = []
+    for row in rows:
+        for ev in row.events:
+            for f in ("nnz", "total"):
+                v = getattr(ev, f)
+                if isinstance(v, _SpikePair):
+                    found.append((ev, f, v))
+                    groups.setdefault(v.counts.device, {})[id(v.counts)] = v.counts
+    if not found:
+        return
+    sums: dict[int, tuple[int, int]] = {}
+    for device, tensors in groups.items():
+        keys = list(tensors)
+        flat = [tensors[k].reshape(-1, 2) for k in keys]
+        sizes = torch.tensor([t.shape[0] for t in flat], device=device)
+        segment = torch.repeat_interleave(torch.arange(len(flat), device=device), sizes)
+        total = torch.zeros(len(flat), 2, dtype=torch.int64, device=device)
+        total.index_add_(0, segment, torch.cat(flat).to(torch.int64))
+        for k, (pos, neg) in zip(keys, total.tolist(), strict=True):
+            sums[k] = (pos, neg)
+    for ev, f, v in found:
+        pos, neg = sums[id(v.counts)]
+        setattr(ev, f, pos - neg if v.signed else pos + neg)
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
@@ -351,9 +407,12 @@ class CountContext:
         weights: int = 0,
         vectors: int = 1,
         features: int | None = None,
+        elementwise_ops: Count = 0,
+        activation_writes: Count = 0,
     ) -> None:
         """A layer whose every input element drives ``fan_out`` synaptic operations: ACs when
-        ``x`` is spikes (Σ nnz · fan_out), else ``dense_macs`` MACs.
+        ``x`` is spikes (Σ nnz · fan_out), else ``dense_macs`` MACs; plus ``elementwise_ops``
+        (a bias) and the ``activation_writes`` of its output, whatever the input.
 
         ``weighted_acs(spikes, ternary) -> (acs, nnz)`` replaces ``nnz · fan_out`` where the
         fan-out depends on the position (a padded or strided conv); its ``acs`` is multiplied by
@@ -372,16 +431,27 @@ class CountContext:
             "dense_inputs": x.numel(),
             "dense_macs": dense_macs,
             "spike_io": "read",
+            "elementwise_ops": elementwise_ops,
+            "activation_writes": activation_writes,
         }
         tag = counter._tag_of(x) if counter.spike_detection != "values" else None
-        if tag is not None and tag.decode is not None and x.numel() != tag.numel:
+        if tag is not None and tag.decode_elements and x.numel() != tag.numel:
             row.notes[
                 "input is part of a declared spike decode; counted as a real-valued input"
             ] = None
             tag = None
         if tag is not None:
-            if tag.decode is not None:  # a declared decode: the spike train it stands for
-                src, elements, full = tag.decode, tag.decode.numel(), True
+            if tag.decode_elements:  # a declared decode: the spike train it stands for
+                src, elements, full = tag.decode, tag.decode_elements, True
+                if src is None and weighted_acs is not None:
+                    # the counter asks for the spike train wherever a point feeds such a layer
+                    # (needs_spike_train); reaching this means a point was not declared by
+                    # MARLM.spike_points() yet sent counts only
+                    raise RuntimeError(
+                        f"energy counter: {self.name} needs the spike train of "
+                        f"{tag.source} (its fan-out depends on the position), but only spike "
+                        "counts were declared; declare_spikes() must be used for it"
+                    )
             else:  # a neuron's output (or a view, or a scaled copy of one)
                 src = x if tag.unit else torch.sign(x)
                 elements, full = x.numel(), x.numel() == tag.numel and tag.nnz is not None
@@ -463,7 +533,7 @@ class CountContext:
         n = spikes.numel()
         width = spikes.shape[-1] if spikes.dim() else 1
         event = _spikes_written(
-            spikes, nnz, total, ternary, width, weights, weights * vectors, inputs, state=n
+            n, nnz, total, ternary, width, weights, weights * vectors, inputs, state=n
         )
         self.row().events.append(event)
         root = _root(spikes)
@@ -484,7 +554,7 @@ class CountContext:
         """A spike-preserving module turned ``x`` into ``y``: if ``x`` is spikes, so is ``y``."""
         counter = self._counter
         tag = counter._tag_of(x)
-        if tag is None or tag.decode is not None:
+        if tag is None or tag.decode_elements:
             return
         root = _root(y)
         if root is _root(x):
@@ -534,6 +604,8 @@ class EnergyCounter:
         self._handles: list[Any] = []
         self._token: Any = None
         self._cache: dict[Hashable, Any] = {}
+        self._counts_suffice: frozenset[int] = frozenset()
+        self._param_counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
         self.reset()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -568,6 +640,7 @@ class EnergyCounter:
                     self._handles.append(
                         module.register_forward_hook(_uncounted_hook(self, shown, module))
                     )
+            self._counts_suffice = _linear_fed_points(self.model)
             self._handles.append(self.model.register_forward_pre_hook(self._on_pass_start))
             self._handles.append(self.model.register_forward_hook(self._on_pass_end))
         except BaseException:
@@ -629,10 +702,48 @@ class EnergyCounter:
         train. Its membrane moves no memory: δ-injection starts it at 0 for every token and it
         lives only through that token's T micro-steps, in a register (a neuron module's
         membrane, kept across calls, is read and written at every update instead)."""
-        name = self._name_of(module)
-        self._self_reporting.add(name)
         with torch.no_grad():
             nnz, total = _stats.unit_spike_counts(spikes, ternary)
+        self._spike_point(module, decoded, spikes.numel(), nnz, total, ternary, spikes.detach())
+
+    def needs_spike_train(self, module: nn.Module | None) -> bool:
+        """Whether ``module`` (a spike point) must hand over its spike train rather than its
+        spike counts (:func:`spikemar.counting.spike_train_needed`). Counts suffice for the
+        spike points that the model's ``spike_points()`` (``MARLM.spike_points()``) lists as
+        feeding only ``nn.Linear`` projections, whose fan-out is the same for every spike; any
+        other point (a model without that iterator, a point feeding a conv) sends the train."""
+        return id(module) not in self._counts_suffice
+
+    def on_declare_spike_counts(
+        self,
+        module: nn.Module | None,
+        decoded: torch.Tensor,
+        counts: torch.Tensor,
+        T: int,
+        ternary: bool,
+    ) -> None:
+        """:func:`spikemar.counting.declare_spike_counts` landed here: counted as
+        :meth:`on_declare_spikes` counts the spike train the counts were taken from."""
+        # summed when the report is built, all spike points' counts in one reduction: no
+        # tensor operation per call here
+        counts = counts.detach()
+        nnz, total = _SpikePair(counts, False), _SpikePair(counts, True) if ternary else None
+        n = T * decoded.numel()
+        self._spike_point(module, decoded, n, nnz, total, ternary, None)
+
+    def _spike_point(
+        self,
+        module: nn.Module | None,
+        decoded: torch.Tensor,
+        elements: int,
+        nnz: Count,
+        total: Count | None,
+        ternary: bool,
+        spikes: torch.Tensor | None,
+    ) -> None:
+        """A spike point's row (``elements`` spike-train elements) and the tag on its decode."""
+        name = self._name_of(module)
+        self._self_reporting.add(name)
         thresholds = self._parameter_count(module, recurse=True)
         row = self._row(
             name, "spike_point", type(module).__name__ if module else "function", thresholds
@@ -641,13 +752,13 @@ class EnergyCounter:
         channels = decoded.shape[-1] if decoded.dim() else 1
         per_token = thresholds * (decoded.numel() // max(1, channels))
         event = _spikes_written(
-            spikes, nnz, total, ternary, channels, thresholds, per_token, decoded.numel(), state=0
-        )
+            elements, nnz, total, ternary, channels, thresholds, per_token, decoded.numel(),
+            state=0,
+        )  # fmt: skip
         row.events.append(event)
         root = _root(decoded)
-        self._set_tag(
-            root, _Tag(root, ternary, True, nnz, total, decode=spikes.detach(), source=name)
-        )
+        tag = _Tag(root, ternary, True, nnz, total, spikes, name, decode_elements=elements)
+        self._set_tag(root, tag)
 
     def on_record_ops(
         self, module: nn.Module | None, kind: str | None, counts: dict[str, Count]
@@ -669,11 +780,11 @@ class EnergyCounter:
         """Parameter elements of ``module`` (its own, or with its children's), cached."""
         if module is None:
             return 0
-        key = ("parameters", id(module), recurse)
-        n = self._cache.get(key)
+        # one dict per kind, keyed by id: this runs several times per counted module call
+        cache = self._param_counts[recurse]
+        n = cache.get(id(module))
         if n is None:
-            n = sum(p.numel() for p in module.parameters(recurse=recurse))
-            self._cache[key] = n
+            n = cache[id(module)] = sum(p.numel() for p in module.parameters(recurse=recurse))
         return n
 
     # -- results ----------------------------------------------------------------------------
@@ -703,6 +814,20 @@ class EnergyCounter:
         )
 
 
+def _linear_fed_points(model: nn.Module) -> frozenset[int]:
+    """The ids of the spike points that ``model.spike_points()`` (the public iterator of
+    :class:`spikemar.models.MARLM`) lists as feeding nothing but ``nn.Linear`` projections:
+    their spike counts are all the counter needs. Empty for a model without the iterator."""
+    points = getattr(model, "spike_points", None)
+    if not callable(points):
+        return frozenset()
+    return frozenset(
+        id(site.module)
+        for site in points()
+        if site.projections and all(isinstance(p, nn.Linear) for p in site.projections.values())
+    )
+
+
 def _computes_itself(module: nn.Module) -> bool:
     """A module with no rule that may compute something the counter cannot see."""
     has_children = next(module.children(), None) is not None
@@ -715,7 +840,10 @@ def _computes_itself(module: nn.Module) -> bool:
 
 def _rule_hook(ctx: CountContext, fn: Callable[..., None]):
     def hook(module: nn.Module, args: tuple[Any, ...], output: Any) -> None:
-        with torch.no_grad():
+        if torch.is_grad_enabled():  # entering no_grad costs more than most rules
+            with torch.no_grad():
+                fn(ctx, module, args, output)
+        else:
             fn(ctx, module, args, output)
         # a rule that records nothing (a pass-through module) leaves no row
         row = ctx._row
@@ -749,6 +877,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
         *_MEMORY_EVENT_FIELDS,
     )
     rows = list(rows)
+    _resolve_pairs(rows)
     for row in rows:
         for ev in row.events:
             for f in fields:

@@ -137,9 +137,9 @@ def _linear_rule(ctx: CountContext, module: nn.Linear, args: tuple[Any, ...], ou
         weights=ctx.parameters(module),  # weight and bias
         vectors=x.numel() // max(1, module.in_features),
         features=module.in_features,
+        elementwise_ops=out.numel() if module.bias is not None else 0,
+        activation_writes=out.numel(),
     )
-    ctx.record(elementwise_ops=out.numel() if module.bias is not None else 0,
-               activation_writes=out.numel())  # fmt: skip
 
 
 def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[Any, ...], out):
@@ -198,9 +198,9 @@ def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[A
         weights=ctx.parameters(module),
         vectors=x.numel() // max(1, per_sample),
         features=per_sample,
+        elementwise_ops=out.numel() if module.bias is not None else 0,
+        activation_writes=out.numel(),
     )
-    ctx.record(elementwise_ops=out.numel() if module.bias is not None else 0,
-               activation_writes=out.numel())  # fmt: skip
 
 
 def _embedding_rule(ctx: CountContext, module: nn.Embedding, args: tuple[Any, ...], out) -> None:

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..counting import record_ops
+from ..counting import counting_active, record_ops
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
 from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens
@@ -276,7 +276,10 @@ class MARLayer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self._residual(x) + self.mixer(self.norm1(x))
-        return x if self.ffn is None else x + self.ffn(self.norm2(x))
+        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
+        if counting_active():  # the residual adds are functional: no rule sees them
+            self._record_residual(x)
+        return x
 
     def init_state(self, batch: int, max_len: int):
         return self.mixer.init_state(batch, max_len)
@@ -285,7 +288,17 @@ class MARLayer(nn.Module):
         """x [batch, d_model] → (x after the layer, new state)."""
         mixed, state = self.mixer.step(self.norm1(x), state)
         x = self._residual(x) + mixed
-        return (x if self.ffn is None else x + self.ffn(self.norm2(x))), state
+        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
+        if counting_active():
+            self._record_residual(x)
+        return x, state
+
+    def _record_residual(self, x: torch.Tensor) -> None:
+        """One add per element of the stream ``x`` per residual branch (mixer, FFN), each
+        reading its two operands and writing the sum."""
+        adds = x.numel() * (1 if self.ffn is None else 2)
+        record_ops(self, kind="residual", elementwise_ops=adds, activation_reads=2 * adds,
+                   activation_writes=adds)  # fmt: skip
 
     def spike_points(self, prefix: str = "") -> Iterator[SpikePointSite]:
         dot = f"{prefix}." if prefix else ""

@@ -78,7 +78,9 @@ class BreakEvenTable:
         from .report import _fmt_energy
 
         def cells(p: BreakEven) -> list[str]:
-            be = "-" if p.break_even_rate is None else f"{p.break_even_rate:.4f}"
+            r = p.break_even_rate  # a rate in (0, 1) is reachable; outside it, say what it means
+            be = ("-" if r is None else f"{r:.4f}" if 0 < r < 1
+                  else f"never ({r:.2f})" if r <= 0 else f"any rate ({r:.2f})")  # fmt: skip
             pays = {True: "yes", False: "NO", None: "-"}[p.pays]
             dense = "-" if math.isnan(p.dense_pj) else _fmt_energy(p.dense_pj)
             return [p.name, f"{p.firing_rate:.4f}", be, pays,

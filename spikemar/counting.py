@@ -9,6 +9,8 @@ can call the hooks without loading the reports or SpikingJelly:
 * :func:`declare_spike_counts` — the same for a spike point whose fused kernel counted its +1
   and −1 spikes instead of materialising the spike train (:func:`spike_train_needed` says
   whether the active counter can do with those counts);
+* :func:`declare_sparse` — "this real-valued tensor was sparsified" (top-k / threshold), so
+  that a zero-skipping hardware profile prices only the multiply-accumulates of its non-zeros;
 * :func:`record_ops` — work done by plain functions inside a module's ``forward`` (an SSM's state
   update, attention's matmuls) and the memory it touches (state read and written, parameters
   and activations read outside any counted submodule);
@@ -37,6 +39,7 @@ __all__ = [
     "active_sink",
     "counting_active",
     "deactivate",
+    "declare_sparse",
     "declare_spike_counts",
     "declare_spikes",
     "record_ops",
@@ -183,6 +186,22 @@ def declare_spike_counts(
             )
         on_counts(module, decoded, counts, int(T), bool(ternary))
     return decoded
+
+
+def declare_sparse(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
+    """Tell an active counter that ``x`` is a sparsified activation made by ``module`` (top-k or
+    threshold sparsification): the layer it feeds counts its multiply-accumulates as usual and,
+    beside them, those whose input is zero, which hardware that skips zeros does not do (a
+    zero-skipping profile prices the rest, plus an index per non-zero). Returns ``x``; a
+    no-op with no counter active, or for a listener without ``on_declare_sparse``."""
+    sink = _ACTIVE.get()
+    if sink is not None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"declare_sparse: x must be a tensor, got {type(x).__name__}")
+        on_sparse = getattr(sink, "on_declare_sparse", None)
+        if on_sparse is not None:
+            on_sparse(module, x)
+    return x
 
 
 def record_ops(

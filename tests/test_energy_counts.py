@@ -2,6 +2,8 @@
 ``counts=True``), and the element-wise work of MAR's layers that no module rule sees (residual
 adds, the SwiGLU gate): equal reports on both paths, hand counts, the declaration's bad input."""
 
+import math
+
 import pytest
 import torch
 from torch import nn
@@ -164,3 +166,64 @@ def test_declare_spike_counts_bad_input_and_listener_without_counts():
         counting.deactivate(token)
     # no listener: a no-op that returns the decode
     assert counting.declare_spike_counts(None, x, torch.zeros(1), 2) is x
+
+
+# -- sparsified spike points under zero-skipping profiles ------------------------------------
+
+
+def _sparse_model(amount: float) -> MARLM:
+    point = {"sparsify": "topk", "amount": amount}
+    return _model(0, points={"layers.*.ffn.spike_hidden": point}).eval()
+
+
+@pytest.mark.parametrize("amount", [0.25, 0.5])
+def test_sparsified_point_priced_by_its_nonzeros_under_zero_skipping(amount):
+    model = _sparse_model(amount)
+    B, L, d = 2, 5, 16
+    hidden = model.layers[0].ffn.down.in_features
+    k = max(1, round(amount * hidden))  # top-k keeps k of each token's hidden values
+    tokens = torch.randint(0, 40, (B, L))
+    counter = EnergyCounter(model)
+    with torch.no_grad(), counter:
+        model(tokens)
+    dense = counter.report("45nm-fp32", tokens=B * L)
+    skip = counter.report("45nm-fp32+zs", tokens=B * L)
+    down = {r.name: r for r in dense.rows}["layers.0.ffn.down"]
+    zeros = B * L * (hidden - k)
+    assert down.macs == B * L * hidden * d  # counted in full, as dense hardware does them
+    assert down.skipped_macs == zeros * d
+    assert down.skipped_reads == zeros
+    assert down.sparse_index_bits == B * L * k * math.ceil(math.log2(hidden))
+    down_skip = {r.name: r for r in skip.rows}["layers.0.ffn.down"]
+    assert down_skip.mac_energy_pj == pytest.approx(B * L * k * d * 4.6)
+    assert down.mac_energy_pj == pytest.approx(B * L * hidden * d * 4.6)
+    saved = dense.total_energy_pj - skip.total_energy_pj
+    assert saved == pytest.approx(2 * zeros * d * 4.6)  # two layers, nothing else differs
+    # memory: the non-zeros and their indices are read instead of the dense vector
+    mem, mem_skip = (counter.report(h, tokens=B * L) for h in ("45nm-fp32+mem", "45nm-fp32+mem+zs"))
+    a = {r.name: r for r in mem.rows}["layers.0.ffn.down"].activation_bytes
+    b = {r.name: r for r in mem_skip.rows}["layers.0.ffn.down"].activation_bytes
+    assert a - b == pytest.approx(zeros * 4 - B * L * k * math.ceil(math.log2(hidden)) / 8)
+
+
+def test_zero_skipping_changes_nothing_without_sparsified_points():
+    model = _model(0).eval()
+    tokens = torch.randint(0, 40, (2, 5))
+    counter = EnergyCounter(model)
+    with torch.no_grad(), counter:
+        model(tokens)
+    for base in ("45nm-fp32", "45nm-int8+mem"):
+        a, b = counter.report(base), counter.report(base.replace("+mem", "") + (
+            "+mem+zs" if "+mem" in base else "+zs"))  # fmt: skip
+        assert a.total_energy_pj == pytest.approx(b.total_energy_pj)
+        assert all(r.skipped_macs == 0 for r in a.rows)
+
+
+def test_zero_skipping_profiles_flagged_and_memory_sibling():
+    from spikemar.energy import HardwareProfile, get_profile, memory_sibling
+
+    assert get_profile("45nm-fp32+zs").zero_skipping
+    assert not get_profile("45nm-fp32").zero_skipping
+    assert memory_sibling("45nm-fp32+zs").name == "45nm-fp32+mem+zs"
+    with pytest.raises(TypeError, match="zero_skipping: expected a bool"):
+        HardwareProfile("x", ac_pj=1.0, mac_pj=1.0, zero_skipping="yes")

@@ -88,6 +88,9 @@ MEMORY_COUNT_FIELDS = (
     "state_writes",
     "dense_macs",  # MACs the spike-fed work would cost fed real values (break-even rates)
     "dense_inputs",  # real input elements it would read then
+    "skipped_macs",  # MACs whose input is a zero of a sparsified tensor (zero-skipping skips)
+    "skipped_reads",  # ... and those zeros, not read by zero-skipping hardware
+    "sparse_index_bits",  # the index of each non-zero it reads instead (⌈log2 width⌉ bits)
 )
 _MEMORY_EVENT_FIELDS = (
     "weight_call",
@@ -126,6 +129,7 @@ class _Event:
         "nnz",
         "packed_bits",
         "source",
+        "sparse_nnz",
         "spike_elements",
         "spike_io",
         "spike_kind",
@@ -161,8 +165,11 @@ class _Event:
         packed_bits: int = 0,
         address_bits: int = 0,
         source: str | None = None,
+        sparse_nnz: Count | None = None,
     ) -> None:
         self.spike_kind = spike_kind
+        # non-zeros of a sparsified real input (declare_sparse); address_bits: one index's bits
+        self.sparse_nnz = sparse_nnz
         self.spike_elements = spike_elements
         self.nnz = nnz
         self.total = total
@@ -254,6 +261,7 @@ class _Tag:
         "numel",
         "ref",
         "source",
+        "sparse",
         "ternary",
         "total",
         "unit",
@@ -269,8 +277,10 @@ class _Tag:
         decode: torch.Tensor | None = None,
         source: str | None = None,
         decode_elements: int = 0,
+        sparse: bool = False,
     ) -> None:
         self.ref = weakref.ref(root)
+        self.sparse = sparse  # a sparsified real tensor (declare_sparse), not spikes
         self.numel = root.numel()
         self.ternary = ternary
         self.unit = unit
@@ -435,6 +445,21 @@ class CountContext:
             "activation_writes": activation_writes,
         }
         tag = counter._tag_of(x) if counter.spike_detection != "values" else None
+        if tag is not None and tag.sparse:
+            if x.numel() == tag.numel:  # its zeros are what zero-skipping hardware skips
+                index_bits = max(1, math.ceil(math.log2(max(2, n_features))))
+                row.events.append(
+                    _Event(
+                        "real",
+                        is_spike=False,
+                        fan_out=mult,
+                        sparse_nnz=tag.nnz,
+                        address_bits=index_bits,
+                        **memory,
+                    )
+                )
+                return
+            tag = None  # a part of a sparsified tensor: counted as a dense input
         if tag is not None and tag.decode_elements and x.numel() != tag.numel:
             row.notes[
                 "input is part of a declared spike decode; counted as a real-valued input"
@@ -554,7 +579,7 @@ class CountContext:
         """A spike-preserving module turned ``x`` into ``y``: if ``x`` is spikes, so is ``y``."""
         counter = self._counter
         tag = counter._tag_of(x)
-        if tag is None or tag.decode_elements:
+        if tag is None or tag.decode_elements or tag.sparse:
             return
         root = _root(y)
         if root is _root(x):
@@ -760,6 +785,16 @@ class EnergyCounter:
         tag = _Tag(root, ternary, True, nnz, total, spikes, name, decode_elements=elements)
         self._set_tag(root, tag)
 
+    def on_declare_sparse(self, module: nn.Module | None, x: torch.Tensor) -> None:
+        """:func:`spikemar.counting.declare_sparse` landed here: tag ``x`` with its non-zero
+        count (a 0-d tensor, read back with the report) for the layers it feeds."""
+        root = _root(x)
+        if root.numel() != x.numel():  # a view of part of a tensor: nothing to tag
+            return
+        nnz = torch.count_nonzero(x.detach())
+        self._set_tag(root, _Tag(root, False, False, nnz, source=self._name_of(module),
+                                 sparse=True))  # fmt: skip
+
     def on_record_ops(
         self, module: nn.Module | None, kind: str | None, counts: dict[str, Count]
     ) -> None:
@@ -874,6 +909,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
         "macs",
         "elementwise_ops",
         "neuron_updates",
+        "sparse_nnz",
         *_MEMORY_EVENT_FIELDS,
     )
     rows = list(rows)
@@ -935,6 +971,11 @@ def _resolve(rows) -> list[dict[str, Any]]:
                 acc["macs"] += ev.dense_macs
                 acc["activation_reads"] += ev.dense_inputs
                 acc["weight_reads_event"] += ev.weight_token
+                if ev.sparse_nnz is not None:
+                    zeros = ev.dense_inputs - ev.sparse_nnz
+                    acc["skipped_macs"] += zeros * ev.fan_out
+                    acc["skipped_reads"] += zeros
+                    acc["sparse_index_bits"] += ev.sparse_nnz * ev.address_bits
                 continue
             nnz = ev.nnz or 0
             units = nnz if ev.acs_units is None else ev.acs_units

@@ -50,12 +50,27 @@ Built-in profiles:
   synaptic weights and neuron state from the core's on-chip SRAM, so its memory term is
   *included*, not unpriced and not added again.
 
-A second source for a modern node was looked for and not found in a form that could be checked
-here; register one with :func:`register_profile` (:class:`MemoryLevel` for its levels).
+**Zero-skipping** (``zero_skipping=True``; the built-in ``…+zs`` twins of the 45 nm profiles,
+e.g. ``45nm-fp32+zs`` and ``45nm-fp32+mem+zs``): hardware that skips zero operands (sparse
+accelerators in the style of Cnvlutin or EIE). A layer fed by a *sparsified* activation (a
+top-k or threshold spike point, declared with :func:`spikemar.counting.declare_sparse`) is
+counted as usual and, beside it, the MACs whose input is zero (``skipped_macs``); a
+zero-skipping profile prices only the rest, the MACs of the non-zeros, and, when it prices
+memory, reads the non-zero values plus one index of ⌈log2 width⌉ bits each (the metadata)
+instead of the dense vector. Zeros of tensors nobody declared sparse (a ReLU's, a spike
+train's decode) are not skipped: the counter does not scan every input for zeros. The
+dense-hardware profiles (all others) price every MAC, as the hardware does.
+
+A modern-node source (Jouppi et al., "Ten Lessons From Three Generations Shaped Google's
+TPUv4i", ISCA 2021, which tabulates 45 nm against 7 nm energies) was looked for: only two of its
+figures (fp32 add ≈ 0.4 pJ, fp32 multiply ≈ 1.3 pJ at 7 nm) could be read here, from a
+third-party transcription, not the SRAM and DRAM rows a memory profile needs; so no 7 nm profile
+is built in. Register one with :func:`register_profile` (:class:`MemoryLevel` for its levels).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
@@ -131,6 +146,8 @@ class HardwareProfile:
             layer call: reused across the batch and the sequence).
         memory_included: the per-operation figures already include the memory they touch
             (Loihi's core energies): the memory term is neither priced nor unpriced.
+        zero_skipping: the target skips zero operands of sparsified activations: their MACs
+            are not priced, and the non-zeros are read with an index each (see above).
     """
 
     name: str
@@ -145,6 +162,7 @@ class HardwareProfile:
     spike_encoding: str = "packed"
     weight_reuse: str = "token"
     memory_included: bool = False
+    zero_skipping: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name.strip():
@@ -160,6 +178,8 @@ class HardwareProfile:
             raise ValueError(
                 f"spike_encoding: expected one of {SPIKE_ENCODINGS}, got {self.spike_encoding!r}"
             )
+        if not isinstance(self.zero_skipping, bool):
+            raise TypeError(f"zero_skipping: expected a bool, got {self.zero_skipping!r}")
         if self.weight_reuse not in WEIGHT_REUSE:
             raise ValueError(
                 f"weight_reuse: expected one of {WEIGHT_REUSE}, got {self.weight_reuse!r}"
@@ -249,6 +269,19 @@ def _with_memory(base: HardwareProfile, encoding: str) -> HardwareProfile:
     )
 
 
+def _zero_skipping(base: HardwareProfile) -> HardwareProfile:
+    return dataclasses.replace(
+        base,
+        name=base.name + "+zs",
+        notes=base.notes + "; zero-skipping: MACs on zeros of sparsified activations are "
+        "skipped"
+        + (
+            "; their non-zeros read with a log2(width)-bit index each" if base.prices_memory else ""
+        ),
+        zero_skipping=True,
+    )
+
+
 def _builtin() -> tuple[HardwareProfile, ...]:
     compute = _builtin_compute()
     memory = tuple(
@@ -257,7 +290,12 @@ def _builtin() -> tuple[HardwareProfile, ...]:
         if p.name.startswith("45nm")
         for enc in SPIKE_ENCODINGS
     )
-    return compute + memory
+    skipping = tuple(
+        _zero_skipping(p)
+        for p in compute + memory
+        if p.name.startswith("45nm") and p.spike_encoding == "packed"
+    )
+    return compute + memory + skipping
 
 
 def _builtin_compute() -> tuple[HardwareProfile, ...]:
@@ -359,6 +397,8 @@ def memory_sibling(hardware: str | HardwareProfile) -> HardwareProfile:
     if hw.prices_memory or hw.memory_included:
         return hw
     name = hw.name + "+mem"
+    if hw.zero_skipping and hw.name.endswith("+zs"):  # 45nm-fp32+zs → 45nm-fp32+mem+zs
+        name = hw.name[: -len("+zs")] + "+mem+zs"
     if name not in _PROFILES:
         raise ValueError(
             f"hardware: {hw.name!r} prices no memory and no profile {name!r} is registered; "

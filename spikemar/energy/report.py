@@ -94,6 +94,9 @@ class LayerRow:
     state_writes: int = 0
     dense_macs: int = 0
     dense_inputs: int = 0
+    skipped_macs: int = 0  # MACs on zeros of a sparsified input (a zero-skipping profile skips)
+    skipped_reads: int = 0  # those zeros (not read under zero-skipping)
+    sparse_index_bits: int = 0  # the non-zeros' indices (read instead, under zero-skipping)
     spike_source: str | None = None  # the spike point(s) or neuron(s) whose spikes it reads
     parameters: int = 0  # parameter elements its module holds (where its weights are placed)
     # memory under the profile: bytes moved, the level each class lives in, energy
@@ -128,11 +131,22 @@ class LayerRow:
         return self.spike_neg / self.spike_elements if self.spike_elements else None
 
 
+def priced_count(counts: LayerRow | dict[str, Any], field: str, hw: HardwareProfile) -> int:
+    """The count of ``field`` that ``hw`` prices: the counted one, except that a zero-skipping
+    profile leaves out the MACs whose input is a zero of a sparsified tensor."""
+    get = counts.get if isinstance(counts, dict) else lambda f, d=0: getattr(counts, f, d)
+    n = get(field, 0)
+    if field == "macs" and hw.zero_skipping:
+        n -= get("skipped_macs", 0)
+    return n
+
+
 def _compute_energies(counts: dict[str, Any], hw: HardwareProfile) -> dict[str, float]:
     energies: dict[str, float] = {}
     for count_f, price_f, energy_f in _TERMS:
         price = getattr(hw, price_f)
-        energies[energy_f] = counts[count_f] * price if price is not None else 0.0
+        n = priced_count(counts, count_f, hw)
+        energies[energy_f] = n * price if price is not None else 0.0
     return energies
 
 
@@ -158,6 +172,9 @@ def memory_traffic(
         f"spike_write_bits_{suffix}", 0
     )
     reals = counts.get("activation_reads", 0) + counts.get("activation_writes", 0)
+    if hw.zero_skipping:  # a sparsified input's non-zeros are read with their indices
+        reals -= counts.get("skipped_reads", 0)
+        spike_bits += counts.get("sparse_index_bits", 0)
     state = counts.get("state_reads", 0) + counts.get("state_writes", 0)
     return weights * vb, reals * vb + spike_bits / 8, state * vb
 

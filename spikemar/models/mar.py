@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..counting import counting_active, record_ops
+from ..counting import counting_active, declare_sparse, record_ops
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
 from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens
@@ -172,15 +172,16 @@ class ActivationSparsifier(nn.Module):
         self.mode, self.amount = mode, float(amount)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # one comparison (and the mask's product) per element; the projection it feeds is still
-        # priced as multiply-accumulates: no energy profile models zero-skipping hardware
+        # one comparison (and the mask's product) per element; the projection it feeds counts
+        # full MACs and, beside them, those on the zeros, which zero-skipping profiles
+        # (spikemar.energy.profiles, '…+zs') leave out: declare_sparse tells the counter
         record_ops(self, kind="sparsifier", elementwise_ops=2 * x.numel(),
                    activation_reads=x.numel(), activation_writes=x.numel())  # fmt: skip
         if self.mode == "threshold":
-            return x * (x.abs() > self.amount)
+            return declare_sparse(self, x * (x.abs() > self.amount))
         k = max(1, round(self.amount * x.shape[-1]))
         kth = x.abs().topk(k, dim=-1).values[..., -1:]
-        return x * (x.abs() >= kth)
+        return declare_sparse(self, x * (x.abs() >= kth))
 
     def extra_repr(self) -> str:
         return f"mode={self.mode!r}, amount={self.amount}"

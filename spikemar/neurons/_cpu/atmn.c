@@ -1,21 +1,10 @@
 /* Fused CPU kernels for ATMN (see atmn_impl.h); built once per machine by
  * spikemar/neurons/cpu_backend.py with the system C compiler and loaded through ctypes.
- * The scaffolding is neuron-agnostic: parallel.h (threads, ranges) once, simd.h (vectors,
- * groups, padded tails, per-channel buffers) per element type; atmn_impl.h is ATMN's
- * arithmetic and loops. A second neuron includes the same two and its own _impl.h. */
-#define _GNU_SOURCE
-#include <dlfcn.h>
-#include <math.h>
-#include <pthread.h>
-#include <stdint.h>
-#include <stdlib.h>
-#include <string.h>
-
-#define CAT_(a, b) a##b
-#define CAT(a, b) CAT_(a, b)
-/* the bodies that must inline into their callers, whose constant flags then fold away */
-#define HOT static inline __attribute__((always_inline))
-
+ * The scaffolding is neuron-agnostic: parallel.h (headers, threads, ranges) once; per element
+ * type simd.h (vectors, padded tails, per-channel buffers) and multistep.h (blocks, groups,
+ * tails, threads and the forward's dispatch, around a neuron's micro-step). atmn_impl.h is
+ * ATMN's micro-step, its backward and MAR's spike point, and includes multistep.h. A second
+ * neuron is a file like this one with its own _impl.h (tests/test_neuron_seam.py builds one). */
 #include "parallel.h"
 
 #define REAL float

@@ -19,11 +19,13 @@
  * forward + backward on the 2-core EPYC of benchmarks/RESULTS.md: 7.1 → 4.9 ms, kernels alone,
  * cold caches.
  *
+ * The blocks, groups, tails, threads and the forward's dispatch are the neuron-agnostic
+ * multistep.h; this file is ATMN's micro-step (neuron_step), its backward and MAR's spike point.
+ *
  * Threads take contiguous ranges of blocks of B neurons; B is a multiple of the channel count C
  * so that a per-channel threshold is one block-periodic buffer vb[B]. A block's last
  * len mod GW neurons run through the same vector code on zero-padded copies. */
 
-#define TC 4 /* micro-steps whose rows are streamed side by side (see forward_range) */
 
 /* s = [h ≥ V] − tern·[h ≤ −V], exactly as the reference (0/1 indicators, one subtraction) */
 HOT VEC CAT(vspike_, SUFFIX)(VEC h, VEC V, const int tern) {
@@ -71,46 +73,32 @@ HOT VEC CAT(vdsdh_, SUFFIX)(
   return (tern ? g + CAT(vpulse_, SUFFIX)(kind, -r - (REAL)1, pa, pb) : g) * iv;
 }
 
-typedef struct {
-  const REAL *x, *v0, *vth, *g_spikes, *g_vlast, *g_vseq;
-  REAL *spikes, *v_last, *v_seq, *g_x, *g_v0;
-  double *g_vth_partial; /* [nthreads][B] */
-  int64_t T, N, C, B;
-  REAL decay;
-  int ternary, detach_reset, surr_kind;
-  REAL surr_pa, surr_pb; /* the surrogate's parameters, precomputed by spikemar/neurons/fused.py */
-  int64_t block_begin, block_end;
-  int tid;
-  int64_t nonfinite; /* forward: non-finite values this worker found in the probe */
-} CAT(job_, SUFFIX);
 
-/* The pointers of one group of GW = GK·VL neighbouring neurons: x-like arrays are [T][stride],
- * the others [GW]. A block's tail points them at zero-padded copies with stride GW. */
+/* What ATMN's micro-steps read (multistep.h's contract): the decay d = 1/τ; for the backward the
+ * surrogate (kind, pa, pb as fused.surrogate_code computes them) and keep_reset (1 unless the
+ * reset is detached) */
 typedef struct {
-  const REAL *x, *v0, *g_spikes, *g_vlast, *g_vseq;
-  REAL *spikes, *v_seq, *v_last, *g_x, *g_v0;
-  int64_t stride;
-} CAT(group_, SUFFIX);
+  REAL d, pa, pb, keep_reset;
+  int kind;
+} CAT(neuron_params_, SUFFIX);
 
-/* Micro-steps t0..t1−1 of one group from x [t][st], its membrane u in and out. Each micro-step is
- * a chain of about 16 cycles of latency per vector (h, s, u): GK independent vectors side by side
- * keep the core busy where one vector at a time would wait. Writes what is wanted (NULL: not):
- * the spikes and the membrane sequence [t][st] (the forward), h into hout [t][hstride] (the
- * backward's recomputation). */
-HOT void CAT(steps_, SUFFIX)(const REAL *x, int64_t st, int64_t t0, int64_t t1, const VEC *V,
-                             REAL d, const int tern, VEC *u, REAL *spikes, REAL *v_seq,
-                             REAL *hout, int64_t hstride) {
-  for (int64_t t = t0; t < t1; ++t) {
-    for (int k = 0; k < GK; ++k) {
-      const VEC h = VLOAD(x + t * st + k * VL) + u[k] * d;
-      const VEC s = CAT(vspike_, SUFFIX)(h, V[k], tern);
-      if (spikes) VSTORE(spikes + t * st + k * VL, s);
-      if (hout) VSTORE(hout + t * hstride + k * VL, h);
-      u[k] = h - V[k] * s;
-      if (v_seq) VSTORE(v_seq + t * st + k * VL, u[k]);
-    }
-  }
+/* h = x + d·u, s = [h ≥ V] − tern·[h ≤ −V], u = h − V·s; variant = tern */
+HOT VEC CAT(neuron_step_, SUFFIX)(VEC x, VEC *u, VEC V, const CAT(neuron_params_, SUFFIX) * p,
+                                  const int tern, VEC *hout) {
+  const VEC h = x + *u * p->d;
+  const VEC s = CAT(vspike_, SUFFIX)(h, V, tern);
+  *hout = h;
+  *u = h - V * s;
+  return s;
 }
+
+/* with d = 0 (τ = ∞) the membrane forgets a NaN: functional.check_values then probes x */
+HOT int CAT(neuron_probes_input_, SUFFIX)(const CAT(neuron_params_, SUFFIX) * p) {
+  return p->d == (REAL)0;
+}
+
+#include "multistep.h"
+
 
 /* Reverse micro-steps t1−1 down to t0 of one group, from h in hin [t][hstride]; gu = dL/du_t in
  * and out, gv += the dL/dV terms (per lane).
@@ -147,13 +135,6 @@ HOT void CAT(reverse_steps_, SUFFIX)(
     }
   }
 }
-
-/* the membrane entering micro-step c0: v0 (or zero) at c0 = 0, else carried in ub */
-HOT void CAT(initial_u_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t c0, const REAL *ub,
-                                 VEC *u) {
-  for (int k = 0; k < GK; ++k)
-    u[k] = c0 > 0 ? VLOAD(ub + k * VL) : g->v0 ? VLOAD(g->v0 + k * VL) : VSPLAT(0);
-}
 HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *gu) {
   for (int k = 0; k < GK; ++k) {
     gu[k] = g->g_vlast ? VLOAD(g->g_vlast + k * VL) : VSPLAT(0);
@@ -161,35 +142,6 @@ HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *g
   }
 }
 
-HOT void CAT(load_v_, SUFFIX)(VEC *V, const REAL *vb, VEC V0, const int shared_v) {
-  for (int k = 0; k < GK; ++k) V[k] = shared_v ? V0 : VLOAD(vb + k * VL);
-}
-
-/* The group at offset q of a view (a group struct whose pointers sit at a block's start) */
-HOT CAT(group_, SUFFIX) CAT(group_at_, SUFFIX)(const CAT(group_, SUFFIX) * view, int64_t q) {
-  CAT(group_, SUFFIX) g = *view;
-#define ADVANCE(p) g.p = g.p ? g.p + q : NULL
-  ADVANCE(x);
-  ADVANCE(v0);
-  ADVANCE(g_spikes);
-  ADVANCE(g_vlast);
-  ADVANCE(g_vseq);
-  ADVANCE(spikes);
-  ADVANCE(v_seq);
-  ADVANCE(v_last);
-  ADVANCE(g_x);
-  ADVANCE(g_v0);
-#undef ADVANCE
-  return g;
-}
-
-/* What a block's loops read besides the view: fixed for a whole call */
-typedef struct {
-  int64_t T;
-  REAL d, pa, pb, keep_reset;
-  REAL V0; /* the shared threshold (shared_v) */
-  int shared_v;
-} CAT(consts_, SUFFIX);
 
 /* add a group's dL/dV terms (n live lanes): shared V into the double accumulators, per-channel
  * V into its block slots (in double) */
@@ -208,111 +160,47 @@ HOT void CAT(add_gv_, SUFFIX)(const VEC *gv, DVEC *gshared, double *gvslots, int
     for (int64_t m = 0; m < n; ++m) gvslots[m] += (double)gv[m / VL][m % VL];
   }
 }
-
-/* The loops over a block's groups, compiled once per combination of their constant flags (TERN;
- * KIND, TERN, DISJOINT) and called through pointers once per block, or per block and chunk of
- * micro-steps: inlining every combination into every caller took the build from ~1 s to ~35 s,
- * and a call per block costs nothing next to its work. Each takes the groups q = 0, GW, … < len
- * of the view; n_last is the number of live lanes of the last group (GW but for a block's
- * padded tail).
- *
- * forward: micro-steps c0..c1−1, the membrane from v0 (c0 = 0) or ub, to ub (c1 < T) or v_last;
- * returns the number of final membranes that are NaN or ±inf. */
-typedef int64_t (*CAT(fwd_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(consts_, SUFFIX) *,
-                                        const REAL *, REAL *, int64_t, int64_t, int64_t);
-/* recompute: h of micro-steps c0..c1−1 into hbuf [t][hstride], the membrane carried in ub */
-typedef void (*CAT(rec_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(consts_, SUFFIX) *,
-                                     const REAL *, REAL *, REAL *, int64_t, int64_t, int64_t,
-                                     int64_t);
 /* reverse: micro-steps c1−1..c0 from h in hbuf [t][hstride] (hstride 0: each group recomputes
  * its own h into hbuf first, all T micro-steps at once), dL/du from g_vlast / g_vseq (c1 = T) or
  * ub, to ub (c0 > 0) or g_v0; dL/dV into gvslots / gshared */
 typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(consts_, SUFFIX) *,
                                      const REAL *, const REAL *, REAL *, REAL *, int64_t, int64_t,
                                      int64_t, int64_t, int64_t, double *, DVEC *);
-#define NOINLINE static __attribute__((noinline))
 
-#define DEFINE_FORWARD(TERN)                                                                    \
-  NOINLINE int64_t CAT(fwd_##TERN##_, SUFFIX)(const CAT(group_, SUFFIX) * view_,               \
-                                              const CAT(consts_, SUFFIX) * k_, const REAL *vb,  \
-                                              REAL *ub, int64_t len, int64_t c0, int64_t c1) {  \
-    const CAT(group_, SUFFIX) view = *view_; /* local copies: fields stay in registers */      \
-    const CAT(consts_, SUFFIX) c = *k_;                                                        \
-    const VEC V0 = VSPLAT(c.V0);                                                                \
-    MASK bad = (MASK){0};                                                                       \
-    VEC V[GK], u[GK];                                                                           \
-    for (int64_t q = 0; q < len; q += GW) {                                                     \
-      const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
-      CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
-      CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
-      CAT(steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, g.spikes, g.v_seq, NULL, 0);  \
-      for (int k = 0; k < GK; ++k) {                                                            \
-        if (c1 < c.T) {                                                                         \
-          VSTORE(ub + q + k * VL, u[k]);                                                        \
-        } else {                                                                                \
-          VSTORE(g.v_last + k * VL, u[k]);                                                      \
-          bad -= (u[k] - u[k]) != (u[k] - u[k]); /* NaN or ±inf (u − u is NaN for both) */     \
-        }                                                                                       \
-      }                                                                                         \
-    }                                                                                           \
-    int64_t n = 0;                                                                              \
-    for (int k = 0; k < (int)VL; ++k) n += (int64_t)bad[k];                                     \
-    return n;                                                                                   \
-  }                                                                                             \
-  NOINLINE void CAT(rec_##TERN##_, SUFFIX)(                                                     \
-      const CAT(group_, SUFFIX) * view_, const CAT(consts_, SUFFIX) * k_, const REAL *vb,       \
-      REAL *ub, REAL *hbuf, int64_t hstride, int64_t len, int64_t c0, int64_t c1) {             \
-    const CAT(group_, SUFFIX) view = *view_;                                                    \
-    const CAT(consts_, SUFFIX) c = *k_;                                                        \
-    const VEC V0 = VSPLAT(c.V0);                                                                \
-    VEC V[GK], u[GK];                                                                           \
-    for (int64_t q = 0; q < len; q += GW) {                                                     \
-      const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
-      CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
-      CAT(initial_u_, SUFFIX)(&g, c0, ub + q, u);                                               \
-      CAT(steps_, SUFFIX)(g.x, g.stride, c0, c1, V, c.d, TERN, u, NULL, NULL, hbuf + q,         \
-                          hstride);                                                             \
-      if (c1 < c.T)                                                                             \
-        for (int k = 0; k < GK; ++k) VSTORE(ub + q + k * VL, u[k]);                             \
-    }                                                                                           \
-  }
-DEFINE_FORWARD(0)
-DEFINE_FORWARD(1)
-
-#define DEFINE_REVERSE(KIND, TERN, DISJOINT)                                                    \
-  NOINLINE void CAT(rev_##KIND##TERN##DISJOINT##_, SUFFIX)(                                     \
-      const CAT(group_, SUFFIX) * view_, const CAT(consts_, SUFFIX) * k_, const REAL *vb,       \
-      const REAL *ivb, REAL *ub, REAL *hbuf, int64_t hstride, int64_t len, int64_t n_last,      \
-      int64_t c0, int64_t c1, double *gvslots, DVEC *gshared) {                                 \
-    const CAT(group_, SUFFIX) view = *view_;                                                    \
-    const CAT(consts_, SUFFIX) c = *k_;                                                        \
-    const VEC V0 = VSPLAT(c.V0), iV0 = VSPLAT((REAL)1 / c.V0);                                  \
-    VEC V[GK], iv[GK], kV[GK], u[GK], gu[GK], gv[GK];                                           \
-    for (int64_t q = 0; q < len; q += GW) {                                                     \
-      const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                           \
-      CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                          \
-      CAT(load_v_, SUFFIX)(iv, ivb + q, iV0, c.shared_v);                                       \
-      for (int k = 0; k < GK; ++k) kV[k] = c.keep_reset * V[k], gv[k] = VSPLAT(0);              \
-      const REAL *h = hbuf + q;                                                                 \
-      int64_t hs = hstride;                                                                     \
-      if (hstride == 0) { /* the group's own h, all micro-steps */                              \
-        CAT(initial_u_, SUFFIX)(&g, 0, NULL, u);                                                \
-        CAT(steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, c.d, TERN, u, NULL, NULL, hbuf, GW);      \
-        h = hbuf, hs = GW;                                                                      \
-      }                                                                                         \
-      if (c1 == c.T) {                                                                          \
-        CAT(final_gu_, SUFFIX)(&g, c.T, gu);                                                    \
-      } else {                                                                                  \
-        for (int k = 0; k < GK; ++k) gu[k] = VLOAD(ub + q + k * VL);                            \
-      }                                                                                         \
-      CAT(reverse_steps_, SUFFIX)(&g, h, hs, c0, c1, V, iv, kV, c.d, c.pa, c.pb, KIND, TERN,    \
-                                  DISJOINT, gu, gv, NULL, NULL, NULL);                          \
-      for (int k = 0; k < GK; ++k) {                                                            \
-        if (c0 > 0) VSTORE(ub + q + k * VL, gu[k]);                                             \
-        else if (g.g_v0) VSTORE(g.g_v0 + k * VL, gu[k]);                                        \
-      }                                                                                         \
-      CAT(add_gv_, SUFFIX)(gv, gshared, gvslots + q, q + GW < len ? GW : n_last, c.shared_v);   \
-    }                                                                                           \
+#define DEFINE_REVERSE(KIND, TERN, DISJOINT)                                                       \
+  NOINLINE void CAT(rev_##KIND##TERN##DISJOINT##_, SUFFIX)(                                        \
+      const CAT(group_, SUFFIX) * view_, const CAT(consts_, SUFFIX) * k_, const REAL *vb,          \
+      const REAL *ivb, REAL *ub, REAL *hbuf, int64_t hstride, int64_t len, int64_t n_last,         \
+      int64_t c0, int64_t c1, double *gvslots, DVEC *gshared) {                                    \
+    const CAT(group_, SUFFIX) view = *view_;                                                       \
+    const CAT(consts_, SUFFIX) c = *k_;                                                            \
+    const VEC V0 = VSPLAT(c.V0), iV0 = VSPLAT((REAL)1 / c.V0);                                     \
+    VEC V[GK], iv[GK], kV[GK], u[GK], gu[GK], gv[GK];                                              \
+    for (int64_t q = 0; q < len; q += GW) {                                                        \
+      const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                              \
+      CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                             \
+      CAT(load_v_, SUFFIX)(iv, ivb + q, iV0, c.shared_v);                                          \
+      for (int k = 0; k < GK; ++k) kV[k] = c.p.keep_reset * V[k], gv[k] = VSPLAT(0);               \
+      const REAL *h = hbuf + q;                                                                    \
+      int64_t hs = hstride;                                                                        \
+      if (hstride == 0) { /* the group's own h, all micro-steps */                                 \
+        CAT(initial_u_, SUFFIX)(&g, 0, NULL, u);                                                   \
+        CAT(steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, &c.p, TERN, u, NULL, NULL, hbuf, GW);        \
+        h = hbuf, hs = GW;                                                                         \
+      }                                                                                            \
+      if (c1 == c.T) {                                                                             \
+        CAT(final_gu_, SUFFIX)(&g, c.T, gu);                                                       \
+      } else {                                                                                     \
+        for (int k = 0; k < GK; ++k) gu[k] = VLOAD(ub + q + k * VL);                               \
+      }                                                                                            \
+      CAT(reverse_steps_, SUFFIX)(&g, h, hs, c0, c1, V, iv, kV, c.p.d, c.p.pa, c.p.pb, KIND, TERN, \
+                                  DISJOINT, gu, gv, NULL, NULL, NULL);                             \
+      for (int k = 0; k < GK; ++k) {                                                               \
+        if (c0 > 0) VSTORE(ub + q + k * VL, gu[k]);                                                \
+        else if (g.g_v0) VSTORE(g.g_v0 + k * VL, gu[k]);                                           \
+      }                                                                                            \
+      CAT(add_gv_, SUFFIX)(gv, gshared, gvslots + q, q + GW < len ? GW : n_last, c.shared_v);      \
+    }                                                                                              \
   }
 /* binary; ternary with both pulses; ternary with one pulse (rectangle, triangle only) */
 DEFINE_REVERSE(0, 0, 0)
@@ -337,68 +225,6 @@ static CAT(rev_fn_, SUFFIX) CAT(reverse_for_, SUFFIX)(int kind, int tern, int di
   return table[kind][tern ? 1 + (disjoint != 0) : 0];
 }
 
-/* the view of a block at start (stride N) */
-static CAT(group_, SUFFIX) CAT(block_view_, SUFFIX)(const CAT(job_, SUFFIX) * j, int64_t start) {
-  const CAT(group_, SUFFIX) all = {
-      .x = j->x, .v0 = j->v0, .g_spikes = j->g_spikes, .g_vlast = j->g_vlast,
-      .g_vseq = j->g_vseq, .spikes = j->spikes, .v_seq = j->v_seq, .v_last = j->v_last,
-      .g_x = j->g_x, .g_v0 = j->g_v0, .stride = j->N};
-  return CAT(group_at_, SUFFIX)(&all, start);
-}
-
-static CAT(consts_, SUFFIX) CAT(consts_of_, SUFFIX)(const CAT(job_, SUFFIX) * j) {
-  const CAT(consts_, SUFFIX) c = {.T = j->T, .d = j->decay, .pa = j->surr_pa, .pb = j->surr_pb,
-                                  .keep_reset = (REAL)(j->detach_reset == 0), .V0 = j->vth[0],
-                                  .shared_v = j->C == 0};
-  return c;
-}
-
-/* Forward over this worker's blocks. With T > TC the block runs TC micro-steps at a time (its
- * membrane in ub between them): more rows side by side than that and the reads and writes of
- * the T rows stop streaming (T = 16 ran 25 % slower than block-major code without it). A
- * block's tail runs all T micro-steps at once on zero-padded copies (padded lanes stay at 0). */
-static void *CAT(forward_worker_, SUFFIX)(void *arg) {
-  CAT(job_, SUFFIX) *j = arg;
-  const int64_t T = j->T, N = j->N, B = j->B;
-  /* the tail's padded copies: x-like [T][GW] ×5, the others [GW] ×3 */
-  REAL *tail = CAT(tail_scratch_, SUFFIX)(5 * T + 3);
-  REAL *vb = malloc(sizeof(REAL) * 2 * (B + GW)), *ub = vb + B + GW;
-  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
-  const CAT(consts_, SUFFIX) c = CAT(consts_of_, SUFFIX)(j);
-  const CAT(fwd_fn_, SUFFIX) forward = j->ternary ? CAT(fwd_1_, SUFFIX) : CAT(fwd_0_, SUFFIX);
-  int64_t bad_u = 0, bad_x = 0; /* non-finite final membranes; non-finite x */
-  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
-    const int64_t start = blk * B;
-    const int64_t len = start + B <= N ? B : N - start, full = len - len % GW;
-    const CAT(group_, SUFFIX) view = CAT(block_view_, SUFFIX)(j, start);
-    for (int64_t c0 = 0; c0 < T && full > 0; c0 += TC)
-      bad_u += forward(&view, &c, vb, ub, full, c0, c0 + TC < T ? c0 + TC : T);
-    if (full < len) {
-      const int64_t i = start + full, n = len - full;
-      REAL *xs = tail, *ss = xs + T * GW, *vs = ss + T * GW, *v0s = vs + T * GW;
-      REAL *vls = v0s + GW;
-      CAT(pad_in_, SUFFIX)(xs, j->x, T, N, i, n);
-      CAT(pad_in_, SUFFIX)(v0s, j->v0, 1, 0, i, n);
-      const CAT(group_, SUFFIX) padded = {.x = xs, .v0 = j->v0 ? v0s : NULL, .spikes = ss,
-                                          .v_seq = j->v_seq ? vs : NULL, .v_last = vls,
-                                          .stride = GW};
-      bad_u += forward(&padded, &c, vb + full, ub, GW, 0, T); /* ub unused: c0 = 0, c1 = T */
-      CAT(pad_out_, SUFFIX)(j->spikes, ss, T, N, i, n);
-      CAT(pad_out_, SUFFIX)(j->v_seq, vs, T, N, i, n);
-      CAT(pad_out_, SUFFIX)(j->v_last, vls, 1, 0, i, n);
-    }
-    /* the probe of functional.check_values: with d > 0 a NaN or ±inf anywhere in x or v0
-     * reaches the final membrane (counted above); with d = 0 look at x itself */
-    if (j->decay == (REAL)0)
-      for (int64_t t = 0; t < T; ++t)
-        for (int64_t k = 0; k < len; ++k) bad_x += !isfinite(j->x[t * N + start + k]);
-  }
-  j->nonfinite = j->decay == (REAL)0 ? bad_x : bad_u;
-  free(vb);
-  free(tail);
-  return NULL;
-}
-
 /* Backward over this worker's blocks; dL/dV per block slot (per channel) or, shared, in slot 0 of
  * this worker's row, summed in double across groups and blocks, in REAL within a group's run of
  * micro-steps. T ≤ TC: each group recomputes its h into the L1 array hs and reverses at once.
@@ -417,9 +243,9 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
   for (int64_t i = 0; i < B + GW; ++i) ivb[i] = (REAL)1 / vb[i];
   const CAT(consts_, SUFFIX) c = CAT(consts_of_, SUFFIX)(j);
-  const int kind = j->surr_kind, tern = j->ternary != 0;
+  const int kind = j->p.kind, tern = j->variant != 0;
   /* pulses g(r − 1) and g(−r − 1) never both non-zero: half-width ≤ 1 (see vdsdh) */
-  const int disjoint = kind <= 1 && j->surr_pa <= (REAL)1;
+  const int disjoint = kind <= 1 && j->p.pa <= (REAL)1;
   const CAT(rec_fn_, SUFFIX) recompute = tern ? CAT(rec_1_, SUFFIX) : CAT(rec_0_, SUFFIX);
   const CAT(rev_fn_, SUFFIX) reverse = CAT(reverse_for_, SUFFIX)(kind, tern, disjoint);
   double *gvrow = j->g_vth_partial + (int64_t)j->tid * B;
@@ -467,36 +293,16 @@ static void *CAT(backward_worker_, SUFFIX)(void *arg) {
   return NULL;
 }
 
-static int64_t CAT(run_, SUFFIX)(CAT(job_, SUFFIX) * base, void *(*worker)(void *),
-                                 int nthreads) {
-  const int64_t nblocks = (base->N + base->B - 1) / base->B;
-  int64_t begin[MAX_THREADS], end[MAX_THREADS];
-  nthreads = plan_ranges(nblocks, 1, nblocks, nthreads, begin, end);
-  CAT(job_, SUFFIX) jobs[MAX_THREADS];
-  for (int k = 0; k < nthreads; ++k) {
-    jobs[k] = *base;
-    jobs[k].tid = k;
-    jobs[k].block_begin = begin[k];
-    jobs[k].block_end = end[k];
-  }
-  run_parallel(worker, jobs, sizeof jobs[0], nthreads);
-  int64_t nonfinite = 0;
-  for (int k = 0; k < nthreads; ++k) nonfinite += jobs[k].nonfinite;
-  return nonfinite;
-}
-
 /* Returns -1 if a threshold is not finite and > 0 (nothing computed), else the number of
  * non-finite values in what functional.check_values probes (the final membrane when decay > 0,
  * x when decay = 0), so that the caller raises as the reference's check does. */
 int64_t CAT(atmn_forward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, int64_t T,
                                    int64_t N, int64_t C, int64_t B, REAL decay, int ternary,
                                    REAL *spikes, REAL *v_last, REAL *v_seq, int nthreads) {
-  for (int64_t c = 0; c < (C == 0 ? 1 : C); ++c)
-    if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
   CAT(job_, SUFFIX) j = {0};
   j.x = x; j.v0 = v0; j.vth = vth; j.spikes = spikes; j.v_last = v_last; j.v_seq = v_seq;
-  j.T = T; j.N = N; j.C = C; j.B = B; j.decay = decay; j.ternary = ternary;
-  return CAT(run_, SUFFIX)(&j, CAT(forward_worker_, SUFFIX), nthreads);
+  j.T = T; j.N = N; j.C = C; j.B = B; j.p.d = decay; j.variant = ternary != 0;
+  return CAT(neuron_forward_, SUFFIX)(&j, nthreads);
 }
 
 /* g_vth_partial: caller-zeroed [nthreads][B] doubles; the caller folds them into V's shape. */
@@ -508,9 +314,9 @@ int CAT(atmn_backward_, SUFFIX)(const REAL *x, const REAL *v0, const REAL *vth, 
   CAT(job_, SUFFIX) j = {0};
   j.x = x; j.v0 = v0; j.vth = vth; j.g_spikes = g_spikes; j.g_vlast = g_vlast;
   j.g_vseq = g_vseq; j.g_x = g_x; j.g_v0 = g_v0; j.g_vth_partial = g_vth_partial;
-  j.T = T; j.N = N; j.C = C; j.B = B; j.decay = decay; j.ternary = ternary;
-  j.detach_reset = detach_reset; j.surr_kind = surr_kind;
-  j.surr_pa = surr_pa; j.surr_pb = surr_pb;
+  j.T = T; j.N = N; j.C = C; j.B = B; j.variant = ternary != 0;
+  j.p.d = decay; j.p.kind = surr_kind; j.p.pa = surr_pa; j.p.pb = surr_pb;
+  j.p.keep_reset = (REAL)(detach_reset == 0);
   CAT(run_, SUFFIX)(&j, CAT(backward_worker_, SUFFIX), nthreads);
   return 0;
 }
@@ -660,7 +466,8 @@ HOT void CAT(quantize_group_backward_, SUFFIX)(const CAT(qjob_, SUFFIX) * j, con
     u[k] = VSPLAT(0), gu[k] = VSPLAT(0), gv[k] = VSPLAT(0), wsum[k] = VSPLAT(0);
     gd[k] = VLOAD(g0 + k * VL), gdV[k] = gd[k] * V[k];
   }
-  CAT(steps_, SUFFIX)(buf, GW, 0, T, V, d, tern, u, NULL, NULL, hs, GW);
+  const CAT(neuron_params_, SUFFIX) np = {.d = d};
+  CAT(steps_, SUFFIX)(buf, GW, 0, T, V, &np, tern, u, NULL, NULL, hs, GW);
   const CAT(group_, SUFFIX) g = {.g_x = gx0, .stride = 0};
   CAT(reverse_steps_, SUFFIX)(&g, hs, GW, 0, T, V, iv, kV, d, j->pa, j->pb, kind, tern, disjoint,
                               gu, gv, w, gdV, wsum);

@@ -1,8 +1,20 @@
 /* Scaffolding of spikemar's CPU kernels that knows nothing of any neuron: running jobs in
- * parallel on torch's own thread team, and splitting work into per-thread ranges. Included once
- * by a kernel file (atmn.c) before its per-type bodies; a second neuron's kernels use the same
- * two calls: plan_ranges to cut [0, total) into ranges, run_parallel to run a worker per range.
- * Needs <dlfcn.h>, <pthread.h>, <stdint.h>, <string.h>. */
+ * parallel on torch's own thread team, and splitting work into per-thread ranges. Included once,
+ * first, by a kernel file (atmn.c) before its per-type bodies (simd.h, multistep.h and the
+ * neuron's _impl.h per element type); it brings the C headers and the CAT / HOT macros they all
+ * use. plan_ranges cuts [0, total) into ranges, run_parallel runs a worker per range. */
+#define _GNU_SOURCE
+#include <dlfcn.h>
+#include <math.h>
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CAT_(a, b) a##b
+#define CAT(a, b) CAT_(a, b)
+/* the bodies that must inline into their callers, whose constant flags then fold away */
+#define HOT static inline __attribute__((always_inline))
 
 /* Parallel runs. After each of its parallel regions, torch's OpenMP threads spin for a while
  * before they sleep (libgomp's default wait policy), so threads of our own would contend with

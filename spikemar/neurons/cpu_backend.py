@@ -47,7 +47,7 @@ __all__ = [
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
 # atmn.c and what it includes (all key the build cache): the neuron-agnostic scaffolding
-# (parallel.h, simd.h) and ATMN's arithmetic (atmn_impl.h)
+# (parallel.h, simd.h, multistep.h) and ATMN's micro-step, backward and spike point (atmn_impl.h)
 _SOURCES = ("atmn.c", "parallel.h", "simd.h", "multistep.h", "atmn_impl.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.

@@ -65,6 +65,7 @@ __all__ = [
     "convert_main",
     "load_dense",
     "read_spike_points",
+    "spike_point_state_names",
     "spiking_student",
 ]
 
@@ -112,7 +113,7 @@ def spiking_student(
                      points=None if points is None else dict(points))  # fmt: skip
     student = MARLM(config)
     missing, unexpected = student.load_state_dict(dense.state_dict(), strict=False)
-    others = [k for k in missing if not k.endswith("neuron.a")]
+    others = sorted(set(missing) - spike_point_state_names(student))
     if others or unexpected:  # the student is the dense model plus thresholds, nothing else
         raise ValueError(f"dense: the student's parameters differ (missing {others[:3]}, "
                          f"unexpected {unexpected[:3]})")  # fmt: skip
@@ -120,8 +121,18 @@ def spiking_student(
     return student.to(device=p.device, dtype=p.dtype).eval()
 
 
-def _spike_points(student: nn.Module) -> list[tuple[str, SpikePoint]]:
-    return [(n, m) for n, m in student.named_modules() if isinstance(m, SpikePoint)]
+def spike_point_state_names(model: nn.Module) -> set[str]:
+    """The state-dict names that ``model``'s spike points own (their thresholds): what a
+    spiking student holds beyond its dense twin's weights. Read from ``MARLM.spike_points()``;
+    empty for a model without them."""
+    if not isinstance(model, MARLM):
+        return set()
+    return {f"{site.name}.{key}" for site in model.spike_points()
+            for key in site.module.state_dict()}  # fmt: skip
+
+
+def _spike_points(student: MARLM) -> list[tuple[str, SpikePoint]]:
+    return [(site.name, site.module) for site in student.spike_points()]
 
 
 def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:

@@ -323,3 +323,21 @@ def test_stage2_from_a_converted_pretrained_student(corpus, tmp_path, capsys):
     with pytest.raises(ValueError, match="stage 2"):
         DistillConfig(**loop(corpus, tmp_path / "x.pt", stage=1, teacher=str(tmp_path / "m2"),
                              student=str(student)))  # fmt: skip
+
+
+def test_the_objective_reads_the_students_spike_points(tmp_path):
+    # per-point settings: SBDS divides by the largest T among the points; a student built on a
+    # teacher is the teacher plus what its spike points own, found through spike_points()
+    from spikemar.convert import spike_point_state_names, spiking_student
+    from spikemar.models import MARLM, MARConfig, SpikeConfig
+
+    dense = MARLM(MARConfig(vocab_size=20, **SSM, spikes=None)).eval()
+    points = {"layers.0.mixer.spike_in": {"T": 2}, "layers.1.ffn.spike_hidden": {"T": 3}}
+    student = spiking_student(dense, SpikeConfig(T=4), points=points)
+    config = DistillConfig(teacher=str(tmp_path / "t.pt"), out=str(tmp_path / "s.pt"))
+    objective = DistillObjective(student, Teacher(dense, "in memory"), config)
+    assert objective.T == 3
+    owned = spike_point_state_names(student)
+    assert owned and owned == set(student.state_dict()) - set(dense.state_dict())
+    assert sorted({name.rsplit(".", 2)[0] for name in owned}) == sorted(points)
+    assert spike_point_state_names(dense) == set()

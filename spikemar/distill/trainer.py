@@ -36,6 +36,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_dict
+from ..convert import spike_point_state_names
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM, from_pretrained
 from ..models.hub import is_hub_id, read_pretrained_config, resolve_pretrained
@@ -280,8 +281,9 @@ class DistillObjective(Objective):
         self.projection = None
         if config.feature is not None and student.config.d_model != teacher.width:
             self.projection = FeatureProjection(widths, [teacher.width] * len(widths))
-        spikes = student.config.spikes
-        self.T = spikes.T if spikes is not None else 1
+        # SBDS divides by the micro-steps T; with per-point settings (MARConfig.points) the
+        # points may differ, and the largest T is used (T itself when they agree)
+        self.T = max((site.module.T for site in student.spike_points()), default=1)
         self.aligning = False
 
     def train(self, mode: bool = True) -> DistillObjective:
@@ -358,7 +360,7 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
         except RuntimeError as err:
             raise ValueError(f"student_config: the student must keep the teacher's shapes to "
                              f"start from its weights ({err})") from err  # fmt: skip
-        new = [k for k in missing if not k.endswith("neuron.a")]
+        new = sorted(set(missing) - spike_point_state_names(student))
         if new or unexpected:
             raise ValueError(f"student_config: the student's parameters do not match the "
                              f"teacher's (missing {new}, unexpected {unexpected})")  # fmt: skip

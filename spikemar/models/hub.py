@@ -216,8 +216,10 @@ def from_pretrained(
     config.spikes = spike_config
     model = MARLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
-    # the mapping covers the dense model; a student's new tensors are its thresholds only
-    missing = [k for k in missing if not k.endswith("neuron.a")]
+    # the mapping covers the dense model; a student's new tensors are its spike points' only
+    owned = {f"{site.name}.{key}" for site in model.spike_points()
+             for key in site.module.state_dict()}  # fmt: skip
+    missing = sorted(set(missing) - owned)
     if missing or unexpected:
         raise ValueError(
             f"{directory}: the mapped weights do not fit the model (missing {missing[:3]}, "

@@ -343,7 +343,7 @@ class CountContext:
     """What a counting rule (:func:`spikemar.energy.register_rule`) records through: one per
     counted module, handed to the rule on every call."""
 
-    __slots__ = ("_counter", "_parameters", "_row", "kind", "module_type", "name")
+    __slots__ = ("_counter", "_parameters", "_real_events", "_row", "kind", "module_type", "name")
 
     def __init__(
         self,
@@ -359,6 +359,7 @@ class CountContext:
         self.module_type = module_type
         self._parameters = parameters
         self._row: _Row | None = None
+        self._real_events: dict[tuple, _Event] = {}  # see synaptic: shared real-input events
 
     def row(self) -> _Row:
         row = self._row
@@ -507,7 +508,16 @@ class CountContext:
             return
         is_real_dtype = not x.is_floating_point() and x.dtype != torch.bool
         if counter.spike_detection == "producer" or is_real_dtype or _stats.surely_not_spikes(x):
-            row.events.append(_Event("real", is_spike=False, **memory))
+            # an event of integers only, the same for every call with these counts: shared
+            # (nothing resolves or changes it), which spares building one per call
+            if type(elementwise_ops) is not int or type(activation_writes) is not int:
+                row.events.append(_Event("real", is_spike=False, **memory))
+                return
+            key = tuple(memory.values())
+            event = self._real_events.get(key)
+            if event is None:
+                event = self._real_events[key] = _Event("real", is_spike=False, **memory)
+            row.events.append(event)
             return
         is_spike = _stats.value_test(x)
         if weighted_acs is not None:
@@ -853,13 +863,17 @@ def _linear_fed_points(model: nn.Module) -> frozenset[int]:
     """The ids of the spike points that ``model.spike_points()`` (the public iterator of
     :class:`spikemar.models.MARLM`) lists as feeding nothing but ``nn.Linear`` projections:
     their spike counts are all the counter needs. Empty for a model without the iterator."""
+    from spikemar.ssm.mixer import SpikePointSite
+
     points = getattr(model, "spike_points", None)
     if not callable(points):
         return frozenset()
     return frozenset(
         id(site.module)
         for site in points()
-        if site.projections and all(isinstance(p, nn.Linear) for p in site.projections.values())
+        if isinstance(site, SpikePointSite)
+        and site.projections
+        and all(isinstance(p, nn.Linear) for p in site.projections.values())
     )
 
 

@@ -462,3 +462,29 @@ def test_eval_command_unknown_task_names_it(harness, tiny_checkpoint, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err.strip()
     assert "--tasks: unknown task(s) ['shakespeare_nextlin']" in err and "\n" not in err
+
+
+def test_png_has_a_panel_per_kind_of_score(tmp_path):
+    """Accuracy where there are accuracy tasks, bits per byte where there are rolling ones; a
+    table with neither (or no energy) has nothing to plot."""
+    from matplotlib.image import imread
+
+    from spikemar.eval.report import EvalRow, EvalTable
+
+    energy = {"energy_pj_per_token": {"45nm-fp32": 1e6}}
+    acc = {"nextline": {"acc": 0.3, "acc_stderr": 0.05}}
+    bpb = {"rolling": {"bits_per_byte": 2.2}}
+    widths = {}
+    for name, tasks in {"acc": acc, "bpb": bpb, "both": {**acc, **bpb}}.items():
+        rows = [EvalRow("a", "a.pt", tasks, energy), EvalRow("b", "b.pt", tasks, energy)]
+        table = EvalTable(rows)
+        if "rolling" in tasks:
+            assert table.bits_per_byte(rows[0]) == pytest.approx(2.2)
+        widths[name] = imread(table.save_png(tmp_path / f"{name}.png")).shape[1]
+    assert widths["acc"] == widths["bpb"] and widths["both"] == 2 * widths["acc"]
+    with pytest.raises(ValueError, match="no row has both a scored task and an energy figure"):
+        EvalTable([EvalRow("a", "a.pt", {"x": {"word_perplexity": 3.0}}, energy)]).save_png(
+            tmp_path / "none.png"
+        )
+    with pytest.raises(ValueError, match="no energy was counted"):
+        EvalTable([EvalRow("a", "a.pt", acc, None)]).save_png(tmp_path / "none.png")

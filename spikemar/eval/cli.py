@@ -359,7 +359,9 @@ def eval_main(args: argparse.Namespace) -> int:
         _write_text(out / "eval.json", table.to_json() + "\n", written)
         markdown = table.to_markdown()
         _write_text(out / "eval.md", markdown, written)
-        if not args.no_energy and any(r.average_accuracy()[0] is not None for r in table.rows):
+        scored = [r.average_accuracy()[0] is not None or table.bits_per_byte(r) is not None
+                  for r in table.rows]  # fmt: skip
+        if not args.no_energy and any(scored):
             written.append(table.save_png(out / "eval.png"))
         print(markdown)
         print("wrote " + ", ".join(str(p) for p in written))

@@ -239,11 +239,16 @@ class EvalTable:
             )
         return out
 
+    def bits_per_byte(self, row: EvalRow) -> float | None:
+        """Mean bits per byte over ``row``'s rolling (perplexity) tasks; None without one."""
+        values = [m["bits_per_byte"] for m in row.tasks.values() if "bits_per_byte" in m]
+        return sum(values) / len(values) if values else None
+
     def save_png(self, path: str | Path, *, hardware: str | None = None, dpi: int = 120) -> Path:
-        """Average accuracy (± stderr) against energy per token under ``hardware`` (default
-        the first profile of the rows), one labelled point per model."""
+        """Against energy per token under ``hardware`` (default the first profile of the rows),
+        one labelled point per model: average accuracy (± stderr) where there are accuracy
+        tasks, and beside it rolling bits per byte where there are perplexity tasks."""
         from matplotlib.figure import Figure
-        from matplotlib.ticker import NullFormatter
 
         profiles = self._profiles()
         if not profiles:
@@ -251,31 +256,54 @@ class EvalTable:
         hw = hardware or profiles[0]
         if hw not in profiles:
             raise ValueError(f"hardware: expected one of {profiles}, got {hw!r}")
-        fig = Figure(figsize=(6.4, 4.4))
-        ax = fig.add_subplot()
-        plotted = 0
+        acc_points, bpb_points = [], []
         for row in self.rows:
-            acc, se = row.average_accuracy()
             energy = (row.energy or {}).get("energy_pj_per_token", {}).get(hw)
-            if acc is None or energy is None:
+            if energy is None:
                 continue
-            ax.errorbar(energy, acc * 100, yerr=None if se is None else se * 100, fmt="o",
-                        capsize=3, label=row.label)  # fmt: skip
-            plotted += 1
-        if not plotted:
-            raise ValueError("rows: no row has both an accuracy task and an energy figure")
-        ax.set_ylim(0, max(10.0, ax.get_ylim()[1] * 1.1))  # accuracy from 0: gaps read true
-        energies = [x for line in ax.lines for x in line.get_xdata()]
-        ax.set_xlim(min(energies) / 2, max(energies) * 2)  # room for the markers at the edges
-        ax.legend(fontsize=8, loc="lower right")
-        ax.set_xscale("log")
-        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on 1, 2, 5 × 10^k would overlap
-        ax.set_xlabel(f"energy per token ({hw}, pJ)")
-        ax.set_ylabel("average accuracy (%)")
-        tasks = ", ".join(self._tasks(("acc",)))
-        ax.set_title(f"Accuracy vs energy ({tasks})", fontsize=9)
-        ax.grid(alpha=0.3, which="both")
+            acc, se = row.average_accuracy()
+            if acc is not None:
+                acc_points.append((row.label, energy, acc * 100, None if se is None else se * 100))
+            bpb = self.bits_per_byte(row)
+            if bpb is not None:
+                bpb_points.append((row.label, energy, bpb, None))
+        panels = [p for p in (acc_points, bpb_points) if p]
+        if not panels:
+            raise ValueError("rows: no row has both a scored task and an energy figure")
+        fig = Figure(figsize=(6.4 * len(panels), 4.4))
+        axes = fig.subplots(1, len(panels), squeeze=False)[0]
+        n = 0
+        if acc_points:
+            tasks = ", ".join(self._tasks(("acc",)))
+            _energy_panel(axes[n], acc_points, hw, "average accuracy (%)",
+                          f"Accuracy vs energy ({tasks})", from_zero=True)  # fmt: skip
+            n += 1
+        if bpb_points:
+            tasks = ", ".join(self._tasks(("bits_per_byte",)))
+            _energy_panel(axes[n], bpb_points, hw, "bits per byte (lower is better)",
+                          f"Perplexity vs energy ({tasks})", from_zero=False)  # fmt: skip
         fig.tight_layout()
         from ..viz import save_figure
 
         return save_figure(fig, path, dpi=dpi)  # atomic: an interrupted run leaves no half PNG
+
+
+def _energy_panel(ax, points: list[tuple], hw: str, ylabel: str, title: str, *,
+                  from_zero: bool) -> None:  # fmt: skip
+    """One labelled point per ``(label, energy_pj, value, stderr or None)``, energy on a log
+    axis."""
+    from matplotlib.ticker import NullFormatter
+
+    for label, energy, value, se in points:
+        ax.errorbar(energy, value, yerr=se, fmt="o", capsize=3, label=label)
+    if from_zero:
+        ax.set_ylim(0, max(10.0, ax.get_ylim()[1] * 1.1))  # accuracy from 0: gaps read true
+    energies = [e for _, e, _, _ in points]
+    ax.set_xlim(min(energies) / 2, max(energies) * 2)  # room for the markers at the edges
+    ax.legend(fontsize=8, loc="lower right" if from_zero else "upper right")
+    ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(NullFormatter())  # labels on 1, 2, 5 × 10^k would overlap
+    ax.set_xlabel(f"energy per token ({hw}, pJ)")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
+    ax.grid(alpha=0.3, which="both")

@@ -183,7 +183,6 @@ static CAT(consts_, SUFFIX) CAT(consts_of_, SUFFIX)(const CAT(job_, SUFFIX) * j)
   return c;
 }
 
-
 /* Forward over this worker's blocks. With T > TC the block runs TC micro-steps at a time (its
  * membrane in ub between them): more rows side by side than that and the reads and writes of
  * the T rows stop streaming (T = 16 ran 25 % slower than block-major code without it). A
@@ -258,3 +257,159 @@ static int64_t CAT(neuron_forward_, SUFFIX)(CAT(job_, SUFFIX) * j, int nthreads)
   return CAT(run_, SUFFIX)(j, CAT(forward_worker_, SUFFIX), nthreads);
 }
 
+/* -- the backward (when the neuron defines NEURON_BACKWARD) -------------------------------------
+ *
+ * The neuron then supplies, after including this file:
+ *   HOT void CAT(neuron_reverse_, SUFFIX)(const CAT(group_, SUFFIX) *g, const REAL *hin,
+ *       int64_t hstride, int64_t t0, int64_t t1, const VEC *V, const VEC *iv, const NPARAMS *p,
+ *       const int flags, VEC *gu, VEC *gv);
+ *       reverse micro-steps t1−1 down to t0 of one group from its recomputed h (hin
+ *       [t][hstride]): reads g->g_spikes and g->g_vseq ([t][g->stride], NULL: zero), writes
+ *       g->g_x; gu = dL/du_t carried in and out; gv += the lanes' dL/dV terms; iv = 1/V
+ *   DEFINE_REVERSE_LOOP(NAME, VARIANT, FLAGS) once per compiled combination (NAME##SUFFIX the
+ *       loop, VARIANT the forward's variant used for the recomputation, FLAGS an int constant
+ *       passed to neuron_reverse_), and
+ *   static CAT(rev_fn_, SUFFIX) CAT(neuron_reverse_for_, SUFFIX)(const NPARAMS *p, int variant);
+ *       which loop runs a call.
+ * It gets neuron_backward (threads, blocks, recomputation in chunks, tails, dL/dV per slot). */
+#ifdef NEURON_BACKWARD
+HOT void CAT(final_gu_, SUFFIX)(const CAT(group_, SUFFIX) * g, int64_t T, VEC *gu) {
+  for (int k = 0; k < GK; ++k) {
+    gu[k] = g->g_vlast ? VLOAD(g->g_vlast + k * VL) : VSPLAT(0);
+    if (g->g_vseq) gu[k] += VLOAD(g->g_vseq + (T - 1) * g->stride + k * VL);
+  }
+}
+
+/* add a group's dL/dV terms (n live lanes): shared V into the double accumulators, per-channel
+ * V into its block slots (in double) */
+HOT void CAT(add_gv_, SUFFIX)(const VEC *gv, DVEC *gshared, double *gvslots, int64_t n,
+                              const int shared_v) {
+  if (shared_v) {
+    for (int k = 0; k < GK; ++k) CAT(vaccumulate_, SUFFIX)(gshared, gv[k]);
+  } else if (n == GW) {
+    for (int k = 0; k < GK; ++k) {
+      DVEC acc[VL / 4];
+      memcpy(acc, gvslots + k * VL, sizeof acc);
+      CAT(vaccumulate_, SUFFIX)(acc, gv[k]);
+      memcpy(gvslots + k * VL, acc, sizeof acc);
+    }
+  } else {
+    for (int64_t m = 0; m < n; ++m) gvslots[m] += (double)gv[m / VL][m % VL];
+  }
+}
+
+/* reverse: micro-steps c1−1..c0 from h in hbuf [t][hstride] (hstride 0: each group recomputes
+ * its own h into hbuf first, all T micro-steps at once), dL/du from g_vlast / g_vseq (c1 = T) or
+ * ub, to ub (c0 > 0) or g_v0; dL/dV into gvslots / gshared */
+typedef void (*CAT(rev_fn_, SUFFIX))(const CAT(group_, SUFFIX) *, const CAT(consts_, SUFFIX) *,
+                                     const REAL *, const REAL *, REAL *, REAL *, int64_t, int64_t,
+                                     int64_t, int64_t, int64_t, double *, DVEC *);
+
+#define DEFINE_REVERSE_LOOP(NAME, VARIANT, FLAGS)                                                  \
+  NOINLINE void CAT(NAME, SUFFIX)(                                                                 \
+      const CAT(group_, SUFFIX) * view_, const CAT(consts_, SUFFIX) * k_, const REAL *vb,          \
+      const REAL *ivb, REAL *ub, REAL *hbuf, int64_t hstride, int64_t len, int64_t n_last,         \
+      int64_t c0, int64_t c1, double *gvslots, DVEC *gshared) {                                    \
+    const CAT(group_, SUFFIX) view = *view_;                                                       \
+    const CAT(consts_, SUFFIX) c = *k_;                                                            \
+    const VEC V0 = VSPLAT(c.V0), iV0 = VSPLAT((REAL)1 / c.V0);                                     \
+    VEC V[GK], iv[GK], u[GK], gu[GK], gv[GK];                                                      \
+    for (int64_t q = 0; q < len; q += GW) {                                                        \
+      const CAT(group_, SUFFIX) g = CAT(group_at_, SUFFIX)(&view, q);                              \
+      CAT(load_v_, SUFFIX)(V, vb + q, V0, c.shared_v);                                             \
+      CAT(load_v_, SUFFIX)(iv, ivb + q, iV0, c.shared_v);                                          \
+      for (int k = 0; k < GK; ++k) gv[k] = VSPLAT(0);                                              \
+      const REAL *h = hbuf + q;                                                                    \
+      int64_t hs = hstride;                                                                        \
+      if (hstride == 0) { /* the group's own h, all micro-steps */                                 \
+        CAT(initial_u_, SUFFIX)(&g, 0, NULL, u);                                                   \
+        CAT(steps_, SUFFIX)(g.x, g.stride, 0, c.T, V, &c.p, VARIANT, u, NULL, NULL, hbuf, GW);     \
+        h = hbuf, hs = GW;                                                                         \
+      }                                                                                            \
+      if (c1 == c.T) {                                                                             \
+        CAT(final_gu_, SUFFIX)(&g, c.T, gu);                                                       \
+      } else {                                                                                     \
+        for (int k = 0; k < GK; ++k) gu[k] = VLOAD(ub + q + k * VL);                               \
+      }                                                                                            \
+      CAT(neuron_reverse_, SUFFIX)(&g, h, hs, c0, c1, V, iv, &c.p, FLAGS, gu, gv);                 \
+      for (int k = 0; k < GK; ++k) {                                                               \
+        if (c0 > 0) VSTORE(ub + q + k * VL, gu[k]);                                                \
+        else if (g.g_v0) VSTORE(g.g_v0 + k * VL, gu[k]);                                           \
+      }                                                                                            \
+      CAT(add_gv_, SUFFIX)(gv, gshared, gvslots + q, q + GW < len ? GW : n_last, c.shared_v);      \
+    }                                                                                              \
+  }
+
+static CAT(rev_fn_, SUFFIX) CAT(neuron_reverse_for_, SUFFIX)(const NPARAMS *p, int variant);
+
+/* Backward over this worker's blocks; dL/dV per block slot (per channel) or, shared, in slot 0 of
+ * this worker's row, summed in double across groups and blocks, in REAL within a group's run of
+ * micro-steps. T ≤ TC: each group recomputes its h into the L1 array hs and reverses at once.
+ * T > TC: the block's h is recomputed TC micro-steps at a time into hbuf [T][B] (L2), then
+ * reversed TC micro-steps at a time, dL/du carried in ub between them. A block's tail runs all
+ * T micro-steps at once on zero-padded copies, whose padded lanes have x, v0 and every incoming
+ * gradient 0 and so add nothing to dL/dV. */
+static void *CAT(backward_worker_, SUFFIX)(void *arg) {
+  const CAT(job_, SUFFIX) *j = arg;
+  const int64_t T = j->T, N = j->N, B = j->B;
+  /* the tail's padded copies: x-like [T][GW] ×5, the others [GW] ×3 */
+  REAL *tail = CAT(tail_scratch_, SUFFIX)(5 * T + 3);
+  REAL *hs = aligned_alloc(64, (size_t)(TC * GW * sizeof(REAL) + 63) / 64 * 64);
+  REAL *hbuf = T > TC ? malloc(sizeof(REAL) * T * B) : NULL;
+  REAL *vb = malloc(sizeof(REAL) * 3 * (B + GW)), *ivb = vb + B + GW, *ub = ivb + B + GW;
+  CAT(fill_vb_, SUFFIX)(vb, j->vth, j->C, B + GW);
+  for (int64_t i = 0; i < B + GW; ++i) ivb[i] = (REAL)1 / vb[i];
+  const CAT(consts_, SUFFIX) c = CAT(consts_of_, SUFFIX)(j);
+  const CAT(rec_fn_, SUFFIX) recompute = j->variant ? CAT(rec_1_, SUFFIX) : CAT(rec_0_, SUFFIX);
+  const CAT(rev_fn_, SUFFIX) reverse = CAT(neuron_reverse_for_, SUFFIX)(&j->p, j->variant);
+  double *gvrow = j->g_vth_partial + (int64_t)j->tid * B;
+  DVEC gshared[VL / 4] = {{0}};
+  for (int64_t blk = j->block_begin; blk < j->block_end; ++blk) {
+    const int64_t start = blk * B;
+    const int64_t len = start + B <= N ? B : N - start, full = len - len % GW;
+    const CAT(group_, SUFFIX) view = CAT(block_view_, SUFFIX)(j, start);
+    if (full > 0 && T <= TC) {
+      reverse(&view, &c, vb, ivb, ub, hs, 0, full, GW, 0, T, gvrow, gshared);
+    } else if (full > 0) {
+      for (int64_t c0 = 0; c0 < T; c0 += TC)
+        recompute(&view, &c, vb, ub, hbuf, B, full, c0, c0 + TC < T ? c0 + TC : T);
+      for (int64_t c1 = T; c1 > 0;) {
+        const int64_t c0 = (c1 - 1) / TC * TC;
+        reverse(&view, &c, vb, ivb, ub, hbuf, B, full, GW, c0, c1, gvrow, gshared);
+        c1 = c0;
+      }
+    }
+    if (full < len) {
+      const int64_t i = start + full, n = len - full;
+      REAL *xs = tail, *gss = xs + T * GW, *gqs = gss + T * GW, *gxs = gqs + T * GW;
+      REAL *hts = gxs + T * GW, *v0s = hts + T * GW, *gls = v0s + GW, *g0s = gls + GW;
+      CAT(pad_in_, SUFFIX)(xs, j->x, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(gss, j->g_spikes, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(gqs, j->g_vseq, T, N, i, n);
+      CAT(pad_in_, SUFFIX)(v0s, j->v0, 1, 0, i, n);
+      CAT(pad_in_, SUFFIX)(gls, j->g_vlast, 1, 0, i, n);
+      const CAT(group_, SUFFIX) padded = {
+          .x = xs, .v0 = j->v0 ? v0s : NULL, .g_spikes = j->g_spikes ? gss : NULL,
+          .g_vlast = j->g_vlast ? gls : NULL, .g_vseq = j->g_vseq ? gqs : NULL, .g_x = gxs,
+          .g_v0 = j->g_v0 ? g0s : NULL, .stride = GW};
+      reverse(&padded, &c, vb + full, ivb + full, ub, hts, 0, GW, n, 0, T, gvrow + full,
+              gshared);
+      CAT(pad_out_, SUFFIX)(j->g_x, gxs, T, N, i, n);
+      CAT(pad_out_, SUFFIX)(j->g_v0, g0s, 1, 0, i, n);
+    }
+  }
+  if (c.shared_v)
+    for (int k = 0; k < (int)VL; ++k) gvrow[0] += gshared[k / 4][k % 4];
+  free(vb);
+  free(hbuf);
+  free(hs);
+  free(tail);
+  return NULL;
+}
+
+/* The backward of a call: j holds the pointers (g_vth_partial: caller-zeroed [nthreads][B]
+ * doubles, which the caller folds into V's shape), T, N, C, B, the parameters and the variant. */
+static void CAT(neuron_backward_, SUFFIX)(CAT(job_, SUFFIX) * j, int nthreads) {
+  CAT(run_, SUFFIX)(j, CAT(backward_worker_, SUFFIX), nthreads);
+}
+#endif /* NEURON_BACKWARD */

@@ -66,6 +66,7 @@ from .checkpoint import (
     save_checkpoint,
 )
 from .data import CharTokenizer, TokenDataset
+from .neurons import raise_deferred_errors, value_checks
 
 __all__ = [
     "LoopConfig",
@@ -74,6 +75,7 @@ __all__ = [
     "TrainingDivergedError",
     "add_loop_arguments",
     "evaluate",
+    "forward_backward",
     "loop_settings",
     "prepare_output",
     "run_training",
@@ -356,14 +358,20 @@ def evaluate(
     was_training = model.training
     model.eval()
     losses = {}
-    for split in ("train", "val"):
-        gen = torch.Generator().manual_seed(config.seed + 1)  # the same batches every time
-        total = 0.0
-        for _ in range(config.eval_iters):
-            x, y = data.batch(split, config.batch_size, config.L, generator=gen)
-            logits = model(x.to(device))
-            total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).item()
-        losses[split] = total / config.eval_iters
+    cuda = torch.device(device).type == "cuda"
+    # on CUDA the spike points' value checks are read once per evaluation, not once per call
+    with value_checks("deferred") if cuda else contextlib.nullcontext():
+        for split in ("train", "val"):
+            gen = torch.Generator().manual_seed(config.seed + 1)  # the same batches every time
+            # summed on the device (no read per batch), in float64 as Python's floats were
+            total = torch.zeros((), dtype=torch.float64, device=device)
+            for _ in range(config.eval_iters):
+                x, y = data.batch(split, config.batch_size, config.L, generator=gen)
+                logits = model(x.to(device))
+                total += F.cross_entropy(logits.flatten(0, 1), y.to(device).flatten()).double()
+            losses[split] = total.item() / config.eval_iters
+    if cuda:
+        raise_deferred_errors()
     model.train(was_training)
     return losses
 
@@ -644,10 +652,9 @@ def run_training(
                 rng_before, sched_before, phase = _rng_state(gen), scheduler.last_epoch, "computing"
                 objective.begin_step(step)
                 x, y = data.batch("train", config.batch_size, config.L, generator=gen)
-                with autocast(config, device):
-                    loss, terms = stepper(x[share].to(device), y[share].to(device))
                 optimizer.zero_grad(set_to_none=True)
-                loss.backward()
+                xs, ys = x[share].to(device), y[share].to(device)
+                loss, terms = forward_backward(stepper, xs, ys, autocast(config, device))
                 # the gradient norm is all-reduced, so every rank takes the same decision
                 norm = nn.utils.clip_grad_norm_(trained, config.grad_clip)
                 loss_value, norm_value = loss.item(), _local(norm).item()
@@ -713,6 +720,28 @@ def run_training(
     finally:
         bar.close()
     return {"history": history, "best_val": best, "checkpoint": str(out), "skipped": skipped}
+
+
+def forward_backward(
+    stepper: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    amp: contextlib.AbstractContextManager | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    """One step's forward (under ``amp``) and backward: ``stepper(x, y)`` → ``(loss, terms)``.
+
+    On CUDA inputs the neurons' value checks (NaN/inf input, a bad threshold) are deferred
+    (:func:`spikemar.neurons.value_checks`): a flag on the device instead of a host sync at
+    every spike point, read once here after the backward, which raises as the eager check
+    would have (a ValueError naming what was wrong)."""
+    cuda = x.is_cuda
+    with value_checks("deferred") if cuda else contextlib.nullcontext():
+        with amp if amp is not None else contextlib.nullcontext():
+            loss, terms = stepper(x, y)
+        loss.backward()
+    if cuda:
+        raise_deferred_errors()
+    return loss, terms
 
 
 def _evaluate(model: nn.Module, objective: nn.Module, data: TokenDataset, config: LoopConfig,

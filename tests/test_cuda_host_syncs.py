@@ -264,3 +264,34 @@ def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory
             }
     for a, b in zip(*results, strict=True):
         torch.testing.assert_close(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor))
+
+
+def test_a_training_step_on_cuda_inputs_defers_the_value_checks_and_reads_them_once():
+    """spikemar.training's step: the spike points' checks deferred during forward and
+    backward on CUDA inputs, one read of the flags after the backward, eager on the CPU."""
+    from spikemar.training import Objective, forward_backward
+
+    modes = []
+
+    class Probe(Objective):
+        def forward(self, x, y):
+            modes.append(checks.get_value_checks())
+            if x.is_cuda:  # what a spike point's deferred check folds into the device flags
+                checks.defer(torch.tensor(False), torch.tensor(self.bad), x)
+            loss = self.model.weight.square().sum()
+            return loss, {"loss": loss.detach()}
+
+    probe = Probe(torch.nn.Linear(2, 2))
+    probe.bad = False
+    x = fake_cuda(torch.zeros(2, 3, dtype=torch.long))
+    with watching_syncs() as seen:
+        forward_backward(probe, x, x)
+    assert modes == ["deferred"] and seen == ["tolist"]  # the flags, read once
+    assert checks.get_value_checks() == "eager" and probe.model.weight.grad is not None
+    probe.bad = True
+    with pytest.raises(ValueError, match=r"^x_seq: .* NaN or inf"):
+        forward_backward(probe, x, x)
+    modes.clear()
+    with watching_syncs() as seen:
+        forward_backward(probe, torch.zeros(2, 3, dtype=torch.long), None)
+    assert modes == ["eager"] and seen == []

@@ -1,5 +1,7 @@
-"""What the fused ATMN backends share: the autograd Function around a forward and a backward
-kernel, and the encoding of surrogates and thresholds that the kernels read.
+"""What the fused backends share: the autograd Function around a forward and a backward kernel
+(neuron-agnostic: it reads nothing of ``p`` but ``p.v_threshold``, so a second neuron's kernels
+use it as ATMN's do, see tests/test_neuron_seam.py), and the encoding of ATMN's surrogates and
+thresholds that its kernels read.
 
 A kernel set implements two launches over contiguous tensors (``x`` [T, N] viewed flat,
 ``v0`` [N] or None for a zero membrane):

@@ -4,25 +4,36 @@ transformers on the same (random) weights, beside the physical floor.
 The model is transformers' ``Mamba2ForCausalLM`` with state-spaces/mamba2-130m's configuration
 (vocabulary 50288, width 768, 24 layers, state 128, head dim 64, tied head; random weights: no
 download), read into spikemar with ``models.pretrained`` (``config_from_hf`` +
-``state_dict_from_hf``). Rows:
+``state_dict_from_hf``). Rows of one Markdown table, all from one run:
 
-* generation, per token, batch 1 and 8: spikemar's dense model (``MARLM.step``), its spiking
-  student (MAR's spike points, T = 4, thresholds at their initial value: the work per token does
-  not depend on them on the CPU, where a spike point computes W·decode), and transformers'
-  ``generate`` (greedy, its cache). Per-token time = (time for N2 tokens − time for N1 tokens) /
-  (N2 − N1), so the prompt's prefill cancels.
-* the physical floor at batch 1: the bytes of weights a token must read (every parameter once,
-  float32) at the copy bandwidth measured in the same run (bytes read + written per second of a
-  256 MB ``copy_``).
-* prefill: one parallel forward over ``--prefill`` tokens, spikemar against transformers.
+* **generation**, per token, at each ``--batches`` size: spikemar's dense model (``MARLM.step``
+  fed its own greedy token, as ``generate`` does), its spiking student (MAR's spike points,
+  T = 4, thresholds at their initial value: the work per token does not depend on them on the
+  CPU, where a spike point computes W·decode) and transformers' ``generate`` (greedy, its
+  cache). Every token is timed on its own: spikemar's ``step`` calls by the clock around them,
+  transformers' by a logits processor that notes the time at each token (so the time of one
+  token includes everything ``generate`` does per token). ``--rounds`` interleaved rounds (dense,
+  student, transformers, then again); medians over all tokens of all rounds.
+* the **physical floor** per token: the bytes of weights a token must read (every parameter
+  once, float32; the tied head once) at the copy bandwidth measured in the same run (bytes read
+  + written per second of a 256 MB ``copy_``). A batch shares one read of the weights, so the
+  floor is the same per step at every batch.
+* **prefill**: one parallel forward over ``--prefill`` tokens (spikemar's chunked scan against
+  transformers' forward), min of ``--prefill-repeats``.
 
-Run: ``python benchmarks/bench_pretrained.py [--threads 2] [--quick]`` (``--quick``: a tiny
-config, for a smoke test). Record ``uptime`` with the numbers; compare ratios within one run.
+Run (about 5 minutes on 2 quiet cores; the whole table in one go, Markdown on stdout)::
+
+    nice python benchmarks/bench_pretrained.py                # batch 1 and 8, prefill 2048
+    python benchmarks/bench_pretrained.py --quick             # a tiny config: seconds
+
+Record ``uptime`` with the numbers (the header prints the load before and after); compare ratios
+within one run.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import statistics
 import time
@@ -44,10 +55,12 @@ MAMBA2_130M = {
 }
 QUICK = {**MAMBA2_130M, "vocab_size": 512, "hidden_size": 64, "num_hidden_layers": 2,
          "state_size": 16, "head_dim": 16, "num_heads": 8, "chunk_size": 64}  # fmt: skip
+PROMPT = 4  # prompt tokens before the timed ones
 
 
 def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
-    """Bytes read + written per second by ``dst.copy_(src)`` (median of ``repeats``)."""
+    """Bytes read + written per second by ``dst.copy_(src)`` (the best of ``repeats``: the
+    machine's bandwidth, which a weight-streaming step could reach)."""
     src = torch.ones(mb * 2**20 // 4)
     dst = torch.empty_like(src)
     dst.copy_(src)
@@ -56,45 +69,49 @@ def copy_bandwidth(mb: int = 256, repeats: int = 5) -> float:
         t = time.perf_counter()
         dst.copy_(src)
         times.append(time.perf_counter() - t)
-    return 2 * src.numel() * 4 / statistics.median(times)
+    return 2 * src.numel() * 4 / min(times)
 
 
-def spikemar_step_time(model, batch: int, n1: int, n2: int, vocab: int) -> float:
-    """Seconds per token of ``model.step`` after a 4-token prompt (differences of two runs)."""
-    prompt = torch.randint(0, vocab, (batch, 4), generator=torch.Generator().manual_seed(0))
-
-    def run(n: int) -> float:
-        with torch.no_grad():
-            start = time.perf_counter()
-            state = model.init_state(batch)
-            logits = None
-            for t in range(prompt.shape[1]):
-                logits, state = model.step(prompt[:, t], state)
-            for _ in range(n):
-                logits, state = model.step(logits.argmax(-1), state)
-            return time.perf_counter() - start
-
-    run(2)  # warm-up: kernels built, caches touched
-    return (min(run(n2) for _ in range(2)) - min(run(n1) for _ in range(2))) / (n2 - n1)
+def _prompt(batch: int, vocab: int) -> torch.Tensor:
+    return torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
 
 
-def hf_generate_time(hf, batch: int, n1: int, n2: int, vocab: int) -> float:
-    prompt = torch.randint(0, vocab, (batch, 4), generator=torch.Generator().manual_seed(0))
-
-    def run(n: int) -> float:
-        with torch.no_grad():
-            start = time.perf_counter()
-            hf.generate(prompt, max_new_tokens=n, min_new_tokens=n, do_sample=False,
-                        pad_token_id=0, eos_token_id=None)  # fmt: skip
-            return time.perf_counter() - start
-
-    run(2)
-    return (min(run(n2) for _ in range(2)) - min(run(n1) for _ in range(2))) / (n2 - n1)
-
-
-def forward_time(fn, repeats: int = 2) -> float:
+def spikemar_token_times(model, batch: int, tokens: int, vocab: int) -> list[float]:
+    """Seconds of each of ``tokens`` greedy ``model.step`` calls after the prompt."""
+    prompt = _prompt(batch, vocab)
+    times = []
     with torch.no_grad():
-        fn()
+        state = model.init_state(batch)
+        for t in range(PROMPT):
+            logits, state = model.step(prompt[:, t], state)
+        for _ in range(tokens):
+            start = time.perf_counter()
+            logits, state = model.step(logits.argmax(-1), state)
+            times.append(time.perf_counter() - start)
+    return times
+
+
+def hf_token_times(hf, batch: int, tokens: int, vocab: int) -> list[float]:
+    """Seconds between consecutive tokens of one transformers ``generate`` call (greedy, its
+    cache): a logits processor notes the time as each token's logits arrive."""
+    from transformers import LogitsProcessor, LogitsProcessorList
+
+    stamps: list[float] = []
+
+    class Clock(LogitsProcessor):
+        def __call__(self, input_ids, scores):
+            stamps.append(time.perf_counter())
+            return scores
+
+    with torch.no_grad():
+        hf.generate(_prompt(batch, vocab), max_new_tokens=tokens + 1, min_new_tokens=tokens + 1,
+                    do_sample=False, pad_token_id=0, eos_token_id=None,
+                    logits_processor=LogitsProcessorList([Clock()]))  # fmt: skip
+    return [b - a for a, b in itertools.pairwise(stamps)]
+
+
+def forward_time(fn, repeats: int) -> float:
+    with torch.no_grad():
         times = []
         for _ in range(repeats):
             t = time.perf_counter()
@@ -103,65 +120,87 @@ def forward_time(fn, repeats: int = 2) -> float:
     return min(times)
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
-    p.add_argument("--tokens", type=int, nargs=2, default=[8, 24], metavar=("N1", "N2"))
-    p.add_argument("--prefill", type=int, default=2048)
-    p.add_argument("--quick", action="store_true", help="a tiny config (smoke test)")
-    args = p.parse_args(argv)
-    torch.set_num_threads(args.threads)
+def build(quick: bool):
+    """(transformers model, spikemar dense, spiking student) on the same random weights."""
     from transformers import Mamba2Config, Mamba2ForCausalLM
 
     from spikemar.convert import spiking_student
     from spikemar.models import MARLM, SpikeConfig
     from spikemar.models.pretrained import config_from_hf, state_dict_from_hf
 
-    settings = QUICK if args.quick else MAMBA2_130M
     torch.manual_seed(0)
-    hf = Mamba2ForCausalLM(Mamba2Config(**settings)).eval()
+    hf = Mamba2ForCausalLM(Mamba2Config(**(QUICK if quick else MAMBA2_130M))).eval()
     config = config_from_hf(hf.config.to_dict())
     dense = MARLM(config)
     dense.load_state_dict(state_dict_from_hf(config, hf.state_dict()))
     dense.eval()
-    student = spiking_student(dense, SpikeConfig(T=4, tau=1.0))
-    vocab = config.vocab_size
+    student = spiking_student(dense, SpikeConfig(T=4, tau=1.0)).eval()
+    return hf, dense, student
+
+
+def _ratio(a: float | None, b: float | None) -> str:
+    return "–" if a is None or b is None else f"{a / b:.2f}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--batches", type=int, nargs="+", default=[1, 8])
+    p.add_argument("--tokens", type=int, default=8, help="timed tokens per model and round")
+    hf_help = "timed tokens of transformers' generate per round (slow on CPUs)"
+    p.add_argument("--hf-tokens", type=int, default=3, help=hf_help)
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--prefill", type=int, default=2048, help="prefill tokens (0: no prefill row)")
+    p.add_argument("--prefill-repeats", type=int, default=1)
+    p.add_argument("--no-transformers", action="store_true", help="spikemar's rows only")
+    p.add_argument("--quick", action="store_true", help="a tiny config (smoke test)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    load_before = os.getloadavg()[0]
+    hf, dense, student = build(args.quick)
+    vocab = dense.config.vocab_size
     n_params = sum(t.numel() for t in dense.parameters())
     weight_bytes = 4 * n_params
     bandwidth = copy_bandwidth(64 if args.quick else 256)
     floor = weight_bytes / bandwidth
-    print(f"# {n_params / 1e6:.1f} M parameters ({weight_bytes / 2**20:.0f} MiB float32), "
-          f"{args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s, "
-          f"load {os.getloadavg()[0]:.2f}")  # fmt: skip
     x = torch.randint(0, vocab, (1, 16))
     with torch.no_grad():
         diff = (dense(x) - hf(x).logits).abs().max().item()
-    print(f"# max |Δlogit| spikemar dense vs transformers: {diff:.2e}")
-    n1, n2 = args.tokens
-    print(
-        "| batch | spikemar dense ms/token | spiking student ms/token | transformers generate "
-        "ms/token | dense / floor | transformers / dense | student / dense |"
-    )
-    print("| --- | --- | --- | --- | --- | --- | --- |")
+    print(f"# {n_params / 1e6:.1f} M parameters ({weight_bytes / 2**20:.0f} MiB float32), "
+          f"{args.threads} threads, copy bandwidth {bandwidth / 1e9:.1f} GB/s → floor "
+          f"{1e3 * floor:.1f} ms per token (weights once); max |Δlogit| spikemar dense vs "
+          f"transformers {diff:.1e}; load {load_before:.2f} at the start")  # fmt: skip
+    print()
+    print("| row | batch | spikemar dense | spiking student | transformers | dense / floor "
+          "| transformers / dense | student / dense |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for batch in args.batches:
-        d = spikemar_step_time(dense, batch, n1, n2, vocab)
-        s = spikemar_step_time(student, batch, n1, n2, vocab)
-        h = hf_generate_time(hf, batch, n1, n2, vocab)
-        floor_cell = f"{d / floor:.2f}" if batch == 1 else "-"
-        print(
-            f"| {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | {1e3 * h:.1f} | {floor_cell} | "
-            f"{h / d:.2f} | {s / d:.2f} |"
-        )
-    print(f"# floor at batch 1: {1e3 * floor:.1f} ms/token (weights once at the copy bandwidth)")
-    tokens = torch.randint(0, vocab, (1, args.prefill))
-    t_dense = forward_time(lambda: dense(tokens))
-    t_student = forward_time(lambda: student(tokens))
-    t_hf = forward_time(lambda: hf(tokens))
-    print(f"# prefill {args.prefill} tokens: spikemar dense {t_dense:.2f} s, spiking "
-          f"{t_student:.2f} s, transformers {t_hf:.2f} s (transformers / dense "
-          f"{t_hf / t_dense:.2f})")  # fmt: skip
-    print(f"# load after: {os.getloadavg()[0]:.2f}")
+        times: dict[str, list[float]] = {"dense": [], "student": [], "hf": []}
+        spikemar_token_times(dense, batch, 2, vocab)  # warm-up: kernels built, caches touched
+        spikemar_token_times(student, batch, 2, vocab)
+        for _ in range(args.rounds):
+            times["dense"] += spikemar_token_times(dense, batch, args.tokens, vocab)
+            times["student"] += spikemar_token_times(student, batch, args.tokens, vocab)
+            if not args.no_transformers:
+                times["hf"] += hf_token_times(hf, batch, args.hf_tokens, vocab)
+        d, s, h = (statistics.median(v) if v else None for v in times.values())
+        hf_cell = "–" if h is None else f"{1e3 * h:.1f}"
+        print(f"| generation, ms/token | {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | {hf_cell} | "
+              f"{d / floor:.2f} | {_ratio(h, d)} | {s / d:.2f} |", flush=True)  # fmt: skip
+    if args.prefill:
+        tokens = torch.randint(0, vocab, (1, args.prefill))
+        r = args.prefill_repeats
+        t_dense = forward_time(lambda: dense(tokens), r)
+        t_student = forward_time(lambda: student(tokens), r)
+        t_hf = None if args.no_transformers else forward_time(lambda: hf(tokens), r)
+        hf_cell = "–" if t_hf is None else f"{t_hf:.2f}"
+        print(f"| prefill {args.prefill} tokens, s | 1 | {t_dense:.2f} | {t_student:.2f} | "
+              f"{hf_cell} | – | {_ratio(t_hf, t_dense)} | {t_student / t_dense:.2f} |")  # fmt: skip
+    print()
+    print(
+        f"# load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; medians of "
+        f"{args.rounds} rounds × {args.tokens} tokens (transformers' × {args.hf_tokens})"
+    )
     return 0
 
 

@@ -20,11 +20,13 @@ from spikemar.refine import (
     Option,
     build_student,
     calibrate,
+    firing_rates,
     measure,
     pareto_plot,
     plan,
     point_samples,
     quantisation_error,
+    random_schedule,
     schedule_kl,
 )
 
@@ -171,6 +173,33 @@ def test_calibrate_hits_firing_rate(rate):
         assert abs(float((spikes != 0).float().mean()) - rate) < 0.02, site.name
 
 
+def test_calibrate_per_point_rates_keep_each_points_rate():
+    """A rate per point (``spikemar refine``'s planned rates): each point reaches its own rate,
+    per channel, and a point's spike count (so its ACs) stays where its scalar V had it."""
+    student, teacher = _student_teacher(T=4, n_layers=2, seed=5)
+    batches = [torch.randint(0, 11, (4, 24)) for _ in range(2)]
+    with torch.no_grad():
+        for k, site in enumerate(student.spike_points()):
+            site.module.neuron.log_threshold.fill_(-1.5 + 0.3 * k)
+    before = firing_rates(student, teacher, batches)
+    assert len(set(before.values())) > 1  # the points differ
+    reached = calibrate(student, teacher, batches, firing_rate=before)
+    after = firing_rates(student, teacher, batches)
+    samples = point_samples(student, teacher, batches)
+    for site in student.spike_points():
+        assert reached[site.name] == pytest.approx(after[site.name])
+        assert abs(after[site.name] - before[site.name]) < 0.02, site.name
+        _, spikes = site.module.neuron.quantize(samples[site.name], site.module.T)
+        per_channel = (spikes != 0).float().mean(dim=(0, 1))
+        live = samples[site.name].abs().amax(0) > 0
+        assert float((per_channel[live] - before[site.name]).abs().max()) < 0.05, site.name
+    names = list(before)
+    with pytest.raises(ValueError, match=r"firing_rate: expected a rate for each spike point"):
+        calibrate(student, teacher, batches, firing_rate={names[0]: 0.1})
+    with pytest.raises(ValueError, match=r"firing_rate\['.*'\]: expected a fraction in \[0, 1\]"):
+        calibrate(student, teacher, batches, firing_rate={**before, names[0]: 1.5})
+
+
 def test_calibrate_quantisation_error_largest_threshold_within_target():
     student, teacher = _student_teacher(T=8, seed=1)
     batches = [torch.randint(0, 11, (4, 24)) for _ in range(2)]
@@ -250,6 +279,22 @@ def test_plan_kl_budget_equals_brute_force(m, max_kl):
     assert set(p.points) == set(m.modules)
 
 
+@given(tables(), st.floats(1.0, 8.0), st.integers(0, 5))
+@settings(max_examples=100, deadline=None)
+def test_random_schedule_reaches_the_ratio(m, ratio, seed):
+    need = m.teacher_energy_pj * (1 - 1 / ratio)
+    most = sum(max(o.energy_saved_pj for o in opts) for opts in m.modules.values())
+    if most < need - 1e-9 * need:
+        with pytest.raises(ValueError, match="out of reach"):
+            random_schedule(m, ratio, seed=seed, tries=5)
+        return
+    pick = random_schedule(m, ratio, seed=seed, tries=5)
+    assert set(pick) == set(m.modules)
+    assert all(o in m.modules[n] for n, o in pick.items())
+    assert sum(o.energy_saved_pj for o in pick.values()) >= need - 1e-9 * need
+    assert pick == random_schedule(m, ratio, seed=seed, tries=5)  # seeded
+
+
 def test_plan_arguments():
     m = Measurements({"a": [Option("a", "dense", 0.0, 1.0, 0.0)]}, 10.0, 1.0, "45nm-fp32")
     with pytest.raises(ValueError, match="exactly one budget"):
@@ -313,6 +358,12 @@ def test_refine_command_end_to_end_and_resume(tmp_path, capsys):
     assert result["energy_ratio"] >= 1.05 and result["plan"]["energy_ratio"] >= 1.05
     student, _, _ = load_checkpoint(out / "student.pt")
     assert student.config.points == {"*": "dense", **result["plan"]["points"]}
+    # calibrated before stage 2 (auto: kept only when it lowered the KL on the windows)
+    calib = result["calibration"]
+    assert calib["mode"] == "auto" and "kl_calibrated" in calib
+    assert calib["kept"] == (calib["kl_calibrated"] < calib["kl_planned_v"])
+    start = calib["kl_calibrated"] if calib["kept"] else calib["kl_planned_v"]
+    assert result["initial_kl"] == pytest.approx(start, rel=1e-9)
     # an existing run is not replaced without --resume / --overwrite; --resume reuses the table
     assert main(argv) == 2  # one line, no traceback
     assert "pass --resume" in capsys.readouterr().err
@@ -320,3 +371,35 @@ def test_refine_command_end_to_end_and_resume(tmp_path, capsys):
     assert main([*argv, "--resume", "--steps", "3"]) == 0
     assert "measurements read from" in capsys.readouterr().err
     assert (out / "measurements.json").stat().st_mtime_ns == before
+
+
+def test_refine_command_calibrates_the_planned_student(tmp_path):
+    """--calibrate on: the planned student starts stage 2 with per-channel thresholds at each
+    point's planned firing rate (not the plan's one V₀ per point); off: with the plan's V₀."""
+    from spikemar.cli import main
+
+    text = "to be or not to be that is the question " * 40
+    (tmp_path / "t.txt").write_text(text)
+    tokenizer = CharTokenizer("".join(sorted(set(text))))
+    torch.manual_seed(1)
+    config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    thresholds = {}
+    for mode in ("on", "off"):
+        out = tmp_path / mode
+        argv = ["refine", "--teacher", str(tmp_path / "teacher.pt"), "--data",
+                str(tmp_path / "t.txt"), "--budget-energy", "1.5", "--out", str(out),
+                "--steps", "1", "--L", "16", "--batch-size", "2", "--eval-interval", "1",
+                "--eval-iters", "1", "--calib-windows", "2", "--option", "T=4,v_threshold=0.5",
+                "--sparsify-topk", "0", "--warmup", "0", "--no-progress",
+                "--calibrate", mode]  # fmt: skip
+        assert main(argv) == 0
+        calib = json.loads((out / "calibration.json").read_text())
+        init, _, _ = load_checkpoint(out / "init.pt")
+        thresholds[mode] = {s.name: s.module.neuron.log_threshold.detach().exp()
+                            for s in init.spike_points()}  # fmt: skip
+        assert calib["kept"] == (mode == "on")
+    assert thresholds["on"].keys() == thresholds["off"].keys() and thresholds["on"]
+    for name, v in thresholds["off"].items():
+        assert torch.allclose(v, torch.full_like(v, 0.5)), name  # the plan's V₀
+        assert not torch.allclose(thresholds["on"][name], v), name  # calibrated per channel

@@ -2,8 +2,8 @@
 quality and saves in energy, then plan which modules to refine under an energy or quality
 budget.
 
-* :func:`calibrate`: spike-point thresholds from activation statistics (a target firing rate or
-  quantisation error);
+* :func:`calibrate`: spike-point thresholds from activation statistics (a target firing rate,
+  one or per point, or a quantisation error); :func:`firing_rates` per point;
 * :func:`measure`: each spike point refined alone (spiking at a few T/τ/V, sparsified): KL to the
   teacher, loss, energy saved (:class:`Measurements`);
 * :func:`plan`: the exact multiple-choice knapsack over modules (Pareto dynamic programming)
@@ -12,7 +12,7 @@ budget.
 * ``spikemar refine`` (:mod:`spikemar.refine.cli`): measure → plan → SBDS stage 2 → evaluate.
 """
 
-from .calibrate import calibrate, point_samples, quantisation_error
+from .calibrate import calibrate, firing_rates, point_samples, quantisation_error
 from .measure import (
     DEFAULT_OPTIONS,
     Measurements,
@@ -31,6 +31,7 @@ __all__ = [
     "Plan",
     "build_student",
     "calibrate",
+    "firing_rates",
     "kl_and_loss",
     "measure",
     "pareto_front",

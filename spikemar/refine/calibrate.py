@@ -2,9 +2,12 @@
 
 Two targets, per spike point and per channel (or per point when the threshold is shared):
 
-* a **firing rate** (nonzero spikes per micro-step): :func:`spikemar.convert.calibrate_thresholds`
-  does this (bisection on log V with the neuron's own dynamics; the rate falls as V grows), and
-  :func:`calibrate` calls it rather than keeping a second copy;
+* a **firing rate** (nonzero spikes per micro-step): one rate for every point is
+  :func:`spikemar.convert.calibrate_thresholds` (bisection on log V with the neuron's own
+  dynamics; the rate falls as V grows), which :func:`calibrate` calls; a rate *per point* (as
+  ``spikemar refine`` uses: each point's rate at its planned V, so that per-channel thresholds
+  keep the plan's energy, since a point's ACs are its spike count times one fan-out) is a
+  per-channel bisection here;
 * a **quantisation error**: the relative error ``‖decode(I) − I‖ / ‖I‖`` of the spike point's
   decode on the sampled activations I. It is not monotone in V (a small V saturates at T·V, a
   large one quantises coarsely), so V is the *largest* threshold on a log grid whose error is at
@@ -19,7 +22,7 @@ distillation trains V afterwards.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -28,10 +31,11 @@ from ..convert import calibrate_thresholds, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
 
-__all__ = ["calibrate", "point_samples", "quantisation_error"]
+__all__ = ["calibrate", "firing_rates", "point_samples", "quantisation_error"]
 
 GRID = 48  # candidate thresholds per point in the quantisation-error search
 ROUNDS = 3  # refinements of the bracket around the chosen candidate
+BISECTIONS = 40  # halvings of the log-V bracket per channel for a per-point firing rate
 
 
 def quantisation_error(x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
@@ -80,19 +84,61 @@ def _calibrate_error(point: SpikePoint, x: torch.Tensor, target: float) -> float
     return float(final.mean())
 
 
+def _rates(point: SpikePoint, x: torch.Tensor) -> torch.Tensor:
+    """Nonzero spikes per micro-step of each channel of ``point`` on samples x [n, C]: [C]."""
+    _, spikes = point.neuron.quantize(x, point.T)
+    return (spikes != 0).float().mean(dim=tuple(range(spikes.dim() - 1)))
+
+
+@torch.no_grad()
+def _calibrate_rate(point: SpikePoint, x: torch.Tensor, target: float) -> float:
+    a = point.neuron.log_threshold
+    shared = a.dim() == 0
+    top = x.abs().amax().reshape(1) if shared else x.abs().amax(dim=0)
+    # hi: above every |I| (no spikes, rate 0 <= target); lo: far below (fires all it can)
+    hi = torch.log(top.clamp(min=1e-12)) + 1.0
+    lo = hi - 40.0
+    for _ in range(BISECTIONS):
+        mid = (lo + hi) / 2
+        a.copy_(mid.reshape(a.shape).to(a.dtype))
+        rate = _rates(point, x)
+        ok = (rate.mean().reshape(1) if shared else rate) <= target
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
+    a.copy_(hi.reshape(a.shape).to(a.dtype))  # hi always fires at most the target
+    return float(_rates(point, x).mean())
+
+
+@torch.no_grad()
+def firing_rates(
+    student: MARLM,
+    teacher: MARLM,
+    batches: Iterable[torch.Tensor],
+    *,
+    max_rows: int = 2048,
+    seed: int = 0,
+) -> dict[str, float]:
+    """Per spike point of ``student``: its firing rate (nonzero spikes per micro-step) at its
+    current thresholds on ``teacher``'s activations at its place (the samples calibration
+    uses)."""
+    samples = point_samples(student, teacher, list(batches), max_rows=max_rows, seed=seed)
+    return {s.name: float(_rates(s.module, samples[s.name]).mean())
+            for s in student.spike_points()}  # fmt: skip
+
+
 def calibrate(
     student: MARLM,
     teacher: MARLM,
     batches: Iterable[torch.Tensor],
     *,
-    firing_rate: float | None = None,
+    firing_rate: float | Mapping[str, float] | None = None,
     quant_error: float | None = None,
     max_rows: int = 2048,
     seed: int = 0,
 ) -> dict[str, float]:
     """Set the thresholds of every spike point of ``student`` from ``teacher``'s activations at
     their places on ``batches``: to ``firing_rate`` (nonzero spikes per micro-step) or to
-    ``quant_error`` (relative decode error; the largest V that meets it). Exactly one target.
+    ``quant_error`` (relative decode error; the largest V that meets it). Exactly one target;
+    ``firing_rate`` may name a rate per spike point (every point of ``student``, by name).
 
     Returns per spike point the firing rate (or the relative error) reached on the samples."""
     if not isinstance(student, MARLM) or not isinstance(teacher, nn.Module):
@@ -101,6 +147,19 @@ def calibrate(
     if (firing_rate is None) == (quant_error is None):
         raise ValueError("firing_rate, quant_error: give exactly one calibration target")
     batches = list(batches)
+    if isinstance(firing_rate, Mapping):
+        names = [s.name for s in student.spike_points()]
+        if set(firing_rate) != set(names):
+            raise ValueError(f"firing_rate: expected a rate for each spike point; missing "
+                             f"{sorted(set(names) - set(firing_rate))[:3]}, unknown "
+                             f"{sorted(set(firing_rate) - set(names))[:3]}")  # fmt: skip
+        for name, rate in firing_rate.items():
+            if not (isinstance(rate, int | float) and 0 <= rate <= 1):
+                raise ValueError(f"firing_rate[{name!r}]: expected a fraction in [0, 1], "
+                                 f"got {rate!r}")  # fmt: skip
+        samples = point_samples(student, teacher, batches, max_rows=max_rows, seed=seed)
+        return {s.name: _calibrate_rate(s.module, samples[s.name], float(firing_rate[s.name]))
+                for s in student.spike_points()}  # fmt: skip
     if firing_rate is not None:
         return calibrate_thresholds(
             student, teacher, batches, firing_rate, max_rows=max_rows, seed=seed

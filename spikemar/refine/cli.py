@@ -4,10 +4,18 @@
 
 Writes into ``--out`` (a folder), one file per finished stage, which is what ``--resume`` reads:
 ``measurements.json`` (the sensitivity table), ``plan.json`` (the schedule: ``MARConfig.points``
-and its predicted KL and energy ratio), ``init.pt`` (the planned student before training),
+and its predicted KL and energy ratio), ``calibration.json`` and ``init.pt`` (the planned
+student before training, its thresholds calibrated),
 ``student.pt`` (after SBDS stage 2: ``spikemar distill``'s checkpoint, resumable),
 ``pareto.png`` and ``result.json``. Measurement windows come from the start of the training
 split, never the validation split that evaluates the student.
+
+Calibration (``--calibrate``): the plan fixes one V₀ per point; calibration sets per-channel
+thresholds on the teacher's activations at each point's *planned firing rate* (so the plan's
+energy stays: a point's ACs are its spike count times one fan-out), with
+:func:`spikemar.refine.calibrate`. ``auto`` keeps them only when they lower the KL on the
+measurement windows (on the packaged teacher they did not: equal per-channel rates spend spikes
+on channels that carry little), ``on`` always keeps them, ``off`` skips the step.
 """
 
 from __future__ import annotations
@@ -61,7 +69,37 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     r.add_argument("--calib-windows", type=int_at_least_1, default=16,
                    help="measurement windows (--L tokens, training split)")  # fmt: skip
     r.add_argument("--hardware", default="45nm-fp32", help="energy profile")
+    r.add_argument("--calibrate", choices=("auto", "on", "off"), default="auto",
+                   help="per-channel thresholds at each point's planned firing rate before "
+                        "stage 2: kept when they lower the KL (auto), always (on), or not "
+                        "computed (off)")  # fmt: skip
     return p
+
+
+def _calibrated_student(args, teacher, points, windows) -> tuple[Any, dict[str, Any]]:
+    """The planned student, its thresholds calibrated as ``--calibrate`` says, and a record of
+    what calibration did."""
+    import torch
+
+    from .calibrate import calibrate, firing_rates
+    from .measure import build_student, kl_and_loss
+
+    student = build_student(teacher, points)
+    planned_kl, _ = kl_and_loss(teacher, student, windows)
+    record: dict[str, Any] = {"mode": args.calibrate, "kl_planned_v": planned_kl}
+    if args.calibrate == "off" or not list(student.spike_points()):
+        return student, {**record, "kept": False}
+    batches = [windows[:, :-1]]
+    saved = {k: v.clone() for k, v in student.state_dict().items() if k.endswith("neuron.a")}
+    rates = firing_rates(student, teacher, batches)
+    calibrate(student, teacher, batches, firing_rate=rates)
+    calibrated_kl, _ = kl_and_loss(teacher, student, windows)
+    kept = args.calibrate == "on" or calibrated_kl < planned_kl
+    if not kept:
+        with torch.no_grad():
+            student.load_state_dict(saved, strict=False)
+    record.update(kl_calibrated=calibrated_kl, kept=kept, planned_rates=rates)
+    return student, record
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -74,14 +112,7 @@ def refine_main(args: argparse.Namespace) -> int:
     from ..convert import load_dense
     from ..data import CharTokenizer, TokenDataset
     from ..distill.trainer import DistillConfig, distill
-    from .measure import (
-        DEFAULT_OPTIONS,
-        Measurements,
-        build_student,
-        kl_and_loss,
-        measure,
-        schedule_kl,
-    )
+    from .measure import DEFAULT_OPTIONS, Measurements, kl_and_loss, measure
     from .plan import pareto_plot, plan
 
     out = Path(args.out)
@@ -124,10 +155,19 @@ def refine_main(args: argparse.Namespace) -> int:
     spiking = sum(1 for s in chosen.points.values() if s != "dense")
     _say(args, f"plan: {spiking}/{len(chosen.points)} points refined, predicted KL "
                f"{chosen.predicted_kl:.4g}, energy ratio {chosen.energy_ratio:.3g}x")  # fmt: skip
-    init = out / "init.pt"
-    if not (resume and init.exists()):
-        save_checkpoint(init, build_student(teacher, chosen.points), tokenizer or data.tokenizer)
-    initial_kl, _ = schedule_kl(teacher, chosen.points, windows)
+    init, calib_path = out / "init.pt", out / "calibration.json"
+    if resume and init.exists() and calib_path.exists():
+        calibration = json.loads(calib_path.read_text())
+    else:
+        student, calibration = _calibrated_student(args, teacher, chosen.points, windows)
+        calib_path.write_text(json.dumps(calibration, indent=1))
+        save_checkpoint(init, student, tokenizer or data.tokenizer)
+    if calibration["mode"] != "off":
+        _say(args, f"calibration: KL {calibration['kl_planned_v']:.4g} at the planned V, "
+                   f"{calibration['kl_calibrated']:.4g} calibrated; "
+                   f"{'kept' if calibration['kept'] else 'not kept'}")  # fmt: skip
+    initial, _, _ = load_checkpoint(init, map_location=args.device)
+    initial_kl, _ = kl_and_loss(teacher, initial, windows)
     # 3. SBDS stage 2 on the planned student
     settings = {**loop_settings(args), "out": str(out / "student.pt")}
     student_path = out / "student.pt"
@@ -142,7 +182,9 @@ def refine_main(args: argparse.Namespace) -> int:
                          energy.profile(teacher, val, hardware=args.hardware))  # fmt: skip
     ratio = None if cmp.savings is None else float(cmp.savings)
     summary = {
-        "plan": chosen.to_json(), "initial_kl": initial_kl, "trained_kl": trained_kl,
+        "plan": chosen.to_json(), "calibration": {k: v for k, v in calibration.items()
+                                                  if k != "planned_rates"},
+        "initial_kl": initial_kl, "trained_kl": trained_kl,
         "val_loss": result["best_val"], "teacher_val_loss": result["teacher_val"],
         "unit": result["unit"], "energy_ratio": ratio, "hardware": args.hardware,
         "steps": args.steps,

@@ -173,20 +173,38 @@ def uniform_schedules(measurements: Measurements) -> dict[str, dict[str, Option]
 
 
 def random_schedule(
-    measurements: Measurements, energy_ratio: float, seed: int = 0, tries: int = 2000
+    measurements: Measurements, energy_ratio: float, seed: int = 0, tries: int = 200
 ) -> dict[str, Option]:
-    """A random schedule whose energy ratio is at least ``energy_ratio`` (of those sampled, the
-    one closest to it): the baseline that chooses without looking at KL."""
+    """A random schedule whose predicted energy ratio is at least ``energy_ratio``, chosen
+    without looking at KL: the baseline a planner has to beat.
+
+    Each of ``tries`` draws picks a random option per module, then, while the draw saves too
+    little, moves a random module to a random one of its options that saves more (pure draws
+    almost never reach high ratios: at 8x on the packaged teacher none of 2,000 did); of the
+    draws, the one closest above the target is returned."""
+    if not energy_ratio >= 1:
+        raise ValueError(f"energy_ratio: expected >= 1, got {energy_ratio!r}")
     rng = random.Random(seed)
     need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
+    most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())
+    if most < need - 1e-9 * abs(need):
+        raise ValueError(f"energy_ratio: {energy_ratio} is out of reach; the measured options "
+                         f"reach at most {_ratio(measurements, most):.4g}x")  # fmt: skip
     best, best_saved = None, float("inf")
     for _ in range(tries):
         pick = {n: rng.choice(opts) for n, opts in measurements.modules.items()}
         saved = sum(o.energy_saved_pj for o in pick.values())
-        if need <= saved < best_saved:
+        while saved < need - 1e-9 * abs(need):
+            name = rng.choice([n for n, o in pick.items()
+                               if any(x.energy_saved_pj > o.energy_saved_pj
+                                      for x in measurements.modules[n])])  # fmt: skip
+            more = [x for x in measurements.modules[name]
+                    if x.energy_saved_pj > pick[name].energy_saved_pj]  # fmt: skip
+            saved -= pick[name].energy_saved_pj
+            pick[name] = rng.choice(more)
+            saved += pick[name].energy_saved_pj
+        if saved < best_saved:
             best, best_saved = pick, saved
-    if best is None:
-        raise ValueError(f"energy_ratio: no random schedule of {tries} reached {energy_ratio}")
     return best
 
 

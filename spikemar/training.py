@@ -312,17 +312,19 @@ def _shard_fsdp(objective: Objective) -> None:
     fully_shard(objective, ignored_params=frozen or None)
 
 
-def _gathered(tree: Any) -> Any:
-    """``tree`` (nested dicts/lists of tensors) with every sharded DTensor gathered whole onto
-    the CPU; a collective: every rank calls it in the same order."""
+def _gathered(tree: Any, keep: bool) -> Any:
+    """``tree`` (nested dicts/lists of tensors) with every sharded DTensor gathered whole (one
+    at a time, on its device) and, where ``keep`` (rank 0: the writer), copied to the CPU, else
+    dropped (None). A collective: every rank calls it in the same order."""
     from torch.distributed.tensor import DTensor
 
     if isinstance(tree, DTensor):
-        return tree.full_tensor().cpu()
+        full = tree.full_tensor()
+        return full.cpu() if keep else None
     if isinstance(tree, dict):
-        return {k: _gathered(v) for k, v in tree.items()}
+        return {k: _gathered(v, keep) for k, v in tree.items()}
     if isinstance(tree, list | tuple):
-        return type(tree)(_gathered(v) for v in tree)
+        return type(tree)(_gathered(v, keep) for v in tree)
     return tree
 
 
@@ -604,8 +606,8 @@ def run_training(
                 get_optimizer_state_dict,
             )
 
-            model_state = _gathered(model.state_dict())
-            extra = _gathered(objective.extra_state())
+            model_state = _gathered(model.state_dict(), keep=rank == 0)
+            extra = _gathered(objective.extra_state(), keep=rank == 0)
             optimizer_state = get_optimizer_state_dict(
                 objective, optimizer, options=StateDictOptions(full_state_dict=True,
                                                                cpu_offload=True))  # fmt: skip

@@ -428,6 +428,12 @@ COMMAND_CASES = {
         2,
         "--from: no directory at .*nowhere",
     ),
+    "convert --spike-points missing file": (
+        ["convert", "--from", "{r}/good.pt", "--out", "{r}/s.pt", "--spike-points", "{r}/x.json"],
+        2,
+        "--spike-points: no file",
+    ),
+    "train --shard unknown": (["train", "--shard", "zero3"], 2, "argument --shard: invalid"),
     "export a language model --nir": (  # refused before --lava writes its folder
         ["export", "--checkpoint", "{r}/good.pt", "--lava", "{r}/lm_lava", "--nir", "{r}/lm.nir"],
         2,

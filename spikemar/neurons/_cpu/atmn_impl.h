@@ -208,9 +208,9 @@ static void CAT(decode_weights_, SUFFIX)(REAL *w, int64_t T, double tau, REAL de
 
 /* One block of len ≤ BLK elements of MAR's spike point for inference, channel c0 first (see
  * atmn_quantize_decode). With COUNT (a constant: the loops without it are those of before), the
- * block's +1 and −1 spikes are added per channel to counts [max(C, 1)][2]: per element in REAL
- * (exact: at most T ≤ 64 per element), then into the int64 slots. Returns the block's number of
- * non-finite probes. */
+ * block's +1 and −1 spikes are added per channel to counts [2][max(C, 1)] (the +1 row, then the
+ * −1 row): per element in REAL (exact: at most T ≤ 64 per element), then into the int64 slots.
+ * Returns the block's number of non-finite probes. */
 HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t len, int64_t C,
                                          int64_t c0, int64_t T, const REAL *w, REAL decay,
                                          REAL tern, REAL *decoded, int64_t *counts,
@@ -248,12 +248,20 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
     decoded[i] = vb[i] * acc[i];
     bad += !isfinite(probe[i]);
   }
-  if (COUNT) {
-    c = c0;
-    for (int64_t i = 0; i < len; ++i) {
-      counts[2 * c] += (int64_t)np[i];
-      counts[2 * c + 1] += (int64_t)nn[i];
-      if (C != 0 && ++c == C) c = 0;
+  if (COUNT) { /* runs of consecutive channels, so that the adds vectorise */
+    const int64_t nv = C == 0 ? 1 : C;
+    for (int64_t i = 0, c1 = c0; i < len; c1 = 0) {
+      const int64_t run = C == 0 ? len : (C - c1 < len - i ? C - c1 : len - i);
+      int64_t *pos = counts + c1, *neg = counts + nv + c1;
+      if (C == 0) {
+        int64_t a = 0, b = 0;
+        for (int64_t k = 0; k < run; ++k) a += (int32_t)np[i + k], b += (int32_t)nn[i + k];
+        pos[0] += a, neg[0] += b;
+      } else {
+        for (int64_t k = 0; k < run; ++k) pos[k] += (int32_t)np[i + k];
+        for (int64_t k = 0; k < run; ++k) neg[k] += (int32_t)nn[i + k];
+      }
+      i += run;
     }
   }
   return bad;
@@ -265,7 +273,7 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
  * thread launch would cost more than the work (atmn_quantize_forward runs it on row ranges in
  * parallel for training). The τ-weights: decode_weights. x starts on channel 0.
  *
- * counts (NULL: not wanted): [max(C, 1)][2] int64, caller-zeroed; the +1 and −1 spikes of each
+ * counts (NULL: not wanted): [2][max(C, 1)] int64, caller-zeroed; the +1 and −1 spikes of each
  * channel (of the one shared threshold when C = 0) over all micro-steps are added to it, so that
  * an energy counter needs no [T, N] spike train (functional.spike_counts is the reference).
  *
@@ -309,7 +317,7 @@ typedef struct {
   const REAL *x, *vth, *g;
   REAL *out, *g_x;
   double *g_vth; /* [max(C, 1)] of this job, caller-zeroed */
-  int64_t *counts; /* [max(C, 1)][2] of this job, caller-zeroed, or NULL */
+  int64_t *counts; /* [2][max(C, 1)] of this job, caller-zeroed, or NULL */
   int64_t N, C, T, begin, end;
   double tau;
   REAL decay, pa, pb, keep_reset;
@@ -438,7 +446,7 @@ static int CAT(quantize_ranges_, SUFFIX)(CAT(qjob_, SUFFIX) * jobs, const CAT(qj
 
 /* The forward of the training path: atmn_quantize_decode over row ranges in parallel; returns
  * as that function does (-1 bad threshold, -2 bad T, else the count of non-finite probes).
- * counts (NULL: not wanted): [nthreads][max(C, 1)][2] int64, caller-zeroed, one row per thread
+ * counts (NULL: not wanted): [nthreads][2][max(C, 1)] int64, caller-zeroed, one row per thread
  * used (the caller sums the rows). */
 int64_t CAT(atmn_quantize_forward_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                             int64_t T, double tau, REAL decay, int ternary,

@@ -120,6 +120,7 @@ def watching_syncs():
 def fresh_flags(monkeypatch):
     # the deferred flags of the fake device must not outlive the test (a GPU run shares cuda:0)
     monkeypatch.setattr(checks, "_flags", {})
+    monkeypatch.setattr(checks, "_named", {})
 
 
 def test_the_detector_sees_syncs():
@@ -295,3 +296,58 @@ def test_a_training_step_on_cuda_inputs_defers_the_value_checks_and_reads_them_o
     with watching_syncs() as seen:
         forward_backward(probe, torch.zeros(2, 3, dtype=torch.long), None)
     assert modes == ["eager"] and seen == []
+
+
+@pytest.mark.parametrize("mode", ["deferred", "off"])
+def test_token_and_ssm_value_checks_hold_no_sync_unless_eager(mode):
+    """check_tokens, check_decay and check_finite (the models' and the scan's value checks)
+    follow the value-check mode on CUDA: no sync under 'deferred' or 'off'; 'deferred' raises
+    the check's own words at raise_deferred_errors(), 'off' never; 'eager' syncs and raises."""
+    from spikemar.models.common import check_tokens
+    from spikemar.ssm.scan import check_decay, check_finite
+
+    good, bad = fake_cuda(torch.tensor([[1, 4]])), fake_cuda(torch.tensor([[1, 9]]))
+    a_good, a_bad = fake_cuda(-torch.rand(2, 3)), fake_cuda(torch.tensor([[-1.0, 0.5]]))
+    x_bad = fake_cuda(torch.tensor([1.0, float("nan")]))
+    calls = [  # the call, its deferred message, its eager one
+        (lambda: check_tokens(bad, 5, "tokens"), r"^tokens: ids must lie in \[0, 5\), but",
+         r"^tokens: ids must lie in \[0, 5\), got"),
+        (lambda: check_decay(a_bad, "a_t"), r"^a_t \(log decay\) .* reached the scan",
+         r"^a_t \(log decay\) must be finite and ≤ 0, but 1 of 2"),
+        (lambda: check_finite(x=x_bad, B=a_good), r"^x, B must be finite, but NaN",
+         r"^x must be finite, but x\[1\] = nan"),
+    ]  # fmt: skip
+    with value_checks(mode), watching_syncs() as seen:
+        check_tokens(good, 5, "tokens")
+        check_decay(a_good)
+        check_finite(x=a_good)
+    assert seen == []
+    with watching_syncs() as seen:
+        raise_deferred_errors()  # good values: nothing raises
+    for call, message, eager in calls:
+        with value_checks(mode), watching_syncs() as seen:
+            call()
+        assert seen == []
+        if mode == "off":
+            raise_deferred_errors()
+        else:
+            with pytest.raises(ValueError, match=message):
+                raise_deferred_errors()
+        with pytest.raises(ValueError, match=eager):
+            call()  # eager, the default: at once
+
+
+def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
+    """MARLM.step (token ids, layer states, the SSM step's decay check) on CUDA inputs: no sync
+    under 'deferred'."""
+    from spikemar.models import MARLM, MARConfig
+
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8,
+                            spikes=None))  # fmt: skip
+    state = [type(s)(*(fake_cuda(t) for t in vars(s).values())) for s in model.init_state(2)]
+    for p in model.parameters():
+        p.data = fake_cuda(p.data)
+    with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:
+        logits, state = model.step(fake_cuda(torch.tensor([3, 7])), state)
+    assert seen == [] and logits.shape == (2, 11)

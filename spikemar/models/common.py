@@ -30,6 +30,7 @@ from ..neurons import (
     BinaryMultiStep,
     TernarySingleStep,
     ThresholdError,
+    checks,
     cpu_backend,
     cupy_backend,
     fused,
@@ -256,6 +257,16 @@ def check_tokens(
     if max_len is not None and tokens.shape[1] > max_len:
         raise ValueError(f"{name}: length {tokens.shape[1]} exceeds the model's max_len {max_len}")
     lo, hi = torch.aminmax(tokens)
+    if tokens.is_cuda:  # the neurons' value-check mode (spikemar.neurons.checks) applies
+        mode = checks.get_value_checks()
+        if mode == "deferred":  # a device flag that raise_deferred_errors() reads: no sync
+            message = (
+                f"{name}: ids must lie in [0, {vocab_size}), but ids outside it reached the "
+                f"model on {tokens.device} since the last raise_deferred_errors()"
+            )
+            checks.defer_error((lo < 0) | (hi >= vocab_size), message)
+        if mode != "eager":
+            return
     if lo.item() < 0 or hi.item() >= vocab_size:
         raise ValueError(
             f"{name}: ids must lie in [0, {vocab_size}), got values in [{lo.item()}, {hi.item()}]"

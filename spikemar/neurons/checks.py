@@ -25,13 +25,22 @@ from collections.abc import Iterator
 
 import torch
 
-__all__ = ["get_value_checks", "raise_deferred_errors", "set_value_checks", "value_checks"]
+__all__ = [
+    "defer_error",
+    "get_value_checks",
+    "raise_deferred_errors",
+    "set_value_checks",
+    "value_checks",
+]
 
 MODES = ("eager", "deferred", "off")
 _state = threading.local()
 # device → bool flags on that device: [a bad threshold was seen, a non-finite membrane was seen]
 _flags: dict[torch.device, torch.Tensor] = {}
 _flags_lock = threading.Lock()
+# (device, message) → a 0-d bool flag on that device: the deferred checks of other packages
+# (token ids, SSM decays), each raising its own message
+_named: dict[tuple[torch.device, str], torch.Tensor] = {}
 
 
 def get_value_checks() -> str:
@@ -95,6 +104,18 @@ def _device_flags(like: torch.Tensor) -> torch.Tensor:
         return flags
 
 
+def defer_error(bad: torch.Tensor, message: str) -> None:
+    """For checks outside the neurons under 'deferred': fold the 0-d bool ``bad`` (on its
+    device; nothing waits) into a flag that :func:`raise_deferred_errors` reads, raising
+    ``ValueError(message)`` if any call since the last read set it."""
+    key = (bad.device, message)
+    with _flags_lock:
+        flag = _named.get(key)
+        if flag is None:
+            flag = _named[key] = bad.new_zeros((), dtype=torch.bool)
+    flag.logical_or_(bad)
+
+
 def raise_deferred_errors() -> None:
     """Read the flags of deferred checks (one wait per device that has them), clear them and
     raise ValueError if any check since the last call failed."""
@@ -113,3 +134,15 @@ def raise_deferred_errors() -> None:
                 f"x_seq: a spiking neuron on {device} saw NaN or inf in its input or membrane "
                 "since the last raise_deferred_errors()"
             )
+    with _flags_lock:
+        named = list(_named.items())
+    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for (device, message), flag in named:
+        by_device.setdefault(device, []).append((message, flag))
+    for items in by_device.values():
+        seen = torch.stack([flag for _, flag in items]).tolist()  # one wait per device
+        for _, flag in items:
+            flag.zero_()
+        for (message, _), bad in zip(items, seen, strict=True):
+            if bad:
+                raise ValueError(message)

@@ -70,6 +70,8 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from ..neurons import checks
+
 __all__ = ["default_chunk_size", "ssd_scan", "ssd_scan_naive", "ssd_step"]
 
 # float16 and bfloat16 are computed in float32 and cast back
@@ -407,6 +409,11 @@ def check_finite(**tensors: Tensor) -> None:
     """Each tensor finite: one reduction per tensor and one host sync when all is well (the
     scan would spread a NaN over the rest of the sequence and every later state)."""
     flags = torch.stack([torch.isfinite(t).all() for t in tensors.values()])
+    first = next(iter(tensors.values()))
+    if first.is_cuda and _deferred(~flags.all(), f"{', '.join(tensors)} must be finite, but NaN or "
+                                   f"inf reached the scan on {first.device} since the last "
+                                   "raise_deferred_errors()"):  # fmt: skip
+        return
     if bool(flags.all()):
         return
     for (name, t), ok in zip(tensors.items(), flags.tolist(), strict=True):
@@ -416,6 +423,17 @@ def check_finite(**tensors: Tensor) -> None:
                 f"{name} must be finite, but {name}[{', '.join(map(str, index))}] = "
                 f"{float(t[index])} (shape {tuple(t.shape)})"
             )
+
+
+def _deferred(bad: Tensor, message: str) -> bool:
+    """For a check of CUDA values: True when the value-check mode takes it (deferred into a
+    device flag, or off), False when the caller checks at once ('eager')."""
+    mode = checks.get_value_checks()
+    if mode == "eager":
+        return False
+    if mode == "deferred":
+        checks.defer_error(bad, message)
+    return True
 
 
 def _check_step(x_t: Tensor, a_t: Tensor, B_t: Tensor, C_t: Tensor, state: Tensor | None) -> None:
@@ -488,8 +506,15 @@ def _check_bc(
 
 
 def check_decay(a: Tensor, name: str = "a") -> None:
-    """a ≤ 0 and finite (NaN fails ``a <= 0``): one reduction and one host sync when all is well."""
+    """a ≤ 0 and finite (NaN fails ``a <= 0``): one reduction and one host sync when all is well.
+    On CUDA the neurons' value-check mode applies (:mod:`spikemar.neurons.checks`): 'deferred'
+    folds the outcome into a device flag that ``raise_deferred_errors()`` reads (no sync here),
+    'off' skips the check."""
     bad = ~((a <= 0) & (a > float("-inf")))
+    if a.is_cuda and _deferred(bad.any(), f"{name} (log decay) must be finite and ≤ 0, but "
+                               f"values that are not reached the scan on {a.device} since the "
+                               "last raise_deferred_errors()"):  # fmt: skip
+        return
     if bool(bad.any()):
         index = tuple(bad.nonzero()[0].tolist())
         raise ValueError(

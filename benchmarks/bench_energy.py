@@ -225,21 +225,41 @@ def bench_student(L: int, reps: int, warmup: int) -> dict[str, list[float]]:
     ``MARLM.spike_points()`` to know that counts suffice): ``spikemar[auto]``. For comparison,
     ``plain, spikes kept`` (every spike point's ``record`` on) is the reference path that
     materialises the [T, N] spike trains, and ``spikemar[auto], spike trains`` is the counter
-    fed those trains (how it counted before the kernels gave counts)."""
+    fed those trains (how it counted before the kernels gave counts). ``kernel counts only``
+    attributes the overhead: the spike points' kernels count and hand the counts to a listener
+    that drops them (no hooks, no counter logic)."""
+    from spikemar import counting
     from spikemar.models import SpikePoint
 
     model, ids, _ = student_inputs(L)
     points = [m for m in model.modules() if isinstance(m, SpikePoint)]
     counter = EnergyCounter(model)
     kept, trains = "plain, spikes kept", "spikemar[auto], spike trains"
+    only = "kernel counts only"
     counted = ("spikemar[auto]", trains)
-    times: dict[str, list[float]] = {PLAIN: [], "spikemar[auto]": [], kept: [], trains: []}
+    times: dict[str, list[float]] = {
+        PLAIN: [], only: [], "spikemar[auto]": [], kept: [], trains: []
+    }  # fmt: skip
+
+    @contextlib.contextmanager
+    def counts_dropped():
+        token = counting.activate(_DropCounts())
+        try:
+            yield
+        finally:
+            counting.deactivate(token)
+
+    def context(name: str):
+        if name in counted:
+            return counter
+        return counts_dropped() if name == only else contextlib.nullcontext()
+
     with torch.no_grad():
         for i in range(warmup + reps):
             for name in times:
                 for p in points:
                     p.record = name in (kept, trains)
-                with counter if name in counted else contextlib.nullcontext():
+                with context(name):
                     t0 = _CLOCK[0]()
                     model(ids)
                     t1 = _CLOCK[0]()
@@ -249,6 +269,22 @@ def bench_student(L: int, reps: int, warmup: int) -> dict[str, list[float]]:
     for p in points:
         p.record = False
     return times
+
+
+class _DropCounts:
+    """A counting listener that takes spike counts and drops everything (see bench_student)."""
+
+    def needs_spike_train(self, module: nn.Module | None) -> bool:
+        return False
+
+    def on_declare_spike_counts(self, *args: object) -> None:
+        pass
+
+    def on_declare_spikes(self, *args: object) -> None:
+        pass
+
+    def on_record_ops(self, *args: object) -> None:
+        pass
 
 
 def print_header(what: str, clock: str, info: dict[str, str]) -> None:

@@ -27,6 +27,14 @@ tensors. Inputs with no such tag are, in the default ``spike_detection="auto"``,
 does not know are still counted as ACs; ``"producer"`` skips that check, ``"values"`` ignores tags
 and checks every input by value (how the peers decide, but ternary-aware).
 
+**Spike counts instead of spike trains.** A spike point that feeds only Linear projections
+(``MARLM.spike_points()`` says which; their fan-out is the same for every spike) need not build
+its [T, …] spike train for the counter: its fused kernel counts the +1 and −1 spikes as it runs
+and the point declares the counts (:func:`spikemar.counting.declare_spike_counts`), which the
+counter sums for all points in one reduction when the report is built. A point feeding anything
+else (a conv, whose fan-out depends on the position) or in a model without that iterator is
+asked for its spike train (:meth:`EnergyCounter.needs_spike_train`).
+
 **Memory traffic, with the same hooks.** Every event also records what it moves, in elements
 (bits for spike trains), independent of any profile: the parameters a layer reads (once per call
 and once per token vector; a spike-fed layer's accumulates, each of which reads one weight when

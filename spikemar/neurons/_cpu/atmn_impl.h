@@ -227,19 +227,21 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
   }
   for (int64_t i = 0; i < len; ++i) {
     const REAL h = xb[i], V = vb[i];
-    const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+    const REAL up = (REAL)(h >= V), down = tern * (REAL)(h <= -V); /* the spike's two halves */
+    const REAL s = up - down;
     u[i] = h - V * s;
     acc[i] = (REAL)0 + w[0] * s;
-    if (COUNT) np[i] = (REAL)(s > 0), nn[i] = (REAL)(s < 0);
+    if (COUNT) np[i] = up, nn[i] = down;
   }
   for (int64_t t = 1; t < T; ++t) {
     const REAL wt = w[t];
     for (int64_t i = 0; i < len; ++i) {
       const REAL h = (REAL)0 + u[i] * decay, V = vb[i];
-      const REAL s = (REAL)(h >= V) - tern * (REAL)(h <= -V);
+      const REAL up = (REAL)(h >= V), down = tern * (REAL)(h <= -V);
+      const REAL s = up - down;
       u[i] = h - V * s;
       acc[i] += wt * s;
-      if (COUNT) np[i] += (REAL)(s > 0), nn[i] += (REAL)(s < 0);
+      if (COUNT) np[i] += up, nn[i] += down;
     }
   }
   const REAL *probe = decay == (REAL)0 ? xb : u;

@@ -267,6 +267,67 @@ def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory
         torch.testing.assert_close(a.as_subclass(torch.Tensor), b.as_subclass(torch.Tensor))
 
 
+class _CountsSink:
+    """A counter that takes spike counts (spikemar.counting's protocol) and keeps them."""
+
+    def __init__(self) -> None:
+        self.counts: list[tuple[torch.Tensor, int, bool]] = []
+
+    def needs_spike_train(self, module) -> bool:
+        return False
+
+    def on_declare_spike_counts(self, module, decoded, counts, T, ternary) -> None:
+        self.counts.append((counts, T, ternary))
+
+    def on_declare_spikes(self, module, decoded, spikes, ternary) -> None:
+        raise AssertionError("the spike train was materialised for a counter that takes counts")
+
+    def on_record_ops(self, module, kind, counts) -> None:
+        pass
+
+
+@pytest.mark.skipif(
+    cuda_emulation.emulation_unavailable_reason() is not None,
+    reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
+)
+def test_spike_point_on_cuda_gives_a_counter_its_spike_counts_without_sync(
+    tmp_path_factory, monkeypatch
+):
+    """Under an energy counter that can do with counts, MAR's spike point on CUDA still runs the
+    fused kernel and declares the kernel's +1/−1 counts: those of the reference spike train."""
+    import sys
+
+    from spikemar import counting
+    from spikemar.models.common import SpikeConfig, SpikePoint
+    from spikemar.neurons import spike_counts
+
+    fake = cuda_emulation.EmulatedCupy(tmp_path_factory.getbasetemp() / "cuda_emulation")
+    monkeypatch.setitem(sys.modules, "cupy", fake)
+    monkeypatch.setattr(cupy_backend, "_modules", {})
+    monkeypatch.setattr(cupy_backend, "_functions", {})
+    stream = types.SimpleNamespace(cuda_stream=0)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1)) * 2
+    point = SpikePoint(16, SpikeConfig(T=4, tau=1.5, v_threshold=0.5))
+    with torch.no_grad():
+        decoded_ref, spikes = point.neuron.quantize(x, 4)
+    point.neuron.a.data = fake_cuda(point.neuron.a.data)
+    sink = _CountsSink()
+    token = counting.activate(sink)
+    try:
+        with watching_syncs() as seen, value_checks("deferred"), torch.no_grad():
+            out = point(fake_cuda(x))
+    finally:
+        counting.deactivate(token)
+    assert seen == []
+    assert {fn.name for fn in fake.functions} == {"atmn_quantize_forward_f32_i32"}
+    ((counts, T, ternary),) = sink.counts
+    assert (T, ternary) == (4, True)
+    assert torch.equal(counts.as_subclass(torch.Tensor), spike_counts(spikes))
+    torch.testing.assert_close(out.as_subclass(torch.Tensor), decoded_ref)
+
+
 def test_a_training_step_on_cuda_inputs_defers_the_value_checks_and_reads_them_once():
     """spikemar.training's step: the spike points' checks deferred during forward and
     backward on CUDA inputs, one read of the flags after the backward, eager on the CPU."""

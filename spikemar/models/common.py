@@ -127,11 +127,15 @@ class SpikePoint(nn.Module):
                         return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
                     out = cpu_backend.atmn_quantize_train_cpu(x, self.T, p, counts=True)
                     return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
-            if x.is_cuda and not (self.record or counting_active()):
-                # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
+            if x.is_cuda and not (self.record or spike_train_needed(self)):
+                # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train);
+                # a counter that can do with spike counts gets them from the kernel, no sync
                 p = neuron.parameters_tuple()
                 if cupy_backend.quantize_unusable_reason(x, self.T, p, neuron.backend) is None:
-                    return cupy_backend.atmn_quantize_cupy(x, self.T, p)
+                    if not counting_active():
+                        return cupy_backend.atmn_quantize_cupy(x, self.T, p)
+                    out = cupy_backend.atmn_quantize_cupy(x, self.T, p, counts=True)
+                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
         except ThresholdError as err:
             raise neuron.diverged_threshold_error() from err
         decoded, spikes = neuron.quantize(x, self.T)

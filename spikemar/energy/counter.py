@@ -46,7 +46,7 @@ Functional work reports its own with :func:`record_ops`. The report turns them i
 energy under a memory profile (:mod:`spikemar.energy.profiles`).
 
 **No sync per layer.** Counts stay 0-d tensors on the device until a report is built; then they
-are read back in one transfer.
+are read back together: one transfer per device (two when spike points declared counts).
 """
 
 from __future__ import annotations
@@ -843,7 +843,7 @@ class EnergyCounter:
     # -- results ----------------------------------------------------------------------------
 
     def report(self, hardware: str | HardwareProfile = "45nm-fp32", *, tokens: int | None = None):
-        """Read the counts back (one device sync) and price them under ``hardware``.
+        """Read the counts back (one or two device syncs) and price them under ``hardware``.
 
         ``tokens``: how many tokens the counted passes processed (for per-token figures).
         """
@@ -920,7 +920,8 @@ def _uncounted_hook(counter: EnergyCounter, name: str, module: nn.Module):
 
 
 def _resolve(rows) -> list[dict[str, Any]]:
-    """Read every pending tensor back in one transfer per device and sum the events per row."""
+    """Read every pending tensor back in one transfer per device (after the spike points'
+    counts, :func:`_resolve_pairs`) and sum the events per row."""
     pending: dict[torch.device, list[torch.Tensor]] = {}
     slots: list[tuple[_Event, str, torch.device, int]] = []
     fields = (

@@ -22,7 +22,9 @@ the untrained schedules (the additivity check of the last session).
 
 Resumable: each finished stage-2 run leaves ``runs/<schedule>_r<ratio>_s<seed>.json`` in
 ``--out`` and is skipped when the command is run again; schedules are fixed in
-``schedules.json``. Prints the Markdown table at the end (``--report``: only the table).
+``schedules.json``. Workers may share ``--out`` (start the command twice once ``check.json``
+exists): each claims a run with ``runs/<name>.lock`` (a stale lock from a killed worker is
+removed by hand). Prints the Markdown table at the end (``--report``: only the table).
 """
 
 from __future__ import annotations
@@ -232,7 +234,10 @@ def main() -> None:
     ap.add_argument("--hardware", default="45nm-fp32")
     ap.add_argument("--out", default="runs/refine-matrix")
     ap.add_argument("--report", action="store_true", help="print the table of finished runs")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     out = Path(args.out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "ckpt").mkdir(exist_ok=True)
@@ -277,12 +282,17 @@ def main() -> None:
             continue
         if args.report:
             continue
+        try:  # claim the run: another worker on this folder skips it
+            os.close(os.open(out / "runs" / f"{name}.lock", os.O_CREAT | os.O_EXCL))
+        except FileExistsError:
+            continue
         print(f"{time.strftime('%H:%M:%S')} {name}: stage 2, {args.steps} steps, load "
               f"{load():.1f}", flush=True)  # fmt: skip
         row = train_one(args, name, schedules[name]["points"], tokenizer, teacher, windows,
                         sample, val)  # fmt: skip
         row["predicted_kl"] = schedules[name]["predicted_kl"]
         write_json(done, row)
+        (out / "runs" / f"{name}.lock").unlink()
         rows[name] = row
         print(f"{time.strftime('%H:%M:%S')} {name}: {row}", flush=True)
 

@@ -27,6 +27,7 @@ from spikemar.refine import (
     point_samples,
     quantisation_error,
     random_schedule,
+    replaceable_layers,
     schedule_kl,
 )
 
@@ -329,6 +330,114 @@ def test_measure_and_plan_on_a_model(tmp_path):
     assert loaded.to_json() == m.to_json()
     png = pareto_plot(m, [p], tmp_path / "pareto.png", measured={"plan": (p.energy_ratio, 0.1)})
     assert png.stat().st_size > 1000
+
+
+def test_sparsified_points_offered_and_picked_under_zero_skipping():
+    """Dense hardware multiplies a sparsifier's zeros: measure does not offer it there. A
+    zero-skipping profile prices it, and the planner takes it where it is the cheapest way to
+    save energy (here the only one: no spike option is measured)."""
+    torch.manual_seed(0)
+    teacher = MARLM(MARConfig(**{**SMALL, "n_layers": 1}, spikes=None)).eval()
+    windows = torch.randint(0, 11, (2, 13))
+    topk = ({"sparsify": "topk", "amount": 0.25},)
+    dense_hw = measure(teacher, windows, options=(), sparsify=topk, energy_windows=1)
+    assert all(len(opts) == 1 for opts in dense_hw.modules.values())  # 'dense' only
+    assert dense_hw.info["zero_skipping"] is False
+    m = measure(teacher, windows, options=(), sparsify=topk, energy_windows=1,
+                hardware="45nm-fp32+zs")  # fmt: skip
+    ffn = [n for n in m.modules if ".ffn." in n]
+    assert ffn and all(len(m.modules[n]) == 2 for n in ffn)
+    assert all(len(m.modules[n]) == 1 for n in m.modules if n not in ffn)
+    for n in ffn:
+        assert m.modules[n][1].setting == topk[0] and m.modules[n][1].energy_saved_pj > 0
+    p = plan(m, max_kl=1e9)
+    assert all(p.points[n] == topk[0] for n in ffn)
+    # its saving is the counted one: the planned student under the same profile
+    report = energy.profile(build_student(teacher, p.points), windows[:1, :-1],
+                            hardware="45nm-fp32+zs")  # fmt: skip
+    counted = m.teacher_energy_pj - report.total_energy_pj / report.tokens
+    assert counted == pytest.approx(p.energy_saved_pj, rel=1e-6)
+    # with a spike option beside it, the choice at each point is the table's best (brute force)
+    both = measure(teacher, windows, options=({"T": 4, "v_threshold": 0.5},), sparsify=topk,
+                   energy_windows=1, hardware="45nm-fp32+zs")  # fmt: skip
+    ratio = 1.05
+    need = both.teacher_energy_pj * (1 - 1 / ratio)
+    best = min((sum(o.kl for o in c), c) for c in itertools.product(*both.modules.values())
+               if sum(o.energy_saved_pj for o in c) >= need)  # fmt: skip
+    assert plan(both, energy_ratio=ratio).predicted_kl == pytest.approx(best[0])
+
+
+def _hybrid_and_stage1():
+    """A tiny teacher with an attention layer and SSM layers, and a stage-1 student: the same
+    architecture with that layer's mixer an SSM (its other tensors copied from the teacher)."""
+    torch.manual_seed(2)
+    kinds = ["ssm", "attn", "ssm"]
+    teacher = MARLM(MARConfig(**{**SMALL, "n_layers": 3}, layers=kinds, spikes=None)).eval()
+    stage1 = MARLM(MARConfig(**{**SMALL, "n_layers": 3}, layers=["ssm"] * 3, spikes=None))
+    ours = stage1.state_dict()
+    ours.update({k: v for k, v in teacher.state_dict().items()
+                 if k in ours and v.shape == ours[k].shape and ".mixer." not in k})  # fmt: skip
+    ours.update({k: v for k, v in teacher.state_dict().items() if not k.startswith("layers.1.")})
+    stage1.load_state_dict(ours)
+    return teacher, stage1.eval()
+
+
+def test_measure_offers_attention_to_ssm_with_a_stage1_student():
+    teacher, stage1 = _hybrid_and_stage1()
+    assert replaceable_layers(teacher, stage1) == {1: "ssm"}
+    assert replaceable_layers(teacher, None) == {}
+    windows = torch.randint(0, 11, (2, 17))
+    options = ({"T": 4, "v_threshold": 0.5},)
+    plain = measure(teacher, windows, options=options, sparsify=(), energy_windows=1)
+    assert "layers.1.mixer" not in plain.modules  # no stage-1 student: not offered
+    m = measure(teacher, windows, options=options, sparsify=(), energy_windows=1, stage1=stage1)
+    assert set(m.modules) == set(plain.modules) | {"layers.1.mixer"}
+    assert m.info["replaced_layers"] == {"1": "ssm"}
+    dense, swap = m.modules["layers.1.mixer"]
+    assert dense.setting == "dense" and swap.setting == {"mixer": "ssm"}
+    # the table's numbers are the replaced student's own: KL, and energy counted
+    student = build_student(teacher, {"layers.1.mixer": swap.setting}, stage1)
+    assert student.config.layer_kinds() == ["ssm", "ssm", "ssm"]
+    for k, v in student.state_dict().items():
+        src = stage1 if k.startswith("layers.1.") else teacher
+        if not k.endswith("neuron.a"):
+            assert torch.equal(v, src.state_dict()[k]), k
+    kl, loss = schedule_kl(teacher, {"layers.1.mixer": swap.setting}, windows, stage1=stage1)
+    assert kl == pytest.approx(swap.kl) and loss == pytest.approx(swap.loss) and kl > 0
+    e = energy.profile(student, windows[:1, :-1], hardware="45nm-fp32")
+    assert m.teacher_energy_pj - e.total_energy_pj / e.tokens == pytest.approx(
+        swap.energy_saved_pj, rel=1e-6, abs=1e-6
+    )
+    # the planner takes the replacement exactly when it is worth its KL: with any KL allowed
+    # it maximises energy saved, so it replaces the layer iff that saves energy
+    p = plan(m, max_kl=1e9)
+    assert (p.points["layers.1.mixer"] == swap.setting) == (swap.energy_saved_pj > 0)
+    # a KL budget below the replacement's own KL never takes it
+    p = plan(m, max_kl=swap.kl * 0.999)
+    assert p.points["layers.1.mixer"] == "dense"
+    # a replacement with the spike points of the same layer builds (its points by name)
+    both = build_student(teacher, {"layers.1.mixer": swap.setting,
+                                   "layers.1.mixer.spike_in": options[0]}, stage1)  # fmt: skip
+    assert isinstance(both.layers[1].mixer.spike_in, SpikePoint)
+
+
+def test_attention_to_ssm_bad_input_is_named():
+    teacher, stage1 = _hybrid_and_stage1()
+    windows = torch.randint(0, 11, (2, 9))
+    with pytest.raises(
+        ValueError, match=r"points\['layers.1.mixer'\]: .* stage-1 student replaces"
+    ):
+        build_student(teacher, {"layers.1.mixer": {"mixer": "ssm"}})
+    with pytest.raises(ValueError, match=r"points\['layers.0.mixer'\]: .*\(\[1\]\)"):
+        build_student(teacher, {"layers.0.mixer": {"mixer": "ssm"}}, stage1)
+    with pytest.raises(ValueError, match=r"stage1: it replaces none of the teacher's attention"):
+        measure(teacher, windows, stage1=teacher)
+    wide = MARConfig(**{**SMALL, "n_layers": 3, "d_model": 32}, layers=["ssm"] * 3, spikes=None)
+    wide = MARLM(wide)
+    with pytest.raises(
+        ValueError, match=r"stage1: its config differs from the teacher's in \['d_model'\]"
+    ):
+        measure(teacher, windows, stage1=wide)
 
 
 # -- spikemar refine -------------------------------------------------------------------------

@@ -4,7 +4,8 @@ budget.
 
 * :func:`calibrate`: spike-point thresholds from activation statistics (a target firing rate,
   one or per point, or a quantisation error); :func:`firing_rates` per point;
-* :func:`measure`: each spike point refined alone (spiking at a few T/τ/V, sparsified): KL to the
+* :func:`measure`: each spike point refined alone (spiking at a few T/τ/V, sparsified), and each
+  attention layer replaced by its stage-1 SSM copy when a stage-1 student is given: KL to the
   teacher, loss, energy saved (:class:`Measurements`);
 * :func:`plan`: the exact multiple-choice knapsack over modules (Pareto dynamic programming)
   for an energy ratio or a KL budget (:class:`Plan`, its ``points`` config), and
@@ -20,6 +21,7 @@ from .measure import (
     build_student,
     kl_and_loss,
     measure,
+    replaceable_layers,
     schedule_kl,
 )
 from .plan import Plan, pareto_front, pareto_plot, plan, random_schedule, uniform_schedules
@@ -40,6 +42,7 @@ __all__ = [
     "point_samples",
     "quantisation_error",
     "random_schedule",
+    "replaceable_layers",
     "schedule_kl",
     "uniform_schedules",
 ]

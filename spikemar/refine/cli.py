@@ -64,7 +64,8 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                    help="a spike setting measured at every point, e.g. T=4,v_threshold=0.5 "
                         "(repeat; default: T=4 at V 0.25/0.5/1 and T=2 at V 0.5)")  # fmt: skip
     r.add_argument("--sparsify-topk", type=float, default=0.25,
-                   help="FFN points also measured top-k sparsified keeping this fraction "
+                   help="FFN points also measured top-k sparsified keeping this fraction, "
+                        "under a zero-skipping --hardware profile (…+zs) that prices it "
                         "(0: not measured)")  # fmt: skip
     r.add_argument("--calib-windows", type=int_at_least_1, default=16,
                    help="measurement windows (--L tokens, training split)")  # fmt: skip

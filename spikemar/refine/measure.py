@@ -9,8 +9,13 @@ first-order picture; the Pareto plot sets measured KLs beside it) and its energy
 minus the sum of the savings (also first order: a point's savings depend on its firing rate,
 which the points upstream of it shift; on the packaged teacher a 5.07x plan measured 5.23x).
 
-Replacing an attention layer by an SSM copy needs a stage-1 student beside the teacher; spikemar
-teachers here are all-SSM, so those options are not offered yet (see the issue).
+**Attention → SSM.** Where the teacher has attention layers and a stage-1 student is given (the
+same architecture with those layers' mixers replaced by SSMs and trained in stage 1), each such
+layer is one more module, ``layers.{i}.mixer``, with options ``'dense'`` (attention kept) and
+``{'mixer': kind}`` (the whole layer i taken from the stage-1 student). A schedule names it like a
+spike point; :func:`build_student` builds it. The layer's spike points are measured on the
+attention mixer; a schedule that replaces the layer applies their settings to the SSM's points of
+the same name (first order, like the rest of the table).
 """
 
 from __future__ import annotations
@@ -37,6 +42,7 @@ __all__ = [
     "build_student",
     "kl_and_loss",
     "measure",
+    "replaceable_layers",
     "schedule_kl",
 ]
 
@@ -126,16 +132,62 @@ class Measurements:
         return cls.from_json(json.loads(Path(path).read_text()))
 
 
-def build_student(teacher: MARLM, points: dict[str, Any]) -> MARLM:
+def _is_mixer_setting(setting: Any) -> bool:
+    return isinstance(setting, dict) and "mixer" in setting
+
+
+def replaceable_layers(teacher: MARLM, stage1: MARLM | None) -> dict[int, str]:
+    """Layer index → the stage-1 student's mixer kind, for each attention layer of ``teacher``
+    that ``stage1`` replaces (empty without a stage-1 student)."""
+    if stage1 is None:
+        return {}
+    if not isinstance(stage1, MARLM) or stage1.config.spikes is not None:
+        raise ValueError("stage1: expected a dense MARLM (the stage-1 student, config.spikes "
+                         "None)")  # fmt: skip
+    t, s = teacher.config, stage1.config
+    same = {k: v for k, v in vars(t).items() if k != "layers"}
+    other = {k: v for k, v in vars(s).items() if k != "layers"}
+    if same != other:
+        diff = sorted(k for k in same if same[k] != other.get(k))
+        raise ValueError(f"stage1: its config differs from the teacher's in {diff}; expected "
+                         "the teacher's architecture with attention layers replaced")  # fmt: skip
+    return {i: b for i, (a, b) in enumerate(zip(t.layer_kinds(), s.layer_kinds(), strict=True))
+            if a == "attn" and b != "attn"}  # fmt: skip
+
+
+def build_student(teacher: MARLM, points: dict[str, Any], stage1: MARLM | None = None) -> MARLM:
     """The teacher's architecture and weights with the spike-point ``points`` (every point not
-    named stays dense), in eval mode on the teacher's device and dtype."""
+    named stays dense), in eval mode on the teacher's device and dtype. An entry
+    ``'layers.{i}.mixer': {'mixer': kind}`` takes layer i from ``stage1`` (the stage-1 student,
+    whose layer i has that mixer kind)."""
     if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
         raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    mixers = {k: v for k, v in points.items() if _is_mixer_setting(v)}
+    points = {k: v for k, v in points.items() if k not in mixers}
+    kinds = teacher.config.layer_kinds()
+    state = teacher.state_dict()
+    if mixers:
+        allowed = replaceable_layers(teacher, stage1)
+        other = stage1.state_dict() if stage1 is not None else {}
+        for name, setting in mixers.items():
+            i = name.split(".")[1] if name.startswith("layers.") else ""
+            if name != f"layers.{i}.mixer" or not i.isdigit() or int(i) not in allowed:
+                raise ValueError(f"points[{name!r}]: {setting} replaces a layer's mixer; "
+                                 f"expected 'layers.{{i}}.mixer' for an attention layer i the "
+                                 f"stage-1 student replaces ({sorted(allowed)})")  # fmt: skip
+            if setting != {"mixer": allowed[int(i)]}:
+                raise ValueError(f"points[{name!r}]: expected {{'mixer': "
+                                 f"{allowed[int(i)]!r}}} (the stage-1 student's), "
+                                 f"got {setting}")  # fmt: skip
+            kinds[int(i)] = allowed[int(i)]
+            prefix = f"layers.{i}."
+            state = {k: v for k, v in state.items() if not k.startswith(prefix)}
+            state.update({k: v for k, v in other.items() if k.startswith(prefix)})
     base = SpikeConfig()
-    config = replace(teacher.config, spikes=base, spiking=True,
+    config = replace(teacher.config, spikes=base, spiking=True, layers=kinds,
                      points={"*": "dense", **points})  # fmt: skip
     student = MARLM(config)
-    missing, unexpected = student.load_state_dict(teacher.state_dict(), strict=False)
+    missing, unexpected = student.load_state_dict(state, strict=False)
     others = [k for k in missing if not k.endswith("neuron.a")]
     if others or unexpected:
         raise ValueError(f"points: the student's parameters differ from the teacher's "
@@ -151,11 +203,15 @@ def _logprobs(model: MARLM, windows: torch.Tensor) -> torch.Tensor:
 
 @torch.no_grad()
 def schedule_kl(
-    teacher: MARLM, points: dict[str, Any], windows: torch.Tensor, batch_size: int = 8
+    teacher: MARLM,
+    points: dict[str, Any],
+    windows: torch.Tensor,
+    batch_size: int = 8,
+    stage1: MARLM | None = None,
 ) -> tuple[float, float]:
     """``(KL(p_teacher ‖ q_student), student loss)`` per token of the student with ``points``
     on ``windows`` [n, L + 1]."""
-    student = build_student(teacher, points)
+    student = build_student(teacher, points, stage1)
     return kl_and_loss(teacher, student, windows, batch_size)
 
 
@@ -189,13 +245,18 @@ def measure(
     hardware: str = "45nm-fp32",
     batch_size: int = 8,
     energy_windows: int = 2,
+    stage1: MARLM | None = None,
     progress: Callable[[str], None] | None = None,
 ) -> Measurements:
     """Refine each spike point of ``teacher`` (a dense MARLM) alone with each of ``options``
     (``MARConfig.points`` settings; FFN points also with ``sparsify``) and measure it on
     ``windows`` (token ids [n, L + 1]: inputs ``w[:, :-1]``, targets ``w[:, 1:]``).
 
-    Energy per token comes from one counted pass over the first ``energy_windows`` windows."""
+    Energy per token comes from one counted pass over the first ``energy_windows`` windows.
+    ``sparsify`` options are measured only under a zero-skipping profile (``'45nm-fp32+zs'``
+    …): a dense-hardware profile prices a sparsified point's projection as full MACs.
+    ``stage1``: a stage-1 student (the teacher with attention layers replaced by SSMs); each
+    replaced layer is then measured as a module ``layers.{i}.mixer`` too."""
     if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
         raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
@@ -205,13 +266,26 @@ def measure(
     sample = windows[:energy_windows, :-1]
     teacher_energy = _energy(teacher, sample, hardware)
     _, teacher_loss = kl_and_loss(teacher, teacher, windows, batch_size)
+    # dense hardware multiplies the zeros a sparsifier makes: its options would only cost (the
+    # sparsifier's own work) and are not measured; zero-skipping profiles price them
+    zero_skipping = energy.get_profile(hardware).zero_skipping
+    if not zero_skipping:
+        sparsify = ()
+    replaced = replaceable_layers(teacher, stage1)
+    if stage1 is not None and not replaced:
+        raise ValueError("stage1: it replaces none of the teacher's attention layers (teacher "
+                         f"{teacher.config.layer_kinds()}, stage1 "
+                         f"{stage1.config.layer_kinds()})")  # fmt: skip
     sites = [s.name for s in teacher.spike_points(include_dense=True)]
+    settings = {name: [*options, *(sparsify if ".ffn." in name else ())] for name in sites}
+    for i, kind in replaced.items():
+        sites.append(f"layers.{i}.mixer")
+        settings[f"layers.{i}.mixer"] = [{"mixer": kind}]
     modules: dict[str, list[Option]] = {}
     for n, name in enumerate(sites):
         opts = [Option(name, "dense", 0.0, teacher_loss, 0.0)]
-        extra = list(sparsify) if ".ffn." in name else []
-        for setting in [*options, *extra]:
-            student = build_student(teacher, {name: setting})
+        for setting in settings[name]:
+            student = build_student(teacher, {name: setting}, stage1)
             kl, loss = kl_and_loss(teacher, student, windows, batch_size)
             saved = teacher_energy - _energy(student, sample, hardware)
             opts.append(Option(name, dict(setting), kl, loss, saved))
@@ -221,7 +295,8 @@ def measure(
             progress(f"measure {n + 1}/{len(sites)} {name}: {len(opts)} options, most saved "
                      f"{best.energy_saved_pj:.4g} pJ/token at KL {best.kl:.3g}")  # fmt: skip
     info = {"windows": list(windows.shape), "options": [dict(o) for o in options],
-            "sparsify": [dict(o) for o in sparsify]}  # fmt: skip
+            "sparsify": [dict(o) for o in sparsify], "zero_skipping": zero_skipping,
+            "replaced_layers": {str(i): k for i, k in replaced.items()}}  # fmt: skip
     if not math.isfinite(teacher_energy) or teacher_energy <= 0:
         raise ValueError(f"hardware: {hardware!r} prices the teacher at {teacher_energy} pJ")
     return Measurements(modules, teacher_energy, teacher_loss, hardware, info)

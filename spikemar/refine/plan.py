@@ -89,7 +89,8 @@ class Plan:
 
     @property
     def points(self) -> dict[str, Any]:
-        """The ``MARConfig.points`` of the schedule (every module named)."""
+        """The schedule as :func:`~spikemar.refine.build_student` takes it (every module
+        named): ``MARConfig.points`` settings, and ``{'mixer': kind}`` for a replaced layer."""
         return {name: o.setting for name, o in self.choice.items()}
 
     def to_json(self) -> dict[str, Any]:
@@ -153,16 +154,22 @@ def plan(
                 exact, curve)  # fmt: skip
 
 
+def _mixer(setting: Any) -> bool:
+    return isinstance(setting, dict) and "mixer" in setting
+
+
 def uniform_schedules(measurements: Measurements) -> dict[str, dict[str, Option]]:
     """Every spiking setting applied at every spike point (the usual hand-made schedule), by
-    the setting's label."""
+    the setting's label. Layer replacements (attention → SSM modules) stay as they are."""
     out: dict[str, dict[str, Option]] = {}
-    first = next(iter(measurements.modules.values()))
-    for option in first[1:]:
+    mixer = {n for n, opts in measurements.modules.items()
+             if all(o.setting == "dense" or _mixer(o.setting) for o in opts)}  # fmt: skip
+    spike = [opts for n, opts in measurements.modules.items() if n not in mixer]
+    for option in spike[0][1:] if spike else []:
         if isinstance(option.setting, dict) and "sparsify" in option.setting:
             continue
         label = option.label()
-        picks = {}
+        picks = {n: measurements.modules[n][0] for n in mixer}
         for name, options in measurements.modules.items():
             match = [o for o in options if o.setting == option.setting]
             if match:

@@ -40,7 +40,7 @@ def test_spike_counts_reference_counts_signs_per_channel_and_in_all():
 
 
 def test_spike_counts_refuses_a_non_tensor():
-    with pytest.raises(ValueError, match="spikes"):
+    with pytest.raises(TypeError, match="spikes"):
         spike_counts([1, 0, -1])
 
 

@@ -22,6 +22,7 @@ from spikemar.neurons import (
     atmn_quantize,
     atmn_step,
     delta_inject,
+    spike_counts,
 )
 from spikemar.neurons.functional import _SpikeFn
 
@@ -534,6 +535,16 @@ BAD_INPUTS = {
         lambda b: atmn_decode(torch.zeros(3, 4), "0.5", 2.0),
         TypeError,
         r"^v_threshold: expected a float or a 0-d / 1-d tensor",
+    ),
+    "spike counts of a non-tensor": (
+        lambda b: spike_counts([1.0, 0.0, -1.0]),
+        TypeError,
+        r"^spikes: expected a torch.Tensor",
+    ),
+    "spike counts of a 0-d tensor": (
+        lambda b: spike_counts(torch.tensor(1.0)),
+        ValueError,
+        r"^spikes: expected a tensor \[T, \.\.\., C\], got shape \(\)",
     ),
     "parameters with an unknown surrogate name": (
         lambda b: ATMNParameters(torch.tensor(1.0), surrogate="nope"),

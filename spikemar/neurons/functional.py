@@ -446,9 +446,10 @@ def spike_counts(spikes: torch.Tensor, per_channel: bool = True) -> torch.Tensor
 
     The reference for the fused spike points' ``counts=True`` output, which gives the same
     numbers without materialising the spike train (an energy counter's input)."""
-    if not isinstance(spikes, torch.Tensor) or spikes.dim() < 1:
-        shape = tuple(spikes.shape) if isinstance(spikes, torch.Tensor) else type(spikes).__name__
-        raise ValueError(f"spikes: expected a tensor [T, ..., C], got {shape}")
+    if not isinstance(spikes, torch.Tensor):
+        raise TypeError(f"spikes: expected a torch.Tensor [T, ..., C], got {type(spikes).__name__}")
+    if spikes.dim() < 1:
+        raise ValueError(f"spikes: expected a tensor [T, ..., C], got shape {tuple(spikes.shape)}")
     flat = spikes.reshape(-1, spikes.shape[-1] if per_channel else 1)
     counts = torch.stack([(flat > 0).sum(0), (flat < 0).sum(0)], dim=-1)
     return counts if per_channel else counts[0]

@@ -152,3 +152,27 @@ def test_bad_spike_config():
         SpikeConfig(threshold="neuron")
     with pytest.raises(ValueError, match="neuron"):
         SpikeConfig(neuron="lif")
+
+
+def test_pretrained_benchmark_prints_the_whole_table(load_script, capsys):
+    """benchmarks/bench_pretrained.py's quick configuration (a tiny Mamba-2) runs in-process
+    and prints one Markdown row per batch and the prefill row, every cell filled. No timing
+    assertions: speed lives in benchmarks/."""
+    bench = load_script("benchmarks/bench_pretrained.py")
+    args = ["--quick", "--batches", "1", "2", "--rounds", "1", "--tokens", "2", "--hf-tokens",
+            "1", "--prefill", "8", "--threads", "1"]  # fmt: skip
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    assert [r.split(" | ")[0:2] for r in rows[1:]] == [
+        ["| generation, ms/token", "1"],
+        ["| generation, ms/token", "2"],
+        ["| prefill 8 tokens, s", "1"],
+    ]
+    for row in rows[1:]:
+        cells = [c.strip() for c in row.strip("| ").split(" | ")]
+        assert len(cells) == 8
+        numbers = [c for c in cells[2:] if c != "–"]
+        assert len(numbers) == (6 if "generation" in row else 5)
+        assert all(float(c) > 0 for c in numbers)
+    assert "max |Δlogit| spikemar dense vs transformers" in out

@@ -126,8 +126,10 @@ def test_a_model_vocabulary_smaller_than_its_tokenizer_is_refused(tmp_path):
 # -- lm_eval's command line with spikemar registered ---------------------------------------------
 
 
-def _run(argv: list[str], tmp_path: Path, timeout: float = 300) -> subprocess.CompletedProcess:
-    env = {**os.environ, **OFFLINE, "HOME": str(tmp_path)}
+def _run(argv: list[str], timeout: float = 1200, **env_vars: str) -> subprocess.CompletedProcess:
+    # the timeout only guards against a hang: lm_eval's command indexes ~15,000 task configs
+    # first, ~20 s on a quiet machine and minutes on an oversubscribed one
+    env = {**os.environ, **OFFLINE, **env_vars}
     return subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)  # fmt: skip
 
@@ -173,7 +175,7 @@ def test_lm_evals_command_with_spikemar_runs_a_local_task(tiny_char_checkpoint, 
     else:
         launcher = [sys.executable, "-m", "spikemar.eval"]
     out = tmp_path / "lm_eval"
-    _assert_lm_eval_ran(_run([*launcher, *_lm_eval_args(tiny_char_checkpoint, out)], tmp_path), out)
+    _assert_lm_eval_ran(_run([*launcher, *_lm_eval_args(tiny_char_checkpoint, out)]), out)
 
 
 def test_lm_eval_models_entry_point_names_the_model():
@@ -192,7 +194,9 @@ def test_standard_task_without_network_is_one_line(tiny_char_checkpoint, tmp_pat
     argv = [sys.executable, "-m", "spikemar", "eval", "--checkpoint", str(tiny_char_checkpoint),
             "--tasks", "piqa", "--unk", " ", "--limit", "1",
             "--out", str(tmp_path / "o")]  # fmt: skip
-    result = _run(argv, tmp_path)
+    # an empty Hugging Face cache: PIQA cannot come from an earlier download either
+    hf_home = tmp_path / "hf"
+    result = _run(argv, HF_HOME=str(hf_home), HF_DATASETS_CACHE=str(hf_home / "datasets"))
     assert result.returncode == 1
     errors = [ln for ln in result.stderr.splitlines() if "error" in ln.lower()]
     assert len(errors) == 1 and "Traceback" not in result.stderr
@@ -207,7 +211,7 @@ def test_sigterm_stops_a_running_eval_with_143_and_writes_nothing(tmp_path):
     out = tmp_path / "out"
     argv = [sys.executable, "-m", "spikemar", "eval", "--tasks", "shakespeare_nextline",
             "--out", str(out)]  # fmt: skip
-    env = {**os.environ, **OFFLINE, "HOME": str(tmp_path)}
+    env = {**os.environ, **OFFLINE}
     proc = subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True)  # fmt: skip
     lines = []

@@ -314,7 +314,9 @@ def main() -> None:
     write_json(out / "results.json", summary)
     if not args.report:
         plans = [plan(m, energy_ratio=r) for r in args.ratios]
-        measured = {k.replace("_s", " seed "): (r["energy_ratio"], r["initial_kl"])
+        # seed 1's schedules, untrained (the other seeds share planned and uniform)
+        measured = {k.rsplit("_s", 1)[0].replace("_r", " ") + "x": (r["energy_ratio"],
+                                                                   r["initial_kl"])
                     for k, r in rows.items() if k.endswith(f"_s{args.seeds[0]}")}  # fmt: skip
         pareto_plot(m, plans, out / "pareto.png", measured=measured)
     print(report(args, summary))

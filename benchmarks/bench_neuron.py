@@ -15,6 +15,7 @@ the same run.
     python benchmarks/bench_neuron.py                          # T=4, N=2^20, 2 threads, CPU
     python benchmarks/bench_neuron.py --T 4 8 16 --N 65536 1048576 --json out.json
     python benchmarks/bench_neuron.py --quick                  # seconds: a smoke run
+    python benchmarks/bench_neuron.py --compare-kernels OLD/spikemar/neurons/_cpu  # C before/after
 
 The Markdown table goes to stdout; progress to stderr. Ctrl-C prints what has been measured.
 """
@@ -365,7 +366,7 @@ def run(cfg: Config) -> tuple[list[Row], dict[str, float], bool]:
     return rows, copy_gbps, interrupted
 
 
-def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
+def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None, str | None]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     d = Config()
     ap.add_argument("--T", type=int, nargs="+", default=list(d.T), help="micro-steps")
@@ -380,6 +381,12 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
         nargs="+",
         metavar="NAME",
         help="spikemar backends to time (default: all of available_backends(), then 'auto')",
+    )
+    ap.add_argument(
+        "--compare-kernels",
+        metavar="CPU_DIR",
+        help="instead: time the C kernels built from CPU_DIR (another checkout's "
+        "spikemar/neurons/_cpu) and from this one in one process, interleaved",
     )
     ap.add_argument("--json", metavar="PATH", help="also write the raw results here")
     ap.add_argument("--quick", action="store_true", help="a tiny smoke configuration")
@@ -414,11 +421,82 @@ def parse_args(argv: list[str] | None = None) -> tuple[Config, str | None]:
         )
     if min(cfg.T) < 1 or min(cfg.N) < 1 or cfg.repeats < 1 or cfg.warmup < 0:
         ap.error("--T, --N and --repeats must be >= 1, --warmup >= 0")
-    return Config(**{**asdict(cfg), "progress": not a.no_progress}), a.json
+    return Config(**{**asdict(cfg), "progress": not a.no_progress}), a.json, a.compare_kernels
+
+
+def _kernel_calls(lib, b: dict, backward: bool) -> Callable[[], None]:
+    """One ATMN forward (and backward) through ``lib``'s entry points on the buffers of ``b``."""
+
+    def run_once() -> None:
+        x, vth, T, N, B, d, n = b["x"], b["vth"], b["T"], b["N"], b["B"], b["decay"], b["threads"]
+        lib.atmn_forward_f32(x.data_ptr(), None, vth.data_ptr(), T, N, 0, B, d, 1,
+                             b["spikes"].data_ptr(), b["v_last"].data_ptr(), None, n)  # fmt: skip
+        if backward:  # the rectangle surrogate of width 1: pa = 0.5, pb = 1
+            lib.atmn_backward_f32(x.data_ptr(), None, vth.data_ptr(), T, N, 0, B, d, 1, 0, 0,
+                                  0.5, 1.0, b["gs"].data_ptr(), None, None, b["g_x"].data_ptr(),
+                                  None, b["partial"].data_ptr(), n)  # fmt: skip
+
+    return run_once
+
+
+def compare_kernels(cfg: Config, old_dir: str) -> str:
+    """The ATMN forward and forward + backward kernels (float32, shared threshold) of two builds,
+    called through the same ctypes entry points, repetitions interleaved: a before/after of a
+    change to the C sources free of the drift between two processes. Markdown table."""
+    from spikemar.neurons import cpu_backend
+
+    torch.set_num_threads(cfg.threads)
+    libs = {
+        "before": cpu_backend.build_kernels_from(old_dir),
+        "after": cpu_backend.build_kernels_from(Path(cpu_backend.__file__).parent / "_cpu"),
+    }
+    load = harness.load_average()
+    lines = [
+        f"Kernels of {old_dir} (before) and of this checkout (after), {cfg.threads} threads, "
+        f"{cfg.repeats} interleaved repetitions, load {load if load is None else f'{load:.1f}'}",
+        "",
+        "| T | N | mode | before median / min ms | after median / min ms | after/before medians |",
+        "| ---: | ---: | --- | ---: | ---: | ---: |",
+    ]
+    for T in cfg.T:
+        for N in cfg.N:
+            g = torch.Generator().manual_seed(cfg.seed)
+            B = max(1024, min(8192, (1 << 15) // T))  # cpu_backend's block for a shared V
+            bufs = {
+                "x": torch.randn(T, N, generator=g),
+                "gs": torch.randn(T, N, generator=g),
+                "vth": torch.tensor(cfg.v_threshold),
+                "spikes": torch.empty(T, N),
+                "g_x": torch.empty(T, N),
+                "v_last": torch.empty(N),
+                "partial": torch.zeros(cfg.threads, B, dtype=torch.float64),
+                "T": T, "N": N, "B": B, "decay": 1.0 / cfg.tau, "threads": cfg.threads,
+            }  # fmt: skip
+            for mode in MODES:
+                fns = {k: _kernel_calls(lib, bufs, mode == "fwd+bwd") for k, lib in libs.items()}
+                times: dict[str, list[float]] = {k: [] for k in fns}
+                for _ in range(cfg.warmup):
+                    for f in fns.values():
+                        f()
+                for _ in range(cfg.repeats):
+                    for k, f in fns.items():
+                        t0 = time.perf_counter()
+                        f()
+                        times[k].append((time.perf_counter() - t0) * 1e3)
+                med = {k: statistics.median(v) for k, v in times.items()}
+                lo = {k: min(v) for k, v in times.items()}
+                lines.append(
+                    f"| {T} | {_pow2(N)} | {mode} | {med['before']:.2f} / {lo['before']:.2f} | "
+                    f"{med['after']:.2f} / {lo['after']:.2f} | {med['after'] / med['before']:.3f} |"
+                )
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
-    cfg, json_path = parse_args(argv)
+    cfg, json_path, old_kernels = parse_args(argv)
+    if old_kernels:
+        print(compare_kernels(cfg, old_kernels))
+        return 0
     load_at_start = harness.load_average()
     rows, copy_gbps, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)

@@ -22,7 +22,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from spikemar.neurons import backends, cpu_backend, fused
+from spikemar.neurons import ATMNParameters, backends, cpu_backend, fused
 
 pytestmark = pytest.mark.skipif(not cpu_backend.usable(), reason="no C compiler for the CPU kernel")
 
@@ -255,3 +255,19 @@ def test_a_backend_record_refuses_what_it_cannot_run(lif_backend):
     x = torch.randn(2, 3, dtype=torch.float64)
     with pytest.raises(RuntimeError, match="lif-test"):
         backends.select_backend("lif-test", x, LIFParameters(torch.tensor(1.0), 2.0, True))
+
+
+def test_kernels_built_from_a_folder_equal_the_loaded_ones(tmp_path):
+    """``build_kernels_from`` (what a before/after benchmark loads side by side) on this
+    checkout's sources gives the library ``load_library`` gives; a folder without sources is
+    named in the error."""
+    lib = cpu_backend.build_kernels_from(CPU_DIR)
+    x = torch.randn(3, 1000)
+    vth = torch.tensor(0.5)
+    out = [torch.empty_like(x), torch.empty(1000)]
+    lib.atmn_forward_f32(x.data_ptr(), None, vth.data_ptr(), 3, 1000, 0, 2048, 0.5, 1,
+                         out[0].data_ptr(), out[1].data_ptr(), None, 1)  # fmt: skip
+    ref, v, _ = cpu_backend.atmn_multi_step_cpu(x, None, ATMNParameters(vth), False)
+    assert torch.equal(out[0], ref) and torch.equal(out[1], v)
+    with pytest.raises(FileNotFoundError, match="source_dir"):
+        cpu_backend.build_kernels_from(tmp_path)

@@ -39,6 +39,7 @@ __all__ = [
     "atmn_multi_step_cpu",
     "atmn_quantize_decode_cpu",
     "atmn_quantize_train_cpu",
+    "build_kernels_from",
     "build_library",
     "load_library",
     "unusable_reason",
@@ -111,6 +112,21 @@ def build_library(source: Path, depends: tuple[Path, ...] = ()) -> ctypes.CDLL:
         return ctypes.CDLL(str(_build(Path(source), tuple(Path(d) for d in depends))))
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{Path(source).name} could not be built or loaded: {err}") from err
+
+
+def build_kernels_from(source_dir: Path | str) -> ctypes.CDLL:
+    """Build and bind the kernel library from the ``atmn.c`` and headers in ``source_dir`` (the
+    ``_cpu`` folder of this or another checkout): how a before/after benchmark loads two builds
+    side by side in one process (``benchmarks/bench_neuron.py --compare-kernels``). The entry
+    points are declared from this version's table; call only those whose arguments match."""
+    d = Path(source_dir)
+    if not (d / "atmn.c").is_file():
+        raise FileNotFoundError(f"source_dir: no atmn.c in {d}")
+    # this version's headers in their usual order (the same cache entry as load_library's),
+    # then any others the folder holds
+    known = [d / name for name in _SOURCES if name != "atmn.c" and (d / name).is_file()]
+    others = sorted(set(d.glob("*.h")) - set(known))
+    return _bind(build_library(d / "atmn.c", (*known, *others)))
 
 
 def _build(main: Path | None = None, depends: tuple[Path, ...] | None = None) -> Path:

@@ -19,7 +19,7 @@ from spikemar.models.common import NEURONS
 from spikemar.neurons import cpu_backend
 from spikemar.ssm import fast
 from spikemar.ssm import mixer as mixer_module
-from spikemar.ssm.mixer import MixerState, SelectiveMixer
+from spikemar.ssm.mixer import DiscreteMixer, MixerState, SelectiveMixer
 from spikemar.ssm.norm import FAST_MAX_VALUES, RMSNorm
 
 pytestmark = pytest.mark.skipif(not cpu_backend.usable(), reason="no C compiler for the kernels")
@@ -379,6 +379,36 @@ def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batc
     with torch.no_grad():
         got, got_state = m.step(u, state)
     assert len(kernel_calls) == int(fused)
+    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    torch.testing.assert_close(got, want, **tol)
+    torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
+    torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
+
+
+DISCRETE_CASES = [(1, 2, "identity", False), (3, 1, "silu", True), (2, 4, "identity", True)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize(("batch", "groups", "activation", "bias"), DISCRETE_CASES)
+def test_discrete_mixer_inference_step_equals_its_reference_step(
+    monkeypatch, dtype, batch, groups, activation, bias
+):
+    """Llamba's mixer step in one C call (z_bias or projection biases, with or without the
+    convolution's SiLU, B/C groups) equals its PyTorch step on fresh random inputs."""
+    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+    g = torch.Generator().manual_seed(batch + 10 * groups)
+    m = DiscreteMixer(24, d_state=8, n_qk_heads=groups, n_v_heads=8,
+                      expand=2, activation=activation, bias=bias).to(dtype)  # fmt: skip
+    with torch.no_grad():
+        for p in m.parameters():
+            p.add_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
+    state = random_state(m, batch, dtype, g)
+    u = torch.randn(batch, 24, generator=g, dtype=dtype)
+    want, want_state = m.step(u, state)  # autograd on: the reference
+    assert not kernel_calls
+    with torch.no_grad():
+        got, got_state = m.step(u, state)
+    assert len(kernel_calls) == 1
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)

@@ -46,9 +46,10 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
     for suffix in ("f32", "f64"):
         mix = getattr(lib, f"mixer_step_{suffix}")
         # zxbcdt, conv_state, ssm_state, conv_w, conv_b, dt_bias, A_log, D, batch, I, N, G, H,
-        # P, k, dt_min, dt_max, gated, new_conv, new_ssm, a_out, scratch
+        # P, k, dt_min, dt_max, xi_off, z_off, dt_off, conv_silu, dt_scales_x, z_bias, gated,
+        # new_conv, new_ssm, a_out, scratch
         mix.argtypes = [p, p, p, p, p, p, p, p, i64, i64, i64, i64, i64, i64, i64, f64, f64,
-                        p, p, p, p, p]  # fmt: skip
+                        i64, i64, i64, i64, i64, p, p, p, p, p, p]  # fmt: skip
         mix.restype = i64
         norm = getattr(lib, f"rms_norm_{suffix}")
         norm.argtypes = [p, i64, i64, i64, p, f64, p]  # x, rows, groups, D, w, eps, out
@@ -73,16 +74,25 @@ def mixer_step_cpu(
     ssm_state: torch.Tensor,
     conv_weight: torch.Tensor,
     conv_bias: torch.Tensor | None,
-    dt_bias: torch.Tensor,
-    A_log: torch.Tensor,
+    dt_bias: torch.Tensor | None,
+    A_log: torch.Tensor | None,
     D: torch.Tensor,
     n_groups: int = 1,
     dt_limit: tuple[float, float] = (0.0, math.inf),
+    *,
+    discrete: bool = False,
+    conv_silu: bool = True,
+    z_bias: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, int]:
     """One token of :class:`spikemar.ssm.SelectiveMixer` from the input projection's output to
     the gated output before the norm, in one C call. All tensors on the CPU in one dtype
     (float32 or float64) with the mixer's shapes: ``zxbcdt`` [batch, I + K + H], ``conv_state``
     [batch, K, k − 1], ``ssm_state`` [batch, H, P, N], ``conv_weight`` [K, 1, k] (K = I + 2GN).
+
+    ``discrete``: one token of :class:`spikemar.ssm.DiscreteMixer` (Llamba's) instead: the row
+    is ``[x B C | z | Δ_raw]``, the state's input is x ⊗ B (not Δx ⊗ B), ``dt_bias`` and
+    ``A_log`` are None (A = −1), ``conv_silu`` says whether a SiLU follows the convolution and
+    ``z_bias`` [I] (or None) is added to z before its SiLU.
 
     Returns ``(gated [batch, I], new conv state, new SSM state, a [batch, H], bad)``, ``bad`` the
     number of log decays that are not finite and ≤ 0 (the caller raises).
@@ -90,20 +100,30 @@ def mixer_step_cpu(
     lib = _lib if _lib is not None else _load()
     batch, H, P, N = ssm_state.shape
     I = H * P
+    K = I + 2 * n_groups * N
     k = conv_weight.shape[-1]
     zxbcdt, conv_state, ssm_state = (t.contiguous() for t in (zxbcdt, conv_state, ssm_state))
     gated = zxbcdt.new_empty(batch, I)
     new_conv = torch.empty_like(conv_state)
     new_ssm = torch.empty_like(ssm_state)
     a = zxbcdt.new_empty(batch, H)
-    scratch = zxbcdt.new_empty(I + 2 * n_groups * N)
-    bias = 0 if conv_bias is None else conv_bias.contiguous().data_ptr()
+    scratch = zxbcdt.new_empty(K)
+    offsets = (0, K, K + I) if discrete else (I, 0, I + K)  # ξ, z, Δ_raw in a row
+
+    kept = []  # contiguous copies (if any) must outlive the call
+
+    def ptr(t: torch.Tensor | None) -> int:
+        if t is None:
+            return 0
+        kept.append(t.contiguous())
+        return kept[-1].data_ptr()
+
     fn = lib.mixer_step_f32 if zxbcdt.dtype == torch.float32 else lib.mixer_step_f64
-    bad = fn(zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(),
-             conv_weight.contiguous().data_ptr(), bias, dt_bias.contiguous().data_ptr(),
-             A_log.contiguous().data_ptr(), D.contiguous().data_ptr(), batch, I, N, n_groups, H,
-             P, k, float(dt_limit[0]), float(dt_limit[1]), gated.data_ptr(), new_conv.data_ptr(),
-             new_ssm.data_ptr(), a.data_ptr(), scratch.data_ptr())  # fmt: skip
+    bad = fn(zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(), ptr(conv_weight),
+             ptr(conv_bias), ptr(dt_bias), ptr(A_log), ptr(D), batch, I, N, n_groups, H, P, k,
+             float(dt_limit[0]), float(dt_limit[1]), *offsets, int(conv_silu), int(not discrete),
+             ptr(z_bias), gated.data_ptr(), new_conv.data_ptr(), new_ssm.data_ptr(),
+             a.data_ptr(), scratch.data_ptr())  # fmt: skip
     return gated, new_conv, new_ssm, a, bad
 
 

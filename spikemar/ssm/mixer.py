@@ -459,13 +459,55 @@ class DiscreteMixer(Mixer):
         )
 
     def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
-        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``."""
-        xbc, z, dt_raw = self._split(self.in_proj(self.spike_in(u_t)))
+        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
+
+        With autograd off, the part between the projections runs in one C call where it can
+        (:func:`spikemar.ssm.fast.mixer_step_cpu` with ``discrete=True``, equal to the
+        operations below to rounding), as in :class:`SelectiveMixer`."""
+        proj = self.in_proj(self.spike_in(u_t))
+        if not torch.is_grad_enabled():
+            tensors = self._fast_tensors(proj, state)
+            if tensors is not None:
+                if counting_active():
+                    self._record_ops(u_t.shape[0], conv=True)
+                gated, conv, ssm, a, bad = fast.mixer_step_cpu(
+                    proj, *tensors, n_groups=self.n_qk_heads, discrete=True,
+                    conv_silu=self.activation == "silu", z_bias=self.z_bias,
+                )  # fmt: skip
+                if bad:  # counted in C; raise as ssd_step does
+                    check_decay(a, "a_t")
+                return self.out_proj(self.spike_out(gated)), MixerState(conv, ssm)
+        xbc, z, dt_raw = self._split(proj)
         window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
         x, a, B, C = self._scan_inputs(_conv_step(self.conv1d, window), dt_raw)
         y, ssm = ssd_step(x, a, B, C, state.ssm)
         self._record_ops(u_t.shape[0], conv=True)
         return self._output(y, x, z), MixerState(window[..., 1:], ssm)
+
+    def _fast_tensors(self, proj: torch.Tensor, state: MixerState) -> tuple | None:
+        """As :meth:`SelectiveMixer._fast_tensors`: (conv state, SSM state, conv weight, conv
+        bias, None, None, D) when the C step can run them, else None. ``z_bias`` is checked
+        here too."""
+        dtype = proj.dtype
+        if dtype not in _FAST_DTYPES or not proj.is_cpu or proj.dim() != 2:
+            return None
+        conv, ssm = state.conv, state.ssm
+        if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
+            return None
+        batch, K, H, I = proj.shape[0], self.conv_channels, self.n_v_heads, self.d_inner
+        if proj.shape[1] != K + I + H or ssm.numel() > _FAST_MAX_STATE:
+            return None
+        p, c = self._parameters, self._modules["conv1d"]._parameters
+        tensors = (conv, ssm, c["weight"], c["bias"], p["D"], p.get("z_bias"))
+        shapes = ((batch, K, self.d_conv - 1), (batch, H, self.head_dim, self.d_state),
+                  (K, 1, self.d_conv), (K,), (H,), (I,))  # fmt: skip
+        for i, (t, shape) in enumerate(zip(tensors, shapes, strict=True)):
+            if t is None and i in (3, 5):  # no convolution bias, no z_bias
+                continue
+            if t is None or t.dtype != dtype or not t.is_cpu or t.shape != shape:
+                return None
+        conv, ssm, weight, bias, D, _ = tensors
+        return (conv, ssm, weight, bias, None, None, D) if fast.usable() else None
 
 
 @dataclass

@@ -231,3 +231,17 @@ def test_sigterm_stops_a_running_eval_with_143_and_writes_nothing(tmp_path):
     assert "Traceback" not in rest
     assert rest.strip().splitlines()[-1] == "spikemar eval: stopped by SIGTERM; no results written"
     assert not out.exists() or not any(out.iterdir())
+
+
+def test_hub_id_without_network_is_one_line(tmp_path):
+    text = tmp_path / "t.txt"
+    text.write_text("Now is the winter of our discontent.\n")
+    argv = [sys.executable, "-m", "spikemar", "eval", "--checkpoint", "nobody/no-such-model",
+            "--text", str(text), "--out", str(tmp_path / "o")]  # fmt: skip
+    hf_home = tmp_path / "hf"
+    result = _run(argv, HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
+    assert result.returncode == 1 and "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("spikemar eval: error: path_or_id: 'nobody/no-such-model'")
+    assert "HF_HUB_OFFLINE is set" in line
+    assert not (tmp_path / "o").exists()

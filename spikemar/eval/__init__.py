@@ -5,12 +5,14 @@
     text_perplexity(model, tokenizer, text, window=None)     # nats/token, bits/byte, curve
 
     python -m spikemar.eval run --model spikemar --model_args checkpoint=PATH --tasks ...
+    spikemar-lm-eval run --model spikemar ...               # the same, as a console script
     spikemar eval --checkpoint A --checkpoint B --tasks shakespeare_nextline,... --out DIR
     spikemar eval --checkpoint A --text FILE [--window 64]
 
 * :mod:`~spikemar.eval.scoring`: batched loglikelihood, rolling loglikelihood (a document in one
   recurrent pass) and greedy generation on token ids, with an optional energy counter on the
-  same passes;
+  same passes; ``load_model`` (a spikemar checkpoint file, or a Hugging Face Mamba-2/Llamba
+  directory or Hub id, with its tokenizer);
 * :mod:`~spikemar.eval.harness` (needs ``lm_eval``, the ``eval`` extra): ``SpikemarLM``,
   registered in lm_eval as ``spikemar``; imported on demand, so ``spikemar.eval`` itself never
   needs lm_eval;
@@ -24,7 +26,7 @@
 
 from .local_tasks import LOCAL_TASKS, TASKS_DIR, build_shakespeare_tasks
 from .perplexity import PerplexityResult, save_curves, start_token, text_perplexity
-from .scoring import ContinuationScore, Scorer, model_max_length
+from .scoring import ContinuationScore, Scorer, load_model, model_max_length
 
 __all__ = [
     "LOCAL_TASKS",
@@ -33,6 +35,7 @@ __all__ = [
     "PerplexityResult",
     "Scorer",
     "build_shakespeare_tasks",
+    "load_model",
     "model_max_length",
     "save_curves",
     "start_token",

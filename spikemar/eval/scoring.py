@@ -55,7 +55,8 @@ class ContinuationScore:
     tokens: int
 
 
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# what from_pretrained takes for a Hugging Face Hub id: owner/name
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
@@ -75,7 +76,7 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
         from ..checkpoint import load_checkpoint
 
         model, tokenizer, _ = load_checkpoint(path)
-    elif path.is_dir() or (not path.exists() and _HUB_ID.match(str(checkpoint))):
+    elif path.is_dir() or (not path.exists() and HUB_ID.match(str(checkpoint))):
         from ..models import from_pretrained
 
         model = from_pretrained(checkpoint)

@@ -14,10 +14,11 @@ A new kind is one subclass and one registration in :data:`spikemar.models.mixers
     def _build(config, spikes):  # MARConfig, SpikeConfig | None
         return MyMixer(config.d_model, spike_in=spike_point(config.d_model, spikes))
 
-``step`` chooses its fast path per operation: with autograd off, a selective mixer runs the
-part between its projections in one C call (:func:`spikemar.ssm.fast.mixer_step_cpu`); its
-submodules (spike points, projections, the norm) are always entered through ``__call__``, so
-hooks registered on them fire on either path and no caller needs to look for hooks.
+``step`` chooses its fast path per operation: with autograd off, a selective or discrete
+mixer runs the part between its projections in one C call
+(:func:`spikemar.ssm.fast.mixer_step_cpu`); its submodules (spike points, projections, the norm)
+are always entered through ``__call__``, so hooks registered on them fire on either path and no
+caller needs to look for hooks.
 
 **Selective mixer (Mamba-2).** For the input u_t of one token (after the pre-norm):
 

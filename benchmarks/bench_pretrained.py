@@ -194,8 +194,8 @@ def main(argv: list[str] | None = None) -> int:
         t_dense = forward_time(lambda: dense(tokens), r)
         t_student = forward_time(lambda: student(tokens), r)
         t_hf = None if args.no_transformers else forward_time(lambda: hf(tokens), r)
-        hf_cell = "–" if t_hf is None else f"{t_hf:.2f}"
-        print(f"| prefill {args.prefill} tokens, s | 1 | {t_dense:.2f} | {t_student:.2f} | "
+        hf_cell = "–" if t_hf is None else f"{t_hf:.3g}"  # 3 digits: a short prefill is ms
+        print(f"| prefill {args.prefill} tokens, s | 1 | {t_dense:.3g} | {t_student:.3g} | "
               f"{hf_cell} | – | {_ratio(t_hf, t_dense)} | {t_student / t_dense:.2f} |")  # fmt: skip
     print()
     print(

@@ -512,3 +512,56 @@ def test_refine_command_calibrates_the_planned_student(tmp_path):
     for name, v in thresholds["off"].items():
         assert torch.allclose(v, torch.full_like(v, 0.5)), name  # the plan's V₀
         assert not torch.allclose(thresholds["on"][name], v), name  # calibrated per channel
+
+
+def test_refine_command_takes_a_stage1_student_and_stage2_trains_the_hybrid(tmp_path, capsys):
+    """--stage1: the attention layer the stage-1 student replaces is measured as one more module,
+    and a planned student holding that SSM layer goes through stage 2 (its other tensors have the
+    teacher's shapes; the replaced mixer is compared to nothing)."""
+    from spikemar.cli import main
+
+    text = "to be or not to be that is the question " * 40
+    (tmp_path / "t.txt").write_text(text)
+    tokenizer = CharTokenizer("".join(sorted(set(text))))
+    teacher, stage1 = _hybrid_and_stage1()
+    if teacher.config.vocab_size != tokenizer.vocab_size:  # the tiny models' 11 ids: re-make
+        torch.manual_seed(2)
+        size = {**SMALL, "n_layers": 3, "vocab_size": tokenizer.vocab_size}
+        teacher = MARLM(MARConfig(**size, layers=["ssm", "attn", "ssm"], spikes=None)).eval()
+        stage1 = MARLM(MARConfig(**size, layers=["ssm"] * 3, spikes=None))
+        ours = stage1.state_dict()
+        ours.update({k: v for k, v in teacher.state_dict().items()
+                     if not k.startswith("layers.1.mixer.")})  # fmt: skip
+        stage1.load_state_dict(ours)
+    save_checkpoint(tmp_path / "teacher.pt", teacher, tokenizer)
+    save_checkpoint(tmp_path / "stage1.pt", stage1.eval(), tokenizer)
+    out = tmp_path / "out"
+    argv = ["refine", "--teacher", str(tmp_path / "teacher.pt"), "--data", str(tmp_path / "t.txt"),
+            "--stage1", str(tmp_path / "stage1.pt"), "--budget-kl", "100", "--out", str(out),
+            "--steps", "2", "--L", "16", "--batch-size", "2", "--eval-interval", "2",
+            "--eval-iters", "1", "--calib-windows", "2", "--option", "T=4,v_threshold=0.5",
+            "--sparsify-topk", "0", "--warmup", "0", "--calibrate", "off",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    measured = json.loads((out / "measurements.json").read_text())
+    assert "layers.1.mixer" in json.dumps(measured)
+    # stage 2 on a student whose layer 1 is the stage-1 SSM, whatever the plan chose
+    student = build_student(
+        teacher, {"layers.1.mixer": {"mixer": "ssm"}, "layers.0.mixer.spike_in": "spike"}, stage1
+    )
+    assert student.config.layer_kinds()[1] == "ssm"
+    save_checkpoint(tmp_path / "hybrid.pt", student, tokenizer)
+    argv = ["distill", "--stage", "2", "--teacher", str(tmp_path / "teacher.pt"), "--student",
+            str(tmp_path / "hybrid.pt"), "--data", str(tmp_path / "t.txt"), "--out",
+            str(tmp_path / "s2.pt"), "--steps", "2", "--L", "16", "--batch-size", "2",
+            "--eval-interval", "2", "--eval-iters", "1", "--warmup", "0",
+            "--no-progress"]  # fmt: skip
+    assert main(argv) == 0, capsys.readouterr().err
+    assert load_checkpoint(tmp_path / "s2.pt")[0].config.layer_kinds()[1] == "ssm"
+    capsys.readouterr()
+    missing = ["refine", "--teacher", str(tmp_path / "teacher.pt"), "--data",
+               str(tmp_path / "t.txt"), "--stage1", str(tmp_path / "none.pt"), "--budget-kl", "1",
+               "--out", str(tmp_path / "o2")]  # fmt: skip
+    assert main(missing) == 2  # a missing stage-1 checkpoint: one line naming it
+    err = capsys.readouterr().err.strip()
+    assert "stage1: no checkpoint" in err and "\n" not in err and not (tmp_path / "o2").exists()

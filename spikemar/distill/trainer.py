@@ -390,8 +390,10 @@ def _teacher_data(config: DistillConfig, teacher: Teacher) -> TokenDataset:
 
 
 def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -> MARLM:
-    """A spiking student checkpoint (``spikemar convert``'s output) whose dense twin has the
-    teacher's architecture and tensors' shapes, in the data's vocabulary."""
+    """A spiking student checkpoint (``spikemar convert``'s or ``spikemar refine``'s output)
+    whose dense twin has the teacher's architecture and tensors' shapes, in the data's
+    vocabulary; a layer may hold another mixer kind than the teacher's (attention replaced by
+    a stage-1 SSM), its other tensors still the teacher's shapes."""
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"student: no checkpoint at {p}")
@@ -402,8 +404,16 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
     if tokenizer != data.tokenizer:
         raise ValueError(f"student: {p}'s tokenizer differs from the teacher's")
     if isinstance(teacher.model, MARLM):
-        twin = {k: tuple(v.shape) for k, v in dense_twin(student).state_dict().items()}
-        ours = {k: tuple(v.shape) for k, v in teacher.model.state_dict().items()}
+        # a layer whose mixer kind differs from the teacher's (a stage-1 SSM in place of
+        # attention: spikemar refine's attention -> SSM option) is compared outside its mixer
+        kinds = zip(student.config.layer_kinds(), teacher.model.config.layer_kinds(), strict=False)
+        replaced = tuple(f"layers.{i}.mixer." for i, (a, b) in enumerate(kinds) if a != b)
+
+        def shapes(model: nn.Module) -> dict[str, tuple[int, ...]]:
+            state = model.state_dict().items()
+            return {k: tuple(v.shape) for k, v in state if not k.startswith(replaced)}
+
+        twin, ours = shapes(dense_twin(student)), shapes(teacher.model)
         if twin != ours:
             diff = sorted(set(twin.items()) ^ set(ours.items()))[:2]
             raise ValueError(f"student: {p} is not the teacher's architecture (differs in "

@@ -69,6 +69,10 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         "(0: not measured)")  # fmt: skip
     r.add_argument("--calib-windows", type=int_at_least_1, default=16,
                    help="measurement windows (--L tokens, training split)")  # fmt: skip
+    r.add_argument("--stage1", type=Path, default=None, metavar="CHECKPOINT",
+                   help="a stage-1 student of the teacher (spikemar distill --stage 1): "
+                        "each attention layer it replaces by an SSM is one more module to "
+                        "plan")  # fmt: skip
     r.add_argument("--hardware", default="45nm-fp32", help="energy profile")
     r.add_argument("--calibrate", choices=("auto", "on", "off"), default="auto",
                    help="per-channel thresholds at each point's planned firing rate before "
@@ -77,7 +81,7 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     return p
 
 
-def _calibrated_student(args, teacher, points, windows) -> tuple[Any, dict[str, Any]]:
+def _calibrated_student(args, teacher, points, windows, stage1) -> tuple[Any, dict[str, Any]]:
     """The planned student, its thresholds calibrated as ``--calibrate`` says, and a record of
     what calibration did."""
     import torch
@@ -85,7 +89,7 @@ def _calibrated_student(args, teacher, points, windows) -> tuple[Any, dict[str, 
     from .calibrate import calibrate, firing_rates
     from .measure import build_student, kl_and_loss
 
-    student = build_student(teacher, points)
+    student = build_student(teacher, points, stage1)
     planned_kl, _ = kl_and_loss(teacher, student, windows)
     record: dict[str, Any] = {"mode": args.calibrate, "kl_planned_v": planned_kl}
     if args.calibrate == "off" or not list(student.spike_points()):
@@ -134,6 +138,12 @@ def refine_main(args: argparse.Namespace) -> int:
     pretrained = tokenizer is not None and not isinstance(tokenizer, CharTokenizer)
     data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)
     windows = data.windows("train", args.L, args.calib_windows).to(args.device)
+    stage1 = None
+    if args.stage1 is not None:
+        if not Path(args.stage1).is_file():
+            raise FileNotFoundError(f"stage1: no checkpoint at {args.stage1}")
+        stage1, _, _ = load_checkpoint(args.stage1, map_location=args.device)
+        stage1.eval()
 
     # 1. measure
     if resume and done.exists():
@@ -144,7 +154,7 @@ def refine_main(args: argparse.Namespace) -> int:
             ({"sparsify": "topk", "amount": args.sparsify_topk},) if args.sparsify_topk else ()
         )
         m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
-                    sparsify=sparsify, hardware=args.hardware,
+                    sparsify=sparsify, hardware=args.hardware, stage1=stage1,
                     progress=lambda s: _say(args, s))  # fmt: skip
         m.save(done)
     # 2. plan
@@ -160,7 +170,7 @@ def refine_main(args: argparse.Namespace) -> int:
     if resume and init.exists() and calib_path.exists():
         calibration = json.loads(calib_path.read_text())
     else:
-        student, calibration = _calibrated_student(args, teacher, chosen.points, windows)
+        student, calibration = _calibrated_student(args, teacher, chosen.points, windows, stage1)
         calib_path.write_text(json.dumps(calibration, indent=1))
         save_checkpoint(init, student, tokenizer or data.tokenizer)
     if calibration["mode"] != "off":

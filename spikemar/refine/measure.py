@@ -163,7 +163,9 @@ def build_student(teacher: MARLM, points: dict[str, Any], stage1: MARLM | None =
     if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
         raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
     mixers = {k: v for k, v in points.items() if _is_mixer_setting(v)}
-    points = {k: v for k, v in points.items() if k not in mixers}
+    # a layer's mixer left as the teacher's ('dense' in a plan) is no spike point to configure
+    points = {k: v for k, v in points.items()
+              if k not in mixers and not (k.endswith(".mixer") and v == "dense")}  # fmt: skip
     kinds = teacher.config.layer_kinds()
     state = teacher.state_dict()
     if mixers:

@@ -369,6 +369,12 @@ def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batc
     kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
     g = torch.Generator().manual_seed(batch)
     m = SelectiveMixer(24, d_state=8, head_dim=8, d_conv=4).to(dtype)
+    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, int(fused))
+
+
+def _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, expected_calls):
+    """``m.step`` with autograd off (the C step where it applies) equals its PyTorch step with
+    autograd on, on perturbed weights, a random state and a random input."""
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
@@ -378,7 +384,7 @@ def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batc
     assert not kernel_calls
     with torch.no_grad():
         got, got_state = m.step(u, state)
-    assert len(kernel_calls) == int(fused)
+    assert len(kernel_calls) == expected_calls
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
     torch.testing.assert_close(got, want, **tol)
     torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
@@ -399,20 +405,7 @@ def test_discrete_mixer_inference_step_equals_its_reference_step(
     g = torch.Generator().manual_seed(batch + 10 * groups)
     m = DiscreteMixer(24, d_state=8, n_qk_heads=groups, n_v_heads=8,
                       expand=2, activation=activation, bias=bias).to(dtype)  # fmt: skip
-    with torch.no_grad():
-        for p in m.parameters():
-            p.add_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
-    state = random_state(m, batch, dtype, g)
-    u = torch.randn(batch, 24, generator=g, dtype=dtype)
-    want, want_state = m.step(u, state)  # autograd on: the reference
-    assert not kernel_calls
-    with torch.no_grad():
-        got, got_state = m.step(u, state)
-    assert len(kernel_calls) == 1
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
-    torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
-    torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
+    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, 1)
 
 
 def test_mixer_kernel_is_not_given_tensors_of_the_wrong_shape(monkeypatch):

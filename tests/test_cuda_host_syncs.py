@@ -229,12 +229,10 @@ def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     cuda_emulation.emulation_unavailable_reason() is not None,
     reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
 )
-def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory, monkeypatch):
-    """MAR's spike point on a CUDA activation: one fused kernel each way (no spike train),
-    the reference's decode and gradients, and no host sync with deferred value checks."""
+def _emulate_cupy(tmp_path_factory, monkeypatch) -> cuda_emulation.EmulatedCupy:
+    """CuPy replaced by the CPU emulation of the CUDA kernels (spikemar.neurons.cuda_emulation),
+    with a fresh kernel cache and torch's current CUDA stream and device stubbed."""
     import sys
-
-    from spikemar.models.common import SpikeConfig, SpikePoint
 
     fake = cuda_emulation.EmulatedCupy(tmp_path_factory.getbasetemp() / "cuda_emulation")
     monkeypatch.setitem(sys.modules, "cupy", fake)
@@ -243,6 +241,16 @@ def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory
     stream = types.SimpleNamespace(cuda_stream=0)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    return fake
+
+
+def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory, monkeypatch):
+    """MAR's spike point on a CUDA activation: one fused kernel each way (no spike train),
+    the reference's decode and gradients, and no host sync with deferred value checks."""
+
+    from spikemar.models.common import SpikeConfig, SpikePoint
+
+    fake = _emulate_cupy(tmp_path_factory, monkeypatch)
     g = torch.Generator().manual_seed(0)
     x = torch.randn(3, 7, 16, generator=g)
     results = []
@@ -295,19 +303,12 @@ def test_spike_point_on_cuda_gives_a_counter_its_spike_counts_without_sync(
 ):
     """Under an energy counter that can do with counts, MAR's spike point on CUDA still runs the
     fused kernel and declares the kernel's +1/−1 counts: those of the reference spike train."""
-    import sys
 
     from spikemar import counting
     from spikemar.models.common import SpikeConfig, SpikePoint
     from spikemar.neurons import spike_counts
 
-    fake = cuda_emulation.EmulatedCupy(tmp_path_factory.getbasetemp() / "cuda_emulation")
-    monkeypatch.setitem(sys.modules, "cupy", fake)
-    monkeypatch.setattr(cupy_backend, "_modules", {})
-    monkeypatch.setattr(cupy_backend, "_functions", {})
-    stream = types.SimpleNamespace(cuda_stream=0)
-    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fake = _emulate_cupy(tmp_path_factory, monkeypatch)
     x = torch.randn(3, 7, 16, generator=torch.Generator().manual_seed(1)) * 2
     point = SpikePoint(16, SpikeConfig(T=4, tau=1.5, v_threshold=0.5))
     with torch.no_grad():

@@ -367,13 +367,14 @@ def test_sparsified_points_offered_and_picked_under_zero_skipping():
     assert plan(both, energy_ratio=ratio).predicted_kl == pytest.approx(best[0])
 
 
-def _hybrid_and_stage1():
+def _hybrid_and_stage1(vocab_size: int = SMALL["vocab_size"]):
     """A tiny teacher with an attention layer and SSM layers, and a stage-1 student: the same
     architecture with that layer's mixer an SSM (its other tensors copied from the teacher)."""
     torch.manual_seed(2)
     kinds = ["ssm", "attn", "ssm"]
-    teacher = MARLM(MARConfig(**{**SMALL, "n_layers": 3}, layers=kinds, spikes=None)).eval()
-    stage1 = MARLM(MARConfig(**{**SMALL, "n_layers": 3}, layers=["ssm"] * 3, spikes=None))
+    size = {**SMALL, "n_layers": 3, "vocab_size": vocab_size}
+    teacher = MARLM(MARConfig(**size, layers=kinds, spikes=None)).eval()
+    stage1 = MARLM(MARConfig(**size, layers=["ssm"] * 3, spikes=None))
     ours = stage1.state_dict()
     ours.update({k: v for k, v in teacher.state_dict().items()
                  if k in ours and v.shape == ours[k].shape and ".mixer." not in k})  # fmt: skip
@@ -443,12 +444,17 @@ def test_attention_to_ssm_bad_input_is_named():
 # -- spikemar refine -------------------------------------------------------------------------
 
 
+def _tiny_corpus(tmp_path) -> CharTokenizer:
+    """A short text at ``tmp_path / 't.txt'`` for the command tests, and its characters."""
+    text = "to be or not to be that is the question " * 40
+    (tmp_path / "t.txt").write_text(text)
+    return CharTokenizer("".join(sorted(set(text))))
+
+
 def test_refine_command_end_to_end_and_resume(tmp_path, capsys):
     from spikemar.cli import main
 
-    text = "to be or not to be that is the question " * 40
-    (tmp_path / "t.txt").write_text(text)
-    tokenizer = CharTokenizer("".join(sorted(set(text))))
+    tokenizer = _tiny_corpus(tmp_path)
     torch.manual_seed(0)
     config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
     save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
@@ -487,9 +493,7 @@ def test_refine_command_calibrates_the_planned_student(tmp_path):
     point's planned firing rate (not the plan's one V₀ per point); off: with the plan's V₀."""
     from spikemar.cli import main
 
-    text = "to be or not to be that is the question " * 40
-    (tmp_path / "t.txt").write_text(text)
-    tokenizer = CharTokenizer("".join(sorted(set(text))))
+    tokenizer = _tiny_corpus(tmp_path)
     torch.manual_seed(1)
     config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
     save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
@@ -520,21 +524,10 @@ def test_refine_command_takes_a_stage1_student_and_stage2_trains_the_hybrid(tmp_
     teacher's shapes; the replaced mixer is compared to nothing)."""
     from spikemar.cli import main
 
-    text = "to be or not to be that is the question " * 40
-    (tmp_path / "t.txt").write_text(text)
-    tokenizer = CharTokenizer("".join(sorted(set(text))))
-    teacher, stage1 = _hybrid_and_stage1()
-    if teacher.config.vocab_size != tokenizer.vocab_size:  # the tiny models' 11 ids: re-make
-        torch.manual_seed(2)
-        size = {**SMALL, "n_layers": 3, "vocab_size": tokenizer.vocab_size}
-        teacher = MARLM(MARConfig(**size, layers=["ssm", "attn", "ssm"], spikes=None)).eval()
-        stage1 = MARLM(MARConfig(**size, layers=["ssm"] * 3, spikes=None))
-        ours = stage1.state_dict()
-        ours.update({k: v for k, v in teacher.state_dict().items()
-                     if not k.startswith("layers.1.mixer.")})  # fmt: skip
-        stage1.load_state_dict(ours)
+    tokenizer = _tiny_corpus(tmp_path)
+    teacher, stage1 = _hybrid_and_stage1(tokenizer.vocab_size)
     save_checkpoint(tmp_path / "teacher.pt", teacher, tokenizer)
-    save_checkpoint(tmp_path / "stage1.pt", stage1.eval(), tokenizer)
+    save_checkpoint(tmp_path / "stage1.pt", stage1, tokenizer)
     out = tmp_path / "out"
     argv = ["refine", "--teacher", str(tmp_path / "teacher.pt"), "--data", str(tmp_path / "t.txt"),
             "--stage1", str(tmp_path / "stage1.pt"), "--budget-kl", "100", "--out", str(out),

@@ -113,35 +113,31 @@ class SpikePoint(nn.Module):
         # neuron's surrogate is one the kernels implement (tests compare both with the reference)
         try:  # a threshold made non-finite by an update is reported as such (issue 14)
             if self._fused_ready(x, neuron):
-                # an energy counter that can do with spike counts gets them from the kernel
-                counted = counting_active()
                 if not self._needs_graph(x, neuron):
                     p = self._inference_parameters(neuron)
-                    if not counted:
-                        return cpu_backend.atmn_quantize_decode_cpu(x, self.T, p)
-                    out = cpu_backend.atmn_quantize_decode_cpu(x, self.T, p, counts=True)
-                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
+                    return self._fused(cpu_backend.atmn_quantize_decode_cpu, x, p)
                 p = neuron.parameters_tuple()
                 if fused.unsupported_parameters(p) is None:
-                    if not counted:
-                        return cpu_backend.atmn_quantize_train_cpu(x, self.T, p)
-                    out = cpu_backend.atmn_quantize_train_cpu(x, self.T, p, counts=True)
-                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
+                    return self._fused(cpu_backend.atmn_quantize_train_cpu, x, p)
             if x.is_cuda and not (self.record or spike_train_needed(self)):
-                # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train);
-                # a counter that can do with spike counts gets them from the kernel, no sync
+                # CUDA: δ-inject → ATMN → decode in one kernel each way (no [T, N] spike train)
                 p = neuron.parameters_tuple()
                 if cupy_backend.quantize_unusable_reason(x, self.T, p, neuron.backend) is None:
-                    if not counting_active():
-                        return cupy_backend.atmn_quantize_cupy(x, self.T, p)
-                    out = cupy_backend.atmn_quantize_cupy(x, self.T, p, counts=True)
-                    return declare_spike_counts(self, *out, self.T, ternary=self.ternary)
+                    return self._fused(cupy_backend.atmn_quantize_cupy, x, p)
         except ThresholdError as err:
             raise neuron.diverged_threshold_error() from err
         decoded, spikes = neuron.quantize(x, self.T)
         if self.record:
             self.spikes = spikes.detach()
         return declare_spikes(self, decoded, spikes, ternary=self.ternary)
+
+    def _fused(self, kernel, x: torch.Tensor, p: ATMNParameters) -> torch.Tensor:
+        """One fused kernel call; under an energy counter (one that can do with spike counts:
+        the callers checked) the kernel also counts the spikes, handed to the counter."""
+        if not counting_active():
+            return kernel(x, self.T, p)
+        decoded, counts = kernel(x, self.T, p, counts=True)
+        return declare_spike_counts(self, decoded, counts, self.T, ternary=self.ternary)
 
     def _needs_graph(self, x: torch.Tensor, neuron: ATMN) -> bool:
         return torch.is_grad_enabled() and (x.requires_grad or neuron.log_threshold.requires_grad)

@@ -213,11 +213,11 @@ def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
 
 
 def _check_checkpoints(paths: list[Path]) -> None:
-    from .scoring import HUB_ID
+    from ..models.hub import is_hub_id
 
     for p in paths:
         # a Hub id (owner/name) is left to from_pretrained, which says if it is unreachable
-        if not p.exists() and not HUB_ID.match(str(p)):
+        if not p.exists() and not is_hub_id(p):
             raise ValueError(f"--checkpoint: no file or directory at {p}")
 
 

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import math
 import os
-import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..energy import EnergyCounter, EnergyReport
+from ..models.hub import is_hub_id
 
 __all__ = ["ContinuationScore", "Scorer", "load_model", "model_max_length"]
 
@@ -53,10 +53,6 @@ class ContinuationScore:
     logprob: float
     greedy: bool
     tokens: int
-
-
-# what from_pretrained takes for a Hugging Face Hub id: owner/name
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
 def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
@@ -76,7 +72,7 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
         from ..checkpoint import load_checkpoint
 
         model, tokenizer, _ = load_checkpoint(path)
-    elif path.is_dir() or (not path.exists() and HUB_ID.match(str(checkpoint))):
+    elif path.is_dir() or (not path.exists() and is_hub_id(checkpoint)):
         from ..models import from_pretrained
 
         model = from_pretrained(checkpoint)

@@ -89,7 +89,7 @@ def ssd_scan_naive(
     Same arguments and results as :func:`ssd_scan`. O(L) sequential steps: use it for tests and
     for double backward, not for training.
     """
-    _check_sequence(x, a, B, C, initial_state)
+    _check_inputs(x, a, B, C, initial_state, step=False)
     B, C = _broadcast_groups(B, x.shape[2]), _broadcast_groups(C, x.shape[2])
     batch, L, heads, head_dim = x.shape
     h = initial_state
@@ -119,7 +119,7 @@ def ssd_step(
         (y_t [batch, heads, head_dim], the new state). Feeding a sequence token by token gives
         the same ``y`` and final state as :func:`ssd_scan` on the whole of it.
     """
-    _check_step(x_t, a_t, B_t, C_t, state)
+    _check_inputs(x_t, a_t, B_t, C_t, state, step=True)
     heads = x_t.shape[1]
     B_t, C_t = _broadcast_groups(B_t, heads, dim=1), _broadcast_groups(C_t, heads, dim=1)
     new_state = x_t[..., :, None] * B_t[..., None, :]
@@ -187,7 +187,7 @@ def ssd_scan(
                 t.to(wide) if isinstance(t, Tensor) else t for t in (x, a, B, C, initial_state)
             )
             return ssd_scan(x, a, B, C, initial_state, chunk_size=chunk_size)
-    _check_sequence(x, a, B, C, initial_state)
+    _check_inputs(x, a, B, C, initial_state, step=False)
     if chunk_size is None:
         chunk_size = default_chunk_size(x.shape[3], B.shape[3])
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
@@ -375,34 +375,49 @@ def _broadcast_groups(t: Tensor, heads: int, dim: int = 2) -> Tensor:
     return t.expand(shape).flatten(dim, dim + 1)
 
 
-def _check_sequence(x: Tensor, a: Tensor, B: Tensor, C: Tensor, h0: Tensor | None) -> None:
-    _check_tensors(x=x, a=a, B=B, C=C, initial_state=h0)
+def _check_inputs(
+    x: Tensor, a: Tensor, B: Tensor, C: Tensor, state: Tensor | None, *, step: bool
+) -> None:
+    """The scan's arguments (``step=False``: [batch, L, …], the state is ``initial_state``) or one
+    step's (``step=True``: [batch, …], names ``x_t``, ``a_t``, …, the state is ``state``): one set
+    of rules, so that the scan and its step accept the same inputs token for token. Only the
+    scan scans x, B and C for NaN/inf: a step runs once per generated token, and that value
+    check (a reduction and a host sync) would cost on every one."""
+    if step:
+        suffix, state_name, lead_names = "_t", "state", "batch"
+    else:
+        suffix, state_name, lead_names = "", "initial_state", "batch, L"
+    names = [name + suffix for name in "xaBC"]
+    _check_tensors(**dict(zip(names, (x, a, B, C), strict=True)), **{state_name: state})
+    n_lead = 1 if step else 2
+    bc_dims = f"[{lead_names}, heads or groups, state]"
     for name, t, rank, dims in (
-        ("x", x, 4, "[batch, L, heads, head_dim]"),
-        ("a", a, 3, "[batch, L, heads]"),
-        ("B", B, 4, "[batch, L, heads or groups, state]"),
-        ("C", C, 4, "[batch, L, heads or groups, state]"),
+        ("x", x, n_lead + 2, f"[{lead_names}, heads, head_dim]"),
+        ("a", a, n_lead + 1, f"[{lead_names}, heads]"),
+        ("B", B, n_lead + 2, bc_dims),
+        ("C", C, n_lead + 2, bc_dims),
     ):
         if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-d {dims}, got shape {tuple(t.shape)}")
-    batch, L, heads, head_dim = x.shape
-    if L == 0:
+            raise ValueError(f"{name}{suffix} must be {rank}-d {dims}, got shape {tuple(t.shape)}")
+    lead, (heads, head_dim) = tuple(x.shape[:n_lead]), x.shape[n_lead:]
+    if not step and x.shape[1] == 0:
         raise ValueError(f"x has length L = 0 (shape {tuple(x.shape)}); the scan needs L ≥ 1")
-    if a.shape != (batch, L, heads):
+    if a.shape != (*lead, heads):
         raise ValueError(
-            f"a must have shape [batch, L, heads] = {(batch, L, heads)} to match x "
-            f"{tuple(x.shape)}, got {tuple(a.shape)}"
+            f"a{suffix} must have shape [{lead_names}, heads] = {(*lead, heads)} to match "
+            f"x{suffix} {tuple(x.shape)}, got {tuple(a.shape)}"
         )
-    _check_bc(B, C, (batch, L), heads, "[batch, L, heads or groups, state]", x)
-    if h0 is not None:
-        want = (batch, heads, head_dim, B.shape[-1])
-        if h0.shape != want:
+    _check_bc(B, C, lead, heads, bc_dims, x, suffix=suffix)
+    if state is not None:
+        want = (lead[0], heads, head_dim, B.shape[-1])
+        if state.shape != want:
             raise ValueError(
-                f"initial_state must have shape [batch, heads, head_dim, state] = {want}, "
-                f"got {tuple(h0.shape)}"
+                f"{state_name} must have shape [batch, heads, head_dim, state] = {want}, "
+                f"got {tuple(state.shape)}"
             )
-    check_decay(a)
-    check_finite(x=x, B=B, C=C)
+    check_decay(a, "a" + suffix)
+    if not step:
+        check_finite(x=x, B=B, C=C)
 
 
 def check_finite(**tensors: Tensor) -> None:
@@ -434,33 +449,6 @@ def _deferred(bad: Tensor, message: str) -> bool:
     if mode == "deferred":
         checks.defer_error(bad, message)
     return True
-
-
-def _check_step(x_t: Tensor, a_t: Tensor, B_t: Tensor, C_t: Tensor, state: Tensor | None) -> None:
-    _check_tensors(x_t=x_t, a_t=a_t, B_t=B_t, C_t=C_t, state=state)
-    for name, t, rank, dims in (
-        ("x_t", x_t, 3, "[batch, heads, head_dim]"),
-        ("a_t", a_t, 2, "[batch, heads]"),
-        ("B_t", B_t, 3, "[batch, heads or groups, state]"),
-        ("C_t", C_t, 3, "[batch, heads or groups, state]"),
-    ):
-        if t.dim() != rank:
-            raise ValueError(f"{name} must be {rank}-d {dims}, got shape {tuple(t.shape)}")
-    batch, heads, head_dim = x_t.shape
-    if a_t.shape != (batch, heads):
-        raise ValueError(
-            f"a_t must have shape [batch, heads] = {(batch, heads)} to match x_t "
-            f"{tuple(x_t.shape)}, got {tuple(a_t.shape)}"
-        )
-    _check_bc(B_t, C_t, (batch,), heads, "[batch, heads or groups, state]", x_t, suffix="_t")
-    if state is not None:
-        want = (batch, heads, head_dim, B_t.shape[-1])
-        if state.shape != want:
-            raise ValueError(
-                f"state must have shape [batch, heads, head_dim, state] = {want}, "
-                f"got {tuple(state.shape)}"
-            )
-    check_decay(a_t, "a_t")
 
 
 def _check_tensors(**tensors: Tensor | None) -> None:

@@ -170,37 +170,35 @@ def test_parity_on_odd_sizes(backend, shape):
     )
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_parity_in_float64(backend):
+def assert_parity_in_dtype(backend, dtype, T, shape, tau, *, per_channel):
+    """Inputs in ``dtype``, with the initial membrane and the membrane sequence. A 16-bit x (read
+    natively by 'cupy', widened first by the others): spikes and membranes exact, since x widens
+    exactly to float32; gradients within a 16-bit rounding (1e-2)."""
+    half = dtype in (torch.float16, torch.bfloat16)
     assert_backend_matches_reference(
         backend,
-        5,
-        (40, 6),
-        {"tau": 1.3},
-        per_channel=False,
-        with_v0=True,
-        return_v_seq=True,
-        dtype=torch.float64,
-    )
-
-
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
-@pytest.mark.parametrize("per_channel", [False, True])
-def test_parity_in_half_types(backend, dtype, per_channel):
-    """A 16-bit x (read natively by 'cupy', widened first by the others): spikes and membranes
-    exact, since x widens exactly to float32; gradients within a 16-bit rounding (1e-2)."""
-    assert_backend_matches_reference(
-        backend,
-        5,
-        (7, 33),
-        {"tau": 1.5},
+        T,
+        shape,
+        {"tau": tau},
         per_channel=per_channel,
         with_v0=True,
         return_v_seq=True,
         dtype=dtype,
-        grad_tol=1e-2,
+        grad_tol=1e-2 if half else 1e-5,
     )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize(
+    ("dtype", "shape", "tau", "per_channel"),
+    [
+        (torch.float64, (40, 6), 1.3, False),
+        *((dt, (7, 33), 1.5, pc) for dt in (torch.float16, torch.bfloat16) for pc in (False, True)),
+    ],
+    ids=str,
+)
+def test_parity_in_float64_and_half_types(backend, dtype, shape, tau, per_channel):
+    assert_parity_in_dtype(backend, dtype, 5, shape, tau, per_channel=per_channel)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -368,23 +366,9 @@ def test_fused_layer_hands_16_bit_x_to_kernels_that_take_it(dtype):
 
     backends.register_backend("native16", impl, native_dtypes=(torch.float16, torch.bfloat16))
     try:
-        _assert_native16(dtype)
+        assert_parity_in_dtype("native16", dtype, 4, (6, 10), 2.0, per_channel=True)
     finally:
         backends.unregister_backend("native16")
-
-
-def _assert_native16(dtype):
-    assert_backend_matches_reference(
-        "native16",
-        4,
-        (6, 10),
-        {"tau": 2.0},
-        per_channel=True,
-        with_v0=True,
-        return_v_seq=True,
-        dtype=dtype,
-        grad_tol=1e-2,
-    )
 
 
 def test_fused_layer_names_the_dtypes_its_kernels_take():

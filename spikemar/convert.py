@@ -24,10 +24,11 @@ Calibration:
 1. The dense model runs the calibration batches; at every spike point's place the activation I
    it would quantise is sampled (up to ``max_rows`` token rows per point).
 2. For each spike point, per channel (or per layer when the threshold is shared), V is set by
-   bisection on log V so that the fraction of nonzero spikes over the T micro-steps, computed
-   with the neuron's own dynamics on those samples (δ-injection, ATMN's soft reset), equals the
-   target ``firing_rate``. The firing rate falls monotonically as V grows, so bisection finds it;
-   a channel that never fires (I ≡ 0) keeps the largest V tried.
+   a search on log V (bisection with 16 candidates a round, :func:`calibrate_point_rate`) so
+   that the fraction of nonzero spikes over the T micro-steps, computed with the neuron's own
+   dynamics on those samples (δ-injection, ATMN's soft reset), equals the target
+   ``firing_rate``. The firing rate falls monotonically as V grows, so the search finds it; a
+   channel that never fires (I ≡ 0) keeps the largest V tried.
 
 Thresholds from the dense model's activations, not the student's own, keep calibration one pass
 (the usual post-training-quantisation choice); distillation (``spikemar distill --stage 2
@@ -60,10 +61,12 @@ GRID = 16  # candidate thresholds per calibration round: 16^5 narrows log V by ~
 __all__ = [
     "ConvertResult",
     "add_convert_arguments",
+    "calibrate_point_rate",
     "calibrate_thresholds",
     "convert",
     "convert_main",
     "load_dense",
+    "quantize_candidates",
     "read_spike_points",
     "spike_point_state_names",
     "spiking_student",
@@ -135,17 +138,27 @@ def _spike_points(student: MARLM) -> list[tuple[str, SpikePoint]]:
     return [(site.name, site.module) for site in student.spike_points()]
 
 
-def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
-    """Nonzero spikes per micro-step of the samples x [n, C] under K candidate thresholds at
-    once: ``log_v`` [K, C] (per channel) or [K, 1] (one shared V) gives rates of that shape."""
+def quantize_candidates(
+    x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``point``'s neuron on samples x [n, C] under K candidate thresholds at once, ``log_v``
+    [K, C] (per channel) or [K, 1] (one shared V): (decoded [n, K·C], spikes [T, n, K·C]), the
+    columns of candidate k at k·C … (k + 1)·C − 1. What a threshold search scores candidates
+    by (a firing rate here, a decode error in :mod:`spikemar.refine.calibrate`)."""
     from .neurons import atmn_quantize
 
     K, C = log_v.shape[0], x.shape[1]
     v = log_v.exp().expand(K, C).reshape(K * C).contiguous()
     # the K candidates side by side as K·C channels: one call of the neuron's own dynamics
-    _, spikes = atmn_quantize(
-        x.repeat(1, K), sp.T, sp.neuron.parameters_tuple()._replace(v_threshold=v)
-    )
+    params = point.neuron.parameters_tuple()._replace(v_threshold=v.to(x.dtype))
+    return atmn_quantize(x.repeat(1, K), point.T, params)
+
+
+def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
+    """Nonzero spikes per micro-step of the samples x [n, C] under K candidate thresholds at
+    once: ``log_v`` [K, C] (per channel) or [K, 1] (one shared V) gives rates of that shape."""
+    K, C = log_v.shape[0], x.shape[1]
+    _, spikes = quantize_candidates(x, sp, log_v)
     rates = (spikes != 0).to(torch.float32).mean(dim=(0, 1)).reshape(K, C)
     return rates if log_v.shape[1] == C else rates.mean(dim=1, keepdim=True)
 
@@ -206,6 +219,31 @@ def point_samples(
 
 
 @torch.no_grad()
+def calibrate_point_rate(
+    point: SpikePoint, x: torch.Tensor, firing_rate: float, *, rounds: int = 5
+) -> float:
+    """Set ``point``'s threshold, per channel (or one V when it is shared), to the smallest V
+    that fires at most ``firing_rate`` (nonzero spikes per micro-step) on the samples x [n, C]
+    that reach it, to within (40 / GRID^rounds) in log V. Returns the mean rate reached."""
+    a = point.neuron.log_threshold
+    # bracket: V above every |I| fires nothing (hi), V far below fires all it can (lo); each
+    # round tries GRID candidates between them (the rate falls as V grows) and keeps the
+    # two around the target: hi always fires at most the target
+    top = x.abs().amax(dim=0) if a.dim() else x.abs().amax().reshape(1)
+    hi = torch.log(top.clamp(min=1e-12)) + 1.0
+    lo = hi - 40.0
+    steps = torch.arange(1, GRID + 1, dtype=hi.dtype)[:, None] / GRID
+    for _ in range(rounds):
+        grid = lo + (hi - lo) * steps  # [K, C'] (C' = C, or 1 when V is shared)
+        first = (_firing_rates(x, point, grid) <= firing_rate).to(torch.int64).argmax(dim=0)
+        below = grid.gather(0, (first - 1).clamp(min=0)[None])[0]
+        lo = torch.where(first > 0, below, lo)
+        hi = grid.gather(0, first[None])[0]
+    a.copy_(hi.reshape(a.shape).to(a.dtype))
+    return float(_firing_rates(x, point, hi[None]).mean())
+
+
+@torch.no_grad()
 def calibrate_thresholds(
     student: MARLM,
     dense: MARLM,
@@ -217,35 +255,16 @@ def calibrate_thresholds(
     seed: int = 0,
 ) -> dict[str, float]:
     """Set every spike point's threshold of ``student`` so it fires at ``firing_rate`` on the
-    activations the ``dense`` model produces at its place on ``batches`` (token ids [b, L]).
+    activations the ``dense`` model produces at its place on ``batches`` (token ids [b, L])
+    (:func:`calibrate_point_rate` per point).
 
     Returns each spike point's mean firing rate on those samples after calibration.
     """
     if not 0 < firing_rate < 1:
         raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
-    points = _spike_points(student)
     samples = point_samples(student, dense, batches, max_rows=max_rows, seed=seed)
-    rates = {}
-    for name, sp in points:
-        x = samples[name]
-        a = sp.neuron.log_threshold
-        # bracket: V above every |I| fires nothing (hi), V far below fires all it can (lo); each
-        # round tries GRID candidates between them (the rate falls as V grows) and keeps the
-        # two around the target: hi always fires at most the target
-        top = x.abs().amax(dim=0) if a.dim() else x.abs().amax().reshape(1)
-        hi = torch.log(top.clamp(min=1e-12)) + 1.0
-        lo = hi - 40.0
-        steps = torch.arange(1, GRID + 1, dtype=hi.dtype)[:, None] / GRID
-        for _ in range(rounds):
-            grid = lo + (hi - lo) * steps  # [K, C'] (C' = C, or 1 when V is shared)
-            first = (_firing_rates(x, sp, grid) <= firing_rate).to(torch.int64).argmax(dim=0)
-            below = grid.gather(0, (first - 1).clamp(min=0)[None])[0]
-            lo = torch.where(first > 0, below, lo)
-            hi = grid.gather(0, first[None])[0]
-        a.copy_(hi.reshape(a.shape).to(a.dtype))
-        final = _firing_rates(x, sp, hi[None])
-        rates[name] = float(final.mean())
-    return rates
+    return {name: calibrate_point_rate(sp, samples[name], firing_rate, rounds=rounds)
+            for name, sp in _spike_points(student)}  # fmt: skip
 
 
 @torch.no_grad()

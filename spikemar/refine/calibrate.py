@@ -2,12 +2,11 @@
 
 Two targets, per spike point and per channel (or per point when the threshold is shared):
 
-* a **firing rate** (nonzero spikes per micro-step): one rate for every point is
-  :func:`spikemar.convert.calibrate_thresholds` (bisection on log V with the neuron's own
-  dynamics; the rate falls as V grows), which :func:`calibrate` calls; a rate *per point* (as
+* a **firing rate** (nonzero spikes per micro-step): :func:`spikemar.convert.calibrate_point_rate`
+  (bisection on log V with the neuron's own dynamics; the rate falls as V grows), with one rate
+  for every point (:func:`spikemar.convert.calibrate_thresholds`) or a rate *per point* (as
   ``spikemar refine`` uses: each point's rate at its planned V, so that per-channel thresholds
-  keep the plan's energy, since a point's ACs are its spike count times one fan-out) is a
-  per-channel bisection here;
+  keep the plan's energy, since a point's ACs are its spike count times one fan-out);
 * a **quantisation error**: the relative error ``‖decode(I) − I‖ / ‖I‖`` of the spike point's
   decode on the sampled activations I. It is not monotone in V (a small V saturates at T·V, a
   large one quantises coarsely), so V is the *largest* threshold on a log grid whose error is at
@@ -27,15 +26,18 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..convert import calibrate_thresholds, point_samples
+from ..convert import (
+    calibrate_point_rate,
+    calibrate_thresholds,
+    point_samples,
+    quantize_candidates,
+)
 from ..models import MARLM, SpikePoint
-from ..neurons import atmn_quantize
 
 __all__ = ["calibrate", "firing_rates", "point_samples", "quantisation_error"]
 
 GRID = 48  # candidate thresholds per point in the quantisation-error search
 ROUNDS = 3  # refinements of the bracket around the chosen candidate
-BISECTIONS = 40  # halvings of the log-V bracket per channel for a per-point firing rate
 
 
 def quantisation_error(x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
@@ -43,9 +45,7 @@ def quantisation_error(x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor) 
     x [n, C] under K candidate thresholds ``log_v`` [K, C] (per channel) or [K, 1] (shared):
     [K, C] or [K, 1] (a channel with x ≡ 0 has error 0)."""
     K, C = log_v.shape[0], x.shape[1]
-    v = log_v.exp().expand(K, C).reshape(K * C).contiguous()
-    params = point.neuron.parameters_tuple()._replace(v_threshold=v.to(x.dtype))
-    decoded, _ = atmn_quantize(x.repeat(1, K), point.T, params)
+    decoded, _ = quantize_candidates(x, point, log_v)
     err = (decoded - x.repeat(1, K)).square().sum(0).reshape(K, C)
     ref = x.square().sum(0).expand(K, C)
     if log_v.shape[1] == 1:  # a shared threshold: one error over all channels
@@ -88,24 +88,6 @@ def _rates(point: SpikePoint, x: torch.Tensor) -> torch.Tensor:
     """Nonzero spikes per micro-step of each channel of ``point`` on samples x [n, C]: [C]."""
     _, spikes = point.neuron.quantize(x, point.T)
     return (spikes != 0).float().mean(dim=tuple(range(spikes.dim() - 1)))
-
-
-@torch.no_grad()
-def _calibrate_rate(point: SpikePoint, x: torch.Tensor, target: float) -> float:
-    a = point.neuron.log_threshold
-    shared = a.dim() == 0
-    top = x.abs().amax().reshape(1) if shared else x.abs().amax(dim=0)
-    # hi: above every |I| (no spikes, rate 0 <= target); lo: far below (fires all it can)
-    hi = torch.log(top.clamp(min=1e-12)) + 1.0
-    lo = hi - 40.0
-    for _ in range(BISECTIONS):
-        mid = (lo + hi) / 2
-        a.copy_(mid.reshape(a.shape).to(a.dtype))
-        rate = _rates(point, x)
-        ok = (rate.mean().reshape(1) if shared else rate) <= target
-        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
-    a.copy_(hi.reshape(a.shape).to(a.dtype))  # hi always fires at most the target
-    return float(_rates(point, x).mean())
 
 
 @torch.no_grad()
@@ -158,8 +140,10 @@ def calibrate(
                 raise ValueError(f"firing_rate[{name!r}]: expected a fraction in [0, 1], "
                                  f"got {rate!r}")  # fmt: skip
         samples = point_samples(student, teacher, batches, max_rows=max_rows, seed=seed)
-        return {s.name: _calibrate_rate(s.module, samples[s.name], float(firing_rate[s.name]))
-                for s in student.spike_points()}  # fmt: skip
+        return {
+            s.name: calibrate_point_rate(s.module, samples[s.name], float(firing_rate[s.name]))
+            for s in student.spike_points()
+        }
     if firing_rate is not None:
         return calibrate_thresholds(
             student, teacher, batches, firing_rate, max_rows=max_rows, seed=seed

@@ -80,6 +80,20 @@ def test_projection_maps_student_widths_to_the_teachers_and_learns():
     assert proj.maps[0].weight.grad is not None
 
 
+def test_the_module_is_the_function_with_its_settings():
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    hs, ht = [torch.randn(2, 3, 4)] * 2, [torch.randn(2, 3, 4)] * 2
+    settings = {"T": 3, "alpha": 0.5, "beta": 0.1, "temperature": 2.0, "gamma": 0.3}
+    got, want = SBDSLoss(**settings)(s, t, hs, ht), sbds_loss(s, t, hs, ht, **settings)
+    assert got.loss.item() == want.loss.item()
+    assert SBDSLoss()(s, t, hs, ht).loss.item() == sbds_loss(s, t, hs, ht).loss.item()
+    assert SBDSLoss(feature=None)(s, t).loss.item() == sbds_loss(s, t, feature=None).loss.item()
+    with pytest.raises(TypeError, match=r"SBDSLoss: unknown settings \['tau'\]"):
+        SBDSLoss(tau=2.0)
+    with pytest.raises(TypeError, match=r"unknown settings \['student_logits'\]"):
+        SBDSLoss(student_logits=s)
+
+
 def test_gradients_reach_the_student_not_the_teacher_copy():
     s = torch.randn(2, 3, 5, requires_grad=True)
     t = torch.randn(2, 3, 5)

@@ -23,7 +23,9 @@ an order of magnitude (benchmarks/RESULTS.md), and γ rebalances the two.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -133,27 +135,28 @@ def sbds_loss(
 
 
 class SBDSLoss(nn.Module):
-    """:func:`sbds_loss` with its settings (and a learned projection, when widths differ)."""
+    """:func:`sbds_loss` with its settings fixed: ``SBDSLoss(T=4, gamma=0.1, projection=proj)``
+    takes :func:`sbds_loss`'s keyword arguments (their defaults are that function's, declared
+    there once), and a learned ``projection`` becomes a sub-module (its weights train with the
+    student's)."""
 
-    def __init__(
-        self,
-        *,
-        T: int = 1,
-        alpha: float = 0.2,
-        beta: float = 0.7,
-        temperature: float = 1.0,
-        feature: str | None = "prenorm",
-        projection: FeatureProjection | None = None,
-        gamma: float = 1.0,
-    ) -> None:
+    def __init__(self, **settings: Any) -> None:
         super().__init__()
-        self.T, self.alpha, self.beta, self.temperature = T, alpha, beta, temperature
-        self.feature, self.gamma = feature, gamma
-        self.projection = projection
+        unknown = sorted(set(settings) - _SETTINGS)
+        if unknown:
+            raise TypeError(f"SBDSLoss: unknown settings {unknown}; expected some of "
+                            f"{sorted(_SETTINGS)} (sbds_loss's keyword arguments)")  # fmt: skip
+        self.projection = settings.pop("projection", None)
+        self.settings = settings
 
     def forward(self, student_logits, teacher_logits, student_hidden=None, teacher_hidden=None):
-        return sbds_loss(
-            student_logits, teacher_logits, student_hidden, teacher_hidden, T=self.T,
-            alpha=self.alpha, beta=self.beta, temperature=self.temperature,
-            feature=self.feature, projection=self.projection, gamma=self.gamma,
-        )  # fmt: skip
+        return sbds_loss(student_logits, teacher_logits, student_hidden, teacher_hidden,
+                         projection=self.projection, **self.settings)  # fmt: skip
+
+
+# the settings SBDSLoss accepts: sbds_loss's keyword-only arguments
+_SETTINGS = frozenset(
+    name
+    for name, p in inspect.signature(sbds_loss).parameters.items()
+    if p.kind is inspect.Parameter.KEYWORD_ONLY
+)

@@ -56,6 +56,8 @@ _ZERO_COLOR = "#FFFFFF"
 _GRID_COLOR = "#D9D9D9"
 #: Line colours for membrane traces of different neurons (kept apart from the spike colours).
 _TRACE_COLORS = ("#000000", "#009E73", "#CC79A7", "#8C564B", "#7F7F7F", "#E69F00")
+# a spike's sign → how the membrane trace marks it (on the trace and in the legend)
+_SPIKE_MARKERS = ((1, "^", POS_COLOR, "+1 spike"), (-1, "v", NEG_COLOR, "−1 spike"))
 
 ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 
@@ -530,10 +532,8 @@ def membrane_trace(
         ax.plot(path_x, path_y, color=color, linewidth=1.2, label=name)
         ax.plot(t, h_i, "o", color=color, markersize=5)
         ax.plot(t, u_i, "o", markerfacecolor="white", markeredgecolor=color, markersize=5)
-        for fired, marker, spike_color in (
-            (s2[:, i] > 0, "^", POS_COLOR),
-            (s2[:, i] < 0, "v", NEG_COLOR),
-        ):
+        for sign, marker, spike_color, _ in _SPIKE_MARKERS:
+            fired = s2[:, i] * sign > 0
             ax.plot(t[fired], h_i[fired], marker, color=spike_color, markersize=10,
                     markeredgecolor="black", markeredgewidth=0.5, zorder=3)  # fmt: skip
     level = 1.0 if normalise else float(chosen_v[0])
@@ -558,25 +558,18 @@ def membrane_trace(
             linestyle="",
             label="post-reset u_t",
         ),
-        Line2D(
-            [],
-            [],
-            marker="^",
-            color=POS_COLOR,
-            markeredgecolor="black",
-            linestyle="",
-            markersize=8,
-            label="+1 spike",
-        ),
-        Line2D(
-            [],
-            [],
-            marker="v",
-            color=NEG_COLOR,
-            markeredgecolor="black",
-            linestyle="",
-            markersize=8,
-            label="−1 spike",
+        *(
+            Line2D(
+                [],
+                [],
+                marker=marker,
+                color=color,
+                markeredgecolor="black",
+                linestyle="",
+                markersize=8,
+                label=label,
+            )
+            for _, marker, color, label in _SPIKE_MARKERS
         ),
         Line2D([], [], color="grey", linestyle="--", label=vlabel),
     ]

@@ -246,6 +246,15 @@ def test_spike_backward_is_the_derivative_of_the_primitive(surrogate, ternary):
         torch.testing.assert_close(a, b)
 
 
+@pytest.mark.parametrize(("kind", "name"), [(Rectangle, "width"), (Triangle, "width"),
+                                            (Sigmoid, "alpha"), (ATan, "alpha")])  # fmt: skip
+@pytest.mark.parametrize("value", [0.0, -1.0, math.nan, math.inf, "2"])
+def test_surrogate_parameters_must_be_finite_and_positive(kind, name, value):
+    with pytest.raises(ValueError, match=rf"^{name}: expected a finite number > 0, got "):
+        kind(value)
+    assert getattr(kind(0.25), name) == 0.25
+
+
 @pytest.mark.parametrize("surrogate", [Sigmoid(), ATan(), Triangle(2.0)], ids=repr)
 @pytest.mark.parametrize("per_channel", [False, True])
 def test_gradcheck_through_the_micro_steps(surrogate, per_channel):

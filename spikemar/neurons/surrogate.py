@@ -28,7 +28,7 @@ replaces.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 
@@ -37,7 +37,16 @@ __all__ = ["ATan", "Rectangle", "Sigmoid", "Surrogate", "Triangle", "get_surroga
 
 @dataclass(frozen=True)
 class Surrogate:
-    """Base class: a smooth step ``primitive(z)`` and its derivative ``derivative(z)``."""
+    """Base class: a smooth step ``primitive(z)`` and its derivative ``derivative(z)``.
+
+    A subclass's fields are its shape parameters (a window's width, a slope's sharpness), each a
+    finite number > 0, checked here by name."""
+
+    def __post_init__(self) -> None:
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+                raise ValueError(f"{f.name}: expected a finite number > 0, got {value!r}")
 
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -52,9 +61,6 @@ class Rectangle(Surrogate):
 
     width: float = 1.0
 
-    def __post_init__(self) -> None:
-        _check_positive("width", self.width)
-
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         return (z.abs() < 0.5 * self.width).to(z.dtype) / self.width
 
@@ -67,9 +73,6 @@ class Triangle(Surrogate):
     """Triangular pulse of half-width ``width/2`` and unit area."""
 
     width: float = 1.0
-
-    def __post_init__(self) -> None:
-        _check_positive("width", self.width)
 
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         half = 0.5 * self.width
@@ -88,9 +91,6 @@ class Sigmoid(Surrogate):
 
     alpha: float = 4.0
 
-    def __post_init__(self) -> None:
-        _check_positive("alpha", self.alpha)
-
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         sg = torch.sigmoid(self.alpha * z)
         return self.alpha * sg * (1.0 - sg)
@@ -104,9 +104,6 @@ class ATan(Surrogate):
     """``G(z) = atan(π/2·alpha·z)/π + 1/2`` (SpikingJelly's ATan, in units of V)."""
 
     alpha: float = 2.0
-
-    def __post_init__(self) -> None:
-        _check_positive("alpha", self.alpha)
 
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         return (0.5 * self.alpha) / (1.0 + (0.5 * math.pi * self.alpha * z) ** 2)
@@ -133,8 +130,3 @@ def get_surrogate(surrogate: str | Surrogate) -> Surrogate:
         f"surrogate: expected one of {sorted(_BY_NAME)} or a spikemar.neurons.surrogate.Surrogate "
         f"instance, got {surrogate!r}"
     )
-
-
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name}: expected a finite number > 0, got {value!r}")

@@ -387,7 +387,9 @@ def _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, ex
     assert len(kernel_calls) == expected_calls
     tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
     torch.testing.assert_close(got, want, **tol)
-    torch.testing.assert_close(got_state.conv, want_state.conv, rtol=0, atol=0)
+    # the conv state is the input projection's output: spikemar.ssm.Linear's kernel (no grad)
+    # and F.linear (grad) sum in other orders, so it is equal to rounding, not to the bit
+    torch.testing.assert_close(got_state.conv, want_state.conv, **tol)
     torch.testing.assert_close(got_state.ssm, want_state.ssm, **tol)
 
 

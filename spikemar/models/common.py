@@ -35,6 +35,7 @@ from ..neurons import (
     cupy_backend,
     fused,
 )
+from ..ssm.linear import Linear
 from ..ssm.mixer import SpikeInputs, SpikePointOwner
 
 __all__ = [
@@ -211,10 +212,10 @@ class FeedForward(SpikePointOwner, nn.Module):
         super().__init__()
         gate, up, down = self.names
         self.spike_in = spike_point(d_model, spikes)
-        setattr(self, gate, nn.Linear(d_model, hidden, bias=bias))
-        setattr(self, up, nn.Linear(d_model, hidden, bias=bias))
+        setattr(self, gate, Linear(d_model, hidden, bias=bias))
+        setattr(self, up, Linear(d_model, hidden, bias=bias))
         self.spike_hidden = spike_point(hidden, spikes)
-        setattr(self, down, nn.Linear(hidden, d_model, bias=bias))
+        setattr(self, down, Linear(hidden, d_model, bias=bias))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up, down = (self._modules[n] for n in self.names)

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 from ..counting import counting_active, declare_sparse, record_ops
+from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
 from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens
@@ -345,7 +346,7 @@ class MARLM(nn.Module):
         )
         final_eps = config.norm_eps if config.final_norm_eps is None else config.final_norm_eps
         self.norm = RMSNorm(config.d_model, eps=final_eps)
-        self.head = nn.Linear(config.d_model, config.vocab_size, bias=config.head_bias)
+        self.head = Linear(config.d_model, config.vocab_size, bias=config.head_bias)
         nn.init.normal_(self.embed.weight, std=0.02)
         nn.init.normal_(self.head.weight, std=0.02)
         if config.tie_embeddings:

@@ -66,6 +66,7 @@ from torch import nn
 
 from ..counting import counting_active, record_ops
 from . import fast
+from .linear import Linear
 from .norm import RMSNorm
 from .scan import check_decay, ssd_scan, ssd_step
 
@@ -217,7 +218,7 @@ class SelectiveMixer(Mixer):
         self.dt_limit = (float(lo), float(hi))
         self.conv_channels = d_inner + 2 * n_groups * d_state
         self.spike_in = _identity(spike_in)
-        self.in_proj = nn.Linear(d_model, d_inner + self.conv_channels + n_heads, bias=bias)
+        self.in_proj = Linear(d_model, d_inner + self.conv_channels + n_heads, bias=bias)
         self.conv = nn.Conv1d(
             self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels,
             bias=conv_bias,
@@ -229,7 +230,7 @@ class SelectiveMixer(Mixer):
         self.D = nn.Parameter(torch.ones(n_heads))
         self.norm = RMSNorm(d_inner, eps=norm_eps, groups=n_groups)
         self.spike_out = _identity(spike_out)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.out_proj = Linear(d_inner, d_model, bias=bias)
 
     def _split(self, zxbcdt: torch.Tensor):
         return zxbcdt.split([self.d_inner, self.conv_channels, self.n_heads], dim=-1)
@@ -394,7 +395,7 @@ class DiscreteMixer(Mixer):
         self.activation, self.chunk_size = activation, chunk_size
         self.conv_channels = d_inner + 2 * n_qk_heads * d_state
         self.spike_in = _identity(spike_in)
-        self.in_proj = nn.Linear(d_model, self.conv_channels + d_inner + n_v_heads, bias=bias)
+        self.in_proj = Linear(d_model, self.conv_channels + d_inner + n_v_heads, bias=bias)
         self.z_bias = None if bias else nn.Parameter(torch.zeros(d_inner))
         self.conv1d = nn.Conv1d(
             self.conv_channels, self.conv_channels, d_conv, groups=self.conv_channels,
@@ -402,7 +403,7 @@ class DiscreteMixer(Mixer):
         )  # fmt: skip
         self.D = nn.Parameter(torch.ones(n_v_heads))
         self.spike_out = _identity(spike_out)
-        self.out_proj = nn.Linear(d_inner, d_model, bias=bias)
+        self.out_proj = Linear(d_inner, d_model, bias=bias)
 
     def _split(self, proj: torch.Tensor):
         return proj.split([self.conv_channels, self.d_inner, self.n_v_heads], dim=-1)

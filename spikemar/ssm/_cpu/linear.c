@@ -1,0 +1,35 @@
+/* y = x·Wᵀ + b for a few rows of x: the projections of one generated token. Built on first use
+ * by spikemar/ssm/linear.py through spikemar.neurons.cpu_backend.build_library and loaded with
+ * ctypes; nn.functional.linear is the reference it equals to rounding (tests/test_linear.py).
+ *
+ * Why C: at batch 1 a projection is a matrix-vector product whose cost is reading W once, and
+ * torch's CPU wheel (MKL's sgemv/sgemm on this AMD EPYC, 2 threads) reads it at ~15 GB/s where
+ * a plain sum over the same bytes reads ~29 GB/s (measured 2026-12-06, benchmarks/RESULTS.md,
+ * issue 19). Here each thread streams its own rows of W once, four rows side by side in vector
+ * accumulators, every row of x (in L1) meeting each loaded vector of W: the bytes of W at close
+ * to the machine's read bandwidth, for any number of rows of x up to a few dozen (beyond that
+ * torch's blocked GEMM is the better kernel and the caller uses it). */
+#include "../../neurons/_cpu/parallel.h"
+
+/* a·b + c in one rounding where the machine has FMA (the sums are reordered anyway: equal to
+ * the reference to rounding, not to the bit); ISO C mode turns contraction off otherwise */
+#if defined(__clang__)
+#pragma clang fp contract(fast)
+#else
+#pragma GCC optimize("fp-contract=fast")
+#endif
+
+#define REAL float
+#define SUFFIX f32
+#include "linear_impl.h"
+#undef REAL
+#undef SUFFIX
+
+#define REAL double
+#define SUFFIX f64
+#include "linear_impl.h"
+#undef REAL
+#undef SUFFIX
+
+/* the threading in effect (1: torch's libgomp team, 0: pthreads); mode −1 leaves it */
+int linear_threading(int mode) { return atmn_threading(mode); }

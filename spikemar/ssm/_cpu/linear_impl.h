@@ -1,0 +1,99 @@
+/* The GEMV/thin-GEMM of linear.c for one element type (REAL, SUFFIX). */
+
+#define LVEC CAT(lvec_, SUFFIX)
+#define LVL ((int64_t)(32 / sizeof(REAL))) /* lanes of a 32-byte vector (AVX2's width) */
+typedef REAL LVEC __attribute__((vector_size(32)));
+
+static inline LVEC CAT(lload_, SUFFIX)(const REAL *p) {
+  LVEC v;
+  memcpy(&v, p, sizeof v);
+  return v;
+}
+
+/* the lanes of v summed pairwise (a fixed order: the result does not depend on threads) */
+static inline REAL CAT(lsum_, SUFFIX)(LVEC v) {
+  REAL lanes[32 / sizeof(REAL)];
+  memcpy(lanes, &v, sizeof v);
+  for (int64_t w = LVL / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) lanes[i] += lanes[i + w];
+  return lanes[0];
+}
+
+/* Rows [o0, o0 + R) of W (R ≤ 4) against rows [m0, m0 + S) of x (S ≤ 2): the R·S dot products
+ * over K, in R·S vector accumulators, W's vectors loaded once for the S rows of x. */
+HOT void CAT(tile_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y,
+                                        int64_t K, int64_t N, int64_t o0, int R, int64_t m0,
+                                        int S) {
+  LVEC acc[2][4] = {{{0}}};
+  const int64_t Kv = K - K % LVL;
+  for (int64_t k = 0; k < Kv; k += LVL) {
+    LVEC xv[2];
+    for (int s = 0; s < S; ++s) xv[s] = CAT(lload_, SUFFIX)(x + (m0 + s) * K + k);
+    for (int r = 0; r < R; ++r) {
+      const LVEC wv = CAT(lload_, SUFFIX)(W + (o0 + r) * K + k);
+      for (int s = 0; s < S; ++s) acc[s][r] += wv * xv[s];
+    }
+  }
+  for (int s = 0; s < S; ++s)
+    for (int r = 0; r < R; ++r) {
+      REAL sum = CAT(lsum_, SUFFIX)(acc[s][r]);
+      const REAL *wr = W + (o0 + r) * K, *xr = x + (m0 + s) * K;
+      for (int64_t k = Kv; k < K; ++k) sum += wr[k] * xr[k];
+      y[(m0 + s) * N + o0 + r] = b ? sum + b[o0 + r] : sum;
+    }
+}
+
+typedef struct {
+  const REAL *x, *W, *b;
+  REAL *y;
+  int64_t M, K, N, chunk; /* chunk: output rows taken at a time (a multiple of 4) */
+  int64_t *next;          /* the first row no thread has taken yet, shared */
+} CAT(linear_job_, SUFFIX);
+
+/* Output rows [o, end): four rows of W at a time (the tile's constant R and S let the compiler
+ * unroll it into straight vector code), every pair of rows of x per tile. */
+static void CAT(linear_rows_, SUFFIX)(const CAT(linear_job_, SUFFIX) *j, int64_t o, int64_t end) {
+  for (; o + 4 <= end; o += 4) {
+    int64_t m = 0;
+    for (; m + 2 <= j->M; m += 2) CAT(tile_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, j->N, o, 4, m, 2);
+    if (m < j->M) CAT(tile_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, j->N, o, 4, m, 1);
+  }
+  for (; o < end; ++o)
+    for (int64_t m = 0; m < j->M; ++m)
+      CAT(tile_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, j->N, o, 1, m, 1);
+}
+
+/* A thread takes chunks of rows until none is left. Taken, not assigned: on a busy machine one
+ * thread of the team may start late (a waiting runnable thread gets the core only at the next
+ * time slice, milliseconds), and the others then do its share instead of waiting for it. Each
+ * output is still one thread's sum in a fixed order: the result does not depend on who took it. */
+static void *CAT(linear_worker_, SUFFIX)(void *arg) {
+  const CAT(linear_job_, SUFFIX) *j = arg;
+  for (;;) {
+    const int64_t o = __atomic_fetch_add(j->next, j->chunk, __ATOMIC_RELAXED);
+    if (o >= j->N) return NULL;
+    CAT(linear_rows_, SUFFIX)(j, o, o + j->chunk < j->N ? o + j->chunk : j->N);
+  }
+}
+
+/* y[M, N] = x[M, K]·W[N, K]ᵀ (+ b[N]); all contiguous, b may be NULL; nthreads ≥ 1 */
+void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, int64_t M,
+                          int64_t K, int64_t N, int nthreads) {
+  /* chunks of ~64 KiB of W (at least one tile); no more threads than chunks */
+  int64_t chunk = ((int64_t)65536 / (K * (int64_t)sizeof(REAL))) & ~(int64_t)3;
+  if (chunk < 4) chunk = 4;
+  const int64_t chunks = (N + chunk - 1) / chunk;
+  if (nthreads > chunks) nthreads = (int)chunks;
+  if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
+  int64_t next = 0;
+  CAT(linear_job_, SUFFIX) jobs[MAX_THREADS];
+  for (int k = 0; k < nthreads; ++k) jobs[k] = (CAT(linear_job_, SUFFIX)){x, W, b, y, M, K, N, chunk, &next};
+  if (nthreads <= 1) {
+    CAT(linear_worker_, SUFFIX)(&jobs[0]);
+    return;
+  }
+  run_parallel(CAT(linear_worker_, SUFFIX), jobs, sizeof jobs[0], nthreads);
+}
+
+#undef LVEC
+#undef LVL

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import threading
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -135,18 +136,26 @@ def _device_index(x: torch.Tensor) -> int:
     return _cupy().cuda.Device().id
 
 
-def _launch(kernel, x: torch.Tensor, rows: int, C: int, args: tuple) -> int:
-    """Launch ``kernel`` over ``rows × C`` neurons on torch's current stream; returns the number
-    of row blocks (the backward's partial dL/dV rows)."""
+def _launch(
+    name: str, x: torch.Tensor, T: int, rows: int, C: int, args: tuple, partials: bool
+) -> torch.Tensor | None:
+    """Launch kernel ``name`` over ``rows × C`` neurons on torch's current stream. ``partials``
+    (a backward): the kernel takes one more pointer, to one partial dL/dV per (row block,
+    channel), every one written by the kernel; returns their sum over row blocks, in a fixed
+    order (deterministic)."""
     cupy = _cupy()
     index = _device_index(x)
+    kernel = _function(name, T, index)
     with cupy.cuda.Device(index):
         sms = cupy.cuda.Device(index).attributes["MultiProcessorCount"]
         grid, block = launch_geometry(rows, C, sms)
+        if partials:
+            partial = torch.empty(grid[1], C, dtype=torch.float64, device=x.device)
+            args = (*args, _ptr(partial))
         stream_ptr = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
         with cupy.cuda.ExternalStream(stream_ptr):
             kernel(grid, block, args)
-    return grid[1]
+    return partial.sum(0) if partials else None
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:
@@ -180,13 +189,11 @@ class _CupyKernels:
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
         if x.numel() == 0:
             return
-        T, rows, C, real, index, bits = _geometry(x, vth)
+        launch = _Launch.of(x[0], vth, x.shape[0])
         bad = torch.zeros(1, dtype=torch.int32, device=x.device)
-        args = (_ptr(x), _ptr(v0), _ptr(vth), index(T), index(rows), index(C),
-                real(_decay(p.tau)), np.int32(p.ternary), _ptr(spikes), _ptr(v_last),
+        args = (_ptr(x), _ptr(v0), _ptr(vth), *launch.dynamics(p), _ptr(spikes), _ptr(v_last),
                 _ptr(v_seq), _ptr(bad))  # fmt: skip
-        kernel = _function(kernel_name("forward", x.dtype, bits), T, _device_index(x))
-        _launch(kernel, x, rows, C, args)
+        launch.run("forward", x, args)
         _raise_or_defer(bad, vth, x, v0, p)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
@@ -194,19 +201,10 @@ class _CupyKernels:
             if g_v0 is not None:
                 g_v0.zero_()
             return torch.zeros_like(vth, dtype=torch.float64)
-        T, rows, C, real, index, bits = _geometry(x, vth)
-        kind, pa, pb = surrogate_code(p)
-        sms = _cupy().cuda.Device(_device_index(x)).attributes["MultiProcessorCount"]
-        (_, gy), _ = launch_geometry(rows, C, sms)
-        # one partial per (row block, channel), every one written by the kernel
-        partial = torch.empty(gy, C, dtype=torch.float64, device=x.device)
-        args = (_ptr(x), _ptr(v0), _ptr(vth), index(T), index(rows), index(C),
-                real(_decay(p.tau)), np.int32(p.ternary), np.int32(p.detach_reset),
-                np.int32(kind), real(pa), real(pb), _ptr(g_spikes), _ptr(g_vlast),
-                _ptr(g_vseq), _ptr(g_x), _ptr(g_v0), _ptr(partial))  # fmt: skip
-        kernel = _function(kernel_name("backward", x.dtype, bits), T, _device_index(x))
-        _launch(kernel, x, rows, C, args)
-        g_vth = partial.sum(0)  # a fixed order: deterministic
+        launch = _Launch.of(x[0], vth, x.shape[0])
+        args = (_ptr(x), _ptr(v0), _ptr(vth), *launch.dynamics(p, backward=True),
+                _ptr(g_spikes), _ptr(g_vlast), _ptr(g_vseq), _ptr(g_x), _ptr(g_v0))  # fmt: skip
+        g_vth = launch.run("backward", x, args, partials=True)
         return g_vth[0] if vth.dim() == 0 else g_vth
 
 
@@ -219,14 +217,43 @@ _KERNEL_TYPES = {
 }
 
 
-def _geometry(x: torch.Tensor, vth: torch.Tensor):
-    """``(T, rows, C, real type, index type, index bits)``: a shared threshold is C = 1; the
-    kernels index in 32 bits when every offset ``t·N + n`` fits."""
-    T, N = x.shape[0], x[0].numel()
-    C = vth.numel() if vth.dim() == 1 else 1
-    real = _KERNEL_TYPES[x.dtype][0]
-    small = T * N < INDEX32_LIMIT
-    return T, N // C, C, real, (np.int32 if small else np.int64), (32 if small else 64)
+class _Launch(NamedTuple):
+    """A launch of the kernels over T micro-steps of ``rows × C`` neurons (C = 1 for a shared
+    threshold), in the kernels' arithmetic type, indexing in 32 bits when every offset
+    ``t·N + n`` fits."""
+
+    T: int
+    rows: int
+    C: int
+    real: type
+    index: type
+    bits: int
+
+    @classmethod
+    def of(cls, x_step: torch.Tensor, vth: torch.Tensor, T: int) -> _Launch:
+        """For T micro-steps of the neurons of ``x_step``, one micro-step's input (the neuron's
+        ``x[0]``, the spike point's activation)."""
+        N = x_step.numel()
+        C = vth.numel() if vth.dim() == 1 else 1
+        small = T * N < INDEX32_LIMIT
+        bits = 32 if small else 64
+        real = _KERNEL_TYPES[x_step.dtype][0]
+        return cls(T, N // C, C, real, np.int32 if small else np.int64, bits)
+
+    def dynamics(self, p: ATMNParameters, *, backward: bool = False) -> tuple:
+        """The kernels' arguments after their input pointers: T, rows, C, d = 1/τ and the
+        polarity; a backward's also the reset's detach and the surrogate (kind, pa, pb)."""
+        args = (*map(self.index, (self.T, self.rows, self.C)), self.real(_decay(p.tau)),
+                np.int32(p.ternary))  # fmt: skip
+        if not backward:
+            return args
+        kind, pa, pb = surrogate_code(p)
+        return (*args, np.int32(p.detach_reset), np.int32(kind), self.real(pa), self.real(pb))
+
+    def run(self, direction: str, x: torch.Tensor, args: tuple, *, partials: bool = False):
+        """Launch ``atmn_{direction}`` for x's dtype (see :func:`_launch`)."""
+        name = kernel_name(direction, x.dtype, self.bits)
+        return _launch(name, x, self.T, self.rows, self.C, args, partials)
 
 
 _KERNELS = _CupyKernels()
@@ -252,13 +279,11 @@ class _FusedQuantize(torch.autograd.Function):
         # the spike counts (+1, −1) per threshold channel, added to by the kernel
         tally = torch.zeros(*vth.shape, 2, dtype=torch.int64, device=x.device) if counts else None
         if x.numel():
-            _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
+            launch = _Launch.of(x, vth, T)
             bad = torch.zeros(1, dtype=torch.int32, device=x.device)
-            args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
-                    real(_decay(p.tau)), np.int32(p.ternary), _ptr(out), _ptr(bad),
+            args = (_ptr(x), _ptr(vth), _ptr(w), *launch.dynamics(p), _ptr(out), _ptr(bad),
                     _ptr(tally))  # fmt: skip
-            kernel = _function(kernel_name("quantize_forward", x.dtype, bits), T, _device_index(x))
-            _launch(kernel, x, rows, C, args)
+            launch.run("quantize_forward", x, args)
             _raise_or_defer(bad, vth, x.unsqueeze(0), None, p)
         ctx.save_for_backward(x, vth, w)
         ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
@@ -275,17 +300,10 @@ class _FusedQuantize(torch.autograd.Function):
         g_x = torch.empty_like(x)
         if x.numel() == 0:
             return g_x, torch.zeros_like(vth).to(ctx.v_dtype), None, None, None
-        _, rows, C, real, index, bits = _geometry(x.unsqueeze(0).expand(T, *x.shape), vth)
-        kind, pa, pb = surrogate_code(p)
-        sms = _cupy().cuda.Device(_device_index(x)).attributes["MultiProcessorCount"]
-        (_, gy), _ = launch_geometry(rows, C, sms)
-        partial = torch.empty(gy, C, dtype=torch.float64, device=x.device)
-        args = (_ptr(x), _ptr(vth), _ptr(w), index(T), index(rows), index(C),
-                real(_decay(p.tau)), np.int32(p.ternary), np.int32(p.detach_reset),
-                np.int32(kind), real(pa), real(pb), _ptr(g), _ptr(g_x), _ptr(partial))  # fmt: skip
-        kernel = _function(kernel_name("quantize_backward", x.dtype, bits), T, _device_index(x))
-        _launch(kernel, x, rows, C, args)
-        g_vth = partial.sum(0)  # a fixed order: deterministic
+        launch = _Launch.of(x, vth, T)
+        args = (_ptr(x), _ptr(vth), _ptr(w), *launch.dynamics(p, backward=True), _ptr(g),
+                _ptr(g_x))  # fmt: skip
+        g_vth = launch.run("quantize_backward", x, args, partials=True)
         g_vth = g_vth[0] if vth.dim() == 0 else g_vth
         return g_x, g_vth.to(ctx.v_dtype), None, None, None
 

@@ -161,29 +161,95 @@ __device__ __forceinline__ R surrogate(R z, int kind, R pa, R pb) {
   }
 }
 
+// A pointer argument: the host passes an integer (0: not given); the kernels at the end hand
+// each one to their *_impl typed.
+template <typename T>
+__device__ __forceinline__ T* typed(ptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+// This thread's channel: threadIdx.x runs over blockDim.x consecutive channels.
+template <typename I>
+__device__ __forceinline__ I this_channel() {
+  return (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+}
+
+// body(n) for each neuron n = r * C + c of channel c on this thread's rows: threadIdx.y's row of
+// each row block, row blocks grid-strided over blockIdx.y.
+template <typename I, typename Body>
+__device__ __forceinline__ void for_each_row(I rows, I C, I c, Body body) {
+  const I row_stride = (I)gridDim.y * (I)blockDim.y;
+  for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
+    body(r * C + c);
+  }
+}
+
+// The backward of one channel's neurons, shared by the neuron's and the spike point's kernels:
+// h recomputed by the forward's own step, then the reverse micro-steps through the surrogate.
+template <typename R>
+struct Reverse {
+  R d, V, iv, tern, keep_reset;
+  int kind;
+  R pa, pb;
+
+  __device__ __forceinline__ Reverse(R d_, R V_, int ternary, int detach_reset, int kind_, R pa_,
+                                     R pb_)
+      : d(d_),
+        V(V_),
+        iv(R(1) / V_),
+        tern(ternary ? R(1) : R(0)),
+        keep_reset(detach_reset ? R(0) : R(1)),
+        kind(kind_),
+        pa(pa_),
+        pb(pb_) {}
+
+  __device__ __forceinline__ R spike(R h) const { return R(h >= V) - tern * R(h <= -V); }
+
+  // visit(t, h_t) for t = T-1 down to 0, h_t recomputed from the initial membrane u0 and the
+  // inputs x_t = input(t) in chunks of MAX_T micro-steps, the last chunk first (the membrane is
+  // not stored: a chunk replays the micro-steps before it)
+  template <typename I, typename Input, typename Visit>
+  __device__ __forceinline__ void replay_backwards(I T, R u0, Input input, Visit visit) const {
+    R h[MAX_T];
+    for (I end = T; end > 0;) {
+      const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
+      R u = u0, s;
+      for (I t = 0; t < start; ++t) atmn_step<R>(input(t), d, V, tern, u, s);
+      for (I t = start; t < end; ++t) h[t - start] = atmn_step<R>(input(t), d, V, tern, u, s);
+      for (I t = end - 1; t >= start; --t) visit(t, h[t - start]);
+      end = start;
+    }
+  }
+
+  // dL/dh_t from gu = dL/du_t and g_s = dL/ds_t from outside the neuron; adds the micro-step's
+  // dL/dV to gv
+  __device__ __forceinline__ R step(R ht, R gu, R g_s, R& gv) const {
+    const R r_ = ht / V;  // as the reference: h*(1/V) can differ by an ulp
+    const R g = surrogate<R>(r_ - R(1), kind, pa, pb) +
+                tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
+    const R dsdh = g * iv;
+    const R gs = g_s - keep_reset * V * gu;
+    gv += -gu * spike(ht) - gs * r_ * dsdh;
+    return gu + gs * dsdh;
+  }
+};
+
 // The forward also does functional.check_values' probe as it goes: with d > 0 a NaN or ±inf
 // anywhere in x or v0 reaches the final membrane, with d = 0 (tau = inf) x itself is looked at;
 // any non-finite probe sets *bad (one atomic per offending thread, none when all is well).
 template <typename S, typename R, typename I>
-__device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I T, I rows, I C,
-                                             R d, int ternary, ptr_t s_, ptr_t vlast_,
-                                             ptr_t vseq_, ptr_t bad_) {
-  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
-  const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
-  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
-  S* __restrict__ spikes = reinterpret_cast<S*>(s_);
-  R* __restrict__ v_last = reinterpret_cast<R*>(vlast_);
-  R* __restrict__ v_seq = reinterpret_cast<R*>(vseq_);
-  int* bad = reinterpret_cast<int*>(bad_);
+__device__ __forceinline__ void forward_impl(const S* __restrict__ x, const R* __restrict__ v0,
+                                             const R* __restrict__ vth, I T, I rows, I C, R d,
+                                             int ternary, S* __restrict__ spikes,
+                                             R* __restrict__ v_last, R* __restrict__ v_seq,
+                                             int* bad) {
   const R tern = ternary ? R(1) : R(0);
   const I N = rows * C;
-  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  const I c = this_channel<I>();
   if (c >= C) return;  // no barrier in the forward: idle lanes may leave
   bool ok = true;
   const R V = vth[c];
-  const I row_stride = (I)gridDim.y * (I)blockDim.y;
-  for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
-    const I n = r * C + c;
+  for_each_row(rows, C, c, [&](I n) {
     R u = v0 ? v0[n] : R(0);
     I at = n;  // t * N + n
     for (I t = 0; t < T; ++t, at += N) {
@@ -196,64 +262,36 @@ __device__ __forceinline__ void forward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I 
     }
     v_last[n] = u;
     if (d != R(0)) ok = ok && finite_value(u);
-  }
+  });
   if (!ok) atomicOr(bad, 1);
 }
 
 template <typename S, typename R, typename I>
-__device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I T, I rows, I C,
-                                              R d, int ternary, int detach_reset, int kind, R pa,
-                                              R pb, ptr_t gs_, ptr_t gvlast_, ptr_t gvseq_,
-                                              ptr_t gx_, ptr_t gv0_, ptr_t partial_) {
-  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
-  const R* __restrict__ v0 = reinterpret_cast<const R*>(v0_);
-  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
-  const S* __restrict__ g_spikes = reinterpret_cast<const S*>(gs_);
-  const R* __restrict__ g_vlast = reinterpret_cast<const R*>(gvlast_);
-  const R* __restrict__ g_vseq = reinterpret_cast<const R*>(gvseq_);
-  S* __restrict__ g_x = reinterpret_cast<S*>(gx_);
-  R* __restrict__ g_v0 = reinterpret_cast<R*>(gv0_);
-  double* __restrict__ partial = reinterpret_cast<double*>(partial_);  // [gridDim.y, C]
-  const R tern = ternary ? R(1) : R(0);
-  const R keep_reset = detach_reset ? R(0) : R(1);
+__device__ __forceinline__ void backward_impl(const S* __restrict__ x, const R* __restrict__ v0,
+                                              const R* __restrict__ vth, I T, I rows, I C, R d,
+                                              int ternary, int detach_reset, int kind, R pa, R pb,
+                                              const S* __restrict__ g_spikes,
+                                              const R* __restrict__ g_vlast,
+                                              const R* __restrict__ g_vseq, S* __restrict__ g_x,
+                                              R* __restrict__ g_v0, double* partial) {
   const I N = rows * C;
-  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  const I c = this_channel<I>();
   double acc = 0.0;  // dL/dV of channel c over this thread's rows
   if (c < C) {       // idle lanes still reach the barriers below
-    const R V = vth[c];
-    const R iv = R(1) / V;
-    const I row_stride = (I)gridDim.y * (I)blockDim.y;
-    for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
-      const I n = r * C + c;
+    const Reverse<R> k(d, vth[c], ternary, detach_reset, kind, pa, pb);
+    for_each_row(rows, C, c, [&](I n) {
       // gu = dL/du_t, from the returned final membrane (and the membrane sequence) backwards
       R gu = (g_vlast ? g_vlast[n] : R(0)) + (g_vseq ? g_vseq[(T - 1) * N + n] : R(0));
       R gv = R(0);
-      R h[MAX_T];
-      for (I end = T; end > 0;) {  // chunks of MAX_T micro-steps, the last one first
-        const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
-        R u = v0 ? v0[n] : R(0);
-        R s;
-        for (I t = 0; t < start; ++t) atmn_step<R>(R(widen(x[t * N + n])), d, V, tern, u, s);
-        for (I t = start; t < end; ++t)
-          h[t - start] = atmn_step<R>(R(widen(x[t * N + n])), d, V, tern, u, s);
-        for (I t = end - 1; t >= start; --t) {
-          const R ht = h[t - start];
-          const R r_ = ht / V;  // as the reference: h*(1/V) can differ by an ulp
-          const R st = R(ht >= V) - tern * R(ht <= -V);
-          const R g = surrogate<R>(r_ - R(1), kind, pa, pb) +
-                      tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
-          const R dsdh = g * iv;
-          const R gs = (g_spikes ? R(widen(g_spikes[t * N + n])) : R(0)) - keep_reset * V * gu;
-          const R gh = gu + gs * dsdh;
-          gv += -gu * st - gs * r_ * dsdh;
-          g_x[t * N + n] = narrow<S>(gh);
-          gu = gh * d + ((g_vseq && t > 0) ? g_vseq[(t - 1) * N + n] : R(0));
-        }
-        end = start;
-      }
+      const auto input = [&](I t) { return R(widen(x[t * N + n])); };
+      k.replay_backwards(T, v0 ? v0[n] : R(0), input, [&](I t, R ht) {
+        const R gh = k.step(ht, gu, g_spikes ? R(widen(g_spikes[t * N + n])) : R(0), gv);
+        g_x[t * N + n] = narrow<S>(gh);
+        gu = gh * d + ((g_vseq && t > 0) ? g_vseq[(t - 1) * N + n] : R(0));
+      });
       if (g_v0) g_v0[n] = gu;
       acc += (double)gv;
-    }
+    });
   }
   __shared__ double red[BLOCK_THREADS];
   store_channel_partial(red, acc, partial, C, c);
@@ -269,23 +307,18 @@ __device__ __forceinline__ void backward_impl(ptr_t x_, ptr_t v0_, ptr_t vth_, I
 // that then needs no spike train. Each thread adds its own tallies with one atomic per sign:
 // integer sums, so the result does not depend on the order.
 template <typename S, typename R, typename I>
-__device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T, I rows,
-                                                      I C, R d, int ternary, ptr_t out_,
-                                                      ptr_t bad_, ptr_t counts_) {
-  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
-  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
-  const R* __restrict__ w = reinterpret_cast<const R*>(w_);
-  S* __restrict__ out = reinterpret_cast<S*>(out_);
-  int* bad = reinterpret_cast<int*>(bad_);
+__device__ __forceinline__ void quantize_forward_impl(const S* __restrict__ x,
+                                                      const R* __restrict__ vth,
+                                                      const R* __restrict__ w, I T, I rows, I C,
+                                                      R d, int ternary, S* __restrict__ out,
+                                                      int* bad, unsigned long long* counts) {
   const R tern = ternary ? R(1) : R(0);
-  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+  const I c = this_channel<I>();
   if (c >= C) return;
   bool ok = true;  // the probe of the forward above: the final membrane, or x when d = 0
   const R V = vth[c];
-  const I row_stride = (I)gridDim.y * (I)blockDim.y;
   unsigned long long pos = 0, neg = 0;
-  for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
-    const I n = r * C + c;
+  for_each_row(rows, C, c, [&](I n) {
     R u = R(0), s, acc = R(0);
     const R x0 = R(widen(x[n]));
     for (I t = 0; t < T; ++t) {
@@ -296,64 +329,40 @@ __device__ __forceinline__ void quantize_forward_impl(ptr_t x_, ptr_t vth_, ptr_
     }
     out[n] = narrow<S>(mul_rn(V, acc));
     ok = ok && finite_value(d == R(0) ? x0 : u);
-  }
+  });
   if (!ok) atomicOr(bad, 1);
-  if (counts_) {
-    unsigned long long* counts = reinterpret_cast<unsigned long long*>(counts_);
+  if (counts) {
     if (pos) atomicAdd(counts + 2 * c, pos);
     if (neg) atomicAdd(counts + 2 * c + 1, neg);
   }
 }
 
 template <typename S, typename R, typename I>
-__device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr_t w_, I T,
-                                                       I rows, I C, R d, int ternary,
-                                                       int detach_reset, int kind, R pa, R pb,
-                                                       ptr_t g_, ptr_t gx_, ptr_t partial_) {
-  const S* __restrict__ x = reinterpret_cast<const S*>(x_);
-  const R* __restrict__ vth = reinterpret_cast<const R*>(vth_);
-  const R* __restrict__ w = reinterpret_cast<const R*>(w_);
-  const S* __restrict__ g_out = reinterpret_cast<const S*>(g_);
-  S* __restrict__ g_x = reinterpret_cast<S*>(gx_);
-  double* __restrict__ partial = reinterpret_cast<double*>(partial_);  // [gridDim.y, C]
-  const R tern = ternary ? R(1) : R(0);
-  const R keep_reset = detach_reset ? R(0) : R(1);
-  const I c = (I)blockIdx.x * (I)blockDim.x + (I)threadIdx.x;
+__device__ __forceinline__ void quantize_backward_impl(const S* __restrict__ x,
+                                                       const R* __restrict__ vth,
+                                                       const R* __restrict__ w, I T, I rows, I C,
+                                                       R d, int ternary, int detach_reset,
+                                                       int kind, R pa, R pb,
+                                                       const S* __restrict__ g_out,
+                                                       S* __restrict__ g_x, double* partial) {
+  const I c = this_channel<I>();
   double acc = 0.0;
   if (c < C) {
-    const R V = vth[c];
-    const R iv = R(1) / V;
-    const I row_stride = (I)gridDim.y * (I)blockDim.y;
-    for (I r = (I)blockIdx.y * (I)blockDim.y + (I)threadIdx.y; r < rows; r += row_stride) {
-      const I n = r * C + c;
+    const Reverse<R> k(d, vth[c], ternary, detach_reset, kind, pa, pb);
+    for_each_row(rows, C, c, [&](I n) {
       const R g = R(widen(g_out[n]));
-      const R gV = g * V;
+      const R gV = g * k.V;
+      const R x0 = R(widen(x[n]));
       R gu = R(0), gv = R(0), gh = R(0), wsum = R(0);
-      R h[MAX_T];
-      for (I end = T; end > 0;) {  // chunks of MAX_T micro-steps, the last one first
-        const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
-        R u = R(0), s;
-        const R x0 = R(widen(x[n]));
-        for (I t = 0; t < start; ++t) atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
-        for (I t = start; t < end; ++t) h[t - start] = atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
-        for (I t = end - 1; t >= start; --t) {
-          const R ht = h[t - start];
-          const R r_ = ht / V;
-          const R st = R(ht >= V) - tern * R(ht <= -V);
-          const R gp = surrogate<R>(r_ - R(1), kind, pa, pb) +
-                       tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
-          const R dsdh = gp * iv;
-          const R gs = gV * w[t] - keep_reset * V * gu;
-          gh = gu + gs * dsdh;
-          gv += -gu * st - gs * r_ * dsdh;
-          wsum += w[t] * st;
-          gu = gh * d;
-        }
-        end = start;
-      }
+      const auto input = [&](I t) { return t == 0 ? x0 : R(0); };
+      k.replay_backwards(T, R(0), input, [&](I t, R ht) {
+        gh = k.step(ht, gu, gV * w[t], gv);
+        wsum += w[t] * k.spike(ht);
+        gu = gh * d;
+      });
       g_x[n] = narrow<S>(gh);  // dL/dh_0 = dL/dx: only x_0 is the activation
       acc += (double)(gv + g * wsum);
-    }
+    });
   }
   __shared__ double red[BLOCK_THREADS];
   store_channel_partial(red, acc, partial, C, c);
@@ -363,25 +372,31 @@ __device__ __forceinline__ void quantize_backward_impl(ptr_t x_, ptr_t vth_, ptr
   extern "C" __global__ void atmn_forward_##SUFFIX(ptr_t x, ptr_t v0, ptr_t vth, I T, I rows,  \
                                                    I C, R d, int ternary, ptr_t s,             \
                                                    ptr_t vlast, ptr_t vseq, ptr_t bad) {       \
-    forward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, s, vlast, vseq, bad);            \
+    forward_impl<S, R, I>(typed<S>(x), typed<R>(v0), typed<R>(vth), T, rows, C, d, ternary,    \
+                          typed<S>(s), typed<R>(vlast), typed<R>(vseq), typed<int>(bad));      \
   }                                                                                            \
   extern "C" __global__ void atmn_backward_##SUFFIX(                                           \
       ptr_t x, ptr_t v0, ptr_t vth, I T, I rows, I C, R d, int ternary, int detach_reset,      \
       int kind, R pa, R pb, ptr_t gs, ptr_t gvlast, ptr_t gvseq, ptr_t gx, ptr_t gv0,          \
       ptr_t partial) {                                                                         \
-    backward_impl<S, R, I>(x, v0, vth, T, rows, C, d, ternary, detach_reset, kind, pa, pb, gs, \
-                           gvlast, gvseq, gx, gv0, partial);                                   \
+    backward_impl<S, R, I>(typed<S>(x), typed<R>(v0), typed<R>(vth), T, rows, C, d, ternary,   \
+                           detach_reset, kind, pa, pb, typed<S>(gs), typed<R>(gvlast),         \
+                           typed<R>(gvseq), typed<S>(gx), typed<R>(gv0),                       \
+                           typed<double>(partial));                                            \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_forward_##SUFFIX(                                   \
       ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, ptr_t out, ptr_t bad,   \
       ptr_t counts) {                                                                          \
-    quantize_forward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, out, bad, counts);       \
+    quantize_forward_impl<S, R, I>(typed<S>(x), typed<R>(vth), typed<R>(w), T, rows, C, d,     \
+                                   ternary, typed<S>(out), typed<int>(bad),                    \
+                                   typed<unsigned long long>(counts));                         \
   }                                                                                            \
   extern "C" __global__ void atmn_quantize_backward_##SUFFIX(                                  \
       ptr_t x, ptr_t vth, ptr_t w, I T, I rows, I C, R d, int ternary, int detach_reset,       \
       int kind, R pa, R pb, ptr_t g, ptr_t gx, ptr_t partial) {                                \
-    quantize_backward_impl<S, R, I>(x, vth, w, T, rows, C, d, ternary, detach_reset, kind, pa, \
-                                    pb, g, gx, partial);                                       \
+    quantize_backward_impl<S, R, I>(typed<S>(x), typed<R>(vth), typed<R>(w), T, rows, C, d,    \
+                                    ternary, detach_reset, kind, pa, pb, typed<S>(g),          \
+                                    typed<S>(gx), typed<double>(partial));                     \
   }
 
 ATMN_KERNELS(float, float, int, f32_i32)

@@ -26,7 +26,9 @@ import json
 import os
 import random
 import re
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 __all__ = ["LOCAL_TASKS", "TASKS_DIR", "build_shakespeare_tasks"]
 
@@ -35,6 +37,7 @@ LOCAL_TASKS = ("shakespeare_nextline", "shakespeare_speaker", "shakespeare_rolli
 TRAIN_FRACTION = 0.9  # nanoGPT's split, as spikemar.data
 
 _SPEECH = re.compile(r"\n\n([A-Za-z][A-Za-z ']*):\n")
+_Made = tuple[str, list[str]]  # a multiple-choice example: context, choices (the answer first)
 
 
 def _validation_text(text: str) -> str:
@@ -49,6 +52,27 @@ def _context_before(text: str, end: int, chars: int) -> str:
     return text[start:end].lstrip("\n")
 
 
+def _multiple_choice(
+    candidates: list, rng: random.Random, n: int, make: Callable[[Any], _Made | None]
+) -> list[dict]:
+    """Up to ``n`` examples from ``candidates`` in a seeded random order: ``make(candidate)``
+    gives (context, choices with the answer first), or None for a candidate that yields no
+    example; the choices are then shuffled and the answer's place is the label."""
+    rng.shuffle(candidates)
+    out = []
+    for candidate in candidates:
+        if len(out) == n:
+            break
+        made = make(candidate)
+        if made is None:
+            continue
+        context, choices = made
+        answer = choices[0]
+        rng.shuffle(choices)
+        out.append({"context": context, "choices": choices, "label": choices.index(answer)})
+    return out
+
+
 def _nextline_examples(val: str, rng: random.Random, n: int) -> list[dict]:
     # verse lines: not blank, not a speaker header, with a line before them in the same speech
     lines = []  # (start offset, line)
@@ -61,14 +85,11 @@ def _nextline_examples(val: str, rng: random.Random, n: int) -> list[dict]:
         for i, (_, line) in enumerate(lines)
         if i > 0 and len(line) >= 12 and not line.endswith(":") and lines[i - 1][1]
     ]
-    rng.shuffle(verse)
-    out = []
-    for i in verse:
-        if len(out) == n:
-            break
+
+    def make(i: int) -> _Made | None:
         start, line = lines[i]
         if start < 400:
-            continue
+            return None
         similar = [
             j
             for j in verse
@@ -77,46 +98,30 @@ def _nextline_examples(val: str, rng: random.Random, n: int) -> list[dict]:
             and lines[j][1] != line
         ]
         if len(similar) < 3:
-            continue
-        others = rng.sample(similar, 3)
-        choices = [line] + [lines[j][1] for j in others]
+            return None
+        choices = [line] + [lines[j][1] for j in rng.sample(similar, 3)]
         if len(set(choices)) < 4:
-            continue
-        rng.shuffle(choices)
-        out.append(
-            {
-                "context": _context_before(val, start, 400),
-                "choices": choices,
-                "label": choices.index(line),
-            }
-        )
-    return out
+            return None
+        return _context_before(val, start, 400), choices
+
+    return _multiple_choice(verse, rng, n, make)
 
 
 def _speaker_examples(val: str, rng: random.Random, n: int) -> list[dict]:
     heads = [(m.start(), m.group(1)) for m in _SPEECH.finditer(val)]
-    candidates = [k for k, (start, _) in enumerate(heads) if start >= 600]
-    rng.shuffle(candidates)
-    out = []
-    for k in candidates:
-        if len(out) == n:
-            break
+
+    def make(k: int) -> _Made | None:
         start, name = heads[k]
         # distractors: other speakers within 40 speeches either side (the same scene or play)
         near = sorted({nm for _, nm in heads[max(0, k - 40) : k + 40]} - {name})
         if len(near) < 3:
-            continue
-        choices = [name, *rng.sample(near, 3)]
-        rng.shuffle(choices)
-        out.append(
-            {
-                # the dialogue up to the blank line before the next header
-                "context": _context_before(val, start + 2, 600),
-                "choices": [f"{c}:" for c in choices],
-                "label": choices.index(name),
-            }
-        )
-    return out
+            return None
+        # the dialogue up to the blank line before the next header
+        context = _context_before(val, start + 2, 600)
+        return context, [f"{c}:" for c in (name, *rng.sample(near, 3))]
+
+    candidates = [k for k, (start, _) in enumerate(heads) if start >= 600]
+    return _multiple_choice(candidates, rng, n, make)
 
 
 def _rolling_documents(val: str, chars: int) -> list[dict]:

@@ -12,8 +12,9 @@ What is here:
 * the timing statistics (:func:`timing_stats`: median, quartiles and minimum) and the
   :class:`TimedRow` fields that hold them;
 * table formatting (:func:`fmt`) and the text of a failed measurement (:func:`failure`);
-* the Ctrl-C handling of a run (:func:`interruptible`, :data:`INTERRUPTED_NOTE`,
-  :func:`exit_code`) and the optional JSON dump (:func:`write_json`).
+* the Ctrl-C handling of a run (:func:`interruptible`, :func:`measure_rows`,
+  :data:`INTERRUPTED_NOTE`, :func:`exit_code`), the optional JSON dump (:func:`write_json`) and
+  the end of a run (:func:`finish`: the JSON of its rows, its exit status).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ import shlex
 import statistics
 import sys
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from typing import Any, Literal, NamedTuple
 
@@ -214,6 +215,17 @@ def interruptible(measure: Callable[..., object], *args: Any, **kwargs: Any) -> 
     return False
 
 
+def measure_rows(
+    measure: Callable[..., object], cfg: Any, threads: int, *extra: Any, rows: list | None = None
+) -> tuple[list, bool]:
+    """``measure(cfg, rows, *extra)`` on ``threads`` torch threads, appending to or filling in
+    ``rows`` (a new list unless given); returns ``(rows, interrupted)``: after a Ctrl-C, the rows
+    measured so far."""
+    torch.set_num_threads(threads)
+    rows = [] if rows is None else rows
+    return rows, interruptible(measure, cfg, rows, *extra)
+
+
 def exit_code(interrupted: bool) -> int:
     """The process's exit status: 130 (as after SIGINT) if the run was interrupted, else 0."""
     return 130 if interrupted else 0
@@ -224,3 +236,15 @@ def write_json(path: str | None, payload: dict[str, Any], indent: int = 1) -> No
     if path:
         with open(path, "w") as f:
             json.dump(payload, f, indent=indent)
+
+
+def finish(
+    json_path: str | None, info: dict[str, str], cfg: Any, rows: Sequence[Any], interrupted: bool,
+    **extra: Any,
+) -> int:  # fmt: skip
+    """The end of a run whose table has been printed: the JSON (``machine``: ``info``,
+    ``config``: the dataclass ``cfg``, the ``extra`` entries, ``interrupted``, ``rows``: the
+    dataclass rows) written if a path was given; returns the exit status."""
+    payload = {"machine": info, "config": asdict(cfg), **extra, "interrupted": interrupted}
+    write_json(json_path, payload | {"rows": [asdict(r) for r in rows]})
+    return exit_code(interrupted)

@@ -41,7 +41,7 @@ import dataclasses
 import gc
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -439,7 +439,7 @@ def run(cfg: Config) -> tuple[list[Row], dict, bool]:
         for b in sorted(cfg.batches)
         for c in sorted(cfg.contexts)
     ]
-    interrupted = harness.interruptible(measure, cfg, rows, models, notes)
+    _, interrupted = harness.measure_rows(measure, cfg, cfg.threads, models, notes, rows=rows)
     summarize(rows)
     return rows, notes, interrupted
 
@@ -494,17 +494,7 @@ def main(argv: list[str] | None = None) -> int:
     if interrupted:
         before += ["", harness.INTERRUPTED_NOTE]
     print(markdown(rows, info, cfg, before))
-    harness.write_json(
-        json_path,
-        {
-            "machine": info,
-            "config": asdict(cfg),
-            "notes": notes,
-            "interrupted": interrupted,
-            "rows": [asdict(r) for r in rows],
-        },
-    )
-    return harness.exit_code(interrupted)
+    return harness.finish(json_path, info, cfg, rows, interrupted, notes=notes)
 
 
 if __name__ == "__main__":

@@ -358,10 +358,8 @@ def _pow2(n: int) -> str:
 
 def run(cfg: Config) -> tuple[list[Row], dict[str, float], bool]:
     """Measure ``cfg``; returns (rows, copy bandwidth per device in GB/s, interrupted)."""
-    torch.set_num_threads(cfg.threads)
-    rows: list[Row] = []
     copy_gbps: dict[str, float] = {}
-    interrupted = harness.interruptible(measure, cfg, rows, copy_gbps)
+    rows, interrupted = harness.measure_rows(measure, cfg, cfg.threads, copy_gbps)
     summarize(rows, copy_gbps)
     return rows, copy_gbps, interrupted
 
@@ -501,18 +499,8 @@ def main(argv: list[str] | None = None) -> int:
     rows, copy_gbps, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)
     print(markdown(rows, info, copy_gbps, harness.INTERRUPTED_NOTE if interrupted else ""))
-    harness.write_json(
-        json_path,
-        {
-            "machine": info,
-            "config": asdict(cfg),
-            "copy_gb_per_s": copy_gbps,
-            "traffic_model_elements": TRAFFIC_ELEMENTS,
-            "interrupted": interrupted,
-            "rows": [asdict(r) for r in rows],
-        },
-    )
-    return harness.exit_code(interrupted)
+    extra = {"copy_gb_per_s": copy_gbps, "traffic_model_elements": TRAFFIC_ELEMENTS}
+    return harness.finish(json_path, info, cfg, rows, interrupted, **extra)
 
 
 if __name__ == "__main__":

@@ -334,9 +334,7 @@ def _progress(cfg: Config, msg: str) -> None:
 
 def run(cfg: Config) -> tuple[list[Row], bool]:
     """Measure ``cfg``; returns (rows, interrupted)."""
-    torch.set_num_threads(cfg.threads)
-    rows: list[Row] = []
-    interrupted = harness.interruptible(measure, cfg, rows)
+    rows, interrupted = harness.measure_rows(measure, cfg, cfg.threads)
     summarize(rows)
     return rows, interrupted
 
@@ -415,9 +413,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, interrupted = run(cfg)
     info = machine_info(cfg, load_at_start)
     print(markdown(rows, info, cfg, harness.INTERRUPTED_NOTE if interrupted else ""))
-    payload = {"machine": info, "config": asdict(cfg), "interrupted": interrupted}
-    harness.write_json(json_path, payload | {"rows": [asdict(r) for r in rows]})
-    return harness.exit_code(interrupted)
+    return harness.finish(json_path, info, cfg, rows, interrupted)
 
 
 if __name__ == "__main__":

@@ -211,9 +211,7 @@ def report(rows: list[Row], cfg: Config, info: dict[str, str], interrupted: bool
 
 
 def run(cfg: Config) -> tuple[list[Row], bool]:
-    torch.set_num_threads(cfg.threads)
-    rows: list[Row] = []
-    interrupted = harness.interruptible(measure, cfg, rows)
+    rows, interrupted = harness.measure_rows(measure, cfg, cfg.threads)
     summarize(rows, cfg)
     return rows, interrupted
 
@@ -252,12 +250,7 @@ def main(argv: list[str] | None = None) -> int:
     rows, interrupted = run(cfg)
     info = harness.machine_info(cfg.threads, load, gpu=cfg.device.startswith("cuda"))
     print(report(rows, cfg, info, interrupted))
-    harness.write_json(
-        json_path,
-        {"machine": info, "config": asdict(cfg), "rows": [asdict(r) for r in rows],
-         "interrupted": interrupted},
-    )  # fmt: skip
-    return harness.exit_code(interrupted)
+    return harness.finish(json_path, info, cfg, rows, interrupted)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@
 sequential reference that defines what is correct). :mod:`spikemar.ssm.mixer` holds the mixers
 behind one interface (:class:`Mixer`): Mamba-2's selective mixer, Llamba's discrete Mamba-2
 mixer and the LTI cell; :mod:`spikemar.ssm.fast` their CPU kernels for inference;
-:mod:`spikemar.ssm.norm` the (grouped) RMSNorm.
+:mod:`spikemar.ssm.norm` the (grouped) RMSNorm; :mod:`spikemar.ssm.linear` the projections
+(:class:`Linear`: ``nn.Linear`` with a CPU kernel for generation's few rows).
 """
 
+from .linear import Linear
 from .mixer import (
     DiscreteMixer,
     LTICell,
@@ -24,6 +26,7 @@ __all__ = [
     "DiscreteMixer",
     "LTICell",
     "LTIMixer",
+    "Linear",
     "Mixer",
     "MixerState",
     "RMSNorm",

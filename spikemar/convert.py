@@ -24,11 +24,11 @@ Calibration:
 1. The dense model runs the calibration batches; at every spike point's place the activation I
    it would quantise is sampled (up to ``max_rows`` token rows per point).
 2. For each spike point, per channel (or per layer when the threshold is shared), V is set by
-   a search on log V (bisection with 16 candidates a round, :func:`calibrate_point_rate`) so
-   that the fraction of nonzero spikes over the T micro-steps, computed with the neuron's own
-   dynamics on those samples (δ-injection, ATMN's soft reset), equals the target
-   ``firing_rate``. The firing rate falls monotonically as V grows, so the search finds it; a
-   channel that never fires (I ≡ 0) keeps the largest V tried.
+   bisection on log V (:func:`calibrate_point_rate`) so that the fraction of nonzero spikes
+   over the T micro-steps, computed with the neuron's own dynamics on those samples
+   (δ-injection, ATMN's soft reset), equals the target ``firing_rate``. The firing rate falls
+   monotonically as V grows, so bisection finds it; a channel that never fires (I ≡ 0) keeps
+   the largest V tried.
 
 Thresholds from the dense model's activations, not the student's own, keep calibration one pass
 (the usual post-training-quantisation choice); distillation (``spikemar distill --stage 2
@@ -56,8 +56,6 @@ from torch import nn
 
 from .models import MARLM, SpikeConfig, SpikePoint
 
-GRID = 16  # candidate thresholds per calibration round: 16^5 narrows log V by ~1e6
-
 __all__ = [
     "ConvertResult",
     "add_convert_arguments",
@@ -66,7 +64,7 @@ __all__ = [
     "convert",
     "convert_main",
     "load_dense",
-    "quantize_candidates",
+    "point_rates",
     "read_spike_points",
     "spike_point_state_names",
     "spiking_student",
@@ -138,31 +136,6 @@ def _spike_points(student: MARLM) -> list[tuple[str, SpikePoint]]:
     return [(site.name, site.module) for site in student.spike_points()]
 
 
-def quantize_candidates(
-    x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """``point``'s neuron on samples x [n, C] under K candidate thresholds at once, ``log_v``
-    [K, C] (per channel) or [K, 1] (one shared V): (decoded [n, K·C], spikes [T, n, K·C]), the
-    columns of candidate k at k·C … (k + 1)·C − 1. What a threshold search scores candidates
-    by (a firing rate here, a decode error in :mod:`spikemar.refine.calibrate`)."""
-    from .neurons import atmn_quantize
-
-    K, C = log_v.shape[0], x.shape[1]
-    v = log_v.exp().expand(K, C).reshape(K * C).contiguous()
-    # the K candidates side by side as K·C channels: one call of the neuron's own dynamics
-    params = point.neuron.parameters_tuple()._replace(v_threshold=v.to(x.dtype))
-    return atmn_quantize(x.repeat(1, K), point.T, params)
-
-
-def _firing_rates(x: torch.Tensor, sp: SpikePoint, log_v: torch.Tensor) -> torch.Tensor:
-    """Nonzero spikes per micro-step of the samples x [n, C] under K candidate thresholds at
-    once: ``log_v`` [K, C] (per channel) or [K, 1] (one shared V) gives rates of that shape."""
-    K, C = log_v.shape[0], x.shape[1]
-    _, spikes = quantize_candidates(x, sp, log_v)
-    rates = (spikes != 0).to(torch.float32).mean(dim=(0, 1)).reshape(K, C)
-    return rates if log_v.shape[1] == C else rates.mean(dim=1, keepdim=True)
-
-
 @torch.no_grad()
 def point_samples(
     student: MARLM,
@@ -218,29 +191,37 @@ def point_samples(
     return out
 
 
+def point_rates(point: SpikePoint, x: torch.Tensor) -> torch.Tensor:
+    """Nonzero spikes per micro-step of each channel of ``point`` at its current thresholds, on
+    samples x [n, C]: [C]."""
+    _, spikes = point.neuron.quantize(x, point.T)
+    return (spikes != 0).float().mean(dim=tuple(range(spikes.dim() - 1)))
+
+
 @torch.no_grad()
 def calibrate_point_rate(
     point: SpikePoint, x: torch.Tensor, firing_rate: float, *, rounds: int = 5
 ) -> float:
     """Set ``point``'s threshold, per channel (or one V when it is shared), to the smallest V
     that fires at most ``firing_rate`` (nonzero spikes per micro-step) on the samples x [n, C]
-    that reach it, to within (40 / GRID^rounds) in log V. Returns the mean rate reached."""
+    that reach it, to within 40 / 16^rounds in log V (4 halvings a round). Returns the mean
+    rate reached."""
     a = point.neuron.log_threshold
-    # bracket: V above every |I| fires nothing (hi), V far below fires all it can (lo); each
-    # round tries GRID candidates between them (the rate falls as V grows) and keeps the
-    # two around the target: hi always fires at most the target
-    top = x.abs().amax(dim=0) if a.dim() else x.abs().amax().reshape(1)
+    shared = a.dim() == 0
+    # bisection on log V (the rate falls as V grows), run by the neuron's own kernel on its own
+    # threshold: hi above every |I| (no spikes, rate 0 <= target), lo far below (fires all it
+    # can); hi always fires at most the target
+    top = x.abs().amax().reshape(1) if shared else x.abs().amax(dim=0)
     hi = torch.log(top.clamp(min=1e-12)) + 1.0
     lo = hi - 40.0
-    steps = torch.arange(1, GRID + 1, dtype=hi.dtype)[:, None] / GRID
-    for _ in range(rounds):
-        grid = lo + (hi - lo) * steps  # [K, C'] (C' = C, or 1 when V is shared)
-        first = (_firing_rates(x, point, grid) <= firing_rate).to(torch.int64).argmax(dim=0)
-        below = grid.gather(0, (first - 1).clamp(min=0)[None])[0]
-        lo = torch.where(first > 0, below, lo)
-        hi = grid.gather(0, first[None])[0]
+    for _ in range(4 * rounds):
+        mid = (lo + hi) / 2
+        a.copy_(mid.reshape(a.shape).to(a.dtype))
+        rate = point_rates(point, x)
+        ok = (rate.mean().reshape(1) if shared else rate) <= firing_rate
+        hi, lo = torch.where(ok, mid, hi), torch.where(ok, lo, mid)
     a.copy_(hi.reshape(a.shape).to(a.dtype))
-    return float(_firing_rates(x, point, hi[None]).mean())
+    return float(point_rates(point, x).mean())
 
 
 @torch.no_grad()

@@ -9,7 +9,6 @@ from spikemar.convert import (
     calibrate_point_rate,
     calibrate_thresholds,
     convert,
-    quantize_candidates,
     spiking_student,
 )
 from spikemar.models import MARLM, MARConfig, SpikeConfig, SpikePoint
@@ -59,25 +58,6 @@ def test_calibration_hits_the_firing_rate(target, spikes):
     fired = [float((m.spikes != 0).float().mean()) for m in student.modules()
              if isinstance(m, SpikePoint)]  # fmt: skip
     assert abs(sum(fired) / len(fired) - target) < 0.1
-
-
-@pytest.mark.parametrize("threshold", ["channel", "layer"])
-def test_quantize_candidates_is_each_threshold_on_its_own(threshold):
-    """K candidate thresholds in one call give, column block k, what the spike point itself
-    gives with its threshold set to candidate k."""
-    point = spiking_student(dense_model(20), SpikeConfig(T=3, tau=2.0, threshold=threshold))
-    point = next(m for m in point.modules() if isinstance(m, SpikePoint))
-    x = torch.randn(50, 32) * 2
-    width = 32 if threshold == "channel" else 1
-    log_v = torch.randn(4, width) * 0.5
-    decoded, spikes = quantize_candidates(x, point, log_v)
-    assert decoded.shape == (50, 4 * 32) and spikes.shape == (3, 50, 4 * 32)
-    with torch.no_grad():
-        for k in range(4):
-            point.neuron.log_threshold.copy_(log_v[k].reshape(point.neuron.log_threshold.shape))
-            want_decoded, want_spikes = point.neuron.quantize(x, point.T)
-            torch.testing.assert_close(decoded[:, 32 * k : 32 * (k + 1)], want_decoded)
-            assert torch.equal(spikes[:, :, 32 * k : 32 * (k + 1)], want_spikes)
 
 
 @pytest.mark.parametrize("target", [0.0, 0.15, 1.0])

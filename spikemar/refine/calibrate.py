@@ -3,7 +3,7 @@
 Two targets, per spike point and per channel (or per point when the threshold is shared):
 
 * a **firing rate** (nonzero spikes per micro-step): :func:`spikemar.convert.calibrate_point_rate`
-  (bisection on log V with the neuron's own dynamics; the rate falls as V grows), with one rate
+  (bisection on log V with the neuron's own kernel; the rate falls as V grows), with one rate
   for every point (:func:`spikemar.convert.calibrate_thresholds`) or a rate *per point* (as
   ``spikemar refine`` uses: each point's rate at its planned V, so that per-channel thresholds
   keep the plan's energy, since a point's ACs are its spike count times one fan-out);
@@ -26,13 +26,9 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from ..convert import (
-    calibrate_point_rate,
-    calibrate_thresholds,
-    point_samples,
-    quantize_candidates,
-)
+from ..convert import calibrate_point_rate, calibrate_thresholds, point_rates, point_samples
 from ..models import MARLM, SpikePoint
+from ..neurons import atmn_quantize
 
 __all__ = ["calibrate", "firing_rates", "point_samples", "quantisation_error"]
 
@@ -45,7 +41,9 @@ def quantisation_error(x: torch.Tensor, point: SpikePoint, log_v: torch.Tensor) 
     x [n, C] under K candidate thresholds ``log_v`` [K, C] (per channel) or [K, 1] (shared):
     [K, C] or [K, 1] (a channel with x ≡ 0 has error 0)."""
     K, C = log_v.shape[0], x.shape[1]
-    decoded, _ = quantize_candidates(x, point, log_v)
+    v = log_v.exp().expand(K, C).reshape(K * C).contiguous()
+    params = point.neuron.parameters_tuple()._replace(v_threshold=v.to(x.dtype))
+    decoded, _ = atmn_quantize(x.repeat(1, K), point.T, params)
     err = (decoded - x.repeat(1, K)).square().sum(0).reshape(K, C)
     ref = x.square().sum(0).expand(K, C)
     if log_v.shape[1] == 1:  # a shared threshold: one error over all channels
@@ -84,12 +82,6 @@ def _calibrate_error(point: SpikePoint, x: torch.Tensor, target: float) -> float
     return float(final.mean())
 
 
-def _rates(point: SpikePoint, x: torch.Tensor) -> torch.Tensor:
-    """Nonzero spikes per micro-step of each channel of ``point`` on samples x [n, C]: [C]."""
-    _, spikes = point.neuron.quantize(x, point.T)
-    return (spikes != 0).float().mean(dim=tuple(range(spikes.dim() - 1)))
-
-
 @torch.no_grad()
 def firing_rates(
     student: MARLM,
@@ -103,7 +95,7 @@ def firing_rates(
     current thresholds on ``teacher``'s activations at its place (the samples calibration
     uses)."""
     samples = point_samples(student, teacher, list(batches), max_rows=max_rows, seed=seed)
-    return {s.name: float(_rates(s.module, samples[s.name]).mean())
+    return {s.name: float(point_rates(s.module, samples[s.name]).mean())
             for s in student.spike_points()}  # fmt: skip
 
 

@@ -25,18 +25,21 @@ methods of :class:`CountingSink`) becomes the listener for a block of code with
 from __future__ import annotations
 
 import contextvars
-from typing import Protocol
+from typing import Protocol, TypedDict, Unpack
 
 import torch
 from torch import nn
 
 __all__ = [
     "MEMORY_TERMS",
+    "OP_COUNTS",
     "Count",
     "CountingSink",
     "CountsSink",
+    "OpCounts",
     "activate",
     "active_sink",
+    "check_op_counts",
     "counting_active",
     "deactivate",
     "declare_sparse",
@@ -48,14 +51,39 @@ __all__ = [
 
 Count = int | torch.Tensor  # a count, or a 0-d tensor the counter reads back later
 
-# memory terms of record_ops, in elements (the profile prices an element's bytes)
-MEMORY_TERMS = (
-    "weight_reads",
-    "activation_reads",
-    "activation_writes",
-    "state_reads",
-    "state_writes",
-)
+
+class OpCounts(TypedDict, total=False):
+    """The counts that :func:`record_ops` (and a counting rule's ``CountContext.record``) take,
+    each an int or a 0-d tensor; absent ones are 0. Compute: ``acs``, ``macs``,
+    ``elementwise_ops``, ``neuron_updates``. Memory, in elements (values of the model's data
+    type; the profile prices an element's bytes): ``weight_reads`` (parameters of the module
+    itself read by that work), ``activation_reads``/``activation_writes`` (intermediate
+    tensors, a KV cache), ``state_reads``/``state_writes`` (recurrent state such as an SSM's h,
+    per token as the recurrent form touches it)."""
+
+    acs: Count
+    macs: Count
+    elementwise_ops: Count
+    neuron_updates: Count
+    weight_reads: Count
+    activation_reads: Count
+    activation_writes: Count
+    state_reads: Count
+    state_writes: Count
+
+
+OP_COUNTS: tuple[str, ...] = tuple(OpCounts.__annotations__)
+# the memory terms among them
+MEMORY_TERMS = OP_COUNTS[4:]
+_OP_COUNTS = frozenset(OP_COUNTS)
+
+
+def check_op_counts(where: str, counts: dict) -> None:
+    """Raise TypeError naming the first of ``counts``' names that is not one of
+    :data:`OP_COUNTS` (``where``: the function it was passed to)."""
+    if not _OP_COUNTS.issuperset(counts):
+        bad = next(k for k in counts if k not in _OP_COUNTS)
+        raise TypeError(f"{where}: unknown count {bad!r}; expected some of {', '.join(OP_COUNTS)}")
 
 
 class CountingSink(Protocol):
@@ -65,6 +93,7 @@ class CountingSink(Protocol):
         self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
     ) -> None: ...
 
+    # counts: the OpCounts that record_ops was given (checked), by name
     def on_record_ops(self, module: nn.Module | None, kind: str | None, counts: dict) -> None: ...
 
 
@@ -205,43 +234,16 @@ def declare_sparse(module: nn.Module | None, x: torch.Tensor) -> torch.Tensor:
 
 
 def record_ops(
-    module: nn.Module | None,
-    *,
-    kind: str | None = None,
-    acs: Count = 0,
-    macs: Count = 0,
-    elementwise_ops: Count = 0,
-    neuron_updates: Count = 0,
-    weight_reads: Count = 0,
-    activation_reads: Count = 0,
-    activation_writes: Count = 0,
-    state_reads: Count = 0,
-    state_writes: Count = 0,
+    module: nn.Module | None, *, kind: str | None = None, **counts: Unpack[OpCounts]
 ) -> None:
-    """Count work done by plain functions inside ``module``'s forward in ``module``'s row.
-    No-op with no counter active.
+    """Count work done by plain functions inside ``module``'s forward in ``module``'s row:
+    the :class:`OpCounts` given (compute, and the memory that work touches, in elements; absent
+    ones are 0). No-op with no counter active. A module that records its own work is no longer
+    listed as uncounted::
 
-    Compute: ``acs``, ``macs``, ``elementwise_ops``, ``neuron_updates``. Memory, in elements
-    (values of the model's data type): ``weight_reads`` (parameters of ``module`` itself read by
-    that work), ``activation_reads``/``activation_writes`` (intermediate tensors, a KV cache),
-    ``state_reads``/``state_writes`` (recurrent state such as an SSM's h, per token as the
-    recurrent form touches it). A module that records its own work is no longer listed as
-    uncounted.
+        record_ops(self, kind="ssm", macs=tokens * per_token, state_reads=tokens * state)
     """
     sink = _ACTIVE.get()
     if sink is not None:
-        sink.on_record_ops(
-            module,
-            kind,
-            {
-                "acs": acs,
-                "macs": macs,
-                "elementwise_ops": elementwise_ops,
-                "neuron_updates": neuron_updates,
-                "weight_reads": weight_reads,
-                "activation_reads": activation_reads,
-                "activation_writes": activation_writes,
-                "state_reads": state_reads,
-                "state_writes": state_writes,
-            },
-        )
+        check_op_counts("record_ops", counts)
+        sink.on_record_ops(module, kind, counts)

@@ -55,7 +55,7 @@ import functools
 import math
 import weakref
 from collections.abc import Callable, Hashable
-from typing import Any, Literal
+from typing import Any, Literal, Unpack
 
 import torch
 from torch import nn
@@ -109,122 +109,77 @@ _MEMORY_EVENT_FIELDS = (
     "state_writes",
 )
 
+# The fields of an event and their defaults. The spike-dependent ones (``nnz``, ``total``,
+# ``acs_units``) count only when ``is_spike`` holds, ``dense_macs`` only when it does not.
+_EVENT_DEFAULTS: dict[str, Any] = {
+    "spike_kind": None,  # None (counts only), 'index', 'real', 'ternary', 'binary', 'values'
+    "spike_elements": 0,  # elements of the spike train read or written
+    "nnz": None,  # its non-zero spikes, and their signed sum (None: binary, = nnz)
+    "total": None,
+    "is_spike": True,
+    "acs_units": None,  # ACs = acs_units · fan_out (acs_units = nnz when None)
+    "fan_out": 0,
+    "dense_macs": 0,
+    "macs": 0,
+    "elementwise_ops": 0,
+    "neuron_updates": 0,
+    # memory, in elements (or bits for spike trains): parameter elements read once per call /
+    # once per token vector
+    "weight_call": 0,
+    "weight_token": 0,
+    "activation_reads": 0,
+    "activation_writes": 0,
+    "state_reads": 0,
+    "state_writes": 0,
+    "dense_inputs": 0,  # a synaptic layer's real input elements (read when not spikes)
+    # spikes read ('read': a synaptic layer's input) or written ('write': a neuron's output), at
+    # packed_bits per spike element or address_bits per non-zero spike
+    "spike_io": None,
+    "packed_bits": 0,
+    "address_bits": 0,  # (a sparsified input: the bits of one index)
+    "source": None,  # the row that produced the spikes a synaptic layer reads
+    "sparse_nnz": None,  # non-zeros of a sparsified real input (declare_sparse)
+}
+
 
 class _Event:
-    """One contribution to a row. Tensor fields are resolved when the report is built; the
-    spike-dependent ones (``nnz``, ``total``, ``acs_units``) count only when ``is_spike`` holds,
-    ``dense_macs`` only when it does not.
+    """One contribution to a row (fields and defaults: ``_EVENT_DEFAULTS``). Tensor fields are
+    resolved when the report is built.
 
-    Memory, in elements (or bits for spike trains): ``weight_call``/``weight_token`` parameter
-    elements read once per call / once per token vector; ``dense_inputs`` the real-valued input
-    elements of a synaptic layer (read when the input is not spikes); ``spike_io`` whether the
-    spikes are read ('read': a synaptic layer's input) or written ('write': a neuron's output),
-    at ``packed_bits`` per spike element or ``address_bits`` per non-zero spike; ``source`` the
-    row that produced the spikes a synaptic layer reads."""
+    An event whose fields are all ints is shared by every call with the same geometry (built
+    once, appended per call). A call whose spikes were counted appends ``(template, nnz,
+    total)`` instead: the template carries what the geometry fixes, :meth:`filled` makes the
+    call's event when the report is built."""
 
-    __slots__ = (
-        "acs_units",
-        "activation_reads",
-        "activation_writes",
-        "address_bits",
-        "dense_inputs",
-        "dense_macs",
-        "elementwise_ops",
-        "fan_out",
-        "is_spike",
-        "macs",
-        "neuron_updates",
-        "nnz",
-        "packed_bits",
-        "source",
-        "sparse_nnz",
-        "spike_elements",
-        "spike_io",
-        "spike_kind",
-        "state_reads",
-        "state_writes",
-        "total",
-        "weight_call",
-        "weight_token",
-    )
+    __slots__ = tuple(_EVENT_DEFAULTS)
 
-    def __init__(
-        self,
-        spike_kind: str | None = None,
-        spike_elements: int = 0,
-        nnz: Count | None = None,
-        total: Count | None = None,
-        is_spike: bool | torch.Tensor = True,
-        acs_units: Count | None = None,
-        fan_out: int = 0,
-        dense_macs: int = 0,
-        macs: Count = 0,
-        elementwise_ops: Count = 0,
-        neuron_updates: Count = 0,
-        *,
-        weight_call: Count = 0,
-        weight_token: Count = 0,
-        activation_reads: Count = 0,
-        activation_writes: Count = 0,
-        state_reads: Count = 0,
-        state_writes: Count = 0,
-        dense_inputs: int = 0,
-        spike_io: str | None = None,
-        packed_bits: int = 0,
-        address_bits: int = 0,
-        source: str | None = None,
-        sparse_nnz: Count | None = None,
-    ) -> None:
-        self.spike_kind = spike_kind
-        # non-zeros of a sparsified real input (declare_sparse); address_bits: one index's bits
-        self.sparse_nnz = sparse_nnz
-        self.spike_elements = spike_elements
-        self.nnz = nnz
-        self.total = total
-        self.is_spike = is_spike
-        self.acs_units = acs_units  # ACs = acs_units · fan_out (acs_units = nnz when None)
-        self.fan_out = fan_out
-        self.dense_macs = dense_macs
-        self.macs = macs
-        self.elementwise_ops = elementwise_ops
-        self.neuron_updates = neuron_updates
-        self.weight_call = weight_call
-        self.weight_token = weight_token
-        self.activation_reads = activation_reads
-        self.activation_writes = activation_writes
-        self.state_reads = state_reads
-        self.state_writes = state_writes
-        self.dense_inputs = dense_inputs
-        self.spike_io = spike_io
-        self.packed_bits = packed_bits
-        self.address_bits = address_bits
-        self.source = source
+    def __init__(self, **fields: Any) -> None:
+        unknown = fields.keys() - _EVENT_DEFAULTS.keys()
+        if unknown:
+            raise TypeError(f"_Event: unknown fields {sorted(unknown)}")
+        for name, default in _EVENT_DEFAULTS.items():
+            setattr(self, name, fields.get(name, default))
+
+    def filled(self, nnz: Any, total: Any) -> _Event:
+        """A copy with one call's spike counts."""
+        ev = _Event.__new__(_Event)
+        for name in _Event.__slots__:
+            setattr(ev, name, getattr(self, name))
+        ev.nnz, ev.total = nnz, total
+        return ev
 
 
 def _spikes_written(
-    n: int,
-    nnz: Count,
-    total: Count | None,
-    ternary: bool,
-    width: int,
-    weight_call: int,
-    weight_token: int,
-    inputs: int,
-    *,
-    state: int,
+    n: int, ternary: bool, width: int, weight_call: int, weight_token: int, inputs: int, state: int
 ) -> _Event:
-    """A neuron or spike point: one update per element of its ``n``-element spike train,
-    ``inputs`` real values and its thresholds read, ``state`` membrane elements read and
-    written, the spike train written (addresses among ``width`` neurons)."""
+    """The template of a neuron or spike point (:meth:`_Event.filled` adds the counts): one
+    update per element of its ``n``-element spike train, ``inputs`` real values and its
+    thresholds read, ``state`` membrane elements read and written, the spike train written
+    (addresses among ``width`` neurons)."""
     packed, address = _spike_bits(ternary, width)
     return _Event(
-        "ternary" if ternary else "binary",
-        n,
-        nnz,
-        total,
-        True,
-        None,
-        0,
+        spike_kind="ternary" if ternary else "binary",
+        spike_elements=n,
         neuron_updates=n,
         weight_call=weight_call,
         weight_token=weight_token,
@@ -255,7 +210,7 @@ class _Row:
         self.module_type = module_type
         self.parameters = parameters  # parameter elements the row's module holds (placement)
         self.calls = 0
-        self.events: list[_Event] = []
+        self.events: list[_Event | tuple[_Event, Any, Any]] = []
         self.notes: dict[str, None] = {}
 
 
@@ -302,29 +257,27 @@ class _Tag:
 
 
 class _SpikePair:
-    """A spike count still held as a kernel's (+1, −1) counts ``[..., 2]``: the number of
-    non-zero spikes (``signed`` False) or their signed sum (True). :func:`_resolve` sums every
-    pair of a report in one reduction per device."""
+    """A spike count still held as a kernel's (+1, −1) counts ``[..., 2]``: in an event's
+    ``nnz`` it stands for the number of non-zero spikes, in its ``total`` for their signed
+    sum. :func:`_resolve_pairs` sums every pair of a report in one reduction per device."""
 
-    __slots__ = ("counts", "signed")
+    __slots__ = ("counts",)
 
-    def __init__(self, counts: torch.Tensor, signed: bool) -> None:
+    def __init__(self, counts: torch.Tensor) -> None:
         self.counts = counts
-        self.signed = signed
 
 
-def _resolve_pairs(rows: list[_Row]) -> None:
+def _resolve_pairs(events: list[_Event]) -> None:
     """Replace every :class:`_SpikePair` in the events' ``nnz``/``total`` by its value: the
     counts of all pairs on one device concatenated, summed per pair by one ``index_add_``."""
     groups: dict[torch.device, dict[int, torch.Tensor]] = {}
     found: list[tuple[_Event, str, _SpikePair]] = []
-    for row in rows:
-        for ev in row.events:
-            for f in ("nnz", "total"):
-                v = getattr(ev, f)
-                if isinstance(v, _SpikePair):
-                    found.append((ev, f, v))
-                    groups.setdefault(v.counts.device, {})[id(v.counts)] = v.counts
+    for ev in events:
+        for f in ("nnz", "total"):
+            v = getattr(ev, f)
+            if isinstance(v, _SpikePair):
+                found.append((ev, f, v))
+                groups.setdefault(v.counts.device, {})[id(v.counts)] = v.counts
     if not found:
         return
     sums: dict[int, tuple[int, int]] = {}
@@ -339,7 +292,21 @@ def _resolve_pairs(rows: list[_Row]) -> None:
             sums[k] = (pos, neg)
     for ev, f, v in found:
         pos, neg = sums[id(v.counts)]
-        setattr(ev, f, pos - neg if v.signed else pos + neg)
+        setattr(ev, f, pos + neg if f == "nnz" else pos - neg)
+
+
+def _counts_event(counts: dict[str, Count], weight_reads_call: Count | None = None) -> _Event:
+    """The event of checked :class:`spikemar.counting.OpCounts` (``weight_reads`` fetched per
+    token vector; ``weight_reads_call`` per call, by default the same)."""
+    counts = dict(counts)
+    acs = counts.pop("acs", 0)
+    weights = counts.pop("weight_reads", 0)
+    call = weights if weight_reads_call is None else weight_reads_call
+    return _Event(acs_units=acs, fan_out=1, weight_token=weights, weight_call=call, **counts)
+
+
+# entries of a context's static cache before it starts over (see CountContext.keep)
+_STATIC_LIMIT = 256
 
 
 def _root(x: torch.Tensor) -> torch.Tensor:
@@ -347,11 +314,69 @@ def _root(x: torch.Tensor) -> torch.Tensor:
     return x if base is None else base
 
 
+class _Synapse:
+    """What every call of a synaptic layer with one geometry shares (see
+    :meth:`CountContext.synaptic`): its memory counts, the event of a real-valued input (all
+    ints, so one object serves every call) and the templates of spike inputs."""
+
+    __slots__ = ("features", "memory", "mult", "real", "templates")
+
+    def __init__(
+        self,
+        fan_out: int | None,
+        dense_macs: int,
+        weights: int,
+        vectors: int,
+        features: int,
+        elements: int,
+        elementwise_ops: Count,
+        activation_writes: Count,
+    ) -> None:
+        self.mult = 1 if fan_out is None else int(fan_out)
+        self.features = features
+        self.memory = {
+            "weight_call": weights,
+            "weight_token": weights * vectors,
+            "dense_inputs": elements,
+            "dense_macs": dense_macs,
+            "spike_io": "read",
+            "elementwise_ops": elementwise_ops,
+            "activation_writes": activation_writes,
+        }
+        self.real = _Event(spike_kind="real", is_spike=False, fan_out=self.mult, **self.memory)
+        self.templates: dict[tuple, _Event] = {}
+
+    def spikes(self, kind: str, ternary: bool, elements: int, source: str | None) -> _Event:
+        """The template of a spike input: ``kind`` 'ternary'/'binary', or 'values' (detected by
+        value, counted as ternary until resolved)."""
+        key = (kind, ternary, elements, source)
+        template = self.templates.get(key)
+        if template is None:
+            packed, address = _spike_bits(ternary, self.features)
+            template = self.templates[key] = _Event(
+                spike_kind=kind, spike_elements=elements, fan_out=self.mult, packed_bits=packed,
+                address_bits=address, source=source, **self.memory,
+            )  # fmt: skip
+        return template
+
+
 class CountContext:
     """What a counting rule (:func:`spikemar.energy.register_rule`) records through: one per
-    counted module, handed to the rule on every call."""
+    counted module, handed to the rule on every call.
 
-    __slots__ = ("_counter", "_parameters", "_real_events", "_row", "kind", "module_type", "name")
+    Counting runs on every forward pass, so the built-in rules keep what a module's geometry
+    fixes (sizes, fan-outs, memory counts, whole events where no count depends on the values)
+    per input shape in :attr:`static` and do per call only what depends on the values."""
+
+    __slots__ = (
+        "_counter",
+        "_parameters",
+        "_row",
+        "kind",
+        "module_type",
+        "name",
+        "static",
+    )
 
     def __init__(
         self,
@@ -367,7 +392,18 @@ class CountContext:
         self.module_type = module_type
         self._parameters = parameters
         self._row: _Row | None = None
-        self._real_events: dict[tuple, _Event] = {}  # see synaptic: shared real-input events
+        # a rule's values fixed by its module's geometry, by a key of the rule's choosing (the
+        # input's shape, say); kept for the counter's life, like the parameter counts
+        self.static: dict[Hashable, Any] = {}
+
+    def keep(self, key: Hashable, value: Any) -> Any:
+        """Store ``value`` in :attr:`static` under ``key`` and return it (the idiom:
+        ``ctx.static.get(key) or ctx.keep(key, make())``). Bounded: a counter that sees many
+        input shapes (prefill at every length) starts over rather than growing without end."""
+        if len(self.static) >= _STATIC_LIMIT:
+            self.static.clear()
+        self.static[key] = value
+        return value
 
     def row(self) -> _Row:
         row = self._row
@@ -381,37 +417,29 @@ class CountContext:
     def record(
         self,
         *,
-        acs: Count = 0,
-        macs: Count = 0,
-        elementwise_ops: Count = 0,
-        neuron_updates: Count = 0,
-        weight_reads: Count = 0,
         weight_reads_call: Count | None = None,
-        activation_reads: Count = 0,
-        activation_writes: Count = 0,
-        state_reads: Count = 0,
-        state_writes: Count = 0,
         note: str | None = None,
+        **counts: Unpack[counting.OpCounts],
     ) -> None:
-        """Add counts that do not depend on whether an input is spikes. Memory in elements:
-        ``weight_reads`` parameter elements read with per-token fetching (``weight_reads_call``
-        with one fetch per call; default the same), activations and state read and written."""
-        row = self.row()
-        row.events.append(
-            _Event(
-                acs_units=acs,
-                fan_out=1,
-                macs=macs,
-                elementwise_ops=elementwise_ops,
-                neuron_updates=neuron_updates,
-                weight_token=weight_reads,
-                weight_call=weight_reads if weight_reads_call is None else weight_reads_call,
-                activation_reads=activation_reads,
-                activation_writes=activation_writes,
-                state_reads=state_reads,
-                state_writes=state_writes,
-            )
-        )
+        """Add counts that do not depend on whether an input is spikes: the
+        :class:`spikemar.counting.OpCounts` given (memory in elements; ``weight_reads``
+        parameter elements read with per-token fetching, ``weight_reads_call`` with one fetch
+        per call, by default the same)."""
+        counting.check_op_counts("CountContext.record", counts)
+        self.add(_counts_event(counts, weight_reads_call), note=note)
+
+    def event(
+        self, *, weight_reads_call: Count | None = None, **counts: Unpack[counting.OpCounts]
+    ) -> _Event:
+        """The event :meth:`record` adds for these counts, to keep (in :attr:`static`) and
+        :meth:`add` on every call with the same geometry when all counts are ints."""
+        counting.check_op_counts("CountContext.event", counts)
+        return _counts_event(counts, weight_reads_call)
+
+    def add(self, event: _Event, *, note: str | None = None) -> None:
+        """Add an event made by :meth:`event` to this module's row."""
+        row = self._row or self.row()
+        row.events.append(event)
         if note:
             row.notes[note] = None
 
@@ -440,33 +468,59 @@ class CountContext:
         input: ``x``'s real values, or its spikes, addressed among ``features`` neurons per
         vector (default ``x.shape[-1]``).
         """
-        counter = self._counter
-        row = self.row()
-        mult = 1 if fan_out is None else int(fan_out)
-        n_features = int(features) if features is not None else (x.shape[-1] if x.dim() else 1)
-        memory = {
-            "weight_call": weights,
-            "weight_token": weights * vectors,
-            "dense_inputs": x.numel(),
+        geometry = {
+            "fan_out": fan_out,
             "dense_macs": dense_macs,
-            "spike_io": "read",
+            "weights": weights,
+            "vectors": vectors,
+            "features": features,
             "elementwise_ops": elementwise_ops,
             "activation_writes": activation_writes,
         }
+        if type(elementwise_ops) is int and type(activation_writes) is int:
+            key = (*geometry.values(), x.shape)
+            synapse = self.static.get(key) or self.keep(key, self.synapse(x, **geometry))
+        else:  # counts that are tensors: this call's own
+            synapse = self.synapse(x, **geometry)
+        self.synaptic_call(x, synapse, weighted_acs)
+
+    def synapse(
+        self,
+        x: torch.Tensor,
+        *,
+        fan_out: int | None,
+        dense_macs: int,
+        weights: int = 0,
+        vectors: int = 1,
+        features: int | None = None,
+        elementwise_ops: int = 0,
+        activation_writes: int = 0,
+    ) -> _Synapse:
+        """What :meth:`synaptic` counts for every call with ``x``'s geometry, to keep (in
+        :attr:`static`) and hand to :meth:`synaptic_call` on each call."""
+        n_features = int(features) if features is not None else (x.shape[-1] if x.dim() else 1)
+        return _Synapse(fan_out, dense_macs, weights, vectors, n_features, x.numel(),
+                        elementwise_ops, activation_writes)  # fmt: skip
+
+    def synaptic_call(
+        self,
+        x: torch.Tensor,
+        synapse: _Synapse,
+        weighted_acs: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
+        | None = None,
+    ) -> None:
+        """:meth:`synaptic` for a call whose geometry :meth:`synapse` has counted: only what
+        depends on ``x``'s values (or on the spikes it stands for) is done here."""
+        counter = self._counter
+        row = self._row or self.row()
         tag = counter._tag_of(x) if counter.spike_detection != "values" else None
         if tag is not None and tag.sparse:
             if x.numel() == tag.numel:  # its zeros are what zero-skipping hardware skips
-                index_bits = max(1, math.ceil(math.log2(max(2, n_features))))
+                index_bits = max(1, math.ceil(math.log2(max(2, synapse.features))))
                 row.events.append(
-                    _Event(
-                        "real",
-                        is_spike=False,
-                        fan_out=mult,
-                        sparse_nnz=tag.nnz,
-                        address_bits=index_bits,
-                        **memory,
-                    )
-                )
+                    _Event(spike_kind="real", is_spike=False, fan_out=synapse.mult,
+                           sparse_nnz=tag.nnz, address_bits=index_bits, **synapse.memory)
+                )  # fmt: skip
                 return
             tag = None  # a part of a sparsified tensor: counted as a dense input
         if tag is not None and tag.decode_elements and x.numel() != tag.numel:
@@ -489,74 +543,44 @@ class CountContext:
             else:  # a neuron's output (or a view, or a scaled copy of one)
                 src = x if tag.unit else torch.sign(x)
                 elements, full = x.numel(), x.numel() == tag.numel and tag.nnz is not None
+            kind = "ternary" if tag.ternary else "binary"
+            template = synapse.spikes(kind, tag.ternary, elements, tag.source)
+            if weighted_acs is None and full:  # counted once where the spikes were made
+                row.events.append((template, tag.nnz, tag.total))
+                return
             if weighted_acs is not None:
                 units, nnz = weighted_acs(src, tag.ternary)
                 total = tag.total if full else src.sum() if tag.ternary else None
-            elif full:  # counted once where the spikes were made, reused
-                units, nnz, total = None, tag.nnz, tag.total
             else:
                 units = None
                 nnz, total = _stats.unit_spike_counts(src, tag.ternary)
-            packed, address = _spike_bits(tag.ternary, n_features)
-            row.events.append(
-                _Event(
-                    "ternary" if tag.ternary else "binary",
-                    elements,
-                    nnz,
-                    total,
-                    True,
-                    units,
-                    mult,
-                    packed_bits=packed,
-                    address_bits=address,
-                    source=tag.source,
-                    **memory,
-                )
-            )
-            return
-        is_real_dtype = not x.is_floating_point() and x.dtype != torch.bool
-        if counter.spike_detection == "producer" or is_real_dtype or _stats.surely_not_spikes(x):
-            # an event of integers only, the same for every call with these counts: shared
-            # (nothing resolves or changes it), which spares building one per call
-            if type(elementwise_ops) is not int or type(activation_writes) is not int:
-                row.events.append(_Event("real", is_spike=False, **memory))
-                return
-            key = tuple(memory.values())
-            event = self._real_events.get(key)
-            if event is None:
-                event = self._real_events[key] = _Event("real", is_spike=False, **memory)
+            event = template.filled(nnz, total)
+            event.acs_units = units
             row.events.append(event)
             return
-        is_spike = _stats.value_test(x)
+        if (
+            counter.spike_detection == "producer"
+            or (not x.is_floating_point() and x.dtype != torch.bool)
+            or _stats.surely_not_spikes(x)
+        ):
+            row.events.append(synapse.real)
+            return
         if weighted_acs is not None:
             units, nnz = weighted_acs(x, True)
             total = x.sum()
         else:
             units = None
             nnz, total = _stats.unit_spike_counts(x, True)
-        packed, address = _spike_bits(True, n_features)  # counted as ternary until resolved
-        row.events.append(
-            _Event(
-                "values",
-                x.numel(),
-                nnz,
-                total,
-                is_spike,
-                units,
-                mult,
-                packed_bits=packed,
-                address_bits=address,
-                **memory,
-            )
-        )
+        event = synapse.spikes("values", True, x.numel(), None).filled(nnz, total)
+        event.is_spike, event.acs_units = _stats.value_test(x), units
+        row.events.append(event)
 
     def lookup(self, idx: torch.Tensor, *, acs: int, weight_reads: int | None = None) -> None:
         """An embedding-style lookup of integer indices ``idx`` worth ``acs`` ACs, reading
         ``weight_reads`` table elements (default ``acs``: one per accumulate)."""
         reads = acs if weight_reads is None else weight_reads
-        self.row().events.append(
-            _Event("index", acs_units=acs, fan_out=1, weight_call=reads, weight_token=reads)
-        )
+        self.add(_Event(spike_kind="index", acs_units=acs, fan_out=1, weight_call=reads,
+                        weight_token=reads))  # fmt: skip
 
     def spikes_out(
         self,
@@ -572,26 +596,19 @@ class CountContext:
         Memory: it reads ``inputs`` real input elements and its ``weights`` (thresholds; once
         per call or per vector), reads and writes its membrane once per update, and writes the
         spikes."""
-        nnz, total = _stats.unit_spike_counts(spikes, ternary)
         n = spikes.numel()
         width = spikes.shape[-1] if spikes.dim() else 1
-        event = _spikes_written(
-            n, nnz, total, ternary, width, weights, weights * vectors, inputs, state=n
+        key = ("spikes_out", n, width, ternary, inputs, weights, vectors)
+        template = self.static.get(key) or self.keep(
+            key, _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state=n)
         )
-        self.row().events.append(event)
+        nnz, total = _stats.unit_spike_counts(spikes, ternary)
+        (self._row or self.row()).events.append((template, nnz, total))
         root = _root(spikes)
         full = root.numel() == n
-        self._counter._set_tag(
-            root,
-            _Tag(
-                root,
-                ternary,
-                True,
-                nnz if full else None,
-                total if full else None,
-                source=self.name,
-            ),
-        )
+        tag = _Tag(root, ternary, True, nnz if full else None, total if full else None,
+                   source=self.name)  # fmt: skip
+        self._counter._tags[id(root)] = tag
 
     def propagate(self, x: torch.Tensor, y: torch.Tensor, *, unit: bool = True) -> None:
         """A spike-preserving module turned ``x`` into ``y``: if ``x`` is spikes, so is ``y``."""
@@ -619,7 +636,7 @@ class CountContext:
         return value
 
 
-class EnergyCounter:
+class EnergyCounter(counting.CountsSink):
     """Counts synaptic operations, neuron updates and element-wise work of ``model`` per layer.
 
     Use as a context manager around the forward passes to count, then build a report::
@@ -649,6 +666,10 @@ class EnergyCounter:
         self._cache: dict[Hashable, Any] = {}
         self._counts_suffice: frozenset[int] = frozenset()
         self._param_counts: tuple[dict[int, int], dict[int, int]] = ({}, {})
+        # what the hooks of spikemar.counting count the same on every call with one geometry,
+        # by id of the calling module (and the geometry): kept while the module tree is the same
+        self._points: dict[tuple, tuple[str, int, _Event]] = {}
+        self._sites: dict[tuple, tuple[str, str, str, int, dict]] = {}
         self.reset()
 
     # -- lifecycle --------------------------------------------------------------------------
@@ -667,6 +688,8 @@ class EnergyCounter:
         if self._handles:
             raise RuntimeError("EnergyCounter: already attached (nested `with` on one counter)")
         root_name = type(self.model).__name__
+        names = dict(self._names)
+        self._names.clear()
         try:
             for name, module in self.model.named_modules():
                 shown = name or root_name
@@ -684,6 +707,9 @@ class EnergyCounter:
                         module.register_forward_hook(_uncounted_hook(self, shown, module))
                     )
             self._counts_suffice = _linear_fed_points(self.model)
+            if self._names != names:  # modules renamed, added or replaced: ids may be reused
+                self._points.clear()
+                self._sites.clear()
             self._handles.append(self.model.register_forward_pre_hook(self._on_pass_start))
             self._handles.append(self.model.register_forward_hook(self._on_pass_end))
         except BaseException:
@@ -737,9 +763,8 @@ class EnergyCounter:
 
     # -- what the counting hooks (spikemar.counting) call while this counter is active -------
 
-    def on_declare_spikes(
-        self, module: nn.Module | None, decoded: torch.Tensor, spikes: torch.Tensor, ternary: bool
-    ) -> None:
+    # signatures and arguments: spikemar.counting.CountsSink's
+    def on_declare_spikes(self, module, decoded, spikes, ternary) -> None:
         """:func:`spikemar.counting.declare_spikes` landed here. The spike point reads its real
         input (the shape of ``decoded``) and its thresholds once per vector and writes the spike
         train. Its membrane moves no memory: δ-injection starts it at 0 for every token and it
@@ -757,51 +782,56 @@ class EnergyCounter:
         other point (a model without that iterator, a point feeding a conv) sends the train."""
         return id(module) not in self._counts_suffice
 
-    def on_declare_spike_counts(
-        self,
-        module: nn.Module | None,
-        decoded: torch.Tensor,
-        counts: torch.Tensor,
-        T: int,
-        ternary: bool,
-    ) -> None:
+    def on_declare_spike_counts(self, module, decoded, counts, T, ternary) -> None:
         """:func:`spikemar.counting.declare_spike_counts` landed here: counted as
         :meth:`on_declare_spikes` counts the spike train the counts were taken from."""
         # summed when the report is built, all spike points' counts in one reduction: no
-        # tensor operation per call here
-        counts = counts.detach()
-        nnz, total = _SpikePair(counts, False), _SpikePair(counts, True) if ternary else None
-        n = T * decoded.numel()
-        self._spike_point(module, decoded, n, nnz, total, ternary, None)
+        # tensor operation per call here (int64 counts never carry autograd history)
+        pair = _SpikePair(counts)
+        self._spike_point(module, decoded, T * decoded.numel(), pair, pair if ternary else None,
+                          ternary, None)  # fmt: skip
 
     def _spike_point(
         self,
         module: nn.Module | None,
         decoded: torch.Tensor,
         elements: int,
-        nnz: Count,
-        total: Count | None,
+        nnz: Any,
+        total: Any,
         ternary: bool,
         spikes: torch.Tensor | None,
     ) -> None:
         """A spike point's row (``elements`` spike-train elements) and the tag on its decode."""
-        name = self._name_of(module)
-        self._self_reporting.add(name)
-        thresholds = self._parameter_count(module, recurse=True)
-        row = self._row(
+        key = (id(module), decoded.shape, elements, ternary)
+        point = self._points.get(key)
+        if point is None:
+            point = self._points[key] = self._new_point(module, decoded, elements, ternary)
+        name, thresholds, template = point
+        row = self._rows.get(name) or self._self_reporting_row(
             name, "spike_point", type(module).__name__ if module else "function", thresholds
         )
         row.calls += 1
-        channels = decoded.shape[-1] if decoded.dim() else 1
-        per_token = thresholds * (decoded.numel() // max(1, channels))
-        event = _spikes_written(
-            elements, nnz, total, ternary, channels, thresholds, per_token, decoded.numel(),
-            state=0,
-        )  # fmt: skip
-        row.events.append(event)
+        row.events.append((template, nnz, total))
         root = _root(decoded)
         tag = _Tag(root, ternary, True, nnz, total, spikes, name, decode_elements=elements)
-        self._set_tag(root, tag)
+        self._tags[id(root)] = tag
+
+    def _new_point(
+        self, module: nn.Module | None, decoded: torch.Tensor, elements: int, ternary: bool
+    ) -> tuple[str, int, _Event]:
+        """(row name, thresholds, event template) of a spike point's calls with this geometry."""
+        thresholds = self._parameter_count(module, recurse=True)
+        channels = decoded.shape[-1] if decoded.dim() else 1
+        per_token = thresholds * (decoded.numel() // max(1, channels))
+        template = _spikes_written(
+            elements, ternary, channels, thresholds, per_token, decoded.numel(), state=0
+        )
+        return self._name_of(module), thresholds, template
+
+    def _self_reporting_row(self, name: str, kind: str, module_type: str, parameters: int) -> _Row:
+        """A new row for a module that reports its own work (never listed as uncounted)."""
+        self._self_reporting.add(name)
+        return self._row(name, kind, module_type, parameters)
 
     def on_declare_sparse(self, module: nn.Module | None, x: torch.Tensor) -> None:
         """:func:`spikemar.counting.declare_sparse` landed here: tag ``x`` with its non-zero
@@ -816,18 +846,27 @@ class EnergyCounter:
     def on_record_ops(
         self, module: nn.Module | None, kind: str | None, counts: dict[str, Count]
     ) -> None:
-        """:func:`spikemar.counting.record_ops` landed here."""
-        counts = dict(counts)
-        name = self._name_of(module)
-        self._self_reporting.add(name)
-        own = self._parameter_count(module, recurse=False)  # its children count their own
-        row = self._row(name, kind or "ops", type(module).__name__ if module else "function", own)
+        """:func:`spikemar.counting.record_ops` landed here. Counts that are all ints make one
+        event per call site and values, shared by its calls."""
+        site = self._sites.get((id(module), kind))
+        if site is None:
+            own = self._parameter_count(module, recurse=False)  # its children count their own
+            where = type(module).__name__ if module else "function"
+            site = self._sites[(id(module), kind)] = (self._name_of(module), kind or "ops", where,
+                                                      own, {})  # fmt: skip
+        name, row_kind, where, own, events = site
+        row = self._rows.get(name) or self._self_reporting_row(name, row_kind, where, own)
         row.calls += 1
-        acs = counts.pop("acs", 0)
-        weights = counts.pop("weight_reads", 0)
-        row.events.append(
-            _Event(acs_units=acs, fan_out=1, weight_call=weights, weight_token=weights, **counts)
-        )
+        if all(type(v) is int for v in counts.values()):
+            values = tuple(counts.items())
+            event = events.get(values)
+            if event is None:
+                if len(events) >= _STATIC_LIMIT:
+                    events.clear()
+                event = events[values] = _counts_event(counts)
+        else:
+            event = _counts_event(counts)
+        row.events.append(event)
 
     def _parameter_count(self, module: nn.Module | None, *, recurse: bool = False) -> int:
         """Parameter elements of ``module`` (its own, or with its children's), cached."""
@@ -936,9 +975,14 @@ def _resolve(rows) -> list[dict[str, Any]]:
         *_MEMORY_EVENT_FIELDS,
     )
     rows = list(rows)
-    _resolve_pairs(rows)
-    for row in rows:
-        for ev in row.events:
+    # a call's spike counts on a shared template become that call's event (for this report)
+    events = [
+        [ev if type(ev) is _Event else ev[0].filled(ev[1], ev[2]) for ev in row.events]
+        for row in rows
+    ]
+    _resolve_pairs([ev for evs in events for ev in evs])
+    for evs in events:
+        for ev in evs:
             for f in fields:
                 v = getattr(ev, f)
                 if isinstance(v, torch.Tensor):
@@ -951,7 +995,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
         setattr(ev, f, bool(v) if f == "is_spike" else round(v))
 
     out: list[dict[str, Any]] = []
-    for row in rows:
+    for row, evs in zip(rows, events, strict=True):
         acc: dict[str, Any] = {
             "name": row.name,
             "kind": row.kind,
@@ -973,7 +1017,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
         }
         kinds: dict[str, None] = {}
         sources: dict[str, None] = {}
-        for ev in row.events:
+        for ev in evs:
             acc["macs"] += ev.macs
             acc["elementwise_ops"] += ev.elementwise_ops
             acc["neuron_updates"] += ev.neuron_updates

@@ -128,9 +128,18 @@ def _first_tensor(value: Any) -> torch.Tensor | None:
 # -- built-in rules ---------------------------------------------------------------------------
 
 
+# The synaptic and element-wise rules run for every call of every layer: what a layer's
+# geometry fixes is computed once per input shape and kept in ``ctx.static`` (see CountContext).
+
+
 def _linear_rule(ctx: CountContext, module: nn.Linear, args: tuple[Any, ...], out: Any) -> None:
     x = args[0]
-    ctx.synaptic(
+    synapse = ctx.static.get(x.shape) or ctx.keep(x.shape, _linear_synapse(ctx, module, x, out))
+    ctx.synaptic_call(x, synapse)
+
+
+def _linear_synapse(ctx: CountContext, module: nn.Linear, x: torch.Tensor, out: torch.Tensor):
+    return ctx.synapse(
         x,
         fan_out=module.out_features,
         dense_macs=x.numel() * module.out_features,
@@ -144,6 +153,13 @@ def _linear_rule(ctx: CountContext, module: nn.Linear, args: tuple[Any, ...], ou
 
 def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[Any, ...], out):
     x = args[0]
+    key = (x.shape, out.shape)
+    synapse, weighted_acs = ctx.static.get(key) or ctx.keep(key, _conv_synapse(ctx, module, x, out))
+    ctx.synaptic_call(x, synapse, weighted_acs)
+
+
+def _conv_synapse(ctx: CountContext, module: nn.modules.conv._ConvNd, x: torch.Tensor, out):
+    """(the synapse, its weighted_acs) of a conv's calls with these input and output shapes."""
     n_sp = len(module.kernel_size)
     spatial_in = tuple(x.shape[-n_sp:])
     spatial_out = tuple(out.shape[-n_sp:])
@@ -190,17 +206,17 @@ def _conv_rule(ctx: CountContext, module: nn.modules.conv._ConvNd, args: tuple[A
     # each spike at a position drives fan-out(position) accumulates in each of the C_out / groups
     # output channels of its group; a spike's address names its channel and position
     per_sample = module.in_channels * math.prod(spatial_in)
-    ctx.synaptic(
+    synapse = ctx.synapse(
         x,
         fan_out=c_out_per_group,
         dense_macs=dense_macs,
-        weighted_acs=weighted_acs,
         weights=ctx.parameters(module),
         vectors=x.numel() // max(1, per_sample),
         features=per_sample,
         elementwise_ops=out.numel() if module.bias is not None else 0,
         activation_writes=out.numel(),
     )
+    return synapse, weighted_acs
 
 
 def _embedding_rule(ctx: CountContext, module: nn.Embedding, args: tuple[Any, ...], out) -> None:
@@ -241,14 +257,19 @@ def _maxpool_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], o
 
 
 def _elementwise_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out) -> None:
-    # memory: reads its input, writes its output (as real values), reads its parameters (a
-    # norm's weight) once per vector
     y = _first_tensor(out)
     if y is None:
         return
     x = _first_tensor(args)
+    key = (y.shape, None if x is None else x.shape)
+    ctx.add(ctx.static.get(key) or ctx.keep(key, _elementwise_event(ctx, module, x, y)))
+
+
+def _elementwise_event(ctx: CountContext, module: nn.Module, x: torch.Tensor | None, y):
+    # memory: reads its input, writes its output (as real values), reads its parameters (a
+    # norm's weight) once per vector
     width = y.shape[-1] if y.dim() else 1
-    ctx.record(
+    return ctx.event(
         elementwise_ops=y.numel(),
         activation_reads=x.numel() if x is not None else 0,
         activation_writes=y.numel(),

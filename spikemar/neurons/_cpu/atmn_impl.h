@@ -209,16 +209,23 @@ static void CAT(decode_weights_, SUFFIX)(REAL *w, int64_t T, double tau, REAL de
 /* One block of len ≤ BLK elements of MAR's spike point for inference, channel c0 first (see
  * atmn_quantize_decode). With COUNT (a constant: the loops without it are those of before), the
  * block's +1 and −1 spikes are added per channel to counts [2][max(C, 1)] (the +1 row, then the
- * −1 row): per element in REAL (exact: at most T ≤ 64 per element), then into the int64 slots.
- * Returns the block's number of non-finite probes. */
+ * −1 row). One sum per element serves both: under δ-injection all of an element's spikes have
+ * its input's sign (after a +1 spike u = h − V ≥ 0, so h = d·u ≥ 0 with d = 1/τ ≥ 0 never
+ * reaches −V; NaN never spikes), so Σ_t s_t is +(its +1 spikes) or −(its −1 spikes). Summed in
+ * REAL (exact: at most T ≤ 64 per element), then split by sign: per channel into csum [2][C]
+ * (REAL sums, which the caller moves into counts while they are exact: half the memory traffic
+ * of adding each element to an int64 slot, which was all the counting cost) or, csum NULL,
+ * straight into counts. With COUNT == 2 (τ = 1: every decode weight is 1) the decode's own sum
+ * Σ_t w_t s_t is that sum, so the micro-steps count nothing. Returns the block's number of
+ * non-finite probes. */
 HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t len, int64_t C,
                                          int64_t c0, int64_t T, const REAL *w, REAL decay,
-                                         REAL tern, REAL *decoded, int64_t *counts,
+                                         REAL tern, REAL *decoded, int64_t *counts, REAL *csum,
                                          const int COUNT) {
   enum { BLK = 256 };
   /* micro-steps outer and elements inner (the loops vectorise); the arithmetic per element is
    * that of the reference, in its order */
-  REAL xb[BLK], vb[BLK], u[BLK], acc[BLK], np[BLK], nn[BLK];
+  REAL xb[BLK], vb[BLK], u[BLK], acc[BLK], ns[BLK]; /* ns: Σ_t s_t, with COUNT */
   int64_t c = c0;
   for (int64_t i = 0; i < len; ++i) { /* decoded may alias x: read x first */
     xb[i] = x[i];
@@ -231,7 +238,7 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
     const REAL s = up - down;
     u[i] = h - V * s;
     acc[i] = (REAL)0 + w[0] * s;
-    if (COUNT) np[i] = up, nn[i] = down;
+    if (COUNT == 1) ns[i] = s;
   }
   for (int64_t t = 1; t < T; ++t) {
     const REAL wt = w[t];
@@ -241,7 +248,7 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
       const REAL s = up - down;
       u[i] = h - V * s;
       acc[i] += wt * s;
-      if (COUNT) np[i] += up, nn[i] += down;
+      if (COUNT == 1) ns[i] += s;
     }
   }
   const REAL *probe = decay == (REAL)0 ? xb : u;
@@ -251,17 +258,28 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
     bad += !isfinite(probe[i]);
   }
   if (COUNT) { /* runs of consecutive channels, so that the adds vectorise */
-    const int64_t nv = C == 0 ? 1 : C;
+    const REAL *sum = COUNT == 2 ? acc : ns;
     for (int64_t i = 0, c1 = c0; i < len; c1 = 0) {
       const int64_t run = C == 0 ? len : (C - c1 < len - i ? C - c1 : len - i);
-      int64_t *pos = counts + c1, *neg = counts + nv + c1;
       if (C == 0) {
-        int64_t a = 0, b = 0;
-        for (int64_t k = 0; k < run; ++k) a += (int32_t)np[i + k], b += (int32_t)nn[i + k];
-        pos[0] += a, neg[0] += b;
+        int32_t a = 0, b = 0; /* at most BLK·T ≤ 2^14 */
+        for (int64_t k = 0; k < run; ++k) {
+          const int32_t n = (int32_t)sum[i + k];
+          a += n > 0 ? n : 0, b += n < 0 ? -n : 0;
+        }
+        counts[0] += a, counts[1] += b;
+      } else if (csum) {
+        REAL *pos = csum + c1, *neg = csum + C + c1;
+        for (int64_t k = 0; k < run; ++k) {
+          const REAL n = sum[i + k];
+          pos[k] += n > 0 ? n : 0, neg[k] += n < 0 ? -n : 0;
+        }
       } else {
-        for (int64_t k = 0; k < run; ++k) pos[k] += (int32_t)np[i + k];
-        for (int64_t k = 0; k < run; ++k) neg[k] += (int32_t)nn[i + k];
+        int64_t *pos = counts + c1, *neg = counts + C + c1;
+        for (int64_t k = 0; k < run; ++k) {
+          const int32_t n = (int32_t)sum[i + k];
+          pos[k] += n > 0 ? n : 0, neg[k] += n < 0 ? -n : 0;
+        }
       }
       i += run;
     }
@@ -285,7 +303,7 @@ HOT int64_t CAT(quantize_block_, SUFFIX)(const REAL *x, const REAL *vth, int64_t
 int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64_t N, int64_t C,
                                            int64_t T, double tau, REAL decay, int ternary,
                                            REAL *decoded, int64_t *counts) {
-  enum { MAX_T = 64, BLK = 256 };
+  enum { MAX_T = 64, BLK = 256, CSUM_MAX = 2048 };
   if (T < 1 || T > MAX_T) return -2;
   REAL w[MAX_T];
   CAT(decode_weights_, SUFFIX)(w, T, tau, decay);
@@ -293,15 +311,28 @@ int64_t CAT(atmn_quantize_decode_, SUFFIX)(const REAL *x, const REAL *vth, int64
   for (int64_t c = 0; c < nv; ++c)
     if (!(isfinite(vth[c]) && vth[c] > 0)) return -1;
   const REAL tern = (REAL)(ternary != 0);
+  int unit = 1; /* every decode weight 1 (τ = 1): the decode's sum counts the spikes too */
+  for (int64_t t = 0; t < T; ++t) unit &= w[t] == (REAL)1;
+  /* per channel, the blocks' counts are summed in REAL (for C ≤ CSUM_MAX: on the stack) and
+   * moved into counts at the end, or before a slot could pass REAL's exact integers */
+  REAL csum[2 * CSUM_MAX];
+  REAL *cs = counts && C != 0 && C <= CSUM_MAX ? csum : NULL;
+  if (cs) memset(cs, 0, sizeof(REAL) * 2 * C);
+  const double exact = sizeof(REAL) == 4 ? 0x1p24 : 0x1p53;
+  const double most_per_block = cs ? (double)((BLK + C - 1) / C * T) : 0;
+  double most = 0; /* the most a slot of cs can hold */
   int64_t bad = 0;
   for (int64_t start = 0; start < N; start += BLK) {
     const int64_t len = start + BLK <= N ? BLK : N - start, c0 = C ? start % C : 0;
-    if (counts)
-      bad += CAT(quantize_block_, SUFFIX)(x + start, vth, len, C, c0, T, w, decay, tern,
-                                          decoded + start, counts, 1);
-    else
-      bad += CAT(quantize_block_, SUFFIX)(x + start, vth, len, C, c0, T, w, decay, tern,
-                                          decoded + start, NULL, 0);
+#define BLOCK(COUNTS, COUNT)                                                                     \
+  CAT(quantize_block_, SUFFIX)(x + start, vth, len, C, c0, T, w, decay, tern, decoded + start,  \
+                               COUNTS, cs, COUNT)
+    bad += !counts ? BLOCK(NULL, 0) : unit ? BLOCK(counts, 2) : BLOCK(counts, 1);
+#undef BLOCK
+    if (cs && ((most += most_per_block) + most_per_block >= exact || start + BLK >= N)) {
+      for (int64_t k = 0; k < 2 * C; ++k) counts[k] += (int64_t)cs[k], cs[k] = 0;
+      most = 0;
+    }
   }
   return bad;
 }

@@ -18,7 +18,6 @@ from spikemar.models import MARLM, MARConfig, SpikeConfig, SpikePoint
 from spikemar.models.common import NEURONS
 from spikemar.neurons import cpu_backend
 from spikemar.ssm import fast
-from spikemar.ssm import mixer as mixer_module
 from spikemar.ssm.mixer import DiscreteMixer, MixerState, SelectiveMixer
 from spikemar.ssm.norm import FAST_MAX_VALUES, RMSNorm
 
@@ -67,6 +66,21 @@ def watch(monkeypatch, module, name: str) -> list:
         return original(*args, **kwargs)
 
     monkeypatch.setattr(module, name, counted)
+    return calls
+
+
+def watch_mixer_kernel(monkeypatch) -> list:
+    """Count the mixers' C steps: the calls of a prepared ``fast.MixerStep`` that ran (it
+    refuses tensors it does not accept before its kernel sees them)."""
+    calls = []
+    original = fast.MixerStep.__call__
+
+    def counted(*args, **kwargs):
+        out = original(*args, **kwargs)
+        calls.append("MixerStep")
+        return out
+
+    monkeypatch.setattr(fast.MixerStep, "__call__", counted)
     return calls
 
 
@@ -352,40 +366,49 @@ def test_rms_norm_equals_nn_rmsnorm(dtype, eps, groups, monkeypatch):
                 assert len(norm_calls) == before and torch.equal(got, want.detach())
 
 
-def random_state(m: SelectiveMixer, batch: int, dtype, g) -> MixerState:
-    s = m.init_state(batch)
-    return MixerState(
-        torch.randn(s.conv.shape, generator=g, dtype=dtype),
-        torch.randn(s.ssm.shape, generator=g, dtype=dtype),
-    )
+def random_state(m: SelectiveMixer, batch: int, dtype, g, in_place=False) -> MixerState:
+    s = m.init_state(batch, in_place=in_place)
+    with torch.no_grad():
+        s.conv.copy_(torch.randn(s.conv.shape, generator=g, dtype=dtype))
+        s.ssm.copy_(torch.randn(s.ssm.shape, generator=g, dtype=dtype))
+    return s
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("batch", [1, 3])
-@pytest.mark.parametrize("fused", [True, False])
-def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batch, fused):
-    if not fused:  # the PyTorch operations that take over for large states
-        monkeypatch.setattr(mixer_module, "_FAST_MAX_STATE", 0)
-    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mixer_inference_step_equals_its_reference_step(monkeypatch, dtype, batch, in_place):
+    kernel_calls = watch_mixer_kernel(monkeypatch)
     g = torch.Generator().manual_seed(batch)
     m = SelectiveMixer(24, d_state=8, head_dim=8, d_conv=4).to(dtype)
-    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, int(fused))
+    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, 1, in_place)
 
 
-def _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, expected_calls):
+def _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, expected_calls,
+                                            in_place=False):  # fmt: skip
     """``m.step`` with autograd off (the C step where it applies) equals its PyTorch step with
-    autograd on, on perturbed weights, a random state and a random input."""
+    autograd on, on perturbed weights, a random state and a random input. ``in_place``: the C
+    step writes over its state (the reference steps from a copy); otherwise it leaves it as it
+    was."""
     with torch.no_grad():
         for p in m.parameters():
             p.add_(torch.randn(p.shape, generator=g, dtype=dtype) * 0.1)
-    state = random_state(m, batch, dtype, g)
-    u = torch.randn(batch, 24, generator=g, dtype=dtype)
-    want, want_state = m.step(u, state)  # autograd on: the reference
+    state = random_state(m, batch, dtype, g, in_place)
+    kept = MixerState(state.conv.clone(), state.ssm.clone())
+    u = torch.randn(batch, m.in_proj.in_features, generator=g, dtype=dtype)
+    want, want_state = m.step(u, kept)  # autograd on: the reference
     assert not kernel_calls
     with torch.no_grad():
         got, got_state = m.step(u, state)
     assert len(kernel_calls) == expected_calls
-    tol = {"rtol": 1e-5, "atol": 1e-6} if dtype == torch.float32 else {"rtol": 1e-12, "atol": 1e-13}
+    assert (got_state is state) == in_place  # in place: the same state, written over
+    assert got_state.in_place == in_place
+    if not in_place:  # out of place: the state stepped from is untouched
+        assert torch.equal(state.conv, kept.conv) and torch.equal(state.ssm, kept.ssm)
+    # rounding of sums taken in other orders: relative to the outputs' scale
+    scale = max(1.0, float(want.detach().abs().max()))
+    atol = (1e-6 if dtype == torch.float32 else 1e-13) * scale
+    tol = {"rtol": 1e-5 if dtype == torch.float32 else 1e-12, "atol": atol}
     torch.testing.assert_close(got, want, **tol)
     # the conv state is the input projection's output: spikemar.ssm.Linear's kernel (no grad)
     # and F.linear (grad) sum in other orders, so it is equal to rounding, not to the bit
@@ -398,23 +421,112 @@ DISCRETE_CASES = [(1, 2, "identity", False), (3, 1, "silu", True), (2, 4, "ident
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize(("batch", "groups", "activation", "bias"), DISCRETE_CASES)
+@pytest.mark.parametrize("in_place", [False, True])
 def test_discrete_mixer_inference_step_equals_its_reference_step(
-    monkeypatch, dtype, batch, groups, activation, bias
+    monkeypatch, dtype, batch, groups, activation, bias, in_place
 ):
     """Llamba's mixer step in one C call (z_bias or projection biases, with or without the
     convolution's SiLU, B/C groups) equals its PyTorch step on fresh random inputs."""
-    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+    kernel_calls = watch_mixer_kernel(monkeypatch)
     g = torch.Generator().manual_seed(batch + 10 * groups)
     m = DiscreteMixer(24, d_state=8, n_qk_heads=groups, n_v_heads=8,
                       expand=2, activation=activation, bias=bias).to(dtype)  # fmt: skip
-    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, 1)
+    _assert_inference_step_equals_reference(m, batch, dtype, g, kernel_calls, 1, in_place)
+
+
+# batch 8 with more state values than the C step once took (2^18, single-threaded): 327,680
+LARGE_MIXERS = {
+    "selective": lambda: SelectiveMixer(128, d_state=160, head_dim=32, n_groups=2),
+    "discrete": lambda: DiscreteMixer(128, d_state=160, n_qk_heads=2, n_v_heads=8, expand=2),
+}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("kind", sorted(LARGE_MIXERS))
+@pytest.mark.parametrize("in_place", [False, True])
+def test_large_batch_takes_the_c_step_and_equals_the_reference(monkeypatch, dtype, kind, in_place):
+    m = LARGE_MIXERS[kind]().to(dtype)
+    assert 8 * m.state_heads * m.head_dim * m.d_state > 1 << 18
+    kernel_calls = watch_mixer_kernel(monkeypatch)
+    g = torch.Generator().manual_seed(8)
+    _assert_inference_step_equals_reference(m, 8, dtype, g, kernel_calls, 1, in_place)
+
+
+@pytest.mark.parametrize("kind", ["selective", "discrete"])
+@pytest.mark.parametrize("in_place", [False, True])
+def test_mixer_step_split_over_threads_anywhere_equals_one_thread(kind, in_place):
+    """However many workers share the batch's channels and heads (ranges that cut through a
+    sequence or a group of heads), each value is computed as on one thread, bit for bit."""
+    g = torch.Generator().manual_seed(5)
+    if kind == "selective":
+        m = SelectiveMixer(24, d_state=8, head_dim=4, n_groups=2, dt_limit=(0.01, 0.5))
+    else:
+        m = DiscreteMixer(24, d_state=8, n_qk_heads=2, n_v_heads=6, expand=1, activation="silu")
+    batch, H, P, N = 3, m.state_heads, m.head_dim, m.d_state
+    m.double()
+    s = random_state(m, batch, torch.float64, g)
+    zxbcdt = torch.randn(batch, m.in_proj.out_features, generator=g, dtype=torch.float64)
+    step = fast.MixerStep(*m._kernel_params(), head_dim=P, d_state=N,
+                          **m._kernel_options())  # fmt: skip
+    want = step(zxbcdt, s.conv, s.ssm, threads=1)
+    for threads in (2, 3, 5, 7, 64):
+        conv, ssm = s.conv.clone(), s.ssm.clone()
+        got = step(zxbcdt, conv, ssm, in_place=in_place, threads=threads)
+        for w, x in zip(want[:4], got[:4], strict=True):
+            assert torch.equal(w, x), threads
+        assert got[4] == want[4] == 0
+        if in_place:  # written over the tensors given
+            assert got[1] is conv and got[2] is ssm
+        else:
+            assert torch.equal(conv, s.conv) and torch.equal(ssm, s.ssm)
+    assert want[2].shape == (batch, H, P, N)
+
+
+def test_mixer_step_cpu_checks_its_tensors():
+    m = SelectiveMixer(16, d_state=4, head_dim=8)
+    s = m.init_state(2)
+    c = m.conv._parameters
+    params = (c["weight"], c["bias"], m.dt_bias, m.A_log, m.D)
+    z = torch.randn(2, m.in_proj.out_features)
+    with torch.no_grad():
+        with pytest.raises(ValueError, match=r"zxbcdt, conv_state, ssm_state: .*\(2, 3, 8, 4\)"):
+            fast.mixer_step_cpu(z, s.conv, s.ssm[:, :3], *params)
+        with pytest.raises(ValueError, match=r"float32 tensors .* torch.float64 \(2, 4, 8, 4\)"):
+            fast.mixer_step_cpu(z, s.conv, s.ssm.double(), *params)
+        with pytest.raises(ValueError, match=r"D: expected a contiguous CPU torch.float32 tensor"):
+            fast.MixerStep(*params[:4], torch.ones(5), head_dim=8, d_state=4)
+        with pytest.raises(ValueError, match="in_place needs contiguous"):
+            fast.mixer_step_cpu(z, s.conv.transpose(1, 2).contiguous().transpose(1, 2), s.ssm,
+                                *params, in_place=True)  # fmt: skip
+        gated, conv, ssm, _, bad = fast.mixer_step_cpu(z, s.conv, s.ssm, *params, in_place=True)
+        assert conv is s.conv and ssm is s.ssm and bad == 0 and gated.shape == (2, 32)
+
+
+def test_in_place_state_from_an_autograd_step_is_not_written_over():
+    """A state that a step with autograd on returned is saved by that step's graph: the C step
+    must not write over it (the graph's backward still gives the gradient it would have)."""
+    torch.manual_seed(3)
+    m = SelectiveMixer(16, d_state=4, head_dim=8)
+    u = torch.randn(2, 16)
+    out, state = m.step(u, m.init_state(2, in_place=True))  # autograd on
+    assert state.in_place and state.ssm.requires_grad
+    grads = torch.autograd.grad(out.sum(), m.A_log, retain_graph=True)[0]
+    ssm = state.ssm.detach().clone()
+    with torch.no_grad():
+        _, after = m.step(u, state)
+    assert after is not state and after.in_place  # new tensors, in place from then on
+    assert torch.equal(state.ssm.detach(), ssm)
+    torch.testing.assert_close(torch.autograd.grad(out.sum(), m.A_log)[0], grads)
+    with torch.no_grad():
+        _, again = m.step(u, after)
+    assert again is after
 
 
 def test_mixer_kernel_is_not_given_tensors_of_the_wrong_shape(monkeypatch):
     m = SelectiveMixer(16, d_state=4, head_dim=8)
     state = m.init_state(2)
     u = torch.randn(2, 16)
-    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+    kernel_calls = watch_mixer_kernel(monkeypatch)
     with torch.no_grad():
         for bad in (
             MixerState(state.conv[:, :-1], state.ssm),
@@ -442,7 +554,7 @@ SPIKES = [None, SpikeConfig(T=4), SpikeConfig(T=3, tau=1.5, threshold="layer")]
 @pytest.mark.parametrize("spikes", SPIKES)
 @pytest.mark.parametrize("layers", LAYERS)
 def test_inference_step_equals_the_reference_step_and_forward(layers, spikes, dtype, monkeypatch):
-    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+    kernel_calls = watch_mixer_kernel(monkeypatch)
     torch.manual_seed(1)
     m = model(dtype, layers=layers, spikes=spikes)
     tokens = torch.randint(0, 20, (2, 13))
@@ -477,6 +589,30 @@ def test_generation_takes_the_fast_path_and_is_unchanged(monkeypatch):
     torch.testing.assert_close(logits, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("layers", LAYERS)
+def test_in_place_states_step_as_new_states_do(layers):
+    """``init_state(in_place=True)``: the SSM layers' states are written over and returned as
+    they are, token after token, with the logits of out-of-place stepping, bit for bit; an
+    out-of-place state is left as it was."""
+    torch.manual_seed(4)
+    m = model(torch.float32, layers=layers, spikes=SpikeConfig(T=4))
+    tokens = torch.randint(0, 20, (2, 6))
+    fresh, spent = m.init_state(2, in_place=True), m.init_state(2)
+    start = [[t.clone() for t in (s.conv, s.ssm)] for s in spent if isinstance(s, MixerState)]
+    with torch.no_grad():
+        for t in range(tokens.shape[1]):
+            want, spent_next = m.step(tokens[:, t], spent)
+            got, fresh_next = m.step(tokens[:, t], fresh)
+            assert torch.equal(got, want)
+            for a, b in zip(fresh, fresh_next, strict=True):
+                assert (a is b) == isinstance(a, MixerState)
+            if t == 0:  # the state stepped from out of place is still the zero state
+                kept = [s for s in spent if isinstance(s, MixerState)]
+                for s, (conv, ssm) in zip(kept, start, strict=True):
+                    assert torch.equal(s.conv, conv) and torch.equal(s.ssm, ssm)
+            spent, fresh = spent_next, fresh_next
+
+
 def test_hooks_recording_and_energy_counting_work_on_the_fast_path(monkeypatch):
     """Modules are entered through ``__call__`` on every path: a forward hook fires during an
     inference step, a recording spike point records, and an energy counter counts."""
@@ -484,7 +620,7 @@ def test_hooks_recording_and_energy_counting_work_on_the_fast_path(monkeypatch):
     point = m.layers[0].ffn.spike_in
     seen = []
     handle = point.register_forward_hook(lambda mod, args, out: seen.append(out))
-    kernel_calls = watch(monkeypatch, fast, "mixer_step_cpu")
+    kernel_calls = watch_mixer_kernel(monkeypatch)
     with torch.no_grad():
         m.train(False)
         m.step(torch.tensor([3]), m.init_state(1))

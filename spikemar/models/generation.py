@@ -1,9 +1,10 @@
 """Sampling from any spikemar language model through its recurrent form.
 
-A model here offers ``init_state(batch)`` and ``step(tokens_t [batch], state) -> (logits
-[batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state. The
-prompt is fed token by token through ``step`` (so generation exercises exactly the state that
-makes it cheap), then tokens are sampled with temperature and top-k.
+A model here offers ``init_state(batch, in_place=...)`` and ``step(tokens_t [batch], state) ->
+(logits [batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state
+(updated in place here: generation owns it). The prompt is fed token by token through ``step``
+(so generation exercises exactly the state that makes it cheap), then tokens are sampled with
+temperature and top-k.
 """
 
 from __future__ import annotations
@@ -46,7 +47,8 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        state = model.init_state(tokens.shape[0])
+        # generation owns its state and never steps from one twice: let step update it in place
+        state = model.init_state(tokens.shape[0], in_place=True)
         logits = None
         for t in range(tokens.shape[1]):
             logits, state = model.step(tokens[:, t], state)

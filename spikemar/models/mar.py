@@ -283,8 +283,8 @@ class MARLayer(nn.Module):
             self._record_residual(x)
         return x
 
-    def init_state(self, batch: int, max_len: int):
-        return self.mixer.init_state(batch, max_len)
+    def init_state(self, batch: int, max_len: int, in_place: bool = False):
+        return self.mixer.init_state(batch, max_len, in_place=in_place)
 
     def step(self, x: torch.Tensor, state):
         """x [batch, d_model] → (x after the layer, new state)."""
@@ -368,10 +368,15 @@ class MARLM(nn.Module):
         logits = self.head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
 
-    def init_state(self, batch: int) -> list:
+    def init_state(self, batch: int, *, in_place: bool = False) -> list:
+        """The layers' states before the first token of ``batch`` sequences. ``in_place``:
+        ``step`` may update the SSM layers' states in place instead of making new ones per token
+        (generation's own state; a state stepped from is then spent, see
+        :class:`spikemar.ssm.MixerState`)."""
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
-        return [layer.init_state(batch, self.config.max_len) for layer in self.layers]
+        max_len = self.config.max_len
+        return [layer.init_state(batch, max_len, in_place) for layer in self.layers]
 
     def step(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """One token per sequence [batch] → (logits [batch, vocab], new state)."""

@@ -74,7 +74,10 @@ class AttentionMixer(CausalSelfAttention, Mixer):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return CausalSelfAttention.forward(self, self.spike_in(u))
 
-    def init_state(self, batch: int, max_len: int | None = None) -> AttentionState:
+    def init_state(
+        self, batch: int, max_len: int | None = None, *, in_place: bool = False
+    ) -> AttentionState:
+        # in_place changes nothing: step always writes its token into the KV cache in place
         if max_len is None:
             raise ValueError("max_len: an attention layer's KV cache needs a length")
         w = self.qkv.weight

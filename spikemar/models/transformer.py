@@ -145,7 +145,9 @@ class TransformerLM(nn.Module):
         logits = self.head(self.norm(x))
         return (logits, hidden) if return_hidden else logits
 
-    def init_state(self, batch: int) -> KVCache:
+    def init_state(self, batch: int, *, in_place: bool = False) -> KVCache:
+        """An empty KV cache for ``batch`` sequences; ``step`` writes each token into it in
+        place whatever ``in_place`` says (generate's common interface)."""
         c = self.config
         p = next(self.parameters())
         shape = (c.n_layers, batch, c.n_heads, c.max_len, c.d_model // c.n_heads)

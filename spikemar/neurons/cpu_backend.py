@@ -48,8 +48,11 @@ __all__ = [
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
 # atmn.c and what it includes (all key the build cache): the neuron-agnostic scaffolding
-# (parallel.h, simd.h, multistep.h) and ATMN's micro-step, backward and spike point (atmn_impl.h)
-_SOURCES = ("atmn.c", "parallel.h", "simd.h", "multistep.h", "atmn_impl.h")
+# (parallel.h, per_type.h, simd.h, multistep.h) and ATMN's micro-step, backward and spike point
+# (atmn_impl.h)
+_SOURCES = ("atmn.c", "parallel.h", "per_type.h", "simd.h", "multistep.h", "atmn_impl.h")
+# the scaffolding that a kernel file of another package (spikemar/ssm/_cpu) includes by name
+_SHARED_HEADERS = ("parallel.h", "per_type.h", "simd.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]
@@ -106,10 +109,14 @@ def load_library() -> ctypes.CDLL:
 def build_library(source: Path, depends: tuple[Path, ...] = ()) -> ctypes.CDLL:
     """Compile the C file ``source`` (with the headers ``depends`` it includes, which key the
     cache too) with this backend's compiler, flags and cache, and load it: the scaffolding that
-    other packages' CPU kernels (``spikemar.ssm``) share. Raises RuntimeError when no library can
-    be built or loaded; the caller binds its own functions' argument types."""
+    other packages' CPU kernels (``spikemar.ssm``) share. ``source`` may include this backend's
+    scaffolding by name (``parallel.h``: torch's thread team and ranges; ``simd.h``: vectors;
+    ``per_type.h``: one instantiation per element type), which keys the cache too. Raises
+    RuntimeError when no library can be built or loaded; the caller binds its own functions'
+    argument types."""
+    shared = tuple(_SOURCE_DIR / name for name in _SHARED_HEADERS)
     try:
-        return ctypes.CDLL(str(_build(Path(source), tuple(Path(d) for d in depends))))
+        return ctypes.CDLL(str(_build(Path(source), (*(Path(d) for d in depends), *shared))))
     except (OSError, subprocess.SubprocessError) as err:
         raise RuntimeError(f"{Path(source).name} could not be built or loaded: {err}") from err
 
@@ -147,7 +154,9 @@ def _build(main: Path | None = None, depends: tuple[Path, ...] | None = None) ->
     print(f"spikemar: compiling {main.name} for this CPU (once; cached in {target.parent})",
           file=sys.stderr, flush=True)  # fmt: skip
     with atomic_write(target, fsync=False, executable=True) as tmp:
-        cmd = [cc, *_FLAGS, "-o", str(tmp), str(main), "-lm", "-ldl"]
+        # quoted includes: beside the including header, then beside main, then the scaffolding
+        quote = ["-iquote", str(main.parent), "-iquote", str(_SOURCE_DIR)]
+        cmd = [cc, *_FLAGS, *quote, "-o", str(tmp), str(main), "-lm", "-ldl"]
         done = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
         if done.returncode != 0:
             raise RuntimeError(f"{' '.join(cmd)} failed:\n{done.stderr[-2000:]}")

@@ -16,7 +16,8 @@ A new kind is one subclass and one registration in :data:`spikemar.models.mixers
 
 ``step`` chooses its fast path per operation: with autograd off, a selective or discrete
 mixer runs the part between its projections in one C call
-(:func:`spikemar.ssm.fast.mixer_step_cpu`); its submodules (spike points, projections, the norm)
+(:class:`spikemar.ssm.fast.MixerStep`, on torch's threads, in place for a state made with
+``init_state(..., in_place=True)``); its submodules (spike points, projections, the norm)
 are always entered through ``__call__``, so hooks registered on them fire on either path and no
 caller needs to look for hooks.
 
@@ -56,6 +57,7 @@ compartment; :class:`LTIMixer` puts a spike point before it.
 from __future__ import annotations
 
 import math
+import weakref
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import ClassVar
@@ -132,7 +134,11 @@ class Mixer(SpikePointOwner, nn.Module):
     chip_reason: ClassVar[str | None] = None
     host_reason: ClassVar[str] = ""
 
-    def init_state(self, batch: int, max_len: int | None = None):
+    def init_state(self, batch: int, max_len: int | None = None, *, in_place: bool = False):
+        """The state before the first token of ``batch`` sequences. ``in_place``: ``step`` may
+        update this state in place instead of returning a new one (see :class:`MixerState`);
+        a mixer whose state is always updated in place, or is too small to matter, ignores
+        it."""
         raise NotImplementedError(f"{type(self).__name__} does not define init_state")
 
     def step(self, u_t: torch.Tensor, state):
@@ -147,10 +153,17 @@ class Mixer(SpikePointOwner, nn.Module):
 @dataclass
 class MixerState:
     """The recurrent state of an SSM mixer: the last ``d_conv − 1`` convolution inputs
-    [batch, channels, d_conv − 1] and the SSM state [batch, heads, head_dim, d_state]."""
+    [batch, channels, d_conv − 1] and the SSM state [batch, heads, head_dim, d_state].
+
+    ``in_place``: ``step`` may write the next state over these tensors and return this object
+    (with autograd off, where the C step runs), instead of new tensors per token. A state
+    stepped from is then spent: only a caller that keeps no other use for it asks for this
+    (``generate`` does, through ``init_state(..., in_place=True)``); False keeps ``step`` a pure
+    function of its inputs."""
 
     conv: torch.Tensor
     ssm: torch.Tensor
+    in_place: bool = False
 
 
 def _identity(module: nn.Module | None) -> nn.Module:
@@ -169,7 +182,129 @@ def _conv_step(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
     return out if conv.bias is None else out + conv.bias
 
 
-class SelectiveMixer(Mixer):
+# each SSM mixer's prepared C step (fast.MixerStep), kept beside the module rather than in it so
+# that copying or pickling a module never copies raw pointers
+_KERNELS: weakref.WeakKeyDictionary[nn.Module, fast.MixerStep] = weakref.WeakKeyDictionary()
+
+
+class _StateSpaceMixer(Mixer):
+    """What the selective and the discrete mixer share: the order of their operations (input
+    projection, causal convolution, scan, output) in ``forward`` and ``step``, a
+    :class:`MixerState` of ``conv_channels × (d_conv − 1)`` convolution inputs and
+    ``state_heads × head_dim × d_state`` state values per sequence, and the C step between the
+    projections. A subclass says what differs: its row layout (``_parts``), the scan's inputs
+    (``_scan_inputs``), its output (``_output``, ``_project_out``), its counts
+    (``_record_ops``), and its kernel's parameters and switches (``_kernel_params``,
+    ``_kernel_options``)."""
+
+    conv_name: ClassVar[str]  # the convolution's attribute (the checkpoints' name)
+    conv_channels: int
+    d_conv: int
+    head_dim: int
+    d_state: int
+    state_heads: int
+    chunk_size: int | None
+
+    def _parts(self, zxbcdt: torch.Tensor):
+        """The input projection's output → (z, ξ = xBC before the convolution, Δ_raw)."""
+        raise NotImplementedError
+
+    def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
+        """The convolution's output → (x, the scan's input, a, B, C) in the scan's layout
+        ([..., heads, ...], B and C [..., groups, d_state])."""
+        raise NotImplementedError
+
+    def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+    def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
+        """The gated output [..., d_inner] → [..., d_model] (what follows the C step)."""
+        raise NotImplementedError
+
+    def _record_ops(self, tokens: int, conv: bool) -> None:
+        raise NotImplementedError
+
+    def forward(self, u: torch.Tensor) -> torch.Tensor:
+        z, xbc, dt_raw = self._parts(self.in_proj(self.spike_in(u)))
+        conv = self._modules[self.conv_name]
+        x, x_in, a, B, C = self._scan_inputs(_causal_conv(conv, xbc), dt_raw)
+        y, _ = ssd_scan(x_in, a, B, C, chunk_size=self.chunk_size)
+        self._record_ops(u.shape[0] * u.shape[1], conv=False)
+        return self._output(y, x, z)
+
+    def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
+
+        With autograd off, the part between the projections runs in one C call where it can
+        (:class:`spikemar.ssm.fast.MixerStep`, equal to the operations below to rounding); the
+        spike points, projections and norm run as modules on both paths."""
+        zxbcdt = self.in_proj(self.spike_in(u_t))
+        if counting_active():  # the arithmetic of the counts costs µs per token otherwise
+            self._record_ops(u_t.shape[0], conv=True)
+        done = None if torch.is_grad_enabled() else self._fast_step(zxbcdt, state)
+        if done is not None:
+            return self._project_out(done[0]), done[1]
+        z, xbc, dt_raw = self._parts(zxbcdt)
+        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [batch, channels, d_conv]
+        conv = self._modules[self.conv_name]
+        x, x_in, a, B, C = self._scan_inputs(_conv_step(conv, window), dt_raw)
+        y, ssm = ssd_step(x_in, a, B, C, state.ssm)
+        return self._output(y, x, z), MixerState(window[..., 1:], ssm, state.in_place)
+
+    def init_state(
+        self, batch: int, max_len: int | None = None, *, in_place: bool = False
+    ) -> MixerState:
+        """Zero state for ``batch`` sequences (``max_len`` is unused: the state is O(1));
+        ``in_place``: see :class:`MixerState`."""
+        p = self.in_proj.weight
+        return MixerState(
+            p.new_zeros(batch, self.conv_channels, self.d_conv - 1),
+            p.new_zeros(batch, self.state_heads, self.head_dim, self.d_state),
+            in_place,
+        )
+
+    def _kernel_params(self) -> tuple:
+        """The six tensors of :class:`~spikemar.ssm.fast.MixerStep` in its order (conv weight,
+        conv bias, Δ bias, A_log, D, z bias; None where the mixer has none), read through the
+        parameter dicts: this runs per token, and ``Module.__getattr__`` costs more."""
+        raise NotImplementedError
+
+    def _kernel_options(self) -> dict:
+        """MixerStep's keyword arguments besides head_dim and d_state."""
+        raise NotImplementedError
+
+    def _fast_step(
+        self, zxbcdt: torch.Tensor, state: MixerState
+    ) -> tuple[torch.Tensor, MixerState] | None:
+        """The C step between the projections (autograd off): ``(gated [batch, d_inner], new
+        state)``, or None where it cannot run these tensors (not float32/float64 CPU tensors of
+        this mixer's shapes, no compiler: the caller runs its PyTorch operations, which raise
+        what they raise). The kernel is prepared once per parameter set; an ``in_place`` state
+        is written over where its tensors allow it (contiguous, outside any autograd graph)."""
+        conv, ssm = state.conv, state.ssm
+        if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
+            return None
+        params = self._kernel_params()
+        kernel = _KERNELS.get(self)
+        if kernel is None or not kernel.holds(*params):
+            try:
+                kernel = _KERNELS[self] = fast.MixerStep(
+                    *params, head_dim=self.head_dim, d_state=self.d_state, **self._kernel_options()
+                )
+            except (ValueError, RuntimeError):  # unfit parameters, or no kernel library
+                return None
+        here = (state.in_place and conv.is_contiguous() and ssm.is_contiguous()
+                and not (conv.requires_grad or ssm.requires_grad))  # fmt: skip
+        try:
+            gated, conv, ssm, a, bad = kernel(zxbcdt, conv, ssm, in_place=here)
+        except ValueError:  # tensors it does not accept (it checks before it runs)
+            return None
+        if bad:  # counted in C; raise as ssd_step does
+            check_decay(a, "a_t")
+        return gated, (state if here else MixerState(conv, ssm, state.in_place))
+
+
+class SelectiveMixer(_StateSpaceMixer):
     """Mamba-2's selective SSM mixer ``[batch, L, d_model] → [batch, L, d_model]``.
 
     ``spike_in`` and ``spike_out`` are the modules applied before the input and output
@@ -184,6 +319,7 @@ class SelectiveMixer(Mixer):
         "the selective scan: its decay exp(-exp(A_log)·Δ_t) and B_t, C_t depend on the input; "
         "a Loihi compartment's decay is fixed"
     )
+    conv_name = "conv"
 
     def __init__(
         self,
@@ -214,6 +350,7 @@ class SelectiveMixer(Mixer):
             raise ValueError(f"dt_limit: expected 0 <= min <= max, got {tuple(dt_limit)}")
         self.d_inner, self.d_state, self.head_dim = d_inner, d_state, head_dim
         self.n_heads, self.n_groups = n_heads, n_groups
+        self.state_heads = n_heads
         self.d_conv, self.chunk_size = d_conv, chunk_size
         self.dt_limit = (float(lo), float(hi))
         self.conv_channels = d_inner + 2 * n_groups * d_state
@@ -232,21 +369,20 @@ class SelectiveMixer(Mixer):
         self.spike_out = _identity(spike_out)
         self.out_proj = Linear(d_inner, d_model, bias=bias)
 
-    def _split(self, zxbcdt: torch.Tensor):
+    def _parts(self, zxbcdt: torch.Tensor):
         return zxbcdt.split([self.d_inner, self.conv_channels, self.n_heads], dim=-1)
 
     def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
-        """Post-convolution channels → (x, a, B, C, Δ) in the scan's layout ([..., heads, ...],
-        B and C [..., groups, d_state])."""
+        """SiLU after the convolution; the scan's input is Δ·x."""
         gn = self.n_groups * self.d_state
-        x, B, C = xbc.split([self.d_inner, gn, gn], dim=-1)
+        x, B, C = F.silu(xbc).split([self.d_inner, gn, gn], dim=-1)
         dt = F.softplus(dt_raw + self.dt_bias)
         if self.dt_limit != (0.0, math.inf):
             dt = dt.clamp(*self.dt_limit)
         a = -torch.exp(self.A_log) * dt
         x = x.unflatten(-1, (self.n_heads, self.head_dim))
         groups = (self.n_groups, self.d_state)
-        return x, a, B.unflatten(-1, groups), C.unflatten(-1, groups), dt
+        return x, x * dt[..., None], a, B.unflatten(-1, groups), C.unflatten(-1, groups)
 
     def _record_ops(self, tokens: int, conv: bool) -> None:
         """Per token, as the recurrent form computes it: the state update e^a·h + (Δx)⊗B and the
@@ -275,82 +411,20 @@ class SelectiveMixer(Mixer):
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = (y + self.D[:, None] * x).flatten(-2)
-        return self.out_proj(self.spike_out(self.norm(y * F.silu(z))))
+        return self._project_out(y * F.silu(z))
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        L = u.shape[1]
-        z, xbc, dt_raw = self._split(self.in_proj(self.spike_in(u)))
-        x, a, B, C, dt = self._scan_inputs(F.silu(_causal_conv(self.conv, xbc)), dt_raw)
-        y, _ = ssd_scan(x * dt[..., None], a, B, C, chunk_size=self.chunk_size)
-        self._record_ops(u.shape[0] * L, conv=False)
-        return self._output(y, x, z)
+    def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.spike_out(self.norm(gated)))
 
-    def init_state(self, batch: int, max_len: int | None = None) -> MixerState:
-        """Zero state for ``batch`` sequences (``max_len`` is unused: the state is O(1))."""
-        p = self.in_proj.weight
-        return MixerState(
-            p.new_zeros(batch, self.conv_channels, self.d_conv - 1),
-            p.new_zeros(batch, self.n_heads, self.head_dim, self.d_state),
-        )
+    def _kernel_params(self) -> tuple:
+        p, c = self._parameters, self._modules[self.conv_name]._parameters
+        return c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"], None
 
-    def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
-        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
-
-        With autograd off, the part between the projections runs in one C call where it can
-        (:func:`spikemar.ssm.fast.mixer_step_cpu`, equal to the operations below to rounding);
-        the spike points, projections and norm run as modules on both paths."""
-        zxbcdt = self.in_proj(self.spike_in(u_t))
-        tensors = None if torch.is_grad_enabled() else self._fast_tensors(zxbcdt, state)
-        if counting_active():  # the arithmetic of the counts costs µs per token otherwise
-            self._record_ops(u_t.shape[0], conv=True)
-        if tensors is not None:
-            gated, conv, ssm, a, bad = fast.mixer_step_cpu(
-                zxbcdt, *tensors, n_groups=self.n_groups, dt_limit=self.dt_limit
-            )
-            if bad:  # counted in C; raise as ssd_step does
-                check_decay(a, "a_t")
-            return self.out_proj(self.spike_out(self.norm(gated))), MixerState(conv, ssm)
-        z, xbc, dt_raw = self._split(zxbcdt)
-        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)  # [batch, channels, d_conv]
-        x, a, B, C, dt = self._scan_inputs(F.silu(_conv_step(self.conv, window)), dt_raw)
-        y, ssm = ssd_step(x * dt[..., None], a, B, C, state.ssm)
-        return self._output(y, x, z), MixerState(window[..., 1:], ssm)
-
-    def _fast_tensors(self, zxbcdt: torch.Tensor, state: MixerState) -> tuple | None:
-        """The mixer's tensors for :func:`~spikemar.ssm.fast.mixer_step_cpu`, or None where it
-        cannot run them: it needs CPU tensors of one float32/float64 dtype, a state of this
-        mixer's shape, and few enough state values for one thread (generation's batches; larger
-        ones take the PyTorch operations). Read through the parameter dicts: this runs per
-        token, and ``Module.__getattr__`` costs more than the checks."""
-        dtype = zxbcdt.dtype
-        if dtype not in _FAST_DTYPES or not zxbcdt.is_cpu or zxbcdt.dim() != 2:
-            return None
-        conv, ssm = state.conv, state.ssm
-        if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
-            return None
-        batch, K, H = zxbcdt.shape[0], self.conv_channels, self.n_heads
-        if zxbcdt.shape[1] != self.d_inner + K + H or ssm.numel() > _FAST_MAX_STATE:
-            return None
-        p, c = self._parameters, self._modules["conv"]._parameters
-        # the kernel trusts every shape: a tensor that differs takes the PyTorch operations
-        tensors = (conv, ssm, c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"])
-        shapes = ((batch, K, self.d_conv - 1), (batch, H, self.head_dim, self.d_state),
-                  (K, 1, self.d_conv), (K,), (H,), (H,), (H,))  # fmt: skip
-        for i, (t, shape) in enumerate(zip(tensors, shapes, strict=True)):
-            if t is None and i == 3:  # no convolution bias
-                continue
-            if t is None or t.dtype != dtype or not t.is_cpu or t.shape != shape:
-                return None
-        return tensors if fast.usable() else None
+    def _kernel_options(self) -> dict:
+        return {"n_groups": self.n_groups, "dt_limit": self.dt_limit}
 
 
-_FAST_DTYPES = (torch.float32, torch.float64)
-# the fused mixer step is single-threaded: above this many state values per call (batch ·
-# heads · head_dim · d_state) PyTorch's threaded operations take over
-_FAST_MAX_STATE = 1 << 18
-
-
-class DiscreteMixer(Mixer):
+class DiscreteMixer(_StateSpaceMixer):
     """Llamba's discrete Mamba-2 mixer (Cartesia's ``DiscreteMamba2``, from goombalab/phi-mamba)
     ``[batch, L, d_model] → [batch, L, d_model]``, in the notation of the module docstring.
 
@@ -362,6 +436,7 @@ class DiscreteMixer(Mixer):
 
     spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("in_proj",), "spike_out": ("out_proj",)}
     host_reason = SelectiveMixer.host_reason
+    conv_name = "conv1d"
 
     def __init__(
         self,
@@ -391,6 +466,7 @@ class DiscreteMixer(Mixer):
             raise ValueError(f"activation: expected 'identity' or 'silu', got {activation!r}")
         self.d_inner, self.d_state, self.d_conv = d_inner, d_state, d_conv
         self.n_v_heads, self.n_qk_heads = n_v_heads, n_qk_heads
+        self.state_heads = n_v_heads
         self.head_dim = d_inner // n_v_heads
         self.activation, self.chunk_size = activation, chunk_size
         self.conv_channels = d_inner + 2 * n_qk_heads * d_state
@@ -405,11 +481,13 @@ class DiscreteMixer(Mixer):
         self.spike_out = _identity(spike_out)
         self.out_proj = Linear(d_inner, d_model, bias=bias)
 
-    def _split(self, proj: torch.Tensor):
-        return proj.split([self.conv_channels, self.d_inner, self.n_v_heads], dim=-1)
+    def _parts(self, proj: torch.Tensor):
+        xbc, z, dt_raw = proj.split([self.conv_channels, self.d_inner, self.n_v_heads], dim=-1)
+        return z, xbc, dt_raw
 
     def _scan_inputs(self, xbc: torch.Tensor, dt_raw: torch.Tensor):
-        """Post-convolution channels → (x, a, B, C): a = −Δ (A = −1)."""
+        """a = −Δ (A = −1); the original divides x by Δ and scans Δ·(x/Δ): the scan's input is
+        x itself."""
         if self.activation == "silu":
             xbc = F.silu(xbc)
         gn = self.n_qk_heads * self.d_state
@@ -417,12 +495,15 @@ class DiscreteMixer(Mixer):
         dt = F.softplus(dt_raw)
         groups = (self.n_qk_heads, self.d_state)
         x = x.unflatten(-1, (self.n_v_heads, self.head_dim))
-        return x, -dt, B.unflatten(-1, groups), C.unflatten(-1, groups)
+        return x, x, -dt, B.unflatten(-1, groups), C.unflatten(-1, groups)
 
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         y = (y + self.D[:, None] * x).flatten(-2)
         gate = z if self.z_bias is None else z + self.z_bias
-        return self.out_proj(self.spike_out(y * F.silu(gate)))
+        return self._project_out(y * F.silu(gate))
+
+    def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
+        return self.out_proj(self.spike_out(gated))
 
     def _record_ops(self, tokens: int, conv: bool) -> None:
         per_head = 3 * self.head_dim * self.d_state + self.head_dim
@@ -444,72 +525,13 @@ class DiscreteMixer(Mixer):
             activation_writes=tokens * self.d_inner,
         )
 
-    def forward(self, u: torch.Tensor) -> torch.Tensor:
-        xbc, z, dt_raw = self._split(self.in_proj(self.spike_in(u)))
-        x, a, B, C = self._scan_inputs(_causal_conv(self.conv1d, xbc), dt_raw)
-        # the original divides x by Δ and scans Δ·(x/Δ): the state's input is x ⊗ B
-        y, _ = ssd_scan(x, a, B, C, chunk_size=self.chunk_size)
-        self._record_ops(u.shape[0] * u.shape[1], conv=False)
-        return self._output(y, x, z)
+    def _kernel_params(self) -> tuple:
+        p, c = self._parameters, self._modules[self.conv_name]._parameters
+        return c["weight"], c["bias"], None, None, p["D"], p.get("z_bias")
 
-    def init_state(self, batch: int, max_len: int | None = None) -> MixerState:
-        """Zero state for ``batch`` sequences (``max_len`` is unused: the state is O(1))."""
-        p = self.in_proj.weight
-        return MixerState(
-            p.new_zeros(batch, self.conv_channels, self.d_conv - 1),
-            p.new_zeros(batch, self.n_v_heads, self.head_dim, self.d_state),
-        )
-
-    def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
-        """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
-
-        With autograd off, the part between the projections runs in one C call where it can
-        (:func:`spikemar.ssm.fast.mixer_step_cpu` with ``discrete=True``, equal to the
-        operations below to rounding), as in :class:`SelectiveMixer`."""
-        proj = self.in_proj(self.spike_in(u_t))
-        if not torch.is_grad_enabled():
-            tensors = self._fast_tensors(proj, state)
-            if tensors is not None:
-                if counting_active():
-                    self._record_ops(u_t.shape[0], conv=True)
-                gated, conv, ssm, a, bad = fast.mixer_step_cpu(
-                    proj, *tensors, n_groups=self.n_qk_heads, discrete=True,
-                    conv_silu=self.activation == "silu", z_bias=self.z_bias,
-                )  # fmt: skip
-                if bad:  # counted in C; raise as ssd_step does
-                    check_decay(a, "a_t")
-                return self.out_proj(self.spike_out(gated)), MixerState(conv, ssm)
-        xbc, z, dt_raw = self._split(proj)
-        window = torch.cat([state.conv, xbc[:, :, None]], dim=-1)
-        x, a, B, C = self._scan_inputs(_conv_step(self.conv1d, window), dt_raw)
-        y, ssm = ssd_step(x, a, B, C, state.ssm)
-        self._record_ops(u_t.shape[0], conv=True)
-        return self._output(y, x, z), MixerState(window[..., 1:], ssm)
-
-    def _fast_tensors(self, proj: torch.Tensor, state: MixerState) -> tuple | None:
-        """As :meth:`SelectiveMixer._fast_tensors`: (conv state, SSM state, conv weight, conv
-        bias, None, None, D) when the C step can run them, else None. ``z_bias`` is checked
-        here too."""
-        dtype = proj.dtype
-        if dtype not in _FAST_DTYPES or not proj.is_cpu or proj.dim() != 2:
-            return None
-        conv, ssm = state.conv, state.ssm
-        if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
-            return None
-        batch, K, H, I = proj.shape[0], self.conv_channels, self.n_v_heads, self.d_inner
-        if proj.shape[1] != K + I + H or ssm.numel() > _FAST_MAX_STATE:
-            return None
-        p, c = self._parameters, self._modules["conv1d"]._parameters
-        tensors = (conv, ssm, c["weight"], c["bias"], p["D"], p.get("z_bias"))
-        shapes = ((batch, K, self.d_conv - 1), (batch, H, self.head_dim, self.d_state),
-                  (K, 1, self.d_conv), (K,), (H,), (I,))  # fmt: skip
-        for i, (t, shape) in enumerate(zip(tensors, shapes, strict=True)):
-            if t is None and i in (3, 5):  # no convolution bias, no z_bias
-                continue
-            if t is None or t.dtype != dtype or not t.is_cpu or t.shape != shape:
-                return None
-        conv, ssm, weight, bias, D, _ = tensors
-        return (conv, ssm, weight, bias, None, None, D) if fast.usable() else None
+    def _kernel_options(self) -> dict:
+        return {"n_groups": self.n_qk_heads, "discrete": True,
+                "conv_silu": self.activation == "silu"}  # fmt: skip
 
 
 @dataclass
@@ -578,8 +600,10 @@ class LTIMixer(LTICell, Mixer):
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return LTICell.forward(self, self.spike_in(u))
 
-    def init_state(self, batch: int, max_len: int | None = None) -> LTIState:
-        return LTICell.init_state(self, batch)
+    def init_state(
+        self, batch: int, max_len: int | None = None, *, in_place: bool = False
+    ) -> LTIState:
+        return LTICell.init_state(self, batch)  # one value per channel: in_place saves nothing
 
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         return LTICell.step(self, self.spike_in(u_t), state)

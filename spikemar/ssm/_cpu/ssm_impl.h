@@ -1,6 +1,6 @@
 /* One token of the selective SSM mixer (spikemar/ssm/mixer.py), everything between the input
- * projection and the output norm, and RMSNorm over rows. Included twice by ssm.c (float,
- * double).
+ * projection and the output norm, and RMSNorm over rows. Instantiated per element type (float,
+ * double) by ssm.c through per_type.h, after simd.h's vectors of that type.
  *
  * Per sequence, with zxbcdt = W_in·u split into z [I], ξ [K] (K = I + 2GN) and Δ_raw [H]:
  *
@@ -18,7 +18,12 @@
  * softplus is PyTorch's (β = 1, linear above 20). Layout: zxbcdt [batch, I + K + H], conv_state
  * [batch, K, k−1], ssm_state [batch, H, P, N], all contiguous; the outputs gated [batch, I],
  * new_conv [batch, K, k−1], new_ssm [batch, H, P, N] and a [batch, H] are written whole.
- * Returns the number of decays a that are not finite and ≤ 0 (what ssd_step rejects). */
+ * new_conv may be conv_state and new_ssm ssm_state (the update in place: each value is read
+ * before it is overwritten, by the same thread). Two parallel passes on torch's thread team
+ * (parallel.h), nthreads workers each: the convolution over the batch's channels (into act
+ * [batch, K]), then the scan over its heads; a head needs the B and C of its group, which another
+ * worker's channels may hold, hence two passes. Returns the number of decays a that are not
+ * finite and ≤ 0 (what ssd_step rejects). */
 
 static inline REAL CAT(silu_, SUFFIX)(REAL v) { return v / ((REAL)1 + EXP(-v)); }
 
@@ -26,59 +31,136 @@ static inline REAL CAT(softplus_, SUFFIX)(REAL v) {
   return v > (REAL)20 ? v : LOG1P(EXP(v));
 }
 
-int64_t CAT(mixer_step_, SUFFIX)(const REAL *zxbcdt, const REAL *conv_state,
-                                 const REAL *ssm_state, const REAL *conv_w, const REAL *conv_b,
-                                 const REAL *dt_bias, const REAL *A_log, const REAL *D,
-                                 int64_t batch, int64_t I, int64_t N, int64_t G, int64_t H,
-                                 int64_t P, int64_t k, double dt_min, double dt_max,
-                                 int64_t xi_off, int64_t z_off, int64_t dt_off,
-                                 int64_t conv_silu, int64_t dt_scales_x, const REAL *z_bias,
-                                 REAL *gated, REAL *new_conv, REAL *new_ssm, REAL *a_out,
-                                 REAL *scratch /* [I + 2GN] */) {
-  const int64_t K = I + 2 * G * N, km1 = k - 1, width = I + K + H, heads_per_group = H / G;
-  const int clamp_lo = dt_min > 0, clamp_hi = !isinf(dt_max);
+/* one mixer's constants, prepared once (spikemar/ssm/fast.py's MixerStep mirrors this layout:
+ * six pointers, eleven int64, two doubles) */
+typedef struct {
+  const REAL *conv_w, *conv_b, *dt_bias, *A_log, *D, *z_bias;
+  int64_t I, N, G, H, P, k, xi_off, z_off, dt_off, conv_silu, dt_scales_x;
+  double dt_min, dt_max;
+} CAT(mixer_params_, SUFFIX);
+
+/* what every worker of a call reads */
+typedef struct {
+  const CAT(mixer_params_, SUFFIX) * p;
+  const REAL *zxbcdt, *conv_state, *ssm_state;
+  REAL *gated, *new_conv, *new_ssm, *a_out, *act;
+  int64_t K, width;
+} CAT(mixer_call_, SUFFIX);
+
+typedef struct {
+  const CAT(mixer_call_, SUFFIX) * m;
+  int64_t begin, end; /* units: (sequence, channel) in the first pass, (sequence, head) after */
+  int64_t bad;
+} CAT(mixer_job_, SUFFIX);
+
+/* the convolution of the channels [begin, end) of the flattened [batch, K] */
+static void *CAT(mixer_conv_worker_, SUFFIX)(void *arg) {
+  CAT(mixer_job_, SUFFIX) *j = arg;
+  const CAT(mixer_call_, SUFFIX) *m = j->m;
+  const CAT(mixer_params_, SUFFIX) *p = m->p;
+  const int64_t K = m->K, k = p->k, km1 = k - 1;
+  for (int64_t u = j->begin; u < j->end; ++u) {
+    const int64_t b = u / K, c = u - b * K;
+    const REAL xi = m->zxbcdt[b * m->width + p->xi_off + c];
+    const REAL *w = p->conv_w + c * k, *win = m->conv_state + u * km1;
+    REAL *nc = m->new_conv + u * km1;
+    REAL acc = 0;
+    for (int64_t t = 0; t < km1; ++t) acc += win[t] * w[t];
+    acc += xi * w[km1];
+    if (p->conv_b) acc += p->conv_b[c];
+    m->act[u] = p->conv_silu ? CAT(silu_, SUFFIX)(acc) : acc;
+    for (int64_t t = 0; t + 1 < km1; ++t) nc[t] = win[t + 1]; /* ascending: safe in place */
+    if (km1 > 0) nc[km1 - 1] = xi;
+  }
+  return NULL;
+}
+
+/* h' = decay·h + xd·B over one state row of N values (in place when hn is hs), returning h'·C.
+ * A vector of partial sums: one running sum would chain every add of the row (~4 cycles
+ * each), which was most of the step's time. */
+HOT REAL CAT(state_row_, SUFFIX)(const REAL *hs, REAL *hn, const REAL *Bv, const REAL *Cv,
+                                 int64_t N, REAL decay, REAL xd) {
+  VEC acc = VSPLAT(0);
+  const VEC vd = VSPLAT(decay), vx = VSPLAT(xd);
+  int64_t n = 0;
+  for (; n + VL <= N; n += VL) {
+    const VEC v = vx * VLOAD(Bv + n) + vd * VLOAD(hs + n);
+    VSTORE(hn + n, v);
+    acc += v * VLOAD(Cv + n);
+  }
+  REAL y = 0;
+  for (int64_t l = 0; l < VL; ++l) y += acc[l];
+  for (; n < N; ++n) {
+    const REAL v = xd * Bv[n] + decay * hs[n];
+    hn[n] = v;
+    y += v * Cv[n];
+  }
+  return y;
+}
+
+/* the scan of the heads [begin, end) of the flattened [batch, H] */
+static void *CAT(mixer_scan_worker_, SUFFIX)(void *arg) {
+  CAT(mixer_job_, SUFFIX) *j = arg;
+  const CAT(mixer_call_, SUFFIX) *m = j->m;
+  const CAT(mixer_params_, SUFFIX) *p = m->p;
+  const int64_t I = p->I, N = p->N, G = p->G, H = p->H, P = p->P, K = m->K;
+  const int64_t heads_per_group = H / G;
+  const int clamp_lo = p->dt_min > 0, clamp_hi = !isinf(p->dt_max);
   int64_t bad = 0;
-  for (int64_t b = 0; b < batch; ++b) {
-    const REAL *row = zxbcdt + b * width;
-    const REAL *z = row + z_off, *xi = row + xi_off, *dt_raw = row + dt_off;
-    const REAL *cs = conv_state + b * K * km1;
-    REAL *nc = new_conv + b * K * km1;
-    for (int64_t c = 0; c < K; ++c) {
-      const REAL *w = conv_w + c * k, *win = cs + c * km1;
-      REAL acc = 0;
-      for (int64_t j = 0; j < km1; ++j) acc += win[j] * w[j];
-      acc += xi[c] * w[km1];
-      if (conv_b) acc += conv_b[c];
-      scratch[c] = conv_silu ? CAT(silu_, SUFFIX)(acc) : acc;
-      for (int64_t j = 0; j + 1 < km1; ++j) nc[c * km1 + j] = win[j + 1];
-      if (km1 > 0) nc[c * km1 + km1 - 1] = xi[c];
-    }
-    const REAL *x = scratch;
-    for (int64_t h = 0; h < H; ++h) {
-      const int64_t g = h / heads_per_group;
-      const REAL *Bv = scratch + I + g * N, *Cv = scratch + I + G * N + g * N;
-      REAL dt = CAT(softplus_, SUFFIX)(dt_bias ? dt_raw[h] + dt_bias[h] : dt_raw[h]);
-      if (clamp_lo && dt < (REAL)dt_min) dt = (REAL)dt_min;
-      if (clamp_hi && dt > (REAL)dt_max) dt = (REAL)dt_max;
-      const REAL a = A_log ? -EXP(A_log[h]) * dt : -dt;
-      a_out[b * H + h] = a;
-      bad += !(a <= 0 && a > -(REAL)INFINITY);
-      const REAL decay = EXP(a);
-      for (int64_t p = 0; p < P; ++p) {
-        const int64_t i = h * P + p;
-        const REAL xd = dt_scales_x ? x[i] * dt : x[i];
-        const REAL *hs = ssm_state + ((b * H + h) * P + p) * N;
-        REAL *hn = new_ssm + ((b * H + h) * P + p) * N;
-        REAL y = 0;
-        for (int64_t n = 0; n < N; ++n) {
-          const REAL v = xd * Bv[n] + decay * hs[n];
-          hn[n] = v;
-          y += v * Cv[n];
-        }
-        gated[b * I + i] = (y + D[h] * x[i]) * CAT(silu_, SUFFIX)(z_bias ? z[i] + z_bias[i] : z[i]);
-      }
+  for (int64_t u = j->begin; u < j->end; ++u) {
+    const int64_t b = u / H, h = u - b * H, g = h / heads_per_group;
+    const REAL *row = m->zxbcdt + b * m->width, *act = m->act + b * K;
+    const REAL *z = row + p->z_off, *x = act, *Bv = act + I + g * N, *Cv = act + I + (G + g) * N;
+    const REAL dt_raw = row[p->dt_off + h];
+    REAL dt = CAT(softplus_, SUFFIX)(p->dt_bias ? dt_raw + p->dt_bias[h] : dt_raw);
+    if (clamp_lo && dt < (REAL)p->dt_min) dt = (REAL)p->dt_min;
+    if (clamp_hi && dt > (REAL)p->dt_max) dt = (REAL)p->dt_max;
+    const REAL a = p->A_log ? -EXP(p->A_log[h]) * dt : -dt;
+    m->a_out[u] = a;
+    bad += !(a <= 0 && a > -(REAL)INFINITY);
+    const REAL decay = EXP(a);
+    for (int64_t q = 0; q < P; ++q) {
+      const int64_t i = h * P + q, r = (u * P + q) * N;
+      const REAL xd = p->dt_scales_x ? x[i] * dt : x[i];
+      const REAL y = CAT(state_row_, SUFFIX)(m->ssm_state + r, m->new_ssm + r, Bv, Cv, N, decay,
+                                             xd);
+      const REAL zi = p->z_bias ? z[i] + p->z_bias[i] : z[i];
+      m->gated[b * I + i] = (y + p->D[h] * x[i]) * CAT(silu_, SUFFIX)(zi);
     }
   }
+  j->bad = bad;
+  return NULL;
+}
+
+/* cuts `units` into nthreads ranges and runs worker on each (in the calling thread for one) */
+static int64_t CAT(mixer_pass_, SUFFIX)(const CAT(mixer_call_, SUFFIX) * m,
+                                        void *(*worker)(void *), int64_t units, int nthreads) {
+  CAT(mixer_job_, SUFFIX) jobs[MAX_THREADS];
+  int64_t begin[MAX_THREADS], end[MAX_THREADS];
+  const int n = plan_ranges(units, 1, units, nthreads, begin, end);
+  for (int t = 0; t < n; ++t) jobs[t] = (CAT(mixer_job_, SUFFIX)){m, begin[t], end[t], 0};
+  if (n == 1) worker(jobs);
+  else run_parallel(worker, jobs, sizeof jobs[0], n);
+  int64_t bad = 0;
+  for (int t = 0; t < n; ++t) bad += jobs[t].bad;
+  return bad;
+}
+
+/* One token of `batch` sequences with the mixer p on nthreads workers. Returns the number of bad
+ * decays, or −1 when the convolution's outputs could not be allocated. */
+int64_t CAT(mixer_step_, SUFFIX)(const CAT(mixer_params_, SUFFIX) * p, const REAL *zxbcdt,
+                                 const REAL *conv_state, const REAL *ssm_state, REAL *new_conv,
+                                 REAL *new_ssm, REAL *gated, REAL *a_out, int64_t batch,
+                                 int nthreads) {
+  const int64_t K = p->I + 2 * p->G * p->N;
+  REAL *act = malloc((size_t)(batch * K) * sizeof(REAL));
+  if (!act) return -1;
+  const CAT(mixer_call_, SUFFIX) m = {p, zxbcdt, conv_state, ssm_state, gated, new_conv,
+                                      new_ssm, a_out, act, K, p->I + K + p->H};
+  CAT(mixer_pass_, SUFFIX)(&m, CAT(mixer_conv_worker_, SUFFIX), batch * K, nthreads);
+  const int64_t bad = CAT(mixer_pass_, SUFFIX)(&m, CAT(mixer_scan_worker_, SUFFIX), batch * p->H,
+                                               nthreads);
+  free(act);
   return bad;
 }
 

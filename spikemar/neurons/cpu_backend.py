@@ -48,11 +48,12 @@ __all__ = [
 
 _SOURCE_DIR = Path(__file__).parent / "_cpu"
 # atmn.c and what it includes (all key the build cache): the neuron-agnostic scaffolding
-# (parallel.h, per_type.h, simd.h, multistep.h) and ATMN's micro-step, backward and spike point
-# (atmn_impl.h)
-_SOURCES = ("atmn.c", "parallel.h", "per_type.h", "simd.h", "multistep.h", "atmn_impl.h")
+# (parallel.h, per_type.h with per_type_one.h, simd.h, multistep.h) and ATMN's micro-step,
+# backward and spike point (atmn_impl.h)
+_SOURCES = ("atmn.c", "parallel.h", "per_type.h", "per_type_one.h", "simd.h", "multistep.h",
+            "atmn_impl.h")  # fmt: skip
 # the scaffolding that a kernel file of another package (spikemar/ssm/_cpu) includes by name
-_SHARED_HEADERS = ("parallel.h", "per_type.h", "simd.h")
+_SHARED_HEADERS = ("parallel.h", "per_type.h", "per_type_one.h", "simd.h")
 # -fno-trapping-math lets GCC turn the float compares into vector selects (we never enable
 # floating-point traps); without it none of the hot loops vectorise.
 _FLAGS = ["-O3", "-march=native", "-fno-trapping-math", "-shared", "-fPIC", "-pthread", "-std=c11"]

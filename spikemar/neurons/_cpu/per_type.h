@@ -3,29 +3,15 @@
  * file defines TYPED_BODY (its _impl.h, a quoted name) and optionally TYPED_SCAFFOLD (per-type
  * scaffolding included before it, e.g. "simd.h"), after including parallel.h. Both are found
  * beside this header or beside the file being compiled (build_library puts that file's folder on
- * the quote include path). */
+ * the quote include path); per_type_one.h includes them for one type. */
 #define REAL float
 #define SUFFIX f32
 #define EXP expf
 #define LOG1P log1pf
-#ifdef TYPED_SCAFFOLD
-#include TYPED_SCAFFOLD
-#endif
-#include TYPED_BODY
-#undef REAL
-#undef SUFFIX
-#undef EXP
-#undef LOG1P
+#include "per_type_one.h"
 
 #define REAL double
 #define SUFFIX f64
 #define EXP exp
 #define LOG1P log1p
-#ifdef TYPED_SCAFFOLD
-#include TYPED_SCAFFOLD
-#endif
-#include TYPED_BODY
-#undef REAL
-#undef SUFFIX
-#undef EXP
-#undef LOG1P
+#include "per_type_one.h"

@@ -46,6 +46,7 @@ __all__ = [
     "SpikeConfig",
     "SpikePoint",
     "check_tokens",
+    "run_blocks",
 ]
 
 # the neuron kinds of a spike point, by name (the CLI's --neuron choices read this table)
@@ -241,6 +242,21 @@ class LlamaMLP(FeedForward):
 
 # a layer's FFN kinds, by MARConfig.ffn: (d_model, hidden, spikes, bias) → module
 FFNS = {"swiglu": FeedForward, "llama": LlamaMLP}
+
+
+def run_blocks(
+    x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, head: nn.Module, return_hidden: bool
+) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
+    """A language model's trunk after its embedding: the residual stream ``x`` through
+    ``blocks``, then ``head(norm(·))``. Returns the logits, or with ``return_hidden`` (logits,
+    the stream entering each block): the pre-norm features SBDS aligns (:mod:`spikemar.distill`),
+    taken at the same place in the MAR student and its Transformer teacher."""
+    hidden = []
+    for block in blocks:
+        hidden.append(x)
+        x = block(x)
+    logits = head(norm(x))
+    return (logits, hidden) if return_hidden else logits
 
 
 def check_tokens(

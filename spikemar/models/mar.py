@@ -45,7 +45,7 @@ from ..counting import counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
-from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens
+from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens, run_blocks
 from .generation import generate
 from .mixers import MIXERS
 
@@ -360,13 +360,7 @@ class MARLM(nn.Module):
             raise ValueError(
                 f"tokens: length {tokens.shape[1]} exceeds max_len {self.config.max_len}"
             )
-        x = self.embed(tokens)
-        hidden = []
-        for layer in self.layers:
-            hidden.append(x)
-            x = layer(x)
-        logits = self.head(self.norm(x))
-        return (logits, hidden) if return_hidden else logits
+        return run_blocks(self.embed(tokens), self.layers, self.norm, self.head, return_hidden)
 
     def init_state(self, batch: int, *, in_place: bool = False) -> list:
         """The layers' states before the first token of ``batch`` sequences. ``in_place``:

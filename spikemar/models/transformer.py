@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..counting import counting_active, record_ops
-from .common import FeedForward, check_tokens
+from .common import FeedForward, check_tokens, run_blocks
 from .generation import generate
 
 __all__ = ["KVCache", "TransformerConfig", "TransformerLM"]
@@ -138,12 +138,7 @@ class TransformerLM(nn.Module):
         if counting_active():  # the position embedding's add
             record_ops(self, kind="position", elementwise_ops=x.numel(),
                        activation_reads=2 * x.numel(), activation_writes=x.numel())  # fmt: skip
-        hidden = []
-        for block in self.blocks:
-            hidden.append(x)
-            x = block(x)
-        logits = self.head(self.norm(x))
-        return (logits, hidden) if return_hidden else logits
+        return run_blocks(x, self.blocks, self.norm, self.head, return_hidden)
 
     def init_state(self, batch: int, *, in_place: bool = False) -> KVCache:
         """An empty KV cache for ``batch`` sequences; ``step`` writes each token into it in

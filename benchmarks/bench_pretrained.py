@@ -82,7 +82,7 @@ def spikemar_token_times(model, batch: int, tokens: int, vocab: int) -> list[flo
     prompt = _prompt(batch, vocab)
     times = []
     with torch.no_grad():
-        state = model.init_state(batch)
+        state = model.init_state(batch, in_place=True)  # as generate's: updated in place
         for t in range(PROMPT):
             logits, state = model.step(prompt[:, t], state)
         for _ in range(tokens):

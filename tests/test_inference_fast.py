@@ -542,6 +542,9 @@ def test_mixer_kernel_is_not_given_tensors_of_the_wrong_shape(monkeypatch):
         with pytest.raises(RuntimeError):
             m.step(u, state)
         assert len(kernel_calls) == 1
+        half = SelectiveMixer(16, d_state=4, head_dim=8).to(torch.bfloat16)  # nor other dtypes
+        out, _ = half.step(u.bfloat16(), half.init_state(2, in_place=True))
+        assert len(kernel_calls) == 1 and out.dtype == torch.bfloat16
 
 
 # -- the model step -------------------------------------------------------------------------

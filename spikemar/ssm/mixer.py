@@ -182,6 +182,7 @@ def _conv_step(conv: nn.Conv1d, window: torch.Tensor) -> torch.Tensor:
     return out if conv.bias is None else out + conv.bias
 
 
+_FAST_DTYPES = (torch.float32, torch.float64)
 # each SSM mixer's prepared C step (fast.MixerStep), kept beside the module rather than in it so
 # that copying or pickling a module never copies raw pointers
 _KERNELS: weakref.WeakKeyDictionary[nn.Module, fast.MixerStep] = weakref.WeakKeyDictionary()
@@ -282,6 +283,8 @@ class _StateSpaceMixer(Mixer):
         what they raise). The kernel is prepared once per parameter set; an ``in_place`` state
         is written over where its tensors allow it (contiguous, outside any autograd graph)."""
         conv, ssm = state.conv, state.ssm
+        if zxbcdt.dtype not in _FAST_DTYPES or not zxbcdt.is_cpu:  # CUDA, half: no C step
+            return None
         if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
             return None
         params = self._kernel_params()

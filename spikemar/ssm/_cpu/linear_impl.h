@@ -79,11 +79,13 @@ static void *CAT(linear_worker_, SUFFIX)(void *arg) {
 /* y[M, N] = x[M, K]·W[N, K]ᵀ (+ b[N]); all contiguous, b may be NULL; nthreads ≥ 1 */
 void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, int64_t M,
                           int64_t K, int64_t N, int nthreads) {
-  /* chunks of ~64 KiB of W (at least one tile); no more threads than chunks */
+  /* chunks of ~64 KiB of W (at least one tile); a thread per 256 KiB of W at the most: waking
+   * the team costs microseconds when it spins and a time slice when a core is busy elsewhere,
+   * while a core streams 256 KiB in ~15 µs */
   int64_t chunk = ((int64_t)65536 / (K * (int64_t)sizeof(REAL))) & ~(int64_t)3;
   if (chunk < 4) chunk = 4;
-  const int64_t chunks = (N + chunk - 1) / chunk;
-  if (nthreads > chunks) nthreads = (int)chunks;
+  const int64_t most = N * K * (int64_t)sizeof(REAL) / ((int64_t)1 << 18);
+  if (nthreads > most) nthreads = most > 1 ? (int)most : 1;
   if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
   int64_t next = 0;
   CAT(linear_job_, SUFFIX) jobs[MAX_THREADS];

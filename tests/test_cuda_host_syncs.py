@@ -407,7 +407,10 @@ def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
     torch.manual_seed(0)
     model = MARLM(MARConfig(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8,
                             spikes=None))  # fmt: skip
-    state = [type(s)(*(fake_cuda(t) for t in vars(s).values())) for s in model.init_state(2)]
+    state = [
+        type(s)(*(fake_cuda(t) if isinstance(t, torch.Tensor) else t for t in vars(s).values()))
+        for s in model.init_state(2)
+    ]  # (a state's flags, e.g. MixerState.in_place, stay as they are)
     for p in model.parameters():
         p.data = fake_cuda(p.data)
     with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:

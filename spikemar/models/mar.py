@@ -313,16 +313,22 @@ def _check_layer_states(state: list, batch: int) -> None:
     """Shapes only (no value scan: this runs once per generated token): each layer's state is
     the dataclass its mixer's init_state made, for this batch."""
     for i, s in enumerate(state):
-        if not dataclasses.is_dataclass(s) or isinstance(s, type):
-            raise ValueError(f"state[{i}]: expected the layer state from init_state(), got "
-                             f"{type(s).__name__}")  # fmt: skip
-        for f in dataclasses.fields(s):
-            t = getattr(s, f.name)
+        names = _STATE_FIELDS.get(type(s))
+        if names is None:  # a class seen for the first time (dataclasses.fields costs µs)
+            if not dataclasses.is_dataclass(s) or isinstance(s, type):
+                raise ValueError(f"state[{i}]: expected the layer state from init_state(), "
+                                 f"got {type(s).__name__}")  # fmt: skip
+            names = _STATE_FIELDS[type(s)] = tuple(f.name for f in dataclasses.fields(s))
+        for name in names:
+            t = getattr(s, name)
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
                 raise ValueError(
-                    f"state[{i}].{f.name}: made for batch {t.shape[0]}, but tokens_t has "
+                    f"state[{i}].{name}: made for batch {t.shape[0]}, but tokens_t has "
                     f"batch {batch} (call init_state({batch}))"
                 )
+
+
+_STATE_FIELDS: dict[type, tuple[str, ...]] = {}  # a state dataclass → its field names
 
 
 def _rename_old_spike_point(module, state_dict, prefix, *args) -> None:

@@ -256,15 +256,13 @@ class _Tag:
         self.source = source  # the row (neuron or spike point) that produced the spikes
 
 
-class _SpikePair:
-    """A spike count still held as a kernel's (+1, −1) counts ``[..., 2]``: in an event's
-    ``nnz`` it stands for the number of non-zero spikes, in its ``total`` for their signed
-    sum. :func:`_resolve_pairs` sums every pair of a report in one reduction per device."""
+class _SpikePair(tuple):
+    """A spike count still held as a kernel's (+1, −1) counts ``[..., 2]`` (``pair[0]``): in an
+    event's ``nnz`` it stands for the number of non-zero spikes, in its ``total`` for their
+    signed sum. :func:`_resolve_pairs` sums every pair of a report in one reduction per device.
+    (A tuple: made per spike-point call without a Python-level constructor.)"""
 
-    __slots__ = ("counts",)
-
-    def __init__(self, counts: torch.Tensor) -> None:
-        self.counts = counts
+    __slots__ = ()
 
 
 def _resolve_pairs(events: list[_Event]) -> None:
@@ -277,7 +275,7 @@ def _resolve_pairs(events: list[_Event]) -> None:
             v = getattr(ev, f)
             if isinstance(v, _SpikePair):
                 found.append((ev, f, v))
-                groups.setdefault(v.counts.device, {})[id(v.counts)] = v.counts
+                groups.setdefault(v[0].device, {})[id(v[0])] = v[0]
     if not found:
         return
     sums: dict[int, tuple[int, int]] = {}
@@ -291,7 +289,7 @@ def _resolve_pairs(events: list[_Event]) -> None:
         for k, (pos, neg) in zip(keys, total.tolist(), strict=True):
             sums[k] = (pos, neg)
     for ev, f, v in found:
-        pos, neg = sums[id(v.counts)]
+        pos, neg = sums[id(v[0])]
         setattr(ev, f, pos + neg if f == "nnz" else pos - neg)
 
 
@@ -346,17 +344,16 @@ class _Synapse:
         self.real = _Event(spike_kind="real", is_spike=False, fan_out=self.mult, **self.memory)
         self.templates: dict[tuple, _Event] = {}
 
-    def spikes(self, kind: str, ternary: bool, elements: int, source: str | None) -> _Event:
-        """The template of a spike input: ``kind`` 'ternary'/'binary', or 'values' (detected by
-        value, counted as ternary until resolved)."""
-        key = (kind, ternary, elements, source)
-        template = self.templates.get(key)
-        if template is None:
-            packed, address = _spike_bits(ternary, self.features)
-            template = self.templates[key] = _Event(
-                spike_kind=kind, spike_elements=elements, fan_out=self.mult, packed_bits=packed,
-                address_bits=address, source=source, **self.memory,
-            )  # fmt: skip
+    def template(self, key: tuple[str, bool, int, str | None]) -> _Event:
+        """The template of a spike input, kept in ``templates`` under ``key`` = (kind, ternary,
+        spike elements, source): kind 'ternary'/'binary', or 'values' (detected by value,
+        counted as ternary until resolved)."""
+        kind, ternary, elements, source = key
+        packed, address = _spike_bits(ternary, self.features)
+        template = self.templates[key] = _Event(
+            spike_kind=kind, spike_elements=elements, fan_out=self.mult, packed_bits=packed,
+            address_bits=address, source=source, **self.memory,
+        )  # fmt: skip
         return template
 
 
@@ -447,38 +444,21 @@ class CountContext:
         self,
         x: torch.Tensor,
         *,
-        fan_out: int | None,
-        dense_macs: int,
         weighted_acs: Callable[[torch.Tensor, bool], tuple[torch.Tensor, torch.Tensor]]
         | None = None,
-        weights: int = 0,
-        vectors: int = 1,
-        features: int | None = None,
-        elementwise_ops: Count = 0,
-        activation_writes: Count = 0,
+        **geometry: Count | None,
     ) -> None:
         """A layer whose every input element drives ``fan_out`` synaptic operations: ACs when
         ``x`` is spikes (Σ nnz · fan_out), else ``dense_macs`` MACs; plus ``elementwise_ops``
-        (a bias) and the ``activation_writes`` of its output, whatever the input.
+        (a bias) and the ``activation_writes`` of its output, whatever the input. ``geometry``:
+        the keyword arguments of :meth:`synapse`, which says what each one means.
 
         ``weighted_acs(spikes, ternary) -> (acs, nnz)`` replaces ``nnz · fan_out`` where the
         fan-out depends on the position (a padded or strided conv); its ``acs`` is multiplied by
-        ``fan_out`` (``None``: 1). Memory: the layer reads its ``weights`` (parameter elements)
-        once per call or once for each of the call's ``vectors`` (tokens, samples), and its
-        input: ``x``'s real values, or its spikes, addressed among ``features`` neurons per
-        vector (default ``x.shape[-1]``).
+        ``fan_out`` (``None``: 1).
         """
-        geometry = {
-            "fan_out": fan_out,
-            "dense_macs": dense_macs,
-            "weights": weights,
-            "vectors": vectors,
-            "features": features,
-            "elementwise_ops": elementwise_ops,
-            "activation_writes": activation_writes,
-        }
-        if type(elementwise_ops) is int and type(activation_writes) is int:
-            key = (*geometry.values(), x.shape)
+        if not any(isinstance(v, torch.Tensor) for v in geometry.values()):
+            key = (*geometry.items(), x.shape)
             synapse = self.static.get(key) or self.keep(key, self.synapse(x, **geometry))
         else:  # counts that are tensors: this call's own
             synapse = self.synapse(x, **geometry)
@@ -493,11 +473,17 @@ class CountContext:
         weights: int = 0,
         vectors: int = 1,
         features: int | None = None,
-        elementwise_ops: int = 0,
-        activation_writes: int = 0,
+        elementwise_ops: Count = 0,
+        activation_writes: Count = 0,
     ) -> _Synapse:
         """What :meth:`synaptic` counts for every call with ``x``'s geometry, to keep (in
-        :attr:`static`) and hand to :meth:`synaptic_call` on each call."""
+        :attr:`static`) and hand to :meth:`synaptic_call` on each call: ``fan_out`` synaptic
+        operations per input element (None: 1, with a ``weighted_acs``), ``dense_macs`` when
+        fed real values, ``elementwise_ops`` and ``activation_writes`` whatever the input.
+        Memory: the layer reads its ``weights`` (parameter elements) once per call or once for
+        each of the call's ``vectors`` (tokens, samples), and its input: ``x``'s real values, or
+        its spikes, addressed among ``features`` neurons per vector (default ``x.shape[-1]``).
+        """
         n_features = int(features) if features is not None else (x.shape[-1] if x.dim() else 1)
         return _Synapse(fan_out, dense_macs, weights, vectors, n_features, x.numel(),
                         elementwise_ops, activation_writes)  # fmt: skip
@@ -511,23 +497,29 @@ class CountContext:
     ) -> None:
         """:meth:`synaptic` for a call whose geometry :meth:`synapse` has counted: only what
         depends on ``x``'s values (or on the spikes it stands for) is done here."""
+        # flat on purpose: this runs for every call of every synaptic layer, between tensor
+        # operations that have evicted it from the caches, where each Python call costs µs
         counter = self._counter
         row = self._row or self.row()
-        tag = counter._tag_of(x) if counter.spike_detection != "values" else None
-        if tag is not None and tag.sparse:
-            if x.numel() == tag.numel:  # its zeros are what zero-skipping hardware skips
-                index_bits = max(1, math.ceil(math.log2(max(2, synapse.features))))
-                row.events.append(
-                    _Event(spike_kind="real", is_spike=False, fan_out=synapse.mult,
-                           sparse_nnz=tag.nnz, address_bits=index_bits, **synapse.memory)
-                )  # fmt: skip
-                return
-            tag = None  # a part of a sparsified tensor: counted as a dense input
-        if tag is not None and tag.decode_elements and x.numel() != tag.numel:
-            row.notes[
-                "input is part of a declared spike decode; counted as a real-valued input"
-            ] = None
-            tag = None
+        tag = None
+        if counter.spike_detection != "values":
+            base = x._base
+            root = x if base is None else base
+            tag = counter._tags.get(id(root))
+            if tag is not None and tag.ref() is not root:
+                tag = None
+        if tag is not None and (tag.sparse or tag.decode_elements) and x.numel() != tag.numel:
+            if tag.decode_elements:
+                note = "input is part of a declared spike decode; counted as a real-valued input"
+                row.notes[note] = None
+            tag = None  # a part of a sparsified tensor or of a decode: a real-valued input
+        if tag is not None and tag.sparse:  # its zeros are what zero-skipping hardware skips
+            index_bits = max(1, math.ceil(math.log2(max(2, synapse.features))))
+            row.events.append(
+                _Event(spike_kind="real", is_spike=False, fan_out=synapse.mult,
+                       sparse_nnz=tag.nnz, address_bits=index_bits, **synapse.memory)
+            )  # fmt: skip
+            return
         if tag is not None:
             if tag.decode_elements:  # a declared decode: the spike train it stands for
                 src, elements, full = tag.decode, tag.decode_elements, True
@@ -543,8 +535,8 @@ class CountContext:
             else:  # a neuron's output (or a view, or a scaled copy of one)
                 src = x if tag.unit else torch.sign(x)
                 elements, full = x.numel(), x.numel() == tag.numel and tag.nnz is not None
-            kind = "ternary" if tag.ternary else "binary"
-            template = synapse.spikes(kind, tag.ternary, elements, tag.source)
+            key = ("ternary" if tag.ternary else "binary", tag.ternary, elements, tag.source)
+            template = synapse.templates.get(key) or synapse.template(key)
             if weighted_acs is None and full:  # counted once where the spikes were made
                 row.events.append((template, tag.nnz, tag.total))
                 return
@@ -571,7 +563,9 @@ class CountContext:
         else:
             units = None
             nnz, total = _stats.unit_spike_counts(x, True)
-        event = synapse.spikes("values", True, x.numel(), None).filled(nnz, total)
+        key = ("values", True, x.numel(), None)
+        template = synapse.templates.get(key) or synapse.template(key)
+        event = template.filled(nnz, total)
         event.is_spike, event.acs_units = _stats.value_test(x), units
         row.events.append(event)
 
@@ -787,7 +781,7 @@ class EnergyCounter(counting.CountsSink):
         :meth:`on_declare_spikes` counts the spike train the counts were taken from."""
         # summed when the report is built, all spike points' counts in one reduction: no
         # tensor operation per call here (int64 counts never carry autograd history)
-        pair = _SpikePair(counts)
+        pair = _SpikePair((counts,))
         self._spike_point(module, decoded, T * decoded.numel(), pair, pair if ternary else None,
                           ternary, None)  # fmt: skip
 
@@ -812,7 +806,8 @@ class EnergyCounter(counting.CountsSink):
         )
         row.calls += 1
         row.events.append((template, nnz, total))
-        root = _root(decoded)
+        base = decoded._base
+        root = decoded if base is None else base
         tag = _Tag(root, ternary, True, nnz, total, spikes, name, decode_elements=elements)
         self._tags[id(root)] = tag
 
@@ -857,15 +852,14 @@ class EnergyCounter(counting.CountsSink):
         name, row_kind, where, own, events = site
         row = self._rows.get(name) or self._self_reporting_row(name, row_kind, where, own)
         row.calls += 1
-        if all(type(v) is int for v in counts.values()):
-            values = tuple(counts.items())
-            event = events.get(values)
-            if event is None:
+        values = tuple(counts.items())
+        event = events.get(values)  # (a tensor count hashes by identity: never found)
+        if event is None:
+            event = _counts_event(counts)
+            if all(type(v) is int for v in counts.values()):
                 if len(events) >= _STATIC_LIMIT:
                     events.clear()
-                event = events[values] = _counts_event(counts)
-        else:
-            event = _counts_event(counts)
+                events[values] = event
         row.events.append(event)
 
     def _parameter_count(self, module: nn.Module | None, *, recurse: bool = False) -> int:

@@ -257,10 +257,10 @@ def _maxpool_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], o
 
 
 def _elementwise_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out) -> None:
-    y = _first_tensor(out)
+    y = out if isinstance(out, torch.Tensor) else _first_tensor(out)
     if y is None:
         return
-    x = _first_tensor(args)
+    x = args[0] if args and isinstance(args[0], torch.Tensor) else _first_tensor(args)
     key = (y.shape, None if x is None else x.shape)
     ctx.add(ctx.static.get(key) or ctx.keep(key, _elementwise_event(ctx, module, x, y)))
 

@@ -308,14 +308,17 @@ def atmn_quantize_decode_cpu(
     # the per-token activations of generation stay on one thread (see _threads)
     nthreads = _threads(x.numel() * T)
     # one [2, C] slab per thread that may run (the kernel uses at most nthreads): +1, −1 rows
-    tally = torch.zeros(nthreads, 2, max(C, 1), dtype=torch.int64) if counts else None
+    # (one thread: the [2, C] slab alone, so that no index or reshape follows per call)
+    slab = (nthreads, 2, max(C, 1)) if nthreads > 1 else (2, max(C, 1))
+    tally = torch.zeros(slab, dtype=torch.int64) if counts else None
     bad = fn(x.data_ptr(), vth.data_ptr(), x.numel(), C, T, p.tau, _decay(p.tau), int(p.ternary),
              decoded.data_ptr(), _ptr(tally), nthreads)  # fmt: skip
     _raise_if_bad(bad, vth, x.numel(), T, "activation")
     if tally is None:
         return decoded
-    tally = tally[0] if nthreads == 1 else tally.sum(0)
-    return decoded, tally.t().reshape(*vth.shape, 2)  # [C, 2] (a view where it can be)
+    if nthreads > 1:
+        tally = tally.sum(0)
+    return decoded, tally.t() if C else tally.view(2)  # [C, 2] or [2]: a view
 
 
 class _FusedQuantize(torch.autograd.Function):

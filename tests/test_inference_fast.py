@@ -482,6 +482,32 @@ def test_mixer_step_split_over_threads_anywhere_equals_one_thread(kind, in_place
     assert want[2].shape == (batch, H, P, N)
 
 
+def test_prepared_mixer_step_follows_its_parameters(monkeypatch):
+    """The C step a mixer prepared once sees every later change of its parameters: values
+    written in place (``load_state_dict``), a new dtype (``.double()``), a replaced tensor."""
+    kernel_calls = watch_mixer_kernel(monkeypatch)
+    torch.manual_seed(6)
+    m = SelectiveMixer(16, d_state=4, head_dim=8)
+    other = SelectiveMixer(16, d_state=4, head_dim=8)
+    u = torch.randn(2, 16)
+
+    def check(dtype):
+        want, _ = m.step(u.to(dtype), m.init_state(2))  # autograd on: the reference
+        with torch.no_grad():
+            got, _ = m.step(u.to(dtype), m.init_state(2))
+        torch.testing.assert_close(got, want.detach())
+
+    check(torch.float32)
+    m.load_state_dict(other.state_dict())  # in place: the same storage
+    check(torch.float32)
+    m.double()
+    check(torch.float64)
+    with torch.no_grad():
+        m.A_log = nn.Parameter(m.A_log + 1)
+    check(torch.float64)
+    assert len(kernel_calls) == 4
+
+
 def test_mixer_step_cpu_checks_its_tensors():
     m = SelectiveMixer(16, d_state=4, head_dim=8)
     s = m.init_state(2)

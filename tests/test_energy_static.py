@@ -201,3 +201,38 @@ def test_per_channel_counts_stay_exact_beyond_float32_integers():
     neg = (rows + 2) // 3
     assert counts.tolist() == [[(rows - neg) * T, neg * T]]
     assert (rows - neg) * T > 2**24
+
+
+def test_reset_forgets_rows_and_self_reporting_but_keeps_counting_exactly():
+    class Work(nn.Module):
+        """Computes with a parameter of its own; reports that work only when asked to."""
+
+        def __init__(self):
+            super().__init__()
+            self.w = nn.Parameter(torch.ones(3))
+            self.report_it = True
+
+        def forward(self, x):
+            if self.report_it:
+                counting.record_ops(self, kind="work", macs=x.numel())
+            return x * self.w
+
+    net = nn.Sequential(Work(), nn.Linear(3, 2))
+    counter = EnergyCounter(net)
+    with torch.no_grad(), counter:
+        net(torch.full((4, 3), 0.5))
+        first = counter.report()
+        assert {r.name for r in first.rows} == {"0", "1"} and not first.uncounted
+        counter.reset()
+        net[0].report_it = False  # now it computes without saying so: listed, not counted
+        net(torch.full((5, 3), 0.5))
+        second = counter.report()
+        assert {r.name for r in second.rows} == {"1"}
+        assert [name for name, _ in second.uncounted] == ["0"]
+        assert second.row("1").macs == 5 * 3 * 2 and second.row("1").calls == 1
+        counter.reset()
+        net[0].report_it = True
+        net(torch.full((2, 3), 0.5))
+        third = counter.report()
+        assert {r.name for r in third.rows} == {"0", "1"} and not third.uncounted
+        assert third.row("0").macs == 6 and third.passes == 1

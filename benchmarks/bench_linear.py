@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     info = _harness.machine_info(args.threads, load)
     print("\n".join(_harness.header_lines(info)))
     mb = results[0]["bytes"] / 1e6
-    print(f"{len(shapes)} matrices, {mb:.0f} MB float32; medians of {args.rounds} interleaved "
+    print(f"{len(shapes)} matrices, {mb:.1f} MB float32; medians of {args.rounds} interleaved "
           f"rounds; MAX_FAST_ROWS = {MAX_FAST_ROWS}\n")  # fmt: skip
     print("| rows | spikemar ms | GB/s | F.linear ms | GB/s | read ms (sum) | GB/s "
           "| F.linear / spikemar | spikemar / read |")  # fmt: skip

@@ -114,3 +114,18 @@ def test_other_inputs_fall_back():
 def test_linear_cpu_bad_input(args, match):
     with pytest.raises(ValueError, match=match):
         linear_cpu(*args)
+
+
+def test_benchmark_prints_a_row_per_row_count(load_script, capsys):
+    """benchmarks/bench_linear.py's quick configuration runs in-process: one Markdown row per
+    row count, every cell a number. No timing assertions: speed lives in benchmarks/."""
+    bench = load_script("benchmarks/bench_linear.py")
+    assert bench.main(["--quick", "--rows", "1", "3", "--threads", "1"]) == 0
+    rows = [
+        line for line in capsys.readouterr().out.splitlines()
+        if line.startswith("| ") and "---" not in line
+    ][1:]  # fmt: skip
+    assert [r.split(" | ")[0] for r in rows] == ["| 1", "| 3"]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("| ").split(" | ")]
+        assert len(cells) == 9 and all(float(c) > 0 for c in cells)

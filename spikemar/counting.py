@@ -243,8 +243,8 @@ def record_ops(
 
         record_ops(self, kind="ssm", macs=tokens * per_token, state_reads=tokens * state)
     """
+    if not _OP_COUNTS.issuperset(counts):  # a misspelt count fails with or without a counter
+        check_op_counts("record_ops", counts)
     sink = _ACTIVE.get()
     if sink is not None:
-        if not _OP_COUNTS.issuperset(counts):
-            check_op_counts("record_ops", counts)
         sink.on_record_ops(module, kind, counts)

@@ -121,6 +121,8 @@ def test_record_and_record_ops_name_an_unknown_count():
 
     with EnergyCounter(Work()) as counter, pytest.raises(TypeError, match="unknown count 'mcas'"):
         counter.model(torch.zeros(1))
+    with pytest.raises(TypeError, match="record_ops: unknown count 'mcas'"):  # no counter either
+        Work()(torch.zeros(1))
 
     class Custom(nn.Module):
         def forward(self, x):

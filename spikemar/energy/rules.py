@@ -7,6 +7,13 @@ own), through the :class:`~spikemar.energy.counter.CountContext` it is handed::
         ctx.synaptic(args[0], fan_out=..., dense_macs=...)   # a spike- or value-driven layer
         ctx.record(macs=..., elementwise_ops=...)             # anything else
 
+A rule runs on every call of its module inside the forward pass, so the built-in ones keep what
+the module's geometry fixes per input shape and do per call only what depends on the values::
+
+    x = args[0]
+    synapse = ctx.static.get(x.shape) or ctx.keep(x.shape, ctx.synapse(x, fan_out=..., ...))
+    ctx.synaptic_call(x, synapse)                 # likewise ctx.add(ctx.event(...)) for counts
+
 Built in:
 
 * synaptic layers: ``nn.Linear`` (and SpikingJelly's ``layer.Linear``), ``nn.Conv1d/2d/3d``

@@ -238,3 +238,18 @@ def test_reset_forgets_rows_and_self_reporting_but_keeps_counting_exactly():
         third = counter.report()
         assert {r.name for r in third.rows} == {"0", "1"} and not third.uncounted
         assert third.row("0").macs == 6 and third.passes == 1
+
+
+@pytest.mark.parametrize("C", [1, 300, 2048, 2049, 3000])
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_kernel_counts_on_either_side_of_the_stack_sums_width(C, tau):
+    # up to 2048 channels the kernel sums per channel in REAL on its stack, above it straight
+    # into the int64 counts: both equal the reference spike train's counts
+    from spikemar.neurons import atmn_quantize, spike_counts
+
+    g = torch.Generator().manual_seed(C)
+    x = torch.randn(3, C, generator=g) * 2
+    p = ATMNParameters(torch.rand(C, generator=g) + 0.2, tau, True)
+    _, counts = cpu_backend.atmn_quantize_decode_cpu(x, 5, p, counts=True)
+    _, spikes = atmn_quantize(x, 5, p, backend="torch")
+    assert torch.equal(counts, spike_counts(spikes))

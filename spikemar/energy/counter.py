@@ -765,7 +765,7 @@ class EnergyCounter(counting.CountsSink):
 
     # -- what the counting hooks (spikemar.counting) call while this counter is active -------
 
-    # signatures and arguments: spikemar.counting.CountsSink's
+    # CountsSink's methods: their arguments' types and meaning are declared once, there
     def on_declare_spikes(self, module, decoded, spikes, ternary) -> None:
         """:func:`spikemar.counting.declare_spikes` landed here. The spike point reads its real
         input (the shape of ``decoded``) and its thresholds once per vector and writes the spike

@@ -21,15 +21,23 @@
 
 #define REAL float
 #define SUFFIX f32
+#define LINEAR_LANES 8 /* a 32-byte vector's lanes, and an integer of REAL's width */
+#define LINEAR_INT int32_t
 #include "linear_impl.h"
 #undef REAL
 #undef SUFFIX
+#undef LINEAR_LANES
+#undef LINEAR_INT
 
 #define REAL double
 #define SUFFIX f64
+#define LINEAR_LANES 4
+#define LINEAR_INT int64_t
 #include "linear_impl.h"
 #undef REAL
 #undef SUFFIX
+#undef LINEAR_LANES
+#undef LINEAR_INT
 
 /* the threading in effect (1: torch's libgomp team, 0: pthreads); mode −1 leaves it */
 int linear_threading(int mode) { return atmn_threading(mode); }

@@ -9,7 +9,7 @@
  * accumulators, every row of x (in L1) meeting each loaded vector of W: the bytes of W at close
  * to the machine's read bandwidth, for any number of rows of x up to a few dozen (beyond that
  * torch's blocked GEMM is the better kernel and the caller uses it). */
-#include "../../neurons/_cpu/parallel.h"
+#include "parallel.h"
 
 /* a·b + c in one rounding where the machine has FMA (the sums are reordered anyway: equal to
  * the reference to rounding, not to the bit); ISO C mode turns contraction off otherwise */
@@ -19,25 +19,8 @@
 #pragma GCC optimize("fp-contract=fast")
 #endif
 
-#define REAL float
-#define SUFFIX f32
-#define LINEAR_LANES 8 /* a 32-byte vector's lanes, and an integer of REAL's width */
-#define LINEAR_INT int32_t
-#include "linear_impl.h"
-#undef REAL
-#undef SUFFIX
-#undef LINEAR_LANES
-#undef LINEAR_INT
-
-#define REAL double
-#define SUFFIX f64
-#define LINEAR_LANES 4
-#define LINEAR_INT int64_t
-#include "linear_impl.h"
-#undef REAL
-#undef SUFFIX
-#undef LINEAR_LANES
-#undef LINEAR_INT
-
-/* the threading in effect (1: torch's libgomp team, 0: pthreads); mode −1 leaves it */
-int linear_threading(int mode) { return atmn_threading(mode); }
+/* the shared scaffolding (parallel.h, simd.h, per_type.h) comes from the neurons' CPU backend,
+ * which build_library puts on the include path */
+#define TYPED_SCAFFOLD "simd.h"
+#define TYPED_BODY "linear_impl.h"
+#include "per_type.h"

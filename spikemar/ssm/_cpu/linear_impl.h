@@ -1,33 +1,20 @@
-/* The GEMV/thin-GEMM of linear.c for one element type (REAL, SUFFIX). */
-
-#define LVEC CAT(lvec_, SUFFIX)
-#define LMASK CAT(lmask_, SUFFIX)
-#define LVL ((int64_t)LINEAR_LANES) /* lanes of a 32-byte vector (AVX2's width) */
-typedef REAL LVEC __attribute__((vector_size(32)));
-typedef LINEAR_INT LMASK __attribute__((vector_size(32)));
-#if defined(__clang__)
-#define LSHUF(v, ...) __builtin_shufflevector(v, v, __VA_ARGS__)
-#else
-#define LSHUF(v, ...) __builtin_shuffle(v, (LMASK){__VA_ARGS__})
-#endif
-
-static inline LVEC CAT(lload_, SUFFIX)(const REAL *p) {
-  LVEC v;
-  memcpy(&v, p, sizeof v);
-  return v;
-}
+/* The GEMV/thin-GEMM of linear.c for one element type (REAL, SUFFIX), on simd.h's vectors (VEC,
+ * VL lanes, VLOAD). */
 
 /* the lanes of v summed pairwise, in a fixed order (the result does not depend on threads), in
- * registers: through memory, each 32-byte store read back as scalars stalls store forwarding,
- * which cost the GEMV ~10 % at batch 1 */
-static inline REAL CAT(lsum_, SUFFIX)(LVEC v) {
-#if LINEAR_LANES == 8
-  v += LSHUF(v, 4, 5, 6, 7, 0, 1, 2, 3);
-  v += LSHUF(v, 2, 3, 0, 1, 6, 7, 4, 5);
-  v += LSHUF(v, 1, 0, 3, 2, 5, 4, 7, 6);
+ * registers: through memory, each 32-byte store read back as scalars stalls store forwarding.
+ * Lane 0 after the rotations by VL/2, ..., 1 is ((l0 + l4) + (l2 + l6)) + ((l1 + l5) + (l3 + l7))
+ * for 8 lanes. GCC takes the rotation as a vector (folded to constants); Clang's shuffle needs
+ * literal indices, so there the lanes are summed in the same order one by one. */
+static inline REAL CAT(lsum_, SUFFIX)(VEC v) {
+#if defined(__clang__)
+  for (int64_t w = VL / 2; w >= 1; w /= 2)
+    for (int64_t i = 0; i < w; ++i) v[i] += v[i + w];
 #else
-  v += LSHUF(v, 2, 3, 0, 1);
-  v += LSHUF(v, 1, 0, 3, 2);
+  MASK lane;
+  for (int64_t i = 0; i < VL; ++i) lane[i] = (LANE_INT)i;
+  for (int64_t w = VL / 2; w >= 1; w /= 2)
+    v += __builtin_shuffle(v, (lane + (LANE_INT)w) & (LANE_INT)(VL - 1));
 #endif
   return v[0];
 }
@@ -37,13 +24,13 @@ static inline REAL CAT(lsum_, SUFFIX)(LVEC v) {
 HOT void CAT(tile_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y,
                                         int64_t K, int64_t N, int64_t o0, int R, int64_t m0,
                                         int S) {
-  LVEC acc[2][4] = {{{0}}};
-  const int64_t Kv = K - K % LVL;
-  for (int64_t k = 0; k < Kv; k += LVL) {
-    LVEC xv[2];
-    for (int s = 0; s < S; ++s) xv[s] = CAT(lload_, SUFFIX)(x + (m0 + s) * K + k);
+  VEC acc[2][4] = {{{0}}};
+  const int64_t Kv = K - K % VL;
+  for (int64_t k = 0; k < Kv; k += VL) {
+    VEC xv[2];
+    for (int s = 0; s < S; ++s) xv[s] = VLOAD(x + (m0 + s) * K + k);
     for (int r = 0; r < R; ++r) {
-      const LVEC wv = CAT(lload_, SUFFIX)(W + (o0 + r) * K + k);
+      const VEC wv = VLOAD(W + (o0 + r) * K + k);
       for (int s = 0; s < S; ++s) acc[s][r] += wv * xv[s];
     }
   }
@@ -111,7 +98,3 @@ void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, 
   run_parallel(CAT(linear_worker_, SUFFIX), jobs, sizeof jobs[0], nthreads);
 }
 
-#undef LVEC
-#undef LMASK
-#undef LVL
-#undef LSHUF

@@ -13,7 +13,9 @@ from torch import nn
 from spikemar.ssm import linear as lin
 from spikemar.ssm.linear import MAX_FAST_ROWS, Linear, linear_cpu
 
-pytestmark = pytest.mark.skipif(lin._load() is None, reason="no C compiler for the CPU kernel")
+pytestmark = pytest.mark.skipif(
+    not lin._LIBRARY.usable(), reason="no C compiler for the CPU kernel"
+)
 
 TOL = {torch.float32: dict(rtol=1e-5, atol=1e-5), torch.float64: dict(rtol=1e-12, atol=1e-12)}
 

@@ -26,6 +26,7 @@ import shutil
 import subprocess
 import sys
 import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -65,10 +66,6 @@ _BLOCK_VALUES = 1 << 15
 _MIN_BLOCK, _MAX_BLOCK = 1024, 8192
 _MIN_ELEMENTS_PER_THREAD = 1 << 15
 
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_build_error: str | None = None
-
 
 def _compiler() -> str | None:
     return (
@@ -89,22 +86,60 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
+class KernelLibrary:
+    """A C library built and loaded on first use, once per process, for every package's CPU
+    kernels (this backend's ATMN library, ``spikemar.ssm``'s mixer and projection kernels).
+    ``build`` compiles, loads and binds it, raising RuntimeError with the reason; a failure is
+    remembered, so a machine without a compiler pays for one attempt, not one per call.
+    ``lib`` is the loaded library, None before the first :meth:`load`."""
+
+    def __init__(self, build: Callable[[], ctypes.CDLL]) -> None:
+        self._build = build
+        self._lock = threading.Lock()
+        self._error: str | None = None
+        self.lib: ctypes.CDLL | None = None
+
+    def load(self) -> ctypes.CDLL:
+        """The library (built on the first call); RuntimeError with the reason if impossible."""
+        if self.lib is not None:
+            return self.lib
+        with self._lock:
+            if self.lib is None:
+                if self._error is not None:
+                    raise RuntimeError(self._error)
+                try:
+                    self.lib = self._build()
+                except RuntimeError as err:
+                    self._error = str(err)
+                    raise
+            return self.lib
+
+    def usable(self) -> bool:
+        """Whether the library is built and loaded (building it on the first call)."""
+        if self.lib is not None:
+            return True
+        if self._error is not None:
+            return False
+        try:
+            self.load()
+        except RuntimeError:
+            return False
+        return True
+
+
+def _build_and_bind() -> ctypes.CDLL:
+    try:
+        return _bind(ctypes.CDLL(str(_build())))
+    except (OSError, RuntimeError, subprocess.SubprocessError) as err:
+        raise RuntimeError(f"the fused CPU kernel could not be built or loaded: {err}") from err
+
+
+_LIBRARY = KernelLibrary(_build_and_bind)
+
+
 def load_library() -> ctypes.CDLL:
     """Build (once per machine) and load the kernel library; raise RuntimeError if impossible."""
-    global _lib, _build_error
-    if _lib is not None:
-        return _lib
-    with _lock:
-        if _lib is not None:
-            return _lib
-        if _build_error is not None:
-            raise RuntimeError(_build_error)
-        try:
-            _lib = _bind(ctypes.CDLL(str(_build())))
-        except (OSError, RuntimeError, subprocess.SubprocessError) as err:
-            _build_error = f"the fused CPU kernel could not be built or loaded: {err}"
-            raise RuntimeError(_build_error) from err
-        return _lib
+    return _LIBRARY.load()
 
 
 def build_library(source: Path, depends: tuple[Path, ...] = ()) -> ctypes.CDLL:
@@ -202,15 +237,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def usable() -> bool:
     """Whether the kernel library is built and loaded (building it on the first call)."""
-    if _lib is not None:
-        return True
-    if _build_error is not None:
-        return False
-    try:
-        load_library()
-    except RuntimeError:
-        return False
-    return True
+    return _LIBRARY.usable()
 
 
 def unusable_reason(x: torch.Tensor, p: ATMNParameters) -> str | None:
@@ -297,7 +324,7 @@ def atmn_quantize_decode_cpu(
     checked in C as :func:`~spikemar.neurons.functional.check_values` checks them: a threshold
     that is not finite and positive, or NaN / ±inf in the input, raises ValueError.
     """
-    lib = _lib if _lib is not None else load_library()
+    lib = _LIBRARY.load()
     x = activation.contiguous()
     vth = p.v_threshold.to(x.dtype).contiguous()
     decoded = torch.empty_like(x, requires_grad=False)

@@ -13,32 +13,22 @@ from __future__ import annotations
 
 import ctypes
 import math
-import threading
 from pathlib import Path
 
 import torch
 
-from ..neurons.cpu_backend import build_library
+from ..neurons.cpu_backend import KernelLibrary, build_library
 
 __all__ = ["MixerStep", "mixer_step_cpu", "rms_norm_cpu", "usable"]
 
 _DIR = Path(__file__).parent / "_cpu"
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
 
 
-def _load() -> ctypes.CDLL:
-    global _lib, _error
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                _lib = _bind(build_library(_DIR / "ssm.c", (_DIR / "ssm_impl.h",)))
-            except RuntimeError as err:
-                _error = str(err)
-        if _lib is None:
-            raise RuntimeError(_error)
-        return _lib
+def _build() -> ctypes.CDLL:
+    return _bind(build_library(_DIR / "ssm.c", (_DIR / "ssm_impl.h",)))
+
+
+_LIBRARY = KernelLibrary(_build)
 
 
 def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
@@ -56,13 +46,7 @@ def _bind(lib: ctypes.CDLL) -> ctypes.CDLL:
 
 def usable() -> bool:
     """Whether the kernels are built and loaded (building them on the first call)."""
-    if _lib is not None:
-        return True
-    try:
-        _load()
-    except RuntimeError:
-        return False
-    return True
+    return _LIBRARY.usable()
 
 
 class _Params(ctypes.Structure):
@@ -110,7 +94,7 @@ class MixerStep:
         discrete: bool = False,
         conv_silu: bool = True,
     ) -> None:
-        lib = _lib if _lib is not None else _load()
+        lib = _LIBRARY.load()
         if n_groups < 1 or head_dim < 1 or d_state < 1:
             raise ValueError(f"head_dim, d_state, n_groups: expected >= 1, got {head_dim}, "
                              f"{d_state}, {n_groups}")  # fmt: skip
@@ -274,7 +258,7 @@ def rms_norm_cpu(
     ``weight`` (over the whole last dimension; None: none), in one C call: equal to
     ``nn.RMSNorm`` (``groups`` = 1) to rounding, the sum of squares taken in double. For a
     float32/float64 CPU ``x`` and a ``weight`` of its dtype and last dimension."""
-    lib = _lib if _lib is not None else _load()
+    lib = _LIBRARY.load()
     x = x.contiguous()
     width = x.shape[-1]
     out = torch.empty_like(x, requires_grad=False)

@@ -13,14 +13,13 @@ rows (training, prefill, large batches) torch's blocked GEMM is the better kerne
 from __future__ import annotations
 
 import ctypes
-import threading
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..neurons.cpu_backend import build_library
+from ..neurons.cpu_backend import KernelLibrary, build_library
 
 __all__ = ["MAX_FAST_ROWS", "Linear", "linear_cpu"]
 
@@ -32,34 +31,25 @@ MAX_FAST_ROWS = 16
 
 _DIR = Path(__file__).parent / "_cpu"
 _DTYPES = (torch.float32, torch.float64)
-_lock = threading.Lock()
-_lib: ctypes.CDLL | None = None
-_error: str | None = None
 
 
-def _load() -> ctypes.CDLL | None:
-    """The kernel library, built on first use; None (and F.linear everywhere) where it cannot
-    be built, e.g. on a machine without a C compiler."""
-    global _lib, _error
-    with _lock:
-        if _lib is None and _error is None:
-            try:
-                lib = build_library(_DIR / "linear.c", (_DIR / "linear_impl.h",))
-            except RuntimeError as err:
-                _error = str(err)
-                return None
-            p, i64 = ctypes.c_void_p, ctypes.c_int64
-            for suffix in ("f32", "f64"):
-                fn = getattr(lib, f"linear_{suffix}")
-                fn.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]  # x W b y M K N threads
-                fn.restype = None
-            _lib = lib
-        return _lib
+def _build() -> ctypes.CDLL:
+    lib = build_library(_DIR / "linear.c", (_DIR / "linear_impl.h",))
+    p, i64 = ctypes.c_void_p, ctypes.c_int64
+    for suffix in ("f32", "f64"):
+        fn = getattr(lib, f"linear_{suffix}")
+        fn.argtypes = [p, p, p, p, i64, i64, i64, ctypes.c_int]  # x W b y M K N threads
+        fn.restype = None
+    return lib
+
+
+# built on first use; where it cannot be (no C compiler), F.linear serves everywhere
+_LIBRARY = KernelLibrary(_build)
 
 
 def _run(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """The kernel on checked, contiguous tensors of one dtype: x [..., K], weight [N, K]."""
-    lib = _lib if _lib is not None else _load()
+    lib = _LIBRARY.load()
     N, K = weight.shape
     out = x.new_empty(*x.shape[:-1], N)
     fn = lib.linear_f32 if x.dtype == torch.float32 else lib.linear_f64
@@ -91,8 +81,7 @@ def linear_cpu(
         )
     if bias is not None and tuple(bias.shape) != (weight.shape[0],):
         raise ValueError(f"bias: expected shape ({weight.shape[0]},), got {tuple(bias.shape)}")
-    if _load() is None:
-        raise RuntimeError(_error)
+    _LIBRARY.load()  # RuntimeError with the reason where it cannot be built
     with torch.no_grad():
         bias = None if bias is None else bias.contiguous()
         return _run(x.contiguous(), weight.contiguous(), bias)
@@ -131,7 +120,7 @@ class Linear(nn.Linear):
             and input.is_contiguous()
             and (b is None or (b.dtype == w.dtype and b.is_cpu and b.is_contiguous()))
             and input.numel() > 0
-            and (_lib is not None or _load() is not None)
+            and _LIBRARY.usable()
         ):
             return _run(input, w, b)
         return F.linear(input, w, b)

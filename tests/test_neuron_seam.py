@@ -214,7 +214,8 @@ def test_a_second_neuron_on_the_scaffolding_equals_its_reference(
 ):
     """Spikes and membranes exactly; gradients to x, v0 and V to 1e-5 (float32)."""
     g = torch.Generator().manual_seed(seed)
-    x = (torch.randn(T, *shape, generator=g) * 2).requires_grad_()
+    # h = u + (x − u)/τ: inputs scaled with τ, so that a single micro-step at τ = 10 can reach V
+    x = (torch.randn(T, *shape, generator=g) * 2 * tau).requires_grad_()
     V = torch.rand(shape[-1], generator=g) + 0.3 if per_channel else torch.tensor(0.7)
     V = V.requires_grad_()
     v0 = torch.randn(*shape, generator=g).requires_grad_() if with_v0 else None

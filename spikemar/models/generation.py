@@ -4,12 +4,15 @@ A model here offers ``init_state(batch, in_place=...)`` and ``step(tokens_t [bat
 (logits [batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state
 (updated in place here: generation owns it). The prompt is fed token by token through ``step``
 (so generation exercises exactly the state that makes it cheap), then tokens are sampled with
-temperature and top-k.
+temperature and top-k. ``fused=True`` runs each token of an SSM model as one C call
+(:mod:`spikemar.models.fused_step`).
 """
 
 from __future__ import annotations
 
 import torch
+
+from .fused_step import FusedStep
 
 __all__ = ["generate"]
 
@@ -23,10 +26,14 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    fused: bool = False,
 ) -> torch.Tensor:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
     ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d).
+    ``fused``: run each token as one C call (:class:`spikemar.models.fused_step.FusedStep`, built
+    for this call: the same logits, without the modules' Python, and without their hooks);
+    raises ValueError for a model it cannot compile (SSM mixers only).
     """
     squeeze = prompt.dim() == 1
     tokens = prompt.unsqueeze(0) if squeeze else prompt
@@ -44,19 +51,22 @@ def generate(
         raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if not isinstance(fused, bool):
+        raise ValueError(f"fused: expected True or False, got {fused!r}")
     was_training = model.training
     model.eval()
     try:
+        step = FusedStep(model, tokens.shape[0]) if fused else model.step
         # generation owns its state and never steps from one twice: let step update it in place
         state = model.init_state(tokens.shape[0], in_place=True)
         logits = None
         for t in range(tokens.shape[1]):
-            logits, state = model.step(tokens[:, t], state)
+            logits, state = step(tokens[:, t], state)
         out = [tokens]
         for _ in range(max_new_tokens):
             next_token = _sample(logits, temperature, top_k, generator)
             out.append(next_token[:, None])
-            logits, state = model.step(next_token, state)
+            logits, state = step(next_token, state)
     finally:
         model.train(was_training)
     result = torch.cat(out, dim=1)

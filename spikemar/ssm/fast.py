@@ -136,6 +136,19 @@ class MixerStep:
         self.state_shape = (H, head_dim, d_state)  # a sequence's SSM state
         self._I, self._H, self._state_values = I, H, H * head_dim * d_state
 
+    def threads(self, batch: int) -> int:
+        """The workers a token of ``batch`` sequences gets: torch's thread count, fewer for a
+        small state."""
+        return max(1, min(torch.get_num_threads(),
+                          batch * self._state_values // _MIN_STATE_PER_THREAD))  # fmt: skip
+
+    @property
+    def address(self) -> int:
+        """The address of the prepared constants (``ssm_impl.h``'s ``mixer_params``), for C
+        code that calls the kernel itself (:mod:`spikemar.models.fused_step`); valid while this
+        object lives."""
+        return ctypes.addressof(self._params)
+
     @staticmethod
     def _identity(*tensors: torch.Tensor | None) -> tuple:
         return tuple(None if t is None else (t.data_ptr(), t.shape) for t in tensors)
@@ -193,9 +206,7 @@ class MixerStep:
             conv_state, ssm_state = conv_state.contiguous(), ssm_state.contiguous()
             new_conv, new_ssm = torch.empty_like(conv_state), torch.empty_like(ssm_state)
         if threads is None:
-            threads = min(
-                torch.get_num_threads(), batch * self._state_values // _MIN_STATE_PER_THREAD
-            )
+            threads = self.threads(batch)
         gated, a = zxbcdt.new_empty(batch, self._I), zxbcdt.new_empty(batch, self._H)
         bad = self._fn(self._ref, zxbcdt.data_ptr(), conv_state.data_ptr(), ssm_state.data_ptr(),
                        new_conv.data_ptr(), new_ssm.data_ptr(), gated.data_ptr(), a.data_ptr(),

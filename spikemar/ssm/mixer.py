@@ -194,7 +194,7 @@ class _StateSpaceMixer(Mixer):
     :class:`MixerState` of ``conv_channels × (d_conv − 1)`` convolution inputs and
     ``state_heads × head_dim × d_state`` state values per sequence, and the C step between the
     projections. A subclass says what differs: its row layout (``_parts``), the scan's inputs
-    (``_scan_inputs``), its output (``_output``, ``_project_out``), its counts
+    (``_scan_inputs``), its output (``_output``, ``out_modules``), its counts
     (``_record_ops``), and its kernel's parameters and switches (``_kernel_params``,
     ``_kernel_options``)."""
 
@@ -218,9 +218,15 @@ class _StateSpaceMixer(Mixer):
     def _output(self, y: torch.Tensor, x: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    # the modules that take the gated output [..., d_inner] to [..., d_model] (what follows the
+    # C step), in order, by attribute name: read by _project_out and by the fused step
+    # (spikemar.models.fused_step), which compiles them
+    out_modules: ClassVar[tuple[str, ...]]
+
     def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
-        """The gated output [..., d_inner] → [..., d_model] (what follows the C step)."""
-        raise NotImplementedError
+        for name in self.out_modules:
+            gated = self._modules[name](gated)
+        return gated
 
     def _record_ops(self, tokens: int, conv: bool) -> None:
         raise NotImplementedError
@@ -274,6 +280,21 @@ class _StateSpaceMixer(Mixer):
         """MixerStep's keyword arguments besides head_dim and d_state."""
         raise NotImplementedError
 
+    def step_kernel(self) -> fast.MixerStep | None:
+        """The C step between the projections prepared for the current parameters (once per
+        parameter set), or None where it cannot serve them (not float32/float64 CPU tensors, no
+        compiler)."""
+        params = self._kernel_params()
+        kernel = _KERNELS.get(self)
+        if kernel is None or not kernel.holds(*params):
+            try:
+                kernel = _KERNELS[self] = fast.MixerStep(
+                    *params, head_dim=self.head_dim, d_state=self.d_state, **self._kernel_options()
+                )
+            except (ValueError, RuntimeError):  # unfit parameters, or no kernel library
+                return None
+        return kernel
+
     def _fast_step(
         self, zxbcdt: torch.Tensor, state: MixerState
     ) -> tuple[torch.Tensor, MixerState] | None:
@@ -287,15 +308,9 @@ class _StateSpaceMixer(Mixer):
             return None
         if not (isinstance(conv, torch.Tensor) and isinstance(ssm, torch.Tensor)):
             return None
-        params = self._kernel_params()
-        kernel = _KERNELS.get(self)
-        if kernel is None or not kernel.holds(*params):
-            try:
-                kernel = _KERNELS[self] = fast.MixerStep(
-                    *params, head_dim=self.head_dim, d_state=self.d_state, **self._kernel_options()
-                )
-            except (ValueError, RuntimeError):  # unfit parameters, or no kernel library
-                return None
+        kernel = self.step_kernel()
+        if kernel is None:
+            return None
         here = (state.in_place and conv.is_contiguous() and ssm.is_contiguous()
                 and not (conv.requires_grad or ssm.requires_grad))  # fmt: skip
         try:
@@ -323,6 +338,7 @@ class SelectiveMixer(_StateSpaceMixer):
         "a Loihi compartment's decay is fixed"
     )
     conv_name = "conv"
+    out_modules = ("norm", "spike_out", "out_proj")  # the gated norm, then as any mixer
 
     def __init__(
         self,
@@ -416,9 +432,6 @@ class SelectiveMixer(_StateSpaceMixer):
         y = (y + self.D[:, None] * x).flatten(-2)
         return self._project_out(y * F.silu(z))
 
-    def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.spike_out(self.norm(gated)))
-
     def _kernel_params(self) -> tuple:
         p, c = self._parameters, self._modules[self.conv_name]._parameters
         return c["weight"], c["bias"], p["dt_bias"], p["A_log"], p["D"], None
@@ -440,6 +453,7 @@ class DiscreteMixer(_StateSpaceMixer):
     spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("in_proj",), "spike_out": ("out_proj",)}
     host_reason = SelectiveMixer.host_reason
     conv_name = "conv1d"
+    out_modules = ("spike_out", "out_proj")  # no gated norm
 
     def __init__(
         self,
@@ -504,9 +518,6 @@ class DiscreteMixer(_StateSpaceMixer):
         y = (y + self.D[:, None] * x).flatten(-2)
         gate = z if self.z_bias is None else z + self.z_bias
         return self._project_out(y * F.silu(gate))
-
-    def _project_out(self, gated: torch.Tensor) -> torch.Tensor:
-        return self.out_proj(self.spike_out(gated))
 
     def _record_ops(self, tokens: int, conv: bool) -> None:
         per_head = 3 * self.head_dim * self.d_state + self.head_dim

@@ -6,14 +6,17 @@ The model is transformers' ``Mamba2ForCausalLM`` with state-spaces/mamba2-130m's
 download), read into spikemar with ``models.pretrained`` (``config_from_hf`` +
 ``state_dict_from_hf``). Rows of one Markdown table, all from one run:
 
-* **generation**, per token, at each ``--batches`` size: spikemar's dense model (``MARLM.step``
-  fed its own greedy token, as ``generate`` does), its spiking student (MAR's spike points,
-  T = 4, thresholds at their initial value: the work per token does not depend on them on the
-  CPU, where a spike point computes W·decode) and transformers' ``generate`` (greedy, its
-  cache). Every token is timed on its own: spikemar's ``step`` calls by the clock around them,
-  transformers' by a logits processor that notes the time at each token (so the time of one
-  token includes everything ``generate`` does per token). ``--rounds`` interleaved rounds (dense,
-  student, transformers, then again); medians over all tokens of all rounds.
+* **generation**, per token, at each ``--batches`` size: spikemar's dense model fed its own
+  greedy token, as ``generate`` does, its spiking student (MAR's spike points, T = 4,
+  thresholds at their initial value: the work per token does not depend on them on the CPU,
+  where a spike point computes W·decode) and transformers' ``generate`` (greedy, its cache).
+  spikemar's two rows per batch: ``MARLM.step`` (the modules, hooks and all: ``generate``'s
+  default) and the fused step (:class:`spikemar.models.fused_step.FusedStep`, one C call per
+  token: ``generate(..., fused=True)``). Every token is timed on its own: spikemar's calls by the
+  clock around them, transformers' by a logits processor that notes the time at each token (so
+  the time of one token includes everything ``generate`` does per token). ``--rounds``
+  interleaved rounds (dense, student, fused dense, fused student, transformers, then again);
+  medians over all tokens of all rounds.
 * the **physical floor** per token: the bytes of weights a token must read (every parameter
   once, float32; the tied head once) at the copy bandwidth measured in the same run (bytes read
   + written per second of a 256 MB ``copy_``; the best of one copy at the start and one after
@@ -78,17 +81,23 @@ def _prompt(batch: int, vocab: int) -> torch.Tensor:
     return torch.randint(0, vocab, (batch, PROMPT), generator=torch.Generator().manual_seed(0))
 
 
-def spikemar_token_times(model, batch: int, tokens: int, vocab: int) -> list[float]:
-    """Seconds of each of ``tokens`` greedy ``model.step`` calls after the prompt."""
+def spikemar_token_times(
+    model, batch: int, tokens: int, vocab: int, fused: bool = False
+) -> list[float]:
+    """Seconds of each of ``tokens`` greedy steps after the prompt: ``model.step`` calls, or
+    ``fused``: a FusedStep's (built before the prompt, as ``generate(fused=True)`` builds one)."""
+    from spikemar.models.fused_step import FusedStep
+
     prompt = _prompt(batch, vocab)
     times = []
     with torch.no_grad():
+        step = FusedStep(model, batch) if fused else model.step
         state = model.init_state(batch, in_place=True)  # as generate's: updated in place
         for t in range(PROMPT):
-            logits, state = model.step(prompt[:, t], state)
+            logits, state = step(prompt[:, t], state)
         for _ in range(tokens):
             start = time.perf_counter()
-            logits, state = model.step(logits.argmax(-1), state)
+            logits, state = step(logits.argmax(-1), state)
             times.append(time.perf_counter() - start)
     return times
 
@@ -177,22 +186,28 @@ def main(argv: list[str] | None = None) -> int:
     print("| row | batch | spikemar dense | spiking student | transformers | dense / floor "
           "| transformers / dense | student / dense |")  # fmt: skip
     print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    runs = {"dense": (dense, False), "student": (student, False),
+            "fused dense": (dense, True), "fused student": (student, True)}  # fmt: skip
     for batch in args.batches:
-        times: dict[str, list[float]] = {"dense": [], "student": [], "hf": []}
-        spikemar_token_times(dense, batch, 2, vocab)  # warm-up: kernels built, caches touched
-        spikemar_token_times(student, batch, 2, vocab)
+        times: dict[str, list[float]] = {name: [] for name in (*runs, "hf")}
+        for model, fused in runs.values():  # warm-up: kernels built, caches touched
+            spikemar_token_times(model, batch, 2, vocab, fused)
         for _ in range(args.rounds):
-            times["dense"] += spikemar_token_times(dense, batch, args.tokens, vocab)
-            times["student"] += spikemar_token_times(student, batch, args.tokens, vocab)
+            for name, (model, fused) in runs.items():
+                times[name] += spikemar_token_times(model, batch, args.tokens, vocab, fused)
             if not args.no_transformers:
                 times["hf"] += hf_token_times(hf, batch, args.hf_tokens, vocab)
             # a copy measured at one instant reads whatever else the machine did then
             bandwidth = max(bandwidth, copy_bandwidth(copy_mb))
             floor = weight_bytes / bandwidth
-        d, s, h = (statistics.median(v) if v else None for v in times.values())
+        med = {name: statistics.median(v) if v else None for name, v in times.items()}
+        h = med["hf"]
         hf_cell = "–" if h is None else f"{1e3 * h:.1f}"
-        print(f"| generation, ms/token | {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | {hf_cell} | "
-              f"{d / floor:.2f} | {_ratio(h, d)} | {s / d:.2f} |", flush=True)  # fmt: skip
+        for label, d, s in (("model.step", med["dense"], med["student"]),
+                            ("fused step", med["fused dense"], med["fused student"])):  # fmt: skip
+            print(f"| generation ({label}), ms/token | {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | "
+                  f"{hf_cell} | {d / floor:.2f} | {_ratio(h, d)} | {s / d:.2f} |",
+                  flush=True)  # fmt: skip
     if args.prefill:
         tokens = torch.randint(0, vocab, (1, args.prefill))
         r = args.prefill_repeats

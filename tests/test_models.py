@@ -156,8 +156,8 @@ def test_bad_spike_config():
 
 def test_pretrained_benchmark_prints_the_whole_table(load_script, capsys):
     """benchmarks/bench_pretrained.py's quick configuration (a tiny Mamba-2) runs in-process
-    and prints one Markdown row per batch and the prefill row, every cell filled. No timing
-    assertions: speed lives in benchmarks/."""
+    and prints two Markdown rows per batch (model.step, the fused step) and the prefill row,
+    every cell filled. No timing assertions: speed lives in benchmarks/."""
     bench = load_script("benchmarks/bench_pretrained.py")
     args = ["--quick", "--batches", "1", "2", "--rounds", "1", "--tokens", "2", "--hf-tokens",
             "1", "--prefill", "8", "--threads", "1"]  # fmt: skip
@@ -165,8 +165,10 @@ def test_pretrained_benchmark_prints_the_whole_table(load_script, capsys):
     out = capsys.readouterr().out
     rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
     assert [r.split(" | ")[0:2] for r in rows[1:]] == [
-        ["| generation, ms/token", "1"],
-        ["| generation, ms/token", "2"],
+        ["| generation (model.step), ms/token", "1"],
+        ["| generation (fused step), ms/token", "1"],
+        ["| generation (model.step), ms/token", "2"],
+        ["| generation (fused step), ms/token", "2"],
         ["| prefill 8 tokens, s", "1"],
     ]
     for row in rows[1:]:

@@ -265,8 +265,10 @@ def check_tokens(
     """Token ids: integer dtype, the expected rank, non-empty, inside the vocabulary."""
     if not isinstance(tokens, torch.Tensor):
         raise TypeError(f"{name}: expected a tensor of token ids, got {type(tokens).__name__}")
-    if tokens.dtype not in (torch.int64, torch.int32, torch.int16, torch.uint8):
-        raise TypeError(f"{name}: expected integer token ids, got dtype {tokens.dtype}")
+    if tokens.dtype not in (torch.int64, torch.int32):  # what nn.Embedding takes
+        raise TypeError(
+            f"{name}: expected integer token ids (int64/int32), got dtype {tokens.dtype}"
+        )
     layout = "[batch, L]" if rank == 2 else "[batch]"
     if tokens.dim() != rank or tokens.numel() == 0:
         shape = tuple(tokens.shape)

@@ -150,7 +150,8 @@ class FusedStep:
         self._run = lib.run_program_f32 if dtype == torch.float32 else lib.run_program_f64
         self._code = ctypes.c_int64()
         self._code_ref = ctypes.byref(self._code)
-        self._states: tuple = ()
+        # (MixerState, conv, ssm) per layer of the states the program points at; none at first
+        self._seen: tuple = ()
         self._state_array = None
         self.vocab_size = config.vocab_size
 
@@ -329,7 +330,7 @@ class FusedStep:
                         f"shape {shape}, got {got}"
                     )
                 tensors.append(t)
-        self._states = tuple(tensors)
+        self._seen = tuple(zip(state, tensors[::2], tensors[1::2], strict=True))
         self._state_array = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
     def __call__(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
@@ -339,10 +340,10 @@ class FusedStep:
         if counting_active() or any(p.record for p in self._points):
             return self.model.step(tokens_t, state)  # counts and rasters need the modules
         if not isinstance(tokens_t, torch.Tensor) or tokens_t.dtype not in (
-            torch.int64, torch.int32, torch.int16, torch.uint8
+            torch.int64, torch.int32
         ):  # fmt: skip
             got = tokens_t.dtype if isinstance(tokens_t, torch.Tensor) else type(tokens_t).__name__
-            raise TypeError(f"tokens_t: expected integer token ids, got {got}")
+            raise TypeError(f"tokens_t: expected integer token ids (int64/int32), got {got}")
         if tuple(tokens_t.shape) != (self.batch,):
             raise ValueError(f"tokens_t: expected token ids [{self.batch}] (this fused step's "
                              f"batch), got {tuple(tokens_t.shape)}")  # fmt: skip
@@ -352,9 +353,17 @@ class FusedStep:
                     "a parameter's storage changed since this FusedStep was built (model.to(), "
                     ".double(), ...): build a new one"
                 )
-        if len(self._states) != 2 * len(state) or not all(
-            a is s.conv and b is s.ssm
-            for a, b, s in zip(self._states[::2], self._states[1::2], state, strict=False)
+        # the full check once per set of layer states; after it, that the same objects hold
+        # the same tensors, still in place (generate passes its list back every token)
+        seen = self._seen
+        if not (
+            seen
+            and type(state) is list
+            and len(state) == len(seen)
+            and all(
+                s is o and s.conv is c and s.ssm is q and s.in_place is True
+                for s, (o, c, q) in zip(state, seen, strict=True)
+            )
         ):
             self._state_pointers(state)
         tokens = tokens_t.to(torch.int64).contiguous()

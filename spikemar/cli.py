@@ -423,12 +423,16 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise _UsageError(message) from err
     if prompt.numel() == 0:
         raise _UsageError("--prompt: expected at least one character")
+    from .models.fused_step import unsupported_reason
+
     out = model.generate(
         prompt,
         args.max_new_tokens,
         temperature=args.temperature,
         top_k=args.top_k,
         generator=torch.Generator().manual_seed(args.seed),
+        # one C call per token where the model allows it (no hooks to keep on the command line)
+        fused=unsupported_reason(model) is None,
     )
     print(tokenizer.decode(out))
     return 0

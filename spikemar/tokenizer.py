@@ -306,9 +306,11 @@ def generate_text(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    fused: bool = False,
 ) -> str:
     """Continue ``prompt`` (text) by ``max_new_tokens`` tokens; returns prompt and continuation
-    as text. ``temperature`` 0 is greedy. The model's vocabulary must cover the tokenizer's."""
+    as text. ``temperature`` 0 is greedy; ``fused``: one C call per token (see
+    :func:`spikemar.models.generate`). The model's vocabulary must cover the tokenizer's."""
     from .models.generation import generate
 
     if not isinstance(prompt, str) or not prompt:
@@ -324,5 +326,6 @@ def generate_text(
         )
     device = next(model.parameters()).device
     out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
-                   temperature=temperature, top_k=top_k, generator=generator)  # fmt: skip
+                   temperature=temperature, top_k=top_k, generator=generator,
+                   fused=fused)  # fmt: skip
     return tokenizer.decode(out.cpu())

@@ -96,7 +96,7 @@ def unsupported_reason(model: nn.Module, batch: int = 1) -> str | None:
     Builds nothing that outlives the call."""
     try:
         FusedStep(model, batch)
-    except (_Unsupported, RuntimeError) as err:
+    except (ValueError, RuntimeError) as err:  # what it cannot compile, a bad batch, no compiler
         return str(err)
     return None
 

@@ -19,9 +19,14 @@ download), read into spikemar with ``models.pretrained`` (``config_from_hf`` +
   medians over all tokens of all rounds.
 * the **physical floor** per token: the bytes of weights a token must read (every parameter
   once, float32; the tied head once) at the copy bandwidth measured in the same run (bytes read
-  + written per second of a 256 MB ``copy_``; the best of one copy at the start and one after
-  every round, as a copy measured at one instant reads whatever else the machine did then). A
-  batch shares one read of the weights, so the floor is the same per step at every batch.
+  + written per second of a 256 MB ``copy_``, the best of 5). A batch shares one read of the
+  weights, so the floor is the same per step at every batch. Two ratios to it: **dense / floor**
+  against the best copy of the whole run (one copy at the start, one before each timed run of
+  each model), and **dense / floor, paired**: each timed run's median against the copy measured
+  just before it, the median over the rounds. The machine's bandwidth moves (on the 2-core VM of
+  benchmarks/RESULTS.md the copies of one run spread 22-34 GB/s), so the first pits a typical
+  step against the best moment of the memory system and the second a step against the memory
+  system of its moment; both are printed.
 * **prefill**: one parallel forward over ``--prefill`` tokens (spikemar's chunked scan against
   transformers' forward), min of ``--prefill-repeats``.
 
@@ -173,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     n_params = sum(t.numel() for t in dense.parameters())
     weight_bytes = 4 * n_params
     copy_mb = 8 if args.quick else 256
-    bandwidth = copy_bandwidth(copy_mb)  # and again in every round: the best is the floor's
+    bandwidth = copy_bandwidth(copy_mb)  # and before every timed run: the best is the floor's
     floor = weight_bytes / bandwidth
     x = torch.randint(0, vocab, (1, 16))
     with torch.no_grad():
@@ -184,30 +189,35 @@ def main(argv: list[str] | None = None) -> int:
           f"transformers {diff:.1e}; load {load_before:.2f} at the start")  # fmt: skip
     print()
     print("| row | batch | spikemar dense | spiking student | transformers | dense / floor "
-          "| transformers / dense | student / dense |")  # fmt: skip
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+          "| dense / floor, paired | transformers / dense | student / dense |")  # fmt: skip
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     runs = {"dense": (dense, False), "student": (student, False),
             "fused dense": (dense, True), "fused student": (student, True)}  # fmt: skip
     for batch in args.batches:
         times: dict[str, list[float]] = {name: [] for name in (*runs, "hf")}
+        paired: dict[str, list[float]] = {name: [] for name in runs}  # per round: median / floor
         for model, fused in runs.values():  # warm-up: kernels built, caches touched
             spikemar_token_times(model, batch, 2, vocab, fused)
         for _ in range(args.rounds):
             for name, (model, fused) in runs.items():
-                times[name] += spikemar_token_times(model, batch, args.tokens, vocab, fused)
+                # the memory system of this moment (a copy reads whatever else the machine does)
+                now = copy_bandwidth(copy_mb)
+                bandwidth = max(bandwidth, now)
+                run = spikemar_token_times(model, batch, args.tokens, vocab, fused)
+                times[name] += run
+                paired[name].append(statistics.median(run) * now / weight_bytes)
             if not args.no_transformers:
                 times["hf"] += hf_token_times(hf, batch, args.hf_tokens, vocab)
-            # a copy measured at one instant reads whatever else the machine did then
-            bandwidth = max(bandwidth, copy_bandwidth(copy_mb))
             floor = weight_bytes / bandwidth
         med = {name: statistics.median(v) if v else None for name, v in times.items()}
         h = med["hf"]
         hf_cell = "–" if h is None else f"{1e3 * h:.1f}"
-        for label, d, s in (("model.step", med["dense"], med["student"]),
-                            ("fused step", med["fused dense"], med["fused student"])):  # fmt: skip
+        rows = (("model.step", "dense", "student"), ("fused step", "fused dense", "fused student"))
+        for label, dense_name, student_name in rows:
+            d, s = med[dense_name], med[student_name]
             print(f"| generation ({label}), ms/token | {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | "
-                  f"{hf_cell} | {d / floor:.2f} | {_ratio(h, d)} | {s / d:.2f} |",
-                  flush=True)  # fmt: skip
+                  f"{hf_cell} | {d / floor:.2f} | {statistics.median(paired[dense_name]):.2f} | "
+                  f"{_ratio(h, d)} | {s / d:.2f} |", flush=True)  # fmt: skip
     if args.prefill:
         tokens = torch.randint(0, vocab, (1, args.prefill))
         r = args.prefill_repeats
@@ -216,13 +226,15 @@ def main(argv: list[str] | None = None) -> int:
         t_hf = None if args.no_transformers else forward_time(lambda: hf(tokens), r)
         hf_cell = "–" if t_hf is None else f"{t_hf:.3g}"  # 3 digits: a short prefill is ms
         print(f"| prefill {args.prefill} tokens, s | 1 | {t_dense:.3g} | {t_student:.3g} | "
-              f"{hf_cell} | – | {_ratio(t_hf, t_dense)} | {t_student / t_dense:.2f} |")  # fmt: skip
+              f"{hf_cell} | – | – | {_ratio(t_hf, t_dense)} | "
+              f"{t_student / t_dense:.2f} |")  # fmt: skip
     print()
     print(
         f"# load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; medians of "
         f"{args.rounds} rounds × {args.tokens} tokens (transformers' × {args.hf_tokens}); "
-        f"copy bandwidth best of the start and every round {bandwidth / 1e9:.1f} GB/s → floor "
-        f"{1e3 * floor:.1f} ms (dense / floor of a row: the best up to that row)"
+        f"copy bandwidth best of the start and every timed run {bandwidth / 1e9:.1f} GB/s → "
+        f"floor {1e3 * floor:.1f} ms (dense / floor of a row: the best up to that row; paired: "
+        "each run against the copy just before it, the median over rounds)"
     )
     return 0
 

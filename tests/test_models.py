@@ -173,8 +173,8 @@ def test_pretrained_benchmark_prints_the_whole_table(load_script, capsys):
     ]
     for row in rows[1:]:
         cells = [c.strip() for c in row.strip("| ").split(" | ")]
-        assert len(cells) == 8
+        assert len(cells) == 9
         numbers = [c for c in cells[2:] if c != "–"]
-        assert len(numbers) == (6 if "generation" in row else 5)
+        assert len(numbers) == (7 if "generation" in row else 5)
         assert all(float(c) > 0 for c in numbers)
     assert "max |Δlogit| spikemar dense vs transformers" in out

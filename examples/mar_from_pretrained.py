@@ -177,8 +177,9 @@ def main(argv: list[str] | None = None) -> int:
     print(comparison)
     gen = torch.Generator().manual_seed(args.seed)
     for name, model in (("teacher", dense), ("student", student)):
+        # fused: each token one C call (the same logits as model.step, without its Python)
         text = generate_text(model, tokenizer, "ROMEO:\n", 60, temperature=0.8, top_k=40,
-                             generator=gen)  # fmt: skip
+                             generator=gen, fused=True)  # fmt: skip
         print(f"--- {name} ---\n{text}")
     print(
         f"validation loss: student {run['best_val']:.4f} nats/token, teacher "

@@ -129,7 +129,9 @@ void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, 
   /* chunks of ~64 KiB of W (at least one tile): what a late thread's share is taken in; a
    * thread per 256 KiB of W at the most: waking the team costs microseconds when it spins and a
    * time slice when a core is busy elsewhere, while a core streams 256 KiB in ~15 µs */
-  int64_t chunk = ((int64_t)1 << 16) / (K * (int64_t)sizeof(REAL)) & ~(int64_t)3;
+  /* K = 0 (an FFN of width 0: y = b) would divide by zero here */
+  const int64_t row_bytes = (K > 0 ? K : 1) * (int64_t)sizeof(REAL);
+  int64_t chunk = ((int64_t)1 << 16) / row_bytes & ~(int64_t)3;
   if (chunk < 4) chunk = 4;
   const int64_t most = N * K * (int64_t)sizeof(REAL) / ((int64_t)1 << 18);
   if (nthreads > most) nthreads = most > 1 ? (int)most : 1;

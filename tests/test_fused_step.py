@@ -628,3 +628,164 @@ def test_a_decay_that_is_not_finite_raises_as_step_does(name, value):
             fused(tokens, fused.init_state())
         parameter.copy_(kept)
     assert_bitwise(*step_both(model, 2, fused=fused))
+
+
+# -- review: crashes, thread safety, parity ---------------------------------------------------
+
+
+def run_child(code: str) -> subprocess.CompletedProcess:
+    """``code`` in a child process (the failures these guard against are crashes)."""
+    return subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+        timeout=300, cwd=Path(__file__).resolve().parents[1],
+    )  # fmt: skip
+
+
+def test_two_threads_calling_one_fused_step_get_their_own_logits():
+    """ctypes releases the GIL during the C call: two threads' calls shared the head's logits
+    pointer and the scratch buffers (one thread's logits written into the other's freed tensor:
+    a crash, or wrong logits). Calls are serialized."""
+    done = run_child("""
+        import threading, torch
+        from spikemar.models import MARLM, MARConfig
+        from spikemar.models.fused_step import FusedStep
+        torch.manual_seed(0)
+        config = MARConfig(vocab_size=4096, d_model=128, n_layers=2, d_state=16, head_dim=32,
+                           spikes=None, ffn=None)
+        fused = FusedStep(MARLM(config).eval(), 1)
+        tokens = [torch.tensor([i]) for i in range(30)]
+        def run(seq):
+            state = fused.init_state()
+            return [fused(t, state)[0].clone() for t in seq]
+        want = [run(tokens), run(tokens[::-1])]
+        got = [None, None]
+        def work(k):
+            got[k] = run(tokens if k == 0 else tokens[::-1])
+        bad = 0
+        for _ in range(10):
+            threads = [threading.Thread(target=work, args=(k,)) for k in range(2)]
+            [t.start() for t in threads]
+            [t.join() for t in threads]
+            bad += sum(not torch.equal(g, w) for k in range(2)
+                       for g, w in zip(got[k], want[k], strict=True))
+        print("mismatched", bad)
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
+    assert "mismatched 0" in done.stdout
+
+
+def test_an_ffn_of_width_zero_runs_as_step():
+    """ffn_hidden=0 (MARConfig takes it): the down projection has K = 0, and the GEMV's chunk
+    size divided by K (SIGFPE)."""
+    done = run_child("""
+        import warnings, torch
+        from spikemar.models import MARLM, MARConfig
+        from spikemar.models.fused_step import FusedStep
+        warnings.simplefilter("ignore")
+        torch.manual_seed(0)
+        config = MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4, head_dim=4,
+                           spikes=None, ffn_hidden=0)
+        model = MARLM(config).eval()
+        fused = FusedStep(model, 1)
+        with torch.no_grad():
+            want = model.step(torch.tensor([3]), model.init_state(1, in_place=True))[0]
+        got = fused(torch.tensor([3]), fused.init_state())[0]
+        print("close", torch.allclose(got, want, rtol=1e-5, atol=1e-6))
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
+    assert "close True" in done.stdout
+
+
+def test_a_head_wider_than_the_config_vocabulary_gives_its_logits():
+    """A head whose out_features is not config.vocab_size (a resized vocabulary): the logits
+    were allocated [batch, vocab_size] and the head wrote out_features columns into them."""
+    done = run_child("""
+        import torch
+        from spikemar.models import MARLM, MARConfig
+        from spikemar.models.fused_step import FusedStep
+        from spikemar.ssm.linear import Linear
+        torch.manual_seed(0)
+        config = MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4, head_dim=4,
+                           spikes=None, ffn=None)
+        model = MARLM(config).eval()
+        model.head = Linear(16, 1 << 16)
+        fused = FusedStep(model, 1)
+        state, want_state = fused.init_state(), model.init_state(1, in_place=True)
+        with torch.no_grad():
+            for t in range(30):
+                token = torch.tensor([t % 20])
+                got, want = fused(token, state)[0], model.step(token, want_state)[0]
+                assert got.shape == want.shape and torch.equal(got, want), t
+        print("equal")
+    """)
+    assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
+    assert "equal" in done.stdout
+
+
+def test_modules_whose_widths_do_not_fit_are_refused():
+    """What the C trusts (the widths of the buffers between operations) is checked at build:
+    an in_proj replaced by one of another width, an embedding of another width."""
+    from spikemar.ssm.linear import Linear
+
+    model = mar_model(0, ffn=None, n_layers=1)
+    mixer = model.layers[0].mixer
+    mixer.in_proj = Linear(32, mixer.in_proj.out_features - 8)
+    with pytest.raises(ValueError, match=r"layers\.0\.mixer"):
+        FusedStep(model)
+    model = mar_model(0, ffn=None, n_layers=1)
+    model.embed = nn.Embedding(VOCAB, 48)
+    with pytest.raises(ValueError, match="embed"):
+        FusedStep(model)
+    model = mar_model(0, ffn=None, n_layers=1)
+    model.layers[0].mixer.out_proj = Linear(64, 48)  # out of the mixer: 48 wide, the stream 32
+    with pytest.raises(ValueError, match=r"layers\.0"):
+        FusedStep(model)
+
+
+def test_a_head_that_is_not_a_plain_linear_is_refused():
+    """The head was compiled as a projection whatever its class: a Linear subclass with its own
+    forward had that forward silently skipped, another module raised AttributeError (which
+    unsupported_reason, and so the CLI, did not catch)."""
+    from spikemar.ssm.linear import Linear
+
+    class Scaled(Linear):
+        def forward(self, x):
+            return 2 * super().forward(x)
+
+    model = mar_model(0, ffn=None, n_layers=1)
+    model.head = Scaled(32, VOCAB)
+    with pytest.raises(ValueError, match="head"):
+        FusedStep(model)
+    model.head = nn.Sequential(Linear(32, VOCAB))
+    assert "head" in unsupported_reason(model)
+
+
+def test_spike_thresholds_changed_in_place_are_seen():
+    """load_state_dict or an optimizer step changes a (V = exp(a)) in place, as it changes the
+    weights: the fused step had kept the V of its build."""
+    model = mar_model(13, spikes=SpikeConfig(T=3, tau=2.0))
+    fused = FusedStep(model, 2)
+    step_both(model, 2, n_tokens=1, fused=fused)
+    other = mar_model(14, spikes=SpikeConfig(T=3, tau=2.0))
+    perturb(other, 15, scale=0.5)
+    model.load_state_dict(other.state_dict())
+    assert_close(step_both(model, 2, n_tokens=3, fused=fused)[0], torch.float32)
+    with torch.no_grad():
+        for p in model.spike_points():
+            p.module.neuron.log_threshold.add_(0.3)
+    assert_close(step_both(model, 2, n_tokens=3, fused=fused)[0], torch.float32)
+    for p in model.spike_points():  # τ, read by the kernel as τ and 1/τ
+        p.module.neuron.tau = 1.5
+    assert_close(step_both(model, 2, n_tokens=3, fused=fused)[0], torch.float32)
+
+
+def test_ids_beyond_the_config_vocabulary_are_refused_as_step_refuses_them():
+    """An embedding with more rows than config.vocab_size: model.step checks the config's."""
+    model = mar_model(0, ffn=None, n_layers=1)
+    with torch.no_grad():
+        model.embed = nn.Embedding(VOCAB + 5, 32)
+    fused = FusedStep(model, 1)
+    with pytest.raises(ValueError, match=rf"tokens_t.*{VOCAB}"):
+        model.step(torch.tensor([VOCAB + 2]), model.init_state(1, in_place=True))
+    with pytest.raises(ValueError, match=rf"tokens_t.*{VOCAB}"):
+        fused(torch.tensor([VOCAB + 2]), fused.init_state())

@@ -24,9 +24,13 @@ What it leaves out, on purpose (the reasons a serious user must know):
   instead, so counts and rasters stay right.
 * **what it reads when**: weights are read from their storage at every call (in-place changes,
   an optimizer step or ``load_state_dict``, are seen); spike thresholds V = exp(a) are computed
-  when it is built. A parameter whose storage was replaced (``model.double()``) is detected and
-  raises; replaced modules or parameters are not: build a new one after changing the model.
+  when it is built and again when ``a`` changed in place (its version counter: not a change
+  through ``.data``) or τ did. A parameter whose storage was replaced (``model.double()``) is
+  detected and raises; replaced modules or parameters are not: build a new one after changing
+  the model.
 * **state**: updated in place (``init_state`` makes it so), as ``generate`` does.
+* **threads**: calls from several threads run one at a time (they share the scratch buffers);
+  the thread counts are torch's when it is built.
 
 Supported: :class:`~spikemar.models.MARLM` with selective (Mamba-2) or discrete (Llamba) mixers
 in every layer, dense or spiking (MAR's fused ATMN spike points), SwiGLU/Llama FFNs or none, on
@@ -38,6 +42,7 @@ subclassed module, CUDA) raises ValueError naming the first module it cannot com
 from __future__ import annotations
 
 import ctypes
+import threading
 from pathlib import Path
 
 import torch
@@ -126,6 +131,11 @@ class FusedStep:
         self._checked: list[tuple[torch.Tensor, int]] = []  # parameters and their storage
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
         self._points: list[SpikePoint] = []
+        # per spike point: its a, neuron, point, V (refreshed in place) and op index; and what
+        # V was computed from: a's version counter and τ (compared as lists at each call)
+        self._thresholds: list[tuple] = []
+        self._versions: list[int] = []
+        self._taus: list[float] = []
         self._kernels: list = []  # the mixers' prepared steps (their constants' addresses)
         self._error_sites: list[tuple[str, object]] = []  # per op: (module path, what failed)
         config = model.config
@@ -143,13 +153,20 @@ class FusedStep:
             if layer.ffn is not None:
                 self._ffn(layer, name, x)
         logits_in = self._chain([("norm", model.norm)], x, "")
+        if type(model.head) not in (Linear, nn.Linear):  # a subclass's forward would be skipped
+            raise _Unsupported(f"head: a fused step cannot compile {type(model.head).__name__}")
         self._linear("head", model.head, logits_in, "logits")
         self._head = len(self._ops) - 1  # its output pointer is each call's new logits
+        # the logits are as wide as the head writes them (what model.step returns)
+        self._logits_width = model.head.out_features
         self._array = (_Op * len(self._ops))(*(_Op(*op) for op in self._ops))
         lib = self._lib
         self._run = lib.run_program_f32 if dtype == torch.float32 else lib.run_program_f64
         self._code = ctypes.c_int64()
         self._code_ref = ctypes.byref(self._code)
+        # ctypes lets go of the GIL in the call: two threads' calls would share the buffers and
+        # the head's logits pointer (one writing into the other's freed logits)
+        self._lock = threading.Lock()
         # (MixerState, conv, ssm) per layer of the states the program points at; none at first
         self._seen: tuple = ()
         self._state_array = None
@@ -185,8 +202,12 @@ class FusedStep:
         if type(embed) is not nn.Embedding or embed.max_norm is not None:
             raise _Unsupported(f"embed: expected a plain nn.Embedding, got {embed}")
         w = embed.weight
+        if w.dim() != 2 or w.shape[1] != out.shape[1]:
+            raise _Unsupported(f"embed: {tuple(w.shape)} rows for a stream {out.shape[1]} wide")
+        # ids in [0, config.vocab_size), what model.step checks (and the table's rows)
+        vocab = min(w.shape[0], self.model.config.vocab_size)
         self._emit(_EMBED, "embed", p=(self._param(w, "embed.weight"), out.data_ptr()),
-                   n=(w.shape[1], w.shape[0], self.batch))  # fmt: skip
+                   n=(w.shape[1], vocab, self.batch))  # fmt: skip
 
     def _chain(self, modules: list[tuple[str, nn.Module]], x: torch.Tensor, prefix: str):
         """Operations for modules applied one after another to x; returns the last output."""
@@ -251,6 +272,9 @@ class FusedStep:
                    f=(float(p.tau), _decay(p.tau)))  # fmt: skip
         self._error_sites[-1] = (path, (point, vth, n))
         self._points.append(point)
+        self._thresholds.append((a, neuron, point, vth, len(self._ops) - 1))
+        self._versions.append(a._version)
+        self._taus.append(p.tau)
         return out
 
     def _mixer(self, layer: nn.Module, i: int, name: str, x: torch.Tensor) -> None:
@@ -264,6 +288,14 @@ class FusedStep:
         kernel = mixer.step_kernel()
         if kernel is None:
             raise _Unsupported(f"{name}.mixer: its C step cannot serve its parameters")
+        # the C step reads and writes the widths its parameters give: the buffers and the states
+        # (made and checked from the mixer's attributes) must have them
+        widths = (zx.shape[1], mixer.d_inner, mixer.state_heads, mixer.head_dim, mixer.d_state,
+                  (mixer.conv_channels, mixer.d_conv - 1))  # fmt: skip
+        if widths != (kernel.width, kernel._I, *kernel.state_shape, kernel.conv_shape):
+            raise _Unsupported(f"{name}.mixer: its modules' widths do not fit its parameters "
+                               f"(in_proj gives {zx.shape[1]}, its C step takes "
+                               f"{kernel.width})")  # fmt: skip
         for t in kernel._held:  # the kernel reads the parameters' storage itself
             if t is not None:
                 self._checked.append((t, t.data_ptr()))
@@ -278,6 +310,12 @@ class FusedStep:
                           f"{name}.mixer")  # fmt: skip
         # residual_in_fp32: the stream rounded to float32 before the add (float64 models)
         fp32 = int(layer.residual_in_fp32 and self.dtype != torch.float32)
+        self._add(name, x, out, fp32)
+
+    def _add(self, name: str, x: torch.Tensor, out: torch.Tensor, fp32: int = 0) -> None:
+        if out.shape != x.shape:  # the add reads x.numel() values of out
+            raise _Unsupported(f"{name}: a branch {out.shape[1]} wide for a stream {x.shape[1]} "
+                               "wide")  # fmt: skip
         self._emit(_ADD, name, p=(x.data_ptr(), out.data_ptr()), n=(x.numel(), fp32))
 
     def _ffn(self, layer: nn.Module, name: str, x: torch.Tensor) -> None:
@@ -295,7 +333,7 @@ class FusedStep:
             raise _Unsupported(f"{prefix}: gate and up widths differ")
         self._emit(_SWIGLU, prefix, p=(g.data_ptr(), u.data_ptr(), h.data_ptr()), n=(h.numel(),))
         out = self._chain([("spike_hidden", ffn.spike_hidden), (ffn.names[2], down)], h, prefix)
-        self._emit(_ADD, name, p=(x.data_ptr(), out.data_ptr()), n=(x.numel(),))
+        self._add(name, x, out)
 
     # -- running ----------------------------------------------------------------------------
     def init_state(self) -> list:
@@ -347,12 +385,21 @@ class FusedStep:
         if tuple(tokens_t.shape) != (self.batch,):
             raise ValueError(f"tokens_t: expected token ids [{self.batch}] (this fused step's "
                              f"batch), got {tuple(tokens_t.shape)}")  # fmt: skip
+        with self._lock:
+            return self._locked_call(tokens_t, state)
+
+    def _locked_call(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         for t, ptr in self._checked:
             if t.data_ptr() != ptr:
                 raise RuntimeError(
                     "a parameter's storage changed since this FusedStep was built (model.to(), "
                     ".double(), ...): build a new one"
                 )
+        points = self._thresholds  # as lists: ~0.2 µs a spike point (a loop: twice that)
+        versions, taus = [e[0]._version for e in points], [e[1].tau for e in points]
+        if versions != self._versions or taus != self._taus:
+            for k in range(len(points)):
+                self._refresh_threshold(k)
         # the full check once per set of layer states; after it, that the same objects hold
         # the same tensors, still in place (generate passes its list back every token)
         seen = self._seen
@@ -367,13 +414,30 @@ class FusedStep:
         ):
             self._state_pointers(state)
         tokens = tokens_t.to(torch.int64).contiguous()
-        logits = torch.empty(self.batch, self.vocab_size, dtype=self.dtype)
+        logits = torch.empty(self.batch, self._logits_width, dtype=self.dtype)
         self._array[self._head].p[3] = logits.data_ptr()
         failed = self._run(self._array, len(self._ops), tokens.data_ptr(), self._state_array,
                            self._code_ref)  # fmt: skip
         if failed:
             self._raise(failed - 1, self._code.value, tokens)
         return logits, state
+
+    def _refresh_threshold(self, k: int) -> None:
+        """V = exp(a) and τ of spike point k again where its ``a`` changed in place or its τ
+        changed, as the module's fused path computes them, into the V tensor and the operation
+        the program reads."""
+        a, neuron, point, vth, index = self._thresholds[k]
+        if a._version == self._versions[k] and neuron.tau == self._taus[k]:
+            return
+        p = point._inference_parameters(neuron)
+        v = p.v_threshold.detach().to(self.dtype)
+        if v.shape != vth.shape:
+            raise RuntimeError(f"{self._error_sites[index][0]}: its threshold's shape changed "
+                               "since this FusedStep was built: build a new one")  # fmt: skip
+        vth.copy_(v)
+        op = self._array[index]
+        op.f[0], op.f[1] = float(p.tau), _decay(p.tau)
+        self._versions[k], self._taus[k] = a._version, p.tau
 
     def _raise(self, index: int, code: int, tokens: torch.Tensor) -> None:
         kind = self._ops[index][0]
@@ -383,6 +447,8 @@ class FusedStep:
                              f"{tokens[code].item()} at position {code}")  # fmt: skip
         path, what = site
         if kind == _MIXER:
+            if code < 0:  # its scratch (mixer_step_cpu raises the same)
+                raise MemoryError(f"{path}: the mixer step's scratch could not be allocated")
             raise ValueError(f"{path}: a_t (log decay) must be finite and <= 0, but {code} "
                              "values are not")  # fmt: skip
         if kind == _SPIKE:

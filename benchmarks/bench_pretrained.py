@@ -211,11 +211,11 @@ def main(argv: list[str] | None = None) -> int:
             floor = weight_bytes / bandwidth
         med = {name: statistics.median(v) if v else None for name, v in times.items()}
         h = med["hf"]
-        hf_cell = "–" if h is None else f"{1e3 * h:.1f}"
+        hf_cell = "–" if h is None else f"{1e3 * h:.3g}"
         rows = (("model.step", "dense", "student"), ("fused step", "fused dense", "fused student"))
         for label, dense_name, student_name in rows:
             d, s = med[dense_name], med[student_name]
-            print(f"| generation ({label}), ms/token | {batch} | {1e3 * d:.1f} | {1e3 * s:.1f} | "
+            print(f"| generation ({label}), ms/token | {batch} | {1e3 * d:.3g} | {1e3 * s:.3g} | "
                   f"{hf_cell} | {d / floor:.2f} | {statistics.median(paired[dense_name]):.2f} | "
                   f"{_ratio(h, d)} | {s / d:.2f} |", flush=True)  # fmt: skip
     if args.prefill:

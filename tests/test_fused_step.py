@@ -88,15 +88,9 @@ def hf_pair(seed: int = 0, **overrides):
     """A random transformers Mamba2ForCausalLM (perturbed away from its init) and spikemar's
     conversion of it (float32, eval)."""
     transformers = pytest.importorskip("transformers")
-    kwargs = dict(
-        vocab_size=VOCAB, hidden_size=32, state_size=8, num_hidden_layers=2, head_dim=8,
-        num_heads=8, expand=2, conv_kernel=4, n_groups=1, chunk_size=8,
-        tie_word_embeddings=False, use_bias=False, use_conv_bias=True,
-        residual_in_fp32=True, layer_norm_epsilon=1e-5, pad_token_id=0, bos_token_id=0,
-        eos_token_id=0,
-    )  # fmt: skip
-    kwargs.update(overrides)
-    config = transformers.Mamba2Config(**kwargs)
+    from test_pretrained_parity import hf_config  # the parity tests' tiny Mamba-2 (tests/ on path)
+
+    config = hf_config(**{"vocab_size": VOCAB, **overrides})
     torch.manual_seed(seed)
     hf = transformers.Mamba2ForCausalLM(config).eval()
     perturb(hf, seed)

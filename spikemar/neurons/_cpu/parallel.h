@@ -75,10 +75,14 @@ static void run_parallel(void *(*worker)(void *), void *jobs, size_t job_size, i
     return;
   }
   pthread_t threads[MAX_THREADS];
+  int started[MAX_THREADS] = {0};
   for (int k = 1; k < njobs && k < MAX_THREADS; ++k)
-    pthread_create(&threads[k], NULL, worker, items + (size_t)k * job_size);
+    started[k] = pthread_create(&threads[k], NULL, worker, items + (size_t)k * job_size) == 0;
   worker(items);
-  for (int k = 1; k < njobs && k < MAX_THREADS; ++k) pthread_join(threads[k], NULL);
+  for (int k = 1; k < njobs && k < MAX_THREADS; ++k) {
+    if (started[k]) pthread_join(threads[k], NULL);
+    else worker(items + (size_t)k * job_size); /* no thread could be made: its job runs here */
+  }
 }
 
 /* Cuts [0, units·unit) (clipped to total) into at most nthreads contiguous ranges of whole

@@ -783,3 +783,16 @@ def test_ids_beyond_the_config_vocabulary_are_refused_as_step_refuses_them():
         model.step(torch.tensor([VOCAB + 2]), model.init_state(1, in_place=True))
     with pytest.raises(ValueError, match=rf"tokens_t.*{VOCAB}"):
         fused(torch.tensor([VOCAB + 2]), fused.init_state())
+
+
+def test_a_state_tensor_moved_to_other_storage_is_checked_again():
+    """After one call, a state tensor given another storage in place (``set_``, a growing
+    ``resize_``) is checked in full again: the C program would write the old size into it."""
+    _, fused, state, tokens = stepped_fused_state()
+    state[0].ssm.set_(torch.zeros(3))
+    with pytest.raises(ValueError, match=r"state\[0\]\.ssm"):
+        fused(tokens, state)
+    _, fused, state, tokens = stepped_fused_state()
+    state[1].conv.resize_(*state[1].conv.shape[:-1], 64)
+    with pytest.raises(ValueError, match=r"state\[1\]\.conv"):
+        fused(tokens, state)

@@ -368,7 +368,11 @@ class FusedStep:
                         f"shape {shape}, got {got}"
                     )
                 tensors.append(t)
-        self._seen = tuple(zip(state, tensors[::2], tensors[1::2], strict=True))
+        convs, ssms = tensors[::2], tensors[1::2]
+        self._seen = tuple(
+            (s, c, q, c.data_ptr(), q.data_ptr())
+            for s, c, q in zip(state, convs, ssms, strict=True)
+        )
         self._state_array = (ctypes.c_void_p * len(tensors))(*(t.data_ptr() for t in tensors))
 
     def __call__(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
@@ -404,15 +408,21 @@ class FusedStep:
             for k in range(len(points)):
                 self._refresh_threshold(k)
         # the full check once per set of layer states; after it, that the same objects hold
-        # the same tensors, still in place (generate passes its list back every token)
+        # the same tensors on the same storage (set_() or a growing resize_() moves it), still
+        # in place (generate passes its list back every token)
         seen = self._seen
         if not (
             seen
             and type(state) is list
             and len(state) == len(seen)
             and all(
-                s is o and s.conv is c and s.ssm is q and s.in_place is True
-                for s, (o, c, q) in zip(state, seen, strict=True)
+                s is o
+                and s.conv is c
+                and s.ssm is q
+                and s.in_place is True
+                and c.data_ptr() == cp
+                and q.data_ptr() == qp
+                for s, (o, c, q, cp, qp) in zip(state, seen, strict=True)
             )
         ):
             self._state_pointers(state)

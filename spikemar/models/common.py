@@ -146,10 +146,21 @@ class SpikePoint(nn.Module):
 
     def _fused_ready(self, x: torch.Tensor, neuron: ATMN) -> bool:
         """What both fused paths need: no recording, no energy counter that needs the spike
-        train (one that takes spike counts is fine), backend 'auto' or 'cpu', and an input the
-        reference would accept. Written for speed (generation runs it for every spike point of
-        every token): ``is_cpu`` rather than ``device.type``, the cheap tests first."""
-        if self.record or neuron.backend not in _FAST_BACKENDS or spike_train_needed(self):
+        train (one that takes spike counts is fine), and what :meth:`kernel_fits` says. Written
+        for speed (generation runs it for every spike point of every token): the cheap tests
+        first."""
+        if self.record or spike_train_needed(self):
+            return False
+        return self.kernel_fits(x, neuron)
+
+    def kernel_fits(self, x: torch.Tensor, neuron: ATMN) -> bool:
+        """Whether the CPU kernels (:func:`spikemar.neurons.cpu_backend.atmn_quantize_decode_cpu`
+        and its training twin) serve this point on input ``x``: backend 'auto' or 'cpu', a
+        float32/float64 CPU input the reference would accept, a threshold of one value or one
+        per channel of ``x``, 1 ≤ T ≤ ``QUANTIZE_MAX_T`` and a built library (the fused step of
+        :mod:`spikemar.models.fused_step` compiles a point by the same rule). ``is_cpu`` rather
+        than ``device.type``: this runs per token."""
+        if neuron.backend not in _FAST_BACKENDS:
             return False
         if not isinstance(x, torch.Tensor) or not x.is_cpu or x.dtype not in _FAST_DTYPES:
             return False

@@ -92,10 +92,6 @@ _MIXERS = (SelectiveMixer, DiscreteMixer)
 _FFNS = (FeedForward, LlamaMLP)
 
 
-class _Unsupported(ValueError):
-    pass
-
-
 def unsupported_reason(model: nn.Module, batch: int = 1) -> str | None:
     """Why :class:`FusedStep` cannot compile ``model`` for ``batch`` sequences (None: it can).
     Builds nothing that outlives the call."""
@@ -118,43 +114,42 @@ class FusedStep:
         if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
             raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
         if not isinstance(model, MARLM) or type(model).step is not MARLM.step:
-            raise _Unsupported(f"model: expected a MARLM (whose step it compiles), got "
+            raise ValueError(f"model: expected a MARLM (whose step it compiles), got "
                                f"{type(model).__name__}")  # fmt: skip
         dtype = model.embed.weight.dtype
         if dtype not in _DTYPES or not model.embed.weight.is_cpu:
-            raise _Unsupported(f"model: expected float32/float64 parameters on the CPU, got "
+            raise ValueError(f"model: expected float32/float64 parameters on the CPU, got "
                                f"{dtype} on {model.embed.weight.device}")  # fmt: skip
         self._lib = _LIBRARY.load()
         self.model, self.batch, self.dtype = model, batch, dtype
         self._ops: list[tuple] = []
-        self._held: list[torch.Tensor] = []  # every tensor the program points into
+        # the tensors the program points into are held by these three (and the mixers' steps)
         self._checked: list[tuple[torch.Tensor, int]] = []  # parameters and their storage
         self._buffers: dict[tuple[str, int], torch.Tensor] = {}
-        self._points: list[SpikePoint] = []
         # per spike point: its a, neuron, point, V (refreshed in place) and op index; and what
         # V was computed from: a's version counter and τ (compared as lists at each call)
         self._thresholds: list[tuple] = []
         self._versions: list[int] = []
         self._taus: list[float] = []
         self._kernels: list = []  # the mixers' prepared steps (their constants' addresses)
-        self._error_sites: list[tuple[str, object]] = []  # per op: (module path, what failed)
+        self._error_sites: list[str] = []  # per op: the module path it stands for
         config = model.config
         if "attn" in config.layer_kinds() or "lti" in config.layer_kinds():
             kind = next(k for k in config.layer_kinds() if k in ("attn", "lti"))
-            raise _Unsupported(f"model: a fused step compiles SSM mixers only, the model has "
+            raise ValueError(f"model: a fused step compiles SSM mixers only, the model has "
                                f"{kind!r} layers")  # fmt: skip
         x = self._buffer("stream", config.d_model)
         self._embed(model.embed, x)
         for i, layer in enumerate(model.layers):
             name = f"layers.{i}"
             if type(layer) is not MARLayer:
-                raise _Unsupported(f"{name}: {type(layer).__name__} is not a MARLayer")
+                raise ValueError(f"{name}: {type(layer).__name__} is not a MARLayer")
             self._mixer(layer, i, name, x)
             if layer.ffn is not None:
                 self._ffn(layer, name, x)
         logits_in = self._chain([("norm", model.norm)], x, "")
         if type(model.head) not in (Linear, nn.Linear):  # a subclass's forward would be skipped
-            raise _Unsupported(f"head: a fused step cannot compile {type(model.head).__name__}")
+            raise ValueError(f"head: a fused step cannot compile {type(model.head).__name__}")
         self._linear("head", model.head, logits_in, "logits")
         self._head = len(self._ops) - 1  # its output pointer is each call's new logits
         # the logits are as wide as the head writes them (what model.step returns)
@@ -186,9 +181,8 @@ class FusedStep:
         if t is None:
             return 0
         if t.dtype != self.dtype or not t.is_cpu or not t.is_contiguous():
-            raise _Unsupported(f"{name}: expected a contiguous CPU {self.dtype} tensor, got "
+            raise ValueError(f"{name}: expected a contiguous CPU {self.dtype} tensor, got "
                                f"{t.dtype} on {t.device}")  # fmt: skip
-        self._held.append(t)
         self._checked.append((t, t.data_ptr()))
         return t.data_ptr()
 
@@ -200,10 +194,10 @@ class FusedStep:
 
     def _embed(self, embed: nn.Module, out: torch.Tensor) -> None:
         if type(embed) is not nn.Embedding or embed.max_norm is not None:
-            raise _Unsupported(f"embed: expected a plain nn.Embedding, got {embed}")
+            raise ValueError(f"embed: expected a plain nn.Embedding, got {embed}")
         w = embed.weight
         if w.dim() != 2 or w.shape[1] != out.shape[1]:
-            raise _Unsupported(f"embed: {tuple(w.shape)} rows for a stream {out.shape[1]} wide")
+            raise ValueError(f"embed: {tuple(w.shape)} rows for a stream {out.shape[1]} wide")
         # ids in [0, config.vocab_size), what model.step checks (and the table's rows)
         vocab = min(w.shape[0], self.model.config.vocab_size)
         self._emit(_EMBED, "embed", p=(self._param(w, "embed.weight"), out.data_ptr()),
@@ -222,13 +216,13 @@ class FusedStep:
             elif type(m) in (Linear, nn.Linear):
                 x = self._linear(path, m, x, name)  # one output per projection name
             else:
-                raise _Unsupported(f"{path}: a fused step cannot compile {type(m).__name__}")
+                raise ValueError(f"{path}: a fused step cannot compile {type(m).__name__}")
         return x
 
     def _norm(self, path: str, m: nn.RMSNorm, x: torch.Tensor) -> torch.Tensor:
         width = x.shape[1]
         if tuple(m.normalized_shape) != (width,):
-            raise _Unsupported(f"{path}: normalized_shape {tuple(m.normalized_shape)} is not "
+            raise ValueError(f"{path}: normalized_shape {tuple(m.normalized_shape)} is not "
                                f"({width},)")  # fmt: skip
         groups = getattr(m, "groups", 1)
         eps = torch.finfo(self.dtype).eps if m.eps is None else m.eps
@@ -240,7 +234,7 @@ class FusedStep:
 
     def _linear(self, path: str, m: nn.Linear, x: torch.Tensor, role: str) -> torch.Tensor:
         if x.shape[1] != m.in_features:
-            raise _Unsupported(f"{path}: in_features {m.in_features}, input width {x.shape[1]}")
+            raise ValueError(f"{path}: in_features {m.in_features}, input width {x.shape[1]}")
         out = self._buffer(role, m.out_features)
         w = self._param(m.weight, f"{path}.weight")
         b = self._param(m.bias, f"{path}.bias")
@@ -252,14 +246,12 @@ class FusedStep:
     def _spike(self, path: str, point: SpikePoint, x: torch.Tensor) -> torch.Tensor:
         neuron = point.neuron
         a, width = neuron.log_threshold, x.shape[1]
-        if neuron.backend not in ("auto", "cpu") or not 1 <= point.T <= cpu_backend.QUANTIZE_MAX_T:
-            raise _Unsupported(f"{path}: backend {neuron.backend!r} / T = {point.T} has no fused "
-                               f"CPU kernel")  # fmt: skip
-        if not a.is_cpu or a.dim() > 1 or (a.dim() == 1 and a.shape[0] != width):
-            raise _Unsupported(f"{path}: threshold of shape {tuple(a.shape)} for {width} channels")
+        if not point.kernel_fits(x, neuron):  # the rule the module's own fused path follows
+            raise ValueError(f"{path}: no fused CPU kernel for backend {neuron.backend!r}, T = "
+                             f"{point.T}, a threshold of shape {tuple(a.shape)} on {a.device} "
+                             f"for {width} channels")  # fmt: skip
         p = point._inference_parameters(neuron)  # V = exp(a) as the module's fused path has it
         vth = p.v_threshold.detach().to(self.dtype).contiguous()
-        self._held.append(vth)
         lib = cpu_backend.load_library()
         kernel = lib.atmn_quantize_forward_f32 if self.dtype == torch.float32 else \
             lib.atmn_quantize_forward_f64  # fmt: skip
@@ -270,8 +262,6 @@ class FusedStep:
                    p=(fn, x.data_ptr(), vth.data_ptr(), out.data_ptr()),
                    n=(n, vth.numel() if vth.dim() == 1 else 0, point.T, int(p.ternary)),
                    f=(float(p.tau), _decay(p.tau)))  # fmt: skip
-        self._error_sites[-1] = (path, (point, vth, n))
-        self._points.append(point)
         self._thresholds.append((a, neuron, point, vth, len(self._ops) - 1))
         self._versions.append(a._version)
         self._taus.append(p.tau)
@@ -280,20 +270,20 @@ class FusedStep:
     def _mixer(self, layer: nn.Module, i: int, name: str, x: torch.Tensor) -> None:
         mixer = layer.mixer
         if type(mixer) not in _MIXERS:
-            raise _Unsupported(f"{name}.mixer: a fused step cannot compile "
+            raise ValueError(f"{name}.mixer: a fused step cannot compile "
                                f"{type(mixer).__name__}")  # fmt: skip
         u = self._chain([("norm1", layer.norm1)], x, name)
         zx = self._chain([("spike_in", mixer.spike_in), ("in_proj", mixer.in_proj)], u,
                          f"{name}.mixer")  # fmt: skip
         kernel = mixer.step_kernel()
         if kernel is None:
-            raise _Unsupported(f"{name}.mixer: its C step cannot serve its parameters")
+            raise ValueError(f"{name}.mixer: its C step cannot serve its parameters")
         # the C step reads and writes the widths its parameters give: the buffers and the states
         # (made and checked from the mixer's attributes) must have them
         widths = (zx.shape[1], mixer.d_inner, mixer.state_heads, mixer.head_dim, mixer.d_state,
                   (mixer.conv_channels, mixer.d_conv - 1))  # fmt: skip
         if widths != (kernel.width, kernel._I, *kernel.state_shape, kernel.conv_shape):
-            raise _Unsupported(f"{name}.mixer: its modules' widths do not fit its parameters "
+            raise ValueError(f"{name}.mixer: its modules' widths do not fit its parameters "
                                f"(in_proj gives {zx.shape[1]}, its C step takes "
                                f"{kernel.width})")  # fmt: skip
         for t in kernel._held:  # the kernel reads the parameters' storage itself
@@ -305,7 +295,6 @@ class FusedStep:
         self._emit(_MIXER, f"{name}.mixer", threads=kernel.threads(self.batch),
                    p=(kernel.address, zx.data_ptr(), gated.data_ptr(), a.data_ptr()),
                    n=(i, self.batch))  # fmt: skip
-        self._error_sites[-1] = (f"{name}.mixer", (kernel, a))
         out = self._chain([(n, mixer._modules[n]) for n in mixer.out_modules], gated,
                           f"{name}.mixer")  # fmt: skip
         # residual_in_fp32: the stream rounded to float32 before the add (float64 models)
@@ -314,14 +303,14 @@ class FusedStep:
 
     def _add(self, name: str, x: torch.Tensor, out: torch.Tensor, fp32: int = 0) -> None:
         if out.shape != x.shape:  # the add reads x.numel() values of out
-            raise _Unsupported(f"{name}: a branch {out.shape[1]} wide for a stream {x.shape[1]} "
+            raise ValueError(f"{name}: a branch {out.shape[1]} wide for a stream {x.shape[1]} "
                                "wide")  # fmt: skip
         self._emit(_ADD, name, p=(x.data_ptr(), out.data_ptr()), n=(x.numel(), fp32))
 
     def _ffn(self, layer: nn.Module, name: str, x: torch.Tensor) -> None:
         ffn = layer.ffn
         if type(ffn) not in _FFNS:
-            raise _Unsupported(f"{name}.ffn: a fused step cannot compile {type(ffn).__name__}")
+            raise ValueError(f"{name}.ffn: a fused step cannot compile {type(ffn).__name__}")
         prefix = f"{name}.ffn"
         gate, up, down = (ffn._modules[n] for n in ffn.names)
         s = self._chain([("norm2", layer.norm2)], x, name)
@@ -330,7 +319,7 @@ class FusedStep:
         u = self._chain([(ffn.names[1], up)], s, prefix)
         h = self._buffer("ffn_hidden", g.shape[1])
         if u.shape[1] != g.shape[1]:
-            raise _Unsupported(f"{prefix}: gate and up widths differ")
+            raise ValueError(f"{prefix}: gate and up widths differ")
         self._emit(_SWIGLU, prefix, p=(g.data_ptr(), u.data_ptr(), h.data_ptr()), n=(h.numel(),))
         out = self._chain([("spike_hidden", ffn.spike_hidden), (ffn.names[2], down)], h, prefix)
         self._add(name, x, out)
@@ -379,7 +368,7 @@ class FusedStep:
         """One token per sequence [batch] → (logits [batch, vocab], ``state`` updated in place).
         Errors as ``model.step``'s: tokens outside the vocabulary, a decay that is not finite,
         NaN or inf reaching a spike point; after one of these the state is spent."""
-        if counting_active() or any(p.record for p in self._points):
+        if counting_active() or any(e[2].record for e in self._thresholds):
             return self.model.step(tokens_t, state)  # counts and rasters need the modules
         if not isinstance(tokens_t, torch.Tensor) or tokens_t.dtype not in (
             torch.int64, torch.int32
@@ -445,7 +434,7 @@ class FusedStep:
         p = point._inference_parameters(neuron)
         v = p.v_threshold.detach().to(self.dtype)
         if v.shape != vth.shape:
-            raise RuntimeError(f"{self._error_sites[index][0]}: its threshold's shape changed "
+            raise RuntimeError(f"{self._error_sites[index]}: its threshold's shape changed "
                                "since this FusedStep was built: build a new one")  # fmt: skip
         vth.copy_(v)
         op = self._array[index]
@@ -453,19 +442,18 @@ class FusedStep:
         self._versions[k], self._taus[k] = a._version, p.tau
 
     def _raise(self, index: int, code: int, tokens: torch.Tensor) -> None:
-        kind = self._ops[index][0]
-        site = self._error_sites[index]
+        kind, path = self._ops[index][0], self._error_sites[index]
         if kind == _EMBED:
             raise ValueError(f"tokens_t: ids must lie in [0, {self.vocab_size}), got "
                              f"{tokens[code].item()} at position {code}")  # fmt: skip
-        path, what = site
         if kind == _MIXER:
             if code < 0:  # its scratch (mixer_step_cpu raises the same)
                 raise MemoryError(f"{path}: the mixer step's scratch could not be allocated")
             raise ValueError(f"{path}: a_t (log decay) must be finite and <= 0, but {code} "
                              "values are not")  # fmt: skip
         if kind == _SPIKE:
-            point, vth, n = what
+            _, _, point, vth, _ = next(e for e in self._thresholds if e[4] == index)
+            n = self._ops[index][3][0]
             try:
                 cpu_backend._raise_if_bad(code, vth, n, point.T, "activation")
             except ThresholdError as err:

@@ -51,8 +51,6 @@ typedef struct {
   int nthreads, self;
 } CAT(linear_job_, SUFFIX);
 
-/* Output rows [o, end): four rows of W at a time (the tile's constant R and S let the compiler
- * unroll it into straight vector code), every pair of rows of x per tile. */
 /* Row o of W against the one row of x (M = 1, generation at batch 1): the row read front to back
  * in four vector accumulators. Reading W one row at a time keeps each thread's reads one
  * sequential stream (the tile's four rows side by side are four streams): 6-7 % faster at
@@ -71,6 +69,9 @@ HOT void CAT(row1_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y
   y[o] = b ? sum + b[o] : sum;
 }
 
+/* Output rows [o, end): for one row of x, row1_ row by row; else four rows of W at a time (the
+ * tile's constant R and S let the compiler unroll it into straight vector code), every pair of
+ * rows of x per tile. */
 static void CAT(linear_rows_, SUFFIX)(const CAT(linear_job_, SUFFIX) *j, int64_t o, int64_t end) {
   if (j->M == 1) {
     for (; o < end; ++o) CAT(row1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o);

@@ -19,6 +19,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from test_pretrained_parity import hf_config, perturb  # its tiny Mamba-2 (tests/ is on the path)
 from torch import nn
 
 from spikemar.convert import spiking_student
@@ -34,16 +35,6 @@ from spikemar.ssm.mixer import MixerState
 pytestmark = pytest.mark.skipif(not cpu_backend.usable(), reason="no C compiler for the kernels")
 
 VOCAB = 61
-
-
-def perturb(model: nn.Module, seed: int, scale: float = 0.2) -> None:
-    """Move every parameter away from its initialisation (norm weights, biases, D, A_log, Δ
-    bias and thresholds all matter to the logits), reproducibly."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for p in model.parameters():
-            noise = torch.randn(p.shape, generator=g, dtype=torch.float64).to(p.dtype)
-            p.add_(noise * scale * p.abs().mean().clamp(min=0.1))
 
 
 def step_both(model: MARLM, batch: int, n_tokens: int = 5, seed: int = 0, fused=None):
@@ -88,7 +79,6 @@ def hf_pair(seed: int = 0, **overrides):
     """A random transformers Mamba2ForCausalLM (perturbed away from its init) and spikemar's
     conversion of it (float32, eval)."""
     transformers = pytest.importorskip("transformers")
-    from test_pretrained_parity import hf_config  # the parity tests' tiny Mamba-2 (tests/ on path)
 
     config = hf_config(**{"vocab_size": VOCAB, **overrides})
     torch.manual_seed(seed)
@@ -288,9 +278,11 @@ def test_fused_greedy_generate_equals_transformers():
     hf, model = hf_pair(seed=11)
     prompt = torch.randint(1, VOCAB, (2, 7), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
+        # no end-of-text stop: spikemar's generate has none, transformers' would pad after it
         want = hf.generate(
-            prompt, max_new_tokens=12, do_sample=False, attention_mask=torch.ones_like(prompt)
-        )
+            prompt, max_new_tokens=12, min_new_tokens=12, do_sample=False,
+            attention_mask=torch.ones_like(prompt), eos_token_id=None,
+        )  # fmt: skip
     assert torch.equal(model.generate(prompt, 12, temperature=0, fused=True), want)
 
 
@@ -526,10 +518,7 @@ def test_an_empty_state_list_before_any_call_raises():
         except ValueError as err:
             print("ValueError:", err)
     """)
-    done = subprocess.run(
-        [sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-        cwd=Path(__file__).resolve().parents[1],
-    )  # fmt: skip
+    done = run_child(code)
     assert done.returncode == 0, (done.returncode, done.stderr[-1000:])
     assert "ValueError: state" in done.stdout
 

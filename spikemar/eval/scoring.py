@@ -28,6 +28,7 @@ positions those passes processed (padding included: the model computed on it too
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -277,10 +278,12 @@ class Scorer:
     ) -> list[str]:
         """Greedy continuation of each context, decoded, cut before the first stop sequence.
 
-        Each new token re-runs the forward pass over the sequence so far, batched across
-        requests of any length (right padding keeps it exact). Generation through the models'
-        O(1) recurrent ``step`` would need the contexts prefilled one token at a time per
-        request: slower for the short outputs evaluation asks for.
+        A model without a context limit that has a recurrent form (``prefill``/``step``: the
+        SSM models) reads each context once, in one parallel pass (``prefill``), then runs one
+        O(1) ``step`` per new token, request by request: O(L + new tokens) per request. Models
+        with a context limit (attention) re-run the forward pass over the sequence so far for
+        each new token, batched across requests (right padding keeps it exact), the context cut
+        to the last ``max_length`` tokens as it grows.
         """
         if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
@@ -291,6 +294,10 @@ class Scorer:
         new: list[list[int]] = [[] for _ in rows]
         text = [""] * len(rows)
         active = list(range(len(rows)))
+        if self._recurrent():
+            for i in active:
+                new[i], text[i] = self._greedy_recurrent(rows[i], decode, stops, max_new_tokens)
+            active = []
         for _ in range(max_new_tokens):
             if not active:
                 break
@@ -310,6 +317,37 @@ class Scorer:
             cut = min((t.find(s) for s in stops if s in t), default=len(t))
             out.append(t[:cut])
         return out
+
+    def _recurrent(self) -> bool:
+        """Whether greedy generation runs through the model's recurrent form: no context limit,
+        and ``init_state``, ``prefill`` and ``step`` (the MAR models with SSM/LTI mixers)."""
+        return self.max_length is None and all(
+            callable(getattr(self.model, name, None)) for name in ("init_state", "prefill", "step")
+        )
+
+    def _greedy_recurrent(
+        self, context: list[int], decode: Callable[[list[int]], str], stops: list[str], limit: int
+    ) -> tuple[list[int], str]:
+        """One request: the context in one ``prefill``, then a ``step`` per greedy token until a
+        stop sequence appears in the decoded text or ``limit`` tokens are made."""
+        new: list[int] = []
+        text = ""
+        if limit == 0:
+            return new, text
+        ids = torch.tensor([context], dtype=torch.long, device=self.device)
+        counting = self.counter if self.counter is not None else contextlib.nullcontext()
+        with torch.no_grad(), counting:
+            state = self.model.init_state(1, in_place=True)
+            logits, state = self.model.prefill(ids, state)
+            self.positions += len(context)
+            while True:
+                token = int(logits[0].argmax())
+                new.append(token)
+                text = decode(new)
+                if len(new) == limit or any(s in text for s in stops):
+                    return new, text
+                logits, state = self.model.step(torch.tensor([token], device=self.device), state)
+                self.positions += 1
 
     def _fit(self, seq: list[int]) -> list[int]:
         if self.max_length is not None and len(seq) > self.max_length:

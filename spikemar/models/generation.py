@@ -1,10 +1,12 @@
 """Sampling from any spikemar language model through its recurrent form.
 
-A model here offers ``init_state(batch, in_place=...)`` and ``step(tokens_t [batch], state) ->
-(logits [batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state
-(updated in place here: generation owns it). The prompt is fed token by token through ``step``
-(so generation exercises exactly the state that makes it cheap), then tokens are sampled with
-temperature and top-k. ``fused=True`` runs each token of an SSM model as one C call
+A model here offers ``init_state(batch, in_place=...)``, ``prefill(tokens [batch, L], state) ->
+(logits of the last [batch, vocab], state)`` and ``step(tokens_t [batch], state) -> (logits
+[batch, vocab], state)``: the Transformer keeps a KV cache, the SSM models an O(1) state
+(updated in place here: generation owns it). The prompt goes through ``prefill`` (the SSM
+models' chunked scan: one pass over the weights for the whole prompt, as transformers' generate
+prefills), then tokens are sampled with temperature and top-k, each fed back through ``step``.
+``fused=True`` runs each token of an SSM model as one C call
 (:mod:`spikemar.models.fused_step`).
 """
 
@@ -59,9 +61,7 @@ def generate(
         step = FusedStep(model, tokens.shape[0]) if fused else model.step
         # generation owns its state and never steps from one twice: let step update it in place
         state = model.init_state(tokens.shape[0], in_place=True)
-        logits = None
-        for t in range(tokens.shape[1]):
-            logits, state = step(tokens[:, t], state)
+        logits, state = model.prefill(tokens, state)
         out = [tokens]
         for _ in range(max_new_tokens):
             next_token = _sample(logits, temperature, top_k, generator)

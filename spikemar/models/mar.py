@@ -295,6 +295,16 @@ class MARLayer(nn.Module):
             self._record_residual(x)
         return x, state
 
+    def prefill(self, x: torch.Tensor, state):
+        """x [batch, L, d_model] continuing ``state`` → (x after the layer, the state after the
+        last token)."""
+        mixed, state = self.mixer.prefill(self.norm1(x), state)
+        x = self._residual(x) + mixed
+        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
+        if counting_active():
+            self._record_residual(x)
+        return x, state
+
     def _record_residual(self, x: torch.Tensor) -> None:
         """One add per element of the stream ``x`` per residual branch (mixer, FFN), each
         reading its two operands and writing the sum."""
@@ -391,6 +401,29 @@ class MARLM(nn.Module):
             x, s = layer.step(x, s)
             new_state.append(s)
         return self.head(self.norm(x)), new_state
+
+    def prefill(self, tokens: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
+        """Feed a run of tokens [batch, L] (a prompt) → (logits of the last token [batch, vocab],
+        the state after it), as L calls of ``step`` would, but in one parallel pass where the
+        mixers allow it: the SSM layers run their chunked scan from ``state`` (one read of the
+        weights for all L tokens instead of L); attention layers fill their KV cache token by
+        token. ``state``: from ``init_state`` or an earlier ``step``/``prefill`` (None: a fresh
+        one; an ``in_place`` state is written over). Equal to ``step``'s logits to rounding
+        (the parallel pass sums in another order; a spike point whose input lies within that
+        rounding of a threshold can fire differently)."""
+        check_tokens(tokens, self.config.vocab_size, "tokens")
+        if state is None:
+            state = self.init_state(tokens.shape[0])
+        if not isinstance(state, list) or len(state) != len(self.layers):
+            raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
+                             "from init_state()")  # fmt: skip
+        _check_layer_states(state, tokens.shape[0])
+        x = self.embed(tokens)
+        new_state = []
+        for layer, s in zip(self.layers, state, strict=True):
+            x, s = layer.prefill(x, s)
+            new_state.append(s)
+        return self.head(self.norm(x[:, -1])), new_state
 
     def spike_points(self, include_dense: bool = False) -> Iterator[SpikePointSite]:
         """Every spike point of the model in layer order, each with the projections it feeds

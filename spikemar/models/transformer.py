@@ -163,6 +163,18 @@ class TransformerLM(nn.Module):
         logits = self.head(self.norm(x))[:, 0]
         return logits, KVCache(state.k, state.v, pos + 1)
 
+    def prefill(
+        self, tokens: torch.Tensor, state: KVCache | None = None
+    ) -> tuple[torch.Tensor, KVCache]:
+        """Feed a run of tokens [batch, L] → (logits of the last [batch, vocab], the cache after
+        it): ``step`` token by token (generate's common interface; the cache is small here)."""
+        check_tokens(tokens, self.config.vocab_size, "tokens")
+        state = self.init_state(tokens.shape[0]) if state is None else state
+        logits = None
+        for t in range(tokens.shape[1]):
+            logits, state = self.step(tokens[:, t], state)
+        return logits, state
+
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, prompt, max_new_tokens, **kwargs)
 

@@ -4,10 +4,12 @@ discrete Mamba-2 mixer and a diagonal LTI cell (attention, the fourth kind, is i
 
 **The interface.** A :class:`Mixer` maps ``[batch, L, d_model] → [batch, L, d_model]`` with
 ``forward`` (a whole sequence: the chunked scan, for training), ``init_state(batch, max_len)``
-and ``step(u_t, state) → (out_t, state)`` (one token, O(1) state for the SSMs: generation), and
-names its spike points in ``spike_inputs``: each spike-point attribute and the projections it
-feeds. ``spike_points()`` yields them, which is how ``MARLM.spike_points()``, the energy counter,
-the chip report and the Lava export find MAR's spike points without knowing the mixer's kind.
+and ``step(u_t, state) → (out_t, state)`` (one token, O(1) state for the SSMs: generation),
+``prefill(u, state) → (out, state)`` (a run of tokens continuing a state: a prompt, in one pass
+for the SSMs), and names its spike points in ``spike_inputs``: each spike-point attribute and
+the projections it feeds. ``spike_points()`` yields them, which is how ``MARLM.spike_points()``,
+the energy counter, the chip report and the Lava export find MAR's spike points without knowing
+the mixer's kind.
 A new kind is one subclass and one registration in :data:`spikemar.models.mixers.MIXERS`::
 
     @register_mixer("my-kind")
@@ -125,10 +127,11 @@ class Mixer(SpikePointOwner, nn.Module):
     """The token mixer of a MAR layer (see the module docstring).
 
     Subclasses implement ``forward(u [batch, L, d_model])``, ``init_state(batch, max_len)`` and
-    ``step(u_t [batch, d_model], state) → (out_t, state)``, and list their spike points in
-    ``spike_inputs`` (attribute → the projection attributes it feeds). ``chip_reason``: why the
-    mixer's own arithmetic (what is not a submodule) runs on a neuromorphic chip, or None when
-    it stays on the host for ``host_reason``.
+    ``step(u_t [batch, d_model], state) → (out_t, state)`` (``prefill`` defaults to a loop of
+    ``step``; override it where a parallel pass can continue a state), and list their spike
+    points in ``spike_inputs`` (attribute → the projection attributes it feeds).
+    ``chip_reason``: why the mixer's own arithmetic (what is not a submodule) runs on a
+    neuromorphic chip, or None when it stays on the host for ``host_reason``.
     """
 
     chip_reason: ClassVar[str | None] = None
@@ -143,6 +146,17 @@ class Mixer(SpikePointOwner, nn.Module):
 
     def step(self, u_t: torch.Tensor, state):
         raise NotImplementedError(f"{type(self).__name__} does not define step")
+
+    def prefill(self, u: torch.Tensor, state) -> tuple[torch.Tensor, object]:
+        """A run of tokens ``u`` [batch, L, d_model] continuing ``state`` → (outputs [batch, L,
+        d_model], the state after the last token): what L calls of ``step`` give. This default
+        is those calls; the SSM mixers run their chunked scan instead (one pass over the
+        weights for all L tokens)."""
+        outs = []
+        for t in range(u.shape[1]):
+            out, state = self.step(u[:, t], state)
+            outs.append(out)
+        return torch.stack(outs, dim=1), state
 
     @property
     def chip_neurons(self) -> int:
@@ -238,6 +252,42 @@ class _StateSpaceMixer(Mixer):
         y, _ = ssd_scan(x_in, a, B, C, chunk_size=self.chunk_size)
         self._record_ops(u.shape[0] * u.shape[1], conv=False)
         return self._output(y, x, z)
+
+    def prefill(self, u: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
+        """``forward`` continuing ``state``: the convolution reads the state's last inputs
+        before ``u``'s, the chunked scan starts from its SSM state, and the state after the
+        last token comes back (written over ``state``'s tensors where it is ``in_place`` and
+        autograd is off, as ``step`` does). Equal to L calls of ``step`` to rounding."""
+        if not isinstance(state, MixerState):
+            raise ValueError(f"state: expected the MixerState from init_state(), got "
+                             f"{type(state).__name__}")  # fmt: skip
+        if u.dim() != 3 or u.shape[1] == 0:
+            raise ValueError(f"u: expected [batch, L, d_model] with L >= 1, got {tuple(u.shape)}")
+        batch, k = u.shape[0], self.d_conv - 1
+        want = {"conv": (batch, self.conv_channels, k),
+                "ssm": (batch, self.state_heads, self.head_dim, self.d_state)}  # fmt: skip
+        for name, shape in want.items():
+            got = getattr(state, name)
+            if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape:
+                have = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"state.{name}: expected {shape} for u of batch {batch}, got "
+                                 f"{have}")  # fmt: skip
+        z, xbc, dt_raw = self._parts(self.in_proj(self.spike_in(u)))
+        conv = self._modules[self.conv_name]
+        # the inputs the convolution sees: the state's last k, then the new ones
+        seen = torch.cat([state.conv.to(xbc.dtype).transpose(1, 2), xbc], dim=1)
+        x, x_in, a, B, C = self._scan_inputs(conv(seen.transpose(1, 2)).transpose(1, 2), dt_raw)
+        y, ssm = ssd_scan(x_in, a, B, C, state.ssm.to(x_in.dtype), chunk_size=self.chunk_size)
+        self._record_ops(u.shape[0] * u.shape[1], conv=False)
+        window = seen[:, seen.shape[1] - k :].transpose(1, 2)
+        out = self._output(y, x, z)
+        here = (state.in_place and not torch.is_grad_enabled()
+                and not (state.conv.requires_grad or state.ssm.requires_grad))  # fmt: skip
+        if here:
+            state.conv.copy_(window)
+            state.ssm.copy_(ssm)
+            return out, state
+        return out, MixerState(window.contiguous(), ssm, state.in_place)
 
     def step(self, u_t: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         """One token ``u_t`` [batch, d_model] → ``([batch, d_model], new state)``.
@@ -588,6 +638,22 @@ class LTICell(nn.Module):
     def init_state(self, batch: int) -> LTIState:
         return LTIState(self.b.new_zeros(batch, self.b.shape[0]))
 
+    def prefill(self, u: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
+        """``forward`` continuing ``state``: L tokens in one scan from ``state.h``, and the
+        state after the last."""
+        batch, L, channels = u.shape
+        if not isinstance(state, LTIState) or tuple(state.h.shape) != (batch, channels):
+            raise ValueError(f"state: expected the LTIState from init_state({batch}) "
+                             f"([{batch}, {channels}])")  # fmt: skip
+        a = (-torch.exp(self.log_rate)).expand(batch, L, channels)
+        ones = u.new_ones(batch, L, channels, 1)
+        h0 = state.h.to(u.dtype)[..., None, None]
+        h, last = ssd_scan((self.b * u)[..., None], a, ones, ones, h0)
+        n = batch * L * channels
+        record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,
+                   weight_reads=4 * n, activation_reads=n, activation_writes=n)  # fmt: skip
+        return self.c * h[..., 0] + self.d * u, LTIState(last[..., 0, 0])
+
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         h = self.decay * state.h + self.b * u_t
         n = u_t.numel()
@@ -621,3 +687,6 @@ class LTIMixer(LTICell, Mixer):
 
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         return LTICell.step(self, self.spike_in(u_t), state)
+
+    def prefill(self, u: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
+        return LTICell.prefill(self, self.spike_in(u), state)

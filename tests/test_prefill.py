@@ -1,0 +1,198 @@
+"""``prefill``: a run of tokens continuing a state in one parallel pass, equal to as many calls
+of ``step``; generation and greedy evaluation read a prompt through it."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from spikemar.eval.scoring import Scorer
+from spikemar.models import MARLM, MARConfig, SpikeConfig
+from spikemar.models.transformer import TransformerConfig, TransformerLM
+
+VOCAB = 29
+KINDS = ["ssm", "discrete-mamba2", ["ssm", "lti", "attn"]]
+
+
+def model_of(layers, spikes: bool, seed: int = 0, **kw) -> MARLM:
+    torch.manual_seed(seed)
+    c = MARConfig(vocab_size=VOCAB, d_model=32, n_layers=len(layers) if isinstance(layers, list)
+                  else 2, d_state=8, head_dim=8, layers=layers, max_len=64,
+                  spikes=SpikeConfig(T=3, v_threshold=0.05) if spikes else None, **kw)  # fmt: skip
+    return MARLM(c).double().eval()
+
+
+def stepped(model, tokens, state):
+    logits = None
+    for t in range(tokens.shape[1]):
+        logits, state = model.step(tokens[:, t], state)
+    return logits, state
+
+
+def tensors(state) -> list[torch.Tensor]:
+    out = []
+    for s in state:
+        for f in dataclasses.fields(s):
+            v = getattr(s, f.name)
+            if isinstance(v, torch.Tensor):
+                out.append(v)
+    return out
+
+
+@pytest.mark.parametrize("layers", KINDS, ids=str)
+@pytest.mark.parametrize("spikes", [False, True], ids=["dense", "spiking"])
+@pytest.mark.parametrize(("before", "length"), [(0, 1), (0, 2), (3, 1), (5, 9), (0, 21)])
+def test_prefill_equals_steps(layers, spikes, before, length):
+    model = model_of(layers, spikes)
+    g = torch.Generator().manual_seed(before * 31 + length)
+    tokens = torch.randint(0, VOCAB, (2, before + length), generator=g)
+    with torch.no_grad():
+        _, state = stepped(model, tokens[:, :before], model.init_state(2))
+        twin = [dataclasses.replace(s) for s in state]
+        want, want_state = stepped(model, tokens[:, before:], twin)
+        got, got_state = model.prefill(tokens[:, before:], state)
+        whole = model(tokens)[:, -1]
+    torch.testing.assert_close(got, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(got, whole, rtol=1e-10, atol=1e-10)
+    for a, b in zip(tensors(got_state), tensors(want_state), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+    # and the state goes on: one more step from each gives the same logits
+    nxt = torch.randint(0, VOCAB, (2,), generator=g)
+    with torch.no_grad():
+        a, _ = model.step(nxt, got_state)
+        b, _ = model.step(nxt, want_state)
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layers", ["ssm", "discrete-mamba2"])
+def test_prefill_in_place_writes_over_the_state_and_otherwise_leaves_it(layers):
+    model = model_of(layers, spikes=True, seed=3)
+    tokens = torch.randint(0, VOCAB, (3, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        own = model.init_state(3, in_place=True)
+        ptrs = [t.data_ptr() for t in tensors(own)]
+        _, after = model.prefill(tokens, own)
+        assert all(a is b for a, b in zip(after, own, strict=True))
+        assert [t.data_ptr() for t in tensors(after)] == ptrs
+        assert any(t.abs().sum() > 0 for t in tensors(own))  # written
+        pure = model.init_state(3)
+        _, after = model.prefill(tokens, pure)
+        assert all(t.abs().sum() == 0 for t in tensors(pure))  # untouched
+        for a, b in zip(tensors(after), tensors(own), strict=True):
+            torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_prefill_with_autograd_reaches_the_initial_state():
+    model = model_of("ssm", spikes=False, seed=4)
+    tokens = torch.randint(0, VOCAB, (2, 6), generator=torch.Generator().manual_seed(2))
+    state = model.init_state(2, in_place=True)  # in_place is ignored under autograd
+    for s in state:
+        s.ssm.normal_()
+        s.ssm.requires_grad_(True)
+    logits, after = model.prefill(tokens, state)
+    (logits.sum() + sum(s.ssm.sum() for s in after)).backward()
+    assert all(s.ssm.grad is not None and s.ssm.grad.abs().sum() > 0 for s in state)
+    assert model.layers[0].mixer.in_proj.weight.grad is not None
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    layers=st.sampled_from(KINDS),
+    cuts=st.lists(st.integers(1, 9), min_size=1, max_size=4),
+    batch=st.integers(1, 3),
+    seed=st.integers(0, 2**16),
+)
+def test_prefill_in_pieces_equals_one_forward(layers, cuts, batch, seed):
+    """Any split of a sequence into prefills (each continuing the last's state) ends where one
+    parallel forward over the whole sequence does."""
+    model = model_of(layers, spikes=False, seed=seed % 7)
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.randint(0, VOCAB, (batch, sum(cuts)), generator=g)
+    with torch.no_grad():
+        state = model.init_state(batch, in_place=bool(seed % 2))
+        at = 0
+        for n in cuts:
+            logits, state = model.prefill(tokens[:, at : at + n], state)
+            at += n
+        whole = model(tokens)[:, -1]
+    torch.testing.assert_close(logits, whole, rtol=1e-9, atol=1e-9)
+
+
+def test_transformer_prefill_equals_steps():
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=2,
+                                            n_heads=4, max_len=32)).double().eval()  # fmt: skip
+    tokens = torch.randint(0, VOCAB, (2, 9))
+    with torch.no_grad():
+        got, state = model.prefill(tokens)
+        assert state.length == 9
+        torch.testing.assert_close(got, model(tokens)[:, -1], rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("layers", KINDS, ids=str)
+def test_generate_reads_the_prompt_through_prefill(layers):
+    model = model_of(layers, spikes=True, seed=5)
+    prompt = torch.randint(0, VOCAB, (2, 11), generator=torch.Generator().manual_seed(5))
+    calls = []
+    model.embed.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
+    out = model.generate(prompt, 6, temperature=0.0)
+    assert calls[0] == (2, 11) and all(c == (2,) for c in calls[1:]) and len(calls) == 7
+    with torch.no_grad():  # greedy tokens as the step-by-step loop makes them
+        logits, state = stepped(model, prompt, model.init_state(2))
+        want = [prompt]
+        for _ in range(6):
+            nxt = logits.argmax(-1)
+            want.append(nxt[:, None])
+            logits, state = model.step(nxt, state)
+    assert torch.equal(out, torch.cat(want, dim=1))
+
+
+def test_greedy_until_reads_each_context_once():
+    """An SSM model generates for evaluation by prefill + one step per token (each position
+    through the model once), and makes the tokens the re-forward path makes."""
+    model = model_of("ssm", spikes=False, seed=6)
+    with torch.no_grad():
+        model.head.weight.mul_(40)  # clear argmax
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    contexts = [[1, 2, 3, 4, 5], [7], [9, 8, 7, 6, 5, 4, 3, 2, 1]]
+    seen = []
+    hook = model.embed.register_forward_hook(lambda m, a, o: seen.append(a[0].numel()))
+    scorer = Scorer(model, VOCAB, count_energy=True)
+    got = scorer.greedy_until(contexts, decode=decode, max_new_tokens=8)
+    assert sum(seen) == scorer.positions == sum(len(c) + 8 - 1 for c in contexts)
+    assert scorer.energy_report().tokens == scorer.positions
+    hook.remove()
+    again = Scorer(model, VOCAB, max_length=10_000)  # a limit: the re-forward path
+    assert not again._recurrent()
+    assert again.greedy_until(contexts, decode=decode, max_new_tokens=8) == got
+    stop = got[0][2:4]
+    cut = Scorer(model, VOCAB).greedy_until(contexts[:1], decode=decode, stop=[stop],
+                                             max_new_tokens=8)  # fmt: skip
+    assert cut == [got[0][: got[0].find(stop)]]
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m: m.prefill(torch.zeros(2, 0, dtype=torch.long)), ValueError, "tokens"),
+        (lambda m: m.prefill(torch.zeros(2, 3)), TypeError, "tokens: expected integer"),
+        (lambda m: m.prefill(torch.full((1, 2), VOCAB)), ValueError, "tokens"),
+        (
+            lambda m: m.prefill(torch.zeros(2, 3, dtype=torch.long), m.init_state(3)),
+            ValueError,
+            r"state\[0\]\.conv: made for batch 3",
+        ),
+        (
+            lambda m: m.prefill(torch.zeros(2, 3, dtype=torch.long), m.init_state(2)[:1]),
+            ValueError,
+            "state: expected the list of 2 layer states",
+        ),
+    ],
+)
+def test_prefill_bad_input_is_named(call, error, match):
+    with pytest.raises(error, match=match):
+        call(model_of("ssm", spikes=False))

@@ -334,10 +334,13 @@ def convert(
     calibration/validation text (a file or folder; default Tiny Shakespeare), tokenized with
     the model's tokenizer."""
     from . import energy
+    from ._io import check_output_path
     from .checkpoint import save_checkpoint
     from .data import TokenDataset
 
     start = time.perf_counter()
+    if out is not None:  # before any work: a folder or an unwritable place fails now
+        check_output_path(out, name="out")
     if isinstance(source, MARLM):
         dense = source.eval()
         if tokenizer is None:
@@ -429,13 +432,15 @@ def read_spike_points(text: str) -> dict[str, str | dict]:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Declare the options of ``spikemar convert`` on ``parser``."""
-    from ._argtypes import int_at_least_1, positive_float
+    from ._argtypes import device_argument, int_at_least_1, positive_float
 
     p = parser
     p.add_argument("--from", dest="source", required=True,
                    help="a Hugging Face Mamba-2/Llamba directory or Hub id, or a spikemar "
                         "checkpoint of an SSM LM")  # fmt: skip
     p.add_argument("--out", required=True, help="where to write the student checkpoint")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace an existing checkpoint at --out")  # fmt: skip
     p.add_argument("--T", type=int_at_least_1, default=4, help="micro-steps per spike point")
     p.add_argument("--tau", type=positive_float, default=1.0, help="ATMN τ")
     p.add_argument("--neuron", choices=("atmn", "binary", "ternary-single"), default="atmn")
@@ -454,23 +459,51 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--data", default=None,
                    help="calibration/validation text: a file, .jsonl or folder (default: Tiny "
                         "Shakespeare)")  # fmt: skip
-    p.add_argument("--calib-batches", type=int_at_least_1, default=4)
-    p.add_argument("--eval-batches", type=int_at_least_1, default=4)
-    p.add_argument("--batch-size", type=int_at_least_1, default=4)
+    p.add_argument("--calib-batches", type=int_at_least_1, default=4,
+                   help="batches of --data the thresholds are calibrated on")  # fmt: skip
+    p.add_argument("--eval-batches", type=int_at_least_1, default=4,
+                   help="validation batches the losses are measured on")  # fmt: skip
+    p.add_argument("--batch-size", type=int_at_least_1, default=4, help="windows per batch")
     p.add_argument("--L", type=int_at_least_1, default=128, help="tokens per window")
     p.add_argument("--hardware", default="45nm-fp32", help="energy profile")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cpu")
+    p.add_argument("--seed", type=int, default=0, help="seed of the calibration batches")
+    p.add_argument("--device", type=device_argument, default="cpu",
+                   help="cpu, cuda or cuda:N (checked when given)")  # fmt: skip
     return p
 
 
-# the library's argument names that the command's flags call otherwise
-_FLAGS = {"path_or_id": "from", "source": "from", "points": "spike_points"}
+# the library's argument names that the command's flags call otherwise (path, text: of --data)
+_FLAGS = {"path_or_id": "from", "source": "from", "points": "spike_points", "path": "data",
+          "text": "data"}  # fmt: skip
+# what the library's API offers that the command has no flag for
+_API_HINT = "; pass tokenizer=False to load the weights alone"
+
+
+def _flag_message(message: str, args: argparse.Namespace) -> str:
+    """A library error as the command line says it: the flag (``--data``) for an argument's
+    name, ``--from SOURCE`` for whatever is about the source (its directory, config, tensors,
+    tokenizer or checkpoint), which the library names by its path or by those words."""
+    message = message.replace(_API_HINT, "")
+    source = str(args.source)
+    if message.startswith(f"{source}: "):  # a directory's problem, named by its path
+        return f"--from {message}"
+    name, sep, rest = message.partition(": ")
+    if not (sep and name.isidentifier()):
+        return message
+    if name in _FLAGS or name in vars(args):
+        return f"--{_FLAGS.get(name, name).replace('_', '-')}: {rest}"
+    if rest.startswith(f"{source} "):  # "tokenizer: DIR has no tokenizer", "checkpoint: ..."
+        return f"--from: {rest}"
+    return f"--from {source}: {message}"  # tokenizer, checkpoint, config, tensors, dense, ...
 
 
 def convert_main(args: argparse.Namespace) -> int:
     spikes = {"T": args.T, "tau": args.tau, "neuron": args.neuron, "threshold": args.threshold}
     try:
+        from ._io import check_output_path
+
+        if check_output_path(args.out, name="out").exists() and not args.overwrite:
+            raise FileExistsError(f"out: {args.out} exists; pass --overwrite to replace it")
         spiking: bool | list[bool] = True
         if args.spike_layers is not None:
             n = _layer_count(args.source)
@@ -486,13 +519,8 @@ def convert_main(args: argparse.Namespace) -> int:
             batch_size=args.batch_size, L=args.L, hardware=args.hardware, seed=args.seed,
             device=args.device,
         )  # fmt: skip
-    except (ValueError, TypeError, OSError, ConnectionError) as err:
-        message = str(err)
-        name, sep, rest = message.partition(": ")
-        if sep and name.isidentifier():
-            flag = _FLAGS.get(name, name)
-            message = f"--{flag.replace('_', '-')}: {rest}"
-        args._parser.error(message)
+    except (ValueError, TypeError, OSError) as err:  # ConnectionError is an OSError
+        args._parser.error(_flag_message(str(err), args))
     print(result.summary())
     return 0
 

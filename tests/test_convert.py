@@ -194,3 +194,47 @@ def test_command_line_reads_point_names_and_a_refine_plan(dense_checkpoint, corp
     [site] = student.spike_points()
     assert site.name == "layers.1.mixer.spike_out" and site.module.T == 3
     capsys.readouterr()
+
+
+def _convert_error(argv, capsys) -> str:
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", *argv])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and "Traceback" not in err and len(err.strip().splitlines()) == 1
+    return err
+
+
+def test_command_line_names_from_data_out_and_device(dense_checkpoint, corpus, tmp_path,
+                                                     monkeypatch, capsys):  # fmt: skip
+    from references.hf_checkpoints import write_mamba2_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    base = ["--data", str(corpus), "--calib-batches", "1", "--eval-batches", "1",
+            "--batch-size", "2", "--L", "16"]  # fmt: skip
+    # a relative directory's name is the value of --from, not a flag of its own
+    (tmp_path / "plain").mkdir()
+    err = _convert_error(["--from", "plain", "--out", "s.pt", *base], capsys)
+    assert "--from plain: no config.json" in err and "--plain" not in err
+    write_mamba2_checkpoint(tmp_path / "m2", tokenizer=False)
+    capsys.readouterr()  # transformers' warnings while it is made
+    err = _convert_error(["--from", "m2", "--out", "s.pt", *base], capsys)
+    assert "--from: m2 has no tokenizer" in err and "tokenizer=False" not in err
+    err = _convert_error(["--from", str(dense_checkpoint), "--out", "s.pt", "--data",
+                          "nothing.txt"], capsys)  # fmt: skip
+    assert "--data: no text file or folder at nothing.txt" in err
+    err = _convert_error(["--from", str(corpus), "--out", "s.pt", *base], capsys)
+    assert f"--from: {corpus} is not a spikemar checkpoint" in err
+    # --out and --device: checked before any work
+    err = _convert_error(["--from", str(dense_checkpoint), "--out", str(tmp_path), *base], capsys)
+    assert "--out: " in err and "is a folder" in err
+    err = _convert_error(["--from", str(dense_checkpoint), "--out", "s.pt", "--device", "gpu0",
+                          *base], capsys)  # fmt: skip
+    assert "argument --device: 'gpu0' is not a device" in err
+    # an existing --out is kept unless --overwrite
+    (tmp_path / "s.pt").write_bytes(b"keep")
+    err = _convert_error(["--from", str(dense_checkpoint), "--out", "s.pt", *base], capsys)
+    assert "--out: s.pt exists; pass --overwrite" in err
+    assert (tmp_path / "s.pt").read_bytes() == b"keep"
+    assert main(["convert", "--from", str(dense_checkpoint), "--out", "s.pt", "--overwrite",
+                 *base]) == 0  # fmt: skip
+    assert load_checkpoint(tmp_path / "s.pt")[0].config.spikes is not None

@@ -178,3 +178,22 @@ def test_pretrained_benchmark_prints_the_whole_table(load_script, capsys):
         assert len(numbers) == (7 if "generation" in row else 5)
         assert all(float(c) > 0 for c in numbers)
     assert "max |Δlogit| spikemar dense vs transformers" in out
+
+
+def test_prefill_benchmark_prints_the_whole_table(load_script, capsys):
+    """benchmarks/bench_prefill.py's quick configuration: per prompt length, the three ways to
+    the first token and the two greedy-evaluation paths, every cell filled."""
+    bench = load_script("benchmarks/bench_prefill.py")
+    args = ["--quick", "--prompts", "3", "9", "--new", "2", "--repeats", "1", "--threads", "1"]
+    assert bench.main(args) == 0
+    out = capsys.readouterr().out
+    rows = [line for line in out.splitlines() if line.startswith("| ") and "---" not in line]
+    names = [r.split(" | ")[0].lstrip("| ") for r in rows[1:]]
+    per_prompt = ["time to first token, prefill", "time to first token, step per token",
+                  "time to first token, fused step per token",
+                  "greedy evaluation, 2 new tokens, prefill + steps",
+                  "greedy evaluation, 2 new tokens, forward per new token"]  # fmt: skip
+    assert names == per_prompt * 2
+    assert [r.split(" | ")[1] for r in rows[1:]] == ["3"] * 5 + ["9"] * 5
+    first = [c.strip() for c in rows[1].strip("| ").split(" | ")]
+    assert first[2].endswith(" ms") and first[4].endswith(" ms")  # transformers' prefill too

@@ -199,3 +199,35 @@ def test_architecture_of_names_the_family_without_validating(config, family):
             config_from_hf(config)
     with pytest.raises(TypeError, match="config"):
         architecture_of(["model_type"])
+
+
+def test_hub_refusals_and_invalid_ids_are_one_line(monkeypatch, tmp_path):
+    # what huggingface_hub raises when the Hub answers (its texts span several lines)
+    import huggingface_hub
+    from huggingface_hub.errors import GatedRepoError, HfHubHTTPError, RepositoryNotFoundError
+
+    text = ("404 Client Error. (Request ID: Root=1-abc)\n\nRepository Not Found for url: "
+            "https://huggingface.co/api/models/me/nope/revision/main.\nPlease make sure you "
+            "specified the correct `repo_id` and `repo_type`.")  # fmt: skip
+    for error, match in [
+        (RepositoryNotFoundError(text), "no such repository, or a private one"),
+        (GatedRepoError(text), "a gated repository"),
+        (HfHubHTTPError("500 Server Error: boom\n\nmore"), "500 Server Error: boom$"),
+    ]:
+
+        def refuse(*args, error=error, **kwargs):
+            raise error
+
+        monkeypatch.setattr(huggingface_hub, "snapshot_download", refuse)
+        with pytest.raises(ConnectionError, match=match) as info:
+            from_pretrained("me/nope")
+        message = str(info.value)
+        assert "\n" not in message and message.startswith("path_or_id: no directory at me/nope")
+    monkeypatch.undo()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    for name in ("me/bad--name", "me/ends-with."):  # an id's form, but not one the Hub allows
+        with pytest.raises(FileNotFoundError, match=f"no directory at {name}, and it is not a "
+                           "valid Hub id") as info:  # fmt: skip
+            from_pretrained(name)
+        assert "\n" not in str(info.value)

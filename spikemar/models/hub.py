@@ -70,7 +70,14 @@ def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = Non
         )
     try:
         from huggingface_hub import snapshot_download
-        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+        from huggingface_hub.errors import (
+            GatedRepoError,
+            HfHubHTTPError,
+            HFValidationError,
+            LocalEntryNotFoundError,
+            RepositoryNotFoundError,
+            RevisionNotFoundError,
+        )
     except ImportError as err:  # pragma: no cover - a dependency of spikemar
         raise ImportError("path_or_id: Hub ids need huggingface_hub") from err
     try:
@@ -86,9 +93,29 @@ def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = Non
             "local Hugging Face cache; download it on a machine with a network "
             "(huggingface-cli download) or pass a directory"
         ) from err
-    except HfHubHTTPError as err:
-        raise ConnectionError(f"path_or_id: the Hub refused {name!r} ({err})") from err
+    except HFValidationError as err:  # owner/name in form, but not a name the Hub allows
+        raise FileNotFoundError(
+            f"path_or_id: no directory at {name}, and it is not a valid Hub id ({_first_line(err)})"
+        ) from err
+    except HfHubHTTPError as err:  # the Hub answered: say why in one line (its text has several)
+        if isinstance(err, GatedRepoError):
+            why = "a gated repository: accept its terms on the Hub and log in (hf auth login)"
+        elif isinstance(err, RepositoryNotFoundError):
+            why = "no such repository, or a private one (log in with hf auth login)"
+        elif isinstance(err, RevisionNotFoundError):
+            why = f"no revision {revision!r} in the repository"
+        else:
+            why = _first_line(err)
+        raise ConnectionError(
+            f"path_or_id: no directory at {name}, and the Hub refused it as a Hub id: {why}"
+        ) from err
     return folder
+
+
+def _first_line(err: Exception) -> str:
+    """The first non-empty line of an error's text (huggingface_hub's span several)."""
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:

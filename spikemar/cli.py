@@ -399,8 +399,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
     p = subparsers.add_parser(
         "generate",
         help=_add_generate.summary,
-        description="Continue a prompt with a trained model, token by token through its "
-        "recurrent state (SSM state or KV cache).",
+        description="Continue a prompt with a trained model: the prompt read in one pass "
+        "(prefill), then token by token through its recurrent state (SSM state or KV cache).",
     )
     p.add_argument("--checkpoint", required=True, help="a checkpoint of spikemar train/distill")
     add_sampling_arguments(p, prompt="\n", max_new_tokens=200, seed=0, unit="tokens")

@@ -231,3 +231,20 @@ def test_hub_refusals_and_invalid_ids_are_one_line(monkeypatch, tmp_path):
                            "valid Hub id") as info:  # fmt: skip
             from_pretrained(name)
         assert "\n" not in str(info.value)
+
+
+def test_a_tied_head_in_the_file_is_checked_for_shape_and_values(tmp_path):
+    from spikemar.models.hub import read_pretrained_config
+    from spikemar.models.pretrained import config_from_hf, state_dict_from_hf
+
+    mamba2_dir(tmp_path, tied=True)
+    config = config_from_hf(read_pretrained_config(tmp_path))
+    tensors = read_pretrained_tensors(tmp_path)
+    embedding = tensors["backbone.embeddings.weight"]
+    state = state_dict_from_hf(config, {**tensors, "lm_head.weight": embedding.clone()})
+    assert state["head.weight"] is state["embed.weight"]
+    with pytest.raises(ValueError, match=r"'lm_head\.weight' has shape \(300, 16\), expected "
+                       r"\(300, 32\) \(the config ties"):  # fmt: skip
+        state_dict_from_hf(config, {**tensors, "lm_head.weight": torch.zeros(300, 16)})
+    with pytest.raises(ValueError, match="differs from the embedding"):
+        state_dict_from_hf(config, {**tensors, "lm_head.weight": embedding + 1})

@@ -325,10 +325,14 @@ def state_dict_from_hf(
         out["head.weight"] = out["embed.weight"]
         head = rename("head.weight")
         if head in tensors:  # a tied head saved beside the embedding must be its copy
-            t = tensors[head]
-            if tuple(t.shape) != tuple(out["embed.weight"].shape) or not torch.equal(
-                t, out["embed.weight"]
-            ):
+            t, embedding = tensors[head], out["embed.weight"]
+            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+            if shape != tuple(embedding.shape):
+                raise ValueError(
+                    f"tensors: {head!r} has shape {shape}, expected {tuple(embedding.shape)} "
+                    "(the config ties it to the embedding)"
+                )
+            if not torch.equal(t, embedding):
                 raise ValueError(
                     f"tensors: {head!r} differs from the embedding, but the config ties them"
                 )

@@ -63,7 +63,7 @@ def read_text(path: str | os.PathLike) -> str:
     if b"\x00" in raw[:65536]:
         raise ValueError(f"path: {path} holds NUL bytes; expected a UTF-8 text file, not binary")
     try:
-        return raw.decode("utf-8")
+        return raw.decode("utf-8-sig")  # a byte-order mark (Windows editors write one) is no text
     except UnicodeDecodeError as err:
         raise ValueError(f"path: {path} is not UTF-8 text ({err})") from err
 
@@ -160,8 +160,8 @@ def prepare(
     digest = _source_digest(path, docs, tokenizer)
     root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "spikemar" / "data"
     folder = root / f"{path.stem}-{digest}"
-    if (folder / "meta.json").is_file():
-        return folder
+    if _complete(folder):
+        return folder  # else (a token file deleted or cut short) tokenized again
     if tokenizer is None:
         tokenizer = CharTokenizer.from_text("\n".join(docs))
     if tokenizer.vocab_size > np.iinfo(np.uint32).max:
@@ -182,6 +182,19 @@ def prepare(
             "train_tokens": n_train, "val_tokens": len(ids) - n_train}  # fmt: skip
     _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks done
     return folder
+
+
+def _complete(folder: Path) -> bool:
+    """Whether a cache folder holds ``meta.json`` and both token files at the sizes it names."""
+    try:
+        meta = json.loads((folder / "meta.json").read_text())
+        itemsize = np.dtype(meta.get("dtype", "uint16")).itemsize
+        return all(
+            (folder / f"{split}.bin").stat().st_size == int(meta[f"{split}_tokens"]) * itemsize
+            for split in ("train", "val")
+        )
+    except (OSError, ValueError, KeyError, TypeError):  # missing, unreadable or not this layout
+        return False
 
 
 class TokenDataset:

@@ -192,3 +192,25 @@ def test_char_tokenizer_refuses_a_repeated_character():
     with pytest.raises(ValueError, match="chars: expected each character once"):
         CharTokenizer("abca")
     assert CharTokenizer.from_text("abca").chars == "abc"
+
+
+def test_a_byte_order_mark_is_not_text(tmp_path, tok):
+    # Windows editors start UTF-8 files with one: a .jsonl's first line is still JSON
+    (tmp_path / "a.jsonl").write_text('{"text": "hear me"}\n{"text": "speak"}\n', "utf-8-sig")
+    (tmp_path / "b.txt").write_text("hear me speak", "utf-8-sig")
+    assert read_documents(tmp_path) == ["hear me", "speak", "hear me speak"]
+
+
+@pytest.mark.parametrize("damage", ["delete", "truncate"])
+def test_a_damaged_token_cache_is_tokenized_again(tmp_path, tok, damage):
+    (tmp_path / "t.txt").write_text(TEXT)
+    folder = prepare(tmp_path / "t.txt", tmp_path / "c", tok)
+    expected = np.fromfile(folder / "train.bin", dtype=np.uint16)
+    if damage == "delete":
+        (folder / "train.bin").unlink()
+    else:
+        (folder / "val.bin").write_bytes((folder / "val.bin").read_bytes()[:3])
+    assert prepare(tmp_path / "t.txt", tmp_path / "c", tok) == folder
+    ds = TokenDataset(folder)
+    assert np.array_equal(ds.splits["train"], expected)
+    assert len(ds.splits["val"]) == ds.meta["val_tokens"]

@@ -130,8 +130,8 @@ def save_checkpoint(
     full state, gathered by the trainer); ``model`` still gives the kind and config."""
     path = Path(path)
     if not callable(getattr(tokenizer, "to_dict", None)):
-        raise TypeError(f"tokenizer: expected a tokenizer with to_dict() (CharTokenizer), got "
-                        f"{type(tokenizer).__name__}")  # fmt: skip
+        raise TypeError(f"tokenizer: expected a tokenizer with to_dict() (CharTokenizer or "
+                        f"HFTokenizer), got {type(tokenizer).__name__}")  # fmt: skip
     state = model.state_dict() if model_state is None else model_state
     bad = nonfinite_parameters(state)
     if bad:

@@ -214,3 +214,20 @@ def test_a_damaged_token_cache_is_tokenized_again(tmp_path, tok, damage):
     ds = TokenDataset(folder)
     assert np.array_equal(ds.splits["train"], expected)
     assert len(ds.splits["val"]) == ds.meta["val_tokens"]
+
+
+def test_a_pretrained_model_saves_and_loads_with_its_bpe(tmp_path, tok):
+    from references.hf_checkpoints import write_mamba2_checkpoint
+
+    from spikemar.models import from_pretrained
+
+    write_mamba2_checkpoint(tmp_path / "m2")
+    model = from_pretrained(tmp_path / "m2")
+    save_checkpoint(tmp_path / "m.pt", model, model.tokenizer)
+    loaded, tokenizer, _ = load_checkpoint(tmp_path / "m.pt")
+    assert tokenizer == model.tokenizer and isinstance(tokenizer, HFTokenizer)
+    assert generate_text(loaded, tokenizer, "hear me", 5, temperature=0) == generate_text(
+        model, model.tokenizer, "hear me", 5, temperature=0
+    )
+    with pytest.raises(TypeError, match=r"\(CharTokenizer or HFTokenizer\), got NoneType"):
+        save_checkpoint(tmp_path / "n.pt", model, None)

@@ -219,6 +219,7 @@ def load_checkpoint(
             "anyway"
         )
     model.eval()
+    model.tokenizer = tokenizer  # generate(text) → text
     return model, tokenizer, payload
 
 

@@ -410,31 +410,35 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .models.fused_step import unsupported_reason
+    from .tokenizer import generate_text
 
+    prompt = args.prompt.replace("\\n", "\n")
+    if not prompt:
+        raise _UsageError("--prompt: expected at least one character")
     try:
         model, tokenizer, _ = load_checkpoint(args.checkpoint)
-        prompt = torch.tensor(tokenizer.encode(args.prompt.replace("\\n", "\n")))
+        tokenizer.encode(prompt)  # a character the tokenizer lacks: named before any work
+        text = generate_text(
+            model,
+            tokenizer,
+            prompt,
+            args.max_new_tokens,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            generator=torch.Generator().manual_seed(args.seed),
+            # one C call per token where the model allows (no hooks to keep on the command line)
+            fused=unsupported_reason(model) is None,
+        )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
         message = str(err)
-        if message.startswith("text: "):
-            message = "--prompt: " + message.removeprefix("text: ")
-        elif message.startswith("checkpoint: "):
+        for prefix in ("text: ", "prompt: "):
+            if message.startswith(prefix):
+                message = "--prompt: " + message.removeprefix(prefix)
+        if message.startswith("checkpoint: "):
             message = "--" + message
         raise _UsageError(message) from err
-    if prompt.numel() == 0:
-        raise _UsageError("--prompt: expected at least one character")
-    from .models.fused_step import unsupported_reason
-
-    out = model.generate(
-        prompt,
-        args.max_new_tokens,
-        temperature=args.temperature,
-        top_k=args.top_k,
-        generator=torch.Generator().manual_seed(args.seed),
-        # one C call per token where the model allows it (no hooks to keep on the command line)
-        fused=unsupported_reason(model) is None,
-    )
-    print(tokenizer.decode(out))
+    print(text)
     return 0
 
 

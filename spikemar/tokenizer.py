@@ -236,10 +236,25 @@ class HFTokenizer:
         return cls(_HF.from_str(d["json"]), d.get("eos_id"))
 
     def save(self, directory: str | os.PathLike) -> Path:
-        """Write ``tokenizer.json`` into ``directory`` (readable by tokenizers and transformers)."""
-        path = Path(directory) / "tokenizer.json"
-        path.parent.mkdir(parents=True, exist_ok=True)
+        """Write ``tokenizer.json`` into ``directory`` (readable by tokenizers and transformers),
+        and the end-of-text token, where there is one, as ``eos_token`` of
+        ``tokenizer_config.json`` (the key transformers and :meth:`from_directory` read; other
+        keys of an existing file are kept). Returns the ``tokenizer.json`` path."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        path = directory / "tokenizer.json"
         path.write_text(self._json)
+        if self._eos_id is not None:
+            config_path = directory / "tokenizer_config.json"
+            config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
+            if config_path.is_file():
+                try:
+                    config = json.loads(config_path.read_text())
+                except json.JSONDecodeError as err:
+                    message = f"directory: {config_path} is not JSON ({err})"
+                    raise ValueError(message) from err
+            config["eos_token"] = self._tokenizer.id_to_token(self._eos_id)
+            config_path.write_text(json.dumps(config, indent=2))
         return path
 
     def __eq__(self, other: object) -> bool:
@@ -308,9 +323,11 @@ def generate_text(
     generator: torch.Generator | None = None,
     fused: bool = False,
 ) -> str:
-    """Continue ``prompt`` (text) by ``max_new_tokens`` tokens; returns prompt and continuation
-    as text. ``temperature`` 0 is greedy; ``fused``: one C call per token (see
-    :func:`spikemar.models.generate`). The model's vocabulary must cover the tokenizer's."""
+    """Continue ``prompt`` (text) by up to ``max_new_tokens`` tokens; returns prompt and
+    continuation as text, stopped before the tokenizer's end-of-text token where it has one
+    (``eos_id``; as transformers' ``generate`` stops). ``temperature`` 0 is greedy; ``fused``:
+    one C call per token (see :func:`spikemar.models.generate`). The model's vocabulary must
+    cover the tokenizer's."""
     from .models.generation import generate
 
     if not isinstance(prompt, str) or not prompt:
@@ -325,7 +342,13 @@ def generate_text(
             "the model and tokenizer do not belong together"
         )
     device = next(model.parameters()).device
+    eos = tokenizer.eos_id
+    if eos is not None and model_vocab is not None and eos >= model_vocab:
+        eos = None  # a token the model cannot make
     out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
                    temperature=temperature, top_k=top_k, generator=generator,
-                   fused=fused)  # fmt: skip
-    return tokenizer.decode(out.cpu())
+                   fused=fused, eos_token_id=eos)  # fmt: skip
+    out = out.cpu().tolist()
+    if eos is not None and eos in out[len(ids) :]:
+        out = out[: out.index(eos, len(ids))]
+    return tokenizer.decode(out)

@@ -140,7 +140,8 @@ def test_generate_reads_the_prompt_through_prefill(layers):
     calls = []
     model.embed.register_forward_hook(lambda m, args, out: calls.append(tuple(args[0].shape)))
     out = model.generate(prompt, 6, temperature=0.0)
-    assert calls[0] == (2, 11) and all(c == (2,) for c in calls[1:]) and len(calls) == 7
+    # the prompt in one pass, then a step per new token but the last (whose logits are unused)
+    assert calls[0] == (2, 11) and all(c == (2,) for c in calls[1:]) and len(calls) == 6
     with torch.no_grad():  # greedy tokens as the step-by-step loop makes them
         logits, state = stepped(model, prompt, model.init_state(2))
         want = [prompt]

@@ -56,11 +56,20 @@ _TOK = bpe()
 
 def test_save_and_load_directories(tmp_path, tok):
     tok.save(tmp_path / "bpe")
-    assert load_tokenizer(tmp_path / "bpe") == HFTokenizer(tok._tokenizer)  # no eos in the file
-    (tmp_path / "bpe" / "tokenizer_config.json").write_text(
-        json.dumps({"eos_token": "<|endoftext|>"})
-    )
-    assert load_tokenizer(tmp_path / "bpe") == tok
+    assert tok.eos_id is not None
+    assert load_tokenizer(tmp_path / "bpe") == tok  # the end-of-text token comes back too
+    from transformers import AutoTokenizer  # and transformers reads the directory as its own
+
+    auto = AutoTokenizer.from_pretrained(tmp_path / "bpe", local_files_only=True)
+    assert auto.eos_token_id == tok.eos_id and auto.encode("me") == tok.encode("me")
+    (tmp_path / "plain").mkdir()  # an existing tokenizer_config.json keeps its other keys
+    (tmp_path / "plain" / "tokenizer_config.json").write_text(json.dumps({"model_max_length": 7}))
+    tok.save(tmp_path / "plain")
+    kept = json.loads((tmp_path / "plain" / "tokenizer_config.json").read_text())
+    assert kept["model_max_length"] == 7 and kept["eos_token"] == "<|endoftext|>"
+    HFTokenizer(tok._tokenizer).save(tmp_path / "no_eos")
+    assert load_tokenizer(tmp_path / "no_eos") == HFTokenizer(tok._tokenizer)
+    assert not (tmp_path / "no_eos" / "tokenizer_config.json").exists()
     assert load_tokenizer(tmp_path / "bpe" / "tokenizer.json").encode("me") == tok.encode("me")
     char = CharTokenizer.from_text("abc")
     char.save(tmp_path / "char")
@@ -231,3 +240,49 @@ def test_a_pretrained_model_saves_and_loads_with_its_bpe(tmp_path, tok):
     )
     with pytest.raises(TypeError, match=r"\(CharTokenizer or HFTokenizer\), got NoneType"):
         save_checkpoint(tmp_path / "n.pt", model, None)
+
+
+def _bpe_model(tok, seed: int = 0) -> MARLM:
+    torch.manual_seed(seed)
+    return MARLM(MARConfig(vocab_size=tok.vocab_size, d_model=16, n_layers=1, d_state=4,
+                           head_dim=8)).eval()  # fmt: skip
+
+
+def test_generate_takes_and_returns_text_with_the_models_tokenizer(tmp_path, tok):
+    model = _bpe_model(tok)
+    with pytest.raises(ValueError, match="prompt: a text prompt needs the model's tokenizer"):
+        model.generate("hear me", 3)
+    with pytest.raises(TypeError, match="prompt: expected token ids"):
+        model.generate([1, 2], 3)
+    save_checkpoint(tmp_path / "m.pt", model, tok)
+    loaded, _, _ = load_checkpoint(tmp_path / "m.pt")
+    assert loaded.tokenizer == tok  # load_checkpoint hands the model its tokenizer
+    text = loaded.generate("hear me", 6, temperature=0)
+    assert isinstance(text, str) and text.startswith("hear me")
+    assert text == generate_text(loaded, tok, "hear me", 6, temperature=0)
+
+
+def test_generation_stops_at_the_end_of_text_token(tok):
+    model = _bpe_model(tok, seed=1)
+    prompt = torch.tensor([tok.encode("hear me")[:3], tok.encode("speak ye")[:3]])
+    free = model.generate(prompt, 8, temperature=0)
+    new = free[:, prompt.shape[1] :]
+    eos = int(new[0, 2])  # the token row 0 makes third: take it for the end of text
+    first = [int((row == eos).nonzero()[0]) if (row == eos).any() else None for row in new]
+    out = model.generate(prompt, 8, temperature=0, eos_token_id=eos)
+    assert out.shape[1] == prompt.shape[1] + max(8 if f is None else f + 1 for f in first)
+    for r, f in enumerate(first):
+        got = out[r, prompt.shape[1] :]
+        if f is None:
+            assert torch.equal(got, new[r, : got.shape[0]])
+        else:  # the same tokens up to the end of text, then padding with it
+            assert torch.equal(got[: f + 1], new[r, : f + 1]) and bool((got[f:] == eos).all())
+    fused = model.generate(prompt, 8, temperature=0, eos_token_id=eos, fused=True)
+    assert torch.equal(fused, out)
+    for bad in (-1, tok.vocab_size, 1.0, True):
+        with pytest.raises(ValueError, match="eos_token_id"):
+            model.generate(prompt, 2, eos_token_id=bad)
+    # text stops before the tokenizer's end-of-text token, which is not in the text
+    eos_tok = HFTokenizer(tok._tokenizer, eos_id=eos)
+    text = generate_text(model, eos_tok, tok.decode(prompt[0]), 8, temperature=0)
+    assert text == tok.decode(free[0, : prompt.shape[1] + first[0]])

@@ -22,21 +22,44 @@ __all__ = ["generate"]
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    prompt: torch.Tensor,
+    prompt: torch.Tensor | str,
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
-) -> torch.Tensor:
+    eos_token_id: int | None = None,
+) -> torch.Tensor | str:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
-    ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d).
+    ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d). A
+    text ``prompt`` (a str) is encoded with the model's own tokenizer (``model.tokenizer``, which
+    ``from_pretrained`` and ``load_checkpoint`` set) and the text comes back, prompt and
+    continuation, stopped before the tokenizer's end-of-text token
+    (:func:`spikemar.tokenizer.generate_text`).
     ``fused``: run each token as one C call (:class:`spikemar.models.fused_step.FusedStep`, built
     for this call: the same logits, without the modules' Python, and without their hooks);
-    raises ValueError for a model it cannot compile (SSM mixers only).
+    raises ValueError for a model it cannot compile (SSM mixers only). ``eos_token_id``: a
+    sequence that makes this token is finished (as transformers' ``generate``): it goes on with
+    ``eos_token_id`` as padding, and generation stops early once every sequence has finished
+    (the result is then shorter).
     """
+    if isinstance(prompt, str):
+        tokenizer = getattr(model, "tokenizer", None)
+        if tokenizer is None:
+            raise ValueError(
+                "prompt: a text prompt needs the model's tokenizer (model.tokenizer, set by "
+                "from_pretrained and load_checkpoint; this model has none): pass token ids, or "
+                "use spikemar.tokenizer.generate_text(model, tokenizer, text)"
+            )
+        from ..tokenizer import generate_text
+
+        return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
+                             top_k=top_k, generator=generator, fused=fused)  # fmt: skip
+    if not isinstance(prompt, torch.Tensor):
+        raise TypeError(f"prompt: expected token ids (a tensor) or a str, got "
+                        f"{type(prompt).__name__}")  # fmt: skip
     squeeze = prompt.dim() == 1
     tokens = prompt.unsqueeze(0) if squeeze else prompt
     if tokens.dim() != 2 or tokens.shape[1] == 0:
@@ -55,6 +78,14 @@ def generate(
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
     if not isinstance(fused, bool):
         raise ValueError(f"fused: expected True or False, got {fused!r}")
+    vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if eos_token_id is not None and (
+        isinstance(eos_token_id, bool)
+        or not isinstance(eos_token_id, int)
+        or not 0 <= eos_token_id < (vocab or eos_token_id + 1)
+    ):
+        raise ValueError(f"eos_token_id: expected a token id in [0, {vocab}) or None, got "
+                         f"{eos_token_id!r}")  # fmt: skip
     was_training = model.training
     model.eval()
     try:
@@ -63,9 +94,15 @@ def generate(
         state = model.init_state(tokens.shape[0], in_place=True)
         logits, state = model.prefill(tokens, state)
         out = [tokens]
-        for _ in range(max_new_tokens):
+        done = None if eos_token_id is None else torch.zeros_like(tokens[:, 0], dtype=torch.bool)
+        for n in range(max_new_tokens):
             next_token = _sample(logits, temperature, top_k, generator)
+            if done is not None:
+                next_token = next_token.masked_fill(done, eos_token_id)
+                done |= next_token == eos_token_id
             out.append(next_token[:, None])
+            if n + 1 == max_new_tokens or (done is not None and bool(done.all())):
+                break  # the last token's logits are never read
             logits, state = step(next_token, state)
     finally:
         model.train(was_training)

@@ -369,6 +369,9 @@ class MARLM(nn.Module):
             self.head.weight = self.embed.weight
         if config.points and config.spikes is not None:  # spikes=None: the dense twin, always
             _apply_points(self)
+        # the tokenizer the weights were trained with, where the model was loaded with one
+        # (from_pretrained, load_checkpoint): generate then takes and returns text
+        self.tokenizer = None
 
     def forward(self, tokens: torch.Tensor, return_hidden: bool = False):
         check_tokens(tokens, self.config.vocab_size, "tokens")

@@ -130,6 +130,7 @@ class TransformerLM(nn.Module):
         for name, p in self.named_parameters():  # GPT-2's scaled init of residual projections
             if name.endswith(("attn.out.weight", "ffn.down.weight")):
                 nn.init.normal_(p, std=0.02 / math.sqrt(2 * config.n_layers))
+        self.tokenizer = None  # set by load_checkpoint: generate then takes and returns text
 
     def forward(self, tokens: torch.Tensor, return_hidden: bool = False):
         check_tokens(tokens, self.config.vocab_size, "tokens", max_len=self.config.max_len)

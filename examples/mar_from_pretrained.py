@@ -106,8 +106,7 @@ def train_teacher(
     model.eval()
     folder.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(folder)
-    tok.save(folder)
-    (folder / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    tok.save(folder)  # tokenizer.json, and tokenizer_config.json naming <|endoftext|>
     (folder / "trained.json").write_text(json.dumps({"steps": steps, "seed": seed,
                                                      "data": str(data_path)}))  # fmt: skip
 

@@ -55,6 +55,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import MARLM, SpikeConfig, SpikePoint
+from .models.hub import NO_TOKENIZER_HINT
 
 __all__ = [
     "ConvertResult",
@@ -476,7 +477,7 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 _FLAGS = {"path_or_id": "from", "source": "from", "points": "spike_points", "path": "data",
           "text": "data"}  # fmt: skip
 # what the library's API offers that the command has no flag for
-_API_HINT = "; pass tokenizer=False to load the weights alone"
+_API_HINT = NO_TOKENIZER_HINT
 
 
 def _flag_message(message: str, args: argparse.Namespace) -> str:

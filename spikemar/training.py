@@ -198,8 +198,9 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     :func:`loop_settings` turns the parsed ones back into its keyword arguments."""
     p = parser
     p.add_argument("--data", default=None,
-                   help="a UTF-8 text file (default: Tiny Shakespeare from the shared data "
-                        "folder, or $SPIKEMAR_DATA)")  # fmt: skip
+                   help="a UTF-8 text file, a .jsonl (a 'text' field per line) or a folder "
+                        "of both (default: Tiny Shakespeare from the shared data folder, or "
+                        "$SPIKEMAR_DATA)")  # fmt: skip
     p.add_argument("--out", default=out, help="checkpoint path")
     p.add_argument("--resume", action="store_true",
                    help="continue the run saved at --out; a larger --steps extends it")  # fmt: skip

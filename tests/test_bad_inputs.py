@@ -5,6 +5,7 @@ leaves nothing behind after the next run, and SIGTERM saves a run as Ctrl-C does
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import signal
@@ -575,4 +576,31 @@ def test_distill_with_a_hub_teacher_offline_says_so_in_one_line(tmp_path, monkey
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err, err
     assert "teacher: 'state-spaces/mamba2-130m' is not a local directory" in err
+    assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        # a Llama directory transformers cannot build (its code divides by the head count)
+        ({"model_type": "llama", "hidden_size": 32, "num_attention_heads": 0, "vocab_size": 50},
+         r"--teacher: transformers cannot build the model in .* \(ZeroDivisionError"),
+        (None, "--teacher: .* is a folder without a config.json"),
+    ],
+)  # fmt: skip
+def test_distill_names_a_teacher_directory_it_cannot_use(tmp_path, capsys, config, match):
+    from spikemar import cli
+
+    teacher = tmp_path / "teacher"
+    teacher.mkdir()
+    if config is not None:
+        (teacher / "config.json").write_text(json.dumps(config))
+    (tmp_path / "text.txt").write_text("to be or not to be\n" * 50)
+    argv = ["distill", "--stage", "2", "--teacher", str(teacher), "--data",
+            str(tmp_path / "text.txt"), "--out", str(tmp_path / "s.pt")]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err, err
+    assert re.search(match, err), err
     assert not (tmp_path / "s.pt").exists()

@@ -11,6 +11,7 @@ import argparse
 from typing import Any
 
 from .._argtypes import int_at_least_1, non_negative_float, positive_float
+from ..models.hub import NO_TOKENIZER_HINT
 from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_distill_arguments", "distill_main"]
@@ -22,8 +23,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
                    help="1: Transformer → dense SSM; 2: dense SSM → spiking MAR")  # fmt: skip
     p.add_argument("--teacher", required=True,
-                   help="the teacher: a spikemar checkpoint, or a local Hugging Face model "
-                        "directory (never downloaded)")  # fmt: skip
+                   help="the teacher: a spikemar checkpoint, a Hugging Face model directory, "
+                        "or a Hub id owner/name (fetched where there is a network)")  # fmt: skip
     add_loop_arguments(p, out="runs/student.pt")
     loss = p.add_argument_group("SBDS loss")
     loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")
@@ -81,7 +82,7 @@ def distill_main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: a Hub id
-        args._parser.error(str(err))
+        args._parser.error(_flag_message(str(err)))
     except KeyboardInterrupt:
         return 130
     import torch.distributed as dist
@@ -91,3 +92,17 @@ def distill_main(args: argparse.Namespace) -> int:
               f"{result['unit']} "
               f"(teacher {result['teacher_val']:.4f})")  # fmt: skip
     return 0
+
+
+# the library's argument names that this command's flags call otherwise
+_FLAGS = {"teacher": "--teacher", "student": "--student", "path": "--data", "text": "--data",
+          "data": "--data", "out": "--out"}  # fmt: skip
+
+
+def _flag_message(message: str) -> str:
+    """A library error as the command line says it: the flag for the argument the library
+    names (``teacher: …`` → ``--teacher: …``), without the Python API's ``tokenizer=False``
+    way out."""
+    message = message.replace(NO_TOKENIZER_HINT, "")
+    name, sep, rest = message.partition(": ")
+    return f"{_FLAGS[name]}: {rest}" if sep and name in _FLAGS else message

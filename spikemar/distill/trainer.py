@@ -159,7 +159,11 @@ class Teacher(nn.Module):
             if _spikemar_architecture(p):
                 model = from_pretrained(p).to(device)
                 return cls(model, str(p), model.tokenizer)
-            model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
+            try:
+                model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
+            except Exception as err:  # transformers raises what its model code raises
+                raise ValueError(f"teacher: transformers cannot build the model in {p} "
+                                 f"({type(err).__name__}: {err})") from err  # fmt: skip
             tokenizer = None
             if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
                 tokenizer = HFTokenizer.from_directory(p)

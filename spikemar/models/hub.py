@@ -51,6 +51,11 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 
 
+# the end of from_pretrained's error for a directory without a tokenizer: the Python API's way
+# out, which the command lines (that have no such option) cut off
+NO_TOKENIZER_HINT = "; pass tokenizer=False to load the weights alone"
+
+
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether ``name`` has the form of a Hugging Face Hub id (``owner/name``)."""
     return bool(_HUB_ID.match(str(name)))
@@ -232,9 +237,7 @@ def from_pretrained(
         try:
             tok = load_tokenizer(directory)
         except FileNotFoundError as err:
-            raise FileNotFoundError(
-                f"{err}; pass tokenizer=False to load the weights alone"
-            ) from err
+            raise FileNotFoundError(f"{err}{NO_TOKENIZER_HINT}") from err
     tensors = read_pretrained_tensors(directory)
     try:
         state = state_dict_from_hf(config, tensors)  # the dense model's tensors

@@ -44,6 +44,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
@@ -72,23 +73,32 @@ __all__ = [
 ]
 
 
-def load_dense(source: str | Path, device: str = "cpu"):
+def load_dense(source: str | Path, device: str = "cpu", tokenizer: bool | str | Path = True):
     """``(dense MARLM, tokenizer)`` from a Hugging Face checkpoint directory / Hub id or a
-    spikemar checkpoint (a spiking one gives its dense twin)."""
+    spikemar checkpoint (a spiking one gives its dense twin). ``tokenizer``: True, the source's
+    own; False, none; a directory, ``tokenizer.json`` or Hub id, that one (see
+    :func:`spikemar.models.from_pretrained`)."""
     from .checkpoint import dense_twin, load_checkpoint
 
     path = Path(source)
     if path.is_file():
-        model, tokenizer, _ = load_checkpoint(path, map_location=device)
+        model, tokenizer_, _ = load_checkpoint(path, map_location=device)
+        if tokenizer is False:
+            tokenizer_ = None
+        elif tokenizer is not True:
+            from .models.hub import resolve_tokenizer
+            from .tokenizer import load_tokenizer
+
+            tokenizer_ = load_tokenizer(resolve_tokenizer(tokenizer))
         if not isinstance(model, MARLM):
             raise ValueError(f"from: {path} holds a {type(model).__name__}; convert needs an SSM "
                              "language model (a MARLM, or a Mamba-2/Llamba directory)")  # fmt: skip
         if model.config.spikes is not None:
             model = dense_twin(model)
-        return model.to(device).eval(), tokenizer
+        return model.to(device).eval(), tokenizer_
     from .models.hub import from_pretrained
 
-    model = from_pretrained(source)
+    model = from_pretrained(source, tokenizer=tokenizer)
     return model.to(device).eval(), model.tokenizer
 
 
@@ -333,7 +343,8 @@ def convert(
     as a spikemar checkpoint with its tokenizer. ``spiking`` selects layers, or ``points`` the
     spike points (``MARConfig.points`` settings; the others stay dense). ``data``: the
     calibration/validation text (a file or folder; default Tiny Shakespeare), tokenized with
-    the model's tokenizer."""
+    the model's tokenizer. ``tokenizer``: None, the source's own; a tokenizer object, or a
+    directory, ``tokenizer.json`` or Hub id to load one from (a checkpoint that ships none)."""
     from . import energy
     from ._io import check_output_path
     from .checkpoint import save_checkpoint
@@ -346,8 +357,10 @@ def convert(
         dense = source.eval()
         if tokenizer is None:
             tokenizer = getattr(source, "tokenizer", None)
-    else:
-        dense, tokenizer = load_dense(source, device)
+    elif tokenizer is None or isinstance(tokenizer, str | os.PathLike):  # the source's, or from
+        dense, tokenizer = load_dense(source, device, True if tokenizer is None else tokenizer)
+    else:  # a tokenizer object
+        dense, _ = load_dense(source, device, tokenizer=False)
     if tokenizer is None:
         raise ValueError("tokenizer: the model has none; pass the tokenizer of its vocabulary")
     if tokenizer.vocab_size > dense.config.vocab_size:
@@ -439,6 +452,10 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--from", dest="source", required=True,
                    help="a Hugging Face Mamba-2/Llamba directory or Hub id, or a spikemar "
                         "checkpoint of an SSM LM")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
+                   help="the tokenizer, where the source ships none or another is wanted: a "
+                        "directory, a tokenizer.json or a Hub id (state-spaces/mamba2-130m "
+                        "uses EleutherAI/gpt-neox-20b's); default: the source's own")  # fmt: skip
     p.add_argument("--out", required=True, help="where to write the student checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint at --out")  # fmt: skip
@@ -491,10 +508,10 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     name, sep, rest = message.partition(": ")
     if not (sep and name.isidentifier()):
         return message
-    if name in _FLAGS or name in vars(args):
-        return f"--{_FLAGS.get(name, name).replace('_', '-')}: {rest}"
     if rest.startswith(f"{source} "):  # "tokenizer: DIR has no tokenizer", "checkpoint: ..."
         return f"--from: {rest}"
+    if name in _FLAGS or name in vars(args):
+        return f"--{_FLAGS.get(name, name).replace('_', '-')}: {rest}"
     return f"--from {source}: {message}"  # tokenizer, checkpoint, config, tensors, dense, ...
 
 
@@ -516,7 +533,8 @@ def convert_main(args: argparse.Namespace) -> int:
         result = convert(
             args.source, args.out, spikes=spikes, spiking=spiking, points=points,
             firing_rate=args.firing_rate,
-            data=args.data, calib_batches=args.calib_batches, eval_batches=args.eval_batches,
+            data=args.data, tokenizer=args.tokenizer,
+            calib_batches=args.calib_batches, eval_batches=args.eval_batches,
             batch_size=args.batch_size, L=args.L, hardware=args.hardware, seed=args.seed,
             device=args.device,
         )  # fmt: skip

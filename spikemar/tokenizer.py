@@ -178,7 +178,9 @@ class HFTokenizer:
             if isinstance(eos, str):
                 eos_id = tok._tokenizer.token_to_id(eos)
             return cls(tok._tokenizer, eos_id)
-        others = ("tokenizer.model", "vocab.json", "tokenizer_config.json", "spiece.model")
+        # the vocabulary files of transformers' other formats (a tokenizer_config.json alone,
+        # as HFTokenizer.save writes beside tokenizer.json, is no tokenizer)
+        others = ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
         if not any((directory / f).is_file() for f in others):
             raise FileNotFoundError(
                 f"tokenizer: {directory} has no tokenizer (expected tokenizer.json, or "

@@ -219,6 +219,9 @@ def test_command_line_names_from_data_out_and_device(dense_checkpoint, corpus, t
     capsys.readouterr()  # transformers' warnings while it is made
     err = _convert_error(["--from", "m2", "--out", "s.pt", *base], capsys)
     assert "--from: m2 has no tokenizer" in err and "tokenizer=False" not in err
+    err = _convert_error(["--from", "m2", "--tokenizer", "nowhere", "--out", "s.pt", *base],
+                         capsys)  # fmt: skip
+    assert "--tokenizer: no directory at nowhere" in err
     err = _convert_error(["--from", str(dense_checkpoint), "--out", "s.pt", "--data",
                           "nothing.txt"], capsys)  # fmt: skip
     assert "--data: no text file or folder at nothing.txt" in err
@@ -238,3 +241,19 @@ def test_command_line_names_from_data_out_and_device(dense_checkpoint, corpus, t
     assert main(["convert", "--from", str(dense_checkpoint), "--out", "s.pt", "--overwrite",
                  *base]) == 0  # fmt: skip
     assert load_checkpoint(tmp_path / "s.pt")[0].config.spikes is not None
+
+
+def test_command_line_takes_the_tokenizer_from_elsewhere(corpus, tmp_path, monkeypatch, capsys):
+    """--tokenizer for a checkpoint that ships none (as state-spaces/mamba2-130m): the student
+    is made and saved with that tokenizer."""
+    from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint
+
+    monkeypatch.chdir(tmp_path)
+    write_mamba2_checkpoint(tmp_path / "m2", tokenizer=False)
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path / "tok")
+    assert main(["convert", "--from", "m2", "--tokenizer", "tok", "--out", "s.pt", "--data",
+                 str(corpus), "--calib-batches", "1", "--eval-batches", "1", "--batch-size",
+                 "2", "--L", "16"]) == 0  # fmt: skip
+    student, saved, _ = load_checkpoint(tmp_path / "s.pt")
+    assert saved == tok and student.config.spikes is not None

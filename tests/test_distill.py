@@ -325,6 +325,30 @@ def test_stage2_from_a_converted_pretrained_student(corpus, tmp_path, capsys):
                              student=str(student)))  # fmt: skip
 
 
+def test_a_teacher_without_a_tokenizer_takes_one_from_elsewhere(corpus, tmp_path, capsys):
+    """As state-spaces/mamba2-130m, whose directory ships no tokenizer: --tokenizer names one
+    (convert and distill alike); without it the error says so in one line."""
+    from references.hf_checkpoints import bpe_tokenizer
+
+    write_mamba2_checkpoint(tmp_path / "m2", tokenizer=False)
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path / "tok")
+    student = tmp_path / "student.pt"
+    convert(tmp_path / "m2", student, spikes={"T": 4}, data=corpus, tokenizer=tmp_path / "tok",
+            calib_batches=1, eval_batches=1, batch_size=2, L=16)  # fmt: skip
+    argv = ["distill", "--stage", "2", "--teacher", str(tmp_path / "m2"), "--student",
+            str(student), "--data", str(corpus), "--out", str(tmp_path / "s2.pt"), "--steps", "2",
+            "--batch-size", "2", "--L", "16", "--eval-interval", "2", "--eval-iters", "1",
+            "--no-progress"]  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        main(argv)
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert "--teacher: " in err and "has no tokenizer" in err and "pass --tokenizer" in err
+    assert main([*argv, "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert load_checkpoint(tmp_path / "s2.pt")[1] == tok
+
+
 def test_the_objective_reads_the_students_spike_points(tmp_path):
     # per-point settings: SBDS divides by the largest T among the points; a student built on a
     # teacher is the teacher plus what its spike points own, found through spike_points()

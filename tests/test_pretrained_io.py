@@ -133,6 +133,29 @@ def test_weights_alone_without_a_tokenizer(tmp_path):
     assert from_pretrained(tmp_path, tokenizer=False).tokenizer is None
 
 
+def test_a_tokenizer_from_elsewhere(tmp_path, monkeypatch):
+    """A checkpoint without a tokenizer (state-spaces/mamba2-130m ships none) takes one from a
+    directory, a tokenizer.json or a Hub id; the end-of-text id comes from that source, else
+    from the checkpoint's config.json."""
+    mamba2_dir(tmp_path / "m2", tokenizer=False)
+    tok = bpe(300)
+    tok.save(tmp_path / "tok")  # with its tokenizer_config.json: <|endoftext|> is id 0
+    model = from_pretrained(tmp_path / "m2", tokenizer=tmp_path / "tok")
+    assert model.tokenizer == tok and model.generate("hear me", 3, temperature=0)
+    bare = from_pretrained(tmp_path / "m2", tokenizer=str(tmp_path / "tok" / "tokenizer.json"))
+    eos = json.loads((tmp_path / "m2" / "config.json").read_text())["eos_token_id"]
+    assert bare.tokenizer.encode("hear me") == tok.encode("hear me")
+    assert bare.tokenizer.eos_id == eos  # the file alone names none: the checkpoint's config
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    with pytest.raises(ConnectionError, match="tokenizer: 'EleutherAI/gpt-neox-20b' is not"):
+        from_pretrained(tmp_path / "m2", tokenizer="EleutherAI/gpt-neox-20b")
+    with pytest.raises(FileNotFoundError, match="tokenizer: no directory at nowhere"):
+        from_pretrained(tmp_path / "m2", tokenizer="nowhere")
+    with pytest.raises(TypeError, match="tokenizer: expected True, False, a path"):
+        from_pretrained(tmp_path / "m2", tokenizer=3)
+
+
 def test_unreadable_weights_are_named(tmp_path):
     mamba2_dir(tmp_path)
     (tmp_path / "model.safetensors").write_bytes(b"\x00" * 64)

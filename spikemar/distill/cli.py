@@ -25,6 +25,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--teacher", required=True,
                    help="the teacher: a spikemar checkpoint, a Hugging Face model directory, "
                         "or a Hub id owner/name (fetched where there is a network)")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
+                   help="the teacher's tokenizer where its directory ships none: a directory, a "
+                        "tokenizer.json or a Hub id (state-spaces/mamba2-130m uses "
+                        "EleutherAI/gpt-neox-20b's)")  # fmt: skip
     add_loop_arguments(p, out="runs/student.pt")
     loss = p.add_argument_group("SBDS loss")
     loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")
@@ -79,10 +83,11 @@ def distill_main(args: argparse.Namespace) -> int:
             feature=None if args.feature == "none" else args.feature,
             align_steps=args.align_steps, student_config=student,
             init_from_teacher=not args.no_init_from_teacher, student=args.student,
+            tokenizer=args.tokenizer,
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: a Hub id
-        args._parser.error(_flag_message(str(err)))
+        args._parser.error(_flag_message(str(err), args))
     except KeyboardInterrupt:
         return 130
     import torch.distributed as dist
@@ -99,10 +104,17 @@ _FLAGS = {"teacher": "--teacher", "student": "--student", "path": "--data", "tex
           "data": "--data", "out": "--out"}  # fmt: skip
 
 
-def _flag_message(message: str) -> str:
+def _flag_message(message: str, args: argparse.Namespace) -> str:
     """A library error as the command line says it: the flag for the argument the library
-    names (``teacher: …`` → ``--teacher: …``), without the Python API's ``tokenizer=False``
-    way out."""
+    names (``teacher: …`` → ``--teacher: …``; a tokenizer's problem is --tokenizer's where it
+    was given, else the teacher's, which --tokenizer can mend), without the Python API's
+    ``tokenizer=False`` way out."""
+    had_hint = NO_TOKENIZER_HINT in message
     message = message.replace(NO_TOKENIZER_HINT, "")
     name, sep, rest = message.partition(": ")
+    if sep and name == "tokenizer":
+        if args.tokenizer is not None:
+            return f"--tokenizer: {rest}"
+        return f"--teacher: {rest}" + ("; pass --tokenizer DIR|FILE|OWNER/NAME" if had_hint
+                                       else "")  # fmt: skip
     return f"{_FLAGS[name]}: {rest}" if sep and name in _FLAGS else message

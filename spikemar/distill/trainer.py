@@ -72,6 +72,9 @@ class DistillConfig(LoopConfig):
     align_steps: int | None = None  # stage 1: hidden-state alignment steps; None: steps // 4
     init_from_teacher: bool = True
     student: str | None = None  # stage 2: start from this spiking checkpoint (spikemar convert)
+    # the teacher's tokenizer where its directory ships none (state-spaces/mamba2-130m): a
+    # directory, a tokenizer.json or a Hub id; None: the teacher's own
+    tokenizer: str | None = None
     out: str = "runs/student.pt"
 
     def __post_init__(self) -> None:
@@ -139,13 +142,20 @@ class Teacher(nn.Module):
             self.max_len = c.max_len if isinstance(model, TransformerLM) else None
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu") -> Teacher:
+    def load(cls, path: str, device: str = "cpu", tokenizer: str | None = None) -> Teacher:
         """A spikemar checkpoint file, a local Hugging Face model directory, or a Hub id
         (``owner/name``, fetched through :func:`spikemar.models.hub.resolve_pretrained` where
         there is a network, else one clear error): a Mamba-2 or Llamba directory becomes
         spikemar's dense model with the directory's tokenizer; any other architecture goes
         through transformers' ``AutoModelForCausalLM``, with the directory's tokenizer when it
-        has one."""
+        has one. ``tokenizer``: take the tokenizer from this directory, ``tokenizer.json`` or
+        Hub id instead (a checkpoint that ships none)."""
+        other = None
+        if tokenizer is not None:
+            from ..models.hub import resolve_tokenizer
+            from ..tokenizer import load_tokenizer
+
+            other = load_tokenizer(resolve_tokenizer(tokenizer))
         p = Path(path)
         if not p.exists() and is_hub_id(path):
             try:
@@ -157,21 +167,22 @@ class Teacher(nn.Module):
                 raise FileNotFoundError(f"teacher: {p} is a folder without a config.json "
                                         "(not a Hugging Face model directory)")  # fmt: skip
             if _spikemar_architecture(p):
-                model = from_pretrained(p).to(device)
-                return cls(model, str(p), model.tokenizer)
+                model = from_pretrained(p, tokenizer=True if tokenizer is None else tokenizer)
+                return cls(model.to(device), str(p), model.tokenizer)
             try:
                 model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
             except Exception as err:  # transformers raises what its model code raises
                 raise ValueError(f"teacher: transformers cannot build the model in {p} "
                                  f"({type(err).__name__}: {err})") from err  # fmt: skip
-            tokenizer = None
-            if (p / "tokenizer.json").is_file() or (p / "tokenizer_config.json").is_file():
-                tokenizer = HFTokenizer.from_directory(p)
-            return cls(model.to(device), str(p), tokenizer)
+            own = other
+            files = ("tokenizer.json", "tokenizer_config.json")
+            if own is None and any((p / f).is_file() for f in files):
+                own = HFTokenizer.from_directory(p)
+            return cls(model.to(device), str(p), own)
         if not p.is_file():
             raise FileNotFoundError(f"teacher: no checkpoint at {p}")
-        model, tokenizer, _ = load_checkpoint(p, map_location=device)
-        return cls(model, str(p), tokenizer)
+        model, own, _ = load_checkpoint(p, map_location=device)
+        return cls(model, str(p), own if other is None else other)
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -431,7 +442,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     prepare_output(config, resume=resume)  # before the data and the teacher: fail early
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
-    teacher = Teacher.load(config.teacher, device)
+    teacher = Teacher.load(config.teacher, device, tokenizer=config.tokenizer)
     data = _teacher_data(config, teacher)
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")

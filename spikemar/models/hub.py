@@ -43,12 +43,16 @@ __all__ = [
     "read_pretrained_config",
     "read_pretrained_tensors",
     "resolve_pretrained",
+    "resolve_tokenizer",
 ]
 
 WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a model needs from a Hub repository: config, weights, tokenizer files
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
+# a tokenizer's files in a Hub repository (tokenizers' JSON, transformers' slow formats)
+_TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "vocab.json", "vocab.txt",
+                       "merges.txt", "*.model"]  # fmt: skip
 
 
 # the end of from_pretrained's error for a directory without a tokenizer: the Python API's way
@@ -69,9 +73,29 @@ def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = Non
     if path.exists():
         raise NotADirectoryError(f"path_or_id: {path} is a file; expected a checkpoint directory")
     name = str(path_or_id)
+    folder = _snapshot(name, revision, _HUB_PATTERNS, "path_or_id")
+    if not any((folder / f"{stem}.{ext}").exists() or (folder / f"{stem}.{ext}.index.json")
+               .exists() for stem, ext in WEIGHT_FILES):  # fmt: skip
+        folder = _snapshot(name, revision, ["*.bin"], "path_or_id")
+    return folder
+
+
+def resolve_tokenizer(source: str | os.PathLike, revision: str | None = None) -> Path:
+    """A tokenizer's local directory or file (``tokenizer.json``), or the tokenizer files of a
+    Hub repository (``owner/name``, downloaded once; its weights are not fetched): for
+    checkpoints that ship none, as state-spaces/mamba2-130m uses EleutherAI/gpt-neox-20b's."""
+    path = Path(source)
+    if path.exists():
+        return path
+    return _snapshot(str(source), revision, _TOKENIZER_PATTERNS, "tokenizer")
+
+
+def _snapshot(name: str, revision: str | None, patterns: list[str], argument: str) -> Path:
+    """``huggingface_hub.snapshot_download`` of ``patterns`` from the Hub repository ``name``,
+    its failures as one line each naming ``argument``."""
     if not _HUB_ID.match(name):
         raise FileNotFoundError(
-            f"path_or_id: no directory at {name}, and it is not a Hub id like 'owner/name'"
+            f"{argument}: no directory at {name}, and it is not a Hub id like 'owner/name'"
         )
     try:
         from huggingface_hub import snapshot_download
@@ -84,23 +108,20 @@ def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = Non
             RevisionNotFoundError,
         )
     except ImportError as err:  # pragma: no cover - a dependency of spikemar
-        raise ImportError("path_or_id: Hub ids need huggingface_hub") from err
+        raise ImportError(f"{argument}: Hub ids need huggingface_hub") from err
     try:
-        folder = Path(snapshot_download(name, revision=revision, allow_patterns=_HUB_PATTERNS))
-        if not any((folder / f"{stem}.{ext}").exists() or (folder / f"{stem}.{ext}.index.json")
-                   .exists() for stem, ext in WEIGHT_FILES):  # fmt: skip
-            folder = Path(snapshot_download(name, revision=revision, allow_patterns=["*.bin"]))
+        return Path(snapshot_download(name, revision=revision, allow_patterns=patterns))
     except LocalEntryNotFoundError as err:
         offline = os.environ.get("HF_HUB_OFFLINE", "").lower() in ("1", "true", "yes", "on")
         why = "HF_HUB_OFFLINE is set" if offline else "the Hub cannot be reached (no network?)"
         raise ConnectionError(
-            f"path_or_id: {name!r} is not a local directory and {why}, and it is not in the "
+            f"{argument}: {name!r} is not a local directory and {why}, and it is not in the "
             "local Hugging Face cache; download it on a machine with a network "
             "(huggingface-cli download) or pass a directory"
         ) from err
     except HFValidationError as err:  # owner/name in form, but not a name the Hub allows
         raise FileNotFoundError(
-            f"path_or_id: no directory at {name}, and it is not a valid Hub id ({_first_line(err)})"
+            f"{argument}: no directory at {name}, and it is not a valid Hub id ({_first_line(err)})"
         ) from err
     except HfHubHTTPError as err:  # the Hub answered: say why in one line (its text has several)
         if isinstance(err, GatedRepoError):
@@ -112,9 +133,17 @@ def resolve_pretrained(path_or_id: str | os.PathLike, revision: str | None = Non
         else:
             why = _first_line(err)
         raise ConnectionError(
-            f"path_or_id: no directory at {name}, and the Hub refused it as a Hub id: {why}"
+            f"{argument}: no directory at {name}, and the Hub refused it as a Hub id: {why}"
         ) from err
-    return folder
+
+
+def _with_eos(tok: Any, eos_id: int) -> Any:
+    """``tok`` with the checkpoint's end-of-text id, where it lies inside its vocabulary."""
+    from ..tokenizer import HFTokenizer
+
+    if isinstance(tok, HFTokenizer) and 0 <= eos_id < tok.vocab_size:
+        return HFTokenizer(tok._tokenizer, eos_id)
+    return tok
 
 
 def _first_line(err: Exception) -> str:
@@ -211,7 +240,7 @@ def from_pretrained(
     *,
     spikes: SpikeConfig | Mapping[str, Any] | None = None,
     dtype: torch.dtype | str | None = None,
-    tokenizer: bool = True,
+    tokenizer: bool | str | os.PathLike = True,
     revision: str | None = None,
 ) -> MARLM:
     """A pretrained Hugging Face Mamba-2 or Llamba as a spikemar ``MARLM``, in eval mode.
@@ -219,9 +248,15 @@ def from_pretrained(
     ``spikes`` None gives the dense model (logits equal to the original's); a ``SpikeConfig``
     (or its keyword dict) puts MAR's spike points in with the same weights and uncalibrated
     thresholds (``spikemar convert`` calibrates them). ``dtype`` casts the weights (float32 by
-    default). With ``tokenizer`` the directory's tokenizer is loaded as ``model.tokenizer``
-    (required: its absence is an error); without, ``model.tokenizer`` is None.
+    default). ``tokenizer``: True loads the directory's own tokenizer as ``model.tokenizer``
+    (required: its absence is an error); False leaves ``model.tokenizer`` None; a directory, a
+    ``tokenizer.json`` or a Hub id takes the tokenizer from there (for a checkpoint that ships
+    none: state-spaces/mamba2-130m's is ``EleutherAI/gpt-neox-20b``; its end-of-text token from
+    that source's ``tokenizer_config.json``, else the checkpoint's ``config.json``).
     """
+    if not isinstance(tokenizer, bool | str | os.PathLike):
+        raise TypeError(f"tokenizer: expected True, False, a path or a Hub id, got "
+                        f"{type(tokenizer).__name__}")  # fmt: skip
     spike_config = _spike_config(spikes)
     torch_dtype = _dtype(dtype)
     directory = resolve_pretrained(path_or_id, revision)
@@ -233,11 +268,15 @@ def from_pretrained(
     except ValueError as err:
         raise ValueError(f"{directory}: {err}") from err
     tok = None
-    if tokenizer:
+    if tokenizer is True:
         try:
             tok = load_tokenizer(directory)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}{NO_TOKENIZER_HINT}") from err
+    elif tokenizer is not False:
+        tok = load_tokenizer(resolve_tokenizer(tokenizer, None))
+        if tok.eos_id is None and isinstance(hf_config.get("eos_token_id"), int):
+            tok = _with_eos(tok, hf_config["eos_token_id"])
     tensors = read_pretrained_tensors(directory)
     try:
         state = state_dict_from_hf(config, tensors)  # the dense model's tensors

@@ -24,7 +24,9 @@ methods of :class:`CountingSink`) becomes the listener for a block of code with
 
 from __future__ import annotations
 
+import contextlib
 import contextvars
+from collections.abc import Iterator
 from typing import Protocol, TypedDict, Unpack
 
 import torch
@@ -46,6 +48,7 @@ __all__ = [
     "declare_spike_counts",
     "declare_spikes",
     "record_ops",
+    "recurrent_pass",
     "spike_train_needed",
 ]
 
@@ -131,6 +134,24 @@ def deactivate(token: contextvars.Token) -> None:
 def active_sink() -> CountingSink | None:
     """The listener active in this context, or ``None``."""
     return _ACTIVE.get()
+
+
+@contextlib.contextmanager
+def recurrent_pass(model: nn.Module) -> Iterator[None]:
+    """Mark a pass of ``model`` that does not go through its ``__call__`` (``step``,
+    ``prefill``: generation's forms), so that a listener that counts passes (one with
+    ``on_pass_start(model)`` and ``on_pass_end(model)``, as the energy counter) counts it as one
+    and drops what it keeps per pass."""
+    sink = _ACTIVE.get()
+    start = getattr(sink, "on_pass_start", None)
+    if start is None:
+        yield
+        return
+    start(model)
+    try:
+        yield
+    finally:
+        sink.on_pass_end(model)
 
 
 def counting_active() -> bool:

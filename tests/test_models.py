@@ -90,8 +90,11 @@ def test_bad_generation_arguments_are_rejected():
         generate(model, torch.zeros(1, 2, dtype=torch.int64), -1)
     with pytest.raises(ValueError, match="top_k"):
         generate(model, torch.zeros(1, 2, dtype=torch.int64), 2, top_k=0)
+    assert generate(model, torch.zeros(1, 40, dtype=torch.int64), 9).shape == (1, 49)  # 48 fed
     with pytest.raises(ValueError, match="KV cache is full"):
-        generate(model, torch.zeros(1, 40, dtype=torch.int64), 9)
+        generate(model, torch.zeros(1, 40, dtype=torch.int64), 10)
+    with pytest.raises(ValueError, match="tokens: 49 tokens after the 0 in the KV cache"):
+        generate(model, torch.zeros(1, 49, dtype=torch.int64), 1)
 
 
 @pytest.mark.parametrize(

@@ -20,9 +20,10 @@ KINDS = ["ssm", "discrete-mamba2", ["ssm", "lti", "attn"]]
 
 def model_of(layers, spikes: bool, seed: int = 0, **kw) -> MARLM:
     torch.manual_seed(seed)
-    c = MARConfig(vocab_size=VOCAB, d_model=32, n_layers=len(layers) if isinstance(layers, list)
-                  else 2, d_state=8, head_dim=8, layers=layers, max_len=64,
-                  spikes=SpikeConfig(T=3, v_threshold=0.05) if spikes else None, **kw)  # fmt: skip
+    settings = dict(vocab_size=VOCAB, d_model=32, n_layers=len(layers) if isinstance(layers,
+                    list) else 2, d_state=8, head_dim=8, layers=layers, max_len=64,
+                    spikes=SpikeConfig(T=3, v_threshold=0.05) if spikes else None)  # fmt: skip
+    c = MARConfig(**{**settings, **kw})
     return MARLM(c).double().eval()
 
 
@@ -122,15 +123,80 @@ def test_prefill_in_pieces_equals_one_forward(layers, cuts, batch, seed):
     torch.testing.assert_close(logits, whole, rtol=1e-9, atol=1e-9)
 
 
-def test_transformer_prefill_equals_steps():
-    torch.manual_seed(0)
-    model = TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=2,
-                                            n_heads=4, max_len=32)).double().eval()  # fmt: skip
-    tokens = torch.randint(0, VOCAB, (2, 9))
+def transformer(seed: int = 0) -> TransformerLM:
+    torch.manual_seed(seed)
+    return TransformerLM(TransformerConfig(vocab_size=VOCAB, d_model=32, n_layers=2,
+                                           n_heads=4, max_len=32)).double().eval()  # fmt: skip
+
+
+@pytest.mark.parametrize("before", [0, 1, 5])
+def test_transformer_prefill_equals_steps(before):
+    model = transformer()
+    tokens = torch.randint(0, VOCAB, (2, before + 9), generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        got, state = model.prefill(tokens)
-        assert state.length == 9
+        state = model.init_state(2)
+        for t in range(before):
+            _, state = model.step(tokens[:, t], state)
+        got, state = model.prefill(tokens[:, before:], state)
+        assert state.length == before + 9
         torch.testing.assert_close(got, model(tokens)[:, -1], rtol=1e-10, atol=1e-10)
+        nxt = torch.tensor([1, 2])
+        a, _ = model.step(nxt, state)
+        b = model(torch.cat([tokens, nxt[:, None]], dim=1))[:, -1]
+    torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("which", ["hybrid", "attention only", "transformer"])
+def test_prefill_through_attention_is_differentiable(which):
+    """Gradients of prefill's logits equal the forward pass's (the KV cache is written in
+    place, but what attention reads enters the graph as a copy)."""
+    if which == "transformer":
+        model = transformer(1)
+    else:
+        model = model_of(["ssm", "attn"] if which == "hybrid" else ["attn"], spikes=False, seed=2)
+    tokens = torch.randint(0, VOCAB, (2, 9), generator=torch.Generator().manual_seed(4))
+    params = [p for p in model.parameters() if p.requires_grad]
+    state = model.init_state(2)
+    _, state = model.prefill(tokens[:, :4], state)  # a continuation: the cache is read too
+    logits, _ = model.prefill(tokens[:, 4:], state)
+    got = torch.autograd.grad(logits.square().sum(), params, allow_unused=True)
+    want = torch.autograd.grad(model(tokens)[:, -1].square().sum(), params, allow_unused=True)
+    for g, w in zip(got, want, strict=True):
+        if w is None:
+            assert g is None or g.abs().max() == 0
+        else:
+            torch.testing.assert_close(g, w, rtol=1e-9, atol=1e-10)
+
+
+def test_a_prompt_past_the_kv_cache_is_refused_before_any_state_is_written():
+    model = model_of(["ssm", "attn"], spikes=False)  # max_len 64
+    with torch.no_grad():
+        state = model.init_state(1, in_place=True)
+        with pytest.raises(ValueError, match=r"tokens: 70 tokens after the 0 in layer 1's "
+                                             r"attention KV cache exceed its 64"):  # fmt: skip
+            model.prefill(torch.zeros(1, 70, dtype=torch.long), state)
+        assert state[0].ssm.abs().sum() == 0 and state[1].length == 0
+        _, state = model.prefill(torch.zeros(1, 60, dtype=torch.long), state)
+        with pytest.raises(ValueError, match="tokens: 5 tokens after the 60"):
+            model.prefill(torch.zeros(1, 5, dtype=torch.long), state)
+    with pytest.raises(ValueError, match="tokens: 33 tokens after the 0 in the KV cache"):
+        transformer().prefill(torch.zeros(1, 33, dtype=torch.long))
+
+
+def test_energy_counts_each_prefill_and_step_as_a_pass():
+    from spikemar.energy import EnergyCounter
+
+    model = model_of("ssm", spikes=True, seed=8)
+    tokens = torch.randint(0, VOCAB, (1, 6), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad(), EnergyCounter(model.float()) as counter:
+        _, state = model.prefill(tokens, model.init_state(1))
+        model.step(tokens[:, 0], state)
+    assert counter.passes == 2
+    report = counter.report("45nm-fp32", tokens=7)
+    assert report.per_pass()["energy_pj"] > 0 and report.per_token()["energy_pj"] > 0
+    scorer = Scorer(model, VOCAB, count_energy=True)
+    scorer.greedy_until([[1, 2, 3, 4]], decode=str, max_new_tokens=4)
+    assert scorer.energy_report().passes == 4  # the prefill and a step per token but the last
 
 
 @pytest.mark.parametrize("layers", KINDS, ids=str)
@@ -197,3 +263,27 @@ def test_greedy_until_reads_each_context_once():
 def test_prefill_bad_input_is_named(call, error, match):
     with pytest.raises(error, match=match):
         call(model_of("ssm", spikes=False))
+
+
+def test_prefill_names_a_state_of_another_layer_or_model():
+    model = model_of(["attn", "ssm"], spikes=False)
+    tokens = torch.zeros(2, 3, dtype=torch.long)
+    state = model.init_state(2)
+    with pytest.raises(ValueError, match=r"state\[0\]: expected the AttentionState"):
+        model.prefill(tokens, [state[1], state[0]])
+    other = model_of("ssm", spikes=False, d_model=48).init_state(2)  # another width
+    with pytest.raises(
+        ValueError, match=r"state\[0\]\.conv: expected \(2, 80, 3\).*got \(2, 112, 3\)"
+    ):
+        model_of("ssm", spikes=False).prefill(tokens, other)
+    t = transformer()
+    with pytest.raises(ValueError, match="state: expected the KVCache"):
+        t.prefill(tokens, state)
+    with pytest.raises(ValueError, match="state: made for batch 3, but tokens has batch 2"):
+        t.prefill(tokens, t.init_state(3))
+    lti = model_of("lti", spikes=False).layers[0].mixer
+    with pytest.raises(ValueError, match=r"u: expected \[batch, L, channels\]"):
+        lti.prefill(torch.zeros(2, 32), lti.init_state(2))
+    attn = model.layers[0].mixer
+    with pytest.raises(ValueError, match=r"u: expected \[batch, L, d_model\] with L >= 1"):
+        attn.prefill(torch.zeros(2, 0, 32), attn.init_state(2, 8))

@@ -739,6 +739,16 @@ class EnergyCounter(counting.CountsSink):
         # Tags (and the spike trains held by decode tags) live for one forward pass.
         self._tags.clear()
 
+    def on_pass_start(self, model: nn.Module) -> None:
+        """A pass of the counted model outside its ``__call__`` begins (``step``, ``prefill``:
+        see :func:`spikemar.counting.recurrent_pass`); other modules' are not passes of it."""
+        if model is self.model:
+            self._on_pass_start(model, ())
+
+    def on_pass_end(self, model: nn.Module) -> None:
+        if model is self.model:
+            self._on_pass_end(model, (), None)
+
     # -- bookkeeping used by the contexts ---------------------------------------------------
 
     def _row(self, name: str, kind: str, module_type: str, parameters: int = 0) -> _Row:

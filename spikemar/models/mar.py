@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..counting import counting_active, declare_sparse, record_ops
+from ..counting import counting_active, declare_sparse, record_ops, recurrent_pass
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
 from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens, run_blocks
 from .generation import generate
-from .mixers import MIXERS
+from .mixers import MIXERS, AttentionState
 
 __all__ = ["MARLM", "ActivationSparsifier", "MARConfig", "point_module"]
 
@@ -319,9 +319,9 @@ class MARLayer(nn.Module):
             yield from self.ffn.spike_points(f"{dot}ffn")
 
 
-def _check_layer_states(state: list, batch: int) -> None:
+def _check_layer_states(state: list, batch: int, name: str) -> None:
     """Shapes only (no value scan: this runs once per generated token): each layer's state is
-    the dataclass its mixer's init_state made, for this batch."""
+    the dataclass its mixer's init_state made, for the batch of the token ids ``name``."""
     for i, s in enumerate(state):
         names = _STATE_FIELDS.get(type(s))
         if names is None:  # a class seen for the first time (dataclasses.fields costs µs)
@@ -329,11 +329,11 @@ def _check_layer_states(state: list, batch: int) -> None:
                 raise ValueError(f"state[{i}]: expected the layer state from init_state(), "
                                  f"got {type(s).__name__}")  # fmt: skip
             names = _STATE_FIELDS[type(s)] = tuple(f.name for f in dataclasses.fields(s))
-        for name in names:
-            t = getattr(s, name)
+        for attr in names:
+            t = getattr(s, attr)
             if isinstance(t, torch.Tensor) and t.dim() > 0 and t.shape[0] != batch:
                 raise ValueError(
-                    f"state[{i}].{name}: made for batch {t.shape[0]}, but tokens_t has "
+                    f"state[{i}].{attr}: made for batch {t.shape[0]}, but {name} has "
                     f"batch {batch} (call init_state({batch}))"
                 )
 
@@ -397,7 +397,13 @@ class MARLM(nn.Module):
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
-        _check_layer_states(state, tokens_t.shape[0])
+        _check_layer_states(state, tokens_t.shape[0], "tokens_t")
+        if counting_active():  # a pass of the model for a counter (not through __call__)
+            with recurrent_pass(self):
+                return self._step(tokens_t, state)
+        return self._step(tokens_t, state)
+
+    def _step(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         x = self.embed(tokens_t)
         new_state = []
         for layer, s in zip(self.layers, state, strict=True):
@@ -409,22 +415,41 @@ class MARLM(nn.Module):
         """Feed a run of tokens [batch, L] (a prompt) → (logits of the last token [batch, vocab],
         the state after it), as L calls of ``step`` would, but in one parallel pass where the
         mixers allow it: the SSM layers run their chunked scan from ``state`` (one read of the
-        weights for all L tokens instead of L); attention layers fill their KV cache token by
-        token. ``state``: from ``init_state`` or an earlier ``step``/``prefill`` (None: a fresh
-        one; an ``in_place`` state is written over). Equal to ``step``'s logits to rounding
-        (the parallel pass sums in another order; a spike point whose input lies within that
-        rounding of a threshold can fire differently)."""
+        weights for all L tokens instead of L); attention layers write the L keys and values
+        into their KV cache and attend causally over it. ``state``: from ``init_state`` or an
+        earlier ``step``/``prefill`` (None: a fresh one; an ``in_place`` SSM state is written
+        over; a KV cache always is, as ``step`` writes it). A run that would overflow a KV
+        cache is refused before any layer runs. Equal to ``step``'s logits to rounding (the
+        parallel pass sums in another order; a spike point whose input lies within that
+        rounding of a threshold can fire differently). Differentiable."""
         check_tokens(tokens, self.config.vocab_size, "tokens")
         if state is None:
             state = self.init_state(tokens.shape[0])
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
-        _check_layer_states(state, tokens.shape[0])
+        _check_layer_states(state, tokens.shape[0], "tokens")
+        L = tokens.shape[1]
+        for i, s in enumerate(state):  # before any layer writes its state: all or nothing
+            if isinstance(s, AttentionState) and s.length + L > s.k.shape[2]:
+                room = s.k.shape[2]
+                raise ValueError(f"tokens: {L} tokens after the {s.length} in layer {i}'s "
+                                 f"attention KV cache exceed its {room} (max_len)")  # fmt: skip
+        if counting_active():
+            with recurrent_pass(self):
+                return self._prefill(tokens, state)
+        return self._prefill(tokens, state)
+
+    def _prefill(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         x = self.embed(tokens)
         new_state = []
-        for layer, s in zip(self.layers, state, strict=True):
-            x, s = layer.prefill(x, s)
+        for i, (layer, s) in enumerate(zip(self.layers, state, strict=True)):
+            try:
+                x, s = layer.prefill(x, s)
+            except ValueError as err:  # a mixer's "state…" names its layer here: state[i]…
+                if not str(err).startswith("state"):
+                    raise
+                raise ValueError(f"state[{i}]{str(err).removeprefix('state')}") from err
             new_state.append(s)
         return self.head(self.norm(x[:, -1])), new_state
 

@@ -92,6 +92,23 @@ class AttentionMixer(CausalSelfAttention, Mixer):
         out = CausalSelfAttention.step(self, self.spike_in(u_t)[:, None], state.k, state.v, pos)
         return out[:, 0], AttentionState(state.k, state.v, pos + 1)
 
+    def prefill(
+        self, u: torch.Tensor, state: AttentionState
+    ) -> tuple[torch.Tensor, AttentionState]:
+        """L tokens in one pass: their keys and values into the KV cache, each attending over the
+        cache and the tokens up to itself (see ``CausalSelfAttention.prefill``)."""
+        if not isinstance(state, AttentionState):
+            raise ValueError(f"state: expected the AttentionState from init_state(), got "
+                             f"{type(state).__name__}")  # fmt: skip
+        if u.dim() != 3 or u.shape[1] == 0:
+            raise ValueError(f"u: expected [batch, L, d_model] with L >= 1, got {tuple(u.shape)}")
+        pos, L, room = state.length, u.shape[1], state.k.shape[2]
+        if pos + L > room:
+            raise ValueError(f"state: the attention KV cache holds {room} tokens; {pos} are in "
+                             f"it and {L} more do not fit")  # fmt: skip
+        out = CausalSelfAttention.prefill(self, self.spike_in(u), state.k, state.v, pos)
+        return out, AttentionState(state.k, state.v, pos + L)
+
 
 @register_mixer("ssm")
 def _selective(c: MARConfig, spikes: SpikeConfig | None) -> Mixer:

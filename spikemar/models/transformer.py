@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..counting import counting_active, record_ops
+from ..counting import counting_active, record_ops, recurrent_pass
 from .common import FeedForward, check_tokens, run_blocks
 from .generation import generate
 
@@ -96,6 +96,29 @@ class CausalSelfAttention(nn.Module):
                    activation_writes=B * D)  # fmt: skip
         return self.out(y.transpose(1, 2).reshape(B, 1, D))
 
+    def prefill(self, x: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, pos: int):
+        """Tokens x [B, L, D] at positions ``pos`` … ``pos + L − 1`` in one pass: their keys and
+        values written into the caches (as ``step`` writes one), each query attending over the
+        cache before it and the tokens up to itself. Differentiable (the cached part enters as
+        a copy, so later writes into the cache leave the graph intact)."""
+        B, L, D = x.shape
+        q, k, v = self._heads(x)
+        keys = k if pos == 0 else torch.cat([k_cache[:, :, :pos], k], dim=2)
+        values = v if pos == 0 else torch.cat([v_cache[:, :, :pos], v], dim=2)
+        k_cache[:, :, pos : pos + L] = k
+        v_cache[:, :, pos : pos + L] = v
+        if pos == 0:
+            y = F.scaled_dot_product_attention(q, keys, values, is_causal=True)
+        else:  # query i sees the pos cached tokens and the new ones up to itself
+            mask = torch.ones(L, pos + L, dtype=torch.bool, device=x.device).tril(diagonal=pos)
+            y = F.scaled_dot_product_attention(q, keys, values, attn_mask=mask)
+        pairs = B * self.n_heads * (L * pos + L * (L + 1) // 2)
+        record_ops(self, kind="attention", macs=2 * pairs * (D // self.n_heads),
+                   elementwise_ops=3 * pairs, state_reads=2 * pairs * (D // self.n_heads),
+                   state_writes=2 * B * L * D, activation_reads=B * L * D,
+                   activation_writes=B * L * D)  # fmt: skip
+        return self.out(y.transpose(1, 2).reshape(B, L, D))
+
 
 class Block(nn.Module):
     def __init__(self, config: TransformerConfig) -> None:
@@ -152,6 +175,21 @@ class TransformerLM(nn.Module):
     def step(self, tokens_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         """One token per sequence [batch] → logits [batch, vocab]; the cache grows by one."""
         check_tokens(tokens_t, self.config.vocab_size, "tokens_t", rank=1)
+        self._check_state(state, tokens_t.shape[0], "tokens_t")
+        if counting_active():
+            with recurrent_pass(self):
+                return self._step(tokens_t, state)
+        return self._step(tokens_t, state)
+
+    def _check_state(self, state: KVCache, batch: int, name: str) -> None:
+        if not isinstance(state, KVCache):
+            raise ValueError(f"state: expected the KVCache from init_state(), got "
+                             f"{type(state).__name__}")  # fmt: skip
+        if state.k.shape[1] != batch:
+            raise ValueError(f"state: made for batch {state.k.shape[1]}, but {name} has batch "
+                             f"{batch} (call init_state({batch}))")  # fmt: skip
+
+    def _step(self, tokens_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         pos = state.length
         if pos >= self.config.max_len:
             raise ValueError(
@@ -168,13 +206,27 @@ class TransformerLM(nn.Module):
         self, tokens: torch.Tensor, state: KVCache | None = None
     ) -> tuple[torch.Tensor, KVCache]:
         """Feed a run of tokens [batch, L] → (logits of the last [batch, vocab], the cache after
-        it): ``step`` token by token (generate's common interface; the cache is small here)."""
+        it), as L calls of ``step`` would, in one pass: each layer writes the L keys and values
+        into the cache and attends causally over it."""
         check_tokens(tokens, self.config.vocab_size, "tokens")
         state = self.init_state(tokens.shape[0]) if state is None else state
-        logits = None
-        for t in range(tokens.shape[1]):
-            logits, state = self.step(tokens[:, t], state)
-        return logits, state
+        self._check_state(state, tokens.shape[0], "tokens")
+        pos, L = state.length, tokens.shape[1]
+        if pos + L > self.config.max_len:
+            raise ValueError(f"tokens: {L} tokens after the {pos} in the KV cache exceed the "
+                             f"model's max_len {self.config.max_len}")  # fmt: skip
+        if counting_active():
+            with recurrent_pass(self):
+                return self._prefill(tokens, state)
+        return self._prefill(tokens, state)
+
+    def _prefill(self, tokens: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
+        pos, L = state.length, tokens.shape[1]
+        x = self.embed(tokens) + self.pos.weight[pos : pos + L]
+        for i, block in enumerate(self.blocks):
+            x = x + block.attn.prefill(block.norm1(x), state.k[i], state.v[i], pos)
+            x = x + block.ffn(block.norm2(x))
+        return self.head(self.norm(x[:, -1])), KVCache(state.k, state.v, pos + L)
 
     def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
         return generate(self, prompt, max_new_tokens, **kwargs)

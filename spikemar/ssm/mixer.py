@@ -270,8 +270,8 @@ class _StateSpaceMixer(Mixer):
             got = getattr(state, name)
             if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape:
                 have = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"state.{name}: expected {shape} for u of batch {batch}, got "
-                                 f"{have}")  # fmt: skip
+                raise ValueError(f"state.{name}: expected {shape} (this mixer's, batch {batch}), "
+                                 f"got {have}")  # fmt: skip
         z, xbc, dt_raw = self._parts(self.in_proj(self.spike_in(u)))
         conv = self._modules[self.conv_name]
         # the inputs the convolution sees: the state's last k, then the new ones
@@ -641,6 +641,9 @@ class LTICell(nn.Module):
     def prefill(self, u: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         """``forward`` continuing ``state``: L tokens in one scan from ``state.h``, and the
         state after the last."""
+        if u.dim() != 3 or u.shape[1] == 0:
+            raise ValueError(f"u: expected [batch, L, channels] with L >= 1, got "
+                             f"{tuple(u.shape)}")  # fmt: skip
         batch, L, channels = u.shape
         if not isinstance(state, LTIState) or tuple(state.h.shape) != (batch, channels):
             raise ValueError(f"state: expected the LTIState from init_state({batch}) "

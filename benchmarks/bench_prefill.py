@@ -12,7 +12,7 @@ student with T = 4). Rows of one Markdown table, all from one run, per prompt le
   ``MARLM.step`` (what ``generate`` ran before), P calls of the fused step
   (:class:`spikemar.models.fused_step.FusedStep`), and transformers' ``generate`` with
   ``max_new_tokens=1`` (its parallel prefill, torch path: no mamba_ssm kernels on the CPU);
-  min of ``--repeats`` (transformers' once);
+  min of ``--repeats`` after a warm-up call (transformers: one timed call after one untimed);
 * **greedy evaluation**: :meth:`spikemar.eval.scoring.Scorer.greedy_until` on one context of P
   tokens, ``--new`` tokens, no stop: the recurrent path (prefill + one step per token) against
   the path a model with a context limit takes (the forward pass over the sequence so far per new
@@ -50,7 +50,8 @@ def best(fn, repeats: int, warm: bool = True) -> float:
 
 
 def ms(seconds: float) -> str:
-    return f"{1e3 * seconds:.3g} ms"
+    """Three significant digits, in ms below a second, else in s."""
+    return f"{1e3 * seconds:.3g} ms" if seconds < 1 else f"{seconds:.3g} s"
 
 
 def stepped(step, model, prompt):
@@ -93,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         table(n, prompt, dense, student, None if args.no_transformers else hf, args)
     after = os.getloadavg()[0]
     print(f"\n# load {load:.2f} before, {after:.2f} after; min of {args.repeats} after a warm-up "
-          "call (transformers: one cold run of its generate); 'other / prefill': the row's "
+          "call (transformers: one run after one, its generate); 'other / prefill': the row's "
           "dense time over prefill's")  # fmt: skip
     return 0
 
@@ -119,7 +120,7 @@ def table(n: int, prompt: torch.Tensor, dense, student, hf, args) -> None:
             hf.generate(prompt, max_new_tokens=1, do_sample=False, pad_token_id=0,
                         eos_token_id=None)  # fmt: skip
 
-        hf_s = best(first_token, 1, warm=False)
+        hf_s = best(first_token, 1)
     base = rows["prefill"][dense]
     for name, cells in rows.items():
         hf_cell, ratio = "–", f"{cells[dense] / base:.2f}"

@@ -116,6 +116,33 @@ def test_eval_command_scores_a_hugging_face_directory_on_a_local_task(mamba2_dir
     assert row["tasks"]["shakespeare_rolling"]["bits_per_byte"] > 0
 
 
+def test_a_checkpoint_without_a_tokenizer_is_scored_with_one_from_elsewhere(tmp_path, capsys):
+    """state-spaces/mamba2-130m ships no tokenizer: tokenizer= (model_args) and --tokenizer
+    name one; the scores are those of the same model with that tokenizer in its directory."""
+    from spikemar import cli
+
+    write_mamba2_checkpoint(tmp_path / "bare", tokenizer=False)
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path / "tok")
+    with pytest.raises(FileNotFoundError, match="has no tokenizer"):
+        harness.SpikemarLM(checkpoint=tmp_path / "bare")
+    lm = harness.SpikemarLM(checkpoint=tmp_path / "bare", tokenizer=str(tmp_path / "tok"),
+                            count_energy=False)  # fmt: skip
+    assert lm.tokenizer == tok
+    write_mamba2_checkpoint(tmp_path / "whole")  # the same weights (seed 0) with the tokenizer
+    whole = harness.SpikemarLM(checkpoint=tmp_path / "whole", count_energy=False)
+    got = lm.loglikelihood(instances("loglikelihood", REQUESTS))
+    want = whole.loglikelihood(instances("loglikelihood", REQUESTS))
+    assert [g[0] for g in got] == pytest.approx([w[0] for w in want], rel=1e-9)
+    (tmp_path / "text.txt").write_text("to be or not to be, that is the question\n" * 5)
+    argv = ["eval", "--checkpoint", str(tmp_path / "bare"), "--tokenizer", str(tmp_path / "tok"),
+            "--text", str(tmp_path / "text.txt"), "--out", str(tmp_path / "out")]  # fmt: skip
+    assert cli.main(argv) == 0 and "nats/token" in capsys.readouterr().out
+    argv[4] = str(tmp_path / "nowhere")
+    assert cli.main(argv) == 2
+    assert "--tokenizer: no directory at" in capsys.readouterr().err
+
+
 def test_a_model_vocabulary_smaller_than_its_tokenizer_is_refused(tmp_path):
     model = MARLM(MARConfig(vocab_size=50, d_model=16, n_layers=1, d_state=8, head_dim=8))
     path = save_checkpoint(tmp_path / "small.pt", model, bpe_tokenizer(300))

@@ -60,6 +60,13 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--label", action="append", help="a name per --checkpoint (default: the file's name)"
     )
     parser.add_argument(
+        "--tokenizer",
+        metavar="DIR|FILE|OWNER/NAME",
+        help="the tokenizer of every --checkpoint instead of its own: a directory, a "
+        "tokenizer.json or a Hub id (state-spaces/mamba2-130m ships none: "
+        "EleutherAI/gpt-neox-20b)",
+    )
+    parser.add_argument(
         "--tasks",
         default=",".join(LOCAL_TASKS),
         help="comma-separated lm_eval task names (default: spikemar's three local tasks)",
@@ -235,8 +242,10 @@ def evaluate_checkpoints(
     window: int | None = None,
     count_energy: bool = True,
     columns: list[str] | None = None,
+    tokenizer: str | None = None,
 ):
-    """Run ``tasks`` on every checkpoint through lm_eval; returns the :class:`EvalTable`."""
+    """Run ``tasks`` on every checkpoint through lm_eval; returns the :class:`EvalTable`.
+    ``tokenizer``: every checkpoint's tokenizer from there instead (see :class:`SpikemarLM`)."""
     try:
         import lm_eval
     except ImportError as err:
@@ -250,8 +259,8 @@ def evaluate_checkpoints(
     rows = []
     for path, label in zip(checkpoints, labels, strict=True):
         lm = SpikemarLM(
-            checkpoint=path, batch_size=batch_size, device=device, unk=unk, window=window,
-            count_energy=count_energy,
+            checkpoint=path, tokenizer=tokenizer, batch_size=batch_size, device=device, unk=unk,
+            window=window, count_energy=count_energy,
         )  # fmt: skip
         print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
@@ -299,7 +308,7 @@ def _run_text(
         "|---|---|---|---|---|---|",
     ]
     for path, label in zip(checkpoints, labels, strict=True):
-        model, tokenizer = load_model(path)
+        model, tokenizer = load_model(path, args.tokenizer)
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
             r = text_perplexity(
@@ -328,6 +337,14 @@ def _run_text(
     print("wrote " + ", ".join(str(p) for p in written))
 
 
+def _flagged(err: Exception, args: argparse.Namespace) -> str:
+    """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given."""
+    message = " ".join(str(err).split())
+    if args.tokenizer is not None and message.startswith("tokenizer: "):
+        return "--" + message
+    return message
+
+
 def eval_main(args: argparse.Namespace) -> int:
     """Run ``spikemar eval`` with parsed ``args``; returns the exit code (2 on bad input).
     Ctrl-C or SIGTERM (as :class:`spikemar._io.Terminated`) prints one line and is re-raised
@@ -352,7 +369,7 @@ def eval_main(args: argparse.Namespace) -> int:
             checkpoints, labels, tasks, include=args.include_path, limit=args.limit,
             num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
             unk=args.unk, window=args.window, count_energy=not args.no_energy,
-            columns=columns,
+            columns=columns, tokenizer=args.tokenizer,
         )  # fmt: skip
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
@@ -366,10 +383,10 @@ def eval_main(args: argparse.Namespace) -> int:
         print(markdown)
         print("wrote " + ", ".join(str(p) for p in written))
     except ConnectionError as err:  # task data or a Hub model out of reach: not the input's fault
-        print(f"spikemar eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:  # OSError: a missing or unreadable file
-        print(f"spikemar eval: error: {' '.join(str(err).split())}", file=sys.stderr)
+        print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:
         # Ctrl-C, or SIGTERM (spikemar.cli turns it into Terminated): the outputs are written

@@ -92,6 +92,10 @@ class SpikemarLM(TemplateLM):
         count_energy: count the operations of every pass (default true; see
             :meth:`energy_report`).
         max_gen_toks: default cap on generated tokens (256).
+        tokenizer: with ``model``, its tokenizer object; with ``checkpoint``, where to take the
+            tokenizer from instead of the checkpoint (a directory, ``tokenizer.json`` or Hub id:
+            ``tokenizer=EleutherAI/gpt-neox-20b`` for state-spaces/mamba2-130m, which ships
+            none).
     """
 
     def __init__(
@@ -115,7 +119,8 @@ class SpikemarLM(TemplateLM):
         if unknown:
             raise ValueError(
                 f"model_args: unknown argument(s) {sorted(unknown)}; spikemar takes checkpoint, "
-                "batch_size, device, max_length, window, unk, count_energy, max_gen_toks"
+                "tokenizer, batch_size, device, max_length, window, unk, count_energy, "
+                "max_gen_toks"
             )
         if (checkpoint is None) == (model is None):
             raise ValueError("checkpoint: give a checkpoint path or a model (not both)")
@@ -125,8 +130,11 @@ class SpikemarLM(TemplateLM):
             log.warning("device %s: CUDA is not available; running on the CPU", device)
             device = "cpu"
         device = check_device(device)
-        if model is None:
-            model, tokenizer = load_model(checkpoint)
+        if model is None:  # tokenizer: a source (directory, tokenizer.json, Hub id) or None
+            if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
+                raise ValueError("tokenizer: with a checkpoint, give a tokenizer directory, a "
+                                 "tokenizer.json or a Hub id (or pass model= with it)")  # fmt: skip
+            model, tokenizer = load_model(checkpoint, tokenizer)
         elif tokenizer is None:
             raise ValueError("tokenizer: a model object needs its tokenizer")
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):

@@ -56,7 +56,9 @@ class ContinuationScore:
     tokens: int
 
 
-def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
+def load_model(
+    checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of what an evaluation is pointed at, the model in eval mode on the
     CPU, with the tokenizer that came with it:
 
@@ -65,18 +67,31 @@ def load_model(checkpoint: str | os.PathLike) -> tuple[nn.Module, Any]:
     * a Hugging Face Mamba-2 or Llamba checkpoint directory, or a Hub id like ``owner/name``
       (:func:`spikemar.models.from_pretrained`: the dense model and the directory's tokenizer).
 
+    ``tokenizer``: take the tokenizer from this directory, ``tokenizer.json`` or Hub id instead
+    (for a checkpoint that ships none, as state-spaces/mamba2-130m: EleutherAI/gpt-neox-20b).
     The model's vocabulary must cover the tokenizer's (a larger one, padded as Llamba pads its
     embedding, is fine: its extra ids are never scored but keep their share of the softmax).
     """
+    if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
+        raise TypeError(f"tokenizer: expected a directory, a tokenizer.json or a Hub id, got "
+                        f"{type(tokenizer).__name__}")  # fmt: skip
     path = Path(checkpoint)
     if path.is_file():
         from ..checkpoint import load_checkpoint
 
-        model, tokenizer, _ = load_checkpoint(path)
+        model, own, _ = load_checkpoint(path)
+        if tokenizer is None:
+            tokenizer = own
+        else:
+            from ..models.hub import resolve_tokenizer
+            from ..tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(resolve_tokenizer(tokenizer))
+            model.tokenizer = tokenizer
     elif path.is_dir() or (not path.exists() and is_hub_id(checkpoint)):
         from ..models import from_pretrained
 
-        model = from_pretrained(checkpoint)
+        model = from_pretrained(checkpoint, tokenizer=True if tokenizer is None else tokenizer)
         tokenizer = model.tokenizer
     else:
         raise FileNotFoundError(

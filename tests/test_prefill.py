@@ -287,3 +287,53 @@ def test_prefill_names_a_state_of_another_layer_or_model():
     attn = model.layers[0].mixer
     with pytest.raises(ValueError, match=r"u: expected \[batch, L, d_model\] with L >= 1"):
         attn.prefill(torch.zeros(2, 0, 32), attn.init_state(2, 8))
+
+
+class _TupleState(torch.nn.Module):
+    """A model whose state is a tuple (not stackable): greedy evaluation runs it request by
+    request."""
+
+    def __init__(self, inner: MARLM) -> None:
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, tokens):
+        return self.inner(tokens)
+
+    def init_state(self, batch, *, in_place=False):
+        return tuple(self.inner.init_state(batch, in_place=in_place))
+
+    def prefill(self, tokens, state):
+        logits, state = self.inner.prefill(tokens, list(state))
+        return logits, tuple(state)
+
+    def step(self, tokens_t, state):
+        assert tokens_t.shape[0] == 1  # never batched
+        logits, state = self.inner.step(tokens_t, list(state))
+        return logits, tuple(state)
+
+
+def test_greedy_until_steps_a_batch_of_requests_together():
+    model = model_of("ssm", spikes=True, seed=9)
+    with torch.no_grad():
+        model.head.weight.mul_(40)
+    decode = lambda ids: "".join(chr(97 + i % 26) for i in ids)  # noqa: E731
+    g = torch.Generator().manual_seed(9)
+    contexts = [torch.randint(0, VOCAB, (n,), generator=g).tolist() for n in (3, 11, 1, 7, 5)]
+    alone = [Scorer(model, VOCAB, batch_size=1).greedy_until([c], decode=decode,
+                                                             max_new_tokens=9)[0]
+             for c in contexts]  # fmt: skip
+    stop = alone[1][3:5]  # one request stops early, the others run to the limit (or stop too)
+    want = [Scorer(model, VOCAB, batch_size=1).greedy_until([c], decode=decode, stop=[stop],
+                                                            max_new_tokens=9)[0]
+            for c in contexts]  # fmt: skip
+    batches = []
+    model.embed.register_forward_hook(lambda m, a, o: batches.append(tuple(a[0].shape)))
+    scorer = Scorer(model, VOCAB, batch_size=4)
+    got = scorer.greedy_until(contexts, decode=decode, stop=[stop], max_new_tokens=9)
+    assert got == want
+    assert (4,) in batches  # steps of four requests at once
+    assert scorer.positions == sum(batch[0] * (batch[1] if len(batch) == 2 else 1)
+                                   for batch in batches)  # fmt: skip
+    wrapped = Scorer(_TupleState(model), VOCAB, batch_size=4)
+    assert wrapped.greedy_until(contexts, decode=decode, stop=[stop], max_new_tokens=9) == want

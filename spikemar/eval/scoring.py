@@ -29,6 +29,7 @@ positions those passes processed (padding included: the model computed on it too
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -295,7 +296,8 @@ class Scorer:
 
         A model without a context limit that has a recurrent form (``prefill``/``step``: the
         SSM models) reads each context once, in one parallel pass (``prefill``), then runs one
-        O(1) ``step`` per new token, request by request: O(L + new tokens) per request. Models
+        O(1) ``step`` per new token for a batch of ``batch_size`` requests at once (a request
+        leaves the batch when it is done): O(L + new tokens) per request. Models
         with a context limit (attention) re-run the forward pass over the sequence so far for
         each new token, batched across requests (right padding keeps it exact), the context cut
         to the last ``max_length`` tokens as it grows.
@@ -310,8 +312,12 @@ class Scorer:
         text = [""] * len(rows)
         active = list(range(len(rows)))
         if self._recurrent():
-            for i in active:
-                new[i], text[i] = self._greedy_recurrent(rows[i], decode, stops, max_new_tokens)
+            for start in range(0, len(rows), self.batch_size):
+                chunk = list(range(start, min(start + self.batch_size, len(rows))))
+                made = self._greedy_recurrent([rows[i] for i in chunk], decode, stops,
+                                              max_new_tokens)  # fmt: skip
+                for i, (ids, t) in zip(chunk, made, strict=True):
+                    new[i], text[i] = ids, t
             active = []
         for _ in range(max_new_tokens):
             if not active:
@@ -341,33 +347,110 @@ class Scorer:
         )
 
     def _greedy_recurrent(
-        self, context: list[int], decode: Callable[[list[int]], str], stops: list[str], limit: int
-    ) -> tuple[list[int], str]:
-        """One request: the context in one ``prefill``, then a ``step`` per greedy token until a
-        stop sequence appears in the decoded text or ``limit`` tokens are made."""
-        new: list[int] = []
-        text = ""
+        self,
+        contexts: list[list[int]],
+        decode: Callable[[list[int]], str],
+        stops: list[str],
+        limit: int,
+    ) -> list[tuple[list[int], str]]:
+        """A batch of requests: each context in its own ``prefill`` (their lengths differ), the
+        states stacked, then one ``step`` for all of them per greedy token; a request leaves the
+        batch when a stop sequence appears in its decoded text or it has ``limit`` tokens.
+        States the rows cannot be stacked from (not dataclasses of batch-first tensors) run
+        request by request."""
+        new: list[list[int]] = [[] for _ in contexts]
+        text = [""] * len(contexts)
         if limit == 0:
-            return new, text
-        ids = torch.tensor([context], dtype=torch.long, device=self.device)
+            return list(zip(new, text, strict=True))
         counting = self.counter if self.counter is not None else contextlib.nullcontext()
         with torch.no_grad(), counting:
-            state = self.model.init_state(1, in_place=True)
-            logits, state = self.model.prefill(ids, state)
-            self.positions += len(context)
-            while True:
-                token = int(logits[0].argmax())
-                new.append(token)
-                text = decode(new)
-                if len(new) == limit or any(s in text for s in stops):
-                    return new, text
-                logits, state = self.model.step(torch.tensor([token], device=self.device), state)
-                self.positions += 1
+            states, firsts = [], []
+            for context in contexts:
+                ids = torch.tensor([context], dtype=torch.long, device=self.device)
+                logits, state = self.model.prefill(ids, self.model.init_state(1, in_place=True))
+                self.positions += len(context)
+                states.append(state)
+                firsts.append(logits)
+            groups = [list(range(len(contexts)))] if _stackable(states) else [
+                [i] for i in range(len(contexts))
+            ]  # fmt: skip
+            for active in groups:
+                state = _stack_states([states[i] for i in active])
+                logits = torch.cat([firsts[i] for i in active])
+                while True:
+                    tokens = logits.argmax(-1)
+                    keep = []
+                    for row, i in enumerate(active):
+                        new[i].append(int(tokens[row]))
+                        text[i] = decode(new[i])
+                        if len(new[i]) < limit and not any(s in text[i] for s in stops):
+                            keep.append(row)
+                    if not keep:
+                        break
+                    if len(keep) < len(active):  # the finished leave the batch
+                        state = _select_rows(state, keep)
+                        tokens = tokens[keep]
+                        active = [active[r] for r in keep]
+                    logits, state = self.model.step(tokens, state)
+                    self.positions += len(active)
+        return list(zip(new, text, strict=True))
 
     def _fit(self, seq: list[int]) -> list[int]:
         if self.max_length is not None and len(seq) > self.max_length:
             return seq[-self.max_length :]
         return seq
+
+
+def _stackable(states: list) -> bool:
+    """Whether per-request model states (lists of layer states) can be stacked into one batch:
+    the same dataclass per layer, whose tensors are batch-first and whose other fields agree."""
+    first = states[0]
+    if not isinstance(first, list):
+        return False
+    for layer in range(len(first)):
+        kinds = {type(s[layer]) for s in states}
+        if len(kinds) != 1 or not dataclasses.is_dataclass(first[layer]):
+            return False
+        for f in dataclasses.fields(first[layer]):
+            values = [getattr(s[layer], f.name) for s in states]
+            if isinstance(values[0], torch.Tensor):
+                if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[1:]
+                       != values[0].shape[1:] for v in values):  # fmt: skip
+                    return False
+            elif any(v != values[0] for v in values):
+                return False
+    return True
+
+
+def _stack_states(states: list[list]) -> list:
+    """One model state for the requests of ``states`` (see :func:`_stackable`): each layer's
+    tensors concatenated along the batch, its other fields kept."""
+    if len(states) == 1:
+        return states[0]
+    out = []
+    for layer in zip(*states, strict=True):
+        fields = {}
+        for f in dataclasses.fields(layer[0]):
+            value = getattr(layer[0], f.name)
+            if isinstance(value, torch.Tensor):
+                value = torch.cat([getattr(s, f.name) for s in layer])
+            fields[f.name] = value
+        out.append(type(layer[0])(**fields))
+    return out
+
+
+def _select_rows(state: list, rows: list[int]) -> list:
+    """``state`` for the sequences ``rows`` of its batch (new tensors)."""
+    out = []
+    for s in state:
+        fields = {}
+        for f in dataclasses.fields(s):
+            value = getattr(s, f.name)
+            if isinstance(value, torch.Tensor):
+                value = value[torch.tensor(rows, device=value.device)]
+            fields[f.name] = value
+        out.append(type(s)(**fields))
+    return out
 
 
 def nats_to_bits_per_byte(nats: float, n_bytes: int) -> float:

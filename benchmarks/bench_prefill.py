@@ -16,7 +16,8 @@ student with T = 4). Rows of one Markdown table, all from one run, per prompt le
 * **greedy evaluation**: :meth:`spikemar.eval.scoring.Scorer.greedy_until` on one context of P
   tokens, ``--new`` tokens, no stop: the recurrent path (prefill + one step per token) against
   the path a model with a context limit takes (the forward pass over the sequence so far per new
-  token: what SSM models ran before), min of ``--repeats``.
+  token: what SSM models ran before), min of ``--repeats``; then eight requests of P tokens,
+  their steps one request at a time (batch size 1) or all eight at once (batch size 8).
 
     nice python benchmarks/bench_prefill.py                  # P = 64, 512: a few minutes
     python benchmarks/bench_prefill.py --quick               # a tiny config: seconds
@@ -141,6 +142,20 @@ def table(n: int, prompt: torch.Tensor, dense, student, hf, args) -> None:
         ratio = t / times["prefill + steps"]
         print(f"| greedy evaluation, {args.new} new tokens, {label} | {n} | {ms(t)} | – | – | "
               f"{ratio:.2f} |")  # fmt: skip
+    # eight requests: their steps one request at a time, or eight at once
+    g = torch.Generator().manual_seed(n)
+    many = [torch.randint(0, dense.config.vocab_size, (n,), generator=g).tolist()
+            for _ in range(8)]  # fmt: skip
+    batched = {}
+    for size in (1, 8):
+        scorer = Scorer(dense, dense.config.vocab_size, batch_size=size)
+        batched[size] = best(
+            lambda s=scorer: s.greedy_until(many, decode=str, max_new_tokens=args.new),
+            args.repeats,
+        )
+    for size, t in batched.items():
+        print(f"| greedy evaluation, 8 requests × {args.new} new tokens, batch {size} | {n} | "
+              f"{ms(t)} | – | – | {t / times['prefill + steps']:.2f} |")  # fmt: skip
 
 
 if __name__ == "__main__":

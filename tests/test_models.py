@@ -195,8 +195,10 @@ def test_prefill_benchmark_prints_the_whole_table(load_script, capsys):
     per_prompt = ["time to first token, prefill", "time to first token, step per token",
                   "time to first token, fused step per token",
                   "greedy evaluation, 2 new tokens, prefill + steps",
-                  "greedy evaluation, 2 new tokens, forward per new token"]  # fmt: skip
+                  "greedy evaluation, 2 new tokens, forward per new token",
+                  "greedy evaluation, 8 requests × 2 new tokens, batch 1",
+                  "greedy evaluation, 8 requests × 2 new tokens, batch 8"]  # fmt: skip
     assert names == per_prompt * 2
-    assert [r.split(" | ")[1] for r in rows[1:]] == ["3"] * 5 + ["9"] * 5
+    assert [r.split(" | ")[1] for r in rows[1:]] == ["3"] * 7 + ["9"] * 7
     first = [c.strip() for c in rows[1].strip("| ").split(" | ")]
     assert first[2].endswith(" ms") and first[4].endswith(" ms")  # transformers' prefill too

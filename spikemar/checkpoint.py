@@ -94,6 +94,7 @@ def dense_twin(model: nn.Module) -> MARLM:
     others = [k for k in unexpected if not k.endswith("neuron.a")]
     if others:
         raise ValueError(f"model: parameters its dense twin does not have: {others}")
+    twin.tokenizer = getattr(model, "tokenizer", None)
     return twin.eval()
 
 

@@ -130,6 +130,7 @@ def spiking_student(
         raise ValueError(f"dense: the student's parameters differ (missing {others[:3]}, "
                          f"unexpected {unexpected[:3]})")  # fmt: skip
     p = next(dense.parameters())
+    student.tokenizer = getattr(dense, "tokenizer", None)  # the same vocabulary
     return student.to(device=p.device, dtype=p.dtype).eval()
 
 
@@ -357,6 +358,11 @@ def convert(
         dense = source.eval()
         if tokenizer is None:
             tokenizer = getattr(source, "tokenizer", None)
+        elif isinstance(tokenizer, str | os.PathLike):
+            from .models.hub import resolve_tokenizer
+            from .tokenizer import load_tokenizer
+
+            tokenizer = load_tokenizer(resolve_tokenizer(tokenizer))
     elif tokenizer is None or isinstance(tokenizer, str | os.PathLike):  # the source's, or from
         dense, tokenizer = load_dense(source, device, True if tokenizer is None else tokenizer)
     else:  # a tokenizer object
@@ -401,6 +407,7 @@ def convert(
                        "firing_rate_target": firing_rate, "calibration_rates": rates},
         }  # fmt: skip
         checkpoint = str(save_checkpoint(out, student, tokenizer, provenance=provenance))
+    student.tokenizer = tokenizer
     return ConvertResult(student, dense, tokenizer, rates, dense_loss, student_loss, dense_pj,
                          student_pj, mean_rate, hardware, checkpoint,
                          time.perf_counter() - start)  # fmt: skip
@@ -501,7 +508,7 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     """A library error as the command line says it: the flag (``--data``) for an argument's
     name, ``--from SOURCE`` for whatever is about the source (its directory, config, tensors,
     tokenizer or checkpoint), which the library names by its path or by those words."""
-    message = message.replace(_API_HINT, "")
+    message = message.replace(_API_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
     source = str(args.source)
     if message.startswith(f"{source}: "):  # a directory's problem, named by its path
         return f"--from {message}"
@@ -510,7 +517,7 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
         return message
     if rest.startswith(f"{source} "):  # "tokenizer: DIR has no tokenizer", "checkpoint: ..."
         return f"--from: {rest}"
-    if name in _FLAGS or name in vars(args):
+    if name in _FLAGS or vars(args).get(name) is not None:  # a flag that was given
         return f"--{_FLAGS.get(name, name).replace('_', '-')}: {rest}"
     return f"--from {source}: {message}"  # tokenizer, checkpoint, config, tensors, dense, ...
 

@@ -181,7 +181,8 @@ class HFTokenizer:
         # the vocabulary files of transformers' other formats (a tokenizer_config.json alone,
         # as HFTokenizer.save writes beside tokenizer.json, is no tokenizer)
         others = ("tokenizer.model", "vocab.json", "vocab.txt", "spiece.model")
-        if not any((directory / f).is_file() for f in others):
+        vocabulary = [*directory.glob("*.model"), *directory.glob("*.tiktoken")]
+        if not vocabulary and not any((directory / f).is_file() for f in others):
             raise FileNotFoundError(
                 f"tokenizer: {directory} has no tokenizer (expected tokenizer.json, or "
                 f"{', '.join(others)} for transformers' AutoTokenizer)"
@@ -191,8 +192,10 @@ class HFTokenizer:
 
             auto = AutoTokenizer.from_pretrained(directory, local_files_only=True, use_fast=True)
         except Exception as err:
+            why = " ".join(str(err).split())
+            why = why if len(why) <= 300 else why[:297] + "..."  # its texts list every model type
             raise ValueError(f"tokenizer: transformers cannot read the tokenizer in {directory} "
-                             f"({type(err).__name__}: {err})") from err  # fmt: skip
+                             f"({type(err).__name__}: {why})") from err  # fmt: skip
         backend = getattr(auto, "backend_tokenizer", None)
         if backend is None:
             raise ValueError(f"tokenizer: {directory}'s tokenizer has no fast (tokenizers) form")
@@ -243,19 +246,25 @@ class HFTokenizer:
         ``tokenizer_config.json`` (the key transformers and :meth:`from_directory` read; other
         keys of an existing file are kept). Returns the ``tokenizer.json`` path."""
         directory = Path(directory)
+        config_path = directory / "tokenizer_config.json"
+        config: dict[str, Any] | None = None
+        if config_path.is_file():  # read (and refuse) before anything is written
+            try:
+                config = json.loads(config_path.read_text())
+            except (json.JSONDecodeError, UnicodeDecodeError) as err:
+                raise ValueError(f"directory: {config_path} is not JSON ({err})") from err
+            if not isinstance(config, dict):
+                raise ValueError(f"directory: {config_path} holds a JSON "
+                                 f"{type(config).__name__}, not an object")  # fmt: skip
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
         path.write_text(self._json)
         if self._eos_id is not None:
-            config_path = directory / "tokenizer_config.json"
-            config: dict[str, Any] = {"tokenizer_class": "PreTrainedTokenizerFast"}
-            if config_path.is_file():
-                try:
-                    config = json.loads(config_path.read_text())
-                except json.JSONDecodeError as err:
-                    message = f"directory: {config_path} is not JSON ({err})"
-                    raise ValueError(message) from err
+            config = config or {"tokenizer_class": "PreTrainedTokenizerFast"}
             config["eos_token"] = self._tokenizer.id_to_token(self._eos_id)
+            config_path.write_text(json.dumps(config, indent=2))
+        elif config is not None and "eos_token" in config:  # no end-of-text token: none named
+            del config["eos_token"]
             config_path.write_text(json.dumps(config, indent=2))
         return path
 
@@ -324,12 +333,13 @@ def generate_text(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
+    eos_token_id: int | None = None,
 ) -> str:
     """Continue ``prompt`` (text) by up to ``max_new_tokens`` tokens; returns prompt and
-    continuation as text, stopped before the tokenizer's end-of-text token where it has one
-    (``eos_id``; as transformers' ``generate`` stops). ``temperature`` 0 is greedy; ``fused``:
-    one C call per token (see :func:`spikemar.models.generate`). The model's vocabulary must
-    cover the tokenizer's."""
+    continuation as text, stopped before ``eos_token_id``, by default the tokenizer's
+    end-of-text token where it has one (``eos_id``; as transformers' ``generate`` stops).
+    ``temperature`` 0 is greedy; ``fused``: one C call per token (see
+    :func:`spikemar.models.generate`). The model's vocabulary must cover the tokenizer's."""
     from .models.generation import generate
 
     if not isinstance(prompt, str) or not prompt:
@@ -344,9 +354,11 @@ def generate_text(
             "the model and tokenizer do not belong together"
         )
     device = next(model.parameters()).device
-    eos = tokenizer.eos_id
-    if eos is not None and model_vocab is not None and eos >= model_vocab:
-        eos = None  # a token the model cannot make
+    eos = eos_token_id
+    if eos is None:
+        eos = tokenizer.eos_id
+        if eos is not None and model_vocab is not None and eos >= model_vocab:
+            eos = None  # a token the model cannot make
     out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
                    temperature=temperature, top_k=top_k, generator=generator,
                    fused=fused, eos_token_id=eos)  # fmt: skip

@@ -219,6 +219,7 @@ def test_command_line_names_from_data_out_and_device(dense_checkpoint, corpus, t
     capsys.readouterr()  # transformers' warnings while it is made
     err = _convert_error(["--from", "m2", "--out", "s.pt", *base], capsys)
     assert "--from: m2 has no tokenizer" in err and "tokenizer=False" not in err
+    assert "pass --tokenizer DIR|FILE|OWNER/NAME" in err
     err = _convert_error(["--from", "m2", "--tokenizer", "nowhere", "--out", "s.pt", *base],
                          capsys)  # fmt: skip
     assert "--tokenizer: no directory at nowhere" in err
@@ -257,3 +258,28 @@ def test_command_line_takes_the_tokenizer_from_elsewhere(corpus, tmp_path, monke
                  "2", "--L", "16"]) == 0  # fmt: skip
     student, saved, _ = load_checkpoint(tmp_path / "s.pt")
     assert saved == tok and student.config.spikes is not None
+
+
+def test_a_tokenizer_source_for_a_model_object_and_a_mismatch_blamed_on_the_source(
+    corpus, tmp_path, monkeypatch, capsys
+):
+    from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint
+
+    from spikemar.models import from_pretrained
+
+    write_mamba2_checkpoint(tmp_path / "m2", tokenizer=False)
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path / "tok")
+    dense = from_pretrained(tmp_path / "m2", tokenizer=None)  # None: no tokenizer, as False
+    assert dense.tokenizer is None
+    result = convert(dense, None, data=corpus, tokenizer=str(tmp_path / "tok"), calib_batches=1,
+                     eval_batches=1, batch_size=2, L=16)  # fmt: skip
+    assert result.tokenizer == tok and result.student.tokenizer == tok  # generate(text) works
+    assert result.student.generate("hear me", 2, temperature=0).startswith("hear me")
+    # a model whose vocabulary is smaller than its own tokenizer's: the source's fault
+    monkeypatch.chdir(tmp_path)
+    write_mamba2_checkpoint(tmp_path / "small", vocab_size=280, tokenizer=False)
+    tok.save(tmp_path / "small")
+    err = _convert_error(["--from", "small", "--out", "s.pt", "--data", str(corpus)], capsys)
+    assert "--tokenizer" not in err and "300 ids exceed the model's vocabulary of 280" in err
+    assert err.startswith("spikemar convert: error: --from small")

@@ -126,6 +126,12 @@ def test_a_checkpoint_without_a_tokenizer_is_scored_with_one_from_elsewhere(tmp_
     tok.save(tmp_path / "tok")
     with pytest.raises(FileNotFoundError, match="has no tokenizer"):
         harness.SpikemarLM(checkpoint=tmp_path / "bare")
+    (tmp_path / "t.txt").write_text("to be or not to be\n")
+    assert cli.main(["eval", "--checkpoint", str(tmp_path / "bare"), "--text",
+                     str(tmp_path / "t.txt"), "--out", str(tmp_path / "o")]) == 2  # fmt: skip
+    err = capsys.readouterr().err
+    assert "--checkpoint: " in err and "pass --tokenizer DIR|FILE|OWNER/NAME" in err
+    assert "tokenizer=False" not in err
     lm = harness.SpikemarLM(checkpoint=tmp_path / "bare", tokenizer=str(tmp_path / "tok"),
                             count_energy=False)  # fmt: skip
     assert lm.tokenizer == tok

@@ -8,7 +8,7 @@ import torch
 from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint
 from references.llamba import load_llamba_checkpoint, tiny_llamba_config, write_llamba_checkpoint
 
-from spikemar.models import MARLM, from_pretrained
+from spikemar.models import MARLM, SpikeConfig, from_pretrained
 from spikemar.models.hub import read_pretrained_tensors
 from spikemar.tokenizer import HFTokenizer
 
@@ -154,6 +154,13 @@ def test_a_tokenizer_from_elsewhere(tmp_path, monkeypatch):
         from_pretrained(tmp_path / "m2", tokenizer="nowhere")
     with pytest.raises(TypeError, match="tokenizer: expected True, False, a path"):
         from_pretrained(tmp_path / "m2", tokenizer=3)
+    with pytest.raises(ValueError, match=r"tokenizer: expected a directory, a tokenizer\.json"):
+        from_pretrained(tmp_path / "m2", tokenizer="")
+    from spikemar.checkpoint import dense_twin
+    from spikemar.convert import spiking_student
+
+    student = spiking_student(model, SpikeConfig(T=2))  # derived models keep the tokenizer
+    assert student.tokenizer == tok and dense_twin(student).tokenizer == tok
 
 
 def test_unreadable_weights_are_named(tmp_path):

@@ -286,3 +286,26 @@ def test_generation_stops_at_the_end_of_text_token(tok):
     eos_tok = HFTokenizer(tok._tokenizer, eos_id=eos)
     text = generate_text(model, eos_tok, tok.decode(prompt[0]), 8, temperature=0)
     assert text == tok.decode(free[0, : prompt.shape[1] + first[0]])
+
+
+def test_saving_a_tokenizer_refuses_a_config_that_is_not_an_object(tmp_path, tok):
+    for text in ("[]", "null", "{broken"):
+        d = tmp_path / f"d{len(text)}"
+        d.mkdir()
+        (d / "tokenizer_config.json").write_text(text)
+        with pytest.raises(ValueError, match=r"tokenizer_config\.json"):
+            tok.save(d)
+        assert not (d / "tokenizer.json").exists()  # nothing written
+    HFTokenizer(tok._tokenizer, 5).save(tmp_path / "e")
+    HFTokenizer(tok._tokenizer).save(tmp_path / "e")  # no end-of-text token now: none named
+    assert load_tokenizer(tmp_path / "e").eos_id is None
+
+
+def test_a_text_prompt_stops_at_the_eos_token_it_is_given(tok):
+    model = _bpe_model(tok, seed=2)
+    model.tokenizer = tok
+    prompt = tok.encode("hear me")
+    free = model.generate(torch.tensor(prompt), 12, temperature=0).tolist()
+    eos = free[len(prompt) + 2]
+    cut = free.index(eos, len(prompt))
+    assert model.generate("hear me", 12, temperature=0, eos_token_id=eos) == tok.decode(free[:cut])

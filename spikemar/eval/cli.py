@@ -339,9 +339,14 @@ def _run_text(
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
     """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given."""
+    from ..models.hub import NO_TOKENIZER_HINT
+
     message = " ".join(str(err).split())
     if args.tokenizer is not None and message.startswith("tokenizer: "):
         return "--" + message
+    if NO_TOKENIZER_HINT in message:  # a checkpoint without one: the command's way out
+        message = message.replace(NO_TOKENIZER_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
+        return "--checkpoint: " + message.removeprefix("tokenizer: ")
     return message
 
 

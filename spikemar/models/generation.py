@@ -36,8 +36,8 @@ def generate(
     ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d). A
     text ``prompt`` (a str) is encoded with the model's own tokenizer (``model.tokenizer``, which
     ``from_pretrained`` and ``load_checkpoint`` set) and the text comes back, prompt and
-    continuation, stopped before the tokenizer's end-of-text token
-    (:func:`spikemar.tokenizer.generate_text`).
+    continuation, stopped before ``eos_token_id`` (None: the tokenizer's end-of-text token;
+    :func:`spikemar.tokenizer.generate_text`).
     ``fused``: run each token as one C call (:class:`spikemar.models.fused_step.FusedStep`, built
     for this call: the same logits, without the modules' Python, and without their hooks);
     raises ValueError for a model it cannot compile (SSM mixers only). ``eos_token_id``: a
@@ -56,7 +56,8 @@ def generate(
         from ..tokenizer import generate_text
 
         return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
-                             top_k=top_k, generator=generator, fused=fused)  # fmt: skip
+                             top_k=top_k, generator=generator, fused=fused,
+                             eos_token_id=eos_token_id)  # fmt: skip
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt: expected token ids (a tensor) or a str, got "
                         f"{type(prompt).__name__}")  # fmt: skip

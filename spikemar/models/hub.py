@@ -51,8 +51,10 @@ _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a model needs from a Hub repository: config, weights, tokenizer files
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
 # a tokenizer's files in a Hub repository (tokenizers' JSON, transformers' slow formats)
+# (and config.json, which AutoTokenizer reads for a repository whose tokenizer_config.json
+# names no class)
 _TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "vocab.json", "vocab.txt",
-                       "merges.txt", "*.model"]  # fmt: skip
+                       "merges.txt", "*.model", "*.tiktoken", "config.json"]  # fmt: skip
 
 
 # the end of from_pretrained's error for a directory without a tokenizer: the Python API's way
@@ -84,6 +86,8 @@ def resolve_tokenizer(source: str | os.PathLike, revision: str | None = None) ->
     """A tokenizer's local directory or file (``tokenizer.json``), or the tokenizer files of a
     Hub repository (``owner/name``, downloaded once; its weights are not fetched): for
     checkpoints that ship none, as state-spaces/mamba2-130m uses EleutherAI/gpt-neox-20b's."""
+    if not str(source).strip():
+        raise ValueError("tokenizer: expected a directory, a tokenizer.json or a Hub id, got ''")
     path = Path(source)
     if path.exists():
         return path
@@ -254,6 +258,8 @@ def from_pretrained(
     none: state-spaces/mamba2-130m's is ``EleutherAI/gpt-neox-20b``; its end-of-text token from
     that source's ``tokenizer_config.json``, else the checkpoint's ``config.json``).
     """
+    if tokenizer is None:  # as False (it was a bool flag)
+        tokenizer = False
     if not isinstance(tokenizer, bool | str | os.PathLike):
         raise TypeError(f"tokenizer: expected True, False, a path or a Hub id, got "
                         f"{type(tokenizer).__name__}")  # fmt: skip

@@ -558,3 +558,28 @@ def test_refine_command_takes_a_stage1_student_and_stage2_trains_the_hybrid(tmp_
     assert main(missing) == 2  # a missing stage-1 checkpoint: one line naming it
     err = capsys.readouterr().err.strip()
     assert "stage1: no checkpoint" in err and "\n" not in err and not (tmp_path / "o2").exists()
+
+
+def test_refine_takes_the_teachers_tokenizer_from_elsewhere(tmp_path, capsys):
+    """A pretrained teacher whose directory ships no tokenizer (state-spaces/mamba2-130m):
+    without --tokenizer one line says to pass it; with it the whole refinement runs."""
+    from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint
+
+    from spikemar.cli import main
+
+    write_mamba2_checkpoint(tmp_path / "m2", tokenizer=False)
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path / "tok")
+    capsys.readouterr()  # transformers' warnings while the checkpoint is made
+    (tmp_path / "t.txt").write_text("First Citizen:\nBefore we proceed any further.\n" * 30)
+    argv = ["refine", "--teacher", str(tmp_path / "m2"), "--data", str(tmp_path / "t.txt"),
+            "--budget-energy", "1.05", "--out", str(tmp_path / "out"), "--steps", "2", "--L",
+            "16", "--batch-size", "2", "--eval-interval", "2", "--eval-iters", "1",
+            "--calib-windows", "2", "--option", "T=2,v_threshold=0.5", "--sparsify-topk", "0",
+            "--warmup", "0", "--no-progress"]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "teacher: " in err and "pass --tokenizer DIR|FILE|OWNER/NAME" in err
+    assert "\n" not in err and "tokenizer=False" not in err
+    assert main([*argv, "--tokenizer", str(tmp_path / "tok")]) == 0
+    assert load_checkpoint(tmp_path / "out" / "student.pt")[1] == tok

@@ -279,6 +279,7 @@ def test_generation_stops_at_the_end_of_text_token(tok):
             assert torch.equal(got[: f + 1], new[r, : f + 1]) and bool((got[f:] == eos).all())
     fused = model.generate(prompt, 8, temperature=0, eos_token_id=eos, fused=True)
     assert torch.equal(fused, out)
+    assert torch.equal(model.generate(prompt, 8, temperature=0, eos_token_id=np.int64(eos)), out)
     for bad in (-1, tok.vocab_size, 1.0, True):
         with pytest.raises(ValueError, match="eos_token_id"):
             model.generate(prompt, 2, eos_token_id=bad)

@@ -12,6 +12,8 @@ prefills), then tokens are sampled with temperature and top-k, each fed back thr
 
 from __future__ import annotations
 
+import numbers
+
 import torch
 
 from .fused_step import FusedStep
@@ -80,6 +82,8 @@ def generate(
     if not isinstance(fused, bool):
         raise ValueError(f"fused: expected True or False, got {fused!r}")
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
+    if isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool):
+        eos_token_id = int(eos_token_id)  # a numpy integer, as configs read by numpy give
     if eos_token_id is not None and (
         isinstance(eos_token_id, bool)
         or not isinstance(eos_token_id, int)

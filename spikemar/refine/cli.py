@@ -53,6 +53,10 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--teacher", required=True,
                    help="a dense SSM LM: a spikemar checkpoint (mar-dense) or a Hugging Face "
                         "Mamba-2/Llamba directory")  # fmt: skip
+    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
+                   help="the teacher's tokenizer where its directory ships none: a directory, a "
+                        "tokenizer.json or a Hub id (state-spaces/mamba2-130m uses "
+                        "EleutherAI/gpt-neox-20b's)")  # fmt: skip
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-energy", type=positive_float, default=None,
                         help="least predicted KL at teacher/student energy >= X")  # fmt: skip
@@ -130,10 +134,16 @@ def refine_main(args: argparse.Namespace) -> int:
     resume = args.resume and not args.overwrite
     if not 0 <= args.sparsify_topk <= 1:
         raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
+    from ..models.hub import NO_TOKENIZER_HINT
+
     try:
-        teacher, tokenizer = load_dense(args.teacher, args.device)
+        source = True if args.tokenizer is None else args.tokenizer
+        teacher, tokenizer = load_dense(args.teacher, args.device, tokenizer=source)
     except (FileNotFoundError, ValueError) as err:  # name the option, not the loader's argument
-        raise type(err)(f"teacher: {err}") from err
+        message = str(err).replace(NO_TOKENIZER_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
+        if args.tokenizer is not None and message.startswith("tokenizer: "):
+            raise type(err)(message) from err  # --tokenizer's own problem
+        raise type(err)(f"teacher: {message}") from err
     # a character-level teacher: the vocabulary comes from the text (distill checks they agree)
     pretrained = tokenizer is not None and not isinstance(tokenizer, CharTokenizer)
     data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)
@@ -182,7 +192,8 @@ def refine_main(args: argparse.Namespace) -> int:
     # 3. SBDS stage 2 on the planned student
     settings = {**loop_settings(args), "out": str(out / "student.pt")}
     student_path = out / "student.pt"
-    config = DistillConfig(**settings, stage=2, teacher=args.teacher, student=str(init))
+    config = DistillConfig(**settings, stage=2, teacher=args.teacher, student=str(init),
+                           tokenizer=args.tokenizer)  # fmt: skip
     result = distill(config, resume=resume and student_path.exists(),
                      progress=not args.no_progress)  # fmt: skip
     # 4. evaluate: KL on the measurement windows, energy on validation windows

@@ -8,6 +8,7 @@ import math
 
 __all__ = [
     "add_sampling_arguments",
+    "add_tokenizer_argument",
     "check_device",
     "device_argument",
     "finite_positive_float",
@@ -104,3 +105,14 @@ def add_sampling_arguments(
     p.add_argument("--top-k", type=int_at_least_1, default=None,
                    help=f"sample from the k most likely {unit} only (default: all)")  # fmt: skip
     p.add_argument("--seed", type=int, default=seed, help="seed of the sampling")
+
+
+def add_tokenizer_argument(parser: argparse.ArgumentParser, whose: str) -> None:
+    """``--tokenizer DIR|FILE|OWNER/NAME``: where to take ``whose`` tokenizer from when its
+    checkpoint ships none (``spikemar.models.hub.resolve_tokenizer`` reads it)."""
+    parser.add_argument(
+        "--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
+        help=f"{whose} tokenizer where its checkpoint ships none (or another is wanted): a "
+             "directory, a tokenizer.json or a Hub id (state-spaces/mamba2-130m uses "
+             "EleutherAI/gpt-neox-20b's)",
+    )  # fmt: skip

@@ -453,16 +453,13 @@ def read_spike_points(text: str) -> dict[str, str | dict]:
 
 def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Declare the options of ``spikemar convert`` on ``parser``."""
-    from ._argtypes import device_argument, int_at_least_1, positive_float
+    from ._argtypes import add_tokenizer_argument, device_argument, int_at_least_1, positive_float
 
     p = parser
     p.add_argument("--from", dest="source", required=True,
                    help="a Hugging Face Mamba-2/Llamba directory or Hub id, or a spikemar "
                         "checkpoint of an SSM LM")  # fmt: skip
-    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
-                   help="the tokenizer, where the source ships none or another is wanted: a "
-                        "directory, a tokenizer.json or a Hub id (state-spaces/mamba2-130m "
-                        "uses EleutherAI/gpt-neox-20b's); default: the source's own")  # fmt: skip
+    add_tokenizer_argument(p, "the source's")
     p.add_argument("--out", required=True, help="where to write the student checkpoint")
     p.add_argument("--overwrite", action="store_true",
                    help="replace an existing checkpoint at --out")  # fmt: skip

@@ -399,9 +399,8 @@ def test_token_and_ssm_value_checks_hold_no_sync_unless_eager(mode):
             call()  # eager, the default: at once
 
 
-def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
-    """MARLM.step (token ids, layer states, the SSM step's decay check) on CUDA inputs: no sync
-    under 'deferred'."""
+def _fake_cuda_mar():
+    """A dense MARLM whose parameters and batch-2 state say they are on CUDA."""
     from spikemar.models import MARLM, MARConfig
 
     torch.manual_seed(0)
@@ -413,6 +412,13 @@ def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
     ]  # (a state's flags, e.g. MixerState.in_place, stay as they are)
     for p in model.parameters():
         p.data = fake_cuda(p.data)
+    return model, state
+
+
+def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
+    """MARLM.step (token ids, layer states, the SSM step's decay check) on CUDA inputs: no sync
+    under 'deferred'."""
+    model, state = _fake_cuda_mar()
     with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:
         logits, state = model.step(fake_cuda(torch.tensor([3, 7])), state)
     assert seen == [] and logits.shape == (2, 11)
@@ -421,17 +427,7 @@ def test_dense_mar_step_on_cuda_holds_no_sync_with_deferred_checks():
 def test_prefill_on_cuda_holds_no_sync_with_deferred_checks():
     """MARLM.prefill (the prompt of generate: token ids, layer states, the chunked scan from the
     state and its decay check) on CUDA inputs: no sync under 'deferred'."""
-    from spikemar.models import MARLM, MARConfig
-
-    torch.manual_seed(0)
-    model = MARLM(MARConfig(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8,
-                            spikes=None))  # fmt: skip
-    state = [
-        type(s)(*(fake_cuda(t) if isinstance(t, torch.Tensor) else t for t in vars(s).values()))
-        for s in model.init_state(2)
-    ]
-    for p in model.parameters():
-        p.data = fake_cuda(p.data)
+    model, state = _fake_cuda_mar()
     tokens = fake_cuda(torch.tensor([[3, 7, 1, 0, 5], [2, 2, 9, 4, 1]]))
     with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:
         logits, state = model.prefill(tokens, state)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._argtypes import int_at_least_1, non_negative_float, positive_float
+from .._argtypes import add_tokenizer_argument, int_at_least_1, non_negative_float, positive_float
 from ..models.hub import NO_TOKENIZER_HINT
 from ..training import add_loop_arguments, loop_settings
 
@@ -25,10 +25,7 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     p.add_argument("--teacher", required=True,
                    help="the teacher: a spikemar checkpoint, a Hugging Face model directory, "
                         "or a Hub id owner/name (fetched where there is a network)")  # fmt: skip
-    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
-                   help="the teacher's tokenizer where its directory ships none: a directory, a "
-                        "tokenizer.json or a Hub id (state-spaces/mamba2-130m uses "
-                        "EleutherAI/gpt-neox-20b's)")  # fmt: skip
+    add_tokenizer_argument(p, "the teacher's")
     add_loop_arguments(p, out="runs/student.pt")
     loss = p.add_argument_group("SBDS loss")
     loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")

@@ -32,6 +32,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from .._argtypes import add_tokenizer_argument
 from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
@@ -59,13 +60,7 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--label", action="append", help="a name per --checkpoint (default: the file's name)"
     )
-    parser.add_argument(
-        "--tokenizer",
-        metavar="DIR|FILE|OWNER/NAME",
-        help="the tokenizer of every --checkpoint instead of its own: a directory, a "
-        "tokenizer.json or a Hub id (state-spaces/mamba2-130m ships none: "
-        "EleutherAI/gpt-neox-20b)",
-    )
+    add_tokenizer_argument(parser, "every --checkpoint's")
     parser.add_argument(
         "--tasks",
         default=",".join(LOCAL_TASKS),

@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import int_at_least_1, positive_float
+from .._argtypes import add_tokenizer_argument, int_at_least_1, positive_float
 from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_refine_arguments", "refine_main"]
@@ -53,10 +53,7 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     p.add_argument("--teacher", required=True,
                    help="a dense SSM LM: a spikemar checkpoint (mar-dense) or a Hugging Face "
                         "Mamba-2/Llamba directory")  # fmt: skip
-    p.add_argument("--tokenizer", default=None, metavar="DIR|FILE|OWNER/NAME",
-                   help="the teacher's tokenizer where its directory ships none: a directory, a "
-                        "tokenizer.json or a Hub id (state-spaces/mamba2-130m uses "
-                        "EleutherAI/gpt-neox-20b's)")  # fmt: skip
+    add_tokenizer_argument(p, "the teacher's")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--budget-energy", type=positive_float, default=None,
                         help="least predicted KL at teacher/student energy >= X")  # fmt: skip

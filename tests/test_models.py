@@ -91,9 +91,13 @@ def test_bad_generation_arguments_are_rejected():
     with pytest.raises(ValueError, match="top_k"):
         generate(model, torch.zeros(1, 2, dtype=torch.int64), 2, top_k=0)
     assert generate(model, torch.zeros(1, 40, dtype=torch.int64), 9).shape == (1, 49)  # 48 fed
-    with pytest.raises(ValueError, match="KV cache is full"):
-        generate(model, torch.zeros(1, 40, dtype=torch.int64), 10)
-    with pytest.raises(ValueError, match="tokens: 49 tokens after the 0 in the KV cache"):
+    with pytest.raises(
+        ValueError,
+        match="max_new_tokens: a prompt of 40 tokens and 10 new ones "
+        "need 49 places in the KV cache; the model has 48",
+    ):
+        generate(model, torch.zeros(1, 40, dtype=torch.int64), 10)  # said before any work
+    with pytest.raises(ValueError, match="need 49 places"):
         generate(model, torch.zeros(1, 49, dtype=torch.int64), 1)
 
 

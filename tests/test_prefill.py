@@ -337,3 +337,19 @@ def test_greedy_until_steps_a_batch_of_requests_together():
                                    for batch in batches)  # fmt: skip
     wrapped = Scorer(_TupleState(model), VOCAB, batch_size=4)
     assert wrapped.greedy_until(contexts, decode=decode, stop=[stop], max_new_tokens=9) == want
+
+
+def test_generate_refuses_more_tokens_than_a_kv_cache_holds_before_any_work():
+    model = model_of(["ssm", "attn"], spikes=False)  # max_len 64
+    calls = []
+    model.embed.register_forward_hook(lambda m, a, o: calls.append(1))
+    prompt = torch.zeros(1, 60, dtype=torch.long)
+    with pytest.raises(
+        ValueError,
+        match="max_new_tokens: a prompt of 60 tokens and 6 new ones "
+        "need 65 places in the KV cache; the model has 64",
+    ):
+        model.generate(prompt, 6)
+    assert calls == []
+    assert model.generate(prompt, 5).shape == (1, 65)
+    assert model_of("ssm", spikes=False).generate(prompt, 30).shape == (1, 90)  # no limit

@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..energy import EnergyCounter, EnergyReport
+from ..models.generation import context_limit
 from ..models.hub import is_hub_id
 
 __all__ = ["ContinuationScore", "Scorer", "load_model", "model_max_length"]
@@ -110,14 +111,7 @@ def load_model(
 
 def model_max_length(model: nn.Module) -> int | None:
     """The longest sequence ``model`` accepts in one forward pass (None: no limit, an SSM)."""
-    config = getattr(model, "config", None)
-    max_len = getattr(config, "max_len", None)
-    if max_len is None:
-        return None
-    kinds = getattr(config, "layer_kinds", None)
-    if callable(kinds) and "attn" not in kinds():
-        return None  # selective SSM / LTI layers carry O(1) state: no limit
-    return int(max_len)
+    return context_limit(model)
 
 
 def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:

@@ -18,7 +18,20 @@ import torch
 
 from .fused_step import FusedStep
 
-__all__ = ["generate"]
+__all__ = ["context_limit", "generate"]
+
+
+def context_limit(model: torch.nn.Module) -> int | None:
+    """The most tokens ``model`` can hold (its KV cache, ``config.max_len``), or None where its
+    state is O(1) (SSM and LTI layers): no limit."""
+    config = getattr(model, "config", None)
+    max_len = getattr(config, "max_len", None)
+    if max_len is None:
+        return None
+    kinds = getattr(config, "layer_kinds", None)
+    if callable(kinds) and "attn" not in kinds():
+        return None  # selective SSM / LTI layers carry O(1) state: no limit
+    return int(max_len)
 
 
 @torch.no_grad()
@@ -81,6 +94,13 @@ def generate(
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
     if not isinstance(fused, bool):
         raise ValueError(f"fused: expected True or False, got {fused!r}")
+    limit = context_limit(model)
+    if limit is not None and tokens.shape[1] + max(n_new - 1, 0) > limit:  # the last is not fed
+        raise ValueError(
+            f"max_new_tokens: a prompt of {tokens.shape[1]} tokens and {n_new} new ones need "
+            f"{tokens.shape[1] + max(n_new - 1, 0)} places in the KV cache; the model has "
+            f"{limit} (max_len)"
+        )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     if isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool):
         eos_token_id = int(eos_token_id)  # a numpy integer, as configs read by numpy give

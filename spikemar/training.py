@@ -413,11 +413,23 @@ def check_resume_config(saved: dict[str, Any], config: LoopConfig) -> None:
         raise ValueError(f"steps: the run was started for {saved['steps']} steps; resume it with "
                          f"--steps {saved['steps']} or more (more extends it)")  # fmt: skip
     changed = sorted(k for k in current.keys() | saved.keys()
-                     if k not in RESUMABLE_CHANGES and current.get(k) != saved.get(k))  # fmt: skip
+                     if k not in RESUMABLE_CHANGES
+                     and not _same_setting(current.get(k), saved.get(k)))  # fmt: skip
     if changed:
         details = ", ".join(f"{k}: saved {saved.get(k)!r}, now {current.get(k)!r}" for k in changed)
         raise ValueError(f"resume: the run was started with other settings ({details}); resume "
                          "with the same ones, or start a new run with another --out")  # fmt: skip
+
+
+def _same_setting(a: Any, b: Any) -> bool:
+    """Equal, or two names of one existing file or folder (``data``, ``teacher``, ``student``,
+    ``tokenizer`` given once relative and once absolute, or through a link)."""
+    if a == b:
+        return True
+    if isinstance(a, str) and isinstance(b, str) and a and b:
+        pa, pb = Path(a), Path(b)
+        return pa.exists() and pb.exists() and pa.resolve() == pb.resolve()
+    return False
 
 
 def distributed_setup(device: str) -> tuple[int, int, str]:

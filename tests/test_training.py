@@ -61,13 +61,15 @@ def test_resume_after_an_interrupt_mid_step_matches_the_uninterrupted_run(
         assert torch.equal(value, resumed[name]), name
 
 
-def test_resume_refuses_other_settings(corpus, tmp_path):
+def test_resume_refuses_other_settings(corpus, tmp_path, monkeypatch):
     train(config(corpus, tmp_path / "a.pt", steps=3), progress=False)
     with pytest.raises(ValueError, match=r"resume: .*lr: saved 0.001, now 0.002"):
         train(config(corpus, tmp_path / "a.pt", steps=3, lr=2e-3), resume=True, progress=False)
     with pytest.raises(ValueError, match="steps"):  # fewer steps: another schedule
         train(config(corpus, tmp_path / "a.pt", steps=2), resume=True, progress=False)
     train(config(corpus, tmp_path / "a.pt", steps=3, eval_iters=2), resume=True, progress=False)
+    monkeypatch.chdir(corpus.parent)  # the same data named another way is the same setting
+    train(config(corpus.name, tmp_path / "a.pt", steps=3), resume=True, progress=False)
     payload = torch.load(tmp_path / "a.pt", weights_only=True)  # a run saved before a setting
     del payload["train"]["config"]["grad_clip"]  # existed ran at that setting's default
     torch.save(payload, tmp_path / "a.pt")

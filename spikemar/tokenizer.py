@@ -333,7 +333,7 @@ def generate_text(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
 ) -> str:
     """Continue ``prompt`` (text) by up to ``max_new_tokens`` tokens; returns prompt and
     continuation as text, stopped before ``eos_token_id``, by default the tokenizer's
@@ -363,6 +363,9 @@ def generate_text(
                    temperature=temperature, top_k=top_k, generator=generator,
                    fused=fused, eos_token_id=eos)  # fmt: skip
     out = out.cpu().tolist()
-    if eos is not None and eos in out[len(ids) :]:
-        out = out[: out.index(eos, len(ids))]
+    ends = set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {eos}
+    for n in range(len(ids), len(out)):
+        if out[n] in ends:  # the continuation stops before the first end token
+            out = out[:n]
+            break
     return tokenizer.decode(out)

@@ -280,7 +280,16 @@ def test_generation_stops_at_the_end_of_text_token(tok):
     fused = model.generate(prompt, 8, temperature=0, eos_token_id=eos, fused=True)
     assert torch.equal(fused, out)
     assert torch.equal(model.generate(prompt, 8, temperature=0, eos_token_id=np.int64(eos)), out)
-    for bad in (-1, tok.vocab_size, 1.0, True):
+    # a list of end tokens (Llama-3's generation config has three): any of them ends a row
+    never = next(i for i in range(tok.vocab_size) if not bool((free == i).any()))
+    assert torch.equal(model.generate(prompt, 8, temperature=0, eos_token_id=[eos, never]), out)
+    padded = model.generate(prompt, 8, temperature=0, eos_token_id=(never, eos))
+    assert padded.shape == out.shape  # the same ends; the padding is the list's first token
+    for r, f in enumerate(first):
+        got = padded[r, prompt.shape[1] :]
+        if f is not None:
+            assert int(got[f]) == eos and bool((got[f + 1 :] == never).all())
+    for bad in (-1, tok.vocab_size, 1.0, True, [], [eos, -1]):
         with pytest.raises(ValueError, match="eos_token_id"):
             model.generate(prompt, 2, eos_token_id=bad)
     # text stops before the tokenizer's end-of-text token, which is not in the text

@@ -44,7 +44,7 @@ def generate(
     top_k: int | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
-    eos_token_id: int | None = None,
+    eos_token_id: int | list[int] | None = None,
 ) -> torch.Tensor | str:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
@@ -56,9 +56,9 @@ def generate(
     ``fused``: run each token as one C call (:class:`spikemar.models.fused_step.FusedStep`, built
     for this call: the same logits, without the modules' Python, and without their hooks);
     raises ValueError for a model it cannot compile (SSM mixers only). ``eos_token_id``: a
-    sequence that makes this token is finished (as transformers' ``generate``): it goes on with
-    ``eos_token_id`` as padding, and generation stops early once every sequence has finished
-    (the result is then shorter).
+    sequence that makes this token (or one of a list of them) is finished (as transformers'
+    ``generate``): it goes on with the (first) end token as padding, and generation stops early
+    once every sequence has finished (the result is then shorter).
     """
     if isinstance(prompt, str):
         tokenizer = getattr(model, "tokenizer", None)
@@ -102,15 +102,7 @@ def generate(
             f"{limit} (max_len)"
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if isinstance(eos_token_id, numbers.Integral) and not isinstance(eos_token_id, bool):
-        eos_token_id = int(eos_token_id)  # a numpy integer, as configs read by numpy give
-    if eos_token_id is not None and (
-        isinstance(eos_token_id, bool)
-        or not isinstance(eos_token_id, int)
-        or not 0 <= eos_token_id < (vocab or eos_token_id + 1)
-    ):
-        raise ValueError(f"eos_token_id: expected a token id in [0, {vocab}) or None, got "
-                         f"{eos_token_id!r}")  # fmt: skip
+    eos_ids = _eos_ids(eos_token_id, vocab)
     was_training = model.training
     model.eval()
     try:
@@ -119,12 +111,13 @@ def generate(
         state = model.init_state(tokens.shape[0], in_place=True)
         logits, state = model.prefill(tokens, state)
         out = [tokens]
-        done = None if eos_token_id is None else torch.zeros_like(tokens[:, 0], dtype=torch.bool)
+        done = None if eos_ids is None else torch.zeros_like(tokens[:, 0], dtype=torch.bool)
+        stops = None if eos_ids is None else torch.tensor(eos_ids, device=tokens.device)
         for n in range(max_new_tokens):
             next_token = _sample(logits, temperature, top_k, generator)
             if done is not None:
-                next_token = next_token.masked_fill(done, eos_token_id)
-                done |= next_token == eos_token_id
+                next_token = next_token.masked_fill(done, eos_ids[0])
+                done |= torch.isin(next_token, stops)
             out.append(next_token[:, None])
             if n + 1 == max_new_tokens or (done is not None and bool(done.all())):
                 break  # the last token's logits are never read
@@ -133,6 +126,23 @@ def generate(
         model.train(was_training)
     result = torch.cat(out, dim=1)
     return result[0] if squeeze else result
+
+
+def _eos_ids(eos_token_id: object, vocab: int | None) -> list[int] | None:
+    """``eos_token_id`` (an id or a list of them, as Llama-3's generation config lists three) as
+    a list of ids inside the vocabulary, or None."""
+    if eos_token_id is None:
+        return None
+    many = isinstance(eos_token_id, list | tuple)
+    ids = list(eos_token_id) if many else [eos_token_id]
+    ok = bool(ids) and all(
+        isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < (vocab or i + 1)
+        for i in ids
+    )
+    if not ok:
+        raise ValueError(f"eos_token_id: expected a token id (or a list of them) in [0, {vocab}) "
+                         f"or None, got {eos_token_id!r}")  # fmt: skip
+    return [int(i) for i in ids]
 
 
 def _sample(

@@ -26,8 +26,9 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from collections.abc import Iterator
-from typing import Protocol, TypedDict, Unpack
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any, Protocol, TypedDict, Unpack
 
 import torch
 from torch import nn
@@ -42,6 +43,7 @@ __all__ = [
     "activate",
     "active_sink",
     "check_op_counts",
+    "counted_pass",
     "counting_active",
     "deactivate",
     "declare_sparse",
@@ -152,6 +154,21 @@ def recurrent_pass(model: nn.Module) -> Iterator[None]:
         yield
     finally:
         sink.on_pass_end(model)
+
+
+def counted_pass(method: Callable) -> Callable:
+    """Decorate a model's ``step``/``prefill`` body so that it runs inside
+    :func:`recurrent_pass` while something counts, and bare otherwise (generation calls it per
+    token: no context manager when nothing listens)."""
+
+    @functools.wraps(method)
+    def run(model: nn.Module, *args: Any, **kwargs: Any) -> Any:
+        if _ACTIVE.get() is None:
+            return method(model, *args, **kwargs)
+        with recurrent_pass(model):
+            return method(model, *args, **kwargs)
+
+    return run
 
 
 def counting_active() -> bool:

@@ -41,13 +41,13 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from ..counting import counting_active, declare_sparse, record_ops, recurrent_pass
+from ..counting import counted_pass, counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
 from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens, run_blocks
 from .generation import generate
-from .mixers import MIXERS, AttentionState
+from .mixers import MIXERS
 
 __all__ = ["MARLM", "ActivationSparsifier", "MARConfig", "point_module"]
 
@@ -394,15 +394,16 @@ class MARLM(nn.Module):
     def step(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """One token per sequence [batch] → (logits [batch, vocab], new state)."""
         check_tokens(tokens_t, self.config.vocab_size, "tokens_t", rank=1)
+        self._check_state(state, tokens_t.shape[0], "tokens_t")
+        return self._step(tokens_t, state)
+
+    def _check_state(self, state: list, batch: int, name: str) -> None:
         if not isinstance(state, list) or len(state) != len(self.layers):
             raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
                              "from init_state()")  # fmt: skip
-        _check_layer_states(state, tokens_t.shape[0], "tokens_t")
-        if counting_active():  # a pass of the model for a counter (not through __call__)
-            with recurrent_pass(self):
-                return self._step(tokens_t, state)
-        return self._step(tokens_t, state)
+        _check_layer_states(state, batch, name)
 
+    @counted_pass  # a pass of the model for a counter (not through __call__)
     def _step(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         x = self.embed(tokens_t)
         new_state = []
@@ -425,21 +426,13 @@ class MARLM(nn.Module):
         check_tokens(tokens, self.config.vocab_size, "tokens")
         if state is None:
             state = self.init_state(tokens.shape[0])
-        if not isinstance(state, list) or len(state) != len(self.layers):
-            raise ValueError(f"state: expected the list of {len(self.layers)} layer states "
-                             "from init_state()")  # fmt: skip
-        _check_layer_states(state, tokens.shape[0], "tokens")
-        L = tokens.shape[1]
-        for i, s in enumerate(state):  # before any layer writes its state: all or nothing
-            if isinstance(s, AttentionState) and s.length + L > s.k.shape[2]:
-                room = s.k.shape[2]
-                raise ValueError(f"tokens: {L} tokens after the {s.length} in layer {i}'s "
-                                 f"attention KV cache exceed its {room} (max_len)")  # fmt: skip
-        if counting_active():
-            with recurrent_pass(self):
-                return self._prefill(tokens, state)
+        self._check_state(state, tokens.shape[0], "tokens")
+        for i, (layer, s) in enumerate(zip(self.layers, state, strict=True)):
+            # before any layer writes its state: all or nothing
+            layer.mixer.check_room(s, tokens.shape[1], f"layer {i}'s")
         return self._prefill(tokens, state)
 
+    @counted_pass
     def _prefill(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         x = self.embed(tokens)
         new_state = []

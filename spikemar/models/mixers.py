@@ -102,12 +102,18 @@ class AttentionMixer(CausalSelfAttention, Mixer):
                              f"{type(state).__name__}")  # fmt: skip
         if u.dim() != 3 or u.shape[1] == 0:
             raise ValueError(f"u: expected [batch, L, d_model] with L >= 1, got {tuple(u.shape)}")
-        pos, L, room = state.length, u.shape[1], state.k.shape[2]
-        if pos + L > room:
-            raise ValueError(f"state: the attention KV cache holds {room} tokens; {pos} are in "
-                             f"it and {L} more do not fit")  # fmt: skip
+        self.check_room(state, u.shape[1])
+        pos, L = state.length, u.shape[1]
         out = CausalSelfAttention.prefill(self, self.spike_in(u), state.k, state.v, pos)
         return out, AttentionState(state.k, state.v, pos + L)
+
+    def check_room(self, state: AttentionState, tokens: int, where: str = "its") -> None:
+        if not isinstance(state, AttentionState):
+            return  # another kind of state: prefill names it
+        room = state.k.shape[2]
+        if state.length + tokens > room:
+            raise ValueError(f"tokens: {tokens} tokens after the {state.length} in {where} "
+                             f"attention KV cache exceed its {room} (max_len)")  # fmt: skip
 
 
 @register_mixer("ssm")

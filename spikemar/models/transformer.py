@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..counting import counting_active, record_ops, recurrent_pass
+from ..counting import counted_pass, counting_active, record_ops
 from .common import FeedForward, check_tokens, run_blocks
 from .generation import generate
 
@@ -176,9 +176,6 @@ class TransformerLM(nn.Module):
         """One token per sequence [batch] → logits [batch, vocab]; the cache grows by one."""
         check_tokens(tokens_t, self.config.vocab_size, "tokens_t", rank=1)
         self._check_state(state, tokens_t.shape[0], "tokens_t")
-        if counting_active():
-            with recurrent_pass(self):
-                return self._step(tokens_t, state)
         return self._step(tokens_t, state)
 
     def _check_state(self, state: KVCache, batch: int, name: str) -> None:
@@ -189,6 +186,7 @@ class TransformerLM(nn.Module):
             raise ValueError(f"state: made for batch {state.k.shape[1]}, but {name} has batch "
                              f"{batch} (call init_state({batch}))")  # fmt: skip
 
+    @counted_pass
     def _step(self, tokens_t: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         pos = state.length
         if pos >= self.config.max_len:
@@ -215,11 +213,9 @@ class TransformerLM(nn.Module):
         if pos + L > self.config.max_len:
             raise ValueError(f"tokens: {L} tokens after the {pos} in the KV cache exceed the "
                              f"model's max_len {self.config.max_len}")  # fmt: skip
-        if counting_active():
-            with recurrent_pass(self):
-                return self._prefill(tokens, state)
         return self._prefill(tokens, state)
 
+    @counted_pass
     def _prefill(self, tokens: torch.Tensor, state: KVCache) -> tuple[torch.Tensor, KVCache]:
         pos, L = state.length, tokens.shape[1]
         x = self.embed(tokens) + self.pos.weight[pos : pos + L]

@@ -158,6 +158,11 @@ class Mixer(SpikePointOwner, nn.Module):
             outs.append(out)
         return torch.stack(outs, dim=1), state
 
+    def check_room(self, state, tokens: int, where: str = "its") -> None:
+        """Raise ValueError if ``state`` cannot take ``tokens`` more tokens (``where`` names it
+        in the message). A mixer with an O(1) state (this default) always can; attention's KV
+        cache holds ``max_len``."""
+
     @property
     def chip_neurons(self) -> int:
         """Neurons (compartments) of the mixer's own arithmetic where it runs on chip."""
@@ -246,12 +251,25 @@ class _StateSpaceMixer(Mixer):
         raise NotImplementedError
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self._mix(u, None)[0]
+
+    def _mix(
+        self, u: torch.Tensor, state: MixerState | None
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The mixer over ``u`` [batch, L, d_model] from ``state`` (None: zeros) → (output, the
+        convolution's inputs [batch, k + L, channels] with the state's k before ``u``'s (None
+        without a state), the SSM state after the last token)."""
         z, xbc, dt_raw = self._parts(self.in_proj(self.spike_in(u)))
         conv = self._modules[self.conv_name]
-        x, x_in, a, B, C = self._scan_inputs(_causal_conv(conv, xbc), dt_raw)
-        y, _ = ssd_scan(x_in, a, B, C, chunk_size=self.chunk_size)
+        if state is None:
+            seen, h0, conv_out = None, None, _causal_conv(conv, xbc)
+        else:  # the inputs the convolution sees: the state's last k, then the new ones
+            seen = torch.cat([state.conv.to(xbc.dtype).transpose(1, 2), xbc], dim=1)
+            h0, conv_out = state.ssm.to(xbc.dtype), conv(seen.transpose(1, 2)).transpose(1, 2)
+        x, x_in, a, B, C = self._scan_inputs(conv_out, dt_raw)
+        y, final = ssd_scan(x_in, a, B, C, h0, chunk_size=self.chunk_size)
         self._record_ops(u.shape[0] * u.shape[1], conv=False)
-        return self._output(y, x, z)
+        return self._output(y, x, z), seen, final
 
     def prefill(self, u: torch.Tensor, state: MixerState) -> tuple[torch.Tensor, MixerState]:
         """``forward`` continuing ``state``: the convolution reads the state's last inputs
@@ -272,15 +290,8 @@ class _StateSpaceMixer(Mixer):
                 have = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
                 raise ValueError(f"state.{name}: expected {shape} (this mixer's, batch {batch}), "
                                  f"got {have}")  # fmt: skip
-        z, xbc, dt_raw = self._parts(self.in_proj(self.spike_in(u)))
-        conv = self._modules[self.conv_name]
-        # the inputs the convolution sees: the state's last k, then the new ones
-        seen = torch.cat([state.conv.to(xbc.dtype).transpose(1, 2), xbc], dim=1)
-        x, x_in, a, B, C = self._scan_inputs(conv(seen.transpose(1, 2)).transpose(1, 2), dt_raw)
-        y, ssm = ssd_scan(x_in, a, B, C, state.ssm.to(x_in.dtype), chunk_size=self.chunk_size)
-        self._record_ops(u.shape[0] * u.shape[1], conv=False)
+        out, seen, ssm = self._mix(u, state)
         window = seen[:, seen.shape[1] - k :].transpose(1, 2)
-        out = self._output(y, x, z)
         here = (state.in_place and not torch.is_grad_enabled()
                 and not (state.conv.requires_grad or state.ssm.requires_grad))  # fmt: skip
         if here:
@@ -625,15 +636,21 @@ class LTICell(nn.Module):
         return torch.exp(-torch.exp(self.log_rate))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        return self._scan(u, None)[0]
+
+    def _scan(self, u: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """(outputs, the state after the last token) over ``u`` [batch, L, channels] from
+        ``h0`` [batch, channels] (None: zeros)."""
         batch, L, channels = u.shape
         # each channel is a head of head_dim 1 and state 1, with a constant log decay
         a = (-torch.exp(self.log_rate)).expand(batch, L, channels)
         ones = u.new_ones(batch, L, channels, 1)
-        h, _ = ssd_scan((self.b * u)[..., None], a, ones, ones)
+        h0 = None if h0 is None else h0.to(u.dtype)[..., None, None]
+        h, last = ssd_scan((self.b * u)[..., None], a, ones, ones, h0)
         n = batch * L * channels  # b·u, λ·h, c·h, d·u; h read and written; λ, b, c, d read
         record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,
                    weight_reads=4 * n, activation_reads=n, activation_writes=n)  # fmt: skip
-        return self.c * h[..., 0] + self.d * u
+        return self.c * h[..., 0] + self.d * u, last[..., 0, 0]
 
     def init_state(self, batch: int) -> LTIState:
         return LTIState(self.b.new_zeros(batch, self.b.shape[0]))
@@ -644,18 +661,12 @@ class LTICell(nn.Module):
         if u.dim() != 3 or u.shape[1] == 0:
             raise ValueError(f"u: expected [batch, L, channels] with L >= 1, got "
                              f"{tuple(u.shape)}")  # fmt: skip
-        batch, L, channels = u.shape
+        batch, _, channels = u.shape
         if not isinstance(state, LTIState) or tuple(state.h.shape) != (batch, channels):
             raise ValueError(f"state: expected the LTIState from init_state({batch}) "
                              f"([{batch}, {channels}])")  # fmt: skip
-        a = (-torch.exp(self.log_rate)).expand(batch, L, channels)
-        ones = u.new_ones(batch, L, channels, 1)
-        h0 = state.h.to(u.dtype)[..., None, None]
-        h, last = ssd_scan((self.b * u)[..., None], a, ones, ones, h0)
-        n = batch * L * channels
-        record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,
-                   weight_reads=4 * n, activation_reads=n, activation_writes=n)  # fmt: skip
-        return self.c * h[..., 0] + self.d * u, LTIState(last[..., 0, 0])
+        out, last = self._scan(u, state.h)
+        return out, LTIState(last)
 
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         h = self.decay * state.h + self.b * u_t

@@ -418,7 +418,6 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise _UsageError("--prompt: expected at least one character")
     try:
         model, tokenizer, _ = load_checkpoint(args.checkpoint)
-        tokenizer.encode(prompt)  # a character the tokenizer lacks: named before any work
         text = generate_text(
             model,
             tokenizer,

@@ -56,7 +56,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .models import MARLM, SpikeConfig, SpikePoint
-from .models.hub import NO_TOKENIZER_HINT
+from .models.hub import command_line_hint
 
 __all__ = [
     "ConvertResult",
@@ -86,10 +86,9 @@ def load_dense(source: str | Path, device: str = "cpu", tokenizer: bool | str | 
         if tokenizer is False:
             tokenizer_ = None
         elif tokenizer is not True:
-            from .models.hub import resolve_tokenizer
-            from .tokenizer import load_tokenizer
+            from .models.hub import tokenizer_from
 
-            tokenizer_ = load_tokenizer(resolve_tokenizer(tokenizer))
+            tokenizer_ = tokenizer_from(tokenizer)
         if not isinstance(model, MARLM):
             raise ValueError(f"from: {path} holds a {type(model).__name__}; convert needs an SSM "
                              "language model (a MARLM, or a Mamba-2/Llamba directory)")  # fmt: skip
@@ -359,10 +358,9 @@ def convert(
         if tokenizer is None:
             tokenizer = getattr(source, "tokenizer", None)
         elif isinstance(tokenizer, str | os.PathLike):
-            from .models.hub import resolve_tokenizer
-            from .tokenizer import load_tokenizer
+            from .models.hub import tokenizer_from
 
-            tokenizer = load_tokenizer(resolve_tokenizer(tokenizer))
+            tokenizer = tokenizer_from(tokenizer)
     elif tokenizer is None or isinstance(tokenizer, str | os.PathLike):  # the source's, or from
         dense, tokenizer = load_dense(source, device, True if tokenizer is None else tokenizer)
     else:  # a tokenizer object
@@ -497,15 +495,13 @@ def add_convert_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
 # the library's argument names that the command's flags call otherwise (path, text: of --data)
 _FLAGS = {"path_or_id": "from", "source": "from", "points": "spike_points", "path": "data",
           "text": "data"}  # fmt: skip
-# what the library's API offers that the command has no flag for
-_API_HINT = NO_TOKENIZER_HINT
 
 
 def _flag_message(message: str, args: argparse.Namespace) -> str:
     """A library error as the command line says it: the flag (``--data``) for an argument's
     name, ``--from SOURCE`` for whatever is about the source (its directory, config, tensors,
     tokenizer or checkpoint), which the library names by its path or by those words."""
-    message = message.replace(_API_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
+    message = command_line_hint(message)
     source = str(args.source)
     if message.startswith(f"{source}: "):  # a directory's problem, named by its path
         return f"--from {message}"

@@ -209,6 +209,10 @@ class HFTokenizer:
     def eos_id(self) -> int | None:
         return self._eos_id
 
+    def with_eos_id(self, eos_id: int | None) -> HFTokenizer:
+        """The same tokenizer with another end-of-text id."""
+        return HFTokenizer(self._tokenizer, eos_id)
+
     def encode(self, text: str) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text: expected a str, got {type(text).__name__}")

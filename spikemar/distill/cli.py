@@ -11,7 +11,7 @@ import argparse
 from typing import Any
 
 from .._argtypes import add_tokenizer_argument, int_at_least_1, non_negative_float, positive_float
-from ..models.hub import NO_TOKENIZER_HINT
+from ..models.hub import command_line_hint
 from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_distill_arguments", "distill_main"]
@@ -104,14 +104,10 @@ _FLAGS = {"teacher": "--teacher", "student": "--student", "path": "--data", "tex
 def _flag_message(message: str, args: argparse.Namespace) -> str:
     """A library error as the command line says it: the flag for the argument the library
     names (``teacher: …`` → ``--teacher: …``; a tokenizer's problem is --tokenizer's where it
-    was given, else the teacher's, which --tokenizer can mend), without the Python API's
-    ``tokenizer=False`` way out."""
-    had_hint = NO_TOKENIZER_HINT in message
-    message = message.replace(NO_TOKENIZER_HINT, "")
+    was given, else the teacher's, which --tokenizer can mend), with the command's way out of
+    a checkpoint without a tokenizer in place of the Python API's."""
+    message = command_line_hint(message)
     name, sep, rest = message.partition(": ")
     if sep and name == "tokenizer":
-        if args.tokenizer is not None:
-            return f"--tokenizer: {rest}"
-        return f"--teacher: {rest}" + ("; pass --tokenizer DIR|FILE|OWNER/NAME" if had_hint
-                                       else "")  # fmt: skip
+        return f"{'--tokenizer' if args.tokenizer is not None else '--teacher'}: {rest}"
     return f"{_FLAGS[name]}: {rest}" if sep and name in _FLAGS else message

@@ -39,7 +39,7 @@ from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_
 from ..convert import spike_point_state_names
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM, from_pretrained
-from ..models.hub import is_hub_id, read_pretrained_config, resolve_pretrained
+from ..models.hub import is_hub_id, read_pretrained_config, resolve_pretrained, tokenizer_from
 from ..models.pretrained import config_from_hf, is_pretrained_config
 from ..tokenizer import CharTokenizer, HFTokenizer
 from ..training import (
@@ -150,12 +150,7 @@ class Teacher(nn.Module):
         through transformers' ``AutoModelForCausalLM``, with the directory's tokenizer when it
         has one. ``tokenizer``: take the tokenizer from this directory, ``tokenizer.json`` or
         Hub id instead (a checkpoint that ships none)."""
-        other = None
-        if tokenizer is not None:
-            from ..models.hub import resolve_tokenizer
-            from ..tokenizer import load_tokenizer
-
-            other = load_tokenizer(resolve_tokenizer(tokenizer))
+        other = None if tokenizer is None else tokenizer_from(tokenizer)
         p = Path(path)
         if not p.exists() and is_hub_id(path):
             try:

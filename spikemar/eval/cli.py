@@ -334,14 +334,13 @@ def _run_text(
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
     """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given."""
-    from ..models.hub import NO_TOKENIZER_HINT
+    from ..models.hub import NO_TOKENIZER_HINT, command_line_hint
 
     message = " ".join(str(err).split())
     if args.tokenizer is not None and message.startswith("tokenizer: "):
         return "--" + message
     if NO_TOKENIZER_HINT in message:  # a checkpoint without one: the command's way out
-        message = message.replace(NO_TOKENIZER_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
-        return "--checkpoint: " + message.removeprefix("tokenizer: ")
+        return "--checkpoint: " + command_line_hint(message).removeprefix("tokenizer: ")
     return message
 
 

@@ -85,11 +85,9 @@ def load_model(
         if tokenizer is None:
             tokenizer = own
         else:
-            from ..models.hub import resolve_tokenizer
-            from ..tokenizer import load_tokenizer
+            from ..models.hub import tokenizer_from
 
-            tokenizer = load_tokenizer(resolve_tokenizer(tokenizer))
-            model.tokenizer = tokenizer
+            tokenizer = model.tokenizer = tokenizer_from(tokenizer)
     elif path.is_dir() or (not path.exists() and is_hub_id(checkpoint)):
         from ..models import from_pretrained
 
@@ -109,9 +107,8 @@ def load_model(
     return model.eval(), tokenizer
 
 
-def model_max_length(model: nn.Module) -> int | None:
-    """The longest sequence ``model`` accepts in one forward pass (None: no limit, an SSM)."""
-    return context_limit(model)
+# the longest sequence a model accepts in one forward pass (None: no limit, an SSM)
+model_max_length = context_limit
 
 
 def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:
@@ -421,30 +418,22 @@ def _stack_states(states: list[list]) -> list:
     tensors concatenated along the batch, its other fields kept."""
     if len(states) == 1:
         return states[0]
-    out = []
-    for layer in zip(*states, strict=True):
-        fields = {}
-        for f in dataclasses.fields(layer[0]):
-            value = getattr(layer[0], f.name)
-            if isinstance(value, torch.Tensor):
-                value = torch.cat([getattr(s, f.name) for s in layer])
-            fields[f.name] = value
-        out.append(type(layer[0])(**fields))
-    return out
+    return [_with_tensors(layer, torch.cat) for layer in zip(*states, strict=True)]
 
 
 def _select_rows(state: list, rows: list[int]) -> list:
     """``state`` for the sequences ``rows`` of its batch (new tensors)."""
-    out = []
-    for s in state:
-        fields = {}
-        for f in dataclasses.fields(s):
-            value = getattr(s, f.name)
-            if isinstance(value, torch.Tensor):
-                value = value[torch.tensor(rows, device=value.device)]
-            fields[f.name] = value
-        out.append(type(s)(**fields))
-    return out
+    return [_with_tensors((s,), lambda ts: ts[0][torch.tensor(rows, device=ts[0].device)])
+            for s in state]  # fmt: skip
+
+
+def _with_tensors(layer: Sequence, combine: Callable[[list[torch.Tensor]], torch.Tensor]):
+    """``layer[0]`` (a layer state dataclass) with each tensor field replaced by ``combine`` of
+    that field across ``layer``."""
+    tensors = {f.name: combine([getattr(s, f.name) for s in layer])
+               for f in dataclasses.fields(layer[0])
+               if isinstance(getattr(layer[0], f.name), torch.Tensor)}  # fmt: skip
+    return dataclasses.replace(layer[0], **tensors)
 
 
 def nats_to_bits_per_byte(nats: float, n_bytes: int) -> float:

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 
-from ..tokenizer import load_tokenizer
+from ..tokenizer import HFTokenizer, load_tokenizer
 from .common import SpikeConfig
 from .mar import MARLM
 
@@ -44,6 +44,7 @@ __all__ = [
     "read_pretrained_tensors",
     "resolve_pretrained",
     "resolve_tokenizer",
+    "tokenizer_from",
 ]
 
 WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
@@ -58,8 +59,15 @@ _TOKENIZER_PATTERNS = ["tokenizer*", "special_tokens_map.json", "vocab.json", "v
 
 
 # the end of from_pretrained's error for a directory without a tokenizer: the Python API's way
-# out, which the command lines (that have no such option) cut off
+# out, which the command lines replace by theirs (command_line_hint)
 NO_TOKENIZER_HINT = "; pass tokenizer=False to load the weights alone"
+_FLAG_HINT = "; pass --tokenizer DIR|FILE|OWNER/NAME"
+
+
+def command_line_hint(message: str) -> str:
+    """An error message as a command with a ``--tokenizer`` option says it: its way out of a
+    checkpoint without a tokenizer instead of the Python API's."""
+    return message.replace(NO_TOKENIZER_HINT, _FLAG_HINT)
 
 
 def is_hub_id(name: str | os.PathLike) -> bool:
@@ -92,6 +100,12 @@ def resolve_tokenizer(source: str | os.PathLike, revision: str | None = None) ->
     if path.exists():
         return path
     return _snapshot(str(source), revision, _TOKENIZER_PATTERNS, "tokenizer")
+
+
+def tokenizer_from(source: str | os.PathLike) -> Any:
+    """The tokenizer of a directory, a ``tokenizer.json`` or a Hub id (see
+    :func:`resolve_tokenizer`)."""
+    return load_tokenizer(resolve_tokenizer(source))
 
 
 def _snapshot(name: str, revision: str | None, patterns: list[str], argument: str) -> Path:
@@ -139,15 +153,6 @@ def _snapshot(name: str, revision: str | None, patterns: list[str], argument: st
         raise ConnectionError(
             f"{argument}: no directory at {name}, and the Hub refused it as a Hub id: {why}"
         ) from err
-
-
-def _with_eos(tok: Any, eos_id: int) -> Any:
-    """``tok`` with the checkpoint's end-of-text id, where it lies inside its vocabulary."""
-    from ..tokenizer import HFTokenizer
-
-    if isinstance(tok, HFTokenizer) and 0 <= eos_id < tok.vocab_size:
-        return HFTokenizer(tok._tokenizer, eos_id)
-    return tok
 
 
 def _first_line(err: Exception) -> str:
@@ -280,9 +285,11 @@ def from_pretrained(
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err}{NO_TOKENIZER_HINT}") from err
     elif tokenizer is not False:
-        tok = load_tokenizer(resolve_tokenizer(tokenizer, None))
-        if tok.eos_id is None and isinstance(hf_config.get("eos_token_id"), int):
-            tok = _with_eos(tok, hf_config["eos_token_id"])
+        tok = tokenizer_from(tokenizer)
+        eos = hf_config.get("eos_token_id")  # the checkpoint's, where the source names none
+        if tok.eos_id is None and isinstance(tok, HFTokenizer) and isinstance(eos, int):
+            if 0 <= eos < tok.vocab_size:
+                tok = tok.with_eos_id(eos)
     tensors = read_pretrained_tensors(directory)
     try:
         state = state_dict_from_hf(config, tensors)  # the dense model's tensors

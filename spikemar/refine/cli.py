@@ -131,13 +131,13 @@ def refine_main(args: argparse.Namespace) -> int:
     resume = args.resume and not args.overwrite
     if not 0 <= args.sparsify_topk <= 1:
         raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
-    from ..models.hub import NO_TOKENIZER_HINT
+    from ..models.hub import command_line_hint
 
     try:
         source = True if args.tokenizer is None else args.tokenizer
         teacher, tokenizer = load_dense(args.teacher, args.device, tokenizer=source)
     except (FileNotFoundError, ValueError) as err:  # name the option, not the loader's argument
-        message = str(err).replace(NO_TOKENIZER_HINT, "; pass --tokenizer DIR|FILE|OWNER/NAME")
+        message = command_line_hint(str(err))
         if args.tokenizer is not None and message.startswith("tokenizer: "):
             raise type(err)(message) from err  # --tokenizer's own problem
         raise type(err)(f"teacher: {message}") from err

@@ -277,11 +277,7 @@ class MARLayer(nn.Module):
         return x.float() if self.residual_in_fp32 else x
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = self._residual(x) + self.mixer(self.norm1(x))
-        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
-        if counting_active():  # the residual adds are functional: no rule sees them
-            self._record_residual(x)
-        return x
+        return self._add_branches(x, self.mixer(self.norm1(x)))
 
     def init_state(self, batch: int, max_len: int, in_place: bool = False):
         return self.mixer.init_state(batch, max_len, in_place=in_place)
@@ -289,21 +285,21 @@ class MARLayer(nn.Module):
     def step(self, x: torch.Tensor, state):
         """x [batch, d_model] → (x after the layer, new state)."""
         mixed, state = self.mixer.step(self.norm1(x), state)
-        x = self._residual(x) + mixed
-        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
-        if counting_active():
-            self._record_residual(x)
-        return x, state
+        return self._add_branches(x, mixed), state
 
     def prefill(self, x: torch.Tensor, state):
         """x [batch, L, d_model] continuing ``state`` → (x after the layer, the state after the
         last token)."""
         mixed, state = self.mixer.prefill(self.norm1(x), state)
+        return self._add_branches(x, mixed), state
+
+    def _add_branches(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
+        """The stream ``x`` plus the mixer's output ``mixed``, then plus the FFN's branch."""
         x = self._residual(x) + mixed
         x = x if self.ffn is None else x + self.ffn(self.norm2(x))
-        if counting_active():
+        if counting_active():  # the residual adds are functional: no rule sees them
             self._record_residual(x)
-        return x, state
+        return x
 
     def _record_residual(self, x: torch.Tensor) -> None:
         """One add per element of the stream ``x`` per residual branch (mixer, FFN), each

@@ -50,6 +50,10 @@ def non_negative_float(text: str) -> float:
     return _float(text, lambda v: math.isfinite(v) and v >= 0, "a finite number >= 0")
 
 
+def probability_in_0_1(text: str) -> float:
+    return _float(text, lambda v: 0 < v <= 1, "a number in (0, 1]")
+
+
 def check_device(device: object, *, name: str = "device") -> str:
     """``device`` as a string that torch accepts and that can run here, else a ValueError naming
     ``name``: a typo, ``cuda`` on a CPU-only build or without a visible GPU, ``cuda:N`` beyond
@@ -104,6 +108,9 @@ def add_sampling_arguments(
                    help="sampling temperature (0: greedy)")  # fmt: skip
     p.add_argument("--top-k", type=int_at_least_1, default=None,
                    help=f"sample from the k most likely {unit} only (default: all)")  # fmt: skip
+    p.add_argument("--top-p", type=probability_in_0_1, default=None,
+                   help=f"sample from the smallest set of most likely {unit} whose probability "
+                        "reaches P (nucleus sampling; default: all)")  # fmt: skip
     p.add_argument("--seed", type=int, default=seed, help="seed of the sampling")
 
 

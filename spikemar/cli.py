@@ -425,6 +425,7 @@ def _run_generate(args: argparse.Namespace) -> int:
             args.max_new_tokens,
             temperature=args.temperature,
             top_k=args.top_k,
+            top_p=args.top_p,
             generator=torch.Generator().manual_seed(args.seed),
             # one C call per token where the model allows (no hooks to keep on the command line)
             fused=unsupported_reason(model) is None,

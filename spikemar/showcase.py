@@ -172,7 +172,7 @@ def demo_main(args: argparse.Namespace) -> int:
 
     generator = torch.Generator().manual_seed(args.seed)
     out = model.generate(prompt, args.max_new_tokens, temperature=args.temperature,
-                         top_k=args.top_k, generator=generator)  # fmt: skip
+                         top_k=args.top_k, top_p=args.top_p, generator=generator)  # fmt: skip
     print(tokenizer.decode(out))
     print()
 

@@ -335,6 +335,7 @@ def generate_text(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
     eos_token_id: int | list[int] | None = None,
@@ -342,7 +343,8 @@ def generate_text(
     """Continue ``prompt`` (text) by up to ``max_new_tokens`` tokens; returns prompt and
     continuation as text, stopped before ``eos_token_id``, by default the tokenizer's
     end-of-text token where it has one (``eos_id``; as transformers' ``generate`` stops).
-    ``temperature`` 0 is greedy; ``fused``: one C call per token (see
+    ``temperature`` 0 is greedy, ``top_k``/``top_p`` keep the most likely tokens; ``fused``:
+    one C call per token (see
     :func:`spikemar.models.generate`). The model's vocabulary must cover the tokenizer's."""
     from .models.generation import generate
 
@@ -364,7 +366,7 @@ def generate_text(
         if eos is not None and model_vocab is not None and eos >= model_vocab:
             eos = None  # a token the model cannot make
     out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
-                   temperature=temperature, top_k=top_k, generator=generator,
+                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
                    fused=fused, eos_token_id=eos)  # fmt: skip
     out = out.cpu().tolist()
     ends = set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {eos}

@@ -380,6 +380,12 @@ COMMAND_CASES = {
         2,
         "argument --temperature",
     ),
+    "generate --top-p 0": (
+        ["generate", "--checkpoint", "{r}/good.pt", "--top-p", "0"],
+        2,
+        r"argument --top-p: expected a number in \(0, 1\], got '0'",
+    ),
+    "demo --top-p 2": (["demo", "--top-p", "2"], 2, "argument --top-p: expected a number in"),
     "generate corrupt": (
         ["generate", "--checkpoint", "{r}/truncated.pt"],
         2,

@@ -18,7 +18,7 @@ import torch
 
 from .fused_step import FusedStep
 
-__all__ = ["context_limit", "generate"]
+__all__ = ["context_limit", "filter_logits", "generate"]
 
 
 def context_limit(model: torch.nn.Module) -> int | None:
@@ -42,13 +42,21 @@ def generate(
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float | None = None,
     generator: torch.Generator | None = None,
     fused: bool = False,
     eos_token_id: int | list[int] | None = None,
+    pad_token_id: int | None = None,
 ) -> torch.Tensor | str:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
-    ``temperature`` 0 is greedy decoding. Returns [batch, L0 + max_new_tokens] (or 1-d). A
+    ``temperature`` 0 is greedy decoding; otherwise tokens are drawn from the logits divided by
+    ``temperature``, kept to the ``top_k`` most likely and then to the smallest set whose
+    probability reaches ``top_p`` (nucleus sampling), in transformers' order and with its ties
+    (``TemperatureLogitsWarper``, ``TopKLogitsWarper``, ``TopPLogitsWarper``). ``generator``
+    may live on another device than the model: a CPU generator gives a CUDA model the same
+    draws as on the CPU (the probabilities are then copied to it each token, a host sync).
+    Returns [batch, L0 + max_new_tokens] (or 1-d). A
     text ``prompt`` (a str) is encoded with the model's own tokenizer (``model.tokenizer``, which
     ``from_pretrained`` and ``load_checkpoint`` set) and the text comes back, prompt and
     continuation, stopped before ``eos_token_id`` (None: the tokenizer's end-of-text token;
@@ -57,8 +65,8 @@ def generate(
     for this call: the same logits, without the modules' Python, and without their hooks);
     raises ValueError for a model it cannot compile (SSM mixers only). ``eos_token_id``: a
     sequence that makes this token (or one of a list of them) is finished (as transformers'
-    ``generate``): it goes on with the (first) end token as padding, and generation stops early
-    once every sequence has finished (the result is then shorter).
+    ``generate``): it goes on with ``pad_token_id`` (None: the first end token) as padding, and
+    generation stops early once every sequence has finished (the result is then shorter).
     """
     if isinstance(prompt, str):
         tokenizer = getattr(model, "tokenizer", None)
@@ -70,8 +78,11 @@ def generate(
             )
         from ..tokenizer import generate_text
 
+        if pad_token_id is not None:
+            raise ValueError("pad_token_id: a text prompt is one sequence, stopped before "
+                             f"its end of text: nothing to pad (got {pad_token_id!r})")  # fmt: skip
         return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
-                             top_k=top_k, generator=generator, fused=fused,
+                             top_k=top_k, top_p=top_p, generator=generator, fused=fused,
                              eos_token_id=eos_token_id)  # fmt: skip
     if not isinstance(prompt, torch.Tensor):
         raise TypeError(f"prompt: expected token ids (a tensor) or a str, got "
@@ -92,6 +103,12 @@ def generate(
         raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
     if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
+                              or not 0 < top_p <= 1):  # fmt: skip
+        raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator: expected a torch.Generator or None, got "
+                        f"{type(generator).__name__}")  # fmt: skip
     if not isinstance(fused, bool):
         raise ValueError(f"fused: expected True or False, got {fused!r}")
     limit = context_limit(model)
@@ -103,6 +120,15 @@ def generate(
         )
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     eos_ids = _eos_ids(eos_token_id, vocab)
+    if pad_token_id is not None:
+        if eos_ids is None:
+            raise ValueError(f"pad_token_id: pads the sequences that made an eos_token_id; "
+                             f"none was given (got pad_token_id={pad_token_id!r})")  # fmt: skip
+        if isinstance(pad_token_id, list | tuple):
+            raise ValueError(f"pad_token_id: expected one token id, got {pad_token_id!r}")
+        pad_id = _eos_ids(pad_token_id, vocab, "pad_token_id")[0]
+    else:
+        pad_id = None if eos_ids is None else eos_ids[0]
     was_training = model.training
     model.eval()
     try:
@@ -114,9 +140,9 @@ def generate(
         done = None if eos_ids is None else torch.zeros_like(tokens[:, 0], dtype=torch.bool)
         stops = None if eos_ids is None else torch.tensor(eos_ids, device=tokens.device)
         for n in range(max_new_tokens):
-            next_token = _sample(logits, temperature, top_k, generator)
+            next_token = _sample(logits, temperature, top_k, top_p, generator)
             if done is not None:
-                next_token = next_token.masked_fill(done, eos_ids[0])
+                next_token = next_token.masked_fill(done, pad_id)
                 done |= torch.isin(next_token, stops)
             out.append(next_token[:, None])
             if n + 1 == max_new_tokens or (done is not None and bool(done.all())):
@@ -128,7 +154,9 @@ def generate(
     return result[0] if squeeze else result
 
 
-def _eos_ids(eos_token_id: object, vocab: int | None) -> list[int] | None:
+def _eos_ids(
+    eos_token_id: object, vocab: int | None, name: str = "eos_token_id"
+) -> list[int] | None:
     """``eos_token_id`` (an id or a list of them, as Llama-3's generation config lists three) as
     a list of ids inside the vocabulary, or None."""
     if eos_token_id is None:
@@ -140,19 +168,48 @@ def _eos_ids(eos_token_id: object, vocab: int | None) -> list[int] | None:
         for i in ids
     )
     if not ok:
-        raise ValueError(f"eos_token_id: expected a token id (or a list of them) in [0, {vocab}) "
+        raise ValueError(f"{name}: expected a token id (or a list of them) in [0, {vocab}) "
                          f"or None, got {eos_token_id!r}")  # fmt: skip
     return [int(i) for i in ids]
 
 
-def _sample(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+def filter_logits(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
 ) -> torch.Tensor:
-    if temperature == 0:
-        return logits.argmax(-1)
+    """``logits`` [batch, vocab] as sampling sees them: divided by ``temperature`` (> 0), all
+    but the ``top_k`` largest set to -inf (ties with the k-th kept), then all outside the
+    smallest set of most likely tokens whose probability reaches ``top_p`` (at least one kept):
+    transformers' temperature, top-k and top-p warpers, in that order, in float32."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = torch.softmax(logits, dim=-1)
+    if top_p is not None and top_p < 1:
+        ascending, order = torch.sort(logits, dim=-1)
+        mass = ascending.softmax(dim=-1).cumsum(dim=-1)
+        drop = mass <= 1 - top_p  # the least likely tokens, while the rest still reach top_p
+        drop[:, -1] = False  # the most likely token always stays
+        logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
+    return logits
+
+
+def _sample(
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float | None,
+    generator: torch.Generator | None,
+) -> torch.Tensor:
+    if temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    if generator is not None and generator.device != probs.device:
+        # torch.multinomial draws only from a generator on the tensor's device: draw where
+        # the generator lives (the same tokens as a model there would draw)
+        return torch.multinomial(probs.to(generator.device), 1, generator=generator)[:, 0].to(
+            probs.device
+        )
     return torch.multinomial(probs, 1, generator=generator)[:, 0]

@@ -142,3 +142,71 @@ def test_generator_must_be_a_generator():
     model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4)).eval()
     with pytest.raises(TypeError, match=r"generator: expected a torch\.Generator"):
         model.generate(torch.tensor([[1, 2]]), 3, generator=5)
+
+
+def _left_padded(rows: list[list[int]], pad: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(r) for r in rows)
+    ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows])
+    mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows])
+    return ids, mask
+
+
+@pytest.mark.parametrize("fused", [False, True])
+def test_left_padded_prompts_continue_as_alone_and_as_transformers(fused):
+    """Prompts of three lengths, left-padded with an attention mask: each row's tokens are
+    those it makes alone, and transformers' generate (which masks the padding inside its
+    Mamba-2 mixer) makes the same ones."""
+    hf, model = _pair(seed=3)
+    g = torch.Generator().manual_seed(8)
+    rows = [torch.randint(1, 61, (n,), generator=g).tolist() for n in (6, 2, 4)]
+    ids, mask = _left_padded(rows)
+    got = model.generate(ids, 10, temperature=0, attention_mask=mask, fused=fused)
+    assert torch.equal(got[:, : ids.shape[1]], ids)  # the padded prompt kept, as transformers'
+    for row, prompt in enumerate(rows):
+        alone = model.generate(torch.tensor([prompt]), 10, temperature=0)
+        assert torch.equal(got[row, ids.shape[1] :], alone[0, len(prompt) :]), row
+    want = hf.generate(ids, attention_mask=mask, do_sample=False, max_new_tokens=10,
+                       eos_token_id=None, pad_token_id=0)  # fmt: skip
+    assert torch.equal(got, want)
+    # the same with sampling: each row draws from its own distribution
+    sampled = model.generate(ids, 10, attention_mask=mask, top_k=5,
+                             generator=torch.Generator().manual_seed(2))  # fmt: skip
+    assert sampled.shape == got.shape
+
+
+def test_attention_mask_of_all_ones_changes_nothing():
+    _, model = _pair(seed=4)
+    ids = torch.randint(1, 61, (2, 5), generator=torch.Generator().manual_seed(1))
+    plain = model.generate(ids, 6, temperature=0)
+    masked = model.generate(ids, 6, temperature=0, attention_mask=torch.ones_like(ids))
+    assert torch.equal(plain, masked)
+
+
+@pytest.mark.parametrize(
+    "mask, match",
+    [
+        ([[1, 1, 0], [1, 1, 1]], "row 0 is not left-padded"),
+        ([[0, 1, 0], [1, 1, 1]], "row 0 is not left-padded"),
+        ([[0, 0, 0], [1, 1, 1]], "row 0 holds no prompt token"),
+        ([[1, 1, 2], [1, 1, 1]], "expected 0 \\(padding\\) and 1"),
+        ([[1.0, 1.0, 1.0], [1.0, 1.0, 1.0]], "expected 0 \\(padding\\) and 1"),
+        ([[1, 1], [1, 1]], "expected a tensor of the prompt's shape \\(2, 3\\), got \\(2, 2\\)"),
+    ],
+)
+def test_bad_attention_masks_name_the_problem(mask, match):
+    model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4)).eval()
+    with pytest.raises(ValueError, match=f"attention_mask: {match}"):
+        model.generate(torch.tensor([[1, 2, 3], [4, 5, 6]]), 3, attention_mask=torch.tensor(mask))
+
+
+def test_left_padding_needs_an_o1_state():
+    from spikemar.models import TransformerConfig, TransformerLM
+
+    teacher = TransformerLM(TransformerConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2,
+                                              max_len=32)).eval()  # fmt: skip
+    ids, mask = _left_padded([[1, 2, 3], [4]])
+    with pytest.raises(ValueError, match="attention_mask: prompts of different lengths need"):
+        teacher.generate(ids, 3, attention_mask=mask)
+    # equal lengths need no stacking: the mask of ones is accepted
+    out = teacher.generate(ids[:1], 3, temperature=0, attention_mask=mask[:1])
+    assert out.shape == (1, 6)

@@ -17,6 +17,7 @@ import numbers
 import torch
 
 from .fused_step import FusedStep
+from .states import stack_states, stackable
 
 __all__ = ["context_limit", "filter_logits", "generate"]
 
@@ -47,6 +48,7 @@ def generate(
     fused: bool = False,
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
+    attention_mask: torch.Tensor | None = None,
 ) -> torch.Tensor | str:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
@@ -67,6 +69,13 @@ def generate(
     sequence that makes this token (or one of a list of them) is finished (as transformers'
     ``generate``): it goes on with ``pad_token_id`` (None: the first end token) as padding, and
     generation stops early once every sequence has finished (the result is then shorter).
+    ``attention_mask`` [batch, L0] (1 for a prompt token, 0 for padding): prompts of different
+    lengths, left-padded as a transformers tokenizer pads them for a decoder-only model
+    (``padding_side='left'``); each row's prompt is read without its padding (its own
+    ``prefill``), then the rows step together, so each row continues exactly as it would alone.
+    The result keeps the padded prompt, as transformers' ``generate`` does. Rows of different
+    lengths need a model whose state does not grow with the prompt (SSM, LTI layers): a KV
+    cache cannot hold them in one batch here.
     """
     if isinstance(prompt, str):
         tokenizer = getattr(model, "tokenizer", None)
@@ -81,6 +90,8 @@ def generate(
         if pad_token_id is not None:
             raise ValueError("pad_token_id: a text prompt is one sequence, stopped before "
                              f"its end of text: nothing to pad (got {pad_token_id!r})")  # fmt: skip
+        if attention_mask is not None:
+            raise ValueError("attention_mask: a text prompt is one sequence: nothing is padded")
         return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, generator=generator, fused=fused,
                              eos_token_id=eos_token_id)  # fmt: skip
@@ -118,6 +129,7 @@ def generate(
             f"{tokens.shape[1] + max(n_new - 1, 0)} places in the KV cache; the model has "
             f"{limit} (max_len)"
         )
+    pads = _left_padding(attention_mask, tokens)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     eos_ids = _eos_ids(eos_token_id, vocab)
     if pad_token_id is not None:
@@ -133,9 +145,7 @@ def generate(
     model.eval()
     try:
         step = FusedStep(model, tokens.shape[0]) if fused else model.step
-        # generation owns its state and never steps from one twice: let step update it in place
-        state = model.init_state(tokens.shape[0], in_place=True)
-        logits, state = model.prefill(tokens, state)
+        logits, state = _prefill(model, tokens, pads)
         out = [tokens]
         done = None if eos_ids is None else torch.zeros_like(tokens[:, 0], dtype=torch.bool)
         stops = None if eos_ids is None else torch.tensor(eos_ids, device=tokens.device)
@@ -152,6 +162,59 @@ def generate(
         model.train(was_training)
     result = torch.cat(out, dim=1)
     return result[0] if squeeze else result
+
+
+def _left_padding(attention_mask: object, tokens: torch.Tensor) -> list[int] | None:
+    """The padding tokens at the start of each row of ``attention_mask`` (None: no mask, or no
+    padding); ValueError for a mask of another shape, other values, or padding not at the
+    left."""
+    if attention_mask is None:
+        return None
+    if not isinstance(attention_mask, torch.Tensor) or attention_mask.shape != tokens.shape:
+        got = (
+            tuple(attention_mask.shape)
+            if isinstance(attention_mask, torch.Tensor)
+            else (type(attention_mask).__name__)
+        )
+        raise ValueError(f"attention_mask: expected a tensor of the prompt's shape "
+                         f"{tuple(tokens.shape)}, got {got}")  # fmt: skip
+    mask = attention_mask.detach().cpu()
+    if mask.is_floating_point() or mask.is_complex() or not ((mask == 0) | (mask == 1)).all():
+        raise ValueError("attention_mask: expected 0 (padding) and 1 (prompt token) as "
+                         "integers or booleans")  # fmt: skip
+    mask = mask.long()
+    pads = (mask.cumsum(1) == 0).sum(1)  # zeros before the first 1
+    real = mask.sum(1)
+    for row, (p, n) in enumerate(zip(pads.tolist(), real.tolist(), strict=True)):
+        if n == 0:
+            raise ValueError(f"attention_mask: row {row} holds no prompt token")
+        if p + n != mask.shape[1]:
+            raise ValueError(f"attention_mask: row {row} is not left-padded (0s, then 1s to the "
+                             "end: padding_side='left', as transformers expects for "
+                             "decoder-only generation)")  # fmt: skip
+    return None if not pads.any() else pads.tolist()
+
+
+def _prefill(model: torch.nn.Module, tokens: torch.Tensor, pads: list[int] | None):
+    """The last prompt token's logits and the state after the prompt, updated in place by the
+    steps that follow (generation owns its state and never steps from one twice). Left-padded
+    rows (``pads``) are read one by one without their padding and stacked."""
+    if pads is None:
+        return model.prefill(tokens, model.init_state(tokens.shape[0], in_place=True))
+    firsts, states = [], []
+    for row, pad in enumerate(pads):
+        logits, state = model.prefill(
+            tokens[row : row + 1, pad:], model.init_state(1, in_place=True)
+        )
+        firsts.append(logits)
+        states.append(state)
+    if not stackable(states):
+        raise ValueError(
+            "attention_mask: prompts of different lengths need a model whose state does not "
+            f"grow with them (SSM layers); {type(model).__name__}'s KV caches cannot be "
+            "stacked into one batch: generate them one by one"
+        )
+    return torch.cat(firsts), stack_states(states)
 
 
 def _eos_ids(

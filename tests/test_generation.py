@@ -127,7 +127,7 @@ def test_generator_on_another_device_samples_where_it_lives():
         ({"top_p": 0.0}, "top_p: expected a number in \\(0, 1\\]"),
         ({"top_p": 1.5}, "top_p: expected a number in \\(0, 1\\]"),
         ({"top_p": True}, "top_p"),
-        ({"pad_token_id": 3}, "pad_token_id: pads the sequences that made an eos_token_id"),
+        ({"pad_token_id": 20}, "pad_token_id: expected a token id"),
         ({"pad_token_id": 99, "eos_token_id": 1}, "pad_token_id: expected a token id"),
         ({"pad_token_id": [1, 2], "eos_token_id": 1}, "pad_token_id: expected one token id"),
     ],

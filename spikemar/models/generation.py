@@ -87,9 +87,6 @@ def generate(
             )
         from ..tokenizer import generate_text
 
-        if pad_token_id is not None:
-            raise ValueError("pad_token_id: a text prompt is one sequence, stopped before "
-                             f"its end of text: nothing to pad (got {pad_token_id!r})")  # fmt: skip
         if attention_mask is not None:
             raise ValueError("attention_mask: a text prompt is one sequence: nothing is padded")
         return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
@@ -132,10 +129,7 @@ def generate(
     pads = _left_padding(attention_mask, tokens)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     eos_ids = _eos_ids(eos_token_id, vocab)
-    if pad_token_id is not None:
-        if eos_ids is None:
-            raise ValueError(f"pad_token_id: pads the sequences that made an eos_token_id; "
-                             f"none was given (got pad_token_id={pad_token_id!r})")  # fmt: skip
+    if pad_token_id is not None:  # used where a row has ended (eos_token_id), as transformers'
         if isinstance(pad_token_id, list | tuple):
             raise ValueError(f"pad_token_id: expected one token id, got {pad_token_id!r}")
         pad_id = _eos_ids(pad_token_id, vocab, "pad_token_id")[0]

@@ -63,6 +63,36 @@ def test_spikes_and_dtype(tmp_path):
         from_pretrained(tmp_path, dtype="int8")
 
 
+def test_dtype_auto_and_torch_dtype_as_transformers_take_them(tmp_path):
+    """dtype='auto' loads the checkpoint's own dtype (config.json's ``dtype``, older
+    transformers' ``torch_dtype``, else the weights'); ``torch_dtype`` is dtype's older name;
+    an unknown name is named in the error (it said 'got None')."""
+    hf = mamba2_dir(tmp_path, tokenizer=False)
+    hf.to(torch.bfloat16).save_pretrained(tmp_path)
+
+    def dtype_of(**kwargs):
+        return next(from_pretrained(tmp_path, tokenizer=False, **kwargs).parameters()).dtype
+
+    assert dtype_of() == torch.float32  # transformers' default too
+    assert dtype_of(dtype="auto") == torch.bfloat16
+    assert dtype_of(torch_dtype="auto") == torch.bfloat16
+    assert dtype_of(torch_dtype=torch.float64) == torch.float64
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None)
+    config["torch_dtype"] = "float16"  # as transformers before 4.56 wrote it
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dtype_of(dtype="auto") == torch.float16
+    config.pop("torch_dtype")  # no dtype named: the weights'
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert dtype_of(dtype="auto") == torch.bfloat16
+    with pytest.raises(ValueError, match=r"dtype: expected .* got 'bogus'"):
+        from_pretrained(tmp_path, tokenizer=False, dtype="bogus")
+    with pytest.raises(ValueError, match=r"torch_dtype: expected .* got torch\.int8"):
+        from_pretrained(tmp_path, tokenizer=False, torch_dtype=torch.int8)
+    with pytest.raises(ValueError, match="give one"):
+        from_pretrained(tmp_path, tokenizer=False, dtype="auto", torch_dtype=torch.float32)
+
+
 def _rewrite_safetensors(path, change):
     from safetensors.torch import load_file, save_file
 
@@ -98,6 +128,12 @@ def _extra_tensor(d):
     _rewrite_safetensors(d / "model.safetensors", change)
 
 
+def _fractional_expand(d):  # transformers builds int(1.5·32) = 48 channels; spikemar cannot
+    config = json.loads((d / "config.json").read_text())
+    config.update(expand=1.5, num_heads=6)
+    (d / "config.json").write_text(json.dumps(config))
+
+
 def _missing_shard(d):
     index = {"weight_map": {"backbone.embeddings.weight": "model-00002-of-00002.safetensors"}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
@@ -114,6 +150,7 @@ def _missing_shard(d):
         (_drop_tensor, ValueError, r"missing 'backbone\.layers\.1\.mixer\.D'"),
         (_reshape_tensor, ValueError, r"A_log' has shape \(7,\), expected \(8,\)"),
         (_extra_tensor, ValueError, "unexpected 'backbone.layers.0.mixer.surprise'"),
+        (_fractional_expand, ValueError, "config: expand 1.5: only a whole number"),
         (lambda d: (d / "tokenizer.json").unlink(), FileNotFoundError,
          "no tokenizer.*tokenizer=False"),
     ],

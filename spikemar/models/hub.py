@@ -234,14 +234,30 @@ def _spike_config(spikes: SpikeConfig | Mapping[str, Any] | None) -> SpikeConfig
     raise TypeError(f"spikes: expected None, a SpikeConfig or a dict, got {type(spikes).__name__}")
 
 
-def _dtype(dtype: torch.dtype | str | None) -> torch.dtype:
+def _dtype(dtype: torch.dtype | str | None, argument: str = "dtype") -> torch.dtype:
     if dtype is None:
         return torch.float32
-    if isinstance(dtype, str):
-        dtype = getattr(torch, dtype.removeprefix("torch."), None)
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise ValueError(f"dtype: expected a floating torch dtype or its name, got {dtype!r}")
-    return dtype
+    named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
+    if not isinstance(named, torch.dtype) or not named.is_floating_point:
+        raise ValueError(f"{argument}: expected a floating torch dtype, its name or 'auto', got "
+                         f"{dtype!r}")  # fmt: skip
+    return named
+
+
+def _checkpoint_dtype(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> torch.dtype:
+    """What ``dtype='auto'`` loads, as transformers does: the dtype ``config.json`` names
+    (``dtype``, or ``torch_dtype`` as older transformers write it), else the first floating
+    tensor's, else float32."""
+    for key in ("dtype", "torch_dtype"):
+        name = config.get(key)
+        if isinstance(name, str):
+            named = getattr(torch, name.removeprefix("torch."), None)
+            if isinstance(named, torch.dtype) and named.is_floating_point:
+                return named
+    for t in tensors.values():
+        if isinstance(t, torch.Tensor) and t.is_floating_point():
+            return t.dtype
+    return torch.float32
 
 
 def from_pretrained(
@@ -251,13 +267,17 @@ def from_pretrained(
     dtype: torch.dtype | str | None = None,
     tokenizer: bool | str | os.PathLike = True,
     revision: str | None = None,
+    torch_dtype: torch.dtype | str | None = None,
 ) -> MARLM:
     """A pretrained Hugging Face Mamba-2 or Llamba as a spikemar ``MARLM``, in eval mode.
 
     ``spikes`` None gives the dense model (logits equal to the original's); a ``SpikeConfig``
     (or its keyword dict) puts MAR's spike points in with the same weights and uncalibrated
-    thresholds (``spikemar convert`` calibrates them). ``dtype`` casts the weights (float32 by
-    default). ``tokenizer``: True loads the directory's own tokenizer as ``model.tokenizer``
+    thresholds (``spikemar convert`` calibrates them). ``dtype`` casts the weights: float32 by
+    default (as transformers' ``from_pretrained``), a floating dtype or its name, or ``'auto'``
+    for the checkpoint's own (``config.json``'s ``dtype``/``torch_dtype``, else the weights');
+    ``torch_dtype`` is its older name in transformers, accepted the same. ``tokenizer``: True
+    loads the directory's own tokenizer as ``model.tokenizer``
     (required: its absence is an error); False leaves ``model.tokenizer`` None; a directory, a
     ``tokenizer.json`` or a Hub id takes the tokenizer from there (for a checkpoint that ships
     none: state-spaces/mamba2-130m's is ``EleutherAI/gpt-neox-20b``; its end-of-text token from
@@ -269,7 +289,15 @@ def from_pretrained(
         raise TypeError(f"tokenizer: expected True, False, a path or a Hub id, got "
                         f"{type(tokenizer).__name__}")  # fmt: skip
     spike_config = _spike_config(spikes)
-    torch_dtype = _dtype(dtype)
+    if torch_dtype is not None:  # transformers' older name for dtype
+        if dtype is not None:
+            raise ValueError(f"dtype {dtype!r} and torch_dtype {torch_dtype!r}: give one (they "
+                             "are the same setting)")  # fmt: skip
+        dtype, argument = torch_dtype, "torch_dtype"
+    else:
+        argument = "dtype"
+    auto = isinstance(dtype, str) and dtype == "auto"
+    cast = None if auto else _dtype(dtype, argument)
     directory = resolve_pretrained(path_or_id, revision)
     hf_config = read_pretrained_config(directory)
     from .pretrained import config_from_hf, state_dict_from_hf
@@ -307,6 +335,8 @@ def from_pretrained(
             f"{directory}: the mapped weights do not fit the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
-    model = model.to(torch_dtype).eval()
+    if cast is None:  # 'auto'
+        cast = _checkpoint_dtype(hf_config, tensors)
+    model = model.to(cast).eval()
     model.tokenizer = tok
     return model

@@ -136,6 +136,16 @@ def _require(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> Non
         raise ValueError(f"config: a {what} config needs {missing}")
 
 
+def _whole(value: Any, key: str) -> int:
+    """A config number that must be a whole number ≥ 1 (``expand``: spikemar's d_inner is
+    ``expand·d_model``), as an int; a fractional one is refused by name, not truncated."""
+    whole = (isinstance(value, int | float) and not isinstance(value, bool)
+             and math.isfinite(value) and value >= 1 and value == int(value))  # fmt: skip
+    if not whole:
+        raise ValueError(f"config: {key} {value!r}: only a whole number >= 1 is supported")
+    return int(value)
+
+
 def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
     _require(c, ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "head_dim",
                  "expand", "conv_kernel", "n_groups"), "Mamba-2")  # fmt: skip
@@ -143,7 +153,8 @@ def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
         raise ValueError(f"config: hidden_act {c['hidden_act']!r}: only SiLU is supported")
     if not c.get("rms_norm", True):
         raise ValueError("config: rms_norm=False (a mixer without its gated norm) is not supported")
-    d_inner = int(c["expand"] * c["hidden_size"])
+    expand = _whole(c["expand"], "expand")
+    d_inner = expand * c["hidden_size"]
     if "num_heads" in c and c["num_heads"] * c["head_dim"] != d_inner:
         raise ValueError(
             f"config: num_heads·head_dim = {c['num_heads']}·{c['head_dim']} must equal "
@@ -153,7 +164,7 @@ def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
     limit = (0.0, math.inf) if limit is None else tuple(float(v) for v in limit)
     return MARConfig(
         vocab_size=c["vocab_size"], d_model=c["hidden_size"], n_layers=c["num_hidden_layers"],
-        d_state=c["state_size"], head_dim=c["head_dim"], expand=int(c["expand"]),
+        d_state=c["state_size"], head_dim=c["head_dim"], expand=expand,
         d_conv=c["conv_kernel"], n_groups=c["n_groups"], layers="ssm", spikes=None, ffn=None,
         bias=bool(c.get("use_bias", False)), conv_bias=bool(c.get("use_conv_bias", True)),
         dt_limit=limit, norm_eps=float(c.get("layer_norm_epsilon", 1e-5)),
@@ -180,7 +191,7 @@ def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
     if unknown:
         raise ValueError(f"config: ssm_cfg keys {unknown} are not arguments of mamba_ssm's Mamba2")
     args = {**_MAMBA_SSM_MAMBA2_ARGS, **ssm}
-    d_model, expand = int(c["d_model"]), int(args["expand"])
+    d_model, expand = int(c["d_model"]), _whole(args["expand"], "ssm_cfg.expand")
     d_ssm = args["d_ssm"]
     refused = [  # (key, its value, whether it is refused, what it would need)
         ("attn_layer_idx", c.get("attn_layer_idx"), bool(c.get("attn_layer_idx")),
@@ -220,7 +231,7 @@ def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
         raise ValueError(f"config: Llamba's mlp_cfg lacks {missing} (Llama's MLP has no defaults)")
     if mlp["act_fn"] not in ("silu", "swish"):
         raise ValueError(f"config: mlp_cfg act_fn {mlp['act_fn']!r}: only SiLU is supported")
-    d_model, expand = int(c["d_model"]), int(ssm["expand"])
+    d_model, expand = int(c["d_model"]), _whole(ssm["expand"], "ssm_cfg.expand")
     d_inner = expand * d_model
     if d_inner % ssm["n_v_heads"]:
         raise ValueError(f"config: n_v_heads {ssm['n_v_heads']} does not divide {d_inner}")

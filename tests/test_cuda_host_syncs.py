@@ -225,10 +225,12 @@ def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     assert torch.equal(spikes.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))
 
 
-@pytest.mark.skipif(
+needs_emulation = pytest.mark.skipif(
     cuda_emulation.emulation_unavailable_reason() is not None,
     reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
 )
+
+
 def _emulate_cupy(tmp_path_factory, monkeypatch) -> cuda_emulation.EmulatedCupy:
     """CuPy replaced by the CPU emulation of the CUDA kernels (spikemar.neurons.cuda_emulation),
     with a fresh kernel cache and torch's current CUDA stream and device stubbed."""
@@ -244,6 +246,7 @@ def _emulate_cupy(tmp_path_factory, monkeypatch) -> cuda_emulation.EmulatedCupy:
     return fake
 
 
+@needs_emulation
 def test_spike_point_on_cuda_runs_the_fused_kernel_without_sync(tmp_path_factory, monkeypatch):
     """MAR's spike point on a CUDA activation: one fused kernel each way (no spike train),
     the reference's decode and gradients, and no host sync with deferred value checks."""
@@ -294,10 +297,7 @@ class _CountsSink:
         pass
 
 
-@pytest.mark.skipif(
-    cuda_emulation.emulation_unavailable_reason() is not None,
-    reason=f"emulation: {cuda_emulation.emulation_unavailable_reason()}",
-)
+@needs_emulation
 def test_spike_point_on_cuda_gives_a_counter_its_spike_counts_without_sync(
     tmp_path_factory, monkeypatch
 ):
@@ -399,13 +399,14 @@ def test_token_and_ssm_value_checks_hold_no_sync_unless_eager(mode):
             call()  # eager, the default: at once
 
 
-def _fake_cuda_mar():
-    """A dense MARLM whose parameters and batch-2 state say they are on CUDA."""
+def _fake_cuda_mar(spikes=None):
+    """A MARLM (dense unless ``spikes``, a SpikeConfig) whose parameters and batch-2 state say
+    they are on CUDA."""
     from spikemar.models import MARLM, MARConfig
 
     torch.manual_seed(0)
     model = MARLM(MARConfig(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8,
-                            spikes=None))  # fmt: skip
+                            spikes=spikes))  # fmt: skip
     state = [
         type(s)(*(fake_cuda(t) if isinstance(t, torch.Tensor) else t for t in vars(s).values()))
         for s in model.init_state(2)
@@ -431,4 +432,33 @@ def test_prefill_on_cuda_holds_no_sync_with_deferred_checks():
     tokens = fake_cuda(torch.tensor([[3, 7, 1, 0, 5], [2, 2, 9, 4, 1]]))
     with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:
         logits, state = model.prefill(tokens, state)
+    assert seen == [] and logits.shape == (2, 11)
+
+
+@needs_emulation
+def test_spiking_mar_training_step_and_token_on_cuda_hold_no_sync(tmp_path_factory, monkeypatch):
+    """Issue 18's two counts on the spiking model: a training step (forward, cross-entropy,
+    backward) and a generated token (step) of a spiking MARLM on CUDA inputs, its spike points
+    on the fused kernels (emulated), hold no host sync under 'deferred'; the step's flags are
+    read after it (raise_deferred_errors), and nothing was wrong."""
+    from spikemar.models import SpikeConfig
+
+    fake = _emulate_cupy(tmp_path_factory, monkeypatch)
+    model, state = _fake_cuda_mar(SpikeConfig(T=4))
+    tokens = fake_cuda(torch.tensor([[3, 7, 1, 0, 5], [2, 2, 9, 4, 1]]))
+    with watching_syncs() as seen, value_checks("deferred"):
+        logits = model(tokens[:, :-1])
+        loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens[:, 1:].flatten())
+        loss.backward()
+    assert seen == []
+    assert {fn.name for fn in fake.functions} == {
+        "atmn_quantize_forward_f32_i32",
+        "atmn_quantize_backward_f32_i32",
+    }
+    assert all(p.grad is not None for p in model.parameters() if p.requires_grad)
+    with watching_syncs() as seen:
+        raise_deferred_errors()
+    assert 1 <= len(seen) <= 2 and set(seen) == {"tolist"}  # one read per kind of flag
+    with torch.no_grad(), value_checks("deferred"), watching_syncs() as seen:
+        logits, state = model.step(fake_cuda(torch.tensor([3, 7])), state)
     assert seen == [] and logits.shape == (2, 11)

@@ -154,6 +154,31 @@ def test_64_bit_index_kernels(emulated_cupy, monkeypatch, seed):
     assert all(fn.name.endswith("_i64") for fn in emulated_cupy.functions)
 
 
+@pytest.mark.parametrize("C", [1, 3, 1000])
+@pytest.mark.parametrize("T", [1, 4, 64])
+def test_32_bit_index_kernels_only_where_every_integer_fits(T, C):
+    """The host picks the int kernels only where no integer they compute overflows: t·N + n, the
+    forward's offset after its last micro-step (n + T·N) and a row plus the rows' grid stride
+    (for N just below 2^31 / T, r + stride overflowed: an endless loop or a write out of
+    bounds). Sizes around each boundary, on devices of 1 to 1000 multiprocessors."""
+    limit = 2**31 - 1
+    sizes = {limit // T, limit // (T + 1), limit // T - 2**20, limit // (T + 1) - 2**24, 2**20}
+    for N in sorted((n // C) * C for n in sizes):
+        x_step = torch.empty(()).expand(N)  # N elements, no memory
+        vth = torch.empty(C) if C > 1 else torch.empty(())
+        launch = cupy_backend._Launch.of(x_step, vth, T)
+        assert launch.rows * launch.C == N
+        if launch.bits == 64:
+            continue
+        for sms in (1, 132, 1000):
+            (_, gy), (_, by) = cupy_backend.launch_geometry(launch.rows, C, sms)
+            last_row = launch.rows - 1
+            largest = max(T * N - 1, N - 1 + T * N, last_row + gy * by)
+            assert largest <= limit, (T, N, C, sms)
+    small = cupy_backend._Launch.of(torch.empty(()).expand(2**20), torch.empty(()), T)
+    assert small.bits == 32  # no needless 64-bit indexing
+
+
 @emulated
 def test_threshold_gradient_is_deterministic_and_independent_of_the_grid(
     emulated_cupy, monkeypatch
@@ -200,12 +225,13 @@ def test_kernels_probe_values_and_raise_as_the_reference(emulated_cupy, case):
             atmn_multi_step(x, v0, ATMNParameters(V, tau=tau), backend=backend)
         errors.append(str(info.value))
     assert errors[0] == errors[1]
-    if case in ("nan_x_tau_inf", "nan_threshold", "zero_threshold"):  # the spike point on x[0]
-        p = ATMNParameters(V, tau=tau)
+    if case in ("nan_x_tau_inf", "nan_threshold", "zero_threshold", "overflow"):
+        # the spike point on x[0]; the overflow's message names the T micro-steps (it said T = 1)
+        p, T = ATMNParameters(V, tau=tau), 50 if case == "overflow" else 4
         with pytest.raises(ValueError) as reference:
-            atmn_quantize(x[0], 4, p, backend="torch")
+            atmn_quantize(x[0], T, p, backend="torch")
         with pytest.raises(ValueError) as fused:
-            cupy_backend.atmn_quantize_cupy(x[0], 4, p)
+            cupy_backend.atmn_quantize_cupy(x[0], T, p)
         assert str(reference.value) == str(fused.value)
 
 

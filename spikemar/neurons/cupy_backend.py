@@ -53,9 +53,11 @@ NVRTC_OPTIONS = ("-std=c++17",)
 _THREADS = 256  # BLOCK_THREADS in atmn.cu: the backward's shared reduction has this size
 _MAX_T_BUCKETS = (8, 16, 32, 64)
 _BLOCKS_PER_SM = 32
-# offsets t·N + n below this are computed in 32 bits (the emulation test lowers it to run the
-# 64-bit kernels on small inputs)
+# the kernels index in 32 bits when every integer they compute stays below this (the emulation
+# test lowers it to run the 64-bit kernels on small inputs): see _Launch.of
 INDEX32_LIMIT = 2**31
+# the largest grid stride over rows: gridDim.y (≤ 65535) times rows per block (≤ 256)
+_MAX_ROW_STRIDE = 65535 * _THREADS
 _HOW_TO_FIX = (
     "install the CuPy build matching your CUDA (pip install cupy-cuda12x, or cupy-cuda13x), "
     "or pass backend='torch'"
@@ -219,8 +221,10 @@ _KERNEL_TYPES = {
 
 class _Launch(NamedTuple):
     """A launch of the kernels over T micro-steps of ``rows × C`` neurons (C = 1 for a shared
-    threshold), in the kernels' arithmetic type, indexing in 32 bits when every offset
-    ``t·N + n`` fits."""
+    threshold), in the kernels' arithmetic type, indexing in 32 bits when every integer the
+    kernels compute fits: the offsets ``t·N + n < T·N``, the forward's running offset after its
+    last micro-step (``n + T·N < (T + 1)·N``) and a row index plus the grid stride of the rows
+    (``< N + _MAX_ROW_STRIDE``), which overflowed int for N just below 2^31 / T."""
 
     T: int
     rows: int
@@ -235,7 +239,7 @@ class _Launch(NamedTuple):
         ``x[0]``, the spike point's activation)."""
         N = x_step.numel()
         C = vth.numel() if vth.dim() == 1 else 1
-        small = T * N < INDEX32_LIMIT
+        small = (T + 1) * N + _MAX_ROW_STRIDE <= INDEX32_LIMIT
         bits = 32 if small else 64
         real = _KERNEL_TYPES[x_step.dtype][0]
         return cls(T, N // C, C, real, np.int32 if small else np.int64, bits)
@@ -284,7 +288,8 @@ class _FusedQuantize(torch.autograd.Function):
             args = (_ptr(x), _ptr(vth), _ptr(w), *launch.dynamics(p), _ptr(out), _ptr(bad),
                     _ptr(tally))  # fmt: skip
             launch.run("quantize_forward", x, args)
-            _raise_or_defer(bad, vth, x.unsqueeze(0), None, p)
+            # the error names the T micro-steps of the δ-injected input (a view: no copy)
+            _raise_or_defer(bad, vth, x.unsqueeze(0).expand(T, *x.shape), None, p)
         ctx.save_for_backward(x, vth, w)
         ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
         if tally is None:

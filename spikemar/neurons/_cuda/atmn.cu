@@ -25,7 +25,9 @@
 // last chunk first, each recomputed from v0 (the membrane is not stored): any T runs, at the
 // cost of recomputation when T exceeds the largest bucket (see cupy_backend.py).
 //
-// Index type I: int when T*N fits in 31 bits (the host picks), else long long.
+// Index type I: int when every integer computed here fits in 31 bits, else long long; the host
+// picks (cupy_backend._Launch.of): the offsets t*N + n, the forward's running offset after its
+// last micro-step, and a row index plus the rows' grid stride (gridDim.y * blockDim.y).
 //
 // Types: S is how x, the spikes and their gradients are stored (float, double, or the 16-bit
 // half_t / bf16_t); R is the arithmetic type (float for the 16-bit types, as functional.py's

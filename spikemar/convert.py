@@ -19,10 +19,14 @@ sparsification. Every spiking point is calibrated; a setting's ``v_threshold`` i
 search starts from, as the command's ``--T``/``--tau`` are the defaults of the points that do not
 set their own.
 
-Calibration:
+Calibration (:func:`calibrate_thresholds` with ``sequential=True``, what :func:`convert` runs):
 
-1. The dense model runs the calibration batches; at every spike point's place the activation I
-   it would quantise is sampled (up to ``max_rows`` token rows per point).
+1. The spike points are calibrated one after the other in the order the student runs them, each
+   on the activations I that reach it in the *student* (every earlier point already spiking at
+   its calibrated threshold), sampled over the calibration batches (up to ``max_rows`` token rows
+   per point). It takes one forward pass of the student over all calibration batches together
+   (a hook before each point calibrates it, then the point runs with its new threshold), stopped
+   after the last layer.
 2. For each spike point, per channel (or per layer when the threshold is shared), V is set by
    bisection on log V (:func:`calibrate_point_rate`) so that the fraction of nonzero spikes
    over the T micro-steps, computed with the neuron's own dynamics on those samples
@@ -30,9 +34,11 @@ Calibration:
    monotonically as V grows, so bisection finds it; a channel that never fires (I ≡ 0) keeps
    the largest V tried.
 
-Thresholds from the dense model's activations, not the student's own, keep calibration one pass
-(the usual post-training-quantisation choice); distillation (``spikemar distill --stage 2
---student student.pt --teacher DIR``) then trains them.
+Calibrating every point on the *dense* model's activations instead (``sequential=False``, one
+pass) misses the rate downstream of the first spike point: quantisation noise changes what
+reaches a mixer's output point or an FFN's hidden point (a Llamba at T = 1 asked for 20 % fired
+1.4 % there). Distillation (``spikemar distill --stage 2 --student student.pt --teacher DIR``)
+then trains the thresholds.
 
 The command prints the immediate change: validation loss (nats/token) and energy per token
 (:func:`spikemar.energy.profile`, 45nm-fp32 by default) of the dense model and the student on
@@ -218,6 +224,7 @@ def calibrate_point_rate(
     that reach it, to within 40 / 16^rounds in log V (4 halvings a round). Returns the mean
     rate reached."""
     a = point.neuron.log_threshold
+    x = x.to(a.device)  # samples may be kept on the CPU while the point is on a GPU
     shared = a.dim() == 0
     # bisection on log V (the rate falls as V grows), run by the neuron's own kernel on its own
     # threshold: hi above every |I| (no spikes, rate 0 <= target), lo far below (fires all it
@@ -245,18 +252,84 @@ def calibrate_thresholds(
     max_rows: int = 2048,
     rounds: int = 5,
     seed: int = 0,
+    sequential: bool = False,
 ) -> dict[str, float]:
-    """Set every spike point's threshold of ``student`` so it fires at ``firing_rate`` on the
-    activations the ``dense`` model produces at its place on ``batches`` (token ids [b, L])
-    (:func:`calibrate_point_rate` per point).
+    """Set every spike point's threshold of ``student`` so it fires at ``firing_rate`` on
+    ``batches`` (token ids [b, L]) (:func:`calibrate_point_rate` per point).
+
+    ``sequential`` False: on the activations the ``dense`` model produces at each point's place
+    (one pass; points downstream of another spike point then fire off the target in the
+    student). True: point after point in the student's own order, each on the activations that
+    reach it in the student with the earlier points calibrated (see the module docstring), so
+    the student itself fires at ``firing_rate``; ``dense`` is not used.
 
     Returns each spike point's mean firing rate on those samples after calibration.
     """
     if not 0 < firing_rate < 1:
         raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
+    if sequential:
+        return _calibrate_in_order(student, batches, firing_rate, max_rows=max_rows,
+                                   rounds=rounds, seed=seed)  # fmt: skip
     samples = point_samples(student, dense, batches, max_rows=max_rows, seed=seed)
     return {name: calibrate_point_rate(sp, samples[name], firing_rate, rounds=rounds)
             for name, sp in _spike_points(student)}  # fmt: skip
+
+
+class _Reached(Exception):
+    """Raised by a hook to end a forward pass once the part it watches has run."""
+
+
+@torch.no_grad()
+def _calibrate_in_order(
+    student: MARLM,
+    batches: Iterable[torch.Tensor],
+    firing_rate: float,
+    *,
+    max_rows: int,
+    rounds: int,
+    seed: int,
+) -> dict[str, float]:
+    """Sequential calibration (the module docstring) in one forward pass of the student over
+    all batches at once: a hook before each spike point calibrates it on the activations that
+    reach it (earlier points already calibrated, as the pass runs them first), then the point
+    runs with its new threshold; the pass stops after the last layer (no logits)."""
+    sites = _spike_points(student)
+    if not sites:
+        raise ValueError("student: it has no spike points to calibrate")
+    batches = list(batches)
+    if not batches:
+        raise ValueError("batches: expected at least one batch of token ids")
+    if len({tuple(b.shape[1:]) for b in batches}) > 1:
+        raise ValueError("batches: expected token ids of one length [b, L] (they are run as one "
+                         f"batch), got {sorted({tuple(b.shape) for b in batches})}")  # fmt: skip
+    gen = torch.Generator().manual_seed(seed)
+    rates: dict[str, float] = {}
+
+    def calibrate(name: str):
+        def hook(point, args):
+            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
+            if x.shape[0] > max_rows:
+                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
+            rates[name] = calibrate_point_rate(point, x, firing_rate, rounds=rounds)
+
+        return hook
+
+    def stop(module, inputs, output):
+        raise _Reached
+
+    handles = [sp.register_forward_pre_hook(calibrate(name)) for name, sp in sites]
+    handles.append(student.layers[-1].register_forward_hook(stop))
+    try:
+        student(torch.cat(batches))
+    except _Reached:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [name for name, _ in sites if name not in rates]
+    if missing:
+        raise ValueError(f"student: the forward pass never reached the spike points {missing}")
+    return {name: rates[name] for name, _ in sites}
 
 
 @torch.no_grad()
@@ -383,7 +456,7 @@ def convert(
     dev = next(dense.parameters()).device
     calib = [corpus.batch("train", batch_size, L, generator=gen)[0].to(dev)
              for _ in range(calib_batches)]  # fmt: skip
-    rates = calibrate_thresholds(student, dense, calib, firing_rate, seed=seed)
+    rates = calibrate_thresholds(student, dense, calib, firing_rate, seed=seed, sequential=True)
     windows = corpus.windows("val", L, max_windows=eval_batches * batch_size).to(dev)
     dense_loss = _loss(dense, windows, batch_size)
     student_loss = _loss(student, windows, batch_size)

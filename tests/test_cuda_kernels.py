@@ -235,6 +235,18 @@ def test_kernels_probe_values_and_raise_as_the_reference(emulated_cupy, case):
         assert str(reference.value) == str(fused.value)
 
 
+def test_emulation_contracts_with_flags_the_target_accepts(monkeypatch):
+    """The contracted build adds -mfma on x86-64 only (AArch64 has FMA and its compilers refuse
+    the flag: the emulation failed to build there instead of running or skipping)."""
+    from spikemar.neurons import cuda_emulation
+
+    for machine, mfma in (("x86_64", True), ("AMD64", True), ("aarch64", False), ("arm64", False)):
+        monkeypatch.setattr(cuda_emulation.platform, "machine", lambda m=machine: m)
+        contracted, rounded = cuda_emulation._flags(True), cuda_emulation._flags(False)
+        assert "-ffp-contract=fast" in contracted and ("-mfma" in contracted) == mfma, machine
+        assert "-ffp-contract=off" in rounded and "-mfma" not in rounded
+
+
 @emulated
 def test_emulation_catches_a_contracted_membrane_update(build_dir, monkeypatch):
     """The check can fail: the membrane update written plainly (h = x + d*u, as before issue

@@ -12,15 +12,18 @@ tensors' memory through the same raw pointers they would get on a GPU.
 What it checks: indexing, launch geometry, chunking, reductions and the arithmetic (the
 round-to-nearest intrinsics are functions the host compiler cannot contract). What it does
 not: timing, coalescing, warp-synchronous code (no shuffles are emulated), PTX. ``contract=True``
-builds with ``-ffp-contract=fast -mfma``, so that any ``a + b*c`` the source leaves to the
-compiler is fused as nvcc's default ``--fmad=true`` fuses it; ``False`` rounds every operation.
+builds with ``-ffp-contract=fast`` (and ``-mfma`` on x86-64), so that any ``a + b*c`` the source
+leaves to the compiler is fused as nvcc's default ``--fmad=true`` fuses it; ``False`` rounds
+every operation.
 """
 
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import os
+import platform
 import re
 import shutil
 import subprocess
@@ -127,18 +130,41 @@ def _compiler() -> str | None:
     return shutil.which("g++") or shutil.which("clang++")
 
 
+def _flags(contract: bool) -> list[str]:
+    """The host compiler's flags for a kernel build. -O2: GCC forms FMAs (under
+    -ffp-contract=fast) only from -O2 on; -mfma where the instruction set makes FMA optional
+    (x86-64: without it nothing is fused; other targets, e.g. AArch64, have it and refuse the
+    flag)."""
+    flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread"]
+    if not contract:
+        return [*flags, "-ffp-contract=off"]
+    x86 = platform.machine().lower() in ("x86_64", "amd64", "i386", "i686")
+    return [*flags, "-ffp-contract=fast", *(["-mfma"] if x86 else [])]
+
+
+@functools.cache
 def emulation_unavailable_reason() -> str | None:
-    """Why kernels cannot be emulated here (no C++ compiler with ``_Float16``), or None."""
+    """Why kernels cannot be emulated here, or None: the shim must build with a C++ compiler
+    that has ``_Float16`` (the float16 conversions) and POSIX barriers (``__syncthreads``;
+    macOS has none), with the flags of both builds. Probed once per process."""
     cxx = _compiler()
     if cxx is None:
         return "no C++ compiler (g++ or clang++) found"
-    probe = "int main() { _Float16 h = (_Float16)1.5f; return (float)h != 1.5f; }"
+    probe = _SHIM + "int main() { _Float16 h = (_Float16)1.5f; return (float)h != 1.5f; }\n"
     with tempfile.TemporaryDirectory() as tmp:
         src = Path(tmp) / "probe.cpp"
         src.write_text(probe)
-        done = subprocess.run([cxx, str(src), "-o", str(Path(tmp) / "probe")], capture_output=True)
-        if done.returncode != 0:
-            return f"{cxx} has no _Float16 (needed for the float16 conversions)"
+        for contract in (False, True):
+            flags = [f for f in _flags(contract) if f not in ("-shared", "-fPIC")]
+            done = subprocess.run(
+                [cxx, *flags, str(src), "-o", str(Path(tmp) / "probe")],
+                capture_output=True, text=True, check=False,
+            )  # fmt: skip
+            if done.returncode != 0:
+                return (
+                    f"{cxx} cannot build the CUDA shim (_Float16, POSIX barriers; "
+                    f"{' '.join(flags)}): {done.stderr.strip()[-300:]}"
+                )
     return None
 
 
@@ -275,9 +301,7 @@ class EmulatedCupy:
         if cxx is None:
             raise RuntimeError("no C++ compiler for the CUDA emulation")
         defines = [o for o in options if o.startswith("-D")]
-        # -O2: GCC forms FMAs (under -ffp-contract=fast) only from -O2 on
-        flags = ["-O2", "-std=c++17", "-shared", "-fPIC", "-pthread", *defines]
-        flags += ["-ffp-contract=fast", "-mfma"] if self.contract else ["-ffp-contract=off"]
+        flags = [*_flags(self.contract), *defines]
         self.builds.append(tuple(options))
         key = hashlib.sha256("\0".join([code, _SHIM, cxx, *flags]).encode()).hexdigest()[:16]
         self.build_dir.mkdir(parents=True, exist_ok=True)

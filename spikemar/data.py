@@ -73,7 +73,11 @@ def _write_atomic(path: Path, data: bytes) -> None:
         tmp.write_bytes(data)
 
 
-SUFFIXES = (".txt", ".jsonl")
+SUFFIXES = (".txt", ".jsonl")  # in any case: NOTES.TXT is a text file too
+
+
+def _is_jsonl(path: Path) -> bool:
+    return path.suffix.lower() == ".jsonl"
 
 
 def read_documents(path: str | os.PathLike) -> list[str]:
@@ -81,7 +85,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     ``text``) or a folder of ``.txt``/``.jsonl`` files (recursively, sorted by path)."""
     path = Path(path)
     if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix in SUFFIXES)
+        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
         if not files:
             raise FileNotFoundError(f"path: the folder {path} holds no .txt or .jsonl file")
     elif path.is_file():
@@ -91,10 +95,12 @@ def read_documents(path: str | os.PathLike) -> list[str]:
     docs: list[str] = []
     for f in files:
         text = read_text(f)
-        if f.suffix != ".jsonl":
+        if not _is_jsonl(f):
             docs.append(text)
             continue
-        for n, line in enumerate(text.splitlines(), 1):
+        # lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085,
+        # which JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them)
+        for n, line in enumerate(text.split("\n"), 1):
             if not line.strip():
                 continue
             try:
@@ -111,7 +117,7 @@ def read_documents(path: str | os.PathLike) -> list[str]:
 
 def _source_digest(path: Path, docs: list[str], tokenizer: Tokenizer | None) -> str:
     h = hashlib.sha256()
-    if tokenizer is None and path.is_file() and path.suffix != ".jsonl":
+    if tokenizer is None and path.is_file() and not _is_jsonl(path):
         h.update(docs[0].encode())  # a plain file's char cache: keyed by its text alone
         return h.hexdigest()[:16]
     for d in docs:

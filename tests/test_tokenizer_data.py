@@ -161,6 +161,23 @@ def test_bad_jsonl_is_named(tmp_path, lines, match):
         read_documents(f)
 
 
+def test_jsonl_lines_end_at_newlines_only(tmp_path):
+    """A JSON string may hold U+2028, U+2029 and U+0085 unescaped (json.dumps with
+    ensure_ascii=False writes them so): they are text, not line ends; CRLF files read too."""
+    texts = ["line\u2028separator", "paragraph\u2029separator and NEL\x85here", "plain"]
+    lines = [json.dumps({"text": t, "id": i}, ensure_ascii=False) for i, t in enumerate(texts)]
+    (tmp_path / "d.jsonl").write_text("\r\n".join(lines) + "\r\n", newline="")
+    assert read_documents(tmp_path / "d.jsonl") == texts
+
+
+def test_suffixes_are_matched_in_any_case(tmp_path):
+    (tmp_path / "A.TXT").write_text("hear me")
+    (tmp_path / "b.JSONL").write_text('{"text": "speak"}\n')
+    (tmp_path / "c.md").write_text("not read")
+    assert read_documents(tmp_path) == ["hear me", "speak"]
+    assert read_documents(tmp_path / "b.JSONL") == ["speak"]  # a .JSONL file is JSON lines
+
+
 def test_empty_folder_is_named(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"no \.txt or \.jsonl"):
         read_documents(tmp_path)

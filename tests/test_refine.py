@@ -583,3 +583,69 @@ def test_refine_takes_the_teachers_tokenizer_from_elsewhere(tmp_path, capsys):
     assert "\n" not in err and "tokenizer=False" not in err
     assert main([*argv, "--tokenizer", str(tmp_path / "tok")]) == 0
     assert load_checkpoint(tmp_path / "out" / "student.pt")[1] == tok
+
+
+def _refine_argv(tmp_path, teacher, out, *extra: str) -> list[str]:
+    return ["refine", "--teacher", str(teacher), "--data", str(tmp_path / "t.txt"), "--out",
+            str(out), "--steps", "1", "--L", "16", "--batch-size", "2", "--eval-interval", "1",
+            "--eval-iters", "1", "--calib-windows", "2", "--option", "T=4,v_threshold=0.5",
+            "--sparsify-topk", "0", "--warmup", "0", "--no-progress", *extra]  # fmt: skip
+
+
+def test_refine_command_refuses_what_cannot_work_before_any_work(tmp_path, capsys):
+    """An energy budget below 1, a profile that prices no MAC (loihi: every refinement would
+    look like a loss, measured for minutes) and a spiking student given as the teacher (its
+    dense twin was measured, then stage 2 failed on the spiking file) are one line each, exit 2,
+    before the teacher is measured."""
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    save_checkpoint(tmp_path / "student.pt", MARLM(config), tokenizer)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:  # argparse's one line
+        main(_refine_argv(tmp_path, tmp_path / "teacher.pt", tmp_path / "o", "--budget-energy",
+                          "0.5"))  # fmt: skip
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert exit_.value.code == 2 and "expected a ratio >= 1" in err, err
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", tmp_path / "o", "--budget-kl", "1",
+                        "--hardware", "loihi")  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "'loihi' has no price for MACs" in err and "\n" not in err, err
+    argv = _refine_argv(tmp_path, tmp_path / "student.pt", tmp_path / "o", "--budget-kl", "1")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "is a spiking student" in err and "\n" not in err and "measure" not in err, err
+    assert not (tmp_path / "o").exists()
+
+
+def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_path, capsys):
+    """A KL budget below every option's KL plans no spiking point: the run still ends (it
+    raised KeyError 'kl_calibrated'); --resume with another teacher or another --hardware than
+    the run was measured for is one line (it crashed in a tensor op, or re-planned silently)."""
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    other = MARConfig(**{**SMALL, "n_layers": 1, "d_model": 24, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "other.pt", MARLM(other.dense()), tokenizer)
+    out = tmp_path / "out"
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-kl", "1e-12")
+    assert main(argv) == 0, capsys.readouterr().err
+    result = json.loads((out / "result.json").read_text())
+    assert all(s == "dense" for s in result["plan"]["points"].values())
+    for teacher, extra, message in [
+        ("other.pt", (), "was measured for teacher"),
+        ("teacher.pt", ("--hardware", "45nm-fp16"), "was measured under --hardware 45nm-fp32"),
+    ]:
+        capsys.readouterr()
+        argv = _refine_argv(tmp_path, tmp_path / teacher, out, "--budget-kl", "1e-12",
+                            "--resume", *extra)  # fmt: skip
+        assert main(argv) == 2
+        err = capsys.readouterr().err.strip()
+        assert message in err and "\n" not in err, err

@@ -26,7 +26,12 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import add_tokenizer_argument, int_at_least_1, positive_float
+from .._argtypes import (
+    add_tokenizer_argument,
+    finite_positive_float,
+    int_at_least_1,
+    positive_float,
+)
 from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_refine_arguments", "refine_main"]
@@ -47,6 +52,15 @@ def _option(text: str) -> dict[str, Any]:
     return out
 
 
+def _energy_ratio(text: str) -> float:
+    """An energy budget: teacher/student energy, a ratio >= 1 (checked before any work)."""
+    value = finite_positive_float(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a ratio >= 1 (teacher/student energy), got "
+                                         f"{text!r}")  # fmt: skip
+    return value
+
+
 def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Declare the options of ``spikemar refine`` on ``parser``."""
     p = parser
@@ -55,7 +69,7 @@ def add_refine_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
                         "Mamba-2/Llamba directory")  # fmt: skip
     add_tokenizer_argument(p, "the teacher's")
     budget = p.add_mutually_exclusive_group(required=True)
-    budget.add_argument("--budget-energy", type=positive_float, default=None,
+    budget.add_argument("--budget-energy", type=_energy_ratio, default=None,
                         help="least predicted KL at teacher/student energy >= X")  # fmt: skip
     budget.add_argument("--budget-kl", type=positive_float, default=None,
                         help="most energy saved at predicted KL <= this (nats/token)")  # fmt: skip
@@ -108,6 +122,43 @@ def _calibrated_student(args, teacher, points, windows, stage1) -> tuple[Any, di
     return student, record
 
 
+def _teacher_id(teacher: str) -> str:
+    """How a run records its teacher: an existing path resolved, else the text (a Hub id)."""
+    path = Path(teacher)
+    return str(path.resolve()) if path.exists() else str(teacher)
+
+
+def _check_resumed(m: Any, teacher_id: str, hardware: str, out: Path) -> None:
+    """One line when ``--resume`` would continue a run measured for another teacher or under
+    another profile (its plan, initial student and stage 2 would not fit this one)."""
+    from ..energy import get_profile
+
+    saved = m.info.get("teacher")  # runs written before it was recorded have none
+    if saved is not None and saved != teacher_id:
+        raise ValueError(f"resume: {out} was measured for teacher {saved}, not {teacher_id}; "
+                         "give that --teacher, or --overwrite to start again")  # fmt: skip
+    if get_profile(m.hardware).name != get_profile(hardware).name:
+        raise ValueError(
+            f"resume: {out} was measured under --hardware {m.hardware}, not {hardware}; give "
+            "that profile, or --overwrite to start again"
+        )
+
+
+def _refuse_spiking_teacher(teacher: str) -> None:
+    """A spiking checkpoint (``spikemar convert``'s output) is a student, not a teacher: its
+    dense twin would be measured while stage 2 distilled from the spiking model itself."""
+    from ..checkpoint import load_checkpoint
+    from ..models import MARLM
+
+    if not Path(teacher).is_file():
+        return
+    model, _, _ = load_checkpoint(teacher)
+    if isinstance(model, MARLM) and model.config.spikes is not None:
+        raise ValueError(f"teacher: {teacher} is a spiking student; refine starts from its dense "
+                         "teacher (the Hugging Face directory or dense checkpoint it was "
+                         "converted from)")  # fmt: skip
+
+
 def _say(args: argparse.Namespace, text: str) -> None:
     print(f"refine: {text}", file=sys.stderr, flush=True)
 
@@ -118,7 +169,7 @@ def refine_main(args: argparse.Namespace) -> int:
     from ..convert import load_dense
     from ..data import CharTokenizer, TokenDataset
     from ..distill.trainer import DistillConfig, distill
-    from .measure import DEFAULT_OPTIONS, Measurements, kl_and_loss, measure
+    from .measure import DEFAULT_OPTIONS, Measurements, check_hardware, kl_and_loss, measure
     from .plan import pareto_plot, plan
 
     out = Path(args.out)
@@ -131,6 +182,11 @@ def refine_main(args: argparse.Namespace) -> int:
     resume = args.resume and not args.overwrite
     if not 0 <= args.sparsify_topk <= 1:
         raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
+    check_hardware(args.hardware)  # a profile that cannot price the trade: before any work
+    teacher_id = _teacher_id(args.teacher)
+    if resume and done.exists():  # the run at --out must be this teacher's, on this profile
+        _check_resumed(Measurements.load(done), teacher_id, args.hardware, out)
+    _refuse_spiking_teacher(args.teacher)
     from ..models.hub import command_line_hint
 
     try:
@@ -163,6 +219,7 @@ def refine_main(args: argparse.Namespace) -> int:
         m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
                     sparsify=sparsify, hardware=args.hardware, stage1=stage1,
                     progress=lambda s: _say(args, s))  # fmt: skip
+        m.info["teacher"] = teacher_id  # what --resume checks
         m.save(done)
     # 2. plan
     if args.budget_energy is not None:
@@ -180,7 +237,7 @@ def refine_main(args: argparse.Namespace) -> int:
         student, calibration = _calibrated_student(args, teacher, chosen.points, windows, stage1)
         calib_path.write_text(json.dumps(calibration, indent=1))
         save_checkpoint(init, student, tokenizer or data.tokenizer)
-    if calibration["mode"] != "off":
+    if "kl_calibrated" in calibration:  # not when --calibrate off or the plan spikes nowhere
         _say(args, f"calibration: KL {calibration['kl_planned_v']:.4g} at the planned V, "
                    f"{calibration['kl_calibrated']:.4g} calibrated; "
                    f"{'kept' if calibration['kept'] else 'not kept'}")  # fmt: skip

@@ -40,6 +40,7 @@ __all__ = [
     "Measurements",
     "Option",
     "build_student",
+    "check_hardware",
     "kl_and_loss",
     "measure",
     "replaceable_layers",
@@ -233,6 +234,22 @@ def kl_and_loss(
     return kl / count, loss / count
 
 
+def check_hardware(hardware: str | energy.HardwareProfile) -> energy.HardwareProfile:
+    """The profile ``hardware`` names, if it can weigh a spiking point against its dense form:
+    it must price both the accumulates (ACs) of spike-fed projections and the
+    multiply-accumulates (MACs) of dense ones (``loihi`` prices no MAC: under it a dense
+    teacher's projections would cost nothing and every refinement would look like a loss)."""
+    hw = energy.get_profile(hardware)
+    missing = [what for what, price in (("ACs", hw.ac_pj), ("MACs", hw.mac_pj)) if price is None]
+    if missing:
+        raise ValueError(
+            f"hardware: {hw.name!r} has no price for {' or '.join(missing)}, so it cannot weigh a "
+            "spiking point against its dense form; choose a profile that prices both (e.g. "
+            "45nm-fp32, 45nm-fp32+mem)"
+        )
+    return hw
+
+
 def _energy(model: MARLM, tokens: torch.Tensor, hardware: str) -> float:
     report = energy.profile(model, tokens, hardware=hardware)
     return report.total_energy_pj / report.tokens
@@ -264,13 +281,13 @@ def measure(
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
         raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
+    zero_skipping = check_hardware(hardware).zero_skipping  # before any work
     teacher.eval()
     sample = windows[:energy_windows, :-1]
     teacher_energy = _energy(teacher, sample, hardware)
     _, teacher_loss = kl_and_loss(teacher, teacher, windows, batch_size)
     # dense hardware multiplies the zeros a sparsifier makes: its options would only cost (the
     # sparsifier's own work) and are not measured; zero-skipping profiles price them
-    zero_skipping = energy.get_profile(hardware).zero_skipping
     if not zero_skipping:
         sparsify = ()
     replaced = replaceable_layers(teacher, stage1)

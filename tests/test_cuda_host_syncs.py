@@ -208,7 +208,7 @@ def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     monkeypatch.setattr(cupy_backend, "_modules", {})
     monkeypatch.setattr(cupy_backend, "_functions", {})
     # torch's stream query needs a CUDA build; the stream is all it gives the launch
-    stream = types.SimpleNamespace(cuda_stream=0)
+    stream = types.SimpleNamespace(cuda_stream=777)
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: stream)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     x = fake_cuda(torch.randn(4, 3, 5).requires_grad_())
@@ -223,6 +223,12 @@ def test_cupy_backend_holds_no_sync(tmp_path_factory, monkeypatch):
     assert seen == []
     assert counts.device == x.device and counts.shape == (5, 2)
     assert torch.equal(spikes.as_subclass(torch.Tensor), reference.as_subclass(torch.Tensor))
+    # every launch names its stream as CuPy's stream= argument (the deprecated
+    # cupy.cuda.ExternalStream warned at every launch in CuPy 14): torch's current stream (the
+    # backward's saved tensors lose the fake-CUDA subclass here, so their launches say 0)
+    streams = {fn.name: fn.streams for fn in sys.modules["cupy"].functions}
+    assert all(s == [777] for name, s in streams.items() if "_forward_" in name), streams
+    assert len(streams) == 4 and all(None not in s for s in streams.values()), streams
 
 
 needs_emulation = pytest.mark.skipif(

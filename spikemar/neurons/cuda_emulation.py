@@ -1,13 +1,14 @@
 """Run spikemar's CUDA kernels on the CPU, for tests on machines without a GPU.
 
 :class:`EmulatedCupy` stands in for the ``cupy`` module (``RawModule``, ``cuda.Device``,
-``cuda.ExternalStream``, ``cuda.is_available``), so the real host code of
-:mod:`spikemar.neurons.cupy_backend` and :mod:`spikemar.neurons.fused` runs unchanged on CPU
-tensors: ``RawModule(code=...)`` builds the CUDA source with the host C++ compiler and the shim
-below, and a kernel launch runs every GPU thread of a block as a POSIX thread (blocks one after
-another), with ``__syncthreads`` a barrier of the block, ``__shared__`` memory shared by the
-block's threads, and ``threadIdx``/``blockIdx`` thread-local. Kernels read and write the CPU
-tensors' memory through the same raw pointers they would get on a GPU.
+``cuda.ExternalStream``, ``cuda.is_available``; a kernel's ``stream=`` argument), so the real
+host code of :mod:`spikemar.neurons.cupy_backend` and :mod:`spikemar.neurons.fused` runs
+unchanged on CPU tensors: ``RawModule(code=...)`` builds the CUDA source with the host C++
+compiler and the shim below, and a kernel launch runs every GPU thread of a block as a POSIX
+thread (blocks one after another), with ``__syncthreads`` a barrier of the block,
+``__shared__`` memory shared by the block's threads, and ``threadIdx``/``blockIdx``
+thread-local. Kernels read and write the CPU tensors' memory through the same raw pointers they
+would get on a GPU.
 
 What it checks: indexing, launch geometry, chunking, reductions and the arithmetic (the
 round-to-nearest intrinsics are functions the host compiler cannot contract). What it does
@@ -206,8 +207,9 @@ class _Kernel:
         self._fn.argtypes = [ctypes.c_uint] * 4 + self._types
         self._fn.restype = ctypes.c_int
         self.launches: list[tuple[tuple[int, ...], tuple[int, ...]]] = []
+        self.streams: list[int | None] = []  # the stream handle of each launch (None: CuPy's)
 
-    def __call__(self, grid, block, args, shared_mem: int = 0) -> None:
+    def __call__(self, grid, block, args, shared_mem: int = 0, stream=None) -> None:
         grid, block = tuple(grid) + (1,) * (3 - len(grid)), tuple(block) + (1,) * (3 - len(block))
         if grid[2] != 1 or block[2] != 1:
             raise ValueError("the emulation runs 2-d grids and blocks only")
@@ -219,6 +221,7 @@ class _Kernel:
             if np.dtype(value.dtype).itemsize != ctypes.sizeof(ctype):
                 raise TypeError(f"{self.name}: {value.dtype} passed where {ctype} is expected")
         self.launches.append((grid, block))
+        self.streams.append(None if stream is None else int(stream.ptr))
         code = self._fn(grid[0], grid[1], block[0], block[1], *(v.item() for v in args))
         if code != 0:
             raise RuntimeError(f"{self.name}: emulated launch failed ({code})")

@@ -155,9 +155,16 @@ def _launch(
             partial = torch.empty(grid[1], C, dtype=torch.float64, device=x.device)
             args = (*args, _ptr(partial))
         stream_ptr = torch.cuda.current_stream(x.device).cuda_stream if x.is_cuda else 0
-        with cupy.cuda.ExternalStream(stream_ptr):
-            kernel(grid, block, args)
+        # CuPy launches on any ``stream`` with a ``ptr`` (cupy.cuda.ExternalStream, deprecated
+        # since CuPy 14, warned at every launch)
+        kernel(grid, block, args, stream=_Stream(stream_ptr))
     return partial.sum(0) if partials else None
+
+
+class _Stream(NamedTuple):
+    """torch's current stream as CuPy's launch reads a stream: its handle, ``ptr``."""
+
+    ptr: int
 
 
 def _ptr(t: torch.Tensor | None) -> np.uint64:

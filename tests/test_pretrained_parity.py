@@ -143,6 +143,30 @@ def test_mamba2_greedy_generation_equals_transformers(case):
                 assert relative_error(logits, want) <= 1e-4, t
 
 
+@pytest.mark.parametrize("residual_in_fp32", [True, False])
+def test_mamba2_in_bfloat16_runs_as_transformers(residual_in_fp32):
+    """A bfloat16 model with transformers' default float32 residual stream: each block's norm
+    reads the stream cast to bfloat16, the head the final norm's output cast to bfloat16 (as
+    Mamba2Block and Mamba2ForCausalLM cast); forward, step and prefill run and stay within
+    bfloat16 rounding of transformers' bfloat16 model and of the float32 logits."""
+    hf, model = hf_pair(seed=21, residual_in_fp32=residual_in_fp32)
+    tokens = torch.randint(0, 53, (2, 11), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        full = model(tokens)
+        hf16, model16 = hf.to(torch.bfloat16), model.to(torch.bfloat16)
+        want = hf16(tokens).logits
+        got = model16(tokens)
+        assert got.dtype == torch.bfloat16
+        assert relative_error(got, want) <= 3e-2
+        assert relative_error(got, full) <= 3e-2
+        state = model16.init_state(2)
+        for t in range(tokens.shape[1]):
+            step_logits, state = model16.step(tokens[:, t], state)
+        assert relative_error(step_logits, full[:, -1]) <= 3e-2
+        last, _ = model16.prefill(tokens, model16.init_state(2))
+        assert relative_error(last, full[:, -1]) <= 3e-2
+
+
 def test_mamba2_transformers_n_groups_differs_from_mamba_ssm_per_group_norm():
     """The documented difference: transformers' torch path normalises the gate over all of E;
     spikemar follows mamba_ssm's per-group norm, so on transformers' own module the logits

@@ -46,6 +46,7 @@ __all__ = [
     "SpikeConfig",
     "SpikePoint",
     "check_tokens",
+    "head_logits",
     "run_blocks",
 ]
 
@@ -266,8 +267,17 @@ def run_blocks(
     for block in blocks:
         hidden.append(x)
         x = block(x)
-    logits = head(norm(x))
+    logits = head_logits(head, norm, x)
     return (logits, hidden) if return_hidden else logits
+
+
+def head_logits(head: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``head(norm(x))``, the normalised stream cast to the head's dtype where they differ (a
+    float32 residual stream of a 16-bit model, as transformers' Mamba2ForCausalLM casts before
+    its ``lm_head``)."""
+    h = norm(x)
+    w = head.weight
+    return head(h if h.dtype == w.dtype else h.to(w.dtype))
 
 
 def check_tokens(

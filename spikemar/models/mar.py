@@ -45,7 +45,15 @@ from ..counting import counted_pass, counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
 from ..ssm.norm import RMSNorm
-from .common import FFNS, FeedForward, SpikeConfig, SpikePoint, check_tokens, run_blocks
+from .common import (
+    FFNS,
+    FeedForward,
+    SpikeConfig,
+    SpikePoint,
+    check_tokens,
+    head_logits,
+    run_blocks,
+)
 from .generation import generate
 from .mixers import MIXERS
 
@@ -276,27 +284,34 @@ class MARLayer(nn.Module):
     def _residual(self, x: torch.Tensor) -> torch.Tensor:
         return x.float() if self.residual_in_fp32 else x
 
+    def _normed(self, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:
+        """``norm(x)`` of the stream ``x`` in the norm's dtype: a float32 stream
+        (``residual_in_fp32``) of a bfloat16/float16 model is cast first, as transformers'
+        Mamba2Block does (``norm(hidden_states.to(norm.weight.dtype))``)."""
+        w = norm.weight
+        return norm(x if w is None or x.dtype == w.dtype else x.to(w.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self._add_branches(x, self.mixer(self.norm1(x)))
+        return self._add_branches(x, self.mixer(self._normed(self.norm1, x)))
 
     def init_state(self, batch: int, max_len: int, in_place: bool = False):
         return self.mixer.init_state(batch, max_len, in_place=in_place)
 
     def step(self, x: torch.Tensor, state):
         """x [batch, d_model] → (x after the layer, new state)."""
-        mixed, state = self.mixer.step(self.norm1(x), state)
+        mixed, state = self.mixer.step(self._normed(self.norm1, x), state)
         return self._add_branches(x, mixed), state
 
     def prefill(self, x: torch.Tensor, state):
         """x [batch, L, d_model] continuing ``state`` → (x after the layer, the state after the
         last token)."""
-        mixed, state = self.mixer.prefill(self.norm1(x), state)
+        mixed, state = self.mixer.prefill(self._normed(self.norm1, x), state)
         return self._add_branches(x, mixed), state
 
     def _add_branches(self, x: torch.Tensor, mixed: torch.Tensor) -> torch.Tensor:
         """The stream ``x`` plus the mixer's output ``mixed``, then plus the FFN's branch."""
         x = self._residual(x) + mixed
-        x = x if self.ffn is None else x + self.ffn(self.norm2(x))
+        x = x if self.ffn is None else x + self.ffn(self._normed(self.norm2, x))
         if counting_active():  # the residual adds are functional: no rule sees them
             self._record_residual(x)
         return x
@@ -406,7 +421,7 @@ class MARLM(nn.Module):
         for layer, s in zip(self.layers, state, strict=True):
             x, s = layer.step(x, s)
             new_state.append(s)
-        return self.head(self.norm(x)), new_state
+        return head_logits(self.head, self.norm, x), new_state
 
     def prefill(self, tokens: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
         """Feed a run of tokens [batch, L] (a prompt) → (logits of the last token [batch, vocab],
@@ -440,7 +455,7 @@ class MARLM(nn.Module):
                     raise
                 raise ValueError(f"state[{i}]{str(err).removeprefix('state')}") from err
             new_state.append(s)
-        return self.head(self.norm(x[:, -1])), new_state
+        return head_logits(self.head, self.norm, x[:, -1]), new_state
 
     def spike_points(self, include_dense: bool = False) -> Iterator[SpikePointSite]:
         """Every spike point of the model in layer order, each with the projections it feeds

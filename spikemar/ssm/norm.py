@@ -45,8 +45,11 @@ class RMSNorm(nn.RMSNorm):
         ):
             eps = torch.finfo(x.dtype).eps if self.eps is None else self.eps
             return fast.rms_norm_cpu(x, w, eps, self.groups)
+        if w is not None and w.dtype != x.dtype:  # a float32 stream, 16-bit weight: promoted
+            dtype = torch.promote_types(x.dtype, w.dtype)  # (transformers' Mamba2RMSNorm too)
+            x, w = x.to(dtype), w.to(dtype)
         if self.groups == 1:
-            return super().forward(x)
+            return F.rms_norm(x, self.normalized_shape, w, self.eps)
         group = self.normalized_shape[0] // self.groups
         y = F.rms_norm(x.unflatten(-1, (self.groups, group)), (group,), None, self.eps)
         return y.flatten(-2) if w is None else y.flatten(-2) * w

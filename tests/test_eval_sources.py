@@ -84,6 +84,59 @@ def test_hugging_face_directory_scores_as_transformers_logits(mamba2_dir):
     assert rolling == pytest.approx(want, rel=1e-4)
 
 
+def _begin_of_text_tokenizer() -> HFTokenizer:
+    """The test BPE with a post-processor that puts ``<|begin_of_text|>`` (id 300) before every
+    text, as Llama-3's tokenizer (Llamba's) does; end of text stays id 0."""
+    from tokenizers import Tokenizer, processors
+
+    raw = Tokenizer.from_str(bpe_tokenizer(300).to_dict()["json"])
+    raw.add_special_tokens(["<|begin_of_text|>"])
+    bos = raw.token_to_id("<|begin_of_text|>")
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    return HFTokenizer(raw, eos_id=0)
+
+
+def test_a_tokenizer_that_begins_texts_with_a_token_scores_as_lm_evals_hf_model(tmp_path):
+    """lm_eval's ``hf`` model (add_bos_token unset: the tokenizer's own behaviour) encodes each
+    context with the tokenizer's ``<|begin_of_text|>`` first and takes that token as the prefix
+    of empty contexts and rolling documents. spikemar did neither (no BOS, and the end-of-text
+    token as prefix), so a Llamba scored worse than lm_eval scores it. Direct computation from
+    transformers' logits, as the ``hf`` model would run them."""
+    hf = write_mamba2_checkpoint(tmp_path, vocab_size=304, tokenizer=False)
+    tok = _begin_of_text_tokenizer()
+    tok.save(tmp_path)
+    lm = harness.SpikemarLM(checkpoint=tmp_path, count_energy=False, batch_size=2)
+    bos = 300
+    assert lm.prefix_token_id == bos and lm.eot_token_id == 0
+    assert lm.tok_encode("hear me") == [bos, *tok.encode("hear me")]
+    assert lm.tok_encode("hear me", add_special_tokens=False) == tok.encode("hear me")
+    assert lm.tok_encode("<|begin_of_text|>hear") == tok.encode("<|begin_of_text|>hear")
+
+    def logp_of(ids: list[int]) -> torch.Tensor:
+        with torch.no_grad():
+            return hf(torch.tensor([ids])).logits[0].double().log_softmax(-1)
+
+    requests = [*REQUESTS, ("", "hear me")]
+    got = lm.loglikelihood(instances("loglikelihood", requests))
+    for (ctx, cont), (logprob, _) in zip(requests, got, strict=True):
+        ctx_ids = [bos, *tok.encode(ctx)]  # the hf model's context: BOS first
+        ids = ctx_ids + tok.encode(cont)
+        logp = logp_of(ids)[len(ctx_ids) - 1 : -1]
+        want = float(logp.gather(-1, torch.tensor(ids[len(ctx_ids) :])[:, None]).sum())
+        assert logprob == pytest.approx(want, rel=1e-4), (ctx, cont)
+    doc = "First Citizen:\nBefore we proceed any further, hear me speak."
+    ids = [bos, *tok.encode(doc)]  # the document after its one prefix
+    want = float(logp_of(ids)[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).sum())
+    (rolling,) = lm.loglikelihood_rolling(instances("loglikelihood_rolling", [(doc,)]))
+    assert rolling == pytest.approx(want, rel=1e-4)
+    from spikemar.eval import text_perplexity
+
+    result = text_perplexity(lm.scorer.model, tok, doc)
+    assert result.nats_per_token * result.tokens == pytest.approx(-want, rel=1e-4)
+
+
 def test_checkpoint_with_a_bpe_tokenizer(tmp_path):
     tok = bpe_tokenizer(300)
     torch.manual_seed(3)
@@ -209,6 +262,39 @@ def test_lm_evals_command_with_spikemar_runs_a_local_task(tiny_char_checkpoint, 
         launcher = [sys.executable, "-m", "spikemar.eval"]
     out = tmp_path / "lm_eval"
     _assert_lm_eval_ran(_run([*launcher, *_lm_eval_args(tiny_char_checkpoint, out)]), out)
+
+
+def test_importing_spikemar_eval_names_the_model_in_lm_evals_registry():
+    """``import spikemar.eval`` and then ``lm_eval.simple_evaluate(model="spikemar")``: lm_eval
+    found no model of that name unless spikemar.eval.harness itself had been imported. The
+    entry is lazy (the class is imported when lm_eval asks for it), into lm_eval's registry on
+    import, and into a fresh one here."""
+    from lm_eval.api.registry import Registry, model_registry
+
+    import spikemar.eval
+
+    assert "spikemar" in model_registry
+    fresh = Registry("model")
+    assert spikemar.eval.register_with_lm_eval(fresh) is True
+    assert fresh.get("spikemar") is harness.SpikemarLM
+    assert spikemar.eval.register_with_lm_eval(fresh) is False  # once
+
+
+def test_lm_evals_command_finds_spikemars_local_tasks_without_include_path():
+    """``python -m spikemar.eval run ... --tasks shakespeare_speaker`` said "Tasks not found"
+    unless the user found the installed task folder for ``--include_path``; it is the default
+    now, and a user's own ``--include_path`` is left as given."""
+    from spikemar.eval import TASKS_DIR
+    from spikemar.eval.__main__ import with_local_tasks
+
+    argv = ["spikemar-lm-eval", "run", "--model", "spikemar", "--tasks", "shakespeare_speaker"]
+    assert with_local_tasks(argv) == [*argv, "--include_path", str(TASKS_DIR)]
+    legacy = ["lm_eval", "--model", "spikemar", "--tasks", "shakespeare_speaker"]
+    assert with_local_tasks(legacy)[-2:] == ["--include_path", str(TASKS_DIR)]
+    for own in ([*argv, "--include_path", "mine"], [*argv, "--include_path=mine"]):
+        assert with_local_tasks(own) == own
+    assert with_local_tasks(["lm_eval", "-h"]) == ["lm_eval", "-h"]
+    assert with_local_tasks(["lm_eval"]) == ["lm_eval"]
 
 
 def test_lm_eval_models_entry_point_names_the_model():

@@ -10,7 +10,12 @@ lm_eval's::
 
     python -m spikemar.eval run --model spikemar \\
         --model_args checkpoint=spikemar/assets/mar_shakespeare.pt \\
-        --tasks shakespeare_nextline --include_path spikemar/eval/tasks
+        --tasks shakespeare_nextline
+
+spikemar's local tasks (``shakespeare_nextline``, ``shakespeare_speaker``,
+``shakespeare_rolling``: :data:`spikemar.eval.TASKS_DIR`) are found without ``--include_path``
+(they are its default here); an ``--include_path`` of your own replaces that default, as
+lm_eval takes one folder (add ``spikemar/eval/tasks``'s YAMLs to yours to have both).
 
 :func:`main` is also the ``spikemar-lm-eval`` console script, where the installed package
 declares it.
@@ -18,15 +23,31 @@ declares it.
 
 from __future__ import annotations
 
+import sys
+
 __all__ = ["main"]
 
 
+def with_local_tasks(argv: list[str]) -> list[str]:
+    """``argv`` (``sys.argv``: the program first) with spikemar's task folder as
+    ``--include_path`` when a command is given and no ``--include_path`` is."""
+    from .local_tasks import TASKS_DIR
+
+    if len(argv) < 2 or argv[1] in ("-h", "--help"):
+        return list(argv)
+    if any(a == "--include_path" or a.startswith("--include_path=") for a in argv[1:]):
+        return list(argv)
+    return [*argv, "--include_path", str(TASKS_DIR)]
+
+
 def main() -> None:
-    """Run lm_eval's command line (``sys.argv``) with spikemar's model registered."""
+    """Run lm_eval's command line (``sys.argv``) with spikemar's model registered and its local
+    tasks on the include path."""
     from lm_eval.__main__ import cli_evaluate
 
     from . import harness  # noqa: F401  registers --model spikemar
 
+    sys.argv = with_local_tasks(sys.argv)
     cli_evaluate()
 
 

@@ -19,12 +19,16 @@ registers its own models (``hf``, ...) only when it finds its registry empty, so
 imports ``lm_eval.models`` before adding ``spikemar``: both then work side by side.
 
 **Tokenizers.** A checkpoint's own tokenizer (character or BPE; a Hugging Face directory's
-``tokenizer.json``). The character tokenizer of the Tiny Shakespeare
-checkpoints knows 65 symbols; text with others (digits, most punctuation of the standard tasks)
-raises a clear error unless ``unk=C`` names a symbol of the alphabet to stand in for them
-(:attr:`SpikemarLM.replaced_chars` collects the characters replaced). It has no end-of-text
-token: ``"\\n"`` stands for the start of a document (the prefix of rolling and empty-context
-requests).
+``tokenizer.json``). As in lm_eval's ``hf`` model, a tokenizer that puts a beginning-of-text
+token before a text (Llama-3's, so Llamba's) has it before every context, and it is the prefix
+of rolling and empty-context requests; others (GPT-NeoX's, Mamba-2's) start from their
+end-of-text token. (lm_eval's ``hf`` model also scores a rolling document's own leading
+``<|begin_of_text|>`` after its prefix; here a document is scored after the one prefix.) The
+character tokenizer of the Tiny Shakespeare checkpoints knows 65 symbols; text with others
+(digits, most punctuation of the standard tasks) raises a clear error unless ``unk=C`` names a
+symbol of the alphabet to stand in for them (:attr:`SpikemarLM.replaced_chars` collects the
+characters replaced). It has no end-of-text token: ``"\\n"`` stands for the start of a document
+(the prefix of rolling and empty-context requests).
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ from lm_eval.api.registry import register_model
 
 from .._argtypes import check_device
 from ..energy import EnergyReport
-from .perplexity import start_token
+from .perplexity import end_token, start_token, text_prefix
 from .scoring import Scorer, load_model
 
 __all__ = ["SpikemarLM", "load_model"]
@@ -142,6 +146,13 @@ class SpikemarLM(TemplateLM):
         self.checkpoint = None if checkpoint is None else str(checkpoint)
         self.tokenizer = tokenizer
         self._vocab = int(tokenizer.vocab_size)
+        # as lm_eval's hf model: contexts begin with what the tokenizer puts before a text
+        # (Llama-3's <|begin_of_text|>), which is also the prefix of rolling and empty-context
+        # requests; tokenizers without one (GPT-NeoX's) start from their end-of-text token
+        self._text_prefix = text_prefix(tokenizer)
+        self._prefix_id = start_token(tokenizer)
+        self._eot_id = end_token(tokenizer)
+        self._prefix_text = tokenizer.decode(self._text_prefix) if self._text_prefix else None
         self.unk = self._check_unk(unk)
         self.window = _as_int("window", window, 1, none_ok=True)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 1)
@@ -175,7 +186,11 @@ class SpikemarLM(TemplateLM):
 
     @property
     def eot_token_id(self) -> int:
-        return start_token(self.tokenizer)
+        return self._eot_id
+
+    @property
+    def prefix_token_id(self) -> int:
+        return self._prefix_id
 
     @property
     def max_length(self) -> int | None:
@@ -186,6 +201,14 @@ class SpikemarLM(TemplateLM):
         return type(self.tokenizer).__name__
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kw: Any) -> list:
+        """Token ids of ``string``; unless ``add_special_tokens`` is False, after the ids the
+        tokenizer puts before a text (none for most; Llama-3's ``<|begin_of_text|>``), which
+        lm_eval's ``hf`` model adds too (not twice: a string that starts with it keeps its
+        own)."""
+        prefix = []
+        if add_special_tokens is not False and self._text_prefix:
+            if not string.startswith(self._prefix_text):
+                prefix = list(self._text_prefix)
         chars = getattr(self.tokenizer, "chars", None)
         if self.unk is not None and chars is not None:
             known = set(chars)
@@ -194,7 +217,7 @@ class SpikemarLM(TemplateLM):
                 self.replaced_chars |= missing
                 string = "".join(c if c in known else self.unk for c in string)
         try:
-            return list(self.tokenizer.encode(string))
+            return prefix + list(self.tokenizer.encode(string))
         except ValueError as err:
             hint = " (model_args unk=' ' replaces them)" if chars is not None else ""
             raise ValueError(f"{err}{hint}") from err
@@ -211,7 +234,7 @@ class SpikemarLM(TemplateLM):
         for _, context, continuation in requests:
             if not continuation:
                 raise ValueError("continuation: a request has nothing to score (empty)")
-            pairs.append((context or [self.eot_token_id], continuation))
+            pairs.append((context or [self.prefix_token_id], continuation))
         scores = self.scorer.loglikelihood(pairs)
         out = []
         for (key, _, _), s in zip(requests, scores, strict=True):
@@ -220,10 +243,10 @@ class SpikemarLM(TemplateLM):
         return out
 
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
-        docs = [self.tok_encode(req.args[0]) for req in requests]
+        docs = [self.tok_encode(req.args[0], add_special_tokens=False) for req in requests]
         keep = [i for i, d in enumerate(docs) if d]
         scored = self.scorer.loglikelihood_rolling(
-            [docs[i] for i in keep], self.eot_token_id, self.window
+            [docs[i] for i in keep], self.prefix_token_id, self.window
         )
         out = [0.0] * len(docs)  # an empty document has probability 1
         for i, s in zip(keep, scored, strict=True):
@@ -251,7 +274,8 @@ class SpikemarLM(TemplateLM):
             settings.append((context, key))
         out = [""] * len(requests)
         for (until, max_new), members in groups.items():
-            contexts = [self.tok_encode(settings[i][0]) or [self.eot_token_id] for i in members]
+            contexts = [self.tok_encode(settings[i][0]) or [self.prefix_token_id]
+                        for i in members]  # fmt: skip
             texts = self.scorer.greedy_until(
                 contexts, decode=self.tok_decode, stop=list(until), max_new_tokens=max_new
             )

@@ -3,13 +3,14 @@
     result = text_perplexity(model, tokenizer, text)               # one stream: one pass
     result = text_perplexity(model, tokenizer, text, window=64)    # windows of 64 tokens
 
-The text is scored after a start token (the tokenizer's end-of-text token, or ``"\\n"`` for the
-character tokenizer), either as **one stream** (every token conditioned on all of the text
-before it: an SSM LM does this in one forward pass, with O(1) state per layer and no context
-limit) or in consecutive **windows** of ``window`` tokens, each starting afresh, as the model saw
-text in training. Comparing the two, and the **per-position loss curve**, answers whether a model
-uses context past its training length: if the stream's loss keeps falling at positions beyond the
-training windows, it does.
+The text is scored after a start token (the tokenizer's beginning-of-text token where it puts
+one before a text, as Llama-3's; else its end-of-text token, or ``"\\n"`` for the character
+tokenizer: :func:`start_token`), either as **one stream** (every token conditioned on all of the
+text before it: an SSM LM does this in one forward pass, with O(1) state per layer and no
+context limit) or in consecutive **windows** of ``window`` tokens, each starting afresh, as the
+model saw text in training. Comparing the two, and the **per-position loss curve**, answers
+whether a model uses context past its training length: if the stream's loss keeps falling at
+positions beyond the training windows, it does.
 
     nats/token  = −Σ log p(token) / tokens
     bits/byte   = −Σ log p(token) / (UTF-8 bytes · ln 2)      (comparable across tokenizers)
@@ -21,6 +22,7 @@ one token per position, so bins are what make it readable).
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,13 +33,50 @@ from torch import nn
 
 from .scoring import Scorer, nats_to_bits_per_byte
 
-__all__ = ["PerplexityResult", "save_curves", "start_token", "text_perplexity"]
+__all__ = [
+    "PerplexityResult",
+    "end_token",
+    "save_curves",
+    "start_token",
+    "text_perplexity",
+    "text_prefix",
+]
 
 
-def start_token(tokenizer: Any) -> int:
-    """The id that stands for "start of text": the tokenizer's end-of-text token (``eos_id``, or
-    Hugging Face's ``eos_token_id``/``bos_token_id``), else the single token of ``"\\n"`` (the
-    character tokenizer, which has none)."""
+@functools.lru_cache(maxsize=8)
+def _special_prefix(tokenizer_json: str) -> tuple[int, ...]:
+    from tokenizers import Tokenizer
+
+    raw = Tokenizer.from_str(tokenizer_json)
+    for probe in ("a", "text", "0"):  # a probe the vocabulary cannot encode gives no ids
+        plain = raw.encode(probe, add_special_tokens=False).ids
+        if plain:
+            break
+    full = raw.encode(probe, add_special_tokens=True).ids
+    for k in range(len(full) - len(plain) + 1):
+        if full[k : k + len(plain)] == plain:
+            return tuple(full[:k])
+    return ()
+
+
+def text_prefix(tokenizer: Any) -> list[int]:
+    """The ids a Hugging Face tokenizer's own post-processor puts before every text when asked
+    for special tokens: Llama-3's (Llamba's) ``<|begin_of_text|>``, which the model saw at the
+    start of every document in training and which lm_eval's ``hf`` model puts before every
+    context. ``[]`` for tokenizers without one (GPT-NeoX's, Mamba-2's: its end-of-text token
+    starts a text instead; the character tokenizer)."""
+    to_dict = getattr(tokenizer, "to_dict", None)
+    described = to_dict() if callable(to_dict) else None
+    if not isinstance(described, dict) or described.get("kind") != "hf":
+        return []
+    text = described.get("json")
+    return list(_special_prefix(text)) if isinstance(text, str) else []
+
+
+def end_token(tokenizer: Any) -> int:
+    """The end-of-text id: the tokenizer's ``eos_id`` (or Hugging Face's ``eos_token_id``/
+    ``bos_token_id``), else the single token of ``"\\n"`` (the character tokenizer, which has
+    none)."""
     for name in ("eos_id", "eos_token_id", "bos_token_id"):
         value = getattr(tokenizer, name, None)
         if isinstance(value, int) and not isinstance(value, bool):
@@ -48,6 +87,15 @@ def start_token(tokenizer: Any) -> int:
             "tokenizer: has no end-of-text token and no single token for '\\n' to start text with"
         )
     return ids[0]
+
+
+def start_token(tokenizer: Any) -> int:
+    """The id that stands for "start of text", as lm_eval's ``hf`` model chooses its prefix
+    token: the beginning-of-text token the tokenizer puts before a text (:func:`text_prefix`:
+    Llama-3's ``<|begin_of_text|>``), else the end-of-text token (:func:`end_token`: GPT-NeoX's
+    ``<|endoftext|>``, ``"\\n"`` for the character tokenizer)."""
+    prefix = text_prefix(tokenizer)
+    return prefix[-1] if prefix else end_token(tokenizer)
 
 
 @dataclass(frozen=True)

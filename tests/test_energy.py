@@ -646,3 +646,53 @@ def test_energy_main_writes_reports_and_rejects_bad_input(tmp_path, capsys):
     assert (tmp_path / "r.md").read_text().startswith("Energy report")
     assert energy_main(parser.parse_args(["--hardware", "tpu"])) == 2
     assert "known profiles" in capsys.readouterr().err
+
+
+def test_energy_main_prices_a_converted_student_against_its_hugging_face_teacher(tmp_path, capsys):
+    """``--teacher DIR`` (and ``--checkpoint DIR``): a Hugging Face Llamba/Mamba-2 directory, as
+    the other commands take it. It was refused ("is a folder; expected a checkpoint file"), and
+    only after the student's tables were printed; a teacher that cannot be compared is refused
+    before any table."""
+    import argparse
+
+    from references.hf_checkpoints import bpe_tokenizer
+    from references.llamba import tiny_llamba_config, write_llamba_checkpoint
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.convert import spiking_student
+    from spikemar.energy.cli import add_energy_arguments, energy_main
+    from spikemar.models import SpikeConfig, from_pretrained
+
+    teacher_dir = tmp_path / "llamba"
+    write_llamba_checkpoint(teacher_dir, tiny_llamba_config(vocab_size=300), seed=1)
+    bpe_tokenizer(300).save(teacher_dir)
+    teacher = from_pretrained(teacher_dir)
+    student = spiking_student(teacher, SpikeConfig(T=2, v_threshold=0.05))
+    save_checkpoint(tmp_path / "student.pt", student, teacher.tokenizer)
+    parser = add_energy_arguments(argparse.ArgumentParser(prog="spikemar energy"))
+    text = "First Citizen: hear me speak."
+    args = parser.parse_args(["--checkpoint", str(tmp_path / "student.pt"), "--teacher",
+                              str(teacher_dir), "--text", text,
+                              "--json", str(tmp_path / "s.json")])  # fmt: skip
+    capsys.readouterr()
+    assert energy_main(args) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    ids = torch.tensor([teacher.tokenizer.encode(text)])
+    want = profile(teacher, ids).total_energy_pj / ids.numel()
+    total = [line for line in out.splitlines() if line.startswith("TOTAL")][-1]
+    assert f"{want / 1e3:.4g} nJ" in total, total  # the comparison: the teacher per token
+    args = parser.parse_args(["--checkpoint", str(teacher_dir), "--text", text])
+    assert energy_main(args) == 0 and "TOTAL" in capsys.readouterr().out
+    from spikemar.data import CharTokenizer
+    from spikemar.models import MARLM, MARConfig
+
+    other = tmp_path / "char.pt"
+    tiny = MARLM(MARConfig(vocab_size=2, d_model=8, n_layers=1, d_state=4, head_dim=4))
+    save_checkpoint(other, tiny, CharTokenizer("ab"))
+    for teacher_arg, message in [(tmp_path / "nowhere", "--teacher: checkpoint: no file"),
+                                 (other, "--teacher: its vocabulary (2)")]:  # fmt: skip
+        args = parser.parse_args(["--checkpoint", str(tmp_path / "student.pt"), "--teacher",
+                                  str(teacher_arg), "--text", text])  # fmt: skip
+        assert energy_main(args) == 2
+        captured = capsys.readouterr()
+        assert message in captured.err and captured.out == "", captured

@@ -48,12 +48,14 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
     src.add_argument(
         "--checkpoint",
         type=Path,
-        help="a spikemar checkpoint (spikemar train); --text is encoded with its tokenizer",
+        help="a spikemar checkpoint (spikemar train, convert), or a Hugging Face Mamba-2/Llamba "
+        "directory or Hub id (its dense model); --text is encoded with its tokenizer",
     )
     parser.add_argument(
         "--teacher",
         type=Path,
-        help="a checkpoint to compare against (default with --compare-dense: the dense twin "
+        help="a checkpoint, or a Hugging Face Mamba-2/Llamba directory or Hub id (a converted "
+        "student's teacher), to compare against (default with --compare-dense: the dense twin "
         "of --checkpoint, with its weights)",
     )
     data = parser.add_mutually_exclusive_group()
@@ -124,23 +126,40 @@ def _load_model(args: argparse.Namespace) -> tuple[nn.Module, Any, str]:
         what = f"the packaged student {path.name} (the model `spikemar demo` runs)"
     else:
         what = f"the checkpoint {path}"
-    model, tokenizer, _ = _checkpoint(path, "--checkpoint")
-    return model.eval(), tokenizer, what
+    # a Hugging Face directory needs its tokenizer only to encode --text
+    text = args.text is not None or args.text_file is not None
+    model, tokenizer = _checkpoint(path, "--checkpoint", tokenizer=text)
+    return model, tokenizer, what
 
 
-def _checkpoint(path: Path, flag: str):
+def _checkpoint(path: Path, flag: str, *, tokenizer: bool = True) -> tuple[nn.Module, Any]:
+    """``(model in eval mode, its tokenizer)`` of a spikemar checkpoint file, or of a Hugging
+    Face Mamba-2/Llamba directory or Hub id (:func:`spikemar.models.from_pretrained`: the
+    dense model; its tokenizer where ``tokenizer``, else None); errors name ``flag``."""
     from ..checkpoint import load_checkpoint
+    from ..models.hub import is_hub_id
 
     try:
-        return load_checkpoint(path)
-    except (FileNotFoundError, ValueError) as err:
-        raise ValueError(f"{flag}: {err}") from err
+        if path.is_dir() or (not path.exists() and is_hub_id(path)):
+            from ..models import from_pretrained
+
+            model = from_pretrained(path, tokenizer=tokenizer)
+            return model.eval(), model.tokenizer
+        model, own, _ = load_checkpoint(path)
+        return model.eval(), own
+    except (OSError, ValueError) as err:  # OSError: a missing file, a Hub id out of reach
+        from ..models.hub import NO_TOKENIZER_HINT
+
+        message = " ".join(str(err).split())
+        # this command has no --tokenizer: a directory without one is priced on random tokens
+        message = message.replace(NO_TOKENIZER_HINT, "; --text needs it, --random-tokens does not")
+        raise ValueError(f"{flag}: {message}") from err
 
 
 def _teacher(args: argparse.Namespace, student: nn.Module) -> tuple[nn.Module, str]:
     """The model to compare against and its label."""
     if args.teacher is not None:
-        return _checkpoint(args.teacher, "--teacher")[0].eval(), "teacher"
+        return _checkpoint(args.teacher, "--teacher", tokenizer=False)[0], "teacher"
     from ..checkpoint import dense_twin
 
     if getattr(student.config, "spikes", None) is None:
@@ -148,13 +167,15 @@ def _teacher(args: argparse.Namespace, student: nn.Module) -> tuple[nn.Module, s
     return dense_twin(student), "dense twin"
 
 
-def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
+def _input_ids(args: argparse.Namespace, tokenizer: Any, model_config: Any = None) -> torch.Tensor:
     text = args.text
     if args.text_file is not None:
         if not args.text_file.is_file():
             raise ValueError(f"--text-file: no such file {str(args.text_file)!r}")
         text = args.text_file.read_text(encoding="utf-8")
     vocab = VOCAB if tokenizer is None else tokenizer.vocab_size
+    if tokenizer is None and isinstance(getattr(model_config, "vocab_size", None), int):
+        vocab = model_config.vocab_size  # a Hugging Face directory read without its tokenizer
     if text is not None:
         if not text:
             raise ValueError("--text: expected a non-empty text")
@@ -162,6 +183,15 @@ def _input_ids(args: argparse.Namespace, tokenizer: Any) -> torch.Tensor:
         return torch.tensor(ids, dtype=torch.long).expand(args.batch, -1).contiguous()
     g = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab, (args.batch, args.random_tokens), generator=g)
+
+
+def _check_teacher_vocabulary(teacher: nn.Module, ids: torch.Tensor) -> None:
+    vocab = getattr(getattr(teacher, "config", None), "vocab_size", None)
+    if isinstance(vocab, int) and ids.numel() and int(ids.max()) >= vocab:
+        raise ValueError(
+            f"--teacher: its vocabulary ({vocab}) does not hold the input's token ids (up to "
+            f"{int(ids.max())}); compare a student with its own teacher"
+        )
 
 
 def _ratio_lines(student: EnergyReport, teacher: EnergyReport, label: str) -> list[str]:
@@ -185,7 +215,12 @@ def energy_main(args: argparse.Namespace) -> int:
         get_profile(args.hardware)
         mem_hw = memory_sibling(args.hardware) if args.memory else None
         model, tokenizer, what = _load_model(args)
-        ids = _input_ids(args, tokenizer)
+        demo = args.checkpoint is None and args.model != "student"
+        ids = _input_ids(args, tokenizer, None if demo else getattr(model, "config", None))
+        teacher = None
+        if args.compare_dense or args.teacher is not None:  # before any work: fail early
+            teacher, label = _teacher(args, model)
+            _check_teacher_vocabulary(teacher, ids)
         print(f"model: {what}")
         if args.text is None and args.text_file is None:
             print(f"input: {args.batch} × {args.random_tokens} random tokens (seed {args.seed}); "
@@ -206,8 +241,7 @@ def energy_main(args: argparse.Namespace) -> int:
                 # int8 dense model of the same weights
                 print(break_even(shown.with_hardware(int8)).to_table())
         comparison = None
-        if args.compare_dense or args.teacher is not None:
-            teacher, label = _teacher(args, model)
+        if teacher is not None:
             rep_t = profile(teacher, ids, hardware=args.hardware)
             comparison = compare(report, rep_t, labels=("student", label))
             print()

@@ -28,6 +28,7 @@ The Markdown table goes to stdout; progress to stderr. Ctrl-C prints what has be
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -104,11 +105,19 @@ class Trainer:
         self.device = cfg.device
 
     def step(self) -> float:
-        """One training step; returns its loss (so that a broken step shows)."""
-        logits = self.model(self.inputs)
-        loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), self.targets.reshape(-1))
+        """One training step; returns its loss (so that a broken step shows). On CUDA the spike
+        points' value checks are deferred and read once after the backward, as spikemar's
+        trainer runs them (``training.forward_backward``): no host sync per spike point."""
+        from spikemar.neurons import raise_deferred_errors, value_checks
+
+        cuda = self.device.startswith("cuda")
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with value_checks("deferred") if cuda else contextlib.nullcontext():
+            logits = self.model(self.inputs)
+            loss = nn.functional.cross_entropy(logits.reshape(-1, VOCAB), self.targets.reshape(-1))
+            loss.backward()
+        if cuda:
+            raise_deferred_errors()
         self.optimizer.step()
         return float(loss.detach())
 

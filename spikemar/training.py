@@ -329,6 +329,14 @@ def _gathered(tree: Any, keep: bool) -> Any:
     return tree
 
 
+def _to_device(t: torch.Tensor, device: str | torch.device) -> torch.Tensor:
+    """A CPU batch on ``device``: to CUDA through pinned memory without waiting (a copy
+    from pageable memory waits for the stream to drain: a host sync per step)."""
+    if torch.device(device).type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
@@ -668,11 +676,14 @@ def run_training(
                 objective.begin_step(step)
                 x, y = data.batch("train", config.batch_size, config.L, generator=gen)
                 optimizer.zero_grad(set_to_none=True)
-                xs, ys = x[share].to(device), y[share].to(device)
+                xs, ys = _to_device(x[share], device), _to_device(y[share], device)
                 loss, terms = forward_backward(stepper, xs, ys, autocast(config, device))
                 # the gradient norm is all-reduced, so every rank takes the same decision
                 norm = nn.utils.clip_grad_norm_(trained, config.grad_clip)
-                loss_value, norm_value = loss.item(), _local(norm).item()
+                # one read of both (a host sync on CUDA: the step's decision needs them)
+                loss_value, norm_value = torch.stack(
+                    [loss.detach().float(), _local(norm).detach().float().to(loss.device)]
+                ).tolist()
                 finite = math.isfinite(loss_value) and math.isfinite(norm_value)
                 if not finite:
                     what = (f"the loss is {loss_value}" if not math.isfinite(loss_value)

@@ -458,3 +458,27 @@ def test_parity_on_random_configurations(
         grad_tol=1e-9 if dtype == torch.float64 else 1e-5,
         sum_tol=True,
     )
+
+
+@pytest.mark.parametrize("vth_dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("v0_dtype", [None, torch.float64])
+def test_fused_backend_reads_a_threshold_of_another_dtype_as_its_value(vth_dtype, v0_dtype):
+    """The fused kernels read raw pointers: a float64 threshold (or membrane) with a float32
+    input is cast to the compute dtype first, not read as other numbers; the gradients come
+    back in the threshold's and membrane's own dtype."""
+    from spikemar.neurons import ATMNParameters, atmn_multi_step, cpu_backend
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4, 3, 8, generator=g, requires_grad=True)
+    vth = torch.full((8,), 0.5, dtype=vth_dtype, requires_grad=True)
+    v0 = None if v0_dtype is None else (0.1 * torch.randn(3, 8, generator=g)).to(v0_dtype)
+    if v0 is not None:
+        v0.requires_grad_(True)
+    p = ATMNParameters(vth)
+    s_ref, v_ref = atmn_multi_step(x, v0, ATMNParameters(vth.float()), backend="torch")[:2]
+    s, v = cpu_backend.atmn_multi_step_cpu(x, v0, p, False)[:2]
+    assert torch.equal(s, s_ref)
+    torch.testing.assert_close(v, v_ref)
+    (s.sum() + v.sum()).backward()
+    assert vth.grad.dtype == vth_dtype and vth.grad.shape == vth.shape
+    assert v0 is None or v0.grad.dtype == v0_dtype

@@ -117,32 +117,34 @@ def defer_error(bad: torch.Tensor, message: str) -> None:
 
 
 def raise_deferred_errors() -> None:
-    """Read the flags of deferred checks (one wait per device that has them), clear them and
-    raise ValueError if any check since the last call failed."""
+    """Read the flags of deferred checks (one wait per device that has them: the neurons' and
+    the named checks' flags in one transfer), clear them and raise ValueError if any check
+    since the last call failed."""
     with _flags_lock:
-        pending = list(_flags.items())
-    for device, flags in pending:
-        bad_v, bad_u = flags.tolist()
-        flags.zero_()
-        if bad_v:
-            raise ValueError(
-                f"v_threshold: a spiking neuron on {device} saw a threshold that is not finite "
-                "and positive since the last raise_deferred_errors() (a diverged update?)"
-            )
-        if bad_u:
-            raise ValueError(
-                f"x_seq: a spiking neuron on {device} saw NaN or inf in its input or membrane "
-                "since the last raise_deferred_errors()"
-            )
-    with _flags_lock:
+        neuron = dict(_flags)
         named = list(_named.items())
-    by_device: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
-    for (device, message), flag in named:
-        by_device.setdefault(device, []).append((message, flag))
-    for items in by_device.values():
-        seen = torch.stack([flag for _, flag in items]).tolist()  # one wait per device
-        for _, flag in items:
-            flag.zero_()
+    devices = list(dict.fromkeys([*neuron, *(device for (device, _), _ in named)]))
+    for device in devices:
+        flags = neuron.get(device)
+        items = [(message, flag) for (d, message), flag in named if d == device]
+        parts = ([] if flags is None else [flags]) + [flag.reshape(1) for _, flag in items]
+        seen = torch.cat(parts).tolist()  # the one wait for this device
+        for part in parts:
+            part.zero_()
+        if flags is not None:
+            bad_v, bad_u = seen[:2]
+            seen = seen[2:]
+            if bad_v:
+                raise ValueError(
+                    f"v_threshold: a spiking neuron on {device} saw a threshold that is not "
+                    "finite and positive since the last raise_deferred_errors() (a diverged "
+                    "update?)"
+                )
+            if bad_u:
+                raise ValueError(
+                    f"x_seq: a spiking neuron on {device} saw NaN or inf in its input or "
+                    "membrane since the last raise_deferred_errors()"
+                )
         for (message, _), bad in zip(items, seen, strict=True):
             if bad:
                 raise ValueError(message)

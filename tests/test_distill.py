@@ -16,6 +16,7 @@ from spikemar.cli import main
 from spikemar.convert import convert
 from spikemar.data import TokenDataset
 from spikemar.distill import DistillConfig, DistillObjective, Teacher, distill, transfer_weights
+from spikemar.models import from_pretrained
 from spikemar.training import TrainConfig, train
 
 SSM = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
@@ -366,3 +367,46 @@ def test_the_objective_reads_the_students_spike_points(tmp_path):
     assert owned and owned == set(student.state_dict()) - set(dense.state_dict())
     assert sorted({name.rsplit(".", 2)[0] for name in owned}) == sorted(points)
     assert spike_point_state_names(dense) == set()
+
+
+def _example(name: str):
+    """An example script of the repository, imported as a module (its main() not run)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "examples" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_example_prints_every_loss_on_the_same_held_out_windows():
+    """examples/mar_from_pretrained.py's last line: teacher, converted and distilled student on
+    the windows convert measured (it put convert's number beside distill's random batches, and
+    the best validation's beside the last step's weights)."""
+    from spikemar.convert import _loss
+
+    example = _example("mar_from_pretrained")
+    torch.manual_seed(0)
+    model = build_model("mar-dense", {"vocab_size": 20, **SSM}).eval()
+    windows = torch.randint(0, 20, (5, 9))
+    with torch.no_grad():
+        logits = model(windows[:, :-1])
+    expected = torch.nn.functional.cross_entropy(logits.flatten(0, 1), windows[:, 1:].flatten())
+    assert example.held_out_loss(model, windows, batch_size=2) == pytest.approx(float(expected))
+    assert example.held_out_loss(model, windows) == pytest.approx(_loss(model, windows, 3))
+
+
+def test_example_teacher_trains_on_a_folder(tmp_path, monkeypatch):
+    """--data may be a folder or a .jsonl, as everywhere else (the teacher's text was read with
+    read_text: 'no text file at' for a folder)."""
+    monkeypatch.setenv("HOME", str(tmp_path))  # the token cache under ~/.cache
+    example = _example("mar_from_pretrained")
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(ROMEO)
+    (corpus / "b.jsonl").write_text(json.dumps({"text": ROMEO}) + "\n")
+    example.train_teacher(tmp_path / "teacher", corpus, steps=1, seed=0, batch_size=2)
+    model = from_pretrained(tmp_path / "teacher")
+    assert model.tokenizer.decode(model.tokenizer.encode(ROMEO)) == ROMEO

@@ -14,9 +14,10 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from spikemar import energy
 from spikemar.data import CharTokenizer
 from spikemar.eval.local_tasks import LOCAL_TASKS, TASKS_DIR, build_shakespeare_tasks
-from spikemar.eval.perplexity import text_perplexity
+from spikemar.eval.perplexity import start_token, text_perplexity
 from spikemar.eval.scoring import Scorer
 from spikemar.models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
 
@@ -433,6 +434,24 @@ def test_eval_command_text_perplexity(tiny_checkpoint, char_model, tmp_path, cap
     assert stream["nats_per_token"] == pytest.approx(want.nats_per_token, rel=1e-6)
     assert (out / "perplexity.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "nats/token" in capsys.readouterr().out
+    # the energy of the passes that produced each score beside it (the --text table had none):
+    # the stream's is one pass over the start token and the text but its last token
+    model, tokenizer = char_model
+    ids = torch.tensor([[start_token(tokenizer), *tokenizer.encode(text.read_text())[:-1]]])
+    counted = energy.profile(model, ids)
+    assert stream["energy"]["positions"] == ids.numel()
+    assert stream["energy"]["energy_pj_per_token"]["45nm-fp32"] == pytest.approx(
+        counted.per_token()["energy_pj"], rel=1e-9
+    )
+    assert windows["energy"]["firing_rate"] is not None
+    table = (out / "perplexity.md").read_text()
+    assert "| E/token 45nm-fp32 |" in table and "firing rate" in table
+    argv += ["--no-energy", "--out", str(tmp_path / "plain")]
+    assert cli.main(argv) == 0
+    assert (
+        json.loads((tmp_path / "plain" / "perplexity.json").read_text())["results"][0]["energy"]
+        is None
+    )
 
 
 @pytest.mark.parametrize(

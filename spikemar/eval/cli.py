@@ -20,7 +20,8 @@ A text::
 
 writes ``perplexity.json``, ``perplexity.md`` and ``perplexity.png`` (the per-position loss
 curves): nats/token and bits/byte over the whole file as one stream, and in windows with
-``--window``.
+``--window``, each with the energy per token of the passes that scored it (``--no-energy``:
+without) and the firing rate.
 """
 
 from __future__ import annotations
@@ -288,35 +289,46 @@ def _train_length(path: Path) -> int | None:
 
 
 def _run_text(
-    args: argparse.Namespace, checkpoints: list[Path], labels: list[str], written: list[Path]
+    args: argparse.Namespace,
+    checkpoints: list[Path],
+    labels: list[str],
+    written: list[Path],
+    columns: list[str] | None = None,
 ) -> None:
     import json
 
     from ..data import read_text
     from .perplexity import save_curves, text_perplexity
-    from .scoring import load_model
+    from .report import DEFAULT_COLUMNS, energy_cells, energy_summary, unpriced_note
+    from .scoring import Scorer, load_model
 
     text = read_text(args.text)
     results = []
-    table = [
-        "| model | mode | tokens | nats/token | bits/byte | perplexity |",
-        "|---|---|---|---|---|---|",
-    ]
+    energies: list[dict | None] = []
+    count = not args.no_energy
+    profiles = list(columns or DEFAULT_COLUMNS) if count else []
+    head = ["model", "mode", "tokens", "nats/token", "bits/byte", "perplexity"]
+    head += [f"E/token {p}" for p in profiles] + (["firing rate"] if count else [])
+    table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    notes: set[str] = set()
     for path, label in zip(checkpoints, labels, strict=True):
         model, tokenizer = load_model(path, args.tokenizer)
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
-            r = text_perplexity(
-                model, tokenizer, text, window=window, batch_size=args.batch_size,
-                device=args.device,
-            )  # fmt: skip
+            # the energy of the passes that produced this score, beside it (as for tasks)
+            scorer = Scorer(model, int(tokenizer.vocab_size), batch_size=args.batch_size,
+                            device=args.device, count_energy=count)  # fmt: skip
+            r = text_perplexity(model, tokenizer, text, window=window, scorer=scorer)
+            energy = energy_summary(scorer.energy_report()) if count else None
             name = label if window is None else f"{label}, windows of {window}"
             results.append((name, r))
-            table.append(
-                f"| {label} | {'one stream' if window is None else f'windows of {window}'} | "
-                f"{r.tokens} | {r.nats_per_token:.4f} | {r.bits_per_byte:.4f} | "
-                f"{r.perplexity:.3f} |"
-            )
+            energies.append(energy)
+            cells = [label, "one stream" if window is None else f"windows of {window}",
+                     str(r.tokens), f"{r.nats_per_token:.4f}", f"{r.bits_per_byte:.4f}",
+                     f"{r.perplexity:.3f}"]  # fmt: skip
+            if count:
+                cells += energy_cells(energy, profiles, notes)
+            table.append("| " + " | ".join(cells) + " |")
             print(f"{name}: {r.summary()}")
     train_length = args.train_length or _train_length(checkpoints[0])
     out = args.out
@@ -324,10 +336,21 @@ def _run_text(
     payload = {
         "schema": "spikemar-perplexity-1",
         "text": str(args.text),
-        "results": [{"label": n, **r.to_dict()} for n, r in results],
+        "results": [
+            {"label": n, **r.to_dict(), "energy": e}
+            for (n, r), e in zip(results, energies, strict=True)
+        ],
     }
+    markdown = "\n".join(table) + "\n"
+    if count:
+        markdown += (
+            "\nEnergy per token position of the passes that produced each score, counted by "
+            "spikemar.energy and priced by each profile (every profile's figure and what it leaves "
+            "unpriced are in perplexity.json); firing rate: non-zero spikes per neuron per "
+            "micro-step over all spike points.\n" + unpriced_note(notes)
+        )
     _write_text(out / "perplexity.json", json.dumps(payload, indent=1) + "\n", written)
-    _write_text(out / "perplexity.md", "\n".join(table) + "\n", written)
+    _write_text(out / "perplexity.md", markdown, written)
     written.append(save_curves(results, out / "perplexity.png", train_length=train_length))
     print("wrote " + ", ".join(str(p) for p in written))
 
@@ -359,7 +382,7 @@ def eval_main(args: argparse.Namespace) -> int:
 
             columns = [get_profile(h).name for h in args.hardware]
         if args.text is not None:
-            _run_text(args, checkpoints, labels, written)
+            _run_text(args, checkpoints, labels, written, columns)
             return 0
         tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
         if not tasks:

@@ -150,14 +150,23 @@ def text_perplexity(
     window: int | None = None,
     batch_size: int = 16,
     device: str | torch.device = "cpu",
+    scorer: Scorer | None = None,
 ) -> PerplexityResult:
-    """Score ``text`` with ``model`` (see the module docstring for the two modes)."""
+    """Score ``text`` with ``model`` (see the module docstring for the two modes).
+
+    ``scorer``: a :class:`~spikemar.eval.scoring.Scorer` of ``model`` to score with instead of
+    a new one (``batch_size`` and ``device`` are then its own): one made with
+    ``count_energy=True`` counts the operations of the passes that produced the score
+    (``scorer.energy_report(hardware)``)."""
     if not isinstance(text, str) or not text:
         raise ValueError("text: expected a non-empty string")
     ids = list(tokenizer.encode(text))
     if not ids:
         raise ValueError("text: encodes to no tokens")
-    scorer = Scorer(model, int(tokenizer.vocab_size), batch_size=batch_size, device=device)
+    if scorer is None:
+        scorer = Scorer(model, int(tokenizer.vocab_size), batch_size=batch_size, device=device)
+    elif scorer.model is not model:
+        raise ValueError("scorer: it scores another model than the one given")
     if window is None and scorer.max_length is not None and len(ids) > scorer.max_length:
         window = scorer.max_length  # attention has a limit: say so through the mode
     logp = scorer.token_logprobs([ids], start_token(tokenizer), window)[0]

@@ -152,6 +152,33 @@ def _pj(value: float) -> str:
     return f"{value:.3g} pJ"
 
 
+def energy_cells(energy: dict | None, profiles: list[str], notes: set[str]) -> list[str]:
+    """Markdown cells of an :func:`energy_summary`: energy per token under each of
+    ``profiles`` (marked ``*``, and the profile added to ``notes``, where it leaves synaptic
+    work unpriced), then the firing rate."""
+    energy = energy or {}
+    cells = []
+    for p in profiles:
+        v = energy.get("energy_pj_per_token", {}).get(p)
+        missing = set(energy.get("unpriced", {}).get(p, ())) & set(SYNAPTIC)
+        if missing:
+            notes.add(p)
+        cells.append("–" if v is None else _pj(v) + ("*" if missing else ""))
+    rate = energy.get("firing_rate")
+    cells.append("–" if rate is None else f"{rate:.3f}")
+    return cells
+
+
+def unpriced_note(notes: set[str]) -> str:
+    """The footnote of the profiles :func:`energy_cells` marked (empty without any)."""
+    if not notes:
+        return ""
+    return (
+        f"\n\\* {', '.join(sorted(notes))}: synaptic operations this profile has no price for "
+        "(MACs on Loihi) are left out of the figure.\n"
+    )
+
+
 @dataclass
 class EvalTable:
     """Rows of :class:`EvalRow`, rendered as JSON, Markdown and an accuracy-vs-energy PNG."""
@@ -212,16 +239,7 @@ class EvalTable:
                 v = m.get(key)
                 cells.append("–" if v is None else f"{v:.4f}" + ("" if key == "bits_per_byte"
                                                                  else " (ppl)"))  # fmt: skip
-            energy = row.energy or {}
-            for p in profiles:
-                v = energy.get("energy_pj_per_token", {}).get(p)
-                missing = set(energy.get("unpriced", {}).get(p, ())) & set(SYNAPTIC)
-                mark = "*" if missing else ""
-                if mark:
-                    notes.add(p)
-                cells.append("–" if v is None else _pj(v) + mark)
-            rate = energy.get("firing_rate")
-            cells.append("–" if rate is None else f"{rate:.3f}")
+            cells += energy_cells(row.energy, profiles, notes)
             lines.append("| " + " | ".join(cells) + " |")
         out = "\n".join(lines) + "\n"
         out += (
@@ -232,12 +250,7 @@ class EvalTable:
             "listed under `unpriced` in the JSON); firing rate: non-zero spikes per neuron per "
             "micro-step over all spike points.\n"
         )
-        if notes:
-            out += (
-                f"\n\\* {', '.join(sorted(notes))}: synaptic operations this profile has no "
-                "price for (MACs on Loihi) are left out of the figure.\n"
-            )
-        return out
+        return out + unpriced_note(notes)
 
     def bits_per_byte(self, row: EvalRow) -> float | None:
         """Mean bits per byte over ``row``'s rolling (perplexity) tasks; None without one."""

@@ -425,3 +425,32 @@ def test_a_report_written_before_memory_counting_still_reads():
     old = EnergyReport.from_dict(data)
     assert old.total_acs == rep.total_acs and old.total_memory_bytes == 0
     assert "memory_bytes" not in old.unpriced  # nothing counted: nothing listed
+
+
+def test_a_tied_head_and_embedding_hold_one_matrix():
+    """A head tied to the embedding (Mamba-2 130M, Llamba) reads the embedding's matrix: the
+    placement held it twice (a converted mamba2-130m: 670 MB "weights held" for 516 MB of
+    weights), so a chip that holds the model once spilled a matrix to DRAM. Held once now,
+    where the embedding's weights are; the report round-trips the sharing through JSON."""
+    from spikemar.models import MARLM, MARConfig
+
+    torch.manual_seed(0)
+    config = MARConfig(vocab_size=40, d_model=8, n_layers=1, d_state=4, head_dim=4,
+                       tie_embeddings=True)  # fmt: skip
+    model = MARLM(config).eval()
+    unique = sum(p.numel() for p in model.parameters())
+    ids = torch.randint(0, 40, (1, 6))
+    chip = HardwareProfile("test-tied-chip", ac_pj=1.0, mac_pj=1.0,
+                           memory=(MemoryLevel("sram", unique * 4, 1.0),
+                                   MemoryLevel("dram", None, 100.0)))  # fmt: skip
+    report = profile(model, ids, hardware=chip)
+    head, embed = report.row("head"), report.row("embed")
+    assert head.weights_of == "embed" and head.shared_parameters == 40 * 8
+    assert sum(r.parameters - r.shared_parameters for r in report.rows) == unique
+    assert {r.weight_level for r in report.rows if r.parameters} == {"sram"}  # all of it fits
+    assert head.weight_level == embed.weight_level
+    again = EnergyReport.from_json(report.to_json())
+    assert again.row("head").weights_of == "embed"
+    assert again.total_energy_pj == pytest.approx(report.total_energy_pj, rel=1e-12)
+    untied = MARLM(MARConfig(**{**config.__dict__, "tie_embeddings": False})).eval()
+    assert profile(untied, ids, hardware=chip).row("head").weights_of is None

@@ -901,6 +901,7 @@ class EnergyCounter(counting.CountsSink):
         _check_tokens(tokens)
         active = [row for row in self._rows.values() if row.events]
         rows = _resolve(active)
+        _mark_shared_weights(self.model, rows)
         reporting = {row.name for row in active if row.reporting}
         uncounted = tuple(
             (name, type_name)
@@ -915,6 +916,28 @@ class EnergyCounter(counting.CountsSink):
             uncounted=uncounted,
             parameters=self._parameter_count(self.model, recurse=True),
         )
+
+
+def _mark_shared_weights(model: nn.Module, rows: list[dict[str, Any]]) -> None:
+    """Give each row whose module holds a parameter tensor that an earlier row's module holds
+    too (a head tied to the embedding) ``shared_parameters`` (those elements) and
+    ``weights_of`` (that row), so that placement holds the tensor once."""
+    modules = dict(model.named_modules())
+    owner: dict[int, str] = {}
+    for row in rows:
+        module = modules.get(row["name"])
+        if module is None or not row.get("parameters"):
+            continue
+        own = list(module.parameters(recurse=False))
+        # the row counts its module's own parameters, or (a spike point) its children's too
+        params = own if sum(p.numel() for p in own) == row["parameters"] else list(
+            module.parameters()
+        )  # fmt: skip
+        for param in params:
+            first = owner.setdefault(id(param), row["name"])
+            if first != row["name"]:
+                row["shared_parameters"] = row.get("shared_parameters", 0) + param.numel()
+                row.setdefault("weights_of", first)
 
 
 def _linear_fed_points(model: nn.Module) -> frozenset[int]:

@@ -99,6 +99,10 @@ class LayerRow:
     sparse_index_bits: int = 0  # the non-zeros' indices (read instead, under zero-skipping)
     spike_source: str | None = None  # the spike point(s) or neuron(s) whose spikes it reads
     parameters: int = 0  # parameter elements its module holds (where its weights are placed)
+    # of those, elements an earlier row's module holds too (tied weights: a head that reuses the
+    # embedding matrix), and that row: held once, in the level where that row's weights are
+    shared_parameters: int = 0
+    weights_of: str | None = None
     # memory under the profile: bytes moved, the level each class lives in, energy
     weight_bytes: float = 0.0
     activation_bytes: float = 0.0
@@ -186,20 +190,33 @@ def place_weights(
     the levels are filled greedily, hottest weights first (bytes read per byte held), each row
     in the smallest level with room left for all of it; what fits nowhere goes to the last
     level. So small, often-read parameters (thresholds, norms, an SSM's decays) stay on chip
-    while large matrices spill to DRAM first."""
+    while large matrices spill to DRAM first. A tensor two rows share (``weights_of``: a tied
+    head and its embedding) is held once, where its first row's weights are, and is as hot as
+    both rows' reads of it."""
     levels = hw.memory
     if levels is None:
         raise ValueError(f"hardware: {hw.name!r} has no memory levels")
     counts = [_counts_of(r) if isinstance(r, LayerRow) else r for r in rows]
+    names = {c["name"] for c in counts}
+    traffic = {c["name"]: memory_traffic(c, hw)[0] for c in counts}
+    for c in counts:  # a shared tensor's reads through either row heat its one copy
+        owner = c.get("weights_of")
+        if owner in names:
+            traffic[owner] += traffic[c["name"]]
+
+    def held(c: dict[str, Any]) -> int:
+        return c.get("parameters", 0) - (c.get("shared_parameters", 0) if
+                                          c.get("weights_of") in names else 0)  # fmt: skip
 
     def heat(c: dict[str, Any]) -> float:
-        return memory_traffic(c, hw)[0] / max(1, c.get("parameters", 0))
+        return traffic[c["name"]] / max(1, held(c))
 
     free: list[float] = [math.inf if lv.capacity_bytes is None else lv.capacity_bytes
                          for lv in levels]  # fmt: skip
     out: dict[str, MemoryLevel] = {}
-    for c in sorted(counts, key=heat, reverse=True):
-        size = c.get("parameters", 0) * hw.value_bytes
+    sharers = [c for c in counts if c.get("weights_of") in names]
+    for c in sorted((c for c in counts if c not in sharers), key=heat, reverse=True):
+        size = held(c) * hw.value_bytes
         chosen = levels[-1]
         for k, level in enumerate(levels):
             if size <= free[k]:
@@ -207,6 +224,10 @@ def place_weights(
                 chosen = level
                 break
         out[c["name"]] = chosen
+    for c in sharers:  # its own rest (a bias) goes with the shared tensor
+        k = levels.index(out[c["weights_of"]])
+        free[k] -= held(c) * hw.value_bytes
+        out[c["name"]] = levels[k]
     return out
 
 
@@ -261,6 +282,8 @@ def _price_row(
         **memory_counts,
         spike_source=counts.get("spike_source"),
         parameters=int(counts.get("parameters", 0)),
+        shared_parameters=int(counts.get("shared_parameters", 0)),
+        weights_of=counts.get("weights_of"),
         weight_bytes=weight_b,
         activation_bytes=act_b,
         state_bytes=state_b,
@@ -315,6 +338,8 @@ _COUNT_FIELDS = (
     "notes",
     *MEMORY_COUNT_FIELDS,
     "parameters",
+    "shared_parameters",
+    "weights_of",
     "spike_source",
 )
 
@@ -466,8 +491,8 @@ class EnergyReport:
             raise ValueError(f"data: expected a {SCHEMA!r} report, got schema {got!r}")
         hw = HardwareProfile.from_dict(data["hardware"])
         # an older report has no memory counts: they read as zero
-        rows = [{k: r.get(k, 0 if k != "spike_source" else None) for k in _COUNT_FIELDS}
-                for r in data["rows"]]  # fmt: skip
+        rows = [{k: r.get(k, None if k in ("spike_source", "weights_of") else 0)
+                 for k in _COUNT_FIELDS} for r in data["rows"]]  # fmt: skip
         return cls.build(
             rows,
             hardware=hw,
@@ -554,8 +579,9 @@ class EnergyReport:
             return [f"memory traffic (not priced: compute-only profile): {moved} ({how})"]
         held: dict[str, float] = {}
         for r in self.rows:
-            if r.weight_level is not None and r.parameters:
-                held[r.weight_level] = held.get(r.weight_level, 0) + r.parameters * hw.value_bytes
+            own = r.parameters - r.shared_parameters  # a tied tensor once
+            if r.weight_level is not None and own:
+                held[r.weight_level] = held.get(r.weight_level, 0) + own * hw.value_bytes
         where = ", ".join(
             f"{_fmt_bytes(held[lv.name])} in {lv.name}"
             for lv in hw.memory  # type: ignore[union-attr]

@@ -461,7 +461,8 @@ def test_eval_command_text_perplexity(tiny_checkpoint, char_model, tmp_path, cap
         (["--label", "x", "--label", "y"], "--label: 2 labels for 1 checkpoints"),
         (["--tasks", ","], "--tasks: expected at least one task name"),
         (["--include-path", "no/such/dir"], "--include-path: no folder at no/such/dir"),
-        (["--text", "no/such.txt"], "no text file at no/such.txt"),
+        (["--text", "no/such.txt"], "--text: no text file at no/such.txt"),
+        (["--hardware", "tpu"], "--hardware: unknown profile 'tpu'"),
     ],
 )
 def test_eval_command_bad_input_is_one_line(harness, tiny_checkpoint, capsys, extra, message):

@@ -302,7 +302,10 @@ def _run_text(
     from .report import DEFAULT_COLUMNS, energy_cells, energy_summary, unpriced_note
     from .scoring import Scorer, load_model
 
-    text = read_text(args.text)
+    try:
+        text = read_text(args.text)
+    except (OSError, ValueError) as err:  # the reader's "path:" is --text here
+        raise type(err)("--text: " + str(err).removeprefix("path: ")) from err
     results = []
     energies: list[dict | None] = []
     count = not args.no_energy
@@ -380,7 +383,10 @@ def eval_main(args: argparse.Namespace) -> int:
         if args.hardware:
             from ..energy import get_profile
 
-            columns = [get_profile(h).name for h in args.hardware]
+            try:
+                columns = [get_profile(h).name for h in args.hardware]
+            except ValueError as err:
+                raise ValueError(f"--{err}") from err  # "hardware: unknown profile ..."
         if args.text is not None:
             _run_text(args, checkpoints, labels, written, columns)
             return 0

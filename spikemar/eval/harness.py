@@ -207,7 +207,7 @@ class SpikemarLM(TemplateLM):
         own)."""
         prefix = []
         if add_special_tokens is not False and self._text_prefix:
-            if not string.startswith(self._prefix_text):
+            if not (self._prefix_text and string.startswith(self._prefix_text)):
                 prefix = list(self._text_prefix)
         chars = getattr(self.tokenizer, "chars", None)
         if self.unk is not None and chars is not None:

@@ -326,6 +326,19 @@ def test_stage2_from_a_converted_pretrained_student(corpus, tmp_path, capsys):
                              student=str(student)))  # fmt: skip
 
 
+def test_student_flags_beside_a_converted_student_are_named(corpus, tmp_path, capsys):
+    """The library's student_config is the command's --T/--tau/... flags: the error names
+    them (it said 'student_config: ...', no flag of the command)."""
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--stage", "2", "--teacher", str(tmp_path / "m2"), "--student",
+              str(tmp_path / "student.pt"), "--T", "2", "--tau", "2", "--data", str(corpus),
+              "--out", str(tmp_path / "s.pt")])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "error: --T/--tau: " in err and "already fixes the student" in err
+    assert "student_config" not in err.partition("fixes")[0]
+
+
 def test_a_teacher_without_a_tokenizer_takes_one_from_elsewhere(corpus, tmp_path, capsys):
     """As state-spaces/mamba2-130m, whose directory ships no tokenizer: --tokenizer names one
     (convert and distill alike); without it the error says so in one line."""

@@ -96,6 +96,9 @@ def distill_main(args: argparse.Namespace) -> int:
     return 0
 
 
+# the flags that make the library's student_config
+_STUDENT_FLAGS = ("d_model", "d_state", "head_dim", "neuron", "T", "tau", "v_threshold")
+
 # the library's argument names that this command's flags call otherwise
 _FLAGS = {"teacher": "--teacher", "student": "--student", "path": "--data", "text": "--data",
           "data": "--data", "out": "--out"}  # fmt: skip
@@ -110,4 +113,8 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     name, sep, rest = message.partition(": ")
     if sep and name == "tokenizer":
         return f"{'--tokenizer' if args.tokenizer is not None else '--teacher'}: {rest}"
+    given = [f"--{flag.replace('_', '-')}" for flag in _STUDENT_FLAGS
+             if getattr(args, flag, None) is not None]  # fmt: skip
+    if sep and name == "student_config" and given:  # the flags that made the library's dict
+        return f"{'/'.join(given)}: {rest}"
     return f"{_FLAGS[name]}: {rest}" if sep and name in _FLAGS else message

@@ -29,6 +29,7 @@ from spikemar.refine import (
     random_schedule,
     replaceable_layers,
     schedule_kl,
+    uniform_schedules,
 )
 
 SMALL = dict(vocab_size=11, d_model=16, n_layers=2, d_state=4, head_dim=8)
@@ -649,3 +650,37 @@ def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_pa
         assert main(argv) == 2
         err = capsys.readouterr().err.strip()
         assert message in err and "\n" not in err, err
+
+
+def test_pareto_plot_names_every_point_in_its_legend(monkeypatch, tmp_path):
+    """The uniform schedules sit close together: their labels, written at the points, ran into
+    each other and off the figure, and "before"/"after stage 2" overlapped. Every point is a
+    legend entry beside the axes now, with no text on the axes."""
+    import spikemar.viz
+
+    figures = []
+    real = spikemar.viz.save_figure
+
+    def keep(fig, path, **kwargs):
+        figures.append(fig)
+        return real(fig, path, **kwargs)
+
+    monkeypatch.setattr(spikemar.viz, "save_figure", keep)
+    settings_ = [{"T": 4, "v_threshold": v} for v in (0.25, 0.5, 1.0)] + [{"T": 2}]
+    modules = {
+        name: [Option(name, "dense", 0.0, 1.0, 0.0)]
+        + [Option(name, dict(s), 0.1 + 0.01 * k, 1.0, 10.0 + k) for k, s in enumerate(settings_)]
+        for name in ("a", "b")
+    }
+    m = Measurements(modules, 100.0, 1.0, "45nm-fp32")
+    assert len(uniform_schedules(m)) == 4  # four close together
+    p = plan(m, energy_ratio=1.2)
+    measured = {"plan, before stage 2": (p.energy_ratio, 0.1), "plan, after stage 2": (1.0, 0.05)}
+    pareto_plot(m, [p], tmp_path / "pareto.png", measured=measured)
+    (fig,) = figures
+    (ax,) = fig.axes
+    assert len(ax.texts) == 0  # nothing written at the points
+    labels = [t.get_text() for t in ax.get_legend().get_texts()]
+    for name in uniform_schedules(m):
+        assert f"uniform {name}, predicted" in labels
+    assert {"plan, before stage 2, measured", "plan, after stage 2, measured"} <= set(labels)

@@ -232,29 +232,32 @@ def pareto_plot(
     from ..viz import save_figure
 
     front, _ = pareto_front(measurements)
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    # every point is named in the legend beside the axes (labels written at the points ran
+    # into each other and off the figure: the uniform schedules sit close together)
+    fig, ax = plt.subplots(figsize=(9.0, 4.4))
     xs = [_ratio(measurements, p.saved) for p in front]
     ax.step(xs, [p.kl for p in front], where="post", color="0.5", lw=1,
             label="predicted Pareto front (sum of per-module KL)")  # fmt: skip
-    for label, picks in uniform_schedules(measurements).items():
+    shapes = "sD^vP<>Xph"
+    for n, (label, picks) in enumerate(uniform_schedules(measurements).items()):
         saved = sum(o.energy_saved_pj for o in picks.values())
         kl = sum(o.kl for o in picks.values())
-        ax.scatter([_ratio(measurements, saved)], [kl], marker="s", color="tab:orange", zorder=3)
-        ax.annotate(f"uniform {label}", (_ratio(measurements, saved), kl), fontsize=7,
-                    xytext=(3, 3), textcoords="offset points")  # fmt: skip
+        ax.scatter([_ratio(measurements, saved)], [kl], marker=shapes[n % len(shapes)],
+                   color="tab:orange", zorder=3, label=f"uniform {label}, predicted")  # fmt: skip
     for p in plans:
         budget = ", ".join(f"{k}={v:g}" for k, v in p.budget.items())
         ax.scatter([p.energy_ratio], [p.predicted_kl], marker="*", s=120, color="tab:blue",
                    zorder=4, label=f"plan ({budget}), predicted")  # fmt: skip
-    for label, (ratio, kl) in (measured or {}).items():
-        ax.scatter([ratio], [kl], marker="o", facecolors="none", edgecolors="tab:red", s=60,
-                   zorder=5)  # fmt: skip
-        ax.annotate(f"{label} (measured)", (ratio, kl), fontsize=7, color="tab:red",
-                    xytext=(3, -9), textcoords="offset points")  # fmt: skip
+    for n, (label, (ratio, kl)) in enumerate((measured or {}).items()):
+        filled = n % 2 == 1  # before / after stage 2: open, then filled
+        ax.scatter([ratio], [kl], marker="o", s=24 if filled else 70, zorder=5 + n,
+                   edgecolors="tab:red",
+                   facecolors="tab:red" if filled else "none",
+                   label=f"{label}, measured")  # fmt: skip
     ax.set_xlabel(f"energy ratio teacher / student ({measurements.hardware})")
     ax.set_ylabel("KL(teacher ‖ student), nats/token")
     ax.set_yscale("symlog", linthresh=1e-3)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.02, 1.0), borderaxespad=0.0)
     fig.tight_layout()
     return save_figure(fig, path)

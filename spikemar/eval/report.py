@@ -305,7 +305,7 @@ def _energy_panel(ax, points: list[tuple], hw: str, ylabel: str, title: str, *,
                   from_zero: bool) -> None:  # fmt: skip
     """One labelled point per ``(label, energy_pj, value, stderr or None)``, energy on a log
     axis."""
-    from matplotlib.ticker import NullFormatter
+    from matplotlib.ticker import FuncFormatter, LogLocator, NullFormatter
 
     for label, energy, value, se in points:
         ax.errorbar(energy, value, yerr=se, fmt="o", capsize=3, label=label)
@@ -315,8 +315,16 @@ def _energy_panel(ax, points: list[tuple], hw: str, ylabel: str, title: str, *,
     ax.set_xlim(min(energies) / 2, max(energies) * 2)  # room for the markers at the edges
     ax.legend(fontsize=8, loc="lower right" if from_zero else "upper right")
     ax.set_xscale("log")
-    ax.xaxis.set_minor_formatter(NullFormatter())  # labels on 1, 2, 5 × 10^k would overlap
-    ax.set_xlabel(f"energy per token ({hw}, pJ)")
+    # ticks in pJ/nJ/µJ; within less than two decades (a student beside its teacher: the
+    # usual case) one power of ten or none would be labelled, so 2× and 5× are labelled too
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _: _pj(v)))
+    lo, hi = ax.get_xlim()
+    if hi / lo < 100:
+        ax.xaxis.set_minor_locator(LogLocator(subs=(2.0, 5.0)))
+        ax.xaxis.set_minor_formatter(FuncFormatter(lambda v, _: _pj(v)))
+    else:
+        ax.xaxis.set_minor_formatter(NullFormatter())  # labels on 2, 5 × 10^k would overlap
+    ax.set_xlabel(f"energy per token ({hw})")
     ax.set_ylabel(ylabel)
     ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3, which="both")

@@ -626,7 +626,8 @@ def test_refine_command_refuses_what_cannot_work_before_any_work(tmp_path, capsy
 def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_path, capsys):
     """A KL budget below every option's KL plans no spiking point: the run still ends (it
     raised KeyError 'kl_calibrated'); --resume with another teacher or another --hardware than
-    the run was measured for is one line (it crashed in a tensor op, or re-planned silently)."""
+    the run was measured for, or a budget that plans another schedule, is one line (it crashed
+    in a tensor op, or re-planned silently)."""
     from spikemar.cli import main
 
     tokenizer = _tiny_corpus(tmp_path)
@@ -643,13 +644,16 @@ def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_pa
     for teacher, extra, message in [
         ("other.pt", (), "was measured for teacher"),
         ("teacher.pt", ("--hardware", "45nm-fp16"), "was measured under --hardware 45nm-fp32"),
+        # another budget, another schedule: the results reported the new plan beside the old
+        # plan's trained student
+        ("teacher.pt", ("--budget-kl", "100"), "was planned for budget {'max_kl': 1e-12}"),
     ]:
         capsys.readouterr()
         argv = _refine_argv(tmp_path, tmp_path / teacher, out, "--budget-kl", "1e-12",
                             "--resume", *extra)  # fmt: skip
         assert main(argv) == 2
-        err = capsys.readouterr().err.strip()
-        assert message in err and "\n" not in err, err
+        line = capsys.readouterr().err.strip().splitlines()[-1]  # after any progress lines
+        assert line.startswith("spikemar refine: error: resume:") and message in line, line
 
 
 def test_pareto_plot_names_every_point_in_its_legend(monkeypatch, tmp_path):

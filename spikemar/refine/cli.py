@@ -226,6 +226,14 @@ def refine_main(args: argparse.Namespace) -> int:
         chosen = plan(m, energy_ratio=args.budget_energy)
     else:
         chosen = plan(m, max_kl=args.budget_kl)
+    if resume and (out / "init.pt").exists() and (out / "plan.json").is_file():
+        # the student at --out was built from the saved plan: another budget would plan another
+        # student, whose numbers the results would report beside this one's
+        saved = json.loads((out / "plan.json").read_text())
+        if saved.get("points") != chosen.to_json()["points"]:
+            raise ValueError(f"resume: {out} was planned for budget {saved.get('budget')}, which "
+                             f"chose another schedule than {chosen.budget}; give that budget, or "
+                             "--overwrite to start again")  # fmt: skip
     chosen.save(out / "plan.json")
     spiking = sum(1 for s in chosen.points.values() if s != "dense")
     _say(args, f"plan: {spiking}/{len(chosen.points)} points refined, predicted KL "

@@ -647,6 +647,7 @@ def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_pa
         # another budget, another schedule: the results reported the new plan beside the old
         # plan's trained student
         ("teacher.pt", ("--budget-kl", "100"), "was planned for budget {'max_kl': 1e-12}"),
+        ("teacher.pt", ("--option", "T=2,v_threshold=0.5"), "was measured with --option"),
     ]:
         capsys.readouterr()
         argv = _refine_argv(tmp_path, tmp_path / teacher, out, "--budget-kl", "1e-12",

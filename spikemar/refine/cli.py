@@ -128,7 +128,9 @@ def _teacher_id(teacher: str) -> str:
     return str(path.resolve()) if path.exists() else str(teacher)
 
 
-def _check_resumed(m: Any, teacher_id: str, hardware: str, out: Path) -> None:
+def _check_resumed(
+    m: Any, teacher_id: str, hardware: str, options: list[dict[str, Any]], out: Path
+) -> None:
     """One line when ``--resume`` would continue a run measured for another teacher or under
     another profile (its plan, initial student and stage 2 would not fit this one)."""
     from ..energy import get_profile
@@ -137,6 +139,10 @@ def _check_resumed(m: Any, teacher_id: str, hardware: str, out: Path) -> None:
     if saved is not None and saved != teacher_id:
         raise ValueError(f"resume: {out} was measured for teacher {saved}, not {teacher_id}; "
                          "give that --teacher, or --overwrite to start again")  # fmt: skip
+    saved_options = m.info.get("options")
+    if saved_options is not None and saved_options != options:
+        raise ValueError(f"resume: {out} was measured with --option {saved_options}, not "
+                         f"{options}; give those, or --overwrite to start again")  # fmt: skip
     if get_profile(m.hardware).name != get_profile(hardware).name:
         raise ValueError(
             f"resume: {out} was measured under --hardware {m.hardware}, not {hardware}; give "
@@ -185,7 +191,8 @@ def refine_main(args: argparse.Namespace) -> int:
     check_hardware(args.hardware)  # a profile that cannot price the trade: before any work
     teacher_id = _teacher_id(args.teacher)
     if resume and done.exists():  # the run at --out must be this teacher's, on this profile
-        _check_resumed(Measurements.load(done), teacher_id, args.hardware, out)
+        options = [dict(o) for o in (args.options or DEFAULT_OPTIONS)]
+        _check_resumed(Measurements.load(done), teacher_id, args.hardware, options, out)
     _refuse_spiking_teacher(args.teacher)
     from ..models.hub import command_line_hint
 

@@ -89,7 +89,7 @@ SHARD_MODES = ("none", "fsdp")
 # may grow: an extension, whose schedule the saved run fixes, see ``schedule_steps``)
 RESUMABLE_CHANGES = frozenset(
     {"eval_interval", "eval_iters", "device", "amp", "out", "overwrite", "on_nonfinite", "steps",
-     "schedule_steps", "shard"}
+     "schedule_steps", "shard", "gradient_checkpointing"}
 )  # fmt: skip
 
 
@@ -124,6 +124,9 @@ class LoopConfig:
     # under torchrun: 'none' (DistributedDataParallel, a replica per rank) or 'fsdp' (FSDP2:
     # parameters, gradients and optimizer state sharded across the ranks)
     shard: str = "none"
+    # activation checkpointing per layer (the model's gradient_checkpointing_enable()): only
+    # each layer's input is kept for the backward, which recomputes the layer; same updates
+    gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "L", "eval_interval", "eval_iters"):
@@ -146,6 +149,9 @@ class LoopConfig:
             )
         if self.shard not in SHARD_MODES:
             raise ValueError(f"shard: expected one of {SHARD_MODES}, got {self.shard!r}")
+        if not isinstance(self.gradient_checkpointing, bool):
+            raise ValueError(f"gradient_checkpointing: expected True or False, got "
+                             f"{self.gradient_checkpointing!r}")  # fmt: skip
         if not isinstance(self.out, str | os.PathLike) or not str(self.out):
             raise ValueError(f"out: expected a file path, got {self.out!r}")
         self.device = check_device(self.device, name="device")
@@ -229,6 +235,10 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
                    help="under torchrun: 'none' replicates the model on every rank (DDP); "
                         "'fsdp' shards parameters, gradients and optimizer state (FSDP2) "
                         "for models that do not fit one device")  # fmt: skip
+    p.add_argument("--gradient-checkpointing", action="store_true",
+                   help="activation checkpointing per layer: keep only each layer's input for "
+                        "the backward, which recomputes the layer (less memory for long --L, "
+                        "the same updates, about one more forward per step)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar; print the settings, validations and result")  # fmt: skip
 
@@ -252,6 +262,7 @@ def loop_settings(args: argparse.Namespace) -> dict[str, Any]:
         "eval_interval": args.eval_interval, "eval_iters": args.eval_iters, "seed": args.seed,
         "device": args.device, "amp": args.amp, "overwrite": args.overwrite,
         "on_nonfinite": args.on_nonfinite, "shard": args.shard,
+        "gradient_checkpointing": args.gradient_checkpointing,
     }  # fmt: skip
 
 
@@ -579,6 +590,11 @@ def run_training(
         check_resume_config(state["config"], config)
         config = _resumed_config(config, state["config"])
     model = objective.model
+    if config.gradient_checkpointing:
+        if not hasattr(model, "gradient_checkpointing_enable"):
+            raise ValueError(f"gradient_checkpointing: {type(model).__name__} has no "
+                             "gradient_checkpointing_enable()")  # fmt: skip
+        model.gradient_checkpointing_enable()
     objective.to(device).train()
     sharded = world > 1 and config.shard == "fsdp"
     names = [n for group in _optimizer_groups(objective) for n, _ in group]

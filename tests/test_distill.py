@@ -423,3 +423,36 @@ def test_example_teacher_trains_on_a_folder(tmp_path, monkeypatch):
     example.train_teacher(tmp_path / "teacher", corpus, steps=1, seed=0, batch_size=2)
     model = from_pretrained(tmp_path / "teacher")
     assert model.tokenizer.decode(model.tokenizer.encode(ROMEO)) == ROMEO
+
+
+def test_gradient_checkpointing_and_a_bfloat16_teacher(corpus, tmp_path, capsys):
+    """--gradient-checkpointing makes the same updates (the layers recomputed in the backward,
+    bit for bit); --teacher-dtype bfloat16 holds the teacher in bfloat16 (its residual stream
+    in float32, as transformers') and trains against its float32-cast outputs: the loss moves
+    by bfloat16 rounding, not more."""
+    write_mamba2_checkpoint(tmp_path / "m2")
+    student = tmp_path / "student.pt"
+    convert(tmp_path / "m2", student, spikes={"T": 4}, data=corpus, calib_batches=1,
+            eval_batches=1, batch_size=2, L=16)  # fmt: skip
+
+    def run(name: str, *flags: str):
+        code = main(["distill", "--stage", "2", "--teacher", str(tmp_path / "m2"), "--student",
+                     str(student), "--data", str(corpus), "--out", str(tmp_path / name),
+                     "--steps", "2", "--batch-size", "2", "--L", "16", "--eval-interval", "2",
+                     "--eval-iters", "1", "--no-progress", *flags])  # fmt: skip
+        capsys.readouterr()
+        assert code == 0
+        model, _, payload = load_checkpoint(tmp_path / name)
+        return model.state_dict(), payload
+
+    plain, _ = run("plain.pt")
+    recomputed, saved = run("ckpt.pt", "--gradient-checkpointing")
+    assert saved["train"]["config"]["gradient_checkpointing"] is True
+    assert all(torch.equal(plain[k], recomputed[k]) for k in plain)
+    half, saved = run("bf16.pt", "--teacher-dtype", "bfloat16")
+    assert saved["train"]["config"]["teacher_dtype"] == "bfloat16"
+    moved = max((plain[k] - half[k]).abs().max().item() for k in plain)
+    assert 0 < moved < 1e-2
+    with pytest.raises(ValueError, match="teacher_dtype: expected one of"):
+        DistillConfig(**loop(corpus, tmp_path / "x.pt", stage=2, teacher=str(tmp_path / "m2"),
+                             teacher_dtype="int8"))  # fmt: skip

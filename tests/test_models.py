@@ -206,3 +206,44 @@ def test_prefill_benchmark_prints_the_whole_table(load_script, capsys):
     assert [r.split(" | ")[1] for r in rows[1:]] == ["3"] * 7 + ["9"] * 7
     first = [c.strip() for c in rows[1].strip("| ").split(" | ")]
     assert first[2].endswith(" ms") and first[4].endswith(" ms")  # transformers' prefill too
+
+
+@pytest.mark.parametrize("kind", ["mar", "transformer"])
+def test_gradient_checkpointing_keeps_only_layer_inputs_and_the_same_gradients(kind):
+    """gradient_checkpointing_enable(): the same gradients (bit for bit: the layers run the
+    same operations again), and far fewer bytes kept between forward and backward."""
+    from torch.autograd.graph import saved_tensors_hooks
+
+    from spikemar.models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
+
+    torch.manual_seed(0)
+    if kind == "mar":
+        model = MARLM(MARConfig(vocab_size=50, d_model=32, n_layers=3, d_state=8,
+                                spikes=SpikeConfig(T=4)))  # fmt: skip
+    else:
+        model = TransformerLM(TransformerConfig(vocab_size=50, d_model=32, n_layers=3,
+                                                n_heads=4, max_len=64))  # fmt: skip
+    model = model.double().train()
+    x = torch.randint(0, 50, (2, 40), generator=torch.Generator().manual_seed(1))
+
+    def gradients_and_kept_bytes():
+        model.zero_grad()
+        kept = []
+
+        def pack(t):
+            kept.append(t.numel() * t.element_size())
+            return t
+
+        with saved_tensors_hooks(pack, lambda t: t):
+            loss = model(x).logsumexp(-1).mean()
+        loss.backward()
+        return [p.grad.clone() for p in model.parameters()], sum(kept)
+
+    plain, plain_bytes = gradients_and_kept_bytes()
+    model.gradient_checkpointing_enable()
+    assert model.gradient_checkpointing
+    again, kept_bytes = gradients_and_kept_bytes()
+    assert all(torch.equal(a, b) for a, b in zip(plain, again, strict=True))
+    assert kept_bytes < plain_bytes / 4
+    model.gradient_checkpointing_disable()
+    assert gradients_and_kept_bytes()[1] == plain_bytes

@@ -26,6 +26,10 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
                    help="the teacher: a spikemar checkpoint, a Hugging Face model directory, "
                         "or a Hub id owner/name (fetched where there is a network)")  # fmt: skip
     add_tokenizer_argument(p, "the teacher's")
+    p.add_argument("--teacher-dtype", choices=("float32", "bfloat16", "float16"),
+                   default="float32",
+                   help="the frozen teacher's weights and arithmetic (bfloat16: half the "
+                        "memory; its outputs enter the loss in float32)")  # fmt: skip
     add_loop_arguments(p, out="runs/student.pt")
     loss = p.add_argument_group("SBDS loss")
     loss.add_argument("--alpha", type=non_negative_float, default=0.2, help="forward KL weight")
@@ -80,7 +84,7 @@ def distill_main(args: argparse.Namespace) -> int:
             feature=None if args.feature == "none" else args.feature,
             align_steps=args.align_steps, student_config=student,
             init_from_teacher=not args.no_init_from_teacher, student=args.student,
-            tokenizer=args.tokenizer,
+            tokenizer=args.tokenizer, teacher_dtype=args.teacher_dtype,
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: a Hub id

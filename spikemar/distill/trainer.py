@@ -58,6 +58,9 @@ __all__ = ["DistillConfig", "DistillObjective", "Teacher", "distill", "transfer_
 FEATURES = ("prenorm", "postnorm", None)
 
 
+TEACHER_DTYPES = ("float32", "bfloat16", "float16")
+
+
 @dataclass
 class DistillConfig(LoopConfig):
     stage: int = 2
@@ -75,6 +78,9 @@ class DistillConfig(LoopConfig):
     # the teacher's tokenizer where its directory ships none (state-spaces/mamba2-130m): a
     # directory, a tokenizer.json or a Hub id; None: the teacher's own
     tokenizer: str | None = None
+    # the frozen teacher's weights and arithmetic: 'float32', or 'bfloat16'/'float16' (half the
+    # memory of a large teacher; its logits and states reach the loss in float32)
+    teacher_dtype: str = "float32"
     out: str = "runs/student.pt"
 
     def __post_init__(self) -> None:
@@ -96,6 +102,9 @@ class DistillConfig(LoopConfig):
         if Path(self.out).resolve() == Path(self.teacher).resolve():
             raise ValueError(f"out: {self.out} is the teacher's checkpoint; the student would "
                              "overwrite its teacher")  # fmt: skip
+        if self.teacher_dtype not in TEACHER_DTYPES:
+            raise ValueError(f"teacher_dtype: expected one of {TEACHER_DTYPES}, got "
+                             f"{self.teacher_dtype!r}")  # fmt: skip
         if self.align_steps is None:
             self.align_steps = self.steps // 4 if self.stage == 1 else 0
         if self.align_steps < 0 or self.align_steps > self.steps:
@@ -226,7 +235,8 @@ class Teacher(nn.Module):
         finally:
             for h in hooks:
                 h.remove()
-        return logits, [*states, last[0]]
+        # a 16-bit teacher's outputs reach the loss in float32
+        return logits.float(), [h.float() for h in (*states, last[0])]
 
     @torch.no_grad()
     def postnorm(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -438,6 +448,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
     teacher = Teacher.load(config.teacher, device, tokenizer=config.tokenizer)
+    teacher.model.to(getattr(torch, config.teacher_dtype))
     data = _teacher_data(config, teacher)
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")

@@ -15,6 +15,7 @@ from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
+import torch.utils.checkpoint
 from torch import nn
 
 from ..counting import (
@@ -42,6 +43,7 @@ __all__ = [
     "FFNS",
     "NEURONS",
     "FeedForward",
+    "GradientCheckpointing",
     "LlamaMLP",
     "SpikeConfig",
     "SpikePoint",
@@ -257,18 +259,46 @@ FFNS = {"swiglu": FeedForward, "llama": LlamaMLP}
 
 
 def run_blocks(
-    x: torch.Tensor, blocks: nn.ModuleList, norm: nn.Module, head: nn.Module, return_hidden: bool
+    x: torch.Tensor,
+    blocks: nn.ModuleList,
+    norm: nn.Module,
+    head: nn.Module,
+    return_hidden: bool,
+    checkpointing: bool = False,
 ) -> torch.Tensor | tuple[torch.Tensor, list[torch.Tensor]]:
     """A language model's trunk after its embedding: the residual stream ``x`` through
     ``blocks``, then ``head(norm(·))``. Returns the logits, or with ``return_hidden`` (logits,
     the stream entering each block): the pre-norm features SBDS aligns (:mod:`spikemar.distill`),
-    taken at the same place in the MAR student and its Transformer teacher."""
+    taken at the same place in the MAR student and its Transformer teacher.
+
+    ``checkpointing`` (where autograd records): activation checkpointing per block
+    (``torch.utils.checkpoint``, non-reentrant): only each block's input is kept for the
+    backward, which runs the block's forward again; the same gradients, for one more forward."""
     hidden = []
+    recompute = checkpointing and torch.is_grad_enabled()
     for block in blocks:
         hidden.append(x)
-        x = block(x)
+        if recompute:
+            x = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        else:
+            x = block(x)
     logits = head_logits(head, norm, x)
     return (logits, hidden) if return_hidden else logits
+
+
+class GradientCheckpointing:
+    """``gradient_checkpointing_enable()`` / ``gradient_checkpointing_disable()`` (transformers'
+    names) and the ``gradient_checkpointing`` flag that the model's forward hands to
+    :func:`run_blocks`: activation checkpointing per layer in training, for models whose
+    activations do not fit (a long ``L``, a large vocabulary's logits beside them)."""
+
+    gradient_checkpointing: bool = False
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.gradient_checkpointing = True
+
+    def gradient_checkpointing_disable(self) -> None:
+        self.gradient_checkpointing = False
 
 
 def head_logits(head: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

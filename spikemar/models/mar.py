@@ -48,6 +48,7 @@ from ..ssm.norm import RMSNorm
 from .common import (
     FFNS,
     FeedForward,
+    GradientCheckpointing,
     SpikeConfig,
     SpikePoint,
     check_tokens,
@@ -360,7 +361,7 @@ def _rename_old_spike_point(module, state_dict, prefix, *args) -> None:
         state_dict[f"{prefix}mixer.spike_in.{key[len(old) :]}"] = state_dict.pop(key)
 
 
-class MARLM(nn.Module):
+class MARLM(GradientCheckpointing, nn.Module):
     """The MAR LM; ``MARLM(config.dense())`` is its dense twin."""
 
     def __init__(self, config: MARConfig) -> None:
@@ -390,7 +391,8 @@ class MARLM(nn.Module):
             raise ValueError(
                 f"tokens: length {tokens.shape[1]} exceeds max_len {self.config.max_len}"
             )
-        return run_blocks(self.embed(tokens), self.layers, self.norm, self.head, return_hidden)
+        return run_blocks(self.embed(tokens), self.layers, self.norm, self.head, return_hidden,
+                          self.gradient_checkpointing)  # fmt: skip
 
     def init_state(self, batch: int, *, in_place: bool = False) -> list:
         """The layers' states before the first token of ``batch`` sequences. ``in_place``:

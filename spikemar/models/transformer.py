@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..counting import counted_pass, counting_active, record_ops
-from .common import FeedForward, check_tokens, run_blocks
+from .common import FeedForward, GradientCheckpointing, check_tokens, run_blocks
 from .generation import generate
 
 __all__ = ["KVCache", "TransformerConfig", "TransformerLM"]
@@ -138,7 +138,7 @@ class Block(nn.Module):
         return x
 
 
-class TransformerLM(nn.Module):
+class TransformerLM(GradientCheckpointing, nn.Module):
     """Causal Transformer LM; ``model(tokens)`` → logits [batch, L, vocab]."""
 
     def __init__(self, config: TransformerConfig) -> None:
@@ -162,7 +162,8 @@ class TransformerLM(nn.Module):
         if counting_active():  # the position embedding's add
             record_ops(self, kind="position", elementwise_ops=x.numel(),
                        activation_reads=2 * x.numel(), activation_writes=x.numel())  # fmt: skip
-        return run_blocks(x, self.blocks, self.norm, self.head, return_hidden)
+        return run_blocks(x, self.blocks, self.norm, self.head, return_hidden,
+                          self.gradient_checkpointing)  # fmt: skip
 
     def init_state(self, batch: int, *, in_place: bool = False) -> KVCache:
         """An empty KV cache for ``batch`` sequences; ``step`` writes each token into it in

@@ -36,12 +36,12 @@ def _settings(corpus, teacher, out, steps: int) -> dict:
             "student_config": {"d_model": 8, "head_dim": 4}}  # fmt: skip
 
 
-def _torchrun_fsdp(corpus, teacher, out, steps: int, resume: bool = False) -> None:
+def _torchrun_fsdp(corpus, teacher, out, steps: int, resume: bool = False, *extra: str) -> None:
     args = ["distill", "--stage", "2", "--teacher", str(teacher), "--data", str(corpus),
             "--steps", str(steps), "--batch-size", "4", "--L", "16", "--eval-interval", "1",
             "--eval-iters", "1", "--warmup", "2", "--lr", "3e-3", "--no-progress",
             "--no-init-from-teacher", "--d-model", "8", "--head-dim", "4", "--shard", "fsdp",
-            "--out", str(out), *(["--resume"] if resume else [])]  # fmt: skip
+            "--out", str(out), *(["--resume"] if resume else []), *extra]  # fmt: skip
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     run = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
@@ -90,8 +90,9 @@ def test_fsdp_with_two_cpu_processes_equals_one_process_and_resumes(corpus, tmp_
     distill(DistillConfig(**_settings(corpus, teacher, tmp_path / "cross.pt", 3)), resume=True,
             progress=False)  # fmt: skip
     _assert_same_run(one, tmp_path / "cross.pt")
-    # ... and so do two processes under FSDP
-    _torchrun_fsdp(corpus, teacher, two, 3, resume=True)
+    # ... and so do two processes under FSDP, here with activation checkpointing (each
+    # layer's forward again in the backward, inside FSDP's gather of that layer): the same run
+    _torchrun_fsdp(corpus, teacher, two, 3, True, "--gradient-checkpointing")
     _assert_same_run(one, two)
 
 

@@ -456,3 +456,21 @@ def test_gradient_checkpointing_and_a_bfloat16_teacher(corpus, tmp_path, capsys)
     with pytest.raises(ValueError, match="teacher_dtype: expected one of"):
         DistillConfig(**loop(corpus, tmp_path / "x.pt", stage=2, teacher=str(tmp_path / "m2"),
                              teacher_dtype="int8"))  # fmt: skip
+
+
+def test_a_spiking_teacher_is_refused_in_one_line(corpus, tmp_path, capsys):
+    """--teacher and --student swapped: the spiking student is no teacher (it ran, distilling
+    from the quantised model)."""
+    write_mamba2_checkpoint(tmp_path / "m2")
+    student = tmp_path / "student.pt"
+    convert(tmp_path / "m2", student, spikes={"T": 4}, data=corpus, calib_batches=1,
+            eval_batches=1, batch_size=2, L=16)  # fmt: skip
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--stage", "2", "--teacher", str(student), "--student",
+              str(tmp_path / "m2"), "--data", str(corpus), "--out", str(tmp_path / "s.pt"),
+              "--steps", "1"])  # fmt: skip
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
+    assert "--teacher: " in err and "is a spiking model" in err and "swapped" in err
+    assert not (tmp_path / "s.pt").exists()

@@ -448,6 +448,12 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
     teacher = Teacher.load(config.teacher, device, tokenizer=config.tokenizer)
+    if isinstance(teacher.model, MARLM) and any(
+        not isinstance(site.module, nn.Identity) for site in teacher.model.spike_points()
+    ):
+        raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
+                         "teacher is the dense model a student learns from (were the teacher "
+                         "and the student swapped?)")  # fmt: skip
     teacher.model.to(getattr(torch, config.teacher_dtype))
     data = _teacher_data(config, teacher)
     if teacher.max_len is not None and config.L > teacher.max_len:

@@ -124,13 +124,19 @@ def _source_digest(path: Path, docs: list[str], tokenizer: Tokenizer | None) -> 
         h.update(hashlib.sha256(d.encode()).digest())
     if tokenizer is not None:
         h.update(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
+        prefix = tuple(getattr(tokenizer, "prefix_ids", ()))
+        if prefix:  # documents start with it since 2026-12: caches made without it are stale
+            h.update(f"prefix {prefix}".encode())
     return h.hexdigest()[:16]
 
 
 def _encode(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
-    """Every document encoded and packed, ``eos_id`` (or a newline) between documents."""
+    """Every document encoded and packed, ``eos_id`` (or a newline) between documents, each
+    preceded by the tokenizer's own start-of-text ids where it has them (``prefix_ids``:
+    Llama-3's ``<|begin_of_text|>``, as ``tokenizer(text)`` puts it before every document)."""
     if len(docs) > 1:
         sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
+    prefix = np.asarray(getattr(tokenizer, "prefix_ids", ()), dtype=np.int64)
     batch = getattr(tokenizer, "encode_batch", None)
     parts: list[np.ndarray] = []
     for i in range(0, len(docs), 1024):
@@ -139,6 +145,8 @@ def _encode(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
         for j, ids in enumerate(encoded):
             if parts or j:
                 parts.append(np.asarray(sep, dtype=np.int64))
+            if len(prefix):
+                parts.append(prefix)
             parts.append(np.asarray(ids, dtype=np.int64))
     return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
 

@@ -17,6 +17,7 @@ read them back. Two kinds:
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 from dataclasses import dataclass
@@ -96,6 +97,11 @@ class CharTokenizer:
     @property
     def eos_id(self) -> int | None:
         return None
+
+    @property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """No token starts a text (see :attr:`HFTokenizer.prefix_ids`)."""
+        return ()
 
     def encode(self, text: str) -> list[int]:
         index = {c: i for i, c in enumerate(self.chars)}
@@ -208,6 +214,25 @@ class HFTokenizer:
     @property
     def eos_id(self) -> int | None:
         return self._eos_id
+
+    @functools.cached_property
+    def prefix_ids(self) -> tuple[int, ...]:
+        """The ids the tokenizer's own post-processor puts before every text when asked for
+        special tokens: Llama-3's (so Llamba's) ``<|begin_of_text|>``, which its model saw at
+        the start of every document; ``()`` for tokenizers without one (GPT-NeoX's, used by
+        Mamba-2: an end-of-text token separates documents instead). :meth:`encode` leaves them
+        out; the training data and the evaluation put them in (as transformers' and lm_eval's
+        ``tokenizer(text)`` do)."""
+        raw = self._tokenizer
+        for probe in ("a", "text", "0"):  # a probe the vocabulary cannot encode gives no ids
+            plain = raw.encode(probe, add_special_tokens=False).ids
+            if plain:
+                break
+        full = raw.encode(probe, add_special_tokens=True).ids
+        for k in range(len(full) - len(plain) + 1):
+            if full[k : k + len(plain)] == plain:
+                return tuple(full[:k])
+        return ()
 
     def with_eos_id(self, eos_id: int | None) -> HFTokenizer:
         """The same tokenizer with another end-of-text id."""

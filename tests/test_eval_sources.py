@@ -25,7 +25,11 @@ import torch
 pytest.importorskip("lm_eval", reason="lm-evaluation-harness (the 'eval' extra) is missing")
 transformers = pytest.importorskip("transformers")
 
-from references.hf_checkpoints import bpe_tokenizer, write_mamba2_checkpoint  # noqa: E402
+from references.hf_checkpoints import (  # noqa: E402
+    begin_of_text_tokenizer,
+    bpe_tokenizer,
+    write_mamba2_checkpoint,
+)
 
 from spikemar.checkpoint import save_checkpoint  # noqa: E402
 from spikemar.eval import harness  # noqa: E402
@@ -84,20 +88,6 @@ def test_hugging_face_directory_scores_as_transformers_logits(mamba2_dir):
     assert rolling == pytest.approx(want, rel=1e-4)
 
 
-def _begin_of_text_tokenizer() -> HFTokenizer:
-    """The test BPE with a post-processor that puts ``<|begin_of_text|>`` (id 300) before every
-    text, as Llama-3's tokenizer (Llamba's) does; end of text stays id 0."""
-    from tokenizers import Tokenizer, processors
-
-    raw = Tokenizer.from_str(bpe_tokenizer(300).to_dict()["json"])
-    raw.add_special_tokens(["<|begin_of_text|>"])
-    bos = raw.token_to_id("<|begin_of_text|>")
-    raw.post_processor = processors.TemplateProcessing(
-        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
-    )
-    return HFTokenizer(raw, eos_id=0)
-
-
 def test_a_tokenizer_that_begins_texts_with_a_token_scores_as_lm_evals_hf_model(tmp_path):
     """lm_eval's ``hf`` model (add_bos_token unset: the tokenizer's own behaviour) encodes each
     context with the tokenizer's ``<|begin_of_text|>`` first and takes that token as the prefix
@@ -105,7 +95,7 @@ def test_a_tokenizer_that_begins_texts_with_a_token_scores_as_lm_evals_hf_model(
     token as prefix), so a Llamba scored worse than lm_eval scores it. Direct computation from
     transformers' logits, as the ``hf`` model would run them."""
     hf = write_mamba2_checkpoint(tmp_path, vocab_size=304, tokenizer=False)
-    tok = _begin_of_text_tokenizer()
+    tok = begin_of_text_tokenizer()
     tok.save(tmp_path)
     lm = harness.SpikemarLM(checkpoint=tmp_path, count_energy=False, batch_size=2)
     bos = 300

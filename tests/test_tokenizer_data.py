@@ -7,7 +7,7 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
-from references.hf_checkpoints import bpe_tokenizer
+from references.hf_checkpoints import begin_of_text_tokenizer, bpe_tokenizer
 
 from spikemar.checkpoint import load_checkpoint, save_checkpoint
 from spikemar.data import TokenDataset, prepare, read_documents
@@ -115,6 +115,20 @@ def test_folder_of_txt_and_jsonl_is_packed_with_eos(tmp_path, tok):
     assert ds.tokenizer == tok and ds.vocab_size == 300 and ds.splits["train"].dtype == np.uint16
     w = ds.windows("train", 8, max_windows=3)
     assert w.shape == (3, 9) and w[1, 0] == w[0, 8] and w[0].tolist() == stream[:9]
+
+
+def test_documents_start_with_the_tokenizers_begin_of_text_token(tmp_path):
+    """A tokenizer that puts a token before every text (Llama-3's <|begin_of_text|>, so
+    Llamba's) has it before every packed document, as ``tokenizer(text)`` gives each document
+    in training; the others' streams are unchanged (their caches too)."""
+    tok = begin_of_text_tokenizer()
+    assert tok.prefix_ids == (300,) and bpe_tokenizer(300).prefix_ids == ()
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("\n".join(json.dumps({"text": t}) for t in (TEXT, "hear me", "Citizen")))
+    ds = TokenDataset.from_text_file(corpus, cache_dir=tmp_path / "c", tokenizer=tok)
+    stream = np.concatenate([ds.splits["train"], ds.splits["val"]]).tolist()
+    assert stream == [300, *tok.encode(TEXT), 0, 300, *tok.encode("hear me"), 0, 300,
+                      *tok.encode("Citizen")]  # fmt: skip
 
 
 def test_cache_is_keyed_by_tokenizer_and_content(tmp_path, tok):

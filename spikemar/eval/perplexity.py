@@ -22,7 +22,6 @@ one token per position, so bins are what make it readable).
 
 from __future__ import annotations
 
-import functools
 import math
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -43,34 +42,13 @@ __all__ = [
 ]
 
 
-@functools.lru_cache(maxsize=8)
-def _special_prefix(tokenizer_json: str) -> tuple[int, ...]:
-    from tokenizers import Tokenizer
-
-    raw = Tokenizer.from_str(tokenizer_json)
-    for probe in ("a", "text", "0"):  # a probe the vocabulary cannot encode gives no ids
-        plain = raw.encode(probe, add_special_tokens=False).ids
-        if plain:
-            break
-    full = raw.encode(probe, add_special_tokens=True).ids
-    for k in range(len(full) - len(plain) + 1):
-        if full[k : k + len(plain)] == plain:
-            return tuple(full[:k])
-    return ()
-
-
 def text_prefix(tokenizer: Any) -> list[int]:
     """The ids a Hugging Face tokenizer's own post-processor puts before every text when asked
     for special tokens: Llama-3's (Llamba's) ``<|begin_of_text|>``, which the model saw at the
     start of every document in training and which lm_eval's ``hf`` model puts before every
     context. ``[]`` for tokenizers without one (GPT-NeoX's, Mamba-2's: its end-of-text token
     starts a text instead; the character tokenizer)."""
-    to_dict = getattr(tokenizer, "to_dict", None)
-    described = to_dict() if callable(to_dict) else None
-    if not isinstance(described, dict) or described.get("kind") != "hf":
-        return []
-    text = described.get("json")
-    return list(_special_prefix(text)) if isinstance(text, str) else []
+    return list(getattr(tokenizer, "prefix_ids", ()))  # HFTokenizer.prefix_ids
 
 
 def end_token(tokenizer: Any) -> int:

@@ -31,6 +31,20 @@ def bpe_tokenizer(vocab_size: int, text: str = TEXT) -> HFTokenizer:
     return HFTokenizer(tok, eos_id=0)
 
 
+def begin_of_text_tokenizer() -> HFTokenizer:
+    """The test BPE with a post-processor that puts ``<|begin_of_text|>`` (id 300) before every
+    text, as Llama-3's tokenizer (Llamba's) does; end of text stays id 0."""
+    from tokenizers import Tokenizer, processors
+
+    raw = Tokenizer.from_str(bpe_tokenizer(300).to_dict()["json"])
+    raw.add_special_tokens(["<|begin_of_text|>"])
+    bos = raw.token_to_id("<|begin_of_text|>")
+    raw.post_processor = processors.TemplateProcessing(
+        single="<|begin_of_text|> $A", special_tokens=[("<|begin_of_text|>", bos)]
+    )
+    return HFTokenizer(raw, eos_id=0)
+
+
 def write_mamba2_checkpoint(
     directory: str | Path, *, tied: bool = False, seed: int = 0, tokenizer: bool = True,
     **overrides: Any,

@@ -29,7 +29,6 @@ positions those passes processed (padding included: the model computed on it too
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import math
 import os
 from collections.abc import Callable, Sequence
@@ -44,6 +43,7 @@ from torch import nn
 from ..energy import EnergyCounter, EnergyReport
 from ..models.generation import context_limit
 from ..models.hub import is_hub_id
+from ..models.states import select_states, stack_states, stackable
 
 __all__ = ["ContinuationScore", "Scorer", "load_model", "model_max_length"]
 
@@ -362,11 +362,11 @@ class Scorer:
                 self.positions += len(context)
                 states.append(state)
                 firsts.append(logits)
-            groups = [list(range(len(contexts)))] if _stackable(states) else [
+            groups = [list(range(len(contexts)))] if stackable(states) else [
                 [i] for i in range(len(contexts))
             ]  # fmt: skip
             for active in groups:
-                state = _stack_states([states[i] for i in active])
+                state = stack_states([states[i] for i in active])
                 logits = torch.cat([firsts[i] for i in active])
                 while True:
                     tokens = logits.argmax(-1)
@@ -379,7 +379,7 @@ class Scorer:
                     if not keep:
                         break
                     if len(keep) < len(active):  # the finished leave the batch
-                        state = _select_rows(state, keep)
+                        state = select_states(state, keep)
                         tokens = tokens[keep]
                         active = [active[r] for r in keep]
                     logits, state = self.model.step(tokens, state)
@@ -390,50 +390,6 @@ class Scorer:
         if self.max_length is not None and len(seq) > self.max_length:
             return seq[-self.max_length :]
         return seq
-
-
-def _stackable(states: list) -> bool:
-    """Whether per-request model states (lists of layer states) can be stacked into one batch:
-    the same dataclass per layer, whose tensors are batch-first and whose other fields agree."""
-    first = states[0]
-    if not isinstance(first, list):
-        return False
-    for layer in range(len(first)):
-        kinds = {type(s[layer]) for s in states}
-        if len(kinds) != 1 or not dataclasses.is_dataclass(first[layer]):
-            return False
-        for f in dataclasses.fields(first[layer]):
-            values = [getattr(s[layer], f.name) for s in states]
-            if isinstance(values[0], torch.Tensor):
-                if any(not isinstance(v, torch.Tensor) or v.dim() == 0 or v.shape[1:]
-                       != values[0].shape[1:] for v in values):  # fmt: skip
-                    return False
-            elif any(v != values[0] for v in values):
-                return False
-    return True
-
-
-def _stack_states(states: list[list]) -> list:
-    """One model state for the requests of ``states`` (see :func:`_stackable`): each layer's
-    tensors concatenated along the batch, its other fields kept."""
-    if len(states) == 1:
-        return states[0]
-    return [_with_tensors(layer, torch.cat) for layer in zip(*states, strict=True)]
-
-
-def _select_rows(state: list, rows: list[int]) -> list:
-    """``state`` for the sequences ``rows`` of its batch (new tensors)."""
-    return [_with_tensors((s,), lambda ts: ts[0][torch.tensor(rows, device=ts[0].device)])
-            for s in state]  # fmt: skip
-
-
-def _with_tensors(layer: Sequence, combine: Callable[[list[torch.Tensor]], torch.Tensor]):
-    """``layer[0]`` (a layer state dataclass) with each tensor field replaced by ``combine`` of
-    that field across ``layer``."""
-    tensors = {f.name: combine([getattr(s, f.name) for s in layer])
-               for f in dataclasses.fields(layer[0])
-               if isinstance(getattr(layer[0], f.name), torch.Tensor)}  # fmt: skip
-    return dataclasses.replace(layer[0], **tensors)
 
 
 def nats_to_bits_per_byte(nats: float, n_bytes: int) -> float:

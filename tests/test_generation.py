@@ -210,3 +210,30 @@ def test_left_padding_needs_an_o1_state():
     # equal lengths need no stacking: the mask of ones is accepted
     out = teacher.generate(ids[:1], 3, temperature=0, attention_mask=mask[:1])
     assert out.shape == (1, 6)
+
+
+def test_states_stack_and_select_rows():
+    """Per-sequence states of a hybrid (SSM and attention layers) stack into one batch that
+    steps as the sequences do alone, rows come back out; KV caches at other lengths do not
+    stack (one clear error), a single state of any kind passes through."""
+    from spikemar.models.states import select_states, stack_states, stackable
+
+    model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=2, d_state=4, max_len=16,
+                            layers=["ssm", "attn"])).double().eval()  # fmt: skip
+    a, b = torch.tensor([[1, 2, 3]]), torch.tensor([[4, 5, 6]])
+    with torch.no_grad():
+        _, sa = model.prefill(a, model.init_state(1))
+        _, sb = model.prefill(b, model.init_state(1))
+        assert stackable([sa, sb])
+        both = stack_states([sa, sb])
+        step, _ = model.step(torch.tensor([7, 8]), both)
+        alone_a, _ = model.step(torch.tensor([7]), sa)
+        torch.testing.assert_close(step[:1], alone_a)
+        back = select_states(both, [1])
+        again, _ = model.step(torch.tensor([8]), back)
+        torch.testing.assert_close(again, step[1:])
+        _, short = model.prefill(torch.tensor([[1, 2]]), model.init_state(1))
+    assert not stackable([sa, short])
+    with pytest.raises(ValueError, match="states: expected per-sequence states"):
+        stack_states([sa, short])
+    assert stack_states([("any",)]) == ("any",)

@@ -45,13 +45,13 @@ def stack_states(states: Sequence[list]) -> list:
     """One model state for the sequences of ``states`` (see :func:`stackable`; ValueError where
     they cannot stack): each layer's tensors concatenated along the batch, its other fields
     kept."""
+    if len(states) == 1:
+        return states[0]  # any state: nothing to stack
     if not stackable(states):
         raise ValueError(
             "states: expected per-sequence states of one model whose layers agree in "
             "everything but their tensors (KV caches at the same length)"
         )
-    if len(states) == 1:
-        return states[0]
     return [_with_tensors(layer, torch.cat) for layer in zip(*states, strict=True)]
 
 

@@ -355,7 +355,7 @@ def load_tokenizer(path: str | os.PathLike) -> CharTokenizer | HFTokenizer:
 def generate_text(
     model: torch.nn.Module,
     tokenizer: Tokenizer,
-    prompt: str,
+    prompt: str | list[str],
     max_new_tokens: int = 100,
     *,
     temperature: float = 1.0,
@@ -364,39 +364,63 @@ def generate_text(
     generator: torch.Generator | None = None,
     fused: bool = False,
     eos_token_id: int | list[int] | None = None,
-) -> str:
+) -> str | list[str]:
     """Continue ``prompt`` (text) by up to ``max_new_tokens`` tokens; returns prompt and
     continuation as text, stopped before ``eos_token_id``, by default the tokenizer's
     end-of-text token where it has one (``eos_id``; as transformers' ``generate`` stops).
+    A list of prompts is generated as one batch (left-padded, each row continuing as it would
+    alone: :func:`spikemar.models.generate`'s ``attention_mask``) and returns a list of texts.
+    The model reads each prompt after the tokenizer's own start-of-text ids (``prefix_ids``:
+    Llama-3's ``<|begin_of_text|>``), as ``tokenizer(prompt)`` gives them to transformers'
+    ``generate``; they are not part of the returned text.
     ``temperature`` 0 is greedy, ``top_k``/``top_p`` keep the most likely tokens; ``fused``:
-    one C call per token (see
-    :func:`spikemar.models.generate`). The model's vocabulary must cover the tokenizer's."""
+    one C call per token (see :func:`spikemar.models.generate`). The model's vocabulary must
+    cover the tokenizer's."""
     from .models.generation import generate
 
-    if not isinstance(prompt, str) or not prompt:
-        raise ValueError(f"prompt: expected a non-empty string, got {prompt!r}")
-    ids = tokenizer.encode(prompt)
-    if not ids:
-        raise ValueError(f"prompt: {prompt!r} encodes to no tokens")
+    many = isinstance(prompt, list | tuple)
+    prompts = list(prompt) if many else [prompt]
+    if not prompts:
+        raise ValueError("prompt: expected a non-empty string or a non-empty list of them")
+    prefix = list(getattr(tokenizer, "prefix_ids", ()))
     model_vocab = getattr(getattr(model, "config", None), "vocab_size", None)
-    if model_vocab is not None and max(ids) >= model_vocab:
-        raise ValueError(
-            f"tokenizer: ids up to {max(ids)} exceed the model's vocabulary of {model_vocab}; "
-            "the model and tokenizer do not belong together"
-        )
+    rows = []
+    for n, text in enumerate(prompts):
+        name = f"prompt[{n}]" if many else "prompt"
+        if not isinstance(text, str) or not text:
+            raise ValueError(f"{name}: expected a non-empty string, got {text!r}")
+        ids = tokenizer.encode(text)
+        if not ids:
+            raise ValueError(f"{name}: {text!r} encodes to no tokens")
+        ids = prefix + ids
+        if model_vocab is not None and max(ids) >= model_vocab:
+            raise ValueError(
+                f"tokenizer: ids up to {max(ids)} exceed the model's vocabulary of "
+                f"{model_vocab}; the model and tokenizer do not belong together"
+            )
+        rows.append(ids)
     device = next(model.parameters()).device
     eos = eos_token_id
     if eos is None:
         eos = tokenizer.eos_id
         if eos is not None and model_vocab is not None and eos >= model_vocab:
             eos = None  # a token the model cannot make
-    out = generate(model, torch.tensor(ids, device=device), max_new_tokens,
-                   temperature=temperature, top_k=top_k, top_p=top_p, generator=generator,
-                   fused=fused, eos_token_id=eos)  # fmt: skip
-    out = out.cpu().tolist()
+    width = max(len(r) for r in rows)
+    pads = [width - len(r) for r in rows]
+    tokens = torch.tensor([[0] * p + r for p, r in zip(pads, rows, strict=True)], device=device)
+    mask = None
+    if any(pads):
+        mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows, strict=True)],
+                            device=device)  # fmt: skip
+    out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                   top_p=top_p, generator=generator, fused=fused, eos_token_id=eos,
+                   attention_mask=mask).cpu().tolist()  # fmt: skip
     ends = set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {eos}
-    for n in range(len(ids), len(out)):
-        if out[n] in ends:  # the continuation stops before the first end token
-            out = out[:n]
-            break
-    return tokenizer.decode(out)
+    texts = []
+    for row, pad in zip(out, pads, strict=True):
+        for n in range(width, len(row)):
+            if row[n] in ends:  # the continuation stops before the first end token
+                row = row[:n]
+                break
+        texts.append(tokenizer.decode(row[pad + len(prefix) :]))
+    return texts if many else texts[0]

@@ -237,3 +237,35 @@ def test_states_stack_and_select_rows():
     with pytest.raises(ValueError, match="states: expected per-sequence states"):
         stack_states([sa, short])
     assert stack_states([("any",)]) == ("any",)
+
+
+def test_text_prompts_in_a_batch_and_after_the_start_of_text_token(tmp_path):
+    """A list of text prompts is one left-padded batch whose rows read as each prompt alone;
+    a tokenizer that puts <|begin_of_text|> before a text has the model read it first (as
+    tokenizer(prompt) feeds transformers' generate), and it is not in the returned text."""
+    from references.hf_checkpoints import begin_of_text_tokenizer, write_mamba2_checkpoint
+
+    from spikemar.models import from_pretrained
+    from spikemar.tokenizer import generate_text
+
+    write_mamba2_checkpoint(tmp_path, vocab_size=304, tokenizer=False)
+    tok = begin_of_text_tokenizer()
+    tok.save(tmp_path)
+    model = from_pretrained(tmp_path)
+    prompts = ["First Citizen:", "hear", "Before we proceed any further"]
+    batch = model.generate(prompts, 8, temperature=0)
+    assert isinstance(batch, list) and len(batch) == 3
+    for prompt, text in zip(prompts, batch, strict=True):
+        assert text == model.generate(prompt, 8, temperature=0)
+        assert text.startswith(prompt) and "<|begin_of_text|>" not in text
+        ids = torch.tensor([[300, *tok.encode(prompt)]])
+        made = model.generate(ids, 8, temperature=0, eos_token_id=0)[0, ids.shape[1] :].tolist()
+        made = made[: made.index(0)] if 0 in made else made
+        assert text == tok.decode(ids[0, 1:].tolist() + made)
+    assert generate_text(model, tok, prompts[:1], 4, temperature=0) == [
+        generate_text(model, tok, prompts[0], 4, temperature=0)
+    ]
+    with pytest.raises(ValueError, match=r"prompt\[1\]: expected a non-empty string"):
+        model.generate(["a", ""], 3)
+    with pytest.raises(TypeError, match="prompt: expected token ids"):
+        model.generate(["a", 3], 3)

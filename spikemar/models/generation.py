@@ -38,7 +38,7 @@ def context_limit(model: torch.nn.Module) -> int | None:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    prompt: torch.Tensor | str,
+    prompt: torch.Tensor | str | list[str],
     max_new_tokens: int,
     *,
     temperature: float = 1.0,
@@ -49,9 +49,11 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
-) -> torch.Tensor | str:
+) -> torch.Tensor | str | list[str]:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
+    A list of text prompts is generated as one batch (left-padded: each continues as it would
+    alone) and returns a list of texts.
     ``temperature`` 0 is greedy decoding; otherwise tokens are drawn from the logits divided by
     ``temperature``, kept to the ``top_k`` most likely and then to the smallest set whose
     probability reaches ``top_p`` (nucleus sampling), in transformers' order and with its ties
@@ -77,7 +79,10 @@ def generate(
     lengths need a model whose state does not grow with the prompt (SSM, LTI layers): a KV
     cache cannot hold them in one batch here.
     """
-    if isinstance(prompt, str):
+    texts = isinstance(prompt, list | tuple) and bool(prompt)
+    if texts and not all(isinstance(p, str) for p in prompt):
+        raise TypeError("prompt: expected token ids (a tensor), a str or a list of str")
+    if isinstance(prompt, str) or texts:
         tokenizer = getattr(model, "tokenizer", None)
         if tokenizer is None:
             raise ValueError(
@@ -88,12 +93,13 @@ def generate(
         from ..tokenizer import generate_text
 
         if attention_mask is not None:
-            raise ValueError("attention_mask: a text prompt is one sequence: nothing is padded")
+            raise ValueError("attention_mask: text prompts are padded here (give token ids "
+                             "with their mask instead)")  # fmt: skip
         return generate_text(model, tokenizer, prompt, max_new_tokens, temperature=temperature,
                              top_k=top_k, top_p=top_p, generator=generator, fused=fused,
                              eos_token_id=eos_token_id)  # fmt: skip
     if not isinstance(prompt, torch.Tensor):
-        raise TypeError(f"prompt: expected token ids (a tensor) or a str, got "
+        raise TypeError(f"prompt: expected token ids (a tensor), a str or a list of str, got "
                         f"{type(prompt).__name__}")  # fmt: skip
     squeeze = prompt.dim() == 1
     tokens = prompt.unsqueeze(0) if squeeze else prompt

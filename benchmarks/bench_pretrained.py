@@ -27,6 +27,11 @@ download), read into spikemar with ``models.pretrained`` (``config_from_hf`` +
   benchmarks/RESULTS.md the copies of one run spread 22-34 GB/s), so the first pits a typical
   step against the best moment of the memory system and the second a step against the memory
   system of its moment; both are printed.
+* ``--paired-tokens N`` adds one line: the fused dense step at batch 1 for N tokens, each
+  right after a single 256 MB copy, so every step is set against the memory system of its own
+  moment: the median over tokens of (step time / floor at the copy just before it), and the
+  median step against the best of those N copies. On a VM whose bandwidth moves with other
+  tenants' work, this separates the step's own cost from the machine's weather.
 * **prefill**: one parallel forward over ``--prefill`` tokens (spikemar's chunked scan against
   transformers' forward), min of ``--prefill-repeats``.
 
@@ -154,6 +159,31 @@ def build(quick: bool):
     return hf, dense, student
 
 
+def paired_tokens(dense, weight_bytes: int, tokens: int, copy_mb: int) -> tuple[float, float]:
+    """``tokens`` fused steps at batch 1, each right after one timed copy of ``copy_mb`` MB:
+    (median over tokens of step / floor at its copy, median step / floor at the best copy)."""
+    from spikemar.models.fused_step import FusedStep
+
+    src = torch.ones(copy_mb * 2**20 // 4)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    ratios, steps, best = [], [], 0.0
+    with torch.no_grad():
+        step = FusedStep(dense, 1)
+        state = dense.init_state(1, in_place=True)
+        logits, state = step(torch.tensor([1]), state)
+        for _ in range(tokens):
+            t = time.perf_counter()
+            dst.copy_(src)
+            bandwidth = 2 * src.numel() * 4 / (time.perf_counter() - t)
+            best = max(best, bandwidth)
+            t = time.perf_counter()
+            logits, state = step(logits.argmax(-1), state)
+            steps.append(time.perf_counter() - t)
+            ratios.append(steps[-1] * bandwidth / weight_bytes)
+    return statistics.median(ratios), statistics.median(steps) * best / weight_bytes
+
+
 def _ratio(a: float | None, b: float | None) -> str:
     return "–" if a is None or b is None else f"{a / b:.2f}"
 
@@ -169,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--prefill", type=int, default=2048, help="prefill tokens (0: no prefill row)")
     p.add_argument("--prefill-repeats", type=int, default=1)
     p.add_argument("--no-transformers", action="store_true", help="spikemar's rows only")
+    p.add_argument("--paired-tokens", type=int, default=0,
+                   help="also: N fused dense steps, each right after a copy (0: none)")  # fmt: skip
     p.add_argument("--quick", action="store_true", help="a tiny config (smoke test)")
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -228,6 +260,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"| prefill {args.prefill} tokens, s | 1 | {t_dense:.3g} | {t_student:.3g} | "
               f"{hf_cell} | – | – | {_ratio(t_hf, t_dense)} | "
               f"{t_student / t_dense:.2f} |")  # fmt: skip
+    if args.paired_tokens:
+        each, against_best = paired_tokens(dense, weight_bytes, args.paired_tokens, copy_mb)
+        print()
+        print(f"# fused dense step, batch 1, {args.paired_tokens} tokens each right after a "
+              f"copy: step / floor at its copy, median {each:.2f}; median step / floor at the "
+              f"best of those copies {against_best:.2f}")  # fmt: skip
     print()
     print(
         f"# load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; medians of "

@@ -111,3 +111,15 @@ def test_train_step_benchmark_quick_config_times_every_backend_and_the_dense_twi
     dense = by[("MAR dense twin", None)]
     assert dense.skipped is None and dense.median_ms > 0
     assert by[("MAR spiking", "torch")].speedup_vs_reference == pytest.approx(1.0)
+
+
+def test_checkpointing_benchmark_quick_config_keeps_less(load_script, capsys):
+    """Every model row (transformers, spikemar dense and student) with a checkpointed step
+    that keeps a fraction of the bytes."""
+    module = load_script("benchmarks/bench_checkpointing.py")
+    assert module.main(["--quick"]) == 0
+    rows = [line.split("|") for line in capsys.readouterr().out.splitlines()
+            if line.startswith(("| transformers", "| spikemar"))]  # fmt: skip
+    assert len(rows) == 3
+    for row in rows:
+        assert 0 < float(row[7]) < 0.5  # memory ratio

@@ -412,9 +412,15 @@ def generate_text(
     if any(pads):
         mask = torch.tensor([[0] * p + [1] * len(r) for p, r in zip(pads, rows, strict=True)],
                             device=device)  # fmt: skip
-    out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
-                   top_p=top_p, generator=generator, fused=fused, eos_token_id=eos,
-                   attention_mask=mask).cpu().tolist()  # fmt: skip
+    try:
+        out = generate(model, tokens, max_new_tokens, temperature=temperature, top_k=top_k,
+                       top_p=top_p, generator=generator, fused=fused, eos_token_id=eos,
+                       attention_mask=mask).cpu().tolist()  # fmt: skip
+    except ValueError as err:  # the padding is this function's, not the caller's
+        message = str(err)
+        if not message.startswith("attention_mask: "):
+            raise
+        raise ValueError("prompt: " + message.removeprefix("attention_mask: ")) from err
     ends = set() if eos is None else set(eos) if isinstance(eos, list | tuple) else {eos}
     texts = []
     for row, pad in zip(out, pads, strict=True):

@@ -698,7 +698,7 @@ def run_training(
                 norm = nn.utils.clip_grad_norm_(trained, config.grad_clip)
                 # one read of both (a host sync on CUDA: the step's decision needs them)
                 loss_value, norm_value = torch.stack(
-                    [loss.detach().float(), _local(norm).detach().float().to(loss.device)]
+                    [loss.detach().double(), _local(norm).detach().double().to(loss.device)]
                 ).tolist()
                 finite = math.isfinite(loss_value) and math.isfinite(norm_value)
                 if not finite:

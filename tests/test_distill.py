@@ -474,3 +474,20 @@ def test_a_spiking_teacher_is_refused_in_one_line(corpus, tmp_path, capsys):
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert "--teacher: " in err and "is a spiking model" in err and "swapped" in err
     assert not (tmp_path / "s.pt").exists()
+
+
+def test_a_bfloat16_teacher_leaves_the_students_start_in_float32(corpus, tmp_path, capsys):
+    """--teacher-dtype casts the frozen teacher only: a student built from the teacher's
+    weights starts from their float32 values (a step at lr ~0 leaves them as they are)."""
+    from spikemar.models import from_pretrained
+
+    write_mamba2_checkpoint(tmp_path / "m2")
+    code = main(["distill", "--stage", "2", "--teacher", str(tmp_path / "m2"), "--data",
+                 str(corpus), "--out", str(tmp_path / "s.pt"), "--steps", "1", "--lr", "1e-30",
+                 "--batch-size", "2", "--L", "16", "--eval-interval", "1", "--eval-iters", "1",
+                 "--warmup", "0", "--no-progress", "--teacher-dtype", "bfloat16"])  # fmt: skip
+    capsys.readouterr()
+    assert code == 0
+    student = load_checkpoint(tmp_path / "s.pt")[0].state_dict()
+    teacher = from_pretrained(tmp_path / "m2").state_dict()
+    assert all(torch.equal(student[k], v) for k, v in teacher.items())

@@ -269,3 +269,26 @@ def test_text_prompts_in_a_batch_and_after_the_start_of_text_token(tmp_path):
         model.generate(["a", ""], 3)
     with pytest.raises(TypeError, match="prompt: expected token ids"):
         model.generate(["a", 3], 3)
+
+
+def test_padding_a_kv_cache_model_can_take():
+    """A Transformer (one KV cache for the batch) takes padding that is alike in every row
+    (one row, or rows padded equally: the common padding is dropped), and a 1-d prompt its
+    1-d mask; text prompts of different lengths it refuses by the prompts, not by a mask."""
+    from spikemar.models import TransformerConfig, TransformerLM
+    from spikemar.tokenizer import CharTokenizer, generate_text
+
+    torch.manual_seed(0)
+    model = TransformerLM(TransformerConfig(vocab_size=20, d_model=16, n_layers=1, n_heads=2,
+                                            max_len=32)).eval()  # fmt: skip
+    ids = torch.tensor([[0, 0, 5, 6], [0, 0, 7, 8]])
+    mask = torch.tensor([[0, 0, 1, 1], [0, 0, 1, 1]])
+    got = model.generate(ids, 4, temperature=0, attention_mask=mask)
+    assert torch.equal(got[:, 4:], model.generate(ids[:, 2:], 4, temperature=0)[:, 2:])
+    one = model.generate(ids[:1], 4, temperature=0, attention_mask=mask[:1])
+    assert torch.equal(one, got[:1])
+    flat = model.generate(ids[0], 4, temperature=0, attention_mask=mask[0])
+    assert torch.equal(flat, got[0])
+    model.tokenizer = CharTokenizer("abcdefghijklmnopqrst")
+    with pytest.raises(ValueError, match=r"^prompt: prompts of different lengths need"):
+        generate_text(model, model.tokenizer, ["abc", "a"], 2)

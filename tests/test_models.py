@@ -247,3 +247,14 @@ def test_gradient_checkpointing_keeps_only_layer_inputs_and_the_same_gradients(k
     assert kept_bytes < plain_bytes / 4
     model.gradient_checkpointing_disable()
     assert gradients_and_kept_bytes()[1] == plain_bytes
+
+
+def test_gradient_checkpointing_speaks_transformers_names():
+    from spikemar.models import MARLM, MARConfig
+
+    model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4))
+    assert model.supports_gradient_checkpointing and not model.is_gradient_checkpointing
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    assert model.is_gradient_checkpointing
+    with pytest.raises(ValueError, match="gradient_checkpointing_kwargs: spikemar checkpoints"):
+        model.gradient_checkpointing_enable({"use_reentrant": True})

@@ -651,3 +651,19 @@ def test_decode_is_not_rounded_by_autocast():
         under_autocast = atmn_decode(spikes, 0.5, 2.0)
     assert under_autocast.dtype == torch.float32
     assert torch.equal(under_autocast, exact)
+
+
+def test_a_neuron_error_leaves_a_named_deferred_error_for_the_next_read():
+    """raise_deferred_errors reads all flags of a device at once; when it raises a neuron's
+    error, a named check's flag stays set and is raised by the next read."""
+    from spikemar.neurons import checks, raise_deferred_errors
+
+    raise_deferred_errors()  # nothing pending from other tests
+    flag = torch.tensor(True)
+    checks.defer(torch.tensor(False), flag, flag)  # a NaN input seen
+    checks.defer_error(torch.tensor(True), "tokens: a named check")
+    with pytest.raises(ValueError, match="x_seq: a spiking neuron"):
+        raise_deferred_errors()
+    with pytest.raises(ValueError, match="tokens: a named check"):
+        raise_deferred_errors()
+    raise_deferred_errors()  # both cleared

@@ -454,7 +454,6 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
                          "teacher is the dense model a student learns from (were the teacher "
                          "and the student swapped?)")  # fmt: skip
-    teacher.model.to(getattr(torch, config.teacher_dtype))
     data = _teacher_data(config, teacher)
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")
@@ -471,6 +470,9 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
             student = load_student(config.student, teacher, data, device)
         else:
             student = build_student(teacher, config, teacher.vocab_size)
+    # the frozen teacher in its dtype only now: the student starts from its full weights
+    teacher.model.to(getattr(torch, config.teacher_dtype))
+    if state is None:
         teacher_val = evaluate(teacher, data, config, device)["val"]
     objective = DistillObjective(student.to(device), teacher, config)
     info = {"distill": {"stage": config.stage, "teacher": teacher.source,

@@ -11,7 +11,7 @@ input and output projections and before the FFN's up and down projections.
 
 from __future__ import annotations
 
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -293,12 +293,27 @@ class GradientCheckpointing:
     activations do not fit (a long ``L``, a large vocabulary's logits beside them)."""
 
     gradient_checkpointing: bool = False
+    supports_gradient_checkpointing = True
 
-    def gradient_checkpointing_enable(self) -> None:
+    def gradient_checkpointing_enable(
+        self, gradient_checkpointing_kwargs: dict[str, Any] | None = None
+    ) -> None:
+        """Checkpoint every layer from now on. ``gradient_checkpointing_kwargs`` (transformers'
+        argument) may only say ``use_reentrant=False``, what spikemar always uses."""
+        kwargs = dict(gradient_checkpointing_kwargs or {})
+        if kwargs.pop("use_reentrant", False) or kwargs:
+            raise ValueError(
+                "gradient_checkpointing_kwargs: spikemar checkpoints with use_reentrant=False "
+                f"only, got {gradient_checkpointing_kwargs!r}"
+            )
         self.gradient_checkpointing = True
 
     def gradient_checkpointing_disable(self) -> None:
         self.gradient_checkpointing = False
+
+    @property
+    def is_gradient_checkpointing(self) -> bool:
+        return self.gradient_checkpointing
 
 
 def head_logits(head: nn.Module, norm: nn.Module, x: torch.Tensor) -> torch.Tensor:

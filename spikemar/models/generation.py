@@ -132,6 +132,8 @@ def generate(
             f"{tokens.shape[1] + max(n_new - 1, 0)} places in the KV cache; the model has "
             f"{limit} (max_len)"
         )
+    if squeeze and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
+        attention_mask = attention_mask.unsqueeze(0)  # a 1-d prompt's 1-d mask
     pads = _left_padding(attention_mask, tokens)
     vocab = getattr(getattr(model, "config", None), "vocab_size", None)
     eos_ids = _eos_ids(eos_token_id, vocab)
@@ -199,6 +201,8 @@ def _prefill(model: torch.nn.Module, tokens: torch.Tensor, pads: list[int] | Non
     """The last prompt token's logits and the state after the prompt, updated in place by the
     steps that follow (generation owns its state and never steps from one twice). Left-padded
     rows (``pads``) are read one by one without their padding and stacked."""
+    if pads is not None and len(set(pads)) == 1:  # padding all alike: one batch without it
+        tokens, pads = tokens[:, pads[0] :], None
     if pads is None:
         return model.prefill(tokens, model.init_state(tokens.shape[0], in_place=True))
     firsts, states = [], []

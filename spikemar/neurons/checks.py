@@ -129,11 +129,10 @@ def raise_deferred_errors() -> None:
         items = [(message, flag) for (d, message), flag in named if d == device]
         parts = ([] if flags is None else [flags]) + [flag.reshape(1) for _, flag in items]
         seen = torch.cat(parts).tolist()  # the one wait for this device
-        for part in parts:
-            part.zero_()
         if flags is not None:
             bad_v, bad_u = seen[:2]
             seen = seen[2:]
+            flags.zero_()  # the named checks' flags stay set until they are reported
             if bad_v:
                 raise ValueError(
                     f"v_threshold: a spiking neuron on {device} saw a threshold that is not "
@@ -145,6 +144,8 @@ def raise_deferred_errors() -> None:
                     f"x_seq: a spiking neuron on {device} saw NaN or inf in its input or "
                     "membrane since the last raise_deferred_errors()"
                 )
+        for _, flag in items:
+            flag.zero_()
         for (message, _), bad in zip(items, seen, strict=True):
             if bad:
                 raise ValueError(message)

@@ -277,6 +277,12 @@ def atmn_multi_step_cupy(
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
 
 
+def _back(g: torch.Tensor, ctx) -> torch.Tensor:
+    """The threshold's gradient in its dtype, on its device where that is not x's."""
+    g = g.to(ctx.v_dtype)
+    return g if ctx.v_device is None else g.to(ctx.v_device)
+
+
 class _FusedQuantize(torch.autograd.Function):
     """MAR's spike point on CUDA: ``atmn_quantize_{forward,backward}`` of ``_cuda/atmn.cu``."""
 
@@ -299,6 +305,8 @@ class _FusedQuantize(torch.autograd.Function):
             _raise_or_defer(bad, vth, x.unsqueeze(0).expand(T, *x.shape), None, p)
         ctx.save_for_backward(x, vth, w)
         ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
+        # a threshold elsewhere than x (a CPU V with a CUDA x) gets its gradient there
+        ctx.v_device = None if v_threshold.device == x.device else v_threshold.device
         if tally is None:
             return out
         ctx.mark_non_differentiable(tally)
@@ -311,13 +319,13 @@ class _FusedQuantize(torch.autograd.Function):
         g = g.to(x.dtype).contiguous()
         g_x = torch.empty_like(x)
         if x.numel() == 0:
-            return g_x, torch.zeros_like(vth).to(ctx.v_dtype), None, None, None
+            return g_x, _back(torch.zeros_like(vth), ctx), None, None, None
         launch = _Launch.of(x, vth, T)
         args = (_ptr(x), _ptr(vth), _ptr(w), *launch.dynamics(p, backward=True), _ptr(g),
                 _ptr(g_x))  # fmt: skip
         g_vth = launch.run("quantize_backward", x, args, partials=True)
         g_vth = g_vth[0] if vth.dim() == 0 else g_vth
-        return g_x, g_vth.to(ctx.v_dtype), None, None, None
+        return g_x, _back(g_vth, ctx), None, None, None
 
 
 def quantize_unusable_reason(

@@ -212,3 +212,20 @@ def _interrupt_in_step_3(monkeypatch, where: str, draws_before: int = 0) -> None
 def interrupt_in_step_3():
     """``interrupt_in_step_3(monkeypatch, where, draws_before=0)``: a Ctrl-C inside step 3."""
     return _interrupt_in_step_3
+
+
+@pytest.fixture
+def saved_figures(monkeypatch):
+    """The matplotlib figures that ``spikemar.viz.save_figure`` saves during the test (still
+    written to their paths), in order: for tests that read a plot's axes and labels."""
+    import spikemar.viz
+
+    figures = []
+    real = spikemar.viz.save_figure
+
+    def keep(fig, path, **kwargs):
+        figures.append(fig)
+        return real(fig, path, **kwargs)
+
+    monkeypatch.setattr(spikemar.viz, "save_figure", keep)
+    return figures

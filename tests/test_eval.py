@@ -510,21 +510,13 @@ def test_png_has_a_panel_per_kind_of_score(tmp_path):
         EvalTable([EvalRow("a", "a.pt", acc, None)]).save_png(tmp_path / "none.png")
 
 
-def test_png_energy_axis_is_labelled_within_a_decade(monkeypatch, tmp_path):
+def test_png_energy_axis_is_labelled_within_a_decade(saved_figures, tmp_path):
     """A student beside its teacher spans less than a decade of energy: the axis showed one
     label (10^5) or none, so no point's energy could be read off. Labels now at 1, 2, 5 × 10^k
     in pJ/nJ/µJ."""
-    import spikemar.viz
     from spikemar.eval.report import EvalRow, EvalTable
 
-    figures = []
-    real = spikemar.viz.save_figure
-
-    def keep(fig, path, **kwargs):
-        figures.append(fig)
-        return real(fig, path, **kwargs)
-
-    monkeypatch.setattr(spikemar.viz, "save_figure", keep)
+    figures = saved_figures
     acc = {"nextline": {"acc": 0.3, "acc_stderr": 0.05}}
     rows = [EvalRow(label, f"{label}.pt", acc, {"energy_pj_per_token": {"45nm-fp32": pj}})
             for label, pj in (("student", 7.25e4), ("teacher", 1.254e5))]  # fmt: skip

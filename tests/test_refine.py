@@ -657,20 +657,12 @@ def test_refine_command_with_a_plan_that_spikes_nowhere_and_resume_checks(tmp_pa
         assert line.startswith("spikemar refine: error: resume:") and message in line, line
 
 
-def test_pareto_plot_names_every_point_in_its_legend(monkeypatch, tmp_path):
+def test_pareto_plot_names_every_point_in_its_legend(saved_figures, tmp_path):
     """The uniform schedules sit close together: their labels, written at the points, ran into
     each other and off the figure, and "before"/"after stage 2" overlapped. Every point is a
     legend entry beside the axes now, with no text on the axes."""
-    import spikemar.viz
 
-    figures = []
-    real = spikemar.viz.save_figure
-
-    def keep(fig, path, **kwargs):
-        figures.append(fig)
-        return real(fig, path, **kwargs)
-
-    monkeypatch.setattr(spikemar.viz, "save_figure", keep)
+    figures = saved_figures
     settings_ = [{"T": 4, "v_threshold": v} for v in (0.25, 0.5, 1.0)] + [{"T": 2}]
     modules = {
         name: [Option(name, "dense", 0.0, 1.0, 0.0)]

@@ -418,6 +418,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         raise _UsageError("--prompt: expected at least one character")
     try:
         model, tokenizer, _ = load_checkpoint(args.checkpoint)
+        tokenizer.encode(prompt)  # a prompt it cannot spell: one line before anything is built
         text = generate_text(
             model,
             tokenizer,

@@ -555,7 +555,8 @@ def _summary(config: LoopConfig, objective: Objective, desc: str, start: int, wo
         f"steps {start}→{config.steps}" if start else f"{config.steps} steps",
         f"batch {config.batch_size} × {config.L} tokens" + (
             f" over {world} ranks{' (FSDP2 shards)' if config.shard == 'fsdp' else ''}"
-            if world > 1 else ""),
+            if world > 1 else " in one process, unsharded (--shard fsdp shards under torchrun)"
+            if config.shard == "fsdp" else ""),
         f"lr {config.lr:g} → {config.min_lr:g} (warm-up {config.warmup})",
         f"validation every {config.eval_interval} steps",
         f"device {device}",

@@ -99,3 +99,12 @@ def test_fsdp_with_two_cpu_processes_equals_one_process_and_resumes(corpus, tmp_
 def test_shard_is_checked():
     with pytest.raises(ValueError, match="shard: expected one of"):
         LoopConfig(shard="zero3")
+
+
+def test_fsdp_outside_torchrun_says_it_trains_unsharded(corpus, tmp_path, teacher, capsys):
+    """--shard fsdp in one process has nothing to shard: the run says so (it trained silently
+    unsharded) and trains as without it."""
+    settings = {**_settings(corpus, teacher, tmp_path / "one.pt", 1), "shard": "fsdp"}
+    distill(DistillConfig(**settings), progress=False)
+    out = capsys.readouterr().out
+    assert "in one process, unsharded (--shard fsdp shards under torchrun)" in out

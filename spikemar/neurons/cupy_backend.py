@@ -32,7 +32,7 @@ from .functional import (
     decode_weights,
     nonfinite_error,
 )
-from .fused import fused_multi_step, surrogate_code
+from .fused import cast, fused_multi_step, grad_home, surrogate_code
 
 __all__ = [
     "NVRTC_OPTIONS",
@@ -277,12 +277,6 @@ def atmn_multi_step_cupy(
     return fused_multi_step(_KERNELS, x_seq, v, p, return_v_seq)
 
 
-def _back(g: torch.Tensor, ctx) -> torch.Tensor:
-    """The threshold's gradient in its dtype, on its device where that is not x's."""
-    g = g.to(ctx.v_dtype)
-    return g if ctx.v_device is None else g.to(ctx.v_device)
-
-
 class _FusedQuantize(torch.autograd.Function):
     """MAR's spike point on CUDA: ``atmn_quantize_{forward,backward}`` of ``_cuda/atmn.cu``."""
 
@@ -290,7 +284,7 @@ class _FusedQuantize(torch.autograd.Function):
     def forward(ctx, x, v_threshold, p, T, counts):  # type: ignore[override]
         x = x.contiguous()
         cdtype = compute_dtype(x.dtype)
-        vth = v_threshold.detach().to(device=x.device, dtype=cdtype).contiguous()
+        vth = cast(v_threshold.detach(), x.device, cdtype).contiguous()
         w = decode_weights(T, p.tau, cdtype, x.device)
         out = torch.empty_like(x)
         # the spike counts (+1, −1) per threshold channel, added to by the kernel
@@ -304,9 +298,7 @@ class _FusedQuantize(torch.autograd.Function):
             # the error names the T micro-steps of the δ-injected input (a view: no copy)
             _raise_or_defer(bad, vth, x.unsqueeze(0).expand(T, *x.shape), None, p)
         ctx.save_for_backward(x, vth, w)
-        ctx.p, ctx.T, ctx.v_dtype = p, T, v_threshold.dtype
-        # a threshold elsewhere than x (a CPU V with a CUDA x) gets its gradient there
-        ctx.v_device = None if v_threshold.device == x.device else v_threshold.device
+        ctx.p, ctx.T, ctx.vth_home = p, T, grad_home(v_threshold, x)
         if tally is None:
             return out
         ctx.mark_non_differentiable(tally)
@@ -319,13 +311,13 @@ class _FusedQuantize(torch.autograd.Function):
         g = g.to(x.dtype).contiguous()
         g_x = torch.empty_like(x)
         if x.numel() == 0:
-            return g_x, _back(torch.zeros_like(vth), ctx), None, None, None
+            return g_x, cast(torch.zeros_like(vth), *ctx.vth_home), None, None, None
         launch = _Launch.of(x, vth, T)
         args = (_ptr(x), _ptr(vth), _ptr(w), *launch.dynamics(p, backward=True), _ptr(g),
                 _ptr(g_x))  # fmt: skip
         g_vth = launch.run("quantize_backward", x, args, partials=True)
         g_vth = g_vth[0] if vth.dim() == 0 else g_vth
-        return g_x, _back(g_vth, ctx), None, None, None
+        return g_x, cast(g_vth, *ctx.vth_home), None, None, None
 
 
 def quantize_unusable_reason(

@@ -96,15 +96,18 @@ class FusedKernels(Protocol):
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor: ...
 
 
-def _like(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
+def cast(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype`` (and on ``device`` unless None): itself where it is already."""
     if t.dtype == dtype and (device is None or t.device == device):
         return t
-    return t.to(dtype) if device is None else t.to(device, dtype)
+    return t.to(dtype=dtype) if device is None else t.to(device=device, dtype=dtype)
 
 
-def _other(device: torch.device, compute: torch.device) -> torch.device | None:
-    return None if device == compute else device
+def grad_home(t: torch.Tensor, x: torch.Tensor) -> tuple[torch.device | None, torch.dtype]:
+    """Where the gradient of a kernel input ``t`` (a threshold, a membrane) goes back, as
+    :func:`cast` takes it: ``t``'s dtype, and ``t``'s device where that is not ``x``'s (the
+    kernels compute on ``x``'s device in its compute dtype)."""
+    return (None if t.device == x.device else t.device), t.dtype
 
 
 class _FusedATMN(torch.autograd.Function):
@@ -116,10 +119,10 @@ class _FusedATMN(torch.autograd.Function):
         # float32 x (or a CPU one with a CUDA x) would be read as other numbers
         cdtype = compute_dtype(x.dtype)
         # the gradients go back to the inputs' own dtype, and device where it was not x's
-        ctx.v0_like = None if v0 is None else (_other(v0.device, x.device), v0.dtype)
-        ctx.vth_like = (_other(v_threshold.device, x.device), v_threshold.dtype)
-        v0 = None if v0 is None else _like(v0.detach(), x.device, cdtype).contiguous()
-        vth = _like(v_threshold.detach(), x.device, cdtype).contiguous()
+        ctx.v0_home = None if v0 is None else grad_home(v0, x)
+        ctx.vth_home = grad_home(v_threshold, x)
+        v0 = None if v0 is None else cast(v0.detach(), x.device, cdtype).contiguous()
+        vth = cast(v_threshold.detach(), x.device, cdtype).contiguous()
         spikes, v_last = torch.empty_like(x), torch.empty_like(x[0], dtype=cdtype)
         v_seq = torch.empty_like(x, dtype=cdtype) if return_v_seq else None
         kernels.forward(x, v0, vth, p, spikes, v_last, v_seq)
@@ -139,8 +142,8 @@ class _FusedATMN(torch.autograd.Function):
         g_x = torch.empty_like(x)
         g_v0 = torch.empty_like(v0) if v0 is not None and ctx.needs_input_grad[1] else None
         g_vth = ctx.kernels.backward(x, v0, vth, ctx.p, g_spikes, g_vlast, g_vseq, g_x, g_v0)
-        g_vth = _like(g_vth, *ctx.vth_like) if ctx.needs_input_grad[2] else None
-        g_v0 = None if g_v0 is None else _like(g_v0, *ctx.v0_like)
+        g_vth = cast(g_vth, *ctx.vth_home) if ctx.needs_input_grad[2] else None
+        g_v0 = None if g_v0 is None else cast(g_v0, *ctx.v0_home)
         return g_x, g_v0, g_vth, None, None, None
 
 

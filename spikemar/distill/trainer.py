@@ -448,9 +448,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
     teacher = Teacher.load(config.teacher, device, tokenizer=config.tokenizer)
-    if isinstance(teacher.model, MARLM) and any(
-        not isinstance(site.module, nn.Identity) for site in teacher.model.spike_points()
-    ):
+    if isinstance(teacher.model, MARLM) and teacher.model.config.spikes is not None:
         raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
                          "teacher is the dense model a student learns from (were the teacher "
                          "and the student swapped?)")  # fmt: skip

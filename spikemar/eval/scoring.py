@@ -43,7 +43,7 @@ from torch import nn
 from ..energy import EnergyCounter, EnergyReport
 from ..models.generation import context_limit
 from ..models.hub import is_hub_id
-from ..models.states import select_states, stack_states, stackable
+from ..models.states import prefill_each, select_states, stack_states
 
 __all__ = ["ContinuationScore", "Scorer", "load_model", "model_max_length"]
 
@@ -355,18 +355,15 @@ class Scorer:
             return list(zip(new, text, strict=True))
         counting = self.counter if self.counter is not None else contextlib.nullcontext()
         with torch.no_grad(), counting:
-            states, firsts = [], []
-            for context in contexts:
-                ids = torch.tensor([context], dtype=torch.long, device=self.device)
-                logits, state = self.model.prefill(ids, self.model.init_state(1, in_place=True))
-                self.positions += len(context)
-                states.append(state)
-                firsts.append(logits)
-            groups = [list(range(len(contexts)))] if stackable(states) else [
-                [i] for i in range(len(contexts))
-            ]  # fmt: skip
-            for active in groups:
-                state = stack_states([states[i] for i in active])
+            firsts, states = prefill_each(self.model, [
+                torch.tensor([c], dtype=torch.long, device=self.device) for c in contexts
+            ])  # fmt: skip
+            self.positions += sum(len(c) for c in contexts)
+            try:
+                batches = [(list(range(len(contexts))), stack_states(states))]
+            except ValueError:  # states that do not stack: request by request
+                batches = [([i], state) for i, state in enumerate(states)]
+            for active, state in batches:
                 logits = torch.cat([firsts[i] for i in active])
                 while True:
                     tokens = logits.argmax(-1)

@@ -17,7 +17,7 @@ import numbers
 import torch
 
 from .fused_step import FusedStep
-from .states import stack_states, stackable
+from .states import prefill_each, stack_states
 
 __all__ = ["context_limit", "filter_logits", "generate"]
 
@@ -167,8 +167,8 @@ def generate(
 
 
 def _left_padding(attention_mask: object, tokens: torch.Tensor) -> list[int] | None:
-    """The padding tokens at the start of each row of ``attention_mask`` (None: no mask, or no
-    padding); ValueError for a mask of another shape, other values, or padding not at the
+    """The padding tokens at the start of each row of ``attention_mask`` (None: no mask);
+    ValueError for a mask of another shape, other values, or padding not at the
     left."""
     if attention_mask is None:
         return None
@@ -194,31 +194,26 @@ def _left_padding(attention_mask: object, tokens: torch.Tensor) -> list[int] | N
             raise ValueError(f"attention_mask: row {row} is not left-padded (0s, then 1s to the "
                              "end: padding_side='left', as transformers expects for "
                              "decoder-only generation)")  # fmt: skip
-    return None if not pads.any() else pads.tolist()
+    return pads.tolist()
 
 
 def _prefill(model: torch.nn.Module, tokens: torch.Tensor, pads: list[int] | None):
     """The last prompt token's logits and the state after the prompt, updated in place by the
     steps that follow (generation owns its state and never steps from one twice). Left-padded
     rows (``pads``) are read one by one without their padding and stacked."""
-    if pads is not None and len(set(pads)) == 1:  # padding all alike: one batch without it
+    if pads is not None and len(set(pads)) == 1:  # padding all alike (or none): one batch
         tokens, pads = tokens[:, pads[0] :], None
     if pads is None:
         return model.prefill(tokens, model.init_state(tokens.shape[0], in_place=True))
-    firsts, states = [], []
-    for row, pad in enumerate(pads):
-        logits, state = model.prefill(
-            tokens[row : row + 1, pad:], model.init_state(1, in_place=True)
-        )
-        firsts.append(logits)
-        states.append(state)
-    if not stackable(states):
+    firsts, states = prefill_each(model, [tokens[r : r + 1, pad:] for r, pad in enumerate(pads)])
+    try:
+        return torch.cat(firsts), stack_states(states)
+    except ValueError as err:
         raise ValueError(
             "attention_mask: prompts of different lengths need a model whose state does not "
             f"grow with them (SSM layers); {type(model).__name__}'s KV caches cannot be "
             "stacked into one batch: generate them one by one"
-        )
-    return torch.cat(firsts), stack_states(states)
+        ) from err
 
 
 def _eos_ids(

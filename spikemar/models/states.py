@@ -14,7 +14,19 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-__all__ = ["select_states", "stack_states", "stackable"]
+__all__ = ["prefill_each", "select_states", "stack_states", "stackable"]
+
+
+def prefill_each(model: torch.nn.Module, sequences: Sequence[torch.Tensor]) -> tuple[list, list]:
+    """Each sequence [1, L] read alone by ``model.prefill`` from a fresh state that later
+    steps may update in place: (the last token's logits of each, the state of each), ready for
+    :func:`stack_states`."""
+    logits, states = [], []
+    for tokens in sequences:
+        last, state = model.prefill(tokens, model.init_state(1, in_place=True))
+        logits.append(last)
+        states.append(state)
+    return logits, states
 
 
 def stackable(states: Sequence) -> bool:

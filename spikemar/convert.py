@@ -79,10 +79,17 @@ __all__ = [
 ]
 
 
-def load_dense(source: str | Path, device: str = "cpu", tokenizer: bool | str | Path = True):
+def load_dense(
+    source: str | Path,
+    device: str = "cpu",
+    tokenizer: bool | str | Path = True,
+    *,
+    spiking_ok: bool = True,
+):
     """``(dense MARLM, tokenizer)`` from a Hugging Face checkpoint directory / Hub id or a
-    spikemar checkpoint (a spiking one gives its dense twin). ``tokenizer``: True, the source's
-    own; False, none; a directory, ``tokenizer.json`` or Hub id, that one (see
+    spikemar checkpoint (a spiking one gives its dense twin; ``spiking_ok=False``: a
+    ValueError instead, for callers that need the teacher itself). ``tokenizer``: True, the
+    source's own; False, none; a directory, ``tokenizer.json`` or Hub id, that one (see
     :func:`spikemar.models.from_pretrained`)."""
     from .checkpoint import dense_twin, load_checkpoint
 
@@ -99,6 +106,10 @@ def load_dense(source: str | Path, device: str = "cpu", tokenizer: bool | str | 
             raise ValueError(f"from: {path} holds a {type(model).__name__}; convert needs an SSM "
                              "language model (a MARLM, or a Mamba-2/Llamba directory)")  # fmt: skip
         if model.config.spikes is not None:
+            if not spiking_ok:
+                raise ValueError(f"{path} is a spiking student, not a dense teacher (give "
+                                 "the Hugging Face directory or dense checkpoint it was "
+                                 "converted from)")  # fmt: skip
             model = dense_twin(model)
         return model.to(device).eval(), tokenizer_
     from .models.hub import from_pretrained

@@ -150,21 +150,6 @@ def _check_resumed(
         )
 
 
-def _refuse_spiking_teacher(teacher: str) -> None:
-    """A spiking checkpoint (``spikemar convert``'s output) is a student, not a teacher: its
-    dense twin would be measured while stage 2 distilled from the spiking model itself."""
-    from ..checkpoint import load_checkpoint
-    from ..models import MARLM
-
-    if not Path(teacher).is_file():
-        return
-    model, _, _ = load_checkpoint(teacher)
-    if isinstance(model, MARLM) and model.config.spikes is not None:
-        raise ValueError(f"teacher: {teacher} is a spiking student; refine starts from its dense "
-                         "teacher (the Hugging Face directory or dense checkpoint it was "
-                         "converted from)")  # fmt: skip
-
-
 def _say(args: argparse.Namespace, text: str) -> None:
     print(f"refine: {text}", file=sys.stderr, flush=True)
 
@@ -193,12 +178,12 @@ def refine_main(args: argparse.Namespace) -> int:
     if resume and done.exists():  # the run at --out must be this teacher's, on this profile
         options = [dict(o) for o in (args.options or DEFAULT_OPTIONS)]
         _check_resumed(Measurements.load(done), teacher_id, args.hardware, options, out)
-    _refuse_spiking_teacher(args.teacher)
     from ..models.hub import command_line_hint
 
     try:
         source = True if args.tokenizer is None else args.tokenizer
-        teacher, tokenizer = load_dense(args.teacher, args.device, tokenizer=source)
+        teacher, tokenizer = load_dense(args.teacher, args.device, tokenizer=source,
+                                        spiking_ok=False)  # fmt: skip
     except (FileNotFoundError, ValueError) as err:  # name the option, not the loader's argument
         message = command_line_hint(str(err))
         if args.tokenizer is not None and message.startswith("tokenizer: "):

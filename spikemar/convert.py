@@ -164,6 +164,22 @@ def _spike_points(student: MARLM) -> list[tuple[str, SpikePoint]]:
     return [(site.name, site.module) for site in student.spike_points()]
 
 
+def _points_to_calibrate(student: MARLM) -> list[tuple[str, SpikePoint]]:
+    sites = _spike_points(student)
+    if not sites:
+        raise ValueError("student: it has no spike points to calibrate")
+    return sites
+
+
+def _sample_rows(t: torch.Tensor, max_rows: int, gen: torch.Generator) -> torch.Tensor:
+    """A spike point's input as float rows [rows, channels], at most ``max_rows`` of them (a
+    random subset drawn from ``gen``)."""
+    x = t.detach().reshape(-1, t.shape[-1]).float()
+    if x.shape[0] > max_rows:
+        x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
+    return x
+
+
 @torch.no_grad()
 def point_samples(
     student: MARLM,
@@ -177,18 +193,13 @@ def point_samples(
     ``student``'s spike points on ``batches`` (token ids [b, L]), at most ``max_rows`` rows
     each (a seeded random subset, taken per batch too, so a large model's activations are
     never all held at once)."""
-    points = [name for name, _ in _spike_points(student)]
-    if not points:
-        raise ValueError("student: it has no spike points to calibrate")
+    points = [name for name, _ in _points_to_calibrate(student)]
     samples: dict[str, list[torch.Tensor]] = {name: [] for name in points}
     gen = torch.Generator().manual_seed(seed)
 
     def keep(name: str):
         def hook(module, inputs, output):
-            x = inputs[0].detach().reshape(-1, inputs[0].shape[-1]).float()
-            if x.shape[0] > max_rows:
-                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows]]
-            samples[name].append(x.cpu())
+            samples[name].append(_sample_rows(inputs[0], max_rows, gen).cpu())
 
         return hook
 
@@ -304,9 +315,7 @@ def _calibrate_in_order(
     all batches at once: a hook before each spike point calibrates it on the activations that
     reach it (earlier points already calibrated, as the pass runs them first), then the point
     runs with its new threshold; the pass stops after the last layer (no logits)."""
-    sites = _spike_points(student)
-    if not sites:
-        raise ValueError("student: it has no spike points to calibrate")
+    sites = _points_to_calibrate(student)
     batches = list(batches)
     if not batches:
         raise ValueError("batches: expected at least one batch of token ids")
@@ -318,9 +327,7 @@ def _calibrate_in_order(
 
     def calibrate(name: str):
         def hook(point, args):
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).float()
-            if x.shape[0] > max_rows:
-                x = x[torch.randperm(x.shape[0], generator=gen)[:max_rows].to(x.device)]
+            x = _sample_rows(args[0], max_rows, gen)
             rates[name] = calibrate_point_rate(point, x, firing_rate, rounds=rounds)
 
         return hook

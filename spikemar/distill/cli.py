@@ -68,11 +68,10 @@ def distill_main(args: argparse.Namespace) -> int:
     from .trainer import DistillConfig, distill
 
     student: dict[str, Any] = {}
-    for name in ("d_model", "d_state", "head_dim"):
+    for name in _SHAPE_FLAGS:
         if getattr(args, name) is not None:
             student[name] = getattr(args, name)
-    spikes = {k: getattr(args, k) for k in ("neuron", "T", "tau", "v_threshold")
-              if getattr(args, k) is not None}  # fmt: skip
+    spikes = {k: getattr(args, k) for k in _SPIKE_FLAGS if getattr(args, k) is not None}
     if spikes:
         if args.stage == 1:
             args._parser.error("--neuron/--T/--tau/--v-threshold: stage 1's student is dense")
@@ -101,7 +100,9 @@ def distill_main(args: argparse.Namespace) -> int:
 
 
 # the flags that make the library's student_config
-_STUDENT_FLAGS = ("d_model", "d_state", "head_dim", "neuron", "T", "tau", "v_threshold")
+_SHAPE_FLAGS = ("d_model", "d_state", "head_dim")
+_SPIKE_FLAGS = ("neuron", "T", "tau", "v_threshold")
+_STUDENT_FLAGS = _SHAPE_FLAGS + _SPIKE_FLAGS
 
 # the library's argument names that this command's flags call otherwise
 _FLAGS = {"teacher": "--teacher", "student": "--student", "path": "--data", "text": "--data",

@@ -251,9 +251,10 @@ def _checkpoint_dtype(config: Mapping[str, Any], tensors: Mapping[str, Any]) -> 
     for key in ("dtype", "torch_dtype"):
         name = config.get(key)
         if isinstance(name, str):
-            named = getattr(torch, name.removeprefix("torch."), None)
-            if isinstance(named, torch.dtype) and named.is_floating_point:
-                return named
+            try:
+                return _dtype(name)
+            except ValueError:
+                pass  # not a floating dtype's name: the weights say
     for t in tensors.values():
         if isinstance(t, torch.Tensor) and t.is_floating_point():
             return t.dtype

@@ -56,8 +56,9 @@ _BLOCKS_PER_SM = 32
 # the kernels index in 32 bits when every integer they compute stays below this (the emulation
 # test lowers it to run the 64-bit kernels on small inputs): see _Launch.of
 INDEX32_LIMIT = 2**31
-# the largest grid stride over rows: gridDim.y (≤ 65535) times rows per block (≤ 256)
-_MAX_ROW_STRIDE = 65535 * _THREADS
+_MAX_GRID_Y = 65535  # CUDA's limit on gridDim.y
+# the largest grid stride over rows: gridDim.y times rows per block (≤ 256)
+_MAX_ROW_STRIDE = _MAX_GRID_Y * _THREADS
 _HOW_TO_FIX = (
     "install the CuPy build matching your CUDA (pip install cupy-cuda12x, or cupy-cuda13x), "
     "or pass backend='torch'"
@@ -106,7 +107,7 @@ def launch_geometry(rows: int, C: int, sms: int) -> tuple[tuple[int, int], tuple
     by = _THREADS // bx
     gx = math.ceil(C / bx)
     cap = max(1, (sms * _BLOCKS_PER_SM) // gx)
-    gy = max(1, min(math.ceil(rows / by), cap, 65535))
+    gy = max(1, min(math.ceil(rows / by), cap, _MAX_GRID_Y))
     return (gx, gy), (bx, by)
 
 

@@ -1,13 +1,15 @@
 """Text data for the language models: token files, tokenized once and memory-mapped.
 
 A corpus is a UTF-8 text file, a ``.jsonl`` file (one JSON object per line, its ``text`` field a
-document) or a folder of ``.txt``/``.jsonl`` files (read recursively, in sorted order). It is
-tokenized once into ``train.bin`` and ``val.bin`` (``uint16`` while the vocabulary fits, ``uint32``
-beyond, e.g. Llama-3's 128k) under a folder named by a hash of the source's content and of the
-tokenizer, so a changed file or another tokenizer never reads a stale cache; the files are
-memory-mapped. Documents are packed into one stream, separated by the tokenizer's end-of-sequence
-token (a newline where it has none); the first 90 % of the stream is the training split and the
-last 10 % validation; a batch is random windows of ``L + 1`` tokens (input and next-token target).
+document) or a folder of ``.txt``/``.jsonl`` files (read recursively, in sorted order, hidden
+files and folders left out). It is tokenized once, one file at a time, into ``train.bin`` and
+``val.bin`` (``uint16`` while the vocabulary fits, ``uint32`` beyond, e.g. Llama-3's 128k) under a
+folder named by a hash of the source's bytes and of the tokenizer, so a changed file or another
+tokenizer never reads a stale cache, and a cached corpus is found without decoding it; the files
+are memory-mapped. Documents are packed into one stream, separated by the tokenizer's
+end-of-sequence token (a newline where it has none); the first 90 % of the stream is the training
+split and the last 10 % validation; a batch is random windows of ``L + 1`` tokens (input and
+next-token target).
 
 Without a tokenizer the vocabulary is the sorted set of characters of the text, as nanoGPT's
 ``shakespeare_char`` does it: losses are then in nats per character, comparable with nanoGPT's
@@ -35,6 +37,7 @@ from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
 __all__ = [
     "CharTokenizer",
     "TokenDataset",
+    "corpus_files",
     "default_corpus",
     "prepare",
     "read_documents",
@@ -80,48 +83,71 @@ def _is_jsonl(path: Path) -> bool:
     return path.suffix.lower() == ".jsonl"
 
 
+def corpus_files(path: str | os.PathLike) -> list[Path]:
+    """The files a corpus is read from: the file itself, or a folder's ``.txt``/``.jsonl`` files
+    (recursively, sorted by path). Hidden files and folders (``.git``, ``.ipynb_checkpoints``,
+    an editor's ``.#draft.txt``) are not part of a corpus: Hugging Face ``datasets`` leaves them
+    out of a data folder too."""
+    path = Path(path)
+    if path.is_file():
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"path: no text file or folder at {path}")
+    files = sorted(
+        f
+        for f in path.rglob("*")
+        if f.suffix.lower() in SUFFIXES
+        and not any(part.startswith(".") for part in f.relative_to(path).parts)
+        and f.is_file()
+    )
+    if not files:
+        raise FileNotFoundError(f"path: the folder {path} holds no .txt or .jsonl file")
+    return files
+
+
+def _file_documents(f: Path) -> list[str]:
+    """One file's documents: a text file is one, a ``.jsonl`` file each line's ``text``."""
+    text = read_text(f)
+    if not _is_jsonl(f):
+        return [text]
+    docs = []
+    # lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085,
+    # which JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them)
+    for n, line in enumerate(text.split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"path: {f} line {n} is not JSON ({err.msg})") from err
+        if not isinstance(record, dict) or not isinstance(record.get("text"), str):
+            raise ValueError(f"path: {f} line {n}: expected an object with a string 'text'")
+        docs.append(record["text"])
+    return docs
+
+
 def read_documents(path: str | os.PathLike) -> list[str]:
     """The documents of a corpus: a text file (one document), a ``.jsonl`` file (each line's
-    ``text``) or a folder of ``.txt``/``.jsonl`` files (recursively, sorted by path)."""
-    path = Path(path)
-    if path.is_dir():
-        files = sorted(f for f in path.rglob("*") if f.is_file() and f.suffix.lower() in SUFFIXES)
-        if not files:
-            raise FileNotFoundError(f"path: the folder {path} holds no .txt or .jsonl file")
-    elif path.is_file():
-        files = [path]
-    else:
-        raise FileNotFoundError(f"path: no text file or folder at {path}")
-    docs: list[str] = []
-    for f in files:
-        text = read_text(f)
-        if not _is_jsonl(f):
-            docs.append(text)
-            continue
-        # lines end at "\n" only: str.splitlines also splits at U+2028, U+2029 and U+0085,
-        # which JSON strings may hold unescaped (json.dumps(..., ensure_ascii=False) writes them)
-        for n, line in enumerate(text.split("\n"), 1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"path: {f} line {n} is not JSON ({err.msg})") from err
-            if not isinstance(record, dict) or not isinstance(record.get("text"), str):
-                raise ValueError(f"path: {f} line {n}: expected an object with a string 'text'")
-            docs.append(record["text"])
+    ``text``) or a folder of ``.txt``/``.jsonl`` files (see :func:`corpus_files`)."""
+    docs = [d for f in corpus_files(path) for d in _file_documents(f)]
     if not any(docs):
         raise ValueError(f"path: {path} holds no text")
     return docs
 
 
-def _source_digest(path: Path, docs: list[str], tokenizer: Tokenizer | None) -> str:
+def _source_digest(path: Path, files: list[Path], tokenizer: Tokenizer | None) -> str:
+    """The cache key: the files' bytes (streamed, never decoded: a cached corpus of any size is
+    found without being read into memory), a folder's file names, and the tokenizer."""
     h = hashlib.sha256()
-    if tokenizer is None and path.is_file() and not _is_jsonl(path):
-        h.update(docs[0].encode())  # a plain file's char cache: keyed by its text alone
-        return h.hexdigest()[:16]
-    for d in docs:
-        h.update(hashlib.sha256(d.encode()).digest())
+    for f in files:
+        if path.is_dir():
+            h.update(f.relative_to(path).as_posix().encode() + b"\0")
+        with f.open("rb") as fh:
+            content = hashlib.sha256() if len(files) > 1 or _is_jsonl(f) else h
+            while chunk := fh.read(1 << 24):
+                content.update(chunk)
+        if content is not h:  # one plain file: keyed by its bytes alone, as caches made before
+            h.update(content.digest())
     if tokenizer is not None:
         h.update(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
         prefix = tuple(getattr(tokenizer, "prefix_ids", ()))
@@ -130,25 +156,61 @@ def _source_digest(path: Path, docs: list[str], tokenizer: Tokenizer | None) -> 
     return h.hexdigest()[:16]
 
 
-def _encode(tokenizer: Tokenizer, docs: list[str]) -> np.ndarray:
+def _char_tokenizer(files: list[Path]) -> CharTokenizer:
+    """The sorted set of characters of a corpus (with the newline that separates documents
+    where there are several), read one file at a time."""
+    chars: set[str] = set()
+    n_docs = 0
+    for f in files:
+        docs = _file_documents(f)
+        n_docs += len(docs)
+        for d in docs:
+            chars.update(d)
+    if n_docs > 1:
+        chars.add("\n")
+    return CharTokenizer("".join(sorted(chars or "\n")))  # no text: _encode says so
+
+
+def _encode(
+    path: Path, tokenizer: Tokenizer, files: list[Path], dtype: np.dtype
+) -> tuple[np.ndarray, int]:
     """Every document encoded and packed, ``eos_id`` (or a newline) between documents, each
     preceded by the tokenizer's own start-of-text ids where it has them (``prefix_ids``:
-    Llama-3's ``<|begin_of_text|>``, as ``tokenizer(text)`` puts it before every document)."""
-    if len(docs) > 1:
-        sep = [tokenizer.eos_id] if tokenizer.eos_id is not None else tokenizer.encode("\n")
-    prefix = np.asarray(getattr(tokenizer, "prefix_ids", ()), dtype=np.int64)
+    Llama-3's ``<|begin_of_text|>``, as ``tokenizer(text)`` puts it before every document).
+    One file's text is in memory at a time, and the ids are kept in the token files' ``dtype``.
+    Returns the ids and the number of documents."""
+    sep = None
+    prefix = np.asarray(getattr(tokenizer, "prefix_ids", ()), dtype=dtype)
     batch = getattr(tokenizer, "encode_batch", None)
     parts: list[np.ndarray] = []
-    for i in range(0, len(docs), 1024):
-        chunk = docs[i : i + 1024]
-        encoded = batch(chunk) if batch is not None else [tokenizer.encode(d) for d in chunk]
-        for j, ids in enumerate(encoded):
-            if parts or j:
-                parts.append(np.asarray(sep, dtype=np.int64))
-            if len(prefix):
-                parts.append(prefix)
-            parts.append(np.asarray(ids, dtype=np.int64))
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=np.int64)
+    n_docs = 0
+    text = False
+    for f in files:
+        docs = _file_documents(f)
+        text = text or any(docs)
+        for i in range(0, len(docs), 1024):
+            chunk = docs[i : i + 1024]
+            encoded = batch(chunk) if batch is not None else [tokenizer.encode(d) for d in chunk]
+            for ids in encoded:
+                if n_docs:
+                    if sep is None:
+                        eos = tokenizer.eos_id
+                        sep = np.asarray([eos] if eos is not None else tokenizer.encode("\n"))
+                        sep = sep.astype(dtype)
+                    parts.append(sep)
+                n_docs += 1
+                if len(prefix):
+                    parts.append(prefix)
+                ids = np.asarray(ids, dtype=np.int64)
+                if len(ids) and not 0 <= ids.min() <= ids.max() <= np.iinfo(dtype).max:
+                    raise ValueError(
+                        f"tokenizer: encoded an id outside 0..{np.iinfo(dtype).max} (its "
+                        f"vocabulary of {tokenizer.vocab_size} sizes the token files' {dtype})"
+                    )
+                parts.append(ids.astype(dtype))
+    if not text:
+        raise ValueError(f"path: {path} holds no text")
+    return np.concatenate(parts), n_docs
 
 
 def prepare(
@@ -170,18 +232,18 @@ def prepare(
             "/karpathy/char-rnn/master/data/tinyshakespeare/input.txt (1.1 MB) there"
         )
     path = Path(path) if path is not None else default_corpus()
-    docs = read_documents(path)
-    digest = _source_digest(path, docs, tokenizer)
+    files = corpus_files(path)
+    digest = _source_digest(path, files, tokenizer)
     root = Path(cache_dir) if cache_dir else Path.home() / ".cache" / "spikemar" / "data"
     folder = root / f"{path.stem}-{digest}"
     if _complete(folder):
         return folder  # else (a token file deleted or cut short) tokenized again
     if tokenizer is None:
-        tokenizer = CharTokenizer.from_text("\n".join(docs))
+        tokenizer = _char_tokenizer(files)
     if tokenizer.vocab_size > np.iinfo(np.uint32).max:
         raise ValueError(f"tokenizer: a vocabulary of {tokenizer.vocab_size} does not fit uint32")
-    dtype = np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32
-    ids = _encode(tokenizer, docs).astype(dtype)
+    dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
+    ids, n_docs = _encode(path, tokenizer, files, dtype)
     n_train = int(len(ids) * TRAIN_FRACTION)
     if n_train < 2 or len(ids) - n_train < 2:
         raise ValueError(
@@ -192,7 +254,7 @@ def prepare(
     _write_atomic(folder / "train.bin", ids[:n_train].tobytes())
     _write_atomic(folder / "val.bin", ids[n_train:].tobytes())
     meta = {"source": str(path), "sha256_16": digest, "tokenizer": tokenizer.to_dict(),
-            "dtype": np.dtype(dtype).name, "documents": len(docs),
+            "dtype": np.dtype(dtype).name, "documents": n_docs,
             "train_tokens": n_train, "val_tokens": len(ids) - n_train}  # fmt: skip
     _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks done
     return folder

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from references.hf_checkpoints import begin_of_text_tokenizer, bpe_tokenizer
 
 from spikemar.checkpoint import load_checkpoint, save_checkpoint
-from spikemar.data import TokenDataset, prepare, read_documents
+from spikemar.data import TokenDataset, corpus_files, prepare, read_documents
 from spikemar.models import MARLM, MARConfig
 from spikemar.tokenizer import (
     CharTokenizer,
@@ -115,6 +115,84 @@ def test_folder_of_txt_and_jsonl_is_packed_with_eos(tmp_path, tok):
     assert ds.tokenizer == tok and ds.vocab_size == 300 and ds.splits["train"].dtype == np.uint16
     w = ds.windows("train", 8, max_windows=3)
     assert w.shape == (3, 9) and w[1, 0] == w[0, 8] and w[0].tolist() == stream[:9]
+
+
+def test_hidden_files_and_folders_are_not_part_of_a_corpus(tmp_path, tok):
+    # a notebook's checkpoints, a repository's .git, an editor's lock file: not documents
+    corpus = tmp_path / "corpus"
+    for hidden in (".ipynb_checkpoints/a-checkpoint.txt", ".git/notes.txt", "sub/.#a.txt"):
+        (corpus / hidden).parent.mkdir(parents=True, exist_ok=True)
+        (corpus / hidden).write_text("stale copy")
+    (corpus / "sub" / "a.txt").write_text(TEXT)
+    assert corpus_files(corpus) == [corpus / "sub" / "a.txt"]
+    assert read_documents(corpus) == [TEXT]
+    ds = TokenDataset.from_text_file(corpus, cache_dir=tmp_path / "c", tokenizer=tok)
+    assert ds.meta["documents"] == 1
+    # a corpus folder that is itself under a hidden folder is still read
+    nested = tmp_path / ".data" / "corpus"
+    nested.mkdir(parents=True)
+    (nested / "a.txt").write_text(TEXT)
+    assert read_documents(nested) == [TEXT]
+    (corpus / "sub" / "a.txt").unlink()
+    with pytest.raises(FileNotFoundError, match=r"holds no \.txt or \.jsonl file"):
+        corpus_files(corpus)
+
+
+def test_a_cached_corpus_is_found_without_decoding_it(tmp_path, tok, monkeypatch):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "a.txt").write_text(TEXT)
+    (corpus / "b.jsonl").write_text(json.dumps({"text": "hear me"}))
+    folders = {prepare(corpus, tmp_path / "c", tok), prepare(corpus, tmp_path / "c")}
+    import spikemar.data as data
+
+    def unread(path):
+        raise AssertionError(f"{path} decoded again")
+
+    monkeypatch.setattr(data, "read_text", unread)
+    assert {prepare(corpus, tmp_path / "c", tok), prepare(corpus, tmp_path / "c")} == folders
+    monkeypatch.undo()
+    # a renamed file is another corpus (documents are packed in sorted order of their names)
+    (corpus / "a.txt").rename(corpus / "c.txt")
+    assert prepare(corpus, tmp_path / "c", tok) not in folders
+
+
+def test_documents_are_tokenized_a_file_at_a_time_as_one_stream(tmp_path, tok):
+    # the streamed packing equals encoding the documents read as a whole
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(3):
+        lines = [json.dumps({"text": f"{TEXT[: 20 + 7 * j]} {i}"}) for j in range(1500)]
+        (corpus / f"{i}.jsonl").write_text("\n".join(lines))
+    docs = read_documents(corpus)
+    ds = TokenDataset.from_text_file(corpus, cache_dir=tmp_path / "c", tokenizer=tok)
+    stream = np.concatenate([ds.splits["train"], ds.splits["val"]]).tolist()
+    expected = []
+    for d in docs:
+        expected += [*([0] if expected else []), *tok.encode(d)]
+    assert stream == expected and ds.meta["documents"] == 4500
+    char = TokenDataset.from_text_file(corpus, cache_dir=tmp_path / "c")
+    assert char.tokenizer == CharTokenizer.from_text("\n".join(docs))
+    stream = np.concatenate([char.splits["train"], char.splits["val"]]).tolist()
+    assert stream == char.tokenizer.encode("\n".join(docs))
+
+
+def test_a_tokenizer_id_outside_the_token_files_dtype_is_refused(tmp_path):
+    class Liar(CharTokenizer):  # says 65 ids, encodes one past uint16
+        def encode(self, text):
+            return [70000 for _ in text]
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    with pytest.raises(ValueError, match=r"tokenizer: encoded an id outside 0\.\.65535"):
+        prepare(tmp_path / "t.txt", tmp_path / "c", Liar.from_text(TEXT))
+    assert not list((tmp_path / "c").rglob("*.bin"))
+
+
+def test_a_jsonl_of_empty_texts_holds_no_text(tmp_path, tok):
+    (tmp_path / "e.jsonl").write_text('{"text": ""}\n{"text": ""}\n')
+    for tokenizer in (tok, None):
+        with pytest.raises(ValueError, match="holds no text"):
+            prepare(tmp_path / "e.jsonl", tmp_path / "c", tokenizer)
 
 
 def test_documents_start_with_the_tokenizers_begin_of_text_token(tmp_path):

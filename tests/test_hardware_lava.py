@@ -97,3 +97,28 @@ def test_export_and_run_check_their_arguments(tmp_path, random_network):
         run_lava(tmp_path / "missing.h5", torch.zeros(4, 12), 4)
     with pytest.raises(ValueError, match="integer spike payloads"):
         run_lava(tmp_path / "net.h5", torch.full((4, 12), 0.5), 4)
+
+
+@pytest.mark.slow
+def test_a_conv_layer_with_a_bias_runs_in_lava(lava, tmp_path, random_inputs):
+    """The bias of an ATMN conv layer is per channel: Lava's layer takes it per neuron (C, H, W)."""
+    from torch import nn
+
+    from spikemar.neurons import ATMN
+
+    torch.manual_seed(4)
+    model = nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=(1, 2), padding=(2, 1), dilation=(2, 1), groups=2), ATMN(3.0),
+        nn.Flatten(), nn.Linear(6 * 6 * 4, 7), ATMN(1.3, num_channels=7),
+    )  # fmt: skip
+    with torch.no_grad():
+        model[1].a.fill_(float(model[0].weight.abs().max().log()))
+        model[4].a.copy_((0.5 + torch.rand(7)).log() + model[3].weight.abs().max().log())
+    shape = (4, 6, 7)
+    inputs = random_inputs(shape, ternary=True, seed=9)
+    fixed = export_lava(model, tmp_path / "net.h5", shape)
+    expected = fixed(inputs[:, None])[:, 0]
+    assert 0 < expected.abs().sum() < expected.numel()
+    assert torch.equal(run_lava(tmp_path / "net.h5", inputs, STEPS), expected)
+    floating = simulate(model.double(), inputs[:, None].double())[:, 0].float()
+    assert torch.equal(run_lava(tmp_path / "net.h5", inputs, STEPS, fixed_point=False), floating)

@@ -142,8 +142,8 @@ def _spikemar_block(raw, kind, neuron_type, fixed_point, prev_shape, message_bit
             bias = sm["bias"][()] if "bias" in sm else 0.0
             lti = {k: sm[f"lti/{k}"][()] for k in ("decay", "b", "c", "d")} if (
                 "lti" in sm) else None  # fmt: skip
-        if np.ndim(bias) and kind == "conv":
-            bias = np.broadcast_to(bias, (len(bias), *raw["shape"][()][1:]))  # per channel
+        if np.ndim(bias) and kind == "conv":  # per channel → per neuron (C, H, W)
+            bias = np.broadcast_to(np.asarray(bias)[:, None, None], tuple(raw["shape"][()]))
         neuron_params = {
             "neuron_proc": ATMN,
             "vth": vth,

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .._io import atomic_write, check_output_path
 from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
@@ -172,7 +173,11 @@ def _input_ids(args: argparse.Namespace, tokenizer: Any, model_config: Any = Non
     if args.text_file is not None:
         if not args.text_file.is_file():
             raise ValueError(f"--text-file: no such file {str(args.text_file)!r}")
-        text = args.text_file.read_text(encoding="utf-8")
+        try:
+            text = args.text_file.read_text(encoding="utf-8")
+        except UnicodeDecodeError as err:
+            raise ValueError(f"--text-file: {str(args.text_file)!r} is not UTF-8 text (byte "
+                             f"{err.start} is {err.object[err.start]:#04x})") from None  # fmt: skip
     vocab = VOCAB if tokenizer is None else tokenizer.vocab_size
     if tokenizer is None and isinstance(getattr(model_config, "vocab_size", None), int):
         vocab = model_config.vocab_size  # a Hugging Face directory read without its tokenizer
@@ -214,6 +219,7 @@ def energy_main(args: argparse.Namespace) -> int:
     try:
         get_profile(args.hardware)
         mem_hw = memory_sibling(args.hardware) if args.memory else None
+        _check_outputs(args)  # before any work: a bad path fails first and nothing is written
         model, tokenizer, what = _load_model(args)
         demo = args.checkpoint is None and args.model != "student"
         ids = _input_ids(args, tokenizer, None if demo else getattr(model, "config", None))
@@ -252,12 +258,11 @@ def energy_main(args: argparse.Namespace) -> int:
                 if mem_hw is not report.hardware:
                     comparison = compare(shown, rep_t.with_hardware(mem_hw),
                                          labels=("student", label))  # fmt: skip
-        if args.json is not None:
-            args.json.parent.mkdir(parents=True, exist_ok=True)
-            args.json.write_text(shown.to_json() + "\n", encoding="utf-8")
-        if args.markdown is not None:
-            args.markdown.parent.mkdir(parents=True, exist_ok=True)
-            args.markdown.write_text(shown.to_markdown(), encoding="utf-8")
+        for path, text in ((args.json, lambda: shown.to_json() + "\n"),
+                           (args.markdown, shown.to_markdown)):  # fmt: skip
+            if path is not None:
+                with atomic_write(path, fsync=False) as tmp:
+                    tmp.write_text(text(), encoding="utf-8")
         if args.png is not None:
             # a comparison is drawn as printed: both models, per token
             if comparison is not None:
@@ -268,6 +273,17 @@ def energy_main(args: argparse.Namespace) -> int:
         print(f"spikemar energy: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _check_outputs(args: argparse.Namespace) -> None:
+    """Each output path writable as a file (folders created), the PNG's named .png; errors
+    name the option."""
+    for flag in ("--json", "--markdown", "--png"):
+        path = getattr(args, flag[2:])
+        if path is not None:
+            check_output_path(path, name=flag)
+    if args.png is not None and args.png.suffix.lower() != ".png":
+        raise ValueError(f"--png: expected a .png file name, got {str(args.png)!r}")
 
 
 def _int8_sibling(hw) -> str:

@@ -1,0 +1,49 @@
+"""Acceptance probes of the SSM layers and the energy counter (issues 3 and 4) from outside: the
+``spikemar energy`` command's bad inputs, and counts compared with hand counts."""
+
+from __future__ import annotations
+
+import pytest
+
+from spikemar import cli
+
+DEMO = ["energy", "--model", "demo", "--d", "16", "--layers", "1"]
+
+
+def _run(capsys, *args: str) -> tuple[int, str]:
+    rc = cli.main([*DEMO, *args])
+    captured = capsys.readouterr()
+    return rc, captured.err
+
+
+def test_energy_cli_names_a_text_file_that_is_not_utf8(tmp_path, capsys):
+    path = tmp_path / "bytes.bin"
+    path.write_bytes(b"abc\xd0\x00\xff")
+    rc, err = _run(capsys, "--text-file", str(path))
+    assert rc == 2
+    assert err.count("\n") == 1 and "--text-file" in err and "not UTF-8" in err
+
+
+@pytest.mark.parametrize(
+    "flag, make, needle",
+    [
+        ("--png", lambda tmp: tmp / "energy.txt", "expected a .png"),
+        ("--json", lambda tmp: tmp, "is a folder"),
+        ("--markdown", lambda tmp: tmp / "file" / "r.md", "is a file, not a folder"),
+    ],
+    ids=["png-suffix", "json-folder", "markdown-under-a-file"],
+)
+def test_energy_cli_refuses_a_bad_output_path_before_writing_anything(
+    tmp_path, capsys, flag, make, needle
+):
+    """A bad output path is one line naming its option, before the model runs, and the other
+    reports asked for in the same command are not written."""
+    (tmp_path / "file").write_text("")
+    good = tmp_path / "out" / "r.json"
+    args = ["--random-tokens", "4", flag, str(make(tmp_path))]
+    if flag != "--json":
+        args += ["--json", str(good)]
+    rc, err = _run(capsys, *args)
+    assert rc == 2
+    assert err.count("\n") == 1 and flag in err and needle in err
+    assert not good.exists()

@@ -351,8 +351,10 @@ def atmn_multi_step(
     check_membrane(v, x_seq)
     cdtype = compute_dtype(x_seq.dtype)
     backend_ = select_backend(backend, x_seq, p)
-    # V on x's device: the fused kernels read it through a raw pointer
-    p = p._replace(v_threshold=p.v_threshold.to(device=x_seq.device, dtype=cdtype))
+    # V on x's device: the fused kernels read it through a raw pointer. Built with ``_make``, not
+    # ``_replace``: under torch.compile a ``_replace``d ATMNParameters that lives across a graph
+    # break comes back empty (torch 2.13's dynamo), and the next ``p.tau`` fails
+    p = p._make((p.v_threshold.to(device=x_seq.device, dtype=cdtype), *p[1:]))
     v = None if v is None else v.to(cdtype)
     # a backend that reads and writes a 16-bit x itself is spared the widening copy of x and the
     # narrowing copy of the spikes

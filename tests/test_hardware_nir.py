@@ -98,3 +98,34 @@ def test_export_nir_checks_its_arguments(tmp_path, random_network):
         export_nir(random_network("conv-binary", seed=1)[0], tmp_path / "net.nir", (2, 5, 5))
     with pytest.raises(UnsupportedModuleError, match="1: Tanh"):
         export_nir(nn.Sequential(nn.Linear(3, 2), nn.Tanh()), tmp_path / "net.nir", (3,))
+
+
+def test_spikingjelly_reads_atmn_as_nirs_if_with_one_step_of_dt(tmp_path):
+    """NIR's IF is v̇ = R·I; read with the file's dt (as its CubaLIF and LI nodes are), R = 1/dt
+    adds the input once per step. SpikingJelly's importer requires that and then runs the
+    binary, hard-reset IF that a reader ignoring the ATMN metadata sees."""
+    nir_exchange = pytest.importorskip("spikingjelly.activation_based.nir_exchange")
+    torch.manual_seed(0)
+    model = nn.Sequential(
+        nn.Linear(12, 16, bias=False), ATMN(2.0, 0.8), nn.Linear(16, 8), ATMN(1.5, 0.6)
+    ).double()
+    dt = 1e-3
+    export_nir(model, tmp_path / "net.nir", (12,), dt=dt)
+    graph = nir.read(str(tmp_path / "net.nir"))
+    np.testing.assert_allclose(graph.nodes["1"].r * dt, 1.0)
+    net = nir_exchange.import_from_nir(tmp_path / "net.nir", dt=dt, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(1)
+    x = (torch.rand(50, 3, 12, generator=gen) < 0.3).double()
+    state, got, v1, v2, expected = None, [], 0.0, 0.0, []
+    with torch.no_grad():
+        for x_t in x:
+            out, state = net(x_t, state)
+            got.append(out)
+            v1 = v1 + model[0](x_t)
+            s1 = (v1 >= 0.8).double()
+            v2 = v2 + model[2](s1)
+            s2 = (v2 >= 0.6).double()
+            v1, v2 = v1 * (1 - s1), v2 * (1 - s2)
+            expected.append(s2)
+    assert 0 < torch.stack(expected).sum() < torch.stack(expected).numel()
+    assert torch.equal(torch.stack(got), torch.stack(expected))

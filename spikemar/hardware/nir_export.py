@@ -11,8 +11,11 @@ r"""Export to NIR (the Neuromorphic Intermediate Representation), and back.
   ``tau_syn = dt/δ_u``, ``tau_mem = dt/δ_v``, ``w_in = 1/δ_u``, ``r = 1/δ_v``, ``v_leak = 0``,
   ``v_reset = 0``. That needs δ_u, δ_v > 0 (τ = ∞ has no Euler form).
 * **ATMN** has no NIR node: NIR knows neither ternary spikes nor a membrane divided by τ with a
-  signed soft reset. It is written as ``nir.IF`` (``r`` = 1, ``v_threshold`` = V, ``v_reset`` = 0;
-  the nearest primitive, which a reader that ignores metadata runs as a binary, hard-reset IF)
+  signed soft reset. It is written as ``nir.IF`` (``r`` = 1/dt, so that NIR's ``v̇ = R·I`` read
+  with step ``dt`` adds the input once per step as ATMN does, as SpikingJelly's ``import_from_nir``
+  requires (norse's IAF adds the input once per step whatever ``r`` is, and logs that it
+  expected 1); ``v_threshold`` = V, ``v_reset`` = 0: the nearest primitive, which a reader that
+  ignores metadata runs as a binary, hard-reset IF)
   whose ``metadata`` carries the exact neuron: ``spikemar_neuron`` = ``"ATMN"``,
   ``spikemar_version`` = 1, ``tau`` (``inf`` for no carry-over), ``ternary`` (0/1),
   ``v_threshold`` (per neuron), ``reset`` = ``"subtract"`` and ``equations`` (the text below).
@@ -131,7 +134,7 @@ def _neuron_node(nir, b: Block, out_shape: tuple[int, ...], dt: float):
         )  # fmt: skip
     v = np.broadcast_to(_np(b.v_threshold), out_shape).copy()
     return nir.IF(
-        r=ones,
+        r=ones / dt,
         v_threshold=v,
         v_reset=0 * ones,
         metadata={

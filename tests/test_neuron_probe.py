@@ -3,6 +3,7 @@ probing the public API (each test failed before its fix)."""
 
 import pytest
 import torch
+from spikingjelly.activation_based import functional as sj_functional
 
 from spikemar.neurons import ATMN
 
@@ -24,3 +25,26 @@ def test_torch_compile_runs_the_module_as_eager(backend):
     assert torch.equal(eager.v, compiled.v)
     torch.testing.assert_close(xe.grad, xc.grad)
     torch.testing.assert_close(eager.a.grad, compiled.a.grad)
+
+
+def test_v_seq_follows_spikingjelly_reset_detach_and_single_step():
+    # SpikingJelly 2.0's neurons forget v_seq on reset(), detach it in detach() (TBPTT through
+    # detach_net) and record it step by step in 's' mode; ATMN kept a stale, attached record
+    x_seq = torch.randn(4, 3, 5, generator=torch.Generator().manual_seed(1))
+    n = ATMN(v_threshold=0.4, step_mode="m", store_v_seq=True)
+    n(x_seq.clone().requires_grad_())
+    assert n.v_seq.requires_grad
+    sj_functional.detach_net(n)
+    assert not n.v_seq.requires_grad
+    sj_functional.reset_net(n)
+    assert n.v_seq is None
+
+    stepped = ATMN(v_threshold=0.4, step_mode="s", store_v_seq=True)
+    for t in range(4):
+        stepped(x_seq[t])
+    n(x_seq)
+    assert torch.equal(stepped.v_seq, n.v_seq)
+    stepped(x_seq[0].double())  # a new dtype restarts the record, as SpikingJelly's does
+    assert stepped.v_seq.shape == (1, 3, 5) and stepped.v_seq.dtype == torch.float64
+    stepped.reset()
+    assert stepped.v_seq is None

@@ -45,7 +45,10 @@ class ATMN(base.MemoryModule):
         backend: 'auto' (default: the fastest backend that can run the input, see
             :func:`spikemar.neurons.backends.resolve_backend`), 'torch' (the reference), or
             another name from :func:`spikemar.neurons.available_backends`.
-        store_v_seq: in 'm' mode keep the membrane after every micro-step in ``v_seq``.
+        store_v_seq: keep the membrane after every micro-step in ``v_seq`` [T, N, …]: in 'm'
+            mode the steps of the last call, in 's' mode every step since ``reset()`` (as
+            SpikingJelly 2.0's neurons; the record restarts when the input's shape, dtype or
+            device changes). ``reset()`` clears it and ``detach()`` detaches it.
 
     Attributes:
         v_threshold: the current V (a tensor, differentiable with respect to ``a``).
@@ -155,6 +158,28 @@ class ATMN(base.MemoryModule):
         v = self.v_threshold.detach().flatten()
         bad = v[~torch.isfinite(v) | (v <= 0)][:4].tolist()
         return ValueError(F.diverged_threshold_message(bad))
+
+    def reset(self) -> None:
+        """Restore the membrane to 0 and forget the recorded ``v_seq`` (SpikingJelly's reset)."""
+        super().reset()
+        self.v_seq = None
+
+    def detach(self) -> None:
+        """Detach the membrane and the recorded ``v_seq`` from the graph (TBPTT with
+        ``functional.detach_net``)."""
+        super().detach()
+        if self.v_seq is not None:
+            self.v_seq = self.v_seq.detach()
+
+    def single_step_forward(self, x: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        spikes = super().single_step_forward(x, *args, **kwargs)
+        if self.store_v_seq:
+            seq, v = self.v_seq, self.v
+            same = seq is not None and (seq.shape[1:], seq.dtype, seq.device) == (
+                v.shape, v.dtype, v.device
+            )  # fmt: skip
+            self.v_seq = torch.cat((seq, v[None])) if same else v[None].clone()
+        return spikes
 
     def single_step_functional_forward(self, inputs, states, **kwargs):
         x = inputs[0]

@@ -62,6 +62,7 @@ __all__ = [
     "FixedPointNetwork",
     "FixedPointOverflowError",
     "UnsupportedModuleError",
+    "check_block_shapes",
     "lower",
     "quantize_network",
     "quantize_weight",
@@ -345,6 +346,34 @@ def _check_range(x: torch.Tensor, what: str, path: str, t: int) -> None:
         )
 
 
+def check_block_shapes(
+    blocks: list[Block], sample_shape: tuple[int, ...], *, name: str = "input_shape"
+) -> tuple[int, ...]:
+    """Whether one sample of shape ``sample_shape`` goes through every block in turn (a block's
+    input is the previous block's output); returns the last block's output shape. Else a
+    ValueError naming ``name``, the shape that reaches the block and the block's synapse, rather
+    than a matmul's or conv2d's shape error from inside the export."""
+    sample_shape = tuple(int(n) for n in sample_shape)
+    x = torch.zeros(1, *sample_shape, dtype=torch.float64)
+    for i, b in enumerate(blocks):
+        here = tuple(x.shape[1:])
+        try:
+            check_block_input(b, here, name=name)
+            try:
+                x = synaptic_input(x, b, b.weight.double(), None)
+            except RuntimeError as err:  # a conv kernel larger than its (padded) input
+                synapse = next(iter(b.modules), b.path)
+                raise ValueError(f"{name}: {here} does not fit {synapse} ({err})") from None
+        except ValueError as err:
+            if i == 0:
+                raise
+            why = str(err).removeprefix(f"{name}: {here}")
+            raise ValueError(
+                f"{name}: {sample_shape} becomes {here} at {blocks[i - 1].path}, which{why}"
+            ) from None
+    return tuple(x.shape[1:])
+
+
 def synaptic_input(x: torch.Tensor, b: Block, weight: torch.Tensor, bias) -> torch.Tensor:
     """``W·x (+ bias)`` for one step ``x`` [N, …] of a block, in the weight's dtype."""
     if b.flatten:
@@ -387,7 +416,7 @@ class FixedPointNetwork(nn.Module):
         if inputs.is_floating_point() and not torch.equal(as_int.to(inputs.dtype), inputs):
             raise ValueError("inputs: Loihi takes integer spike payloads; got fractional values")
         if self.blocks:  # one step of one sample: [T, N, *input_shape]
-            check_block_input(self.blocks[0].block, tuple(inputs.shape[2:]), name="inputs")
+            check_block_shapes([fb.block for fb in self.blocks], inputs.shape[2:], name="inputs")
         for counts in self.clamp_counts.values():
             counts["voltage"] = 0
         states: list[dict] = [{} for _ in self.blocks]
@@ -447,6 +476,9 @@ def simulate(model: nn.Module, inputs: torch.Tensor, *, record: bool = False):
     ``record``). This is the PyTorch float model that Lava's floating-point run is checked
     against; the neurons' step modes are restored afterwards."""
     blocks = lower(model)
+    if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
+        raise ValueError("inputs: expected a tensor [T, N, ...] of spike payloads")
+    check_block_shapes(blocks, inputs.shape[2:], name="inputs")
     neurons = [b.modules[b.path] for b in blocks]
     modes = [n.step_mode for n in neurons]
     try:

@@ -42,10 +42,17 @@ import torch
 from torch import nn
 
 from .._io import atomic_write, check_output_path
-from .fixed_point import Block, FixedBlock, FixedPointNetwork, quantize_network, synaptic_input
+from .fixed_point import (
+    Block,
+    FixedBlock,
+    FixedPointNetwork,
+    check_block_shapes,
+    quantize_network,
+    synaptic_input,
+)
 from .formats import NETX_FORMAT as FORMAT
 from .formats import NETX_VERSION as VERSION
-from .formats import check_block_input, check_input_shape, check_version
+from .formats import check_input_shape, check_version
 
 __all__ = ["LavaRunError", "LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
@@ -83,8 +90,7 @@ def export_lava(
         raise ValueError(f"path: expected a file name such as net.h5, got {str(path)!r}")
     check_output_path(path, name="path")  # before quantising: fail early
     fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
-    if fixed.blocks:
-        check_block_input(fixed.blocks[0].block, shape)
+    check_block_shapes([fb.block for fb in fixed.blocks], shape)
     with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
@@ -96,12 +102,6 @@ def export_lava(
         i = 1
         for fb in fixed.blocks:
             b = fb.block
-            if b.synapse == "conv" and x.dim() != 4:
-                raise ValueError(
-                    f"{b.path}: a Conv2d needs a (C, H, W) input here, got {tuple(x.shape[1:])}"
-                )
-            if b.synapse == "dense" and x.dim() != 2 and not b.flatten:
-                raise ValueError(f"{b.path}: a Linear after a conv layer needs a Flatten before it")
             if b.flatten and x.dim() > 2:
                 layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
                 i += 1

@@ -41,8 +41,8 @@ from torch import nn
 from .._io import atomic_write, check_output_path
 from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
 from ..ssm.mixer import LTICell
-from .fixed_point import Block, UnsupportedModuleError, lower, synaptic_input
-from .formats import NIR_FORMAT, NIR_VERSION, check_block_input, check_input_shape, check_version
+from .fixed_point import Block, UnsupportedModuleError, check_block_shapes, lower, synaptic_input
+from .formats import NIR_FORMAT, NIR_VERSION, check_input_shape, check_version
 from .lif import CUBALIF
 
 __all__ = ["ATMN_EQUATIONS", "export_nir", "import_nir"]
@@ -67,8 +67,7 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
         raise ValueError(f"dt: expected a finite number > 0, got {dt!r}")
     path = check_output_path(path, name="path")  # before any work: fail early
     blocks = lower(model)
-    if blocks:
-        check_block_input(blocks[0], shape)
+    check_block_shapes(blocks, shape)
     nodes: dict = {"input": nir.Input(input_type=np.array(shape))}
     edges: list[tuple[str, str]] = []
     prev = "input"

@@ -1,0 +1,57 @@
+"""Bad inputs at the hardware exporters' boundary, found by probing from outside: each is one
+ValueError naming the argument, the shape and what was expected, and nothing is written."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from spikemar.hardware import export_lava, export_nir, quantize, simulate
+from spikemar.neurons import ATMN
+
+SHAPE_MISMATCHES = [
+    (  # a conv layer after a dense one
+        lambda: nn.Sequential(nn.Linear(3, 4), ATMN(2.0, 0.5), nn.Conv2d(4, 2, 1), ATMN(2.0, 0.5)),
+        (3,),
+        r"input_shape: \(3,\) becomes \(4,\) at 1, which does not fit 2, a Conv2d",
+    ),
+    (  # a Linear after a conv layer, without a Flatten
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 3), ATMN(2.0, 0.5), nn.Linear(4, 3), ATMN(2.0, 0.5)),
+        (1, 4, 4),
+        r"input_shape: \(1, 4, 4\) becomes \(2, 2, 2\) at 1, which does not fit 2, a Linear "
+        r"with 4 input features \(and no Flatten",
+    ),
+    (  # a flattened conv output of the wrong size
+        lambda: nn.Sequential(
+            nn.Conv2d(1, 2, 3), ATMN(2.0, 0.5), nn.Flatten(), nn.Linear(5, 3), ATMN(2.0, 0.5)
+        ),
+        (1, 4, 4),
+        r"becomes \(2, 2, 2\) at 1, which does not fit 3, a Linear with 5 input features",
+    ),
+    (  # a kernel larger than the image
+        lambda: nn.Sequential(nn.Conv2d(1, 2, 5), ATMN(2.0, 0.5)),
+        (1, 4, 4),
+        r"input_shape: \(1, 4, 4\) does not fit 0 \(.*Kernel size",
+    ),
+]
+
+
+@pytest.mark.parametrize("make, shape, message", SHAPE_MISMATCHES)
+@pytest.mark.parametrize("export, suffix", [(export_lava, "h5"), (export_nir, "nir")])
+def test_a_block_that_does_not_fit_the_one_before_it_is_named(
+    tmp_path, make, shape, message, export, suffix
+):
+    with pytest.raises(ValueError, match=message):
+        export(make(), tmp_path / f"net.{suffix}", shape)
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("make, shape, message", SHAPE_MISMATCHES)
+def test_the_fixed_point_and_float_models_name_a_block_that_does_not_fit(make, shape, message):
+    inputs = torch.zeros(3, 1, *shape)
+    message = message.replace("input_shape", "inputs")
+    with pytest.raises(ValueError, match=message):
+        quantize(make())(inputs)
+    with pytest.raises(ValueError, match=message):
+        simulate(make(), inputs)

@@ -272,8 +272,9 @@ class HFTokenizer:
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (readable by tokenizers and transformers),
         and the end-of-text token, where there is one, as ``eos_token`` of
-        ``tokenizer_config.json`` (the key transformers and :meth:`from_directory` read; other
-        keys of an existing file are kept). Returns the ``tokenizer.json`` path."""
+        ``tokenizer_config.json`` (the key transformers and :meth:`from_directory` read), and a
+        single start-of-text token (:attr:`prefix_ids`) as its ``bos_token``; other keys of an
+        existing file are kept. Returns the ``tokenizer.json`` path."""
         directory = Path(directory)
         config_path = directory / "tokenizer_config.json"
         config: dict[str, Any] | None = None
@@ -288,13 +289,18 @@ class HFTokenizer:
         directory.mkdir(parents=True, exist_ok=True)
         path = directory / "tokenizer.json"
         path.write_text(self._json)
+        named = dict(config or {})
         if self._eos_id is not None:
-            config = config or {"tokenizer_class": "PreTrainedTokenizerFast"}
-            config["eos_token"] = self._tokenizer.id_to_token(self._eos_id)
-            config_path.write_text(json.dumps(config, indent=2))
-        elif config is not None and "eos_token" in config:  # no end-of-text token: none named
-            del config["eos_token"]
-            config_path.write_text(json.dumps(config, indent=2))
+            named["eos_token"] = self._tokenizer.id_to_token(self._eos_id)
+        else:  # no end-of-text token: none named
+            named.pop("eos_token", None)
+        if len(self.prefix_ids) == 1:  # Llama-3's <|begin_of_text|>, as its own config names it:
+            # transformers' bos_token_id, so lm_eval's HFLM starts an empty context with it too
+            named["bos_token"] = self._tokenizer.id_to_token(self.prefix_ids[0])
+        if named != (config or {}):
+            if config is None:
+                named = {"tokenizer_class": "PreTrainedTokenizerFast", **named}
+            config_path.write_text(json.dumps(named, indent=2))
         return path
 
     def __eq__(self, other: object) -> bool:

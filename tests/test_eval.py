@@ -358,6 +358,61 @@ def test_harness_generate_until_stops_at_stop_sequences(harness, char_model):
                                                               "temperature": 1.0})]))  # fmt: skip
 
 
+@pytest.mark.parametrize("begin_of_text", [False, True], ids=["gpt-neox-like", "llama-3-like"])
+def test_harness_equals_lm_evals_own_hf_model_on_the_same_mamba2(harness, tmp_path, begin_of_text):
+    # the real peer: lm_eval's HFLM on transformers' Mamba2ForCausalLM, and spikemar's model on
+    # the same directory, given the same requests (a tokenizer with or without a start-of-text
+    # token, which HFLM puts before an empty context and a rolling document as spikemar does)
+    from lm_eval.models.huggingface import HFLM
+    from references.hf_checkpoints import begin_of_text_tokenizer, write_mamba2_checkpoint
+
+    write_mamba2_checkpoint(tmp_path, vocab_size=301, tokenizer=not begin_of_text)
+    if begin_of_text:
+        begin_of_text_tokenizer().save(tmp_path)
+    peer = HFLM(pretrained=str(tmp_path), device="cpu", dtype="float32", batch_size=2)
+    ours = harness.SpikemarLM(pretrained=str(tmp_path), batch_size=3, count_energy=False)
+    assert ours.prefix_token_id == peer.prefix_token_id == (300 if begin_of_text else 0)
+    pairs = [("First Citizen:", " Before we"), ("hear me", " speak."), ("", "Citizen"),
+             ("a b ", "c"), ("proceed any further,", " hear me speak.")]  # fmt: skip
+    want = peer.loglikelihood(instances("loglikelihood", pairs))
+    got = ours.loglikelihood(instances("loglikelihood", pairs))
+    for (w, w_greedy), (g, g_greedy) in zip(want, got, strict=True):
+        assert g == pytest.approx(w, rel=1e-5, abs=1e-4) and g_greedy == w_greedy
+    docs = [("First Citizen: Before we proceed any further, hear me speak.",), ("Citizen",)]
+    if begin_of_text:  # lm_eval's hf also scores the document's own leading <|begin_of_text|>
+        # after its prefix (lm-evaluation-harness#3333); spikemar scores the document after one
+        # prefix: HFLM's scores when it encodes documents without their special tokens
+        rolling = HFLM(pretrained=str(tmp_path), device="cpu", dtype="float32", batch_size=2,
+                       add_bos_token=False)  # fmt: skip
+    else:
+        rolling = peer
+    want = rolling.loglikelihood_rolling(instances("loglikelihood_rolling", docs))
+    got = ours.loglikelihood_rolling(instances("loglikelihood_rolling", docs))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-4)
+    until = [("First Citizen:", {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}),
+             ("hear", {"until": ["me"], "max_gen_toks": 6})]  # fmt: skip
+    assert ours.generate_until(instances("generate_until", until)) == peer.generate_until(
+        instances("generate_until", until)
+    )
+
+
+def test_harness_takes_lm_evals_hf_argument_names(harness, tmp_path):
+    from lm_eval.api.registry import get_model
+    from references.hf_checkpoints import write_mamba2_checkpoint
+
+    write_mamba2_checkpoint(tmp_path)
+    lm = get_model("spikemar").create_from_arg_string(
+        f"pretrained={tmp_path},dtype=bfloat16", {"batch_size": 2, "device": "cpu"}
+    )
+    assert {p.dtype for p in lm.scorer.model.parameters()} == {torch.bfloat16}
+    [(logprob, _)] = lm.loglikelihood(instances("loglikelihood", [("hear me", " speak")]))
+    assert math.isfinite(logprob) and logprob < 0
+    with pytest.raises(ValueError, match="pretrained: the same argument as checkpoint"):
+        harness.SpikemarLM(checkpoint=str(tmp_path), pretrained=str(tmp_path))
+    with pytest.raises(ValueError, match="dtype: expected a floating torch dtype"):
+        harness.SpikemarLM(pretrained=str(tmp_path), dtype="int8")
+
+
 def test_harness_errors_are_clear(harness, char_model, tmp_path):
     model, tok = char_model
     with pytest.raises(

@@ -76,6 +76,19 @@ def test_save_and_load_directories(tmp_path, tok):
     assert load_tokenizer(tmp_path / "char") == char
 
 
+def test_a_start_of_text_token_is_saved_as_the_bos_token(tmp_path):
+    # Llama-3's tokenizer_config.json names <|begin_of_text|> bos_token: transformers' (and so
+    # lm_eval's) bos_token_id comes from it, not from the post-processor
+    from transformers import AutoTokenizer
+
+    tok = begin_of_text_tokenizer()
+    tok.save(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert auto.bos_token_id == 300 == tok.prefix_ids[0] and auto.eos_token_id == 0
+    assert auto("me").input_ids == [300, *tok.encode("me")]
+    assert load_tokenizer(tmp_path) == tok
+
+
 def test_transformers_only_formats_go_through_auto_tokenizer(tmp_path, tok):
     # a GPT-2-style directory: vocab.json + merges.txt, no tokenizer.json
     tok._tokenizer.model.save(str(tmp_path))

@@ -85,6 +85,8 @@ class SpikemarLM(TemplateLM):
         checkpoint: a spikemar checkpoint file (``spikemar train``/``distill``, the packaged
             ``spikemar/assets/mar_shakespeare.pt``), or a Hugging Face Mamba-2/Llamba directory
             or Hub id (:func:`~spikemar.eval.scoring.load_model`); the tokenizer comes with it.
+            ``pretrained`` is the same argument by lm_eval ``hf``'s name, so
+            ``--model_args pretrained=DIR`` reads as it does for ``--model hf``.
         model, tokenizer: instead of ``checkpoint``, a model object and its tokenizer (Python).
         batch_size: sequences per forward pass (lm_eval's ``--batch_size``; 'auto' means 16).
         device: 'cpu' (default) or a torch device.
@@ -96,6 +98,9 @@ class SpikemarLM(TemplateLM):
         count_energy: count the operations of every pass (default true; see
             :meth:`energy_report`).
         max_gen_toks: default cap on generated tokens (256).
+        dtype: the checkpoint's weights in this dtype (``bfloat16``, ``float16``, ``float32``;
+            ``auto``: the checkpoint's own, as lm_eval ``hf``'s ``dtype``). Default float32 for a
+            Hugging Face directory, a spikemar checkpoint file's own dtype.
         tokenizer: with ``model``, its tokenizer object; with ``checkpoint``, where to take the
             tokenizer from instead of the checkpoint (a directory, ``tokenizer.json`` or Hub id:
             ``tokenizer=EleutherAI/gpt-neox-20b`` for state-spaces/mamba2-130m, which ships
@@ -115,16 +120,22 @@ class SpikemarLM(TemplateLM):
         unk: str | None = None,
         count_energy: bool | str = True,
         max_gen_toks: int | str = 256,
+        pretrained: str | os.PathLike | None = None,
+        dtype: str | torch.dtype | None = None,
         **unknown: Any,
     ) -> None:
         super().__init__()
+        if pretrained is not None:
+            if checkpoint is not None:
+                raise ValueError("pretrained: the same argument as checkpoint; give one of them")
+            checkpoint = pretrained
         unknown = {k: v for k, v in unknown.items() if v is not None}
         unknown.pop("max_batch_size", None)  # lm_eval passes it with every model
         if unknown:
             raise ValueError(
-                f"model_args: unknown argument(s) {sorted(unknown)}; spikemar takes checkpoint, "
-                "tokenizer, batch_size, device, max_length, window, unk, count_energy, "
-                "max_gen_toks"
+                f"model_args: unknown argument(s) {sorted(unknown)}; spikemar takes checkpoint "
+                "(or pretrained), tokenizer, dtype, batch_size, device, max_length, window, unk, "
+                "count_energy, max_gen_toks"
             )
         if (checkpoint is None) == (model is None):
             raise ValueError("checkpoint: give a checkpoint path or a model (not both)")
@@ -138,9 +149,11 @@ class SpikemarLM(TemplateLM):
             if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
                 raise ValueError("tokenizer: with a checkpoint, give a tokenizer directory, a "
                                  "tokenizer.json or a Hub id (or pass model= with it)")  # fmt: skip
-            model, tokenizer = load_model(checkpoint, tokenizer)
+            model, tokenizer = load_model(checkpoint, tokenizer, dtype)
         elif tokenizer is None:
             raise ValueError("tokenizer: a model object needs its tokenizer")
+        elif dtype is not None:
+            raise ValueError("dtype: casts a loaded checkpoint; cast a model object yourself")
         if batch_size == "auto" or (isinstance(batch_size, str) and batch_size.startswith("auto")):
             batch_size = 16  # no memory probing on CPU: a fixed size that suits small models
         self.checkpoint = None if checkpoint is None else str(checkpoint)

@@ -59,7 +59,9 @@ class ContinuationScore:
 
 
 def load_model(
-    checkpoint: str | os.PathLike, tokenizer: str | os.PathLike | None = None
+    checkpoint: str | os.PathLike,
+    tokenizer: str | os.PathLike | None = None,
+    dtype: torch.dtype | str | None = None,
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` of what an evaluation is pointed at, the model in eval mode on the
     CPU, with the tokenizer that came with it:
@@ -71,17 +73,25 @@ def load_model(
 
     ``tokenizer``: take the tokenizer from this directory, ``tokenizer.json`` or Hub id instead
     (for a checkpoint that ships none, as state-spaces/mamba2-130m: EleutherAI/gpt-neox-20b).
+    ``dtype``: the weights' dtype (a floating torch dtype or its name; ``'auto'`` or None keep a
+    checkpoint file's own, and give a Hugging Face directory its ``config.json``'s or float32,
+    as :func:`~spikemar.models.from_pretrained`).
     The model's vocabulary must cover the tokenizer's (a larger one, padded as Llamba pads its
     embedding, is fine: its extra ids are never scored but keep their share of the softmax).
     """
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         raise TypeError(f"tokenizer: expected a directory, a tokenizer.json or a Hub id, got "
                         f"{type(tokenizer).__name__}")  # fmt: skip
+    from ..models.hub import _dtype
+
+    cast = None if dtype is None or dtype == "auto" else _dtype(dtype)
     path = Path(checkpoint)
     if path.is_file():
         from ..checkpoint import load_checkpoint
 
         model, own, _ = load_checkpoint(path)
+        if cast is not None:
+            model = model.to(dtype=cast)
         if tokenizer is None:
             tokenizer = own
         else:
@@ -91,7 +101,8 @@ def load_model(
     elif path.is_dir() or (not path.exists() and is_hub_id(checkpoint)):
         from ..models import from_pretrained
 
-        model = from_pretrained(checkpoint, tokenizer=True if tokenizer is None else tokenizer)
+        model = from_pretrained(checkpoint, tokenizer=True if tokenizer is None else tokenizer,
+                                dtype=dtype)  # fmt: skip
         tokenizer = model.tokenizer
     else:
         raise FileNotFoundError(

@@ -55,3 +55,31 @@ def test_the_fixed_point_and_float_models_name_a_block_that_does_not_fit(make, s
         quantize(make())(inputs)
     with pytest.raises(ValueError, match=message):
         simulate(make(), inputs)
+
+
+def test_paths_of_the_wrong_type_and_bad_numbers_are_named(tmp_path):
+    from spikemar.hardware import run_lava
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    for export in (export_lava, export_nir):
+        with pytest.raises(TypeError, match="path: expected a str or path, got int"):
+            export(model, 5, (3,))
+    with pytest.raises(ValueError, match="dt: expected a finite number > 0, got True"):
+        export_nir(model, tmp_path / "net.nir", (3,), dt=True)
+    assert not list(tmp_path.iterdir())
+    export_lava(model, tmp_path / "net.h5", (3,))
+    with pytest.raises(TypeError, match="path: expected a str or path, got NoneType"):
+        run_lava(None, torch.zeros(4, 3), 4)
+    for timeout in (0, -1.0, float("nan"), True):
+        with pytest.raises(ValueError, match="timeout_s: expected a finite number of seconds"):
+            run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, timeout_s=timeout)
+
+
+def test_a_lava_run_past_its_timeout_is_one_lava_run_error(lava, tmp_path):
+    from spikemar.hardware import run_lava
+    from spikemar.hardware.lava_export import LavaRunError
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    with pytest.raises(LavaRunError, match=r"did not finish within timeout_s = 0.05 s"):
+        run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, timeout_s=0.05)

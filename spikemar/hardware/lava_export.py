@@ -85,7 +85,7 @@ def export_lava(
     import h5py
 
     shape = check_input_shape(input_shape)
-    path = Path(path)
+    path = Path(_check_path_type(path))
     if path.suffix in ("", "."):
         raise ValueError(f"path: expected a file name such as net.h5, got {str(path)!r}")
     check_output_path(path, name="path")  # before quantising: fail early
@@ -109,6 +109,12 @@ def export_lava(
             _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
             i += 1
     return fixed
+
+
+def _check_path_type(path: object) -> str | os.PathLike:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
+    return path
 
 
 def _np(t: torch.Tensor) -> np.ndarray:
@@ -200,7 +206,10 @@ def run_lava(
     """
     if readout not in ("spikes", "voltage"):
         raise ValueError(f"readout: expected 'spikes' or 'voltage', got {readout!r}")
-    path = Path(path)
+    timeout_ok = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
+    if not (timeout_ok and math.isfinite(timeout_s) and timeout_s > 0):
+        raise ValueError(f"timeout_s: expected a finite number of seconds > 0, got {timeout_s!r}")
+    path = Path(_check_path_type(path))
     if not path.is_file():
         raise FileNotFoundError(f"path: no exported network at {str(path)!r}")
     if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
@@ -231,9 +240,15 @@ def run_lava(
         Path(tmp, "path").mkdir()
         Path(tmp, "path", "spikemar").symlink_to(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": str(Path(tmp, "path"))}
-        done = subprocess.run(
-            cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
-        )
+        try:
+            done = subprocess.run(
+                cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
+            )
+        except subprocess.TimeoutExpired as err:
+            stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
+            raise LavaRunError(
+                f"Lava run of {path} did not finish within timeout_s = {timeout_s} s", stderr
+            ) from None
         if done.returncode != 0:
             lines = [line for line in done.stderr.splitlines() if line.strip()]
             last = lines[-1].strip() if lines else "no output"

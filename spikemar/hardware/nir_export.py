@@ -63,8 +63,11 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     import nir
 
     shape = check_input_shape(input_shape)
-    if not (isinstance(dt, int | float) and math.isfinite(dt) and dt > 0):
+    number = isinstance(dt, int | float) and not isinstance(dt, bool)
+    if not (number and math.isfinite(dt) and dt > 0):
         raise ValueError(f"dt: expected a finite number > 0, got {dt!r}")
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
     path = check_output_path(path, name="path")  # before any work: fail early
     blocks = lower(model)
     check_block_shapes(blocks, shape)

@@ -503,6 +503,11 @@ def test_eval_command_text_perplexity(tiny_checkpoint, char_model, tmp_path, cap
     assert "| E/token 45nm-fp32 |" in table and "firing rate" in table
     argv += ["--no-energy", "--out", str(tmp_path / "plain")]
     assert cli.main(argv) == 0
+    # --dtype: the checkpoint's weights in bfloat16 score within bfloat16's rounding
+    assert cli.main([*argv, "--dtype", "bfloat16", "--out", str(tmp_path / "bf16")]) == 0
+    bf16 = json.loads((tmp_path / "bf16" / "perplexity.json").read_text())["results"][0]
+    assert bf16["nats_per_token"] == pytest.approx(want.nats_per_token, rel=3e-2)
+    assert bf16["nats_per_token"] != stream["nats_per_token"]
     assert (
         json.loads((tmp_path / "plain" / "perplexity.json").read_text())["results"][0]["energy"]
         is None

@@ -96,6 +96,12 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     )
     parser.add_argument("--batch-size", type=_int_at_least_1, default=16, help="(default 16)")
     parser.add_argument(
+        "--dtype",
+        choices=("float32", "bfloat16", "float16", "auto"),
+        help="the weights' dtype (default: float32 for a Hugging Face directory, a checkpoint "
+        "file's own; auto: the checkpoint's own, as lm_eval hf's dtype=auto)",
+    )
+    parser.add_argument(
         "--device", type=_device_argument, default="cpu", help="torch device (default cpu)"
     )
     parser.add_argument(
@@ -239,9 +245,11 @@ def evaluate_checkpoints(
     count_energy: bool = True,
     columns: list[str] | None = None,
     tokenizer: str | None = None,
+    dtype: str | None = None,
 ):
     """Run ``tasks`` on every checkpoint through lm_eval; returns the :class:`EvalTable`.
-    ``tokenizer``: every checkpoint's tokenizer from there instead (see :class:`SpikemarLM`)."""
+    ``tokenizer``: every checkpoint's tokenizer from there instead; ``dtype``: its weights in
+    this dtype (see :class:`SpikemarLM`)."""
     try:
         import lm_eval
     except ImportError as err:
@@ -256,7 +264,7 @@ def evaluate_checkpoints(
     for path, label in zip(checkpoints, labels, strict=True):
         lm = SpikemarLM(
             checkpoint=path, tokenizer=tokenizer, batch_size=batch_size, device=device, unk=unk,
-            window=window, count_energy=count_energy,
+            window=window, count_energy=count_energy, dtype=dtype,
         )  # fmt: skip
         print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
@@ -315,7 +323,7 @@ def _run_text(
     table = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     notes: set[str] = set()
     for path, label in zip(checkpoints, labels, strict=True):
-        model, tokenizer = load_model(path, args.tokenizer)
+        model, tokenizer = load_model(path, args.tokenizer, args.dtype)
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
             # the energy of the passes that produced this score, beside it (as for tasks)
@@ -397,7 +405,7 @@ def eval_main(args: argparse.Namespace) -> int:
             checkpoints, labels, tasks, include=args.include_path, limit=args.limit,
             num_fewshot=args.num_fewshot, batch_size=args.batch_size, device=args.device,
             unk=args.unk, window=args.window, count_energy=not args.no_energy,
-            columns=columns, tokenizer=args.tokenizer,
+            columns=columns, tokenizer=args.tokenizer, dtype=args.dtype,
         )  # fmt: skip
         out = args.out
         out.mkdir(parents=True, exist_ok=True)

@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from spikemar import cli
@@ -47,3 +49,26 @@ def test_energy_cli_refuses_a_bad_output_path_before_writing_anything(
     assert rc == 2
     assert err.count("\n") == 1 and flag in err and needle in err
     assert not good.exists()
+
+
+@pytest.mark.parametrize(
+    "fields, needle",
+    [
+        ({"chunk_size": 0}, "chunk_size: expected an int >= 1 or None"),
+        ({"chunk_size": 2.5}, "chunk_size: expected an int >= 1 or None"),
+        ({"ffn_hidden": -4}, "ffn_hidden: expected an int >= 1 or None"),
+        ({"ffn_hidden": 0}, "ffn_hidden: expected an int >= 1 or None"),
+        ({"layers": "attn", "n_attn_heads": 3}, "n_attn_heads: 3 does not divide d_model = 8"),
+        ({"layers": "attn", "n_attn_heads": 0}, "n_attn_heads: expected an int >= 1"),
+        ({"layers": "attn", "max_len": 0}, "max_len: expected an int >= 1"),
+        ({"ffn_sparsity": ("topk",)}, "ffn_sparsity: expected ('topk', f)"),
+        ({"ffn_sparsity": ("topk", "half")}, "ffn_sparsity: expected a number"),
+    ],
+)
+def test_mar_config_names_a_bad_field_when_it_is_made(fields, needle):
+    """Each bad field is a ValueError naming the config's own field as the config is made, not
+    an error from deep inside the model when it is built or first run."""
+    from spikemar.models import MARConfig
+
+    with pytest.raises(ValueError, match="^" + re.escape(needle)):
+        MARConfig(vocab_size=5, d_model=8, n_layers=1, head_dim=4, d_state=2, **fields)

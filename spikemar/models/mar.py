@@ -118,6 +118,12 @@ class MARConfig:
                 f"ffn_mult: expected a number with round(ffn_mult * d_model) >= 1, got "
                 f"{self.ffn_mult!r} (ffn=None builds blocks without an FFN)"
             )
+        if self.chunk_size is not None and not _int_at_least(self.chunk_size, 1):
+            raise ValueError(f"chunk_size: expected an int >= 1 or None (chosen from head_dim and "
+                             f"d_state), got {self.chunk_size!r}")  # fmt: skip
+        if self.ffn_hidden is not None and not _int_at_least(self.ffn_hidden, 1):
+            raise ValueError(f"ffn_hidden: expected an int >= 1 or None (round(ffn_mult * "
+                             f"d_model)), got {self.ffn_hidden!r}")  # fmt: skip
         if self.spikes is not None and not isinstance(self.spikes, SpikeConfig):
             raise ValueError(f"spikes: expected a SpikeConfig or None (the dense twin), got "
                              f"{self.spikes!r}")  # fmt: skip
@@ -126,7 +132,18 @@ class MARConfig:
         if bad:
             raise ValueError(f"layers: expected entries from {tuple(MIXERS)}, got {bad}")
         self.spiking_layers()
+        if "attn" in kinds:  # the attention layers' heads and KV cache
+            for name in ("n_attn_heads", "max_len"):
+                if not _int_at_least(getattr(self, name), 1):
+                    raise ValueError(f"{name}: expected an int >= 1 (attention layers), got "
+                                     f"{getattr(self, name)!r}")  # fmt: skip
+            if self.d_model % self.n_attn_heads:
+                raise ValueError(f"n_attn_heads: {self.n_attn_heads} does not divide d_model = "
+                                 f"{self.d_model}")  # fmt: skip
         if self.ffn_sparsity is not None:
+            if not isinstance(self.ffn_sparsity, tuple | list) or len(self.ffn_sparsity) != 2:
+                raise ValueError(f"ffn_sparsity: expected ('topk', f) or ('threshold', t), got "
+                                 f"{self.ffn_sparsity!r}")  # fmt: skip
             ActivationSparsifier(*self.ffn_sparsity)  # validates
         if self.points is not None:
             keys = self.points if isinstance(self.points, dict) else [None]
@@ -164,6 +181,10 @@ class MARConfig:
         return MARConfig(**{**vars(self), "spikes": None, "points": None})
 
 
+def _int_at_least(value: object, low: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+
+
 class ActivationSparsifier(nn.Module):
     """Zero all but the largest activations: ``('topk', fraction)`` keeps that fraction of each
     token's channels by magnitude, ``('threshold', t)`` keeps ``|x| > t``. The mask is applied in
@@ -171,6 +192,8 @@ class ActivationSparsifier(nn.Module):
 
     def __init__(self, mode: str, amount: float) -> None:
         super().__init__()
+        if isinstance(amount, bool) or not isinstance(amount, int | float):
+            raise ValueError(f"ffn_sparsity: expected a number as the amount, got {amount!r}")
         if mode == "topk" and not 0 < amount <= 1:
             raise ValueError(f"ffn_sparsity: 'topk' keeps a fraction in (0, 1], got {amount!r}")
         if mode == "threshold" and not amount >= 0:

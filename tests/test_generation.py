@@ -271,6 +271,49 @@ def test_text_prompts_in_a_batch_and_after_the_start_of_text_token(tmp_path):
         model.generate(["a", 3], 3)
 
 
+def test_transformers_style_call_with_a_tokenizers_batch(tmp_path):
+    """model.generate(**tokenizer(texts, return_tensors="pt", padding=True), max_new_tokens=N,
+    do_sample=False), as a transformers user writes it, gives transformers' tokens."""
+    from references.hf_checkpoints import write_mamba2_checkpoint
+    from transformers import AutoTokenizer
+
+    from spikemar.models import from_pretrained
+
+    hf = write_mamba2_checkpoint(tmp_path)
+    model = from_pretrained(tmp_path)
+    auto = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True, padding_side="left")
+    auto.pad_token = auto.eos_token
+    for texts in (["First Citizen:"], ["First Citizen:", "hear", "Before we proceed"]):
+        batch = auto(texts, return_tensors="pt", padding=True, return_token_type_ids=False)
+        want = hf.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        got = model.generate(**batch, max_new_tokens=6, do_sample=False, pad_token_id=0)
+        assert torch.equal(got, want)
+    # do_sample=False is greedy whatever the temperature; True samples as temperature > 0 does
+    ids = batch["input_ids"][:1]
+    greedy = model.generate(ids, 5, temperature=0)
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=5, do_sample=False,
+                                      temperature=0.7, top_k=3), greedy)  # fmt: skip
+    drawn = model.generate(ids, 5, do_sample=True, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(drawn, model.generate(ids, 5, generator=torch.Generator().manual_seed(3)))
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "match"),
+    [
+        (lambda m, x: m.generate(x, 3, input_ids=x), ValueError, "input_ids: transformers' name"),
+        (lambda m, x: m.generate(max_new_tokens=3), TypeError, "prompt: expected token ids"),
+        (lambda m, x: m.generate(input_ids=x), ValueError, "max_new_tokens: expected an int"),
+        (lambda m, x: m.generate(x, 3, do_sample="yes"), ValueError, "do_sample: expected"),
+        (lambda m, x: m.generate(x, 3, do_sample=True, temperature=0), ValueError,
+         "temperature: 0 is greedy decoding; do_sample=True"),
+    ],
+)  # fmt: skip
+def test_transformers_style_arguments_are_checked(call, error, match):
+    model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4)).eval()
+    with pytest.raises(error, match=match):
+        call(model, torch.tensor([[1, 2]]))
+
+
 def test_padding_a_kv_cache_model_can_take():
     """A Transformer (one KV cache for the batch) takes padding that is alike in every row
     (one row, or rows padded equally: the common padding is dropped), and a 1-d prompt its

@@ -38,8 +38,8 @@ def context_limit(model: torch.nn.Module) -> int | None:
 @torch.no_grad()
 def generate(
     model: torch.nn.Module,
-    prompt: torch.Tensor | str | list[str],
-    max_new_tokens: int,
+    prompt: torch.Tensor | str | list[str] | None = None,
+    max_new_tokens: int | None = None,
     *,
     temperature: float = 1.0,
     top_k: int | None = None,
@@ -49,6 +49,8 @@ def generate(
     eos_token_id: int | list[int] | None = None,
     pad_token_id: int | None = None,
     attention_mask: torch.Tensor | None = None,
+    input_ids: torch.Tensor | None = None,
+    do_sample: bool | None = None,
 ) -> torch.Tensor | str | list[str]:
     """Continue ``prompt`` [batch, L0] (or [L0]) by ``max_new_tokens`` sampled tokens.
 
@@ -78,7 +80,27 @@ def generate(
     The result keeps the padded prompt, as transformers' ``generate`` does. Rows of different
     lengths need a model whose state does not grow with the prompt (SSM, LTI layers): a KV
     cache cannot hold them in one batch here.
+
+    transformers' names work too: ``input_ids`` for ``prompt`` (so
+    ``model.generate(**tokenizer(text, return_tensors="pt"), max_new_tokens=20)`` runs), and
+    ``do_sample``: False is greedy decoding whatever ``temperature`` says (transformers then
+    ignores temperature, top-k and top-p), True samples (``temperature`` must be > 0); None
+    (the default) leaves it to ``temperature``.
     """
+    if input_ids is not None:
+        if prompt is not None:
+            raise ValueError("input_ids: transformers' name for prompt; give one of them")
+        prompt = input_ids
+    if prompt is None:
+        raise TypeError("prompt: expected token ids (a tensor), a str or a list of str, got None")
+    if do_sample is not None:
+        if not isinstance(do_sample, bool):
+            raise ValueError(f"do_sample: expected True, False or None, got {do_sample!r}")
+        if not do_sample:
+            temperature = 0.0
+        elif temperature == 0:
+            raise ValueError("temperature: 0 is greedy decoding; do_sample=True needs a "
+                             "temperature > 0")  # fmt: skip
     texts = isinstance(prompt, list | tuple) and bool(prompt)
     if texts and not all(isinstance(p, str) for p in prompt):
         raise TypeError("prompt: expected token ids (a tensor), a str or a list of str")

@@ -491,5 +491,9 @@ class MARLM(GradientCheckpointing, nn.Module):
                 if include_dense or isinstance(site.module, SpikePoint):
                     yield site
 
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(
+        self, prompt: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs
+    ) -> torch.Tensor:
+        """:func:`spikemar.models.generate` on this model (``input_ids=``, ``do_sample=`` and
+        ``attention_mask=`` as transformers' ``generate`` takes them)."""
         return generate(self, prompt, max_new_tokens, **kwargs)

@@ -225,7 +225,11 @@ class TransformerLM(GradientCheckpointing, nn.Module):
             x = x + block.ffn(block.norm2(x))
         return self.head(self.norm(x[:, -1])), KVCache(state.k, state.v, pos + L)
 
-    def generate(self, prompt: torch.Tensor, max_new_tokens: int, **kwargs) -> torch.Tensor:
+    def generate(
+        self, prompt: torch.Tensor | None = None, max_new_tokens: int | None = None, **kwargs
+    ) -> torch.Tensor:
+        """:func:`spikemar.models.generate` on this model (``input_ids=``, ``do_sample=`` and
+        ``attention_mask=`` as transformers' ``generate`` takes them)."""
         return generate(self, prompt, max_new_tokens, **kwargs)
 
 

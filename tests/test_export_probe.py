@@ -83,3 +83,16 @@ def test_a_lava_run_past_its_timeout_is_one_lava_run_error(lava, tmp_path):
     export_lava(model, tmp_path / "net.h5", (3,))
     with pytest.raises(LavaRunError, match=r"did not finish within timeout_s = 0.05 s"):
         run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, timeout_s=0.05)
+
+
+def test_run_lava_refuses_payloads_beyond_loihis_graded_spikes(tmp_path):
+    """2^32 became 0 in Lava's int32 input (silent wrap-around) while the fixed-point model
+    raised: a payload must fit Loihi 2's 24-bit graded spikes."""
+    from spikemar.hardware import run_lava
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    inputs = torch.zeros(4, 3)
+    inputs[0, 1] = -(2.0**23)
+    with pytest.raises(ValueError, match=r"inputs: a payload of 8388608 is outside Loihi 2's 24"):
+        run_lava(tmp_path / "net.h5", inputs, 4)

@@ -57,6 +57,7 @@ from .formats import check_input_shape, check_version
 __all__ = ["LavaRunError", "LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
+PAYLOAD_LIMIT = 2**23  # a graded spike's signed 24-bit payload
 
 
 class LavaUnavailableError(RuntimeError):
@@ -223,6 +224,11 @@ def run_lava(
         raise ValueError("inputs: expected finite values; got NaN or inf")
     if fixed_point and not np.array_equal(x, np.round(x)):
         raise ValueError("inputs: fixed point takes integer spike payloads; got fractions")
+    if fixed_point and x.size and np.abs(x).max() >= PAYLOAD_LIMIT:
+        raise ValueError(  # beyond it Lava's int32 input would wrap around silently
+            f"inputs: a payload of {np.abs(x).max():.0f} is outside Loihi 2's 24-bit graded "
+            f"spikes (|payload| < {PAYLOAD_LIMIT})"
+        )
     _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
     python = lava_python()
     with tempfile.TemporaryDirectory(prefix="spikemar-lava-") as tmp:

@@ -72,3 +72,16 @@ def test_mar_config_names_a_bad_field_when_it_is_made(fields, needle):
 
     with pytest.raises(ValueError, match="^" + re.escape(needle)):
         MARConfig(vocab_size=5, d_model=8, n_layers=1, head_dim=4, d_state=2, **fields)
+
+
+def test_energy_cli_names_the_text_option_the_tokenizer_cannot_spell(tmp_path, capsys):
+    """The packaged student's character tokenizer refuses '~': the one line names the option
+    the text came from."""
+    rc = cli.main(["energy", "--text", "h~i"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith("spikemar energy: error: --text: ")
+    path = tmp_path / "prompt.txt"
+    path.write_text("h~i")
+    rc = cli.main(["energy", "--text-file", str(path)])
+    err = capsys.readouterr().err
+    assert rc == 2 and "error: --text-file: characters ['~']" in err

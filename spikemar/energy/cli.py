@@ -184,7 +184,11 @@ def _input_ids(args: argparse.Namespace, tokenizer: Any, model_config: Any = Non
     if text is not None:
         if not text:
             raise ValueError("--text: expected a non-empty text")
-        ids = list(text.encode("utf-8")) if tokenizer is None else tokenizer.encode(text)
+        try:
+            ids = list(text.encode("utf-8")) if tokenizer is None else tokenizer.encode(text)
+        except ValueError as err:  # the tokenizer's "text: ..." names the option here
+            flag = "--text" if args.text_file is None else "--text-file"
+            raise ValueError(f"{flag}: {str(err).removeprefix('text: ')}") from None
         return torch.tensor(ids, dtype=torch.long).expand(args.batch, -1).contiguous()
     g = torch.Generator().manual_seed(args.seed)
     return torch.randint(0, vocab, (args.batch, args.random_tokens), generator=g)

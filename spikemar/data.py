@@ -26,10 +26,12 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 from ._io import atomic_write
 from .tokenizer import CharTokenizer, Tokenizer, tokenizer_from_dict
@@ -45,6 +47,7 @@ __all__ = [
 ]
 
 TRAIN_FRACTION = 0.9
+PROGRESS_BYTES = 16 << 20  # a corpus this large shows its tokenization (seconds or more)
 
 
 def default_corpus() -> Path:
@@ -171,20 +174,33 @@ def _char_tokenizer(files: list[Path]) -> CharTokenizer:
     return CharTokenizer("".join(sorted(chars or "\n")))  # no text: _encode says so
 
 
+def _count(n: int, noun: str) -> str:
+    return f"{n} {noun}" if n == 1 else f"{n} {noun}s"
+
+
 def _encode(
-    path: Path, tokenizer: Tokenizer, files: list[Path], dtype: np.dtype
+    path: Path, tokenizer: Tokenizer, files: list[Path], dtype: np.dtype, progress: bool = False
 ) -> tuple[np.ndarray, int]:
     """Every document encoded and packed, ``eos_id`` (or a newline) between documents, each
     preceded by the tokenizer's own start-of-text ids where it has them (``prefix_ids``:
     Llama-3's ``<|begin_of_text|>``, as ``tokenizer(text)`` puts it before every document).
     One file's text is in memory at a time, and the ids are kept in the token files' ``dtype``.
-    Returns the ids and the number of documents."""
+    Returns the ids and the number of documents. ``progress``: a bar over the files' bytes on
+    a terminal, else a line before and after (a corpus of :data:`PROGRESS_BYTES` or more)."""
     sep = None
     prefix = np.asarray(getattr(tokenizer, "prefix_ids", ()), dtype=dtype)
     batch = getattr(tokenizer, "encode_batch", None)
     parts: list[np.ndarray] = []
     n_docs = 0
     text = False
+    total = sum(f.stat().st_size for f in files)
+    show = progress and total >= PROGRESS_BYTES
+    bar = None
+    if show and sys.stderr.isatty():
+        bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {path.name}")
+    elif show:
+        print(f"spikemar: tokenizing {path} ({total / 2**20:.0f} MiB, {_count(len(files), 'file')})",
+              file=sys.stderr, flush=True)  # fmt: skip
     for f in files:
         docs = _file_documents(f)
         text = text or any(docs)
@@ -208,6 +224,13 @@ def _encode(
                         f"vocabulary of {tokenizer.vocab_size} sizes the token files' {dtype})"
                     )
                 parts.append(ids.astype(dtype))
+        if bar is not None:
+            bar.update(f.stat().st_size)
+    if bar is not None:
+        bar.close()
+    elif show:
+        print(f"spikemar: tokenized {path}: {_count(n_docs, 'document')}, "
+              f"{_count(sum(len(x) for x in parts), 'token')}", file=sys.stderr, flush=True)  # fmt: skip
     if not text:
         raise ValueError(f"path: {path} holds no text")
     return np.concatenate(parts), n_docs
@@ -217,13 +240,15 @@ def prepare(
     path: str | os.PathLike | None = None,
     cache_dir: str | os.PathLike | None = None,
     tokenizer: Tokenizer | None = None,
+    progress: bool = True,
 ) -> Path:
     """Tokenize a corpus once into ``train.bin``, ``val.bin`` and ``meta.json``; returns the folder.
 
     ``tokenizer`` None builds a character vocabulary from the text. The folder is keyed by the
     hash of the source's content and the tokenizer under ``cache_dir`` (default
     ``~/.cache/spikemar/data``); each file is written to a temporary name and renamed, and
-    ``meta.json`` last, so an interrupted run leaves no half-written cache.
+    ``meta.json`` last, so an interrupted run leaves no half-written cache. ``progress``: show
+    the tokenization of a corpus of 16 MiB or more (a bar on a terminal, else two lines).
     """
     if path is None and not default_corpus().exists():
         raise FileNotFoundError(
@@ -243,7 +268,7 @@ def prepare(
     if tokenizer.vocab_size > np.iinfo(np.uint32).max:
         raise ValueError(f"tokenizer: a vocabulary of {tokenizer.vocab_size} does not fit uint32")
     dtype = np.dtype(np.uint16 if tokenizer.vocab_size <= 1 << 16 else np.uint32)
-    ids, n_docs = _encode(path, tokenizer, files, dtype)
+    ids, n_docs = _encode(path, tokenizer, files, dtype, progress)
     n_train = int(len(ids) * TRAIN_FRACTION)
     if n_train < 2 or len(ids) - n_train < 2:
         raise ValueError(

@@ -190,6 +190,23 @@ def test_documents_are_tokenized_a_file_at_a_time_as_one_stream(tmp_path, tok):
     assert stream == char.tokenizer.encode("\n".join(docs))
 
 
+def test_tokenizing_a_large_corpus_shows_progress(tmp_path, tok, capsys, monkeypatch):
+    import spikemar.data as data
+
+    (tmp_path / "t.txt").write_text(TEXT)
+    prepare(tmp_path / "t.txt", tmp_path / "small", tok)
+    assert capsys.readouterr().err == ""  # below PROGRESS_BYTES: silent
+    monkeypatch.setattr(data, "PROGRESS_BYTES", 1)
+    folder = prepare(tmp_path / "t.txt", tmp_path / "c", tok)
+    err = capsys.readouterr().err.splitlines()
+    tokens = TokenDataset(folder).meta["train_tokens"] + TokenDataset(folder).meta["val_tokens"]
+    assert err[0].startswith(f"spikemar: tokenizing {tmp_path / 't.txt'} (0 MiB, 1 file)")
+    assert err[1] == f"spikemar: tokenized {tmp_path / 't.txt'}: 1 document, {tokens} tokens"
+    prepare(tmp_path / "t.txt", tmp_path / "c", tok)  # cached: nothing to show
+    prepare(tmp_path / "t.txt", tmp_path / "quiet", tok, progress=False)
+    assert capsys.readouterr().err == ""
+
+
 def test_a_tokenizer_id_outside_the_token_files_dtype_is_refused(tmp_path):
     class Liar(CharTokenizer):  # says 65 ids, encodes one past uint16
         def encode(self, text):

@@ -199,8 +199,8 @@ def _encode(
     if show and sys.stderr.isatty():
         bar = tqdm(total=total, unit="B", unit_scale=True, desc=f"tokenizing {path.name}")
     elif show:
-        print(f"spikemar: tokenizing {path} ({total / 2**20:.0f} MiB, {_count(len(files), 'file')})",
-              file=sys.stderr, flush=True)  # fmt: skip
+        size = f"{total / 2**20:.0f} MiB, {_count(len(files), 'file')}"
+        print(f"spikemar: tokenizing {path} ({size})", file=sys.stderr, flush=True)
     for f in files:
         docs = _file_documents(f)
         text = text or any(docs)
@@ -229,8 +229,8 @@ def _encode(
     if bar is not None:
         bar.close()
     elif show:
-        print(f"spikemar: tokenized {path}: {_count(n_docs, 'document')}, "
-              f"{_count(sum(len(x) for x in parts), 'token')}", file=sys.stderr, flush=True)  # fmt: skip
+        counts = f"{_count(n_docs, 'document')}, {_count(sum(map(len, parts)), 'token')}"
+        print(f"spikemar: tokenized {path}: {counts}", file=sys.stderr, flush=True)
     if not text:
         raise ValueError(f"path: {path} holds no text")
     return np.concatenate(parts), n_docs

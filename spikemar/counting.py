@@ -27,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import functools
+import numbers
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol, TypedDict, Unpack
 
@@ -42,6 +43,7 @@ __all__ = [
     "OpCounts",
     "activate",
     "active_sink",
+    "check_count_values",
     "check_op_counts",
     "counted_pass",
     "counting_active",
@@ -89,6 +91,26 @@ def check_op_counts(where: str, counts: dict) -> None:
     if not _OP_COUNTS.issuperset(counts):
         bad = next(k for k in counts if k not in _OP_COUNTS)
         raise TypeError(f"{where}: unknown count {bad!r}; expected some of {', '.join(OP_COUNTS)}")
+
+
+def check_count_values(where: str, counts: dict) -> None:
+    """Raise naming the first of ``counts`` that is not a count: an int >= 0, or a 0-d real
+    tensor (read back when the report is built; its value is not checked here, which would
+    cost a device sync)."""
+    for name, value in counts.items():
+        if isinstance(value, numbers.Integral) and not isinstance(value, bool):
+            if value < 0:
+                raise ValueError(f"{where}: {name}: expected a count >= 0, got {value}")
+        elif not (
+            isinstance(value, torch.Tensor)
+            and value.dim() == 0
+            and not value.is_complex()
+            and value.dtype != torch.bool
+        ):
+            what = repr(value)
+            if isinstance(value, torch.Tensor):
+                what = f"a tensor of shape {tuple(value.shape)}"
+            raise TypeError(f"{where}: {name}: expected an int >= 0 or a 0-d tensor, got {what}")
 
 
 class CountingSink(Protocol):

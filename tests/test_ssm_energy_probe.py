@@ -6,8 +6,10 @@ from __future__ import annotations
 import re
 
 import pytest
+import torch
 
 from spikemar import cli
+from spikemar.energy import profile, record_ops
 
 DEMO = ["energy", "--model", "demo", "--d", "16", "--layers", "1"]
 
@@ -85,3 +87,36 @@ def test_energy_cli_names_the_text_option_the_tokenizer_cannot_spell(tmp_path, c
     rc = cli.main(["energy", "--text-file", str(path)])
     err = capsys.readouterr().err
     assert rc == 2 and "error: --text-file: characters ['~']" in err
+
+
+class _Records(torch.nn.Module):
+    def __init__(self, macs) -> None:
+        super().__init__()
+        self.macs = macs
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        record_ops(self, kind="custom", macs=self.macs)
+        return x
+
+
+@pytest.mark.parametrize(
+    "macs, error, needle",
+    [
+        (-3, ValueError, "expected a count >= 0, got -3"),
+        (2.5, TypeError, "got 2.5"),  # priced as 2.5 MACs but listed as 2
+        ("many", TypeError, "got 'many'"),
+        (True, TypeError, "got True"),
+        (torch.tensor([1, 2]), TypeError, "got a tensor of shape (2,)"),
+    ],
+)
+def test_record_ops_refuses_a_count_that_is_not_one(macs, error, needle):
+    """record_ops is public: a negative count (negative energy), a fraction or a non-number
+    is an error naming the count where it is given, not a wrong total or a failure when the
+    report is built."""
+    with pytest.raises(error, match=r"^record_ops: macs: .*" + re.escape(needle)):
+        profile(_Records(macs), torch.zeros(2))
+
+
+def test_record_ops_takes_ints_and_0d_tensors():
+    assert profile(_Records(7), torch.zeros(2)).total_macs == 7
+    assert profile(_Records(torch.tensor(5)), torch.zeros(2)).total_macs == 5

@@ -300,9 +300,15 @@ def _resolve_pairs(events: list[_Event]) -> None:
         setattr(ev, f, pos + neg if f == "nnz" else pos - neg)
 
 
-def _counts_event(counts: dict[str, Count], weight_reads_call: Count | None = None) -> _Event:
-    """The event of checked :class:`spikemar.counting.OpCounts` (``weight_reads`` fetched per
-    token vector; ``weight_reads_call`` per call, by default the same)."""
+def _counts_event(
+    counts: dict[str, Count], weight_reads_call: Count | None = None, *, where: str
+) -> _Event:
+    """The event of :class:`spikemar.counting.OpCounts` whose names are checked (``weight_reads``
+    fetched per token vector; ``weight_reads_call`` per call, by default the same); their values
+    are checked here, errors naming ``where``."""
+    counting.check_count_values(where, counts)
+    if weight_reads_call is not None:
+        counting.check_count_values(where, {"weight_reads_call": weight_reads_call})
     counts = dict(counts)
     acs = counts.pop("acs", 0)
     weights = counts.pop("weight_reads", 0)
@@ -430,7 +436,7 @@ class CountContext:
         parameter elements read with per-token fetching, ``weight_reads_call`` with one fetch
         per call, by default the same)."""
         counting.check_op_counts("CountContext.record", counts)
-        self.add(_counts_event(counts, weight_reads_call), note=note)
+        self.add(_counts_event(counts, weight_reads_call, where="CountContext.record"), note=note)
 
     def event(
         self, *, weight_reads_call: Count | None = None, **counts: Unpack[counting.OpCounts]
@@ -438,7 +444,7 @@ class CountContext:
         """The event :meth:`record` adds for these counts, to keep (in :attr:`static`) and
         :meth:`add` on every call with the same geometry when all counts are ints."""
         counting.check_op_counts("CountContext.event", counts)
-        return _counts_event(counts, weight_reads_call)
+        return _counts_event(counts, weight_reads_call, where="CountContext.event")
 
     def add(self, event: _Event, *, note: str | None = None) -> None:
         """Add an event made by :meth:`event` to this module's row."""
@@ -870,7 +876,7 @@ class EnergyCounter(counting.CountsSink):
         values = tuple(counts.items())
         event = events.get(values)  # (a tensor count hashes by identity: never found)
         if event is None:
-            event = _counts_event(counts)
+            event = _counts_event(counts, where="record_ops")
             if all(type(v) is int for v in counts.values()):
                 if len(events) >= _STATIC_LIMIT:
                     events.clear()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional as sj_functional
 
-from spikemar.neurons import ATMN
+from spikemar.neurons import ATMN, ATan, Rectangle, Sigmoid, Triangle
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -48,3 +48,10 @@ def test_v_seq_follows_spikingjelly_reset_detach_and_single_step():
     assert stepped.v_seq.shape == (1, 3, 5) and stepped.v_seq.dtype == torch.float64
     stepped.reset()
     assert stepped.v_seq is None
+
+
+@pytest.mark.parametrize("surrogate", [Rectangle, Triangle, Sigmoid, ATan])
+def test_surrogate_refuses_a_bool_shape_parameter(surrogate):
+    # tau, T and v_threshold refuse bools; a surrogate took True as a width/alpha of 1
+    with pytest.raises(ValueError, match=r"(width|alpha): expected a finite number > 0, got True"):
+        surrogate(True)

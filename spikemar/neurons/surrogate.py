@@ -45,7 +45,8 @@ class Surrogate:
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
+            number = isinstance(value, int | float) and not isinstance(value, bool)
+            if not (number and math.isfinite(value) and value > 0):
                 raise ValueError(f"{f.name}: expected a finite number > 0, got {value!r}")
 
     def derivative(self, z: torch.Tensor) -> torch.Tensor:

@@ -56,7 +56,8 @@ class _HelpFormatter(argparse.HelpFormatter):
             text
             and "default" not in text
             and action.option_strings
-            and action.default not in (None, False, argparse.SUPPRESS)
+            # by identity: a default of 0 or 0.0 equals False, and is worth showing
+            and not any(action.default is unset for unset in (None, False, argparse.SUPPRESS))
         ):
             text += " (default: %(default)s)"
         return text
@@ -170,8 +171,6 @@ class _SpikeStats:
 def _run_raster(args: argparse.Namespace) -> int:
     from spikemar import viz
 
-    from ._io import check_output_path
-
     if args.neuron == "ternary-single":
         if args.T not in (None, 1):
             raise _UsageError(
@@ -182,7 +181,7 @@ def _run_raster(args: argparse.Namespace) -> int:
         args.T = 1
     elif args.T is None:
         args.T = 4
-    check_output_path(args.out, name="--out")
+    viz.check_figure_path(args.out, name="--out")
     torch.manual_seed(args.seed)
     neuron = _make_neuron(args.neuron, args.tau, args.v_threshold)
     tau_text = "∞" if math.isinf(neuron.tau) else f"{neuron.tau:g}"
@@ -378,7 +377,10 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError:
         raise
     except (ValueError, TypeError, OSError) as err:
-        raise _UsageError(_with_flags(str(err), path="data")) from err
+        message = str(err)
+        if message.startswith("head_dim: "):  # the SSM's head size, which train does not set
+            message = "d_model: the SSM's head size " + message.removeprefix("head_dim: ")
+        raise _UsageError(_with_flags(message, path="data", n_attn_heads="n_heads")) from err
     skipped = f" ({result['skipped']} non-finite steps skipped)" if result["skipped"] else ""
     print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} "
           f"nats/char{skipped}")  # fmt: skip
@@ -582,7 +584,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser(argv)
-    args = parser.parse_args(argv)
+    args, unknown = parser.parse_known_args(argv)
+    if unknown:  # argparse would blame `spikemar`; the command's own --help lists its options
+        after = unknown[0] in argv[argv.index(args.command) + 1 :]
+        (args._parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
     debug = getattr(args, "debug", False) or os.environ.get("SPIKEMAR_DEBUG", "") not in ("", "0")
     try:
         with sigterm_as_interrupt():

@@ -121,6 +121,7 @@ def demo_main(args: argparse.Namespace) -> int:
     from .energy import compare, get_profile, headline, profile
 
     try:
+        viz.check_figure_path(args.out, name="--out")  # before any work
         get_profile(args.hardware)
         if args.temperature < 0:
             raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
@@ -134,14 +135,17 @@ def demo_main(args: argparse.Namespace) -> int:
         teacher_path = _teacher_path(args, Path(path), payload.get("provenance"))
         teacher_model = teacher_payload = None
         if teacher_path is not None:
-            teacher_model, teacher_tokenizer, teacher_payload = load_checkpoint(teacher_path)
+            try:
+                teacher_model, teacher_tokenizer, teacher_payload = load_checkpoint(teacher_path)
+            except (ValueError, OSError) as err:  # the file named by --teacher, not --checkpoint
+                raise ValueError("--teacher: " + str(err).removeprefix("checkpoint: ")) from err
             if getattr(teacher_model.config, "spikes", True) is not None:
                 raise ValueError(f"--teacher: {teacher_path} is not a dense MAR LM")
             if teacher_tokenizer != tokenizer:
                 raise ValueError(f"--teacher: {teacher_path} has another vocabulary")
     except (ValueError, OSError) as err:
         message = str(err)
-        if message.startswith("checkpoint: "):
+        if message.startswith(("checkpoint: ", "hardware: ")):
             message = "--" + message
         elif message.startswith("text: "):
             message = "--prompt: " + message.removeprefix("text: ")
@@ -196,6 +200,6 @@ def demo_main(args: argparse.Namespace) -> int:
     comparison = compare(student, teacher, labels=labels)
     print(comparison.to_table())
     print(f"\n{headline(student, teacher, compute=args.hardware, labels=labels)} "
-          f"({student.total_acs:,} ACs + {student.total_macs:,} MACs against "
-          f"{teacher.total_macs:,} MACs)")  # fmt: skip
+          f"(over its {ids.shape[1]} characters: {student.total_acs:,} ACs + "
+          f"{student.total_macs:,} MACs against {teacher.total_macs:,} MACs)")  # fmt: skip
     return 0

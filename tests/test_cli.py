@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -88,6 +89,40 @@ def test_bad_arguments_exit_with_a_message_naming_them(argv, fragment, capsys, t
     assert not (tmp_path / "x.png").exists()
 
 
+def test_raster_refuses_an_out_it_cannot_draw_to_before_any_work(tmp_path, capsys):
+    assert cli.main(["raster", "--out", str(tmp_path / "r.txt")]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == "" and os.listdir(tmp_path) == []
+    assert "spikemar raster: error: --out: unsupported image suffix '.txt'" in captured.err
+    assert cli.main(["raster", "--out", str(tmp_path / "raster")]) == 2
+    assert "--out: expected a file name with a suffix" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("before", [False, True], ids=["after", "before"])
+def test_an_unknown_option_points_at_the_help_of_the_command_it_follows(before, capsys):
+    argv = ["--bogus", "raster"] if before else ["raster", "--bogus"]
+    with pytest.raises(SystemExit) as info:
+        cli.main(argv)
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and len(err.strip().splitlines()) == 1
+    prog = "spikemar" if before else "spikemar raster"
+    assert err.startswith(f"{prog}: error: unrecognized arguments: --bogus (see {prog} --help)")
+
+
+def test_train_names_its_own_flags_in_a_model_config_error(corpus, tmp_path, capsys):
+    out = ["--data", str(corpus), "--out", str(tmp_path / "t.pt"), "--steps", "1"]
+    with pytest.raises(SystemExit) as info:  # expand·d_model = 8: no 16-wide SSM head fits
+        cli.main(["train", "--model", "mar-dense", "--d-model", "4", *out])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and "--head-dim" not in err  # train has no such flag
+    assert "error: --d-model: the SSM's head size 16 does not divide" in err
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--layers", "ssm,attn", "--n-layers", "2", "--n-heads", "3", *out])
+    err = capsys.readouterr().err
+    assert "error: --n-heads: 3 does not divide d_model = 128" in err and "attn-heads" not in err
+    assert not (tmp_path / "t.pt").exists()
+
+
 def test_console_script_is_main():
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "spikemar"]
     assert script.value == "spikemar.cli:main"
@@ -134,9 +169,9 @@ def test_help_shows_the_defaults(command, capsys):
             "(default: 0.001)",
             "(default: 4)",
         ],
-        "generate": ["(default: 200)", "(default: 0.8)"],
+        "generate": ["(default: 200)", "(default: 0.8)", "seed of the sampling (default: 0)"],
         "distill": ["(default: runs/student.pt)", "(default: 2000)"],
-        "raster": ["(default: atmn)", "(default: 0.5)", "default 4"],
+        "raster": ["(default: atmn)", "(default: 0.5)", "default 4", "weights (default: 0)"],
         "demo": ["(default: 300)"],
         "export": [],
     }[command]

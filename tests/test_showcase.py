@@ -1,5 +1,8 @@
 """``spikemar demo``: the packaged student generates, draws its spikes and prices its energy."""
 
+import os
+import re
+
 import pytest
 import torch
 from PIL import Image
@@ -50,6 +53,8 @@ def test_demo_on_the_packaged_checkpoint(tmp_path, capsys):
     compute_only = printed.split("compute only (45nm-fp32): ")[1].split("x less")[0]
     assert float(compute_only.split(", ")[-1]) > 3  # the packaged student: 5.9x at 45nm-fp32
     assert "with memory traffic (45nm-fp32+mem): " in printed  # the honest second figure
+    # the headline is per token; the operation counts beside it are of the whole pass
+    assert re.search(r"\(over its 37 characters: [\d,]+ ACs \+ [\d,]+ MACs against", printed)
     assert Image.open(out).size[0] > 1000
 
 
@@ -79,8 +84,20 @@ def test_demo_on_a_trained_checkpoint_and_bad_requests(corpus, tmp_path, capsys)
     assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Zebra"]) == 2
     assert main(["demo", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
     assert main(["demo", "--hardware", "abacus"]) == 2
+    assert "error: --hardware: unknown profile 'abacus'" in capsys.readouterr().err
+    assert main(["demo", "--teacher", str(tmp_path / "missing.pt")]) == 2
+    assert f"error: --teacher: no file at {tmp_path / 'missing.pt'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--max-new-tokens", "0"])
+
+
+@pytest.mark.parametrize("out", ["demo.txt", "demo", "."], ids=["suffix", "no-suffix", "folder"])
+def test_demo_refuses_an_out_it_cannot_draw_to_before_generating(out, tmp_path, capsys):
+    assert main(["demo", "--out", str(tmp_path / out), "--max-new-tokens", "5"]) == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""  # nothing generated, nothing printed, before the one line
+    assert captured.err.startswith("spikemar demo: error: --out: ")
+    assert len(captured.err.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
 
 
 def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(corpus, tmp_path):

@@ -391,3 +391,19 @@ def test_save_figure_rejects_bad_arguments(tmp_path):
     with pytest.raises(TypeError, match="fig"):
         viz.save_figure(viz.raster(KNOWN), tmp_path / "raster.png")
     assert os.listdir(tmp_path) == []
+
+
+def test_check_figure_path_fails_before_any_figure_is_drawn(tmp_path):
+    # what save_figure would refuse, refused up front under the caller's name for it
+    with pytest.raises(ValueError, match=r"--out: unsupported image suffix '\.txt'"):
+        viz.check_figure_path(tmp_path / "raster.txt", name="--out")
+    with pytest.raises(ValueError, match="--out: expected a file name with a suffix"):
+        viz.check_figure_path(tmp_path / "raster", name="--out")
+    with pytest.raises(IsADirectoryError, match=r"--out: .* is a folder"):
+        viz.check_figure_path(tmp_path, name="--out")
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(NotADirectoryError, match=r"--out: .* is a file, not a folder"):
+        viz.check_figure_path(tmp_path / "file" / "raster.png", name="--out")
+    assert viz.check_figure_path(tmp_path / "new" / "r.PNG") == tmp_path / "new" / "r.PNG"
+    assert sorted(os.listdir(tmp_path)) == ["file", "new"]  # the parent made, no file written
+    assert os.listdir(tmp_path / "new") == []

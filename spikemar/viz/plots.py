@@ -38,6 +38,7 @@ __all__ = [
     "NEG_COLOR",
     "POS_COLOR",
     "FiringRates",
+    "check_figure_path",
     "firing_rates",
     "layer_firing_rates",
     "membrane_trace",
@@ -677,18 +678,30 @@ def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) ->
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig: expected a matplotlib Figure, got {type(fig).__name__}")
+    path = check_figure_path(path)
+    with atomic_write(path, fsync=False) as tmp:
+        fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=dpi)
+    return path
+
+
+def check_figure_path(path: str | os.PathLike[str], *, name: str = "path") -> Path:
+    """Fail before any work if :func:`save_figure` could not write ``path``: no image suffix
+    matplotlib writes (``.png``, ``.pdf``, ``.svg``, …), a folder, a parent that is a file, or
+    a folder that is not writable; the error names ``name`` (a command's ``--out``). Creates
+    the parent folders and returns the path."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
+    if path.is_dir():
+        check_output_path(path, name=name)  # says it is a folder
     if not fmt:
         raise ValueError(
-            f"path: expected a file name with a suffix such as .png, got {str(path)!r}"
+            f"{name}: expected a file name with a suffix such as .png, got {str(path)!r}"
         )
-    if fmt not in fig.canvas.get_supported_filetypes():
-        supported = sorted(fig.canvas.get_supported_filetypes())
+    supported = FigureCanvasBase.get_supported_filetypes()
+    if fmt not in supported:
         raise ValueError(
-            f"path: unsupported image suffix {path.suffix!r}; expected one of {supported}"
+            f"{name}: unsupported image suffix {path.suffix!r}; expected one of {sorted(supported)}"
         )
-    check_output_path(path, name="path")
-    with atomic_write(path, fsync=False) as tmp:
-        fig.savefig(tmp, format=fmt, dpi=dpi)
-    return path
+    return check_output_path(path, name=name)

@@ -55,3 +55,16 @@ def test_surrogate_refuses_a_bool_shape_parameter(surrogate):
     # tau, T and v_threshold refuse bools; a surrogate took True as a width/alpha of 1
     with pytest.raises(ValueError, match=r"(width|alpha): expected a finite number > 0, got True"):
         surrogate(True)
+
+
+def test_a_neuron_built_on_meta_prints_and_materialises():
+    # repr read V with .item() (no value on meta); to_empty() passed torch's `recurse`, which
+    # SpikingJelly's MemoryModule._apply does not take
+    with torch.device("meta"):
+        shared, per_channel = ATMN(step_mode="m"), ATMN(num_channels=3, step_mode="m")
+    assert "v_threshold=meta" in repr(shared)
+    assert "per-channel[3]" in repr(per_channel)
+    shared.to_empty(device="cpu")
+    shared.load_state_dict(ATMN(v_threshold=0.5).state_dict())
+    x_seq = torch.full((2, 4, 3), 0.75)
+    assert torch.equal(shared(x_seq), ATMN(v_threshold=0.5, step_mode="m")(x_seq))

@@ -124,11 +124,20 @@ class ATMN(base.MemoryModule):
 
     def extra_repr(self) -> str:
         v = self.v_threshold.detach()
-        vs = f"{v.item():.4g}" if v.dim() == 0 else f"per-channel[{v.shape[0]}]"
+        if v.dim() == 1:
+            vs = f"per-channel[{v.shape[0]}]"
+        else:  # a model built on the meta device has no value to print
+            vs = "meta" if v.is_meta else f"{v.item():.4g}"
         return (
             f"tau={self.tau}, v_threshold={vs}, surrogate={self.surrogate}, "
             f"backend={self.backend!r}, {super().extra_repr()}"
         )
+
+    def _apply(self, fn, recurse: bool = True):
+        # torch's to_empty() passes ``recurse``, which SpikingJelly's MemoryModule._apply does
+        # not take (a model built on the meta device could not be materialised). ATMN holds no
+        # submodules, so there is nothing to recurse into either way.
+        return super()._apply(fn)
 
     # -- SpikingJelly's functional protocol: explicit state in, state out, no mutation --------
 

@@ -5,7 +5,7 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional as sj_functional
 
-from spikemar.neurons import ATMN, ATan, Rectangle, Sigmoid, Triangle
+from spikemar.neurons import ATMN, ATan, Rectangle, Sigmoid, Triangle, backends
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -68,3 +68,12 @@ def test_a_neuron_built_on_meta_prints_and_materialises():
     shared.load_state_dict(ATMN(v_threshold=0.5).state_dict())
     x_seq = torch.full((2, 4, 3), 0.75)
     assert torch.equal(shared(x_seq), ATMN(v_threshold=0.5, step_mode="m")(x_seq))
+
+
+def test_the_reference_backend_cannot_be_replaced():
+    # unregister_backend refuses 'torch', so a register_backend('torch', ...) was a permanent,
+    # silent swap of the reference every parity test and 'auto' fallback relies on
+    reference = backends.get_backend("torch")
+    with pytest.raises(ValueError, match="name: 'torch' is the reference backend"):
+        backends.register_backend("torch", lambda x_seq, v, p, return_v_seq: None)
+    assert backends.get_backend("torch") is reference

@@ -84,6 +84,10 @@ def register_backend(
         raise ValueError(f"name: expected a non-empty backend name other than 'auto', got {name!r}")
     if not callable(impl):
         raise TypeError(f"impl: expected a callable, got {type(impl).__name__}")
+    if name == "torch" and "torch" in _BACKENDS:
+        # the reference defines what is right and is what 'auto' falls back to; it cannot be
+        # unregistered, so a replacement could never be undone
+        raise ValueError("name: 'torch' is the reference backend; register under another name")
     record = Backend(
         name, impl, device_type, unusable_reason, tuple(native_dtypes), bool(checks_values),
         auto_priority,

@@ -58,8 +58,8 @@ def test_energy_cli_refuses_a_bad_output_path_before_writing_anything(
     [
         ({"chunk_size": 0}, "chunk_size: expected an int >= 1 or None"),
         ({"chunk_size": 2.5}, "chunk_size: expected an int >= 1 or None"),
-        ({"ffn_hidden": -4}, "ffn_hidden: expected an int >= 1 or None"),
-        ({"ffn_hidden": 0}, "ffn_hidden: expected an int >= 1 or None"),
+        ({"ffn_hidden": -4}, "ffn_hidden: expected an int >= 0 or None"),
+        ({"ffn_hidden": 2.5}, "ffn_hidden: expected an int >= 0 or None"),
         ({"layers": "attn", "n_attn_heads": 3}, "n_attn_heads: 3 does not divide d_model = 8"),
         ({"layers": "attn", "n_attn_heads": 0}, "n_attn_heads: expected an int >= 1"),
         ({"layers": "attn", "max_len": 0}, "max_len: expected an int >= 1"),
@@ -120,3 +120,31 @@ def test_record_ops_refuses_a_count_that_is_not_one(macs, error, needle):
 def test_record_ops_takes_ints_and_0d_tensors():
     assert profile(_Records(7), torch.zeros(2)).total_macs == 7
     assert profile(_Records(torch.tensor(5)), torch.zeros(2)).total_macs == 5
+
+
+@pytest.mark.parametrize("kind", ["ssm", "discrete-mamba2"])
+@pytest.mark.parametrize("conv_bias", [True, False])
+def test_step_by_step_counts_the_same_work_as_the_forward(kind, conv_bias):
+    """Counted token by token (``step``, where the mixer computes its convolution by hand) the
+    model does the work of its parallel forward (where the counter sees the Conv1d module):
+    the same ACs, MACs, element-wise ops (the convolution's bias adds included) and neuron
+    updates."""
+    from spikemar.energy import EnergyCounter
+    from spikemar.models import MARLM, MARConfig
+    from spikemar.models.common import SpikeConfig
+
+    torch.manual_seed(0)
+    config = MARConfig(vocab_size=11, d_model=16, n_layers=1, d_state=4, head_dim=4,
+                       layers=kind, conv_bias=conv_bias, spikes=SpikeConfig(T=2))  # fmt: skip
+    model = MARLM(config).eval()
+    tokens = torch.randint(0, 11, (2, 5))
+    with torch.no_grad(), EnergyCounter(model) as counter:
+        model(tokens)
+    forward = counter.report(tokens=10)
+    with torch.no_grad(), EnergyCounter(model) as counter:
+        state = model.init_state(2)
+        for t in range(5):
+            _, state = model.step(tokens[:, t], state)
+    stepped = counter.report(tokens=10)
+    for total in ("total_acs", "total_macs", "total_elementwise_ops", "total_neuron_updates"):
+        assert getattr(stepped, total) == getattr(forward, total), total

@@ -121,8 +121,8 @@ class MARConfig:
         if self.chunk_size is not None and not _int_at_least(self.chunk_size, 1):
             raise ValueError(f"chunk_size: expected an int >= 1 or None (chosen from head_dim and "
                              f"d_state), got {self.chunk_size!r}")  # fmt: skip
-        if self.ffn_hidden is not None and not _int_at_least(self.ffn_hidden, 1):
-            raise ValueError(f"ffn_hidden: expected an int >= 1 or None (round(ffn_mult * "
+        if self.ffn_hidden is not None and not _int_at_least(self.ffn_hidden, 0):
+            raise ValueError(f"ffn_hidden: expected an int >= 0 or None (round(ffn_mult * "
                              f"d_model)), got {self.ffn_hidden!r}")  # fmt: skip
         if self.spikes is not None and not isinstance(self.spikes, SpikeConfig):
             raise ValueError(f"spikes: expected a SpikeConfig or None (the dense twin), got "

@@ -250,6 +250,13 @@ class _StateSpaceMixer(Mixer):
     def _record_ops(self, tokens: int, conv: bool) -> None:
         raise NotImplementedError
 
+    def _conv_bias_adds(self, conv: bool) -> int:
+        """Per token, the convolution's bias adds where ``step`` computes it by hand (``conv``);
+        in ``forward`` the counter's Conv1d rule counts them with the convolution."""
+        if not conv or self._modules[self.conv_name].bias is None:
+            return 0
+        return self.conv_channels
+
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         return self._mix(u, None)[0]
 
@@ -477,11 +484,13 @@ class SelectiveMixer(_StateSpaceMixer):
         state = self.n_heads * self.head_dim * self.d_state
         window = self.conv_channels * (self.d_conv - 1) if conv else 0
         taps = self.conv_channels * (self.d_conv + 1) if conv else 0
+        elementwise = self.conv_channels + 4 * self.d_inner + 3 * self.n_heads
+        elementwise += self._conv_bias_adds(conv)
         record_ops(
             self,
             kind="ssm",
             macs=tokens * macs,
-            elementwise_ops=tokens * (self.conv_channels + 4 * self.d_inner + 3 * self.n_heads),
+            elementwise_ops=tokens * elementwise,
             state_reads=tokens * (state + window),
             state_writes=tokens * (state + window),
             weight_reads=tokens * (3 * self.n_heads + taps),
@@ -588,11 +597,12 @@ class DiscreteMixer(_StateSpaceMixer):
         window = self.conv_channels * (self.d_conv - 1) if conv else 0
         taps = self.conv_channels * (self.d_conv + 1) if conv else 0
         own = self.n_v_heads + (self.d_inner if self.z_bias is not None else 0)
+        elementwise = 3 * self.d_inner + 3 * self.n_v_heads + self._conv_bias_adds(conv)
         record_ops(
             self,
             kind="ssm",
             macs=tokens * macs,
-            elementwise_ops=tokens * (3 * self.d_inner + 3 * self.n_v_heads),
+            elementwise_ops=tokens * elementwise,
             state_reads=tokens * (state + window),
             state_writes=tokens * (state + window),
             weight_reads=tokens * (own + taps),

@@ -5,7 +5,16 @@ import pytest
 import torch
 from spikingjelly.activation_based import functional as sj_functional
 
-from spikemar.neurons import ATMN, ATan, Rectangle, Sigmoid, Triangle, backends
+from spikemar.neurons import (
+    ATMN,
+    ATan,
+    ATMNParameters,
+    Rectangle,
+    Sigmoid,
+    Triangle,
+    atmn_multi_step,
+    backends,
+)
 
 
 @pytest.mark.parametrize("backend", ["torch", "auto"])
@@ -77,3 +86,16 @@ def test_the_reference_backend_cannot_be_replaced():
     with pytest.raises(ValueError, match="name: 'torch' is the reference backend"):
         backends.register_backend("torch", lambda x_seq, v, p, return_v_seq: None)
     assert backends.get_backend("torch") is reference
+
+
+def test_a_per_channel_threshold_of_no_channels_is_refused():
+    # the fused CPU kernel read an empty [0] threshold as a shared V (C = 0) and crashed the
+    # process reading it; the reference failed deep inside aminmax
+    message = r"v_threshold: expected at least one per-channel value, got shape \(0,\)"
+    with pytest.raises(ValueError, match=message):
+        ATMN(v_threshold=torch.tensor([]))
+    with pytest.raises(ValueError, match=message):
+        ATMNParameters(torch.ones(0))
+    emptied = ATMNParameters(1.0)._replace(v_threshold=torch.ones(0))  # _replace skips checks
+    with pytest.raises(ValueError, match=message):
+        atmn_multi_step(torch.randn(2, 3, 0), None, emptied, backend="torch")

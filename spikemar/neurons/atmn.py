@@ -268,6 +268,7 @@ def _threshold_tensor(v_threshold: float | torch.Tensor, num_channels: int | Non
                 "v_threshold: expected a float or a 1-d per-channel tensor, "
                 f"got shape {tuple(v.shape)}"
             )
+        F.check_channels(v)
     elif isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
         if num_channels is not None and (
             isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1

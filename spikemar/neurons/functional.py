@@ -114,7 +114,15 @@ def _threshold_tensor(v_threshold: torch.Tensor | float, name: str = "v_threshol
             f"{name}: expected a floating-point scalar or 1-d per-channel tensor, got shape "
             f"{tuple(v_threshold.shape)} and dtype {v_threshold.dtype}"
         )
+    check_channels(v_threshold, name)
     return v_threshold
+
+
+def check_channels(v_threshold: torch.Tensor, name: str = "v_threshold") -> None:
+    """Refuse a per-channel threshold of no channels: the fused kernels would take its
+    0 channels for a shared V and read a value that is not there."""
+    if v_threshold.dim() == 1 and v_threshold.shape[0] == 0:
+        raise ValueError(f"{name}: expected at least one per-channel value, got shape (0,)")
 
 
 class _SpikeFn(torch.autograd.Function):
@@ -203,6 +211,7 @@ def check_parameters(p: ATMNParameters) -> None:
             "v_threshold: expected a scalar or a 1-d per-channel tensor, "
             f"got shape {tuple(v.shape)}"
         )
+    check_channels(v)
 
 
 def check_input(

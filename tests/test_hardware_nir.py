@@ -129,3 +129,37 @@ def test_spikingjelly_reads_atmn_as_nirs_if_with_one_step_of_dt(tmp_path):
             expected.append(s2)
     assert 0 < torch.stack(expected).sum() < torch.stack(expected).numel()
     assert torch.equal(torch.stack(got), torch.stack(expected))
+
+
+@pytest.mark.parametrize(
+    "edges, message",
+    [
+        (
+            [("input", "a"), ("input", "b"), ("a", "output"), ("b", "output")],
+            r"not one chain from 'input' to 'output': node 'input' feeds \['a', 'b'\]",
+        ),
+        (
+            [("input", "a"), ("a", "b"), ("b", "a"), ("b", "output")],
+            r"node 'b' feeds \['a', 'output'\]",
+        ),
+        ([("input", "a"), ("a", "b"), ("b", "a")], r"a recurrent NIR graph \(a cycle through 'a'"),
+        ([("input", "a"), ("a", "output")], r"NIR nodes off the chain .*: \['b', "),
+        ([("input", "a"), ("a", "b")], r"feeds no node"),  # nir gives 'b' an output node
+    ],
+)
+def test_import_nir_refuses_a_graph_that_is_not_one_chain(tmp_path, edges, message):
+    """An nn.Sequential holds a chain: a branch or a recurrent edge was dropped silently."""
+    ones = np.ones(3)
+    lif = nir.CubaLIF(
+        tau_syn=ones * 1e-3, tau_mem=ones * 1e-2, r=ones * 10, v_leak=0 * ones,
+        v_threshold=ones, v_reset=0 * ones, w_in=ones,
+    )  # fmt: skip
+    nodes = {
+        "input": nir.Input(input_type=np.array([3])),
+        "a": nir.Linear(weight=np.eye(3)),
+        "b": lif,
+        "output": nir.Output(output_type=np.array([3])),
+    }
+    nir.write(str(tmp_path / "g.nir"), nir.NIRGraph(nodes=nodes, edges=edges))
+    with pytest.raises(ValueError, match=f"path: .*g.nir holds .*{message}"):
+        import_nir(tmp_path / "g.nir")

@@ -199,13 +199,34 @@ def import_nir(path: str | os.PathLike) -> nn.Sequential:
             check_version(node_meta["spikemar_version"], NIR_VERSION, path, "NIR file")
     if "input" not in graph.nodes:
         raise ValueError(f"path: {path} holds a NIR graph without an 'input' node")
-    nexts = dict(graph.edges)
-    name, layers = nexts.get("input"), []
-    while name is not None and name != "output":
-        node = graph.nodes[name]
-        layers.append(_module(name, node))
-        name = nexts.get(name)
-    return nn.Sequential(*layers)
+    return nn.Sequential(*(_module(name, graph.nodes[name]) for name in _chain(graph, path)))
+
+
+def _chain(graph, path: Path) -> list[str]:
+    """The names of the nodes between ``input`` and ``output``, in order; a ValueError naming
+    ``path`` for a graph that is not one chain (a branch, a recurrent edge, a loose node), which
+    an ``nn.Sequential`` cannot hold."""
+    nexts: dict[str, list[str]] = {}
+    for src, dst in graph.edges:
+        nexts.setdefault(src, []).append(dst)
+    names, name = [], "input"
+    while name != "output":
+        after = nexts.get(name, [])
+        if len(after) != 1:
+            what = f"feeds {after}" if after else "feeds no node"
+            raise ValueError(f"path: {path} holds a NIR graph that is not one chain from "
+                             f"'input' to 'output': node {name!r} {what}")  # fmt: skip
+        name = after[0]
+        if name in names or name == "input":
+            raise ValueError(f"path: {path} holds a recurrent NIR graph (a cycle through "
+                             f"{name!r}); import_nir reads feed-forward chains")  # fmt: skip
+        if name != "output":
+            names.append(name)
+    loose = sorted(set(graph.nodes) - {"input", "output", *names})
+    if loose:
+        raise ValueError(f"path: {path} holds NIR nodes off the chain from 'input' to "
+                         f"'output': {loose}")  # fmt: skip
+    return names
 
 
 def _module(name: str, node) -> nn.Module:

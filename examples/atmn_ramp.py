@@ -126,9 +126,15 @@ def rate_figure(inputs: torch.Tensor) -> Figure:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=Path("out/examples"), help="output folder")
+    parser.add_argument("--out", type=Path, default=Path("out/examples"),
+                        help="output folder (default: out/examples)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="fewer inputs, lower resolution")
     args = parser.parse_args(argv)
+    try:  # before any drawing: a folder that cannot hold the figures
+        for name in ("atmn_ramp_staircase.png", "atmn_ramp_rasters.png", "atmn_ramp_rates.png"):
+            viz.check_figure_path(args.out / name, name="--out")
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
 
     n_fine = 241 if args.quick else 1601
     dpi = 60 if args.quick else 120

@@ -18,7 +18,8 @@ net is trained for next-character prediction for a few hundred steps with the st
   and per-channel firing rates after training.
 
 Run: ``python examples/shakespeare_raster.py [--data PATH] [--out out/examples] [--quick]``.
-The data is ``../shared/data/tinyshakespeare/input.txt`` relative to the repository root.
+The data is Tiny Shakespeare where ``spikemar train`` finds it (``$SPIKEMAR_DATA``, else
+``../shared/data/tinyshakespeare/input.txt`` beside the repository), or ``--data PATH``.
 """
 
 from __future__ import annotations
@@ -37,10 +38,9 @@ from spikingjelly.activation_based.monitor import OutputMonitor
 from torch import nn
 
 from spikemar import viz
+from spikemar.data import default_corpus
 from spikemar.neurons import ATMN, delta_inject
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_DATA = REPO_ROOT.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"
 #: Printable stand-ins for characters that would be invisible as tick labels.
 _SHOW = {" ": "␣", "\n": "↵"}
 
@@ -193,14 +193,19 @@ def rate_figure(
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--data", type=Path, default=DEFAULT_DATA, help="Tiny Shakespeare text")
-    parser.add_argument("--out", type=Path, default=Path("out/examples"), help="output folder")
+    parser.add_argument("--data", type=Path, default=None,
+                        help="Tiny Shakespeare text (default: $SPIKEMAR_DATA, else "
+                             "../shared/data/tinyshakespeare/input.txt)")  # fmt: skip
+    parser.add_argument("--out", type=Path, default=Path("out/examples"),
+                        help="output folder (default: out/examples)")  # fmt: skip
     parser.add_argument("--quick", action="store_true", help="a few training steps, small figures")
-    parser.add_argument("--steps", type=int, default=None, help="training steps (default 400)")
-    parser.add_argument("--T", type=int, default=4, help="micro-steps per spike point")
-    parser.add_argument("--tau", type=float, default=2.0, help="ATMN's τ")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=None,
+                        help="training steps (default 400; 30 with --quick)")  # fmt: skip
+    parser.add_argument("--T", type=int, default=4, help="micro-steps per spike point (default 4)")
+    parser.add_argument("--tau", type=float, default=2.0, help="ATMN's τ (default 2)")
+    parser.add_argument("--seed", type=int, default=0, help="weights and batches (default 0)")
     args = parser.parse_args(argv)
+    args.data = args.data or default_corpus()
     if not args.data.is_file():
         parser.error(
             f"--data: Tiny Shakespeare not found at {args.data}; pass --data PATH to input.txt "
@@ -208,6 +213,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     if args.T < 1:
         parser.error(f"--T: expected an int >= 1, got {args.T}")
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps: expected an int >= 1, got {args.steps}")
+    if not args.tau > 0:  # NaN too
+        parser.error(f"--tau: expected a number > 0 (inf: no carry-over), got {args.tau}")
+    try:  # before any training: a folder that cannot hold the figures
+        for name in ("shakespeare_rasters.png", "shakespeare_rates.png"):
+            viz.check_figure_path(args.out / name, name="--out")
+    except (OSError, ValueError) as err:
+        parser.error(str(err))
     steps = args.steps if args.steps is not None else (30 if args.quick else 400)
     dpi = 60 if args.quick else 110
     context, batch = 16, 64 if args.quick else 256

@@ -211,3 +211,45 @@ def test_example_shakespeare_missing_data(tmp_path, capsys, load_script):
     err = capsys.readouterr().err
     assert "--data" in err and str(missing) in err
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    ("argv", "fragment"),
+    [
+        (["--tau", "0"], "--tau: expected a number > 0"),
+        (["--steps", "0"], "--steps: expected an int >= 1, got 0"),
+        (["--out", "{file}"], "--out: cannot write"),
+    ],
+)
+def test_example_shakespeare_bad_arguments_are_one_line_before_training(
+    argv, fragment, tmp_path, capsys, load_script
+):
+    example = load_script("examples/shakespeare_raster.py")
+    (tmp_path / "input.txt").write_text("ROMEO:\nO, she doth teach the torches to burn bright!\n")
+    (tmp_path / "file").write_text("")
+    argv = ["--out", str(tmp_path / "figs"), *[a.format(file=tmp_path / "file") for a in argv]]
+    with pytest.raises(SystemExit) as info:
+        example.main(["--data", str(tmp_path / "input.txt"), "--quick", *argv])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and fragment in err and "Traceback" not in err
+    assert sorted(os.listdir(tmp_path)) == ["file", "input.txt"]
+
+
+def test_example_atmn_ramp_refuses_an_out_that_is_a_file(tmp_path, capsys, load_script):
+    example = load_script("examples/atmn_ramp.py")
+    (tmp_path / "file").write_text("")
+    with pytest.raises(SystemExit) as info:
+        example.main(["--out", str(tmp_path / "file"), "--quick"])
+    assert info.value.code == 2 and "--out: cannot write" in capsys.readouterr().err
+
+
+def test_example_shakespeare_reads_the_corpus_train_reads(
+    tmp_path, monkeypatch, capsys, load_script
+):
+    # $SPIKEMAR_DATA moves Tiny Shakespeare for `spikemar train`, and for the example alike
+    example = load_script("examples/shakespeare_raster.py")
+    monkeypatch.setenv("SPIKEMAR_DATA", str(tmp_path / "elsewhere.txt"))
+    with pytest.raises(SystemExit) as info:
+        example.main(["--out", str(tmp_path / "figs"), "--quick"])
+    assert info.value.code == 2
+    assert f"not found at {tmp_path / 'elsewhere.txt'}" in capsys.readouterr().err

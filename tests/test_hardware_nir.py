@@ -163,3 +163,29 @@ def test_import_nir_refuses_a_graph_that_is_not_one_chain(tmp_path, edges, messa
     nir.write(str(tmp_path / "g.nir"), nir.NIRGraph(nodes=nodes, edges=edges))
     with pytest.raises(ValueError, match=f"path: .*g.nir holds .*{message}"):
         import_nir(tmp_path / "g.nir")
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ({"r": 1.0}, r"3: a CubaLIF with r = 1; .* read with dt = 0.001 needs r = 10"),
+        ({"w_in": 2.0}, r"needs w_in = 2\.5"),
+        ({"v_leak": 0.1}, r"v_leak = 0\.1"),
+        ({"tau_mem": np.array([1e-2] * 7 + [2e-2])}, r"3: a CubaLIF whose tau_mem varies"),
+        ({"tau_syn": 1e-4, "w_in": 0.1}, r"3: a CubaLIF that CUBALIF cannot hold .*current_decay"),
+    ],
+)
+def test_import_nir_refuses_a_cuba_lif_that_cubalif_cannot_hold(tmp_path, change, message):
+    """A CubaLIF of another producer (norse writes r = 1) was read with its r, w_in, v_leak and
+    v_reset ignored: a neuron that computes something else."""
+    model = nn.Sequential(
+        nn.Linear(12, 16, bias=False), CUBALIF(0.5, 0.05, 0.4),
+        nn.Linear(16, 8, bias=False), CUBALIF(0.4, 0.1, 0.3),
+    )  # fmt: skip
+    graph = export_nir(model, tmp_path / "net.nir", (12,))
+    node = graph.nodes["3"]
+    for key, value in change.items():
+        setattr(node, key, np.broadcast_to(value, (8,)).astype(np.float64))
+    nir.write(str(tmp_path / "other.nir"), graph)
+    with pytest.raises(ValueError, match=message):
+        import_nir(tmp_path / "other.nir")

@@ -276,8 +276,32 @@ def _module(name: str, node) -> nn.Module:
                 getattr(m, key).copy_(t(meta[key]))
         return m
     if isinstance(node, nir.CubaLIF):
-        dt = float(meta.get("dt", 1e-3))
-        du = float(np.ravel(dt / np.asarray(node.tau_syn))[0])
-        dv = float(np.ravel(dt / np.asarray(node.tau_mem))[0])
-        return CUBALIF(du, dv, float(np.ravel(node.v_threshold)[0]))
+        return _cuba_lif(name, node, float(meta.get("dt", 1e-3)))
     raise ValueError(f"{name}: a {type(node).__name__} node that spikemar does not read")
+
+
+def _cuba_lif(name: str, node, dt: float) -> CUBALIF:
+    """CUBALIF from a ``nir.CubaLIF`` in the form :func:`export_nir` writes (one value per
+    parameter, ``w_in = tau_syn/dt``, ``r = tau_mem/dt``, ``v_leak = v_reset = 0``); any other
+    CubaLIF is a ValueError naming the node rather than a neuron that computes something else."""
+    values = {}
+    for key in ("tau_syn", "tau_mem", "r", "w_in", "v_leak", "v_reset", "v_threshold"):
+        a = np.ravel(np.asarray(getattr(node, key), dtype=np.float64))
+        if a.size == 0 or not np.all(a == a[0]):
+            raise ValueError(f"{name}: a CubaLIF whose {key} varies across neurons; spikemar's "
+                             "CUBALIF has one value")  # fmt: skip
+        values[key] = float(a[0])
+    du, dv = dt / values["tau_syn"], dt / values["tau_mem"]
+    expected = {"w_in": 1 / du, "r": 1 / dv, "v_leak": 0.0, "v_reset": 0.0}
+    for key, want in expected.items():
+        if not math.isclose(values[key], want, rel_tol=1e-9, abs_tol=1e-12):
+            raise ValueError(
+                f"{name}: a CubaLIF with {key} = {values[key]:.6g}; spikemar's CUBALIF read with "
+                f"dt = {dt:g} needs {key} = {want:.6g} (w_in = tau_syn/dt, r = tau_mem/dt, "
+                "v_leak = v_reset = 0)"
+            )
+    try:
+        return CUBALIF(du, dv, values["v_threshold"])
+    except ValueError as err:  # tau_syn < dt, a threshold <= 0, ...
+        raise ValueError(f"{name}: a CubaLIF that CUBALIF cannot hold with dt = {dt:g} "
+                         f"({err})") from None  # fmt: skip

@@ -99,3 +99,19 @@ def test_a_per_channel_threshold_of_no_channels_is_refused():
     emptied = ATMNParameters(1.0)._replace(v_threshold=torch.ones(0))  # _replace skips checks
     with pytest.raises(ValueError, match=message):
         atmn_multi_step(torch.randn(2, 3, 0), None, emptied, backend="torch")
+
+
+def test_a_surrogate_set_after_construction_is_checked_when_set():
+    # ATMN(surrogate='sigmoid') takes a name; `neuron.surrogate = 'sigmoid'` stored the string,
+    # the forward ran, and the backward failed with AttributeError inside autograd
+    n = ATMN(step_mode="m", backend="torch")
+    n.surrogate = "sigmoid"
+    assert n.surrogate == Sigmoid()
+    x_seq = torch.randn(3, 4, requires_grad=True)
+    n(x_seq).sum().backward()
+    assert x_seq.grad is not None
+    with pytest.raises(ValueError, match="surrogate: expected one of"):
+        n.surrogate = "foo"
+    bad = ATMNParameters(1.0)._replace(surrogate="atan")  # _replace skips the checks
+    with pytest.raises(TypeError, match=r"surrogate: expected a spikemar\.neurons\.surrogate"):
+        atmn_multi_step(torch.randn(2, 3), None, bad, backend="torch")

@@ -82,7 +82,7 @@ class ATMN(base.MemoryModule):
             self.a = nn.Parameter(a)
         else:
             self.register_buffer("a", a)
-        self.surrogate = get_surrogate(surrogate)
+        self.surrogate = surrogate  # checked by the setter
         self.detach_reset = bool(detach_reset)
         check_backend_name(backend)
         self.backend = backend
@@ -90,6 +90,16 @@ class ATMN(base.MemoryModule):
         self.step_mode = step_mode
         self.register_memory("v", 0.0)
         self.v_seq: torch.Tensor | None = None
+
+    @property
+    def surrogate(self) -> Surrogate:
+        """The surrogate gradient; set it to an instance or a name, as the constructor takes it."""
+        return self._surrogate
+
+    @surrogate.setter
+    def surrogate(self, surrogate: str | Surrogate) -> None:
+        # checked when set: a bad one would otherwise surface in a later backward pass
+        self._surrogate = get_surrogate(surrogate)
 
     @property
     def v_threshold(self) -> torch.Tensor:

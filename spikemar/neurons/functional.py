@@ -203,6 +203,11 @@ def check_parameters(p: ATMNParameters) -> None:
     if not isinstance(p, ATMNParameters):
         raise TypeError(f"p: expected ATMNParameters, got {type(p).__name__}")
     check_tau(p.tau)
+    if not isinstance(p.surrogate, Surrogate):
+        raise TypeError(
+            f"surrogate: expected a spikemar.neurons.surrogate.Surrogate (ATMNParameters takes "
+            f"a name too), got {type(p.surrogate).__name__}"
+        )
     v = p.v_threshold
     if not isinstance(v, torch.Tensor):
         raise TypeError(f"v_threshold: expected a tensor, got {type(v).__name__}")

@@ -96,3 +96,14 @@ def test_run_lava_refuses_payloads_beyond_loihis_graded_spikes(tmp_path):
     inputs[0, 1] = -(2.0**23)
     with pytest.raises(ValueError, match=r"inputs: a payload of 8388608 is outside Loihi 2's 24"):
         run_lava(tmp_path / "net.h5", inputs, 4)
+
+
+def test_an_lti_coefficient_out_of_range_names_the_lti_cell():
+    from spikemar.ssm.mixer import LTICell
+
+    cell = LTICell(3)
+    with torch.no_grad():
+        cell.c.fill_(9.0)
+    model = nn.Sequential(nn.Linear(4, 3, bias=False), cell, ATMN(2.0, 0.5))
+    with pytest.raises(ValueError, match=r"^1: LTI coefficient c reaches 9; .* holds \|c\| < 8"):
+        quantize(model)

@@ -315,10 +315,11 @@ def _quantize_block(b: Block) -> FixedBlock:
         fb.v_decay = min(round(b.voltage_decay * DECAY_UNITY), DECAY_UNITY - 1)
     if b.lti is not None:
         q = {k: (b.lti[k].double() * DECAY_UNITY).round().long() for k in ("decay", "b", "c", "d")}
+        lti_path = next(p for p, m in b.modules.items() if isinstance(m, LTICell))
         for k in ("b", "c", "d"):
             if int(q[k].abs().max()) >= COEF_LIMIT:
                 raise ValueError(
-                    f"{b.path}: LTI coefficient {k} reaches {float(b.lti[k].abs().max()):.4g}; "
+                    f"{lti_path}: LTI coefficient {k} reaches {float(b.lti[k].abs().max()):.4g}; "
                     f"the signed 16-bit fixed-point form (4096 = 1.0) holds |{k}| < 8"
                 )
         fb.lti = q

@@ -13,7 +13,9 @@ from spikemar.neurons import (
     Sigmoid,
     Triangle,
     atmn_multi_step,
+    atmn_quantize,
     backends,
+    cpu_backend,
 )
 
 
@@ -115,3 +117,18 @@ def test_a_surrogate_set_after_construction_is_checked_when_set():
     bad = ATMNParameters(1.0)._replace(surrogate="atan")  # _replace skips the checks
     with pytest.raises(TypeError, match=r"surrogate: expected a spikemar\.neurons\.surrogate"):
         atmn_multi_step(torch.randn(2, 3), None, bad, backend="torch")
+
+
+def test_the_fused_quantize_refuses_what_its_kernel_cannot_read():
+    # a float16 activation had float32 decodes written into its half-size buffer (heap
+    # corruption, an abort later); a per-channel mismatch decoded with the wrong thresholds
+    if not cpu_backend.usable():
+        pytest.skip("no C compiler for the CPU kernel")
+    with pytest.raises(TypeError, match="activation: expected a float32 or float64 CPU tensor"):
+        cpu_backend.atmn_quantize_decode_cpu(torch.randn(4, 6).half(), 3, ATMNParameters(1.0))
+    with pytest.raises(ValueError, match="does not match the 3 per-channel thresholds"):
+        cpu_backend.atmn_quantize_train_cpu(torch.randn(4, 5), 3, ATMNParameters(torch.ones(3)))
+    x = torch.randn(4, 6, dtype=torch.float64)
+    p = ATMNParameters(torch.rand(6, dtype=torch.float64) + 0.2, 1.5)
+    decoded = cpu_backend.atmn_quantize_decode_cpu(x, 3, p)
+    assert torch.equal(decoded, atmn_quantize(x, 3, p, backend="torch")[0])

@@ -327,8 +327,19 @@ def atmn_quantize_decode_cpu(
     lib = _LIBRARY.load()
     x = activation.contiguous()
     vth = p.v_threshold.to(x.dtype).contiguous()
-    decoded = torch.empty_like(x, requires_grad=False)
     C = vth.numel() if vth.dim() == 1 else 0
+    # the kernel writes float32/float64 through raw pointers (a float16 buffer would be
+    # overrun: heap corruption), so these tests stay even for callers that checked
+    if x.dtype not in _CpuKernels.dtypes or not x.is_cpu:
+        raise TypeError(
+            f"activation: expected a float32 or float64 CPU tensor, got {x.dtype} on {x.device}"
+        )
+    if C and (x.dim() == 0 or x.shape[-1] != C):
+        raise ValueError(
+            f"activation: last dimension of shape {tuple(x.shape)} does not match the {C} "
+            "per-channel thresholds"
+        )
+    decoded = torch.empty_like(x, requires_grad=False)
     fn = (
         lib.atmn_quantize_forward_f32 if x.dtype == torch.float32 else lib.atmn_quantize_forward_f64
     )

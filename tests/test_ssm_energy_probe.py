@@ -148,3 +148,34 @@ def test_step_by_step_counts_the_same_work_as_the_forward(kind, conv_bias):
     stepped = counter.report(tokens=10)
     for total in ("total_acs", "total_macs", "total_elementwise_ops", "total_neuron_updates"):
         assert getattr(stepped, total) == getattr(forward, total), total
+
+
+def _mixers():
+    from spikemar.ssm import DiscreteMixer, LTICell, SelectiveMixer
+
+    return {
+        "selective": SelectiveMixer(8, d_state=2, head_dim=4),
+        "discrete": DiscreteMixer(8, d_state=2, n_qk_heads=1, n_v_heads=2),
+        "lti": LTICell(8),
+    }
+
+
+@pytest.mark.parametrize("kind", ["selective", "discrete", "lti"])
+@pytest.mark.parametrize(
+    "call, needle",
+    [
+        (lambda m: m(torch.randn(2, 3, 7)), r"^u: expected \[batch, L, "),
+        (lambda m: m(torch.randn(2, 0, 8)), r"^u: expected \[batch, L, .* with L >= 1"),
+        (lambda m: m(torch.randn(2, 8)), r"^u: expected \[batch, L, "),
+        (lambda m: m.step(torch.randn(2, 3, 8), m.init_state(2)), r"^u_t: expected \[batch, "),
+        (lambda m: m.step(torch.randn(2, 8), m.init_state(1)), r"^state(\.conv)?: expected "),
+        (lambda m: m.step(torch.randn(2, 8), None), r"^state: expected the \w+State"),
+    ],
+    ids=["width", "empty", "2-d", "step-3-d", "step-batch", "step-no-state"],
+)
+def test_a_mixer_names_a_bad_input_or_state_at_its_own_boundary(kind, call, needle):
+    """The mixers are public (spikemar.ssm): a wrong width, an empty run, a token of the wrong
+    rank or a state made for another batch is one ValueError naming it, not a matmul's
+    RuntimeError, and an LTI cell no longer broadcasts a batch-1 state over a batch of 2."""
+    with torch.no_grad(), pytest.raises(ValueError, match=needle):
+        call(_mixers()[kind])

@@ -258,7 +258,35 @@ class _StateSpaceMixer(Mixer):
         return self.conv_channels
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        self._check_input(u, "u", 3)
         return self._mix(u, None)[0]
+
+    def _check_input(self, u: torch.Tensor, name: str, dims: int) -> None:
+        """``u`` is [batch, L ≥ 1, d_model] (``dims`` 3) or [batch, d_model] (2)."""
+        d_model = self.in_proj.in_features
+        if (
+            not isinstance(u, torch.Tensor)
+            or u.dim() != dims
+            or u.shape[-1] != d_model
+            or (dims == 3 and u.shape[1] == 0)
+        ):
+            want = "[batch, L, d_model] with L >= 1" if dims == 3 else "[batch, d_model]"
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"{name}: expected {want} (d_model = {d_model}), got {got}")
+
+    def _check_state(self, state: MixerState, batch: int) -> None:
+        """``state`` is a :class:`MixerState` of this mixer's shapes for ``batch`` sequences."""
+        if not isinstance(state, MixerState):
+            raise ValueError(f"state: expected the MixerState from init_state(), got "
+                             f"{type(state).__name__}")  # fmt: skip
+        conv = (batch, self.conv_channels, self.d_conv - 1)
+        ssm = (batch, self.state_heads, self.head_dim, self.d_state)
+        for name, shape in (("conv", conv), ("ssm", ssm)):
+            got = getattr(state, name)
+            if not isinstance(got, torch.Tensor) or got.shape != shape:
+                have = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
+                raise ValueError(f"state.{name}: expected {shape} (this mixer's, batch {batch}), "
+                                 f"got {have}")  # fmt: skip
 
     def _mix(
         self, u: torch.Tensor, state: MixerState | None
@@ -286,17 +314,9 @@ class _StateSpaceMixer(Mixer):
         if not isinstance(state, MixerState):
             raise ValueError(f"state: expected the MixerState from init_state(), got "
                              f"{type(state).__name__}")  # fmt: skip
-        if u.dim() != 3 or u.shape[1] == 0:
-            raise ValueError(f"u: expected [batch, L, d_model] with L >= 1, got {tuple(u.shape)}")
-        batch, k = u.shape[0], self.d_conv - 1
-        want = {"conv": (batch, self.conv_channels, k),
-                "ssm": (batch, self.state_heads, self.head_dim, self.d_state)}  # fmt: skip
-        for name, shape in want.items():
-            got = getattr(state, name)
-            if not isinstance(got, torch.Tensor) or tuple(got.shape) != shape:
-                have = tuple(got.shape) if isinstance(got, torch.Tensor) else type(got).__name__
-                raise ValueError(f"state.{name}: expected {shape} (this mixer's, batch {batch}), "
-                                 f"got {have}")  # fmt: skip
+        self._check_input(u, "u", 3)
+        self._check_state(state, u.shape[0])
+        k = self.d_conv - 1
         out, seen, ssm = self._mix(u, state)
         window = seen[:, seen.shape[1] - k :].transpose(1, 2)
         here = (state.in_place and not torch.is_grad_enabled()
@@ -313,6 +333,8 @@ class _StateSpaceMixer(Mixer):
         With autograd off, the part between the projections runs in one C call where it can
         (:class:`spikemar.ssm.fast.MixerStep`, equal to the operations below to rounding); the
         spike points, projections and norm run as modules on both paths."""
+        self._check_input(u_t, "u_t", 2)
+        self._check_state(state, u_t.shape[0])
         zxbcdt = self.in_proj(self.spike_in(u_t))
         if counting_active():  # the arithmetic of the counts costs µs per token otherwise
             self._record_ops(u_t.shape[0], conv=True)
@@ -646,7 +668,27 @@ class LTICell(nn.Module):
         return torch.exp(-torch.exp(self.log_rate))
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        self._check_input(u, "u", 3)
         return self._scan(u, None)[0]
+
+    def _check_input(self, u: torch.Tensor, name: str, dims: int) -> None:
+        """``u`` is [batch, L ≥ 1, channels] (``dims`` 3) or [batch, channels] (2)."""
+        channels = self.b.shape[0]
+        if (
+            not isinstance(u, torch.Tensor)
+            or u.dim() != dims
+            or u.shape[-1] != channels
+            or (dims == 3 and u.shape[1] == 0)
+        ):
+            want = "[batch, L, channels] with L >= 1" if dims == 3 else "[batch, channels]"
+            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+            raise ValueError(f"{name}: expected {want} (channels = {channels}), got {got}")
+
+    def _check_state(self, state: LTIState, batch: int) -> None:
+        channels = self.b.shape[0]
+        if not isinstance(state, LTIState) or tuple(state.h.shape) != (batch, channels):
+            raise ValueError(f"state: expected the LTIState from init_state({batch}) "
+                             f"([{batch}, {channels}])")  # fmt: skip
 
     def _scan(self, u: torch.Tensor, h0: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """(outputs, the state after the last token) over ``u`` [batch, L, channels] from
@@ -668,17 +710,14 @@ class LTICell(nn.Module):
     def prefill(self, u: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
         """``forward`` continuing ``state``: L tokens in one scan from ``state.h``, and the
         state after the last."""
-        if u.dim() != 3 or u.shape[1] == 0:
-            raise ValueError(f"u: expected [batch, L, channels] with L >= 1, got "
-                             f"{tuple(u.shape)}")  # fmt: skip
-        batch, _, channels = u.shape
-        if not isinstance(state, LTIState) or tuple(state.h.shape) != (batch, channels):
-            raise ValueError(f"state: expected the LTIState from init_state({batch}) "
-                             f"([{batch}, {channels}])")  # fmt: skip
+        self._check_input(u, "u", 3)
+        self._check_state(state, u.shape[0])
         out, last = self._scan(u, state.h)
         return out, LTIState(last)
 
     def step(self, u_t: torch.Tensor, state: LTIState) -> tuple[torch.Tensor, LTIState]:
+        self._check_input(u_t, "u_t", 2)
+        self._check_state(state, u_t.shape[0])
         h = self.decay * state.h + self.b * u_t
         n = u_t.numel()
         record_ops(self, kind="lti", macs=4 * n, state_reads=n, state_writes=n,

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 import pytest
@@ -179,3 +180,20 @@ def test_a_mixer_names_a_bad_input_or_state_at_its_own_boundary(kind, call, need
     RuntimeError, and an LTI cell no longer broadcasts a batch-1 state over a batch of 2."""
     with torch.no_grad(), pytest.raises(ValueError, match=needle):
         call(_mixers()[kind])
+
+
+@pytest.mark.parametrize("labels", [("x", "x"), ("rows", "teacher"), ("ratio", "basis"),
+                                    ("", "dense"), ("x", "x_pj")])  # fmt: skip
+def test_compare_refuses_labels_whose_json_keys_meet(labels):
+    """The labels name keys of the comparison's JSON: equal labels dropped one side's report,
+    'rows' or 'ratio' overwrote the comparison's own fields."""
+    from spikemar.energy import compare
+    from spikemar.energy.demo import demo_model, dense_demo_model
+
+    tokens = torch.randint(0, 256, (1, 4))
+    student = profile(demo_model(d=16, layers=1), tokens)
+    teacher = profile(dense_demo_model(d=16, layers=1), tokens)
+    with pytest.raises(ValueError, match=r"^labels: expected two different non-empty names"):
+        compare(student, teacher, labels=labels)
+    done = json.loads(compare(student, teacher, labels=("spiking", "dense")).to_json())
+    assert done["spiking"]["rows"] and done["dense"]["rows"] and isinstance(done["rows"], list)

@@ -1093,7 +1093,20 @@ def compare(
         isinstance(labels, tuple) and len(labels) == 2 and all(isinstance(x, str) for x in labels)
     ):
         raise ValueError(f"labels: expected a pair of strings, got {labels!r}")
+    # the labels name keys of to_dict() beside its own: two sides' keys must not meet
+    keys = [*labels, *(f"{x}_pj" for x in labels)]
+    if not all(labels) or len(set(keys)) < 4 or _COMPARISON_KEYS.intersection(keys):
+        raise ValueError(
+            f"labels: expected two different non-empty names, neither of them (nor with '_pj') "
+            f"one of the comparison's own fields {sorted(_COMPARISON_KEYS)}, got {labels!r}"
+        )
     return EnergyComparison(student, teacher, labels)
+
+
+# the keys of EnergyComparison.to_dict() that are not named after its labels
+_COMPARISON_KEYS = frozenset(
+    ("schema", "hardware", "basis", "labels", "rows", "ratio", "savings", "refusal", "unpriced")
+)
 
 
 def compare_profiles(

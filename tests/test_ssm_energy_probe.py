@@ -197,3 +197,22 @@ def test_compare_refuses_labels_whose_json_keys_meet(labels):
         compare(student, teacher, labels=labels)
     done = json.loads(compare(student, teacher, labels=("spiking", "dense")).to_json())
     assert done["spiking"]["rows"] and done["dense"]["rows"] and isinstance(done["rows"], list)
+
+
+def test_a_malformed_energy_report_is_one_value_error():
+    """A report file that is not JSON, or a report missing a field or with a row that is not
+    one, is a ValueError saying so (it was a KeyError, TypeError or a bare JSONDecodeError)."""
+    from spikemar.energy import EnergyReport
+    from spikemar.energy.demo import demo_model
+
+    data = profile(demo_model(d=16, layers=1), torch.randint(0, 256, (1, 4))).to_dict()
+    with pytest.raises(ValueError, match=r"^text: not a JSON energy report"):
+        EnergyReport.from_json("energy: 5 pJ")
+    broken = [
+        {k: v for k, v in data.items() if k != "rows"},
+        {**data, "rows": [1]},
+        {**data, "hardware": "loihi"},
+    ]
+    for doc in broken:
+        with pytest.raises(ValueError, match=r"^data: a malformed 'spikemar.energy/\d' report"):
+            EnergyReport.from_json(json.dumps(doc))

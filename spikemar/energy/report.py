@@ -489,22 +489,30 @@ class EnergyReport:
         if schema != SCHEMA and schema not in _OLD_SCHEMAS:
             got = schema if isinstance(data, dict) else type(data).__name__
             raise ValueError(f"data: expected a {SCHEMA!r} report, got schema {got!r}")
-        hw = HardwareProfile.from_dict(data["hardware"])
-        # an older report has no memory counts: they read as zero
-        rows = [{k: r.get(k, None if k in ("spike_source", "weights_of") else 0)
-                 for k in _COUNT_FIELDS} for r in data["rows"]]  # fmt: skip
-        return cls.build(
-            rows,
-            hardware=hw,
-            passes=data["passes"],
-            tokens=data["tokens"],
-            uncounted=[(u["name"], u["type"]) for u in data["uncounted"]],
-            parameters=int(data.get("parameters", 0)),
-        )
+        try:
+            hw = HardwareProfile.from_dict(data["hardware"])
+            # an older report has no memory counts: they read as zero
+            rows = [{k: r.get(k, None if k in ("spike_source", "weights_of") else 0)
+                     for k in _COUNT_FIELDS} for r in data["rows"]]  # fmt: skip
+            return cls.build(
+                rows,
+                hardware=hw,
+                passes=data["passes"],
+                tokens=data["tokens"],
+                uncounted=[(u["name"], u["type"]) for u in data["uncounted"]],
+                parameters=int(data.get("parameters", 0)),
+            )
+        except (KeyError, TypeError, AttributeError, ValueError) as err:
+            what = f"no field {err}" if isinstance(err, KeyError) else str(err)
+            raise ValueError(f"data: a malformed {schema!r} report ({what})") from err
 
     @classmethod
     def from_json(cls, text: str) -> EnergyReport:
-        return cls.from_dict(json.loads(text))
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"text: not a JSON energy report ({err})") from None
+        return cls.from_dict(data)
 
     # -- renderings -----------------------------------------------------------------------
 

@@ -19,6 +19,7 @@ traceback unless ``--debug`` or ``SPIKEMAR_DEBUG=1``. ``--help`` shows every def
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import math
 import os
@@ -48,17 +49,24 @@ class _UsageError(Exception):
 
 
 class _HelpFormatter(argparse.HelpFormatter):
-    """Every option's default in ``--help`` (unless its help already states it)."""
+    """Every option's default in ``--help`` (unless its help already states it), options
+    without help text included."""
+
+    @staticmethod
+    def _default_worth_showing(action: argparse.Action) -> bool:
+        # by identity: a default of 0 or 0.0 equals False, and is worth showing
+        unset = (None, False, argparse.SUPPRESS)
+        return bool(action.option_strings) and not any(action.default is u for u in unset)
+
+    def _format_action(self, action: argparse.Action) -> str:
+        if action.help is None and self._default_worth_showing(action):
+            action = copy.copy(action)  # argparse prints no help line for help=None
+            action.help = "(default: %(default)s)"
+        return super()._format_action(action)
 
     def _get_help_string(self, action: argparse.Action) -> str | None:
         text = action.help
-        if (
-            text
-            and "default" not in text
-            and action.option_strings
-            # by identity: a default of 0 or 0.0 equals False, and is worth showing
-            and not any(action.default is unset for unset in (None, False, argparse.SUPPRESS))
-        ):
+        if text and "default" not in text and self._default_worth_showing(action):
             text += " (default: %(default)s)"
         return text
 

@@ -170,7 +170,12 @@ def test_help_shows_the_defaults(command, capsys):
             "(default: 4)",
         ],
         "generate": ["(default: 200)", "(default: 0.8)", "seed of the sampling (default: 0)"],
-        "distill": ["(default: runs/student.pt)", "(default: 2000)"],
+        "distill": [
+            "(default: runs/student.pt)",
+            "(default: 2000)",
+            "--temperature TEMPERATURE (default: 1.0)",  # an option without help text
+            "cross-entropy (default: 0.0)",
+        ],
         "raster": ["(default: atmn)", "(default: 0.5)", "default 4", "weights (default: 0)"],
         "demo": ["(default: 300)"],
         "export": [],

@@ -24,10 +24,12 @@ killed save are removed by the next one.
 
 from __future__ import annotations
 
+import inspect
 import os
 import pickle
 import re
 import zipfile
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +45,7 @@ __all__ = [
     "MODEL_KINDS",
     "NonFiniteWeightsError",
     "build_model",
+    "check_model_config",
     "dense_twin",
     "load_checkpoint",
     "model_config_dict",
@@ -67,10 +70,32 @@ def nonfinite_parameters(state: dict[str, Any]) -> list[str]:
             and not bool(torch.isfinite(t).all())]  # fmt: skip
 
 
+def check_model_config(kind: str, config: Any, *, name: str = "config") -> None:
+    """Refuse a config dict for a model of ``kind`` that is no dict or names settings the
+    model does not have (``spikes`` as a dict of :class:`SpikeConfig`'s), naming ``name``."""
+    if not isinstance(config, dict):
+        raise ValueError(f"{name}: expected a dict of model settings, got {config!r}")
+    known = {f.name for f in fields(TransformerConfig if kind == "transformer" else MARConfig)}
+    unknown = sorted(map(str, set(config) - known))
+    if unknown:
+        raise ValueError(f"{name}: {unknown} are not settings of a {kind} model; expected "
+                         f"some of {sorted(known)}")  # fmt: skip
+    spikes = config.get("spikes")
+    if spikes is not None and kind != "transformer":
+        if not isinstance(spikes, dict):
+            raise ValueError(f"{name}: spikes: expected a dict of spike settings, got {spikes!r}")
+        known = set(inspect.signature(SpikeConfig).parameters)
+        unknown = sorted(map(str, set(spikes) - known))
+        if unknown:
+            raise ValueError(f"{name}: spikes: {unknown} are not spike settings; expected some "
+                             f"of {sorted(known)}")  # fmt: skip
+
+
 def build_model(kind: str, config: dict[str, Any]) -> nn.Module:
     """A model of ``kind`` from its config dict (as :func:`model_config_dict` writes it)."""
     if kind not in MODEL_KINDS:
         raise ValueError(f"kind: expected one of {MODEL_KINDS}, got {kind!r}")
+    check_model_config(kind, config)
     if kind == "transformer":
         return TransformerLM(TransformerConfig(**config))
     config = dict(config)
@@ -158,6 +183,8 @@ def save_checkpoint(
 
 def _read(path: Path, map_location) -> dict[str, Any]:
     """The payload of ``path``, or one clear ValueError: corrupt, not a checkpoint, newer."""
+    if path.stat().st_size == 0:
+        raise ValueError(f"checkpoint: {path} is empty (0 bytes), not a checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError:
@@ -168,7 +195,7 @@ def _read(path: Path, map_location) -> dict[str, Any]:
             "that a checkpoint never contains; corrupt, or another program's file)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
-        reason = str(err).split(". ")[0].strip()
+        reason = str(err).split(". ")[0].strip() or type(err).__name__
         raise ValueError(
             f"checkpoint: {path} is corrupt or truncated (torch.load: {reason})"
         ) from None
@@ -193,7 +220,9 @@ def load_checkpoint(
     *,
     allow_nonfinite: bool = False,
 ) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
-    """``(model, tokenizer, payload)``; the model in eval mode with the saved weights.
+    """``(model, tokenizer, payload)``; the model in eval mode with the saved weights, on
+    ``map_location`` (the file is read into CPU memory and the model alone moved there, so a
+    device holds the weights once; the payload's other tensors stay on the CPU).
 
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is corrupt,
     not a checkpoint, or of a newer format, and :class:`NonFiniteWeightsError` for weights with
@@ -205,7 +234,7 @@ def load_checkpoint(
         raise IsADirectoryError(f"checkpoint: {path} is a folder; expected a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint: no file at {path}")
-    payload = _read(path, map_location)
+    payload = _read(path, "cpu")
     try:
         model = build_model(payload["kind"], payload["model_config"])
         model.load_state_dict(payload["model"])
@@ -219,7 +248,7 @@ def load_checkpoint(
             f"{bad[0]}): the run that wrote it diverged; pass allow_nonfinite=True to load it "
             "anyway"
         )
-    model.eval()
+    model.to(map_location).eval()
     model.tokenizer = tokenizer  # generate(text) → text
     return model, tokenizer, payload
 

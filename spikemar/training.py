@@ -41,6 +41,7 @@ import argparse
 import contextlib
 import datetime
 import math
+import numbers
 import os
 import signal
 import sys
@@ -62,11 +63,12 @@ from .checkpoint import (
     MODEL_KINDS,
     NonFiniteWeightsError,
     build_model,
+    check_model_config,
     load_checkpoint,
     save_checkpoint,
 )
 from .data import CharTokenizer, TokenDataset
-from .neurons import raise_deferred_errors, value_checks
+from .neurons import ThresholdError, raise_deferred_errors, value_checks
 
 __all__ = [
     "LoopConfig",
@@ -74,6 +76,8 @@ __all__ = [
     "TrainConfig",
     "TrainingDivergedError",
     "add_loop_arguments",
+    "check_number",
+    "check_windows",
     "evaluate",
     "forward_backward",
     "loop_settings",
@@ -133,6 +137,15 @@ class LoopConfig:
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+        for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
+            check_number(name, getattr(self, name))
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            raise ValueError(f"seed: expected an int, got {self.seed!r}")
+        for name in ("overwrite", "gradient_checkpointing"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
+        if self.data is not None and not isinstance(self.data, str | os.PathLike):
+            raise ValueError(f"data: expected a text file or folder path, got {self.data!r}")
         if not (math.isfinite(self.lr) and self.lr > 0 and 0 <= self.min_lr <= self.lr):
             raise ValueError(f"lr, min_lr: expected finite 0 <= min_lr <= lr, lr > 0; got "
                              f"{self.lr}, {self.min_lr}")  # fmt: skip
@@ -140,7 +153,7 @@ class LoopConfig:
             raise ValueError(f"amp: expected one of {AMP_MODES}, got {self.amp!r}")
         if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
-        if not self.grad_clip > 0 or not self.weight_decay >= 0:
+        if not self.grad_clip > 0 or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"grad_clip, weight_decay: expected > 0 and >= 0, got "
                              f"{self.grad_clip}, {self.weight_decay}")  # fmt: skip
         if self.on_nonfinite not in ON_NONFINITE:
@@ -149,9 +162,6 @@ class LoopConfig:
             )
         if self.shard not in SHARD_MODES:
             raise ValueError(f"shard: expected one of {SHARD_MODES}, got {self.shard!r}")
-        if not isinstance(self.gradient_checkpointing, bool):
-            raise ValueError(f"gradient_checkpointing: expected True or False, got "
-                             f"{self.gradient_checkpointing!r}")  # fmt: skip
         if not isinstance(self.out, str | os.PathLike) or not str(self.out):
             raise ValueError(f"out: expected a file path, got {self.out!r}")
         self.device = check_device(self.device, name="device")
@@ -165,6 +175,7 @@ class TrainConfig(LoopConfig):
     def __post_init__(self) -> None:
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model: expected one of {MODEL_KINDS}, got {self.model!r}")
+        check_model_config(self.model, self.model_config, name="model_config")
         super().__post_init__()
 
 
@@ -197,6 +208,12 @@ class Objective(nn.Module):
     def load_extra(self, state: dict[str, Any]) -> None:
         if state:
             raise ValueError(f"resume: unexpected objective state {sorted(state)}")
+
+
+def check_number(name: str, value: Any) -> None:
+    """Refuse a setting that is not a real number (a str, a bool, None), naming it."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f"{name}: expected a number, got {value!r}")
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
@@ -495,8 +512,10 @@ def read_resume_state(out: Path, tokenizer: CharTokenizer, device: str):
     """The model and training state saved at ``out``, checked against the data's vocabulary."""
     if not out.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {out} to resume from")
-    model, saved_tokenizer, payload = load_checkpoint(out, map_location="cpu")
-    model.to(device)
+    try:
+        model, saved_tokenizer, payload = load_checkpoint(out, map_location=device)
+    except ValueError as err:  # name the argument: what --resume reads
+        raise type(err)(f"resume: {str(err).removeprefix('checkpoint: ')}") from err
     if "train" not in payload:
         raise ValueError(f"resume: {out} holds no training state (a final export?)")
     if saved_tokenizer != tokenizer:
@@ -587,6 +606,7 @@ def run_training(
             f"batch_size: the global batch {config.batch_size} must divide among {world} ranks"
         )
     out = prepare_output(config, resume=state is not None)
+    check_windows(data, config.L)
     if state is not None:
         check_resume_config(state["config"], config)
         config = _resumed_config(config, state["config"])
@@ -665,11 +685,12 @@ def run_training(
             raise diverged(step, "the weights hold NaN or inf") from None
         saved_at = step
 
-    def diverged(step: int, what: str) -> TrainingDivergedError:
+    def diverged(step: int, what: str, skippable: bool = True) -> TrainingDivergedError:
         kept = (f"the last good checkpoint, {out} at step {saved_at}, is kept"
                 if saved_at is not None else
                 f"this run saved nothing to {out} (a file there is left as it was)")  # fmt: skip
-        hint = "" if config.on_nonfinite == "skip" else ", or skip such steps (--on-nonfinite skip)"
+        hint = (", or skip such steps (--on-nonfinite skip)"
+                if skippable and config.on_nonfinite == "stop" else "")  # fmt: skip
         return TrainingDivergedError(
             f"step {step}: {what}: training diverged and stopped; {kept}. Lower --lr (now "
             f"{config.lr:g}) or raise --warmup{hint}"
@@ -681,8 +702,9 @@ def run_training(
             extended = (f"; extended from {config.schedule_steps} steps, lr at min_lr "
                         f"{config.min_lr:g} after step {config.schedule_steps}"
                         if config.schedule_steps else "")  # fmt: skip
-            print(f"resumed {out} at step {start} of {config.steps} (best validation loss "
-                  f"{best:.4f}){extended}", flush=True)  # fmt: skip
+            best_yet = f"best validation loss {best:.4f}" if history else "not validated yet"
+            print(f"resumed {out} at step {start} of {config.steps} ({best_yet}){extended}",
+                  flush=True)  # fmt: skip
     bar = _Progress(start, config.steps, desc, progress and rank == 0)
     done, tokens_seen, t0 = start, 0, time.perf_counter()  # done: steps fully applied
     phase, rng_before, sched_before = "between steps", None, None
@@ -741,6 +763,12 @@ def run_training(
                         checkpoint(done)
                     if world > 1:
                         dist.barrier()
+    except ValueError as err:
+        if not isinstance(err.__cause__, ThresholdError):
+            raise
+        # an update made a spike threshold V = exp(a) infinite or zero (``a`` itself finite):
+        # the run diverged, and the next forward would fail the same way (skipping cannot help)
+        raise diverged(done + 1 if phase == "computing" else done, str(err), False) from None
     except KeyboardInterrupt:
         # Save a consistent state: a step whose update was applied is completed (with its
         # scheduler step); a step interrupted before its update is undone (its batch redrawn).
@@ -804,10 +832,20 @@ def _load_data(config: LoopConfig) -> TokenDataset:
     return TokenDataset.from_text_file(config.data)
 
 
+def check_windows(data: TokenDataset, L: int) -> None:
+    """Refuse a window of ``L`` tokens that a split of ``data`` is too short for, before any
+    training (not at the first validation, an ``eval_interval`` of steps later)."""
+    for split, tokens in data.splits.items():
+        if len(tokens) < L + 1:
+            raise ValueError(f"L: {L} + 1 tokens exceed the {len(tokens)} of the {split!r} "
+                             "split of the data; use a smaller L or more text")  # fmt: skip
+
+
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``config.model`` on ``config.data``; returns the final losses and the history."""
     prepare_output(config, resume=resume)  # before the data and the model: fail early
     data = _load_data(config)
+    check_windows(data, config.L)
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)
     state = None

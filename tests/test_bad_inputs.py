@@ -28,6 +28,7 @@ from spikemar.checkpoint import (
     save_checkpoint,
 )
 from spikemar.data import CharTokenizer
+from spikemar.distill import DistillConfig, Teacher
 from spikemar.hardware import CUBALIF, export_lava, export_nir, import_nir, quantize, run_lava
 from spikemar.hardware.demo import demo_network
 from spikemar.training import TrainConfig, train
@@ -72,6 +73,7 @@ def files(tmp_path_factory):
         del f["node/metadata/spikemar_version"]
         f["node/metadata/spikemar_version"] = 99
     (root / "text.txt").write_text("just text\n")
+    (root / "long.txt").write_text("just text\n" * 30)  # enough for a training window
     (root / "a_file").write_text("")
     (root / "dir.h5").mkdir()
     return root
@@ -185,6 +187,88 @@ LIBRARY_CASES = {
         lambda r: train(TrainConfig(out=str(r / "none.pt")), resume=True),
         FileNotFoundError,
         "resume: no checkpoint",
+    ),
+    "train: seed a string": (lambda r: TrainConfig(seed="a"), ValueError, "seed: expected an int"),
+    "train: overwrite not a bool": (
+        lambda r: TrainConfig(overwrite="no"),
+        ValueError,
+        "overwrite: expected True or False",
+    ),
+    "train: weight_decay inf": (
+        lambda r: TrainConfig(weight_decay=float("inf")),
+        ValueError,
+        "weight_decay",
+    ),
+    "train: lr a string": (lambda r: TrainConfig(lr="1e-3"), ValueError, "lr: expected a number"),
+    "train: model_config unknown": (
+        lambda r: TrainConfig(model_config={"n_layer": 2}),
+        ValueError,
+        r"model_config: \['n_layer'\] are not settings of a mar model",
+    ),
+    "train: model_config spikes": (
+        lambda r: TrainConfig(model_config={"spikes": {"Tau": 2}}),
+        ValueError,
+        r"model_config: spikes: \['Tau'\] are not spike settings",
+    ),
+    "distill: alpha nan": (
+        lambda r: DistillConfig(teacher="t.pt", alpha=float("nan")),
+        ValueError,
+        "alpha, beta, gamma, ce, temperature: expected finite",
+    ),
+    "distill: temperature inf": (
+        lambda r: DistillConfig(teacher="t.pt", temperature=float("inf")),
+        ValueError,
+        "temperature: expected finite",
+    ),
+    "distill: beta a string": (
+        lambda r: DistillConfig(teacher="t.pt", beta="0.7"),
+        ValueError,
+        "beta: expected a number",
+    ),
+    "distill: stage a float": (
+        lambda r: DistillConfig(teacher="t.pt", stage=2.0),
+        ValueError,
+        "stage: expected 1",
+    ),
+    "distill: teacher not a path": (
+        lambda r: DistillConfig(teacher=3),
+        ValueError,
+        "teacher: expected a checkpoint path",
+    ),
+    "distill: student_config unknown": (
+        lambda r: DistillConfig(teacher="t.pt", student_config={"width": 8}),
+        ValueError,
+        r"student_config: \['width'\] are not settings",
+    ),
+    "distill: spikes in stage 1": (
+        lambda r: DistillConfig(teacher="t.pt", stage=1, student_config={"spikes": {"T": 2}}),
+        ValueError,
+        "student_config: spikes: stage 1's student is dense",
+    ),
+    "distill: init_from_teacher not a bool": (
+        lambda r: DistillConfig(teacher="t.pt", init_from_teacher="no"),
+        ValueError,
+        "init_from_teacher: expected True or False",
+    ),
+    "distill: align_steps a float": (
+        lambda r: DistillConfig(teacher="t.pt", stage=1, align_steps=1.5),
+        ValueError,
+        "align_steps: expected an int",
+    ),
+    "load: empty file": (
+        lambda r: load_checkpoint(r / "a_file"),
+        ValueError,
+        "checkpoint: .*a_file is empty",
+    ),
+    "Teacher.load: junk": (
+        lambda r: Teacher.load(str(r / "junk.pt")),
+        ValueError,
+        "teacher: .*junk.pt is not a spikemar checkpoint",
+    ),
+    "Teacher.load: dtype": (
+        lambda r: Teacher.load(str(r / "good.pt"), dtype="int8"),
+        ValueError,
+        "dtype: expected one of",
     ),
     "export_lava: input_shape rank": (
         lambda r: export_lava(demo_network(), r / "n.h5", (64, 2)),
@@ -441,6 +525,68 @@ COMMAND_CASES = {
         "--spike-points: no file",
     ),
     "train --shard unknown": (["train", "--shard", "zero3"], 2, "argument --shard: invalid"),
+    "train --resume corrupt": (
+        ["train", "--out", "{r}/truncated.pt", "--resume", "--data", "{r}/long.txt", "--L", "8"],
+        2,
+        "--resume: .*truncated.pt is corrupt or truncated",
+    ),
+    "distill --out folder": (
+        ["distill", "--stage", "2", "--teacher", "{r}/good.pt", "--out", "{r}"],
+        2,
+        "--out: .* is a folder",
+    ),
+    "distill --out under a file": (
+        ["distill", "--stage", "2", "--teacher", "{r}/good.pt", "--out", "{r}/a_file/s.pt"],
+        2,
+        "--out: cannot write",
+    ),
+    "distill --teacher junk": (
+        [
+            "distill",
+            "--stage",
+            "2",
+            "--teacher",
+            "{r}/junk.pt",
+            "--out",
+            "{r}/s.pt",
+            "--data",
+            "{r}/text.txt",
+        ],
+        2,
+        "--teacher: .*junk.pt is not a spikemar checkpoint",
+    ),
+    "distill --teacher empty": (
+        [
+            "distill",
+            "--stage",
+            "2",
+            "--teacher",
+            "{r}/a_file",
+            "--out",
+            "{r}/s.pt",
+            "--data",
+            "{r}/text.txt",
+        ],
+        2,
+        "--teacher: .*a_file is empty",
+    ),
+    "distill --align-steps beyond --steps": (
+        [
+            "distill",
+            "--stage",
+            "1",
+            "--teacher",
+            "{r}/good.pt",
+            "--out",
+            "{r}/s.pt",
+            "--steps",
+            "2",
+            "--align-steps",
+            "5",
+        ],
+        2,
+        r"--align-steps: expected 0 \.\.\. steps \(2\), got 5",
+    ),
     "export a language model --nir": (  # refused before --lava writes its folder
         ["export", "--checkpoint", "{r}/good.pt", "--lava", "{r}/lm_lava", "--nir", "{r}/lm.nir"],
         2,

@@ -86,10 +86,9 @@ def distill_main(args: argparse.Namespace) -> int:
             tokenizer=args.tokenizer, teacher_dtype=args.teacher_dtype,
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
-    except (ValueError, FileNotFoundError, ConnectionError) as err:  # ConnectionError: a Hub id
+    except (ValueError, OSError) as err:  # OSError: a missing file, a bad --out, a Hub id
         args._parser.error(_flag_message(str(err), args))
-    except KeyboardInterrupt:
-        return 130
+    # Ctrl-C and SIGTERM reach the command, which exits 130 or 143
     import torch.distributed as dist
 
     if not dist.is_initialized() or dist.get_rank() == 0:
@@ -114,7 +113,7 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     names (``teacher: …`` → ``--teacher: …``; a tokenizer's problem is --tokenizer's where it
     was given, else the teacher's, which --tokenizer can mend), with the command's way out of
     a checkpoint without a tokenizer in place of the Python API's."""
-    message = command_line_hint(message)
+    message = " ".join(command_line_hint(message).split())  # one line (torch's are several)
     name, sep, rest = message.partition(": ")
     if sep and name == "tokenizer":
         return f"{'--tokenizer' if args.tokenizer is not None else '--teacher'}: {rest}"
@@ -122,4 +121,9 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
              if getattr(args, flag, None) is not None]  # fmt: skip
     if sep and name == "student_config" and given:  # the flags that made the library's dict
         return f"{'/'.join(given)}: {rest}"
-    return f"{_FLAGS[name]}: {rest}" if sep and name in _FLAGS else message
+    if sep and name in _FLAGS:
+        return f"{_FLAGS[name]}: {rest}"
+    flag = f"--{name.replace('_', '-')}"  # a library argument that is a flag of its own name
+    if sep and name.isidentifier() and flag in args._parser._option_string_actions:
+        return f"{flag}: {rest}"
+    return message

@@ -24,6 +24,7 @@ an order of magnitude (benchmarks/RESULTS.md), and γ rebalances the two.
 from __future__ import annotations
 
 import inspect
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,10 +38,14 @@ __all__ = ["FeatureProjection", "SBDSLoss", "kl_divergence", "sbds_loss"]
 def kl_divergence(
     p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float = 1.0
 ) -> torch.Tensor:
-    """KL(p ‖ q) per position [...], from logits [..., vocab], computed with log-softmax."""
+    """KL(p ‖ q) per position [...], from logits [..., vocab], computed with log-softmax. A
+    token that p rules out (a logit of -inf: a masked or padded vocabulary entry) adds
+    0 · log 0 = 0, as in ``F.kl_div``, not NaN."""
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    # 0 where p is 0: the product with log p = -inf would be NaN, and so would its gradients
+    ratio = torch.where(log_p == -math.inf, 0.0, log_p - log_q)
+    return (log_p.exp() * ratio).sum(-1)
 
 
 class FeatureProjection(nn.Module):

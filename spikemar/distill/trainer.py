@@ -27,6 +27,8 @@ are not rounded to bfloat16 before the KL.
 
 from __future__ import annotations
 
+import math
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -35,7 +37,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..checkpoint import build_model, dense_twin, load_checkpoint, model_config_dict
+from ..checkpoint import (
+    build_model,
+    check_model_config,
+    dense_twin,
+    load_checkpoint,
+    model_config_dict,
+)
 from ..convert import spike_point_state_names
 from ..data import TokenDataset
 from ..models import MARLM, TransformerLM, from_pretrained
@@ -45,6 +53,8 @@ from ..tokenizer import CharTokenizer, HFTokenizer
 from ..training import (
     LoopConfig,
     Objective,
+    check_number,
+    check_windows,
     distributed_setup,
     evaluate,
     prepare_output,
@@ -85,16 +95,36 @@ class DistillConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.stage not in (1, 2) or isinstance(self.stage, bool):
+        if type(self.stage) is not int or self.stage not in (1, 2):
             raise ValueError(f"stage: expected 1 (attention → SSM) or 2 (dense → spiking), "
                              f"got {self.stage!r}")  # fmt: skip
-        if not self.teacher:
-            raise ValueError("teacher: expected the path of the teacher's checkpoint")
-        if min(self.alpha, self.beta, self.gamma, self.ce) < 0 or not self.temperature > 0:
+        for name in ("teacher", "student", "tokenizer"):
+            value = getattr(self, name)
+            if not (value is None and name != "teacher") and not (
+                isinstance(value, str | os.PathLike) and str(value)
+            ):
+                raise ValueError(f"{name}: expected a checkpoint path, a model directory or a "
+                                 f"Hub id, got {value!r}")  # fmt: skip
+        for name in ("alpha", "beta", "gamma", "ce", "temperature"):
+            check_number(name, getattr(self, name))
+        finite = (self.alpha, self.beta, self.gamma, self.ce, self.temperature)
+        if min(finite) < 0 or not self.temperature > 0 or not all(map(math.isfinite, finite)):
             raise ValueError(
-                f"alpha, beta, gamma, ce, temperature: expected >= 0 and temperature > 0; got "
-                f"{self.alpha}, {self.beta}, {self.gamma}, {self.ce}, {self.temperature}"
+                f"alpha, beta, gamma, ce, temperature: expected finite, >= 0 and temperature "
+                f"> 0; got {self.alpha}, {self.beta}, {self.gamma}, {self.ce}, {self.temperature}"
             )
+        if not isinstance(self.init_from_teacher, bool):
+            raise ValueError(f"init_from_teacher: expected True or False, got "
+                             f"{self.init_from_teacher!r}")  # fmt: skip
+        kind = "mar" if self.stage == 2 else "mar-dense"
+        check_model_config(kind, self.student_config, name="student_config")
+        if self.stage == 1 and self.student_config.get("spikes"):
+            raise ValueError("student_config: spikes: stage 1's student is dense (spikes are "
+                             "stage 2's)")  # fmt: skip
+        if self.align_steps is not None and (
+            isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int)
+        ):
+            raise ValueError(f"align_steps: expected an int or None, got {self.align_steps!r}")
         if self.feature not in FEATURES:
             raise ValueError(f"feature: expected one of {FEATURES}, got {self.feature!r}")
         if self.alpha == self.beta == self.ce == 0 and (self.feature is None or self.gamma == 0):
@@ -151,14 +181,20 @@ class Teacher(nn.Module):
             self.max_len = c.max_len if isinstance(model, TransformerLM) else None
 
     @classmethod
-    def load(cls, path: str, device: str = "cpu", tokenizer: str | None = None) -> Teacher:
+    def load(cls, path: str, device: str = "cpu", tokenizer: str | None = None,
+             dtype: str | torch.dtype | None = None) -> Teacher:  # fmt: skip
         """A spikemar checkpoint file, a local Hugging Face model directory, or a Hub id
         (``owner/name``, fetched through :func:`spikemar.models.hub.resolve_pretrained` where
         there is a network, else one clear error): a Mamba-2 or Llamba directory becomes
         spikemar's dense model with the directory's tokenizer; any other architecture goes
         through transformers' ``AutoModelForCausalLM``, with the directory's tokenizer when it
         has one. ``tokenizer``: take the tokenizer from this directory, ``tokenizer.json`` or
-        Hub id instead (a checkpoint that ships none)."""
+        Hub id instead (a checkpoint that ships none). ``dtype`` (``'bfloat16'``, a
+        ``torch.dtype``; None keeps the weights' own): the teacher is cast on the CPU before it
+        moves to ``device`` (see :meth:`place`)."""
+        if not isinstance(path, str | os.PathLike):
+            raise TypeError(f"teacher: expected a path or Hub id, got {type(path).__name__}")
+        dtype = _teacher_dtype(dtype)  # before the weights are read: fail early
         other = None if tokenizer is None else tokenizer_from(tokenizer)
         p = Path(path)
         if not p.exists() and is_hub_id(path):
@@ -172,7 +208,7 @@ class Teacher(nn.Module):
                                         "(not a Hugging Face model directory)")  # fmt: skip
             if _spikemar_architecture(p):
                 model = from_pretrained(p, tokenizer=True if tokenizer is None else tokenizer)
-                return cls(model.to(device), str(p), model.tokenizer)
+                return cls(model, str(p), model.tokenizer).place(device, dtype)
             try:
                 model = _auto_causal_lm().from_pretrained(p, local_files_only=True)
             except Exception as err:  # transformers raises what its model code raises
@@ -182,11 +218,24 @@ class Teacher(nn.Module):
             files = ("tokenizer.json", "tokenizer_config.json")
             if own is None and any((p / f).is_file() for f in files):
                 own = HFTokenizer.from_directory(p)
-            return cls(model.to(device), str(p), own)
+            return cls(model, str(p), own).place(device, dtype)
         if not p.is_file():
             raise FileNotFoundError(f"teacher: no checkpoint at {p}")
-        model, own, _ = load_checkpoint(p, map_location=device)
-        return cls(model, str(p), own if other is None else other)
+        try:
+            model, own, _ = load_checkpoint(p)
+        except ValueError as err:  # name the argument: a corrupt file is the teacher's
+            raise type(err)(f"teacher: {str(err).removeprefix('checkpoint: ')}") from err
+        return cls(model, str(p), own if other is None else other).place(device, dtype)
+
+    def place(self, device: str | torch.device, dtype: str | torch.dtype | None = None) -> Teacher:
+        """Cast the teacher to ``dtype`` where it is, then move it to ``device``: a 16-bit
+        teacher loaded in float32 on the CPU never occupies its float32 size on the device
+        (a 3 B teacher: 12 GB instead of 6)."""
+        dtype = _teacher_dtype(dtype)
+        if dtype is not None:
+            self.model.to(dtype)
+        self.model.to(device)
+        return self
 
     @property
     def layers(self) -> nn.ModuleList:
@@ -241,6 +290,16 @@ class Teacher(nn.Module):
     @torch.no_grad()
     def postnorm(self, states: list[torch.Tensor]) -> list[torch.Tensor]:
         return [layer.norm1(h) for layer, h in zip(self.layers, states, strict=False)]
+
+
+def _teacher_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    """``dtype`` as a floating torch.dtype (a name from :data:`TEACHER_DTYPES`), or None."""
+    if isinstance(dtype, str) and dtype in TEACHER_DTYPES:
+        return getattr(torch, dtype)
+    if dtype is None or (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        return dtype
+    raise ValueError(f"dtype: expected one of {TEACHER_DTYPES}, a floating torch.dtype or "
+                     f"None, got {dtype!r}")  # fmt: skip
 
 
 def _auto_causal_lm():
@@ -375,8 +434,18 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
     spikes = {**(base.get("spikes") or {}), **overrides.pop("spikes", {})}
     student = build_model("mar", {**base, **overrides, "spikes": spikes})
     if config.init_from_teacher:
+        ours, theirs = student.state_dict(), teacher.model.state_dict()
+        differ = [k for k, v in ours.items() if k in theirs and v.shape != theirs[k].shape]
+        if differ:
+            k = differ[0]
+            raise ValueError(
+                f"student_config: the student must keep the teacher's shapes to start from its "
+                f"weights ({len(differ)} tensors differ, first {k}: the teacher's "
+                f"{list(theirs[k].shape)}, the student's {list(ours[k].shape)}); or pass "
+                "init_from_teacher=False to start from random weights"
+            )
         try:
-            missing, unexpected = student.load_state_dict(teacher.model.state_dict(), strict=False)
+            missing, unexpected = student.load_state_dict(theirs, strict=False)
         except RuntimeError as err:
             raise ValueError(f"student_config: the student must keep the teacher's shapes to "
                              f"start from its weights ({err})") from err  # fmt: skip
@@ -447,18 +516,23 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     prepare_output(config, resume=resume)  # before the data and the teacher: fail early
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
-    teacher = Teacher.load(config.teacher, device, tokenizer=config.tokenizer)
+    # float32 on the CPU until the student has been built from its weights; then cast, then moved
+    teacher = Teacher.load(config.teacher, "cpu", tokenizer=config.tokenizer)
     if isinstance(teacher.model, MARLM) and teacher.model.config.spikes is not None:
         raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
                          "teacher is the dense model a student learns from (were the teacher "
                          "and the student swapped?)")  # fmt: skip
     data = _teacher_data(config, teacher)
+    check_windows(data, config.L)
     if teacher.max_len is not None and config.L > teacher.max_len:
         raise ValueError(f"L: {config.L} tokens exceed the teacher's max_len {teacher.max_len}")
     state = None
     if resume:
         student, state = read_resume_state(Path(config.out), data.tokenizer, device)
         saved = state.get("distill", {})
+        if not saved:
+            raise ValueError(f"resume: {config.out} holds a run of spikemar train, not of a "
+                             "distillation")  # fmt: skip
         if saved.get("stage") != config.stage:
             raise ValueError(f"resume: {config.out} was written by stage {saved.get('stage')}, "
                              f"not stage {config.stage}")  # fmt: skip
@@ -469,7 +543,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         else:
             student = build_student(teacher, config, teacher.vocab_size)
     # the frozen teacher in its dtype only now: the student starts from its full weights
-    teacher.model.to(getattr(torch, config.teacher_dtype))
+    teacher.place(device, config.teacher_dtype)
     if state is None:
         teacher_val = evaluate(teacher, data, config, device)["val"]
     objective = DistillObjective(student.to(device), teacher, config)

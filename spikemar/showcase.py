@@ -76,6 +76,25 @@ def _spike_points(model: torch.nn.Module) -> dict[str, Any]:
     return {name: m for name, m in model.named_modules() if isinstance(m, SpikePoint)}
 
 
+def _unit(tokenizer) -> str:
+    """What one token id is: a character (Tiny Shakespeare's tokenizer) or a BPE token."""
+    from .tokenizer import CharTokenizer
+
+    return "character" if isinstance(tokenizer, CharTokenizer) else "token"
+
+
+def _shown(result: Any) -> str:
+    """A provenance ``result``: a sentence (``spikemar train``) or a dict of figures
+    (``spikemar convert``), the nested ones left out."""
+    if not isinstance(result, dict):
+        return str(result)
+    shown = {key: value for key, value in result.items() if not isinstance(value, dict | list)}
+    return ", ".join(
+        f"{key} {value:.4g}" if isinstance(value, float) else f"{key} {value}"
+        for key, value in shown.items()
+    )
+
+
 def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: str):
     from . import viz
 
@@ -92,7 +111,8 @@ def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: 
     names = list(spikes)
     # the first layer's mixer input and FFN hidden spikes, the last layer's mixer output spikes
     first = [n for n in names if n.startswith(names[0].split(".mixer")[0].split(".ffn")[0])]
-    hidden = [n for n in first if n.endswith("spike_hidden")] or first
+    # (no FFN, as in a converted Mamba-2: the first layer's other spike point)
+    hidden = [n for n in first if n.endswith("spike_hidden")] or first[1:] or first
     out = [n for n in names if n.endswith("spike_out")] or names
     shown = [names[0], hidden[0], out[-1]]
     L = min(ids.shape[1], 24)
@@ -100,14 +120,14 @@ def _figure(model, tokenizer, ids: torch.Tensor, points: dict[str, Any], title: 
     grid = fig.add_gridspec(2, 3, height_ratios=(3, 2))
     fig.suptitle(title)
     for k, name in enumerate(shown):
-        s = spikes[name][:, -L:, :64]  # the last L characters, the first 64 channels
+        s = spikes[name][:, -L:, :64]  # the last L tokens, the first 64 channels
         by_position = s.permute(1, 0, 2).reshape(-1, s.shape[-1])  # [L·T, channels]
         ax = viz.raster(by_position, fig.add_subplot(grid[0, k]), neuron_label="channel",
-                        time_label=f"character × micro-step ({T} per character)",
+                        time_label=f"{_unit(tokenizer)} × micro-step ({T} per {_unit(tokenizer)})",
                         title=f"spike point {name}", boundary_every=T)  # fmt: skip
-        text = tokenizer.decode(ids[0, -L:].tolist())
-        ax.set_xticks([i * T + (T - 1) / 2 for i in range(L)],
-                      [repr(c)[1:-1] for c in text], fontsize=8)  # fmt: skip
+        # one label per token: a BPE token's text may be several characters (or part of one)
+        labels = [repr(tokenizer.decode([t]))[1:-1] for t in ids[0, -L:].tolist()]
+        ax.set_xticks([i * T + (T - 1) / 2 for i in range(L)], labels, fontsize=8)
     rates = {name: viz.firing_rates(s, batch_dims=1) for name, s in spikes.items()}
     title = "firing rate of every spike point (per micro-step)"
     viz.plot_layer_firing_rates(rates, fig.add_subplot(grid[1, :]), title=title)
@@ -156,7 +176,7 @@ def demo_main(args: argparse.Namespace) -> int:
     if made:
         print(f"  made by:  {made.get('command', '?')}")
         print(f"  data:     {made.get('data', '?')}   seed: {made.get('seed', '?')}")
-        print(f"  result:   {made.get('result', '?')}")
+        print(f"  result:   {_shown(made.get('result', '?'))}")
     s = model.config.spikes
     n_params = sum(p.numel() for p in model.parameters())
     print(f"  model:    spiking MAR LM, {model.config.n_layers} layers, d_model "
@@ -184,7 +204,7 @@ def demo_main(args: argparse.Namespace) -> int:
     points = _spike_points(model)
     fig, rates = _figure(model, tokenizer, ids, points,
                          f"{path.name}: spikes of the spiking MAR LM on its own text "
-                         f"({ids.shape[1]} characters)")  # fmt: skip
+                         f"({ids.shape[1]} {_unit(tokenizer)}s)")  # fmt: skip
     viz.save_figure(fig, args.out)
     mean = sum(r.mean_total for r in rates.values()) / len(rates)
     print(f"{args.out}: rasters and firing rates of {len(points)} spike points "
@@ -200,6 +220,6 @@ def demo_main(args: argparse.Namespace) -> int:
     comparison = compare(student, teacher, labels=labels)
     print(comparison.to_table())
     print(f"\n{headline(student, teacher, compute=args.hardware, labels=labels)} "
-          f"(over its {ids.shape[1]} characters: {student.total_acs:,} ACs + "
+          f"(over its {ids.shape[1]} {_unit(tokenizer)}s: {student.total_acs:,} ACs + "
           f"{student.total_macs:,} MACs against {teacher.total_macs:,} MACs)")  # fmt: skip
     return 0

@@ -100,6 +100,38 @@ def test_demo_refuses_an_out_it_cannot_draw_to_before_generating(out, tmp_path, 
     assert len(captured.err.strip().splitlines()) == 1 and os.listdir(tmp_path) == []
 
 
+def test_demo_on_a_bpe_student_labels_each_token_and_names_the_unit(tmp_path, capsys):
+    # a converted student speaks BPE: a token is several characters, or part of one
+    import tokenizers
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.models import MARLM, MARConfig, SpikeConfig
+    from spikemar.tokenizer import HFTokenizer
+
+    byte_level = tokenizers.pre_tokenizers.ByteLevel
+    bpe = tokenizers.Tokenizer(tokenizers.models.BPE())
+    bpe.pre_tokenizer, bpe.decoder = (
+        byte_level(add_prefix_space=False),
+        tokenizers.decoders.ByteLevel(),
+    )
+    trainer = tokenizers.trainers.BpeTrainer(vocab_size=300, initial_alphabet=byte_level.alphabet(),
+                                             show_progress=False)  # fmt: skip
+    bpe.train_from_iterator(["O Romeo, Romeo! wherefore art thou Romeo?\n" * 20], trainer)
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(vocab_size=300, d_model=16, n_layers=2, d_state=4, head_dim=8,
+                            ffn=None, spikes=SpikeConfig(T=2)))  # fmt: skip
+    result = {"dense_loss": 5.61234, "student_loss": 5.7, "rates": {"a": 0.2}}
+    made = {"command": "spikemar convert ...", "data": "romeo.txt", "seed": 0, "result": result}
+    save_checkpoint(tmp_path / "bpe.pt", model.eval(), HFTokenizer(bpe), provenance=made)
+    argv = ["demo", "--checkpoint", str(tmp_path / "bpe.pt"), "--prompt", "O Romeo, Romeo",
+            "--max-new-tokens", "6", "--out", str(tmp_path / "d.png")]  # fmt: skip
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "result:   dense_loss 5.612, student_loss 5.7\n" in printed  # convert's dict, readable
+    n = len(HFTokenizer(bpe).encode("O Romeo, Romeo")) + 6
+    assert f"(over its {n} tokens: " in printed and (tmp_path / "d.png").is_file()
+
+
 def test_release_checkpoint_drops_the_training_state_and_keeps_the_provenance(corpus, tmp_path):
     small = {"d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
     train(TrainConfig(model="mar", model_config=small, data=str(corpus),

@@ -390,6 +390,8 @@ def test_save_figure_rejects_bad_arguments(tmp_path):
         viz.save_figure(fig, tmp_path / "raster.xyz")
     with pytest.raises(TypeError, match="fig"):
         viz.save_figure(viz.raster(KNOWN), tmp_path / "raster.png")
+    with pytest.raises(TypeError, match=r"path: expected a file path .* got NoneType"):
+        viz.save_figure(fig, None)
     assert os.listdir(tmp_path) == []
 
 

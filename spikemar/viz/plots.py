@@ -691,6 +691,9 @@ def check_figure_path(path: str | os.PathLike[str], *, name: str = "path") -> Pa
     the parent folders and returns the path."""
     from matplotlib.backend_bases import FigureCanvasBase
 
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{name}: expected a file path (str or os.PathLike), got "
+                        f"{type(path).__name__}")  # fmt: skip
     path = Path(path)
     fmt = path.suffix.lstrip(".").lower()
     if path.is_dir():

@@ -152,24 +152,33 @@ def test_step_by_step_counts_the_same_work_as_the_forward(kind, conv_bias):
 
 
 def _mixers():
+    from spikemar.models import MARConfig
+    from spikemar.models.mixers import MIXERS
     from spikemar.ssm import DiscreteMixer, LTICell, SelectiveMixer
 
+    attention = MARConfig(vocab_size=5, d_model=8, n_layers=1, layers="attn", n_attn_heads=2,
+                          max_len=6, spikes=None)  # fmt: skip
     return {
         "selective": SelectiveMixer(8, d_state=2, head_dim=4),
         "discrete": DiscreteMixer(8, d_state=2, n_qk_heads=1, n_v_heads=2),
         "lti": LTICell(8),
+        "attention": MIXERS["attn"](attention, None),
     }
 
 
-@pytest.mark.parametrize("kind", ["selective", "discrete", "lti"])
+def _state(mixer, batch: int):
+    return mixer.init_state(batch, 6) if hasattr(mixer, "qkv") else mixer.init_state(batch)
+
+
+@pytest.mark.parametrize("kind", ["selective", "discrete", "lti", "attention"])
 @pytest.mark.parametrize(
     "call, needle",
     [
         (lambda m: m(torch.randn(2, 3, 7)), r"^u: expected \[batch, L, "),
         (lambda m: m(torch.randn(2, 0, 8)), r"^u: expected \[batch, L, .* with L >= 1"),
         (lambda m: m(torch.randn(2, 8)), r"^u: expected \[batch, L, "),
-        (lambda m: m.step(torch.randn(2, 3, 8), m.init_state(2)), r"^u_t: expected \[batch, "),
-        (lambda m: m.step(torch.randn(2, 8), m.init_state(1)), r"^state(\.conv)?: expected "),
+        (lambda m: m.step(torch.randn(2, 3, 8), _state(m, 2)), r"^u_t: expected \[batch, "),
+        (lambda m: m.step(torch.randn(2, 8), _state(m, 1)), r"^state(\.\w+)?: expected "),
         (lambda m: m.step(torch.randn(2, 8), None), r"^state: expected the \w+State"),
     ],
     ids=["width", "empty", "2-d", "step-3-d", "step-batch", "step-no-state"],

@@ -24,7 +24,14 @@ from typing import TYPE_CHECKING, ClassVar
 import torch
 from torch import nn
 
-from ..ssm.mixer import DiscreteMixer, LTIMixer, Mixer, SelectiveMixer, SpikeInputs
+from ..ssm.mixer import (
+    DiscreteMixer,
+    LTIMixer,
+    Mixer,
+    SelectiveMixer,
+    SpikeInputs,
+    check_mixer_input,
+)
 from .common import SpikeConfig, spike_point
 from .transformer import CausalSelfAttention, TransformerConfig
 
@@ -72,7 +79,23 @@ class AttentionMixer(CausalSelfAttention, Mixer):
         self.spike_in = nn.Identity() if spike_in is None else spike_in
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
+        check_mixer_input(u, "u", 3, self.qkv.in_features)
         return CausalSelfAttention.forward(self, self.spike_in(u))
+
+    def _check_state(self, state: AttentionState, batch: int) -> None:
+        """``state`` is an :class:`AttentionState` of this mixer's KV cache for ``batch``."""
+        if not isinstance(state, AttentionState):
+            raise ValueError(f"state: expected the AttentionState from init_state(), got "
+                             f"{type(state).__name__}")  # fmt: skip
+        k = state.k
+        head_dim = self.qkv.in_features // self.n_heads
+        if not (isinstance(k, torch.Tensor) and k.dim() == 4 and k.shape[0] == batch
+                and k.shape[1] == self.n_heads and k.shape[3] == head_dim
+                and isinstance(state.v, torch.Tensor) and state.v.shape == k.shape):  # fmt: skip
+            have = tuple(k.shape) if isinstance(k, torch.Tensor) else type(k).__name__
+            raise ValueError(f"state.k: expected [{batch}, {self.n_heads}, max_len, {head_dim}] "
+                             f"(this mixer's KV cache, batch {batch}) and state.v alike, got "
+                             f"{have}")  # fmt: skip
 
     def init_state(
         self, batch: int, max_len: int | None = None, *, in_place: bool = False
@@ -86,6 +109,8 @@ class AttentionMixer(CausalSelfAttention, Mixer):
         return AttentionState(w.new_zeros(shape), w.new_zeros(shape), 0)
 
     def step(self, u_t: torch.Tensor, state: AttentionState) -> tuple[torch.Tensor, AttentionState]:
+        check_mixer_input(u_t, "u_t", 2, self.qkv.in_features)
+        self._check_state(state, u_t.shape[0])
         pos = state.length
         if pos >= state.k.shape[2]:
             raise ValueError(f"state: the attention KV cache is full ({state.k.shape[2]} tokens)")
@@ -97,11 +122,8 @@ class AttentionMixer(CausalSelfAttention, Mixer):
     ) -> tuple[torch.Tensor, AttentionState]:
         """L tokens in one pass: their keys and values into the KV cache, each attending over the
         cache and the tokens up to itself (see ``CausalSelfAttention.prefill``)."""
-        if not isinstance(state, AttentionState):
-            raise ValueError(f"state: expected the AttentionState from init_state(), got "
-                             f"{type(state).__name__}")  # fmt: skip
-        if u.dim() != 3 or u.shape[1] == 0:
-            raise ValueError(f"u: expected [batch, L, d_model] with L >= 1, got {tuple(u.shape)}")
+        check_mixer_input(u, "u", 3, self.qkv.in_features)
+        self._check_state(state, u.shape[0])
         self.check_room(state, u.shape[1])
         pos, L = state.length, u.shape[1]
         out = CausalSelfAttention.prefill(self, self.spike_in(u), state.k, state.v, pos)

@@ -85,6 +85,7 @@ __all__ = [
     "SpikeInputs",
     "SpikePointOwner",
     "SpikePointSite",
+    "check_mixer_input",
 ]
 
 
@@ -185,6 +186,24 @@ class MixerState:
     in_place: bool = False
 
 
+def check_mixer_input(
+    u: object, name: str, dims: int, width: int, width_name: str = "d_model"
+) -> None:
+    """Raise ValueError naming ``name`` unless ``u`` is a run of tokens [batch, L ≥ 1, width]
+    (``dims`` 3: ``forward``, ``prefill``) or one token [batch, width] (``dims`` 2: ``step``):
+    the check at every mixer's boundary (``width_name`` names the width in the message)."""
+    if (
+        isinstance(u, torch.Tensor)
+        and u.dim() == dims
+        and u.shape[-1] == width
+        and (dims == 2 or u.shape[1] > 0)
+    ):
+        return
+    want = f"[batch, L, {width_name}] with L >= 1" if dims == 3 else f"[batch, {width_name}]"
+    got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
+    raise ValueError(f"{name}: expected {want} ({width_name} = {width}), got {got}")
+
+
 def _identity(module: nn.Module | None) -> nn.Module:
     return nn.Identity() if module is None else module
 
@@ -262,17 +281,7 @@ class _StateSpaceMixer(Mixer):
         return self._mix(u, None)[0]
 
     def _check_input(self, u: torch.Tensor, name: str, dims: int) -> None:
-        """``u`` is [batch, L ≥ 1, d_model] (``dims`` 3) or [batch, d_model] (2)."""
-        d_model = self.in_proj.in_features
-        if (
-            not isinstance(u, torch.Tensor)
-            or u.dim() != dims
-            or u.shape[-1] != d_model
-            or (dims == 3 and u.shape[1] == 0)
-        ):
-            want = "[batch, L, d_model] with L >= 1" if dims == 3 else "[batch, d_model]"
-            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-            raise ValueError(f"{name}: expected {want} (d_model = {d_model}), got {got}")
+        check_mixer_input(u, name, dims, self.in_proj.in_features)
 
     def _check_state(self, state: MixerState, batch: int) -> None:
         """``state`` is a :class:`MixerState` of this mixer's shapes for ``batch`` sequences."""
@@ -672,17 +681,7 @@ class LTICell(nn.Module):
         return self._scan(u, None)[0]
 
     def _check_input(self, u: torch.Tensor, name: str, dims: int) -> None:
-        """``u`` is [batch, L ≥ 1, channels] (``dims`` 3) or [batch, channels] (2)."""
-        channels = self.b.shape[0]
-        if (
-            not isinstance(u, torch.Tensor)
-            or u.dim() != dims
-            or u.shape[-1] != channels
-            or (dims == 3 and u.shape[1] == 0)
-        ):
-            want = "[batch, L, channels] with L >= 1" if dims == 3 else "[batch, channels]"
-            got = tuple(u.shape) if isinstance(u, torch.Tensor) else type(u).__name__
-            raise ValueError(f"{name}: expected {want} (channels = {channels}), got {got}")
+        check_mixer_input(u, name, dims, self.b.shape[0], "channels")
 
     def _check_state(self, state: LTIState, batch: int) -> None:
         channels = self.b.shape[0]

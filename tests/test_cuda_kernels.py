@@ -428,3 +428,19 @@ def test_emulated_fused_spike_point_runs_any_T_and_checks_values(emulated_cupy):
     bad[2, 3] = float("nan")
     with pytest.raises(ValueError, match="finite"):
         cupy_backend.atmn_quantize_cupy(bad, 4, p)
+
+
+@emulated
+def test_emulated_kernels_refuse_a_double_backward(emulated_cupy):
+    # the CUDA backwards build no graph either: second derivatives would miss the neuron's part
+    x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()
+    p = ATMNParameters(torch.tensor(0.4), 1.5, surrogate="sigmoid")
+    outputs = {
+        "multi-step": lambda: atmn_multi_step(x, None, p, backend="cupy-emulated")[0],
+        "spike point": lambda: cupy_backend.atmn_quantize_cupy(x[0], 4, p),
+    }
+    for out in outputs.values():
+        with pytest.raises(RuntimeError, match="backend='cupy'.*use backend='torch'"):
+            torch.autograd.grad(out().sum() + x.pow(3).sum(), x, create_graph=True)
+        (g,) = torch.autograd.grad(out().sum(), x)  # first derivatives as before
+        assert g.shape == x.shape

@@ -34,7 +34,7 @@ import torch
 from .._io import atomic_write
 from . import fused
 from .functional import ATMNParameters, _decay, bad_threshold_error, nonfinite_error
-from .fused import fused_multi_step, surrogate_code
+from .fused import fused_multi_step, refuse_create_graph, surrogate_code
 
 __all__ = [
     "atmn_multi_step_cpu",
@@ -257,19 +257,6 @@ def _geometry(x: torch.Tensor, vth: torch.Tensor) -> tuple[int, int, int, int, i
     return T, N, C, B, _threads(T * N)
 
 
-def _refuse_create_graph() -> None:
-    """A backward run with ``create_graph=True`` (grad mode is on inside it) wants a graph of
-    the gradients; the C kernels compute them without one, so the second derivatives through
-    the neuron would be silently missing (``once_differentiable`` sees only the incoming
-    gradient, which need not require grad)."""
-    if torch.is_grad_enabled():
-        raise RuntimeError(
-            "backend='cpu' (the fused CPU kernels, also chosen by 'auto') computes first "
-            "derivatives only, and this backward asked for a graph (create_graph=True); use "
-            "backend='torch' for higher-order gradients"
-        )
-
-
 def _threads(values: int) -> int:
     """Threads for a kernel over ``values`` element-steps: torch's count, fewer where there is
     too little work to share (under 2^15 values a thread costs more than it saves)."""
@@ -279,6 +266,7 @@ def _threads(values: int) -> int:
 class _CpuKernels:
     """Launches of the C kernels (see ``fused.FusedKernels``)."""
 
+    name = "cpu"
     dtypes = (torch.float32, torch.float64)
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
@@ -294,7 +282,6 @@ class _CpuKernels:
             raise nonfinite_error(x, v0, p)
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor:
-        _refuse_create_graph()
         lib = load_library()
         T, N, C, B, nthreads = _geometry(x, vth)
         kind, pa, pb = surrogate_code(p)
@@ -390,7 +377,7 @@ class _FusedQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_counts=None):  # type: ignore[override]
-        _refuse_create_graph()
+        refuse_create_graph("cpu")
         lib = load_library()
         x, vth = ctx.saved_tensors
         p, T = ctx.p, ctx.T

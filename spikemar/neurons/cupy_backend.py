@@ -32,7 +32,7 @@ from .functional import (
     decode_weights,
     nonfinite_error,
 )
-from .fused import cast, fused_multi_step, grad_home, surrogate_code
+from .fused import cast, fused_multi_step, grad_home, refuse_create_graph, surrogate_code
 
 __all__ = [
     "NVRTC_OPTIONS",
@@ -194,6 +194,7 @@ def _raise_or_defer(bad: torch.Tensor, vth: torch.Tensor, x_seq, v0, p: ATMNPara
 class _CupyKernels:
     """Launches of the CUDA kernels (see ``fused.FusedKernels``)."""
 
+    name = "cupy"
     dtypes = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None:
@@ -307,6 +308,7 @@ class _FusedQuantize(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g, g_counts=None):  # type: ignore[override]
+        refuse_create_graph("cupy")
         x, vth, w = ctx.saved_tensors
         p, T = ctx.p, ctx.T
         g = g.to(x.dtype).contiguous()

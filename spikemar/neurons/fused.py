@@ -89,11 +89,25 @@ def unusable_reason(
 
 
 class FusedKernels(Protocol):
+    name: str  # the backend's name
     dtypes: tuple[torch.dtype, ...]  # the dtypes of x (and the spikes) that the kernels take
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None: ...
 
     def backward(self, x, v0, vth, p, g_spikes, g_vlast, g_vseq, g_x, g_v0) -> torch.Tensor: ...
+
+
+def refuse_create_graph(backend: str) -> None:
+    """For a fused kernel's backward: refuse one run with ``create_graph=True`` (grad mode is on
+    inside it), which wants a graph of the gradients. The kernels compute them without one, so
+    the second derivatives through the neuron would be silently missing (``once_differentiable``
+    sees only the incoming gradient, which need not require grad)."""
+    if torch.is_grad_enabled():
+        raise RuntimeError(
+            f"backend={backend!r} (the fused kernels, also chosen by 'auto') computes first "
+            "derivatives only, and this backward asked for a graph (create_graph=True); use "
+            "backend='torch' for higher-order gradients"
+        )
 
 
 def cast(t: torch.Tensor, device: torch.device | None, dtype: torch.dtype) -> torch.Tensor:
@@ -133,6 +147,7 @@ class _FusedATMN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_spikes, g_vlast, g_vseq=None):  # type: ignore[override]
+        refuse_create_graph(ctx.kernels.name)
         x, vth, v0 = ctx.saved_tensors
         cdtype = compute_dtype(x.dtype)
         g_spikes = None if g_spikes is None else g_spikes.to(x.dtype).contiguous()

@@ -83,6 +83,13 @@ def test_demo_on_a_trained_checkpoint_and_bad_requests(corpus, tmp_path, capsys)
     assert "dense model" in capsys.readouterr().err
     assert main(["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--prompt", "Zebra"]) == 2
     assert main(["demo", "--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    # a profile that prices memory: its ratio once, never called "compute only"
+    png = str(tmp_path / "m.png")
+    argv = ["demo", "--checkpoint", str(tmp_path / "mar.pt"), "--hardware", "45nm-fp32+mem",
+            "--prompt", "Romeo", "--max-new-tokens", "4", "--out", png]  # fmt: skip
+    assert main(argv) == 0
+    last = capsys.readouterr().out.strip().splitlines()[-1]
+    assert "compute only" not in last and last.count("45nm-fp32+mem") == 1, last
     assert main(["demo", "--hardware", "abacus"]) == 2
     assert "error: --hardware: unknown profile 'abacus'" in capsys.readouterr().err
     assert main(["demo", "--teacher", str(tmp_path / "missing.pt")]) == 2

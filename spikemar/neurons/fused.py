@@ -89,7 +89,7 @@ def unusable_reason(
 
 
 class FusedKernels(Protocol):
-    name: str  # the backend's name
+    name: str  # the backend's name (for errors; optional)
     dtypes: tuple[torch.dtype, ...]  # the dtypes of x (and the spikes) that the kernels take
 
     def forward(self, x, v0, vth, p, spikes, v_last, v_seq) -> None: ...
@@ -147,7 +147,7 @@ class _FusedATMN(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, g_spikes, g_vlast, g_vseq=None):  # type: ignore[override]
-        refuse_create_graph(ctx.kernels.name)
+        refuse_create_graph(getattr(ctx.kernels, "name", "fused"))
         x, vth, v0 = ctx.saved_tensors
         cdtype = compute_dtype(x.dtype)
         g_spikes = None if g_spikes is None else g_spikes.to(x.dtype).contiguous()

@@ -3,6 +3,8 @@ ValueError naming the argument, the shape and what was expected, and nothing is 
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 from torch import nn
@@ -83,6 +85,54 @@ def test_a_lava_run_past_its_timeout_is_one_lava_run_error(lava, tmp_path):
     export_lava(model, tmp_path / "net.h5", (3,))
     with pytest.raises(LavaRunError, match=r"did not finish within timeout_s = 0.05 s"):
         run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, timeout_s=0.05)
+    assert not _processes_naming(tmp_path)  # Lava's processes went with the run
+
+
+def _processes_naming(path) -> list[str]:
+    """The command lines of running processes that mention ``path``."""
+    found = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(path) in text:
+            found.append(text)
+    return found
+
+
+def test_a_voltage_readout_needs_a_cuba_output_layer(tmp_path):
+    from spikemar.hardware import run_lava
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    with pytest.raises(ValueError, match="readout: 'voltage' reads the voltage of a CUBA output"):
+        run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, readout="voltage")
+
+
+@pytest.mark.slow
+def test_the_lava_runtime_stops_lava_when_it_fails(lava, tmp_path):
+    """Run directly (as DEVELOPERS.md shows), a voltage readout of an ATMN layer hung after the
+    run (no voltage v) and left Lava's processes behind; now one error and nothing left."""
+    import subprocess
+
+    import numpy as np
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    np.save(tmp_path / "in.npy", np.zeros((4, 3)))
+    package = tmp_path / "path"
+    package.mkdir()
+    (package / "spikemar").symlink_to(Path(__import__("spikemar").__file__).parent)
+    cmd = [str(lava), "-m", "spikemar.hardware.lava.runtime", str(tmp_path / "net.h5"),
+           str(tmp_path / "in.npy"), str(tmp_path / "out.npy"), "--voltage"]  # fmt: skip
+    done = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=300, start_new_session=True,
+        env={"PATH": "/usr/bin:/bin", "PYTHONPATH": str(package)},
+    )  # fmt: skip
+    assert done.returncode != 0, done.stdout
+    assert "readout: 'voltage' reads the voltage v of a CUBA output layer" in done.stderr
+    assert not _processes_naming(tmp_path / "net.h5")
 
 
 def test_run_lava_refuses_payloads_beyond_loihis_graded_spikes(tmp_path):
@@ -107,3 +157,36 @@ def test_an_lti_coefficient_out_of_range_names_the_lti_cell():
     model = nn.Sequential(nn.Linear(4, 3, bias=False), cell, ATMN(2.0, 0.5))
     with pytest.raises(ValueError, match=r"^1: LTI coefficient c reaches 9; .* holds \|c\| < 8"):
         quantize(model)
+
+
+def test_a_timed_out_lava_run_ends_the_processes_it_started(tmp_path, monkeypatch):
+    """Lava runs its processes as children of the runner: a timeout that killed the runner
+    alone left them running (seen after a hung run). A stand-in Lava Python that starts a child
+    and waits shows the whole session going."""
+    import os
+    import stat
+    import time
+
+    from spikemar.hardware import run_lava
+    from spikemar.hardware.lava_export import LavaRunError
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    fake = tmp_path / "python"
+    fake.write_text(f'#!/bin/sh\nsleep 300 &\necho $! > "{tmp_path}/child.pid"\nsleep 300\n')
+    fake.chmod(fake.stat().st_mode | stat.S_IEXEC)
+    monkeypatch.setenv("SPIKEMAR_LAVA_PYTHON", str(fake))
+    with pytest.raises(LavaRunError, match="did not finish within timeout_s = 1 s"):
+        run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, timeout_s=1)
+    child = int((tmp_path / "child.pid").read_text())
+    for _ in range(50):
+        try:
+            state = Path(f"/proc/{child}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            break  # gone
+        if state in ("Z", "X"):
+            break  # killed, not yet reaped
+        time.sleep(0.1)
+    else:
+        os.kill(child, 9)
+        pytest.fail("the Lava run's child process outlived the timeout")

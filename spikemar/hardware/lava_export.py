@@ -31,8 +31,10 @@ around the ATMN Process.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import signal
 import subprocess
 import tempfile
 from pathlib import Path
@@ -229,7 +231,13 @@ def run_lava(
             f"inputs: a payload of {np.abs(x).max():.0f} is outside Loihi 2's 24-bit graded "
             f"spikes (|payload| < {PAYLOAD_LIMIT})"
         )
-    _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
+    last_neuron = _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
+    if readout == "voltage" and (netx_network or last_neuron != "CUBA"):
+        raise ValueError(
+            f"readout: 'voltage' reads the voltage of a CUBA output layer built by spikemar's "
+            f"runtime; the last layer of {path} is {last_neuron}"
+            + (" (and netx_network=True hides the layers)" if netx_network else "")
+        )
     python = lava_python()
     with tempfile.TemporaryDirectory(prefix="spikemar-lava-") as tmp:
         np.save(f"{tmp}/in.npy", x)
@@ -246,31 +254,44 @@ def run_lava(
         Path(tmp, "path").mkdir()
         Path(tmp, "path", "spikemar").symlink_to(Path(__file__).resolve().parents[1])
         env = {**os.environ, "PYTHONPATH": str(Path(tmp, "path"))}
-        try:
-            done = subprocess.run(
-                cmd, cwd=tmp, env=env, capture_output=True, text=True, timeout=timeout_s
-            )
-        except subprocess.TimeoutExpired as err:
-            stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else err.stderr or ""
-            raise LavaRunError(
-                f"Lava run of {path} did not finish within timeout_s = {timeout_s} s", stderr
-            ) from None
-        if done.returncode != 0:
-            lines = [line for line in done.stderr.splitlines() if line.strip()]
+        # a session of its own: Lava runs its processes as children, which a timeout must end too
+        with subprocess.Popen(
+            cmd, cwd=tmp, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+            start_new_session=True,
+        ) as proc:  # fmt: skip
+            try:
+                _, stderr = proc.communicate(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                _kill_session(proc.pid)
+                _, stderr = proc.communicate()
+                raise LavaRunError(
+                    f"Lava run of {path} did not finish within timeout_s = {timeout_s} s", stderr
+                ) from None
+            except BaseException:  # Ctrl-C: Lava's processes go too
+                _kill_session(proc.pid)
+                raise
+        if proc.returncode != 0:
+            lines = [line for line in stderr.splitlines() if line.strip()]
             last = lines[-1].strip() if lines else "no output"
             raise LavaRunError(
-                f"Lava run of {path} failed (exit {done.returncode}): {last} (the whole output: "
+                f"Lava run of {path} failed (exit {proc.returncode}): {last} (the whole output: "
                 "this error's .stderr, or run `python -m spikemar.hardware.lava.runtime` as "
                 "DEVELOPERS.md shows)",
-                done.stderr,
+                stderr,
             )
         out = np.load(f"{tmp}/out.npy")
     return torch.from_numpy(out.astype(np.float32))
 
 
-def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file: bool) -> None:
+def _kill_session(pid: int) -> None:
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(pid, signal.SIGKILL)
+
+
+def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file: bool) -> str:
     """Before Lava starts (seconds of start-up): ``path`` is a readable netx HDF5 file of a
-    format this spikemar reads, and one step of ``inputs`` has its input layer's shape."""
+    format this spikemar reads, and one step of ``inputs`` has its input layer's shape. Returns
+    the last layer's neuron type (``CUBA``, ``ATMN``, …)."""
     import h5py
 
     try:
@@ -283,6 +304,9 @@ def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file
                                      f"export_lava (format {form!r})")  # fmt: skip
                 check_version(f.attrs.get("version"), VERSION, path, "netx file")
             shape = tuple(int(n) for n in np.asarray(f["layer/0/shape"]))
+            last = f[f"layer/{len(f['layer']) - 1}"]
+            kind = last["neuron/type"][0] if "neuron/type" in last else b"none"
+            last_neuron = kind.decode() if isinstance(kind, bytes) else str(kind)
     except OSError as err:
         raise ValueError(f"path: {path} is not a readable HDF5 file (corrupt or truncated: "
                          f"{err})") from None  # fmt: skip
@@ -292,3 +316,4 @@ def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file
     if sample_shape != shape:
         raise ValueError(f"inputs: one step is {sample_shape}, the network's input layer in "
                          f"{path} takes {shape}: pass [num_steps, *{shape}]")  # fmt: skip
+    return last_neuron

@@ -210,6 +210,12 @@ def run(
     else:
         layers, input_shape = build_network(path, fixed_point)
         first, last, depth = layers[0], layers[-1], len(layers)
+    neuron = getattr(last, "neuron", None)
+    if readout == "voltage" and not hasattr(neuron, "v"):
+        raise ValueError(
+            f"readout: 'voltage' reads the voltage v of a CUBA output layer; the last layer of "
+            f"{path} is {type(neuron if neuron is not None else last).__name__}, which has none"
+        )
     total = steps + depth
     data = np.zeros((*input_shape, total))
     data[..., :steps] = np.moveaxis(_to_lava_batch(inputs), 0, -1)
@@ -218,10 +224,12 @@ def run(
     source.s_out.connect(first.inp)
     last.out.connect(sink.a_in)
     tag_name = "fixed_pt" if fixed_point else "floating_pt"
-    sink.run(condition=RunSteps(num_steps=total), run_cfg=Loihi2SimCfg(select_tag=tag_name))
-    out = sink.data.get()
-    voltage = last.neuron.v.get() if readout == "voltage" else None
-    sink.stop()
+    try:  # stop Lava's processes whatever happens, or they outlive this one
+        sink.run(condition=RunSteps(num_steps=total), run_cfg=Loihi2SimCfg(select_tag=tag_name))
+        out = sink.data.get()
+        voltage = neuron.v.get() if readout == "voltage" else None
+    finally:
+        sink.stop()
     if voltage is not None:
         return _to_lava(voltage)  # back to PyTorch layout
     out = np.moveaxis(out, -1, 0)[depth:]  # [steps, *WHC]

@@ -224,6 +224,16 @@ def declare_spikes(
                 "declare_spikes: decoded and spikes must be tensors, got "
                 f"{type(decoded).__name__} and {type(spikes).__name__}"
             )
+        if spikes.dim() != decoded.dim() + 1 or spikes.shape[1:] != decoded.shape:
+            bad = True
+        else:
+            bad = spikes.shape[0] < 1
+        if bad:
+            raise ValueError(
+                f"declare_spikes: spikes: expected [T, *decoded.shape] = [T, "
+                f"{', '.join(map(str, decoded.shape))}] with T >= 1 (micro-steps first), got "
+                f"{tuple(spikes.shape)}"
+            )
         sink.on_declare_spikes(module, decoded, spikes, bool(ternary))
     return decoded
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from spikemar import cli
-from spikemar.energy import profile, record_ops
+from spikemar.energy import declare_spikes, profile, record_ops
 
 DEMO = ["energy", "--model", "demo", "--d", "16", "--layers", "1"]
 
@@ -225,3 +225,23 @@ def test_a_malformed_energy_report_is_one_value_error():
     for doc in broken:
         with pytest.raises(ValueError, match=r"^data: a malformed 'spikemar.energy/\d' report"):
             EnergyReport.from_json(json.dumps(doc))
+
+
+class _Declares(torch.nn.Module):
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.shape = shape
+        self.proj = torch.nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.proj(declare_spikes(self, x, torch.ones(self.shape)))
+
+
+@pytest.mark.parametrize("shape", [(5, 4), (2, 5, 3), (2, 5, 4, 1), (0, 5, 4)])
+def test_declare_spikes_refuses_a_spike_train_that_does_not_decode_to_the_tensor(shape):
+    """declare_spikes(module, decoded, spikes) takes spikes [T, *decoded.shape]: a train of
+    another shape was counted as it came (neuron updates and ACs of a train that is not the
+    decode's)."""
+    with pytest.raises(ValueError, match=r"^declare_spikes: spikes: expected .* = \[T, 5, 4\]"):
+        profile(_Declares(shape), torch.randn(5, 4))
+    assert profile(_Declares((2, 5, 4)), torch.randn(5, 4)).total_acs == 2 * 20 * 3

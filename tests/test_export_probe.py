@@ -190,3 +190,22 @@ def test_a_timed_out_lava_run_ends_the_processes_it_started(tmp_path, monkeypatc
     else:
         os.kill(child, 9)
         pytest.fail("the Lava run's child process outlived the timeout")
+
+
+def test_a_lava_python_that_is_a_folder_is_lava_unavailable(tmp_path, monkeypatch):
+    from spikemar.hardware import LavaUnavailableError, run_lava
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    monkeypatch.setenv("SPIKEMAR_LAVA_PYTHON", str(tmp_path))
+    with pytest.raises(LavaUnavailableError, match=r"not an executable file .*SPIKEMAR_LAVA_PY"):
+        run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4)
+
+
+def test_netx_network_refuses_a_file_with_atmn_layers(tmp_path):
+    from spikemar.hardware import run_lava
+
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    export_lava(model, tmp_path / "net.h5", (3,))
+    with pytest.raises(ValueError, match=r"netx_network: .* CUBA layers only; .* \['ATMN'\]"):
+        run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, netx_network=True)

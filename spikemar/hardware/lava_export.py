@@ -179,6 +179,11 @@ def lava_python() -> Path:
     in the repository root. Raises :class:`LavaUnavailableError` saying how to build it."""
     env = os.environ.get("SPIKEMAR_LAVA_PYTHON")
     python = Path(env) if env else REPO_ROOT / "build" / "venv-lava" / "bin" / "python"
+    if python.exists() and not (python.is_file() and os.access(python, os.X_OK)):
+        raise LavaUnavailableError(
+            f"no Lava environment at {python}: not an executable file "
+            + ("(SPIKEMAR_LAVA_PYTHON names it)" if env else "(rebuild it: `bash .ci/lava-env`)")
+        )
     if not python.exists():
         raise LavaUnavailableError(
             f"no Lava environment at {python}: build it with `bash .ci/lava-env` "
@@ -231,7 +236,13 @@ def run_lava(
             f"inputs: a payload of {np.abs(x).max():.0f} is outside Loihi 2's 24-bit graded "
             f"spikes (|payload| < {PAYLOAD_LIMIT})"
         )
-    last_neuron = _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
+    neurons = _check_netx_file(path, tuple(inputs.shape[1:]), spikemar_file=not netx_network)
+    last_neuron = neurons[-1] if neurons else "none"
+    if netx_network and set(neurons) - {"CUBA"}:
+        raise ValueError(
+            f"netx_network: netx's own loader builds CUBA layers only; {path} has "
+            f"{sorted(set(neurons) - {'CUBA'})} layers (run it without netx_network=True)"
+        )
     if readout == "voltage" and (netx_network or last_neuron != "CUBA"):
         raise ValueError(
             f"readout: 'voltage' reads the voltage of a CUBA output layer built by spikemar's "
@@ -288,10 +299,12 @@ def _kill_session(pid: int) -> None:
         os.killpg(pid, signal.SIGKILL)
 
 
-def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file: bool) -> str:
+def _check_netx_file(
+    path: Path, sample_shape: tuple[int, ...], *, spikemar_file: bool
+) -> list[str]:
     """Before Lava starts (seconds of start-up): ``path`` is a readable netx HDF5 file of a
     format this spikemar reads, and one step of ``inputs`` has its input layer's shape. Returns
-    the last layer's neuron type (``CUBA``, ``ATMN``, …)."""
+    the neuron type of each layer that has one (``CUBA``, ``ATMN``, …), in order."""
     import h5py
 
     try:
@@ -304,9 +317,9 @@ def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file
                                      f"export_lava (format {form!r})")  # fmt: skip
                 check_version(f.attrs.get("version"), VERSION, path, "netx file")
             shape = tuple(int(n) for n in np.asarray(f["layer/0/shape"]))
-            last = f[f"layer/{len(f['layer']) - 1}"]
-            kind = last["neuron/type"][0] if "neuron/type" in last else b"none"
-            last_neuron = kind.decode() if isinstance(kind, bytes) else str(kind)
+            kinds = [f[f"layer/{i}/neuron/type"][0] for i in range(len(f["layer"]))
+                     if f"layer/{i}/neuron/type" in f]  # fmt: skip
+            neurons = [k.decode() if isinstance(k, bytes) else str(k) for k in kinds]
     except OSError as err:
         raise ValueError(f"path: {path} is not a readable HDF5 file (corrupt or truncated: "
                          f"{err})") from None  # fmt: skip
@@ -316,4 +329,4 @@ def _check_netx_file(path: Path, sample_shape: tuple[int, ...], *, spikemar_file
     if sample_shape != shape:
         raise ValueError(f"inputs: one step is {sample_shape}, the network's input layer in "
                          f"{path} takes {shape}: pass [num_steps, *{shape}]")  # fmt: skip
-    return last_neuron
+    return neurons

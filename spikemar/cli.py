@@ -442,13 +442,8 @@ def _run_generate(args: argparse.Namespace) -> int:
             fused=unsupported_reason(model) is None,
         )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
-        message = str(err)
-        for prefix in ("text: ", "prompt: "):
-            if message.startswith(prefix):
-                message = "--prompt: " + message.removeprefix(prefix)
-        if message.startswith("checkpoint: "):
-            message = "--" + message
-        raise _UsageError(message) from err
+        # the library names its argument (checkpoint, prompt, max_new_tokens): name the flag
+        raise _UsageError(_with_flags(str(err), text="prompt")) from err
     print(text)
     return 0
 

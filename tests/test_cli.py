@@ -123,6 +123,20 @@ def test_train_names_its_own_flags_in_a_model_config_error(corpus, tmp_path, cap
     assert not (tmp_path / "t.pt").exists()
 
 
+def test_generate_names_max_new_tokens_when_a_transformer_runs_out_of_positions(
+    corpus, tmp_path, capsys
+):
+    out = tmp_path / "t.pt"
+    argv = ["train", "--model", "transformer", "--d-model", "16", "--n-layers", "1", "--L", "16",
+            "--data", str(corpus), "--out", str(out), "--steps", "1", "--no-progress"]  # fmt: skip
+    assert cli.main(argv) == 0
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as info:  # 16 positions: 40 new tokens do not fit
+        cli.main(["generate", "--checkpoint", str(out), "--max-new-tokens", "40"])
+    err = capsys.readouterr().err
+    assert info.value.code == 2 and err.startswith("spikemar generate: error: --max-new-tokens: ")
+
+
 def test_console_script_is_main():
     (script,) = [ep for ep in entry_points(group="console_scripts") if ep.name == "spikemar"]
     assert script.value == "spikemar.cli:main"

@@ -245,3 +245,19 @@ def test_declare_spikes_refuses_a_spike_train_that_does_not_decode_to_the_tensor
     with pytest.raises(ValueError, match=r"^declare_spikes: spikes: expected .* = \[T, 5, 4\]"):
         profile(_Declares(shape), torch.randn(5, 4))
     assert profile(_Declares((2, 5, 4)), torch.randn(5, 4)).total_acs == 2 * 20 * 3
+
+
+@pytest.mark.parametrize("P, N", [(0, 4), (3, 0)], ids=["head_dim-0", "state-0"])
+def test_ssd_scan_names_an_empty_head_or_state(P, N):
+    """A head_dim or state of 0 was a reshape RuntimeError from inside the chunked scan."""
+    from spikemar.ssm import ssd_scan, ssd_step
+
+    x, a = torch.randn(1, 5, 2, P), -torch.rand(1, 5, 2)
+    B = torch.randn(1, 5, 2, N)
+    with pytest.raises(ValueError, match=r"^x .* heads, head_dim and state must be >= 1"):
+        ssd_scan(x, a, B, B)
+    with pytest.raises(ValueError, match=r"^x_t .* heads, head_dim and state must be >= 1"):
+        ssd_step(x[:, 0], a[:, 0], B[:, 0], B[:, 0], None)
+    empty = torch.randn(0, 5, 2, 3), -torch.rand(0, 5, 2), torch.randn(0, 5, 2, 4)
+    y, h = ssd_scan(empty[0], empty[1], empty[2], empty[2])  # a batch of 0 stays fine
+    assert y.shape == (0, 5, 2, 3) and h.shape == (0, 2, 3, 4)

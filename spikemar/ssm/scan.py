@@ -400,6 +400,11 @@ def _check_inputs(
         if t.dim() != rank:
             raise ValueError(f"{name}{suffix} must be {rank}-d {dims}, got shape {tuple(t.shape)}")
     lead, (heads, head_dim) = tuple(x.shape[:n_lead]), x.shape[n_lead:]
+    if heads == 0 or head_dim == 0 or B.shape[-1] == 0:
+        raise ValueError(
+            f"x{suffix} {tuple(x.shape)} and B{suffix} {tuple(B.shape)}: heads, head_dim and "
+            "state must be >= 1"
+        )
     if not step and x.shape[1] == 0:
         raise ValueError(f"x has length L = 0 (shape {tuple(x.shape)}); the scan needs L ≥ 1")
     if a.shape != (*lead, heads):

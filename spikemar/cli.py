@@ -36,12 +36,13 @@ from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
 from ._argtypes import positive_float as _positive_float
 from .models.common import NEURONS as _NEURON_KINDS  # the one table of neuron kinds
+from .models.common import SpikeConfig
 
 __all__ = ["build_parser", "main"]
 
-# the models' and training's default τ (SpikeConfig, ``spikemar train --tau``): a picture of the
+# the models' default τ (SpikeConfig's, so ``spikemar train --tau`` too): a picture of the
 # neuron shows the neuron the models run unless asked otherwise
-_DEFAULT_TAU = 1.0
+_DEFAULT_TAU = SpikeConfig().tau
 
 
 class _UsageError(Exception):
@@ -141,8 +142,6 @@ def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
 def _make_neuron(kind: str, tau: float | None, v_threshold: float) -> nn.Module:
     """A neuron of ``kind`` in multi-step mode (it takes T from its input's first dimension)
     that keeps its membrane for the trace panel."""
-    from spikemar.neurons import ATMN, BinaryMultiStep, TernarySingleStep
-
     common = {"step_mode": "m", "store_v_seq": True, "learnable_threshold": False}
     if kind == "ternary-single":
         if tau is not None:
@@ -150,9 +149,8 @@ def _make_neuron(kind: str, tau: float | None, v_threshold: float) -> nn.Module:
                 "argument --tau: ternary-single carries no membrane between micro-steps "
                 "(tau = inf); leave --tau out"
             )
-        return TernarySingleStep(v_threshold, **common)
-    cls = ATMN if kind == "atmn" else BinaryMultiStep
-    return cls(_DEFAULT_TAU if tau is None else tau, v_threshold, **common)
+        return _NEURON_KINDS[kind](v_threshold, **common)
+    return _NEURON_KINDS[kind](_DEFAULT_TAU if tau is None else tau, v_threshold, **common)
 
 
 @dataclass
@@ -356,7 +354,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="MAR mixer per layer, comma-separated from ssm,attn,lti (default: ssm)",
     )
     p.add_argument("--T", type=_int_at_least_1, default=4, help="ATMN micro-steps (mar)")
-    p.add_argument("--tau", type=_positive_float, default=1.0, help="ATMN τ (mar)")
+    p.add_argument("--tau", type=_positive_float, default=_DEFAULT_TAU, help="ATMN τ (mar)")
     p.add_argument("--v-threshold", type=_finite_positive_float, default=0.5,
                    help="initial V (mar)")  # fmt: skip
     p.set_defaults(func=_run_train)

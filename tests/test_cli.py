@@ -168,6 +168,7 @@ def test_raster_draws_the_models_default_tau(tmp_path, capsys):
 
     cli.main(["raster", "--out", str(tmp_path / "r.png"), "--dpi", "30"])
     assert f"τ = {SpikeConfig().tau:g}," in capsys.readouterr().out
+    assert cli.build_parser(["train"]).parse_args(["train"]).tau == SpikeConfig().tau
 
 
 @pytest.mark.parametrize("command", ["train", "generate", "distill", "raster", "demo", "export"])

@@ -655,7 +655,7 @@ def run_training(
     trained = [p for p in objective.parameters() if p.requires_grad]
     share = slice(rank * config.batch_size // world, (rank + 1) * config.batch_size // world)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, validation_pending: bool = False) -> None:
         nonlocal saved_at
         model_state = None
         if sharded:  # every rank takes part in gathering the full state; rank 0 writes it
@@ -679,6 +679,8 @@ def run_training(
             "config": asdict(config), "history": history, "best_val": best,
             "skipped": skipped, "objective": extra, **(checkpoint_info or {}),
         }  # fmt: skip
+        if validation_pending:  # interrupted in the validation at ``step``: a resume runs it
+            train_state["validation_pending"] = True
         try:
             save_checkpoint(out, model, data.tokenizer, train_state, model_state=model_state)
         except NonFiniteWeightsError:
@@ -705,11 +707,34 @@ def run_training(
             best_yet = f"best validation loss {best:.4f}" if history else "not validated yet"
             print(f"resumed {out} at step {start} of {config.steps} ({best_yet}){extended}",
                   flush=True)  # fmt: skip
+
+    def validate(at: int) -> None:
+        """Validate after step ``at`` and write the checkpoint."""
+        nonlocal best, phase
+        phase = "validating"
+        if rank == 0 or sharded:  # a sharded forward needs every rank
+            losses = _evaluate(model, objective, data, config, device, sharded)
+            if not math.isfinite(losses["val"]):
+                raise diverged(at, f"the validation loss is {losses['val']}")
+            best = min(best, losses["val"])
+            history.append({"step": at, **losses})
+            phase = "saving"  # an interrupt from here on must not validate this step again
+            if rank == 0:
+                bar.write(f"step {at}: train {losses['train']:.4f}, val {losses['val']:.4f}"
+                          + (f" ({skipped} non-finite steps skipped)" if skipped
+                             else ""))  # fmt: skip
+            checkpoint(at)
+        if world > 1:
+            dist.barrier()
+        phase = "between steps"
+
     bar = _Progress(start, config.steps, desc, progress and rank == 0)
     done, tokens_seen, t0 = start, 0, time.perf_counter()  # done: steps fully applied
     phase, rng_before, sched_before = "between steps", None, None
     try:
         with sigterm_as_interrupt():
+            if state is not None and state.get("validation_pending"):
+                validate(start)  # the validation that an interrupt stopped
             for step in range(start, config.steps):
                 rng_before, sched_before, phase = _rng_state(gen), scheduler.last_epoch, "computing"
                 objective.begin_step(step)
@@ -749,20 +774,7 @@ def run_training(
                 elif rank == 0:
                     bar.update(done, {})
                 if done % config.eval_interval == 0 or done == config.steps:
-                    if rank == 0 or sharded:  # a sharded forward needs every rank
-                        losses = _evaluate(model, objective, data, config, device, sharded)
-                        if not math.isfinite(losses["val"]):
-                            raise diverged(done, f"the validation loss is {losses['val']}")
-                        best = min(best, losses["val"])
-                        history.append({"step": done, **losses})
-                        if rank == 0:
-                            bar.write(f"step {done}: train {losses['train']:.4f}, "
-                                      f"val {losses['val']:.4f}"
-                                      + (f" ({skipped} non-finite steps skipped)" if skipped
-                                         else ""))  # fmt: skip
-                        checkpoint(done)
-                    if world > 1:
-                        dist.barrier()
+                    validate(done)
     except ValueError as err:
         if not isinstance(err.__cause__, ThresholdError):
             raise
@@ -780,7 +792,7 @@ def run_training(
             gen.set_state(rng_before["batches"])
             torch.set_rng_state(rng_before["torch"])
         try:
-            checkpoint(done)
+            checkpoint(done, validation_pending=phase == "validating")
         except TrainingDivergedError as err:
             bar.write(f"interrupted: not saved ({err})")
             raise
@@ -843,6 +855,8 @@ def check_windows(data: TokenDataset, L: int) -> None:
 
 def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -> dict[str, Any]:
     """Train ``config.model`` on ``config.data``; returns the final losses and the history."""
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config: expected a TrainConfig, got {type(config).__name__}")
     prepare_output(config, resume=resume)  # before the data and the model: fail early
     data = _load_data(config)
     check_windows(data, config.L)

@@ -28,7 +28,7 @@ from spikemar.checkpoint import (
     save_checkpoint,
 )
 from spikemar.data import CharTokenizer
-from spikemar.distill import DistillConfig, Teacher
+from spikemar.distill import DistillConfig, Teacher, distill
 from spikemar.hardware import CUBALIF, export_lava, export_nir, import_nir, quantize, run_lava
 from spikemar.hardware.demo import demo_network
 from spikemar.training import TrainConfig, train
@@ -209,6 +209,16 @@ LIBRARY_CASES = {
         lambda r: TrainConfig(model_config={"spikes": {"Tau": 2}}),
         ValueError,
         r"model_config: spikes: \['Tau'\] are not spike settings",
+    ),
+    "train: config a dict": (
+        lambda r: train({"steps": 1}),
+        TypeError,
+        "config: expected a TrainConfig, got dict",
+    ),
+    "distill: config of train": (
+        lambda r: distill(TrainConfig()),
+        TypeError,
+        "config: expected a DistillConfig, got TrainConfig",
     ),
     "distill: alpha nan": (
         lambda r: DistillConfig(teacher="t.pt", alpha=float("nan")),

@@ -179,3 +179,52 @@ def test_a_window_longer_than_the_validation_split_is_refused_before_training(
     with pytest.raises(ValueError, match=r"L: 300 \+ 1 tokens exceed the \d+ of the 'val' split"):
         train(config, progress=False)
     assert steps == []
+
+
+def test_a_resume_after_an_interrupted_validation_runs_that_validation(
+    corpus, tmp_path, monkeypatch
+):
+    """Ctrl-C inside the validation after step 3: the resumed run validates step 3 first, so
+    its history, best loss and weights are the uninterrupted run's."""
+    import spikemar.training
+
+    def config(name: str) -> TrainConfig:
+        return TrainConfig(data=str(corpus), out=str(tmp_path / name), model="mar-dense",
+                           model_config=SSM, steps=6, batch_size=2, L=16, eval_interval=3,
+                           eval_iters=1, warmup=1)  # fmt: skip
+
+    whole = train(config("a.pt"), progress=False)
+    real = spikemar.training._evaluate
+    calls = []
+
+    def interrupted(*args):
+        calls.append(1)
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(spikemar.training, "_evaluate", interrupted)
+        with pytest.raises(KeyboardInterrupt):
+            train(config("b.pt"), progress=False)
+    assert load_checkpoint(tmp_path / "b.pt")[2]["train"]["step"] == 3
+    resumed = train(config("b.pt"), resume=True, progress=False)
+    assert resumed["history"] == whole["history"] and resumed["best_val"] == whole["best_val"]
+    a, b = (load_checkpoint(tmp_path / n)[0].state_dict() for n in ("a.pt", "b.pt"))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_teacher_whose_logits_overflow_is_named_before_training(corpus, tmp_path):
+    """Finite weights whose logits overflow to inf: every step's KL would be NaN, which the run
+    would blame on the learning rate; the teacher is named before any step instead."""
+    path = _dense_checkpoint(corpus, tmp_path / "hot.pt")
+    model, tokenizer, _ = load_checkpoint(path)
+    with torch.no_grad():
+        model.head.weight.fill_(3e38)
+    save_checkpoint(path, model, tokenizer)
+    config = DistillConfig(data=str(corpus), out=str(tmp_path / "s.pt"), teacher=str(path),
+                           steps=1, batch_size=2, L=16, eval_iters=1,
+                           init_from_teacher=False)  # fmt: skip
+    with pytest.raises(ValueError, match=r"teacher: .*hot.pt scores a validation loss of nan"):
+        distill(config, progress=False)
+    assert not (tmp_path / "s.pt").exists()

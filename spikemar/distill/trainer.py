@@ -513,6 +513,8 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
 def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
     and the teacher's validation loss on the same batches."""
+    if not isinstance(config, DistillConfig):
+        raise TypeError(f"config: expected a DistillConfig, got {type(config).__name__}")
     prepare_output(config, resume=resume)  # before the data and the teacher: fail early
     torch.manual_seed(config.seed)
     _, _, device = distributed_setup(config.device)  # this rank's device under torchrun
@@ -546,6 +548,10 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
     teacher.place(device, config.teacher_dtype)
     if state is None:
         teacher_val = evaluate(teacher, data, config, device)["val"]
+        if not math.isfinite(teacher_val):  # every step's loss would be NaN: say whose it is
+            raise ValueError(f"teacher: {teacher.source} scores a validation loss of "
+                             f"{teacher_val} on the data in {config.teacher_dtype}: its logits "
+                             "overflow or hold NaN; it cannot teach")  # fmt: skip
     objective = DistillObjective(student.to(device), teacher, config)
     info = {"distill": {"stage": config.stage, "teacher": teacher.source,
                         "teacher_val": teacher_val}}  # fmt: skip

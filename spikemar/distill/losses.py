@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -104,9 +105,15 @@ def sbds_loss(
         )
     if isinstance(T, bool) or not isinstance(T, int) or T < 1:
         raise ValueError(f"T: expected the student's micro-steps, an int >= 1, got {T!r}")
-    if alpha < 0 or beta < 0 or gamma < 0 or not temperature > 0:
-        raise ValueError(f"alpha, beta, gamma, temperature: expected >= 0, >= 0, >= 0, > 0; "
-                         f"got {alpha}, {beta}, {gamma}, {temperature}")  # fmt: skip
+    weights = (alpha, beta, gamma, temperature)
+    if (
+        not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights)
+        or min(alpha, beta, gamma) < 0
+        or not temperature > 0
+    ):
+        raise ValueError(f"alpha, beta, gamma, temperature: expected finite numbers >= 0, "
+                         f">= 0, >= 0, > 0; got {alpha!r}, {beta!r}, {gamma!r}, "
+                         f"{temperature!r}")  # fmt: skip
     if feature not in (None, "prenorm", "postnorm"):
         raise ValueError(f"feature: expected None, 'prenorm' or 'postnorm', got {feature!r}")
     M = student_logits.shape[1]

@@ -187,9 +187,9 @@ def _run_raster(args: argparse.Namespace) -> int:
         args.T = 1
     elif args.T is None:
         args.T = 4
-    viz.check_figure_path(args.out, name="--out")
-    torch.manual_seed(args.seed)
     neuron = _make_neuron(args.neuron, args.tau, args.v_threshold)
+    viz.check_figure_path(args.out, name="--out")  # last of the checks: it makes the folder
+    torch.manual_seed(args.seed)
     tau_text = "∞" if math.isinf(neuron.tau) else f"{neuron.tau:g}"
     setting = f"{args.neuron}, T = {args.T}, τ = {tau_text}, V = {args.v_threshold:g}"
     if args.network:

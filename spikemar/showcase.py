@@ -141,7 +141,6 @@ def demo_main(args: argparse.Namespace) -> int:
     from .energy import compare, get_profile, headline, profile
 
     try:
-        viz.check_figure_path(args.out, name="--out")  # before any work
         get_profile(args.hardware)
         if args.temperature < 0:
             raise ValueError(f"--temperature: expected >= 0, got {args.temperature}")
@@ -163,6 +162,8 @@ def demo_main(args: argparse.Namespace) -> int:
                 raise ValueError(f"--teacher: {teacher_path} is not a dense MAR LM")
             if teacher_tokenizer != tokenizer:
                 raise ValueError(f"--teacher: {teacher_path} has another vocabulary")
+        # last of the checks (it makes --out's folder), before any work
+        viz.check_figure_path(args.out, name="--out")
     except (ValueError, OSError) as err:
         message = str(err)
         if message.startswith(("checkpoint: ", "hardware: ")):

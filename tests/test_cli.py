@@ -83,10 +83,12 @@ def test_raster_summary_counts_the_spikes(capsys, tmp_path):
 )
 def test_bad_arguments_exit_with_a_message_naming_them(argv, fragment, capsys, tmp_path):
     with pytest.raises(SystemExit) as info:
-        cli.main([*argv, "--out", str(tmp_path / "x.png")] if argv[:1] == ["raster"] else argv)
+        cli.main(
+            [*argv, "--out", str(tmp_path / "figs" / "x.png")] if argv[:1] == ["raster"] else argv
+        )
     assert info.value.code == 2
     assert fragment in capsys.readouterr().err
-    assert not (tmp_path / "x.png").exists()
+    assert not (tmp_path / "figs").exists()  # not even the folder
 
 
 def test_raster_refuses_an_out_it_cannot_draw_to_before_any_work(tmp_path, capsys):

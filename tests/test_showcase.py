@@ -92,7 +92,9 @@ def test_demo_on_a_trained_checkpoint_and_bad_requests(corpus, tmp_path, capsys)
     assert "compute only" not in last and last.count("45nm-fp32+mem") == 1, last
     assert main(["demo", "--hardware", "abacus"]) == 2
     assert "error: --hardware: unknown profile 'abacus'" in capsys.readouterr().err
-    assert main(["demo", "--teacher", str(tmp_path / "missing.pt")]) == 2
+    assert main(["demo", "--teacher", str(tmp_path / "missing.pt"), "--out",
+                 str(tmp_path / "new" / "d.png")]) == 2  # fmt: skip
+    assert not (tmp_path / "new").exists()  # a failed check leaves no folder behind
     assert f"error: --teacher: no file at {tmp_path / 'missing.pt'}" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         main(["demo", "--max-new-tokens", "0"])

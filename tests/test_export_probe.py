@@ -209,3 +209,15 @@ def test_netx_network_refuses_a_file_with_atmn_layers(tmp_path):
     export_lava(model, tmp_path / "net.h5", (3,))
     with pytest.raises(ValueError, match=r"netx_network: .* CUBA layers only; .* \['ATMN'\]"):
         run_lava(tmp_path / "net.h5", torch.zeros(4, 3), 4, netx_network=True)
+
+
+def test_a_cuba_neuron_built_on_meta_materialises():
+    # torch's to_empty() passes `recurse`, which SpikingJelly's MemoryModule._apply does not take
+    from spikemar.hardware.lif import CUBALIF
+
+    with torch.device("meta"):
+        neuron = CUBALIF(current_decay=0.5, voltage_decay=0.25, v_threshold=0.75)
+    neuron.to_empty(device="cpu")
+    want = CUBALIF(current_decay=0.5, voltage_decay=0.25, v_threshold=0.75)
+    for x in torch.linspace(0.1, 0.9, 6)[:, None].expand(6, 4):
+        assert torch.equal(neuron(x), want(x))

@@ -18,12 +18,13 @@ from __future__ import annotations
 import math
 
 import torch
-from spikingjelly.activation_based import base
+
+from ..neurons.atmn import MemoryModule
 
 __all__ = ["CUBALIF"]
 
 
-class CUBALIF(base.MemoryModule):
+class CUBALIF(MemoryModule):
     """CUBA LIF neuron (binary spikes, reset to 0) speaking SpikingJelly's protocol.
 
     Args:

@@ -25,10 +25,20 @@ from . import functional as F
 from .backends import check_backend_name
 from .surrogate import Surrogate, get_surrogate
 
-__all__ = ["ATMN", "BinaryMultiStep", "TernarySingleStep"]
+__all__ = ["ATMN", "BinaryMultiStep", "MemoryModule", "TernarySingleStep"]
 
 
-class ATMN(base.MemoryModule):
+class MemoryModule(base.MemoryModule):
+    """SpikingJelly 2.0's ``MemoryModule`` that torch's ``to_empty()`` can materialise: it
+    passes ``recurse``, which SpikingJelly's ``_apply`` does not take, so a neuron built on the
+    meta device could not be (spikemar's neurons hold no submodules: nothing to recurse into
+    either way)."""
+
+    def _apply(self, fn, recurse: bool = True):
+        return super()._apply(fn)
+
+
+class ATMN(MemoryModule):
     """Adaptive Ternary Multi-step Neuron (MAR): spikes in {−1, 0, +1}, signed soft reset,
     membrane divided by τ each micro-step, learnable threshold V = exp(a).
 
@@ -142,12 +152,6 @@ class ATMN(base.MemoryModule):
             f"tau={self.tau}, v_threshold={vs}, surrogate={self.surrogate}, "
             f"backend={self.backend!r}, {super().extra_repr()}"
         )
-
-    def _apply(self, fn, recurse: bool = True):
-        # torch's to_empty() passes ``recurse``, which SpikingJelly's MemoryModule._apply does
-        # not take (a model built on the meta device could not be materialised). ATMN holds no
-        # submodules, so there is nothing to recurse into either way.
-        return super()._apply(fn)
 
     # -- SpikingJelly's functional protocol: explicit state in, state out, no mutation --------
 

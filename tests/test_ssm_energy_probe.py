@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 import torch
@@ -13,6 +14,7 @@ from spikemar import cli
 from spikemar.energy import declare_spikes, profile, record_ops
 
 DEMO = ["energy", "--model", "demo", "--d", "16", "--layers", "1"]
+PACKAGED_STUDENT = str(Path(__file__).parents[1] / "spikemar" / "assets" / "mar_shakespeare.pt")
 
 
 def _run(capsys, *args: str) -> tuple[int, str]:
@@ -261,3 +263,19 @@ def test_ssd_scan_names_an_empty_head_or_state(P, N):
     empty = torch.randn(0, 5, 2, 3), -torch.rand(0, 5, 2), torch.randn(0, 5, 2, 4)
     y, h = ssd_scan(empty[0], empty[1], empty[2], empty[2])  # a batch of 0 stays fine
     assert y.shape == (0, 5, 2, 3) and h.shape == (0, 2, 3, 4)
+
+
+@pytest.mark.parametrize(
+    "argv, line",
+    [
+        (["energy", "--checkpoint", "nope.pt"], "spikemar energy: error: --checkpoint: no file at"),
+        (["energy", "--checkpoint", PACKAGED_STUDENT, "--teacher", "nope.pt", "--compare-dense"],
+         "spikemar energy: error: --teacher: no file at"),
+        (["energy", "--hardware", "zz"], "spikemar energy: error: --hardware: unknown profile"),
+    ],
+    ids=["checkpoint", "teacher", "hardware"],
+)  # fmt: skip
+def test_energy_cli_names_each_option_once(argv, line, capsys):
+    rc = cli.main(argv)
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1 and err.startswith(line), err

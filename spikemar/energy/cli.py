@@ -60,14 +60,19 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "of --checkpoint, with its weights)",
     )
     data = parser.add_mutually_exclusive_group()
-    data.add_argument("--text", help="input text (UTF-8 bytes are the token ids)")
+    data.add_argument(
+        "--text",
+        help="input text, encoded with the checkpoint's tokenizer (the demo model without one "
+        "reads its UTF-8 bytes as token ids)",
+    )
     data.add_argument("--text-file", type=Path, help="read the input text from this file")
     data.add_argument(
         "--random-tokens",
         type=_int_at_least_1,
         default=64,
         metavar="L",
-        help="L random byte tokens per sequence (default 64; used when no text is given)",
+        help="L random token ids of the model's vocabulary per sequence (default 64; used when "
+        "no text is given)",
     )
     parser.add_argument("--batch", type=_int_at_least_1, default=1, help="sequences (default 1)")
     parser.add_argument(
@@ -154,6 +159,9 @@ def _checkpoint(path: Path, flag: str, *, tokenizer: bool = True) -> tuple[nn.Mo
         message = " ".join(str(err).split())
         # this command has no --tokenizer: a directory without one is priced on random tokens
         message = message.replace(NO_TOKENIZER_HINT, "; --text needs it, --random-tokens does not")
+        name, sep, rest = message.partition(": ")
+        if sep and name in ("checkpoint", "path", "path_or_id"):  # the loader's name for flag
+            message = rest
         raise ValueError(f"{flag}: {message}") from err
 
 
@@ -221,7 +229,10 @@ def _ratio_lines(student: EnergyReport, teacher: EnergyReport, label: str) -> li
 def energy_main(args: argparse.Namespace) -> int:
     """Run ``spikemar energy`` with parsed ``args``; returns the exit code (2 on bad input)."""
     try:
-        get_profile(args.hardware)
+        try:
+            get_profile(args.hardware)
+        except ValueError as err:  # "hardware: unknown profile ..."
+            raise ValueError(f"--{err}") from None
         mem_hw = memory_sibling(args.hardware) if args.memory else None
         _check_outputs(args)  # before any work: a bad path fails first and nothing is written
         model, tokenizer, what = _load_model(args)

@@ -345,6 +345,13 @@ def test_headline_gives_both_ratios_with_their_profile_names():
         cmp = compare(student.with_hardware(hw), teacher.with_hardware(hw))
         assert f"{cmp.savings:.3g}x less" in line or f"{1 / cmp.savings:.3g}x more" in line
     assert "no ratio" in energy.headline(student, teacher, compute="loihi")
+    # a memory profile given as compute is one figure, named for what it prices (it was called
+    # "compute only" and printed twice)
+    mem = energy.headline(student, teacher, compute="45nm-fp32+mem")
+    assert "compute only" not in mem and mem.count("(45nm-fp32+mem)") == 1
+    assert "with memory traffic (45nm-fp32+mem): " in mem
+    loihi = energy.headline(student, teacher, compute="loihi")
+    assert loihi.count("(loihi)") == 1 and "memory included (loihi)" in loihi
 
 
 def test_energy_command_memory_breakeven_and_comparison_png(tmp_path, capsys):

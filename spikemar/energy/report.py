@@ -1153,19 +1153,26 @@ def headline(
     """One line with both honest figures: the energy ratio of ``student`` against ``teacher``
     compute-only (under ``compute``) and memory-inclusive (under ``memory``, default the
     memory profile beside ``compute``, e.g. ``45nm-fp32+mem``), each with its profile's name;
-    the counts are re-priced, nothing is re-run. A profile that gives no ratio
+    a ``compute`` profile that prices memory itself (or includes it, as Loihi's) is one figure,
+    named so. The counts are re-priced, nothing is re-run. A profile that gives no ratio
     (:attr:`EnergyComparison.refusal`) says so instead."""
-    from .profiles import memory_sibling
+    from .profiles import get_profile, memory_sibling
 
     parts = []
-    if memory is None:
-        try:
-            memory = memory_sibling(compute)
-        except ValueError:  # a user profile with no memory sibling: say so, price the rest
-            parts.append(f"with memory traffic: no memory profile beside {compute!r}")
-    profiles = [("compute only", compute)]
-    if memory is not None:
-        profiles.append(("with memory traffic", memory))
+    hw = get_profile(compute)
+    if hw.prices_memory or hw.memory_included:  # a memory profile given as compute: one figure
+        profiles = [("with memory traffic" if hw.prices_memory else "memory included", hw)]
+        if memory is not None and get_profile(memory) is not hw:
+            profiles.append(("with memory traffic", memory))
+    else:
+        if memory is None:
+            try:
+                memory = memory_sibling(hw)
+            except ValueError:  # a user profile with no memory sibling: say so, price the rest
+                parts.append(f"with memory traffic: no memory profile beside {hw.name!r}")
+        profiles = [("compute only", hw)]
+        if memory is not None:
+            profiles.append(("with memory traffic", memory))
     for what, hw in profiles:
         cmp = compare(student.with_hardware(hw), teacher.with_hardware(hw), labels=labels)
         s, t = labels

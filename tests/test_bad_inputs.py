@@ -46,6 +46,9 @@ def files(tmp_path_factory):
     tokenizer = CharTokenizer("\n !,;?DORSTabdefhilmnorstuwy")
     model = build_model("mar", TINY)
     good = save_checkpoint(root / "good.pt", model, tokenizer)
+    dense = build_model("mar-dense", {**TINY, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(root / "dense.pt", dense, tokenizer)
+    (root / "alphabet.txt").write_text(tokenizer.chars * 40)  # the checkpoints' vocabulary
     payload = torch.load(good, weights_only=True)
     variants = {
         "newer.pt": {**payload, "format": "spikemar-checkpoint-99"},
@@ -579,6 +582,23 @@ COMMAND_CASES = {
         ],
         2,
         "--teacher: .*a_file is empty",
+    ),
+    "distill --student junk": (
+        [
+            "distill",
+            "--stage",
+            "2",
+            "--teacher",
+            "{r}/dense.pt",
+            "--student",
+            "{r}/junk.pt",
+            "--out",
+            "{r}/s.pt",
+            "--data",
+            "{r}/alphabet.txt",
+        ],
+        2,
+        "--student: .*junk.pt is not a spikemar checkpoint",
     ),
     "distill --align-steps beyond --steps": (
         [

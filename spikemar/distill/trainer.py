@@ -486,7 +486,10 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"student: no checkpoint at {p}")
-    student, tokenizer, _ = load_checkpoint(p, map_location=device)
+    try:
+        student, tokenizer, _ = load_checkpoint(p, map_location=device)
+    except ValueError as err:  # name the argument: a corrupt file is the student's
+        raise type(err)(f"student: {str(err).removeprefix('checkpoint: ')}") from err
     if not isinstance(student, MARLM) or student.config.spikes is None:
         raise ValueError(f"student: {p} is not a spiking MAR LM (expected spikemar convert's "
                          "output)")  # fmt: skip

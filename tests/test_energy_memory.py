@@ -354,6 +354,29 @@ def test_headline_gives_both_ratios_with_their_profile_names():
     assert loihi.count("(loihi)") == 1 and "memory included (loihi)" in loihi
 
 
+def test_comparison_figure_leaves_out_rows_too_small_to_see():
+    # a MAR model's norms, spike points and element-wise modules drew one empty row each
+    # (a 4-layer comparison was 5,325 px tall); the figure names how many it left out
+    from spikemar.checkpoint import dense_twin, load_checkpoint
+    from spikemar.showcase import shipped_checkpoint
+
+    student = load_checkpoint(shipped_checkpoint())[0].eval()
+    ids = torch.randint(0, student.config.vocab_size, (1, 16))
+    mem = "45nm-fp32+mem"
+    cmp = compare(profile(student, ids).with_hardware(mem),
+                  profile(dense_twin(student).eval(), ids).with_hardware(mem))  # fmt: skip
+    ax = cmp.figure().axes[0]
+    drawn = [t.get_text() for t in ax.get_yticklabels()]
+    assert "layers.1.mixer.in_proj" in drawn and "layers.1.norm1" not in drawn
+    hidden = len(cmp.rows) - len(drawn)
+    assert hidden > 0 and f"{hidden} modules under 0.5% of the largest bar" in ax.get_xlabel()
+    assert len({r.name for r in cmp.rows}) == len(cmp.rows)  # the table keeps every row
+    # under Loihi the teacher's MACs are drawn as nothing and named: those rows stay
+    loihi = compare(cmp.student.with_hardware("loihi"), cmp.teacher.with_hardware("loihi"))
+    ticks = [t.get_text() for t in loihi.figure().axes[0].get_yticklabels()]
+    assert any("teacher's MACs not priced" in t for t in ticks), ticks
+
+
 def test_energy_command_memory_breakeven_and_comparison_png(tmp_path, capsys):
     import argparse
 

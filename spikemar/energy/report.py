@@ -821,6 +821,7 @@ def _fmt_price(v: float | None) -> str:
     return "unpriced" if v is None else f"{v:g} pJ"
 
 
+SMALL_ROW = 0.005  # a comparison figure's rows under this share of its largest are not drawn
 _UNITS = (("J", 1e12), ("mJ", 1e9), ("µJ", 1e6), ("nJ", 1e3), ("pJ", 1.0))
 
 
@@ -1021,11 +1022,6 @@ class EnergyComparison:
         s_parts = [parts(s_rows.get(n), s_scale) for n in names]
         t_parts = [parts(t_rows.get(n), t_scale) for n in names]
         largest = max((a + b for a, b in (*s_parts, *t_parts)), default=0.0)
-        unit, div = _energy_unit(largest if largest > 0 else 1.0)
-        height = max(3.0, 0.5 * len(names) + 2.0)
-        fig = Figure(figsize=(9.0, height), layout="constrained")
-        ax = fig.add_subplot()
-        ys = list(range(len(names)))
         hw = self.student.hardware
 
         def tick(name: str) -> str:
@@ -1037,6 +1033,21 @@ class EnergyComparison:
                 if name in rows and getattr(rows[name], count_f) and getattr(hw, price_f) is None
             ]
             return name + "".join(f"\n[{m}]" for m in missing)
+
+        # rows too small to see on this axis (norms, spike points, element-wise modules) are
+        # left out of the picture and counted in its axis label; the tables list every row
+        ticks = [tick(n) for n in names]
+        keep = [i for i in range(len(names))
+                if max(sum(s_parts[i]), sum(t_parts[i])) >= SMALL_ROW * largest
+                or ticks[i] != names[i]]  # fmt: skip
+        hidden = len(names) - len(keep)
+        ticks = [ticks[i] for i in keep]
+        s_parts, t_parts = [s_parts[i] for i in keep], [t_parts[i] for i in keep]
+        unit, div = _energy_unit(largest if largest > 0 else 1.0)
+        height = max(3.0, 0.42 * len(ticks) + 2.0)
+        fig = Figure(figsize=(9.0, height), layout="constrained")
+        ax = fig.add_subplot()
+        ys = list(range(len(ticks)))
 
         bars = (
             (s_parts, -0.2, ("#0072B2", "#56B4E9"), s_label),
@@ -1050,10 +1061,16 @@ class EnergyComparison:
             if any(memory):
                 ax.barh(y, memory, left=compute, height=0.38, color=c_memory,
                         label=f"{label}: memory", hatch="//", edgecolor="white")  # fmt: skip
-        ax.set_yticks(ys, [tick(n) for n in names], fontsize=8)
+        ax.set_yticks(ys, ticks, fontsize=8)
         ax.invert_yaxis()
-        ax.set_xlabel(f"energy per {self.basis} ({unit})")
-        _finish_axes(ax, "\n".join(_wrap(self._summary(), 110)), fontsize=9, empty=not names)
+        xlabel = f"energy per {self.basis} ({unit})"
+        if hidden:
+            xlabel += (
+                f"\n{hidden} module{'s' if hidden > 1 else ''} under {SMALL_ROW:.1%} of the "
+                "largest bar not drawn (the tables list them)"
+            )
+        ax.set_xlabel(xlabel)
+        _finish_axes(ax, "\n".join(_wrap(self._summary(), 110)), fontsize=9, empty=not ticks)
         return fig
 
     def save_png(self, path: str | Path, *, dpi: int = 150) -> Path:

@@ -79,6 +79,15 @@ def test_export_command_reports_a_mar_checkpoint_and_names_what_cannot_go_to_nir
         ["export", "--checkpoint", str(tmp_path / "m.pt"), "--lava", "d", "--check-steps", "3"]
     )
     assert code == 2 and "only for block networks" in capsys.readouterr().err
+    # refusals come before the chip report, and nothing is written
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--nir", "x.nir"])
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and err.count("\n") == 1
+    code = cli.main(["export", "--checkpoint", str(tmp_path / "m.pt"), "--lava",
+                     str(tmp_path / "m.h5")])  # fmt: skip
+    out, err = capsys.readouterr()
+    assert code == 2 and out == "" and "--lava: a language model exports a folder" in err
+    assert not (tmp_path / "m.h5").exists()
 
 
 def test_export_command_names_bad_arguments(tmp_path, capsys):
@@ -88,6 +97,12 @@ def test_export_command_names_bad_arguments(tmp_path, capsys):
     assert "--checkpoint" in capsys.readouterr().err
     with pytest.raises(SystemExit):
         cli.main(["export", "--check-steps", "0"])
+    capsys.readouterr()
+    # a block network's output paths are checked before the report and before any file
+    for flag in ("--nir", "--lava"):
+        assert cli.main(["export", flag, str(tmp_path)]) == 2
+        out, err = capsys.readouterr()
+        assert out == "" and err.startswith(f"spikemar export: error: {flag}: ") and "folder" in err
 
 
 @pytest.mark.slow

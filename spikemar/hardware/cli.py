@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .._io import check_output_path
 
 __all__ = ["add_export_arguments", "export_main"]
 
@@ -83,15 +84,23 @@ def export_main(args: argparse.Namespace) -> int:
         if args.check_steps is not None and args.lava is None:
             raise ValueError("--check-steps: give --lava PATH too")
         model, input_shape = _load(args)
-        print(chip_report(model, input_shape).to_table())
+        # every refusal before the report is printed and before anything is written
         if input_shape is None:
             if args.check_steps is not None:
                 raise ValueError("--check-steps: only for block networks (not a language model)")
-            if args.nir is not None:  # checked before --lava writes anything
+            if args.nir is not None:
                 try:
                     lower(model)  # a language model: raises, naming the first module on the host
                 except UnsupportedModuleError as err:
                     raise UnsupportedModuleError(f"--nir: {err}") from err
+            if args.lava is not None:
+                _check_segment_folder(args.lava)
+        else:
+            for flag in ("--lava", "--nir"):
+                if getattr(args, flag[2:]) is not None:
+                    check_output_path(getattr(args, flag[2:]), name=flag)
+        print(chip_report(model, input_shape).to_table())
+        if input_shape is None:
             if args.lava is not None:
                 _export_mar(model, args)
             return 0
@@ -134,6 +143,19 @@ def _naming(flag: str):
         if message.startswith("path: "):
             raise type(err)(f"{flag}: {message.removeprefix('path: ')}") from err
         raise
+
+
+def _check_segment_folder(path: Path) -> None:
+    """A language model's ``--lava`` is a folder (a netx file per on-chip segment): refuse a
+    netx file's name (it would have become a folder of that name) or an existing file."""
+    if path.suffix.lower() in (".h5", ".hdf5", ".net"):
+        raise ValueError(
+            "--lava: a language model exports a folder (a netx HDF5 file per on-chip segment, "
+            f"and manifest.json); got a file name {str(path)!r}"
+        )
+    if path.exists() and not path.is_dir():
+        raise NotADirectoryError(f"--lava: {str(path)!r} is a file; a language model exports a "
+                                 "folder")  # fmt: skip
 
 
 def _export_mar(model, args: argparse.Namespace) -> None:

@@ -51,8 +51,9 @@ PROGRESS_BYTES = 16 << 20  # a corpus this large shows its tokenization (seconds
 
 
 def default_corpus() -> Path:
-    """Tiny Shakespeare: ``$SPIKEMAR_DATA`` if set, else the shared data folder beside the repo."""
-    if "SPIKEMAR_DATA" in os.environ:
+    """Tiny Shakespeare: ``$SPIKEMAR_DATA`` if set (an empty value counts as unset, not as the
+    current folder), else the shared data folder beside the repo."""
+    if os.environ.get("SPIKEMAR_DATA"):
         return Path(os.environ["SPIKEMAR_DATA"])
     repo = Path(__file__).resolve().parents[1]
     return repo.parent / "shared" / "data" / "tinyshakespeare" / "input.txt"

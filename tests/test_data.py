@@ -1,5 +1,7 @@
 """The data path: tokenizer round trips, nanoGPT's split, memory-mapped batches, bad files."""
 
+from pathlib import Path
+
 import hypothesis.strategies as st
 import pytest
 import torch
@@ -91,3 +93,14 @@ def test_a_corpus_too_short_to_split_is_rejected(tmp_path):
     src.write_text("abc")
     with pytest.raises(ValueError, match="too few"):
         prepare(src, tmp_path / "c")
+
+
+def test_an_empty_spikemar_data_is_unset(monkeypatch):
+    from spikemar.data import default_corpus
+
+    monkeypatch.delenv("SPIKEMAR_DATA", raising=False)
+    shared = default_corpus()
+    monkeypatch.setenv("SPIKEMAR_DATA", "")  # not Path(""), the current folder
+    assert default_corpus() == shared
+    monkeypatch.setenv("SPIKEMAR_DATA", "/corpus/x.txt")
+    assert default_corpus() == Path("/corpus/x.txt")

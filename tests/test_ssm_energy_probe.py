@@ -68,14 +68,20 @@ def test_energy_cli_refuses_a_bad_output_path_before_writing_anything(
         ({"layers": "attn", "max_len": 0}, "max_len: expected an int >= 1"),
         ({"ffn_sparsity": ("topk",)}, "ffn_sparsity: expected ('topk', f)"),
         ({"ffn_sparsity": ("topk", "half")}, "ffn_sparsity: expected a number"),
+        ({"ffn_hidden": 0, "spikes": "channel"}, "ffn_hidden: 0 leaves the FFN's hidden spike"),
     ],
 )
 def test_mar_config_names_a_bad_field_when_it_is_made(fields, needle):
     """Each bad field is a ValueError naming the config's own field as the config is made, not
     an error from deep inside the model when it is built or first run."""
-    from spikemar.models import MARConfig
+    from spikemar.models import MARConfig, SpikeConfig
 
+    if "spikes" in fields:
+        fields = {**fields, "spikes": SpikeConfig(threshold=fields["spikes"])}
     with pytest.raises(ValueError, match="^" + re.escape(needle)):
+        MARConfig(vocab_size=5, d_model=8, n_layers=1, head_dim=4, d_state=2, **fields)
+    if "spikes" in fields:  # per layer, a zero-width FFN runs
+        fields["spikes"] = SpikeConfig(threshold="layer")
         MARConfig(vocab_size=5, d_model=8, n_layers=1, head_dim=4, d_state=2, **fields)
 
 

@@ -127,6 +127,13 @@ class MARConfig:
         if self.spikes is not None and not isinstance(self.spikes, SpikeConfig):
             raise ValueError(f"spikes: expected a SpikeConfig or None (the dense twin), got "
                              f"{self.spikes!r}")  # fmt: skip
+        if (self.ffn is not None and self.ffn_hidden == 0 and self.spikes is not None
+                and self.spikes.threshold == "channel"):  # fmt: skip
+            raise ValueError(
+                "ffn_hidden: 0 leaves the FFN's hidden spike point no channel for per-channel "
+                "thresholds (spikes.threshold='channel'); give ffn=None for blocks without an "
+                "FFN, ffn_hidden >= 1, or threshold='layer'"
+            )
         kinds = self.layer_kinds()
         bad = [k for k in kinds if k not in MIXERS]
         if bad:

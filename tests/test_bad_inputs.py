@@ -253,6 +253,11 @@ LIBRARY_CASES = {
         ValueError,
         r"student_config: \['width'\] are not settings",
     ),
+    "distill: student_config vocab_size": (
+        lambda r: DistillConfig(teacher="t.pt", student_config={"vocab_size": 40}),
+        ValueError,
+        "student_config: vocab_size 40: the student's vocabulary is the teacher's",
+    ),
     "distill: spikes in stage 1": (
         lambda r: DistillConfig(teacher="t.pt", stage=1, student_config={"spikes": {"T": 2}}),
         ValueError,

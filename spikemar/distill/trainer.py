@@ -118,6 +118,10 @@ class DistillConfig(LoopConfig):
                              f"{self.init_from_teacher!r}")  # fmt: skip
         kind = "mar" if self.stage == 2 else "mar-dense"
         check_model_config(kind, self.student_config, name="student_config")
+        if "vocab_size" in self.student_config:
+            raise ValueError(f"student_config: vocab_size {self.student_config['vocab_size']!r}: "
+                             "the student's vocabulary is the teacher's (SBDS compares their "
+                             "distributions token by token)")  # fmt: skip
         if self.stage == 1 and self.student_config.get("spikes"):
             raise ValueError("student_config: spikes: stage 1's student is dense (spikes are "
                              "stage 2's)")  # fmt: skip

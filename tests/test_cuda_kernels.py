@@ -34,6 +34,7 @@ from spikemar.neurons import (
     atmn_multi_step,
     atmn_quantize,
     backends,
+    cpu_backend,
     cupy_backend,
     spike_counts,
 )
@@ -430,17 +431,27 @@ def test_emulated_fused_spike_point_runs_any_T_and_checks_values(emulated_cupy):
         cupy_backend.atmn_quantize_cupy(bad, 4, p)
 
 
-@emulated
-def test_emulated_kernels_refuse_a_double_backward(emulated_cupy):
-    # the CUDA backwards build no graph either: second derivatives would miss the neuron's part
+def _assert_refuses_a_double_backward(backend: str, quantize, name: str) -> None:
+    # the fused backwards (C, CUDA) build no graph: backward(create_graph=True) returned second
+    # derivatives with the neuron's part silently missing (the reference's differ)
     x = torch.randn(3, 4, 5, generator=torch.Generator().manual_seed(1)).requires_grad_()
     p = ATMNParameters(torch.tensor(0.4), 1.5, surrogate="sigmoid")
     outputs = {
-        "multi-step": lambda: atmn_multi_step(x, None, p, backend="cupy-emulated")[0],
-        "spike point": lambda: cupy_backend.atmn_quantize_cupy(x[0], 4, p),
+        "multi-step": lambda: atmn_multi_step(x, None, p, backend=backend)[0],
+        "spike point": lambda: quantize(x[0], 4, p),
     }
     for out in outputs.values():
-        with pytest.raises(RuntimeError, match="backend='cupy'.*use backend='torch'"):
+        with pytest.raises(RuntimeError, match=f"backend='{name}'.*use backend='torch'"):
             torch.autograd.grad(out().sum() + x.pow(3).sum(), x, create_graph=True)
         (g,) = torch.autograd.grad(out().sum(), x)  # first derivatives as before
         assert g.shape == x.shape
+
+
+@pytest.mark.skipif(not cpu_backend.usable(), reason="no C compiler for the CPU kernel")
+def test_the_fused_cpu_kernels_refuse_a_double_backward():
+    _assert_refuses_a_double_backward("cpu", cpu_backend.atmn_quantize_train_cpu, "cpu")
+
+
+@emulated
+def test_the_emulated_cuda_kernels_refuse_a_double_backward(emulated_cupy):
+    _assert_refuses_a_double_backward("cupy-emulated", cupy_backend.atmn_quantize_cupy, "cupy")

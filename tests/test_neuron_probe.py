@@ -132,21 +132,3 @@ def test_the_fused_quantize_refuses_what_its_kernel_cannot_read():
     p = ATMNParameters(torch.rand(6, dtype=torch.float64) + 0.2, 1.5)
     decoded = cpu_backend.atmn_quantize_decode_cpu(x, 3, p)
     assert torch.equal(decoded, atmn_quantize(x, 3, p, backend="torch")[0])
-
-
-def test_the_fused_cpu_kernels_refuse_a_double_backward():
-    # their C backward builds no graph, so backward(create_graph=True) returned second
-    # derivatives with the neuron's part silently missing (the reference's differ)
-    if not cpu_backend.usable():
-        pytest.skip("no C compiler for the CPU kernel")
-    x = torch.randn(4, 3, 5, requires_grad=True)
-    p = ATMNParameters(torch.tensor(0.4), 1.5, surrogate="sigmoid")
-    outputs = {
-        "multi-step": lambda: atmn_multi_step(x, None, p, backend="cpu")[0],
-        "spike point": lambda: cpu_backend.atmn_quantize_train_cpu(x[0], 4, p),
-    }
-    for out in outputs.values():
-        with pytest.raises(RuntimeError, match="use backend='torch' for higher-order"):
-            torch.autograd.grad(out().sum() + x.pow(3).sum(), x, create_graph=True)
-        (g,) = torch.autograd.grad(out().sum(), x)  # first derivatives as before
-        assert g.shape == x.shape

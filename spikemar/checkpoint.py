@@ -187,9 +187,10 @@ def _read(path: Path, map_location) -> dict[str, Any]:
         raise ValueError(f"checkpoint: {path} is empty (0 bytes), not a checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError:
+    except (pickle.UnpicklingError, KeyError, IndexError, TypeError, AttributeError):
         # torch's message advises weights_only=False, i.e. running whatever code the file
-        # holds: a spikemar checkpoint is plain data, so such a file is simply not one
+        # holds: a spikemar checkpoint is plain data, so such a file is simply not one (a text
+        # file read by torch's legacy, non-zip reader fails as a KeyError or an IndexError)
         raise ValueError(
             f"checkpoint: {path} is not a spikemar checkpoint (it holds Python objects or bytes "
             "that a checkpoint never contains; corrupt, or another program's file)"

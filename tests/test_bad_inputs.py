@@ -61,6 +61,9 @@ def files(tmp_path_factory):
     raw = good.read_bytes()
     (root / "truncated.pt").write_bytes(raw[: len(raw) // 2])
     (root / "junk.pt").write_bytes(b"not a checkpoint at all")
+    # text torch's legacy (non-zip) reader takes for a pickle: a KeyError/IndexError inside it
+    (root / "text.pt").write_bytes(b"hello world\n")
+    (root / "junk2.pt").write_bytes(b"junk\n")
     torch.save(torch.nn.Linear(2, 2), root / "pickled.pt")  # a pickled module, not plain data
     net = demo_network((8, 6, 4))
     export_lava(net, root / "net.h5", (8,))
@@ -100,6 +103,16 @@ LIBRARY_CASES = {
         lambda r: load_checkpoint(r / "junk.pt"),
         ValueError,
         r"junk.pt is not a spikemar checkpoint",
+    ),
+    "load: a line of text": (
+        lambda r: load_checkpoint(r / "text.pt"),
+        ValueError,
+        r"text.pt is not a spikemar checkpoint",
+    ),
+    "load: a word": (
+        lambda r: load_checkpoint(r / "junk2.pt"),
+        ValueError,
+        r"junk2.pt is not a spikemar checkpoint",
     ),
     "load: truncated": (
         lambda r: load_checkpoint(r / "truncated.pt"),

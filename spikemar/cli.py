@@ -386,19 +386,21 @@ def _run_train(args: argparse.Namespace) -> int:
         message = str(err)
         if message.startswith("head_dim: "):  # the SSM's head size, which train does not set
             message = "d_model: the SSM's head size " + message.removeprefix("head_dim: ")
-        raise _UsageError(_with_flags(message, path="data", n_attn_heads="n_heads")) from err
+        raise _UsageError(_with_flags(message, args, path="data", n_attn_heads="n_heads")) from err
     skipped = f" ({result['skipped']} non-finite steps skipped)" if result["skipped"] else ""
     print(f"{result['checkpoint']}: best validation loss {result['best_val']:.4f} "
           f"nats/char{skipped}")  # fmt: skip
     return 0
 
 
-def _with_flags(message: str, **aliases: str) -> str:
+def _with_flags(message: str, args: argparse.Namespace, **aliases: str) -> str:
     """A library message names the argument (``out: ...``); on the command line name the flag
-    (``--out``), through ``aliases`` where the names differ (``path`` of the data: ``--data``)."""
+    (``--out``), through ``aliases`` where the names differ (``path`` of the data: ``--data``),
+    where the command has that flag (``args``' options); other messages are left as they are."""
     name, sep, rest = message.partition(": ")
-    if sep and name.isidentifier():
-        return f"--{aliases.get(name, name).replace('_', '-')}: {rest}"
+    flag = aliases.get(name, name)
+    if sep and name.isidentifier() and flag in vars(args):
+        return f"--{flag.replace('_', '-')}: {rest}"
     return message
 
 
@@ -441,7 +443,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
         # the library names its argument (checkpoint, prompt, max_new_tokens): name the flag
-        raise _UsageError(_with_flags(str(err), text="prompt")) from err
+        raise _UsageError(_with_flags(str(err), args, text="prompt")) from err
     print(text)
     return 0
 

@@ -275,3 +275,17 @@ def test_example_shakespeare_reads_the_corpus_train_reads(
         example.main(["--out", str(tmp_path / "figs"), "--quick"])
     assert info.value.code == 2
     assert f"not found at {tmp_path / 'elsewhere.txt'}" in capsys.readouterr().err
+
+
+def test_library_names_become_flags_only_where_the_command_has_them():
+    import argparse
+
+    from spikemar.cli import _with_flags
+
+    args = argparse.Namespace(out="x.pt", data=None, n_heads=4)
+    assert _with_flags("out: a folder", args) == "--out: a folder"
+    assert _with_flags("path: empty", args, path="data") == "--data: empty"
+    assert _with_flags("n_attn_heads: 3", args, n_attn_heads="n_heads") == "--n-heads: 3"
+    # train has no --checkpoint: the library's name stays (it said '--checkpoint: ...')
+    assert _with_flags("checkpoint: x.pt is corrupt", args) == "checkpoint: x.pt is corrupt"
+    assert _with_flags("not a name: x", args) == "not a name: x"

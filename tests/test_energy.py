@@ -689,7 +689,7 @@ def test_energy_main_prices_a_converted_student_against_its_hugging_face_teacher
     other = tmp_path / "char.pt"
     tiny = MARLM(MARConfig(vocab_size=2, d_model=8, n_layers=1, d_state=4, head_dim=4))
     save_checkpoint(other, tiny, CharTokenizer("ab"))
-    for teacher_arg, message in [(tmp_path / "nowhere", "--teacher: checkpoint: no file"),
+    for teacher_arg, message in [(tmp_path / "nowhere", "--teacher: no file at"),
                                  (other, "--teacher: its vocabulary (2)")]:  # fmt: skip
         args = parser.parse_args(["--checkpoint", str(tmp_path / "student.pt"), "--teacher",
                                   str(teacher_arg), "--text", text])  # fmt: skip

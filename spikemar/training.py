@@ -610,6 +610,13 @@ def run_training(
     if state is not None:
         check_resume_config(state["config"], config)
         config = _resumed_config(config, state["config"])
+        saved_data, data_now = state.get("data_digest"), data.meta.get("sha256_16")
+        if saved_data is not None and data_now is not None and saved_data != data_now:
+            raise ValueError(
+                f"resume: the training data changed since the run was saved (its corpus and "
+                f"tokenizer hashed {saved_data}, now {data_now}): a resume would not continue "
+                "the same run; resume with the same data, or start a new run with another --out"
+            )
     model = objective.model
     if config.gradient_checkpointing:
         if not hasattr(model, "gradient_checkpointing_enable"):
@@ -678,6 +685,7 @@ def run_training(
             "scheduler": scheduler.state_dict(), "rng": _rng_state(gen),
             "config": asdict(config), "history": history, "best_val": best,
             "skipped": skipped, "objective": extra, **(checkpoint_info or {}),
+            "data_digest": data.meta.get("sha256_16"),
         }  # fmt: skip
         if validation_pending:  # interrupted in the validation at ``step``: a resume runs it
             train_state["validation_pending"] = True

@@ -79,6 +79,20 @@ def test_resume_refuses_other_settings(corpus, tmp_path, monkeypatch):
               progress=False)  # fmt: skip
 
 
+def test_resume_refuses_data_that_changed(corpus, tmp_path):
+    # the same path with other text (the same characters: the vocabulary check passes) would
+    # continue on other batches, silently no longer the run that was saved
+    train(config(corpus, tmp_path / "a.pt", steps=3), progress=False)
+    text = corpus.read_text()
+    corpus.write_text(text[::-1])
+    with pytest.raises(ValueError, match=r"resume: the training data changed since the run"):
+        train(config(corpus, tmp_path / "a.pt", steps=6), resume=True, progress=False)
+    payload = torch.load(tmp_path / "a.pt", weights_only=True)
+    del payload["train"]["data_digest"]  # a run saved before the check: resumed as before
+    torch.save(payload, tmp_path / "a.pt")
+    train(config(corpus, tmp_path / "a.pt", steps=6), resume=True, progress=False)
+
+
 def test_resume_extends_a_finished_run_on_its_own_schedule(corpus, tmp_path, capsys):
     out = tmp_path / "a.pt"
     train(config(corpus, out, steps=4, eval_interval=2), progress=False)

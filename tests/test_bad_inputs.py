@@ -296,6 +296,13 @@ LIBRARY_CASES = {
         ValueError,
         "teacher: .*junk.pt is not a spikemar checkpoint",
     ),
+    "Teacher.load: a device this build has not": (
+        lambda r: Teacher.load(
+            str(r / "junk.pt"), "cuda:0" if not torch.cuda.is_available() else "cuda:99"
+        ),
+        ValueError,
+        "device: 'cuda:(0|99)', but",
+    ),
     "Teacher.load: dtype": (
         lambda r: Teacher.load(str(r / "good.pt"), dtype="int8"),
         ValueError,

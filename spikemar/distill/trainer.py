@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._argtypes import check_device
 from ..checkpoint import (
     build_model,
     check_model_config,
@@ -199,6 +200,7 @@ class Teacher(nn.Module):
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"teacher: expected a path or Hub id, got {type(path).__name__}")
         dtype = _teacher_dtype(dtype)  # before the weights are read: fail early
+        device = check_device(device)  # 'cuda' on a CPU-only build: one line, not torch's assert
         other = None if tokenizer is None else tokenizer_from(tokenizer)
         p = Path(path)
         if not p.exists() and is_hub_id(path):

@@ -200,7 +200,8 @@ class Teacher(nn.Module):
         if not isinstance(path, str | os.PathLike):
             raise TypeError(f"teacher: expected a path or Hub id, got {type(path).__name__}")
         dtype = _teacher_dtype(dtype)  # before the weights are read: fail early
-        device = check_device(device)  # 'cuda' on a CPU-only build: one line, not torch's assert
+        if str(device) != "meta":  # (meta: shapes without data, as tests place a teacher)
+            device = check_device(device)  # cuda on a CPU-only build: one line, not an assert
         other = None if tokenizer is None else tokenizer_from(tokenizer)
         p = Path(path)
         if not p.exists() and is_hub_id(path):

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._argtypes import add_sampling_arguments
+from ._argtypes import add_sampling_arguments, add_tokenizer_argument
 from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
 from ._argtypes import positive_float as _positive_float
@@ -412,7 +412,13 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         description="Continue a prompt with a trained model: the prompt read in one pass "
         "(prefill), then token by token through its recurrent state (SSM state or KV cache).",
     )
-    p.add_argument("--checkpoint", required=True, help="a checkpoint of spikemar train/distill")
+    p.add_argument(
+        "--checkpoint",
+        required=True,
+        help="a checkpoint of spikemar train/distill/convert, or a Hugging Face Mamba-2/Llamba "
+        "directory or Hub id",
+    )
+    add_tokenizer_argument(p, "the checkpoint's")
     add_sampling_arguments(p, prompt="\n", max_new_tokens=200, seed=0, unit="tokens")
     p.set_defaults(func=_run_generate)
     return p
@@ -420,14 +426,19 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
+    from .eval.scoring import load_model
     from .models.fused_step import unsupported_reason
+    from .models.hub import command_line_hint
     from .tokenizer import generate_text
 
     prompt = args.prompt.replace("\\n", "\n")
     if not prompt:
         raise _UsageError("--prompt: expected at least one character")
     try:
-        model, tokenizer, _ = load_checkpoint(args.checkpoint)
+        if Path(args.checkpoint).is_file() and args.tokenizer is None:
+            model, tokenizer, _ = load_checkpoint(args.checkpoint)
+        else:  # a Hugging Face directory or Hub id with its tokenizer, or another tokenizer
+            model, tokenizer = load_model(args.checkpoint, args.tokenizer)
         tokenizer.encode(prompt)  # a prompt it cannot spell: one line before anything is built
         text = generate_text(
             model,
@@ -443,7 +454,10 @@ def _run_generate(args: argparse.Namespace) -> int:
         )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
         # the library names its argument (checkpoint, prompt, max_new_tokens): name the flag
-        raise _UsageError(_with_flags(str(err), args, text="prompt")) from err
+        message = command_line_hint(" ".join(str(err).split()))
+        if args.tokenizer is None and message.startswith("tokenizer: "):  # the checkpoint's own
+            raise _UsageError("--checkpoint: " + message.removeprefix("tokenizer: ")) from err
+        raise _UsageError(_with_flags(message, args, text="prompt")) from err
     print(text)
     return 0
 

@@ -336,6 +336,35 @@ def test_generate_command_speaks_the_checkpoints_bpe(tmp_path, tok, capsys):
     assert code == 0 and printed.rstrip("\n") == expected.rstrip("\n")
 
 
+def test_generate_command_reads_a_hugging_face_directory(tmp_path, capsys):
+    # spikemar generate --checkpoint DIR: the transformers Mamba-2 with its own tokenizer, greedy
+    # tokens as transformers' generate gives them; a directory without one needs --tokenizer
+    from references.hf_checkpoints import write_mamba2_checkpoint
+
+    from spikemar.cli import main
+
+    hf = write_mamba2_checkpoint(tmp_path / "m")
+    capsys.readouterr()
+    argv = ["generate", "--checkpoint", str(tmp_path / "m"), "--prompt", "hear me",
+            "--max-new-tokens", "5", "--temperature", "0"]  # fmt: skip
+    assert main(argv) == 0
+    tok = bpe(300)
+    ids = torch.tensor([tok.encode("hear me")])
+    want = hf.generate(ids, max_new_tokens=5, do_sample=False, eos_token_id=0, pad_token_id=0)
+    made = want[0, ids.shape[1] :].tolist()
+    made = made[: made.index(0)] if 0 in made else made
+    assert capsys.readouterr().out.rstrip("\n") == tok.decode(ids[0].tolist() + made)
+    write_mamba2_checkpoint(tmp_path / "bare", tokenizer=False)
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exit_:
+        main([*argv[:2], str(tmp_path / "bare"), *argv[3:]])
+    err = capsys.readouterr().err
+    assert exit_.value.code == 2
+    assert err.startswith("spikemar generate: error: --checkpoint: ") and "--tokenizer" in err
+    assert main([*argv[:2], str(tmp_path / "bare"), *argv[3:], "--tokenizer",
+                 str(tmp_path / "m")]) == 0  # fmt: skip
+
+
 def test_char_tokenizer_refuses_a_repeated_character():
     with pytest.raises(ValueError, match="chars: expected each character once"):
         CharTokenizer("abca")

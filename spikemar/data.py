@@ -147,11 +147,7 @@ def _source_digest(path: Path, files: list[Path], tokenizer: Tokenizer | None) -
         if path.is_dir():
             h.update(f.relative_to(path).as_posix().encode() + b"\0")
         with f.open("rb") as fh:
-            content = hashlib.sha256() if len(files) > 1 or _is_jsonl(f) else h
-            while chunk := fh.read(1 << 24):
-                content.update(chunk)
-        if content is not h:  # one plain file: keyed by its bytes alone, as caches made before
-            h.update(content.digest())
+            h.update(hashlib.file_digest(fh, "sha256").digest())
     if tokenizer is not None:
         h.update(json.dumps(tokenizer.to_dict(), sort_keys=True).encode())
         prefix = tuple(getattr(tokenizer, "prefix_ids", ()))

@@ -181,10 +181,10 @@ def save_checkpoint(
     return path
 
 
-def _read(path: Path, map_location) -> dict[str, Any]:
+def _read(path: Path, map_location, name: str = "checkpoint") -> dict[str, Any]:
     """The payload of ``path``, or one clear ValueError: corrupt, not a checkpoint, newer."""
     if path.stat().st_size == 0:
-        raise ValueError(f"checkpoint: {path} is empty (0 bytes), not a checkpoint")
+        raise ValueError(f"{name}: {path} is empty (0 bytes), not a checkpoint")
     try:
         payload = torch.load(path, map_location=map_location, weights_only=True)
     except (pickle.UnpicklingError, KeyError, IndexError, TypeError, AttributeError):
@@ -192,26 +192,24 @@ def _read(path: Path, map_location) -> dict[str, Any]:
         # holds: a spikemar checkpoint is plain data, so such a file is simply not one (a text
         # file read by torch's legacy, non-zip reader fails as a KeyError or an IndexError)
         raise ValueError(
-            f"checkpoint: {path} is not a spikemar checkpoint (it holds Python objects or bytes "
+            f"{name}: {path} is not a spikemar checkpoint (it holds Python objects or bytes "
             "that a checkpoint never contains; corrupt, or another program's file)"
         ) from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, OSError, ValueError) as err:
         reason = str(err).split(". ")[0].strip() or type(err).__name__
-        raise ValueError(
-            f"checkpoint: {path} is corrupt or truncated (torch.load: {reason})"
-        ) from None
+        raise ValueError(f"{name}: {path} is corrupt or truncated (torch.load: {reason})") from None
     form = payload.get("format") if isinstance(payload, dict) else None
     match = _FORMAT_RE.match(form) if isinstance(form, str) else None
     if match is None:
-        raise ValueError(f"checkpoint: {path} is not a spikemar checkpoint (no format entry)")
+        raise ValueError(f"{name}: {path} is not a spikemar checkpoint (no format entry)")
     version = int(match.group(1))
     if version > FORMAT_VERSION:
         raise ValueError(
-            f"checkpoint: {path} was written by a newer spikemar (format {version}; this one "
+            f"{name}: {path} was written by a newer spikemar (format {version}; this one "
             f"reads up to {FORMAT_VERSION}); upgrade spikemar"
         )
     if version < 1:
-        raise ValueError(f"checkpoint: {path} has format {version}, which no spikemar wrote")
+        raise ValueError(f"{name}: {path} has format {version}, which no spikemar wrote")
     return payload
 
 
@@ -220,6 +218,7 @@ def load_checkpoint(
     map_location: str | torch.device = "cpu",
     *,
     allow_nonfinite: bool = False,
+    name: str = "checkpoint",
 ) -> tuple[nn.Module, CharTokenizer, dict[str, Any]]:
     """``(model, tokenizer, payload)``; the model in eval mode with the saved weights, on
     ``map_location`` (the file is read into CPU memory and the model alone moved there, so a
@@ -227,25 +226,26 @@ def load_checkpoint(
 
     Raises ``FileNotFoundError`` for a missing file, ``ValueError`` for a file that is corrupt,
     not a checkpoint, or of a newer format, and :class:`NonFiniteWeightsError` for weights with
-    NaN or inf (a diverged run) unless ``allow_nonfinite``."""
+    NaN or inf (a diverged run) unless ``allow_nonfinite``. Every message begins with ``name``,
+    the argument the caller reads the file for (``teacher``, ``resume``, ``--checkpoint``)."""
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
     path = Path(path)
     if path.is_dir():
-        raise IsADirectoryError(f"checkpoint: {path} is a folder; expected a checkpoint file")
+        raise IsADirectoryError(f"{name}: {path} is a folder; expected a checkpoint file")
     if not path.is_file():
-        raise FileNotFoundError(f"checkpoint: no file at {path}")
-    payload = _read(path, "cpu")
+        raise FileNotFoundError(f"{name}: no file at {path}")
+    payload = _read(path, "cpu", name)
     try:
         model = build_model(payload["kind"], payload["model_config"])
         model.load_state_dict(payload["model"])
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
-        raise ValueError(f"checkpoint: {path} does not rebuild its model ({err})") from err
+        raise ValueError(f"{name}: {path} does not rebuild its model ({err})") from err
     bad = nonfinite_parameters(payload["model"])
     if bad and not allow_nonfinite:
         raise NonFiniteWeightsError(
-            f"checkpoint: {path} holds NaN or inf weights in {len(bad)} tensors (first: "
+            f"{name}: {path} holds NaN or inf weights in {len(bad)} tensors (first: "
             f"{bad[0]}): the run that wrote it diverged; pass allow_nonfinite=True to load it "
             "anyway"
         )

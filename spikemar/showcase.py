@@ -154,10 +154,10 @@ def demo_main(args: argparse.Namespace) -> int:
         teacher_path = _teacher_path(args, Path(path), payload.get("provenance"))
         teacher_model = teacher_payload = None
         if teacher_path is not None:
-            try:
-                teacher_model, teacher_tokenizer, teacher_payload = load_checkpoint(teacher_path)
-            except (ValueError, OSError) as err:  # the file named by --teacher, not --checkpoint
-                raise ValueError("--teacher: " + str(err).removeprefix("checkpoint: ")) from err
+            # the file named by --teacher, not --checkpoint
+            teacher_model, teacher_tokenizer, teacher_payload = load_checkpoint(
+                teacher_path, name="--teacher"
+            )
             if getattr(teacher_model.config, "spikes", True) is not None:
                 raise ValueError(f"--teacher: {teacher_path} is not a dense MAR LM")
             if teacher_tokenizer != tokenizer:

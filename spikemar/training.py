@@ -512,10 +512,7 @@ def read_resume_state(out: Path, tokenizer: CharTokenizer, device: str):
     """The model and training state saved at ``out``, checked against the data's vocabulary."""
     if not out.is_file():
         raise FileNotFoundError(f"resume: no checkpoint at {out} to resume from")
-    try:
-        model, saved_tokenizer, payload = load_checkpoint(out, map_location=device)
-    except ValueError as err:  # name the argument: what --resume reads
-        raise type(err)(f"resume: {str(err).removeprefix('checkpoint: ')}") from err
+    model, saved_tokenizer, payload = load_checkpoint(out, map_location=device, name="resume")
     if "train" not in payload:
         raise ValueError(f"resume: {out} holds no training state (a final export?)")
     if saved_tokenizer != tokenizer:

@@ -228,10 +228,7 @@ class Teacher(nn.Module):
             return cls(model, str(p), own).place(device, dtype)
         if not p.is_file():
             raise FileNotFoundError(f"teacher: no checkpoint at {p}")
-        try:
-            model, own, _ = load_checkpoint(p)
-        except ValueError as err:  # name the argument: a corrupt file is the teacher's
-            raise type(err)(f"teacher: {str(err).removeprefix('checkpoint: ')}") from err
+        model, own, _ = load_checkpoint(p, name="teacher")
         return cls(model, str(p), own if other is None else other).place(device, dtype)
 
     def place(self, device: str | torch.device, dtype: str | torch.dtype | None = None) -> Teacher:
@@ -493,10 +490,7 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
     p = Path(path)
     if not p.is_file():
         raise FileNotFoundError(f"student: no checkpoint at {p}")
-    try:
-        student, tokenizer, _ = load_checkpoint(p, map_location=device)
-    except ValueError as err:  # name the argument: a corrupt file is the student's
-        raise type(err)(f"student: {str(err).removeprefix('checkpoint: ')}") from err
+    student, tokenizer, _ = load_checkpoint(p, map_location=device, name="student")
     if not isinstance(student, MARLM) or student.config.spikes is None:
         raise ValueError(f"student: {p} is not a spiking MAR LM (expected spikemar convert's "
                          "output)")  # fmt: skip

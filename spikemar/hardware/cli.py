@@ -65,11 +65,7 @@ def _load(args: argparse.Namespace):
         return demo_network(seed=args.seed), (64,)
     from ..checkpoint import load_checkpoint
 
-    try:
-        model, _, _ = load_checkpoint(args.checkpoint)
-    except (OSError, ValueError) as err:
-        message = str(err).removeprefix("checkpoint: ")
-        raise ValueError(f"--checkpoint: {message}") from err
+    model, _, _ = load_checkpoint(args.checkpoint, name="--checkpoint")
     return model, None
 
 

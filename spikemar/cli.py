@@ -428,7 +428,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .eval.scoring import load_model
     from .models.fused_step import unsupported_reason
-    from .models.hub import command_line_hint
+    from .models.hub import checkpoint_or_tokenizer_line
     from .tokenizer import generate_text
 
     prompt = args.prompt.replace("\\n", "\n")
@@ -454,9 +454,7 @@ def _run_generate(args: argparse.Namespace) -> int:
         )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
         # the library names its argument (checkpoint, prompt, max_new_tokens): name the flag
-        message = command_line_hint(" ".join(str(err).split()))
-        if args.tokenizer is None and message.startswith("tokenizer: "):  # the checkpoint's own
-            raise _UsageError("--checkpoint: " + message.removeprefix("tokenizer: ")) from err
+        message = checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
         raise _UsageError(_with_flags(message, args, text="prompt")) from err
     print(text)
     return 0

@@ -368,14 +368,9 @@ def _run_text(
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
     """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given."""
-    from ..models.hub import NO_TOKENIZER_HINT, command_line_hint
+    from ..models.hub import checkpoint_or_tokenizer_line
 
-    message = " ".join(str(err).split())
-    if args.tokenizer is not None and message.startswith("tokenizer: "):
-        return "--" + message
-    if NO_TOKENIZER_HINT in message:  # a checkpoint without one: the command's way out
-        return "--checkpoint: " + command_line_hint(message).removeprefix("tokenizer: ")
-    return message
+    return checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
 
 
 def eval_main(args: argparse.Namespace) -> int:

@@ -70,6 +70,17 @@ def command_line_hint(message: str) -> str:
     return message.replace(NO_TOKENIZER_HINT, _FLAG_HINT)
 
 
+def checkpoint_or_tokenizer_line(message: str, tokenizer_given: bool) -> str:
+    """A loader's error on one line as a command with ``--checkpoint`` and ``--tokenizer`` says
+    it: a ``tokenizer:`` error is ``--tokenizer``'s where one was given, else the checkpoint's
+    own (a directory that ships none: with the command's way out); others unchanged."""
+    message = " ".join(command_line_hint(message).split())
+    if message.startswith("tokenizer: "):
+        flag = "--tokenizer" if tokenizer_given else "--checkpoint"
+        return f"{flag}: {message.removeprefix('tokenizer: ')}"
+    return message
+
+
 def is_hub_id(name: str | os.PathLike) -> bool:
     """Whether ``name`` has the form of a Hugging Face Hub id (``owner/name``)."""
     return bool(_HUB_ID.match(str(name)))

@@ -10,6 +10,7 @@ __all__ = [
     "add_sampling_arguments",
     "add_tokenizer_argument",
     "check_device",
+    "default_new_tokens",
     "device_argument",
     "finite_positive_float",
     "int_at_least_1",
@@ -96,14 +97,28 @@ def device_argument(text: str) -> str:
 
 
 def add_sampling_arguments(
-    p: argparse.ArgumentParser, *, prompt: str, max_new_tokens: int, seed: int, unit: str
+    p: argparse.ArgumentParser,
+    *,
+    prompt: str,
+    max_new_tokens: int,
+    seed: int,
+    unit: str,
+    fit_context: bool = False,
 ) -> None:
     """The sampling options of ``spikemar generate`` and ``spikemar demo`` (their defaults and
-    the word for what is generated, ``unit``, differ)."""
+    the word for what is generated, ``unit``, differ). ``fit_context``: ``--max-new-tokens``
+    defaults to None, which the command resolves with :func:`default_new_tokens` (a model
+    with a bounded context gets no more than it holds)."""
     shown = "a newline" if prompt == "\n" else repr(prompt)
     p.add_argument("--prompt", default=prompt, help=f"text to continue (default: {shown})")
-    p.add_argument("--max-new-tokens", type=int_at_least_1, default=max_new_tokens,
-                   help=f"{unit} to generate")  # fmt: skip
+    if fit_context:
+        p.add_argument("--max-new-tokens", type=int_at_least_1, default=None,
+                       help=f"{unit} to generate (default: {max_new_tokens}, or as many as a "
+                            "Transformer's context of max_len positions leaves after the "
+                            "prompt)")  # fmt: skip
+    else:
+        p.add_argument("--max-new-tokens", type=int_at_least_1, default=max_new_tokens,
+                       help=f"{unit} to generate")  # fmt: skip
     p.add_argument("--temperature", type=non_negative_float, default=0.8,
                    help="sampling temperature (0: greedy)")  # fmt: skip
     p.add_argument("--top-k", type=int_at_least_1, default=None,
@@ -112,6 +127,16 @@ def add_sampling_arguments(
                    help=f"sample from the smallest set of most likely {unit} whose probability "
                         "reaches P (nucleus sampling; default: all)")  # fmt: skip
     p.add_argument("--seed", type=int, default=seed, help="seed of the sampling")
+
+
+def default_new_tokens(default: int, prompt_tokens: int, context: int | None) -> int:
+    """``--max-new-tokens`` left out: ``default``, or fewer where the model's context
+    (``context`` positions, None: unbounded) leaves less room after a prompt of
+    ``prompt_tokens`` (the last new token is not fed back, so it needs no place); at least 1,
+    so a prompt that fills the context still gets generation's own error."""
+    if context is None:
+        return default
+    return max(1, min(default, context - prompt_tokens + 1))
 
 
 def add_tokenizer_argument(parser: argparse.ArgumentParser, whose: str) -> None:

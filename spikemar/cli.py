@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from ._argtypes import add_sampling_arguments, add_tokenizer_argument
+from ._argtypes import add_sampling_arguments, add_tokenizer_argument, default_new_tokens
 from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
 from ._argtypes import positive_float as _positive_float
@@ -419,7 +419,9 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
         "directory or Hub id",
     )
     add_tokenizer_argument(p, "the checkpoint's")
-    add_sampling_arguments(p, prompt="\n", max_new_tokens=200, seed=0, unit="tokens")
+    add_sampling_arguments(
+        p, prompt="\n", max_new_tokens=200, seed=0, unit="tokens", fit_context=True
+    )
     p.set_defaults(func=_run_generate)
     return p
 
@@ -428,6 +430,7 @@ def _run_generate(args: argparse.Namespace) -> int:
     from .checkpoint import load_checkpoint
     from .eval.scoring import load_model
     from .models.fused_step import unsupported_reason
+    from .models.generation import context_limit
     from .models.hub import checkpoint_or_tokenizer_line
     from .tokenizer import generate_text
 
@@ -439,12 +442,16 @@ def _run_generate(args: argparse.Namespace) -> int:
             model, tokenizer, _ = load_checkpoint(args.checkpoint)
         else:  # a Hugging Face directory or Hub id with its tokenizer, or another tokenizer
             model, tokenizer = load_model(args.checkpoint, args.tokenizer)
-        tokenizer.encode(prompt)  # a prompt it cannot spell: one line before anything is built
+        # a prompt it cannot spell: one line before anything is built
+        prompt_tokens = len(getattr(tokenizer, "prefix_ids", ())) + len(tokenizer.encode(prompt))
+        n_new = args.max_new_tokens
+        if n_new is None:  # 200, or what a Transformer's max_len leaves after the prompt
+            n_new = default_new_tokens(200, prompt_tokens, context_limit(model))
         text = generate_text(
             model,
             tokenizer,
             prompt,
-            args.max_new_tokens,
+            n_new,
             temperature=args.temperature,
             top_k=args.top_k,
             top_p=args.top_p,

@@ -137,6 +137,11 @@ def test_generate_names_max_new_tokens_when_a_transformer_runs_out_of_positions(
         cli.main(["generate", "--checkpoint", str(out), "--max-new-tokens", "40"])
     err = capsys.readouterr().err
     assert info.value.code == 2 and err.startswith("spikemar generate: error: --max-new-tokens: ")
+    # left out, --max-new-tokens fills the 16 positions after the prompt (a newline) instead of
+    # failing on its default of 200: 1 + 16 tokens, the last one not fed back
+    assert cli.main(["generate", "--checkpoint", str(out), "--temperature", "0"]) == 0
+    printed = capsys.readouterr().out
+    assert len(printed) == 1 + 16 + 1  # the prompt, 16 characters, print's newline
 
 
 def test_console_script_is_main():

@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _harness as harness
 from bench_pretrained import build
 
 
@@ -94,7 +95,8 @@ def main(argv: list[str] | None = None) -> int:
         assert torch.allclose(a, b, rtol=1e-3, atol=1e-3), (a - b).abs().max()
         table(n, prompt, dense, student, None if args.no_transformers else hf, args)
     after = os.getloadavg()[0]
-    print(f"\n# load {load:.2f} before, {after:.2f} after; min of {args.repeats} after a warm-up "
+    print(f"\n# load {load:.2f} before, {after:.2f} after, CPU pressure (60 s) "
+          f"{harness.cpu_pressure()}; min of {args.repeats} after a warm-up "
           "call (transformers: one run after one, its generate); 'other / prefill': the row's "
           "dense time over prefill's")  # fmt: skip
     return 0

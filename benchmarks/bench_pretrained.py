@@ -51,9 +51,14 @@ import argparse
 import itertools
 import os
 import statistics
+import sys
 import time
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # _harness, run or imported by path
+import _harness as harness
 
 MAMBA2_130M = {
     "vocab_size": 50288,
@@ -268,7 +273,8 @@ def main(argv: list[str] | None = None) -> int:
               f"best of those copies {against_best:.2f}")  # fmt: skip
     print()
     print(
-        f"# load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after; medians of "
+        f"# load {load_before:.2f} before, {os.getloadavg()[0]:.2f} after, CPU pressure (60 s) "
+        f"{harness.cpu_pressure()}; medians of "
         f"{args.rounds} rounds × {args.tokens} tokens (transformers' × {args.hf_tokens}); "
         f"copy bandwidth best of the start and every timed run {bandwidth / 1e9:.1f} GB/s → "
         f"floor {1e3 * floor:.1f} ms (dense / floor of a row: the best up to that row; paired: "

@@ -274,10 +274,12 @@ def test_break_even_of_one_layer_matches_its_closed_form(encoding):
     net = PointLinear(n, m, T).eval()
     rep = profile(net, torch.randn(N, n) * 2, hardware=chip)
     entry = break_even(rep).row("point")
-    # dense form: N·n·m MACs, the real input read, the weights read once per token
-    dense = N * n * m * mac + e * vb * N * n + e * vb * n * m * N
-    # spiking: T·N·n neuron updates, the input and the n thresholds per token read, and ...
-    fixed = N * n * T * nu + e * vb * (N * n + N * n)
+    # dense form: N·n·m MACs, the real input read, the weights read once per token, the N·m
+    # outputs written (written by both forms: they cancel in the rate)
+    dense = N * n * m * mac + e * vb * N * n + e * vb * n * m * N + e * vb * N * m
+    # spiking: T·N·n neuron updates, the input and the n thresholds per token read, the
+    # outputs written, and ...
+    fixed = N * n * T * nu + e * vb * (N * n + N * n) + e * vb * N * m
     if encoding == "packed":
         # ... the 2-bit train written and read, the weights read per token; per unit rate,
         # T·N·n·m accumulates

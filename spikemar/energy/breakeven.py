@@ -6,18 +6,23 @@ spikes and what does not. At firing rate r (non-zero spikes per neuron and micro
 
     E_spiking(r) = A + B · r
         A = P's own energy (neuron updates, reading its input, its membrane, its thresholds;
-            writing its spikes when they are packed) + the consumers' packed spike reads and
-            weight reads (a packed, weight-stationary layer reads its weights whatever fires)
+            writing its spikes when they are packed) + the rest of the consumers' energy: their
+            packed spike reads and weight reads (a packed, weight-stationary layer reads its
+            weights whatever fires), their bias adds and bias reads, their outputs written
         B · r = the consumers' accumulates (+ with address-events: every spike's address
             written and read, and one weight read per accumulate)
-    E_dense = the consumers fed real values instead: dense MACs, reading the real input,
-              reading the weights — priced under ``reference`` (the same profile, or e.g.
-              ``45nm-int8+mem`` for an int8 dense model of the same weights)
+    E_dense = the consumers fed real values instead, priced as a report prices them under
+              ``reference`` (the same profile, or e.g. ``45nm-int8+mem`` for an int8 dense
+              model of the same weights): dense MACs, reading the real input, reading the
+              weights, their bias adds, their outputs written
 
 and the break-even rate is r* = (E_dense − A) / B, from the measured point (B = the variable
-energy at the measured rate / that rate). Work both forms share (the consumers' outputs, bias
-adds) cancels and is left out. For the whole model, the sums over all spike points: the rate at
-which every spike point firing alike would make the spiking model cost what its dense form costs.
+energy at the measured rate / that rate): the rate at which P and its consumers cost what the
+consumers fed real values cost. The work both forms share (the consumers' outputs, bias adds)
+is on both sides, each priced under its own profile: it cancels under one profile and not
+against another (an int8 model writes int8 outputs). For the whole model, the sums over all
+spike points: the rate at which every spike point firing alike would make the spiking model
+cost what its dense form costs.
 A rate r* ≤ 0 means the point's fixed cost alone exceeds the dense form; r* ≥ 1 that it pays at
 any rate. Terms a profile leaves unpriced are left out of both sides and named in ``note``.
 """
@@ -27,8 +32,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from .profiles import HardwareProfile, MemoryLevel, get_profile, place
-from .report import EnergyReport, LayerRow, place_weights, text_table
+from .profiles import HardwareProfile, MemoryLevel, get_profile
+from .report import EnergyReport, LayerRow, _counts_of, _price_row, place_weights, text_table
 
 __all__ = ["BreakEven", "BreakEvenTable", "break_even"]
 
@@ -130,23 +135,29 @@ def _level_pj(hw: HardwareProfile, name: str | None) -> float:
 def _dense_pj(
     c: LayerRow, ref: HardwareProfile, report: EnergyReport, w_levels: dict[str, MemoryLevel]
 ) -> tuple[float | None, list[str]]:
-    """What consumer ``c`` costs fed real values under ``ref`` (None when ref prices no MAC)."""
+    """What consumer ``c`` costs fed real values under ``ref`` (None when ref prices no MAC):
+    its counts with the spike-fed work made dense, priced as a report's row."""
     notes = []
     if ref.mac_pj is None:
         return None, [f"{ref.name!r} prices no MAC"]
-    energy = c.dense_macs * ref.mac_pj
-    if ref.prices_memory:
-        assert ref.memory is not None
-        vb = ref.value_bytes
-        weights = c.weight_reads_call if ref.weight_reuse == "call" else c.weight_reads
-        per = report.tokens if ref.weight_reuse == "token" and report.tokens else c.calls
-        inputs_b = c.dense_inputs * vb
-        act_level = place(ref.memory, (inputs_b + c.activation_writes * vb) / max(1, per))
-        w_level = w_levels[c.name]
-        energy += inputs_b * act_level.pj_per_byte + weights * vb * w_level.pj_per_byte
-    elif not ref.memory_included:
+    counts = _counts_of(c)
+    counts.update(
+        acs=0,
+        macs=c.macs + c.dense_macs,
+        activation_reads=c.activation_reads + c.dense_inputs,
+        weight_reads_event=c.weight_reads,  # real inputs: the weights read per vector
+        spike_read_bits_packed=0,
+        spike_read_bits_address=0,
+        spike_kind="real",
+        spike_elements=0,
+        spike_nnz=0,
+        spike_pos=0,
+        spike_neg=0,
+    )
+    if not ref.prices_memory and not ref.memory_included:
         notes.append(f"memory unpriced under {ref.name!r} (compute only)")
-    return energy, notes
+    row = _price_row(counts, ref, weight_level=w_levels.get(c.name), tokens=report.tokens)
+    return row.energy_pj, notes
 
 
 def _spiking_parts(
@@ -159,13 +170,12 @@ def _spiking_parts(
     fixed = p.energy_pj - (write_pj if address else 0.0)
     variable = write_pj if address else 0.0
     for c in consumers:
-        read_b = (c.spike_read_bits_address if address else c.spike_read_bits_packed) / 8
-        read_pj = read_b * _level_pj(hw, c.activation_level)
+        grows = c.ac_energy_pj
         if address:  # every spike moves an address and reads the weights it drives
-            variable += c.ac_energy_pj + read_pj + c.weight_memory_pj
-        else:
-            variable += c.ac_energy_pj
-            fixed += read_pj + c.weight_memory_pj
+            grows += c.spike_read_bits_address / 8 * _level_pj(hw, c.activation_level)
+            grows += c.acs * hw.value_bytes * _level_pj(hw, c.weight_level)
+        variable += grows
+        fixed += c.energy_pj - grows
     return fixed, variable
 
 

@@ -85,7 +85,7 @@ Count = counting.Count
 MEMORY_COUNT_FIELDS = (
     "weight_reads",  # parameter elements, fetched once per token vector
     "weight_reads_call",  # ... once per layer call
-    "weight_reads_event",  # ... one per accumulate where the input is spikes (event-driven)
+    "weight_reads_event",  # ... one per accumulate (and bias add) where fed spikes (event-driven)
     "activation_reads",  # real-valued input elements
     "activation_writes",  # real-valued output elements
     "spike_read_bits_packed",  # spike trains read, packed (2 bits ternary, 1 binary)
@@ -132,6 +132,9 @@ _EVENT_DEFAULTS: dict[str, Any] = {
     "state_reads": 0,
     "state_writes": 0,
     "dense_inputs": 0,  # a synaptic layer's real input elements (read when not spikes)
+    # its bias elements read where spikes drive it event by event (one per bias add; with real
+    # inputs, or spikes fetched per token, the bias is among the weights read per vector)
+    "bias_reads": 0,
     # spikes read ('read': a synaptic layer's input) or written ('write': a neuron's output), at
     # packed_bits per spike element or address_bits per non-zero spike
     "spike_io": None,
@@ -342,6 +345,7 @@ class _Synapse:
         elements: int,
         elementwise_ops: Count,
         activation_writes: Count,
+        bias_reads: int = 0,
     ) -> None:
         self.mult = 1 if fan_out is None else int(fan_out)
         self.features = features
@@ -353,6 +357,7 @@ class _Synapse:
             "spike_io": "read",
             "elementwise_ops": elementwise_ops,
             "activation_writes": activation_writes,
+            "bias_reads": bias_reads,
         }
         self.real = _Event(spike_kind="real", is_spike=False, fan_out=self.mult, **self.memory)
         self.templates: dict[tuple, _Event] = {}
@@ -488,6 +493,7 @@ class CountContext:
         features: int | None = None,
         elementwise_ops: Count = 0,
         activation_writes: Count = 0,
+        bias_reads: int = 0,
     ) -> _Synapse:
         """What :meth:`synaptic` counts for every call with ``x``'s geometry, to keep (in
         :attr:`static`) and hand to :meth:`synaptic_call` on each call: ``fan_out`` synaptic
@@ -496,10 +502,12 @@ class CountContext:
         Memory: the layer reads its ``weights`` (parameter elements) once per call or once for
         each of the call's ``vectors`` (tokens, samples), and its input: ``x``'s real values, or
         its spikes, addressed among ``features`` neurons per vector (default ``x.shape[-1]``).
+        Fed spikes by event-driven hardware (address-events) it reads one weight per accumulate
+        and ``bias_reads`` bias elements (one per bias add: its output elements, with a bias).
         """
         n_features = int(features) if features is not None else (x.shape[-1] if x.dim() else 1)
         return _Synapse(fan_out, dense_macs, weights, vectors, n_features, x.numel(),
-                        elementwise_ops, activation_writes)  # fmt: skip
+                        elementwise_ops, activation_writes, bias_reads)  # fmt: skip
 
     def synaptic_call(
         self,
@@ -1106,8 +1114,9 @@ def _resolve(rows) -> list[dict[str, Any]]:
             acc[f"spike_{io}_bits_packed"] += ev.spike_elements * packed
             acc[f"spike_{io}_bits_address"] += nnz * address
             if io == "read":
-                # event-driven: every accumulate reads its synapse's weight
-                acc["weight_reads_event"] += acs
+                # event-driven: every accumulate reads its synapse's weight, every bias add
+                # its bias
+                acc["weight_reads_event"] += acs + ev.bias_reads
                 acc["dense_macs"] += ev.dense_macs
                 acc["dense_inputs"] += ev.dense_inputs
                 if ev.source is not None:

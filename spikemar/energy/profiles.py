@@ -22,7 +22,8 @@ constants below exist nowhere else in spikemar.
   layer's weights once, reused across the T micro-steps of its spike trains but not across
   tokens (autoregressive generation at batch 1); ``'call'``: once per layer call, reused across
   the batch and the sequence (prefill, training). Under ``'address'`` a spike-fed layer is
-  event-driven instead: each accumulate reads its own weight (weight reads = ACs).
+  event-driven instead: each accumulate reads its own weight (weight reads = ACs) and each
+  bias add its bias (one per output element of a layer with a bias).
 * *Placement.* Levels are ordered from small to large and exist side by side (an 8 KB, a
   32 KB and a 1 MB SRAM beside DRAM). Weights stay resident: the levels are filled greedily,
   hottest weights first (bytes read per byte held), each layer's weights in the smallest level

@@ -155,6 +155,7 @@ def _linear_synapse(ctx: CountContext, module: nn.Linear, x: torch.Tensor, out: 
         features=module.in_features,
         elementwise_ops=out.numel() if module.bias is not None else 0,
         activation_writes=out.numel(),
+        bias_reads=out.numel() if module.bias is not None else 0,
     )
 
 
@@ -222,6 +223,7 @@ def _conv_synapse(ctx: CountContext, module: nn.modules.conv._ConvNd, x: torch.T
         features=per_sample,
         elementwise_ops=out.numel() if module.bias is not None else 0,
         activation_writes=out.numel(),
+        bias_reads=out.numel() if module.bias is not None else 0,
     )
     return synapse, weighted_acs
 

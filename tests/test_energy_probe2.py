@@ -167,3 +167,76 @@ def test_tiny_model_priced_by_hand_under_every_built_in_profile():
         rep = profile(net, x, hardware=name, tokens=B)
         assert rep.total_energy_pj == pytest.approx(want, rel=1e-12), name
         assert rep.total_energy_pj == sum(r.energy_pj for r in rep.rows)
+
+
+class _TwoPoints(nn.Module):
+    """Two spike points of different widths, each feeding its own projection, or (``shared``)
+    one projection called on both decodes."""
+
+    def __init__(self, shared: bool = False) -> None:
+        super().__init__()
+        self.a, self.b = _Source(4), _Source(2)
+        self.fa = nn.Linear(16, 8)
+        self.fb = self.fa if shared else nn.Linear(16, 12)
+
+    def forward(self, x):
+        return self.fa(self.a(x)).sum(-1) + self.fb(self.b(x)).sum(-1)
+
+
+def test_whole_model_rate_is_where_every_point_firing_at_it_costs_what_the_dense_form_does():
+    torch.manual_seed(0)
+    net = _TwoPoints()
+    x = torch.randn(6, 16)
+    hw = "45nm-fp32+mem+aer"
+    dense = sum(profile(f, x, hardware=hw).total_energy_pj for f in (net.fa, net.fb))
+    gap = {}
+    for rate in (0.125, 0.5):  # whole spike counts at both widths
+        net.a.k, net.b.k = round(rate * 4 * 6 * 16), round(rate * 2 * 6 * 16)
+        rep = profile(net, x, hardware=hw)
+        spiking = sum(rep.row(n).energy_pj for n in ("a", "b", "fa", "fb"))
+        gap[rate] = spiking - dense
+        if rate == 0.125:
+            model = break_even(rep).model
+    (r0, g0), (r1, g1) = gap.items()
+    assert model.break_even_rate == pytest.approx(r0 - g0 * (r1 - r0) / (g1 - g0), rel=1e-9)
+
+
+def test_a_point_that_fired_nothing_is_listed_and_counted_in_the_model_rate():
+    """It was dropped (its consumer had no ACs): the table lost the point, and the model's rate
+    and break-even were those of the other points alone."""
+    net = _TwoPoints()
+    net.a.k = 40
+    rep = profile(net, torch.randn(6, 16), hardware="45nm-fp32+mem")
+    table = break_even(rep)
+    assert [p.name for p in table.points] == ["a", "b"]
+    dead = table.row("b")
+    assert dead.firing_rate == 0 and dead.break_even_rate is None and dead.pays is None
+    assert dead.consumers == ("fb",) and dead.dense_pj > 0
+    assert table.model.firing_rate == pytest.approx(40 / (4 * 96 + 2 * 96))
+    assert table.model.break_even_rate is None
+    assert "b fired no spike" in table.note
+
+
+def test_a_layer_fed_by_two_points_joins_them_in_one_entry():
+    """One projection called on two points' decodes reads spikes of 'a+b': it was in no entry,
+    and the table came out empty."""
+    net = _TwoPoints(shared=True)
+    net.a.k, net.b.k = 40, 30
+    x = torch.randn(6, 16)
+    rep = profile(net, x, hardware="45nm-fp32+mem")
+    assert rep.row("fa").spike_source == "a+b"
+    table = break_even(rep)
+    (entry,) = table.points
+    assert entry.name == "a+b" and entry.consumers == ("fa",)
+    assert entry.firing_rate == pytest.approx(70 / (4 * 96 + 2 * 96))
+    spiking = sum(rep.row(n).energy_pj for n in ("a", "b", "fa"))
+    assert entry.spiking_pj == pytest.approx(spiking)
+    assert table.model.break_even_rate == pytest.approx(entry.break_even_rate)
+
+
+def test_a_report_without_spike_points_says_so():
+    rep = profile(nn.Linear(16, 8), torch.randn(3, 16), hardware="45nm-fp32+mem")
+    table = break_even(rep)
+    assert table.points == () and table.model is None
+    assert "no spike point" in table.to_table() and "no spike point" in table.to_markdown()
+    assert "| spike point |" not in table.to_markdown()

@@ -25,6 +25,10 @@ spike points: the rate at which every spike point firing alike would make the sp
 cost what its dense form costs.
 A rate r* ≤ 0 means the point's fixed cost alone exceeds the dense form; r* ≥ 1 that it pays at
 any rate. Terms a profile leaves unpriced are left out of both sides and named in ``note``.
+A layer that reads the spikes of several points (one projection called on two points' decodes)
+joins them in one entry, named ``'a+b'``, at their common rate. A point that fired no spike is
+listed with its fixed cost, but its break-even (and the whole model's) is not told: what a spike
+costs is measured from the spikes.
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from .report import EnergyReport, LayerRow, _counts_of, _price_row, place_weight
 __all__ = ["BreakEven", "BreakEvenTable", "break_even"]
 
 MODEL = "model"  # the name of the whole-model entry
+NO_POINTS = "no spike point feeds a counted layer in this report: nothing to break even"
 
 
 @dataclass(frozen=True)
@@ -105,7 +110,7 @@ class BreakEvenTable:
 
     def to_table(self) -> str:
         head, body = self._lines()
-        out = [self._title(), *text_table(head, body, left=1)]
+        out = [self._title(), *(text_table(head, body, left=1) if body else [NO_POINTS])]
         if self.note:
             out.append(f"note: {self.note}")
         return "\n".join(out)
@@ -115,9 +120,13 @@ class BreakEvenTable:
 
     def to_markdown(self) -> str:
         head, body = self._lines()
-        out = [self._title(), "", "| " + " | ".join(head) + " |"]
-        out.append("| --- | ---: | ---: | :---: | ---: | ---: |")
-        out += ["| " + " | ".join(r) + " |" for r in body]
+        out = [self._title(), ""]
+        if body:
+            out.append("| " + " | ".join(head) + " |")
+            out.append("| --- | ---: | ---: | :---: | ---: | ---: |")
+            out += ["| " + " | ".join(r) + " |" for r in body]
+        else:
+            out.append(NO_POINTS)
         if self.note:
             out += ["", f"note: {self.note}"]
         return "\n".join(out) + "\n"
@@ -161,14 +170,16 @@ def _dense_pj(
 
 
 def _spiking_parts(
-    p: LayerRow, consumers: list[LayerRow], hw: HardwareProfile
+    points: list[LayerRow], consumers: list[LayerRow], hw: HardwareProfile
 ) -> tuple[float, float]:
-    """(fixed, variable at the measured rate) energy of spike point ``p`` and its consumers."""
+    """(fixed, variable at the measured rate) energy of spike ``points`` and their consumers."""
     address = hw.spike_encoding == "address"
-    write_b = (p.spike_write_bits_address if address else p.spike_write_bits_packed) / 8
-    write_pj = write_b * _level_pj(hw, p.activation_level)
-    fixed = p.energy_pj - (write_pj if address else 0.0)
-    variable = write_pj if address else 0.0
+    fixed = variable = 0.0
+    for p in points:
+        write_b = (p.spike_write_bits_address if address else p.spike_write_bits_packed) / 8
+        write_pj = write_b * _level_pj(hw, p.activation_level)
+        fixed += p.energy_pj - (write_pj if address else 0.0)
+        variable += write_pj if address else 0.0
     for c in consumers:
         grows = c.ac_energy_pj
         if address:  # every spike moves an address and reads the weights it drives
@@ -177,6 +188,28 @@ def _spiking_parts(
         variable += grows
         fixed += c.energy_pj - grows
     return fixed, variable
+
+
+def _groups(rows: tuple[LayerRow, ...]) -> list[tuple[list[LayerRow], list[LayerRow]]]:
+    """(spike points, the rows that read their spikes) in row order: a row that reads the
+    spikes of several points (``spike_source`` 'a+b') joins them in one group."""
+    by_name = {r.name: r for r in rows}
+    groups: list[tuple[dict[str, None], list[LayerRow]]] = []
+    for c in rows:
+        if not c.spike_source:
+            continue
+        sources = dict.fromkeys(n for n in c.spike_source.split("+") if n in by_name)
+        met = [g for g in groups if not sources.keys().isdisjoint(g[0])]
+        names = {n: None for g in met for n in g[0]} | sources
+        readers = [r for g in met for r in g[1]] + [c]
+        groups = [g for g in groups if g not in met] + [(names, readers)]
+    order = {r.name: i for i, r in enumerate(rows)}
+    out = []
+    for names, readers in groups:
+        points = sorted((by_name[n] for n in names), key=lambda r: order[r.name])
+        if any(p.spike_elements for p in points):
+            out.append((points, sorted(readers, key=lambda r: order[r.name])))
+    return sorted(out, key=lambda g: order[g[0][0].name])
 
 
 def _entry(
@@ -215,10 +248,6 @@ def break_even(
         raise TypeError(f"report: expected an EnergyReport, got {type(report).__name__}")
     hw = report.hardware
     ref = hw if reference is None else get_profile(reference)
-    by_source: dict[str, list[LayerRow]] = {}
-    for r in report.rows:
-        if r.spike_source and r.acs:
-            by_source.setdefault(r.spike_source, []).append(r)
     notes: dict[str, None] = {}
     if hw.neuron_update_pj is None and any(r.neuron_updates for r in report.rows):
         notes[f"neuron updates unpriced under {hw.name!r} (not in the spiking side)"] = None
@@ -229,23 +258,24 @@ def break_even(
     points: list[BreakEven] = []
     sums = [0.0, 0.0, 0.0, 0, 0]  # fixed, variable, dense, nnz, elements
     dense_known = True
-    for p in report.rows:
-        consumers = by_source.get(p.name)
-        if not consumers or not p.spike_elements:
-            continue
-        rate = p.spike_nnz / p.spike_elements
-        fixed, variable = _spiking_parts(p, consumers, hw)
+    for group, consumers in _groups(report.rows):
+        nnz = sum(p.spike_nnz for p in group)
+        elements = sum(p.spike_elements for p in group)
+        fixed, variable = _spiking_parts(group, consumers, hw)
         dense: float | None = 0.0
         for c in consumers:
             d, why = _dense_pj(c, ref, report, w_levels)
             notes.update(dict.fromkeys(why))
             dense = None if d is None or dense is None else dense + d
+        name = "+".join(p.name for p in group)
+        if not nnz:  # what a spike costs is measured from the spikes
+            notes[f"{name} fired no spike: its cost per spike is not measured"] = None
         names = tuple(c.name for c in consumers)
-        points.append(_entry(p.name, names, rate, fixed, variable, dense))
+        points.append(_entry(name, names, nnz / elements, fixed, variable, dense))
         sums[0] += fixed
         sums[1] += variable
-        sums[3] += p.spike_nnz
-        sums[4] += p.spike_elements
+        sums[3] += nnz
+        sums[4] += elements
         if dense is None:
             dense_known = False
         else:
@@ -257,7 +287,8 @@ def break_even(
         per_rate = sum(p.per_rate_pj for p in points)
         rate = sums[3] / sums[4] if sums[4] else 0.0
         dense = sums[2] if dense_known else None
-        be = None if dense is None or per_rate <= 0 else (dense - fixed) / per_rate
+        measured = all(p.firing_rate > 0 for p in points)
+        be = None if dense is None or per_rate <= 0 or not measured else (dense - fixed) / per_rate
         model = BreakEven(
             name=MODEL,
             consumers=tuple(c for p in points for c in p.consumers),

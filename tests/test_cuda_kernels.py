@@ -269,6 +269,29 @@ def test_emulation_catches_a_contracted_membrane_update(build_dir, monkeypatch):
     assert not torch.equal(ref, fused)
 
 
+@emulated
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_subnormal_inputs_thresholds_and_membranes_are_exact(emulated_cupy, dtype):
+    """Subnormal inputs, thresholds and decaying membranes: spikes, membranes and the spike
+    point's decode equal the reference's bit for bit (on a GPU the forwards are kept from
+    flushing them by PTX without .ftz: test_forward_ptx_holds_no_fma_and_flushes_no_subnormal)."""
+    tiny = 1e-39  # float32 (and bfloat16) subnormal
+    cdtype = torch.float64 if dtype == torch.float64 else torch.float32
+    x = torch.tensor(
+        [[tiny, -tiny, 0.0, 3 * tiny, 0.7, -5e-39], [0.0] * 6, [2e-39, 0.0, -2e-39, 0.0, 1.0, 0.0]]
+    )
+    x = x.unsqueeze(1).expand(3, 2, 6).to(dtype).contiguous()
+    V = torch.tensor([tiny, 2 * tiny, 1e-3, tiny, 0.5, 1e-38], dtype=cdtype)
+    for tau, ternary in ((2.0, True), (10.0, False), (math.inf, True)):
+        p = ATMNParameters(V, tau=tau, ternary=ternary)
+        ref = atmn_multi_step(x, None, p, backend="torch", return_v_seq=True)
+        out = atmn_multi_step(x, None, p, backend="cupy-emulated", return_v_seq=True)
+        for a, b in zip(ref, out, strict=True):
+            assert torch.equal(a, b), (tau, ternary)
+        decoded, _ = atmn_quantize(x[0], 5, p, backend="torch")
+        assert torch.equal(decoded, cupy_backend.atmn_quantize_cupy(x[0], 5, p)), (tau, ternary)
+
+
 # -- NVRTC: the source compiles for the GPUs we target, and the forward holds no FMA ----------
 
 
@@ -340,9 +363,34 @@ def test_source_compiles_with_nvrtc_without_warnings(arch, max_t):
     assert len(cubin) > 0 and "warning" not in log.lower(), log
 
 
+def _plain_device_source() -> str:
+    """atmn.cu with the device's float32 add_rn/sub_rn/mul_rn/ge/le written plainly (a + b,
+    a >= b) instead of as PTX: what the compiler may contract and flush."""
+    plain = cupy_backend.SOURCE.read_text()
+    for op in ("add", "sub", "mul"):
+        sign = {"add": "+", "sub": "-", "mul": "*"}[op]
+        line = f'asm("{op}.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));'
+        assert line in plain
+        plain = plain.replace(line, f"r = a {sign} b;")
+    for op in ("ge", "le"):
+        sign = {"ge": ">=", "le": "<="}[op]
+        line = (
+            f'asm("{{ .reg .pred p; setp.{op}.f32 p, %1, %2; selp.s32 %0, 1, 0, p; }}" '
+            ': "=r"(r) : "f"(a), "f"(b));'
+        )
+        assert line in plain
+        plain = plain.replace(line, f"r = a {sign} b;")
+    return plain
+
+
 @needs_nvrtc
-def test_forward_ptx_holds_no_fma():
+def test_forward_ptx_holds_no_fma_and_flushes_no_subnormal():
+    """Built as CuPy builds it: CuPy appends -ftz=true after the caller's options (and NVRTC
+    takes the last), under which float32 arithmetic and comparisons flush subnormals (a
+    subnormal input or decayed membrane became 0, a subnormal V fired at h = 0). The forwards
+    hold neither an fma nor a .ftz instruction."""
     options = [*cupy_backend.NVRTC_OPTIONS, "-DMAX_T=8", "--gpu-architecture=compute_80"]
+    options.append("-ftz=true")  # cupy.cuda.compiler._compile_with_cache_cuda
     ptx, _ = _nvrtc_compile(cupy_backend.SOURCE.read_text(), options, "ptx")
     entries = _entries(ptx)
     # the neuron's forward and the spike point's, 4 dtypes × 2 index widths each
@@ -350,12 +398,11 @@ def test_forward_ptx_holds_no_fma():
     assert len(forwards) == 16
     for name in forwards:
         assert "fma." not in entries[name], f"{name}: the membrane update was contracted"
-    # the same check on the update written plainly finds the FMA (the test can fail)
-    plain = cupy_backend.SOURCE.read_text()
-    for op, intrinsic in (("+", "__fadd_rn"), ("*", "__fmul_rn")):
-        plain = plain.replace(f"return {intrinsic}(a, b);", f"return a {op} b;")
-    ptx, _ = _nvrtc_compile(plain, options, "ptx")
-    assert "fma.rn.f32" in _entries(ptx)["atmn_forward_f32_i32"]
+        assert ".ftz" not in entries[name], f"{name}: subnormals are flushed to zero"
+    # the same checks on the update written plainly find the FMA and the flush (they can fail)
+    plain = _entries(_nvrtc_compile(_plain_device_source(), options, "ptx")[0])
+    assert "fma.rn.ftz.f32" in plain["atmn_forward_f32_i32"]
+    assert "setp.ge.ftz.f32" in plain["atmn_quantize_forward_bf16_i32"]
 
 
 # -- the fused spike point: δ-inject → ATMN → decode in one kernel each way ---------------------

@@ -11,8 +11,10 @@ thread-local. Kernels read and write the CPU tensors' memory through the same ra
 would get on a GPU.
 
 What it checks: indexing, launch geometry, chunking, reductions and the arithmetic (the
-round-to-nearest intrinsics are functions the host compiler cannot contract). What it does
-not: timing, coalescing, warp-synchronous code (no shuffles are emulated), PTX. ``contract=True``
+round-to-nearest intrinsics are functions the host compiler cannot contract; the source's
+float32 add_rn/ge/... take them where the device build has inline PTX). What it does not:
+timing, coalescing, warp-synchronous code (no shuffles are emulated), PTX, CuPy's -ftz=true
+(the host keeps subnormals, as the forwards' PTX does). ``contract=True``
 builds with ``-ffp-contract=fast`` (and ``-mfma`` on x86-64), so that any ``a + b*c`` the source
 leaves to the compiler is fused as nvcc's default ``--fmad=true`` fuses it; ``False`` rounds
 every operation.

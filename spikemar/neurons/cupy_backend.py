@@ -47,8 +47,9 @@ __all__ = [
 ]
 
 SOURCE = Path(__file__).parent / "_cuda" / "atmn.cu"
-# the options every build uses (plus -DMAX_T=...): NVRTC's defaults otherwise, so --fmad=true:
-# the kernels' exactness comes from their intrinsics, which tests/test_cuda_kernels.py checks
+# the options every build uses (plus -DMAX_T=...): NVRTC's defaults otherwise, so --fmad=true,
+# and CuPy appends -ftz=true (the last one wins): the forwards' exactness comes from their inline
+# PTX (no FMA, no flush to zero), which tests/test_cuda_kernels.py checks under these options
 NVRTC_OPTIONS = ("-std=c++17",)
 _THREADS = 256  # BLOCK_THREADS in atmn.cu: the backward's shared reduction has this size
 _MAX_T_BUCKETS = (8, 16, 32, 64)

@@ -6,10 +6,15 @@
 //
 // Exactness: NVRTC and nvcc contract a + b*c into one FMA by default (--fmad=true), which rounds
 // once where the reference rounds twice; for tau outside {1, 2, inf} a spike then flips wherever
-// h lies within an ulp of +-V. Every operation of the membrane update is therefore written with
-// the round-to-nearest intrinsics (__fadd_rn, __fmul_rn, ...), which are never contracted
-// (tests/test_cuda_kernels.py fails if the forward's PTX holds an fma). The backward's gradient
-// arithmetic may contract: it is compared to 1e-5, and its recomputed h uses the same step.
+// h lies within an ulp of +-V. And CuPy compiles every module with -ftz=true (appended after the
+// caller's options; the last one wins), under which float32 arithmetic and comparisons flush
+// subnormals to zero (__fadd_rn is add.rn.ftz.f32, h >= V setp.ge.ftz.f32): a subnormal input or
+// decayed membrane became 0, and a subnormal V fired at h = 0. Every float32 operation of the
+// membrane update, the spike and the decode is therefore inline PTX without .ftz (add_rn, ge,
+// ...: never contracted, never flushed); the spike is an int; the probes test bits. float64 is
+// never flushed and uses __dadd_rn etc. (tests/test_cuda_kernels.py fails if the forward's PTX,
+// built with CuPy's options, holds an fma or a .ftz.) The backward's gradient arithmetic may
+// contract and flush: it is compared to 1e-5, and its recomputed h and spikes use the same step.
 //
 // Layout: x, spikes and their gradients are [T, N] contiguous, N = rows * C; v0, v_last [N].
 // Pointers arrive as integers; 0 means: v0 a zero membrane, g_* zero gradients, g_v0 and v_seq
@@ -103,27 +108,70 @@ __device__ __forceinline__ bf16_t narrow<bf16_t>(float v) {
   return b;
 }
 
-// round-to-nearest arithmetic that the compiler may not contract into an FMA
+// IEEE round-to-nearest arithmetic and comparisons that the compiler may neither contract into
+// an FMA nor flush to zero (see the top). ge/le: 1 or 0.
+#ifdef SPIKEMAR_CUDA_EMULATION
+// the host build (cuda_emulation.py): its __f*_rn are out of line, so never contracted
 __device__ __forceinline__ float add_rn(float a, float b) { return __fadd_rn(a, b); }
-__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
 __device__ __forceinline__ float sub_rn(float a, float b) { return __fsub_rn(a, b); }
-__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ float mul_rn(float a, float b) { return __fmul_rn(a, b); }
+__device__ __forceinline__ int ge(float a, float b) { return a >= b; }
+__device__ __forceinline__ int le(float a, float b) { return a <= b; }
+#else
+__device__ __forceinline__ float add_rn(float a, float b) {
+  float r;
+  asm("add.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float sub_rn(float a, float b) {
+  float r;
+  asm("sub.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ float mul_rn(float a, float b) {
+  float r;
+  asm("mul.rn.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ int ge(float a, float b) {
+  int r;
+  asm("{ .reg .pred p; setp.ge.f32 p, %1, %2; selp.s32 %0, 1, 0, p; }" : "=r"(r) : "f"(a), "f"(b));
+  return r;
+}
+__device__ __forceinline__ int le(float a, float b) {
+  int r;
+  asm("{ .reg .pred p; setp.le.f32 p, %1, %2; selp.s32 %0, 1, 0, p; }" : "=r"(r) : "f"(a), "f"(b));
+  return r;
+}
+#endif
+__device__ __forceinline__ double add_rn(double a, double b) { return __dadd_rn(a, b); }
+__device__ __forceinline__ double sub_rn(double a, double b) { return __dsub_rn(a, b); }
 __device__ __forceinline__ double mul_rn(double a, double b) { return __dmul_rn(a, b); }
+__device__ __forceinline__ int ge(double a, double b) { return a >= b; }
+__device__ __forceinline__ int le(double a, double b) { return a <= b; }
 
-// v is neither NaN nor ±inf (inf − inf and NaN − NaN are NaN); no header needed
+// v is neither NaN nor ±inf: its exponent bits are not all ones (bits: no flush, no header)
+__device__ __forceinline__ bool finite_value(float v) {
+  return (__float_as_uint(v) & 0x7f800000u) != 0x7f800000u;
+}
+__device__ __forceinline__ bool finite_value(double v) { return (v - v) == 0.0; }
+// v is ±0 (a subnormal is not)
+__device__ __forceinline__ bool is_zero(float v) { return (__float_as_uint(v) << 1) == 0u; }
+__device__ __forceinline__ bool is_zero(double v) { return v == 0.0; }
+
+// The spike of h: [h >= V] - ternary*[h <= -V], as an int (-V as 0 - V: no flush)
 template <typename R>
-__device__ __forceinline__ bool finite_value(R v) {
-  return (v - v) == R(0);
+__device__ __forceinline__ int spike_of(R h, R V, int ternary) {
+  return ge(h, V) - (ternary & le(h, sub_rn(R(0), V)));
 }
 
-// One micro-step: h from the input and the carried membrane, the spike, the reset membrane.
+// One micro-step: h from the input and the carried membrane, the spike k, the reset membrane.
 // The forward and the backward's recomputation both run this, so their h agree bit for bit.
 template <typename R>
-__device__ __forceinline__ R atmn_step(R x, R d, R V, R tern, R& u, R& s) {
+__device__ __forceinline__ R atmn_step(R x, R d, R V, int ternary, R& u, int& k) {
   const R h = add_rn(x, mul_rn(d, u));
-  s = R(h >= V) - tern * R(h <= -V);
-  u = sub_rn(h, mul_rn(V, s));
+  k = spike_of(h, V, ternary);
+  u = sub_rn(h, mul_rn(V, R(k)));
   return h;
 }
 
@@ -191,21 +239,22 @@ __device__ __forceinline__ void for_each_row(I rows, I C, I c, Body body) {
 template <typename R>
 struct Reverse {
   R d, V, iv, tern, keep_reset;
-  int kind;
+  int ternary, kind;
   R pa, pb;
 
-  __device__ __forceinline__ Reverse(R d_, R V_, int ternary, int detach_reset, int kind_, R pa_,
+  __device__ __forceinline__ Reverse(R d_, R V_, int ternary_, int detach_reset, int kind_, R pa_,
                                      R pb_)
       : d(d_),
         V(V_),
         iv(R(1) / V_),
-        tern(ternary ? R(1) : R(0)),
+        tern(ternary_ ? R(1) : R(0)),
         keep_reset(detach_reset ? R(0) : R(1)),
+        ternary(ternary_ ? 1 : 0),
         kind(kind_),
         pa(pa_),
         pb(pb_) {}
 
-  __device__ __forceinline__ R spike(R h) const { return R(h >= V) - tern * R(h <= -V); }
+  __device__ __forceinline__ R spike(R h) const { return R(spike_of(h, V, ternary)); }
 
   // visit(t, h_t) for t = T-1 down to 0, h_t recomputed from the initial membrane u0 and the
   // inputs x_t = input(t) in chunks of MAX_T micro-steps, the last chunk first (the membrane is
@@ -215,9 +264,10 @@ struct Reverse {
     R h[MAX_T];
     for (I end = T; end > 0;) {
       const I start = end > (I)MAX_T ? end - (I)MAX_T : (I)0;
-      R u = u0, s;
-      for (I t = 0; t < start; ++t) atmn_step<R>(input(t), d, V, tern, u, s);
-      for (I t = start; t < end; ++t) h[t - start] = atmn_step<R>(input(t), d, V, tern, u, s);
+      R u = u0;
+      int s;
+      for (I t = 0; t < start; ++t) atmn_step<R>(input(t), d, V, ternary, u, s);
+      for (I t = start; t < end; ++t) h[t - start] = atmn_step<R>(input(t), d, V, ternary, u, s);
       for (I t = end - 1; t >= start; --t) visit(t, h[t - start]);
       end = start;
     }
@@ -245,7 +295,8 @@ __device__ __forceinline__ void forward_impl(const S* __restrict__ x, const R* _
                                              int ternary, S* __restrict__ spikes,
                                              R* __restrict__ v_last, R* __restrict__ v_seq,
                                              int* bad) {
-  const R tern = ternary ? R(1) : R(0);
+  ternary = ternary ? 1 : 0;
+  const bool no_carry = is_zero(d);  // tau = inf
   const I N = rows * C;
   const I c = this_channel<I>();
   if (c >= C) return;  // no barrier in the forward: idle lanes may leave
@@ -255,15 +306,15 @@ __device__ __forceinline__ void forward_impl(const S* __restrict__ x, const R* _
     R u = v0 ? v0[n] : R(0);
     I at = n;  // t * N + n
     for (I t = 0; t < T; ++t, at += N) {
-      R s;
+      int s;
       const R xt = R(widen(x[at]));
-      if (d == R(0)) ok = ok && finite_value(xt);
-      atmn_step<R>(xt, d, V, tern, u, s);
-      spikes[at] = narrow<S>(s);
+      if (no_carry) ok = ok && finite_value(xt);
+      atmn_step<R>(xt, d, V, ternary, u, s);
+      spikes[at] = narrow<S>(R(s));
       if (v_seq) v_seq[at] = u;
     }
     v_last[n] = u;
-    if (d != R(0)) ok = ok && finite_value(u);
+    if (!no_carry) ok = ok && finite_value(u);
   });
   if (!ok) atomicOr(bad, 1);
 }
@@ -314,23 +365,25 @@ __device__ __forceinline__ void quantize_forward_impl(const S* __restrict__ x,
                                                       const R* __restrict__ w, I T, I rows, I C,
                                                       R d, int ternary, S* __restrict__ out,
                                                       int* bad, unsigned long long* counts) {
-  const R tern = ternary ? R(1) : R(0);
+  ternary = ternary ? 1 : 0;
+  const bool no_carry = is_zero(d);
   const I c = this_channel<I>();
   if (c >= C) return;
   bool ok = true;  // the probe of the forward above: the final membrane, or x when d = 0
   const R V = vth[c];
   unsigned long long pos = 0, neg = 0;
   for_each_row(rows, C, c, [&](I n) {
-    R u = R(0), s, acc = R(0);
+    R u = R(0), acc = R(0);
+    int s;
     const R x0 = R(widen(x[n]));
     for (I t = 0; t < T; ++t) {
-      atmn_step<R>(t == 0 ? x0 : R(0), d, V, tern, u, s);
-      acc = add_rn(acc, mul_rn(w[t], s));  // the decode's sum, micro-step by micro-step
-      pos += s > R(0);
-      neg += s < R(0);
+      atmn_step<R>(t == 0 ? x0 : R(0), d, V, ternary, u, s);
+      acc = add_rn(acc, mul_rn(w[t], R(s)));  // the decode's sum, micro-step by micro-step
+      pos += s > 0;
+      neg += s < 0;
     }
     out[n] = narrow<S>(mul_rn(V, acc));
-    ok = ok && finite_value(d == R(0) ? x0 : u);
+    ok = ok && finite_value(no_carry ? x0 : u);
   });
   if (!ok) atomicOr(bad, 1);
   if (counts) {

@@ -121,7 +121,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 
 
 def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any]:
-    """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them.
+    """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them. A
+    glob pattern (``shakespeare_*``) stands for the tasks it matches, in order, each once, as
+    in lm_eval's command (``simple_evaluate`` itself takes no patterns).
 
     lm_eval's own ~15,000 task configs are not all indexed (that takes tens of seconds): a
     task, group or tag is named literally in its YAML or Python file, so a plain text search
@@ -150,7 +152,10 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
             f"{', '.join(LOCAL_TASKS)}; `lm_eval ls tasks` lists lm_eval's, --include-path adds "
             "your own"
         )
-    return names, manager
+    expanded: list[str] = []
+    for name in names:
+        expanded += [m for m in manager.match_tasks([name]) if m not in expanded]
+    return expanded, manager
 
 
 def _lm_eval_folders_naming(name: str) -> list[Path]:

@@ -240,3 +240,41 @@ def test_a_report_without_spike_points_says_so():
     assert table.points == () and table.model is None
     assert "no spike point" in table.to_table() and "no spike point" in table.to_markdown()
     assert "| spike point |" not in table.to_markdown()
+
+
+@pytest.mark.parametrize(
+    "call, error, needle",
+    [
+        (lambda r: break_even(r, "nope"), ValueError, "reference: unknown profile 'nope'"),
+        (lambda r: break_even(r, 3), TypeError, "reference: expected a profile name"),
+        (lambda r: energy.headline(r, r, compute="nope"), ValueError, "compute: unknown"),
+        (lambda r: energy.headline(r, r, memory="nope"), ValueError, "memory: unknown"),
+        (lambda r: energy.compare_profiles(r, r, ["nope"]), ValueError, "profiles: unknown"),
+        # a bare name is not a list of them (it was read letter by letter: "profile '4'")
+        (lambda r: energy.compare_profiles(r, r, "45nm-fp32"), TypeError, "profiles: expected"),
+        (lambda r: energy.memory_traffic(r.rows[0], "nope"), ValueError, "hw: unknown profile"),
+    ],
+)
+def test_a_bad_profile_argument_is_named_as_given(call, error, needle):
+    """Each public function names its own argument (they all said 'hardware:')."""
+    rep = profile(nn.Linear(4, 2), torch.randn(2, 4), hardware="45nm-fp32+mem", tokens=2)
+    with pytest.raises(error, match=needle):
+        call(rep)
+
+
+def test_memory_traffic_takes_a_profile_name():
+    rep = profile(nn.Linear(4, 2), torch.randn(2, 4), hardware="45nm-fp32+mem", tokens=2)
+    row = rep.rows[0]
+    by_name = energy.memory_traffic(row, "45nm-fp16+mem")
+    assert by_name == energy.memory_traffic(row, energy.get_profile("45nm-fp16+mem"))
+    assert by_name[0] == 2 * (4 * 2 + 2) * 2  # fp16 weights and bias, per token
+
+
+def test_a_profile_refuses_two_levels_of_one_name_and_a_flag_that_is_not_a_bool():
+    """Reports and break-even tables name the level each byte lives in and look its price up by
+    that name: two levels named alike priced the second's bytes at the first's figure."""
+    levels = (energy.MemoryLevel("sram", 64, 1.0), energy.MemoryLevel("sram", None, 100.0))
+    with pytest.raises(ValueError, match=r"memory: expected levels with different names"):
+        energy.HardwareProfile("test-dup-levels", ac_pj=1.0, mac_pj=1.0, memory=levels)
+    with pytest.raises(TypeError, match="memory_included: expected a bool, got 'yes'"):
+        energy.HardwareProfile("test-flag", ac_pj=1.0, mac_pj=None, memory_included="yes")

@@ -247,7 +247,7 @@ def break_even(
     if not isinstance(report, EnergyReport):
         raise TypeError(f"report: expected an EnergyReport, got {type(report).__name__}")
     hw = report.hardware
-    ref = hw if reference is None else get_profile(reference)
+    ref = hw if reference is None else get_profile(reference, name="reference")
     notes: dict[str, None] = {}
     if hw.neuron_update_pj is None and any(r.neuron_updates for r in report.rows):
         notes[f"neuron updates unpriced under {hw.name!r} (not in the spiking side)"] = None

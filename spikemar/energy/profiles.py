@@ -179,8 +179,9 @@ class HardwareProfile:
             raise ValueError(
                 f"spike_encoding: expected one of {SPIKE_ENCODINGS}, got {self.spike_encoding!r}"
             )
-        if not isinstance(self.zero_skipping, bool):
-            raise TypeError(f"zero_skipping: expected a bool, got {self.zero_skipping!r}")
+        for flag in ("zero_skipping", "memory_included"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{flag}: expected a bool, got {getattr(self, flag)!r}")
         if self.weight_reuse not in WEIGHT_REUSE:
             raise ValueError(
                 f"weight_reuse: expected one of {WEIGHT_REUSE}, got {self.weight_reuse!r}"
@@ -199,6 +200,9 @@ class HardwareProfile:
                     "memory: expected levels ordered by capacity, small to large, only the "
                     f"last unbounded; got capacities {caps}"
                 )
+            names = [lv.name for lv in levels]
+            if len(set(names)) < len(names):  # reports name the level each byte lives in
+                raise ValueError(f"memory: expected levels with different names, got {names}")
             object.__setattr__(self, "memory", levels)
             if self.memory_included:
                 raise ValueError("memory_included: a profile with memory levels prices memory")
@@ -374,21 +378,20 @@ def available_profiles() -> tuple[str, ...]:
     return tuple(_PROFILES)
 
 
-def get_profile(hardware: str | HardwareProfile) -> HardwareProfile:
-    """The profile named ``hardware`` (a :class:`HardwareProfile` is returned as it is)."""
+def get_profile(hardware: str | HardwareProfile, *, name: str = "hardware") -> HardwareProfile:
+    """The profile named ``hardware`` (a :class:`HardwareProfile` is returned as it is); errors
+    name the argument ``name`` it was given as."""
     if isinstance(hardware, HardwareProfile):
         return hardware
     if not isinstance(hardware, str):
         raise TypeError(
-            f"hardware: expected a profile name or a HardwareProfile, got {type(hardware).__name__}"
+            f"{name}: expected a profile name or a HardwareProfile, got {type(hardware).__name__}"
         )
     try:
         return _PROFILES[hardware]
     except KeyError:
         known = ", ".join(repr(n) for n in _PROFILES)
-        raise ValueError(
-            f"hardware: unknown profile {hardware!r}; known profiles: {known}"
-        ) from None
+        raise ValueError(f"{name}: unknown profile {hardware!r}; known profiles: {known}") from None
 
 
 def memory_sibling(hardware: str | HardwareProfile) -> HardwareProfile:

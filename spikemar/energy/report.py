@@ -155,12 +155,13 @@ def _compute_energies(counts: dict[str, Any], hw: HardwareProfile) -> dict[str, 
 
 
 def memory_traffic(
-    counts: LayerRow | dict[str, Any], hw: HardwareProfile
+    counts: LayerRow | dict[str, Any], hw: str | HardwareProfile
 ) -> tuple[float, float, float]:
     """``(weight, activation, state)`` bytes that one row (or its counts) moves under ``hw``:
     real values at ``hw.value_bytes``; spike trains packed or as address-events per
     ``hw.spike_encoding``; weights fetched per token, per call, or (address-events) one per
     accumulate of a spike-fed layer (see :mod:`spikemar.energy.profiles`)."""
+    hw = get_profile(hw, name="hw")
     if isinstance(counts, LayerRow):
         counts = _counts_of(counts)
     vb = hw.value_bytes
@@ -1149,9 +1150,14 @@ def compare_profiles(
 
     if profiles is None:
         profiles = (student.hardware, *available_profiles())
+    elif isinstance(profiles, str | HardwareProfile):
+        raise TypeError(
+            f"profiles: expected an iterable of profile names or profiles, got {profiles!r} "
+            f"(one profile: [{profiles!r}])"
+        )
     seen: dict[str, EnergyComparison] = {}
     for p in profiles:
-        hw = get_profile(p)
+        hw = get_profile(p, name="profiles")
         if hw.name not in seen:
             seen[hw.name] = compare(
                 student.with_hardware(hw), teacher.with_hardware(hw), labels=labels
@@ -1176,10 +1182,12 @@ def headline(
     from .profiles import get_profile, memory_sibling
 
     parts = []
-    hw = get_profile(compute)
+    hw = get_profile(compute, name="compute")
+    if memory is not None:
+        memory = get_profile(memory, name="memory")
     if hw.prices_memory or hw.memory_included:  # a memory profile given as compute: one figure
         profiles = [("with memory traffic" if hw.prices_memory else "memory included", hw)]
-        if memory is not None and get_profile(memory) is not hw:
+        if memory is not None and memory is not hw:
             profiles.append(("with memory traffic", memory))
     else:
         if memory is None:

@@ -134,7 +134,8 @@ def _fractional_expand(d):  # transformers builds int(1.5·32) = 48 channels; sp
     (d / "config.json").write_text(json.dumps(config))
 
 
-def _missing_shard(d):
+def _missing_shard(d):  # the index alone: a single model.safetensors would be read first
+    (d / "model.safetensors").unlink()
     index = {"weight_map": {"backbone.embeddings.weight": "model-00002-of-00002.safetensors"}}
     (d / "model.safetensors.index.json").write_text(json.dumps(index))
 

@@ -187,15 +187,24 @@ def read_pretrained_config(directory: str | os.PathLike) -> dict[str, Any]:
 
 
 def _weight_files(directory: Path) -> tuple[str, list[Path]]:
-    """The format and files of a directory's weights: safetensors before bin, an index's shards
-    before a single file."""
+    """The format and files of a directory's weights, in transformers' order: safetensors before
+    bin, a single file before an index's shards (``save_pretrained`` into a folder that held
+    shards leaves their index behind beside the new single file)."""
     for stem, ext in WEIGHT_FILES:
+        single = directory / f"{stem}.{ext}"
+        if single.is_file():
+            return ext, [single]
         index = directory / f"{stem}.{ext}.index.json"
         if index.is_file():
             try:
                 weight_map = json.loads(index.read_text())["weight_map"]
-            except (json.JSONDecodeError, KeyError, TypeError) as err:
+            except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"{index}: not a weight index (no weight_map: {err})") from err
+            if not isinstance(weight_map, dict) or not all(
+                isinstance(f, str) for f in weight_map.values()
+            ):
+                raise ValueError(f"{index}: not a weight index (weight_map is not an object of "
+                                 "tensor names to file names)")  # fmt: skip
             files = [directory / f for f in sorted(set(weight_map.values()))]
             missing = [f.name for f in files if not f.is_file()]
             if missing:
@@ -204,9 +213,6 @@ def _weight_files(directory: Path) -> tuple[str, list[Path]]:
                     f"{', '.join(missing[:3])}"
                 )
             return ext, files
-        single = directory / f"{stem}.{ext}"
-        if single.is_file():
-            return ext, [single]
     raise FileNotFoundError(
         f"{directory}: no weights (expected model.safetensors or pytorch_model.bin, or their "
         "sharded form with an .index.json)"

@@ -1,0 +1,53 @@
+"""Checkpoint directories as transformers and the Hub leave them, read by ``from_pretrained``
+exactly as transformers reads them (a second acceptance probe of the pretrained path)."""
+
+import json
+
+import pytest
+import torch
+from references.hf_checkpoints import bpe_tokenizer
+
+from spikemar.models import from_pretrained
+
+transformers = pytest.importorskip("transformers")
+
+
+def tiny_mamba2(seed: int = 0):
+    torch.manual_seed(seed)
+    config = transformers.Mamba2Config(
+        vocab_size=300, hidden_size=32, num_hidden_layers=2, state_size=8, head_dim=8,
+        num_heads=8, n_groups=1, chunk_size=16,
+    )  # fmt: skip
+    return transformers.Mamba2ForCausalLM(config).eval()
+
+
+def test_a_single_file_saved_over_shards_is_read_as_transformers_reads_it(tmp_path):
+    # save_pretrained removes the old shards but leaves their index beside the new single file;
+    # transformers reads model.safetensors before an index, and so must spikemar
+    model = tiny_mamba2()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.5)
+    model.save_pretrained(tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").is_file()
+    bpe_tokenizer(300).save(tmp_path)
+    ids = torch.randint(0, 300, (2, 9), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = transformers.Mamba2ForCausalLM.from_pretrained(tmp_path).eval()(ids).logits
+        assert torch.allclose(want, model(ids).logits)
+        got = from_pretrained(tmp_path)(ids)
+    assert (got - want).abs().max() <= 1e-4 * want.abs().max()
+
+
+@pytest.mark.parametrize("weight_map", [["model-00001-of-00001.safetensors"], {"a": 3}])
+def test_an_index_whose_weight_map_is_not_names_to_files_is_one_error(tmp_path, weight_map):
+    model = tiny_mamba2()
+    model.save_pretrained(tmp_path, max_shard_size="20KB")
+    bpe_tokenizer(300).save(tmp_path)
+    index = tmp_path / "model.safetensors.index.json"
+    index.write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    with pytest.raises(ValueError, match="not a weight index") as info:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(info.value) and str(index) in str(info.value)

@@ -278,3 +278,22 @@ def test_a_profile_refuses_two_levels_of_one_name_and_a_flag_that_is_not_a_bool(
         energy.HardwareProfile("test-dup-levels", ac_pj=1.0, mac_pj=1.0, memory=levels)
     with pytest.raises(TypeError, match="memory_included: expected a bool, got 'yes'"):
         energy.HardwareProfile("test-flag", ac_pj=1.0, mac_pj=None, memory_included="yes")
+
+
+@pytest.mark.parametrize("step_mode", ["s", "m"])
+@pytest.mark.parametrize(
+    "make",
+    [sj_neuron.IzhikevichNode, sj_neuron.ComplementaryLIFNode, sj_neuron.LIFNode],
+    ids=["izhikevich", "complementary-lif", "lif"],
+)
+def test_a_neuron_reads_and_writes_every_state_variable_as_spikingjelly_counts(make, step_mode):
+    """A neuron with two state variables (Izhikevich's v and w) reads and writes both at every
+    step, as SpikingJelly's memory counter has it; only the membrane was counted."""
+    torch.manual_seed(2)
+    net = nn.Sequential(make(step_mode=step_mode), layer.Linear(16, 8, step_mode=step_mode))
+    x = torch.randn(3, 5, 16) * 2 if step_mode == "m" else torch.randn(5, 16) * 2
+    sj = next(v for k, v in _sj_memory(net, x).items() if k.endswith(".0"))
+    row = profile(net, x, hardware="45nm-fp32+mem").row("0")
+    assert row.state_reads * 4 == sj["neuron_state_read_bytes"]
+    assert row.state_writes * 4 == sj["neuron_state_write_bytes"]
+    assert row.state_bytes == sj["neuron_state_read_bytes"] + sj["neuron_state_write_bytes"]

@@ -605,17 +605,19 @@ class CountContext:
         inputs: int = 0,
         weights: int = 0,
         vectors: int = 1,
+        state: int | None = None,
     ) -> None:
         """A neuron produced ``spikes``: count its updates and firing, tag them as spikes.
 
         Memory: it reads ``inputs`` real input elements and its ``weights`` (thresholds; once
-        per call or per vector), reads and writes its membrane once per update, and writes the
-        spikes."""
+        per call or per vector), reads and writes its ``state`` elements (default: a membrane
+        per update, one per spike element), and writes the spikes."""
         n = spikes.numel()
         width = spikes.shape[-1] if spikes.dim() else 1
-        key = ("spikes_out", n, width, ternary, inputs, weights, vectors)
+        state = n if state is None else state
+        key = ("spikes_out", n, width, ternary, inputs, weights, vectors, state)
         template = self.static.get(key) or self.keep(
-            key, _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state=n)
+            key, _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state)
         )
         nnz, total = _stats.unit_spike_counts(spikes, ternary)
         (self._row or self.row()).events.append((template, nnz, total))

@@ -247,7 +247,20 @@ def _neuron_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], ou
         inputs=inputs,
         weights=ctx.parameters(module),
         vectors=spikes.numel() // max(1, width),
+        state=_neuron_state(module, x),
     )
+
+
+def _neuron_state(module: nn.Module, x: torch.Tensor | None) -> int | None:
+    """State elements a SpikingJelly-style neuron reads and writes in one call: every tensor it
+    keeps as a memory (the membrane, and an Izhikevich neuron's recovery variable, say), once
+    per step (None: no memories to read, one membrane per spike element)."""
+    memories = getattr(module, "memories", None)
+    if not callable(memories):
+        return None
+    per_step = sum(m.numel() for m in memories() if isinstance(m, torch.Tensor))
+    multi = getattr(module, "step_mode", "s") == "m" and x is not None and x.dim() > 0
+    return per_step * (x.shape[0] if multi else 1) or None
 
 
 def _passthrough_rule(ctx: CountContext, module: nn.Module, args: tuple[Any, ...], out) -> None:

@@ -303,7 +303,7 @@ def test_plan_arguments():
         plan(m)
     with pytest.raises(ValueError, match=r"energy_ratio: 2 is out of reach; .* at most 1x"):
         plan(m, energy_ratio=2)
-    with pytest.raises(ValueError, match="energy_ratio: expected >= 1"):
+    with pytest.raises(ValueError, match="energy_ratio: expected a number >= 1"):
         plan(m, energy_ratio=0.5)
 
 

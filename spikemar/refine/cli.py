@@ -38,7 +38,10 @@ __all__ = ["add_refine_arguments", "refine_main"]
 
 
 def _option(text: str) -> dict[str, Any]:
-    """``T=4,v_threshold=0.5`` → {'T': 4, 'v_threshold': 0.5}."""
+    """``T=4,v_threshold=0.5`` → {'T': 4, 'v_threshold': 0.5}, checked as a spike-point setting
+    (a bad field or value is argparse's one line, before the teacher is loaded)."""
+    from .measure import check_setting
+
     out: dict[str, Any] = {}
     for part in text.split(","):
         key, eq, value = part.partition("=")
@@ -49,7 +52,10 @@ def _option(text: str) -> dict[str, Any]:
             out[key.strip()] = int(value) if key.strip() == "T" else float(value)
         except ValueError:
             out[key.strip()] = value
-    return out
+    try:
+        return check_setting(repr(text), out)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def _energy_ratio(text: str) -> float:

@@ -34,6 +34,7 @@ from torch import nn
 
 from .. import energy
 from ..models import MARLM, SpikeConfig
+from ..models.mar import point_module
 
 __all__ = [
     "DEFAULT_OPTIONS",
@@ -41,6 +42,7 @@ __all__ = [
     "Option",
     "build_student",
     "check_hardware",
+    "check_setting",
     "kl_and_loss",
     "measure",
     "replaceable_layers",
@@ -250,6 +252,36 @@ def check_hardware(hardware: str | energy.HardwareProfile) -> energy.HardwarePro
     return hw
 
 
+def check_setting(where: str, setting: Any) -> dict[str, Any]:
+    """``setting`` (one option to measure at a spike point: a ``MARConfig.points`` dict) as a
+    dict, else one error that starts with ``where``."""
+    if _is_mixer_setting(setting):
+        raise ValueError(f"{where}: {setting!r} replaces a layer's mixer, which is no option of "
+                         "a spike point; a stage-1 student (measure(stage1=...), spikemar "
+                         "refine --stage1) offers each layer it replaces")  # fmt: skip
+    if not isinstance(setting, dict):
+        raise ValueError(f"{where}: expected a spike-point setting as a dict (e.g. "
+                         f"{{'T': 4, 'v_threshold': 0.5}} or {{'sparsify': 'topk', "
+                         f"'amount': 0.25}}), got {setting!r}")  # fmt: skip
+    try:
+        point_module(1, setting, SpikeConfig(), name=where)
+    except ValueError as err:  # SpikeConfig's own messages name the field, not the option
+        message = str(err)
+        if not message.startswith(where):
+            message = f"{where}: {message}"
+        raise ValueError(message) from None
+    return dict(setting)
+
+
+def check_settings(name: str, settings: Any) -> tuple[dict[str, Any], ...]:
+    """``settings`` (``measure``'s ``options`` or ``sparsify``) as a tuple of dicts, each a
+    ``MARConfig.points`` setting of one spike point, else one error naming ``name[i]``."""
+    if isinstance(settings, str | dict) or not isinstance(settings, Sequence):
+        raise ValueError(f"{name}: expected a sequence of spike-point settings (dicts such as "
+                         f"{{'T': 4, 'v_threshold': 0.5}}), got {settings!r}")  # fmt: skip
+    return tuple(check_setting(f"{name}[{i}]", s) for i, s in enumerate(settings))
+
+
 def _energy(model: MARLM, tokens: torch.Tensor, hardware: str) -> float:
     report = energy.profile(model, tokens, hardware=hardware)
     return report.total_energy_pj / report.tokens
@@ -261,7 +293,7 @@ def measure(
     *,
     options: Sequence[dict[str, Any]] = DEFAULT_OPTIONS,
     sparsify: Sequence[dict[str, Any]] = DEFAULT_SPARSIFY,
-    hardware: str = "45nm-fp32",
+    hardware: str | energy.HardwareProfile = "45nm-fp32",
     batch_size: int = 8,
     energy_windows: int = 2,
     stage1: MARLM | None = None,
@@ -281,7 +313,14 @@ def measure(
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
         raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
-    zero_skipping = check_hardware(hardware).zero_skipping  # before any work
+    if windows.shape[0] < 1:
+        raise ValueError(f"windows: expected at least one window, got {tuple(windows.shape)}")
+    for name, value in (("batch_size", batch_size), ("energy_windows", energy_windows)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    options, sparsify = check_settings("options", options), check_settings("sparsify", sparsify)
+    profile = check_hardware(hardware)  # before any work
+    zero_skipping = profile.zero_skipping
     teacher.eval()
     sample = windows[:energy_windows, :-1]
     teacher_energy = _energy(teacher, sample, hardware)
@@ -317,5 +356,5 @@ def measure(
             "sparsify": [dict(o) for o in sparsify], "zero_skipping": zero_skipping,
             "replaced_layers": {str(i): k for i, k in replaced.items()}}  # fmt: skip
     if not math.isfinite(teacher_energy) or teacher_energy <= 0:
-        raise ValueError(f"hardware: {hardware!r} prices the teacher at {teacher_energy} pJ")
-    return Measurements(modules, teacher_energy, teacher_loss, hardware, info)
+        raise ValueError(f"hardware: {profile.name!r} prices the teacher at {teacher_energy} pJ")
+    return Measurements(modules, teacher_energy, teacher_loss, profile.name, info)

@@ -21,6 +21,7 @@ plan then says ``exact=False``.
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import random
 from dataclasses import dataclass, field
@@ -107,6 +108,12 @@ class Plan:
         return path
 
 
+def _check_number(name: str, value: Any, low: float) -> None:
+    """One error naming ``name`` unless ``value`` is a real number >= ``low`` (NaN is not)."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
+        raise ValueError(f"{name}: expected a number >= {low:g}, got {value!r}")
+
+
 def _ratio(m: Measurements, saved: float) -> float:
     left = m.teacher_energy_pj - saved
     return m.teacher_energy_pj / left if left > 0 else float("inf")
@@ -131,8 +138,7 @@ def plan(
         raise ValueError("measurements: no modules were measured")
     front, exact = pareto_front(measurements, max_front)
     if energy_ratio is not None:
-        if not energy_ratio >= 1:
-            raise ValueError(f"energy_ratio: expected >= 1, got {energy_ratio!r}")
+        _check_number("energy_ratio", energy_ratio, 1)
         need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
         ok = [p for p in front if p.saved >= need - 1e-9 * abs(need)]
         if not ok:
@@ -142,8 +148,7 @@ def plan(
         chosen = ok[0]  # the front is KL-ascending: the first that saves enough
         budget = {"energy_ratio": float(energy_ratio)}
     else:
-        if not max_kl >= 0:
-            raise ValueError(f"max_kl: expected >= 0, got {max_kl!r}")
+        _check_number("max_kl", max_kl, 0)
         ok = [p for p in front if p.kl <= max_kl]
         chosen = ok[-1]  # saved ascends with KL along the front; dense (0, 0) always fits
         budget = {"max_kl": float(max_kl)}
@@ -189,8 +194,9 @@ def random_schedule(
     little, moves a random module to a random one of its options that saves more (pure draws
     almost never reach high ratios: at 8x on the packaged teacher none of 2,000 did); of the
     draws, the one closest above the target is returned."""
-    if not energy_ratio >= 1:
-        raise ValueError(f"energy_ratio: expected >= 1, got {energy_ratio!r}")
+    _check_number("energy_ratio", energy_ratio, 1)
+    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
+        raise ValueError(f"tries: expected an int >= 1, got {tries!r}")
     rng = random.Random(seed)
     need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
     most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())

@@ -1,0 +1,104 @@
+"""Refinement (issue 16) from outside: bad arguments at the public boundary, each one error
+naming the argument, before any work."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from spikemar import energy
+from spikemar.models import MARLM, MARConfig
+from spikemar.refine import Measurements, Option, measure, plan, random_schedule
+
+SMALL = dict(vocab_size=11, d_model=16, n_layers=1, d_state=4, head_dim=8)
+T4 = {"T": 4, "v_threshold": 0.5}
+
+
+def _teacher() -> MARLM:
+    torch.manual_seed(0)
+    return MARLM(MARConfig(**SMALL, spikes=None)).eval()
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        # range() arg 3 must not be zero / float division by zero
+        ({"batch_size": 0}, r"^batch_size: expected an int >= 1, got 0$"),
+        ({"batch_size": -1}, r"^batch_size: expected an int >= 1, got -1$"),
+        # 'tokens: expected non-empty token ids' from inside the energy counter
+        ({"energy_windows": 0}, r"^energy_windows: expected an int >= 1, got 0$"),
+        # 'dictionary update sequence element #0 has length 1' after the point was measured
+        ({"options": ("spike",)}, r"^options\[0\]: expected a spike-point setting as a dict"),
+        # SpikeConfig's 'T: expected an int >= 1' named no option
+        ({"options": ({"T": "abc"},)}, r"^options\[0\]: T: expected an int >= 1"),
+        ({"options": ({"V": 1.0},)}, r"^options\[0\]: unknown spike fields \['V'\]"),
+        # a dict was read as its keys: "points[...]: expected 'dense', 'spike' or a dict, got 'T'"
+        ({"options": T4}, r"^options: expected a sequence of spike-point settings"),
+        ({"options": ({"mixer": "ssm"},)}, r"^options\[0\]: \{'mixer': 'ssm'\} replaces a layer"),
+        (
+            {"sparsify": ({"sparsify": "topk", "amount": 3},), "hardware": "45nm-fp32+zs"},
+            r"^sparsify\[0\]: 'topk' keeps a fraction in \(0, 1\], got 3$",
+        ),
+    ],
+)
+def test_measure_names_a_bad_argument_before_any_work(kwargs, message, monkeypatch):
+    def no_work(*args, **kwargs):
+        raise AssertionError("measured before the arguments were checked")
+
+    monkeypatch.setattr(energy, "profile", no_work)
+    teacher, windows = _teacher(), torch.randint(0, 11, (2, 9))
+    with pytest.raises(ValueError, match=message):
+        measure(teacher, windows, **{"options": (T4,), "sparsify": (), **kwargs})
+
+
+def test_measure_refuses_empty_windows_by_name():
+    # it was named 'tokens' (the energy counter's argument)
+    with pytest.raises(ValueError, match=r"^windows: expected at least one window, got \(0, 9\)"):
+        measure(_teacher(), torch.zeros(0, 9, dtype=torch.long), options=(T4,), sparsify=())
+
+
+def test_measure_under_a_profile_object_saves_its_table(tmp_path):
+    """``hardware`` may be a HardwareProfile (check_hardware takes one): the table records its
+    name (it kept the object, and saving the table failed: not JSON serializable)."""
+    teacher, windows = _teacher(), torch.randint(0, 11, (2, 9))
+    profile = energy.get_profile("45nm-fp16")
+    m = measure(teacher, windows, options=(T4,), sparsify=(), energy_windows=1, hardware=profile)
+    assert m.hardware == "45nm-fp16"
+    loaded = Measurements.load(m.save(tmp_path / "m.json"))
+    assert loaded.to_json() == m.to_json()
+
+
+def test_plan_and_random_schedule_name_bad_budgets():
+    options = [Option("a", "dense", 0.0, 1.0, 0.0), Option("a", T4, 0.1, 1.0, 5.0)]
+    m = Measurements({"a": options}, 10.0, 1.0, "45nm-fp32")
+    for kwargs, message in [
+        ({"energy_ratio": "5"}, r"^energy_ratio: expected a number >= 1, got '5'$"),  # TypeError
+        ({"energy_ratio": float("nan")}, r"^energy_ratio: expected a number >= 1, got nan$"),
+        ({"max_kl": "0.1"}, r"^max_kl: expected a number >= 0, got '0.1'$"),
+        ({"max_kl": -1.0}, r"^max_kl: expected a number >= 0, got -1.0$"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            plan(m, **kwargs)
+    with pytest.raises(ValueError, match=r"^tries: expected an int >= 1, got 0$"):
+        random_schedule(m, 1.5, tries=0)  # returned None
+    with pytest.raises(ValueError, match=r"^energy_ratio: expected a number >= 1, got '2'$"):
+        random_schedule(m, "2")
+
+
+def test_refine_option_is_checked_by_argparse(tmp_path, capsys):
+    """A bad --option is argparse's one line naming --option, before the teacher is loaded (it
+    failed inside the first measurement, naming only the spike field)."""
+    from spikemar.cli import main
+
+    for option, message in [
+        ("T=abc", "argument --option: 'T=abc': T: expected an int >= 1"),
+        ("T=4,tau=0", "argument --option: 'T=4,tau=0': tau: expected a float > 0"),
+        ("mixer=ssm", "argument --option: 'mixer=ssm': {'mixer': 'ssm'} replaces a layer's"),
+    ]:
+        argv = ["refine", "--teacher", str(tmp_path / "none.pt"), "--budget-kl", "1", "--out",
+                str(tmp_path / "o"), "--option", option]  # fmt: skip
+        with pytest.raises(SystemExit) as exit_:
+            main(argv)
+        err = capsys.readouterr().err.strip()
+        assert exit_.value.code == 2 and "\n" not in err and message in err, err
+    assert not (tmp_path / "o").exists()

@@ -297,3 +297,27 @@ def test_a_neuron_reads_and_writes_every_state_variable_as_spikingjelly_counts(m
     assert row.state_reads * 4 == sj["neuron_state_read_bytes"]
     assert row.state_writes * 4 == sj["neuron_state_write_bytes"]
     assert row.state_bytes == sj["neuron_state_read_bytes"] + sj["neuron_state_write_bytes"]
+
+
+def test_without_a_token_count_a_batch_costs_its_samples_under_per_token_fetching():
+    """A float-input network has no token ids, so its report has no token count; under per-token
+    weight fetching each sample's activations were still placed by the whole call's size: at
+    batch 64 a 512-wide MLP's activations went to the 1 MB SRAM (12.5 pJ/B) instead of 8 KB
+    (1.25 pJ/B), and a sample cost more in a batch than alone."""
+    net = nn.Sequential(nn.Linear(512, 512), sj_neuron.IFNode(), nn.Linear(512, 512))
+    x = torch.randn(64, 512)
+    reps = []
+    for batch in (x[:1], x):
+        sj_functional.reset_net(net)
+        reps.append(profile(net, batch, hardware="45nm-fp32+mem"))
+    one, many = reps
+    assert one.tokens is None and many.tokens is None
+    for a, b in zip(one.rows, many.rows, strict=True):
+        assert b.vectors == 64 * a.vectors
+        assert b.activation_level == a.activation_level == "SRAM 8 KB"
+    sj_functional.reset_net(net)
+    told = profile(net, x, hardware="45nm-fp32+mem", tokens=64)  # placed per token: the same
+    assert [r.activation_memory_pj for r in told.rows] == [
+        r.activation_memory_pj for r in many.rows
+    ]
+    assert energy.EnergyReport.from_json(many.to_json()) == many

@@ -99,6 +99,9 @@ MEMORY_COUNT_FIELDS = (
     "skipped_macs",  # MACs whose input is a zero of a sparsified tensor (zero-skipping skips)
     "skipped_reads",  # ... and those zeros, not read by zero-skipping hardware
     "sparse_index_bits",  # the index of each non-zero it reads instead (⌈log2 width⌉ bits)
+    # vectors (tokens, samples, micro-steps) its calls processed: without a token count, one
+    # vector's working set is what per-token weight fetching holds (0: not known, one call's)
+    "vectors",
 )
 _MEMORY_EVENT_FIELDS = (
     "weight_call",
@@ -142,6 +145,7 @@ _EVENT_DEFAULTS: dict[str, Any] = {
     "address_bits": 0,  # (a sparsified input: the bits of one index)
     "source": None,  # the row that produced the spikes a synaptic layer reads
     "sparse_nnz": None,  # non-zeros of a sparsified real input (declare_sparse)
+    "vectors": 0,  # vectors processed (see MEMORY_COUNT_FIELDS)
 }
 
 
@@ -173,12 +177,19 @@ class _Event:
 
 
 def _spikes_written(
-    n: int, ternary: bool, width: int, weight_call: int, weight_token: int, inputs: int, state: int
+    n: int,
+    ternary: bool,
+    width: int,
+    weight_call: int,
+    weight_token: int,
+    inputs: int,
+    state: int,
+    vectors: int,
 ) -> _Event:
     """The template of a neuron or spike point (:meth:`_Event.filled` adds the counts): one
-    update per element of its ``n``-element spike train, ``inputs`` real values and its
-    thresholds read, ``state`` membrane elements read and written, the spike train written
-    (addresses among ``width`` neurons)."""
+    update per element of its ``n``-element spike train of ``vectors`` vectors, ``inputs`` real
+    values and its thresholds read, ``state`` membrane elements read and written, the spike
+    train written (addresses among ``width`` neurons)."""
     packed, address = _spike_bits(ternary, width)
     return _Event(
         spike_kind="ternary" if ternary else "binary",
@@ -192,6 +203,7 @@ def _spikes_written(
         spike_io="write",
         packed_bits=packed,
         address_bits=address,
+        vectors=vectors,
     )
 
 
@@ -358,6 +370,7 @@ class _Synapse:
             "elementwise_ops": elementwise_ops,
             "activation_writes": activation_writes,
             "bias_reads": bias_reads,
+            "vectors": vectors,
         }
         self.real = _Event(spike_kind="real", is_spike=False, fan_out=self.mult, **self.memory)
         self.templates: dict[tuple, _Event] = {}
@@ -595,7 +608,7 @@ class CountContext:
         ``weight_reads`` table elements (default ``acs``: one per accumulate)."""
         reads = acs if weight_reads is None else weight_reads
         self.add(_Event(spike_kind="index", acs_units=acs, fan_out=1, weight_call=reads,
-                        weight_token=reads))  # fmt: skip
+                        weight_token=reads, vectors=idx.numel()))  # fmt: skip
 
     def spikes_out(
         self,
@@ -617,7 +630,8 @@ class CountContext:
         state = n if state is None else state
         key = ("spikes_out", n, width, ternary, inputs, weights, vectors, state)
         template = self.static.get(key) or self.keep(
-            key, _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state)
+            key,
+            _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state, vectors),
         )
         nnz, total = _stats.unit_spike_counts(spikes, ternary)
         (self._row or self.row()).events.append((template, nnz, total))
@@ -852,10 +866,9 @@ class EnergyCounter(counting.CountsSink):
         """(row name, thresholds, event template) of a spike point's calls with this geometry."""
         thresholds = self._parameter_count(module, recurse=True)
         channels = decoded.shape[-1] if decoded.dim() else 1
-        per_token = thresholds * (decoded.numel() // max(1, channels))
-        template = _spikes_written(
-            elements, ternary, channels, thresholds, per_token, decoded.numel(), state=0
-        )
+        vectors = decoded.numel() // max(1, channels)
+        template = _spikes_written(elements, ternary, channels, thresholds, thresholds * vectors,
+                                   decoded.numel(), state=0, vectors=vectors)  # fmt: skip
         return self._name_of(module), thresholds, template
 
     def on_declare_sparse(self, module: nn.Module | None, x: torch.Tensor) -> None:
@@ -1068,6 +1081,7 @@ def _resolve(rows) -> list[dict[str, Any]]:
         kinds: dict[str, None] = {}
         sources: dict[str, None] = {}
         for ev in evs:
+            acc["vectors"] += ev.vectors
             acc["macs"] += ev.macs
             acc["elementwise_ops"] += ev.elementwise_ops
             acc["neuron_updates"] += ev.neuron_updates

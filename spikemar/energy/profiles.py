@@ -29,8 +29,9 @@ constants below exist nowhere else in spikemar.
   hottest weights first (bytes read per byte held), each layer's weights in the smallest level
   with room left for all of them, so thresholds, norms and an SSM's decays stay on chip while
   large matrices spill to DRAM first (:func:`spikemar.energy.report.place_weights`). A layer's
-  activations (one token's inputs and outputs under per-token weight fetching, one call's
-  otherwise) and its state live in the smallest level that holds them. The last level has no
+  activations (one token's inputs and outputs under per-token weight fetching, or one vector's,
+  a sample's or micro-step's, in a report without a token count; one call's otherwise) and its
+  state live in the smallest level that holds them. The last level has no
   capacity limit (off-chip DRAM).
 
 Built-in profiles:

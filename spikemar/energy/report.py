@@ -97,6 +97,7 @@ class LayerRow:
     skipped_macs: int = 0  # MACs on zeros of a sparsified input (a zero-skipping profile skips)
     skipped_reads: int = 0  # those zeros (not read under zero-skipping)
     sparse_index_bits: int = 0  # the non-zeros' indices (read instead, under zero-skipping)
+    vectors: int = 0  # tokens, samples or micro-steps processed (0: not known)
     spike_source: str | None = None  # the spike point(s) or neuron(s) whose spikes it reads
     parameters: int = 0  # parameter elements its module holds (where its weights are placed)
     # of those, elements an earlier row's module holds too (tied weights: a head that reuses the
@@ -245,10 +246,13 @@ def _price_row(
     levels: tuple[MemoryLevel | None, ...] = (None, None, None)
     mem_pj = (0.0, 0.0, 0.0)
     if hw.prices_memory:
-        # one token's working set under per-token weight fetching, else one call's
-        # activations and state: one token's working set under per-token weight fetching, else
-        # one call's; the state is read and written, one copy of it lives there
-        per = max(1, tokens if (hw.weight_reuse == "token" and tokens) else int(counts["calls"]))
+        # activations and state: one token's working set under per-token weight fetching (one
+        # vector's in a report without a token count: a sample, a micro-step), else one call's;
+        # the state is read and written, one copy of it lives there
+        per = int(counts["calls"])
+        if hw.weight_reuse == "token":
+            per = tokens or int(counts.get("vectors", 0)) or per
+        per = max(1, per)
         assert hw.memory is not None and weight_level is not None
         levels = (
             weight_level,

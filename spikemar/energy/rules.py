@@ -291,13 +291,16 @@ def _elementwise_event(ctx: CountContext, module: nn.Module, x: torch.Tensor | N
     # memory: reads its input, writes its output (as real values), reads its parameters (a
     # norm's weight) once per vector
     width = y.shape[-1] if y.dim() else 1
-    return ctx.event(
+    vectors = y.numel() // max(1, width)
+    event = ctx.event(
         elementwise_ops=y.numel(),
         activation_reads=x.numel() if x is not None else 0,
         activation_writes=y.numel(),
-        weight_reads=ctx.parameters(module) * (y.numel() // max(1, width)),
+        weight_reads=ctx.parameters(module) * vectors,
         weight_reads_call=ctx.parameters(module),
     )
+    event.vectors = vectors
+    return event
 
 
 def _register_builtins() -> None:

@@ -38,3 +38,57 @@ def test_eval_command_expands_a_glob_task_pattern(checkpoint, tmp_path, capsys):
     assert cli.main(argv) == 0, capsys.readouterr().err
     (row,) = json.loads((out / "eval.json").read_text())["rows"]
     assert list(row["tasks"]) == ["shakespeare_speaker"]
+
+
+def test_eval_text_takes_unk_and_names_its_flags(checkpoint, tmp_path, capsys):
+    """``--text`` with characters outside the alphabet said 'text: ...' (the library's name)
+    and ignored ``--unk ' '``; the task path's hint named lm_eval's ``model_args unk=``, and a
+    corrupt checkpoint or bad --unk was 'checkpoint:'/'unk:' where other commands say the flag."""
+    from spikemar.eval import text_perplexity
+    from spikemar.eval.scoring import load_model
+
+    text = tmp_path / "t.txt"
+    text.write_text("Act 1, scene 2\nEnter Viola\n")
+    out = tmp_path / "ppl"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--text", str(text), "--no-energy",
+            "--out", str(out)]  # fmt: skip
+
+    def error(*extra: str) -> str:
+        assert cli.main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip()
+        assert "\n" not in err
+        return err
+
+    assert error().endswith("--text: characters ['1', '2'] are not in the tokenizer's vocabulary "
+                            "of 65 (--unk ' ' replaces them)")  # fmt: skip
+    assert error("--unk", "#").endswith("--unk: expected one character of the tokenizer's "
+                                        "alphabet, got '#'")  # fmt: skip
+    assert cli.main([*argv, "--unk", " "]) == 0
+    assert "were scored as ' ': '12'" in capsys.readouterr().err
+    (got,) = json.loads((out / "perplexity.json").read_text())["results"]
+    model, tok = load_model(checkpoint)
+    want = text_perplexity(model, tok, text.read_text().replace("1", " ").replace("2", " "))
+    assert got["nats_per_token"] == pytest.approx(want.nats_per_token, rel=1e-9)
+    assert got["bytes"] == len(text.read_bytes())
+    tasks = ["eval", "--checkpoint", str(checkpoint), "--tasks", "shakespeare_speaker",
+             "--limit", "1", "--no-energy", "--out", str(tmp_path / "t")]  # fmt: skip
+    bad = tmp_path / "bad.pt"
+    bad.write_text("not a checkpoint\n")
+    assert cli.main([*tasks, "--checkpoint", str(bad)]) == 2
+    assert "error: --checkpoint: " in capsys.readouterr().err
+    assert cli.main([*tasks, "--unk", "#"]) == 2
+    assert "error: --unk: expected one character" in capsys.readouterr().err
+
+
+def test_harness_unknown_characters_hint_names_the_command_option(checkpoint):
+    from lm_eval.api.instance import Instance
+
+    from spikemar.eval.harness import SpikemarLM
+
+    lm = SpikemarLM(checkpoint=checkpoint, count_energy=False)
+    request = [Instance("loglikelihood", {}, ("Act 1", " scene"), 0)]
+    with pytest.raises(ValueError, match=r"\(model_args unk=' ' replaces them\)"):
+        lm.loglikelihood(request)
+    lm.unk_hint = "--unk ' '"  # what spikemar eval sets
+    with pytest.raises(ValueError, match=r"\(--unk ' ' replaces them\)"):
+        lm.loglikelihood(request)

@@ -271,6 +271,7 @@ def evaluate_checkpoints(
             checkpoint=path, tokenizer=tokenizer, batch_size=batch_size, device=device, unk=unk,
             window=window, count_energy=count_energy, dtype=dtype,
         )  # fmt: skip
+        lm.unk_hint = "--unk ' '"  # the command's option, not lm_eval's model_args
         print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
         try:
@@ -311,7 +312,7 @@ def _run_text(
     import json
 
     from ..data import read_text
-    from .perplexity import save_curves, text_perplexity
+    from .perplexity import check_unk, replace_unknown, save_curves, text_perplexity
     from .report import DEFAULT_COLUMNS, energy_cells, energy_summary, unpriced_note
     from .scoring import Scorer, load_model
 
@@ -329,12 +330,23 @@ def _run_text(
     notes: set[str] = set()
     for path, label in zip(checkpoints, labels, strict=True):
         model, tokenizer = load_model(path, args.tokenizer, args.dtype)
+        unk = check_unk(tokenizer, args.unk)
+        replaced = "".join(sorted(replace_unknown(tokenizer, text, unk)[1]))
+        if replaced:
+            print(f"{label}: characters outside the tokenizer's alphabet were scored as {unk!r}: "
+                  f"{replaced!r}", file=sys.stderr)  # fmt: skip
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
             # the energy of the passes that produced this score, beside it (as for tasks)
             scorer = Scorer(model, int(tokenizer.vocab_size), batch_size=args.batch_size,
                             device=args.device, count_energy=count)  # fmt: skip
-            r = text_perplexity(model, tokenizer, text, window=window, scorer=scorer)
+            try:
+                r = text_perplexity(model, tokenizer, text, window=window, scorer=scorer, unk=unk)
+            except ValueError as err:  # "text: characters [...] are not in the vocabulary"
+                if not str(err).startswith("text: "):
+                    raise
+                hint = " (--unk ' ' replaces them)" if hasattr(tokenizer, "chars") else ""
+                raise ValueError(f"--{err}{hint}") from err
             energy = energy_summary(scorer.energy_report()) if count else None
             name = label if window is None else f"{label}, windows of {window}"
             results.append((name, r))
@@ -372,10 +384,14 @@ def _run_text(
 
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
-    """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given."""
+    """An error on one line; the library's ``tokenizer:`` is --tokenizer's where it was given,
+    and an argument the command has as an option is named as its flag (``checkpoint:``,
+    ``unk:``: ``--checkpoint:``, ``--unk:``); ``text:`` is a task's text unless --text."""
+    from ..cli import _with_flags
     from ..models.hub import checkpoint_or_tokenizer_line
 
-    return checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
+    message = checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
+    return _with_flags(message, args, text="text" if args.text is not None else "tasks")
 
 
 def eval_main(args: argparse.Namespace) -> int:

@@ -45,7 +45,7 @@ from lm_eval.api.registry import register_model
 
 from .._argtypes import check_device
 from ..energy import EnergyReport
-from .perplexity import end_token, start_token, text_prefix
+from .perplexity import check_unk, end_token, replace_unknown, start_token, text_prefix
 from .scoring import Scorer, load_model
 
 __all__ = ["SpikemarLM", "load_model"]
@@ -166,7 +166,7 @@ class SpikemarLM(TemplateLM):
         self._prefix_id = start_token(tokenizer)
         self._eot_id = end_token(tokenizer)
         self._prefix_text = tokenizer.decode(self._text_prefix) if self._text_prefix else None
-        self.unk = self._check_unk(unk)
+        self.unk = check_unk(tokenizer, unk)
         self.window = _as_int("window", window, 1, none_ok=True)
         self.max_gen_toks = _as_int("max_gen_toks", max_gen_toks, 1)
         self.scorer = Scorer(
@@ -182,20 +182,10 @@ class SpikemarLM(TemplateLM):
         eos = getattr(tokenizer, "eos_id", None)
         self._eos_text = tokenizer.decode([eos]) if isinstance(eos, int) else None
         self.replaced_chars: set[str] = set()
+        # how an error about characters outside the alphabet says to set unk (spikemar eval: --unk)
+        self.unk_hint = "model_args unk=' '"
 
     # -- tokenizer ---------------------------------------------------------------------------
-
-    def _check_unk(self, unk: str | None) -> str | None:
-        if unk is None:
-            return None
-        chars = getattr(self.tokenizer, "chars", None)
-        if chars is None:
-            raise ValueError("unk: only a character tokenizer has an alphabet to stand in for")
-        if not isinstance(unk, str) or len(unk) != 1 or unk not in chars:
-            raise ValueError(
-                f"unk: expected one character of the tokenizer's alphabet, got {unk!r}"
-            )
-        return unk
 
     @property
     def eot_token_id(self) -> int:
@@ -222,17 +212,12 @@ class SpikemarLM(TemplateLM):
         if add_special_tokens is not False and self._text_prefix:
             if not (self._prefix_text and string.startswith(self._prefix_text)):
                 prefix = list(self._text_prefix)
-        chars = getattr(self.tokenizer, "chars", None)
-        if self.unk is not None and chars is not None:
-            known = set(chars)
-            missing = {c for c in string if c not in known}
-            if missing:
-                self.replaced_chars |= missing
-                string = "".join(c if c in known else self.unk for c in string)
+        string, missing = replace_unknown(self.tokenizer, string, self.unk)
+        self.replaced_chars |= missing
         try:
             return prefix + list(self.tokenizer.encode(string))
         except ValueError as err:
-            hint = " (model_args unk=' ' replaces them)" if chars is not None else ""
+            hint = f" ({self.unk_hint} replaces them)" if hasattr(self.tokenizer, "chars") else ""
             raise ValueError(f"{err}{hint}") from err
 
     def tok_decode(self, tokens: Sequence[int], **kw: Any) -> str:

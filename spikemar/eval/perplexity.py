@@ -34,12 +34,40 @@ from .scoring import Scorer, nats_to_bits_per_byte
 
 __all__ = [
     "PerplexityResult",
+    "check_unk",
     "end_token",
+    "replace_unknown",
     "save_curves",
     "start_token",
     "text_perplexity",
     "text_prefix",
 ]
+
+
+def check_unk(tokenizer: Any, unk: str | None) -> str | None:
+    """``unk`` checked as a stand-in for characters outside a character tokenizer's alphabet:
+    one character of that alphabet (None: no stand-in)."""
+    if unk is None:
+        return None
+    chars = getattr(tokenizer, "chars", None)
+    if chars is None:
+        raise ValueError("unk: only a character tokenizer has an alphabet to stand in for")
+    if not isinstance(unk, str) or len(unk) != 1 or unk not in chars:
+        raise ValueError(f"unk: expected one character of the tokenizer's alphabet, got {unk!r}")
+    return unk
+
+
+def replace_unknown(tokenizer: Any, text: str, unk: str | None) -> tuple[str, set[str]]:
+    """``(text with unk for every character outside the tokenizer's alphabet, the characters
+    replaced)``; unchanged without ``unk`` or an alphabet (a tokenizer with no ``chars``)."""
+    chars = getattr(tokenizer, "chars", None)
+    if unk is None or chars is None:
+        return text, set()
+    known = set(chars)
+    missing = {c for c in text if c not in known}
+    if not missing:
+        return text, missing
+    return "".join(c if c in known else unk for c in text), missing
 
 
 def text_prefix(tokenizer: Any) -> list[int]:
@@ -129,16 +157,19 @@ def text_perplexity(
     batch_size: int = 16,
     device: str | torch.device = "cpu",
     scorer: Scorer | None = None,
+    unk: str | None = None,
 ) -> PerplexityResult:
     """Score ``text`` with ``model`` (see the module docstring for the two modes).
 
     ``scorer``: a :class:`~spikemar.eval.scoring.Scorer` of ``model`` to score with instead of
     a new one (``batch_size`` and ``device`` are then its own): one made with
     ``count_energy=True`` counts the operations of the passes that produced the score
-    (``scorer.energy_report(hardware)``)."""
+    (``scorer.energy_report(hardware)``). ``unk``: a character of a character tokenizer's
+    alphabet scored in place of characters outside it (:func:`replace_unknown`; bits/byte
+    still counts the text's own bytes, as lm_eval's does for a document)."""
     if not isinstance(text, str) or not text:
         raise ValueError("text: expected a non-empty string")
-    ids = list(tokenizer.encode(text))
+    ids = list(tokenizer.encode(replace_unknown(tokenizer, text, check_unk(tokenizer, unk))[0]))
     if not ids:
         raise ValueError("text: encodes to no tokens")
     if scorer is None:

@@ -92,3 +92,26 @@ def test_harness_unknown_characters_hint_names_the_command_option(checkpoint):
     lm.unk_hint = "--unk ' '"  # what spikemar eval sets
     with pytest.raises(ValueError, match=r"\(--unk ' ' replaces them\)"):
         lm.loglikelihood(request)
+
+
+def test_a_generation_tasks_metrics_reach_the_table():
+    """A generate_until task (``exact_match``, per filter, lm_eval's numpy floats) was scored
+    and then dropped: neither the JSON nor the Markdown held anything of it."""
+    import numpy as np
+
+    from spikemar.eval.report import EvalTable, row_from_lm_eval
+
+    results = {"results": {
+        "gen": {"alias": "gen", "exact_match,strict-match": np.float64(0.25),
+                "exact_match_stderr,strict-match": 0.1, "exact_match,flexible-extract": 0.5,
+                "exact_match_stderr,flexible-extract": "N/A"},
+        "mc": {"acc,none": 0.5, "acc_stderr,none": 0.2, "acc_norm,none": np.float32(0.75)},
+    }}  # fmt: skip
+    row = row_from_lm_eval("m", "m.pt", results)
+    assert row.tasks["gen"] == {"exact_match,strict-match": 0.25,
+                                "exact_match_stderr,strict-match": 0.1,
+                                "exact_match,flexible-extract": 0.5}  # fmt: skip
+    assert row.tasks["mc"] == {"acc": 0.5, "acc_stderr": 0.2, "acc_norm": 0.75}
+    head, _, cells = EvalTable([row]).to_markdown().splitlines()[:3]
+    assert "| gen (exact_match,strict-match) | gen (exact_match,flexible-extract) |" in head
+    assert "| 0.25 ± 0.1 | 0.5 |" in cells and row.average_accuracy() == (0.5, 0.2 / 1)

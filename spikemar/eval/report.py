@@ -6,7 +6,8 @@ energy per token under every hardware profile, as MAR's Table 2 with an energy c
 
 A row holds what lm_eval measured (its ``results["results"]``: for multiple-choice tasks
 ``acc`` and ``acc_norm`` with their standard errors, for rolling tasks ``word_perplexity``,
-``byte_perplexity`` and ``bits_per_byte``) and what spikemar's energy counter counted on the
+``byte_perplexity`` and ``bits_per_byte``, and any other metric, as a generation task's
+``exact_match``) and what spikemar's energy counter counted on the
 very forward passes that produced those scores: energy per token position under each profile
 (:func:`spikemar.energy.available_profiles`) and the spike points' firing rates.
 
@@ -18,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import numbers
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -42,11 +44,34 @@ def _metric(task_results: dict[str, Any], name: str) -> tuple[float | None, floa
         if not isinstance(key, str) or "," not in key:
             continue
         metric, _filter = key.split(",", 1)
-        if metric == name and isinstance(v, (int, float)):
+        if metric == name and _is_number(v):
             value = float(v)
-        elif metric == f"{name}_stderr" and isinstance(v, (int, float)):
+        elif metric == f"{name}_stderr" and _is_number(v):
             stderr = float(v)
     return value, stderr
+
+
+def _other_metrics(task_results: dict[str, Any]) -> dict[str, float]:
+    """The task's metrics other than accuracy and perplexity (``exact_match`` of a generation
+    task, ``f1``, ...) with their standard errors, under lm_eval's keys less a ``,none``
+    filter (``exact_match``, ``exact_match_stderr``; ``exact_match,strict-match``)."""
+    out = {}
+    for key, v in task_results.items():
+        if not isinstance(key, str) or "," not in key or not _is_number(v):
+            continue
+        metric, filt = key.split(",", 1)
+        if metric in ACCURACY + PERPLEXITY or metric.endswith("_stderr"):
+            continue
+        tail = "" if filt == "none" else f",{filt}"
+        out[metric + tail] = float(v)
+        se = task_results.get(f"{metric}_stderr,{filt}")
+        if _is_number(se) and math.isfinite(se):
+            out[f"{metric}_stderr{tail}"] = float(se)
+    return out
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, numbers.Real) and not isinstance(v, bool)
 
 
 def energy_summary(report: EnergyReport, profiles: tuple[str, ...] | None = None) -> dict:
@@ -121,6 +146,7 @@ def row_from_lm_eval(
                 metrics[name] = value
                 if stderr is not None and math.isfinite(stderr):
                     metrics[f"{name}_stderr"] = stderr
+        metrics.update(_other_metrics(res))
         if metrics:
             tasks[task] = metrics
     samples = {}
@@ -135,6 +161,13 @@ def row_from_lm_eval(
         seconds=seconds,
         samples=samples,
     )
+
+
+def _stderr_key(metric: str) -> str:
+    """``exact_match`` → ``exact_match_stderr``; ``exact_match,strict-match`` →
+    ``exact_match_stderr,strict-match``."""
+    name, sep, filt = metric.partition(",")
+    return f"{name}_stderr{sep}{filt}"
 
 
 def _pm(value: float | None, stderr: float | None, scale: float = 100.0) -> str:
@@ -198,6 +231,18 @@ class EvalTable:
                     seen.setdefault(task)
         return list(seen)
 
+    def _other_columns(self) -> list[tuple[str, str]]:
+        """``(task, metric)`` of every metric that is neither accuracy nor perplexity (nor a
+        standard error), in the order the rows hold them."""
+        seen: dict[tuple[str, str], None] = {}
+        for row in self.rows:
+            for task, metrics in row.tasks.items():
+                for m in metrics:
+                    name = m.split(",", 1)[0]
+                    if name not in ACCURACY + PERPLEXITY and not name.endswith("_stderr"):
+                        seen.setdefault((task, m))
+        return list(seen)
+
     def _profiles(self) -> list[str]:
         seen: dict[str, None] = {}
         for row in self.rows:
@@ -219,11 +264,13 @@ class EvalTable:
         energy per token under each profile, the spike points' firing rate."""
         acc_tasks = self._tasks(ACCURACY)
         ppl_tasks = self._tasks(PERPLEXITY)
+        others = self._other_columns()
         profiles = self._profiles()
         head = ["model", *acc_tasks]
         if acc_tasks:
             head.append("avg acc")
         head += [f"{t} (bits/byte)" for t in ppl_tasks]
+        head += [f"{t} ({m})" for t, m in others]
         head += [f"E/token {p}" for p in profiles]
         head.append("firing rate")
         lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -239,6 +286,11 @@ class EvalTable:
                 v = m.get(key)
                 cells.append("–" if v is None else f"{v:.4f}" + ("" if key == "bits_per_byte"
                                                                  else " (ppl)"))  # fmt: skip
+            for t, m in others:
+                metrics = row.tasks.get(t, {})
+                v, se = metrics.get(m), metrics.get(_stderr_key(m))
+                cells.append("–" if v is None else f"{v:.4g}" + ("" if se is None
+                                                                 else f" ± {se:.2g}"))  # fmt: skip
             cells += energy_cells(row.energy, profiles, notes)
             lines.append("| " + " | ".join(cells) + " |")
         out = "\n".join(lines) + "\n"

@@ -321,3 +321,30 @@ def test_without_a_token_count_a_batch_costs_its_samples_under_per_token_fetchin
         r.activation_memory_pj for r in many.rows
     ]
     assert energy.EnergyReport.from_json(many.to_json()) == many
+
+
+def test_energy_command_names_the_report_it_cannot_write(tmp_path, capsys, monkeypatch):
+    """A write that fails after the checks (a full disk; /proc as root passes them) printed the
+    bare '[Errno 28] ...' of a temporary file, naming no option."""
+    import argparse
+    import contextlib
+    import errno
+
+    import spikemar.energy.cli as energy_cli
+
+    @contextlib.contextmanager
+    def full_disk(path, **_):
+        raise OSError(errno.ENOSPC, "No space left on device", str(path))
+        yield
+
+    monkeypatch.setattr(energy_cli, "atomic_write", full_disk)
+    parser = energy_cli.add_energy_arguments(argparse.ArgumentParser(prog="spikemar energy"))
+    out = str(tmp_path / "r.json")
+    args = parser.parse_args(
+        ["--model", "demo", "--d", "16", "--layers", "1", "--random-tokens", "4", "--json", out]
+    )
+    assert energy_cli.energy_main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [
+        f"spikemar energy: error: --json: cannot write {out!r} (No space left on device)"
+    ]

@@ -17,7 +17,9 @@ prints the comparison.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -273,21 +275,32 @@ def energy_main(args: argparse.Namespace) -> int:
                 if mem_hw is not report.hardware:
                     comparison = compare(shown, rep_t.with_hardware(mem_hw),
                                          labels=("student", label))  # fmt: skip
-        for path, text in ((args.json, lambda: shown.to_json() + "\n"),
-                           (args.markdown, shown.to_markdown)):  # fmt: skip
+        for flag, path, text in (("--json", args.json, lambda: shown.to_json() + "\n"),
+                                 ("--markdown", args.markdown, shown.to_markdown)):  # fmt: skip
             if path is not None:
-                with atomic_write(path, fsync=False) as tmp:
+                with _naming(flag, path), atomic_write(path, fsync=False) as tmp:
                     tmp.write_text(text(), encoding="utf-8")
         if args.png is not None:
             # a comparison is drawn as printed: both models, per token
-            if comparison is not None:
-                comparison.save_png(args.png)
-            else:
-                shown.save_png(args.png, per_token=args.per_token)
+            with _naming("--png", args.png):
+                if comparison is not None:
+                    comparison.save_png(args.png)
+                else:
+                    shown.save_png(args.png, per_token=args.per_token)
     except ValueError as err:
         print(f"spikemar energy: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+@contextlib.contextmanager
+def _naming(flag: str, path: Path) -> Iterator[None]:
+    """A report that cannot be written (a full disk, a folder that refuses files) is one error
+    naming its option."""
+    try:
+        yield
+    except OSError as err:
+        raise ValueError(f"{flag}: cannot write {str(path)!r} ({err.strerror or err})") from err
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

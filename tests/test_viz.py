@@ -171,6 +171,21 @@ def test_bad_argument_types_are_named():
         viz.firing_rates(KNOWN, batch_dims=2)
 
 
+def test_complex_ragged_and_rates_inputs_are_named_as_given():
+    """A complex tensor lost its imaginary part with a warning and was drawn; a ragged list was
+    called 'not a tensor or array' though lists are taken; spikes given as plot_firing_rates'
+    ``rates`` were named 'spikes'."""
+    with pytest.raises(TypeError, match=r"spikes: expected real values, got a torch.complex64"):
+        viz.raster(torch.tensor([[1 + 1j, 0j]]))
+    with pytest.raises(TypeError, match="spikes: expected real values, got complex"):
+        viz.firing_rates(np.array([[1 + 0j, 0j]]))
+    with pytest.raises(TypeError, match="rectangular nested list"):
+        viz.raster([[1, 0], [1]])
+    with pytest.raises(ValueError, match=r"rates: expected spikes \[T, N, \.\.\.\]"):
+        viz.plot_firing_rates(np.array([0.1, 0.2]))
+    viz.plot_firing_rates([[1, 0], [-1, 1]])  # spikes as a list still work
+
+
 def test_plot_firing_rates_bars_are_the_rates():
     ax = viz.plot_firing_rates(KNOWN)
     heights = [p.get_height() for p in ax.patches]

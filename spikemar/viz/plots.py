@@ -68,13 +68,21 @@ ArrayLike = torch.Tensor | np.ndarray | Sequence[Any]
 
 def _to_numpy(x: ArrayLike, name: str) -> np.ndarray:
     if isinstance(x, torch.Tensor):
+        if x.is_complex():  # its imaginary part would be dropped with a warning
+            raise TypeError(f"{name}: expected real values, got a {x.dtype} tensor")
         return x.detach().to("cpu", torch.float64).numpy()
     try:
-        arr = np.asarray(x, dtype=np.float64)
+        arr = np.asarray(x)
+        real = not np.iscomplexobj(arr)
+        if real:
+            arr = arr.astype(np.float64)
     except (TypeError, ValueError) as err:
         raise TypeError(
-            f"{name}: expected a torch.Tensor or numpy array, got {type(x).__name__}"
+            f"{name}: expected a torch.Tensor, a numpy array or a rectangular nested list of "
+            f"numbers, got {type(x).__name__}"
         ) from err
+    if not real:
+        raise TypeError(f"{name}: expected real values, got complex ones")
     return arr
 
 
@@ -247,7 +255,11 @@ def firing_rates(spikes: ArrayLike, *, batch_dims: int = 0) -> FiringRates:
     Returns:
         :class:`FiringRates` with arrays over the (flattened) neurons.
     """
-    matrix = _spike_matrix(spikes, batch_dims=batch_dims)
+    return _firing_rates(spikes, "spikes", batch_dims)
+
+
+def _firing_rates(spikes: ArrayLike, name: str, batch_dims: int = 0) -> FiringRates:
+    matrix = _spike_matrix(spikes, name, batch_dims=batch_dims)
     rate_pos = (matrix > 0).mean(axis=0)
     rate_neg = (matrix < 0).mean(axis=0)
     return FiringRates(rate_pos, rate_neg, rate_pos + rate_neg, int(matrix.shape[0]))
@@ -270,7 +282,7 @@ def plot_firing_rates(
             bars up with a raster's neuron axis.
     """
     if not isinstance(rates, FiringRates):
-        rates = firing_rates(rates)
+        rates = _firing_rates(rates, "rates")
     ax = _check_ax(ax, (6.4, 3.2))
     idx = np.arange(rates.num_neurons)
     width = 0.85 if rates.num_neurons > 1 else 0.5

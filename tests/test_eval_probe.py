@@ -115,3 +115,28 @@ def test_a_generation_tasks_metrics_reach_the_table():
     head, _, cells = EvalTable([row]).to_markdown().splitlines()[:3]
     assert "| gen (exact_match,strict-match) | gen (exact_match,flexible-extract) |" in head
     assert "| 0.25 ± 0.1 | 0.5 |" in cells and row.average_accuracy() == (0.5, 0.2 / 1)
+
+
+def test_average_accuracy_counts_a_group_once_not_beside_its_members():
+    """``--tasks mmlu,piqa``: lm_eval reports the group's aggregate beside each of its tasks
+    (and subgroups); the average took them all, the group counted with its own members."""
+    from spikemar.eval.report import row_from_lm_eval
+
+    def acc(a: float, se: float) -> dict:
+        return {"acc,none": a, "acc_stderr,none": se}
+
+    results = {
+        "results": {"law": acc(0.2, 0.1), "art": acc(0.4, 0.1), "humanities": acc(0.3, 0.07),
+                    "mmlu": acc(0.3, 0.07), "piqa": acc(0.7, 0.05)},
+        "group_subtasks": {"mmlu": ["humanities"], "humanities": ["law", "art"], "piqa": []},
+    }  # fmt: skip
+    row = row_from_lm_eval("m", "m.pt", results)
+    mean, se = row.average_accuracy()
+    assert mean == pytest.approx((0.3 + 0.7) / 2)
+    assert se == pytest.approx((0.07**2 + 0.05**2) ** 0.5 / 2)
+    assert row.groups == {"mmlu": ["humanities"], "humanities": ["law", "art"]}
+    # a group without an aggregate of its own (a tag-like group) leaves its members counted
+    del results["results"]["mmlu"], results["results"]["humanities"]
+    assert row_from_lm_eval("m", "m.pt", results).average_accuracy()[0] == pytest.approx(
+        (0.2 + 0.4 + 0.7) / 3
+    )

@@ -11,8 +11,9 @@ A row holds what lm_eval measured (its ``results["results"]``: for multiple-choi
 very forward passes that produced those scores: energy per token position under each profile
 (:func:`spikemar.energy.available_profiles`) and the spike points' firing rates.
 
-The average accuracy is the mean of the tasks' ``acc``; its standard error treats the tasks as
-independent: sqrt(Σ se²) / n.
+The average accuracy is the mean of the tasks' ``acc`` (a group that aggregates its tasks'
+``acc``, as lm_eval's ``mmlu``, counts once, in place of its members); its standard error
+treats the tasks as independent: sqrt(Σ se²) / n.
 """
 
 from __future__ import annotations
@@ -109,13 +110,19 @@ class EvalRow:
     energy: dict[str, Any] | None = None  # energy_summary(), or None when not counted
     seconds: float | None = None
     samples: dict[str, int] = field(default_factory=dict)  # task → documents scored
+    groups: dict[str, list[str]] = field(default_factory=dict)  # group → its tasks (lm_eval's)
 
     def accuracy(self, task: str) -> tuple[float | None, float | None]:
         m = self.tasks.get(task, {})
         return m.get("acc"), m.get("acc_stderr")
 
     def average_accuracy(self) -> tuple[float | None, float | None]:
-        accs = [self.accuracy(t) for t in self.tasks if self.accuracy(t)[0] is not None]
+        """Mean ``acc`` over the tasks, a group with its own ``acc`` (lm_eval's aggregate, as
+        ``mmlu``'s) counting as one task in place of its members."""
+        summarised = {t for g, members in self.groups.items() if self.accuracy(g)[0] is not None
+                      for t in members}  # fmt: skip
+        accs = [self.accuracy(t) for t in self.tasks
+                if t not in summarised and self.accuracy(t)[0] is not None]  # fmt: skip
         if not accs:
             return None, None
         mean = sum(a for a, _ in accs) / len(accs)
@@ -153,6 +160,8 @@ def row_from_lm_eval(
     for task, n in (results.get("n-samples") or {}).items():
         if isinstance(n, dict) and "effective" in n:
             samples[task] = int(n["effective"])
+    subtasks = results.get("group_subtasks") or {}
+    groups = {str(g): [str(t) for t in members] for g, members in subtasks.items() if members}
     return EvalRow(
         label=label,
         source=source,
@@ -160,6 +169,7 @@ def row_from_lm_eval(
         energy=None if energy is None else energy_summary(energy, profiles),
         seconds=seconds,
         samples=samples,
+        groups=groups,
     )
 
 

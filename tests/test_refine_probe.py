@@ -102,3 +102,57 @@ def test_refine_option_is_checked_by_argparse(tmp_path, capsys):
         err = capsys.readouterr().err.strip()
         assert exit_.value.code == 2 and "\n" not in err and message in err, err
     assert not (tmp_path / "o").exists()
+
+
+def test_refine_resume_refuses_another_sparsify_or_stage1_and_names_a_corrupt_stage_file(
+    tmp_path, capsys
+):
+    """--resume with another --sparsify-topk (under a zero-skipping profile) or without the
+    --stage1 the table was measured with reused the table silently; a stage file that does not
+    read (measurements.json, calibration.json) was json's bare 'Expecting value' naming no
+    file."""
+    from test_refine import _hybrid_and_stage1, _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+    from spikemar.refine.cli import _teacher_id
+
+    tokenizer = _tiny_corpus(tmp_path)
+    teacher, stage1 = _hybrid_and_stage1(tokenizer.vocab_size)
+    save_checkpoint(tmp_path / "teacher.pt", teacher, tokenizer)
+    save_checkpoint(tmp_path / "stage1.pt", stage1, tokenizer)
+    windows = torch.randint(0, tokenizer.vocab_size, (2, 9))
+    topk = ({"sparsify": "topk", "amount": 0.25},)
+    out = tmp_path / "out"
+    m = measure(teacher, windows, options=(T4,), sparsify=topk, energy_windows=1,
+                hardware="45nm-fp32+zs", stage1=stage1)  # fmt: skip
+    m.info["teacher"] = _teacher_id(str(tmp_path / "teacher.pt"))
+    out.mkdir()
+    m.save(out / "measurements.json")
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-kl", "100",
+                        "--hardware", "45nm-fp32+zs", "--resume")  # fmt: skip
+    argv[argv.index("--sparsify-topk") + 1] = "0.5"
+    for extra, message in [
+        ((), "resume: {out} was measured with --sparsify-topk 0.25, not 0.5;"),
+        (
+            ("--sparsify-topk", "0.25"),
+            "resume: {out} was measured with the stage-1 replacements {{'1': 'ssm'}}, not none;",
+        ),
+    ]:
+        capsys.readouterr()
+        assert main([*argv, *extra]) == 2
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert message.format(out=out) in err, err
+    argv += ["--sparsify-topk", "0.25", "--stage1", str(tmp_path / "stage1.pt")]
+    (out / "init.pt").write_bytes(b"")  # a finished stage beside an unreadable one
+    (out / "calibration.json").write_text("{")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"resume: {out / 'calibration.json'} is not readable JSON" in err, err
+    (out / "measurements.json").write_text("{")
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"{out / 'measurements.json'}: not a refine measurements table" in err, err
+    (out / "measurements.json").write_text('{"format": "spikemar-refine-measurements-1"}')
+    with pytest.raises(ValueError, match=r"measurements: a table without 'modules'"):
+        Measurements.load(out / "measurements.json")

@@ -134,11 +134,22 @@ def _teacher_id(teacher: str) -> str:
     return str(path.resolve()) if path.exists() else str(teacher)
 
 
+def _read_json(path: Path) -> Any:
+    """A stage file of the run at ``--out``; one that does not read names itself."""
+    try:
+        return json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+        raise ValueError(f"resume: {path} is not readable JSON ({err}); --overwrite starts "
+                         "again") from None  # fmt: skip
+
+
 def _check_resumed(
-    m: Any, teacher_id: str, hardware: str, options: list[dict[str, Any]], out: Path
-) -> None:
-    """One line when ``--resume`` would continue a run measured for another teacher or under
-    another profile (its plan, initial student and stage 2 would not fit this one)."""
+    m: Any, teacher_id: str, hardware: str, options: list[dict[str, Any]], sparsify_topk: float,
+    out: Path,
+) -> None:  # fmt: skip
+    """One line when ``--resume`` would continue a run measured for another teacher, with other
+    options or under another profile (its plan, initial student and stage 2 would not fit this
+    one)."""
     from ..energy import get_profile
 
     saved = m.info.get("teacher")  # runs written before it was recorded have none
@@ -154,6 +165,14 @@ def _check_resumed(
             f"resume: {out} was measured under --hardware {m.hardware}, not {hardware}; give "
             "that profile, or --overwrite to start again"
         )
+    saved_sparsify = m.info.get("sparsify")  # what was measured: nothing on dense hardware
+    sparsify = [{"sparsify": "topk", "amount": sparsify_topk}] if sparsify_topk else []
+    if saved_sparsify is not None and get_profile(hardware).zero_skipping \
+            and saved_sparsify != sparsify:  # fmt: skip
+        amount = saved_sparsify[0]["amount"] if saved_sparsify else 0
+        raise ValueError(f"resume: {out} was measured with --sparsify-topk {amount:g}, not "
+                         f"{sparsify_topk:g}; give that, or --overwrite to start "
+                         "again")  # fmt: skip
 
 
 def _say(args: argparse.Namespace, text: str) -> None:
@@ -162,11 +181,19 @@ def _say(args: argparse.Namespace, text: str) -> None:
 
 def refine_main(args: argparse.Namespace) -> int:
     from .. import energy
+    from .._io import atomic_write
     from ..checkpoint import load_checkpoint, save_checkpoint
     from ..convert import load_dense
     from ..data import CharTokenizer, TokenDataset
     from ..distill.trainer import DistillConfig, distill
-    from .measure import DEFAULT_OPTIONS, Measurements, check_hardware, kl_and_loss, measure
+    from .measure import (
+        DEFAULT_OPTIONS,
+        Measurements,
+        check_hardware,
+        kl_and_loss,
+        measure,
+        replaceable_layers,
+    )
     from .plan import pareto_plot, plan
 
     out = Path(args.out)
@@ -183,7 +210,8 @@ def refine_main(args: argparse.Namespace) -> int:
     teacher_id = _teacher_id(args.teacher)
     if resume and done.exists():  # the run at --out must be this teacher's, on this profile
         options = [dict(o) for o in (args.options or DEFAULT_OPTIONS)]
-        _check_resumed(Measurements.load(done), teacher_id, args.hardware, options, out)
+        _check_resumed(Measurements.load(done), teacher_id, args.hardware, options,
+                       args.sparsify_topk, out)  # fmt: skip
     from ..models.hub import command_line_hint
 
     try:
@@ -209,6 +237,12 @@ def refine_main(args: argparse.Namespace) -> int:
     # 1. measure
     if resume and done.exists():
         m = Measurements.load(done)
+        replaced = {str(i): k for i, k in replaceable_layers(teacher, stage1).items()}
+        saved = m.info.get("replaced_layers")
+        if saved is not None and saved != replaced:  # the table's modules would not fit
+            raise ValueError(f"resume: {out} was measured with the stage-1 replacements "
+                             f"{saved or 'none'}, not {replaced or 'none'}; give the same "
+                             "--stage1, or --overwrite to start again")  # fmt: skip
         _say(args, f"measurements read from {done}")
     else:
         sparsify = (
@@ -227,7 +261,7 @@ def refine_main(args: argparse.Namespace) -> int:
     if resume and (out / "init.pt").exists() and (out / "plan.json").is_file():
         # the student at --out was built from the saved plan: another budget would plan another
         # student, whose numbers the results would report beside this one's
-        saved = json.loads((out / "plan.json").read_text())
+        saved = _read_json(out / "plan.json")
         if saved.get("points") != chosen.to_json()["points"]:
             raise ValueError(f"resume: {out} was planned for budget {saved.get('budget')}, which "
                              f"chose another schedule than {chosen.budget}; give that budget, or "
@@ -238,10 +272,11 @@ def refine_main(args: argparse.Namespace) -> int:
                f"{chosen.predicted_kl:.4g}, energy ratio {chosen.energy_ratio:.3g}x")  # fmt: skip
     init, calib_path = out / "init.pt", out / "calibration.json"
     if resume and init.exists() and calib_path.exists():
-        calibration = json.loads(calib_path.read_text())
+        calibration = _read_json(calib_path)
     else:
         student, calibration = _calibrated_student(args, teacher, chosen.points, windows, stage1)
-        calib_path.write_text(json.dumps(calibration, indent=1))
+        with atomic_write(calib_path) as tmp:
+            tmp.write_text(json.dumps(calibration, indent=1))
         save_checkpoint(init, student, tokenizer or data.tokenizer)
     if "kl_calibrated" in calibration:  # not when --calibrate off or the plan spikes nowhere
         _say(args, f"calibration: KL {calibration['kl_planned_v']:.4g} at the planned V, "
@@ -271,7 +306,8 @@ def refine_main(args: argparse.Namespace) -> int:
         "unit": result["unit"], "energy_ratio": ratio, "hardware": args.hardware,
         "steps": args.steps,
     }  # fmt: skip
-    (out / "result.json").write_text(json.dumps(summary, indent=1))
+    with atomic_write(out / "result.json") as tmp:
+        tmp.write_text(json.dumps(summary, indent=1))
     measured = {"plan, before stage 2": (chosen.energy_ratio, initial_kl)}
     if ratio is not None:
         measured["plan, after stage 2"] = (ratio, trained_kl)

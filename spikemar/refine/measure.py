@@ -110,17 +110,22 @@ class Measurements:
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> Measurements:
-        if data.get("format") != "spikemar-refine-measurements-1":
-            raise ValueError(f"measurements: unknown format {data.get('format')!r}")
-        modules = {
-            name: [
-                Option(name, o["setting"], o["kl"], o["loss"], o["energy_saved_pj"])
-                for o in options
-            ]
-            for name, options in data["modules"].items()
-        }
-        return cls(modules, data["teacher_energy_pj"], data["teacher_loss"], data["hardware"],
-                   data.get("info", {}))  # fmt: skip
+        if not isinstance(data, dict) or data.get("format") != "spikemar-refine-measurements-1":
+            found = data.get("format") if isinstance(data, dict) else type(data).__name__
+            raise ValueError(f"measurements: unknown format {found!r}")
+        try:
+            modules = {
+                name: [
+                    Option(name, o["setting"], o["kl"], o["loss"], o["energy_saved_pj"])
+                    for o in options
+                ]
+                for name, options in data["modules"].items()
+            }
+            return cls(modules, data["teacher_energy_pj"], data["teacher_loss"],
+                       data["hardware"], data.get("info", {}))  # fmt: skip
+        except (KeyError, TypeError, AttributeError) as err:
+            raise ValueError(f"measurements: a table without {err} (an incomplete "
+                             "spikemar-refine-measurements-1)") from None  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> Path:
         from .._io import atomic_write
@@ -132,7 +137,11 @@ class Measurements:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Measurements:
-        return cls.from_json(json.loads(Path(path).read_text()))
+        """The table saved at ``path``; a file that is not one is one error naming it."""
+        try:
+            return cls.from_json(json.loads(Path(path).read_text()))
+        except (ValueError, UnicodeDecodeError) as err:  # JSONDecodeError is a ValueError
+            raise ValueError(f"{path}: not a refine measurements table ({err})") from None
 
 
 def _is_mixer_setting(setting: Any) -> bool:

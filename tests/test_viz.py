@@ -424,3 +424,19 @@ def test_check_figure_path_fails_before_any_figure_is_drawn(tmp_path):
     assert viz.check_figure_path(tmp_path / "new" / "r.PNG") == tmp_path / "new" / "r.PNG"
     assert sorted(os.listdir(tmp_path)) == ["file", "new"]  # the parent made, no file written
     assert os.listdir(tmp_path / "new") == []
+
+
+def test_layer_firing_rates_names_a_bad_instance_or_reset_and_plot_a_bad_rate():
+    """A string or a number as ``instance`` failed inside SpikingJelly's monitor with
+    isinstance()'s own message; ``reset='no'`` reset the net; a dict of numbers failed in the
+    drawing with an AttributeError."""
+    net = nn.Sequential(nn.Linear(4, 4), ATMN(1.0, 0.5, num_channels=4))
+    x = torch.randn(2, 4)
+    for bad in ("ATMN", 3, (ATMN, "x"), ()):
+        with pytest.raises(TypeError, match="instance: expected a module type"):
+            viz.layer_firing_rates(net, x, instance=bad)
+    with pytest.raises(TypeError, match="reset: expected a bool, got 'no'"):
+        viz.layer_firing_rates(net, x, reset="no")
+    assert list(viz.layer_firing_rates(net, x, instance=(ATMN,))) == ["1"]
+    with pytest.raises(ValueError, match="layer_rates: expected a non-empty dict"):
+        viz.plot_layer_firing_rates({"a": 3})

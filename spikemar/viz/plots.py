@@ -359,6 +359,13 @@ def layer_firing_rates(
 
     if not isinstance(net, nn.Module):
         raise TypeError(f"net: expected a torch.nn.Module, got {type(net).__name__}")
+    if instance is not None and not (
+        isinstance(instance, type)
+        or (isinstance(instance, tuple) and instance and all(isinstance(t, type) for t in instance))
+    ):
+        raise TypeError(f"instance: expected a module type or a tuple of them, got {instance!r}")
+    if not isinstance(reset, bool):
+        raise TypeError(f"reset: expected a bool, got {reset!r}")
     types = _default_spiking_types() if instance is None else instance
     modules = dict(net.named_modules())
     if reset:
@@ -406,7 +413,10 @@ def plot_layer_firing_rates(
         labels: a name for each set of rates (required with several sets).
     """
     sets = [layer_rates] if isinstance(layer_rates, dict) else list(layer_rates)
-    if not sets or not all(isinstance(s, dict) and s for s in sets):
+    if not sets or not all(
+        isinstance(s, dict) and s and all(isinstance(r, FiringRates) for r in s.values())
+        for s in sets
+    ):
         raise ValueError(
             "layer_rates: expected a non-empty dict {layer: FiringRates} or a list of them"
         )

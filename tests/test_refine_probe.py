@@ -3,6 +3,8 @@ naming the argument, before any work."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -156,3 +158,49 @@ def test_refine_resume_refuses_another_sparsify_or_stage1_and_names_a_corrupt_st
     (out / "measurements.json").write_text('{"format": "spikemar-refine-measurements-1"}')
     with pytest.raises(ValueError, match=r"measurements: a table without 'modules'"):
         Measurements.load(out / "measurements.json")
+
+
+def test_refine_plan_rebuilt_from_plan_json_meets_its_reported_numbers(tmp_path, saved_figures):
+    """The planned student rebuilt from plan.json alone (a MARConfig with those points, the
+    teacher's weights) and measured from scratch: its KL on the measurement windows is the
+    reported initial KL, its counted energy ratio on the validation windows the reported
+    initial ratio, which is where the figure draws "before stage 2, measured" (it drew the plan's
+    predicted ratio there), and that ratio meets the budget here."""
+    from dataclasses import replace
+
+    from test_refine import SMALL as TEST_SMALL
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+    from spikemar.data import TokenDataset
+    from spikemar.models import SpikeConfig
+    from spikemar.refine import kl_and_loss
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(3)
+    config = MARConfig(**{**TEST_SMALL, "n_layers": 1, "vocab_size": tokenizer.vocab_size})
+    teacher = MARLM(config.dense()).eval()
+    save_checkpoint(tmp_path / "teacher.pt", teacher, tokenizer)
+    out = tmp_path / "out"
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-energy", "2",
+                        "--calibrate", "off")  # fmt: skip
+    assert main(argv) == 0
+    result = json.loads((out / "result.json").read_text())
+    points = json.loads((out / "plan.json").read_text())["points"]
+    spiking = replace(config.dense(), spikes=SpikeConfig(), points={"*": "dense", **points})
+    student = MARLM(spiking).eval()
+    student.load_state_dict(teacher.state_dict(), strict=False)
+    data = TokenDataset.from_text_file(tmp_path / "t.txt")
+    windows = data.windows("train", 16, 2)
+    assert kl_and_loss(teacher, student, windows)[0] == pytest.approx(result["initial_kl"])
+    val = data.windows("val", 16, 2)[:, :-1]
+    ratio = (energy.profile(teacher, val).total_energy_pj
+             / energy.profile(student, val).total_energy_pj)  # fmt: skip
+    assert result["initial_energy_ratio"] == pytest.approx(ratio, rel=1e-9)
+    assert ratio >= 2 and result["plan"]["energy_ratio"] >= 2
+    (fig,) = saved_figures
+    drawn = {c.get_label(): tuple(c.get_offsets()[0]) for c in fig.axes[0].collections}
+    assert drawn["plan, before stage 2, measured"] == pytest.approx((ratio, result["initial_kl"]))
+    after = (result["energy_ratio"], result["trained_kl"])
+    assert drawn["plan, after stage 2, measured"] == pytest.approx(after)

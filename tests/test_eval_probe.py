@@ -140,3 +140,19 @@ def test_average_accuracy_counts_a_group_once_not_beside_its_members():
     assert row_from_lm_eval("m", "m.pt", results).average_accuracy()[0] == pytest.approx(
         (0.2 + 0.4 + 0.7) / 3
     )
+
+
+def test_model_args_a_number_for_a_name_is_named(checkpoint):
+    """lm_eval's ``--model_args checkpoint=2024`` hands the int 2024: it was torch's
+    'expected str, bytes or os.PathLike object, not int', naming no argument."""
+    from spikemar.eval import load_model
+    from spikemar.eval.harness import SpikemarLM
+
+    with pytest.raises(ValueError, match=r"^checkpoint: got the number 2024 .*checkpoint='2024'"):
+        SpikemarLM.create_from_arg_string("checkpoint=2024")
+    with pytest.raises(ValueError, match=r"^pretrained: got the number 7\b"):
+        SpikemarLM.create_from_arg_string("pretrained=7")
+    with pytest.raises(TypeError, match=r"^checkpoint: expected a file, a directory or a Hub id"):
+        load_model(None)
+    lm = SpikemarLM.create_from_arg_string(f"checkpoint='{checkpoint}',count_energy=false")
+    assert lm.checkpoint == str(checkpoint)

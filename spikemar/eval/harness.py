@@ -137,6 +137,12 @@ class SpikemarLM(TemplateLM):
                 "(or pretrained), tokenizer, dtype, batch_size, device, max_length, window, unk, "
                 "count_energy, max_gen_toks"
             )
+        if isinstance(checkpoint, int | float) and not isinstance(checkpoint, bool):
+            name = "checkpoint" if pretrained is None else "pretrained"
+            raise ValueError(
+                f"{name}: got the number {checkpoint} (lm_eval's model_args read a name like it "
+                f"as one); quote it: {name}='{checkpoint}'"
+            )
         if (checkpoint is None) == (model is None):
             raise ValueError("checkpoint: give a checkpoint path or a model (not both)")
         device = str(device or "cpu")

@@ -79,6 +79,8 @@ def load_model(
     The model's vocabulary must cover the tokenizer's (a larger one, padded as Llamba pads its
     embedding, is fine: its extra ids are never scored but keep their share of the softmax).
     """
+    if not isinstance(checkpoint, str | os.PathLike):
+        raise TypeError(f"checkpoint: expected a file, a directory or a Hub id, got {checkpoint!r}")
     if tokenizer is not None and not isinstance(tokenizer, str | os.PathLike):
         raise TypeError(f"tokenizer: expected a directory, a tokenizer.json or a Hub id, got "
                         f"{type(tokenizer).__name__}")  # fmt: skip

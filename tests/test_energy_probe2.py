@@ -348,3 +348,35 @@ def test_energy_command_names_the_report_it_cannot_write(tmp_path, capsys, monke
     assert err == [
         f"spikemar energy: error: --json: cannot write {out!r} (No space left on device)"
     ]
+
+
+def test_energy_command_writes_the_break_even_rates_and_ratios_it_prints(tmp_path, capsys):
+    """--memory prints break-even rates and the ratio under every profile, but --json and
+    --markdown held the per-layer report alone; the JSON still reads as that report."""
+    import argparse
+    import json
+
+    from spikemar.energy.cli import add_energy_arguments, energy_main
+
+    parser = add_energy_arguments(argparse.ArgumentParser(prog="spikemar energy"))
+    js, md = tmp_path / "r.json", tmp_path / "r.md"
+    args = parser.parse_args(["--model", "demo", "--d", "16", "--layers", "1", "--random-tokens",
+                              "8", "--compare-dense", "--memory", "--json", str(js),
+                              "--markdown", str(md)])  # fmt: skip
+    assert energy_main(args) == 0
+    out = capsys.readouterr().out
+    doc = json.loads(js.read_text())
+    assert [t["hardware"] for t in doc["break_even"]] == ["45nm-fp32+mem", "45nm-int8+mem"]
+    names = [p["name"] for p in doc["break_even"][0]["points"]]
+    assert names and all(f"\n{n} " in out for n in names)
+    ratios = {c["hardware"]: c for c in doc["comparisons"]}
+    assert set(ratios) == set(energy.available_profiles())
+    assert ratios["loihi"]["ratio"] is None and "prices no MACs" in ratios["loihi"]["refusal"]
+    fp32 = ratios["45nm-fp32+mem"]
+    assert fp32["ratio"] == pytest.approx(fp32["student_pj"] / fp32["teacher_pj"])
+    assert f"{fp32['ratio']:8.4f}" in out
+    report = energy.EnergyReport.from_json(js.read_text())
+    assert report.hardware.name == "45nm-fp32+mem" and report.tokens == 8
+    text = md.read_text()
+    assert text.startswith("Energy report") and text.count("Break-even firing rates") == 2
+    assert "student vs dense twin on '45nm-fp32+mem'" in text

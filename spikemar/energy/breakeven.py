@@ -33,6 +33,8 @@ costs is measured from the spikes.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
 from dataclasses import dataclass
 
@@ -107,6 +109,29 @@ class BreakEvenTable:
             f"Break-even firing rates under {self.hardware!r} against {vs} (the rate, non-zero "
             "spikes per neuron and micro-step, above which spiking costs more)"
         )
+
+    def to_dict(self) -> dict[str, object]:
+        """The table as plain data (a rate that cannot be told, or an unpriced dense form, is
+        None), for JSON."""
+
+        def entry(p: BreakEven) -> dict[str, object]:
+            d = dataclasses.asdict(p)
+            d["consumers"] = list(p.consumers)
+            d["dense_pj"] = None if math.isnan(p.dense_pj) else p.dense_pj
+            d["pays"] = p.pays
+            return d
+
+        return {
+            "schema": "spikemar.energy.break_even/1",
+            "hardware": self.hardware,
+            "reference": self.reference,
+            "points": [entry(p) for p in self.points],
+            "model": None if self.model is None else entry(self.model),
+            "note": self.note,
+        }
+
+    def to_json(self, *, indent: int | None = 2) -> str:
+        return json.dumps(self.to_dict(), indent=indent, allow_nan=False)
 
     def to_table(self) -> str:
         head, body = self._lines()

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -32,7 +33,7 @@ from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
 from .profiles import available_profiles, get_profile, memory_sibling
-from .report import EnergyReport, compare, compare_profiles
+from .report import EnergyComparison, compare, compare_profiles
 
 __all__ = ["add_energy_arguments", "energy_main"]
 
@@ -100,8 +101,15 @@ def add_energy_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPa
         "compute and memory per layer, break-even firing rates, and with --compare-dense or "
         "--teacher the ratio under each profile",
     )
-    parser.add_argument("--json", type=Path, help="write the report as JSON here")
-    parser.add_argument("--markdown", type=Path, help="write the report as Markdown here")
+    parser.add_argument(
+        "--json",
+        type=Path,
+        help="write the report as JSON here (with --memory its break-even rates, with a "
+        "comparison the ratios printed)",
+    )
+    parser.add_argument(
+        "--markdown", type=Path, help="write the report as Markdown here (with what is printed)"
+    )
     parser.add_argument(
         "--png",
         type=Path,
@@ -213,10 +221,10 @@ def _check_teacher_vocabulary(teacher: nn.Module, ids: torch.Tensor) -> None:
         )
 
 
-def _ratio_lines(student: EnergyReport, teacher: EnergyReport, label: str) -> list[str]:
+def _ratio_lines(comparisons: tuple[EnergyComparison, ...], label: str) -> list[str]:
     """The student-vs-teacher ratio under the chosen profile and every registered one."""
     lines = [f"student vs {label}, energy ratio (student / {label}) under each profile:"]
-    for cmp in compare_profiles(student, teacher, labels=("student", label)):
+    for cmp in comparisons:
         name = cmp.student.hardware.name
         if cmp.ratio is None:
             lines.append(f"  {name:<20} no ratio: {cmp.refusal}")
@@ -255,28 +263,48 @@ def energy_main(args: argparse.Namespace) -> int:
             shown = report.with_hardware(mem_hw)
             print()
             print(shown.to_table(memory=True))
+        tables = []
         if mem_hw is not None:
-            print()
-            print(break_even(shown).to_table())
+            tables.append(break_even(shown))
             int8 = _int8_sibling(mem_hw)
             if mem_hw.prices_memory and int8 != mem_hw.name:
                 # the int8 form: the same spikes with int8 weights and values, against an
                 # int8 dense model of the same weights
-                print(break_even(shown.with_hardware(int8)).to_table())
+                tables.append(break_even(shown.with_hardware(int8)))
+            print()
+            print("\n".join(t.to_table() for t in tables))
         comparison = None
+        comparisons: tuple[EnergyComparison, ...] = ()
         if teacher is not None:
             rep_t = profile(teacher, ids, hardware=args.hardware)
             comparison = compare(report, rep_t, labels=("student", label))
+            comparisons = (comparison,)
             print()
             print(comparison.to_table())
             if mem_hw is not None:
+                comparisons = compare_profiles(report, rep_t, labels=("student", label))
                 print()
-                print("\n".join(_ratio_lines(report, rep_t, label)))
+                print("\n".join(_ratio_lines(comparisons, label)))
                 if mem_hw is not report.hardware:
                     comparison = compare(shown, rep_t.with_hardware(mem_hw),
                                          labels=("student", label))  # fmt: skip
-        for flag, path, text in (("--json", args.json, lambda: shown.to_json() + "\n"),
-                                 ("--markdown", args.markdown, shown.to_markdown)):  # fmt: skip
+
+        def json_text() -> str:  # the report, with the break-even rates and ratios printed
+            doc = shown.to_dict()
+            if tables:
+                doc["break_even"] = [t.to_dict() for t in tables]
+            if comparisons:
+                doc["comparisons"] = [_ratio_entry(c) for c in comparisons]
+            return json.dumps(doc, indent=2, allow_nan=False) + "\n"
+
+        def markdown_text() -> str:
+            parts = [shown.to_markdown(), *(t.to_markdown() for t in tables)]
+            if comparison is not None:
+                parts.append(comparison.to_markdown())
+            return "\n".join(parts)
+
+        for flag, path, text in (("--json", args.json, json_text),
+                                 ("--markdown", args.markdown, markdown_text)):  # fmt: skip
             if path is not None:
                 with _naming(flag, path), atomic_write(path, fsync=False) as tmp:
                     tmp.write_text(text(), encoding="utf-8")
@@ -291,6 +319,14 @@ def energy_main(args: argparse.Namespace) -> int:
         print(f"spikemar energy: error: {err}", file=sys.stderr)
         return 2
     return 0
+
+
+def _ratio_entry(cmp: EnergyComparison) -> dict[str, Any]:
+    """One comparison's ratio line as data (without the two reports)."""
+    keep = ("hardware", "basis", "labels", "ratio", "savings", "refusal")
+    d = cmp.to_dict()
+    s, t = cmp.labels
+    return {k: d[k] for k in keep} | {"student_pj": d[f"{s}_pj"], "teacher_pj": d[f"{t}_pj"]}
 
 
 @contextlib.contextmanager

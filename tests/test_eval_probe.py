@@ -156,3 +156,33 @@ def test_model_args_a_number_for_a_name_is_named(checkpoint):
         load_model(None)
     lm = SpikemarLM.create_from_arg_string(f"checkpoint='{checkpoint}',count_energy=false")
     assert lm.checkpoint == str(checkpoint)
+
+
+def _own_task(folder, name: str = "own_mc") -> None:
+    """A multiple-choice task of one's own as README's 'Your own tasks' describes it."""
+    data = folder / f"{name}.jsonl"
+    docs = [{"q": "ROMEO: what light through yonder", "choices": [" window", " door"], "label": 0},
+            {"q": "JULIET: O Romeo, Romeo", "choices": ["!", "?"], "label": 0}]  # fmt: skip
+    data.write_text("".join(json.dumps(d) + "\n" for d in docs))
+    (folder / f"{name}.yaml").write_text(
+        f"task: {name}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {data}\n"
+        "test_split: test\noutput_type: multiple_choice\ndoc_to_text: '{{q}}'\n"
+        "doc_to_choice: '{{choices}}'\ndoc_to_target: label\ntarget_delimiter: ''\n"
+        "metric_list:\n  - metric: acc\n"
+    )
+
+
+def test_eval_command_takes_a_task_yaml_path_as_lm_eval_does(checkpoint, tmp_path, capsys):
+    """lm_eval's --tasks takes the path of a task YAML; spikemar eval called it an unknown task
+    (and a missing file the same)."""
+    _own_task(tmp_path)
+    out = tmp_path / "eval"
+    argv = ["eval", "--checkpoint", str(checkpoint), "--limit", "2", "--no-energy", "--out",
+            str(out), "--tasks"]  # fmt: skip
+    assert cli.main([*argv, f"{tmp_path / 'own_mc.yaml'},shakespeare_speaker"]) == 0
+    (row,) = json.loads((out / "eval.json").read_text())["rows"]
+    assert list(row["tasks"]) == ["shakespeare_speaker", "own_mc"]
+    capsys.readouterr()
+    assert cli.main([*argv, str(tmp_path / "none.yaml")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith(f"spikemar eval: error: --tasks: no task file at {tmp_path}/none.yaml")

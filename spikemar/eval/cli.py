@@ -65,7 +65,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
     parser.add_argument(
         "--tasks",
         default=",".join(LOCAL_TASKS),
-        help="comma-separated lm_eval task names (default: spikemar's three local tasks)",
+        help="comma-separated lm_eval task names, patterns (arc_*) or task YAML files (default: "
+        "spikemar's three local tasks)",
     )
     parser.add_argument(
         "--include-path",
@@ -123,7 +124,8 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
 def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any]:
     """``(task names, lm_eval TaskManager)``; unknown names are one ValueError listing them. A
     glob pattern (``shakespeare_*``) stands for the tasks it matches, in order, each once, as
-    in lm_eval's command (``simple_evaluate`` itself takes no patterns).
+    in lm_eval's command (``simple_evaluate`` itself takes no patterns); a name ending in
+    ``.yaml`` is the path of a task YAML (after the named tasks), which must exist.
 
     lm_eval's own ~15,000 task configs are not all indexed (that takes tens of seconds): a
     task, group or tag is named literally in its YAML or Python file, so a plain text search
@@ -135,6 +137,12 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     for folder in include:
         if not folder.is_dir():
             raise ValueError(f"--include-path: no folder at {folder}")
+    files = [n for n in names if n.endswith((".yaml", ".yml"))]  # a task's YAML, as in lm_eval
+    for name in files:
+        if not Path(name).is_file():
+            raise ValueError(f"--tasks: no task file at {name} (a name ending in .yaml is the "
+                             "path of an lm_eval task YAML)")  # fmt: skip
+    names = [n for n in names if n not in files]
     paths = [str(TASKS_DIR), *(str(p) for p in include)]
     manager = TaskManager(include_path=paths, include_defaults=False)
     unknown = [n for n in names if not manager.match_tasks([n])]
@@ -155,7 +163,7 @@ def resolve_tasks(names: list[str], include: list[Path]) -> tuple[list[str], Any
     expanded: list[str] = []
     for name in names:
         expanded += [m for m in manager.match_tasks([name]) if m not in expanded]
-    return expanded, manager
+    return expanded + files, manager
 
 
 def _lm_eval_folders_naming(name: str) -> list[Path]:

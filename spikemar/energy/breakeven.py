@@ -14,7 +14,11 @@ spikes and what does not. At firing rate r (non-zero spikes per neuron and micro
     E_dense = the consumers fed real values instead, priced as a report prices them under
               ``reference`` (the same profile, or e.g. ``45nm-int8+mem`` for an int8 dense
               model of the same weights): dense MACs, reading the real input, reading the
-              weights, their bias adds, their outputs written
+              weights, their bias adds, their outputs written. The weights stay where the
+              report's rows place them under the reference, on both sides: a point's rate does
+              not hinge on which matrices the greedy placement gives the SRAM (the dense twin's
+              own report, whose weights are read at other rates, may hold them elsewhere:
+              under address-events its total then differs by a few per cent)
 
 and the break-even rate is r* = (E_dense − A) / B, from the measured point (B = the variable
 energy at the measured rate / that rate): the rate at which P and its consumers cost what the

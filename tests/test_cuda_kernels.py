@@ -148,6 +148,26 @@ def test_any_number_of_micro_steps_runs_in_chunks(emulated_cupy, T):
 
 
 @emulated
+@pytest.mark.parametrize("T", [16, 17])
+def test_chunks_of_max_t_end_on_a_chunk_boundary(emulated_cupy, monkeypatch, T):
+    """With one bucket of 8, T = 16 replays two whole chunks and T = 17 a chunk of one: the
+    neuron and the spike point equal the reference (cheap: the MAX_T = 8 build)."""
+    monkeypatch.setattr(cupy_backend, "_MAX_T_BUCKETS", (8,))
+    case = _random_case(T) | {"T": T, "tau": 1.5, "shape": (5, 3), "with_v0": True}
+    _assert_equals_reference("cupy-emulated", case | {"dtype": torch.float32})
+    x = torch.randn(4, 3, generator=torch.Generator().manual_seed(T)).requires_grad_()
+    p = ATMNParameters((torch.rand(3, generator=torch.Generator().manual_seed(1)) + 0.1), 2.0)
+    p.v_threshold.requires_grad_()
+    ref, _ = atmn_quantize(x, T, p, backend="torch")
+    out = cupy_backend.atmn_quantize_cupy(x, T, p)
+    assert torch.equal(out, ref)
+    grads = [torch.autograd.grad(o.sum(), (x, p.v_threshold)) for o in (ref, out)]
+    for a, b in zip(*grads, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    assert emulated_cupy.builds in ([], [(*cupy_backend.NVRTC_OPTIONS, "-DMAX_T=8")])
+
+
+@emulated
 @pytest.mark.parametrize("seed", range(3))
 def test_64_bit_index_kernels(emulated_cupy, monkeypatch, seed):
     monkeypatch.setattr(cupy_backend, "INDEX32_LIMIT", 0)

@@ -186,3 +186,20 @@ def test_eval_command_takes_a_task_yaml_path_as_lm_eval_does(checkpoint, tmp_pat
     assert cli.main([*argv, str(tmp_path / "none.yaml")]) == 2
     err = capsys.readouterr().err.strip()
     assert err.startswith(f"spikemar eval: error: --tasks: no task file at {tmp_path}/none.yaml")
+
+
+def test_the_table_says_when_it_is_not_zero_shot():
+    """``--num-fewshot 5`` gave a table that read exactly like a zero-shot one: the shots were
+    neither in the JSON nor in the Markdown."""
+    from spikemar.eval.report import EvalTable, row_from_lm_eval
+
+    def results(shots: int) -> dict:
+        return {"results": {"mc": {"acc,none": 0.5}}, "n-shot": {"mc": shots}}
+
+    zero, five = row_from_lm_eval("a", "a.pt", results(0)), row_from_lm_eval("b", "b", results(5))
+    assert zero.shots == {"mc": 0} and five.shots == {"mc": 5}
+    assert "Few-shot" not in EvalTable([zero]).to_markdown()
+    assert (
+        "Few-shot examples per task: mc 5 (tasks not listed: zero-shot)"
+        in EvalTable([zero, five]).to_markdown()
+    )

@@ -111,6 +111,7 @@ class EvalRow:
     seconds: float | None = None
     samples: dict[str, int] = field(default_factory=dict)  # task → documents scored
     groups: dict[str, list[str]] = field(default_factory=dict)  # group → its tasks (lm_eval's)
+    shots: dict[str, int] = field(default_factory=dict)  # task → few-shot examples (0: zero-shot)
 
     def accuracy(self, task: str) -> tuple[float | None, float | None]:
         m = self.tasks.get(task, {})
@@ -160,6 +161,7 @@ def row_from_lm_eval(
     for task, n in (results.get("n-samples") or {}).items():
         if isinstance(n, dict) and "effective" in n:
             samples[task] = int(n["effective"])
+    shots = {str(t): int(k) for t, k in (results.get("n-shot") or {}).items() if _is_number(k)}
     subtasks = results.get("group_subtasks") or {}
     groups = {str(g): [str(t) for t in members] for g, members in subtasks.items() if members}
     return EvalRow(
@@ -170,6 +172,7 @@ def row_from_lm_eval(
         seconds=seconds,
         samples=samples,
         groups=groups,
+        shots=shots,
     )
 
 
@@ -304,6 +307,10 @@ class EvalTable:
             cells += energy_cells(row.energy, profiles, notes)
             lines.append("| " + " | ".join(cells) + " |")
         out = "\n".join(lines) + "\n"
+        few = sorted({(t, k) for row in self.rows for t, k in row.shots.items() if k})
+        if few:  # the table reads as zero-shot unless it says otherwise
+            listed = ", ".join(f"{t} {k}" for t, k in few)
+            out += f"\nFew-shot examples per task: {listed} (tasks not listed: zero-shot).\n"
         out += (
             "\nAccuracy in %, ± one standard error (lm_eval's); average over the accuracy tasks "
             "(stderr √Σse²/n). Energy per token position of the scored forward passes, counted by "

@@ -406,3 +406,16 @@ def test_spikingjelly_simple_energy_memory_term_equals_ours_on_binary_spikes():
     assert rep.total_mac_energy_pj == pytest.approx(sj.energy_mac_pj)
     ours = sum(r.weight_memory_pj + r.state_memory_pj for r in rep.rows)
     assert ours == pytest.approx(sj.energy_memory_pj, rel=1e-12)
+
+
+def test_headline_names_each_profile_for_what_it_prices():
+    """A compute-only profile given as ``memory`` was labelled 'with memory traffic'; a ratio of
+    1 read '1x less'."""
+    rep = profile(nn.Linear(4, 2), torch.randn(2, 4), tokens=2)
+    with pytest.raises(ValueError, match="memory: '45nm-fp16' prices no memory traffic"):
+        energy.headline(rep, rep, memory="45nm-fp16")
+    line = energy.headline(rep, rep, memory="loihi")
+    assert "memory included (loihi)" in line and "with memory traffic" not in line
+    line = energy.headline(rep, rep)
+    assert "with memory traffic (45nm-fp32+mem)" in line and "the same to 3 digits" in line
+    assert "1x less" not in line

@@ -1189,10 +1189,16 @@ def headline(
     hw = get_profile(compute, name="compute")
     if memory is not None:
         memory = get_profile(memory, name="memory")
+        if not (memory.prices_memory or memory.memory_included):
+            raise ValueError(
+                f"memory: {memory.name!r} prices no memory traffic; give a memory profile "
+                f"(one with memory levels, e.g. {memory.name + '+mem'!r})"
+            )
     if hw.prices_memory or hw.memory_included:  # a memory profile given as compute: one figure
         profiles = [("with memory traffic" if hw.prices_memory else "memory included", hw)]
         if memory is not None and memory is not hw:
-            profiles.append(("with memory traffic", memory))
+            what = "with memory traffic" if memory.prices_memory else "memory included"
+            profiles.append((what, memory))
     else:
         if memory is None:
             try:
@@ -1201,7 +1207,8 @@ def headline(
                 parts.append(f"with memory traffic: no memory profile beside {hw.name!r}")
         profiles = [("compute only", hw)]
         if memory is not None:
-            profiles.append(("with memory traffic", memory))
+            what = "with memory traffic" if memory.prices_memory else "memory included"
+            profiles.append((what, memory))
     for what, hw in profiles:
         cmp = compare(student.with_hardware(hw), teacher.with_hardware(hw), labels=labels)
         s, t = labels
@@ -1221,6 +1228,8 @@ def _fmt_times(savings: float | None) -> str:
     """'5.9x less' / '1.3x more' (savings = teacher / student)."""
     if savings is None or not math.isfinite(savings):
         return "no ratio"
+    if f"{savings:.3g}" == "1":  # not '1x less'
+        return "the same to 3 digits"
     if savings >= 1:
         return f"{savings:.3g}x less"
     return f"{1 / savings:.3g}x more"

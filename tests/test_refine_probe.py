@@ -3,6 +3,7 @@ naming the argument, before any work."""
 
 from __future__ import annotations
 
+import importlib
 import json
 
 import pytest
@@ -204,3 +205,53 @@ def test_refine_plan_rebuilt_from_plan_json_meets_its_reported_numbers(tmp_path,
     assert drawn["plan, before stage 2, measured"] == pytest.approx((ratio, result["initial_kl"]))
     after = (result["energy_ratio"], result["trained_kl"])
     assert drawn["plan, after stage 2, measured"] == pytest.approx(after)
+
+
+def test_refine_resume_continues_a_stopped_measurement(tmp_path, capsys, monkeypatch):
+    """A measurement stopped part-way (Ctrl-C, SIGTERM, a lost machine) left nothing, and
+    --resume measured every module again (the longest stage before training on a pretrained
+    teacher); now the modules measured so far are kept in measurements.partial.json and --resume
+    measures only the rest, to the same table an uninterrupted run makes."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import load_checkpoint, save_checkpoint
+    from spikemar.cli import main
+    from spikemar.data import TokenDataset
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    # the module (spikemar.refine.measure is also the function's name in the package)
+    measure_module = importlib.import_module("spikemar.refine.measure")
+    real, built, stop = measure_module.build_student, [], [3]
+
+    def stop_at_the_third(*args, **kwargs):
+        built.append(args[1])
+        if len(built) in stop:
+            stop.clear()
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(measure_module, "build_student", stop_at_the_third)
+    out = tmp_path / "out"
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-energy", "1.2",
+                        "--calibrate", "off")  # fmt: skip
+    assert main(argv) == 130
+    partial = Measurements.load(out / "measurements.partial.json")
+    assert len(partial.modules) == 2 and not (out / "measurements.json").exists()
+    capsys.readouterr()
+    assert main(argv) == 2  # a stopped run is a run: --resume or --overwrite
+    assert "pass --resume" in capsys.readouterr().err
+    built.clear()
+    assert main([*argv, "--resume"]) == 0
+    assert "measurement continued from" in capsys.readouterr().err
+    names = [s.name for s in MARLM(config.dense()).spike_points(include_dense=True)]
+    assert [list(points) for points in built[:-1]] == [[n] for n in names[2:]]  # then the plan
+    assert not (out / "measurements.partial.json").exists()
+    table = Measurements.load(out / "measurements.json")
+    teacher = load_checkpoint(tmp_path / "teacher.pt")[0]
+    windows = TokenDataset.from_text_file(tmp_path / "t.txt").windows("train", 16, 2)
+    whole = measure(teacher, windows, options=(T4,), sparsify=())
+    assert table.to_json()["modules"] == whole.to_json()["modules"]
+    assert table.teacher_energy_pj == whole.teacher_energy_pj

@@ -3,9 +3,10 @@
     spikemar refine --teacher runs/dense.pt --budget-energy 5 --out runs/refine --steps 500
 
 Writes into ``--out`` (a folder), one file per finished stage, which is what ``--resume`` reads:
-``measurements.json`` (the sensitivity table), ``plan.json`` (the schedule: ``MARConfig.points``
-and its predicted KL and energy ratio), ``calibration.json`` and ``init.pt`` (the planned
-student before training, its thresholds calibrated),
+``measurements.json`` (the sensitivity table; ``measurements.partial.json`` holds the modules
+measured so far while it is made, from which ``--resume`` continues), ``plan.json`` (the
+schedule: ``MARConfig.points`` and its predicted KL and energy ratio), ``calibration.json``
+and ``init.pt`` (the planned student before training, its thresholds calibrated),
 ``student.pt`` (after SBDS stage 2: ``spikemar distill``'s checkpoint, resumable),
 ``pareto.png`` and ``result.json``. Measurement windows come from the start of the training
 split, never the validation split that evaluates the student.
@@ -200,7 +201,8 @@ def refine_main(args: argparse.Namespace) -> int:
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out: {out} is a file; refine writes a folder")
     done = out / "measurements.json"
-    if done.exists() and not (args.resume or args.overwrite):
+    partial = out / "measurements.partial.json"  # the modules measured so far
+    if (done.exists() or partial.exists()) and not (args.resume or args.overwrite):
         raise FileExistsError(f"out: {out} holds a refine run; pass --resume to continue it or "
                               "--overwrite to start again")  # fmt: skip
     resume = args.resume and not args.overwrite
@@ -208,9 +210,10 @@ def refine_main(args: argparse.Namespace) -> int:
         raise ValueError(f"sparsify-topk: expected a fraction in [0, 1], got {args.sparsify_topk}")
     check_hardware(args.hardware)  # a profile that cannot price the trade: before any work
     teacher_id = _teacher_id(args.teacher)
-    if resume and done.exists():  # the run at --out must be this teacher's, on this profile
+    table = done if done.exists() else partial
+    if resume and table.exists():  # the run at --out must be this teacher's, on this profile
         options = [dict(o) for o in (args.options or DEFAULT_OPTIONS)]
-        _check_resumed(Measurements.load(done), teacher_id, args.hardware, options,
+        _check_resumed(Measurements.load(table), teacher_id, args.hardware, options,
                        args.sparsify_topk, out)  # fmt: skip
     from ..models.hub import command_line_hint
 
@@ -235,24 +238,40 @@ def refine_main(args: argparse.Namespace) -> int:
         stage1.eval()
 
     # 1. measure
-    if resume and done.exists():
-        m = Measurements.load(done)
+    before = Measurements.load(table) if resume and table.exists() else None
+    if before is not None:
         replaced = {str(i): k for i, k in replaceable_layers(teacher, stage1).items()}
-        saved = m.info.get("replaced_layers")
+        saved = before.info.get("replaced_layers")
         if saved is not None and saved != replaced:  # the table's modules would not fit
             raise ValueError(f"resume: {out} was measured with the stage-1 replacements "
                              f"{saved or 'none'}, not {replaced or 'none'}; give the same "
                              "--stage1, or --overwrite to start again")  # fmt: skip
+    if before is not None and table == done:
+        m = before
         _say(args, f"measurements read from {done}")
     else:
+        if before is not None and before.info.get("windows") != list(windows.shape):
+            raise ValueError(f"resume: {partial} was measured on windows "
+                             f"{before.info.get('windows')}, not {list(windows.shape)} (--L, "
+                             "--calib-windows); give those, or --overwrite to start "
+                             "again")  # fmt: skip
+        if before is not None:
+            _say(args, f"measurement continued from {partial} ({len(before.modules)} modules)")
+
+        def keep(so_far: Measurements) -> None:  # after each module: what --resume continues
+            so_far.info["teacher"] = teacher_id
+            so_far.save(partial)
+
         sparsify = (
             ({"sparsify": "topk", "amount": args.sparsify_topk},) if args.sparsify_topk else ()
         )
         m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
                     sparsify=sparsify, hardware=args.hardware, stage1=stage1,
-                    progress=lambda s: _say(args, s))  # fmt: skip
+                    progress=lambda s: _say(args, s),
+                    done=None if before is None else before.modules, on_module=keep)  # fmt: skip
         m.info["teacher"] = teacher_id  # what --resume checks
         m.save(done)
+        partial.unlink(missing_ok=True)
     # 2. plan
     if args.budget_energy is not None:
         chosen = plan(m, energy_ratio=args.budget_energy)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -307,6 +307,8 @@ def measure(
     energy_windows: int = 2,
     stage1: MARLM | None = None,
     progress: Callable[[str], None] | None = None,
+    done: Mapping[str, Sequence[Option]] | None = None,
+    on_module: Callable[[Measurements], None] | None = None,
 ) -> Measurements:
     """Refine each spike point of ``teacher`` (a dense MARLM) alone with each of ``options``
     (``MARConfig.points`` settings; FFN points also with ``sparsify``) and measure it on
@@ -316,7 +318,12 @@ def measure(
     ``sparsify`` options are measured only under a zero-skipping profile (``'45nm-fp32+zs'``
     …): a dense-hardware profile prices a sparsified point's projection as full MACs.
     ``stage1``: a stage-1 student (the teacher with attention layers replaced by SSMs); each
-    replaced layer is then measured as a module ``layers.{i}.mixer`` too."""
+    replaced layer is then measured as a module ``layers.{i}.mixer`` too.
+
+    ``on_module`` is called with the table so far after each module, and ``done`` (such a
+    partial table's ``modules``, measured for the same teacher, windows and profile) gives
+    modules not to measure again where their options are this call's: what lets ``spikemar
+    refine --resume`` continue a measurement that was stopped."""
     if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
         raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
@@ -333,6 +340,8 @@ def measure(
     teacher.eval()
     sample = windows[:energy_windows, :-1]
     teacher_energy = _energy(teacher, sample, hardware)
+    if not math.isfinite(teacher_energy) or teacher_energy <= 0:
+        raise ValueError(f"hardware: {profile.name!r} prices the teacher at {teacher_energy} pJ")
     _, teacher_loss = kl_and_loss(teacher, teacher, windows, batch_size)
     # dense hardware multiplies the zeros a sparsifier makes: its options would only cost (the
     # sparsifier's own work) and are not measured; zero-skipping profiles price them
@@ -348,8 +357,17 @@ def measure(
     for i, kind in replaced.items():
         sites.append(f"layers.{i}.mixer")
         settings[f"layers.{i}.mixer"] = [{"mixer": kind}]
+    info = {"windows": list(windows.shape), "options": [dict(o) for o in options],
+            "sparsify": [dict(o) for o in sparsify], "zero_skipping": zero_skipping,
+            "replaced_layers": {str(i): k for i, k in replaced.items()}}  # fmt: skip
     modules: dict[str, list[Option]] = {}
     for n, name in enumerate(sites):
+        before = list((done or {}).get(name, ()))
+        if [o.setting for o in before] == ["dense", *settings[name]]:
+            modules[name] = before  # measured before, with these options
+            if progress is not None:
+                progress(f"measure {n + 1}/{len(sites)} {name}: measured before")
+            continue
         opts = [Option(name, "dense", 0.0, teacher_loss, 0.0)]
         for setting in settings[name]:
             student = build_student(teacher, {name: setting}, stage1)
@@ -361,9 +379,7 @@ def measure(
             best = max(opts, key=lambda o: o.energy_saved_pj)
             progress(f"measure {n + 1}/{len(sites)} {name}: {len(opts)} options, most saved "
                      f"{best.energy_saved_pj:.4g} pJ/token at KL {best.kl:.3g}")  # fmt: skip
-    info = {"windows": list(windows.shape), "options": [dict(o) for o in options],
-            "sparsify": [dict(o) for o in sparsify], "zero_skipping": zero_skipping,
-            "replaced_layers": {str(i): k for i, k in replaced.items()}}  # fmt: skip
-    if not math.isfinite(teacher_energy) or teacher_energy <= 0:
-        raise ValueError(f"hardware: {profile.name!r} prices the teacher at {teacher_energy} pJ")
+        if on_module is not None:
+            on_module(Measurements(dict(modules), teacher_energy, teacher_loss, profile.name,
+                                   dict(info)))  # fmt: skip
     return Measurements(modules, teacher_energy, teacher_loss, profile.name, info)

@@ -203,3 +203,24 @@ def test_the_table_says_when_it_is_not_zero_shot():
         "Few-shot examples per task: mc 5 (tasks not listed: zero-shot)"
         in EvalTable([zero, five]).to_markdown()
     )
+
+
+@pytest.mark.parametrize("mode", [["--tasks", "shakespeare_speaker"], ["--text", "t.txt"]])
+def test_out_that_is_a_file_is_refused_before_any_scoring(checkpoint, tmp_path, capsys, mode,
+                                                         monkeypatch):  # fmt: skip
+    """--out naming a file was found out after every task had run: '[Errno 17] File exists'."""
+    from spikemar.eval import cli as eval_cli
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "t.txt").write_text("Hark!\n")
+    (tmp_path / "taken").write_text("x")
+
+    def no_scoring(*a, **k):
+        raise AssertionError("scored before --out was checked")
+
+    monkeypatch.setattr(eval_cli, "evaluate_checkpoints", no_scoring)
+    monkeypatch.setattr(eval_cli, "_run_text", no_scoring)
+    assert cli.main(["eval", "--checkpoint", str(checkpoint), *mode, "--out", "taken"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikemar eval: error: --out: cannot write 'taken/") and "\n" not in err
+    assert err.endswith("'taken' is a file, not a folder")

@@ -419,6 +419,11 @@ def eval_main(args: argparse.Namespace) -> int:
                 columns = [get_profile(h).name for h in args.hardware]
             except ValueError as err:
                 raise ValueError(f"--{err}") from err  # "hardware: unknown profile ..."
+        from .._io import check_output_path
+
+        # a folder there or makeable, before any scoring (it was found out after all of it)
+        first = "perplexity.json" if args.text is not None else "eval.json"
+        check_output_path(args.out / first, name="--out")
         if args.text is not None:
             _run_text(args, checkpoints, labels, written, columns)
             return 0

@@ -10,7 +10,7 @@ Reported per row: median, interquartile range and minimum in ms; speed-up relati
 ``ATMN[torch]`` and to SpikingJelly's ``LIFNode`` (their time / this time, > 1 is faster);
 achieved bandwidth under the minimal-traffic model of ``benchmarks/README.md`` (forward 2·T·N·b
 bytes, forward + backward 5·T·N·b) and its fraction of a ``tensor.copy_`` bandwidth measured in
-the same run.
+the same run (64 MiB; at least 1 GiB on CUDA, where a shorter copy is dominated by its launch).
 
     python benchmarks/bench_neuron.py                          # T=4, N=2^20, 2 threads, CPU
     python benchmarks/bench_neuron.py --T 4 8 16 --N 65536 1048576 --json out.json
@@ -52,6 +52,10 @@ MODES = ("fwd", "fwd+bwd")
 # size) to evaluate the surrogate at h_t, and writes grad_x. O(N) membrane terms are ignored.
 TRAFFIC_ELEMENTS = {"fwd": 2, "fwd+bwd": 5}
 COPY_BYTES = 64 * 2**20
+# on a GPU a 64 MiB copy lasts some tens of µs, of which the launch and the synchronisation
+# around the host's clock would be a sizeable part (a low copy bandwidth, so a flattering
+# '% of copy'): there the copy moves at least this much
+CUDA_COPY_BYTES = 2**30
 
 
 @dataclass(frozen=True)
@@ -235,9 +239,10 @@ def measure(cfg: Config, rows: list[Row], copy_gbps: dict[str, float]) -> None:
         for device in cfg.devices:
             if device not in copy_gbps:
                 bar.set_description(f"copy bandwidth {device}")
-                copy_gbps[device] = copy_bandwidth(
-                    cfg.copy_bytes, device, max(cfg.repeats, 5), cfg.warmup
-                )
+                nbytes = cfg.copy_bytes
+                if device.startswith("cuda"):
+                    nbytes = max(nbytes, CUDA_COPY_BYTES)
+                copy_gbps[device] = copy_bandwidth(nbytes, device, max(cfg.repeats, 5), cfg.warmup)
             for T in cfg.T:
                 for N in cfg.N:
                     _measure_case(cfg, device, dtype, T, N, rows, bar)

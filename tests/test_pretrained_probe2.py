@@ -51,3 +51,33 @@ def test_an_index_whose_weight_map_is_not_names_to_files_is_one_error(tmp_path, 
     with pytest.raises(ValueError, match="not a weight index") as info:
         from_pretrained(tmp_path)
     assert "\n" not in str(info.value) and str(index) in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "match"),
+    [
+        ({"dtype": "float8_e4m3fn"}, r"^dtype: expected a floating .* got 'float8_e4m3fn'"),
+        ({"torch_dtype": torch.float8_e5m2}, r"torch_dtype: .* got torch\.float8_e5m2"),
+        ({"spikes": {"T": 2, "taus": 1.0}}, r"spikes: unknown keys \['taus'\]; SpikeConfig takes"),
+    ],
+)
+def test_a_dtype_no_model_computes_in_and_unknown_spike_keys_are_named(tmp_path, kwargs, match):
+    tiny_mamba2().save_pretrained(tmp_path)
+    bpe_tokenizer(300).save(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        from_pretrained(tmp_path, **kwargs)
+
+
+def test_auto_dtype_of_a_float8_checkpoint_is_refused_by_name(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    tiny_mamba2().save_pretrained(tmp_path)
+    bpe_tokenizer(300).save(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v.to(torch.float8_e4m3fn) for k, v in weights.items()},
+              tmp_path / "model.safetensors")  # fmt: skip
+    config = json.loads((tmp_path / "config.json").read_text())
+    config.pop("dtype", None), config.pop("torch_dtype", None)  # the weights say
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=r"dtype: 'auto' is the checkpoint's torch.float8_e4m3fn"):
+        from_pretrained(tmp_path, dtype="auto")

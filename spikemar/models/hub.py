@@ -24,6 +24,7 @@ the folder lacks, a missing or unexpected tensor, a wrong shape, no tokenizer (p
 
 from __future__ import annotations
 
+import inspect
 import json
 import os
 import re
@@ -247,16 +248,25 @@ def _spike_config(spikes: SpikeConfig | Mapping[str, Any] | None) -> SpikeConfig
     if spikes is None or isinstance(spikes, SpikeConfig):
         return spikes
     if isinstance(spikes, Mapping):
+        known = [k for k in inspect.signature(SpikeConfig).parameters]
+        unknown = sorted(str(k) for k in spikes if k not in known)
+        if unknown:
+            raise ValueError(f"spikes: unknown keys {unknown}; SpikeConfig takes {known}")
         return SpikeConfig(**spikes)
     raise TypeError(f"spikes: expected None, a SpikeConfig or a dict, got {type(spikes).__name__}")
+
+
+# the dtypes a model computes in (float8 types are storage formats: no norm or matmul runs in them)
+RUNNABLE_DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 
 
 def _dtype(dtype: torch.dtype | str | None, argument: str = "dtype") -> torch.dtype:
     if dtype is None:
         return torch.float32
     named = getattr(torch, dtype.removeprefix("torch."), None) if isinstance(dtype, str) else dtype
-    if not isinstance(named, torch.dtype) or not named.is_floating_point:
-        raise ValueError(f"{argument}: expected a floating torch dtype, its name or 'auto', got "
+    if named not in RUNNABLE_DTYPES:
+        raise ValueError(f"{argument}: expected a floating torch dtype a model computes in "
+                         "(float32, float64, bfloat16, float16), its name or 'auto', got "
                          f"{dtype!r}")  # fmt: skip
     return named
 
@@ -355,6 +365,9 @@ def from_pretrained(
         )
     if cast is None:  # 'auto'
         cast = _checkpoint_dtype(hf_config, tensors)
+        if cast not in RUNNABLE_DTYPES:
+            raise ValueError(f"{argument}: 'auto' is the checkpoint's {cast}, which no model "
+                             "computes in; pass float32 or bfloat16")  # fmt: skip
     model = model.to(cast).eval()
     model.tokenizer = tok
     return model

@@ -11,7 +11,7 @@ import torch
 
 from spikemar import energy
 from spikemar.models import MARLM, MARConfig
-from spikemar.refine import Measurements, Option, measure, plan, random_schedule
+from spikemar.refine import Measurements, Option, measure, pareto_plot, plan, random_schedule
 
 SMALL = dict(vocab_size=11, d_model=16, n_layers=1, d_state=4, head_dim=8)
 T4 = {"T": 4, "v_threshold": 0.5}
@@ -255,3 +255,20 @@ def test_refine_resume_continues_a_stopped_measurement(tmp_path, capsys, monkeyp
     whole = measure(teacher, windows, options=(T4,), sparsify=())
     assert table.to_json()["modules"] == whole.to_json()["modules"]
     assert table.teacher_energy_pj == whole.teacher_energy_pj
+
+
+def test_saving_to_a_folder_and_a_plot_of_one_plan_are_named(tmp_path):
+    """Plan.save / Measurements.save at a folder said "[Errno 21] Is a directory: '.x.123.tmp'"
+    (atomic_write's temporary name); pareto_plot given one Plan for its list said "'Plan' object
+    is not iterable"."""
+    options = [Option("a", "dense", 0.0, 1.0, 0.0), Option("a", T4, 0.1, 1.0, 5.0)]
+    m = Measurements({"a": options}, 10.0, 1.0, "45nm-fp32")
+    p = plan(m, energy_ratio=1.5)
+    (tmp_path / "d").mkdir()
+    for save in (p.save, m.save):
+        with pytest.raises(IsADirectoryError, match=r"^path: '.*d' is a folder; expected a file"):
+            save(tmp_path / "d")
+    assert list((tmp_path / "d").iterdir()) == []
+    with pytest.raises(TypeError, match=r"^plans: expected a list of Plan, got Plan$"):
+        pareto_plot(m, p, tmp_path / "p.png")
+    assert not (tmp_path / "p.png").exists()

@@ -128,9 +128,9 @@ class Measurements:
                              "spikemar-refine-measurements-1)") from None  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .._io import atomic_write
+        from .._io import atomic_write, check_output_path
 
-        path = Path(path)
+        path = check_output_path(path)  # a folder at path is named, not atomic_write's temp file
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1))
         return path

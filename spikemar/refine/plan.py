@@ -100,9 +100,9 @@ class Plan:
                 "budget": self.budget, "exact": self.exact}  # fmt: skip
 
     def save(self, path: str | os.PathLike) -> Path:
-        from .._io import atomic_write
+        from .._io import atomic_write, check_output_path
 
-        path = Path(path)
+        path = check_output_path(path)  # a folder at path is named, not atomic_write's temp file
         with atomic_write(path) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1))
         return path
@@ -237,6 +237,11 @@ def pareto_plot(
 
     from ..viz import save_figure
 
+    if not isinstance(measurements, Measurements):
+        raise TypeError(f"measurements: expected Measurements, got "
+                        f"{type(measurements).__name__}")  # fmt: skip
+    if not isinstance(plans, list | tuple) or not all(isinstance(p, Plan) for p in plans):
+        raise TypeError(f"plans: expected a list of Plan, got {type(plans).__name__}")
     front, _ = pareto_front(measurements)
     # every point is named in the legend beside the axes (labels written at the points ran
     # into each other and off the figure: the uniform schedules sit close together)

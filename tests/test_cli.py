@@ -191,7 +191,11 @@ def test_help_shows_the_defaults(command, capsys):
             "(default: 0.001)",
             "(default: 4)",
         ],
-        "generate": ["(default: 200)", "(default: 0.8)", "seed of the sampling (default: 0)"],
+        "generate": [
+            "(default: 200, or as many",
+            "(default: 0.8)",
+            "seed of the sampling (default: 0)",
+        ],
         "distill": [
             "(default: runs/student.pt)",
             "(default: 2000)",

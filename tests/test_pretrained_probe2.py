@@ -81,3 +81,18 @@ def test_auto_dtype_of_a_float8_checkpoint_is_refused_by_name(tmp_path):
     (tmp_path / "config.json").write_text(json.dumps(config))
     with pytest.raises(ValueError, match=r"dtype: 'auto' is the checkpoint's torch.float8_e4m3fn"):
         from_pretrained(tmp_path, dtype="auto")
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu"])
+def test_a_llamba_conv_activation_cartesia_refuses_is_refused(activation):
+    from references.llamba import tiny_llamba_config
+
+    from spikemar.models.pretrained import config_from_hf
+
+    config = tiny_llamba_config()
+    config["ssm_cfg"] = {**config["ssm_cfg"], "activation": activation}
+    with pytest.raises(ValueError, match=f"ssm_cfg activation '{activation}': DiscreteMamba2"):
+        config_from_hf(config)
+    for accepted, kind in (("swish", "silu"), ("silu", "silu"), ("identity", "identity")):
+        config["ssm_cfg"]["activation"] = accepted
+        assert config_from_hf(config).conv_activation == kind

@@ -231,6 +231,9 @@ def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
         raise ValueError(f"config: Llamba's mlp_cfg lacks {missing} (Llama's MLP has no defaults)")
     if mlp["act_fn"] not in ("silu", "swish"):
         raise ValueError(f"config: mlp_cfg act_fn {mlp['act_fn']!r}: only SiLU is supported")
+    if ssm["activation"] not in ("identity", "silu", "swish"):  # DiscreteMamba2's only three
+        raise ValueError(f"config: ssm_cfg activation {ssm['activation']!r}: DiscreteMamba2 "
+                         "takes 'identity', 'silu' or 'swish'")  # fmt: skip
     d_model, expand = int(c["d_model"]), _whole(ssm["expand"], "ssm_cfg.expand")
     d_inner = expand * d_model
     if d_inner % ssm["n_v_heads"]:

@@ -224,3 +224,16 @@ def test_out_that_is_a_file_is_refused_before_any_scoring(checkpoint, tmp_path, 
     err = capsys.readouterr().err.strip()
     assert err.startswith("spikemar eval: error: --out: cannot write 'taken/") and "\n" not in err
     assert err.endswith("'taken' is a file, not a folder")
+
+
+def test_checkpoints_of_the_same_name_get_rows_told_apart():
+    """runs/a/model.pt beside runs/b/model.pt: two rows both labelled 'model'."""
+    import argparse
+    from pathlib import Path
+
+    from spikemar.eval.cli import _labels
+
+    paths = [Path("runs/a/model.pt"), Path("runs/b/model.pt"), Path("teacher.pt")]
+    assert _labels(argparse.Namespace(label=None), paths) == [
+        "runs/a/model.pt", "runs/b/model.pt", "teacher"
+    ]  # fmt: skip

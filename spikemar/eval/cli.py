@@ -59,7 +59,9 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "repeat to compare several in one table (default: the packaged student)",
     )
     parser.add_argument(
-        "--label", action="append", help="a name per --checkpoint (default: the file's name)"
+        "--label",
+        action="append",
+        help="a name per --checkpoint (default: the file's name, or its path where names repeat)",
     )
     add_tokenizer_argument(parser, "every --checkpoint's")
     parser.add_argument(
@@ -224,8 +226,10 @@ def _write_text(path: Path, text: str, written: list[Path]) -> None:
 
 
 def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
-    if args.label is None:
-        return [p.stem for p in checkpoints]
+    if args.label is None:  # the file's name; its path where names repeat (runs/a/model.pt)
+        stems = [p.stem for p in checkpoints]
+        return [stem if stems.count(stem) == 1 else str(p)
+                for stem, p in zip(stems, checkpoints, strict=True)]  # fmt: skip
     if len(args.label) != len(checkpoints):
         raise ValueError(
             f"--label: {len(args.label)} labels for {len(checkpoints)} checkpoints; give one "

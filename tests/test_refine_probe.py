@@ -107,6 +107,25 @@ def test_refine_option_is_checked_by_argparse(tmp_path, capsys):
     assert not (tmp_path / "o").exists()
 
 
+def test_refine_out_below_a_file_is_refused_before_any_work(tmp_path, capsys):
+    """--out under a file: one line naming --out before the teacher is measured (the first
+    module's table failed to save: "path: cannot write '.../measurements.partial.json'")."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    capsys.readouterr()
+    out = tmp_path / "t.txt" / "run"
+    assert main(_refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-kl", "1")) == 2
+    err = capsys.readouterr().err.strip()
+    want = f"spikemar refine: error: out: cannot make the folder {out}: {tmp_path / 't.txt'}"
+    assert err == f"{want} is a file", err
+
+
 def test_refine_resume_refuses_another_sparsify_or_stage1_and_names_a_corrupt_stage_file(
     tmp_path, capsys
 ):

@@ -200,6 +200,12 @@ def refine_main(args: argparse.Namespace) -> int:
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise NotADirectoryError(f"out: {out} is a file; refine writes a folder")
+    for above in out.parents:  # before any work (the first module's table failed to save)
+        if above.exists():
+            if not above.is_dir():
+                raise NotADirectoryError(f"out: cannot make the folder {out}: {above} is a "
+                                         "file")  # fmt: skip
+            break
     done = out / "measurements.json"
     partial = out / "measurements.partial.json"  # the modules measured so far
     if (done.exists() or partial.exists()) and not (args.resume or args.overwrite):

@@ -505,9 +505,10 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
 
         twin, ours = shapes(dense_twin(student)), shapes(teacher.model)
         if twin != ours:
-            diff = sorted(set(twin.items()) ^ set(ours.items()))[:2]
-            raise ValueError(f"student: {p} is not the teacher's architecture (differs in "
-                             f"{diff})")  # fmt: skip
+            name = min(k for k in twin.keys() | ours.keys() if twin.get(k) != ours.get(k))
+            raise ValueError(f"student: {p} is not the teacher's architecture (first difference: "
+                             f"{name}, student {twin.get(name, 'absent')}, teacher "
+                             f"{ours.get(name, 'absent')})")  # fmt: skip
     return student.train()
 
 

@@ -291,3 +291,18 @@ def test_saving_to_a_folder_and_a_plot_of_one_plan_are_named(tmp_path):
     with pytest.raises(TypeError, match=r"^plans: expected a list of Plan, got Plan$"):
         pareto_plot(m, p, tmp_path / "p.png")
     assert not (tmp_path / "p.png").exists()
+
+
+def test_a_teacher_with_sparsified_ffns_is_refused_by_name():
+    """A 'dense' MARLM whose FFNs are sparsified (ffn_sparsity): every student, even the all-dense
+    one, dropped the sparsifier, so the table's 'dense' options (KL 0) were not the teacher
+    (the all-dense student's KL was 1e-5 here)."""
+    from spikemar.refine import build_student
+
+    torch.manual_seed(0)
+    teacher = MARLM(MARConfig(**SMALL, spikes=None, ffn_sparsity=("topk", 0.25))).eval()
+    windows = torch.randint(0, 11, (2, 9))
+    for call in (lambda: measure(teacher, windows, options=(T4,), sparsify=()),
+                 lambda: build_student(teacher, {})):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^teacher: its FFNs are sparsified \(ffn_sparsity"):
+            call()

@@ -43,6 +43,7 @@ __all__ = [
     "build_student",
     "check_hardware",
     "check_setting",
+    "check_teacher",
     "kl_and_loss",
     "measure",
     "replaceable_layers",
@@ -167,13 +168,25 @@ def replaceable_layers(teacher: MARLM, stage1: MARLM | None) -> dict[int, str]:
             if a == "attn" and b != "attn"}  # fmt: skip
 
 
+def check_teacher(teacher: Any) -> None:
+    """One error unless ``teacher`` is a dense MARLM whose every spike point's place is dense:
+    ``config.spikes`` None and no ``ffn_sparsity`` (a sparsified FFN is not the 'dense' option
+    of its points: every student would drop it, and its KL would not start at 0)."""
+    if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
+        raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    if teacher.config.ffn_sparsity is not None:
+        raise ValueError(f"teacher: its FFNs are sparsified (ffn_sparsity="
+                         f"{teacher.config.ffn_sparsity!r}); expected a dense teacher, whose "
+                         "FFN points refine can sparsify one by one ({'sparsify': ...} "
+                         "options)")  # fmt: skip
+
+
 def build_student(teacher: MARLM, points: dict[str, Any], stage1: MARLM | None = None) -> MARLM:
     """The teacher's architecture and weights with the spike-point ``points`` (every point not
     named stays dense), in eval mode on the teacher's device and dtype. An entry
     ``'layers.{i}.mixer': {'mixer': kind}`` takes layer i from ``stage1`` (the stage-1 student,
     whose layer i has that mixer kind)."""
-    if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
-        raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    check_teacher(teacher)
     mixers = {k: v for k, v in points.items() if _is_mixer_setting(v)}
     # a layer's mixer left as the teacher's ('dense' in a plan) is no spike point to configure
     points = {k: v for k, v in points.items()
@@ -324,8 +337,7 @@ def measure(
     partial table's ``modules``, measured for the same teacher, windows and profile) gives
     modules not to measure again where their options are this call's: what lets ``spikemar
     refine --resume`` continue a measurement that was stopped."""
-    if not isinstance(teacher, MARLM) or teacher.config.spikes is not None:
-        raise ValueError("teacher: expected a dense MARLM (config.spikes None)")
+    check_teacher(teacher)
     if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
         shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
         raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")

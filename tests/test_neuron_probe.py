@@ -1,6 +1,8 @@
 """The ATMN module as a SpikingJelly / norse user drives it from outside: edge cases found by
 probing the public API (each test failed before its fix)."""
 
+import math
+
 import pytest
 import torch
 from spikingjelly.activation_based import functional as sj_functional
@@ -132,3 +134,17 @@ def test_the_fused_quantize_refuses_what_its_kernel_cannot_read():
     p = ATMNParameters(torch.rand(6, dtype=torch.float64) + 0.2, 1.5)
     decoded = cpu_backend.atmn_quantize_decode_cpu(x, 3, p)
     assert torch.equal(decoded, atmn_quantize(x, 3, p, backend="torch")[0])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("v", [1e5, 1e-8])
+@pytest.mark.parametrize("tau", [math.inf, 2.0])
+def test_a_threshold_half_types_cannot_hold_is_valid_for_half_inputs(dtype, v, tau):
+    # the membrane of a half input runs in float32, so V = 1e5 (> float16's max) and 1e-8
+    # (< its smallest subnormal) are valid; the value check cast V to the input's dtype (τ = ∞)
+    # and refused both as inf / 0
+    x = torch.randn(3, 8, generator=torch.Generator().manual_seed(0))
+    p = ATMNParameters(torch.tensor(v), tau=tau)
+    want, _ = atmn_multi_step(x.to(dtype).float(), None, p, backend="torch")
+    got, _ = atmn_multi_step(x.to(dtype), None, p, backend="torch")
+    assert torch.equal(got.float(), want)

@@ -277,10 +277,12 @@ def check_values(x_seq: torch.Tensor, u_last: torch.Tensor, p: ATMNParameters, v
     from .checks import deferred_cuda_check
 
     probe = (u_last if not math.isinf(p.tau) else x_seq).detach()
-    v = p.v_threshold.detach().to(probe.dtype)
-    extremes = [*torch.aminmax(v)]
+    # V as the membrane arithmetic sees it (float32 for half inputs: a V of 1e5 or 1e-8 is
+    # valid there though float16 cannot hold it)
+    dtype = compute_dtype(probe.dtype)
+    extremes = [*torch.aminmax(p.v_threshold.detach().to(dtype))]
     if probe.numel():
-        extremes += [*torch.aminmax(probe)]
+        extremes += [e.to(dtype) for e in torch.aminmax(probe)]
     if deferred_cuda_check(probe, extremes):
         return
     v_lo, v_hi, *u_range = torch.stack(extremes).tolist()

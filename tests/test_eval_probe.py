@@ -237,3 +237,16 @@ def test_checkpoints_of_the_same_name_get_rows_told_apart():
     assert _labels(argparse.Namespace(label=None), paths) == [
         "runs/a/model.pt", "runs/b/model.pt", "teacher"
     ]  # fmt: skip
+
+
+def test_lm_evals_trust_remote_code_flag_is_taken(checkpoint):
+    """lm_eval's ``--trust_remote_code`` puts ``trust_remote_code=True`` into every model's
+    arguments (for the task data's loaders): spikemar refused it as an unknown argument."""
+    from spikemar.eval.harness import SpikemarLM
+
+    lm = SpikemarLM.create_from_arg_string(
+        f"checkpoint={checkpoint},trust_remote_code=True", {"batch_size": 2, "device": "cpu"}
+    )
+    assert lm.scorer.batch_size == 2
+    with pytest.raises(ValueError, match="trust_remote_code: expected true or false"):
+        SpikemarLM.create_from_arg_string(f"checkpoint={checkpoint},trust_remote_code=maybe")

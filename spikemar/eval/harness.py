@@ -98,6 +98,8 @@ class SpikemarLM(TemplateLM):
         count_energy: count the operations of every pass (default true; see
             :meth:`energy_report`).
         max_gen_toks: default cap on generated tokens (256).
+        trust_remote_code: taken and unused (lm_eval's ``--trust_remote_code`` passes it to
+            every model; spikemar runs no code from a checkpoint's repository).
         dtype: the checkpoint's weights in this dtype (``bfloat16``, ``float16``, ``float32``;
             ``auto``: the checkpoint's own, as lm_eval ``hf``'s ``dtype``). Default float32 for a
             Hugging Face directory, a spikemar checkpoint file's own dtype.
@@ -131,6 +133,9 @@ class SpikemarLM(TemplateLM):
             checkpoint = pretrained
         unknown = {k: v for k, v in unknown.items() if v is not None}
         unknown.pop("max_batch_size", None)  # lm_eval passes it with every model
+        # lm_eval's --trust_remote_code adds it for the task data's loaders; spikemar reads
+        # weights and tokenizers only, never a repository's code
+        _as_bool("trust_remote_code", unknown.pop("trust_remote_code", False))
         if unknown:
             raise ValueError(
                 f"model_args: unknown argument(s) {sorted(unknown)}; spikemar takes checkpoint "

@@ -3,9 +3,13 @@ r"""Export to NIR (the Neuromorphic Intermediate Representation), and back.
 :func:`export_nir` writes a ``nir.NIRGraph`` with ``nir.write``: ``input`` → per block
 [``flatten_{i}``] → synapse → [LTI] → neuron → ``output``, nodes named by the modules' paths.
 
-* ``nn.Linear`` → ``nir.Linear`` (``nir.Affine`` with a bias); ``nn.Conv2d`` → ``nir.Conv2d``;
-  ``nn.Flatten`` → ``nir.Flatten`` over the per-sample dimensions (``start_dim`` 0, NIR's
-  convention without the batch dimension).
+* ``nn.Linear`` → ``nir.Linear`` (``nir.Affine`` with a bias); ``nn.Conv2d`` → ``nir.Conv2d``
+  (``groups`` = 1 only: nir 1.0.8 cannot type a grouped conv);
+  ``nn.Flatten`` → ``nir.Flatten`` over the per-sample dimensions, ``start_dim`` = −3 (counted
+  from the end, so that it means the same whether a reader counts NIR's dimensions without the
+  batch, as nir's type inference and SpikingJelly do, or hands ``start_dim`` to
+  ``torch.nn.Flatten`` on batched input, as norse does; ``start_dim`` = 0 flattened norse's
+  batch dimension too).
 * :class:`~spikemar.hardware.CUBALIF` → ``nir.CubaLIF`` that reproduces it exactly in the usual
   forward-Euler reading with time step ``dt`` (norse's ``from_nir(graph, dt=dt)``):
   ``tau_syn = dt/δ_u``, ``tau_mem = dt/δ_v``, ``w_in = 1/δ_u``, ``r = 1/δ_v``, ``v_leak = 0``,
@@ -85,7 +89,8 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     for i, b in enumerate(blocks):
         synapse_path = next(iter(b.modules))
         if b.flatten and x.dim() > 2:
-            add(f"flatten_{i}", nir.Flatten(input_type=np.array(x.shape[1:]), start_dim=0))
+            sample = x.shape[1:]  # start_dim counted from the end: see the module docstring
+            add(f"flatten_{i}", nir.Flatten(input_type=np.array(sample), start_dim=-len(sample)))
         in_hw = tuple(x.shape[2:])
         x = synaptic_input(x, b, b.weight.double(), None)
         out_shape = tuple(x.shape[1:])
@@ -112,6 +117,12 @@ def _synapse_node(nir, b: Block, in_hw: tuple[int, ...]):
         raise UnsupportedModuleError(
             f"{next(iter(b.modules))}: a {w.shape[2]}x{w.shape[3]} kernel: nir 1.0.8 infers a "
             "conv's output shape from a square kernel and rejects the graph otherwise"
+        )
+    if b.groups != 1:
+        raise UnsupportedModuleError(
+            f"{next(iter(b.modules))}: a Conv2d with groups = {b.groups}: nir 1.0.8 takes a "
+            "conv's input channels from its weight (in_channels / groups) and rejects the graph, "
+            "when writing and when reading it"
         )
     return nir.Conv2d(
         input_shape=in_hw,
@@ -247,14 +258,18 @@ def _module(name: str, node) -> nn.Module:
         return m
     if isinstance(node, nir.Conv2d):
         w = node.weight
+        # NIR's Conv2d always has a bias; export_nir writes zeros for a conv without one, which
+        # must come back without one (a CUBALIF takes no bias before it)
+        bias = node.bias is not None and bool(np.any(np.asarray(node.bias) != 0))
         m = nn.Conv2d(
             w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]),
             stride=tuple(np.atleast_1d(node.stride)), padding=tuple(np.atleast_1d(node.padding)),
-            dilation=tuple(np.atleast_1d(node.dilation)), groups=int(node.groups),
+            dilation=tuple(np.atleast_1d(node.dilation)), groups=int(node.groups), bias=bias,
         )  # fmt: skip
         with torch.no_grad():
             m.weight.copy_(t(w))
-            m.bias.copy_(t(node.bias))
+            if bias:
+                m.bias.copy_(t(node.bias))
         return m
     if kind == "ATMN":
         v = t(meta["v_threshold"])

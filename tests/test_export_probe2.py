@@ -1,0 +1,82 @@
+"""The hardware exporters' files read by the real peers (norse, SpikingJelly, nir) and by
+spikemar's own readers, on networks the other tests do not build: found by probing from outside."""
+
+from __future__ import annotations
+
+import nir
+import pytest
+import torch
+from torch import nn
+
+from spikemar.hardware import CUBALIF, UnsupportedModuleError, export_nir, import_nir, simulate
+from spikemar.neurons import ATMN
+
+
+def conv_flatten_cuba() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(
+        nn.Conv2d(4, 6, 3, stride=2, padding=1, dilation=1, bias=False), CUBALIF(0.5, 0.1, 0.3),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 5, bias=False), CUBALIF(0.3, 0.2, 0.2),
+    ).double()  # fmt: skip
+
+
+def spikes(shape, seed: int, steps: int = 40, batch: int = 2) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    return (torch.rand(steps, batch, *shape, generator=gen) < 0.3).double()
+
+
+def test_norse_reproduces_a_conv_network_with_a_flatten(tmp_path):
+    """A Flatten written with start_dim = 0 (NIR's dimensions without the batch) became norse's
+    torch.nn.Flatten(0): the batch flattened too, and the Linear after it failed."""
+    norse = pytest.importorskip("norse.torch")
+    model, shape = conv_flatten_cuba(), (4, 7, 7)
+    export_nir(model, tmp_path / "net.nir", shape)
+    inputs = spikes(shape, seed=1)
+    expected = simulate(model, inputs)
+    net = norse.from_nir(nir.read(str(tmp_path / "net.nir")), dt=1e-3).double()
+    state, got = None, []
+    for x in inputs:
+        out, state = net(x, state)
+        got.append(out)
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(torch.stack(got), expected)
+
+
+def test_spikingjelly_reads_the_flatten_over_one_sample(tmp_path):
+    nir_exchange = pytest.importorskip("spikingjelly.activation_based.nir_exchange")
+    model = nn.Sequential(
+        nn.Conv2d(2, 3, 3, bias=False), ATMN(2.0, 0.5), nn.Flatten(), nn.Linear(27, 4), ATMN(1.0)
+    )
+    export_nir(model, tmp_path / "net.nir", (2, 5, 5))
+    net = nir_exchange.import_from_nir(tmp_path / "net.nir", dt=1e-3, dtype=torch.float32)
+    with torch.no_grad():
+        out, _ = net(torch.ones(3, 2, 5, 5), None)
+    assert out.shape == (3, 4)
+
+
+def test_a_conv_without_bias_before_a_cuba_neuron_comes_back_without_one(tmp_path):
+    """NIR's Conv2d always has a bias (export_nir writes zeros): read back with a zero bias, the
+    conv before a CUBALIF was refused by the fixed-point model and the exporters."""
+    model, shape = conv_flatten_cuba(), (4, 7, 7)
+    export_nir(model, tmp_path / "net.nir", shape)
+    back = import_nir(tmp_path / "net.nir").double()
+    assert back[0].bias is None
+    inputs = spikes(shape, seed=2)
+    assert torch.equal(simulate(back, inputs), simulate(model, inputs))
+
+
+def test_a_conv_with_a_bias_keeps_it(tmp_path):
+    torch.manual_seed(1)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), ATMN(2.0, 0.5)).double()
+    export_nir(model, tmp_path / "net.nir", (2, 4, 4))
+    back = import_nir(tmp_path / "net.nir").double()
+    assert torch.equal(back[0].bias.double(), model[0].bias.float().double())
+
+
+def test_a_grouped_conv_is_refused_by_name_before_anything_is_written(tmp_path):
+    """nir 1.0.8 types a conv's input as weight.shape[1] channels: a grouped conv was nir's own
+    'Type inference error: type mismatch: input.output: [[4 7 7]] -> 0.input: [[2 7 7]]'."""
+    model = nn.Sequential(nn.Conv2d(4, 6, 3, groups=2, bias=False), ATMN(2.0, 0.5))
+    with pytest.raises(UnsupportedModuleError, match=r"^0: a Conv2d with groups = 2: nir 1\.0\.8"):
+        export_nir(model, tmp_path / "net.nir", (4, 7, 7))
+    assert not list(tmp_path.iterdir())

@@ -401,13 +401,15 @@ class ConvertResult:
         ratio = (
             self.dense_energy_pj / self.student_energy_pj if self.student_energy_pj else math.inf
         )
+        # a student that spends more than its dense model (many micro-steps, a high rate) says so
+        change = f"{ratio:.2f}× less" if ratio >= 1 else f"{1 / ratio:.2f}× more"
         rate = "" if self.student_firing_rate is None else (
             f", firing rate {100 * self.student_firing_rate:.1f} %")  # fmt: skip
         where = f"{self.checkpoint}: " if self.checkpoint else ""
         return (
             f"{where}validation loss {self.dense_loss:.4f} → {self.student_loss:.4f} nats/token "
             f"({self.student_loss - self.dense_loss:+.4f}); energy {self.dense_energy_pj:.4g} → "
-            f"{self.student_energy_pj:.4g} pJ/token ({ratio:.2f}× less, {self.hardware})"
+            f"{self.student_energy_pj:.4g} pJ/token ({change}, {self.hardware})"
             f"{rate}"
         )
 

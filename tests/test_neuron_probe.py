@@ -148,3 +148,22 @@ def test_a_threshold_half_types_cannot_hold_is_valid_for_half_inputs(dtype, v, t
     want, _ = atmn_multi_step(x.to(dtype).float(), None, p, backend="torch")
     got, _ = atmn_multi_step(x.to(dtype), None, p, backend="torch")
     assert torch.equal(got.float(), want)
+
+
+def test_the_reference_quantize_of_a_float16_activation_has_finite_gradients():
+    # V·τ^t reaches 3^16 ≈ 4.3e7 at T = 17: the decode's gradient to a float16 spike train
+    # overflowed (NaN for every input and V) where the fused kernels stay in float32
+    x0 = 2 * torch.randn(64, generator=torch.Generator().manual_seed(1))
+    w = torch.randn(64, generator=torch.Generator().manual_seed(2))
+    grads = {}
+    for dtype in (torch.float16, torch.float32):
+        x = x0.to(torch.float16).to(dtype).requires_grad_()
+        a = torch.tensor(0.0, requires_grad=True)
+        decoded, spikes = atmn_quantize(x, 17, ATMNParameters(a.exp(), tau=3.0), backend="torch")
+        assert decoded.dtype == spikes.dtype == dtype
+        (decoded.float() * w).sum().backward()
+        grads[dtype] = x.grad.float(), a.grad
+    (gx16, ga16), (gx32, ga32) = grads[torch.float16], grads[torch.float32]
+    assert torch.isfinite(gx16).all() and gx16.abs().max() > 0
+    torch.testing.assert_close(gx16, gx32, rtol=2e-3, atol=2e-3)
+    torch.testing.assert_close(ga16, ga32, rtol=2e-3, atol=0)

@@ -482,5 +482,10 @@ def atmn_quantize(
     """
     check_parameters(p)
     check_input(activation, "activation", 1, p)
-    spikes, _ = atmn_multi_step(delta_inject(activation, T), None, p, backend=backend)
-    return atmn_decode(spikes, p.v_threshold, p.tau).to(activation.dtype), spikes
+    # in the membrane's dtype (float32 for half types; the spikes are the same): the decode's
+    # gradient reaches a spike train scaled by V·τ^t, which overflows float16 (τ = 3, T = 17)
+    # where the fused kernels, which stay in float32, give a finite gradient
+    x = activation.to(compute_dtype(activation.dtype))
+    spikes, _ = atmn_multi_step(delta_inject(x, T), None, p, backend=backend)
+    decoded = atmn_decode(spikes, p.v_threshold, p.tau)
+    return decoded.to(activation.dtype), spikes.to(activation.dtype)

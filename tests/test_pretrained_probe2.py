@@ -126,6 +126,6 @@ def test_a_convert_summary_says_more_energy_where_the_student_spends_more():
         return ConvertResult(None, None, None, {}, 5.0, 5.1, dense_pj, student_pj, 0.3,
                              "45nm-fp32", None, 0.0).summary()  # fmt: skip
 
-    assert "(1.09× more, 45nm-fp32)" in summary(1.254e5, 1.359e5)  # T 16: more than dense
+    assert "(1.08× more, 45nm-fp32)" in summary(1.254e5, 1.359e5)  # T 16: more than dense
     assert "(1.95× less, 45nm-fp32)" in summary(1.254e5, 6.43e4)
     assert "less" not in summary(1.254e5, 1.359e5)

@@ -306,3 +306,19 @@ def test_a_teacher_with_sparsified_ffns_is_refused_by_name():
                  lambda: build_student(teacher, {})):  # fmt: skip
         with pytest.raises(ValueError, match=r"^teacher: its FFNs are sparsified \(ffn_sparsity"):
             call()
+
+
+def test_plan_names_a_table_without_dense_or_without_options():
+    """A table made by hand: a module without a zero-KL 'dense' option under a KL budget below
+    its options, or a module with no options, was an IndexError from inside the planner."""
+    costly = Measurements({"a": [Option("a", T4, 0.5, 1.0, 5.0)]}, 10.0, 1.0, "45nm-fp32")
+    with pytest.raises(ValueError, match=r"^max_kl: 0.1 is out of reach; .* at least 0.5$"):
+        plan(costly, max_kl=0.1)
+    assert plan(costly, max_kl=0.5).points == {"a": T4}
+    empty = Measurements({"a": []}, 10.0, 1.0, "45nm-fp32")
+    for call in (lambda: plan(empty, max_kl=0.1), lambda: plan(empty, energy_ratio=1.1),
+                 lambda: random_schedule(empty, 1.0)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^measurements: modules \['a'\] have no options"):
+            call()
+    with pytest.raises(TypeError, match=r"^measurements: expected Measurements, got dict$"):
+        random_schedule({}, 1.0)

@@ -108,6 +108,19 @@ class Plan:
         return path
 
 
+def _check_table(measurements: Any) -> None:
+    """One error unless ``measurements`` is a table with at least one option per module."""
+    if not isinstance(measurements, Measurements):
+        raise TypeError(f"measurements: expected Measurements, got "
+                        f"{type(measurements).__name__}")  # fmt: skip
+    if not measurements.modules:
+        raise ValueError("measurements: no modules were measured")
+    empty = [name for name, options in measurements.modules.items() if not options]
+    if empty:
+        raise ValueError(f"measurements: modules {empty[:3]} have no options; expected at least "
+                         "one each ('dense' first, as measure writes)")  # fmt: skip
+
+
 def _check_number(name: str, value: Any, low: float) -> None:
     """One error naming ``name`` unless ``value`` is a real number >= ``low`` (NaN is not)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
@@ -129,13 +142,9 @@ def plan(
     """The schedule of least predicted KL whose energy ratio is at least ``energy_ratio``, or of
     most energy saved whose predicted KL is at most ``max_kl`` (exactly one budget). Raises
     ``ValueError`` when no schedule meets the budget, naming the best reachable value."""
-    if not isinstance(measurements, Measurements):
-        raise TypeError(f"measurements: expected Measurements, got "
-                        f"{type(measurements).__name__}")  # fmt: skip
+    _check_table(measurements)
     if (energy_ratio is None) == (max_kl is None):
         raise ValueError("energy_ratio, max_kl: give exactly one budget")
-    if not measurements.modules:
-        raise ValueError("measurements: no modules were measured")
     front, exact = pareto_front(measurements, max_front)
     if energy_ratio is not None:
         _check_number("energy_ratio", energy_ratio, 1)
@@ -150,7 +159,10 @@ def plan(
     else:
         _check_number("max_kl", max_kl, 0)
         ok = [p for p in front if p.kl <= max_kl]
-        chosen = ok[-1]  # saved ascends with KL along the front; dense (0, 0) always fits
+        if not ok:  # only where a module has no 'dense' option (KL 0)
+            raise ValueError(f"max_kl: {max_kl} is out of reach; the measured options reach at "
+                             f"least {front[0].kl:.4g}")  # fmt: skip
+        chosen = ok[-1]  # saved ascends with KL along the front
         budget = {"max_kl": float(max_kl)}
     names = list(measurements.modules)
     choice = {n: measurements.modules[n][i] for n, i in zip(names, chosen.picks, strict=True)}
@@ -194,6 +206,7 @@ def random_schedule(
     little, moves a random module to a random one of its options that saves more (pure draws
     almost never reach high ratios: at 8x on the packaged teacher none of 2,000 did); of the
     draws, the one closest above the target is returned."""
+    _check_table(measurements)
     _check_number("energy_ratio", energy_ratio, 1)
     if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
         raise ValueError(f"tries: expected an int >= 1, got {tries!r}")

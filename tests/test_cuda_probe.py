@@ -5,6 +5,11 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
+import torch
+
+from spikemar.neurons import ATMNParameters, cupy_backend
+
 
 def test_bench_neuron_copies_at_least_a_gibibyte_on_cuda(load_script, monkeypatch):
     """The '% of copy' column divides by a copy bandwidth measured with the host's clock around
@@ -23,3 +28,19 @@ def test_bench_neuron_copies_at_least_a_gibibyte_on_cuda(load_script, monkeypatc
     cfg = dataclasses.replace(bench.QUICK, devices=("cpu", "cuda"), progress=False)
     bench.measure(cfg, [], {})
     assert copied == {"cpu": cfg.copy_bytes, "cuda": 2**30}
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        ((torch.zeros(4, 5), 4, torch.ones(3)), "3 per-channel thresholds"),  # 5 in x
+        ((torch.zeros(4, 5), 0, torch.tensor(1.0)), "T: expected an int >= 1"),
+        ((torch.zeros(4, 5, dtype=torch.int32), 4, torch.tensor(1.0)), "activation: "),
+    ],
+)
+def test_the_fused_cuda_quantize_checks_its_arguments_before_the_kernel(args, message):
+    # a per-channel V of another width returned values the kernel never wrote; T = 0 zeros
+    activation, T, v = args
+    p = ATMNParameters(v, tau=2.0)
+    with pytest.raises((ValueError, TypeError), match=message):
+        cupy_backend.atmn_quantize_cupy(activation, T, p)

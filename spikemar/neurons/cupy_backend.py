@@ -28,6 +28,9 @@ from .functional import (
     ATMNParameters,
     _decay,
     bad_threshold_error,
+    check_input,
+    check_micro_steps,
+    check_parameters,
     compute_dtype,
     decode_weights,
     nonfinite_error,
@@ -363,5 +366,12 @@ def atmn_quantize_cupy(
     ``counts=True`` returns ``(decoded, counts)``: the +1 and −1 spikes, int64 of shape
     ``(*p.v_threshold.shape, 2)``, counted by the forward kernel (no spike train, no sync), as
     :func:`~spikemar.neurons.functional.spike_counts` counts those of ``atmn_quantize``.
+    Its arguments' types and shapes are checked here too (no wait for the device): a V that
+    does not match the last dimension or T < 1 read memory the kernel was not given.
     """
-    return _FusedQuantize.apply(activation, p.v_threshold, p, T, bool(counts))
+    check_parameters(p)
+    check_input(activation, "activation", 1, p)
+    check_micro_steps(T)
+    if not isinstance(counts, bool):
+        raise ValueError(f"counts: expected True or False, got {counts!r}")
+    return _FusedQuantize.apply(activation, p.v_threshold, p, T, counts)

@@ -322,3 +322,21 @@ def test_plan_names_a_table_without_dense_or_without_options():
             call()
     with pytest.raises(TypeError, match=r"^measurements: expected Measurements, got dict$"):
         random_schedule({}, 1.0)
+
+
+def test_calibrate_names_a_bad_rate_type_and_max_rows():
+    """firing_rate='0.1' was "'<' not supported between 'int' and 'str'"; max_rows=0 an
+    IndexError from amax() inside the search."""
+    from spikemar.models import SpikeConfig
+    from spikemar.refine import calibrate, firing_rates
+
+    torch.manual_seed(0)
+    config = MARConfig(**SMALL, spikes=SpikeConfig(T=4))
+    student, teacher = MARLM(config).eval(), MARLM(config.dense()).eval()
+    batches = [torch.randint(0, 11, (2, 8))]
+    with pytest.raises(ValueError, match=r"^firing_rate: expected a fraction in \(0, 1\) or a"):
+        calibrate(student, teacher, batches, firing_rate="0.1")
+    for call in (lambda: calibrate(student, teacher, batches, firing_rate=0.1, max_rows=0),
+                 lambda: firing_rates(student, teacher, batches, max_rows=0)):  # fmt: skip
+        with pytest.raises(ValueError, match=r"^max_rows: expected an int >= 1, got 0$"):
+            call()

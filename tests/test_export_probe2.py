@@ -80,3 +80,40 @@ def test_a_grouped_conv_is_refused_by_name_before_anything_is_written(tmp_path):
     with pytest.raises(UnsupportedModuleError, match=r"^0: a Conv2d with groups = 2: nir 1\.0\.8"):
         export_nir(model, tmp_path / "net.nir", (4, 7, 7))
     assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize("dt", [1e-3, 1e-4])
+def test_spikingjellys_cuba_lif_file_is_read_and_reproduces_spikingjelly(tmp_path, dt):
+    """nirtorch's tracer (behind SpikingJelly's exporter) names the input node 'input_1': the
+    file was refused as 'a NIR graph without an 'input' node'; and SpikingJelly's default dt is
+    1e-4, which its CubaLIF states only through w_in = tau_syn/dt (no spikemar metadata)."""
+    sj = pytest.importorskip("spikingjelly.activation_based")
+    from spikingjelly.activation_based.nir_exchange import export_to_nir
+
+    torch.manual_seed(3)
+    net = nn.Sequential(
+        nn.Linear(6, 5, bias=False), sj.neuron.CUBALIFNode(c_decay=0.5, v_decay=0.75)
+    ).double()
+    export_to_nir(net, torch.zeros(1, 6, dtype=torch.float64), tmp_path / "sj.nir", dt=dt)
+    assert "input" not in nir.read(str(tmp_path / "sj.nir")).nodes
+    back = import_nir(tmp_path / "sj.nir").double()
+    inputs = spikes((6,), seed=4, steps=50)
+    sj.functional.reset_net(net)
+    with torch.no_grad():
+        expected = torch.stack([net(x) for x in inputs])
+    assert 0 < expected.sum() < expected.numel()
+    assert torch.equal(simulate(back, inputs), expected)
+
+
+def test_a_graph_with_two_inputs_is_refused_by_name(tmp_path):
+    nodes = {
+        "a": nir.Input(input_type=torch.tensor([3]).numpy()),
+        "b": nir.Input(input_type=torch.tensor([3]).numpy()),
+        "out": nir.Output(output_type=torch.tensor([3]).numpy()),
+    }
+    graph = nir.NIRGraph(nodes=nodes, edges=[("a", "out"), ("b", "out")])
+    nir.write(str(tmp_path / "g.nir"), graph)
+    with pytest.raises(
+        ValueError, match=r"g\.nir holds a NIR graph with 2 input nodes \['a', 'b'\]"
+    ):
+        import_nir(tmp_path / "g.nir")

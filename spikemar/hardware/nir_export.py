@@ -208,35 +208,51 @@ def import_nir(path: str | os.PathLike) -> nn.Sequential:
         node_meta = getattr(node, "metadata", None) or {}
         if "spikemar_version" in node_meta:
             check_version(node_meta["spikemar_version"], NIR_VERSION, path, "NIR file")
-    if "input" not in graph.nodes:
-        raise ValueError(f"path: {path} holds a NIR graph without an 'input' node")
     return nn.Sequential(*(_module(name, graph.nodes[name]) for name in _chain(graph, path)))
+
+
+def _end(graph, kind, what: str, path: Path) -> str:
+    """The name of the graph's ``kind`` node (nir.Input or nir.Output): the one named ``what``
+    ('input', 'output'), else the one node of that type. NIR marks a graph's ends by type,
+    whatever their names (nirtorch's tracer, behind norse's and SpikingJelly's exporters, names
+    the input 'input_1'; nir adds an Input or Output of its own to a loose node)."""
+    if isinstance(graph.nodes.get(what), kind):
+        return what
+    names = [name for name, node in graph.nodes.items() if isinstance(node, kind)]
+    if len(names) != 1:
+        raise ValueError(f"path: {path} holds a NIR graph with {len(names)} {what} nodes "
+                         f"{names}; import_nir reads a graph with one")  # fmt: skip
+    return names[0]
 
 
 def _chain(graph, path: Path) -> list[str]:
     """The names of the nodes between ``input`` and ``output``, in order; a ValueError naming
     ``path`` for a graph that is not one chain (a branch, a recurrent edge, a loose node), which
     an ``nn.Sequential`` cannot hold."""
+    import nir
+
+    first = _end(graph, nir.Input, "input", path)
+    last = _end(graph, nir.Output, "output", path)
     nexts: dict[str, list[str]] = {}
     for src, dst in graph.edges:
         nexts.setdefault(src, []).append(dst)
-    names, name = [], "input"
-    while name != "output":
+    names, name = [], first
+    while name != last:
         after = nexts.get(name, [])
         if len(after) != 1:
             what = f"feeds {after}" if after else "feeds no node"
             raise ValueError(f"path: {path} holds a NIR graph that is not one chain from "
-                             f"'input' to 'output': node {name!r} {what}")  # fmt: skip
+                             f"{first!r} to {last!r}: node {name!r} {what}")  # fmt: skip
         name = after[0]
-        if name in names or name == "input":
+        if name in names or name == first:
             raise ValueError(f"path: {path} holds a recurrent NIR graph (a cycle through "
                              f"{name!r}); import_nir reads feed-forward chains")  # fmt: skip
-        if name != "output":
+        if name != last:
             names.append(name)
-    loose = sorted(set(graph.nodes) - {"input", "output", *names})
+    loose = sorted(set(graph.nodes) - {first, last, *names})
     if loose:
-        raise ValueError(f"path: {path} holds NIR nodes off the chain from 'input' to "
-                         f"'output': {loose}")  # fmt: skip
+        raise ValueError(f"path: {path} holds NIR nodes off the chain from {first!r} to "
+                         f"{last!r}: {loose}")  # fmt: skip
     return names
 
 
@@ -291,14 +307,16 @@ def _module(name: str, node) -> nn.Module:
                 getattr(m, key).copy_(t(meta[key]))
         return m
     if isinstance(node, nir.CubaLIF):
-        return _cuba_lif(name, node, float(meta.get("dt", 1e-3)))
+        return _cuba_lif(name, node, float(meta["dt"]) if "dt" in meta else None)
     raise ValueError(f"{name}: a {type(node).__name__} node that spikemar does not read")
 
 
-def _cuba_lif(name: str, node, dt: float) -> CUBALIF:
+def _cuba_lif(name: str, node, dt: float | None) -> CUBALIF:
     """CUBALIF from a ``nir.CubaLIF`` in the form :func:`export_nir` writes (one value per
     parameter, ``w_in = tau_syn/dt``, ``r = tau_mem/dt``, ``v_leak = v_reset = 0``); any other
-    CubaLIF is a ValueError naming the node rather than a neuron that computes something else."""
+    CubaLIF is a ValueError naming the node rather than a neuron that computes something else.
+    ``dt`` is the node's metadata ``dt``; a node without one (another producer's: SpikingJelly
+    writes this form with its own dt, 1e-4 by default) is read with ``dt = tau_syn / w_in``."""
     values = {}
     for key in ("tau_syn", "tau_mem", "r", "w_in", "v_leak", "v_reset", "v_threshold"):
         a = np.ravel(np.asarray(getattr(node, key), dtype=np.float64))
@@ -306,6 +324,10 @@ def _cuba_lif(name: str, node, dt: float) -> CUBALIF:
             raise ValueError(f"{name}: a CubaLIF whose {key} varies across neurons; spikemar's "
                              "CUBALIF has one value")  # fmt: skip
         values[key] = float(a[0])
+    if dt is None:
+        dt = values["tau_syn"] / values["w_in"] if values["w_in"] > 0 else 1e-3
+        if not (math.isfinite(dt) and dt > 0):
+            dt = 1e-3
     du, dv = dt / values["tau_syn"], dt / values["tau_mem"]
     expected = {"w_in": 1 / du, "r": 1 / dv, "v_leak": 0.0, "v_reset": 0.0}
     for key, want in expected.items():

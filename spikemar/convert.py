@@ -599,6 +599,8 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
     if message.startswith(f"{source}: "):  # a directory's problem, named by its path
         return f"--from {message}"
     name, sep, rest = message.partition(": ")
+    if sep and name.startswith("points[") and args.spike_points is not None:
+        return f"--spike-points: {message}"  # one point's setting in the file: points['NAME']
     if not (sep and name.isidentifier()):
         return message
     if rest.startswith(f"{source} "):  # "tokenizer: DIR has no tokenizer", "checkpoint: ..."

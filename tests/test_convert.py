@@ -1,5 +1,7 @@
 """spikemar convert: spike points into a dense SSM LM, thresholds calibrated to a firing rate."""
 
+import json
+
 import pytest
 import torch
 
@@ -330,3 +332,15 @@ def test_a_tokenizer_source_for_a_model_object_and_a_mismatch_blamed_on_the_sour
     err = _convert_error(["--from", "small", "--out", "s.pt", "--data", str(corpus)], capsys)
     assert "--tokenizer" not in err and "300 ids exceed the model's vocabulary of 280" in err
     assert err.startswith("spikemar convert: error: --from small")
+
+
+def test_a_bad_point_setting_in_the_file_is_named_as_spike_points(dense_checkpoint, corpus,
+                                                                  tmp_path, capsys):  # fmt: skip
+    plan = tmp_path / "points.json"
+    plan.write_text(json.dumps({"layers.0.mixer.spike_in": {"Tee": 2}}))
+    with pytest.raises(SystemExit) as exit_:
+        main(["convert", "--from", str(dense_checkpoint), "--out", str(tmp_path / "s.pt"),
+              "--data", str(corpus), "--spike-points", str(plan)])  # fmt: skip
+    err = capsys.readouterr().err.strip()
+    assert exit_.value.code == 2 and "\n" not in err
+    assert "error: --spike-points: points['layers.0.mixer.spike_in']: unknown spike fields" in err

@@ -340,3 +340,25 @@ def test_calibrate_names_a_bad_rate_type_and_max_rows():
                  lambda: firing_rates(student, teacher, batches, max_rows=0)):  # fmt: skip
         with pytest.raises(ValueError, match=r"^max_rows: expected an int >= 1, got 0$"):
             call()
+
+
+def test_refine_resume_refuses_another_calibrate_mode(tmp_path, capsys):
+    """--resume --calibrate on after a run made with off reused the uncalibrated init.pt and
+    reported mode 'off' beside the new flag."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    out = tmp_path / "out"
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-energy", "1.2")
+    assert main([*argv, "--calibrate", "off"]) == 0
+    capsys.readouterr()
+    assert main([*argv, "--calibrate", "on", "--resume"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"resume: {out} was calibrated with --calibrate off, not on;" in err, err
+    assert main([*argv, "--calibrate", "off", "--resume"]) == 0

@@ -298,6 +298,10 @@ def refine_main(args: argparse.Namespace) -> int:
     init, calib_path = out / "init.pt", out / "calibration.json"
     if resume and init.exists() and calib_path.exists():
         calibration = _read_json(calib_path)
+        if calibration.get("mode", args.calibrate) != args.calibrate:  # init.pt was made so
+            raise ValueError(f"resume: {out} was calibrated with --calibrate "
+                             f"{calibration['mode']}, not {args.calibrate}; give that, or "
+                             "--overwrite to start again")  # fmt: skip
     else:
         student, calibration = _calibrated_student(args, teacher, chosen.points, windows, stage1)
         with atomic_write(calib_path) as tmp:

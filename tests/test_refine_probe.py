@@ -362,3 +362,28 @@ def test_refine_resume_refuses_another_calibrate_mode(tmp_path, capsys):
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"resume: {out} was calibrated with --calibrate off, not on;" in err, err
     assert main([*argv, "--calibrate", "off", "--resume"]) == 0
+
+
+def test_refine_overwrite_leaves_no_stage_file_of_the_old_run(tmp_path, capsys):
+    """--overwrite replaced each stage file only when it reached it: a run that stopped after
+    measuring (a budget out of reach) left the old run's plan, students, result.json and
+    pareto.png beside the new table (result.json described another teacher's run), and a
+    --resume of it reused the old init.pt until stage 2 refused the old student's teacher."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    for seed in (0, 1):
+        torch.manual_seed(seed)
+        save_checkpoint(tmp_path / f"t{seed}.pt", MARLM(config.dense()), tokenizer)
+    out = tmp_path / "out"
+    assert main(_refine_argv(tmp_path, tmp_path / "t0.pt", out, "--budget-kl", "1e-12")) == 0
+    capsys.readouterr()
+    argv = _refine_argv(tmp_path, tmp_path / "t1.pt", out, "--overwrite", "--budget-energy",
+                        "1000")  # fmt: skip
+    assert main(argv) == 2
+    assert "out of reach" in capsys.readouterr().err
+    assert sorted(p.name for p in out.iterdir()) == ["measurements.json"]

@@ -176,6 +176,11 @@ def _check_resumed(
                          "again")  # fmt: skip
 
 
+# what a run writes into --out, in order; --overwrite removes them before its first stage
+_STAGE_FILES = ("measurements.partial.json", "measurements.json", "plan.json", "calibration.json",
+                "init.pt", "student.pt", "result.json", "pareto.png")  # fmt: skip
+
+
 def _say(args: argparse.Namespace, text: str) -> None:
     print(f"refine: {text}", file=sys.stderr, flush=True)
 
@@ -242,6 +247,9 @@ def refine_main(args: argparse.Namespace) -> int:
             raise FileNotFoundError(f"stage1: no checkpoint at {args.stage1}")
         stage1, _, _ = load_checkpoint(args.stage1, map_location=args.device)
         stage1.eval()
+    if args.overwrite:  # a stage file of the old run must not pass for one of this run's
+        for name in _STAGE_FILES:
+            (out / name).unlink(missing_ok=True)
 
     # 1. measure
     before = Measurements.load(table) if resume and table.exists() else None

@@ -372,7 +372,7 @@ def _run_text(
             print(f"{name}: {r.summary()}")
     train_length = args.train_length or _train_length(checkpoints[0])
     out = args.out
-    out.mkdir(parents=True, exist_ok=True)
+    _make_out(out)
     payload = {
         "schema": "spikemar-perplexity-1",
         "text": str(args.text),
@@ -393,6 +393,26 @@ def _run_text(
     _write_text(out / "perplexity.md", markdown, written)
     written.append(save_curves(results, out / "perplexity.png", train_length=train_length))
     print("wrote " + ", ".join(str(p) for p in written))
+
+
+def _check_out(out: Path) -> None:
+    """Before any scoring (it was found out after all of it): ``out`` is a folder, or one can
+    be made there; nothing is made until the results are written."""
+    for folder in (out, *out.parents):
+        if folder.exists():
+            if not folder.is_dir():
+                raise NotADirectoryError(f"--out: cannot write in {str(out)!r}: "
+                                         f"{str(folder)!r} is a file, not a folder")  # fmt: skip
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise PermissionError(f"--out: the folder {str(folder)!r} is not writable")
+            return
+
+
+def _make_out(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise OSError(f"--out: cannot make the folder {str(out)!r} ({err.strerror})") from err
 
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
@@ -423,11 +443,7 @@ def eval_main(args: argparse.Namespace) -> int:
                 columns = [get_profile(h).name for h in args.hardware]
             except ValueError as err:
                 raise ValueError(f"--{err}") from err  # "hardware: unknown profile ..."
-        from .._io import check_output_path
-
-        # a folder there or makeable, before any scoring (it was found out after all of it)
-        first = "perplexity.json" if args.text is not None else "eval.json"
-        check_output_path(args.out / first, name="--out")
+        _check_out(args.out)
         if args.text is not None:
             _run_text(args, checkpoints, labels, written, columns)
             return 0
@@ -441,7 +457,7 @@ def eval_main(args: argparse.Namespace) -> int:
             columns=columns, tokenizer=args.tokenizer, dtype=args.dtype,
         )  # fmt: skip
         out = args.out
-        out.mkdir(parents=True, exist_ok=True)
+        _make_out(out)
         _write_text(out / "eval.json", table.to_json() + "\n", written)
         markdown = table.to_markdown()
         _write_text(out / "eval.md", markdown, written)

@@ -117,3 +117,28 @@ def test_a_graph_with_two_inputs_is_refused_by_name(tmp_path):
         ValueError, match=r"g\.nir holds a NIR graph with 2 input nodes \['a', 'b'\]"
     ):
         import_nir(tmp_path / "g.nir")
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_the_chip_report_counts_a_tied_head_once(tied):
+    """A head tied to the embedding (tie_embeddings, as pretrained Mamba-2 and Llamba
+    checkpoints often are) was counted twice: the host's share and the total overstated."""
+    from spikemar.hardware import chip_report
+    from spikemar.models import MARLM, MARConfig
+    from spikemar.models.common import SpikeConfig
+
+    torch.manual_seed(0)
+    config = MARConfig(
+        vocab_size=40, d_model=16, n_layers=2, layers=["ssm", "lti"], head_dim=8, d_state=4,
+        tie_embeddings=tied, spikes=SpikeConfig(T=4, tau=1.0, v_threshold=0.3),
+    )  # fmt: skip
+    model = MARLM(config)
+    report = chip_report(model)
+    counts = report.counts()
+    assert counts["chip"]["params"] + counts["host"]["params"] == sum(
+        p.numel() for p in model.parameters()
+    )
+    head = next(e for e in report.entries if e.path == "head")
+    assert (head.params == 0) == tied
+    assert ("shares its weight" in head.why) == tied
+    assert ("shares its weight" in report.to_table()) == tied

@@ -51,11 +51,21 @@ class ChipEntry:
 @dataclass
 class ChipReport:
     entries: list[ChipEntry] = field(default_factory=list)
+    _counted: set[int] = field(default_factory=set, repr=False, compare=False)
 
     def add(self, path: str, module: nn.Module | None, on_chip: bool, why: str,
             params: int | None = None, neurons: int = 0) -> None:  # fmt: skip
-        if params is None:
-            params = sum(p.numel() for p in module.parameters()) if module is not None else 0
+        """Add a row; ``params`` defaults to ``module``'s parameters that no earlier row
+        counted (a head tied to the embedding shares its weight: counted once, with the
+        embedding, and its row says so)."""
+        if params is None and module is not None:
+            own = list(module.parameters())
+            fresh = [p for p in own if id(p) not in self._counted]
+            self._counted.update(id(p) for p in own)
+            params = sum(p.numel() for p in fresh)
+            if len(fresh) < len(own):
+                why += " (shares its weight with a module above, counted there)"
+        params = params or 0
         kind = type(module).__name__ if module is not None else "-"
         self.entries.append(ChipEntry(path, kind, on_chip, params, neurons, why))
 

@@ -387,3 +387,15 @@ def test_refine_overwrite_leaves_no_stage_file_of_the_old_run(tmp_path, capsys):
     assert main(argv) == 2
     assert "out of reach" in capsys.readouterr().err
     assert sorted(p.name for p in out.iterdir()) == ["measurements.json"]
+
+
+def test_kl_and_loss_names_its_arguments():
+    """batch_size=0 was range()'s 'arg 3 must not be zero', a 1-d window an unpacking error."""
+    from spikemar.refine import kl_and_loss, schedule_kl
+
+    teacher, windows = _teacher(), torch.randint(0, 11, (2, 9))
+    with pytest.raises(ValueError, match=r"^batch_size: expected an int >= 1, got 0$"):
+        kl_and_loss(teacher, teacher, windows, batch_size=0)
+    with pytest.raises(ValueError, match=r"^windows: expected token ids \[n, L \+ 1\]"):
+        schedule_kl(teacher, {}, windows[0])
+    assert kl_and_loss(teacher, teacher, windows, batch_size=1)[0] == pytest.approx(0, abs=1e-12)

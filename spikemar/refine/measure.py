@@ -247,6 +247,8 @@ def kl_and_loss(
     teacher: nn.Module, student: nn.Module, windows: torch.Tensor, batch_size: int = 8
 ) -> tuple[float, float]:
     """``(KL(p_teacher ‖ q_student), student loss)`` per token on ``windows`` [n, L + 1]."""
+    _check_windows(windows)
+    _check_int("batch_size", batch_size)
     kl = loss = 0.0
     count = 0
     for i in range(0, windows.shape[0], batch_size):
@@ -256,6 +258,19 @@ def kl_and_loss(
         loss += float(F.nll_loss(q.flatten(0, 1), w[:, 1:].flatten(), reduction="sum"))
         count += w[:, 1:].numel()
     return kl / count, loss / count
+
+
+def _check_windows(windows: Any) -> None:
+    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
+        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
+        raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
+    if windows.shape[0] < 1:
+        raise ValueError(f"windows: expected at least one window, got {tuple(windows.shape)}")
+
+
+def _check_int(name: str, value: Any) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
 
 
 def check_hardware(hardware: str | energy.HardwareProfile) -> energy.HardwareProfile:
@@ -338,14 +353,9 @@ def measure(
     modules not to measure again where their options are this call's: what lets ``spikemar
     refine --resume`` continue a measurement that was stopped."""
     check_teacher(teacher)
-    if not isinstance(windows, torch.Tensor) or windows.dim() != 2 or windows.shape[1] < 2:
-        shape = tuple(windows.shape) if isinstance(windows, torch.Tensor) else type(windows)
-        raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
-    if windows.shape[0] < 1:
-        raise ValueError(f"windows: expected at least one window, got {tuple(windows.shape)}")
-    for name, value in (("batch_size", batch_size), ("energy_windows", energy_windows)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    _check_windows(windows)
+    _check_int("batch_size", batch_size)
+    _check_int("energy_windows", energy_windows)
     options, sparsify = check_settings("options", options), check_settings("sparsify", sparsify)
     profile = check_hardware(hardware)  # before any work
     zero_skipping = profile.zero_skipping

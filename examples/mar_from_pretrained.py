@@ -135,8 +135,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--T", type=int, default=4)
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
+    # refused before the teacher trains (a bad value failed minutes later, in a traceback)
+    for flag, value in (("--teacher-steps", args.teacher_steps),
+                        ("--distill-steps", args.distill_steps), ("--T", args.T)):  # fmt: skip
+        if value < 1:
+            p.error(f"{flag}: expected an int >= 1, got {value}")
+    if not 0 < args.firing_rate < 1:
+        p.error(f"--firing-rate: expected a fraction in (0, 1), got {args.firing_rate}")
     out = Path(args.out)
     data_path = Path(args.data) if args.data else default_corpus()
+    if not data_path.exists():
+        p.error(f"--data: no text file or folder at {data_path}")
+    if out.exists() and not out.is_dir():
+        p.error(f"--out: {out} is a file; expected a folder")
     teacher_dir = out / "teacher"
     torch.set_num_threads(min(2, torch.get_num_threads()))
 

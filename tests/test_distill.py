@@ -491,3 +491,23 @@ def test_a_bfloat16_teacher_leaves_the_students_start_in_float32(corpus, tmp_pat
     student = load_checkpoint(tmp_path / "s.pt")[0].state_dict()
     teacher = from_pretrained(tmp_path / "m2").state_dict()
     assert all(torch.equal(student[k], v) for k, v in teacher.items())
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--teacher-steps", "0"], "--teacher-steps: expected an int >= 1, got 0"),
+        (["--distill-steps", "-2"], "--distill-steps: expected an int >= 1, got -2"),
+        (["--T", "0"], "--T: expected an int >= 1, got 0"),
+        (["--firing-rate", "1.5"], "--firing-rate: expected a fraction in (0, 1), got 1.5"),
+        (["--data", "nowhere.txt"], "--data: no text file or folder at nowhere.txt"),
+    ],
+)
+def test_example_refuses_bad_arguments_before_the_teacher_trains(tmp_path, capsys, flags,
+                                                                 message):  # fmt: skip
+    example = _example("mar_from_pretrained")
+    with pytest.raises(SystemExit) as exit_:
+        example.main(["--out", str(tmp_path / "out"), *flags])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and message in err[-1]
+    assert not (tmp_path / "out").exists()  # nothing trained, nothing written

@@ -399,3 +399,22 @@ def test_kl_and_loss_names_its_arguments():
     with pytest.raises(ValueError, match=r"^windows: expected token ids \[n, L \+ 1\]"):
         schedule_kl(teacher, {}, windows[0])
     assert kl_and_loss(teacher, teacher, windows, batch_size=1)[0] == pytest.approx(0, abs=1e-12)
+
+
+def test_refine_names_a_missing_data_file_as_data(tmp_path, capsys):
+    """--data that is not there was 'path: no text file or folder at ...' (the loader's name)."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", tmp_path / "o", "--budget-kl", "1")
+    argv[argv.index("--data") + 1] = str(tmp_path / "none.txt")
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"spikemar refine: error: data: no text file or folder at {tmp_path / 'none.txt'}"
+    assert not (tmp_path / "o").exists()

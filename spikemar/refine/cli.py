@@ -239,7 +239,13 @@ def refine_main(args: argparse.Namespace) -> int:
         raise type(err)(f"teacher: {message}") from err
     # a character-level teacher: the vocabulary comes from the text (distill checks they agree)
     pretrained = tokenizer is not None and not isinstance(tokenizer, CharTokenizer)
-    data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)
+    try:
+        data = TokenDataset.from_text_file(args.data, tokenizer=tokenizer if pretrained else None)
+    except (FileNotFoundError, ValueError) as err:  # the loader names its argument 'path'
+        message = str(err)
+        if not message.startswith("path: "):
+            raise
+        raise type(err)(f"data: {message.removeprefix('path: ')}") from err
     windows = data.windows("train", args.L, args.calib_windows).to(args.device)
     stage1 = None
     if args.stage1 is not None:

@@ -418,3 +418,28 @@ def test_refine_names_a_missing_data_file_as_data(tmp_path, capsys):
     err = capsys.readouterr().err.strip()
     assert err == f"spikemar refine: error: data: no text file or folder at {tmp_path / 'none.txt'}"
     assert not (tmp_path / "o").exists()
+
+
+def test_refine_budget_out_of_reach_names_the_option_and_the_kept_table(tmp_path, capsys):
+    """An energy budget the options cannot reach: one line naming --budget-energy (it said
+    'energy_ratio', the library's name) and that the measured table is kept, from which
+    --resume with a reachable budget plans without measuring again."""
+    from test_refine import _refine_argv, _tiny_corpus
+
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.cli import main
+
+    tokenizer = _tiny_corpus(tmp_path)
+    torch.manual_seed(0)
+    config = MARConfig(**{**SMALL, "vocab_size": tokenizer.vocab_size})
+    save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    out = tmp_path / "out"
+    argv = _refine_argv(tmp_path, tmp_path / "teacher.pt", out, "--budget-energy")
+    capsys.readouterr()
+    assert main([*argv, "1000"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("spikemar refine: error: budget-energy: 1000.0 is out of reach; "), err
+    assert err.endswith(f"({out / 'measurements.json'} is kept: --resume with another budget "
+                        "plans from it)"), err  # fmt: skip
+    assert main([*argv, "1.2", "--resume"]) == 0
+    assert "measurements read from" in capsys.readouterr().err

@@ -293,10 +293,16 @@ def refine_main(args: argparse.Namespace) -> int:
         m.save(done)
         partial.unlink(missing_ok=True)
     # 2. plan
-    if args.budget_energy is not None:
-        chosen = plan(m, energy_ratio=args.budget_energy)
-    else:
-        chosen = plan(m, max_kl=args.budget_kl)
+    try:
+        if args.budget_energy is not None:
+            chosen = plan(m, energy_ratio=args.budget_energy)
+        else:
+            chosen = plan(m, max_kl=args.budget_kl)
+    except ValueError as err:  # out of reach: name the option, and what is kept
+        name, _, rest = str(err).partition(": ")
+        flag = {"energy_ratio": "budget-energy", "max_kl": "budget-kl"}.get(name, name)
+        raise ValueError(f"{flag}: {rest} ({done} is kept: --resume with another budget plans "
+                         "from it)") from err  # fmt: skip
     if resume and (out / "init.pt").exists() and (out / "plan.json").is_file():
         # the student at --out was built from the saved plan: another budget would plan another
         # student, whose numbers the results would report beside this one's

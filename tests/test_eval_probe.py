@@ -250,3 +250,24 @@ def test_lm_evals_trust_remote_code_flag_is_taken(checkpoint):
     assert lm.scorer.batch_size == 2
     with pytest.raises(ValueError, match="trust_remote_code: expected true or false"):
         SpikemarLM.create_from_arg_string(f"checkpoint={checkpoint},trust_remote_code=maybe")
+
+
+def test_lm_evals_results_carry_the_energy_of_the_scored_passes(checkpoint):
+    """``python -m spikemar.eval run --model spikemar ... --output_path`` counted every pass
+    (count_energy defaults to true) and then dropped the count: no energy in lm_eval's JSON."""
+    import lm_eval
+    from lm_eval.tasks import TaskManager
+
+    from spikemar.eval import TASKS_DIR
+    from spikemar.eval.harness import SpikemarLM
+    from spikemar.eval.report import energy_summary
+
+    manager = TaskManager(include_path=str(TASKS_DIR), include_defaults=False)
+    lm = SpikemarLM(checkpoint=checkpoint)
+    results = lm_eval.simple_evaluate(model=lm, tasks=["shakespeare_speaker"], limit=1,
+                                      task_manager=manager)  # fmt: skip
+    energy = json.loads(json.dumps(results["config"]["spikemar_energy"]))
+    assert energy == json.loads(json.dumps(energy_summary(lm.energy_report())))
+    assert energy["energy_pj_per_token"]["45nm-fp32"] > 0 and energy["positions"] > 0
+    plain = SpikemarLM(checkpoint=checkpoint, count_energy=False)
+    assert "spikemar_energy" not in plain.get_model_info()

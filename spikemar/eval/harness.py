@@ -96,7 +96,8 @@ class SpikemarLM(TemplateLM):
         unk: one character of a character tokenizer's alphabet that stands in for characters
             outside it (default: such text is an error).
         count_energy: count the operations of every pass (default true; see
-            :meth:`energy_report`).
+            :meth:`energy_report`; lm_eval's results JSON gets them as ``config``'s
+            ``spikemar_energy``).
         max_gen_toks: default cap on generated tokens (256).
         trust_remote_code: taken and unused (lm_eval's ``--trust_remote_code`` passes it to
             every model; spikemar runs no code from a checkpoint's repository).
@@ -301,4 +302,14 @@ class SpikemarLM(TemplateLM):
         return self.scorer.energy_report(hardware)
 
     def get_model_info(self) -> dict[str, Any]:
-        return {"spikemar_checkpoint": self.checkpoint, "max_length": self.max_length}
+        """What lm_eval puts into its results' ``config`` after the evaluation (so into the
+        ``--output_path`` JSON): the checkpoint and, where operations were counted, the energy
+        per token of the passes that produced the scores under every profile and the firing
+        rates (:func:`~spikemar.eval.report.energy_summary`), as ``spikemar_energy``."""
+        info: dict[str, Any] = {"spikemar_checkpoint": self.checkpoint,
+                                "max_length": self.max_length}  # fmt: skip
+        if self.scorer.counter is not None and self.scorer.positions:
+            from .report import energy_summary
+
+            info["spikemar_energy"] = energy_summary(self.energy_report())
+        return info

@@ -142,3 +142,36 @@ def test_the_chip_report_counts_a_tied_head_once(tied):
     assert (head.params == 0) == tied
     assert ("shares its weight" in head.why) == tied
     assert ("shares its weight" in report.to_table()) == tied
+
+
+@pytest.mark.parametrize(
+    "change, message",
+    [
+        ("bias", r"^layers\.1\.ffn\.down: a projection with a bias has no mapping"),
+        ("zero", r"^layers\.1\.ffn\.down: the weights are all zero or not finite"),
+    ],
+)
+def test_a_mar_segment_that_cannot_go_on_chip_leaves_no_folder_behind(tmp_path, change, message):
+    """The last segments were checked after the first ones' files were written (a folder of
+    five netx files and no manifest); an all-zero projection was CUBALIF's 'v_threshold:
+    expected a finite number > 0, got 0.0', naming no module."""
+    from spikemar.hardware.mar_export import export_mar_lava
+    from spikemar.models import MARLM, MARConfig
+    from spikemar.models.common import SpikeConfig
+
+    torch.manual_seed(0)
+    config = MARConfig(
+        vocab_size=20, d_model=16, n_layers=2, layers=["ssm", "lti"], head_dim=8, d_state=4,
+        spikes=SpikeConfig(T=4, tau=1.0, v_threshold=0.3),
+    )  # fmt: skip
+    model = MARLM(config)
+    down = model.layers[1].ffn.down
+    with torch.no_grad():
+        if change == "bias":
+            down.bias = nn.Parameter(torch.zeros(down.out_features))
+        else:
+            down.weight.zero_()
+    tokens = torch.randint(0, 20, (2, 16), generator=torch.Generator().manual_seed(1))
+    with pytest.raises(ValueError, match=message):
+        export_mar_lava(model, tmp_path / "segments", tokens)
+    assert not (tmp_path / "segments").exists()

@@ -116,6 +116,12 @@ def segment_network(segment: MARSegment, k: float) -> nn.Sequential:
         identity.weight.copy_(torch.eye(channels) / k)
         projection.weight.copy_(torch.cat([lin.weight for lin in linears]) * v)
     w_max = float(projection.weight.detach().abs().max())
+    if not (w_max > 0 and math.isfinite(w_max)):
+        largest = float(torch.cat([lin.weight.detach() for lin in linears]).abs().max())
+        raise ValueError(
+            f"{', '.join(segment.projections)}: the weights are all zero or not finite (max |w| "
+            f"= {largest}); nothing to put on chip"
+        )
     # threshold at the 17-bit maximum after quantisation: the integrator never fires
     integrator = CUBALIF(1.0, 0.0, VTH_MANT_MAX * w_max / WEIGHT_MAX)
     return nn.Sequential(identity, neuron, projection, integrator)
@@ -160,17 +166,20 @@ def choose_k(activations: torch.Tensor, v_threshold: torch.Tensor) -> float:
 def export_mar_lava(model: MARLM, directory: str | os.PathLike, tokens: torch.Tensor) -> dict:
     """Write every on-chip segment of ``model`` to ``directory`` (one netx HDF5 file each) and
     ``manifest.json``; ``tokens`` [batch, L] calibrate the host's payload scales. Returns the
-    manifest."""
+    manifest. A segment that cannot go on chip is refused before anything is written."""
     segments = mar_segments(model)
     if not segments:
         raise UnsupportedModuleError("model: no spike points feed projections (a dense model)")
     directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
     seen = capture_activations(model, tokens, [s.spike_point for s in segments])
-    for s in segments:
+    networks = []
+    for s in segments:  # every refusal before the folder or any file is written
         sp = s.modules[s.spike_point]
         s.k = choose_k(seen[s.spike_point], sp.neuron.v_threshold)
-        net = segment_network(s, s.k)
+        networks.append(segment_network(s, s.k))
+        quantize_network(networks[-1])
+    directory.mkdir(parents=True, exist_ok=True)
+    for s, net in zip(segments, networks, strict=True):
         s.file = f"{s.spike_point}.h5"
         fixed = export_lava(net, directory / s.file, (net[0].in_features,))
         s.weight_scale = fixed.blocks[1].scale

@@ -129,3 +129,30 @@ def test_a_convert_summary_says_more_energy_where_the_student_spends_more():
     assert "(1.08× more, 45nm-fp32)" in summary(1.254e5, 1.359e5)  # T 16: more than dense
     assert "(1.95× less, 45nm-fp32)" in summary(1.254e5, 6.43e4)
     assert "less" not in summary(1.254e5, 1.359e5)
+
+
+@pytest.mark.parametrize(
+    "left_out",
+    [
+        ("n_groups", "conv_kernel", "expand", "use_conv_bias", "layer_norm_epsilon"),
+        ("time_step_limit", "residual_in_fp32", "tie_word_embeddings", "use_bias", "rms_norm"),
+        ("num_hidden_layers", "state_size", "vocab_size", "hidden_act", "dtype"),
+    ],
+)
+def test_a_mamba2_config_json_without_some_keys_takes_transformers_defaults(left_out):
+    from spikemar.models.pretrained import config_from_hf
+
+    full = transformers.Mamba2Config(
+        num_heads=8, head_dim=64, hidden_size=256, expand=2, vocab_size=300, state_size=16,
+        num_hidden_layers=2, n_groups=2, conv_kernel=3, use_conv_bias=False,
+        layer_norm_epsilon=1e-3, time_step_limit=(0.01, 0.5), residual_in_fp32=False,
+        tie_word_embeddings=True, use_bias=True,
+    ).to_dict()  # fmt: skip
+    trimmed = {k: v for k, v in full.items() if k not in left_out}
+    as_transformers_reads_it = transformers.Mamba2Config.from_dict(trimmed).to_dict()
+    assert vars(config_from_hf(trimmed)) == vars(config_from_hf(as_transformers_reads_it))
+    without_width = {k: v for k, v in full.items() if k != "hidden_size"}  # 4096·2 ≠ 8·64
+    with pytest.raises(ValueError, match="Inconsistent configuration"):
+        transformers.Mamba2Config.from_dict(without_width)
+    with pytest.raises(ValueError, match=r"num_heads·head_dim = 8·64 must equal .* 8192"):
+        config_from_hf(without_width)

@@ -19,10 +19,12 @@ the rest of the config: that is ``config_from_hf``'s job, and its errors name wh
 - **Hugging Face Mamba-2** (``model_type: 'mamba2'``, transformers' ``Mamba2ForCausalLM``):
   mixer-only blocks (``ffn=None``), layers of kind ``'ssm'`` with ``n_groups``, ``use_bias``,
   ``use_conv_bias``, ``time_step_limit`` (the Δ clamp), ``layer_norm_epsilon`` (every norm),
-  ``tie_word_embeddings`` and ``residual_in_fp32``. With ``n_groups > 1`` the mixer's gated norm
-  is per group, as in mamba_ssm (the kernels the checkpoints were trained with); transformers'
-  torch path normalises over all channels instead, so for such checkpoints spikemar and
-  transformers' CPU forward differ by design (see :class:`spikemar.ssm.SelectiveMixer`).
+  ``tie_word_embeddings`` and ``residual_in_fp32``; a key the file leaves out takes
+  transformers' ``Mamba2Config`` default, as transformers reads it (``n_groups`` 8). With
+  ``n_groups > 1`` the mixer's gated norm is per group, as in mamba_ssm (the kernels the
+  checkpoints were trained with); transformers' torch path normalises over all channels
+  instead, so for such checkpoints spikemar and transformers' CPU forward differ by
+  design (see :class:`spikemar.ssm.SelectiveMixer`).
 - **mamba_ssm's own Mamba-2 checkpoints** (the ``state-spaces/mamba2-*`` repositories, written by
   ``MambaLMHeadModel``: ``config.json`` in mamba_ssm's keys ``d_model``, ``n_layer``,
   ``ssm_cfg`` with ``layer: 'Mamba2'``, ``pad_vocab_size_multiple``, ``tie_embeddings``, and no
@@ -112,7 +114,9 @@ def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
     """The dense :class:`MARConfig` of a Hugging Face Mamba-2 or Llamba ``config.json``."""
     family = architecture_of(config)
     if family == "mamba2":
-        return _mamba2_config(config if "hidden_size" in config else _hf_keys(config))
+        if config.get("model_type") == "mamba2":  # transformers' keys, its defaults where absent
+            return _mamba2_config({**_HF_MAMBA2_DEFAULTS, **config})
+        return _mamba2_config(_hf_keys(config))  # mamba_ssm's own keys
     if family == "llamba":
         return _llamba_config(config)
     model_type, architectures = config.get("model_type"), config.get("architectures")
@@ -146,9 +150,17 @@ def _whole(value: Any, key: str) -> int:
     return int(value)
 
 
+# transformers' Mamba2Config defaults (4.57), which Mamba2ForCausalLM.from_pretrained applies to
+# any key a config.json leaves out (n_groups 8 included)
+_HF_MAMBA2_DEFAULTS = {"vocab_size": 32768, "hidden_size": 4096, "num_hidden_layers": 64,
+                       "state_size": 128, "head_dim": 64, "num_heads": 128, "expand": 2,
+                       "conv_kernel": 4, "n_groups": 8, "use_bias": False, "use_conv_bias": True,
+                       "hidden_act": "silu", "layer_norm_epsilon": 1e-5, "rms_norm": True,
+                       "residual_in_fp32": True, "time_step_limit": (0.0, math.inf),
+                       "tie_word_embeddings": False}  # fmt: skip
+
+
 def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
-    _require(c, ("vocab_size", "hidden_size", "num_hidden_layers", "state_size", "head_dim",
-                 "expand", "conv_kernel", "n_groups"), "Mamba-2")  # fmt: skip
     if c.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"config: hidden_act {c['hidden_act']!r}: only SiLU is supported")
     if not c.get("rms_norm", True):

@@ -361,7 +361,6 @@ def test_refine_resume_refuses_another_calibrate_mode(tmp_path, capsys):
     assert main([*argv, "--calibrate", "on", "--resume"]) == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"resume: {out} was calibrated with --calibrate off, not on;" in err, err
-    assert main([*argv, "--calibrate", "off", "--resume"]) == 0
 
 
 def test_refine_overwrite_leaves_no_stage_file_of_the_old_run(tmp_path, capsys):

@@ -8,7 +8,14 @@ import pytest
 import torch
 from torch import nn
 
-from spikemar.hardware import CUBALIF, UnsupportedModuleError, export_nir, import_nir, simulate
+from spikemar.hardware import (
+    CUBALIF,
+    UnsupportedModuleError,
+    export_nir,
+    import_nir,
+    quantize,
+    simulate,
+)
 from spikemar.neurons import ATMN
 
 
@@ -175,3 +182,42 @@ def test_a_mar_segment_that_cannot_go_on_chip_leaves_no_folder_behind(tmp_path, 
     with pytest.raises(ValueError, match=message):
         export_mar_lava(model, tmp_path / "segments", tokens)
     assert not (tmp_path / "segments").exists()
+
+
+def _with(value: float, where: str) -> nn.Sequential:
+    from spikemar.ssm.mixer import LTICell
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, 2), LTICell(2), ATMN(2.0, 0.5))
+    with torch.no_grad():
+        model[0].weight.fill_(0.5)
+        model[0].bias.fill_(value if where == "bias" else 0.1)
+        if where == "threshold":
+            model[2].a.fill_(value)
+        if where == "lti":
+            model[1].b.fill_(value)
+    return model
+
+
+@pytest.mark.parametrize(
+    "value, where, message",
+    [
+        (float("inf"), "bias", r"^0: the bias holds NaN or inf"),
+        (float("nan"), "bias", r"^0: the bias holds NaN or inf"),
+        (1e4, "bias", r"^0: the bias reaches 1e\+04, 2e\+04 × the largest weight; .* 24-bit"),
+        (float("inf"), "threshold", r"^2: v_threshold holds NaN or inf"),
+        (float("nan"), "lti", r"^1: LTI coefficient b holds NaN or inf"),
+    ],
+)
+def test_values_that_do_not_fit_loihi_are_refused_not_written(tmp_path, value, where, message):
+    """NaN/inf rounded to int64's minimum: the file was written with a bias of -2^63, an
+    infinite threshold became a clamped threshold of 1 (firing every step), a NaN LTI
+    coefficient passed the 16-bit check (|int64 min| is negative); a bias that alone leaves the
+    24-bit state was written too, though every step of the fixed-point model overflows."""
+    from spikemar.hardware import export_lava
+
+    with pytest.raises(ValueError, match=message):
+        quantize(_with(value, where))
+    with pytest.raises(ValueError, match=message):
+        export_lava(_with(value, where), tmp_path / "net.h5", (3,))
+    assert not list(tmp_path.iterdir())

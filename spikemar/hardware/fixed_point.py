@@ -291,7 +291,22 @@ def _quantize_block(b: Block) -> FixedBlock:
             f"(max |w| = {w_max}); nothing to quantise"
         )
     weight, scale = quantize_weight(b.weight, b.path)
+    synapse = next(iter(b.modules), b.path)
+    values = {f"{synapse}: the bias": b.bias, f"{b.path}: v_threshold": b.v_threshold}
+    if b.lti is not None:
+        lti_path = next(p for p, m in b.modules.items() if isinstance(m, LTICell))
+        values.update({f"{lti_path}: LTI coefficient {k}": v for k, v in b.lti.items()})
+    for what, value in values.items():  # NaN or inf rounds to a garbage int64
+        if value is not None and not bool(torch.isfinite(value).all()):
+            raise ValueError(f"{what} holds NaN or inf; nothing to quantise")
     bias = None if b.bias is None else (b.bias.double() * scale).round().long()
+    if bias is not None and int(bias.abs().max()) << ACT_SHIFT >= STATE_LIMIT:
+        raise ValueError(
+            f"{synapse}: the bias reaches {float(b.bias.abs().max()):.4g}, "
+            f"{float(b.bias.abs().max()) / w_max:.4g} × the largest weight; as Loihi's integer "
+            f"{int(bias.abs().max())} << {ACT_SHIFT} it alone leaves the 24-bit state "
+            f"(|bias| < {STATE_LIMIT >> ACT_SHIFT} × (largest weight / {WEIGHT_MAX}))"
+        )
     vth = (b.v_threshold.double() * scale).round().long()
     if int(vth.max()) > VTH_MANT_MAX:
         raise ValueError(

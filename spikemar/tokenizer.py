@@ -180,7 +180,9 @@ class HFTokenizer:
         eos = _eos_from_directory(directory)
         if (directory / "tokenizer.json").is_file():
             tok = cls.from_file(directory / "tokenizer.json")
-            eos_id = eos if isinstance(eos, int) else None
+            # config.json's id is the model's: one past the tokenizer's ids names no token of it
+            # (transformers' AutoTokenizer never reads it), as for a tokenizer from elsewhere
+            eos_id = eos if isinstance(eos, int) and 0 <= eos < tok.vocab_size else None
             if isinstance(eos, str):
                 eos_id = tok._tokenizer.token_to_id(eos)
             return cls(tok._tokenizer, eos_id)

@@ -156,3 +156,15 @@ def test_a_mamba2_config_json_without_some_keys_takes_transformers_defaults(left
         transformers.Mamba2Config.from_dict(without_width)
     with pytest.raises(ValueError, match=r"num_heads·head_dim = 8·64 must equal .* 8192"):
         config_from_hf(without_width)
+
+
+def test_a_config_eos_id_past_the_tokenizer_does_not_block_loading(tmp_path):
+    model = tiny_mamba2()
+    model.config.eos_token_id = 303  # a padded row, not a token of the 300-id tokenizer
+    model.save_pretrained(tmp_path)
+    (tmp_path / "tokenizer.json").write_text(bpe_tokenizer(300).to_dict()["json"])  # alone
+    assert from_pretrained(tmp_path).tokenizer.eos_id is None
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["eos_token_id"] = 0
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    assert from_pretrained(tmp_path).tokenizer.eos_id == 0

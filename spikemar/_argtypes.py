@@ -13,10 +13,21 @@ __all__ = [
     "default_new_tokens",
     "device_argument",
     "finite_positive_float",
+    "int_at_least_0",
     "int_at_least_1",
     "non_negative_float",
     "positive_float",
 ]
+
+
+def int_at_least_0(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+    return value
 
 
 def int_at_least_1(text: str) -> int:

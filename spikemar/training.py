@@ -57,7 +57,13 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from ._argtypes import check_device, device_argument, finite_positive_float, int_at_least_1
+from ._argtypes import (
+    check_device,
+    device_argument,
+    finite_positive_float,
+    int_at_least_0,
+    int_at_least_1,
+)
 from ._io import Terminated, check_output_path, remove_stale_temporaries, sigterm_as_interrupt
 from .checkpoint import (
     MODEL_KINDS,
@@ -235,7 +241,7 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--L", type=int_at_least_1, default=64, help="tokens per training window")
     p.add_argument("--lr", type=finite_positive_float, default=1e-3,
                    help="peak learning rate; cosine down to lr/10")  # fmt: skip
-    p.add_argument("--warmup", type=_int_at_least_0, default=100, help="steps of linear warm-up")
+    p.add_argument("--warmup", type=int_at_least_0, default=100, help="steps of linear warm-up")
     p.add_argument("--eval-interval", type=int_at_least_1, default=250,
                    help="steps between validations (each writes the checkpoint)")  # fmt: skip
     p.add_argument("--eval-iters", type=int_at_least_1, default=20,
@@ -258,16 +264,6 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
                         "the same updates, about one more forward per step)")  # fmt: skip
     p.add_argument("--no-progress", action="store_true",
                    help="no progress bar; print the settings, validations and result")  # fmt: skip
-
-
-def _int_at_least_0(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
-    return value
 
 
 def loop_settings(args: argparse.Namespace) -> dict[str, Any]:

@@ -552,6 +552,11 @@ COMMAND_CASES = {
         "--lava: cannot write",
     ),
     "export --nir folder": (["export", "--nir", "{r}"], 2, "--nir: .* is a folder"),
+    "eval --num-fewshot -1": (  # lm_eval recorded it as n-shot -1
+        ["eval", "--tasks", "shakespeare_nextline", "--num-fewshot", "-1"],
+        2,
+        "argument --num-fewshot: expected an int >= 0, got '-1'",
+    ),
     "convert --from missing": (
         ["convert", "--from", "{r}/nowhere", "--out", "{r}/s.pt"],
         2,

@@ -35,6 +35,7 @@ from typing import Any
 
 from .._argtypes import add_tokenizer_argument
 from .._argtypes import device_argument as _device_argument
+from .._argtypes import int_at_least_0 as _int_at_least_0
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
@@ -82,7 +83,10 @@ def add_eval_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPars
         "--limit", type=_int_at_least_1, help="score only the first N documents of each task"
     )
     parser.add_argument(
-        "--num-fewshot", type=int, default=None, help="few-shot examples (default: the task's)"
+        "--num-fewshot",
+        type=_int_at_least_0,
+        default=None,
+        help="few-shot examples (default: the task's)",
     )
     parser.add_argument("--text", type=Path, help="score this text file instead of tasks")
     parser.add_argument(

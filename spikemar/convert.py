@@ -444,6 +444,7 @@ def convert(
     from .data import TokenDataset
 
     start = time.perf_counter()
+    energy.get_profile(hardware)  # before any work: a bad name fails now, not after calibration
     if out is not None:  # before any work: a folder or an unwritable place fails now
         check_output_path(out, name="out")
     if isinstance(source, MARLM):

@@ -168,3 +168,15 @@ def test_a_config_eos_id_past_the_tokenizer_does_not_block_loading(tmp_path):
     config["eos_token_id"] = 0
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert from_pretrained(tmp_path).tokenizer.eos_id == 0
+
+
+def test_convert_refuses_an_unknown_hardware_profile_before_loading(tmp_path, monkeypatch):
+    import spikemar.convert as convert_module
+
+    def never(*args, **kwargs):
+        raise AssertionError("the model was loaded before --hardware was checked")
+
+    monkeypatch.setattr(convert_module, "load_dense", never)
+    with pytest.raises(ValueError, match="hardware: unknown profile 'loihi2'"):
+        convert_module.convert(tmp_path / "m2", tmp_path / "s.pt", hardware="loihi2")
+    assert not (tmp_path / "s.pt").exists()

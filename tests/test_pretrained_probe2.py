@@ -180,3 +180,25 @@ def test_convert_refuses_an_unknown_hardware_profile_before_loading(tmp_path, mo
     with pytest.raises(ValueError, match="hardware: unknown profile 'loihi2'"):
         convert_module.convert(tmp_path / "m2", tmp_path / "s.pt", hardware="loihi2")
     assert not (tmp_path / "s.pt").exists()
+
+
+@pytest.mark.parametrize(
+    ("config", "match"),
+    [
+        ({"ssm_cfg": {"n_v_heads": 0}}, "ssm_cfg.n_v_heads 0: only a whole number >= 1"),
+        ({"pad_vocab_size_multiple": 0}, "pad_vocab_size_multiple 0: only a whole number >= 1"),
+        ({"mamba_ssm": True, "pad_vocab_size_multiple": 0}, "pad_vocab_size_multiple 0"),
+    ],
+)
+def test_a_zero_count_in_a_cartesia_or_mamba_ssm_config_is_named(config, match):
+    from references.llamba import tiny_llamba_config
+
+    from spikemar.models.pretrained import config_from_hf
+
+    if config.pop("mamba_ssm", False):
+        c = {"d_model": 32, "n_layer": 2, "vocab_size": 300, "ssm_cfg": {"layer": "Mamba2"}}
+    else:
+        c = tiny_llamba_config()
+    c = {**c, **config, "ssm_cfg": {**c["ssm_cfg"], **config.get("ssm_cfg", {})}}
+    with pytest.raises(ValueError, match=match):
+        config_from_hf(c)

@@ -221,7 +221,8 @@ def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
     for key, value, bad, what in refused:
         if bad:
             raise ValueError(f"config: {key} = {value!r}: {what} is not supported")
-    vocab, multiple = int(c["vocab_size"]), int(c.get("pad_vocab_size_multiple", 8))
+    vocab = int(c["vocab_size"])
+    multiple = _whole(c.get("pad_vocab_size_multiple", 8), "pad_vocab_size_multiple")
     vocab += -vocab % multiple  # MambaLMHeadModel pads the embedding's rows
     return {
         "vocab_size": vocab, "hidden_size": d_model, "num_hidden_layers": int(c["n_layer"]),
@@ -248,9 +249,9 @@ def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
                          "takes 'identity', 'silu' or 'swish'")  # fmt: skip
     d_model, expand = int(c["d_model"]), _whole(ssm["expand"], "ssm_cfg.expand")
     d_inner = expand * d_model
-    if d_inner % ssm["n_v_heads"]:
+    if d_inner % _whole(ssm["n_v_heads"], "ssm_cfg.n_v_heads"):
         raise ValueError(f"config: n_v_heads {ssm['n_v_heads']} does not divide {d_inner}")
-    multiple = int(c.get("pad_vocab_size_multiple", 8))
+    multiple = _whole(c.get("pad_vocab_size_multiple", 8), "pad_vocab_size_multiple")
     vocab = multiple * math.ceil(int(c["vocab_size"]) / multiple)
     tied = bool(c.get("tie_embeddings", False))
     return MARConfig(

@@ -27,7 +27,10 @@ r"""Export to NIR (the Neuromorphic Intermediate Representation), and back.
   the state h) with ``metadata`` ``spikemar_neuron`` = ``"LTI"`` and ``decay``, ``b``, ``c``, ``d``
   (the readout ``y = c·h + d·x`` has no single NIR node).
 
-:func:`import_nir` reads such a file back into a spikemar ``nn.Sequential`` (metadata first).
+:func:`import_nir` reads such a file back into a spikemar ``nn.Sequential`` (metadata first),
+and other producers' chains of the nodes above (the graph's ends found by type: nirtorch names
+them ``input_1``, …); a CubaLIF without spikemar's ``dt`` is read with ``dt = tau_syn/w_in``, so
+SpikingJelly's ``CUBALIFNode`` files come in at whatever ``dt`` they were written with.
 The graph's ``metadata`` carries ``spikemar_format`` = ``spikemar-nir`` and ``spikemar_version``
 (:mod:`spikemar.hardware.formats`); a newer version, in the graph or in a node, is refused.
 """

@@ -221,3 +221,19 @@ def test_values_that_do_not_fit_loihi_are_refused_not_written(tmp_path, value, w
     with pytest.raises(ValueError, match=message):
         export_lava(_with(value, where), tmp_path / "net.h5", (3,))
     assert not list(tmp_path.iterdir())
+
+
+def test_a_conv_comes_back_with_python_ints_and_same_padding_is_named(tmp_path):
+    """nir hands back numpy integers (the Conv2d read back had stride=(np.int64(2), ...)); a
+    padding of 'same' (nir allows it) became nn.Conv2d(padding=('same',)), torch's error."""
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, stride=2, padding=(1, 2), dilation=(2, 1)), ATMN(2.0))
+    graph = export_nir(model, tmp_path / "net.nir", (2, 7, 7))
+    conv = import_nir(tmp_path / "net.nir")[0]
+    settings = (*conv.stride, *conv.padding, *conv.dilation)
+    assert settings == (2, 2, 1, 2, 2, 1) and all(type(n) is int for n in settings)
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), ATMN(2.0))
+    graph = export_nir(model, tmp_path / "net.nir", (2, 7, 7))
+    graph.nodes["0"].padding = "same"  # the same output shape
+    nir.write(str(tmp_path / "same.nir"), graph)
+    with pytest.raises(ValueError, match=r"^0: a Conv2d with padding 'same'"):
+        import_nir(tmp_path / "same.nir")

@@ -280,10 +280,14 @@ def _module(name: str, node) -> nn.Module:
         # NIR's Conv2d always has a bias; export_nir writes zeros for a conv without one, which
         # must come back without one (a CUBALIF takes no bias before it)
         bias = node.bias is not None and bool(np.any(np.asarray(node.bias) != 0))
+        if isinstance(node.padding, str):
+            raise ValueError(f"{name}: a Conv2d with padding {node.padding!r}; spikemar reads "
+                             "numeric padding (Loihi's Conv takes numbers)")  # fmt: skip
+        ints = lambda a: tuple(int(n) for n in np.atleast_1d(a))  # noqa: E731
         m = nn.Conv2d(
             w.shape[1] * int(node.groups), w.shape[0], tuple(w.shape[2:]),
-            stride=tuple(np.atleast_1d(node.stride)), padding=tuple(np.atleast_1d(node.padding)),
-            dilation=tuple(np.atleast_1d(node.dilation)), groups=int(node.groups), bias=bias,
+            stride=ints(node.stride), padding=ints(node.padding), dilation=ints(node.dilation),
+            groups=int(node.groups), bias=bias,
         )  # fmt: skip
         with torch.no_grad():
             m.weight.copy_(t(w))

@@ -2,6 +2,7 @@
 exactly as transformers reads them (a second acceptance probe of the pretrained path)."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -202,3 +203,34 @@ def test_a_zero_count_in_a_cartesia_or_mamba_ssm_config_is_named(config, match):
     c = {**c, **config, "ssm_cfg": {**c["ssm_cfg"], **config.get("ssm_cfg", {})}}
     with pytest.raises(ValueError, match=match):
         config_from_hf(c)
+
+
+@pytest.mark.parametrize(
+    ("layout", "change", "match"),
+    [
+        ("mamba2", {"hidden_size": None}, "hidden_size None: expected a whole number"),
+        ("mamba2", {"time_step_limit": 5}, "time_step_limit 5: expected a pair of numbers"),
+        ("mamba2", {"n_groups": True}, "n_groups True: expected a whole number"),
+        ("llamba", {"vocab_size": None}, "vocab_size None: expected a whole number"),
+        ("llamba", {"ssm_cfg": "x"}, "ssm_cfg 'x': expected an object"),
+        ("llamba", {"mlp_cfg": {"intermediate_size": "48", "bias": False, "act_fn": "silu"}},
+         "mlp_cfg.intermediate_size '48': expected a whole number"),
+        ("mamba_ssm", {"ssm_cfg": {"layer": "Mamba2", "dt_limit": 3}},
+         "ssm_cfg.dt_limit 3: expected a pair of numbers"),
+        ("mamba_ssm", {"tie_embeddings": "yes"}, "tie_embeddings 'yes': expected true or false"),
+    ],
+)  # fmt: skip
+def test_a_malformed_config_value_is_named_by_its_key(layout, change, match):
+    from references.llamba import tiny_llamba_config
+
+    from spikemar.models.pretrained import config_from_hf
+
+    base = {
+        "mamba2": {"model_type": "mamba2", "hidden_size": 32, "num_heads": 1, "head_dim": 64},
+        "llamba": tiny_llamba_config(),
+        "mamba_ssm": {"d_model": 32, "n_layer": 2, "vocab_size": 300,
+                      "ssm_cfg": {"layer": "Mamba2"}},
+    }[layout]  # fmt: skip
+    config_from_hf(base)  # well formed as it is
+    with pytest.raises(ValueError, match=f"^config: {re.escape(match)}$"):
+        config_from_hf({**base, **change})

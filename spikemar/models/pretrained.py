@@ -79,6 +79,12 @@ _DISCRETE_ARGS = {"d_state": 64, "n_qk_heads": 32, "n_v_heads": 32, "d_conv": 4,
                   "chunk_size": 128}  # fmt: skip
 _LLAMBA_MLP_CFG = {"intermediate_size": 14336, "bias": False, "act_fn": "silu"}
 _LLAMBA_BLOCK_EPS = 1e-5  # hard-coded for both block norms in Cartesia's Block
+# the kinds of LlambaConfig's and mamba_ssm MambaConfig's top-level numbers and flags
+_LLAMBA_TOP = {"vocab_size": 1, "d_model": 1, "n_layer": 1, "pad_vocab_size_multiple": 1,
+               "tie_embeddings": False, "lm_head_bias": False, "norm_epsilon": 1e-5}  # fmt: skip
+_MAMBA_SSM_TOP = {"vocab_size": 1, "d_model": 1, "n_layer": 1, "d_intermediate": 0,
+                  "pad_vocab_size_multiple": 1, "tie_embeddings": True, "rms_norm": True,
+                  "residual_in_fp32": True}  # fmt: skip
 
 
 ARCHITECTURES = ("mamba2", "llamba")  # what architecture_of can return
@@ -115,6 +121,7 @@ def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
     family = architecture_of(config)
     if family == "mamba2":
         if config.get("model_type") == "mamba2":  # transformers' keys, its defaults where absent
+            _check_types(config, _HF_MAMBA2_DEFAULTS)
             return _mamba2_config({**_HF_MAMBA2_DEFAULTS, **config})
         return _mamba2_config(_hf_keys(config))  # mamba_ssm's own keys
     if family == "llamba":
@@ -132,6 +139,34 @@ def config_from_hf(config: Mapping[str, Any]) -> MARConfig:
         "Llamba config in Cartesia's keys (d_model, n_layer, ssm_cfg, mlp_cfg), or mamba_ssm's "
         "own Mamba-2 config (d_model, n_layer, ssm_cfg with layer 'Mamba2')"
     )
+
+
+def _check_types(config: Mapping[str, Any], defaults: Mapping[str, Any], where: str = "") -> None:
+    """Each key of ``config`` that ``defaults`` has holds a value of its default's kind (a whole
+    number, a number, a bool, a string, a (low, high) pair), else a ValueError naming the key:
+    a malformed config.json was a bare TypeError from deep in the mapping."""
+    for key, default in defaults.items():
+        if key not in config or default is None:
+            continue
+        value, name = config[key], f"{where}{key}"
+        number = isinstance(value, int | float) and not isinstance(value, bool)
+        if isinstance(default, bool):
+            ok, kind = isinstance(value, bool), "true or false"
+        elif isinstance(default, int):  # (a fraction is named by the checks that follow)
+            ok, kind = number, "a whole number"
+        elif isinstance(default, float):
+            ok, kind = number, "a number"
+        elif isinstance(default, str):
+            ok, kind = isinstance(value, str), "a string"
+        else:  # a (low, high) pair: a Δ limit or an init range
+            ok = (
+                isinstance(value, list | tuple)
+                and len(value) == 2
+                and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
+            )
+            kind = "a pair of numbers"
+        if not ok:
+            raise ValueError(f"config: {name} {value!r}: expected {kind}")
 
 
 def _require(config: Mapping[str, Any], keys: tuple[str, ...], what: str) -> None:
@@ -198,7 +233,9 @@ _MAMBA_SSM_INIT_ARGS = {"A_init_range", "dt_min", "dt_max", "dt_init_floor", "co
 def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
     """A mamba_ssm ``MambaLMHeadModel`` config (Mamba-2 mixers) in transformers' Mamba-2 keys."""
     _require(c, ("d_model", "n_layer", "vocab_size"), "mamba_ssm Mamba-2")
+    _check_types(c, _MAMBA_SSM_TOP)
     ssm = {k: v for k, v in (c.get("ssm_cfg") or {}).items() if k != "layer"}
+    _check_types(ssm, _MAMBA_SSM_MAMBA2_ARGS, "ssm_cfg.")
     unknown = sorted(set(ssm) - set(_MAMBA_SSM_MAMBA2_ARGS) - _MAMBA_SSM_INIT_ARGS)
     if unknown:
         raise ValueError(f"config: ssm_cfg keys {unknown} are not arguments of mamba_ssm's Mamba2")
@@ -237,8 +274,14 @@ def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
 
 def _llamba_config(c: Mapping[str, Any]) -> MARConfig:
     _require(c, ("vocab_size", "d_model"), "Llamba")
+    _check_types(c, _LLAMBA_TOP)
+    for key in ("ssm_cfg", "mlp_cfg"):
+        if not isinstance(c.get(key) or {}, Mapping):
+            raise ValueError(f"config: {key} {c[key]!r}: expected an object")
     ssm = {**_DISCRETE_ARGS, **(c.get("ssm_cfg") or _LLAMBA_SSM_CFG)}
     mlp = dict(c.get("mlp_cfg") or _LLAMBA_MLP_CFG)
+    _check_types(ssm, _DISCRETE_ARGS, "ssm_cfg.")
+    _check_types(mlp, _LLAMBA_MLP_CFG, "mlp_cfg.")
     missing = [k for k in ("intermediate_size", "bias", "act_fn") if k not in mlp]
     if missing:
         raise ValueError(f"config: Llamba's mlp_cfg lacks {missing} (Llama's MLP has no defaults)")

@@ -2,6 +2,7 @@
 exactly as transformers reads them (a second acceptance probe of the pretrained path)."""
 
 import json
+import math
 import re
 
 import pytest
@@ -232,5 +233,7 @@ def test_a_malformed_config_value_is_named_by_its_key(layout, change, match):
                       "ssm_cfg": {"layer": "Mamba2"}},
     }[layout]  # fmt: skip
     config_from_hf(base)  # well formed as it is
+    if layout == "mamba2":  # a null Δ limit is no clamp, as before
+        assert config_from_hf({**base, "time_step_limit": None}).dt_limit == (0.0, math.inf)
     with pytest.raises(ValueError, match=f"^config: {re.escape(match)}$"):
         config_from_hf({**base, **change})

@@ -158,8 +158,8 @@ def _check_types(config: Mapping[str, Any], defaults: Mapping[str, Any], where: 
             ok, kind = number, "a number"
         elif isinstance(default, str):
             ok, kind = isinstance(value, str), "a string"
-        else:  # a (low, high) pair: a Δ limit or an init range
-            ok = (
+        else:  # a (low, high) pair: a Δ limit (None: no clamp, as _mamba2_config reads it)
+            ok = value is None or (
                 isinstance(value, list | tuple)
                 and len(value) == 2
                 and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value)
@@ -266,7 +266,7 @@ def _hf_keys(c: Mapping[str, Any]) -> dict[str, Any]:
         "state_size": int(args["d_state"]), "head_dim": int(args["headdim"]), "expand": expand,
         "conv_kernel": int(args["d_conv"]), "n_groups": int(args["ngroups"]),
         "use_bias": bool(args["bias"]), "use_conv_bias": bool(args["conv_bias"]),
-        "time_step_limit": tuple(args["dt_limit"]), "layer_norm_epsilon": 1e-5,
+        "time_step_limit": args["dt_limit"], "layer_norm_epsilon": 1e-5,
         "tie_word_embeddings": bool(c.get("tie_embeddings", True)),
         "residual_in_fp32": bool(c.get("residual_in_fp32", True)),
     }  # fmt: skip

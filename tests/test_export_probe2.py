@@ -4,6 +4,7 @@ spikemar's own readers, on networks the other tests do not build: found by probi
 from __future__ import annotations
 
 import nir
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -237,3 +238,34 @@ def test_a_conv_comes_back_with_python_ints_and_same_padding_is_named(tmp_path):
     nir.write(str(tmp_path / "same.nir"), graph)
     with pytest.raises(ValueError, match=r"^0: a Conv2d with padding 'same'"):
         import_nir(tmp_path / "same.nir")
+
+
+@pytest.mark.parametrize(
+    "node, key, value, message",
+    [
+        ("2", "tau", None, r"^2: ATMN metadata without 'tau'"),
+        ("2", "ternary", None, r"^2: ATMN metadata without 'ternary'"),
+        ("2", "tau", "abc", r"^2: metadata tau = .*abc.*, expected a number"),
+        ("2", "tau", -1.0, r"^2: ATMN metadata that spikemar cannot read \(tau"),
+        ("2", "v_threshold", np.full(3, 0.5), r"^2: ATMN metadata v_threshold of shape \(3,\)"),
+        ("1", "decay", None, r"^1: LTI metadata without 'decay'"),
+        ("1", "decay", np.full(4, 2.0), r"^1: LTI metadata decay .*: expected one value in"),
+        ("1", "b", np.ones(3), r"^1: LTI metadata that spikemar cannot read \(RuntimeError"),
+    ],
+)
+def test_metadata_import_nir_cannot_read_is_named_by_node(tmp_path, node, key, value, message):
+    """A missing key was a bare KeyError ('tau'); a decay of 2 became an LTICell of NaN rates
+    and a threshold per channel of the wrong length an ATMN that failed later, both silently."""
+    from spikemar.ssm.mixer import LTICell
+
+    model = nn.Sequential(nn.Linear(3, 4, bias=False), LTICell(4), ATMN(2.0, 0.5))
+    graph = export_nir(model, tmp_path / "net.nir", (3,))
+    meta = dict(graph.nodes[node].metadata)
+    if value is None:
+        del meta[key]
+    else:
+        meta[key] = value
+    graph.nodes[node].metadata = meta
+    nir.write(str(tmp_path / "other.nir"), graph)
+    with pytest.raises(ValueError, match=message):
+        import_nir(tmp_path / "other.nir")

@@ -294,28 +294,61 @@ def _module(name: str, node) -> nn.Module:
             if bias:
                 m.bias.copy_(t(node.bias))
         return m
-    if kind == "ATMN":
-        v = t(meta["v_threshold"])
-        v_channel = v.reshape(-1, v.shape[-1])[0] if v.dim() else v
-        if not torch.equal(v_channel.expand_as(v), v):
-            raise ValueError(f"{name}: ATMN thresholds that vary beyond the last dimension")
-        tau, ternary = float(meta["tau"]), bool(int(meta["ternary"]))
-        if not ternary:
-            return BinaryMultiStep(tau, v_channel.clone())
-        if math.isinf(tau):
-            return TernarySingleStep(v_channel.clone())
-        return ATMN(tau, v_channel.clone())
-    if kind == "LTI":
-        decay = np.asarray(meta["decay"])
-        m = LTICell(decay.shape[0])
-        with torch.no_grad():
-            m.log_rate.copy_(torch.log(-torch.log(t(decay).double())).float())
-            for key in ("b", "c", "d"):
-                getattr(m, key).copy_(t(meta[key]))
-        return m
+    if kind in ("ATMN", "LTI"):
+        try:
+            return _atmn(name, node, meta, t) if kind == "ATMN" else _lti(name, meta, t)
+        except KeyError as err:
+            raise ValueError(
+                f"{name}: {kind} metadata without {err.args[0]!r} (the keys "
+                "export_nir writes: see spikemar.hardware.nir_export)"
+            ) from None
+        except (TypeError, RuntimeError) as err:  # a value that is not a number, a wrong shape
+            raise ValueError(f"{name}: {kind} metadata that spikemar cannot read "
+                             f"({type(err).__name__}: {err})") from None  # fmt: skip
+        except ValueError as err:  # the neuron's own check (tau < 1, a threshold <= 0, ...)
+            if str(err).startswith(f"{name}: "):
+                raise
+            raise ValueError(f"{name}: {kind} metadata that spikemar cannot read ({err})") from None
     if isinstance(node, nir.CubaLIF):
         return _cuba_lif(name, node, float(meta["dt"]) if "dt" in meta else None)
     raise ValueError(f"{name}: a {type(node).__name__} node that spikemar does not read")
+
+
+def _number(name: str, meta: dict, key: str) -> float:
+    try:
+        return float(np.asarray(meta[key]).item())
+    except (TypeError, ValueError):
+        raise ValueError(f"{name}: metadata {key} = {meta[key]!r}, expected a number") from None
+
+
+def _atmn(name: str, node, meta: dict, t) -> nn.Module:
+    v = t(meta["v_threshold"])
+    neurons = np.shape(node.v_threshold)
+    if v.dim() and tuple(v.shape) != tuple(neurons):
+        raise ValueError(f"{name}: ATMN metadata v_threshold of shape {tuple(v.shape)} for a "
+                         f"node of shape {tuple(neurons)}")  # fmt: skip
+    v_channel = v.reshape(-1, v.shape[-1])[0] if v.dim() else v
+    if not torch.equal(v_channel.expand_as(v), v):
+        raise ValueError(f"{name}: ATMN thresholds that vary beyond the last dimension")
+    tau, ternary = _number(name, meta, "tau"), bool(int(_number(name, meta, "ternary")))
+    if not ternary:
+        return BinaryMultiStep(tau, v_channel.clone())
+    if math.isinf(tau):
+        return TernarySingleStep(v_channel.clone())
+    return ATMN(tau, v_channel.clone())
+
+
+def _lti(name: str, meta: dict, t) -> LTICell:
+    decay = np.asarray(meta["decay"], dtype=np.float64)
+    if decay.ndim != 1 or not np.all((decay >= 0) & (decay <= 1)):
+        raise ValueError(f"{name}: LTI metadata decay {decay!r}: expected one value in [0, 1] "
+                         "per channel")  # fmt: skip
+    m = LTICell(decay.shape[0])
+    with torch.no_grad():
+        m.log_rate.copy_(torch.log(-torch.log(t(decay).double())).float())
+        for key in ("b", "c", "d"):
+            getattr(m, key).copy_(t(meta[key]))
+    return m
 
 
 def _cuba_lif(name: str, node, dt: float | None) -> CUBALIF:

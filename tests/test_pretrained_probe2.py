@@ -237,3 +237,19 @@ def test_a_malformed_config_value_is_named_by_its_key(layout, change, match):
         assert config_from_hf({**base, "time_step_limit": None}).dt_limit == (0.0, math.inf)
     with pytest.raises(ValueError, match=f"^config: {re.escape(match)}$"):
         config_from_hf({**base, **change})
+
+
+@pytest.mark.parametrize("weights", ["model.safetensors", "pytorch_model.bin"])
+def test_a_git_lfs_pointer_in_place_of_the_weights_is_named(tmp_path, weights):
+    tiny_mamba2().save_pretrained(tmp_path, safe_serialization=weights.endswith("safetensors"))
+    bpe_tokenizer(300).save(tmp_path)
+    (tmp_path / weights).write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 99\n"
+    )
+    with pytest.raises(ValueError, match="a Git LFS pointer, not the weights") as info:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(info.value) and weights in str(info.value)
+    (tmp_path / weights).write_bytes(b"\x80\x02garbage" * 10)  # other junk: one line too
+    with pytest.raises(ValueError, match="unreadable weights") as info:
+        from_pretrained(tmp_path)
+    assert "\n" not in str(info.value)

@@ -49,6 +49,7 @@ __all__ = [
 ]
 
 WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
+_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs holds
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a model needs from a Hub repository: config, weights, tokenizer files
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
@@ -226,6 +227,11 @@ def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Ten
     ext, files = _weight_files(directory)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
+        with open(f, "rb") as head:
+            if head.read(len(_LFS_POINTER)) == _LFS_POINTER:
+                raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
+                                 "git-lfs: run git lfs pull in it, or download the repository "
+                                 "with huggingface-cli)")  # fmt: skip
         try:
             if ext == "safetensors":
                 from safetensors.torch import load_file
@@ -234,7 +240,8 @@ def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Ten
             else:
                 part = torch.load(f, map_location="cpu", weights_only=True)
         except Exception as err:  # safetensors and torch raise several kinds for a bad file
-            raise ValueError(f"{f}: unreadable weights ({type(err).__name__}: {err})") from err
+            raise ValueError(f"{f}: unreadable weights ({type(err).__name__}: "
+                             f"{_first_line(err)})") from err  # fmt: skip
         if not isinstance(part, Mapping):
             raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
         twice = tensors.keys() & part.keys()

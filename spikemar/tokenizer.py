@@ -41,6 +41,10 @@ __all__ = [
 CHAR_TOKENIZER_FILE = "spikemar_tokenizer.json"
 
 
+# how a file that a clone without git-lfs left as a pointer begins (weights, tokenizer.json)
+GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
 @runtime_checkable
 class Tokenizer(Protocol):
     """What spikemar needs of a tokenizer."""
@@ -168,7 +172,10 @@ class HFTokenizer:
         try:
             tok = _HF.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            raise ValueError(f"tokenizer: {path} is not a readable tokenizer.json ({err})") from err
+            with open(path, "rb") as f:  # a clone without git-lfs holds pointers, not the file
+                lfs = f.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
+            why = "a Git LFS pointer, not the file: run git lfs pull" if lfs else str(err)
+            raise ValueError(f"tokenizer: {path} is not a readable tokenizer.json ({why})") from err
         return cls(tok, eos_id)
 
     @classmethod

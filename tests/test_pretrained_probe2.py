@@ -253,3 +253,13 @@ def test_a_git_lfs_pointer_in_place_of_the_weights_is_named(tmp_path, weights):
     with pytest.raises(ValueError, match="unreadable weights") as info:
         from_pretrained(tmp_path)
     assert "\n" not in str(info.value)
+
+
+def test_a_git_lfs_pointer_as_tokenizer_json_is_named(tmp_path):
+    from spikemar.tokenizer import load_tokenizer
+
+    (tmp_path / "tokenizer.json").write_text(
+        "version https://git-lfs.github.com/spec/v1\noid sha256:" + "0" * 64 + "\nsize 9\n"
+    )
+    with pytest.raises(ValueError, match=r"tokenizer\.json \(a Git LFS pointer, not the file"):
+        load_tokenizer(tmp_path)

@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..tokenizer import HFTokenizer, load_tokenizer
+from ..tokenizer import GIT_LFS_POINTER, HFTokenizer, load_tokenizer
 from .common import SpikeConfig
 from .mar import MARLM
 
@@ -49,7 +49,6 @@ __all__ = [
 ]
 
 WEIGHT_FILES = (("model", "safetensors"), ("pytorch_model", "bin"))
-_LFS_POINTER = b"version https://git-lfs.github.com/spec/"  # what a clone without git-lfs holds
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 # what a model needs from a Hub repository: config, weights, tokenizer files
 _HUB_PATTERNS = ["*.json", "*.safetensors", "*.model", "*.txt"]
@@ -228,7 +227,7 @@ def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Ten
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
         with open(f, "rb") as head:
-            if head.read(len(_LFS_POINTER)) == _LFS_POINTER:
+            if head.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER:
                 raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
                                  "git-lfs: run git lfs pull in it, or download the repository "
                                  "with huggingface-cli)")  # fmt: skip

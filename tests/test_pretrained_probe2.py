@@ -100,25 +100,26 @@ def test_a_llamba_conv_activation_cartesia_refuses_is_refused(activation):
         assert config_from_hf(config).conv_activation == kind
 
 
-def test_a_student_of_another_shape_names_the_first_tensor_on_both_sides(corpus, tmp_path, capsys):
+def test_a_student_of_another_shape_names_the_first_tensor_on_both_sides(corpus, tmp_path):
     from references.hf_checkpoints import write_mamba2_checkpoint
 
-    from spikemar.cli import main
-    from spikemar.convert import convert
+    from spikemar.checkpoint import save_checkpoint
+    from spikemar.convert import spiking_student
+    from spikemar.data import TokenDataset
+    from spikemar.distill.trainer import Teacher, load_student
+    from spikemar.models import SpikeConfig
 
     write_mamba2_checkpoint(tmp_path / "teacher", state_size=4)
     write_mamba2_checkpoint(tmp_path / "other")  # state_size 8
-    student = tmp_path / "student.pt"
-    convert(tmp_path / "other", student, spikes={"T": 2}, data=corpus, calib_batches=1,
-            eval_batches=1, batch_size=2, L=16)  # fmt: skip
-    capsys.readouterr()
-    with pytest.raises(SystemExit):
-        main(["distill", "--stage", "2", "--teacher", str(tmp_path / "teacher"), "--student",
-              str(student), "--data", str(corpus), "--out", str(tmp_path / "s2.pt"),
-              "--steps", "1", "--batch-size", "2", "--L", "16", "--no-progress"])  # fmt: skip
-    err = capsys.readouterr().err.strip()
-    assert "\n" not in err
-    assert ("first difference: layers.0.mixer.conv.bias, student (80,), teacher (72,)") in err
+    other = from_pretrained(tmp_path / "other")
+    student = save_checkpoint(tmp_path / "student.pt", spiking_student(other, SpikeConfig(T=2)),
+                              other.tokenizer)  # fmt: skip
+    teacher = Teacher.load(str(tmp_path / "teacher"))
+    data = TokenDataset.from_text_file(corpus, tokenizer=teacher.tokenizer)
+    first = "first difference: layers.0.mixer.conv.bias, student (80,), teacher (72,)"
+    with pytest.raises(ValueError, match=re.escape(first)) as info:
+        load_student(str(student), teacher, data, "cpu")
+    assert "\n" not in str(info.value)
 
 
 def test_a_convert_summary_says_more_energy_where_the_student_spends_more():

@@ -269,3 +269,29 @@ def test_metadata_import_nir_cannot_read_is_named_by_node(tmp_path, node, key, v
     nir.write(str(tmp_path / "other.nir"), graph)
     with pytest.raises(ValueError, match=message):
         import_nir(tmp_path / "other.nir")
+
+
+def test_a_failed_write_names_the_path_not_the_temporary(tmp_path, monkeypatch, capsys):
+    """h5py's OSError on a full disk named the temporary file beside the path
+    ('.net.h5.<pid>.<random>.tmp'), and spikemar export printed it without naming --lava."""
+    import errno
+
+    import h5py
+
+    from spikemar import cli
+    from spikemar.hardware import export_lava
+
+    def full(name, *args, **kwargs):
+        raise OSError(errno.ENOSPC, f"Unable to synchronously create file (name = '{name}')")
+
+    monkeypatch.setattr(h5py, "File", full)
+    monkeypatch.setattr(nir, "write", full)
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), ATMN(2.0, 0.5))
+    for export, name in ((export_lava, "net.h5"), (export_nir, "net.nir")):
+        target = tmp_path / name
+        with pytest.raises(OSError, match=r"^path: cannot write .*net\.\w+' \(No space left"):
+            export(model, target, (3,))
+    assert not list(tmp_path.iterdir())
+    assert cli.main(["export", "--lava", str(tmp_path / "d.h5")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("spikemar export: error: --lava: cannot write") and ".tmp" not in err

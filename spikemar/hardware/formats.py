@@ -11,7 +11,10 @@ spikemar reads back as ``spikemar_version`` in its own metadata; a MAR segment f
 
 from __future__ import annotations
 
+import contextlib
 import os
+from collections.abc import Iterator
+from pathlib import Path
 
 __all__ = [
     "NETX_FORMAT",
@@ -21,6 +24,7 @@ __all__ = [
     "check_block_input",
     "check_input_shape",
     "check_version",
+    "writing",
 ]
 
 NETX_FORMAT = "spikemar-netx"
@@ -82,3 +86,20 @@ def check_block_input(block, sample_shape: tuple[int, ...], *, name: str = "inpu
         if len(shape) != 3 or shape[0] != channels:
             raise ValueError(f"{name}: {shape} does not fit {synapse}, a Conv2d that takes "
                              f"({channels}, height, width)")  # fmt: skip
+
+
+@contextlib.contextmanager
+def writing(path: str | os.PathLike) -> Iterator[Path]:
+    """:func:`spikemar._io.atomic_write` for an exporter's ``path``: an OSError while writing (a
+    full disk, a folder that refuses files) names ``path``, not the temporary file beside it
+    (h5py's message named '.net.h5.<pid>.<random>.tmp')."""
+    from .._io import atomic_write
+
+    try:
+        with atomic_write(path) as tmp:
+            yield tmp
+    except OSError as err:
+        if str(err).startswith("path: "):
+            raise
+        why = os.strerror(err.errno) if err.errno else str(err)  # h5py's names the temporary
+        raise OSError(f"path: cannot write {str(path)!r} ({why})") from err

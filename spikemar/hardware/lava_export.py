@@ -43,7 +43,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, check_output_path
+from .._io import check_output_path
 from .fixed_point import (
     Block,
     FixedBlock,
@@ -54,7 +54,7 @@ from .fixed_point import (
 )
 from .formats import NETX_FORMAT as FORMAT
 from .formats import NETX_VERSION as VERSION
-from .formats import check_input_shape, check_version
+from .formats import check_input_shape, check_version, writing
 
 __all__ = ["LavaRunError", "LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
@@ -94,7 +94,7 @@ def export_lava(
     check_output_path(path, name="path")  # before quantising: fail early
     fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
     check_block_shapes([fb.block for fb in fixed.blocks], shape)
-    with atomic_write(path) as tmp, h5py.File(tmp, "w") as f:
+    with writing(path) as tmp, h5py.File(tmp, "w") as f:
         f.attrs["format"] = FORMAT
         f.attrs["version"] = VERSION
         layer = f.create_group("layer")

@@ -45,11 +45,11 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import atomic_write, check_output_path
+from .._io import check_output_path
 from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
 from ..ssm.mixer import LTICell
 from .fixed_point import Block, UnsupportedModuleError, check_block_shapes, lower, synaptic_input
-from .formats import NIR_FORMAT, NIR_VERSION, check_input_shape, check_version
+from .formats import NIR_FORMAT, NIR_VERSION, check_input_shape, check_version, writing
 from .lif import CUBALIF
 
 __all__ = ["ATMN_EQUATIONS", "export_nir", "import_nir"]
@@ -106,7 +106,7 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     edges.append((prev, "output"))
     metadata = {"spikemar_format": NIR_FORMAT, "spikemar_version": NIR_VERSION}
     graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
-    with atomic_write(path) as tmp:
+    with writing(path) as tmp:
         nir.write(tmp, graph)
     return graph
 

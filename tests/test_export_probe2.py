@@ -28,7 +28,7 @@ def conv_flatten_cuba() -> nn.Sequential:
     ).double()  # fmt: skip
 
 
-def spikes(shape, seed: int, steps: int = 40, batch: int = 2) -> torch.Tensor:
+def spikes(shape, seed: int, steps: int = 24, batch: int = 2) -> torch.Tensor:
     gen = torch.Generator().manual_seed(seed)
     return (torch.rand(steps, batch, *shape, generator=gen) < 0.3).double()
 

@@ -552,7 +552,10 @@ class DiscreteMixer(_StateSpaceMixer):
     """
 
     spike_inputs: ClassVar[SpikeInputs] = {"spike_in": ("in_proj",), "spike_out": ("out_proj",)}
-    host_reason = SelectiveMixer.host_reason
+    host_reason = (
+        "the selective scan: its decay exp(-softplus(Δ_t)) and B_t, C_t depend on the input; "
+        "a Loihi compartment's decay is fixed"
+    )
     conv_name = "conv1d"
     out_modules = ("spike_out", "out_proj")  # no gated norm
 

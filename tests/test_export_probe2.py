@@ -152,6 +152,20 @@ def test_the_chip_report_counts_a_tied_head_once(tied):
     assert ("shares its weight" in report.to_table()) == tied
 
 
+def test_the_chip_report_places_a_biased_spike_fed_projection_as_the_export_does():
+    # the report put it on chip while export_mar_lava refuses it: the two now agree
+    from spikemar.hardware import chip_report
+    from spikemar.models import MARLM, MARConfig
+
+    model = MARLM(MARConfig(vocab_size=20, d_model=16, n_layers=1, d_state=4, head_dim=8,
+                            bias=True))  # fmt: skip
+    entries = {e.path: e for e in chip_report(model).entries}
+    for path in ("layers.0.mixer.in_proj", "layers.0.mixer.out_proj"):
+        assert not entries[path].on_chip and "export_mar_lava" in entries[path].why
+    assert entries["layers.0.mixer.spike_in"].on_chip  # the neurons still can
+    assert entries["layers.0.ffn.gate"].on_chip  # the FFN's projections have no bias
+
+
 @pytest.mark.parametrize(
     "change, message",
     [

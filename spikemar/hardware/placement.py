@@ -30,6 +30,8 @@ HOST_REASONS = {
     "conv": "the selective SSM's depthwise convolution over tokens feeds input-dependent gates",
     "gate": "SiLU(gate)·up multiplies two real-valued activations",
     "sparsifier": "top-k / magnitude sparsification of real values",
+    "biased_linear": "fed by ATMN spikes, but its bias (added once per token, not per micro-step) "
+    "has no mapping in export_mar_lava",
 }
 CHIP_REASONS = {
     "spike_point": "ATMN neurons (δ-injected, ternary graded spikes)",
@@ -127,6 +129,8 @@ def _place(r: ChipReport, module: nn.Module, path: str, fed: dict[str, bool]) ->
             else:
                 spiking = fed.get(p, False)
                 why = CHIP_REASONS["spiking_linear"] if spiking else HOST_REASONS["dense_linear"]
+                if spiking and m.bias is not None:  # as export_mar_lava places it: refused
+                    spiking, why = False, HOST_REASONS["biased_linear"]
                 r.add(p, m, spiking, why)
         elif isinstance(m, nn.Embedding):
             r.add(p, m, False, HOST_REASONS["embed"])

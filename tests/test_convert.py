@@ -334,13 +334,22 @@ def test_a_tokenizer_source_for_a_model_object_and_a_mismatch_blamed_on_the_sour
     assert err.startswith("spikemar convert: error: --from small")
 
 
-def test_a_bad_point_setting_in_the_file_is_named_as_spike_points(dense_checkpoint, corpus,
-                                                                  tmp_path, capsys):  # fmt: skip
+@pytest.mark.parametrize(
+    "setting, message",
+    [
+        ({"Tee": 2}, "unknown spike fields"),
+        # a bad value of a known field said '--T: ...', a flag the user never gave
+        ({"T": 0}, "T: expected an int >= 1"),
+    ],
+)
+def test_a_bad_point_setting_in_the_file_is_named_as_spike_points(
+    dense_checkpoint, corpus, tmp_path, capsys, setting, message
+):
     plan = tmp_path / "points.json"
-    plan.write_text(json.dumps({"layers.0.mixer.spike_in": {"Tee": 2}}))
+    plan.write_text(json.dumps({"layers.0.mixer.spike_in": setting}))
     with pytest.raises(SystemExit) as exit_:
         main(["convert", "--from", str(dense_checkpoint), "--out", str(tmp_path / "s.pt"),
               "--data", str(corpus), "--spike-points", str(plan)])  # fmt: skip
     err = capsys.readouterr().err.strip()
     assert exit_.value.code == 2 and "\n" not in err
-    assert "error: --spike-points: points['layers.0.mixer.spike_in']: unknown spike fields" in err
+    assert f"error: --spike-points: points['layers.0.mixer.spike_in']: {message}" in err

@@ -107,7 +107,7 @@ def test_points_bad_settings_are_named():
         MARConfig(**SMALL, points={"x": {"V": 1.0}})
     with pytest.raises(ValueError, match=r"points\['x'\]: expected 'dense', 'spike'"):
         MARConfig(**SMALL, points={"x": "fast"})
-    with pytest.raises(ValueError, match=r"T: expected an int >= 1"):
+    with pytest.raises(ValueError, match=r"points\['x'\]: T: expected an int >= 1"):
         MARConfig(**SMALL, points={"x": {"T": 0}})
     with pytest.raises(ValueError, match=r"points: patterns \['layers.9.\*'\] match no"):
         MARLM(MARConfig(**SMALL, points={"layers.9.*": "dense"}))

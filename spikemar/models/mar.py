@@ -257,7 +257,11 @@ def point_module(
     if unknown:
         raise ValueError(f"{name}: unknown spike fields {unknown}; expected some of "
                          f"{sorted(fields)} or 'sparsify'/'amount'")  # fmt: skip
-    return SpikePoint(channels, SpikeConfig(**{**base.as_dict(), **setting}))
+    try:
+        config = SpikeConfig(**{**base.as_dict(), **setting})
+    except (ValueError, TypeError) as err:  # SpikeConfig names its field: say which point's
+        raise type(err)(f"{name}: {err}") from None
+    return SpikePoint(channels, config)
 
 
 def _apply_points(model: MARLM) -> None:

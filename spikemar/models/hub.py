@@ -353,6 +353,11 @@ def from_pretrained(
             if 0 <= eos < tok.vocab_size:
                 tok = tok.with_eos_id(eos)
     tensors = read_pretrained_tensors(directory)
+    if cast is None:  # 'auto'
+        cast = _checkpoint_dtype(hf_config, tensors)
+        if cast not in RUNNABLE_DTYPES:
+            raise ValueError(f"{argument}: 'auto' is the checkpoint's {cast}, which no model "
+                             "computes in; pass float32 or bfloat16")  # fmt: skip
     try:
         state = state_dict_from_hf(config, tensors)  # the dense model's tensors
     except ValueError as err:
@@ -360,6 +365,9 @@ def from_pretrained(
     config.spikes = spike_config
     model = MARLM(config)
     missing, unexpected = model.load_state_dict(state, strict=False)
+    # the file's tensors are copied into the model: let them go before the cast copies it again
+    # (peak memory: the file's tensors and the float32 model, or the model and its cast)
+    del state, tensors
     # the mapping covers the dense model; a student's new tensors are its spike points' only
     owned = {f"{site.name}.{key}" for site in model.spike_points()
              for key in site.module.state_dict()}  # fmt: skip
@@ -369,11 +377,6 @@ def from_pretrained(
             f"{directory}: the mapped weights do not fit the model (missing {missing[:3]}, "
             f"unexpected {unexpected[:3]})"
         )
-    if cast is None:  # 'auto'
-        cast = _checkpoint_dtype(hf_config, tensors)
-        if cast not in RUNNABLE_DTYPES:
-            raise ValueError(f"{argument}: 'auto' is the checkpoint's {cast}, which no model "
-                             "computes in; pass float32 or bfloat16")  # fmt: skip
     model = model.to(cast).eval()
     model.tokenizer = tok
     return model

@@ -461,7 +461,9 @@ def _run_generate(args: argparse.Namespace) -> int:
         )  # stops at the tokenizer's end-of-text token, where it has one
     except (ValueError, OSError) as err:
         # the library names its argument (checkpoint, prompt, max_new_tokens): name the flag
-        message = checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
+        message = checkpoint_or_tokenizer_line(
+            str(err), args.tokenizer is not None, [args.checkpoint]
+        )
         raise _UsageError(_with_flags(message, args, text="prompt")) from err
     print(text)
     return 0

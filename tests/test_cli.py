@@ -298,3 +298,17 @@ def test_library_names_become_flags_only_where_the_command_has_them():
     # train has no --checkpoint: the library's name stays (it said '--checkpoint: ...')
     assert _with_flags("checkpoint: x.pt is corrupt", args) == "checkpoint: x.pt is corrupt"
     assert _with_flags("not a name: x", args) == "not a name: x"
+
+
+@pytest.mark.parametrize("command", ["generate", "eval"])
+def test_a_directory_without_config_is_named_as_checkpoint(command, tmp_path, monkeypatch, capsys):
+    # 'empty: no config.json ...' named no flag (a plain folder name reads like an argument)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "empty").mkdir()
+    try:  # eval returns its exit code, generate exits through argparse
+        code = cli.main([command, "--checkpoint", "empty"])
+    except SystemExit as exit_:
+        code = exit_.code
+    err = capsys.readouterr().err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert f"spikemar {command}: error: --checkpoint: empty: no config.json" in err

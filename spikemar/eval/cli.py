@@ -426,7 +426,9 @@ def _flagged(err: Exception, args: argparse.Namespace) -> str:
     from ..cli import _with_flags
     from ..models.hub import checkpoint_or_tokenizer_line
 
-    message = checkpoint_or_tokenizer_line(str(err), args.tokenizer is not None)
+    message = checkpoint_or_tokenizer_line(
+        str(err), args.tokenizer is not None, args.checkpoint or ()
+    )
     return _with_flags(message, args, text="text" if args.text is not None else "tasks")
 
 

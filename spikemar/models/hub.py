@@ -28,7 +28,7 @@ import inspect
 import json
 import os
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -71,14 +71,25 @@ def command_line_hint(message: str) -> str:
     return message.replace(NO_TOKENIZER_HINT, _FLAG_HINT)
 
 
-def checkpoint_or_tokenizer_line(message: str, tokenizer_given: bool) -> str:
+def checkpoint_or_tokenizer_line(
+    message: str, tokenizer_given: bool, checkpoints: Sequence[str | os.PathLike] = ()
+) -> str:
     """A loader's error on one line as a command with ``--checkpoint`` and ``--tokenizer`` says
     it: a ``tokenizer:`` error is ``--tokenizer``'s where one was given, else the checkpoint's
-    own (a directory that ships none: with the command's way out); others unchanged."""
+    own (a directory that ships none: with the command's way out); ``path_or_id:`` and an error
+    that begins with a checkpoint's path (``DIR: no config.json ...``; ``checkpoints``: the
+    paths the command was given, which may read as plain names) are ``--checkpoint``'s; others
+    unchanged."""
     message = " ".join(command_line_hint(message).split())
-    if message.startswith("tokenizer: "):
+    name, sep, rest = message.partition(": ")
+    if name == "tokenizer":
         flag = "--tokenizer" if tokenizer_given else "--checkpoint"
-        return f"{flag}: {message.removeprefix('tokenizer: ')}"
+        return f"{flag}: {rest}"
+    if name == "path_or_id":
+        return f"--checkpoint: {rest}"
+    given = {Path(c) for c in checkpoints}
+    if sep and (Path(name) in given or not (name.isidentifier() or name.startswith("--"))):
+        return f"--checkpoint: {message}"  # a path: the checkpoint directory's
     return message
 
 

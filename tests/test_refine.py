@@ -472,6 +472,8 @@ def test_refine_command_end_to_end_and_resume(tmp_path, capsys):
         assert (out / name).is_file(), name
     result = json.loads((out / "result.json").read_text())
     assert result["energy_ratio"] >= 1.05 and result["plan"]["energy_ratio"] >= 1.05
+    # a counted ratio short of the budget is said on the result line (not here: it is met)
+    assert ("below --budget-energy" in line) == (result["energy_ratio"] < 1.05)
     student, _, _ = load_checkpoint(out / "student.pt")
     assert student.config.points == {"*": "dense", **result["plan"]["points"]}
     # calibrated before stage 2 (auto: kept only when it lowered the KL on the windows)

@@ -269,3 +269,39 @@ def test_lm_evals_results_carry_the_energy_of_the_scored_passes(checkpoint):
     assert energy["energy_pj_per_token"]["45nm-fp32"] > 0 and energy["positions"] > 0
     plain = SpikemarLM(checkpoint=checkpoint, count_energy=False)
     assert "spikemar_energy" not in plain.get_model_info()
+
+
+@pytest.mark.parametrize("spiking", [False, True])
+def test_a_long_document_of_a_large_vocabulary_is_scored_chunk_by_chunk(spiking):
+    """One forward pass held a document's logits whole (tokens × vocabulary: gigabytes for a
+    wikitext document under a 128k BPE vocabulary); an SSM model's document longer than
+    2^24 / vocabulary tokens is now scored by prefill chunks with the state carried. The
+    scores, the positions and the energy are those of one pass."""
+    import torch.nn.functional as F
+
+    from spikemar.eval import Scorer
+
+    vocab = 2**18  # chunks of 64 tokens
+    spikes = SpikeConfig(T=4, tau=2.0, v_threshold=0.3) if spiking else None
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(vocab_size=vocab, d_model=16, n_layers=2, d_state=4, head_dim=8,
+                            spikes=spikes)).eval()  # fmt: skip
+    doc = torch.randint(1, vocab, (150,), generator=torch.Generator().manual_seed(1)).tolist()
+    scorer = Scorer(model, vocab, count_energy=True)
+    rows = []  # token positions of each logits tensor the head made
+    hook = model.head.register_forward_hook(lambda m, i, out: rows.append(out[0].numel() // vocab))
+    got = scorer.token_logprobs([doc], 0)[0]
+    hook.remove()
+    assert rows == [64, 64, 22]  # never the whole document's logits at once
+    with torch.no_grad():
+        logits = model(torch.tensor([[0, *doc[:-1]]]))
+    want = F.log_softmax(logits[0].double(), -1).gather(-1, torch.tensor(doc)[:, None])[:, 0]
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
+    assert scorer.positions == len(doc)
+    one_pass = Scorer(model, vocab, count_energy=True)
+    with torch.no_grad(), one_pass.counter:
+        model(torch.tensor([[0, *doc[:-1]]]))
+    one_pass.positions = len(doc)
+    assert scorer.energy_report().per_token()["energy_pj"] == pytest.approx(
+        one_pass.energy_report().per_token()["energy_pj"], rel=1e-9
+    )

@@ -3,6 +3,7 @@ of ``step``; generation and greedy evaluation read a prompt through it."""
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -109,18 +110,24 @@ def test_prefill_with_autograd_reaches_the_initial_state():
 )
 def test_prefill_in_pieces_equals_one_forward(layers, cuts, batch, seed):
     """Any split of a sequence into prefills (each continuing the last's state) ends where one
-    parallel forward over the whole sequence does."""
+    parallel forward over the whole sequence does; with ``all_logits`` the pieces' logits are
+    the forward's, position by position (how a long document is scored chunk by chunk)."""
     model = model_of(layers, spikes=False, seed=seed % 7)
     g = torch.Generator().manual_seed(seed)
     tokens = torch.randint(0, VOCAB, (batch, sum(cuts)), generator=g)
     with torch.no_grad():
         state = model.init_state(batch, in_place=bool(seed % 2))
-        at = 0
+        pieces, at = [], 0
         for n in cuts:
-            logits, state = model.prefill(tokens[:, at : at + n], state)
+            # on a copy: an in_place state is written over
+            last, _ = model.prefill(tokens[:, at : at + n], copy.deepcopy(state))
+            logits, state = model.prefill(tokens[:, at : at + n], state, all_logits=True)
+            assert logits.shape == (batch, n, VOCAB)
+            torch.testing.assert_close(last, logits[:, -1], rtol=1e-12, atol=1e-12)
+            pieces.append(logits)
             at += n
-        whole = model(tokens)[:, -1]
-    torch.testing.assert_close(logits, whole, rtol=1e-9, atol=1e-9)
+        whole = model(tokens)
+    torch.testing.assert_close(torch.cat(pieces, dim=1), whole, rtol=1e-9, atol=1e-9)
 
 
 def transformer(seed: int = 0) -> TransformerLM:

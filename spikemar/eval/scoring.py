@@ -16,7 +16,9 @@ in float64 from the model's logits.
 
 **One pass per document.** An SSM LM has no context limit and its scan is linear in L, so a
 document is scored by one forward pass over all of it: every token sees the whole document
-before it, nothing is re-encoded. Models with attention have a KV/position limit
+before it, nothing is re-encoded. A document longer than 2^24 / vocabulary tokens (about 330 for
+a 50k BPE vocabulary, 2048 at most) runs as consecutive ``prefill`` chunks with the state
+carried: the same scores (to the chunked scan's rounding), its logits never held whole. Models with attention have a KV/position limit
 (``max_length``); for them, and on request (``window``), a document is cut into consecutive
 windows that each start afresh from the prefix token, as the training windows did.
 
@@ -266,6 +268,13 @@ class Scorer:
         ]  # filled segment by segment
         order = sorted(range(len(segments)), key=lambda i: -len(segments[i][2]))
         start = 0
+        chunk_tokens = self._stream_chunk()
+        while start < len(order) and chunk_tokens and len(segments[order[start]][2]) > chunk_tokens:
+            # a long document of an SSM model: chunk by chunk with its state carried (one pass
+            # would hold its logits whole: tokens × vocabulary, gigabytes for a BPE vocabulary)
+            n, off, seg = segments[order[start]]
+            result[n][off : off + len(seg)] = self._streamed_logprobs(prefix, seg, chunk_tokens)
+            start += 1
         while start < len(order):
             # long documents alone, short ones batched: bound the positions of one pass
             longest = len(segments[order[start]][2]) + 1
@@ -279,6 +288,37 @@ class Scorer:
                 target = torch.tensor(seg, device=logp.device)[:, None]
                 result[n][off : off + len(seg)] = logp.gather(-1, target)[:, 0].cpu()
         return result
+
+    def _stream_chunk(self) -> int | None:
+        """Tokens per chunk for documents scored with their state carried (the logits of a
+        chunk about 2^24 values: 64 MB in float32, at most 2048 and at least 64 tokens), or
+        None where the model cannot (only a MARLM without attention carries its state across
+        ``prefill`` calls without a limit)."""
+        from ..models import MARLM
+
+        if not isinstance(self.model, MARLM) or context_limit(self.model) is not None:
+            return None
+        return max(64, min(2048, 2**24 // self.vocab_size))
+
+    def _streamed_logprobs(self, prefix: int, seg: list[int], chunk: int) -> torch.Tensor:
+        """Log-probabilities of ``seg`` after ``prefix``, as one forward pass gives them (to
+        the rounding of the chunked scan), from ``prefill`` chunk by chunk."""
+        ids = torch.tensor([prefix, *seg[:-1]], dtype=torch.long, device=self.device)
+        target = torch.tensor(seg, dtype=torch.long, device=self.device)
+        out = torch.empty(len(seg), dtype=torch.float64)
+        state = None
+        with (
+            torch.no_grad(),
+            self.counter if self.counter is not None else contextlib.nullcontext(),
+        ):
+            for start in range(0, len(seg), chunk):
+                part = ids[None, start : start + chunk]
+                logits, state = self.model.prefill(part, state, all_logits=True)
+                logp = F.log_softmax(logits[0].double(), dim=-1)
+                picked = logp.gather(-1, target[start : start + chunk, None])[:, 0]
+                out[start : start + chunk] = picked.cpu()
+                self.positions += part.numel()
+        return out
 
     def loglikelihood_rolling(
         self, documents: Sequence[Sequence[int]], prefix: int, window: int | None = None

@@ -459,7 +459,9 @@ class MARLM(GradientCheckpointing, nn.Module):
             new_state.append(s)
         return head_logits(self.head, self.norm, x), new_state
 
-    def prefill(self, tokens: torch.Tensor, state: list | None = None) -> tuple[torch.Tensor, list]:
+    def prefill(
+        self, tokens: torch.Tensor, state: list | None = None, *, all_logits: bool = False
+    ) -> tuple[torch.Tensor, list]:
         """Feed a run of tokens [batch, L] (a prompt) → (logits of the last token [batch, vocab],
         the state after it), as L calls of ``step`` would, but in one parallel pass where the
         mixers allow it: the SSM layers run their chunked scan from ``state`` (one read of the
@@ -469,18 +471,24 @@ class MARLM(GradientCheckpointing, nn.Module):
         over; a KV cache always is, as ``step`` writes it). A run that would overflow a KV
         cache is refused before any layer runs. Equal to ``step``'s logits to rounding (the
         parallel pass sums in another order; a spike point whose input lies within that
-        rounding of a threshold can fire differently). Differentiable."""
+        rounding of a threshold can fire differently). Differentiable. ``all_logits``: the
+        logits of every token of the run [batch, L, vocab] (a long text scored chunk by chunk
+        with its state carried, as ``forward`` would score it in one pass)."""
         check_tokens(tokens, self.config.vocab_size, "tokens")
+        if not isinstance(all_logits, bool):
+            raise ValueError(f"all_logits: expected True or False, got {all_logits!r}")
         if state is None:
             state = self.init_state(tokens.shape[0])
         self._check_state(state, tokens.shape[0], "tokens")
         for i, (layer, s) in enumerate(zip(self.layers, state, strict=True)):
             # before any layer writes its state: all or nothing
             layer.mixer.check_room(s, tokens.shape[1], f"layer {i}'s")
-        return self._prefill(tokens, state)
+        return self._prefill(tokens, state, all_logits)
 
     @counted_pass
-    def _prefill(self, tokens: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
+    def _prefill(
+        self, tokens: torch.Tensor, state: list, all_logits: bool = False
+    ) -> tuple[torch.Tensor, list]:
         x = self.embed(tokens)
         new_state = []
         for i, (layer, s) in enumerate(zip(self.layers, state, strict=True)):
@@ -491,7 +499,7 @@ class MARLM(GradientCheckpointing, nn.Module):
                     raise
                 raise ValueError(f"state[{i}]{str(err).removeprefix('state')}") from err
             new_state.append(s)
-        return head_logits(self.head, self.norm, x[:, -1]), new_state
+        return head_logits(self.head, self.norm, x if all_logits else x[:, -1]), new_state
 
     def spike_points(self, include_dense: bool = False) -> Iterator[SpikePointSite]:
         """Every spike point of the model in layer order, each with the projections it feeds

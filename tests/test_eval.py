@@ -587,3 +587,24 @@ def test_png_energy_axis_is_labelled_within_a_decade(saved_figures, tmp_path):
     shown = [t.get_text() for t in ax.get_xticklabels(which="both")
              if t.get_text() and lo <= t.get_position()[0] <= hi]  # fmt: skip
     assert len(shown) >= 3 and "100 nJ" in shown, shown
+
+
+def test_harness_rolling_windows_equal_lm_evals_hf_at_a_max_length(harness, tmp_path):
+    # a document longer than max_length: hf's windows (each predicting the next max_length
+    # tokens from the token before them, the last from as many earlier tokens as fit), not
+    # windows restarting from the prefix token (-301.86 against hf's -300.62 before)
+    from lm_eval.models.huggingface import HFLM
+    from references.hf_checkpoints import write_mamba2_checkpoint
+
+    write_mamba2_checkpoint(tmp_path, vocab_size=301)
+    peer = HFLM(pretrained=str(tmp_path), device="cpu", dtype="float32", batch_size=2,
+                max_length=16)  # fmt: skip
+    ours = harness.SpikemarLM(pretrained=str(tmp_path), batch_size=3, max_length=16,
+                              count_energy=False)  # fmt: skip
+    docs = [("First Citizen: Before we proceed any further, hear me speak. All: Speak, "
+             "speak. First Citizen: You are all resolved rather to die than to famish?",),
+            ("Citizen",)]  # fmt: skip
+    assert len(ours.tok_encode(docs[0][0])) > 3 * 16  # three windows and a part
+    want = peer.loglikelihood_rolling(instances("loglikelihood_rolling", docs))
+    got = ours.loglikelihood_rolling(instances("loglikelihood_rolling", docs))
+    assert got == pytest.approx(want, rel=1e-5, abs=1e-4)

@@ -351,6 +351,6 @@ def test_hub_id_without_network_is_one_line(tmp_path):
     result = _run(argv, HF_HOME=str(hf_home), HF_HUB_CACHE=str(hf_home / "hub"))
     assert result.returncode == 1 and "Traceback" not in result.stderr
     (line,) = result.stderr.strip().splitlines()
-    assert line.startswith("spikemar eval: error: path_or_id: 'nobody/no-such-model'")
+    assert line.startswith("spikemar eval: error: --checkpoint: 'nobody/no-such-model'")
     assert "HF_HUB_OFFLINE is set" in line
     assert not (tmp_path / "o").exists()

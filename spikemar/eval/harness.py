@@ -92,7 +92,9 @@ class SpikemarLM(TemplateLM):
         device: 'cpu' (default) or a torch device.
         max_length: the longest forward pass (default: none for SSM models, ``max_len`` with
             attention); longer contexts lose their oldest tokens, longer documents are windowed.
-        window: score rolling documents in windows of this many tokens instead of one pass.
+        window: score rolling documents in windows of this many tokens that each restart from
+            the prefix token, instead of one pass (without it, a model with a ``max_length``
+            scores a longer document in lm_eval ``hf``'s rolling windows, as ``hf`` does).
         unk: one character of a character tokenizer's alphabet that stands in for characters
             outside it (default: such text is an error).
         count_energy: count the operations of every pass (default true; see
@@ -255,15 +257,38 @@ class SpikemarLM(TemplateLM):
     def loglikelihood_rolling(self, requests: list, disable_tqdm: bool = False) -> list[float]:
         docs = [self.tok_encode(req.args[0], add_special_tokens=False) for req in requests]
         keep = [i for i, d in enumerate(docs) if d]
-        scored = self.scorer.loglikelihood_rolling(
-            [docs[i] for i in keep], self.prefix_token_id, self.window
-        )
+        if self.scorer.max_length is not None and self.window is None:
+            scored = self._rolling_windows([docs[i] for i in keep])
+        else:  # one pass per document, or spikemar's windows that restart from the prefix
+            scored = self.scorer.loglikelihood_rolling(
+                [docs[i] for i in keep], self.prefix_token_id, self.window
+            )
         out = [0.0] * len(docs)  # an empty document has probability 1
         for i, s in zip(keep, scored, strict=True):
             out[i] = s
         for req, s in zip(requests, out, strict=True):
             self.cache_hook.add_partial("loglikelihood_rolling", req.args, s)
         return out
+
+    def _rolling_windows(self, docs: list[list[int]]) -> list[float]:
+        """Documents longer than a model's ``max_length`` in lm_eval ``hf``'s windows (its own
+        ``get_rolling_token_windows`` and ``make_disjoint_window``: each window predicts the
+        next ``max_length`` tokens from the tokens just before them, the last one with as many
+        earlier tokens as fit), so that the scores equal ``hf``'s on the same model."""
+        from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+
+        pairs, owner = [], []
+        for n, doc in enumerate(docs):
+            windows = get_rolling_token_windows(token_list=doc, prefix_token=self.prefix_token_id,
+                                                max_seq_len=self.scorer.max_length,
+                                                context_len=1)  # fmt: skip
+            for context, continuation in map(make_disjoint_window, windows):
+                pairs.append((context, continuation))
+                owner.append(n)
+        totals = [0.0] * len(docs)
+        for n, score in zip(owner, self.scorer.loglikelihood(pairs), strict=True):
+            totals[n] += score.logprob
+        return totals
 
     def generate_until(self, requests: list, disable_tqdm: bool = False) -> list[str]:
         groups: dict[tuple, list[int]] = {}

@@ -18,9 +18,11 @@ in float64 from the model's logits.
 document is scored by one forward pass over all of it: every token sees the whole document
 before it, nothing is re-encoded. A document longer than 2^24 / vocabulary tokens (about 330 for
 a 50k BPE vocabulary, 2048 at most) runs as consecutive ``prefill`` chunks with the state
-carried: the same scores (to the chunked scan's rounding), its logits never held whole. Models with attention have a KV/position limit
-(``max_length``); for them, and on request (``window``), a document is cut into consecutive
-windows that each start afresh from the prefix token, as the training windows did.
+carried: the same scores (to the chunked scan's rounding), its logits never held whole.
+Models with attention have a KV/position limit (``max_length``); for them, and on request
+(``window``), a document is cut into consecutive windows that each start afresh from the prefix
+token, as the training windows did (lm_eval's wrapper, ``SpikemarLM``, gives a model with a
+``max_length`` lm_eval ``hf``'s rolling windows instead).
 
 **Energy on the same tokens.** :class:`Scorer` optionally keeps an energy counter
 (:class:`spikemar.energy.EnergyCounter`) attached to every forward pass it runs, so the

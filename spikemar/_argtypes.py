@@ -20,24 +20,22 @@ __all__ = [
 ]
 
 
-def int_at_least_0(text: str) -> int:
+def _int_at_least(text: str, low: int) -> int:
     try:
         value = int(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected an int >= 0, got {text!r}")
+        value = low - 1
+    if value < low:
+        raise argparse.ArgumentTypeError(f"expected an int >= {low}, got {text!r}")
     return value
+
+
+def int_at_least_0(text: str) -> int:
+    return _int_at_least(text, 0)
 
 
 def int_at_least_1(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected an int >= 1, got {text!r}")
-    return value
+    return _int_at_least(text, 1)
 
 
 def _float(text: str, accept, expected: str) -> float:

@@ -166,11 +166,16 @@ class ATMN(MemoryModule):
         dtype = F.compute_dtype(x.dtype) if x.is_floating_point() else torch.float32
         return (torch.full(shape, float(v), dtype=dtype, device=x.device), *states[1:])
 
-    def _run(self, x_seq: torch.Tensor, v: torch.Tensor, return_v_seq: bool):
+    def _run(
+        self,
+        x_seq: torch.Tensor,
+        v: torch.Tensor,
+        return_v_seq: bool,
+        p: F.ATMNParameters | None = None,
+    ):
+        p = self.parameters_tuple() if p is None else p
         try:
-            return F.atmn_multi_step(
-                x_seq, v, self.parameters_tuple(), backend=self.backend, return_v_seq=return_v_seq
-            )
+            return F.atmn_multi_step(x_seq, v, p, backend=self.backend, return_v_seq=return_v_seq)
         except F.ThresholdError as err:
             raise self.diverged_threshold_error() from err
 
@@ -206,8 +211,11 @@ class ATMN(MemoryModule):
 
     def single_step_functional_forward(self, inputs, states, **kwargs):
         x = inputs[0]
-        F.check_input(x, "x", 1, context="in step_mode='s' ")
-        spikes, v = self._run(x.unsqueeze(0), states[0], False)
+        # the per-channel V is checked against x here, so that a mismatch names the argument
+        # and the shape the caller gave, not the one-step sequence [1, N, …] built from it
+        p = self.parameters_tuple()
+        F.check_input(x, "x", 1, p, context="in step_mode='s' ")
+        spikes, v = self._run(x.unsqueeze(0), states[0], False, p)
         return (spikes[0],), (v,)
 
     def multi_step_functional_forward(self, inputs, states, **kwargs):

@@ -388,7 +388,8 @@ def atmn_step(
     x: torch.Tensor, v: torch.Tensor | None, p: ATMNParameters, *, backend: str = "auto"
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One micro-step: input ``x`` [N, …], membrane ``v`` [N, …] → ``(s, v)``."""
-    check_input(x, "x", 1)
+    check_parameters(p)
+    check_input(x, "x", 1, p)
     spikes, v = atmn_multi_step(x.unsqueeze(0), v, p, backend=backend)
     return spikes[0], v
 

@@ -22,3 +22,27 @@ def test_atmn_step_channel_mismatch_names_x() -> None:
     p = ATMN(num_channels=4).parameters_tuple()
     with pytest.raises(ValueError, match=r"^x: last dimension 3 .*\(2, 3\)"):
         F.atmn_step(torch.ones(2, 3), None, p)
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_nan_input_error_names_the_argument_given(backend: str) -> None:
+    # the one-step and δ-injection paths named the sequence x_seq they build inside
+    nan = torch.tensor([[0.5, float("nan")]])
+    neuron = ATMN(backend=backend)
+    with pytest.raises(ValueError, match=r"^x: expected finite values"):
+        neuron(nan)
+    with pytest.raises(ValueError, match=r"^x: expected finite values"):
+        F.atmn_step(nan, None, neuron.parameters_tuple(), backend=backend)
+    with pytest.raises(ValueError, match=r"^activation: expected finite values"):
+        neuron.quantize(nan, 4)
+    with pytest.raises(ValueError, match=r"^x_seq: expected finite values"):
+        ATMN(step_mode="m", backend=backend)(nan[None])
+
+
+def test_diverged_threshold_still_reported_as_such_in_single_step() -> None:
+    neuron = ATMN()
+    with torch.no_grad():
+        neuron.a.fill_(float("nan"))
+    with pytest.raises(ValueError, match="threshold") as info:
+        neuron(torch.ones(2, 3))
+    assert not str(info.value).startswith("x")

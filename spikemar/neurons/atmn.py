@@ -172,12 +172,15 @@ class ATMN(MemoryModule):
         v: torch.Tensor,
         return_v_seq: bool,
         p: F.ATMNParameters | None = None,
+        name: str = "x_seq",
     ):
         p = self.parameters_tuple() if p is None else p
         try:
             return F.atmn_multi_step(x_seq, v, p, backend=self.backend, return_v_seq=return_v_seq)
         except F.ThresholdError as err:
             raise self.diverged_threshold_error() from err
+        except ValueError as err:  # about x_seq, which one step built from its x
+            raise F.for_argument(err, name) from None
 
     def diverged_threshold_error(self) -> ValueError:
         """The error for this neuron's V found not finite and positive (a ``ThresholdError``
@@ -215,7 +218,7 @@ class ATMN(MemoryModule):
         # and the shape the caller gave, not the one-step sequence [1, N, …] built from it
         p = self.parameters_tuple()
         F.check_input(x, "x", 1, p, context="in step_mode='s' ")
-        spikes, v = self._run(x.unsqueeze(0), states[0], False, p)
+        spikes, v = self._run(x.unsqueeze(0), states[0], False, p, "x")
         return (spikes[0],), (v,)
 
     def multi_step_functional_forward(self, inputs, states, **kwargs):

@@ -317,6 +317,16 @@ def nonfinite_error(x_seq: torch.Tensor, v0: torch.Tensor | None, p: ATMNParamet
     return ValueError(NONFINITE_INPUT_MESSAGE)
 
 
+def for_argument(err: ValueError, name: str) -> ValueError:
+    """``err``, raised about the sequence ``x_seq`` that a caller built from its argument
+    ``name`` (one step, a δ-injected activation), reworded to name that argument; other errors
+    as they are."""
+    text = str(err)
+    if name == "x_seq" or isinstance(err, ThresholdError) or not text.startswith("x_seq: "):
+        return err
+    return ValueError(name + text.removeprefix("x_seq"))
+
+
 class ThresholdError(ValueError):
     """A threshold V that is not finite and positive (see :func:`bad_threshold_error`)."""
 
@@ -390,7 +400,10 @@ def atmn_step(
     """One micro-step: input ``x`` [N, …], membrane ``v`` [N, …] → ``(s, v)``."""
     check_parameters(p)
     check_input(x, "x", 1, p)
-    spikes, v = atmn_multi_step(x.unsqueeze(0), v, p, backend=backend)
+    try:
+        spikes, v = atmn_multi_step(x.unsqueeze(0), v, p, backend=backend)
+    except ValueError as err:
+        raise for_argument(err, "x") from None
     return spikes[0], v
 
 
@@ -487,6 +500,9 @@ def atmn_quantize(
     # gradient reaches a spike train scaled by V·τ^t, which overflows float16 (τ = 3, T = 17)
     # where the fused kernels, which stay in float32, give a finite gradient
     x = activation.to(compute_dtype(activation.dtype))
-    spikes, _ = atmn_multi_step(delta_inject(x, T), None, p, backend=backend)
+    try:
+        spikes, _ = atmn_multi_step(delta_inject(x, T), None, p, backend=backend)
+    except ValueError as err:
+        raise for_argument(err, "activation") from None
     decoded = atmn_decode(spikes, p.v_threshold, p.tau)
     return decoded.to(activation.dtype), spikes.to(activation.dtype)

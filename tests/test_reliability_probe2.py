@@ -1,0 +1,39 @@
+"""Training and distillation as a user drives them, second pass: what a failed checkpoint write
+(a full disk) says and leaves behind."""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import signal
+
+import pytest
+
+from spikemar.checkpoint import build_model, save_checkpoint
+from spikemar.data import CharTokenizer
+
+
+@contextlib.contextmanager
+def _file_size_limit(limit: int):
+    """Writes past ``limit`` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
+        signal.signal(signal.SIGXFSZ, previous)
+
+
+def test_a_checkpoint_write_that_fails_says_why_and_leaves_nothing(tmp_path):
+    """A disk that fills up during a save is one OSError naming the file and the reason (not
+    torch's zip writer's "unexpected pos"), and no temporary is left beside it."""
+    tokenizer = CharTokenizer.from_text("abcdefgh")
+    model = build_model("mar-dense", {"vocab_size": tokenizer.vocab_size, "d_model": 16,
+                                      "n_layers": 1, "d_state": 4, "head_dim": 8})  # fmt: skip
+    out = tmp_path / "model.pt"
+    with _file_size_limit(4096), pytest.raises(OSError, match="cannot write the checkpoint") as err:
+        save_checkpoint(out, model, tokenizer)
+    assert str(out) in str(err.value) and "too large" in str(err.value)
+    assert list(tmp_path.iterdir()) == []

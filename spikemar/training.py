@@ -866,6 +866,10 @@ def train(config: TrainConfig, *, resume: bool = False, progress: bool = True) -
     state = None
     if resume:
         model, state = read_resume_state(Path(config.out), data.tokenizer, device)
+        if state.get("distill"):
+            raise ValueError(f"resume: {config.out} holds a run of spikemar distill (stage "
+                             f"{state['distill'].get('stage')}), not of spikemar train; resume "
+                             "it with spikemar distill")  # fmt: skip
     else:
         model_config = {"vocab_size": data.vocab_size, **config.model_config}
         if config.model == "transformer":

@@ -10,7 +10,11 @@ import signal
 import pytest
 
 from spikemar.checkpoint import build_model, save_checkpoint
-from spikemar.data import CharTokenizer
+from spikemar.data import CharTokenizer, TokenDataset
+from spikemar.distill import DistillConfig, distill
+from spikemar.training import TrainConfig, train
+
+SSM = {"d_model": 16, "n_layers": 1, "d_state": 4, "head_dim": 8}
 
 
 @contextlib.contextmanager
@@ -37,3 +41,20 @@ def test_a_checkpoint_write_that_fails_says_why_and_leaves_nothing(tmp_path):
         save_checkpoint(out, model, tokenizer)
     assert str(out) in str(err.value) and "too large" in str(err.value)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_resuming_a_distillation_as_a_train_run_says_so(corpus, tmp_path):
+    """The other way round from a train run resumed by distill: one line saying which command
+    wrote the run, not a list of every distillation setting that train lacks."""
+    vocab = TokenDataset.from_text_file(corpus).tokenizer
+    teacher = save_checkpoint(tmp_path / "dense.pt", build_model("mar-dense", {
+        "vocab_size": vocab.vocab_size, **SSM}), vocab)  # fmt: skip
+    out = tmp_path / "student.pt"
+    distill(DistillConfig(data=str(corpus), out=str(out), teacher=str(teacher), steps=1,
+                          batch_size=2, L=16, eval_interval=1, eval_iters=1),
+            progress=False)  # fmt: skip
+    config = TrainConfig(data=str(corpus), out=str(out), model="mar", model_config=SSM, steps=1,
+                         batch_size=2, L=16, eval_interval=1, eval_iters=1)  # fmt: skip
+    with pytest.raises(ValueError, match=r"resume: .*student.pt holds a run of spikemar distill "
+                                         r"\(stage 2\)"):  # fmt: skip
+        train(config, resume=True, progress=False)

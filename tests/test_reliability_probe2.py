@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import resource
 import signal
+from dataclasses import replace
 
 import pytest
 
@@ -58,3 +59,22 @@ def test_resuming_a_distillation_as_a_train_run_says_so(corpus, tmp_path):
     with pytest.raises(ValueError, match=r"resume: .*student.pt holds a run of spikemar distill "
                                          r"\(stage 2\)"):  # fmt: skip
         train(config, resume=True, progress=False)
+
+
+def test_a_resume_with_other_teacher_weights_at_the_same_path_is_refused(corpus, tmp_path):
+    """The teacher's path is part of the run's settings, but a teacher retrained in place
+    would make the resumed run learn from another model (and report the old teacher's loss):
+    refused, as data that changed is."""
+    vocab = TokenDataset.from_text_file(corpus).tokenizer
+    teacher = tmp_path / "dense.pt"
+    save_checkpoint(teacher, build_model("mar-dense", {"vocab_size": vocab.vocab_size, **SSM}),
+                    vocab)  # fmt: skip
+    config = DistillConfig(data=str(corpus), out=str(tmp_path / "student.pt"),
+                           teacher=str(teacher), steps=1, batch_size=2, L=16, eval_interval=1,
+                           eval_iters=1)  # fmt: skip
+    distill(config, progress=False)
+    distill(replace(config, steps=2), resume=True, progress=False)  # the same teacher: resumes
+    save_checkpoint(teacher, build_model("mar-dense", {"vocab_size": vocab.vocab_size, **SSM}),
+                    vocab)  # fmt: skip
+    with pytest.raises(ValueError, match=r"resume: the teacher's weights changed .*dense.pt"):
+        distill(replace(config, steps=3), resume=True, progress=False)

@@ -18,15 +18,17 @@ thresholds are new), with the SBDS loss: ``alpha·KL(p‖q) + beta·KL(q‖p)`` 
 pre-norm (or post-norm) feature term, normalised as in :mod:`spikemar.distill.losses`.
 
 ``ce`` adds ``ce · cross-entropy`` on the data's next tokens to either stage (0 by default, as in
-the paper). Checkpoints hold the student (a normal spikemar checkpoint: ``spikemar generate``,
-``energy`` and ``train --resume`` read it) plus the distillation state, so ``resume=True``
-continues exactly (with the same configuration, teacher path included: anything that would
-change the updates is refused). The teacher runs in float32 even under autocast, so its logits
-are not rounded to bfloat16 before the KL.
+the paper). Checkpoints hold the student (a normal spikemar checkpoint: ``spikemar generate``
+and ``energy`` read it) plus the distillation state, so ``resume=True`` continues exactly (with
+the same configuration, the teacher's path and weights included: anything that would change the
+updates is refused; ``spikemar train --resume`` refuses it as another command's run). The
+teacher runs in float32 even under autocast, so its logits are not rounded to bfloat16 before the
+KL.
 """
 
 from __future__ import annotations
 
+import hashlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -512,6 +514,16 @@ def load_student(path: str, teacher: Teacher, data: TokenDataset, device: str) -
     return student.train()
 
 
+def weights_digest(model: nn.Module) -> str:
+    """A short hash of ``model``'s weights (names, dtypes, shapes and bytes): a resumed
+    distillation checks that its teacher is the one the run started with."""
+    h = hashlib.blake2b(digest_size=8)
+    for name, t in sorted(model.state_dict().items()):
+        h.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        h.update(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+    return h.hexdigest()
+
+
 def distill(config: DistillConfig, *, resume: bool = False, progress: bool = True) -> dict:
     """Run stage ``config.stage``; returns the history, best validation loss, checkpoint path
     and the teacher's validation loss on the same batches."""
@@ -526,6 +538,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
                          "teacher is the dense model a student learns from (were the teacher "
                          "and the student swapped?)")  # fmt: skip
+    digest = weights_digest(teacher.model)  # as loaded: float32 on the CPU, on every device
     data = _teacher_data(config, teacher)
     check_windows(data, config.L)
     if teacher.max_len is not None and config.L > teacher.max_len:
@@ -541,6 +554,12 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
             raise ValueError(f"resume: {config.out} was written by stage {saved.get('stage')}, "
                              f"not stage {config.stage}")  # fmt: skip
         teacher_val = saved["teacher_val"]
+        if saved.get("teacher_digest", digest) != digest:
+            raise ValueError(
+                f"resume: the teacher's weights changed since the run was saved ({teacher.source} "
+                f"hashed {saved['teacher_digest']}, now {digest}): a resume would not continue "
+                "the same run; resume with the same teacher, or start a new run with another --out"
+            )
     else:
         if config.student is not None:
             student = load_student(config.student, teacher, data, device)
@@ -556,7 +575,7 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
                              "overflow or hold NaN; it cannot teach")  # fmt: skip
     objective = DistillObjective(student.to(device), teacher, config)
     info = {"distill": {"stage": config.stage, "teacher": teacher.source,
-                        "teacher_val": teacher_val}}  # fmt: skip
+                        "teacher_val": teacher_val, "teacher_digest": digest}}  # fmt: skip
     result = run_training(config, objective, data, state=state, progress=progress,
                           desc=f"distill stage {config.stage}", checkpoint_info=info)  # fmt: skip
     unit = "nats/char" if isinstance(data.tokenizer, CharTokenizer) else "nats/token"

@@ -78,3 +78,19 @@ def test_a_resume_with_other_teacher_weights_at_the_same_path_is_refused(corpus,
                     vocab)  # fmt: skip
     with pytest.raises(ValueError, match=r"resume: the teacher's weights changed .*dense.pt"):
         distill(replace(config, steps=3), resume=True, progress=False)
+
+
+def test_a_transformer_teacher_for_stage_2_names_the_flag_that_starts_from_random_weights(
+    corpus, tmp_path, capsys
+):
+    from spikemar import cli
+
+    vocab = TokenDataset.from_text_file(corpus).tokenizer
+    teacher = save_checkpoint(tmp_path / "t.pt", build_model("transformer", {
+        "vocab_size": vocab.vocab_size, "d_model": 16, "n_layers": 1, "n_heads": 2,
+        "max_len": 16}), vocab)  # fmt: skip
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["distill", "--stage", "2", "--teacher", str(teacher), "--data", str(corpus),
+                  "--out", str(tmp_path / "s.pt"), "--steps", "1", "--L", "8"])  # fmt: skip
+    err = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and "--no-init-from-teacher" in err[0]

@@ -432,7 +432,7 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
             raise ValueError(
                 f"teacher: stage 2 initialises the student from a dense SSM teacher (mar-dense);"
                 f" {teacher.source} is a {type(teacher.model).__name__} (pass "
-                "init_from_teacher=False to start from random weights)"
+                "init_from_teacher=False, --no-init-from-teacher, to start from random weights)"
             )
         base = {"vocab_size": vocab_size, "d_model": teacher.width, "n_layers": teacher.n_layers}
     else:
@@ -448,7 +448,7 @@ def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> M
                 f"student_config: the student must keep the teacher's shapes to start from its "
                 f"weights ({len(differ)} tensors differ, first {k}: the teacher's "
                 f"{list(theirs[k].shape)}, the student's {list(ours[k].shape)}); or pass "
-                "init_from_teacher=False to start from random weights"
+                "init_from_teacher=False (--no-init-from-teacher) to start from random weights"
             )
         # strict=False raises only for shapes, which the check above has named
         missing, unexpected = student.load_state_dict(theirs, strict=False)

@@ -777,11 +777,19 @@ def run_training(
                 if done % config.eval_interval == 0 or done == config.steps:
                     validate(done)
     except ValueError as err:
-        if not isinstance(err.__cause__, ThresholdError):
-            raise
-        # an update made a spike threshold V = exp(a) infinite or zero (``a`` itself finite):
-        # the run diverged, and the next forward would fail the same way (skipping cannot help)
-        raise diverged(done + 1 if phase == "computing" else done, str(err), False) from None
+        at = done + 1 if phase == "computing" else done
+        if isinstance(err.__cause__, ThresholdError):
+            # an update made a spike threshold V = exp(a) infinite or zero (``a`` itself
+            # finite): the run diverged, and the next forward would fail the same way (skipping
+            # cannot help)
+            raise diverged(at, str(err), False) from None
+        if phase in ("computing", "validating") and done > start:
+            # a forward on the same shapes passed before this run's last update, so what the
+            # forward's value checks refuse now (the SSM's decay ``a`` = NaN from weights that
+            # overflowed) comes from the updates: the run diverged; the input was not at fault
+            raise diverged(at, f"the weights diverged ({' '.join(str(err).split())})",
+                           False) from None  # fmt: skip
+        raise
     except KeyboardInterrupt:
         # Save a consistent state: a step whose update was applied is completed (with its
         # scheduler step); a step interrupted before its update is undone (its batch redrawn).

@@ -13,7 +13,7 @@ import pytest
 from spikemar.checkpoint import build_model, save_checkpoint
 from spikemar.data import CharTokenizer, TokenDataset
 from spikemar.distill import DistillConfig, distill
-from spikemar.training import TrainConfig, train
+from spikemar.training import TrainConfig, TrainingDivergedError, train
 
 SSM = {"d_model": 16, "n_layers": 1, "d_state": 4, "head_dim": 8}
 
@@ -94,3 +94,16 @@ def test_a_transformer_teacher_for_stage_2_names_the_flag_that_starts_from_rando
                   "--out", str(tmp_path / "s.pt"), "--steps", "1", "--L", "8"])  # fmt: skip
     err = capsys.readouterr().err.splitlines()
     assert exit_.value.code == 2 and len(err) == 1 and "--no-init-from-teacher" in err[0]
+
+
+def test_a_dense_ssm_whose_weights_overflow_stops_as_diverged(corpus, tmp_path):
+    """A huge --lr on the dense SSM: the updates overflow the decay's weights, and the next
+    forward's check of ``a`` refused it as if the input were bad (exit 2); it is a divergence
+    (TrainingDivergedError, exit 1), and nothing is saved."""
+    out = tmp_path / "dense.pt"
+    config = TrainConfig(data=str(corpus), out=str(out), model="mar-dense", model_config=SSM,
+                         steps=6, batch_size=2, L=16, lr=1e30, warmup=0, eval_interval=3,
+                         eval_iters=1)  # fmt: skip
+    with pytest.raises(TrainingDivergedError, match=r"step \d: the weights diverged \(a \(log"):
+        train(config, progress=False)
+    assert not out.exists()

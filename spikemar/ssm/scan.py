@@ -512,6 +512,6 @@ def check_decay(a: Tensor, name: str = "a") -> None:
         index = tuple(bad.nonzero()[0].tolist())
         raise ValueError(
             f"{name} (log decay) must be finite and ≤ 0, but {int(bad.sum())} of {a.numel()} "
-            f"values are not, e.g. {name}[{', '.join(map(str, index))}] = {float(a[index])}. "
+            f"values are not, e.g. {name}[{', '.join(map(str, index))}] = {a[index].item()}. "
             "Use a = A·Δt with A < 0 and Δt > 0, e.g. a = −softplus(·)"
         )

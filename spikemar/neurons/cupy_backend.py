@@ -33,6 +33,7 @@ from .functional import (
     check_parameters,
     compute_dtype,
     decode_weights,
+    for_argument,
     nonfinite_error,
 )
 from .fused import cast, fused_multi_step, grad_home, refuse_create_graph, surrogate_code
@@ -374,4 +375,7 @@ def atmn_quantize_cupy(
     check_micro_steps(T)
     if not isinstance(counts, bool):
         raise ValueError(f"counts: expected True or False, got {counts!r}")
-    return _FusedQuantize.apply(activation, p.v_threshold, p, T, counts)
+    try:
+        return _FusedQuantize.apply(activation, p.v_threshold, p, T, counts)
+    except ValueError as err:  # about the δ-injected sequence: name the argument, as the reference
+        raise for_argument(err, "activation") from None

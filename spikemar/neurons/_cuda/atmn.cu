@@ -238,7 +238,7 @@ __device__ __forceinline__ void for_each_row(I rows, I C, I c, Body body) {
 // h recomputed by the forward's own step, then the reverse micro-steps through the surrogate.
 template <typename R>
 struct Reverse {
-  R d, V, iv, tern, keep_reset;
+  R d, V, iv, keep_reset;
   int ternary, kind;
   R pa, pb;
 
@@ -247,7 +247,6 @@ struct Reverse {
       : d(d_),
         V(V_),
         iv(R(1) / V_),
-        tern(ternary_ ? R(1) : R(0)),
         keep_reset(detach_reset ? R(0) : R(1)),
         ternary(ternary_ ? 1 : 0),
         kind(kind_),
@@ -278,7 +277,7 @@ struct Reverse {
   __device__ __forceinline__ R step(R ht, R gu, R g_s, R& gv) const {
     const R r_ = ht / V;  // as the reference: h*(1/V) can differ by an ulp
     const R g = surrogate<R>(r_ - R(1), kind, pa, pb) +
-                tern * surrogate<R>(-r_ - R(1), kind, pa, pb);
+                R(ternary) * surrogate<R>(-r_ - R(1), kind, pa, pb);
     const R dsdh = g * iv;
     const R gs = g_s - keep_reset * V * gu;
     gv += -gu * spike(ht) - gs * r_ * dsdh;

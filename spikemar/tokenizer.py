@@ -33,6 +33,7 @@ __all__ = [
     "HFTokenizer",
     "Tokenizer",
     "generate_text",
+    "is_lfs_pointer",
     "load_tokenizer",
     "tokenizer_from_dict",
 ]
@@ -43,6 +44,13 @@ CHAR_TOKENIZER_FILE = "spikemar_tokenizer.json"
 
 # how a file that a clone without git-lfs left as a pointer begins (weights, tokenizer.json)
 GIT_LFS_POINTER = b"version https://git-lfs.github.com/spec/"
+
+
+def is_lfs_pointer(path: str | os.PathLike) -> bool:
+    """Whether the file at ``path`` is a Git LFS pointer (a clone without git-lfs holds these
+    in place of large files)."""
+    with open(path, "rb") as f:
+        return f.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
 
 
 @runtime_checkable
@@ -172,8 +180,7 @@ class HFTokenizer:
         try:
             tok = _HF.from_file(str(path))
         except Exception as err:  # tokenizers raises a bare Exception on bad JSON
-            with open(path, "rb") as f:  # a clone without git-lfs holds pointers, not the file
-                lfs = f.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER
+            lfs = is_lfs_pointer(path)  # a clone without git-lfs holds pointers, not the file
             why = "a Git LFS pointer, not the file: run git lfs pull" if lfs else str(err)
             raise ValueError(f"tokenizer: {path} is not a readable tokenizer.json ({why})") from err
         return cls(tok, eos_id)

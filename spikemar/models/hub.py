@@ -34,7 +34,7 @@ from typing import Any
 
 import torch
 
-from ..tokenizer import GIT_LFS_POINTER, HFTokenizer, load_tokenizer
+from ..tokenizer import HFTokenizer, is_lfs_pointer, load_tokenizer
 from .common import SpikeConfig
 from .mar import MARLM
 
@@ -237,11 +237,10 @@ def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Ten
     ext, files = _weight_files(directory)
     tensors: dict[str, torch.Tensor] = {}
     for f in files:
-        with open(f, "rb") as head:
-            if head.read(len(GIT_LFS_POINTER)) == GIT_LFS_POINTER:
-                raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
-                                 "git-lfs: run git lfs pull in it, or download the repository "
-                                 "with huggingface-cli)")  # fmt: skip
+        if is_lfs_pointer(f):
+            raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
+                             "git-lfs: run git lfs pull in it, or download the repository "
+                             "with huggingface-cli)")  # fmt: skip
         try:
             if ext == "safetensors":
                 from safetensors.torch import load_file

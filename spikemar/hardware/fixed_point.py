@@ -293,8 +293,8 @@ def _quantize_block(b: Block) -> FixedBlock:
     weight, scale = quantize_weight(b.weight, b.path)
     synapse = next(iter(b.modules), b.path)
     values = {f"{synapse}: the bias": b.bias, f"{b.path}: v_threshold": b.v_threshold}
+    lti_path = next((p for p, m in b.modules.items() if isinstance(m, LTICell)), None)
     if b.lti is not None:
-        lti_path = next(p for p, m in b.modules.items() if isinstance(m, LTICell))
         values.update({f"{lti_path}: LTI coefficient {k}": v for k, v in b.lti.items()})
     for what, value in values.items():  # NaN or inf rounds to a garbage int64
         if value is not None and not bool(torch.isfinite(value).all()):
@@ -330,7 +330,6 @@ def _quantize_block(b: Block) -> FixedBlock:
         fb.v_decay = min(round(b.voltage_decay * DECAY_UNITY), DECAY_UNITY - 1)
     if b.lti is not None:
         q = {k: (b.lti[k].double() * DECAY_UNITY).round().long() for k in ("decay", "b", "c", "d")}
-        lti_path = next(p for p, m in b.modules.items() if isinstance(m, LTICell))
         for k in ("b", "c", "d"):
             if int(q[k].abs().max()) >= COEF_LIMIT:
                 raise ValueError(

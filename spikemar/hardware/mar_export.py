@@ -172,16 +172,16 @@ def export_mar_lava(model: MARLM, directory: str | os.PathLike, tokens: torch.Te
         raise UnsupportedModuleError("model: no spike points feed projections (a dense model)")
     directory = Path(directory)
     seen = capture_activations(model, tokens, [s.spike_point for s in segments])
-    networks = []
+    quantized = []  # (network, its fixed-point form)
     for s in segments:  # every refusal before the folder or any file is written
         sp = s.modules[s.spike_point]
         s.k = choose_k(seen[s.spike_point], sp.neuron.v_threshold)
-        networks.append(segment_network(s, s.k))
-        quantize_network(networks[-1])
+        net = segment_network(s, s.k)
+        quantized.append((net, quantize_network(net)))
     directory.mkdir(parents=True, exist_ok=True)
-    for s, net in zip(segments, networks, strict=True):
+    for s, (net, fixed) in zip(segments, quantized, strict=True):
         s.file = f"{s.spike_point}.h5"
-        fixed = export_lava(net, directory / s.file, (net[0].in_features,))
+        export_lava(fixed, directory / s.file, (net[0].in_features,))
         s.weight_scale = fixed.blocks[1].scale
     counts = chip_report(model).counts()
     manifest = {

@@ -29,6 +29,7 @@ from torch import nn
 from ..convert import calibrate_point_rate, calibrate_thresholds, point_rates, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
+from .measure import _check_int
 
 __all__ = ["calibrate", "firing_rates", "point_samples", "quantisation_error"]
 
@@ -82,11 +83,6 @@ def _calibrate_error(point: SpikePoint, x: torch.Tensor, target: float) -> float
     return float(final.mean())
 
 
-def _check_max_rows(max_rows: object) -> None:
-    if isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1:
-        raise ValueError(f"max_rows: expected an int >= 1, got {max_rows!r}")
-
-
 @torch.no_grad()
 def firing_rates(
     student: MARLM,
@@ -99,7 +95,7 @@ def firing_rates(
     """Per spike point of ``student``: its firing rate (nonzero spikes per micro-step) at its
     current thresholds on ``teacher``'s activations at its place (the samples calibration
     uses)."""
-    _check_max_rows(max_rows)
+    _check_int("max_rows", max_rows)
     samples = point_samples(student, teacher, list(batches), max_rows=max_rows, seed=seed)
     return {s.name: float(point_rates(s.module, samples[s.name]).mean())
             for s in student.spike_points()}  # fmt: skip
@@ -126,7 +122,7 @@ def calibrate(
                         f"{type(student).__name__} and {type(teacher).__name__}")  # fmt: skip
     if (firing_rate is None) == (quant_error is None):
         raise ValueError("firing_rate, quant_error: give exactly one calibration target")
-    _check_max_rows(max_rows)
+    _check_int("max_rows", max_rows)
     if firing_rate is not None and not isinstance(firing_rate, Mapping | int | float):
         raise ValueError(f"firing_rate: expected a fraction in (0, 1) or a rate per spike point, "
                          f"got {firing_rate!r}")  # fmt: skip

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .measure import Measurements, Option
+from .measure import Measurements, Option, _check_int
 
 __all__ = ["Plan", "pareto_front", "pareto_plot", "plan", "random_schedule", "uniform_schedules"]
 
@@ -208,8 +208,7 @@ def random_schedule(
     draws, the one closest above the target is returned."""
     _check_table(measurements)
     _check_number("energy_ratio", energy_ratio, 1)
-    if isinstance(tries, bool) or not isinstance(tries, int) or tries < 1:
-        raise ValueError(f"tries: expected an int >= 1, got {tries!r}")
+    _check_int("tries", tries)
     rng = random.Random(seed)
     need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
     most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())

@@ -146,6 +146,7 @@ def _linear_rule(ctx: CountContext, module: nn.Linear, args: tuple[Any, ...], ou
 
 
 def _linear_synapse(ctx: CountContext, module: nn.Linear, x: torch.Tensor, out: torch.Tensor):
+    bias_adds = out.numel() if module.bias is not None else 0
     return ctx.synapse(
         x,
         fan_out=module.out_features,
@@ -153,9 +154,9 @@ def _linear_synapse(ctx: CountContext, module: nn.Linear, x: torch.Tensor, out: 
         weights=ctx.parameters(module),  # weight and bias
         vectors=x.numel() // max(1, module.in_features),
         features=module.in_features,
-        elementwise_ops=out.numel() if module.bias is not None else 0,
+        elementwise_ops=bias_adds,
         activation_writes=out.numel(),
-        bias_reads=out.numel() if module.bias is not None else 0,
+        bias_reads=bias_adds,  # each bias add reads its bias
     )
 
 
@@ -214,6 +215,7 @@ def _conv_synapse(ctx: CountContext, module: nn.modules.conv._ConvNd, x: torch.T
     # each spike at a position drives fan-out(position) accumulates in each of the C_out / groups
     # output channels of its group; a spike's address names its channel and position
     per_sample = module.in_channels * math.prod(spatial_in)
+    bias_adds = out.numel() if module.bias is not None else 0
     synapse = ctx.synapse(
         x,
         fan_out=c_out_per_group,
@@ -221,9 +223,9 @@ def _conv_synapse(ctx: CountContext, module: nn.modules.conv._ConvNd, x: torch.T
         weights=ctx.parameters(module),
         vectors=x.numel() // max(1, per_sample),
         features=per_sample,
-        elementwise_ops=out.numel() if module.bias is not None else 0,
+        elementwise_ops=bias_adds,
         activation_writes=out.numel(),
-        bias_reads=out.numel() if module.bias is not None else 0,
+        bias_reads=bias_adds,  # each bias add reads its bias
     )
     return synapse, weighted_acs
 

@@ -35,7 +35,7 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -191,14 +191,18 @@ class Scorer:
         for i, r in enumerate(rows):
             ids[i, : len(r)] = torch.tensor(r, dtype=torch.long)
         ids = ids.to(self.device)
-        with torch.no_grad():
-            if self.counter is None:
-                logits = self.model(ids)
-            else:
-                with self.counter:
-                    logits = self.model(ids)
+        with self._pass():
+            logits = self.model(ids)
         self.positions += ids.numel()
         return logits
+
+    @contextlib.contextmanager
+    def _pass(self) -> Iterator[None]:
+        """What every pass of the model runs under: no autograd, and the energy counter where
+        this Scorer keeps one (the operations counted are those that produced the scores)."""
+        counting = self.counter if self.counter is not None else contextlib.nullcontext()
+        with torch.no_grad(), counting:
+            yield
 
     def energy_report(self, hardware: str = "45nm-fp32") -> EnergyReport:
         """The operations of every pass run so far, priced under ``hardware``, per position."""
@@ -309,10 +313,7 @@ class Scorer:
         target = torch.tensor(seg, dtype=torch.long, device=self.device)
         out = torch.empty(len(seg), dtype=torch.float64)
         state = None
-        with (
-            torch.no_grad(),
-            self.counter if self.counter is not None else contextlib.nullcontext(),
-        ):
+        with self._pass():
             for start in range(0, len(seg), chunk):
                 part = ids[None, start : start + chunk]
                 logits, state = self.model.prefill(part, state, all_logits=True)
@@ -408,8 +409,7 @@ class Scorer:
         text = [""] * len(contexts)
         if limit == 0:
             return list(zip(new, text, strict=True))
-        counting = self.counter if self.counter is not None else contextlib.nullcontext()
-        with torch.no_grad(), counting:
+        with self._pass():
             firsts, states = prefill_each(self.model, [
                 torch.tensor([c], dtype=torch.long, device=self.device) for c in contexts
             ])  # fmt: skip

@@ -222,10 +222,10 @@ def refine_main(args: argparse.Namespace) -> int:
     check_hardware(args.hardware)  # a profile that cannot price the trade: before any work
     teacher_id = _teacher_id(args.teacher)
     table = done if done.exists() else partial
-    if resume and table.exists():  # the run at --out must be this teacher's, on this profile
+    before = Measurements.load(table) if resume and table.exists() else None
+    if before is not None:  # the run at --out must be this teacher's, on this profile
         options = [dict(o) for o in (args.options or DEFAULT_OPTIONS)]
-        _check_resumed(Measurements.load(table), teacher_id, args.hardware, options,
-                       args.sparsify_topk, out)  # fmt: skip
+        _check_resumed(before, teacher_id, args.hardware, options, args.sparsify_topk, out)
     from ..models.hub import command_line_hint
 
     try:
@@ -258,7 +258,6 @@ def refine_main(args: argparse.Namespace) -> int:
             (out / name).unlink(missing_ok=True)
 
     # 1. measure
-    before = Measurements.load(table) if resume and table.exists() else None
     if before is not None:
         replaced = {str(i): k for i, k in replaceable_layers(teacher, stage1).items()}
         saved = before.info.get("replaced_layers")

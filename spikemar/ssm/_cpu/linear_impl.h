@@ -47,36 +47,44 @@ typedef struct {
   const REAL *x, *W, *b;
   REAL *y;
   int64_t M, K, N, chunk; /* chunk: output rows taken at a time (a multiple of 4) */
-  int64_t *ranges;        /* per thread, its chunks not yet taken: [front, back) packed */
-  int nthreads, self;
+  int64_t *ranges;        /* per thread, `streams` ranges of chunks not yet taken, each
+                             [front, back) packed */
+  int nthreads, self, streams;
 } CAT(linear_job_, SUFFIX);
 
-/* Row o of W against the one row of x (M = 1, generation at batch 1): the row read front to back
- * in four vector accumulators. Reading W one row at a time keeps each thread's reads one
- * sequential stream (the tile's four rows side by side are four streams): 6-7 % faster at
- * batch 1 on the 130 M Mamba-2's weights, 1.02-1.05x a sum over the same bytes. */
-HOT void CAT(row1_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, int64_t K,
-                            int64_t o) {
-  VEC acc[4] = {{0}};
-  const REAL *w = W + o * K;
+/* Rows o[0], ..., o[R − 1] of W (R ≤ 4, anywhere in W) against the one row of x (M = 1,
+ * generation at batch 1): each row read front to back in its own four vector accumulators, the
+ * R rows side by side. Every row's sum has the same order whatever R and whichever rows it is
+ * grouped with, so the result does not depend on the grouping. The rows come from four places
+ * far apart in W (see linear_worker_): four sequential streams per thread, which this AMD EPYC
+ * (Zen 3, 2 cores, KVM) reads at ~1.2x the rate of one stream — 33-35 GB/s against 27-28 for a
+ * row at a time and 30-32 GB/s for a memcpy's read + write (C micro-benchmark, 512 MB of rows of
+ * 768 floats, 2 threads, medians of 15; 2026-12-07). Four rows side by side that lie next to
+ * each other (the tile) are one stream to the prefetcher and read no faster than one row. */
+HOT void CAT(rows1_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, int64_t K,
+                             const int64_t *o, const int R) {
+  VEC acc[4][4] = {{{0}}};
+  const REAL *w[4];
+  for (int r = 0; r < R; ++r) w[r] = W + o[r] * K;
   const int64_t K4 = K - K % (4 * VL);
   int64_t k = 0;
   for (; k < K4; k += 4 * VL)
-    for (int a = 0; a < 4; ++a) acc[a] += VLOAD(w + k + a * VL) * VLOAD(x + k + a * VL);
-  for (; k + VL <= K; k += VL) acc[0] += VLOAD(w + k) * VLOAD(x + k);
-  REAL sum = CAT(lsum_, SUFFIX)((acc[0] + acc[1]) + (acc[2] + acc[3]));
-  for (; k < K; ++k) sum += w[k] * x[k];
-  y[o] = b ? sum + b[o] : sum;
+    for (int a = 0; a < 4; ++a) {
+      const VEC xv = VLOAD(x + k + a * VL);
+      for (int r = 0; r < R; ++r) acc[r][a] += VLOAD(w[r] + k + a * VL) * xv;
+    }
+  for (int r = 0; r < R; ++r) {
+    int64_t kr = k;
+    for (; kr + VL <= K; kr += VL) acc[r][0] += VLOAD(w[r] + kr) * VLOAD(x + kr);
+    REAL sum = CAT(lsum_, SUFFIX)((acc[r][0] + acc[r][1]) + (acc[r][2] + acc[r][3]));
+    for (; kr < K; ++kr) sum += w[r][kr] * x[kr];
+    y[o[r]] = b ? sum + b[o[r]] : sum;
+  }
 }
 
-/* Output rows [o, end): for one row of x, row1_ row by row; else four rows of W at a time (the
- * tile's constant R and S let the compiler unroll it into straight vector code), every pair of
- * rows of x per tile. */
+/* Output rows [o, end) for two or more rows of x: four rows of W at a time (the tile's constant R
+ * and S let the compiler unroll it into straight vector code), every pair of rows of x per tile. */
 static void CAT(linear_rows_, SUFFIX)(const CAT(linear_job_, SUFFIX) *j, int64_t o, int64_t end) {
-  if (j->M == 1) {
-    for (; o < end; ++o) CAT(row1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o);
-    return;
-  }
   for (; o + 4 <= end; o += 4) {
     int64_t m = 0;
     for (; m + 2 <= j->M; m += 2) CAT(tile_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, j->N, o, 4, m, 2);
@@ -105,21 +113,58 @@ static int64_t take_chunk(int64_t *range, int from_back) {
 }
 #endif
 
+/* The rows of chunks c[0..n) (n ≤ 4, one row of x): row i of every chunk side by side in one
+ * rows1_ call, so each chunk is one sequential stream. */
+static void CAT(linear_chunks1_, SUFFIX)(const CAT(linear_job_, SUFFIX) *j, const int64_t *c,
+                                         int n) {
+  int64_t start[4], len[4], longest = 0;
+  for (int s = 0; s < n; ++s) {
+    start[s] = c[s] * j->chunk;
+    len[s] = start[s] + j->chunk < j->N ? j->chunk : j->N - start[s];
+    if (len[s] > longest) longest = len[s];
+  }
+  for (int64_t i = 0; i < longest; ++i) {
+    int64_t o[4];
+    int R = 0;
+    for (int s = 0; s < n; ++s)
+      if (i < len[s]) o[R++] = start[s] + i;
+    switch (R) { /* a constant R for each call: the compiler unrolls each into straight code */
+    case 4: CAT(rows1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o, 4); break;
+    case 3: CAT(rows1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o, 3); break;
+    case 2: CAT(rows1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o, 2); break;
+    default: CAT(rows1_, SUFFIX)(j->x, j->W, j->b, j->y, j->K, o, 1); break;
+    }
+  }
+}
+
 /* A thread streams its own contiguous share of W's rows front to back, then takes what is left
- * of the others' shares from their backs. Own shares: each thread's reads are one long run that
- * the hardware prefetcher follows (chunks dealt out in turn cost 10 % against a sum over the same
- * bytes). Taken, not assigned: on a busy machine one thread of the team may start late (a waiting
- * runnable thread gets the core only at the next time slice, milliseconds), and the others then
- * do its share instead of waiting for it. Each output is still one thread's sum in a fixed order:
- * the result does not depend on who took it. */
+ * of the others' shares from their backs. Own shares: each thread's reads are long runs that the
+ * hardware prefetcher follows (chunks dealt out in turn cost 10 % against a sum over the same
+ * bytes); for one row of x the share is cut in `streams` (4) parts read side by side, a chunk of
+ * each at a time (see rows1_). Taken, not assigned: on a busy machine one thread of the team may
+ * start late (a waiting runnable thread gets the core only at the next time slice,
+ * milliseconds), and the others then do its share instead of waiting for it. Each output is
+ * still one thread's sum in a fixed order: the result does not depend on who took it. */
 static void *CAT(linear_worker_, SUFFIX)(void *arg) {
   const CAT(linear_job_, SUFFIX) *j = arg;
   for (int k = 0; k < j->nthreads; ++k) {
-    int64_t *range = j->ranges + (j->self + k) % j->nthreads;
-    for (int64_t c; (c = take_chunk(range, k != 0)) >= 0;) {
-      const int64_t o = c * j->chunk;
-      CAT(linear_rows_, SUFFIX)(j, o, o + j->chunk < j->N ? o + j->chunk : j->N);
+    int64_t *ranges = j->ranges + (int64_t)((j->self + k) % j->nthreads) * j->streams;
+    if (j->M == 1) {
+      for (;;) {
+        int64_t c[4];
+        int n = 0;
+        for (int s = 0; s < j->streams; ++s)
+          if ((c[n] = take_chunk(ranges + s, k != 0)) >= 0) ++n;
+        if (n == 0) break;
+        CAT(linear_chunks1_, SUFFIX)(j, c, n);
+      }
+      continue;
     }
+    for (int s = 0; s < j->streams; ++s)
+      for (int64_t c; (c = take_chunk(ranges + s, k != 0)) >= 0;) {
+        const int64_t o = c * j->chunk;
+        CAT(linear_rows_, SUFFIX)(j, o, o + j->chunk < j->N ? o + j->chunk : j->N);
+      }
   }
   return NULL;
 }
@@ -138,13 +183,15 @@ void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, 
   if (nthreads > most) nthreads = most > 1 ? (int)most : 1;
   if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
   const int64_t chunks = (N + chunk - 1) / chunk;
-  int64_t ranges[MAX_THREADS];
+  const int streams = M == 1 ? 4 : 1, parts = nthreads * streams;
+  int64_t ranges[MAX_THREADS * 4];
   CAT(linear_job_, SUFFIX) jobs[MAX_THREADS];
-  for (int k = 0; k < nthreads; ++k) {
-    const int64_t front = chunks * k / nthreads, back = chunks * (k + 1) / nthreads;
-    ranges[k] = (int64_t)((uint64_t)back << 32 | (uint64_t)front);
-    jobs[k] = (CAT(linear_job_, SUFFIX)){x, W, b, y, M, K, N, chunk, ranges, nthreads, k};
+  for (int p = 0; p < parts; ++p) {
+    const int64_t front = chunks * p / parts, back = chunks * (p + 1) / parts;
+    ranges[p] = (int64_t)((uint64_t)back << 32 | (uint64_t)front);
   }
+  for (int k = 0; k < nthreads; ++k)
+    jobs[k] = (CAT(linear_job_, SUFFIX)){x, W, b, y, M, K, N, chunk, ranges, nthreads, k, streams};
   if (nthreads <= 1) {
     CAT(linear_worker_, SUFFIX)(&jobs[0]);
     return;

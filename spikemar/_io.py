@@ -26,6 +26,7 @@ from pathlib import Path
 __all__ = [
     "Terminated",
     "atomic_write",
+    "check_output_folder",
     "check_output_path",
     "file_mode",
     "remove_stale_temporaries",
@@ -76,58 +77,102 @@ def remove_stale_temporaries(target: str | os.PathLike) -> list[Path]:
     return removed
 
 
+def check_output_folder(
+    folder: str | os.PathLike, *, name: str = "path", file: str | os.PathLike | None = None
+) -> Path:
+    """Fail before any work if files cannot be written in ``folder``, creating nothing (a run
+    that then failed would leave an empty folder behind): the nearest of ``folder`` and its
+    parents that exists must be a folder one may write in; the rest is made when the output is
+    written. ``name`` is the argument the message names (``--out``); ``file``, the file to be
+    written there, which the message names instead of the folder."""
+    folder = Path(folder)
+    for ancestor in (folder, *folder.parents):
+        if ancestor.exists():
+            if not ancestor.is_dir():
+                what = repr(str(file)) if file is not None else f"in {str(folder)!r}"
+                raise NotADirectoryError(
+                    f"{name}: cannot write {what}: {str(ancestor)!r} is a file, not a folder"
+                )
+            if not os.access(ancestor, os.W_OK | os.X_OK):
+                raise PermissionError(f"{name}: the folder {str(ancestor)!r} is not writable")
+            break
+    return folder
+
+
 def check_output_path(path: str | os.PathLike, *, name: str = "path") -> Path:
-    """Fail before any work if ``path`` cannot be written as a file: it is a folder, its parent
-    is a file, or the folder is not writable. Creates the parent folders. ``name`` is the
-    argument the message names (``--out``)."""
+    """Fail before any work if ``path`` cannot be written as a file: it is a folder, a folder
+    above it is a file, or the folder it would go in is not writable
+    (:func:`check_output_folder`). Creates the parent folders. ``name`` is the argument the
+    message names (``--out``)."""
     path = Path(path)
     if path.is_dir():
         raise IsADirectoryError(f"{name}: {str(path)!r} is a folder; expected a file path")
-    parent = path.parent
-    for ancestor in (parent, *parent.parents):
-        if ancestor.exists():
-            if not ancestor.is_dir():
-                raise NotADirectoryError(
-                    f"{name}: cannot write {str(path)!r}: {str(ancestor)!r} is a file, not a folder"
-                )
-            break
+    parent = check_output_folder(path.parent, name=name, file=path)
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise PermissionError(
             f"{name}: cannot create the folder {str(parent)!r} ({err.strerror})"
         ) from err
-    if not os.access(parent, os.W_OK | os.X_OK):
-        raise PermissionError(f"{name}: the folder {str(parent)!r} is not writable")
     return path
 
 
 @contextlib.contextmanager
+def _write_failures_named(path: Path, name: str | None) -> Iterator[None]:
+    """Within the block, an OSError (also one that a writer raised as the cause of its own
+    error: torch's zip writer's RuntimeError "unexpected pos") is one OSError naming ``name``
+    and ``path``, with its errno; without ``name``, errors pass unchanged."""
+    if name is None:
+        yield
+        return
+    try:
+        yield
+    except (OSError, RuntimeError) as err:
+        cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
+        if not isinstance(cause, OSError):
+            raise
+        # the errno's text: some writers' messages name the temporary file (h5py's), not path
+        why = os.strerror(cause.errno) if cause.errno else str(cause)
+        failed = OSError(f"{name}: cannot write {str(path)!r} ({why})")
+        failed.errno = cause.errno
+        raise failed from err
+
+
+@contextlib.contextmanager
 def atomic_write(
-    path: str | os.PathLike, *, fsync: bool = True, executable: bool = False
+    path: str | os.PathLike,
+    *,
+    fsync: bool = True,
+    executable: bool = False,
+    name: str | None = None,
 ) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; when the block ends without an exception, the
     file written there replaces ``path`` in one rename (old or new, never half). Parent folders
     are created; the file gets the usual permissions; on any exception (Ctrl-C included) the
     temporary is removed and ``path`` is left as it was. ``fsync``: flush the data to disk
     before the rename, so that a power cut also leaves old or new. ``executable``: the mode of
-    a compiled library (0o777 under the umask)."""
+    a compiled library (0o777 under the umask). ``name``: the argument that gave ``path``; a
+    write that fails (a full disk, a folder that refuses files) is then one
+    ``OSError("NAME: cannot write 'PATH' (reason)")``, whatever the writer in the block said."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    with _write_failures_named(path, name):
+        path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = _temporary_name(path)
     try:
-        yield tmp
+        with _write_failures_named(path, name):
+            yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"path: nothing was written for {str(path)!r}")
-        os.chmod(tmp, file_mode(executable))
-        if fsync:
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        os.replace(tmp, path)
+        with _write_failures_named(path, name):
+            os.chmod(tmp, file_mode(executable))
+            if fsync:
+                fd = os.open(tmp, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            os.replace(tmp, path)
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

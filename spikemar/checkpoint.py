@@ -176,19 +176,10 @@ def save_checkpoint(
         payload["train"] = train_state
     if provenance is not None:
         payload["provenance"] = provenance
-    with atomic_write(path) as tmp:
-        try:
-            # through a Python file, so that a failed write (a full disk) surfaces as its
-            # OSError rather than as the zip writer's "unexpected pos" RuntimeError
-            with open(tmp, "wb") as f:
-                torch.save(payload, f)
-        except (OSError, RuntimeError) as err:
-            cause = err if isinstance(err, OSError) else err.__cause__ or err.__context__
-            if not isinstance(cause, OSError):
-                raise
-            failed = OSError(f"cannot write the checkpoint {path}: {cause.strerror or cause}")
-            failed.errno = cause.errno
-            raise failed from err
+    # through a Python file, so that a failed write (a full disk) surfaces as its OSError
+    # (the zip writer's "unexpected pos" RuntimeError has it as its cause)
+    with atomic_write(path, name="checkpoint") as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
     return path
 
 

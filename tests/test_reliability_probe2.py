@@ -38,7 +38,7 @@ def test_a_checkpoint_write_that_fails_says_why_and_leaves_nothing(tmp_path):
     model = build_model("mar-dense", {"vocab_size": tokenizer.vocab_size, "d_model": 16,
                                       "n_layers": 1, "d_state": 4, "head_dim": 8})  # fmt: skip
     out = tmp_path / "model.pt"
-    with _file_size_limit(4096), pytest.raises(OSError, match="cannot write the checkpoint") as err:
+    with _file_size_limit(4096), pytest.raises(OSError, match=r"^checkpoint: cannot write ") as err:
         save_checkpoint(out, model, tokenizer)
     assert str(out) in str(err.value) and "too large" in str(err.value)
     assert list(tmp_path.iterdir()) == []
@@ -107,3 +107,33 @@ def test_a_dense_ssm_whose_weights_overflow_stops_as_diverged(corpus, tmp_path):
     with pytest.raises(TrainingDivergedError, match=r"step \d: the weights diverged \(a \(log"):
         train(config, progress=False)
     assert not out.exists()
+
+
+@pytest.mark.parametrize("command", ["train", "distill"])
+def test_a_full_disk_during_a_run_is_a_failed_run_not_a_usage_error(command, corpus, tmp_path,
+                                                                    capsys):  # fmt: skip
+    """The checkpoint write fails (a full disk, here a file-size limit): one line naming the
+    file and the reason, exit 1 as for a failed run, without a "(see --help)" that pointed at
+    the arguments, and nothing left beside it."""
+    from spikemar import cli
+
+    vocab = TokenDataset.from_text_file(corpus).tokenizer  # the token cache, before the limit
+    out = tmp_path / "run" / "model.pt"
+    loop = ["--data", str(corpus), "--out", str(out), "--steps", "1", "--batch-size", "2",
+            "--L", "16", "--eval-interval", "1", "--eval-iters", "1", "--no-progress"]  # fmt: skip
+    if command == "train":
+        argv = ["train", "--model", "transformer", "--d-model", "16", "--n-layers", "1",
+                "--n-heads", "2", *loop]  # fmt: skip
+    else:
+        teacher = save_checkpoint(tmp_path / "t.pt", build_model("transformer", {
+            "vocab_size": vocab.vocab_size, "d_model": 16, "n_layers": 1, "n_heads": 2,
+            "max_len": 16}), vocab)  # fmt: skip
+        argv = ["distill", "--stage", "1", "--teacher", str(teacher), "--d-state", "4",
+                "--head-dim", "8", *loop]  # fmt: skip
+    with _file_size_limit(4096):
+        code = cli.main(argv)
+    lines = capsys.readouterr().err.splitlines()
+    (err,) = [line for line in lines if not line.startswith("spikemar: compiling")]  # a note
+    assert code == 1 and err.startswith(f"spikemar {command}: error: ")
+    assert str(out) in err and "File too large" in err and "--help" not in err
+    assert list(out.parent.iterdir()) == []

@@ -95,11 +95,5 @@ def writing(path: str | os.PathLike) -> Iterator[Path]:
     (h5py's message named '.net.h5.<pid>.<random>.tmp')."""
     from .._io import atomic_write
 
-    try:
-        with atomic_write(path) as tmp:
-            yield tmp
-    except OSError as err:
-        if str(err).startswith("path: "):
-            raise
-        why = os.strerror(err.errno) if err.errno else str(err)  # h5py's names the temporary
-        raise OSError(f"path: cannot write {str(path)!r} ({why})") from err
+    with atomic_write(path, name="path") as tmp:
+        yield tmp

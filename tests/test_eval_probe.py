@@ -62,7 +62,8 @@ def test_eval_text_takes_unk_and_names_its_flags(checkpoint, tmp_path, capsys):
     assert error("--unk", "#").endswith("--unk: expected one character of the tokenizer's "
                                         "alphabet, got '#'")  # fmt: skip
     assert cli.main([*argv, "--unk", " "]) == 0
-    assert "were scored as ' ': '12'" in capsys.readouterr().err
+    warned = "outside the tokenizer's alphabet were scored as ' ': '12'"
+    assert capsys.readouterr().err.count(warned) == 1  # once per model
     (got,) = json.loads((out / "perplexity.json").read_text())["results"]
     model, tok = load_model(checkpoint)
     want = text_perplexity(model, tok, text.read_text().replace("1", " ").replace("2", " "))
@@ -85,11 +86,49 @@ def test_harness_unknown_characters_hint_names_the_command_option(checkpoint):
 
     lm = SpikemarLM(checkpoint=checkpoint, count_energy=False)
     request = [Instance("loglikelihood", {}, ("Act 1", " scene"), 0)]
-    with pytest.raises(ValueError, match=r"\(model_args unk=' ' replaces them\)"):
+    with pytest.raises(ValueError, match=r"\(model_args unk=' ' replaces them\)$"):
         lm.loglikelihood(request)
-    lm.unk_hint = "--unk ' '"  # what spikemar eval sets
-    with pytest.raises(ValueError, match=r"\(--unk ' ' replaces them\)"):
-        lm.loglikelihood(request)
+
+
+_TASK_YAML = """task: tidy_rolling
+custom_dataset: !function tidy_docs.docs
+test_split: test
+output_type: loglikelihood_rolling
+doc_to_text: ""
+doc_to_target: "{{text}}"
+metric_list:
+  - metric: bits_per_byte
+    aggregation: bits_per_byte
+    higher_is_better: false
+"""
+_TASK_DOCS = """import datasets
+
+
+def docs(**_):
+    return datasets.DatasetDict({"test": datasets.Dataset.from_list([{"text": "Act 1, scene 2"}])})
+"""
+
+
+def test_eval_tasks_say_unk_by_its_flag_and_warn_once(checkpoint, tmp_path, capsys):
+    """A task's characters outside the alphabet: the error's way out is --unk, not the harness's
+    lm_eval model_args (eval set an attribute on its model to change it, beside the one
+    mechanism of command_line_hint); with --unk one warning line per model."""
+    tasks = tmp_path / "tasks"
+    tasks.mkdir()
+    (tasks / "tidy_rolling.yaml").write_text(_TASK_YAML)
+    (tasks / "tidy_docs.py").write_text(_TASK_DOCS)
+    common = ["eval", "--checkpoint", str(checkpoint), "--no-energy", "--out", str(tmp_path / "o")]
+    task = ["--tasks", "tidy_rolling", "--include-path", str(tasks)]
+    assert cli.main([*common, *task]) == 2
+    assert capsys.readouterr().err.splitlines()[-1] == (
+        "spikemar eval: error: --tasks: characters ['1', '2'] are not in the tokenizer's "
+        "vocabulary of 65 (--unk ' ' replaces them)"
+    )
+    assert cli.main([*common, *task, "--unk", " "]) == 0
+    err = capsys.readouterr().err
+    assert [line for line in err.splitlines() if "alphabet" in line] == [
+        "tiny: characters outside the tokenizer's alphabet were scored as ' ': '12'"
+    ]
 
 
 def test_a_generation_tasks_metrics_reach_the_table():

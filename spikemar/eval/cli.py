@@ -37,6 +37,7 @@ from .._argtypes import add_tokenizer_argument
 from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_0 as _int_at_least_0
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .._io import Terminated, atomic_write, check_output_folder
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
 __all__ = [
@@ -47,6 +48,9 @@ __all__ = [
     "resolve_tasks",
 ]
 
+# how an error about characters outside a character tokenizer's alphabet says to set unk here
+# (the harness's message says lm_eval's way: harness.UNK_HINT)
+_UNK_FLAG_HINT = " (--unk ' ' replaces them)"
 PACKAGED = Path(__file__).resolve().parents[1] / "assets" / "mar_shakespeare.pt"
 
 
@@ -222,8 +226,6 @@ class TaskDataUnreachable(ConnectionError):
 def _write_text(path: Path, text: str, written: list[Path]) -> None:
     """Write ``text`` atomically (an interrupted run leaves the old file or none, never half)
     and add ``path`` to ``written``."""
-    from .._io import atomic_write
-
     with atomic_write(path, fsync=False) as tmp:
         tmp.write_text(text, encoding="utf-8")
     written.append(path)
@@ -277,7 +279,7 @@ def evaluate_checkpoints(
         raise ValueError(
             f"--tasks: lm-evaluation-harness is not installed ({err}); pip install 'spikemar[eval]'"
         ) from err
-    from .harness import SpikemarLM
+    from .harness import UNK_HINT, SpikemarLM
     from .report import EvalTable, row_from_lm_eval
 
     names, manager = resolve_tasks(tasks, list(include))
@@ -287,7 +289,6 @@ def evaluate_checkpoints(
             checkpoint=path, tokenizer=tokenizer, batch_size=batch_size, device=device, unk=unk,
             window=window, count_energy=count_energy, dtype=dtype,
         )  # fmt: skip
-        lm.unk_hint = "--unk ' '"  # the command's option, not lm_eval's model_args
         print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
         try:
@@ -297,14 +298,23 @@ def evaluate_checkpoints(
             )  # fmt: skip
         except ConnectionError as err:  # what `datasets` raises for data it cannot fetch
             raise TaskDataUnreachable(names, err) from err
+        except ValueError as err:  # the harness says lm_eval's way to set unk; this is --unk
+            if UNK_HINT not in str(err):
+                raise
+            raise ValueError(str(err).replace(UNK_HINT, _UNK_FLAG_HINT)) from err
         seconds = time.perf_counter() - start
         energy = lm.energy_report() if count_energy else None
         rows.append(row_from_lm_eval(label, str(path), results, energy, seconds=seconds))
-        if lm.replaced_chars:
-            chars = "".join(sorted(lm.replaced_chars))
-            print(f"{label}: characters outside the tokenizer's alphabet were scored as {unk!r}: "
-                  f"{chars!r}", file=sys.stderr)  # fmt: skip
+        _say_replaced(label, unk, lm.replaced_chars)
     return EvalTable(rows, columns)
+
+
+def _say_replaced(label: str, unk: str | None, chars: set[str]) -> None:
+    """Warn, once per model, which characters outside its tokenizer's alphabet ``unk`` stood
+    in for."""
+    if chars:
+        print(f"{label}: characters outside the tokenizer's alphabet were scored as {unk!r}: "
+              f"{''.join(sorted(chars))!r}", file=sys.stderr)  # fmt: skip
 
 
 def _train_length(path: Path) -> int | None:
@@ -347,10 +357,7 @@ def _run_text(
     for path, label in zip(checkpoints, labels, strict=True):
         model, tokenizer = load_model(path, args.tokenizer, args.dtype)
         unk = check_unk(tokenizer, args.unk)
-        replaced = "".join(sorted(replace_unknown(tokenizer, text, unk)[1]))
-        if replaced:
-            print(f"{label}: characters outside the tokenizer's alphabet were scored as {unk!r}: "
-                  f"{replaced!r}", file=sys.stderr)  # fmt: skip
+        _say_replaced(label, unk, replace_unknown(tokenizer, text, unk)[1])
         modes = [None] + ([args.window] if args.window else [])
         for window in modes:
             # the energy of the passes that produced this score, beside it (as for tasks)
@@ -361,7 +368,7 @@ def _run_text(
             except ValueError as err:  # "text: characters [...] are not in the vocabulary"
                 if not str(err).startswith("text: "):
                     raise
-                hint = " (--unk ' ' replaces them)" if hasattr(tokenizer, "chars") else ""
+                hint = _UNK_FLAG_HINT if hasattr(tokenizer, "chars") else ""
                 raise ValueError(f"--{err}{hint}") from err
             energy = energy_summary(scorer.energy_report()) if count else None
             name = label if window is None else f"{label}, windows of {window}"
@@ -397,19 +404,6 @@ def _run_text(
     _write_text(out / "perplexity.md", markdown, written)
     written.append(save_curves(results, out / "perplexity.png", train_length=train_length))
     print("wrote " + ", ".join(str(p) for p in written))
-
-
-def _check_out(out: Path) -> None:
-    """Before any scoring (it was found out after all of it): ``out`` is a folder, or one can
-    be made there; nothing is made until the results are written."""
-    for folder in (out, *out.parents):
-        if folder.exists():
-            if not folder.is_dir():
-                raise NotADirectoryError(f"--out: cannot write in {str(out)!r}: "
-                                         f"{str(folder)!r} is a file, not a folder")  # fmt: skip
-            if not os.access(folder, os.W_OK | os.X_OK):
-                raise PermissionError(f"--out: the folder {str(folder)!r} is not writable")
-            return
 
 
 def _make_out(out: Path) -> None:
@@ -449,7 +443,8 @@ def eval_main(args: argparse.Namespace) -> int:
                 columns = [get_profile(h).name for h in args.hardware]
             except ValueError as err:
                 raise ValueError(f"--{err}") from err  # "hardware: unknown profile ..."
-        _check_out(args.out)
+        # before any scoring (it was found out after all of it); made when results are written
+        check_output_folder(args.out, name="--out")
         if args.text is not None:
             _run_text(args, checkpoints, labels, written, columns)
             return 0
@@ -482,8 +477,6 @@ def eval_main(args: argparse.Namespace) -> int:
     except KeyboardInterrupt as err:
         # Ctrl-C, or SIGTERM (spikemar.cli turns it into Terminated): the outputs are written
         # whole at the end (atomically) or not at all, so there is nothing to clean up
-        from .._io import Terminated
-
         why = "SIGTERM" if isinstance(err, Terminated) else "Ctrl-C"
         done = ", ".join(str(p) for p in written)
         print(

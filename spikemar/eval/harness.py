@@ -52,6 +52,10 @@ __all__ = ["SpikemarLM", "load_model"]
 
 log = logging.getLogger(__name__)
 
+# how an error about characters outside a character tokenizer's alphabet says to set unk: as
+# lm_eval's model_args (spikemar eval says its --unk instead)
+UNK_HINT = " (model_args unk=' ' replaces them)"
+
 
 def _as_bool(name: str, value: Any) -> bool:
     if isinstance(value, bool):
@@ -196,8 +200,6 @@ class SpikemarLM(TemplateLM):
         eos = getattr(tokenizer, "eos_id", None)
         self._eos_text = tokenizer.decode([eos]) if isinstance(eos, int) else None
         self.replaced_chars: set[str] = set()
-        # how an error about characters outside the alphabet says to set unk (spikemar eval: --unk)
-        self.unk_hint = "model_args unk=' '"
 
     # -- tokenizer ---------------------------------------------------------------------------
 
@@ -231,7 +233,7 @@ class SpikemarLM(TemplateLM):
         try:
             return prefix + list(self.tokenizer.encode(string))
         except ValueError as err:
-            hint = f" ({self.unk_hint} replaces them)" if hasattr(self.tokenizer, "chars") else ""
+            hint = UNK_HINT if hasattr(self.tokenizer, "chars") else ""
             raise ValueError(f"{err}{hint}") from err
 
     def tok_decode(self, tokens: Sequence[int], **kw: Any) -> str:

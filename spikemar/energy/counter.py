@@ -181,22 +181,22 @@ def _spikes_written(
     ternary: bool,
     width: int,
     weight_call: int,
-    weight_token: int,
     inputs: int,
     state: int,
     vectors: int,
 ) -> _Event:
     """The template of a neuron or spike point (:meth:`_Event.filled` adds the counts): one
     update per element of its ``n``-element spike train of ``vectors`` vectors, ``inputs`` real
-    values and its thresholds read, ``state`` membrane elements read and written, the spike
-    train written (addresses among ``width`` neurons)."""
+    values and its ``weight_call`` thresholds read (once per call, or once per vector), ``state``
+    membrane elements read and written, the spike train written (addresses among ``width``
+    neurons)."""
     packed, address = _spike_bits(ternary, width)
     return _Event(
         spike_kind="ternary" if ternary else "binary",
         spike_elements=n,
         neuron_updates=n,
         weight_call=weight_call,
-        weight_token=weight_token,
+        weight_token=weight_call * vectors,
         activation_reads=inputs,
         state_reads=state,
         state_writes=state,
@@ -631,7 +631,7 @@ class CountContext:
         key = ("spikes_out", n, width, ternary, inputs, weights, vectors, state)
         template = self.static.get(key) or self.keep(
             key,
-            _spikes_written(n, ternary, width, weights, weights * vectors, inputs, state, vectors),
+            _spikes_written(n, ternary, width, weights, inputs, state, vectors),
         )
         nnz, total = _stats.unit_spike_counts(spikes, ternary)
         (self._row or self.row()).events.append((template, nnz, total))
@@ -867,8 +867,8 @@ class EnergyCounter(counting.CountsSink):
         thresholds = self._parameter_count(module, recurse=True)
         channels = decoded.shape[-1] if decoded.dim() else 1
         vectors = decoded.numel() // max(1, channels)
-        template = _spikes_written(elements, ternary, channels, thresholds, thresholds * vectors,
-                                   decoded.numel(), state=0, vectors=vectors)  # fmt: skip
+        template = _spikes_written(elements, ternary, channels, thresholds, decoded.numel(),
+                                   state=0, vectors=vectors)  # fmt: skip
         return self._name_of(module), thresholds, template
 
     def on_declare_sparse(self, module: nn.Module | None, x: torch.Tensor) -> None:

@@ -144,6 +144,11 @@ def _read_json(path: Path) -> Any:
                          "again") from None  # fmt: skip
 
 
+def _sparsify(topk: float) -> tuple[dict[str, Any], ...]:
+    """``--sparsify-topk`` as ``measure``'s ``sparsify`` settings (0: none)."""
+    return ({"sparsify": "topk", "amount": topk},) if topk else ()
+
+
 def _check_resumed(
     m: Any, teacher_id: str, hardware: str, options: list[dict[str, Any]], sparsify_topk: float,
     out: Path,
@@ -167,9 +172,8 @@ def _check_resumed(
             "that profile, or --overwrite to start again"
         )
     saved_sparsify = m.info.get("sparsify")  # what was measured: nothing on dense hardware
-    sparsify = [{"sparsify": "topk", "amount": sparsify_topk}] if sparsify_topk else []
     if saved_sparsify is not None and get_profile(hardware).zero_skipping \
-            and saved_sparsify != sparsify:  # fmt: skip
+            and saved_sparsify != list(_sparsify(sparsify_topk)):  # fmt: skip
         amount = saved_sparsify[0]["amount"] if saved_sparsify else 0
         raise ValueError(f"resume: {out} was measured with --sparsify-topk {amount:g}, not "
                          f"{sparsify_topk:g}; give that, or --overwrite to start "
@@ -281,11 +285,8 @@ def refine_main(args: argparse.Namespace) -> int:
             so_far.info["teacher"] = teacher_id
             so_far.save(partial)
 
-        sparsify = (
-            ({"sparsify": "topk", "amount": args.sparsify_topk},) if args.sparsify_topk else ()
-        )
         m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
-                    sparsify=sparsify, hardware=args.hardware, stage1=stage1,
+                    sparsify=_sparsify(args.sparsify_topk), hardware=args.hardware, stage1=stage1,
                     progress=lambda s: _say(args, s),
                     done=None if before is None else before.modules, on_module=keep)  # fmt: skip
         m.info["teacher"] = teacher_id  # what --resume checks

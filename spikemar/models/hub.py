@@ -12,6 +12,13 @@ understood, through :mod:`spikemar.models.pretrained`: Hugging Face Mamba-2 (``m
 ``mamba2``) and Cartesia's Llamba (its own config keys). Names are mapped strictly: every tensor
 of the file is used and every expected one must be there with its shape.
 
+Memory: the model is built on the meta device (no random initial weights), and each tensor of
+the file is read on its own, cast to the loaded dtype and assigned into it, so the peak is about
+the loaded dtype's bytes per parameter plus one tensor; the spike points' thresholds, which no
+file holds, are built as ``MARLM(config)`` builds them. A ``.bin`` in torch's zip format is mapped
+(its pages are the page cache's, counted in the process's resident memory as they are read); one
+in the legacy format is read whole.
+
 Anything that is not a local directory is taken as a Hub id and fetched with ``huggingface_hub``
 (into its usual cache) when the machine has a network; offline (no network, or
 ``HF_HUB_OFFLINE=1``) it says so in one line, unless the id is already in the cache.
@@ -24,11 +31,12 @@ the folder lacks, a missing or unexpected tensor, a wrong shape, no tokenizer (p
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import os
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +44,7 @@ import torch
 
 from ..tokenizer import HFTokenizer, is_lfs_pointer, load_tokenizer
 from .common import SpikeConfig
-from .mar import MARLM
+from .mar import MARLM, MARConfig, point_module
 
 __all__ = [
     "from_pretrained",
@@ -231,33 +239,85 @@ def _weight_files(directory: Path) -> tuple[str, list[Path]]:
     )
 
 
-def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
-    """Every tensor of a checkpoint directory's weights (single file or shards), on the CPU."""
-    directory = Path(directory)
-    ext, files = _weight_files(directory)
-    tensors: dict[str, torch.Tensor] = {}
-    for f in files:
-        if is_lfs_pointer(f):
-            raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
-                             "git-lfs: run git lfs pull in it, or download the repository "
-                             "with huggingface-cli)")  # fmt: skip
-        try:
-            if ext == "safetensors":
-                from safetensors.torch import load_file
+class _WeightReader:
+    """A checkpoint directory's weights, read one tensor at a time: ``meta`` holds every
+    entry's name, shape and dtype (meta tensors, from the files' headers), ``read`` one tensor
+    into memory of its own. Nothing more than the tensor asked for is ever held."""
 
-                part = load_file(str(f))
+    def __init__(self, directory: Path) -> None:
+        self.ext, files = _weight_files(directory)
+        self.meta: dict[str, Any] = {}
+        self._file: dict[str, Path] = {}
+        self._bin: dict[Path, Mapping] = {}  # .bin: its memory-mapped (or loaded) dict
+        for f in files:
+            if is_lfs_pointer(f):
+                raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
+                                 "git-lfs: run git lfs pull in it, or download the repository "
+                                 "with huggingface-cli)")  # fmt: skip
+            with self._reading(f):
+                if self.ext == "safetensors":
+                    from safetensors import safe_open
+
+                    with safe_open(str(f), framework="pt") as handle:
+                        # get_tensor maps the file: the header's shape and dtype, no data read
+                        part = {k: handle.get_tensor(k) for k in handle.keys()}
+                else:
+                    part = self._bin[f] = _load_bin(f)
+            if not isinstance(part, Mapping):
+                raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
+            twice = self.meta.keys() & part.keys()
+            if twice:
+                raise ValueError(
+                    f"{directory}: tensor {sorted(twice)[0]!r} is in more than one shard"
+                )
+            for k, t in part.items():
+                self.meta[k] = torch.empty_like(t, device="meta") if torch.is_tensor(t) else t
+                self._file[k] = f
+
+    def read(self, name: str, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The tensor ``name`` in ``dtype`` (None: the file's), in memory of its own: not a view
+        of a mapped file, which a checkpoint rewritten in place would change under the model."""
+        f = self._file[name]
+        with self._reading(f):
+            if self.ext == "safetensors":
+                from safetensors import safe_open
+
+                # opened per tensor: the mapping (and the file pages it touched, which count
+                # in the process's memory) goes when the copy is made
+                with safe_open(str(f), framework="pt") as handle:
+                    t = handle.get_tensor(name)
             else:
-                part = torch.load(f, map_location="cpu", weights_only=True)
+                t = self._bin[f][name]
+            if not torch.is_tensor(t):
+                return t
+            return t.to(dtype=t.dtype if dtype is None else dtype, copy=True)
+
+    @staticmethod
+    @contextlib.contextmanager
+    def _reading(f: Path) -> Iterator[None]:
+        """A file that safetensors or torch cannot read as one ValueError naming it."""
+        try:
+            yield
         except Exception as err:  # safetensors and torch raise several kinds for a bad file
             raise ValueError(f"{f}: unreadable weights ({type(err).__name__}: "
                              f"{_first_line(err)})") from err  # fmt: skip
-        if not isinstance(part, Mapping):
-            raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
-        twice = tensors.keys() & part.keys()
-        if twice:
-            raise ValueError(f"{directory}: tensor {sorted(twice)[0]!r} is in more than one shard")
-        tensors.update(part)
-    return tensors
+
+
+def _load_bin(f: Path) -> Any:
+    """A ``pytorch_model.bin``'s dict, its tensors mapped from the file (read as they are used)
+    where it is in torch's zip format; a file in the legacy format is read whole."""
+    try:
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError as err:
+        if "mmap" not in str(err):  # torch refuses mmap for the legacy format, saying so
+            raise
+        return torch.load(f, map_location="cpu", weights_only=True)
+
+
+def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """Every tensor of a checkpoint directory's weights (single file or shards), on the CPU."""
+    reader = _WeightReader(Path(directory))
+    return {name: reader.read(name) for name in reader.meta}
 
 
 def _spike_config(spikes: SpikeConfig | Mapping[str, Any] | None) -> SpikeConfig | None:
@@ -344,7 +404,7 @@ def from_pretrained(
     cast = None if auto else _dtype(dtype, argument)
     directory = resolve_pretrained(path_or_id, revision)
     hf_config = read_pretrained_config(directory)
-    from .pretrained import config_from_hf, state_dict_from_hf
+    from .pretrained import check_tied_copy, config_from_hf, source_names
 
     try:
         config = config_from_hf(hf_config)
@@ -362,31 +422,79 @@ def from_pretrained(
         if tok.eos_id is None and isinstance(tok, HFTokenizer) and isinstance(eos, int):
             if 0 <= eos < tok.vocab_size:
                 tok = tok.with_eos_id(eos)
-    tensors = read_pretrained_tensors(directory)
+    reader = _WeightReader(directory)  # the headers: names, shapes, dtypes
     if cast is None:  # 'auto'
-        cast = _checkpoint_dtype(hf_config, tensors)
+        cast = _checkpoint_dtype(hf_config, reader.meta)
         if cast not in RUNNABLE_DTYPES:
             raise ValueError(f"{argument}: 'auto' is the checkpoint's {cast}, which no model "
                              "computes in; pass float32 or bfloat16")  # fmt: skip
     try:
-        state = state_dict_from_hf(config, tensors)  # the dense model's tensors
+        names, tied_copy = source_names(config, reader.meta)  # checked before anything is read
+        state = {}
+        for name, source in names.items():
+            if name == "embed.weight" and tied_copy is not None:  # compared in the file's dtype
+                embedding = reader.read(source)
+                check_tied_copy(tied_copy, reader.read(tied_copy), embedding)
+                state[name] = embedding.to(cast)
+                del embedding
+            else:  # in the model's dtype as it is read: no copy of the whole file is held
+                state[name] = reader.read(source, cast)
+        config.spikes = spike_config
+        model = _assemble(config, state, cast)
     except ValueError as err:
         raise ValueError(f"{directory}: {err}") from err
-    config.spikes = spike_config
-    model = MARLM(config)
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    # the file's tensors are copied into the model: let them go before the cast copies it again
-    # (peak memory: the file's tensors and the float32 model, or the model and its cast)
-    del state, tensors
+    del state
+    model.eval()
+    model.tokenizer = tok
+    return model
+
+
+def _assemble(config: MARConfig, state: dict[str, torch.Tensor], dtype: torch.dtype) -> MARLM:
+    """``MARLM(config)`` holding ``state``'s tensors themselves (in ``dtype``), without
+    allocating the random initial weights the file replaces: the model is built on the meta
+    device, ``state`` assigned into it, and what the file cannot hold (a student's spike points)
+    built for real, as ``MARLM(config).to(dtype)`` would have them."""
+    with torch.device("meta"):
+        model = MARLM(config)
+    # a parameter shared by several names (a tied head) is assigned once and shared again after:
+    # assign=True would give each name its own Parameter, untying them
+    shared = {}
+    first_of: dict[int, str] = {}
+    for name, p in model.named_parameters(remove_duplicate=False):
+        shared[name] = first_of.setdefault(id(p), name)
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     # the mapping covers the dense model; a student's new tensors are its spike points' only
     owned = {f"{site.name}.{key}" for site in model.spike_points()
              for key in site.module.state_dict()}  # fmt: skip
-    missing = sorted(set(missing) - owned)
+    missing = sorted(set(missing) - owned - {n for n, first in shared.items() if n != first})
     if missing or unexpected:
-        raise ValueError(
-            f"{directory}: the mapped weights do not fit the model (missing {missing[:3]}, "
-            f"unexpected {unexpected[:3]})"
-        )
-    model = model.to(cast).eval()
-    model.tokenizer = tok
+        raise ValueError(f"the mapped weights do not fit the model (missing {missing[:3]}, "
+                         f"unexpected {unexpected[:3]})")  # fmt: skip
+    for name, first in shared.items():
+        if name != first:
+            parent, _, attr = name.rpartition(".")
+            setattr(model.get_submodule(parent), attr, model.get_parameter(first))
+    for site in list(model.spike_points()):
+        # thresholds start at spikes.v_threshold: built in float32 and cast, as MARLM(config)
+        # builds them and .to(dtype) casts them
+        channels = next(iter(site.projections.values())).in_features
+        point = point_module(channels, "spike", config.spikes).to(dtype)
+        parent, _, attr = site.name.rpartition(".")
+        setattr(model.get_submodule(parent), attr, point)
+    left = _meta_tensors(model)
+    if left:  # a tensor the file and the spike points leave unset: a gap in this function
+        raise RuntimeError(f"from_pretrained: {left[:3]} left without values (a bug in "
+                           "spikemar: please report it)")  # fmt: skip
     return model
+
+
+def _meta_tensors(model: torch.nn.Module) -> list[str]:
+    """The names of ``model``'s tensors still on the meta device: parameters, buffers and plain
+    tensor attributes of its modules."""
+    left = [n for n, t in model.named_parameters(remove_duplicate=False) if t.is_meta]
+    left += [n for n, t in model.named_buffers(remove_duplicate=False) if t.is_meta]
+    for prefix, module in model.named_modules(remove_duplicate=False):
+        dot = f"{prefix}." if prefix else ""
+        left += [f"{dot}{k}" for k, v in vars(module).items()
+                 if isinstance(v, torch.Tensor) and v.is_meta]  # fmt: skip
+    return left

@@ -8,6 +8,8 @@ Public functions (``spikemar.models.from_pretrained`` reads a directory with the
     config_from_hf(config: dict) -> MARConfig
     state_dict_from_hf(config: MARConfig, tensors: Mapping[str, torch.Tensor])
         -> dict[str, torch.Tensor]
+    source_names(config: MARConfig, tensors: Mapping[str, torch.Tensor])
+        -> ({model name: name in the file}, tied head's copy in the file or None)
 
 ``architecture_of`` says which family a ``config.json`` describes (``None``: one spikemar does
 not read itself, e.g. a Llama for transformers' ``AutoModelForCausalLM``), without validating
@@ -50,6 +52,10 @@ ValueError names the first offending tensor, its shape and the expected shape. T
 thresholds of a spiking ``config`` are not in a pretrained file and are left out of the result:
 load it with ``model.load_state_dict(state, strict=False)`` and expect only ``…neuron.a`` to be
 missing.
+
+``source_names`` makes the same checks on names and shapes alone and returns which tensor of the
+file each model tensor is: ``from_pretrained`` checks a file's header with it, then reads each
+tensor once, in the dtype it loads, instead of holding the whole file beside the model.
 """
 
 from __future__ import annotations
@@ -66,8 +72,10 @@ from .mar import MARLM, MARConfig
 __all__ = [
     "ARCHITECTURES",
     "architecture_of",
+    "check_tied_copy",
     "config_from_hf",
     "is_pretrained_config",
+    "source_names",
     "state_dict_from_hf",
 ]
 
@@ -344,11 +352,15 @@ def _renamer(rules: list[tuple[str, str]]) -> Callable[[str], str]:
     return rename
 
 
-def state_dict_from_hf(
-    config: MARConfig, tensors: Mapping[str, torch.Tensor]
-) -> dict[str, torch.Tensor]:
-    """``MARLM(config)``'s state dict (without spike-point thresholds) from a Mamba-2 or Llamba
-    checkpoint's ``tensors``, strictly (see the module docstring)."""
+def source_names(
+    config: MARConfig, tensors: Mapping[str, Any]
+) -> tuple[dict[str, str], str | None]:
+    """Which tensor of a Mamba-2 or Llamba checkpoint each of ``MARLM(config)``'s dense tensors
+    is: ``({model name: name in the file}, tied_copy)``, checked strictly on names and shapes
+    alone (see the module docstring), so ``tensors`` may be meta tensors (a file's header): no
+    value is read. A tied head is not in the dict (it is the embedding); ``tied_copy`` names a
+    tied head saved beside the embedding in the file, whose values must equal the embedding's
+    (:func:`check_tied_copy`), else None."""
     if not isinstance(config, MARConfig):
         raise TypeError(f"config: expected a MARConfig, got {type(config).__name__}")
     kinds = set(config.layer_kinds())
@@ -365,8 +377,7 @@ def state_dict_from_hf(
         )
     with torch.device("meta"):  # names and shapes only: nothing is allocated
         expected = MARLM(config.dense()).state_dict()  # spike points aside
-    out: dict[str, torch.Tensor] = {}
-    used: set[str] = set()
+    names: dict[str, str] = {}
     tied = config.tie_embeddings
     for name, target in expected.items():
         if _SPIKE_POINT.search(name):
@@ -384,36 +395,50 @@ def state_dict_from_hf(
             )
         t = tensors[source]
         if not isinstance(t, torch.Tensor) or tuple(t.shape) != tuple(target.shape):
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
             raise ValueError(
-                f"tensors: {source!r} has shape {shape}, expected {tuple(target.shape)} "
+                f"tensors: {source!r} has shape {_shape(t)}, expected {tuple(target.shape)} "
                 f"(for {name})"
             )
-        out[name] = t
-        used.add(source)
-    if tied:
-        out["head.weight"] = out["embed.weight"]
-        head = rename("head.weight")
-        if head in tensors:  # a tied head saved beside the embedding must be its copy
-            t, embedding = tensors[head], out["embed.weight"]
-            shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-            if shape != tuple(embedding.shape):
-                raise ValueError(
-                    f"tensors: {head!r} has shape {shape}, expected {tuple(embedding.shape)} "
-                    "(the config ties it to the embedding)"
-                )
-            if not torch.equal(t, embedding):
-                raise ValueError(
-                    f"tensors: {head!r} differs from the embedding, but the config ties them"
-                )
-            used.add(head)
-    extra = sorted(set(tensors) - used)
+        names[name] = source
+    tied_copy = None
+    if tied and rename("head.weight") in tensors:  # a tied head saved beside the embedding
+        tied_copy = rename("head.weight")
+        shape, embedding = _shape(tensors[tied_copy]), tuple(expected["embed.weight"].shape)
+        if shape != embedding:
+            raise ValueError(
+                f"tensors: {tied_copy!r} has shape {shape}, expected {embedding} (the config "
+                "ties it to the embedding)"
+            )
+    extra = sorted(set(tensors) - set(names.values()) - {tied_copy})
     if extra:
-        t = tensors[extra[0]]
-        shape = tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
         raise ValueError(
-            f"tensors: unexpected {extra[0]!r} (shape {shape}) is not part of the "
-            f"{'Llamba' if 'discrete-mamba2' in kinds else 'Mamba-2'} architecture the config "
-            f"describes ({len(extra)} unused tensors)"
+            f"tensors: unexpected {extra[0]!r} (shape {_shape(tensors[extra[0]])}) is not part "
+            f"of the {'Llamba' if 'discrete-mamba2' in kinds else 'Mamba-2'} architecture the "
+            f"config describes ({len(extra)} unused tensors)"
         )
+    return names, tied_copy
+
+
+def _shape(t: Any) -> tuple[int, ...] | str:
+    """A file entry's shape for an error, or its type's name when it is not a tensor."""
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_tied_copy(name: str, head: torch.Tensor, embedding: torch.Tensor) -> None:
+    """A tied head saved in the file as ``name`` (``head``) must hold the embedding's values."""
+    if not torch.equal(head, embedding):
+        raise ValueError(f"tensors: {name!r} differs from the embedding, but the config ties them")
+
+
+def state_dict_from_hf(
+    config: MARConfig, tensors: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """``MARLM(config)``'s state dict (without spike-point thresholds) from a Mamba-2 or Llamba
+    checkpoint's ``tensors``, strictly (see the module docstring)."""
+    names, tied_copy = source_names(config, tensors)
+    out = {name: tensors[source] for name, source in names.items()}
+    if tied_copy is not None:
+        check_tied_copy(tied_copy, tensors[tied_copy], out["embed.weight"])
+    if config.tie_embeddings:
+        out["head.weight"] = out["embed.weight"]
     return out

@@ -109,10 +109,14 @@ def docs(**_):
 """
 
 
-def test_eval_tasks_say_unk_by_its_flag_and_warn_once(checkpoint, tmp_path, capsys):
+def test_eval_tasks_say_unk_by_its_flag_and_warn_once(checkpoint, tmp_path, capfd, monkeypatch):
     """A task's characters outside the alphabet: the error's way out is --unk, not the harness's
     lm_eval model_args (eval set an attribute on its model to change it, beside the one
-    mechanism of command_line_hint); with --unk one warning line per model."""
+    mechanism of command_line_hint); with --unk one warning line per model, and outside a git
+    checkout no "fatal: not a git repository" from lm_eval's `git describe` (capfd: git wrote
+    it to the terminal, not through Python)."""
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("GIT_CEILING_DIRECTORIES", str(tmp_path.parent))  # no checkout above
     tasks = tmp_path / "tasks"
     tasks.mkdir()
     (tasks / "tidy_rolling.yaml").write_text(_TASK_YAML)
@@ -120,15 +124,16 @@ def test_eval_tasks_say_unk_by_its_flag_and_warn_once(checkpoint, tmp_path, caps
     common = ["eval", "--checkpoint", str(checkpoint), "--no-energy", "--out", str(tmp_path / "o")]
     task = ["--tasks", "tidy_rolling", "--include-path", str(tasks)]
     assert cli.main([*common, *task]) == 2
-    assert capsys.readouterr().err.splitlines()[-1] == (
+    assert capfd.readouterr().err.splitlines()[-1] == (
         "spikemar eval: error: --tasks: characters ['1', '2'] are not in the tokenizer's "
         "vocabulary of 65 (--unk ' ' replaces them)"
     )
     assert cli.main([*common, *task, "--unk", " "]) == 0
-    err = capsys.readouterr().err
+    err = capfd.readouterr().err
     assert [line for line in err.splitlines() if "alphabet" in line] == [
         "tiny: characters outside the tokenizer's alphabet were scored as ' ': '12'"
     ]
+    assert "not a git repository" not in err, err
 
 
 def test_a_generation_tasks_metrics_reach_the_table():

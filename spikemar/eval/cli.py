@@ -27,9 +27,11 @@ without) and the firing rate.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -292,10 +294,11 @@ def evaluate_checkpoints(
         print(f"spikemar eval: scoring {label} on {', '.join(names)}", file=sys.stderr)
         start = time.perf_counter()
         try:
-            results = lm_eval.simple_evaluate(
-                model=lm, tasks=names, task_manager=manager, limit=limit,
-                num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
-            )  # fmt: skip
+            with _programs_without_stderr():
+                results = lm_eval.simple_evaluate(
+                    model=lm, tasks=names, task_manager=manager, limit=limit,
+                    num_fewshot=num_fewshot, log_samples=False, bootstrap_iters=1000,
+                )  # fmt: skip
         except ConnectionError as err:  # what `datasets` raises for data it cannot fetch
             raise TaskDataUnreachable(names, err) from err
         except ValueError as err:  # the harness says lm_eval's way to set unk; this is --unk
@@ -307,6 +310,26 @@ def evaluate_checkpoints(
         rows.append(row_from_lm_eval(label, str(path), results, energy, seconds=seconds))
         _say_replaced(label, unk, lm.replaced_chars)
     return EvalTable(rows, columns)
+
+
+@contextlib.contextmanager
+def _programs_without_stderr() -> Iterator[None]:
+    """Within the block, the programs this process starts do not inherit its stderr (closed at
+    exec; git opens /dev/null in its place): lm_eval records the working folder's commit with
+    ``git describe``, whose "fatal: not a git repository" reached the terminal outside a
+    checkout. This process's own writes to stderr (progress, warnings, errors) are unchanged,
+    and so is a program started with its stderr captured, as lm_eval's other ones are (torch's
+    environment report)."""
+    try:
+        inherited = os.get_inheritable(2)
+    except OSError:  # no stderr to hand on
+        yield
+        return
+    os.set_inheritable(2, False)
+    try:
+        yield
+    finally:
+        os.set_inheritable(2, inherited)
 
 
 def _say_replaced(label: str, unk: str | None, chars: set[str]) -> None:

@@ -1,9 +1,11 @@
 """argparse types shared by the ``spikemar`` commands: argparse turns their ArgumentTypeError
-into "argument --X: <message>", naming the argument and what was expected."""
+into "argument --X: <message>", naming the argument and what was expected; and what the
+commands share in telling a mistake in the input from a failed run."""
 
 from __future__ import annotations
 
 import argparse
+import errno
 import math
 
 __all__ = [
@@ -15,9 +17,21 @@ __all__ = [
     "finite_positive_float",
     "int_at_least_0",
     "int_at_least_1",
+    "is_machine_failure",
     "non_negative_float",
     "positive_float",
 ]
+
+
+# the machine ran out of room or failed under a write: nothing the user typed was wrong
+_MACHINE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG, errno.EIO})
+
+
+def is_machine_failure(err: BaseException) -> bool:
+    """Whether ``err`` is an OSError of the machine rather than of the input (a full disk or
+    quota, a file-size limit, an I/O error): a command reports it as a failed run (exit 1),
+    not as a usage error that ``--help`` could mend."""
+    return isinstance(err, OSError) and err.errno in _MACHINE_ERRNOS
 
 
 def _int_at_least(text: str, low: int) -> int:

@@ -12,8 +12,9 @@ lives in a sub-package (``energy``, ``distill``, ``export``, ``demo``) is one
 
 Errors: a bad argument is one line (``spikemar train: error: argument --lr: ...``) and exit 2;
 a mistake found later (a missing file, an existing ``--out``) is one line and exit 2; a run that
-fails (a diverged training, a Lava run) one line and exit 1; Ctrl-C exits 130, SIGTERM 143. No
-traceback unless ``--debug`` or ``SPIKEMAR_DEBUG=1``. ``--help`` shows every default.
+fails (a diverged training, a Lava run, a full disk) one line and exit 1; Ctrl-C exits 130,
+SIGTERM 143, even while a command is still importing its module. No traceback unless
+``--debug`` or ``SPIKEMAR_DEBUG=1``. ``--help`` shows every default.
 """
 
 from __future__ import annotations
@@ -27,22 +28,40 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-from torch import nn
-
-from ._argtypes import add_sampling_arguments, add_tokenizer_argument, default_new_tokens
+# Nothing here imports torch (or a command's module) when this module is imported: that takes
+# seconds, and only inside main() does a Ctrl-C or SIGTERM end in an exit code instead of a
+# traceback. The commands import what they need when the parser is built or when they run.
+from ._argtypes import (
+    add_sampling_arguments,
+    add_tokenizer_argument,
+    default_new_tokens,
+    is_machine_failure,
+)
 from ._argtypes import finite_positive_float as _finite_positive_float
 from ._argtypes import int_at_least_1 as _int_at_least_1
 from ._argtypes import positive_float as _positive_float
-from .models.common import NEURONS as _NEURON_KINDS  # the one table of neuron kinds
-from .models.common import SpikeConfig
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
 
 __all__ = ["build_parser", "main"]
 
-# the models' default τ (SpikeConfig's, so ``spikemar train --tau`` too): a picture of the
-# neuron shows the neuron the models run unless asked otherwise
-_DEFAULT_TAU = SpikeConfig().tau
+
+def _neuron_kinds() -> dict[str, type]:
+    from .models.common import NEURONS  # the one table of neuron kinds
+
+    return NEURONS
+
+
+def _default_tau() -> float:
+    """The models' default τ (SpikeConfig's, so ``spikemar train --tau`` too): a picture of the
+    neuron shows the neuron the models run unless asked otherwise."""
+    from .models.common import SpikeConfig
+
+    return SpikeConfig().tau
 
 
 class _UsageError(Exception):
@@ -111,7 +130,7 @@ def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
             "seeded weights on a smooth multi-channel signal."
         ),
     )
-    p.add_argument("--neuron", choices=_NEURON_KINDS, default="atmn", help="neuron kind")
+    p.add_argument("--neuron", choices=_neuron_kinds(), default="atmn", help="neuron kind")
     p.add_argument(
         "--T",
         type=_int_at_least_1,
@@ -122,7 +141,7 @@ def _add_raster(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPars
         "--tau",
         type=_positive_float,
         default=None,
-        help=f"membrane time constant tau > 0 (default {_DEFAULT_TAU:g}, as the models'; "
+        help=f"membrane time constant tau > 0 (default {_default_tau():g}, as the models'; "
         "ternary-single has none)",
     )
     p.add_argument(
@@ -149,8 +168,8 @@ def _make_neuron(kind: str, tau: float | None, v_threshold: float) -> nn.Module:
                 "argument --tau: ternary-single carries no membrane between micro-steps "
                 "(tau = inf); leave --tau out"
             )
-        return _NEURON_KINDS[kind](v_threshold, **common)
-    return _NEURON_KINDS[kind](_DEFAULT_TAU if tau is None else tau, v_threshold, **common)
+        return _neuron_kinds()[kind](v_threshold, **common)
+    return _neuron_kinds()[kind](_default_tau() if tau is None else tau, v_threshold, **common)
 
 
 @dataclass
@@ -175,6 +194,8 @@ class _SpikeStats:
 
 
 def _run_raster(args: argparse.Namespace) -> int:
+    import torch
+
     from spikemar import viz
 
     if args.neuron == "ternary-single":
@@ -203,6 +224,8 @@ def _run_raster(args: argparse.Namespace) -> int:
 
 
 def _raster_single(args: argparse.Namespace, neuron: nn.Module, setting: str):
+    import torch
+
     from spikemar import viz
     from spikemar.neurons import delta_inject
 
@@ -246,13 +269,17 @@ def _raster_single(args: argparse.Namespace, neuron: nn.Module, setting: str):
 def _smooth_signal(positions: int, channels: int, amplitude: float) -> torch.Tensor:
     """[positions, channels]: sines of different frequencies and phases, a stand-in for the
     activations of a token sequence."""
+    import torch
+
     ell = torch.arange(positions, dtype=torch.float32)[:, None] / positions
     k = torch.arange(channels, dtype=torch.float32)[None, :]
     return amplitude * torch.sin(2 * math.pi * (1 + k % 4) * ell + 0.7 * k)
 
 
 def _raster_network(args: argparse.Namespace, first: nn.Module, setting: str):
+    import torch
     from spikingjelly.activation_based import functional
+    from torch import nn
 
     from spikemar import viz
     from spikemar.neurons import ATMN, delta_inject
@@ -354,7 +381,7 @@ def _add_train(subparsers: argparse._SubParsersAction) -> argparse.ArgumentParse
         help="MAR mixer per layer, comma-separated from ssm,attn,lti (default: ssm)",
     )
     p.add_argument("--T", type=_int_at_least_1, default=4, help="ATMN micro-steps (mar)")
-    p.add_argument("--tau", type=_positive_float, default=_DEFAULT_TAU, help="ATMN τ (mar)")
+    p.add_argument("--tau", type=_positive_float, default=_default_tau(), help="ATMN τ (mar)")
     p.add_argument("--v-threshold", type=_finite_positive_float, default=0.5,
                    help="initial V (mar)")  # fmt: skip
     p.set_defaults(func=_run_train)
@@ -383,6 +410,8 @@ def _run_train(args: argparse.Namespace) -> int:
     except TrainingDivergedError:
         raise
     except (ValueError, TypeError, OSError) as err:
+        if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
+            raise
         message = str(err)
         if message.startswith("head_dim: "):  # the SSM's head size, which train does not set
             message = "d_model: the SSM's head size " + message.removeprefix("head_dim: ")
@@ -427,6 +456,8 @@ def _add_generate(subparsers: argparse._SubParsersAction) -> argparse.ArgumentPa
 
 
 def _run_generate(args: argparse.Namespace) -> int:
+    import torch
+
     from .checkpoint import load_checkpoint
     from .eval.scoring import load_model
     from .models.fused_step import unsupported_reason
@@ -601,21 +632,42 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     A bad argument ends in ``SystemExit(2)`` with one line naming it. Any other error is one
     line on stderr: exit 2 for a mistake in the input (a missing or corrupt file, a bad value),
-    1 for a run that failed (diverged, a Lava run); Ctrl-C 130, SIGTERM 143. ``--debug`` or
+    1 for a run that failed (diverged, a Lava run, a full disk); Ctrl-C 130, SIGTERM 143, from
+    the start (while the command's module is still being imported too). ``--debug`` or
     ``SPIKEMAR_DEBUG=1`` re-raises instead, with the traceback.
     """
-    from ._io import Terminated, sigterm_as_interrupt
+    from ._io import sigterm_as_interrupt
 
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = build_parser(argv)
-    args, unknown = parser.parse_known_args(argv)
-    if unknown:  # argparse would blame `spikemar`; the command's own --help lists its options
-        after = unknown[0] in argv[argv.index(args.command) + 1 :]
-        (args._parser if after else parser).error(f"unrecognized arguments: {' '.join(unknown)}")
-    debug = getattr(args, "debug", False) or os.environ.get("SPIKEMAR_DEBUG", "") not in ("", "0")
+    debug = os.environ.get("SPIKEMAR_DEBUG", "") not in ("", "0")
+    # SIGTERM is an exception from here on: building the parser imports the command's module
+    # (torch, transformers: seconds), and an interrupt there must end as one later does
+    with sigterm_as_interrupt():
+        try:
+            parser = build_parser(argv)
+            args, unknown = parser.parse_known_args(argv)
+        except KeyboardInterrupt as err:
+            if debug or "--debug" in argv:  # not parsed yet
+                raise
+            return _interrupted(err)
+        if unknown:  # argparse would blame `spikemar`; the command's own --help lists its options
+            after = unknown[0] in argv[argv.index(args.command) + 1 :]
+            (args._parser if after else parser).error(
+                f"unrecognized arguments: {' '.join(unknown)}"
+            )
+        return _run(args, debug or getattr(args, "debug", False))
+
+
+def _interrupted(err: KeyboardInterrupt) -> int:
+    from ._io import Terminated
+
+    return 143 if isinstance(err, Terminated) else 130
+
+
+def _run(args: argparse.Namespace, debug: bool) -> int:
+    """Run the parsed command; its errors as :func:`main` says."""
     try:
-        with sigterm_as_interrupt():
-            return int(args.func(args))
+        return int(args.func(args))
     except _UsageError as err:
         if debug and err.__cause__ is not None:
             raise err.__cause__ from None
@@ -623,13 +675,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt as err:
         if debug:
             raise
-        return 143 if isinstance(err, Terminated) else 130
+        return _interrupted(err)
     except Exception as err:
         if debug:
             raise
         user = isinstance(err, _USER_ERRORS)
         message = " ".join(str(err).split()) or type(err).__name__
-        if not user and not type(err).__module__.startswith("spikemar"):
+        if not (user or is_machine_failure(err) or type(err).__module__.startswith("spikemar")):
             # not one of spikemar's own errors: say what it is and where to see more
             message = f"{type(err).__name__}: {message} (--debug shows the traceback)"
         print(f"{args._parser.prog}: error: {message}", file=sys.stderr)

@@ -10,7 +10,13 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from .._argtypes import add_tokenizer_argument, int_at_least_1, non_negative_float, positive_float
+from .._argtypes import (
+    add_tokenizer_argument,
+    int_at_least_1,
+    is_machine_failure,
+    non_negative_float,
+    positive_float,
+)
 from ..models.hub import command_line_hint
 from ..training import add_loop_arguments, loop_settings
 
@@ -87,6 +93,8 @@ def distill_main(args: argparse.Namespace) -> int:
         )  # fmt: skip
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, OSError) as err:  # OSError: a missing file, a bad --out, a Hub id
+        if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
+            raise
         args._parser.error(_flag_message(str(err), args))
     # Ctrl-C and SIGTERM reach the command, which exits 130 or 143
     import torch.distributed as dist

@@ -151,9 +151,22 @@ def test_peak_memory_is_about_the_loaded_dtype_per_parameter(tmp_path):
     assert growth < 4.0 * n, (growth / n, n)
 
 
-def test_the_model_owns_its_memory_when_the_file_is_rewritten(tmp_path):
+@pytest.mark.parametrize("pread", [True, False])
+def test_the_model_owns_its_memory_when_the_file_is_rewritten(tmp_path, monkeypatch, pread):
     """The tensors are copies, not views of the mapped file: a checkpoint whose bytes are written
-    over in place leaves a loaded model as it was."""
+    over in place leaves a loaded model as it was (pread=False: a safetensors before 0.8, whose
+    safe_open has no backend argument and maps the file)."""
+    import safetensors
+
+    if not pread:
+        mapped = safetensors.safe_open
+
+        def safe_open(*args, **kwargs):
+            if "backend" in kwargs:
+                raise TypeError("safe_open() got an unexpected keyword argument 'backend'")
+            return mapped(*args, **kwargs)
+
+        monkeypatch.setattr(safetensors, "safe_open", safe_open)
     write_llamba_checkpoint(tmp_path, tiny_llamba_config(), seed=1)
     _to_bfloat16(tmp_path)
     model = from_pretrained(tmp_path, tokenizer=False, dtype="auto")
@@ -176,3 +189,21 @@ def test_a_legacy_format_bin_is_read_whole(checkpoints, tmp_path):
     model = from_pretrained(tmp_path, tokenizer=False, dtype="auto")
     expected = from_pretrained(source, tokenizer=False, dtype="auto")
     assert all(torch.equal(t, expected.state_dict()[k]) for k, t in model.state_dict().items())
+
+
+def test_a_float64_checkpoint_loads_as_float64_without_a_float32_rounding(tmp_path):
+    """Each tensor is cast from the file's dtype to the loaded one: a float64 file loaded as
+    float64 keeps every bit (the float32 build rounded it to float32 first)."""
+    from safetensors.torch import load_file, save_file
+
+    write_llamba_checkpoint(tmp_path, tiny_llamba_config(), seed=1)
+    f = str(tmp_path / "model.safetensors")
+    gen = torch.Generator().manual_seed(0)
+    exact = {k: t.double() + 1e-12 * torch.randn(t.shape, generator=gen, dtype=torch.float64)
+             for k, t in load_file(f).items()}  # fmt: skip
+    save_file(exact, f)
+    model = from_pretrained(tmp_path, tokenizer=False, dtype="auto")
+    assert model.embed.weight.dtype == torch.float64
+    assert torch.equal(model.embed.weight, exact["backbone.embedding.weight"])
+    assert torch.equal(model.layers[1].ffn.down_proj.weight,
+                       exact["backbone.layers.1.mlp.down_proj.weight"])  # fmt: skip

@@ -321,3 +321,20 @@ def test_a_tied_head_in_the_file_is_checked_for_shape_and_values(tmp_path):
         state_dict_from_hf(config, {**tensors, "lm_head.weight": torch.zeros(300, 16)})
     with pytest.raises(ValueError, match="differs from the embedding"):
         state_dict_from_hf(config, {**tensors, "lm_head.weight": embedding + 1})
+
+
+def test_mamba2_rms_norm_false_loads_as_transformers_runs_it(tmp_path):
+    """transformers' Mamba-2 stores config.rms_norm but applies its gated norm whatever it says
+    (its weight is in the file either way): spikemar loads such a directory as the same model
+    (it refused it)."""
+    from transformers import Mamba2ForCausalLM
+
+    hf = mamba2_dir(tmp_path, rms_norm=False, tokenizer=False)
+    assert json.loads((tmp_path / "config.json").read_text())["rms_norm"] is False
+    x = tokens(300)
+    with_norm = Mamba2ForCausalLM.from_pretrained(tmp_path, rms_norm=True).eval()
+    with torch.no_grad():
+        expected = hf(x).logits
+        assert torch.equal(expected, with_norm(x).logits)  # the flag changes nothing there
+        model = from_pretrained(tmp_path, tokenizer=False)
+        torch.testing.assert_close(model(x), expected, rtol=1e-4, atol=1e-4)

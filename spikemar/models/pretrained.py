@@ -22,7 +22,8 @@ the rest of the config: that is ``config_from_hf``'s job, and its errors name wh
   mixer-only blocks (``ffn=None``), layers of kind ``'ssm'`` with ``n_groups``, ``use_bias``,
   ``use_conv_bias``, ``time_step_limit`` (the Δ clamp), ``layer_norm_epsilon`` (every norm),
   ``tie_word_embeddings`` and ``residual_in_fp32``; a key the file leaves out takes
-  transformers' ``Mamba2Config`` default, as transformers reads it (``n_groups`` 8). With
+  transformers' ``Mamba2Config`` default, as transformers reads it (``n_groups`` 8);
+  ``rms_norm`` is not read, as transformers applies the gated norm whatever it says. With
   ``n_groups > 1`` the mixer's gated norm is per group, as in mamba_ssm (the kernels the
   checkpoints were trained with); transformers' torch path normalises over all channels
   instead, so for such checkpoints spikemar and transformers' CPU forward differ by
@@ -206,8 +207,10 @@ _HF_MAMBA2_DEFAULTS = {"vocab_size": 32768, "hidden_size": 4096, "num_hidden_lay
 def _mamba2_config(c: Mapping[str, Any]) -> MARConfig:
     if c.get("hidden_act", "silu") not in ("silu", "swish"):
         raise ValueError(f"config: hidden_act {c['hidden_act']!r}: only SiLU is supported")
-    if not c.get("rms_norm", True):
-        raise ValueError("config: rms_norm=False (a mixer without its gated norm) is not supported")
+    # rms_norm is not read: transformers' Mamba2Mixer stores it and applies its gated norm
+    # whatever it says (modeling_mamba2.py, 4.57), and the norm's weight is in the file, so a
+    # config.json with rms_norm=False is the same model. (mamba_ssm's own rms_norm and
+    # ssm_cfg.rmsnorm do change its model: _hf_keys refuses them.)
     expand = _whole(c["expand"], "expand")
     d_inner = expand * c["hidden_size"]
     if "num_heads" in c and c["num_heads"] * c["head_dim"] != d_inner:

@@ -34,6 +34,8 @@ from typing import Any, Protocol, TypedDict, Unpack
 import torch
 from torch import nn
 
+from ._numbers import integer
+
 __all__ = [
     "MEMORY_TERMS",
     "OP_COUNTS",
@@ -275,7 +277,8 @@ def declare_spike_counts(
             shape = tuple(counts.shape) if isinstance(counts, torch.Tensor) else counts
             raise ValueError(f"declare_spike_counts: counts: expected a tensor [..., 2] of "
                              f"(+1, -1) spike counts, got {shape!r}")  # fmt: skip
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        steps = integer(T)
+        if steps is None or steps < 1:
             raise ValueError(f"declare_spike_counts: T: expected an int >= 1, got {T!r}")
         on_counts = getattr(sink, "on_declare_spike_counts", None)
         if on_counts is None:
@@ -283,7 +286,7 @@ def declare_spike_counts(
                 f"declare_spike_counts: the active counter ({type(sink).__name__}) takes spike "
                 "trains only; ask spike_train_needed() first"
             )
-        on_counts(module, decoded, counts, int(T), bool(ternary))
+        on_counts(module, decoded, counts, steps, bool(ternary))
     return decoded
 
 

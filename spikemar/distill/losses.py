@@ -25,13 +25,14 @@ from __future__ import annotations
 
 import inspect
 import math
-import numbers
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .._numbers import integer, real
 
 __all__ = ["FeatureProjection", "SBDSLoss", "kl_divergence", "sbds_loss"]
 
@@ -103,17 +104,20 @@ def sbds_loss(
             f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)} (teacher and "
             "student must share the vocabulary)"
         )
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    steps = integer(T)
+    if steps is None or steps < 1:
         raise ValueError(f"T: expected the student's micro-steps, an int >= 1, got {T!r}")
-    weights = (alpha, beta, gamma, temperature)
+    given = (alpha, beta, gamma, temperature)
+    weights = [real(w) for w in given]
     if (
-        not all(isinstance(w, numbers.Real) and math.isfinite(w) for w in weights)
-        or min(alpha, beta, gamma) < 0
-        or not temperature > 0
+        not all(w is not None and math.isfinite(w) for w in weights)
+        or min(weights[:3]) < 0
+        or not weights[3] > 0
     ):
         raise ValueError(f"alpha, beta, gamma, temperature: expected finite numbers >= 0, "
                          f">= 0, >= 0, > 0; got {alpha!r}, {beta!r}, {gamma!r}, "
                          f"{temperature!r}")  # fmt: skip
+    T, (alpha, beta, gamma, temperature) = steps, weights  # as Python numbers from here
     if feature not in (None, "prenorm", "postnorm"):
         raise ValueError(f"feature: expected None, 'prenorm' or 'postnorm', got {feature!r}")
     M = student_logits.shape[1]

@@ -76,6 +76,8 @@ import dataclasses
 import math
 from dataclasses import asdict, dataclass
 
+from .._numbers import integer, number
+
 __all__ = [
     "SPIKE_ENCODINGS",
     "WEIGHT_REUSE",
@@ -105,16 +107,23 @@ class MemoryLevel:
         if not isinstance(self.name, str) or not self.name.strip():
             raise ValueError(f"name: expected a non-empty string, got {self.name!r}")
         cap = self.capacity_bytes
-        if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        if cap is not None and (integer(cap) is None or cap < 1):
             raise ValueError(f"capacity_bytes: expected an int >= 1 or None, got {cap!r}")
-        _check_price("pj_per_byte", self.pj_per_byte)
+        # NumPy numbers kept as Python's: a profile's to_dict goes into JSON reports
+        object.__setattr__(self, "capacity_bytes", None if cap is None else integer(cap))
+        _check_price(self, "pj_per_byte")
 
 
-def _check_price(field: str, value: object) -> None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
+def _check_price(profile: object, field: str) -> None:
+    """Refuse ``profile.field`` unless it is a finite number >= 0, and store it as Python's
+    (the dataclasses are frozen: this is their constructor's own write)."""
+    value = getattr(profile, field)
+    converted = number(value)
+    if converted is None:
         raise TypeError(f"{field}: expected a number or None, got {value!r}")
-    if not math.isfinite(value) or value < 0:
+    if not math.isfinite(converted) or converted < 0:
         raise ValueError(f"{field}: expected a finite number >= 0, got {value!r}")
+    object.__setattr__(profile, field, converted)
 
 
 def place(levels: tuple[MemoryLevel, ...], size_bytes: float) -> MemoryLevel:
@@ -172,8 +181,8 @@ class HardwareProfile:
         for field in ("ac_pj", "mac_pj", "neuron_update_pj", "elementwise_pj"):
             value = getattr(self, field)
             if value is not None:
-                _check_price(field, value)
-        _check_price("value_bytes", self.value_bytes)
+                _check_price(self, field)
+        _check_price(self, "value_bytes")
         if self.value_bytes <= 0:
             raise ValueError(f"value_bytes: expected a number > 0, got {self.value_bytes!r}")
         if self.spike_encoding not in SPIKE_ENCODINGS:

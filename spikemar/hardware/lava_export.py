@@ -44,6 +44,7 @@ import torch
 from torch import nn
 
 from .._io import check_output_path
+from .._numbers import integer, plain, real
 from .fixed_point import (
     Block,
     FixedBlock,
@@ -214,14 +215,17 @@ def run_lava(
     """
     if readout not in ("spikes", "voltage"):
         raise ValueError(f"readout: expected 'spikes' or 'voltage', got {readout!r}")
-    timeout_ok = isinstance(timeout_s, int | float) and not isinstance(timeout_s, bool)
-    if not (timeout_ok and math.isfinite(timeout_s) and timeout_s > 0):
+    seconds = real(timeout_s)
+    if seconds is None or not (math.isfinite(seconds) and seconds > 0):
         raise ValueError(f"timeout_s: expected a finite number of seconds > 0, got {timeout_s!r}")
+    timeout_s = plain(timeout_s)  # a Python number for the subprocess' timeout and messages
     path = Path(_check_path_type(path))
     if not path.is_file():
         raise FileNotFoundError(f"path: no exported network at {str(path)!r}")
-    if isinstance(num_steps, bool) or not isinstance(num_steps, int) or num_steps < 1:
+    steps = integer(num_steps)
+    if steps is None or steps < 1:
         raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
+    num_steps = steps
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError("inputs: expected a tensor [num_steps, *input_shape] for one sample")
     if inputs.shape[0] < num_steps:

@@ -19,6 +19,7 @@ import math
 
 import torch
 
+from .._numbers import real
 from ..neurons.atmn import MemoryModule
 
 __all__ = ["CUBALIF"]
@@ -45,11 +46,10 @@ class CUBALIF(MemoryModule):
         super().__init__()
         self.current_decay = _fraction(current_decay, "current_decay", upper_inclusive=True)
         self.voltage_decay = _fraction(voltage_decay, "voltage_decay", upper_inclusive=False)
-        if not (isinstance(v_threshold, int | float) and math.isfinite(v_threshold)) or not (
-            v_threshold > 0
-        ):
+        threshold = real(v_threshold)
+        if threshold is None or not (math.isfinite(threshold) and threshold > 0):
             raise ValueError(f"v_threshold: expected a finite number > 0, got {v_threshold!r}")
-        self.v_threshold = float(v_threshold)
+        self.v_threshold = threshold
         self.step_mode = step_mode
         self.register_memory("u", 0.0)
         self.register_memory("v", 0.0)
@@ -71,10 +71,11 @@ class CUBALIF(MemoryModule):
 
 
 def _fraction(value: float, name: str, *, upper_inclusive: bool) -> float:
-    ok = isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+    fraction = real(value)
+    ok = fraction is not None and math.isfinite(fraction)
     if ok:
-        ok = 0.0 <= value <= 1.0 if upper_inclusive else 0.0 <= value < 1.0
+        ok = 0.0 <= fraction <= 1.0 if upper_inclusive else 0.0 <= fraction < 1.0
     if not ok:
         bound = "[0, 1]" if upper_inclusive else "[0, 1)"
         raise ValueError(f"{name}: expected a number in {bound}, got {value!r}")
-    return float(value)
+    return fraction

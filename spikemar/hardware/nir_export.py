@@ -46,6 +46,7 @@ import torch
 from torch import nn
 
 from .._io import check_output_path
+from .._numbers import real
 from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
 from ..ssm.mixer import LTICell
 from .fixed_point import Block, UnsupportedModuleError, check_block_shapes, lower, synaptic_input
@@ -70,9 +71,10 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     import nir
 
     shape = check_input_shape(input_shape)
-    number = isinstance(dt, int | float) and not isinstance(dt, bool)
-    if not (number and math.isfinite(dt) and dt > 0):
+    step = real(dt)
+    if step is None or not (math.isfinite(step) and step > 0):
         raise ValueError(f"dt: expected a finite number > 0, got {dt!r}")
+    dt = step  # a Python float: it is written into the file's metadata
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"path: expected a str or path, got {type(path).__name__}")
     path = check_output_path(path, name="path")  # before any work: fail early

@@ -11,6 +11,7 @@ input and output projections and before the FFN's up and down projections.
 
 from __future__ import annotations
 
+import math
 from typing import Any, ClassVar
 
 import torch
@@ -18,6 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
+from .._numbers import integer, number, real
 from ..counting import (
     counting_active,
     declare_spike_counts,
@@ -73,13 +75,21 @@ class SpikeConfig:
         neuron: str = "atmn",
         backend: str = "auto",
     ) -> None:
-        if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+        steps = integer(T)
+        if steps is None or steps < 1:
             raise ValueError(f"T: expected an int >= 1 (micro-steps), got {T!r}")
         if threshold not in ("channel", "layer"):
             raise ValueError(f"threshold: expected 'channel' or 'layer', got {threshold!r}")
         if neuron not in NEURONS:
             raise ValueError(f"neuron: expected one of {sorted(NEURONS)}, got {neuron!r}")
-        self.T, self.tau, self.v_threshold = T, tau, v_threshold
+        rate, v = real(tau), real(v_threshold)
+        if rate is None or math.isnan(rate) or rate <= 0:
+            raise ValueError(f"tau: expected a float > 0 (math.inf for no carry-over), got {tau!r}")
+        if v is None or not (math.isfinite(v) and v > 0):
+            raise ValueError(f"v_threshold: expected a finite number > 0, got {v_threshold!r}")
+        # NumPy scalars stored as Python numbers (an int stays an int): a saved config is JSON
+        # and loads with torch.load(weights_only=True)
+        self.T, self.tau, self.v_threshold = steps, number(tau), number(v_threshold)
         self.threshold, self.neuron, self.backend = threshold, neuron, backend
 
     def as_dict(self) -> dict:

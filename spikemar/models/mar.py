@@ -41,6 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
+from .._numbers import integer, plain, real
 from ..counting import counted_pass, counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
@@ -97,20 +98,25 @@ class MARConfig:
     residual_in_fp32: bool = False  # keep the residual stream in float32 (HF Mamba-2's option)
 
     def __post_init__(self) -> None:
+        # NumPy scalars (a sweep's np.arange, a value read from a file) are taken and stored as
+        # Python numbers, so the config saves to JSON and loads with weights_only=True
         for name in ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "expand",
                      "n_groups"):  # fmt: skip
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if not _int_at_least(value, 1):
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-        if isinstance(self.d_conv, bool) or not isinstance(self.d_conv, int) or self.d_conv < 1:
+            setattr(self, name, integer(value))
+        if not _int_at_least(self.d_conv, 1):
             raise ValueError(f"d_conv: expected an int >= 1 (convolution taps), got "
                              f"{self.d_conv!r}")  # fmt: skip
+        self.d_conv = integer(self.d_conv)
+        self.ffn_mult = plain(self.ffn_mult)
         if (
             self.ffn is not None
             and self.ffn_hidden is None
             and not (
-                isinstance(self.ffn_mult, int | float)
-                and not isinstance(self.ffn_mult, bool)
+                real(self.ffn_mult) is not None
+                and math.isfinite(self.ffn_mult)
                 and round(self.ffn_mult * self.d_model) >= 1
             )
         ):
@@ -124,6 +130,7 @@ class MARConfig:
         if self.ffn_hidden is not None and not _int_at_least(self.ffn_hidden, 0):
             raise ValueError(f"ffn_hidden: expected an int >= 0 or None (round(ffn_mult * "
                              f"d_model)), got {self.ffn_hidden!r}")  # fmt: skip
+        self.chunk_size, self.ffn_hidden = plain(self.chunk_size), plain(self.ffn_hidden)
         if self.spikes is not None and not isinstance(self.spikes, SpikeConfig):
             raise ValueError(f"spikes: expected a SpikeConfig or None (the dense twin), got "
                              f"{self.spikes!r}")  # fmt: skip
@@ -144,6 +151,7 @@ class MARConfig:
                 if not _int_at_least(getattr(self, name), 1):
                     raise ValueError(f"{name}: expected an int >= 1 (attention layers), got "
                                      f"{getattr(self, name)!r}")  # fmt: skip
+                setattr(self, name, integer(getattr(self, name)))
             if self.d_model % self.n_attn_heads:
                 raise ValueError(f"n_attn_heads: {self.n_attn_heads} does not divide d_model = "
                                  f"{self.d_model}")  # fmt: skip
@@ -152,6 +160,8 @@ class MARConfig:
                 raise ValueError(f"ffn_sparsity: expected ('topk', f) or ('threshold', t), got "
                                  f"{self.ffn_sparsity!r}")  # fmt: skip
             ActivationSparsifier(*self.ffn_sparsity)  # validates
+            mode, amount = self.ffn_sparsity
+            self.ffn_sparsity = type(self.ffn_sparsity)((mode, plain(amount)))
         if self.points is not None:
             keys = self.points if isinstance(self.points, dict) else [None]
             if not all(isinstance(k, str) for k in keys):
@@ -160,12 +170,19 @@ class MARConfig:
             base = self.spikes if self.spikes is not None else SpikeConfig()
             for pattern, setting in self.points.items():
                 point_module(1, setting, base, name=f"points[{pattern!r}]")  # validates
+            self.points = {
+                pattern: {k: plain(v) for k, v in setting.items()}
+                if isinstance(setting, dict)
+                else setting
+                for pattern, setting in self.points.items()
+            }
         if self.ffn is not None and self.ffn not in FFNS:
             raise ValueError(f"ffn: expected one of {sorted(FFNS)} or None, got {self.ffn!r}")
         for name in ("norm_eps", "final_norm_eps"):
             eps = getattr(self, name)
-            if eps is not None and not (isinstance(eps, int | float) and eps >= 0):
+            if eps is not None and not (real(eps) is not None and eps >= 0):
                 raise ValueError(f"{name}: expected a float >= 0 or None, got {eps!r}")
+            setattr(self, name, plain(eps))
         self.dt_limit = tuple(float(v) for v in self.dt_limit)  # a list after JSON
         if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
             raise ValueError(f"dt_limit: expected (min, max) with 0 <= min <= max, got "
@@ -189,7 +206,8 @@ class MARConfig:
 
 
 def _int_at_least(value: object, low: int) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool) and value >= low
+    whole = integer(value)
+    return whole is not None and whole >= low
 
 
 class ActivationSparsifier(nn.Module):
@@ -199,7 +217,7 @@ class ActivationSparsifier(nn.Module):
 
     def __init__(self, mode: str, amount: float) -> None:
         super().__init__()
-        if isinstance(amount, bool) or not isinstance(amount, int | float):
+        if real(amount) is None:
             raise ValueError(f"ffn_sparsity: expected a number as the amount, got {amount!r}")
         if mode == "topk" and not 0 < amount <= 1:
             raise ValueError(f"ffn_sparsity: 'topk' keeps a fraction in (0, 1], got {amount!r}")
@@ -433,10 +451,10 @@ class MARLM(GradientCheckpointing, nn.Module):
         ``step`` may update the SSM layers' states in place instead of making new ones per token
         (generation's own state; a state stepped from is then spent, see
         :class:`spikemar.ssm.MixerState`)."""
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        if not _int_at_least(batch, 1):
             raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
         max_len = self.config.max_len
-        return [layer.init_state(batch, max_len, in_place) for layer in self.layers]
+        return [layer.init_state(int(batch), max_len, in_place) for layer in self.layers]
 
     def step(self, tokens_t: torch.Tensor, state: list) -> tuple[torch.Tensor, list]:
         """One token per sequence [batch] → (logits [batch, vocab], new state)."""

@@ -21,6 +21,7 @@ import torch
 from spikingjelly.activation_based import base
 from torch import nn
 
+from .._numbers import integer, real
 from . import functional as F
 from .backends import check_backend_name
 from .surrogate import Surrogate, get_surrogate
@@ -294,22 +295,20 @@ def _threshold_tensor(v_threshold: float | torch.Tensor, num_channels: int | Non
                 f"got shape {tuple(v.shape)}"
             )
         F.check_channels(v)
-    elif isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
-        if num_channels is not None and (
-            isinstance(num_channels, bool) or not isinstance(num_channels, int) or num_channels < 1
-        ):
+    elif (value := real(v_threshold)) is not None:
+        channels = None if num_channels is None else integer(num_channels)
+        if num_channels is not None and (channels is None or channels < 1):
             raise ValueError(f"num_channels: expected an int >= 1 or None, got {num_channels!r}")
-        v = torch.tensor(float(v_threshold))
-        if num_channels is not None:
-            v = v.expand(num_channels).clone()
+        # checked on the number: a model built on the meta device still refuses it
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"v_threshold: expected finite values > 0, got [{value}]")
+        v = torch.tensor(value)
+        if channels is not None:
+            v = v.expand(channels).clone()
     else:
         raise TypeError(
             f"v_threshold: expected a float or a tensor, got {type(v_threshold).__name__}"
         )
-    if isinstance(v_threshold, int | float) and not (
-        math.isfinite(v_threshold) and v_threshold > 0
-    ):  # checked on the number: a model built on the meta device still refuses it
-        raise ValueError(f"v_threshold: expected finite values > 0, got [{float(v_threshold)}]")
     if v.is_meta:
         # shapes only (a model built under torch.device('meta') to read its names and shapes):
         # no values to check; real ones arrive through load_state_dict or to_empty

@@ -23,6 +23,7 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from .._numbers import integer
 from . import checks, fused
 from .functional import (
     ATMNParameters,
@@ -344,7 +345,8 @@ def quantize_unusable_reason(
     v = p.v_threshold
     if v.dim() > 1 or (v.dim() == 1 and v.shape[0] != activation.shape[-1]):
         return "the threshold does not fit the activation's last dimension"
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    steps = integer(T)
+    if steps is None or steps < 1:
         return f"T={T!r} is not a number of micro-steps"
     return unusable_reason(activation, p)
 
@@ -372,7 +374,7 @@ def atmn_quantize_cupy(
     """
     check_parameters(p)
     check_input(activation, "activation", 1, p)
-    check_micro_steps(T)
+    T = check_micro_steps(T)
     if not isinstance(counts, bool):
         raise ValueError(f"counts: expected True or False, got {counts!r}")
     try:

@@ -41,6 +41,7 @@ from typing import NamedTuple
 
 import torch
 
+from .._numbers import integer, real
 from .surrogate import Rectangle, Surrogate, get_surrogate
 
 __all__ = [
@@ -102,9 +103,13 @@ class ATMNParameters(_ATMNFields):
 
 
 def _threshold_tensor(v_threshold: torch.Tensor | float, name: str = "v_threshold") -> torch.Tensor:
-    """A threshold as the functions take it: a 0-d or 1-d tensor (a float becomes 0-d)."""
-    if isinstance(v_threshold, int | float) and not isinstance(v_threshold, bool):
-        return torch.tensor(float(v_threshold))
+    """A threshold as the functions take it: a 0-d or 1-d tensor (a number becomes 0-d). A
+    number is checked here (free, unlike a tensor's values, which cost a read back)."""
+    value = real(v_threshold)
+    if value is not None:
+        if not (math.isfinite(value) and value > 0):
+            raise ValueError(f"{name}: expected finite values > 0, got [{value}]")
+        return torch.tensor(value)
     if not isinstance(v_threshold, torch.Tensor):
         raise TypeError(
             f"{name}: expected a float or a 0-d / 1-d tensor, got {type(v_threshold).__name__}"
@@ -193,9 +198,11 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def check_tau(tau: float) -> float:
-    if isinstance(tau, bool) or not isinstance(tau, int | float) or math.isnan(tau) or tau <= 0:
+    """τ as a Python float; any real number > 0 (NumPy's too) or ``math.inf``."""
+    value = real(tau)
+    if value is None or math.isnan(value) or value <= 0:
         raise ValueError(f"tau: expected a float > 0 (math.inf for no carry-over), got {tau!r}")
-    return float(tau)
+    return value
 
 
 def check_parameters(p: ATMNParameters) -> None:
@@ -409,7 +416,7 @@ def atmn_step(
 
 def delta_inject(activation: torch.Tensor, T: int) -> torch.Tensor:
     """δ-injection: a static activation [N, …] → [T, N, …] with x_0 = activation, x_t = 0 after."""
-    check_micro_steps(T)
+    T = check_micro_steps(T)
     if not isinstance(activation, torch.Tensor):
         raise TypeError(f"activation: expected a torch.Tensor, got {type(activation).__name__}")
     shape = (T, *activation.shape)
@@ -426,9 +433,11 @@ def delta_inject(activation: torch.Tensor, T: int) -> torch.Tensor:
 
 
 def check_micro_steps(T: int) -> int:
-    if isinstance(T, bool) or not isinstance(T, int) or T < 1:
+    """T as a Python int; any integral number >= 1 (NumPy's too)."""
+    steps = integer(T)
+    if steps is None or steps < 1:
         raise ValueError(f"T: expected an int >= 1 (number of micro-steps), got {T!r}")
-    return T
+    return steps
 
 
 def atmn_decode(

@@ -32,6 +32,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
+from .._numbers import number
+
 __all__ = ["ATan", "Rectangle", "Sigmoid", "Surrogate", "Triangle", "get_surrogate"]
 
 
@@ -40,14 +42,15 @@ class Surrogate:
     """Base class: a smooth step ``primitive(z)`` and its derivative ``derivative(z)``.
 
     A subclass's fields are its shape parameters (a window's width, a slope's sharpness), each a
-    finite number > 0, checked here by name."""
+    finite number > 0 (NumPy's too, kept as Python's), checked here by name."""
 
     def __post_init__(self) -> None:
         for f in fields(self):
             value = getattr(self, f.name)
-            number = isinstance(value, int | float) and not isinstance(value, bool)
-            if not (number and math.isfinite(value) and value > 0):
+            converted = number(value)
+            if converted is None or not (math.isfinite(converted) and converted > 0):
                 raise ValueError(f"{f.name}: expected a finite number > 0, got {value!r}")
+            object.__setattr__(self, f.name, converted)  # frozen: the constructor's own write
 
     def derivative(self, z: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError

@@ -26,6 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
+from .._numbers import real
 from ..convert import calibrate_point_rate, calibrate_thresholds, point_rates, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
@@ -123,7 +124,9 @@ def calibrate(
     if (firing_rate is None) == (quant_error is None):
         raise ValueError("firing_rate, quant_error: give exactly one calibration target")
     _check_int("max_rows", max_rows)
-    if firing_rate is not None and not isinstance(firing_rate, Mapping | int | float):
+    if firing_rate is not None and not (
+        isinstance(firing_rate, Mapping) or real(firing_rate) is not None
+    ):
         raise ValueError(f"firing_rate: expected a fraction in (0, 1) or a rate per spike point, "
                          f"got {firing_rate!r}")  # fmt: skip
     batches = list(batches)
@@ -133,22 +136,24 @@ def calibrate(
             raise ValueError(f"firing_rate: expected a rate for each spike point; missing "
                              f"{sorted(set(names) - set(firing_rate))[:3]}, unknown "
                              f"{sorted(set(firing_rate) - set(names))[:3]}")  # fmt: skip
-        for name, rate in firing_rate.items():
-            if not (isinstance(rate, int | float) and 0 <= rate <= 1):
+        rates = {name: real(rate) for name, rate in firing_rate.items()}
+        for name, rate in rates.items():
+            if not (rate is not None and 0 <= rate <= 1):
                 raise ValueError(f"firing_rate[{name!r}]: expected a fraction in [0, 1], "
-                                 f"got {rate!r}")  # fmt: skip
+                                 f"got {firing_rate[name]!r}")  # fmt: skip
         samples = point_samples(student, teacher, batches, max_rows=max_rows, seed=seed)
         return {
-            s.name: calibrate_point_rate(s.module, samples[s.name], float(firing_rate[s.name]))
+            s.name: calibrate_point_rate(s.module, samples[s.name], rates[s.name])
             for s in student.spike_points()
         }
     if firing_rate is not None:
         return calibrate_thresholds(
-            student, teacher, batches, firing_rate, max_rows=max_rows, seed=seed
+            student, teacher, batches, real(firing_rate), max_rows=max_rows, seed=seed
         )
-    if not (isinstance(quant_error, int | float) and 0 < quant_error < 1):
+    error = real(quant_error)
+    if not (error is not None and 0 < error < 1):
         raise ValueError(f"quant_error: expected a relative error in (0, 1), got {quant_error!r}")
     samples = point_samples(student, teacher, batches, max_rows=max_rows, seed=seed)
     points = {s.name: s.module for s in student.spike_points()}
-    return {name: _calibrate_error(points[name], x, float(quant_error))
+    return {name: _calibrate_error(points[name], x, error)
             for name, x in samples.items()}  # fmt: skip

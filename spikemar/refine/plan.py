@@ -21,13 +21,13 @@ plan then says ``exact=False``.
 from __future__ import annotations
 
 import json
-import numbers
 import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from .._numbers import plain, real
 from .measure import Measurements, Option, _check_int
 
 __all__ = ["Plan", "pareto_front", "pareto_plot", "plan", "random_schedule", "uniform_schedules"]
@@ -121,10 +121,13 @@ def _check_table(measurements: Any) -> None:
                          "one each ('dense' first, as measure writes)")  # fmt: skip
 
 
-def _check_number(name: str, value: Any, low: float) -> None:
-    """One error naming ``name`` unless ``value`` is a real number >= ``low`` (NaN is not)."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not value >= low:
+def _check_number(name: str, value: Any, low: float) -> float:
+    """``value`` as a Python float; one error naming ``name`` unless it is a real number
+    >= ``low`` (NaN is not)."""
+    converted = real(value)
+    if converted is None or not converted >= low:
         raise ValueError(f"{name}: expected a number >= {low:g}, got {value!r}")
+    return converted
 
 
 def _ratio(m: Measurements, saved: float) -> float:
@@ -147,23 +150,23 @@ def plan(
         raise ValueError("energy_ratio, max_kl: give exactly one budget")
     front, exact = pareto_front(measurements, max_front)
     if energy_ratio is not None:
-        _check_number("energy_ratio", energy_ratio, 1)
-        need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
+        ratio = _check_number("energy_ratio", energy_ratio, 1)
+        need = measurements.teacher_energy_pj * (1 - 1 / ratio)
         ok = [p for p in front if p.saved >= need - 1e-9 * abs(need)]
         if not ok:
             best = _ratio(measurements, front[-1].saved)
-            raise ValueError(f"energy_ratio: {energy_ratio} is out of reach; the measured "
-                             f"options reach at most {best:.4g}x")  # fmt: skip
+            raise ValueError(f"energy_ratio: {plain(energy_ratio)} is out of reach; the "
+                             f"measured options reach at most {best:.4g}x")  # fmt: skip
         chosen = ok[0]  # the front is KL-ascending: the first that saves enough
-        budget = {"energy_ratio": float(energy_ratio)}
+        budget = {"energy_ratio": ratio}
     else:
-        _check_number("max_kl", max_kl, 0)
-        ok = [p for p in front if p.kl <= max_kl]
+        kl = _check_number("max_kl", max_kl, 0)
+        ok = [p for p in front if p.kl <= kl]
         if not ok:  # only where a module has no 'dense' option (KL 0)
-            raise ValueError(f"max_kl: {max_kl} is out of reach; the measured options reach at "
-                             f"least {front[0].kl:.4g}")  # fmt: skip
+            raise ValueError(f"max_kl: {plain(max_kl)} is out of reach; the measured options "
+                             f"reach at least {front[0].kl:.4g}")  # fmt: skip
         chosen = ok[-1]  # saved ascends with KL along the front
-        budget = {"max_kl": float(max_kl)}
+        budget = {"max_kl": kl}
     names = list(measurements.modules)
     choice = {n: measurements.modules[n][i] for n, i in zip(names, chosen.picks, strict=True)}
     curve = [(_ratio(measurements, p.saved), p.kl) for p in front]
@@ -207,14 +210,14 @@ def random_schedule(
     almost never reach high ratios: at 8x on the packaged teacher none of 2,000 did); of the
     draws, the one closest above the target is returned."""
     _check_table(measurements)
-    _check_number("energy_ratio", energy_ratio, 1)
+    ratio = _check_number("energy_ratio", energy_ratio, 1)
     _check_int("tries", tries)
-    rng = random.Random(seed)
-    need = measurements.teacher_energy_pj * (1 - 1 / energy_ratio)
+    rng = random.Random(plain(seed))  # random.Random refuses NumPy's ints
+    need = measurements.teacher_energy_pj * (1 - 1 / ratio)
     most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())
     if most < need - 1e-9 * abs(need):
-        raise ValueError(f"energy_ratio: {energy_ratio} is out of reach; the measured options "
-                         f"reach at most {_ratio(measurements, most):.4g}x")  # fmt: skip
+        raise ValueError(f"energy_ratio: {plain(energy_ratio)} is out of reach; the measured "
+                         f"options reach at most {_ratio(measurements, most):.4g}x")  # fmt: skip
     best, best_saved = None, float("inf")
     for _ in range(tries):
         pick = {n: rng.choice(opts) for n, opts in measurements.modules.items()}

@@ -1,0 +1,62 @@
+"""The numbers spikemar's hyperparameters accept, and what they are stored as.
+
+A hyperparameter given as a number may be any real number (:class:`numbers.Real`), and a count
+any integral one (:class:`numbers.Integral`): Python's own, and equally NumPy's scalars, which
+sweeps and files hand over (``np.linspace`` gives ``np.float64``, ``np.arange`` ``np.int64``, a
+value read from a .npy or HDF5 file ``np.float32``), as SpikingJelly, norse and snnTorch take
+them. Two things are not numbers here: ``bool``, although Python counts it as an int
+(``T=True`` is a slip, not one micro-step), and a tensor, which the functions that want one (a
+threshold per channel) take on a path of its own.
+
+The boundary that accepts a value stores it as Python's int or float, so configs built from
+NumPy values still write to JSON and load with ``torch.load(weights_only=True)``, and compare
+and print as if the user had typed the number.
+
+``real``, ``integer`` and ``number`` return ``None`` for a value they do not accept; the caller
+raises, naming its argument and the range it wants, so every boundary keeps one message for
+every bad value.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+__all__ = ["integer", "number", "plain", "real"]
+
+
+def real(value: object) -> float | None:
+    """``value`` as a Python float if it is a real number other than a bool, else ``None``.
+
+    An int too large for a float becomes ±inf (its nearest float), for the caller's range
+    check to refuse or accept, rather than float()'s OverflowError."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        return None
+    try:
+        return float(value)
+    except OverflowError:
+        return math.inf if value > 0 else -math.inf  # type: ignore[operator]
+
+
+def integer(value: object) -> int | None:
+    """``value`` as a Python int if it is an integral number other than a bool, else ``None``.
+    A float, even 4.0, is not one: a count given as a float is most often a computed value
+    that was meant to be rounded some particular way."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        return None
+    return int(value)
+
+
+def number(value: object) -> int | float | None:
+    """``value`` as a Python int (integral numbers) or float (other reals), else ``None``:
+    for a setting that keeps the kind of number it was given (``ffn_mult=3`` stays 3 in a
+    saved config)."""
+    whole = integer(value)
+    return whole if whole is not None else real(value)
+
+
+def plain(value: object) -> object:
+    """``number(value)`` for a number, anything else as given: for a setting whose value the
+    code that uses it checks later, stored meanwhile as the number it would be in Python."""
+    converted = number(value)
+    return value if converted is None else converted

@@ -1,0 +1,343 @@
+"""Hyperparameters given as NumPy scalars (a sweep's ``np.linspace`` / ``np.arange``, a value
+read from a .npy or HDF5 file) behave as the Python numbers they stand for, at every public
+boundary that takes one, and are stored as Python's (configs save as JSON and load with
+``torch.load(weights_only=True)``); a bool, NaN or a string is still refused, naming the
+argument."""
+
+from __future__ import annotations
+
+import json
+import math
+from fractions import Fraction
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from spikemar import counting
+from spikemar._numbers import integer, number, plain, real
+from spikemar.checkpoint import load_checkpoint, model_config_dict, save_checkpoint
+from spikemar.data import CharTokenizer
+from spikemar.distill import sbds_loss
+from spikemar.energy import HardwareProfile, MemoryLevel
+from spikemar.hardware import CUBALIF, export_nir, run_lava
+from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
+from spikemar.neurons import ATMN, TernarySingleStep, atmn_decode, atmn_quantize
+from spikemar.neurons.functional import ATMNParameters, atmn_multi_step, delta_inject
+from spikemar.neurons.surrogate import ATan, Rectangle, Sigmoid, Triangle
+from spikemar.refine import Measurements, Option, calibrate, plan, random_schedule
+
+X = torch.linspace(-2.0, 2.0, 24, dtype=torch.float64).reshape(8, 3)
+SMALL = dict(vocab_size=11, d_model=16, n_layers=1, d_state=4, head_dim=8)
+
+
+def _same(a, b) -> bool:
+    """Equal, and of the same type: a Python float stays a float, never a NumPy scalar."""
+    if isinstance(a, torch.Tensor):
+        return isinstance(b, torch.Tensor) and a.dtype == b.dtype and torch.equal(a, b)
+    if type(a) is not type(b):
+        return False
+    if isinstance(a, dict):
+        return a.keys() == b.keys() and all(_same(a[k], b[k]) for k in a)
+    if isinstance(a, list | tuple):
+        return len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    return a == b or (isinstance(a, float) and math.isnan(a) and math.isnan(b))
+
+
+def _config(c) -> dict:
+    return {**vars(c), "spikes": None if c.spikes is None else c.spikes.as_dict()}
+
+
+def _quantized(neuron: nn.Module, T: int = 4):
+    decoded, spikes = neuron.quantize(X, T)
+    return neuron.tau, decoded.detach(), spikes
+
+
+class _Sink:
+    """A counting listener that takes spike counts and keeps the T it is handed."""
+
+    def __init__(self):
+        self.T = None
+
+    def needs_spike_train(self, module):
+        return False
+
+    def on_declare_spike_counts(self, module, decoded, counts, T, ternary):
+        self.T = T
+
+
+def _declared_T(T):
+    sink = _Sink()
+    token = counting.activate(sink)
+    try:
+        counting.declare_spike_counts(None, X, torch.zeros(3, 2, dtype=torch.int64), T)
+    finally:
+        counting.deactivate(token)
+    return sink.T
+
+
+def _loss(**kw):
+    torch.manual_seed(0)
+    s, t = torch.randn(2, 3, 5), torch.randn(2, 3, 5)
+    hs, ht = [torch.randn(2, 3, 4)], [torch.randn(2, 3, 4)]
+    settings = {"T": 2, "alpha": 0.25, "beta": 0.75, "gamma": 0.5, "temperature": 2.0, **kw}
+    return sbds_loss(s, t, hs, ht, **settings).loss
+
+
+def _profile(**kw):
+    levels = {k: kw.pop(k) for k in ("capacity_bytes", "pj_per_byte") if k in kw}
+    level = MemoryLevel("SRAM", **{"capacity_bytes": 1024, "pj_per_byte": 1.25, **levels})
+    memory = (level, MemoryLevel("DRAM", None, 160.0))
+    profile = HardwareProfile("numbers", **{"ac_pj": 0.9, "mac_pj": 4.5, "memory": memory, **kw})
+    data = profile.to_dict()
+    json.dumps(data)  # reports write it
+    return data
+
+
+def _student_teacher():
+    torch.manual_seed(0)
+    config = MARConfig(**SMALL, ffn=None, spikes=SpikeConfig(T=2))  # few points: fast
+    student = MARLM(config).eval()
+    teacher = MARLM(config.dense()).eval()
+    teacher.load_state_dict(student.state_dict(), strict=False)
+    return student, teacher
+
+
+def _calibrated(**target):
+    student, teacher = _student_teacher()
+    batches = [torch.randint(0, 11, (1, 8), generator=torch.Generator().manual_seed(1))]
+    reached = calibrate(student, teacher, batches, max_rows=16, **target)
+    return reached, [s.module.neuron.log_threshold.detach() for s in student.spike_points()]
+
+
+def _per_point_rate(rate):
+    student, _ = _student_teacher()
+    return _calibrated(firing_rate={s.name: rate for s in student.spike_points()})
+
+
+def _measurements() -> Measurements:
+    modules = {
+        name: [Option(name, "dense", 0.0, 1.0, 0.0)]
+        + [Option(name, {"T": k + 1}, 0.1 * (k + 1), 1.0, 10.0 * (k + 1)) for k in range(3)]
+        for name in ("a", "b")
+    }
+    return Measurements(modules, 100.0, 1.0, "45nm-fp32")
+
+
+def _schedule(**kw):
+    settings = {"energy_ratio": 1.2, "seed": 3, **kw}
+    return {k: o.setting for k, o in random_schedule(_measurements(), **settings).items()}
+
+
+def _lif(**kw):
+    neuron = CUBALIF(**{"current_decay": 0.5, "voltage_decay": 0.25, "v_threshold": 0.75, **kw})
+    attrs = (neuron.current_decay, neuron.voltage_decay, neuron.v_threshold)
+    return attrs, torch.stack([neuron(x) for x in X.float().reshape(4, 2, 3)])
+
+
+def _nir(dt, tmp_path):
+    model = nn.Sequential(nn.Linear(3, 2, bias=False), CUBALIF(0.5, 0.25, 1.0))
+    path = tmp_path / f"{type(dt).__name__}.nir"
+    graph = export_nir(model, path, (3,), dt=dt)
+    dts = [node.metadata["dt"] for node in graph.nodes.values() if "dt" in node.metadata]
+    return dts, path.stat().st_size > 0
+
+
+def _lava(tmp_path, **kw):
+    """run_lava up to the file's check (no Lava needed): the arguments before it passed."""
+    bogus = tmp_path / "not-netx.h5"
+    bogus.write_text("not HDF5")
+    try:
+        run_lava(bogus, torch.zeros(3, 2), **{"num_steps": 3, "timeout_s": 5.0, **kw})
+    except ValueError as err:
+        if not str(err).startswith("path:"):
+            raise
+        return str(err)
+    raise AssertionError("run_lava read a file that is not HDF5")
+
+
+# name, function of the value (and tmp_path), a Python value, the argument the errors name
+REAL = [
+    ("ATMN tau", lambda v, _: _quantized(ATMN(tau=v, v_threshold=0.5)), 2.0, "tau"),
+    ("ATMN v_threshold", lambda v, _: _quantized(ATMN(2.0, v)), 0.75, "v_threshold"),
+    ("ATMN per-channel v_threshold",
+     lambda v, _: _quantized(ATMN(2.0, v, num_channels=3)), 0.3, "v_threshold"),
+    ("TernarySingleStep v_threshold",
+     lambda v, _: _quantized(TernarySingleStep(v), T=1), 0.5, "v_threshold"),
+    ("ATMNParameters v_threshold",
+     lambda v, _: atmn_multi_step(delta_inject(X, 4), None, ATMNParameters(v))[0],
+     1.5, "v_threshold"),
+    ("ATMNParameters tau",
+     lambda v, _: atmn_multi_step(delta_inject(X, 4), None, ATMNParameters(1.0, v))[0],
+     1.5, "tau"),
+    ("atmn_decode tau",
+     lambda v, _: atmn_decode(torch.ones(4, 3), 0.5, v), 1.5, "tau"),
+    ("atmn_decode v_threshold",
+     lambda v, _: atmn_decode(torch.ones(4, 3), v, 2.0), 0.5, "v_threshold"),
+    ("Sigmoid alpha", lambda v, _: (Sigmoid(v).alpha, Sigmoid(v).derivative(X)), 4.0, "alpha"),
+    ("ATan alpha", lambda v, _: (ATan(v).alpha, ATan(v).derivative(X)), 2.0, "alpha"),
+    ("Rectangle width", lambda v, _: Rectangle(v).derivative(X), 0.5, "width"),
+    ("Triangle width", lambda v, _: Triangle(v).primitive(X), 1.5, "width"),
+    ("SpikeConfig tau", lambda v, _: SpikeConfig(tau=v).as_dict(), 1.5, "tau"),
+    ("SpikeConfig v_threshold",
+     lambda v, _: SpikeConfig(v_threshold=v).as_dict(), 0.25, "v_threshold"),
+    ("MARConfig ffn_mult", lambda v, _: _config(MARConfig(**SMALL, ffn_mult=v)), 2.5, "ffn_mult"),
+    ("MARConfig norm_eps", lambda v, _: _config(MARConfig(**SMALL, norm_eps=v)), 0.5, "norm_eps"),
+    ("MARConfig final_norm_eps",
+     lambda v, _: _config(MARConfig(**SMALL, final_norm_eps=v)), 0.5, "final_norm_eps"),
+    ("MARConfig ffn_sparsity",
+     lambda v, _: _config(MARConfig(**SMALL, ffn_sparsity=("topk", v))), 0.25, "ffn_sparsity"),
+    ("MARConfig points",
+     lambda v, _: _config(MARConfig(**SMALL, points={"layers.0.ffn.*": {"tau": v}})),
+     1.5, r"points\[.*\]: tau"),
+    ("ActivationSparsifier",
+     lambda v, _: ActivationSparsifier("threshold", v)(X), 0.5, "ffn_sparsity"),
+    ("sbds_loss alpha", lambda v, _: _loss(alpha=v), 0.5, "alpha"),
+    ("sbds_loss gamma", lambda v, _: _loss(gamma=v), 0.25, "gamma"),
+    ("sbds_loss temperature", lambda v, _: _loss(temperature=v), 2.0, "temperature"),
+    ("HardwareProfile ac_pj", lambda v, _: _profile(ac_pj=v), 0.75, "ac_pj"),
+    ("HardwareProfile value_bytes", lambda v, _: _profile(value_bytes=v), 2.0, "value_bytes"),
+    ("MemoryLevel pj_per_byte", lambda v, _: _profile(pj_per_byte=v), 1.25, "pj_per_byte"),
+    ("calibrate firing_rate", lambda v, _: _calibrated(firing_rate=v), 0.25, "firing_rate"),
+    ("calibrate per-point rates", lambda v, _: _per_point_rate(v), 0.25, r"firing_rate\["),
+    ("calibrate quant_error", lambda v, _: _calibrated(quant_error=v), 0.25, "quant_error"),
+    ("plan energy_ratio",
+     lambda v, _: plan(_measurements(), energy_ratio=v).to_json(), 1.5, "energy_ratio"),
+    ("plan max_kl", lambda v, _: plan(_measurements(), max_kl=v).to_json(), 0.25, "max_kl"),
+    ("random_schedule energy_ratio", lambda v, _: _schedule(energy_ratio=v), 1.5, "energy_ratio"),
+    ("CUBALIF current_decay", lambda v, _: _lif(current_decay=v), 0.75, "current_decay"),
+    ("CUBALIF voltage_decay", lambda v, _: _lif(voltage_decay=v), 0.5, "voltage_decay"),
+    ("CUBALIF v_threshold", lambda v, _: _lif(v_threshold=v), 0.5, "v_threshold"),
+    ("export_nir dt", _nir, 0.5, "dt"),
+    ("run_lava timeout_s", lambda v, tmp: _lava(tmp, timeout_s=v), 2.0, "timeout_s"),
+]  # fmt: skip
+
+INTEGER = [
+    ("ATMN.quantize T", lambda v, _: _quantized(ATMN(2.0, 0.5), T=v), 4, "T"),
+    ("atmn_quantize T",
+     lambda v, _: atmn_quantize(X, v, ATMNParameters(0.5, 2.0)), 3, "T"),
+    ("ATMN num_channels",
+     lambda v, _: _quantized(ATMN(2.0, 0.5, num_channels=v)), 3, "num_channels"),
+    ("SpikeConfig T", lambda v, _: SpikeConfig(T=v).as_dict(), 3, "T"),
+    ("SpikePoint from SpikeConfig T",
+     lambda v, _: SpikePoint(3, SpikeConfig(T=v))(X.float()).detach(), 3, "T"),
+    ("MARConfig d_model",
+     lambda v, _: _config(MARConfig(**{**SMALL, "d_model": v})), 24, "d_model"),
+    ("MARConfig d_conv", lambda v, _: _config(MARConfig(**SMALL, d_conv=v)), 3, "d_conv"),
+    ("MARConfig ffn_hidden",
+     lambda v, _: _config(MARConfig(**SMALL, ffn_hidden=v)), 20, "ffn_hidden"),
+    ("MARConfig chunk_size",
+     lambda v, _: _config(MARConfig(**SMALL, chunk_size=v)), 8, "chunk_size"),
+    ("MARConfig max_len",
+     lambda v, _: _config(MARConfig(**SMALL, layers="attn", max_len=v)), 64, "max_len"),
+    ("MARConfig points T",
+     lambda v, _: _config(MARConfig(**SMALL, points={"layers.0.ffn.*": {"T": v}})),
+     2, r"points\[.*\]: T"),
+    ("MARLM.init_state batch",
+     lambda v, _: len(MARLM(MARConfig(**SMALL)).init_state(v)), 2, "batch"),
+    ("declare_spike_counts T", lambda v, _: _declared_T(v), 3, "T"),
+    ("sbds_loss T", lambda v, _: _loss(T=v), 4, "T"),
+    ("MemoryLevel capacity_bytes",
+     lambda v, _: _profile(capacity_bytes=v), 2048, "capacity_bytes"),
+    ("random_schedule seed", lambda v, _: _schedule(seed=v), 7, None),
+    ("run_lava num_steps", lambda v, tmp: _lava(tmp, num_steps=v), 2, "num_steps"),
+]  # fmt: skip
+
+FLOAT_TYPES = (np.float32, np.float64)
+INT_TYPES = (np.int64, np.int32)
+
+
+def _cases(table, types, extra=()):
+    return [
+        pytest.param(fn, t(value), id=f"{name}-{t.__name__}")
+        for name, fn, value, _ in table
+        for t in types + tuple(x for x in extra if float(value).is_integer())
+    ]
+
+
+@pytest.mark.parametrize(("fn", "value"), _cases(REAL, FLOAT_TYPES, INT_TYPES))
+def test_a_numpy_real_acts_as_the_python_number(fn, value, tmp_path):
+    assert value.item() == value  # the sample values are exact in float32
+    assert _same(fn(value, tmp_path), fn(value.item(), tmp_path))
+
+
+@pytest.mark.parametrize(("fn", "value"), _cases(INTEGER, INT_TYPES))
+def test_a_numpy_integer_acts_as_the_python_int(fn, value, tmp_path):
+    assert _same(fn(value, tmp_path), fn(value.item(), tmp_path))
+
+
+BAD = [True, np.bool_(True), math.nan, "2", torch.tensor([2.0])]
+# where a threshold may be a tensor, a 1-element one is a per-channel threshold, not a bad value
+TENSOR_PATH = {"ATMN v_threshold", "TernarySingleStep v_threshold", "ATMNParameters v_threshold",
+               "atmn_decode v_threshold"}  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("fn", "bad", "name"),
+    [
+        pytest.param(fn, bad, name, id=f"{label}-{bad!r}")
+        for label, fn, _, name in REAL
+        for bad in BAD
+        if not (label in TENSOR_PATH and isinstance(bad, torch.Tensor))
+    ],
+)
+def test_a_bad_real_is_refused_naming_the_argument(fn, bad, name, tmp_path):
+    with pytest.raises((ValueError, TypeError), match=name) as err:
+        fn(bad, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("fn", "bad", "name"),
+    [
+        pytest.param(fn, bad, name, id=f"{label}-{bad!r}")
+        for label, fn, _, name in INTEGER
+        if name is not None  # a seed takes what random.Random takes
+        for bad in [*BAD, 2.0, np.float64(2.0)]
+    ],
+)
+def test_a_bad_integer_is_refused_naming_the_argument(fn, bad, name, tmp_path):
+    with pytest.raises((ValueError, TypeError), match=name) as err:
+        fn(bad, tmp_path)
+    assert "\n" not in str(err.value)
+
+
+def test_the_rule_itself():
+    assert real(np.float32(0.5)) == 0.5 and type(real(np.float32(0.5))) is float
+    assert type(real(np.int64(3))) is float and real(Fraction(1, 4)) == 0.25
+    assert real(10**400) == math.inf and real(-(10**400)) == -math.inf
+    assert integer(np.uint8(7)) == 7 and type(integer(np.int32(7))) is int
+    assert number(np.int64(2)) == 2 and type(number(np.int64(2))) is int
+    assert type(number(np.float64(2.0))) is float and type(number(3)) is int
+    for bad in (True, np.bool_(False), "2", None, torch.tensor(2.0), np.array(2.0), 1j):
+        assert real(bad) is None and integer(bad) is None and number(bad) is None
+    assert integer(2.0) is None and integer(np.float64(2.0)) is None
+    assert plain("channel") == "channel" and type(plain(np.float32(0.5))) is float
+
+
+def test_a_config_of_numpy_scalars_saves_and_loads_as_plain_data(tmp_path):
+    """The checkpoint spikemar writes loads with weights_only=True (which refuses NumPy
+    scalars) and rebuilds the same model: the config holds Python numbers only."""
+    spikes = SpikeConfig(T=np.int64(3), tau=np.float32(1.5), v_threshold=np.float64(0.25))
+    config = MARConfig(
+        **{**SMALL, "d_model": np.int64(16), "n_layers": np.int32(1)},
+        spikes=spikes,
+        ffn_mult=np.float32(2.5),
+        norm_eps=np.float32(0.5),
+        ffn_sparsity=("topk", np.float32(0.5)),
+        points={"layers.0.ffn.*": {"T": np.int64(2), "v_threshold": np.float32(0.5)}},
+    )
+    model = MARLM(config)
+    plain_config = json.loads(json.dumps(model_config_dict(model)))  # JSON as it is
+    assert plain_config["spikes"] == {"T": 3, "tau": 1.5, "v_threshold": 0.25,
+                                      "threshold": "channel", "neuron": "atmn",
+                                      "backend": "auto"}  # fmt: skip
+    path = save_checkpoint(tmp_path / "numpy.pt", model, CharTokenizer("abcdefghijk"))
+    payload = torch.load(path, weights_only=True)
+    assert json.loads(json.dumps(payload["model_config"])) == plain_config
+    loaded, _, _ = load_checkpoint(path)
+    assert _same(model_config_dict(loaded), model_config_dict(model))
+    tokens = torch.randint(0, 11, (1, 6))
+    with torch.no_grad():
+        assert torch.equal(loaded(tokens), model.eval()(tokens))

@@ -96,7 +96,11 @@ AMP_MODES = ("auto", "bf16", "off")
 ON_NONFINITE = ("stop", "skip")
 SHARD_MODES = ("none", "fsdp")
 # what may differ between a run and its --resume: nothing that changes the updates (``steps``
-# may grow: an extension, whose schedule the saved run fixes, see ``schedule_steps``)
+# may grow: an extension, whose schedule the saved run fixes, see ``schedule_steps``), except
+# where they are computed: ``device`` and ``amp`` change the arithmetic's rounding, not the
+# state (bfloat16 autocast keeps float32 weights and optimizer moments and has no GradScaler
+# whose state a switch would lose), so a run may move from a GPU to the CPU, or leave bfloat16
+# that did not suit it
 RESUMABLE_CHANGES = frozenset(
     {"eval_interval", "eval_iters", "device", "amp", "out", "overwrite", "on_nonfinite", "steps",
      "schedule_steps", "shard", "gradient_checkpointing"}
@@ -250,7 +254,10 @@ def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:
     p.add_argument("--device", type=device_argument, default="cpu",
                    help="cpu, cuda or cuda:N (checked when given)")  # fmt: skip
     p.add_argument("--amp", choices=AMP_MODES, default="auto",
-                   help="bfloat16 autocast ('auto': on CUDA devices that have it)")  # fmt: skip
+                   help="bfloat16 autocast ('auto': on CUDA devices that have it); a --resume "
+                        "may change it, as it may --device: the weights and optimizer state "
+                        "are float32 either way (bfloat16 needs no loss scaler), and the run "
+                        "continues in the new precision")  # fmt: skip
     p.add_argument("--on-nonfinite", choices=ON_NONFINITE, default="stop",
                    help="a NaN or inf loss or gradient: stop the run (exit 1), or skip that "
                         "update and count it")  # fmt: skip
@@ -706,7 +713,10 @@ def run_training(
                         f"{config.min_lr:g} after step {config.schedule_steps}"
                         if config.schedule_steps else "")  # fmt: skip
             best_yet = f"best validation loss {best:.4f}" if history else "not validated yet"
-            print(f"resumed {out} at step {start} of {config.steps} ({best_yet}){extended}",
+            saved_amp = state["config"].get("amp", "auto")
+            amp = (f"; --amp {config.amp} from here on (the run so far: --amp {saved_amp})"
+                   if saved_amp != config.amp else "")  # fmt: skip
+            print(f"resumed {out} at step {start} of {config.steps} ({best_yet}){extended}{amp}",
                   flush=True)  # fmt: skip
 
     def validate(at: int) -> None:

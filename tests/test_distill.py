@@ -511,3 +511,44 @@ def test_example_refuses_bad_arguments_before_the_teacher_trains(tmp_path, capsy
     err = capsys.readouterr().err.strip().splitlines()
     assert exit_.value.code == 2 and message in err[-1]
     assert not (tmp_path / "out").exists()  # nothing trained, nothing written
+
+
+def test_stage1_refuses_a_teacher_without_attention(corpus, tmp_path, capsys):
+    """Stage 1 replaces attention with SSM mixers: a dense SSM teacher has none, every tensor
+    of it transferred, and the run 'distilled' a copy of the teacher into itself."""
+    from spikemar.checkpoint import save_checkpoint
+
+    vocab = TokenDataset.from_text_file(corpus).tokenizer
+    teacher = save_checkpoint(tmp_path / "dense.pt", build_model("mar-dense", {
+        "vocab_size": vocab.vocab_size, **SSM}), vocab)  # fmt: skip
+    out = tmp_path / "s.pt"
+    with pytest.raises(SystemExit) as exit_:
+        main(["distill", "--stage", "1", "--teacher", str(teacher), "--data", str(corpus),
+              "--out", str(out), "--steps", "1", "--d-state", "4", "--head-dim", "8"])  # fmt: skip
+    (err,) = capsys.readouterr().err.splitlines()
+    assert exit_.value.code == 2 and err.startswith("spikemar distill: error: --teacher: stage 1 ")
+    assert "without attention layers" in err and "--stage 2" in err and not out.exists()
+
+
+def test_stage1_of_a_hybrid_keeps_its_architecture_with_ssms_for_attention(corpus, tmp_path):
+    """A dense MAR hybrid's stage-1 student is the teacher's own configuration with its
+    attention layers made SSMs (it was the default configuration, so the SSM layers' and
+    FFNs' tensors did not transfer where the teacher's shapes differed, and spikemar refine
+    --stage1 refused the result); every tensor outside the attention layers' mixers is
+    copied."""
+    from spikemar.distill.trainer import build_student
+    from spikemar.refine import replaceable_layers
+
+    vocab = TokenDataset.from_text_file(corpus).tokenizer
+    hybrid = build_model("mar-dense", {"vocab_size": vocab.vocab_size, **SSM, "n_layers": 3,
+                                       "layers": ["ssm", "attn", "ssm"], "n_attn_heads": 2,
+                                       "ffn_hidden": 24})  # fmt: skip
+    teacher = Teacher(hybrid, "hybrid.pt", vocab)
+    config = DistillConfig(**loop(corpus, tmp_path / "s.pt", stage=1, teacher="hybrid.pt"))
+    student = build_student(teacher, config, vocab.vocab_size)
+    assert student.config.layer_kinds() == ["ssm", "ssm", "ssm"]
+    assert replaceable_layers(hybrid, student) == {1: "ssm"}
+    theirs = hybrid.state_dict()
+    for name, tensor in student.state_dict().items():
+        if not name.startswith("layers.1.mixer."):
+            assert torch.equal(tensor, theirs[name]), name

@@ -27,7 +27,8 @@ def add_distill_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentP
     """Declare the options of ``spikemar distill`` on ``parser``."""
     p = parser
     p.add_argument("--stage", type=int, choices=(1, 2), required=True,
-                   help="1: Transformer → dense SSM; 2: dense SSM → spiking MAR")  # fmt: skip
+                   help="1: Transformer (or a MAR hybrid's attention layers) → dense SSM; "
+                        "2: dense SSM → spiking MAR")  # fmt: skip
     p.add_argument("--teacher", required=True,
                    help="the teacher: a spikemar checkpoint, a Hugging Face model directory, "
                         "or a Hub id owner/name (fetched where there is a network)")  # fmt: skip

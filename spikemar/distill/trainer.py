@@ -1,11 +1,16 @@
 """The distillation trainer: MAR's two stages on the loop of :mod:`spikemar.training`.
 
 **Stage 1** (attention → SSM): a Transformer teacher (a spikemar checkpoint, or a local Hugging
-Face causal LM) teaches a dense SSM student (``mar-dense``). MOHAWK-like, in two phases:
+Face causal LM) teaches a dense SSM student (``mar-dense``); so does a dense MAR hybrid with
+attention layers, whose student is its own architecture with SSMs in place of attention (the
+stage-1 student that ``spikemar refine --stage1`` reads). A teacher without attention (a dense
+SSM, a Mamba-2 or Llamba directory) is refused: there is nothing to replace, and its student
+would be its copy; it is stage 2's teacher. MOHAWK-like, in two phases:
 
 1. *Weight transfer* (spikemar teachers): every student tensor with a same-named, same-shaped
    teacher tensor is copied (embedding, norms, FFNs, head; ``blocks.j`` ↔ ``layers.j``). Mixers
-   start fresh; so does everything under a Hugging Face teacher (its names differ).
+   that replace attention start fresh (a hybrid's SSM layers keep theirs); so does everything
+   under a Hugging Face teacher (its names differ).
 2. *Hidden-state alignment* (the first ``align_steps`` steps): each student layer j is fed the
    teacher's residual stream entering layer j and trained to produce the teacher's stream
    entering layer j+1 (teacher forcing, so all layers learn at once and errors do not compound):
@@ -418,11 +423,20 @@ class DistillObjective(Objective):
 
 
 def build_student(teacher: Teacher, config: DistillConfig, vocab_size: int) -> MARLM:
-    """Stage 1: a dense SSM LM shaped like the teacher, with the transferable weights copied.
+    """Stage 1: a dense SSM LM shaped like the teacher (a MAR hybrid's own configuration with
+    SSMs for its attention layers), with the transferable weights copied.
     Stage 2: a spiking MAR LM with the teacher's architecture and weights."""
     overrides = dict(config.student_config)
     if config.stage == 1:
-        base = {"vocab_size": vocab_size, "d_model": teacher.width, "n_layers": teacher.n_layers}
+        if isinstance(teacher.model, MARLM):
+            # a hybrid: the teacher's own architecture with SSMs for its attention layers, so
+            # that every other tensor transfers (and spikemar refine --stage1 takes the result)
+            base = model_config_dict(teacher.model)
+            kinds = teacher.model.config.layer_kinds()
+            base["layers"] = ["ssm" if k == "attn" else k for k in kinds]
+        else:
+            base = {"vocab_size": vocab_size, "d_model": teacher.width,
+                    "n_layers": teacher.n_layers}  # fmt: skip
         student = build_model("mar-dense", {**base, **overrides})
         if config.init_from_teacher and not teacher.hf:
             transfer_weights(teacher.model, student)
@@ -538,6 +552,17 @@ def distill(config: DistillConfig, *, resume: bool = False, progress: bool = Tru
         raise ValueError(f"teacher: {teacher.source} is a spiking model (spike points in it); the "
                          "teacher is the dense model a student learns from (were the teacher "
                          "and the student swapped?)")  # fmt: skip
+    if config.stage == 1 and isinstance(teacher.model, MARLM):
+        kinds = teacher.model.config.layer_kinds()
+        if "attn" not in kinds:
+            # its student would be a copy of it (every tensor transfers), "aligned" to itself
+            raise ValueError(
+                f"teacher: stage 1 replaces a teacher's attention with SSM mixers; "
+                f"{teacher.source} is a dense SSM LM without attention layers (its mixers: "
+                f"{', '.join(sorted(set(kinds)))}), "
+                "already what stage 1 makes: use it as stage 2's teacher (--stage 2), or give "
+                "stage 1 a Transformer or a hybrid with attention layers"
+            )
     digest = weights_digest(teacher.model)  # as loaded: float32 on the CPU, on every device
     data = _teacher_data(config, teacher)
     check_windows(data, config.L)

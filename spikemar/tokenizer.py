@@ -189,11 +189,19 @@ class HFTokenizer:
     def from_directory(cls, directory: str | os.PathLike) -> HFTokenizer:
         """``tokenizer.json`` of a checkpoint directory, else transformers' ``AutoTokenizer``
         (local files only); the end-of-sequence id from ``tokenizer_config.json`` or
-        ``config.json``."""
+        ``config.json``. Where ``tokenizer_config.json`` names a class that builds the
+        special-token template from ``add_bos_token``/``add_eos_token`` (LlamaTokenizerFast,
+        GPTNeoXTokenizerFast, ...), the template is the one AutoTokenizer builds, not the
+        file's: ``add_bos_token: false`` means no BOS (:attr:`prefix_ids`)."""
         directory = Path(directory)
         eos = _eos_from_directory(directory)
         if (directory / "tokenizer.json").is_file():
             tok = cls.from_file(directory / "tokenizer.json")
+            if _post_processor_rebuilt(directory):
+                # the template transformers builds from add_bos_token/add_eos_token replaces the
+                # file's: its BOS (or none) is what the model was trained with
+                auto = _auto_tokenizer(directory).backend_tokenizer
+                tok._tokenizer.post_processor = auto.post_processor
             # config.json's id is the model's: one past the tokenizer's ids names no token of it
             # (transformers' AutoTokenizer never reads it), as for a tokenizer from elsewhere
             eos_id = eos if isinstance(eos, int) and 0 <= eos < tok.vocab_size else None
@@ -209,19 +217,8 @@ class HFTokenizer:
                 f"tokenizer: {directory} has no tokenizer (expected tokenizer.json, or "
                 f"{', '.join(others)} for transformers' AutoTokenizer)"
             )
-        try:
-            from transformers import AutoTokenizer
-
-            auto = AutoTokenizer.from_pretrained(directory, local_files_only=True, use_fast=True)
-        except Exception as err:
-            why = " ".join(str(err).split())
-            why = why if len(why) <= 300 else why[:297] + "..."  # its texts list every model type
-            raise ValueError(f"tokenizer: transformers cannot read the tokenizer in {directory} "
-                             f"({type(err).__name__}: {why})") from err  # fmt: skip
-        backend = getattr(auto, "backend_tokenizer", None)
-        if backend is None:
-            raise ValueError(f"tokenizer: {directory}'s tokenizer has no fast (tokenizers) form")
-        return cls(backend, auto.eos_token_id)
+        auto = _auto_tokenizer(directory)
+        return cls(auto.backend_tokenizer, auto.eos_token_id)
 
     @property
     def vocab_size(self) -> int:
@@ -329,6 +326,44 @@ class HFTokenizer:
 
     def __repr__(self) -> str:
         return f"HFTokenizer(vocab_size={self.vocab_size}, eos_id={self._eos_id})"
+
+
+def _auto_tokenizer(directory: Path) -> Any:
+    """transformers' ``AutoTokenizer`` of a directory (local files only, its fast form), its
+    failures as one ValueError naming the directory."""
+    try:
+        from transformers import AutoTokenizer
+
+        auto = AutoTokenizer.from_pretrained(directory, local_files_only=True, use_fast=True)
+    except Exception as err:
+        why = " ".join(str(err).split())
+        why = why if len(why) <= 300 else why[:297] + "..."  # its texts list every model type
+        raise ValueError(f"tokenizer: transformers cannot read the tokenizer in {directory} "
+                         f"({type(err).__name__}: {why})") from err  # fmt: skip
+    if getattr(auto, "backend_tokenizer", None) is None:
+        raise ValueError(f"tokenizer: {directory}'s tokenizer has no fast (tokenizers) form")
+    return auto
+
+
+def _post_processor_rebuilt(directory: Path) -> bool:
+    """Whether transformers' AutoTokenizer replaces ``tokenizer.json``'s post-processor for this
+    directory: its ``tokenizer_config.json`` names a class (LlamaTokenizerFast,
+    GPTNeoXTokenizerFast, ...) that builds the template from ``add_bos_token`` and
+    ``add_eos_token`` and the class's defaults for them (``update_post_processor``), instead of
+    keeping the file's, as PreTrainedTokenizerFast (Llama-3's) does."""
+    try:
+        name = json.loads((directory / "tokenizer_config.json").read_text()).get("tokenizer_class")
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError, AttributeError):
+        return False  # no such file, or not an object: AutoTokenizer has no class to go by there
+    if not isinstance(name, str) or name in ("PreTrainedTokenizerFast", "PreTrainedTokenizer"):
+        return False
+    from transformers.models.auto.tokenization_auto import tokenizer_class_from_name
+
+    try:  # AutoTokenizer takes the named class's fast form
+        fast = tokenizer_class_from_name(name if name.endswith("Fast") else f"{name}Fast")
+    except Exception:  # a class transformers cannot import: it names it when asked to load
+        return False
+    return fast is not None and callable(getattr(fast, "update_post_processor", None))
 
 
 def _eos_from_directory(directory: Path) -> int | str | None:

@@ -487,3 +487,31 @@ def test_a_text_prompt_stops_at_the_eos_token_it_is_given(tok):
     eos = free[len(prompt) + 2]
     cut = free.index(eos, len(prompt))
     assert model.generate("hear me", 12, temperature=0, eos_token_id=eos) == tok.decode(free[:cut])
+
+
+@pytest.mark.parametrize(
+    ("tokenizer_class", "flags"),
+    [("LlamaTokenizerFast", {"add_bos_token": False}), ("LlamaTokenizerFast", {}),
+     ("LlamaTokenizerFast", {"add_bos_token": False, "add_eos_token": True}),
+     ("PreTrainedTokenizerFast", {"add_bos_token": False})],
+)  # fmt: skip
+def test_a_directory_encodes_with_special_tokens_as_autotokenizer_does(
+    tmp_path, tokenizer_class, flags
+):
+    """A tokenizer.json whose post-processor puts a BOS first, beside a tokenizer_config.json:
+    a class that builds its template from add_bos_token/add_eos_token (LlamaTokenizerFast:
+    add_bos_token false, no BOS) replaces the file's in transformers, and in spikemar, which
+    kept the file's BOS; PreTrainedTokenizerFast (Llama-3's) keeps it in both."""
+    from transformers import AutoTokenizer
+
+    begin_of_text_tokenizer().save(tmp_path)
+    config = {"tokenizer_class": tokenizer_class, "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|endoftext|>", **flags}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    auto = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True, legacy=True)
+    tok = HFTokenizer.from_directory(tmp_path)
+    text = "hear me speak"
+    assert tok._tokenizer.encode(text).ids == auto(text)["input_ids"]
+    dropped = tokenizer_class == "LlamaTokenizerFast" and flags.get("add_bos_token") is False
+    assert tok.prefix_ids == (() if dropped else (300,))  # what the data and eval put first
+    assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"]

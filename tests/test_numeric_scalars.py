@@ -19,7 +19,7 @@ from spikemar import counting
 from spikemar._numbers import integer, number, plain, real
 from spikemar.checkpoint import load_checkpoint, model_config_dict, save_checkpoint
 from spikemar.data import CharTokenizer
-from spikemar.distill import sbds_loss
+from spikemar.distill import kl_divergence, sbds_loss
 from spikemar.energy import HardwareProfile, MemoryLevel
 from spikemar.hardware import CUBALIF, export_nir, run_lava
 from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
@@ -196,6 +196,10 @@ REAL = [
     ("sbds_loss alpha", lambda v, _: _loss(alpha=v), 0.5, "alpha"),
     ("sbds_loss gamma", lambda v, _: _loss(gamma=v), 0.25, "gamma"),
     ("sbds_loss temperature", lambda v, _: _loss(temperature=v), 2.0, "temperature"),
+    ("kl_divergence temperature",
+     lambda v, _: kl_divergence(X, X.flip(0), v), 2.0, "temperature"),
+    ("MARConfig dt_limit",
+     lambda v, _: _config(MARConfig(**SMALL, dt_limit=(0.0, v))), 0.5, "dt_limit"),
     ("HardwareProfile ac_pj", lambda v, _: _profile(ac_pj=v), 0.75, "ac_pj"),
     ("HardwareProfile value_bytes", lambda v, _: _profile(value_bytes=v), 2.0, "value_bytes"),
     ("MemoryLevel pj_per_byte", lambda v, _: _profile(pj_per_byte=v), 1.25, "pj_per_byte"),

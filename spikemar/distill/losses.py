@@ -43,6 +43,10 @@ def kl_divergence(
     """KL(p ‖ q) per position [...], from logits [..., vocab], computed with log-softmax. A
     token that p rules out (a logit of -inf: a masked or padded vocabulary entry) adds
     0 · log 0 = 0, as in ``F.kl_div``, not NaN."""
+    t = real(temperature)
+    if t is None or not (math.isfinite(t) and t > 0):
+        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    temperature = t
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=-1)
     # 0 where p is 0: the product with log p = -inf would be NaN, and so would its gradients

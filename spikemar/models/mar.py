@@ -183,10 +183,13 @@ class MARConfig:
             if eps is not None and not (real(eps) is not None and eps >= 0):
                 raise ValueError(f"{name}: expected a float >= 0 or None, got {eps!r}")
             setattr(self, name, plain(eps))
-        self.dt_limit = tuple(float(v) for v in self.dt_limit)  # a list after JSON
-        if len(self.dt_limit) != 2 or not 0 <= self.dt_limit[0] <= self.dt_limit[1]:
+        # a list after JSON; each bound a real number (float('abc')'s error named no argument)
+        limits = tuple(map(real, self.dt_limit)) if isinstance(self.dt_limit, tuple | list) else ()
+        if len(limits) != 2 or None in limits or not 0 <= limits[0] <= limits[1]:
+            shown = limits if limits and None not in limits else self.dt_limit
             raise ValueError(f"dt_limit: expected (min, max) with 0 <= min <= max, got "
-                             f"{self.dt_limit}")  # fmt: skip
+                             f"{shown}")  # fmt: skip
+        self.dt_limit = limits
 
     def layer_kinds(self) -> list[str]:
         kinds = [self.layers] * self.n_layers if isinstance(self.layers, str) else list(self.layers)

@@ -44,7 +44,8 @@ class ATMN(MemoryModule):
     membrane divided by τ each micro-step, learnable threshold V = exp(a).
 
     Args:
-        tau: τ > 0 (``math.inf``: no carry-over of the membrane).
+        tau: τ > 0 (``math.inf``: no carry-over of the membrane). Numbers here may be NumPy
+            scalars too (a sweep's ``np.linspace``); they are kept as Python floats and ints.
         v_threshold: initial V > 0, a float or a 1-d tensor of per-channel values.
         num_channels: with a float ``v_threshold``, make V per channel over the last input
             dimension, of this size (``None``: one V shared by all neurons).

@@ -19,9 +19,9 @@ per parameter in bfloat16, 4.75 in float32; building it in float32 and casting t
 spike points' thresholds, which no file holds, are built as ``MARLM(config)`` builds them. Each
 tensor is cast from the file's dtype straight to the loaded one (a float64 file loads as float64
 without a float32 rounding). safetensors files are read with pread(2) (safetensors 0.8 on; before,
-through a mapping opened per tensor); a ``.bin`` in torch's zip format is mapped (its pages are
-the page cache's, counted in the process's resident memory as they are read); one in the legacy
-format is read whole.
+through a mapping opened per tensor); a ``.bin`` in torch's zip format is mapped per tensor too
+(the pages a mapping read count in the process's resident memory until it goes); one in the
+legacy format is read whole.
 
 Anything that is not a local directory is taken as a Hub id and fetched with ``huggingface_hub``
 (into its usual cache) when the machine has a network; offline (no network, or
@@ -252,7 +252,7 @@ class _WeightReader:
         self.ext, files = _weight_files(directory)
         self.meta: dict[str, Any] = {}
         self._file: dict[str, Path] = {}
-        self._bin: dict[Path, Mapping] = {}  # .bin: its memory-mapped (or loaded) dict
+        self._whole: dict[Path, Mapping] = {}  # a legacy-format .bin, read whole
         for f in files:
             if is_lfs_pointer(f):
                 raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
@@ -266,7 +266,9 @@ class _WeightReader:
                         # get_tensor maps the file: the header's shape and dtype, no data read
                         part = {k: handle.get_tensor(k) for k in handle.keys()}
                 else:
-                    part = self._bin[f] = _load_bin(f)
+                    part, mapped = _load_bin(f)
+                    if not mapped:
+                        self._whole[f] = part
             if not isinstance(part, Mapping):
                 raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
             twice = self.meta.keys() & part.keys()
@@ -287,8 +289,10 @@ class _WeightReader:
                 handle, owned = _open_safetensors(f)
                 with handle:  # per tensor: a mapping goes (with the pages it read) at once
                     t = handle.get_tensor(name)
-            else:
-                t, owned = self._bin[f][name], False
+            elif f in self._whole:
+                t, owned = self._whole[f][name], True  # the reader's dict goes with the reader
+            else:  # mapped per tensor too: the pages read go with the mapping
+                t, owned = _load_bin(f)[0][name], False
             if not torch.is_tensor(t):
                 return t
             return t.to(dtype=t.dtype if dtype is None else dtype, copy=not owned)
@@ -315,15 +319,15 @@ def _open_safetensors(f: Path) -> tuple[Any, bool]:
         return safe_open(str(f), framework="pt"), False
 
 
-def _load_bin(f: Path) -> Any:
-    """A ``pytorch_model.bin``'s dict, its tensors mapped from the file (read as they are used)
-    where it is in torch's zip format; a file in the legacy format is read whole."""
+def _load_bin(f: Path) -> tuple[Any, bool]:
+    """A ``pytorch_model.bin``'s dict and whether its tensors are mapped from the file (read as
+    they are used: torch's zip format), else read whole (the legacy format)."""
     try:
-        return torch.load(f, map_location="cpu", weights_only=True, mmap=True)
+        return torch.load(f, map_location="cpu", weights_only=True, mmap=True), True
     except RuntimeError as err:
         if "mmap" not in str(err):  # torch refuses mmap for the legacy format, saying so
             raise
-        return torch.load(f, map_location="cpu", weights_only=True)
+        return torch.load(f, map_location="cpu", weights_only=True), False
 
 
 def read_pretrained_tensors(directory: str | os.PathLike) -> dict[str, torch.Tensor]:

@@ -75,7 +75,8 @@ F32, BF16, F64 = torch.float32, torch.bfloat16, torch.float64
     [("mamba2", F32, None), ("mamba2", BF16, SPIKES), ("mamba2-tied-bin", "auto", SPIKES),
      ("mamba2-tied-bin", F64, None), ("mamba2-groups", BF16, None), ("mamba2-groups", F64, SPIKES),
      ("llamba", "auto", None), ("llamba", F64, SPIKES), ("llamba-tied-shards", BF16, SPIKES),
-     ("llamba-tied-shards", F32, None), ("llamba-bin", F32, SPIKES), ("llamba-bin", BF16, None)],
+     ("llamba-tied-shards", F32, None), ("llamba-bin", F32, SPIKES), ("llamba-bin", BF16, None),
+     ("mamba2", F32, SpikeConfig(T=2, threshold="layer", neuron="binary"))],
 )  # fmt: skip
 def test_the_model_is_the_float32_build_cast(checkpoints, name, dtype, spikes):
     directory = checkpoints[name]

@@ -491,8 +491,9 @@ def _assemble(config: MARConfig, state: dict[str, torch.Tensor], dtype: torch.dt
             parent, _, attr = name.rpartition(".")
             setattr(model.get_submodule(parent), attr, model.get_parameter(first))
     for site in list(model.spike_points()):
-        # thresholds start at spikes.v_threshold: built in float32 and cast, as MARLM(config)
-        # builds them and .to(dtype) casts them
+        # every point is the config's spikes (a pretrained config sets no per-point settings,
+        # config.points); its threshold starts at spikes.v_threshold, built in float32 and
+        # cast, as MARLM(config) builds it and .to(dtype) casts it
         channels = next(iter(site.projections.values())).in_features
         point = point_module(channels, "spike", config.spikes).to(dtype)
         parent, _, attr = site.name.rpartition(".")

@@ -199,9 +199,12 @@ class HFTokenizer:
             tok = cls.from_file(directory / "tokenizer.json")
             if _post_processor_rebuilt(directory):
                 # the template transformers builds from add_bos_token/add_eos_token replaces the
-                # file's: its BOS (or none) is what the model was trained with
+                # file's: its BOS (or none) is what the model was trained with. Only where the
+                # ids differ: a tokenizer equal in use (GPT-NeoX's) keeps its JSON, which
+                # checkpoints already saved with it compare equal to
                 auto = _auto_tokenizer(directory).backend_tokenizer
-                tok._tokenizer.post_processor = auto.post_processor
+                if auto.encode("a").ids != tok._tokenizer.encode("a").ids:
+                    tok._tokenizer.post_processor = auto.post_processor
             # config.json's id is the model's: one past the tokenizer's ids names no token of it
             # (transformers' AutoTokenizer never reads it), as for a tokenizer from elsewhere
             eos_id = eos if isinstance(eos, int) and 0 <= eos < tok.vocab_size else None

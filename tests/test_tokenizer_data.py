@@ -515,3 +515,19 @@ def test_a_directory_encodes_with_special_tokens_as_autotokenizer_does(
     dropped = tokenizer_class == "LlamaTokenizerFast" and flags.get("add_bos_token") is False
     assert tok.prefix_ids == (() if dropped else (300,))  # what the data and eval put first
     assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"]
+
+
+def test_a_template_that_changes_no_ids_leaves_the_tokenizer_as_saved(tmp_path):
+    """GPT-NeoX's class also rebuilds its template in transformers (no BOS, no EOS), which
+    encodes as the file's does: the tokenizer stays equal to the saved one (checkpoints
+    written with it still match)."""
+    from transformers import AutoTokenizer
+
+    tok = bpe_tokenizer(300)
+    tok.save(tmp_path)
+    config = {"tokenizer_class": "GPTNeoXTokenizer", "bos_token": "<|endoftext|>",
+              "eos_token": "<|endoftext|>"}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    auto = AutoTokenizer.from_pretrained(tmp_path, local_files_only=True)
+    assert type(auto).__name__ == "GPTNeoXTokenizerFast"
+    assert HFTokenizer.from_directory(tmp_path) == tok

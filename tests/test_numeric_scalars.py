@@ -20,13 +20,28 @@ from spikemar._numbers import integer, number, plain, real
 from spikemar.checkpoint import load_checkpoint, model_config_dict, save_checkpoint
 from spikemar.data import CharTokenizer
 from spikemar.distill import kl_divergence, sbds_loss
-from spikemar.energy import HardwareProfile, MemoryLevel
+from spikemar.energy import EnergyReport, HardwareProfile, MemoryLevel, profile
+from spikemar.energy.demo import demo_model
 from spikemar.hardware import CUBALIF, export_nir, run_lava
+from spikemar.hardware.demo import demo_network
 from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
+from spikemar.models.fused_step import FusedStep
+from spikemar.models.transformer import TransformerConfig
 from spikemar.neurons import ATMN, TernarySingleStep, atmn_decode, atmn_quantize
 from spikemar.neurons.functional import ATMNParameters, atmn_multi_step, delta_inject
 from spikemar.neurons.surrogate import ATan, Rectangle, Sigmoid, Triangle
-from spikemar.refine import Measurements, Option, calibrate, plan, random_schedule
+from spikemar.refine import (
+    Measurements,
+    Option,
+    calibrate,
+    kl_and_loss,
+    measure,
+    plan,
+    random_schedule,
+)
+from spikemar.ssm.norm import RMSNorm
+from spikemar.ssm.scan import ssd_scan
+from spikemar.viz import firing_rates, raster
 
 X = torch.linspace(-2.0, 2.0, 24, dtype=torch.float64).reshape(8, 3)
 SMALL = dict(vocab_size=11, d_model=16, n_layers=1, d_state=4, head_dim=8)
@@ -107,7 +122,7 @@ def _student_teacher():
 def _calibrated(**target):
     student, teacher = _student_teacher()
     batches = [torch.randint(0, 11, (1, 8), generator=torch.Generator().manual_seed(1))]
-    reached = calibrate(student, teacher, batches, max_rows=16, **target)
+    reached = calibrate(student, teacher, batches, **{"max_rows": 16, **target})
     return reached, [s.module.neuron.log_threshold.detach() for s in student.spike_points()]
 
 
@@ -128,6 +143,79 @@ def _measurements() -> Measurements:
 def _schedule(**kw):
     settings = {"energy_ratio": 1.2, "seed": 3, **kw}
     return {k: o.setting for k, o in random_schedule(_measurements(), **settings).items()}
+
+
+def _windows():
+    return torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(2))
+
+
+def _kl_and_loss(batch_size):
+    student, teacher = _student_teacher()
+    return kl_and_loss(teacher, student, _windows(), batch_size)
+
+
+def _measured(**kw):
+    _, teacher = _student_teacher()
+    settings = {"options": ({"T": 2},), "sparsify": (), "energy_windows": 1, **kw}
+    return measure(teacher, _windows(), **settings).to_json()
+
+
+def _generated(**kw):
+    """A greedy (temperature 0) or seeded continuation of a fixed prompt, and the model's
+    fused C step for ``batch`` sequences."""
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(**SMALL)).eval()
+    settings = {"max_new_tokens": 4, "temperature": 0.0, **kw}
+    return model.generate(torch.tensor([1, 2, 3]), generator=torch.Generator().manual_seed(0),
+                          **settings)  # fmt: skip
+
+
+def _fused(batch):
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(**SMALL)).eval()
+    step = FusedStep(model, batch)
+    logits, _ = step(torch.arange(batch) % 11, model.init_state(batch, in_place=True))
+    return step.batch, logits
+
+
+def _scan(chunk_size):
+    g = torch.Generator().manual_seed(0)
+    x, B, C = (torch.randn(1, 6, 2, 3, generator=g, dtype=torch.float64) for _ in range(3))
+    a = -torch.rand(1, 6, 2, generator=g, dtype=torch.float64)
+    return ssd_scan(x, a, B, C, chunk_size=chunk_size)
+
+
+def _norm(groups):
+    norm = RMSNorm(8, None, groups)
+    return norm.groups, norm(X.float().reshape(3, 8))
+
+
+def _energy(**kw):
+    """A report's dict as written to JSON (tokens and parameters are stored in it)."""
+    x = torch.ones(2, 4)
+    if "tokens" in kw:
+        report = profile(demo_network((4, 3)), x, hardware="45nm-fp32+mem", tokens=kw["tokens"])
+    else:
+        report = EnergyReport.build([], hardware="45nm-fp32+mem", passes=1, **kw)
+    data = report.to_dict()
+    json.dumps(data)
+    return data
+
+
+def _rates(batch_dims):
+    spikes = np.sign(np.sin(np.arange(24.0))).reshape(2, 3, 4)
+    rates = firing_rates(spikes, batch_dims=batch_dims)
+    return rates.n_samples, rates.rate_pos.tolist(), rates.rate_neg.tolist()
+
+
+def _raster(boundary_every):
+    ax = raster(np.zeros((6, 3)), boundary_every=boundary_every)
+    return [[float(x) for x in line.get_xdata()] for line in ax.lines]
+
+
+def _demo_network(**kw):
+    net = demo_network(**{"sizes": (4, 3), **kw})
+    return {k: v.detach() for k, v in net.state_dict().items()}
 
 
 def _lif(**kw):
@@ -215,6 +303,16 @@ REAL = [
     ("CUBALIF v_threshold", lambda v, _: _lif(v_threshold=v), 0.5, "v_threshold"),
     ("export_nir dt", _nir, 0.5, "dt"),
     ("run_lava timeout_s", lambda v, tmp: _lava(tmp, timeout_s=v), 2.0, "timeout_s"),
+    ("generate temperature",
+     lambda v, _: _generated(temperature=v), 0.5, "temperature"),
+    ("generate top_p",
+     lambda v, _: _generated(temperature=1.0, top_p=v), 0.5, "top_p"),
+    ("TransformerConfig ffn_mult",
+     lambda v, _: vars(TransformerConfig(ffn_mult=v)), 2.5, "ffn_mult"),
+    ("TransformerConfig dropout",
+     lambda v, _: vars(TransformerConfig(dropout=v)), 0.25, "dropout"),
+    ("demo_network threshold_ratio",
+     lambda v, _: _demo_network(threshold_ratio=v), 0.5, "threshold_ratio"),
 ]  # fmt: skip
 
 INTEGER = [
@@ -246,6 +344,30 @@ INTEGER = [
      lambda v, _: _profile(capacity_bytes=v), 2048, "capacity_bytes"),
     ("random_schedule seed", lambda v, _: _schedule(seed=v), 7, None),
     ("run_lava num_steps", lambda v, tmp: _lava(tmp, num_steps=v), 2, "num_steps"),
+    ("calibrate max_rows",
+     lambda v, _: _calibrated(firing_rate=0.25, max_rows=v), 12, "max_rows"),
+    ("random_schedule tries", lambda v, _: _schedule(tries=v), 5, "tries"),
+    ("kl_and_loss batch_size", lambda v, _: _kl_and_loss(v), 2, "batch_size"),
+    ("measure batch_size", lambda v, _: _measured(batch_size=v), 2, "batch_size"),
+    ("measure energy_windows", lambda v, _: _measured(energy_windows=v), 2, "energy_windows"),
+    ("generate max_new_tokens",
+     lambda v, _: _generated(max_new_tokens=v), 3, "max_new_tokens"),
+    ("generate top_k", lambda v, _: _generated(temperature=1.0, top_k=v), 3, "top_k"),
+    ("TransformerConfig d_model",
+     lambda v, _: vars(TransformerConfig(d_model=v)), 16, "d_model"),
+    ("TransformerConfig n_heads",
+     lambda v, _: vars(TransformerConfig(n_heads=v)), 2, "n_heads"),
+    ("FusedStep batch", lambda v, _: _fused(v), 2, "batch"),
+    ("ssd_scan chunk_size", lambda v, _: _scan(v), 4, "chunk_size"),
+    ("RMSNorm groups", lambda v, _: _norm(v), 2, "groups"),
+    ("EnergyReport tokens", lambda v, _: _energy(tokens=v), 2, "tokens"),
+    ("EnergyReport parameters", lambda v, _: _energy(parameters=v), 40, "parameters"),
+    ("demo_model d", lambda v, _: _config(demo_model(v, 1, 2).config), 16, "d"),
+    ("demo_model layers", lambda v, _: _config(demo_model(16, v, 2).config), 2, "layers"),
+    ("demo_model T", lambda v, _: _config(demo_model(16, 1, v).config), 3, "T"),
+    ("firing_rates batch_dims", lambda v, _: _rates(v), 1, "batch_dims"),
+    ("raster boundary_every", lambda v, _: _raster(v), 2, "boundary_every"),
+    ("demo_network sizes", lambda v, _: _demo_network(sizes=(4, v)), 3, "sizes"),
 ]  # fmt: skip
 
 FLOAT_TYPES = (np.float32, np.float64)

@@ -15,6 +15,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._numbers import integer
+
 __all__ = ["VOCAB", "demo_model", "dense_demo_model", "packaged_student", "packaged_student_path"]
 
 VOCAB = 256  # bytes
@@ -26,8 +28,9 @@ def demo_model(d: int = 64, layers: int = 2, T: int = 4, *, seed: int = 0) -> nn
     from spikemar.models import MARLM, MARConfig, SpikeConfig
 
     for name, value in (("d", d), ("layers", layers), ("T", T)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        if integer(value) is None or value < 1:  # NumPy's ints too
             raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    d, layers, T = integer(d), integer(layers), integer(T)
     head_dim = 16 if (2 * d) % 16 == 0 else 2 * d
     config = MARConfig(
         vocab_size=VOCAB,

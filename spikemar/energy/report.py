@@ -25,6 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from .._numbers import integer
 from .counter import MEMORY_COUNT_FIELDS
 from .profiles import HardwareProfile, MemoryLevel, get_profile, place
 
@@ -50,11 +51,13 @@ _TERMS = (  # count field, price field, energy field
 )
 
 
-def _check_tokens(tokens: object) -> None:
+def _check_tokens(tokens: object) -> int | None:
+    """``tokens`` as a Python int (NumPy's ints too: the report writes it to JSON) or None."""
     if tokens is None:
-        return
-    if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
+        return None
+    if integer(tokens) is None or tokens < 1:
         raise ValueError(f"tokens: expected an int >= 1 or None, got {tokens!r}")
+    return integer(tokens)
 
 
 @dataclass(frozen=True)
@@ -374,9 +377,10 @@ class EnergyReport:
         """Price raw per-row counts (dicts with the count fields of :class:`LayerRow`);
         ``parameters``: the model's parameter elements (placement of its weights)."""
         hw = get_profile(hardware)
-        _check_tokens(tokens)
-        if isinstance(parameters, bool) or not isinstance(parameters, int) or parameters < 0:
+        tokens = _check_tokens(tokens)
+        if integer(parameters) is None or parameters < 0:
             raise ValueError(f"parameters: expected an int >= 0, got {parameters!r}")
+        parameters = integer(parameters)
         counts = list(rows)
         placed = place_weights(counts, hw) if hw.prices_memory else {}
         return cls(

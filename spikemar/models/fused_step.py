@@ -48,6 +48,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .._numbers import integer
 from ..counting import counting_active
 from ..neurons import cpu_backend
 from ..neurons.cpu_backend import KernelLibrary, build_library
@@ -111,8 +112,9 @@ class FusedStep:
     def __init__(self, model: nn.Module, batch: int = 1) -> None:
         from .mar import MARLM, MARLayer  # mar imports generation, which imports this
 
-        if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        if integer(batch) is None or batch < 1:  # NumPy's ints as Python's
             raise ValueError(f"batch: expected an int >= 1, got {batch!r}")
+        batch = integer(batch)
         if not isinstance(model, MARLM) or type(model).step is not MARLM.step:
             raise ValueError(f"model: expected a MARLM (whose step it compiles), got "
                                f"{type(model).__name__}")  # fmt: skip

@@ -12,10 +12,9 @@ prefills), then tokens are sampled with temperature and top-k, each fed back thr
 
 from __future__ import annotations
 
-import numbers
-
 import torch
 
+from .._numbers import integer, real
 from .fused_step import FusedStep
 from .states import prefill_each, stack_states
 
@@ -132,16 +131,22 @@ def generate(
         )
     if tokens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"prompt: expected integer token ids, got dtype {prompt.dtype}")
-    n_new = max_new_tokens
-    if isinstance(n_new, bool) or not isinstance(n_new, int) or n_new < 0:
+    # NumPy's numbers as Python's (a sweep's np.arange, np.linspace), a bool refused
+    n_new = integer(max_new_tokens)
+    if n_new is None or n_new < 0:
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    if not temperature >= 0:
+    max_new_tokens = n_new
+    if real(temperature) is None or not temperature >= 0:
         raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
-    if top_k is not None and (not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, numbers.Real)
-                              or not 0 < top_p <= 1):  # fmt: skip
-        raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+    temperature = real(temperature)
+    if top_k is not None:
+        if integer(top_k) is None or top_k < 1:
+            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+        top_k = integer(top_k)
+    if top_p is not None:
+        if real(top_p) is None or not 0 < top_p <= 1:
+            raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+        top_p = real(top_p)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got "
                         f"{type(generator).__name__}")  # fmt: skip
@@ -247,10 +252,7 @@ def _eos_ids(
         return None
     many = isinstance(eos_token_id, list | tuple)
     ids = list(eos_token_id) if many else [eos_token_id]
-    ok = bool(ids) and all(
-        isinstance(i, numbers.Integral) and not isinstance(i, bool) and 0 <= i < (vocab or i + 1)
-        for i in ids
-    )
+    ok = bool(ids) and all(integer(i) is not None and 0 <= i < (vocab or i + 1) for i in ids)
     if not ok:
         raise ValueError(f"{name}: expected a token id (or a list of them) in [0, {vocab}) "
                          f"or None, got {eos_token_id!r}")  # fmt: skip

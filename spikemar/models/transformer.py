@@ -17,6 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._numbers import integer, plain, real
 from ..counting import counted_pass, counting_active, record_ops
 from .common import FeedForward, GradientCheckpointing, check_tokens, run_blocks
 from .generation import generate
@@ -35,10 +36,21 @@ class TransformerConfig:
     dropout: float = 0.0
 
     def __post_init__(self) -> None:
+        # NumPy's numbers are stored as Python's, so the config saves as JSON and loads with
+        # torch.load(weights_only=True)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            if integer(value) is None or value < 1:
                 raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            setattr(self, name, integer(value))
+        mult = real(self.ffn_mult)
+        if mult is None or not math.isfinite(mult) or round(mult * self.d_model) < 1:
+            raise ValueError(f"ffn_mult: expected a number with round(ffn_mult * d_model) >= 1, "
+                             f"got {self.ffn_mult!r}")  # fmt: skip
+        if real(self.dropout) is None or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        # ffn_mult=3 stays 3 in a saved config, as in MARConfig
+        self.ffn_mult, self.dropout = plain(self.ffn_mult), plain(self.dropout)
         if self.d_model % self.n_heads:
             raise ValueError(f"n_heads: {self.n_heads} does not divide d_model = {self.d_model}")
 

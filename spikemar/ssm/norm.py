@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._numbers import integer, plain
 from . import fast
 
 __all__ = ["FAST_MAX_VALUES", "RMSNorm"]
@@ -27,10 +28,11 @@ FAST_MAX_VALUES = 1 << 15  # the C norm is single-threaded
 
 class RMSNorm(nn.RMSNorm):
     def __init__(self, width: int, eps: float | None = None, groups: int = 1) -> None:
-        super().__init__(width, eps=eps)
-        if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or width % groups:
+        # NumPy's numbers kept as Python's (nn.RMSNorm keeps what it is given)
+        super().__init__(plain(width), eps=plain(eps))
+        if integer(groups) is None or groups < 1 or width % groups:  # NumPy's ints as Python's
             raise ValueError(f"groups: expected a divisor of width {width}, got {groups!r}")
-        self.groups = groups
+        self.groups = integer(groups)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight

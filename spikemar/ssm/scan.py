@@ -70,6 +70,7 @@ import torch
 from torch import Tensor
 from torch.autograd.function import FunctionCtx
 
+from .._numbers import integer
 from ..neurons import checks
 
 __all__ = ["default_chunk_size", "ssd_scan", "ssd_scan_naive", "ssd_step"]
@@ -190,8 +191,9 @@ def ssd_scan(
     _check_inputs(x, a, B, C, initial_state, step=False)
     if chunk_size is None:
         chunk_size = default_chunk_size(x.shape[3], B.shape[3])
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if integer(chunk_size) is None or chunk_size < 1:  # NumPy's ints as Python's
         raise ValueError(f"chunk_size must be a positive int or None, got {chunk_size!r}")
+    chunk_size = integer(chunk_size)
     heads = x.shape[2]
     B, C = _broadcast_groups(B, heads), _broadcast_groups(C, heads)
     dtype = x.dtype

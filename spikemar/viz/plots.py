@@ -33,6 +33,7 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from .._io import atomic_write, check_output_path
+from .._numbers import integer
 
 __all__ = [
     "NEG_COLOR",
@@ -94,8 +95,9 @@ def _spike_matrix(spikes: ArrayLike, name: str = "spikes", batch_dims: int = 0) 
             f"{name}: expected spikes [T, N, ...] (time first, at least 2 dimensions), "
             f"got shape {arr.shape}"
         )
-    if isinstance(batch_dims, bool) or not isinstance(batch_dims, int) or batch_dims < 0:
+    if integer(batch_dims) is None or batch_dims < 0:  # NumPy's ints too
         raise ValueError(f"batch_dims: expected an int >= 0, got {batch_dims!r}")
+    batch_dims = integer(batch_dims)
     if arr.ndim < 2 + batch_dims:
         raise ValueError(
             f"{name}: with batch_dims={batch_dims} expected [T, {'B, ' * batch_dims}N, ...] "
@@ -160,8 +162,9 @@ def raster(
     """
     matrix = _spike_matrix(spikes)
     if boundary_every is not None:
-        if isinstance(boundary_every, bool) or not isinstance(boundary_every, int):
+        if integer(boundary_every) is None:  # NumPy's ints too
             raise TypeError(f"boundary_every: expected an int or None, got {boundary_every!r}")
+        boundary_every = integer(boundary_every)
         if boundary_every < 1:
             raise ValueError(f"boundary_every: expected an int >= 1, got {boundary_every}")
     ax = _check_ax(ax, (6.4, 4.8))
@@ -531,7 +534,7 @@ def membrane_trace(
             f"neurons: expected 1 to {len(_TRACE_COLORS)} neuron indices, got {len(neurons)}"
         )
     for i in neurons:
-        if isinstance(i, bool) or not isinstance(i, int | np.integer) or not 0 <= i < n_neurons:
+        if integer(i) is None or not 0 <= i < n_neurons:
             raise ValueError(
                 f"neurons: index {i!r} out of range for {n_neurons} neurons (membrane shape "
                 f"{u.shape[1:]} flattened)"

@@ -39,6 +39,7 @@ from torch import nn
 from ._io import atomic_write
 from .data import CharTokenizer
 from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
+from .models.assembly import assign_weights, build_on_meta, meta_tensors
 from .tokenizer import tokenizer_from_dict
 
 __all__ = [
@@ -239,8 +240,7 @@ def load_checkpoint(
         raise FileNotFoundError(f"{name}: no file at {path}")
     payload = _read(path, "cpu", name)
     try:
-        model = build_model(payload["kind"], payload["model_config"])
-        model.load_state_dict(payload["model"])
+        model = _rebuild(payload["kind"], payload["model_config"], payload["model"])
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise ValueError(f"{name}: {path} does not rebuild its model ({err})") from err
@@ -254,6 +254,29 @@ def load_checkpoint(
     model.to(map_location).eval()
     model.tokenizer = tokenizer  # generate(text) → text
     return model, tokenizer, payload
+
+
+def _rebuild(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor]) -> nn.Module:
+    """``build_model(kind, config)`` holding ``state``'s tensors themselves: built on the meta
+    device and ``state`` assigned, so the weights are in memory once (the file's), without the
+    random initial weights that a copy into a built model allocates beside them. Every tensor
+    of these models is in its state dict, so ``state`` fills them all (strictly, as
+    ``load_state_dict`` does); dtypes and strides as the model builds them (a tensor saved in
+    another dtype is cast, as loading it into a built model casts it)."""
+    if not isinstance(state, dict):
+        raise ValueError(f"the model's weights: expected a dict of tensors, got "
+                         f"{type(state).__name__}")  # fmt: skip
+    model = build_on_meta(lambda: build_model(kind, config))
+    missing, unexpected = assign_weights(model, state, keep_layout=True)
+    if missing or unexpected:
+        raise ValueError(f"its weights do not fit the model: missing {missing[:3]}"
+                         f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
+                         f"{' ...' if len(unexpected) > 3 else ''}")  # fmt: skip
+    left = meta_tensors(model)
+    if left:  # a tensor the constructor computes that no state dict holds: a gap here
+        raise RuntimeError(f"load_checkpoint: {left[:3]} left without values (a bug in "
+                           "spikemar: please report it)")  # fmt: skip
+    return model
 
 
 def release_checkpoint(

@@ -47,6 +47,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import HFTokenizer, is_lfs_pointer, load_tokenizer
+from .assembly import assign_weights, build_on_meta, meta_tensors
 from .common import SpikeConfig
 from .mar import MARLM, MARConfig, point_module
 
@@ -470,26 +471,16 @@ def _assemble(config: MARConfig, state: dict[str, torch.Tensor], dtype: torch.dt
     allocating the random initial weights the file replaces: the model is built on the meta
     device, ``state`` assigned into it, and what the file cannot hold (a student's spike points)
     built for real, as ``MARLM(config).to(dtype)`` would have them."""
-    with torch.device("meta"):
-        model = MARLM(config)
-    # a parameter shared by several names (a tied head) is assigned once and shared again after:
-    # assign=True would give each name its own Parameter, untying them
-    shared = {}
-    first_of: dict[int, str] = {}
-    for name, p in model.named_parameters(remove_duplicate=False):
-        shared[name] = first_of.setdefault(id(p), name)
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    model = build_on_meta(lambda: MARLM(config))
+    # the tie kept (assign_weights shares the head's Parameter again), state's dtype kept
+    missing, unexpected = assign_weights(model, state, keep_layout=False)
     # the mapping covers the dense model; a student's new tensors are its spike points' only
     owned = {f"{site.name}.{key}" for site in model.spike_points()
              for key in site.module.state_dict()}  # fmt: skip
-    missing = sorted(set(missing) - owned - {n for n, first in shared.items() if n != first})
+    missing = sorted(set(missing) - owned)
     if missing or unexpected:
         raise ValueError(f"the mapped weights do not fit the model (missing {missing[:3]}, "
                          f"unexpected {unexpected[:3]})")  # fmt: skip
-    for name, first in shared.items():
-        if name != first:
-            parent, _, attr = name.rpartition(".")
-            setattr(model.get_submodule(parent), attr, model.get_parameter(first))
     for site in list(model.spike_points()):
         # every point is the config's spikes (a pretrained config sets no per-point settings,
         # config.points); its threshold starts at spikes.v_threshold, built in float32 and
@@ -498,20 +489,8 @@ def _assemble(config: MARConfig, state: dict[str, torch.Tensor], dtype: torch.dt
         point = point_module(channels, "spike", config.spikes).to(dtype)
         parent, _, attr = site.name.rpartition(".")
         setattr(model.get_submodule(parent), attr, point)
-    left = _meta_tensors(model)
+    left = meta_tensors(model)
     if left:  # a tensor the file and the spike points leave unset: a gap in this function
         raise RuntimeError(f"from_pretrained: {left[:3]} left without values (a bug in "
                            "spikemar: please report it)")  # fmt: skip
     return model
-
-
-def _meta_tensors(model: torch.nn.Module) -> list[str]:
-    """The names of ``model``'s tensors still on the meta device: parameters, buffers and plain
-    tensor attributes of its modules."""
-    left = [n for n, t in model.named_parameters(remove_duplicate=False) if t.is_meta]
-    left += [n for n, t in model.named_buffers(remove_duplicate=False) if t.is_meta]
-    for prefix, module in model.named_modules(remove_duplicate=False):
-        dot = f"{prefix}." if prefix else ""
-        left += [f"{dot}{k}" for k, v in vars(module).items()
-                 if isinstance(v, torch.Tensor) and v.is_meta]  # fmt: skip
-    return left

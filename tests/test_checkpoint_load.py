@@ -1,0 +1,198 @@
+"""load_checkpoint builds the model on the meta device and assigns the file's tensors: the same
+model as building it and copying the weights in (every tensor bit for bit, dtype, strides,
+requires_grad, the tie, the logits), holding the payload's tensors themselves (no second copy),
+for every kind of model build_model makes; and about 4 B per float32 parameter at the peak
+instead of ~12."""
+
+import os
+
+import pytest
+import torch
+
+from spikemar.checkpoint import build_model, load_checkpoint, save_checkpoint
+from spikemar.data import CharTokenizer
+
+TOKENIZER = CharTokenizer("abcdefghijklmnopqrstuvwxyz .,")
+V = TOKENIZER.vocab_size
+SMALL = {"vocab_size": V, "d_model": 16, "n_layers": 2, "d_state": 4, "head_dim": 8}
+
+KINDS = {
+    "mar": ("mar", SMALL),
+    "mar-tied-layer-threshold": (
+        "mar", {**SMALL, "tie_embeddings": True, "spikes": {"T": 2, "threshold": "layer"}}
+    ),
+    "mar-binary-llama-biases": (
+        "mar", {**SMALL, "ffn": "llama", "ffn_bias": True, "bias": True, "head_bias": True,
+                "spikes": {"neuron": "binary", "T": 3}},
+    ),
+    "mar-ternary-single-no-ffn": (
+        "mar", {**SMALL, "ffn": None, "spikes": {"neuron": "ternary-single"}}
+    ),
+    "mar-hybrid": (
+        "mar", {**SMALL, "n_layers": 4, "layers": ["ssm", "attn", "lti", "discrete-mamba2"],
+                "spiking": [True, True, False, True], "ffn_sparsity": ["topk", 0.5]},
+    ),
+    "mar-points": (
+        "mar", {**SMALL, "points": {"layers.0.ffn.*": "dense", "layers.1.ffn.spike_hidden":
+                                    {"T": 2, "v_threshold": 0.3},
+                                    "layers.1.mixer.*": {"sparsify": "threshold", "amount": 0.1}}},
+    ),
+    "mar-dense": ("mar-dense", {**SMALL, "tie_embeddings": True, "residual_in_fp32": True}),
+    "mar-dense-sparse-ffn": ("mar-dense", {**SMALL, "ffn_sparsity": ["threshold", 0.05]}),
+    "transformer": ("transformer", {"vocab_size": V, "d_model": 16, "n_layers": 2, "n_heads": 2,
+                                    "max_len": 32}),
+}  # fmt: skip
+
+
+def _saved(tmp_path, kind, config, seed=0, dtype=None, train_state=None):
+    torch.manual_seed(seed)
+    model = build_model(kind, config)
+    with torch.no_grad():  # thresholds off their initial value, so that a rebuild cannot pass
+        for name, p in model.named_parameters():
+            if name.endswith("neuron.a"):
+                p.add_(torch.randn(p.shape) * 0.1)
+    if dtype is not None:
+        model.to(dtype)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, TOKENIZER, train_state)
+    return path
+
+
+def _the_old_way(path):
+    """What load_checkpoint did before: the model built with its random initial weights, the
+    payload's tensors copied in."""
+    payload = torch.load(path, weights_only=True)
+    model = build_model(payload["kind"], payload["model_config"])
+    model.load_state_dict(payload["model"])
+    return model.eval()
+
+
+def _tensors(model):
+    yield from model.named_parameters(remove_duplicate=False)
+    yield from model.named_buffers(remove_duplicate=False)
+
+
+def _assert_same_model(model, expected):
+    for prefix, module in model.named_modules():  # nothing left on the meta device
+        for key, value in vars(module).items():
+            assert not (isinstance(value, torch.Tensor) and value.is_meta), f"{prefix}.{key}"
+    got, want = dict(_tensors(model)), dict(_tensors(expected))
+    assert list(got) == list(want)
+    for key, t in want.items():
+        g = got[key]
+        assert not g.is_meta and g.dtype == t.dtype and g.stride() == t.stride(), key
+        assert g.requires_grad == t.requires_grad, key
+        assert type(g) is type(t), key  # a Parameter stays a Parameter, a buffer a tensor
+        assert torch.equal(g, t), key
+    assert len(list(model.parameters())) == len(list(expected.parameters()))  # ties kept
+    if getattr(model.config, "tie_embeddings", False):
+        assert model.head.weight is model.embed.weight
+    assert not model.training
+    x = torch.randint(0, V, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        assert torch.equal(model(x), expected(x))
+
+
+@pytest.mark.parametrize("name", list(KINDS))
+def test_the_model_is_the_built_one_with_the_payloads_own_tensors(tmp_path, name):
+    kind, config = KINDS[name]
+    path = _saved(tmp_path, kind, config)
+    model, tokenizer, payload = load_checkpoint(path)
+    _assert_same_model(model, _the_old_way(path))
+    assert tokenizer == TOKENIZER and model.tokenizer is tokenizer
+    # no second copy: each tensor of the model is the payload's, its memory included
+    state = model.state_dict()
+    for key, t in payload["model"].items():
+        assert state[key].data_ptr() == t.data_ptr(), key
+
+
+def test_a_bfloat16_checkpoint_loads_in_float32_as_before(tmp_path):
+    """A model saved in bfloat16 is rebuilt as build_model builds it, in float32 (the values
+    cast as load_state_dict's copy casts them), its tie one Parameter."""
+    kind, config = KINDS["mar-tied-layer-threshold"]
+    path = _saved(tmp_path, kind, config, dtype=torch.bfloat16)
+    model, _, payload = load_checkpoint(path)
+    assert payload["model"]["embed.weight"].dtype == torch.bfloat16
+    assert {t.dtype for _, t in _tensors(model)} == {torch.float32}
+    _assert_same_model(model, _the_old_way(path))
+
+
+def test_the_tie_stays_one_parameter_while_it_learns(tmp_path):
+    kind, config = KINDS["mar-tied-layer-threshold"]
+    model, _, _ = load_checkpoint(_saved(tmp_path, kind, config))
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.1)
+    x = torch.randint(0, V, (2, 5), generator=torch.Generator().manual_seed(0))
+    model.train()(x).square().mean().backward()
+    optimizer.step()
+    assert model.head.weight is model.embed.weight
+
+
+def test_weights_that_do_not_fit_are_one_error(tmp_path):
+    kind, config = KINDS["mar-tied-layer-threshold"]
+    path = _saved(tmp_path, kind, config)
+    payload = torch.load(path, weights_only=True)
+    cases = {
+        "missing": lambda s: s.pop("norm.weight"),
+        "unexpected": lambda s: s.update(extra=torch.zeros(2)),
+        "size mismatch": lambda s: s.update({"norm.weight": torch.zeros(3)}),
+        "different values": lambda s: s.update({"head.weight": s["head.weight"] + 1}),
+    }
+    for what, change in cases.items():
+        state = dict(payload["model"])
+        change(state)
+        torch.save({**payload, "model": state}, path)
+        with pytest.raises(ValueError, match=f"checkpoint: {path} does not rebuild its model") as e:
+            load_checkpoint(path)
+        assert what in str(e.value), str(e.value)
+
+
+def test_old_spike_point_names_are_renamed_and_cast(tmp_path):
+    """The pre-hook that renames an attention layer's old spike point ('spike_attn') still
+    runs: the renamed tensor is assigned, in the model's dtype."""
+    kind, config = KINDS["mar-hybrid"]
+    path = _saved(tmp_path, kind, config, dtype=torch.float64)
+    payload = torch.load(path, weights_only=True)
+    state = {k.replace("layers.1.mixer.spike_in.", "layers.1.spike_attn."): v
+             for k, v in payload["model"].items()}  # fmt: skip
+    assert "layers.1.spike_attn.neuron.a" in state
+    torch.save({**payload, "model": state}, path)
+    model, _, _ = load_checkpoint(path)
+    _assert_same_model(model, _the_old_way(path))
+
+
+def _peak_growth(load):
+    """Bytes the process's peak resident memory (VmHWM) rises above its resident memory while
+    ``load()`` runs (the kernel resets the peak on writing 5 to /proc/self/clear_refs)."""
+
+    def status(key):
+        with open("/proc/self/status") as f:
+            line = next(line for line in f if line.startswith(key))
+        return int(line.split()[1]) * 1024
+
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = status("VmRSS:")
+    result = load()
+    return status("VmHWM:") - before, result
+
+
+@pytest.mark.skipif(
+    not os.access("/proc/self/clear_refs", os.W_OK),
+    reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory",
+)
+def test_peak_memory_is_the_weights_once(tmp_path):
+    # ~4 M float32 parameters, most in the embedding and the head as in a real LM
+    config = {**SMALL, "vocab_size": 16000, "d_model": 128, "n_layers": 1}
+    torch.manual_seed(0)
+    model = build_model("mar", config)
+    path = tmp_path / "m.pt"
+    save_checkpoint(path, model, CharTokenizer("".join(chr(0x4E00 + i) for i in range(16000))))
+    n = sum(p.numel() for p in model.parameters())
+    del model
+    first = load_checkpoint(path)  # the imports, and kept so the next cannot reuse its memory
+    growth, loaded = _peak_growth(lambda: load_checkpoint(path))
+    del first
+    # the file's tensors (4 B/param) and the allocator's slack; building the model and copying
+    # the weights in took ~12 (the payload, the random initial weights, their init's temporaries)
+    assert growth < 6.0 * n, (growth / n, n)
+    assert sum(p.numel() for p in loaded[0].parameters()) == n

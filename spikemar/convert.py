@@ -612,6 +612,8 @@ def _flag_message(message: str, args: argparse.Namespace) -> str:
 
 
 def convert_main(args: argparse.Namespace) -> int:
+    from ._argtypes import is_machine_failure
+
     spikes = {"T": args.T, "tau": args.tau, "neuron": args.neuron, "threshold": args.threshold}
     try:
         from ._io import check_output_path
@@ -635,9 +637,23 @@ def convert_main(args: argparse.Namespace) -> int:
             device=args.device,
         )  # fmt: skip
     except (ValueError, TypeError, OSError) as err:  # ConnectionError is an OSError
+        if is_machine_failure(err):  # a full disk: the run failed (exit 1), the input did not
+            raise _failed_run(err, args) from err
         args._parser.error(_flag_message(str(err), args))
     print(result.summary())
     return 0
+
+
+def _failed_run(err: OSError, args: argparse.Namespace) -> OSError:
+    """A full disk (quota, file-size limit, I/O error) as the command line says it, with its
+    errno, for :func:`spikemar.cli.main` to print as a failed run: the student checkpoint's
+    write (``checkpoint: cannot write``) is --out's; the token cache's names its own file."""
+    message = str(err)
+    if message.startswith("checkpoint: "):
+        message = "--out: " + message.removeprefix("checkpoint: ")
+    failed = OSError(_flag_message(message, args))
+    failed.errno = err.errno
+    return failed
 
 
 def _layer_count(source: str) -> int:

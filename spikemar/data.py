@@ -23,6 +23,7 @@ corpus can be given instead. Nothing is downloaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -75,8 +76,10 @@ def read_text(path: str | os.PathLike) -> str:
         raise ValueError(f"path: {path} is not UTF-8 text ({err})") from err
 
 
-def _write_atomic(path: Path, data: bytes) -> None:
-    with atomic_write(path) as tmp:
+def _write_atomic(path: Path, data: bytes | np.ndarray) -> None:
+    # named: a full disk reads "token cache: cannot write '.../train.bin' (No space left on
+    # device)" with its errno, not a bare "[Errno 28]" about a temporary file
+    with atomic_write(path, name="token cache") as tmp:
         tmp.write_bytes(data)
 
 
@@ -244,8 +247,10 @@ def prepare(
     ``tokenizer`` None builds a character vocabulary from the text. The folder is keyed by the
     hash of the source's content and the tokenizer under ``cache_dir`` (default
     ``~/.cache/spikemar/data``); each file is written to a temporary name and renamed, and
-    ``meta.json`` last, so an interrupted run leaves no half-written cache. ``progress``: show
-    the tokenization of a corpus of 16 MiB or more (a bar on a terminal, else two lines).
+    ``meta.json`` last, so an interrupted run leaves no half-written cache, and one that fails
+    part-way (a full disk: ``OSError`` "token cache: cannot write PATH (reason)", with its
+    errno; Ctrl-C) removes the files it wrote. ``progress``: show the tokenization of a corpus
+    of 16 MiB or more (a bar on a terminal, else two lines).
     """
     if path is None and not default_corpus().exists():
         raise FileNotFoundError(
@@ -272,13 +277,27 @@ def prepare(
             f"path: {path} has {len(ids)} tokens, too few for a 90/10 split with at least "
             "2 tokens in each part"
         )
-    folder.mkdir(parents=True, exist_ok=True)
-    _write_atomic(folder / "train.bin", ids[:n_train].tobytes())
-    _write_atomic(folder / "val.bin", ids[n_train:].tobytes())
     meta = {"source": str(path), "sha256_16": digest, "tokenizer": tokenizer.to_dict(),
             "dtype": np.dtype(dtype).name, "documents": n_docs,
             "train_tokens": n_train, "val_tokens": len(ids) - n_train}  # fmt: skip
-    _write_atomic(folder / "meta.json", json.dumps(meta, indent=1).encode())  # last: marks done
+    # the splits are written from the array itself (no bytes copy); meta.json last: marks done
+    parts = [("train.bin", ids[:n_train]), ("val.bin", ids[n_train:]),
+             ("meta.json", json.dumps(meta, indent=1).encode())]  # fmt: skip
+    written = []
+    try:
+        for name, data in parts:
+            _write_atomic(folder / name, data)
+            written.append(folder / name)
+    except BaseException:
+        # a full disk or an interrupt between files: the token files written so far are no
+        # cache without meta.json, only room taken on a disk that may be full (unless another
+        # run finished the same cache meanwhile: then they are its files)
+        if not _complete(folder):
+            for f in written:
+                f.unlink(missing_ok=True)
+            with contextlib.suppress(OSError):  # not empty: another run's files
+                folder.rmdir()
+        raise
     return folder
 
 

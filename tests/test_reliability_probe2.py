@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import contextlib
-import resource
-import signal
 from dataclasses import replace
 
 import pytest
+from references.full_disk import file_size_limit
 
 from spikemar.checkpoint import build_model, save_checkpoint
 from spikemar.data import CharTokenizer, TokenDataset
@@ -18,19 +16,6 @@ from spikemar.training import TrainConfig, TrainingDivergedError, train
 SSM = {"d_model": 16, "n_layers": 1, "d_state": 4, "head_dim": 8}
 
 
-@contextlib.contextmanager
-def _file_size_limit(limit: int):
-    """Writes past ``limit`` bytes fail with EFBIG, as writes to a full disk fail with ENOSPC."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
-    previous = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, hard))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, (soft, hard))
-        signal.signal(signal.SIGXFSZ, previous)
-
-
 def test_a_checkpoint_write_that_fails_says_why_and_leaves_nothing(tmp_path):
     """A disk that fills up during a save is one OSError naming the file and the reason (not
     torch's zip writer's "unexpected pos"), and no temporary is left beside it."""
@@ -38,7 +23,7 @@ def test_a_checkpoint_write_that_fails_says_why_and_leaves_nothing(tmp_path):
     model = build_model("mar-dense", {"vocab_size": tokenizer.vocab_size, "d_model": 16,
                                       "n_layers": 1, "d_state": 4, "head_dim": 8})  # fmt: skip
     out = tmp_path / "model.pt"
-    with _file_size_limit(4096), pytest.raises(OSError, match=r"^checkpoint: cannot write ") as err:
+    with file_size_limit(4096), pytest.raises(OSError, match=r"^checkpoint: cannot write ") as err:
         save_checkpoint(out, model, tokenizer)
     assert str(out) in str(err.value) and "too large" in str(err.value)
     assert list(tmp_path.iterdir()) == []
@@ -130,7 +115,7 @@ def test_a_full_disk_during_a_run_is_a_failed_run_not_a_usage_error(command, cor
             "max_len": 16}), vocab)  # fmt: skip
         argv = ["distill", "--stage", "1", "--teacher", str(teacher), "--d-state", "4",
                 "--head-dim", "8", *loop]  # fmt: skip
-    with _file_size_limit(4096):
+    with file_size_limit(4096):
         code = cli.main(argv)
     lines = capsys.readouterr().err.splitlines()
     (err,) = [line for line in lines if not line.startswith("spikemar: compiling")]  # a note

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ import torch
 from torch import nn
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .._argtypes import is_machine_failure
 from .._io import atomic_write, check_output_path
 from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
@@ -318,6 +320,12 @@ def energy_main(args: argparse.Namespace) -> int:
     except ValueError as err:
         print(f"spikemar energy: error: {err}", file=sys.stderr)
         return 2
+    except OSError as err:
+        if not is_machine_failure(err):
+            raise
+        # a full disk under a report: the run failed, the input was not at fault
+        print(f"spikemar energy: error: {err}", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -331,12 +339,19 @@ def _ratio_entry(cmp: EnergyComparison) -> dict[str, Any]:
 
 @contextlib.contextmanager
 def _naming(flag: str, path: Path) -> Iterator[None]:
-    """A report that cannot be written (a full disk, a folder that refuses files) is one error
-    naming its option."""
+    """A report that cannot be written is one error naming its option and file: a full disk (a
+    quota, a file-size limit, an I/O error) an OSError with its errno, for a failed run (exit
+    1); a folder that refuses files a ValueError, for a mistake in the input (exit 2)."""
     try:
         yield
     except OSError as err:
-        raise ValueError(f"{flag}: cannot write {str(path)!r} ({err.strerror or err})") from err
+        why = os.strerror(err.errno) if err.errno else str(err)  # not a temporary file's name
+        message = f"{flag}: cannot write {str(path)!r} ({why})"
+        if not is_machine_failure(err):
+            raise ValueError(message) from err
+        failed = OSError(message)
+        failed.errno = err.errno
+        raise failed from err
 
 
 def _check_outputs(args: argparse.Namespace) -> None:

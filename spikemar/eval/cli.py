@@ -31,11 +31,11 @@ import contextlib
 import os
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-from .._argtypes import add_tokenizer_argument
+from .._argtypes import add_tokenizer_argument, is_machine_failure
 from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_0 as _int_at_least_0
 from .._argtypes import int_at_least_1 as _int_at_least_1
@@ -227,10 +227,23 @@ class TaskDataUnreachable(ConnectionError):
 
 def _write_text(path: Path, text: str, written: list[Path]) -> None:
     """Write ``text`` atomically (an interrupted run leaves the old file or none, never half)
-    and add ``path`` to ``written``."""
-    with atomic_write(path, fsync=False) as tmp:
+    and add ``path`` to ``written``; a failed write names --out and the file."""
+    with atomic_write(path, fsync=False, name="--out") as tmp:
         tmp.write_text(text, encoding="utf-8")
     written.append(path)
+
+
+def _write_png(save: Callable[[Path], Path], path: Path, written: list[Path]) -> None:
+    """``save(path)`` (a figure's own atomic writer) and add ``path`` to ``written``; a full
+    disk names --out and the file, with its errno, as :func:`_write_text`'s writes do."""
+    try:
+        written.append(save(path))
+    except OSError as err:
+        if not is_machine_failure(err):
+            raise
+        failed = OSError(f"--out: cannot write {str(path)!r} ({os.strerror(err.errno)})")
+        failed.errno = err.errno
+        raise failed from err
 
 
 def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:
@@ -425,7 +438,8 @@ def _run_text(
         )
     _write_text(out / "perplexity.json", json.dumps(payload, indent=1) + "\n", written)
     _write_text(out / "perplexity.md", markdown, written)
-    written.append(save_curves(results, out / "perplexity.png", train_length=train_length))
+    _write_png(lambda p: save_curves(results, p, train_length=train_length),
+               out / "perplexity.png", written)  # fmt: skip
     print("wrote " + ", ".join(str(p) for p in written))
 
 
@@ -433,7 +447,9 @@ def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OSError(f"--out: cannot make the folder {str(out)!r} ({err.strerror})") from err
+        failed = OSError(f"--out: cannot make the folder {str(out)!r} ({err.strerror})")
+        failed.errno = err.errno  # a full disk stays a failed run
+        raise failed from err
 
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:
@@ -488,13 +504,18 @@ def eval_main(args: argparse.Namespace) -> int:
         scored = [r.average_accuracy()[0] is not None or table.bits_per_byte(r) is not None
                   for r in table.rows]  # fmt: skip
         if not args.no_energy and any(scored):
-            written.append(table.save_png(out / "eval.png"))
+            _write_png(table.save_png, out / "eval.png", written)
         print(markdown)
         print("wrote " + ", ".join(str(p) for p in written))
     except ConnectionError as err:  # task data or a Hub model out of reach: not the input's fault
         print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:  # OSError: a missing or unreadable file
+        if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
+            done = ", ".join(str(p) for p in written)
+            print(f"spikemar eval: error: {_flagged(err, args)}"
+                  + (f"; wrote only {done}" if written else ""), file=sys.stderr)  # fmt: skip
+            return 1
         print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as err:

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -25,6 +27,7 @@ from pathlib import Path
 import torch
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
+from .._argtypes import is_machine_failure
 from .._io import check_output_path
 
 __all__ = ["add_export_arguments", "export_main"]
@@ -102,7 +105,7 @@ def export_main(args: argparse.Namespace) -> int:
             return 0
         if args.lava is not None:
             t0 = time.perf_counter()
-            with _naming("--lava"):
+            with _naming("--lava", args.lava):
                 fixed = export_lava(model, args.lava, input_shape)
             print(f"\nwrote {args.lava} (netx HDF5, {time.perf_counter() - t0:.2f} s)")
             for fb in fixed.blocks:
@@ -112,12 +115,13 @@ def export_main(args: argparse.Namespace) -> int:
             if args.check_steps is not None:
                 _check(fixed, args, input_shape, run_lava)
         if args.nir is not None:
-            with _naming("--nir"):
+            with _naming("--nir", args.nir):
                 export_nir(model, args.nir, input_shape)
             print(f"wrote {args.nir} (NIR)")
     except (UnsupportedModuleError, FixedPointOverflowError, ValueError, OSError) as err:
         print(f"spikemar export: error: {err}", file=sys.stderr)
-        return 2
+        # a full disk is a failed run (as a Lava run that fails), not a mistake in the input
+        return 1 if is_machine_failure(err) else 2
     except (LavaUnavailableError, LavaRunError) as err:
         print(f"spikemar export: error: {err}", file=sys.stderr)
         return 1
@@ -130,15 +134,23 @@ def export_main(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def _naming(flag: str):
-    """The library names its argument ``path``; on the command line that is ``flag``."""
+def _naming(flag: str, path: Path):
+    """The library names its argument ``path``; on the command line that is ``flag``. A full
+    disk that a writer did not name (a MAR export's folder or manifest.json) names ``flag`` and
+    its ``path``. An OSError keeps its errno: a full disk stays a failed run."""
     try:
         yield
     except (ValueError, OSError) as err:
         message = str(err)
         if message.startswith("path: "):
-            raise type(err)(f"{flag}: {message.removeprefix('path: ')}") from err
-        raise
+            renamed = type(err)(f"{flag}: {message.removeprefix('path: ')}")
+        elif is_machine_failure(err):
+            renamed = OSError(f"{flag}: cannot write {str(path)!r} ({os.strerror(err.errno)})")
+        else:
+            raise
+        if isinstance(err, OSError):
+            renamed.errno = err.errno
+        raise renamed from err
 
 
 def _check_segment_folder(path: Path) -> None:
@@ -159,7 +171,16 @@ def _export_mar(model, args: argparse.Namespace) -> None:
 
     vocab = model.config.vocab_size
     tokens = torch.randint(0, vocab, (4, 64), generator=torch.Generator().manual_seed(args.seed))
-    manifest = export_mar_lava(model, args.lava, tokens)
+    made = not args.lava.exists()
+    try:
+        with _naming("--lava", args.lava):
+            manifest = export_mar_lava(model, args.lava, tokens)
+    except BaseException:
+        # a full disk or Ctrl-C part-way: segments without manifest.json are no export; a
+        # folder this run made goes (one that was there holds what it held, and the new files)
+        if made:
+            shutil.rmtree(args.lava, ignore_errors=True)
+        raise
     print(
         f"\nwrote {len(manifest['segments'])} on-chip segments to {args.lava}/ (netx HDF5 "
         "each, manifest.json; payload scales calibrated on 4 × 64 random tokens)"

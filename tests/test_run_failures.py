@@ -1,0 +1,169 @@
+"""A full disk under each command that writes (a file-size limit stands in for it: EFBIG, as a
+full disk's ENOSPC; ``references.full_disk``): one line naming the output option and the file
+with the reason, exit 1 as for a failed run (train and distill's rule), never a usage error with
+"(see ... --help)"; and nothing half-written left behind. Each command runs once without the
+limit first, which also builds the CPU kernels it needs, so that no kernel is compiled under
+the limit."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import os
+from pathlib import Path
+
+import pytest
+from references.full_disk import file_size_limit
+
+from spikemar import cli
+from spikemar._argtypes import is_machine_failure
+from spikemar.checkpoint import build_model, save_checkpoint
+from spikemar.data import prepare
+from spikemar.tokenizer import CharTokenizer
+
+SSM = {"d_model": 16, "n_layers": 1, "d_state": 4, "head_dim": 8}
+# the compiled kernels' cache, read before the corpus fixture moves HOME into tmp_path: a fresh
+# cache there would compile every kernel again in each test
+KERNELS = os.environ.get("SPIKEMAR_CACHE_DIR") or str(Path.home() / ".cache" / "spikemar")
+
+
+@pytest.fixture
+def home(corpus, monkeypatch):
+    """The corpus (HOME, and so the token cache, in tmp_path), with the kernels' usual cache."""
+    monkeypatch.setenv("SPIKEMAR_CACHE_DIR", KERNELS)
+    return corpus
+
+
+def _checkpoint(corpus: Path, model: str) -> Path:
+    tokenizer = CharTokenizer.from_text(corpus.read_text())
+    config = {"vocab_size": tokenizer.vocab_size, **SSM}
+    return save_checkpoint(corpus.parent / f"{model}.pt", build_model(model, config), tokenizer)
+
+
+def _failed_run(argv: list[str], capsys, limit: int | None = None) -> str:
+    """Run ``spikemar ARGV`` (under a file-size limit of ``limit`` bytes): exit 1 and one line,
+    which is returned."""
+    capsys.readouterr()
+    with file_size_limit(limit) if limit else contextlib.nullcontext():
+        code = cli.main(argv)
+    err = capsys.readouterr().err.splitlines()
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"spikemar {argv[0]}: error: ") and "--help" not in err[0], err
+    return err[0]
+
+
+def test_a_full_disk_under_the_token_cache_names_its_file_and_leaves_nothing(corpus, tmp_path):
+    """It read '[Errno 27] File too large', naming no file."""
+    cache = tmp_path / "cache"
+    with file_size_limit(1024), pytest.raises(OSError) as err:
+        prepare(corpus, cache)  # train.bin: ~4.3 kB of uint16 tokens
+    message = str(err.value)
+    assert message.startswith(f"token cache: cannot write '{cache}")
+    assert message.endswith("train.bin' (File too large)") and is_machine_failure(err.value)
+    assert [p for p in cache.rglob("*") if p.is_file()] == []
+    folder = prepare(corpus, cache)  # the same cache, whole, once there is room
+    assert sorted(p.name for p in folder.iterdir()) == ["meta.json", "train.bin", "val.bin"]
+
+
+def test_a_token_cache_that_fails_part_way_removes_the_files_it_wrote(corpus, tmp_path):
+    """train.bin and val.bin were left without the meta.json that makes them a cache."""
+    folder = prepare(corpus, tmp_path / "first")
+    cache = tmp_path / "cache"
+    (cache / folder.name / "meta.json").mkdir(parents=True)  # meta.json cannot be written
+    with pytest.raises(OSError, match=r"^token cache: cannot write '.*meta\.json' "):
+        prepare(corpus, cache)
+    assert [p.name for p in (cache / folder.name).iterdir()] == ["meta.json"]
+
+
+def test_train_with_a_full_disk_under_the_token_cache_is_a_failed_run(home, capsys):
+    err = _failed_run(["train", "--data", str(home), "--out", str(home.parent / "m.pt"),
+                       "--steps", "1", "--no-progress"], capsys, 1024)  # fmt: skip
+    assert "token cache: cannot write '" in err and "train.bin' (File too large)" in err
+
+
+def test_convert_with_a_full_disk_names_out(home, tmp_path, capsys):
+    source = _checkpoint(home, "mar-dense")
+    argv = ["convert", "--from", str(source), "--data", str(home), "--calib-batches", "1",
+            "--eval-batches", "1", "--batch-size", "2", "--L", "16"]  # fmt: skip
+    assert cli.main([*argv, "--out", str(tmp_path / "ok" / "s.pt")]) == 0
+    out = tmp_path / "full" / "s.pt"
+    err = _failed_run([*argv, "--out", str(out)], capsys, 4096)
+    assert err.endswith(f"--out: cannot write {str(out)!r} (File too large)")
+    assert list(out.parent.iterdir()) == []
+
+
+@pytest.fixture
+def full_hdf5(monkeypatch):
+    """HDF5 files (netx, NIR) cannot be written: the disk is full. Not the file-size limit:
+    h5py crashes (SIGSEGV) closing a file whose writes failed with EFBIG."""
+    import h5py
+
+    def full(name, *args, **kwargs):  # as h5py says it, naming the temporary file
+        raise OSError(errno.ENOSPC, f"Unable to synchronously create file (name = '{name}')")
+
+    monkeypatch.setattr(h5py, "File", full)
+
+
+@pytest.mark.parametrize("flag", ["--lava", "--nir"])
+def test_export_with_a_full_disk_names_the_file(flag, full_hdf5, tmp_path, capsys):
+    out = tmp_path / f"d.{'h5' if flag == '--lava' else 'nir'}"
+    err = _failed_run(["export", flag, str(out)], capsys)
+    assert err.endswith(f"{flag}: cannot write {str(out)!r} (No space left on device)")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_export_of_a_language_model_with_a_full_disk_leaves_no_folder(home, tmp_path, capsys,
+                                                                      monkeypatch):  # fmt: skip
+    """A folder of segments without the manifest.json that makes them an export was left: the
+    folder the run made goes."""
+    import h5py
+
+    argv = ["export", "--checkpoint", str(_checkpoint(home, "mar"))]
+    assert cli.main([*argv, "--lava", str(tmp_path / "ok")]) == 0
+    out = tmp_path / "full"
+    with monkeypatch.context() as patched:
+        patched.setattr(h5py, "File", _fails_after(2, h5py.File))
+        err = _failed_run([*argv, "--lava", str(out)], capsys)
+    assert err.endswith(" (No space left on device)") and f"--lava: cannot write '{out}" in err
+    assert not out.exists()
+
+
+def _fails_after(n: int, open_file):
+    """``h5py.File`` that opens ``n`` files, then finds the disk full."""
+    opened = []
+
+    def file(name, *args, **kwargs):
+        if len(opened) == n:
+            raise OSError(errno.ENOSPC, f"Unable to synchronously create file (name = '{name}')")
+        opened.append(name)
+        return open_file(name, *args, **kwargs)
+
+    return file
+
+
+@pytest.mark.parametrize(("flag", "name"), [("--json", "r.json"), ("--png", "r.png")])
+def test_energy_with_a_full_disk_names_the_report(flag, name, tmp_path, capsys):
+    argv = ["energy", "--model", "demo", "--d", "16", "--layers", "1", "--random-tokens", "4"]
+    assert cli.main(argv) == 0
+    out = tmp_path / name
+    err = _failed_run([*argv, flag, str(out)], capsys, 4096)
+    assert err.endswith(f"{flag}: cannot write {str(out)!r} (File too large)")
+    assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("limit", "fails", "written"), [
+    (512, "perplexity.json", []),
+    (4096, "perplexity.png", ["perplexity.json", "perplexity.md"]),
+])  # fmt: skip
+def test_eval_with_a_full_disk_names_out_and_what_it_wrote(home, tmp_path, capsys, limit,
+                                                           fails, written):  # fmt: skip
+    argv = ["eval", "--checkpoint", str(_checkpoint(home, "mar-dense")), "--text", str(home),
+            "--no-energy"]  # fmt: skip
+    assert cli.main([*argv, "--out", str(tmp_path / "ok")]) == 0
+    out = tmp_path / "full"
+    err = _failed_run([*argv, "--out", str(out)], capsys, limit)
+    told = f"--out: cannot write {str(out / fails)!r} (File too large)"
+    if written:
+        told += "; wrote only " + ", ".join(str(out / name) for name in written)
+    assert err.endswith(told)
+    assert sorted(p.name for p in out.iterdir()) == written

@@ -61,6 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._numbers import integer, real
 from .models import MARLM, SpikeConfig, SpikePoint
 from .models.hub import command_line_hint
 
@@ -287,14 +288,40 @@ def calibrate_thresholds(
 
     Returns each spike point's mean firing rate on those samples after calibration.
     """
-    if not 0 < firing_rate < 1:
-        raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
+    firing_rate = _fraction(firing_rate)
+    max_rows, rounds, seed = _count("max_rows", max_rows), _count("rounds", rounds), _seed(seed)
     if sequential:
         return _calibrate_in_order(student, batches, firing_rate, max_rows=max_rows,
                                    rounds=rounds, seed=seed)  # fmt: skip
     samples = point_samples(student, dense, batches, max_rows=max_rows, seed=seed)
     return {name: calibrate_point_rate(sp, samples[name], firing_rate, rounds=rounds)
             for name, sp in _spike_points(student)}  # fmt: skip
+
+
+# The numbers of convert and calibrate_thresholds as Python's (NumPy's too: a sweep's np.int64,
+# a rate from np.linspace), checked before any work: the provenance saved with a student holds
+# them, and torch.Generator.manual_seed takes no NumPy int.
+
+
+def _fraction(firing_rate: object) -> float:
+    rate = real(firing_rate)
+    if rate is None or not 0 < rate < 1:
+        raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
+    return rate
+
+
+def _count(name: str, value: object) -> int:
+    whole = integer(value)
+    if whole is None or whole < 1:
+        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+    return whole
+
+
+def _seed(seed: object) -> int:
+    whole = integer(seed)
+    if whole is None or not -(2**63) <= whole < 2**64:  # the seeds torch.Generator takes
+        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed!r}")
+    return whole
 
 
 class _Reached(Exception):
@@ -444,6 +471,10 @@ def convert(
     from .data import TokenDataset
 
     start = time.perf_counter()
+    calib_batches = _count("calib_batches", calib_batches)
+    eval_batches = _count("eval_batches", eval_batches)
+    batch_size, L = _count("batch_size", batch_size), _count("L", L)
+    firing_rate, seed = _fraction(firing_rate), _seed(seed)
     energy.get_profile(hardware)  # before any work: a bad name fails now, not after calibration
     if out is not None:  # before any work: a folder or an unwritable place fails now
         check_output_path(out, name="out")
@@ -464,10 +495,6 @@ def convert(
     if tokenizer.vocab_size > dense.config.vocab_size:
         raise ValueError(f"tokenizer: {tokenizer.vocab_size} ids exceed the model's vocabulary "
                          f"of {dense.config.vocab_size}")  # fmt: skip
-    for name in ("calib_batches", "eval_batches", "batch_size", "L"):
-        value = locals()[name]
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
     spike_config = spikes if isinstance(spikes, SpikeConfig) else SpikeConfig(**(spikes or {}))
     student = spiking_student(dense, spike_config, spiking, points)
     if not any(True for _ in student.spike_points()):

@@ -430,7 +430,40 @@ LIBRARY_CASES = {
         NotADirectoryError,
         "path: cannot write",
     ),
+    # convert's numbers, refused before the model is loaded (a bool is no count; a string
+    # raised a bare TypeError, a float seed torch's own after all the calibration)
+    "convert: calib_batches True": (
+        lambda r: _convert(r, calib_batches=True),
+        ValueError,
+        r"calib_batches: expected an int >= 1, got True",
+    ),
+    "convert: L a float": (
+        lambda r: _convert(r, L=16.0),
+        ValueError,
+        r"L: expected an int >= 1, got 16\.0",
+    ),
+    "convert: firing_rate a string": (
+        lambda r: _convert(r, firing_rate="0.2"),
+        ValueError,
+        r"firing_rate: expected a fraction in \(0, 1\), got '0.2'",
+    ),
+    "convert: seed a float": (
+        lambda r: _convert(r, seed=1.5),
+        ValueError,
+        r"seed: expected an int in \[-2\*\*63, 2\*\*64\), got 1.5",
+    ),
+    "convert: seed too large": (
+        lambda r: _convert(r, seed=2**64),
+        ValueError,
+        r"seed: expected an int in .*, got 18446744073709551616",
+    ),
 }
+
+
+def _convert(r: Path, **numbers):
+    from spikemar.convert import convert
+
+    return convert(r / "dense.pt", r / "student.pt", data=r / "alphabet.txt", **numbers)
 
 
 def _nan_model():

@@ -680,6 +680,22 @@ COMMAND_CASES = {
         2,
         r"--align-steps: expected 0 \.\.\. steps \(2\), got 5",
     ),
+    "distill --stage 1 --teacher without attention": (  # its student would be its copy
+        [
+            "distill",
+            "--stage",
+            "1",
+            "--teacher",
+            "{r}/dense.pt",
+            "--out",
+            "{r}/s.pt",
+            "--data",
+            "{r}/alphabet.txt",
+        ],
+        2,
+        r"--teacher: stage 1 replaces a teacher's attention with SSM mixers; .*dense.pt is a "
+        r"dense SSM LM without attention layers .*\(--stage 2\)",
+    ),
     "export a language model --nir": (  # refused before --lava writes its folder
         ["export", "--checkpoint", "{r}/good.pt", "--lava", "{r}/lm_lava", "--nir", "{r}/lm.nir"],
         2,

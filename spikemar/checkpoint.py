@@ -259,6 +259,10 @@ def load_checkpoint(
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise ValueError(f"{name}: {path} does not rebuild its model ({err})") from err
+    left = meta_tensors(model)
+    if left:  # a tensor the constructor computes that no state dict holds: a gap in _rebuild
+        raise RuntimeError(f"load_checkpoint: {left[:3]} left without values (a bug in "
+                           "spikemar, not in the file: please report it)")  # fmt: skip
     bad = nonfinite_parameters(payload["model"])
     if bad and not allow_nonfinite:
         raise NonFiniteWeightsError(
@@ -287,10 +291,6 @@ def _rebuild(kind: str, config: dict[str, Any], state: dict[str, torch.Tensor]) 
         raise ValueError(f"its weights do not fit the model: missing {missing[:3]}"
                          f"{' ...' if len(missing) > 3 else ''}, unexpected {unexpected[:3]}"
                          f"{' ...' if len(unexpected) > 3 else ''}")  # fmt: skip
-    left = meta_tensors(model)
-    if left:  # a tensor the constructor computes that no state dict holds: a gap here
-        raise RuntimeError(f"load_checkpoint: {left[:3]} left without values (a bug in "
-                           "spikemar: please report it)")  # fmt: skip
     return model
 
 

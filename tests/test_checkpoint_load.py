@@ -222,3 +222,23 @@ def test_the_finiteness_check_needs_no_copy_of_the_weights():
     t = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
     growth, bad = _peak_growth(lambda: nonfinite_parameters({"w": t}))
     assert bad == [] and growth < 0.1 * t.numel() * 4, growth / (t.numel() * 4)
+
+
+def test_a_tensor_no_checkpoint_holds_is_refused_not_left_on_meta(tmp_path, monkeypatch):
+    """A module that computes a tensor in its constructor (a non-persistent buffer, a plain
+    tensor attribute) is not filled by the file: load_checkpoint says so instead of returning
+    a model that fails later (no model of build_model's has one; this one is made to)."""
+    import spikemar.checkpoint as checkpoint
+
+    path = _saved(tmp_path, *KINDS["mar"])
+    built = checkpoint.build_model
+
+    def with_a_computed_tensor(kind, config):
+        model = built(kind, config)
+        model.norm.register_buffer("scale", torch.ones(3), persistent=False)
+        model.layers[0].table = torch.arange(4.0)
+        return model
+
+    monkeypatch.setattr(checkpoint, "build_model", with_a_computed_tensor)
+    with pytest.raises(RuntimeError, match=r"\['norm.scale', 'layers.0.table'\] left without"):
+        load_checkpoint(path)

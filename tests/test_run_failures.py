@@ -107,20 +107,34 @@ def test_export_with_a_full_disk_names_the_file(flag, full_hdf5, tmp_path, capsy
     assert list(tmp_path.iterdir()) == []
 
 
-def test_export_of_a_language_model_with_a_full_disk_leaves_no_folder(home, tmp_path, capsys,
-                                                                      monkeypatch):  # fmt: skip
+@pytest.mark.parametrize("where", ["segment", "manifest"])
+def test_a_language_model_export_on_a_full_disk_leaves_no_folder(where, home, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
     """A folder of segments without the manifest.json that makes them an export was left: the
-    folder the run made goes."""
+    folder the run made goes. A segment's write names its file; manifest.json's, written
+    without a name, names --lava's folder (it was '[Errno 28] No space left on device')."""
     import h5py
 
+    from spikemar.hardware import mar_export
+
     argv = ["export", "--checkpoint", str(_checkpoint(home, "mar"))]
-    assert cli.main([*argv, "--lava", str(tmp_path / "ok")]) == 0
     out = tmp_path / "full"
     with monkeypatch.context() as patched:
-        patched.setattr(h5py, "File", _fails_after(2, h5py.File))
+        if where == "segment":
+            patched.setattr(h5py, "File", _fails_after(2, h5py.File))
+        else:
+            patched.setattr(mar_export, "atomic_write", _full_disk)
         err = _failed_run([*argv, "--lava", str(out)], capsys)
-    assert err.endswith(" (No space left on device)") and f"--lava: cannot write '{out}" in err
+    named = f"{out}/" if where == "segment" else f"{out}'"  # a segment's file, or the folder
+    assert f"--lava: cannot write '{named}" in err and err.endswith(" (No space left on device)")
     assert not out.exists()
+
+
+@contextlib.contextmanager
+def _full_disk(path, **kwargs):
+    """``atomic_write`` on a full disk, as a plain write there fails: no file named."""
+    raise OSError(errno.ENOSPC, "No space left on device")
+    yield
 
 
 def _fails_after(n: int, open_file):

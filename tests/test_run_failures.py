@@ -176,3 +176,20 @@ def test_eval_with_a_full_disk_names_out_and_what_it_wrote(home, tmp_path, capsy
         told += "; wrote only " + ", ".join(str(out / name) for name in written)
     assert err.endswith(told)
     assert sorted(p.name for p in out.iterdir()) == written
+
+
+def test_eval_that_cannot_make_out_on_a_full_disk_is_a_failed_run(home, tmp_path, capsys,
+                                                                 monkeypatch):  # fmt: skip
+    """The folder is made after the scoring: its OSError lost the errno (exit 2)."""
+    out = tmp_path / "full"
+    make = Path.mkdir
+
+    def mkdir(self, *args, **kwargs):
+        if self == out:
+            raise OSError(errno.ENOSPC, "No space left on device", str(self))
+        return make(self, *args, **kwargs)
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    err = _failed_run(["eval", "--checkpoint", str(_checkpoint(home, "mar-dense")), "--text",
+                       str(home), "--no-energy", "--out", str(out)], capsys)  # fmt: skip
+    assert err.endswith(f"--out: cannot make the folder {str(out)!r} (No space left on device)")

@@ -411,7 +411,10 @@ def _run_train(args: argparse.Namespace) -> int:
         raise
     except (ValueError, TypeError, OSError) as err:
         if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
-            raise
+            # save_checkpoint's "checkpoint: cannot write PATH (reason)" is --out's here
+            failed = OSError(_with_flags(str(err), args, checkpoint="out"))
+            failed.errno = err.errno
+            raise failed from err
         message = str(err)
         if message.startswith("head_dim: "):  # the SSM's head size, which train does not set
             message = "d_model: the SSM's head size " + message.removeprefix("head_dim: ")

@@ -306,6 +306,6 @@ def test_a_failed_write_names_the_path_not_the_temporary(tmp_path, monkeypatch, 
         with pytest.raises(OSError, match=r"^path: cannot write .*net\.\w+' \(No space left"):
             export(model, target, (3,))
     assert not list(tmp_path.iterdir())
-    assert cli.main(["export", "--lava", str(tmp_path / "d.h5")]) == 2
+    assert cli.main(["export", "--lava", str(tmp_path / "d.h5")]) == 1
     err = capsys.readouterr().err.strip()
     assert err.startswith("spikemar export: error: --lava: cannot write") and ".tmp" not in err

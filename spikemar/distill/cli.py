@@ -95,7 +95,13 @@ def distill_main(args: argparse.Namespace) -> int:
         result = distill(config, resume=args.resume, progress=not args.no_progress)
     except (ValueError, OSError) as err:  # OSError: a missing file, a bad --out, a Hub id
         if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
-            raise
+            # save_checkpoint's "checkpoint: cannot write PATH (reason)" is --out's here
+            message = str(err)
+            if message.startswith("checkpoint: "):
+                message = "--out: " + message.removeprefix("checkpoint: ")
+            failed = OSError(_flag_message(message, args))
+            failed.errno = err.errno
+            raise failed from err
         args._parser.error(_flag_message(str(err), args))
     # Ctrl-C and SIGTERM reach the command, which exits 130 or 143
     import torch.distributed as dist

@@ -17,6 +17,7 @@ process's temporary is never touched, so two runs on one folder do not delete ea
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -31,6 +32,7 @@ __all__ = [
     "file_mode",
     "remove_stale_temporaries",
     "sigterm_as_interrupt",
+    "write_failures_named",
 ]
 
 
@@ -111,17 +113,37 @@ def check_output_path(path: str | os.PathLike, *, name: str = "path") -> Path:
     try:
         parent.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise PermissionError(
-            f"{name}: cannot create the folder {str(parent)!r} ({err.strerror})"
-        ) from err
+        raise _renamed(err, f"{name}: cannot create the folder {str(parent)!r}") from err
     return path
 
 
+# a folder that refuses files: the user's to mend (another path, permissions), not the machine's
+_REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
+
+
+def _renamed(err: OSError, message: str) -> OSError:
+    """``err`` said as ``message (reason)``, keeping what tells a mistake in the input from a
+    failed run: its errno (a full disk stays ``is_machine_failure``) and its kind, a
+    PermissionError for a folder that refuses files (EROFS included, which Python leaves a
+    plain OSError)."""
+    why = os.strerror(err.errno) if err.errno else str(err)  # not a temporary file's name
+    kind = PermissionError if err.errno in _REFUSED else type(err)
+    try:
+        renamed = kind(f"{message} ({why})")
+    except TypeError:  # a library's OSError subclass with a constructor of its own
+        renamed = OSError(f"{message} ({why})")
+    renamed.errno = err.errno
+    return renamed
+
+
 @contextlib.contextmanager
-def _write_failures_named(path: Path, name: str | None) -> Iterator[None]:
+def write_failures_named(path: str | os.PathLike, name: str | None) -> Iterator[None]:
     """Within the block, an OSError (also one that a writer raised as the cause of its own
-    error: torch's zip writer's RuntimeError "unexpected pos") is one OSError naming ``name``
-    and ``path``, with its errno; without ``name``, errors pass unchanged."""
+    error: torch's zip writer's RuntimeError "unexpected pos") is one OSError
+    ``"NAME: cannot write 'PATH' (reason)"``, with its errno (a full disk stays
+    ``spikemar._argtypes.is_machine_failure``), a PermissionError where the folder refuses the
+    file; without ``name``, errors pass unchanged. :func:`atomic_write` does this for its
+    block; a command wraps in it a writer that takes no name (a report's ``save_png``)."""
     if name is None:
         yield
         return
@@ -132,10 +154,7 @@ def _write_failures_named(path: Path, name: str | None) -> Iterator[None]:
         if not isinstance(cause, OSError):
             raise
         # the errno's text: some writers' messages name the temporary file (h5py's), not path
-        why = os.strerror(cause.errno) if cause.errno else str(cause)
-        failed = OSError(f"{name}: cannot write {str(path)!r} ({why})")
-        failed.errno = cause.errno
-        raise failed from err
+        raise _renamed(cause, f"{name}: cannot write {str(path)!r}") from err
 
 
 @contextlib.contextmanager
@@ -155,16 +174,16 @@ def atomic_write(
     write that fails (a full disk, a folder that refuses files) is then one
     ``OSError("NAME: cannot write 'PATH' (reason)")``, whatever the writer in the block said."""
     path = Path(path)
-    with _write_failures_named(path, name):
+    with write_failures_named(path, name):
         path.parent.mkdir(parents=True, exist_ok=True)
     remove_stale_temporaries(path)
     tmp = _temporary_name(path)
     try:
-        with _write_failures_named(path, name):
+        with write_failures_named(path, name):
             yield tmp
         if not tmp.is_file():
             raise FileNotFoundError(f"path: nothing was written for {str(path)!r}")
-        with _write_failures_named(path, name):
+        with write_failures_named(path, name):
             os.chmod(tmp, file_mode(executable))
             if fsync:
                 fd = os.open(tmp, os.O_RDONLY)

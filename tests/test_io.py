@@ -104,3 +104,45 @@ def test_a_named_atomic_write_that_writes_nothing_says_so(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"^path: nothing was written for "):
         with atomic_write(tmp_path / "x.json", name="--json"):
             pass
+
+
+@pytest.mark.parametrize(
+    ("raised", "kind"),
+    [
+        (errno.ENOSPC, OSError),  # a full disk: the machine's
+        (errno.EDQUOT, OSError),
+        (errno.EIO, OSError),
+        (errno.EACCES, PermissionError),  # a folder that refuses files: the user's to mend
+        (errno.EROFS, PermissionError),
+    ],
+)
+def test_check_output_path_keeps_the_errno_of_a_folder_it_cannot_make(tmp_path, monkeypatch,
+                                                                       raised, kind):  # fmt: skip
+    """A full disk under the folder's making was a PermissionError without errno: a usage
+    error (exit 2) instead of a failed run."""
+    from pathlib import Path
+
+    from spikemar._argtypes import is_machine_failure
+
+    def mkdir(self, *args, **kwargs):
+        raise OSError(raised, os.strerror(raised), str(self))
+
+    monkeypatch.setattr(Path, "mkdir", mkdir)
+    folder = tmp_path / "new"
+    with pytest.raises(OSError) as err:
+        check_output_path(folder / "r.json", name="--json")
+    assert str(err.value) == (f"--json: cannot create the folder {str(folder)!r} "
+                              f"({os.strerror(raised)})")  # fmt: skip
+    assert err.value.errno == raised and isinstance(err.value, kind)
+    assert is_machine_failure(err.value) == (kind is not PermissionError)
+
+
+def test_a_named_write_that_the_folder_refuses_stays_a_permission_error(tmp_path):
+    """A mistake in the input (another folder mends it), not a failed run; the errno kept."""
+    target = tmp_path / "r.json"
+    for raised in (errno.EACCES, errno.EROFS):
+        with pytest.raises(PermissionError) as err, atomic_write(target, name="--json") as tmp:
+            _fails(OSError(raised, os.strerror(raised)))(tmp)
+        assert str(err.value) == f"--json: cannot write {str(target)!r} ({os.strerror(raised)})"
+        assert err.value.errno == raised
+    assert list(tmp_path.iterdir()) == []

@@ -22,7 +22,7 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["integer", "number", "plain", "real"]
+__all__ = ["integer", "number", "plain", "plain_data", "real"]
 
 
 def real(value: object) -> float | None:
@@ -60,3 +60,14 @@ def plain(value: object) -> object:
     code that uses it checks later, stored meanwhile as the number it would be in Python."""
     converted = number(value)
     return value if converted is None else converted
+
+
+def plain_data(value: object) -> object:
+    """:func:`plain` through dicts, lists and tuples: a nested setting (a model's config
+    overrides, ``{"spikes": {"T": np.int64(4)}}``) stored as the Python numbers it would hold
+    had the user typed them, for the code that builds from it to check later."""
+    if isinstance(value, dict):
+        return {key: plain_data(item) for key, item in value.items()}
+    if type(value) in (list, tuple):  # a named tuple is a structure of its own: kept as given
+        return type(value)(plain_data(item) for item in value)
+    return plain(value)

@@ -27,6 +27,8 @@ from typing import Any, Protocol, runtime_checkable
 import numpy as np
 import torch
 
+from ._numbers import integer
+
 __all__ = [
     "CHAR_TOKENIZER_FILE",
     "CharTokenizer",
@@ -166,10 +168,13 @@ class HFTokenizer:
             )
         self._tokenizer = tokenizer
         self._json = tokenizer.to_str()
-        if eos_id is not None and not 0 <= eos_id < tokenizer.get_vocab_size(
-            with_added_tokens=True
-        ):
-            raise ValueError(f"eos_id: {eos_id} outside the vocabulary of {self.vocab_size}")
+        if eos_id is not None:
+            # NumPy's ids as Python's: to_dict's goes into checkpoints (weights_only=True)
+            if integer(eos_id) is None:
+                raise ValueError(f"eos_id: expected a token id (an int) or None, got {eos_id!r}")
+            eos_id = integer(eos_id)
+            if not 0 <= eos_id < self.vocab_size:
+                raise ValueError(f"eos_id: {eos_id} outside the vocabulary of {self.vocab_size}")
         self._eos_id = eos_id
 
     @classmethod
@@ -207,7 +212,8 @@ class HFTokenizer:
                     tok._tokenizer.post_processor = auto.post_processor
             # config.json's id is the model's: one past the tokenizer's ids names no token of it
             # (transformers' AutoTokenizer never reads it), as for a tokenizer from elsewhere
-            eos_id = eos if isinstance(eos, int) and 0 <= eos < tok.vocab_size else None
+            eos_id = integer(eos)  # a JSON true is no id
+            eos_id = eos_id if eos_id is not None and 0 <= eos_id < tok.vocab_size else None
             if isinstance(eos, str):
                 eos_id = tok._tokenizer.token_to_id(eos)
             return cls(tok._tokenizer, eos_id)

@@ -41,7 +41,6 @@ import argparse
 import contextlib
 import datetime
 import math
-import numbers
 import os
 import signal
 import sys
@@ -65,6 +64,7 @@ from ._argtypes import (
     int_at_least_1,
 )
 from ._io import Terminated, check_output_path, remove_stale_temporaries, sigterm_as_interrupt
+from ._numbers import integer, plain_data, real
 from .checkpoint import (
     MODEL_KINDS,
     NonFiniteWeightsError,
@@ -143,14 +143,23 @@ class LoopConfig:
     gradient_checkpointing: bool = False
 
     def __post_init__(self) -> None:
+        # NumPy's numbers (a sweep's np.arange, np.linspace) are stored as Python's: the config
+        # is saved in every checkpoint, which loads with weights_only=True
         for name in ("steps", "batch_size", "L", "eval_interval", "eval_iters"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
+            value = integer(getattr(self, name))
+            if value is None or value < 1:
+                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)!r}")
+            setattr(self, name, value)
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
-            check_number(name, getattr(self, name))
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
+            setattr(self, name, check_number(name, getattr(self, name)))
+        if integer(self.seed) is None:
             raise ValueError(f"seed: expected an int, got {self.seed!r}")
+        self.seed = integer(self.seed)
+        if self.schedule_steps is not None:
+            if integer(self.schedule_steps) is None or self.schedule_steps < 1:
+                raise ValueError(f"schedule_steps: expected an int >= 1 or None, got "
+                                 f"{self.schedule_steps!r}")  # fmt: skip
+            self.schedule_steps = integer(self.schedule_steps)
         for name in ("overwrite", "gradient_checkpointing"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name}: expected True or False, got {getattr(self, name)!r}")
@@ -161,8 +170,9 @@ class LoopConfig:
                              f"{self.lr}, {self.min_lr}")  # fmt: skip
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {AMP_MODES}, got {self.amp!r}")
-        if isinstance(self.warmup, bool) or not isinstance(self.warmup, int) or self.warmup < 0:
+        if integer(self.warmup) is None or self.warmup < 0:
             raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
+        self.warmup = integer(self.warmup)
         if not self.grad_clip > 0 or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"grad_clip, weight_decay: expected > 0 and >= 0, got "
                              f"{self.grad_clip}, {self.weight_decay}")  # fmt: skip
@@ -186,6 +196,7 @@ class TrainConfig(LoopConfig):
         if self.model not in MODEL_KINDS:
             raise ValueError(f"model: expected one of {MODEL_KINDS}, got {self.model!r}")
         check_model_config(self.model, self.model_config, name="model_config")
+        self.model_config = plain_data(self.model_config)  # saved with the run, as the rest
         super().__post_init__()
 
 
@@ -220,10 +231,13 @@ class Objective(nn.Module):
             raise ValueError(f"resume: unexpected objective state {sorted(state)}")
 
 
-def check_number(name: str, value: Any) -> None:
-    """Refuse a setting that is not a real number (a str, a bool, None), naming it."""
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+def check_number(name: str, value: Any) -> float:
+    """``value`` as a Python float (NumPy's reals too); a setting that is not a real number (a
+    str, a bool, None) refused, naming it."""
+    converted = real(value)
+    if converted is None:
         raise ValueError(f"{name}: expected a number, got {value!r}")
+    return converted
 
 
 def add_loop_arguments(parser: argparse.ArgumentParser, *, out: str) -> None:

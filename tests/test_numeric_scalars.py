@@ -6,8 +6,11 @@ argument."""
 
 from __future__ import annotations
 
+import functools
+import importlib
 import json
 import math
+from dataclasses import asdict, astuple
 from fractions import Fraction
 
 import numpy as np
@@ -19,13 +22,17 @@ from spikemar import counting
 from spikemar._numbers import integer, number, plain, real
 from spikemar.checkpoint import load_checkpoint, model_config_dict, save_checkpoint
 from spikemar.data import CharTokenizer
-from spikemar.distill import kl_divergence, sbds_loss
+from spikemar.distill import DistillConfig, kl_divergence, sbds_loss
 from spikemar.energy import EnergyReport, HardwareProfile, MemoryLevel, profile
 from spikemar.energy.demo import demo_model
+from spikemar.eval.perplexity import end_token, text_perplexity
+from spikemar.eval.scoring import Scorer
 from spikemar.hardware import CUBALIF, export_nir, run_lava
 from spikemar.hardware.demo import demo_network
+from spikemar.hardware.formats import check_input_shape
 from spikemar.models import MARLM, ActivationSparsifier, MARConfig, SpikeConfig, SpikePoint
 from spikemar.models.fused_step import FusedStep
+from spikemar.models.generation import filter_logits
 from spikemar.models.transformer import TransformerConfig
 from spikemar.neurons import ATMN, TernarySingleStep, atmn_decode, atmn_quantize
 from spikemar.neurons.functional import ATMNParameters, atmn_multi_step, delta_inject
@@ -39,8 +46,11 @@ from spikemar.refine import (
     plan,
     random_schedule,
 )
+from spikemar.refine.calibrate import firing_rates as point_firing_rates
 from spikemar.ssm.norm import RMSNorm
 from spikemar.ssm.scan import ssd_scan
+from spikemar.tokenizer import HFTokenizer
+from spikemar.training import TrainConfig
 from spikemar.viz import firing_rates, raster
 
 X = torch.linspace(-2.0, 2.0, 24, dtype=torch.float64).reshape(8, 3)
@@ -245,6 +255,82 @@ def _lava(tmp_path, **kw):
     raise AssertionError("run_lava read a file that is not HDF5")
 
 
+def _point_rates(**kw):
+    student, teacher = _student_teacher()
+    batches = [torch.randint(0, 11, (1, 8), generator=torch.Generator().manual_seed(1))]
+    return point_firing_rates(student, teacher, batches, **{"max_rows": 16, **kw})
+
+
+def _train(**kw):
+    """A training run's settings as its checkpoints save them."""
+    return asdict(TrainConfig(**kw))
+
+
+def _distill(**kw):
+    return asdict(DistillConfig(**{"teacher": "teacher.pt", **kw}))
+
+
+DOCS = [[1, 2, 3, 4, 5, 6], [7, 8, 9]]
+
+
+@functools.cache
+def _lm() -> MARLM:
+    """One small model for the scoring rows (a Scorer only reads it)."""
+    torch.manual_seed(0)
+    return MARLM(MARConfig(**SMALL)).eval()
+
+
+def _scorer(vocab_size=11, **kw):
+    return Scorer(_lm(), vocab_size, **kw)
+
+
+def _scored(**kw):
+    """What a Scorer keeps of its settings, and the scores it gives."""
+    scorer = _scorer(**kw)
+    scores = scorer.loglikelihood([(d[:2], d[2:]) for d in DOCS])
+    return (scorer.vocab_size, scorer.batch_size, scorer.max_length,
+            [astuple(score) for score in scores])  # fmt: skip
+
+
+def _greedy(max_new_tokens):
+    decode = lambda ids: "".join("abcdefghijk"[i] for i in ids)  # noqa: E731
+    return _scorer().greedy_until(DOCS, decode=decode, max_new_tokens=max_new_tokens)
+
+
+def _perplexity(window):
+    result = text_perplexity(_lm(), CharTokenizer("abcdefghij\n"), "abcabdabeabf", window=window)
+    data = result.to_dict()
+    json.dumps(data)  # spikemar eval writes it
+    return data
+
+
+class _EndOfText:
+    """A tokenizer as end_token reads one: its end-of-text id, and "\n" as token 0."""
+
+    def __init__(self, eos_id):
+        self.eos_id = eos_id
+
+    def encode(self, text):
+        return [0]
+
+
+def _word_level():
+    from tokenizers import Tokenizer
+    from tokenizers.models import WordLevel
+
+    return Tokenizer(WordLevel({w: i for i, w in enumerate("abcde")}, unk_token="a"))
+
+
+def _hf_eos(eos_id):
+    tokenizer = HFTokenizer(_word_level(), eos_id)
+    return tokenizer.eos_id, tokenizer.to_dict()
+
+
+def _filtered(**kw):
+    logits = torch.linspace(-1.0, 2.0, 12).reshape(2, 6)
+    return filter_logits(logits, **{"temperature": 1.0, **kw})
+
+
 # name, function of the value (and tmp_path), a Python value, the argument the errors name
 REAL = [
     ("ATMN tau", lambda v, _: _quantized(ATMN(tau=v, v_threshold=0.5)), 2.0, "tau"),
@@ -313,6 +399,18 @@ REAL = [
      lambda v, _: vars(TransformerConfig(dropout=v)), 0.25, "dropout"),
     ("demo_network threshold_ratio",
      lambda v, _: _demo_network(threshold_ratio=v), 0.5, "threshold_ratio"),
+    ("TrainConfig lr", lambda v, _: _train(lr=v), 0.5, "lr"),
+    ("TrainConfig min_lr", lambda v, _: _train(lr=1.0, min_lr=v), 0.25, "min_lr"),
+    ("TrainConfig weight_decay", lambda v, _: _train(weight_decay=v), 0.25, "weight_decay"),
+    ("TrainConfig grad_clip", lambda v, _: _train(grad_clip=v), 2.0, "grad_clip"),
+    ("DistillConfig alpha", lambda v, _: _distill(alpha=v), 0.25, "alpha"),
+    ("DistillConfig beta", lambda v, _: _distill(beta=v), 0.5, "beta"),
+    ("DistillConfig gamma", lambda v, _: _distill(gamma=v), 2.0, "gamma"),
+    ("DistillConfig ce", lambda v, _: _distill(ce=v), 0.5, "ce"),
+    ("DistillConfig temperature", lambda v, _: _distill(temperature=v), 2.0, "temperature"),
+    ("filter_logits temperature",
+     lambda v, _: _filtered(temperature=v), 0.5, "temperature"),
+    ("filter_logits top_p", lambda v, _: _filtered(top_p=v), 0.5, "top_p"),
 ]  # fmt: skip
 
 INTEGER = [
@@ -368,6 +466,34 @@ INTEGER = [
     ("firing_rates batch_dims", lambda v, _: _rates(v), 1, "batch_dims"),
     ("raster boundary_every", lambda v, _: _raster(v), 2, "boundary_every"),
     ("demo_network sizes", lambda v, _: _demo_network(sizes=(4, v)), 3, "sizes"),
+    ("calibrate seed", lambda v, _: _calibrated(firing_rate=0.25, seed=v), 3, "seed"),
+    ("refine firing_rates max_rows", lambda v, _: _point_rates(max_rows=v), 12, "max_rows"),
+    ("refine firing_rates seed", lambda v, _: _point_rates(seed=v), 3, "seed"),
+    ("TrainConfig steps", lambda v, _: _train(steps=v), 10, "steps"),
+    ("TrainConfig batch_size", lambda v, _: _train(batch_size=v), 4, "batch_size"),
+    ("TrainConfig L", lambda v, _: _train(L=v), 16, "L"),
+    ("TrainConfig eval_interval", lambda v, _: _train(eval_interval=v), 5, "eval_interval"),
+    ("TrainConfig eval_iters", lambda v, _: _train(eval_iters=v), 2, "eval_iters"),
+    ("TrainConfig warmup", lambda v, _: _train(warmup=v), 5, "warmup"),
+    ("TrainConfig seed", lambda v, _: _train(seed=v), 7, "seed"),
+    ("TrainConfig schedule_steps",
+     lambda v, _: _train(schedule_steps=v), 20, "schedule_steps"),
+    ("DistillConfig stage", lambda v, _: _distill(stage=v), 1, "stage"),
+    ("DistillConfig align_steps",
+     lambda v, _: _distill(stage=1, steps=12, align_steps=v), 3, "align_steps"),
+    ("Scorer vocab_size", lambda v, _: _scored(vocab_size=v), 11, "vocab_size"),
+    ("Scorer batch_size", lambda v, _: _scored(batch_size=v), 1, "batch_size"),
+    ("Scorer max_length", lambda v, _: _scored(max_length=v), 4, "max_length"),
+    ("Scorer.token_logprobs window",
+     lambda v, _: _scorer().token_logprobs(DOCS, 0, window=v), 2, "window"),
+    ("Scorer.greedy_until max_new_tokens", lambda v, _: _greedy(v), 3, "max_new_tokens"),
+    ("text_perplexity window", lambda v, _: _perplexity(v), 4, "window"),
+    ("end_token eos_id", lambda v, _: end_token(_EndOfText(v)), 3, None),
+    ("HFTokenizer eos_id", lambda v, _: _hf_eos(v), 3, "eos_id"),
+    ("check_input_shape features", lambda v, _: check_input_shape((v,)), 3, "input_shape"),
+    ("check_input_shape channels, height, width",
+     lambda v, _: check_input_shape([2, v, 4]), 3, "input_shape"),
+    ("filter_logits top_k", lambda v, _: _filtered(top_k=v), 3, "top_k"),
 ]  # fmt: skip
 
 FLOAT_TYPES = (np.float32, np.float64)
@@ -419,7 +545,8 @@ def test_a_bad_real_is_refused_naming_the_argument(fn, bad, name, tmp_path):
     [
         pytest.param(fn, bad, name, id=f"{label}-{bad!r}")
         for label, fn, _, name in INTEGER
-        if name is not None  # a seed takes what random.Random takes
+        # a seed takes what random.Random takes; end_token passes over what is no id
+        if name is not None
         for bad in [*BAD, 2.0, np.float64(2.0)]
     ],
 )
@@ -467,3 +594,77 @@ def test_a_config_of_numpy_scalars_saves_and_loads_as_plain_data(tmp_path):
     tokens = torch.randint(0, 11, (1, 6))
     with torch.no_grad():
         assert torch.equal(loaded(tokens), model.eval()(tokens))
+
+
+def test_a_run_config_of_numpy_scalars_saves_and_loads_as_plain_data(tmp_path):
+    """A training or distillation run's settings, saved in each of its checkpoints, load with
+    weights_only=True when they were given as NumPy values, the model's overrides too."""
+    numpy_model = {"d_model": np.int64(16), "dt_limit": (0.0, np.float32(0.5)),
+                   "spikes": {"T": np.int32(2), "tau": np.float32(1.5)}}  # fmt: skip
+    python_model = {"d_model": 16, "dt_limit": (0.0, 0.5), "spikes": {"T": 2, "tau": 1.5}}
+    train = TrainConfig(steps=np.int64(10), lr=np.float32(0.5), warmup=np.int32(2),
+                        seed=np.int64(3), model_config=numpy_model)  # fmt: skip
+    distill = DistillConfig(teacher="teacher.pt", stage=np.int64(1), align_steps=np.int64(2),
+                            steps=np.int32(8), alpha=np.float64(0.25),
+                            student_config={"d_model": np.int64(16)})  # fmt: skip
+    assert _same(asdict(train), _train(steps=10, lr=0.5, warmup=2, seed=3,
+                                       model_config=python_model))  # fmt: skip
+    assert _same(asdict(distill), _distill(stage=1, align_steps=2, steps=8, alpha=0.25,
+                                           student_config={"d_model": 16}))  # fmt: skip
+    tokenizer = HFTokenizer(_word_level(), np.int64(3))  # its end-of-text id is saved too
+    state = {"config": asdict(train), "distill": asdict(distill)}
+    path = save_checkpoint(tmp_path / "run.pt", MARLM(MARConfig(**SMALL)), tokenizer, state)
+    payload = torch.load(path, weights_only=True)
+    assert _same(payload["train"], state) and payload["tokenizer"]["eos_id"] == 3
+
+
+def test_calibration_hands_its_counts_on_as_python_ints(monkeypatch):
+    """max_rows and seed reach the sampling as Python ints (torch's generator refuses
+    NumPy's seed)."""
+    calibration = importlib.import_module("spikemar.refine.calibrate")
+    seen = []
+
+    def spy(sample):
+        def sampling(*args, **kw):
+            seen.append((sample.__name__, type(kw["max_rows"]), type(kw["seed"])))
+            return sample(*args, **kw)
+
+        return sampling
+
+    for name in ("point_samples", "calibrate_thresholds"):  # what calibration samples through
+        monkeypatch.setattr(calibration, name, spy(getattr(calibration, name)))
+    _calibrated(firing_rate=0.25, max_rows=np.int64(12), seed=np.int32(1))
+    _calibrated(quant_error=0.25, max_rows=np.int32(12))
+    _point_rates(max_rows=np.int64(12), seed=np.int64(1))
+    assert seen == [("calibrate_thresholds", int, int), ("point_samples", int, int),
+                    ("point_samples", int, int)]  # fmt: skip
+
+
+def test_filter_logits_checks_what_generate_checks():
+    """filter_logits, public, refuses what would divide by zero or index past its input,
+    with generate's messages (one check); generate itself still takes temperature 0."""
+    with pytest.raises(ValueError, match=r"^temperature: expected > 0, got 0$"):
+        _filtered(temperature=0)
+    with pytest.raises(ValueError, match=r"^top_k: expected an int >= 1 or None, got 0$"):
+        _filtered(top_k=0)
+    with pytest.raises(ValueError, match=r"^top_p: expected a number in \(0, 1\] or None"):
+        _filtered(top_p=1.5)
+    for logits, what in [(torch.zeros(6), r"\(6,\) torch.float32"),
+                         (torch.zeros(2, 6, dtype=torch.long), r"\(2, 6\) torch.int64"),
+                         ([[0.0, 1.0]], "list")]:  # fmt: skip
+        with pytest.raises(ValueError, match=rf"^logits: expected .*\[batch, vocab\], got {what}"):
+            filter_logits(logits)
+    assert _same(_generated(temperature=np.float32(0.0)), _generated(temperature=0.0))
+    with pytest.raises(ValueError, match=r"^temperature: expected >= 0, got -1$"):
+        _generated(temperature=-1)
+
+
+def test_a_bool_is_no_end_of_text_id(tmp_path):
+    """A JSON ``true`` as a directory's eos_token_id, or a tokenizer whose eos_id is a bool,
+    names no token: the tokenizer has none (it was token 1), end_token falls back to "\\n"."""
+    _word_level().save(str(tmp_path / "tokenizer.json"))
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": True}))
+    assert HFTokenizer.from_directory(tmp_path).eos_id is None
+    (tmp_path / "config.json").write_text(json.dumps({"eos_token_id": np.int64(3).item()}))
+    assert HFTokenizer.from_directory(tmp_path).eos_id == 3
+    assert end_token(_EndOfText(True)) == 0 and end_token(_EndOfText(np.int64(3))) == 3

@@ -45,6 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .._argtypes import check_device
+from .._numbers import integer, plain_data
 from ..checkpoint import (
     build_model,
     check_model_config,
@@ -103,9 +104,10 @@ class DistillConfig(LoopConfig):
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if type(self.stage) is not int or self.stage not in (1, 2):
+        if integer(self.stage) not in (1, 2):
             raise ValueError(f"stage: expected 1 (attention → SSM) or 2 (dense → spiking), "
                              f"got {self.stage!r}")  # fmt: skip
+        self.stage = integer(self.stage)  # NumPy's as Python's, as LoopConfig stores its own
         for name in ("teacher", "student", "tokenizer"):
             value = getattr(self, name)
             if not (value is None and name != "teacher") and not (
@@ -114,7 +116,7 @@ class DistillConfig(LoopConfig):
                 raise ValueError(f"{name}: expected a checkpoint path, a model directory or a "
                                  f"Hub id, got {value!r}")  # fmt: skip
         for name in ("alpha", "beta", "gamma", "ce", "temperature"):
-            check_number(name, getattr(self, name))
+            setattr(self, name, check_number(name, getattr(self, name)))
         finite = (self.alpha, self.beta, self.gamma, self.ce, self.temperature)
         if min(finite) < 0 or not self.temperature > 0 or not all(map(math.isfinite, finite)):
             raise ValueError(
@@ -126,6 +128,7 @@ class DistillConfig(LoopConfig):
                              f"{self.init_from_teacher!r}")  # fmt: skip
         kind = "mar" if self.stage == 2 else "mar-dense"
         check_model_config(kind, self.student_config, name="student_config")
+        self.student_config = plain_data(self.student_config)  # saved with the run
         if "vocab_size" in self.student_config:
             raise ValueError(f"student_config: vocab_size {self.student_config['vocab_size']!r}: "
                              "the student's vocabulary is the teacher's (SBDS compares their "
@@ -133,10 +136,11 @@ class DistillConfig(LoopConfig):
         if self.stage == 1 and self.student_config.get("spikes"):
             raise ValueError("student_config: spikes: stage 1's student is dense (spikes are "
                              "stage 2's)")  # fmt: skip
-        if self.align_steps is not None and (
-            isinstance(self.align_steps, bool) or not isinstance(self.align_steps, int)
-        ):
-            raise ValueError(f"align_steps: expected an int or None, got {self.align_steps!r}")
+        if self.align_steps is not None:
+            if integer(self.align_steps) is None:
+                raise ValueError(f"align_steps: expected an int or None, got "
+                                 f"{self.align_steps!r}")  # fmt: skip
+            self.align_steps = integer(self.align_steps)
         if self.feature not in FEATURES:
             raise ValueError(f"feature: expected one of {FEATURES}, got {self.feature!r}")
         if self.alpha == self.beta == self.ce == 0 and (self.feature is None or self.gamma == 0):

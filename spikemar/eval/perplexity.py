@@ -30,6 +30,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .._numbers import integer, plain
 from .scoring import Scorer, nats_to_bits_per_byte
 
 __all__ = [
@@ -84,8 +85,8 @@ def end_token(tokenizer: Any) -> int:
     ``bos_token_id``), else the single token of ``"\\n"`` (the character tokenizer, which has
     none)."""
     for name in ("eos_id", "eos_token_id", "bos_token_id"):
-        value = getattr(tokenizer, name, None)
-        if isinstance(value, int) and not isinstance(value, bool):
+        value = integer(getattr(tokenizer, name, None))  # NumPy's ids too, as Python ints
+        if value is not None:
             return value
     ids = list(tokenizer.encode("\n"))
     if len(ids) != 1:
@@ -169,6 +170,7 @@ def text_perplexity(
     still counts the text's own bytes, as lm_eval's does for a document)."""
     if not isinstance(text, str) or not text:
         raise ValueError("text: expected a non-empty string")
+    window = plain(window)  # NumPy's int as Python's, for the result; token_logprobs checks it
     ids = list(tokenizer.encode(replace_unknown(tokenizer, text, check_unk(tokenizer, unk))[0]))
     if not ids:
         raise ValueError("text: encodes to no tokens")

@@ -44,6 +44,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._numbers import integer
 from ..energy import EnergyCounter, EnergyReport
 from ..models.generation import context_limit
 from ..models.hub import is_hub_id
@@ -164,19 +165,23 @@ class Scorer:
     ) -> None:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
-        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+        # NumPy's integers as Python's (a sweep's np.arange), a bool or a float refused
+        if integer(vocab_size) is None or vocab_size < 1:
+            raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
+        if integer(batch_size) is None or batch_size < 1:
             raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
         limit = model_max_length(model)
         if max_length is not None:
-            if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 2:
+            if integer(max_length) is None or max_length < 2:
                 raise ValueError(f"max_length: expected an int >= 2 or None, got {max_length!r}")
+            max_length = integer(max_length)
             if limit is not None and max_length > limit:
                 raise ValueError(f"max_length: {max_length} exceeds the model's max_len {limit}")
             limit = max_length
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.vocab_size = int(vocab_size)
-        self.batch_size = batch_size
+        self.vocab_size = integer(vocab_size)
+        self.batch_size = integer(batch_size)
         self.max_length = limit
         self.pad_token = _check_ids([pad_token], "pad_token", self.vocab_size)[0]
         self.counter = EnergyCounter(self.model) if count_energy else None
@@ -257,10 +262,10 @@ class Scorer:
         conditioned on ``prefix`` and the document before it: one pass over the whole document,
         or consecutive windows of ``window`` tokens that each restart from ``prefix``."""
         prefix = _check_ids([prefix], "prefix", self.vocab_size)[0]
-        if window is not None and (
-            isinstance(window, bool) or not isinstance(window, int) or window < 1
-        ):
-            raise ValueError(f"window: expected an int >= 1 or None, got {window!r}")
+        if window is not None:
+            if integer(window) is None or window < 1:
+                raise ValueError(f"window: expected an int >= 1 or None, got {window!r}")
+            window = integer(window)
         if self.max_length is not None:
             window = min(window or self.max_length, self.max_length)
         segments: list[tuple[int, int, list[int]]] = []  # (document, offset, tokens)
@@ -349,10 +354,9 @@ class Scorer:
         each new token, batched across requests (right padding keeps it exact), the context cut
         to the last ``max_length`` tokens as it grows.
         """
-        if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int):
+        if integer(max_new_tokens) is None or max_new_tokens < 0:
             raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        if max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
+        max_new_tokens = integer(max_new_tokens)
         stops = [s for s in stop if s]
         rows = [_check_ids(c, f"contexts[{n}]", self.vocab_size) for n, c in enumerate(contexts)]
         new: list[list[int]] = [[] for _ in rows]

@@ -16,6 +16,8 @@ import os
 from collections.abc import Iterator
 from pathlib import Path
 
+from .._numbers import integer
+
 __all__ = [
     "NETX_FORMAT",
     "NETX_VERSION",
@@ -37,13 +39,14 @@ def check_input_shape(input_shape: object) -> tuple[int, ...]:
     """One sample's input shape, ``(features,)`` or ``(channels, height, width)``, as a tuple of
     ints; else a ValueError naming ``input_shape``."""
     ok = isinstance(input_shape, tuple | list) and len(input_shape) in (1, 3)
-    ok = ok and all(isinstance(n, int) and not isinstance(n, bool) and n >= 1 for n in input_shape)
-    if not ok:
+    # NumPy's integers as Python's (a shape read from an array's metadata), a bool refused
+    sizes = tuple(integer(n) for n in input_shape) if ok else ()
+    if not ok or any(n is None or n < 1 for n in sizes):
         raise ValueError(
             "input_shape: expected the per-sample shape (features,) or (channels, height, "
             f"width) of positive ints, got {input_shape!r}"
         )
-    return tuple(input_shape)
+    return sizes
 
 
 def check_version(found: object, current: int, path: str | os.PathLike, what: str) -> int:

@@ -136,17 +136,7 @@ def generate(
     if n_new is None or n_new < 0:
         raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
     max_new_tokens = n_new
-    if real(temperature) is None or not temperature >= 0:
-        raise ValueError(f"temperature: expected >= 0, got {temperature!r}")
-    temperature = real(temperature)
-    if top_k is not None:
-        if integer(top_k) is None or top_k < 1:
-            raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-        top_k = integer(top_k)
-    if top_p is not None:
-        if real(top_p) is None or not 0 < top_p <= 1:
-            raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
-        top_p = real(top_p)
+    temperature, top_k, top_p = _sampling(temperature, top_k, top_p, greedy=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got "
                         f"{type(generator).__name__}")  # fmt: skip
@@ -259,6 +249,25 @@ def _eos_ids(
     return [int(i) for i in ids]
 
 
+def _sampling(
+    temperature: object, top_k: object, top_p: object, *, greedy: bool
+) -> tuple[float, int | None, float | None]:
+    """The sampling settings as Python numbers (NumPy's too, a bool refused), else one error
+    naming the first bad one; ``greedy``: temperature 0 (greedy decoding) is allowed, where
+    nothing divides by it."""
+    t = real(temperature)
+    if t is None or not (t >= 0 if greedy else t > 0):
+        raise ValueError(f"temperature: expected {'>=' if greedy else '>'} 0, got "
+                         f"{temperature!r}")  # fmt: skip
+    k = None if top_k is None else integer(top_k)
+    if top_k is not None and (k is None or k < 1):
+        raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
+    p = None if top_p is None else real(top_p)
+    if top_p is not None and (p is None or not 0 < p <= 1):
+        raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
+    return t, k, p
+
+
 def filter_logits(
     logits: torch.Tensor,
     temperature: float = 1.0,
@@ -269,6 +278,17 @@ def filter_logits(
     but the ``top_k`` largest set to -inf (ties with the k-th kept), then all outside the
     smallest set of most likely tokens whose probability reaches ``top_p`` (at least one kept):
     transformers' temperature, top-k and top-p warpers, in that order, in float32."""
+    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+        what = (f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor)
+                else type(logits).__name__)  # fmt: skip
+        raise ValueError(f"logits: expected a floating-point tensor [batch, vocab], got {what}")
+    return _filter(logits, *_sampling(temperature, top_k, top_p, greedy=False))
+
+
+def _filter(
+    logits: torch.Tensor, temperature: float, top_k: int | None, top_p: float | None
+) -> torch.Tensor:
+    """:func:`filter_logits` on settings already checked (each generated token)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
@@ -291,7 +311,7 @@ def _sample(
 ) -> torch.Tensor:
     if temperature == 0:
         return logits.argmax(-1)
-    probs = torch.softmax(filter_logits(logits, temperature, top_k, top_p), dim=-1)
+    probs = torch.softmax(_filter(logits, temperature, top_k, top_p), dim=-1)
     if generator is not None and generator.device != probs.device:
         # torch.multinomial draws only from a generator on the tensor's device: draw where
         # the generator lives (the same tokens as a model there would draw)

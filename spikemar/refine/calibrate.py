@@ -26,7 +26,7 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .._numbers import real
+from .._numbers import integer, real
 from ..convert import calibrate_point_rate, calibrate_thresholds, point_rates, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
@@ -84,6 +84,14 @@ def _calibrate_error(point: SpikePoint, x: torch.Tensor, target: float) -> float
     return float(final.mean())
 
 
+def _check_seed(seed: object) -> int:
+    """``seed`` as a Python int (torch's generators refuse NumPy's), else one error naming it."""
+    whole = integer(seed)
+    if whole is None:
+        raise ValueError(f"seed: expected an int, got {seed!r}")
+    return whole
+
+
 @torch.no_grad()
 def firing_rates(
     student: MARLM,
@@ -96,7 +104,7 @@ def firing_rates(
     """Per spike point of ``student``: its firing rate (nonzero spikes per micro-step) at its
     current thresholds on ``teacher``'s activations at its place (the samples calibration
     uses)."""
-    _check_int("max_rows", max_rows)
+    max_rows, seed = _check_int("max_rows", max_rows), _check_seed(seed)
     samples = point_samples(student, teacher, list(batches), max_rows=max_rows, seed=seed)
     return {s.name: float(point_rates(s.module, samples[s.name]).mean())
             for s in student.spike_points()}  # fmt: skip
@@ -123,7 +131,7 @@ def calibrate(
                         f"{type(student).__name__} and {type(teacher).__name__}")  # fmt: skip
     if (firing_rate is None) == (quant_error is None):
         raise ValueError("firing_rate, quant_error: give exactly one calibration target")
-    _check_int("max_rows", max_rows)
+    max_rows, seed = _check_int("max_rows", max_rows), _check_seed(seed)
     if firing_rate is not None and not (
         isinstance(firing_rate, Mapping) or real(firing_rate) is not None
     ):

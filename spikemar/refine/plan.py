@@ -211,7 +211,7 @@ def random_schedule(
     draws, the one closest above the target is returned."""
     _check_table(measurements)
     ratio = _check_number("energy_ratio", energy_ratio, 1)
-    _check_int("tries", tries)
+    tries = _check_int("tries", tries)
     rng = random.Random(plain(seed))  # random.Random refuses NumPy's ints
     need = measurements.teacher_energy_pj * (1 - 1 / ratio)
     most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())

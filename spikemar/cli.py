@@ -217,7 +217,7 @@ def _run_raster(args: argparse.Namespace) -> int:
         fig, stats = _raster_network(args, neuron, setting)
     else:
         fig, stats = _raster_single(args, neuron, setting)
-    path = viz.save_figure(fig, args.out, dpi=args.dpi)
+    path = viz.save_figure(fig, args.out, dpi=args.dpi, name="--out")
     print(path)
     print(f"raster ({setting}{', network' if args.network else ''}): {stats.summary()}")
     return 0

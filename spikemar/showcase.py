@@ -206,7 +206,7 @@ def demo_main(args: argparse.Namespace) -> int:
     fig, rates = _figure(model, tokenizer, ids, points,
                          f"{path.name}: spikes of the spiking MAR LM on its own text "
                          f"({ids.shape[1]} {_unit(tokenizer)}s)")  # fmt: skip
-    viz.save_figure(fig, args.out)
+    viz.save_figure(fig, args.out, name="--out")
     mean = sum(r.mean_total for r in rates.values()) / len(rates)
     print(f"{args.out}: rasters and firing rates of {len(points)} spike points "
           f"(mean firing rate {mean:.3f} per micro-step)\n")  # fmt: skip

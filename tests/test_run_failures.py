@@ -193,3 +193,12 @@ def test_eval_that_cannot_make_out_on_a_full_disk_is_a_failed_run(home, tmp_path
     err = _failed_run(["eval", "--checkpoint", str(_checkpoint(home, "mar-dense")), "--text",
                        str(home), "--no-energy", "--out", str(out)], capsys)  # fmt: skip
     assert err.endswith(f"--out: cannot make the folder {str(out)!r} (No space left on device)")
+
+
+@pytest.mark.parametrize("command", [["raster"], ["demo", "--max-new-tokens", "4"]])
+def test_a_figure_on_a_full_disk_names_out(command, tmp_path, capsys):
+    """It read '[Errno 27] File too large', naming no file."""
+    out = tmp_path / "fig.png"
+    err = _failed_run([*command, "--out", str(out)], capsys, 4096)
+    assert err.endswith(f"--out: cannot write {str(out)!r} (File too large)")
+    assert list(tmp_path.iterdir()) == []

@@ -694,17 +694,21 @@ def _run_neuron(neuron: nn.Module, x_seq: torch.Tensor) -> tuple[torch.Tensor, t
 # -- saving -------------------------------------------------------------------------------------
 
 
-def save_figure(fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150) -> Path:
+def save_figure(
+    fig: Figure, path: str | os.PathLike[str], *, dpi: int = 150, name: str = "path"
+) -> Path:
     """Write ``fig`` to ``path`` atomically and return the path.
 
     The image is written under a temporary name in the same folder and then moved into place
     with ``os.replace``, so a reader never sees a half-written file. Parent folders are created.
-    The format follows the suffix (``.png``, ``.pdf``, ``.svg``, …).
+    The format follows the suffix (``.png``, ``.pdf``, ``.svg``, …). ``name`` is the argument
+    that gave ``path`` (a command's ``--out``): a write that fails (a full disk) is one
+    ``OSError("NAME: cannot write 'PATH' (reason)")`` with its errno.
     """
     if not isinstance(fig, Figure):
         raise TypeError(f"fig: expected a matplotlib Figure, got {type(fig).__name__}")
-    path = check_figure_path(path)
-    with atomic_write(path, fsync=False) as tmp:
+    path = check_figure_path(path, name=name)
+    with atomic_write(path, fsync=False, name=name) as tmp:
         fig.savefig(tmp, format=path.suffix.lstrip(".").lower(), dpi=dpi)
     return path
 

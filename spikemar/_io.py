@@ -27,6 +27,7 @@ from pathlib import Path
 __all__ = [
     "Terminated",
     "atomic_write",
+    "cannot_write",
     "check_output_folder",
     "check_output_path",
     "file_mode",
@@ -136,6 +137,14 @@ def _renamed(err: OSError, message: str) -> OSError:
     return renamed
 
 
+def cannot_write(err: OSError, path: str | os.PathLike, name: str) -> OSError:
+    """``err``, a failed write of ``path``, as ``OSError("NAME: cannot write 'PATH' (reason)")``
+    with its errno (a full disk stays ``spikemar._argtypes.is_machine_failure``), a
+    PermissionError where the folder refuses the file. For a command to raise ``from err`` where
+    a writer named the file otherwise, or not at all."""
+    return _renamed(err, f"{name}: cannot write {str(path)!r}")
+
+
 @contextlib.contextmanager
 def write_failures_named(path: str | os.PathLike, name: str | None) -> Iterator[None]:
     """Within the block, an OSError (also one that a writer raised as the cause of its own
@@ -154,7 +163,7 @@ def write_failures_named(path: str | os.PathLike, name: str | None) -> Iterator[
         if not isinstance(cause, OSError):
             raise
         # the errno's text: some writers' messages name the temporary file (h5py's), not path
-        raise _renamed(cause, f"{name}: cannot write {str(path)!r}") from err
+        raise cannot_write(cause, path, name) from err
 
 
 @contextlib.contextmanager

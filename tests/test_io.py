@@ -146,3 +146,18 @@ def test_a_named_write_that_the_folder_refuses_stays_a_permission_error(tmp_path
         assert str(err.value) == f"--json: cannot write {str(target)!r} ({os.strerror(raised)})"
         assert err.value.errno == raised
     assert list(tmp_path.iterdir()) == []
+
+
+def test_cannot_write_names_the_file_whoever_wrote_it(tmp_path):
+    """A command's name for a write that a writer named otherwise (a report's save_png: 'path:'),
+    or through its temporary file (h5py's message): the errno's text, the errno and the kind."""
+    from spikemar._io import cannot_write
+
+    target = tmp_path / "r.png"
+    for raised, kind in [(OSError(errno.ENOSPC, "name = '.r.png.1.ab.tmp'"), OSError),
+                         (OSError(errno.EROFS, "Read-only file system"), PermissionError),
+                         (OSError("no errno"), OSError)]:  # fmt: skip
+        named = cannot_write(raised, target, "--png")
+        why = os.strerror(raised.errno) if raised.errno else "no errno"
+        assert str(named) == f"--png: cannot write {str(target)!r} ({why})"
+        assert named.errno == raised.errno and type(named) is kind

@@ -19,7 +19,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
-import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,7 +29,7 @@ from torch import nn
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .._argtypes import is_machine_failure
-from .._io import atomic_write, check_output_path
+from .._io import atomic_write, cannot_write, check_output_path
 from .breakeven import break_even
 from .counter import SPIKE_DETECTIONS, profile
 from .demo import VOCAB, demo_model, dense_demo_model, packaged_student_path
@@ -345,12 +344,9 @@ def _naming(flag: str, path: Path) -> Iterator[None]:
     try:
         yield
     except OSError as err:
-        why = os.strerror(err.errno) if err.errno else str(err)  # not a temporary file's name
-        message = f"{flag}: cannot write {str(path)!r} ({why})"
+        failed = cannot_write(err, path, flag)
         if not is_machine_failure(err):
-            raise ValueError(message) from err
-        failed = OSError(message)
-        failed.errno = err.errno
+            raise ValueError(str(failed)) from err
         raise failed from err
 
 

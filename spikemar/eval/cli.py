@@ -39,7 +39,7 @@ from .._argtypes import add_tokenizer_argument, is_machine_failure
 from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_0 as _int_at_least_0
 from .._argtypes import int_at_least_1 as _int_at_least_1
-from .._io import Terminated, atomic_write, check_output_folder
+from .._io import Terminated, atomic_write, cannot_write, check_output_folder
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
 __all__ = [
@@ -241,9 +241,7 @@ def _write_png(save: Callable[[Path], Path], path: Path, written: list[Path]) ->
     except OSError as err:
         if not is_machine_failure(err):
             raise
-        failed = OSError(f"--out: cannot write {str(path)!r} ({os.strerror(err.errno)})")
-        failed.errno = err.errno
-        raise failed from err
+        raise cannot_write(err, path, "--out") from err
 
 
 def _labels(args: argparse.Namespace, checkpoints: list[Path]) -> list[str]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import os
 import shutil
 import sys
 import time
@@ -28,7 +27,7 @@ import torch
 
 from .._argtypes import int_at_least_1 as _int_at_least_1
 from .._argtypes import is_machine_failure
-from .._io import check_output_path
+from .._io import cannot_write, check_output_path
 
 __all__ = ["add_export_arguments", "export_main"]
 
@@ -145,7 +144,7 @@ def _naming(flag: str, path: Path):
         if message.startswith("path: "):
             renamed = type(err)(f"{flag}: {message.removeprefix('path: ')}")
         elif is_machine_failure(err):
-            renamed = OSError(f"{flag}: cannot write {str(path)!r} ({os.strerror(err.errno)})")
+            renamed = cannot_write(err, path, flag)
         else:
             raise
         if isinstance(err, OSError):

@@ -8,6 +8,7 @@ import json
 import math
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -108,6 +109,30 @@ def test_greedy_flag_is_true_for_the_models_own_greedy_continuation():
     out = model.generate(torch.tensor(ctx), 5, temperature=0.0).tolist()
     s = Scorer(model, VOCAB).loglikelihood([(ctx, out[4:]), (ctx, [(out[4] + 1) % VOCAB])])
     assert s[0].greedy and not s[1].greedy
+
+
+def test_token_ids_are_integers_or_one_error():
+    """A token id given as True or 2.7 was int()-ed into token 1 or 2 and scored silently;
+    NumPy and 0-d tensor ids, integer tensors and arrays score as the same Python ints."""
+    model = tiny_mar(2)
+    scorer = Scorer(model, VOCAB)
+    want = scorer.loglikelihood([([1, 2, 3], [4, 5])])
+    for ctx, cont in (
+        ([np.int64(1), 2, torch.tensor(3)], [np.int32(4), 5]),
+        (torch.tensor([1, 2, 3]), np.array([4, 5])),
+    ):
+        assert scorer.loglikelihood([(ctx, cont)]) == want
+    for cont, shown in (([True], "True"), ([2.7], "2.7"), (["3"], "'3'")):
+        with pytest.raises(
+            ValueError,
+            match=rf"^requests\[0\] continuation: expected integer token ids, got {shown}$",
+        ):
+            scorer.loglikelihood([([1, 2], cont)])
+    for cont in (torch.tensor([1.0]), np.array([[1]]), torch.tensor([True])):
+        with pytest.raises(
+            ValueError, match=r"^requests\[0\] continuation: expected a 1-d sequence of integer"
+        ):
+            scorer.loglikelihood([([1, 2], cont)])
 
 
 @pytest.mark.parametrize("window", [None, 5, 16])

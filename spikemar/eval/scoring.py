@@ -40,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -130,7 +131,21 @@ model_max_length = context_limit
 
 
 def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:
-    out = [int(i) for i in ids]
+    if isinstance(ids, torch.Tensor | np.ndarray):  # read whole: an integer dtype, 1-d
+        integral = (not ids.dtype.is_floating_point and ids.dtype != torch.bool
+                    if isinstance(ids, torch.Tensor) else ids.dtype.kind in "iu")  # fmt: skip
+        if not integral or ids.ndim != 1:
+            raise ValueError(f"{name}: expected a 1-d sequence of integer token ids, got "
+                             f"{ids.dtype} of shape {tuple(ids.shape)}")  # fmt: skip
+        out = ids.tolist()
+    else:
+        out = []
+        for i in ids:
+            # each an integer: int() made True token 1 and 2.7 token 2, scoring other tokens
+            value = integer(i.item() if isinstance(i, torch.Tensor) and i.ndim == 0 else i)
+            if value is None:
+                raise ValueError(f"{name}: expected integer token ids, got {i!r}")
+            out.append(value)
     if not out and not empty_ok:
         raise ValueError(f"{name}: expected at least one token id, got none")
     bad = [i for i in out if not 0 <= i < vocab]

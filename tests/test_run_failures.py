@@ -202,3 +202,47 @@ def test_a_figure_on_a_full_disk_names_out(command, tmp_path, capsys):
     err = _failed_run([*command, "--out", str(out)], capsys, 4096)
     assert err.endswith(f"--out: cannot write {str(out)!r} (File too large)")
     assert list(tmp_path.iterdir()) == []
+
+
+@pytest.mark.parametrize(("limit", "fails"), [
+    (1024, r"measurements(\.partial)?\.json"),  # the first write: the teacher's table
+    (None, r"plan\.json"),  # written without a name: '[Errno 28] No space left on device'
+    (16384, r"init\.pt"),  # the planned student, by save_checkpoint ('checkpoint: ...')
+])  # fmt: skip
+def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, limit, fails):
+    """It read '[Errno 27] File too large' (the tables, plan.json) or 'checkpoint: cannot write'
+    (the students), naming no option."""
+    import re
+
+    import torch
+
+    from spikemar.data import TokenDataset
+    from spikemar.models import MARLM, MARConfig
+    from spikemar.refine.plan import Plan
+
+    if limit is None:  # plan.json is smaller than the table before it: a full disk there
+        monkeypatch.setattr(Plan, "save", _full_disk_save)
+    tokenizer = CharTokenizer.from_text(home.read_text())
+    torch.manual_seed(0)
+    config = MARConfig(vocab_size=tokenizer.vocab_size, **SSM)
+    teacher = save_checkpoint(tmp_path / "teacher.pt", MARLM(config.dense()), tokenizer)
+    TokenDataset.from_text_file(home)  # the token cache, before the limit
+    out = tmp_path / "out"
+    capsys.readouterr()
+    with file_size_limit(limit) if limit else contextlib.nullcontext():
+        code = cli.main(["refine", "--teacher", str(teacher), "--data", str(home), "--out",
+                         str(out), "--steps", "1", "--L", "16", "--batch-size", "2",
+                         "--eval-iters", "1", "--calib-windows", "2", "--option",
+                         "T=4,v_threshold=0.5", "--sparsify-topk", "0", "--warmup", "0",
+                         "--no-progress", "--budget-energy", "1.05"])  # fmt: skip
+    *said, err = capsys.readouterr().err.splitlines()  # after refine's progress lines
+    assert code == 1 and all(line.startswith("refine: ") for line in said), said
+    assert err.startswith("spikemar refine: error: ") and "--help" not in err
+    why = "File too large" if limit else "No space left on device"
+    assert re.search(rf"--out: cannot write '{re.escape(str(out))}/{fails}' \({why}\)$", err), err
+    assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
+
+
+def _full_disk_save(self, path):
+    """``Plan.save`` on a full disk: its write names no file."""
+    raise OSError(errno.ENOSPC, "No space left on device")

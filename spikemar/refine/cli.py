@@ -22,8 +22,10 @@ on channels that carry little), ``on`` always keeps them, ``off`` skips the step
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -31,8 +33,10 @@ from .._argtypes import (
     add_tokenizer_argument,
     finite_positive_float,
     int_at_least_1,
+    is_machine_failure,
     positive_float,
 )
+from .._io import cannot_write
 from ..training import add_loop_arguments, loop_settings
 
 __all__ = ["add_refine_arguments", "refine_main"]
@@ -185,6 +189,23 @@ _STAGE_FILES = ("measurements.partial.json", "measurements.json", "plan.json", "
                 "init.pt", "student.pt", "result.json", "pareto.png")  # fmt: skip
 
 
+@contextlib.contextmanager
+def _full_disk_names_out(path: Path) -> Iterator[None]:
+    """A full disk under the write of ``path`` (a file in --out) by a writer that names it as
+    its own argument ('checkpoint: ', 'path: ') or not at all ('[Errno 28] ...') names --out
+    and ``path``, as the command's other writes do; a write of another file (the token cache,
+    which distill may make) keeps its own name."""
+    try:
+        yield
+    except OSError as err:
+        if not is_machine_failure(err):
+            raise
+        unnamed = err.strerror is not None  # the system's own error, not a writer's message
+        if not (unnamed or str(err).startswith(("checkpoint: ", "path: "))):
+            raise
+        raise cannot_write(err, path, "--out") from err
+
+
 def _say(args: argparse.Namespace, text: str) -> None:
     print(f"refine: {text}", file=sys.stderr, flush=True)
 
@@ -283,14 +304,14 @@ def refine_main(args: argparse.Namespace) -> int:
 
         def keep(so_far: Measurements) -> None:  # after each module: what --resume continues
             so_far.info["teacher"] = teacher_id
-            so_far.save(partial)
+            so_far.save(partial, name="--out")
 
         m = measure(teacher, windows, options=tuple(args.options or DEFAULT_OPTIONS),
                     sparsify=_sparsify(args.sparsify_topk), hardware=args.hardware, stage1=stage1,
                     progress=lambda s: _say(args, s),
                     done=None if before is None else before.modules, on_module=keep)  # fmt: skip
         m.info["teacher"] = teacher_id  # what --resume checks
-        m.save(done)
+        m.save(done, name="--out")
         partial.unlink(missing_ok=True)
     # 2. plan
     try:
@@ -311,7 +332,8 @@ def refine_main(args: argparse.Namespace) -> int:
             raise ValueError(f"resume: {out} was planned for budget {saved.get('budget')}, which "
                              f"chose another schedule than {chosen.budget}; give that budget, or "
                              "--overwrite to start again")  # fmt: skip
-    chosen.save(out / "plan.json")
+    with _full_disk_names_out(out / "plan.json"):  # Plan.save names no file
+        chosen.save(out / "plan.json")
     spiking = sum(1 for s in chosen.points.values() if s != "dense")
     _say(args, f"plan: {spiking}/{len(chosen.points)} points refined, predicted KL "
                f"{chosen.predicted_kl:.4g}, energy ratio {chosen.energy_ratio:.3g}x")  # fmt: skip
@@ -324,9 +346,10 @@ def refine_main(args: argparse.Namespace) -> int:
                              "--overwrite to start again")  # fmt: skip
     else:
         student, calibration = _calibrated_student(args, teacher, chosen.points, windows, stage1)
-        with atomic_write(calib_path) as tmp:
+        with atomic_write(calib_path, name="--out") as tmp:
             tmp.write_text(json.dumps(calibration, indent=1))
-        save_checkpoint(init, student, tokenizer or data.tokenizer)
+        with _full_disk_names_out(init):
+            save_checkpoint(init, student, tokenizer or data.tokenizer)
     if "kl_calibrated" in calibration:  # not when --calibrate off or the plan spikes nowhere
         _say(args, f"calibration: KL {calibration['kl_planned_v']:.4g} at the planned V, "
                    f"{calibration['kl_calibrated']:.4g} calibrated; "
@@ -338,8 +361,9 @@ def refine_main(args: argparse.Namespace) -> int:
     student_path = out / "student.pt"
     config = DistillConfig(**settings, stage=2, teacher=args.teacher, student=str(init),
                            tokenizer=args.tokenizer)  # fmt: skip
-    result = distill(config, resume=resume and student_path.exists(),
-                     progress=not args.no_progress)  # fmt: skip
+    with _full_disk_names_out(student_path):
+        result = distill(config, resume=resume and student_path.exists(),
+                         progress=not args.no_progress)  # fmt: skip
     # 4. evaluate: KL on the measurement windows, energy on validation windows
     student, _, _ = load_checkpoint(student_path, map_location=args.device)
     trained_kl, _ = kl_and_loss(teacher, student, windows)
@@ -362,12 +386,13 @@ def refine_main(args: argparse.Namespace) -> int:
         "unit": result["unit"], "energy_ratio": ratio, "hardware": args.hardware,
         "steps": args.steps,
     }  # fmt: skip
-    with atomic_write(out / "result.json") as tmp:
+    with atomic_write(out / "result.json", name="--out") as tmp:
         tmp.write_text(json.dumps(summary, indent=1))
     measured = {"plan, before stage 2": (initial_ratio, initial_kl),
                 "plan, after stage 2": (ratio, trained_kl)}  # fmt: skip
     measured = {k: v for k, v in measured.items() if v[0] is not None}
-    pareto_plot(m, [chosen], out / "pareto.png", measured=measured)
+    with _full_disk_names_out(out / "pareto.png"):
+        pareto_plot(m, [chosen], out / "pareto.png", measured=measured)
     shown = "-" if ratio is None else f"{ratio:.3g}x"
     # the plan meets the budget on its first-order estimate (the measurement windows); the
     # counted ratio on the validation windows can fall a little short: say so

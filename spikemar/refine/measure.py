@@ -129,11 +129,14 @@ class Measurements:
             raise ValueError(f"measurements: a table without {err} (an incomplete "
                              "spikemar-refine-measurements-1)") from None  # fmt: skip
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, name: str = "path") -> Path:
+        """Write the table to ``path`` as JSON, atomically; ``name`` is the argument that gave
+        ``path`` (a command's ``--out``), which a failed write names with the file."""
         from .._io import atomic_write, check_output_path
 
-        path = check_output_path(path)  # a folder at path is named, not atomic_write's temp file
-        with atomic_write(path) as tmp:
+        # a folder at path is named, not atomic_write's temp file
+        path = check_output_path(path, name=name)
+        with atomic_write(path, name=name) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1))
         return path
 

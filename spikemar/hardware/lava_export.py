@@ -32,6 +32,7 @@ around the ATMN Process.
 from __future__ import annotations
 
 import contextlib
+import io
 import math
 import os
 import signal
@@ -95,24 +96,35 @@ def export_lava(
     check_output_path(path, name="path")  # before quantising: fail early
     fixed = model if isinstance(model, FixedPointNetwork) else quantize_network(model)
     check_block_shapes([fb.block for fb in fixed.blocks], shape)
-    with writing(path) as tmp, h5py.File(tmp, "w") as f:
-        f.attrs["format"] = FORMAT
-        f.attrs["version"] = VERSION
-        layer = f.create_group("layer")
-        g = layer.create_group("0")
-        g.create_dataset("type", data=_bytes("input"))
-        g.create_dataset("shape", data=np.array(shape))
-        x = torch.zeros(1, *shape, dtype=torch.float64)
-        i = 1
-        for fb in fixed.blocks:
-            b = fb.block
-            if b.flatten and x.dim() > 2:
-                layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
-                i += 1
-            x = synaptic_input(x, b, b.weight.double(), None)
-            _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
-            i += 1
+    # the HDF5 file is made in memory and written out as bytes: HDF5 that finds the disk full
+    # under its own writes crashes the process (SIGSEGV) closing the file, leaving its
+    # temporary behind; a plain write fails with an OSError that names the file
+    image = io.BytesIO()
+    with writing(path) as tmp:
+        with h5py.File(image, "w") as f:
+            _write_network(f, fixed, shape)
+        tmp.write_bytes(image.getbuffer())
     return fixed
+
+
+def _write_network(f, fixed: FixedPointNetwork, shape: tuple[int, ...]) -> None:
+    """The netx layout (this module's docstring) of ``fixed`` in the open HDF5 file ``f``."""
+    f.attrs["format"] = FORMAT
+    f.attrs["version"] = VERSION
+    layer = f.create_group("layer")
+    g = layer.create_group("0")
+    g.create_dataset("type", data=_bytes("input"))
+    g.create_dataset("shape", data=np.array(shape))
+    x = torch.zeros(1, *shape, dtype=torch.float64)
+    i = 1
+    for fb in fixed.blocks:
+        b = fb.block
+        if b.flatten and x.dim() > 2:
+            layer.create_group(str(i)).create_dataset("type", data=_bytes("flatten"))
+            i += 1
+        x = synaptic_input(x, b, b.weight.double(), None)
+        _write_block(layer.create_group(str(i)), fb, tuple(x.shape[1:]))
+        i += 1
 
 
 def _check_path_type(path: object) -> str | os.PathLike:

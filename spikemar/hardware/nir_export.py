@@ -37,6 +37,7 @@ The graph's ``metadata`` carries ``spikemar_format`` = ``spikemar-nir`` and ``sp
 
 from __future__ import annotations
 
+import io
 import math
 import os
 from pathlib import Path
@@ -108,8 +109,12 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     edges.append((prev, "output"))
     metadata = {"spikemar_format": NIR_FORMAT, "spikemar_version": NIR_VERSION}
     graph = nir.NIRGraph(nodes=nodes, edges=edges, metadata=metadata)
+    # made in memory, then written as bytes: HDF5 (under nir.write) that finds the disk full
+    # crashes the process (SIGSEGV) closing the file; a plain write fails with an OSError
+    image = io.BytesIO()
     with writing(path) as tmp:
-        nir.write(tmp, graph)
+        nir.write(image, graph)
+        tmp.write_bytes(image.getbuffer())
     return graph
 
 

@@ -1,8 +1,10 @@
 """A full disk in a test: a file-size limit (``RLIMIT_FSIZE``) makes every write past it fail
 with EFBIG ("File too large"), as writes to a full disk fail with ENOSPC; both are
 ``spikemar._argtypes.is_machine_failure``. It is the process's own limit, so the test's other
-files (the corpus, a checkpoint) are made before it and read under it. h5py crashes (SIGSEGV)
-closing a file whose writes failed so: HDF5 writers are given a full disk another way."""
+files (the corpus, a checkpoint) are made before it and read under it. HDF5 that finds the disk
+full under its own writes crashes the process (SIGSEGV) closing the file, under this limit and
+on a real full disk: spikemar makes its netx and NIR files in memory and writes the bytes, and a
+test of an HDF5 write runs in a process of its own."""
 
 from __future__ import annotations
 

@@ -208,3 +208,22 @@ def test_a_float64_checkpoint_loads_as_float64_without_a_float32_rounding(tmp_pa
     assert torch.equal(model.embed.weight, exact["backbone.embedding.weight"])
     assert torch.equal(model.layers[1].ffn.down_proj.weight,
                        exact["backbone.layers.1.mlp.down_proj.weight"])  # fmt: skip
+
+
+@pytest.mark.parametrize("legacy", [False, True])
+def test_a_transposed_tensor_in_a_bin_loads_contiguous(checkpoints, tmp_path, legacy):
+    """A pytorch_model.bin may hold a tensor saved as a transposed view: the weight is made
+    contiguous, as copying it into a built model made it (a strided weight rounded its
+    products otherwise: logits 2e-6 off)."""
+    source = checkpoints["llamba-bin"]
+    for f in source.iterdir():
+        (tmp_path / f.name).write_bytes(f.read_bytes())
+    tensors = torch.load(tmp_path / "pytorch_model.bin", weights_only=True)
+    strided = {k: t.t().contiguous().t() if t.dim() == 2 else t for k, t in tensors.items()}
+    assert not all(t.is_contiguous() for t in strided.values())
+    torch.save(strided, tmp_path / "pytorch_model.bin", _use_new_zipfile_serialization=not legacy)
+    model = from_pretrained(tmp_path, tokenizer=False, dtype="auto")
+    expected = from_pretrained(source, tokenizer=False, dtype="auto")
+    for k, t in model.state_dict().items():
+        assert t.is_contiguous(), k
+        assert torch.equal(t, expected.state_dict()[k]), k

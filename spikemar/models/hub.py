@@ -296,7 +296,11 @@ class _WeightReader:
                 t, owned = _load_bin(f)[0][name], False
             if not torch.is_tensor(t):
                 return t
-            return t.to(dtype=t.dtype if dtype is None else dtype, copy=not owned)
+            # contiguous, as a copy into a built model made it: a .bin may hold a transposed
+            # view, and a strided weight computes other roundings (and slower)
+            t = t.to(dtype=t.dtype if dtype is None else dtype, copy=not owned,
+                     memory_format=torch.contiguous_format)  # fmt: skip
+            return t.contiguous()  # to() keeps an owned tensor of the same dtype as it is
 
     @staticmethod
     @contextlib.contextmanager

@@ -9,12 +9,20 @@ them. Two things are not numbers here: ``bool``, although Python counts it as an
 threshold per channel) take on a path of its own.
 
 The boundary that accepts a value stores it as Python's int or float, so configs built from
-NumPy values still write to JSON and load with ``torch.load(weights_only=True)``, and compare
-and print as if the user had typed the number.
+NumPy values still write to JSON and load with ``torch.load(weights_only=True)``. The value
+kept is the NumPy scalar's own: an ``np.int64(4)`` becomes 4 and an ``np.float64`` the same
+float, but an ``np.float32(0.1)`` becomes 0.10000000149011612, the number that float32 holds,
+not the 0.1 that was typed into whatever made it.
+
+A few boundaries took a 0-d tensor before they took NumPy's numbers (generation's and the KL
+loss's temperature, a bound of ``dt_limit``), because they only compared or divided by it:
+:func:`item` gives those the number such a tensor or array holds. Elsewhere a tensor stays
+refused, as it always was.
 
 ``real``, ``integer`` and ``number`` return ``None`` for a value they do not accept; the caller
 raises, naming its argument and the range it wants, so every boundary keeps one message for
-every bad value.
+every bad value. :func:`check_count` and :func:`check_seed` are the two such checks that many
+boundaries share word for word.
 """
 
 from __future__ import annotations
@@ -22,7 +30,16 @@ from __future__ import annotations
 import math
 import numbers
 
-__all__ = ["integer", "number", "plain", "plain_data", "real"]
+__all__ = [
+    "check_count",
+    "check_seed",
+    "integer",
+    "item",
+    "number",
+    "plain",
+    "plain_data",
+    "real",
+]
 
 
 def real(value: object) -> float | None:
@@ -71,3 +88,32 @@ def plain_data(value: object) -> object:
     if type(value) in (list, tuple):  # a named tuple is a structure of its own: kept as given
         return type(value)(plain_data(item) for item in value)
     return plain(value)
+
+
+def item(value: object) -> object:
+    """The number a 0-d tensor or 0-d NumPy array holds (``.item()``), anything else as given:
+    for the few boundaries that took such a value before (see the module docstring), ahead
+    of :func:`real`. A tensor of one element but one dimension or more is not a number here."""
+    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
+        return value.item()  # type: ignore[union-attr]
+    return value
+
+
+def check_count(name: str, value: object, low: int = 1) -> int:
+    """``value`` as a Python int if it is an integral number >= ``low`` (NumPy's too, a bool
+    refused), else one ValueError naming ``name``."""
+    whole = integer(value)
+    if whole is None or whole < low:
+        raise ValueError(f"{name}: expected an int >= {low}, got {value!r}")
+    return whole
+
+
+def check_seed(value: object, name: str = "seed") -> int:
+    """``value`` as a Python int if ``torch.Generator.manual_seed`` takes it (an integral
+    number in [-2**63, 2**64), NumPy's too, a bool refused), else one ValueError naming
+    ``name``: outside that range torch's own error ("Overflow when unpacking long long")
+    names no argument."""
+    whole = integer(value)
+    if whole is None or not -(2**63) <= whole < 2**64:
+        raise ValueError(f"{name}: expected an int in [-2**63, 2**64), got {value!r}")
+    return whole

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._numbers import integer, real
+from ._numbers import check_count, check_seed, real
 from .models import MARLM, SpikeConfig, SpikePoint
 from .models.hub import command_line_hint
 
@@ -289,7 +289,8 @@ def calibrate_thresholds(
     Returns each spike point's mean firing rate on those samples after calibration.
     """
     firing_rate = _fraction(firing_rate)
-    max_rows, rounds, seed = _count("max_rows", max_rows), _count("rounds", rounds), _seed(seed)
+    max_rows, seed = check_count("max_rows", max_rows), check_seed(seed)
+    rounds = check_count("rounds", rounds, 0)  # 0, as before: no bisection, V above all |I|
     if sequential:
         return _calibrate_in_order(student, batches, firing_rate, max_rows=max_rows,
                                    rounds=rounds, seed=seed)  # fmt: skip
@@ -308,20 +309,6 @@ def _fraction(firing_rate: object) -> float:
     if rate is None or not 0 < rate < 1:
         raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
     return rate
-
-
-def _count(name: str, value: object) -> int:
-    whole = integer(value)
-    if whole is None or whole < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return whole
-
-
-def _seed(seed: object) -> int:
-    whole = integer(seed)
-    if whole is None or not -(2**63) <= whole < 2**64:  # the seeds torch.Generator takes
-        raise ValueError(f"seed: expected an int in [-2**63, 2**64), got {seed!r}")
-    return whole
 
 
 class _Reached(Exception):
@@ -471,10 +458,10 @@ def convert(
     from .data import TokenDataset
 
     start = time.perf_counter()
-    calib_batches = _count("calib_batches", calib_batches)
-    eval_batches = _count("eval_batches", eval_batches)
-    batch_size, L = _count("batch_size", batch_size), _count("L", L)
-    firing_rate, seed = _fraction(firing_rate), _seed(seed)
+    calib_batches = check_count("calib_batches", calib_batches)
+    eval_batches = check_count("eval_batches", eval_batches)
+    batch_size, L = check_count("batch_size", batch_size), check_count("L", L)
+    firing_rate, seed = _fraction(firing_rate), check_seed(seed)
     energy.get_profile(hardware)  # before any work: a bad name fails now, not after calibration
     if out is not None:  # before any work: a folder or an unwritable place fails now
         check_output_path(out, name="out")

@@ -289,7 +289,14 @@ class HFTokenizer:
             raise ValueError(
                 f"tokenizer: expected {{'kind': 'hf', 'json': str}}, got keys {sorted(d)}"
             )
-        return cls(_HF.from_str(d["json"]), d.get("eos_id"))
+        eos_id = d.get("eos_id")
+        if isinstance(eos_id, bool):
+            # saved before from_directory read config.json's "eos_token_id": true as no id: the
+            # old code took it as an id, yet only by accident (packing wrote token int(True),
+            # generation refused it, lm_eval's end token fell back to "\n"). It loads as no
+            # end-of-text token, as the same directory now reads, so the two compare equal.
+            eos_id = None
+        return cls(_HF.from_str(d["json"]), eos_id)
 
     def save(self, directory: str | os.PathLike) -> Path:
         """Write ``tokenizer.json`` into ``directory`` (readable by tokenizers and transformers),

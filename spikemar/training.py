@@ -64,7 +64,7 @@ from ._argtypes import (
     int_at_least_1,
 )
 from ._io import Terminated, check_output_path, remove_stale_temporaries, sigterm_as_interrupt
-from ._numbers import integer, plain_data, real
+from ._numbers import integer, number, plain_data
 from .checkpoint import (
     MODEL_KINDS,
     NonFiniteWeightsError,
@@ -231,10 +231,12 @@ class Objective(nn.Module):
             raise ValueError(f"resume: unexpected objective state {sorted(state)}")
 
 
-def check_number(name: str, value: Any) -> float:
-    """``value`` as a Python float (NumPy's reals too); a setting that is not a real number (a
-    str, a bool, None) refused, naming it."""
-    converted = real(value)
+def check_number(name: str, value: Any) -> int | float:
+    """``value`` as the Python number it is (an int stays an int, NumPy's reals as Python's);
+    a setting that is not a real number (a str, a bool, None) refused, naming it. An int is
+    kept as an int so that a config and its messages read as typed (``weight_decay=0``, not
+    0.0), as they did before NumPy's numbers were accepted."""
+    converted = number(value)
     if converted is None:
         raise ValueError(f"{name}: expected a number, got {value!r}")
     return converted

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._numbers import integer, real
+from .._numbers import integer, item, real
 
 __all__ = ["FeatureProjection", "SBDSLoss", "kl_divergence", "sbds_loss"]
 
@@ -43,10 +43,13 @@ def kl_divergence(
     """KL(p ‖ q) per position [...], from logits [..., vocab], computed with log-softmax. A
     token that p rules out (a logit of -inf: a masked or padded vocabulary entry) adds
     0 · log 0 = 0, as in ``F.kl_div``, not NaN."""
-    t = real(temperature)
+    # a 0-d tensor or array too, as before: a tensor is kept, so a learned temperature still
+    # gets its gradient; its value checked as a number's
+    t = real(item(temperature))
     if t is None or not (math.isfinite(t) and t > 0):
         raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
-    temperature = t
+    if not isinstance(temperature, torch.Tensor):
+        temperature = t
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=-1)
     # 0 where p is 0: the product with log p = -inf would be NaN, and so would its gradients

@@ -132,9 +132,7 @@ model_max_length = context_limit
 
 def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:
     if isinstance(ids, torch.Tensor | np.ndarray):  # read whole: an integer dtype, 1-d
-        integral = (not ids.dtype.is_floating_point and ids.dtype != torch.bool
-                    if isinstance(ids, torch.Tensor) else ids.dtype.kind in "iu")  # fmt: skip
-        if not integral or ids.ndim != 1:
+        if not _integral(ids) or ids.ndim != 1:
             raise ValueError(f"{name}: expected a 1-d sequence of integer token ids, got "
                              f"{ids.dtype} of shape {tuple(ids.shape)}")  # fmt: skip
         out = ids.tolist()
@@ -142,7 +140,12 @@ def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = Fa
         out = []
         for i in ids:
             # each an integer: int() made True token 1 and 2.7 token 2, scoring other tokens
-            value = integer(i.item() if isinstance(i, torch.Tensor) and i.ndim == 0 else i)
+            if isinstance(i, torch.Tensor | np.ndarray):
+                # one element of an integer dtype, of any shape, as int() took it before
+                one = (i.numel() if isinstance(i, torch.Tensor) else i.size) == 1
+                value = int(i.item()) if one and _integral(i) else None
+            else:
+                value = integer(i)
             if value is None:
                 raise ValueError(f"{name}: expected integer token ids, got {i!r}")
             out.append(value)
@@ -152,6 +155,15 @@ def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = Fa
     if bad:
         raise ValueError(f"{name}: token ids {bad[:5]} outside the vocabulary [0, {vocab})")
     return out
+
+
+def _integral(ids: torch.Tensor | np.ndarray) -> bool:
+    """Whether a tensor's or array's dtype holds integers: not a float, a bool or a complex
+    (a complex tensor is neither floating point nor bool, and its ids compare with nothing)."""
+    if isinstance(ids, torch.Tensor):
+        dtype = ids.dtype
+        return not (dtype.is_floating_point or dtype.is_complex or dtype == torch.bool)
+    return ids.dtype.kind in "iu"
 
 
 class Scorer:

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 import torch.utils.checkpoint
 from torch import nn
 
-from .._numbers import integer, number, real
+from .._numbers import integer, plain, real
 from ..counting import (
     counting_active,
     declare_spike_counts,
@@ -82,14 +82,21 @@ class SpikeConfig:
             raise ValueError(f"threshold: expected 'channel' or 'layer', got {threshold!r}")
         if neuron not in NEURONS:
             raise ValueError(f"neuron: expected one of {sorted(NEURONS)}, got {neuron!r}")
-        rate, v = real(tau), real(v_threshold)
-        if rate is None or math.isnan(rate) or rate <= 0:
+        # tau only where the neuron has one: 'ternary-single' carries no membrane and ignores
+        # it (a config, or an old checkpoint's, may hold any value there, as it always could)
+        rate = real(tau)
+        if neuron != "ternary-single" and (rate is None or math.isnan(rate) or rate <= 0):
             raise ValueError(f"tau: expected a float > 0 (math.inf for no carry-over), got {tau!r}")
-        if v is None or not (math.isfinite(v) and v > 0):
+        # a tensor threshold (a shared one for threshold='layer') is the neuron's to check when
+        # the model is built, as it was before numbers were checked here
+        v = real(v_threshold)
+        if not isinstance(v_threshold, torch.Tensor) and not (
+            v is not None and math.isfinite(v) and v > 0
+        ):
             raise ValueError(f"v_threshold: expected a finite number > 0, got {v_threshold!r}")
-        # NumPy scalars stored as Python numbers (an int stays an int): a saved config is JSON
-        # and loads with torch.load(weights_only=True)
-        self.T, self.tau, self.v_threshold = steps, number(tau), number(v_threshold)
+        # NumPy scalars stored as Python numbers (an int stays an int), anything else as given:
+        # a saved config is JSON and loads with torch.load(weights_only=True)
+        self.T, self.tau, self.v_threshold = steps, plain(tau), plain(v_threshold)
         self.threshold, self.neuron, self.backend = threshold, neuron, backend
 
     def as_dict(self) -> dict:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import torch
 
-from .._numbers import integer, real
+from .._numbers import integer, item, real
 from .fused_step import FusedStep
 from .states import prefill_each, stack_states
 
@@ -255,7 +255,8 @@ def _sampling(
     """The sampling settings as Python numbers (NumPy's too, a bool refused), else one error
     naming the first bad one; ``greedy``: temperature 0 (greedy decoding) is allowed, where
     nothing divides by it."""
-    t = real(temperature)
+    # a 0-d tensor or array, as generate took before (it only compared and divided by it)
+    t = real(item(temperature))
     if t is None or not (t >= 0 if greedy else t > 0):
         raise ValueError(f"temperature: expected {'>=' if greedy else '>'} 0, got "
                          f"{temperature!r}")  # fmt: skip
@@ -274,14 +275,17 @@ def filter_logits(
     top_k: int | None = None,
     top_p: float | None = None,
 ) -> torch.Tensor:
-    """``logits`` [batch, vocab] as sampling sees them: divided by ``temperature`` (> 0), all
-    but the ``top_k`` largest set to -inf (ties with the k-th kept), then all outside the
-    smallest set of most likely tokens whose probability reaches ``top_p`` (at least one kept):
-    transformers' temperature, top-k and top-p warpers, in that order, in float32."""
-    if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or not logits.is_floating_point():
+    """``logits`` [..., vocab] ([batch, vocab] when sampling) as sampling sees them: divided by
+    ``temperature`` (> 0), all but the ``top_k`` largest set to -inf (ties with the k-th
+    kept), then all outside the smallest set of most likely tokens whose probability reaches
+    ``top_p`` (at least one kept): transformers' temperature, top-k and top-p warpers, in that
+    order, in float32, along the last dimension."""
+    # any real tensor of one dimension or more, as before (integer logits become float32); a
+    # complex one would lose its imaginary part in .float()
+    if not isinstance(logits, torch.Tensor) or logits.dim() < 1 or logits.is_complex():
         what = (f"{tuple(logits.shape)} {logits.dtype}" if isinstance(logits, torch.Tensor)
                 else type(logits).__name__)  # fmt: skip
-        raise ValueError(f"logits: expected a floating-point tensor [batch, vocab], got {what}")
+        raise ValueError(f"logits: expected a real tensor [..., vocab], got {what}")
     return _filter(logits, *_sampling(temperature, top_k, top_p, greedy=False))
 
 
@@ -291,13 +295,13 @@ def _filter(
     """:func:`filter_logits` on settings already checked (each generated token)."""
     logits = logits.float() / temperature
     if top_k is not None and top_k < logits.shape[-1]:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
+        kth = torch.topk(logits, top_k, dim=-1).values[..., -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     if top_p is not None and top_p < 1:
         ascending, order = torch.sort(logits, dim=-1)
         mass = ascending.softmax(dim=-1).cumsum(dim=-1)
         drop = mass <= 1 - top_p  # the least likely tokens, while the rest still reach top_p
-        drop[:, -1] = False  # the most likely token always stays
+        drop[..., -1] = False  # the most likely token always stays
         logits = logits.masked_fill(drop.scatter(-1, order, drop), float("-inf"))
     return logits
 

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._numbers import integer, plain, real
+from .._numbers import integer, item, plain, plain_data, real
 from ..counting import counted_pass, counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
@@ -146,12 +146,14 @@ class MARConfig:
         if bad:
             raise ValueError(f"layers: expected entries from {tuple(MIXERS)}, got {bad}")
         self.spiking_layers()
+        # stored as Python numbers with or without attention layers (a config without them
+        # still saves both, to JSON too); checked only where attention uses them, as before
+        self.n_attn_heads, self.max_len = plain(self.n_attn_heads), plain(self.max_len)
         if "attn" in kinds:  # the attention layers' heads and KV cache
             for name in ("n_attn_heads", "max_len"):
                 if not _int_at_least(getattr(self, name), 1):
                     raise ValueError(f"{name}: expected an int >= 1 (attention layers), got "
                                      f"{getattr(self, name)!r}")  # fmt: skip
-                setattr(self, name, integer(getattr(self, name)))
             if self.d_model % self.n_attn_heads:
                 raise ValueError(f"n_attn_heads: {self.n_attn_heads} does not divide d_model = "
                                  f"{self.d_model}")  # fmt: skip
@@ -160,8 +162,7 @@ class MARConfig:
                 raise ValueError(f"ffn_sparsity: expected ('topk', f) or ('threshold', t), got "
                                  f"{self.ffn_sparsity!r}")  # fmt: skip
             ActivationSparsifier(*self.ffn_sparsity)  # validates
-            mode, amount = self.ffn_sparsity
-            self.ffn_sparsity = type(self.ffn_sparsity)((mode, plain(amount)))
+            self.ffn_sparsity = plain_data(self.ffn_sparsity)  # a named tuple kept as given
         if self.points is not None:
             keys = self.points if isinstance(self.points, dict) else [None]
             if not all(isinstance(k, str) for k in keys):
@@ -183,8 +184,15 @@ class MARConfig:
             if eps is not None and not (real(eps) is not None and eps >= 0):
                 raise ValueError(f"{name}: expected a float >= 0 or None, got {eps!r}")
             setattr(self, name, plain(eps))
-        # a list after JSON; each bound a real number (float('abc')'s error named no argument)
-        limits = tuple(map(real, self.dt_limit)) if isinstance(self.dt_limit, tuple | list) else ()
+        # a list after JSON, and any other sequence of two bounds (an ndarray, a tensor: their
+        # elements as the numbers they hold); each bound a real number (float('abc')'s error
+        # named no argument). Stored as a tuple of two Python floats, as always.
+        limits: tuple = ()
+        if not isinstance(self.dt_limit, str):
+            try:
+                limits = tuple(real(item(bound)) for bound in self.dt_limit)
+            except TypeError:  # not iterable (a number, None, a 0-d array or tensor)
+                pass
         if len(limits) != 2 or None in limits or not 0 <= limits[0] <= limits[1]:
             shown = limits if limits and None not in limits else self.dt_limit
             raise ValueError(f"dt_limit: expected (min, max) with 0 <= min <= max, got "

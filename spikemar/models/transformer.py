@@ -47,8 +47,9 @@ class TransformerConfig:
         if mult is None or not math.isfinite(mult) or round(mult * self.d_model) < 1:
             raise ValueError(f"ffn_mult: expected a number with round(ffn_mult * d_model) >= 1, "
                              f"got {self.ffn_mult!r}")  # fmt: skip
-        if real(self.dropout) is None or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout: expected a number in [0, 1), got {self.dropout!r}")
+        # nn.Dropout's range: 1 zeroes every activation in training, yet builds (and loads)
+        if real(self.dropout) is None or not 0 <= self.dropout <= 1:
+            raise ValueError(f"dropout: expected a number in [0, 1], got {self.dropout!r}")
         # ffn_mult=3 stays 3 in a saved config, as in MARConfig
         self.ffn_mult, self.dropout = plain(self.ffn_mult), plain(self.dropout)
         if self.d_model % self.n_heads:

@@ -26,11 +26,10 @@ from collections.abc import Iterable, Mapping
 import torch
 from torch import nn
 
-from .._numbers import integer, real
+from .._numbers import check_count, check_seed, real
 from ..convert import calibrate_point_rate, calibrate_thresholds, point_rates, point_samples
 from ..models import MARLM, SpikePoint
 from ..neurons import atmn_quantize
-from .measure import _check_int
 
 __all__ = ["calibrate", "firing_rates", "point_samples", "quantisation_error"]
 
@@ -84,14 +83,6 @@ def _calibrate_error(point: SpikePoint, x: torch.Tensor, target: float) -> float
     return float(final.mean())
 
 
-def _check_seed(seed: object) -> int:
-    """``seed`` as a Python int (torch's generators refuse NumPy's), else one error naming it."""
-    whole = integer(seed)
-    if whole is None:
-        raise ValueError(f"seed: expected an int, got {seed!r}")
-    return whole
-
-
 @torch.no_grad()
 def firing_rates(
     student: MARLM,
@@ -104,7 +95,7 @@ def firing_rates(
     """Per spike point of ``student``: its firing rate (nonzero spikes per micro-step) at its
     current thresholds on ``teacher``'s activations at its place (the samples calibration
     uses)."""
-    max_rows, seed = _check_int("max_rows", max_rows), _check_seed(seed)
+    max_rows, seed = check_count("max_rows", max_rows), check_seed(seed)
     samples = point_samples(student, teacher, list(batches), max_rows=max_rows, seed=seed)
     return {s.name: float(point_rates(s.module, samples[s.name]).mean())
             for s in student.spike_points()}  # fmt: skip
@@ -131,7 +122,7 @@ def calibrate(
                         f"{type(student).__name__} and {type(teacher).__name__}")  # fmt: skip
     if (firing_rate is None) == (quant_error is None):
         raise ValueError("firing_rate, quant_error: give exactly one calibration target")
-    max_rows, seed = _check_int("max_rows", max_rows), _check_seed(seed)
+    max_rows, seed = check_count("max_rows", max_rows), check_seed(seed)
     if firing_rate is not None and not (
         isinstance(firing_rate, Mapping) or real(firing_rate) is not None
     ):

@@ -61,7 +61,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ._numbers import check_count, check_seed, real
+from ._numbers import check_count, check_seed, item, real
 from .models import MARLM, SpikeConfig, SpikePoint
 from .models.hub import command_line_hint
 
@@ -305,7 +305,7 @@ def calibrate_thresholds(
 
 
 def _fraction(firing_rate: object) -> float:
-    rate = real(firing_rate)
+    rate = real(item(firing_rate))  # a 0-d tensor or array too, as the old comparison took it
     if rate is None or not 0 < rate < 1:
         raise ValueError(f"firing_rate: expected a fraction in (0, 1), got {firing_rate!r}")
     return rate

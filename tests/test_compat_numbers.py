@@ -177,6 +177,10 @@ def test_calibrate_thresholds_with_no_rounds_reports_the_rates():
     student, teacher, batches = _student_teacher()
     rates = calibrate_thresholds(student, teacher, batches, 0.2, max_rows=16, rounds=0)
     assert rates == {s.name: 0.0 for s in student.spike_points()}
+    zero_d = calibrate_thresholds(
+        student, teacher, batches, torch.tensor(0.2), max_rows=16, rounds=0
+    )
+    assert zero_d == rates  # a 0-d firing rate, as before
     with pytest.raises(ValueError, match=r"^rounds: expected an int >= 0, got -1$"):
         calibrate_thresholds(student, teacher, batches, 0.2, rounds=-1)
 

@@ -24,14 +24,17 @@ def _build_kernels() -> None:
     """Build and load the CPU kernels a command may need (once per process): one first needed
     under the limit fails to build (the compiler's output is cut short) and stays unusable for
     the rest of the test session, whose later tests then run the torch path instead."""
+    from spikemar.models import fused_step
     from spikemar.neurons import cpu_backend
-    from spikemar.ssm import fast
+    from spikemar.ssm import fast, linear
 
     previous = os.environ.get("SPIKEMAR_CACHE_DIR")
     os.environ["SPIKEMAR_CACHE_DIR"] = KERNELS
     try:
         cpu_backend.usable()
         fast.usable()
+        for library in (linear._LIBRARY, fused_step._LIBRARY):  # every KernelLibrary of spikemar
+            library.usable()
     finally:
         if previous is None:
             del os.environ["SPIKEMAR_CACHE_DIR"]

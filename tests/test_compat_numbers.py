@@ -212,6 +212,10 @@ def test_scorer_ids_refuse_complex_and_take_one_element_integer_tensors():
     wrapped = [[torch.tensor([1]), np.array([2]), torch.tensor(3)]]
     assert torch.equal(torch.as_tensor(scorer.token_logprobs(wrapped, 0)[0]),
                        torch.as_tensor(plain[0]))  # fmt: skip
+    column = [torch.tensor([[1], [2], [3]]), np.array([[1], [2], [3]])]  # one id a row
+    assert all(torch.equal(got, plain[0]) for got in scorer.token_logprobs(column, 0))
+    with pytest.raises(ValueError, match=r"^documents\[0\]: .* got torch.int64 of shape \(1, 3\)"):
+        scorer.token_logprobs([torch.tensor([[1, 2, 3]])], 0)
     with pytest.raises(ValueError, match=r"^documents\[0\]: .* got torch.complex64 of shape"):
         scorer.token_logprobs([torch.tensor([1 + 0j, 2 + 0j])], 0)
     with pytest.raises(ValueError, match=r"^documents\[0\]: expected integer token ids, got"):

@@ -128,7 +128,9 @@ def test_token_ids_are_integers_or_one_error():
             match=rf"^requests\[0\] continuation: expected integer token ids, got {shown}$",
         ):
             scorer.loglikelihood([([1, 2], cont)])
-    for cont in (torch.tensor([1.0]), np.array([[1]]), torch.tensor([True])):
+    # a column [n, 1] scores as its ids (int() took each row), a wider one is refused
+    assert scorer.loglikelihood([([1, 2, 3], np.array([[4], [5]]))]) == want
+    for cont in (torch.tensor([1.0]), np.array([[1, 2]]), torch.tensor([True])):
         with pytest.raises(
             ValueError, match=r"^requests\[0\] continuation: expected a 1-d sequence of integer"
         ):

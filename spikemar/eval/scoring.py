@@ -132,10 +132,11 @@ model_max_length = context_limit
 
 def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = False) -> list[int]:
     if isinstance(ids, torch.Tensor | np.ndarray):  # read whole: an integer dtype, 1-d
-        if not _integral(ids) or ids.ndim != 1:
+        # or a column [n, 1] (one id per row: int() took each row before)
+        if not _integral(ids) or ids.ndim < 1 or any(size != 1 for size in ids.shape[1:]):
             raise ValueError(f"{name}: expected a 1-d sequence of integer token ids, got "
                              f"{ids.dtype} of shape {tuple(ids.shape)}")  # fmt: skip
-        out = ids.tolist()
+        out = ids.reshape(-1).tolist()
     else:
         out = []
         for i in ids:

@@ -27,8 +27,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .._numbers import plain, real
-from .measure import Measurements, Option, _check_int
+from .._numbers import check_count, plain, real
+from .measure import Measurements, Option
 
 __all__ = ["Plan", "pareto_front", "pareto_plot", "plan", "random_schedule", "uniform_schedules"]
 
@@ -211,7 +211,7 @@ def random_schedule(
     draws, the one closest above the target is returned."""
     _check_table(measurements)
     ratio = _check_number("energy_ratio", energy_ratio, 1)
-    tries = _check_int("tries", tries)
+    tries = check_count("tries", tries)
     rng = random.Random(plain(seed))  # random.Random refuses NumPy's ints
     need = measurements.teacher_energy_pj * (1 - 1 / ratio)
     most = sum(max(o.energy_saved_pj for o in opts) for opts in measurements.modules.values())

@@ -89,13 +89,6 @@ class SpikeConfig:
             raise ValueError(f"tau: expected a float > 0 (math.inf for no carry-over), got {tau!r}")
         # a tensor threshold (a shared one for threshold='layer') is the neuron's to check when
         # the model is built, as it was before numbers were checked here
-        if isinstance(v_threshold, torch.Tensor) and threshold == "channel":
-            # the spike point sizes per-channel thresholds itself, from a number: the neuron
-            # would refuse this as "num_channels: give it only with a float v_threshold"
-            raise ValueError(
-                f"v_threshold: a tensor is taken with threshold='layer' only; with "
-                f"threshold='channel' give a number, got {v_threshold!r}"
-            )
         v = real(v_threshold)
         if not isinstance(v_threshold, torch.Tensor) and not (
             v is not None and math.isfinite(v) and v > 0

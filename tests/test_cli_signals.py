@@ -37,6 +37,10 @@ def test_an_interrupt_while_the_command_is_imported_exits_quietly(monkeypatch, c
 _INTERRUPT_AT_TORCH = """
 import os, signal, sys
 
+# Python raises KeyboardInterrupt on SIGINT only where SIGINT was not ignored when it started;
+# a test session run in the background (`cmd &`) ignores it, and its children inherit that
+signal.signal(signal.SIGINT, signal.default_int_handler)
+
 class SignalAtTorch:  # a real signal, delivered while the command's module imports torch
     def find_spec(self, name, path=None, target=None):
         if name == "torch":

@@ -205,7 +205,7 @@ def test_a_figure_on_a_full_disk_names_out(command, tmp_path, capsys):
 
 @pytest.mark.parametrize(("limit", "fails"), [
     (1024, r"measurements(\.partial)?\.json"),  # the first write: the teacher's table
-    (None, r"plan\.json"),  # written without a name: '[Errno 28] No space left on device'
+    (None, r"plan\.json"),  # Plan.save named no file: '[Errno 28] No space left on device'
     (16384, r"init\.pt"),  # the planned student, by save_checkpoint ('checkpoint: ...')
 ])  # fmt: skip
 def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, limit, fails):
@@ -217,10 +217,9 @@ def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, 
 
     from spikemar.data import TokenDataset
     from spikemar.models import MARLM, MARConfig
-    from spikemar.refine.plan import Plan
 
     if limit is None:  # plan.json is smaller than the table before it: a full disk there
-        monkeypatch.setattr(Plan, "save", _full_disk_save)
+        monkeypatch.setattr(Path, "write_text", _full_disk_at_plan(Path.write_text))
     tokenizer = CharTokenizer.from_text(home.read_text())
     torch.manual_seed(0)
     config = MARConfig(vocab_size=tokenizer.vocab_size, **SSM)
@@ -242,6 +241,13 @@ def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, 
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
 
 
-def _full_disk_save(self, path):
-    """``Plan.save`` on a full disk: its write names no file."""
-    raise OSError(errno.ENOSPC, "No space left on device")
+def _full_disk_at_plan(write_text):
+    """``Path.write_text`` that finds the disk full writing plan.json's temporary file (the
+    others written as usual)."""
+
+    def write(self, *args, **kwargs):
+        if self.name.startswith(".plan.json."):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    return write

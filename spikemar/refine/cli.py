@@ -332,8 +332,7 @@ def refine_main(args: argparse.Namespace) -> int:
             raise ValueError(f"resume: {out} was planned for budget {saved.get('budget')}, which "
                              f"chose another schedule than {chosen.budget}; give that budget, or "
                              "--overwrite to start again")  # fmt: skip
-    with _full_disk_names_out(out / "plan.json"):  # Plan.save names no file
-        chosen.save(out / "plan.json")
+    chosen.save(out / "plan.json", name="--out")
     spiking = sum(1 for s in chosen.points.values() if s != "dense")
     _say(args, f"plan: {spiking}/{len(chosen.points)} points refined, predicted KL "
                f"{chosen.predicted_kl:.4g}, energy ratio {chosen.energy_ratio:.3g}x")  # fmt: skip

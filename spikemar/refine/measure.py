@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import energy
-from .._numbers import integer
+from .._numbers import check_count
 from ..models import MARLM, SpikeConfig
 from ..models.mar import point_module
 
@@ -252,7 +252,7 @@ def kl_and_loss(
 ) -> tuple[float, float]:
     """``(KL(p_teacher ‖ q_student), student loss)`` per token on ``windows`` [n, L + 1]."""
     _check_windows(windows)
-    batch_size = _check_int("batch_size", batch_size)
+    batch_size = check_count("batch_size", batch_size)
     kl = loss = 0.0
     count = 0
     for i in range(0, windows.shape[0], batch_size):
@@ -270,15 +270,6 @@ def _check_windows(windows: Any) -> None:
         raise ValueError(f"windows: expected token ids [n, L + 1] with L >= 1, got {shape}")
     if windows.shape[0] < 1:
         raise ValueError(f"windows: expected at least one window, got {tuple(windows.shape)}")
-
-
-def _check_int(name: str, value: Any) -> int:
-    """``value`` as a Python int if it is a count >= 1 (NumPy's integers too), else one error
-    naming ``name``."""
-    whole = integer(value)
-    if whole is None or whole < 1:
-        raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    return whole
 
 
 def check_hardware(hardware: str | energy.HardwareProfile) -> energy.HardwareProfile:
@@ -362,8 +353,8 @@ def measure(
     refine --resume`` continue a measurement that was stopped."""
     check_teacher(teacher)
     _check_windows(windows)
-    batch_size = _check_int("batch_size", batch_size)
-    energy_windows = _check_int("energy_windows", energy_windows)
+    batch_size = check_count("batch_size", batch_size)
+    energy_windows = check_count("energy_windows", energy_windows)
     options, sparsify = check_settings("options", options), check_settings("sparsify", sparsify)
     profile = check_hardware(hardware)  # before any work
     zero_skipping = profile.zero_skipping

@@ -99,11 +99,13 @@ class Plan:
                 "energy_saved_pj": self.energy_saved_pj, "energy_ratio": self.energy_ratio,
                 "budget": self.budget, "exact": self.exact}  # fmt: skip
 
-    def save(self, path: str | os.PathLike) -> Path:
+    def save(self, path: str | os.PathLike, *, name: str = "path") -> Path:
+        """Write the plan as JSON to ``path``; ``name`` is the argument an error names (a full
+        disk: '``name``: cannot write PATH (reason)')."""
         from .._io import atomic_write, check_output_path
 
-        path = check_output_path(path)  # a folder at path is named, not atomic_write's temp file
-        with atomic_write(path) as tmp:
+        path = check_output_path(path, name=name)  # a folder at path named, not the temp file
+        with atomic_write(path, name=name) as tmp:
             tmp.write_text(json.dumps(self.to_json(), indent=1))
         return path
 

@@ -207,8 +207,14 @@ class HFTokenizer:
                 # file's: its BOS (or none) is what the model was trained with. Only where the
                 # ids differ: a tokenizer equal in use (GPT-NeoX's) keeps its JSON, which
                 # checkpoints already saved with it compare equal to
-                auto = _auto_tokenizer(directory).backend_tokenizer
-                if auto.encode("a").ids != tok._tokenizer.encode("a").ids:
+                try:
+                    auto = _auto_tokenizer(directory).backend_tokenizer
+                except ValueError:
+                    # transformers cannot build this directory's tokenizer at all (e.g. asked to
+                    # rebuild from a slow tokenizer.model it lacks): no template of its to
+                    # match; the file's, as spikemar read such a directory before
+                    auto = None
+                if auto is not None and auto.encode("a").ids != tok._tokenizer.encode("a").ids:
                     tok._tokenizer.post_processor = auto.post_processor
             # config.json's id is the model's: one past the tokenizer's ids names no token of it
             # (transformers' AutoTokenizer never reads it), as for a tokenizer from elsewhere

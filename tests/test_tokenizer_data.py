@@ -517,6 +517,19 @@ def test_a_directory_encodes_with_special_tokens_as_autotokenizer_does(
     assert tok.encode(text) == auto(text, add_special_tokens=False)["input_ids"]
 
 
+def test_a_directory_transformers_cannot_build_keeps_the_files_template(tmp_path):
+    """LlamaTokenizerFast with add_prefix_space makes transformers rebuild from a
+    tokenizer.model the directory lacks (it cannot load it at all): spikemar reads
+    tokenizer.json as it did before, the file's BOS first, instead of failing."""
+    begin_of_text_tokenizer().save(tmp_path)
+    config = {"tokenizer_class": "LlamaTokenizerFast", "bos_token": "<|begin_of_text|>",
+              "eos_token": "<|endoftext|>", "add_prefix_space": False}  # fmt: skip
+    (tmp_path / "tokenizer_config.json").write_text(json.dumps(config))
+    tok = HFTokenizer.from_directory(tmp_path)
+    assert tok == HFTokenizer.from_file(tmp_path / "tokenizer.json").with_eos_id(tok.eos_id)
+    assert tok.prefix_ids == (300,)
+
+
 def test_a_template_that_changes_no_ids_leaves_the_tokenizer_as_saved(tmp_path):
     """GPT-NeoX's class also rebuilds its template in transformers (no BOS, no EOS), which
     encodes as the file's does: the tokenizer stays equal to the saved one (checkpoints

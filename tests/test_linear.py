@@ -57,15 +57,17 @@ def test_model_shapes_across_threads(shape):
     torch.testing.assert_close(two, F.linear(x, w, b), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows", [1, 3, 8])
 @pytest.mark.parametrize("double", [False, True])
-def test_one_row_grouping_does_not_change_a_bit(double):
-    """At one row of x each thread reads four parts of its share side by side (four rows in one
-    call): every row's sum keeps its own order, so the whole matrix at 1, 2 and 3 threads and
-    each row of it alone give the same bits (K = 811: the vector body, one vector and 3 scalars
-    of tail; N = 2053 rows: chunks of unequal length, parts that run out at different times)."""
+def test_grouping_of_rows_does_not_change_a_bit(double, rows):
+    """Each thread reads four parts of its share side by side (a row of each in one call):
+    every output keeps its own order of sums, so the whole matrix at 1, 2 and 3 threads and each
+    row of it alone give the same bits (K = 811: the vector body, one vector and 3 scalars of
+    tail; N = 2053 rows: chunks of unequal length, parts that run out at different times; 3
+    rows of x: a pair and an odd one)."""
     dtype = torch.float64 if double else torch.float32
     g = torch.Generator().manual_seed(7)
-    x = torch.randn(1, 811, generator=g, dtype=dtype)
+    x = torch.randn(rows, 811, generator=g, dtype=dtype)
     w = torch.randn(2053, 811, generator=g, dtype=dtype) / 811**0.5
     b = torch.randn(2053, generator=g, dtype=dtype)
     threads = torch.get_num_threads()
@@ -76,10 +78,10 @@ def test_one_row_grouping_does_not_change_a_bit(double):
             results.append(linear_cpu(x, w, b))
     finally:
         torch.set_num_threads(threads)
-    rows = torch.cat([linear_cpu(x, w[i : i + 1], b[i : i + 1]) for i in range(0, 2053, 97)], 1)
+    alone = torch.cat([linear_cpu(x, w[i : i + 1], b[i : i + 1]) for i in range(0, 2053, 97)], 1)
     for r in results[1:]:
         assert torch.equal(r, results[0])
-    assert torch.equal(results[0][:, ::97], rows)
+    assert torch.equal(results[0][:, ::97], alone)
     torch.testing.assert_close(results[0], F.linear(x, w, b), **TOL[dtype])
 
 

@@ -5,9 +5,8 @@
  * Why C: at batch 1 a projection is a matrix-vector product whose cost is reading W once, and
  * torch's CPU wheel (MKL's sgemv/sgemm on this AMD EPYC, 2 threads) reads it at ~15 GB/s where
  * a plain sum over the same bytes reads ~29 GB/s (measured 2026-12-06, benchmarks/RESULTS.md,
- * issue 19). Here each thread streams its own rows of W once (for one row of x, four rows from
- * four far-apart parts of its share side by side: four streams; for more rows of x, four
- * adjacent rows side by side in vector accumulators), every row of x (in L1) meeting
+ * issue 19). Here each thread streams its own rows of W once, four rows from four far-apart
+ * parts of its share side by side (four streams), every row of x (in L1) meeting
  * each loaded vector of W: the bytes of W at close
  * to the machine's read bandwidth, for any number of rows of x up to a few dozen (beyond that
  * torch's blocked GEMM is the better kernel and the caller uses it). */

@@ -11,6 +11,7 @@ from dataclasses import asdict
 import numpy as np
 import pytest
 import torch
+from torch import nn
 
 from spikemar._numbers import check_count, check_seed, item
 from spikemar.checkpoint import load_checkpoint, save_checkpoint
@@ -124,10 +125,16 @@ def test_kl_divergence_takes_a_0d_temperature_and_keeps_its_gradient():
     assert torch.allclose(kl, expected)
     kl.backward()
     assert learned.grad is not None and learned.grad != 0
-    with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
-        kl_divergence(p, q, temperature=torch.tensor(0.0))
-    with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
-        kl_divergence(p, q, temperature=torch.tensor([2.0]))  # not a number: not newly taken
+    # any tensor divides as it is, as before (a per-row or learned one; reading it would wait
+    # for the device every step); numbers are checked
+    per_row = torch.tensor([[2.0], [2.0]])
+    assert torch.allclose(kl_divergence(torch.stack([p, p]), torch.stack([q, q]), per_row),
+                          torch.stack([expected, expected]))  # fmt: skip
+    learned = nn.Parameter(torch.ones(1))
+    assert torch.allclose(kl_divergence(p, q, learned), kl_divergence(p, q, 1.0))
+    for bad in (0.0, np.float32(-1.0), math.nan, True, "2"):
+        with pytest.raises(ValueError, match=r"^temperature: expected a finite number > 0"):
+            kl_divergence(p, q, temperature=bad)
 
 
 def test_item_unwraps_0d_values_only():
@@ -210,7 +217,8 @@ def test_one_count_and_one_seed_check():
 
 def test_scorer_ids_refuse_complex_and_take_one_element_integer_tensors():
     torch.manual_seed(0)
-    scorer = Scorer(MARLM(MARConfig(**SMALL)).eval(), 11)
+    # float64: a batch of two documents rounds as one alone does (float32 differs by 1e-9)
+    scorer = Scorer(MARLM(MARConfig(**SMALL)).double().eval(), 11)
     plain = scorer.token_logprobs([[1, 2, 3]], 0)
     wrapped = [[torch.tensor([1]), np.array([2]), torch.tensor(3)]]
     assert torch.equal(torch.as_tensor(scorer.token_logprobs(wrapped, 0)[0]),
@@ -240,3 +248,27 @@ def test_filter_logits_filters_along_the_last_dimension_of_any_shape():
         with pytest.raises(ValueError, match=rf"^logits: expected a real tensor .*, got {what}$"):
             filter_logits(bad)
     assert math.isinf(float(filter_logits(torch.tensor([0.0, 5.0]), top_k=1)[0]))
+
+
+def test_sampling_settings_take_the_tensors_they_took_before():
+    """filter_logits divided by a per-row temperature and compared top_p/top_k tensors;
+    generate took a one-element temperature tensor: each as before."""
+    logits = torch.randn(2, 7, generator=torch.Generator().manual_seed(0))
+    per_row = torch.tensor([[1.0], [2.0]])
+    assert torch.equal(filter_logits(logits, per_row), logits / per_row)
+    assert torch.equal(
+        filter_logits(logits, top_p=torch.tensor(0.9)), filter_logits(logits, top_p=0.9)
+    )
+    assert torch.equal(filter_logits(logits, top_k=torch.tensor(3)), filter_logits(logits, top_k=3))
+    torch.manual_seed(0)
+    model = MARLM(MARConfig(**SMALL)).eval()
+
+    def run(t):
+        return model.generate(torch.tensor([[1, 2]]), 3, temperature=t,
+                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    assert torch.equal(run(torch.tensor([0.7])), run(0.7))
+    with pytest.raises(
+        ValueError, match=r"^temperature: expected >= 0, got tensor\(\[0.5000, 0.6000\]\)$"
+    ):
+        run(torch.tensor([0.5, 0.6]))  # generate compares it with 0: one number

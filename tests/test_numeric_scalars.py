@@ -522,8 +522,11 @@ def test_a_numpy_integer_acts_as_the_python_int(fn, value, tmp_path):
 BAD = [True, np.bool_(True), math.nan, "2", torch.tensor([2.0])]
 # where a threshold may be a tensor, a 1-element one is a per-channel threshold, not a bad value
 # (SpikeConfig keeps a tensor for the neuron to check when the model is built)
+# boundaries that take a tensor on a path of their own (a threshold per channel; a temperature
+# that divides as it is, as these took one before): a tensor there is no bad number
 TENSOR_PATH = {"ATMN v_threshold", "TernarySingleStep v_threshold", "ATMNParameters v_threshold",
-               "atmn_decode v_threshold", "SpikeConfig v_threshold"}  # fmt: skip
+               "atmn_decode v_threshold", "SpikeConfig v_threshold", "kl_divergence temperature",
+               "generate temperature", "filter_logits temperature"}  # fmt: skip
 
 
 @pytest.mark.parametrize(

@@ -43,12 +43,12 @@ def kl_divergence(
     """KL(p ‖ q) per position [...], from logits [..., vocab], computed with log-softmax. A
     token that p rules out (a logit of -inf: a masked or padded vocabulary entry) adds
     0 · log 0 = 0, as in ``F.kl_div``, not NaN."""
-    # a 0-d tensor or array too, as before: a tensor is kept, so a learned temperature still
-    # gets its gradient; its value checked as a number's
-    t = real(item(temperature))
-    if t is None or not (math.isfinite(t) and t > 0):
-        raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
+    # a tensor (a learned or per-row temperature) divides as it is, unchecked, as before:
+    # reading its values would wait for the device every step; a number is checked
     if not isinstance(temperature, torch.Tensor):
+        t = real(item(temperature))
+        if t is None or not (math.isfinite(t) and t > 0):
+            raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
         temperature = t
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=-1)

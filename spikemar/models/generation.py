@@ -12,9 +12,10 @@ prefills), then tokens are sampled with temperature and top-k, each fed back thr
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
-from .._numbers import integer, item, real
+from .._numbers import integer, real
 from .fused_step import FusedStep
 from .states import prefill_each, stack_states
 
@@ -249,21 +250,35 @@ def _eos_ids(
     return [int(i) for i in ids]
 
 
+def _one(value: object) -> object:
+    """The number a one-element tensor or array holds, anything else as it is."""
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.ndarray) and value.size == 1:
+        return value.item()
+    return value
+
+
 def _sampling(
     temperature: object, top_k: object, top_p: object, *, greedy: bool
 ) -> tuple[float, int | None, float | None]:
     """The sampling settings as Python numbers (NumPy's too, a bool refused), else one error
     naming the first bad one; ``greedy``: temperature 0 (greedy decoding) is allowed, where
     nothing divides by it."""
-    # a 0-d tensor or array, as generate took before (it only compared and divided by it)
-    t = real(item(temperature))
-    if t is None or not (t >= 0 if greedy else t > 0):
-        raise ValueError(f"temperature: expected {'>=' if greedy else '>'} 0, got "
-                         f"{temperature!r}")  # fmt: skip
-    k = None if top_k is None else integer(top_k)
+    # a one-element tensor or array is its number, as generate and filter_logits took them
+    # before (they only compared and divided by them); filter_logits divided by a tensor of
+    # several (per row) too, which stays as it is, unchecked
+    if not greedy and isinstance(temperature, torch.Tensor) and temperature.numel() > 1:
+        t = temperature
+    else:
+        t = real(_one(temperature))
+        if t is None or not (t >= 0 if greedy else t > 0):
+            raise ValueError(f"temperature: expected {'>=' if greedy else '>'} 0, got "
+                             f"{temperature!r}")  # fmt: skip
+    k = None if top_k is None else integer(_one(top_k))
     if top_k is not None and (k is None or k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    p = None if top_p is None else real(top_p)
+    p = None if top_p is None else real(_one(top_p))
     if top_p is not None and (p is None or not 0 < p <= 1):
         raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
     return t, k, p

@@ -4,10 +4,9 @@ requires_grad, the tie, the logits), holding the payload's tensors themselves (n
 for every kind of model build_model makes; and about 4 B per float32 parameter at the peak
 instead of ~12."""
 
-import os
-
 import pytest
 import torch
+from references.peak_memory import needs_peak_reset, peak_growth
 
 from spikemar.checkpoint import build_model, load_checkpoint, nonfinite_parameters, save_checkpoint
 from spikemar.data import CharTokenizer
@@ -160,26 +159,7 @@ def test_old_spike_point_names_are_renamed_and_cast(tmp_path):
     _assert_same_model(model, _the_old_way(path))
 
 
-def _peak_growth(load):
-    """Bytes the process's peak resident memory (VmHWM) rises above its resident memory while
-    ``load()`` runs (the kernel resets the peak on writing 5 to /proc/self/clear_refs)."""
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(key))
-        return int(line.split()[1]) * 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    result = load()
-    return status("VmHWM:") - before, result
-
-
-@pytest.mark.skipif(
-    not os.access("/proc/self/clear_refs", os.W_OK),
-    reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory",
-)
+@needs_peak_reset
 def test_peak_memory_is_the_weights_once(tmp_path):
     # ~4 M float32 parameters, most in the embedding and the head as in a real LM
     config = {**SMALL, "vocab_size": 16000, "d_model": 128, "n_layers": 1}
@@ -190,7 +170,7 @@ def test_peak_memory_is_the_weights_once(tmp_path):
     n = sum(p.numel() for p in model.parameters())
     del model
     first = load_checkpoint(path)  # the imports, and kept so the next cannot reuse its memory
-    growth, loaded = _peak_growth(lambda: load_checkpoint(path))
+    growth, loaded = peak_growth(lambda: load_checkpoint(path))
     del first
     # the file's tensors (4 B/param) and the allocator's slack; building the model and copying
     # the weights in took 8 (the payload and the random initial weights)
@@ -212,15 +192,12 @@ def test_nonfinite_weights_are_found_in_every_float_dtype(dtype):
                                                    for i in range(3)]  # fmt: skip
 
 
-@pytest.mark.skipif(
-    not os.access("/proc/self/clear_refs", os.W_OK),
-    reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory",
-)
+@needs_peak_reset
 def test_the_finiteness_check_needs_no_copy_of_the_weights():
     """torch.isfinite(t).all() made |t| and two masks: 1.75 times a float32 tensor's bytes at
     the peak here."""
     t = torch.randn(1 << 22, generator=torch.Generator().manual_seed(0))
-    growth, bad = _peak_growth(lambda: nonfinite_parameters({"w": t}))
+    growth, bad = peak_growth(lambda: nonfinite_parameters({"w": t}))
     assert bad == [] and growth < 0.1 * t.numel() * 4, growth / (t.numel() * 4)
 
 

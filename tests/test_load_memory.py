@@ -9,6 +9,7 @@ import pytest
 import torch
 from references.hf_checkpoints import write_mamba2_checkpoint
 from references.llamba import tiny_llamba_config, write_llamba_checkpoint
+from references.peak_memory import needs_peak_reset, peak_growth
 
 from spikemar.models import MARLM, SpikeConfig, from_pretrained
 from spikemar.models.hub import read_pretrained_config, read_pretrained_tensors
@@ -117,26 +118,7 @@ def test_a_tied_model_stays_tied_while_it_learns(checkpoints):
     assert torch.equal(model.head.weight, model.embed.weight)
 
 
-def _peak_growth(load):
-    """Bytes the process's peak resident memory (VmHWM) rises above its resident memory while
-    ``load()`` runs (the kernel resets the peak on writing 5 to /proc/self/clear_refs)."""
-
-    def status(key):
-        with open("/proc/self/status") as f:
-            line = next(line for line in f if line.startswith(key))
-        return int(line.split()[1]) * 1024
-
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = status("VmRSS:")
-    result = load()
-    return status("VmHWM:") - before, result
-
-
-@pytest.mark.skipif(
-    not __import__("os").access("/proc/self/clear_refs", __import__("os").W_OK),
-    reason="needs Linux's /proc/self/clear_refs to reset the peak resident memory",
-)
+@needs_peak_reset
 def test_peak_memory_is_about_the_loaded_dtype_per_parameter(tmp_path):
     # ~8 M parameters in bfloat16, most in the embedding and the head as in a real LM
     config = tiny_llamba_config(vocab_size=32000, d_model=128, n_layer=1)
@@ -144,7 +126,7 @@ def test_peak_memory_is_about_the_loaded_dtype_per_parameter(tmp_path):
     _to_bfloat16(tmp_path)
     # a first load for the imports; kept, so that the measured one cannot reuse its memory
     first = from_pretrained(tmp_path, tokenizer=False, dtype="auto")
-    growth, model = _peak_growth(lambda: from_pretrained(tmp_path, tokenizer=False, dtype="auto"))
+    growth, model = peak_growth(lambda: from_pretrained(tmp_path, tokenizer=False, dtype="auto"))
     del first
     n = sum(p.numel() for p in model.parameters())
     # the bfloat16 model (2 B/param) plus its largest tensor (the embedding, ~1 B/param here) and

@@ -125,28 +125,31 @@ def test_export_with_a_full_disk_names_the_file_and_does_not_crash(tmp_path):
 def test_a_language_model_export_on_a_full_disk_leaves_no_folder(where, home, tmp_path, capsys,
                                                                  monkeypatch):  # fmt: skip
     """A folder of segments without the manifest.json that makes them an export was left: the
-    folder the run made goes. A segment's write names its file; manifest.json's, written
-    without a name, names --lava's folder (it was '[Errno 28] No space left on device')."""
-    from spikemar.hardware import mar_export
-
+    folder the run made goes. A segment's write names its file, and so does manifest.json's
+    (it was '[Errno 28] No space left on device', then --lava's folder)."""
     argv = ["export", "--checkpoint", str(_checkpoint(home, "mar"))]
     out = tmp_path / "full"
     if where == "segment":  # segments of 39 to 52 kB: the largest fails, after others
         err = _failed_run([*argv, "--lava", str(out)], capsys, 45_000)
     else:
-        monkeypatch.setattr(mar_export, "atomic_write", _full_disk)
+        monkeypatch.setattr(Path, "write_text", _full_disk_at(".manifest.json.", Path.write_text))
         err = _failed_run([*argv, "--lava", str(out)], capsys)
-    named = f"{out}/" if where == "segment" else f"{out}'"  # a segment's file, or the folder
+    named = f"{out}/" if where == "segment" else f"{out}/manifest.json'"
     why = "File too large" if where == "segment" else "No space left on device"
     assert f"--lava: cannot write '{named}" in err and err.endswith(f" ({why})")
     assert not out.exists()
 
 
-@contextlib.contextmanager
-def _full_disk(path, **kwargs):
-    """``atomic_write`` on a full disk, as a plain write there fails: no file named."""
-    raise OSError(errno.ENOSPC, "No space left on device")
-    yield
+def _full_disk_at(prefix, write_text):
+    """``Path.write_text`` that finds the disk full writing a file whose name starts with
+    ``prefix`` (an atomic write's temporary), the others written as usual."""
+
+    def write(self, *args, **kwargs):
+        if self.name.startswith(prefix):
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return write_text(self, *args, **kwargs)
+
+    return write
 
 
 @pytest.mark.parametrize(("flag", "name"), [("--json", "r.json"), ("--png", "r.png")])
@@ -219,7 +222,7 @@ def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, 
     from spikemar.models import MARLM, MARConfig
 
     if limit is None:  # plan.json is smaller than the table before it: a full disk there
-        monkeypatch.setattr(Path, "write_text", _full_disk_at_plan(Path.write_text))
+        monkeypatch.setattr(Path, "write_text", _full_disk_at(".plan.json.", Path.write_text))
     tokenizer = CharTokenizer.from_text(home.read_text())
     torch.manual_seed(0)
     config = MARConfig(vocab_size=tokenizer.vocab_size, **SSM)
@@ -239,15 +242,3 @@ def test_refine_with_a_full_disk_names_out(home, tmp_path, capsys, monkeypatch, 
     why = "File too large" if limit else "No space left on device"
     assert re.search(rf"--out: cannot write '{re.escape(str(out))}/{fails}' \({why}\)$", err), err
     assert not [p for p in out.iterdir() if p.name.endswith(".tmp")]
-
-
-def _full_disk_at_plan(write_text):
-    """``Path.write_text`` that finds the disk full writing plan.json's temporary file (the
-    others written as usual)."""
-
-    def write(self, *args, **kwargs):
-        if self.name.startswith(".plan.json."):
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return write_text(self, *args, **kwargs)
-
-    return write

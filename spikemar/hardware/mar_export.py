@@ -193,7 +193,7 @@ def export_mar_lava(model: MARLM, directory: str | os.PathLike, tokens: torch.Te
         "host": [e.path for e in chip_report(model).entries if not e.on_chip],
         "counts": counts,
     }
-    with atomic_write(directory / "manifest.json") as tmp:
+    with atomic_write(directory / "manifest.json", name="path") as tmp:  # named as a segment
         tmp.write_text(json.dumps(manifest, indent=1))
     return manifest
 

@@ -19,8 +19,9 @@ static inline REAL CAT(lsum_, SUFFIX)(VEC v) {
   return v[0];
 }
 
-/* Rows o[0], ..., o[R − 1] of W (R ≤ 4) against rows [m0, m0 + S) of x (S ≤ 2): the R·S dot products
- * over K, in R·S vector accumulators, W's vectors loaded once for the S rows of x. */
+/* Rows o[0], ..., o[R − 1] of W (R ≤ 4, anywhere in W) against rows [m0, m0 + S) of x (S ≤ 2):
+ * the R·S dot products over K, in R·S vector accumulators, W's vectors loaded once for the S
+ * rows of x. */
 HOT void CAT(tile_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y,
                                         int64_t K, int64_t N, const int64_t *o, int R, int64_t m0,
                                         int S) {
@@ -49,9 +50,9 @@ typedef struct {
   const REAL *x, *W, *b;
   REAL *y;
   int64_t M, K, N, chunk; /* chunk: output rows taken at a time (a multiple of 4) */
-  int64_t *ranges;        /* per thread, `streams` ranges of chunks not yet taken, each
+  int64_t *ranges;        /* per thread, LINEAR_STREAMS ranges of chunks not yet taken, each
                              [front, back) packed */
-  int nthreads, self, streams;
+  int nthreads, self;
 } CAT(linear_job_, SUFFIX);
 
 /* Rows o[0], ..., o[R − 1] of W (R ≤ 4, anywhere in W) against the one row of x (M = 1,
@@ -62,7 +63,7 @@ typedef struct {
  * (Zen 3, 2 cores, KVM) reads at ~1.2x the rate of one stream — 33-35 GB/s against 27-28 for a
  * row at a time and 30-32 GB/s for a memcpy's read + write (C micro-benchmark, 512 MB of rows of
  * 768 floats, 2 threads, medians of 15; 2026-12-07). Four rows side by side that lie next to
- * each other (the tile) are one stream to the prefetcher and read no faster than one row. */
+ * each other are one stream to the prefetcher and read no faster than one row. */
 HOT void CAT(rows1_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, int64_t K,
                              const int64_t *o, const int R) {
   VEC acc[4][4] = {{{0}}};
@@ -86,6 +87,8 @@ HOT void CAT(rows1_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *
 
 #ifndef LINEAR_TAKE /* once for both types */
 #define LINEAR_TAKE
+/* the parts of a thread's share of W read side by side (linear_chunks_ takes up to 4) */
+enum { LINEAR_STREAMS = 4 };
 /* A range of chunks [front, back) packed in one int64 (front low, back high 32 bits), taken from
  * either end by compare-and-swap: its owner from the front, others from the back. Returns the
  * chunk taken, or −1 when the range is empty. */
@@ -149,20 +152,20 @@ static void CAT(linear_chunks_, SUFFIX)(const CAT(linear_job_, SUFFIX) *j, const
 /* A thread streams its own contiguous share of W's rows front to back, then takes what is left
  * of the others' shares from their backs. Own shares: each thread's reads are long runs that the
  * hardware prefetcher follows (chunks dealt out in turn cost 10 % against a sum over the same
- * bytes), cut in `streams` (4) parts read side by side, a chunk of each at a time (see
+ * bytes), cut in LINEAR_STREAMS parts read side by side, a chunk of each at a time (see
  * rows1_: 1.2x the read rate of one stream here; at 8 rows of x a generated token of the 130 M
- * Mamba-2 took 41-43 ms against 45 with adjacent rows). Taken, not assigned: on a busy machine one thread of the team may
- * start late (a waiting runnable thread gets the core only at the next time slice,
+ * Mamba-2 took 37-43 ms against 45 with adjacent rows). Taken, not assigned: on a busy machine
+ * one thread of the team may start late (a waiting runnable thread gets the core only at the next time slice,
  * milliseconds), and the others then do its share instead of waiting for it. Each output is
  * still one thread's sum in a fixed order: the result does not depend on who took it. */
 static void *CAT(linear_worker_, SUFFIX)(void *arg) {
   const CAT(linear_job_, SUFFIX) *j = arg;
   for (int k = 0; k < j->nthreads; ++k) {
-    int64_t *ranges = j->ranges + (int64_t)((j->self + k) % j->nthreads) * j->streams;
+    int64_t *ranges = j->ranges + (int64_t)((j->self + k) % j->nthreads) * LINEAR_STREAMS;
     for (;;) {
-      int64_t c[4];
+      int64_t c[LINEAR_STREAMS];
       int n = 0;
-      for (int s = 0; s < j->streams; ++s)
+      for (int s = 0; s < LINEAR_STREAMS; ++s)
         if ((c[n] = take_chunk(ranges + s, k != 0)) >= 0) ++n;
       if (n == 0) break;
       CAT(linear_chunks_, SUFFIX)(j, c, n);
@@ -185,15 +188,15 @@ void CAT(linear_, SUFFIX)(const REAL *x, const REAL *W, const REAL *b, REAL *y, 
   if (nthreads > most) nthreads = most > 1 ? (int)most : 1;
   if (nthreads > MAX_THREADS) nthreads = MAX_THREADS;
   const int64_t chunks = (N + chunk - 1) / chunk;
-  const int streams = 4, parts = nthreads * streams;
-  int64_t ranges[MAX_THREADS * 4];
+  const int parts = nthreads * LINEAR_STREAMS;
+  int64_t ranges[MAX_THREADS * LINEAR_STREAMS];
   CAT(linear_job_, SUFFIX) jobs[MAX_THREADS];
   for (int p = 0; p < parts; ++p) {
     const int64_t front = chunks * p / parts, back = chunks * (p + 1) / parts;
     ranges[p] = (int64_t)((uint64_t)back << 32 | (uint64_t)front);
   }
   for (int k = 0; k < nthreads; ++k)
-    jobs[k] = (CAT(linear_job_, SUFFIX)){x, W, b, y, M, K, N, chunk, ranges, nthreads, k, streams};
+    jobs[k] = (CAT(linear_job_, SUFFIX)){x, W, b, y, M, K, N, chunk, ranges, nthreads, k};
   if (nthreads <= 1) {
     CAT(linear_worker_, SUFFIX)(&jobs[0]);
     return;

@@ -90,13 +90,16 @@ def plain_data(value: object) -> object:
     return plain(value)
 
 
-def item(value: object) -> object:
+def item(value: object, *, any_shape: bool = False) -> object:
     """The number a 0-d tensor or 0-d NumPy array holds (``.item()``), anything else as given:
     for the few boundaries that took such a value before (see the module docstring), ahead
-    of :func:`real`. A tensor of one element but one dimension or more is not a number here."""
-    if getattr(value, "ndim", None) == 0 and callable(getattr(value, "item", None)):
-        return value.item()  # type: ignore[union-attr]
-    return value
+    of :func:`real`. A tensor of one element but one dimension or more is a number only with
+    ``any_shape`` (sampling settings and token ids, which int() and comparisons took so)."""
+    ndim = getattr(value, "ndim", None)
+    if ndim is None or not callable(getattr(value, "item", None)):
+        return value
+    one = ndim == 0 or (any_shape and math.prod(value.shape) == 1)  # type: ignore[union-attr]
+    return value.item() if one else value  # type: ignore[union-attr]
 
 
 def check_count(name: str, value: object, low: int = 1) -> int:

@@ -64,7 +64,7 @@ from ._argtypes import (
     int_at_least_1,
 )
 from ._io import Terminated, check_output_path, remove_stale_temporaries, sigterm_as_interrupt
-from ._numbers import integer, number, plain_data
+from ._numbers import check_count, integer, number, plain_data
 from .checkpoint import (
     MODEL_KINDS,
     NonFiniteWeightsError,
@@ -146,10 +146,7 @@ class LoopConfig:
         # NumPy's numbers (a sweep's np.arange, np.linspace) are stored as Python's: the config
         # is saved in every checkpoint, which loads with weights_only=True
         for name in ("steps", "batch_size", "L", "eval_interval", "eval_iters"):
-            value = integer(getattr(self, name))
-            if value is None or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {getattr(self, name)!r}")
-            setattr(self, name, value)
+            setattr(self, name, check_count(name, getattr(self, name)))
         for name in ("lr", "min_lr", "weight_decay", "grad_clip"):
             setattr(self, name, check_number(name, getattr(self, name)))
         if integer(self.seed) is None:
@@ -170,9 +167,7 @@ class LoopConfig:
                              f"{self.lr}, {self.min_lr}")  # fmt: skip
         if self.amp not in AMP_MODES:
             raise ValueError(f"amp: expected one of {AMP_MODES}, got {self.amp!r}")
-        if integer(self.warmup) is None or self.warmup < 0:
-            raise ValueError(f"warmup: expected an int >= 0, got {self.warmup!r}")
-        self.warmup = integer(self.warmup)
+        self.warmup = check_count("warmup", self.warmup, 0)
         if not self.grad_clip > 0 or not 0 <= self.weight_decay < math.inf:
             raise ValueError(f"grad_clip, weight_decay: expected > 0 and >= 0, got "
                              f"{self.grad_clip}, {self.weight_decay}")  # fmt: skip

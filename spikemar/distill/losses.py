@@ -50,6 +50,13 @@ def kl_divergence(
         if t is None or not (math.isfinite(t) and t > 0):
             raise ValueError(f"temperature: expected a finite number > 0, got {temperature!r}")
         temperature = t
+    return _kl(p_logits, q_logits, temperature)
+
+
+def _kl(
+    p_logits: torch.Tensor, q_logits: torch.Tensor, temperature: float | torch.Tensor
+) -> torch.Tensor:
+    """:func:`kl_divergence` on a temperature already checked (sbds_loss, every step)."""
     log_p = F.log_softmax(p_logits.float() / temperature, dim=-1)
     log_q = F.log_softmax(q_logits.float() / temperature, dim=-1)
     # 0 where p is 0: the product with log p = -inf would be NaN, and so would its gradients
@@ -130,8 +137,8 @@ def sbds_loss(
     M = student_logits.shape[1]
     zero = student_logits.new_zeros(())
     scale = temperature**2
-    fkl = kl_divergence(teacher_logits, student_logits, temperature).sum(-1).mean() * scale
-    rkl = kl_divergence(student_logits, teacher_logits, temperature).sum(-1).mean() * scale
+    fkl = _kl(teacher_logits, student_logits, temperature).sum(-1).mean() * scale
+    rkl = _kl(student_logits, teacher_logits, temperature).sum(-1).mean() * scale
     logit_term = (alpha * fkl if alpha else zero) + (beta * rkl if beta else zero)
     feat = zero
     if feature is not None:

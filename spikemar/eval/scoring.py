@@ -45,7 +45,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._numbers import integer
+from .._numbers import check_count, integer, item
 from ..energy import EnergyCounter, EnergyReport
 from ..models.generation import context_limit
 from ..models.hub import is_hub_id
@@ -141,12 +141,8 @@ def _check_ids(ids: Sequence[int], name: str, vocab: int, *, empty_ok: bool = Fa
         out = []
         for i in ids:
             # each an integer: int() made True token 1 and 2.7 token 2, scoring other tokens
-            if isinstance(i, torch.Tensor | np.ndarray):
-                # one element of an integer dtype, of any shape, as int() took it before
-                one = (i.numel() if isinstance(i, torch.Tensor) else i.size) == 1
-                value = int(i.item()) if one and _integral(i) else None
-            else:
-                value = integer(i)
+            # (one element of a tensor or array, of any shape, as int() took it before)
+            value = integer(item(i, any_shape=True))
             if value is None:
                 raise ValueError(f"{name}: expected integer token ids, got {i!r}")
             out.append(value)
@@ -194,10 +190,8 @@ class Scorer:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model: expected a torch.nn.Module, got {type(model).__name__}")
         # NumPy's integers as Python's (a sweep's np.arange), a bool or a float refused
-        if integer(vocab_size) is None or vocab_size < 1:
-            raise ValueError(f"vocab_size: expected an int >= 1, got {vocab_size!r}")
-        if integer(batch_size) is None or batch_size < 1:
-            raise ValueError(f"batch_size: expected an int >= 1, got {batch_size!r}")
+        vocab_size = check_count("vocab_size", vocab_size)
+        batch_size = check_count("batch_size", batch_size)
         limit = model_max_length(model)
         if max_length is not None:
             if integer(max_length) is None or max_length < 2:
@@ -208,8 +202,8 @@ class Scorer:
             limit = max_length
         self.device = torch.device(device)
         self.model = model.to(self.device).eval()
-        self.vocab_size = integer(vocab_size)
-        self.batch_size = integer(batch_size)
+        self.vocab_size = vocab_size
+        self.batch_size = batch_size
         self.max_length = limit
         self.pad_token = _check_ids([pad_token], "pad_token", self.vocab_size)[0]
         self.counter = EnergyCounter(self.model) if count_energy else None
@@ -382,9 +376,7 @@ class Scorer:
         each new token, batched across requests (right padding keeps it exact), the context cut
         to the last ``max_length`` tokens as it grows.
         """
-        if integer(max_new_tokens) is None or max_new_tokens < 0:
-            raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-        max_new_tokens = integer(max_new_tokens)
+        max_new_tokens = check_count("max_new_tokens", max_new_tokens, 0)
         stops = [s for s in stop if s]
         rows = [_check_ids(c, f"contexts[{n}]", self.vocab_size) for n, c in enumerate(contexts)]
         new: list[list[int]] = [[] for _ in rows]

@@ -12,10 +12,9 @@ prefills), then tokens are sampled with temperature and top-k, each fed back thr
 
 from __future__ import annotations
 
-import numpy as np
 import torch
 
-from .._numbers import integer, real
+from .._numbers import check_count, integer, item, real
 from .fused_step import FusedStep
 from .states import prefill_each, stack_states
 
@@ -133,10 +132,7 @@ def generate(
     if tokens.dtype not in (torch.int32, torch.int64):
         raise TypeError(f"prompt: expected integer token ids, got dtype {prompt.dtype}")
     # NumPy's numbers as Python's (a sweep's np.arange, np.linspace), a bool refused
-    n_new = integer(max_new_tokens)
-    if n_new is None or n_new < 0:
-        raise ValueError(f"max_new_tokens: expected an int >= 0, got {max_new_tokens!r}")
-    max_new_tokens = n_new
+    max_new_tokens = check_count("max_new_tokens", max_new_tokens, 0)
     temperature, top_k, top_p = _sampling(temperature, top_k, top_p, greedy=True)
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator: expected a torch.Generator or None, got "
@@ -144,11 +140,11 @@ def generate(
     if not isinstance(fused, bool):
         raise ValueError(f"fused: expected True or False, got {fused!r}")
     limit = context_limit(model)
-    if limit is not None and tokens.shape[1] + max(n_new - 1, 0) > limit:  # the last is not fed
+    places = tokens.shape[1] + max(max_new_tokens - 1, 0)  # the last new token is not fed
+    if limit is not None and places > limit:
         raise ValueError(
-            f"max_new_tokens: a prompt of {tokens.shape[1]} tokens and {n_new} new ones need "
-            f"{tokens.shape[1] + max(n_new - 1, 0)} places in the KV cache; the model has "
-            f"{limit} (max_len)"
+            f"max_new_tokens: a prompt of {tokens.shape[1]} tokens and {max_new_tokens} new ones "
+            f"need {places} places in the KV cache; the model has {limit} (max_len)"
         )
     if squeeze and isinstance(attention_mask, torch.Tensor) and attention_mask.dim() == 1:
         attention_mask = attention_mask.unsqueeze(0)  # a 1-d prompt's 1-d mask
@@ -250,15 +246,6 @@ def _eos_ids(
     return [int(i) for i in ids]
 
 
-def _one(value: object) -> object:
-    """The number a one-element tensor or array holds, anything else as it is."""
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.ndarray) and value.size == 1:
-        return value.item()
-    return value
-
-
 def _sampling(
     temperature: object, top_k: object, top_p: object, *, greedy: bool
 ) -> tuple[float, int | None, float | None]:
@@ -271,14 +258,14 @@ def _sampling(
     if not greedy and isinstance(temperature, torch.Tensor) and temperature.numel() > 1:
         t = temperature
     else:
-        t = real(_one(temperature))
+        t = real(item(temperature, any_shape=True))
         if t is None or not (t >= 0 if greedy else t > 0):
             raise ValueError(f"temperature: expected {'>=' if greedy else '>'} 0, got "
                              f"{temperature!r}")  # fmt: skip
-    k = None if top_k is None else integer(_one(top_k))
+    k = None if top_k is None else integer(item(top_k, any_shape=True))
     if top_k is not None and (k is None or k < 1):
         raise ValueError(f"top_k: expected an int >= 1 or None, got {top_k!r}")
-    p = None if top_p is None else real(_one(top_p))
+    p = None if top_p is None else real(item(top_p, any_shape=True))
     if top_p is not None and (p is None or not 0 < p <= 1):
         raise ValueError(f"top_p: expected a number in (0, 1] or None, got {top_p!r}")
     return t, k, p

@@ -41,7 +41,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .._numbers import integer, item, plain, plain_data, real
+from .._numbers import check_count, integer, item, plain, plain_data, real
 from ..counting import counted_pass, counting_active, declare_sparse, record_ops
 from ..ssm.linear import Linear
 from ..ssm.mixer import SpikePointSite
@@ -102,10 +102,7 @@ class MARConfig:
         # Python numbers, so the config saves to JSON and loads with weights_only=True
         for name in ("vocab_size", "d_model", "n_layers", "d_state", "head_dim", "expand",
                      "n_groups"):  # fmt: skip
-            value = getattr(self, name)
-            if not _int_at_least(value, 1):
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-            setattr(self, name, integer(value))
+            setattr(self, name, check_count(name, getattr(self, name)))
         if not _int_at_least(self.d_conv, 1):
             raise ValueError(f"d_conv: expected an int >= 1 (convolution taps), got "
                              f"{self.d_conv!r}")  # fmt: skip
@@ -171,12 +168,7 @@ class MARConfig:
             base = self.spikes if self.spikes is not None else SpikeConfig()
             for pattern, setting in self.points.items():
                 point_module(1, setting, base, name=f"points[{pattern!r}]")  # validates
-            self.points = {
-                pattern: {k: plain(v) for k, v in setting.items()}
-                if isinstance(setting, dict)
-                else setting
-                for pattern, setting in self.points.items()
-            }
+            self.points = plain_data(self.points)
         if self.ffn is not None and self.ffn not in FFNS:
             raise ValueError(f"ffn: expected one of {sorted(FFNS)} or None, got {self.ffn!r}")
         for name in ("norm_eps", "final_norm_eps"):

@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .._numbers import integer, plain, real
+from .._numbers import check_count, plain, real
 from ..counting import counted_pass, counting_active, record_ops
 from .common import FeedForward, GradientCheckpointing, check_tokens, run_blocks
 from .generation import generate
@@ -39,10 +39,7 @@ class TransformerConfig:
         # NumPy's numbers are stored as Python's, so the config saves as JSON and loads with
         # torch.load(weights_only=True)
         for name in ("vocab_size", "d_model", "n_layers", "n_heads", "max_len"):
-            value = getattr(self, name)
-            if integer(value) is None or value < 1:
-                raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-            setattr(self, name, integer(value))
+            setattr(self, name, check_count(name, getattr(self, name)))
         mult = real(self.ffn_mult)
         if mult is None or not math.isfinite(mult) or round(mult * self.d_model) < 1:
             raise ValueError(f"ffn_mult: expected a number with round(ffn_mult * d_model) >= 1, "

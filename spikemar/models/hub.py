@@ -254,6 +254,8 @@ class _WeightReader:
         self.meta: dict[str, Any] = {}
         self._file: dict[str, Path] = {}
         self._whole: dict[Path, Mapping] = {}  # a legacy-format .bin, read whole
+        # a zip-format .bin's mapping, and the bytes read through it since it was made
+        self._mapped: dict[Path, tuple[Mapping, int]] = {}
         for f in files:
             if is_lfs_pointer(f):
                 raise ValueError(f"{f}: a Git LFS pointer, not the weights (a clone without "
@@ -268,7 +270,9 @@ class _WeightReader:
                         part = {k: handle.get_tensor(k) for k in handle.keys()}
                 else:
                     part, mapped = _load_bin(f)
-                    if not mapped:
+                    if mapped:
+                        self._mapped[f] = (part, 0)
+                    else:
                         self._whole[f] = part
             if not isinstance(part, Mapping):
                 raise ValueError(f"{f}: expected a mapping of tensor names to tensors")
@@ -292,8 +296,8 @@ class _WeightReader:
                     t = handle.get_tensor(name)
             elif f in self._whole:
                 t, owned = self._whole[f][name], True  # the reader's dict goes with the reader
-            else:  # mapped per tensor too: the pages read go with the mapping
-                t, owned = _load_bin(f)[0][name], False
+            else:
+                t, owned = self._mapped_tensor(f, name), False
             if not torch.is_tensor(t):
                 return t
             # contiguous, as a copy into a built model made it: a .bin may hold a transposed
@@ -301,6 +305,21 @@ class _WeightReader:
             t = t.to(dtype=t.dtype if dtype is None else dtype, copy=not owned,
                      memory_format=torch.contiguous_format)  # fmt: skip
             return t.contiguous()  # to() keeps an owned tensor of the same dtype as it is
+
+    _REMAP_BYTES = 1 << 28
+
+    def _mapped_tensor(self, f: Path, name: str) -> torch.Tensor:
+        """``name`` from a zip-format .bin's mapping, mapped afresh after every 256 MiB read
+        through it: the pages a mapping has read stay resident until it goes, and a mapping per
+        tensor would load the file's index once per tensor (minutes for a few hundred)."""
+        part, read = self._mapped[f]
+        if read >= self._REMAP_BYTES:
+            part, read = _load_bin(f)[0], 0
+        t = part[name]
+        if torch.is_tensor(t):
+            read += t.numel() * t.element_size()
+        self._mapped[f] = (part, read)
+        return t
 
     @staticmethod
     @contextlib.contextmanager

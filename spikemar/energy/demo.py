@@ -15,7 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .._numbers import integer
+from .._numbers import check_count
 
 __all__ = ["VOCAB", "demo_model", "dense_demo_model", "packaged_student", "packaged_student_path"]
 
@@ -27,10 +27,7 @@ def demo_model(d: int = 64, layers: int = 2, T: int = 4, *, seed: int = 0) -> nn
     micro-steps) with seeded random weights, in eval mode."""
     from spikemar.models import MARLM, MARConfig, SpikeConfig
 
-    for name, value in (("d", d), ("layers", layers), ("T", T)):
-        if integer(value) is None or value < 1:  # NumPy's ints too
-            raise ValueError(f"{name}: expected an int >= 1, got {value!r}")
-    d, layers, T = integer(d), integer(layers), integer(T)
+    d, layers, T = (check_count(n, v) for n, v in (("d", d), ("layers", layers), ("T", T)))
     head_dim = 16 if (2 * d) % 16 == 0 else 2 * d
     config = MARConfig(
         vocab_size=VOCAB,

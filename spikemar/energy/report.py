@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
-from .._numbers import integer
+from .._numbers import check_count, integer
 from .counter import MEMORY_COUNT_FIELDS
 from .profiles import HardwareProfile, MemoryLevel, get_profile, place
 
@@ -378,9 +378,7 @@ class EnergyReport:
         ``parameters``: the model's parameter elements (placement of its weights)."""
         hw = get_profile(hardware)
         tokens = _check_tokens(tokens)
-        if integer(parameters) is None or parameters < 0:
-            raise ValueError(f"parameters: expected an int >= 0, got {parameters!r}")
-        parameters = integer(parameters)
+        parameters = check_count("parameters", parameters, 0)
         counts = list(rows)
         placed = place_weights(counts, hw) if hw.prices_memory else {}
         return cls(

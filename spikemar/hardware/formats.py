@@ -11,10 +11,7 @@ spikemar reads back as ``spikemar_version`` in its own metadata; a MAR segment f
 
 from __future__ import annotations
 
-import contextlib
 import os
-from collections.abc import Iterator
-from pathlib import Path
 
 from .._numbers import integer
 
@@ -26,7 +23,6 @@ __all__ = [
     "check_block_input",
     "check_input_shape",
     "check_version",
-    "writing",
 ]
 
 NETX_FORMAT = "spikemar-netx"
@@ -89,14 +85,3 @@ def check_block_input(block, sample_shape: tuple[int, ...], *, name: str = "inpu
         if len(shape) != 3 or shape[0] != channels:
             raise ValueError(f"{name}: {shape} does not fit {synapse}, a Conv2d that takes "
                              f"({channels}, height, width)")  # fmt: skip
-
-
-@contextlib.contextmanager
-def writing(path: str | os.PathLike) -> Iterator[Path]:
-    """:func:`spikemar._io.atomic_write` for an exporter's ``path``: an OSError while writing (a
-    full disk, a folder that refuses files) names ``path``, not the temporary file beside it
-    (h5py's message named '.net.h5.<pid>.<random>.tmp')."""
-    from .._io import atomic_write
-
-    with atomic_write(path, name="path") as tmp:
-        yield tmp

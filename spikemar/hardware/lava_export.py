@@ -44,8 +44,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import check_output_path
-from .._numbers import integer, plain, real
+from .._io import atomic_write, check_output_path
+from .._numbers import check_count, plain, real
 from .fixed_point import (
     Block,
     FixedBlock,
@@ -56,7 +56,7 @@ from .fixed_point import (
 )
 from .formats import NETX_FORMAT as FORMAT
 from .formats import NETX_VERSION as VERSION
-from .formats import check_input_shape, check_version, writing
+from .formats import check_input_shape, check_version
 
 __all__ = ["LavaRunError", "LavaUnavailableError", "export_lava", "lava_python", "run_lava"]
 
@@ -100,7 +100,7 @@ def export_lava(
     # under its own writes crashes the process (SIGSEGV) closing the file, leaving its
     # temporary behind; a plain write fails with an OSError that names the file
     image = io.BytesIO()
-    with writing(path) as tmp:
+    with atomic_write(path, name="path") as tmp:  # errors name path, not the temporary
         with h5py.File(image, "w") as f:
             _write_network(f, fixed, shape)
         tmp.write_bytes(image.getbuffer())
@@ -234,10 +234,7 @@ def run_lava(
     path = Path(_check_path_type(path))
     if not path.is_file():
         raise FileNotFoundError(f"path: no exported network at {str(path)!r}")
-    steps = integer(num_steps)
-    if steps is None or steps < 1:
-        raise ValueError(f"num_steps: expected an int >= 1, got {num_steps!r}")
-    num_steps = steps
+    num_steps = check_count("num_steps", num_steps)
     if not isinstance(inputs, torch.Tensor) or inputs.dim() < 2:
         raise ValueError("inputs: expected a tensor [num_steps, *input_shape] for one sample")
     if inputs.shape[0] < num_steps:

@@ -46,12 +46,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from .._io import check_output_path
+from .._io import atomic_write, check_output_path
 from .._numbers import real
 from ..neurons import ATMN, BinaryMultiStep, TernarySingleStep
 from ..ssm.mixer import LTICell
 from .fixed_point import Block, UnsupportedModuleError, check_block_shapes, lower, synaptic_input
-from .formats import NIR_FORMAT, NIR_VERSION, check_input_shape, check_version, writing
+from .formats import NIR_FORMAT, NIR_VERSION, check_input_shape, check_version
 from .lif import CUBALIF
 
 __all__ = ["ATMN_EQUATIONS", "export_nir", "import_nir"]
@@ -112,7 +112,7 @@ def export_nir(model: nn.Module, path: str | os.PathLike, input_shape, *, dt: fl
     # made in memory, then written as bytes: HDF5 (under nir.write) that finds the disk full
     # crashes the process (SIGSEGV) closing the file; a plain write fails with an OSError
     image = io.BytesIO()
-    with writing(path) as tmp:
+    with atomic_write(path, name="path") as tmp:  # errors name path, not the temporary
         nir.write(image, graph)
         tmp.write_bytes(image.getbuffer())
     return graph

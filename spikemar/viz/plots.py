@@ -33,7 +33,7 @@ from matplotlib.patches import Patch
 from torch import nn
 
 from .._io import atomic_write, check_output_path
-from .._numbers import integer
+from .._numbers import check_count, integer
 
 __all__ = [
     "NEG_COLOR",
@@ -95,9 +95,7 @@ def _spike_matrix(spikes: ArrayLike, name: str = "spikes", batch_dims: int = 0) 
             f"{name}: expected spikes [T, N, ...] (time first, at least 2 dimensions), "
             f"got shape {arr.shape}"
         )
-    if integer(batch_dims) is None or batch_dims < 0:  # NumPy's ints too
-        raise ValueError(f"batch_dims: expected an int >= 0, got {batch_dims!r}")
-    batch_dims = integer(batch_dims)
+    batch_dims = check_count("batch_dims", batch_dims, 0)
     if arr.ndim < 2 + batch_dims:
         raise ValueError(
             f"{name}: with batch_dims={batch_dims} expected [T, {'B, ' * batch_dims}N, ...] "

@@ -122,6 +122,14 @@ def check_output_path(path: str | os.PathLike, *, name: str = "path") -> Path:
 _REFUSED = frozenset({errno.EACCES, errno.EPERM, errno.EROFS})
 
 
+def reworded(err: OSError, message: str) -> OSError:
+    """``OSError(message)`` with ``err``'s errno: a command's own wording of a failed write or
+    folder that keeps a full disk ``spikemar._argtypes.is_machine_failure`` (a failed run)."""
+    failed = OSError(message)
+    failed.errno = err.errno
+    return failed
+
+
 def _renamed(err: OSError, message: str) -> OSError:
     """``err`` said as ``message (reason)``, keeping what tells a mistake in the input from a
     failed run: its errno (a full disk stays ``is_machine_failure``) and its kind, a

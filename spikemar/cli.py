@@ -412,9 +412,9 @@ def _run_train(args: argparse.Namespace) -> int:
     except (ValueError, TypeError, OSError) as err:
         if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
             # save_checkpoint's "checkpoint: cannot write PATH (reason)" is --out's here
-            failed = OSError(_with_flags(str(err), args, checkpoint="out"))
-            failed.errno = err.errno
-            raise failed from err
+            from ._io import reworded
+
+            raise reworded(err, _with_flags(str(err), args, checkpoint="out")) from err
         message = str(err)
         if message.startswith("head_dim: "):  # the SSM's head size, which train does not set
             message = "d_model: the SSM's head size " + message.removeprefix("head_dim: ")

@@ -665,9 +665,9 @@ def _failed_run(err: OSError, args: argparse.Namespace) -> OSError:
     message = str(err)
     if message.startswith("checkpoint: "):
         message = "--out: " + message.removeprefix("checkpoint: ")
-    failed = OSError(_flag_message(message, args))
-    failed.errno = err.errno
-    return failed
+    from ._io import reworded
+
+    return reworded(err, _flag_message(message, args))
 
 
 def _layer_count(source: str) -> int:

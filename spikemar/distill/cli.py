@@ -99,9 +99,9 @@ def distill_main(args: argparse.Namespace) -> int:
             message = str(err)
             if message.startswith("checkpoint: "):
                 message = "--out: " + message.removeprefix("checkpoint: ")
-            failed = OSError(_flag_message(message, args))
-            failed.errno = err.errno
-            raise failed from err
+            from .._io import reworded
+
+            raise reworded(err, _flag_message(message, args)) from err
         args._parser.error(_flag_message(str(err), args))
     # Ctrl-C and SIGTERM reach the command, which exits 130 or 143
     import torch.distributed as dist

@@ -39,7 +39,7 @@ from .._argtypes import add_tokenizer_argument, is_machine_failure
 from .._argtypes import device_argument as _device_argument
 from .._argtypes import int_at_least_0 as _int_at_least_0
 from .._argtypes import int_at_least_1 as _int_at_least_1
-from .._io import Terminated, atomic_write, cannot_write, check_output_folder
+from .._io import Terminated, atomic_write, cannot_write, check_output_folder, reworded
 from .local_tasks import LOCAL_TASKS, TASKS_DIR
 
 __all__ = [
@@ -445,9 +445,7 @@ def _make_out(out: Path) -> None:
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        failed = OSError(f"--out: cannot make the folder {str(out)!r} ({err.strerror})")
-        failed.errno = err.errno  # a full disk stays a failed run
-        raise failed from err
+        raise reworded(err, f"--out: cannot make the folder {str(out)!r} ({err.strerror})") from err
 
 
 def _flagged(err: Exception, args: argparse.Namespace) -> str:

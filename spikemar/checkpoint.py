@@ -39,7 +39,7 @@ from torch import nn
 from ._io import atomic_write
 from .data import CharTokenizer
 from .models import MARLM, MARConfig, SpikeConfig, TransformerConfig, TransformerLM
-from .models.assembly import assign_weights, build_on_meta, meta_tensors
+from .models.assembly import assign_weights, build_on_meta, check_no_meta
 from .tokenizer import tokenizer_from_dict
 
 __all__ = [
@@ -259,10 +259,7 @@ def load_checkpoint(
         tokenizer = tokenizer_from_dict(payload["tokenizer"])
     except (KeyError, TypeError, ValueError, RuntimeError, AttributeError) as err:
         raise ValueError(f"{name}: {path} does not rebuild its model ({err})") from err
-    left = meta_tensors(model)
-    if left:  # a tensor the constructor computes that no state dict holds: a gap in _rebuild
-        raise RuntimeError(f"load_checkpoint: {left[:3]} left without values (a bug in "
-                           "spikemar, not in the file: please report it)")  # fmt: skip
+    check_no_meta(model, "load_checkpoint")
     bad = nonfinite_parameters(payload["model"])
     if bad and not allow_nonfinite:
         raise NonFiniteWeightsError(

@@ -18,7 +18,7 @@ from typing import TypeVar
 import torch
 from torch import nn
 
-__all__ = ["assign_weights", "build_on_meta", "meta_tensors"]
+__all__ = ["assign_weights", "build_on_meta", "check_no_meta", "meta_tensors"]
 
 M = TypeVar("M", bound=nn.Module)
 
@@ -86,6 +86,15 @@ def meta_tensors(model: nn.Module) -> list[str]:
         left += [f"{dot}{k}" for k, v in vars(module).items()
                  if isinstance(v, torch.Tensor) and v.is_meta]  # fmt: skip
     return left
+
+
+def check_no_meta(model: nn.Module, who: str) -> None:
+    """Raise unless every tensor of ``model`` has values: one left on the meta device is a
+    tensor the constructor computes that no state dict holds, a gap in ``who``'s assembly."""
+    left = meta_tensors(model)
+    if left:
+        raise RuntimeError(f"{who}: {left[:3]} left without values (a bug in spikemar, not in "
+                           "the file: please report it)")  # fmt: skip
 
 
 def _tensors(model: nn.Module):

@@ -47,7 +47,7 @@ from typing import Any
 import torch
 
 from ..tokenizer import HFTokenizer, is_lfs_pointer, load_tokenizer
-from .assembly import assign_weights, build_on_meta, meta_tensors
+from .assembly import assign_weights, build_on_meta, check_no_meta
 from .common import SpikeConfig
 from .mar import MARLM, MARConfig, point_module
 
@@ -512,8 +512,5 @@ def _assemble(config: MARConfig, state: dict[str, torch.Tensor], dtype: torch.dt
         point = point_module(channels, "spike", config.spikes).to(dtype)
         parent, _, attr = site.name.rpartition(".")
         setattr(model.get_submodule(parent), attr, point)
-    left = meta_tensors(model)
-    if left:  # a tensor the file and the spike points leave unset: a gap in this function
-        raise RuntimeError(f"from_pretrained: {left[:3]} left without values (a bug in "
-                           "spikemar: please report it)")  # fmt: skip
+    check_no_meta(model, "from_pretrained")
     return model

@@ -507,13 +507,11 @@ def eval_main(args: argparse.Namespace) -> int:
         print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
         return 1
     except (ValueError, OSError) as err:  # OSError: a missing or unreadable file
-        if is_machine_failure(err):  # a full disk: the run failed, the input was not at fault
-            done = ", ".join(str(p) for p in written)
-            print(f"spikemar eval: error: {_flagged(err, args)}"
-                  + (f"; wrote only {done}" if written else ""), file=sys.stderr)  # fmt: skip
-            return 1
-        print(f"spikemar eval: error: {_flagged(err, args)}", file=sys.stderr)
-        return 2
+        failed = is_machine_failure(err)  # a full disk: the run failed, not the input
+        done = ", ".join(str(p) for p in written) if failed and written else ""
+        print(f"spikemar eval: error: {_flagged(err, args)}"
+              + (f"; wrote only {done}" if done else ""), file=sys.stderr)  # fmt: skip
+        return 1 if failed else 2
     except KeyboardInterrupt as err:
         # Ctrl-C, or SIGTERM (spikemar.cli turns it into Terminated): the outputs are written
         # whole at the end (atomically) or not at all, so there is nothing to clean up

@@ -102,14 +102,21 @@ def test_attention_settings_are_python_numbers_without_attention_layers():
     assert MARConfig(**SMALL, max_len=None).max_len is None  # unused: not checked, as before
 
 
-@pytest.mark.parametrize("zero_d", [torch.tensor(0.7), np.array(0.7)])
-def test_generate_takes_a_0d_temperature(zero_d):
+def _generate_at_temperature():
+    """generate(t) of one seeded small model, sampling with a seeded generator."""
     torch.manual_seed(0)
     model = MARLM(MARConfig(**SMALL)).eval()
 
     def run(t):
         return model.generate(torch.tensor([[1, 2]]), 3, temperature=t,
                               generator=torch.Generator().manual_seed(0))  # fmt: skip
+
+    return run
+
+
+@pytest.mark.parametrize("zero_d", [torch.tensor(0.7), np.array(0.7)])
+def test_generate_takes_a_0d_temperature(zero_d):
+    run = _generate_at_temperature()
 
     assert torch.equal(run(zero_d), run(float(zero_d)))
     with pytest.raises(ValueError, match=r"^temperature: expected >= 0, got tensor\(-1\.\)$"):
@@ -260,12 +267,7 @@ def test_sampling_settings_take_the_tensors_they_took_before():
         filter_logits(logits, top_p=torch.tensor(0.9)), filter_logits(logits, top_p=0.9)
     )
     assert torch.equal(filter_logits(logits, top_k=torch.tensor(3)), filter_logits(logits, top_k=3))
-    torch.manual_seed(0)
-    model = MARLM(MARConfig(**SMALL)).eval()
-
-    def run(t):
-        return model.generate(torch.tensor([[1, 2]]), 3, temperature=t,
-                              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    run = _generate_at_temperature()
 
     assert torch.equal(run(torch.tensor([0.7])), run(0.7))
     with pytest.raises(
